@@ -1,0 +1,109 @@
+"""Uploaded files (`/v1/files`): streamed into the blob store, validated, listed, deleted."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import PurePath
+from typing import BinaryIO
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from adaptery.data.chat import validate_lines
+from adaptery.db import models as m
+from adaptery.db.ids import new_id
+from adaptery.services.errors import InvalidRequest, NotFound, TooLarge
+from adaptery.storage.blobs import BlobStore, BlobTooLarge
+
+PURPOSES = ("fine-tune", "batch", "assistants", "vision", "user_data", "evals")
+
+
+def _lines(blobs: BlobStore, sha256: str) -> Iterator[bytes]:
+    with blobs.open(sha256) as handle:
+        yield from handle
+
+
+def safe_filename(name: str | None) -> str:
+    """Keep only the last path component: a name is a label, never a place on our disk."""
+    base = PurePath((name or "").replace("\\", "/")).name.strip()
+    return base[:255] or "upload"
+
+
+def upload(
+    session: Session,
+    system: Session,
+    blobs: BlobStore,
+    *,
+    source: BinaryIO,
+    filename: str | None,
+    purpose: str,
+    max_bytes: int,
+) -> m.File:
+    if purpose not in PURPOSES:
+        raise InvalidRequest(f"purpose must be one of {', '.join(PURPOSES)}", param="purpose")
+    try:
+        blob = blobs.put_file(source, max_bytes=max_bytes)
+    except BlobTooLarge as exc:
+        raise TooLarge(f"File is larger than the upload limit of {exc.limit} bytes.", param="file") from exc
+    records = None
+    if purpose == "fine-tune":
+        report = validate_lines(_lines(blobs, blob.sha256))
+        if not report.ok:
+            _forget_blob_if_unused(system, blobs, blob.sha256)
+            raise InvalidRequest(f"Invalid file format for fine-tuning: {report.summary()}", param="file")
+        records = report.records
+    record = m.File(
+        id=new_id("file-"),
+        filename=safe_filename(filename),
+        purpose=purpose,
+        bytes=blob.size,
+        sha256=blob.sha256,
+        records=records,
+    )
+    session.add(record)
+    session.flush()
+    return record
+
+
+def get(session: Session, file_id: str) -> m.File:
+    record = session.scalar(select(m.File).where(m.File.id == file_id))
+    if record is None:
+        raise NotFound(f"No such File object: {file_id}", param="id")
+    return record
+
+
+def list_files(
+    session: Session, *, purpose: str | None, limit: int, after: str | None, order: str
+) -> tuple[list[m.File], bool]:
+    query = select(m.File)
+    if purpose:
+        query = query.where(m.File.purpose == purpose)
+    descending = order != "asc"
+    if after:
+        cursor = get(session, after)
+        query = query.where(m.File.created_at < cursor.created_at if descending else m.File.created_at > cursor.created_at)
+    key = (m.File.created_at.desc(), m.File.id.desc()) if descending else (m.File.created_at, m.File.id)
+    rows = list(session.scalars(query.order_by(*key).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def delete(session: Session, system: Session, blobs: BlobStore, file_id: str) -> m.File:
+    record = get(session, file_id)
+    session.delete(record)
+    session.flush()
+    _forget_blob_if_unused(system, blobs, record.sha256, exclude_file=record.id)
+    return record
+
+
+def _forget_blob_if_unused(system: Session, blobs: BlobStore, sha256: str, exclude_file: str | None = None) -> None:
+    """Blobs are shared by content; one is removed only when nothing of any tenant still names it."""
+    query = select(func.count()).select_from(m.File).where(m.File.sha256 == sha256)
+    if exclude_file:
+        query = query.where(m.File.id != exclude_file)
+    if system.scalar(query) == 0 and not _used_by_adapter(system, sha256):
+        blobs.delete(sha256)
+
+
+def _used_by_adapter(system: Session, sha256: str) -> bool:
+    manifests = system.scalars(select(m.Adapter.manifest))
+    return any(sha256 in manifest.values() for manifest in manifests)

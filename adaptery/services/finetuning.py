@@ -1,0 +1,277 @@
+"""Fine-tuning jobs as OpenAI defines them: create, validate, list, cancel, events, checkpoints.
+
+Statuses: validating_files → queued → running → succeeded | failed | cancelled. The agents that
+run jobs go through `services.queue`; this module is what the API's callers may do.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from adaptery.auth.principal import Principal
+from adaptery.data.chat import validate_lines
+from adaptery.db import models as m
+from adaptery.db.ids import new_id
+from adaptery.services import files, models
+from adaptery.services.errors import InvalidRequest, NotFound
+from adaptery.storage.blobs import BlobStore
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+_SUFFIX = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# Used where neither the request nor the base model says otherwise.
+GENERIC_DEFAULTS: dict[str, Any] = {
+    "n_epochs": 3,
+    "batch_size": 4,
+    "learning_rate": 2e-4,
+    "lora_r": 16,
+    "lora_alpha": 32,
+    "lora_dropout": 0.05,
+    "target_modules": "all-linear",
+}
+
+
+def _check_range(value: Any, name: str, *, low: float, high: float | None, integer: bool) -> Any:
+    if value is None or value == "auto":
+        return "auto"
+    kind_ok = isinstance(value, int) if integer else isinstance(value, int | float)
+    if isinstance(value, bool) or not kind_ok or value < low or (high is not None and value > high):
+        bounds = f"between {low} and {high}" if high is not None else f"greater than {low}"
+        raise InvalidRequest(
+            f"{name} must be 'auto' or {'an integer' if integer else 'a number'} {bounds}",
+            param=f"hyperparameters.{name}",
+        )
+    return value
+
+
+def resolve_hyperparameters(requested: dict[str, Any] | None, base_defaults: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's knobs ('auto' or a value) resolved against the base model's recommended defaults."""
+    requested = dict(requested or {})
+    unknown = set(requested) - {"n_epochs", "batch_size", "learning_rate_multiplier"}
+    if unknown:
+        raise InvalidRequest(f"unknown hyperparameter(s): {', '.join(sorted(unknown))}", param="hyperparameters")
+    defaults = {**GENERIC_DEFAULTS, **base_defaults}
+    n_epochs = _check_range(requested.get("n_epochs"), "n_epochs", low=1, high=50, integer=True)
+    batch_size = _check_range(requested.get("batch_size"), "batch_size", low=1, high=256, integer=True)
+    multiplier = requested.get("learning_rate_multiplier")
+    if multiplier not in (None, "auto") and (
+        isinstance(multiplier, bool) or not isinstance(multiplier, int | float) or multiplier <= 0
+    ):
+        raise InvalidRequest(
+            "learning_rate_multiplier must be 'auto' or a number greater than 0",
+            param="hyperparameters.learning_rate_multiplier",
+        )
+    return {
+        "n_epochs": defaults["n_epochs"] if n_epochs == "auto" else n_epochs,
+        "batch_size": defaults["batch_size"] if batch_size == "auto" else batch_size,
+        "learning_rate_multiplier": 1.0 if multiplier in (None, "auto") else float(multiplier),
+    }
+
+
+def training_arguments(job: m.FineTuningJob, base: m.BaseModel) -> dict[str, Any]:
+    """Everything a trainer needs beyond the files, from the job and its base model."""
+    defaults = {**GENERIC_DEFAULTS, **base.finetune_defaults}
+    hp = job.hyperparameters
+    return {
+        "n_epochs": hp["n_epochs"],
+        "batch_size": hp["batch_size"],
+        "learning_rate": defaults["learning_rate"] * hp["learning_rate_multiplier"],
+        "lora_r": defaults["lora_r"],
+        "lora_alpha": defaults["lora_alpha"],
+        "lora_dropout": defaults["lora_dropout"],
+        "target_modules": defaults["target_modules"],
+        "seed": job.seed,
+    }
+
+
+def _method_hyperparameters(method: dict[str, Any] | None) -> dict[str, Any] | None:
+    if method is None:
+        return None
+    kind = method.get("type")
+    if kind != "supervised":
+        raise InvalidRequest(
+            f"method.type {kind!r} is not supported yet; use 'supervised'", param="method.type"
+        )
+    return (method.get("supervised") or {}).get("hyperparameters")
+
+
+def _fine_tune_file(session: Session, file_id: str | None, param: str) -> m.File:
+    if not file_id:
+        raise InvalidRequest(f"{param} is required", param=param)
+    try:
+        record = files.get(session, file_id)
+    except NotFound:
+        raise InvalidRequest(f"invalid {param}: no such file '{file_id}'", param=param) from None
+    if record.purpose != "fine-tune":
+        raise InvalidRequest(
+            f"invalid {param}: file '{file_id}' has purpose '{record.purpose}', expected 'fine-tune'", param=param
+        )
+    return record
+
+
+def create_job(
+    session: Session,
+    principal: Principal,
+    *,
+    model: str,
+    training_file: str,
+    validation_file: str | None = None,
+    suffix: str | None = None,
+    hyperparameters: dict[str, Any] | None = None,
+    method: dict[str, Any] | None = None,
+    seed: int | None = None,
+    metadata: dict[str, str] | None = None,
+) -> m.FineTuningJob:
+    ref = models.get_model(session, model)
+    if ref.adapter is not None:
+        raise InvalidRequest(
+            "fine-tuning an already fine-tuned model is not supported yet; start from its base model", param="model"
+        )
+    _fine_tune_file(session, training_file, "training_file")
+    if validation_file:
+        _fine_tune_file(session, validation_file, "validation_file")
+    if suffix is not None and not _SUFFIX.match(suffix):
+        raise InvalidRequest("suffix must be 1-64 letters, digits, '-', '_' or '.'", param="suffix")
+    method_hp = _method_hyperparameters(method)
+    if method_hp is not None and hyperparameters:
+        raise InvalidRequest("give hyperparameters either at the top level or in method, not both", param="method")
+    resolved = resolve_hyperparameters(method_hp if method_hp is not None else hyperparameters, ref.base.finetune_defaults)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**31 - 1):
+        raise InvalidRequest("seed must be an integer between 0 and 2147483647", param="seed")
+    job = m.FineTuningJob(
+        id=new_id("ftjob-"),
+        user_id=principal.user_id,
+        model=ref.id,
+        training_file=training_file,
+        validation_file=validation_file,
+        suffix=suffix,
+        seed=seed if seed is not None else secrets.randbelow(2**31),
+        hyperparameters=resolved,
+        method={"type": "supervised", "supervised": {"hyperparameters": resolved}},
+        metadata_=metadata,
+        status="validating_files",
+    )
+    session.add(job)
+    session.flush()
+    add_event(session, job, f"Validating training file: {training_file}")
+    return job
+
+
+def add_event(
+    session: Session,
+    job: m.FineTuningJob,
+    message: str,
+    *,
+    level: str = "info",
+    type: str = "message",
+    data: dict[str, Any] | None = None,
+) -> m.JobEvent:
+    event = m.JobEvent(
+        id=new_id("ftevent-"),
+        tenant_id=job.tenant_id,
+        job_id=job.id,
+        seq=job.next_event_seq,
+        level=level,
+        type=type,
+        message=message,
+        data=data,
+    )
+    job.next_event_seq += 1
+    session.add(event)
+    return event
+
+
+def finish(session: Session, job: m.FineTuningJob, status: str, *, error: dict[str, Any] | None = None) -> None:
+    job.status = status
+    job.finished_at = time.time()
+    job.error = error
+    job.lease_owner = None
+    job.lease_expires_at = None
+
+
+def validate_files(session: Session, blobs: BlobStore, job: m.FineTuningJob) -> None:
+    """validating_files → queued, or → failed with the file's problems in `error` (as OpenAI does)."""
+    if job.status != "validating_files":
+        return
+    for param in ("training_file", "validation_file"):
+        file_id = getattr(job, param)
+        if not file_id:
+            continue
+        record = session.scalar(select(m.File).where(m.File.id == file_id, m.File.tenant_id == job.tenant_id))
+        problem = None
+        if record is None:
+            problem = f"The file {file_id} was deleted before the job could start."
+        else:
+            with blobs.open(record.sha256) as handle:
+                report = validate_lines(handle)
+            if not report.ok:
+                problem = f"The {param.replace('_', ' ')} {file_id} is invalid: {report.summary()}"
+        if problem:
+            finish(session, job, "failed", error={"code": f"invalid_{param}", "message": problem, "param": param})
+            add_event(session, job, problem, level="error")
+            return
+    job.status = "queued"
+    add_event(session, job, "Files validated, moving job to queued state")
+
+
+def get_job(session: Session, job_id: str) -> m.FineTuningJob:
+    job = session.scalar(select(m.FineTuningJob).where(m.FineTuningJob.id == job_id))
+    if job is None:
+        raise NotFound(f"No fine-tuning job found with id '{job_id}'", param="fine_tuning_job_id")
+    return job
+
+
+def list_jobs(session: Session, *, after: str | None, limit: int) -> tuple[list[m.FineTuningJob], bool]:
+    query = select(m.FineTuningJob)
+    if after:
+        cursor = get_job(session, after)
+        query = query.where(
+            (m.FineTuningJob.created_at < cursor.created_at)
+            | ((m.FineTuningJob.created_at == cursor.created_at) & (m.FineTuningJob.id < cursor.id))
+        )
+    rows = list(
+        session.scalars(query.order_by(m.FineTuningJob.created_at.desc(), m.FineTuningJob.id.desc()).limit(limit + 1))
+    )
+    return rows[:limit], len(rows) > limit
+
+
+def cancel_job(session: Session, job_id: str) -> m.FineTuningJob:
+    """Cancelled at once for the caller; a running agent sees the flag at its next heartbeat."""
+    job = get_job(session, job_id)
+    if job.status in TERMINAL:
+        raise InvalidRequest(f"Job {job_id} has already {job.status}; it cannot be cancelled.", param="fine_tuning_job_id")
+    job.cancel_requested = True
+    finish(session, job, "cancelled")
+    add_event(session, job, "Job cancelled at the user's request")
+    return job
+
+
+def list_events(session: Session, job_id: str, *, after: str | None, limit: int) -> tuple[list[m.JobEvent], bool]:
+    job = get_job(session, job_id)
+    query = select(m.JobEvent).where(m.JobEvent.job_id == job.id)
+    if after:
+        cursor = session.scalar(select(m.JobEvent).where(m.JobEvent.id == after, m.JobEvent.job_id == job.id))
+        if cursor is None:
+            raise NotFound(f"No event '{after}' in job '{job_id}'", param="after")
+        query = query.where(m.JobEvent.seq < cursor.seq)
+    rows = list(session.scalars(query.order_by(m.JobEvent.seq.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def list_checkpoints(
+    session: Session, job_id: str, *, after: str | None, limit: int
+) -> tuple[list[m.JobCheckpoint], bool]:
+    job = get_job(session, job_id)
+    query = select(m.JobCheckpoint).where(m.JobCheckpoint.job_id == job.id)
+    if after:
+        cursor = session.scalar(select(m.JobCheckpoint).where(m.JobCheckpoint.id == after))
+        if cursor is None:
+            raise NotFound(f"No checkpoint '{after}' in job '{job_id}'", param="after")
+        query = query.where(m.JobCheckpoint.step < cursor.step)
+    rows = list(session.scalars(query.order_by(m.JobCheckpoint.step.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit

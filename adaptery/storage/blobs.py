@@ -1,0 +1,84 @@
+"""Content-addressed blob store on the local disk.
+
+A blob's key is the SHA-256 of its bytes. Writes stream to a temporary file in the store and are
+renamed into place only when complete, so an interrupted upload never leaves a visible blob.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+CHUNK = 1024 * 1024
+
+
+class BlobTooLarge(ValueError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"file is larger than the limit of {limit} bytes")
+        self.limit = limit
+
+
+@dataclass(frozen=True)
+class StoredBlob:
+    sha256: str
+    size: int
+
+
+class BlobStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._tmp = root / "tmp"
+        self._tmp.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            raise ValueError(f"not a sha256 blob key: {sha256!r}")
+        return self.root / "sha256" / sha256[:2] / sha256
+
+    def exists(self, sha256: str) -> bool:
+        return self.path(sha256).exists()
+
+    def put_stream(self, chunks: Iterable[bytes], max_bytes: int | None = None) -> StoredBlob:
+        digest = hashlib.sha256()
+        size = 0
+        fd, tmp_name = tempfile.mkstemp(dir=self._tmp)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for chunk in chunks:
+                    size += len(chunk)
+                    if max_bytes is not None and size > max_bytes:
+                        raise BlobTooLarge(max_bytes)
+                    digest.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            key = digest.hexdigest()
+            final = self.path(key)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp_name, final)
+            return StoredBlob(key, size)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+
+    def put_file(self, source: BinaryIO, max_bytes: int | None = None) -> StoredBlob:
+        return self.put_stream(iter(lambda: source.read(CHUNK), b""), max_bytes)
+
+    def put_path(self, path: Path) -> StoredBlob:
+        with path.open("rb") as source:
+            return self.put_file(source)
+
+    def open(self, sha256: str) -> BinaryIO:
+        return self.path(sha256).open("rb")
+
+    def iter_bytes(self, sha256: str) -> Iterator[bytes]:
+        with self.open(sha256) as source:
+            yield from iter(lambda: source.read(CHUNK), b"")
+
+    def delete(self, sha256: str) -> None:
+        self.path(sha256).unlink(missing_ok=True)
