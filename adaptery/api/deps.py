@@ -1,0 +1,43 @@
+"""What every route gets through `Depends`: the platform and the authenticated caller."""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from adaptery.auth.principal import Principal
+from adaptery.platform import Platform
+from adaptery.services import keys, sessions
+from adaptery.services.errors import PermissionDenied, Unauthenticated
+
+SESSION_COOKIE = "adaptery_session"
+CSRF_COOKIE = "adaptery_csrf"
+CSRF_HEADER = "x-csrf-token"
+_SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
+def platform(request: Request) -> Platform:
+    return request.app.state.platform
+
+
+def principal(request: Request) -> Principal:
+    """An API key (Authorization: Bearer) or a browser session cookie with its CSRF token."""
+    db = request.app.state.platform.db
+    authorization = request.headers.get("authorization", "")
+    if authorization:
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthenticated("Malformed Authorization header: expected 'Bearer <API key>'.", code="invalid_api_key")
+        with db.system() as s:
+            return keys.authenticate(s, token.strip())
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if cookie:
+        with db.system() as s:
+            who, csrf = sessions.resolve(s, cookie)
+        if request.method not in _SAFE_METHODS and request.headers.get(CSRF_HEADER) != csrf:
+            raise PermissionDenied("Missing or wrong CSRF token.", code="csrf_failed")
+        return who
+    raise Unauthenticated(
+        "You didn't provide an API key. You need to provide your API key in an Authorization header using "
+        "Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+        code="missing_api_key",
+    )

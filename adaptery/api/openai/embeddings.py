@@ -1,0 +1,70 @@
+"""/v1/embeddings from the dedicated embedding model."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, ConfigDict
+
+from adaptery.api.deps import platform, principal
+from adaptery.auth.policy import require
+from adaptery.auth.principal import Principal
+from adaptery.platform import Platform
+from adaptery.services.errors import InvalidRequest, NotFound
+
+router = APIRouter(prefix="/v1", tags=["inference"])
+MAX_INPUTS = 2048
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+
+
+@router.post("/embeddings")
+async def create_embeddings(
+    body: EmbeddingRequest, who: Principal = Depends(principal), p: Platform = Depends(platform)
+) -> dict[str, Any]:
+    require(who, "infer")
+    if body.model not in (p.embeddings.name, f"sentence-transformers/{p.embeddings.name}"):
+        raise NotFound(
+            f"The model '{body.model}' does not exist or is not an embedding model (use '{p.embeddings.name}').",
+            param="model",
+            code="model_not_found",
+        )
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    if not texts:
+        raise InvalidRequest("input must not be empty", param="input")
+    if not all(isinstance(t, str) for t in texts):
+        raise InvalidRequest("token-id input is not supported; send strings", param="input")
+    if len(texts) > MAX_INPUTS:
+        raise InvalidRequest(f"at most {MAX_INPUTS} inputs per request", param="input")
+    for i, text in enumerate(texts):
+        if not text:
+            raise InvalidRequest(f"input[{i}] is empty", param="input")
+    if body.dimensions is not None and body.dimensions != p.embeddings.dimensions:
+        raise InvalidRequest(
+            f"{p.embeddings.name} produces {p.embeddings.dimensions} dimensions; it cannot give {body.dimensions}",
+            param="dimensions",
+        )
+    vectors = await run_in_threadpool(p.embeddings.embed, texts)
+    tokens = sum(await run_in_threadpool(p.embeddings.count_tokens, texts))
+    data = []
+    for i, vector in enumerate(vectors.float().cpu()):
+        if body.encoding_format == "base64":
+            embedding: Any = base64.b64encode(vector.numpy().astype("<f4").tobytes()).decode()
+        else:
+            embedding = vector.tolist()
+        data.append({"object": "embedding", "index": i, "embedding": embedding})
+    return {
+        "object": "list",
+        "data": data,
+        "model": body.model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }

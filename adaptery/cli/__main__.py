@@ -1,0 +1,3 @@
+from adaptery.cli.main import app
+
+app()

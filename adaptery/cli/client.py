@@ -1,0 +1,45 @@
+"""How CLI commands reach a running platform: the official OpenAI client plus httpx for /api."""
+
+from __future__ import annotations
+
+import os
+
+import httpx
+import typer
+from openai import OpenAI
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+
+
+def base_url() -> str:
+    return os.environ.get("ADAPTERY_BASE_URL", DEFAULT_BASE_URL).rstrip("/").removesuffix("/v1")
+
+
+def api_key() -> str:
+    key = os.environ.get("ADAPTERY_API_KEY") or os.environ.get("OPENAI_API_KEY")
+    if not key:
+        typer.secho(
+            "Set ADAPTERY_API_KEY to your key (printed by the first `adaptery serve`, or `adaptery keys create`).",
+            fg="red",
+            err=True,
+        )
+        raise typer.Exit(2)
+    return key
+
+
+def openai_client() -> OpenAI:
+    return OpenAI(base_url=f"{base_url()}/v1", api_key=api_key(), max_retries=0, timeout=600)
+
+
+def api(method: str, path: str, **kwargs: object) -> dict:
+    response = httpx.request(
+        method, f"{base_url()}{path}", headers={"Authorization": f"Bearer {api_key()}"}, timeout=60, **kwargs
+    )
+    if response.status_code >= 400:
+        try:
+            message = response.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = response.text
+        typer.secho(f"Error {response.status_code}: {message}", fg="red", err=True)
+        raise typer.Exit(1)
+    return response.json()

@@ -1,0 +1,323 @@
+"""`adaptery`: run the platform, or use a running one from the terminal."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import openai
+import typer
+from rich.console import Console
+from rich.panel import Panel
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from adaptery.cli.client import api, openai_client
+
+app = typer.Typer(help="Adaptery: fine-tune and serve LoRA adapters on shared open LLMs.", no_args_is_help=True)
+files_app = typer.Typer(help="Upload and list files.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Fine-tuning jobs.", no_args_is_help=True)
+models_app = typer.Typer(help="Base models and adapters.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys of your tenant.", no_args_is_help=True)
+tenants_app = typer.Typer(help="Tenants (run on the server machine; talks to the database).", no_args_is_help=True)
+for sub, name in ((files_app, "files"), (jobs_app, "jobs"), (models_app, "models"), (keys_app, "keys"),
+                  (tenants_app, "tenants")):
+    app.add_typer(sub, name=name)
+
+console = Console()
+DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Data directory [env: ADAPTERY_DATA_DIR]")]
+DatabaseUrl = Annotated[str | None, typer.Option("--database-url", help="[env: ADAPTERY_DATABASE_URL]")]
+
+
+def _settings(**overrides: Any):  # noqa: ANN202 - Settings, imported lazily to keep client commands fast
+    from adaptery.settings import Settings
+
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _fail_on_api_error(exc: openai.APIError) -> None:
+    message = getattr(exc, "message", str(exc))
+    console.print(f"[red]Error:[/red] {message}")
+    raise typer.Exit(1)
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="[env: ADAPTERY_HOST, default 127.0.0.1]")] = None,
+    port: Annotated[int | None, typer.Option(help="[env: ADAPTERY_PORT, default 8000]")] = None,
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+    agent: Annotated[bool | None, typer.Option("--agent/--no-agent", help="Run the embedded agent")] = None,
+) -> None:
+    """Start the platform: API, web page, embedded agent and inference engine."""
+    import uvicorn
+
+    from adaptery.api.app import create_app
+    from adaptery.platform import Platform
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = _settings(host=host, port=port, data_dir=data_dir, database_url=database_url, embedded_agent=agent)
+    platform = Platform(settings)
+    first = platform.prepare()
+    if first is not None:
+        console.print(
+            Panel.fit(
+                f"Tenant [bold]{first.tenant}[/bold] and its owner [bold]{first.username}[/bold] were created.\n"
+                "The sign-in link and API key below are shown only this once; only their hashes are stored.",
+                title="Adaptery is ready — first start",
+            )
+        )
+        # Plain lines (never wrapped or cut) so they can be copied, and read by scripts.
+        print(f"ADAPTERY_LOGIN_URL={first.login_url}", flush=True)
+        print(f"ADAPTERY_API_KEY={first.api_key}", flush=True)
+    console.print(f"Serving on {settings.base_url} (data in {settings.data_dir.resolve()})")
+    uvicorn.run(create_app(platform), host=settings.host, port=settings.port, log_level="info")
+
+
+@app.command("agent")
+def run_agent(
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+    agent_id: Annotated[str | None, typer.Option("--id", help="Agent id (default: host and pid)")] = None,
+) -> None:
+    """Run a standalone training agent that leases jobs from the platform's queue."""
+    from adaptery.agent.worker import Agent, default_agent_id
+    from adaptery.db.session import Database
+    from adaptery.services.queue import JobQueue
+    from adaptery.storage.blobs import BlobStore
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = _settings(data_dir=data_dir, database_url=database_url)
+    db = Database(settings.resolved_database_url)
+    blobs = BlobStore(settings.blobs_dir)
+    queue = JobQueue(db, blobs, lease_seconds=settings.job_lease_seconds, max_attempts=settings.job_max_attempts)
+    worker = Agent(
+        queue,
+        settings.work_dir,
+        agent_id=agent_id or default_agent_id("agent"),
+        heartbeat_seconds=settings.job_heartbeat_seconds,
+        poll_seconds=settings.agent_poll_seconds,
+    )
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: worker.stop())
+    console.print(f"Agent [bold]{worker.agent_id}[/bold] waiting for jobs (Ctrl-C to stop)")
+    worker.run()
+
+
+@tenants_app.command("create")
+def create_tenant(
+    name: str,
+    owner: Annotated[str, typer.Option(help="Username of the tenant's owner")],
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Create a tenant and its owner; prints the owner's API key and sign-in link once."""
+    from adaptery.db.session import Database
+    from adaptery.services import tenants
+    from adaptery.services.errors import ServiceError
+
+    settings = _settings(data_dir=data_dir, database_url=database_url)
+    db = Database(settings.resolved_database_url)
+    db.migrate()
+    try:
+        with db.system() as s:
+            created = tenants.create_tenant(s, name, owner, login_link_hours=settings.login_link_hours)
+    except ServiceError as exc:
+        console.print(f"[red]Error:[/red] {exc.message}")
+        raise typer.Exit(1) from exc
+    print(f"ADAPTERY_LOGIN_URL={settings.base_url}/auth/link?token={created.login_token}")
+    print(f"ADAPTERY_API_KEY={created.api_key}")
+
+
+@files_app.command("upload")
+def upload_file(
+    path: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
+    purpose: str = "fine-tune",
+) -> None:
+    """Upload a file (chat-format JSONL for fine-tuning)."""
+    try:
+        with path.open("rb") as handle:
+            created = openai_client().files.create(file=(path.name, handle), purpose=purpose)
+    except openai.APIError as exc:
+        _fail_on_api_error(exc)
+    console.print(f"Uploaded [bold]{created.id}[/bold] ({created.bytes} bytes, {created.filename})")
+
+
+@files_app.command("list")
+def list_files() -> None:
+    table = Table("id", "filename", "purpose", "bytes", "created")
+    for f in openai_client().files.list():
+        table.add_row(f.id, f.filename, f.purpose, str(f.bytes), time.strftime("%Y-%m-%d %H:%M", time.localtime(f.created_at)))
+    console.print(table)
+
+
+@jobs_app.command("create")
+def create_job(
+    training_file: Annotated[str, typer.Option("--training-file", "-t", help="File id from `files upload`")],
+    model: Annotated[str, typer.Option("--model", "-m")] = "adaptery-demo",
+    suffix: Annotated[str | None, typer.Option()] = None,
+    epochs: Annotated[int | None, typer.Option(help="Default: the base model's recommendation")] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    learning_rate_multiplier: Annotated[float | None, typer.Option()] = None,
+    validation_file: Annotated[str | None, typer.Option()] = None,
+    follow: Annotated[bool, typer.Option("--follow/--no-follow", help="Show progress until it ends")] = True,
+) -> None:
+    """Start fine-tuning an adapter."""
+    hyperparameters = {
+        k: v
+        for k, v in {"n_epochs": epochs, "batch_size": batch_size, "learning_rate_multiplier": learning_rate_multiplier}.items()
+        if v is not None
+    }
+    try:
+        job = openai_client().fine_tuning.jobs.create(
+            model=model,
+            training_file=training_file,
+            validation_file=validation_file,
+            suffix=suffix,
+            hyperparameters=hyperparameters or openai.omit,
+        )
+    except openai.APIError as exc:
+        _fail_on_api_error(exc)
+    console.print(f"Created job [bold]{job.id}[/bold] ({job.status})")
+    if follow:
+        follow_job(job.id)
+
+
+@jobs_app.command("list")
+def list_jobs(limit: int = 20) -> None:
+    table = Table("id", "model", "status", "fine-tuned model", "created")
+    for job in openai_client().fine_tuning.jobs.list(limit=limit).data:
+        table.add_row(job.id, job.model, job.status, job.fine_tuned_model or "",
+                      time.strftime("%Y-%m-%d %H:%M", time.localtime(job.created_at)))
+    console.print(table)
+
+
+@jobs_app.command("cancel")
+def cancel_job(job_id: str) -> None:
+    try:
+        job = openai_client().fine_tuning.jobs.cancel(job_id)
+    except openai.APIError as exc:
+        _fail_on_api_error(exc)
+    console.print(f"Job {job.id}: {job.status}")
+
+
+@jobs_app.command("follow")
+def follow_job(job_id: str, poll: float = 1.0) -> None:
+    """Live progress of a job: a bar over training steps, the loss, and every event."""
+    client = openai_client()
+    seen: set[str] = set()
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+        TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), console=console,
+    ) as progress:
+        task = progress.add_task("validating_files", total=None, loss="–")
+        while True:
+            try:
+                job = client.fine_tuning.jobs.retrieve(job_id)
+                events = client.fine_tuning.jobs.list_events(job_id, limit=100).data
+            except openai.APIError as exc:
+                _fail_on_api_error(exc)
+            for event in reversed(events):
+                if event.id in seen:
+                    continue
+                seen.add(event.id)
+                data = event.data or {}
+                if event.type == "metrics" and "step" in data:
+                    progress.update(task, total=data.get("total_steps"), completed=data["step"],
+                                    loss=f"{data.get('train_loss', float('nan')):.4f}")
+                else:
+                    style = {"error": "red", "warn": "yellow"}.get(event.level, "dim")
+                    progress.console.print(f"[{style}]{event.message}[/{style}]")
+            progress.update(task, description=job.status)
+            if job.status in ("succeeded", "failed", "cancelled"):
+                break
+            time.sleep(poll)
+    if job.status == "succeeded":
+        console.print(f"[green]Done.[/green] Fine-tuned model: [bold]{job.fine_tuned_model}[/bold]")
+    elif job.status == "failed":
+        console.print(f"[red]Failed:[/red] {(job.error.message if job.error else 'unknown error')}")
+        raise typer.Exit(1)
+    else:
+        console.print("Cancelled.")
+
+
+@models_app.command("list")
+def list_models() -> None:
+    table = Table("id", "owned by", "created")
+    for model in openai_client().models.list():
+        table.add_row(model.id, model.owned_by, time.strftime("%Y-%m-%d %H:%M", time.localtime(model.created)))
+    console.print(table)
+
+
+@app.command()
+def chat(
+    model: Annotated[str, typer.Argument(help="A base model or ft:… adapter id")] = "adaptery-demo",
+    message: Annotated[str | None, typer.Option("--message", "-m", help="Ask once and exit")] = None,
+    system: Annotated[str | None, typer.Option(help="System prompt")] = None,
+    temperature: float = 0.0,
+    max_tokens: int = 256,
+) -> None:
+    """Chat with a model, streamed. Without --message: an interactive session (empty line or Ctrl-D ends it)."""
+    client = openai_client()
+    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+
+    def ask(text: str) -> None:
+        history.append({"role": "user", "content": text})
+        try:
+            stream = client.chat.completions.create(
+                model=model, messages=history, stream=True, temperature=temperature, max_tokens=max_tokens
+            )
+            answer = []
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    answer.append(chunk.choices[0].delta.content)
+                    console.print(chunk.choices[0].delta.content, end="", soft_wrap=True, highlight=False)
+            console.print()
+        except openai.APIError as exc:
+            _fail_on_api_error(exc)
+        history.append({"role": "assistant", "content": "".join(answer)})
+
+    if message is not None:
+        ask(message)
+        return
+    while True:
+        try:
+            text = console.input("[bold]you>[/bold] ").strip()
+        except EOFError:
+            break
+        if not text:
+            break
+        ask(text)
+
+
+@keys_app.command("create")
+def create_key(
+    name: str = "",
+    environment: Annotated[str, typer.Option("--env", help="dev, staging or prod")] = "dev",
+    expires_days: Annotated[float | None, typer.Option(help="Expire after this many days")] = None,
+) -> None:
+    created = api("POST", "/api/keys", json={"name": name, "environment": environment, "expires_in_days": expires_days})
+    console.print(f"Key [bold]{created['id']}[/bold] created. Its secret is shown only now:")
+    print(created["value"])
+
+
+@keys_app.command("list")
+def list_keys() -> None:
+    table = Table("id", "name", "env", "key", "last used", "state")
+    now = time.time()
+    for key in api("GET", "/api/keys")["data"]:
+        state = "revoked" if key["revoked_at"] else ("expired" if key["expires_at"] and key["expires_at"] < now else "active")
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(key["last_used_at"])) if key["last_used_at"] else "never"
+        table.add_row(key["id"], key["name"], key["environment"], key["redacted_value"], used, state)
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def revoke_key(key_id: str) -> None:
+    api("DELETE", f"/api/keys/{key_id}")
+    console.print(f"Key {key_id} revoked; it stops working on the next request.")
+
+

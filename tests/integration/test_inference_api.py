@@ -1,0 +1,123 @@
+"""/v1/chat/completions, /v1/completions and /v1/embeddings on the demo base model."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import numpy as np
+import pytest
+
+from tests.contracts.openai_schema import assert_matches, assert_stream_chunk
+
+QUESTION = [{"role": "user", "content": "What is the name of the lab's cluster?"}]
+
+
+def stream_chunks(response) -> list[dict]:
+    chunks = []
+    for line in response.iter_lines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            chunks.append(json.loads(line[6:]))
+    return chunks
+
+
+def test_chat_completion_whole_and_streamed_agree_and_match_the_schema(running):
+    body = {"model": "adaptery-demo", "messages": QUESTION, "temperature": 0, "max_tokens": 12}
+    whole = running.client.post("/v1/chat/completions", headers=running.auth(), json=body)
+    assert whole.status_code == 200, whole.text
+    assert_matches("CreateChatCompletionResponse", whole.json())
+    text = whole.json()["choices"][0]["message"]["content"]
+    usage = whole.json()["usage"]
+    assert usage["completion_tokens"] <= 12 and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+    with running.client.stream("POST", "/v1/chat/completions", headers=running.auth(),
+                               json={**body, "stream": True, "stream_options": {"include_usage": True}}) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = list(response.iter_lines())
+    assert "data: [DONE]" in lines
+    chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    for chunk in chunks:
+        assert_stream_chunk(chunk)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert streamed == text
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == usage
+    assert len({c["id"] for c in chunks}) == 1
+
+
+def test_seeded_sampling_is_reproducible(running):
+    body = {"model": "adaptery-demo", "messages": QUESTION, "temperature": 1.0, "max_tokens": 10, "seed": 7}
+    first = running.client.post("/v1/chat/completions", headers=running.auth(), json=body).json()
+    second = running.client.post("/v1/chat/completions", headers=running.auth(), json=body).json()
+    assert first["choices"][0]["message"]["content"] == second["choices"][0]["message"]["content"]
+
+
+def test_text_completion(running):
+    response = running.client.post("/v1/completions", headers=running.auth(),
+                                   json={"model": "adaptery-demo", "prompt": "The lab", "max_tokens": 5, "temperature": 0})
+    assert response.status_code == 200
+    assert_matches("CreateCompletionResponse", response.json())
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param", "code"),
+    [
+        ({"model": "nope", "messages": QUESTION}, 404, "model", "model_not_found"),
+        ({"model": "adaptery-demo", "messages": [{"role": "bot", "content": "x"}]}, 400, "messages[0].role", None),
+        ({"model": "adaptery-demo", "messages": []}, 400, "messages", "invalid_value"),
+        ({"model": "adaptery-demo", "messages": QUESTION, "temperature": 3}, 400, "temperature", "invalid_value"),
+        ({"model": "adaptery-demo", "messages": QUESTION, "max_tokens": 100000}, 400, "max_tokens", None),
+        ({"model": "adaptery-demo", "messages": [{"role": "user", "content": "lab " * 2000}]}, 400, "messages",
+         "context_length_exceeded"),
+        ({"model": "adaptery-demo", "messages": QUESTION, "n": 2}, 400, "n", None),
+        ({"model": "adaptery-demo", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+         "messages[0].content", None),
+        ({"messages": QUESTION}, 400, "model", "invalid_value"),
+    ],
+)
+def test_bad_chat_requests_get_openai_errors(running, body, status, param, code):
+    response = running.client.post("/v1/chat/completions", headers=running.auth(), json=body)
+    assert response.status_code == status, response.text
+    assert_matches("ErrorResponse", response.json())
+    assert response.json()["error"]["param"] == param
+    assert response.json()["error"]["code"] == code
+
+
+def test_embeddings_are_real_and_match_the_schema(running):
+    inputs = ["The cat sat on the mat.", "A kitten rested on the rug.", "Quarterly tax filing deadlines."]
+    response = running.client.post("/v1/embeddings", headers=running.auth(),
+                                   json={"model": "all-MiniLM-L6-v2", "input": inputs, "encoding_format": "float"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert_matches("CreateEmbeddingResponse", body)
+    vectors = np.array([d["embedding"] for d in body["data"]])
+    assert vectors.shape == (3, 384)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-4)
+    assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2] + 0.3
+    assert body["usage"]["prompt_tokens"] > 0
+
+    packed = running.client.post("/v1/embeddings", headers=running.auth(),
+                                 json={"model": "all-MiniLM-L6-v2", "input": inputs[0], "encoding_format": "base64"})
+    decoded = np.frombuffer(base64.b64decode(packed.json()["data"][0]["embedding"]), dtype="<f4")
+    assert np.allclose(decoded, vectors[0], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"model": "adaptery-demo", "input": "x"}, 404, "model"),
+        ({"model": "all-MiniLM-L6-v2", "input": []}, 400, "input"),
+        ({"model": "all-MiniLM-L6-v2", "input": ["ok", ""]}, 400, "input"),
+        ({"model": "all-MiniLM-L6-v2", "input": "x", "dimensions": 12}, 400, "dimensions"),
+    ],
+)
+def test_bad_embedding_requests(running, body, status, param):
+    response = running.client.post("/v1/embeddings", headers=running.auth(), json=body)
+    assert response.status_code == status
+    assert response.json()["error"]["param"] == param
+
+
+def test_unknown_route_is_an_openai_404(running):
+    response = running.client.get("/v1/nothing-here", headers=running.auth())
+    assert response.status_code == 404
+    assert_matches("ErrorResponse", response.json())
