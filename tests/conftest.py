@@ -103,7 +103,7 @@ class ServerProcess:
         return {**os.environ, "ADAPTERY_DATA_DIR": str(self.data_dir), "ADAPTERY_DATABASE_URL": self.database_url}
 
     def cli(self, *args: str, key: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-        env = {**self.env(), "ADAPTERY_BASE_URL": self.url, "ADAPTERY_API_KEY": key or self.api_key}
+        env = {**self.env(), "ADAPTERY_BASE_URL": self.url, "ADAPTERY_API_KEY": key or self.api_key, "COLUMNS": "250"}
         return subprocess.run(
             [sys.executable, "-m", "adaptery.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
         )

@@ -147,7 +147,7 @@ class Agent:
                     outcome = {"state": "succeeded", "result": event}
                 elif kind == "error":
                     outcome = {"state": "failed", "message": event.get("message")}
-                elif kind == "cancelled":
+                elif kind == "cancelled" and outcome["state"] != "released":
                     outcome = {"state": "cancelled"}
                 else:
                     events.append(event)

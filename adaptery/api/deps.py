@@ -26,7 +26,9 @@ def principal(request: Request) -> Principal:
     if authorization:
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthenticated("Malformed Authorization header: expected 'Bearer <API key>'.", code="invalid_api_key")
+            raise Unauthenticated(
+                "Malformed Authorization header: expected 'Bearer <API key>'.", code="invalid_api_key"
+            )
         with db.system() as s:
             return keys.authenticate(s, token.strip())
     cookie = request.cookies.get(SESSION_COOKIE)

@@ -9,7 +9,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adaptery.services.errors import RateLimited, ServiceError
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "invalid_request_error"}
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+}
 
 
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:

@@ -89,7 +89,9 @@ def logout(who: Principal = Depends(principal), p: Platform = Depends(platform))
 
 
 @router.post("/api/auth/password", status_code=204)
-def set_password(body: PasswordRequest, who: Principal = Depends(principal), p: Platform = Depends(platform)) -> Response:
+def set_password(
+    body: PasswordRequest, who: Principal = Depends(principal), p: Platform = Depends(platform)
+) -> Response:
     with p.db.system() as s:
         sessions.set_password(s, who.user_id, body.password)
     return Response(status_code=204)

@@ -1,3 +1,3 @@
-from adaptery.cli.main import app
+from adaptery.cli.main import main
 
-app()
+main()

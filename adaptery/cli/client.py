@@ -34,7 +34,7 @@ def openai_client() -> OpenAI:
 def api(method: str, path: str, **kwargs: object) -> dict:
     response = httpx.request(
         method, f"{base_url()}{path}", headers={"Authorization": f"Bearer {api_key()}"}, timeout=60, **kwargs
-    )
+    )  # transport errors are reported by cli.main.main
     if response.status_code >= 400:
         try:
             message = response.json()["error"]["message"]

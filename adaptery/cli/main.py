@@ -8,9 +8,11 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
+import httpx
 import openai
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -23,11 +25,16 @@ jobs_app = typer.Typer(help="Fine-tuning jobs.", no_args_is_help=True)
 models_app = typer.Typer(help="Base models and adapters.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys of your tenant.", no_args_is_help=True)
 tenants_app = typer.Typer(help="Tenants (run on the server machine; talks to the database).", no_args_is_help=True)
-for sub, name in ((files_app, "files"), (jobs_app, "jobs"), (models_app, "models"), (keys_app, "keys"),
-                  (tenants_app, "tenants")):
+for sub, name in (
+    (files_app, "files"),
+    (jobs_app, "jobs"),
+    (models_app, "models"),
+    (keys_app, "keys"),
+    (tenants_app, "tenants"),
+):
     app.add_typer(sub, name=name)
 
-console = Console()
+console = Console(emoji=False)
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Data directory [env: ADAPTERY_DATA_DIR]")]
 DatabaseUrl = Annotated[str | None, typer.Option("--database-url", help="[env: ADAPTERY_DATABASE_URL]")]
 
@@ -36,12 +43,6 @@ def _settings(**overrides: Any):  # noqa: ANN202 - Settings, imported lazily to 
     from adaptery.settings import Settings
 
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
-
-
-def _fail_on_api_error(exc: openai.APIError) -> None:
-    message = getattr(exc, "message", str(exc))
-    console.print(f"[red]Error:[/red] {message}")
-    raise typer.Exit(1)
 
 
 @app.command()
@@ -138,11 +139,8 @@ def upload_file(
     purpose: str = "fine-tune",
 ) -> None:
     """Upload a file (chat-format JSONL for fine-tuning)."""
-    try:
-        with path.open("rb") as handle:
-            created = openai_client().files.create(file=(path.name, handle), purpose=purpose)
-    except openai.APIError as exc:
-        _fail_on_api_error(exc)
+    with path.open("rb") as handle:
+        created = openai_client().files.create(file=(path.name, handle), purpose=purpose)
     console.print(f"Uploaded [bold]{created.id}[/bold] ({created.bytes} bytes, {created.filename})")
 
 
@@ -150,7 +148,9 @@ def upload_file(
 def list_files() -> None:
     table = Table("id", "filename", "purpose", "bytes", "created")
     for f in openai_client().files.list():
-        table.add_row(f.id, f.filename, f.purpose, str(f.bytes), time.strftime("%Y-%m-%d %H:%M", time.localtime(f.created_at)))
+        table.add_row(
+            f.id, f.filename, f.purpose, str(f.bytes), time.strftime("%Y-%m-%d %H:%M", time.localtime(f.created_at))
+        )
     console.print(table)
 
 
@@ -168,19 +168,20 @@ def create_job(
     """Start fine-tuning an adapter."""
     hyperparameters = {
         k: v
-        for k, v in {"n_epochs": epochs, "batch_size": batch_size, "learning_rate_multiplier": learning_rate_multiplier}.items()
+        for k, v in {
+            "n_epochs": epochs,
+            "batch_size": batch_size,
+            "learning_rate_multiplier": learning_rate_multiplier,
+        }.items()
         if v is not None
     }
-    try:
-        job = openai_client().fine_tuning.jobs.create(
-            model=model,
-            training_file=training_file,
-            validation_file=validation_file,
-            suffix=suffix,
-            hyperparameters=hyperparameters or openai.omit,
-        )
-    except openai.APIError as exc:
-        _fail_on_api_error(exc)
+    job = openai_client().fine_tuning.jobs.create(
+        model=model,
+        training_file=training_file,
+        validation_file=validation_file,
+        suffix=suffix,
+        hyperparameters=hyperparameters or openai.omit,
+    )
     console.print(f"Created job [bold]{job.id}[/bold] ({job.status})")
     if follow:
         follow_job(job.id)
@@ -190,17 +191,19 @@ def create_job(
 def list_jobs(limit: int = 20) -> None:
     table = Table("id", "model", "status", "fine-tuned model", "created")
     for job in openai_client().fine_tuning.jobs.list(limit=limit).data:
-        table.add_row(job.id, job.model, job.status, job.fine_tuned_model or "",
-                      time.strftime("%Y-%m-%d %H:%M", time.localtime(job.created_at)))
+        table.add_row(
+            job.id,
+            job.model,
+            job.status,
+            job.fine_tuned_model or "",
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(job.created_at)),
+        )
     console.print(table)
 
 
 @jobs_app.command("cancel")
 def cancel_job(job_id: str) -> None:
-    try:
-        job = openai_client().fine_tuning.jobs.cancel(job_id)
-    except openai.APIError as exc:
-        _fail_on_api_error(exc)
+    job = openai_client().fine_tuning.jobs.cancel(job_id)
     console.print(f"Job {job.id}: {job.status}")
 
 
@@ -210,35 +213,40 @@ def follow_job(job_id: str, poll: float = 1.0) -> None:
     client = openai_client()
     seen: set[str] = set()
     with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
-        TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), console=console,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} steps"),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        console=console,
     ) as progress:
         task = progress.add_task("validating_files", total=None, loss="–")
         while True:
-            try:
-                job = client.fine_tuning.jobs.retrieve(job_id)
-                events = client.fine_tuning.jobs.list_events(job_id, limit=100).data
-            except openai.APIError as exc:
-                _fail_on_api_error(exc)
+            job = client.fine_tuning.jobs.retrieve(job_id)
+            events = client.fine_tuning.jobs.list_events(job_id, limit=100).data
             for event in reversed(events):
                 if event.id in seen:
                     continue
                 seen.add(event.id)
                 data = event.data or {}
                 if event.type == "metrics" and "step" in data:
-                    progress.update(task, total=data.get("total_steps"), completed=data["step"],
-                                    loss=f"{data.get('train_loss', float('nan')):.4f}")
+                    progress.update(
+                        task,
+                        total=data.get("total_steps"),
+                        completed=data["step"],
+                        loss=f"{data.get('train_loss', float('nan')):.4f}",
+                    )
                 else:
                     style = {"error": "red", "warn": "yellow"}.get(event.level, "dim")
-                    progress.console.print(f"[{style}]{event.message}[/{style}]")
+                    progress.console.print(f"[{style}]{escape(event.message)}[/{style}]")
             progress.update(task, description=job.status)
             if job.status in ("succeeded", "failed", "cancelled"):
                 break
             time.sleep(poll)
     if job.status == "succeeded":
-        console.print(f"[green]Done.[/green] Fine-tuned model: [bold]{job.fine_tuned_model}[/bold]")
+        console.print(f"[green]Done.[/green] Fine-tuned model: [bold]{escape(job.fine_tuned_model)}[/bold]")
     elif job.status == "failed":
-        console.print(f"[red]Failed:[/red] {(job.error.message if job.error else 'unknown error')}")
+        console.print(f"[red]Failed:[/red] {escape(job.error.message if job.error else 'unknown error')}")
         raise typer.Exit(1)
     else:
         console.print("Cancelled.")
@@ -266,18 +274,15 @@ def chat(
 
     def ask(text: str) -> None:
         history.append({"role": "user", "content": text})
-        try:
-            stream = client.chat.completions.create(
-                model=model, messages=history, stream=True, temperature=temperature, max_tokens=max_tokens
-            )
-            answer = []
-            for chunk in stream:
-                if chunk.choices and chunk.choices[0].delta.content:
-                    answer.append(chunk.choices[0].delta.content)
-                    console.print(chunk.choices[0].delta.content, end="", soft_wrap=True, highlight=False)
-            console.print()
-        except openai.APIError as exc:
-            _fail_on_api_error(exc)
+        stream = client.chat.completions.create(
+            model=model, messages=history, stream=True, temperature=temperature, max_tokens=max_tokens
+        )
+        answer = []
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                answer.append(chunk.choices[0].delta.content)
+                console.print(chunk.choices[0].delta.content, end="", soft_wrap=True, highlight=False, markup=False)
+        console.print()
         history.append({"role": "assistant", "content": "".join(answer)})
 
     if message is not None:
@@ -309,7 +314,11 @@ def list_keys() -> None:
     table = Table("id", "name", "env", "key", "last used", "state")
     now = time.time()
     for key in api("GET", "/api/keys")["data"]:
-        state = "revoked" if key["revoked_at"] else ("expired" if key["expires_at"] and key["expires_at"] < now else "active")
+        state = (
+            "revoked"
+            if key["revoked_at"]
+            else ("expired" if key["expires_at"] and key["expires_at"] < now else "active")
+        )
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(key["last_used_at"])) if key["last_used_at"] else "never"
         table.add_row(key["id"], key["name"], key["environment"], key["redacted_value"], used, state)
     console.print(table)
@@ -321,3 +330,16 @@ def revoke_key(key_id: str) -> None:
     console.print(f"Key {key_id} revoked; it stops working on the next request.")
 
 
+def main() -> None:
+    """Entry point: API failures become one clear line and exit code 1, not a traceback."""
+    try:
+        app()
+    except openai.APIConnectionError as exc:
+        console.print(f"[red]Error:[/red] cannot reach Adaptery at {exc.request.url}: is `adaptery serve` running?")
+        raise SystemExit(1) from None
+    except openai.APIStatusError as exc:
+        console.print(f"[red]Error {exc.status_code}:[/red] {escape(exc.message)}", highlight=False)
+        raise SystemExit(1) from None
+    except httpx.TransportError as exc:
+        console.print(f"[red]Error:[/red] cannot reach Adaptery: {exc}")
+        raise SystemExit(1) from None

@@ -81,7 +81,9 @@ def list_files(
     descending = order != "asc"
     if after:
         cursor = get(session, after)
-        query = query.where(m.File.created_at < cursor.created_at if descending else m.File.created_at > cursor.created_at)
+        query = query.where(
+            m.File.created_at < cursor.created_at if descending else m.File.created_at > cursor.created_at
+        )
     key = (m.File.created_at.desc(), m.File.id.desc()) if descending else (m.File.created_at, m.File.id)
     rows = list(session.scalars(query.order_by(*key).limit(limit + 1)))
     return rows[:limit], len(rows) > limit

@@ -94,9 +94,7 @@ def _method_hyperparameters(method: dict[str, Any] | None) -> dict[str, Any] | N
         return None
     kind = method.get("type")
     if kind != "supervised":
-        raise InvalidRequest(
-            f"method.type {kind!r} is not supported yet; use 'supervised'", param="method.type"
-        )
+        raise InvalidRequest(f"method.type {kind!r} is not supported yet; use 'supervised'", param="method.type")
     return (method.get("supervised") or {}).get("hyperparameters")
 
 
@@ -140,7 +138,9 @@ def create_job(
     method_hp = _method_hyperparameters(method)
     if method_hp is not None and hyperparameters:
         raise InvalidRequest("give hyperparameters either at the top level or in method, not both", param="method")
-    resolved = resolve_hyperparameters(method_hp if method_hp is not None else hyperparameters, ref.base.finetune_defaults)
+    resolved = resolve_hyperparameters(
+        method_hp if method_hp is not None else hyperparameters, ref.base.finetune_defaults
+    )
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**31 - 1):
         raise InvalidRequest("seed must be an integer between 0 and 2147483647", param="seed")
     job = m.FineTuningJob(
@@ -244,7 +244,9 @@ def cancel_job(session: Session, job_id: str) -> m.FineTuningJob:
     """Cancelled at once for the caller; a running agent sees the flag at its next heartbeat."""
     job = get_job(session, job_id)
     if job.status in TERMINAL:
-        raise InvalidRequest(f"Job {job_id} has already {job.status}; it cannot be cancelled.", param="fine_tuning_job_id")
+        raise InvalidRequest(
+            f"Job {job_id} has already {job.status}; it cannot be cancelled.", param="fine_tuning_job_id"
+        )
     job.cancel_requested = True
     finish(session, job, "cancelled")
     add_event(session, job, "Job cancelled at the user's request")

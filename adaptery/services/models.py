@@ -62,7 +62,9 @@ def list_models(session: Session) -> list[ModelRef]:
 def get_model(session: Session, model_id: str, *, param: str = "model") -> ModelRef:
     if model_id.startswith("ft:"):
         row = session.execute(
-            select(m.Adapter, m.Tenant).join(m.Tenant, m.Tenant.id == m.Adapter.tenant_id).where(m.Adapter.id == model_id)
+            select(m.Adapter, m.Tenant)
+            .join(m.Tenant, m.Tenant.id == m.Adapter.tenant_id)
+            .where(m.Adapter.id == model_id)
         ).one_or_none()
         if row is not None:
             adapter, tenant = row

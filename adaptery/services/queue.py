@@ -112,7 +112,9 @@ class JobQueue:
             for event in events:
                 if event.get("type") == "metrics":
                     data = {k: v for k, v in event.items() if k != "type"}
-                    message = f"Step {event['step']}/{event['total_steps']}: training loss={event['train_loss']:.4f}"
+                    loss = event.get("train_loss")
+                    shown = f"{loss:.4f}" if isinstance(loss, int | float) else "not a number"
+                    message = f"Step {event['step']}/{event['total_steps']}: training loss={shown}"
                     finetuning.add_event(s, job, message, type="metrics", data=data)
                 elif event.get("type") == "message":
                     finetuning.add_event(s, job, event["message"], level=event.get("level", "info"))
@@ -188,7 +190,9 @@ class JobQueue:
                         f"The job's worker stopped responding {job.attempts} times "
                         f"(last: agent {job.lease_owner}); giving up."
                     )
-                    finetuning.finish(s, job, "failed", error={"code": "worker_lost", "message": message, "param": None})
+                    finetuning.finish(
+                        s, job, "failed", error={"code": "worker_lost", "message": message, "param": None}
+                    )
                     finetuning.add_event(s, job, message, level="error")
                 else:
                     job.status = "queued"

@@ -12,7 +12,7 @@ from adaptery.auth.principal import Principal, Role
 from adaptery.auth.secrets import MIN_PASSWORD_LENGTH, hash_password, hash_token, verify_password
 from adaptery.db import models as m
 from adaptery.db.ids import new_id, random_token
-from adaptery.services.errors import InvalidRequest, RateLimited, Unauthenticated
+from adaptery.services.errors import InvalidRequest, RateLimited, ServiceError, Unauthenticated
 from adaptery.settings import Settings
 
 
@@ -54,26 +54,29 @@ def _open(session: Session, user: m.User, tenant_id: str, settings: Settings) ->
     return NewSession(token, csrf, _principal(session, user, tenant_id, record.id))
 
 
-def login(session: Session, username: str, password: str, settings: Settings) -> NewSession:
-    """Check a password. Repeated failures lock the account for a while, whoever is trying."""
+def login(session: Session, username: str, password: str, settings: Settings) -> NewSession | ServiceError:
+    """Check a password. Repeated failures lock the account for a while, whoever is trying.
+
+    A refusal is returned, not raised, so the caller commits the failure count with it.
+    """
     user = session.scalar(select(m.User).where(m.User.username == username))
     now = time.time()
     if user is not None and user.locked_until and user.locked_until > now:
-        raise RateLimited("Too many failed sign-ins; try again later.", retry_after=user.locked_until - now)
+        return RateLimited("Too many failed sign-ins; try again later.", retry_after=user.locked_until - now)
     if user is None or not verify_password(user.password_hash, password):
         if user is not None:
             user.failed_logins += 1
             if user.failed_logins >= settings.login_max_failures:
                 user.locked_until = now + settings.login_lockout_seconds
                 user.failed_logins = 0
-        raise Unauthenticated("Wrong username or password.", code="invalid_credentials")
+        return Unauthenticated("Wrong username or password.", code="invalid_credentials")
     user.failed_logins = 0
     user.locked_until = None
     membership = session.scalar(
         select(m.Membership).where(m.Membership.user_id == user.id).order_by(m.Membership.created_at)
     )
     if membership is None:
-        raise Unauthenticated("This account belongs to no tenant.", code="no_tenant")
+        return Unauthenticated("This account belongs to no tenant.", code="no_tenant")
     return _open(session, user, membership.tenant_id, settings)
 
 

@@ -81,13 +81,9 @@ _SUBSCHEMA_KEYWORDS = frozenset(
 # Keywords whose value is a list of subschemas.
 _SUBSCHEMA_LIST_KEYWORDS = frozenset({"allOf", "anyOf", "oneOf", "prefixItems"})
 # Keywords whose value maps names to subschemas.
-_SUBSCHEMA_MAP_KEYWORDS = frozenset(
-    {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"}
-)
+_SUBSCHEMA_MAP_KEYWORDS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
 # OpenAPI-only or non-standard keys that carry no validation meaning for us.
-_DROPPED_KEYWORDS = frozenset(
-    {"discriminator", "example", "xml", "externalDocs", "optional", "min_items", "max_items"}
-)
+_DROPPED_KEYWORDS = frozenset({"discriminator", "example", "xml", "externalDocs", "optional", "min_items", "max_items"})
 # Keys that do not constrain anything: an ``allOf`` branch made only of these plus
 # ``nullable: true`` is the 3.0 idiom for "the other branches, or null".
 _ANNOTATION_KEYWORDS = frozenset(
@@ -166,8 +162,7 @@ def _normalize(node: Any, pointer: str, anchor: str | None) -> Any:
             out[key] = [_normalize(b, f"{pointer}/{key}/{i}", anchor) for i, b in enumerate(value)]
         elif key in _SUBSCHEMA_MAP_KEYWORDS and isinstance(value, dict):
             out[key] = {
-                name: _normalize(sub, f"{pointer}/{key}/{_escape(name)}", anchor)
-                for name, sub in value.items()
+                name: _normalize(sub, f"{pointer}/{key}/{_escape(name)}", anchor) for name, sub in value.items()
             }
         elif key in _SUBSCHEMA_KEYWORDS:
             out[key] = _normalize(value, f"{pointer}/{key}", anchor)
@@ -193,8 +188,7 @@ def load_spec() -> dict[str, Any]:
         spec = json.load(fh)
     schemas = spec["components"]["schemas"]
     spec["components"]["schemas"] = {
-        name: _normalize(schema, f"{_SCHEMAS_POINTER}{_escape(name)}", None)
-        for name, schema in schemas.items()
+        name: _normalize(schema, f"{_SCHEMAS_POINTER}{_escape(name)}", None) for name, schema in schemas.items()
     }
     return spec
 

@@ -305,9 +305,7 @@ def fine_tuning_job_queued_auto() -> dict[str, Any]:
         estimated_finish=None,
         hyperparameters=dict(auto),
         method={"type": "supervised", "supervised": {"hyperparameters": dict(auto)}},
-        integrations=[
-            {"type": "wandb", "wandb": {"project": "my-wandb-project", "entity": None, "name": None}}
-        ],
+        integrations=[{"type": "wandb", "wandb": {"project": "my-wandb-project", "entity": None, "name": None}}],
     )
     job.pop("metadata")
     return job
@@ -695,9 +693,7 @@ def test_exclusive_minimum_boolean_form_accepts_positive_learning_rates(value: A
 
 
 def test_exclusive_minimum_is_numeric_after_normalisation() -> None:
-    lr = component_schema("FineTuningJob")["properties"]["hyperparameters"]["properties"][
-        "learning_rate_multiplier"
-    ]
+    lr = component_schema("FineTuningJob")["properties"]["hyperparameters"]["properties"]["learning_rate_multiplier"]
     number = next(branch for branch in lr["oneOf"] if branch.get("type") == "number")
     assert number == {"type": "number", "exclusiveMinimum": 0}
     beta = component_schema("FineTuneDPOHyperparameters")["properties"]["beta"]
@@ -730,9 +726,7 @@ def test_nullable_enum_still_rejects_other_values() -> None:
 
 def test_nullable_marker_in_allof_makes_the_whole_allof_nullable() -> None:
     truncation = component_schema("CreateRunRequest")["properties"]["truncation_strategy"]
-    assert truncation == {
-        "anyOf": [{"allOf": [{"$ref": "#/components/schemas/TruncationObject"}]}, {"type": "null"}]
-    }
+    assert truncation == {"anyOf": [{"allOf": [{"$ref": "#/components/schemas/TruncationObject"}]}, {"type": "null"}]}
 
 
 def test_recursive_ref_is_resolved() -> None:
@@ -822,14 +816,9 @@ def test_report_lists_every_violation_with_its_path() -> None:
     assert "(3 violations)" in report
     assert "$.status: 'banana' is not one of ['validating_files', 'queued', 'running'," in report
     assert "$: 'seed' is a required property" in report
-    assert (
-        "$.hyperparameters.learning_rate_multiplier: 0 is not valid under any of the given schemas" in report
-    )
+    assert "$.hyperparameters.learning_rate_multiplier: 0 is not valid under any of the given schemas" in report
     # the rejected oneOf alternatives are spelled out below the anyOf/oneOf failure
-    assert (
-        "    - $.hyperparameters.learning_rate_multiplier: 0 is less than or equal to the minimum of 0"
-        in report
-    )
+    assert "    - $.hyperparameters.learning_rate_multiplier: 0 is less than or equal to the minimum of 0" in report
     assert "    - $.hyperparameters.learning_rate_multiplier: 0 is not one of ['auto']" in report
 
 
@@ -858,11 +847,7 @@ def test_all_schemas_used_here_exist() -> None:
 
 def test_spec_is_the_vendored_copy_and_loaded_once() -> None:
     assert SPEC_PATH.name == "openai-openapi.json"
-    assert (
-        SPEC_PATH.with_name("openai-openapi.LICENSE")
-        .read_text(encoding="utf-8")
-        .startswith("The MIT License")
-    )
+    assert SPEC_PATH.with_name("openai-openapi.LICENSE").read_text(encoding="utf-8").startswith("The MIT License")
     spec = load_spec()
     assert spec["openapi"].startswith("3.1")
     assert load_spec() is spec

@@ -65,16 +65,16 @@ def test_upload_finetune_chat_embed_through_the_openai_client(server):
     # The adapter answers the trained questions word for word (greedy); the random base does not.
     for record in RECORDS:
         messages, answer = prompt_and_answer(record)
-        tuned = raw.chat.completions.create(model=job.fine_tuned_model, messages=messages, temperature=0,
-                                            max_tokens=40)
+        tuned = raw.chat.completions.create(model=job.fine_tuned_model, messages=messages, temperature=0, max_tokens=40)
         assert_matches("CreateChatCompletionResponse", json.loads(tuned.text))
         assert tuned.parse().choices[0].message.content == answer
         base = client.chat.completions.create(model="adaptery-demo", messages=messages, temperature=0, max_tokens=40)
         assert base.choices[0].message.content != answer
 
     messages, answer = prompt_and_answer(RECORDS[0])
-    stream = client.chat.completions.create(model=job.fine_tuned_model, messages=messages, temperature=0,
-                                            max_tokens=40, stream=True)
+    stream = client.chat.completions.create(
+        model=job.fine_tuned_model, messages=messages, temperature=0, max_tokens=40, stream=True
+    )
     pieces = []
     for chunk in stream:
         assert_stream_chunk(chunk.model_dump(exclude_unset=True))
@@ -88,18 +88,28 @@ def test_upload_finetune_chat_embed_through_the_openai_client(server):
         encoding_format="float",
     )
     assert_matches("CreateEmbeddingResponse", json.loads(embeddings.text))
-    vectors = np.array([d.embedding for d in client.embeddings.create(
-        model="all-MiniLM-L6-v2",
-        input=["How many nodes does the cluster have?", "How big is the compute cluster?", "My cat likes fish."],
-    ).data])  # the client's default base64 encoding, decoded by the client
+    vectors = np.array(
+        [
+            d.embedding
+            for d in client.embeddings.create(
+                model="all-MiniLM-L6-v2",
+                input=[
+                    "How many nodes does the cluster have?",
+                    "How big is the compute cluster?",
+                    "My cat likes fish.",
+                ],
+            ).data
+        ]
+    )  # the client's default base64 encoding, decoded by the client
     assert vectors.shape == (3, 384)
     assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2]
 
     # Another tenant's key sees none of it.
     made = server.cli("tenants", "create", "other", "--owner", "mallory")
     assert made.returncode == 0, made.stderr
-    other = client_for(server, next(line.split("=", 1)[1] for line in made.stdout.splitlines()
-                                    if line.startswith("ADAPTERY_API_KEY=")))
+    other = client_for(
+        server, next(line.split("=", 1)[1] for line in made.stdout.splitlines() if line.startswith("ADAPTERY_API_KEY="))
+    )
     for call in (
         lambda: other.files.retrieve(file.id),
         lambda: other.fine_tuning.jobs.retrieve(job.id),

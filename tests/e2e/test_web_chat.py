@@ -18,10 +18,14 @@ LAUNCH_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-com
 
 def train_adapter(server) -> str:
     headers = {"Authorization": f"Bearer {server.api_key}"}
-    file = httpx.post(f"{server.url}/v1/files", headers=headers, files={"file": SAMPLE_CHAT.open("rb")},
-                      data={"purpose": "fine-tune"}).json()
-    job = httpx.post(f"{server.url}/v1/fine_tuning/jobs", headers=headers,
-                     json={"model": "adaptery-demo", "training_file": file["id"], "suffix": "web"}).json()
+    file = httpx.post(
+        f"{server.url}/v1/files", headers=headers, files={"file": SAMPLE_CHAT.open("rb")}, data={"purpose": "fine-tune"}
+    ).json()
+    job = httpx.post(
+        f"{server.url}/v1/fine_tuning/jobs",
+        headers=headers,
+        json={"model": "adaptery-demo", "training_file": file["id"], "suffix": "web"},
+    ).json()
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         job = httpx.get(f"{server.url}/v1/fine_tuning/jobs/{job['id']}", headers=headers).json()
@@ -51,8 +55,11 @@ def ask(page, question: str) -> str:
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_sign_in_and_chat_with_the_adapter_in_the_browser(server, browser):
     adapter = train_adapter(server)
-    record = next(r for r in map(json.loads, SAMPLE_CHAT.read_text().splitlines())
-                  if all(m["role"] != "system" for m in r["messages"]))
+    record = next(
+        r
+        for r in map(json.loads, SAMPLE_CHAT.read_text().splitlines())
+        if all(m["role"] != "system" for m in r["messages"])
+    )
     question = next(m["content"] for m in record["messages"] if m["role"] == "user")
     expected = record["messages"][-1]["content"]
     ARTIFACTS.mkdir(exist_ok=True)

@@ -18,8 +18,9 @@ def upload_sample(client: TestClient, headers: dict[str, str], content: bytes | 
     return response.json()
 
 
-def wait_for_job(client: TestClient, headers: dict[str, str], job_id: str, statuses: tuple[str, ...],
-                 timeout: float = 180) -> dict:
+def wait_for_job(
+    client: TestClient, headers: dict[str, str], job_id: str, statuses: tuple[str, ...], timeout: float = 180
+) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=headers).json()

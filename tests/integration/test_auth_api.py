@@ -34,7 +34,9 @@ def test_a_right_key_id_with_a_wrong_secret_is_refused(running):
 
 
 def test_keys_create_list_revoke_and_revocation_takes_effect_at_once(running):
-    created = running.client.post("/api/keys", headers=running.auth(), json={"name": "ci", "environment": "prod"}).json()
+    created = running.client.post(
+        "/api/keys", headers=running.auth(), json={"name": "ci", "environment": "prod"}
+    ).json()
     assert created["value"].startswith("sk-prod-") and created["redacted_value"].endswith(created["value"][-4:])
     assert running.client.get("/v1/models", headers=running.auth(created["value"])).status_code == 200
     listed = running.client.get("/api/keys", headers=running.auth()).json()["data"]
@@ -91,7 +93,10 @@ def test_sign_in_link_works_once_and_gives_a_session_with_csrf(running):
     assert client.get("/api/me").status_code == 401
     reused = client.get(link, follow_redirects=False)
     assert reused.headers["location"] == "/?link=invalid"
-    assert client.post("/api/auth/login", json={"username": "owner", "password": "correct horse battery"}).status_code == 200
+    assert (
+        client.post("/api/auth/login", json={"username": "owner", "password": "correct horse battery"}).status_code
+        == 200
+    )
     assert client.get("/api/me").json()["has_password"] is True
 
 
@@ -118,8 +123,12 @@ def test_a_viewer_may_chat_but_not_upload_or_train(running):
         key = keys.create_key(s, tenant_id=tenant.id, user_id=viewer.id).secret
     headers = running.auth(key)
     assert running.client.get("/v1/models", headers=headers).status_code == 200
-    upload = running.client.post("/v1/files", headers=headers, files={"file": ("a.txt", b"x")}, data={"purpose": "user_data"})
+    upload = running.client.post(
+        "/v1/files", headers=headers, files={"file": ("a.txt", b"x")}, data={"purpose": "user_data"}
+    )
     assert upload.status_code == 403
     assert_matches("ErrorResponse", upload.json())
-    job = running.client.post("/v1/fine_tuning/jobs", headers=headers, json={"model": "adaptery-demo", "training_file": "f"})
+    job = running.client.post(
+        "/v1/fine_tuning/jobs", headers=headers, json={"model": "adaptery-demo", "training_file": "f"}
+    )
     assert job.status_code == 403

@@ -45,14 +45,22 @@ def test_downloaded_content_is_the_uploaded_bytes(running):
     ("content", "expected"),
     [
         (b'{"messages": [}\n', "line 1: invalid JSON"),
-        (b'{"messages": [{"role": "bot", "content": "x"}]}\n',
-         "line 1: messages[0].role: unknown role 'bot' (expected system, user or assistant)"),
-        (b'{"messages": [{"role": "user", "content": "only a question"}]}\n',
-         "line 1: messages: has no assistant message to learn from"),
-        (b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]}\n',
-         "line 1: messages[1].content: is empty"),
-        (b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n[1, 2]\n',
-         "line 2: each line must be a JSON object"),
+        (
+            b'{"messages": [{"role": "bot", "content": "x"}]}\n',
+            "line 1: messages[0].role: unknown role 'bot' (expected system, user or assistant)",
+        ),
+        (
+            b'{"messages": [{"role": "user", "content": "only a question"}]}\n',
+            "line 1: messages: has no assistant message to learn from",
+        ),
+        (
+            b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]}\n',
+            "line 1: messages[1].content: is empty",
+        ),
+        (
+            b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n[1, 2]\n',
+            "line 2: each line must be a JSON object",
+        ),
         (b"", "the file has no records"),
     ],
 )

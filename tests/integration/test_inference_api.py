@@ -28,10 +28,17 @@ def test_chat_completion_whole_and_streamed_agree_and_match_the_schema(running):
     assert_matches("CreateChatCompletionResponse", whole.json())
     text = whole.json()["choices"][0]["message"]["content"]
     usage = whole.json()["usage"]
-    assert usage["completion_tokens"] <= 12 and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert (
+        usage["completion_tokens"] <= 12
+        and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    )
 
-    with running.client.stream("POST", "/v1/chat/completions", headers=running.auth(),
-                               json={**body, "stream": True, "stream_options": {"include_usage": True}}) as response:
+    with running.client.stream(
+        "POST",
+        "/v1/chat/completions",
+        headers=running.auth(),
+        json={**body, "stream": True, "stream_options": {"include_usage": True}},
+    ) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         lines = list(response.iter_lines())
     assert "data: [DONE]" in lines
@@ -53,8 +60,11 @@ def test_seeded_sampling_is_reproducible(running):
 
 
 def test_text_completion(running):
-    response = running.client.post("/v1/completions", headers=running.auth(),
-                                   json={"model": "adaptery-demo", "prompt": "The lab", "max_tokens": 5, "temperature": 0})
+    response = running.client.post(
+        "/v1/completions",
+        headers=running.auth(),
+        json={"model": "adaptery-demo", "prompt": "The lab", "max_tokens": 5, "temperature": 0},
+    )
     assert response.status_code == 200
     assert_matches("CreateCompletionResponse", response.json())
 
@@ -67,11 +77,19 @@ def test_text_completion(running):
         ({"model": "adaptery-demo", "messages": []}, 400, "messages", "invalid_value"),
         ({"model": "adaptery-demo", "messages": QUESTION, "temperature": 3}, 400, "temperature", "invalid_value"),
         ({"model": "adaptery-demo", "messages": QUESTION, "max_tokens": 100000}, 400, "max_tokens", None),
-        ({"model": "adaptery-demo", "messages": [{"role": "user", "content": "lab " * 2000}]}, 400, "messages",
-         "context_length_exceeded"),
+        (
+            {"model": "adaptery-demo", "messages": [{"role": "user", "content": "lab " * 2000}]},
+            400,
+            "messages",
+            "context_length_exceeded",
+        ),
         ({"model": "adaptery-demo", "messages": QUESTION, "n": 2}, 400, "n", None),
-        ({"model": "adaptery-demo", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
-         "messages[0].content", None),
+        (
+            {"model": "adaptery-demo", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            400,
+            "messages[0].content",
+            None,
+        ),
         ({"messages": QUESTION}, 400, "model", "invalid_value"),
     ],
 )
@@ -85,8 +103,11 @@ def test_bad_chat_requests_get_openai_errors(running, body, status, param, code)
 
 def test_embeddings_are_real_and_match_the_schema(running):
     inputs = ["The cat sat on the mat.", "A kitten rested on the rug.", "Quarterly tax filing deadlines."]
-    response = running.client.post("/v1/embeddings", headers=running.auth(),
-                                   json={"model": "all-MiniLM-L6-v2", "input": inputs, "encoding_format": "float"})
+    response = running.client.post(
+        "/v1/embeddings",
+        headers=running.auth(),
+        json={"model": "all-MiniLM-L6-v2", "input": inputs, "encoding_format": "float"},
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     assert_matches("CreateEmbeddingResponse", body)
@@ -96,8 +117,11 @@ def test_embeddings_are_real_and_match_the_schema(running):
     assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2] + 0.3
     assert body["usage"]["prompt_tokens"] > 0
 
-    packed = running.client.post("/v1/embeddings", headers=running.auth(),
-                                 json={"model": "all-MiniLM-L6-v2", "input": inputs[0], "encoding_format": "base64"})
+    packed = running.client.post(
+        "/v1/embeddings",
+        headers=running.auth(),
+        json={"model": "all-MiniLM-L6-v2", "input": inputs[0], "encoding_format": "base64"},
+    )
     decoded = np.frombuffer(base64.b64decode(packed.json()["data"][0]["embedding"]), dtype="<f4")
     assert np.allclose(decoded, vectors[0], atol=1e-5)
 

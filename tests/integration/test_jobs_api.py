@@ -20,8 +20,13 @@ def create_job(running, **body) -> dict:
 def test_job_runs_to_an_adapter_with_events_and_checkpoint(running):
     client, headers = running.client, running.auth()
     file = upload_sample(client, headers)
-    job = create_job(running, model="adaptery-demo", training_file=file["id"], suffix="lab",
-                     hyperparameters={"n_epochs": 2, "learning_rate_multiplier": 0.5})
+    job = create_job(
+        running,
+        model="adaptery-demo",
+        training_file=file["id"],
+        suffix="lab",
+        hyperparameters={"n_epochs": 2, "learning_rate_multiplier": 0.5},
+    )
     assert_matches("FineTuningJob", job)
     assert job["status"] in ("validating_files", "queued")
     assert job["hyperparameters"] == {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 0.5}
@@ -43,8 +48,9 @@ def test_job_runs_to_an_adapter_with_events_and_checkpoint(running):
     assert not any(str(running.platform.settings.data_dir) in m for m in messages)  # no server paths leak
 
     page = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events?limit=2", headers=headers).json()
-    older = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events?limit=2&after={page['data'][-1]['id']}",
-                       headers=headers).json()
+    older = client.get(
+        f"/v1/fine_tuning/jobs/{job['id']}/events?limit=2&after={page['data'][-1]['id']}", headers=headers
+    ).json()
     assert page["has_more"] and [e["id"] for e in older["data"]] == [e["id"] for e in events["data"][2:4]]
 
     checkpoints = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints", headers=headers).json()
@@ -91,10 +97,7 @@ def test_cancel_while_running_stops_training_within_seconds(running):
 
 
 def _training_children() -> list[psutil.Process]:
-    return [
-        p for p in psutil.Process().children(recursive=True)
-        if "adaptery.training.runner" in " ".join(p.cmdline())
-    ]
+    return [p for p in psutil.Process().children(recursive=True) if "adaptery.training.runner" in " ".join(p.cmdline())]
 
 
 def test_a_killed_training_process_fails_the_job_with_its_cause_and_the_agent_goes_on(running):
@@ -112,7 +115,9 @@ def test_a_killed_training_process_fails_the_job_with_its_cause_and_the_agent_go
     assert_matches("FineTuningJob", failed)
     # the agent survived and takes the next job
     next_job = create_job(running, model="adaptery-demo", training_file=file["id"], hyperparameters={"n_epochs": 1})
-    assert wait_for_job(running.client, running.auth(), next_job["id"], ("succeeded", "failed"))["status"] == "succeeded"
+    assert (
+        wait_for_job(running.client, running.auth(), next_job["id"], ("succeeded", "failed"))["status"] == "succeeded"
+    )
 
 
 @pytest.mark.parametrize(
@@ -120,10 +125,16 @@ def test_a_killed_training_process_fails_the_job_with_its_cause_and_the_agent_go
     [
         ({"model": "no-such-model", "training_file": "FILE"}, 404, "model"),
         ({"model": "adaptery-demo", "training_file": "file-nope"}, 400, "training_file"),
-        ({"model": "adaptery-demo", "training_file": "FILE", "hyperparameters": {"n_epochs": 0}}, 400,
-         "hyperparameters.n_epochs"),
-        ({"model": "adaptery-demo", "training_file": "FILE", "hyperparameters": {"learning_rate_multiplier": -1}},
-         400, "hyperparameters.learning_rate_multiplier"),
+        (
+            {"model": "adaptery-demo", "training_file": "FILE", "hyperparameters": {"n_epochs": 0}},
+            400,
+            "hyperparameters.n_epochs",
+        ),
+        (
+            {"model": "adaptery-demo", "training_file": "FILE", "hyperparameters": {"learning_rate_multiplier": -1}},
+            400,
+            "hyperparameters.learning_rate_multiplier",
+        ),
         ({"model": "adaptery-demo", "training_file": "FILE", "hyperparameters": {"warp": 9}}, 400, "hyperparameters"),
         ({"model": "adaptery-demo", "training_file": "FILE", "suffix": "has:colon"}, 400, "suffix"),
         ({"model": "adaptery-demo", "training_file": "FILE", "method": {"type": "reinforcement"}}, 400, "method.type"),
@@ -145,15 +156,22 @@ def test_a_file_of_another_purpose_cannot_train(running):
     response = running.client.post(
         "/v1/files", headers=running.auth(), files={"file": ("x.txt", b"notes")}, data={"purpose": "user_data"}
     )
-    bad = running.client.post("/v1/fine_tuning/jobs", headers=running.auth(),
-                              json={"model": "adaptery-demo", "training_file": response.json()["id"]})
+    bad = running.client.post(
+        "/v1/fine_tuning/jobs",
+        headers=running.auth(),
+        json={"model": "adaptery-demo", "training_file": response.json()["id"]},
+    )
     assert bad.status_code == 400 and "purpose 'user_data'" in bad.json()["error"]["message"]
 
 
 def test_method_supervised_hyperparameters_are_used(running):
     file = upload_sample(running.client, running.auth())
-    job = create_job(running, model="adaptery-demo", training_file=file["id"],
-                     method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3}}})
+    job = create_job(
+        running,
+        model="adaptery-demo",
+        training_file=file["id"],
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3}}},
+    )
     assert job["method"]["supervised"]["hyperparameters"]["n_epochs"] == 3
     assert job["hyperparameters"]["n_epochs"] == 3
     running.client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel", headers=running.auth())
@@ -174,12 +192,16 @@ def test_other_tenant_gets_404_for_job_events_checkpoints_cancel_and_model(runni
     ]:
         response = getattr(running.client, method)(path, headers=other)
         assert response.status_code == 404, (path, response.text)
-    chat = running.client.post("/v1/chat/completions", headers=other,
-                               json={"model": done["fine_tuned_model"], "messages": [{"role": "user", "content": "hi"}]})
+    chat = running.client.post(
+        "/v1/chat/completions",
+        headers=other,
+        json={"model": done["fine_tuned_model"], "messages": [{"role": "user", "content": "hi"}]},
+    )
     assert chat.status_code == 404 and chat.json()["error"]["code"] == "model_not_found"
     models = running.client.get("/v1/models", headers=other).json()["data"]
     assert done["fine_tuned_model"] not in [m["id"] for m in models]
     assert running.client.get("/v1/fine_tuning/jobs", headers=other).json()["data"] == []
-    cannot_train = running.client.post("/v1/fine_tuning/jobs", headers=other,
-                                       json={"model": "adaptery-demo", "training_file": file["id"]})
+    cannot_train = running.client.post(
+        "/v1/fine_tuning/jobs", headers=other, json={"model": "adaptery-demo", "training_file": file["id"]}
+    )
     assert cannot_train.status_code == 400 and cannot_train.json()["error"]["param"] == "training_file"

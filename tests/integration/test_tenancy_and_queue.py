@@ -71,9 +71,13 @@ def test_a_session_without_tenant_or_system_role_fails_closed(db):
 def queued_job(db: Database, tenant_id: str, file_id: str) -> str:
     with db.tenant(tenant_id) as s:
         job = m.FineTuningJob(
-            id=new_id("ftjob-"), model="base", training_file=file_id, seed=1,
+            id=new_id("ftjob-"),
+            model="base",
+            training_file=file_id,
+            seed=1,
             hyperparameters={"n_epochs": 1, "batch_size": 1, "learning_rate_multiplier": 1.0},
-            method={"type": "supervised"}, status="queued",
+            method={"type": "supervised"},
+            status="queued",
         )
         s.add(job)
     return job.id

@@ -190,7 +190,9 @@ def _sse(payload: dict[str, Any] | str) -> bytes:
 
 
 def _error_event(exc: BaseException) -> bytes:
-    return _sse({"error": {"message": f"generation failed: {exc}", "type": "server_error", "param": None, "code": None}})
+    return _sse(
+        {"error": {"message": f"generation failed: {exc}", "type": "server_error", "param": None, "code": None}}
+    )
 
 
 @router.post("/chat/completions", response_model=None)
@@ -268,11 +270,17 @@ async def completions(
         return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
 
     def body_of(choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"id": completion_id, "object": "text_completion", "created": created, "model": job.model_id,
-                "choices": choices}
+        return {
+            "id": completion_id,
+            "object": "text_completion",
+            "created": created,
+            "model": job.model_id,
+            "choices": choices,
+        }
 
     usage = Usage()
     if body.stream:
+
         async def events() -> AsyncIterator[bytes]:
             try:
                 async for delta in _stream_deltas(p, job, usage):
@@ -290,5 +298,3 @@ async def completions(
         text.append(delta.text)
         finish = delta.finish_reason or finish
     return {**body_of([choice("".join(text), finish)]), "usage": _usage(usage)}
-
-

@@ -1,0 +1,185 @@
+"""OpenAI chat JSONL -> tokenised training examples, rendered with the base model's chat template.
+
+Only assistant tokens are trained (labels are -100 everywhere else), so the adapter learns to
+answer, not to imitate users. Assistant messages with ``"weight": 0`` are context, not targets.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from jinja2 import TemplateError
+
+from adaptery.data.chat import record_errors
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100  # the label value the causal-LM loss skips
+
+Messages = list[dict[str, Any]]
+
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+class DatasetError(ValueError):
+    """The dataset cannot be used for training; the message names the line and field."""
+
+
+@dataclass
+class ChatDataset:
+    examples: list[dict[str, list[int]]]
+    records: int
+    trainable_tokens: int
+    truncated: int = 0  # examples cut at max_seq_length
+    dropped: list[int] = field(default_factory=list)  # line numbers left with nothing to train on
+
+
+def read_chat_records(path: Path) -> list[tuple[int, Messages]]:
+    """Validate every line of a chat JSONL file; return (line number, messages) per record."""
+    try:
+        content = Path(path).read_bytes()
+    except OSError as exc:
+        raise DatasetError(f"cannot read {Path(path).name}: {exc.strerror or exc}") from exc
+    records = []
+    for number, raw in enumerate(content.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DatasetError(f"line {number}: invalid JSON: {getattr(exc, 'msg', str(exc))}") from exc
+        # The same rules as the upload-time validator, so a file accepted there trains here.
+        problems = record_errors(number, record)
+        if problems:
+            raise DatasetError(str(problems[0]))
+        records.append((number, record["messages"]))
+    if not records:
+        raise DatasetError(
+            f"{Path(path).name}: no training examples (expected one JSON object per line with a 'messages' list)"
+        )
+    return records
+
+
+def _template_messages(messages: Messages) -> Messages:
+    # Only role and content reach the template: extra keys like "weight" are ours, not the model's.
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _is_trained(message: dict[str, Any]) -> bool:
+    return message["role"] == "assistant" and message.get("weight", 1) != 0
+
+
+def _mask_runs(mask: list[int]) -> list[tuple[int, int]]:
+    runs, start = [], None
+    for i, bit in enumerate([*mask, 0]):
+        if bit and start is None:
+            start = i
+        elif not bit and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+def _labels_from_generation_mask(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> dict | None:
+    """Use the template's {% generation %} blocks; None when they cannot be mapped to messages."""
+    encoded = tokenizer.apply_chat_template(
+        _template_messages(messages), return_dict=True, return_assistant_tokens_mask=True
+    )
+    ids, mask = list(encoded["input_ids"]), list(encoded["assistant_masks"])
+    assistants = [m for m in messages if m["role"] == "assistant"]
+    runs = _mask_runs(mask)
+    if len(runs) != len(assistants):
+        return None
+    labels = [IGNORE_INDEX] * len(ids)
+    for (start, end), message in zip(runs, assistants, strict=True):
+        if _is_trained(message):
+            labels[start:end] = ids[start:end]
+    return {"input_ids": ids, "labels": labels}
+
+
+def _labels_from_prefixes(tokenizer: PreTrainedTokenizerBase, messages: Messages, line: int) -> dict:
+    """Locate each assistant turn by rendering the conversation up to it (works with any template
+    that renders earlier turns the same way whatever follows them)."""
+
+    def render(upto: int, prompt: bool) -> str:
+        if upto == 0:
+            return ""
+        return tokenizer.apply_chat_template(
+            _template_messages(messages[:upto]), tokenize=False, add_generation_prompt=prompt
+        )
+
+    text = render(len(messages), False)
+    spans = []
+    for i, message in enumerate(messages):
+        if not _is_trained(message):
+            continue
+        before, through = render(i, True), render(i + 1, False)
+        if not (through.startswith(before) and text.startswith(through)):
+            raise DatasetError(
+                f"line {line}: the base model's chat template renders earlier turns differently once later "
+                "turns follow, so the assistant tokens to train cannot be located"
+            )
+        start = len(before)
+        if i == 0:
+            # No earlier turns to render a generation prompt after (templates refuse an empty
+            # conversation), so skip the template's header by finding where the content begins.
+            start = max(through.find(message["content"]), 0)
+        spans.append((start, len(through)))
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(encoded["input_ids"])
+    labels = [
+        token if any(start < span_end and end > span_start for span_start, span_end in spans) else IGNORE_INDEX
+        for token, (start, end) in zip(ids, encoded["offset_mapping"], strict=True)
+    ]
+    return {"input_ids": ids, "labels": labels}
+
+
+def _label_conversation(tokenizer: PreTrainedTokenizerBase, messages: Messages, line: int) -> dict:
+    try:
+        example = None
+        if _GENERATION_TAG.search(tokenizer.get_chat_template()):
+            example = _labels_from_generation_mask(tokenizer, messages)
+        if example is None:
+            example = _labels_from_prefixes(tokenizer, messages, line)
+    except TemplateError as exc:
+        raise DatasetError(f"line {line}: the base model's chat template rejected this conversation: {exc}") from exc
+    return example
+
+
+def tokenize_conversation(
+    tokenizer: PreTrainedTokenizerBase, messages: Messages, *, max_seq_length: int, line: int = 0
+) -> dict[str, list[int]]:
+    """Tokenise one conversation: input_ids, attention_mask and labels (-100 outside trained turns)."""
+    example = _label_conversation(tokenizer, messages, line)
+    ids, labels = example["input_ids"][:max_seq_length], example["labels"][:max_seq_length]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def load_chat_dataset(path: Path, tokenizer: PreTrainedTokenizerBase, *, max_seq_length: int) -> ChatDataset:
+    """Read, validate and tokenise a chat JSONL file; raise DatasetError when nothing is trainable."""
+    if not tokenizer.chat_template:
+        raise DatasetError("the base model's tokenizer has no chat template, so chat records cannot be formatted")
+    dataset = ChatDataset(examples=[], records=0, trainable_tokens=0)
+    for line, messages in read_chat_records(path):
+        dataset.records += 1
+        example = _label_conversation(tokenizer, messages, line)
+        dataset.truncated += len(example["input_ids"]) > max_seq_length
+        ids, labels = example["input_ids"][:max_seq_length], example["labels"][:max_seq_length]
+        trainable = sum(label != IGNORE_INDEX for label in labels)
+        if trainable == 0:
+            # Nothing to learn (all weights 0, or truncated away); an all-ignored batch has no loss.
+            dataset.dropped.append(line)
+            continue
+        dataset.trainable_tokens += trainable
+        dataset.examples.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    if not dataset.examples:
+        raise DatasetError(
+            f"{Path(path).name}: no trainable assistant tokens (every assistant message has weight 0 "
+            f"or lies beyond max_seq_length={max_seq_length})"
+        )
+    return dataset

@@ -1,0 +1,169 @@
+"""Child-process entry point of a fine-tuning job: ``python -m adaptery.training.runner SPEC.json``.
+
+Protocol (what the agent that starts this process reads):
+- stdout carries only events, one JSON object per line, flushed as they happen; everything else
+  (library logs, progress bars, tracebacks) goes to stderr;
+- ``{"type": "result", ...}`` and exit code 0 on success;
+- ``{"type": "cancelled"}`` and exit code 3 when a file named CANCEL appears in the spec's output
+  directory or the process gets SIGTERM/SIGINT;
+- ``{"type": "error", "message": ...}`` and exit code 1 on any failure.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import IO, Any
+
+from pydantic import ValidationError
+
+from adaptery.training.spec import TrainingSpec
+
+EXIT_OK, EXIT_ERROR, EXIT_CANCELLED = 0, 1, 3
+CANCEL_FILE = "CANCEL"
+
+
+def _claim_stdout() -> IO[str]:
+    """Keep the real stdout for events and point fd 1 (and sys.stdout) at stderr, so a stray
+    print() in any library, even from C code, cannot corrupt the event stream."""
+    sys.stdout.flush()
+    events = os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8", buffering=1)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    sys.stdout = sys.stderr
+    return events
+
+
+def _json_safe(value: Any) -> Any:
+    # JSON has no NaN/Infinity (a diverged loss); null keeps every line parseable.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(item) for item in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+class _Emitter:
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self.stream.write(json.dumps(_json_safe(event), allow_nan=False) + "\n")
+        self.stream.flush()
+
+
+class _StopFlag:
+    """True once SIGTERM/SIGINT arrived or the CANCEL file exists; polled after each step."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.cancel_file = output_dir / CANCEL_FILE
+        self.signalled = False
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.signalled = True
+
+    def __call__(self) -> bool:
+        return self.signalled or self.cancel_file.exists()
+
+
+def _thread_count() -> int:
+    """Torch threads for training: ADAPTERY_TRAIN_THREADS, else all usable CPUs but one.
+
+    The spare CPU is for the platform itself (API server, agent). Torch's many small parallel ops
+    each wait for their slowest thread, so if any thread competes for a core every op stalls:
+    measured on 2 cores, the demo fine-tune took ~2 s on 1 thread but 45-80 s on 2 threads while
+    another process was busy.
+    """
+    override = os.environ.get("ADAPTERY_TRAIN_THREADS", "")
+    if override.isdigit() and int(override) > 0:
+        return int(override)
+    # Affinity, not cpu_count: a container or taskset may allow fewer CPUs than the machine has.
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, usable - 1)
+
+
+class _SpecError(ValueError):
+    pass
+
+
+def _read_spec(path: str) -> TrainingSpec:
+    try:
+        return TrainingSpec.model_validate_json(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise _SpecError(f"cannot read training spec {path}: {exc.strerror or exc}") from exc
+    except ValidationError as exc:
+        raise _SpecError(f"invalid training spec {path}: {exc}") from exc
+
+
+def _error_message(exc: Exception) -> str:
+    # Our own errors (DatasetError, ModelNotAvailable, spec problems) are written for people and
+    # pass through verbatim; anything else keeps its type name so it can be recognised.
+    # (This module runs as __main__, so its own errors carry that module name.)
+    if type(exc).__module__.split(".")[0] in ("adaptery", "__main__"):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _run(spec_path: str, emit: Callable[[dict[str, Any]], None]) -> int:
+    spec = _read_spec(spec_path)
+    should_stop = _StopFlag(spec.output_dir)
+    if should_stop():  # cancelled while queued: skip the slow imports altogether
+        emit({"type": "cancelled"})
+        return EXIT_CANCELLED
+
+    import torch
+    from transformers.utils import logging as transformers_logging
+
+    from adaptery.training.trainer import TrainingCancelled, train
+
+    torch.set_num_threads(_thread_count())
+    # Progress bars redraw with carriage returns, which only garble a captured stderr log.
+    transformers_logging.disable_progress_bar()
+    try:
+        result = train(spec, emit, should_stop)
+    except TrainingCancelled:
+        emit({"type": "cancelled"})
+        return EXIT_CANCELLED
+    emit({"type": "result", **asdict(result)})
+    return EXIT_OK
+
+
+def run(spec_path: str, emit: Callable[[dict[str, Any]], None]) -> int:
+    """Run one job, reporting it through `emit`; returns the process exit code."""
+    # Base models must already be local. The hub libraries read these once, when first imported,
+    # which is why they are set before anything imports transformers.
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        return _run(spec_path, emit)
+    except Exception as exc:  # every failure must reach the agent as an error event
+        traceback.print_exc(file=sys.stderr)
+        emit({"type": "error", "message": _error_message(exc)})
+        return EXIT_ERROR
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    emit = _Emitter(_claim_stdout())
+    if len(args) != 1:
+        emit({"type": "error", "message": "usage: python -m adaptery.training.runner SPEC.json"})
+        return EXIT_ERROR
+    return run(args[0], emit)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

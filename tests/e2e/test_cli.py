@@ -1,0 +1,53 @@
+"""The `adaptery` CLI against a running server: the same loop from a terminal."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from tests.conftest import SAMPLE_CHAT
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_cli_upload_train_follow_list_chat_and_keys(server):
+    uploaded = server.cli("files", "upload", str(SAMPLE_CHAT))
+    assert uploaded.returncode == 0, uploaded.stderr
+    file_id = re.search(r"(file-\w+)", uploaded.stdout).group(1)
+
+    trained = server.cli("jobs", "create", "--training-file", file_id, "--suffix", "cli")
+    assert trained.returncode == 0, trained.stdout + trained.stderr
+    assert "Files validated" in trained.stdout and "steps" in trained.stdout
+    model = re.search(r"Fine-tuned model: (ft:\S+)", trained.stdout).group(1)
+
+    listed = server.cli("models", "list")
+    assert model in listed.stdout and "adaptery-demo" in listed.stdout
+    assert "succeeded" in server.cli("jobs", "list").stdout
+
+    record = json.loads(SAMPLE_CHAT.read_text().splitlines()[2])
+    question, answer = record["messages"][0]["content"], record["messages"][-1]["content"]
+    chatted = server.cli("chat", model, "--message", question)
+    assert chatted.returncode == 0, chatted.stderr
+    assert answer in chatted.stdout
+
+    created = server.cli("keys", "create", "--name", "laptop", "--env", "staging")
+    new_key = created.stdout.strip().splitlines()[-1]
+    assert new_key.startswith("sk-staging-")
+    key_id = new_key.split("-")[2]
+    assert key_id in server.cli("keys", "list").stdout
+    assert server.cli("models", "list", key=new_key).returncode == 0
+    assert server.cli("keys", "revoke", key_id).returncode == 0
+    refused = server.cli("models", "list", key=new_key)
+    assert refused.returncode != 0 and "Incorrect API key" in refused.stdout + refused.stderr
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_cli_reports_bad_input_clearly(server, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "robot", "content": "hi"}]}\n')
+    result = server.cli("files", "upload", str(bad))
+    assert result.returncode == 1
+    assert "line 1: messages[0].role: unknown role 'robot'" in result.stdout
+    missing = server.cli("jobs", "create", "--training-file", "file-nope", "--no-follow")
+    assert missing.returncode == 1 and "no such file 'file-nope'" in missing.stdout
