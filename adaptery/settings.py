@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     offline: bool = Field(True, description="Never reach a model hub; hub ids must already be cached.")
     embedding_model: str = "all-MiniLM-L6-v2"
     device: str = "auto"
+    train_threads: int | None = Field(
+        None, ge=1, description="Torch threads of a training process; default: all usable CPUs but one."
+    )
 
     bootstrap_tenant: str = "default"
     bootstrap_username: str = "owner"

@@ -6,6 +6,7 @@ and the agent reports the cause and carries on with the next job.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -25,6 +26,14 @@ from adaptery.services.queue import Assignment, JobQueue
 log = logging.getLogger("adaptery.agent")
 CANCELLED_EXIT_CODE = 3
 CANCEL_GRACE_SECONDS = 10.0
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: if the agent dies (even by SIGKILL), its training dies too,
+    so a job whose lease expired is never trained twice at once."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def default_agent_id(kind: str) -> str:
@@ -112,6 +121,7 @@ class Agent:
                 stderr=stderr,
                 stdin=subprocess.DEVNULL,
                 env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+                preexec_fn=_die_with_parent,
             )
             outcome = self._supervise(assignment, child, job_dir)
         if outcome["state"] == "succeeded":

@@ -6,12 +6,13 @@ from collections.abc import Iterator
 from pathlib import PurePath
 from typing import BinaryIO
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from adaptery.data.chat import validate_lines
 from adaptery.db import models as m
 from adaptery.db.ids import new_id
+from adaptery.services import blob_refs
 from adaptery.services.errors import InvalidRequest, NotFound, TooLarge
 from adaptery.storage.blobs import BlobStore, BlobTooLarge
 
@@ -49,7 +50,7 @@ def upload(
     if purpose == "fine-tune":
         report = validate_lines(_lines(blobs, blob.sha256))
         if not report.ok:
-            _forget_blob_if_unused(system, blobs, blob.sha256)
+            blob_refs.release(system, blobs, blob.sha256)
             raise InvalidRequest(f"Invalid file format for fine-tuning: {report.summary()}", param="file")
         records = report.records
     record = m.File(
@@ -89,23 +90,8 @@ def list_files(
     return rows[:limit], len(rows) > limit
 
 
-def delete(session: Session, system: Session, blobs: BlobStore, file_id: str) -> m.File:
+def delete(session: Session, file_id: str) -> m.File:
+    """Forget the file; its blob is released by the caller once this is committed."""
     record = get(session, file_id)
     session.delete(record)
-    session.flush()
-    _forget_blob_if_unused(system, blobs, record.sha256, exclude_file=record.id)
     return record
-
-
-def _forget_blob_if_unused(system: Session, blobs: BlobStore, sha256: str, exclude_file: str | None = None) -> None:
-    """Blobs are shared by content; one is removed only when nothing of any tenant still names it."""
-    query = select(func.count()).select_from(m.File).where(m.File.sha256 == sha256)
-    if exclude_file:
-        query = query.where(m.File.id != exclude_file)
-    if system.scalar(query) == 0 and not _used_by_adapter(system, sha256):
-        blobs.delete(sha256)
-
-
-def _used_by_adapter(system: Session, sha256: str) -> bool:
-    manifests = system.scalars(select(m.Adapter.manifest))
-    return any(sha256 in manifest.values() for manifest in manifests)

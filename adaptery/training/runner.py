@@ -24,6 +24,7 @@ from typing import IO, Any
 
 from pydantic import ValidationError
 
+from adaptery.settings import Settings
 from adaptery.training.spec import TrainingSpec
 
 EXIT_OK, EXIT_ERROR, EXIT_CANCELLED = 0, 1, 3
@@ -79,16 +80,16 @@ class _StopFlag:
 
 
 def _thread_count() -> int:
-    """Torch threads for training: ADAPTERY_TRAIN_THREADS, else all usable CPUs but one.
+    """Torch threads for training: `Settings.train_threads`, else all usable CPUs but one.
 
     The spare CPU is for the platform itself (API server, agent). Torch's many small parallel ops
     each wait for their slowest thread, so if any thread competes for a core every op stalls:
     measured on 2 cores, the demo fine-tune took ~2 s on 1 thread but 45-80 s on 2 threads while
     another process was busy.
     """
-    override = os.environ.get("ADAPTERY_TRAIN_THREADS", "")
-    if override.isdigit() and int(override) > 0:
-        return int(override)
+    configured = Settings().train_threads
+    if configured:
+        return configured
     # Affinity, not cpu_count: a container or taskset may allow fewer CPUs than the machine has.
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, usable - 1)

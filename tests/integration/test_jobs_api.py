@@ -7,6 +7,7 @@ import time
 import psutil
 import pytest
 
+from adaptery.db import models as m
 from tests.contracts.openai_schema import assert_matches
 from tests.integration.helpers import upload_sample, wait_for_job
 
@@ -62,6 +63,21 @@ def test_job_runs_to_an_adapter_with_events_and_checkpoint(running):
     assert done["fine_tuned_model"] in [m["id"] for m in models["data"]]
     assert_matches("Model", client.get(f"/v1/models/{done['fine_tuned_model']}", headers=headers).json())
 
+    with running.platform.db.system() as s:
+        manifest = dict(s.get(m.Adapter, done["fine_tuned_model"]).manifest)
+    assert all(running.platform.blobs.exists(sha) for sha in manifest.values())
+    deleted = client.delete(f"/v1/models/{done['fine_tuned_model']}", headers=headers)
+    assert_matches("DeleteModelResponse", deleted.json())
+    assert client.get(f"/v1/models/{done['fine_tuned_model']}", headers=headers).status_code == 404
+    gone = client.post(
+        "/v1/chat/completions",
+        headers=headers,
+        json={"model": done["fine_tuned_model"], "messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert gone.status_code == 404
+    assert client.delete("/v1/models/adaptery-demo", headers=headers).status_code == 400
+    assert manifest and not any(running.platform.blobs.exists(sha) for sha in manifest.values())
+
 
 def test_list_is_newest_first_with_cursor_pagination(running):
     file = upload_sample(running.client, running.auth())
@@ -97,7 +113,15 @@ def test_cancel_while_running_stops_training_within_seconds(running):
 
 
 def _training_children() -> list[psutil.Process]:
-    return [p for p in psutil.Process().children(recursive=True) if "adaptery.training.runner" in " ".join(p.cmdline())]
+    """Live (not zombie) training processes started by this test process."""
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "adaptery.training.runner" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.Error:
+            continue
+    return found
 
 
 def test_a_killed_training_process_fails_the_job_with_its_cause_and_the_agent_goes_on(running):

@@ -13,7 +13,7 @@ from adaptery.api.openai.objects import file_object, page
 from adaptery.auth.policy import require
 from adaptery.auth.principal import Principal
 from adaptery.platform import Platform
-from adaptery.services import files
+from adaptery.services import blob_refs, files
 from adaptery.services.errors import TooLarge
 
 router = APIRouter(prefix="/v1", tags=["files"])
@@ -62,8 +62,10 @@ def retrieve_file(file_id: str, who: Principal = Depends(principal), p: Platform
 @router.delete("/files/{file_id}")
 def delete_file(file_id: str, who: Principal = Depends(principal), p: Platform = Depends(platform)) -> dict:
     require(who, "upload")
-    with p.db.tenant(who.tenant_id) as s, p.db.system() as system:
-        record = files.delete(s, system, p.blobs, file_id)
+    with p.db.tenant(who.tenant_id) as s:
+        record = files.delete(s, file_id)
+    with p.db.system() as system:
+        blob_refs.release(system, p.blobs, record.sha256)
     return {"id": record.id, "object": "file", "deleted": True}
 
 

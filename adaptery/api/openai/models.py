@@ -11,7 +11,7 @@ from adaptery.api.openai.objects import model_object
 from adaptery.auth.policy import require
 from adaptery.auth.principal import Principal
 from adaptery.platform import Platform
-from adaptery.services import models
+from adaptery.services import blob_refs, models
 
 router = APIRouter(prefix="/v1", tags=["models"])
 
@@ -40,4 +40,7 @@ def delete_model(model_id: str, who: Principal = Depends(principal), p: Platform
     require(who, "delete_model")
     with p.db.tenant(who.tenant_id) as s:
         adapter = models.delete_adapter(s, model_id)
+    with p.db.system() as system:
+        for sha256 in adapter.manifest.values():
+            blob_refs.release(system, p.blobs, sha256)
     return {"id": adapter.id, "object": "model", "deleted": True}
