@@ -31,9 +31,14 @@ def openai_client() -> OpenAI:
     return OpenAI(base_url=f"{base_url()}/v1", api_key=api_key(), max_retries=0, timeout=600)
 
 
-def api(method: str, path: str, **kwargs: object) -> dict:
+def api(method: str, path: str, *, headers: dict[str, str] | None = None, **kwargs: object) -> dict:
+    """Call Adaptery's own `/api` routes; an error response ends the command with its message."""
     response = httpx.request(
-        method, f"{base_url()}{path}", headers={"Authorization": f"Bearer {api_key()}"}, timeout=60, **kwargs
+        method,
+        f"{base_url()}{path}",
+        headers={"Authorization": f"Bearer {api_key()}", **(headers or {})},
+        timeout=600,
+        **kwargs,
     )  # transport errors are reported by cli.main.main
     if response.status_code >= 400:
         try:

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
 from rich.table import Table
 
 from adaptery.cli.client import api, openai_client
@@ -25,12 +25,16 @@ jobs_app = typer.Typer(help="Fine-tuning jobs.", no_args_is_help=True)
 models_app = typer.Typer(help="Base models and adapters.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys of your tenant.", no_args_is_help=True)
 tenants_app = typer.Typer(help="Tenants (run on the server machine; talks to the database).", no_args_is_help=True)
+datasets_app = typer.Typer(
+    help="Datasets: upload any format, validate, dedup, scrub, split, version.", no_args_is_help=True
+)
 for sub, name in (
     (files_app, "files"),
     (jobs_app, "jobs"),
     (models_app, "models"),
     (keys_app, "keys"),
     (tenants_app, "tenants"),
+    (datasets_app, "datasets"),
 ):
     app.add_typer(sub, name=name)
 
@@ -328,6 +332,243 @@ def list_keys() -> None:
 def revoke_key(key_id: str) -> None:
     api("DELETE", f"/api/keys/{key_id}")
     console.print(f"Key {key_id} revoked; it stops working on the next request.")
+
+
+def _dataset_ref(ref: str) -> tuple[str, int | None]:
+    """`name-or-id` (newest version) or `name-or-id@3`."""
+    name, _, number = ref.partition("@")
+    if number and not number.isdigit():
+        raise typer.BadParameter(f"expected DATASET or DATASET@VERSION, got {ref!r}")
+    return name, int(number) if number else None
+
+
+def _version_number(dataset: str, number: int | None) -> int:
+    if number is not None:
+        return number
+    versions = api("GET", f"/api/datasets/{dataset}")["versions"]
+    if not versions:
+        raise typer.BadParameter(f"dataset {dataset} has no versions")
+    return versions[-1]["version"]
+
+
+def _wait_for_versions(dataset_id: str, numbers: list[int]) -> list[dict]:
+    """Show each version's processing progress until it is ready or failed."""
+    done = []
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        TextColumn("{task.fields[state]}"),
+        TextColumn("{task.completed} records"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        for number in numbers:
+            task = progress.add_task(f"version {number}", total=None, state="processing")
+            while True:
+                version = api("GET", f"/api/datasets/{dataset_id}/versions/{number}")
+                progress.update(task, completed=version["records"] or version["progress"], state=version["status"])
+                if version["status"] != "processing":
+                    break
+                time.sleep(0.5)
+            done.append(version)
+    return done
+
+
+def _print_version(version: dict) -> None:
+    state = {"ready": "green", "failed": "red"}.get(version["status"], "yellow")
+    parent = f" from v{version['parent_version']}" if version["parent_version"] else ""
+    console.print(
+        f"v{version['version']} [{state}]{version['status']}[/{state}] {version['operation']}{parent}: "
+        f"{version['records'] if version['records'] is not None else '?'} records, format {version['format']}, "
+        f"sha256 {(version['sha256'] or '')[:12]}",
+        highlight=False,
+    )
+    if version["error"]:
+        console.print(f"  [red]{escape(version['error'])}[/red]")
+    report = version.get("report") or {}
+    validation = report.get("validation")
+    if validation:
+        console.print(
+            f"  validation: {validation['records_valid']} valid, {validation['records_invalid']} invalid "
+            f"of {validation['records_total']} (model {validation.get('model')})"
+        )
+        for error in validation["errors"][:20]:
+            unit = error.get("unit", "line")
+            field = f" {error['field']}:" if error.get("field") else ""
+            console.print(
+                f"  [red]{unit} {error['line']}:{escape(field)} {escape(error['message'])}[/red]", highlight=False
+            )
+        if validation["records_invalid"] > 20:
+            console.print(f"  … and {validation['records_invalid'] - 20} more (see the API report)")
+    if "dedup" in report:
+        d = report["dedup"]
+        console.print(
+            f"  dedup: {d['records_in']} → {d['records_out']} ({d['exact_duplicates']} exact, "
+            f"{d['near_duplicates']} near duplicates at threshold {d['threshold']})"
+        )
+    if "pii" in report:
+        console.print(f"  scrubbed: {report['pii']['counts_by_kind']}")
+    if "split" in report:
+        console.print(
+            f"  split: {report['split']['part']} part, {report['split']['records']} of {report['split']['of']}"
+        )
+
+
+@datasets_app.command("upload")
+def upload_dataset(
+    path: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
+    name: Annotated[str | None, typer.Option(help="Dataset name (default: the file name)")] = None,
+    to: Annotated[str | None, typer.Option("--to", help="Add as a new version of this dataset")] = None,
+    format: Annotated[str | None, typer.Option("--format", help="Override detection")] = None,
+    mapping: Annotated[str | None, typer.Option(help="CSV/TSV columns: prompt=question,response=answer")] = None,
+    model: Annotated[str | None, typer.Option(help="Base model to validate record lengths against")] = None,
+) -> None:
+    """Upload a file (OpenAI chat, Alpaca, ShareGPT, text, CSV/TSV), streamed with a progress bar."""
+    size = path.stat().st_size
+    params = {
+        k: v
+        for k, v in {"name": name, "format": format, "mapping": mapping, "filename": path.name, "model": model}.items()
+        if v
+    }
+
+    with Progress(
+        TextColumn("[bold]uploading"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=console
+    ) as progress:
+        task = progress.add_task("upload", total=size)
+
+        def chunks():  # noqa: ANN202 - a generator of bytes
+            with path.open("rb") as handle:
+                while chunk := handle.read(1024 * 1024):
+                    progress.advance(task, len(chunk))
+                    yield chunk
+
+        target = f"/api/datasets/{to}/versions" if to else "/api/datasets"
+        if to:
+            params.pop("name", None)
+        body = api(
+            "POST",
+            target,
+            params=params,
+            content=chunks(),
+            headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
+        )
+    version = body["versions"][-1]
+    console.print(f"Dataset [bold]{escape(body['name'])}[/bold] ({body['id']}), version {version['version']}")
+    _print_version(_wait_for_versions(body["id"], [version["version"]])[0])
+
+
+@datasets_app.command("list")
+def list_datasets() -> None:
+    table = Table("id", "name", "versions", "records (newest)", "protected", "updated")
+    for d in api("GET", "/api/datasets")["data"]:
+        newest = d["versions"][-1] if d["versions"] else {}
+        table.add_row(
+            d["id"],
+            d["name"],
+            str(len(d["versions"])),
+            str(newest.get("records", "")),
+            "yes" if d["contains_protected_data"] else "no",
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(d["updated_at"])),
+        )
+    console.print(table)
+
+
+@datasets_app.command("show")
+def show_dataset(ref: Annotated[str, typer.Argument(help="DATASET or DATASET@VERSION")]) -> None:
+    """The dataset card and its versions, or one version's report."""
+    dataset, number = _dataset_ref(ref)
+    body = api("GET", f"/api/datasets/{dataset}")
+    if number is None:
+        console.print(f"[bold]{escape(body['name'])}[/bold] ({body['id']})")
+        for field in ("description", "source", "license"):
+            if body[field]:
+                console.print(f"  {field}: {escape(body[field])}")
+        console.print(f"  contains protected data: {'yes' if body['contains_protected_data'] else 'no'}")
+        for version in body["versions"]:
+            _print_version(version)
+        return
+    version = api("GET", f"/api/datasets/{body['id']}/versions/{number}")
+    _print_version(version)
+    if version.get("stats"):
+        console.print_json(data=version["stats"])
+
+
+@datasets_app.command("versions")
+def dataset_versions(dataset: str) -> None:
+    """Each version with its lineage (what it was made from, and how)."""
+    for version in api("GET", f"/api/datasets/{dataset}")["versions"]:
+        _print_version(version)
+
+
+@datasets_app.command("validate")
+def validate_dataset(
+    ref: str, model: Annotated[str | None, typer.Option(help="Base model (default: first)")] = None
+) -> None:
+    """Check every record of a version against a base model's context."""
+    dataset, number = _dataset_ref(ref)
+    number = _version_number(dataset, number)
+    report = api(
+        "POST", f"/api/datasets/{dataset}/versions/{number}/validate", params={"model": model} if model else None
+    )
+    _print_version(
+        {
+            "version": number,
+            "status": "ready" if report["ok"] else "invalid",
+            "operation": "validate",
+            "parent_version": None,
+            "records": report["records_total"],
+            "format": "openai-chat",
+            "sha256": "",
+            "error": None,
+            "report": {"validation": report},
+        }
+    )
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
+def _run_operation(ref: str, operation: str, body: dict) -> None:
+    dataset, number = _dataset_ref(ref)
+    number = _version_number(dataset, number)
+    created = api("POST", f"/api/datasets/{dataset}/versions/{number}/{operation}", json=body)["data"]
+    for version in _wait_for_versions(created[0]["dataset_id"], [v["version"] for v in created]):
+        _print_version(version)
+
+
+@datasets_app.command("dedup")
+def dedup_dataset(
+    ref: str,
+    threshold: Annotated[float, typer.Option(help="Jaccard similarity for near duplicates")] = 0.8,
+    num_perm: int = 128,
+    exact_only: Annotated[bool, typer.Option("--exact-only", help="Only exact duplicates")] = False,
+) -> None:
+    """Remove exact and near duplicates into a new version."""
+    _run_operation(ref, "dedup", {"threshold": threshold, "num_perm": num_perm, "near": not exact_only})
+
+
+@datasets_app.command("scrub")
+def scrub_dataset(
+    ref: str, kinds: Annotated[str | None, typer.Option(help="Comma-separated PII kinds (default: all)")] = None
+) -> None:
+    """Redact personal data into a new version."""
+    _run_operation(ref, "scrub", {"kinds": kinds.split(",")} if kinds else {})
+
+
+@datasets_app.command("split")
+def split_dataset(ref: str, validation_fraction: float = 0.1, seed: int = 42) -> None:
+    """A seeded train/validation split into two new versions."""
+    _run_operation(ref, "split", {"validation_fraction": validation_fraction, "seed": seed})
+
+
+@datasets_app.command("export")
+def export_dataset(ref: str, allow_invalid: bool = False) -> None:
+    """Make a version a fine-tuning file; prints its file id for `jobs create`."""
+    dataset, number = _dataset_ref(ref)
+    number = _version_number(dataset, number)
+    created = api("POST", f"/api/datasets/{dataset}/versions/{number}/export", json={"allow_invalid": allow_invalid})
+    console.print(
+        f"File [bold]{created['id']}[/bold] ({created['bytes']} bytes) is ready: "
+        f"adaptery jobs create -t {created['id']}"
+    )
 
 
 def main() -> None:

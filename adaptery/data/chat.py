@@ -19,10 +19,14 @@ class LineError:
     line: int
     field: str
     message: str
+    unit: str = "line"  # "record" where the file has no lines to point at (a JSON array)
 
     def __str__(self) -> str:
-        where = f"line {self.line}" + (f": {self.field}" if self.field else "")
+        where = f"{self.unit} {self.line}" + (f": {self.field}" if self.field else "")
         return f"{where}: {self.message}"
+
+    def to_dict(self) -> dict[str, object]:
+        return {"line": self.line, "unit": self.unit, "field": self.field, "message": self.message}
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from huggingface_hub import snapshot_download
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 PLATFORM_DEFAULTS_FILE = "adaptery.json"
 
@@ -87,6 +87,14 @@ def load_causal_lm(
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def load_tokenizer(ref: str, *, offline: bool = True) -> tuple[PreTrainedTokenizerBase, int]:
+    """A model's tokenizer and context length, without loading its weights (for counting tokens)."""
+    model_dir = resolve_model_path(ref, offline=offline)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False, local_files_only=True)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False, local_files_only=True)
+    return tokenizer, int(getattr(config, "max_position_embeddings", 0) or tokenizer.model_max_length)
 
 
 def read_platform_defaults(path: Path) -> dict[str, Any]:

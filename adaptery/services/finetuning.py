@@ -15,10 +15,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from adaptery.auth.principal import Principal
-from adaptery.data.chat import validate_lines
 from adaptery.db import models as m
 from adaptery.db.ids import new_id
 from adaptery.services import files, models
+from adaptery.services.datasets import TokenBudget, check_chat_file
 from adaptery.services.errors import InvalidRequest, NotFound
 from adaptery.storage.blobs import BlobStore
 
@@ -194,8 +194,12 @@ def finish(session: Session, job: m.FineTuningJob, status: str, *, error: dict[s
     job.lease_expires_at = None
 
 
-def validate_files(session: Session, blobs: BlobStore, job: m.FineTuningJob) -> None:
-    """validating_files → queued, or → failed with the file's problems in `error` (as OpenAI does)."""
+def validate_files(session: Session, blobs: BlobStore, job: m.FineTuningJob, budget: TokenBudget) -> None:
+    """validating_files → queued, or → failed with the file's problems in `error` (as OpenAI does).
+
+    Records are checked as at upload, and also against the base model's context, counted with its
+    tokenizer.
+    """
     if job.status != "validating_files":
         return
     for param in ("training_file", "validation_file"):
@@ -207,16 +211,23 @@ def validate_files(session: Session, blobs: BlobStore, job: m.FineTuningJob) -> 
         if record is None:
             problem = f"The file {file_id} was deleted before the job could start."
         else:
-            with blobs.open(record.sha256) as handle:
-                report = validate_lines(handle)
+            report = check_chat_file(blobs, record.sha256, budget)
             if not report.ok:
-                problem = f"The {param.replace('_', ' ')} {file_id} is invalid: {report.summary()}"
+                problem = f"The {param.replace('_', ' ')} {file_id} is invalid for {job.model}: {report.summary()}"
         if problem:
             finish(session, job, "failed", error={"code": f"invalid_{param}", "message": problem, "param": param})
             add_event(session, job, problem, level="error")
             return
     job.status = "queued"
     add_event(session, job, "Files validated, moving job to queued state")
+
+
+def jobs_validating(system: Session) -> list[tuple[str, str]]:
+    """(tenant, job) of jobs waiting in validating_files (e.g. after a restart)."""
+    rows = system.execute(
+        select(m.FineTuningJob.tenant_id, m.FineTuningJob.id).where(m.FineTuningJob.status == "validating_files")
+    )
+    return [tuple(row) for row in rows]
 
 
 def get_job(session: Session, job_id: str) -> m.FineTuningJob:

@@ -174,7 +174,7 @@ class JobQueue:
             finetuning.add_event(s, job, f"Job returned to the queue: {reason}", level="warn")
 
     def recover(self) -> int:
-        """Requeue (or fail) running jobs whose lease expired; validate jobs left in validating_files."""
+        """Requeue (or fail) running jobs whose lease expired."""
         recovered = 0
         with self.db.system() as s:
             now = time.time()
@@ -201,6 +201,4 @@ class JobQueue:
                     )
                     job.lease_owner = None
                     job.lease_expires_at = None
-            for job in s.scalars(select(m.FineTuningJob).where(m.FineTuningJob.status == "validating_files")).all():
-                finetuning.validate_files(s, self.blobs, job)
         return recovered

@@ -9,7 +9,8 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -29,6 +30,29 @@ class StoredBlob:
     size: int
 
 
+class BlobWriter:
+    """A file-like sink that hashes what it is given; the blob exists only once it is closed cleanly."""
+
+    def __init__(self, handle: BinaryIO, max_bytes: int | None) -> None:
+        self._handle = handle
+        self._digest = hashlib.sha256()
+        self._max_bytes = max_bytes
+        self.size = 0
+        self.blob: StoredBlob | None = None
+
+    def write(self, data: bytes) -> int:
+        self.size += len(data)
+        if self._max_bytes is not None and self.size > self._max_bytes:
+            raise BlobTooLarge(self._max_bytes)
+        self._digest.update(data)
+        self._handle.write(data)
+        return len(data)
+
+    @property
+    def sha256(self) -> str:
+        return self._digest.hexdigest()
+
+
 class BlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -43,28 +67,35 @@ class BlobStore:
     def exists(self, sha256: str) -> bool:
         return self.path(sha256).exists()
 
-    def put_stream(self, chunks: Iterable[bytes], max_bytes: int | None = None) -> StoredBlob:
-        digest = hashlib.sha256()
-        size = 0
+    @contextmanager
+    def writer(self, max_bytes: int | None = None) -> Iterator[BlobWriter]:
+        """Write a blob piece by piece; after the block, `writer.blob` names it. On error nothing remains."""
         fd, tmp_name = tempfile.mkstemp(dir=self._tmp)
         try:
-            with os.fdopen(fd, "wb") as out:
-                for chunk in chunks:
-                    size += len(chunk)
-                    if max_bytes is not None and size > max_bytes:
-                        raise BlobTooLarge(max_bytes)
-                    digest.update(chunk)
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            key = digest.hexdigest()
-            final = self.path(key)
+            with os.fdopen(fd, "wb") as handle:
+                sink = BlobWriter(handle, max_bytes)
+                yield sink
+                handle.flush()
+                os.fsync(handle.fileno())
+            final = self.path(sink.sha256)
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp_name, final)
-            return StoredBlob(key, size)
-        except BaseException:
+            sink.blob = StoredBlob(sink.sha256, sink.size)
+        finally:
             Path(tmp_name).unlink(missing_ok=True)
-            raise
+
+    def put_stream(self, chunks: Iterable[bytes], max_bytes: int | None = None) -> StoredBlob:
+        with self.writer(max_bytes) as sink:
+            for chunk in chunks:
+                sink.write(chunk)
+        return sink.blob
+
+    async def put_async_stream(self, chunks: AsyncIterable[bytes], max_bytes: int | None = None) -> StoredBlob:
+        """For request bodies: the bytes go to disk as they arrive, never all in memory."""
+        with self.writer(max_bytes) as sink:
+            async for chunk in chunks:
+                sink.write(chunk)
+        return sink.blob
 
     def put_file(self, source: BinaryIO, max_bytes: int | None = None) -> StoredBlob:
         return self.put_stream(iter(lambda: source.read(CHUNK), b""), max_bytes)

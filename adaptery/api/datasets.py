@@ -1,0 +1,346 @@
+"""/api/datasets: upload in any supported format, then validate, curate and version."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from adaptery.api.deps import platform, principal
+from adaptery.api.openai.objects import file_object
+from adaptery.auth.policy import require
+from adaptery.auth.principal import Principal
+from adaptery.db import models as m
+from adaptery.platform import Platform
+from adaptery.services import blob_refs, datasets
+from adaptery.services.errors import TooLarge
+from adaptery.services.files import safe_filename
+from adaptery.storage.blobs import BlobTooLarge, StoredBlob
+
+router = APIRouter(prefix="/api/datasets", tags=["datasets"])
+
+
+def version_object(version: m.DatasetVersion) -> dict[str, Any]:
+    return {
+        "id": version.id,
+        "object": "dataset.version",
+        "dataset_id": version.dataset_id,
+        "version": version.number,
+        "parent_version": version.parent_number,
+        "operation": version.operation,
+        "params": version.params,
+        "status": version.status,
+        "error": version.error,
+        "progress": version.progress,
+        "format": version.format,
+        "source_filename": version.source_filename,
+        "source_sha256": version.source_sha256,
+        "sha256": version.sha256,
+        "bytes": version.bytes,
+        "records": version.records,
+        "stats": version.stats,
+        "report": version.report,
+        "created_at": int(version.created_at),
+        "finished_at": int(version.finished_at) if version.finished_at else None,
+    }
+
+
+def dataset_object(dataset: m.Dataset, versions: list[m.DatasetVersion]) -> dict[str, Any]:
+    return {
+        "id": dataset.id,
+        "object": "dataset",
+        "name": dataset.name,
+        "description": dataset.description,
+        "source": dataset.source,
+        "license": dataset.license,
+        "contains_protected_data": dataset.contains_protected_data,
+        "created_at": int(dataset.created_at),
+        "updated_at": int(dataset.updated_at),
+        "versions": [version_object(v) for v in versions],
+    }
+
+
+class Card(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(None, min_length=1, max_length=128)
+    description: str | None = Field(None, max_length=20_000)
+    source: str | None = Field(None, max_length=2_000)
+    license: str | None = Field(None, max_length=128)
+    contains_protected_data: bool | None = None
+
+
+class DedupRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    threshold: float = 0.8
+    num_perm: int = 128
+    near: bool = True
+
+
+class ScrubRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kinds: list[str] | None = None
+
+
+class SplitRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    validation_fraction: float = 0.1
+    seed: int = 42
+
+
+class ExportRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    allow_invalid: bool = False
+
+
+async def _receive_upload(request: Request, p: Platform) -> StoredBlob:
+    """The request body, streamed to the blob store: never all in memory, nothing kept if it fails."""
+    limit = p.settings.max_upload_bytes
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise TooLarge(f"The upload is larger than the limit of {limit} bytes.", param="file")
+    try:
+        return await p.blobs.put_async_stream(request.stream(), max_bytes=limit)
+    except BlobTooLarge as exc:
+        raise TooLarge(f"The upload is larger than the limit of {exc.limit} bytes.", param="file") from exc
+
+
+async def _upload(
+    request: Request,
+    p: Platform,
+    who: Principal,
+    *,
+    dataset_ref: str | None,
+    name: str | None,
+    fmt: str | None,
+    mapping: str | None,
+    filename: str | None,
+    model: str | None,
+) -> dict[str, Any]:
+    require(who, "upload")
+    parsed_mapping = datasets.parse_mapping(mapping)
+    blob = await _receive_upload(request, p)
+    try:
+        with p.db.tenant(who.tenant_id) as s:
+            if dataset_ref is None:
+                dataset = datasets.create_dataset(s, who, name=name or safe_filename(filename), card={})
+            else:
+                dataset = datasets.get_dataset(s, dataset_ref)
+            version = datasets.add_upload(
+                s,
+                dataset,
+                blob,
+                filename=safe_filename(filename) if filename else None,
+                fmt=fmt,
+                mapping=parsed_mapping,
+                model=model,
+            )
+            body = dataset_object(dataset, datasets.versions_of(s, dataset))
+    except Exception:
+        with p.db.system() as system:
+            blob_refs.release(system, p.blobs, blob.sha256)  # the upload failed as a whole
+        raise
+    p.submit_version(who.tenant_id, version.id)
+    return body
+
+
+@router.post("", status_code=202)
+async def upload_dataset(
+    request: Request,
+    name: Annotated[str | None, Query(max_length=128)] = None,
+    format: Annotated[str | None, Query(description="Override detection: " + ", ".join(datasets.FORMATS))] = None,
+    mapping: Annotated[str | None, Query(description="CSV/TSV columns, e.g. prompt=question,response=answer")] = None,
+    filename: Annotated[str | None, Query(max_length=255)] = None,
+    model: Annotated[str | None, Query(description="Base model whose tokenizer and context validate records")] = None,
+    who: Principal = Depends(principal),
+    p: Platform = Depends(platform),
+) -> dict:
+    """Create a dataset from the raw request body (the file's bytes); version 1 is processed in the background."""
+    return await _upload(
+        request,
+        p,
+        who,
+        dataset_ref=None,
+        name=name or filename,
+        fmt=format,
+        mapping=mapping,
+        filename=filename,
+        model=model,
+    )
+
+
+@router.post("/{dataset_id}/versions", status_code=202)
+async def upload_version(
+    dataset_id: str,
+    request: Request,
+    format: str | None = None,
+    mapping: str | None = None,
+    filename: str | None = None,
+    model: str | None = None,
+    who: Principal = Depends(principal),
+    p: Platform = Depends(platform),
+) -> dict:
+    """Upload a new file as the next version of an existing dataset."""
+    return await _upload(
+        request, p, who, dataset_ref=dataset_id, name=None, fmt=format, mapping=mapping, filename=filename, model=model
+    )
+
+
+@router.get("")
+def list_datasets(who: Principal = Depends(principal), p: Platform = Depends(platform)) -> dict:
+    with p.db.tenant(who.tenant_id) as s:
+        return {
+            "object": "list",
+            "data": [dataset_object(d, datasets.versions_of(s, d)) for d in datasets.list_datasets(s)],
+        }
+
+
+@router.get("/{dataset_id}")
+def get_dataset(dataset_id: str, who: Principal = Depends(principal), p: Platform = Depends(platform)) -> dict:
+    with p.db.tenant(who.tenant_id) as s:
+        dataset = datasets.get_dataset(s, dataset_id)
+        return dataset_object(dataset, datasets.versions_of(s, dataset))
+
+
+@router.patch("/{dataset_id}")
+def update_card(
+    dataset_id: str, card: Card, who: Principal = Depends(principal), p: Platform = Depends(platform)
+) -> dict:
+    require(who, "upload")
+    with p.db.tenant(who.tenant_id) as s:
+        dataset = datasets.update_card(s, datasets.get_dataset(s, dataset_id), card.model_dump(exclude_unset=True))
+        return dataset_object(dataset, datasets.versions_of(s, dataset))
+
+
+@router.delete("/{dataset_id}")
+def delete_dataset(dataset_id: str, who: Principal = Depends(principal), p: Platform = Depends(platform)) -> dict:
+    require(who, "upload")
+    with p.db.tenant(who.tenant_id) as s:
+        dataset = datasets.get_dataset(s, dataset_id)
+        shas = datasets.delete_dataset(s, dataset)
+    with p.db.system() as system:
+        for sha256 in set(shas):
+            blob_refs.release(system, p.blobs, sha256)
+    return {"id": dataset.id, "object": "dataset", "deleted": True}
+
+
+@router.get("/{dataset_id}/versions/{number}")
+def get_version(
+    dataset_id: str, number: int, who: Principal = Depends(principal), p: Platform = Depends(platform)
+) -> dict:
+    with p.db.tenant(who.tenant_id) as s:
+        return version_object(datasets.get_version(s, datasets.get_dataset(s, dataset_id), number))
+
+
+@router.get("/{dataset_id}/versions/{number}/records")
+def preview_records(
+    dataset_id: str,
+    number: int,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+    who: Principal = Depends(principal),
+    p: Platform = Depends(platform),
+) -> dict:
+    with p.db.tenant(who.tenant_id) as s:
+        version = datasets.ready_version(s, datasets.get_dataset(s, dataset_id), number)
+    return {
+        "object": "list",
+        "data": datasets.preview(p.blobs, version, offset=offset, limit=limit),
+        "offset": offset,
+        "total": version.records,
+    }
+
+
+@router.get("/{dataset_id}/versions/{number}/content")
+def version_content(
+    dataset_id: str, number: int, who: Principal = Depends(principal), p: Platform = Depends(platform)
+) -> StreamingResponse:
+    """The version's normalised records as chat JSONL."""
+    with p.db.tenant(who.tenant_id) as s:
+        dataset = datasets.get_dataset(s, dataset_id)
+        version = datasets.ready_version(s, dataset, number)
+    return StreamingResponse(
+        p.blobs.iter_bytes(version.sha256),
+        media_type="application/jsonl",
+        headers={"Content-Disposition": f'attachment; filename="{dataset.id}-v{version.number}.jsonl"'},
+    )
+
+
+def _operation(p: Platform, who: Principal, dataset_id: str, number: int, operation: str, params: dict) -> dict:
+    require(who, "upload")
+    with p.db.tenant(who.tenant_id) as s:
+        dataset = datasets.get_dataset(s, dataset_id)
+        created = datasets.start_operation(s, dataset, number, operation, params)
+        body = {"object": "list", "data": [version_object(v) for v in created]}
+    for version in created:
+        p.submit_version(who.tenant_id, version.id)
+    return body
+
+
+@router.post("/{dataset_id}/versions/{number}/dedup", status_code=202)
+def dedup(
+    dataset_id: str,
+    number: int,
+    body: DedupRequest,
+    who: Principal = Depends(principal),
+    p: Platform = Depends(platform),
+) -> dict:
+    """Remove exact and near duplicates (MinHash LSH at `threshold` Jaccard) into a new version."""
+    return _operation(p, who, dataset_id, number, "dedup", body.model_dump())
+
+
+@router.post("/{dataset_id}/versions/{number}/scrub", status_code=202)
+def scrub(
+    dataset_id: str,
+    number: int,
+    body: ScrubRequest,
+    who: Principal = Depends(principal),
+    p: Platform = Depends(platform),
+) -> dict:
+    """Redact personal data (emails, phones, IPs, cards, national ids, secrets in URLs) into a new version."""
+    return _operation(p, who, dataset_id, number, "scrub", body.model_dump(exclude_none=True))
+
+
+@router.post("/{dataset_id}/versions/{number}/split", status_code=202)
+def split(
+    dataset_id: str,
+    number: int,
+    body: SplitRequest,
+    who: Principal = Depends(principal),
+    p: Platform = Depends(platform),
+) -> dict:
+    """A seeded train/validation split: two new versions."""
+    return _operation(p, who, dataset_id, number, "split", body.model_dump())
+
+
+@router.post("/{dataset_id}/versions/{number}/validate")
+def validate(
+    dataset_id: str,
+    number: int,
+    model: str | None = None,
+    who: Principal = Depends(principal),
+    p: Platform = Depends(platform),
+) -> dict:
+    """Check a version against a base model: every record must fit its context (its own tokenizer)."""
+    with p.db.tenant(who.tenant_id) as s:
+        version = datasets.ready_version(s, datasets.get_dataset(s, dataset_id), number)
+    budget = p.token_budget(model)
+    return datasets.validate_for_model(p.blobs, version, budget)
+
+
+@router.post("/{dataset_id}/versions/{number}/export")
+def export(
+    dataset_id: str,
+    number: int,
+    body: ExportRequest,
+    who: Principal = Depends(principal),
+    p: Platform = Depends(platform),
+) -> dict:
+    """Make the version a fine-tuning file (`/v1/files`, purpose fine-tune) to train on."""
+    require(who, "upload")
+    with p.db.tenant(who.tenant_id) as s:
+        record = datasets.export_version(
+            s, datasets.get_dataset(s, dataset_id), number, allow_invalid=body.allow_invalid
+        )
+        return file_object(record)
