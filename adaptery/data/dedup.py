@@ -21,6 +21,7 @@ SHINGLE_WORDS = 3
 BATCH = 1024
 MAX_LISTED_CLUSTERS = 1000
 SEED = 1
+LSH_MARGIN = 0.1
 _PUNCTUATION = re.compile(r"[^\w\s]+")
 _SPACES = re.compile(r"\s+")
 
@@ -127,7 +128,9 @@ def deduplicate(
     check_parameters(threshold, num_perm)
     report = DedupReport(threshold=threshold, num_perm=num_perm, near=near)
     exact_seen: dict[bytes, int] = {}
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm) if near else None
+    # Candidates from a looser LSH band setting, confirmed by the estimated similarity: the LSH
+    # S-curve alone would miss many pairs just above the threshold.
+    lsh = MinHashLSH(threshold=max(threshold - LSH_MARGIN, 0.05), num_perm=num_perm) if near else None
     signatures = _Signatures(num_perm)
     slot_to_index: list[int] = []
     keep: list[int] = []

@@ -163,7 +163,7 @@ def _json_objects(path: Path) -> Iterator[tuple[int, str, Any]]:
                 yield number, "line", text
                 continue
             try:
-                yield number, "line", json.loads(text)
+                yield number, "line", json.loads(text.rstrip("\r\n"))
             except json.JSONDecodeError as exc:
                 yield number, "line", LineError(number, "", f"invalid JSON: {exc.msg} (column {exc.colno})")
 

@@ -70,6 +70,8 @@ def _classify_number(run: str) -> str | None:
         return None
     if 13 <= len(digits) <= 19 and luhn_valid(digits) and re.fullmatch(r"[\d -]+", run):
         return "card_number"
+    if re.fullmatch(r"\d{3}-\d{2}-\d{4}", run):
+        return None  # SSN-shaped but not a valid SSN: not a phone number either
     separators = len(re.findall(r"[ ().-]+", run.strip("+")))
     if run.startswith("+") and 8 <= len(digits) <= 15:
         return "phone"
