@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from array import array
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -19,8 +19,13 @@ def compute_stats(
     records: Iterable[dict[str, Any]],
     *,
     count_tokens: Callable[[list[dict]], int] | None = None,
+    token_counts: Iterator[int] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
+    """One pass over the records. Token lengths come from `count_tokens`, or, when they were already
+    counted (during validation), from `token_counts`, one per record in order."""
+    if token_counts is not None:
+        count_tokens = lambda _messages: next(token_counts)  # noqa: E731
     count = turns = max_turns = chars_total = max_chars = duplicates = 0
     roles: Counter = Counter()
     tokens = array("I")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -336,6 +337,13 @@ def run_version(
         budget = budget_for(params.get("model"))
         report: dict[str, Any] = {}
         fmt = None
+        counted = array("I")  # token lengths found while validating, reused by the statistics
+
+        def count_and_keep(messages: list[dict]) -> int:
+            tokens = budget.count(messages)
+            counted.append(tokens)
+            return tokens
+
         with blobs.writer() as sink:
             if operation == "upload":
                 path = blobs.path(source_sha)
@@ -346,7 +354,7 @@ def run_version(
                     fmt,
                     sink,
                     mapping=mapping,
-                    count_tokens=budget.count,
+                    count_tokens=count_and_keep,
                     max_tokens=budget.context,
                     progress=progress,
                 )
@@ -381,7 +389,12 @@ def run_version(
                     **params,
                 }
         blob = sink.blob
-        summary = stats.compute_stats((r for _, r in iter_records(blobs, blob.sha256)), count_tokens=budget.count)
+        records_again = (r for _, r in iter_records(blobs, blob.sha256))
+        if operation == "upload":  # only records within the context were kept, in order
+            kept_counts = (tokens for tokens in counted if tokens <= budget.context)
+            summary = stats.compute_stats(records_again, token_counts=kept_counts)
+        else:
+            summary = stats.compute_stats(records_again, count_tokens=budget.count)
         with db.tenant(tenant_id) as s:
             version = s.get(m.DatasetVersion, version_id)
             version.sha256, version.bytes = blob.sha256, blob.size
