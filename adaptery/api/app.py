@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from adaptery import __version__
-from adaptery.api import datasets, keys, web
+from adaptery.api import adapters, datasets, keys, web
 from adaptery.api.errors import install_error_handlers
 from adaptery.api.openai import chat, embeddings, files, jobs, models
 from adaptery.platform import Platform
@@ -29,7 +29,7 @@ def create_app(platform: Platform, *, manage_lifecycle: bool = True) -> FastAPI:
     app = FastAPI(title="Adaptery", version=__version__, lifespan=lifespan)
     app.state.platform = platform
     install_error_handlers(app)
-    for module in (models, files, jobs, chat, embeddings, datasets, keys, web):
+    for module in (models, files, jobs, chat, embeddings, datasets, adapters, keys, web):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")
     return app

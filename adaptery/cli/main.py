@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import signal
 import time
+import zipfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,7 +19,7 @@ from rich.panel import Panel
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
 from rich.table import Table
 
-from adaptery.cli.client import api, openai_client
+from adaptery.cli.client import api, api_key, base_url, openai_client
 
 app = typer.Typer(help="Adaptery: fine-tune and serve LoRA adapters on shared open LLMs.", no_args_is_help=True)
 files_app = typer.Typer(help="Upload and list files.", no_args_is_help=True)
@@ -262,6 +264,49 @@ def list_models() -> None:
     for model in openai_client().models.list():
         table.add_row(model.id, model.owned_by, time.strftime("%Y-%m-%d %H:%M", time.localtime(model.created)))
     console.print(table)
+
+
+@models_app.command("download")
+def download_model(
+    model: str, output: Annotated[Path | None, typer.Option("--output", "-o", help="Zip file to write")] = None
+) -> None:
+    """Download an adapter as a zip of its PEFT directory (loadable by PeftModel.from_pretrained)."""
+    target = output or Path(model.replace(":", "_") + ".zip")
+    with httpx.stream(
+        "GET",
+        f"{base_url()}/api/models/{model}/download",
+        headers={"Authorization": f"Bearer {api_key()}"},
+        timeout=600,
+    ) as response:
+        if response.status_code >= 400:
+            response.read()
+            console.print(f"[red]Error {response.status_code}:[/red] {escape(response.json()['error']['message'])}")
+            raise typer.Exit(1)
+        with target.open("wb") as out:
+            for chunk in response.iter_bytes():
+                out.write(chunk)
+    console.print(f"Saved {target} (sha256 of the adapter: {response.headers.get('x-content-sha256', '?')[:12]}…)")
+
+
+@models_app.command("import")
+def import_model(
+    path: Annotated[Path, typer.Argument(exists=True, readable=True, help="A PEFT adapter directory or its zip")],
+    base: Annotated[str, typer.Option("--base", help="The base model it was trained on")],
+    suffix: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Register a LoRA adapter trained elsewhere (safetensors only) as one of your models."""
+    if path.is_dir():
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            for file in sorted(path.iterdir()):
+                if file.is_file():
+                    archive.write(file, file.name)
+        data = buffer.getvalue()
+    else:
+        data = path.read_bytes()
+    params = {"base_model": base, **({"suffix": suffix} if suffix else {})}
+    created = api("POST", "/api/models/import", params=params, content=data)
+    console.print(f"Imported as [bold]{escape(created['id'])}[/bold]")
 
 
 @app.command()

@@ -68,7 +68,9 @@ class ValidationReport:
         if self.records_total == 0:
             return f"the file has no records: {self.format} expects {_EXPECTED_RECORDS[self.format]}"
         if self.records_invalid == 0:
-            return f"all {self.records_total} records are valid"
+            return (
+                "the one record is valid" if self.records_total == 1 else f"all {self.records_total} records are valid"
+            )
         shown = "; ".join(str(e) for e in self.errors[:SUMMARY_ERRORS])
         hidden = sum(self.error_counts.values()) - min(len(self.errors), SUMMARY_ERRORS)
         more = f" (and {hidden} more error{'s' if hidden > 1 else ''})" if hidden > 0 else ""

@@ -153,16 +153,19 @@ def detect_format(path: Path, filename: str | None = None) -> str:
         raise FormatError(f"'{name}' is UTF-16 text: save it as UTF-8")
     if b"\x00" in head:
         raise FormatError(f"'{name}' is a binary file, not a dataset: expected JSONL, a JSON array, CSV, TSV or text")
+    if suffix in (".csv", ".tsv"):
+        return suffix[1:]  # a row that is not UTF-8 is then reported on its line
     try:
         # Not final when the head is cut from a longer file: its last character may be cut in two.
         text = codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < SNIFF_BYTES)
     except UnicodeDecodeError as exc:
-        raise FormatError(f"'{name}' is not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
+        line = head.count(b"\n", 0, exc.start) + 1
+        raise FormatError(
+            f"'{name}' is not UTF-8 text (line {line}, byte {exc.start} of the file): save it as UTF-8"
+        ) from None
     stripped = text.lstrip("\ufeff \t\r\n")
     if not stripped:
         raise FormatError(f"'{name}' is empty")
-    if suffix in (".csv", ".tsv"):
-        return suffix[1:]
     if stripped.startswith(("[", "{")):
         try:
             return _json_format(head, stripped, name)
@@ -491,9 +494,13 @@ def _table(path: Path, delimiter: str, mapping: ColumnMapping | None) -> Iterato
             if not any(cell.strip() for cell in row):
                 continue
             if len(row) != len(header):
-                yield LineError(start, "", f"has {len(row)} columns; the header has {len(header)}{spans}")
+                yield LineError(start, "", f"has {_columns(len(row))}; the header has {_columns(len(header))}{spans}")
                 continue
             yield _table_record(start, row, index, mapping)
+
+
+def _columns(count: int) -> str:
+    return f"{count} column{'' if count == 1 else 's'}"
 
 
 def _table_record(line: int, row: list[str], index: dict[str, int], mapping: ColumnMapping) -> Record | LineError:

@@ -1,0 +1,84 @@
+"""/api/models: adapters out (a PEFT zip) and in (a PEFT zip trained elsewhere)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import quote
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+
+from adaptery.api.deps import platform, principal
+from adaptery.api.openai.objects import model_object
+from adaptery.auth.policy import require
+from adaptery.auth.principal import Principal
+from adaptery.engine.loading import resolve_model_path
+from adaptery.platform import Platform
+from adaptery.services import adapter_io, blob_refs, models
+from adaptery.services.errors import InvalidRequest, TooLarge
+from adaptery.storage.blobs import BlobTooLarge
+
+router = APIRouter(prefix="/api/models", tags=["models"])
+SUFFIX_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
+@router.get("/{model_id}/download")
+def download_adapter(model_id: str, who: Principal = Depends(principal), p: Platform = Depends(platform)):  # noqa: ANN201
+    """The adapter as a zip of its PEFT directory, loadable by `PeftModel.from_pretrained` unchanged."""
+    with p.db.tenant(who.tenant_id) as s:
+        ref = models.get_model(s, model_id)
+    if ref.adapter is None:
+        raise InvalidRequest("Base models are not downloadable here; only adapters are.", param="model")
+    name = quote(ref.adapter.id.replace(":", "_") + ".zip")
+    return StreamingResponse(
+        adapter_io.zip_adapter(p.blobs, ref.adapter),
+        media_type="application/zip",
+        headers={"Content-Disposition": f"attachment; filename*=UTF-8''{name}", "X-Content-SHA256": ref.adapter.sha256},
+    )
+
+
+@router.post("/import")
+async def import_adapter(
+    request: Request,
+    base_model: Annotated[str, Query(description="The base model the adapter was trained on")],
+    suffix: Annotated[str | None, Query(pattern=SUFFIX_PATTERN)] = None,
+    who: Principal = Depends(principal),
+    p: Platform = Depends(platform),
+) -> dict:
+    """Register a PEFT LoRA adapter (a zip of its directory, safetensors only) as a model of your tenant."""
+    require(who, "fine_tune")
+    with p.db.tenant(who.tenant_id) as s:
+        ref = models.get_model(s, base_model, param="base_model")
+    if ref.adapter is not None:
+        raise InvalidRequest("base_model must be a base model, not an adapter", param="base_model")
+    try:
+        blob = await p.blobs.put_async_stream(request.stream(), max_bytes=p.settings.max_upload_bytes)
+    except BlobTooLarge as exc:
+        raise TooLarge(f"The upload is larger than the limit of {exc.limit} bytes.", param="file") from exc
+    p.settings.work_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=p.settings.work_dir, prefix="import-"))
+    try:
+        adapter_dir = await run_in_threadpool(adapter_io.unpack_adapter, p.blobs.path(blob.sha256), work / "adapter")
+        base_dir = resolve_model_path(ref.base.ref, offline=p.settings.offline)
+        with p.db.tenant(who.tenant_id) as s:
+            adapter = adapter_io.import_adapter(
+                s,
+                p.blobs,
+                tenant_id=who.tenant_id,
+                tenant_name=who.tenant_name,
+                base=ref.base,
+                base_dir=base_dir,
+                suffix=suffix,
+                adapter_dir=adapter_dir,
+                max_rank=p.settings.max_lora_rank,
+            )
+            body = model_object(models.get_model(s, adapter.id))
+        return body
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        with p.db.system() as system:
+            blob_refs.release(system, p.blobs, blob.sha256)  # the zip itself is not kept, only its files
