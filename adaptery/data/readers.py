@@ -494,7 +494,7 @@ def _table(path: Path, delimiter: str, mapping: ColumnMapping | None) -> Iterato
             if not any(cell.strip() for cell in row):
                 continue
             if len(row) != len(header):
-                yield LineError(start, "", f"has {_columns(len(row))}; the header has {_columns(len(header))}{spans}")
+                yield LineError(start, "", f"has {_columns(len(row))}; the header has {len(header)}{spans}")
                 continue
             yield _table_record(start, row, index, mapping)
 

@@ -11,7 +11,7 @@ from tests.conftest import SAMPLE_CHAT
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-def test_cli_upload_train_follow_list_chat_and_keys(server):
+def test_cli_upload_train_follow_list_chat_and_keys(server, tmp_path):
     uploaded = server.cli("files", "upload", str(SAMPLE_CHAT))
     assert uploaded.returncode == 0, uploaded.stderr
     file_id = re.search(r"(file-\w+)", uploaded.stdout).group(1)
@@ -30,6 +30,15 @@ def test_cli_upload_train_follow_list_chat_and_keys(server):
     chatted = server.cli("chat", model, "--message", question)
     assert chatted.returncode == 0, chatted.stderr
     assert answer in chatted.stdout
+
+    zipped = server.cli("models", "download", model, "-o", str(tmp_path / "adapter.zip"))
+    assert zipped.returncode == 0 and (tmp_path / "adapter.zip").stat().st_size > 0, zipped.stdout
+    imported = server.cli(
+        "models", "import", str(tmp_path / "adapter.zip"), "--base", "adaptery-demo", "--suffix", "back"
+    )
+    assert imported.returncode == 0, imported.stdout
+    back = re.search(r"Imported as (ft:\S+)", imported.stdout).group(1)
+    assert answer in server.cli("chat", back, "--message", question).stdout
 
     created = server.cli("keys", "create", "--name", "laptop", "--env", "staging")
     new_key = created.stdout.strip().splitlines()[-1]
