@@ -17,6 +17,12 @@ class Settings(BaseSettings):
     port: int = 8000
     public_url: str | None = Field(None, description="How users reach the server; defaults to http://host:port.")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite in the data dir.")
+    tls: bool = Field(False, description="Serve HTTPS with a certificate from the platform's own CA.")
+    tls_cert: Path | None = Field(None, description="Serve HTTPS with this certificate (chain) instead.")
+    tls_key: Path | None = None
+    insecure_listen: bool = Field(
+        False, description="Allow plain HTTP on a non-loopback address (only behind a TLS-terminating proxy)."
+    )
 
     embedded_agent: bool = Field(True, description="Run a training agent inside `serve`.")
     demo_model: bool = Field(True, description="Build and serve the offline demo base model.")
@@ -48,8 +54,18 @@ class Settings(BaseSettings):
         return self.database_url or f"sqlite:///{self.data_dir.resolve() / 'adaptery.db'}"
 
     @property
+    def serves_tls(self) -> bool:
+        return self.tls or self.tls_cert is not None
+
+    @property
     def base_url(self) -> str:
-        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+        scheme = "https" if self.serves_tls else "http"
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return (self.public_url or f"{scheme}://{host}:{self.port}").rstrip("/")
+
+    @cached_property
+    def tls_dir(self) -> Path:
+        return self.data_dir.resolve() / "tls"
 
     @cached_property
     def blobs_dir(self) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.staticfiles import StaticFiles
 
 from adaptery import __version__
@@ -13,6 +13,16 @@ from adaptery.api import adapters, datasets, keys, web
 from adaptery.api.errors import install_error_handlers
 from adaptery.api.openai import chat, embeddings, files, jobs, models
 from adaptery.platform import Platform
+
+# The page loads only its own scripts and styles; no framing, no sniffing, no referrer leaks.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; "
+    "form-action 'self'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Opener-Policy": "same-origin",
+}
 
 
 def create_app(platform: Platform, *, manage_lifecycle: bool = True) -> FastAPI:
@@ -26,8 +36,19 @@ def create_app(platform: Platform, *, manage_lifecycle: bool = True) -> FastAPI:
             if manage_lifecycle:
                 platform.stop()
 
-    app = FastAPI(title="Adaptery", version=__version__, lifespan=lifespan)
+    # No /docs: Swagger UI would load from a CDN, and the platform works offline. The schema is /openapi.json.
+    app = FastAPI(title="Adaptery", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.platform = platform
+
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next):  # noqa: ANN001, ANN202 - Starlette's signature
+        response = await call_next(request)
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        if request.url.scheme == "https":
+            response.headers.setdefault("Strict-Transport-Security", "max-age=31536000")
+        return response
+
     install_error_handlers(app)
     for module in (models, files, jobs, chat, embeddings, datasets, adapters, keys, web):
         app.include_router(module.router)

@@ -41,6 +41,7 @@ for sub, name in (
     app.add_typer(sub, name=name)
 
 console = Console(emoji=False)
+GRACEFUL_SHUTDOWN_SECONDS = 10
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Data directory [env: ADAPTERY_DATA_DIR]")]
 DatabaseUrl = Annotated[str | None, typer.Option("--database-url", help="[env: ADAPTERY_DATABASE_URL]")]
 
@@ -58,15 +59,49 @@ def serve(
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
     agent: Annotated[bool | None, typer.Option("--agent/--no-agent", help="Run the embedded agent")] = None,
+    tls: Annotated[bool | None, typer.Option("--tls", help="HTTPS with a certificate from the platform's CA")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="HTTPS with this certificate chain (PEM)")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="The key of --tls-cert (PEM)")] = None,
+    insecure_listen: Annotated[
+        bool | None, typer.Option("--insecure-listen", help="Allow plain HTTP beyond loopback (behind a TLS proxy)")
+    ] = None,
 ) -> None:
     """Start the platform: API, web page, embedded agent and inference engine."""
     import uvicorn
 
     from adaptery.api.app import create_app
+    from adaptery.auth.tls import ensure_server_certificate, is_loopback
     from adaptery.platform import Platform
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = _settings(host=host, port=port, data_dir=data_dir, database_url=database_url, embedded_agent=agent)
+    settings = _settings(
+        host=host,
+        port=port,
+        data_dir=data_dir,
+        database_url=database_url,
+        embedded_agent=agent,
+        tls=tls,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        insecure_listen=insecure_listen,
+    )
+    if not is_loopback(settings.host) and not settings.serves_tls and not settings.insecure_listen:
+        console.print(
+            f"[red]Refusing to listen on {settings.host} without TLS:[/red] anyone on the network could read "
+            "prompts, datasets and API keys. Use --tls (a certificate from the platform's own CA), --tls-cert and "
+            "--tls-key, or --insecure-listen if a TLS-terminating proxy sits in front."
+        )
+        raise typer.Exit(2)
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        console.print("[red]--tls-cert and --tls-key go together.[/red]")
+        raise typer.Exit(2)
+    ssl_files: dict[str, str] = {}
+    if settings.tls_cert is not None:
+        ssl_files = {"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key)}
+    elif settings.tls:
+        cert, key = ensure_server_certificate(settings.tls_dir, settings.host)
+        ssl_files = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
+        console.print(f"HTTPS with the platform CA: clients trust {settings.tls_dir / 'ca.pem'}")
     platform = Platform(settings)
     first = platform.prepare()
     if first is not None:
@@ -81,7 +116,14 @@ def serve(
         print(f"ADAPTERY_LOGIN_URL={first.login_url}", flush=True)
         print(f"ADAPTERY_API_KEY={first.api_key}", flush=True)
     console.print(f"Serving on {settings.base_url} (data in {settings.data_dir.resolve()})")
-    uvicorn.run(create_app(platform), host=settings.host, port=settings.port, log_level="info")
+    uvicorn.run(
+        create_app(platform),
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,  # a stuck client must not hold a restart hostage
+        **ssl_files,
+    )
 
 
 @app.command("agent")

@@ -255,7 +255,7 @@ def _array_values(handle: Any) -> Iterator[tuple[int, Any]]:
             yield index, item
     except ijson.JSONError as exc:
         reason = _ijson_reason(exc)
-        broken = f"the JSON array is broken after record {index}"
+        broken = f"the JSON array is broken after record {index}" if index else "the JSON array is broken"
         if "premature EOF" in reason:
             message = f"{broken}: the file ends inside record {index + 1} (was the upload cut short?)"
         elif "invalid bytes in UTF8" in reason:
@@ -399,6 +399,7 @@ def _text_document(path: Path) -> Iterator[Record | LineError]:
 
 _PROMPT_COLUMNS = ("prompt", "question", "user", "query", "input")
 _RESPONSE_COLUMNS = ("response", "answer", "assistant", "completion", "output")
+_OUTPUT_COLUMNS = ("output", "response", "answer", "completion")
 _INPUT_COLUMNS = ("input", "context")
 _SYSTEM_COLUMNS = ("system", "system_prompt")
 _EXPECTED_COLUMNS = "prompt/response, question/answer, user/assistant or instruction/input/output (system optional)"
@@ -411,11 +412,11 @@ def _infer_mapping(header: list[str]) -> ColumnMapping:
         return next((columns[name] for name in names if name in columns), None)
 
     system = first(_SYSTEM_COLUMNS)
-    if "instruction" in columns and first(_RESPONSE_COLUMNS):
+    if "instruction" in columns and first(_OUTPUT_COLUMNS):
         return ColumnMapping(
             instruction=columns["instruction"],
             input=first(_INPUT_COLUMNS),
-            output=first(_RESPONSE_COLUMNS),
+            output=first(_OUTPUT_COLUMNS),
             system=system,
         )
     if first(_PROMPT_COLUMNS) and first(_RESPONSE_COLUMNS):

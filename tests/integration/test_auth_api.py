@@ -132,3 +132,14 @@ def test_a_viewer_may_chat_but_not_upload_or_train(running):
         "/v1/fine_tuning/jobs", headers=headers, json={"model": "adaptery-demo", "training_file": "f"}
     )
     assert job.status_code == 403
+
+
+def test_security_headers_on_every_response(running):
+    for path in ("/", "/v1/models", "/api/health", "/static/app.js"):
+        response = running.client.get(path, headers=running.auth())
+        assert response.headers["x-content-type-options"] == "nosniff", path
+        assert response.headers["x-frame-options"] == "DENY"
+        assert "default-src 'self'" in response.headers["content-security-policy"]
+        assert response.headers["referrer-policy"] == "no-referrer"
+    assert running.client.get("/docs").status_code == 404  # Swagger UI would need a CDN
+    assert running.client.get("/openapi.json").json()["info"]["title"] == "Adaptery"

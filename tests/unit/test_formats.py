@@ -151,7 +151,7 @@ ALPACA_CANONICAL = [
 
 def test_alpaca_jsonl_and_json_array_normalise_alike(tmp_path):
     as_lines = write(tmp_path, "a.jsonl", jsonl(*ALPACA_ROWS))
-    as_array = write(tmp_path, "a.json", json.dumps(ALPACA_ROWS, indent=2))
+    as_array = write(tmp_path, "a.json", "\ufeff" + json.dumps(ALPACA_ROWS, indent=2))
     assert normalise(as_lines, "alpaca")[0] == ALPACA_CANONICAL
     records, shown, report = normalise(as_array, "alpaca")
     assert records == ALPACA_CANONICAL and shown == [] and report["ok"]
@@ -286,7 +286,7 @@ def test_completion_records_pass_the_chat_check():
 
 
 def test_csv_columns_are_inferred_from_the_header(tmp_path):
-    content = 'Question,Answer\n"What is 2+2?",4\n"Quote ""this""","Two\nlines"\n'
+    content = '\ufeffQuestion,Answer\r\n"What is 2+2?",4\r\n"Quote ""this""","Two\nlines"\r\n'
     records, shown, _ = normalise(write(tmp_path, "qa.csv", content), "csv")
     assert records == [user_assistant("What is 2+2?", "4"), user_assistant('Quote "this"', "Two\nlines")]
     assert shown == []
