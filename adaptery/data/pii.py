@@ -1,14 +1,30 @@
-"""Finding and redacting personal data and secrets in records.
+"""Finding and redacting personal data and secrets in chat records.
 
 Each finding becomes a typed placeholder (`[EMAIL]`, `[PHONE]`, …) so the text still reads as a
-sentence. Detectors run in an order that lets the most specific claim text first: secrets and
-URLs, emails, IP addresses, national ids, then runs of digits, which are classified as a whole
-(a Luhn-valid 13–19 digit run is a card; a formatted 9–12 digit run or a `+` number is a phone),
-so a card is never half-eaten by the phone rule and dates, years and order numbers stay.
+sentence. Detectors run from the most specific to the least, each on the text the previous ones
+left (placeholders hold no digits, so nothing matches twice):
 
-National-id-like numbers: US SSNs (`ddd-dd-dddd`, impossible ranges excluded), UK National
-Insurance numbers, and any value labelled as an id (`passport no. X123…`, `national id: …`,
-`ID number …`, `SSN …`, `personnummer …`).
+1. `url_credentials`: URLs with a password (`https://user:pass@host`) or a secret-looking query or
+   fragment parameter (`token=`, `access_token=`, `api_key=`, `key=`, `sig=`, `password=`, …), as
+   `[SECRET_URL]`; then bare secrets in text (AWS `AKIA…`/`ASIA…` key ids, `sk-…`, Stripe `sk_live_…`,
+   GitHub `ghp_…`/`github_pat_…`, Slack `xox…-`, Google `AIza…`, JSON Web Tokens, PEM private keys), as
+   `[SECRET]`.
+2. `email`.
+3. `ip_address`: IPv4 with valid octets, IPv6 that `ipaddress` accepts (and that has a digit, so
+   C++'s `a::b` stays).
+4. `national_id`: US SSNs `ddd-dd-dddd` outside the never-issued ranges (area 000, 666, 900–999,
+   group 00, serial 0000); UK National Insurance numbers (`AB 12 34 56 C`, with the prefixes HMRC
+   never allocates excluded); and, the generic rule, any number of 5+ digits (optionally with up to
+   three leading letters, inner spaces, dots or dashes, one trailing letter) right after an identity
+   label: passport, national/identity card number, ID number, social security number, SSN, tax id,
+   driver's licence, personnummer, Aadhaar, DNI, NIF, CPF, BSN, PESEL, NRIC. The label stays.
+5. `card_number`: 13–19 digits, optionally grouped by single spaces or dashes, starting 2–6 (the
+   payment networks' ranges) and passing the Luhn check. Before phones, so a card is never half a
+   phone number.
+6. `phone`: `+` and a country code with 8–15 digits in all; North American `(415) 555-0132`,
+   `415-555-0132`, `415.555.0132`; and national numbers with a trunk `0` and at least one separator
+   (`020 7946 0958`, `07700 900123`, `01 23 45 67 89`), 9–12 digits. Digits without a `+`, a trunk
+   prefix or separators are left alone: years, dates, versions, times, amounts and order numbers.
 """
 
 from __future__ import annotations
@@ -18,7 +34,8 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
+from urllib.parse import parse_qsl, urlsplit
 
 KINDS = ("email", "phone", "ip_address", "card_number", "national_id", "url_credentials")
 PLACEHOLDERS = {
@@ -29,29 +46,85 @@ PLACEHOLDERS = {
     "national_id": "[NATIONAL_ID]",
     "url_credentials": "[SECRET_URL]",
 }
+SECRET_PLACEHOLDER = "[SECRET]"
+MAX_EXAMPLES_PER_KIND = 3
+EXAMPLE_CONTEXT = 30  # characters of redacted text kept on each side of an example's placeholder
 
-_URL_END = r"[^\s,;)\]]*"  # a URL ends before whitespace or the punctuation around it
-_URL_WITH_USER = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s/@:]+:[^\s/@]+@" + _URL_END, re.I)
-_URL_WITH_TOKEN = re.compile(
-    r"\bhttps?://[^\s?#]+\?\S*?\b(?:token|access_token|api_key|apikey|key|sig|signature|password|passwd|secret|"
-    r"auth|client_secret)=[^&\s,;)\]]+" + _URL_END,
-    re.I,
+SECRET_PARAMETERS = frozenset(
+    {
+        "token",
+        "access_token",
+        "refresh_token",
+        "id_token",
+        "auth",
+        "auth_token",
+        "api_key",
+        "apikey",
+        "api-key",
+        "key",
+        "sig",
+        "signature",
+        "x-amz-signature",
+        "x-amz-credential",
+        "x-amz-security-token",
+        "x-goog-signature",
+        "x-goog-credential",
+        "password",
+        "passwd",
+        "pwd",
+        "secret",
+        "client_secret",
+    }
 )
-_SECRET = re.compile(r"\b(?:AKIA[0-9A-Z]{16}|sk-[A-Za-z0-9_-]{20,}|gh[pousr]_[A-Za-z0-9]{36,}|xox[abprs]-[\w-]{10,})\b")
-_EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
-_IPV4 = re.compile(
-    r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w.])"
+
+_URL = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s<>\"'`]*[^\s<>\"'`.,;:!?)\]}]", re.I)
+_SECRET = re.compile(
+    r"\b(?:(?:AKIA|ASIA)[0-9A-Z]{16}"
+    r"|sk-[A-Za-z0-9_-]{20,}"
+    r"|[sr]k_(?:live|test)_[A-Za-z0-9]{16,}"
+    r"|gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,}"
+    r"|xox[abprs]-[A-Za-z0-9-]{10,}"
+    r"|AIza[0-9A-Za-z_-]{35}"
+    r"|eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"
+    r")(?![A-Za-z0-9_-])"
+    r"|-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----",
+    re.S,
 )
-_IPV6_CANDIDATE = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
+_EMAIL = re.compile(
+    r"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)+[A-Za-z]{2,}\b"
+)
+_OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+_IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?![\w]|\.\d)")
+_IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|\d{1,3}(?:\.\d{1,3}){3})?(?![\w:])")
 _SSN = re.compile(r"(?<![\w-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\w-])")
 _UK_NI = re.compile(r"\b(?!BG|GB|KN|NK|NT|TN|ZZ)[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] ?\d{2} ?\d{2} ?\d{2} ?[A-D]\b")
+_ID_LABEL = (
+    r"passport(?:\s+(?:number|no\.?|#))?"
+    r"|(?:national\s+)?identity\s+(?:card\s+)?(?:number|no\.?)|national\s+id(?:\s+(?:card\s+)?(?:number|no\.?))?"
+    r"|id\s+(?:card\s+)?(?:number|no\.?)|social\s+security\s+(?:number|no\.?)|ssn"
+    r"|tax\s+id(?:\s+(?:number|no\.?))?|driver'?s\s+licen[cs]e(?:\s+(?:number|no\.?))?"
+    r"|personnummer|aadhaar(?:\s+(?:number|no\.?))?|dni|nif|cpf|bsn|pesel|nric"
+)
 _LABELLED_ID = re.compile(
-    r"\b(?P<label>passport(?: number| no\.?)?|national id(?: number)?|id number|identity number|ssn|"
-    r"personnummer|tax id)\s*[:#=]?\s*(?P<value>[A-Z0-9][A-Z0-9-]{5,17})\b",
+    rf"\b(?P<keep>(?:{_ID_LABEL})\s*(?:is\s+|[:#=-]\s*)?)(?P<value>[A-Z]{{0,3}}\d(?:[ ./-]?\d){{4,19}}[A-Z]?)(?![\w-])",
     re.I,
 )
-_NUMBER_RUN = re.compile(r"(?<![\w+.-])\+?\(?\d[\d ().-]{5,}\d(?![\w])")
-_DATE = re.compile(r"^\d{4}[-/.]\d{1,2}[-/.]\d{1,2}$|^\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}$")
+# A run must not start or end inside a longer run of digits (`(?<!\d[ .-])`, `(?![ .-]?\d)`).
+_RUN_START = r"(?<![\w+-])(?<!\d[ .-])"
+_RUN_END = r"(?![\w-]|[ .-]?\d)"
+_CARD = re.compile(rf"{_RUN_START}[2-6](?:[ -]?\d){{12,18}}{_RUN_END}")
+# Groups after the country code each start with a separator or a parenthesis: one way to read a
+# number, so no backtracking blow-up on long digit runs.
+_PHONE_INTERNATIONAL = re.compile(
+    rf"{_RUN_START}\+[1-9]\d{{0,14}}(?:[ .-]?\(\d{{1,5}}\)\d{{0,5}}|[ .-]\d{{1,6}}){{0,7}}{_RUN_END}"
+)
+_PHONE_NORTH_AMERICA = re.compile(rf"{_RUN_START}(?:\([2-9]\d\d\) ?|[2-9]\d\d[ .-])[2-9]\d\d[ .-]\d{{4}}{_RUN_END}")
+_PHONE_NATIONAL = re.compile(rf"{_RUN_START}(?:\(0[1-9]\d{{0,3}}\)|0[1-9]\d{{0,3}})(?:[ -]\d{{2,8}}){{1,4}}{_RUN_END}")
+_DIGIT = re.compile(r"\d")
+_PLACEHOLDER_OF = {
+    kind: re.compile(re.escape(mark) + (f"|{re.escape(SECRET_PLACEHOLDER)}" if kind == "url_credentials" else ""))
+    for kind, mark in PLACEHOLDERS.items()
+}
 
 
 def luhn_valid(digits: str) -> bool:
@@ -64,96 +137,105 @@ def luhn_valid(digits: str) -> bool:
     return total % 10 == 0
 
 
-def _classify_number(run: str) -> str | None:
-    digits = re.sub(r"\D", "", run)
-    if _DATE.match(run.strip()):
-        return None
-    if 13 <= len(digits) <= 19 and luhn_valid(digits) and re.fullmatch(r"[\d -]+", run):
-        return "card_number"
-    if re.fullmatch(r"\d{3}-\d{2}-\d{4}", run):
-        return None  # SSN-shaped but not a valid SSN: not a phone number either
-    separators = len(re.findall(r"[ ().-]+", run.strip("+")))
-    if run.startswith("+") and 8 <= len(digits) <= 15:
-        return "phone"
-    if 9 <= len(digits) <= 12 and ("(" in run or separators >= 2):
-        return "phone"
-    return None
+def _digit_count(text: str) -> int:
+    return sum(c.isdigit() for c in text)
 
 
-def _ipv6(match: re.Match) -> bool:
+def _is_secret_url(url: str) -> bool:
     try:
-        ipaddress.IPv6Address(match.group(0))
+        parts = urlsplit(url.replace("&amp;", "&"))  # URLs copied out of HTML
+        if parts.password:
+            return True
+        params = parse_qsl(parts.query, keep_blank_values=False) + parse_qsl(parts.fragment, keep_blank_values=False)
+    except ValueError:  # malformed (e.g. a bad port): not something we can judge, so leave it
+        return False
+    return any(name.strip().lower() in SECRET_PARAMETERS for name, _ in params)
+
+
+def _is_ipv6(candidate: str) -> bool:
+    if not _DIGIT.search(candidate):
+        return False
+    try:
+        ipaddress.IPv6Address(candidate)
     except ValueError:
         return False
     return True
 
 
-def scrub_text(text: str, kinds: Iterable[str] = KINDS) -> tuple[str, Counter]:
-    """`text` with every finding of `kinds` replaced by its placeholder, and the counts per kind."""
-    wanted = check_kinds(kinds)
-    counts: Counter = Counter()
-
-    def sub(
-        pattern: re.Pattern,
-        kind: str,
-        text: str,
-        accept: Callable[[re.Match], bool] | None = None,
-        placeholder: str | None = None,
-    ) -> str:
-        def replace(match: re.Match) -> str:
-            if accept is not None and not accept(match):
-                return match.group(0)
-            counts[kind] += 1
-            return placeholder or PLACEHOLDERS[kind]
-
-        return pattern.sub(replace, text)
-
-    if "url_credentials" in wanted:
-        text = sub(_URL_WITH_USER, "url_credentials", text)
-        text = sub(_URL_WITH_TOKEN, "url_credentials", text)
-        text = sub(_SECRET, "url_credentials", text, placeholder="[SECRET]")
-    if "email" in wanted:
-        text = sub(_EMAIL, "email", text)
-    if "ip_address" in wanted:
-        text = sub(_IPV4, "ip_address", text)
-        text = sub(_IPV6_CANDIDATE, "ip_address", text, accept=_ipv6)
-    if "national_id" in wanted:
-        text = sub(_SSN, "national_id", text)
-        text = sub(_UK_NI, "national_id", text)
-
-        def labelled(match: re.Match) -> str:
-            counts["national_id"] += 1
-            return f"{match.group('label')} {PLACEHOLDERS['national_id']}"
-
-        text = _LABELLED_ID.sub(labelled, text)
-    if "card_number" in wanted or "phone" in wanted:
-
-        def number(match: re.Match) -> str:
-            kind = _classify_number(match.group(0))
-            if kind is None or kind not in wanted:
-                return match.group(0)
-            counts[kind] += 1
-            return PLACEHOLDERS[kind]
-
-        text = _NUMBER_RUN.sub(number, text)
-    return text, counts
+def _is_card(run: str) -> bool:
+    return luhn_valid(re.sub(r"\D", "", run))
 
 
-def check_kinds(kinds: Iterable[str]) -> set[str]:
-    wanted = set(kinds)
+class _Detector(NamedTuple):
+    kind: str
+    pattern: re.Pattern
+    accept: Callable[[str], bool] | None = None  # a second look at a match, after the pattern
+    placeholder: str | None = None  # the kind's, unless given
+    needs_text: str = ""  # without this substring (or a digit) the pattern cannot match: no need to scan
+    needs_digit: bool = False
+
+
+# In the order they run. A pattern with a `keep` group keeps that part (an id's label).
+_DETECTORS = [
+    _Detector("url_credentials", _URL, _is_secret_url, needs_text="://"),
+    _Detector("url_credentials", _SECRET, placeholder=SECRET_PLACEHOLDER),
+    _Detector("email", _EMAIL, needs_text="@"),
+    _Detector("ip_address", _IPV4, needs_digit=True),
+    _Detector("ip_address", _IPV6, _is_ipv6, needs_digit=True),
+    _Detector("national_id", _SSN, needs_digit=True),
+    _Detector("national_id", _UK_NI, needs_digit=True),
+    _Detector("national_id", _LABELLED_ID, needs_digit=True),
+    _Detector("card_number", _CARD, _is_card, needs_digit=True),
+    _Detector("phone", _PHONE_INTERNATIONAL, lambda run: 8 <= _digit_count(run) <= 15, needs_digit=True),
+    _Detector("phone", _PHONE_NORTH_AMERICA, needs_digit=True),
+    _Detector("phone", _PHONE_NATIONAL, lambda run: 9 <= _digit_count(run) <= 12, needs_digit=True),
+]
+
+
+def check_kinds(kinds: Iterable[str]) -> tuple[str, ...]:
+    """The asked-for kinds in canonical order; ValueError naming the unknown ones and the valid ones."""
+    wanted = {kinds} if isinstance(kinds, str) else set(kinds)
     unknown = wanted - set(KINDS)
     if unknown:
-        raise ValueError(f"unknown PII kind(s) {', '.join(sorted(unknown))}; known: {', '.join(KINDS)}")
-    return wanted
+        raise ValueError(f"unknown PII kind(s): {', '.join(sorted(unknown))}; valid kinds: {', '.join(KINDS)}")
+    return tuple(kind for kind in KINDS if kind in wanted)
+
+
+def scrub_text(text: str, kinds: Iterable[str] = KINDS) -> tuple[str, Counter]:
+    """`text` with every finding of `kinds` replaced by its placeholder, and the count per kind."""
+    counts: Counter = Counter()
+    return _scrub(text, check_kinds(kinds), counts), counts
+
+
+def _scrub(text: str, kinds: tuple[str, ...], counts: Counter) -> str:
+    has_digit = _DIGIT.search(text) is not None
+    for detector in _DETECTORS:
+        if detector.kind not in kinds or (detector.needs_digit and not has_digit) or detector.needs_text not in text:
+            continue
+        text = detector.pattern.sub(_replacer(detector, counts), text)
+    return text
+
+
+def _replacer(detector: _Detector, counts: Counter) -> Callable[[re.Match], str]:
+    placeholder = detector.placeholder or PLACEHOLDERS[detector.kind]
+
+    def replace(match: re.Match) -> str:
+        if detector.accept is not None and not detector.accept(match.group(0)):
+            return match.group(0)
+        counts[detector.kind] += 1
+        return (match.groupdict().get("keep") or "") + placeholder
+
+    return replace
 
 
 def scrub_record(record: dict[str, Any], kinds: Iterable[str] = KINDS) -> tuple[dict[str, Any], Counter]:
+    """The record with every message's content scrubbed (roles, weights and other fields as they were)."""
+    return _scrub_record(record, check_kinds(kinds))
+
+
+def _scrub_record(record: dict[str, Any], kinds: tuple[str, ...]) -> tuple[dict[str, Any], Counter]:
     counts: Counter = Counter()
-    messages = []
-    for message in record["messages"]:
-        content, found = scrub_text(message["content"], kinds)
-        counts.update(found)
-        messages.append({**message, "content": content})
+    messages = [{**message, "content": _scrub(message["content"], kinds, counts)} for message in record["messages"]]
     return {**record, "messages": messages}, counts
 
 
@@ -163,6 +245,7 @@ class PiiReport:
     records_total: int = 0
     records_changed: int = 0
     counts_by_kind: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)  # redacted snippets only
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -170,23 +253,49 @@ class PiiReport:
             "records_total": self.records_total,
             "records_changed": self.records_changed,
             "counts_by_kind": {kind: self.counts_by_kind.get(kind, 0) for kind in self.kinds},
+            "examples": {kind: list(snippets) for kind, snippets in self.examples.items()},
         }
+
+    def collect_examples(self, redacted: dict[str, Any], found: Counter) -> None:
+        """Keep a few snippets around placeholders of kinds not yet shown. A snippet is cut at word
+        boundaries, scrubbed again for every kind (not only those asked for) and its remaining digits
+        masked, so not even a fragment of a number survives at its edges."""
+        for kind in found:
+            shown = self.examples.setdefault(kind, [])
+            if len(shown) >= MAX_EXAMPLES_PER_KIND:
+                continue
+            for message in redacted["messages"]:
+                content = message["content"]
+                mark = _PLACEHOLDER_OF[kind].search(content)
+                if mark is None:
+                    continue
+                start, end = max(0, mark.start() - EXAMPLE_CONTEXT), mark.end() + EXAMPLE_CONTEXT
+                window = content[start:end]
+                if start > 0:
+                    window = window.partition(" ")[2]  # drop the cut first word
+                if end < len(content):
+                    window = window.rpartition(" ")[0]  # and the cut last one
+                shown.append(_DIGIT.sub("#", _scrub(window, KINDS, Counter())))
+                break
 
 
 def scrub(
-    records: Iterable[dict[str, Any]], kinds: Iterable[str] = KINDS, progress: Callable[[int], None] | None = None
+    records: Iterable[dict[str, Any]],
+    kinds: Iterable[str] = KINDS,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[Iterator[dict[str, Any]], PiiReport]:
     """Redacted records as a stream; the report is complete once the stream is consumed."""
-    kinds = [k for k in KINDS if k in check_kinds(kinds)]
-    report = PiiReport(kinds=kinds)
+    kinds = check_kinds(kinds)
+    report = PiiReport(kinds=list(kinds))
 
     def stream() -> Iterator[dict[str, Any]]:
         for record in records:
-            cleaned, counts = scrub_record(record, kinds)
+            cleaned, counts = _scrub_record(record, kinds)
             report.records_total += 1
             if counts:
                 report.records_changed += 1
                 report.counts_by_kind.update(counts)
+                report.collect_examples(cleaned, counts)
             if progress is not None and report.records_total % 1000 == 0:
                 progress(report.records_total)
             yield cleaned
