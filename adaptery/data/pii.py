@@ -1,8 +1,8 @@
 """Finding and redacting personal data and secrets in chat records.
 
-Each finding becomes a typed placeholder (`[EMAIL]`, `[PHONE]`, …) so the text still reads as a
+Each finding becomes a typed marker (`[EMAIL]`, `[PHONE]`, …) so the text still reads as a
 sentence. Detectors run from the most specific to the least, each on the text the previous ones
-left (placeholders hold no digits, so nothing matches twice):
+left (markers hold no digits, so nothing matches twice):
 
 1. `url_credentials`: URLs with a password (`https://user:pass@host`) or a secret-looking query or
    fragment parameter (`token=`, `access_token=`, `api_key=`, `key=`, `sig=`, `password=`, …), as
@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, urlsplit
 
 KINDS = ("email", "phone", "ip_address", "card_number", "national_id", "url_credentials")
-PLACEHOLDERS = {
+MARKERS = {
     "email": "[EMAIL]",
     "phone": "[PHONE]",
     "ip_address": "[IP_ADDRESS]",
@@ -46,9 +46,9 @@ PLACEHOLDERS = {
     "national_id": "[NATIONAL_ID]",
     "url_credentials": "[SECRET_URL]",
 }
-SECRET_PLACEHOLDER = "[SECRET]"
+SECRET_MARKER = "[SECRET]"
 MAX_EXAMPLES_PER_KIND = 3
-EXAMPLE_CONTEXT = 30  # characters of redacted text kept on each side of an example's placeholder
+EXAMPLE_CONTEXT = 30  # characters of redacted text kept on each side of an example's marker
 
 SECRET_PARAMETERS = frozenset(
     {
@@ -122,8 +122,8 @@ _PHONE_NORTH_AMERICA = re.compile(rf"{_RUN_START}(?:\([2-9]\d\d\) ?|[2-9]\d\d[ .
 _PHONE_NATIONAL = re.compile(rf"{_RUN_START}(?:\(0[1-9]\d{{0,3}}\)|0[1-9]\d{{0,3}})(?:[ -]\d{{2,8}}){{1,4}}{_RUN_END}")
 _DIGIT = re.compile(r"\d")
 _PLACEHOLDER_OF = {
-    kind: re.compile(re.escape(mark) + (f"|{re.escape(SECRET_PLACEHOLDER)}" if kind == "url_credentials" else ""))
-    for kind, mark in PLACEHOLDERS.items()
+    kind: re.compile(re.escape(mark) + (f"|{re.escape(SECRET_MARKER)}" if kind == "url_credentials" else ""))
+    for kind, mark in MARKERS.items()
 }
 
 
@@ -170,7 +170,7 @@ class _Detector(NamedTuple):
     kind: str
     pattern: re.Pattern
     accept: Callable[[str], bool] | None = None  # a second look at a match, after the pattern
-    placeholder: str | None = None  # the kind's, unless given
+    marker: str | None = None  # the kind's, unless given
     needs_text: str = ""  # without this substring (or a digit) the pattern cannot match: no need to scan
     needs_digit: bool = False
 
@@ -178,7 +178,7 @@ class _Detector(NamedTuple):
 # In the order they run. A pattern with a `keep` group keeps that part (an id's label).
 _DETECTORS = [
     _Detector("url_credentials", _URL, _is_secret_url, needs_text="://"),
-    _Detector("url_credentials", _SECRET, placeholder=SECRET_PLACEHOLDER),
+    _Detector("url_credentials", _SECRET, marker=SECRET_MARKER),
     _Detector("email", _EMAIL, needs_text="@"),
     _Detector("ip_address", _IPV4, needs_digit=True),
     _Detector("ip_address", _IPV6, _is_ipv6, needs_digit=True),
@@ -202,7 +202,7 @@ def check_kinds(kinds: Iterable[str]) -> tuple[str, ...]:
 
 
 def scrub_text(text: str, kinds: Iterable[str] = KINDS) -> tuple[str, Counter]:
-    """`text` with every finding of `kinds` replaced by its placeholder, and the count per kind."""
+    """`text` with every finding of `kinds` replaced by its marker, and the count per kind."""
     counts: Counter = Counter()
     return _scrub(text, check_kinds(kinds), counts), counts
 
@@ -217,13 +217,13 @@ def _scrub(text: str, kinds: tuple[str, ...], counts: Counter) -> str:
 
 
 def _replacer(detector: _Detector, counts: Counter) -> Callable[[re.Match], str]:
-    placeholder = detector.placeholder or PLACEHOLDERS[detector.kind]
+    marker = detector.marker or MARKERS[detector.kind]
 
     def replace(match: re.Match) -> str:
         if detector.accept is not None and not detector.accept(match.group(0)):
             return match.group(0)
         counts[detector.kind] += 1
-        return (match.groupdict().get("keep") or "") + placeholder
+        return (match.groupdict().get("keep") or "") + marker
 
     return replace
 
@@ -257,7 +257,7 @@ class PiiReport:
         }
 
     def collect_examples(self, redacted: dict[str, Any], found: Counter) -> None:
-        """Keep a few snippets around placeholders of kinds not yet shown. A snippet is cut at word
+        """Keep a few snippets around markers of kinds not yet shown. A snippet is cut at word
         boundaries, scrubbed again for every kind (not only those asked for) and its remaining digits
         masked, so not even a fragment of a number survives at its edges."""
         for kind in found:
