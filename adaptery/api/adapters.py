@@ -14,13 +14,13 @@ from fastapi.responses import StreamingResponse
 
 from adaptery.api.deps import platform, principal
 from adaptery.api.openai.objects import model_object
+from adaptery.api.uploads import receive_body
 from adaptery.auth.policy import require
 from adaptery.auth.principal import Principal
 from adaptery.engine.loading import resolve_model_path
 from adaptery.platform import Platform
 from adaptery.services import adapter_io, blob_refs, models
-from adaptery.services.errors import InvalidRequest, TooLarge
-from adaptery.storage.blobs import BlobTooLarge
+from adaptery.services.errors import InvalidRequest
 
 router = APIRouter(prefix="/api/models", tags=["models"])
 SUFFIX_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
@@ -55,10 +55,7 @@ async def import_adapter(
         ref = models.get_model(s, base_model, param="base_model")
     if ref.adapter is not None:
         raise InvalidRequest("base_model must be a base model, not an adapter", param="base_model")
-    try:
-        blob = await p.blobs.put_async_stream(request.stream(), max_bytes=p.settings.max_upload_bytes)
-    except BlobTooLarge as exc:
-        raise TooLarge(f"The upload is larger than the limit of {exc.limit} bytes.", param="file") from exc
+    blob = await receive_body(request, p)
     p.settings.work_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=p.settings.work_dir, prefix="import-"))
     try:

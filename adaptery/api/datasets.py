@@ -10,14 +10,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from adaptery.api.deps import platform, principal
 from adaptery.api.openai.objects import file_object
+from adaptery.api.uploads import receive_body
 from adaptery.auth.policy import require
 from adaptery.auth.principal import Principal
 from adaptery.db import models as m
 from adaptery.platform import Platform
 from adaptery.services import blob_refs, datasets
-from adaptery.services.errors import TooLarge
 from adaptery.services.files import safe_filename
-from adaptery.storage.blobs import BlobTooLarge, StoredBlob
 
 router = APIRouter(prefix="/api/datasets", tags=["datasets"])
 
@@ -94,18 +93,6 @@ class ExportRequest(BaseModel):
     allow_invalid: bool = False
 
 
-async def _receive_upload(request: Request, p: Platform) -> StoredBlob:
-    """The request body, streamed to the blob store: never all in memory, nothing kept if it fails."""
-    limit = p.settings.max_upload_bytes
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise TooLarge(f"The upload is larger than the limit of {limit} bytes.", param="file")
-    try:
-        return await p.blobs.put_async_stream(request.stream(), max_bytes=limit)
-    except BlobTooLarge as exc:
-        raise TooLarge(f"The upload is larger than the limit of {exc.limit} bytes.", param="file") from exc
-
-
 async def _upload(
     request: Request,
     p: Platform,
@@ -120,7 +107,7 @@ async def _upload(
 ) -> dict[str, Any]:
     require(who, "upload")
     parsed_mapping = datasets.parse_mapping(mapping)
-    blob = await _receive_upload(request, p)
+    blob = await receive_body(request, p)
     try:
         with p.db.tenant(who.tenant_id) as s:
             if dataset_ref is None:
