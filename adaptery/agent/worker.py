@@ -1,19 +1,19 @@
-"""The agent loop: lease a job, train it in a child process, report, finish.
+"""The agent loop: lease a job over NATS, fetch its files, train it in a child process, report, finish.
 
-The child process is the fault boundary: a crash or out-of-memory in training ends that process,
-and the agent reports the cause and carries on with the next job.
+The agent never touches the database and never accepts a connection: everything goes through its
+`AgentLink`. The child process is the fault boundary: a crash or out-of-memory in training ends that
+process, and the agent reports the cause and carries on with the next job. Checkpoints the trainer
+writes are uploaded as they appear, so another agent can continue the job if this one dies.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
 import queue as stdlib_queue
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,23 +21,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from adaptery.services.queue import Assignment, JobQueue
+from adaptery.agent.link import AgentLink, LinkDown
+from adaptery.messaging.protocol import ADAPTER_FILES, Assignment, RemoteError
+from adaptery.messaging.server import die_with_parent
+from adaptery.training.spec import LoraHyperparameters
 
 log = logging.getLogger("adaptery.agent")
 CANCELLED_EXIT_CODE = 3
+PAUSED_EXIT_CODE = 4
 CANCEL_GRACE_SECONDS = 10.0
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: if the agent dies (even by SIGKILL), its training dies too,
-    so a job whose lease expired is never trained twice at once."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def default_agent_id(kind: str) -> str:
-    return f"{kind}-{socket.gethostname()}-{os.getpid()}"
+PAUSE_GRACE_SECONDS = 120.0  # saving a checkpoint of a large model takes a while
+CANCEL_FILE, PAUSE_FILE = "CANCEL", "PAUSE"
 
 
 def describe_exit(returncode: int) -> str:
@@ -48,62 +42,229 @@ def describe_exit(returncode: int) -> str:
     return f"the training process exited with code {returncode}"
 
 
+def local_base_model(assignment: Assignment, models_dir: Path) -> str:
+    """The base model where this agent can load it: the server's path or hub id, or for the demo model
+    this agent's own copy (built deterministically, so it equals the server's)."""
+    ref = assignment.base_model_ref
+    if Path(ref).is_dir():
+        return ref
+    from adaptery.engine.demo_model import DEMO_MODEL_ID, ensure_demo_model  # torch: imported only when needed
+
+    return str(ensure_demo_model(models_dir)) if assignment.base_model == DEMO_MODEL_ID else ref
+
+
+class CheckpointUploads:
+    """Uploads checkpoints in order, beside the supervision loop (which keeps heartbeating meanwhile).
+
+    Every checkpoint's adapter is kept (the per-epoch list); when uploads fall behind the trainer,
+    only the newest pending one also carries its resumable state (optimizer, schedule, RNG), which is
+    all a resumed attempt needs.
+    """
+
+    def __init__(self, link: AgentLink, job_id: str) -> None:
+        self.link = link
+        self.job_id = job_id
+        self._pending: list[dict[str, Any]] = []
+        self._busy = False
+        self._closed = False
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"uploads-{job_id}")
+        self._thread.start()
+
+    def submit(self, event: dict[str, Any]) -> None:
+        with self._changed:
+            self._pending.append(event)
+            self._changed.notify()
+
+    def idle(self) -> bool:
+        with self._changed:
+            return not self._pending and not self._busy
+
+    def close(self, timeout: float = 60.0) -> None:
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while not self._pending and not self._closed:
+                    self._changed.wait()
+                if not self._pending:
+                    return
+                event = self._pending.pop(0)
+                newest = not self._pending
+                self._busy = True
+            try:
+                self._upload(event, full=newest)
+            finally:
+                with self._changed:
+                    self._busy = False
+
+    def _upload(self, event: dict[str, Any], *, full: bool) -> None:
+        path = Path(str(event.get("path", "")))
+        if not path.is_dir():
+            log.warning("job %s: checkpoint directory %s is missing", self.job_id, path)
+            return
+        body = {"step": event.get("step"), "epoch": event.get("epoch"), "metrics": event.get("metrics") or {}}
+        try:
+            files = sorted(p for p in path.iterdir() if p.is_file() and (full or p.name in ADAPTER_FILES))
+            body["files"] = {p.name: self.link.upload(self.job_id, p) for p in files}
+            self.link.job_call(self.job_id, "checkpoint", body)
+        except (LinkDown, RemoteError) as exc:  # a later checkpoint will do; training goes on
+            log.warning("job %s: checkpoint of step %s not kept: %s", self.job_id, event.get("step"), exc)
+
+
+class Heartbeats:
+    """Keeps a job's lease alive from the moment it is leased (fetching inputs included) until it ends,
+    on its own thread so nothing the agent does meanwhile can let the lease lapse. `verdict` is the
+    control plane's latest word; a notification from it triggers a beat at once."""
+
+    def __init__(self, link: AgentLink, job_id: str, every: float, lease_seconds: float | None) -> None:
+        self.link = link
+        self.job_id = job_id
+        self.every = every
+        self.lease_seconds = lease_seconds
+        self.verdict = "continue"
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"heartbeat-{job_id}")
+
+    def __enter__(self) -> Heartbeats:
+        self.link.nudged.clear()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stopped.set()
+        self.link.nudged.set()  # wake it
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        last_answer = time.monotonic()
+        while True:
+            self.link.nudged.wait(self.every)
+            self.link.nudged.clear()
+            if self._stopped.is_set():
+                return
+            try:
+                verdict = self.link.job_call(self.job_id, "heartbeat", {}).get("verdict", "continue")
+            except (LinkDown, RemoteError) as exc:
+                # Keep training: the control plane may be restarting; if the lease expires meanwhile,
+                # the next heartbeat that gets through says "lost".
+                log.info("job %s: heartbeat not answered (%s)", self.job_id, exc)
+                if self.lease_seconds and time.monotonic() - last_answer > self.lease_seconds:
+                    # Cut off (revoked, or a partition) past the lease: the job is back in the queue by now.
+                    log.warning("job %s: no contact for longer than the lease; giving the job up", self.job_id)
+                    self.verdict = "lost"
+                continue
+            last_answer = time.monotonic()
+            if verdict != "continue":
+                self.verdict = verdict
+
+
 class Agent:
     def __init__(
         self,
-        job_queue: JobQueue,
+        link: AgentLink,
         work_dir: Path,
         *,
-        agent_id: str,
+        name: str,
         heartbeat_seconds: float,
         poll_seconds: float,
+        models_dir: Path,
     ) -> None:
-        self.queue = job_queue
+        self.link = link
         self.work_dir = work_dir
-        self.agent_id = agent_id
+        self.name = name
         self.heartbeat_seconds = heartbeat_seconds
         self.poll_seconds = poll_seconds
+        self.models_dir = models_dir
         self.stopping = threading.Event()
 
+    @property
+    def agent_id(self) -> str:
+        return self.link.agent_id
+
     def run(self) -> None:
-        log.info("agent %s started", self.agent_id)
+        log.info("agent %s (%s) started", self.name, self.agent_id)
         while not self.stopping.is_set():
             try:
-                assignment = self.queue.lease(self.agent_id)
-            except Exception:  # a database hiccup must not end the agent
-                log.exception("leasing a job failed")
-                assignment = None
-            if assignment is None:
+                data = self.link.lease()
+            except (LinkDown, RemoteError) as exc:  # the control plane restarting must not end the agent
+                log.info("leasing a job failed: %s", exc)
+                data = None
+            if data is None:
                 self.stopping.wait(self.poll_seconds)
                 continue
+            assignment = Assignment.from_json(data)
             try:
                 self.run_job(assignment)
             except Exception as exc:
                 log.exception("job %s failed in the agent", assignment.job_id)
-                self.queue.fail(assignment.job_id, self.agent_id, f"agent error: {exc}")
-        log.info("agent %s stopped", self.agent_id)
+                self._finish(assignment.job_id, {"state": "failed", "message": f"agent error: {exc}"})
+        log.info("agent %s stopped", self.name)
 
     def stop(self) -> None:
         self.stopping.set()
 
-    def _write_spec(self, assignment: Assignment, job_dir: Path) -> Path:
-        args = assignment.arguments
-        spec = {
-            "base_model": assignment.base_model_ref,
-            "training_file": str(assignment.training_file),
-            "validation_file": str(assignment.validation_file) if assignment.validation_file else None,
-            "output_dir": str(job_dir / "adapter"),
-            "hyperparameters": {
-                "n_epochs": args["n_epochs"],
-                "batch_size": args["batch_size"],
-                "learning_rate": args["learning_rate"],
-                "lora_r": args["lora_r"],
-                "lora_alpha": args["lora_alpha"],
-                "lora_dropout": args["lora_dropout"],
-                "target_modules": args["target_modules"],
-                "seed": args["seed"],
-            },
+    def _finish(self, job_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Report the end of an attempt; retried while the control plane is away (it may be restarting)."""
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                return self.link.job_call(job_id, "finish", body)
+            except RemoteError as exc:
+                log.warning("job %s: the control plane refused its end (%s)", job_id, exc)
+                return {}
+            except LinkDown:
+                if time.monotonic() > deadline:  # its lease expires; the control plane requeues it
+                    log.warning("job %s: could not report its end (%s)", job_id, body.get("state"))
+                    return {}
+                time.sleep(1)
+
+    def _fetch_inputs(self, assignment: Assignment, job_dir: Path) -> dict[str, Any]:
+        cache = self.work_dir / "cache"
+        job = assignment.job_id
+        inputs: dict[str, Any] = {
+            "training_file": self.link.download(
+                job,
+                assignment.training_file.sha256,
+                assignment.training_file.bytes,
+                cache / assignment.training_file.sha256,
+            )
         }
+        if assignment.validation_file is not None:
+            blob = assignment.validation_file
+            inputs["validation_file"] = self.link.download(job, blob.sha256, blob.bytes, cache / blob.sha256)
+        if assignment.checkpoint is not None:
+            resume = job_dir / f"resume-step-{assignment.checkpoint.step}"
+            for name, blob in assignment.checkpoint.files.items():
+                self.link.download(job, blob.sha256, blob.bytes, resume / name)
+            inputs["resume_from"] = resume
+        if assignment.init_adapter is not None:
+            start = job_dir / "init-adapter"
+            for name, blob in assignment.init_adapter.items():
+                self.link.download(job, blob.sha256, blob.bytes, start / name)
+            inputs["init_adapter"] = start
+        return inputs
+
+    def _write_spec(self, assignment: Assignment, job_dir: Path, inputs: dict[str, Any]) -> Path:
+        args = assignment.arguments
+        spec: dict[str, Any] = {
+            "base_model": local_base_model(assignment, self.models_dir),
+            "training_file": str(inputs["training_file"]),
+            "validation_file": str(inputs["validation_file"]) if "validation_file" in inputs else None,
+            "output_dir": str(job_dir / "adapter"),
+            "checkpoint_dir": str(job_dir / "checkpoints"),
+            "hyperparameters": {k: v for k, v in args.items() if k in LoraHyperparameters.model_fields},
+        }
+        for key in ("resume_from", "init_adapter"):
+            if key in inputs:
+                spec[key] = str(inputs[key])
+        spec["method"] = assignment.method
+        if assignment.checkpoint_every_steps:
+            spec["checkpoint_every_steps"] = assignment.checkpoint_every_steps
         path = job_dir / "spec.json"
         path.write_text(json.dumps(spec, indent=2))
         return path
@@ -112,7 +273,15 @@ class Agent:
         job_dir = self.work_dir / "jobs" / assignment.job_id / f"attempt-{assignment.attempt}"
         shutil.rmtree(job_dir, ignore_errors=True)
         job_dir.mkdir(parents=True)
-        spec_path = self._write_spec(assignment, job_dir)
+        with Heartbeats(self.link, assignment.job_id, self.heartbeat_seconds, assignment.lease_seconds) as beats:
+            try:
+                self._run_attempt(assignment, job_dir, beats)
+            finally:
+                shutil.rmtree(job_dir.parent, ignore_errors=True)
+
+    def _run_attempt(self, assignment: Assignment, job_dir: Path, beats: Heartbeats) -> None:
+        inputs = self._fetch_inputs(assignment, job_dir)
+        spec_path = self._write_spec(assignment, job_dir, inputs)
         stderr_path = job_dir / "stderr.log"
         with stderr_path.open("wb") as stderr:
             child = subprocess.Popen(
@@ -121,31 +290,36 @@ class Agent:
                 stderr=stderr,
                 stdin=subprocess.DEVNULL,
                 env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
-                preexec_fn=_die_with_parent,
+                # If the agent dies, so does its training: a requeued job is never trained twice at once.
+                preexec_fn=die_with_parent,
             )
-            outcome = self._supervise(assignment, child, job_dir)
+            outcome = self._supervise(assignment, child, job_dir, beats)
+        job = assignment.job_id
         if outcome["state"] == "succeeded":
-            model_id = self.queue.succeed(assignment.job_id, self.agent_id, job_dir / "adapter", outcome["result"])
-            log.info("job %s succeeded: %s", assignment.job_id, model_id)
+            files = self.link.upload_dir(job, job_dir / "adapter")
+            reply = self._finish(job, {"state": "succeeded", "result": outcome["result"], "files": files})
+            log.info("job %s succeeded: %s", job, reply.get("model"))
         elif outcome["state"] == "failed":
             message = outcome.get("message") or self._stderr_tail(stderr_path) or "training failed"
-            self.queue.fail(assignment.job_id, self.agent_id, message)
-        elif outcome["state"] == "released":
-            self.queue.release(assignment.job_id, self.agent_id, "the agent is shutting down")
-        shutil.rmtree(job_dir.parent, ignore_errors=True)
+            self._finish(job, {"state": "failed", "message": message})
+        elif outcome["state"] in ("paused", "released", "cancelled"):
+            self._finish(job, {"state": outcome["state"], "message": "the agent is shutting down"})
 
-    def _supervise(self, assignment: Assignment, child: subprocess.Popen, job_dir: Path) -> dict[str, Any]:
+    def _supervise(
+        self, assignment: Assignment, child: subprocess.Popen, job_dir: Path, beats: Heartbeats
+    ) -> dict[str, Any]:
         lines: stdlib_queue.Queue[bytes | None] = stdlib_queue.Queue()
+        job = assignment.job_id
 
         def pump() -> None:
             for raw in child.stdout:
                 lines.put(raw)
             lines.put(None)
 
-        threading.Thread(target=pump, daemon=True, name=f"pump-{assignment.job_id}").start()
+        threading.Thread(target=pump, daemon=True, name=f"pump-{job}").start()
+        uploads = CheckpointUploads(self.link, job)
         outcome: dict[str, Any] = {"state": "failed"}
-        next_beat = time.monotonic() + self.heartbeat_seconds
-        cancel_deadline: float | None = None
+        stop_deadline: float | None = None
         finished_output = False
         while True:
             batch, ended = self._drain(lines, timeout=0.5)
@@ -157,38 +331,58 @@ class Agent:
                     outcome = {"state": "succeeded", "result": event}
                 elif kind == "error":
                     outcome = {"state": "failed", "message": event.get("message")}
-                elif kind == "cancelled" and outcome["state"] != "released":
+                elif kind == "cancelled" and outcome["state"] not in ("released", "paused"):
                     outcome = {"state": "cancelled"}
+                elif kind == "paused":
+                    outcome = {"state": "paused"}
+                elif kind == "checkpoint":
+                    uploads.submit(event)
                 else:
                     events.append(event)
             if events:
-                self.queue.report(assignment.job_id, self.agent_id, events)
-            if finished_output and child.poll() is not None:
+                self._report(job, events)
+            if finished_output and child.poll() is not None and uploads.idle():
                 break
             now = time.monotonic()
-            if self.stopping.is_set() and cancel_deadline is None:
+            if self.stopping.is_set() and stop_deadline is None:
                 outcome = {"state": "released"}
                 child.terminate()
-                cancel_deadline = now + CANCEL_GRACE_SECONDS
-            if now >= next_beat and cancel_deadline is None:
-                next_beat = now + self.heartbeat_seconds
-                verdict = self.queue.heartbeat(assignment.job_id, self.agent_id)
-                if verdict != "continue":
-                    log.info("job %s: %s; stopping its training", assignment.job_id, verdict)
-                    (job_dir / "adapter").mkdir(parents=True, exist_ok=True)
-                    (job_dir / "adapter" / "CANCEL").touch()
+                stop_deadline = now + CANCEL_GRACE_SECONDS
+            verdict = beats.verdict
+            if verdict != "continue" and stop_deadline is None:
+                if verdict == "pause":
+                    log.info("job %s: pausing at the next step", job)
+                    self._signal_file(job_dir, PAUSE_FILE)
+                    stop_deadline = now + PAUSE_GRACE_SECONDS
+                elif verdict in ("cancel", "lost"):
+                    log.info("job %s: %s; stopping its training", job, verdict)
+                    self._signal_file(job_dir, CANCEL_FILE)
                     outcome = {"state": "cancelled"}
-                    cancel_deadline = now + CANCEL_GRACE_SECONDS
-            if cancel_deadline is not None and now > cancel_deadline and child.poll() is None:
+                    stop_deadline = now + CANCEL_GRACE_SECONDS
+            if stop_deadline is not None and now > stop_deadline and child.poll() is None:
                 child.kill()
         returncode = child.wait()
+        uploads.close()
         if outcome["state"] == "succeeded" and returncode != 0:
             outcome = {"state": "failed", "message": describe_exit(returncode)}
         elif outcome["state"] == "failed" and not outcome.get("message") and returncode != 0:
             outcome["message"] = describe_exit(returncode)
+        elif outcome["state"] == "paused" and returncode != PAUSED_EXIT_CODE:
+            outcome = {"state": "failed", "message": f"pausing failed: {describe_exit(returncode)}"}
         elif outcome["state"] == "cancelled" and returncode not in (0, CANCELLED_EXIT_CODE):
-            log.info("job %s: training stopped with %s after cancel", assignment.job_id, describe_exit(returncode))
+            log.info("job %s: training stopped with %s after cancel", job, describe_exit(returncode))
         return outcome
+
+    def _report(self, job_id: str, events: list[dict[str, Any]]) -> None:
+        try:
+            self.link.job_call(job_id, "events", {"events": events})
+        except LinkDown as exc:
+            log.info("job %s: %d event(s) not delivered (%s)", job_id, len(events), exc)
+
+    @staticmethod
+    def _signal_file(job_dir: Path, name: str) -> None:
+        (job_dir / "adapter").mkdir(parents=True, exist_ok=True)
+        (job_dir / "adapter" / name).touch()
 
     @staticmethod
     def _drain(lines: stdlib_queue.Queue, timeout: float) -> tuple[list[dict[str, Any]], bool]:

@@ -1,107 +1,240 @@
-"""The job queue as agents see it: lease, heartbeat, report, finish.
+"""The job queue as the control plane runs it for agents: lease, heartbeat, report, checkpoint, finish.
 
-The database is the state of record. A lease is a claim that lasts `lease_seconds` unless
-heartbeated; a job whose agent stopped heartbeating goes back to the queue with its attempt
-count, and fails with a clear error after `max_attempts`.
+The database is the state of record; agents reach these methods only through the control plane's
+NATS responder (`messaging.control`). A lease is a claim that lasts `lease_seconds` unless
+heartbeated; a job whose agent stopped heartbeating goes back to the queue with its attempt count,
+and fails with a clear error after `max_attempts`.
+
+Leasing is fair: a tenant never runs more than `tenant_concurrency` jobs at once, tenants take
+turns (the one leased least recently goes first), and within a tenant higher `priority` goes first,
+then the oldest job. Priority never lets one tenant jump another's turn.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from dataclasses import dataclass
+import zlib
 from pathlib import Path
 from typing import Any, Literal
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, text, update
+from sqlalchemy.orm import Session
 
 from adaptery.db import models as m
 from adaptery.db.session import Database
-from adaptery.services import finetuning, models
+from adaptery.messaging.protocol import ADAPTER_FILES, Assignment, BlobRef, CheckpointRef
+from adaptery.services import blob_refs, finetuning, models
 from adaptery.storage.blobs import BlobStore
 
+Verdict = Literal["continue", "cancel", "pause", "lost"]
 
-@dataclass(frozen=True)
-class Assignment:
-    job_id: str
-    tenant_id: str
-    attempt: int
-    base_model: str
-    base_model_ref: str
-    training_file: Path
-    validation_file: Path | None
-    arguments: dict[str, Any]
+
+def agent_label(s: Session, agent_id: str | None) -> str:
+    """How events name an agent: its enrolled name where it has one."""
+    agent = s.get(m.Agent, agent_id) if agent_id else None
+    return agent.name if agent is not None else str(agent_id)
+
+
+SEEN_RESOLUTION_SECONDS = 5.0
 
 
 class JobQueue:
-    def __init__(self, db: Database, blobs: BlobStore, *, lease_seconds: float, max_attempts: int) -> None:
+    def __init__(
+        self,
+        db: Database,
+        blobs: BlobStore,
+        *,
+        lease_seconds: float,
+        max_attempts: int,
+        tenant_concurrency: int | None = None,
+        checkpoint_every_steps: int | None = None,
+    ) -> None:
         self.db = db
         self.blobs = blobs
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
+        self.tenant_concurrency = tenant_concurrency
+        self.checkpoint_every_steps = checkpoint_every_steps
+        # Counting a tenant's running jobs and claiming one must not interleave within this process;
+        # across processes on PostgreSQL a transaction-scoped advisory lock per tenant does the same.
+        self._lease_lock = threading.Lock()
 
-    def lease(self, agent_id: str) -> Assignment | None:
-        """Claim the oldest queued job. FOR UPDATE SKIP LOCKED on PostgreSQL; on SQLite the guarded
-        UPDATE below is the compare-and-set that makes two agents never hold the same job."""
-        with self.db.system() as s:
-            candidates = s.scalars(
-                select(m.FineTuningJob.id)
-                .where(m.FineTuningJob.status == "queued")
-                .order_by(m.FineTuningJob.created_at)
-                .limit(1)
-                .with_for_update(skip_locked=True)
+    # --- leasing ---------------------------------------------------------------------------------
+
+    def lease(self, agent_id: str, *, tenant_scope: str | None = None) -> Assignment | None:
+        """Claim the next job by the fairness rules. FOR UPDATE SKIP LOCKED on PostgreSQL; on SQLite the
+        guarded UPDATE is the compare-and-set that makes two agents never hold the same job."""
+        with self._lease_lock, self.db.system() as s:
+            for tenant_id in self._tenants_in_turn(s, tenant_scope):
+                if self.db.engine.dialect.name == "postgresql":
+                    s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": zlib.crc32(tenant_id.encode())})
+                if self.tenant_concurrency is not None:
+                    running = s.scalar(
+                        select(func.count())
+                        .select_from(m.FineTuningJob)
+                        .where(m.FineTuningJob.tenant_id == tenant_id, m.FineTuningJob.status == "running")
+                    )
+                    if running >= self.tenant_concurrency:
+                        continue
+                assignment = self._claim_head(s, tenant_id, agent_id)
+                if assignment is not None:
+                    return assignment
+        return None
+
+    def _tenants_in_turn(self, s: Session, tenant_scope: str | None) -> list[str]:
+        """Tenants with queued jobs, the one whose last lease is oldest (or never) first."""
+        queued = select(m.FineTuningJob.tenant_id).where(m.FineTuningJob.status == "queued").distinct()
+        if tenant_scope is not None:
+            queued = queued.where(m.FineTuningJob.tenant_id == tenant_scope)
+        tenants = list(s.scalars(queued))
+        if not tenants:
+            return []
+        last = dict(
+            s.execute(
+                select(m.FineTuningJob.tenant_id, func.max(m.FineTuningJob.leased_at))
+                .where(m.FineTuningJob.tenant_id.in_(tenants))
+                .group_by(m.FineTuningJob.tenant_id)
             ).all()
-            if not candidates:
-                return None
-            job_id = candidates[0]
-            now = time.time()
-            claimed = s.execute(
-                update(m.FineTuningJob)
-                .where(m.FineTuningJob.id == job_id, m.FineTuningJob.status == "queued")
-                .values(
-                    status="running",
-                    lease_owner=agent_id,
-                    lease_expires_at=now + self.lease_seconds,
-                    attempts=m.FineTuningJob.attempts + 1,
-                    started_at=now,
-                )
-                .execution_options(synchronize_session=False)
-            ).rowcount
-            if claimed != 1:
-                return None
-            job = s.get(m.FineTuningJob, job_id)
-            s.refresh(job)
-            base = s.get(m.BaseModel, job.model)
-            finetuning.add_event(s, job, f"Fine-tuning job started (attempt {job.attempts}, agent {agent_id})")
-            return Assignment(
-                job_id=job.id,
-                tenant_id=job.tenant_id,
-                attempt=job.attempts,
-                base_model=base.id,
-                base_model_ref=base.ref,
-                training_file=self._file_path(s, job.training_file),
-                validation_file=self._file_path(s, job.validation_file) if job.validation_file else None,
-                arguments=finetuning.training_arguments(job, base),
+        )
+        return sorted(tenants, key=lambda t: (last.get(t) or 0.0, t))
+
+    def _claim_head(self, s: Session, tenant_id: str, agent_id: str) -> Assignment | None:
+        candidates = s.scalars(
+            select(m.FineTuningJob.id)
+            .where(m.FineTuningJob.status == "queued", m.FineTuningJob.tenant_id == tenant_id)
+            .order_by(m.FineTuningJob.priority.desc(), m.FineTuningJob.created_at, m.FineTuningJob.id)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+        ).all()
+        if not candidates:
+            return None
+        job_id = candidates[0]
+        now = time.time()
+        claimed = s.execute(
+            update(m.FineTuningJob)
+            .where(m.FineTuningJob.id == job_id, m.FineTuningJob.status == "queued")
+            .values(
+                status="running",
+                lease_owner=agent_id,
+                lease_expires_at=now + self.lease_seconds,
+                attempts=m.FineTuningJob.attempts + 1,
+                started_at=func.coalesce(m.FineTuningJob.started_at, now),
+                leased_at=now,
             )
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        if claimed != 1:
+            return None
+        job = s.get(m.FineTuningJob, job_id)
+        s.refresh(job)
+        base = s.get(m.BaseModel, job.model)
+        checkpoint = self._latest_resumable(s, job.id)
+        resumed = f", resuming from step {checkpoint.step}" if checkpoint else ""
+        finetuning.add_event(
+            s, job, f"Fine-tuning job started (attempt {job.attempts}, agent {agent_label(s, agent_id)}{resumed})"
+        )
+        self._mark_agent(s, agent_id, job.id)
+        return Assignment(
+            job_id=job.id,
+            tenant_id=job.tenant_id,
+            attempt=job.attempts,
+            base_model=base.id,
+            base_model_ref=base.ref,
+            training_file=self._file_blob(s, job.training_file),
+            validation_file=self._file_blob(s, job.validation_file) if job.validation_file else None,
+            arguments=finetuning.training_arguments(job, base),
+            method=finetuning.training_method(job),
+            checkpoint_every_steps=self.checkpoint_every_steps,
+            lease_seconds=self.lease_seconds,
+            checkpoint=checkpoint,
+            init_adapter=self._blobs_of(job.tenant_id, job.init_adapter),
+        )
 
-    def _file_path(self, s: Any, file_id: str) -> Path:
+    def _blobs_of(self, tenant_id: str, manifest: dict[str, str] | None) -> dict[str, BlobRef] | None:
+        if not manifest:
+            return None
+        return {name: BlobRef(sha, self.blobs.size(tenant_id, sha)) for name, sha in manifest.items()}
+
+    def _latest_resumable(self, s: Session, job_id: str) -> CheckpointRef | None:
+        row = s.scalar(
+            select(m.JobCheckpoint)
+            .where(m.JobCheckpoint.job_id == job_id, m.JobCheckpoint.resumable.is_(True))
+            .order_by(m.JobCheckpoint.step.desc())
+            .limit(1)
+        )
+        if row is None or not row.manifest:
+            return None
+        return CheckpointRef(id=row.id, step=row.step, files=self._blobs_of(row.tenant_id, row.manifest))
+
+    def _file_blob(self, s: Session, file_id: str) -> BlobRef:
         record = s.get(m.File, file_id)
-        return self.blobs.path(record.sha256)
+        return BlobRef(record.sha256, record.bytes)
 
-    def _held(self, s: Any, job_id: str, agent_id: str) -> m.FineTuningJob | None:
+    @staticmethod
+    def _mark_agent(s: Session, agent_id: str, job_id: str | None) -> None:
+        agent = s.get(m.Agent, agent_id) if agent_id else None
+        if agent is not None:
+            agent.last_seen_at = time.time()
+            agent.current_job_id = job_id
+
+    def seen(self, agent_id: str, *, idle: bool = False) -> None:
+        """An agent asked for work: it is alive (and, asking, holds no job)."""
+        with self.db.system() as s:
+            agent = s.get(m.Agent, agent_id)
+            now = time.time()
+            # Idle agents ask every second or so: write only when it changes what an admin would see.
+            if agent is None:
+                return
+            if now - (agent.last_seen_at or 0) < SEEN_RESOLUTION_SECONDS and agent.current_job_id is None:
+                return
+            agent.last_seen_at = now
+            if idle:
+                agent.current_job_id = None
+
+    # --- while a job runs ------------------------------------------------------------------------
+
+    def _held(self, s: Session, job_id: str, agent_id: str) -> m.FineTuningJob | None:
         job = s.get(m.FineTuningJob, job_id)
         if job is None or job.status != "running" or job.lease_owner != agent_id:
             return None
         return job
 
-    def heartbeat(self, job_id: str, agent_id: str) -> Literal["continue", "cancel", "lost"]:
+    def holds(self, job_id: str, agent_id: str) -> bool:
+        with self.db.system() as s:
+            return self._held(s, job_id, agent_id) is not None
+
+    def tenant_of(self, job_id: str) -> str | None:
+        """The tenant whose data key seals the job's blobs."""
+        with self.db.system() as s:
+            job = s.get(m.FineTuningJob, job_id)
+            return job.tenant_id if job is not None else None
+
+    def job_blobs(self, job_id: str, agent_id: str) -> set[str]:
+        """The blobs the agent holding `job_id` may fetch: its files and its latest checkpoint."""
+        with self.db.system() as s:
+            job = self._held(s, job_id, agent_id)
+            if job is None:
+                return set()
+            wanted = {self._file_blob(s, job.training_file).sha256}
+            if job.validation_file:
+                wanted.add(self._file_blob(s, job.validation_file).sha256)
+            checkpoint = self._latest_resumable(s, job.id)
+            if checkpoint is not None:
+                wanted |= {blob.sha256 for blob in checkpoint.files.values()}
+            wanted |= set((job.init_adapter or {}).values())
+            return wanted
+
+    def heartbeat(self, job_id: str, agent_id: str) -> Verdict:
         with self.db.system() as s:
             job = s.get(m.FineTuningJob, job_id)
             if job is None or job.cancel_requested or job.status == "cancelled":
                 return "cancel"
             if job.status != "running" or job.lease_owner != agent_id:
                 return "lost"
+            self._mark_agent(s, agent_id, job_id)
             job.lease_expires_at = time.time() + self.lease_seconds
-            return "continue"
+            return "pause" if job.pause_requested else "continue"
 
     def report(self, job_id: str, agent_id: str, events: list[dict[str, Any]]) -> None:
         """Turn the trainer's events into OpenAI job events."""
@@ -114,10 +247,71 @@ class JobQueue:
                     data = {k: v for k, v in event.items() if k != "type"}
                     loss = event.get("train_loss")
                     shown = f"{loss:.4f}" if isinstance(loss, int | float) else "not a number"
-                    message = f"Step {event['step']}/{event['total_steps']}: training loss={shown}"
+                    message = f"Step {event.get('step')}/{event.get('total_steps')}: training loss={shown}"
                     finetuning.add_event(s, job, message, type="metrics", data=data)
                 elif event.get("type") == "message":
-                    finetuning.add_event(s, job, event["message"], level=event.get("level", "info"))
+                    finetuning.add_event(s, job, str(event.get("message")), level=event.get("level", "info"))
+
+    def record_checkpoint(
+        self,
+        job_id: str,
+        agent_id: str,
+        *,
+        step: int,
+        epoch: float | None,
+        metrics: dict[str, Any],
+        manifest: dict[str, str],
+    ) -> str | None:
+        """Keep an uploaded checkpoint (its files are blobs already); older ones keep only their adapter."""
+        with self.db.system() as s:
+            job = self._held(s, job_id, agent_id)
+            if job is None:
+                return None
+            missing = [sha for sha in manifest.values() if not self.blobs.exists(job.tenant_id, sha)]
+            if missing or not all(name in manifest for name in ADAPTER_FILES):
+                raise ValueError("the checkpoint is incomplete: upload its adapter files first")
+            checkpoint_id = f"ftckpt-{job.id.removeprefix('ftjob-')}-{step}"
+            tenant = s.get(m.Tenant, job.tenant_id)
+            base_name = models.fine_tuned_model_name(job.model, tenant.name, job.suffix, job.id)
+            row = s.get(m.JobCheckpoint, checkpoint_id)
+            if row is None:
+                row = m.JobCheckpoint(id=checkpoint_id, tenant_id=job.tenant_id, job_id=job.id, step=step)
+                s.add(row)
+            row.epoch = epoch
+            row.metrics = {"step": step, **{k: v for k, v in metrics.items() if v is not None}}
+            if "eval_loss" in row.metrics:
+                row.metrics.setdefault("valid_loss", row.metrics["eval_loss"])
+            row.model_name = f"{base_name}:ckpt-step-{step}"
+            row.manifest = dict(manifest)
+            row.resumable = "trainer_state.json" in manifest
+            epoch_text = f" (epoch {epoch:g})" if epoch is not None else ""
+            finetuning.add_event(s, job, f"Checkpoint saved at step {step}{epoch_text}")
+            s.flush()
+            if row.resumable:
+                self._prune_older(s, job.tenant_id, job.id, step)
+            return checkpoint_id
+
+    def _prune_older(self, s: Session, tenant_id: str, job_id: str, step: int) -> None:
+        older = s.scalars(
+            select(m.JobCheckpoint).where(
+                m.JobCheckpoint.job_id == job_id, m.JobCheckpoint.resumable.is_(True), m.JobCheckpoint.step < step
+            )
+        ).all()
+        dropped: set[str] = set()
+        for row in older:
+            dropped |= {sha for name, sha in row.manifest.items() if name not in ADAPTER_FILES}
+            row.manifest = {name: sha for name, sha in row.manifest.items() if name in ADAPTER_FILES}
+            row.resumable = False
+        s.flush()
+        if not dropped:
+            return
+        still = set()
+        for manifest in s.scalars(select(m.JobCheckpoint.manifest).where(m.JobCheckpoint.manifest.is_not(None))):
+            still |= set(manifest.values())
+        for sha in dropped - still:
+            blob_refs.release(s, self.blobs, tenant_id, sha)
+
+    # --- the end of an attempt -------------------------------------------------------------------
 
     def succeed(self, job_id: str, agent_id: str, adapter_dir: Path, result: dict[str, Any]) -> str | None:
         """Register the adapter and finish the job; returns the model id, or None if the lease was lost."""
@@ -138,20 +332,26 @@ class JobQueue:
             )
             job.fine_tuned_model = model_id
             job.trained_tokens = int(result.get("trained_tokens") or 0)
-            metrics = {"step": result.get("steps"), "train_loss": result.get("train_loss")}
-            s.add(
-                m.JobCheckpoint(
-                    id=f"ftckpt-{job.id.removeprefix('ftjob-')}-{result.get('steps', 0)}",
-                    tenant_id=job.tenant_id,
-                    job_id=job.id,
-                    step=int(result.get("steps") or 0),
-                    metrics=metrics,
-                    model_name=model_id,
+            step = int(result.get("steps") or 0)
+            checkpoint_id = f"ftckpt-{job.id.removeprefix('ftjob-')}-{step}"
+            final = s.get(m.JobCheckpoint, checkpoint_id)
+            if final is not None:
+                final.model_name = model_id  # the last checkpoint is the result: it is served by that name
+            else:
+                s.add(
+                    m.JobCheckpoint(
+                        id=checkpoint_id,
+                        tenant_id=job.tenant_id,
+                        job_id=job.id,
+                        step=step,
+                        metrics={"step": step, "train_loss": result.get("train_loss")},
+                        model_name=model_id,
+                    )
                 )
-            )
             finetuning.add_event(s, job, f"New fine-tuned model created: {model_id}")
             finetuning.finish(s, job, "succeeded")
             finetuning.add_event(s, job, "The job has successfully completed")
+            self._mark_agent(s, agent_id, None)
             return model_id
 
     def fail(self, job_id: str, agent_id: str, message: str, *, code: str = "training_error") -> None:
@@ -161,6 +361,21 @@ class JobQueue:
                 return
             finetuning.finish(s, job, "failed", error={"code": code, "message": message, "param": None})
             finetuning.add_event(s, job, f"Job failed: {message}", level="error")
+            self._mark_agent(s, agent_id, None)
+
+    def paused(self, job_id: str, agent_id: str) -> None:
+        """The agent stopped the job at a checkpoint, as asked; it waits for `resume`."""
+        with self.db.system() as s:
+            job = self._held(s, job_id, agent_id)
+            if job is None:
+                return
+            job.status = "paused"
+            job.lease_owner = None
+            job.lease_expires_at = None
+            checkpoint = self._latest_resumable(s, job.id)
+            where = f" at step {checkpoint.step}" if checkpoint else ""
+            finetuning.add_event(s, job, f"Job paused{where}")
+            self._mark_agent(s, agent_id, None)
 
     def release(self, job_id: str, agent_id: str, reason: str) -> None:
         """Give a job back to the queue without spending its attempt's outcome (agent shutting down)."""
@@ -172,6 +387,19 @@ class JobQueue:
             job.lease_owner = None
             job.lease_expires_at = None
             finetuning.add_event(s, job, f"Job returned to the queue: {reason}", level="warn")
+            self._mark_agent(s, agent_id, None)
+
+    def release_all(self, agent_id: str, reason: str) -> int:
+        """Requeue every job `agent_id` holds (it is known to be gone: the server restarted)."""
+        with self.db.system() as s:
+            held = s.scalars(
+                select(m.FineTuningJob.id).where(
+                    m.FineTuningJob.status == "running", m.FineTuningJob.lease_owner == agent_id
+                )
+            ).all()
+        for job_id in held:
+            self.release(job_id, agent_id, reason)
+        return len(held)
 
     def recover(self) -> int:
         """Requeue (or fail) running jobs whose lease expired."""
@@ -185,20 +413,21 @@ class JobQueue:
             ).all()
             for job in stale:
                 recovered += 1
+                agent = agent_label(s, job.lease_owner)
+                self._mark_agent(s, job.lease_owner, None)
                 if job.attempts >= self.max_attempts:
                     message = (
-                        f"The job's worker stopped responding {job.attempts} times "
-                        f"(last: agent {job.lease_owner}); giving up."
+                        f"The job's worker stopped responding {job.attempts} times (last: agent {agent}); giving up."
                     )
                     finetuning.finish(
                         s, job, "failed", error={"code": "worker_lost", "message": message, "param": None}
                     )
                     finetuning.add_event(s, job, message, level="error")
                 else:
-                    job.status = "queued"
-                    finetuning.add_event(
-                        s, job, f"Agent {job.lease_owner} stopped heartbeating; job requeued", level="warn"
-                    )
+                    # One that was pausing waits for `resume`; either continues from its latest checkpoint.
+                    job.status = "paused" if job.pause_requested else "queued"
+                    outcome = "paused" if job.pause_requested else "requeued"
+                    finetuning.add_event(s, job, f"Agent {agent} stopped heartbeating; job {outcome}", level="warn")
                     job.lease_owner = None
                     job.lease_expires_at = None
         return recovered

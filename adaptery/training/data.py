@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jinja2 import TemplateError
 
-from adaptery.data.chat import record_errors
+# _message_errors: the one definition of a valid chat message, shared with the upload validator.
+from adaptery.data.chat import _message_errors, record_errors
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -39,13 +41,12 @@ class ChatDataset:
     dropped: list[int] = field(default_factory=list)  # line numbers left with nothing to train on
 
 
-def read_chat_records(path: Path) -> list[tuple[int, Messages]]:
-    """Validate every line of a chat JSONL file; return (line number, messages) per record."""
+def _jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed JSON) for each non-blank line; a DatasetError naming the line if one is not JSON."""
     try:
         content = Path(path).read_bytes()
     except OSError as exc:
         raise DatasetError(f"cannot read {Path(path).name}: {exc.strerror or exc}") from exc
-    records = []
     for number, raw in enumerate(content.split(b"\n"), start=1):
         if not raw.strip():
             continue
@@ -53,6 +54,13 @@ def read_chat_records(path: Path) -> list[tuple[int, Messages]]:
             record = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise DatasetError(f"line {number}: invalid JSON: {getattr(exc, 'msg', str(exc))}") from exc
+        yield number, record
+
+
+def read_chat_records(path: Path) -> list[tuple[int, Messages]]:
+    """Validate every line of a chat JSONL file; return (line number, messages) per record."""
+    records = []
+    for number, record in _jsonl(path):
         # The same rules as the upload-time validator, so a file accepted there trains here.
         problems = record_errors(number, record)
         if problems:
@@ -183,3 +191,96 @@ def load_chat_dataset(path: Path, tokenizer: PreTrainedTokenizerBase, *, max_seq
             f"or lies beyond max_seq_length={max_seq_length})"
         )
     return dataset
+
+
+# --- packing -----------------------------------------------------------------------------------------
+
+
+def pack_examples(examples: list[dict[str, list[int]]], max_seq_length: int) -> list[dict[str, list[int]]]:
+    """Pack examples into rows of at most `max_seq_length` tokens (best-fit decreasing, deterministic).
+
+    Each row carries `position_ids` that restart at 0 for every example; with no attention mask,
+    transformers turns them into a block-diagonal causal mask, so an example never attends to its
+    neighbours. The first label of every example is ignored: nothing before it in the row may
+    predict it (unpacked, the shift in the loss drops it anyway).
+    """
+    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i]["input_ids"]), i))
+    rows: list[list[int]] = []
+    free: list[int] = []  # room left in each row
+    for index in order:
+        length = len(examples[index]["input_ids"])
+        best = None
+        for row, room in enumerate(free):
+            if length <= room and (best is None or room < free[best]):
+                best = row
+                if room == length:
+                    break
+        if best is None:
+            rows.append([index])
+            free.append(max_seq_length - length)
+        else:
+            rows[best].append(index)
+            free[best] -= length
+    packed = []
+    for members in rows:
+        ids, labels, positions = [], [], []
+        for index in members:
+            example = examples[index]
+            ids += example["input_ids"]
+            labels += [IGNORE_INDEX, *example["labels"][1:]]
+            positions += list(range(len(example["input_ids"])))
+        packed.append({"input_ids": ids, "labels": labels, "position_ids": positions})
+    return packed
+
+
+# --- preference pairs (DPO) --------------------------------------------------------------------------
+
+
+def _preference_errors(line: int, record: object) -> list[str]:
+    if not isinstance(record, dict):
+        return [f"line {line}: each line must be a JSON object"]
+    problems = []
+    conversation = record.get("input")
+    messages = conversation.get("messages") if isinstance(conversation, dict) else None
+    if not isinstance(messages, list) or not messages:
+        problems.append(f"line {line}: input.messages: must be a non-empty list of messages")
+    else:
+        problems += [f"line {line}: input.{error.field}: {error.message}" for error in _messages_errors(line, messages)]
+    for key in ("preferred_output", "non_preferred_output"):
+        output = record.get(key)
+        if not isinstance(output, list) or not output:
+            problems.append(f"line {line}: {key}: must be a non-empty list of assistant messages")
+            continue
+        problems += [
+            f"line {line}: {key}{error.field.removeprefix('messages')}: {error.message}"
+            for error in _messages_errors(line, output)
+        ]
+        if not problems and any(message["role"] != "assistant" for message in output):
+            problems.append(f"line {line}: {key}: must hold only assistant messages")
+    return problems
+
+
+def _messages_errors(line: int, messages: list) -> list:
+    return [error for index, message in enumerate(messages) for error in _message_errors(line, index, message)]
+
+
+def read_preference_records(path: Path) -> list[dict[str, Messages]]:
+    """OpenAI's preference JSONL → TRL's conversational pairs: {"prompt", "chosen", "rejected"}."""
+    pairs = []
+    for number, record in _jsonl(path):
+        problems = _preference_errors(number, record)
+        if problems:
+            raise DatasetError(problems[0])
+        pairs.append(
+            {
+                "prompt": _template_messages(record["input"]["messages"]),
+                "chosen": _template_messages(record["preferred_output"]),
+                "rejected": _template_messages(record["non_preferred_output"]),
+            }
+        )
+    if not pairs:
+        raise DatasetError(
+            f"{Path(path).name}: no preference pairs (expected one JSON object per line with 'input', "
+            "'preferred_output' and 'non_preferred_output')"
+        )
+    return pairs

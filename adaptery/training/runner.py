@@ -1,11 +1,31 @@
 """Child-process entry point of a fine-tuning job: ``python -m adaptery.training.runner SPEC.json``.
 
-Protocol (what the agent that starts this process reads):
+SPEC.json is a `TrainingSpec` (adaptery/training/spec.py). Protocol (what the agent that starts
+this process reads):
+
 - stdout carries only events, one JSON object per line, flushed as they happen; everything else
-  (library logs, progress bars, tracebacks) goes to stderr;
-- ``{"type": "result", ...}`` and exit code 0 on success;
+  (library logs, progress bars, tracebacks) goes to stderr. Non-finite numbers are written as null.
+- ``{"type": "message", "message": str, "level": "info"|"warning"}``: progress for people.
+- ``{"type": "metrics", "step": int, "total_steps": int, "epoch": float, "train_loss": float,
+  "learning_rate": float, "grad_norm": float|null, "tokens_per_second": float}`` after every
+  optimisation step; a step that was evaluated also carries ``"eval_loss"`` (and the same value as
+  ``"valid_loss"``, OpenAI's name); DPO steps add ``"reward_accuracy"`` and ``"reward_margin"``.
+- ``{"type": "checkpoint", "step": int, "epoch": float, "path": str, "metrics": {"train_loss":
+  float|null, "eval_loss": float|null}}`` once the directory ``path`` (``<checkpoint_dir>/
+  checkpoint-<step>``) is complete and fsynced: a servable PEFT adapter (adapter_model.safetensors,
+  adapter_config.json, tokenizer and chat template) plus the state to resume from (optimizer.pt,
+  scheduler.pt, rng_state.pth — all loaded with ``torch.load(weights_only=True)`` — and
+  trainer_state.json). Written every ``checkpoint_every_steps`` steps and at the end of every epoch
+  (after that epoch's evaluation). The directory alone is enough to resume on another machine:
+  set ``resume_from`` to it in a new spec with the same files and hyperparameters. Checkpoints are
+  never deleted by the runner; the agent owns ``checkpoint_dir``.
+- ``{"type": "result", "output_dir", "steps", "train_loss", "trained_tokens", "seconds",
+  "eval_loss", "stopped_early", "useful_token_ratio", "peft_type", "rank"}`` and exit code 0 on
+  success; the adapter (safetensors) and tokenizer are in ``output_dir``.
 - ``{"type": "cancelled"}`` and exit code 3 when a file named CANCEL appears in the spec's output
-  directory or the process gets SIGTERM/SIGINT;
+  directory or the process gets SIGTERM/SIGINT (checked after every step; nothing is saved).
+- a file named PAUSE in the output directory: a checkpoint is saved and reported (``checkpoint``
+  event), then ``{"type": "paused", "step": int}`` and exit code 4.
 - ``{"type": "error", "message": ...}`` and exit code 1 on any failure.
 """
 
@@ -27,8 +47,9 @@ from pydantic import ValidationError
 from adaptery.settings import Settings
 from adaptery.training.spec import TrainingSpec
 
-EXIT_OK, EXIT_ERROR, EXIT_CANCELLED = 0, 1, 3
+EXIT_OK, EXIT_ERROR, EXIT_CANCELLED, EXIT_PAUSED = 0, 1, 3, 4
 CANCEL_FILE = "CANCEL"
+PAUSE_FILE = "PAUSE"
 
 
 def _claim_stdout() -> IO[str]:
@@ -127,16 +148,19 @@ def _run(spec_path: str, emit: Callable[[dict[str, Any]], None]) -> int:
     import torch
     from transformers.utils import logging as transformers_logging
 
-    from adaptery.training.trainer import TrainingCancelled, train
+    from adaptery.training.trainer import TrainingCancelled, TrainingPaused, train
 
     torch.set_num_threads(_thread_count())
     # Progress bars redraw with carriage returns, which only garble a captured stderr log.
     transformers_logging.disable_progress_bar()
     try:
-        result = train(spec, emit, should_stop)
+        result = train(spec, emit, should_stop, (spec.output_dir / PAUSE_FILE).exists)
     except TrainingCancelled:
         emit({"type": "cancelled"})
         return EXIT_CANCELLED
+    except TrainingPaused as paused:
+        emit({"type": "paused", "step": paused.step})
+        return EXIT_PAUSED
     emit({"type": "result", **asdict(result)})
     return EXIT_OK
 
@@ -149,6 +173,7 @@ def run(spec_path: str, emit: Callable[[dict[str, Any]], None]) -> int:
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # DPO tokenises with `datasets`
     try:
         return _run(spec_path, emit)
     except Exception as exc:  # every failure must reach the agent as an error event

@@ -7,11 +7,25 @@ paths and numbers, nothing tied to a database or an HTTP request.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# PEFT methods a job may ask for. rsLoRA and DoRA are LoRA variants (same weights, different
+# scaling / a magnitude vector); LoHa and LoKr are Hadamard / Kronecker products; IA3 learns
+# per-feature scales and has no rank.
+PeftMethod = Literal["lora", "rslora", "dora", "loha", "lokr", "ia3"]
+RANKED_METHODS: tuple[str, ...] = ("lora", "rslora", "dora", "loha", "lokr")
+LORA_FAMILY: tuple[str, ...] = ("lora", "rslora", "dora")
+Scheduler = Literal[
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt"
+]
+DEFAULT_CHECKPOINT_EVERY_STEPS = 100
 
 
 class LoraHyperparameters(BaseModel):
+    """Every knob of a run. The name predates the non-LoRA methods; `peft_method` picks the method."""
+
     # Unknown keys are refused so a typo ("learning_rat") fails loudly instead of being ignored.
     model_config = ConfigDict(extra="forbid")
 
@@ -26,12 +40,55 @@ class LoraHyperparameters(BaseModel):
     seed: int = 42
     warmup_ratio: float = Field(default=0.0, ge=0, lt=1)
 
+    peft_method: PeftMethod = "lora"
+    # LoftQ initialises LoRA against the 4-bit quantised base (so it implies `quantization="4bit"`).
+    lora_init: Literal["default", "loftq"] = "default"
+    quantization: Literal["none", "4bit"] = "none"  # "4bit": QLoRA (bitsandbytes NF4 base, CUDA only)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    lr_scheduler: Scheduler = "linear"
+    weight_decay: float = Field(default=0.0, ge=0)
+    # Pack several short examples into each row of max_seq_length tokens (each still attends only to itself).
+    packing: bool = False
+    # Hold out this fraction of the training examples for evaluation when there is no validation file.
+    validation_split: float = Field(default=0.0, ge=0, lt=0.5)
+    eval_every_steps: int | None = Field(default=None, ge=1)  # default: evaluate once per epoch
+    # Stop after this many evaluations without an eval-loss improvement; the best adapter is kept.
+    early_stopping_patience: int | None = Field(default=None, ge=1)
+    early_stopping_threshold: float = Field(default=0.0, ge=0)
+    beta: float = Field(default=0.1, gt=0)  # DPO: how far the policy may move from the reference
+
+    @property
+    def quantized(self) -> bool:
+        return self.quantization == "4bit" or self.lora_init == "loftq"
+
+
+TrainingHyperparameters = LoraHyperparameters
+
 
 class TrainingSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     base_model: str = Field(min_length=1, description="A local model directory or a Hugging Face hub id.")
+    method: Literal["supervised", "dpo"] = "supervised"
     training_file: Path
     validation_file: Path | None = None
     output_dir: Path
     hyperparameters: LoraHyperparameters
+    checkpoint_dir: Path | None = Field(
+        default=None, description="Where checkpoint-<step> directories are written; default: <output_dir>-checkpoints."
+    )
+    resume_from: Path | None = Field(
+        default=None, description="A checkpoint directory to continue from (same step, optimizer, schedule, RNG)."
+    )
+    checkpoint_every_steps: int = Field(default=DEFAULT_CHECKPOINT_EVERY_STEPS, ge=1)
+    init_adapter: Path | None = Field(
+        default=None, description="Start from this PEFT adapter's weights (fresh optimizer and schedule)."
+    )
+
+    @model_validator(mode="after")
+    def _default_checkpoint_dir(self) -> Self:
+        if self.resume_from is not None and self.init_adapter is not None:
+            raise ValueError("resume_from continues a run; init_adapter starts a new one: give one, not both")
+        if self.checkpoint_dir is None:
+            self.checkpoint_dir = self.output_dir.with_name(self.output_dir.name + "-checkpoints")
+        return self

@@ -6,22 +6,29 @@ import copy
 import json
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from peft import PeftModel
+from training_helpers import (
+    GOOD,
+    RUNNER,
+    demo_spec,
+    greedy_answer,
+    of_type,
+    run_runner,
+    trained_text,
+    write_jsonl,
+    write_spec,
+)
 
 from adaptery.engine.demo_model import FINETUNE_DEFAULTS
 from adaptery.engine.loading import load_causal_lm
 from adaptery.training.data import IGNORE_INDEX, DatasetError, load_chat_dataset, tokenize_conversation
 from adaptery.training.spec import LoraHyperparameters, TrainingSpec
 from adaptery.training.trainer import TrainingCancelled, train
-
-RUNNER = [sys.executable, "-m", "adaptery.training.runner"]
-GOOD = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -32,31 +39,6 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def write_jsonl(path: Path, lines: list[object]) -> Path:
-    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
-    return path
-
-
-def demo_spec(
-    model_dir: Path,
-    training_file: Path,
-    output_dir: Path,
-    validation_file: Path | None = None,
-    **overrides: object,
-) -> TrainingSpec:
-    return TrainingSpec(
-        base_model=str(model_dir),
-        training_file=training_file,
-        validation_file=validation_file,
-        output_dir=output_dir,
-        hyperparameters=LoraHyperparameters(**{**FINETUNE_DEFAULTS, **overrides}),
-    )
-
-
-def trained_text(tokenizer, example: dict[str, list[int]]) -> str:
-    return tokenizer.decode([label for label in example["labels"] if label != IGNORE_INDEX])
 
 
 # --- dataset ---------------------------------------------------------------------------------------
@@ -171,13 +153,6 @@ def demo_run(demo_model_dir: Path, sample_chat: Path, tmp_path_factory: pytest.T
     return result, events
 
 
-def greedy_answer(model, tokenizer, messages: list[dict]) -> str:
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
-    with torch.no_grad():
-        output = model.generate(**prompt, max_new_tokens=40, do_sample=False)
-    return tokenizer.decode(output[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
-
-
 def test_demo_fine_tune_reports_progress(demo_run) -> None:
     result, events = demo_run
     assert result.steps == 40  # 6 records, batch 4 -> 2 steps per epoch, 20 epochs
@@ -249,9 +224,12 @@ def test_runs_are_reproducible_and_evaluate_the_validation_file(
     assert adapters[0] == adapters[1]
     losses = [[e["train_loss"] for e in events if e["type"] == "metrics"] for events in runs]
     assert losses[0] == losses[1] and len(losses[0]) == 4
-    evals = [event for event in runs[0] if event["type"] == "eval"]
+    # Evaluated steps (each epoch's last) carry the eval loss in their metrics event.
+    evals = [event for event in of_type(runs[0], "metrics") if "eval_loss" in event]
     assert [(event["step"], event["epoch"]) for event in evals] == [(2, 1.0), (4, 2.0)]
-    assert evals[-1]["valid_loss"] > 0
+    assert evals[-1]["eval_loss"] > 0 and evals[-1]["valid_loss"] == evals[-1]["eval_loss"]
+    checkpoints = of_type(runs[0], "checkpoint")
+    assert [(c["step"], c["metrics"]["eval_loss"]) for c in checkpoints] == [(e["step"], e["eval_loss"]) for e in evals]
     warnings = [event["message"] for event in runs[0] if event.get("level") == "warning"]
     assert warnings == ["1 example(s) have nothing to train on, skipped (lines 7)"]
 
@@ -266,26 +244,28 @@ def test_validation_file_errors_name_the_file(demo_model_dir: Path, sample_chat:
 # --- the runner child process ----------------------------------------------------------------------
 
 
-def write_spec(tmp_path: Path, spec: TrainingSpec) -> Path:
-    path = tmp_path / "spec.json"
-    path.write_text(spec.model_dump_json())
-    return path
-
-
-def run_runner(spec_path: Path) -> tuple[int, list[dict]]:
-    done = subprocess.run([*RUNNER, str(spec_path)], capture_output=True, text=True, timeout=120)
-    events = [json.loads(line) for line in done.stdout.splitlines()]  # every stdout line is JSON
-    return done.returncode, events
-
-
 def test_runner_streams_events_and_result(demo_model_dir: Path, sample_chat: Path, tmp_path: Path) -> None:
     spec = demo_spec(demo_model_dir, sample_chat, tmp_path / "out", n_epochs=2)
     code, events = run_runner(write_spec(tmp_path, spec))
     assert code == 0, events
-    assert [event["type"] for event in events] == ["message"] + ["metrics"] * 4 + ["message", "result"]
+    epoch = ["metrics", "metrics", "checkpoint"]  # 2 steps per epoch, a checkpoint at its end
+    assert [event["type"] for event in events] == ["message", *epoch, *epoch, "message", "result"]
     result = events[-1]
     assert result["steps"] == 4 and result["output_dir"] == str(tmp_path / "out")
-    assert set(result) == {"type", "output_dir", "steps", "train_loss", "trained_tokens", "seconds"}
+    assert set(result) == {
+        "type",
+        "output_dir",
+        "steps",
+        "train_loss",
+        "trained_tokens",
+        "seconds",
+        "eval_loss",
+        "stopped_early",
+        "useful_token_ratio",
+        "peft_type",
+        "rank",
+    }
+    assert (result["peft_type"], result["rank"], result["eval_loss"]) == ("LORA", 16, None)
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
 
 

@@ -1,0 +1,160 @@
+"""The agent's only line to the platform: a NATS connection it dials out, with blocking calls for the loop.
+
+nats-py is asyncio; the agent loop and its training supervision are plain threads. The connection
+lives in its own event loop thread, and each call here waits for its reply. nats-py reconnects by
+itself; a call made while the server is away fails with `LinkDown`, which the loop treats as "try later".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import nats
+from nats.errors import Error as NatsError
+
+from adaptery.messaging import protocol
+from adaptery.messaging.protocol import RemoteError
+
+
+class LinkDown(ConnectionError):
+    """The control plane could not be reached (it may be restarting)."""
+
+
+class AgentLink:
+    def __init__(self, url: str, agent_id: str, secret: str, *, request_seconds: float = protocol.REQUEST_SECONDS):
+        self.url = url
+        self.agent_id = agent_id
+        self.secret = secret
+        self.request_seconds = request_seconds
+        self.nudged = threading.Event()  # set when the control plane says a job was cancelled or paused
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="adaptery-agent-link", daemon=True)
+        self._nc: nats.NATS | None = None
+
+    def connect(self, timeout: float = 30.0) -> None:
+        """Connect (refused at once for wrong credentials: nats-py raises its authorization error)."""
+        self._thread.start()
+        try:
+            self._run(self._connect(), timeout)
+        except Exception:
+            self.close()
+            raise
+
+    async def _connect(self) -> None:
+        async def quiet(_exc: Exception) -> None:  # nats-py logs every failed reconnect otherwise
+            return None
+
+        self._nc = await nats.connect(
+            self.url,
+            user=self.agent_id,
+            password=self.secret,
+            name=self.agent_id,
+            inbox_prefix=protocol.inbox_prefix(self.agent_id),
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            connect_timeout=5,
+            error_cb=quiet,
+        )
+
+        async def on_notify(_msg) -> None:  # noqa: ANN001 - a nats Msg
+            self.nudged.set()
+
+        await self._nc.subscribe(protocol.notify_subject(self.agent_id), cb=on_notify)
+
+    def _run(self, coroutine: Any, timeout: float) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=timeout + 5)
+
+    def close(self) -> None:
+        if self._nc is not None and not self._nc.is_closed:
+            with contextlib.suppress(Exception):  # closing a connection that is already gone
+                self._run(self._nc.close(), 5)
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+
+    # --- requests ---------------------------------------------------------------------------------
+
+    def _request(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> Any:
+        if self._nc is None or not self._nc.is_connected:
+            raise LinkDown(f"not connected to {self.url}")
+
+        async def ask():  # noqa: ANN202
+            return await self._nc.request(subject, data, timeout=self.request_seconds, headers=headers)
+
+        try:
+            reply = self._run(ask(), self.request_seconds)
+        except (NatsError, TimeoutError) as exc:
+            raise LinkDown(f"no answer from the control plane ({type(exc).__name__})") from exc
+        error = (reply.headers or {}).get(protocol.ERROR_HEADER)
+        if error:
+            raise RemoteError(error)
+        return reply
+
+    def call(self, subject: str, body: dict[str, Any]) -> dict[str, Any]:
+        return protocol.decode(self._request(subject, protocol.encode(body)).data)
+
+    def lease(self) -> dict[str, Any] | None:
+        return self.call(protocol.agent_subject(self.agent_id, "lease"), {}).get("assignment")
+
+    def job_call(self, job_id: str, verb: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self.call(protocol.job_subject(self.agent_id, job_id, verb), body)
+
+    def download(self, job_id: str, sha256: str, size: int, target: Path) -> Path:
+        """Fetch a blob in chunks to `target` (kept if already there with the right hash)."""
+        if target.is_file() and target.stat().st_size == size and _sha256(target) == sha256:
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".part")
+        digest = hashlib.sha256()
+        subject = protocol.job_subject(self.agent_id, job_id, "download")
+        with partial.open("wb") as handle:
+            offset = 0
+            while offset < size:
+                chunk = self._request(subject, protocol.encode({"sha256": sha256, "offset": offset})).data
+                if not chunk:
+                    break
+                handle.write(chunk)
+                digest.update(chunk)
+                offset += len(chunk)
+        if offset != size or digest.hexdigest() != sha256:
+            partial.unlink(missing_ok=True)
+            raise RemoteError(f"blob {sha256} arrived incomplete or damaged")
+        partial.replace(target)
+        return target
+
+    def upload(self, job_id: str, path: Path) -> str:
+        """Send a file in chunks; the control plane stores it as a blob. Returns its sha256."""
+        sha = _sha256(path)
+        upload_id = uuid.uuid4().hex
+        subject = protocol.job_subject(self.agent_id, job_id, "upload")
+        size = path.stat().st_size
+        with path.open("rb") as source:
+            offset = 0
+            while True:
+                chunk = source.read(protocol.CHUNK_BYTES)
+                last = offset + len(chunk) >= size
+                headers = {protocol.UPLOAD_HEADER: upload_id, protocol.OFFSET_HEADER: str(offset)}
+                if last:
+                    headers[protocol.SHA256_HEADER] = sha
+                self._request(subject, chunk, headers)
+                offset += len(chunk)
+                if last:
+                    return sha
+
+    def upload_dir(self, job_id: str, directory: Path) -> dict[str, str]:
+        return {path.name: self.upload(job_id, path) for path in sorted(directory.iterdir()) if path.is_file()}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as source:
+        for block in iter(lambda: source.read(1024 * 1024), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,240 @@
+"""The control plane's side of the agent protocol: answers agents' requests on NATS, writes to the database.
+
+It runs its own asyncio loop in a thread; each request is handled in a worker thread (the queue's
+database calls are blocking), so a slow request never holds up the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import nats
+from nats.aio.msg import Msg
+
+from adaptery.messaging import protocol
+from adaptery.services.queue import JobQueue
+from adaptery.storage.blobs import BlobStore
+
+log = logging.getLogger("adaptery.control")
+_UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class RequestRefused(Exception):
+    pass
+
+
+class ControlPlane:
+    def __init__(
+        self,
+        job_queue: JobQueue,
+        blobs: BlobStore,
+        staging_dir: Path,
+        *,
+        url: str,
+        user: str | None,
+        password: str | None,
+        max_upload_bytes: int,
+        agent_scope: dict[str, str | None] | None = None,
+    ) -> None:
+        self.queue = job_queue
+        self.blobs = blobs
+        self.staging_dir = staging_dir
+        self.url = url
+        self.user = user
+        self.password = password
+        self.max_upload_bytes = max_upload_bytes
+        self.agent_scope = agent_scope if agent_scope is not None else {}  # agent id -> tenant it may serve
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="adaptery-control", daemon=True)
+        self._workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="adaptery-control")
+        self._nc: nats.NATS | None = None
+
+    def start(self) -> None:
+        self.staging_dir.mkdir(parents=True, exist_ok=True)
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._connect(), self._loop).result(timeout=30)
+
+    async def _connect(self) -> None:
+        self._nc = await nats.connect(
+            self.url,
+            user=self.user,
+            password=self.password,
+            name="adaptery-control",
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+        )
+        await self._nc.subscribe(protocol.CONTROL_SUBSCRIPTION, queue=protocol.CONTROL_QUEUE_GROUP, cb=self._on_request)
+
+    def notify(self, agent_id: str, job_id: str, action: str) -> None:
+        """Tell an agent at once that its job was cancelled or paused (best effort: heartbeats say it too)."""
+        if self._nc is None:
+            return
+        body = protocol.encode({"job_id": job_id, "action": action})
+        asyncio.run_coroutine_threadsafe(self._nc.publish(protocol.notify_subject(agent_id), body), self._loop)
+
+    def stop(self) -> None:
+        if self._nc is not None:
+            try:
+                asyncio.run_coroutine_threadsafe(self._nc.drain(), self._loop).result(timeout=10)
+            except Exception:  # noqa: BLE001 - the server may already be gone
+                log.debug("draining the control connection failed", exc_info=True)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._workers.shutdown(wait=False, cancel_futures=True)
+
+    async def _on_request(self, msg: Msg) -> None:
+        if not msg.reply:
+            return
+        try:
+            data, headers = await self._loop.run_in_executor(self._workers, self._handle, msg)
+        except RequestRefused as exc:
+            data, headers = protocol.encode({"error": str(exc)}), {protocol.ERROR_HEADER: str(exc)}
+        except Exception as exc:  # noqa: BLE001 - the agent gets the cause, the control plane carries on
+            log.exception("agent request %s failed", msg.subject)
+            message = f"control plane error: {exc}"
+            data, headers = protocol.encode({"error": message}), {protocol.ERROR_HEADER: message}
+        await self._nc.publish(msg.reply, data, headers=headers)
+
+    # --- handlers (in a worker thread) ------------------------------------------------------------
+
+    def _handle(self, msg: Msg) -> tuple[bytes, dict[str, str] | None]:
+        try:
+            agent_id, job_id, verb = protocol.parse_subject(msg.subject)
+        except ValueError as exc:
+            raise RequestRefused(str(exc)) from exc
+        if verb == "upload":
+            return protocol.encode(self._upload(agent_id, job_id, msg)), None
+        if verb == "download":
+            return self._download(agent_id, job_id, protocol.decode(msg.data)), None
+        body = protocol.decode(msg.data)
+        if verb == "lease":
+            return protocol.encode(self._lease(agent_id)), None
+        if job_id is None:
+            raise RequestRefused(f"unknown request '{verb}'")
+        handler = {
+            "heartbeat": self._heartbeat,
+            "events": self._events,
+            "checkpoint": self._checkpoint,
+            "finish": self._finish,
+        }.get(verb)
+        if handler is None:
+            raise RequestRefused(f"unknown request '{verb}'")
+        return protocol.encode(handler(agent_id, job_id, body)), None
+
+    def _lease(self, agent_id: str) -> dict[str, Any]:
+        self.queue.seen(agent_id, idle=True)
+        assignment = self.queue.lease(agent_id, tenant_scope=self.agent_scope.get(agent_id))
+        return {"assignment": assignment.to_json() if assignment else None}
+
+    def _heartbeat(self, agent_id: str, job_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        return {"verdict": self.queue.heartbeat(job_id, agent_id)}
+
+    def _events(self, agent_id: str, job_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        events = body.get("events")
+        if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
+            raise RequestRefused("events must be a list of objects")
+        self.queue.report(job_id, agent_id, events)
+        return {}
+
+    def _checkpoint(self, agent_id: str, job_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        files = self._manifest(self._tenant(job_id), body.get("files"))
+        try:
+            checkpoint_id = self.queue.record_checkpoint(
+                job_id,
+                agent_id,
+                step=int(body["step"]),
+                epoch=float(body["epoch"]) if body.get("epoch") is not None else None,
+                metrics=dict(body.get("metrics") or {}),
+                manifest=files,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RequestRefused(f"invalid checkpoint: {exc}") from exc
+        return {"checkpoint": checkpoint_id}
+
+    def _finish(self, agent_id: str, job_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        state = body.get("state")
+        message = str(body.get("message") or "")
+        if state == "succeeded":
+            tenant_id = self._tenant(job_id)
+            files = self._manifest(tenant_id, body.get("files"))
+            with tempfile.TemporaryDirectory(dir=self.staging_dir) as tmp:
+                adapter_dir = Path(tmp)
+                for name, sha in files.items():
+                    self.blobs.copy_to(tenant_id, sha, adapter_dir / name)
+                return {"model": self.queue.succeed(job_id, agent_id, adapter_dir, dict(body.get("result") or {}))}
+        if state == "failed":
+            self.queue.fail(job_id, agent_id, message or "training failed")
+        elif state == "paused":
+            self.queue.paused(job_id, agent_id)
+        elif state == "released":
+            self.queue.release(job_id, agent_id, message or "the agent is shutting down")
+        elif state != "cancelled":
+            raise RequestRefused(f"unknown final state {state!r}")
+        return {}
+
+    def _tenant(self, job_id: str | None) -> str:
+        tenant_id = self.queue.tenant_of(job_id) if job_id else None
+        if tenant_id is None:
+            raise RequestRefused(f"no job {job_id}")
+        return tenant_id
+
+    def _manifest(self, tenant_id: str, files: object) -> dict[str, str]:
+        if not isinstance(files, dict) or not files:
+            raise RequestRefused("files must map file names to uploaded sha256 hashes")
+        for name, sha in files.items():
+            if not isinstance(name, str) or "/" in name or name.startswith(".") or not isinstance(sha, str):
+                raise RequestRefused(f"invalid file name {name!r}")
+            if not _SHA256.match(sha) or not self.blobs.exists(tenant_id, sha):
+                raise RequestRefused(f"{name} was not uploaded (no blob {sha})")
+        return dict(files)
+
+    def _download(self, agent_id: str, job_id: str | None, body: dict[str, Any]) -> bytes:
+        sha = body.get("sha256")
+        offset = body.get("offset", 0)
+        if job_id is None or not isinstance(sha, str) or not isinstance(offset, int) or offset < 0:
+            raise RequestRefused("a download names a job, a sha256 and an offset")
+        if sha not in self.queue.job_blobs(job_id, agent_id):
+            raise RequestRefused(f"blob {sha} is not part of job {job_id}, or the job is not leased to you")
+        with self.blobs.open(self._tenant(job_id), sha, offset=offset) as source:
+            return source.read(protocol.CHUNK_BYTES)
+
+    def _upload(self, agent_id: str, job_id: str | None, msg: Msg) -> dict[str, Any]:
+        headers = msg.headers or {}
+        upload_id = headers.get(protocol.UPLOAD_HEADER, "")
+        try:
+            offset = int(headers.get(protocol.OFFSET_HEADER, "-1"))
+        except ValueError:
+            offset = -1
+        if job_id is None or not _UPLOAD_ID.match(upload_id) or offset < 0:
+            raise RequestRefused("an upload chunk carries its upload id and offset")
+        if offset == 0 and not self.queue.holds(job_id, agent_id):
+            raise RequestRefused(f"job {job_id} is not leased to you")
+        staged = self.staging_dir / f"{agent_id}-{upload_id}.part"
+        size = staged.stat().st_size if staged.exists() else 0
+        if offset not in (0, size):
+            raise RequestRefused(f"upload {upload_id}: expected offset {size}, got {offset}")
+        if offset + len(msg.data) > self.max_upload_bytes:
+            staged.unlink(missing_ok=True)
+            raise RequestRefused(f"upload larger than the limit of {self.max_upload_bytes} bytes")
+        with staged.open("r+b" if offset else "wb") as handle:
+            handle.seek(offset)
+            handle.write(msg.data)
+            handle.truncate()
+        expected = headers.get(protocol.SHA256_HEADER)
+        if not expected:
+            return {}
+        try:
+            stored = self.blobs.put_path(self._tenant(job_id), staged)
+        finally:
+            staged.unlink(missing_ok=True)
+        if stored.sha256 != expected:
+            raise RequestRefused(f"upload {upload_id} arrived damaged (sha256 {stored.sha256}, expected {expected})")
+        return {"sha256": stored.sha256}

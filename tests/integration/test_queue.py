@@ -1,0 +1,227 @@
+"""The queue's fairness, priorities and checkpoints, and its NATS face: what an agent may and may not do."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import nats
+import pytest
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+
+from adaptery.db import models as m
+from adaptery.db.session import Database
+from adaptery.messaging import credentials, protocol
+from adaptery.services.queue import JobQueue
+from tests.conftest import SAMPLE_CHAT
+from tests.integration.test_tenancy_and_queue import add_file, make_blobs, make_tenant, queued_job
+
+
+@pytest.fixture
+def db(database_url):
+    database = Database(database_url)
+    database.migrate()
+    yield database
+    database.dispose()
+
+
+@pytest.fixture
+def two_tenants(db, tmp_path):
+    with db.system() as s:
+        s.add(m.BaseModel(id="base", ref="/nowhere", display_name="b", finetune_defaults={}))
+    a, b = make_tenant(db, "a"), make_tenant(db, "b")
+    return a, add_file(db, a), b, add_file(db, b), make_blobs(db, tmp_path)
+
+
+def tenant_of(db, job_id: str) -> str:
+    with db.system() as s:
+        return s.get(m.FineTuningJob, job_id).tenant_id
+
+
+def test_tenants_take_turns_and_none_runs_more_than_its_quota(db, two_tenants):
+    a, file_a, b, file_b, blobs = two_tenants
+    for _ in range(4):
+        queued_job(db, a, file_a)  # tenant a queues first and more
+    queued_job(db, b, file_b)
+    queue = JobQueue(db, blobs, lease_seconds=60, max_attempts=2, tenant_concurrency=2)
+    order = [tenant_of(db, queue.lease(f"agent-{i}").job_id) for i in range(3)]
+    assert order.count(b) == 1 and order[:2] in ([a, b], [b, a])  # b is not starved behind a's backlog
+    assert order[2] == a
+    assert queue.lease("agent-9") is None  # a runs 2 = its quota; b has nothing queued
+    with db.system() as s:
+        running = s.query(m.FineTuningJob).filter_by(tenant_id=a, status="running").first()
+        job_id, owner = running.id, running.lease_owner
+    queue.fail(job_id, owner, "done")
+    assert tenant_of(db, queue.lease("agent-10").job_id) == a  # a slot freed: a's next job runs
+
+
+def test_higher_priority_goes_first_within_a_tenant(db, two_tenants):
+    a, file_a, _, _, blobs = two_tenants
+    old = queued_job(db, a, file_a)
+    urgent = queued_job(db, a, file_a)
+    with db.system() as s:
+        s.get(m.FineTuningJob, urgent).priority = 5
+    queue = JobQueue(db, blobs, lease_seconds=60, max_attempts=2)
+    assert [queue.lease("x").job_id, queue.lease("y").job_id] == [urgent, old]
+
+
+def test_an_agent_scoped_to_a_tenant_takes_only_its_jobs(db, two_tenants):
+    a, file_a, b, _, blobs = two_tenants
+    queued_job(db, a, file_a)
+    queue = JobQueue(db, blobs, lease_seconds=60, max_attempts=2)
+    assert queue.lease("scoped", tenant_scope=b) is None
+    assert queue.lease("any").tenant_id == a
+
+
+def test_a_new_resumable_checkpoint_keeps_only_the_adapter_of_older_ones(db, two_tenants):
+    a, file_a, _, _, blobs = two_tenants
+    job_id = queued_job(db, a, file_a)
+    queue = JobQueue(db, blobs, lease_seconds=60, max_attempts=2)
+    queue.lease("agent")
+
+    def checkpoint(step: int) -> dict[str, str]:
+        files = {
+            "adapter_model.safetensors": f"weights {step}".encode(),
+            "adapter_config.json": b"{}",
+            "trainer_state.json": f'{{"global_step": {step}}}'.encode(),
+            "optimizer.pt": f"optimizer {step}".encode(),
+        }
+        return {name: blobs.put_stream(a, [data]).sha256 for name, data in files.items()}
+
+    first = checkpoint(2)
+    queue.record_checkpoint(job_id, "agent", step=2, epoch=1.0, metrics={"train_loss": 1.5}, manifest=first)
+    second = checkpoint(4)
+    queue.record_checkpoint(job_id, "agent", step=4, epoch=2.0, metrics={"train_loss": 0.5}, manifest=second)
+    with db.system() as s:
+        rows = {c.step: c for c in s.query(m.JobCheckpoint).filter_by(job_id=job_id)}
+        assert set(rows[2].manifest) == {"adapter_model.safetensors", "adapter_config.json"}
+        assert not rows[2].resumable and rows[4].resumable and rows[4].metrics["train_loss"] == 0.5
+        assert rows[4].model_name.endswith(":ckpt-step-4")
+    assert not blobs.exists(a, first["optimizer.pt"]) and blobs.exists(a, first["adapter_model.safetensors"])
+    assert blobs.exists(a, second["optimizer.pt"])
+    # A requeued job is sent the latest checkpoint to resume from.
+    with db.system() as s:
+        job = s.get(m.FineTuningJob, job_id)
+        job.status, job.lease_owner = "queued", None
+    assignment = queue.lease("another")
+    assert (
+        assignment.checkpoint.step == 4 and assignment.checkpoint.files["optimizer.pt"].sha256 == second["optimizer.pt"]
+    )
+    with pytest.raises(ValueError, match="incomplete"):
+        queue.record_checkpoint(job_id, "another", step=6, epoch=3.0, metrics={}, manifest={"optimizer.pt": "0" * 64})
+
+
+# --- over NATS, against a running platform ------------------------------------------------------------
+
+
+@pytest.fixture
+def settings_overrides() -> dict[str, object]:
+    return {"embedded_agent": False}
+
+
+def enroll(running, name: str) -> credentials.AgentCredentials:
+    with running.platform.db.system() as s:
+        created = credentials.create_agent(s, name)
+    running.platform.sync_agents()
+    return created
+
+
+async def connect(running, creds: credentials.AgentCredentials) -> nats.NATS:
+    return await nats.connect(
+        running.platform.nats.url,
+        user=creds.agent_id,
+        password=creds.secret,
+        inbox_prefix=protocol.inbox_prefix(creds.agent_id),
+        allow_reconnect=False,
+        max_reconnect_attempts=0,
+    )
+
+
+def test_an_agent_may_act_only_as_itself_and_only_on_jobs_it_holds(running):
+    first, second = enroll(running, "first"), enroll(running, "second")
+    headers = running.auth()
+    file = running.client.post(
+        "/v1/files", headers=headers, files={"file": SAMPLE_CHAT.open("rb")}, data={"purpose": "fine-tune"}
+    ).json()
+    job = running.client.post(
+        "/v1/fine_tuning/jobs", headers=headers, json={"model": "adaptery-demo", "training_file": file["id"]}
+    ).json()
+    deadline = time.monotonic() + 30
+    while running.client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=headers).json()["status"] != "queued":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+    async def scenario() -> None:
+        nc = await connect(running, first)
+        try:
+            # Publishing under another agent's subjects is refused by the NATS server: nobody answers.
+            with pytest.raises((NoRespondersError, NatsTimeout)):
+                await nc.request(protocol.agent_subject(second.agent_id, "lease"), b"{}", timeout=1)
+            reply = json.loads(
+                (await nc.request(protocol.agent_subject(first.agent_id, "lease"), b"{}", timeout=10)).data
+            )
+            leased = protocol.Assignment.from_json(reply["assignment"])
+            assert leased.job_id == job["id"] and leased.checkpoint is None
+            blob = leased.training_file
+            chunk = await nc.request(
+                protocol.job_subject(first.agent_id, job["id"], "download"),
+                protocol.encode({"sha256": blob.sha256, "offset": 0}),
+                timeout=10,
+            )
+            assert chunk.data == SAMPLE_CHAT.read_bytes()[: protocol.CHUNK_BYTES]
+            # A blob outside the job, even one that exists, is refused.
+            other = await nc.request(
+                protocol.job_subject(first.agent_id, job["id"], "download"),
+                protocol.encode({"sha256": "a" * 64, "offset": 0}),
+                timeout=10,
+            )
+            assert protocol.ERROR_HEADER in (other.headers or {})
+            beat = await nc.request(protocol.job_subject(first.agent_id, job["id"], "heartbeat"), b"{}", timeout=10)
+            assert json.loads(beat.data) == {"verdict": "continue"}
+        finally:
+            await nc.close()
+        nc = await connect(running, second)
+        try:
+            # The other agent does not hold the job: no uploads, no heartbeat, no finishing it.
+            upload = await nc.request(
+                protocol.job_subject(second.agent_id, job["id"], "upload"),
+                b"bytes",
+                headers={protocol.UPLOAD_HEADER: "0" * 32, protocol.OFFSET_HEADER: "0"},
+                timeout=10,
+            )
+            assert "not leased to you" in upload.headers[protocol.ERROR_HEADER]
+            beat = await nc.request(protocol.job_subject(second.agent_id, job["id"], "heartbeat"), b"{}", timeout=10)
+            assert json.loads(beat.data) == {"verdict": "lost"}
+            await nc.request(
+                protocol.job_subject(second.agent_id, job["id"], "finish"),
+                protocol.encode({"state": "failed", "message": "not mine"}),
+                timeout=10,
+            )
+        finally:
+            await nc.close()
+
+    asyncio.run(scenario())
+    assert running.client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=headers).json()["status"] == "running"
+    agents = running.client.get("/api/admin/agents", headers=headers).json()["data"]
+    assert {a["name"]: a["current_job"] for a in agents}["first"] == job["id"]
+
+
+def test_revoked_or_wrong_credentials_are_refused_by_the_nats_server(running):
+    agent = enroll(running, "soon-revoked")
+    wrong = credentials.AgentCredentials(agent.agent_id, agent.name, "not-the-secret")
+
+    async def attempt(creds: credentials.AgentCredentials) -> None:
+        nc = await connect(running, creds)
+        await nc.close()
+
+    with pytest.raises(Exception, match="[Aa]uthorization"):
+        asyncio.run(attempt(wrong))
+    asyncio.run(attempt(agent))
+    with running.platform.db.system() as s:
+        credentials.revoke_agent(s, "soon-revoked")
+    running.platform.sync_agents()
+    time.sleep(0.3)  # the server reloads its configuration on SIGHUP
+    with pytest.raises(Exception, match="[Aa]uthorization"):
+        asyncio.run(attempt(agent))
