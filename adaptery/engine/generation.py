@@ -1,27 +1,61 @@
-"""The foundation's inference path: one copy of each base model, adapters attached through PEFT.
+"""The inference engine's front: one object the platform talks to, whatever path serves a model.
 
-Requests on the same base run one at a time under that base's lock, switching the active adapter
-per request. The multi-adapter batching engine replaces this path; its interface stays.
+- **native**: Llama-family models on the CPU run in `batching.BatchEngine` (continuous batching,
+  paged KV cache, heterogeneous multi-LoRA batches; LoRA, rsLoRA and DoRA adapters natively).
+- **transformers**: other architectures, non-CPU devices, and adapters the native path does not
+  implement (LoHa, LoKr, IA3, exotic LoRA options) run through transformers + PEFT, one request at
+  a time per base (`fallback.TransformersBase`).
+
+`generate` streams text deltas for every path alike; `describe()` says which path each base and
+adapter uses.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
+import queue
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from peft import PeftModel
-from transformers import DynamicCache
+from transformers import PreTrainedTokenizerBase
 
+from adaptery.engine.batching import BatchEngine, Event
+from adaptery.engine.fallback import TransformersBase
 from adaptery.engine.loading import load_causal_lm
-from adaptery.engine.sampling import SamplingParams, next_token, releasable
+from adaptery.engine.lora import AdapterInfo, AdapterRejected, inspect_adapter
+from adaptery.engine.metrics import EngineMetrics
+from adaptery.engine.native import MODULE_SITE, NativeLlama, native_support
+from adaptery.engine.sampling import SamplingParams, TokenLogprob, releasable
 
 log = logging.getLogger("adaptery.engine")
+__all__ = ["AdapterRejected", "AdapterSpec", "Delta", "InferenceEngine", "PromptTooLong", "Usage"]
+MiB = 1024 * 1024
+
+
+@functools.lru_cache(maxsize=1024)
+def adapter_chat_template(adapter_dir: Path) -> str | None:
+    """The chat template saved beside an adapter: `chat_template.jinja`, else `tokenizer_config.json`'s
+    `chat_template` (a string, or the "default" entry of a list of named templates); None when absent."""
+    jinja = adapter_dir / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    config = adapter_dir / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    try:
+        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    if isinstance(template, list):
+        named = {item.get("name"): item.get("template") for item in template if isinstance(item, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) and template.strip() else None
 
 
 class PromptTooLong(ValueError):
@@ -32,6 +66,8 @@ class PromptTooLong(ValueError):
 class Delta:
     text: str
     finish_reason: str | None = None
+    # OpenAI chat-format logprob entries of the tokens behind this delta (when logprobs were asked for)
+    logprobs: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -46,75 +82,138 @@ class AdapterSpec:
     path: Path
 
 
-class _LoadedBase:
-    def __init__(self, ref: str, device: str, dtype: torch.dtype, max_adapters: int) -> None:
-        self.model, self.tokenizer = load_causal_lm(ref, dtype=dtype, device=device)
-        self.peft: PeftModel | None = None
-        self.adapters: OrderedDict[str, None] = OrderedDict()
-        self.max_adapters = max_adapters
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "float32":
+        return torch.float32
+    if dtype == "bfloat16":
+        return torch.bfloat16
+    if device != "cpu":
+        return torch.bfloat16
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+
+
+class _Base:
+    def __init__(self, engine: InferenceEngine, base_id: str, ref: str) -> None:
+        self.ref = ref
         self.lock = threading.Lock()
-        self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        model, self.tokenizer = load_causal_lm(ref, dtype=torch.float32, device="cpu")
+        self.context = int(getattr(model.config, "max_position_embeddings", 2048))
         eos = {self.tokenizer.eos_token_id}
-        generation_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos.update(generation_eos if isinstance(generation_eos, list) else [generation_eos])
         self.eos_ids = {e for e in eos if e is not None}
+        self.dtype = engine.dtype
+        reason = native_support(model.config) if engine.device == "cpu" else f"device {engine.device}"
+        self.path_reason = reason
+        self.native: BatchEngine | None = None
+        self._fallback: TransformersBase | None = None
+        if reason is None:
+            self.path = "native"
+            self.native = BatchEngine(
+                base_id,
+                NativeLlama(model, engine.dtype, self.context, quantize=engine.quantize),
+                self.eos_ids,
+                max_rank=engine.max_lora_rank,
+                kv_cache_bytes=engine.kv_cache_bytes,
+                adapter_cache_bytes=engine.adapter_cache_bytes,
+                max_batch=engine.max_batch,
+                max_step_tokens=engine.max_step_tokens,
+                metrics=engine.metrics,
+            )
+            del model
+        else:
+            self.path = "transformers"
+            model.to(dtype=engine.dtype if engine.device != "cpu" else torch.float32, device=engine.device)
+            self._fallback = TransformersBase(model)
+        log.info("base model %s serves on the %s path (%s)", base_id, self.path, reason or "Llama family")
 
-    @contextmanager
-    def activated(self, adapter: AdapterSpec | None) -> Iterator[torch.nn.Module]:
-        """The module to run for this request, with only its adapter active (lock held)."""
-        if adapter is None:
-            if self.peft is None:
-                yield self.model
-            else:
-                with self.peft.disable_adapter():  # LoRA layers are injected into the base in place
-                    yield self.peft
-            return
-        name = "a" + adapter.key[:24]
-        if self.peft is None:
-            self.peft = PeftModel.from_pretrained(self.model, str(adapter.path), adapter_name=name)
-            self.peft.eval()
-        elif name not in self.adapters:
-            self.peft.load_adapter(str(adapter.path), adapter_name=name)
-        self.adapters[name] = None
-        self.adapters.move_to_end(name)
-        while len(self.adapters) > self.max_adapters:
-            evicted, _ = self.adapters.popitem(last=False)
-            self.peft.delete_adapter(evicted)
-        self.peft.set_adapter(name)
-        yield self.peft
+    def fallback(self) -> TransformersBase:
+        with self.lock:
+            if self._fallback is None:  # a native base asked for a PEFT-only adapter: a transformers copy
+                model, _ = load_causal_lm(self.ref, dtype=torch.float32, device="cpu")
+                self._fallback = TransformersBase(model)
+            return self._fallback
 
 
 class InferenceEngine:
-    def __init__(self, device: str = "auto", max_adapters_per_base: int = 16) -> None:
+    def __init__(
+        self,
+        device: str = "auto",
+        *,
+        max_lora_rank: int = 64,
+        dtype: str = "auto",
+        kv_cache_mb: int = 512,
+        adapter_cache_mb: int = 1024,
+        max_batch: int = 32,
+        max_step_tokens: int = 256,
+        quantize: str | None = None,
+    ) -> None:
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        self.dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
-        self.max_adapters = max_adapters_per_base
-        self._bases: dict[str, _LoadedBase] = {}
+        self.quantize = quantize  # "int8": the native path's base weights through torchao (bench/quant.py)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.max_lora_rank = max_lora_rank
+        self.kv_cache_bytes = kv_cache_mb * MiB
+        self.adapter_cache_bytes = adapter_cache_mb * MiB
+        self.max_batch = max_batch
+        self.max_step_tokens = max_step_tokens
+        self.metrics = EngineMetrics()
+        self._bases: dict[str, _Base] = {}
+        self._adapters: dict[str, AdapterInfo] = {}
         self._loading = threading.Lock()
 
-    def base(self, base_id: str, ref: str) -> _LoadedBase:
+    def base(self, base_id: str, ref: str) -> _Base:
         with self._loading:
             if base_id not in self._bases:
                 log.info("loading base model %s from %s", base_id, ref)
-                self._bases[base_id] = _LoadedBase(ref, self.device, self.dtype, self.max_adapters)
+                self._bases[base_id] = _Base(self, base_id, ref)
             return self._bases[base_id]
 
-    def chat_prompt(self, base_id: str, ref: str, messages: list[dict[str, str]]) -> list[int]:
+    def chat_prompt(
+        self, base_id: str, ref: str, messages: list[dict[str, str]], adapter: AdapterSpec | None = None
+    ) -> list[int]:
+        """Token ids of `messages` formatted for generation. An adapter that stores its own chat template
+        (training saves the tokenizer beside the adapter) is prompted exactly as it was trained."""
         tokenizer = self.base(base_id, ref).tokenizer
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        template = adapter_chat_template(adapter.path) if adapter is not None else None
+        text = tokenizer.apply_chat_template(
+            messages, chat_template=template, add_generation_prompt=True, tokenize=False
+        )
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def text_prompt(self, base_id: str, ref: str, prompt: str) -> list[int]:
         return self.base(base_id, ref).tokenizer(prompt)["input_ids"]
 
     def check_fits(self, base_id: str, ref: str, prompt_ids: list[int], max_tokens: int) -> None:
-        context = self.base(base_id, ref).context
-        if len(prompt_ids) + max_tokens > context:
+        loaded = self.base(base_id, ref)
+        context = loaded.context
+        total = len(prompt_ids) + max_tokens
+        if total > context:
             raise PromptTooLong(
                 f"This model's maximum context length is {context} tokens. However, you requested "
-                f"{len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the messages, {max_tokens} in the "
+                f"{total} tokens ({len(prompt_ids)} in the messages, {max_tokens} in the "
                 "completion). Please reduce the length of the messages or completion."
             )
+        if loaded.native is not None and total > loaded.native.cache.capacity_tokens:
+            raise PromptTooLong(
+                f"This server's KV cache holds {loaded.native.cache.capacity_tokens} tokens; you requested {total} "
+                f"({len(prompt_ids)} in the messages, {max_tokens} in the completion)."
+            )
+
+    def check_adapter(self, adapter: AdapterSpec) -> AdapterInfo:
+        """How `adapter` will be served; AdapterRejected (a client error) when it cannot be."""
+        info = self._adapters.get(adapter.key)
+        if info is None:
+            info = inspect_adapter(adapter.path, self.max_lora_rank, set(MODULE_SITE))
+            self._adapters[adapter.key] = info
+        return info
 
     def generate(
         self,
@@ -129,39 +228,109 @@ class InferenceEngine:
         """Stream the completion of `prompt_ids` as text deltas; the last delta has a finish_reason."""
         loaded = self.base(base_id, ref)
         self.check_fits(base_id, ref, prompt_ids, params.max_tokens)
+        info = self.check_adapter(adapter) if adapter is not None else None
         usage.prompt_tokens = len(prompt_ids)
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator().manual_seed(params.seed)
-        with loaded.lock, torch.inference_mode(), loaded.activated(adapter) as model:
-            cache = DynamicCache()
-            input_ids = torch.tensor([prompt_ids], device=self.device)
-            generated: list[int] = []
-            sent = ""
-            finish = "length"
-            for _ in range(params.max_tokens):
+        key, path = (adapter.key, adapter.path) if adapter is not None else (None, None)
+        if loaded.native is not None and (info is None or info.native):
+            events = self._native_events(loaded.native, key, path, prompt_ids, params, should_stop)
+        else:
+            events = loaded.fallback().events(key, path, prompt_ids, params, loaded.eos_ids, should_stop)
+            self.metrics.requests.labels(base_id, "transformers", "served").inc()
+        return self._deltas(loaded.tokenizer, events, params, usage, should_stop)
+
+    @staticmethod
+    def _native_events(
+        engine: BatchEngine,
+        key: str | None,
+        path: Path | None,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        should_stop: Callable[[], bool],
+    ) -> Iterator[Event]:
+        request = engine.submit(prompt_ids, params, key, path)
+        try:
+            while True:
+                try:
+                    event = request.events.get(timeout=0.05)
+                except queue.Empty:
+                    if should_stop():
+                        return
+                    continue
+                yield event
+                if event.finish is not None:
+                    return
+        finally:
+            request.cancel()  # no-op once finished; frees the slot when the consumer went away
+
+    @staticmethod
+    def _deltas(
+        tokenizer: PreTrainedTokenizerBase,
+        events: Iterator[Event],
+        params: SamplingParams,
+        usage: Usage,
+        should_stop: Callable[[], bool],
+    ) -> Iterator[Delta]:
+        generated: list[int] = []
+        pending: list[dict[str, Any]] = []
+        sent = ""
+        finish = "stop"
+        try:
+            for event in events:
+                if event.finish == "error":
+                    raise RuntimeError(event.error or "generation failed")
+                if event.finish is not None:
+                    finish = event.finish
+                    break
                 if should_stop():
-                    finish = "stop"
                     break
-                logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits[0, -1]
-                token = next_token(logits, params, generator)
-                if token in loaded.eos_ids:
-                    finish = "stop"
-                    break
-                generated.append(token)
+                generated.append(event.token)
                 usage.completion_tokens = len(generated)
-                text = loaded.tokenizer.decode(generated, skip_special_tokens=True)
+                if event.logprob is not None:
+                    pending.append(_logprob_entry(tokenizer, event.logprob))
+                text = tokenizer.decode(generated, skip_special_tokens=True)
                 visible, stopped = releasable(text, params.stop)
                 if len(visible) > len(sent):
-                    yield Delta(visible[len(sent) :])
-                    sent = visible
+                    yield Delta(visible[len(sent) :], logprobs=pending or None)
+                    sent, pending = visible, []
                 if stopped:
                     finish = "stop"
                     break
-                input_ids = torch.tensor([[token]], device=self.device)
             else:
-                text = loaded.tokenizer.decode(generated, skip_special_tokens=True)
+                finish = "stop"
+            if finish == "length":
+                text = tokenizer.decode(generated, skip_special_tokens=True)
                 tail = text[len(sent) :].rstrip("\ufffd")
                 if tail and not any(s in text for s in params.stop):
-                    yield Delta(tail)
-        yield Delta("", finish)
+                    yield Delta(tail, logprobs=pending or None)
+                    pending = []
+        finally:
+            events.close()
+        yield Delta("", finish, logprobs=pending or None)
+
+    def describe(self) -> dict[str, Any]:
+        bases = {}
+        for base_id, loaded in list(self._bases.items()):
+            bases[base_id] = {
+                "path": loaded.path,
+                "why": loaded.path_reason or "Llama-family architecture",
+                "dtype": str(loaded.dtype).removeprefix("torch."),
+                "quantized": loaded.native.model.quantize if loaded.native is not None else None,
+                **(loaded.native.describe() if loaded.native is not None else {}),
+            }
+        adapters = {
+            key: {"type": i.peft_type, "rank": i.rank, "served": i.path_reason} for key, i in self._adapters.items()
+        }
+        return {"device": self.device, "max_lora_rank": self.max_lora_rank, "bases": bases, "adapters": adapters}
+
+    def stop(self) -> None:
+        for loaded in self._bases.values():
+            if loaded.native is not None:
+                loaded.native.stop()
+
+
+def _logprob_entry(tokenizer: PreTrainedTokenizerBase, logprob: TokenLogprob) -> dict[str, Any]:
+    def item(token_id: int, value: float) -> dict[str, Any]:
+        text = tokenizer.decode([token_id])
+        return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
+
+    return {**item(logprob.token_id, logprob.logprob), "top_logprobs": [item(t, v) for t, v in logprob.top]}

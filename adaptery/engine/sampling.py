@@ -14,13 +14,60 @@ class SamplingParams:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    top_k: int = 0  # 0: no limit
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the most likely alternatives (token id, logprob), best first
+
+
+def penalize(logits: torch.Tensor, params: SamplingParams, counts: dict[int, int]) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties over the tokens generated so far."""
+    if not counts or (params.presence_penalty == 0 and params.frequency_penalty == 0):
+        return logits
+    ids = torch.tensor(list(counts), dtype=torch.long)
+    seen = torch.tensor(list(counts.values()), dtype=logits.dtype)
+    logits = logits.clone()
+    logits[ids] -= seen * params.frequency_penalty + params.presence_penalty
+    return logits
+
+
+def sample(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None, counts: dict[int, int]
+) -> tuple[int, TokenLogprob | None]:
+    """The next token for one sequence (logits: fp32 (vocab,)), and its logprobs when asked for.
+
+    Logprobs are those of the model's distribution after penalties, before temperature/top-k/top-p.
+    """
+    logits = penalize(logits, params, counts)
+    token = next_token(logits, params, generator)
+    if not params.logprobs:
+        return token, None
+    logprobs = torch.log_softmax(logits, dim=-1)
+    top: list[tuple[int, float]] = []
+    if params.top_logprobs:
+        values, ids = torch.topk(logprobs, params.top_logprobs)
+        top = list(zip(ids.tolist(), values.tolist(), strict=True))
+    return token, TokenLogprob(token, float(logprobs[token]), top)
 
 
 def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """logits: (vocab,) for the last position. Temperature 0 is greedy decoding."""
     if params.temperature <= 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    scaled = logits.float() / params.temperature
+    if 0 < params.top_k < scaled.shape[-1]:
+        # exactly k tokens, ties broken as argmax breaks them (bf16 logits tie often)
+        keep = torch.topk(scaled, params.top_k).indices
+        scaled = torch.full_like(scaled, float("-inf")).scatter_(0, keep, scaled[keep])
+    probs = torch.softmax(scaled, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < params.top_p  # always keeps the top token

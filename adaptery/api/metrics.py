@@ -1,0 +1,68 @@
+"""Prometheus metrics (/metrics) and the engine's state (GET /api/admin/engine).
+
+/metrics counts every tenant's traffic without tenant labels, so only platform admins may read it (point
+Prometheus at it with such a key as its bearer token). The engine state is for tenant owners too: it names
+adapters by content hash; a tenant owner sees the model ids of their own tenant's adapters, and other
+tenants' adapters only as counts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import select
+
+from adaptery.api.deps import platform, principal
+from adaptery.auth.policy import require_engine_admin
+from adaptery.auth.principal import Principal
+from adaptery.db import models as m
+from adaptery.platform import Platform
+
+router = APIRouter(tags=["engine"])
+
+
+@router.get("/metrics", include_in_schema=False)
+def metrics(who: Principal = Depends(principal), p: Platform = Depends(platform)) -> Response:
+    return Response(generate_latest(p.engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _visible_state(p: Platform, who: Principal) -> dict[str, Any]:
+    state = p.engine.describe()
+    query = select(m.Adapter.id, m.Adapter.sha256, m.Adapter.base_model)
+    with p.db.system() if who.is_platform_admin else p.db.tenant(who.tenant_id) as s:
+        rows = list(s.execute(query))
+    names = {sha: model_id for model_id, sha, _ in rows}
+
+    def name(key: str) -> str | None:
+        return names.get(key)
+
+    hidden = 0
+    adapters = {}
+    for key, info in state["adapters"].items():
+        if name(key) is None:
+            hidden += 1
+            continue
+        adapters[key] = {"model": name(key), **info}
+    state["adapters"] = adapters
+    state["other_tenants_adapters"] = hidden
+    for base_id, base in state["bases"].items():
+        tiers = base.get("adapters")
+        if tiers is None:
+            continue
+        in_memory = {*tiers["active"], *(a["key"] for a in tiers["memory"]), *tiers["loading"]}
+        tiers["disk"] = [{"key": sha, "model": i} for i, sha, b in rows if b == base_id and sha not in in_memory]
+        tiers["active"] = [{"key": k, "model": name(k)} for k in tiers["active"] if name(k)]
+        tiers["memory"] = [{**a, "model": name(a["key"])} for a in tiers["memory"] if name(a["key"])]
+        tiers["loading"] = [{"key": k, "model": name(k)} for k in tiers["loading"] if name(k)]
+    return state
+
+
+@router.get("/api/admin/engine")
+async def engine_state(who: Principal = Depends(principal), p: Platform = Depends(platform)) -> dict[str, Any]:
+    """Which base models are loaded and on which path, KV-cache use, and adapters by tier."""
+    require_engine_admin(who)
+    return await run_in_threadpool(_visible_state, p, who)

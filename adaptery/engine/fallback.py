@@ -1,0 +1,89 @@
+"""The transformers path: models outside the native Llama family, and PEFT types the native path does
+not implement (LoHa, LoKr, IA3, LoRA variants with exotic options).
+
+Correct but slower: one request at a time per base model, under a lock, with PEFT switching the
+active adapter per request (each adapter loaded once, an LRU of them kept).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from peft import PeftConfig, PeftModel
+from transformers import DynamicCache, PreTrainedModel
+
+from adaptery.engine.batching import Event
+from adaptery.engine.sampling import SamplingParams, sample
+
+
+class TransformersBase:
+    def __init__(self, model: PreTrainedModel, max_adapters: int = 16) -> None:
+        self.model = model
+        self.peft: PeftModel | None = None
+        self.adapters: OrderedDict[str, None] = OrderedDict()
+        self.max_adapters = max_adapters
+        self.lock = threading.Lock()
+
+    @contextmanager
+    def activated(self, key: str | None, path: Path | None) -> Iterator[torch.nn.Module]:
+        """The module to run for this request, with only its adapter active (lock held)."""
+        if key is None:
+            if self.peft is None:
+                yield self.model
+            else:
+                with self.peft.disable_adapter():  # PEFT layers are injected into the base in place
+                    yield self.peft
+            return
+        name = "a" + key[:24]
+        peft_type = PeftConfig.from_pretrained(str(path)).peft_type
+        if self.peft is not None and self.peft.peft_type != peft_type:
+            # one PeftModel holds adapters of one type: switching type unloads the others first
+            self.model = self.peft.unload()
+            self.peft = None
+            self.adapters.clear()
+        if self.peft is None:
+            self.adapters.clear()
+            self.peft = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
+            self.peft.eval()
+        elif name not in self.adapters:
+            self.peft.load_adapter(str(path), adapter_name=name)
+        self.adapters[name] = None
+        self.adapters.move_to_end(name)
+        while len(self.adapters) > self.max_adapters:
+            evicted, _ = self.adapters.popitem(last=False)
+            self.peft.delete_adapter(evicted)
+        self.peft.set_adapter(name)
+        yield self.peft
+
+    def events(
+        self,
+        key: str | None,
+        path: Path | None,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        eos_ids: set[int],
+        should_stop: Callable[[], bool],
+    ) -> Iterator[Event]:
+        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        device = next(self.model.parameters()).device
+        counts: dict[int, int] = {}
+        with self.lock, torch.inference_mode(), self.activated(key, path) as model:
+            cache = DynamicCache()
+            input_ids = torch.tensor([prompt_ids], device=device)
+            for _ in range(params.max_tokens):
+                if should_stop():
+                    return
+                logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits[0, -1]
+                token, logprob = sample(logits.float().cpu(), params, generator, counts)
+                if token in eos_ids:
+                    yield Event(finish="stop")
+                    return
+                counts[token] = counts.get(token, 0) + 1
+                yield Event(token=token, logprob=logprob)
+                input_ids = torch.tensor([[token]], device=device)
+        yield Event(finish="length")

@@ -1,0 +1,504 @@
+"""Adapters for the native path: reading PEFT directories, the tiered cache, and per-segment LoRA.
+
+Tiers: *active* (copied into the stacked slot buffers the step reads; pinned while a request uses
+it) -> *memory* (prepared tensors in an LRU under a byte budget) -> *disk* (the materialised PEFT
+directory). Loading and preparing run on a loader thread, never on the step loop.
+
+In a step, tokens are sorted by adapter slot (base-model tokens first), so each adapter's tokens
+form one segment. With the fused C kernel (`lora_kernel`, built on first use), one call per
+projection site computes every adapter row's shrink and expand (q/k/v share one concatenated A,
+gate/up too), in the model's dtype with fp32 accumulation, adapters stored in that dtype (bf16 halves
+the bytes each distinct adapter streams per step). Without it (no compiler, or ADAPTERY_LORA_KERNEL=0)
+the PyTorch path runs in fp32: one `F.grouped_mm` (prefill) or padded `bmm` (decode) pair per site,
+whatever the number of adapters, ranks below the batch's largest zero-padded. DoRA is a
+per-output-feature magnitude scale on top of either.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import re
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from adaptery.engine import lora_kernel
+from adaptery.engine.native import MODULE_SITE, SITES, NativeLlama
+
+log = logging.getLogger("adaptery.engine")
+_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
+# adapter_config.json options the native path does not implement: any non-default value routes the
+# adapter through PEFT instead (still correct, one request at a time).
+_UNSUPPORTED_OPTIONS = (
+    "modules_to_save",
+    "layer_replication",
+    "trainable_token_indices",
+    "alora_invocation_tokens",
+    "target_parameters",
+    "rank_pattern",
+    "alpha_pattern",
+    "use_qalora",
+    "use_bdlora",
+    "lora_bias",
+    "fan_in_fan_out",
+)
+
+
+class AdapterRejected(ValueError):
+    """The adapter cannot be served (rank above the limit, wrong shapes): a 400 for the client."""
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    peft_type: str
+    rank: int
+    native: bool
+    path_reason: str  # how it is served, for /api/admin/engine and logs
+
+
+def inspect_adapter(path: Path, max_rank: int, supported_modules: set[str] | None = None) -> AdapterInfo:
+    """Read adapter_config.json and decide how the adapter is served; AdapterRejected when it cannot be."""
+    try:
+        config = json.loads((Path(path) / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise AdapterRejected(f"the adapter has no readable adapter_config.json: {exc}") from exc
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    rank = int(config.get("r") or 0)
+    ranks = [rank, *[int(v) for v in (config.get("rank_pattern") or {}).values()]]
+    if max(ranks) > max_rank:
+        raise AdapterRejected(
+            f"adapter rank {max(ranks)} is above this server's maximum LoRA rank of {max_rank} "
+            "(setting ADAPTERY_MAX_LORA_RANK)"
+        )
+    if peft_type != "LORA":
+        return AdapterInfo(peft_type, rank, False, f"{peft_type} through PEFT (one request at a time)")
+    odd = [name for name in _UNSUPPORTED_OPTIONS if config.get(name) not in (None, False, {}, [], "")]
+    targets = config.get("target_modules")
+    target_names = {targets} if isinstance(targets, str) else set(targets or [])
+    if supported_modules is not None and not target_names <= supported_modules:
+        odd.append(f"target_modules {sorted(target_names - supported_modules)}")
+    if odd:
+        return AdapterInfo(peft_type, rank, False, f"LoRA with {', '.join(odd)} through PEFT (one request at a time)")
+    method = "DoRA" if config.get("use_dora") else ("rsLoRA" if config.get("use_rslora") else "LoRA")
+    return AdapterInfo(peft_type, rank, True, f"{method} native (segmented multi-adapter batches)")
+
+
+@dataclass
+class PreparedAdapter:
+    """An adapter laid out for the slot buffers, per site: A (L, r, P, d_in) and B (L, r, d_out_total).
+
+    P projections share a site (q/k/v: 3, gate/up: 2); B's columns are the fused output's columns, and
+    projection j's columns are fed by the shrink rows of projection j (the kernel and the PyTorch
+    path's block-diagonal slot layout both follow this). The LoRA scaling is folded into B.
+    """
+
+    key: str
+    rank: int
+    shrink: dict[str, torch.Tensor]
+    expand: dict[str, torch.Tensor]
+    magnitude: dict[str, torch.Tensor] | None  # DoRA: per site (L, d_out_total) scale, None for plain LoRA
+    nbytes: int = 0
+    load_seconds: float = 0.0
+
+
+def prepare_adapter(
+    key: str, path: Path, model: NativeLlama, max_rank: int, dtype: torch.dtype = torch.float32
+) -> PreparedAdapter:
+    """Read a PEFT LoRA directory straight into its final per-site tensors (`dtype`), shapes checked."""
+    info = inspect_adapter(path, max_rank)
+    if not info.native:
+        raise AdapterRejected(f"adapter is not servable natively: {info.path_reason}")
+    config = json.loads((Path(path) / "adapter_config.json").read_text(encoding="utf-8"))
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise AdapterRejected("the adapter has no safetensors weights")
+    rank = info.rank
+    alpha = float(config.get("lora_alpha", rank))
+    scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    layers = len(model.layers)
+    # Installed with numpy, single-threaded: the loader thread runs beside the engine's step, and torch's
+    # parallel fills and copies would contend with it for the cores (and wait on them when the machine is
+    # busy). np.zeros maps zeroed pages lazily; only the adapter's own tensors are copied in.
+    shrink = {
+        site: np.zeros((layers, rank, len(mods), model.site_in[site]), np.float32) for site, mods in SITES.items()
+    }
+    expand = {site: np.zeros((layers, rank, sum(model.site_out[site])), np.float32) for site in SITES}
+    found: dict[str, dict[tuple[int, str], torch.Tensor]] = {"lora_A.weight": {}, "lora_B.weight": {},
+                                                              "lora_magnitude_vector": {}}  # fmt: skip
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                match = _KEY.search(name)
+                if match is None or match.group(2) not in MODULE_SITE or int(match.group(1)) >= layers:
+                    raise AdapterRejected(f"unexpected tensor {name!r} for this base model")
+                found[match.group(3)][(int(match.group(1)), match.group(2))] = handle.get_tensor(name)
+    found_a, found_b, found_m = found["lora_A.weight"], found["lora_B.weight"], found["lora_magnitude_vector"]
+    if not found_a or found_a.keys() != found_b.keys():
+        raise AdapterRejected("the adapter's lora_A and lora_B tensors do not pair up")
+    for (layer, module), a in found_a.items():
+        site, index = MODULE_SITE[module]
+        b = found_b[(layer, module)]
+        d_in, d_out = model.site_in[site], model.site_out[site][index]
+        if a.shape != (rank, d_in) or b.shape != (d_out, rank):
+            raise AdapterRejected(
+                f"layer {layer} {module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the base "
+                f"model ({rank}x{d_in} / {d_out}x{rank})"
+            )
+        shrink[site][layer, :, index] = _as_float32(a)
+        start = sum(model.site_out[site][:index])
+        np.multiply(_as_float32(b).T, scaling, out=expand[site][layer, :, start : start + d_out])
+    magnitude = None
+    if found_m:
+        magnitude = {site: torch.ones(layers, sum(model.site_out[site])) for site in SITES}
+        for (layer, module), m in found_m.items():
+            site, index = MODULE_SITE[module]
+            weight = model.base_weight(site, index, layer)
+            a, b = found_a[(layer, module)].float(), found_b[(layer, module)].float()
+            norm = (weight + scaling * (b @ a)).norm(p=2, dim=1)  # PEFT's DoRA weight norm, per output feature
+            start = sum(model.site_out[site][:index])
+            magnitude[site][layer, start : start + weight.shape[0]] = m.float() / norm
+    shrink_t = {site: _to_torch(array, dtype) for site, array in shrink.items()}
+    expand_t = {site: _to_torch(array, dtype) for site, array in expand.items()}
+    nbytes = sum(t.numel() * t.element_size() for t in [*shrink_t.values(), *expand_t.values()])
+    return PreparedAdapter(key, rank, shrink_t, expand_t, magnitude, nbytes)
+
+
+def _as_float32(tensor: torch.Tensor) -> np.ndarray:
+    """A safetensors tensor as a float32 numpy array, without torch's (multi-threaded) conversion kernels."""
+    if tensor.dtype == torch.bfloat16:
+        return (tensor.view(torch.int16).numpy().astype(np.uint32) << 16).view(np.float32)
+    if tensor.dtype == torch.float32:
+        return tensor.numpy()
+    return tensor.numpy().astype(np.float32)  # float16 and others numpy knows
+
+
+def _to_torch(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    if dtype == torch.float32:
+        return torch.from_numpy(array)
+    if dtype == torch.bfloat16:  # round to nearest even, as torch does (NaN-free weights assumed checked upstream)
+        bits = array.view(np.uint32)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+        return torch.from_numpy(rounded.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array).to(dtype)
+
+
+class SlotBuffers:
+    """The active tier: adapters copied into stacked per-site buffers, kept compact (slots 0..n-1).
+
+    With the fused kernel (`kernel` set) B keeps the compact (L, S, R, d_out_total) layout in the
+    model's dtype; the PyTorch path keeps fp32 and a block-diagonal B (L, S, R, P, d_out_total) so one
+    matmul pair serves a fused site.
+    """
+
+    def __init__(self, model: NativeLlama, slots: int, max_rank: int, kernel: object | None = None) -> None:
+        layers = len(model.layers)
+        self.model = model
+        self.max_rank = max_rank
+        self.kernel = kernel
+        self.dtype = model.dtype if kernel is not None and model.dtype in (torch.float32, torch.bfloat16) else (
+            torch.float32)  # fmt: skip
+        self.shrink = {
+            site: torch.zeros(layers, slots, max_rank, len(mods), model.site_in[site], dtype=self.dtype)
+            for site, mods in SITES.items()
+        }
+        if kernel is not None:
+            self.expand = {
+                site: torch.zeros(layers, slots, max_rank, sum(model.site_out[site]), dtype=self.dtype)
+                for site in SITES
+            }
+        else:
+            self.expand = {
+                site: torch.zeros(layers, slots, max_rank, len(mods), sum(model.site_out[site]))
+                for site, mods in SITES.items()
+            }
+        self.offsets = {
+            site: torch.tensor([0, *itertools.accumulate(model.site_out[site])], dtype=torch.int64) for site in SITES
+        }
+        self.ranks = torch.zeros(slots, dtype=torch.int32)
+        self.magnitude = {site: torch.ones(layers, slots, sum(model.site_out[site])) for site in SITES}
+        self.keys: list[str] = []
+        self.index: dict[str, int] = {}
+        self.adapters: list[PreparedAdapter] = []
+        self.bytes = sum(t.numel() * t.element_size() for t in [*self.shrink.values(), *self.expand.values()])
+
+    def slot_of(self, key: str) -> int | None:
+        return self.index.get(key)
+
+    @property
+    def rank(self) -> int:
+        return max((a.rank for a in self.adapters), default=0)
+
+    @property
+    def any_dora(self) -> bool:
+        return any(a.magnitude is not None for a in self.adapters)
+
+    def _write(self, slot: int, adapter: PreparedAdapter) -> None:
+        r = adapter.rank
+        self.ranks[slot] = r
+        for site in SITES:
+            self.shrink[site][:, slot, :r] = adapter.shrink[site]
+            self.shrink[site][:, slot, r:].zero_()  # the PyTorch path pads ranks with zeros
+            if self.kernel is not None:
+                self.expand[site][:, slot, :r] = adapter.expand[site]  # rows past the rank are never read
+            else:
+                self.expand[site][:, slot].zero_()
+                bounds = self.offsets[site].tolist()
+                for part, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+                    self.expand[site][:, slot, :r, part, lo:hi] = adapter.expand[site][:, :, lo:hi]
+            if adapter.magnitude is None:
+                self.magnitude[site][:, slot] = 1.0
+            else:
+                self.magnitude[site][:, slot] = adapter.magnitude[site]
+
+    def activate(self, adapter: PreparedAdapter) -> int:
+        slot = len(self.keys)
+        if slot >= self.shrink["o"].shape[1]:
+            raise RuntimeError("no free adapter slot")  # the scheduler never admits more adapters than slots
+        self._write(slot, adapter)
+        self.keys.append(adapter.key)
+        self.index[adapter.key] = slot
+        self.adapters.append(adapter)
+        return slot
+
+    def deactivate(self, key: str) -> dict[int, int]:
+        """Free `key`'s slot, moving the last slot into the hole; returns {old slot: new slot} moves."""
+        slot = self.index.pop(key)
+        last = len(self.keys) - 1
+        moves = {}
+        if slot != last:
+            self._write(slot, self.adapters[last])
+            self.keys[slot], self.adapters[slot] = self.keys[last], self.adapters[last]
+            self.index[self.keys[slot]] = slot
+            moves[last] = slot
+        self.keys.pop()
+        self.adapters.pop()
+        return moves
+
+
+@dataclass
+class LoraBatch:
+    """One step's segments: `base_tokens` rows without adapter, then per active slot a run of rows.
+
+    With the fused kernel, one call per site does every row of the short segments (decodes: their
+    cost is reading each adapter's weights, which the kernel does once); a long segment (a prefill
+    chunk, `kernel_segment_limit` rows or more) is compute-bound and runs as matmuls instead (one
+    shrink and one `addmm_` per projection into the fused output, in the model's dtype).
+    Otherwise two PyTorch ways to the same sums, picked per step: when every segment is short (decode
+    steps), the segments are padded to the longest and run as one batched matmul pair (`bmm`);
+    otherwise (prefill chunks) `F.grouped_mm` over the exact segments.
+    """
+
+    buffers: SlotBuffers
+    base_tokens: int
+    counts: list[int]  # tokens per active slot, in slot order
+    token_slots: torch.Tensor  # (adapter rows,) int32: per adapter row, its slot
+    padded_limit: int = 4
+    kernel_segment_limit: int = 8
+    rank: int = field(init=False)
+    slots: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rank = self.buffers.rank
+        self.slots = len(self.buffers.keys)
+        self.dora = self.token_slots.long() if self.buffers.any_dora else None
+        self.kernel = self.buffers.kernel
+        self.gather = self.valid = None
+        if self.kernel is not None:
+            self.long_segments: list[tuple[int, int, int]] = []  # (slot, first row, rows), rows after base
+            self.kernel_slots = self.token_slots
+            start = 0
+            for slot, count in enumerate(self.counts):
+                if count >= self.kernel_segment_limit:
+                    self.long_segments.append((slot, start, count))
+                start += count
+            if self.long_segments:
+                self.kernel_slots = self.token_slots.clone()
+                for _, first, count in self.long_segments:
+                    self.kernel_slots[first : first + count] = -1
+            return
+        self.offsets = torch.tensor(list(itertools.accumulate(self.counts)), dtype=torch.int32)
+        self.longest = max(self.counts, default=0)
+        self.padded = 0 < self.longest <= self.padded_limit
+        if self.padded and any(c != self.longest for c in self.counts):
+            # row index per (slot, position), the pad row (index = total) where a segment is shorter
+            total = sum(self.counts)
+            index = torch.full((self.slots, self.longest), total, dtype=torch.long)
+            start = 0
+            for slot, count in enumerate(self.counts):
+                index[slot, :count] = torch.arange(start, start + count)
+                start += count
+            self.gather = index.view(-1)
+            self.valid = self.gather < total
+
+    def apply(self, layer: int, site: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        """out[adapter rows] += segment-wise LoRA(x); DoRA rows are then scaled by their magnitudes."""
+        start, n, r = self.base_tokens, self.slots, self.rank
+        if start >= x.shape[0] or n == 0:
+            return
+        target = out[start:]
+        if self.kernel is not None:
+            shrink, expand = self.buffers.shrink[site][layer], self.buffers.expand[site][layer]
+            if len(self.long_segments) < len(self.counts):
+                lora_kernel.site(
+                    self.kernel, x[start:], target, self.kernel_slots, self.buffers.ranks, shrink, expand,
+                    self.buffers.offsets[site],
+                )  # fmt: skip
+            bounds = self.buffers.offsets[site].tolist()
+            parts = len(bounds) - 1
+            for slot, first, count in self.long_segments:
+                rank = self.buffers.adapters[slot].rank
+                rows = slice(start + first, start + first + count)
+                u = x[rows] @ shrink[slot, :rank].reshape(rank * parts, -1).T  # (rows, rank P), column k P + p
+                for part in range(parts):
+                    lo, hi = bounds[part], bounds[part + 1]
+                    out[rows, lo:hi].addmm_(u[:, part::parts], expand[slot, :rank, lo:hi])
+        else:
+            xl = x[start:].float()
+            shrink = self.buffers.shrink[site][layer, :n, :r]
+            parts = shrink.shape[2]
+            a = shrink.reshape(n, r * parts, shrink.shape[3]).transpose(1, 2)  # (n, d_in, r P)
+            b = self.buffers.expand[site][layer, :n, :r].reshape(n, r * parts, -1)  # (n, r P, d_out)
+            if self.padded:
+                if self.gather is None:
+                    y = torch.bmm(torch.bmm(xl.view(n, self.longest, -1), a), b).view(-1, b.shape[2])
+                else:
+                    padded = torch.cat([xl, xl.new_zeros(1, xl.shape[1])])[self.gather].view(n, self.longest, -1)
+                    y = torch.bmm(torch.bmm(padded, a), b).view(-1, b.shape[2])[self.valid]
+            else:
+                y = F.grouped_mm(F.grouped_mm(xl, a, offs=self.offsets), b, offs=self.offsets)
+            target += y.to(out.dtype)
+        if self.dora is not None:
+            target.mul_(self.buffers.magnitude[site][layer][self.dora].to(out.dtype))
+
+
+class AdapterStore:
+    """The memory tier (LRU under a byte budget) and the loader thread that fills it from disk."""
+
+    def __init__(
+        self,
+        model: NativeLlama,
+        max_rank: int,
+        budget_bytes: int,
+        metrics: object | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.model = model
+        self.dtype = dtype
+        self._bytes = 0
+        self.max_rank = max_rank
+        self.budget = budget_bytes
+        self.metrics = metrics
+        self.memory: OrderedDict[str, PreparedAdapter] = OrderedDict()
+        self.pinned: dict[str, int] = {}
+        self.failed: dict[str, str] = {}
+        self.loading: dict[str, Future] = {}
+        self.seen_on_disk: set[str] = set()
+        self.lock = threading.Lock()
+        self.loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaptery-adapter-loader")
+        self.on_ready: list = []
+        self.hits = self.misses = self.loads = 0
+
+    @property
+    def memory_bytes(self) -> int:
+        return self._bytes
+
+    def prefetch(self, key: str, path: Path) -> None:
+        """A request for `key` was queued: count a hit or a miss, and start loading it if it is not in memory.
+
+        Called when the request arrives (not when it is scheduled), so loading overlaps the steps that
+        run meanwhile; O(1) whatever the number of adapters registered.
+        """
+        with self.lock:
+            if key in self.memory:
+                self.memory.move_to_end(key)
+                self.hits += 1
+                self._count("hit")
+                return
+            self.misses += 1
+            self._count("miss")
+            self._start(key, path)
+
+    def request(self, key: str, path: Path) -> PreparedAdapter | None:
+        """The prepared adapter if in memory; else make sure it is loading (off this thread) and return None."""
+        with self.lock:
+            if key in self.memory:
+                self.memory.move_to_end(key)
+                return self.memory[key]
+            self._start(key, path)
+            return None
+
+    def _start(self, key: str, path: Path) -> None:
+        if key not in self.loading and key not in self.failed:
+            self.seen_on_disk.add(key)
+            self.loading[key] = self.loader.submit(self._load, key, path)
+
+    def _count(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.adapter_cache.labels(outcome).inc()
+
+    def _load(self, key: str, path: Path) -> None:
+        started = time.perf_counter()
+        try:
+            adapter = prepare_adapter(key, path, self.model, self.max_rank, self.dtype)
+        except Exception as exc:  # reported to the requests waiting for it
+            log.warning("adapter %s failed to load: %s", key[:12], exc)
+            with self.lock:
+                self.failed[key] = str(exc)
+                self.loading.pop(key, None)
+            self._notify()
+            return
+        adapter.load_seconds = time.perf_counter() - started
+        self.loads += 1
+        if self.metrics is not None:
+            self.metrics.adapter_load_seconds.observe(adapter.load_seconds)
+        with self.lock:
+            if key in self.memory:
+                self._bytes -= self.memory[key].nbytes
+            self.memory[key] = adapter
+            self._bytes += adapter.nbytes
+            self.loading.pop(key, None)
+            self._evict()
+        self._notify()
+
+    def _notify(self) -> None:
+        for callback in self.on_ready:
+            callback()
+
+    def pin(self, key: str) -> None:
+        with self.lock:
+            self.pinned[key] = self.pinned.get(key, 0) + 1
+
+    def unpin(self, key: str) -> None:
+        with self.lock:
+            self.pinned[key] -= 1
+            if self.pinned[key] <= 0:
+                del self.pinned[key]
+            self._evict()
+
+    def _evict(self) -> None:
+        if self._bytes <= self.budget:
+            return
+        for key in list(self.memory):  # least recently used first
+            if self._bytes <= self.budget:
+                break
+            if key in self.pinned:
+                continue
+            self._bytes -= self.memory.pop(key).nbytes
+
+    def take_failure(self, key: str) -> str | None:
+        with self.lock:
+            return self.failed.pop(key, None)
+
+    def close(self) -> None:
+        self.loader.shutdown(wait=False, cancel_futures=True)

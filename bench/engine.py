@@ -1,0 +1,423 @@
+"""Benchmark of the inference engine: many adapters at the speed of one.
+
+Workload as in S-LoRA's evaluation: Poisson arrivals, adapter popularity following a power law
+(Zipf), prompt and output lengths uniform in a range, on a random-initialised Llama-family model
+(width 1024 by default, GQA, vocab 8192). Every run ignores EOS so all sides generate exactly the
+requested lengths. Measured in the same run, at the same dtype on both sides of every ratio:
+
+1. engine, 32 distinct rank-16 adapters in flight (round-robin: the worst case) / engine, base only
+2. engine, base only / transformers `generate` with static batches of the same requests
+3. engine with 2000 registered adapters / with 5 (Zipf popularity over the registered ones)
+4. cold load of a rank-16 adapter from disk (read + prepare), p50
+5. PEFT mixed-adapter `generate(adapter_names=...)` / engine, same mixed workload
+
+Arrivals are faster than the engine can serve (it runs saturated, as throughput needs); the static
+`generate` baselines process the same requests offline in arrival order, batch after batch. Noise on
+a shared machine: the two sides of each ratio alternate, round after round, and each figure is the
+median of the repeats. Ratio 3 is measured after a warm-up stream (the adapter cache's steady state);
+registering adapters costs the engine nothing (it keeps no per-registered-adapter state: a request
+names its adapter, the cache lookups are O(1)), so what ratio 3 measures is the price of the many
+more distinct adapters a Zipf stream over 2000 puts in each step, and of loading the tail ones.
+
+    .venv/bin/python bench/engine.py --quick      # a smoke run (4 layers, one repeat)
+    .venv/bin/python bench/engine.py              # the measurement (8 layers, 3 repeats, ~10 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from adaptery.engine import lora_kernel
+from adaptery.engine.batching import BatchEngine
+from adaptery.engine.lora import prepare_adapter
+from adaptery.engine.native import NativeLlama
+from adaptery.engine.sampling import SamplingParams
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class Req:
+    arrival: float
+    prompt: list[int]
+    output: int
+    adapter: int | None  # index into the adapter list, None = base
+
+
+def build_model(width: int, layers: int, vocab: int, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=width,
+        intermediate_size=int(width * 2.75) // 64 * 64,
+        num_hidden_layers=layers,
+        num_attention_heads=width // 64,
+        num_key_value_heads=max(1, width // 256),
+        max_position_embeddings=1024,
+        initializer_range=0.02,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def make_adapters(model: LlamaForCausalLM, root: Path, count: int, rank: int) -> list[Path]:
+    """`count` distinct rank-`rank` LoRA adapters on all seven projections, saved as PEFT directories."""
+    paths = []
+    peft = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS))
+    for i in range(count):
+        torch.manual_seed(1000 + i)
+        with torch.no_grad():
+            for name, param in peft.named_parameters():
+                if "lora_" in name:
+                    param.copy_(torch.randn_like(param) * 0.02)
+        path = root / f"adapter-{i}"
+        peft.save_pretrained(path)
+        paths.append(path)
+    peft.unload()
+    return paths
+
+
+def workload(n: int, rate: float, prompt: tuple[int, int], output: tuple[int, int], vocab: int, seed: int) -> list[Req]:
+    rng = np.random.default_rng(seed)
+    arrivals = np.cumsum(rng.exponential(1.0 / rate, n))
+    return [
+        Req(float(arrivals[i]), rng.integers(10, vocab, int(rng.integers(*prompt, endpoint=True))).tolist(),
+            int(rng.integers(*output, endpoint=True)), None)
+        for i in range(n)
+    ]  # fmt: skip
+
+
+def zipf_choice(n: int, count: int, alpha: float, seed: int) -> list[int]:
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, count + 1) ** alpha
+    return rng.choice(count, size=n, p=weights / weights.sum()).tolist()
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def run_engine(engine: BatchEngine, reqs: list[Req], adapters: list[tuple[str, Path]]) -> dict:
+    """Submit at the arrival times, collect every token; throughput over first arrival -> last token."""
+    records: list[dict] = [{} for _ in reqs]
+    threads = []
+
+    def consume(i: int, request, submitted: float) -> None:  # noqa: ANN001
+        times = []
+        while (event := request.events.get(timeout=600)).finish is None:
+            times.append(time.perf_counter())
+        assert event.finish == "length", event
+        records[i] = {"submitted": submitted, "times": times}
+
+    start = time.perf_counter()
+    for i, req in enumerate(reqs):
+        delay = start + req.arrival - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        key, path = adapters[req.adapter] if req.adapter is not None else (None, None)
+        submitted = time.perf_counter()
+        request = engine.submit(req.prompt, SamplingParams(max_tokens=req.output, temperature=0.0), key, path)
+        thread = threading.Thread(target=consume, args=(i, request, submitted))
+        thread.start()
+        threads.append(thread)
+    for thread in threads:
+        thread.join()
+    end = max(r["times"][-1] for r in records)
+    tokens = sum(len(r["times"]) for r in records)
+    ttft = [r["times"][0] - r["submitted"] for r in records]
+    tpot = [(r["times"][-1] - r["times"][0]) / (len(r["times"]) - 1) for r in records if len(r["times"]) > 1]
+    elapsed = end - start
+    return {
+        "tokens_per_s": tokens / elapsed,
+        "requests_per_s": len(reqs) / elapsed,
+        "ttft_p50_ms": percentile(ttft, 50) * 1e3,
+        "ttft_p99_ms": percentile(ttft, 99) * 1e3,
+        "tpot_p50_ms": percentile(tpot, 50) * 1e3,
+        "tpot_p99_ms": percentile(tpot, 99) * 1e3,
+        "seconds": elapsed,
+        "tokens": tokens,
+    }
+
+
+def run_static(model, reqs: list[Req], batch: int, adapter_names: list[str] | None = None) -> dict:  # noqa: ANN001
+    """transformers `generate` over static batches of the same requests, in arrival order (offline)."""
+    tokens = 0
+    start = time.perf_counter()
+    for first in range(0, len(reqs), batch):
+        group = reqs[first : first + batch]
+        longest = max(len(r.prompt) for r in group)
+        ids = torch.zeros(len(group), longest, dtype=torch.long)
+        mask = torch.zeros(len(group), longest, dtype=torch.long)
+        for row, r in enumerate(group):  # left padding, as generate wants for decoder-only models
+            ids[row, longest - len(r.prompt) :] = torch.tensor(r.prompt)
+            mask[row, longest - len(r.prompt) :] = 1
+        steps = max(r.output for r in group)
+        kwargs = {}
+        if adapter_names is not None:
+            kwargs["adapter_names"] = [adapter_names[r.adapter] if r.adapter is not None else "__base__" for r in group]
+        with torch.inference_mode():
+            model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                eos_token_id=None, pad_token_id=0, **kwargs,
+            )  # fmt: skip
+        tokens += sum(r.output for r in group)  # useful tokens: what each request asked for
+    elapsed = time.perf_counter() - start
+    return {
+        "tokens_per_s": tokens / elapsed,
+        "requests_per_s": len(reqs) / elapsed,
+        "seconds": elapsed,
+        "tokens": tokens,
+    }
+
+
+def new_engine(hf: LlamaForCausalLM, dtype: torch.dtype, max_batch: int, rank: int) -> BatchEngine:
+    return BatchEngine(
+        "bench", NativeLlama(hf, dtype, 1024), set(), max_rank=rank, kv_cache_bytes=256 << 20,
+        adapter_cache_bytes=4 << 30, max_batch=max_batch, max_step_tokens=256,
+    )  # fmt: skip
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median throughput (its latencies too), with every repeat's tokens/s listed."""
+    ordered = sorted(runs, key=lambda r: r["tokens_per_s"])
+    chosen = dict(ordered[len(ordered) // 2])
+    chosen["repeats_tokens_per_s"] = [round(r["tokens_per_s"], 1) for r in runs]
+    return chosen
+
+
+def with_adapters(reqs: list[Req], choice: list[int]) -> list[Req]:
+    return [Req(r.arrival, r.prompt, r.output, a) for r, a in zip(reqs, choice, strict=True)]
+
+
+def bench_dtype(hf: LlamaForCausalLM, dtype: torch.dtype, distinct: list[Path], args: argparse.Namespace) -> dict:
+    """Every measurement for one dtype; the two sides of each ratio alternate, repeats give medians."""
+    batch, rank, vocab, repeats = 32, args.rank, args.vocab, args.repeats
+    model = hf.to(dtype)
+    keyed = [(f"d-{i}", p) for i, p in enumerate(distinct)]
+    reqs = workload(args.requests, 200.0, (16, 64), (16, 48), vocab, seed=1)
+    mixed = with_adapters(reqs, [i % 32 for i in range(len(reqs))])  # 32 distinct in flight: the worst case
+    out: dict = {}
+    engine = new_engine(model, dtype, batch, rank)
+    out["lora_path"] = engine.lora_path
+    run_engine(engine, reqs[:16], keyed)  # warm-up; loads the 32 adapters into memory
+    run_engine(engine, mixed[:64], keyed)
+
+    # ratios 1 and 2: engine base / mixed alternate (the order flips each round); generate once, mid-way
+    base_runs, mixed_runs = [], []
+    for round_ in range(repeats):
+        for variant in ("base", "mixed") if round_ % 2 == 0 else ("mixed", "base"):
+            if variant == "base":
+                base_runs.append(run_engine(engine, reqs, keyed))
+            else:
+                mixed_runs.append(run_engine(engine, mixed, keyed))
+        if round_ == repeats // 2:
+            out["generate_base"] = run_static(model, reqs, batch)
+        print(dtype, "round", round_, "base", round(base_runs[-1]["tokens_per_s"]), "mixed",
+              round(mixed_runs[-1]["tokens_per_s"]), flush=True)  # fmt: skip
+    out["engine_base"] = median_run(base_runs)
+    out["engine_mixed32"] = median_run(mixed_runs)
+
+    # ratio 5: PEFT's mixed-batch generate is slow, so it runs one static batch of 32 requests (32 distinct
+    # adapters), between two engine runs of exactly the same 32 requests
+    subset = mixed[:batch]
+    peft = PeftModel.from_pretrained(model, str(distinct[0]), adapter_name="a0")
+    for i in range(1, 32):
+        peft.load_adapter(str(distinct[i]), adapter_name=f"a{i}")
+    peft.to(dtype)
+    sub_runs = [run_engine(engine, subset, keyed)]
+    out["peft_mixed32_batch"] = run_static(peft, subset, batch, [f"a{i}" for i in range(32)])
+    sub_runs.append(run_engine(engine, subset, keyed))
+    out["engine_mixed32_batch"] = median_run(sub_runs)
+    model = peft.unload()
+    engine.stop()
+    print(dtype, "peft", round(out["peft_mixed32_batch"]["tokens_per_s"]), flush=True)
+
+    # ratio 3: Zipf popularity over 2000 registered adapters against over 5. Each engine first serves a
+    # warm-up stream from the same distribution (a server's steady state: the LRU holds the popular ones),
+    # then the measured streams alternate between the two engines. 2000 keys share the 32 weight files
+    # (2000 files would take ~19 GB here); each key is read and prepared on its own, like a distinct adapter.
+    registries = {
+        "5": [(f"few-{i}", distinct[i]) for i in range(5)],
+        "2000": [(f"reg-{i:04d}", distinct[i % 32]) for i in range(2000)],
+    }
+    n3 = args.zipf_requests
+    engines = {name: new_engine(model, dtype, batch, rank) for name in registries}
+    zipf_runs: dict[str, list[dict]] = {name: [] for name in registries}
+    stats: dict[str, dict] = {}
+    for name, registered in registries.items():
+        warm = workload(n3, 200.0, (16, 64), (16, 48), vocab, seed=10)
+        run_engine(engines[name], with_adapters(warm, zipf_choice(n3, len(registered), 1.0, 11)), registered)
+    for round_ in range(repeats):
+        stream = workload(n3, 200.0, (16, 64), (16, 48), vocab, seed=20 + round_)
+        for name in ("5", "2000") if round_ % 2 == 0 else ("2000", "5"):
+            registered, store = registries[name], engines[name].store
+            choice = zipf_choice(n3, len(registered), 1.0, 30 + round_)
+            before = (store.hits, store.misses)
+            result = run_engine(engines[name], with_adapters(stream, choice), registered)
+            result["distinct_adapters"] = len(set(choice))
+            result["cache_hits"] = store.hits - before[0]
+            result["cache_misses"] = store.misses - before[1]
+            zipf_runs[name].append(result)
+        print(dtype, "zipf round", round_, {k: round(v[-1]["tokens_per_s"]) for k, v in zipf_runs.items()},
+              flush=True)  # fmt: skip
+    for name, engine in engines.items():
+        stats[name] = {"adapters_in_memory": len(engine.store.memory), "memory_bytes": engine.store.memory_bytes}
+        engine.stop()
+    out["engine_5_registered"] = median_run(zipf_runs["5"]) | {"store": stats["5"]}
+    out["engine_2000_registered"] = median_run(zipf_runs["2000"]) | {"store": stats["2000"]}
+
+    out.update(cold_load(model, dtype, distinct, rank, engine.slots.dtype))
+    tps = {k: v["tokens_per_s"] for k, v in out.items() if isinstance(v, dict) and "tokens_per_s" in v}
+    out["ratios"] = {
+        "1_mixed32_over_base": tps["engine_mixed32"] / tps["engine_base"],
+        "2_engine_base_over_generate": tps["engine_base"] / tps["generate_base"],
+        "3_registered_2000_over_5": tps["engine_2000_registered"] / tps["engine_5_registered"],
+        "4_cold_load_p50_ms": out["cold_load_p50_ms"],
+        "5_peft_mixed_over_engine_mixed": tps["peft_mixed32_batch"] / tps["engine_mixed32_batch"],
+    }
+    return out
+
+
+def cold_load(model: LlamaForCausalLM, dtype: torch.dtype, distinct: list[Path], rank: int,
+              adapter_dtype: torch.dtype) -> dict:  # fmt: skip
+    """Ratio 4: cold load of a rank-16 adapter: read the safetensors (OS page cache warm: the files were just
+    written) into the final tensors in the dtype the engine serves adapters in."""
+    native = NativeLlama(model, dtype, 64)
+    loads = []
+    for i in range(24):
+        t = time.perf_counter()
+        prepare_adapter("cold", distinct[i % len(distinct)], native, rank, adapter_dtype)
+        loads.append(time.perf_counter() - t)
+    return {
+        "cold_load_p50_ms": statistics.median(loads) * 1e3,
+        "cold_load_p99_ms": percentile(loads, 99) * 1e3,
+        "adapter_dtype": str(adapter_dtype).removeprefix("torch."),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="4 layers, fewer requests and repeats (a smoke run)")
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--requests", type=int, default=None, help="requests per run for ratios 1 and 2")
+    parser.add_argument("--zipf-requests", type=int, default=None, help="requests per run for ratio 3")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--json", type=Path, default=None, help="also write the JSON here")
+    parser.add_argument("--cold-load-only", action="store_true", help="measure only ratio 4 (seconds)")
+    args = parser.parse_args()
+    args.layers = args.layers or (4 if args.quick else 8)
+    args.requests = args.requests or (32 if args.quick else 64)
+    args.zipf_requests = args.zipf_requests or (32 if args.quick else 128)
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    torch.set_num_threads(os.cpu_count() or 2)
+    root = Path(tempfile.mkdtemp(prefix="adaptery-bench-"))
+    try:
+        hf = build_model(args.width, args.layers, args.vocab)
+        params = sum(p.numel() for p in hf.parameters())
+        t = time.perf_counter()
+        distinct = make_adapters(hf, root, 32, args.rank)
+        print(f"model: width {args.width}, {args.layers} layers, vocab {args.vocab}, {params / 1e6:.0f}M parameters; "
+              f"32 adapters made in {time.perf_counter() - t:.0f}s", flush=True)  # fmt: skip
+        results: dict = {
+            "model": {
+                "width": args.width,
+                "layers": args.layers,
+                "vocab": args.vocab,
+                "params_m": round(params / 1e6),
+                "heads": args.width // 64,
+                "kv_heads": max(1, args.width // 256),
+            },
+            "workload": {
+                "arrivals": "Poisson, 200 requests/s (faster than served: the engine runs saturated)",
+                "prompt_tokens": [16, 64],
+                "output_tokens": [16, 48],
+                "max_batch": 32,
+                "adapter_rank": args.rank,
+                "requests_ratio_1_2": args.requests,
+                "ratio_1_mixed": "32 distinct adapters, round-robin (every step mixes up to 32)",
+                "ratio_5": "one static batch of 32 requests with 32 distinct adapters, PEFT and the engine",
+                "requests_ratio_3": args.zipf_requests,
+                "ratio_3_popularity": "Zipf alpha 1.0 over the registered adapters, after a warm-up stream of "
+                f"{args.zipf_requests} requests from the same distribution; adapter cache 4 GiB",
+                "repeats": args.repeats,
+                "statistic": "median of the repeats; the two sides of each ratio alternate",
+            },
+            "machine": {"threads": torch.get_num_threads(), "load_average_start": os.getloadavg()},
+            "dtypes": {},
+        }
+        if args.cold_load_only:
+            kernel = lora_kernel.load()
+            for dtype_name in args.dtypes.split(","):
+                dtype = getattr(torch, dtype_name)
+                adapter_dtype = dtype if kernel is not None else torch.float32
+                print(dtype_name, json.dumps(cold_load(hf.to(dtype), dtype, distinct, args.rank, adapter_dtype)))
+            return
+        for dtype_name in args.dtypes.split(","):
+            results["dtypes"][dtype_name] = bench_dtype(hf, getattr(torch, dtype_name), distinct, args)
+            hf = hf.float()
+        results["machine"]["load_average_end"] = os.getloadavg()
+        print(json.dumps(results, indent=2))
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+        print(markdown(results))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+GOALS = {
+    "1_mixed32_over_base": ("≥ 0.90", lambda v: v >= 0.90),
+    "2_engine_base_over_generate": ("≥ 1.5", lambda v: v >= 1.5),
+    "3_registered_2000_over_5": ("≥ 0.95", lambda v: v >= 0.95),
+    "4_cold_load_p50_ms": ("≤ 50 ms", lambda v: v <= 50),
+    "5_peft_mixed_over_engine_mixed": ("(lower is better)", lambda v: v < 1),
+}
+
+
+def markdown(results: dict) -> str:
+    dtypes = list(results["dtypes"])
+    lines = [
+        "| ratio | goal | " + " | ".join(dtypes) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in dtypes) + " |",
+    ]
+    for name, (goal, ok) in GOALS.items():
+        cells = []
+        for d in dtypes:
+            value = results["dtypes"][d]["ratios"][name]
+            cells.append(f"{value:.2f} {'✓' if ok(value) else '✗'}")
+        lines.append(f"| {name} | {goal} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| run | dtype | tokens/s | req/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for d in dtypes:
+        for run, v in results["dtypes"][d].items():
+            if not isinstance(v, dict) or "tokens_per_s" not in v:
+                continue
+            latency = "– | –"
+            if "ttft_p50_ms" in v:
+                ttft = f"{v['ttft_p50_ms']:.0f} / {v['ttft_p99_ms']:.0f}"
+                latency = f"{ttft} | {v['tpot_p50_ms']:.1f} / {v['tpot_p99_ms']:.1f}"
+            lines.append(f"| {run} | {d} | {v['tokens_per_s']:.0f} | {v['requests_per_s']:.2f} | {latency} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

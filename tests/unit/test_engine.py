@@ -1,0 +1,392 @@
+"""The native engine against PEFT: token-identical greedy decoding per method, mixed batches equal
+to each request alone, preemption, cancellation, sampling options, and the transformers path."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from engine_helpers import collect, engine_tokens, make_adapter, reference_greedy
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from adaptery.engine import lora_kernel
+from adaptery.engine.batching import BatchEngine
+from adaptery.engine.generation import AdapterRejected, AdapterSpec, InferenceEngine, Usage
+from adaptery.engine.lora import LoraBatch, SlotBuffers, prepare_adapter
+from adaptery.engine.native import SITES, NativeLlama
+from adaptery.engine.sampling import SamplingParams
+
+PROMPTS = ["Hello there, how are you", "The capital of France is", "<|user|>What does an adapter do?<|end|>"]
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def engine(demo_model_dir: Path):
+    eng = InferenceEngine(dtype="float32", kv_cache_mb=8, adapter_cache_mb=64, max_batch=16, max_lora_rank=32)
+    eng.base("demo", str(demo_model_dir))
+    yield eng
+    eng.stop()
+
+
+@pytest.fixture(scope="module")
+def adapters(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    made = {kind: make_adapter(demo_model_dir, root / kind, kind, rank=8, seed=i) for i, kind in
+            enumerate(["lora", "rslora", "dora"])}  # fmt: skip
+    made["lora_qv_r4"] = make_adapter(demo_model_dir, root / "qv", "lora", rank=4, seed=7, targets=["q_proj", "v_proj"])
+    made["lora_r16"] = make_adapter(demo_model_dir, root / "r16", "lora", rank=16, seed=8)
+    made["dora_r4"] = make_adapter(demo_model_dir, root / "dora4", "dora", rank=4, seed=9)
+    made["rslora_r12"] = make_adapter(demo_model_dir, root / "rs12", "rslora", rank=12, seed=10)
+    made["lora_mlp"] = make_adapter(
+        demo_model_dir, root / "mlp", "lora", rank=8, seed=11, targets=["down_proj", "up_proj"]
+    )
+    return made
+
+
+def _prompt(engine: InferenceEngine, text: str) -> list[int]:
+    return engine.text_prompt("demo", "", text)
+
+
+@pytest.mark.parametrize("kind", ["lora", "rslora", "dora"])
+def test_greedy_matches_peft_merged(engine, adapters, demo_model_dir, kind):
+    native = engine.base("demo", "").native
+    eos = engine.base("demo", "").eos_ids
+    for text in PROMPTS:
+        prompt = _prompt(engine, text)
+        got = engine_tokens(native, prompt, (kind, adapters[kind]), max_tokens=STEPS)
+        assert got == reference_greedy(demo_model_dir, adapters[kind], prompt, STEPS, eos), (kind, text)
+    assert engine.check_adapter(AdapterSpec(kind, adapters[kind])).native
+
+
+def test_base_model_matches_transformers(engine, demo_model_dir):
+    eos = engine.base("demo", "").eos_ids
+    prompt = _prompt(engine, PROMPTS[0])
+    got = engine_tokens(engine.base("demo", "").native, prompt, None, max_tokens=STEPS)
+    assert got == reference_greedy(demo_model_dir, None, prompt, STEPS, eos)
+
+
+def test_mixed_batch_of_eight_adapters_and_base_equals_each_alone(engine, adapters):
+    native = engine.base("demo", "").native
+    jobs = [(name, path) for name, path in adapters.items()] + [None]
+    assert len(jobs) == 9
+    prompts = [_prompt(engine, PROMPTS[i % len(PROMPTS)] + " " * (i % 3)) for i in range(len(jobs))]
+    alone = [engine_tokens(native, prompt, job, max_tokens=STEPS) for prompt, job in zip(prompts, jobs, strict=True)]
+    steps_before = native.steps
+    requests = [
+        native.submit(prompt, SamplingParams(max_tokens=STEPS, temperature=0.0), *(job or (None, None)))
+        for prompt, job in zip(prompts, jobs, strict=True)
+    ]
+    together = [collect(r) for r in requests]
+    assert together == alone
+    # they really shared steps: far fewer than running them one after another
+    assert native.steps - steps_before < sum(len(t) for t in alone)
+
+
+def test_preemption_recomputes_and_loses_nothing(demo_model_dir, adapters):
+    # a KV cache of 12 blocks (192 tokens) for 6 requests of ~60 tokens each: some must be preempted
+    eng = InferenceEngine(dtype="float32", max_batch=8, max_lora_rank=32)
+    try:
+        base = eng.base("demo", str(demo_model_dir))
+        per_token = len(base.native.model.layers) * 2 * base.native.model.kv_size * 4
+        tight = InferenceEngine(dtype="float32", max_batch=8, max_lora_rank=32, kv_cache_mb=1)
+        tight.kv_cache_bytes = per_token * 16 * 12
+        native = tight.base("demo", str(demo_model_dir)).native
+        assert native.cache.num_blocks == 12
+        prompts = [_prompt(eng, (PROMPTS[i % 3] + " again") * 3)[:30] for i in range(6)]
+        jobs = [("lora", adapters["lora"]), None, ("dora", adapters["dora"]), None, ("lora", adapters["lora"]), None]
+        alone = [engine_tokens(base.native, p, j, max_tokens=30) for p, j in zip(prompts, jobs, strict=True)]
+        requests = [
+            native.submit(p, SamplingParams(max_tokens=30, temperature=0.0), *(j or (None, None)))
+            for p, j in zip(prompts, jobs, strict=True)
+        ]
+        assert [collect(r) for r in requests] == alone
+        assert native.metrics.preemptions.labels("demo")._value.get() > 0
+        assert native.cache.used_blocks == 0
+        tight.stop()
+    finally:
+        eng.stop()
+
+
+def test_chunked_prefill_of_a_long_prompt(demo_model_dir):
+    eng = InferenceEngine(dtype="float32", max_batch=4, max_step_tokens=8)
+    try:
+        native = eng.base("demo", str(demo_model_dir)).native
+        prompt = _prompt(eng, " ".join(PROMPTS) * 2)
+        assert len(prompt) > 24  # several chunks of 8 tokens minus decodes
+        eos = eng.base("demo", "").eos_ids
+        assert engine_tokens(native, prompt, None, max_tokens=6) == reference_greedy(
+            demo_model_dir, None, prompt, 6, eos
+        )
+    finally:
+        eng.stop()
+
+
+def test_cancel_frees_the_slot_at_once(engine):
+    native = engine.base("demo", "").native
+    request = native.submit(_prompt(engine, PROMPTS[0]), SamplingParams(max_tokens=500, temperature=0.0), None, None)
+    request.events.get(timeout=30)  # it is running
+    request.cancel()
+    deadline = time.time() + 5
+    while (native.running or native.cache.used_blocks) and time.time() < deadline:
+        time.sleep(0.01)
+    assert not native.running and native.cache.used_blocks == 0
+
+
+def test_generate_stops_when_the_client_goes_away(engine):
+    stop = {"now": False}
+    deltas = engine.generate(
+        "demo", "", None, _prompt(engine, PROMPTS[1]), SamplingParams(max_tokens=400, temperature=0.0), Usage(),
+        should_stop=lambda: stop["now"],
+    )  # fmt: skip
+    next(deltas)
+    stop["now"] = True
+    assert list(deltas)[-1].finish_reason == "stop"
+    native = engine.base("demo", "").native
+    deadline = time.time() + 5
+    while native.running and time.time() < deadline:
+        time.sleep(0.01)
+    assert not native.running
+
+
+def test_sampling_options(engine):
+    prompt = _prompt(engine, PROMPTS[0])
+    native = engine.base("demo", "").native
+    greedy = engine_tokens(native, prompt, None, max_tokens=STEPS)
+
+    def run(**params):
+        return engine_tokens(native, prompt, None, **{"max_tokens": STEPS, **params})
+
+    assert run(temperature=1.0, top_k=1) == greedy
+    assert run(temperature=1.0, seed=5) == run(temperature=1.0, seed=5)
+    assert run(temperature=1.5, seed=5) != run(temperature=1.5, seed=6)
+    # a strong frequency penalty forbids repeating any token
+    repeated = run(max_tokens=40)
+    penalized = run(max_tokens=40, frequency_penalty=2.0, presence_penalty=2.0)
+    assert len(set(penalized)) >= len(set(repeated))
+    assert penalized != repeated or len(set(repeated)) == len(repeated)
+    request = native.submit(
+        prompt, SamplingParams(max_tokens=3, temperature=0.0, logprobs=True, top_logprobs=3), None, None
+    )
+    events = []
+    while (event := request.events.get(timeout=30)).finish is None:
+        events.append(event)
+    for event in events:
+        assert event.logprob.token_id == event.token
+        assert event.logprob.top[0] == (event.token, pytest.approx(event.logprob.logprob))
+        assert len(event.logprob.top) == 3 and event.logprob.logprob <= 0
+
+
+def test_rank_above_the_limit_is_refused(engine, demo_model_dir, tmp_path):
+    big = make_adapter(demo_model_dir, tmp_path / "r64", "lora", rank=64)
+    with pytest.raises(AdapterRejected, match="rank 64 is above this server's maximum LoRA rank of 32"):
+        engine.check_adapter(AdapterSpec("big", big))
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr", "ia3"])
+def test_other_peft_types_through_peft(engine, demo_model_dir, tmp_path, kind):
+    adapter = make_adapter(demo_model_dir, tmp_path / kind, kind, rank=4, seed=3)
+    info = engine.check_adapter(AdapterSpec(kind, adapter))
+    assert not info.native and "through PEFT" in info.path_reason
+    prompt = _prompt(engine, PROMPTS[2])
+    deltas = list(engine.generate("demo", "", AdapterSpec(kind, adapter), prompt,
+                                  SamplingParams(max_tokens=STEPS, temperature=0.0), Usage()))  # fmt: skip
+    eos = engine.base("demo", "").eos_ids
+    expected = reference_greedy(demo_model_dir, adapter, prompt, STEPS, eos, merge=False)
+    tokenizer = engine.base("demo", "").tokenizer
+    assert "".join(d.text for d in deltas) == tokenizer.decode(expected, skip_special_tokens=True)
+    assert engine.describe()["adapters"][kind]["served"] == info.path_reason
+
+
+def _tiny(config_cls, model_cls, **extra):
+    config = config_cls(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, **extra,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return model_cls(config).eval()
+
+
+@pytest.mark.parametrize(
+    ("config_cls", "model_cls", "extra"),
+    [
+        (Qwen2Config, Qwen2ForCausalLM, {}),
+        (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 32}),
+        (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
+    ],
+)
+def test_other_llama_family_architectures_match_transformers(config_cls, model_cls, extra):
+    hf = _tiny(config_cls, model_cls, **extra)
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.5)  # Qwen2's q/k/v biases start at zero; make them count
+    native = BatchEngine("t", NativeLlama(hf, torch.float32, 128), set(), max_rank=8, kv_cache_bytes=1 << 20,
+                         adapter_cache_bytes=1 << 20)  # fmt: skip
+    try:
+        prompt = [5, 17, 42, 9, 3, 77]
+        ids, expected = list(prompt), []
+        with torch.inference_mode():
+            for _ in range(8):
+                token = int(hf(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+                expected.append(token)
+                ids.append(token)
+        assert engine_tokens(native, prompt, None, max_tokens=8) == expected
+    finally:
+        native.stop()
+
+
+def test_non_llama_models_use_the_transformers_path(demo_model_dir, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=256)
+    config.eos_token_id = tokenizer.eos_token_id
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    eng = InferenceEngine(dtype="float32")
+    try:
+        base = eng.base("gpt2", str(tmp_path / "gpt2"))
+        assert base.path == "transformers" and "not in the native Llama family" in base.path_reason
+        usage = Usage()
+        deltas = list(eng.generate("gpt2", "", None, eng.text_prompt("gpt2", "", "Hello"),
+                                   SamplingParams(max_tokens=5, temperature=0.0), usage))  # fmt: skip
+        assert deltas[-1].finish_reason in ("stop", "length") and usage.completion_tokens <= 5
+        assert eng.describe()["bases"]["gpt2"]["path"] == "transformers"
+    finally:
+        eng.stop()
+
+
+def test_lora_runs_in_the_fused_kernel_when_it_builds(engine):
+    native = engine.base("demo", "").native
+    if lora_kernel.load() is None:  # no C compiler on this machine: the PyTorch path serves (tested below)
+        assert native.lora_path.startswith("PyTorch")
+    else:
+        assert native.lora_path == "fused C kernel" and native.slots.kernel is not None
+
+
+def test_pytorch_lora_path_matches_peft_and_mixes(demo_model_dir, adapters, monkeypatch):
+    monkeypatch.setenv("ADAPTERY_LORA_KERNEL", "0")
+    eng = InferenceEngine(dtype="float32", kv_cache_mb=8, adapter_cache_mb=64, max_batch=16, max_lora_rank=32)
+    try:
+        base = eng.base("demo", str(demo_model_dir))
+        native = base.native
+        assert native.lora_path.startswith("PyTorch") and native.slots.kernel is None
+        prompt = _prompt(eng, PROMPTS[1])
+        for kind in ["lora", "rslora", "dora", "lora_qv_r4"]:
+            got = engine_tokens(native, prompt, (kind, adapters[kind]), max_tokens=STEPS)
+            assert got == reference_greedy(demo_model_dir, adapters[kind], prompt, STEPS, base.eos_ids), kind
+        jobs = [(name, path) for name, path in adapters.items()] + [None]
+        prompts = [_prompt(eng, PROMPTS[i % len(PROMPTS)] + " " * (i % 3)) for i in range(len(jobs))]
+        alone = [engine_tokens(native, p, job, max_tokens=6) for p, job in zip(prompts, jobs, strict=True)]
+        requests = [native.submit(p, SamplingParams(max_tokens=6, temperature=0.0), *(job or (None, None)))
+                    for p, job in zip(prompts, jobs, strict=True)]  # fmt: skip
+        assert [collect(r) for r in requests] == alone
+    finally:
+        eng.stop()
+
+
+def test_a_kernel_that_fails_to_build_falls_back_to_pytorch(demo_model_dir, monkeypatch, tmp_path):
+    monkeypatch.setattr(lora_kernel, "_loaded", {})
+    monkeypatch.setenv("ADAPTERY_KERNEL_CACHE", str(tmp_path / "kernels"))
+    monkeypatch.setenv("CC", "/bin/false")  # a compiler that fails
+    assert lora_kernel.load() is None
+    hf = _tiny(Qwen2Config, Qwen2ForCausalLM)
+    native = BatchEngine("t", NativeLlama(hf, torch.float32, 128), set(), max_rank=8, kv_cache_bytes=1 << 20,
+                         adapter_cache_bytes=1 << 20)  # fmt: skip
+    try:
+        assert native.slots.kernel is None and native.lora_path.startswith("PyTorch")
+        assert engine_tokens(native, [5, 17, 42], None, max_tokens=3)
+    finally:
+        native.stop()
+    with pytest.raises(RuntimeError, match="kernel was required"):
+        BatchEngine("t", NativeLlama(hf, torch.float32, 128), set(), max_rank=8, kv_cache_bytes=1 << 20,
+                    adapter_cache_bytes=1 << 20, lora_kernel=True)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_kernel_and_pytorch_path_compute_the_same_lora(demo_model_dir, adapters, dtype):
+    library = lora_kernel.load()
+    if library is None:
+        pytest.skip("no C compiler here: the fused kernel cannot be built (the PyTorch path is tested above)")
+    hf = AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32)
+    model = NativeLlama(hf, dtype, 64)
+    names = ["lora", "rslora", "lora_qv_r4", "lora_r16", "rslora_r12"]  # mixed ranks, partial targets
+    buffers = {}
+    for kernel in (library, None):
+        slots = SlotBuffers(model, 8, 32, kernel)
+        for name in names:
+            slots.activate(prepare_adapter(name, adapters[name], model, 32, slots.dtype))
+        buffers[kernel is not None] = slots
+    counts = [3, 1, 9, 1, 12]  # short segments through the kernel, long ones (>= 8 rows) through matmuls
+    token_slots = torch.tensor([s for s, c in enumerate(counts) for _ in range(c)], dtype=torch.int32)
+    torch.manual_seed(0)
+    for site in SITES:
+        x = torch.randn(2 + len(token_slots), model.site_in[site]).to(dtype)
+        base = torch.randn(x.shape[0], sum(model.site_out[site])).to(dtype)
+        outs = {}
+        for fused, slots in buffers.items():
+            out = base.clone()
+            LoraBatch(slots, 2, counts, token_slots).apply(1, site, x, out)
+            outs[fused] = out.float()
+        assert torch.equal(outs[True][:2], base[:2].float())  # base rows untouched
+        assert (outs[True][2:] - base[2:].float()).abs().max() > 0.01  # the adapters did something
+        # bf16: the kernel rounds once (fp32 sum + base), the PyTorch path twice; a bf16 step near 4 is 0.03
+        atol, rtol = (1e-5, 1e-5) if dtype == torch.float32 else (0.05, 0.02)
+        torch.testing.assert_close(outs[True], outs[False], atol=atol, rtol=rtol)
+
+
+def test_adapters_load_while_their_requests_queue(demo_model_dir, adapters):
+    eng = InferenceEngine(dtype="float32", kv_cache_mb=8, adapter_cache_mb=64, max_batch=1, max_lora_rank=32)
+    try:
+        native = eng.base("demo", str(demo_model_dir)).native
+        prompt = _prompt(eng, PROMPTS[0])
+        first = native.submit(prompt, SamplingParams(max_tokens=30, temperature=0.0), None, None)
+        first.events.get(timeout=30)  # the only batch slot is taken
+        queued = native.submit(prompt, SamplingParams(max_tokens=2, temperature=0.0), "lora", adapters["lora"])
+        deadline = time.time() + 10
+        while "lora" not in native.store.memory and time.time() < deadline:
+            time.sleep(0.01)
+        assert "lora" in native.store.memory and native.running and native.running[0].adapter_key is None
+        assert native.store.misses == 1 and native.store.loads == 1
+        collect(first)
+        assert len(collect(queued)) == 2
+        again = native.submit(prompt, SamplingParams(max_tokens=1, temperature=0.0), "lora", adapters["lora"])
+        collect(again)
+        assert native.store.hits == 1 and native.store.loads == 1
+    finally:
+        eng.stop()
+
+
+def test_int8_base_weights_through_torchao(demo_model_dir, adapters):
+    pytest.importorskip("torchao", reason="int8 quantization is the optional extra adaptery[int8]")
+    hf = AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32)
+    with pytest.raises(ValueError, match="unknown quantization 'int4'"):
+        NativeLlama(hf, torch.float32, 128, quantize="int4")
+    models = {q: NativeLlama(hf, torch.float32, 128, quantize=q) for q in (None, "int8")}
+    assert type(models["int8"].layers[0].wqkv).__name__ == "Int8Tensor"
+    prompt = [5, 17, 42, 9, 3, 77, 12]
+    tops = {}
+    for q, model in models.items():
+        native = BatchEngine("q", model, set(), max_rank=16, kv_cache_bytes=1 << 20, adapter_cache_bytes=1 << 24)
+        try:
+            request = native.submit(prompt, SamplingParams(max_tokens=1, temperature=0.0, logprobs=True,
+                                                           top_logprobs=5), None, None)  # fmt: skip
+            tops[q] = request.events.get(timeout=30).logprob.top
+            # LoRA and DoRA adapters on top of int8 weights (DoRA's norms from the dequantized weights)
+            for kind in ("lora", "dora"):
+                assert len(engine_tokens(native, prompt, (kind, adapters[kind]), max_tokens=4)) == 4
+        finally:
+            native.stop()
+    assert tops["int8"][0][0] == tops[None][0][0]  # same top token, log-probabilities within int8 noise
+    assert abs(tops["int8"][0][1] - tops[None][0][1]) < 0.1
