@@ -1,0 +1,180 @@
+"""Saved chats. A conversation is its user's alone: on top of the tenant filter (`db.tenancy`), every
+lookup here is narrowed to the owning user, so a colleague's conversation is a 404 like any other.
+
+Titles, system prompts and message contents are stored sealed with the tenant's data key (AES-256-GCM, bound
+to their row and column, see `storage.crypto.DataKey.seal_text`); read them with `title_of`, `system_prompt_of`
+and `content_of`. Values written before encryption existed (no `enc1:` prefix) read as they are.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+
+from adaptery.db import models as m
+from adaptery.db.ids import new_id
+from adaptery.services.errors import InvalidRequest, NotFound
+from adaptery.storage.crypto import DataKey
+
+ROLES = ("user", "assistant")
+PARAMS = {"temperature": (0.0, 2.0), "max_tokens": (1, 1_000_000), "top_p": (0.0, 1.0)}
+
+
+def _seal(key: DataKey, text: str, column: str, row_id: str) -> str:
+    return key.seal_text(text, f"{column}|{row_id}") if text else ""
+
+
+def _open(key: DataKey, value: str, column: str, row_id: str) -> str:
+    if not value or not value.startswith("enc1:"):
+        return value
+    return key.open_text(value, f"{column}|{row_id}")
+
+
+def title_of(key: DataKey, record: m.Conversation) -> str:
+    return _open(key, record.title, "conversations.title", record.id)
+
+
+def system_prompt_of(key: DataKey, record: m.Conversation) -> str:
+    return _open(key, record.system_prompt, "conversations.system_prompt", record.id)
+
+
+def content_of(key: DataKey, message: m.ChatMessage) -> str:
+    return _open(key, message.content, "chat_messages.content", message.id)
+
+
+def check_params(params: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(params) - set(PARAMS)
+    if unknown:
+        raise InvalidRequest(f"unknown parameter(s): {', '.join(sorted(unknown))}", param="params")
+    for name, value in params.items():
+        low, high = PARAMS[name]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+            raise InvalidRequest(f"{name} must be a number between {low} and {high}", param=f"params.{name}")
+    return dict(params)
+
+
+def list_conversations(session: Session, user_id: str) -> list[tuple[m.Conversation, int]]:
+    counts = (
+        select(m.ChatMessage.conversation_id, func.count().label("n"))
+        .group_by(m.ChatMessage.conversation_id)
+        .subquery()
+    )
+    rows = session.execute(
+        select(m.Conversation, func.coalesce(counts.c.n, 0))
+        .outerjoin(counts, counts.c.conversation_id == m.Conversation.id)
+        .where(m.Conversation.user_id == user_id)
+        .order_by(m.Conversation.updated_at.desc())
+    )
+    return [(c, n) for c, n in rows]
+
+
+def get_conversation(session: Session, user_id: str, conversation_id: str) -> m.Conversation:
+    record = session.scalar(
+        select(m.Conversation).where(m.Conversation.id == conversation_id, m.Conversation.user_id == user_id)
+    )
+    if record is None:
+        raise NotFound(f"No conversation '{conversation_id}'.", param="conversation_id", code="conversation_not_found")
+    return record
+
+
+def messages_of(session: Session, conversation: m.Conversation) -> list[m.ChatMessage]:
+    return list(
+        session.scalars(
+            select(m.ChatMessage).where(m.ChatMessage.conversation_id == conversation.id).order_by(m.ChatMessage.seq)
+        )
+    )
+
+
+def create_conversation(
+    session: Session,
+    user_id: str,
+    key: DataKey,
+    *,
+    title: str = "",
+    model: str | None = None,
+    system_prompt: str = "",
+    params: dict[str, Any] | None = None,
+) -> m.Conversation:
+    record_id = new_id("conv_")
+    record = m.Conversation(
+        id=record_id,
+        user_id=user_id,
+        title=_seal(key, title.strip(), "conversations.title", record_id),
+        model=model,
+        system_prompt=_seal(key, system_prompt, "conversations.system_prompt", record_id),
+        params=check_params(params or {}),
+    )
+    session.add(record)
+    session.flush()
+    return record
+
+
+def update_conversation(session: Session, conversation: m.Conversation, key: DataKey, changes: dict[str, Any]) -> None:
+    if "params" in changes:
+        changes["params"] = check_params(changes["params"] or {})
+    if "title" in changes:
+        changes["title"] = _seal(key, (changes["title"] or "").strip(), "conversations.title", conversation.id)
+    if "system_prompt" in changes:
+        prompt = changes["system_prompt"] or ""
+        changes["system_prompt"] = _seal(key, prompt, "conversations.system_prompt", conversation.id)
+    for name, value in changes.items():
+        setattr(conversation, name, value)
+    conversation.updated_at = time.time()
+
+
+def add_message(
+    session: Session,
+    conversation: m.Conversation,
+    key: DataKey,
+    *,
+    role: str,
+    content: str,
+    model: str | None = None,
+    stopped: bool = False,
+) -> m.ChatMessage:
+    if role not in ROLES:
+        raise InvalidRequest(f"role must be one of {', '.join(ROLES)}", param="role")
+    last = session.scalar(select(func.max(m.ChatMessage.seq)).where(m.ChatMessage.conversation_id == conversation.id))
+    message_id = new_id("msg_")
+    message = m.ChatMessage(
+        id=message_id,
+        conversation_id=conversation.id,
+        seq=(last or 0) + 1,
+        role=role,
+        content=key.seal_text(content, f"chat_messages.content|{message_id}"),
+        model=model,
+        stopped=stopped,
+    )
+    session.add(message)
+    if role == "user" and not conversation.title:
+        conversation.title = _seal(key, _title_from(content), "conversations.title", conversation.id)
+    conversation.updated_at = time.time()
+    session.flush()
+    return message
+
+
+def truncate_from(session: Session, conversation: m.Conversation, message_id: str) -> int:
+    """Delete a message and every later one (regenerate, edit and resend); returns how many went."""
+    message = session.scalar(
+        select(m.ChatMessage).where(m.ChatMessage.id == message_id, m.ChatMessage.conversation_id == conversation.id)
+    )
+    if message is None:
+        raise NotFound(f"No message '{message_id}' in this conversation.", param="message_id")
+    result = session.execute(
+        delete(m.ChatMessage).where(m.ChatMessage.conversation_id == conversation.id, m.ChatMessage.seq >= message.seq)
+    )
+    conversation.updated_at = time.time()
+    return result.rowcount
+
+
+def delete_conversation(session: Session, conversation: m.Conversation) -> None:
+    session.execute(delete(m.ChatMessage).where(m.ChatMessage.conversation_id == conversation.id))
+    session.delete(conversation)
+
+
+def _title_from(content: str) -> str:
+    line = " ".join(content.split())
+    return line if len(line) <= 60 else line[:57].rstrip() + "…"

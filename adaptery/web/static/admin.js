@@ -1,0 +1,203 @@
+/* Admin: members and roles (invite with a one-time link, change role, remove), usage and limits,
+ * agents, the inference engine, the audit log; every tenant for platform admins. A part whose route
+ * this server does not have says so instead of failing. */
+
+import { api, badge, clear, confirmDialog, copyText, errorBox, field, fmtNumber, fmtTime, h, optionalApi, section, showError, table } from "/static/lib.js";
+
+const ROLES = ["owner", "admin", "member", "viewer"];
+
+function notAvailable(what) {
+  return h("p", { class: "muted not-available" }, `${what}: not available on this server (or not for your role).`);
+}
+
+function scalar(value) {
+  if (value === null || value === undefined) return "—";
+  if (typeof value === "number") return fmtNumber(value, 3);
+  if (typeof value === "boolean") return value ? "yes" : "no";
+  if (Array.isArray(value)) return value.length ? value.map((x) => (typeof x === "object" ? JSON.stringify(x) : String(x))).join(", ") : "none";
+  if (typeof value === "object") {
+    const entries = Object.entries(value).filter(([, v]) => v !== null && v !== undefined);
+    return entries.length ? entries.map(([k, v]) => `${k.replace(/_/g, " ")} ${typeof v === "number" ? fmtNumber(v, 3) : typeof v === "object" ? JSON.stringify(v) : v}`).join(" · ") : "none";
+  }
+  return String(value);
+}
+
+/** A table of objects whose fields this page does not know in advance (agents, usage). */
+function objectTable(rows, caption, empty) {
+  if (!rows.length) return h("p", { class: "muted empty" }, empty);
+  const columns = [...new Set(rows.flatMap((r) => Object.keys(r)))].filter((c) => c !== "object");
+  return table(columns.map((c) => c.replace(/_/g, " ")), rows.map((r) => columns.map((c) => (/_at$|heartbeat$/.test(c) && typeof r[c] === "number" ? fmtTime(r[c]) : scalar(r[c])))), { caption, empty });
+}
+
+function linkBox(result) {
+  const copy = h("button", { type: "button", class: "btn btn-small" }, "Copy");
+  copy.addEventListener("click", () => copyText(result.login_url, copy));
+  return h(
+    "div",
+    { class: "secret", id: "invite-link", role: "status" },
+    h("p", {}, h("strong", {}, `Sign-in link for ${result.username}`), ` (works once, for ${fmtNumber(result.expires_in_hours)} hours). Send it to them privately; it is not shown again.`),
+    h("div", { class: "secret-row" }, h("code", { class: "wrap", id: "invite-link-value" }, result.login_url), copy),
+  );
+}
+
+async function membersCard(ctx) {
+  const listBox = h("div", { id: "members" });
+  const shown = h("div", { "aria-live": "polite" });
+  const error = errorBox();
+  const username = h("input", { type: "text", id: "invite-username", maxlength: "63", autocapitalize: "none", spellcheck: "false", placeholder: "e.g. ada" });
+  const role = h("select", { id: "invite-role" }, ROLES.map((r) => h("option", { value: r, selected: r === "member" }, r)));
+  const form = h("form", { class: "inline-form", id: "invite-form", novalidate: true }, field("Username", username), field("Role", role), h("button", { type: "submit", class: "btn btn-primary", id: "invite-submit" }, "Invite"));
+
+  async function draw() {
+    const members = await optionalApi("/api/admin/members");
+    if (!members) {
+      clear(listBox, notAvailable("Members"));
+      return;
+    }
+    clear(
+      listBox,
+      table(
+        ["Member", "Role", "Joined", ""],
+        members.data.map((m) => {
+          const me = m.username === ctx.me.user.username;
+          const select = h("select", { "aria-label": `Role of ${m.username}`, disabled: me }, ROLES.map((r) => h("option", { value: r, selected: r === m.role }, r)));
+          select.addEventListener("change", async () => {
+            showError(error, null);
+            try {
+              await api(`/api/admin/members/${encodeURIComponent(m.username)}`, { method: "PUT", body: { role: select.value } });
+              ctx.toast(`${m.username} is now ${select.value}.`);
+            } catch (err) {
+              showError(error, err);
+            }
+            draw();
+          });
+          const actions = [];
+          if (!me) {
+            const link = h("button", { type: "button", class: "btn btn-small" }, "New sign-in link");
+            link.addEventListener("click", async () => {
+              showError(error, null);
+              try {
+                clear(shown, linkBox(await api(`/api/admin/members/${encodeURIComponent(m.username)}/link`, { method: "POST" })));
+              } catch (err) {
+                showError(error, err);
+              }
+            });
+            const remove = h("button", { type: "button", class: "btn btn-small btn-danger" }, "Remove");
+            remove.addEventListener("click", async () => {
+              if (!(await confirmDialog({ title: `Remove ${m.username}?`, message: "They lose access to this workspace at once: their sessions end and their API keys here are revoked. Their adapters and datasets stay.", confirm: "Remove" }))) return;
+              try {
+                await api(`/api/admin/members/${encodeURIComponent(m.username)}`, { method: "DELETE" });
+                draw();
+              } catch (err) {
+                showError(error, err);
+              }
+            });
+            actions.push(link, remove);
+          }
+          return [h("strong", {}, m.username, me ? " (you)" : ""), select, fmtTime(m.created_at), h("span", { class: "row-actions" }, actions)];
+        }),
+        { caption: "Members" },
+      ),
+    );
+  }
+
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    showError(error, null);
+    if (!username.value.trim()) {
+      showError(error, new Error("Enter the new member's username."));
+      username.focus();
+      return;
+    }
+    try {
+      const result = await api("/api/admin/members", { method: "POST", body: { username: username.value.trim(), role: role.value } });
+      clear(shown, linkBox(result));
+      username.value = "";
+      draw();
+    } catch (err) {
+      showError(error, err.status === 404 || err.status === 405 ? new Error("Inviting is not available on this server.") : err);
+    }
+  });
+  await draw();
+  return h("section", { class: "card", id: "members-card" }, h("h2", { class: "card-title" }, "Members and roles"), h("p", { class: "muted" }, "Invite someone by username (lowercase letters, digits and '-'): you get a one-time sign-in link to send them."), form, error, shown, listBox);
+}
+
+async function usageCard() {
+  const [usage, limits, keys] = await Promise.all([optionalApi("/api/admin/usage"), optionalApi("/api/admin/limits"), optionalApi("/api/keys")]);
+  if (!usage) return section("Usage", notAvailable("Usage"));
+  const names = new Map(((keys && keys.data) || []).map((k) => [k.id, `${k.name || "unnamed"} (${k.redacted_value})`]));
+  const keyRows = Object.entries(usage.keys || {}).map(([id, counts]) => ({ key: names.get(id) || id, ...counts }));
+  return section(
+    `Usage (${usage.period})`,
+    h("h3", {}, "Workspace"),
+    objectTable([usage.tenant || {}], "Workspace usage", "No usage yet."),
+    limits ? [h("h3", {}, "Limits set by the platform"), objectTable([Object.fromEntries(Object.entries(limits).filter(([k]) => k !== "tenant_id"))], "Limits", "No limits.")] : null,
+    h("h3", {}, "By API key"),
+    objectTable(keyRows, "Usage by key", "No key has been used this month."),
+  );
+}
+
+async function agentsCard() {
+  const agents = await optionalApi("/api/admin/agents");
+  if (!agents) return section("Agents", notAvailable("Agents"));
+  const rows = Array.isArray(agents) ? agents : agents.data || [];
+  return h("section", { class: "card", id: "agents" }, h("h2", { class: "card-title" }, "Agents"), objectTable(rows, "Agents", "No agents have enrolled."));
+}
+
+async function engineCard() {
+  const engine = await optionalApi("/api/admin/engine");
+  if (!engine) return section("Inference engine", notAvailable("Engine state"));
+  const simple = Object.entries(engine).filter(([, v]) => v === null || typeof v !== "object");
+  const nested = Object.entries(engine).filter(([, v]) => v !== null && typeof v === "object");
+  return section(
+    "Inference engine",
+    h("dl", { class: "stats" }, simple.map(([k, v]) => [h("dt", {}, k.replace(/_/g, " ")), h("dd", {}, scalar(v))])),
+    nested.map(([k, v]) => h("details", {}, h("summary", {}, k.replace(/_/g, " ")), Array.isArray(v) && v.every((x) => x && typeof x === "object") ? objectTable(v, k, "None.") : h("pre", { class: "json" }, JSON.stringify(v, null, 2)))),
+  );
+}
+
+async function auditCard() {
+  const audit = await optionalApi("/api/admin/audit?limit=30");
+  if (!audit) return section("Audit log", notAvailable("Audit log"));
+  return section(
+    "Audit log (latest)",
+    table(
+      ["When", "Who", "Action", "Target", "Outcome"],
+      audit.data.map((e) => [fmtTime(e.created_at), e.actor || "—", e.action, e.target ? h("code", { class: "wrap" }, e.target) : "—", badge(e.outcome, e.outcome === "success" ? "succeeded" : "failed")]),
+      { caption: "Audit events", empty: "No events yet." },
+    ),
+  );
+}
+
+async function tenantsCard() {
+  const tenants = await optionalApi("/api/platform/tenants");
+  if (!tenants) return section("Tenants", notAvailable("Tenants"));
+  return h(
+    "section",
+    { class: "card", id: "tenants" },
+    h("h2", { class: "card-title" }, "All tenants"),
+    table(
+      ["Tenant", "Id", "Limits", "Usage"],
+      tenants.data.map((t) => [h("strong", {}, t.name), h("code", {}, t.id), scalar(Object.fromEntries(Object.entries(t.limits || {}).filter(([, v]) => v !== null))), scalar(t.usage)]),
+      { caption: "Tenants" },
+    ),
+  );
+}
+
+export async function renderAdmin(root, ctx) {
+  if (!ctx.isAdmin()) {
+    clear(root, h("h1", { class: "page-title" }, "Admin"), h("p", { class: "notice" }, "Administration is for workspace owners, admins and platform administrators."));
+    return null;
+  }
+  const tenantAdmin = ["owner", "admin"].includes(ctx.me.role);
+  const parts = await Promise.all([
+    tenantAdmin ? membersCard(ctx) : null,
+    ctx.me.is_platform_admin ? tenantsCard() : null,
+    agentsCard(),
+    tenantAdmin ? usageCard() : null,
+    engineCard(),
+    tenantAdmin ? auditCard() : null,
+  ]);
+  clear(root, h("h1", { class: "page-title" }, "Admin"), h("p", { class: "muted page-intro" }, `Workspace ${ctx.me.tenant.name}.`), parts);
+  return null;
+}

@@ -1,0 +1,401 @@
+"""The web application in a real headless Chromium, as a researcher uses it: sign in, upload a
+spreadsheet of examples (a bad file shows its line errors), fine-tune on it and watch the loss chart,
+chat with the adapter (streamed, saved), compare it side by side with the base, manage keys and
+members; then a member of another tenant sees none of it.
+
+One server and one browser serve the whole module, so the steps run in order and build on each
+other (the fine-tune takes ~7 s). Screenshots of every page land in test-artifacts/screenshots/.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from tests.conftest import ARTIFACTS, SAMPLE_CHAT, ServerProcess, prepare_data_dir, start_server, stop_server
+
+CHROMIUM = "/usr/bin/chromium"
+LAUNCH_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SHOTS = ARTIFACTS / "screenshots"
+PASSWORD = "correct horse battery"
+
+
+@dataclass
+class Journey:
+    server: ServerProcess
+    browser: Browser
+    page: Page
+    tmp: Path
+    found: dict[str, str] = field(default_factory=dict)  # ids made along the way
+
+    def go(self, route: str) -> None:
+        self.page.goto(f"{self.server.url}/#/{route}")
+
+    def shot(self, name: str, *, page: Page | None = None) -> None:
+        (page or self.page).screenshot(path=SHOTS / f"{name}.png", full_page=True)
+
+
+@pytest.fixture(scope="module")
+def journey(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> Iterator[Journey]:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path_factory.mktemp("web")
+    data_dir = prepare_data_dir(tmp / "data", demo_model_dir)
+    server = start_server(data_dir, f"sqlite:///{tmp / 'adaptery.db'}")
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=LAUNCH_ARGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 860})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            yield Journey(server, browser, page, tmp)
+            browser.close()
+            assert not errors, f"JavaScript errors on the page: {errors}"
+    finally:
+        stop_server(server)
+
+
+def sample_question() -> tuple[str, str]:
+    record = next(
+        r
+        for r in map(json.loads, SAMPLE_CHAT.read_text().splitlines())
+        if all(m["role"] != "system" for m in r["messages"])
+    )
+    question = next(m["content"] for m in record["messages"] if m["role"] == "user")
+    return question, record["messages"][-1]["content"]
+
+
+def pick_first_version(page: Page) -> None:
+    option = page.locator("#ft-training option", has_text=re.compile(r"^lab-facts v1 "))
+    page.select_option("#ft-training", option.get_attribute("value"))
+
+
+def open_settings(page: Page, prefix: str = "") -> None:
+    page.click(f"#{prefix}settings summary")
+    page.fill(f"#{prefix}temperature", "0")
+    page.fill(f"#{prefix}max-tokens", "40")
+
+
+def test_sign_in_with_the_link_set_a_password_and_sign_in_with_it(journey: Journey) -> None:
+    page, server = journey.page, journey.server
+    page.goto(server.url)
+    expect(page.locator("#login-form")).to_be_visible()
+    journey.shot("sign-in")
+    page.fill("#username", "owner")
+    page.fill("#password", "wrong password")
+    page.click("#login-submit")
+    expect(page.locator("#login-error")).to_contain_text("Wrong username or password")
+
+    page.goto(server.login_url)
+    expect(page.locator("#app")).to_be_visible()
+    expect(page.locator("#tenant-name")).to_have_text("default")
+    expect(page.locator("#password-banner")).to_be_visible()
+    page.fill("#new-password", PASSWORD)
+    expect(page.locator("#new-password")).to_have_value(PASSWORD)
+    page.click("#set-password-submit")
+    expect(page.locator("#password-banner")).to_be_hidden()
+
+    page.click("#logout")
+    expect(page.locator("#login-form")).to_be_visible()
+    page.goto(server.login_url)  # a used link signs nobody in
+    expect(page.locator("#link-error")).to_contain_text("invalid, already used or expired")
+    page.fill("#username", "owner")
+    page.fill("#password", PASSWORD)
+    page.press("#password", "Enter")
+    expect(page.locator("#app")).to_be_visible()
+    expect(page.locator("#user-name")).to_have_text("owner")
+
+
+def test_a_bad_file_shows_its_line_errors(journey: Journey) -> None:
+    page = journey.page
+    bad = journey.tmp / "bad.jsonl"
+    good = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}'
+    bad.write_text(f'{good}\n{{"messages": [oops\n{{"messages": [{{"role": "user", "content": "q"}}]}}\n{good}\n')
+    journey.go("datasets")
+    page.set_input_files("#dataset-file", bad)
+    page.click("#dataset-upload")
+    report = page.locator("#validation-report")
+    expect(report).to_contain_text("2 of 4 records are invalid", timeout=30_000)
+    rows = report.locator("tbody tr")
+    expect(rows).to_have_count(2)
+    expect(rows.nth(0)).to_contain_text("line 2")
+    expect(rows.nth(0)).to_contain_text("invalid JSON")
+    expect(rows.nth(1)).to_contain_text("line 3")
+    expect(rows.nth(1)).to_contain_text("has no assistant message")
+    journey.shot("dataset-bad-file")
+
+
+def test_upload_a_dataset_see_its_report_statistics_and_curate_it(journey: Journey) -> None:
+    page = journey.page
+    journey.go("datasets")
+    page.fill("#dataset-name", "lab-facts")
+    page.set_input_files("#dataset-file", SAMPLE_CHAT)
+    page.click("#dataset-upload")
+    records = len(SAMPLE_CHAT.read_text().splitlines())
+    expect(page.locator("#validation-report")).to_contain_text(f"All {records} records are valid", timeout=30_000)
+    expect(page.locator("#detected-format")).to_have_text("openai-chat")
+    expect(page.locator("#length-histogram svg rect.bar").first).to_be_visible()
+    expect(page.locator("#preview .record")).to_have_count(min(records, 10))
+    journey.found["dataset"] = page.url.rsplit("/", 1)[-1]
+    journey.shot("dataset-report")
+
+    page.click("#dedup-run")
+    expect(page.locator("#dedup-report")).to_contain_text(f"{records} records in", timeout=30_000)
+    page.click("#scrub-run")
+    expect(page.locator("#pii-report")).to_contain_text("records had something redacted", timeout=30_000)
+    expect(page.locator("#version-panel")).to_contain_text("scrub(v2)")
+    journey.shot("dataset-curated")
+
+    page.fill("#card-description", "Six facts about a fictional lab.")
+    page.fill("#card-license", "CC-BY-4.0")
+    page.click("#card-form button[type=submit]")
+    expect(page.locator("#toast")).to_contain_text("Card saved")
+    journey.go("datasets")
+    expect(page.get_by_role("link", name="lab-facts")).to_be_visible()
+    journey.shot("datasets")
+
+
+def test_fine_tune_from_the_form_and_watch_it_finish_with_a_loss_chart(journey: Journey) -> None:
+    page = journey.page
+    journey.go("fine-tune")
+    pick_first_version(page)
+    expect(page.locator("#ft-estimate")).to_contain_text("tokens to train")
+    expect(page.locator("#ft-epochs")).to_have_value("20")  # the demo base's recommended default
+    page.click("#ft-advanced summary")
+    expect(page.locator("#ft-rank")).to_have_value("16")
+    page.fill("#ft-suffix", "web")
+    journey.shot("fine-tune-form")
+    page.click("#ft-start")
+    expect(page).to_have_url(re.compile(r"#/jobs/ftjob-"))
+    journey.found["job"] = page.url.rsplit("/", 1)[-1]
+    expect(page.locator("#job-status")).to_have_attribute("data-status", "succeeded", timeout=240_000)
+    expect(page.locator("#loss-chart svg polyline.s-train")).to_have_count(1)
+    expect(page.locator("#job-events li").first).to_be_visible()
+    adapter = page.locator("#job-adapter code").inner_text()
+    assert adapter.startswith("ft:adaptery-demo:default:web:")
+    journey.found["adapter"] = adapter
+    journey.shot("fine-tune-job")
+
+    journey.go("fine-tune")  # a finished run on this base now times the next estimate
+    pick_first_version(page)
+    expect(page.locator("#ft-estimate")).to_contain_text("tokens/s your earlier runs")
+
+
+def test_chat_with_the_adapter_streamed_saved_and_regenerated(journey: Journey) -> None:
+    page, adapter = journey.page, journey.found["adapter"]
+    question, expected = sample_question()
+    journey.go(f"jobs/{journey.found['job']}")
+    page.click("#chat-with-adapter")
+    expect(page.locator("#model-select")).to_have_value(adapter)
+    open_settings(page)
+    page.evaluate(
+        """() => { window.__sizes = []; const target = document.querySelector('#messages');
+        new MutationObserver(() => { const c = target.querySelectorAll('.message.assistant .content');
+          if (c.length) window.__sizes.push(c[c.length - 1].textContent.length); })
+        .observe(target, {subtree: true, childList: true, characterData: true}); }"""
+    )
+    page.fill("#prompt", question)
+    page.press("#prompt", "Enter")
+    answer = page.locator(".message.assistant").last
+    expect(answer).to_have_attribute("data-done", "true", timeout=60_000)
+    assert answer.locator(".content").inner_text() == expected
+    # the answer arrived in pieces: the page showed more than one length of it
+    assert len({s for s in page.evaluate("window.__sizes") if s > 0}) > 1
+    expect(page.locator("#conversations .conversation")).to_have_count(1)
+    journey.found["conversation"] = page.url.rsplit("/", 1)[-1]
+    journey.shot("chat-adapter")
+
+    page.reload()  # saved: the conversation and its settings come back
+    expect(page.locator("#messages .message")).to_have_count(2)
+    expect(page.locator("#model-select")).to_have_value(adapter)
+    expect(page.locator("#temperature")).to_have_value("0")
+    page.click(".message.assistant .regenerate")
+    expect(page.locator("#messages")).to_have_attribute("aria-busy", "false", timeout=60_000)
+    expect(page.locator("#messages .message")).to_have_count(2)
+    assert page.locator(".message.assistant .content").inner_text() == expected
+    expect(page.locator(".message.assistant .copy")).to_be_visible()
+
+    page.click("#new-chat")
+    page.select_option("#model-select", "adaptery-demo")
+    page.fill("#prompt", question)
+    page.press("#prompt", "Enter")
+    expect(page.locator(".message.assistant").last).to_have_attribute("data-done", "true", timeout=60_000)
+    assert page.locator(".message.assistant .content").inner_text() != expected
+    expect(page.locator("#conversations .conversation")).to_have_count(2)
+
+    # rename and delete, from the keyboard
+    first = page.locator("#conversations .conversation").first
+    first.get_by_role("button", name=re.compile("^Rename")).click()
+    page.keyboard.press("Control+A")
+    page.keyboard.type("Mascot check")
+    page.keyboard.press("Enter")
+    expect(page.locator("#conversations .conversation-title").first).to_have_text("Mascot check")
+    page.locator("#conversations .conversation").first.get_by_role("button", name=re.compile("^Delete")).click()
+    page.click("#dialog-confirm")
+    expect(page.locator("#conversations .conversation")).to_have_count(1)
+
+
+def test_markdown_is_rendered_and_html_in_it_is_shown_as_text(journey: Journey) -> None:
+    html = journey.page.evaluate(
+        """async () => { const { renderMarkdown } = await import('/static/markdown.js');
+        const box = document.createElement('div');
+        box.append(renderMarkdown('<img src=x onerror="window.__pwned=1"> **bold** [x](javascript:alert(1))\\n\\n'
+          + '```python\\nif a < b:\\n    print("<b>")\\n```\\n- one\\n- two'));
+        return {html: box.innerHTML, text: box.textContent, imgs: box.querySelectorAll('img').length,
+                links: box.querySelectorAll('a').length, strong: box.querySelectorAll('strong').length,
+                code: box.querySelector('pre code').textContent, items: box.querySelectorAll('li').length}; }"""
+    )
+    assert html["imgs"] == 0 and html["links"] == 0
+    assert "<img" in html["text"]
+    assert html["strong"] == 1 and html["items"] == 2
+    assert html["code"] == 'if a < b:\n    print("<b>")'
+    assert journey.page.evaluate("window.__pwned") is None
+
+
+def test_compare_the_base_and_the_adapter_side_by_side(journey: Journey) -> None:
+    page, adapter = journey.page, journey.found["adapter"]
+    question, expected = sample_question()
+    journey.go(f"compare?a=adaptery-demo&b={adapter}")
+    expect(page.locator("#compare-b")).to_have_value(adapter)
+    open_settings(page, "compare-")
+    timeline: list[tuple[str, str]] = []
+    page.on("request", lambda r: timeline.append(("start", r.url)) if r.url.endswith("/chat/completions") else None)
+    page.on(
+        "requestfinished", lambda r: timeline.append(("end", r.url)) if r.url.endswith("/chat/completions") else None
+    )
+    page.fill("#compare-prompt", question)
+    page.click("#compare-run")
+    for side in "ab":
+        expect(page.locator(f"#compare-col-{side}")).to_have_attribute("data-done", "true", timeout=60_000)
+    assert page.locator("#compare-col-b .content").inner_text() == expected
+    assert page.locator("#compare-col-a .content").inner_text() != expected
+    # both streams were open together: the second request started before the first one finished
+    assert [kind for kind, _ in timeline] == ["start", "start", "end", "end"]
+    journey.shot("compare")
+
+
+def test_models_page_shows_details_and_download(journey: Journey) -> None:
+    page, adapter = journey.page, journey.found["adapter"]
+    journey.go("models")
+    page.click(".adapter-link")
+    expect(page.locator("#model-id")).to_have_text(adapter)
+    expect(page.locator("dl.stats")).to_contain_text("lab-facts-v1.jsonl")
+    with page.expect_download() as download:
+        page.click("#model-download")
+    assert download.value.suggested_filename.endswith(".zip")
+    page.click("#model-delete")
+    expect(page.locator("dialog")).to_be_visible()
+    page.keyboard.press("Escape")  # cancelled: the adapter stays
+    expect(page.locator("dialog")).to_have_count(0)
+    journey.shot("model-details")
+    journey.go("models")
+    journey.shot("models")
+
+
+def test_create_a_key_see_it_once_use_it_and_revoke_it(journey: Journey) -> None:
+    page, server = journey.page, journey.server
+    journey.go("keys")
+    page.fill("#key-name", "notebook")
+    page.select_option("#key-env", "prod")
+    page.select_option("#key-expiry", "30")
+    page.click("#key-create")
+    secret = page.locator("#new-key-value").inner_text()
+    assert secret.startswith("sk-prod-")
+    journey.shot("keys-created")
+    assert httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {secret}"}).status_code == 200
+
+    row = page.locator("#keys tbody tr", has_text="notebook")
+    expect(row).to_contain_text("active")
+    row.locator(".revoke").click()
+    page.click("#dialog-confirm")
+    expect(row).to_contain_text("revoked")
+    assert httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {secret}"}).status_code == 401
+    page.reload()
+    expect(page.locator("#new-key-value")).to_have_count(0)  # shown once: never again
+    journey.shot("keys")
+
+
+def test_invite_a_member_who_signs_in_and_has_their_own_chats(journey: Journey) -> None:
+    page = journey.page
+    journey.go("admin")
+    page.fill("#invite-username", "ada")
+    page.select_option("#invite-role", "viewer")
+    page.click("#invite-submit")
+    link = page.locator("#invite-link-value").inner_text()
+    expect(page.locator("#members tbody tr", has_text="ada")).to_be_visible()
+    expect(page.locator("#agents")).to_contain_text("embedded")
+    journey.shot("admin")
+
+    context = journey.browser.new_context(viewport={"width": 1280, "height": 860})
+    ada = context.new_page()
+    ada.goto(link)
+    expect(ada.locator("#user-name")).to_have_text("ada")
+    expect(ada.locator("#tenant-name")).to_have_text("default")
+    expect(ada.locator("#user-role")).to_have_text("viewer")
+    expect(ada.locator("#nav-admin")).to_be_hidden()
+    expect(ada.locator("#conversations")).to_contain_text("No saved chats yet")  # owner's chats are the owner's
+    ada.goto(f"{journey.server.url}/#/chat/{journey.found['conversation']}")
+    expect(ada.locator("#messages")).to_contain_text("No conversation")
+    ada.goto(f"{journey.server.url}/#/datasets")
+    expect(ada.get_by_role("link", name="lab-facts")).to_be_visible()  # the tenant's datasets are shared
+    expect(ada.locator("#upload-form")).to_be_hidden()  # a viewer reads, does not upload
+    context.close()
+
+
+def test_a_member_of_another_tenant_sees_none_of_it(journey: Journey) -> None:
+    created = journey.server.cli("tenants", "create", "other-lab", "--owner", "bob")
+    assert created.returncode == 0, created.stderr
+    # the CLI runs beside the server without its port: keep the link's token, not its address
+    token = re.search(r"ADAPTERY_LOGIN_URL=\S+/auth/link\?token=(\S+)", created.stdout).group(1)
+    link = f"{journey.server.url}/auth/link?token={token}"
+    context = journey.browser.new_context(viewport={"width": 1280, "height": 860})
+    bob = context.new_page()
+    bob.goto(link)
+    expect(bob.locator("#tenant-name")).to_have_text("other-lab")
+    url = journey.server.url
+    expect(bob.locator("#conversations")).to_contain_text("No saved chats yet")
+    expect(bob.locator(f"#model-select option[value='{journey.found['adapter']}']")).to_have_count(0)
+    bob.goto(f"{url}/#/datasets")
+    expect(bob.locator(".page")).to_contain_text("No datasets yet")
+    bob.goto(f"{url}/#/fine-tune")
+    expect(bob.locator("#jobs")).to_contain_text("No fine-tunes yet")
+    bob.goto(f"{url}/#/models")
+    expect(bob.locator(".page")).to_contain_text("No adapters yet")
+    bob.goto(f"{url}/#/keys")
+    expect(bob.locator("#keys")).not_to_contain_text("notebook")
+    journey.shot("other-tenant-models", page=bob)
+    for route, shown in [
+        (f"datasets/{journey.found['dataset']}", "No dataset"),
+        (f"jobs/{journey.found['job']}", "No fine-tuning job"),
+        (f"chat/{journey.found['conversation']}", "No conversation"),
+        (f"models/{journey.found['adapter']}", "does not exist"),
+    ]:
+        bob.goto(f"{url}/#/{route}")
+        expect(bob.locator("#view")).to_contain_text(shown)
+    bob.goto(f"{url}/#/admin")
+    expect(bob.locator("#members")).not_to_contain_text("ada")
+    context.close()
+
+
+def test_pages_fit_a_phone(journey: Journey) -> None:
+    page = journey.page
+    page.set_viewport_size({"width": 375, "height": 800})
+    for route, name in [
+        (f"chat/{journey.found['conversation']}", "phone-chat"),
+        (f"datasets/{journey.found['dataset']}/1", "phone-dataset"),
+        (f"jobs/{journey.found['job']}", "phone-job"),
+        ("keys", "phone-keys"),
+    ]:
+        journey.go(route)
+        expect(page.locator("#view .page")).to_be_visible()
+        page.wait_for_load_state("networkidle")
+        journey.shot(name)
+        # nothing wider than the screen: no sideways scrolling of the page itself
+        assert page.evaluate("document.documentElement.scrollWidth") <= 375, name
+    page.set_viewport_size({"width": 1280, "height": 860})
