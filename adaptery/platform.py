@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -10,7 +11,8 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from adaptery.agent.worker import Agent, default_agent_id
+from adaptery.agent.link import AgentLink
+from adaptery.agent.worker import Agent
 from adaptery.data.formats import make_token_counter
 from adaptery.db import models as m
 from adaptery.db.session import Database
@@ -18,14 +20,20 @@ from adaptery.engine.demo_model import DEMO_MODEL_ID, ensure_demo_model
 from adaptery.engine.embeddings import EmbeddingModel
 from adaptery.engine.generation import InferenceEngine
 from adaptery.engine.loading import load_tokenizer
+from adaptery.messaging import credentials
+from adaptery.messaging.control import ControlPlane
+from adaptery.messaging.server import CONTROL_USER, NatsServer
 from adaptery.services import datasets, finetuning, models, tenants
 from adaptery.services.errors import NotFound
 from adaptery.services.queue import JobQueue
 from adaptery.settings import Settings
-from adaptery.storage.blobs import BlobStore
+from adaptery.storage.blobs import BlobStore, make_scratch
+from adaptery.storage.crypto import LocalKeyProvider
+from adaptery.storage.keys import Keyring
 
 log = logging.getLogger("adaptery")
 RECOVERY_INTERVAL_SECONDS = 5.0
+AGENT_SYNC_SECONDS = 1.0  # an agent enrolled or revoked from the CLI takes effect within this
 
 
 @dataclass(frozen=True)
@@ -41,12 +49,32 @@ class Platform:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.db = Database(settings.resolved_database_url)
-        self.blobs = BlobStore(settings.blobs_dir)
-        self.engine = InferenceEngine(settings.device)
+        self.master_keys = LocalKeyProvider.from_environment(settings.master_key_file)
+        self.keyring = Keyring(self.db, self.master_keys)
+        # Transient plaintext (unpacked adapters, files being parsed, the embedded agent's job files) lives in
+        # a 0700 directory of this process outside the data dir, removed when it stops or exits.
+        self.scratch = make_scratch()
+        self.blobs = BlobStore(settings.blobs_dir, self.keyring, self.scratch)
+        self.engine = InferenceEngine(
+            settings.device,
+            max_lora_rank=settings.max_lora_rank,
+            dtype=settings.engine_dtype,
+            kv_cache_mb=settings.engine_kv_cache_mb,
+            adapter_cache_mb=settings.engine_adapter_cache_mb,
+            max_batch=settings.engine_max_batch,
+        )
         self.embeddings = EmbeddingModel(settings.embedding_model)
         self.queue = JobQueue(
-            self.db, self.blobs, lease_seconds=settings.job_lease_seconds, max_attempts=settings.job_max_attempts
+            self.db,
+            self.blobs,
+            lease_seconds=settings.job_lease_seconds,
+            max_attempts=settings.job_max_attempts,
+            tenant_concurrency=settings.job_tenant_concurrency,
+            checkpoint_every_steps=settings.job_checkpoint_every_steps,
         )
+        self.nats: NatsServer | None = None
+        self.control: ControlPlane | None = None
+        self._agent_link: AgentLink | None = None
         self.tasks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaptery-task")
         self._tokenizers: dict[str, datasets.TokenBudget] = {}
         self._tokenizers_lock = threading.Lock()
@@ -71,6 +99,7 @@ class Platform:
                 self.settings.bootstrap_username,
                 login_link_hours=self.settings.login_link_hours,
             )
+            created.owner.is_platform_admin = True  # the first person in runs the platform (sets tenant limits)
             return FirstStart(
                 tenant=created.tenant.name,
                 username=created.owner.username,
@@ -84,15 +113,82 @@ class Platform:
         with self.db.system() as s:
             for tenant_id, version_id in datasets.pending_versions(s):
                 self.submit_version(tenant_id, version_id)
+        self._start_messaging()
         if self.settings.embedded_agent:
-            self._agent = Agent(
-                self.queue,
-                self.settings.work_dir,
-                agent_id=default_agent_id("embedded"),
-                heartbeat_seconds=self.settings.job_heartbeat_seconds,
-                poll_seconds=self.settings.agent_poll_seconds,
-            )
-            self._spawn("agent", self._agent.run)
+            self._start_embedded_agent()
+
+    def _start_messaging(self) -> None:
+        """The agents' NATS server (our own unless one is configured) and the control plane answering on it."""
+        settings = self.settings
+        url, user, password = settings.nats_url, settings.nats_user, settings.nats_password
+        if url is None:
+            self.nats = NatsServer(settings.nats_dir, host=settings.nats_host, port=settings.nats_port)
+            with self.db.system() as s:
+                self.nats.start({a.id: a.secret_hash for a in credentials.active_agents(s)})
+            url, user, password = self.nats.url, CONTROL_USER, self.nats.control_password
+        self.control = ControlPlane(
+            self.queue,
+            self.blobs,
+            self.scratch / "uploads",
+            url=url,
+            user=user,
+            password=password,
+            max_upload_bytes=settings.max_upload_bytes,
+        )
+        self.sync_agents()
+        self.control.start()
+        self._spawn("agent-sync", self._agent_sync_loop)
+
+    def _agent_sync_loop(self) -> None:
+        while not self._stopping.wait(AGENT_SYNC_SECONDS):
+            try:
+                self.sync_agents()
+            except Exception:
+                log.exception("applying agent credentials failed")
+
+    def sync_agents(self) -> None:
+        """Apply enrolled and revoked agents to the NATS server's authorization and the control plane."""
+        with self.db.system() as s:
+            active = credentials.active_agents(s)
+            hashes = {a.id: a.secret_hash for a in active}
+            scopes = {a.id: a.tenant_scope for a in active}
+        if self.control is not None:
+            self.control.agent_scope = scopes
+        if self.nats is not None:
+            self.nats.sync_agents(hashes)
+
+    def _start_embedded_agent(self) -> None:
+        """The agent inside serve talks to the control plane over NATS like any other."""
+        settings = self.settings
+        if self.nats is None and not settings.agent_credentials:
+            log.warning("no embedded agent: with an external NATS server, set ADAPTERY_AGENT_CREDENTIALS for it")
+            return
+        if self.nats is not None:
+            with self.db.system() as s:
+                creds = credentials.embedded_agent(s, settings.port)
+            agent_id, secret, name, url = creds.agent_id, creds.secret, creds.name, self.nats.url
+            # This server's previous embedded agent died with it: its jobs need not wait for their leases.
+            self.queue.release_all(agent_id, "the server restarted")
+            self.sync_agents()
+        else:
+            agent_id, secret = credentials.parse_token(settings.agent_credentials)
+            name, url = agent_id, settings.nats_url
+        self._agent_link = AgentLink(url, agent_id, secret)
+        self._agent_link.connect()
+        self._agent = Agent(
+            self._agent_link,
+            self.scratch / "agent",
+            name=name,
+            heartbeat_seconds=settings.job_heartbeat_seconds,
+            poll_seconds=settings.agent_poll_seconds,
+            models_dir=settings.models_dir,
+        )
+        self._spawn("agent", self._agent.run)
+
+    def notify_agent(self, agent_id: str | None, job_id: str, action: str) -> None:
+        """Tell the agent running `job_id` that it was cancelled or paused, so it acts within a second."""
+        if agent_id and self.control is not None:
+            self.control.notify(agent_id, job_id, action)
 
     def _spawn(self, name: str, target: object) -> None:
         thread = threading.Thread(target=target, name=f"adaptery-{name}", daemon=True)
@@ -136,13 +232,21 @@ class Platform:
             finetuning.validate_files(s, self.blobs, job, self.token_budget(job.model))
 
     def adapter_dir(self, adapter: m.Adapter) -> Path:
-        return models.materialize_adapter(self.blobs, adapter, self.settings.work_dir / "adapters")
+        return models.materialize_adapter(self.blobs, adapter, self.scratch / "adapters")
 
     def stop(self) -> None:
         self._stopping.set()
+        self.engine.stop()
         self.tasks.shutdown(wait=False, cancel_futures=True)
         if self._agent is not None:
             self._agent.stop()
         for thread in self._threads:
             thread.join(timeout=15)
+        if self._agent_link is not None:
+            self._agent_link.close()
+        if self.control is not None:
+            self.control.stop()
+        if self.nats is not None:
+            self.nats.stop()
         self.db.dispose()
+        shutil.rmtree(self.scratch, ignore_errors=True)

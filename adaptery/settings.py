@@ -30,6 +30,10 @@ class Settings(BaseSettings):
     offline: bool = Field(True, description="Never reach a model hub; hub ids must already be cached.")
     embedding_model: str = "all-MiniLM-L6-v2"
     device: str = "auto"
+    engine_dtype: str = Field("auto", description="Inference dtype: auto (bf16 if the CPU has it), float32, bfloat16.")
+    engine_kv_cache_mb: int = Field(512, ge=1, description="KV-cache memory budget per base model (MiB).")
+    engine_adapter_cache_mb: int = Field(1024, ge=1, description="Memory budget of prepared adapters per base (MiB).")
+    engine_max_batch: int = Field(32, ge=1, description="Sequences in one running batch (and adapters in it).")
     train_threads: int | None = Field(
         None, ge=1, description="Torch threads of a training process; default: all usable CPUs but one."
     )
@@ -44,10 +48,33 @@ class Settings(BaseSettings):
     job_heartbeat_seconds: float = 5.0
     job_max_attempts: int = 3
     agent_poll_seconds: float = 1.0
+    job_checkpoint_every_steps: int = Field(
+        100, ge=1, description="Training checkpoints every this many steps (and at every epoch's end)."
+    )
+    job_tenant_concurrency: int | None = Field(
+        2, ge=1, description="Fine-tuning jobs one tenant may run at once (fairness); None: no limit."
+    )
+    nats_url: str | None = Field(
+        None,
+        description="The agents' NATS server. serve: use this external one instead of starting its own; "
+        "agent: where to dial (default: the URL a serve on this data dir wrote).",
+    )
+    nats_user: str | None = Field(None, description="The control plane's user on an external NATS server.")
+    nats_password: str | None = None
+    nats_host: str = Field("127.0.0.1", description="Where serve's own NATS server listens (0.0.0.0: other hosts).")
+    nats_port: int = Field(0, ge=0, description="Port of serve's own NATS server; 0: a free one, kept across restarts.")
+    agent_credentials: str | None = Field(
+        None, description="A standalone agent's 'agent-…:secret', printed once by `adaptery agents create`."
+    )
     session_hours: float = 12.0
     login_link_hours: float = 24.0
     login_max_failures: int = 5
     login_lockout_seconds: float = 300.0
+    max_json_bytes: int = Field(16 * 1024 * 1024, description="Largest JSON request body (uploads are not JSON).")
+    max_json_depth: int = Field(64, description="Deepest nesting of arrays/objects accepted in a JSON body.")
+    request_body_timeout_seconds: float = Field(
+        60.0, description="A client that sends nothing of its request body for this long is cut off."
+    )
 
     @property
     def resolved_database_url(self) -> str:
@@ -72,10 +99,21 @@ class Settings(BaseSettings):
         return self.data_dir.resolve() / "blobs"
 
     @cached_property
+    def master_key_file(self) -> Path:
+        """The master key (0600, made on first start) unless ADAPTERY_MASTER_KEY gives it."""
+        return self.data_dir.resolve() / "keys" / "master.key"
+
+    @cached_property
     def models_dir(self) -> Path:
         return self.data_dir.resolve() / "models"
 
     @cached_property
+    def nats_dir(self) -> Path:
+        """serve's own NATS server: its generated configuration (0600), port and log."""
+        return self.data_dir.resolve() / "nats"
+
+    @cached_property
     def work_dir(self) -> Path:
-        """Scratch space of running jobs and unpacked adapters; safe to delete when stopped."""
+        """Scratch space of a standalone agent's jobs; safe to delete when stopped. (serve keeps its transient
+        plaintext, such as unpacked adapters and the embedded agent's jobs, in a 0700 temp dir outside the data dir.)"""
         return self.data_dir.resolve() / "work"

@@ -19,7 +19,7 @@ from adaptery.auth.policy import require
 from adaptery.auth.principal import Principal
 from adaptery.engine.loading import resolve_model_path
 from adaptery.platform import Platform
-from adaptery.services import adapter_io, blob_refs, models
+from adaptery.services import adapter_io, audit, blob_refs, models
 from adaptery.services.errors import InvalidRequest
 
 router = APIRouter(prefix="/api/models", tags=["models"])
@@ -30,7 +30,9 @@ SUFFIX_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 def download_adapter(model_id: str, who: Principal = Depends(principal), p: Platform = Depends(platform)):  # noqa: ANN201
     """The adapter as a zip of its PEFT directory, loadable by `PeftModel.from_pretrained` unchanged."""
     with p.db.tenant(who.tenant_id) as s:
-        ref = models.get_model(s, model_id)
+        ref = models.get_model(s, model_id, viewer=who)
+        if ref.adapter is not None:
+            audit.record(s, who, "model.download", target=model_id)
     if ref.adapter is None:
         raise InvalidRequest("Base models are not downloadable here; only adapters are.", param="model")
     name = quote(ref.adapter.id.replace(":", "_") + ".zip")
@@ -55,11 +57,12 @@ async def import_adapter(
         ref = models.get_model(s, base_model, param="base_model")
     if ref.adapter is not None:
         raise InvalidRequest("base_model must be a base model, not an adapter", param="base_model")
-    blob = await receive_body(request, p)
-    p.settings.work_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=p.settings.work_dir, prefix="import-"))
+    blob = await receive_body(request, p, who.tenant_id)
+    work = Path(tempfile.mkdtemp(dir=p.scratch, prefix="import-"))  # transient plaintext: never in the data dir
     try:
-        adapter_dir = await run_in_threadpool(adapter_io.unpack_adapter, p.blobs.path(blob.sha256), work / "adapter")
+        zip_path = work / "adapter.zip"
+        await run_in_threadpool(p.blobs.copy_to, who.tenant_id, blob.sha256, zip_path)
+        adapter_dir = await run_in_threadpool(adapter_io.unpack_adapter, zip_path, work / "adapter")
         base_dir = resolve_model_path(ref.base.ref, offline=p.settings.offline)
         with p.db.tenant(who.tenant_id) as s:
             adapter = adapter_io.import_adapter(
@@ -74,8 +77,10 @@ async def import_adapter(
                 max_rank=p.settings.max_lora_rank,
             )
             body = model_object(models.get_model(s, adapter.id))
+            adapter.created_by = who.user_id  # whoever imports it owns it, as for a job's adapter
+            audit.record(s, who, "model.import", target=adapter.id, detail={"base_model": base_model})
         return body
     finally:
         shutil.rmtree(work, ignore_errors=True)
         with p.db.system() as system:
-            blob_refs.release(system, p.blobs, blob.sha256)  # the zip itself is not kept, only its files
+            blob_refs.release(system, p.blobs, who.tenant_id, blob.sha256)  # the zip is not kept, only its files

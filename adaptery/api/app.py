@@ -9,8 +9,10 @@ from fastapi import FastAPI, Request
 from fastapi.staticfiles import StaticFiles
 
 from adaptery import __version__
-from adaptery.api import adapters, datasets, keys, web
+from adaptery.api import adapters, admin, agents, conversations, datasets, keys, lineage, members, sharing, web
+from adaptery.api import metrics as engine_metrics
 from adaptery.api.errors import install_error_handlers
+from adaptery.api.guards import RequestGuard
 from adaptery.api.openai import chat, embeddings, files, jobs, models
 from adaptery.platform import Platform
 
@@ -39,6 +41,7 @@ def create_app(platform: Platform, *, manage_lifecycle: bool = True) -> FastAPI:
     # No /docs: Swagger UI would load from a CDN, and the platform works offline. The schema is /openapi.json.
     app = FastAPI(title="Adaptery", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.platform = platform
+    app.add_middleware(RequestGuard, settings=platform.settings)  # inside security_headers: its refusals get them
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next):  # noqa: ANN001, ANN202 - Starlette's signature
@@ -50,7 +53,11 @@ def create_app(platform: Platform, *, manage_lifecycle: bool = True) -> FastAPI:
         return response
 
     install_error_handlers(app)
-    for module in (models, files, jobs, chat, embeddings, datasets, adapters, keys, web):
+    for module in (models, files, jobs, chat, embeddings, datasets, adapters, keys, web, engine_metrics):
+        app.include_router(module.router)
+    for module in (admin, sharing, agents, lineage):
+        app.include_router(module.router)
+    for module in (conversations, members):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")
     return app

@@ -15,13 +15,14 @@ from adaptery.auth.policy import require
 from adaptery.auth.principal import Principal
 from adaptery.db import models as m
 from adaptery.platform import Platform
-from adaptery.services import blob_refs, datasets
+from adaptery.services import audit, blob_refs, datasets
 from adaptery.services.files import safe_filename
+from adaptery.storage.crypto import DataKey
 
 router = APIRouter(prefix="/api/datasets", tags=["datasets"])
 
 
-def version_object(version: m.DatasetVersion) -> dict[str, Any]:
+def version_object(version: m.DatasetVersion, key: DataKey) -> dict[str, Any]:
     return {
         "id": version.id,
         "object": "dataset.version",
@@ -40,13 +41,13 @@ def version_object(version: m.DatasetVersion) -> dict[str, Any]:
         "bytes": version.bytes,
         "records": version.records,
         "stats": version.stats,
-        "report": version.report,
+        "report": datasets.open_report(key, version.report, version.id),
         "created_at": int(version.created_at),
         "finished_at": int(version.finished_at) if version.finished_at else None,
     }
 
 
-def dataset_object(dataset: m.Dataset, versions: list[m.DatasetVersion]) -> dict[str, Any]:
+def dataset_object(dataset: m.Dataset, versions: list[m.DatasetVersion], key: DataKey) -> dict[str, Any]:
     return {
         "id": dataset.id,
         "object": "dataset",
@@ -57,7 +58,7 @@ def dataset_object(dataset: m.Dataset, versions: list[m.DatasetVersion]) -> dict
         "contains_protected_data": dataset.contains_protected_data,
         "created_at": int(dataset.created_at),
         "updated_at": int(dataset.updated_at),
-        "versions": [version_object(v) for v in versions],
+        "versions": [version_object(v, key) for v in versions],
     }
 
 
@@ -107,7 +108,7 @@ async def _upload(
 ) -> dict[str, Any]:
     require(who, "upload")
     parsed_mapping = datasets.parse_mapping(mapping)
-    blob = await receive_body(request, p)
+    blob = await receive_body(request, p, who.tenant_id)
     try:
         with p.db.tenant(who.tenant_id) as s:
             if dataset_ref is None:
@@ -123,10 +124,11 @@ async def _upload(
                 mapping=parsed_mapping,
                 model=model,
             )
-            body = dataset_object(dataset, datasets.versions_of(s, dataset))
+            body = dataset_object(dataset, datasets.versions_of(s, dataset), p.keyring.data_key(who.tenant_id))
+            audit.record(s, who, "dataset.upload", target=dataset.id, detail={"version": version.number})
     except Exception:
         with p.db.system() as system:
-            blob_refs.release(system, p.blobs, blob.sha256)  # the upload failed as a whole
+            blob_refs.release(system, p.blobs, who.tenant_id, blob.sha256)  # the upload failed as a whole
         raise
     p.submit_version(who.tenant_id, version.id)
     return body
@@ -176,10 +178,11 @@ async def upload_version(
 
 @router.get("")
 def list_datasets(who: Principal = Depends(principal), p: Platform = Depends(platform)) -> dict:
+    key = p.keyring.data_key(who.tenant_id)
     with p.db.tenant(who.tenant_id) as s:
         return {
             "object": "list",
-            "data": [dataset_object(d, datasets.versions_of(s, d)) for d in datasets.list_datasets(s)],
+            "data": [dataset_object(d, datasets.versions_of(s, d), key) for d in datasets.list_datasets(s)],
         }
 
 
@@ -187,7 +190,7 @@ def list_datasets(who: Principal = Depends(principal), p: Platform = Depends(pla
 def get_dataset(dataset_id: str, who: Principal = Depends(principal), p: Platform = Depends(platform)) -> dict:
     with p.db.tenant(who.tenant_id) as s:
         dataset = datasets.get_dataset(s, dataset_id)
-        return dataset_object(dataset, datasets.versions_of(s, dataset))
+        return dataset_object(dataset, datasets.versions_of(s, dataset), p.keyring.data_key(who.tenant_id))
 
 
 @router.patch("/{dataset_id}")
@@ -197,7 +200,7 @@ def update_card(
     require(who, "upload")
     with p.db.tenant(who.tenant_id) as s:
         dataset = datasets.update_card(s, datasets.get_dataset(s, dataset_id), card.model_dump(exclude_unset=True))
-        return dataset_object(dataset, datasets.versions_of(s, dataset))
+        return dataset_object(dataset, datasets.versions_of(s, dataset), p.keyring.data_key(who.tenant_id))
 
 
 @router.delete("/{dataset_id}")
@@ -206,9 +209,10 @@ def delete_dataset(dataset_id: str, who: Principal = Depends(principal), p: Plat
     with p.db.tenant(who.tenant_id) as s:
         dataset = datasets.get_dataset(s, dataset_id)
         shas = datasets.delete_dataset(s, dataset)
+        audit.record(s, who, "dataset.delete", target=dataset_id)
     with p.db.system() as system:
         for sha256 in set(shas):
-            blob_refs.release(system, p.blobs, sha256)
+            blob_refs.release(system, p.blobs, who.tenant_id, sha256)
     return {"id": dataset.id, "object": "dataset", "deleted": True}
 
 
@@ -217,7 +221,8 @@ def get_version(
     dataset_id: str, number: int, who: Principal = Depends(principal), p: Platform = Depends(platform)
 ) -> dict:
     with p.db.tenant(who.tenant_id) as s:
-        return version_object(datasets.get_version(s, datasets.get_dataset(s, dataset_id), number))
+        version = datasets.get_version(s, datasets.get_dataset(s, dataset_id), number)
+        return version_object(version, p.keyring.data_key(who.tenant_id))
 
 
 @router.get("/{dataset_id}/versions/{number}/records")
@@ -247,8 +252,9 @@ def version_content(
     with p.db.tenant(who.tenant_id) as s:
         dataset = datasets.get_dataset(s, dataset_id)
         version = datasets.ready_version(s, dataset, number)
+        audit.record(s, who, "dataset.download", target=dataset.id, detail={"version": number})
     return StreamingResponse(
-        p.blobs.iter_bytes(version.sha256),
+        p.blobs.iter_bytes(who.tenant_id, version.sha256),
         media_type="application/jsonl",
         headers={"Content-Disposition": f'attachment; filename="{dataset.id}-v{version.number}.jsonl"'},
     )
@@ -259,7 +265,8 @@ def _operation(p: Platform, who: Principal, dataset_id: str, number: int, operat
     with p.db.tenant(who.tenant_id) as s:
         dataset = datasets.get_dataset(s, dataset_id)
         created = datasets.start_operation(s, dataset, number, operation, params)
-        body = {"object": "list", "data": [version_object(v) for v in created]}
+        key = p.keyring.data_key(who.tenant_id)
+        body = {"object": "list", "data": [version_object(v, key) for v in created]}
     for version in created:
         p.submit_version(who.tenant_id, version.id)
     return body

@@ -1,12 +1,16 @@
-"""What every route gets through `Depends`: the platform and the authenticated caller."""
+"""What every route gets through `Depends`: the platform and the authenticated, authorized caller."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from fastapi import Request
 
+from adaptery.auth import policy
 from adaptery.auth.principal import Principal
+from adaptery.db import models as m
 from adaptery.platform import Platform
-from adaptery.services import keys, sessions
+from adaptery.services import keys, limits, sessions
 from adaptery.services.errors import PermissionDenied, Unauthenticated
 
 SESSION_COOKIE = "adaptery_session"
@@ -19,7 +23,7 @@ def platform(request: Request) -> Platform:
     return request.app.state.platform
 
 
-def principal(request: Request) -> Principal:
+def authenticate(request: Request) -> Principal:
     """An API key (Authorization: Bearer) or a browser session cookie with its CSRF token."""
     db = request.app.state.platform.db
     authorization = request.headers.get("authorization", "")
@@ -35,6 +39,7 @@ def principal(request: Request) -> Principal:
     if cookie:
         with db.system() as s:
             who, csrf = sessions.resolve(s, cookie)
+            who = replace(who, is_platform_admin=bool(s.get(m.User, who.user_id).is_platform_admin))
         if request.method not in _SAFE_METHODS and request.headers.get(CSRF_HEADER) != csrf:
             raise PermissionDenied("Missing or wrong CSRF token.", code="csrf_failed")
         return who
@@ -43,3 +48,16 @@ def principal(request: Request) -> Principal:
         "Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
         code="missing_api_key",
     )
+
+
+def principal(request: Request) -> Principal:
+    """The caller, allowed by `auth.policy` to call the matched route, within its request rate."""
+    who = authenticate(request)
+    route = request.scope.get("route")
+    permission = policy.permission_for(request.method, getattr(route, "path", request.url.path))
+    if permission is not None:
+        policy.authorize(who, permission)
+    who = replace(who, ip=request.client.host if request.client else None)
+    p: Platform = request.app.state.platform
+    limits.count_request(p.db, who)
+    return who

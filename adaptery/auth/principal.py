@@ -1,4 +1,4 @@
-"""Who is calling: the tenant, the user and their role, whichever way they signed in."""
+"""Who is calling: the tenant, the user and their role, whichever way they signed in, and what the key allows."""
 
 from __future__ import annotations
 
@@ -13,6 +13,15 @@ class Role(StrEnum):
     VIEWER = "viewer"
 
 
+class Scope(StrEnum):
+    INFERENCE = "inference"
+    FILES = "files"
+    FINE_TUNING = "fine-tuning"
+    MODELS = "models"
+    ADMIN = "admin"
+
+
+ALL_SCOPES = frozenset(Scope)
 _RANK = {Role.VIEWER: 0, Role.MEMBER: 1, Role.ADMIN: 2, Role.OWNER: 3}
 
 
@@ -25,6 +34,12 @@ class Principal:
     role: Role
     api_key_id: str | None = None
     session_id: str | None = None
+    # A browser session acts with every scope; a key with those it was given.
+    scopes: frozenset[Scope] = ALL_SCOPES
+    # None: every model the tenant may see; otherwise model ids (bases and adapters) this key may use.
+    allowed_models: frozenset[str] | None = None
+    is_platform_admin: bool = False
+    ip: str | None = None  # where the request came from, for the audit log
 
     def has_role(self, needed: Role) -> bool:
         return _RANK[self.role] >= _RANK[needed]

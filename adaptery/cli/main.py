@@ -27,6 +27,8 @@ jobs_app = typer.Typer(help="Fine-tuning jobs.", no_args_is_help=True)
 models_app = typer.Typer(help="Base models and adapters.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys of your tenant.", no_args_is_help=True)
 tenants_app = typer.Typer(help="Tenants (run on the server machine; talks to the database).", no_args_is_help=True)
+agents_app = typer.Typer(help="Training agents: enroll (on the server machine), list, revoke.", no_args_is_help=True)
+audit_app = typer.Typer(help="The audit log (run on the server machine; talks to the database).", no_args_is_help=True)
 datasets_app = typer.Typer(
     help="Datasets: upload any format, validate, dedup, scrub, split, version.", no_args_is_help=True
 )
@@ -36,6 +38,8 @@ for sub, name in (
     (models_app, "models"),
     (keys_app, "keys"),
     (tenants_app, "tenants"),
+    (audit_app, "audit"),
+    (agents_app, "agents"),
     (datasets_app, "datasets"),
 ):
     app.add_typer(sub, name=name)
@@ -128,32 +132,126 @@ def serve(
 
 @app.command("agent")
 def run_agent(
-    data_dir: DataDir = None,
-    database_url: DatabaseUrl = None,
-    agent_id: Annotated[str | None, typer.Option("--id", help="Agent id (default: host and pid)")] = None,
+    credentials: Annotated[
+        str | None,
+        typer.Option("--credentials", help="From `adaptery agents create` [env: ADAPTERY_AGENT_CREDENTIALS]"),
+    ] = None,
+    nats_url: Annotated[
+        str | None, typer.Option("--nats-url", help="The platform's NATS server [env: ADAPTERY_NATS_URL]")
+    ] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option("--data-dir", help="Work dir for jobs and models [env: ADAPTERY_DATA_DIR]")
+    ] = None,
 ) -> None:
-    """Run a standalone training agent that leases jobs from the platform's queue."""
-    from adaptery.agent.worker import Agent, default_agent_id
-    from adaptery.db.session import Database
-    from adaptery.services.queue import JobQueue
-    from adaptery.storage.blobs import BlobStore
+    """Run a standalone training agent: it dials the platform's NATS server and leases jobs (no database)."""
+    from adaptery.agent.link import AgentLink
+    from adaptery.agent.worker import Agent
+    from adaptery.messaging.credentials import parse_token
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = _settings(data_dir=data_dir, database_url=database_url)
-    db = Database(settings.resolved_database_url)
-    blobs = BlobStore(settings.blobs_dir)
-    queue = JobQueue(db, blobs, lease_seconds=settings.job_lease_seconds, max_attempts=settings.job_max_attempts)
+    settings = _settings(data_dir=data_dir, nats_url=nats_url, agent_credentials=credentials)
+    if not settings.agent_credentials:
+        console.print("[red]No credentials:[/red] pass --credentials (from `adaptery agents create NAME`).")
+        raise typer.Exit(2)
+    try:
+        agent_id, secret = parse_token(settings.agent_credentials)
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from exc
+    url = settings.nats_url
+    written = settings.nats_dir / "url"
+    if url is None and written.is_file():  # a serve on this machine's data dir said where its NATS listens
+        url = written.read_text().strip()
+    if not url:
+        console.print("[red]Where is the platform?[/red] pass --nats-url nats://host:port (printed by serve).")
+        raise typer.Exit(2)
+    link = AgentLink(url, agent_id, secret)
+    try:
+        link.connect()
+    except Exception as exc:
+        console.print(f"[red]Cannot join the platform at {url}:[/red] {exc}")
+        raise typer.Exit(1) from exc
     worker = Agent(
-        queue,
+        link,
         settings.work_dir,
-        agent_id=agent_id or default_agent_id("agent"),
+        name=agent_id,
         heartbeat_seconds=settings.job_heartbeat_seconds,
         poll_seconds=settings.agent_poll_seconds,
+        models_dir=settings.models_dir,
     )
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: worker.stop())
-    console.print(f"Agent [bold]{worker.agent_id}[/bold] waiting for jobs (Ctrl-C to stop)")
-    worker.run()
+    console.print(f"Agent [bold]{agent_id}[/bold] connected to {url}, waiting for jobs (Ctrl-C to stop)")
+    try:
+        worker.run()
+    finally:
+        link.close()
+
+
+@agents_app.command("create")
+def create_agent(
+    name: str,
+    tenant: Annotated[str | None, typer.Option(help="Only run this tenant's jobs (tenant name)")] = None,
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Enroll an agent; prints its credentials once (only a bcrypt hash is kept). serve applies it within seconds."""
+    from sqlalchemy import select
+
+    from adaptery.db import models as m
+    from adaptery.db.session import Database
+    from adaptery.messaging import credentials
+    from adaptery.services.errors import ServiceError
+
+    settings = _settings(data_dir=data_dir, database_url=database_url)
+    db = Database(settings.resolved_database_url)
+    db.migrate()
+    try:
+        with db.system() as s:
+            scope = None
+            if tenant is not None:
+                scope = s.scalar(select(m.Tenant.id).where(m.Tenant.name == tenant))
+                if scope is None:
+                    raise typer.BadParameter(f"no tenant named '{tenant}'", param_hint="--tenant")
+            created = credentials.create_agent(s, name, tenant_scope=scope)
+    except ServiceError as exc:
+        console.print(f"[red]Error:[/red] {exc.message}")
+        raise typer.Exit(1) from exc
+    print(f"ADAPTERY_AGENT_CREDENTIALS={created.token}")
+
+
+@agents_app.command("list")
+def list_agents() -> None:
+    """Enrolled agents, their state and current job (asks the platform; owners and platform admins)."""
+    table = Table("id", "name", "state", "last heartbeat", "job")
+    for agent in api("GET", "/api/admin/agents")["data"]:
+        seen = agent["last_heartbeat_at"]
+        table.add_row(
+            agent["id"],
+            agent["name"],
+            agent["state"],
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seen)) if seen else "never",
+            agent["current_job"] or "",
+        )
+    console.print(table)
+
+
+@agents_app.command("revoke")
+def revoke_agent(agent: str, data_dir: DataDir = None, database_url: DatabaseUrl = None) -> None:
+    """Revoke an agent (by id or name): the server disconnects it within seconds; its job goes back to the queue."""
+    from adaptery.db.session import Database
+    from adaptery.messaging import credentials
+    from adaptery.services.errors import ServiceError
+
+    settings = _settings(data_dir=data_dir, database_url=database_url)
+    db = Database(settings.resolved_database_url)
+    try:
+        with db.system() as s:
+            revoked = credentials.revoke_agent(s, agent)
+            console.print(f"Agent {revoked.id} ({revoked.name}) revoked")
+    except ServiceError as exc:
+        console.print(f"[red]Error:[/red] {exc.message}")
+        raise typer.Exit(1) from exc
 
 
 @tenants_app.command("create")
@@ -179,6 +277,68 @@ def create_tenant(
         raise typer.Exit(1) from exc
     print(f"ADAPTERY_LOGIN_URL={settings.base_url}/auth/link?token={created.login_token}")
     print(f"ADAPTERY_API_KEY={created.api_key}")
+
+
+@audit_app.command("verify")
+def verify_audit(data_dir: DataDir = None, database_url: DatabaseUrl = None) -> None:
+    """Check the audit log's hash chain; exits 1 and names the first broken row if it was tampered with."""
+    from adaptery.db.session import Database
+    from adaptery.services import audit
+
+    settings = _settings(data_dir=data_dir, database_url=database_url)
+    db = Database(settings.resolved_database_url)
+    db.migrate()
+    with db.system() as s:
+        result = audit.verify(s)
+    if result.ok:
+        console.print(f"[green]Audit log intact:[/green] {result.rows} events, hash chain verified.")
+        return
+    console.print(f"[red]Audit log broken at row {result.first_broken_seq}:[/red] {result.problem}")
+    raise typer.Exit(1)
+
+
+@keys_app.command("rotate-master")
+def rotate_master_key(data_dir: DataDir = None, database_url: DatabaseUrl = None) -> None:
+    """Rotate the master key that wraps the tenants' data keys (run on the server machine, servers may keep running).
+
+    Only the tenants' data keys are re-wrapped; no stored data is re-encrypted. With the key file, running
+    servers pick the new key up by themselves and the old key is gone afterwards. With ADAPTERY_MASTER_KEY, the
+    new key is taken from ADAPTERY_NEW_MASTER_KEY (or made and printed): set ADAPTERY_MASTER_KEY to it
+    (`new,old` for servers that keep running until their restart).
+    """
+    import os
+
+    from adaptery.db.session import Database
+    from adaptery.storage.crypto import LocalKeyProvider
+    from adaptery.storage.keys import rotate_master_key as rotate
+
+    settings = _settings(data_dir=data_dir, database_url=database_url)
+    db = Database(settings.resolved_database_url)
+    db.migrate()
+    provider = LocalKeyProvider.from_environment(settings.master_key_file)
+    try:
+        result = rotate(db, provider, os.environ.get("ADAPTERY_NEW_MASTER_KEY") or None)
+    except ValueError as exc:
+        console.print(f"[red]Error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    finally:
+        db.dispose()
+    console.print(
+        f"[green]Master key rotated:[/green] {result.old_key_id} → {result.new_key_id}, "
+        f"{result.rewrapped} tenant data keys re-wrapped."
+    )
+    if result.new_key_text is not None:
+        print(f"ADAPTERY_MASTER_KEY={result.new_key_text}")
+
+
+@keys_app.command("rotate")
+def rotate_key(
+    key_id: str,
+    overlap_seconds: Annotated[float, typer.Option(help="How long the old secret keeps working")] = 3600,
+) -> None:
+    """A new secret for a key (same id); printed once. The old one works for the overlap window."""
+    created = api("POST", f"/api/keys/{key_id}/rotate", json={"overlap_seconds": overlap_seconds})
+    print(created["value"])
 
 
 @files_app.command("upload")
@@ -253,6 +413,20 @@ def list_jobs(limit: int = 20) -> None:
 def cancel_job(job_id: str) -> None:
     job = openai_client().fine_tuning.jobs.cancel(job_id)
     console.print(f"Job {job.id}: {job.status}")
+
+
+@jobs_app.command("pause")
+def pause_job(job_id: str) -> None:
+    """Pause a job: a running one stops at its next step with a checkpoint."""
+    job = api("POST", f"/v1/fine_tuning/jobs/{job_id}/pause")
+    console.print(f"Job {job['id']}: {job['status']}{' (pausing)' if job['status'] == 'running' else ''}")
+
+
+@jobs_app.command("resume")
+def resume_job(job_id: str) -> None:
+    """Resume a paused job from its latest checkpoint."""
+    job = api("POST", f"/v1/fine_tuning/jobs/{job_id}/resume")
+    console.print(f"Job {job['id']}: {job['status']}")
 
 
 @jobs_app.command("follow")

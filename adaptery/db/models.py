@@ -64,6 +64,15 @@ class ApiKey(TenantOwned, Base):
     last_used_at: Mapped[float | None] = mapped_column(Float)
     expires_at: Mapped[float | None] = mapped_column(Float)
     revoked_at: Mapped[float | None] = mapped_column(Float)
+    scopes: Mapped[list[Any] | None] = mapped_column(JSON)  # None: every scope (keys made before scopes)
+    allowed_models: Mapped[list[Any] | None] = mapped_column(JSON)  # None: every model the tenant may use
+    previous_secret_hash: Mapped[str | None] = mapped_column(String(64))  # still valid during a rotation's overlap
+    previous_secret_expires_at: Mapped[float | None] = mapped_column(Float)
+    rotated_at: Mapped[float | None] = mapped_column(Float)
+    requests_per_minute: Mapped[int | None] = mapped_column(Integer)
+    tokens_per_minute: Mapped[int | None] = mapped_column(BigInteger)
+    concurrent_streams: Mapped[int | None] = mapped_column(Integer)
+    monthly_tokens: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class LoginToken(TenantOwned, Base):
@@ -133,6 +142,11 @@ class FineTuningJob(TenantOwned, Base):
     lease_expires_at: Mapped[float | None] = mapped_column(Float)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     next_event_seq: Mapped[int] = mapped_column(Integer, default=0)
+    priority: Mapped[int] = mapped_column(Integer, default=0)  # within its tenant: higher leases first
+    pause_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    leased_at: Mapped[float | None] = mapped_column(Float)  # last lease: the tenants' round-robin turn
+    lineage: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # {"kind", "parent_job", "checkpoint"}
+    init_adapter: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # start from these adapter blobs (name -> sha)
 
 
 class JobEvent(TenantOwned, Base):
@@ -156,6 +170,25 @@ class JobCheckpoint(TenantOwned, Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
     model_name: Mapped[str] = mapped_column(String(255))
     created_at: Mapped[float] = mapped_column(Float, default=now)
+    epoch: Mapped[float | None] = mapped_column(Float)
+    manifest: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # file name -> blob sha256
+    resumable: Mapped[bool] = mapped_column(Boolean, default=False)  # holds optimizer, schedule and RNG state
+
+
+class Agent(Base):
+    """An enrolled training agent: its NATS user is its id, its password is stored only as a bcrypt hash
+    (the form nats-server checks). Not tenant-owned: an agent serves the platform, or one tenant if scoped."""
+
+    __tablename__ = "agents"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    secret_hash: Mapped[str] = mapped_column(String(128))
+    tenant_scope: Mapped[str | None] = mapped_column(String(40), ForeignKey("tenants.id", ondelete="CASCADE"))
+    embedded: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+    last_seen_at: Mapped[float | None] = mapped_column(Float)
+    current_job_id: Mapped[str | None] = mapped_column(String(40))
+    revoked_at: Mapped[float | None] = mapped_column(Float)
 
 
 class Adapter(TenantOwned, Base):
@@ -170,6 +203,7 @@ class Adapter(TenantOwned, Base):
     manifest: Mapped[dict[str, Any]] = mapped_column(JSON)
     sha256: Mapped[str] = mapped_column(String(64))
     visibility: Mapped[str] = mapped_column(String(16), default="tenant")
+    created_by: Mapped[str | None] = mapped_column(String(40))
     created_at: Mapped[float] = mapped_column(Float, default=now)
 
 
@@ -214,3 +248,122 @@ class DatasetVersion(TenantOwned, Base):
     report: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[float] = mapped_column(Float, default=now)
     finished_at: Mapped[float | None] = mapped_column(Float)
+
+
+class AdapterShare(TenantOwned, Base):
+    """A member an adapter of visibility `shared` is shared with."""
+
+    __tablename__ = "adapter_shares"
+    __table_args__ = (UniqueConstraint("adapter_id", "user_id"),)
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    adapter_id: Mapped[str] = mapped_column(String(255), ForeignKey("adapters.id", ondelete="CASCADE"), index=True)
+    user_id: Mapped[str] = mapped_column(String(40), ForeignKey("users.id", ondelete="CASCADE"))
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+
+
+class AuditEvent(Base):
+    """One security-relevant action; rows form a hash chain (`services.audit`), never updated or deleted.
+
+    Not `TenantOwned`: some events have no tenant (a failed sign-in of an unknown user), and the chain spans
+    the platform. `services.audit.list_events` narrows reads to the caller's tenant.
+    """
+
+    __tablename__ = "audit_events"
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    created_at: Mapped[float] = mapped_column(Float)
+    tenant_id: Mapped[str | None] = mapped_column(String(40), index=True)
+    actor_user_id: Mapped[str | None] = mapped_column(String(40))
+    actor: Mapped[str | None] = mapped_column(String(64))
+    actor_key_id: Mapped[str | None] = mapped_column(String(40))
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str | None] = mapped_column(String(255))
+    outcome: Mapped[str] = mapped_column(String(16))
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    ip: Mapped[str | None] = mapped_column(String(64))
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditHead(Base):
+    """The chain's last link, one row: appenders lock it, so concurrent writers (any process) queue up."""
+
+    __tablename__ = "audit_head"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class TenantLimits(Base):
+    """Limits a platform admin sets on a tenant (None: unlimited)."""
+
+    __tablename__ = "tenant_limits"
+    tenant_id: Mapped[str] = mapped_column(String(40), ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    requests_per_minute: Mapped[int | None] = mapped_column(Integer)
+    tokens_per_minute: Mapped[int | None] = mapped_column(BigInteger)
+    concurrent_streams: Mapped[int | None] = mapped_column(Integer)
+    monthly_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    max_tokens: Mapped[int | None] = mapped_column(Integer)
+    max_upload_bytes: Mapped[int | None] = mapped_column(BigInteger)  # below the platform's own limit
+    updated_at: Mapped[float] = mapped_column(Float, default=now)
+
+
+class UsageCounter(Base):
+    """The usage ledger: one row per subject (`key:<id>`, `tenant:<id>`) and period (a minute, a month,
+    `streams`); limits are conditional updates of these rows, so they hold across server processes."""
+
+    __tablename__ = "usage_counters"
+    subject: Mapped[str] = mapped_column(String(96), primary_key=True)
+    period: Mapped[str] = mapped_column(String(32), primary_key=True)
+    requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    reserved: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class UsageReservation(Base):
+    """A request's worst case held against the ledger until it settles (or expires, if its process died)."""
+
+    __tablename__ = "usage_reservations"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    holds: Mapped[list[Any]] = mapped_column(JSON)  # [[subject, period, column, amount], ...]
+    expires_at: Mapped[float] = mapped_column(Float, index=True)
+
+
+class Conversation(TenantOwned, Base):
+    """A saved chat of one user (`services.conversations` also filters by the owning user)."""
+
+    __tablename__ = "conversations"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(40), ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    title: Mapped[str] = mapped_column(Text, default="")  # sealed (services.conversations): longer than 200
+    model: Mapped[str | None] = mapped_column(String(255))
+    system_prompt: Mapped[str] = mapped_column(Text, default="")
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # temperature, max_tokens, top_p
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+    updated_at: Mapped[float] = mapped_column(Float, default=now, index=True)
+
+
+class ChatMessage(TenantOwned, Base):
+    __tablename__ = "chat_messages"
+    __table_args__ = (UniqueConstraint("conversation_id", "seq"),)
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    conversation_id: Mapped[str] = mapped_column(
+        String(40), ForeignKey("conversations.id", ondelete="CASCADE"), index=True
+    )
+    seq: Mapped[int] = mapped_column(Integer)
+    role: Mapped[str] = mapped_column(String(16))
+    content: Mapped[str] = mapped_column(Text)
+    model: Mapped[str | None] = mapped_column(String(255))  # the model that wrote an assistant message
+    stopped: Mapped[bool] = mapped_column(Boolean, default=False)  # the user stopped it mid-stream
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+
+
+class TenantKey(Base):
+    """A tenant's data key, wrapped by the master key `master_key_id` (see `storage.crypto`)."""
+
+    __tablename__ = "tenant_keys"
+    tenant_id: Mapped[str] = mapped_column(String(40), ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(32))
+    master_key_id: Mapped[str] = mapped_column(String(32), index=True)
+    wrapped: Mapped[str] = mapped_column(Text)  # base64
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+    rewrapped_at: Mapped[float | None] = mapped_column(Float)

@@ -27,10 +27,10 @@ MAX_MEMBERS = 64
 
 def zip_adapter(blobs: BlobStore, adapter: m.Adapter) -> Iterator[bytes]:
     """The adapter's files as a zip stream (written to a temporary file first: zips need seeking)."""
-    with tempfile.TemporaryFile() as spool:
+    with tempfile.TemporaryFile(dir=blobs.scratch) as spool:  # plaintext: not in the data dir
         with zipfile.ZipFile(spool, "w", compression=zipfile.ZIP_DEFLATED) as archive:
             for name, sha256 in sorted(adapter.manifest.items()):
-                with blobs.open(sha256) as source, archive.open(name, "w") as target:
+                with blobs.open(adapter.tenant_id, sha256) as source, archive.open(name, "w") as target:
                     shutil.copyfileobj(source, target, CHUNK)
         spool.seek(0)
         yield from iter(lambda: spool.read(CHUNK), b"")

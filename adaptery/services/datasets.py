@@ -34,6 +34,7 @@ from adaptery.db.ids import new_id
 from adaptery.db.session import Database
 from adaptery.services.errors import Conflict, InvalidRequest, NotFound
 from adaptery.storage.blobs import BlobStore, StoredBlob
+from adaptery.storage.crypto import DataKey
 
 OPERATIONS = ("upload", "dedup", "scrub", "split-train", "split-validation")
 CARD_FIELDS = ("name", "description", "source", "license", "contains_protected_data")
@@ -95,15 +96,41 @@ def ready_version(session: Session, dataset: m.Dataset, number: int | None) -> m
     return version
 
 
-def iter_records(blobs: BlobStore, sha256: str) -> Iterator[tuple[int, dict]]:
-    with blobs.open(sha256) as handle:
+# Report fields that quote record text (PII snippets, validation messages): stored sealed with the tenant's key.
+SEALED_REPORT_FIELDS = (("pii", "examples"), ("validation", "errors"), ("validation", "summary"))
+
+
+def seal_report(key: DataKey, report: dict[str, Any], version_id: str) -> dict[str, Any]:
+    sealed = {part: dict(value) if isinstance(value, dict) else value for part, value in report.items()}
+    for part, name in SEALED_REPORT_FIELDS:
+        if isinstance(sealed.get(part), dict) and name in sealed[part]:
+            text = json.dumps(sealed[part][name])
+            sealed[part][name] = {"sealed": key.seal_text(text, f"dataset_versions.report.{part}.{name}|{version_id}")}
+    return sealed
+
+
+def open_report(key: DataKey, report: dict[str, Any] | None, version_id: str) -> dict[str, Any] | None:
+    """A version's report as it was made (the sealed fields opened)."""
+    if not report:
+        return report
+    opened = {part: dict(value) if isinstance(value, dict) else value for part, value in report.items()}
+    for part, name in SEALED_REPORT_FIELDS:
+        value = opened.get(part, {}).get(name) if isinstance(opened.get(part), dict) else None
+        if isinstance(value, dict) and set(value) == {"sealed"}:
+            context = f"dataset_versions.report.{part}.{name}|{version_id}"
+            opened[part][name] = json.loads(key.open_text(value["sealed"], context))
+    return opened
+
+
+def iter_records(blobs: BlobStore, tenant_id: str, sha256: str) -> Iterator[tuple[int, dict]]:
+    with blobs.open(tenant_id, sha256) as handle:
         for index, line in enumerate(handle):
             yield index, json.loads(line)
 
 
 def preview(blobs: BlobStore, version: m.DatasetVersion, *, offset: int, limit: int) -> list[dict]:
     out = []
-    for index, record in iter_records(blobs, version.sha256):
+    for index, record in iter_records(blobs, version.tenant_id, version.sha256):
         if index >= offset + limit:
             break
         if index >= offset:
@@ -344,35 +371,35 @@ def run_version(
             counted.append(tokens)
             return tokens
 
-        with blobs.writer() as sink:
+        with blobs.writer(tenant_id) as sink:
             if operation == "upload":
-                path = blobs.path(source_sha)
-                fmt = params.get("format") or detect_format(path, source_name)
-                mapping = ColumnMapping(**params["mapping"]) if params.get("mapping") else None
-                validation = validate_and_normalise(
-                    path,
-                    fmt,
-                    sink,
-                    mapping=mapping,
-                    count_tokens=count_and_keep,
-                    max_tokens=budget.context,
-                    progress=progress,
-                )
+                with blobs.plaintext(tenant_id, source_sha) as path:  # parsers need a path (Parquet, CSV)
+                    fmt = params.get("format") or detect_format(path, source_name)
+                    mapping = ColumnMapping(**params["mapping"]) if params.get("mapping") else None
+                    validation = validate_and_normalise(
+                        path,
+                        fmt,
+                        sink,
+                        mapping=mapping,
+                        count_tokens=count_and_keep,
+                        max_tokens=budget.context,
+                        progress=progress,
+                    )
                 report["validation"] = {**validation.to_dict(), "model": budget.model}
             elif operation == "dedup":
                 result = dedup.deduplicate(
-                    iter_records(blobs, parent_sha),
+                    iter_records(blobs, tenant_id, parent_sha),
                     threshold=params["threshold"],
                     num_perm=params["num_perm"],
                     near=params["near"],
                     progress=progress,
                 )
                 kept = set(result.keep)
-                _write_records(sink, (r for i, r in iter_records(blobs, parent_sha) if i in kept))
+                _write_records(sink, (r for i, r in iter_records(blobs, tenant_id, parent_sha) if i in kept))
                 report["dedup"] = result.report.to_dict()
             elif operation == "scrub":
                 scrubbed, pii_report = pii.scrub(
-                    (r for _, r in iter_records(blobs, parent_sha)), params["kinds"], progress=progress
+                    (r for _, r in iter_records(blobs, tenant_id, parent_sha)), params["kinds"], progress=progress
                 )
                 _write_records(sink, scrubbed)
                 report["pii"] = pii_report.to_dict()
@@ -381,7 +408,7 @@ def run_version(
                     parent_records, validation_fraction=params["validation_fraction"], seed=params["seed"]
                 )
                 chosen = set(train if operation == "split-train" else validation_part)
-                _write_records(sink, (r for i, r in iter_records(blobs, parent_sha) if i in chosen))
+                _write_records(sink, (r for i, r in iter_records(blobs, tenant_id, parent_sha) if i in chosen))
                 report["split"] = {
                     "part": operation.removeprefix("split-"),
                     "records": len(chosen),
@@ -389,7 +416,7 @@ def run_version(
                     **params,
                 }
         blob = sink.blob
-        records_again = (r for _, r in iter_records(blobs, blob.sha256))
+        records_again = (r for _, r in iter_records(blobs, tenant_id, blob.sha256))
         if operation == "upload":  # only records within the context were kept, in order
             kept_counts = (tokens for tokens in counted if tokens <= budget.context)
             summary = stats.compute_stats(records_again, token_counts=kept_counts)
@@ -400,7 +427,7 @@ def run_version(
             version.sha256, version.bytes = blob.sha256, blob.size
             version.records = summary["records"]
             version.stats = {**summary, "tokens_model": budget.model}
-            version.report = report
+            version.report = seal_report(blobs.keyring.data_key(tenant_id), report, version_id)
             if fmt:
                 version.format = fmt
             version.status = "ready"
@@ -434,14 +461,15 @@ class _Discard:
         return len(data)
 
 
-def check_chat_file(blobs: BlobStore, sha256: str, budget: TokenBudget) -> ValidationReport:
+def check_chat_file(blobs: BlobStore, tenant_id: str, sha256: str, budget: TokenBudget) -> ValidationReport:
     """Validate stored chat JSONL as training would see it, against `budget`'s base model."""
-    return validate_and_normalise(
-        blobs.path(sha256), "openai-chat", _Discard(), count_tokens=budget.count, max_tokens=budget.context
-    )
+    with blobs.plaintext(tenant_id, sha256) as path:
+        return validate_and_normalise(
+            path, "openai-chat", _Discard(), count_tokens=budget.count, max_tokens=budget.context
+        )
 
 
 def validate_for_model(blobs: BlobStore, version: m.DatasetVersion, budget: TokenBudget) -> dict[str, Any]:
     """A version's records checked against a base model's context; the content is unchanged."""
-    report = check_chat_file(blobs, version.sha256, budget)
+    report = check_chat_file(blobs, version.tenant_id, version.sha256, budget)
     return {**report.to_dict(), "model": budget.model, "context": budget.context, "version": version.number}

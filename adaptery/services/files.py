@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import PurePath
 from typing import BinaryIO
@@ -15,13 +16,35 @@ from adaptery.db.ids import new_id
 from adaptery.services import blob_refs
 from adaptery.services.errors import InvalidRequest, NotFound, TooLarge
 from adaptery.storage.blobs import BlobStore, BlobTooLarge
+from adaptery.training.data import DatasetError, read_preference_records
 
 PURPOSES = ("fine-tune", "batch", "assistants", "vision", "user_data", "evals")
 
 
-def _lines(blobs: BlobStore, sha256: str) -> Iterator[bytes]:
-    with blobs.open(sha256) as handle:
+def _lines(blobs: BlobStore, tenant_id: str, sha256: str) -> Iterator[bytes]:
+    with blobs.open(tenant_id, sha256) as handle:
         yield from handle
+
+
+def _is_preference_file(blobs: BlobStore, tenant_id: str, sha256: str) -> bool:
+    """OpenAI's DPO files hold preference pairs; the first record tells which kind a file is."""
+    for raw in _lines(blobs, tenant_id, sha256):
+        if raw.strip():
+            try:
+                first = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                return False
+            return isinstance(first, dict) and "preferred_output" in first
+    return False
+
+
+def _validate_preferences(system: Session, blobs: BlobStore, tenant_id: str, sha256: str) -> int:
+    try:
+        with blobs.plaintext(tenant_id, sha256) as path:
+            return len(read_preference_records(path))
+    except DatasetError as exc:
+        blob_refs.release(system, blobs, tenant_id, sha256)
+        raise InvalidRequest(f"Invalid file format for preference fine-tuning: {exc}", param="file") from exc
 
 
 def safe_filename(name: str | None) -> str:
@@ -35,6 +58,7 @@ def upload(
     system: Session,
     blobs: BlobStore,
     *,
+    tenant_id: str,
     source: BinaryIO,
     filename: str | None,
     purpose: str,
@@ -43,16 +67,19 @@ def upload(
     if purpose not in PURPOSES:
         raise InvalidRequest(f"purpose must be one of {', '.join(PURPOSES)}", param="purpose")
     try:
-        blob = blobs.put_file(source, max_bytes=max_bytes)
+        blob = blobs.put_file(tenant_id, source, max_bytes=max_bytes)
     except BlobTooLarge as exc:
         raise TooLarge(f"File is larger than the upload limit of {exc.limit} bytes.", param="file") from exc
     records = None
     if purpose == "fine-tune":
-        report = validate_lines(_lines(blobs, blob.sha256))
-        if not report.ok:
-            blob_refs.release(system, blobs, blob.sha256)
-            raise InvalidRequest(f"Invalid file format for fine-tuning: {report.summary()}", param="file")
-        records = report.records
+        if _is_preference_file(blobs, tenant_id, blob.sha256):
+            records = _validate_preferences(system, blobs, tenant_id, blob.sha256)
+        else:
+            report = validate_lines(_lines(blobs, tenant_id, blob.sha256))
+            if not report.ok:
+                blob_refs.release(system, blobs, tenant_id, blob.sha256)
+                raise InvalidRequest(f"Invalid file format for fine-tuning: {report.summary()}", param="file")
+            records = report.records
     record = m.File(
         id=new_id("file-"),
         filename=safe_filename(filename),

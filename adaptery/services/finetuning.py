@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import secrets
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -17,10 +17,18 @@ from sqlalchemy.orm import Session
 from adaptery.auth.principal import Principal
 from adaptery.db import models as m
 from adaptery.db.ids import new_id
-from adaptery.services import files, models
+from adaptery.engine.loading import ModelNotAvailable, resolve_model_path
+from adaptery.services import files, limits, models
 from adaptery.services.datasets import TokenBudget, check_chat_file
 from adaptery.services.errors import InvalidRequest, NotFound
 from adaptery.storage.blobs import BlobStore
+from adaptery.training.data import DatasetError, read_preference_records
+from adaptery.training.methods import ConfigurationError, check_configuration, module_inventory
+from adaptery.training.options import OPENAI_KEYS, OPTION_KEYS, resolve_options
+from adaptery.training.spec import LoraHyperparameters
+
+if TYPE_CHECKING:
+    from adaptery.settings import Settings
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 _SUFFIX = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -49,10 +57,15 @@ def _check_range(value: Any, name: str, *, low: float, high: float | None, integ
     return value
 
 
-def resolve_hyperparameters(requested: dict[str, Any] | None, base_defaults: dict[str, Any]) -> dict[str, Any]:
-    """OpenAI's knobs ('auto' or a value) resolved against the base model's recommended defaults."""
+def resolve_hyperparameters(
+    requested: dict[str, Any] | None, base_defaults: dict[str, Any], method: str = "supervised"
+) -> dict[str, Any]:
+    """OpenAI's knobs ('auto' or a value) resolved against the base model's recommended defaults.
+
+    Our own options (training.options) may sit beside them; they are resolved by `resolve_options`.
+    """
     requested = dict(requested or {})
-    unknown = set(requested) - {"n_epochs", "batch_size", "learning_rate_multiplier"}
+    unknown = set(requested) - {*OPENAI_KEYS[method], *OPTION_KEYS}
     if unknown:
         raise InvalidRequest(f"unknown hyperparameter(s): {', '.join(sorted(unknown))}", param="hyperparameters")
     defaults = {**GENERIC_DEFAULTS, **base_defaults}
@@ -66,36 +79,83 @@ def resolve_hyperparameters(requested: dict[str, Any] | None, base_defaults: dic
             "learning_rate_multiplier must be 'auto' or a number greater than 0",
             param="hyperparameters.learning_rate_multiplier",
         )
-    return {
+    resolved = {
         "n_epochs": defaults["n_epochs"] if n_epochs == "auto" else n_epochs,
         "batch_size": defaults["batch_size"] if batch_size == "auto" else batch_size,
         "learning_rate_multiplier": 1.0 if multiplier in (None, "auto") else float(multiplier),
     }
+    if method == "dpo":
+        beta = requested.get("beta")
+        if beta not in (None, "auto") and (
+            isinstance(beta, bool) or not isinstance(beta, int | float) or not 0 < beta <= 2
+        ):
+            raise InvalidRequest("beta must be 'auto' or a number above 0 and at most 2", param="hyperparameters.beta")
+        resolved["beta"] = defaults.get("beta", 0.1) if beta in (None, "auto") else float(beta)
+    return resolved
+
+
+def training_method(job: m.FineTuningJob) -> str:
+    """'supervised' or 'dpo': the TrainingSpec's `method`."""
+    return (job.method or {}).get("type") or "supervised"
 
 
 def training_arguments(job: m.FineTuningJob, base: m.BaseModel) -> dict[str, Any]:
-    """Everything a trainer needs beyond the files, from the job and its base model."""
+    """The TrainingSpec's `hyperparameters` (every key a LoraHyperparameters field), from the job and its base."""
     defaults = {**GENERIC_DEFAULTS, **base.finetune_defaults}
     hp = job.hyperparameters
-    return {
+    method = training_method(job)
+    # Jobs record every option they resolved in their method object; older jobs fall back to defaults.
+    chosen = ((job.method or {}).get(method) or {}).get("hyperparameters") or {}
+    options = {name: chosen.get(name, defaults.get(name)) for name in OPTION_KEYS if name in chosen or name in defaults}
+    arguments = {
+        **options,
         "n_epochs": hp["n_epochs"],
         "batch_size": hp["batch_size"],
-        "learning_rate": defaults["learning_rate"] * hp["learning_rate_multiplier"],
-        "lora_r": defaults["lora_r"],
-        "lora_alpha": defaults["lora_alpha"],
-        "lora_dropout": defaults["lora_dropout"],
-        "target_modules": defaults["target_modules"],
+        "learning_rate": options.get("learning_rate", defaults["learning_rate"]) * hp["learning_rate_multiplier"],
         "seed": job.seed,
     }
+    if method == "dpo":
+        arguments["beta"] = hp.get("beta", 0.1)
+    return arguments
 
 
 def _method_hyperparameters(method: dict[str, Any] | None) -> dict[str, Any] | None:
     if method is None:
         return None
     kind = method.get("type")
-    if kind != "supervised":
-        raise InvalidRequest(f"method.type {kind!r} is not supported yet; use 'supervised'", param="method.type")
-    return (method.get("supervised") or {}).get("hyperparameters")
+    if kind not in ("supervised", "dpo"):
+        raise InvalidRequest(f"method.type {kind!r} is not supported; use 'supervised' or 'dpo'", param="method.type")
+    body = method.get(kind) or {}
+    if not isinstance(body, dict) or not isinstance(body.get("hyperparameters") or {}, dict):
+        raise InvalidRequest(f"method.{kind}.hyperparameters must be an object", param=f"method.{kind}.hyperparameters")
+    return body.get("hyperparameters")
+
+
+def _training_options(
+    requested: dict[str, Any] | None,
+    base: m.BaseModel,
+    *,
+    method: str,
+    has_validation_file: bool,
+    settings: Settings | None,
+) -> dict[str, Any]:
+    """Our options, resolved and refused (400) before any compute when the platform could not train or
+    serve the result: rank above the engine's maximum, modules the base does not have, 4-bit without a GPU."""
+    defaults = {**GENERIC_DEFAULTS, **base.finetune_defaults}
+    try:
+        options = resolve_options(
+            dict(requested or {}), defaults, method=method, has_validation_file=has_validation_file
+        )
+        if settings is not None:
+            try:
+                model_dir = resolve_model_path(base.ref, offline=settings.offline)
+            except ModelNotAvailable as exc:
+                raise InvalidRequest(f"the base model's files are not available: {exc}", param="model") from exc
+            hp = LoraHyperparameters(**{**options, "n_epochs": 1, "batch_size": 1})
+            check_configuration(hp, module_inventory(model_dir), max_rank=settings.max_lora_rank)
+    except ConfigurationError as exc:
+        raise InvalidRequest(str(exc), param=exc.param) from None
+    return options
 
 
 def _fine_tune_file(session: Session, file_id: str | None, param: str) -> m.File:
@@ -124,7 +184,9 @@ def create_job(
     method: dict[str, Any] | None = None,
     seed: int | None = None,
     metadata: dict[str, str] | None = None,
+    settings: Settings | None = None,
 ) -> m.FineTuningJob:
+    """`settings`: where given, the options are also checked against what this platform can train and serve."""
     ref = models.get_model(session, model)
     if ref.adapter is not None:
         raise InvalidRequest(
@@ -138,8 +200,11 @@ def create_job(
     method_hp = _method_hyperparameters(method)
     if method_hp is not None and hyperparameters:
         raise InvalidRequest("give hyperparameters either at the top level or in method, not both", param="method")
-    resolved = resolve_hyperparameters(
-        method_hp if method_hp is not None else hyperparameters, ref.base.finetune_defaults
+    kind = (method or {}).get("type") or "supervised"
+    requested = method_hp if method_hp is not None else hyperparameters
+    resolved = resolve_hyperparameters(requested, ref.base.finetune_defaults, kind)
+    options = _training_options(
+        requested, ref.base, method=kind, has_validation_file=bool(validation_file), settings=settings
     )
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**31 - 1):
         raise InvalidRequest("seed must be an integer between 0 and 2147483647", param="seed")
@@ -152,7 +217,7 @@ def create_job(
         suffix=suffix,
         seed=seed if seed is not None else secrets.randbelow(2**31),
         hyperparameters=resolved,
-        method={"type": "supervised", "supervised": {"hyperparameters": resolved}},
+        method={"type": kind, kind: {"hyperparameters": {**resolved, **options}}},
         metadata_=metadata,
         status="validating_files",
     )
@@ -192,6 +257,8 @@ def finish(session: Session, job: m.FineTuningJob, status: str, *, error: dict[s
     job.error = error
     job.lease_owner = None
     job.lease_expires_at = None
+    session.flush()
+    limits.settle_training(session, job)
 
 
 def validate_files(session: Session, blobs: BlobStore, job: m.FineTuningJob, budget: TokenBudget) -> None:
@@ -202,7 +269,15 @@ def validate_files(session: Session, blobs: BlobStore, job: m.FineTuningJob, bud
     """
     if job.status != "validating_files":
         return
+    counted = [0]  # the training file's tokens, for the job's hold on the monthly budget
+
+    def count(messages: list[dict[str, Any]]) -> int:
+        tokens = budget.count(messages)
+        counted[0] += tokens
+        return tokens
+
     for param in ("training_file", "validation_file"):
+        training = param == "training_file"
         file_id = getattr(job, param)
         if not file_id:
             continue
@@ -210,14 +285,31 @@ def validate_files(session: Session, blobs: BlobStore, job: m.FineTuningJob, bud
         problem = None
         if record is None:
             problem = f"The file {file_id} was deleted before the job could start."
+        elif training_method(job) == "dpo":
+            try:
+                with blobs.plaintext(job.tenant_id, record.sha256) as path:
+                    pairs = read_preference_records(path)
+                if training:
+                    for pair in pairs:  # DPO trains on both answers of each pair
+                        count(pair["prompt"] + pair["chosen"])
+                        count(pair["prompt"] + pair["rejected"])
+            except DatasetError as exc:
+                problem = f"The {param.replace('_', ' ')} {file_id} is not valid preference data: {exc}"
         else:
-            report = check_chat_file(blobs, record.sha256, budget)
+            counting = TokenBudget(budget.model, count, budget.context) if training else budget
+            report = check_chat_file(blobs, job.tenant_id, record.sha256, counting)
             if not report.ok:
                 problem = f"The {param.replace('_', ' ')} {file_id} is invalid for {job.model}: {report.summary()}"
         if problem:
             finish(session, job, "failed", error={"code": f"invalid_{param}", "message": problem, "param": param})
             add_event(session, job, problem, level="error")
             return
+    estimate = counted[0] * int(job.hyperparameters.get("n_epochs") or 1)
+    refused = limits.hold_training(session, job.tenant_id, job.id, estimate, time.time())
+    if refused:
+        finish(session, job, "failed", error={"code": "insufficient_quota", "message": refused, "param": None})
+        add_event(session, job, refused, level="error")
+        return
     job.status = "queued"
     add_event(session, job, "Files validated, moving job to queued state")
 
@@ -261,6 +353,35 @@ def cancel_job(session: Session, job_id: str) -> m.FineTuningJob:
     job.cancel_requested = True
     finish(session, job, "cancelled")
     add_event(session, job, "Job cancelled at the user's request")
+    return job
+
+
+def pause_job(session: Session, job_id: str) -> m.FineTuningJob:
+    """A queued job waits at once; a running one stops at its next step with a checkpoint (its agent
+    reports it paused), and `resume_job` continues it from there."""
+    job = get_job(session, job_id)
+    if job.status not in ("queued", "running"):
+        raise InvalidRequest(
+            f"Job {job_id} is {job.status}; only a queued or running job can be paused.", param="fine_tuning_job_id"
+        )
+    if job.status == "queued":
+        job.status = "paused"
+        add_event(session, job, "Job paused at the user's request")
+    elif not job.pause_requested:
+        job.pause_requested = True
+        add_event(session, job, "Pausing at the user's request: saving a checkpoint")
+    return job
+
+
+def resume_job(session: Session, job_id: str) -> m.FineTuningJob:
+    job = get_job(session, job_id)
+    if job.status != "paused":
+        raise InvalidRequest(
+            f"Job {job_id} is {job.status}; only a paused job can be resumed.", param="fine_tuning_job_id"
+        )
+    job.status = "queued"
+    job.pause_requested = False
+    add_event(session, job, "Job resumed: queued to continue from its latest checkpoint")
     return job
 
 

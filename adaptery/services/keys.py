@@ -1,32 +1,57 @@
 """API keys: minted once, stored as a hash, checked on every request.
 
-A key reads `sk-<environment>-<key id>-<secret>`: the id is stable and safe to show, the secret is
-known only to whoever received the key.
+A key reads `sk-<environment>-<key id>-<secret>`: the environment and id are stable and safe to show, the
+secret is known only to whoever received the key. Rotation mints a new secret under the same id; the old
+one keeps working for an overlap window so running clients can switch without an outage.
 """
 
 from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from adaptery.auth.principal import Principal, Role
+from adaptery.auth import policy
+from adaptery.auth.principal import ALL_SCOPES, Principal, Role, Scope
 from adaptery.auth.secrets import hash_token, same_token
 from adaptery.db import models as m
 from adaptery.db.ids import random_token
 from adaptery.services.errors import InvalidRequest, NotFound, Unauthenticated
 
 ENVIRONMENTS = ("dev", "staging", "prod")
+MAX_ROTATION_OVERLAP_SECONDS = 30 * 86400
 _KEY_PATTERN = re.compile(r"^sk-(dev|staging|prod)-(key[A-Za-z0-9]{12})-([A-Za-z0-9]{40})$")
+LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "concurrent_streams", "monthly_tokens")
 
 
 @dataclass(frozen=True)
 class NewKey:
     record: m.ApiKey
     secret: str
+
+
+def _redacted(environment: str, key_id: str, secret: str) -> str:
+    return f"sk-{environment}-{key_id}-…{secret[-4:]}"
+
+
+def check_scopes(scopes: Iterable[str], *, within: frozenset[Scope] = ALL_SCOPES) -> list[str]:
+    """Known scopes, and none beyond `within`: a key never mints a key with more power than itself."""
+    out = []
+    for scope in scopes:
+        if scope not in {s.value for s in Scope}:
+            raise InvalidRequest(
+                f"unknown scope {scope!r}; scopes are {', '.join(s.value for s in Scope)}", param="scopes"
+            )
+        if scope not in within:
+            raise InvalidRequest(f"a key without the scope {scope!r} cannot grant it", param="scopes")
+        out.append(scope)
+    if not out:
+        raise InvalidRequest("a key needs at least one scope", param="scopes")
+    return sorted(set(out))
 
 
 def create_key(
@@ -37,6 +62,9 @@ def create_key(
     name: str = "",
     environment: str = "dev",
     expires_in_days: float | None = None,
+    scopes: Iterable[str] | None = None,
+    allowed_models: list[str] | None = None,
+    limits: dict[str, int | None] | None = None,
 ) -> NewKey:
     if environment not in ENVIRONMENTS:
         raise InvalidRequest(f"environment must be one of {', '.join(ENVIRONMENTS)}", param="environment")
@@ -44,7 +72,6 @@ def create_key(
         raise InvalidRequest("expires_in_days must be positive", param="expires_in_days")
     key_id = "key" + random_token(12)
     secret = random_token(40)
-    token = f"sk-{environment}-{key_id}-{secret}"
     record = m.ApiKey(
         id=key_id,
         tenant_id=tenant_id,
@@ -52,25 +79,66 @@ def create_key(
         name=name,
         environment=environment,
         secret_hash=hash_token(secret),
-        redacted=f"sk-{environment}-{key_id}-…{secret[-4:]}",
+        redacted=_redacted(environment, key_id, secret),
         expires_at=time.time() + expires_in_days * 86400 if expires_in_days else None,
+        scopes=check_scopes(ALL_SCOPES if scopes is None else scopes),
+        allowed_models=sorted(set(allowed_models)) if allowed_models is not None else None,
+        **set_limits_values(limits or {}),
     )
     session.add(record)
     session.flush()
-    return NewKey(record, token)
+    return NewKey(record, f"sk-{environment}-{key_id}-{secret}")
 
 
-def list_keys(session: Session) -> list[m.ApiKey]:
-    return list(session.scalars(select(m.ApiKey).order_by(m.ApiKey.created_at.desc())))
+def set_limits_values(values: dict[str, int | None]) -> dict[str, int | None]:
+    for field, value in values.items():
+        if field not in LIMIT_FIELDS:
+            raise InvalidRequest(f"unknown limit {field!r}", param=field)
+        if value is not None and value < 1:
+            raise InvalidRequest(f"{field} must be at least 1 (or null for no limit)", param=field)
+    return values
 
 
-def revoke_key(session: Session, key_id: str) -> m.ApiKey:
+def list_keys(session: Session, who: Principal) -> list[m.ApiKey]:
+    """Admins see every key of the tenant; members their own."""
+    query = select(m.ApiKey).order_by(m.ApiKey.created_at.desc())
+    if not who.has_role(Role.ADMIN):
+        query = query.where(m.ApiKey.user_id == who.user_id)
+    return list(session.scalars(query))
+
+
+def get_key(session: Session, who: Principal, key_id: str) -> m.ApiKey:
     record = session.scalars(select(m.ApiKey).where(m.ApiKey.id == key_id)).one_or_none()
-    if record is None:
+    if record is None or not policy.may_manage_key(who, record.user_id):
         raise NotFound(f"No API key with id '{key_id}'", param="key_id")
+    return record
+
+
+def revoke_key(session: Session, who: Principal, key_id: str) -> m.ApiKey:
+    record = get_key(session, who, key_id)
     if record.revoked_at is None:
         record.revoked_at = time.time()
     return record
+
+
+def rotate_key(session: Session, who: Principal, key_id: str, *, overlap_seconds: float) -> NewKey:
+    """A new secret under the same id; the current one stays valid for `overlap_seconds` (0: revoked now)."""
+    if not 0 <= overlap_seconds <= MAX_ROTATION_OVERLAP_SECONDS:
+        raise InvalidRequest(
+            f"overlap_seconds must be between 0 and {MAX_ROTATION_OVERLAP_SECONDS}", param="overlap_seconds"
+        )
+    record = get_key(session, who, key_id)
+    if record.revoked_at is not None:
+        raise InvalidRequest("a revoked key cannot be rotated; create a new key", param="key_id")
+    now = time.time()
+    secret = random_token(40)
+    record.previous_secret_hash = record.secret_hash if overlap_seconds > 0 else None
+    record.previous_secret_expires_at = now + overlap_seconds if overlap_seconds > 0 else None
+    record.secret_hash = hash_token(secret)
+    record.redacted = _redacted(record.environment, record.id, secret)
+    record.rotated_at = now
+    session.flush()
+    return NewKey(record, f"sk-{record.environment}-{record.id}-{secret}")
 
 
 def authenticate(system_session: Session, token: str) -> Principal:
@@ -79,7 +147,7 @@ def authenticate(system_session: Session, token: str) -> Principal:
     match = _KEY_PATTERN.match(token)
     if not match:
         raise invalid
-    _, key_id, secret = match.groups()
+    environment, key_id, secret = match.groups()
     row = system_session.execute(
         select(m.ApiKey, m.User, m.Tenant, m.Membership)
         .join(m.User, m.User.id == m.ApiKey.user_id)
@@ -91,7 +159,13 @@ def authenticate(system_session: Session, token: str) -> Principal:
         raise invalid
     key, user, tenant, membership = row
     now = time.time()
-    if not same_token(secret, key.secret_hash) or key.revoked_at is not None:
+    current = same_token(secret, key.secret_hash)
+    previous = (
+        key.previous_secret_hash is not None
+        and (key.previous_secret_expires_at or 0) > now
+        and same_token(secret, key.previous_secret_hash)
+    )
+    if not (current or previous) or key.revoked_at is not None or environment != key.environment:
         raise invalid
     if key.expires_at is not None and key.expires_at <= now:
         raise Unauthenticated("This API key has expired.", code="expired_api_key")
@@ -104,4 +178,7 @@ def authenticate(system_session: Session, token: str) -> Principal:
         username=user.username,
         role=Role(membership.role),
         api_key_id=key.id,
+        scopes=ALL_SCOPES if key.scopes is None else frozenset(Scope(s) for s in key.scopes),
+        allowed_models=None if key.allowed_models is None else frozenset(key.allowed_models),
+        is_platform_admin=bool(user.is_platform_admin),
     )

@@ -10,12 +10,15 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from adaptery.auth import policy
+from adaptery.auth.principal import Principal
 from adaptery.db import models as m
+from adaptery.db.ids import new_id
 from adaptery.engine.loading import read_platform_defaults, resolve_model_path
-from adaptery.services.errors import InvalidRequest, NotFound
+from adaptery.services.errors import InvalidRequest, NotFound, PermissionDenied
 from adaptery.storage.blobs import BlobStore
 
 # Only data files travel with an adapter: never pickles, never code.
@@ -49,17 +52,50 @@ def base_model_id(ref: str) -> str:
     return PurePath(ref).name if os.path.isdir(ref) else ref
 
 
-def list_models(session: Session) -> list[ModelRef]:
+def list_models(session: Session, viewer: Principal | None = None) -> list[ModelRef]:
+    """Base models and the tenant's adapters; with `viewer`, only those it may see and its key may use."""
     bases = {b.id: b for b in session.scalars(select(m.BaseModel).order_by(m.BaseModel.created_at))}
     refs = [ModelRef(b.id, b, None, "adaptery", b.created_at) for b in bases.values()]
     for adapter, tenant in session.execute(
         select(m.Adapter, m.Tenant).join(m.Tenant, m.Tenant.id == m.Adapter.tenant_id).order_by(m.Adapter.created_at)
     ):
         refs.append(ModelRef(adapter.id, bases[adapter.base_model], adapter, tenant.name, adapter.created_at))
-    return refs
+    if viewer is None:
+        return refs
+    shared = _shared_with_viewer(session, viewer)
+    return [ref for ref in refs if _visible(viewer, ref, shared)]
 
 
-def get_model(session: Session, model_id: str, *, param: str = "model") -> ModelRef:
+def _shared_with_viewer(session: Session, viewer: Principal) -> set[str]:
+    return set(session.scalars(select(m.AdapterShare.adapter_id).where(m.AdapterShare.user_id == viewer.user_id)))
+
+
+def _visible(viewer: Principal, ref: ModelRef, shared_adapter_ids: set[str]) -> bool:
+    if not policy.may_use_model(viewer, ref.id):
+        return False
+    if ref.adapter is None:
+        return True
+    members = {viewer.user_id} if ref.adapter.id in shared_adapter_ids else set()
+    return policy.can_see_adapter(
+        viewer, visibility=ref.adapter.visibility, created_by=ref.adapter.created_by, shared_with=members
+    )
+
+
+def get_model(session: Session, model_id: str, *, param: str = "model", viewer: Principal | None = None) -> ModelRef:
+    """A model by id; with `viewer`, one it may not see or use is not found, exactly like one that does not exist."""
+    ref = _get_model(session, model_id, param=param)
+    if viewer is not None and not _visible(viewer, ref, _shared_with_viewer(session, viewer)):
+        raise _not_found(model_id, param)
+    return ref
+
+
+def _not_found(model_id: str, param: str) -> NotFound:
+    return NotFound(
+        f"The model '{model_id}' does not exist or you do not have access to it.", param=param, code="model_not_found"
+    )
+
+
+def _get_model(session: Session, model_id: str, *, param: str = "model") -> ModelRef:
     if model_id.startswith("ft:"):
         row = session.execute(
             select(m.Adapter, m.Tenant)
@@ -74,9 +110,7 @@ def get_model(session: Session, model_id: str, *, param: str = "model") -> Model
         base = session.get(m.BaseModel, model_id)
         if base is not None:
             return ModelRef(base.id, base, None, "adaptery", base.created_at)
-    raise NotFound(
-        f"The model '{model_id}' does not exist or you do not have access to it.", param=param, code="model_not_found"
-    )
+    raise _not_found(model_id, param)
 
 
 def fine_tuned_model_name(base: str, tenant: str, suffix: str | None, job_id: str) -> str:
@@ -92,6 +126,7 @@ def register_adapter(
     base_model: str,
     job_id: str | None,
     adapter_dir: Path,
+    created_by: str | None = None,
 ) -> m.Adapter:
     """Store a PEFT adapter directory (safetensors only) as content-addressed blobs."""
     config_path = adapter_dir / "adapter_config.json"
@@ -104,7 +139,7 @@ def register_adapter(
     manifest = {}
     for path in sorted(adapter_dir.iterdir()):
         if path.is_file() and path.suffix in ADAPTER_FILE_SUFFIXES:
-            manifest[path.name] = blobs.put_path(path).sha256
+            manifest[path.name] = blobs.put_path(tenant_id, path).sha256
     digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
     adapter = m.Adapter(
         id=model_id,
@@ -115,23 +150,94 @@ def register_adapter(
         rank=int(config.get("r") or 0),
         manifest=manifest,
         sha256=digest,
+        created_by=created_by or _job_owner(session, job_id),
     )
     session.add(adapter)
     session.flush()
     return adapter
 
 
-def delete_adapter(session: Session, model_id: str) -> m.Adapter:
-    ref = get_model(session, model_id)
+def _job_owner(session: Session, job_id: str | None) -> str | None:
+    job = session.get(m.FineTuningJob, job_id) if job_id else None
+    return job.user_id if job else None
+
+
+VISIBILITIES = ("private", "shared", "tenant")
+
+
+@dataclass(frozen=True)
+class Sharing:
+    adapter: m.Adapter
+    members: list[str]  # usernames an adapter of visibility `shared` is shared with
+
+
+def get_sharing(session: Session, viewer: Principal, model_id: str) -> Sharing:
+    ref = get_model(session, model_id, viewer=viewer)
+    if ref.adapter is None:
+        raise InvalidRequest("Base models are shared with everyone; only adapters have a visibility.", param="model")
+    members = session.scalars(
+        select(m.User.username)
+        .join(m.AdapterShare, m.AdapterShare.user_id == m.User.id)
+        .where(m.AdapterShare.adapter_id == ref.adapter.id)
+        .order_by(m.User.username)
+    )
+    return Sharing(ref.adapter, list(members))
+
+
+def set_sharing(
+    session: Session, viewer: Principal, model_id: str, *, visibility: str, members: list[str]
+) -> tuple[Sharing, list[str], list[str]]:
+    """Set an adapter's visibility and named members; returns it with the usernames added and removed.
+
+    Only the adapter's creator or a tenant admin may change who sees it; members must belong to the tenant.
+    """
+    current = get_sharing(session, viewer, model_id)
+    adapter = current.adapter
+    if not policy.may_share_adapter(viewer, created_by=adapter.created_by):
+        raise PermissionDenied("Only the adapter's creator or a tenant admin may change who sees it.")
+    if visibility not in VISIBILITIES:
+        raise InvalidRequest(f"visibility must be one of {', '.join(VISIBILITIES)}", param="visibility")
+    if members and visibility != "shared":
+        raise InvalidRequest("members are named only with visibility 'shared'", param="members")
+    wanted = sorted(set(members))
+    users = dict(
+        session.execute(
+            select(m.User.username, m.User.id)
+            .join(m.Membership, m.Membership.user_id == m.User.id)
+            .where(m.User.username.in_(wanted))
+        ).all()
+    )
+    for i, name in enumerate(wanted):
+        if name not in users:
+            raise InvalidRequest(f"'{name}' is not a member of this tenant", param=f"members[{i}]")
+    added = [u for u in wanted if u not in current.members]
+    removed = [u for u in current.members if u not in wanted]
+    session.execute(
+        delete(m.AdapterShare).where(
+            m.AdapterShare.adapter_id == adapter.id, m.AdapterShare.user_id.not_in([users[u] for u in wanted])
+        )
+    )
+    for name in added:
+        session.add(m.AdapterShare(id=new_id("share_"), adapter_id=adapter.id, user_id=users[name]))
+    adapter.visibility = visibility
+    session.flush()
+    return Sharing(adapter, wanted), added, removed
+
+
+def delete_adapter(session: Session, model_id: str, viewer: Principal | None = None) -> m.Adapter:
+    ref = get_model(session, model_id, viewer=viewer)
     if ref.adapter is None:
         raise InvalidRequest("Base models cannot be deleted through the API.", param="model")
+    if viewer is not None and not policy.may_share_adapter(viewer, created_by=ref.adapter.created_by):
+        raise PermissionDenied("Only the adapter's creator or a tenant admin may delete it.")
     session.delete(ref.adapter)
     return ref.adapter
 
 
 def materialize_adapter(blobs: BlobStore, adapter: m.Adapter, cache_dir: Path) -> Path:
-    """An adapter as a PEFT directory on local disk, unpacked once per content hash."""
-    target = cache_dir / adapter.sha256
+    """An adapter as a PEFT directory, unpacked (decrypted) once per tenant and content hash into `cache_dir`,
+    which must be transient (the platform's per-process scratch directory, outside the data dir)."""
+    target = cache_dir / f"{adapter.tenant_id}-{adapter.sha256}"
     if target.is_dir():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -140,8 +246,7 @@ def materialize_adapter(blobs: BlobStore, adapter: m.Adapter, cache_dir: Path) -
         for name, sha256 in adapter.manifest.items():
             if PurePath(name).name != name or not name.endswith(ADAPTER_FILE_SUFFIXES):
                 raise InvalidRequest(f"refusing adapter file name {name!r}")
-            with blobs.open(sha256) as source, (staging / name).open("wb") as out:
-                shutil.copyfileobj(source, out)
+            blobs.copy_to(adapter.tenant_id, sha256, staging / name)
         os.replace(staging, target)
     except OSError:
         if target.is_dir():  # another thread unpacked the same adapter first

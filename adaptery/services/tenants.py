@@ -6,7 +6,7 @@ import re
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from adaptery.auth.principal import Role
@@ -14,7 +14,7 @@ from adaptery.auth.secrets import hash_token
 from adaptery.db import models as m
 from adaptery.db.ids import new_id, random_token
 from adaptery.services import keys
-from adaptery.services.errors import Conflict, InvalidRequest
+from adaptery.services.errors import Conflict, InvalidRequest, NotFound
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
@@ -72,3 +72,57 @@ def create_login_token(session: Session, *, tenant_id: str, user_id: str, hours:
     )
     session.flush()
     return token
+
+
+@dataclass(frozen=True)
+class Member:
+    user: m.User
+    membership: m.Membership
+
+
+def get_member(session: Session, username: str) -> Member:
+    """A member of the session's tenant by username (the tenant filter narrows memberships)."""
+    row = session.execute(
+        select(m.Membership, m.User).join(m.User, m.User.id == m.Membership.user_id).where(m.User.username == username)
+    ).one_or_none()
+    if row is None:
+        raise NotFound(f"'{username}' is not a member of this tenant.", param="username", code="member_not_found")
+    return Member(row[1], row[0])
+
+
+def invite_member(
+    session: Session, tenant_id: str, username: str, role: Role, *, login_link_hours: float
+) -> tuple[Member, str]:
+    """Add a person (new, or already on the platform) to this tenant; returns them and a one-time
+    sign-in link token into this tenant."""
+    check_name(username, "username")
+    user = session.scalar(select(m.User).where(m.User.username == username))
+    if user is None:
+        user = m.User(id=new_id("user_"), username=username)
+        session.add(user)
+        session.flush()
+    elif session.scalar(select(m.Membership).where(m.Membership.user_id == user.id)) is not None:
+        raise Conflict(f"'{username}' is already a member of this tenant.", param="username", code="already_member")
+    membership = m.Membership(id=new_id("mem_"), tenant_id=tenant_id, user_id=user.id, role=role.value)
+    session.add(membership)
+    token = create_login_token(session, tenant_id=tenant_id, user_id=user.id, hours=login_link_hours)
+    return Member(user, membership), token
+
+
+def remove_member(session: Session, member: Member) -> None:
+    """Take a person out of this tenant: their membership goes, and their sessions, unused sign-in links
+    and API keys in this tenant stop working."""
+    if member.membership.role == Role.OWNER.value:
+        owners = session.scalar(
+            select(func.count()).select_from(m.Membership).where(m.Membership.role == Role.OWNER.value)
+        )
+        if owners <= 1:
+            raise Conflict("The last owner cannot be removed; make someone else owner first.", param="username")
+    now = time.time()
+    for key in session.scalars(
+        select(m.ApiKey).where(m.ApiKey.user_id == member.user.id, m.ApiKey.revoked_at.is_(None))
+    ):
+        key.revoked_at = now
+    session.execute(delete(m.WebSession).where(m.WebSession.user_id == member.user.id))
+    session.execute(delete(m.LoginToken).where(m.LoginToken.user_id == member.user.id))
+    session.delete(member.membership)

@@ -1,4 +1,4 @@
-"""Content-addressed blob store on the local disk.
+"""Content-addressed, encrypted blob store on the local disk.
 
 A blob's key is the SHA-256 of its bytes. Writes stream to a temporary file in the store and are
 renamed into place only when complete, so an interrupted upload never leaves a visible blob.
@@ -6,14 +6,19 @@ renamed into place only when complete, so an interrupted upload never leaves a v
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import AsyncIterable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
+
+from adaptery.storage.crypto import DecryptingReader, SegmentWriter, plaintext_size
+from adaptery.storage.keys import Keyring
 
 CHUNK = 1024 * 1024
 
@@ -33,7 +38,7 @@ class StoredBlob:
 class BlobWriter:
     """A file-like sink that hashes what it is given; the blob exists only once it is closed cleanly."""
 
-    def __init__(self, handle: BinaryIO, max_bytes: int | None) -> None:
+    def __init__(self, handle: BinaryIO | SegmentWriter, max_bytes: int | None) -> None:
         self._handle = handle
         self._digest = hashlib.sha256()
         self._max_bytes = max_bytes
@@ -54,62 +59,136 @@ class BlobWriter:
 
 
 class BlobStore:
-    def __init__(self, root: Path) -> None:
+    """Every blob belongs to one tenant and is sealed with that tenant's data key (`storage.crypto`).
+
+    A blob is still named by the SHA-256 of its plaintext (dedup within a tenant, integrity checks), but its
+    file name is a keyed hash of that, under the tenant's directory: the same content of two tenants is two
+    unrelated files, and nobody with the disk alone can tell which files hold a known document.
+    Plaintext for code that needs a path (PEFT, parsers) lives only in `scratch`, a 0700 directory outside the
+    data dir that the process removes (see `plaintext`).
+    """
+
+    def __init__(self, root: Path, keyring: Keyring, scratch: Path) -> None:
         self.root = root
+        self.keyring = keyring
+        self.scratch = scratch
         self._tmp = root / "tmp"
         self._tmp.mkdir(parents=True, exist_ok=True)
+        scratch.mkdir(mode=0o700, parents=True, exist_ok=True)
 
-    def path(self, sha256: str) -> Path:
+    def path(self, tenant_id: str, sha256: str) -> Path:
+        """Where the sealed blob lies (ciphertext: use `open`, `iter_bytes` or `plaintext` to read it)."""
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
             raise ValueError(f"not a sha256 blob key: {sha256!r}")
-        return self.root / "sha256" / sha256[:2] / sha256
+        if not tenant_id or not all(c.isalnum() or c in "-_" for c in tenant_id):
+            raise ValueError(f"not a tenant id: {tenant_id!r}")
+        name = self.keyring.data_key(tenant_id).blob_name(sha256)
+        return self.root / "tenants" / tenant_id / name[:2] / name
 
-    def exists(self, sha256: str) -> bool:
-        return self.path(sha256).exists()
+    def exists(self, tenant_id: str, sha256: str) -> bool:
+        return self.path(tenant_id, sha256).exists()
+
+    def size(self, tenant_id: str, sha256: str) -> int:
+        """The plaintext size."""
+        return plaintext_size(self.path(tenant_id, sha256).stat().st_size)
 
     @contextmanager
-    def writer(self, max_bytes: int | None = None) -> Iterator[BlobWriter]:
+    def writer(self, tenant_id: str, max_bytes: int | None = None) -> Iterator[BlobWriter]:
         """Write a blob piece by piece; after the block, `writer.blob` names it. On error nothing remains."""
+        key = self.keyring.data_key(tenant_id)
         fd, tmp_name = tempfile.mkstemp(dir=self._tmp)
         try:
             with os.fdopen(fd, "wb") as handle:
-                sink = BlobWriter(handle, max_bytes)
+                sealed = key.encryptor(handle)
+                sink = BlobWriter(sealed, max_bytes)
                 yield sink
+                sealed.close()
                 handle.flush()
                 os.fsync(handle.fileno())
-            final = self.path(sink.sha256)
+            final = self.path(tenant_id, sink.sha256)
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp_name, final)
             sink.blob = StoredBlob(sink.sha256, sink.size)
         finally:
             Path(tmp_name).unlink(missing_ok=True)
 
-    def put_stream(self, chunks: Iterable[bytes], max_bytes: int | None = None) -> StoredBlob:
-        with self.writer(max_bytes) as sink:
+    def put_stream(self, tenant_id: str, chunks: Iterable[bytes], max_bytes: int | None = None) -> StoredBlob:
+        with self.writer(tenant_id, max_bytes) as sink:
             for chunk in chunks:
                 sink.write(chunk)
         return sink.blob
 
-    async def put_async_stream(self, chunks: AsyncIterable[bytes], max_bytes: int | None = None) -> StoredBlob:
-        """For request bodies: the bytes go to disk as they arrive, never all in memory."""
-        with self.writer(max_bytes) as sink:
+    async def put_async_stream(
+        self, tenant_id: str, chunks: AsyncIterable[bytes], max_bytes: int | None = None
+    ) -> StoredBlob:
+        """For request bodies: the bytes go to disk (sealed) as they arrive, never all in memory."""
+        with self.writer(tenant_id, max_bytes) as sink:
             async for chunk in chunks:
                 sink.write(chunk)
         return sink.blob
 
-    def put_file(self, source: BinaryIO, max_bytes: int | None = None) -> StoredBlob:
-        return self.put_stream(iter(lambda: source.read(CHUNK), b""), max_bytes)
+    def put_file(self, tenant_id: str, source: BinaryIO, max_bytes: int | None = None) -> StoredBlob:
+        return self.put_stream(tenant_id, iter(lambda: source.read(CHUNK), b""), max_bytes)
 
-    def put_path(self, path: Path) -> StoredBlob:
+    def put_path(self, tenant_id: str, path: Path) -> StoredBlob:
         with path.open("rb") as source:
-            return self.put_file(source)
+            return self.put_file(tenant_id, source)
 
-    def open(self, sha256: str) -> BinaryIO:
-        return self.path(sha256).open("rb")
+    def open(self, tenant_id: str, sha256: str, offset: int = 0) -> DecryptingReader:
+        """A file object of the plaintext from `offset` on; a tampered or truncated blob raises `TamperedError`
+        while it is read (no byte of a segment comes out before the segment authenticated)."""
+        key = self.keyring.data_key(tenant_id)
+        return DecryptingReader(key, self.path(tenant_id, sha256).open("rb"), offset)
 
-    def iter_bytes(self, sha256: str) -> Iterator[bytes]:
-        with self.open(sha256) as source:
+    def iter_bytes(self, tenant_id: str, sha256: str) -> Iterator[bytes]:
+        with self.open(tenant_id, sha256) as source:
             yield from iter(lambda: source.read(CHUNK), b"")
 
-    def delete(self, sha256: str) -> None:
-        self.path(sha256).unlink(missing_ok=True)
+    def copy_to(self, tenant_id: str, sha256: str, target: Path) -> None:
+        """Decrypt a blob into `target` (which must lie in `scratch` or another place that is not kept)."""
+        with self.open(tenant_id, sha256) as source, target.open("wb") as out:
+            os.chmod(target, 0o600)
+            for chunk in iter(lambda: source.read(CHUNK), b""):
+                out.write(chunk)
+
+    @contextmanager
+    def plaintext(self, tenant_id: str, sha256: str) -> Iterator[Path]:
+        """A transient plaintext copy for code that needs a path; removed when the block ends."""
+        fd, name = tempfile.mkstemp(dir=self.scratch, prefix="blob-")
+        os.close(fd)
+        target = Path(name)
+        try:
+            self.copy_to(tenant_id, sha256, target)
+            yield target
+        finally:
+            target.unlink(missing_ok=True)
+
+    def delete(self, tenant_id: str, sha256: str) -> None:
+        self.path(tenant_id, sha256).unlink(missing_ok=True)
+
+
+SCRATCH_PREFIX = "adaptery-plain-"
+
+
+def make_scratch(parent: Path | None = None) -> Path:
+    """A per-process 0700 directory outside the data dir for transient plaintext, removed when the process exits
+    (and, should it have been killed, by the next process that makes one)."""
+    root = Path(parent or tempfile.gettempdir())
+    for stale in root.glob(f"{SCRATCH_PREFIX}*-*"):
+        pid = stale.name.removeprefix(SCRATCH_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and stale.is_dir() and stale.stat().st_uid == os.getuid() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    path = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=root))
+    os.chmod(path, 0o700)
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

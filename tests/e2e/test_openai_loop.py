@@ -36,6 +36,7 @@ def wait_until_done(client: OpenAI, job_id: str, timeout: float = 240):
     raise AssertionError(f"job {job_id} did not finish")
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # one backend is enough here
 def test_upload_finetune_chat_embed_through_the_openai_client(server):
     client = client_for(server)
     raw = client.with_raw_response

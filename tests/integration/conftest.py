@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from adaptery.api.app import create_app
+from adaptery.db import models as m
 from adaptery.platform import FirstStart, Platform
 from adaptery.services import tenants
 from adaptery.settings import Settings
@@ -24,6 +26,12 @@ class Running:
 
     def auth(self, key: str | None = None) -> dict[str, str]:
         return {"Authorization": f"Bearer {key or self.first.api_key}"}
+
+    @property
+    def tenant_id(self) -> str:
+        """The first tenant's id (blobs are stored per tenant)."""
+        with self.platform.db.system() as s:
+            return s.scalar(select(m.Tenant.id).where(m.Tenant.name == self.first.tenant))
 
     def new_tenant(self, name: str, owner: str) -> tenants.NewTenant:
         with self.platform.db.system() as s:

@@ -60,6 +60,7 @@ def import_zip(running, data: bytes, **params):
     )
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # one backend is enough here
 def test_downloaded_adapter_loads_in_peft_unchanged_and_imports_back(running, trained, demo_model_dir, tmp_path):
     response = running.client.get(f"/api/models/{trained}/download", headers=running.auth())
     assert response.status_code == 200 and response.headers["content-type"] == "application/zip"
@@ -123,6 +124,7 @@ def test_not_a_zip_is_refused(running):
     assert response.status_code == 400 and "not a zip" in response.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # service logic: one backend is enough
 def test_an_adapter_for_another_base_or_too_high_a_rank_is_refused(running, trained, tmp_path):
     original = zipfile.ZipFile(
         io.BytesIO(running.client.get(f"/api/models/{trained}/download", headers=running.auth()).content)
@@ -136,6 +138,7 @@ def test_an_adapter_for_another_base_or_too_high_a_rank_is_refused(running, trai
     assert "outside what this server serves" in import_zip(running, zip_of(too_big)).json()["error"]["message"]
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # service logic: one backend is enough
 def test_other_tenant_cannot_download_my_adapter(running, trained):
     other = running.auth(running.new_tenant("other", "mallory").api_key)
     assert running.client.get(f"/api/models/{trained}/download", headers=other).status_code == 404
@@ -143,3 +146,28 @@ def test_other_tenant_cannot_download_my_adapter(running, trained):
         "/api/models/import", params={"base_model": trained}, content=b"x", headers=other
     )
     assert unknown_base.status_code == 404
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # service logic: one backend is enough
+def test_an_adapter_is_prompted_with_the_chat_template_stored_beside_it(running, trained):
+    """Serving formats prompts exactly as training did: the template travels with the adapter."""
+    archive = zipfile.ZipFile(
+        io.BytesIO(running.client.get(f"/api/models/{trained}/download", headers=running.auth()).content)
+    )
+    files = {name: archive.read(name) for name in archive.namelist()}
+    files["chat_template.jinja"] = (
+        b"{% for m in messages %}### {{ m['role'] }} said, at some length: {{ m['content'] }}\n{% endfor %}"
+        b"{% if add_generation_prompt %}### assistant:{% endif %}"
+    )
+    imported = import_zip(running, zip_of(files), suffix="tpl")
+    assert imported.status_code == 200, imported.text
+
+    def prompt_tokens(model: str) -> int:
+        body = {"model": model, "messages": QUESTION, "max_tokens": 1, "temperature": 0}
+        response = running.client.post("/v1/chat/completions", headers=running.auth(), json=body)
+        assert response.status_code == 200, response.text
+        return response.json()["usage"]["prompt_tokens"]
+
+    trained_tokens, base_tokens = prompt_tokens(trained), prompt_tokens("adaptery-demo")
+    assert trained_tokens == base_tokens  # trained here: the base's own template was saved with it
+    assert prompt_tokens(imported.json()["id"]) > base_tokens + 5

@@ -239,7 +239,7 @@ def test_upload_over_the_limit_is_413_and_leaves_nothing(running):
     assert status == 413 and body["error"]["param"] == "file"
     assert running.client.get("/api/datasets", headers=running.auth()).json()["data"] == []
     blobs = running.platform.settings.blobs_dir
-    assert not any(p.is_file() for p in (blobs / "sha256").rglob("*")) if (blobs / "sha256").exists() else True
+    assert not any(p.is_file() for p in (blobs / "tenants").rglob("*"))
     assert list((blobs / "tmp").iterdir()) == []
 
 
@@ -247,8 +247,9 @@ def test_delete_removes_the_dataset_and_its_blobs(running):
     dataset, version = ready(running, SAMPLE_CHAT.read_bytes(), filename="x.jsonl")
     assert running.client.delete(f"/api/datasets/{dataset['id']}", headers=running.auth()).json()["deleted"]
     assert running.client.get(f"/api/datasets/{dataset['id']}", headers=running.auth()).status_code == 404
-    assert not running.platform.blobs.exists(version["sha256"])
-    assert not running.platform.blobs.exists(version["source_sha256"])
+    tenant_id = running.tenant_id
+    assert not running.platform.blobs.exists(tenant_id, version["sha256"])
+    assert not running.platform.blobs.exists(tenant_id, version["source_sha256"])
 
 
 def test_other_tenant_gets_404_on_every_dataset_route(running):

@@ -12,7 +12,7 @@ from tests.integration.helpers import upload_sample
 
 
 def blob_files(running) -> list:
-    return [p for p in (running.platform.settings.blobs_dir / "sha256").rglob("*") if p.is_file()]
+    return [p for p in (running.platform.settings.blobs_dir / "tenants").rglob("*") if p.is_file()]
 
 
 def test_upload_list_retrieve_download_delete(running):

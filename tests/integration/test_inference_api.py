@@ -83,7 +83,7 @@ def test_text_completion(running):
             "messages",
             "context_length_exceeded",
         ),
-        ({"model": "adaptery-demo", "messages": QUESTION, "n": 2}, 400, "n", None),
+        ({"model": "adaptery-demo", "messages": QUESTION, "n": 17}, 400, "n", "invalid_value"),
         (
             {"model": "adaptery-demo", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
             400,

@@ -6,6 +6,7 @@ import time
 
 import psutil
 import pytest
+from sqlalchemy import select
 
 from adaptery.db import models as m
 from tests.contracts.openai_schema import assert_matches
@@ -65,7 +66,7 @@ def test_job_runs_to_an_adapter_with_events_and_checkpoint(running):
 
     with running.platform.db.system() as s:
         manifest = dict(s.get(m.Adapter, done["fine_tuned_model"]).manifest)
-    assert all(running.platform.blobs.exists(sha) for sha in manifest.values())
+    assert all(running.platform.blobs.exists(running.tenant_id, sha) for sha in manifest.values())
     deleted = client.delete(f"/v1/models/{done['fine_tuned_model']}", headers=headers)
     assert_matches("DeleteModelResponse", deleted.json())
     assert client.get(f"/v1/models/{done['fine_tuned_model']}", headers=headers).status_code == 404
@@ -76,7 +77,12 @@ def test_job_runs_to_an_adapter_with_events_and_checkpoint(running):
     )
     assert gone.status_code == 404
     assert client.delete("/v1/models/adaptery-demo", headers=headers).status_code == 400
-    assert manifest and not any(running.platform.blobs.exists(sha) for sha in manifest.values())
+    # The model's own files are released; what its job's checkpoints still name stays until they go too.
+    with running.platform.db.system() as s:
+        checkpoints = s.scalars(select(m.JobCheckpoint.manifest).where(m.JobCheckpoint.job_id == job["id"])).all()
+    kept = {sha for ckpt in checkpoints if ckpt for sha in ckpt.values()}
+    assert manifest and kept
+    assert all(running.platform.blobs.exists(running.tenant_id, sha) == (sha in kept) for sha in manifest.values())
 
 
 def test_list_is_newest_first_with_cursor_pagination(running):

@@ -15,6 +15,8 @@ from adaptery.db.tenancy import TenancyViolation
 from adaptery.services import tenants
 from adaptery.services.queue import JobQueue
 from adaptery.storage.blobs import BlobStore
+from adaptery.storage.crypto import LocalKeyProvider
+from adaptery.storage.keys import Keyring
 
 
 @pytest.fixture
@@ -83,13 +85,19 @@ def queued_job(db: Database, tenant_id: str, file_id: str) -> str:
     return job.id
 
 
+def make_blobs(db: Database, tmp_path) -> BlobStore:
+    """An encrypted blob store with its own master key file, as the platform makes one."""
+    keyring = Keyring(db, LocalKeyProvider(tmp_path / "keys" / "master.key"))
+    return BlobStore(tmp_path / "blobs", keyring, tmp_path / "scratch")
+
+
 @pytest.fixture
 def queue_setup(db, tmp_path):
     tenant = make_tenant(db, "a")
     with db.system() as s:
         s.add(m.BaseModel(id="base", ref="/nowhere", display_name="b", finetune_defaults={}))
     file_id = add_file(db, tenant)
-    queue = JobQueue(db, BlobStore(tmp_path / "blobs"), lease_seconds=0.5, max_attempts=2)
+    queue = JobQueue(db, make_blobs(db, tmp_path), lease_seconds=0.5, max_attempts=2)
     return db, queue, tenant, file_id
 
 

@@ -6,8 +6,8 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import APIRouter, Depends
@@ -19,14 +19,15 @@ from adaptery.api.deps import platform, principal
 from adaptery.auth.policy import require
 from adaptery.auth.principal import Principal
 from adaptery.db.ids import new_id
-from adaptery.engine.generation import AdapterSpec, Delta, PromptTooLong, Usage
+from adaptery.engine.generation import AdapterRejected, AdapterSpec, Delta, PromptTooLong, Usage
 from adaptery.engine.sampling import SamplingParams
 from adaptery.platform import Platform
-from adaptery.services import models
+from adaptery.services import limits, models
 from adaptery.services.errors import InvalidRequest
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+MAX_CHOICES = 16
 
 
 class ChatMessage(BaseModel):
@@ -43,15 +44,19 @@ class SamplingFields(BaseModel):
     stream_options: dict[str, Any] | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1, description="Sample among the k likeliest tokens; 0 or -1: no limit.")
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
     max_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = None
-    n: int | None = Field(None, ge=1)
-    logprobs: bool | None = None
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES)
 
 
 class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list[dict[str, Any]] | None = None
 
@@ -59,6 +64,7 @@ class ChatRequest(SamplingFields):
 class CompletionRequest(SamplingFields):
     prompt: str | list[str]
     echo: bool | None = None
+    logprobs: int | None = Field(None, ge=0, le=5)
 
 
 @dataclass
@@ -69,6 +75,14 @@ class Prepared:
     adapter: AdapterSpec | None
     prompt_ids: list[int]
     params: SamplingParams
+    n: int = 1
+    reservation: limits.Reservation | None = None  # the worst case held against the caller's limits
+
+    def choice_params(self, index: int) -> SamplingParams:
+        """Choice i samples with seed + i: the n choices differ, and each is reproducible."""
+        if self.params.seed is None or index == 0:
+            return self.params
+        return replace(self.params, seed=self.params.seed + index)
 
 
 def _text_of(message: ChatMessage, index: int) -> str:
@@ -101,25 +115,39 @@ def _messages(body: ChatRequest) -> list[dict[str, str]]:
 
 
 def _check_supported(body: SamplingFields) -> None:
-    if body.n not in (None, 1):
-        raise InvalidRequest("n > 1 is not supported yet", param="n")
-    if body.logprobs:
-        raise InvalidRequest("logprobs are not supported yet", param="logprobs")
     if isinstance(body, ChatRequest) and body.tools:
         raise InvalidRequest("tools are not supported by this server", param="tools")
+    if isinstance(body, ChatRequest) and body.top_logprobs and not body.logprobs:
+        raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
+    if isinstance(body, CompletionRequest) and body.echo:
+        raise InvalidRequest("echo is not supported by this server", param="echo")
+
+
+def _logprob_params(body: SamplingFields) -> tuple[bool, int]:
+    if isinstance(body, ChatRequest):
+        return bool(body.logprobs), body.top_logprobs or 0
+    if isinstance(body, CompletionRequest) and body.logprobs is not None:
+        return True, body.logprobs
+    return False, 0
 
 
 def _prepare(p: Platform, who: Principal, body: SamplingFields, prompt: list[dict[str, str]] | str) -> Prepared:
     require(who, "infer")
     _check_supported(body)
     with p.db.tenant(who.tenant_id) as s:
-        ref = models.get_model(s, body.model)
+        ref = models.get_model(s, body.model, viewer=who)
         adapter = AdapterSpec(ref.adapter.sha256, p.adapter_dir(ref.adapter)) if ref.adapter else None
+    if adapter is not None:
+        try:
+            p.engine.check_adapter(adapter)
+        except AdapterRejected as exc:
+            raise InvalidRequest(f"The model '{body.model}' cannot be served: {exc}", param="model",
+                                 code="adapter_not_supported") from exc  # fmt: skip
     base = ref.base
     if isinstance(prompt, str):
         prompt_ids = p.engine.text_prompt(base.id, base.ref, prompt)
     else:
-        prompt_ids = p.engine.chat_prompt(base.id, base.ref, prompt)
+        prompt_ids = p.engine.chat_prompt(base.id, base.ref, prompt, adapter)
     context = p.engine.base(base.id, base.ref).context
     requested = getattr(body, "max_completion_tokens", None) or body.max_tokens
     limit = p.settings.max_output_tokens
@@ -134,54 +162,73 @@ def _prepare(p: Platform, who: Principal, body: SamplingFields, prompt: list[dic
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > 4:
         raise InvalidRequest("at most 4 stop sequences are allowed", param="stop")
+    logprobs, top_logprobs = _logprob_params(body)
     params = SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         stop=[s for s in stop if s],
         seed=body.seed,
+        top_k=max(0, body.top_k or 0),
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
     )
-    return Prepared(ref.id, base.id, base.ref, adapter, prompt_ids, params)
+    n = body.n or 1
+    held = limits.reserve(p.db, who, prompt_tokens=len(prompt_ids), max_tokens=max_tokens * n, stream=body.stream)
+    return Prepared(ref.id, base.id, base.ref, adapter, prompt_ids, params, body.n or 1, held)
 
 
-def _usage(usage: Usage) -> dict[str, int]:
-    return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-    }
+def _usage(usages: list[Usage]) -> dict[str, int]:
+    prompt = usages[0].prompt_tokens if usages else 0
+    completion = sum(u.completion_tokens for u in usages)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _run(p: Platform, job: Prepared, usage: Usage, should_stop: Any = lambda: False) -> Iterator[Delta]:
-    return p.engine.generate(
-        job.base_id, job.base_ref, job.adapter, job.prompt_ids, job.params, usage, should_stop=should_stop
-    )
+async def _stream_deltas(p: Platform, job: Prepared, usages: list[Usage]) -> AsyncIterator[tuple[int, Delta]]:
+    """Run the n choices in worker threads, yielding (choice index, delta) as they come.
 
-
-async def _stream_deltas(p: Platform, job: Prepared, usage: Usage) -> AsyncIterator[Delta]:
-    """Run generation in a worker thread; a client that goes away stops it at the next token."""
+    Each choice is one engine request; they join the running batch together. A client that goes
+    away stops them all (the engine frees their slots at its next step).
+    """
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[Delta | BaseException | None] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[int, Delta] | BaseException | None] = asyncio.Queue()
     stop = threading.Event()
+    usages.extend(Usage() for _ in range(job.n))
 
-    def produce() -> None:
+    def produce(index: int) -> None:
         try:
-            for delta in _run(p, job, usage, stop.is_set):
-                loop.call_soon_threadsafe(queue.put_nowait, delta)
+            deltas = p.engine.generate(
+                job.base_id, job.base_ref, job.adapter, job.prompt_ids, job.choice_params(index), usages[index],
+                should_stop=stop.is_set,
+            )  # fmt: skip
+            for delta in deltas:
+                loop.call_soon_threadsafe(queue.put_nowait, (index, delta))
         except BaseException as exc:  # delivered to the stream as an error chunk
             loop.call_soon_threadsafe(queue.put_nowait, exc)
         finally:
             loop.call_soon_threadsafe(queue.put_nowait, None)
 
-    producer = loop.run_in_executor(None, produce)
+    # Own threads rather than the shared pool: a request mostly waits on the engine, and the pool's
+    # few workers would cap how many requests can share a batch.
+    threads = [threading.Thread(target=produce, args=(i,), daemon=True) for i in range(job.n)]
+    for thread in threads:
+        thread.start()
     try:
-        while (item := await queue.get()) is not None:
-            if isinstance(item, BaseException):
+        running = job.n
+        while running:
+            item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
                 raise item
-            yield item
+            else:
+                yield item
     finally:
         stop.set()
-        await asyncio.shield(producer)
+        await asyncio.gather(*(asyncio.to_thread(t.join) for t in threads))
+        await asyncio.to_thread(limits.settle, p.db, job.reservation, _usage(usages)["total_tokens"])
 
 
 def _sse(payload: dict[str, Any] | str) -> bytes:
@@ -195,6 +242,36 @@ def _error_event(exc: BaseException) -> bytes:
     )
 
 
+def _legacy_logprobs(entries: list[dict[str, Any]], offset: int) -> dict[str, Any]:
+    """/v1/completions' logprobs shape from the chat-format entries."""
+    offsets = []
+    for entry in entries:
+        offsets.append(offset)
+        offset += len(entry["token"])
+    return {
+        "tokens": [e["token"] for e in entries],
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+        "text_offset": offsets,
+    }
+
+
+@dataclass
+class _Choice:
+    text: list[str]
+    logprobs: list[dict[str, Any]]
+    finish: str = "stop"
+
+
+async def _collect(p: Platform, job: Prepared, usages: list[Usage]) -> list[_Choice]:
+    choices = [_Choice([], []) for _ in range(job.n)]
+    async for index, delta in _stream_deltas(p, job, usages):
+        choices[index].text.append(delta.text)
+        choices[index].logprobs.extend(delta.logprobs or [])
+        choices[index].finish = delta.finish_reason or choices[index].finish
+    return choices
+
+
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(
     body: ChatRequest, who: Principal = Depends(principal), p: Platform = Depends(platform)
@@ -202,42 +279,42 @@ async def chat_completions(
     job = await run_in_threadpool(_prepare, p, who, body, _messages(body))
     completion_id, created = new_id("chatcmpl-"), int(time.time())
     fingerprint = f"fp_adaptery_{job.base_id}"[:64]
+    wants_logprobs = job.params.logprobs
 
-    def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+    def chunk(index: int, delta: dict[str, Any], finish: str | None, logprobs: Any = None) -> dict[str, Any]:
         return {
             "id": completion_id,
             "object": "chat.completion.chunk",
             "created": created,
             "model": job.model_id,
             "system_fingerprint": fingerprint,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
         }
 
-    usage = Usage()
+    usages: list[Usage] = []
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
 
         async def events() -> AsyncIterator[bytes]:
-            yield _sse(chunk({"role": "assistant", "content": ""}, None))
+            for index in range(job.n):
+                yield _sse(chunk(index, {"role": "assistant", "content": ""}, None))
             try:
-                async for delta in _stream_deltas(p, job, usage):
-                    if delta.text:
-                        yield _sse(chunk({"content": delta.text}, None))
+                async for index, delta in _stream_deltas(p, job, usages):
+                    logprobs = {"content": delta.logprobs, "refusal": None} if delta.logprobs else None
+                    if delta.text or logprobs:
+                        yield _sse(chunk(index, {"content": delta.text}, None, logprobs))
                     if delta.finish_reason:
-                        yield _sse(chunk({}, delta.finish_reason))
+                        yield _sse(chunk(index, {}, delta.finish_reason))
             except Exception as exc:
                 yield _error_event(exc)
                 return
             if include_usage:
-                yield _sse({**chunk({}, None), "choices": [], "usage": _usage(usage)})
+                yield _sse({**chunk(0, {}, None), "choices": [], "usage": _usage(usages)})
             yield _sse("[DONE]")
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    text, finish = [], "stop"
-    async for delta in _stream_deltas(p, job, usage):
-        text.append(delta.text)
-        finish = delta.finish_reason or finish
+    choices = await _collect(p, job, usages)
     return {
         "id": completion_id,
         "object": "chat.completion",
@@ -246,13 +323,14 @@ async def chat_completions(
         "system_fingerprint": fingerprint,
         "choices": [
             {
-                "index": 0,
-                "message": {"role": "assistant", "content": "".join(text), "refusal": None, "annotations": []},
-                "logprobs": None,
-                "finish_reason": finish,
+                "index": index,
+                "message": {"role": "assistant", "content": "".join(c.text), "refusal": None, "annotations": []},
+                "logprobs": {"content": c.logprobs, "refusal": None} if wants_logprobs else None,
+                "finish_reason": c.finish,
             }
+            for index, c in enumerate(choices)
         ],
-        "usage": _usage(usage),
+        "usage": _usage(usages),
     }
 
 
@@ -265,9 +343,10 @@ async def completions(
         raise InvalidRequest("exactly one prompt per request is supported", param="prompt")
     job = await run_in_threadpool(_prepare, p, who, body, prompts[0])
     completion_id, created = new_id("cmpl-"), int(time.time())
+    wants_logprobs = job.params.logprobs
 
-    def choice(text: str, finish: str | None) -> dict[str, Any]:
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    def choice(index: int, text: str, finish: str | None, logprobs: Any = None) -> dict[str, Any]:
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
     def body_of(choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {
@@ -278,14 +357,17 @@ async def completions(
             "choices": choices,
         }
 
-    usage = Usage()
+    usages: list[Usage] = []
     if body.stream:
 
         async def events() -> AsyncIterator[bytes]:
+            offsets = [0] * job.n
             try:
-                async for delta in _stream_deltas(p, job, usage):
+                async for index, delta in _stream_deltas(p, job, usages):
+                    logprobs = _legacy_logprobs(delta.logprobs or [], offsets[index]) if wants_logprobs else None
+                    offsets[index] += len(delta.text)
                     if delta.text or delta.finish_reason:
-                        yield _sse(body_of([choice(delta.text, delta.finish_reason)]))
+                        yield _sse(body_of([choice(index, delta.text, delta.finish_reason, logprobs)]))
             except Exception as exc:
                 yield _error_event(exc)
                 return
@@ -293,8 +375,13 @@ async def completions(
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    text, finish = [], "stop"
-    async for delta in _stream_deltas(p, job, usage):
-        text.append(delta.text)
-        finish = delta.finish_reason or finish
-    return {**body_of([choice("".join(text), finish)]), "usage": _usage(usage)}
+    choices = await _collect(p, job, usages)
+    return {
+        **body_of(
+            [
+                choice(index, "".join(c.text), c.finish, _legacy_logprobs(c.logprobs, 0) if wants_logprobs else None)
+                for index, c in enumerate(choices)
+            ]
+        ),
+        "usage": _usage(usages),
+    }

@@ -10,9 +10,10 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict
 
 from adaptery.api.deps import platform, principal
-from adaptery.auth.policy import require
+from adaptery.auth.policy import check_model, require
 from adaptery.auth.principal import Principal
 from adaptery.platform import Platform
+from adaptery.services import limits
 from adaptery.services.errors import InvalidRequest, NotFound
 
 router = APIRouter(prefix="/v1", tags=["inference"])
@@ -38,6 +39,7 @@ async def create_embeddings(
             param="model",
             code="model_not_found",
         )
+    check_model(who, p.embeddings.name, param="model")
     texts = [body.input] if isinstance(body.input, str) else body.input
     if not texts:
         raise InvalidRequest("input must not be empty", param="input")
@@ -53,8 +55,12 @@ async def create_embeddings(
             f"{p.embeddings.name} produces {p.embeddings.dimensions} dimensions; it cannot give {body.dimensions}",
             param="dimensions",
         )
-    vectors = await run_in_threadpool(p.embeddings.embed, texts)
     tokens = sum(await run_in_threadpool(p.embeddings.count_tokens, texts))
+    held = await run_in_threadpool(limits.reserve, p.db, who, prompt_tokens=tokens, max_tokens=0, stream=False)
+    try:
+        vectors = await run_in_threadpool(p.embeddings.embed, texts)
+    finally:
+        await run_in_threadpool(limits.settle, p.db, held, tokens)
     data = []
     for i, vector in enumerate(vectors.float().cpu()):
         if body.encoding_format == "base64":

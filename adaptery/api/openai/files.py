@@ -13,7 +13,7 @@ from adaptery.api.openai.objects import file_object, page
 from adaptery.auth.policy import require
 from adaptery.auth.principal import Principal
 from adaptery.platform import Platform
-from adaptery.services import blob_refs, files
+from adaptery.services import audit, blob_refs, files, limits
 from adaptery.services.errors import TooLarge
 
 router = APIRouter(prefix="/v1", tags=["files"])
@@ -28,14 +28,23 @@ def create_file(
     p: Platform = Depends(platform),
 ) -> dict:
     require(who, "upload")
-    limit = p.settings.max_upload_bytes
+    with p.db.system() as s:
+        limit = limits.upload_limit(s, who.tenant_id, p.settings.max_upload_bytes)
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit + 64 * 1024:
         raise TooLarge(f"File is larger than the upload limit of {limit} bytes.", param="file")
     with p.db.tenant(who.tenant_id) as s, p.db.system() as system:
         record = files.upload(
-            s, system, p.blobs, source=file.file, filename=file.filename, purpose=purpose, max_bytes=limit
+            s,
+            system,
+            p.blobs,
+            tenant_id=who.tenant_id,
+            source=file.file,
+            filename=file.filename,
+            purpose=purpose,
+            max_bytes=limit,
         )
+        audit.record(s, who, "file.upload", target=record.id, detail={"bytes": record.bytes})
         return file_object(record)
 
 
@@ -64,8 +73,9 @@ def delete_file(file_id: str, who: Principal = Depends(principal), p: Platform =
     require(who, "upload")
     with p.db.tenant(who.tenant_id) as s:
         record = files.delete(s, file_id)
+        audit.record(s, who, "file.delete", target=file_id)
     with p.db.system() as system:
-        blob_refs.release(system, p.blobs, record.sha256)
+        blob_refs.release(system, p.blobs, who.tenant_id, record.sha256)
     return {"id": record.id, "object": "file", "deleted": True}
 
 
@@ -75,8 +85,9 @@ def file_content(
 ) -> StreamingResponse:
     with p.db.tenant(who.tenant_id) as s:
         record = files.get(s, file_id)
+        audit.record(s, who, "file.download", target=file_id)
     return StreamingResponse(
-        p.blobs.iter_bytes(record.sha256),
+        p.blobs.iter_bytes(who.tenant_id, record.sha256),
         media_type="application/octet-stream",
         headers={"Content-Disposition": f"attachment; filename*=UTF-8''{quote(record.filename)}"},
     )

@@ -5,14 +5,14 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, BackgroundTasks, Depends, Query
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from adaptery.api.deps import platform, principal
 from adaptery.api.openai.objects import checkpoint_object, event_object, job_object, page
-from adaptery.auth.policy import require
+from adaptery.auth.policy import check_model, require
 from adaptery.auth.principal import Principal
 from adaptery.platform import Platform
-from adaptery.services import finetuning
+from adaptery.services import audit, finetuning, limits
 from adaptery.services.errors import InvalidRequest
 
 router = APIRouter(prefix="/v1/fine_tuning", tags=["fine-tuning"])
@@ -30,6 +30,7 @@ class CreateJobRequest(BaseModel):
     seed: int | None = None
     metadata: dict[str, str] | None = None
     integrations: list[dict[str, Any]] | None = None
+    priority: int = Field(0, ge=-10, le=10, description="Adaptery: within the tenant's jobs, higher leases first.")
 
 
 @router.post("/jobs")
@@ -42,6 +43,8 @@ def create_job(
     require(who, "fine_tune")
     if body.integrations:
         raise InvalidRequest("integrations are not supported on this server", param="integrations")
+    check_model(who, body.model)
+    limits.check_training(p.db, who)
     with p.db.tenant(who.tenant_id) as s:
         job = finetuning.create_job(
             s,
@@ -54,8 +57,11 @@ def create_job(
             method=body.method,
             seed=body.seed,
             metadata=body.metadata,
+            settings=p.settings,  # refuse what the platform could not train or serve, before any compute
         )
+        job.priority = body.priority
         created = job_object(job)
+        audit.record(s, who, "job.create", target=job.id, detail={"model": job.model})
     background.add_task(p.validate_job, who.tenant_id, job.id)
     return created
 
@@ -82,7 +88,28 @@ def retrieve_job(job_id: str, who: Principal = Depends(principal), p: Platform =
 def cancel_job(job_id: str, who: Principal = Depends(principal), p: Platform = Depends(platform)) -> dict:
     require(who, "fine_tune")
     with p.db.tenant(who.tenant_id) as s:
-        return job_object(finetuning.cancel_job(s, job_id))
+        audit.record(s, who, "job.cancel", target=job_id)
+        agent = finetuning.get_job(s, job_id).lease_owner
+        cancelled = job_object(finetuning.cancel_job(s, job_id))
+    p.notify_agent(agent, job_id, "cancel")
+    return cancelled
+
+
+@router.post("/jobs/{job_id}/pause")
+def pause_job(job_id: str, who: Principal = Depends(principal), p: Platform = Depends(platform)) -> dict:
+    require(who, "fine_tune")
+    with p.db.tenant(who.tenant_id) as s:
+        job = finetuning.pause_job(s, job_id)
+        agent, paused = job.lease_owner, job_object(job)
+    p.notify_agent(agent, job_id, "pause")
+    return paused
+
+
+@router.post("/jobs/{job_id}/resume")
+def resume_job(job_id: str, who: Principal = Depends(principal), p: Platform = Depends(platform)) -> dict:
+    require(who, "fine_tune")
+    with p.db.tenant(who.tenant_id) as s:
+        return job_object(finetuning.resume_job(s, job_id))
 
 
 @router.get("/jobs/{job_id}/events")

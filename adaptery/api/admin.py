@@ -1,0 +1,151 @@
+"""Administration: a tenant's audit log, usage, limits and members (tenant admins), and every tenant's
+limits (platform admins). Every change here is itself audited."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import func, select
+
+from adaptery.api.deps import platform, principal
+from adaptery.auth import policy
+from adaptery.auth.principal import Principal, Role
+from adaptery.db import models as m
+from adaptery.platform import Platform
+from adaptery.services import audit, limits
+from adaptery.services.errors import Conflict, NotFound, PermissionDenied
+
+router = APIRouter(tags=["admin"])
+Limit = Annotated[int | None, Field(ge=1)]
+
+
+class TenantLimitsBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    requests_per_minute: Limit = None
+    tokens_per_minute: Limit = None
+    concurrent_streams: Limit = None
+    monthly_tokens: Limit = None
+    max_tokens: Limit = None
+    max_upload_bytes: Limit = None
+
+
+class RoleBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Role
+
+
+def _limits_object(values: limits.Limits) -> dict[str, int | None]:
+    return {name: getattr(values, name) for name in limits.LIMIT_FIELDS}
+
+
+@router.get("/api/admin/audit")
+def read_audit(
+    after: Annotated[int | None, Query(ge=1, description="Only events older than this seq")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    action: Annotated[str | None, Query(max_length=64)] = None,
+    who: Principal = Depends(principal),
+    p: Platform = Depends(platform),
+) -> dict[str, Any]:
+    """Your tenant's audit events, newest first."""
+    with p.db.system() as s:
+        rows = audit.list_events(s, who.tenant_id, after=after, limit=limit + 1, action=action)
+        data = [audit.event_object(r) for r in rows[:limit]]
+    return {"object": "list", "data": data, "has_more": len(rows) > limit}
+
+
+@router.get("/api/admin/usage")
+def read_usage(who: Principal = Depends(principal), p: Platform = Depends(platform)) -> dict[str, Any]:
+    """This month's usage of the tenant and of each of its keys."""
+    with p.db.tenant(who.tenant_id) as s:
+        key_ids = list(s.scalars(select(m.ApiKey.id)))
+        limits.charge_training(s, who.tenant_id, limits.clock())
+        counted = limits.usage(s, [f"tenant:{who.tenant_id}", *[f"key:{k}" for k in key_ids]])
+    return {
+        "object": "usage",
+        "period": limits.month_period(limits.clock()).removeprefix("month:"),
+        "tenant": counted[f"tenant:{who.tenant_id}"],
+        "keys": {k: counted[f"key:{k}"] for k in key_ids},
+    }
+
+
+@router.get("/api/admin/limits")
+def read_limits(who: Principal = Depends(principal), p: Platform = Depends(platform)) -> dict[str, Any]:
+    """The limits a platform admin set on your tenant (null: none)."""
+    with p.db.system() as s:
+        return {
+            "object": "limits",
+            "tenant_id": who.tenant_id,
+            **_limits_object(limits.tenant_limits(s, who.tenant_id)),
+        }
+
+
+def _members(session: Any) -> list[dict[str, Any]]:
+    rows = session.execute(
+        select(m.User.username, m.User.id, m.Membership.role, m.Membership.created_at)
+        .join(m.Membership, m.Membership.user_id == m.User.id)
+        .order_by(m.User.username)
+    )
+    return [{"username": u, "user_id": i, "role": r, "created_at": int(c)} for u, i, r, c in rows]
+
+
+@router.get("/api/admin/members")
+def list_members(who: Principal = Depends(principal), p: Platform = Depends(platform)) -> dict[str, Any]:
+    with p.db.tenant(who.tenant_id) as s:
+        return {"object": "list", "data": _members(s)}
+
+
+@router.put("/api/admin/members/{username}")
+def change_role(
+    username: str, body: RoleBody, who: Principal = Depends(principal), p: Platform = Depends(platform)
+) -> dict[str, Any]:
+    """Change a member's role. Admins manage members and viewers; owners everyone; a tenant keeps an owner."""
+    with p.db.tenant(who.tenant_id) as s:
+        membership = s.scalar(
+            select(m.Membership).join(m.User, m.User.id == m.Membership.user_id).where(m.User.username == username)
+        )
+        if membership is None:
+            raise NotFound(f"'{username}' is not a member of this tenant", param="username")
+        current = Role(membership.role)
+        if not policy.may_grant_role(who, current, body.role):
+            raise PermissionDenied(f"Your role '{who.role}' may not change a {current} into a {body.role}.")
+        if current == Role.OWNER and body.role != Role.OWNER:
+            owners = s.scalar(select(func.count()).select_from(m.Membership).where(m.Membership.role == Role.OWNER))
+            if owners <= 1:
+                raise Conflict("A tenant must keep at least one owner; make someone else owner first.", param="role")
+        membership.role = body.role.value
+        audit.record(s, who, "member.role", target=username, detail={"from": current.value, "to": body.role.value})
+        return {"object": "list", "data": _members(s)}
+
+
+@router.get("/api/platform/tenants")
+def list_tenants(who: Principal = Depends(principal), p: Platform = Depends(platform)) -> dict[str, Any]:
+    """Every tenant with its limits and this month's usage (platform admins)."""
+    with p.db.system() as s:
+        tenants = list(s.scalars(select(m.Tenant).order_by(m.Tenant.name)))
+        counted = limits.usage(s, [f"tenant:{t.id}" for t in tenants])
+        data = [
+            {
+                "id": t.id,
+                "name": t.name,
+                "limits": _limits_object(limits.tenant_limits(s, t.id)),
+                "usage": counted[f"tenant:{t.id}"],
+            }
+            for t in tenants
+        ]
+    return {"object": "list", "data": data}
+
+
+@router.put("/api/platform/tenants/{tenant_id}/limits")
+def set_tenant_limits(
+    tenant_id: str, body: TenantLimitsBody, who: Principal = Depends(principal), p: Platform = Depends(platform)
+) -> dict[str, Any]:
+    """Set a tenant's limits; fields left out keep their value, null removes a limit."""
+    values = body.model_dump(exclude_unset=True)
+    with p.db.system() as s:
+        if s.get(m.Tenant, tenant_id) is None:
+            raise NotFound(f"No tenant with id '{tenant_id}'", param="tenant_id")
+        limits.set_tenant_limits(s, tenant_id, values)
+        audit.record(s, who, "admin.limits", tenant_id=tenant_id, target=tenant_id, detail=values)
+        return {"object": "limits", "tenant_id": tenant_id, **_limits_object(limits.tenant_limits(s, tenant_id))}

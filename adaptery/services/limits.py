@@ -1,0 +1,390 @@
+"""Rate limits and budgets, per API key and per tenant, on one ledger in the database.
+
+Every limit is a conditional UPDATE of a `usage_counters` row ("add this if the total stays within the
+limit"): the database serialises concurrent writers, so the limits hold across any number of server
+processes and no request can slip past a budget between a check and a write.
+
+- requests/minute: counted when a request is authorized (`count_request`);
+- tokens/minute, the monthly token budget and concurrent streams: a generation `reserve`s its worst case
+  (prompt + max_tokens, one stream) before it runs and `settle`s what it really used afterwards. A
+  reservation whose process died is released by the next `reserve` after it expires, counted as spent in
+  full (so a crash can never be used to overshoot);
+- fine-tuning: the tokens a finished job trained on are charged to the tenant's monthly budget, and a new
+  job is refused once the budget is spent.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
+
+from adaptery.auth.principal import Principal
+from adaptery.db import models as m
+from adaptery.db.ids import new_id
+from adaptery.db.session import Database
+from adaptery.services.errors import InvalidRequest, RateLimited
+
+RESERVATION_SECONDS = 900.0  # longer than any generation may run; then a dead process's hold is released
+LIMIT_FIELDS = (
+    "requests_per_minute",
+    "tokens_per_minute",
+    "concurrent_streams",
+    "monthly_tokens",
+    "max_tokens",
+    "max_upload_bytes",
+)
+TENANT_ONLY = ("max_tokens", "max_upload_bytes")  # limits a tenant has and its keys do not
+
+
+def clock() -> float:
+    """The ledger's clock (one seam, so tests can move to the next minute without waiting for it)."""
+    return time.time()
+
+
+@dataclass(frozen=True)
+class Limits:
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    concurrent_streams: int | None = None
+    monthly_tokens: int | None = None
+    max_tokens: int | None = None
+    max_upload_bytes: int | None = None
+
+
+@dataclass
+class Reservation:
+    id: str
+    tokens: int
+    holds: list[list[Any]] = field(default_factory=list)
+
+
+def minute_period(now: float) -> str:
+    return f"min:{int(now // 60)}"
+
+
+def month_period(now: float) -> str:
+    return "month:" + dt.datetime.fromtimestamp(now, dt.UTC).strftime("%Y-%m")
+
+
+def _seconds_to_next_minute(now: float) -> float:
+    return 60 - now % 60
+
+
+def _seconds_to_next_month(now: float) -> float:
+    day = dt.datetime.fromtimestamp(now, dt.UTC)
+    first = dt.datetime(day.year + (day.month == 12), day.month % 12 + 1, 1, tzinfo=dt.UTC)
+    return first.timestamp() - now
+
+
+def tenant_limits(session: Session, tenant_id: str) -> Limits:
+    row = session.get(m.TenantLimits, tenant_id)
+    return Limits(**{f: getattr(row, f) for f in LIMIT_FIELDS}) if row else Limits()
+
+
+def key_limits(session: Session, key_id: str | None) -> Limits:
+    row = session.get(m.ApiKey, key_id) if key_id else None
+    if row is None:
+        return Limits()
+    return Limits(**{f: getattr(row, f) for f in LIMIT_FIELDS if f not in TENANT_ONLY})
+
+
+def upload_limit(session: Session, tenant_id: str, platform_limit: int) -> int:
+    """The largest upload `tenant_id` may send: the platform's limit, or the tenant's if lower."""
+    own = tenant_limits(session, tenant_id).max_upload_bytes
+    return min(platform_limit, own) if own is not None else platform_limit
+
+
+def set_tenant_limits(session: Session, tenant_id: str, values: dict[str, int | None]) -> m.TenantLimits:
+    for name, value in values.items():
+        if name not in LIMIT_FIELDS:
+            raise InvalidRequest(f"unknown limit {name!r}", param=name)
+        if value is not None and value < 1:
+            raise InvalidRequest(f"{name} must be at least 1 (or null for no limit)", param=name)
+    row = session.get(m.TenantLimits, tenant_id) or m.TenantLimits(tenant_id=tenant_id)
+    for name, value in values.items():
+        setattr(row, name, value)
+    row.updated_at = clock()
+    session.add(row)
+    session.flush()
+    return row
+
+
+def _ensure_row(session: Session, subject: str, period: str) -> None:
+    if session.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    created = session.execute(
+        insert(m.UsageCounter)
+        .values(subject=subject, period=period, requests=0, tokens=0, reserved=0)
+        .on_conflict_do_nothing()
+    ).rowcount
+    if created and period.startswith("min:"):  # a new minute: the subject's older minutes are history
+        session.execute(
+            delete(m.UsageCounter).where(
+                m.UsageCounter.subject == subject, m.UsageCounter.period.like("min:%"), m.UsageCounter.period < period
+            )
+        )
+
+
+def _take(session: Session, subject: str, period: str, column: str, amount: int, limit: int, *, total: Any) -> bool:
+    """Add `amount` to `column` if `total + amount` stays within `limit`; False (nothing written) if not."""
+    _ensure_row(session, subject, period)
+    counter = m.UsageCounter
+    result = session.execute(
+        update(counter)
+        .where(counter.subject == subject, counter.period == period, total + amount <= limit)
+        .values({column: getattr(counter, column) + amount})
+    )
+    return result.rowcount == 1
+
+
+def _add(session: Session, subject: str, period: str, **amounts: int) -> None:
+    _ensure_row(session, subject, period)
+    counter = m.UsageCounter
+    session.execute(
+        update(counter)
+        .where(counter.subject == subject, counter.period == period)
+        .values({name: getattr(counter, name) + amount for name, amount in amounts.items()})
+    )
+
+
+def _subjects(who: Principal, key: Limits, tenant: Limits) -> list[tuple[str, str, Limits]]:
+    """(subject, label, limits): the key first, then the tenant, always in this order (no lock cycles)."""
+    out = []
+    if who.api_key_id:
+        out.append((f"key:{who.api_key_id}", "this API key", key))
+    out.append((f"tenant:{who.tenant_id}", "your organization", tenant))
+    return out
+
+
+def count_request(db: Database, who: Principal) -> None:
+    """Requests per minute, per key and per tenant; a 429 with Retry-After past either."""
+    with db.system() as s:
+        subjects = _subjects(who, key_limits(s, who.api_key_id), tenant_limits(s, who.tenant_id))
+        if all(lim.requests_per_minute is None for _, _, lim in subjects):
+            return
+        now = clock()
+        for subject, label, lim in subjects:
+            if lim.requests_per_minute is None:
+                continue
+            total = m.UsageCounter.requests
+            if not _take(s, subject, minute_period(now), "requests", 1, lim.requests_per_minute, total=total):
+                s.rollback()
+                raise RateLimited(
+                    f"Rate limit reached for {label}: {lim.requests_per_minute} requests per minute. "
+                    "Please try again later.",
+                    retry_after=_seconds_to_next_minute(now),
+                )
+
+
+def _release(session: Session, holds: list[list[Any]], used: int | None) -> None:
+    """Undo a reservation's holds; `used` tokens (None: all that were reserved) become spent."""
+    counter = m.UsageCounter
+    for subject, period, kind, amount in holds:
+        spent = amount if used is None else min(used, amount)
+        if kind == "month":
+            _add(session, subject, period, reserved=-amount, tokens=spent)
+        elif kind == "minute":
+            session.execute(
+                update(counter)
+                .where(counter.subject == subject, counter.period == period)
+                .values(tokens=counter.tokens - (amount - spent))
+            )
+        elif kind == "stream":
+            _add(session, subject, period, reserved=-amount)
+
+
+def sweep_expired(session: Session, now: float) -> int:
+    """Release the reservations of requests whose process died; each exactly once, whoever sweeps."""
+    released = 0
+    for row in session.scalars(select(m.UsageReservation).where(m.UsageReservation.expires_at < now).limit(50)):
+        if session.execute(delete(m.UsageReservation).where(m.UsageReservation.id == row.id)).rowcount == 1:
+            _release(session, row.holds, None)
+            released += 1
+    return released
+
+
+def charge_training(session: Session, tenant_id: str, now: float) -> None:
+    """Charge each finished fine-tuning job's trained tokens to the tenant's month, once."""
+    month = month_period(now)
+    start = dt.datetime.fromtimestamp(now, dt.UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp()
+    jobs = session.execute(
+        select(m.FineTuningJob.id, m.FineTuningJob.trained_tokens).where(
+            m.FineTuningJob.tenant_id == tenant_id,
+            m.FineTuningJob.finished_at >= start,
+            m.FineTuningJob.trained_tokens > 0,
+        )
+    ).all()
+    for job_id, tokens in jobs:
+        marker = f"job:{job_id}"
+        if session.get(m.UsageCounter, (marker, "training")) is not None:
+            continue
+        _ensure_row(session, marker, "training")
+        claimed = session.execute(
+            update(m.UsageCounter)
+            .where(m.UsageCounter.subject == marker, m.UsageCounter.period == "training", m.UsageCounter.tokens == 0)
+            .values(tokens=tokens)
+        ).rowcount
+        if claimed:
+            _add(session, f"tenant:{tenant_id}", month, tokens=tokens)
+
+
+def hold_training(session: Session, tenant_id: str, job_id: str, tokens: int, now: float) -> str | None:
+    """Before a job is queued, hold its estimated training tokens against the tenant's monthly budget, so
+    jobs running at once cannot together spend past it. Returns why not when the budget lacks room."""
+    lim = tenant_limits(session, tenant_id)
+    if lim.monthly_tokens is None or tokens <= 0:
+        return None
+    charge_training(session, tenant_id, now)
+    month = month_period(now)
+    counter = m.UsageCounter
+    subject = f"tenant:{tenant_id}"
+    if not _take(
+        session, subject, month, "reserved", tokens, lim.monthly_tokens, total=counter.tokens + counter.reserved
+    ):
+        return (
+            f"The monthly token budget of your organization ({lim.monthly_tokens} tokens) does not cover this job's "
+            f"estimated {tokens} training tokens (the training file's tokens × n_epochs)."
+        )
+    _ensure_row(session, f"job:{job_id}", f"hold:{month}")
+    session.execute(
+        update(counter)
+        .where(counter.subject == f"job:{job_id}", counter.period == f"hold:{month}")
+        .values(reserved=tokens)
+    )
+    return None
+
+
+def settle_training(session: Session, job: m.FineTuningJob) -> None:
+    """A job ended: give back its hold and charge what it really trained (exactly once, whoever calls)."""
+    counter = m.UsageCounter
+    for hold in session.scalars(
+        select(counter).where(counter.subject == f"job:{job.id}", counter.period.like("hold:%"))
+    ).all():
+        month, amount = hold.period.removeprefix("hold:"), hold.reserved
+        gone = session.execute(
+            delete(counter).where(counter.subject == hold.subject, counter.period == hold.period)
+        ).rowcount
+        if gone == 1:
+            _add(session, f"tenant:{job.tenant_id}", month, reserved=-amount)
+    if job.trained_tokens:
+        charge_training(session, job.tenant_id, job.finished_at or clock())
+
+
+def reserve(db: Database, who: Principal, *, prompt_tokens: int, max_tokens: int, stream: bool) -> Reservation:
+    """Hold a generation's worst case (prompt + max_tokens, and a stream slot) against every limit, or 429."""
+    worst = prompt_tokens + max_tokens
+    now = clock()
+    with db.system() as s:
+        tenant = tenant_limits(s, who.tenant_id)
+        if tenant.max_tokens is not None and max_tokens > tenant.max_tokens:
+            raise InvalidRequest(
+                f"max_tokens is too large: {max_tokens}. Your organization allows at most {tenant.max_tokens}.",
+                param="max_tokens",
+            )
+        sweep_expired(s, now)
+        subjects = _subjects(who, key_limits(s, who.api_key_id), tenant)
+        if any(lim.monthly_tokens is not None for _, _, lim in subjects):
+            charge_training(s, who.tenant_id, now)
+        counter = m.UsageCounter
+        holds: list[list[Any]] = []
+        refused: RateLimited | None = None
+        for subject, label, lim in subjects:
+            checks = []
+            if lim.tokens_per_minute is not None:
+                checks.append(("minute", minute_period(now), "tokens", worst, lim.tokens_per_minute, counter.tokens))
+            if lim.monthly_tokens is not None:
+                total = counter.tokens + counter.reserved
+                checks.append(("month", month_period(now), "reserved", worst, lim.monthly_tokens, total))
+            if stream and lim.concurrent_streams is not None:
+                checks.append(("stream", "streams", "reserved", 1, lim.concurrent_streams, counter.reserved))
+            for kind, period, column, amount, limit, total in checks:
+                if _take(s, subject, period, column, amount, limit, total=total):
+                    holds.append([subject, period, kind, amount])
+                    continue
+                refused = _refusal(kind, label, limit, amount, now)
+                break
+            if refused:
+                break
+        if refused is not None:
+            s.rollback()  # nothing of this request was held
+            raise refused
+        reservation = Reservation(new_id("resv_"), worst, holds)
+        if holds:
+            s.add(m.UsageReservation(id=reservation.id, holds=holds, expires_at=now + RESERVATION_SECONDS))
+        for subject, _, _ in subjects:
+            _add(s, subject, month_period(now), requests=1)
+        return reservation
+
+
+def _refusal(kind: str, label: str, limit: int, amount: int, now: float) -> RateLimited:
+    if kind == "minute":
+        too_big = " This request alone is larger than that." if amount > limit else ""
+        return RateLimited(
+            f"Rate limit reached for {label}: {limit} tokens per minute (this request may use {amount}).{too_big}",
+            retry_after=_seconds_to_next_minute(now),
+        )
+    if kind == "month":
+        exhausted = RateLimited(
+            f"The monthly token budget of {label} ({limit} tokens) does not cover this request's worst case "
+            f"({amount} tokens: prompt + max_tokens). Lower max_tokens or ask an administrator to raise it.",
+            retry_after=_seconds_to_next_month(now),
+        )
+        exhausted.code = "insufficient_quota"  # OpenAI's code for a spent budget
+        return exhausted
+    return RateLimited(
+        f"Too many concurrent streams for {label} (at most {limit}); wait for one to finish.", retry_after=1
+    )
+
+
+def settle(db: Database, reservation: Reservation | None, used_tokens: int) -> None:
+    """Replace a reservation's worst case by what the request really used."""
+    if reservation is None:
+        return
+    with db.system() as s:
+        if reservation.holds:
+            gone = s.execute(delete(m.UsageReservation).where(m.UsageReservation.id == reservation.id)).rowcount
+            if gone != 1:
+                return  # expired and swept already: counted in full, as promised
+            _release(s, reservation.holds, used_tokens)
+
+
+def check_training(db: Database, who: Principal) -> None:
+    """A new fine-tuning job needs budget left this month; its estimated tokens are held once its files are
+    validated (`hold_training`) and settled to what it trained when it ends (`settle_training`)."""
+    now = clock()
+    with db.system() as s:
+        for subject, label, lim in _subjects(who, key_limits(s, who.api_key_id), tenant_limits(s, who.tenant_id)):
+            if lim.monthly_tokens is None:
+                continue
+            charge_training(s, who.tenant_id, now)
+            row = s.get(m.UsageCounter, (subject, month_period(now)))
+            if row is not None and row.tokens + row.reserved >= lim.monthly_tokens:
+                raise _refusal("month", label, lim.monthly_tokens, 1, now)
+
+
+def usage(session: Session, subjects: list[str], now: float | None = None) -> dict[str, dict[str, int]]:
+    """This month's requests, spent and reserved tokens, and open streams per subject."""
+    now = now or clock()
+    month, minute = month_period(now), minute_period(now)
+    rows = session.scalars(
+        select(m.UsageCounter).where(
+            m.UsageCounter.subject.in_(subjects), m.UsageCounter.period.in_([month, minute, "streams"])
+        )
+    )
+    out = {s: {"requests": 0, "tokens": 0, "reserved": 0, "tokens_this_minute": 0, "streams": 0} for s in subjects}
+    for row in rows:
+        entry = out[row.subject]
+        if row.period == month:
+            entry.update(requests=row.requests, tokens=row.tokens, reserved=row.reserved)
+        elif row.period == minute:
+            entry["tokens_this_minute"] = row.tokens
+        else:
+            entry["streams"] = row.reserved
+    return out

@@ -1,0 +1,152 @@
+"""The audit log: what it records, who reads it, and a hash chain that shows any tampering."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+
+from adaptery.services import audit
+from tests.conftest import SAMPLE_CHAT
+from tests.security.conftest import World
+
+
+def actions(world: World, who: str = "admin", **params: object) -> list[dict]:
+    response = world.client.get("/api/admin/audit", headers=world.auth(who), params={"limit": 1000, **params})
+    assert response.status_code == 200, response.text
+    return response.json()["data"]
+
+
+def drop_append_only_triggers(world: World) -> None:
+    """What an attacker with database access would do first."""
+    with world.platform.db.engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(text("DROP TRIGGER audit_events_append_only ON audit_events"))
+        else:
+            connection.execute(text("DROP TRIGGER audit_events_no_update"))
+            connection.execute(text("DROP TRIGGER audit_events_no_delete"))
+
+
+def test_security_relevant_actions_are_recorded_for_the_tenant(world: World):
+    client, owner, member = world.client, world.auth("owner"), world.auth("member")
+    adapter = world.ids["model_id"]
+    client.post("/api/auth/password", headers=owner, json={"password": "correct horse battery"})
+    client.post("/api/auth/login", json={"username": "lab-owner", "password": "wrong password"})
+    client.post("/api/auth/login", json={"username": "lab-owner", "password": "correct horse battery"})
+    key = client.post("/api/keys", headers=owner, json={"name": "x"}).json()
+    client.post(f"/api/keys/{key['id']}/rotate", headers=owner, json={"overlap_seconds": 0})
+    client.delete(f"/api/keys/{key['id']}", headers=owner)
+    client.get(f"/v1/files/{world.ids['file_id']}/content", headers=owner)
+    client.post(f"/v1/fine_tuning/jobs/{world.ids['job_id']}/cancel", headers=owner)
+    client.get(f"/api/models/{adapter}/download", headers=member)
+    client.put(
+        f"/api/models/{adapter}/sharing", headers=member, json={"visibility": "shared", "members": ["lab-viewer"]}
+    )
+    client.put(f"/api/models/{adapter}/sharing", headers=member, json={"visibility": "private"})
+    client.put("/api/admin/members/lab-viewer", headers=owner, json={"role": "member"})
+    client.put(f"/api/platform/tenants/{world.tenant_id}/limits", headers=world.auth("platform_admin"), json={})
+    client.delete(f"/v1/models/{adapter}", headers=member)
+    client.delete(f"/v1/files/{world.ids['file_id']}", headers=owner)
+
+    events = actions(world)
+    seen = {(e["action"], e["outcome"]) for e in events}
+    for expected in (
+        ("auth.sign_in", "failure"),
+        ("auth.sign_in", "success"),
+        ("key.create", "success"),
+        ("key.rotate", "success"),
+        ("key.revoke", "success"),
+        ("file.upload", "success"),
+        ("dataset.upload", "success"),
+        ("file.download", "success"),
+        ("job.create", "success"),
+        ("job.cancel", "success"),
+        ("model.import", "success"),
+        ("model.download", "success"),
+        ("model.share", "success"),
+        ("model.unshare", "success"),
+        ("member.role", "success"),
+        ("admin.limits", "success"),
+        ("model.delete", "success"),
+        ("file.delete", "success"),
+    ):
+        assert expected in seen, f"{expected} not in the audit log: {sorted(seen)}"
+    role_change = next(e for e in events if e["action"] == "member.role")
+    assert role_change["actor"] == "lab-owner" and role_change["target"] == "lab-viewer"
+    assert role_change["detail"] == {"from": "viewer", "to": "member"} and role_change["ip"]
+    share = next(e for e in events if e["action"] == "model.share")
+    assert share["detail"]["members"] == ["lab-viewer"] and share["actor"] == "lab-member"
+    assert [e["seq"] for e in events] == sorted((e["seq"] for e in events), reverse=True)
+
+
+def test_another_tenant_never_reads_these_events(world: World):
+    world.client.post("/api/keys", headers=world.auth("owner"), json={})
+    other = world.running.new_tenant("third", "third-owner")
+    theirs = world.client.get("/api/admin/audit", headers={"Authorization": f"Bearer {other.api_key}"}).json()["data"]
+    assert theirs == []
+    assert world.client.get("/api/admin/audit", headers=world.auth("member")).status_code == 403
+
+
+def test_the_chain_verifies_and_the_database_refuses_rewrites(world: World):
+    with world.platform.db.system() as s:
+        result = audit.verify(s)
+    assert result.ok and result.rows >= 4
+    with pytest.raises(DBAPIError, match="append-only"), world.platform.db.engine.begin() as connection:
+        connection.execute(text("UPDATE audit_events SET outcome = 'failure' WHERE seq = 1"))
+    with pytest.raises(DBAPIError, match="append-only"), world.platform.db.engine.begin() as connection:
+        connection.execute(text("DELETE FROM audit_events WHERE seq = 2"))
+
+
+@pytest.mark.parametrize(
+    ("tamper", "problem"),
+    [
+        ("UPDATE audit_events SET target = 'someone-else' WHERE seq = 2", "content was changed"),
+        ("DELETE FROM audit_events WHERE seq = 2", "missing"),
+        ("UPDATE audit_events SET prev_hash = hash WHERE seq = 2", "link"),
+    ],
+)
+def test_verify_points_at_the_first_tampered_row(world: World, tamper: str, problem: str):
+    drop_append_only_triggers(world)
+    with world.platform.db.engine.begin() as connection:
+        connection.execute(text(tamper))
+    with world.platform.db.system() as s:
+        result = audit.verify(s)
+    assert not result.ok and result.first_broken_seq == 2 and problem in result.problem
+
+
+def test_removing_the_newest_rows_is_noticed_too(world: World):
+    drop_append_only_triggers(world)
+    with world.platform.db.system() as s:
+        last = audit.verify(s).rows
+    with world.platform.db.engine.begin() as connection:
+        connection.execute(text(f"DELETE FROM audit_events WHERE seq = {last}"))
+    with world.platform.db.system() as s:
+        result = audit.verify(s)
+    assert not result.ok and result.first_broken_seq == last
+
+
+def test_the_verify_command(world: World):
+    env_args = ["--database-url", world.platform.settings.resolved_database_url]
+    command = [sys.executable, "-m", "adaptery.cli", "audit", "verify", *env_args]
+    intact = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert intact.returncode == 0 and "intact" in intact.stdout, intact.stdout + intact.stderr
+    drop_append_only_triggers(world)
+    with world.platform.db.engine.begin() as connection:
+        connection.execute(text("UPDATE audit_events SET actor = 'nobody' WHERE seq = 3"))
+    broken = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert broken.returncode == 1 and "broken at row 3" in broken.stdout, broken.stdout + broken.stderr
+
+
+def test_a_refused_upload_leaves_no_audit_row(world: World):
+    before = len(actions(world))
+    response = world.client.post(
+        "/v1/files",
+        headers=world.auth("viewer"),
+        files={"file": ("t.jsonl", SAMPLE_CHAT.read_bytes())},
+        data={"purpose": "fine-tune"},
+    )
+    assert response.status_code == 403
+    assert len(actions(world)) == before

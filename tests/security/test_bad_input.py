@@ -1,0 +1,158 @@
+"""Bad input gets a clear error in OpenAI's shape and leaves nothing behind."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from adaptery.api.guards import RequestGuard, json_depth
+from adaptery.db import models as m
+from adaptery.engine.loading import ModelNotAvailable, load_causal_lm
+from adaptery.settings import Settings
+from tests.conftest import SAMPLE_CHAT
+from tests.security.conftest import World
+
+CHAT = {"model": "adaptery-demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+def count(world: World, model: type) -> int:
+    with world.platform.db.system() as s:
+        return s.query(model).count()
+
+
+def assert_error(response, status: int, param: str | None = None, code: str | None = None) -> dict:  # noqa: ANN001
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param is not None:
+        assert error["param"] == param
+    if code is not None:
+        assert error["code"] == code
+    return error
+
+
+def test_json_nested_too_deep_is_refused_before_any_handler(world: World):
+    deep = {"model": "adaptery-demo", "messages": [{"role": "user", "content": "x"}], "metadata": {}}
+    node = deep["metadata"]
+    for _ in range(200):
+        node["a"] = {}
+        node = node["a"]
+    before = count(world, m.FineTuningJob)
+    headers = {**world.auth("owner"), "content-type": "application/json"}
+    response = world.client.post("/v1/fine_tuning/jobs", headers=headers, content=json.dumps(deep))
+    assert_error(response, 400, code="json_too_deep")
+    assert count(world, m.FineTuningJob) == before
+
+
+def test_json_depth_ignores_brackets_inside_strings():
+    assert json_depth(b'{"a": "[[[[{{{{", "b": [1, [2]]}') == 3
+    assert json_depth(b'{"a": "\\"[[[["}') == 1
+
+
+def test_an_oversized_json_body_is_413_without_reading_it_all(world: World, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(world.platform.settings, "max_json_bytes", 1000)
+    body = {**CHAT, "messages": [{"role": "user", "content": "x" * 5000}]}
+    assert_error(world.client.post("/v1/chat/completions", headers=world.auth("owner"), json=body), 413)
+
+
+def test_json_routes_take_only_json(world: World):
+    response = world.client.post(
+        "/v1/chat/completions",
+        headers={**world.auth("owner"), "content-type": "text/plain"},
+        content=json.dumps(CHAT),
+    )
+    assert_error(response, 415)
+    before = count(world, m.ApiKey)
+    form = world.client.post("/api/keys", headers=world.auth("owner"), data={"name": "x"})
+    assert_error(form, 415)
+    assert count(world, m.ApiKey) == before
+
+
+def test_a_stalled_body_is_cut_off_as_a_disconnect():
+    seen: list[dict] = []
+
+    async def app(scope, receive, send):  # noqa: ANN001, ANN202
+        seen.append(await receive())
+
+    async def stalled():  # noqa: ANN202
+        await asyncio.sleep(10)
+
+    guard = RequestGuard(app, Settings(request_body_timeout_seconds=0.05))
+    scope = {"type": "http", "method": "POST", "headers": [(b"content-type", b"application/octet-stream")]}
+    asyncio.run(guard(scope, stalled, None))
+    assert seen == [{"type": "http.disconnect"}]
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "..\\..\\windows\\win.ini", "/abs/path/x.jsonl"])
+def test_upload_filenames_are_labels_never_paths(world: World, name: str):
+    response = world.client.post(
+        "/v1/files",
+        headers=world.auth("owner"),
+        files={"file": (name, SAMPLE_CHAT.read_bytes())},
+        data={"purpose": "fine-tune"},
+    )
+    assert response.status_code == 200, response.text
+    stored = response.json()["filename"]
+    assert "/" not in stored and "\\" not in stored and ".." not in stored
+    data_dir = world.platform.settings.data_dir.resolve()
+    assert not (data_dir.parent / "etc").exists() and not Path("/abs/path").exists()
+
+
+def test_dataset_filenames_are_sanitised_too(world: World):
+    response = world.client.post(
+        "/api/datasets",
+        params={"filename": "../../../tmp/evil.jsonl"},
+        headers=world.auth("owner"),
+        content=SAMPLE_CHAT.read_bytes(),
+    )
+    assert response.status_code == 202, response.text
+    assert response.json()["versions"][0]["source_filename"] == "evil.jsonl"
+
+
+def _zip(files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("weights", ["adapter_model.bin", "adapter_model.pt", "weights.pkl"])
+def test_pickled_adapter_uploads_are_refused_and_nothing_is_registered(world: World, weights: str):
+    before = count(world, m.Adapter)
+    config = json.dumps({"peft_type": "LORA", "r": 4, "base_model_name_or_path": "adaptery-demo"}).encode()
+    response = world.client.post(
+        "/api/models/import",
+        params={"base_model": "adaptery-demo"},
+        headers=world.auth("owner"),
+        content=_zip({"adapter_config.json": config, weights: b"\x80\x04pickle"}),
+    )
+    error = assert_error(response, 400)
+    assert "pickle" in error["message"]
+    assert count(world, m.Adapter) == before
+
+
+def test_a_pickled_base_model_is_never_loaded(tmp_path: Path, demo_model_dir: Path):
+    model_dir = tmp_path / "pickled"
+    model_dir.mkdir()
+    for path in demo_model_dir.iterdir():
+        if path.suffix != ".safetensors":
+            (model_dir / path.name).write_bytes(path.read_bytes())
+    (model_dir / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(ModelNotAvailable, match="refused"):
+        load_causal_lm(str(model_dir))
+
+
+def test_max_tokens_and_prompt_are_checked_against_the_model(world: World):
+    too_many = world.client.post(
+        "/v1/chat/completions", headers=world.auth("owner"), json={**CHAT, "max_tokens": 10**6}
+    )
+    assert_error(too_many, 400, param="max_tokens")
+    long_prompt = {**CHAT, "messages": [{"role": "user", "content": "word " * 20000}]}
+    response = world.client.post("/v1/chat/completions", headers=world.auth("owner"), json=long_prompt)
+    assert_error(response, 400, code="context_length_exceeded")

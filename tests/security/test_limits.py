@@ -1,0 +1,254 @@
+"""Rate limits and budgets: 429 with Retry-After in OpenAI's shape, recovery, no overshoot."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from adaptery.auth.principal import Principal, Role
+from adaptery.db import models as m
+from adaptery.services import finetuning, limits
+from adaptery.services.errors import RateLimited
+from tests.conftest import BACKENDS, prepare_data_dir, start_server, stop_server
+from tests.security.conftest import World
+
+CHAT = {"model": "adaptery-demo", "messages": [{"role": "user", "content": "hi"}], "temperature": 0}
+MINUTE_START = 1_800_000_000.0 - 1_800_000_000.0 % 60  # a round minute, far from now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The ledger's clock, 5 s into a minute; tests move it forward instead of waiting."""
+    now = [MINUTE_START + 5]
+    monkeypatch.setattr(limits, "clock", lambda: now[0])
+    return now
+
+
+def set_tenant_limits(world: World, **values: int | None) -> None:
+    response = world.client.put(
+        f"/api/platform/tenants/{world.tenant_id}/limits", headers=world.auth("platform_admin"), json=values
+    )
+    assert response.status_code == 200, response.text
+
+
+def usage(world: World) -> dict:
+    return world.client.get("/api/admin/usage", headers=world.auth("admin")).json()
+
+
+def assert_rate_limited(response: httpx.Response, code: str = "rate_limit_exceeded") -> None:
+    assert response.status_code == 429, response.text
+    error = response.json()["error"]
+    assert error["type"] == "rate_limit_error" and error["code"] == code and error["message"]
+    assert int(response.headers["retry-after"]) >= 1
+
+
+def test_requests_per_minute_per_tenant_429_then_recover(world: World, clock: list[float]):
+    set_tenant_limits(world, requests_per_minute=3)
+    for _ in range(3):
+        assert world.client.get("/v1/models", headers=world.auth("viewer")).status_code == 200
+    refused = world.client.get("/v1/files", headers=world.auth("member"))  # any key of the tenant
+    assert_rate_limited(refused)
+    assert refused.headers["retry-after"] == "55" and "organization" in refused.json()["error"]["message"]
+    clock[0] += 60
+    assert world.client.get("/v1/models", headers=world.auth("viewer")).status_code == 200
+    assert world.client.get("/v1/models", headers=world.auth("other_tenant_member")).status_code == 200
+
+
+def test_requests_per_minute_per_key(world: World, clock: list[float]):
+    key = world.client.post("/api/keys", headers=world.auth("owner"), json={"limits": {"requests_per_minute": 2}})
+    bearer = {"Authorization": f"Bearer {key.json()['value']}"}
+    assert [world.client.get("/v1/models", headers=bearer).status_code for _ in range(2)] == [200, 200]
+    refused = world.client.get("/v1/models", headers=bearer)
+    assert_rate_limited(refused)
+    assert "this API key" in refused.json()["error"]["message"]
+    assert world.client.get("/v1/models", headers=world.auth("owner")).status_code == 200  # other keys unaffected
+    clock[0] += 60
+    assert world.client.get("/v1/models", headers=bearer).status_code == 200
+
+
+def test_tokens_per_minute_reserve_the_worst_case(world: World, clock: list[float]):
+    set_tenant_limits(world, tokens_per_minute=60)
+    too_big = world.client.post("/v1/chat/completions", headers=world.auth("owner"), json={**CHAT, "max_tokens": 100})
+    assert_rate_limited(too_big)
+    assert "larger than that" in too_big.json()["error"]["message"]
+    first = world.client.post("/v1/chat/completions", headers=world.auth("owner"), json={**CHAT, "max_tokens": 4})
+    assert first.status_code == 200, first.text
+    spent = first.json()["usage"]["total_tokens"]
+    assert usage(world)["tenant"]["tokens_this_minute"] == spent  # settled: the unused part given back
+
+
+def test_a_tenant_max_tokens_is_a_clear_400(world: World):
+    set_tenant_limits(world, max_tokens=4)
+    response = world.client.post("/v1/chat/completions", headers=world.auth("owner"), json={**CHAT, "max_tokens": 5})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "max_tokens"
+
+
+def test_the_monthly_budget_settles_to_real_usage_and_then_refuses(world: World):
+    set_tenant_limits(world, monthly_tokens=60)
+    first = world.client.post("/v1/chat/completions", headers=world.auth("owner"), json={**CHAT, "max_tokens": 3})
+    assert first.status_code == 200, first.text
+    spent = first.json()["usage"]["total_tokens"]
+    ledger = usage(world)["tenant"]
+    assert ledger["tokens"] == spent and ledger["reserved"] == 0
+    refused = world.client.post("/v1/chat/completions", headers=world.auth("owner"), json={**CHAT, "max_tokens": 60})
+    assert_rate_limited(refused, code="insufficient_quota")
+    assert usage(world)["tenant"]["tokens"] == spent  # a refusal holds and spends nothing
+
+
+def _principal(world: World) -> Principal:
+    return Principal(world.tenant_id, "lab", world.users["lab-owner"], "lab-owner", Role.OWNER)
+
+
+def test_concurrent_streams_are_capped_and_freed_on_settle(world: World):
+    set_tenant_limits(world, concurrent_streams=1)
+    db, who = world.platform.db, _principal(world)
+    first = limits.reserve(db, who, prompt_tokens=5, max_tokens=5, stream=True)
+    with pytest.raises(RateLimited, match="concurrent streams"):
+        limits.reserve(db, who, prompt_tokens=5, max_tokens=5, stream=True)
+    limits.settle(db, limits.reserve(db, who, prompt_tokens=5, max_tokens=5, stream=False), 3)
+    limits.settle(db, first, 7)
+    limits.settle(db, limits.reserve(db, who, prompt_tokens=5, max_tokens=5, stream=True), 7)
+
+
+def test_a_dead_process_reservation_expires_counted_in_full(world: World, clock: list[float]):
+    set_tenant_limits(world, monthly_tokens=1000)
+    db, who = world.platform.db, _principal(world)
+    limits.reserve(db, who, prompt_tokens=10, max_tokens=90, stream=True)  # its process dies: never settled
+    clock[0] += limits.RESERVATION_SECONDS + 1
+    later = limits.reserve(db, who, prompt_tokens=10, max_tokens=10, stream=False)
+    with db.system() as s:
+        ledger = limits.usage(s, [f"tenant:{world.tenant_id}"], clock[0])[f"tenant:{world.tenant_id}"]
+    assert ledger["tokens"] == 100 and ledger["reserved"] == 20 and ledger["streams"] == 0
+    limits.settle(db, later, 15)
+    with db.system() as s:
+        ledger = limits.usage(s, [f"tenant:{world.tenant_id}"], clock[0])[f"tenant:{world.tenant_id}"]
+    assert ledger["tokens"] == 115 and ledger["reserved"] == 0
+
+
+def test_training_counts_against_the_same_budget(world: World):
+    set_tenant_limits(world, monthly_tokens=100)
+    with world.platform.db.system() as s:
+        job = s.get(m.FineTuningJob, world.ids["job_id"])
+        job.status, job.trained_tokens, job.finished_at = "succeeded", 150, time.time()
+    assert usage(world)["tenant"]["tokens"] == 150
+    assert usage(world)["tenant"]["tokens"] == 150  # charged once, however often it is read
+    refused = world.client.post(
+        "/v1/fine_tuning/jobs",
+        headers=world.auth("owner"),
+        json={"model": "adaptery-demo", "training_file": world.ids["file_id"]},
+    )
+    assert_rate_limited(refused, code="insufficient_quota")
+    chat = world.client.post("/v1/chat/completions", headers=world.auth("owner"), json={**CHAT, "max_tokens": 2})
+    assert_rate_limited(chat, code="insufficient_quota")
+
+
+def test_a_job_holds_its_estimated_training_tokens_until_it_ends(world: World):
+    """Jobs queued together cannot spend past the budget: each holds tokens × n_epochs once its files are
+    validated, and settles to what it really trained when it ends."""
+    set_tenant_limits(world, monthly_tokens=1_000_000)
+    tenant, platform = world.tenant_id, world.platform
+    platform.validate_job(tenant, world.ids["job_id"])  # the fixture's own job, so it cannot move the ledger later
+    before = usage(world)["tenant"]
+
+    def create(n_epochs: int) -> str:
+        body = {
+            "model": "adaptery-demo",
+            "training_file": world.ids["file_id"],
+            "hyperparameters": {"n_epochs": n_epochs},
+        }
+        response = world.client.post("/v1/fine_tuning/jobs", headers=world.auth("owner"), json=body)
+        assert response.status_code == 200, response.text
+        platform.validate_job(tenant, response.json()["id"])
+        return response.json()["id"]
+
+    one = create(1)
+    held_one = usage(world)["tenant"]["reserved"] - before["reserved"]
+    assert held_one > 0
+    three = create(3)
+    assert usage(world)["tenant"]["reserved"] - before["reserved"] == 4 * held_one  # tokens × n_epochs
+    with platform.db.system() as s:
+        assert s.get(m.FineTuningJob, three).status == "queued"
+
+    # the budget now has room for less than the next job's estimate: it fails before any compute
+    set_tenant_limits(world, monthly_tokens=before["tokens"] + before["reserved"] + 5 * held_one)
+    refused = world.client.get(f"/v1/fine_tuning/jobs/{create(2)}", headers=world.auth("owner")).json()
+    assert refused["status"] == "failed" and refused["error"]["code"] == "insufficient_quota"
+    assert "estimated" in refused["error"]["message"]
+    assert usage(world)["tenant"]["reserved"] - before["reserved"] == 4 * held_one  # the refusal held nothing
+
+    with platform.db.system() as s:  # the first job ends having trained 7 tokens; the other is cancelled
+        job = s.get(m.FineTuningJob, one)
+        job.trained_tokens = 7
+        finetuning.finish(s, job, "succeeded")
+        finetuning.finish(s, s.get(m.FineTuningJob, three), "cancelled")
+    after = usage(world)["tenant"]
+    assert after["reserved"] == before["reserved"]
+    assert after["tokens"] == before["tokens"] + 7
+    assert usage(world)["tenant"]["tokens"] == before["tokens"] + 7  # charged once
+
+
+@pytest.mark.parametrize("database_url", BACKENDS[-1:], indirect=True)  # the production ledger when configured
+def test_budget_holds_under_50_concurrent_requests_on_two_server_processes(
+    tmp_path: Path, database_url, demo_model_dir
+):
+    data_dir = prepare_data_dir(tmp_path / "data", demo_model_dir)
+    quiet = {"ADAPTERY_EMBEDDED_AGENT": "false"}
+    first = start_server(data_dir, database_url, extra_env=quiet)
+    second = None
+    try:
+        second = start_server(data_dir, database_url, extra_env=quiet)
+        owner = {"Authorization": f"Bearer {first.api_key}"}
+        tenant = httpx.get(f"{first.url}/api/me", headers=owner).json()["tenant"]["id"]
+        budget = 400
+        response = httpx.put(
+            f"{first.url}/api/platform/tenants/{tenant}/limits", headers=owner, json={"monthly_tokens": budget}
+        )
+        assert response.status_code == 200, response.text
+
+        def ask(i: int) -> httpx.Response:
+            url = (first if i % 2 else second).url
+            body = {**CHAT, "max_tokens": 8, "messages": [{"role": "user", "content": f"question {i}"}]}
+            return httpx.post(f"{url}/v1/chat/completions", headers=owner, json=body, timeout=300)
+
+        with ThreadPoolExecutor(50) as pool:
+            responses = list(pool.map(ask, range(50)))
+        statuses = [r.status_code for r in responses]
+        assert set(statuses) <= {200, 429}, [r.text for r in responses if r.status_code not in (200, 429)]
+        served = [r.json()["usage"]["total_tokens"] for r in responses if r.status_code == 200]
+        assert served and statuses.count(429) > 0
+        ledger = httpx.get(f"{second.url}/api/admin/usage", headers=owner).json()["tenant"]
+        assert sum(served) <= budget and ledger["tokens"] == sum(served) and ledger["reserved"] == 0
+        print(f"two processes, 50 requests: {len(served)} served ({sum(served)} of {budget} tokens), "
+              f"{statuses.count(429)} refused")  # fmt: skip
+    finally:
+        stop_server(first)
+        if second is not None:
+            stop_server(second)
+
+
+def test_a_tenant_upload_limit_below_the_platforms_is_a_413_and_keeps_nothing(world: World):
+    set_tenant_limits(world, max_upload_bytes=2048)
+    before = world.client.get("/v1/files", headers=world.auth("owner")).json()["data"]
+    big = (
+        b'{"messages": [{"role": "user", "content": "' + b"x" * 4096 + b'"}, {"role": "assistant", "content": "y"}]}\n'
+    )
+    refused = world.client.post(
+        "/v1/files", headers=world.auth("owner"), files={"file": ("big.jsonl", big)}, data={"purpose": "fine-tune"}
+    )
+    assert refused.status_code == 413, refused.text
+    assert "2048 bytes" in refused.json()["error"]["message"] and refused.json()["error"]["param"] == "file"
+    dataset = world.client.post("/api/datasets", headers=world.auth("owner"), params={"name": "big"}, content=big)
+    assert dataset.status_code == 413, dataset.text
+    assert world.client.get("/v1/files", headers=world.auth("owner")).json()["data"] == before
+
+    small = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+    accepted = world.client.post(
+        "/v1/files", headers=world.auth("owner"), files={"file": ("small.jsonl", small)}, data={"purpose": "fine-tune"}
+    )
+    assert accepted.status_code == 200, accepted.text
+    limits_now = world.client.get("/api/admin/limits", headers=world.auth("admin")).json()
+    assert limits_now["max_upload_bytes"] == 2048
