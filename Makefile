@@ -11,10 +11,12 @@ DEV_STAMP := $(VENV)/.installed-dev
 run: $(RUNTIME_STAMP)
 	$(BIN)/adaptery serve
 
+# Two pytest workers, one test file each at a time: a serial run leaves a core idle while tests wait on
+# the servers, agents and browser they start (measured: 19 CPU-minutes in 21 minutes of wall time).
 test: $(DEV_STAMP)
 	scripts/ensure-chromium.sh
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 install: $(RUNTIME_STAMP)
 install-dev: $(DEV_STAMP)

@@ -113,9 +113,16 @@ class Platform:
         with self.db.system() as s:
             for tenant_id, version_id in datasets.pending_versions(s):
                 self.submit_version(tenant_id, version_id)
+        # The embedded agent's credentials exist before our NATS server starts, so its first configuration
+        # admits it: adding a user later is a reload (SIGHUP) the server applies in its own time, and an agent
+        # connecting before that would be refused.
+        embedded = None
+        if self.settings.embedded_agent and self.settings.nats_url is None:
+            with self.db.system() as s:
+                embedded = credentials.embedded_agent(s, self.settings.port)
         self._start_messaging()
         if self.settings.embedded_agent:
-            self._start_embedded_agent()
+            self._start_embedded_agent(embedded)
 
     def _start_messaging(self) -> None:
         """The agents' NATS server (our own unless one is configured) and the control plane answering on it."""
@@ -157,19 +164,16 @@ class Platform:
         if self.nats is not None:
             self.nats.sync_agents(hashes)
 
-    def _start_embedded_agent(self) -> None:
+    def _start_embedded_agent(self, creds: credentials.AgentCredentials | None) -> None:
         """The agent inside serve talks to the control plane over NATS like any other."""
         settings = self.settings
         if self.nats is None and not settings.agent_credentials:
             log.warning("no embedded agent: with an external NATS server, set ADAPTERY_AGENT_CREDENTIALS for it")
             return
-        if self.nats is not None:
-            with self.db.system() as s:
-                creds = credentials.embedded_agent(s, settings.port)
+        if self.nats is not None and creds is not None:
             agent_id, secret, name, url = creds.agent_id, creds.secret, creds.name, self.nats.url
             # This server's previous embedded agent died with it: its jobs need not wait for their leases.
             self.queue.release_all(agent_id, "the server restarted")
-            self.sync_agents()
         else:
             agent_id, secret = credentials.parse_token(settings.agent_credentials)
             name, url = agent_id, settings.nats_url

@@ -1,7 +1,8 @@
 """Benchmark of the inference engine: many adapters at the speed of one.
 
 Workload as in S-LoRA's evaluation: Poisson arrivals, adapter popularity following a power law
-(Zipf), prompt and output lengths uniform in a range, on a random-initialised Llama-family model
+(Zipf), prompt and output lengths uniform in a range (8-256 tokens each by default, S-LoRA's
+synthetic ranges cut in half to fit 2 cores; ratio 3 uses shorter requests), on a random-initialised Llama-family model
 (width 1024 by default, GQA, vocab 8192). Every run ignores EOS so all sides generate exactly the
 requested lengths. Measured in the same run, at the same dtype on both sides of every ratio:
 
@@ -20,7 +21,7 @@ names its adapter, the cache lookups are O(1)), so what ratio 3 measures is the 
 more distinct adapters a Zipf stream over 2000 puts in each step, and of loading the tail ones.
 
     .venv/bin/python bench/engine.py --quick      # a smoke run (4 layers, one repeat)
-    .venv/bin/python bench/engine.py              # the measurement (8 layers, 3 repeats, ~10 min)
+    .venv/bin/python bench/engine.py              # the measurement (8 layers, 3 repeats, ~20 min)
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ from adaptery.engine.lora import prepare_adapter
 from adaptery.engine.native import NativeLlama
 from adaptery.engine.sampling import SamplingParams
 
+# Ratio 3 is about adapter loading under a long tail, so its requests are short: more requests per
+# second, more distinct adapters per step, loads harder to hide.
+ZIPF_PROMPTS, ZIPF_OUTPUTS = (16, 64), (16, 48)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -104,6 +108,13 @@ def zipf_choice(n: int, count: int, alpha: float, seed: int) -> list[int]:
     rng = np.random.default_rng(seed)
     weights = 1.0 / np.arange(1, count + 1) ** alpha
     return rng.choice(count, size=n, p=weights / weights.sum()).tolist()
+
+
+def token_range(text: str) -> tuple[int, int]:
+    low, high = (int(v) for v in text.split(","))
+    if not 1 <= low <= high:
+        raise argparse.ArgumentTypeError("a range is LO,HI with 1 <= LO <= HI")
+    return low, high
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -185,7 +196,7 @@ def run_static(model, reqs: list[Req], batch: int, adapter_names: list[str] | No
 
 def new_engine(hf: LlamaForCausalLM, dtype: torch.dtype, max_batch: int, rank: int) -> BatchEngine:
     return BatchEngine(
-        "bench", NativeLlama(hf, dtype, 1024), set(), max_rank=rank, kv_cache_bytes=256 << 20,
+        "bench", NativeLlama(hf, dtype, 1024), set(), max_rank=rank, kv_cache_bytes=512 << 20,
         adapter_cache_bytes=4 << 30, max_batch=max_batch, max_step_tokens=256,
     )  # fmt: skip
 
@@ -207,7 +218,7 @@ def bench_dtype(hf: LlamaForCausalLM, dtype: torch.dtype, distinct: list[Path], 
     batch, rank, vocab, repeats = 32, args.rank, args.vocab, args.repeats
     model = hf.to(dtype)
     keyed = [(f"d-{i}", p) for i, p in enumerate(distinct)]
-    reqs = workload(args.requests, 200.0, (16, 64), (16, 48), vocab, seed=1)
+    reqs = workload(args.requests, 200.0, args.prompt_range, args.output_range, vocab, seed=1)
     mixed = with_adapters(reqs, [i % 32 for i in range(len(reqs))])  # 32 distinct in flight: the worst case
     out: dict = {}
     engine = new_engine(model, dtype, batch, rank)
@@ -258,10 +269,10 @@ def bench_dtype(hf: LlamaForCausalLM, dtype: torch.dtype, distinct: list[Path], 
     zipf_runs: dict[str, list[dict]] = {name: [] for name in registries}
     stats: dict[str, dict] = {}
     for name, registered in registries.items():
-        warm = workload(n3, 200.0, (16, 64), (16, 48), vocab, seed=10)
+        warm = workload(n3, 200.0, ZIPF_PROMPTS, ZIPF_OUTPUTS, vocab, seed=10)
         run_engine(engines[name], with_adapters(warm, zipf_choice(n3, len(registered), 1.0, 11)), registered)
     for round_ in range(repeats):
-        stream = workload(n3, 200.0, (16, 64), (16, 48), vocab, seed=20 + round_)
+        stream = workload(n3, 200.0, ZIPF_PROMPTS, ZIPF_OUTPUTS, vocab, seed=20 + round_)
         for name in ("5", "2000") if round_ % 2 == 0 else ("2000", "5"):
             registered, store = registries[name], engines[name].store
             choice = zipf_choice(n3, len(registered), 1.0, 30 + round_)
@@ -318,12 +329,14 @@ def main() -> None:
     parser.add_argument("--zipf-requests", type=int, default=None, help="requests per run for ratio 3")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--prompt-range", type=token_range, default=(8, 256), help="prompt tokens, uniform (LO,HI)")
+    parser.add_argument("--output-range", type=token_range, default=(8, 256), help="output tokens, uniform (LO,HI)")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     parser.add_argument("--cold-load-only", action="store_true", help="measure only ratio 4 (seconds)")
     args = parser.parse_args()
     args.layers = args.layers or (4 if args.quick else 8)
-    args.requests = args.requests or (32 if args.quick else 64)
+    args.requests = args.requests or (32 if args.quick else 48)
     args.zipf_requests = args.zipf_requests or (32 if args.quick else 128)
     args.repeats = args.repeats or (1 if args.quick else 3)
     torch.set_num_threads(os.cpu_count() or 2)
@@ -346,8 +359,9 @@ def main() -> None:
             },
             "workload": {
                 "arrivals": "Poisson, 200 requests/s (faster than served: the engine runs saturated)",
-                "prompt_tokens": [16, 64],
-                "output_tokens": [16, 48],
+                "prompt_tokens": list(args.prompt_range),
+                "output_tokens": list(args.output_range),
+                "ratio_3_prompt_and_output_tokens": [list(ZIPF_PROMPTS), list(ZIPF_OUTPUTS)],
                 "max_batch": 32,
                 "adapter_rank": args.rank,
                 "requests_ratio_1_2": args.requests,

@@ -11,15 +11,19 @@ import asyncio
 import contextlib
 import hashlib
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import nats
+from nats.errors import AuthorizationError
 from nats.errors import Error as NatsError
 
 from adaptery.messaging import protocol
 from adaptery.messaging.protocol import RemoteError
+
+ENROLLMENT_GRACE_SECONDS = 4.0
 
 
 class LinkDown(ConnectionError):
@@ -37,11 +41,23 @@ class AgentLink:
         self._thread = threading.Thread(target=self._loop.run_forever, name="adaptery-agent-link", daemon=True)
         self._nc: nats.NATS | None = None
 
-    def connect(self, timeout: float = 30.0) -> None:
-        """Connect (refused at once for wrong credentials: nats-py raises its authorization error)."""
+    def connect(self, timeout: float = 30.0, *, enrollment_grace: float = ENROLLMENT_GRACE_SECONDS) -> None:
+        """Connect; wrong credentials are refused (nats-py raises its authorization error).
+
+        A refusal is retried for `enrollment_grace` seconds: an agent enrolled a moment ago may knock before
+        the platform has reloaded its NATS server's users (it applies enrollments within a second or two).
+        """
         self._thread.start()
+        deadline = time.monotonic() + enrollment_grace
         try:
-            self._run(self._connect(), timeout)
+            while True:
+                try:
+                    self._run(self._connect(), timeout)
+                    return
+                except AuthorizationError:
+                    if time.monotonic() >= deadline:
+                        raise
+                    time.sleep(0.5)
         except Exception:
             self.close()
             raise

@@ -27,6 +27,7 @@ log = logging.getLogger("adaptery.nats")
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 CONTROL_USER = "control"
 READY_SECONDS = 15.0
+RELOAD_SECONDS = 5.0  # how long `sync_agents` waits for the server to apply new users
 
 
 def die_with_parent() -> None:
@@ -169,9 +170,23 @@ class NatsServer:
             return False
         self._agents = dict(agents)
         self._write_config()
+        log_path = self.state_dir / "nats-server.log"
+        reloads = self._reloads(log_path)
         self.process.send_signal(signal.SIGHUP)
+        # The server reloads in its own time; wait for it, so that an agent enrolled (or revoked) by the
+        # time this returns is admitted (or refused) from then on.
+        deadline = time.monotonic() + RELOAD_SECONDS
+        while self._reloads(log_path) <= reloads and time.monotonic() < deadline:
+            time.sleep(0.02)
         log.info("NATS authorization reloaded: %d agent(s)", len(agents))
         return True
+
+    @staticmethod
+    def _reloads(log_path: Path) -> int:
+        try:
+            return log_path.read_bytes().count(b"Reloaded server configuration")
+        except OSError:
+            return 0
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:

@@ -91,12 +91,18 @@ def create_job(server, headers, n_epochs: int) -> dict:
     ).json()
 
 
-def wait_until_finished(server, headers, job_id) -> dict:
-    return wait_for(
-        lambda: (j := get_job(server, headers, job_id))["status"] in ("succeeded", "failed", "cancelled") and j,
-        240,
-        "the job to finish",
-    )
+def wait_until_finished(server, headers, job_id, timeout: float = 240) -> dict:
+    try:
+        return wait_for(
+            lambda: (j := get_job(server, headers, job_id))["status"] in ("succeeded", "failed", "cancelled") and j,
+            timeout,
+            "the job to finish",
+        )
+    except AssertionError as exc:  # say where it stood: the job, its last events, the server's last lines
+        job = get_job(server, headers, job_id)
+        events = "\n".join(events_of(server, headers, job_id)[-15:])
+        log = server.log_path.read_text()[-4000:]
+        raise AssertionError(f"{exc}; job {job['status']}\n{events}\n--- server log ---\n{log}") from None
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)

@@ -46,7 +46,9 @@ def test_round_trip_at_segment_edges(key, size):
     sealed = seal(key, data)
     assert unseal(key, sealed) == data
     assert plaintext_size(len(sealed)) == size
-    assert data[:64] not in sealed or size == 0
+    # the plaintext does not show through (a run of 16+ random bytes turns up in the output by chance ~never;
+    # a byte or two would, about once in five runs)
+    assert size < 16 or data[:64] not in sealed
     for offset in {0, 1, SEGMENT, SEGMENT + 5, size}:
         if offset <= size:
             assert unseal(key, sealed, offset) == data[offset:]
