@@ -62,6 +62,8 @@ class Platform:
             kv_cache_mb=settings.engine_kv_cache_mb,
             adapter_cache_mb=settings.engine_adapter_cache_mb,
             max_batch=settings.engine_max_batch,
+            quantize=None if settings.engine_quantize == "none" else settings.engine_quantize,
+            adapter_dtype=settings.engine_adapter_dtype,
         )
         self.embeddings = EmbeddingModel(settings.embedding_model)
         self.queue = JobQueue(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -34,6 +35,14 @@ class Settings(BaseSettings):
     engine_kv_cache_mb: int = Field(512, ge=1, description="KV-cache memory budget per base model (MiB).")
     engine_adapter_cache_mb: int = Field(1024, ge=1, description="Memory budget of prepared adapters per base (MiB).")
     engine_max_batch: int = Field(32, ge=1, description="Sequences in one running batch (and adapters in it).")
+    engine_quantize: Literal["none", "int8"] = Field(
+        "none", description="Base weights of the native path: none, or int8 via torchao (the extra adaptery[int8])."
+    )
+    engine_adapter_dtype: Literal["auto", "bfloat16"] = Field(
+        "auto",
+        description="Adapters in memory: auto (the compute dtype) or bfloat16 (half the memory and what each "
+        "distinct adapter streams per step; for a float32 engine, adapter weights rounded to bf16).",
+    )
     train_threads: int | None = Field(
         None, ge=1, description="Torch threads of a training process; default: all usable CPUs but one."
     )

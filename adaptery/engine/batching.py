@@ -93,6 +93,7 @@ class BatchEngine:
         max_step_tokens: int = 256,
         metrics: EngineMetrics | None = None,
         lora_kernel: bool | None = None,
+        adapter_dtype: torch.dtype | None = None,
     ) -> None:
         self.name = name
         self.model = model
@@ -107,7 +108,7 @@ class BatchEngine:
         kernel = fused_kernel.load() if lora_kernel is not False else None
         if lora_kernel and kernel is None:
             raise RuntimeError("the fused LoRA kernel was required but cannot be built on this machine")
-        self.slots = SlotBuffers(model, max_batch, max_rank, kernel)
+        self.slots = SlotBuffers(model, max_batch, max_rank, kernel, adapter_dtype)
         self.lora_path = "fused C kernel" if kernel is not None else "PyTorch grouped_mm/bmm"
         self.store = AdapterStore(model, max_rank, adapter_cache_bytes, self.metrics, self.slots.dtype)
         self.store.on_ready.append(self.wake)
@@ -185,6 +186,7 @@ class BatchEngine:
             },
             "adapters": {
                 "lora_path": self.lora_path,
+                "dtype": str(self.slots.dtype).removeprefix("torch."),
                 "active": list(self.slots.keys),
                 "memory": memory,
                 "memory_bytes": sum(a["bytes"] for a in memory),

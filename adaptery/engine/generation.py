@@ -127,6 +127,7 @@ class _Base:
                 max_batch=engine.max_batch,
                 max_step_tokens=engine.max_step_tokens,
                 metrics=engine.metrics,
+                adapter_dtype=engine.adapter_dtype,
             )
             del model
         else:
@@ -155,9 +156,11 @@ class InferenceEngine:
         max_batch: int = 32,
         max_step_tokens: int = 256,
         quantize: str | None = None,
+        adapter_dtype: str = "auto",
     ) -> None:
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.quantize = quantize  # "int8": the native path's base weights through torchao (bench/quant.py)
+        self.adapter_dtype = None if adapter_dtype == "auto" else getattr(torch, adapter_dtype)
         self.dtype = resolve_dtype(dtype, self.device)
         self.max_lora_rank = max_lora_rank
         self.kv_cache_bytes = kv_cache_mb * MiB

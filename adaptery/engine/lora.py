@@ -201,13 +201,24 @@ class SlotBuffers:
     matmul pair serves a fused site.
     """
 
-    def __init__(self, model: NativeLlama, slots: int, max_rank: int, kernel: object | None = None) -> None:
+    def __init__(
+        self,
+        model: NativeLlama,
+        slots: int,
+        max_rank: int,
+        kernel: object | None = None,
+        adapter_dtype: torch.dtype | None = None,
+    ) -> None:
         layers = len(model.layers)
         self.model = model
         self.max_rank = max_rank
         self.kernel = kernel
-        self.dtype = model.dtype if kernel is not None and model.dtype in (torch.float32, torch.bfloat16) else (
-            torch.float32)  # fmt: skip
+        if kernel is None:  # the PyTorch path computes in fp32
+            self.dtype = torch.float32
+        elif adapter_dtype is not None:  # bf16 adapters for an fp32 model: half the bytes, a rounding's cost
+            self.dtype = adapter_dtype
+        else:
+            self.dtype = model.dtype if model.dtype in (torch.float32, torch.bfloat16) else torch.float32
         self.shrink = {
             site: torch.zeros(layers, slots, max_rank, len(mods), model.site_in[site], dtype=self.dtype)
             for site, mods in SITES.items()
@@ -359,10 +370,11 @@ class LoraBatch:
             for slot, first, count in self.long_segments:
                 rank = self.buffers.adapters[slot].rank
                 rows = slice(start + first, start + first + count)
-                u = x[rows] @ shrink[slot, :rank].reshape(rank * parts, -1).T  # (rows, rank P), column k P + p
+                a = shrink[slot, :rank].reshape(rank * parts, -1).to(x.dtype)
+                u = x[rows] @ a.T  # (rows, rank P), column k P + p
                 for part in range(parts):
                     lo, hi = bounds[part], bounds[part + 1]
-                    out[rows, lo:hi].addmm_(u[:, part::parts], expand[slot, :rank, lo:hi])
+                    out[rows, lo:hi].addmm_(u[:, part::parts], expand[slot, :rank, lo:hi].to(x.dtype))
         else:
             xl = x[start:].float()
             shrink = self.buffers.shrink[site][layer, :n, :r]

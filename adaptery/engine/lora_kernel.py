@@ -94,10 +94,11 @@ static void lora_row_bf16_avx512(const uint16_t *xr, uint16_t *o, int32_t s, int
    slot[t]: the adapter slot of row t (< 0: skip the row); rank[s]: its rank (<= R).
    A: element (s, k, p, i) at A[s * as + (k * P + p) * d_in + i]  (shrink rows, projection p, rank k)
    B: element (s, k, c) at B[s * bs + k * off[P] + c]; column c belongs to the projection p with
-      off[p] <= c < off[p + 1] and is fed by u[p][k].  bf16 != 0: x, out, A and B are bfloat16. */
+      off[p] <= c < off[p + 1] and is fed by u[p][k].  bf16 != 0: x and out are bfloat16 (else float32);
+   wbf16 != 0: A and B are bfloat16 (else float32). */
 void lora_site(int64_t n, const void *x, int64_t xs, void *out, int64_t os, const int32_t *slot,
                const int32_t *rank, const void *A, int64_t as, const void *B, int64_t bs, int64_t R,
-               int64_t P, int64_t d_in, const int64_t *off, int bf16, int threads) {
+               int64_t P, int64_t d_in, const int64_t *off, int bf16, int wbf16, int threads) {
     const int64_t d_out = off[P];
     if (n <= 0) return;
     if (threads > n) threads = (int)n;
@@ -112,8 +113,8 @@ void lora_site(int64_t n, const void *x, int64_t xs, void *out, int64_t os, cons
             if (s < 0) continue;  /* a row the caller computes another way */
             const int64_t r = rank[s];
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-            if (bf16) { lora_row_bf16_avx512((const uint16_t *)x + t * xs, (uint16_t *)out + t * os, s, r, A, as, B,
-                                              bs, R, P, d_in, off, xf, u); continue; }
+            if (bf16 && wbf16) { lora_row_bf16_avx512((const uint16_t *)x + t * xs, (uint16_t *)out + t * os, s, r, A,
+                                                       as, B, bs, R, P, d_in, off, xf, u); continue; }
 #endif
             if (bf16) {
                 const uint16_t *xr = (const uint16_t *)x + t * xs;
@@ -127,7 +128,7 @@ void lora_site(int64_t n, const void *x, int64_t xs, void *out, int64_t os, cons
             for (int64_t k = 0; k < r; k++) {
                 for (int64_t p = 0; p < P; p++) {
                     float sum = 0.f;
-                    if (bf16) {
+                    if (wbf16) {
                         const uint16_t *a = (const uint16_t *)A + s * as + (k * P + p) * d_in;
                         #pragma omp simd reduction(+ : sum)
                         for (int64_t i = 0; i < d_in; i++) sum += xf[i] * bf2f(a[i]);
@@ -144,7 +145,7 @@ void lora_site(int64_t n, const void *x, int64_t xs, void *out, int64_t os, cons
                 const int64_t lo = off[p], hi = off[p + 1];
                 for (int64_t k = 0; k < r; k++) {
                     const float uk = u[p * R + k];
-                    if (bf16) {
+                    if (wbf16) {
                         const uint16_t *b = (const uint16_t *)B + s * bs + k * d_out;
                         #pragma omp simd
                         for (int64_t c = lo; c < hi; c++) acc[c] += uk * bf2f(b[c]);
@@ -225,7 +226,7 @@ def load() -> ctypes.CDLL | None:
             fn = library.lora_site
             i64, ptr = ctypes.c_int64, ctypes.c_void_p
             fn.argtypes = [i64, ptr, i64, ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, ptr, ctypes.c_int,
-                           ctypes.c_int]  # fmt: skip
+                           ctypes.c_int, ctypes.c_int]  # fmt: skip
             fn.restype = None
         except Exception as exc:  # no compiler, a failed build, a library that does not load: PyTorch path
             log.warning("the fused LoRA kernel is unavailable, using the PyTorch path: %s", exc)
@@ -244,15 +245,18 @@ def site(
     expand: torch.Tensor,
     offsets: torch.Tensor,
 ) -> None:
-    """out += LoRA(x) row by row. x (n, d_in), out (n, d_out) share a dtype with shrink (S, R, P, d_in) and
-    expand (S, R, d_out); slots (n,) int32, ranks (S,) int32, offsets (P + 1,) int64."""
+    """out += LoRA(x) row by row. x (n, d_in) and out (n, d_out) share a dtype, shrink (S, R, P, d_in) and
+    expand (S, R, d_out) share one (bf16 adapters may serve an fp32 model); slots (n,) int32, ranks (S,)
+    int32, offsets (P + 1,) int64."""
     n, d_in = x.shape
     if n == 0:
         return
     assert x.stride(1) == 1 and out.stride(1) == 1 and shrink.is_contiguous() and expand.is_contiguous()
-    assert x.dtype == out.dtype == shrink.dtype == expand.dtype and x.dtype in (torch.float32, torch.bfloat16)
+    assert x.dtype == out.dtype and x.dtype in (torch.float32, torch.bfloat16)
+    assert shrink.dtype == expand.dtype and shrink.dtype in (torch.float32, torch.bfloat16)
     library.lora_site(
         n, x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), slots.data_ptr(), ranks.data_ptr(),
         shrink.data_ptr(), shrink.stride(0), expand.data_ptr(), expand.stride(0), shrink.shape[1], shrink.shape[2],
-        d_in, offsets.data_ptr(), int(x.dtype == torch.bfloat16), torch.get_num_threads(),
+        d_in, offsets.data_ptr(), int(x.dtype == torch.bfloat16), int(shrink.dtype == torch.bfloat16),
+        torch.get_num_threads(),
     )  # fmt: skip

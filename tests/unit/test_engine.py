@@ -3,6 +3,7 @@ to each request alone, preemption, cancellation, sampling options, and the trans
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -390,3 +391,52 @@ def test_int8_base_weights_through_torchao(demo_model_dir, adapters):
             native.stop()
     assert tops["int8"][0][0] == tops[None][0][0]  # same top token, log-probabilities within int8 noise
     assert abs(tops["int8"][0][1] - tops[None][0][1]) < 0.1
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_bf16_adapters_serve_an_fp32_model_exactly_when_bf16_holds_them(demo_model_dir, adapters, tmp_path, kind):
+    """ADAPTERY_ENGINE_ADAPTER_DTYPE=bfloat16 on an fp32 engine: the adapter's weights are rounded to bf16 once,
+    everything else stays fp32. With weights that bf16 holds exactly, the tokens are PEFT's, so the only
+    difference the setting makes is that rounding."""
+    if lora_kernel.load() is None:
+        pytest.skip("bf16 adapters for an fp32 model need the fused kernel (no C compiler here)")
+    from safetensors.torch import load_file, save_file
+
+    rounded = tmp_path / kind
+    shutil.copytree(adapters[kind], rounded)
+    weights = rounded / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    save_file({k: v.to(torch.bfloat16).float() if "lora_" in k else v for k, v in tensors.items()}, str(weights))
+    hf = AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32)
+    native = BatchEngine("demo", NativeLlama(hf, torch.float32, 256), set(), max_rank=32, kv_cache_bytes=8 << 20,
+                         adapter_cache_bytes=64 << 20, adapter_dtype=torch.bfloat16)  # fmt: skip
+    try:
+        assert native.describe()["adapters"]["dtype"] == "bfloat16"
+        tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
+        for text in PROMPTS:
+            prompt = tokenizer(text)["input_ids"]
+            got = engine_tokens(native, prompt, (kind, rounded), max_tokens=STEPS)
+            assert got == reference_greedy(demo_model_dir, rounded, prompt, STEPS, set()), text
+        # the same adapter unrounded is served too, a rounding away from PEFT's fp32 numbers
+        assert len(engine_tokens(native, prompt, ("raw", adapters[kind]), max_tokens=STEPS)) == STEPS
+    finally:
+        native.stop()
+
+
+def test_the_adapter_dtype_setting_reaches_the_engine(demo_model_dir, monkeypatch):
+    from pydantic import ValidationError
+
+    from adaptery.settings import Settings
+
+    monkeypatch.setenv("ADAPTERY_ENGINE_ADAPTER_DTYPE", "bfloat16")
+    assert Settings().engine_adapter_dtype == "bfloat16"
+    monkeypatch.setenv("ADAPTERY_ENGINE_ADAPTER_DTYPE", "float16")
+    with pytest.raises(ValidationError, match="engine_adapter_dtype"):
+        Settings()
+    eng = InferenceEngine(dtype="float32", kv_cache_mb=8, adapter_cache_mb=64, adapter_dtype="bfloat16")
+    try:
+        eng.base("demo", str(demo_model_dir))
+        held = eng.base("demo", "").native.describe()["adapters"]["dtype"]
+        assert held == ("bfloat16" if lora_kernel.load() is not None else "float32")  # the PyTorch path keeps fp32
+    finally:
+        eng.stop()
