@@ -106,7 +106,11 @@ def serve(
         cert, key = ensure_server_certificate(settings.tls_dir, settings.host)
         ssl_files = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
         console.print(f"HTTPS with the platform CA: clients trust {settings.tls_dir / 'ca.pem'}")
-    platform = Platform(settings)
+    try:
+        platform = Platform(settings)
+    except (RuntimeError, ValueError) as exc:  # a setting this machine cannot honour (say int8 without torchao)
+        console.print(f"[red]Cannot start:[/red] {escape(str(exc))}")
+        raise typer.Exit(2) from exc
     first = platform.prepare()
     if first is not None:
         console.print(

@@ -30,7 +30,7 @@ from adaptery.engine.fallback import TransformersBase
 from adaptery.engine.loading import load_causal_lm
 from adaptery.engine.lora import AdapterInfo, AdapterRejected, inspect_adapter
 from adaptery.engine.metrics import EngineMetrics
-from adaptery.engine.native import MODULE_SITE, NativeLlama, native_support
+from adaptery.engine.native import MODULE_SITE, NativeLlama, check_quantization, native_support
 from adaptery.engine.sampling import SamplingParams, TokenLogprob, releasable
 
 log = logging.getLogger("adaptery.engine")
@@ -160,6 +160,8 @@ class InferenceEngine:
     ) -> None:
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.quantize = quantize  # "int8": the native path's base weights through torchao (bench/quant.py)
+        if quantize is not None:
+            check_quantization(quantize)
         self.adapter_dtype = None if adapter_dtype == "auto" else getattr(torch, adapter_dtype)
         self.dtype = resolve_dtype(dtype, self.device)
         self.max_lora_rank = max_lora_rank

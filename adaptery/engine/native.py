@@ -90,6 +90,16 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 QUANTIZATIONS = {"int8": "torchao int8 weights, int8 dynamic activations (Int8DynamicActivationInt8WeightConfig)"}
 
 
+def check_quantization(method: str) -> None:
+    """Fail at start-up, not at the first request, when `method` cannot run here."""
+    if method not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {method!r}; supported: {', '.join(QUANTIZATIONS)}")
+    try:
+        import torchao.quantization  # noqa: F401
+    except ImportError as exc:
+        raise RuntimeError("int8 quantization needs torchao: pip install 'adaptery[int8]'") from exc
+
+
 def quantize_weights(model: NativeLlama, method: str) -> None:
     """Quantize the base model's projection weights in place through torchao (embeddings, norms and the LM
     head stay in the compute dtype; adapters are unaffected and still add their products in full precision).

@@ -440,3 +440,20 @@ def test_the_adapter_dtype_setting_reaches_the_engine(demo_model_dir, monkeypatc
         assert held == ("bfloat16" if lora_kernel.load() is not None else "float32")  # the PyTorch path keeps fp32
     finally:
         eng.stop()
+
+
+def test_serve_refuses_int8_where_torchao_is_missing(tmp_path):
+    try:
+        import torchao  # noqa: F401
+
+        pytest.skip("torchao is installed here: int8 can start")
+    except ImportError:
+        pass
+    from typer.testing import CliRunner
+
+    from adaptery.cli.main import app
+
+    env = {"ADAPTERY_ENGINE_QUANTIZE": "int8", "ADAPTERY_DEMO_MODEL": "false", "COLUMNS": "200"}
+    result = CliRunner().invoke(app, ["serve", "--data-dir", str(tmp_path / "data")], env=env)
+    assert result.exit_code == 2, result.output
+    assert "Cannot start: int8 quantization needs torchao: pip install 'adaptery[int8]'" in result.output
