@@ -1,8 +1,8 @@
 """Benchmark of the inference engine: many adapters at the speed of one.
 
 Workload as in S-LoRA's evaluation: Poisson arrivals, adapter popularity following a power law
-(Zipf), prompt and output lengths uniform in a range (8-256 tokens each by default, S-LoRA's
-synthetic ranges cut in half to fit 2 cores; ratio 3 uses shorter requests), on a random-initialised Llama-family model
+(Zipf), prompt and output lengths uniform in a range (8-128 tokens each by default: S-LoRA's
+synthetic ranges scaled to 2 cores; ratio 3 uses shorter requests), on a random-initialised Llama-family model
 (width 1024 by default, GQA, vocab 8192). Every run ignores EOS so all sides generate exactly the
 requested lengths. Measured in the same run, at the same dtype on both sides of every ratio:
 
@@ -339,14 +339,14 @@ def main() -> None:
     parser.add_argument("--zipf-requests", type=int, default=None, help="requests per run for ratio 3")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--prompt-range", type=token_range, default=(8, 256), help="prompt tokens, uniform (LO,HI)")
-    parser.add_argument("--output-range", type=token_range, default=(8, 256), help="output tokens, uniform (LO,HI)")
+    parser.add_argument("--prompt-range", type=token_range, default=(8, 128), help="prompt tokens, uniform (LO,HI)")
+    parser.add_argument("--output-range", type=token_range, default=(8, 128), help="output tokens, uniform (LO,HI)")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     parser.add_argument("--cold-load-only", action="store_true", help="measure only ratio 4 (seconds)")
     args = parser.parse_args()
     args.layers = args.layers or (4 if args.quick else 8)
-    args.requests = args.requests or (32 if args.quick else 48)
+    args.requests = args.requests or (64 if args.quick else 128)
     args.zipf_requests = args.zipf_requests or (32 if args.quick else 128)
     args.repeats = args.repeats or (1 if args.quick else 3)
     torch.set_num_threads(os.cpu_count() or 2)
