@@ -121,7 +121,7 @@ _PHONE_INTERNATIONAL = re.compile(
 _PHONE_NORTH_AMERICA = re.compile(rf"{_RUN_START}(?:\([2-9]\d\d\) ?|[2-9]\d\d[ .-])[2-9]\d\d[ .-]\d{{4}}{_RUN_END}")
 _PHONE_NATIONAL = re.compile(rf"{_RUN_START}(?:\(0[1-9]\d{{0,3}}\)|0[1-9]\d{{0,3}})(?:[ -]\d{{2,8}}){{1,4}}{_RUN_END}")
 _DIGIT = re.compile(r"\d")
-_PLACEHOLDER_OF = {
+_MARKER_OF = {
     kind: re.compile(re.escape(mark) + (f"|{re.escape(SECRET_MARKER)}" if kind == "url_credentials" else ""))
     for kind, mark in MARKERS.items()
 }
@@ -266,7 +266,7 @@ class PiiReport:
                 continue
             for message in redacted["messages"]:
                 content = message["content"]
-                mark = _PLACEHOLDER_OF[kind].search(content)
+                mark = _MARKER_OF[kind].search(content)
                 if mark is None:
                     continue
                 start, end = max(0, mark.start() - EXAMPLE_CONTEXT), mark.end() + EXAMPLE_CONTEXT
