@@ -49,26 +49,32 @@ static inline __m512 bf16x16(const uint16_t *p) {
 static inline __m512 bf16x16_masked(const uint16_t *p, __mmask16 m) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
-/* One bf16 row: the shrink as dot products in fp32 registers, the expand with each 16-column block of
-   the output held in a register across the rank, then rounded once into the bf16 output. */
-static void lora_row_bf16_avx512(const uint16_t *xr, uint16_t *o, int32_t s, int64_t r, const void *A, int64_t as,
-                                 const void *B, int64_t bs, int64_t R, int64_t P, int64_t d_in, const int64_t *off,
-                                 float *xf, float *u) {
+/* One row with bf16 adapter weights: the shrink as dot products in fp32 registers, the expand with each
+   16-column block of the output held in a register across the rank, added to the output once. x and out
+   are bf16 (xr16/o16, x widened into xf first, the sum rounded once into out) or fp32 (xr32/o32: an fp32
+   model holding its adapters in bf16, half the bytes streamed per distinct adapter). */
+static void lora_row_wbf16_avx512(const uint16_t *xr16, uint16_t *o16, const float *xr32, float *o32, int32_t s,
+                                  int64_t r, const void *A, int64_t as, const void *B, int64_t bs, int64_t R,
+                                  int64_t P, int64_t d_in, const int64_t *off, float *xf, float *u) {
     const int64_t d_out = off[P];
-    int64_t i = 0;
-    for (; i + 16 <= d_in; i += 16) _mm512_storeu_ps(xf + i, bf16x16(xr + i));
-    for (; i < d_in; i++) xf[i] = bf2f(xr[i]);
+    const float *x = xr32;
+    if (xr16 != NULL) {
+        int64_t i = 0;
+        for (; i + 16 <= d_in; i += 16) _mm512_storeu_ps(xf + i, bf16x16(xr16 + i));
+        for (; i < d_in; i++) xf[i] = bf2f(xr16[i]);
+        x = xf;
+    }
     for (int64_t k = 0; k < r; k++) {
         for (int64_t p = 0; p < P; p++) {
             const uint16_t *a = (const uint16_t *)A + s * as + (k * P + p) * d_in;
             __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
             int64_t j = 0;
             for (; j + 32 <= d_in; j += 32) {
-                acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(xf + j), bf16x16(a + j), acc0);
-                acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(xf + j + 16), bf16x16(a + j + 16), acc1);
+                acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j), bf16x16(a + j), acc0);
+                acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j + 16), bf16x16(a + j + 16), acc1);
             }
             float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-            for (; j < d_in; j++) sum += xf[j] * bf2f(a[j]);
+            for (; j < d_in; j++) sum += x[j] * bf2f(a[j]);
             u[p * R + k] = sum;
         }
     }
@@ -82,43 +88,13 @@ static void lora_row_bf16_avx512(const uint16_t *xr, uint16_t *o, int32_t s, int
             __m512 acc = _mm512_setzero_ps();
             for (int64_t k = 0; k < r; k++)
                 acc = _mm512_fmadd_ps(_mm512_set1_ps(up[k]), bf16x16_masked(b + k * d_out, m), acc);
-            float tmp[16];
-            _mm512_storeu_ps(tmp, _mm512_add_ps(acc, bf16x16_masked(o + c, m)));
-            for (int64_t q = 0; q < 16 && q < left; q++) o[c + q] = f2bf(tmp[q]);
-        }
-    }
-}
-/* One fp32 row with bf16 adapter weights (an fp32 model holding its adapters in bf16): half the bytes
-   streamed per distinct adapter, the arithmetic still fp32. */
-static void lora_row_f32_wbf16_avx512(const float *xr, float *o, int32_t s, int64_t r, const void *A, int64_t as,
-                                      const void *B, int64_t bs, int64_t R, int64_t P, int64_t d_in,
-                                      const int64_t *off, float *u) {
-    const int64_t d_out = off[P];
-    for (int64_t k = 0; k < r; k++) {
-        for (int64_t p = 0; p < P; p++) {
-            const uint16_t *a = (const uint16_t *)A + s * as + (k * P + p) * d_in;
-            __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-            int64_t j = 0;
-            for (; j + 32 <= d_in; j += 32) {
-                acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(xr + j), bf16x16(a + j), acc0);
-                acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(xr + j + 16), bf16x16(a + j + 16), acc1);
+            if (o16 != NULL) {
+                float tmp[16];
+                _mm512_storeu_ps(tmp, _mm512_add_ps(acc, bf16x16_masked(o16 + c, m)));
+                for (int64_t q = 0; q < 16 && q < left; q++) o16[c + q] = f2bf(tmp[q]);
+            } else {
+                _mm512_mask_storeu_ps(o32 + c, m, _mm512_add_ps(acc, _mm512_maskz_loadu_ps(m, o32 + c)));
             }
-            float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-            for (; j < d_in; j++) sum += xr[j] * bf2f(a[j]);
-            u[p * R + k] = sum;
-        }
-    }
-    for (int64_t p = 0; p < P; p++) {
-        const int64_t lo = off[p], hi = off[p + 1];
-        const float *up = u + p * R;
-        for (int64_t c = lo; c < hi; c += 16) {
-            const int64_t left = hi - c;
-            const __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
-            const uint16_t *b = (const uint16_t *)B + s * bs + c;
-            __m512 acc = _mm512_setzero_ps();
-            for (int64_t k = 0; k < r; k++)
-                acc = _mm512_fmadd_ps(_mm512_set1_ps(up[k]), bf16x16_masked(b + k * d_out, m), acc);
-            _mm512_mask_storeu_ps(o + c, m, _mm512_add_ps(acc, _mm512_maskz_loadu_ps(m, o + c)));
         }
     }
 }
@@ -147,10 +123,13 @@ void lora_site(int64_t n, const void *x, int64_t xs, void *out, int64_t os, cons
             if (s < 0) continue;  /* a row the caller computes another way */
             const int64_t r = rank[s];
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-            if (bf16 && wbf16) { lora_row_bf16_avx512((const uint16_t *)x + t * xs, (uint16_t *)out + t * os, s, r, A,
-                                                       as, B, bs, R, P, d_in, off, xf, u); continue; }
-            if (!bf16 && wbf16) { lora_row_f32_wbf16_avx512((const float *)x + t * xs, (float *)out + t * os, s, r,
-                                                             A, as, B, bs, R, P, d_in, off, u); continue; }
+            if (wbf16) {
+                if (bf16) lora_row_wbf16_avx512((const uint16_t *)x + t * xs, (uint16_t *)out + t * os, NULL, NULL,
+                                                s, r, A, as, B, bs, R, P, d_in, off, xf, u);
+                else lora_row_wbf16_avx512(NULL, NULL, (const float *)x + t * xs, (float *)out + t * os,
+                                           s, r, A, as, B, bs, R, P, d_in, off, xf, u);
+                continue;
+            }
 #endif
             if (bf16) {
                 const uint16_t *xr = (const uint16_t *)x + t * xs;
