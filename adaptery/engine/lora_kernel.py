@@ -43,151 +43,232 @@ static inline uint16_t f2bf(float f) {
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
-static inline __m512 bf16x16(const uint16_t *p) {
+#define INLINE static inline __attribute__((always_inline))
+INLINE __m512 bf16x16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
-static inline __m512 bf16x16_masked(const uint16_t *p, __mmask16 m) {
+INLINE __m512 bf16x16_masked(const uint16_t *p, __mmask16 m) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
-/* One row with bf16 adapter weights: the shrink as dot products in fp32 registers, the expand with each
-   16-column block of the output held in a register across the rank, added to the output once. x and out
-   are bf16 (xr16/o16, x widened into xf first, the sum rounded once into out) or fp32 (xr32/o32: an fp32
-   model holding its adapters in bf16, half the bytes streamed per distinct adapter). */
-static void lora_row_wbf16_avx512(const uint16_t *xr16, uint16_t *o16, const float *xr32, float *o32, int32_t s,
-                                  int64_t r, const void *A, int64_t as, const void *B, int64_t bs, int64_t R,
-                                  int64_t P, int64_t d_in, const int64_t *off, float *xf, float *u) {
-    const int64_t d_out = off[P];
-    const float *x = xr32;
-    if (xr16 != NULL) {
-        int64_t i = 0;
-        for (; i + 16 <= d_in; i += 16) _mm512_storeu_ps(xf + i, bf16x16(xr16 + i));
-        for (; i < d_in; i++) xf[i] = bf2f(xr16[i]);
-        x = xf;
+/* 16 floats to bf16, rounded as f2bf does (nearest even, NaN kept quiet), stored under mask m */
+INLINE void store_bf16x16(uint16_t *p, __m512 v, __mmask16 m) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
+    _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+}
+/* adapter weights: bf16 (wbf16) or fp32; a constant at every call site, so each row below is compiled twice */
+INLINE __m512 wload(const void *w, int64_t i, const int wbf16) {
+    return wbf16 ? bf16x16((const uint16_t *)w + i) : _mm512_loadu_ps((const float *)w + i);
+}
+INLINE __m512 wload_masked(const void *w, int64_t i, __mmask16 m, const int wbf16) {
+    return wbf16 ? bf16x16_masked((const uint16_t *)w + i, m) : _mm512_maskz_loadu_ps(m, (const float *)w + i);
+}
+INLINE float wscalar(const void *w, int64_t i, const int wbf16) {
+    return wbf16 ? bf2f(((const uint16_t *)w)[i]) : ((const float *)w)[i];
+}
+/* A tile: up to TILE rows of the same adapter (a decode is a tile of one row, a prefill chunk is cut into
+   tiles), so each weight loaded serves every row of the tile. The shrink as dot products in fp32
+   registers, the expand with each 16-column block of each row's output held in a register across the
+   rank and added to the output once. x and out are bf16 (each row widened into xf first, the sum rounded
+   once into out) or fp32. tn, bf16 and wbf16 are constants at every call site: the compiler keeps the
+   accumulators in registers. */
+#define TILE 4
+INLINE void lora_tile_avx512(const int tn, const int bf16, const int wbf16, const int64_t *rows, const void *x,
+                             int64_t xs, void *out, int64_t os, int32_t s, int64_t r, const void *A, int64_t as,
+                             const void *B, int64_t bs, int64_t R, int64_t P, int64_t d_in, const int64_t *off,
+                             float *xf, float *u) {
+    const int64_t d_out = off[P], es = wbf16 ? 2 : 4;
+    const float *xr[TILE];
+    for (int t = 0; t < tn; t++) {
+        if (bf16) {
+            const uint16_t *src = (const uint16_t *)x + rows[t] * xs;
+            float *dst = xf + t * d_in;
+            int64_t i = 0;
+            for (; i + 16 <= d_in; i += 16) _mm512_storeu_ps(dst + i, bf16x16(src + i));
+            for (; i < d_in; i++) dst[i] = bf2f(src[i]);
+            xr[t] = dst;
+        } else {
+            xr[t] = (const float *)x + rows[t] * xs;
+        }
     }
     for (int64_t k = 0; k < r; k++) {
         for (int64_t p = 0; p < P; p++) {
-            const uint16_t *a = (const uint16_t *)A + s * as + (k * P + p) * d_in;
-            __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+            const char *a = (const char *)A + (s * as + (k * P + p) * d_in) * es;
+            __m512 acc0[TILE], acc1[TILE];
+            for (int t = 0; t < tn; t++) acc0[t] = acc1[t] = _mm512_setzero_ps();
             int64_t j = 0;
             for (; j + 32 <= d_in; j += 32) {
-                acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j), bf16x16(a + j), acc0);
-                acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j + 16), bf16x16(a + j + 16), acc1);
+                const __m512 w0 = wload(a, j, wbf16), w1 = wload(a, j + 16, wbf16);
+                for (int t = 0; t < tn; t++) {
+                    acc0[t] = _mm512_fmadd_ps(_mm512_loadu_ps(xr[t] + j), w0, acc0[t]);
+                    acc1[t] = _mm512_fmadd_ps(_mm512_loadu_ps(xr[t] + j + 16), w1, acc1[t]);
+                }
             }
-            float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-            for (; j < d_in; j++) sum += x[j] * bf2f(a[j]);
-            u[p * R + k] = sum;
+            for (int t = 0; t < tn; t++) {
+                float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0[t], acc1[t]));
+                for (int64_t i = j; i < d_in; i++) sum += xr[t][i] * wscalar(a, i, wbf16);
+                u[(t * P + p) * R + k] = sum;
+            }
         }
     }
+    const char *b = (const char *)B + s * bs * es;
     for (int64_t p = 0; p < P; p++) {
         const int64_t lo = off[p], hi = off[p + 1];
-        const float *up = u + p * R;
         for (int64_t c = lo; c < hi; c += 16) {
             const int64_t left = hi - c;
             const __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
-            const uint16_t *b = (const uint16_t *)B + s * bs + c;
-            __m512 acc = _mm512_setzero_ps();
-            for (int64_t k = 0; k < r; k++)
-                acc = _mm512_fmadd_ps(_mm512_set1_ps(up[k]), bf16x16_masked(b + k * d_out, m), acc);
-            if (o16 != NULL) {
-                float tmp[16];
-                _mm512_storeu_ps(tmp, _mm512_add_ps(acc, bf16x16_masked(o16 + c, m)));
-                for (int64_t q = 0; q < 16 && q < left; q++) o16[c + q] = f2bf(tmp[q]);
-            } else {
-                _mm512_mask_storeu_ps(o32 + c, m, _mm512_add_ps(acc, _mm512_maskz_loadu_ps(m, o32 + c)));
+            __m512 acc[TILE];
+            for (int t = 0; t < tn; t++) acc[t] = _mm512_setzero_ps();
+            for (int64_t k = 0; k < r; k++) {
+                const __m512 w = wload_masked(b, k * d_out + c, m, wbf16);
+                for (int t = 0; t < tn; t++)
+                    acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(u[(t * P + p) * R + k]), w, acc[t]);
+            }
+            for (int t = 0; t < tn; t++) {
+                if (bf16) {
+                    uint16_t *o = (uint16_t *)out + rows[t] * os + c;
+                    store_bf16x16(o, _mm512_add_ps(acc[t], bf16x16_masked(o, m)), m);
+                } else {
+                    float *o = (float *)out + rows[t] * os + c;
+                    _mm512_mask_storeu_ps(o, m, _mm512_add_ps(acc[t], _mm512_maskz_loadu_ps(m, o)));
+                }
             }
         }
     }
 }
+/* the tile sizes and dtypes as constants, one compiled body each */
+#define TILE_CASE(TN, BF, WBF) \
+    lora_tile_avx512(TN, BF, WBF, rows, x, xs, out, os, s, r, A, as, B, bs, R, P, d_in, off, xf, u)
+#define TILE_SIZES(BF, WBF) \
+    switch (tn) { case 1: TILE_CASE(1, BF, WBF); break; case 2: TILE_CASE(2, BF, WBF); break; \
+                  case 3: TILE_CASE(3, BF, WBF); break; default: TILE_CASE(4, BF, WBF); break; }
+static void lora_tile(int tn, int bf16, int wbf16, const int64_t *rows, const void *x, int64_t xs, void *out,
+                      int64_t os, int32_t s, int64_t r, const void *A, int64_t as, const void *B, int64_t bs,
+                      int64_t R, int64_t P, int64_t d_in, const int64_t *off, float *xf, float *u) {
+    if (bf16 && wbf16) { TILE_SIZES(1, 1) }
+    else if (bf16) { TILE_SIZES(1, 0) }
+    else if (wbf16) { TILE_SIZES(0, 1) }
+    else { TILE_SIZES(0, 0) }
+}
+#define LORA_TILE TILE
+#else
+#define LORA_TILE 1
 #endif
+
+/* The same row without AVX-512 (any other CPU), the loops left to the compiler's vectoriser. */
+static void lora_row_portable(const void *xr, void *orow, int bf16, int32_t s, int64_t r, const void *A, int64_t as,
+                              const void *B, int64_t bs, int64_t R, int64_t P, int64_t d_in, const int64_t *off,
+                              int wbf16, float *xf, float *acc, float *u) {
+    const int64_t d_out = off[P];
+    if (bf16) {
+        #pragma omp simd
+        for (int64_t i = 0; i < d_in; i++) xf[i] = bf2f(((const uint16_t *)xr)[i]);
+    } else {
+        #pragma omp simd
+        for (int64_t i = 0; i < d_in; i++) xf[i] = ((const float *)xr)[i];
+    }
+    for (int64_t k = 0; k < r; k++) {
+        for (int64_t p = 0; p < P; p++) {
+            float sum = 0.f;
+            if (wbf16) {
+                const uint16_t *a = (const uint16_t *)A + s * as + (k * P + p) * d_in;
+                #pragma omp simd reduction(+ : sum)
+                for (int64_t i = 0; i < d_in; i++) sum += xf[i] * bf2f(a[i]);
+            } else {
+                const float *a = (const float *)A + s * as + (k * P + p) * d_in;
+                #pragma omp simd reduction(+ : sum)
+                for (int64_t i = 0; i < d_in; i++) sum += xf[i] * a[i];
+            }
+            u[p * R + k] = sum;
+        }
+    }
+    for (int64_t c = 0; c < d_out; c++) acc[c] = 0.f;
+    for (int64_t p = 0; p < P; p++) {
+        const int64_t lo = off[p], hi = off[p + 1];
+        for (int64_t k = 0; k < r; k++) {
+            const float uk = u[p * R + k];
+            if (wbf16) {
+                const uint16_t *b = (const uint16_t *)B + s * bs + k * d_out;
+                #pragma omp simd
+                for (int64_t c = lo; c < hi; c++) acc[c] += uk * bf2f(b[c]);
+            } else {
+                const float *b = (const float *)B + s * bs + k * d_out;
+                #pragma omp simd
+                for (int64_t c = lo; c < hi; c++) acc[c] += uk * b[c];
+            }
+        }
+    }
+    if (bf16) {
+        uint16_t *o = (uint16_t *)orow;
+        for (int64_t c = 0; c < d_out; c++) o[c] = f2bf(bf2f(o[c]) + acc[c]);
+    } else {
+        float *o = (float *)orow;
+        #pragma omp simd
+        for (int64_t c = 0; c < d_out; c++) o[c] += acc[c];
+    }
+}
 
 /* x: n rows (stride xs) of d_in; out: n rows (stride os) of off[P] columns, updated in place.
    slot[t]: the adapter slot of row t (< 0: skip the row); rank[s]: its rank (<= R).
    A: element (s, k, p, i) at A[s * as + (k * P + p) * d_in + i]  (shrink rows, projection p, rank k)
    B: element (s, k, c) at B[s * bs + k * off[P] + c]; column c belongs to the projection p with
       off[p] <= c < off[p + 1] and is fed by u[p][k].  bf16 != 0: x and out are bfloat16 (else float32);
-   wbf16 != 0: A and B are bfloat16 (else float32). */
+   wbf16 != 0: A and B are bfloat16 (else float32).
+   The rows are cut into tiles of consecutive rows of one adapter, handed to the threads as they free up
+   (decode tiles of one row and prefill tiles of four mix in a step; a static split would be uneven). */
+int lora_tile_rows(void) { return LORA_TILE; }
+
 void lora_site(int64_t n, const void *x, int64_t xs, void *out, int64_t os, const int32_t *slot,
                const int32_t *rank, const void *A, int64_t as, const void *B, int64_t bs, int64_t R,
                int64_t P, int64_t d_in, const int64_t *off, int bf16, int wbf16, int threads) {
     const int64_t d_out = off[P];
     if (n <= 0) return;
-    if (threads > n) threads = (int)n;
-    #pragma omp parallel num_threads(threads)
+    int64_t *rows = (int64_t *)malloc(sizeof(int64_t) * (size_t)n);
+    int64_t *first = (int64_t *)malloc(sizeof(int64_t) * (size_t)(n + 1));  /* tile i: rows[first[i] .. first[i+1]) */
+    int64_t m = 0, tiles = 0;
+    for (int64_t t = 0; t < n; t++) {
+        if (slot[t] < 0) continue;
+        if (m == 0 || slot[t] != slot[rows[m - 1]] || m - first[tiles - 1] == LORA_TILE) first[tiles++] = m;
+        rows[m++] = t;
+    }
+    first[tiles] = m;
+    if (threads > tiles) threads = (int)tiles;
+    if (threads < 1) threads = 1;
+    #pragma omp parallel num_threads(threads) if (tiles > 1)
     {
-        float *xf = (float *)malloc(sizeof(float) * (size_t)d_in);
+        float *xf = (float *)malloc(sizeof(float) * (size_t)(LORA_TILE * d_in));
         float *acc = (float *)malloc(sizeof(float) * (size_t)d_out);
-        float *u = (float *)malloc(sizeof(float) * (size_t)(R * P));
-        #pragma omp for schedule(static)
-        for (int64_t t = 0; t < n; t++) {
-            const int32_t s = slot[t];
-            if (s < 0) continue;  /* a row the caller computes another way */
+        float *u = (float *)malloc(sizeof(float) * (size_t)(LORA_TILE * R * P));
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < tiles; i++) {
+            const int64_t *tr = rows + first[i];
+            const int tn = (int)(first[i + 1] - first[i]);
+            const int32_t s = slot[tr[0]];
             const int64_t r = rank[s];
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-            if (wbf16) {
-                if (bf16) lora_row_wbf16_avx512((const uint16_t *)x + t * xs, (uint16_t *)out + t * os, NULL, NULL,
-                                                s, r, A, as, B, bs, R, P, d_in, off, xf, u);
-                else lora_row_wbf16_avx512(NULL, NULL, (const float *)x + t * xs, (float *)out + t * os,
-                                           s, r, A, as, B, bs, R, P, d_in, off, xf, u);
-                continue;
-            }
+            lora_tile(tn, bf16, wbf16, tr, x, xs, out, os, s, r, A, as, B, bs, R, P, d_in, off, xf, u);
+#else
+            const int64_t es = bf16 ? 2 : 4, t = tr[0];
+            (void)tn;
+            lora_row_portable((const char *)x + t * xs * es, (char *)out + t * os * es, bf16, s, r, A, as, B, bs, R, P,
+                              d_in, off, wbf16, xf, acc, u);
 #endif
-            if (bf16) {
-                const uint16_t *xr = (const uint16_t *)x + t * xs;
-                #pragma omp simd
-                for (int64_t i = 0; i < d_in; i++) xf[i] = bf2f(xr[i]);
-            } else {
-                const float *xr = (const float *)x + t * xs;
-                #pragma omp simd
-                for (int64_t i = 0; i < d_in; i++) xf[i] = xr[i];
-            }
-            for (int64_t k = 0; k < r; k++) {
-                for (int64_t p = 0; p < P; p++) {
-                    float sum = 0.f;
-                    if (wbf16) {
-                        const uint16_t *a = (const uint16_t *)A + s * as + (k * P + p) * d_in;
-                        #pragma omp simd reduction(+ : sum)
-                        for (int64_t i = 0; i < d_in; i++) sum += xf[i] * bf2f(a[i]);
-                    } else {
-                        const float *a = (const float *)A + s * as + (k * P + p) * d_in;
-                        #pragma omp simd reduction(+ : sum)
-                        for (int64_t i = 0; i < d_in; i++) sum += xf[i] * a[i];
-                    }
-                    u[p * R + k] = sum;
-                }
-            }
-            for (int64_t c = 0; c < d_out; c++) acc[c] = 0.f;
-            for (int64_t p = 0; p < P; p++) {
-                const int64_t lo = off[p], hi = off[p + 1];
-                for (int64_t k = 0; k < r; k++) {
-                    const float uk = u[p * R + k];
-                    if (wbf16) {
-                        const uint16_t *b = (const uint16_t *)B + s * bs + k * d_out;
-                        #pragma omp simd
-                        for (int64_t c = lo; c < hi; c++) acc[c] += uk * bf2f(b[c]);
-                    } else {
-                        const float *b = (const float *)B + s * bs + k * d_out;
-                        #pragma omp simd
-                        for (int64_t c = lo; c < hi; c++) acc[c] += uk * b[c];
-                    }
-                }
-            }
-            if (bf16) {
-                uint16_t *o = (uint16_t *)out + t * os;
-                for (int64_t c = 0; c < d_out; c++) o[c] = f2bf(bf2f(o[c]) + acc[c]);
-            } else {
-                float *o = (float *)out + t * os;
-                #pragma omp simd
-                for (int64_t c = 0; c < d_out; c++) o[c] += acc[c];
-            }
         }
         free(xf);
         free(acc);
         free(u);
     }
+    free(rows);
+    free(first);
 }
 """
 
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+# The build for CPUs without AVX-512: the same library with the vectoriser's loops (tests compare the two here).
+PORTABLE_FLAGS = [*FLAGS, "-mno-avx512f"]
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}
 
@@ -207,7 +288,7 @@ def _cpu_key() -> str:
         return ""
 
 
-def _build(target: Path) -> None:
+def _build(target: Path, flags: list[str]) -> None:
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
         raise RuntimeError("no C compiler (gcc) on this machine")
@@ -217,18 +298,20 @@ def _build(target: Path) -> None:
         source.write_text(SOURCE, encoding="utf-8")
         built = Path(tmp) / target.name
         result = subprocess.run(
-            [compiler, *FLAGS, str(source), "-o", str(built)], capture_output=True, text=True, timeout=120
+            [compiler, *flags, str(source), "-o", str(built)], capture_output=True, text=True, timeout=120
         )
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
         os.replace(built, target)  # atomic: a concurrent process sees the whole library or none
 
 
-def load() -> ctypes.CDLL | None:
-    """The compiled kernel, or None (logged once) when it cannot be built; ADAPTERY_LORA_KERNEL=0 disables it."""
+def load(portable: bool = False) -> ctypes.CDLL | None:
+    """The compiled kernel, or None (logged once) when it cannot be built; ADAPTERY_LORA_KERNEL=0 disables it.
+    `portable` builds it without AVX-512, as it runs on CPUs that lack it."""
     if os.environ.get("ADAPTERY_LORA_KERNEL", "1").lower() in {"0", "false", "off", "no"}:
         return None
-    digest = hashlib.sha256("\0".join([SOURCE, *FLAGS, _cpu_key()]).encode()).hexdigest()[:16]
+    flags = PORTABLE_FLAGS if portable else FLAGS
+    digest = hashlib.sha256("\0".join([SOURCE, *flags, _cpu_key()]).encode()).hexdigest()[:16]
     with _lock:
         if digest in _loaded:
             return _loaded[digest]  # type: ignore[return-value]
@@ -236,18 +319,25 @@ def load() -> ctypes.CDLL | None:
         library = None
         try:
             if not target.exists():
-                _build(target)
+                _build(target, flags)
             library = ctypes.CDLL(str(target))
             fn = library.lora_site
             i64, ptr = ctypes.c_int64, ctypes.c_void_p
             fn.argtypes = [i64, ptr, i64, ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, ptr, ctypes.c_int,
                            ctypes.c_int, ctypes.c_int]  # fmt: skip
             fn.restype = None
+            library.lora_tile_rows.argtypes, library.lora_tile_rows.restype = [], ctypes.c_int
         except Exception as exc:  # no compiler, a failed build, a library that does not load: PyTorch path
             log.warning("the fused LoRA kernel is unavailable, using the PyTorch path: %s", exc)
             library = None
         _loaded[digest] = library
         return library
+
+
+def tiled(library: ctypes.CDLL) -> bool:
+    """Whether the library does several rows of one adapter at once (the AVX-512 build): then prefill chunks
+    run through it too; otherwise each row reads its adapter's weights again and long runs go to matmuls."""
+    return library.lora_tile_rows() > 1
 
 
 def site(
