@@ -16,13 +16,13 @@ requested lengths. Measured in the same run, at the same dtype on both sides of 
 Arrivals are faster than the engine can serve (it runs saturated, as throughput needs); the static
 `generate` baselines process the same requests offline in arrival order, batch after batch. Noise on
 a shared machine: the two sides of each ratio alternate, round after round, and each figure is the
-median of the repeats. Ratio 3 is measured after a warm-up stream (the adapter cache's steady state);
+median of the repeats (`generate` too). Ratio 3 is measured after a warm-up stream (the adapter cache's steady state);
 registering adapters costs the engine nothing (it keeps no per-registered-adapter state: a request
 names its adapter, the cache lookups are O(1)), so what ratio 3 measures is the price of the many
 more distinct adapters a Zipf stream over 2000 puts in each step, and of loading the tail ones.
 
     .venv/bin/python bench/engine.py --quick      # a smoke run (4 layers, one repeat)
-    .venv/bin/python bench/engine.py              # the measurement (8 layers, 3 repeats, ~20 min)
+    .venv/bin/python bench/engine.py              # the measurement (8 layers, 3 repeats, 5 for ratio 3, ~40 min)
 """
 
 from __future__ import annotations
@@ -234,15 +234,17 @@ def bench_dtype(hf: LlamaForCausalLM, dtype: torch.dtype, distinct: list[Path], 
     for variant in engines:  # warm-up: loads the 32 adapters into memory
         run_engine(engines[variant], warm, keyed)
 
-    # ratios 1 and 2: the engine variants alternate (the order flips each round); generate once, mid-way
-    runs: dict[str, list[dict]] = {variant: [] for variant in engines}
+    # ratios 1 and 2: the engine variants and `generate` alternate (the order flips each round)
+    sides = [*engines, "generate"]
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
     for round_ in range(repeats):
-        for variant in list(engines) if round_ % 2 == 0 else list(reversed(engines)):
-            workload_ = reqs if variant == "base" else mixed
-            runs[variant].append(run_engine(engines[variant], workload_, keyed))
-        if round_ == repeats // 2:
-            out["generate_base"] = run_static(model, reqs, batch)
+        for side in sides if round_ % 2 == 0 else list(reversed(sides)):
+            if side == "generate":
+                runs[side].append(run_static(model, reqs, batch))
+            else:
+                runs[side].append(run_engine(engines[side], reqs if side == "base" else mixed, keyed))
         print(dtype, "round", round_, {v: round(r[-1]["tokens_per_s"]) for v, r in runs.items()}, flush=True)
+    out["generate_base"] = median_run(runs["generate"])
     out["engine_base"] = median_run(runs["base"])
     out["engine_mixed32"] = median_run(runs["mixed"])
     if "mixed_bf16_adapters" in engines:
@@ -279,7 +281,7 @@ def bench_dtype(hf: LlamaForCausalLM, dtype: torch.dtype, distinct: list[Path], 
     for name, registered in registries.items():
         warm = workload(n3, 200.0, ZIPF_PROMPTS, ZIPF_OUTPUTS, vocab, seed=10)
         run_engine(engines[name], with_adapters(warm, zipf_choice(n3, len(registered), 1.0, 11)), registered)
-    for round_ in range(repeats):
+    for round_ in range(args.zipf_repeats):
         stream = workload(n3, 200.0, ZIPF_PROMPTS, ZIPF_OUTPUTS, vocab, seed=20 + round_)
         for name in ("5", "2000") if round_ % 2 == 0 else ("2000", "5"):
             registered, store = registries[name], engines[name].store
@@ -338,6 +340,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=None, help="requests per run for ratios 1 and 2")
     parser.add_argument("--zipf-requests", type=int, default=None, help="requests per run for ratio 3")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--zipf-repeats", type=int, default=None, help="rounds for ratio 3 (default 5; quick: 1)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--prompt-range", type=token_range, default=(8, 128), help="prompt tokens, uniform (LO,HI)")
     parser.add_argument("--output-range", type=token_range, default=(8, 128), help="output tokens, uniform (LO,HI)")
@@ -349,6 +352,7 @@ def main() -> None:
     args.requests = args.requests or (64 if args.quick else 128)
     args.zipf_requests = args.zipf_requests or (32 if args.quick else 128)
     args.repeats = args.repeats or (1 if args.quick else 3)
+    args.zipf_repeats = args.zipf_repeats or (1 if args.quick else 5)
     torch.set_num_threads(os.cpu_count() or 2)
     root = Path(tempfile.mkdtemp(prefix="adaptery-bench-"))
     try:
@@ -381,6 +385,7 @@ def main() -> None:
                 "ratio_3_popularity": "Zipf alpha 1.0 over the registered adapters, after a warm-up stream of "
                 f"{args.zipf_requests} requests from the same distribution; adapter cache 4 GiB",
                 "repeats": args.repeats,
+                "repeats_ratio_3": args.zipf_repeats,
                 "statistic": "median of the repeats; the two sides of each ratio alternate",
             },
             "machine": {"threads": torch.get_num_threads(), "load_average_start": os.getloadavg()},

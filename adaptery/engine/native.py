@@ -244,18 +244,7 @@ class NativeLlama:
         group = self.heads // self.kv_heads
         out = torch.empty(n, self.heads, self.head_dim, dtype=q.dtype)
         if batch.decode_rows.numel():
-            # One query per sequence: matmul -> masked softmax -> matmul over the gathered cache, which
-            # beats SDPA for single-token attention on this CPU (ENGINE-NOTES).
-            rows = batch.decode_rows
-            b, t = batch.decode_context.shape
-            keys, values = cache.gather(index, batch.decode_context.reshape(-1))
-            keys = keys.view(b, t, self.kv_heads, self.head_dim).permute(0, 2, 3, 1)  # (b, kvh, hd, t)
-            values = values.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # (b, kvh, t, hd)
-            query = q[rows].view(b, self.kv_heads, group, self.head_dim)
-            scores = torch.matmul(query, keys).float() * self.scale  # (b, kvh, group, t)
-            scores.masked_fill_(batch.decode_mask.view(b, 1, 1, t), float("-inf"))
-            probs = torch.softmax(scores, dim=-1).to(q.dtype)
-            out[rows] = torch.matmul(probs, values).reshape(b, self.heads, self.head_dim)
+            out[batch.decode_rows] = self._decode_attention(index, q[batch.decode_rows], batch, cache)
         for first, count, context in batch.prefill:
             keys, values = cache.gather(index, context)
             total = context.shape[0]
@@ -269,3 +258,24 @@ class NativeLlama:
             )
             out[first : first + count] = attended[0].transpose(0, 1)
         return out.view(n, self.q_size)
+
+    def _decode_attention(self, index: int, q: torch.Tensor, batch: StepBatch, cache: PagedKVCache) -> torch.Tensor:
+        """One query per sequence over its gathered context (padded to the longest, masked). In bf16,
+        matmul -> masked softmax -> matmul beats SDPA here (2.0 against 10.3 ms a layer at 32 sequences x 192
+        positions); in fp32 SDPA wins (2.7 against 9.7 ms)."""
+        b, t = batch.decode_context.shape
+        group = self.heads // self.kv_heads
+        keys, values = cache.gather(index, batch.decode_context.reshape(-1))
+        keys = keys.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # (b, kvh, t, hd)
+        values = values.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # (b, kvh, t, hd)
+        if q.dtype == torch.float32:
+            attended = F.scaled_dot_product_attention(
+                q.view(b, self.heads, 1, self.head_dim), keys, values, attn_mask=~batch.decode_mask.view(b, 1, 1, t),
+                scale=self.scale, enable_gqa=group > 1,
+            )  # fmt: skip
+            return attended.view(b, self.heads, self.head_dim)
+        query = q.view(b, self.kv_heads, group, self.head_dim)
+        scores = torch.matmul(query, keys.transpose(2, 3)).float() * self.scale  # (b, kvh, group, t)
+        scores.masked_fill_(batch.decode_mask.view(b, 1, 1, t), float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        return torch.matmul(probs, values).reshape(b, self.heads, self.head_dim)
