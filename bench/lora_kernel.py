@@ -1,0 +1,159 @@
+"""Micro-benchmark of the engine's inner pieces, each against the alternative it replaced, in one run.
+
+On the shapes of `bench/engine.py`'s model (width 1024, intermediate 2752, GQA 16/4 heads of 64, 8 layers,
+rank-16 adapters on all seven projections):
+
+1. decode: one row per adapter, 32 distinct adapters, every site of every layer through the fused kernel:
+   ms per step and the bandwidth it reaches (the floor is reading each adapter's weights once);
+2. prefill chunks: 8-128 rows of one adapter (a random count each call, a random adapter and layer: cold
+   weights, as in the engine), all four sites of a layer: the kernel's tiles against the matmul path
+   (`x @ A.T`, one `addmm_` per projection) it replaced;
+3. decode attention, 32 sequences over 96 and 192 positions: SDPA against matmul -> masked softmax -> matmul.
+
+    .venv/bin/python bench/lora_kernel.py [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from adaptery.engine import lora_kernel
+
+SITES = {"qkv": (1024, [1024, 256, 256]), "o": (1024, [1024]), "gate_up": (1024, [2752, 2752]), "down": (2752, [1024])}
+LAYERS, SLOTS, RANK = 8, 32, 16
+DTYPES = {"float32": (torch.float32, torch.float32), "bfloat16": (torch.bfloat16, torch.bfloat16),
+          "float32, bf16 adapters": (torch.float32, torch.bfloat16)}  # fmt: skip
+
+
+def timed(fn, repeats: int) -> float:
+    """Median seconds of `repeats` calls, after two warm-up calls."""
+    fn()
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def site_buffers(d_in: int, outs: list[int], weights: torch.dtype) -> tuple:
+    shrink = (torch.randn(LAYERS, SLOTS, RANK, len(outs), d_in) * 0.02).to(weights)
+    expand = (torch.randn(LAYERS, SLOTS, RANK, sum(outs)) * 0.02).to(weights)
+    offsets = torch.tensor([0, *torch.tensor(outs).cumsum(0).tolist()], dtype=torch.int64)
+    return shrink, expand, offsets
+
+
+def decode(library, activations: torch.dtype, weights: torch.dtype) -> dict:
+    ranks = torch.full((SLOTS,), RANK, dtype=torch.int32)
+    slots = torch.arange(SLOTS, dtype=torch.int32)
+    seconds = nbytes = 0.0
+    for d_in, outs in SITES.values():
+        shrink, expand, offsets = site_buffers(d_in, outs, weights)
+        x = torch.randn(SLOTS, d_in).to(activations)
+        out = torch.zeros(SLOTS, sum(outs), dtype=activations)
+
+        def step() -> None:
+            for layer in range(LAYERS):
+                lora_kernel.site(library, x, out, slots, ranks, shrink[layer], expand[layer], offsets)  # noqa: B023
+
+        seconds += timed(step, 7)
+        nbytes += (shrink.numel() + expand.numel()) * shrink.element_size()
+    return {"decode_step_ms": seconds * 1e3, "decode_gb_per_s": nbytes / seconds / 1e9}
+
+
+def prefill(library, activations: torch.dtype, weights: torch.dtype, calls: int = 40) -> dict:
+    """One layer's four sites for a chunk of random length, kernel tiles against matmuls (same draws)."""
+    ranks = torch.full((SLOTS,), RANK, dtype=torch.int32)
+    buffers = {name: site_buffers(d_in, outs, weights) for name, (d_in, outs) in SITES.items()}
+    xs = {name: torch.randn(256, d_in).to(activations) for name, (d_in, _) in SITES.items()}
+    outs_ = {name: torch.zeros(256, sum(outs), dtype=activations) for name, (_, outs) in SITES.items()}
+    draws = [(random.randint(8, 128), random.randrange(LAYERS), random.randrange(SLOTS)) for _ in range(calls)]
+    matmul_weights = {name: (s.to(activations), e.to(activations)) for name, (s, e, _) in buffers.items()}
+
+    def kernel() -> None:
+        for count, layer, slot in draws:
+            slots = torch.full((256,), -1, dtype=torch.int32)
+            slots[:count] = slot
+            for name, (shrink, expand, offsets) in buffers.items():
+                lora_kernel.site(library, xs[name], outs_[name], slots, ranks, shrink[layer], expand[layer], offsets)
+
+    def matmuls() -> None:
+        for count, layer, slot in draws:
+            for name, (shrink, expand) in matmul_weights.items():
+                bounds = buffers[name][2].tolist()
+                parts = len(bounds) - 1
+                u = xs[name][:count] @ shrink[layer, slot].reshape(RANK * parts, -1).T
+                for part in range(parts):
+                    lo, hi = bounds[part], bounds[part + 1]
+                    outs_[name][:count, lo:hi].addmm_(u[:, part::parts], expand[layer, slot, :, lo:hi])
+
+    return {"prefill_kernel_ms_per_layer": timed(kernel, 3) / calls * 1e3,
+            "prefill_matmul_ms_per_layer": timed(matmuls, 3) / calls * 1e3}  # fmt: skip
+
+
+def attention(dtype: torch.dtype, positions: int) -> dict:
+    b, kv_heads, group, head_dim = 32, 4, 4, 64
+    keys = torch.randn(b, kv_heads, positions, head_dim).to(dtype)
+    values = torch.randn(b, kv_heads, positions, head_dim).to(dtype)
+    lengths = torch.randint(16, positions + 1, (b,))
+    masked = torch.arange(positions)[None, :] >= lengths[:, None]
+    q = torch.randn(b, kv_heads * group, head_dim).to(dtype)
+    scale = head_dim**-0.5
+
+    def sdpa() -> torch.Tensor:
+        return F.scaled_dot_product_attention(
+            q.view(b, -1, 1, head_dim), keys, values, attn_mask=~masked.view(b, 1, 1, -1), scale=scale, enable_gqa=True
+        )
+
+    def matmul() -> torch.Tensor:
+        scores = torch.matmul(q.view(b, kv_heads, group, head_dim), keys.transpose(2, 3)).float() * scale
+        scores.masked_fill_(masked.view(b, 1, 1, -1), float("-inf"))
+        return torch.matmul(torch.softmax(scores, dim=-1).to(dtype), values)
+
+    torch.testing.assert_close(sdpa().view(b, -1).float(), matmul().reshape(b, -1).float(), atol=3e-2, rtol=3e-2)
+    return {"sdpa_ms": timed(sdpa, 20) * 1e3, "matmul_ms": timed(matmul, 20) * 1e3}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    random.seed(0)
+    torch.set_grad_enabled(False)
+    library = lora_kernel.load()
+    if library is None:
+        raise SystemExit("the fused kernel does not build here (no C compiler?)")
+    results: dict = {"tiled": lora_kernel.tiled(library), "threads": torch.get_num_threads(), "kernel": {},
+                     "attention": {}}  # fmt: skip
+    for name, (activations, weights) in DTYPES.items():
+        results["kernel"][name] = decode(library, activations, weights) | prefill(library, activations, weights)
+    for name in ("float32", "bfloat16"):
+        for positions in (96, 192):
+            results["attention"][f"{name}, {positions} positions"] = attention(getattr(torch, name), positions)
+    print(json.dumps(results, indent=2))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(results, handle, indent=2)
+    print("\n| dtype (activations, adapters) | decode step, 32 adapters x 8 layers | bandwidth "
+          "| prefill chunk a layer: tiles | matmuls (replaced) |\n| --- | --- | --- | --- | --- |")  # fmt: skip
+    for name, r in results["kernel"].items():
+        print(f"| {name} | {r['decode_step_ms']:.1f} ms | {r['decode_gb_per_s']:.0f} GB/s | "
+              f"{r['prefill_kernel_ms_per_layer']:.2f} ms | {r['prefill_matmul_ms_per_layer']:.2f} ms |")  # fmt: skip
+    print("\n| decode attention, 32 sequences | SDPA | matmul, softmax, matmul | engine uses |")
+    print("| --- | --- | --- | --- |")
+    for name, r in results["attention"].items():
+        used = "SDPA" if name.startswith("float32") else "matmul"
+        print(f"| {name} | {r['sdpa_ms']:.2f} ms | {r['matmul_ms']:.2f} ms | {used} |")
+
+
+if __name__ == "__main__":
+    main()
