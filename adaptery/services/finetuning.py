@@ -11,8 +11,9 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from adaptery.auth.principal import Principal
 from adaptery.db import models as m
@@ -236,17 +237,27 @@ def add_event(
     type: str = "message",
     data: dict[str, Any] | None = None,
 ) -> m.JobEvent:
+    # The counter is taken in the database, not from the loaded row: the API (a pause, a cancel) and the
+    # worker's session write events for the same job at once, and two copies of the row would hand out the
+    # same number. The UPDATE locks the row (PostgreSQL) or the database (SQLite) until this commit.
+    taken = session.execute(
+        update(m.FineTuningJob)
+        .where(m.FineTuningJob.id == job.id)
+        .values(next_event_seq=m.FineTuningJob.next_event_seq + 1)
+        .returning(m.FineTuningJob.next_event_seq)
+        .execution_options(synchronize_session=False)
+    ).scalar_one()
+    set_committed_value(job, "next_event_seq", taken)
     event = m.JobEvent(
         id=new_id("ftevent-"),
         tenant_id=job.tenant_id,
         job_id=job.id,
-        seq=job.next_event_seq,
+        seq=taken - 1,
         level=level,
         type=type,
         message=message,
         data=data,
     )
-    job.next_event_seq += 1
     session.add(event)
     return event
 

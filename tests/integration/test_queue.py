@@ -10,10 +10,12 @@ import nats
 import pytest
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
+from sqlalchemy import select
 
 from adaptery.db import models as m
 from adaptery.db.session import Database
 from adaptery.messaging import credentials, protocol
+from adaptery.services import finetuning
 from adaptery.services.queue import JobQueue
 from tests.conftest import SAMPLE_CHAT
 from tests.integration.test_tenancy_and_queue import add_file, make_blobs, make_tenant, queued_job
@@ -38,6 +40,24 @@ def two_tenants(db, tmp_path):
 def tenant_of(db, job_id: str) -> str:
     with db.system() as s:
         return s.get(m.FineTuningJob, job_id).tenant_id
+
+
+def test_two_sessions_writing_one_jobs_events_number_them_apart(db, two_tenants):
+    """The API (a pause, a cancel) and the worker write a job's events from their own sessions at once:
+    each loaded the job with the same counter, and neither may reuse the other's number."""
+    a, file_a, *_ = two_tenants
+    job_id = queued_job(db, a, file_a)
+    with db.system() as worker, db.tenant(a) as api:
+        worker_job, api_job = worker.get(m.FineTuningJob, job_id), api.get(m.FineTuningJob, job_id)
+        assert worker_job.next_event_seq == api_job.next_event_seq == 0
+        finetuning.add_event(api, api_job, "Pausing at the user's request: saving a checkpoint")
+        api.commit()
+        finetuning.add_event(worker, worker_job, "Checkpoint saved at step 2")
+        finetuning.add_event(worker, worker_job, "Job paused")
+    with db.system() as s:
+        events = s.scalars(select(m.JobEvent).where(m.JobEvent.job_id == job_id).order_by(m.JobEvent.seq))
+        assert [(e.seq, e.message[:8]) for e in events] == [(0, "Pausing "), (1, "Checkpoi"), (2, "Job paus")]
+        assert s.get(m.FineTuningJob, job_id).next_event_seq == 3
 
 
 def test_tenants_take_turns_and_none_runs_more_than_its_quota(db, two_tenants):
