@@ -4,10 +4,12 @@ On the shapes of `bench/engine.py`'s model (width 1024, intermediate 2752, GQA 1
 rank-16 adapters on all seven projections):
 
 1. decode: one row per adapter, 32 distinct adapters, every site of every layer through the fused kernel:
-   ms per step and the bandwidth it reaches (the floor is reading each adapter's weights once);
+   ms per step and the bandwidth it reaches (the floor is reading each adapter's weights once); and 32
+   rows over 8 adapters (4 rows each: a few popular adapters);
 2. prefill chunks: 8-128 rows of one adapter (a random count each call, a random adapter and layer: cold
    weights, as in the engine), all four sites of a layer: the kernel's tiles against the matmul path
-   (`x @ A.T`, one `addmm_` per projection) it replaced;
+   (`x @ A.T`, one `addmm_` per projection) used without tiles;
+Each kernel figure beside the portable build (no AVX-512 or AVX2: one row at a time), where the CPU has tiles;
 3. decode attention, 32 sequences over 96 and 192 positions: SDPA against matmul -> masked softmax -> matmul.
 
     .venv/bin/python bench/lora_kernel.py [--json out.json]
@@ -51,9 +53,9 @@ def site_buffers(d_in: int, outs: list[int], weights: torch.dtype) -> tuple:
     return shrink, expand, offsets
 
 
-def decode(library, activations: torch.dtype, weights: torch.dtype) -> dict:
+def decode(library, activations: torch.dtype, weights: torch.dtype, rows_per_adapter: int = 1) -> dict:
     ranks = torch.full((SLOTS,), RANK, dtype=torch.int32)
-    slots = torch.arange(SLOTS, dtype=torch.int32)
+    slots = torch.arange(SLOTS, dtype=torch.int32) // rows_per_adapter  # adjacent rows share an adapter
     seconds = nbytes = 0.0
     for d_in, outs in SITES.values():
         shrink, expand, offsets = site_buffers(d_in, outs, weights)
@@ -65,12 +67,12 @@ def decode(library, activations: torch.dtype, weights: torch.dtype) -> dict:
                 lora_kernel.site(library, x, out, slots, ranks, shrink[layer], expand[layer], offsets)  # noqa: B023
 
         seconds += timed(step, 7)
-        nbytes += (shrink.numel() + expand.numel()) * shrink.element_size()
-    return {"decode_step_ms": seconds * 1e3, "decode_gb_per_s": nbytes / seconds / 1e9}
+        nbytes += (shrink.numel() + expand.numel()) * shrink.element_size() / rows_per_adapter
+    return {"step_ms": seconds * 1e3, "gb_per_s": nbytes / seconds / 1e9}
 
 
-def prefill(library, activations: torch.dtype, weights: torch.dtype, calls: int = 40) -> dict:
-    """One layer's four sites for a chunk of random length, kernel tiles against matmuls (same draws)."""
+def prefill(libraries: dict, activations: torch.dtype, weights: torch.dtype, calls: int = 40) -> dict:
+    """One layer's four sites for a chunk of random length, each kernel build and matmuls (same draws)."""
     ranks = torch.full((SLOTS,), RANK, dtype=torch.int32)
     buffers = {name: site_buffers(d_in, outs, weights) for name, (d_in, outs) in SITES.items()}
     xs = {name: torch.randn(256, d_in).to(activations) for name, (d_in, _) in SITES.items()}
@@ -78,7 +80,7 @@ def prefill(library, activations: torch.dtype, weights: torch.dtype, calls: int 
     draws = [(random.randint(8, 128), random.randrange(LAYERS), random.randrange(SLOTS)) for _ in range(calls)]
     matmul_weights = {name: (s.to(activations), e.to(activations)) for name, (s, e, _) in buffers.items()}
 
-    def kernel() -> None:
+    def kernel(library) -> None:  # noqa: ANN001
         for count, layer, slot in draws:
             slots = torch.full((256,), -1, dtype=torch.int32)
             slots[:count] = slot
@@ -95,14 +97,16 @@ def prefill(library, activations: torch.dtype, weights: torch.dtype, calls: int 
                     lo, hi = bounds[part], bounds[part + 1]
                     outs_[name][:count, lo:hi].addmm_(u[:, part::parts], expand[layer, slot, :, lo:hi])
 
-    return {"prefill_kernel_ms_per_layer": timed(kernel, 3) / calls * 1e3,
-            "prefill_matmul_ms_per_layer": timed(matmuls, 3) / calls * 1e3}  # fmt: skip
+    timings = {f"prefill_{build}_ms_per_layer": timed(lambda lib=lib: kernel(lib), 3) / calls * 1e3
+               for build, lib in libraries.items()}  # fmt: skip
+    return timings | {"prefill_matmul_ms_per_layer": timed(matmuls, 3) / calls * 1e3}
 
 
 def attention(dtype: torch.dtype, positions: int) -> dict:
     b, kv_heads, group, head_dim = 32, 4, 4, 64
-    keys = torch.randn(b, kv_heads, positions, head_dim).to(dtype)
-    values = torch.randn(b, kv_heads, positions, head_dim).to(dtype)
+    # the engine's layout: the cache gathered per position, (b, t, kv heads, hd), viewed as (b, kv heads, t, hd)
+    keys = torch.randn(b, positions, kv_heads, head_dim).to(dtype).transpose(1, 2)
+    values = torch.randn(b, positions, kv_heads, head_dim).to(dtype).transpose(1, 2)
     lengths = torch.randint(16, positions + 1, (b,))
     masked = torch.arange(positions)[None, :] >= lengths[:, None]
     q = torch.randn(b, kv_heads * group, head_dim).to(dtype)
@@ -132,10 +136,17 @@ def main() -> None:
     library = lora_kernel.load()
     if library is None:
         raise SystemExit("the fused kernel does not build here (no C compiler?)")
+    libraries = {"kernel": library}
+    if lora_kernel.tiled(library) and (portable := lora_kernel.load(portable=True)) is not None:
+        libraries["portable"] = portable
     results: dict = {"tiled": lora_kernel.tiled(library), "threads": torch.get_num_threads(), "kernel": {},
                      "attention": {}}  # fmt: skip
     for name, (activations, weights) in DTYPES.items():
-        results["kernel"][name] = decode(library, activations, weights) | prefill(library, activations, weights)
+        figures = {}
+        for build, lib in libraries.items():
+            for rows in (1, 4):
+                figures |= {f"decode{rows}_{build}_{k}": v for k, v in decode(lib, activations, weights, rows).items()}
+        results["kernel"][name] = figures | prefill(libraries, activations, weights)
     for name in ("float32", "bfloat16"):
         for positions in (96, 192):
             results["attention"][f"{name}, {positions} positions"] = attention(getattr(torch, name), positions)
@@ -143,11 +154,17 @@ def main() -> None:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(results, handle, indent=2)
-    print("\n| dtype (activations, adapters) | decode step, 32 adapters x 8 layers | bandwidth "
-          "| prefill chunk a layer: tiles | matmuls (replaced) |\n| --- | --- | --- | --- | --- |")  # fmt: skip
+    print(
+        f"\nkernel: {'tiles' if results['tiled'] else 'rows'}"
+        + (", beside the portable build" if len(libraries) > 1 else "")
+    )
+    print("\n| dtype (activations, adapters) | build | decode step, 32 adapters x 8 layers | bandwidth "
+          "| 32 rows over 8 adapters | prefill chunk a layer | matmuls |\n| --- | --- | --- | --- | --- | --- | --- |")  # fmt: skip
     for name, r in results["kernel"].items():
-        print(f"| {name} | {r['decode_step_ms']:.1f} ms | {r['decode_gb_per_s']:.0f} GB/s | "
-              f"{r['prefill_kernel_ms_per_layer']:.2f} ms | {r['prefill_matmul_ms_per_layer']:.2f} ms |")  # fmt: skip
+        for build in libraries:
+            print(f"| {name} | {build} | {r[f'decode1_{build}_step_ms']:.1f} ms | {r[f'decode1_{build}_gb_per_s']:.0f} GB/s "
+                  f"| {r[f'decode4_{build}_step_ms']:.1f} ms | {r[f'prefill_{build}_ms_per_layer']:.2f} ms "
+                  f"| {r['prefill_matmul_ms_per_layer']:.2f} ms |")  # fmt: skip
     print("\n| decode attention, 32 sequences | SDPA | matmul, softmax, matmul | engine uses |")
     print("| --- | --- | --- | --- |")
     for name, r in results["attention"].items():

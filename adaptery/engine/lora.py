@@ -303,7 +303,7 @@ class LoraBatch:
 
     With the fused kernel, one call per site does every row: decodes (their cost is reading each
     adapter's weights, which the kernel does once) and, where the kernel works in tiles of rows (its
-    AVX-512 build), prefill chunks too. Without tiles a long segment (`kernel_segment_limit` rows or
+    AVX-512 and AVX2 builds), prefill chunks too. Without tiles a long segment (`kernel_segment_limit` rows or
     more) runs as matmuls instead (one shrink and one `addmm_` per projection into the fused output).
     Matmuls of varying row counts are slow in bf16 here: oneDNN prepares a kernel for each new shape,
     ~4 ms a layer for a prefill chunk of 8-128 rows against ~0.5 ms in the tiled kernel (measured here).

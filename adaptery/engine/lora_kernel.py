@@ -154,11 +154,145 @@ static void lora_tile(int tn, int bf16, int wbf16, const int64_t *rows, const vo
     else { TILE_SIZES(0, 0) }
 }
 #define LORA_TILE TILE
+#define LORA_TILED 1
+#elif defined(__AVX2__) && defined(__FMA__)
+/* The same tiles in AVX2 (8 floats a vector, 16 registers: CPUs without AVX-512, such as AMD's Zen 2
+   and 3). Register blocks sized to 16 registers: the shrink takes KB = 8 / tn rows of A at a time
+   (tn x KB accumulators, tn x vectors, one weight), the expand CB 8-column blocks (tn broadcasts, tn x
+   CB accumulators, one weight). Tails (a width that is not a multiple of 8) run scalar. */
+#include <immintrin.h>
+#define INLINE static inline __attribute__((always_inline))
+#define UNROLL _Pragma("GCC unroll 16")
+#define TILE 4
+INLINE __m256 bf16x8(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+INLINE __m256 wload8(const void *w, int64_t i, const int wbf16) {
+    return wbf16 ? bf16x8((const uint16_t *)w + i) : _mm256_loadu_ps((const float *)w + i);
+}
+INLINE float wget(const void *w, int64_t i, const int wbf16) {
+    return wbf16 ? bf2f(((const uint16_t *)w)[i]) : ((const float *)w)[i];
+}
+INLINE float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+/* u[t * us + kb] = x_t . (row kb of a), rows d_in elements apart, for kb < KB */
+INLINE void shrink_block8(const int tn, const int KB, const int wbf16, const float *const *xr, const char *a,
+                          int64_t d_in, float *u, int64_t us) {
+    const int64_t es = wbf16 ? 2 : 4;
+    __m256 acc[TILE][8];
+    UNROLL for (int t = 0; t < tn; t++) UNROLL for (int kb = 0; kb < KB; kb++) acc[t][kb] = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= d_in; j += 8) {
+        __m256 xv[TILE];
+        UNROLL for (int t = 0; t < tn; t++) xv[t] = _mm256_loadu_ps(xr[t] + j);
+        UNROLL for (int kb = 0; kb < KB; kb++) {
+            const __m256 w = wload8(a + kb * d_in * es, j, wbf16);
+            UNROLL for (int t = 0; t < tn; t++) acc[t][kb] = _mm256_fmadd_ps(xv[t], w, acc[t][kb]);
+        }
+    }
+    UNROLL for (int t = 0; t < tn; t++) UNROLL for (int kb = 0; kb < KB; kb++) {
+        float sum = hsum8(acc[t][kb]);
+        for (int64_t i = j; i < d_in; i++) sum += xr[t][i] * wget(a + kb * d_in * es, i, wbf16);
+        u[t * us + kb] = sum;
+    }
+}
+INLINE void add_row8(const int bf16, void *out, int64_t at, __m256 v) {
+    if (bf16) {
+        float add[8];
+        uint16_t *o = (uint16_t *)out + at;
+        _mm256_storeu_ps(add, v);
+        for (int i = 0; i < 8; i++) o[i] = f2bf(bf2f(o[i]) + add[i]);
+    } else {
+        float *o = (float *)out + at;
+        _mm256_storeu_ps(o, _mm256_add_ps(v, _mm256_loadu_ps(o)));
+    }
+}
+/* columns c .. c + 8 CB (inside one projection) of the tile's rows += sum_k u[t * uts + k * uks] B[k, .] */
+INLINE void expand_block8(const int tn, const int CB, const int bf16, const int wbf16, const int64_t *rows,
+                          void *out, int64_t os, const void *b, int64_t d_out, int64_t r, const float *u,
+                          int64_t uks, int64_t uts, int64_t c) {
+    __m256 acc[TILE][8];
+    UNROLL for (int t = 0; t < tn; t++) UNROLL for (int cb = 0; cb < CB; cb++) acc[t][cb] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < r; k++) {
+        __m256 ub[TILE];
+        UNROLL for (int t = 0; t < tn; t++) ub[t] = _mm256_broadcast_ss(u + t * uts + k * uks);
+        UNROLL for (int cb = 0; cb < CB; cb++) {
+            const __m256 w = wload8(b, k * d_out + c + 8 * cb, wbf16);
+            UNROLL for (int t = 0; t < tn; t++) acc[t][cb] = _mm256_fmadd_ps(ub[t], w, acc[t][cb]);
+        }
+    }
+    UNROLL for (int t = 0; t < tn; t++) UNROLL for (int cb = 0; cb < CB; cb++)
+        add_row8(bf16, out, rows[t] * os + c + 8 * cb, acc[t][cb]);
+}
+INLINE void lora_tile_avx2(const int tn, const int bf16, const int wbf16, const int64_t *rows, const void *x,
+                           int64_t xs, void *out, int64_t os, int32_t s, int64_t r, const void *A, int64_t as,
+                           const void *B, int64_t bs, int64_t R, int64_t P, int64_t d_in, const int64_t *off,
+                           float *xf, float *u) {
+    const int KB = tn == 1 ? 8 : tn == 2 ? 4 : 2, CB = tn == 1 ? 8 : tn == 2 ? 4 : tn == 3 ? 3 : 2;
+    const int64_t es = wbf16 ? 2 : 4, rows_a = r * P, us = R * P, d_out = off[P];
+    const float *xr[TILE];
+    for (int t = 0; t < tn; t++) {
+        if (bf16) {
+            const uint16_t *src = (const uint16_t *)x + rows[t] * xs;
+            float *dst = xf + t * d_in;
+            int64_t i = 0;
+            for (; i + 8 <= d_in; i += 8) _mm256_storeu_ps(dst + i, bf16x8(src + i));
+            for (; i < d_in; i++) dst[i] = bf2f(src[i]);
+            xr[t] = dst;
+        } else {
+            xr[t] = (const float *)x + rows[t] * xs;
+        }
+    }
+    /* the shrink: u[t * us + q] for the rows q = k P + p of A (memory order), KB at a time */
+    const char *a = (const char *)A + s * as * es;
+    int64_t q = 0;
+    for (; q + KB <= rows_a; q += KB) shrink_block8(tn, KB, wbf16, xr, a + q * d_in * es, d_in, u + q, us);
+    for (; q < rows_a; q++) shrink_block8(tn, 1, wbf16, xr, a + q * d_in * es, d_in, u + q, us);
+    /* the expand: projection p's columns from u[t * us + k P + p] */
+    const char *b = (const char *)B + s * bs * es;
+    for (int64_t p = 0; p < P; p++) {
+        const int64_t hi = off[p + 1];
+        int64_t c = off[p];
+        for (; c + 8 * CB <= hi; c += 8 * CB)
+            expand_block8(tn, CB, bf16, wbf16, rows, out, os, b, d_out, r, u + p, P, us, c);
+        for (; c + 8 <= hi; c += 8) expand_block8(tn, 1, bf16, wbf16, rows, out, os, b, d_out, r, u + p, P, us, c);
+        for (; c < hi; c++) {
+            for (int t = 0; t < tn; t++) {
+                float sum = 0.f;
+                for (int64_t k = 0; k < r; k++) sum += u[t * us + k * P + p] * wget(b, k * d_out + c, wbf16);
+                if (bf16) {
+                    uint16_t *o = (uint16_t *)out + rows[t] * os + c;
+                    *o = f2bf(bf2f(*o) + sum);
+                } else {
+                    ((float *)out)[rows[t] * os + c] += sum;
+                }
+            }
+        }
+    }
+}
+#define TILE_CASE(TN, BF, WBF) \
+    lora_tile_avx2(TN, BF, WBF, rows, x, xs, out, os, s, r, A, as, B, bs, R, P, d_in, off, xf, u)
+#define TILE_SIZES(BF, WBF) \
+    switch (tn) { case 1: TILE_CASE(1, BF, WBF); break; case 2: TILE_CASE(2, BF, WBF); break; \
+                  case 3: TILE_CASE(3, BF, WBF); break; default: TILE_CASE(4, BF, WBF); break; }
+static void lora_tile(int tn, int bf16, int wbf16, const int64_t *rows, const void *x, int64_t xs, void *out,
+                      int64_t os, int32_t s, int64_t r, const void *A, int64_t as, const void *B, int64_t bs,
+                      int64_t R, int64_t P, int64_t d_in, const int64_t *off, float *xf, float *u) {
+    if (bf16 && wbf16) { TILE_SIZES(1, 1) }
+    else if (bf16) { TILE_SIZES(1, 0) }
+    else if (wbf16) { TILE_SIZES(0, 1) }
+    else { TILE_SIZES(0, 0) }
+}
+#define LORA_TILE TILE
+#define LORA_TILED 1
 #else
 #define LORA_TILE 1
 #endif
 
-/* The same row without AVX-512 (any other CPU), the loops left to the compiler's vectoriser. */
+/* The same row without AVX-512 or AVX2 (any other CPU), the loops left to the compiler's vectoriser. */
 static void lora_row_portable(const void *xr, void *orow, int bf16, int32_t s, int64_t r, const void *A, int64_t as,
                               const void *B, int64_t bs, int64_t R, int64_t P, int64_t d_in, const int64_t *off,
                               int wbf16, float *xf, float *acc, float *u) {
@@ -248,7 +382,7 @@ void lora_site(int64_t n, const void *x, int64_t xs, void *out, int64_t os, cons
             const int tn = (int)(first[i + 1] - first[i]);
             const int32_t s = slot[tr[0]];
             const int64_t r = rank[s];
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if defined(LORA_TILED)
             lora_tile(tn, bf16, wbf16, tr, x, xs, out, os, s, r, A, as, B, bs, R, P, d_in, off, xf, u);
 #else
             const int64_t es = bf16 ? 2 : 4, t = tr[0];
@@ -267,8 +401,8 @@ void lora_site(int64_t n, const void *x, int64_t xs, void *out, int64_t os, cons
 """
 
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
-# The build for CPUs without AVX-512: the same library with the vectoriser's loops (tests compare the two here).
-PORTABLE_FLAGS = [*FLAGS, "-mno-avx512f"]
+# The build for CPUs without AVX-512 or AVX2: the same library with the vectoriser's loops (tests compare the two here).
+PORTABLE_FLAGS = [*FLAGS, "-mno-avx512f", "-mno-avx2", "-mno-fma"]
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}
 
@@ -307,7 +441,7 @@ def _build(target: Path, flags: list[str]) -> None:
 
 def load(portable: bool = False) -> ctypes.CDLL | None:
     """The compiled kernel, or None (logged once) when it cannot be built; ADAPTERY_LORA_KERNEL=0 disables it.
-    `portable` builds it without AVX-512, as it runs on CPUs that lack it."""
+    `portable` builds it without AVX-512 or AVX2, as it runs on CPUs that lack both."""
     if os.environ.get("ADAPTERY_LORA_KERNEL", "1").lower() in {"0", "false", "off", "no"}:
         return None
     flags = PORTABLE_FLAGS if portable else FLAGS
@@ -335,7 +469,7 @@ def load(portable: bool = False) -> ctypes.CDLL | None:
 
 
 def tiled(library: ctypes.CDLL) -> bool:
-    """Whether the library does several rows of one adapter at once (the AVX-512 build): then prefill chunks
+    """Whether the library does several rows of one adapter at once (the AVX-512 and AVX2 builds): then prefill chunks
     run through it too; otherwise each row reads its adapter's weights again and long runs go to matmuls."""
     return library.lora_tile_rows() > 1
 
