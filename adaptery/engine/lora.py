@@ -1,8 +1,9 @@
 """Adapters for the native path: reading PEFT directories, the tiered cache, and per-segment LoRA.
 
-Tiers: *active* (copied into the stacked slot buffers the step reads; pinned while a request uses
-it) -> *memory* (prepared tensors in an LRU under a byte budget) -> *disk* (the materialised PEFT
-directory). Loading and preparing run on a loader thread, never on the step loop.
+Tiers: *active* (numbered slots the step reads: with the fused kernel, addresses of the adapter's own
+tensors, nothing copied; pinned while a request uses it) -> *memory* (prepared tensors in an LRU under a
+byte budget) -> *disk* (the materialised PEFT directory). Loading and preparing run on a loader thread,
+never on the step loop.
 
 In a step, tokens are sorted by adapter slot (base-model tokens first), so each adapter's tokens
 form one segment. With the fused C kernel (`lora_kernel`, built on first use), one call per
@@ -194,11 +195,13 @@ def _to_torch(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
 
 
 class SlotBuffers:
-    """The active tier: adapters copied into stacked per-site buffers, kept compact (slots 0..n-1).
+    """The active tier: adapters numbered by slot, kept compact (slots 0..n-1).
 
-    With the fused kernel (`kernel` set) B keeps the compact (L, S, R, d_out_total) layout in the
-    model's dtype; the PyTorch path keeps fp32 and a block-diagonal B (L, S, R, P, d_out_total) so one
-    matmul pair serves a fused site.
+    With the fused kernel (`kernel` set) nothing is copied: per site and layer a table holds each slot's
+    addresses into its adapter's own prepared tensors (held here while active), so activating an adapter or
+    moving one into a freed slot writes a few pointers, where copying was ~9 MB (fp32, rank 16, width 1024,
+    8 layers) each way. The PyTorch path needs the adapters stacked: fp32 buffers (L, S, R, P, d_in) for A
+    and a block-diagonal B (L, S, R, P, d_out_total) so one matmul pair serves a fused site.
     """
 
     def __init__(
@@ -219,16 +222,15 @@ class SlotBuffers:
             self.dtype = adapter_dtype
         else:
             self.dtype = model.dtype if model.dtype in (torch.float32, torch.bfloat16) else torch.float32
-        self.shrink = {
-            site: torch.zeros(layers, slots, max_rank, len(mods), model.site_in[site], dtype=self.dtype)
-            for site, mods in SITES.items()
-        }
-        if kernel is not None:
-            self.expand = {
-                site: torch.zeros(layers, slots, max_rank, sum(model.site_out[site]), dtype=self.dtype)
-                for site in SITES
-            }
+        self.slots = slots
+        if kernel is not None:  # per site: (L, S) addresses of each slot's shrink and expand rows in a layer
+            self.shrink_at = {site: torch.zeros(layers, slots, dtype=torch.int64) for site in SITES}
+            self.expand_at = {site: torch.zeros(layers, slots, dtype=torch.int64) for site in SITES}
         else:
+            self.shrink = {
+                site: torch.zeros(layers, slots, max_rank, len(mods), model.site_in[site])
+                for site, mods in SITES.items()
+            }
             self.expand = {
                 site: torch.zeros(layers, slots, max_rank, len(mods), sum(model.site_out[site]))
                 for site, mods in SITES.items()
@@ -241,7 +243,6 @@ class SlotBuffers:
         self.keys: list[str] = []
         self.index: dict[str, int] = {}
         self.adapters: list[PreparedAdapter] = []
-        self.bytes = sum(t.numel() * t.element_size() for t in [*self.shrink.values(), *self.expand.values()])
 
     def slot_of(self, key: str) -> int | None:
         return self.index.get(key)
@@ -258,11 +259,15 @@ class SlotBuffers:
         r = adapter.rank
         self.ranks[slot] = r
         for site in SITES:
-            self.shrink[site][:, slot, :r] = adapter.shrink[site]
-            self.shrink[site][:, slot, r:].zero_()  # the PyTorch path pads ranks with zeros
             if self.kernel is not None:
-                self.expand[site][:, slot, :r] = adapter.expand[site]  # rows past the rank are never read
+                for table, weights in ((self.shrink_at, adapter.shrink[site]), (self.expand_at, adapter.expand[site])):
+                    if weights.dtype != self.dtype or not weights.is_contiguous():
+                        raise ValueError(f"adapter tensors must be contiguous {self.dtype}, not {weights.dtype}")
+                    layer_bytes = weights.stride(0) * weights.element_size()
+                    table[site][:, slot] = weights.data_ptr() + torch.arange(weights.shape[0]) * layer_bytes
             else:
+                self.shrink[site][:, slot, :r] = adapter.shrink[site]
+                self.shrink[site][:, slot, r:].zero_()  # the PyTorch path pads ranks with zeros
                 self.expand[site][:, slot].zero_()
                 bounds = self.offsets[site].tolist()
                 for part, (lo, hi) in enumerate(itertools.pairwise(bounds)):
@@ -274,7 +279,7 @@ class SlotBuffers:
 
     def activate(self, adapter: PreparedAdapter) -> int:
         slot = len(self.keys)
-        if slot >= self.shrink["o"].shape[1]:
+        if slot >= self.slots:
             raise RuntimeError("no free adapter slot")  # the scheduler never admits more adapters than slots
         self._write(slot, adapter)
         self.keys.append(adapter.key)
@@ -362,22 +367,23 @@ class LoraBatch:
             return
         target = out[start:]
         if self.kernel is not None:
-            shrink, expand = self.buffers.shrink[site][layer], self.buffers.expand[site][layer]
+            buffers = self.buffers
             if len(self.long_segments) < len(self.counts):
-                lora_kernel.site(
-                    self.kernel, x[start:], target, self.kernel_slots, self.buffers.ranks, shrink, expand,
-                    self.buffers.offsets[site],
+                lora_kernel.site_pointers(
+                    self.kernel, x[start:], target, self.kernel_slots, buffers.ranks, buffers.shrink_at[site][layer],
+                    buffers.expand_at[site][layer], buffers.offsets[site], buffers.max_rank, buffers.dtype,
                 )  # fmt: skip
-            bounds = self.buffers.offsets[site].tolist()
+            bounds = buffers.offsets[site].tolist()
             parts = len(bounds) - 1
             for slot, first, count in self.long_segments:
-                rank = self.buffers.adapters[slot].rank
+                adapter = buffers.adapters[slot]
                 rows = slice(start + first, start + first + count)
-                a = shrink[slot, :rank].reshape(rank * parts, -1).to(x.dtype)
+                a = adapter.shrink[site][layer].reshape(adapter.rank * parts, -1).to(x.dtype)
                 u = x[rows] @ a.T  # (rows, rank P), column k P + p
+                expand = adapter.expand[site][layer].to(x.dtype)
                 for part in range(parts):
                     lo, hi = bounds[part], bounds[part + 1]
-                    out[rows, lo:hi].addmm_(u[:, part::parts], expand[slot, :rank, lo:hi].to(x.dtype))
+                    out[rows, lo:hi].addmm_(u[:, part::parts], expand[:, lo:hi])
         else:
             xl = x[start:].float()
             shrink = self.buffers.shrink[site][layer, :n, :r]

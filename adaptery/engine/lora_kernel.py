@@ -347,8 +347,9 @@ static void lora_row_portable(const void *xr, void *orow, int bf16, int32_t s, i
 
 /* x: n rows (stride xs) of d_in; out: n rows (stride os) of off[P] columns, updated in place.
    slot[t]: the adapter slot of row t (< 0: skip the row); rank[s]: its rank (<= R).
-   A: element (s, k, p, i) at A[s * as + (k * P + p) * d_in + i]  (shrink rows, projection p, rank k)
-   B: element (s, k, c) at B[s * bs + k * off[P] + c]; column c belongs to the projection p with
+   A[s]: slot s's shrink rows (rank[s], P, d_in): element (k, p, i) at A[s][(k * P + p) * d_in + i]
+   B[s]: slot s's expand rows (rank[s], off[P]): element (k, c) at B[s][k * off[P] + c]; column c belongs to the
+      projection p with
       off[p] <= c < off[p + 1] and is fed by u[p][k].  bf16 != 0: x and out are bfloat16 (else float32);
    wbf16 != 0: A and B are bfloat16 (else float32).
    The rows are cut into tiles of consecutive rows of one adapter, handed to the threads as they free up
@@ -356,8 +357,8 @@ static void lora_row_portable(const void *xr, void *orow, int bf16, int32_t s, i
 int lora_tile_rows(void) { return LORA_TILE; }
 
 void lora_site(int64_t n, const void *x, int64_t xs, void *out, int64_t os, const int32_t *slot,
-               const int32_t *rank, const void *A, int64_t as, const void *B, int64_t bs, int64_t R,
-               int64_t P, int64_t d_in, const int64_t *off, int bf16, int wbf16, int threads) {
+               const int32_t *rank, const void *const *A, const void *const *B, int64_t R, int64_t P,
+               int64_t d_in, const int64_t *off, int bf16, int wbf16, int threads) {
     const int64_t d_out = off[P];
     if (n <= 0) return;
     int64_t *rows = (int64_t *)malloc(sizeof(int64_t) * (size_t)n);
@@ -383,12 +384,12 @@ void lora_site(int64_t n, const void *x, int64_t xs, void *out, int64_t os, cons
             const int32_t s = slot[tr[0]];
             const int64_t r = rank[s];
 #if defined(LORA_TILED)
-            lora_tile(tn, bf16, wbf16, tr, x, xs, out, os, s, r, A, as, B, bs, R, P, d_in, off, xf, u);
+            lora_tile(tn, bf16, wbf16, tr, x, xs, out, os, 0, r, A[s], 0, B[s], 0, R, P, d_in, off, xf, u);
 #else
             const int64_t es = bf16 ? 2 : 4, t = tr[0];
             (void)tn;
-            lora_row_portable((const char *)x + t * xs * es, (char *)out + t * os * es, bf16, s, r, A, as, B, bs, R, P,
-                              d_in, off, wbf16, xf, acc, u);
+            lora_row_portable((const char *)x + t * xs * es, (char *)out + t * os * es, bf16, 0, r, A[s], 0, B[s], 0, R,
+                              P, d_in, off, wbf16, xf, acc, u);
 #endif
         }
         free(xf);
@@ -457,8 +458,8 @@ def load(portable: bool = False) -> ctypes.CDLL | None:
             library = ctypes.CDLL(str(target))
             fn = library.lora_site
             i64, ptr = ctypes.c_int64, ctypes.c_void_p
-            fn.argtypes = [i64, ptr, i64, ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, ptr, ctypes.c_int,
-                           ctypes.c_int, ctypes.c_int]  # fmt: skip
+            fn.argtypes = [i64, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ctypes.c_int, ctypes.c_int,
+                           ctypes.c_int]  # fmt: skip
             fn.restype = None
             library.lora_tile_rows.argtypes, library.lora_tile_rows.restype = [], ctypes.c_int
         except Exception as exc:  # no compiler, a failed build, a library that does not load: PyTorch path
@@ -484,18 +485,42 @@ def site(
     expand: torch.Tensor,
     offsets: torch.Tensor,
 ) -> None:
-    """out += LoRA(x) row by row. x (n, d_in) and out (n, d_out) share a dtype, shrink (S, R, P, d_in) and
-    expand (S, R, d_out) share one (bf16 adapters may serve an fp32 model); slots (n,) int32, ranks (S,)
-    int32, offsets (P + 1,) int64."""
+    """`site_pointers` over stacked buffers: shrink (S, R, P, d_in) and expand (S, R, d_out), slot s's rows in
+    shrink[s, :ranks[s]] and expand[s, :ranks[s]]."""
+    assert shrink.is_contiguous() and expand.is_contiguous()
+    rows = torch.arange(shrink.shape[0], dtype=torch.int64)
+    site_pointers(
+        library, x, out, slots, ranks,
+        shrink.data_ptr() + rows * shrink.stride(0) * shrink.element_size(),
+        expand.data_ptr() + rows * expand.stride(0) * expand.element_size(),
+        offsets, shrink.shape[1], shrink.dtype,
+    )  # fmt: skip
+
+
+def site_pointers(
+    library: ctypes.CDLL,
+    x: torch.Tensor,
+    out: torch.Tensor,
+    slots: torch.Tensor,
+    ranks: torch.Tensor,
+    shrink: torch.Tensor,
+    expand: torch.Tensor,
+    offsets: torch.Tensor,
+    max_rank: int,
+    weights: torch.dtype,
+) -> None:
+    """out += LoRA(x) row by row. x (n, d_in) and out (n, d_out) share a dtype; slots (n,) int32, ranks (S,)
+    int32 (each <= max_rank), offsets (P + 1,) int64. shrink and expand (S,) int64: per slot, the address of its
+    contiguous shrink rows (ranks[s], P, d_in) and expand rows (ranks[s], d_out) in `weights` (fp32 or bf16:
+    bf16 adapters may serve an fp32 model). The caller keeps those tensors alive for the call."""
     n, d_in = x.shape
     if n == 0:
         return
-    assert x.stride(1) == 1 and out.stride(1) == 1 and shrink.is_contiguous() and expand.is_contiguous()
+    assert x.stride(1) == 1 and out.stride(1) == 1 and shrink.dtype == expand.dtype == torch.int64
     assert x.dtype == out.dtype and x.dtype in (torch.float32, torch.bfloat16)
-    assert shrink.dtype == expand.dtype and shrink.dtype in (torch.float32, torch.bfloat16)
+    assert weights in (torch.float32, torch.bfloat16)
     library.lora_site(
         n, x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), slots.data_ptr(), ranks.data_ptr(),
-        shrink.data_ptr(), shrink.stride(0), expand.data_ptr(), expand.stride(0), shrink.shape[1], shrink.shape[2],
-        d_in, offsets.data_ptr(), int(x.dtype == torch.bfloat16), int(shrink.dtype == torch.bfloat16),
-        torch.get_num_threads(),
+        shrink.data_ptr(), expand.data_ptr(), max_rank, offsets.shape[0] - 1, d_in, offsets.data_ptr(),
+        int(x.dtype == torch.bfloat16), int(weights == torch.bfloat16), torch.get_num_threads(),
     )  # fmt: skip

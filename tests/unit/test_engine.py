@@ -336,6 +336,38 @@ def _kernel_outputs(model, adapters, kernel, adapter_dtype, counts, dtype):
     return outs
 
 
+@pytest.mark.parametrize("path", ["kernel", "pytorch"])
+def test_an_adapter_moved_into_a_freed_slot_computes_what_it_did(demo_model_dir, adapters, path):
+    """Deactivating an adapter moves the last slot's adapter into the hole (the kernel's slots are addresses
+    of the adapters' own tensors, the PyTorch path's a copy): every adapter left computes the same sums."""
+    kernel = lora_kernel.load() if path == "kernel" else None
+    if path == "kernel" and kernel is None:
+        pytest.skip("no C compiler here")
+    hf = AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32)
+    model = NativeLlama(hf, torch.float32, 64)
+    slots = SlotBuffers(model, 4, 32, kernel)
+    names = ["lora", "lora_r16", "rslora_r12", "lora_qv_r4"]
+    for name in names:
+        slots.activate(prepare_adapter(name, adapters[name], model, 32, slots.dtype))
+    x = torch.randn(len(names), model.site_in["qkv"], generator=torch.Generator().manual_seed(1))
+
+    def lora_of(keys: list[str]) -> dict[str, torch.Tensor]:  # one row per adapter, rows in slot order
+        out = torch.zeros(len(keys), sum(model.site_out["qkv"]))
+        order = sorted(keys, key=slots.slot_of)
+        rows = x[[names.index(k) for k in order]]
+        token_slots = torch.tensor([slots.slot_of(k) for k in order], dtype=torch.int32)
+        LoraBatch(slots, 0, [1] * len(keys), token_slots).apply(0, "qkv", rows, out)
+        return dict(zip(order, out, strict=True))
+
+    before = lora_of(names)
+    assert slots.deactivate("lora") == {3: 0}  # the last slot's adapter moved into slot 0
+    assert slots.slot_of("lora_qv_r4") == 0 and slots.keys == ["lora_qv_r4", "lora_r16", "rslora_r12"]
+    after = lora_of(names[1:])
+    for name in names[1:]:
+        torch.testing.assert_close(after[name], before[name], atol=1e-6, rtol=1e-6)
+    assert all(before[name].abs().max() > 0.01 for name in names)  # lora_qv_r4, the one moved, too
+
+
 @pytest.mark.parametrize("build", ["native", "portable"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_fused_kernel_and_pytorch_path_compute_the_same_lora(demo_model_dir, adapters, dtype, build):
