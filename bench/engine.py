@@ -311,6 +311,13 @@ def bench_dtype(hf: LlamaForCausalLM, dtype: torch.dtype, distinct: list[Path], 
     }
     if "engine_mixed32_bf16_adapters" in tps:
         out["ratios"]["1b_mixed32_bf16_adapters_over_base"] = tps["engine_mixed32_bf16_adapters"] / tps["engine_base"]
+    # the same ratios round by round (the two sides ran back to back, so a slow spell of the machine hits both)
+    paired = {"1_mixed32_over_base": (runs["mixed"], runs["base"]),
+              "3_registered_2000_over_5": (zipf_runs["2000"], zipf_runs["5"])}  # fmt: skip
+    out["paired_ratios"] = {
+        name: [round(a["tokens_per_s"] / b["tokens_per_s"], 3) for a, b in zip(top, bottom, strict=True)]
+        for name, (top, bottom) in paired.items()
+    }
     return out
 
 
@@ -432,6 +439,9 @@ def markdown(results: dict) -> str:
             value = results["dtypes"][d]["ratios"].get(name)
             cells.append("–" if value is None else f"{value:.2f} {'✓' if ok(value) else '✗'}")
         lines.append(f"| {name} | {goal} | " + " | ".join(cells) + " |")
+    for d in dtypes:
+        for name, values in results["dtypes"][d].get("paired_ratios", {}).items():
+            lines.append(f"\n{d}, {name} round by round: {values} (median {statistics.median(values):.2f})")
     lines += [
         "",
         "| run | dtype | tokens/s | req/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms |",
