@@ -16,13 +16,15 @@ requested lengths. Measured in the same run, at the same dtype on both sides of 
 Arrivals are faster than the engine can serve (it runs saturated, as throughput needs); the static
 `generate` baselines process the same requests offline in arrival order, batch after batch. Noise on
 a shared machine: the two sides of each ratio alternate, round after round, and each figure is the
-median of the repeats (`generate` too). Ratio 3 is measured after a warm-up stream (the adapter cache's steady state);
-registering adapters costs the engine nothing (it keeps no per-registered-adapter state: a request
-names its adapter, the cache lookups are O(1)), so what ratio 3 measures is the price of the many
-more distinct adapters a Zipf stream over 2000 puts in each step, and of loading the tail ones.
+median of the repeats (`generate` too); ratios 1 and 3 are also listed round by round, each the two
+sides' back-to-back runs (a slow spell of the machine hits both). Ratio 3 is measured after a
+warm-up stream (the adapter cache's steady state); registering adapters costs the engine nothing (it
+keeps no per-registered-adapter state: a request names its adapter, the cache lookups are O(1)), so
+what ratio 3 measures is the price of the many more distinct adapters a Zipf stream over 2000 puts
+in each step, and of loading the tail ones.
 
     .venv/bin/python bench/engine.py --quick      # a smoke run (4 layers, one repeat)
-    .venv/bin/python bench/engine.py              # the measurement (8 layers, 3 repeats, 5 for ratio 3, ~40 min)
+    .venv/bin/python bench/engine.py              # the measurement (8 layers, 5 rounds; ~30 min a dtype)
 """
 
 from __future__ import annotations
@@ -346,7 +348,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--requests", type=int, default=None, help="requests per run for ratios 1 and 2")
     parser.add_argument("--zipf-requests", type=int, default=None, help="requests per run for ratio 3")
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None, help="rounds for ratios 1 and 2 (default 5; quick: 1)")
     parser.add_argument("--zipf-repeats", type=int, default=None, help="rounds for ratio 3 (default 5; quick: 1)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--prompt-range", type=token_range, default=(8, 128), help="prompt tokens, uniform (LO,HI)")
@@ -358,7 +360,7 @@ def main() -> None:
     args.layers = args.layers or (4 if args.quick else 8)
     args.requests = args.requests or (64 if args.quick else 128)
     args.zipf_requests = args.zipf_requests or (32 if args.quick else 128)
-    args.repeats = args.repeats or (1 if args.quick else 3)
+    args.repeats = args.repeats or (1 if args.quick else 5)
     args.zipf_repeats = args.zipf_repeats or (1 if args.quick else 5)
     torch.set_num_threads(os.cpu_count() or 2)
     root = Path(tempfile.mkdtemp(prefix="adaptery-bench-"))
