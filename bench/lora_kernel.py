@@ -62,9 +62,11 @@ def decode(library, activations: torch.dtype, weights: torch.dtype, rows_per_ada
         x = torch.randn(SLOTS, d_in).to(activations)
         out = torch.zeros(SLOTS, sum(outs), dtype=activations)
 
+        at = [(lora_kernel.addresses(shrink[layer]), lora_kernel.addresses(expand[layer])) for layer in range(LAYERS)]
+
         def step() -> None:
-            for layer in range(LAYERS):
-                lora_kernel.site(library, x, out, slots, ranks, shrink[layer], expand[layer], offsets)  # noqa: B023
+            for a, b in at:  # noqa: B023
+                lora_kernel.site(library, x, out, slots, ranks, a, b, offsets, RANK, weights)  # noqa: B023
 
         seconds += timed(step, 7)
         nbytes += (shrink.numel() + expand.numel()) * shrink.element_size() / rows_per_adapter
@@ -75,6 +77,8 @@ def prefill(libraries: dict, activations: torch.dtype, weights: torch.dtype, cal
     """One layer's four sites for a chunk of random length, each kernel build and matmuls (same draws)."""
     ranks = torch.full((SLOTS,), RANK, dtype=torch.int32)
     buffers = {name: site_buffers(d_in, outs, weights) for name, (d_in, outs) in SITES.items()}
+    at = {name: [(lora_kernel.addresses(s[layer]), lora_kernel.addresses(e[layer])) for layer in range(LAYERS)]
+          for name, (s, e, _) in buffers.items()}  # fmt: skip
     xs = {name: torch.randn(256, d_in).to(activations) for name, (d_in, _) in SITES.items()}
     outs_ = {name: torch.zeros(256, sum(outs), dtype=activations) for name, (_, outs) in SITES.items()}
     draws = [(random.randint(8, 128), random.randrange(LAYERS), random.randrange(SLOTS)) for _ in range(calls)]
@@ -84,8 +88,9 @@ def prefill(libraries: dict, activations: torch.dtype, weights: torch.dtype, cal
         for count, layer, slot in draws:
             slots = torch.full((256,), -1, dtype=torch.int32)
             slots[:count] = slot
-            for name, (shrink, expand, offsets) in buffers.items():
-                lora_kernel.site(library, xs[name], outs_[name], slots, ranks, shrink[layer], expand[layer], offsets)
+            for name, (_, _, offsets) in buffers.items():
+                a, b = at[name][layer]
+                lora_kernel.site(library, xs[name], outs_[name], slots, ranks, a, b, offsets, RANK, weights)
 
     def matmuls() -> None:
         for count, layer, slot in draws:

@@ -261,10 +261,9 @@ class SlotBuffers:
         for site in SITES:
             if self.kernel is not None:
                 for table, weights in ((self.shrink_at, adapter.shrink[site]), (self.expand_at, adapter.expand[site])):
-                    if weights.dtype != self.dtype or not weights.is_contiguous():
-                        raise ValueError(f"adapter tensors must be contiguous {self.dtype}, not {weights.dtype}")
-                    layer_bytes = weights.stride(0) * weights.element_size()
-                    table[site][:, slot] = weights.data_ptr() + torch.arange(weights.shape[0]) * layer_bytes
+                    if weights.dtype != self.dtype:
+                        raise ValueError(f"adapter tensors must be {self.dtype}, not {weights.dtype}")
+                    table[site][:, slot] = lora_kernel.addresses(weights)  # per layer
             else:
                 self.shrink[site][:, slot, :r] = adapter.shrink[site]
                 self.shrink[site][:, slot, r:].zero_()  # the PyTorch path pads ranks with zeros
@@ -369,7 +368,7 @@ class LoraBatch:
         if self.kernel is not None:
             buffers = self.buffers
             if len(self.long_segments) < len(self.counts):
-                lora_kernel.site_pointers(
+                lora_kernel.site(
                     self.kernel, x[start:], target, self.kernel_slots, buffers.ranks, buffers.shrink_at[site][layer],
                     buffers.expand_at[site][layer], buffers.offsets[site], buffers.max_rank, buffers.dtype,
                 )  # fmt: skip

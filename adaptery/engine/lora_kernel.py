@@ -41,6 +41,21 @@ static inline uint16_t f2bf(float f) {
     return (uint16_t)(v.u >> 16);
 }
 
+/* the tile's rows of x as fp32: bf16 rows widened into xf (a loop the compiler vectorises), fp32 rows as they are */
+static inline void tile_rows_fp32(int tn, int bf16, const int64_t *rows, const void *x, int64_t xs, int64_t d_in,
+                                  float *xf, const float **xr) {
+    for (int t = 0; t < tn; t++) {
+        if (bf16) {
+            const uint16_t *src = (const uint16_t *)x + rows[t] * xs;
+            float *dst = xf + t * d_in;
+            for (int64_t i = 0; i < d_in; i++) dst[i] = bf2f(src[i]);
+            xr[t] = dst;
+        } else {
+            xr[t] = (const float *)x + rows[t] * xs;
+        }
+    }
+}
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #define INLINE static inline __attribute__((always_inline))
@@ -82,18 +97,7 @@ INLINE void lora_tile_avx512(const int tn, const int bf16, const int wbf16, cons
                              float *xf, float *u) {
     const int64_t d_out = off[P], es = wbf16 ? 2 : 4;
     const float *xr[TILE];
-    for (int t = 0; t < tn; t++) {
-        if (bf16) {
-            const uint16_t *src = (const uint16_t *)x + rows[t] * xs;
-            float *dst = xf + t * d_in;
-            int64_t i = 0;
-            for (; i + 16 <= d_in; i += 16) _mm512_storeu_ps(dst + i, bf16x16(src + i));
-            for (; i < d_in; i++) dst[i] = bf2f(src[i]);
-            xr[t] = dst;
-        } else {
-            xr[t] = (const float *)x + rows[t] * xs;
-        }
-    }
+    tile_rows_fp32(tn, bf16, rows, x, xs, d_in, xf, xr);
     for (int64_t k = 0; k < r; k++) {
         for (int64_t p = 0; p < P; p++) {
             const char *a = (const char *)A + (s * as + (k * P + p) * d_in) * es;
@@ -139,20 +143,7 @@ INLINE void lora_tile_avx512(const int tn, const int bf16, const int wbf16, cons
         }
     }
 }
-/* the tile sizes and dtypes as constants, one compiled body each */
-#define TILE_CASE(TN, BF, WBF) \
-    lora_tile_avx512(TN, BF, WBF, rows, x, xs, out, os, s, r, A, as, B, bs, R, P, d_in, off, xf, u)
-#define TILE_SIZES(BF, WBF) \
-    switch (tn) { case 1: TILE_CASE(1, BF, WBF); break; case 2: TILE_CASE(2, BF, WBF); break; \
-                  case 3: TILE_CASE(3, BF, WBF); break; default: TILE_CASE(4, BF, WBF); break; }
-static void lora_tile(int tn, int bf16, int wbf16, const int64_t *rows, const void *x, int64_t xs, void *out,
-                      int64_t os, int32_t s, int64_t r, const void *A, int64_t as, const void *B, int64_t bs,
-                      int64_t R, int64_t P, int64_t d_in, const int64_t *off, float *xf, float *u) {
-    if (bf16 && wbf16) { TILE_SIZES(1, 1) }
-    else if (bf16) { TILE_SIZES(1, 0) }
-    else if (wbf16) { TILE_SIZES(0, 1) }
-    else { TILE_SIZES(0, 0) }
-}
+#define TILE_FN lora_tile_avx512
 #define LORA_TILE TILE
 #define LORA_TILED 1
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -234,18 +225,7 @@ INLINE void lora_tile_avx2(const int tn, const int bf16, const int wbf16, const 
     const int KB = tn == 1 ? 8 : tn == 2 ? 4 : 2, CB = tn == 1 ? 8 : tn == 2 ? 4 : tn == 3 ? 3 : 2;
     const int64_t es = wbf16 ? 2 : 4, rows_a = r * P, us = R * P, d_out = off[P];
     const float *xr[TILE];
-    for (int t = 0; t < tn; t++) {
-        if (bf16) {
-            const uint16_t *src = (const uint16_t *)x + rows[t] * xs;
-            float *dst = xf + t * d_in;
-            int64_t i = 0;
-            for (; i + 8 <= d_in; i += 8) _mm256_storeu_ps(dst + i, bf16x8(src + i));
-            for (; i < d_in; i++) dst[i] = bf2f(src[i]);
-            xr[t] = dst;
-        } else {
-            xr[t] = (const float *)x + rows[t] * xs;
-        }
-    }
+    tile_rows_fp32(tn, bf16, rows, x, xs, d_in, xf, xr);
     /* the shrink: u[t * us + q] for the rows q = k P + p of A (memory order), KB at a time */
     const char *a = (const char *)A + s * as * es;
     int64_t q = 0;
@@ -273,8 +253,16 @@ INLINE void lora_tile_avx2(const int tn, const int bf16, const int wbf16, const 
         }
     }
 }
+#define TILE_FN lora_tile_avx2
+#define LORA_TILE TILE
+#define LORA_TILED 1
+#else
+#define LORA_TILE 1
+#endif
+#if defined(LORA_TILED)
+/* the tile sizes and dtypes as constants, one compiled body each */
 #define TILE_CASE(TN, BF, WBF) \
-    lora_tile_avx2(TN, BF, WBF, rows, x, xs, out, os, s, r, A, as, B, bs, R, P, d_in, off, xf, u)
+    TILE_FN(TN, BF, WBF, rows, x, xs, out, os, s, r, A, as, B, bs, R, P, d_in, off, xf, u)
 #define TILE_SIZES(BF, WBF) \
     switch (tn) { case 1: TILE_CASE(1, BF, WBF); break; case 2: TILE_CASE(2, BF, WBF); break; \
                   case 3: TILE_CASE(3, BF, WBF); break; default: TILE_CASE(4, BF, WBF); break; }
@@ -286,10 +274,6 @@ static void lora_tile(int tn, int bf16, int wbf16, const int64_t *rows, const vo
     else if (wbf16) { TILE_SIZES(0, 1) }
     else { TILE_SIZES(0, 0) }
 }
-#define LORA_TILE TILE
-#define LORA_TILED 1
-#else
-#define LORA_TILE 1
 #endif
 
 /* The same row without AVX-512 or AVX2 (any other CPU), the loops left to the compiler's vectoriser. */
@@ -475,29 +459,14 @@ def tiled(library: ctypes.CDLL) -> bool:
     return library.lora_tile_rows() > 1
 
 
+def addresses(stacked: torch.Tensor) -> torch.Tensor:
+    """(len(stacked),) int64: the address of each stacked[i] (a contiguous tensor), as `site` takes them."""
+    assert stacked.is_contiguous()
+    step = stacked.stride(0) * stacked.element_size()
+    return stacked.data_ptr() + torch.arange(stacked.shape[0], dtype=torch.int64) * step
+
+
 def site(
-    library: ctypes.CDLL,
-    x: torch.Tensor,
-    out: torch.Tensor,
-    slots: torch.Tensor,
-    ranks: torch.Tensor,
-    shrink: torch.Tensor,
-    expand: torch.Tensor,
-    offsets: torch.Tensor,
-) -> None:
-    """`site_pointers` over stacked buffers: shrink (S, R, P, d_in) and expand (S, R, d_out), slot s's rows in
-    shrink[s, :ranks[s]] and expand[s, :ranks[s]]."""
-    assert shrink.is_contiguous() and expand.is_contiguous()
-    rows = torch.arange(shrink.shape[0], dtype=torch.int64)
-    site_pointers(
-        library, x, out, slots, ranks,
-        shrink.data_ptr() + rows * shrink.stride(0) * shrink.element_size(),
-        expand.data_ptr() + rows * expand.stride(0) * expand.element_size(),
-        offsets, shrink.shape[1], shrink.dtype,
-    )  # fmt: skip
-
-
-def site_pointers(
     library: ctypes.CDLL,
     x: torch.Tensor,
     out: torch.Tensor,

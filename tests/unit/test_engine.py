@@ -420,7 +420,8 @@ def test_the_kernel_on_widths_and_ranks_that_fit_no_vector(build, dtype, adapter
     result = out.clone()
     lora_kernel.site(
         library, x, result, torch.tensor(slots, dtype=torch.int32), torch.tensor(ranks, dtype=torch.int32),
-        shrink, expand, torch.tensor(offsets, dtype=torch.int64),
+        lora_kernel.addresses(shrink), lora_kernel.addresses(expand), torch.tensor(offsets, dtype=torch.int64),
+        max_rank, adapter_dtype,
     )  # fmt: skip
     skipped = [row for row, slot in enumerate(slots) if slot < 0]
     assert torch.equal(result[skipped], out[skipped])
