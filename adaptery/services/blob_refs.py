@@ -36,7 +36,12 @@ def in_use(system: Session, tenant_id: str, sha256: str) -> bool:
 
 
 def release(system: Session, blobs: BlobStore, tenant_id: str, sha256: str | None) -> bool:
-    """Delete the tenant's blob if no file, dataset version, adapter, checkpoint or job of it still uses it."""
+    """Delete the tenant's blob if no file, dataset version, adapter, checkpoint or job of it still uses it.
+
+    Call it only once the change that stopped naming the blob is committed (in a session after that one): a
+    file removed inside a transaction that then rolls back, or whose process is killed before the commit,
+    leaves a row of record pointing at nothing. The other order costs at worst an unreferenced file.
+    """
     if sha256 is None or in_use(system, tenant_id, sha256):
         return False
     blobs.delete(tenant_id, sha256)

@@ -12,6 +12,7 @@ then the oldest job. Priority never lets one tenant jump another's turn.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import zlib
@@ -28,6 +29,17 @@ from adaptery.services import blob_refs, finetuning, models
 from adaptery.storage.blobs import BlobStore
 
 Verdict = Literal["continue", "cancel", "pause", "lost"]
+
+log = logging.getLogger(__name__)
+
+
+class _Unstartable(Exception):
+    """A job was claimed but its assignment could not be put together; the claim is rolled back."""
+
+    def __init__(self, job_id: str, reason: str) -> None:
+        super().__init__(reason)
+        self.job_id = job_id
+        self.reason = reason
 
 
 def agent_label(s: Session, agent_id: str | None) -> str:
@@ -64,7 +76,26 @@ class JobQueue:
 
     def lease(self, agent_id: str, *, tenant_scope: str | None = None) -> Assignment | None:
         """Claim the next job by the fairness rules. FOR UPDATE SKIP LOCKED on PostgreSQL; on SQLite the
-        guarded UPDATE is the compare-and-set that makes two agents never hold the same job."""
+        guarded UPDATE is the compare-and-set that makes two agents never hold the same job.
+
+        A job that cannot be started (its base model or a file of it gone) fails with the reason, so the
+        queue behind it moves on instead of every agent's lease failing on it.
+        """
+        try:
+            return self._lease(agent_id, tenant_scope)
+        except _Unstartable as exc:
+            log.error("job %s cannot be started: %s", exc.job_id, exc.reason, exc_info=exc.__cause__)
+            with self.db.system() as s:
+                job = s.get(m.FineTuningJob, exc.job_id)
+                if job is not None and job.status == "queued":
+                    message = f"The job could not be started: {exc.reason}"
+                    finetuning.finish(
+                        s, job, "failed", error={"code": "job_unstartable", "message": message, "param": None}
+                    )
+                    finetuning.add_event(s, job, f"Job failed: {message}", level="error")
+            return None
+
+    def _lease(self, agent_id: str, tenant_scope: str | None) -> Assignment | None:
         with self._lease_lock, self.db.system() as s:
             for tenant_id in self._tenants_in_turn(s, tenant_scope):
                 if self.db.engine.dialect.name == "postgresql":
@@ -128,8 +159,18 @@ class JobQueue:
             return None
         job = s.get(m.FineTuningJob, job_id)
         s.refresh(job)
+        try:
+            return self._assignment(s, job, agent_id)
+        except LookupError as exc:
+            raise _Unstartable(job_id, str(exc.args[0] if exc.args else exc)) from exc
+        except Exception as exc:
+            raise _Unstartable(job_id, f"{type(exc).__name__}: {exc}") from exc
+
+    def _assignment(self, s: Session, job: m.FineTuningJob, agent_id: str) -> Assignment:
         base = s.get(m.BaseModel, job.model)
-        checkpoint = self._latest_resumable(s, job.id)
+        if base is None:
+            raise LookupError(f"the base model '{job.model}' is no longer registered")
+        checkpoint = self._latest_resumable(s, job.id, repair=job)
         resumed = f", resuming from step {checkpoint.step}" if checkpoint else ""
         finetuning.add_event(
             s, job, f"Fine-tuning job started (attempt {job.attempts}, agent {agent_label(s, agent_id)}{resumed})"
@@ -156,16 +197,32 @@ class JobQueue:
             return None
         return {name: BlobRef(sha, self.blobs.size(tenant_id, sha)) for name, sha in manifest.items()}
 
-    def _latest_resumable(self, s: Session, job_id: str) -> CheckpointRef | None:
-        row = s.scalar(
+    def _latest_resumable(
+        self, s: Session, job_id: str, *, repair: m.FineTuningJob | None = None
+    ) -> CheckpointRef | None:
+        """The newest checkpoint whose files are all in storage. With `repair` (the job, as it is leased), one
+        whose files are gone (a disk restored from an older backup, a hand-deleted blob) stops being resumable,
+        with an event that says so, and the job resumes from an older one or starts over."""
+        rows = s.scalars(
             select(m.JobCheckpoint)
             .where(m.JobCheckpoint.job_id == job_id, m.JobCheckpoint.resumable.is_(True))
             .order_by(m.JobCheckpoint.step.desc())
-            .limit(1)
-        )
-        if row is None or not row.manifest:
-            return None
-        return CheckpointRef(id=row.id, step=row.step, files=self._blobs_of(row.tenant_id, row.manifest))
+        ).all()
+        for row in rows:
+            if not row.manifest:
+                continue
+            missing = sorted(name for name, sha in row.manifest.items() if not self.blobs.exists(row.tenant_id, sha))
+            if not missing:
+                return CheckpointRef(id=row.id, step=row.step, files=self._blobs_of(row.tenant_id, row.manifest))
+            if repair is not None:
+                row.resumable = False
+                finetuning.add_event(
+                    s,
+                    repair,
+                    f"Checkpoint at step {row.step} cannot be resumed: {', '.join(missing)} missing from storage",
+                    level="warn",
+                )
+        return None
 
     def _file_blob(self, s: Session, file_id: str) -> BlobRef:
         record = s.get(m.File, file_id)
@@ -262,11 +319,17 @@ class JobQueue:
         metrics: dict[str, Any],
         manifest: dict[str, str],
     ) -> str | None:
-        """Keep an uploaded checkpoint (its files are blobs already); older ones keep only their adapter."""
+        """Keep an uploaded checkpoint (its files are blobs already); older ones keep only their adapter.
+
+        The files the older ones drop are deleted only once the new checkpoint is committed: a server killed
+        in between leaves at worst an unreferenced blob, never a checkpoint of record whose files are gone.
+        """
+        dropped: set[str] = set()
         with self.db.system() as s:
             job = self._held(s, job_id, agent_id)
             if job is None:
                 return None
+            tenant_id = job.tenant_id
             missing = [sha for sha in manifest.values() if not self.blobs.exists(job.tenant_id, sha)]
             if missing or not all(name in manifest for name in ADAPTER_FILES):
                 raise ValueError("the checkpoint is incomplete: upload its adapter files first")
@@ -288,10 +351,16 @@ class JobQueue:
             finetuning.add_event(s, job, f"Checkpoint saved at step {step}{epoch_text}")
             s.flush()
             if row.resumable:
-                self._prune_older(s, job.tenant_id, job.id, step)
-            return checkpoint_id
+                dropped = self._prune_older(s, job.id, step)
+        if dropped:
+            with self.db.system() as s:
+                for sha in dropped:
+                    blob_refs.release(s, self.blobs, tenant_id, sha)
+        return checkpoint_id
 
-    def _prune_older(self, s: Session, tenant_id: str, job_id: str, step: int) -> None:
+    @staticmethod
+    def _prune_older(s: Session, job_id: str, step: int) -> set[str]:
+        """Older checkpoints keep their adapter only; returns the blobs they no longer name."""
         older = s.scalars(
             select(m.JobCheckpoint).where(
                 m.JobCheckpoint.job_id == job_id, m.JobCheckpoint.resumable.is_(True), m.JobCheckpoint.step < step
@@ -302,14 +371,7 @@ class JobQueue:
             dropped |= {sha for name, sha in row.manifest.items() if name not in ADAPTER_FILES}
             row.manifest = {name: sha for name, sha in row.manifest.items() if name in ADAPTER_FILES}
             row.resumable = False
-        s.flush()
-        if not dropped:
-            return
-        still = set()
-        for manifest in s.scalars(select(m.JobCheckpoint.manifest).where(m.JobCheckpoint.manifest.is_not(None))):
-            still |= set(manifest.values())
-        for sha in dropped - still:
-            blob_refs.release(s, self.blobs, tenant_id, sha)
+        return dropped
 
     # --- the end of an attempt -------------------------------------------------------------------
 

@@ -10,7 +10,8 @@ import nats
 import pytest
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
-from sqlalchemy import select
+from sqlalchemy import event, select
+from sqlalchemy.orm import Session
 
 from adaptery.db import models as m
 from adaptery.db.session import Database
@@ -131,6 +132,92 @@ def test_a_new_resumable_checkpoint_keeps_only_the_adapter_of_older_ones(db, two
     )
     with pytest.raises(ValueError, match="incomplete"):
         queue.record_checkpoint(job_id, "another", step=6, epoch=3.0, metrics={}, manifest={"optimizer.pt": "0" * 64})
+
+
+def _checkpoint_files(blobs, tenant_id: str, step: int) -> dict[str, str]:
+    files = {
+        "adapter_model.safetensors": f"weights {step}".encode(),
+        "adapter_config.json": b"{}",
+        "trainer_state.json": f'{{"global_step": {step}}}'.encode(),
+        "optimizer.pt": f"optimizer {step}".encode(),
+    }
+    return {name: blobs.put_stream(tenant_id, [data]).sha256 for name, data in files.items()}
+
+
+def test_a_checkpoint_that_never_commits_leaves_the_one_before_whole(db, two_tenants):
+    """CI caught it: the server was killed while the step-4 checkpoint was being recorded, after the step-2
+    checkpoint's optimizer state was deleted from disk but before the transaction committed. The database
+    still named step 2 as the one to resume from, and every lease failed on its missing file."""
+    a, file_a, _, _, blobs = two_tenants
+    job_id = queued_job(db, a, file_a)
+    queue = JobQueue(db, blobs, lease_seconds=60, max_attempts=2)
+    queue.lease("agent")
+    first = _checkpoint_files(blobs, a, 2)
+    queue.record_checkpoint(job_id, "agent", step=2, epoch=1.0, metrics={}, manifest=first)
+
+    def killed(session):
+        raise RuntimeError("the process died here")
+
+    event.listen(Session, "before_commit", killed)
+    try:
+        with pytest.raises(RuntimeError, match="died"):
+            queue.record_checkpoint(
+                job_id, "agent", step=4, epoch=2.0, metrics={}, manifest=_checkpoint_files(blobs, a, 4)
+            )
+    finally:
+        event.remove(Session, "before_commit", killed)
+    assert all(blobs.exists(a, sha) for sha in first.values())
+    with db.system() as s:
+        job = s.get(m.FineTuningJob, job_id)
+        job.status, job.lease_owner = "queued", None
+    assignment = queue.lease("another")
+    assert assignment.checkpoint.step == 2 and set(assignment.checkpoint.files) == set(first)
+
+
+def test_a_checkpoint_whose_files_are_gone_is_skipped_not_a_stuck_queue(db, two_tenants):
+    a, file_a, b, file_b, blobs = two_tenants
+    job_id = queued_job(db, a, file_a)
+    queue = JobQueue(db, blobs, lease_seconds=60, max_attempts=2)
+    queue.lease("agent")
+    files = _checkpoint_files(blobs, a, 2)
+    queue.record_checkpoint(job_id, "agent", step=2, epoch=1.0, metrics={}, manifest=files)
+    blobs.delete(a, files["optimizer.pt"])  # a disk restored from an older backup, a hand-deleted file
+    with db.system() as s:
+        job = s.get(m.FineTuningJob, job_id)
+        job.status, job.lease_owner = "queued", None
+    assignment = queue.lease("another")
+    assert assignment.job_id == job_id and assignment.checkpoint is None  # it starts over
+    with db.system() as s:
+        assert not s.get(m.JobCheckpoint, f"ftckpt-{job_id.removeprefix('ftjob-')}-2").resumable
+        messages = [e.message for e in s.scalars(select(m.JobEvent).where(m.JobEvent.job_id == job_id))]
+    assert "Checkpoint at step 2 cannot be resumed: optimizer.pt missing from storage" in messages
+    assert any(msg.startswith("Fine-tuning job started (attempt 2") and "resuming" not in msg for msg in messages)
+
+
+def test_a_job_that_cannot_be_started_fails_and_the_queue_moves_on(db, two_tenants, monkeypatch):
+    a, file_a, _, _, blobs = two_tenants
+    broken, fine = queued_job(db, a, file_a), queued_job(db, a, file_a)
+    real = finetuning.training_arguments
+
+    def arguments(job, base):
+        if job.id == broken:
+            raise OSError("the storage is not mounted")
+        return real(job, base)
+
+    monkeypatch.setattr(finetuning, "training_arguments", arguments)
+    queue = JobQueue(db, blobs, lease_seconds=60, max_attempts=2)
+    assert queue.lease("agent") is None  # the head could not be started: it fails, nothing is handed out
+    assert queue.lease("agent").job_id == fine
+    with db.system() as s:
+        job = s.get(m.FineTuningJob, broken)
+        assert job.status == "failed" and job.lease_owner is None and job.attempts == 0
+        assert job.error == {
+            "code": "job_unstartable",
+            "message": "The job could not be started: OSError: the storage is not mounted",
+            "param": None,
+        }
+        last = s.scalars(select(m.JobEvent).where(m.JobEvent.job_id == broken).order_by(m.JobEvent.seq.desc())).first()
+    assert last.level == "error" and "storage is not mounted" in last.message
 
 
 # --- over NATS, against a running platform ------------------------------------------------------------
