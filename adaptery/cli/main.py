@@ -29,6 +29,7 @@ keys_app = typer.Typer(help="API keys of your tenant.", no_args_is_help=True)
 tenants_app = typer.Typer(help="Tenants (run on the server machine; talks to the database).", no_args_is_help=True)
 agents_app = typer.Typer(help="Training agents: enroll (on the server machine), list, revoke.", no_args_is_help=True)
 audit_app = typer.Typer(help="The audit log (run on the server machine; talks to the database).", no_args_is_help=True)
+storage_app = typer.Typer(help="The blob store against the database (run on the server machine).", no_args_is_help=True)
 datasets_app = typer.Typer(
     help="Datasets: upload any format, validate, dedup, scrub, split, version.", no_args_is_help=True
 )
@@ -39,6 +40,7 @@ for sub, name in (
     (keys_app, "keys"),
     (tenants_app, "tenants"),
     (audit_app, "audit"),
+    (storage_app, "storage"),
     (agents_app, "agents"),
     (datasets_app, "datasets"),
 ):
@@ -299,6 +301,75 @@ def verify_audit(data_dir: DataDir = None, database_url: DatabaseUrl = None) -> 
         return
     console.print(f"[red]Audit log broken at row {result.first_broken_seq}:[/red] {result.problem}")
     raise typer.Exit(1)
+
+
+@storage_app.command("check")
+def check_storage(
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Also decrypt every blob and check that it hashes to its name")
+    ] = False,
+    remove_unreferenced: Annotated[
+        bool, typer.Option("--remove-unreferenced", help="Delete the files no row names (past the grace period)")
+    ] = False,
+    grace_hours: Annotated[
+        float, typer.Option(help="Leave unreferenced files younger than this alone (uploads in flight)")
+    ] = 1.0,
+) -> None:
+    """Every blob the database names is on disk (and, with --verify, intact); lists what no row names.
+
+    Exits 1 if a named blob is missing or does not authenticate. Safe while servers run.
+    """
+    from adaptery.db.session import Database
+    from adaptery.services.storage_check import check_storage as check
+    from adaptery.storage.blobs import BlobStore, make_scratch
+    from adaptery.storage.crypto import LocalKeyProvider
+    from adaptery.storage.keys import Keyring
+
+    settings = _settings(data_dir=data_dir, database_url=database_url)
+    db = Database(settings.resolved_database_url)
+    db.migrate()
+    blobs = BlobStore(
+        settings.blobs_dir, Keyring(db, LocalKeyProvider.from_environment(settings.master_key_file)), make_scratch()
+    )
+    try:
+        with Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total} blobs"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        ) as bar:
+            task = bar.add_task("verifying" if verify else "checking", total=None)
+            report = check(
+                db,
+                blobs,
+                verify=verify,
+                remove_unreferenced=remove_unreferenced,
+                grace_seconds=grace_hours * 3600,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )
+    finally:
+        db.dispose()
+    for problem in report.problems:
+        console.print(
+            f"[red]tenant {problem.tenant_id}: blob {problem.sha256[:16]}… {problem.problem}[/red]; "
+            f"named by {', '.join(problem.used_by)}"
+        )
+    state = "intact" if verify else "present"
+    console.print(
+        f"{report.tenants} tenants, {report.referenced} blobs named by the database: "
+        f"{report.referenced - len(report.problems)} {state}, {len(report.problems)} with problems."
+    )
+    if report.unreferenced:
+        action = "removed" if remove_unreferenced else "not removed (--remove-unreferenced)"
+        console.print(f"{len(report.unreferenced)} files no row names ({report.unreferenced_bytes:,} bytes), {action}.")
+    if report.young:
+        console.print(f"{report.young} unreferenced files younger than {grace_hours:g} h left alone.")
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 @keys_app.command("rotate-master")
