@@ -12,10 +12,20 @@ from sqlalchemy import select
 
 from adaptery.api.app import create_app
 from adaptery.db import models as m
+from adaptery.db.session import Database
 from adaptery.platform import FirstStart, Platform
 from adaptery.services import tenants
 from adaptery.settings import Settings
 from tests.conftest import prepare_data_dir
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[Database]:
+    """A migrated database of the test's own, for tests below the API (queue, tenancy, storage)."""
+    database = Database(database_url)
+    database.migrate()
+    yield database
+    database.dispose()
 
 
 @dataclass

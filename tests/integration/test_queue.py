@@ -14,20 +14,11 @@ from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
 from adaptery.db import models as m
-from adaptery.db.session import Database
 from adaptery.messaging import credentials, protocol
 from adaptery.services import finetuning
 from adaptery.services.queue import JobQueue
 from tests.conftest import SAMPLE_CHAT
 from tests.integration.test_tenancy_and_queue import add_file, make_blobs, make_tenant, queued_job
-
-
-@pytest.fixture
-def db(database_url):
-    database = Database(database_url)
-    database.migrate()
-    yield database
-    database.dispose()
 
 
 @pytest.fixture
@@ -96,44 +87,6 @@ def test_an_agent_scoped_to_a_tenant_takes_only_its_jobs(db, two_tenants):
     assert queue.lease("any").tenant_id == a
 
 
-def test_a_new_resumable_checkpoint_keeps_only_the_adapter_of_older_ones(db, two_tenants):
-    a, file_a, _, _, blobs = two_tenants
-    job_id = queued_job(db, a, file_a)
-    queue = JobQueue(db, blobs, lease_seconds=60, max_attempts=2)
-    queue.lease("agent")
-
-    def checkpoint(step: int) -> dict[str, str]:
-        files = {
-            "adapter_model.safetensors": f"weights {step}".encode(),
-            "adapter_config.json": b"{}",
-            "trainer_state.json": f'{{"global_step": {step}}}'.encode(),
-            "optimizer.pt": f"optimizer {step}".encode(),
-        }
-        return {name: blobs.put_stream(a, [data]).sha256 for name, data in files.items()}
-
-    first = checkpoint(2)
-    queue.record_checkpoint(job_id, "agent", step=2, epoch=1.0, metrics={"train_loss": 1.5}, manifest=first)
-    second = checkpoint(4)
-    queue.record_checkpoint(job_id, "agent", step=4, epoch=2.0, metrics={"train_loss": 0.5}, manifest=second)
-    with db.system() as s:
-        rows = {c.step: c for c in s.query(m.JobCheckpoint).filter_by(job_id=job_id)}
-        assert set(rows[2].manifest) == {"adapter_model.safetensors", "adapter_config.json"}
-        assert not rows[2].resumable and rows[4].resumable and rows[4].metrics["train_loss"] == 0.5
-        assert rows[4].model_name.endswith(":ckpt-step-4")
-    assert not blobs.exists(a, first["optimizer.pt"]) and blobs.exists(a, first["adapter_model.safetensors"])
-    assert blobs.exists(a, second["optimizer.pt"])
-    # A requeued job is sent the latest checkpoint to resume from.
-    with db.system() as s:
-        job = s.get(m.FineTuningJob, job_id)
-        job.status, job.lease_owner = "queued", None
-    assignment = queue.lease("another")
-    assert (
-        assignment.checkpoint.step == 4 and assignment.checkpoint.files["optimizer.pt"].sha256 == second["optimizer.pt"]
-    )
-    with pytest.raises(ValueError, match="incomplete"):
-        queue.record_checkpoint(job_id, "another", step=6, epoch=3.0, metrics={}, manifest={"optimizer.pt": "0" * 64})
-
-
 def _checkpoint_files(blobs, tenant_id: str, step: int) -> dict[str, str]:
     files = {
         "adapter_model.safetensors": f"weights {step}".encode(),
@@ -144,16 +97,50 @@ def _checkpoint_files(blobs, tenant_id: str, step: int) -> dict[str, str]:
     return {name: blobs.put_stream(tenant_id, [data]).sha256 for name, data in files.items()}
 
 
+def _running_with_checkpoint(db, tenant_id: str, file_id: str, blobs) -> tuple[JobQueue, str, dict[str, str]]:
+    """A job leased by "agent" that recorded a resumable checkpoint at step 2."""
+    job_id = queued_job(db, tenant_id, file_id)
+    queue = JobQueue(db, blobs, lease_seconds=60, max_attempts=2)
+    queue.lease("agent")
+    files = _checkpoint_files(blobs, tenant_id, 2)
+    queue.record_checkpoint(job_id, "agent", step=2, epoch=1.0, metrics={"train_loss": 1.5}, manifest=files)
+    return queue, job_id, files
+
+
+def _requeue(db, job_id: str) -> None:
+    """As `recover` does for a lost agent."""
+    with db.system() as s:
+        job = s.get(m.FineTuningJob, job_id)
+        job.status, job.lease_owner = "queued", None
+
+
+def test_a_new_resumable_checkpoint_keeps_only_the_adapter_of_older_ones(db, two_tenants):
+    a, file_a, _, _, blobs = two_tenants
+    queue, job_id, first = _running_with_checkpoint(db, a, file_a, blobs)
+    second = _checkpoint_files(blobs, a, 4)
+    queue.record_checkpoint(job_id, "agent", step=4, epoch=2.0, metrics={"train_loss": 0.5}, manifest=second)
+    with db.system() as s:
+        rows = {c.step: c for c in s.query(m.JobCheckpoint).filter_by(job_id=job_id)}
+        assert set(rows[2].manifest) == {"adapter_model.safetensors", "adapter_config.json"}
+        assert not rows[2].resumable and rows[4].resumable and rows[4].metrics["train_loss"] == 0.5
+        assert rows[4].model_name.endswith(":ckpt-step-4")
+    assert not blobs.exists(a, first["optimizer.pt"]) and blobs.exists(a, first["adapter_model.safetensors"])
+    assert blobs.exists(a, second["optimizer.pt"])
+    _requeue(db, job_id)  # and is sent the latest checkpoint to resume from
+    assignment = queue.lease("another")
+    assert (
+        assignment.checkpoint.step == 4 and assignment.checkpoint.files["optimizer.pt"].sha256 == second["optimizer.pt"]
+    )
+    with pytest.raises(ValueError, match="incomplete"):
+        queue.record_checkpoint(job_id, "another", step=6, epoch=3.0, metrics={}, manifest={"optimizer.pt": "0" * 64})
+
+
 def test_a_checkpoint_that_never_commits_leaves_the_one_before_whole(db, two_tenants):
     """CI caught it: the server was killed while the step-4 checkpoint was being recorded, after the step-2
     checkpoint's optimizer state was deleted from disk but before the transaction committed. The database
     still named step 2 as the one to resume from, and every lease failed on its missing file."""
     a, file_a, _, _, blobs = two_tenants
-    job_id = queued_job(db, a, file_a)
-    queue = JobQueue(db, blobs, lease_seconds=60, max_attempts=2)
-    queue.lease("agent")
-    first = _checkpoint_files(blobs, a, 2)
-    queue.record_checkpoint(job_id, "agent", step=2, epoch=1.0, metrics={}, manifest=first)
+    queue, job_id, first = _running_with_checkpoint(db, a, file_a, blobs)
 
     def killed(session):
         raise RuntimeError("the process died here")
@@ -167,24 +154,16 @@ def test_a_checkpoint_that_never_commits_leaves_the_one_before_whole(db, two_ten
     finally:
         event.remove(Session, "before_commit", killed)
     assert all(blobs.exists(a, sha) for sha in first.values())
-    with db.system() as s:
-        job = s.get(m.FineTuningJob, job_id)
-        job.status, job.lease_owner = "queued", None
+    _requeue(db, job_id)
     assignment = queue.lease("another")
     assert assignment.checkpoint.step == 2 and set(assignment.checkpoint.files) == set(first)
 
 
 def test_a_checkpoint_whose_files_are_gone_is_skipped_not_a_stuck_queue(db, two_tenants):
-    a, file_a, b, file_b, blobs = two_tenants
-    job_id = queued_job(db, a, file_a)
-    queue = JobQueue(db, blobs, lease_seconds=60, max_attempts=2)
-    queue.lease("agent")
-    files = _checkpoint_files(blobs, a, 2)
-    queue.record_checkpoint(job_id, "agent", step=2, epoch=1.0, metrics={}, manifest=files)
+    a, file_a, _, _, blobs = two_tenants
+    queue, job_id, files = _running_with_checkpoint(db, a, file_a, blobs)
     blobs.delete(a, files["optimizer.pt"])  # a disk restored from an older backup, a hand-deleted file
-    with db.system() as s:
-        job = s.get(m.FineTuningJob, job_id)
-        job.status, job.lease_owner = "queued", None
+    _requeue(db, job_id)
     assignment = queue.lease("another")
     assert assignment.job_id == job_id and assignment.checkpoint is None  # it starts over
     with db.system() as s:

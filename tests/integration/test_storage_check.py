@@ -11,19 +11,10 @@ import pytest
 
 from adaptery.db import models as m
 from adaptery.db.ids import new_id
-from adaptery.db.session import Database
 from adaptery.services.storage_check import check_storage
 from tests.integration.test_tenancy_and_queue import make_blobs, make_tenant
 
 DAY = 24 * 3600
-
-
-@pytest.fixture
-def db(database_url):
-    database = Database(database_url)
-    database.migrate()
-    yield database
-    database.dispose()
 
 
 def make_old(path) -> None:

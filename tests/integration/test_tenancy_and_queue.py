@@ -19,14 +19,6 @@ from adaptery.storage.crypto import LocalKeyProvider
 from adaptery.storage.keys import Keyring
 
 
-@pytest.fixture
-def db(database_url):
-    database = Database(database_url)
-    database.migrate()
-    yield database
-    database.dispose()
-
-
 def make_tenant(db: Database, name: str) -> str:
     with db.system() as s:
         return tenants.create_tenant(s, name, f"{name}-owner", login_link_hours=1).tenant.id
