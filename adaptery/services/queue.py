@@ -161,15 +161,15 @@ class JobQueue:
         s.refresh(job)
         try:
             return self._assignment(s, job, agent_id)
-        except LookupError as exc:
-            raise _Unstartable(job_id, str(exc.args[0] if exc.args else exc)) from exc
+        except _Unstartable:
+            raise
         except Exception as exc:
             raise _Unstartable(job_id, f"{type(exc).__name__}: {exc}") from exc
 
     def _assignment(self, s: Session, job: m.FineTuningJob, agent_id: str) -> Assignment:
         base = s.get(m.BaseModel, job.model)
         if base is None:
-            raise LookupError(f"the base model '{job.model}' is no longer registered")
+            raise _Unstartable(job.id, f"the base model '{job.model}' is no longer registered")
         checkpoint = self._latest_resumable(s, job.id, repair=job)
         resumed = f", resuming from step {checkpoint.step}" if checkpoint else ""
         finetuning.add_event(

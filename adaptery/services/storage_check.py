@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from adaptery.db import models as m
 from adaptery.db.session import Database
+from adaptery.services.blob_refs import references
 from adaptery.storage.blobs import CHUNK, BlobStore
 from adaptery.storage.crypto import TamperedError
 
@@ -49,35 +48,6 @@ class StorageReport:
     @property
     def ok(self) -> bool:
         return not self.problems
-
-
-def references(system: Session, tenant_id: str) -> dict[str, list[str]]:
-    """Every blob of the tenant that a row names, with what names it (the same tables as `blob_refs.in_use`)."""
-    uses: dict[str, list[str]] = defaultdict(list)
-    for file_id, sha in system.execute(select(m.File.id, m.File.sha256).where(m.File.tenant_id == tenant_id)):
-        uses[sha].append(f"file {file_id}")
-    versions = select(
-        m.DatasetVersion.dataset_id, m.DatasetVersion.number, m.DatasetVersion.sha256, m.DatasetVersion.source_sha256
-    ).where(m.DatasetVersion.tenant_id == tenant_id)
-    for dataset_id, number, sha, source in system.execute(versions):
-        for blob in {sha, source} - {None}:
-            uses[blob].append(f"dataset {dataset_id} version {number}")
-    named = [
-        ("model", select(m.Adapter.id, m.Adapter.manifest).where(m.Adapter.tenant_id == tenant_id)),
-        (
-            "checkpoint",
-            select(m.JobCheckpoint.id, m.JobCheckpoint.manifest).where(m.JobCheckpoint.tenant_id == tenant_id),
-        ),
-        (
-            "starting adapter of job",
-            select(m.FineTuningJob.id, m.FineTuningJob.init_adapter).where(m.FineTuningJob.tenant_id == tenant_id),
-        ),
-    ]
-    for kind, query in named:
-        for row_id, manifest in system.execute(query):
-            for name, sha in (manifest or {}).items():
-                uses[sha].append(f"{kind} {row_id} ({name})")
-    return uses
 
 
 def _authenticates(blobs: BlobStore, tenant_id: str, sha256: str) -> str | None:
