@@ -5,6 +5,7 @@ hash to its name. Files no row names are what a process killed between a commit 
 deleted only after the commit that stopped naming them, `blob_refs.release`), or an upload cut off before its
 rename (`tmp/`). They are reported, and removed when asked, once older than a grace period: a blob is written
 before the row that names it commits, so a young unreferenced file may be an upload still in flight.
+Both blob formats are verified (version 1, from stores older than version 2: see `storage.crypto`).
 """
 
 from __future__ import annotations

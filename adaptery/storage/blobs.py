@@ -90,7 +90,8 @@ class BlobStore:
 
     def size(self, tenant_id: str, sha256: str) -> int:
         """The plaintext size."""
-        return plaintext_size(self.path(tenant_id, sha256).stat().st_size)
+        with self.path(tenant_id, sha256).open("rb") as sealed:
+            return plaintext_size(sealed)
 
     @contextmanager
     def writer(self, tenant_id: str, max_bytes: int | None = None) -> Iterator[BlobWriter]:

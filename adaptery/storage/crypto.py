@@ -5,14 +5,26 @@ a key id). The local provider keeps a 32-byte key in a 0600 file under the data 
 takes it from `ADAPTERY_MASTER_KEY` (base64; several comma-separated keys are accepted while rotating, the first
 one wraps).
 
-Blob format (all integers big-endian):
+Blob format, version 2 (all integers big-endian), written for every new blob:
 
-    header  = b"ADPB" | version (1 byte) | key id (16 bytes, the tenant data key's id) | nonce prefix (7 bytes)
-    segment = AES-256-GCM(data key, nonce = prefix | counter (4 bytes) | last flag (1 byte), aad = header)
+    header   = b"ADPB" | 2 (1 byte) | key id (16 bytes, the tenant data key's id) | salt (32 bytes) | nonce prefix (7)
+    blob key = HKDF-SHA256(ikm = tenant data key, salt = salt, info = b"adaptery blob key v2", length = 32)
+    segment  = AES-256-GCM(blob key, nonce = prefix | counter (4 bytes) | last flag (1 byte), aad = header)
+
+Each blob is sealed under a key of its own, derived from the tenant's data key and a random salt kept in its
+header (the construction of Tink's AES-GCM-HKDF streaming AEAD). Version 1 sealed every blob of a tenant under
+the data key itself with a random 7-byte nonce prefix: with n blobs two share a prefix, and so repeat nonces
+under one key, with probability about n²/2^57, over NIST's 2^-32 limit for AES-GCM past some 5,800 blobs of a
+tenant. Two blobs now share a key only if their 32-byte salts collide (about n²/2^257): no bound is in reach.
+Version 1 blobs stay readable (and `adaptery storage check --verify` checks them):
+
+    header   = b"ADPB" | 1 (1 byte) | key id (16 bytes) | nonce prefix (7 bytes)
+    segment  = AES-256-GCM(tenant data key, nonce = prefix | counter | last flag, aad = header)
 
 Each segment holds up to 64 KiB of plaintext and its 16-byte tag. The flag of the final segment is 1, so a
 file cut at a segment boundary fails (no final segment), as do reordered, dropped, swapped or edited segments
-(counter and header are authenticated). An empty blob is one empty final segment.
+(counter and header are authenticated; an edited salt derives another key, and nothing opens). An empty blob
+is one empty final segment.
 """
 
 from __future__ import annotations
@@ -23,17 +35,27 @@ import hmac
 import os
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 MAGIC = b"ADPB"
-VERSION = 1
+VERSION = 2  # what new blobs are written as
 KEY_ID_BYTES = 16
+SALT_BYTES = 32
 PREFIX_BYTES = 7
-HEADER_BYTES = len(MAGIC) + 1 + KEY_ID_BYTES + PREFIX_BYTES
+BLOB_KEY_INFO = b"adaptery blob key v2"
+# The header's length by format version (magic | version | key id | [salt] | nonce prefix).
+HEADER_SIZES = {
+    1: len(MAGIC) + 1 + KEY_ID_BYTES + PREFIX_BYTES,
+    2: len(MAGIC) + 1 + KEY_ID_BYTES + SALT_BYTES + PREFIX_BYTES,
+}
+HEADER_BYTES = HEADER_SIZES[VERSION]
 SEGMENT = 64 * 1024
 TAG = 16
 MASTER_KEY_ENV = "ADAPTERY_MASTER_KEY"
@@ -214,14 +236,22 @@ def _nonce(prefix: bytes, counter: int, last: bool) -> bytes:
     return prefix + counter.to_bytes(4, "big") + (b"\x01" if last else b"\x00")
 
 
+def _blob_cipher(key: DataKey, salt: bytes) -> AESGCM:
+    """The AEAD of one version 2 blob: its own key, derived from the tenant's data key and the blob's salt."""
+    blob_key = HKDF(algorithm=SHA256(), length=32, salt=salt, info=BLOB_KEY_INFO).derive(key.key)
+    return AESGCM(blob_key)
+
+
 class SegmentWriter:
-    """Encrypts what is written to it in SEGMENT-sized pieces; `close()` seals the final segment."""
+    """Encrypts what is written to it in SEGMENT-sized pieces (format version 2); `close()` seals the final
+    segment."""
 
     def __init__(self, key: DataKey, sink: BinaryIO) -> None:
-        self._key = key
         self._sink = sink
+        salt = os.urandom(SALT_BYTES)
         self._prefix = os.urandom(PREFIX_BYTES)
-        self._header = MAGIC + bytes([VERSION]) + key._id_bytes + self._prefix
+        self._header = MAGIC + bytes([VERSION]) + key._id_bytes + salt + self._prefix
+        self._aead = _blob_cipher(key, salt)
         self._buffer = bytearray()
         self._counter = 0
         self.closed = False
@@ -229,7 +259,7 @@ class SegmentWriter:
 
     def _emit(self, chunk: bytes, last: bool) -> None:
         nonce = _nonce(self._prefix, self._counter, last)
-        self._sink.write(self._key._aead.encrypt(nonce, chunk, self._header))
+        self._sink.write(self._aead.encrypt(nonce, chunk, self._header))
         self._counter += 1
 
     def write(self, data: bytes) -> int:
@@ -247,23 +277,41 @@ class SegmentWriter:
             self.closed = True
 
 
-def read_header(source: BinaryIO) -> tuple[str, bytes, bytes]:
-    header = source.read(HEADER_BYTES)
-    if len(header) != HEADER_BYTES or not header.startswith(MAGIC):
+@dataclass(frozen=True)
+class BlobHeader:
+    version: int
+    key_id: str
+    salt: bytes  # empty in version 1
+    prefix: bytes
+    raw: bytes  # the header's bytes: every segment's associated data
+
+    @property
+    def size(self) -> int:
+        return len(self.raw)
+
+
+def read_header(source: BinaryIO) -> BlobHeader:
+    start = source.read(len(MAGIC) + 1)
+    if len(start) != len(MAGIC) + 1 or not start.startswith(MAGIC):
         raise TamperedError("not an encrypted blob (bad header)")
-    if header[4] != VERSION:
-        raise TamperedError(f"unknown blob format version {header[4]}")
-    key = header[5 : 5 + KEY_ID_BYTES].hex()
-    return key, header[5 + KEY_ID_BYTES :], header
+    version = start[-1]
+    if version not in HEADER_SIZES:
+        raise TamperedError(f"unknown blob format version {version}")
+    rest = source.read(HEADER_SIZES[version] - len(start))
+    if len(rest) != HEADER_SIZES[version] - len(start):
+        raise TamperedError("not an encrypted blob (bad header)")
+    salt = rest[KEY_ID_BYTES : KEY_ID_BYTES + SALT_BYTES] if version == 2 else b""
+    return BlobHeader(version, rest[:KEY_ID_BYTES].hex(), salt, rest[-PREFIX_BYTES:], start + rest)
 
 
 def _decrypt_segments(key: DataKey, source: BinaryIO, first: int = 0) -> Iterator[bytes]:
-    blob_key_id, prefix, header = read_header(source)
-    if blob_key_id != key.id:
+    header = read_header(source)
+    if header.key_id != key.id:
         raise TamperedError("the blob was sealed under another key")
+    aead = key._aead if header.version == 1 else _blob_cipher(key, header.salt)
     counter = first
     if first:
-        source.seek(HEADER_BYTES + first * (SEGMENT + TAG))
+        source.seek(header.size + first * (SEGMENT + TAG))
     pending = source.read(SEGMENT + TAG)
     if first and not pending:
         return  # reading from the end (a resumed download that already has everything)
@@ -271,7 +319,7 @@ def _decrypt_segments(key: DataKey, source: BinaryIO, first: int = 0) -> Iterato
         following = source.read(SEGMENT + TAG) if len(pending) == SEGMENT + TAG else b""
         last = not following
         try:
-            plain = key._aead.decrypt(_nonce(prefix, counter, last), pending, header)
+            plain = aead.decrypt(_nonce(header.prefix, counter, last), pending, header.raw)
         except InvalidTag as exc:
             where = "truncated or its end altered" if last else f"segment {counter} altered"
             raise TamperedError(f"the blob does not authenticate ({where})") from exc
@@ -339,8 +387,9 @@ class DecryptingReader:
         self.close()
 
 
-def plaintext_size(stored_size: int) -> int:
-    """The plaintext length of a sealed blob of `stored_size` bytes."""
-    body = stored_size - HEADER_BYTES
+def plaintext_size(source: BinaryIO) -> int:
+    """The plaintext length of the sealed blob `source` (from its header and length; its body is not read)."""
+    header = read_header(source)
+    body = source.seek(0, os.SEEK_END) - header.size
     segments = max(1, -(-body // (SEGMENT + TAG)))
     return body - segments * TAG

@@ -18,6 +18,7 @@ from adaptery.storage.keys import Keyring, rotate_master_key
 from tests.conftest import SAMPLE_CHAT
 from tests.integration.helpers import upload_sample, wait_for_job
 from tests.integration.test_datasets_api import ready, wait_version
+from tests.unit.test_crypto import seal_v1
 
 DATASET_SECRETS = ("Quokka-Zanzibar-4471 ledger", "vermilion-oboe-20931", "zyx.secretary@hospital-7731.example")
 TRAINING_SECRET = "Aubergine-protocol-88120 dosage"
@@ -174,6 +175,17 @@ def test_a_tampered_blob_fails_loudly_and_is_not_served(running):
         assert "truncated" in str(exc)
     else:
         raise AssertionError("a truncated blob was read")
+
+
+def test_blobs_are_written_in_format_2_and_format_1_blobs_are_still_served(running):
+    file = upload_sample(running.client, running.auth())
+    p, tenant_id, sha = running.platform, running.tenant_id, file_sha(running, file["id"])
+    assert p.blobs.path(tenant_id, sha).read_bytes()[:5] == b"ADPB\x02"  # a key of its own (crypto's docstring)
+    # The same file as the code before format 2 sealed it: under the tenant's data key itself.
+    p.blobs.path(tenant_id, sha).write_bytes(seal_v1(p.keyring.data_key(tenant_id), SAMPLE_CHAT.read_bytes()))
+    served = running.client.get(f"/v1/files/{file['id']}/content", headers=running.auth())
+    assert served.status_code == 200 and served.content == SAMPLE_CHAT.read_bytes()
+    assert p.blobs.size(tenant_id, sha) == len(SAMPLE_CHAT.read_bytes())
 
 
 def file_sha(running, file_id: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from adaptery.db import models as m
 from adaptery.db.ids import new_id
 from adaptery.services.storage_check import check_storage
 from tests.integration.test_tenancy_and_queue import make_blobs, make_tenant
+from tests.unit.test_crypto import SALT, seal_v1
 
 DAY = 24 * 3600
 
@@ -108,3 +110,29 @@ def test_a_whole_store_checks_clean(db, tmp_path):
     result = subprocess.run([*command, "--database-url", db.url, "--verify"], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 tenants, 1 blobs named by the database: 1 intact, 0 with problems." in result.stdout
+
+
+def test_verify_reads_both_blob_formats_and_catches_an_altered_salt(db, tmp_path):
+    """A store from before format version 2 holds version 1 blobs beside the version 2 ones written since."""
+    blobs = make_blobs(db, tmp_path)
+    a = make_tenant(db, "a")
+    old = b"sealed before version 2 " * 5000  # several segments
+    old_sha = hashlib.sha256(old).hexdigest()
+    blobs.path(a, old_sha).parent.mkdir(parents=True, exist_ok=True)
+    blobs.path(a, old_sha).write_bytes(seal_v1(blobs.keyring.data_key(a), old))
+    new_sha = blobs.put_stream(a, [b"sealed as version 2 " * 5000]).sha256
+    with db.tenant(a) as s:
+        s.add(m.File(id="file-old", filename="old", purpose="fine-tune", bytes=len(old), sha256=old_sha))
+        s.add(m.File(id="file-new", filename="new", purpose="fine-tune", bytes=len(old) - 5000, sha256=new_sha))
+    assert [blobs.path(a, sha).read_bytes()[4] for sha in (old_sha, new_sha)] == [1, 2]
+    assert blobs.size(a, old_sha) == len(old) and b"".join(blobs.iter_bytes(a, old_sha)) == old
+
+    report = check_storage(db, blobs, verify=True)
+    assert report.ok and report.verified == 2
+
+    sealed = bytearray(blobs.path(a, new_sha).read_bytes())
+    sealed[SALT.start + 3] ^= 1  # another salt derives another key: no segment opens
+    blobs.path(a, new_sha).write_bytes(bytes(sealed))
+    report = check_storage(db, blobs, verify=True)
+    assert [(p.sha256, p.used_by) for p in report.problems] == [(new_sha, ("file file-new",))]
+    assert report.problems[0].problem.startswith("does not authenticate")

@@ -1,12 +1,21 @@
-"""Sealed blobs: round trips at every segment edge, and tampering, truncation and key mix-ups fail loudly."""
+"""Sealed blobs: round trips at every segment edge, and tampering, truncation and key mix-ups fail loudly.
+
+New blobs are format version 2 (a key per blob, derived from the tenant's data key and a salt in the header);
+blobs written as version 1 (every blob under the data key itself) stay readable.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import stat
 
 import pytest
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from adaptery.storage.crypto import (
     HEADER_BYTES,
@@ -17,8 +26,11 @@ from adaptery.storage.crypto import (
     LocalKeyProvider,
     TamperedError,
     plaintext_size,
+    read_header,
     wrap_context,
 )
+
+SALT = slice(21, 53)  # where a version 2 header keeps its salt: after b"ADPB", the version and the key id
 
 
 def seal(key: DataKey, data: bytes, piece: int = 10_000) -> bytes:
@@ -45,7 +57,7 @@ def test_round_trip_at_segment_edges(key, size):
     data = os.urandom(size)
     sealed = seal(key, data)
     assert unseal(key, sealed) == data
-    assert plaintext_size(len(sealed)) == size
+    assert plaintext_size(io.BytesIO(sealed)) == size
     # the plaintext does not show through (a run of 16+ random bytes turns up in the output by chance ~never;
     # a byte or two would, about once in five runs)
     assert size < 16 or data[:64] not in sealed
@@ -71,7 +83,9 @@ def corrupt(sealed: bytes, position: int) -> bytes:
 
 def test_a_flipped_bit_anywhere_fails(key):
     sealed = seal(key, os.urandom(2 * SEGMENT + 100))
-    for position in (0, 4, 5, HEADER_BYTES - 1, HEADER_BYTES + 10, HEADER_BYTES + SEGMENT + TAG + 3, len(sealed) - 1):
+    header = (0, 4, 5, 20, SALT.start, SALT.stop - 1, HEADER_BYTES - 1)  # magic, version, key id, salt, prefix
+    body = (HEADER_BYTES + 10, HEADER_BYTES + SEGMENT + TAG + 3, len(sealed) - 1)
+    for position in header + body:
         with pytest.raises(TamperedError):
             unseal(key, corrupt(sealed, position))
 
@@ -100,6 +114,93 @@ def test_another_key_or_a_spliced_header_fails(key):
     second = seal(key, b"secret " * 100)
     with pytest.raises(TamperedError):  # another blob's header (its nonce prefix) on this body
         unseal(key, second[:HEADER_BYTES] + sealed[HEADER_BYTES:])
+
+
+def test_each_blob_is_sealed_under_a_key_of_its_own(key):
+    """The format as documented: the segments open under HKDF-SHA256(data key, the header's salt), and two blobs
+    of the same plaintext have different salts, so different keys (version 1 used the data key for all)."""
+    data = b"the same words" * 10_000  # three segments
+    first, second = seal(key, data), seal(key, data)
+    headers = [read_header(io.BytesIO(sealed)) for sealed in (first, second)]
+    assert [h.version for h in headers] == [2, 2] and all(len(h.salt) == 32 for h in headers)
+    assert headers[0].salt != headers[1].salt
+    blob_keys = [
+        HKDF(algorithm=SHA256(), length=32, salt=h.salt, info=b"adaptery blob key v2").derive(key.key) for h in headers
+    ]
+    assert blob_keys[0] != blob_keys[1] and key.key not in blob_keys
+    for sealed, header, blob_key in zip((first, second), headers, blob_keys, strict=True):
+        nonce = header.prefix + (0).to_bytes(4, "big") + b"\x00"
+        body = sealed[HEADER_BYTES : HEADER_BYTES + SEGMENT + TAG]
+        assert AESGCM(blob_key).decrypt(nonce, body, sealed[:HEADER_BYTES]) == data[:SEGMENT]
+        with pytest.raises(InvalidTag):  # the data key alone opens nothing
+            AESGCM(key.key).decrypt(nonce, body, sealed[:HEADER_BYTES])
+
+
+def test_another_blobs_salt_or_a_downgraded_version_fails(key):
+    data = os.urandom(SEGMENT + 100)
+    sealed, other = seal(key, data), seal(key, data)
+    with pytest.raises(TamperedError):  # the other blob's salt (its key) on this blob's segments
+        unseal(key, sealed[: SALT.start] + other[SALT] + sealed[SALT.stop :])
+    with pytest.raises(TamperedError):  # read as version 1: the data key itself, which sealed nothing here
+        unseal(key, sealed[:4] + b"\x01" + sealed[5:])
+    with pytest.raises(TamperedError, match="unknown blob format version 3"):
+        unseal(key, sealed[:4] + b"\x03" + sealed[5:])
+
+
+# Version 1, as the code before version 2 wrote it: every blob sealed under the tenant's data key itself.
+V1_KEY = DataKey(bytes(range(32)))
+V1_PREFIX = bytes.fromhex("a1a2a3a4a5a6a7")
+V1_SMALL = bytes.fromhex(  # b"sealed by version 1\n", made by that code with the prefix above
+    "41445042015fb9f8c26719e5e68c9c51d15461dd9aa1a2a3a4a5a6a7"
+    "e4127d0122b73efca969b0df0df3114fd625af55a65ae7385f230d8178ca1c7da35025aa"
+)
+V1_EMPTY = bytes.fromhex("41445042015fb9f8c26719e5e68c9c51d15461dd9aa1a2a3a4a5a6a73b341e67595d87378945edf1800eed04")
+V1_THREE_SEGMENTS_SHA256 = "8d2db4e6a230f0d0df4709ad6b0a164e99528f71e8b42743782477909dd37725"  # of its sealed bytes
+
+
+def seal_v1(key: DataKey, data: bytes, prefix: bytes | None = None) -> bytes:
+    """Write a blob in format version 1 (what stores hold from before version 2)."""
+    prefix = prefix if prefix is not None else os.urandom(7)
+    header = b"ADPB\x01" + bytes.fromhex(key.id) + prefix
+    pieces = [data[i : i + SEGMENT] for i in range(0, len(data), SEGMENT)] or [b""]
+    segments = [
+        AESGCM(key.key).encrypt(prefix + n.to_bytes(4, "big") + bytes([n == len(pieces) - 1]), piece, header)
+        for n, piece in enumerate(pieces)
+    ]
+    return header + b"".join(segments)
+
+
+def three_segments() -> bytes:
+    return bytes(i % 251 for i in range(2 * SEGMENT + 1000))
+
+
+def test_seal_v1_writes_what_version_1_wrote():
+    assert seal_v1(V1_KEY, b"sealed by version 1\n", V1_PREFIX) == V1_SMALL
+    assert seal_v1(V1_KEY, b"", V1_PREFIX) == V1_EMPTY
+    assert hashlib.sha256(seal_v1(V1_KEY, three_segments(), V1_PREFIX)).hexdigest() == V1_THREE_SEGMENTS_SHA256
+
+
+@pytest.mark.parametrize("size", [0, 1, SEGMENT, SEGMENT + 1, 2 * SEGMENT + 1000])
+def test_version_1_blobs_still_read(size):
+    data = three_segments()[:size]
+    sealed = seal_v1(V1_KEY, data)
+    assert read_header(io.BytesIO(sealed)).version == 1
+    assert unseal(V1_KEY, sealed) == data and plaintext_size(io.BytesIO(sealed)) == size
+    for offset in {1, SEGMENT, SEGMENT + 5, size}:
+        if offset <= size:
+            assert unseal(V1_KEY, sealed, offset) == data[offset:]
+    assert unseal(V1_KEY, V1_SMALL) == b"sealed by version 1\n" and unseal(V1_KEY, V1_EMPTY) == b""
+
+
+def test_a_tampered_version_1_blob_still_fails():
+    sealed = seal_v1(V1_KEY, three_segments())
+    for position in (5, 20, 21, 27, 28 + 10, len(sealed) - 1):
+        with pytest.raises(TamperedError):
+            unseal(V1_KEY, corrupt(sealed, position))
+    with pytest.raises(TamperedError):
+        unseal(V1_KEY, sealed[: 28 + SEGMENT + TAG])  # cut at a segment boundary
+    with pytest.raises(TamperedError, match="another key"):
+        unseal(DataKey(os.urandom(32)), sealed)
 
 
 def test_sealed_text_is_bound_to_its_row(key):
