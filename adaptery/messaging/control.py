@@ -2,6 +2,11 @@
 
 It runs its own asyncio loop in a thread; each request is handled in a worker thread (the queue's
 database calls are blocking), so a slow request never holds up the others.
+
+An agent acts for the job leased to it, and for nothing else: every request about blobs (uploads, checkpoints,
+the final adapter, downloads) is refused first unless the job is leased to the asking agent, and its blobs are
+then looked up and stored in that job's tenant only. So no answer depends on what another tenant holds (an agent
+naming another tenant's job and a hash is refused the same whether that tenant has the blob or not).
 """
 
 from __future__ import annotations
@@ -145,7 +150,7 @@ class ControlPlane:
         return {}
 
     def _checkpoint(self, agent_id: str, job_id: str, body: dict[str, Any]) -> dict[str, Any]:
-        files = self._manifest(self._tenant(job_id), body.get("files"))
+        files = self._manifest(self._leased_tenant(agent_id, job_id), body.get("files"))
         try:
             checkpoint_id = self.queue.record_checkpoint(
                 job_id,
@@ -163,7 +168,7 @@ class ControlPlane:
         state = body.get("state")
         message = str(body.get("message") or "")
         if state == "succeeded":
-            tenant_id = self._tenant(job_id)
+            tenant_id = self._leased_tenant(agent_id, job_id)
             files = self._manifest(tenant_id, body.get("files"))
             with tempfile.TemporaryDirectory(dir=self.staging_dir) as tmp:
                 adapter_dir = Path(tmp)
@@ -180,10 +185,13 @@ class ControlPlane:
             raise RequestRefused(f"unknown final state {state!r}")
         return {}
 
-    def _tenant(self, job_id: str | None) -> str:
-        tenant_id = self.queue.tenant_of(job_id) if job_id else None
-        if tenant_id is None:
-            raise RequestRefused(f"no job {job_id}")
+    def _leased_tenant(self, agent_id: str, job_id: str | None) -> str:
+        """The tenant of `job_id` if it is leased to this agent (within the agent's tenant scope), else refused
+        (the same refusal for another agent's job, another tenant's and none)."""
+        tenant_id = self.queue.tenant_of(job_id) if job_id and self.queue.holds(job_id, agent_id) else None
+        scope = self.agent_scope.get(agent_id)
+        if tenant_id is None or (scope is not None and scope != tenant_id):
+            raise RequestRefused(f"job {job_id} is not leased to you")
         return tenant_id
 
     def _manifest(self, tenant_id: str, files: object) -> dict[str, str]:
@@ -201,9 +209,10 @@ class ControlPlane:
         offset = body.get("offset", 0)
         if job_id is None or not isinstance(sha, str) or not isinstance(offset, int) or offset < 0:
             raise RequestRefused("a download names a job, a sha256 and an offset")
+        tenant_id = self._leased_tenant(agent_id, job_id)
         if sha not in self.queue.job_blobs(job_id, agent_id):
-            raise RequestRefused(f"blob {sha} is not part of job {job_id}, or the job is not leased to you")
-        with self.blobs.open(self._tenant(job_id), sha, offset=offset) as source:
+            raise RequestRefused(f"blob {sha} is not part of job {job_id}")
+        with self.blobs.open(tenant_id, sha, offset=offset) as source:
             return source.read(protocol.CHUNK_BYTES)
 
     def _upload(self, agent_id: str, job_id: str | None, msg: Msg) -> dict[str, Any]:
@@ -215,9 +224,9 @@ class ControlPlane:
             offset = -1
         if job_id is None or not _UPLOAD_ID.match(upload_id) or offset < 0:
             raise RequestRefused("an upload chunk carries its upload id and offset")
-        if offset == 0 and not self.queue.holds(job_id, agent_id):
-            raise RequestRefused(f"job {job_id} is not leased to you")
         staged = self.staging_dir / f"{agent_id}-{upload_id}.part"
+        if offset == 0:
+            self._leased_tenant(agent_id, job_id)
         size = staged.stat().st_size if staged.exists() else 0
         if offset not in (0, size):
             raise RequestRefused(f"upload {upload_id}: expected offset {size}, got {offset}")
@@ -232,7 +241,8 @@ class ControlPlane:
         if not expected:
             return {}
         try:
-            stored = self.blobs.put_path(self._tenant(job_id), staged)
+            # Checked again at the end: the chunks of one upload may name different jobs.
+            stored = self.blobs.put_path(self._leased_tenant(agent_id, job_id), staged)
         finally:
             staged.unlink(missing_ok=True)
         if stored.sha256 != expected:
