@@ -30,6 +30,7 @@ from adaptery.settings import Settings
 from adaptery.storage.blobs import BlobStore, make_scratch
 from adaptery.storage.crypto import LocalKeyProvider
 from adaptery.storage.keys import Keyring
+from adaptery.storage.modes import private_dir
 
 log = logging.getLogger("adaptery")
 RECOVERY_INTERVAL_SECONDS = 5.0

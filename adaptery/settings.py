@@ -35,6 +35,18 @@ class Settings(BaseSettings):
     engine_kv_cache_mb: int = Field(512, ge=1, description="KV-cache memory budget per base model (MiB).")
     engine_adapter_cache_mb: int = Field(1024, ge=1, description="Memory budget of prepared adapters per base (MiB).")
     engine_max_batch: int = Field(32, ge=1, description="Sequences in one running batch (and adapters in it).")
+    engine_request_timeout_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="A generation still in the engine this long after it was submitted (queued or running) is "
+        "ended with an error, and its batch slot and KV blocks freed.",
+    )
+    engine_max_bytes_per_token: int = Field(
+        32,
+        ge=1,
+        description="A prompt of more bytes than the model's context × this is refused before it is tokenised "
+        "(text averages a few bytes a token).",
+    )
     engine_quantize: Literal["none", "int8"] = Field(
         "none", description="Base weights of the native path: none, or int8 via torchao (the extra adaptery[int8])."
     )
@@ -77,13 +89,27 @@ class Settings(BaseSettings):
     )
     session_hours: float = 12.0
     login_link_hours: float = 24.0
-    login_max_failures: int = 5
-    login_lockout_seconds: float = 300.0
+    login_max_failures: int = Field(5, description="Failed sign-ins from one source to one account before a lock.")
+    login_lockout_seconds: float = Field(300.0, description="First lock; each further failure doubles it.")
+    login_max_lockout_seconds: float = Field(3600.0, description="The longest a lock lasts.")
+    login_max_failures_per_source: int = Field(30, description="Failures from one source, any accounts, before a lock.")
+    login_max_failures_per_account: int = Field(
+        200, description="Failures on one account from every source before it locks (a distributed guess)."
+    )
+    login_failure_window_seconds: float = Field(3600.0, description="Failures older than this are forgotten.")
+    platform_session_minutes: float = Field(15.0, description="How long a platform-administration step-up lasts.")
+    invitation_days: float = Field(14.0, description="How long an existing person has to accept an invitation.")
     max_json_bytes: int = Field(16 * 1024 * 1024, description="Largest JSON request body (uploads are not JSON).")
     max_json_depth: int = Field(64, description="Deepest nesting of arrays/objects accepted in a JSON body.")
     request_body_timeout_seconds: float = Field(
         60.0, description="A client that sends nothing of its request body for this long is cut off."
     )
+
+    @property
+    def inference_hold_seconds(self) -> float:
+        """How long an inference call's hold on the limits (its tokens and its concurrency slot) outlives a process
+        that died before settling it: the engine's deadline, and a minute to hand the answer back."""
+        return self.engine_request_timeout_seconds + 60
 
     @property
     def resolved_database_url(self) -> str:

@@ -8,7 +8,6 @@ from fastapi import Request
 
 from adaptery.auth import policy
 from adaptery.auth.principal import Principal
-from adaptery.db import models as m
 from adaptery.platform import Platform
 from adaptery.services import keys, limits, sessions
 from adaptery.services.errors import PermissionDenied, Unauthenticated
@@ -39,7 +38,6 @@ def authenticate(request: Request) -> Principal:
     if cookie:
         with db.system() as s:
             who, csrf = sessions.resolve(s, cookie)
-            who = replace(who, is_platform_admin=bool(s.get(m.User, who.user_id).is_platform_admin))
         if request.method not in _SAFE_METHODS and request.headers.get(CSRF_HEADER) != csrf:
             raise PermissionDenied("Missing or wrong CSRF token.", code="csrf_failed")
         return who

@@ -9,13 +9,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.orm import Session
 
 from adaptery.api.deps import platform, principal
 from adaptery.auth.principal import Principal
 from adaptery.db import models as m
 from adaptery.platform import Platform
 from adaptery.services import audit, keys, models
-from adaptery.services.errors import InvalidRequest
+from adaptery.services.errors import InvalidRequest, PermissionDenied
 
 router = APIRouter(prefix="/api/keys", tags=["keys"])
 Limit = Annotated[int | None, Field(ge=1)]
@@ -37,6 +38,7 @@ class CreateKeyRequest(BaseModel):
     scopes: list[str] | None = Field(None, max_length=8, description="Default: the scopes of the calling key")
     allowed_models: list[str] | None = Field(None, max_length=256, description="Default: every model")
     limits: KeyLimits | None = None
+    platform: bool = Field(False, description="Carry your platform-admin power (platform admins, stepped up)")
 
 
 class RotateKeyRequest(BaseModel):
@@ -69,6 +71,7 @@ def key_object(record: m.ApiKey) -> dict:
             int(record.previous_secret_expires_at) if record.previous_secret_expires_at else None
         ),
         "owner": record.user_id,
+        "platform": record.platform,
     }
 
 
@@ -78,31 +81,54 @@ def list_keys(who: Principal = Depends(principal), p: Platform = Depends(platfor
         return {"object": "list", "data": [key_object(k) for k in keys.list_keys(s, who)]}
 
 
+def _calling_key(s: Session, who: Principal) -> m.ApiKey | None:
+    """The key the caller signed in with (None for a browser session): what a new key may not exceed."""
+    return s.get(m.ApiKey, who.api_key_id) if who.api_key_id else None
+
+
 @router.post("")
 def create_key(body: CreateKeyRequest, who: Principal = Depends(principal), p: Platform = Depends(platform)) -> dict:
+    """A new key of the caller's own. A key made with a key is never wider than it: scopes, models, limits,
+    expiry and platform power are at most the parent's (and default to them)."""
     scopes = keys.check_scopes(body.scopes if body.scopes is not None else who.scopes, within=who.scopes)
-    allowed = body.allowed_models
-    if allowed is None and who.allowed_models is not None:
-        allowed = sorted(who.allowed_models)  # a restricted key mints restricted keys
+    if body.platform and not who.is_platform_admin:
+        raise PermissionDenied(
+            "Only a platform admin in platform administration may mint a platform key.",
+            param="platform",
+            code="platform_admin_required",
+        )
     with p.db.tenant(who.tenant_id) as s:
+        expires_at, allowed, limits = keys.child_settings(
+            _calling_key(s, who),
+            expires_in_days=body.expires_in_days,
+            allowed_models=body.allowed_models,
+            limits=body.limits.model_dump() if body.limits else {},
+            platform=body.platform,
+        )
+        if allowed is not None and not allowed:
+            raise InvalidRequest("allowed_models must name at least one model (or be left out)", param="allowed_models")
         for i, model_id in enumerate(allowed or []):
             if model_id == p.embeddings.name:
                 continue
             models.get_model(s, model_id, param=f"allowed_models[{i}]", viewer=who)
-        if allowed is not None and not allowed:
-            raise InvalidRequest("allowed_models must name at least one model (or be left out)", param="allowed_models")
         new = keys.create_key(
             s,
             tenant_id=who.tenant_id,
             user_id=who.user_id,
             name=body.name,
             environment=body.environment,
-            expires_in_days=body.expires_in_days,
+            expires_at=expires_at,
             scopes=scopes,
             allowed_models=allowed,
-            limits=body.limits.model_dump() if body.limits else None,
+            limits=limits,
+            platform=body.platform,
         )
-        detail = {"environment": new.record.environment, "scopes": scopes, "allowed_models": allowed}
+        detail = {
+            "environment": new.record.environment,
+            "scopes": scopes,
+            "allowed_models": allowed,
+            "platform": body.platform,
+        }
         audit.record(s, who, "key.create", target=new.record.id, detail=detail)
         return {**key_object(new.record), "value": new.secret}
 
@@ -116,12 +142,17 @@ def update_key(
 ) -> dict:
     """Rename a key or change its own limits (within the tenant's, which still apply)."""
     with p.db.tenant(who.tenant_id) as s:
-        record = keys.get_key(s, who, key_id)
+        record = keys.get_key(s, who, key_id, action="update")
         changes = body.model_dump(exclude_unset=True)
         if body.name is not None:
             record.name = body.name
         if body.limits is not None:
-            for field, value in keys.set_limits_values(body.limits.model_dump(exclude_unset=True)).items():
+            wanted = body.limits.model_dump(exclude_unset=True)
+            _, _, capped = keys.child_settings(
+                _calling_key(s, who), expires_in_days=None, allowed_models=None, limits=wanted, platform=False
+            )
+            # a limit left out stays as it is; one set to null is capped at the calling key's own
+            for field, value in keys.set_limits_values({f: capped[f] for f in wanted}).items():
                 setattr(record, field, value)
         audit.record(s, who, "key.update", target=key_id, detail=changes)
         return key_object(record)

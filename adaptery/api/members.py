@@ -24,16 +24,28 @@ class InviteRequest(BaseModel):
     role: Role = Role.MEMBER
 
 
-def _invitation(p: Platform, member: tenants.Member, token: str) -> dict[str, Any]:
-    """The member and their sign-in link, shown once: only the token's hash is kept."""
-    return {
+def _invitation(p: Platform, invited: tenants.Invited) -> dict[str, Any]:
+    """Someone new: their one-time sign-in link, shown once (only its hash is kept). Someone with an account
+    already: a pending invitation they accept after signing in as themself; no link."""
+    body: dict[str, Any] = {
         "object": "member.invitation",
-        "username": member.user.username,
-        "user_id": member.user.id,
-        "role": member.membership.role,
-        "login_url": f"{p.settings.base_url}/auth/link?token={token}",
-        "expires_in_hours": p.settings.login_link_hours,
+        "username": invited.username,
+        "user_id": invited.user_id,
+        "role": invited.role,
+        "status": "invited" if invited.token else "pending",
+        "login_url": None,
+        "expires_in_hours": None,
     }
+    if invited.token:
+        body["login_url"] = f"{p.settings.base_url}/auth/link?token={invited.token}"
+        body["expires_in_hours"] = p.settings.login_link_hours
+    else:
+        body["expires_in_hours"] = p.settings.invitation_days * 24
+        body["message"] = (
+            f"'{invited.username}' already has an account: they see the invitation when they sign in, and join "
+            "once they accept it."
+        )
+    return body
 
 
 def _check_grant(who: Principal, current: Role | None, wanted: Role) -> None:
@@ -48,20 +60,35 @@ def _check_grant(who: Principal, current: Role | None, wanted: Role) -> None:
 
 @router.post("", status_code=201)
 def invite_member(body: InviteRequest, who: Principal = Depends(principal), p: Platform = Depends(platform)) -> dict:
-    """Add a member with a role; the answer carries their one-time sign-in link."""
+    """Add someone new with a role (the answer carries their one-time sign-in link), or invite someone who
+    already has an account (they accept while signed in as themself)."""
     _check_grant(who, None, body.role)
     with p.db.tenant(who.tenant_id) as s:
-        member, token = tenants.invite_member(
-            s, who.tenant_id, body.username, body.role, login_link_hours=p.settings.login_link_hours
+        invited = tenants.invite_member(
+            s,
+            who.tenant_id,
+            body.username,
+            body.role,
+            invited_by=who.user_id,
+            login_link_hours=p.settings.login_link_hours,
+            invitation_days=p.settings.invitation_days,
         )
-        audit.record(s, who, "member.invite", target=body.username, detail={"role": body.role.value})
-        return _invitation(p, member, token)
+        action = "member.invite" if invited.token else "member.invite_pending"
+        audit.record(s, who, action, target=body.username, detail={"role": body.role.value})
+        return _invitation(p, invited)
 
 
 @router.delete("/{username}", status_code=204)
 def remove_member(username: str, who: Principal = Depends(principal), p: Platform = Depends(platform)) -> Response:
-    """Remove a member: their sessions, unused links and API keys in this tenant stop working."""
+    """Remove a member (their sessions, unused links and API keys in this tenant stop working), or withdraw a
+    pending invitation."""
     with p.db.tenant(who.tenant_id) as s:
+        invitation = tenants.pending_invitation(s, username)
+        if invitation is not None:
+            _check_grant(who, None, Role(invitation.role))
+            s.delete(invitation)
+            audit.record(s, who, "member.invitation_withdraw", target=username)
+            return Response(status_code=204)
         member = tenants.get_member(s, username)
         if member.user.id == who.user_id:
             raise InvalidRequest("You cannot remove yourself; ask another owner.", param="username")
@@ -74,13 +101,13 @@ def remove_member(username: str, who: Principal = Depends(principal), p: Platfor
 
 @router.post("/{username}/link")
 def new_sign_in_link(username: str, who: Principal = Depends(principal), p: Platform = Depends(platform)) -> dict:
-    """A fresh one-time sign-in link for a member (a lost invitation, a forgotten password)."""
-    with p.db.tenant(who.tenant_id) as s:
-        member = tenants.get_member(s, username)
+    """A fresh one-time sign-in link for a member who lost their invitation before setting up their account.
+    Never for someone who has: that link would sign in as them (a forgotten password is the operator's
+    `adaptery users reset-link`)."""
+    with p.db.system() as s:
+        member, token = tenants.new_setup_link(s, who.tenant_id, username, hours=p.settings.login_link_hours)
         current = Role(member.membership.role)
         _check_grant(who, current, current)
-        token = tenants.create_login_token(
-            s, tenant_id=who.tenant_id, user_id=member.user.id, hours=p.settings.login_link_hours
-        )
         audit.record(s, who, "member.link", target=username)
-        return _invitation(p, member, token)
+        invited = tenants.Invited(username, member.user.id, current.value, token=token)
+        return _invitation(p, invited)

@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import FileResponse, RedirectResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -15,7 +15,7 @@ from adaptery.api.deps import CSRF_COOKIE, SESSION_COOKIE, platform, principal
 from adaptery.auth.principal import Principal
 from adaptery.db import models as m
 from adaptery.platform import Platform
-from adaptery.services import audit, models, sessions
+from adaptery.services import audit, models, sessions, tenants
 from adaptery.services.errors import ServiceError, Unauthenticated
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "web" / "static"
@@ -23,21 +23,38 @@ router = APIRouter(tags=["web"])
 
 
 class LoginRequest(BaseModel):
-    username: str
-    password: str
+    username: str = Field(max_length=64)
+    password: str = Field(max_length=sessions.MAX_PASSWORD_LENGTH)
 
 
 class PasswordRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     password: str
+    current_password: str | None = Field(None, max_length=sessions.MAX_PASSWORD_LENGTH)
 
 
-def _me(who: Principal, has_password: bool) -> dict:
+class StepUpRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    password: str = Field(max_length=sessions.MAX_PASSWORD_LENGTH)
+
+
+class SwitchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tenant_id: str = Field(max_length=40)
+
+
+def _me(s: Session, who: Principal) -> dict:
+    record = s.get(m.WebSession, who.session_id) if who.session_id else None
     return {
         "user": {"id": who.user_id, "username": who.username},
         "tenant": {"id": who.tenant_id, "name": who.tenant_name},
         "role": who.role.value,
         "is_platform_admin": who.is_platform_admin,
-        "has_password": has_password,
+        "platform_admin_until": int(record.platform_until) if who.is_platform_admin and record else None,
+        "can_administer_platform": sessions.may_step_up(s, who.user_id),
+        "has_password": sessions.has_password(s, who.user_id),
+        "tenants": [{"id": t.id, "name": t.name, "role": t.role} for t in sessions.tenants_of(s, who.user_id)],
+        "invitations": len(tenants.invitations_for(s, who.user_id)),
     }
 
 
@@ -65,6 +82,7 @@ def sign_in_link(token: str, request: Request, p: Platform = Depends(platform)) 
     try:
         with p.db.system() as s:
             new = sessions.consume_login_link(s, token, p.settings)
+            audit.record(s, new.principal, "auth.sign_in_link", target=new.principal.username, ip=_ip(request))
     except Unauthenticated:
         return RedirectResponse("/?link=invalid", status_code=303)
     response = RedirectResponse("/", status_code=303)
@@ -72,15 +90,20 @@ def sign_in_link(token: str, request: Request, p: Platform = Depends(platform)) 
     return response
 
 
+def _ip(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
 @router.post("/api/auth/login")
 def login(body: LoginRequest, request: Request, response: Response, p: Platform = Depends(platform)) -> dict:
     with p.db.system() as s:
-        outcome = sessions.login(s, body.username, body.password, p.settings)
-        audit.sign_in(s, body.username, outcome, ip=request.client.host if request.client else None)
+        outcome = sessions.login(s, body.username, body.password, p.settings, ip=_ip(request))
+        audit.sign_in(s, body.username, outcome, ip=_ip(request))
     if isinstance(outcome, ServiceError):
         raise outcome
     _set_cookies(response, request, outcome, p)
-    return _me(outcome.principal, has_password=True)
+    with p.db.system() as s:
+        return _me(s, outcome.principal)
 
 
 @router.post("/api/auth/logout", status_code=204)
@@ -95,18 +118,109 @@ def logout(who: Principal = Depends(principal), p: Platform = Depends(platform))
 
 
 @router.post("/api/auth/password", status_code=204)
-def set_password(
+def change_password(
     body: PasswordRequest, who: Principal = Depends(principal), p: Platform = Depends(platform)
 ) -> Response:
+    """Your own password: give the current one (or, just after signing in with a one-time link, none).
+    Every other session of yours ends."""
     with p.db.system() as s:
-        sessions.set_password(s, who.user_id, body.password)
+        refusal = sessions.change_password(s, who, body.current_password, body.password, p.settings)
+        outcome = "failure" if refusal else "success"
+        audit.record(s, who, "user.password_change", target=who.username, outcome=outcome)
+    if refusal:
+        raise refusal
     return Response(status_code=204)
+
+
+@router.post("/api/auth/platform")
+def enter_platform_administration(
+    body: StepUpRequest, who: Principal = Depends(principal), p: Platform = Depends(platform)
+) -> dict:
+    """Platform admins: step up into platform administration, with your password, for a few minutes."""
+    with p.db.system() as s:
+        outcome = sessions.elevate(s, who, body.password, p.settings)
+        audit.record(
+            s,
+            who,
+            "auth.platform_step_up",
+            target=who.username,
+            outcome="failure" if isinstance(outcome, ServiceError) else "success",
+        )
+    if isinstance(outcome, ServiceError):
+        raise outcome
+    with p.db.system() as s:
+        return _me(s, outcome)
+
+
+@router.delete("/api/auth/platform", status_code=204)
+def leave_platform_administration(who: Principal = Depends(principal), p: Platform = Depends(platform)) -> Response:
+    with p.db.system() as s:
+        sessions.leave_platform(s, who)
+    return Response(status_code=204)
+
+
+@router.post("/api/auth/switch")
+def switch_tenant(
+    body: SwitchRequest,
+    request: Request,
+    response: Response,
+    who: Principal = Depends(principal),
+    p: Platform = Depends(platform),
+) -> dict:
+    """Continue in another of your tenants (a new session there; this one ends)."""
+    with p.db.system() as s:
+        new = sessions.switch_tenant(s, who, body.tenant_id, p.settings)
+        audit.record(s, new.principal, "auth.switch_tenant", target=new.principal.tenant_name, ip=who.ip)
+    _set_cookies(response, request, new, p)
+    with p.db.system() as s:
+        return _me(s, new.principal)
 
 
 @router.get("/api/me")
 def me(who: Principal = Depends(principal), p: Platform = Depends(platform)) -> dict:
     with p.db.system() as s:
-        return _me(who, sessions.has_password(s, who.user_id))
+        return _me(s, who)
+
+
+@router.get("/api/invitations")
+def my_invitations(who: Principal = Depends(principal), p: Platform = Depends(platform)) -> dict:
+    """Tenants that invited you; you join one by accepting its invitation."""
+    with p.db.system() as s:
+        data = [
+            {
+                "id": invitation.id,
+                "object": "invitation",
+                "tenant": {"id": tenant.id, "name": tenant.name},
+                "role": invitation.role,
+                "created_at": int(invitation.created_at),
+                "expires_at": int(invitation.expires_at),
+            }
+            for invitation, tenant in tenants.invitations_for(s, who.user_id)
+        ]
+    return {"object": "list", "data": data}
+
+
+def _answer(p: Platform, who: Principal, invitation_id: str, *, accept: bool) -> dict:
+    with p.db.system() as s:
+        invitation = tenants.answer_invitation(s, who.user_id, invitation_id, accept=accept)
+        action = "member.invitation_accept" if accept else "member.invitation_decline"
+        detail = {"role": invitation.role}
+        audit.record(s, who, action, tenant_id=invitation.tenant_id, target=who.username, detail=detail)
+        return _me(s, who)
+
+
+@router.post("/api/invitations/{invitation_id}/accept")
+def accept_invitation(invitation_id: str, who: Principal = Depends(principal), p: Platform = Depends(platform)) -> dict:
+    """Join the tenant that invited you, with the invited role: yours to accept, signed in as yourself in the
+    web page (an API key cannot accept for you)."""
+    return _answer(p, who, invitation_id, accept=True)
+
+
+@router.post("/api/invitations/{invitation_id}/decline")
+def decline_invitation(
+    invitation_id: str, who: Principal = Depends(principal), p: Platform = Depends(platform)
+) -> dict:
+    return _answer(p, who, invitation_id, accept=False)
 
 
 def _observed_speed(s: Session) -> dict[str, float]:

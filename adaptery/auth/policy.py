@@ -23,14 +23,20 @@ class Permission:
     scopes: frozenset[Scope]  # any one of them suffices; empty: any signed-in caller
     role: Role = Role.VIEWER
     platform_admin: bool = False
+    person: bool = False  # only the person themself, signed in to the web page: never an API key
 
 
-def _perm(name: str, *scopes: Scope, role: Role = Role.VIEWER, platform_admin: bool = False) -> Permission:
-    return Permission(name, frozenset(scopes), role, platform_admin)
+def _perm(
+    name: str, *scopes: Scope, role: Role = Role.VIEWER, platform_admin: bool = False, person: bool = False
+) -> Permission:
+    return Permission(name, frozenset(scopes), role, platform_admin, person)
 
 
 PUBLIC = None  # a route anyone may call (health, sign-in)
 SIGNED_IN = _perm("signed_in")  # any authenticated caller, whatever the key's scopes (who am I, sign out)
+# What only the person may do, in their own browser session: a key (which may be a narrow or leaked one)
+# never changes a password, steps up into platform administration, switches tenant or joins one.
+PERSON = _perm("person", person=True)
 MODELS_READ = _perm("models.read", Scope.MODELS, Scope.INFERENCE, Scope.FINE_TUNING)
 MODELS_WRITE = _perm("models.write", Scope.MODELS, role=Role.MEMBER)
 MODELS_DOWNLOAD = _perm("models.download", Scope.MODELS, role=Role.MEMBER)
@@ -53,7 +59,13 @@ ROUTES: dict[str, Permission | None] = {
     "GET /api/health": PUBLIC,
     "POST /api/auth/login": PUBLIC,
     "POST /api/auth/logout": SIGNED_IN,
-    "POST /api/auth/password": SIGNED_IN,
+    "POST /api/auth/password": PERSON,
+    "POST /api/auth/platform": PERSON,
+    "DELETE /api/auth/platform": PERSON,
+    "POST /api/auth/switch": PERSON,
+    "GET /api/invitations": SIGNED_IN,
+    "POST /api/invitations/{invitation_id}/accept": PERSON,
+    "POST /api/invitations/{invitation_id}/decline": PERSON,
     "GET /api/me": SIGNED_IN,
     "GET /v1/models": MODELS_READ,
     "GET /v1/models/{model_id:path}": MODELS_READ,
@@ -147,6 +159,10 @@ def permission_for(method: str, path: str) -> Permission | None:
 
 
 def authorize(principal: Principal, permission: Permission) -> None:
+    if permission.person and principal.session_id is None:
+        raise PermissionDenied(
+            "Only a person signed in to the web page may do this, not an API key.", code="session_required"
+        )
     if permission.platform_admin and not principal.is_platform_admin:
         raise PermissionDenied("This needs a platform administrator.", code="platform_admin_required")
     if permission.scopes and not (permission.scopes & principal.scopes):
@@ -212,8 +228,15 @@ def may_share_adapter(principal: Principal, *, created_by: str | None) -> bool:
     return principal.has_role(Role.ADMIN) or (principal.user_id == created_by and principal.has_role(Role.MEMBER))
 
 
-def may_manage_key(principal: Principal, key_owner_id: str) -> bool:
-    return principal.has_role(Role.ADMIN) or principal.user_id == key_owner_id
+def may_manage_key(principal: Principal, key_owner_id: str, owner_role: Role | None, action: str) -> bool:
+    """A key is its person's: they do anything with it, and only they rotate it (a new secret is a new way
+    to act as them). Tenant admins read (redacted), revoke and limit the keys of people at or below their
+    own role, so an admin can stop a leaked key without ever holding it."""
+    if principal.user_id == key_owner_id:
+        return True
+    if action == "rotate" or not principal.has_role(Role.ADMIN):
+        return False
+    return owner_role is None or principal.has_role(owner_role)
 
 
 def may_grant_role(principal: Principal, current: Role | None, wanted: Role) -> bool:

@@ -29,6 +29,7 @@ keys_app = typer.Typer(help="API keys of your tenant.", no_args_is_help=True)
 tenants_app = typer.Typer(help="Tenants (run on the server machine; talks to the database).", no_args_is_help=True)
 agents_app = typer.Typer(help="Training agents: enroll (on the server machine), list, revoke.", no_args_is_help=True)
 audit_app = typer.Typer(help="The audit log (run on the server machine; talks to the database).", no_args_is_help=True)
+users_app = typer.Typer(help="People (run on the server machine; talks to the database).", no_args_is_help=True)
 storage_app = typer.Typer(help="The blob store against the database (run on the server machine).", no_args_is_help=True)
 datasets_app = typer.Typer(
     help="Datasets: upload any format, validate, dedup, scrub, split, version.", no_args_is_help=True
@@ -39,6 +40,7 @@ for sub, name in (
     (models_app, "models"),
     (keys_app, "keys"),
     (tenants_app, "tenants"),
+    (users_app, "users"),
     (audit_app, "audit"),
     (storage_app, "storage"),
     (agents_app, "agents"),
@@ -281,8 +283,36 @@ def create_tenant(
     except ServiceError as exc:
         console.print(f"[red]Error:[/red] {exc.message}")
         raise typer.Exit(1) from exc
-    print(f"ADAPTERY_LOGIN_URL={settings.base_url}/auth/link?token={created.login_token}")
+    if created.login_token:
+        print(f"ADAPTERY_LOGIN_URL={settings.base_url}/auth/link?token={created.login_token}")
+    else:
+        console.print(f"'{owner}' already has an account: they sign in as themself and switch to '{name}'.")
     print(f"ADAPTERY_API_KEY={created.api_key}")
+
+
+@users_app.command("reset-link")
+def user_reset_link(
+    username: str,
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """A one-time link for a person who asked to reset a forgotten password (give it to them only): it signs
+    them in, where they set a new password; their other sessions end when they do."""
+    from adaptery.db.session import Database
+    from adaptery.services import audit, tenants
+    from adaptery.services.errors import ServiceError
+
+    settings = _settings(data_dir=data_dir, database_url=database_url)
+    db = Database(settings.resolved_database_url)
+    db.migrate()
+    try:
+        with db.system() as s:
+            tenant, token = tenants.reset_link(s, username, hours=settings.login_link_hours)
+            audit.record(s, None, "user.reset_link", target=username, tenant_id=tenant.id, actor="operator")
+    except ServiceError as exc:
+        console.print(f"[red]Error:[/red] {exc.message}")
+        raise typer.Exit(1) from exc
+    print(f"ADAPTERY_LOGIN_URL={settings.base_url}/auth/link?token={token}")
 
 
 @audit_app.command("verify")

@@ -37,10 +37,32 @@ class User(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     username: Mapped[str] = mapped_column(String(64), unique=True)
     password_hash: Mapped[str | None] = mapped_column(String(255))
+    # The person may administer the platform, in a step-up (sessions) or with a platform key; never by default.
     is_platform_admin: Mapped[bool] = mapped_column(Boolean, default=False)
-    failed_logins: Mapped[int] = mapped_column(Integer, default=0)
-    locked_until: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[float] = mapped_column(Float, default=now)
+    password_changed_at: Mapped[float | None] = mapped_column(Float)
+
+
+class SignInThrottle(Base):
+    """Failed sign-ins counted per (account, source), per source and per account, with an exponential lock."""
+
+    __tablename__ = "sign_in_throttles"
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    locked_until: Mapped[float | None] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float, default=now)
+
+
+class Invitation(TenantOwned, Base):
+    """An existing person asked to join a tenant: a membership only once they accept while signed in."""
+
+    __tablename__ = "invitations"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(40), ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    role: Mapped[str] = mapped_column(String(16))
+    invited_by: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+    expires_at: Mapped[float] = mapped_column(Float)
 
 
 class Membership(TenantOwned, Base):
@@ -73,6 +95,7 @@ class ApiKey(TenantOwned, Base):
     tokens_per_minute: Mapped[int | None] = mapped_column(BigInteger)
     concurrent_streams: Mapped[int | None] = mapped_column(Integer)
     monthly_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    platform: Mapped[bool] = mapped_column(Boolean, default=False)  # carries its person's platform-admin power
 
 
 class LoginToken(TenantOwned, Base):
@@ -84,6 +107,9 @@ class LoginToken(TenantOwned, Base):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     expires_at: Mapped[float] = mapped_column(Float)
     used_at: Mapped[float | None] = mapped_column(Float)
+    # "setup": a new person's first sign-in, void once they have a password; "reset": asked for by the person
+    # (through the platform operator) to set a new password.
+    purpose: Mapped[str] = mapped_column(String(16), default="setup")
 
 
 class WebSession(TenantOwned, Base):
@@ -94,6 +120,8 @@ class WebSession(TenantOwned, Base):
     csrf_token: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[float] = mapped_column(Float, default=now)
     expires_at: Mapped[float] = mapped_column(Float)
+    via_link: Mapped[bool] = mapped_column(Boolean, default=False)  # opened by a one-time link, not a password
+    platform_until: Mapped[float | None] = mapped_column(Float)  # platform administration (step-up) until then
 
 
 class File(TenantOwned, Base):

@@ -62,9 +62,11 @@ def create_key(
     name: str = "",
     environment: str = "dev",
     expires_in_days: float | None = None,
+    expires_at: float | None = None,
     scopes: Iterable[str] | None = None,
     allowed_models: list[str] | None = None,
     limits: dict[str, int | None] | None = None,
+    platform: bool = False,
 ) -> NewKey:
     if environment not in ENVIRONMENTS:
         raise InvalidRequest(f"environment must be one of {', '.join(ENVIRONMENTS)}", param="environment")
@@ -80,9 +82,10 @@ def create_key(
         environment=environment,
         secret_hash=hash_token(secret),
         redacted=_redacted(environment, key_id, secret),
-        expires_at=time.time() + expires_in_days * 86400 if expires_in_days else None,
+        expires_at=time.time() + expires_in_days * 86400 if expires_in_days else expires_at,
         scopes=check_scopes(ALL_SCOPES if scopes is None else scopes),
         allowed_models=sorted(set(allowed_models)) if allowed_models is not None else None,
+        platform=platform,
         **set_limits_values(limits or {}),
     )
     session.add(record)
@@ -100,25 +103,79 @@ def set_limits_values(values: dict[str, int | None]) -> dict[str, int | None]:
 
 
 def list_keys(session: Session, who: Principal) -> list[m.ApiKey]:
-    """Admins see every key of the tenant; members their own."""
+    """Admins see every key of the tenant (never a secret: only hashes are kept); members their own."""
     query = select(m.ApiKey).order_by(m.ApiKey.created_at.desc())
     if not who.has_role(Role.ADMIN):
         query = query.where(m.ApiKey.user_id == who.user_id)
     return list(session.scalars(query))
 
 
-def get_key(session: Session, who: Principal, key_id: str) -> m.ApiKey:
+def _owner_role(session: Session, record: m.ApiKey) -> Role | None:
+    role = session.scalar(select(m.Membership.role).where(m.Membership.user_id == record.user_id))
+    return Role(role) if role else None
+
+
+def get_key(session: Session, who: Principal, key_id: str, *, action: str = "read") -> m.ApiKey:
+    """A key the caller may act on. A key is its person's: only they rotate it; admins may also read it
+    (redacted), revoke it and change its limits when its person's role is at or below theirs. Anything else
+    is 404, as for a key that does not exist."""
     record = session.scalars(select(m.ApiKey).where(m.ApiKey.id == key_id)).one_or_none()
-    if record is None or not policy.may_manage_key(who, record.user_id):
+    if record is not None and not policy.may_manage_key(who, record.user_id, _owner_role(session, record), action):
+        record = None
+    if record is None:
         raise NotFound(f"No API key with id '{key_id}'", param="key_id")
     return record
 
 
 def revoke_key(session: Session, who: Principal, key_id: str) -> m.ApiKey:
-    record = get_key(session, who, key_id)
+    record = get_key(session, who, key_id, action="revoke")
     if record.revoked_at is None:
         record.revoked_at = time.time()
     return record
+
+
+def child_settings(
+    parent: m.ApiKey | None,
+    *,
+    expires_in_days: float | None,
+    allowed_models: list[str] | None,
+    limits: dict[str, int | None],
+    platform: bool,
+) -> tuple[float | None, list[str] | None, dict[str, int | None]]:
+    """What a key minted by another key may have: never wider than its parent in models, limits, expiry or
+    platform power (scopes: `check_scopes`). Left out, each is the parent's; asked wider, a 400 that names it.
+    Returns (expires_at, allowed_models, limits). A browser session (no parent) mints what it asks for."""
+    now = time.time()
+    expires_at = now + expires_in_days * 86400 if expires_in_days else None
+    if parent is None:
+        return expires_at, allowed_models, limits
+    if platform and not parent.platform:
+        raise InvalidRequest("a key without platform power cannot grant it", param="platform")
+    if parent.expires_at is not None:
+        if expires_at is None:
+            expires_at = parent.expires_at
+        elif expires_at > parent.expires_at:
+            raise InvalidRequest("a key cannot outlive the key that creates it", param="expires_in_days")
+    if parent.allowed_models is not None:
+        if allowed_models is None:
+            allowed_models = list(parent.allowed_models)
+        for i, model_id in enumerate(allowed_models):
+            if model_id not in parent.allowed_models:
+                raise InvalidRequest(
+                    f"the model '{model_id}' is not among the creating key's allowed models",
+                    param=f"allowed_models[{i}]",
+                )
+    limits = dict(limits)
+    for field in LIMIT_FIELDS:
+        ceiling = getattr(parent, field)
+        if ceiling is None:
+            continue
+        value = limits.get(field)
+        if value is None:
+            limits[field] = ceiling
+        elif value > ceiling:
+            raise InvalidRequest(f"{field} cannot exceed the creating key's own ({ceiling})", param=f"limits.{field}")
+    return expires_at, allowed_models, limits
 
 
 def rotate_key(session: Session, who: Principal, key_id: str, *, overlap_seconds: float) -> NewKey:
@@ -127,7 +184,7 @@ def rotate_key(session: Session, who: Principal, key_id: str, *, overlap_seconds
         raise InvalidRequest(
             f"overlap_seconds must be between 0 and {MAX_ROTATION_OVERLAP_SECONDS}", param="overlap_seconds"
         )
-    record = get_key(session, who, key_id)
+    record = get_key(session, who, key_id, action="rotate")
     if record.revoked_at is not None:
         raise InvalidRequest("a revoked key cannot be rotated; create a new key", param="key_id")
     now = time.time()
@@ -180,5 +237,5 @@ def authenticate(system_session: Session, token: str) -> Principal:
         api_key_id=key.id,
         scopes=ALL_SCOPES if key.scopes is None else frozenset(Scope(s) for s in key.scopes),
         allowed_models=None if key.allowed_models is None else frozenset(key.allowed_models),
-        is_platform_admin=bool(user.is_platform_admin),
+        is_platform_admin=bool(key.platform and user.is_platform_admin),
     )

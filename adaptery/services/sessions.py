@@ -1,19 +1,52 @@
-"""Browser sign-in: passwords with lockout, one-time links, server-side sessions with a CSRF token."""
+"""Browser sign-in: who a person is, how they prove it, and the sessions that follow.
+
+The identity model:
+- A person is one `User` across the platform, with one password that only they set: changing it needs the
+  current one, or a session opened moments ago by a one-time link they asked for. A change ends every other
+  session of theirs, in every tenant, and voids their unused links.
+- A one-time link signs in only as the person it was made for, and only while it may: a `setup` link (the
+  invitation of someone new to the platform) is void once that person has a password; a `reset` link is
+  made by the platform operator at the person's request (`adaptery users reset-link`). A tenant admin never
+  gets a link that signs in as someone who already set up their account (see `services.tenants`).
+- A session belongs to one tenant; switching to another tenant of the same person opens a new session there.
+- Platform administration is never inherited by a tenant session: a platform admin steps up with their
+  password (`elevate`), for `platform_session_minutes`, and only that session carries it.
+
+Failed sign-ins are throttled per (account, source), per source and per account, each with its own
+threshold and a lock that doubles with every further failure, so nobody can lock someone else out from
+their own machine, and a guesser spread over many sources still meets the per-account lock. Unknown
+usernames cost the same password hash as known ones, and every refusal reads the same.
+"""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from adaptery.auth.principal import Principal, Role
 from adaptery.auth.secrets import MIN_PASSWORD_LENGTH, hash_password, hash_token, verify_password
 from adaptery.db import models as m
 from adaptery.db.ids import new_id, random_token
-from adaptery.services.errors import InvalidRequest, RateLimited, ServiceError, Unauthenticated
+from adaptery.services.errors import (
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    RateLimited,
+    ServiceError,
+    Unauthenticated,
+)
 from adaptery.settings import Settings
+
+# A session opened by a one-time link may set a password without the current one for this long: the link
+# proved the person moments ago, a session left open for hours proves less.
+FRESH_LINK_SECONDS = 3600.0
+MAX_PASSWORD_LENGTH = 1024
+# Verified in place of a missing user's hash, so an unknown username costs the same as a wrong password.
+_DUMMY_HASH = hash_password("a password nobody has: only its verification time matters")
 
 
 @dataclass(frozen=True)
@@ -23,23 +56,36 @@ class NewSession:
     principal: Principal
 
 
-def _principal(session: Session, user: m.User, tenant_id: str, session_id: str | None = None) -> Principal:
+@dataclass(frozen=True)
+class TenantRef:
+    id: str
+    name: str
+    role: str
+
+
+def _invalid_credentials() -> Unauthenticated:
+    return Unauthenticated("Wrong username or password.", code="invalid_credentials")
+
+
+def _principal(session: Session, user: m.User, record: m.WebSession) -> Principal:
     tenant, membership = session.execute(
         select(m.Tenant, m.Membership)
         .join(m.Membership, m.Membership.tenant_id == m.Tenant.id)
-        .where(m.Tenant.id == tenant_id, m.Membership.user_id == user.id)
+        .where(m.Tenant.id == record.tenant_id, m.Membership.user_id == user.id)
     ).one()
+    platform = bool(user.is_platform_admin and record.platform_until and record.platform_until > time.time())
     return Principal(
         tenant_id=tenant.id,
         tenant_name=tenant.name,
         user_id=user.id,
         username=user.username,
         role=Role(membership.role),
-        session_id=session_id,
+        session_id=record.id,
+        is_platform_admin=platform,
     )
 
 
-def _open(session: Session, user: m.User, tenant_id: str, settings: Settings) -> NewSession:
+def _open(session: Session, user: m.User, tenant_id: str, settings: Settings, *, via_link: bool) -> NewSession:
     token, csrf = random_token(40), random_token(32)
     record = m.WebSession(
         id=new_id("sess_"),
@@ -48,54 +94,129 @@ def _open(session: Session, user: m.User, tenant_id: str, settings: Settings) ->
         token_hash=hash_token(token),
         csrf_token=csrf,
         expires_at=time.time() + settings.session_hours * 3600,
+        via_link=via_link,
     )
     session.add(record)
     session.flush()
-    return NewSession(token, csrf, _principal(session, user, tenant_id, record.id))
+    return NewSession(token, csrf, _principal(session, user, record))
 
 
-def login(session: Session, username: str, password: str, settings: Settings) -> NewSession | ServiceError:
-    """Check a password. Repeated failures lock the account for a while, whoever is trying.
+# -- throttling -------------------------------------------------------------------------------------------
 
-    A refusal is returned, not raised, so the caller commits the failure count with it.
-    """
-    user = session.scalar(select(m.User).where(m.User.username == username))
+
+def _throttle_rules(username: str, ip: str | None, settings: Settings) -> list[tuple[str, int]]:
+    source = ip or "unknown"
+    return [
+        (f"account+source:{username}|{source}", settings.login_max_failures),
+        (f"source:{source}", settings.login_max_failures_per_source),
+        (f"account:{username}", settings.login_max_failures_per_account),
+    ]
+
+
+def _throttle_row(session: Session, key: str, now: float) -> m.SignInThrottle:
+    row = session.get(m.SignInThrottle, key, with_for_update=True)
+    if row is None:
+        try:
+            with session.begin_nested():
+                row = m.SignInThrottle(key=key, failures=0, updated_at=now)
+                session.add(row)
+        except IntegrityError:  # another request made it first
+            row = session.get(m.SignInThrottle, key, with_for_update=True, populate_existing=True)
+    return row
+
+
+def _locked_for(session: Session, rules: list[tuple[str, int]], now: float) -> float:
+    rows = session.scalars(select(m.SignInThrottle).where(m.SignInThrottle.key.in_([k for k, _ in rules])))
+    return max((row.locked_until - now for row in rows if row.locked_until and row.locked_until > now), default=0.0)
+
+
+def _record_failure(session: Session, rules: list[tuple[str, int]], settings: Settings, now: float) -> None:
+    for key, threshold in rules:
+        row = _throttle_row(session, key, now)
+        if now - row.updated_at > settings.login_failure_window_seconds:
+            row.failures = 0
+        row.failures += 1
+        row.updated_at = now
+        if row.failures >= threshold:
+            lock = settings.login_lockout_seconds * 2 ** min(row.failures - threshold, 20)
+            row.locked_until = now + min(lock, settings.login_max_lockout_seconds)
+
+
+def _record_success(session: Session, rules: list[tuple[str, int]]) -> None:
+    """Only the (account, source) pair is forgiven: signing in to one's own account from a source must not
+    wipe that source's failures on others."""
+    session.execute(delete(m.SignInThrottle).where(m.SignInThrottle.key == rules[0][0]))
+
+
+def check_password(
+    session: Session, username: str, password: str, settings: Settings, *, ip: str | None
+) -> m.User | RateLimited | Unauthenticated:
+    """The user whose password this is, or the refusal (returned, so the caller commits the failure count)."""
     now = time.time()
-    if user is not None and user.locked_until and user.locked_until > now:
-        return RateLimited("Too many failed sign-ins; try again later.", retry_after=user.locked_until - now)
-    if user is None or not verify_password(user.password_hash, password):
-        if user is not None:
-            user.failed_logins += 1
-            if user.failed_logins >= settings.login_max_failures:
-                user.locked_until = now + settings.login_lockout_seconds
-                user.failed_logins = 0
-        return Unauthenticated("Wrong username or password.", code="invalid_credentials")
-    user.failed_logins = 0
-    user.locked_until = None
+    rules = _throttle_rules(username, ip, settings)
+    if (wait := _locked_for(session, rules, now)) > 0:
+        return RateLimited("Too many failed sign-ins; try again later.", retry_after=wait)
+    user = session.scalar(select(m.User).where(m.User.username == username))
+    known = user is not None and user.password_hash is not None
+    matches = verify_password(user.password_hash if known else _DUMMY_HASH, password)
+    if not (known and matches):
+        _record_failure(session, rules, settings, now)
+        return _invalid_credentials()
+    _record_success(session, rules)
+    return user
+
+
+def login(
+    session: Session, username: str, password: str, settings: Settings, *, ip: str | None = None
+) -> NewSession | RateLimited | Unauthenticated:
+    """Check a password and open a session in the person's first tenant (`switch_tenant` moves it)."""
+    user = check_password(session, username, password, settings, ip=ip)
+    if not isinstance(user, m.User):
+        return user
     membership = session.scalar(
         select(m.Membership).where(m.Membership.user_id == user.id).order_by(m.Membership.created_at)
     )
-    if membership is None:
-        return Unauthenticated("This account belongs to no tenant.", code="no_tenant")
-    return _open(session, user, membership.tenant_id, settings)
+    if membership is None:  # removed from every tenant: reads as any other refusal
+        return _invalid_credentials()
+    return _open(session, user, membership.tenant_id, settings, via_link=False)
 
 
 def consume_login_link(session: Session, token: str, settings: Settings) -> NewSession:
-    record = session.scalar(select(m.LoginToken).where(m.LoginToken.token_hash == hash_token(token)))
+    record = session.scalar(select(m.LoginToken).where(m.LoginToken.token_hash == hash_token(token)).with_for_update())
+    invalid = Unauthenticated("This sign-in link is invalid, used or expired.", code="invalid_login_link")
     if record is None or record.used_at is not None or record.expires_at <= time.time():
-        raise Unauthenticated("This sign-in link is invalid, used or expired.", code="invalid_login_link")
-    record.used_at = time.time()
+        raise invalid
     user = session.get(m.User, record.user_id)
-    return _open(session, user, record.tenant_id, settings)
+    member = session.scalar(
+        select(m.Membership).where(m.Membership.user_id == user.id, m.Membership.tenant_id == record.tenant_id)
+    )
+    if member is None or (record.purpose != "reset" and user.password_hash is not None):
+        raise invalid  # a setup link is void once its person has a password of their own
+    record.used_at = time.time()
+    return _open(session, user, record.tenant_id, settings, via_link=True)
+
+
+def _live_record(session: Session, token: str) -> m.WebSession:
+    record = session.scalar(select(m.WebSession).where(m.WebSession.token_hash == hash_token(token)))
+    if record is None or record.expires_at <= time.time():
+        raise Unauthenticated("You are not signed in.", code="not_signed_in")
+    return record
 
 
 def resolve(session: Session, token: str) -> tuple[Principal, str]:
     """The principal and CSRF token of a live session cookie."""
-    record = session.scalar(select(m.WebSession).where(m.WebSession.token_hash == hash_token(token)))
-    if record is None or record.expires_at <= time.time():
-        raise Unauthenticated("You are not signed in.", code="not_signed_in")
+    record = _live_record(session, token)
     user = session.get(m.User, record.user_id)
-    return _principal(session, user, record.tenant_id, record.id), record.csrf_token
+    return _principal(session, user, record), record.csrf_token
+
+
+def _own_record(session: Session, who: Principal) -> m.WebSession:
+    record = session.get(m.WebSession, who.session_id) if who.session_id else None
+    if record is None:
+        raise PermissionDenied(
+            "Only a person signed in to the web page may do this, not an API key.", code="session_required"
+        )
+    return record
 
 
 def logout(session: Session, session_id: str) -> None:
@@ -104,12 +225,87 @@ def logout(session: Session, session_id: str) -> None:
         session.delete(record)
 
 
-def set_password(session: Session, user_id: str, password: str) -> None:
-    if len(password) < MIN_PASSWORD_LENGTH:
+def change_password(
+    session: Session, who: Principal, current: str | None, new: str, settings: Settings
+) -> ServiceError | None:
+    """The person's own password. Without the current one only in a session a one-time link opened within the
+    last hour; every other session of theirs ends, in every tenant, and their unused links are void.
+
+    A wrong current password is returned, not raised, so the caller commits its count against guessing."""
+    record = _own_record(session, who)
+    user = session.get(m.User, who.user_id)
+    if len(new) < MIN_PASSWORD_LENGTH:
         raise InvalidRequest(f"password must be at least {MIN_PASSWORD_LENGTH} characters", param="password")
-    user = session.get(m.User, user_id)
-    user.password_hash = hash_password(password)
+    if len(new) > MAX_PASSWORD_LENGTH:
+        raise InvalidRequest(f"password must be at most {MAX_PASSWORD_LENGTH} characters", param="password")
+    fresh_link = record.via_link and time.time() - record.created_at <= FRESH_LINK_SECONDS
+    if not fresh_link:
+        if user.password_hash is None:
+            raise PermissionDenied(
+                "Set your first password from the sign-in link's session; ask for a new link if it expired.",
+                code="fresh_link_required",
+            )
+        if not current:
+            raise InvalidRequest("current_password is required to change your password", param="current_password")
+        outcome = check_password(session, user.username, current, settings, ip=who.ip)
+        if isinstance(outcome, RateLimited):
+            return outcome
+        if not isinstance(outcome, m.User):
+            return InvalidRequest("current_password is wrong", param="current_password", code="wrong_password")
+    user.password_hash = hash_password(new)
+    user.password_changed_at = time.time()
+    record.via_link = False  # the link's grace is spent
+    session.execute(delete(m.WebSession).where(m.WebSession.user_id == user.id, m.WebSession.id != record.id))
+    session.execute(delete(m.LoginToken).where(m.LoginToken.user_id == user.id, m.LoginToken.used_at.is_(None)))
+    return None
+
+
+def elevate(session: Session, who: Principal, password: str, settings: Settings) -> Principal | ServiceError:
+    """Step up into platform administration for a while: a platform admin, with their password again.
+    A refusal is returned, not raised, so the caller commits its count against guessing."""
+    record = _own_record(session, who)
+    user = session.get(m.User, who.user_id)
+    if not user.is_platform_admin:
+        raise PermissionDenied("This needs a platform administrator.", code="platform_admin_required")
+    outcome = check_password(session, user.username, password, settings, ip=who.ip)
+    if isinstance(outcome, RateLimited):
+        return outcome
+    if not isinstance(outcome, m.User):
+        return InvalidRequest("password is wrong", param="password", code="wrong_password")
+    record.platform_until = time.time() + settings.platform_session_minutes * 60
+    return _principal(session, user, record)
+
+
+def leave_platform(session: Session, who: Principal) -> None:
+    _own_record(session, who).platform_until = None
+
+
+def switch_tenant(session: Session, who: Principal, tenant_id: str, settings: Settings) -> NewSession:
+    """A session in another tenant of the same person (this one ends); 404 for a tenant they are not in."""
+    record = _own_record(session, who)
+    user = session.get(m.User, who.user_id)
+    member = session.scalar(
+        select(m.Membership).where(m.Membership.user_id == user.id, m.Membership.tenant_id == tenant_id)
+    )
+    if member is None:
+        raise NotFound(f"You are not a member of a tenant '{tenant_id}'.", param="tenant_id")
+    session.delete(record)
+    return _open(session, user, tenant_id, settings, via_link=False)
+
+
+def tenants_of(session: Session, user_id: str) -> list[TenantRef]:
+    rows = session.execute(
+        select(m.Tenant, m.Membership)
+        .join(m.Membership, m.Membership.tenant_id == m.Tenant.id)
+        .where(m.Membership.user_id == user_id)
+        .order_by(m.Membership.created_at)
+    )
+    return [TenantRef(tenant.id, tenant.name, membership.role) for tenant, membership in rows]
 
 
 def has_password(session: Session, user_id: str) -> bool:
     return session.get(m.User, user_id).password_hash is not None
+
+
+def may_step_up(session: Session, user_id: str) -> bool:
+    return bool(session.get(m.User, user_id).is_platform_admin)

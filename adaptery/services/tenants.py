@@ -24,7 +24,7 @@ class NewTenant:
     tenant: m.Tenant
     owner: m.User
     api_key: str
-    login_token: str
+    login_token: str | None  # None: the owner already had an account, and signs in as themself
 
 
 def check_name(name: str, what: str) -> str:
@@ -40,26 +40,43 @@ def has_any_tenant(session: Session) -> bool:
     return session.scalar(select(func.count()).select_from(m.Tenant)) > 0
 
 
-def create_tenant(session: Session, name: str, owner_username: str, *, login_link_hours: float) -> NewTenant:
-    """Create a tenant with its owner; returns the owner's first API key and sign-in token once."""
+def create_tenant(
+    session: Session, name: str, owner_username: str, *, login_link_hours: float, platform_admin: bool = False
+) -> NewTenant:
+    """Create a tenant with its owner; returns the owner's first API key and sign-in token once.
+
+    An owner who already has an account elsewhere gets no sign-in link (it would sign in as them): they
+    switch to the new tenant after signing in as themself. `platform_admin` (the platform's first start only)
+    makes the owner a platform admin and their first key a platform key."""
     check_name(name, "tenant")
     check_name(owner_username, "username")
     if session.scalar(select(m.Tenant).where(m.Tenant.name == name)):
         raise Conflict(f"A tenant named '{name}' already exists", param="tenant")
     user = session.scalar(select(m.User).where(m.User.username == owner_username))
+    existing = user is not None
     if user is None:
-        user = m.User(id=new_id("user_"), username=owner_username)
+        user = m.User(id=new_id("user_"), username=owner_username, is_platform_admin=platform_admin)
         session.add(user)
     tenant = m.Tenant(id=new_id("tn_"), name=name)
     session.add(tenant)
     session.flush()
     session.add(m.Membership(id=new_id("mem_"), tenant_id=tenant.id, user_id=user.id, role=Role.OWNER))
-    key = keys.create_key(session, tenant_id=tenant.id, user_id=user.id, name="first key")
-    token = create_login_token(session, tenant_id=tenant.id, user_id=user.id, hours=login_link_hours)
+    key = keys.create_key(
+        session, tenant_id=tenant.id, user_id=user.id, name="first key", platform=platform_admin and not existing
+    )
+    token = None
+    if user.password_hash is None and not existing:
+        token = create_login_token(session, tenant_id=tenant.id, user_id=user.id, hours=login_link_hours)
     return NewTenant(tenant, user, key.secret, token)
 
 
-def create_login_token(session: Session, *, tenant_id: str, user_id: str, hours: float) -> str:
+def create_login_token(session: Session, *, tenant_id: str, user_id: str, hours: float, purpose: str = "setup") -> str:
+    """A one-time link into a tenant; earlier unused links of the same person there stop working."""
+    session.execute(
+        delete(m.LoginToken).where(
+            m.LoginToken.user_id == user_id, m.LoginToken.tenant_id == tenant_id, m.LoginToken.used_at.is_(None)
+        )
+    )
     token = random_token(40)
     session.add(
         m.LoginToken(
@@ -68,6 +85,7 @@ def create_login_token(session: Session, *, tenant_id: str, user_id: str, hours:
             user_id=user_id,
             token_hash=hash_token(token),
             expires_at=time.time() + hours * 3600,
+            purpose=purpose,
         )
     )
     session.flush()
@@ -90,23 +108,144 @@ def get_member(session: Session, username: str) -> Member:
     return Member(row[1], row[0])
 
 
+@dataclass(frozen=True)
+class Invited:
+    """A new person joined with a one-time link (`token`), or an existing person was asked (`invitation`)."""
+
+    username: str
+    user_id: str
+    role: str
+    token: str | None = None
+    invitation: m.Invitation | None = None
+
+
 def invite_member(
-    session: Session, tenant_id: str, username: str, role: Role, *, login_link_hours: float
-) -> tuple[Member, str]:
-    """Add a person (new, or already on the platform) to this tenant; returns them and a one-time
-    sign-in link token into this tenant."""
+    session: Session,
+    tenant_id: str,
+    username: str,
+    role: Role,
+    *,
+    invited_by: str,
+    login_link_hours: float,
+    invitation_days: float,
+) -> Invited:
+    """Someone new to the platform joins at once, with a one-time link that can only ever sign in as them.
+    Someone who already has an account is invited: nothing changes until they accept, signed in as themself,
+    and nobody gets a link that signs in as them."""
     check_name(username, "username")
     user = session.scalar(select(m.User).where(m.User.username == username))
     if user is None:
         user = m.User(id=new_id("user_"), username=username)
         session.add(user)
         session.flush()
-    elif session.scalar(select(m.Membership).where(m.Membership.user_id == user.id)) is not None:
+        session.add(m.Membership(id=new_id("mem_"), tenant_id=tenant_id, user_id=user.id, role=role.value))
+        token = create_login_token(session, tenant_id=tenant_id, user_id=user.id, hours=login_link_hours)
+        return Invited(username, user.id, role.value, token=token)
+    if session.scalar(select(m.Membership).where(m.Membership.user_id == user.id)) is not None:
         raise Conflict(f"'{username}' is already a member of this tenant.", param="username", code="already_member")
-    membership = m.Membership(id=new_id("mem_"), tenant_id=tenant_id, user_id=user.id, role=role.value)
-    session.add(membership)
-    token = create_login_token(session, tenant_id=tenant_id, user_id=user.id, hours=login_link_hours)
-    return Member(user, membership), token
+    session.execute(delete(m.Invitation).where(m.Invitation.user_id == user.id))  # a new one replaces it
+    invitation = m.Invitation(
+        id=new_id("inv_"),
+        tenant_id=tenant_id,
+        user_id=user.id,
+        role=role.value,
+        invited_by=invited_by,
+        expires_at=time.time() + invitation_days * 86400,
+    )
+    session.add(invitation)
+    session.flush()
+    return Invited(username, user.id, role.value, invitation=invitation)
+
+
+def pending_invitation(session: Session, username: str) -> m.Invitation | None:
+    """This tenant's open invitation of a person, if any."""
+    return session.scalar(
+        select(m.Invitation).join(m.User, m.User.id == m.Invitation.user_id).where(m.User.username == username)
+    )
+
+
+def list_invitations(session: Session) -> list[tuple[m.Invitation, str]]:
+    """This tenant's open invitations, with the invited person's username."""
+    rows = session.execute(
+        select(m.Invitation, m.User.username)
+        .join(m.User, m.User.id == m.Invitation.user_id)
+        .where(m.Invitation.expires_at > time.time())
+        .order_by(m.User.username)
+    )
+    return [(invitation, username) for invitation, username in rows]
+
+
+def invitations_for(system_session: Session, user_id: str) -> list[tuple[m.Invitation, m.Tenant]]:
+    """A person's own open invitations, across tenants (a system session: they are not in those tenants)."""
+    rows = system_session.execute(
+        select(m.Invitation, m.Tenant)
+        .join(m.Tenant, m.Tenant.id == m.Invitation.tenant_id)
+        .where(m.Invitation.user_id == user_id, m.Invitation.expires_at > time.time())
+        .order_by(m.Invitation.created_at)
+    )
+    return [(invitation, tenant) for invitation, tenant in rows]
+
+
+def answer_invitation(system_session: Session, user_id: str, invitation_id: str, *, accept: bool) -> m.Invitation:
+    """The invited person accepts (a membership with the invited role) or declines; 404 for anyone else's."""
+    invitation = system_session.get(m.Invitation, invitation_id, with_for_update=True)
+    if invitation is None or invitation.user_id != user_id or invitation.expires_at <= time.time():
+        raise NotFound(f"No invitation with id '{invitation_id}'", param="invitation_id")
+    if accept:
+        already = system_session.scalar(
+            select(m.Membership).where(m.Membership.user_id == user_id, m.Membership.tenant_id == invitation.tenant_id)
+        )
+        if already is None:
+            system_session.add(
+                m.Membership(id=new_id("mem_"), tenant_id=invitation.tenant_id, user_id=user_id, role=invitation.role)
+            )
+    system_session.delete(invitation)
+    system_session.flush()
+    return invitation
+
+
+def new_setup_link(system_session: Session, tenant_id: str, username: str, *, hours: float) -> tuple[Member, str]:
+    """A fresh first-sign-in link from a tenant admin, only for a person who never set up their account and
+    belongs to this tenant alone: for anyone else it would be a way to sign in as them. (A system session:
+    the person's memberships in other tenants count.)"""
+    row = system_session.execute(
+        select(m.Membership, m.User)
+        .join(m.User, m.User.id == m.Membership.user_id)
+        .where(m.User.username == username, m.Membership.tenant_id == tenant_id)
+    ).one_or_none()
+    if row is None:
+        raise NotFound(f"'{username}' is not a member of this tenant.", param="username", code="member_not_found")
+    member = Member(row[1], row[0])
+    memberships = system_session.scalar(
+        select(func.count()).select_from(m.Membership).where(m.Membership.user_id == member.user.id)
+    )
+    if member.user.password_hash is not None or member.user.is_platform_admin or memberships > 1:
+        raise Conflict(
+            f"'{username}' has set up their account (or belongs to other tenants): they sign in with their own "
+            "password. A forgotten password is reset by the platform operator: adaptery users reset-link.",
+            param="username",
+            code="account_set_up",
+        )
+    return member, create_login_token(system_session, tenant_id=tenant_id, user_id=member.user.id, hours=hours)
+
+
+def reset_link(system_session: Session, username: str, *, hours: float) -> tuple[m.Tenant, str]:
+    """The platform operator's link for a person who asked for one (a forgotten password): it signs them in
+    to their first tenant, where they set a new password without the old one."""
+    user = system_session.scalar(select(m.User).where(m.User.username == username))
+    membership = (
+        system_session.scalar(
+            select(m.Membership).where(m.Membership.user_id == user.id).order_by(m.Membership.created_at)
+        )
+        if user
+        else None
+    )
+    if user is None or membership is None:
+        raise NotFound(f"No person '{username}' in any tenant.", param="username")
+    token = create_login_token(
+        system_session, tenant_id=membership.tenant_id, user_id=user.id, hours=hours, purpose="reset"
+    )
+    return system_session.get(m.Tenant, membership.tenant_id), token
 
 
 def remove_member(session: Session, member: Member) -> None:

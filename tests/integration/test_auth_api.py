@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from adaptery.auth.principal import Role
+from adaptery.auth.secrets import hash_password
 from adaptery.db import models as m
 from adaptery.db.ids import new_id
 from adaptery.services import keys
@@ -102,10 +103,7 @@ def test_sign_in_link_works_once_and_gives_a_session_with_csrf(running):
 
 def test_repeated_wrong_passwords_lock_the_account(running):
     with running.platform.db.system() as s:
-        from adaptery.services import sessions
-
-        user = s.query(m.User).filter_by(username="owner").one()
-        sessions.set_password(s, user.id, "the right password")
+        s.query(m.User).filter_by(username="owner").one().password_hash = hash_password("the right password")
     for _ in range(5):
         assert running.client.post("/api/auth/login", json={"username": "owner", "password": "nope"}).status_code == 401
     locked = running.client.post("/api/auth/login", json={"username": "owner", "password": "the right password"})

@@ -23,10 +23,12 @@ class Expect:
     role: str | None = None  # least tenant role; None: public
     scopes: tuple[str, ...] = ()  # any of these key scopes suffices; (): any signed-in caller
     platform_admin: bool = False
+    person: bool = False  # the person themself in the web page: every API key gets 403
 
 
 PUBLIC = Expect()
 SIGNED_IN = Expect("viewer")
+PERSON = Expect("viewer", person=True)
 
 
 def need(role: str, *scopes: str) -> Expect:
@@ -44,7 +46,13 @@ EXPECT: dict[str, Expect] = {
     "GET /api/health": PUBLIC,
     "POST /api/auth/login": PUBLIC,
     "POST /api/auth/logout": SIGNED_IN,
-    "POST /api/auth/password": SIGNED_IN,
+    "POST /api/auth/password": PERSON,
+    "POST /api/auth/platform": PERSON,
+    "DELETE /api/auth/platform": PERSON,
+    "POST /api/auth/switch": PERSON,
+    "GET /api/invitations": SIGNED_IN,
+    "POST /api/invitations/{invitation_id}/accept": PERSON,
+    "POST /api/invitations/{invitation_id}/decline": PERSON,
     "GET /api/me": SIGNED_IN,
     "GET /v1/models": need("viewer", *MODELS_READ),
     "GET /v1/models/{model_id:path}": need("viewer", *MODELS_READ),
@@ -141,6 +149,8 @@ def expected(rule: Expect, caller: str, names_an_object: bool) -> str:
         return "ok"
     if caller in ("no_key", "revoked", "expired"):
         return "401"
+    if rule.person:
+        return "403"  # every caller here holds an API key
     if caller == "wrong_scope":
         return "403" if rule.scopes else "ok"
     if rule.platform_admin:

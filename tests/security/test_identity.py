@@ -1,0 +1,373 @@
+"""Who a person is, as an attacker tries it: invitations, sign-in links, passwords, platform power, keys.
+
+Each test is an attack that worked before (issue 14's takeovers): a tenant owner inviting another tenant's
+owner got a link that signed in as them, with platform power; a tenant admin rotated the owner's key and
+held the owner's role and the platform flag; a password changed with no proof; a key minted a wider child.
+"""
+
+from __future__ import annotations
+
+import time
+from unittest import mock
+
+import pytest
+from fastapi.testclient import TestClient
+
+from adaptery.auth.secrets import hash_password
+from adaptery.db import models as m
+from adaptery.services import sessions, tenants
+from tests.security.conftest import World
+
+PASSWORD = "correct horse battery"
+
+
+def set_password(world: World, username: str, password: str = PASSWORD) -> None:
+    with world.platform.db.system() as s:
+        s.query(m.User).filter_by(username=username).one().password_hash = hash_password(password)
+
+
+def browser(world: World, ip: str = "198.51.100.7") -> TestClient:
+    return TestClient(world.client.app, client=(ip, 40000))
+
+
+def sign_in(world: World, username: str, password: str = PASSWORD, ip: str = "198.51.100.7") -> TestClient:
+    client = browser(world, ip)
+    response = client.post("/api/auth/login", json={"username": username, "password": password})
+    assert response.status_code == 200, response.text
+    client.headers["x-csrf-token"] = client.cookies.get("adaptery_csrf")
+    return client
+
+
+def follow_link(world: World, login_url: str) -> TestClient:
+    client = browser(world)
+    response = client.get("/auth/link?" + login_url.split("?", 1)[1], follow_redirects=False)
+    assert response.headers["location"] == "/", "the link did not sign in"
+    client.headers["x-csrf-token"] = client.cookies.get("adaptery_csrf")
+    return client
+
+
+def other_owner(world: World) -> dict[str, str]:
+    """The owner of the other tenant, with their first key (an attacker who owns a tenant of their own)."""
+    created = world.running.new_tenant("attacker", "mallory")
+    return {"Authorization": f"Bearer {created.api_key}"}
+
+
+# -- 1. invitations never hand out a way to sign in as someone else ----------------------------------------
+
+
+@pytest.mark.parametrize("target", ["lab-owner", "lab-member", "owner"])  # owner: the platform admin
+def test_inviting_an_existing_person_gives_no_link_and_no_membership_until_they_accept(world: World, target: str):
+    attacker = other_owner(world)
+    response = world.client.post("/api/admin/members", headers=attacker, json={"username": target, "role": "viewer"})
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["status"] == "pending" and body["login_url"] is None
+    members = world.client.get("/api/admin/members", headers=attacker).json()["data"]
+    assert target not in [member["username"] for member in members]
+    link = world.client.post(f"/api/admin/members/{target}/link", headers=attacker)
+    assert link.status_code == 404  # not their member
+    with world.platform.db.system() as s:  # the attacker's tenant holds no link for the target
+        user = s.query(m.User).filter_by(username=target).one()
+        tenant = s.query(m.Tenant).filter_by(name="attacker").one()
+        assert s.query(m.LoginToken).filter_by(user_id=user.id, tenant_id=tenant.id).count() == 0
+
+
+def test_a_person_who_never_signed_in_is_not_handed_to_another_tenant_either(world: World):
+    invited = world.client.post("/api/admin/members", headers=world.auth("owner"), json={"username": "newcomer"})
+    assert invited.status_code == 201 and invited.json()["login_url"]
+    attacker = other_owner(world)
+    again = world.client.post("/api/admin/members", headers=attacker, json={"username": "newcomer"})
+    assert again.status_code == 201 and again.json()["login_url"] is None  # pending, no link
+
+
+def test_the_invited_person_accepts_signed_in_as_themself_and_switches_tenant(world: World):
+    set_password(world, "lab-member")
+    attacker = other_owner(world)
+    world.client.post("/api/admin/members", headers=attacker, json={"username": "lab-member", "role": "member"})
+    # an API key cannot answer for its person
+    mine = world.client.get("/api/invitations", headers=world.auth("member")).json()["data"]
+    assert len(mine) == 1 and mine[0]["tenant"]["name"] == "attacker"
+    by_key = world.client.post(f"/api/invitations/{mine[0]['id']}/accept", headers=world.auth("member"))
+    assert by_key.status_code == 403 and by_key.json()["error"]["code"] == "session_required"
+    # nobody else can answer it
+    outsider = sign_in_new(world, "lab-viewer")
+    assert outsider.post(f"/api/invitations/{mine[0]['id']}/accept").status_code == 404
+
+    client = sign_in(world, "lab-member")
+    assert client.get("/api/me").json()["invitations"] == 1
+    accepted = client.post(f"/api/invitations/{mine[0]['id']}/accept")
+    assert accepted.status_code == 200, accepted.text
+    tenants_of = {t["name"]: t for t in accepted.json()["tenants"]}
+    assert set(tenants_of) == {"lab", "attacker"} and tenants_of["attacker"]["role"] == "member"
+    assert client.get("/api/me").json()["tenant"]["name"] == "lab"  # still where it was
+    switched = client.post("/api/auth/switch", json={"tenant_id": tenants_of["attacker"]["id"]})
+    assert switched.status_code == 200 and switched.json()["tenant"]["name"] == "attacker"
+    client.headers["x-csrf-token"] = client.cookies.get("adaptery_csrf")
+    assert client.get("/api/me").json()["tenant"]["name"] == "attacker"
+    nowhere = client.post("/api/auth/switch", json={"tenant_id": world.other_tenant_id})
+    assert nowhere.status_code == 404
+
+
+def sign_in_new(world: World, username: str) -> TestClient:
+    set_password(world, username)
+    return sign_in(world, username)
+
+
+def test_a_new_link_is_only_for_someone_who_never_set_up_their_account(world: World):
+    owner = world.auth("owner")
+    invited = world.client.post("/api/admin/members", headers=owner, json={"username": "newbie"}).json()
+    fresh = world.client.post("/api/admin/members/newbie/link", headers=owner)
+    assert fresh.status_code == 200 and fresh.json()["login_url"] != invited["login_url"]
+    old = browser(world).get("/auth/link?" + invited["login_url"].split("?")[1], follow_redirects=False)
+    assert old.headers["location"] == "/?link=invalid"  # a new link replaces the old one
+
+    client = follow_link(world, fresh.json()["login_url"])
+    assert client.post("/api/auth/password", json={"password": PASSWORD}).status_code == 204
+    refused = world.client.post("/api/admin/members/newbie/link", headers=owner)
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "account_set_up"
+    set_password(world, "lab-admin")
+    admin = world.client.post("/api/admin/members/lab-admin/link", headers=owner)
+    assert admin.status_code == 409
+
+
+def test_a_setup_link_stops_working_once_its_person_has_a_password(world: World):
+    invited = world.client.post("/api/admin/members", headers=world.auth("owner"), json={"username": "late"}).json()
+    set_password(world, "late")  # they set one up some other way (an earlier link)
+    late = browser(world).get("/auth/link?" + invited["login_url"].split("?")[1], follow_redirects=False)
+    assert late.headers["location"] == "/?link=invalid"
+
+
+# -- 1. platform administration is a step-up, never inherited --------------------------------------------
+
+
+def test_a_platform_admins_tenant_session_has_no_platform_power_until_they_step_up(world: World):
+    set_password(world, "owner")
+    client = sign_in(world, "owner")
+    me = client.get("/api/me").json()
+    assert me["is_platform_admin"] is False and me["can_administer_platform"] is True
+    assert client.get("/api/platform/tenants").status_code == 403
+    wrong = client.post("/api/auth/platform", json={"password": "not it at all"})
+    assert wrong.status_code == 400 and wrong.json()["error"]["code"] == "wrong_password"
+    stepped = client.post("/api/auth/platform", json={"password": PASSWORD})
+    assert stepped.status_code == 200 and stepped.json()["is_platform_admin"] is True
+    assert client.get("/api/platform/tenants").status_code == 200
+    assert client.delete("/api/auth/platform").status_code == 204
+    assert client.get("/api/platform/tenants").status_code == 403
+
+
+def test_a_tenant_owner_cannot_step_up_and_a_link_session_carries_no_platform_power(world: World):
+    set_password(world, "lab-owner")
+    owner = sign_in(world, "lab-owner")
+    refused = owner.post("/api/auth/platform", json={"password": PASSWORD})
+    assert refused.status_code == 403
+    with world.platform.db.system() as s:
+        user = s.query(m.User).filter_by(username="owner").one()
+        tenant = s.query(m.Tenant).filter_by(name="default").one()
+        _, token = tenants.reset_link(s, user.username, hours=1)
+    client = follow_link(world, f"http://x/auth/link?token={token}")
+    assert tenant.id == client.get("/api/me").json()["tenant"]["id"]
+    assert client.get("/api/platform/tenants").status_code == 403
+
+
+def test_only_platform_keys_carry_platform_power_and_only_a_platform_admin_mints_them(world: World):
+    platform_key = world.auth("platform_admin")
+    assert world.client.get("/api/platform/tenants", headers=platform_key).status_code == 200
+    plain = world.client.post("/api/keys", headers=platform_key, json={"name": "everyday"}).json()
+    assert plain["platform"] is False
+    assert (
+        world.client.get("/api/platform/tenants", headers={"Authorization": f"Bearer {plain['value']}"}).status_code
+        == 403
+    )
+    refused = world.client.post("/api/keys", headers=world.auth("owner"), json={"platform": True})
+    assert refused.status_code == 403 and refused.json()["error"]["param"] == "platform"
+    minted = world.client.post("/api/keys", headers=platform_key, json={"platform": True}).json()
+    assert (
+        world.client.get("/api/platform/tenants", headers={"Authorization": f"Bearer {minted['value']}"}).status_code
+        == 200
+    )
+
+
+# -- 1. a password changes only with proof, and the change ends every other session ------------------------
+
+
+def test_a_password_change_needs_the_current_password_and_ends_other_sessions(world: World):
+    set_password(world, "lab-member")
+    by_key = world.client.post("/api/auth/password", headers=world.auth("member"), json={"password": "taken over!"})
+    assert by_key.status_code == 403 and by_key.json()["error"]["code"] == "session_required"
+    laptop, phone = sign_in(world, "lab-member"), sign_in(world, "lab-member", ip="203.0.113.9")
+    bare = laptop.post("/api/auth/password", json={"password": "new password 1"})
+    assert bare.status_code == 400 and bare.json()["error"]["param"] == "current_password"
+    wrong = laptop.post("/api/auth/password", json={"password": "new password 1", "current_password": "nope nope"})
+    assert wrong.status_code == 400 and wrong.json()["error"]["code"] == "wrong_password"
+    ok = laptop.post("/api/auth/password", json={"password": "new password 1", "current_password": PASSWORD})
+    assert ok.status_code == 204
+    assert laptop.get("/api/me").status_code == 200
+    assert phone.get("/api/me").status_code == 401  # every other session ended
+    events = world.client.get(
+        "/api/admin/audit", headers=world.auth("admin"), params={"action": "user.password_change"}
+    ).json()["data"]
+    assert [e["outcome"] for e in events] == ["success", "failure"]
+    assert all(e["actor"] == "lab-member" for e in events)
+
+
+def test_guessing_the_current_password_from_a_stolen_session_is_throttled(world: World):
+    set_password(world, "lab-member")
+    stolen = sign_in(world, "lab-member")
+    for i in range(world.platform.settings.login_max_failures):
+        stolen.post("/api/auth/password", json={"password": "new password 1", "current_password": f"guess {i}"})
+    locked = stolen.post("/api/auth/password", json={"password": "new password 1", "current_password": PASSWORD})
+    assert locked.status_code == 429
+
+
+def test_a_session_from_a_setup_link_sets_the_first_password_once(world: World):
+    invited = world.client.post("/api/admin/members", headers=world.auth("owner"), json={"username": "fresh"}).json()
+    client = follow_link(world, invited["login_url"])
+    assert client.post("/api/auth/password", json={"password": PASSWORD}).status_code == 204
+    again = client.post("/api/auth/password", json={"password": "another one 2"})
+    assert again.status_code == 400 and again.json()["error"]["param"] == "current_password"
+
+
+def test_a_stale_link_session_cannot_set_a_first_password(world: World):
+    invited = world.client.post("/api/admin/members", headers=world.auth("owner"), json={"username": "slow"}).json()
+    client = follow_link(world, invited["login_url"])
+    with world.platform.db.system() as s:
+        for record in s.query(m.WebSession).filter(m.WebSession.via_link.is_(True)):
+            record.created_at = time.time() - sessions.FRESH_LINK_SECONDS - 1
+    refused = client.post("/api/auth/password", json={"password": PASSWORD})
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "fresh_link_required"
+
+
+# -- 2. a key is its person's --------------------------------------------------------------------------------
+
+
+def _key_of(world: World, role: str) -> str:
+    return world.tokens[role].split("-")[2]
+
+
+def test_an_admin_can_neither_rotate_nor_revoke_the_owners_key(world: World):
+    owner_key = _key_of(world, "owner")
+    admin = world.auth("admin")
+    rotated = world.client.post(f"/api/keys/{owner_key}/rotate", headers=admin, json={})
+    assert rotated.status_code == 404
+    assert world.client.delete(f"/api/keys/{owner_key}", headers=admin).status_code == 404
+    assert world.client.patch(f"/api/keys/{owner_key}", headers=admin, json={"name": "x"}).status_code == 404
+    assert world.client.get("/v1/models", headers=world.auth("owner")).status_code == 200  # untouched
+
+
+def test_an_admin_revokes_but_never_rotates_the_keys_of_people_below_them(world: World):
+    member_key = _key_of(world, "member")
+    admin = world.auth("admin")
+    assert world.client.post(f"/api/keys/{member_key}/rotate", headers=admin, json={}).status_code == 404
+    listed = world.client.get("/api/keys", headers=admin).json()["data"]
+    assert member_key in [k["id"] for k in listed] and all("value" not in k for k in listed)
+    assert world.client.delete(f"/api/keys/{member_key}", headers=admin).status_code == 200
+    assert world.client.get("/v1/models", headers=world.auth("member")).status_code == 401
+
+
+def test_only_its_person_rotates_a_key(world: World):
+    member_key = _key_of(world, "member")
+    rotated = world.client.post(f"/api/keys/{member_key}/rotate", headers=world.auth("member"), json={})
+    assert rotated.status_code == 200 and rotated.json()["value"]
+    assert world.client.post(f"/api/keys/{member_key}/rotate", headers=world.auth("owner"), json={}).status_code == 404
+
+
+# -- 8. a child key is never wider than its parent ----------------------------------------------------------
+
+
+def _parent(world: World) -> dict[str, str]:
+    parent = world.client.post(
+        "/api/keys",
+        headers=world.auth("owner"),
+        json={
+            "scopes": ["admin", "inference"],
+            "allowed_models": ["adaptery-demo"],
+            "expires_in_days": 1,
+            "limits": {"requests_per_minute": 30, "concurrent_streams": 2},
+        },
+    ).json()
+    return {"Authorization": f"Bearer {parent['value']}"}
+
+
+def test_a_child_key_inherits_its_parents_bounds_when_it_names_none(world: World):
+    child = world.client.post("/api/keys", headers=_parent(world), json={})
+    assert child.status_code == 200, child.text
+    body = child.json()
+    assert body["allowed_models"] == ["adaptery-demo"] and body["expires_at"] is not None
+    assert body["expires_at"] <= time.time() + 86400 + 5
+    assert body["limits"]["requests_per_minute"] == 30 and body["limits"]["concurrent_streams"] == 2
+    assert body["scopes"] == ["admin", "inference"]
+
+
+@pytest.mark.parametrize(
+    ("wider", "param"),
+    [
+        ({"allowed_models": ["adaptery-demo", "MODEL"]}, "allowed_models[1]"),
+        ({"expires_in_days": 30}, "expires_in_days"),
+        ({"limits": {"requests_per_minute": 1000}}, "limits.requests_per_minute"),
+        ({"scopes": ["files"]}, "scopes"),
+        ({"platform": True}, "platform"),
+    ],
+)
+def test_a_child_key_asking_for_more_than_its_parent_is_refused(world: World, wider: dict, param: str):
+    if "allowed_models" in wider:
+        wider = {"allowed_models": ["adaptery-demo", world.ids["model_id"]]}
+    refused = world.client.post("/api/keys", headers=_parent(world), json=wider)
+    assert refused.status_code in (400, 403), refused.text
+    assert refused.json()["error"]["param"] == param
+
+
+def test_a_key_cannot_lift_limits_above_its_own(world: World):
+    parent = _parent(world)
+    child = world.client.post("/api/keys", headers=parent, json={"name": "child"}).json()
+    lifted = world.client.patch(
+        f"/api/keys/{child['id']}", headers=parent, json={"limits": {"requests_per_minute": None}}
+    )
+    assert lifted.status_code == 200 and lifted.json()["limits"]["requests_per_minute"] == 30
+    higher = world.client.patch(f"/api/keys/{child['id']}", headers=parent, json={"limits": {"concurrent_streams": 9}})
+    assert higher.status_code == 400
+
+
+# -- 9. sign-in tells nobody apart, and nobody locks out someone else -----------------------------------
+
+
+def test_an_unknown_username_costs_the_same_password_hash_as_a_known_one(world: World):
+    set_password(world, "lab-member")
+    with mock.patch.object(sessions, "verify_password", wraps=sessions.verify_password) as verify:
+        browser(world).post("/api/auth/login", json={"username": "nobody-here", "password": "whatever1"})
+        browser(world).post("/api/auth/login", json={"username": "lab-member", "password": "whatever1"})
+        browser(world).post("/api/auth/login", json={"username": "lab-viewer", "password": "whatever1"})  # no password
+    assert verify.call_count == 3
+
+
+def test_a_removed_person_reads_the_same_as_a_wrong_password(world: World):
+    set_password(world, "lab-target")
+    assert world.client.delete("/api/admin/members/lab-target", headers=world.auth("owner")).status_code == 204
+    removed = browser(world).post("/api/auth/login", json={"username": "lab-target", "password": PASSWORD})
+    wrong = browser(world).post("/api/auth/login", json={"username": "lab-member", "password": "whatever1"})
+    assert removed.status_code == wrong.status_code == 401 and removed.json() == wrong.json()
+
+
+def test_failures_from_one_source_do_not_lock_the_account_for_its_person(world: World):
+    set_password(world, "lab-owner")
+    attacker = browser(world, ip="192.0.2.66")
+    for i in range(world.platform.settings.login_max_failures + 3):
+        attacker.post("/api/auth/login", json={"username": "lab-owner", "password": f"guess-{i}"})
+    locked = attacker.post("/api/auth/login", json={"username": "lab-owner", "password": PASSWORD})
+    assert locked.status_code == 429 and int(locked.headers["retry-after"]) > 0
+    assert sign_in(world, "lab-owner", ip="198.51.100.20").get("/api/me").status_code == 200
+
+
+def test_a_source_spraying_many_accounts_is_locked_and_locks_grow(world: World):
+    settings = world.platform.settings
+    sprayer = browser(world, ip="192.0.2.99")
+    for i in range(settings.login_max_failures_per_source):
+        sprayer.post("/api/auth/login", json={"username": f"user-{i}", "password": "password1"})
+    set_password(world, "lab-viewer")
+    locked = sprayer.post("/api/auth/login", json={"username": "lab-viewer", "password": PASSWORD})
+    assert locked.status_code == 429
+    first = int(locked.headers["retry-after"])
+    with world.platform.db.system() as s:  # the lock ends; the next failure locks for twice as long
+        s.query(m.SignInThrottle).filter_by(key="source:192.0.2.99").one().locked_until = time.time() - 1
+    sprayer.post("/api/auth/login", json={"username": "user-x", "password": "password1"})
+    again = sprayer.post("/api/auth/login", json={"username": "lab-viewer", "password": PASSWORD})
+    assert again.status_code == 429 and int(again.headers["retry-after"]) > first
