@@ -235,7 +235,7 @@ class Platform:
 
     def validate_job(self, tenant_id: str, job_id: str) -> None:
         with self.db.tenant(tenant_id) as s:
-            job = finetuning.get_job(s, job_id)
+            job = finetuning.get_job(s, job_id, viewer=None)  # the platform itself
             finetuning.validate_files(s, self.blobs, job, self.token_budget(job.model))
 
     def adapter_dir(self, adapter: m.Adapter) -> Path:

@@ -2,6 +2,15 @@
 
 Statuses: validating_files → queued → running → succeeded | failed | cancelled. The agents that
 run jobs go through `services.queue`; this module is what the API's callers may do.
+
+Who sees a job. A job leads to weights: its adapter once it has one, and before that (its checkpoints) the
+adapter it started from, the parent job's for a job that `services.lineage` derived. So a caller sees a job
+exactly when they would see those weights (`models.sees_adapter`): by its adapter's visibility once that
+exists (a deleted adapter counts as private to the job's creator); until then by its parent job's, in turn;
+a job from a base model without an adapter yet is the tenant's. A job the caller may not see is not found
+by any lookup here, as if it did not exist (404, never 403): retrieve, list, events, checkpoints, cancel,
+pause, resume, and extend, continue or fork (which start from its weights). `viewer=None` is the platform
+itself (validating files in the background).
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
+from adaptery.auth import policy
 from adaptery.auth.principal import Principal
 from adaptery.db import models as m
 from adaptery.db.ids import new_id
@@ -187,8 +197,9 @@ def create_job(
     metadata: dict[str, str] | None = None,
     settings: Settings | None = None,
 ) -> m.FineTuningJob:
-    """`settings`: where given, the options are also checked against what this platform can train and serve."""
-    ref = models.get_model(session, model)
+    """`settings`: where given, the options are also checked against what this platform can train and serve.
+    A model `principal` may not see or use is not found, as one that does not exist."""
+    ref = models.get_model(session, model, viewer=principal)
     if ref.adapter is not None:
         raise InvalidRequest(
             "fine-tuning an already fine-tuned model is not supported yet; start from its base model", param="model"
@@ -333,30 +344,75 @@ def jobs_validating(system: Session) -> list[tuple[str, str]]:
     return [tuple(row) for row in rows]
 
 
-def get_job(session: Session, job_id: str) -> m.FineTuningJob:
+class _Sight:
+    """Which jobs one caller sees (the rule in the module's docstring), remembered across a listing's lineage."""
+
+    def __init__(self, session: Session, viewer: Principal) -> None:
+        self.session = session
+        self.viewer = viewer
+        self.shared = models.shared_with(session, viewer)
+        self.known: dict[str, bool] = {}
+
+    def sees(self, job: m.FineTuningJob) -> bool:
+        if job.id not in self.known:
+            self.known[job.id] = False  # a lineage that loops (never made) hides its jobs instead of recursing
+            self.known[job.id] = self._sees(job)
+        return self.known[job.id]
+
+    def _sees(self, job: m.FineTuningJob) -> bool:
+        if job.fine_tuned_model:
+            adapter = self.session.get(m.Adapter, job.fine_tuned_model)
+            if adapter is not None:
+                return models.sees_adapter(self.viewer, adapter, self.shared)
+            return self._private_to_creator(job, job.fine_tuned_model)
+        parent_id = (job.lineage or {}).get("parent_job")
+        if not parent_id:
+            return True
+        parent = self.session.get(m.FineTuningJob, parent_id)
+        return self.sees(parent) if parent is not None else self._private_to_creator(job, job.id)
+
+    def _private_to_creator(self, job: m.FineTuningJob, model_id: str) -> bool:
+        """Weights whose adapter is gone: seen as a private adapter of the job's creator would be."""
+        return policy.may_use_model(self.viewer, model_id) and policy.can_see_adapter(
+            self.viewer, visibility="private", created_by=job.user_id, shared_with=set()
+        )
+
+
+def get_job(session: Session, job_id: str, *, viewer: Principal | None) -> m.FineTuningJob:
+    """A job of the session's tenant that `viewer` may see; another's, or one it may not see, is not found."""
     job = session.scalar(select(m.FineTuningJob).where(m.FineTuningJob.id == job_id))
-    if job is None:
+    if job is None or (viewer is not None and not _Sight(session, viewer).sees(job)):
         raise NotFound(f"No fine-tuning job found with id '{job_id}'", param="fine_tuning_job_id")
     return job
 
 
-def list_jobs(session: Session, *, after: str | None, limit: int) -> tuple[list[m.FineTuningJob], bool]:
+def list_jobs(
+    session: Session, *, viewer: Principal, after: str | None, limit: int
+) -> tuple[list[m.FineTuningJob], bool]:
+    """The newest jobs `viewer` may see, `limit` at most, and whether more follow."""
     query = select(m.FineTuningJob)
     if after:
-        cursor = get_job(session, after)
+        cursor = get_job(session, after, viewer=viewer)
         query = query.where(
             (m.FineTuningJob.created_at < cursor.created_at)
             | ((m.FineTuningJob.created_at == cursor.created_at) & (m.FineTuningJob.id < cursor.id))
         )
-    rows = list(
-        session.scalars(query.order_by(m.FineTuningJob.created_at.desc(), m.FineTuningJob.id.desc()).limit(limit + 1))
-    )
+    query = query.order_by(m.FineTuningJob.created_at.desc(), m.FineTuningJob.id.desc())
+    sight = _Sight(session, viewer)
+    rows: list[m.FineTuningJob] = []
+    batch, offset = max(limit + 1, 100), 0
+    while len(rows) <= limit:
+        fetched = list(session.scalars(query.offset(offset).limit(batch)))
+        rows += [job for job in fetched if sight.sees(job)]
+        if len(fetched) < batch:
+            break
+        offset += batch
     return rows[:limit], len(rows) > limit
 
 
-def cancel_job(session: Session, job_id: str) -> m.FineTuningJob:
+def cancel_job(session: Session, job_id: str, *, viewer: Principal) -> m.FineTuningJob:
     """Cancelled at once for the caller; a running agent sees the flag at its next heartbeat."""
-    job = get_job(session, job_id)
+    job = get_job(session, job_id, viewer=viewer)
     if job.status in TERMINAL:
         raise InvalidRequest(
             f"Job {job_id} has already {job.status}; it cannot be cancelled.", param="fine_tuning_job_id"
@@ -367,10 +423,10 @@ def cancel_job(session: Session, job_id: str) -> m.FineTuningJob:
     return job
 
 
-def pause_job(session: Session, job_id: str) -> m.FineTuningJob:
+def pause_job(session: Session, job_id: str, *, viewer: Principal) -> m.FineTuningJob:
     """A queued job waits at once; a running one stops at its next step with a checkpoint (its agent
     reports it paused), and `resume_job` continues it from there."""
-    job = get_job(session, job_id)
+    job = get_job(session, job_id, viewer=viewer)
     if job.status not in ("queued", "running"):
         raise InvalidRequest(
             f"Job {job_id} is {job.status}; only a queued or running job can be paused.", param="fine_tuning_job_id"
@@ -384,8 +440,8 @@ def pause_job(session: Session, job_id: str) -> m.FineTuningJob:
     return job
 
 
-def resume_job(session: Session, job_id: str) -> m.FineTuningJob:
-    job = get_job(session, job_id)
+def resume_job(session: Session, job_id: str, *, viewer: Principal) -> m.FineTuningJob:
+    job = get_job(session, job_id, viewer=viewer)
     if job.status != "paused":
         raise InvalidRequest(
             f"Job {job_id} is {job.status}; only a paused job can be resumed.", param="fine_tuning_job_id"
@@ -396,8 +452,10 @@ def resume_job(session: Session, job_id: str) -> m.FineTuningJob:
     return job
 
 
-def list_events(session: Session, job_id: str, *, after: str | None, limit: int) -> tuple[list[m.JobEvent], bool]:
-    job = get_job(session, job_id)
+def list_events(
+    session: Session, job_id: str, *, viewer: Principal, after: str | None, limit: int
+) -> tuple[list[m.JobEvent], bool]:
+    job = get_job(session, job_id, viewer=viewer)
     query = select(m.JobEvent).where(m.JobEvent.job_id == job.id)
     if after:
         cursor = session.scalar(select(m.JobEvent).where(m.JobEvent.id == after, m.JobEvent.job_id == job.id))
@@ -409,12 +467,12 @@ def list_events(session: Session, job_id: str, *, after: str | None, limit: int)
 
 
 def list_checkpoints(
-    session: Session, job_id: str, *, after: str | None, limit: int
+    session: Session, job_id: str, *, viewer: Principal, after: str | None, limit: int
 ) -> tuple[list[m.JobCheckpoint], bool]:
-    job = get_job(session, job_id)
+    job = get_job(session, job_id, viewer=viewer)
     query = select(m.JobCheckpoint).where(m.JobCheckpoint.job_id == job.id)
     if after:
-        cursor = session.scalar(select(m.JobCheckpoint).where(m.JobCheckpoint.id == after))
+        cursor = session.scalar(query.where(m.JobCheckpoint.id == after))
         if cursor is None:
             raise NotFound(f"No checkpoint '{after}' in job '{job_id}'", param="after")
         query = query.where(m.JobCheckpoint.step < cursor.step)

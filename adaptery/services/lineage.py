@@ -85,8 +85,9 @@ def derive_job(
     training_file: str | None = None,
     validation_file: str | None = None,
 ) -> m.FineTuningJob:
-    """A new job (validating_files) starting from `parent_id`'s weights; another tenant's job is a 404."""
-    parent = finetuning.get_job(session, parent_id)
+    """A new job (validating_files) starting from `parent_id`'s weights. A parent `principal` may not see (another
+    tenant's, or one whose adapter is hidden from them: `finetuning`'s docstring) is a 404, as a missing one."""
+    parent = finetuning.get_job(session, parent_id, viewer=principal)
     if kind == "extend":
         epochs = _epochs(n_epochs, required=True)
         start = _final_adapter(session, parent, "extend")

@@ -62,29 +62,35 @@ def list_models(session: Session, viewer: Principal | None = None) -> list[Model
         refs.append(ModelRef(adapter.id, bases[adapter.base_model], adapter, tenant.name, adapter.created_at))
     if viewer is None:
         return refs
-    shared = _shared_with_viewer(session, viewer)
+    shared = shared_with(session, viewer)
     return [ref for ref in refs if _visible(viewer, ref, shared)]
 
 
-def _shared_with_viewer(session: Session, viewer: Principal) -> set[str]:
+def shared_with(session: Session, viewer: Principal) -> set[str]:
+    """The ids of the adapters shared with `viewer` by name (what `sees_adapter` needs)."""
     return set(session.scalars(select(m.AdapterShare.adapter_id).where(m.AdapterShare.user_id == viewer.user_id)))
 
 
-def _visible(viewer: Principal, ref: ModelRef, shared_adapter_ids: set[str]) -> bool:
-    if not policy.may_use_model(viewer, ref.id):
+def sees_adapter(viewer: Principal, adapter: m.Adapter, shared_adapter_ids: set[str]) -> bool:
+    """Whether `viewer` may see and use the adapter: its key allows it and its visibility shows it to them."""
+    if not policy.may_use_model(viewer, adapter.id):
         return False
-    if ref.adapter is None:
-        return True
-    members = {viewer.user_id} if ref.adapter.id in shared_adapter_ids else set()
+    members = {viewer.user_id} if adapter.id in shared_adapter_ids else set()
     return policy.can_see_adapter(
-        viewer, visibility=ref.adapter.visibility, created_by=ref.adapter.created_by, shared_with=members
+        viewer, visibility=adapter.visibility, created_by=adapter.created_by, shared_with=members
     )
+
+
+def _visible(viewer: Principal, ref: ModelRef, shared_adapter_ids: set[str]) -> bool:
+    if ref.adapter is not None:
+        return sees_adapter(viewer, ref.adapter, shared_adapter_ids)
+    return policy.may_use_model(viewer, ref.id)
 
 
 def get_model(session: Session, model_id: str, *, param: str = "model", viewer: Principal | None = None) -> ModelRef:
     """A model by id; with `viewer`, one it may not see or use is not found, exactly like one that does not exist."""
     ref = _get_model(session, model_id, param=param)
-    if viewer is not None and not _visible(viewer, ref, _shared_with_viewer(session, viewer)):
+    if viewer is not None and not _visible(viewer, ref, shared_with(session, viewer)):
         raise _not_found(model_id, param)
     return ref
 

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from adaptery.api.deps import platform, principal
 from adaptery.api.openai.objects import checkpoint_object, event_object, job_object, page
-from adaptery.auth.policy import check_model, require
+from adaptery.auth.policy import require
 from adaptery.auth.principal import Principal
 from adaptery.platform import Platform
 from adaptery.services import audit, finetuning, limits
@@ -43,7 +43,6 @@ def create_job(
     require(who, "fine_tune")
     if body.integrations:
         raise InvalidRequest("integrations are not supported on this server", param="integrations")
-    check_model(who, body.model)
     limits.check_training(p.db, who)
     with p.db.tenant(who.tenant_id) as s:
         job = finetuning.create_job(
@@ -74,14 +73,14 @@ def list_jobs(
     p: Platform = Depends(platform),
 ) -> dict:
     with p.db.tenant(who.tenant_id) as s:
-        rows, has_more = finetuning.list_jobs(s, after=after, limit=limit)
+        rows, has_more = finetuning.list_jobs(s, viewer=who, after=after, limit=limit)
         return page([job_object(j) for j in rows], has_more)
 
 
 @router.get("/jobs/{job_id}")
 def retrieve_job(job_id: str, who: Principal = Depends(principal), p: Platform = Depends(platform)) -> dict:
     with p.db.tenant(who.tenant_id) as s:
-        return job_object(finetuning.get_job(s, job_id))
+        return job_object(finetuning.get_job(s, job_id, viewer=who))
 
 
 @router.post("/jobs/{job_id}/cancel")
@@ -89,8 +88,8 @@ def cancel_job(job_id: str, who: Principal = Depends(principal), p: Platform = D
     require(who, "fine_tune")
     with p.db.tenant(who.tenant_id) as s:
         audit.record(s, who, "job.cancel", target=job_id)
-        agent = finetuning.get_job(s, job_id).lease_owner
-        cancelled = job_object(finetuning.cancel_job(s, job_id))
+        agent = finetuning.get_job(s, job_id, viewer=who).lease_owner
+        cancelled = job_object(finetuning.cancel_job(s, job_id, viewer=who))
     p.notify_agent(agent, job_id, "cancel")
     return cancelled
 
@@ -99,7 +98,7 @@ def cancel_job(job_id: str, who: Principal = Depends(principal), p: Platform = D
 def pause_job(job_id: str, who: Principal = Depends(principal), p: Platform = Depends(platform)) -> dict:
     require(who, "fine_tune")
     with p.db.tenant(who.tenant_id) as s:
-        job = finetuning.pause_job(s, job_id)
+        job = finetuning.pause_job(s, job_id, viewer=who)
         agent, paused = job.lease_owner, job_object(job)
     p.notify_agent(agent, job_id, "pause")
     return paused
@@ -109,7 +108,7 @@ def pause_job(job_id: str, who: Principal = Depends(principal), p: Platform = De
 def resume_job(job_id: str, who: Principal = Depends(principal), p: Platform = Depends(platform)) -> dict:
     require(who, "fine_tune")
     with p.db.tenant(who.tenant_id) as s:
-        return job_object(finetuning.resume_job(s, job_id))
+        return job_object(finetuning.resume_job(s, job_id, viewer=who))
 
 
 @router.get("/jobs/{job_id}/events")
@@ -121,7 +120,7 @@ def list_events(
     p: Platform = Depends(platform),
 ) -> dict:
     with p.db.tenant(who.tenant_id) as s:
-        rows, has_more = finetuning.list_events(s, job_id, after=after, limit=limit)
+        rows, has_more = finetuning.list_events(s, job_id, viewer=who, after=after, limit=limit)
         return page([event_object(e) for e in rows], has_more)
 
 
@@ -134,5 +133,5 @@ def list_checkpoints(
     p: Platform = Depends(platform),
 ) -> dict:
     with p.db.tenant(who.tenant_id) as s:
-        rows, has_more = finetuning.list_checkpoints(s, job_id, after=after, limit=limit)
+        rows, has_more = finetuning.list_checkpoints(s, job_id, viewer=who, after=after, limit=limit)
         return page([checkpoint_object(c) for c in rows], has_more, with_ids=True)
