@@ -14,7 +14,7 @@ from adaptery.auth import policy
 from adaptery.auth.principal import Principal, Role
 from adaptery.db import models as m
 from adaptery.platform import Platform
-from adaptery.services import audit, limits
+from adaptery.services import audit, limits, tenants
 from adaptery.services.errors import Conflict, NotFound, PermissionDenied
 
 router = APIRouter(tags=["admin"])
@@ -92,8 +92,18 @@ def _members(session: Any) -> list[dict[str, Any]]:
 
 @router.get("/api/admin/members")
 def list_members(who: Principal = Depends(principal), p: Platform = Depends(platform)) -> dict[str, Any]:
+    """The tenant's members, and the invitations of people who have not answered yet."""
     with p.db.tenant(who.tenant_id) as s:
-        return {"object": "list", "data": _members(s)}
+        invitations = [
+            {
+                "username": username,
+                "role": inv.role,
+                "created_at": int(inv.created_at),
+                "expires_at": int(inv.expires_at),
+            }
+            for inv, username in tenants.list_invitations(s)
+        ]
+        return {"object": "list", "data": _members(s), "invitations": invitations}
 
 
 @router.put("/api/admin/members/{username}")

@@ -383,6 +383,53 @@ def test_a_member_of_another_tenant_sees_none_of_it(journey: Journey) -> None:
     context.close()
 
 
+def test_someone_with_an_account_is_invited_accepts_and_switches_workspace(journey: Journey) -> None:
+    created = journey.server.cli("tenants", "create", "third-lab", "--owner", "carol")
+    assert created.returncode == 0, created.stderr
+    token = re.search(r"ADAPTERY_LOGIN_URL=\S+/auth/link\?token=(\S+)", created.stdout).group(1)
+    context = journey.browser.new_context(viewport={"width": 1280, "height": 860})
+    carol = context.new_page()
+    carol.goto(f"{journey.server.url}/auth/link?token={token}")
+    expect(carol.locator("#tenant-name")).to_have_text("third-lab")
+    expect(carol.locator("#tenant-switch")).to_be_hidden()
+
+    page = journey.page
+    journey.go("admin")
+    page.fill("#invite-username", "carol")
+    page.select_option("#invite-role", "member")
+    page.click("#invite-submit")
+    expect(page.locator("#invite-link")).to_contain_text("already has an account")
+    expect(page.locator("#invite-link-value")).to_have_count(0)  # no link that signs in as carol
+    expect(page.locator("#members")).to_contain_text("Invitations waiting")
+
+    carol.reload()
+    expect(carol.locator("#invitations-banner")).to_contain_text("default invites you as member")
+    carol.get_by_role("button", name="Accept").click()
+    expect(carol.locator("#invitations-banner")).to_be_hidden()
+    expect(carol.locator("#tenant-switch")).to_be_visible()
+    carol.select_option("#tenant-switch", label="default (member)")
+    expect(carol.locator("#tenant-name")).to_have_text("default")
+    carol.goto(f"{journey.server.url}/#/datasets")
+    expect(carol.get_by_role("link", name="lab-facts")).to_be_visible()
+    context.close()
+
+
+def test_platform_administration_is_a_step_up_with_the_password(journey: Journey) -> None:
+    page = journey.page
+    journey.go("admin")
+    expect(page.locator("#platform-form")).to_be_visible()
+    expect(page.locator("#tenants")).to_have_count(0)  # the tenant session carries no platform power
+    page.fill("#platform-password", "not my password")
+    page.click("#platform-form button[type=submit]")
+    expect(page.locator("#view")).to_contain_text("password is wrong")
+    page.fill("#platform-password", PASSWORD)
+    page.click("#platform-form button[type=submit]")
+    expect(page.locator("#tenants")).to_contain_text("third-lab")
+    journey.shot("admin-platform")
+    page.click("#platform-leave")
+    expect(page.locator("#tenants")).to_have_count(0)
+
+
 def test_pages_fit_a_phone(journey: Journey) -> None:
     page = journey.page
     page.set_viewport_size({"width": 375, "height": 800})

@@ -30,6 +30,9 @@ function objectTable(rows, caption, empty) {
 }
 
 function linkBox(result) {
+  if (!result.login_url) {
+    return h("p", { class: "notice", id: "invite-link", role: "status" }, result.message || `${result.username} is invited; they join once they accept.`);
+  }
   const copy = h("button", { type: "button", class: "btn btn-small" }, "Copy");
   copy.addEventListener("click", () => copyText(result.login_url, copy));
   return h(
@@ -98,6 +101,24 @@ async function membersCard(ctx) {
         }),
         { caption: "Members" },
       ),
+      (members.invitations || []).length
+        ? table(
+            ["Invited", "Role", "Until", ""],
+            members.invitations.map((inv) => {
+              const withdraw = h("button", { type: "button", class: "btn btn-small" }, "Withdraw");
+              withdraw.addEventListener("click", async () => {
+                try {
+                  await api(`/api/admin/members/${encodeURIComponent(inv.username)}`, { method: "DELETE" });
+                  draw();
+                } catch (err) {
+                  showError(error, err);
+                }
+              });
+              return [h("strong", {}, inv.username), inv.role, fmtTime(inv.expires_at), withdraw];
+            }),
+            { caption: "Invitations waiting for an answer" },
+          )
+        : null,
     );
   }
 
@@ -184,14 +205,43 @@ async function tenantsCard() {
   );
 }
 
+/** Platform administration is a step-up: the password again, for a few minutes, in this session only. */
+function platformCard(ctx, rerender) {
+  const error = errorBox();
+  if (ctx.me.is_platform_admin) {
+    const leave = h("button", { type: "button", class: "btn btn-small", id: "platform-leave" }, "Leave platform administration");
+    leave.addEventListener("click", async () => {
+      await api("/api/auth/platform", { method: "DELETE" });
+      ctx.me.is_platform_admin = false;
+      rerender();
+    });
+    return h("p", { class: "muted" }, `Platform administration until ${fmtTime(ctx.me.platform_admin_until)}. `, leave);
+  }
+  const password = h("input", { type: "password", id: "platform-password", autocomplete: "current-password", placeholder: "Your password" });
+  const form = h("form", { class: "inline-form", id: "platform-form", novalidate: true }, field("Password", password), h("button", { type: "submit", class: "btn btn-primary" }, "Enter platform administration"));
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    showError(error, null);
+    try {
+      Object.assign(ctx.me, await api("/api/auth/platform", { method: "POST", body: { password: password.value } }));
+      rerender();
+    } catch (err) {
+      showError(error, err);
+    }
+  });
+  return section("Platform administration", h("p", { class: "muted" }, "Every tenant's limits and usage. Enter your password again to administer the platform for a few minutes."), form, error);
+}
+
 export async function renderAdmin(root, ctx) {
   if (!ctx.isAdmin()) {
     clear(root, h("h1", { class: "page-title" }, "Admin"), h("p", { class: "notice" }, "Administration is for workspace owners, admins and platform administrators."));
     return null;
   }
   const tenantAdmin = ["owner", "admin"].includes(ctx.me.role);
+  const rerender = () => renderAdmin(root, ctx);
   const parts = await Promise.all([
     tenantAdmin ? membersCard(ctx) : null,
+    ctx.me.can_administer_platform ? platformCard(ctx, rerender) : null,
     ctx.me.is_platform_admin ? tenantsCard() : null,
     agentsCard(),
     tenantAdmin ? usageCard() : null,

@@ -26,7 +26,7 @@ const ctx = {
     return state.me;
   },
   isAdmin() {
-    return ["owner", "admin"].includes(state.me.role) || state.me.is_platform_admin;
+    return ["owner", "admin"].includes(state.me.role) || state.me.can_administer_platform;
   },
   canWrite() {
     return state.me.role !== "viewer";
@@ -114,7 +114,11 @@ function showApp(me) {
   $("#user-role").textContent = me.is_platform_admin ? `${me.role}, platform admin` : me.role;
   $("#password-username").value = me.user.username;
   $("#nav-admin").hidden = !ctx.isAdmin();
-  $("#password-banner").hidden = me.has_password;
+  showPasswordForm(!me.has_password);
+  const switcher = $("#tenant-switch");
+  switcher.hidden = (me.tenants || []).length < 2;
+  clear(switcher, ...(me.tenants || []).map((t) => h("option", { value: t.id, selected: t.id === me.tenant.id }, `${t.name} (${t.role})`)));
+  drawInvitations(me);
   if (location.search) history.replaceState(null, "", `/${location.hash}`);
   route();
 }
@@ -162,6 +166,17 @@ async function onLogout() {
   }
 }
 
+/** The first password (just after a one-time link: no current one asked), or a change (the current one). */
+function showPasswordForm(visible) {
+  const changing = Boolean(state.me && state.me.has_password);
+  $("#password-banner").hidden = !visible;
+  $("#current-password").hidden = !changing;
+  $("#password-banner-title").textContent = changing ? "Change your password" : "Set a password";
+  $("#password-banner-desc").textContent = changing
+    ? "Give your current password and a new one (at least 8 characters). Your other sessions end."
+    : "You signed in with a one-time link. Choose a password (at least 8 characters) to sign in again later.";
+}
+
 async function onSetPassword(event) {
   event.preventDefault();
   const error = $("#password-error");
@@ -171,13 +186,50 @@ async function onSetPassword(event) {
     showError(error, new Error("Use at least 8 characters."));
     return;
   }
+  const body = { password };
+  if (state.me.has_password) body.current_password = $("#current-password").value;
   try {
-    await api("/api/auth/password", { method: "POST", body: { password } });
+    await api("/api/auth/password", { method: "POST", body });
     $("#password-banner").hidden = true;
+    $("#new-password").value = "";
+    $("#current-password").value = "";
     state.me.has_password = true;
     ctx.toast("Password saved. Next time, sign in with your username and password.");
   } catch (err) {
     showError(error, err);
+  }
+}
+
+async function drawInvitations(me) {
+  const banner = $("#invitations-banner");
+  banner.hidden = !me.invitations;
+  if (!me.invitations) return;
+  const invitations = await api("/api/invitations");
+  const rows = invitations.data.map((inv) => {
+    const answer = (verb) => async () => {
+      try {
+        showApp(await api(`/api/invitations/${encodeURIComponent(inv.id)}/${verb}`, { method: "POST" }));
+        ctx.toast(verb === "accept" ? `You joined ${inv.tenant.name}; switch to it at the top.` : `Invitation from ${inv.tenant.name} declined.`);
+      } catch (err) {
+        ctx.toast(err.message);
+      }
+    };
+    const accept = h("button", { type: "button", class: "btn btn-primary btn-small" }, "Accept");
+    accept.addEventListener("click", answer("accept"));
+    const decline = h("button", { type: "button", class: "btn btn-quiet btn-small" }, "Decline");
+    decline.addEventListener("click", answer("decline"));
+    return h("p", { class: "invitation" }, h("strong", {}, inv.tenant.name), ` invites you as ${inv.role}. `, accept, " ", decline);
+  });
+  clear($("#invitations-list"), ...rows);
+}
+
+async function onSwitchTenant() {
+  state.catalog = null;
+  try {
+    showApp(await api("/api/auth/switch", { method: "POST", body: { tenant_id: $("#tenant-switch").value } }));
+    ctx.toast(`Now in ${state.me.tenant.name}.`);
+  } catch (err) {
+    ctx.toast(err.message);
   }
 }
 
@@ -186,6 +238,8 @@ function init() {
   $("#logout").addEventListener("click", onLogout);
   $("#set-password-form").addEventListener("submit", onSetPassword);
   $("#dismiss-banner").addEventListener("click", () => ($("#password-banner").hidden = true));
+  $("#change-password").addEventListener("click", () => showPasswordForm($("#password-banner").hidden));
+  $("#tenant-switch").addEventListener("change", onSwitchTenant);
   window.addEventListener("hashchange", route);
   onUnauthenticated(() => {
     if (state.me) showLogin();
