@@ -48,7 +48,13 @@ class FirstStart:
 class Platform:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        # The data dir and what it keeps are the platform's alone (`storage.modes`). blobs/, keys/ and tls/ are
+        # made 0700 where they are made; any left open to others by an older version is tightened, as are the rest.
+        for directory in (settings.data_dir, settings.models_dir):
+            private_dir(directory)
+        for made_before in (settings.master_key_file.parent, settings.tls_dir, settings.nats_dir, settings.work_dir):
+            if made_before.is_dir():
+                private_dir(made_before)
         self.db = Database(settings.resolved_database_url)
         self.master_keys = LocalKeyProvider.from_environment(settings.master_key_file)
         self.keyring = Keyring(self.db, self.master_keys)

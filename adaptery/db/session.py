@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -9,10 +10,11 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from adaptery.db import tenancy  # noqa: F401 - registers the tenant filter on every Session
+from adaptery.storage.modes import PRIVATE_FILE, tighten
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
@@ -24,9 +26,29 @@ def normalise_url(url: str) -> str:
     return url
 
 
+def private_sqlite_file(url: str) -> None:
+    """Make the database file readable by its owner only before SQLite opens it, and tighten one of ours.
+
+    SQLite creates the file under the process's umask (0644 as a rule) and gives its -wal, -shm and -journal
+    files the database file's own mode: a 0600 database keeps them all 0600.
+    """
+    database = make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = Path(database)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE))  # an empty file: an empty db
+    except FileExistsError:
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            tighten(path.with_name(path.name + suffix), PRIVATE_FILE)
+    except FileNotFoundError:
+        pass  # no such directory: SQLite says so when it connects
+
+
 def make_engine(url: str) -> Engine:
     url = normalise_url(url)
     if url.startswith("sqlite"):
+        private_sqlite_file(url)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from adaptery.messaging import protocol
+from adaptery.storage.modes import private_dir
 
 log = logging.getLogger("adaptery.nats")
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -131,7 +132,7 @@ class NatsServer:
         from adaptery.db.ids import random_token
         from adaptery.messaging.credentials import hash_secret
 
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.state_dir)  # its configuration holds the hashes of agents' secrets
         self.port = self._choose_port()
         self.control_password = random_token(40)
         self._control_hash = hash_secret(self.control_password)

@@ -19,6 +19,7 @@ from typing import BinaryIO
 
 from adaptery.storage.crypto import DecryptingReader, SegmentWriter, plaintext_size
 from adaptery.storage.keys import Keyring
+from adaptery.storage.modes import private_dir
 
 CHUNK = 1024 * 1024
 
@@ -72,8 +73,7 @@ class BlobStore:
         self.root = root
         self.keyring = keyring
         self.scratch = scratch
-        self._tmp = root / "tmp"
-        self._tmp.mkdir(parents=True, exist_ok=True)
+        self._tmp = private_dir(private_dir(root) / "tmp")
         scratch.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def path(self, tenant_id: str, sha256: str) -> Path:
