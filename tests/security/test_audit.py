@@ -9,6 +9,8 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
+from adaptery.auth.secrets import hash_password
+from adaptery.db import models as m
 from adaptery.services import audit
 from tests.conftest import SAMPLE_CHAT
 from tests.security.conftest import World
@@ -33,9 +35,17 @@ def drop_append_only_triggers(world: World) -> None:
 def test_security_relevant_actions_are_recorded_for_the_tenant(world: World):
     client, owner, member = world.client, world.auth("owner"), world.auth("member")
     adapter = world.ids["model_id"]
-    client.post("/api/auth/password", headers=owner, json={"password": "correct horse battery"})
+    with world.platform.db.system() as s:
+        s.query(m.User).filter_by(username="lab-owner").one().password_hash = hash_password("correct horse battery")
     client.post("/api/auth/login", json={"username": "lab-owner", "password": "wrong password"})
     client.post("/api/auth/login", json={"username": "lab-owner", "password": "correct horse battery"})
+    changed = client.post(
+        "/api/auth/password",
+        headers={"x-csrf-token": client.cookies.get("adaptery_csrf")},
+        json={"password": "a new password", "current_password": "correct horse battery"},
+    )
+    assert changed.status_code == 204, changed.text
+    client.cookies.clear()
     key = client.post("/api/keys", headers=owner, json={"name": "x"}).json()
     client.post(f"/api/keys/{key['id']}/rotate", headers=owner, json={"overlap_seconds": 0})
     client.delete(f"/api/keys/{key['id']}", headers=owner)
@@ -56,6 +66,7 @@ def test_security_relevant_actions_are_recorded_for_the_tenant(world: World):
     for expected in (
         ("auth.sign_in", "failure"),
         ("auth.sign_in", "success"),
+        ("user.password_change", "success"),
         ("key.create", "success"),
         ("key.rotate", "success"),
         ("key.revoke", "success"),
