@@ -18,7 +18,7 @@ from adaptery.db import models as m
 from adaptery.db.ids import new_id
 from adaptery.platform import Platform
 from adaptery.services import keys
-from tests.conftest import SAMPLE_CHAT
+from tests.conftest import BACKENDS, SAMPLE_CHAT, PostgresDatabases
 from tests.integration.conftest import Running, make_settings
 
 
@@ -84,6 +84,26 @@ def platform_running(tmp_path: Path, database_url: str, demo_model_dir: Path) ->
         yield Running(platform, client, first)
 
 
+@pytest.fixture(scope="module", params=BACKENDS)
+def platform_once(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    postgres: PostgresDatabases | None,
+    demo_model_dir: Path,
+) -> Iterator[Running]:
+    """`platform_running`, once for a module whose tests leave the objects they aim at as they found them."""
+    tmp_path = tmp_path_factory.mktemp("platform")
+    url = f"sqlite:///{tmp_path / 'adaptery.db'}" if request.param == "sqlite" else postgres.create()
+    platform = Platform(make_settings(tmp_path, url, demo_model_dir, embedded_agent=False))
+    first = platform.prepare()
+    try:
+        with TestClient(create_app(platform)) as client:
+            yield Running(platform, client, first)
+    finally:
+        if request.param != "sqlite":
+            postgres.drop(url)
+
+
 @pytest.fixture(scope="session")
 def lora_bytes(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> bytes:
     return lora_zip(demo_model_dir, tmp_path_factory.mktemp("lora"))
@@ -91,7 +111,15 @@ def lora_bytes(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 @pytest.fixture
 def world(platform_running: Running, lora_bytes: bytes) -> World:
-    running = platform_running
+    return build_world(platform_running, lora_bytes)
+
+
+@pytest.fixture(scope="module")
+def world_once(platform_once: Running, lora_bytes: bytes) -> World:
+    return build_world(platform_once, lora_bytes)
+
+
+def build_world(running: Running, lora_bytes: bytes) -> World:
     p = running.platform
     lab = running.new_tenant("lab", "lab-owner")
     other = running.new_tenant("elsewhere", "else-owner")

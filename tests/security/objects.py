@@ -110,12 +110,17 @@ def training_from(world: World, username: str, parent: Trained) -> Trained:
         return Trained(job.id, None, checkpoint.id)
 
 
-def training(world: World, username: str) -> str:
-    """A job of `username` from the base model, still training: no adapter yet."""
+def training(world: World, username: str, weights: Trained) -> Trained:
+    """A job of `username` from the base model, still training (no adapter yet), whose first checkpoint holds
+    `weights`' adapter files (any real LoRA files serve)."""
     with world.platform.db.tenant(world.tenant_id) as s:
+        files = s.get(m.Adapter, weights.model_id).manifest
         job = _job(world, world.users[username], status="running")
         s.add(job)
-        return job.id
+        s.flush()
+        checkpoint = _checkpoint(job, files, models.fine_tuned_model_name(BASE, "lab", None, job.id))
+        s.add(checkpoint)
+        return Trained(job.id, None, checkpoint.id)
 
 
 def copy_adapter(world: World, model_id: str) -> str:
@@ -181,7 +186,10 @@ def copy_dataset(world: World, dataset_id: str) -> str:
     with world.platform.db.tenant(world.tenant_id) as s:
         dataset = s.get(m.Dataset, dataset_id)
         copy = m.Dataset(
-            id=new_id("ds_"), tenant_id=dataset.tenant_id, name=dataset.name, created_by=dataset.created_by
+            id=new_id("ds_"),
+            tenant_id=dataset.tenant_id,
+            name=f"{dataset.name}-{random_token(6)}",
+            created_by=dataset.created_by,
         )
         s.add(copy)
         return copy.id
