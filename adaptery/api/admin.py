@@ -82,12 +82,16 @@ def read_limits(who: Principal = Depends(principal), p: Platform = Depends(platf
 
 
 def _members(session: Any) -> list[dict[str, Any]]:
+    """`set_up`: the person has a password (a new sign-in link is then refused: they sign in themself)."""
     rows = session.execute(
-        select(m.User.username, m.User.id, m.Membership.role, m.Membership.created_at)
+        select(m.User.username, m.User.id, m.Membership.role, m.Membership.created_at, m.User.password_hash)
         .join(m.Membership, m.Membership.user_id == m.User.id)
         .order_by(m.User.username)
     )
-    return [{"username": u, "user_id": i, "role": r, "created_at": int(c)} for u, i, r, c in rows]
+    return [
+        {"username": u, "user_id": i, "role": r, "created_at": int(c), "set_up": password is not None}
+        for u, i, r, c, password in rows
+    ]
 
 
 @router.get("/api/admin/members")

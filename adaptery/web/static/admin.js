@@ -76,7 +76,7 @@ async function membersCard(ctx) {
           });
           const actions = [];
           if (!me) {
-            const link = h("button", { type: "button", class: "btn btn-small" }, "New sign-in link");
+            const link = h("button", { type: "button", class: "btn btn-small", hidden: m.set_up }, "New sign-in link");
             link.addEventListener("click", async () => {
               showError(error, null);
               try {
@@ -97,7 +97,8 @@ async function membersCard(ctx) {
             });
             actions.push(link, remove);
           }
-          return [h("strong", {}, m.username, me ? " (you)" : ""), select, fmtTime(m.created_at), h("span", { class: "row-actions" }, actions)];
+          const joined = m.set_up ? fmtTime(m.created_at) : h("span", { class: "muted" }, "not signed in yet");
+          return [h("strong", {}, m.username, me ? " (you)" : ""), select, joined, h("span", { class: "row-actions" }, actions)];
         }),
         { caption: "Members" },
       ),
@@ -140,7 +141,7 @@ async function membersCard(ctx) {
     }
   });
   await draw();
-  return h("section", { class: "card", id: "members-card" }, h("h2", { class: "card-title" }, "Members and roles"), h("p", { class: "muted" }, "Invite someone by username (lowercase letters, digits and '-'): you get a one-time sign-in link to send them."), form, error, shown, listBox);
+  return h("section", { class: "card", id: "members-card" }, h("h2", { class: "card-title" }, "Members and roles"), h("p", { class: "muted" }, "Invite someone by username (lowercase letters, digits and '-'). Someone new gets a one-time sign-in link for you to send them; someone who already has an account sees your invitation when they sign in, and joins once they accept."), form, error, shown, listBox);
 }
 
 async function usageCard() {
@@ -215,7 +216,7 @@ function platformCard(ctx, rerender) {
       ctx.me.is_platform_admin = false;
       rerender();
     });
-    return h("p", { class: "muted" }, `Platform administration until ${fmtTime(ctx.me.platform_admin_until)}. `, leave);
+    return section("Platform administration", h("p", { class: "muted" }, `You administer the platform until ${fmtTime(ctx.me.platform_admin_until)}. `, leave));
   }
   const password = h("input", { type: "password", id: "platform-password", autocomplete: "current-password", placeholder: "Your password" });
   const form = h("form", { class: "inline-form", id: "platform-form", novalidate: true }, field("Password", password), h("button", { type: "submit", class: "btn btn-primary" }, "Enter platform administration"));
