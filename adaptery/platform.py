@@ -107,8 +107,8 @@ class Platform:
                 self.settings.bootstrap_tenant,
                 self.settings.bootstrap_username,
                 login_link_hours=self.settings.login_link_hours,
+                platform_admin=True,  # the first person in runs the platform (sets tenant limits)
             )
-            created.owner.is_platform_admin = True  # the first person in runs the platform (sets tenant limits)
             return FirstStart(
                 tenant=created.tenant.name,
                 username=created.owner.username,
