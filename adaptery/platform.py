@@ -71,6 +71,8 @@ class Platform:
             max_batch=settings.engine_max_batch,
             quantize=None if settings.engine_quantize == "none" else settings.engine_quantize,
             adapter_dtype=settings.engine_adapter_dtype,
+            request_timeout_s=settings.engine_request_timeout_seconds,
+            max_bytes_per_token=settings.engine_max_bytes_per_token,
         )
         self.embeddings = EmbeddingModel(settings.embedding_model)
         self.queue = JobQueue(

@@ -10,6 +10,13 @@ and it waits at the head of the queue, to be recomputed (prompt + what it genera
 request is dropped. A request's adapter starts loading (on the store's loader thread) the moment the
 request is submitted, so loading overlaps the steps that run while it queues; the engine keeps no
 state per registered adapter, only per adapter in memory or in use.
+
+Nothing a request contains may wedge the thread. `submit` refuses a prompt with no tokens (it would
+hold a batch slot with nothing to compute, and the loop would spin on it: 32 empty prompts once filled
+the batch until a restart) or with ids outside the vocabulary, so every running sequence has at least
+one token to compute each step. A request still in the engine `request_timeout` seconds after it was
+submitted, queued or running, is ended with finish "timeout" and its slot and KV blocks freed; a
+sampling error ends only the request it belongs to.
 """
 
 from __future__ import annotations
@@ -39,8 +46,12 @@ log = logging.getLogger("adaptery.engine")
 class Event:
     token: int | None = None
     logprob: TokenLogprob | None = None
-    finish: str | None = None  # "stop" | "length" | "error"
+    finish: str | None = None  # "stop" | "length" | "error" | "timeout"
     error: str | None = None
+
+
+def deadline_message(timeout: float) -> str:
+    return f"the request was still in the engine at its deadline of {timeout:g} s and was ended"
 
 
 class Request:
@@ -66,6 +77,7 @@ class Sequence:
     adapter_path: Path | None
     generator: torch.Generator | None
     submitted: float
+    deadline: float  # perf_counter() time past which the request is ended
     adapter: PreparedAdapter | None = None
     table: list[int] = field(default_factory=list)
     cached: int = 0
@@ -94,12 +106,14 @@ class BatchEngine:
         metrics: EngineMetrics | None = None,
         lora_kernel: bool | None = None,
         adapter_dtype: torch.dtype | None = None,
+        request_timeout: float | None = None,
     ) -> None:
         self.name = name
         self.model = model
         self.eos_ids = eos_ids
         self.max_batch = max_batch
         self.max_step_tokens = max(max_step_tokens, max_batch + 1)
+        self.request_timeout = request_timeout  # seconds from submission; None: no deadline
         self.metrics = metrics or EngineMetrics()
         self.cache = PagedKVCache(
             len(model.layers), model.kv_heads, model.head_dim, model.dtype, kv_cache_bytes, block_size=16
@@ -128,8 +142,14 @@ class BatchEngine:
     def submit(
         self, prompt_ids: list[int], params: SamplingParams, adapter_key: str | None, adapter_path: Path | None
     ) -> Request:
+        """Queue a generation; ValueError for a prompt the model cannot run (no tokens, ids outside its vocabulary)."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty: there is no token to continue from")
+        if min(prompt_ids) < 0 or max(prompt_ids) >= self.model.vocab:
+            raise ValueError(f"the prompt has token ids outside the model's vocabulary of {self.model.vocab}")
         request = Request(self)
         generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        now = time.perf_counter()
         sequence = Sequence(
             request,
             list(prompt_ids),
@@ -138,7 +158,8 @@ class BatchEngine:
             adapter_key,
             adapter_path,
             generator,
-            time.perf_counter(),
+            now,
+            now + self.request_timeout if self.request_timeout is not None else float("inf"),
         )
         if adapter_key is not None:
             self.store.prefetch(adapter_key, adapter_path)  # load while the request queues
@@ -222,8 +243,10 @@ class BatchEngine:
     def _runnable(self) -> bool:
         if self.running:
             return True
-        # waiting requests whose adapter is still loading do not spin the loop; the loader wakes us
-        return any(s.request.cancelled or s.adapter_key is None or s.adapter is not None or
+        # waiting requests whose adapter is still loading do not spin the loop; the loader wakes us, and the
+        # loop's timed wait notices one whose deadline passed meanwhile
+        now = time.perf_counter()
+        return any(s.request.cancelled or s.adapter_key is None or s.adapter is not None or s.deadline <= now or
                    self._adapter_settled(s) for s in self.waiting)  # fmt: skip
 
     def _adapter_settled(self, sequence: Sequence) -> bool:
@@ -232,6 +255,7 @@ class BatchEngine:
 
     def step(self) -> None:
         self._drop_cancelled()
+        self._end_overdue()
         self._admit()
         scheduled = self._schedule()
         self._publish_gauges()
@@ -259,6 +283,13 @@ class BatchEngine:
         for sequence in [s for s in self.waiting if s.request.cancelled]:
             self.waiting.remove(sequence)
             self._finish(sequence, "cancelled")
+
+    def _end_overdue(self) -> None:
+        now = time.perf_counter()
+        for sequence in [s for s in [*self.running, *self.waiting] if s.deadline <= now]:
+            if sequence in self.waiting:
+                self.waiting.remove(sequence)
+            self._finish(sequence, "timeout", error=deadline_message(self.request_timeout))
 
     def _admit(self) -> None:
         admitted: list[Sequence] = []
@@ -399,10 +430,15 @@ class BatchEngine:
         for i, (sequence, _) in enumerate(completing):
             params = sequence.params
             penalized = sequence.counts and (params.presence_penalty or params.frequency_penalty)
-            if params.temperature <= 0 and not params.logprobs and not penalized:
-                token, logprob = greedy[i], None
-            else:
-                token, logprob = sample(logits[i], params, sequence.generator, sequence.counts)
+            try:
+                if params.temperature <= 0 and not params.logprobs and not penalized:
+                    token, logprob = greedy[i], None
+                else:
+                    token, logprob = sample(logits[i], params, sequence.generator, sequence.counts)
+            except Exception as exc:  # this request's options: the others in the batch go on
+                log.exception("sampling failed for one request")
+                self._finish(sequence, "error", error=f"sampling failed: {exc}")
+                continue
             if sequence.first_token_at is None:
                 sequence.first_token_at = now
                 self.metrics.ttft.labels(self.name).observe(now - sequence.submitted)

@@ -2,12 +2,14 @@
 not implement (LoHa, LoKr, IA3, LoRA variants with exotic options).
 
 Correct but slower: one request at a time per base model, under a lock, with PEFT switching the
-active adapter per request (each adapter loaded once, an LRU of them kept).
+active adapter per request (each adapter loaded once, an LRU of them kept). A request's deadline counts
+its wait for the lock too: one that cannot finish by it ends with finish "timeout", as on the native path.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,7 +19,7 @@ import torch
 from peft import PeftConfig, PeftModel
 from transformers import DynamicCache, PreTrainedModel
 
-from adaptery.engine.batching import Event
+from adaptery.engine.batching import Event, deadline_message
 from adaptery.engine.sampling import SamplingParams, sample
 
 
@@ -68,22 +70,33 @@ class TransformersBase:
         params: SamplingParams,
         eos_ids: set[int],
         should_stop: Callable[[], bool],
+        timeout: float | None = None,
     ) -> Iterator[Event]:
+        deadline = time.perf_counter() + timeout if timeout is not None else float("inf")
         generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         device = next(self.model.parameters()).device
         counts: dict[int, int] = {}
-        with self.lock, torch.inference_mode(), self.activated(key, path) as model:
-            cache = DynamicCache()
-            input_ids = torch.tensor([prompt_ids], device=device)
-            for _ in range(params.max_tokens):
-                if should_stop():
-                    return
-                logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits[0, -1]
-                token, logprob = sample(logits.float().cpu(), params, generator, counts)
-                if token in eos_ids:
-                    yield Event(finish="stop")
-                    return
-                counts[token] = counts.get(token, 0) + 1
-                yield Event(token=token, logprob=logprob)
-                input_ids = torch.tensor([[token]], device=device)
+        if not self.lock.acquire(timeout=-1 if timeout is None else timeout):
+            yield Event(finish="timeout", error=deadline_message(timeout))
+            return
+        try:
+            with torch.inference_mode(), self.activated(key, path) as model:
+                cache = DynamicCache()
+                input_ids = torch.tensor([prompt_ids], device=device)
+                for _ in range(params.max_tokens):
+                    if should_stop():
+                        return
+                    if time.perf_counter() > deadline:
+                        yield Event(finish="timeout", error=deadline_message(timeout))
+                        return
+                    logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits[0, -1]
+                    token, logprob = sample(logits.float().cpu(), params, generator, counts)
+                    if token in eos_ids:
+                        yield Event(finish="stop")
+                        return
+                    counts[token] = counts.get(token, 0) + 1
+                    yield Event(token=token, logprob=logprob)
+                    input_ids = torch.tensor([[token]], device=device)
+        finally:
+            self.lock.release()
         yield Event(finish="length")

@@ -7,7 +7,8 @@
   a time per base (`fallback.TransformersBase`).
 
 `generate` streams text deltas for every path alike; `describe()` says which path each base and
-adapter uses.
+adapter uses. Every request ends by its deadline (`request_timeout_s` after it was submitted) on either
+path, and a prompt's text is measured against the context before any template or tokenizer runs on it.
 """
 
 from __future__ import annotations
@@ -34,7 +35,16 @@ from adaptery.engine.native import MODULE_SITE, NativeLlama, check_quantization,
 from adaptery.engine.sampling import SamplingParams, TokenLogprob, releasable
 
 log = logging.getLogger("adaptery.engine")
-__all__ = ["AdapterRejected", "AdapterSpec", "Delta", "InferenceEngine", "PromptTooLong", "Usage"]
+__all__ = [
+    "AdapterRejected",
+    "AdapterSpec",
+    "Delta",
+    "GenerationFailed",
+    "GenerationTimedOut",
+    "InferenceEngine",
+    "PromptTooLong",
+    "Usage",
+]
 MiB = 1024 * 1024
 
 
@@ -60,6 +70,14 @@ def adapter_chat_template(adapter_dir: Path) -> str | None:
 
 class PromptTooLong(ValueError):
     pass
+
+
+class GenerationFailed(RuntimeError):
+    """The engine ended a request with an error (the request's own: the engine goes on with the others)."""
+
+
+class GenerationTimedOut(GenerationFailed):
+    """The engine ended a request that was still running (or queued) at its deadline."""
 
 
 @dataclass
@@ -128,6 +146,7 @@ class _Base:
                 max_step_tokens=engine.max_step_tokens,
                 metrics=engine.metrics,
                 adapter_dtype=engine.adapter_dtype,
+                request_timeout=engine.request_timeout_s,
             )
             del model
         else:
@@ -157,6 +176,8 @@ class InferenceEngine:
         max_step_tokens: int = 256,
         quantize: str | None = None,
         adapter_dtype: str = "auto",
+        request_timeout_s: float | None = None,
+        max_bytes_per_token: int = 32,
     ) -> None:
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.quantize = quantize  # "int8": the native path's base weights through torchao (bench/quant.py)
@@ -169,6 +190,8 @@ class InferenceEngine:
         self.adapter_cache_bytes = adapter_cache_mb * MiB
         self.max_batch = max_batch
         self.max_step_tokens = max_step_tokens
+        self.request_timeout_s = request_timeout_s  # None: no deadline
+        self.max_bytes_per_token = max_bytes_per_token
         self.metrics = EngineMetrics()
         self._bases: dict[str, _Base] = {}
         self._adapters: dict[str, AdapterInfo] = {}
@@ -186,7 +209,9 @@ class InferenceEngine:
     ) -> list[int]:
         """Token ids of `messages` formatted for generation. An adapter that stores its own chat template
         (training saves the tokenizer beside the adapter) is prompted exactly as it was trained."""
-        tokenizer = self.base(base_id, ref).tokenizer
+        loaded = self.base(base_id, ref)
+        self._refuse_oversized(loaded, [message["content"] for message in messages])
+        tokenizer = loaded.tokenizer
         template = adapter_chat_template(adapter.path) if adapter is not None else None
         text = tokenizer.apply_chat_template(
             messages, chat_template=template, add_generation_prompt=True, tokenize=False
@@ -194,7 +219,21 @@ class InferenceEngine:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def text_prompt(self, base_id: str, ref: str, prompt: str) -> list[int]:
-        return self.base(base_id, ref).tokenizer(prompt)["input_ids"]
+        loaded = self.base(base_id, ref)
+        self._refuse_oversized(loaded, [prompt])
+        return loaded.tokenizer(prompt)["input_ids"]
+
+    def _refuse_oversized(self, loaded: _Base, texts: list[str]) -> None:
+        """PromptTooLong for text the context could not hold even at `max_bytes_per_token` bytes a token (a
+        few bytes is usual), before a template or tokenizer spends anything on it: a 4 MB message once took
+        450 MB of memory and 5.8 s to reach its context-length 400."""
+        limit = loaded.context * self.max_bytes_per_token
+        size = sum(len(text.encode("utf-8", "surrogatepass")) for text in texts)
+        if size > limit:
+            raise PromptTooLong(
+                f"This model's maximum context length is {loaded.context} tokens, which cannot hold more than "
+                f"{limit} bytes of text; the prompt is {size} bytes. Please reduce the length of the prompt."
+            )
 
     def check_fits(self, base_id: str, ref: str, prompt_ids: list[int], max_tokens: int) -> None:
         loaded = self.base(base_id, ref)
@@ -239,7 +278,9 @@ class InferenceEngine:
         if loaded.native is not None and (info is None or info.native):
             events = self._native_events(loaded.native, key, path, prompt_ids, params, should_stop)
         else:
-            events = loaded.fallback().events(key, path, prompt_ids, params, loaded.eos_ids, should_stop)
+            events = loaded.fallback().events(
+                key, path, prompt_ids, params, loaded.eos_ids, should_stop, self.request_timeout_s
+            )
             self.metrics.requests.labels(base_id, "transformers", "served").inc()
         return self._deltas(loaded.tokenizer, events, params, usage, should_stop)
 
@@ -281,8 +322,10 @@ class InferenceEngine:
         finish = "stop"
         try:
             for event in events:
+                if event.finish == "timeout":
+                    raise GenerationTimedOut(event.error)
                 if event.finish == "error":
-                    raise RuntimeError(event.error or "generation failed")
+                    raise GenerationFailed(event.error or "generation failed")
                 if event.finish is not None:
                     finish = event.finish
                     break

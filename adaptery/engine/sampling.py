@@ -68,6 +68,8 @@ def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
         keep = torch.topk(scaled, params.top_k).indices
         scaled = torch.full_like(scaled, float("-inf")).scatter_(0, keep, scaled[keep])
     probs = torch.softmax(scaled, dim=-1)
+    if not bool(torch.isfinite(probs).all()):  # a temperature so small that scaling overflows: its limit, greedy
+        return int(torch.argmax(logits))
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < params.top_p  # always keeps the top token

@@ -23,9 +23,9 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from adaptery.engine import lora_kernel
+from adaptery.engine import batching, lora_kernel
 from adaptery.engine.batching import BatchEngine
-from adaptery.engine.generation import AdapterRejected, AdapterSpec, InferenceEngine, Usage
+from adaptery.engine.generation import AdapterRejected, AdapterSpec, GenerationTimedOut, InferenceEngine, Usage
 from adaptery.engine.lora import LoraBatch, SlotBuffers, prepare_adapter
 from adaptery.engine.native import SITES, NativeLlama
 from adaptery.engine.sampling import SamplingParams
@@ -162,6 +162,72 @@ def test_generate_stops_when_the_client_goes_away(engine):
     assert not native.running
 
 
+def test_a_prompt_the_engine_cannot_run_is_refused_at_submit(engine):
+    # an empty prompt was admitted to the batch, never scheduled, and spun the engine thread for ever
+    native = engine.base("demo", "").native
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+    for prompt, why in [([], "empty"), ([native.model.vocab], "vocabulary"), ([-1], "vocabulary")]:
+        with pytest.raises(ValueError, match=why):
+            native.submit(prompt, params, None, None)
+    assert not native.running and not native.waiting and not native.incoming
+    assert len(engine_tokens(native, _prompt(engine, PROMPTS[0]), None, max_tokens=3)) == 3
+
+
+def test_a_request_past_its_deadline_is_ended_and_its_slot_freed(demo_model_dir):
+    # one batch slot: the first request runs, the second waits behind it, and both outstay a 1 s deadline
+    eng = InferenceEngine(dtype="float32", kv_cache_mb=8, max_batch=1, request_timeout_s=1.0)
+    try:
+        native = eng.base("demo", str(demo_model_dir)).native
+        prompt = _prompt(eng, PROMPTS[0])
+        native.eos_ids = set()  # only the deadline can end them before ~1000 tokens (seconds on a CPU)
+        params = SamplingParams(max_tokens=eng.base("demo", "").context - len(prompt), temperature=0.0)
+        running, queued = (native.submit(prompt, params, None, None) for _ in range(2))
+        for request in (running, queued):
+            while (event := request.events.get(timeout=30)).finish is None:
+                pass
+            assert event.finish == "timeout" and "deadline of 1 s" in event.error, event
+        assert not native.running and not native.waiting and native.cache.used_blocks == 0
+        assert native.metrics.requests.labels("demo", "native", "timeout")._value.get() == 2
+        assert len(engine_tokens(native, prompt, None, max_tokens=3)) == 3  # a new request has a deadline of its own
+    finally:
+        eng.stop()
+
+
+def test_generate_raises_when_the_engine_ends_a_request_at_its_deadline(demo_model_dir):
+    eng = InferenceEngine(dtype="float32", kv_cache_mb=8, request_timeout_s=0.5)
+    try:
+        eng.base("demo", str(demo_model_dir)).native.eos_ids = set()
+        prompt = _prompt(eng, PROMPTS[0])
+        deltas = eng.generate("demo", "", None, prompt, SamplingParams(max_tokens=900, temperature=0.0), Usage())
+        with pytest.raises(GenerationTimedOut, match="deadline"):
+            list(deltas)
+    finally:
+        eng.stop()
+
+
+def test_a_request_whose_sampling_fails_ends_alone(engine, monkeypatch):
+    # a failure in one request's sampling used to fail the whole step: every tenant's requests in the batch
+    native = engine.base("demo", "").native
+    prompt = _prompt(engine, PROMPTS[0])
+    alone = engine_tokens(native, prompt, None, max_tokens=STEPS)
+    real = batching.sample
+
+    def failing(logits, params, generator, counts):  # noqa: ANN001, ANN202 - sample()'s signature
+        if params.seed == 13 and sum(counts.values()) >= 2:  # by now the other request shares the batch
+            raise RuntimeError("sampling blew up")
+        return real(logits, params, generator, counts)
+
+    monkeypatch.setattr(batching, "sample", failing)
+    doomed = native.submit(
+        prompt, SamplingParams(max_tokens=STEPS, temperature=0.0, logprobs=True, seed=13), None, None
+    )
+    bystander = native.submit(prompt, SamplingParams(max_tokens=STEPS, temperature=0.0), None, None)
+    with pytest.raises(RuntimeError, match="sampling blew up"):
+        collect(doomed)
+    assert collect(bystander) == alone
+    assert not native.running and native.cache.used_blocks == 0
+
+
 def test_sampling_options(engine):
     prompt = _prompt(engine, PROMPTS[0])
     native = engine.base("demo", "").native
@@ -264,6 +330,10 @@ def test_non_llama_models_use_the_transformers_path(demo_model_dir, tmp_path):
                                    SamplingParams(max_tokens=5, temperature=0.0), usage))  # fmt: skip
         assert deltas[-1].finish_reason in ("stop", "length") and usage.completion_tokens <= 5
         assert eng.describe()["bases"]["gpt2"]["path"] == "transformers"
+        eng.request_timeout_s = 0.3  # one request at a time: waiting for the others counts toward the deadline
+        prompt = eng.text_prompt("gpt2", "", "Hello")
+        with base.fallback().lock, pytest.raises(GenerationTimedOut, match="deadline"):
+            list(eng.generate("gpt2", "", None, prompt, SamplingParams(max_tokens=5), Usage()))
     finally:
         eng.stop()
 
