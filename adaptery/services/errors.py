@@ -50,3 +50,16 @@ class RateLimited(ServiceError):
 
 class Conflict(ServiceError):
     status = 409
+
+
+class ServerError(ServiceError):
+    """The server could not finish a valid request (the engine's own error)."""
+
+    status = 500
+    type = "server_error"
+
+
+class TimedOut(ServerError):
+    """The request ran past the server's deadline for it."""
+
+    status = 504

@@ -5,10 +5,11 @@ limit"): the database serialises concurrent writers, so the limits hold across a
 processes and no request can slip past a budget between a check and a write.
 
 - requests/minute: counted when a request is authorized (`count_request`);
-- tokens/minute, the monthly token budget and concurrent streams: a generation `reserve`s its worst case
-  (prompt + max_tokens, one stream) before it runs and `settle`s what it really used afterwards. A
-  reservation whose process died is released by the next `reserve` after it expires, counted as spent in
-  full (so a crash can never be used to overshoot);
+- tokens/minute, the monthly token budget and concurrent requests: an inference call `reserve`s its worst
+  case (prompt + max_tokens, one concurrency slot) before it runs and `settle`s what it really used afterwards,
+  as soon as it ends, whether it finished, failed or its client went away. A reservation whose process died
+  is released by the next `reserve` after it expires (the engine's request deadline and a minute: a live
+  request is never swept), counted as spent in full (so a crash can never be used to overshoot);
 - fine-tuning: the tokens a finished job trained on are charged to the tenant's monthly budget, and a new
   job is refused once the budget is spent.
 """
@@ -29,7 +30,6 @@ from adaptery.db.ids import new_id
 from adaptery.db.session import Database
 from adaptery.services.errors import InvalidRequest, RateLimited
 
-RESERVATION_SECONDS = 900.0  # longer than any generation may run; then a dead process's hold is released
 LIMIT_FIELDS = (
     "requests_per_minute",
     "tokens_per_minute",
@@ -277,8 +277,12 @@ def settle_training(session: Session, job: m.FineTuningJob) -> None:
         charge_training(session, job.tenant_id, job.finished_at or clock())
 
 
-def reserve(db: Database, who: Principal, *, prompt_tokens: int, max_tokens: int, stream: bool) -> Reservation:
-    """Hold a generation's worst case (prompt + max_tokens, and a stream slot) against every limit, or 429."""
+def reserve(db: Database, who: Principal, *, prompt_tokens: int, max_tokens: int, hold_seconds: float) -> Reservation:
+    """Hold an inference call's worst case against every limit, or 429: prompt + max_tokens tokens, and one slot of
+    `concurrent_streams`, which counts every call running at once, streamed or not (20 concurrent non-streamed
+    calls once passed a limit of 3). A call takes one slot whatever its `n`: its choices share one connection
+    and come back together, and their cost is held in tokens (the caller passes max_tokens × n). A process that
+    dies holding a reservation gives it back after `hold_seconds`."""
     worst = prompt_tokens + max_tokens
     now = clock()
     with db.system() as s:
@@ -302,7 +306,7 @@ def reserve(db: Database, who: Principal, *, prompt_tokens: int, max_tokens: int
             if lim.monthly_tokens is not None:
                 total = counter.tokens + counter.reserved
                 checks.append(("month", month_period(now), "reserved", worst, lim.monthly_tokens, total))
-            if stream and lim.concurrent_streams is not None:
+            if lim.concurrent_streams is not None:
                 checks.append(("stream", "streams", "reserved", 1, lim.concurrent_streams, counter.reserved))
             for kind, period, column, amount, limit, total in checks:
                 if _take(s, subject, period, column, amount, limit, total=total):
@@ -317,7 +321,7 @@ def reserve(db: Database, who: Principal, *, prompt_tokens: int, max_tokens: int
             raise refused
         reservation = Reservation(new_id("resv_"), worst, holds)
         if holds:
-            s.add(m.UsageReservation(id=reservation.id, holds=holds, expires_at=now + RESERVATION_SECONDS))
+            s.add(m.UsageReservation(id=reservation.id, holds=holds, expires_at=now + hold_seconds))
         for subject, _, _ in subjects:
             _add(s, subject, month_period(now), requests=1)
         return reservation
@@ -339,7 +343,8 @@ def _refusal(kind: str, label: str, limit: int, amount: int, now: float) -> Rate
         exhausted.code = "insufficient_quota"  # OpenAI's code for a spent budget
         return exhausted
     return RateLimited(
-        f"Too many concurrent streams for {label} (at most {limit}); wait for one to finish.", retry_after=1
+        f"Too many concurrent requests for {label} (at most {limit} at once, streamed or not); wait for one to finish.",
+        retry_after=1,
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -103,23 +105,99 @@ def _principal(world: World) -> Principal:
     return Principal(world.tenant_id, "lab", world.users["lab-owner"], "lab-owner", Role.OWNER)
 
 
-def test_concurrent_streams_are_capped_and_freed_on_settle(world: World):
+def test_concurrent_requests_are_capped_and_freed_on_settle(world: World):
     set_tenant_limits(world, concurrent_streams=1)
     db, who = world.platform.db, _principal(world)
-    first = limits.reserve(db, who, prompt_tokens=5, max_tokens=5, stream=True)
-    with pytest.raises(RateLimited, match="concurrent streams"):
-        limits.reserve(db, who, prompt_tokens=5, max_tokens=5, stream=True)
-    limits.settle(db, limits.reserve(db, who, prompt_tokens=5, max_tokens=5, stream=False), 3)
+    first = limits.reserve(db, who, prompt_tokens=5, max_tokens=5, hold_seconds=60)
+    with pytest.raises(RateLimited, match="concurrent requests"):
+        limits.reserve(db, who, prompt_tokens=5, max_tokens=5, hold_seconds=60)
     limits.settle(db, first, 7)
-    limits.settle(db, limits.reserve(db, who, prompt_tokens=5, max_tokens=5, stream=True), 7)
+    limits.settle(db, limits.reserve(db, who, prompt_tokens=5, max_tokens=5, hold_seconds=60), 7)
+
+
+def test_the_concurrency_limit_covers_calls_that_are_not_streamed(world: World):
+    set_tenant_limits(world, concurrent_streams=1)
+    held = limits.reserve(world.platform.db, _principal(world), prompt_tokens=5, max_tokens=5, hold_seconds=60)
+    for body in ({**CHAT, "max_tokens": 2}, {**CHAT, "max_tokens": 2, "stream": True}):
+        refused = world.client.post("/v1/chat/completions", headers=world.auth("owner"), json=body)
+        assert_rate_limited(refused)
+        assert "at most 1" in refused.json()["error"]["message"]
+    limits.settle(world.platform.db, held, 10)
+    served = world.client.post(
+        "/v1/chat/completions", headers=world.auth("owner"), json={**CHAT, "max_tokens": 2, "n": 4}
+    )
+    assert served.status_code == 200, served.text  # one request, one slot, whatever its n
+    assert len(served.json()["choices"]) == 4 and usage(world)["tenant"]["streams"] == 0
+
+
+def test_twenty_concurrent_n4_requests_under_a_limit_of_3_are_refused_beyond_it(world: World):
+    set_tenant_limits(world, concurrent_streams=3)
+    body = {**CHAT, "n": 4, "max_tokens": 48, "temperature": 1.0}
+
+    def ask(i: int) -> httpx.Response:
+        return world.client.post("/v1/chat/completions", headers=world.auth("owner"), json={**body, "seed": i})
+
+    with ThreadPoolExecutor(20) as pool:
+        responses = list(pool.map(ask, range(20)))
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 429}, [r.text for r in responses if r.status_code not in (200, 429)]
+    assert statuses.count(200) >= 1 and statuses.count(429) >= 1, statuses
+    for refused in (r for r in responses if r.status_code == 429):
+        assert_rate_limited(refused)
+    assert usage(world)["tenant"]["streams"] == 0  # every slot given back
+
+
+@pytest.mark.parametrize("database_url", BACKENDS[-1:], indirect=True)
+def test_a_client_that_goes_away_frees_its_slot_at_once(tmp_path: Path, database_url, demo_model_dir):
+    """The slot used to stay held until its reservation expired (15 minutes): a key with concurrent_streams=1
+    that dropped one stream locked itself out. Now a gone client's generation stops and its slot is free."""
+    data_dir = prepare_data_dir(tmp_path / "data", demo_model_dir)
+    # float32 everywhere, so seed 1 samples the same long answer (hundreds of tokens, seconds) on any CPU
+    env = {"ADAPTERY_EMBEDDED_AGENT": "false", "ADAPTERY_ENGINE_DTYPE": "float32"}
+    server = start_server(data_dir, database_url, extra_env=env)
+    try:
+        owner = {"Authorization": f"Bearer {server.api_key}"}
+        key = httpx.post(f"{server.url}/api/keys", headers=owner, json={"limits": {"concurrent_streams": 1}}).json()
+        bearer = {"Authorization": f"Bearer {key['value']}"}
+        long = {"model": "adaptery-demo", "prompt": "Hello there", "max_tokens": 900, "temperature": 1.0, "seed": 1}
+
+        def open_streams() -> int:
+            return httpx.get(f"{server.url}/api/admin/usage", headers=owner).json()["keys"][key["id"]]["streams"]
+
+        def wait_until_free() -> None:
+            deadline = time.monotonic() + 5
+            while open_streams() and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+        with httpx.stream("POST", f"{server.url}/v1/completions", headers=bearer, json={**long, "stream": True},
+                          timeout=60) as response:  # fmt: skip
+            assert response.status_code == 200
+            lines = response.iter_lines()  # one iterator, kept open: closing it would close the connection
+            first = next(line for line in lines if line.startswith("data: {"))
+            assert json.loads(first[6:])["choices"][0]["finish_reason"] is None  # still generating
+            assert open_streams() == 1
+        wait_until_free()  # the server notices the closed connection
+        assert open_streams() == 0
+
+        with pytest.raises(httpx.ReadTimeout):  # not streamed: the client gives up waiting for the whole answer
+            httpx.post(f"{server.url}/v1/completions", headers=bearer, json=long, timeout=1.0)
+        wait_until_free()
+        assert open_streams() == 0
+        after = httpx.post(f"{server.url}/v1/completions", headers=bearer, json={**long, "max_tokens": 2}, timeout=60)
+        assert after.status_code == 200, after.text
+        metrics = httpx.get(f"{server.url}/metrics", headers=owner).text
+        cancelled = re.search(r'adaptery_engine_requests_total\{[^}]*outcome="cancelled"[^}]*\} (\S+)', metrics)
+        assert cancelled and float(cancelled.group(1)) == 2, metrics  # neither generation ran on for nobody
+    finally:
+        stop_server(server)
 
 
 def test_a_dead_process_reservation_expires_counted_in_full(world: World, clock: list[float]):
     set_tenant_limits(world, monthly_tokens=1000)
     db, who = world.platform.db, _principal(world)
-    limits.reserve(db, who, prompt_tokens=10, max_tokens=90, stream=True)  # its process dies: never settled
-    clock[0] += limits.RESERVATION_SECONDS + 1
-    later = limits.reserve(db, who, prompt_tokens=10, max_tokens=10, stream=False)
+    limits.reserve(db, who, prompt_tokens=10, max_tokens=90, hold_seconds=600)  # its process dies: never settled
+    clock[0] += 600 + 1
+    later = limits.reserve(db, who, prompt_tokens=10, max_tokens=10, hold_seconds=600)
     with db.system() as s:
         ledger = limits.usage(s, [f"tenant:{world.tenant_id}"], clock[0])[f"tenant:{world.tenant_id}"]
     assert ledger["tokens"] == 100 and ledger["reserved"] == 20 and ledger["streams"] == 0

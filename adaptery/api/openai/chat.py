@@ -1,8 +1,17 @@
-"""/v1/chat/completions and /v1/completions, streamed (SSE) or whole."""
+"""/v1/chat/completions and /v1/completions, streamed (SSE) or whole.
+
+A request is refused before it costs anything: its options first, then its text against what the model's
+context could hold (before the chat template or the tokenizer runs), then its tokens (none at all: a 400,
+never an engine slot). Once accepted, its reservation against the caller's limits is held and its n choices
+start in the engine, one thread each (`_Choices`). Whatever ends the request (the answer, an error, the
+client going away mid-stream or while a whole answer is computed) stops the choices within one engine poll,
+and the last choice to end settles the reservation: a client that is gone never keeps its concurrency slot.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -10,20 +19,29 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.types import Receive, Scope, Send
 
 from adaptery.api.deps import platform, principal
 from adaptery.auth.policy import require
 from adaptery.auth.principal import Principal
 from adaptery.db.ids import new_id
-from adaptery.engine.generation import AdapterRejected, AdapterSpec, Delta, PromptTooLong, Usage
+from adaptery.engine.generation import (
+    AdapterRejected,
+    AdapterSpec,
+    Delta,
+    GenerationFailed,
+    GenerationTimedOut,
+    PromptTooLong,
+    Usage,
+)
 from adaptery.engine.sampling import SamplingParams
 from adaptery.platform import Platform
 from adaptery.services import limits, models
-from adaptery.services.errors import InvalidRequest
+from adaptery.services.errors import InvalidRequest, ServerError, TimedOut
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -49,7 +67,7 @@ class SamplingFields(BaseModel):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     max_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     n: int | None = Field(None, ge=1, le=MAX_CHOICES)
 
 
@@ -65,6 +83,13 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[str]
     echo: bool | None = None
     logprobs: int | None = Field(None, ge=0, le=5)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _text_only(cls, value: Any) -> Any:
+        if isinstance(value, list) and not all(isinstance(item, str) for item in value):
+            raise ValueError("token-id prompts are not supported; send text")
+        return value
 
 
 @dataclass
@@ -85,11 +110,21 @@ class Prepared:
         return replace(self.params, seed=self.params.seed + index)
 
 
+def _unicode(text: str, param: str) -> str:
+    """`text`, or a 400 naming `param` when it holds a lone surrogate (JSON's "\\ud800"), which no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        message = f"{param} is not valid Unicode: a lone surrogate at character {exc.start}"
+        raise InvalidRequest(message, param=param) from None
+    return text
+
+
 def _text_of(message: ChatMessage, index: int) -> str:
     if message.content is None:
         return ""
     if isinstance(message.content, str):
-        return message.content
+        return _unicode(message.content, f"messages[{index}].content")
     parts = []
     for part in message.content:
         if part.get("type") != "text" or not isinstance(part.get("text"), str):
@@ -98,7 +133,7 @@ def _text_of(message: ChatMessage, index: int) -> str:
                 param=f"messages[{index}].content",
             )
         parts.append(part["text"])
-    return "".join(parts)
+    return _unicode("".join(parts), f"messages[{index}].content")
 
 
 def _messages(body: ChatRequest) -> list[dict[str, str]]:
@@ -112,6 +147,13 @@ def _messages(body: ChatRequest) -> list[dict[str, str]]:
             )
         out.append({"role": role, "content": _text_of(message, i)})
     return out
+
+
+def _completion_prompt(body: CompletionRequest) -> str:
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if len(prompts) != 1:
+        raise InvalidRequest("exactly one prompt per request is supported", param="prompt")
+    return _unicode(prompts[0], "prompt")
 
 
 def _check_supported(body: SamplingFields) -> None:
@@ -131,9 +173,12 @@ def _logprob_params(body: SamplingFields) -> tuple[bool, int]:
     return False, 0
 
 
-def _prepare(p: Platform, who: Principal, body: SamplingFields, prompt: list[dict[str, str]] | str) -> Prepared:
+def _prepare(p: Platform, who: Principal, body: ChatRequest | CompletionRequest) -> Prepared:
     require(who, "infer")
     _check_supported(body)
+    chat = isinstance(body, ChatRequest)
+    prompt = _messages(body) if chat else _completion_prompt(body)
+    prompt_param = "messages" if chat else "prompt"
     with p.db.tenant(who.tenant_id) as s:
         ref = models.get_model(s, body.model, viewer=who)
         adapter = AdapterSpec(ref.adapter.sha256, p.adapter_dir(ref.adapter)) if ref.adapter else None
@@ -144,10 +189,16 @@ def _prepare(p: Platform, who: Principal, body: SamplingFields, prompt: list[dic
             raise InvalidRequest(f"The model '{body.model}' cannot be served: {exc}", param="model",
                                  code="adapter_not_supported") from exc  # fmt: skip
     base = ref.base
-    if isinstance(prompt, str):
-        prompt_ids = p.engine.text_prompt(base.id, base.ref, prompt)
-    else:
-        prompt_ids = p.engine.chat_prompt(base.id, base.ref, prompt, adapter)
+    try:
+        if chat:
+            prompt_ids = p.engine.chat_prompt(base.id, base.ref, prompt, adapter)
+        else:
+            prompt_ids = p.engine.text_prompt(base.id, base.ref, prompt)
+    except PromptTooLong as exc:
+        raise InvalidRequest(str(exc), param=prompt_param, code="context_length_exceeded") from exc
+    if not prompt_ids:
+        empty = "the messages give no tokens with this model's chat template" if chat else "the prompt is empty"
+        raise InvalidRequest(f"Nothing to continue from: {empty}. Send some text.", param=prompt_param)
     context = p.engine.base(base.id, base.ref).context
     requested = getattr(body, "max_completion_tokens", None) or body.max_tokens
     limit = p.settings.max_output_tokens
@@ -158,7 +209,7 @@ def _prepare(p: Platform, who: Principal, body: SamplingFields, prompt: list[dic
     try:
         p.engine.check_fits(base.id, base.ref, prompt_ids, max_tokens)
     except PromptTooLong as exc:
-        raise InvalidRequest(str(exc), param="messages", code="context_length_exceeded") from exc
+        raise InvalidRequest(str(exc), param=prompt_param, code="context_length_exceeded") from exc
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > 4:
         raise InvalidRequest("at most 4 stop sequences are allowed", param="stop")
@@ -176,8 +227,14 @@ def _prepare(p: Platform, who: Principal, body: SamplingFields, prompt: list[dic
         top_logprobs=top_logprobs,
     )
     n = body.n or 1
-    held = limits.reserve(p.db, who, prompt_tokens=len(prompt_ids), max_tokens=max_tokens * n, stream=body.stream)
-    return Prepared(ref.id, base.id, base.ref, adapter, prompt_ids, params, body.n or 1, held)
+    held = limits.reserve(
+        p.db,
+        who,
+        prompt_tokens=len(prompt_ids),
+        max_tokens=max_tokens * n,
+        hold_seconds=p.settings.inference_hold_seconds,
+    )
+    return Prepared(ref.id, base.id, base.ref, adapter, prompt_ids, params, n, held)
 
 
 def _usage(usages: list[Usage]) -> dict[str, int]:
@@ -186,49 +243,97 @@ def _usage(usages: list[Usage]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def _stream_deltas(p: Platform, job: Prepared, usages: list[Usage]) -> AsyncIterator[tuple[int, Delta]]:
-    """Run the n choices in worker threads, yielding (choice index, delta) as they come.
+class _Choices:
+    """A request's n choices running in the engine, one thread each, and the reservation they hold.
 
-    Each choice is one engine request; they join the running batch together. A client that goes
-    away stops them all (the engine frees their slots at its next step).
+    `stop()` may be called from anywhere, any number of times, and never waits, so it runs even in a task being
+    cancelled: the threads see it within one engine poll and end, freeing their batch slots. The last thread to
+    end settles the reservation, before it reports its end, so whoever reads `deltas()` to the end finds the
+    ledger settled, and nobody needs to for the slot to be given back.
     """
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[int, Delta] | BaseException | None] = asyncio.Queue()
-    stop = threading.Event()
-    usages.extend(Usage() for _ in range(job.n))
 
-    def produce(index: int) -> None:
+    def __init__(self, p: Platform, job: Prepared) -> None:
+        self.n = job.n
+        self.usages = [Usage() for _ in range(job.n)]
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[tuple[int, Delta] | BaseException | None] = asyncio.Queue()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._running = job.n
+        # Own threads rather than the shared pool: a request mostly waits on the engine, and the pool's
+        # few workers would cap how many requests can share a batch.
+        for index in range(job.n):
+            threading.Thread(target=self._produce, args=(p, job, index), daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _produce(self, p: Platform, job: Prepared, index: int) -> None:
         try:
             deltas = p.engine.generate(
-                job.base_id, job.base_ref, job.adapter, job.prompt_ids, job.choice_params(index), usages[index],
-                should_stop=stop.is_set,
+                job.base_id, job.base_ref, job.adapter, job.prompt_ids, job.choice_params(index), self.usages[index],
+                should_stop=self._stop.is_set,
             )  # fmt: skip
             for delta in deltas:
-                loop.call_soon_threadsafe(queue.put_nowait, (index, delta))
-        except BaseException as exc:  # delivered to the stream as an error chunk
-            loop.call_soon_threadsafe(queue.put_nowait, exc)
+                self._post((index, delta))
+        except BaseException as exc:  # delivered to the reader: an error chunk, or an error response
+            self._post(exc)
         finally:
-            loop.call_soon_threadsafe(queue.put_nowait, None)
+            with self._lock:
+                self._running -= 1
+                last = self._running == 0
+            if last:
+                try:
+                    limits.settle(p.db, job.reservation, _usage(self.usages)["total_tokens"])
+                except Exception as exc:
+                    self._post(exc)
+            self._post(None)
 
-    # Own threads rather than the shared pool: a request mostly waits on the engine, and the pool's
-    # few workers would cap how many requests can share a batch.
-    threads = [threading.Thread(target=produce, args=(i,), daemon=True) for i in range(job.n)]
-    for thread in threads:
-        thread.start()
-    try:
-        running = job.n
-        while running:
-            item = await queue.get()
-            if item is None:
-                running -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield item
-    finally:
-        stop.set()
-        await asyncio.gather(*(asyncio.to_thread(t.join) for t in threads))
-        await asyncio.to_thread(limits.settle, p.db, job.reservation, _usage(usages)["total_tokens"])
+    def _post(self, item: tuple[int, Delta] | BaseException | None) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is left to read
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    async def deltas(self) -> AsyncIterator[tuple[int, Delta]]:
+        """(choice index, delta) as they come; the first error stops the other choices and is raised once all
+        have ended."""
+        failure: BaseException | None = None
+        try:
+            running = self.n
+            while running:
+                item = await self._queue.get()
+                if item is None:
+                    running -= 1
+                elif isinstance(item, BaseException):
+                    failure = failure or item
+                    self.stop()
+                elif failure is None:
+                    yield item
+        finally:
+            self.stop()  # a reader that leaves early (an error, a cancelled task) leaves nobody to read them
+        if failure is not None:
+            raise failure
+
+
+class _ChoicesStream(StreamingResponse):
+    """The choices as server-sent events. However the response ends (sent in full, failed, or the client gone,
+    noticed by Starlette as a disconnect or a failed send, or the task cancelled) the choices are stopped."""
+
+    def __init__(self, events: AsyncIterator[bytes], choices: _Choices) -> None:
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.choices = choices
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.choices.stop()
+
+
+async def _stop_when_gone(request: Request, choices: _Choices) -> None:
+    # the body was read already, so the next message the server delivers is the client's disconnect
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    choices.stop()
 
 
 def _sse(payload: dict[str, Any] | str) -> bytes:
@@ -237,8 +342,9 @@ def _sse(payload: dict[str, Any] | str) -> bytes:
 
 
 def _error_event(exc: BaseException) -> bytes:
+    code = "timeout" if isinstance(exc, GenerationTimedOut) else None
     return _sse(
-        {"error": {"message": f"generation failed: {exc}", "type": "server_error", "param": None, "code": None}}
+        {"error": {"message": f"generation failed: {exc}", "type": "server_error", "param": None, "code": code}}
     )
 
 
@@ -263,20 +369,30 @@ class _Choice:
     finish: str = "stop"
 
 
-async def _collect(p: Platform, job: Prepared, usages: list[Usage]) -> list[_Choice]:
-    choices = [_Choice([], []) for _ in range(job.n)]
-    async for index, delta in _stream_deltas(p, job, usages):
-        choices[index].text.append(delta.text)
-        choices[index].logprobs.extend(delta.logprobs or [])
-        choices[index].finish = delta.finish_reason or choices[index].finish
-    return choices
+async def _collect(choices: _Choices, request: Request) -> list[_Choice]:
+    """The whole answer; a client that disconnects meanwhile stops the choices (nobody is left to read them)."""
+    answers = [_Choice([], []) for _ in range(choices.n)]
+    watch = asyncio.create_task(_stop_when_gone(request, choices))
+    try:
+        async for index, delta in choices.deltas():
+            answers[index].text.append(delta.text)
+            answers[index].logprobs.extend(delta.logprobs or [])
+            answers[index].finish = delta.finish_reason or answers[index].finish
+    except GenerationTimedOut as exc:
+        raise TimedOut(f"generation failed: {exc}", code="timeout") from exc
+    except GenerationFailed as exc:
+        raise ServerError(f"generation failed: {exc}") from exc
+    finally:
+        watch.cancel()
+    return answers
 
 
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(
-    body: ChatRequest, who: Principal = Depends(principal), p: Platform = Depends(platform)
+    body: ChatRequest, request: Request, who: Principal = Depends(principal), p: Platform = Depends(platform)
 ) -> dict | StreamingResponse:
-    job = await run_in_threadpool(_prepare, p, who, body, _messages(body))
+    job = await run_in_threadpool(_prepare, p, who, body)
+    choices = _Choices(p, job)
     completion_id, created = new_id("chatcmpl-"), int(time.time())
     fingerprint = f"fp_adaptery_{job.base_id}"[:64]
     wants_logprobs = job.params.logprobs
@@ -291,7 +407,6 @@ async def chat_completions(
             "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
         }
 
-    usages: list[Usage] = []
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
 
@@ -299,7 +414,7 @@ async def chat_completions(
             for index in range(job.n):
                 yield _sse(chunk(index, {"role": "assistant", "content": ""}, None))
             try:
-                async for index, delta in _stream_deltas(p, job, usages):
+                async for index, delta in choices.deltas():
                     logprobs = {"content": delta.logprobs, "refusal": None} if delta.logprobs else None
                     if delta.text or logprobs:
                         yield _sse(chunk(index, {"content": delta.text}, None, logprobs))
@@ -309,12 +424,12 @@ async def chat_completions(
                 yield _error_event(exc)
                 return
             if include_usage:
-                yield _sse({**chunk(0, {}, None), "choices": [], "usage": _usage(usages)})
+                yield _sse({**chunk(0, {}, None), "choices": [], "usage": _usage(choices.usages)})
             yield _sse("[DONE]")
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return _ChoicesStream(events(), choices)
 
-    choices = await _collect(p, job, usages)
+    answers = await _collect(choices, request)
     return {
         "id": completion_id,
         "object": "chat.completion",
@@ -328,20 +443,18 @@ async def chat_completions(
                 "logprobs": {"content": c.logprobs, "refusal": None} if wants_logprobs else None,
                 "finish_reason": c.finish,
             }
-            for index, c in enumerate(choices)
+            for index, c in enumerate(answers)
         ],
-        "usage": _usage(usages),
+        "usage": _usage(choices.usages),
     }
 
 
 @router.post("/completions", response_model=None)
 async def completions(
-    body: CompletionRequest, who: Principal = Depends(principal), p: Platform = Depends(platform)
+    body: CompletionRequest, request: Request, who: Principal = Depends(principal), p: Platform = Depends(platform)
 ) -> dict | StreamingResponse:
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    if len(prompts) != 1:
-        raise InvalidRequest("exactly one prompt per request is supported", param="prompt")
-    job = await run_in_threadpool(_prepare, p, who, body, prompts[0])
+    job = await run_in_threadpool(_prepare, p, who, body)
+    choices = _Choices(p, job)
     completion_id, created = new_id("cmpl-"), int(time.time())
     wants_logprobs = job.params.logprobs
 
@@ -357,13 +470,12 @@ async def completions(
             "choices": choices,
         }
 
-    usages: list[Usage] = []
     if body.stream:
 
         async def events() -> AsyncIterator[bytes]:
             offsets = [0] * job.n
             try:
-                async for index, delta in _stream_deltas(p, job, usages):
+                async for index, delta in choices.deltas():
                     logprobs = _legacy_logprobs(delta.logprobs or [], offsets[index]) if wants_logprobs else None
                     offsets[index] += len(delta.text)
                     if delta.text or delta.finish_reason:
@@ -373,15 +485,15 @@ async def completions(
                 return
             yield _sse("[DONE]")
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return _ChoicesStream(events(), choices)
 
-    choices = await _collect(p, job, usages)
+    answers = await _collect(choices, request)
     return {
         **body_of(
             [
                 choice(index, "".join(c.text), c.finish, _legacy_logprobs(c.logprobs, 0) if wants_logprobs else None)
-                for index, c in enumerate(choices)
+                for index, c in enumerate(answers)
             ]
         ),
-        "usage": _usage(usages),
+        "usage": _usage(choices.usages),
     }

@@ -56,7 +56,9 @@ async def create_embeddings(
             param="dimensions",
         )
     tokens = sum(await run_in_threadpool(p.embeddings.count_tokens, texts))
-    held = await run_in_threadpool(limits.reserve, p.db, who, prompt_tokens=tokens, max_tokens=0, stream=False)
+    held = await run_in_threadpool(
+        limits.reserve, p.db, who, prompt_tokens=tokens, max_tokens=0, hold_seconds=p.settings.inference_hold_seconds
+    )
     try:
         vectors = await run_in_threadpool(p.embeddings.embed, texts)
     finally:
