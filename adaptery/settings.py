@@ -63,6 +63,25 @@ class Settings(BaseSettings):
     bootstrap_username: str = "owner"
 
     max_upload_bytes: int = 512 * 1024 * 1024
+    max_adapter_bytes: int = Field(
+        4 * 1024 * 1024 * 1024, ge=1, description="Largest imported adapter zip once unpacked (all its files together)."
+    )
+    max_record_bytes: int = Field(
+        1024 * 1024,
+        ge=1,
+        description="Largest dataset record in bytes (a JSONL line, JSON array element, CSV row, text line or "
+        "document): a longer one is reported as invalid without being parsed.",
+    )
+    dataset_workers: int = Field(
+        2, ge=1, description="Threads processing dataset versions: tenants in turn, at most one version per tenant."
+    )
+    chat_template_max_chars: int = Field(
+        2_000_000, ge=1, description="Longest text a chat template may render, or build on the way to it."
+    )
+    chat_template_max_steps: int = Field(
+        1_000_000, ge=1, description="Loop iterations, calls and operations one rendering of a chat template may take."
+    )
+    chat_template_seconds: float = Field(2.0, gt=0, description="Longest one rendering of a chat template may run.")
     max_lora_rank: int = 64
     max_output_tokens: int = 2048
     job_lease_seconds: float = 60.0
@@ -99,8 +118,15 @@ class Settings(BaseSettings):
     login_failure_window_seconds: float = Field(3600.0, description="Failures older than this are forgotten.")
     platform_session_minutes: float = Field(15.0, description="How long a platform-administration step-up lasts.")
     invitation_days: float = Field(14.0, description="How long an existing person has to accept an invitation.")
-    max_json_bytes: int = Field(16 * 1024 * 1024, description="Largest JSON request body (uploads are not JSON).")
-    max_json_depth: int = Field(64, description="Deepest nesting of arrays/objects accepted in a JSON body.")
+    max_json_bytes: int = Field(
+        16 * 1024 * 1024,
+        description="Largest JSON request body (uploads are not JSON), or JSON file of an imported adapter.",
+    )
+    max_json_depth: int = Field(
+        64,
+        description="Deepest nesting of arrays/objects accepted in JSON from outside: a request body, a dataset "
+        "record, an imported adapter's config.",
+    )
     request_body_timeout_seconds: float = Field(
         60.0, description="A client that sends nothing of its request body for this long is cut off."
     )
