@@ -13,7 +13,9 @@ from sqlalchemy import select
 
 from adaptery.agent.link import AgentLink
 from adaptery.agent.worker import Agent
+from adaptery.data.chat_template import TemplateBudget
 from adaptery.data.formats import make_token_counter
+from adaptery.data.untrusted import RecordLimits
 from adaptery.db import models as m
 from adaptery.db.session import Database
 from adaptery.engine.demo_model import DEMO_MODEL_ID, ensure_demo_model
@@ -71,6 +73,7 @@ class Platform:
             max_batch=settings.engine_max_batch,
             quantize=None if settings.engine_quantize == "none" else settings.engine_quantize,
             adapter_dtype=settings.engine_adapter_dtype,
+            template_budget=TemplateBudget.from_settings(settings),
             request_timeout_s=settings.engine_request_timeout_seconds,
             max_bytes_per_token=settings.engine_max_bytes_per_token,
         )
@@ -234,7 +237,12 @@ class Platform:
         with self._tokenizers_lock:
             if base_id not in self._tokenizers:
                 tokenizer, context = load_tokenizer(ref, offline=self.settings.offline)
-                self._tokenizers[base_id] = datasets.TokenBudget(base_id, make_token_counter(tokenizer), context)
+                self._tokenizers[base_id] = datasets.TokenBudget(
+                    base_id,
+                    make_token_counter(tokenizer, TemplateBudget.from_settings(self.settings)),
+                    context,
+                    RecordLimits.from_settings(self.settings),
+                )
             return self._tokenizers[base_id]
 
     def submit_version(self, tenant_id: str, version_id: str) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from typing import Any
 
 from fastapi import params
@@ -16,23 +15,10 @@ from fastapi.routing import APIRoute, iter_route_contexts
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from adaptery.data.untrusted import json_depth, too_long_number
 from adaptery.settings import Settings
 
 _BODY_METHODS = ("POST", "PUT", "PATCH", "DELETE")
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
-_BRACKET = re.compile(rb"[\[\]{}]")
-
-
-def json_depth(body: bytes) -> int:
-    """The deepest nesting of arrays and objects in a JSON text (strings may hold any brackets)."""
-    depth = deepest = 0
-    for match in _BRACKET.finditer(_JSON_STRING.sub(b'""', body)):
-        if match.group() in (b"[", b"{"):
-            depth += 1
-            deepest = max(deepest, depth)
-        else:
-            depth -= 1
-    return deepest
 
 
 def _is_json(content_type: str) -> bool:
@@ -123,6 +109,11 @@ class RequestGuard:
         if body.count(b"[") + body.count(b"{") > max_depth and json_depth(body) > max_depth:
             await _refuse(send, 400, f"The JSON body is nested deeper than {max_depth} levels.", code="json_too_deep")
             return
+        where = too_long_number(body)
+        if where is not None:  # every JSON parser here would raise ValueError on it: a 400 naming the field
+            message = f"Invalid value for '{where}': the number has too many digits."
+            await _refuse(send, 400, message, code="invalid_value", param=where)
+            return
         replayed = False
 
         async def replay() -> Message:
@@ -135,8 +126,8 @@ class RequestGuard:
         await self.app(scope, replay, send)
 
 
-async def _refuse(send: Send, status: int, message: str, code: str | None = None) -> None:
-    error: dict[str, Any] = {"message": message, "type": "invalid_request_error", "param": None, "code": code}
+async def _refuse(send: Send, status: int, message: str, code: str | None = None, param: str | None = None) -> None:
+    error: dict[str, Any] = {"message": message, "type": "invalid_request_error", "param": param, "code": code}
     payload = json.dumps({"error": error}).encode()
     await send(
         {

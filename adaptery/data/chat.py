@@ -6,9 +6,10 @@ file in one pass instead of one error at a time.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+from adaptery.data.untrusted import LineTooLong, RecordLimits, UntrustedJSONError, loads
 
 ROLES = ("system", "user", "assistant")
 MAX_REPORTED_ERRORS = 50
@@ -78,18 +79,20 @@ def record_errors(line: int, record: object) -> list[LineError]:
     return errors
 
 
-def validate_lines(lines: Iterable[bytes]) -> ChatFileReport:
-    """Check every line; keep the first MAX_REPORTED_ERRORS errors and count them all."""
+def validate_lines(lines: Iterable[bytes | LineTooLong], limits: RecordLimits) -> ChatFileReport:
+    """Check every line (from `untrusted.bounded_lines`); keep the first MAX_REPORTED_ERRORS errors and
+    count them all. A line over `limits` is an invalid line like any other."""
     report = ChatFileReport()
     for number, raw in enumerate(lines, start=1):
-        if not raw.strip():
+        if isinstance(raw, LineTooLong):
+            problems = [LineError(number, "", limits.too_large(raw.size))]
+        elif not raw.strip():
             continue
-        try:
-            record = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            problems = [LineError(number, "", f"invalid JSON: {getattr(exc, 'msg', str(exc))}")]
         else:
-            problems = record_errors(number, record)
+            try:
+                problems = record_errors(number, loads(raw.rstrip(b"\r\n"), max_depth=limits.max_depth))
+            except UntrustedJSONError as exc:
+                problems = [LineError(number, "", str(exc))]
         if problems:
             report.error_count += 1
             room = MAX_REPORTED_ERRORS - len(report.errors)

@@ -25,7 +25,9 @@ from typing import Any, Protocol
 from jinja2 import TemplateError
 
 from adaptery.data.chat import LineError, record_errors
+from adaptery.data.chat_template import TemplateBudget, chat_text
 from adaptery.data.readers import FORMATS, ColumnMapping, FormatError, Record, detect_format, read_records
+from adaptery.data.untrusted import RecordLimits
 
 PROGRESS_EVERY = 1000
 SUMMARY_ERRORS = 5
@@ -106,6 +108,7 @@ def validate_and_normalise(
     fmt: str,
     out: Sink,
     *,
+    limits: RecordLimits,
     mapping: ColumnMapping | None = None,
     count_tokens: TokenCounter | None = None,
     max_tokens: int | None = None,
@@ -114,13 +117,15 @@ def validate_and_normalise(
 ) -> ValidationReport:
     """Check every record; write the valid ones to `out` as canonical JSONL; count and list the others.
 
+    A record over `limits` (bytes, nesting) is one invalid record, reported on its line, never parsed whole.
+
     With `count_tokens` and `max_tokens`, a record longer than `max_tokens` is invalid; `count_tokens`
     may also raise ValueError to refuse a record (its message is the error). It is called once per
     record that is otherwise valid, in file order. `progress(n)` is called every PROGRESS_EVERY
     records. Problems with the file as a whole raise FormatError.
     """
     report = ValidationReport(format=fmt)
-    for (line, unit), group in groupby(read_records(path, fmt, mapping=mapping), key=_position):
+    for (line, unit), group in groupby(read_records(path, fmt, limits=limits, mapping=mapping), key=_position):
         items = list(group)  # one Record, or the errors of one record
         first = items[0]
         report.records_total += 1
@@ -153,9 +158,9 @@ def _length_problems(item: Record, count_tokens: TokenCounter | None, max_tokens
     return []
 
 
-def make_token_counter(tokenizer: Any) -> TokenCounter:
-    """Tokens a record takes as the model sees it: rendered with the model's chat template, as
-    training renders it. Without a chat template, the contents joined by newlines.
+def make_token_counter(tokenizer: Any, budget: TemplateBudget) -> TokenCounter:
+    """Tokens a record takes as the model sees it: rendered with the model's chat template (within
+    `budget`), as training renders it. Without a chat template, the contents joined by newlines.
 
     A conversation the template refuses (some refuse a system turn, or one not starting with a
     user) raises ValueError, which validation reports as that record's error.
@@ -171,8 +176,7 @@ def make_token_counter(tokenizer: Any) -> TokenCounter:
         # Only role and content reach the template, as in training: "weight" is ours, not the model's.
         turns = [{"role": m["role"], "content": m["content"]} for m in messages]
         try:
-            # Rendered to a string first: transformers 5 returns a dict from tokenize=True.
-            text = tokenizer.apply_chat_template(turns, tokenize=False)
+            text = chat_text(tokenizer, turns, budget=budget)
         except TemplateError as exc:
             raise ValueError(f"the base model's chat template rejected this conversation: {exc}") from exc
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -7,7 +7,9 @@ text.
 
 Files are streamed: JSONL and text line by line, JSON arrays element by element through `ijson`,
 CSV/TSV row by row, so memory stays bounded whatever the file's size. `text-document` is the
-exception by nature (its one record is the whole file), bounded by the upload size limit.
+exception by nature (its one record is the whole file). Every record is bounded (`RecordLimits`): one
+longer than the limit in bytes, or nested deeper, is reported as an invalid record without being
+parsed whole, so one line cannot take the server's memory or fail the rest of the file.
 
 A record that cannot be used comes out as its errors instead, each naming the field as the original
 format spells it (`conversations[2].from`, `output`, `column answer`), at the record's position:
@@ -21,18 +23,19 @@ import codecs
 import csv
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import ijson
 
 from adaptery.data.chat import LineError, record_errors
+from adaptery.data.untrusted import LineTooLong, RecordLimits, UntrustedJSONError, bounded_lines, loads
 
 FORMATS = ("openai-chat", "alpaca", "sharegpt", "text-lines", "text-document", "csv", "tsv")
 SNIFF_BYTES = 16 * 1024  # how much of a file detection reads
-CSV_FIELD_LIMIT = 2**31 - 1  # the csv module's default (128 KiB) is shorter than a long document
+_OPENS, _CLOSES = ("start_map", "start_array"), ("end_map", "end_array")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _BOM = b"\xef\xbb\xbf"
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -88,20 +91,23 @@ def _key_format(keys: list[str] | str) -> str:
 def _first_value_keys(head: bytes, prefix: str) -> list[str] | str:
     """Top-level keys of the first JSON value at `prefix` ("" for JSONL, "item" for an array), or its
     JSON type when it is not an object. Reads the head only: a first record longer than the head
-    still shows the keys it starts with."""
+    still shows the keys it starts with. (Events without prefixes: ijson builds each event's prefix
+    string, which for a value nested thousands deep is quadratic work.)"""
     keys: list[str] = []
+    first_at = 1 if prefix == "item" else 0  # the nesting at which the first value starts
+    depth = 0
     try:
-        for at, event, value in ijson.parse(head, multiple_values=True):
-            if at == "" and event == "end_array" and prefix == "item":
-                raise FormatError("the file is an empty JSON array: there are no records")
-            if at != prefix:
-                continue
-            if event == "map_key":
+        for event, value in ijson.basic_parse(head, multiple_values=True):
+            if depth == first_at:
+                if event == "end_array":
+                    raise FormatError("the file is an empty JSON array: there are no records")
+                if event != "start_map":
+                    return {"start_array": "array", "string": "string", "null": "null"}.get(event, "number or boolean")
+            elif depth == first_at + 1 and event == "map_key":
                 keys.append(value)
-            elif event == "end_map":
+            elif depth == first_at + 1 and event == "end_map":
                 break
-            elif event != "start_map":
-                return {"start_array": "array", "string": "string", "null": "null"}.get(event, "number or boolean")
+            depth += (event in _OPENS) - (event in _CLOSES)
     except ijson.JSONError as exc:
         if not keys:
             raise FormatError(f"the file starts like JSON but is not valid JSON ({_ijson_reason(exc)})") from None
@@ -122,6 +128,8 @@ def _json_format(head: bytes, stripped: str, name: str) -> str:
             f"the first line of '{name}' is not a complete JSON object ({exc.msg}, column {exc.colno}): "
             "JSONL needs one object per line, and a pretty-printed JSON file must be an array of records"
         ) from None
+    except (RecursionError, ValueError):  # nested too deep for the parser, or a number too long: keys only
+        return _key_format(_first_value_keys(head[start:], ""))
     return _key_format(list(first) if isinstance(first, dict) else type(first).__name__)
 
 
@@ -226,8 +234,11 @@ def _not_utf8(line: int, byte: int, where: str = "the line") -> LineError:
     return LineError(line, "", f"not valid UTF-8 text (byte {byte} of {where}): save the file as UTF-8")
 
 
-def _jsonl_values(handle: Iterable[bytes]) -> Iterator[tuple[int, Any]]:
-    for number, raw in enumerate(handle, start=1):
+def _jsonl_values(handle: BinaryIO, limits: RecordLimits) -> Iterator[tuple[int, Any]]:
+    for number, raw in enumerate(bounded_lines(handle, limits.max_bytes), start=1):
+        if isinstance(raw, LineTooLong):
+            yield number, LineError(number, "", limits.too_large(raw.size))
+            continue
         if not raw.strip():
             continue
         try:
@@ -236,9 +247,10 @@ def _jsonl_values(handle: Iterable[bytes]) -> Iterator[tuple[int, Any]]:
             yield number, _not_utf8(number, exc.start)
             continue
         try:
-            value = json.loads(text.rstrip("\r\n"))  # so a column past the end is the end of the line
-        except json.JSONDecodeError as exc:
-            yield number, LineError(number, "", f"invalid JSON: {exc.msg} (column {exc.colno})")
+            # rstrip: so a column past the end is the end of the line
+            value = loads(text.rstrip("\r\n"), max_depth=limits.max_depth)
+        except UntrustedJSONError as exc:
+            yield number, LineError(number, "", str(exc))
             continue
         if _SURROGATE_ESCAPE.search(raw):
             where = _lone_surrogate_at(value)
@@ -248,11 +260,30 @@ def _jsonl_values(handle: Iterable[bytes]) -> Iterator[tuple[int, Any]]:
         yield number, value
 
 
-def _array_values(handle: Any) -> Iterator[tuple[int, Any]]:
-    index = 0
+def _array_values(handle: BinaryIO, limits: RecordLimits) -> Iterator[tuple[int, Any]]:
+    """Each element of the file's array; one over the limits as a LineError, skipped without being built.
+    (An element's size is counted from its parsed strings and tokens: ijson tells no byte offsets.)"""
+    index = depth = size = 0  # index: elements done; depth: 1 inside the file's array
+    builder = ijson.ObjectBuilder()
+    problem = None
     try:
-        for index, item in enumerate(ijson.items(handle, "item", use_float=True), start=1):
-            yield index, item
+        for event, value in ijson.basic_parse(handle, use_float=True):
+            file_array_event = depth == 0 or (depth == 1 and event == "end_array")  # it opens or closes
+            depth += (event in _OPENS) - (event in _CLOSES)
+            if file_array_event:
+                continue
+            if problem is None:
+                size += len(value) + 3 if isinstance(value, str) else 4
+                if depth - 1 > limits.max_depth:
+                    problem = limits.too_deep()
+                elif size > limits.max_bytes:
+                    problem = limits.too_large()
+                else:
+                    builder.event(event, value)
+            if depth == 1:  # the element is complete
+                index += 1
+                yield index, LineError(index, "", problem, "record") if problem else builder.value
+                builder, size, problem = ijson.ObjectBuilder(), 0, None
     except ijson.JSONError as exc:
         reason = _ijson_reason(exc)
         broken = f"the JSON array is broken after record {index}" if index else "the JSON array is broken"
@@ -265,17 +296,17 @@ def _array_values(handle: Any) -> Iterator[tuple[int, Any]]:
         yield index + 1, LineError(index + 1, "", message, "record")
 
 
-def _json_values(path: Path) -> Iterator[tuple[int, str, Any]]:
+def _json_values(path: Path, limits: RecordLimits) -> Iterator[tuple[int, str, Any]]:
     """(position, unit, value or LineError) for each record of a JSONL file or of a JSON array."""
     with path.open("rb") as handle:
         head = handle.read(SNIFF_BYTES)
         stripped = head.removeprefix(_BOM).lstrip(b" \t\r\n")
         handle.seek(len(_BOM) if head.startswith(_BOM) else 0)
         if stripped.startswith(b"["):
-            for index, value in _array_values(handle):
+            for index, value in _array_values(handle, limits):
                 yield index, "record", value
         else:
-            for number, value in _jsonl_values(handle):
+            for number, value in _jsonl_values(handle, limits):
                 yield number, "line", value
 
 
@@ -368,9 +399,12 @@ def _completion(line: int, text: str) -> Record:
     return Record(line, {"messages": [{"role": "assistant", "content": text}]})
 
 
-def _text_lines(path: Path) -> Iterator[Record | LineError]:
+def _text_lines(path: Path, limits: RecordLimits) -> Iterator[Record | LineError]:
     with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
+        for number, raw in enumerate(bounded_lines(handle, limits.max_bytes), start=1):
+            if isinstance(raw, LineTooLong):
+                yield LineError(number, "", limits.too_large(raw.size))
+                continue
             try:
                 text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as exc:
@@ -380,8 +414,12 @@ def _text_lines(path: Path) -> Iterator[Record | LineError]:
                 yield _completion(number, text.rstrip("\r\n"))
 
 
-def _text_document(path: Path) -> Iterator[Record | LineError]:
-    """The whole file is one record, so it is read whole: its size is bounded by the upload limit."""
+def _text_document(path: Path, limits: RecordLimits) -> Iterator[Record | LineError]:
+    """The whole file is one record, so it is read whole once it is known to be within the record limit."""
+    size = path.stat().st_size
+    if size > limits.max_bytes:
+        yield LineError(1, "", limits.too_large(size))
+        return
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
@@ -452,10 +490,17 @@ def _checked_mapping(header: list[str], mapping: ColumnMapping) -> ColumnMapping
     return mapping
 
 
-def _decoded_lines(handle: Iterable[bytes], bad: list[tuple[int, int]]) -> Iterator[str]:
+def _decoded_lines(
+    handle: BinaryIO, bad: list[tuple[int, int]], too_long: list[tuple[int, int]], limits: RecordLimits
+) -> Iterator[str]:
     """The file's lines as text for the csv module; a line that is not UTF-8 is noted in `bad` as
-    (line, byte) and passed on with replacement characters, so the row it belongs to can be refused."""
-    for number, raw in enumerate(handle, start=1):
+    (line, byte) and passed on with replacement characters, one over the record limit in `too_long` as
+    (line, bytes) and passed on empty, so the row each belongs to can be refused."""
+    for number, raw in enumerate(bounded_lines(handle, limits.max_bytes), start=1):
+        if isinstance(raw, LineTooLong):
+            too_long.append((number, raw.size))
+            yield "\n"
+            continue
         try:
             yield raw.decode("utf-8-sig" if number == 1 else "utf-8")
         except UnicodeDecodeError as exc:
@@ -463,14 +508,19 @@ def _decoded_lines(handle: Iterable[bytes], bad: list[tuple[int, int]]) -> Itera
             yield raw.decode("utf-8", "replace")
 
 
-def _table(path: Path, delimiter: str, mapping: ColumnMapping | None) -> Iterator[Record | LineError]:
-    csv.field_size_limit(CSV_FIELD_LIMIT)
+def _table(
+    path: Path, delimiter: str, mapping: ColumnMapping | None, limits: RecordLimits
+) -> Iterator[Record | LineError]:
+    csv.field_size_limit(limits.max_bytes)  # a quoted field spanning many lines is bounded too
     bad: list[tuple[int, int]] = []
+    too_long: list[tuple[int, int]] = []
     with path.open("rb") as handle:
-        reader = csv.reader(_decoded_lines(handle, bad), delimiter=delimiter)
+        reader = csv.reader(_decoded_lines(handle, bad, too_long, limits), delimiter=delimiter)
         header = next(reader, None)
         if bad:
             raise FormatError(f"the header row is not UTF-8 text (byte {bad[0][1]}): save the file as UTF-8")
+        if too_long:
+            raise FormatError(f"the header row is {limits.too_large(too_long[0][1])}")
         if not header or not any(name.strip() for name in header):
             raise FormatError(f"the table has no header row: expected columns such as {_EXPECTED_COLUMNS}")
         mapping = _checked_mapping(header, mapping) if mapping else _infer_mapping(header)
@@ -484,9 +534,17 @@ def _table(path: Path, delimiter: str, mapping: ColumnMapping | None) -> Iterato
             except csv.Error as exc:
                 yield LineError(start, "", f"malformed row: {exc}")
                 bad.clear()
+                too_long.clear()
                 continue
             end = reader.line_num
             spans = f" (the row spans lines {start}-{end}: is a quote left open?)" if end > start else ""
+            size = sum(len(cell) for cell in row)
+            if too_long or size > limits.max_bytes:
+                number, size = too_long[0] if too_long else (start, size)
+                yield LineError(number, "", limits.too_large(size))
+                bad.clear()
+                too_long.clear()
+                continue
             if bad:
                 number, byte = bad[0]
                 yield _not_utf8(start, byte, "the line" if number == start else f"line {number}")
@@ -527,24 +585,26 @@ def _table_record(line: int, row: list[str], index: dict[str, int], mapping: Col
 # --- all formats ---------------------------------------------------------------------------------
 
 
-def read_records(path: Path, fmt: str, *, mapping: ColumnMapping | None = None) -> Iterator[Record | LineError]:
+def read_records(
+    path: Path, fmt: str, *, limits: RecordLimits, mapping: ColumnMapping | None = None
+) -> Iterator[Record | LineError]:
     """Every record of the file in canonical form, or the errors that kept it out, in file order.
 
-    A stream: nothing but the current record is held (`text-document` aside). Problems with the
-    file as a whole (an unknown format, a table header that cannot be mapped) raise FormatError.
-    `mapping` is for csv/tsv; without it the columns are inferred from the header.
+    A stream: nothing but the current record is held, and it within `limits` (a record over them is an
+    error). Problems with the file as a whole (an unknown format, a table header that cannot be mapped)
+    raise FormatError. `mapping` is for csv/tsv; without it the columns are inferred from the header.
     """
     if fmt not in FORMATS:
         raise FormatError(f"unknown format '{fmt}'; known: {', '.join(FORMATS)}")
     if fmt == "text-lines":
-        yield from _text_lines(path)
+        yield from _text_lines(path, limits)
     elif fmt == "text-document":
-        yield from _text_document(path)
+        yield from _text_document(path, limits)
     elif fmt in ("csv", "tsv"):
-        yield from _table(path, "," if fmt == "csv" else "\t", mapping)
+        yield from _table(path, "," if fmt == "csv" else "\t", mapping, limits)
     else:
         convert = _CONVERTERS[fmt]
-        for position, unit, value in _json_values(path):
+        for position, unit, value in _json_values(path, limits):
             if isinstance(value, LineError):
                 yield value
                 continue

@@ -14,7 +14,6 @@ path, and a prompt's text is measured against the context before any template or
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import queue
 import threading
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from adaptery.data.chat_template import TemplateBudget, chat_text, stored_chat_template
 from adaptery.engine.batching import BatchEngine, Event
 from adaptery.engine.fallback import TransformersBase
 from adaptery.engine.loading import load_causal_lm
@@ -33,6 +33,7 @@ from adaptery.engine.lora import AdapterInfo, AdapterRejected, inspect_adapter
 from adaptery.engine.metrics import EngineMetrics
 from adaptery.engine.native import MODULE_SITE, NativeLlama, check_quantization, native_support
 from adaptery.engine.sampling import SamplingParams, TokenLogprob, releasable
+from adaptery.settings import Settings
 
 log = logging.getLogger("adaptery.engine")
 __all__ = [
@@ -49,23 +50,10 @@ MiB = 1024 * 1024
 
 
 @functools.lru_cache(maxsize=1024)
-def adapter_chat_template(adapter_dir: Path) -> str | None:
-    """The chat template saved beside an adapter: `chat_template.jinja`, else `tokenizer_config.json`'s
-    `chat_template` (a string, or the "default" entry of a list of named templates); None when absent."""
-    jinja = adapter_dir / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    config = adapter_dir / "tokenizer_config.json"
-    if not config.is_file():
-        return None
-    try:
-        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
-    except (json.JSONDecodeError, AttributeError):
-        return None
-    if isinstance(template, list):
-        named = {item.get("name"): item.get("template") for item in template if isinstance(item, dict)}
-        template = named.get("default")
-    return template if isinstance(template, str) and template.strip() else None
+def adapter_chat_template(adapter_dir: Path, max_json_depth: int) -> str | None:
+    """The chat template saved beside an adapter (`data.chat_template.stored_chat_template`); None when absent."""
+    stored = stored_chat_template(adapter_dir, max_json_depth=max_json_depth)
+    return stored[0] if stored is not None else None
 
 
 class PromptTooLong(ValueError):
@@ -178,6 +166,7 @@ class InferenceEngine:
         adapter_dtype: str = "auto",
         request_timeout_s: float | None = None,
         max_bytes_per_token: int = 32,
+        template_budget: TemplateBudget | None = None,
     ) -> None:
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.quantize = quantize  # "int8": the native path's base weights through torchao (bench/quant.py)
@@ -192,6 +181,8 @@ class InferenceEngine:
         self.max_step_tokens = max_step_tokens
         self.request_timeout_s = request_timeout_s  # None: no deadline
         self.max_bytes_per_token = max_bytes_per_token
+        # Every chat template renders within this, an adapter's own above all (`data.chat_template`).
+        self.template_budget = template_budget or TemplateBudget.from_settings(Settings())
         self.metrics = EngineMetrics()
         self._bases: dict[str, _Base] = {}
         self._adapters: dict[str, AdapterInfo] = {}
@@ -212,10 +203,9 @@ class InferenceEngine:
         loaded = self.base(base_id, ref)
         self._refuse_oversized(loaded, [message["content"] for message in messages])
         tokenizer = loaded.tokenizer
-        template = adapter_chat_template(adapter.path) if adapter is not None else None
-        text = tokenizer.apply_chat_template(
-            messages, chat_template=template, add_generation_prompt=True, tokenize=False
-        )
+        budget = self.template_budget
+        template = adapter_chat_template(adapter.path, budget.max_json_depth) if adapter is not None else None
+        text = chat_text(tokenizer, messages, budget=budget, chat_template=template, add_generation_prompt=True)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def text_prompt(self, base_id: str, ref: str, prompt: str) -> list[int]:

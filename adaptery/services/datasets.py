@@ -29,12 +29,14 @@ from adaptery.data.formats import (
     validate_and_normalise,
 )
 from adaptery.data.split import split_indices
+from adaptery.data.untrusted import RecordLimits, UntrustedJSONError, loads
 from adaptery.db import models as m
 from adaptery.db.ids import new_id
 from adaptery.db.session import Database
 from adaptery.services.errors import Conflict, InvalidRequest, NotFound
 from adaptery.storage.blobs import BlobStore, StoredBlob
 from adaptery.storage.crypto import DataKey
+from adaptery.training.spec import MAX_SEED
 
 OPERATIONS = ("upload", "dedup", "scrub", "split-train", "split-validation")
 CARD_FIELDS = ("name", "description", "source", "license", "contains_protected_data")
@@ -43,11 +45,13 @@ TokenCounter = Callable[[list[dict]], int]
 
 @dataclass(frozen=True)
 class TokenBudget:
-    """How to count a record's tokens for one base model, and that model's context."""
+    """How to count a record's tokens for one base model, that model's context, and how large and deep
+    one record may be before it is parsed."""
 
     model: str
     count: TokenCounter
     context: int
+    limits: RecordLimits
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -177,9 +181,13 @@ def parse_mapping(raw: str | dict | None) -> dict[str, str] | None:
         raw = raw.strip()
         if raw.startswith("{"):
             try:
-                raw = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise InvalidRequest(f"mapping is not valid JSON: {exc.msg}", param="mapping") from exc
+                raw = loads(raw, max_depth=1)  # one flat object of column names
+            except UntrustedJSONError as exc:
+                raise InvalidRequest(
+                    f"mapping must be a flat JSON object of column names: {exc}", param="mapping"
+                ) from exc
+            if not all(isinstance(v, str) for v in raw.values()):
+                raise InvalidRequest("mapping must name a column (a string) for each field", param="mapping")
         else:
             pairs = [part.split("=", 1) for part in raw.split(",") if part.strip()]
             if any(len(p) != 2 for p in pairs):
@@ -247,9 +255,11 @@ def start_operation(
         operations = ["scrub"]
     elif operation == "split":
         params = {"validation_fraction": 0.1, "seed": 42, **params}
-        fraction = params["validation_fraction"]
+        fraction, seed = params["validation_fraction"], params["seed"]
         if not isinstance(fraction, int | float) or not 0 < fraction <= 0.5:
             raise InvalidRequest("validation_fraction must be in (0, 0.5]", param="validation_fraction")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise InvalidRequest(f"seed must be an integer between 0 and {MAX_SEED}", param="seed")
         if (parent.records or 0) < 2:
             raise InvalidRequest("a split needs at least 2 records", param="version")
         operations = ["split-train", "split-validation"]
@@ -380,6 +390,7 @@ def run_version(
                         path,
                         fmt,
                         sink,
+                        limits=budget.limits,
                         mapping=mapping,
                         count_tokens=count_and_keep,
                         max_tokens=budget.context,
@@ -465,7 +476,7 @@ def check_chat_file(blobs: BlobStore, tenant_id: str, sha256: str, budget: Token
     """Validate stored chat JSONL as training would see it, against `budget`'s base model."""
     with blobs.plaintext(tenant_id, sha256) as path:
         return validate_and_normalise(
-            path, "openai-chat", _Discard(), count_tokens=budget.count, max_tokens=budget.context
+            path, "openai-chat", _Discard(), limits=budget.limits, count_tokens=budget.count, max_tokens=budget.context
         )
 
 

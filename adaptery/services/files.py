@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import PurePath
 from typing import BinaryIO
@@ -11,6 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from adaptery.data.chat import validate_lines
+from adaptery.data.untrusted import LineTooLong, RecordLimits, UntrustedJSONError, bounded_lines, loads
 from adaptery.db import models as m
 from adaptery.db.ids import new_id
 from adaptery.services import blob_refs
@@ -21,18 +21,20 @@ from adaptery.training.data import DatasetError, read_preference_records
 PURPOSES = ("fine-tune", "batch", "assistants", "vision", "user_data", "evals")
 
 
-def _lines(blobs: BlobStore, tenant_id: str, sha256: str) -> Iterator[bytes]:
+def _lines(blobs: BlobStore, tenant_id: str, sha256: str, limits: RecordLimits) -> Iterator[bytes | LineTooLong]:
     with blobs.open(tenant_id, sha256) as handle:
-        yield from handle
+        yield from bounded_lines(handle, limits.max_bytes)
 
 
-def _is_preference_file(blobs: BlobStore, tenant_id: str, sha256: str) -> bool:
+def _is_preference_file(blobs: BlobStore, tenant_id: str, sha256: str, limits: RecordLimits) -> bool:
     """OpenAI's DPO files hold preference pairs; the first record tells which kind a file is."""
-    for raw in _lines(blobs, tenant_id, sha256):
+    for raw in _lines(blobs, tenant_id, sha256, limits):
+        if isinstance(raw, LineTooLong):
+            return False
         if raw.strip():
             try:
-                first = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
+                first = loads(raw.rstrip(b"\r\n"), max_depth=limits.max_depth)
+            except UntrustedJSONError:
                 return False
             return isinstance(first, dict) and "preferred_output" in first
     return False
@@ -63,6 +65,7 @@ def upload(
     filename: str | None,
     purpose: str,
     max_bytes: int,
+    limits: RecordLimits,
 ) -> m.File:
     if purpose not in PURPOSES:
         raise InvalidRequest(f"purpose must be one of {', '.join(PURPOSES)}", param="purpose")
@@ -72,10 +75,10 @@ def upload(
         raise TooLarge(f"File is larger than the upload limit of {exc.limit} bytes.", param="file") from exc
     records = None
     if purpose == "fine-tune":
-        if _is_preference_file(blobs, tenant_id, blob.sha256):
+        if _is_preference_file(blobs, tenant_id, blob.sha256, limits):
             records = _validate_preferences(system, blobs, tenant_id, blob.sha256)
         else:
-            report = validate_lines(_lines(blobs, tenant_id, blob.sha256))
+            report = validate_lines(_lines(blobs, tenant_id, blob.sha256, limits), limits)
             if not report.ok:
                 blob_refs.release(system, blobs, tenant_id, blob.sha256)
                 raise InvalidRequest(f"Invalid file format for fine-tuning: {report.summary()}", param="file")

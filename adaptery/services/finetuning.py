@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 import secrets
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
@@ -36,7 +37,7 @@ from adaptery.storage.blobs import BlobStore
 from adaptery.training.data import DatasetError, read_preference_records
 from adaptery.training.methods import ConfigurationError, check_configuration, module_inventory
 from adaptery.training.options import OPENAI_KEYS, OPTION_KEYS, resolve_options
-from adaptery.training.spec import LoraHyperparameters
+from adaptery.training.spec import MAX_SEED, LoraHyperparameters
 
 if TYPE_CHECKING:
     from adaptery.settings import Settings
@@ -218,8 +219,8 @@ def create_job(
     options = _training_options(
         requested, ref.base, method=kind, has_validation_file=bool(validation_file), settings=settings
     )
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**31 - 1):
-        raise InvalidRequest("seed must be an integer between 0 and 2147483647", param="seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+        raise InvalidRequest(f"seed must be an integer between 0 and {MAX_SEED}", param="seed")
     job = m.FineTuningJob(
         id=new_id("ftjob-"),
         user_id=principal.user_id,
@@ -227,7 +228,7 @@ def create_job(
         training_file=training_file,
         validation_file=validation_file,
         suffix=suffix,
-        seed=seed if seed is not None else secrets.randbelow(2**31),
+        seed=seed if seed is not None else secrets.randbelow(MAX_SEED + 1),
         hyperparameters=resolved,
         method={"type": kind, kind: {"hyperparameters": {**resolved, **options}}},
         metadata_=metadata,
@@ -318,7 +319,7 @@ def validate_files(session: Session, blobs: BlobStore, job: m.FineTuningJob, bud
             except DatasetError as exc:
                 problem = f"The {param.replace('_', ' ')} {file_id} is not valid preference data: {exc}"
         else:
-            counting = TokenBudget(budget.model, count, budget.context) if training else budget
+            counting = replace(budget, count=count) if training else budget
             report = check_chat_file(blobs, job.tenant_id, record.sha256, counting)
             if not report.ok:
                 problem = f"The {param.replace('_', ' ')} {file_id} is invalid for {job.model}: {report.summary()}"

@@ -2,11 +2,12 @@
 
 Only assistant tokens are trained (labels are -100 everywhere else), so the adapter learns to
 answer, not to imitate users. Assistant messages with ``"weight": 0`` are context, not targets.
+Templates render within a `TemplateBudget` and records are read within `RecordLimits`; both default
+to this process's settings.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,6 +18,9 @@ from jinja2 import TemplateError
 
 # _message_errors: the one definition of a valid chat message, shared with the upload validator.
 from adaptery.data.chat import _message_errors, record_errors
+from adaptery.data.chat_template import TemplateBudget, render_for
+from adaptery.data.untrusted import LineTooLong, RecordLimits, UntrustedJSONError, bounded_lines, loads
+from adaptery.settings import Settings
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -41,26 +45,30 @@ class ChatDataset:
     dropped: list[int] = field(default_factory=list)  # line numbers left with nothing to train on
 
 
-def _jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed JSON) for each non-blank line; a DatasetError naming the line if one is not JSON."""
+def _jsonl(path: Path, limits: RecordLimits | None) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed JSON) for each non-blank line; a DatasetError naming the line if one is not JSON
+    or is over `limits`."""
+    limits = limits or RecordLimits.from_settings(Settings())
     try:
-        content = Path(path).read_bytes()
+        with Path(path).open("rb") as handle:
+            for number, raw in enumerate(bounded_lines(handle, limits.max_bytes), start=1):
+                if isinstance(raw, LineTooLong):
+                    raise DatasetError(f"line {number}: {limits.too_large(raw.size)}")
+                if not raw.strip():
+                    continue
+                try:
+                    record = loads(raw.rstrip(b"\r\n"), max_depth=limits.max_depth)
+                except UntrustedJSONError as exc:
+                    raise DatasetError(f"line {number}: {exc}") from exc
+                yield number, record
     except OSError as exc:
         raise DatasetError(f"cannot read {Path(path).name}: {exc.strerror or exc}") from exc
-    for number, raw in enumerate(content.split(b"\n"), start=1):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DatasetError(f"line {number}: invalid JSON: {getattr(exc, 'msg', str(exc))}") from exc
-        yield number, record
 
 
-def read_chat_records(path: Path) -> list[tuple[int, Messages]]:
+def read_chat_records(path: Path, limits: RecordLimits | None = None) -> list[tuple[int, Messages]]:
     """Validate every line of a chat JSONL file; return (line number, messages) per record."""
     records = []
-    for number, record in _jsonl(path):
+    for number, record in _jsonl(path, limits):
         # The same rules as the upload-time validator, so a file accepted there trains here.
         problems = record_errors(number, record)
         if problems:
@@ -93,12 +101,20 @@ def _mask_runs(mask: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def _labels_from_generation_mask(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> dict | None:
+def _labels_from_generation_mask(
+    tokenizer: PreTrainedTokenizerBase, messages: Messages, budget: TemplateBudget
+) -> dict | None:
     """Use the template's {% generation %} blocks; None when they cannot be mapped to messages."""
-    encoded = tokenizer.apply_chat_template(
-        _template_messages(messages), return_dict=True, return_assistant_tokens_mask=True
-    )
-    ids, mask = list(encoded["input_ids"]), list(encoded["assistant_masks"])
+    text, spans = render_for(tokenizer, _template_messages(messages), budget=budget, spans=True)
+    encoded = tokenizer(text, add_special_tokens=False)
+    ids = list(encoded["input_ids"])
+    mask = [0] * len(ids)
+    for start, end in spans:  # characters to tokens, as apply_chat_template's assistant mask does it
+        first, last = encoded.char_to_token(start), encoded.char_to_token(end - 1)
+        if first is None:
+            break
+        for token in range(first, last + 1 if last else len(ids)):
+            mask[token] = 1
     assistants = [m for m in messages if m["role"] == "assistant"]
     runs = _mask_runs(mask)
     if len(runs) != len(assistants):
@@ -110,16 +126,19 @@ def _labels_from_generation_mask(tokenizer: PreTrainedTokenizerBase, messages: M
     return {"input_ids": ids, "labels": labels}
 
 
-def _labels_from_prefixes(tokenizer: PreTrainedTokenizerBase, messages: Messages, line: int) -> dict:
+def _labels_from_prefixes(
+    tokenizer: PreTrainedTokenizerBase, messages: Messages, line: int, budget: TemplateBudget
+) -> dict:
     """Locate each assistant turn by rendering the conversation up to it (works with any template
     that renders earlier turns the same way whatever follows them)."""
 
     def render(upto: int, prompt: bool) -> str:
         if upto == 0:
             return ""
-        return tokenizer.apply_chat_template(
-            _template_messages(messages[:upto]), tokenize=False, add_generation_prompt=prompt
+        text, _ = render_for(
+            tokenizer, _template_messages(messages[:upto]), budget=budget, add_generation_prompt=prompt
         )
+        return text
 
     text = render(len(messages), False)
     spans = []
@@ -147,35 +166,51 @@ def _labels_from_prefixes(tokenizer: PreTrainedTokenizerBase, messages: Messages
     return {"input_ids": ids, "labels": labels}
 
 
-def _label_conversation(tokenizer: PreTrainedTokenizerBase, messages: Messages, line: int) -> dict:
+def _label_conversation(
+    tokenizer: PreTrainedTokenizerBase, messages: Messages, line: int, budget: TemplateBudget
+) -> dict:
     try:
         example = None
         if _GENERATION_TAG.search(tokenizer.get_chat_template()):
-            example = _labels_from_generation_mask(tokenizer, messages)
+            example = _labels_from_generation_mask(tokenizer, messages, budget)
         if example is None:
-            example = _labels_from_prefixes(tokenizer, messages, line)
+            example = _labels_from_prefixes(tokenizer, messages, line, budget)
     except TemplateError as exc:
         raise DatasetError(f"line {line}: the base model's chat template rejected this conversation: {exc}") from exc
     return example
 
 
 def tokenize_conversation(
-    tokenizer: PreTrainedTokenizerBase, messages: Messages, *, max_seq_length: int, line: int = 0
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Messages,
+    *,
+    max_seq_length: int,
+    line: int = 0,
+    budget: TemplateBudget | None = None,
 ) -> dict[str, list[int]]:
     """Tokenise one conversation: input_ids, attention_mask and labels (-100 outside trained turns)."""
-    example = _label_conversation(tokenizer, messages, line)
+    budget = budget or TemplateBudget.from_settings(Settings())
+    example = _label_conversation(tokenizer, messages, line, budget)
     ids, labels = example["input_ids"][:max_seq_length], example["labels"][:max_seq_length]
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
-def load_chat_dataset(path: Path, tokenizer: PreTrainedTokenizerBase, *, max_seq_length: int) -> ChatDataset:
+def load_chat_dataset(
+    path: Path,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_seq_length: int,
+    budget: TemplateBudget | None = None,
+    limits: RecordLimits | None = None,
+) -> ChatDataset:
     """Read, validate and tokenise a chat JSONL file; raise DatasetError when nothing is trainable."""
     if not tokenizer.chat_template:
         raise DatasetError("the base model's tokenizer has no chat template, so chat records cannot be formatted")
+    budget = budget or TemplateBudget.from_settings(Settings())
     dataset = ChatDataset(examples=[], records=0, trainable_tokens=0)
-    for line, messages in read_chat_records(path):
+    for line, messages in read_chat_records(path, limits):
         dataset.records += 1
-        example = _label_conversation(tokenizer, messages, line)
+        example = _label_conversation(tokenizer, messages, line, budget)
         dataset.truncated += len(example["input_ids"]) > max_seq_length
         ids, labels = example["input_ids"][:max_seq_length], example["labels"][:max_seq_length]
         trainable = sum(label != IGNORE_INDEX for label in labels)
@@ -264,10 +299,10 @@ def _messages_errors(line: int, messages: list) -> list:
     return [error for index, message in enumerate(messages) for error in _message_errors(line, index, message)]
 
 
-def read_preference_records(path: Path) -> list[dict[str, Messages]]:
+def read_preference_records(path: Path, limits: RecordLimits | None = None) -> list[dict[str, Messages]]:
     """OpenAI's preference JSONL → TRL's conversational pairs: {"prompt", "chosen", "rejected"}."""
     pairs = []
-    for number, record in _jsonl(path):
+    for number, record in _jsonl(path, limits):
         problems = _preference_errors(number, record)
         if problems:
             raise DatasetError(problems[0])

@@ -21,6 +21,7 @@ Scheduler = Literal[
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt"
 ]
 DEFAULT_CHECKPOINT_EVERY_STEPS = 100
+MAX_SEED = 2**31 - 1  # OpenAI's seed is a 32-bit integer, and so is the column a job's seed is stored in
 
 
 class LoraHyperparameters(BaseModel):

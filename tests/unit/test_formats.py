@@ -11,10 +11,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from jinja2 import TemplateError
 from transformers import AutoTokenizer
 
 from adaptery.data.chat import record_errors
+from adaptery.data.chat_template import TemplateBudget
 from adaptery.data.formats import (
     ColumnMapping,
     FormatError,
@@ -24,7 +24,11 @@ from adaptery.data.formats import (
     read_records,
     validate_and_normalise,
 )
+from adaptery.data.untrusted import RecordLimits
+from adaptery.settings import Settings
 
+LIMITS = RecordLimits.from_settings(Settings())
+BUDGET = TemplateBudget.from_settings(Settings())
 QA = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
 
 
@@ -41,7 +45,7 @@ def jsonl(*records: object) -> str:
 def normalise(path: Path, fmt: str, **options) -> tuple[list[dict], list[str], dict]:
     """(the canonical records written, each error as str() shows it, the report as a dict)."""
     out = io.BytesIO()
-    report = validate_and_normalise(path, fmt, out, **options).to_dict()
+    report = validate_and_normalise(path, fmt, out, **{"limits": LIMITS, **options}).to_dict()
     json.dumps(report)  # JSON-safe, as the API stores it
     written = out.getvalue().decode()
     assert written == "" or written.endswith("\n")
@@ -207,7 +211,7 @@ def test_an_invalid_json_array_says_where_it_broke(tmp_path):
 def test_a_json_array_is_read_one_record_at_a_time(tmp_path):
     """ijson hands over each element as it is parsed: the first record arrives before the file's end is read."""
     path = write(tmp_path, "a.json", "[" + ",".join(json.dumps(r) for r in ALPACA_ROWS * 2000) + "]")
-    records = read_records(path, "alpaca")
+    records = read_records(path, "alpaca", limits=LIMITS)
     assert next(records) == Record(1, ALPACA_CANONICAL[0], "record")
     path.write_bytes(b"")  # truncated under the reader: it only ever held its buffer
     assert sum(1 for _ in records) < 2000
@@ -332,19 +336,19 @@ def test_csv_bad_rows_are_reported_on_the_line_they_start(tmp_path):
 def test_csv_mapping_problems_are_clear(tmp_path):
     path = write(tmp_path, "x.csv", "foo,bar\n1,2\n")
     with pytest.raises(FormatError) as raised:
-        list(read_records(path, "csv"))
+        list(read_records(path, "csv", limits=LIMITS))
     assert str(raised.value) == (
         "cannot tell which columns to use: the header has foo, bar; expected prompt/response, question/answer, "
         "user/assistant or instruction/input/output (system optional), or give a column mapping such as "
         "prompt=<column>, response=<column>"
     )
     with pytest.raises(FormatError) as raised:
-        list(read_records(path, "csv", mapping=ColumnMapping(prompt="nope", response="bar")))
+        list(read_records(path, "csv", limits=LIMITS, mapping=ColumnMapping(prompt="nope", response="bar")))
     assert str(raised.value) == "the mapping names column 'nope' for prompt, but the header has foo, bar"
     with pytest.raises(FormatError, match="^a column mapping needs prompt and response, or instruction and output"):
-        list(read_records(path, "csv", mapping=ColumnMapping(prompt="foo", output="bar")))
+        list(read_records(path, "csv", limits=LIMITS, mapping=ColumnMapping(prompt="foo", output="bar")))
     with pytest.raises(FormatError, match="^the table has no header row"):
-        list(read_records(write(tmp_path, "empty.csv", ""), "csv"))
+        list(read_records(write(tmp_path, "empty.csv", ""), "csv", limits=LIMITS))
 
 
 # --- detection -----------------------------------------------------------------------------------
@@ -441,7 +445,7 @@ def test_an_explicit_format_wins_over_detection(tmp_path):
 
 def test_an_unknown_format_name_is_refused(tmp_path):
     with pytest.raises(FormatError, match="^unknown format 'yaml'; known: openai-chat, alpaca"):
-        list(read_records(write(tmp_path, "q.txt", "x"), "yaml"))
+        list(read_records(write(tmp_path, "q.txt", "x"), "yaml", limits=LIMITS))
 
 
 # --- the report ----------------------------------------------------------------------------------
@@ -473,7 +477,7 @@ def test_an_empty_file_is_not_ok_and_says_what_a_record_looks_like(tmp_path):
 def test_progress_is_reported_every_thousand_records(tmp_path):
     seen: list[int] = []
     path = write(tmp_path, "x.jsonl", jsonl(*[{"messages": QA}] * 2500))
-    validate_and_normalise(path, "openai-chat", io.BytesIO(), progress=seen.append)
+    validate_and_normalise(path, "openai-chat", io.BytesIO(), limits=LIMITS, progress=seen.append)
     assert seen == [1000, 2000]
 
 
@@ -482,7 +486,7 @@ def test_progress_is_reported_every_thousand_records(tmp_path):
 
 def test_records_longer_than_the_context_are_reported_with_the_token_count(tmp_path, demo_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
-    count = make_token_counter(tokenizer)
+    count = make_token_counter(tokenizer, BUDGET)
     short = {"messages": QA}
     long = {"messages": [{"role": "user", "content": "tell"}, {"role": "assistant", "content": "lab " * 300}]}
     path = write(tmp_path, "x.jsonl", jsonl(short, long))
@@ -500,18 +504,21 @@ def test_records_longer_than_the_context_are_reported_with_the_token_count(tmp_p
 def test_without_a_chat_template_tokens_are_counted_on_the_joined_contents(demo_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
     tokenizer.chat_template = None
-    assert make_token_counter(tokenizer)(QA) == len(tokenizer("Q\nA")["input_ids"])
+    assert make_token_counter(tokenizer, BUDGET)(QA) == len(tokenizer("Q\nA")["input_ids"])
 
 
 def test_a_conversation_the_chat_template_refuses_is_an_error_on_its_record(tmp_path):
     class StrictTokenizer:
         chat_template = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+        special_tokens_map: dict[str, str] = {}
 
-        def apply_chat_template(self, messages, tokenize):
-            raise TemplateError("Conversation roles must alternate user/assistant")
+        def get_chat_template(self, chat_template=None):
+            return chat_template or self.chat_template
 
     path = write(tmp_path, "x.jsonl", jsonl({"messages": QA}))
-    _, shown, _ = normalise(path, "openai-chat", count_tokens=make_token_counter(StrictTokenizer()), max_tokens=64)
+    _, shown, _ = normalise(
+        path, "openai-chat", count_tokens=make_token_counter(StrictTokenizer(), BUDGET), max_tokens=64
+    )
     assert shown == [
         "line 1: messages: the base model's chat template rejected this conversation: Conversation roles must "
         "alternate user/assistant"
@@ -524,10 +531,13 @@ MEASURE = textwrap.dedent("""
     import os, resource, sys, time
     from pathlib import Path
     from adaptery.data.formats import validate_and_normalise
+    from adaptery.data.untrusted import RecordLimits
+    from adaptery.settings import Settings
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()
     with open(os.devnull, "wb") as out:
-        report = validate_and_normalise(Path(sys.argv[1]), sys.argv[2], out)
+        limits = RecordLimits.from_settings(Settings())
+        report = validate_and_normalise(Path(sys.argv[1]), sys.argv[2], out, limits=limits)
     seconds = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(report.records_valid, report.records_invalid, (after - before) // 1024, round(seconds, 2))

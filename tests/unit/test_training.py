@@ -47,7 +47,7 @@ def one_torch_thread() -> Iterator[None]:
 @pytest.mark.parametrize(
     ("lines", "expected"),
     [
-        ([GOOD, '{"messages": ['], "line 2: invalid JSON: Expecting value"),
+        ([GOOD, '{"messages": ['], "line 2: invalid JSON: Expecting value (column 15)"),
         (
             [
                 GOOD,

@@ -28,6 +28,7 @@ from starlette.types import Receive, Scope, Send
 from adaptery.api.deps import platform, principal
 from adaptery.auth.policy import require
 from adaptery.auth.principal import Principal
+from adaptery.data.chat_template import ChatTemplateError
 from adaptery.db.ids import new_id
 from adaptery.engine.generation import (
     AdapterRejected,
@@ -196,6 +197,9 @@ def _prepare(p: Platform, who: Principal, body: ChatRequest | CompletionRequest)
             prompt_ids = p.engine.text_prompt(base.id, base.ref, prompt)
     except PromptTooLong as exc:
         raise InvalidRequest(str(exc), param=prompt_param, code="context_length_exceeded") from exc
+    except ChatTemplateError as exc:  # the model's template (an imported adapter's, say) failed or ran over budget
+        raise InvalidRequest(f"The chat template of '{body.model}' cannot format these messages: {exc}",
+                             param=prompt_param, code="invalid_chat_template") from exc  # fmt: skip
     if not prompt_ids:
         empty = "the messages give no tokens with this model's chat template" if chat else "the prompt is empty"
         raise InvalidRequest(f"Nothing to continue from: {empty}. Send some text.", param=prompt_param)

@@ -12,6 +12,7 @@ from adaptery.api.deps import platform, principal
 from adaptery.api.openai.objects import file_object, page
 from adaptery.auth.policy import require
 from adaptery.auth.principal import Principal
+from adaptery.data.untrusted import RecordLimits
 from adaptery.platform import Platform
 from adaptery.services import audit, blob_refs, files, limits
 from adaptery.services.errors import TooLarge
@@ -43,6 +44,7 @@ def create_file(
             filename=file.filename,
             purpose=purpose,
             max_bytes=limit,
+            limits=RecordLimits.from_settings(p.settings),
         )
         audit.record(s, who, "file.upload", target=record.id, detail={"bytes": record.bytes})
         return file_object(record)
