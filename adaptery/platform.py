@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from adaptery.messaging.control import ControlPlane
 from adaptery.messaging.server import CONTROL_USER, NatsServer
 from adaptery.services import datasets, finetuning, models, tenants
 from adaptery.services.errors import NotFound
+from adaptery.services.fair_tasks import FairTasks
 from adaptery.services.queue import JobQueue
 from adaptery.settings import Settings
 from adaptery.storage.blobs import BlobStore, make_scratch
@@ -89,7 +89,7 @@ class Platform:
         self.nats: NatsServer | None = None
         self.control: ControlPlane | None = None
         self._agent_link: AgentLink | None = None
-        self.tasks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaptery-task")
+        self.dataset_tasks = FairTasks(settings.dataset_workers, "adaptery-dataset")
         self._tokenizers: dict[str, datasets.TokenBudget] = {}
         self._tokenizers_lock = threading.Lock()
         self._agent: Agent | None = None
@@ -247,7 +247,9 @@ class Platform:
 
     def submit_version(self, tenant_id: str, version_id: str) -> None:
         """Run a dataset version's work in the background."""
-        self.tasks.submit(datasets.run_version, self.db, self.blobs, tenant_id, version_id, self.token_budget)
+        self.dataset_tasks.submit(
+            tenant_id, lambda: datasets.run_version(self.db, self.blobs, tenant_id, version_id, self.token_budget)
+        )
 
     def validate_job(self, tenant_id: str, job_id: str) -> None:
         with self.db.tenant(tenant_id) as s:
@@ -260,7 +262,7 @@ class Platform:
     def stop(self) -> None:
         self._stopping.set()
         self.engine.stop()
-        self.tasks.shutdown(wait=False, cancel_futures=True)
+        self.dataset_tasks.shutdown()
         if self._agent is not None:
             self._agent.stop()
         for thread in self._threads:
