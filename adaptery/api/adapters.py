@@ -62,24 +62,32 @@ async def import_adapter(
     try:
         zip_path = work / "adapter.zip"
         await run_in_threadpool(p.blobs.copy_to, who.tenant_id, blob.sha256, zip_path)
-        adapter_dir = await run_in_threadpool(adapter_io.unpack_adapter, zip_path, work / "adapter")
+        adapter_dir = await run_in_threadpool(
+            adapter_io.unpack_adapter, zip_path, work / "adapter", max_bytes=p.settings.max_adapter_bytes
+        )
         base_dir = resolve_model_path(ref.base.ref, offline=p.settings.offline)
-        with p.db.tenant(who.tenant_id) as s:
-            adapter = adapter_io.import_adapter(
-                s,
-                p.blobs,
-                tenant_id=who.tenant_id,
-                tenant_name=who.tenant_name,
-                base=ref.base,
-                base_dir=base_dir,
-                suffix=suffix,
-                adapter_dir=adapter_dir,
-                max_rank=p.settings.max_lora_rank,
-            )
-            body = model_object(models.get_model(s, adapter.id))
-            adapter.created_by = who.user_id  # whoever imports it owns it, as for a job's adapter
-            audit.record(s, who, "model.import", target=adapter.id, detail={"base_model": base_model})
-        return body
+
+        def register() -> dict:  # checks that read weights and render a template: off the event loop
+            with p.db.tenant(who.tenant_id) as s:
+                adapter = adapter_io.import_adapter(
+                    s,
+                    p.blobs,
+                    tenant_id=who.tenant_id,
+                    tenant_name=who.tenant_name,
+                    base=ref.base,
+                    base_dir=base_dir,
+                    suffix=suffix,
+                    adapter_dir=adapter_dir,
+                    max_rank=p.settings.max_lora_rank,
+                    max_json_bytes=p.settings.max_json_bytes,
+                    template_budget=p.engine.template_budget,
+                )
+                body = model_object(models.get_model(s, adapter.id))
+                adapter.created_by = who.user_id  # whoever imports it owns it, as for a job's adapter
+                audit.record(s, who, "model.import", target=adapter.id, detail={"base_model": base_model})
+            return body
+
+        return await run_in_threadpool(register)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         with p.db.system() as system:
