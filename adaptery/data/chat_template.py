@@ -70,6 +70,11 @@ class TemplateBudget:
             max_json_depth=settings.max_json_depth,
         )
 
+    @classmethod
+    def default(cls) -> TemplateBudget:
+        """The documented defaults, without reading the environment (a library's own default)."""
+        return cls.from_settings(Settings.model_construct())
+
 
 class ChatTemplateError(jinja2.TemplateError):
     """The template cannot render this conversation: its own error, or over its budget."""

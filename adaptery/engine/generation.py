@@ -33,7 +33,6 @@ from adaptery.engine.lora import AdapterInfo, AdapterRejected, inspect_adapter
 from adaptery.engine.metrics import EngineMetrics
 from adaptery.engine.native import MODULE_SITE, NativeLlama, check_quantization, native_support
 from adaptery.engine.sampling import SamplingParams, TokenLogprob, releasable
-from adaptery.settings import Settings
 
 log = logging.getLogger("adaptery.engine")
 __all__ = [
@@ -182,7 +181,7 @@ class InferenceEngine:
         self.request_timeout_s = request_timeout_s  # None: no deadline
         self.max_bytes_per_token = max_bytes_per_token
         # Every chat template renders within this, an adapter's own above all (`data.chat_template`).
-        self.template_budget = template_budget or TemplateBudget.from_settings(Settings())
+        self.template_budget = template_budget or TemplateBudget.default()
         self.metrics = EngineMetrics()
         self._bases: dict[str, _Base] = {}
         self._adapters: dict[str, AdapterInfo] = {}
