@@ -2,15 +2,49 @@
 
 from __future__ import annotations
 
+import os
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
-class Settings(BaseSettings):
+def _user_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+
+
+class KernelSettings(BaseSettings):
+    """What the engine's fused LoRA kernel reads when it is built: read on its own, so an engine used as a library
+    does not fail on another setting's bad value (Settings has these too)."""
+
+    model_config = SettingsConfigDict(env_prefix="ADAPTERY_", env_file=None, extra="ignore")
+
+    lora_kernel: bool = Field(True, description="Use the fused C LoRA kernel (built on first use); false: PyTorch.")
+    kernel_cache: Path = Field(
+        default_factory=lambda: _user_cache_dir() / "adaptery" / "kernels",
+        description="Where built kernels are kept; default: $XDG_CACHE_HOME/adaptery/kernels.",
+    )
+    c_compiler: str | None = Field(
+        None,
+        validation_alias=AliasChoices("ADAPTERY_CC", "CC"),
+        description="The C compiler that builds the kernel (ADAPTERY_CC or CC); default: gcc, then cc.",
+    )
+
+
+class ClientSettings(BaseSettings):
+    """What the CLI's HTTP-client commands read: where the platform is and the caller's key."""
+
+    model_config = SettingsConfigDict(env_prefix="ADAPTERY_", env_file=None, extra="ignore")
+
+    base_url: str = Field("http://127.0.0.1:8000", description="The platform the CLI talks to (a trailing /v1 is ok).")
+    api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("ADAPTERY_API_KEY", "OPENAI_API_KEY"), description="The caller's API key."
+    )
+
+
+class Settings(KernelSettings):
     model_config = SettingsConfigDict(env_prefix="ADAPTERY_", env_file=None, extra="ignore")
 
     data_dir: Path = Field(Path("data"), description="Database (SQLite default), blobs, models, job work dirs.")
@@ -57,6 +91,14 @@ class Settings(BaseSettings):
     )
     train_threads: int | None = Field(
         None, ge=1, description="Torch threads of a training process; default: all usable CPUs but one."
+    )
+
+    master_key: SecretStr | None = Field(
+        None,
+        description="Master key(s) as base64, newest first (`new,old`); default: the 0600 key file in the data dir.",
+    )
+    new_master_key: SecretStr | None = Field(
+        None, description="`keys rotate-master` with ADAPTERY_MASTER_KEY: the new key (default: one made and printed)."
     )
 
     bootstrap_tenant: str = "default"

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import os
-
 import httpx
 import typer
 from openai import OpenAI
 
-DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+from adaptery.settings import ClientSettings
 
 
 def base_url() -> str:
-    return os.environ.get("ADAPTERY_BASE_URL", DEFAULT_BASE_URL).rstrip("/").removesuffix("/v1")
+    return ClientSettings().base_url.rstrip("/").removesuffix("/v1")
 
 
 def api_key() -> str:
-    key = os.environ.get("ADAPTERY_API_KEY") or os.environ.get("OPENAI_API_KEY")
+    configured = ClientSettings().api_key
+    key = configured.get_secret_value() if configured else ""
     if not key:
         typer.secho(
             "Set ADAPTERY_API_KEY to your key (printed by the first `adaptery serve`, or `adaptery keys create`).",

@@ -360,9 +360,7 @@ def check_storage(
     settings = _settings(data_dir=data_dir, database_url=database_url)
     db = Database(settings.resolved_database_url)
     db.migrate()
-    blobs = BlobStore(
-        settings.blobs_dir, Keyring(db, LocalKeyProvider.from_environment(settings.master_key_file)), make_scratch()
-    )
+    blobs = BlobStore(settings.blobs_dir, Keyring(db, LocalKeyProvider.from_settings(settings)), make_scratch())
     try:
         with Progress(
             TextColumn("[bold]{task.description}"),
@@ -411,8 +409,6 @@ def rotate_master_key(data_dir: DataDir = None, database_url: DatabaseUrl = None
     new key is taken from ADAPTERY_NEW_MASTER_KEY (or made and printed): set ADAPTERY_MASTER_KEY to it
     (`new,old` for servers that keep running until their restart).
     """
-    import os
-
     from adaptery.db.session import Database
     from adaptery.storage.crypto import LocalKeyProvider
     from adaptery.storage.keys import rotate_master_key as rotate
@@ -420,9 +416,10 @@ def rotate_master_key(data_dir: DataDir = None, database_url: DatabaseUrl = None
     settings = _settings(data_dir=data_dir, database_url=database_url)
     db = Database(settings.resolved_database_url)
     db.migrate()
-    provider = LocalKeyProvider.from_environment(settings.master_key_file)
+    provider = LocalKeyProvider.from_settings(settings)
+    new_key = settings.new_master_key.get_secret_value() if settings.new_master_key else None
     try:
-        result = rotate(db, provider, os.environ.get("ADAPTERY_NEW_MASTER_KEY") or None)
+        result = rotate(db, provider, new_key or None)
     except ValueError as exc:
         console.print(f"[red]Error:[/red] {exc}")
         raise typer.Exit(1) from exc

@@ -15,7 +15,10 @@ pure-PyTorch path (`grouped_mm` / `bmm`), which is tested against PEFT the same 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
+import hmac
+import itertools
 import logging
 import os
 import shutil
@@ -26,377 +29,23 @@ from pathlib import Path
 
 import torch
 
+from adaptery.settings import KernelSettings
+
 log = logging.getLogger("adaptery.engine")
 
-SOURCE = r"""
-#include <stdint.h>
-#include <stdlib.h>
-#include <omp.h>
+SOURCE = Path(__file__).with_name("lora_kernel.c").read_text(encoding="utf-8")  # packaged beside this module
 
-static inline float bf2f(uint16_t h) { union { uint32_t u; float f; } v; v.u = ((uint32_t)h) << 16; return v.f; }
-static inline uint16_t f2bf(float f) {
-    union { uint32_t u; float f; } v; v.f = f;
-    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 64u);  /* NaN stays NaN */
-    v.u += 0x7fffu + ((v.u >> 16) & 1u);  /* round to nearest even, as torch does */
-    return (uint16_t)(v.u >> 16);
-}
-
-/* the tile's rows of x as fp32: bf16 rows widened into xf (a loop the compiler vectorises), fp32 rows as they are */
-static inline void tile_rows_fp32(int tn, int bf16, const int64_t *rows, const void *x, int64_t xs, int64_t d_in,
-                                  float *xf, const float **xr) {
-    for (int t = 0; t < tn; t++) {
-        if (bf16) {
-            const uint16_t *src = (const uint16_t *)x + rows[t] * xs;
-            float *dst = xf + t * d_in;
-            for (int64_t i = 0; i < d_in; i++) dst[i] = bf2f(src[i]);
-            xr[t] = dst;
-        } else {
-            xr[t] = (const float *)x + rows[t] * xs;
-        }
-    }
-}
-
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#include <immintrin.h>
-#define INLINE static inline __attribute__((always_inline))
-INLINE __m512 bf16x16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-INLINE __m512 bf16x16_masked(const uint16_t *p, __mmask16 m) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
-/* 16 floats to bf16, rounded as f2bf does (nearest even, NaN kept quiet), stored under mask m */
-INLINE void store_bf16x16(uint16_t *p, __m512 v, __mmask16 m) {
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
-    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
-    _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
-}
-/* adapter weights: bf16 (wbf16) or fp32; a constant at every call site, so each row below is compiled twice */
-INLINE __m512 wload(const void *w, int64_t i, const int wbf16) {
-    return wbf16 ? bf16x16((const uint16_t *)w + i) : _mm512_loadu_ps((const float *)w + i);
-}
-INLINE __m512 wload_masked(const void *w, int64_t i, __mmask16 m, const int wbf16) {
-    return wbf16 ? bf16x16_masked((const uint16_t *)w + i, m) : _mm512_maskz_loadu_ps(m, (const float *)w + i);
-}
-INLINE float wscalar(const void *w, int64_t i, const int wbf16) {
-    return wbf16 ? bf2f(((const uint16_t *)w)[i]) : ((const float *)w)[i];
-}
-/* A tile: up to TILE rows of the same adapter (a decode is a tile of one row, a prefill chunk is cut into
-   tiles), so each weight loaded serves every row of the tile. The shrink as dot products in fp32
-   registers, the expand with each 16-column block of each row's output held in a register across the
-   rank and added to the output once. x and out are bf16 (each row widened into xf first, the sum rounded
-   once into out) or fp32. tn, bf16 and wbf16 are constants at every call site: the compiler keeps the
-   accumulators in registers. */
-#define TILE 4
-INLINE void lora_tile_avx512(const int tn, const int bf16, const int wbf16, const int64_t *rows, const void *x,
-                             int64_t xs, void *out, int64_t os, int32_t s, int64_t r, const void *A, int64_t as,
-                             const void *B, int64_t bs, int64_t R, int64_t P, int64_t d_in, const int64_t *off,
-                             float *xf, float *u) {
-    const int64_t d_out = off[P], es = wbf16 ? 2 : 4;
-    const float *xr[TILE];
-    tile_rows_fp32(tn, bf16, rows, x, xs, d_in, xf, xr);
-    for (int64_t k = 0; k < r; k++) {
-        for (int64_t p = 0; p < P; p++) {
-            const char *a = (const char *)A + (s * as + (k * P + p) * d_in) * es;
-            __m512 acc0[TILE], acc1[TILE];
-            for (int t = 0; t < tn; t++) acc0[t] = acc1[t] = _mm512_setzero_ps();
-            int64_t j = 0;
-            for (; j + 32 <= d_in; j += 32) {
-                const __m512 w0 = wload(a, j, wbf16), w1 = wload(a, j + 16, wbf16);
-                for (int t = 0; t < tn; t++) {
-                    acc0[t] = _mm512_fmadd_ps(_mm512_loadu_ps(xr[t] + j), w0, acc0[t]);
-                    acc1[t] = _mm512_fmadd_ps(_mm512_loadu_ps(xr[t] + j + 16), w1, acc1[t]);
-                }
-            }
-            for (int t = 0; t < tn; t++) {
-                float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0[t], acc1[t]));
-                for (int64_t i = j; i < d_in; i++) sum += xr[t][i] * wscalar(a, i, wbf16);
-                u[(t * P + p) * R + k] = sum;
-            }
-        }
-    }
-    const char *b = (const char *)B + s * bs * es;
-    for (int64_t p = 0; p < P; p++) {
-        const int64_t lo = off[p], hi = off[p + 1];
-        for (int64_t c = lo; c < hi; c += 16) {
-            const int64_t left = hi - c;
-            const __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
-            __m512 acc[TILE];
-            for (int t = 0; t < tn; t++) acc[t] = _mm512_setzero_ps();
-            for (int64_t k = 0; k < r; k++) {
-                const __m512 w = wload_masked(b, k * d_out + c, m, wbf16);
-                for (int t = 0; t < tn; t++)
-                    acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(u[(t * P + p) * R + k]), w, acc[t]);
-            }
-            for (int t = 0; t < tn; t++) {
-                if (bf16) {
-                    uint16_t *o = (uint16_t *)out + rows[t] * os + c;
-                    store_bf16x16(o, _mm512_add_ps(acc[t], bf16x16_masked(o, m)), m);
-                } else {
-                    float *o = (float *)out + rows[t] * os + c;
-                    _mm512_mask_storeu_ps(o, m, _mm512_add_ps(acc[t], _mm512_maskz_loadu_ps(m, o)));
-                }
-            }
-        }
-    }
-}
-#define TILE_FN lora_tile_avx512
-#define LORA_TILE TILE
-#define LORA_TILED 1
-#elif defined(__AVX2__) && defined(__FMA__)
-/* The same tiles in AVX2 (8 floats a vector, 16 registers: CPUs without AVX-512, such as AMD's Zen 2
-   and 3). Register blocks sized to 16 registers: the shrink takes KB = 8 / tn rows of A at a time
-   (tn x KB accumulators, tn x vectors, one weight), the expand CB 8-column blocks (tn broadcasts, tn x
-   CB accumulators, one weight). Tails (a width that is not a multiple of 8) run scalar. */
-#include <immintrin.h>
-#define INLINE static inline __attribute__((always_inline))
-#define UNROLL _Pragma("GCC unroll 16")
-#define TILE 4
-INLINE __m256 bf16x8(const uint16_t *p) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-}
-INLINE __m256 wload8(const void *w, int64_t i, const int wbf16) {
-    return wbf16 ? bf16x8((const uint16_t *)w + i) : _mm256_loadu_ps((const float *)w + i);
-}
-INLINE float wget(const void *w, int64_t i, const int wbf16) {
-    return wbf16 ? bf2f(((const uint16_t *)w)[i]) : ((const float *)w)[i];
-}
-INLINE float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-/* u[t * us + kb] = x_t . (row kb of a), rows d_in elements apart, for kb < KB */
-INLINE void shrink_block8(const int tn, const int KB, const int wbf16, const float *const *xr, const char *a,
-                          int64_t d_in, float *u, int64_t us) {
-    const int64_t es = wbf16 ? 2 : 4;
-    __m256 acc[TILE][8];
-    UNROLL for (int t = 0; t < tn; t++) UNROLL for (int kb = 0; kb < KB; kb++) acc[t][kb] = _mm256_setzero_ps();
-    int64_t j = 0;
-    for (; j + 8 <= d_in; j += 8) {
-        __m256 xv[TILE];
-        UNROLL for (int t = 0; t < tn; t++) xv[t] = _mm256_loadu_ps(xr[t] + j);
-        UNROLL for (int kb = 0; kb < KB; kb++) {
-            const __m256 w = wload8(a + kb * d_in * es, j, wbf16);
-            UNROLL for (int t = 0; t < tn; t++) acc[t][kb] = _mm256_fmadd_ps(xv[t], w, acc[t][kb]);
-        }
-    }
-    UNROLL for (int t = 0; t < tn; t++) UNROLL for (int kb = 0; kb < KB; kb++) {
-        float sum = hsum8(acc[t][kb]);
-        for (int64_t i = j; i < d_in; i++) sum += xr[t][i] * wget(a + kb * d_in * es, i, wbf16);
-        u[t * us + kb] = sum;
-    }
-}
-INLINE void add_row8(const int bf16, void *out, int64_t at, __m256 v) {
-    if (bf16) {
-        float add[8];
-        uint16_t *o = (uint16_t *)out + at;
-        _mm256_storeu_ps(add, v);
-        for (int i = 0; i < 8; i++) o[i] = f2bf(bf2f(o[i]) + add[i]);
-    } else {
-        float *o = (float *)out + at;
-        _mm256_storeu_ps(o, _mm256_add_ps(v, _mm256_loadu_ps(o)));
-    }
-}
-/* columns c .. c + 8 CB (inside one projection) of the tile's rows += sum_k u[t * uts + k * uks] B[k, .] */
-INLINE void expand_block8(const int tn, const int CB, const int bf16, const int wbf16, const int64_t *rows,
-                          void *out, int64_t os, const void *b, int64_t d_out, int64_t r, const float *u,
-                          int64_t uks, int64_t uts, int64_t c) {
-    __m256 acc[TILE][8];
-    UNROLL for (int t = 0; t < tn; t++) UNROLL for (int cb = 0; cb < CB; cb++) acc[t][cb] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < r; k++) {
-        __m256 ub[TILE];
-        UNROLL for (int t = 0; t < tn; t++) ub[t] = _mm256_broadcast_ss(u + t * uts + k * uks);
-        UNROLL for (int cb = 0; cb < CB; cb++) {
-            const __m256 w = wload8(b, k * d_out + c + 8 * cb, wbf16);
-            UNROLL for (int t = 0; t < tn; t++) acc[t][cb] = _mm256_fmadd_ps(ub[t], w, acc[t][cb]);
-        }
-    }
-    UNROLL for (int t = 0; t < tn; t++) UNROLL for (int cb = 0; cb < CB; cb++)
-        add_row8(bf16, out, rows[t] * os + c + 8 * cb, acc[t][cb]);
-}
-INLINE void lora_tile_avx2(const int tn, const int bf16, const int wbf16, const int64_t *rows, const void *x,
-                           int64_t xs, void *out, int64_t os, int32_t s, int64_t r, const void *A, int64_t as,
-                           const void *B, int64_t bs, int64_t R, int64_t P, int64_t d_in, const int64_t *off,
-                           float *xf, float *u) {
-    const int KB = tn == 1 ? 8 : tn == 2 ? 4 : 2, CB = tn == 1 ? 8 : tn == 2 ? 4 : tn == 3 ? 3 : 2;
-    const int64_t es = wbf16 ? 2 : 4, rows_a = r * P, us = R * P, d_out = off[P];
-    const float *xr[TILE];
-    tile_rows_fp32(tn, bf16, rows, x, xs, d_in, xf, xr);
-    /* the shrink: u[t * us + q] for the rows q = k P + p of A (memory order), KB at a time */
-    const char *a = (const char *)A + s * as * es;
-    int64_t q = 0;
-    for (; q + KB <= rows_a; q += KB) shrink_block8(tn, KB, wbf16, xr, a + q * d_in * es, d_in, u + q, us);
-    for (; q < rows_a; q++) shrink_block8(tn, 1, wbf16, xr, a + q * d_in * es, d_in, u + q, us);
-    /* the expand: projection p's columns from u[t * us + k P + p] */
-    const char *b = (const char *)B + s * bs * es;
-    for (int64_t p = 0; p < P; p++) {
-        const int64_t hi = off[p + 1];
-        int64_t c = off[p];
-        for (; c + 8 * CB <= hi; c += 8 * CB)
-            expand_block8(tn, CB, bf16, wbf16, rows, out, os, b, d_out, r, u + p, P, us, c);
-        for (; c + 8 <= hi; c += 8) expand_block8(tn, 1, bf16, wbf16, rows, out, os, b, d_out, r, u + p, P, us, c);
-        for (; c < hi; c++) {
-            for (int t = 0; t < tn; t++) {
-                float sum = 0.f;
-                for (int64_t k = 0; k < r; k++) sum += u[t * us + k * P + p] * wget(b, k * d_out + c, wbf16);
-                if (bf16) {
-                    uint16_t *o = (uint16_t *)out + rows[t] * os + c;
-                    *o = f2bf(bf2f(*o) + sum);
-                } else {
-                    ((float *)out)[rows[t] * os + c] += sum;
-                }
-            }
-        }
-    }
-}
-#define TILE_FN lora_tile_avx2
-#define LORA_TILE TILE
-#define LORA_TILED 1
-#else
-#define LORA_TILE 1
-#endif
-#if defined(LORA_TILED)
-/* the tile sizes and dtypes as constants, one compiled body each */
-#define TILE_CASE(TN, BF, WBF) \
-    TILE_FN(TN, BF, WBF, rows, x, xs, out, os, s, r, A, as, B, bs, R, P, d_in, off, xf, u)
-#define TILE_SIZES(BF, WBF) \
-    switch (tn) { case 1: TILE_CASE(1, BF, WBF); break; case 2: TILE_CASE(2, BF, WBF); break; \
-                  case 3: TILE_CASE(3, BF, WBF); break; default: TILE_CASE(4, BF, WBF); break; }
-static void lora_tile(int tn, int bf16, int wbf16, const int64_t *rows, const void *x, int64_t xs, void *out,
-                      int64_t os, int32_t s, int64_t r, const void *A, int64_t as, const void *B, int64_t bs,
-                      int64_t R, int64_t P, int64_t d_in, const int64_t *off, float *xf, float *u) {
-    if (bf16 && wbf16) { TILE_SIZES(1, 1) }
-    else if (bf16) { TILE_SIZES(1, 0) }
-    else if (wbf16) { TILE_SIZES(0, 1) }
-    else { TILE_SIZES(0, 0) }
-}
-#endif
-
-/* The same row without AVX-512 or AVX2 (any other CPU), the loops left to the compiler's vectoriser. */
-static void lora_row_portable(const void *xr, void *orow, int bf16, int32_t s, int64_t r, const void *A, int64_t as,
-                              const void *B, int64_t bs, int64_t R, int64_t P, int64_t d_in, const int64_t *off,
-                              int wbf16, float *xf, float *acc, float *u) {
-    const int64_t d_out = off[P];
-    if (bf16) {
-        #pragma omp simd
-        for (int64_t i = 0; i < d_in; i++) xf[i] = bf2f(((const uint16_t *)xr)[i]);
-    } else {
-        #pragma omp simd
-        for (int64_t i = 0; i < d_in; i++) xf[i] = ((const float *)xr)[i];
-    }
-    for (int64_t k = 0; k < r; k++) {
-        for (int64_t p = 0; p < P; p++) {
-            float sum = 0.f;
-            if (wbf16) {
-                const uint16_t *a = (const uint16_t *)A + s * as + (k * P + p) * d_in;
-                #pragma omp simd reduction(+ : sum)
-                for (int64_t i = 0; i < d_in; i++) sum += xf[i] * bf2f(a[i]);
-            } else {
-                const float *a = (const float *)A + s * as + (k * P + p) * d_in;
-                #pragma omp simd reduction(+ : sum)
-                for (int64_t i = 0; i < d_in; i++) sum += xf[i] * a[i];
-            }
-            u[p * R + k] = sum;
-        }
-    }
-    for (int64_t c = 0; c < d_out; c++) acc[c] = 0.f;
-    for (int64_t p = 0; p < P; p++) {
-        const int64_t lo = off[p], hi = off[p + 1];
-        for (int64_t k = 0; k < r; k++) {
-            const float uk = u[p * R + k];
-            if (wbf16) {
-                const uint16_t *b = (const uint16_t *)B + s * bs + k * d_out;
-                #pragma omp simd
-                for (int64_t c = lo; c < hi; c++) acc[c] += uk * bf2f(b[c]);
-            } else {
-                const float *b = (const float *)B + s * bs + k * d_out;
-                #pragma omp simd
-                for (int64_t c = lo; c < hi; c++) acc[c] += uk * b[c];
-            }
-        }
-    }
-    if (bf16) {
-        uint16_t *o = (uint16_t *)orow;
-        for (int64_t c = 0; c < d_out; c++) o[c] = f2bf(bf2f(o[c]) + acc[c]);
-    } else {
-        float *o = (float *)orow;
-        #pragma omp simd
-        for (int64_t c = 0; c < d_out; c++) o[c] += acc[c];
-    }
-}
-
-/* x: n rows (stride xs) of d_in; out: n rows (stride os) of off[P] columns, updated in place.
-   slot[t]: the adapter slot of row t (< 0: skip the row); rank[s]: its rank (<= R).
-   A[s]: slot s's shrink rows (rank[s], P, d_in): element (k, p, i) at A[s][(k * P + p) * d_in + i]
-   B[s]: slot s's expand rows (rank[s], off[P]): element (k, c) at B[s][k * off[P] + c]; column c belongs to the
-      projection p with
-      off[p] <= c < off[p + 1] and is fed by u[p][k].  bf16 != 0: x and out are bfloat16 (else float32);
-   wbf16 != 0: A and B are bfloat16 (else float32).
-   The rows are cut into tiles of consecutive rows of one adapter, handed to the threads as they free up
-   (decode tiles of one row and prefill tiles of four mix in a step; a static split would be uneven). */
-int lora_tile_rows(void) { return LORA_TILE; }
-
-void lora_site(int64_t n, const void *x, int64_t xs, void *out, int64_t os, const int32_t *slot,
-               const int32_t *rank, const void *const *A, const void *const *B, int64_t R, int64_t P,
-               int64_t d_in, const int64_t *off, int bf16, int wbf16, int threads) {
-    const int64_t d_out = off[P];
-    if (n <= 0) return;
-    int64_t *rows = (int64_t *)malloc(sizeof(int64_t) * (size_t)n);
-    int64_t *first = (int64_t *)malloc(sizeof(int64_t) * (size_t)(n + 1));  /* tile i: rows[first[i] .. first[i+1]) */
-    int64_t m = 0, tiles = 0;
-    for (int64_t t = 0; t < n; t++) {
-        if (slot[t] < 0) continue;
-        if (m == 0 || slot[t] != slot[rows[m - 1]] || m - first[tiles - 1] == LORA_TILE) first[tiles++] = m;
-        rows[m++] = t;
-    }
-    first[tiles] = m;
-    if (threads > tiles) threads = (int)tiles;
-    if (threads < 1) threads = 1;
-    #pragma omp parallel num_threads(threads) if (tiles > 1)
-    {
-        float *xf = (float *)malloc(sizeof(float) * (size_t)(LORA_TILE * d_in));
-        float *acc = (float *)malloc(sizeof(float) * (size_t)d_out);
-        float *u = (float *)malloc(sizeof(float) * (size_t)(LORA_TILE * R * P));
-        #pragma omp for schedule(dynamic, 1)
-        for (int64_t i = 0; i < tiles; i++) {
-            const int64_t *tr = rows + first[i];
-            const int tn = (int)(first[i + 1] - first[i]);
-            const int32_t s = slot[tr[0]];
-            const int64_t r = rank[s];
-#if defined(LORA_TILED)
-            lora_tile(tn, bf16, wbf16, tr, x, xs, out, os, 0, r, A[s], 0, B[s], 0, R, P, d_in, off, xf, u);
-#else
-            const int64_t es = bf16 ? 2 : 4, t = tr[0];
-            (void)tn;
-            lora_row_portable((const char *)x + t * xs * es, (char *)out + t * os * es, bf16, 0, r, A[s], 0, B[s], 0, R,
-                              P, d_in, off, wbf16, xf, acc, u);
-#endif
-        }
-        free(xf);
-        free(acc);
-        free(u);
-    }
-    free(rows);
-    free(first);
-}
-"""
-
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+# -Wall -Werror: a warning in the kernel fails its build (and so falls back to PyTorch) rather than running
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-Wall", "-Werror"]
 # The build for CPUs without AVX-512 or AVX2: the same library with the vectoriser's loops (tests compare the two here).
 PORTABLE_FLAGS = [*FLAGS, "-mno-avx512f", "-mno-avx2", "-mno-fma"]
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}
+_memfds: list[int] = []  # the anonymous files the loaded libraries were read from, held open for the process
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("ADAPTERY_KERNEL_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "adaptery", "kernels"
-    )
-    return Path(root)
+    return KernelSettings().kernel_cache
 
 
 def _cpu_key() -> str:
@@ -407,39 +56,109 @@ def _cpu_key() -> str:
         return ""
 
 
-def _build(target: Path, flags: list[str]) -> None:
-    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+def _compiler() -> str:
+    compiler = KernelSettings().c_compiler or shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
         raise RuntimeError("no C compiler (gcc) on this machine")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    return compiler
+
+
+@functools.lru_cache(maxsize=8)
+def _compiler_version(compiler: str) -> str:
+    """The compiler's own account of its version: a new compiler builds a new library, never reuses an old one."""
+    try:
+        result = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"unknown ({exc})"
+    return f"{result.returncode}\n{result.stdout}"
+
+
+def build_command(compiler: str, flags: list[str], source: Path, output: Path) -> list[str]:
+    return [compiler, *flags, str(source), "-o", str(output)]
+
+
+def _hash_file(target: Path) -> Path:
+    return target.with_name(target.name + ".sha256")
+
+
+def _build(target: Path, flags: list[str], compiler: str) -> None:
+    """Compile SOURCE into `target`, recording the library's own sha256 beside it (`<target>.sha256`)."""
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         source = Path(tmp) / "lora_kernel.c"
         source.write_text(SOURCE, encoding="utf-8")
         built = Path(tmp) / target.name
-        result = subprocess.run(
-            [compiler, *flags, str(source), "-o", str(built)], capture_output=True, text=True, timeout=120
-        )
+        result = subprocess.run(build_command(compiler, flags, source, built), capture_output=True, text=True,
+                                timeout=120)  # fmt: skip
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
-        os.replace(built, target)  # atomic: a concurrent process sees the whole library or none
+        recorded = Path(tmp) / "built.sha256"
+        recorded.write_text(hashlib.sha256(built.read_bytes()).hexdigest(), encoding="ascii")
+        # each file atomic: a concurrent process sees a whole library or none; one that reads the pair between
+        # the two renames finds them disagree and builds its own
+        os.replace(recorded, _hash_file(target))
+        os.replace(built, target)
+
+
+def _read_verified(target: Path) -> bytes | None:
+    """The cached library's bytes if they hash to what its build recorded, else None (missing, stale, altered)."""
+    try:
+        expected = _hash_file(target).read_text(encoding="ascii").strip()
+        data = target.read_bytes()
+    except OSError:
+        return None
+    return data if hmac.compare_digest(hashlib.sha256(data).hexdigest(), expected) else None
+
+
+def _dlopen(data: bytes, name: str) -> ctypes.CDLL:
+    """Load exactly the bytes that were verified: from an anonymous memory file where the OS has one (so the cache
+    file cannot be swapped between the check and the load), else from a private copy."""
+    if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        _memfds.append(fd)  # kept open: a reused descriptor number would name another library to dlopen
+        return ctypes.CDLL(f"/proc/self/fd/{fd}")
+    with tempfile.TemporaryDirectory() as tmp:  # mode 0700, ours alone
+        copy = Path(tmp) / name
+        copy.write_bytes(data)
+        return ctypes.CDLL(str(copy))
 
 
 def load(portable: bool = False) -> ctypes.CDLL | None:
     """The compiled kernel, or None (logged once) when it cannot be built; ADAPTERY_LORA_KERNEL=0 disables it.
-    `portable` builds it without AVX-512 or AVX2, as it runs on CPUs that lack both."""
-    if os.environ.get("ADAPTERY_LORA_KERNEL", "1").lower() in {"0", "false", "off", "no"}:
+    `portable` builds it without AVX-512 or AVX2, as it runs on CPUs that lack both.
+
+    The cached library is named by a hash of the source, the flags, the compiler and its version, and this CPU's
+    flags; it is loaded only if its bytes hash to what its build recorded, else it is rebuilt (never loaded)."""
+    if not KernelSettings().lora_kernel:
         return None
     flags = PORTABLE_FLAGS if portable else FLAGS
-    digest = hashlib.sha256("\0".join([SOURCE, *flags, _cpu_key()]).encode()).hexdigest()[:16]
     with _lock:
+        try:
+            compiler = _compiler()
+            key = "\0".join([SOURCE, *flags, compiler, _compiler_version(compiler), _cpu_key()])
+        except Exception as exc:
+            if f"no compiler {portable}" not in _loaded:
+                log.warning("the fused LoRA kernel is unavailable, using the PyTorch path: %s", exc)
+            _loaded[f"no compiler {portable}"] = None
+            return None
+        digest = hashlib.sha256(key.encode()).hexdigest()[:32]
         if digest in _loaded:
             return _loaded[digest]  # type: ignore[return-value]
         target = _cache_dir() / f"lora_kernel-{digest}.so"
         library = None
         try:
-            if not target.exists():
-                _build(target, flags)
-            library = ctypes.CDLL(str(target))
+            data = _read_verified(target)
+            if data is None:
+                if target.exists():
+                    log.warning("cached kernel %s does not match the hash its build recorded: rebuilding", target)
+                _build(target, flags, compiler)
+                data = _read_verified(target)
+                if data is None:
+                    raise RuntimeError(f"{target} changed between its build and its load")
+            library = _dlopen(data, target.name)
             fn = library.lora_site
             i64, ptr = ctypes.c_int64, ctypes.c_void_p
             fn.argtypes = [i64, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ctypes.c_int, ctypes.c_int,
@@ -461,9 +180,77 @@ def tiled(library: ctypes.CDLL) -> bool:
 
 def addresses(stacked: torch.Tensor) -> torch.Tensor:
     """(len(stacked),) int64: the address of each stacked[i] (a contiguous tensor), as `site` takes them."""
-    assert stacked.is_contiguous()
+    if not isinstance(stacked, torch.Tensor):
+        raise TypeError(f"stacked must be a torch.Tensor, not {type(stacked).__name__}")
+    if stacked.dim() < 1 or stacked.device.type != "cpu" or not stacked.is_contiguous():
+        raise ValueError(f"stacked must be a contiguous CPU tensor of at least one dimension, not {stacked.dim()}-d "
+                         f"on {stacked.device} with strides {stacked.stride()}")  # fmt: skip
     step = stacked.stride(0) * stacked.element_size()
     return stacked.data_ptr() + torch.arange(stacked.shape[0], dtype=torch.int64) * step
+
+
+_FLOATS = (torch.float32, torch.bfloat16)
+
+
+def _tensor(name: str, value: object, dtype: torch.dtype | tuple[torch.dtype, ...], dim: int) -> torch.Tensor:
+    """`value` as a CPU tensor of `dim` dimensions in (one of) `dtype`, rows unit-stride; else TypeError/ValueError."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, not {type(value).__name__}")
+    dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
+    if value.dtype not in dtypes:
+        raise TypeError(f"{name} must be {' or '.join(map(str, dtypes))}, not {value.dtype}")
+    if value.device.type != "cpu":
+        raise ValueError(f"{name} must be on the CPU, not {value.device}")
+    if value.dim() != dim:
+        raise ValueError(f"{name} must have {dim} dimension(s), not shape {tuple(value.shape)}")
+    if value.numel() and value.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous along its last dimension, not strides {value.stride()}")
+    return value
+
+
+def _check_site(x, out, slots, ranks, shrink, expand, offsets, max_rank, weights) -> None:  # noqa: ANN001
+    """Every shape, dtype, stride, index and bound `lora_site` relies on, checked with real exceptions (not
+    asserts, which `python -O` strips) before a pointer reaches C. What cannot be checked here is that each
+    address in shrink/expand points at a live tensor of its slot's shape: `addresses` and `SlotBuffers` own that."""
+    _tensor("x", x, _FLOATS, 2)
+    _tensor("out", out, x.dtype, 2)
+    if weights not in _FLOATS:
+        raise TypeError(f"weights must be torch.float32 or torch.bfloat16, not {weights!r}")
+    if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
+        raise ValueError(f"max_rank must be a positive int, not {max_rank!r}")
+    for name, tensor, dtype in (("slots", slots, torch.int32), ("ranks", ranks, torch.int32),
+                                ("shrink", shrink, torch.int64), ("expand", expand, torch.int64),
+                                ("offsets", offsets, torch.int64)):  # fmt: skip
+        _tensor(name, tensor, dtype, 1)
+    n, d_in = x.shape
+    count = ranks.shape[0]
+    if slots.shape[0] != n:
+        raise ValueError(f"slots has {slots.shape[0]} entries for {n} rows of x")
+    if shrink.shape[0] != count or expand.shape[0] != count:
+        raise ValueError(
+            f"shrink ({shrink.shape[0]}) and expand ({expand.shape[0]}) need one address per slot ({count})"
+        )
+    if offsets.shape[0] < 2:
+        raise ValueError("offsets must hold at least [0, d_out]")
+    bounds = offsets.tolist()
+    if bounds[0] != 0 or any(hi < lo for lo, hi in itertools.pairwise(bounds)):
+        raise ValueError(f"offsets must start at 0 and never decrease, not {bounds}")
+    if out.shape != (n, bounds[-1]):
+        raise ValueError(f"out must be ({n}, {bounds[-1]}) for x {tuple(x.shape)} and offsets {bounds}, "
+                         f"not {tuple(out.shape)}")  # fmt: skip
+    if d_in < 1 or (n > 1 and (x.stride(0) < d_in or out.stride(0) < bounds[-1])):
+        raise ValueError(f"x and out rows must not overlap: strides {x.stride()} / {out.stride()}")
+    rank_values = ranks.numpy()
+    if count and (int(rank_values.min()) < 0 or int(rank_values.max()) > max_rank):
+        raise ValueError(f"ranks must lie in [0, max_rank={max_rank}], not {rank_values.min()}..{rank_values.max()}")
+    used = slots.numpy()
+    used = used[used >= 0]  # negative: a row the kernel skips
+    if used.size:
+        if int(used.max()) >= count:
+            raise ValueError(f"slot index {int(used.max())} is out of range for {count} slots")
+        live = rank_values[used] > 0
+        if ((shrink.numpy()[used] == 0) | (expand.numpy()[used] == 0))[live].any():
+            raise ValueError("a slot in use has no shrink/expand address")
 
 
 def site(
@@ -481,13 +268,12 @@ def site(
     """out += LoRA(x) row by row. x (n, d_in) and out (n, d_out) share a dtype; slots (n,) int32, ranks (S,)
     int32 (each <= max_rank), offsets (P + 1,) int64. shrink and expand (S,) int64: per slot, the address of its
     contiguous shrink rows (ranks[s], P, d_in) and expand rows (ranks[s], d_out) in `weights` (fp32 or bf16:
-    bf16 adapters may serve an fp32 model). The caller keeps those tensors alive for the call."""
+    bf16 adapters may serve an fp32 model). The caller keeps those tensors alive for the call. Anything else
+    is a TypeError or ValueError raised before C sees a pointer (see `_check_site`)."""
+    _check_site(x, out, slots, ranks, shrink, expand, offsets, max_rank, weights)
     n, d_in = x.shape
     if n == 0:
         return
-    assert x.stride(1) == 1 and out.stride(1) == 1 and shrink.dtype == expand.dtype == torch.int64
-    assert x.dtype == out.dtype and x.dtype in (torch.float32, torch.bfloat16)
-    assert weights in (torch.float32, torch.bfloat16)
     library.lora_site(
         n, x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), slots.data_ptr(), ranks.data_ptr(),
         shrink.data_ptr(), expand.data_ptr(), max_rank, offsets.shape[0] - 1, d_in, offsets.data_ptr(),

@@ -37,12 +37,15 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+if TYPE_CHECKING:
+    from adaptery.settings import Settings
 
 MAGIC = b"ADPB"
 VERSION = 2  # what new blobs are written as
@@ -123,8 +126,10 @@ class LocalKeyProvider:
         self._load(create=True)
 
     @classmethod
-    def from_environment(cls, key_file: Path) -> LocalKeyProvider:
-        return cls(key_file, os.environ.get(MASTER_KEY_ENV) or None)
+    def from_settings(cls, settings: Settings) -> LocalKeyProvider:
+        """ADAPTERY_MASTER_KEY's keys when it is set, else the data dir's key file."""
+        env_value = settings.master_key.get_secret_value() if settings.master_key else None
+        return cls(settings.master_key_file, env_value or None)
 
     @property
     def pending_file(self) -> Path:

@@ -205,7 +205,7 @@ def test_master_key_rotation_keeps_a_running_platform_working(running, tmp_path,
     elsewhere = BlobStore(p.settings.blobs_dir, Keyring(p.db, LocalKeyProvider(key_file)), tmp_path / "scratch")
     elsewhere.put_stream(other_id, [b"made by another process"])
 
-    result = rotate_master_key(p.db, LocalKeyProvider.from_environment(key_file))  # what the CLI runs
+    result = rotate_master_key(p.db, LocalKeyProvider.from_settings(p.settings))  # what the CLI runs
     assert result.rewrapped == 2 and result.old_key_id != result.new_key_id
     assert key_file.read_text() != old_key and not key_file.with_name("master.key.new").exists()
     with p.db.system() as s:

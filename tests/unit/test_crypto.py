@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from adaptery.settings import Settings
 from adaptery.storage.crypto import (
     HEADER_BYTES,
     SEGMENT,
@@ -217,7 +218,7 @@ def test_blob_names_are_keyed_per_tenant(key):
 
 def test_master_key_file_is_private_and_wraps_bound_to_the_tenant(tmp_path, monkeypatch):
     monkeypatch.delenv("ADAPTERY_MASTER_KEY", raising=False)
-    provider = LocalKeyProvider.from_environment(tmp_path / "keys" / "master.key")
+    provider = LocalKeyProvider.from_settings(Settings(data_dir=tmp_path))
     assert stat.S_IMODE((tmp_path / "keys" / "master.key").stat().st_mode) == 0o600
     data_key = os.urandom(32)
     master_id, wrapped = provider.wrap(data_key, wrap_context("t1", "k"))
@@ -231,10 +232,10 @@ def test_master_key_file_is_private_and_wraps_bound_to_the_tenant(tmp_path, monk
 def test_master_key_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("ADAPTERY_MASTER_KEY", "not base64!")
     with pytest.raises(ValueError, match="32 bytes"):
-        LocalKeyProvider.from_environment(tmp_path / "master.key")
+        LocalKeyProvider.from_settings(Settings(data_dir=tmp_path))
     monkeypatch.setenv("ADAPTERY_MASTER_KEY", "QUFB" * 10 + "QUE=")  # 32 bytes of "A"
-    provider = LocalKeyProvider.from_environment(tmp_path / "master.key")
-    assert not (tmp_path / "master.key").exists()  # the environment's key: no file is made
+    provider = LocalKeyProvider.from_settings(Settings(data_dir=tmp_path))
+    assert not (tmp_path / "keys" / "master.key").exists()  # the environment's key: no file is made
     master_id, wrapped = provider.wrap(b"k" * 32, b"ctx")
     assert provider.unwrap(master_id, wrapped, b"ctx") == b"k" * 32
 
