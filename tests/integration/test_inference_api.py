@@ -53,11 +53,36 @@ def test_chat_completion_whole_and_streamed_agree_and_match_the_schema(running):
     assert len({c["id"] for c in chunks}) == 1
 
 
-def test_seeded_sampling_is_reproducible(running):
-    body = {"model": "adaptery-demo", "messages": QUESTION, "temperature": 1.0, "max_tokens": 10, "seed": 7}
-    first = running.client.post("/v1/chat/completions", headers=running.auth(), json=body).json()
-    second = running.client.post("/v1/chat/completions", headers=running.auth(), json=body).json()
-    assert first["choices"][0]["message"]["content"] == second["choices"][0]["message"]["content"]
+def test_seeded_sampling_is_reproducible_and_another_seed_samples_otherwise(running):
+    body = {"model": "adaptery-demo", "messages": QUESTION, "temperature": 1.0, "max_tokens": 10}
+
+    def sample(seed: int) -> str:
+        response = running.client.post("/v1/chat/completions", headers=running.auth(), json={**body, "seed": seed})
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["message"]["content"]
+
+    first = sample(7)
+    assert sample(7) == first
+    # Several other seeds, so one that happens to draw the same ten tokens cannot fail it.
+    assert any(sample(seed) != first for seed in (8, 9, 10, 11))
+
+
+@pytest.mark.parametrize(
+    ("route", "prompt"),
+    [("/v1/completions", {"prompt": "The lab"}), ("/v1/chat/completions", {"messages": QUESTION})],
+)
+def test_completions_stop_at_max_tokens_and_say_so(running, route, prompt):
+    body = {"model": "adaptery-demo", **prompt, "temperature": 0}
+    longer = running.client.post(route, headers=running.auth(), json={**body, "max_tokens": 20}).json()
+    produced = longer["usage"]["completion_tokens"]
+    assert produced >= 3, longer  # the cut below happens before the model would stop by itself
+    cut = running.client.post(route, headers=running.auth(), json={**body, "max_tokens": 2})
+    assert cut.status_code == 200, cut.text
+    assert cut.json()["usage"]["completion_tokens"] == 2
+    assert cut.json()["choices"][0]["finish_reason"] == "length"
+    assert longer["usage"]["completion_tokens"] <= 20
+    if produced < 20:
+        assert longer["choices"][0]["finish_reason"] == "stop"
 
 
 def test_text_completion(running):

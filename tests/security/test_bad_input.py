@@ -59,6 +59,30 @@ def test_an_oversized_json_body_is_413_without_reading_it_all(world: World, monk
     body = {**CHAT, "messages": [{"role": "user", "content": "x" * 5000}]}
     assert_error(world.client.post("/v1/chat/completions", headers=world.auth("owner"), json=body), 413)
 
+    # Chunked, with no Content-Length to refuse on (the test client hands the app its body in one piece, so the
+    # guard is driven directly): reading stops at the first chunk past the limit, and the app never runs.
+    chunk, chunks, read = b" " * 256, 400, []
+    reached_app: list[dict] = []
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        read.append(len(chunk))
+        return {"type": "http.request", "body": chunk, "more_body": len(read) < chunks}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def app(scope, receive, send):  # noqa: ANN001, ANN202
+        reached_app.append(scope)
+
+    guard = RequestGuard(app, Settings(max_json_bytes=1000))
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions",
+             "headers": [(b"content-type", b"application/json"), (b"transfer-encoding", b"chunked")]}  # fmt: skip
+    asyncio.run(guard(scope, receive, send))
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 413
+    assert not reached_app
+    assert 1000 < sum(read) <= 1000 + len(chunk) < chunks * len(chunk)  # more than the limit was offered
+
 
 def test_json_routes_take_only_json(world: World):
     response = world.client.post(
