@@ -24,6 +24,7 @@ import nats
 from nats.aio.msg import Msg
 
 from adaptery.messaging import protocol
+from adaptery.services import faults
 from adaptery.services.queue import JobQueue
 from adaptery.storage.blobs import BlobStore
 
@@ -100,13 +101,20 @@ class ControlPlane:
             return
         try:
             data, headers = await self._loop.run_in_executor(self._workers, self._handle, msg)
-        except RequestRefused as exc:
-            data, headers = protocol.encode({"error": str(exc)}), {protocol.ERROR_HEADER: str(exc)}
         except Exception as exc:  # noqa: BLE001 - the agent gets the cause, the control plane carries on
-            log.exception("agent request %s failed", msg.subject)
-            message = f"control plane error: {exc}"
-            data, headers = protocol.encode({"error": message}), {protocol.ERROR_HEADER: message}
+            data, headers = self._error_reply(msg.subject, exc)
         await self._nc.publish(msg.reply, data, headers=headers)
+
+    @staticmethod
+    def _error_reply(subject: str, exc: Exception) -> tuple[bytes, dict[str, str]]:
+        """A refusal is final; anything else (a locked database, a restart, a fault of ours) is worth retrying."""
+        if isinstance(exc, RequestRefused) or faults.is_refusal(exc):
+            return protocol.error_reply(str(exc), retryable=False)
+        if faults.is_transient(exc):
+            log.warning("agent request %s failed for now: %s", subject, exc)
+        else:
+            log.exception("agent request %s failed", subject)
+        return protocol.error_reply(f"control plane error: {exc}", retryable=True)
 
     # --- handlers (in a worker thread) ------------------------------------------------------------
 
@@ -118,8 +126,8 @@ class ControlPlane:
         if verb == "upload":
             return protocol.encode(self._upload(agent_id, job_id, msg)), None
         if verb == "download":
-            return self._download(agent_id, job_id, protocol.decode(msg.data)), None
-        body = protocol.decode(msg.data)
+            return self._download(agent_id, job_id, self._body(msg)), None
+        body = self._body(msg)
         if verb == "lease":
             return protocol.encode(self._lease(agent_id)), None
         if job_id is None:
@@ -133,6 +141,13 @@ class ControlPlane:
         if handler is None:
             raise RequestRefused(f"unknown request '{verb}'")
         return protocol.encode(handler(agent_id, job_id, body)), None
+
+    @staticmethod
+    def _body(msg: Msg) -> dict[str, Any]:
+        try:
+            return protocol.decode(msg.data)
+        except ValueError as exc:  # json's errors included: asking again with the same body cannot help
+            raise RequestRefused(f"invalid request body: {exc}") from exc
 
     def _lease(self, agent_id: str) -> dict[str, Any]:
         self.queue.seen(agent_id, idle=True)

@@ -15,7 +15,10 @@ control plane knows who asks from the subject alone. All are request/reply:
 
 The control plane publishes `{"job_id", "action"}` on `adaptery.notify.<agent>` when a job is cancelled
 or paused, so the agent acts at once rather than at its next heartbeat. Every reply is JSON except a
-download's; an error is `{"error": message}` (or, for a download, the ERROR_HEADER).
+download's; an error is `{"error": message, "retryable": bool}` with the same in the ERROR_HEADER and
+RETRYABLE_HEADER (which a download's error carries too). A refusal (not your job, invalid, not found) is
+final; a fault that may pass (the database locked or restarting, an unexpected error) is retryable, and the
+agent asks again after a pause rather than give up on work it has done.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ UPLOAD_HEADER = "Adaptery-Upload"
 OFFSET_HEADER = "Adaptery-Offset"
 SHA256_HEADER = "Adaptery-Sha256"
 ERROR_HEADER = "Adaptery-Error"
+RETRYABLE_HEADER = "Adaptery-Retryable"
 
 
 def agent_subject(agent_id: str, *parts: str) -> str:
@@ -141,4 +145,23 @@ class Assignment:
 
 
 class RemoteError(RuntimeError):
-    """The control plane refused or failed a request; the message says why."""
+    """The control plane refused or failed a request; the message says why, `retryable` whether asking again
+    may succeed (a refusal is final; a locked database, a restart or an unexpected fault may pass)."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+def error_reply(message: str, *, retryable: bool) -> tuple[bytes, dict[str, str]]:
+    """The body and headers of an error reply."""
+    headers = {ERROR_HEADER: message, RETRYABLE_HEADER: "true" if retryable else "false"}
+    return encode({"error": message, "retryable": retryable}), headers
+
+
+def remote_error(headers: dict[str, str] | None) -> RemoteError | None:
+    """The error a reply carries, if it is one (a reply without the retryable header is a final refusal)."""
+    message = (headers or {}).get(ERROR_HEADER)
+    if not message:
+        return None
+    return RemoteError(message, retryable=(headers or {}).get(RETRYABLE_HEADER) == "true")

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from adaptery.db import models as m
 from adaptery.db.session import Database
 from adaptery.messaging.protocol import ADAPTER_FILES, Assignment, BlobRef, CheckpointRef
-from adaptery.services import blob_refs, finetuning, models
+from adaptery.services import blob_refs, faults, finetuning, models
 from adaptery.storage.blobs import BlobStore
 
 Verdict = Literal["continue", "cancel", "pause", "lost"]
@@ -79,7 +79,8 @@ class JobQueue:
         guarded UPDATE is the compare-and-set that makes two agents never hold the same job.
 
         A job that cannot be started (its base model or a file of it gone) fails with the reason, so the
-        queue behind it moves on instead of every agent's lease failing on it.
+        queue behind it moves on instead of every agent's lease failing on it. A transient fault meanwhile (the
+        database locked or restarting) is raised instead and leaves the job queued as it was.
         """
         try:
             return self._lease(agent_id, tenant_scope)
@@ -164,6 +165,8 @@ class JobQueue:
         except _Unstartable:
             raise
         except Exception as exc:
+            if faults.is_transient(exc):
+                raise  # the claim is rolled back: the job stays queued for a later lease
             raise _Unstartable(job_id, f"{type(exc).__name__}: {exc}") from exc
 
     def _assignment(self, s: Session, job: m.FineTuningJob, agent_id: str) -> Assignment:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sqlite3
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -12,11 +13,13 @@ from typing import Any
 
 import pytest
 from nats.aio.msg import Msg
+from sqlalchemy.exc import OperationalError
 
 from adaptery.db import models as m
 from adaptery.db.ids import new_id
 from adaptery.messaging import protocol
 from adaptery.messaging.control import ControlPlane, RequestRefused
+from adaptery.services.errors import NotFound
 from adaptery.services.queue import JobQueue
 from adaptery.storage.blobs import BlobStore
 from tests.integration.test_tenancy_and_queue import make_blobs, make_tenant, queued_job
@@ -138,3 +141,46 @@ def test_an_upload_is_stored_only_in_the_tenant_of_the_job_leased_to_the_agent(l
     assert leased.blobs.exists(leased.a, sha) and not leased.blobs.exists(leased.b, sha)
     recorded = ask(control, "agent-a", leased.job_a, "checkpoint", {"step": 2, "files": adapter_files(sha)})
     assert recorded == {"checkpoint": f"ftckpt-{leased.job_a.removeprefix('ftjob-')}-2"}
+
+
+def error_of(control: ControlPlane, agent_id: str, job_id: str, verb: str, body: bytes) -> protocol.RemoteError:
+    """The error the agent's link raises for the reply `ControlPlane._on_request` publishes."""
+    published: list[dict[str, str] | None] = []
+
+    class Connection:
+        async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> None:
+            published.append(headers)
+
+    control._nc = Connection()
+    msg = Msg(None, subject=protocol.job_subject(agent_id, job_id, verb), reply="_INBOX_x.1", data=body)
+    control._loop.run_until_complete(control._on_request(msg))
+    error = protocol.remote_error(published[0])
+    assert error is not None, verb
+    return error
+
+
+def test_a_refusal_is_final_and_a_fault_that_may_pass_is_retryable(leased, monkeypatch):
+    control = leased.control
+    someone_elses = error_of(control, "agent-a", leased.job_b, "checkpoint", protocol.encode({"step": 1}))
+    assert str(someone_elses) == f"job {leased.job_b} is not leased to you" and not someone_elses.retryable
+    assert not error_of(control, "agent-a", leased.job_a, "events", b"not json").retryable
+
+    def locked(*args: object) -> str:
+        raise OperationalError("UPDATE fine_tuning_jobs ...", {}, sqlite3.OperationalError("database is locked"))
+
+    monkeypatch.setattr(control.queue, "heartbeat", locked)
+    busy = error_of(control, "agent-a", leased.job_a, "heartbeat", b"{}")
+    assert busy.retryable and "database is locked" in str(busy)
+
+    def missing(*args: object) -> str:
+        raise NotFound("No such job")
+
+    monkeypatch.setattr(control.queue, "heartbeat", missing)
+    assert not error_of(control, "agent-a", leased.job_a, "heartbeat", b"{}").retryable
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a fault of the control plane's own")
+
+    monkeypatch.setattr(control.queue, "fail", broken)
+    unexpected = error_of(control, "agent-a", leased.job_a, "finish", protocol.encode({"state": "failed"}))
+    assert unexpected.retryable and "a fault of the control plane's own" in str(unexpected)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import time
 
 import nats
 import pytest
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
-from sqlalchemy import event, select
+from sqlalchemy import event, func, select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from adaptery.db import models as m
@@ -197,6 +199,26 @@ def test_a_job_that_cannot_be_started_fails_and_the_queue_moves_on(db, two_tenan
         }
         last = s.scalars(select(m.JobEvent).where(m.JobEvent.job_id == broken).order_by(m.JobEvent.seq.desc())).first()
     assert last.level == "error" and "storage is not mounted" in last.message
+
+
+def test_a_transient_fault_while_a_job_is_put_together_leaves_it_queued(db, two_tenants, monkeypatch):
+    a, file_a, _, _, blobs = two_tenants
+    job_id = queued_job(db, a, file_a)
+    real = finetuning.training_arguments
+
+    def locked(job, base):
+        raise OperationalError("SELECT ...", {}, sqlite3.OperationalError("database is locked"))
+
+    monkeypatch.setattr(finetuning, "training_arguments", locked)
+    queue = JobQueue(db, blobs, lease_seconds=60, max_attempts=2)
+    with pytest.raises(OperationalError):  # the agent hears a retryable error and asks again later
+        queue.lease("agent")
+    with db.system() as s:
+        job = s.get(m.FineTuningJob, job_id)
+        assert job.status == "queued" and job.lease_owner is None and job.attempts == 0 and job.error is None
+        assert s.scalar(select(func.count()).select_from(m.JobEvent).where(m.JobEvent.job_id == job_id)) == 0
+    monkeypatch.setattr(finetuning, "training_arguments", real)
+    assert queue.lease("agent").job_id == job_id
 
 
 # --- over NATS, against a running platform ------------------------------------------------------------
