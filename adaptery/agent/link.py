@@ -108,9 +108,9 @@ class AgentLink:
             reply = self._run(ask(), self.request_seconds)
         except (NatsError, TimeoutError) as exc:
             raise LinkDown(f"no answer from the control plane ({type(exc).__name__})") from exc
-        error = (reply.headers or {}).get(protocol.ERROR_HEADER)
-        if error:
-            raise RemoteError(error)
+        error = protocol.remote_error(reply.headers)
+        if error is not None:
+            raise error
         return reply
 
     def call(self, subject: str, body: dict[str, Any]) -> dict[str, Any]:

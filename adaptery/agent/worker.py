@@ -18,20 +18,27 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from adaptery.agent.link import AgentLink, LinkDown
+from adaptery.agent.process import die_with_parent, kill_and_reap
 from adaptery.messaging.protocol import ADAPTER_FILES, Assignment, RemoteError
-from adaptery.messaging.server import die_with_parent
 from adaptery.training.spec import LoraHyperparameters
 
 log = logging.getLogger("adaptery.agent")
+T = TypeVar("T")
 CANCELLED_EXIT_CODE = 3
 PAUSED_EXIT_CODE = 4
 CANCEL_GRACE_SECONDS = 10.0
 PAUSE_GRACE_SECONDS = 120.0  # saving a checkpoint of a large model takes a while
 CANCEL_FILE, PAUSE_FILE = "CANCEL", "PAUSE"
+# A transient fault (the control plane restarting, its database locked) is retried, the pause doubling from the
+# first to the longest, for at most RETRY_FOR_SECONDS: a trained adapter is worth two minutes of asking.
+RETRY_FIRST_SECONDS = 1.0
+RETRY_LONGEST_SECONDS = 15.0
+RETRY_FOR_SECONDS = 120.0
 
 
 def describe_exit(returncode: int) -> str:
@@ -208,20 +215,29 @@ class Agent:
     def stop(self) -> None:
         self.stopping.set()
 
-    def _finish(self, job_id: str, body: dict[str, Any]) -> dict[str, Any]:
-        """Report the end of an attempt; retried while the control plane is away (it may be restarting)."""
-        deadline = time.monotonic() + 120
+    def _retrying(self, job_id: str, what: str, call: Callable[[], T]) -> T:
+        """`call()`, asked again after a transient fault (the control plane away or restarting, a retryable
+        error reply) with a doubling pause, within RETRY_FOR_SECONDS; a refusal, or the fault past them, is raised."""
+        deadline = time.monotonic() + RETRY_FOR_SECONDS
+        pause = RETRY_FIRST_SECONDS
         while True:
             try:
-                return self.link.job_call(job_id, "finish", body)
-            except RemoteError as exc:
-                log.warning("job %s: the control plane refused its end (%s)", job_id, exc)
-                return {}
-            except LinkDown:
-                if time.monotonic() > deadline:  # its lease expires; the control plane requeues it
-                    log.warning("job %s: could not report its end (%s)", job_id, body.get("state"))
-                    return {}
-                time.sleep(1)
+                return call()
+            except (LinkDown, RemoteError) as exc:
+                final = isinstance(exc, RemoteError) and not exc.retryable
+                if final or time.monotonic() + pause > deadline:
+                    raise
+                log.info("job %s: %s failed (%s); asking again in %.1f s", job_id, what, exc, pause)
+                time.sleep(pause)
+                pause = min(pause * 2, RETRY_LONGEST_SECONDS)
+
+    def _finish(self, job_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Report the end of an attempt; retried while the fault may pass (the control plane restarting)."""
+        try:
+            return self._retrying(job_id, "reporting its end", lambda: self.link.job_call(job_id, "finish", body))
+        except (LinkDown, RemoteError) as exc:  # unreported, its lease expires and the control plane requeues it
+            log.warning("job %s: could not report its end (%s): %s", job_id, body.get("state"), exc)
+            return {}
 
     def _fetch_inputs(self, assignment: Assignment, job_dir: Path) -> dict[str, Any]:
         cache = self.work_dir / "cache"
@@ -296,7 +312,8 @@ class Agent:
             outcome = self._supervise(assignment, child, job_dir, beats)
         job = assignment.job_id
         if outcome["state"] == "succeeded":
-            files = self.link.upload_dir(job, job_dir / "adapter")
+            adapter = job_dir / "adapter"
+            files = self._retrying(job, "uploading its adapter", lambda: self.link.upload_dir(job, adapter))
             reply = self._finish(job, {"state": "succeeded", "result": outcome["result"], "files": files})
             log.info("job %s succeeded: %s", job, reply.get("model"))
         elif outcome["state"] == "failed":
@@ -318,6 +335,34 @@ class Agent:
 
         threading.Thread(target=pump, daemon=True, name=f"pump-{job}").start()
         uploads = CheckpointUploads(self.link, job)
+        try:
+            outcome = self._follow(assignment, child, job_dir, beats, lines, uploads)
+        finally:
+            # Whatever ends the job (an error reaching the control plane included), its training ends with it:
+            # never a child still running beside the next job while its directory is deleted.
+            returncode = kill_and_reap(child)
+            uploads.close()
+        if outcome["state"] == "succeeded" and returncode != 0:
+            outcome = {"state": "failed", "message": describe_exit(returncode)}
+        elif outcome["state"] == "failed" and not outcome.get("message") and returncode != 0:
+            outcome["message"] = describe_exit(returncode)
+        elif outcome["state"] == "paused" and returncode != PAUSED_EXIT_CODE:
+            outcome = {"state": "failed", "message": f"pausing failed: {describe_exit(returncode)}"}
+        elif outcome["state"] == "cancelled" and returncode not in (0, CANCELLED_EXIT_CODE):
+            log.info("job %s: training stopped with %s after cancel", job, describe_exit(returncode))
+        return outcome
+
+    def _follow(
+        self,
+        assignment: Assignment,
+        child: subprocess.Popen,
+        job_dir: Path,
+        beats: Heartbeats,
+        lines: stdlib_queue.Queue[bytes | None],
+        uploads: CheckpointUploads,
+    ) -> dict[str, Any]:
+        """Relay the trainer's events and act on the control plane's verdict until the child is done."""
+        job = assignment.job_id
         outcome: dict[str, Any] = {"state": "failed"}
         stop_deadline: float | None = None
         finished_output = False
@@ -361,22 +406,12 @@ class Agent:
                     stop_deadline = now + CANCEL_GRACE_SECONDS
             if stop_deadline is not None and now > stop_deadline and child.poll() is None:
                 child.kill()
-        returncode = child.wait()
-        uploads.close()
-        if outcome["state"] == "succeeded" and returncode != 0:
-            outcome = {"state": "failed", "message": describe_exit(returncode)}
-        elif outcome["state"] == "failed" and not outcome.get("message") and returncode != 0:
-            outcome["message"] = describe_exit(returncode)
-        elif outcome["state"] == "paused" and returncode != PAUSED_EXIT_CODE:
-            outcome = {"state": "failed", "message": f"pausing failed: {describe_exit(returncode)}"}
-        elif outcome["state"] == "cancelled" and returncode not in (0, CANCELLED_EXIT_CODE):
-            log.info("job %s: training stopped with %s after cancel", job, describe_exit(returncode))
         return outcome
 
     def _report(self, job_id: str, events: list[dict[str, Any]]) -> None:
         try:
             self.link.job_call(job_id, "events", {"events": events})
-        except LinkDown as exc:
+        except (LinkDown, RemoteError) as exc:  # progress lost from the job's events; its training goes on
             log.info("job %s: %d event(s) not delivered (%s)", job_id, len(events), exc)
 
     @staticmethod

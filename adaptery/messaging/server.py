@@ -7,7 +7,6 @@ rewrites the file and reloads the server (SIGHUP), which also disconnects a revo
 
 from __future__ import annotations
 
-import ctypes
 import importlib.metadata
 import json
 import logging
@@ -21,20 +20,14 @@ import sysconfig
 import time
 from pathlib import Path
 
+from adaptery.agent.process import die_with_parent
 from adaptery.messaging import protocol
 from adaptery.storage.modes import private_dir
 
 log = logging.getLogger("adaptery.nats")
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 CONTROL_USER = "control"
 READY_SECONDS = 15.0
 RELOAD_SECONDS = 5.0  # how long `sync_agents` waits for the server to apply new users
-
-
-def die_with_parent() -> None:
-    """In a child, before exec: if its parent dies (even by SIGKILL), the child is killed too."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def nats_server_binary() -> Path:
