@@ -13,6 +13,15 @@ import pytest
 from tests.conftest import SAMPLE_CHAT
 
 
+def wait_until(condition, timeout: float = 20) -> bool:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def stored_blobs(server) -> set[str]:
     root = server.data_dir / "blobs"
     return {p.name for p in root.rglob("*") if p.is_file()}
@@ -21,6 +30,7 @@ def stored_blobs(server) -> set[str]:
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_an_upload_killed_midway_leaves_nothing_visible(server):
     before = stored_blobs(server)
+    scratch = server.data_dir / "blobs" / "tmp"  # where a blob is written before it is complete
     url = urlparse(server.url)
     with socket.create_connection((url.hostname, url.port)) as conn:
         conn.sendall(
@@ -31,8 +41,8 @@ def test_an_upload_killed_midway_leaves_nothing_visible(server):
             ).encode()
         )
         conn.sendall(b'{"messages": [{"role": "user", "content": "half"}]}\n' * 20000)  # ~1 MB of 10
-        time.sleep(0.5)
-    time.sleep(1.0)
+        assert wait_until(lambda: any(scratch.iterdir())), "the server never started storing the upload"
+    assert wait_until(lambda: not any(scratch.iterdir())), "the half upload's temporary file was left behind"
     headers = {"Authorization": f"Bearer {server.api_key}"}
     assert httpx.get(f"{server.url}/api/datasets", headers=headers).json()["data"] == []
     assert stored_blobs(server) == before

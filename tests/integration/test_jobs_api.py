@@ -104,7 +104,10 @@ def test_cancel_while_running_stops_training_within_seconds(running):
     file = upload_sample(running.client, running.auth())
     job = create_job(running, model="adaptery-demo", training_file=file["id"], hyperparameters={"n_epochs": 50})
     wait_for_job(running.client, running.auth(), job["id"], ("running",))
-    time.sleep(1.5)  # let the child process start training
+    deadline = time.monotonic() + 30  # the agent starts its training process after marking the job running
+    while time.monotonic() < deadline and not _training_children():
+        time.sleep(0.1)
+    assert _training_children(), "no training process started"
     cancelled = running.client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel", headers=running.auth()).json()
     assert_matches("FineTuningJob", cancelled)
     assert cancelled["status"] == "cancelled"
