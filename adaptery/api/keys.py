@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
 from adaptery.api.deps import platform, principal
-from adaptery.auth.principal import Principal
+from adaptery.auth.principal import Principal, Role
 from adaptery.db import models as m
 from adaptery.platform import Platform
 from adaptery.services import audit, keys, models
@@ -147,12 +147,15 @@ def update_key(
         if body.name is not None:
             record.name = body.name
         if body.limits is not None:
-            wanted = body.limits.model_dump(exclude_unset=True)
-            _, _, capped = keys.child_settings(
-                _calling_key(s, who), expires_in_days=None, allowed_models=None, limits=wanted, platform=False
+            owner_role = keys.owner_role(s, record)
+            may_raise = who.has_role(Role.ADMIN) and (owner_role is None or who.has_role(owner_role))
+            wanted = keys.limits_change(
+                record,
+                body.limits.model_dump(exclude_unset=True),
+                calling_key=_calling_key(s, who),
+                may_raise=may_raise,
             )
-            # a limit left out stays as it is; one set to null is capped at the calling key's own
-            for field, value in keys.set_limits_values({f: capped[f] for f in wanted}).items():
+            for field, value in wanted.items():
                 setattr(record, field, value)
         audit.record(s, who, "key.update", target=key_id, detail=changes)
         return key_object(record)

@@ -163,6 +163,12 @@ def authorize(principal: Principal, permission: Permission) -> None:
         raise PermissionDenied(
             "Only a person signed in to the web page may do this, not an API key.", code="session_required"
         )
+    if principal.superseded_secret and Scope.ADMIN in permission.scopes:
+        raise PermissionDenied(
+            "This key's secret was rotated: the old secret works for API calls until the overlap ends, but "
+            "administers nothing (keys included); use the new secret.",
+            code="rotated_secret",
+        )
     if permission.platform_admin and not principal.is_platform_admin:
         raise PermissionDenied("This needs a platform administrator.", code="platform_admin_required")
     if permission.scopes and not (permission.scopes & principal.scopes):

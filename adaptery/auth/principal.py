@@ -40,6 +40,9 @@ class Principal:
     allowed_models: frozenset[str] | None = None
     is_platform_admin: bool = False
     ip: str | None = None  # where the request came from, for the audit log
+    # Signed in with a key's previous secret, still valid during a rotation's overlap: for running clients'
+    # API calls only, never to manage keys or anything else of the admin scope.
+    superseded_secret: bool = False
 
     def has_role(self, needed: Role) -> bool:
         return _RANK[self.role] >= _RANK[needed]

@@ -257,15 +257,17 @@ class InferenceEngine:
         params: SamplingParams,
         usage: Usage,
         should_stop: Callable[[], bool] = lambda: False,
+        fairness_key: str = "",
     ) -> Iterator[Delta]:
-        """Stream the completion of `prompt_ids` as text deltas; the last delta has a finish_reason."""
+        """Stream the completion of `prompt_ids` as text deltas; the last delta has a finish_reason. The native
+        engine shares its batch fairly between `fairness_key`s (opaque; the server passes the tenant)."""
         loaded = self.base(base_id, ref)
         self.check_fits(base_id, ref, prompt_ids, params.max_tokens)
         info = self.check_adapter(adapter) if adapter is not None else None
         usage.prompt_tokens = len(prompt_ids)
         key, path = (adapter.key, adapter.path) if adapter is not None else (None, None)
         if loaded.native is not None and (info is None or info.native):
-            events = self._native_events(loaded.native, key, path, prompt_ids, params, should_stop)
+            events = self._native_events(loaded.native, key, path, prompt_ids, params, should_stop, fairness_key)
         else:
             events = loaded.fallback().events(
                 key, path, prompt_ids, params, loaded.eos_ids, should_stop, self.request_timeout_s
@@ -281,8 +283,9 @@ class InferenceEngine:
         prompt_ids: list[int],
         params: SamplingParams,
         should_stop: Callable[[], bool],
+        fairness_key: str,
     ) -> Iterator[Event]:
-        request = engine.submit(prompt_ids, params, key, path)
+        request = engine.submit(prompt_ids, params, key, path, fairness_key)
         try:
             while True:
                 try:

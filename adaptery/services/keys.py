@@ -20,7 +20,7 @@ from adaptery.auth.principal import ALL_SCOPES, Principal, Role, Scope
 from adaptery.auth.secrets import hash_token, same_token
 from adaptery.db import models as m
 from adaptery.db.ids import random_token
-from adaptery.services.errors import InvalidRequest, NotFound, Unauthenticated
+from adaptery.services.errors import InvalidRequest, NotFound, PermissionDenied, Unauthenticated
 
 ENVIRONMENTS = ("dev", "staging", "prod")
 MAX_ROTATION_OVERLAP_SECONDS = 30 * 86400
@@ -110,7 +110,7 @@ def list_keys(session: Session, who: Principal) -> list[m.ApiKey]:
     return list(session.scalars(query))
 
 
-def _owner_role(session: Session, record: m.ApiKey) -> Role | None:
+def owner_role(session: Session, record: m.ApiKey) -> Role | None:
     role = session.scalar(select(m.Membership.role).where(m.Membership.user_id == record.user_id))
     return Role(role) if role else None
 
@@ -120,7 +120,7 @@ def get_key(session: Session, who: Principal, key_id: str, *, action: str = "rea
     (redacted), revoke it and change its limits when its person's role is at or below theirs. Anything else
     is 404, as for a key that does not exist."""
     record = session.scalars(select(m.ApiKey).where(m.ApiKey.id == key_id)).one_or_none()
-    if record is not None and not policy.may_manage_key(who, record.user_id, _owner_role(session, record), action):
+    if record is not None and not policy.may_manage_key(who, record.user_id, owner_role(session, record), action):
         record = None
     if record is None:
         raise NotFound(f"No API key with id '{key_id}'", param="key_id")
@@ -178,6 +178,46 @@ def child_settings(
     return expires_at, allowed_models, limits
 
 
+def covers(caller: m.ApiKey, target: m.ApiKey) -> bool:
+    """Whether `caller` is at least as wide as `target` in every way a key can be narrow: scopes, models,
+    limits, expiry and platform power. Only then may a key hand out a new secret of `target`."""
+    if caller.id == target.id:
+        return True
+    if caller.scopes is not None and (target.scopes is None or not set(target.scopes) <= set(caller.scopes)):
+        return False
+    if caller.allowed_models is not None and (
+        target.allowed_models is None or not set(target.allowed_models) <= set(caller.allowed_models)
+    ):
+        return False
+    for field in LIMIT_FIELDS:
+        ceiling, value = getattr(caller, field), getattr(target, field)
+        if ceiling is not None and (value is None or value > ceiling):
+            return False
+    if caller.expires_at is not None and (target.expires_at is None or target.expires_at > caller.expires_at):
+        return False
+    return caller.platform or not target.platform
+
+
+def limits_change(
+    record: m.ApiKey, wanted: dict[str, int | None], *, calling_key: m.ApiKey | None, may_raise: bool
+) -> dict[str, int | None]:
+    """New limits for a key (a field left out is unchanged; null: no limit). Never above the calling key's own
+    limits; raised or removed only by whoever may govern the key (a tenant admin at or above its person's
+    role), so its person cannot undo a limit an admin set. Anything else is a 400 naming the field."""
+    set_limits_values(wanted)
+    for field, value in wanted.items():
+        ceiling = getattr(calling_key, field) if calling_key is not None else None
+        if ceiling is not None and (value is None or value > ceiling):
+            raise InvalidRequest(f"{field} cannot exceed the calling key's own ({ceiling})", param=f"limits.{field}")
+        current = getattr(record, field)
+        if not may_raise and current is not None and (value is None or value > current):
+            raise InvalidRequest(
+                f"{field} can only be lowered here ({current} now); ask a tenant admin to raise it",
+                param=f"limits.{field}",
+            )
+    return wanted
+
+
 def rotate_key(session: Session, who: Principal, key_id: str, *, overlap_seconds: float) -> NewKey:
     """A new secret under the same id; the current one stays valid for `overlap_seconds` (0: revoked now)."""
     if not 0 <= overlap_seconds <= MAX_ROTATION_OVERLAP_SECONDS:
@@ -185,6 +225,14 @@ def rotate_key(session: Session, who: Principal, key_id: str, *, overlap_seconds
             f"overlap_seconds must be between 0 and {MAX_ROTATION_OVERLAP_SECONDS}", param="overlap_seconds"
         )
     record = get_key(session, who, key_id, action="rotate")
+    calling = session.get(m.ApiKey, who.api_key_id) if who.api_key_id else None
+    if calling is not None and not covers(calling, record):
+        raise PermissionDenied(
+            "A key may rotate itself, or keys no wider than itself (scopes, models, limits, expiry); rotate this "
+            "one signed in to the web page, or with a key at least as wide.",
+            param="key_id",
+            code="key_too_narrow",
+        )
     if record.revoked_at is not None:
         raise InvalidRequest("a revoked key cannot be rotated; create a new key", param="key_id")
     now = time.time()
@@ -238,4 +286,5 @@ def authenticate(system_session: Session, token: str) -> Principal:
         scopes=ALL_SCOPES if key.scopes is None else frozenset(Scope(s) for s in key.scopes),
         allowed_models=None if key.allowed_models is None else frozenset(key.allowed_models),
         is_platform_admin=bool(key.platform and user.is_platform_admin),
+        superseded_secret=not current,
     )

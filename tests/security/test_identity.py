@@ -322,9 +322,75 @@ def test_a_key_cannot_lift_limits_above_its_own(world: World):
     lifted = world.client.patch(
         f"/api/keys/{child['id']}", headers=parent, json={"limits": {"requests_per_minute": None}}
     )
-    assert lifted.status_code == 200 and lifted.json()["limits"]["requests_per_minute"] == 30
+    assert lifted.status_code == 400 and lifted.json()["error"]["param"] == "limits.requests_per_minute"
     higher = world.client.patch(f"/api/keys/{child['id']}", headers=parent, json={"limits": {"concurrent_streams": 9}})
     assert higher.status_code == 400
+    lower = world.client.patch(f"/api/keys/{child['id']}", headers=parent, json={"limits": {"concurrent_streams": 1}})
+    assert lower.status_code == 200 and lower.json()["limits"]["concurrent_streams"] == 1
+
+
+def test_a_narrow_key_cannot_rotate_a_wider_sibling_into_its_hands(world: World):
+    """The attack: a key with the admin scope but one model, a rate limit and a day to live rotated its person's
+    full key (or their platform key) and was handed the new secret, with every scope and no limits."""
+    full = world.client.post("/api/keys", headers=world.auth("member"), json={"name": "full"}).json()
+    narrow = world.client.post(
+        "/api/keys",
+        headers=world.auth("member"),
+        json={
+            "scopes": ["admin"],
+            "allowed_models": ["adaptery-demo"],
+            "expires_in_days": 1,
+            "limits": {"requests_per_minute": 10},
+        },
+    ).json()
+    as_narrow = {"Authorization": f"Bearer {narrow['value']}"}
+    refused = world.client.post(f"/api/keys/{full['id']}/rotate", headers=as_narrow, json={"overlap_seconds": 0})
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "key_too_narrow"
+    assert world.client.get("/v1/models", headers={"Authorization": f"Bearer {full['value']}"}).status_code == 200
+    itself = world.client.post(f"/api/keys/{narrow['id']}/rotate", headers=as_narrow, json={"overlap_seconds": 0})
+    assert itself.status_code == 200 and itself.json()["scopes"] == ["admin"]
+    platform = world.client.post("/api/keys", headers=world.auth("platform_admin"), json={"platform": True}).json()
+    plain = world.client.post("/api/keys", headers=world.auth("platform_admin"), json={"name": "plain"}).json()
+    escalate = world.client.post(
+        f"/api/keys/{platform['id']}/rotate", headers={"Authorization": f"Bearer {plain['value']}"}, json={}
+    )
+    assert escalate.status_code == 403
+
+
+def test_an_old_secret_in_its_overlap_cannot_take_the_key_over(world: World):
+    """The attack: after a rotation with an overlap, the leaked old secret rotated the key again and held the
+    only working secret."""
+    key = world.client.post("/api/keys", headers=world.auth("member"), json={"name": "leaky"}).json()
+    old = {"Authorization": f"Bearer {key['value']}"}
+    new = world.client.post(f"/api/keys/{key['id']}/rotate", headers=old, json={"overlap_seconds": 3600}).json()
+    assert world.client.get("/v1/models", headers=old).status_code == 200  # running clients keep working
+    for method, path in (
+        ("POST", f"/api/keys/{key['id']}/rotate"),
+        ("POST", "/api/keys"),
+        ("DELETE", f"/api/keys/{key['id']}"),
+        ("PATCH", f"/api/keys/{key['id']}"),
+    ):
+        response = world.client.request(method, path, headers=old, json={} if method != "DELETE" else None)
+        assert response.status_code == 403 and response.json()["error"]["code"] == "rotated_secret", path
+    assert world.client.get("/v1/models", headers={"Authorization": f"Bearer {new['value']}"}).status_code == 200
+
+
+def test_a_person_cannot_lift_the_limit_an_admin_put_on_their_key(world: World):
+    key_id = world.tokens["member"].split("-")[2]
+    limited = world.client.patch(
+        f"/api/keys/{key_id}", headers=world.auth("admin"), json={"limits": {"requests_per_minute": 3}}
+    )
+    assert limited.status_code == 200
+    set_password(world, "lab-member")
+    session = sign_in(world, "lab-member")
+    for value in (None, 100000):
+        lifted = session.patch(f"/api/keys/{key_id}", json={"limits": {"requests_per_minute": value}})
+        assert lifted.status_code == 400 and lifted.json()["error"]["param"] == "limits.requests_per_minute"
+    assert session.patch(f"/api/keys/{key_id}", json={"limits": {"requests_per_minute": 2}}).status_code == 200
+    raised = world.client.patch(
+        f"/api/keys/{key_id}", headers=world.auth("admin"), json={"limits": {"requests_per_minute": None}}
+    )
+    assert raised.status_code == 200 and raised.json()["limits"]["requests_per_minute"] is None
 
 
 # -- 9. sign-in tells nobody apart, and nobody locks out someone else -----------------------------------

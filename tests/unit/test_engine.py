@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -634,3 +635,64 @@ def test_serve_refuses_int8_where_torchao_is_missing(tmp_path):
     result = CliRunner().invoke(app, ["serve", "--data-dir", str(tmp_path / "data")], env=env)
     assert result.exit_code == 2, result.output
     assert "Cannot start: int8 quantization needs torchao: pip install 'adaptery[int8]'" in result.output
+
+
+def _stepped_engine(max_batch: int) -> BatchEngine:
+    """A tiny engine without its thread: the test moves submitted requests in and steps the scheduler itself."""
+    hf = _tiny(Qwen2Config, Qwen2ForCausalLM)
+    native = BatchEngine("fair", NativeLlama(hf, torch.float32, 128), set(), max_rank=8, kv_cache_bytes=1 << 20,
+                         adapter_cache_bytes=1 << 20, max_batch=max_batch)  # fmt: skip
+    with native._cond:
+        native._stopped = True
+        native._cond.notify()
+    native._thread.join(timeout=10)
+    return native
+
+
+def _run_steps(native: BatchEngine, requests: dict[str, batching.Request], until: Callable[[dict], bool],
+               limit: int) -> dict[str, int]:  # fmt: skip
+    """Step until `until(finished)`; which step each request finished at."""
+    finished: dict[str, int] = {}
+    for step in range(limit):
+        native.waiting.extend(native.incoming)
+        native.incoming.clear()
+        native.step()
+        for name, request in requests.items():
+            while not request.events.empty():
+                if request.events.get().finish is not None:
+                    finished[name] = step
+        if until(finished):
+            break
+    return finished
+
+
+def test_one_key_filling_the_batch_cannot_stall_another(demo_model_dir):
+    # key b's 8 long requests fill a batch of 4; key a's short one used to wait until b's first 4 finished
+    native = _stepped_engine(max_batch=4)
+    try:
+        long, short = SamplingParams(max_tokens=100, temperature=0.0), SamplingParams(max_tokens=3, temperature=0.0)
+        requests = {f"b{i}": native.submit([5, 17, 42, 9, 3, 77], long, None, None, "b") for i in range(8)}
+        _run_steps(native, requests, lambda _: False, limit=2)
+        assert len(native.running) == 4 and len(native.waiting) == 4
+        requests["a"] = native.submit([8, 1, 30], short, None, None, "a")
+        finished = _run_steps(native, requests, lambda done: "a" in done, limit=10)
+        assert "a" in finished and finished["a"] <= 4 and not any(name.startswith("b") for name in finished)
+        assert native.metrics.preemptions.labels("fair")._value.get() == 1  # one slot freed for one request
+        finished |= _run_steps(native, requests, lambda done: len(done) == 9, limit=1000)
+        assert len(finished) == 9 and native.cache.used_blocks == 0
+        b_order = sorted((name for name in finished if name.startswith("b")), key=lambda n: (finished[n], int(n[1:])))
+        assert b_order == [f"b{i}" for i in range(8)]  # FIFO within a key, the preempted one recomputed in its place
+    finally:
+        native.store.close()
+
+
+def test_a_single_key_is_never_preempted_for_fairness(demo_model_dir):
+    native = _stepped_engine(max_batch=4)
+    try:
+        params = SamplingParams(max_tokens=20, temperature=0.0)
+        requests = {f"b{i}": native.submit([5, 17, 42, 9, 3, 77], params, None, None, "b") for i in range(8)}
+        finished = _run_steps(native, requests, lambda done: len(done) == 8, limit=200)
+        assert len(finished) == 8 and native.metrics.preemptions.labels("fair")._value.get() == 0
+        assert sorted(finished, key=lambda n: (finished[n], int(n[1:]))) == [f"b{i}" for i in range(8)]
+    finally:
+        native.store.close()

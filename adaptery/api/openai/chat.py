@@ -103,6 +103,7 @@ class Prepared:
     params: SamplingParams
     n: int = 1
     reservation: limits.Reservation | None = None  # the worst case held against the caller's limits
+    tenant_id: str = ""  # the engine shares its batch fairly between tenants
 
     def choice_params(self, index: int) -> SamplingParams:
         """Choice i samples with seed + i: the n choices differ, and each is reproducible."""
@@ -238,7 +239,7 @@ def _prepare(p: Platform, who: Principal, body: ChatRequest | CompletionRequest)
         max_tokens=max_tokens * n,
         hold_seconds=p.settings.inference_hold_seconds,
     )
-    return Prepared(ref.id, base.id, base.ref, adapter, prompt_ids, params, n, held)
+    return Prepared(ref.id, base.id, base.ref, adapter, prompt_ids, params, n, held, who.tenant_id)
 
 
 def _usage(usages: list[Usage]) -> dict[str, int]:
@@ -276,7 +277,7 @@ class _Choices:
         try:
             deltas = p.engine.generate(
                 job.base_id, job.base_ref, job.adapter, job.prompt_ids, job.choice_params(index), self.usages[index],
-                should_stop=self._stop.is_set,
+                should_stop=self._stop.is_set, fairness_key=job.tenant_id,
             )  # fmt: skip
             for delta in deltas:
                 self._post((index, delta))
