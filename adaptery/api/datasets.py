@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -20,6 +20,8 @@ from adaptery.services.files import safe_filename
 from adaptery.storage.crypto import DataKey
 
 router = APIRouter(prefix="/api/datasets", tags=["datasets"])
+# A version number the database can hold (a larger one was a 500: an integer SQLite cannot bind).
+VersionNumber = Annotated[int, Path(ge=1, le=2**31 - 1, description="The version's number, from 1")]
 
 
 def version_object(version: m.DatasetVersion, key: DataKey) -> dict[str, Any]:
@@ -218,7 +220,7 @@ def delete_dataset(dataset_id: str, who: Principal = Depends(principal), p: Plat
 
 @router.get("/{dataset_id}/versions/{number}")
 def get_version(
-    dataset_id: str, number: int, who: Principal = Depends(principal), p: Platform = Depends(platform)
+    dataset_id: str, number: VersionNumber, who: Principal = Depends(principal), p: Platform = Depends(platform)
 ) -> dict:
     with p.db.tenant(who.tenant_id) as s:
         version = datasets.get_version(s, datasets.get_dataset(s, dataset_id), number)
@@ -228,7 +230,7 @@ def get_version(
 @router.get("/{dataset_id}/versions/{number}/records")
 def preview_records(
     dataset_id: str,
-    number: int,
+    number: VersionNumber,
     offset: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
     who: Principal = Depends(principal),
@@ -246,7 +248,7 @@ def preview_records(
 
 @router.get("/{dataset_id}/versions/{number}/content")
 def version_content(
-    dataset_id: str, number: int, who: Principal = Depends(principal), p: Platform = Depends(platform)
+    dataset_id: str, number: VersionNumber, who: Principal = Depends(principal), p: Platform = Depends(platform)
 ) -> StreamingResponse:
     """The version's normalised records as chat JSONL."""
     with p.db.tenant(who.tenant_id) as s:
@@ -260,7 +262,9 @@ def version_content(
     )
 
 
-def _operation(p: Platform, who: Principal, dataset_id: str, number: int, operation: str, params: dict) -> dict:
+def _operation(
+    p: Platform, who: Principal, dataset_id: str, number: VersionNumber, operation: str, params: dict
+) -> dict:
     require(who, "upload")
     with p.db.tenant(who.tenant_id) as s:
         dataset = datasets.get_dataset(s, dataset_id)
@@ -275,7 +279,7 @@ def _operation(p: Platform, who: Principal, dataset_id: str, number: int, operat
 @router.post("/{dataset_id}/versions/{number}/dedup", status_code=202)
 def dedup(
     dataset_id: str,
-    number: int,
+    number: VersionNumber,
     body: DedupRequest,
     who: Principal = Depends(principal),
     p: Platform = Depends(platform),
@@ -287,7 +291,7 @@ def dedup(
 @router.post("/{dataset_id}/versions/{number}/scrub", status_code=202)
 def scrub(
     dataset_id: str,
-    number: int,
+    number: VersionNumber,
     body: ScrubRequest,
     who: Principal = Depends(principal),
     p: Platform = Depends(platform),
@@ -299,7 +303,7 @@ def scrub(
 @router.post("/{dataset_id}/versions/{number}/split", status_code=202)
 def split(
     dataset_id: str,
-    number: int,
+    number: VersionNumber,
     body: SplitRequest,
     who: Principal = Depends(principal),
     p: Platform = Depends(platform),
@@ -311,7 +315,7 @@ def split(
 @router.post("/{dataset_id}/versions/{number}/validate")
 def validate(
     dataset_id: str,
-    number: int,
+    number: VersionNumber,
     model: str | None = None,
     who: Principal = Depends(principal),
     p: Platform = Depends(platform),
@@ -326,7 +330,7 @@ def validate(
 @router.post("/{dataset_id}/versions/{number}/export")
 def export(
     dataset_id: str,
-    number: int,
+    number: VersionNumber,
     body: ExportRequest,
     who: Principal = Depends(principal),
     p: Platform = Depends(platform),

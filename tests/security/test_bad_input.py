@@ -180,3 +180,15 @@ def test_max_tokens_and_prompt_are_checked_against_the_model(world: World):
     long_prompt = {**CHAT, "messages": [{"role": "user", "content": "word " * 20000}]}
     response = world.client.post("/v1/chat/completions", headers=world.auth("owner"), json=long_prompt)
     assert_error(response, 400, code="context_length_exceeded")
+
+
+def test_a_version_number_beyond_what_the_database_holds_is_a_400_not_a_500(world: World):
+    dataset = world.ids["dataset_id"]
+    for suffix in ("", "/records", "/content"):
+        response = world.client.get(f"/api/datasets/{dataset}/versions/{2**63}{suffix}", headers=world.auth("owner"))
+        assert response.status_code == 400 and response.json()["error"]["param"] == "number", suffix
+    for operation in ("dedup", "validate", "split", "export"):
+        response = world.client.post(
+            f"/api/datasets/{dataset}/versions/{2**63}/{operation}", headers=world.auth("owner"), json={}
+        )
+        assert response.status_code == 400, operation
