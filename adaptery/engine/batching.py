@@ -45,7 +45,7 @@ import torch
 
 from adaptery.engine import lora_kernel as fused_kernel
 from adaptery.engine.kvcache import PagedKVCache
-from adaptery.engine.lora import AdapterStore, LoraBatch, PreparedAdapter, SlotBuffers
+from adaptery.engine.lora import AdapterLoad, AdapterStore, LoraBatch, PreparedAdapter, SlotBuffers
 from adaptery.engine.metrics import EngineMetrics
 from adaptery.engine.native import NativeLlama, StepBatch
 from adaptery.engine.sampling import SamplingParams, TokenLogprob, sample
@@ -90,7 +90,8 @@ class Sequence:
     submitted: float
     deadline: float  # perf_counter() time past which the request is ended
     fairness_key: str = ""  # opaque (the tenant): the batch is shared fairly between keys
-    adapter: PreparedAdapter | None = None
+    adapter: PreparedAdapter | None = None  # acquired (pinned) from the store while set
+    load: AdapterLoad | None = None  # the adapter's load this request waits on
     table: list[int] = field(default_factory=list)
     cached: int = 0
     order: int = 0
@@ -181,7 +182,7 @@ class BatchEngine:
             fairness_key,
         )
         if adapter_key is not None:
-            self.store.prefetch(adapter_key, adapter_path)  # load while the request queues
+            sequence.load = self.store.prefetch(adapter_key, adapter_path)  # load while the request queues
         with self._cond:
             self.incoming.append(sequence)
             self._cond.notify()
@@ -266,11 +267,7 @@ class BatchEngine:
         # loop's timed wait notices one whose deadline passed meanwhile
         now = time.perf_counter()
         return any(s.request.cancelled or s.adapter_key is None or s.adapter is not None or s.deadline <= now or
-                   self._adapter_settled(s) for s in self.waiting)  # fmt: skip
-
-    def _adapter_settled(self, sequence: Sequence) -> bool:
-        with self.store.lock:
-            return sequence.adapter_key in self.store.memory or sequence.adapter_key in self.store.failed
+                   s.load is None or s.load.done() for s in self.waiting)  # fmt: skip
 
     def step(self) -> None:
         self._drop_cancelled()
@@ -317,18 +314,18 @@ class BatchEngine:
             if len(self.running) + len(admitted) >= self.max_batch:
                 break
             if sequence.adapter_key is not None and sequence.adapter is None:
-                failure = self.store.take_failure(sequence.adapter_key)
-                if failure is not None:
-                    self.waiting.remove(sequence)
+                if sequence.load is not None and sequence.load.done() and sequence.load.error is not None:
+                    self.waiting.remove(sequence)  # every request that waited on the failed load hears of it
                     sequence.request.events.put(
-                        Event(finish="error", error=f"the adapter could not be loaded: {failure}")
+                        Event(finish="error", error=f"the adapter could not be loaded: {sequence.load.error}")
                     )
                     self.metrics.requests.labels(self.name, "native", "error").inc()
                     continue
-                sequence.adapter = self.store.request(sequence.adapter_key, sequence.adapter_path)
-                if sequence.adapter is None:
+                got = self.store.acquire(sequence.adapter_key, sequence.adapter_path)  # pinned if in memory
+                if isinstance(got, AdapterLoad):
+                    sequence.load = got
                     continue  # loading off this thread; others go ahead meanwhile
-                self.store.pin(sequence.adapter_key)
+                sequence.adapter, sequence.load = got, None
             # admit while the whole current context fits, keeping one block per running sequence spare
             need = self.cache.blocks_for(len(sequence.tokens) + 1)
             spare = len(self.running) + len(admitted)
@@ -516,7 +513,7 @@ class BatchEngine:
             self._release_adapter(sequence)
         self.cache.release(sequence.table)
         if sequence.adapter is not None:
-            self.store.unpin(sequence.adapter_key)
+            self.store.release(sequence.adapter_key)
             sequence.adapter = None
         m = self.metrics
         m.requests.labels(self.name, "native", reason).inc()

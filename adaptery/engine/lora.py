@@ -25,7 +25,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -402,8 +402,38 @@ class LoraBatch:
             target.mul_(self.buffers.magnitude[site][layer][self.dora].to(out.dtype))
 
 
+class AdapterLoad:
+    """One load of one adapter from disk, shared by every request that waits for it.
+
+    Settled once (under the store's lock) with `error` None on success or the failure's message; every
+    waiter sees the same outcome, so a failure reaches all of them, not only the first to look. A settled
+    failure is not cached: the next `acquire` of that adapter starts a fresh load (the files may have
+    been fixed or were briefly unreadable), while requests that arrive during a load share it.
+    """
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.error: str | None = None
+        self._settled = threading.Event()
+
+    def done(self) -> bool:
+        return self._settled.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._settled.wait(timeout)
+
+    def _settle(self, error: str | None) -> None:
+        self.error = error
+        self._settled.set()
+
+
 class AdapterStore:
-    """The memory tier (LRU under a byte budget) and the loader thread that fills it from disk."""
+    """The memory tier (LRU under a byte budget) and the loader thread that fills it from disk.
+
+    `acquire` is get-or-load-and-pin in one step under the lock, and `release` its inverse: an adapter
+    a request holds is pinned from the moment it is handed out, so the loader's eviction can neither drop
+    it nor stop counting its bytes in between. Loads are `AdapterLoad`s kept in `loading` while in flight.
+    """
 
     def __init__(
         self,
@@ -421,8 +451,7 @@ class AdapterStore:
         self.metrics = metrics
         self.memory: OrderedDict[str, PreparedAdapter] = OrderedDict()
         self.pinned: dict[str, int] = {}
-        self.failed: dict[str, str] = {}
-        self.loading: dict[str, Future] = {}
+        self.loading: dict[str, AdapterLoad] = {}
         self.seen_on_disk: set[str] = set()
         self.lock = threading.Lock()
         self.loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaptery-adapter-loader")
@@ -433,49 +462,70 @@ class AdapterStore:
     def memory_bytes(self) -> int:
         return self._bytes
 
-    def prefetch(self, key: str, path: Path) -> None:
+    def prefetch(self, key: str, path: Path) -> AdapterLoad | None:
         """A request for `key` was queued: count a hit or a miss, and start loading it if it is not in memory.
 
-        Called when the request arrives (not when it is scheduled), so loading overlaps the steps that
-        run meanwhile; O(1) whatever the number of adapters registered.
+        Returns the load in flight (new or shared), None on a hit. Called when the request arrives (not when
+        it is scheduled), so loading overlaps the steps that run meanwhile; O(1) whatever the number of
+        adapters registered.
         """
         with self.lock:
             if key in self.memory:
                 self.memory.move_to_end(key)
                 self.hits += 1
                 self._count("hit")
-                return
+                return None
             self.misses += 1
             self._count("miss")
-            self._start(key, path)
+            return self._start(key, path)
 
-    def request(self, key: str, path: Path) -> PreparedAdapter | None:
-        """The prepared adapter if in memory; else make sure it is loading (off this thread) and return None."""
+    def acquire(self, key: str, path: Path) -> PreparedAdapter | AdapterLoad:
+        """The prepared adapter, pinned, if in memory; else the load in flight for it (started if none is).
+
+        Atomic: the adapter returned is pinned before the lock is released. Each adapter returned is
+        `release`d exactly once."""
         with self.lock:
-            if key in self.memory:
-                self.memory.move_to_end(key)
-                return self.memory[key]
-            self._start(key, path)
-            return None
+            adapter = self.memory.get(key)
+            if adapter is None:
+                return self._start(key, path)
+            self.memory.move_to_end(key)
+            self.pinned[key] = self.pinned.get(key, 0) + 1
+            return adapter
 
-    def _start(self, key: str, path: Path) -> None:
-        if key not in self.loading and key not in self.failed:
+    def release(self, key: str) -> None:
+        """Undo one `acquire` that returned the adapter; it may be evicted once no request holds it."""
+        with self.lock:
+            count = self.pinned.get(key, 0)
+            if count <= 0:
+                raise RuntimeError(f"adapter {key[:12]} released more often than acquired")
+            if count == 1:
+                del self.pinned[key]
+            else:
+                self.pinned[key] = count - 1
+            self._evict()
+
+    def _start(self, key: str, path: Path) -> AdapterLoad:
+        load = self.loading.get(key)
+        if load is None:
             self.seen_on_disk.add(key)
-            self.loading[key] = self.loader.submit(self._load, key, path)
+            load = self.loading[key] = AdapterLoad(key)
+            self.loader.submit(self._load, load, path)
+        return load
 
     def _count(self, outcome: str) -> None:
         if self.metrics is not None:
             self.metrics.adapter_cache.labels(outcome).inc()
 
-    def _load(self, key: str, path: Path) -> None:
+    def _load(self, load: AdapterLoad, path: Path) -> None:
+        key = load.key
         started = time.perf_counter()
         try:
             adapter = prepare_adapter(key, path, self.model, self.max_rank, self.dtype)
-        except Exception as exc:  # reported to the requests waiting for it
+        except Exception as exc:  # delivered to every request waiting on this load
             log.warning("adapter %s failed to load: %s", key[:12], exc)
             with self.lock:
-                self.failed[key] = str(exc)
                 self.loading.pop(key, None)
+                load._settle(str(exc) or type(exc).__name__)
             self._notify()
             return
         adapter.load_seconds = time.perf_counter() - started
@@ -488,37 +538,25 @@ class AdapterStore:
             self.memory[key] = adapter
             self._bytes += adapter.nbytes
             self.loading.pop(key, None)
-            self._evict()
+            self._evict(keep=key)  # the requests waiting for it get their chance to acquire it
+            load._settle(None)
         self._notify()
 
     def _notify(self) -> None:
         for callback in self.on_ready:
             callback()
 
-    def pin(self, key: str) -> None:
-        with self.lock:
-            self.pinned[key] = self.pinned.get(key, 0) + 1
-
-    def unpin(self, key: str) -> None:
-        with self.lock:
-            self.pinned[key] -= 1
-            if self.pinned[key] <= 0:
-                del self.pinned[key]
-            self._evict()
-
-    def _evict(self) -> None:
+    def _evict(self, keep: str | None = None) -> None:
+        """Drop least recently used adapters nobody holds until the budget is kept. `keep`: one just loaded, left
+        (over budget, until the next eviction) where held adapters fill the budget, so its waiters can acquire it."""
         if self._bytes <= self.budget:
             return
         for key in list(self.memory):  # least recently used first
             if self._bytes <= self.budget:
                 break
-            if key in self.pinned:
+            if key in self.pinned or key == keep:
                 continue
             self._bytes -= self.memory.pop(key).nbytes
-
-    def take_failure(self, key: str) -> str | None:
-        with self.lock:
-            return self.failed.pop(key, None)
 
     def close(self) -> None:
         self.loader.shutdown(wait=False, cancel_futures=True)
