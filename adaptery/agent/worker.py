@@ -68,9 +68,10 @@ class CheckpointUploads:
     all a resumed attempt needs.
     """
 
-    def __init__(self, link: AgentLink, job_id: str) -> None:
+    def __init__(self, link: AgentLink, job_id: str, attempt: int | None = None) -> None:
         self.link = link
         self.job_id = job_id
+        self.attempt = attempt
         self._pending: list[dict[str, Any]] = []
         self._busy = False
         self._closed = False
@@ -114,7 +115,12 @@ class CheckpointUploads:
         if not path.is_dir():
             log.warning("job %s: checkpoint directory %s is missing", self.job_id, path)
             return
-        body = {"step": event.get("step"), "epoch": event.get("epoch"), "metrics": event.get("metrics") or {}}
+        body = {
+            "step": event.get("step"),
+            "epoch": event.get("epoch"),
+            "metrics": event.get("metrics") or {},
+            "attempt": self.attempt,
+        }
         try:
             files = sorted(p for p in path.iterdir() if p.is_file() and (full or p.name in ADAPTER_FILES))
             body["files"] = {p.name: self.link.upload(self.job_id, p) for p in files}
@@ -128,9 +134,12 @@ class Heartbeats:
     on its own thread so nothing the agent does meanwhile can let the lease lapse. `verdict` is the
     control plane's latest word; a notification from it triggers a beat at once."""
 
-    def __init__(self, link: AgentLink, job_id: str, every: float, lease_seconds: float | None) -> None:
+    def __init__(
+        self, link: AgentLink, job_id: str, every: float, lease_seconds: float | None, attempt: int | None = None
+    ) -> None:
         self.link = link
         self.job_id = job_id
+        self.attempt = attempt  # the lease this agent holds is this attempt's; a later one's is not
         self.every = every
         self.lease_seconds = lease_seconds
         self.verdict = "continue"
@@ -155,7 +164,8 @@ class Heartbeats:
             if self._stopped.is_set():
                 return
             try:
-                verdict = self.link.job_call(self.job_id, "heartbeat", {}).get("verdict", "continue")
+                reply = self.link.job_call(self.job_id, "heartbeat", {"attempt": self.attempt})
+                verdict = reply.get("verdict", "continue")
             except (LinkDown, RemoteError) as exc:
                 # Keep training: the control plane may be restarting; if the lease expires meanwhile,
                 # the next heartbeat that gets through says "lost".
@@ -209,7 +219,8 @@ class Agent:
                 self.run_job(assignment)
             except Exception as exc:
                 log.exception("job %s failed in the agent", assignment.job_id)
-                self._finish(assignment.job_id, {"state": "failed", "message": f"agent error: {exc}"})
+                failed = {"state": "failed", "message": f"agent error: {exc}", "attempt": assignment.attempt}
+                self._finish(assignment.job_id, failed)
         log.info("agent %s stopped", self.name)
 
     def stop(self) -> None:
@@ -289,7 +300,10 @@ class Agent:
         job_dir = self.work_dir / "jobs" / assignment.job_id / f"attempt-{assignment.attempt}"
         shutil.rmtree(job_dir, ignore_errors=True)
         job_dir.mkdir(parents=True)
-        with Heartbeats(self.link, assignment.job_id, self.heartbeat_seconds, assignment.lease_seconds) as beats:
+        beats = Heartbeats(
+            self.link, assignment.job_id, self.heartbeat_seconds, assignment.lease_seconds, assignment.attempt
+        )
+        with beats:
             try:
                 self._run_attempt(assignment, job_dir, beats)
             finally:
@@ -310,17 +324,18 @@ class Agent:
                 preexec_fn=die_with_parent,
             )
             outcome = self._supervise(assignment, child, job_dir, beats)
-        job = assignment.job_id
+        job, attempt = assignment.job_id, assignment.attempt
         if outcome["state"] == "succeeded":
             adapter = job_dir / "adapter"
             files = self._retrying(job, "uploading its adapter", lambda: self.link.upload_dir(job, adapter))
-            reply = self._finish(job, {"state": "succeeded", "result": outcome["result"], "files": files})
+            result = {"state": "succeeded", "result": outcome["result"], "files": files, "attempt": attempt}
+            reply = self._finish(job, result)
             log.info("job %s succeeded: %s", job, reply.get("model"))
         elif outcome["state"] == "failed":
             message = outcome.get("message") or self._stderr_tail(stderr_path) or "training failed"
-            self._finish(job, {"state": "failed", "message": message})
+            self._finish(job, {"state": "failed", "message": message, "attempt": attempt})
         elif outcome["state"] in ("paused", "released", "cancelled"):
-            self._finish(job, {"state": outcome["state"], "message": "the agent is shutting down"})
+            self._finish(job, {"state": outcome["state"], "message": "the agent is shutting down", "attempt": attempt})
 
     def _supervise(
         self, assignment: Assignment, child: subprocess.Popen, job_dir: Path, beats: Heartbeats
@@ -334,7 +349,7 @@ class Agent:
             lines.put(None)
 
         threading.Thread(target=pump, daemon=True, name=f"pump-{job}").start()
-        uploads = CheckpointUploads(self.link, job)
+        uploads = CheckpointUploads(self.link, job, assignment.attempt)
         try:
             outcome = self._follow(assignment, child, job_dir, beats, lines, uploads)
         finally:
@@ -385,7 +400,7 @@ class Agent:
                 else:
                     events.append(event)
             if events:
-                self._report(job, events)
+                self._report(job, events, assignment.attempt)
             if finished_output and child.poll() is not None and uploads.idle():
                 break
             now = time.monotonic()
@@ -408,9 +423,9 @@ class Agent:
                 child.kill()
         return outcome
 
-    def _report(self, job_id: str, events: list[dict[str, Any]]) -> None:
+    def _report(self, job_id: str, events: list[dict[str, Any]], attempt: int) -> None:
         try:
-            self.link.job_call(job_id, "events", {"events": events})
+            self.link.job_call(job_id, "events", {"events": events, "attempt": attempt})
         except (LinkDown, RemoteError) as exc:  # progress lost from the job's events; its training goes on
             log.info("job %s: %d event(s) not delivered (%s)", job_id, len(events), exc)
 

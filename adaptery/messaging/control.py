@@ -154,14 +154,22 @@ class ControlPlane:
         assignment = self.queue.lease(agent_id, tenant_scope=self.agent_scope.get(agent_id))
         return {"assignment": assignment.to_json() if assignment else None}
 
+    @staticmethod
+    def _attempt(body: dict[str, Any]) -> int | None:
+        """The attempt whose lease the agent acts under (None from an agent that predates attempt numbers)."""
+        attempt = body.get("attempt")
+        if attempt is not None and (isinstance(attempt, bool) or not isinstance(attempt, int)):
+            raise RequestRefused(f"attempt must be the assignment's attempt number, not {attempt!r}")
+        return attempt
+
     def _heartbeat(self, agent_id: str, job_id: str, body: dict[str, Any]) -> dict[str, Any]:
-        return {"verdict": self.queue.heartbeat(job_id, agent_id)}
+        return {"verdict": self.queue.heartbeat(job_id, agent_id, self._attempt(body))}
 
     def _events(self, agent_id: str, job_id: str, body: dict[str, Any]) -> dict[str, Any]:
         events = body.get("events")
         if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
             raise RequestRefused("events must be a list of objects")
-        self.queue.report(job_id, agent_id, events)
+        self.queue.report(job_id, agent_id, events, self._attempt(body))
         return {}
 
     def _checkpoint(self, agent_id: str, job_id: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -174,6 +182,7 @@ class ControlPlane:
                 epoch=float(body["epoch"]) if body.get("epoch") is not None else None,
                 metrics=dict(body.get("metrics") or {}),
                 manifest=files,
+                attempt=self._attempt(body),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise RequestRefused(f"invalid checkpoint: {exc}") from exc
@@ -182,6 +191,7 @@ class ControlPlane:
     def _finish(self, agent_id: str, job_id: str, body: dict[str, Any]) -> dict[str, Any]:
         state = body.get("state")
         message = str(body.get("message") or "")
+        attempt = self._attempt(body)
         if state == "succeeded":
             tenant_id = self._leased_tenant(agent_id, job_id)
             files = self._manifest(tenant_id, body.get("files"))
@@ -189,13 +199,14 @@ class ControlPlane:
                 adapter_dir = Path(tmp)
                 for name, sha in files.items():
                     self.blobs.copy_to(tenant_id, sha, adapter_dir / name)
-                return {"model": self.queue.succeed(job_id, agent_id, adapter_dir, dict(body.get("result") or {}))}
+                result = dict(body.get("result") or {})
+                return {"model": self.queue.succeed(job_id, agent_id, adapter_dir, result, attempt)}
         if state == "failed":
-            self.queue.fail(job_id, agent_id, message or "training failed")
+            self.queue.fail(job_id, agent_id, message or "training failed", attempt=attempt)
         elif state == "paused":
-            self.queue.paused(job_id, agent_id)
+            self.queue.paused(job_id, agent_id, attempt)
         elif state == "released":
-            self.queue.release(job_id, agent_id, message or "the agent is shutting down")
+            self.queue.release(job_id, agent_id, message or "the agent is shutting down", attempt)
         elif state != "cancelled":
             raise RequestRefused(f"unknown final state {state!r}")
         return {}

@@ -6,12 +6,16 @@ control plane knows who asks from the subject alone. All are request/reply:
 | subject (after `adaptery.agent.<agent>.`) | request | reply |
 | --- | --- | --- |
 | `lease` | `{}` | `{"assignment": {...} or null}` |
-| `job.<job>.heartbeat` | `{}` | `{"verdict": "continue" / "cancel" / "pause" / "lost"}` |
-| `job.<job>.events` | `{"events": [...]}` (the trainer's own) | `{}` |
+| `job.<job>.heartbeat` | `{"attempt"}` | `{"verdict": "continue" / "cancel" / "pause" / "lost"}` |
+| `job.<job>.events` | `{"events": [...], "attempt"}` (the trainer's own) | `{}` |
 | `job.<job>.download` | `{"sha256", "offset"}` | the blob's bytes from offset, at most CHUNK_BYTES |
 | `job.<job>.upload` | bytes; headers upload id, offset, and on the last chunk the sha256 | `{}` / `{"sha256"}` |
-| `job.<job>.checkpoint` | `{"step", "epoch", "metrics", "files": {name: sha256}}` | `{"checkpoint": id}` |
-| `job.<job>.finish` | `{"state", "message"?, "result"?, "files"?}` | `{"model"?}` |
+| `job.<job>.checkpoint` | `{"step", "epoch", "metrics", "files": {name: sha256}, "attempt"}` | `{"checkpoint": id}` |
+| `job.<job>.finish` | `{"state", "message"?, "result"?, "files"?, "attempt"}` | `{"model"?}` |
+
+`attempt` is the assignment's: the lease it names is the one the request acts under, and a request from an
+attempt that is over is refused (a heartbeat hears "lost"), even if the job was leased again to the same agent
+id. A request without it (an agent from before) is fenced by the agent id alone.
 
 The control plane publishes `{"job_id", "action"}` on `adaptery.notify.<agent>` when a job is cancelled
 or paused, so the agent acts at once rather than at its next heartbeat. Every reply is JSON except a

@@ -5,6 +5,13 @@ NATS responder (`messaging.control`). A lease is a claim that lasts `lease_secon
 heartbeated; a job whose agent stopped heartbeating goes back to the queue with its attempt count,
 and fails with a clear error after `max_attempts`.
 
+A lease is fenced by agent and attempt: the assignment names its attempt, and an agent that sends it back
+(heartbeat, events, checkpoint, finish) is refused once that attempt is over, even when the job was leased
+again to the same agent id (a restarted agent, or one whose lease lapsed during a partition). Recovery runs
+in every server process every few seconds; it moves each stale job in its own transaction with a guarded
+UPDATE (still running, same owner and attempt, lease still expired), so a heartbeat committed after it
+read the job wins, and one job's error is logged without holding up the others.
+
 Leasing is fair: a tenant never runs more than `tenant_concurrency` jobs at once, tenants take
 turns (the one leased least recently goes first), and within a tenant higher `priority` goes first,
 then the oldest job. Priority never lets one tenant jump another's turn.
@@ -254,11 +261,26 @@ class JobQueue:
 
     # --- while a job runs ------------------------------------------------------------------------
 
-    def _held(self, s: Session, job_id: str, agent_id: str) -> m.FineTuningJob | None:
-        job = s.get(m.FineTuningJob, job_id)
-        if job is None or job.status != "running" or job.lease_owner != agent_id:
-            return None
-        return job
+    @staticmethod
+    def _lease_of(job_id: str, agent_id: str, attempt: int | None) -> list[Any]:
+        """The job is running under this agent's lease (and this attempt's, where the agent names it: an agent
+        from before attempt numbers were sent is fenced by its id alone)."""
+        held = [
+            m.FineTuningJob.id == job_id,
+            m.FineTuningJob.status == "running",
+            m.FineTuningJob.lease_owner == agent_id,
+        ]
+        if attempt is not None:
+            held.append(m.FineTuningJob.attempts == attempt)
+        return held
+
+    def _held(
+        self, s: Session, job_id: str, agent_id: str, attempt: int | None = None, *, lock: bool = False
+    ) -> m.FineTuningJob | None:
+        """The job if this lease holds it. `lock` (for a write) keeps its row until the commit on PostgreSQL,
+        so recovery cannot requeue it in between; on SQLite the write itself takes the database's lock."""
+        query = select(m.FineTuningJob).where(*self._lease_of(job_id, agent_id, attempt))
+        return s.scalars(query.with_for_update() if lock else query).one_or_none()
 
     def holds(self, job_id: str, agent_id: str) -> bool:
         with self.db.system() as s:
@@ -285,21 +307,27 @@ class JobQueue:
             wanted |= set((job.init_adapter or {}).values())
             return wanted
 
-    def heartbeat(self, job_id: str, agent_id: str) -> Verdict:
+    def heartbeat(self, job_id: str, agent_id: str, attempt: int | None = None) -> Verdict:
         with self.db.system() as s:
             job = s.get(m.FineTuningJob, job_id)
             if job is None or job.cancel_requested or job.status == "cancelled":
                 return "cancel"
-            if job.status != "running" or job.lease_owner != agent_id:
+            # A compare-and-set, not a write by id: recovery may have requeued the job since it was read.
+            renewed = s.execute(
+                update(m.FineTuningJob)
+                .where(*self._lease_of(job_id, agent_id, attempt))
+                .values(lease_expires_at=time.time() + self.lease_seconds)
+                .execution_options(synchronize_session=False)
+            ).rowcount
+            if renewed != 1:
                 return "lost"
             self._mark_agent(s, agent_id, job_id)
-            job.lease_expires_at = time.time() + self.lease_seconds
             return "pause" if job.pause_requested else "continue"
 
-    def report(self, job_id: str, agent_id: str, events: list[dict[str, Any]]) -> None:
+    def report(self, job_id: str, agent_id: str, events: list[dict[str, Any]], attempt: int | None = None) -> None:
         """Turn the trainer's events into OpenAI job events."""
         with self.db.system() as s:
-            job = self._held(s, job_id, agent_id)
+            job = self._held(s, job_id, agent_id, attempt)
             if job is None:
                 return
             for event in events:
@@ -321,6 +349,7 @@ class JobQueue:
         epoch: float | None,
         metrics: dict[str, Any],
         manifest: dict[str, str],
+        attempt: int | None = None,
     ) -> str | None:
         """Keep an uploaded checkpoint (its files are blobs already); older ones keep only their adapter.
 
@@ -329,7 +358,7 @@ class JobQueue:
         """
         dropped: set[str] = set()
         with self.db.system() as s:
-            job = self._held(s, job_id, agent_id)
+            job = self._held(s, job_id, agent_id, attempt, lock=True)
             if job is None:
                 return None
             tenant_id = job.tenant_id
@@ -378,10 +407,12 @@ class JobQueue:
 
     # --- the end of an attempt -------------------------------------------------------------------
 
-    def succeed(self, job_id: str, agent_id: str, adapter_dir: Path, result: dict[str, Any]) -> str | None:
+    def succeed(
+        self, job_id: str, agent_id: str, adapter_dir: Path, result: dict[str, Any], attempt: int | None = None
+    ) -> str | None:
         """Register the adapter and finish the job; returns the model id, or None if the lease was lost."""
         with self.db.system() as s:
-            job = self._held(s, job_id, agent_id)
+            job = self._held(s, job_id, agent_id, attempt, lock=True)
             if job is None:
                 return None
             tenant = s.get(m.Tenant, job.tenant_id)
@@ -419,19 +450,21 @@ class JobQueue:
             self._mark_agent(s, agent_id, None)
             return model_id
 
-    def fail(self, job_id: str, agent_id: str, message: str, *, code: str = "training_error") -> None:
+    def fail(
+        self, job_id: str, agent_id: str, message: str, *, code: str = "training_error", attempt: int | None = None
+    ) -> None:
         with self.db.system() as s:
-            job = self._held(s, job_id, agent_id)
+            job = self._held(s, job_id, agent_id, attempt, lock=True)
             if job is None:
                 return
             finetuning.finish(s, job, "failed", error={"code": code, "message": message, "param": None})
             finetuning.add_event(s, job, f"Job failed: {message}", level="error")
             self._mark_agent(s, agent_id, None)
 
-    def paused(self, job_id: str, agent_id: str) -> None:
+    def paused(self, job_id: str, agent_id: str, attempt: int | None = None) -> None:
         """The agent stopped the job at a checkpoint, as asked; it waits for `resume`."""
         with self.db.system() as s:
-            job = self._held(s, job_id, agent_id)
+            job = self._held(s, job_id, agent_id, attempt, lock=True)
             if job is None:
                 return
             job.status = "paused"
@@ -442,10 +475,10 @@ class JobQueue:
             finetuning.add_event(s, job, f"Job paused{where}")
             self._mark_agent(s, agent_id, None)
 
-    def release(self, job_id: str, agent_id: str, reason: str) -> None:
+    def release(self, job_id: str, agent_id: str, reason: str, attempt: int | None = None) -> None:
         """Give a job back to the queue without spending its attempt's outcome (agent shutting down)."""
         with self.db.system() as s:
-            job = self._held(s, job_id, agent_id)
+            job = self._held(s, job_id, agent_id, attempt, lock=True)
             if job is None:
                 return
             job.status = "queued"
@@ -467,32 +500,51 @@ class JobQueue:
         return len(held)
 
     def recover(self) -> int:
-        """Requeue (or fail) running jobs whose lease expired."""
-        recovered = 0
+        """Requeue (or fail) running jobs whose lease expired; returns how many moved. Each job moves in its own
+        transaction, and an error on one is logged while the others go on."""
+        now = time.time()
         with self.db.system() as s:
-            now = time.time()
-            stale = s.scalars(
-                select(m.FineTuningJob).where(
+            stale = s.execute(
+                select(m.FineTuningJob.id, m.FineTuningJob.lease_owner, m.FineTuningJob.attempts).where(
                     m.FineTuningJob.status == "running", m.FineTuningJob.lease_expires_at < now
                 )
             ).all()
-            for job in stale:
-                recovered += 1
-                agent = agent_label(s, job.lease_owner)
-                self._mark_agent(s, job.lease_owner, None)
-                if job.attempts >= self.max_attempts:
-                    message = (
-                        f"The job's worker stopped responding {job.attempts} times (last: agent {agent}); giving up."
-                    )
-                    finetuning.finish(
-                        s, job, "failed", error={"code": "worker_lost", "message": message, "param": None}
-                    )
-                    finetuning.add_event(s, job, message, level="error")
-                else:
-                    # One that was pausing waits for `resume`; either continues from its latest checkpoint.
-                    job.status = "paused" if job.pause_requested else "queued"
-                    outcome = "paused" if job.pause_requested else "requeued"
-                    finetuning.add_event(s, job, f"Agent {agent} stopped heartbeating; job {outcome}", level="warn")
-                    job.lease_owner = None
-                    job.lease_expires_at = None
+        recovered = 0
+        for job_id, owner, attempt in stale:
+            try:
+                recovered += self._recover_one(job_id, owner, attempt, now)
+            except Exception:
+                log.exception("recovering job %s failed; the next pass tries again", job_id)
         return recovered
+
+    def _recover_one(self, job_id: str, owner: str | None, attempt: int, now: float) -> bool:
+        with self.db.system() as s:
+            # Guarded by what was read: a heartbeat (or a finish) committed since then matches nothing, and wins.
+            # The UPDATE also holds the row (PostgreSQL) or the database (SQLite) until this commit.
+            taken = s.execute(
+                update(m.FineTuningJob)
+                .where(
+                    m.FineTuningJob.id == job_id,
+                    m.FineTuningJob.status == "running",
+                    m.FineTuningJob.lease_owner == owner,
+                    m.FineTuningJob.attempts == attempt,
+                    m.FineTuningJob.lease_expires_at < now,
+                )
+                .values(lease_owner=None, lease_expires_at=None)
+                .execution_options(synchronize_session=False)
+            ).rowcount
+            if taken != 1:
+                return False
+            job = s.get(m.FineTuningJob, job_id)
+            agent = agent_label(s, owner)
+            self._mark_agent(s, owner, None)
+            if job.attempts >= self.max_attempts:
+                message = f"The job's worker stopped responding {job.attempts} times (last: agent {agent}); giving up."
+                finetuning.finish(s, job, "failed", error={"code": "worker_lost", "message": message, "param": None})
+                finetuning.add_event(s, job, message, level="error")
+            else:
+                # One that was pausing waits for `resume`; either continues from its latest checkpoint.
+                job.status = "paused" if job.pause_requested else "queued"
+                outcome = "paused" if job.pause_requested else "requeued"
+                finetuning.add_event(s, job, f"Agent {agent} stopped heartbeating; job {outcome}", level="warn")
+        return True
