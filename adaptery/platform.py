@@ -217,10 +217,7 @@ class Platform:
         while not self._stopping.is_set():
             try:
                 self.queue.recover()
-                with self.db.system() as s:
-                    waiting = finetuning.jobs_validating(s)
-                for tenant_id, job_id in waiting:
-                    self.validate_job(tenant_id, job_id)
+                finetuning.validate_waiting(self.db, self.blobs, self.token_budget)
             except Exception:
                 log.exception("job recovery failed")
             self._stopping.wait(RECOVERY_INTERVAL_SECONDS)
@@ -252,9 +249,7 @@ class Platform:
         )
 
     def validate_job(self, tenant_id: str, job_id: str) -> None:
-        with self.db.tenant(tenant_id) as s:
-            job = finetuning.get_job(s, job_id, viewer=None)  # the platform itself
-            finetuning.validate_files(s, self.blobs, job, self.token_budget(job.model))
+        finetuning.validate_job(self.db, self.blobs, tenant_id, job_id, self.token_budget)
 
     def adapter_dir(self, adapter: m.Adapter) -> Path:
         return models.materialize_adapter(self.blobs, adapter, self.scratch / "adapters")

@@ -15,9 +15,11 @@ itself (validating files in the background).
 
 from __future__ import annotations
 
+import logging
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +31,7 @@ from adaptery.auth import policy
 from adaptery.auth.principal import Principal
 from adaptery.db import models as m
 from adaptery.db.ids import new_id
+from adaptery.db.session import Database
 from adaptery.engine.loading import ModelNotAvailable, resolve_model_path
 from adaptery.services import files, limits, models
 from adaptery.services.datasets import TokenBudget, check_chat_file
@@ -43,6 +46,10 @@ if TYPE_CHECKING:
     from adaptery.settings import Settings
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+# A job's files are validated by whoever claims it first: the request's background task or any server's recovery
+# loop. The claim lives in the lease columns (no agent holds a job before it is queued) and outlasts validating
+# the largest file; the claim of a validator that died or failed lapses, and another takes the job over.
+VALIDATION_CLAIM_SECONDS = 300.0
 _SUFFIX = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 # Used where neither the request nor the base model says otherwise.
 GENERIC_DEFAULTS: dict[str, Any] = {
@@ -284,11 +291,78 @@ def finish(session: Session, job: m.FineTuningJob, status: str, *, error: dict[s
     limits.settle_training(session, job)
 
 
-def validate_files(session: Session, blobs: BlobStore, job: m.FineTuningJob, budget: TokenBudget) -> None:
+log = logging.getLogger(__name__)
+
+
+def validate_waiting(db: Database, blobs: BlobStore, budget_for: Callable[[str], TokenBudget]) -> None:
+    """Validate every job waiting in validating_files (after a restart, or a validator that died), each on its
+    own: one whose validation fails (its base model gone, a file unreadable) is logged, the rest go on."""
+    with db.system() as system:
+        waiting = jobs_validating(system)
+    for tenant_id, job_id in waiting:
+        try:
+            validate_job(db, blobs, tenant_id, job_id, budget_for)
+        except Exception:
+            log.exception("validating job %s failed; tried again once its claim lapses", job_id)
+
+
+def validate_job(
+    db: Database, blobs: BlobStore, tenant_id: str, job_id: str, budget_for: Callable[[str], TokenBudget]
+) -> None:
+    """Validate a job's files unless another validator holds it: only the claimant validates, so the job's
+    hold on the monthly budget is taken once."""
+    claim = _claim_validation(db, tenant_id, job_id)
+    if claim is None:
+        return
+    with db.tenant(tenant_id) as session:
+        job = get_job(session, job_id, viewer=None)  # the platform itself
+        validate_files(session, blobs, job, budget_for(job.model), claim=claim)
+
+
+def _claim_validation(db: Database, tenant_id: str, job_id: str) -> str | None:
+    """A claim on a job in validating_files, committed before the work starts; None if another validator holds one."""
+    claim = f"validator-{secrets.token_hex(8)}"
+    now = time.time()
+    job = m.FineTuningJob
+    with db.tenant(tenant_id) as session:
+        claimed = session.execute(
+            update(job)
+            .where(
+                job.id == job_id,
+                job.status == "validating_files",
+                job.lease_owner.is_(None) | (job.lease_expires_at < now),
+            )
+            .values(lease_owner=claim, lease_expires_at=now + VALIDATION_CLAIM_SECONDS)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+    return claim if claimed == 1 else None
+
+
+def _keep_claim(session: Session, job: m.FineTuningJob, claim: str) -> bool:
+    """Whether `claim` still holds the job, ending it if so. The UPDATE holds the row (PostgreSQL) or the database
+    (SQLite) until the outcome commits, so no other validator's claim lands in between."""
+    kept = session.execute(
+        update(m.FineTuningJob)
+        .where(
+            m.FineTuningJob.id == job.id,
+            m.FineTuningJob.status == "validating_files",
+            m.FineTuningJob.lease_owner == claim,
+        )
+        .values(lease_owner=None, lease_expires_at=None)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    set_committed_value(job, "lease_owner", None)
+    set_committed_value(job, "lease_expires_at", None)
+    return kept == 1
+
+
+def validate_files(
+    session: Session, blobs: BlobStore, job: m.FineTuningJob, budget: TokenBudget, *, claim: str
+) -> None:
     """validating_files → queued, or → failed with the file's problems in `error` (as OpenAI does).
 
     Records are checked as at upload, and also against the base model's context, counted with its
-    tokenizer.
+    tokenizer. The outcome is written only while `claim` (`validate_job`'s) still holds the job.
     """
     if job.status != "validating_files":
         return
@@ -299,6 +373,7 @@ def validate_files(session: Session, blobs: BlobStore, job: m.FineTuningJob, bud
         counted[0] += tokens
         return tokens
 
+    problem = None
     for param in ("training_file", "validation_file"):
         training = param == "training_file"
         file_id = getattr(job, param)
@@ -324,9 +399,13 @@ def validate_files(session: Session, blobs: BlobStore, job: m.FineTuningJob, bud
             if not report.ok:
                 problem = f"The {param.replace('_', ' ')} {file_id} is invalid for {job.model}: {report.summary()}"
         if problem:
-            finish(session, job, "failed", error={"code": f"invalid_{param}", "message": problem, "param": param})
-            add_event(session, job, problem, level="error")
-            return
+            break
+    if not _keep_claim(session, job, claim):
+        return  # this validator outlived its claim: the one that took the job over writes the outcome
+    if problem:
+        finish(session, job, "failed", error={"code": f"invalid_{param}", "message": problem, "param": param})
+        add_event(session, job, problem, level="error")
+        return
     estimate = counted[0] * int(job.hyperparameters.get("n_epochs") or 1)
     refused = limits.hold_training(session, job.tenant_id, job.id, estimate, time.time())
     if refused:
