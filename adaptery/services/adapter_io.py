@@ -12,6 +12,7 @@ sample conversation within its budget (`data.chat_template`), or the import is a
 
 from __future__ import annotations
 
+import json
 import shutil
 import struct
 import tempfile
@@ -44,10 +45,18 @@ _END_SIGNATURE = b"PK\x05\x06"
 
 
 def zip_adapter(blobs: BlobStore, adapter: m.Adapter) -> Iterator[bytes]:
-    """The adapter's files as a zip stream (written to a temporary file first: zips need seeking)."""
+    """The adapter's files as a zip stream (written to a temporary file first: zips need seeking).
+
+    `adapter_config.json` names its base by the platform's model id, not by where the base lies on the server
+    (PEFT writes the path it loaded the base from; a download must not tell a client the server's paths)."""
     with tempfile.TemporaryFile(dir=blobs.scratch) as spool:  # plaintext: not in the data dir
         with zipfile.ZipFile(spool, "w", compression=zipfile.ZIP_DEFLATED) as archive:
             for name, sha256 in sorted(adapter.manifest.items()):
+                if name == "adapter_config.json":
+                    config = json.loads(b"".join(blobs.iter_bytes(adapter.tenant_id, sha256)))
+                    config["base_model_name_or_path"] = adapter.base_model
+                    archive.writestr(name, json.dumps(config, indent=2, sort_keys=True))
+                    continue
                 with blobs.open(adapter.tenant_id, sha256) as source, archive.open(name, "w") as target:
                     shutil.copyfileobj(source, target, CHUNK)
         spool.seek(0)

@@ -68,6 +68,8 @@ def test_downloaded_adapter_loads_in_peft_unchanged_and_imports_back(running, tr
     names = set(archive.namelist())
     assert {"adapter_config.json", "adapter_model.safetensors"} <= names
     assert not any(n.endswith((".bin", ".pt")) for n in names)
+    config = json.loads(archive.read("adapter_config.json"))
+    assert config["base_model_name_or_path"] == "adaptery-demo"  # the model id, never a path on the server
     archive.extractall(tmp_path / "adapter")
 
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "adapter")  # the chat template travels with it
