@@ -27,6 +27,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from adaptery.settings import KernelSettings
@@ -241,16 +242,14 @@ def _check_site(x, out, slots, ranks, shrink, expand, offsets, max_rank, weights
     if d_in < 1 or (n > 1 and (x.stride(0) < d_in or out.stride(0) < bounds[-1])):
         raise ValueError(f"x and out rows must not overlap: strides {x.stride()} / {out.stride()}")
     rank_values = ranks.numpy()
-    if count and (int(rank_values.min()) < 0 or int(rank_values.max()) > max_rank):
+    # one pass each (this runs per site and layer): a negative rank reads as a huge unsigned one
+    if count and int(rank_values.view(np.uint32).max()) > max_rank:
         raise ValueError(f"ranks must lie in [0, max_rank={max_rank}], not {rank_values.min()}..{rank_values.max()}")
-    used = slots.numpy()
-    used = used[used >= 0]  # negative: a row the kernel skips
-    if used.size:
-        if int(used.max()) >= count:
-            raise ValueError(f"slot index {int(used.max())} is out of range for {count} slots")
-        live = rank_values[used] > 0
-        if ((shrink.numpy()[used] == 0) | (expand.numpy()[used] == 0))[live].any():
-            raise ValueError("a slot in use has no shrink/expand address")
+    if n and int(slots.numpy().max()) >= count:  # negative slots: rows the kernel skips
+        raise ValueError(f"slot index {int(slots.numpy().max())} is out of range for {count} slots")
+    # a slot with rank > 0 is read through its addresses: none may be null (unused slots are checked too: cheaper)
+    if count and (np.minimum(shrink.numpy(), expand.numpy()) == 0)[rank_values > 0].any():
+        raise ValueError("a slot in use has no shrink/expand address")
 
 
 def site(
