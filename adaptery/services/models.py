@@ -160,7 +160,44 @@ def register_adapter(
     )
     session.add(adapter)
     session.flush()
+    _inherit_visibility(session, adapter)
     return adapter
+
+
+def source_adapter(session: Session, job_id: str | None) -> m.Adapter | None:
+    """The adapter a job's weights grew from: the one it fine-tunes (`model`), else its parent job's (extend,
+    continue, fork), up the lineage; None for a job that started from a base model."""
+    job = session.get(m.FineTuningJob, job_id) if job_id else None
+    seen: set[str] = set()
+    while job is not None and job.id not in seen:
+        seen.add(job.id)
+        if (adapter := session.get(m.Adapter, job.model)) is not None and adapter.tenant_id == job.tenant_id:
+            return adapter
+        parent = session.get(m.FineTuningJob, (job.lineage or {}).get("parent_job") or "")
+        if parent is None or parent.tenant_id != job.tenant_id:
+            return None
+        if parent.fine_tuned_model and (adapter := session.get(m.Adapter, parent.fine_tuned_model)) is not None:
+            return adapter
+        job = parent
+    return None
+
+
+def _inherit_visibility(session: Session, adapter: m.Adapter) -> None:
+    """An adapter grown from another is seen by no more people than its source: a private source gives a
+    private adapter, a shared one the same members plus the source's creator (an extended or forked copy of
+    a colleague's shared adapter became visible to the whole tenant)."""
+    source = source_adapter(session, adapter.job_id)
+    if source is None or source.visibility == "tenant":
+        return
+    adapter.visibility = source.visibility
+    if source.visibility == "shared":
+        members = set(session.scalars(select(m.AdapterShare.user_id).where(m.AdapterShare.adapter_id == source.id)))
+        members.add(source.created_by)
+        for user_id in sorted(u for u in members if u and u != adapter.created_by):
+            session.add(
+                m.AdapterShare(id=new_id("share_"), tenant_id=adapter.tenant_id, adapter_id=adapter.id, user_id=user_id)
+            )
+    session.flush()
 
 
 def _job_owner(session: Session, job_id: str | None) -> str | None:

@@ -139,3 +139,36 @@ def test_once_shared_with_the_tenant_a_colleague_trains_on_from_it(world: World,
         assert response.status_code == 200, response.text
     checkpoints = world.client.get(f"/v1/fine_tuning/jobs/{job.job_id}/checkpoints", headers=world.auth("member"))
     assert [c["id"] for c in checkpoints.json()["data"]] == [job.checkpoint_id]
+
+
+@pytest.mark.parametrize(("visibility", "shared_with"), [("shared", ("lab-member",)), ("private", ())])
+def test_an_adapter_grown_from_a_restricted_one_is_seen_by_no_more_people(
+    world: World, lora_bytes: bytes, tmp_path: Path, visibility: str, shared_with: tuple[str, ...]
+):
+    """The attack: a member a colleague's adapter was shared with extended it, and the new adapter was
+    visible to the whole tenant."""
+    from adaptery.db import models as m
+    from adaptery.services import models
+
+    weights = unpack(lora_bytes, tmp_path / "lora")
+    source = trained(world, "lab-target", weights, visibility=visibility, shared_with=shared_with)
+    grower = "lab-member" if visibility == "shared" else "lab-target"
+    child = training_from(world, grower, source)
+    with world.platform.db.tenant(world.tenant_id) as s:  # the job succeeds, as the queue registers it
+        adapter = models.register_adapter(
+            s,
+            world.platform.blobs,
+            tenant_id=world.tenant_id,
+            model_id=f"ft:adaptery-demo:lab:grown:{visibility}",
+            base_model="adaptery-demo",
+            job_id=child.job_id,
+            adapter_dir=weights,
+        )
+        assert adapter.visibility == visibility
+        s.get(m.FineTuningJob, child.job_id).fine_tuned_model = adapter.id
+    model = f"/v1/models/{adapter.id}"
+    assert world.client.get(model, headers=world.auth("viewer")).status_code == 404
+    target = {"Authorization": f"Bearer {add_key(world.platform, world.tenant_id, world.users['lab-target'])}"}
+    assert world.client.get(model, headers=target).status_code == 200  # the source's creator still sees it
+    grower_headers = target if grower == "lab-target" else world.auth("member")
+    assert world.client.get(model, headers=grower_headers).status_code == 200
