@@ -157,6 +157,9 @@ class Settings(KernelSettings):
     login_max_failures_per_account: int = Field(
         200, description="Failures on one account from every source before it locks (a distributed guess)."
     )
+    sign_in_device_days: float = Field(
+        180.0, description="How long a browser that signed in with a password is spared the wider sign-in locks."
+    )
     login_failure_window_seconds: float = Field(3600.0, description="Failures older than this are forgotten.")
     platform_session_minutes: float = Field(15.0, description="How long a platform-administration step-up lasts.")
     invitation_days: float = Field(14.0, description="How long an existing person has to accept an invitation.")

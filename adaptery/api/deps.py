@@ -14,6 +14,7 @@ from adaptery.services.errors import PermissionDenied, Unauthenticated
 
 SESSION_COOKIE = "adaptery_session"
 CSRF_COOKIE = "adaptery_csrf"
+DEVICE_COOKIE = "adaptery_device"
 CSRF_HEADER = "x-csrf-token"
 _SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from adaptery.api.deps import CSRF_COOKIE, SESSION_COOKIE, platform, principal
+from adaptery.api.deps import CSRF_COOKIE, DEVICE_COOKIE, SESSION_COOKIE, platform, principal
 from adaptery.auth.principal import Principal
 from adaptery.db import models as m
 from adaptery.platform import Platform
@@ -65,6 +65,16 @@ def _set_cookies(response: Response, request: Request, new: sessions.NewSession,
         SESSION_COOKIE, new.token, max_age=max_age, httponly=True, samesite="strict", secure=secure, path="/"
     )
     response.set_cookie(CSRF_COOKIE, new.csrf_token, max_age=max_age, samesite="strict", secure=secure, path="/")
+    if new.device_token:  # sent back only to the sign-in route: it spares this browser the wider locks
+        response.set_cookie(
+            DEVICE_COOKIE,
+            new.device_token,
+            max_age=int(p.settings.sign_in_device_days * 86400),
+            httponly=True,
+            samesite="strict",
+            secure=secure,
+            path="/api/auth/login",
+        )
 
 
 @router.get("/", include_in_schema=False)
@@ -97,7 +107,14 @@ def _ip(request: Request) -> str | None:
 @router.post("/api/auth/login")
 def login(body: LoginRequest, request: Request, response: Response, p: Platform = Depends(platform)) -> dict:
     with p.db.system() as s:
-        outcome = sessions.login(s, body.username, body.password, p.settings, ip=_ip(request))
+        outcome = sessions.login(
+            s,
+            body.username,
+            body.password,
+            p.settings,
+            ip=_ip(request),
+            device_cookie=request.cookies.get(DEVICE_COOKIE),
+        )
         audit.sign_in(s, body.username, outcome, ip=_ip(request))
     if isinstance(outcome, ServiceError):
         raise outcome

@@ -53,6 +53,17 @@ class SignInThrottle(Base):
     updated_at: Mapped[float] = mapped_column(Float, default=now)
 
 
+class SignInDevice(Base):
+    """A browser a person signed in from with their password: the account-wide and per-source sign-in locks
+    do not apply to it, so a guesser elsewhere cannot lock the person out of their own browser."""
+
+    __tablename__ = "sign_in_devices"
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+    expires_at: Mapped[float] = mapped_column(Float)
+
+
 class Invitation(TenantOwned, Base):
     """An existing person asked to join a tenant: a membership only once they accept while signed in."""
 

@@ -13,15 +13,17 @@ The identity model:
   password (`elevate`), for `platform_session_minutes`, and only that session carries it.
 
 Failed sign-ins are throttled per (account, source), per source and per account, each with its own
-threshold and a lock that doubles with every further failure, so nobody can lock someone else out from
-their own machine, and a guesser spread over many sources still meets the per-account lock. Unknown
+threshold and a lock that doubles with every further failure: a guesser spread over many sources still meets
+the per-account lock. A browser the person signed in from with their password carries a device cookie; for
+it the per-account and per-source locks give way to one of its own (OWASP's device cookies), so a guesser
+elsewhere cannot lock the person out of their own browser, only out of browsers they never used. Unknown
 usernames cost the same password hash as known ones, and every refusal reads the same.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
@@ -54,6 +56,7 @@ class NewSession:
     token: str
     csrf_token: str
     principal: Principal
+    device_token: str | None = None  # a new device cookie for this browser, to set with the session's
 
 
 @dataclass(frozen=True)
@@ -104,13 +107,37 @@ def _open(session: Session, user: m.User, tenant_id: str, settings: Settings, *,
 # -- throttling -------------------------------------------------------------------------------------------
 
 
-def _throttle_rules(username: str, ip: str | None, settings: Settings) -> list[tuple[str, int]]:
+def _throttle_rules(
+    username: str, ip: str | None, settings: Settings, *, device: str | None = None
+) -> list[tuple[str, int]]:
+    """(key, threshold) pairs; the first is the one a success forgives. A known device has its own rule
+    instead of the per-source and per-account ones."""
+    if device is not None:
+        return [(f"account+device:{username}|{device[:16]}", settings.login_max_failures)]
     source = ip or "unknown"
     return [
         (f"account+source:{username}|{source}", settings.login_max_failures),
         (f"source:{source}", settings.login_max_failures_per_source),
         (f"account:{username}", settings.login_max_failures_per_account),
     ]
+
+
+def known_device(session: Session, username: str, token: str | None) -> str | None:
+    """The hash of a live device cookie that this username signed in with, else None."""
+    if not token:
+        return None
+    digest = hash_token(token)
+    record = session.get(m.SignInDevice, digest)
+    if record is None or record.username != username or record.expires_at <= time.time():
+        return None
+    return digest
+
+
+def _new_device(session: Session, username: str, settings: Settings) -> str:
+    token = random_token(40)
+    expires = time.time() + settings.sign_in_device_days * 86400
+    session.add(m.SignInDevice(token_hash=hash_token(token), username=username, expires_at=expires))
+    return token
 
 
 def _throttle_row(session: Session, key: str, now: float) -> m.SignInThrottle:
@@ -149,11 +176,12 @@ def _record_success(session: Session, rules: list[tuple[str, int]]) -> None:
 
 
 def check_password(
-    session: Session, username: str, password: str, settings: Settings, *, ip: str | None
+    session: Session, username: str, password: str, settings: Settings, *, ip: str | None, device: str | None = None
 ) -> m.User | RateLimited | Unauthenticated:
-    """The user whose password this is, or the refusal (returned, so the caller commits the failure count)."""
+    """The user whose password this is, or the refusal (returned, so the caller commits the failure count).
+    `device`: the hash of a known device cookie of this username (`known_device`)."""
     now = time.time()
-    rules = _throttle_rules(username, ip, settings)
+    rules = _throttle_rules(username, ip, settings, device=device)
     if (wait := _locked_for(session, rules, now)) > 0:
         return RateLimited("Too many failed sign-ins; try again later.", retry_after=wait)
     user = session.scalar(select(m.User).where(m.User.username == username))
@@ -167,10 +195,17 @@ def check_password(
 
 
 def login(
-    session: Session, username: str, password: str, settings: Settings, *, ip: str | None = None
+    session: Session,
+    username: str,
+    password: str,
+    settings: Settings,
+    *,
+    ip: str | None = None,
+    device_cookie: str | None = None,
 ) -> NewSession | RateLimited | Unauthenticated:
     """Check a password and open a session in the person's first tenant (`switch_tenant` moves it)."""
-    user = check_password(session, username, password, settings, ip=ip)
+    device = known_device(session, username, device_cookie)
+    user = check_password(session, username, password, settings, ip=ip, device=device)
     if not isinstance(user, m.User):
         return user
     membership = session.scalar(
@@ -178,7 +213,10 @@ def login(
     )
     if membership is None:  # removed from every tenant: reads as any other refusal
         return _invalid_credentials()
-    return _open(session, user, membership.tenant_id, settings, via_link=False)
+    opened = _open(session, user, membership.tenant_id, settings, via_link=False)
+    if device is None:
+        opened = replace(opened, device_token=_new_device(session, user.username, settings))
+    return opened
 
 
 def consume_login_link(session: Session, token: str, settings: Settings) -> NewSession:

@@ -437,3 +437,29 @@ def test_a_source_spraying_many_accounts_is_locked_and_locks_grow(world: World):
     sprayer.post("/api/auth/login", json={"username": "user-x", "password": "password1"})
     again = sprayer.post("/api/auth/login", json={"username": "lab-viewer", "password": PASSWORD})
     assert again.status_code == 429 and int(again.headers["retry-after"]) > first
+
+
+def test_a_guesser_spread_over_many_sources_cannot_lock_the_person_out_of_their_own_browser(
+    world: World, monkeypatch: pytest.MonkeyPatch
+):
+    """The attack: 5 failures from each of 40 sources locked the account for everyone, its person included."""
+    settings = world.platform.settings
+    monkeypatch.setattr(settings, "login_max_failures_per_account", 8)
+    set_password(world, "lab-admin")
+    mine = browser(world, ip="198.51.100.30")
+    assert mine.post("/api/auth/login", json={"username": "lab-admin", "password": PASSWORD}).status_code == 200
+    assert mine.cookies.get("adaptery_device")
+    for source in ("192.0.2.1", "192.0.2.2", "192.0.2.3"):
+        guesser = browser(world, ip=source)
+        for i in range(4):
+            guesser.post("/api/auth/login", json={"username": "lab-admin", "password": f"guess-{i}"})
+    elsewhere = browser(world, ip="198.51.100.31").post(
+        "/api/auth/login", json={"username": "lab-admin", "password": PASSWORD}
+    )
+    assert elsewhere.status_code == 429  # a browser never used before meets the account's lock
+    again = mine.post("/api/auth/login", json={"username": "lab-admin", "password": PASSWORD})
+    assert again.status_code == 200, again.text  # the person's own browser does not
+    stolen = browser(world, ip="192.0.2.4")
+    stolen.cookies.set("adaptery_device", mine.cookies.get("adaptery_device"), path="/api/auth/login")
+    other = stolen.post("/api/auth/login", json={"username": "lab-member", "password": "guess"})
+    assert other.status_code == 401  # a device cookie counts only for the account it signed in

@@ -1,4 +1,5 @@
-"""identity: invitations an existing person accepts, sign-in throttles per source and account, platform
+"""identity: invitations an existing person accepts, sign-in throttles per source and account (and the
+browsers a person signed in from, exempt from the wider locks), platform
 administration as a step-up of a session or a platform key, one-time links by purpose
 
 Revision ID: 0008_identity
@@ -23,6 +24,15 @@ def upgrade() -> None:
         sa.Column("updated_at", sa.Float(), nullable=False),
         sa.PrimaryKeyConstraint("key"),
     )
+    op.create_table(
+        "sign_in_devices",
+        sa.Column("token_hash", sa.String(length=64), nullable=False),
+        sa.Column("username", sa.String(length=64), nullable=False),
+        sa.Column("created_at", sa.Float(), nullable=False),
+        sa.Column("expires_at", sa.Float(), nullable=False),
+        sa.PrimaryKeyConstraint("token_hash"),
+    )
+    op.create_index(op.f("ix_sign_in_devices_username"), "sign_in_devices", ["username"], unique=False)
     op.create_table(
         "invitations",
         sa.Column("id", sa.String(length=40), nullable=False),
@@ -71,4 +81,6 @@ def downgrade() -> None:
     op.drop_index(op.f("ix_invitations_user_id"), table_name="invitations")
     op.drop_index(op.f("ix_invitations_tenant_id"), table_name="invitations")
     op.drop_table("invitations")
+    op.drop_index(op.f("ix_sign_in_devices_username"), table_name="sign_in_devices")
+    op.drop_table("sign_in_devices")
     op.drop_table("sign_in_throttles")
