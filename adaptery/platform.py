@@ -77,7 +77,9 @@ class Platform:
             request_timeout_s=settings.engine_request_timeout_seconds,
             max_bytes_per_token=settings.engine_max_bytes_per_token,
         )
-        self.embeddings = EmbeddingModel(settings.embedding_model)
+        self.embeddings = EmbeddingModel(
+            settings.embedding_model, max_bytes_per_token=settings.engine_max_bytes_per_token
+        )
         self.queue = JobQueue(
             self.db,
             self.blobs,

@@ -4,6 +4,7 @@ to each request alone, preemption, cancellation, sampling options, and the trans
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,7 @@ from transformers import (
 
 from adaptery.engine import batching, lora_kernel
 from adaptery.engine.batching import BatchEngine
+from adaptery.engine.embeddings import EmbeddingModel
 from adaptery.engine.generation import AdapterRejected, AdapterSpec, GenerationTimedOut, InferenceEngine, Usage
 from adaptery.engine.lora import LoraBatch, SlotBuffers, prepare_adapter
 from adaptery.engine.native import SITES, NativeLlama
@@ -696,3 +698,49 @@ def test_a_single_key_is_never_preempted_for_fairness(demo_model_dir):
         assert sorted(finished, key=lambda n: (finished[n], int(n[1:]))) == [f"b{i}" for i in range(8)]
     finally:
         native.store.close()
+
+
+class _SlowEmbedder:
+    """Stands in for the SentenceTransformer: records each batch; the first one holds until released."""
+
+    max_seq_length = 256
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def encode(self, texts: list[str], **_: object) -> torch.Tensor:
+        self.batches.append(list(texts))
+        if len(self.batches) == 1:
+            self.started.set()
+            assert self.release.wait(timeout=30)
+        return torch.zeros(len(texts), 4)
+
+
+def test_a_second_embedding_request_runs_between_the_batches_of_a_long_one():
+    # 70 inputs used to hold the model in one call; the other request's single input waited for all of them
+    model = EmbeddingModel()
+    fake = model._model = _SlowEmbedder()
+    long = [f"a{i}" for i in range(70)]
+    results: dict[str, torch.Tensor] = {}
+    first = threading.Thread(target=lambda: results.update(long=model.embed(long)))
+    first.start()
+    assert fake.started.wait(timeout=30)
+    second = threading.Thread(target=lambda: results.update(short=model.embed(["b0"])))
+    second.start()
+    deadline = time.time() + 5  # until the second request waits for its turn (a bound, not a pace)
+    while not getattr(model, "_waiting", None) and time.time() < deadline:
+        time.sleep(0.01)
+    fake.release.set()
+    first.join(timeout=30)
+    second.join(timeout=30)
+    assert fake.batches == [long[:32], ["b0"], long[32:64], long[64:]]
+    assert results["long"].shape == (70, 4) and results["short"].shape == (1, 4)
+
+
+def test_an_embedding_input_is_cut_to_what_the_model_reads_before_tokenising():
+    model = EmbeddingModel(max_bytes_per_token=4)
+    model._model = _SlowEmbedder()
+    assert model.fit("x " * 4_000_000) == "x " * 512  # 256 tokens × 4 bytes
+    assert model.fit("é" * 600) == "é" * 512  # 1024 bytes, cut at a character boundary
+    assert model.fit("short") == "short"
