@@ -312,6 +312,8 @@ def test_create_a_key_see_it_once_use_it_and_revoke_it(journey: Journey) -> None
 
     row = page.locator("#keys tbody tr", has_text="notebook")
     expect(row).to_contain_text("active")
+    expect(row.locator(".key-scopes")).to_contain_text("files, fine-tuning, inference, models")
+    expect(row.locator(".key-scopes")).not_to_contain_text("admin")  # the form leaves the admin scope off
     row.locator(".revoke").click()
     page.click("#dialog-confirm")
     expect(row).to_contain_text("revoked")

@@ -58,9 +58,10 @@ export async function renderKeys(root, ctx) {
     clear(
       listBox,
       table(
-        ["Name", "Key", "Environment", "State", "Created", "Last used", "Expires", ""],
+        ["Name", "Key", "Environment", "May do", "State", "Created", "Last used", "Expires", ""],
         data.map((k) => {
           const actions = [];
+          const mine = k.owner === ctx.me.user.id; // a key is its person's: only they rotate it
           if (!k.revoked_at && ctx.canWrite()) {
             const rotate = h("button", { type: "button", class: "btn btn-small", "aria-label": `Rotate ${k.name || k.redacted_value}` }, "Rotate");
             rotate.addEventListener("click", async () => {
@@ -84,12 +85,13 @@ export async function renderKeys(root, ctx) {
                 showError(error, err);
               }
             });
-            actions.push(rotate, revoke);
+            actions.push(...(mine ? [rotate] : []), revoke);
           }
           return [
             k.name || h("span", { class: "muted" }, "unnamed"),
             h("code", {}, k.redacted_value),
             badge(k.environment, "neutral"),
+            h("span", { class: "key-scopes" }, (k.scopes || ["every scope"]).join(", "), k.platform ? " · platform" : "", k.allowed_models ? ` · ${k.allowed_models.length} model${k.allowed_models.length === 1 ? "" : "s"}` : ""),
             keyState(k),
             fmtTime(k.created_at),
             k.last_used_at ? fmtTime(k.last_used_at) : "never",
