@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from adaptery.api.deps import platform, principal
 from adaptery.auth import policy
@@ -15,7 +15,7 @@ from adaptery.auth.principal import Principal, Role
 from adaptery.db import models as m
 from adaptery.platform import Platform
 from adaptery.services import audit, limits, tenants
-from adaptery.services.errors import Conflict, NotFound, PermissionDenied
+from adaptery.services.errors import NotFound, PermissionDenied
 
 router = APIRouter(tags=["admin"])
 Limit = Annotated[int | None, Field(ge=1)]
@@ -116,19 +116,11 @@ def change_role(
 ) -> dict[str, Any]:
     """Change a member's role. Admins manage members and viewers; owners everyone; a tenant keeps an owner."""
     with p.db.tenant(who.tenant_id) as s:
-        membership = s.scalar(
-            select(m.Membership).join(m.User, m.User.id == m.Membership.user_id).where(m.User.username == username)
-        )
-        if membership is None:
-            raise NotFound(f"'{username}' is not a member of this tenant", param="username")
-        current = Role(membership.role)
+        member = tenants.get_member(s, username)
+        current = Role(member.membership.role)
         if not policy.may_grant_role(who, current, body.role):
             raise PermissionDenied(f"Your role '{who.role}' may not change a {current} into a {body.role}.")
-        if current == Role.OWNER and body.role != Role.OWNER:
-            owners = s.scalar(select(func.count()).select_from(m.Membership).where(m.Membership.role == Role.OWNER))
-            if owners <= 1:
-                raise Conflict("A tenant must keep at least one owner; make someone else owner first.", param="role")
-        membership.role = body.role.value
+        tenants.change_role(s, member, body.role)
         audit.record(s, who, "member.role", target=username, detail={"from": current.value, "to": body.role.value})
         return {"object": "list", "data": _members(s)}
 

@@ -248,15 +248,31 @@ def reset_link(system_session: Session, username: str, *, hours: float) -> tuple
     return system_session.get(m.Tenant, membership.tenant_id), token
 
 
+def _other_owners(session: Session, member: Member) -> int:
+    """The tenant's owners besides `member`, counted under a lock on the tenant's owner rows (PostgreSQL:
+    FOR UPDATE; SQLite serialises writers), so two owners demoting or removing each other at once cannot
+    both pass the check and leave the tenant without one."""
+    owners = session.scalars(
+        select(m.Membership.id).where(m.Membership.role == Role.OWNER.value).with_for_update()
+    ).all()
+    return len([owner for owner in owners if owner != member.membership.id])
+
+
+def change_role(session: Session, member: Member, role: Role) -> Role:
+    """Give a member another role; a tenant keeps at least one owner. Returns the role they had."""
+    current = Role(member.membership.role)
+    if current == Role.OWNER and role != Role.OWNER and _other_owners(session, member) == 0:
+        raise Conflict("A tenant must keep at least one owner; make someone else owner first.", param="role")
+    member.membership.role = role.value
+    session.flush()
+    return current
+
+
 def remove_member(session: Session, member: Member) -> None:
     """Take a person out of this tenant: their membership goes, and their sessions, unused sign-in links
     and API keys in this tenant stop working."""
-    if member.membership.role == Role.OWNER.value:
-        owners = session.scalar(
-            select(func.count()).select_from(m.Membership).where(m.Membership.role == Role.OWNER.value)
-        )
-        if owners <= 1:
-            raise Conflict("The last owner cannot be removed; make someone else owner first.", param="username")
+    if member.membership.role == Role.OWNER.value and _other_owners(session, member) == 0:
+        raise Conflict("The last owner cannot be removed; make someone else owner first.", param="username")
     now = time.time()
     for key in session.scalars(
         select(m.ApiKey).where(m.ApiKey.user_id == member.user.id, m.ApiKey.revoked_at.is_(None))
