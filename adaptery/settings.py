@@ -64,6 +64,11 @@ class Settings(KernelSettings):
     base_models: list[str] = Field(default_factory=list, description="Extra base models: hub ids or paths.")
     offline: bool = Field(True, description="Never reach a model hub; hub ids must already be cached.")
     embedding_model: str = "all-MiniLM-L6-v2"
+    embeddings_max_request_tokens: int = Field(
+        65536,
+        description="The most tokens one /v1/embeddings request may hold after each input is cut to what the model "
+        "reads (OpenAI allows 300k; ~10 s of this CPU's time), so one request cannot occupy the model for minutes.",
+    )
     device: str = "auto"
     engine_dtype: str = Field("auto", description="Inference dtype: auto (bf16 if the CPU has it), float32, bfloat16.")
     engine_kv_cache_mb: int = Field(512, ge=1, description="KV-cache memory budget per base model (MiB).")

@@ -42,7 +42,7 @@ def _limits_object(values: limits.Limits) -> dict[str, int | None]:
 
 @router.get("/api/admin/audit")
 def read_audit(
-    after: Annotated[int | None, Query(ge=1, description="Only events older than this seq")] = None,
+    after: Annotated[int | None, Query(ge=1, le=2**63 - 1, description="Only events older than this seq")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     action: Annotated[str | None, Query(max_length=64)] = None,
     who: Principal = Depends(principal),

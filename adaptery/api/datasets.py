@@ -231,7 +231,7 @@ def get_version(
 def preview_records(
     dataset_id: str,
     number: VersionNumber,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
     who: Principal = Depends(principal),
     p: Platform = Depends(platform),

@@ -15,7 +15,7 @@ from fastapi.routing import APIRoute, iter_route_contexts
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from adaptery.data.untrusted import json_depth, too_long_number
+from adaptery.data.untrusted import json_depth, lone_surrogate, too_long_number
 from adaptery.settings import Settings
 
 _BODY_METHODS = ("POST", "PUT", "PATCH", "DELETE")
@@ -112,6 +112,11 @@ class RequestGuard:
         where = too_long_number(body)
         if where is not None:  # every JSON parser here would raise ValueError on it: a 400 naming the field
             message = f"Invalid value for '{where}': the number has too many digits."
+            await _refuse(send, 400, message, code="invalid_value", param=where)
+            return
+        where = lone_surrogate(body)
+        if where is not None:  # databases, encoders and tokenizers all raise on it: a 400 naming the field
+            message = f"Invalid value for '{where}': the text holds a lone UTF-16 surrogate (\\ud800-\\udfff)."
             await _refuse(send, 400, message, code="invalid_value", param=where)
             return
         replayed = False

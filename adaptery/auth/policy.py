@@ -165,8 +165,8 @@ def authorize(principal: Principal, permission: Permission) -> None:
         )
     if principal.superseded_secret and Scope.ADMIN in permission.scopes:
         raise PermissionDenied(
-            "This key's secret was rotated: the old secret works for API calls until the overlap ends, but "
-            "administers nothing (keys included); use the new secret.",
+            "This key's secret was rotated: the old secret serves API calls until the overlap ends, but manages "
+            "no keys and nothing of the admin scope; use the new secret.",
             code="rotated_secret",
         )
     if permission.platform_admin and not principal.is_platform_admin:

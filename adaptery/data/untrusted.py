@@ -87,6 +87,35 @@ def too_long_number(text: bytes) -> str | None:
     return None
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def lone_surrogate(text: bytes) -> str | None:
+    """Where (`a.b[2]`) a JSON text holds a string with a lone UTF-16 surrogate (`"\\ud800"`: valid JSON, not
+    text: every encoder, database driver and tokenizer raises on it); None when it has none."""
+    if not _SURROGATE_ESCAPE.search(text):
+        return None
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, str):
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError:
+                return path or "body"
+        elif isinstance(node, dict):
+            for key, item in node.items():
+                where = f"{path}.{key}" if path else str(key)
+                stack.extend([(where, key), (where, item)])
+        elif isinstance(node, list):
+            stack.extend((f"{path}[{index}]", item) for index, item in enumerate(node))
+    return None
+
+
 def loads(text: bytes | str, *, max_depth: int, max_bytes: int | None = None) -> Any:
     """`json.loads`, after the size and nesting are known to be within bounds; UntrustedJSONError otherwise
     (never RecursionError, and never the ValueError of a number too long to convert)."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -113,7 +113,7 @@ def _throttle_rules(
     """(key, threshold) pairs; the first is the one a success forgives. A known device has its own rule
     instead of the per-source and per-account ones."""
     if device is not None:
-        return [(f"account+device:{username}|{device[:16]}", settings.login_max_failures)]
+        return [(f"account+device:{username}|{device}", settings.login_max_failures)]
     source = ip or "unknown"
     return [
         (f"account+source:{username}|{source}", settings.login_max_failures),
@@ -228,8 +228,14 @@ def consume_login_link(session: Session, token: str, settings: Settings) -> NewS
     member = session.scalar(
         select(m.Membership).where(m.Membership.user_id == user.id, m.Membership.tenant_id == record.tenant_id)
     )
-    if member is None or (record.purpose != "reset" and user.password_hash is not None):
-        raise invalid  # a setup link is void once its person has a password of their own
+    if member is None:
+        raise invalid
+    if record.purpose != "reset":  # a setup link holds only while its person has set nothing up anywhere
+        memberships = session.scalar(
+            select(func.count()).select_from(m.Membership).where(m.Membership.user_id == user.id)
+        )
+        if user.password_hash is not None or memberships > 1:
+            raise invalid
     record.used_at = time.time()
     return _open(session, user, record.tenant_id, settings, via_link=True)
 
@@ -255,6 +261,12 @@ def _own_record(session: Session, who: Principal) -> m.WebSession:
             "Only a person signed in to the web page may do this, not an API key.", code="session_required"
         )
     return record
+
+
+def _session_device(record: m.WebSession) -> str:
+    """A signed-in session re-proving its password (step-up, password change) is throttled on its own: a
+    guesser elsewhere, who locked the account for new browsers, cannot lock the person out of these too."""
+    return f"session:{record.id}"
 
 
 def logout(session: Session, session_id: str) -> None:
@@ -285,7 +297,7 @@ def change_password(
             )
         if not current:
             raise InvalidRequest("current_password is required to change your password", param="current_password")
-        outcome = check_password(session, user.username, current, settings, ip=who.ip)
+        outcome = check_password(session, user.username, current, settings, ip=who.ip, device=_session_device(record))
         if isinstance(outcome, RateLimited):
             return outcome
         if not isinstance(outcome, m.User):
@@ -305,7 +317,7 @@ def elevate(session: Session, who: Principal, password: str, settings: Settings)
     user = session.get(m.User, who.user_id)
     if not user.is_platform_admin:
         raise PermissionDenied("This needs a platform administrator.", code="platform_admin_required")
-    outcome = check_password(session, user.username, password, settings, ip=who.ip)
+    outcome = check_password(session, user.username, password, settings, ip=who.ip, device=_session_device(record))
     if isinstance(outcome, RateLimited):
         return outcome
     if not isinstance(outcome, m.User):

@@ -199,6 +199,11 @@ def answer_invitation(system_session: Session, user_id: str, invitation_id: str,
             system_session.add(
                 m.Membership(id=new_id("mem_"), tenant_id=invitation.tenant_id, user_id=user_id, role=invitation.role)
             )
+        # a person in two tenants has no setup link left: one kept by the first tenant's admin would sign in
+        # as them into the second
+        system_session.execute(
+            delete(m.LoginToken).where(m.LoginToken.user_id == user_id, m.LoginToken.used_at.is_(None))
+        )
     system_session.delete(invitation)
     system_session.flush()
     return invitation

@@ -192,3 +192,24 @@ def test_a_version_number_beyond_what_the_database_holds_is_a_400_not_a_500(worl
             f"/api/datasets/{dataset}/versions/{2**63}/{operation}", headers=world.auth("owner"), json={}
         )
         assert response.status_code == 400, operation
+
+
+def test_a_lone_surrogate_anywhere_in_a_json_body_is_a_400_naming_its_field(world: World):
+    owner = {**world.auth("owner"), "content-type": "application/json"}
+    for path, body, param in (
+        ("/v1/fine_tuning/jobs", '{"model": "\\ud800", "training_file": "file-x"}', "model"),
+        ("/v1/embeddings", '{"model": "all-MiniLM-L6-v2", "input": ["ok", "x\\udfff"]}', "input[1]"),
+        ("/v1/chat/completions", '{"model": "\\ud800", "messages": []}', "model"),
+    ):
+        response = world.client.post(path, headers=owner, content=body)
+        assert response.status_code == 400, (path, response.text)
+        assert response.json()["error"]["param"] == param
+    pair = world.client.post(
+        "/v1/embeddings", headers=owner, content='{"model": "all-MiniLM-L6-v2", "input": "smile \\ud83d\\ude00"}'
+    )
+    assert pair.status_code == 200  # a surrogate pair is an ordinary character
+
+
+def test_audit_paging_beyond_what_the_database_holds_is_a_400(world: World):
+    response = world.client.get("/api/admin/audit", headers=world.auth("owner"), params={"after": 2**63})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "after"

@@ -463,3 +463,40 @@ def test_a_guesser_spread_over_many_sources_cannot_lock_the_person_out_of_their_
     stolen.cookies.set("adaptery_device", mine.cookies.get("adaptery_device"), path="/api/auth/login")
     other = stolen.post("/api/auth/login", json={"username": "lab-member", "password": "guess"})
     assert other.status_code == 401  # a device cookie counts only for the account it signed in
+
+
+def test_a_link_kept_by_one_tenant_dies_when_its_person_joins_another(world: World):
+    """The attack: a rival owner kept a second setup link of a person they invited; the person joined the lab
+    as an admin (without ever setting a password); the kept link then signed in as them, into the lab."""
+    rival = other_owner(world)
+    first = world.client.post("/api/admin/members", headers=rival, json={"username": "dave"}).json()
+    dave = follow_link(world, first["login_url"])
+    kept = world.client.post("/api/admin/members/dave/link", headers=rival).json()["login_url"]
+    world.client.post("/api/admin/members", headers=world.auth("owner"), json={"username": "dave", "role": "admin"})
+    invitation = dave.get("/api/invitations").json()["data"][0]
+    assert dave.post(f"/api/invitations/{invitation['id']}/accept").status_code == 200
+    used = browser(world).get("/auth/link?" + kept.split("?", 1)[1], follow_redirects=False)
+    assert used.headers["location"] == "/?link=invalid"
+
+
+def test_a_signed_in_person_steps_up_and_changes_their_password_while_their_account_is_locked(
+    world: World, monkeypatch: pytest.MonkeyPatch
+):
+    """The attack: failures from many sources locked the account, and then the platform admin's own signed-in
+    browser could neither step up nor change the password (429)."""
+    monkeypatch.setattr(world.platform.settings, "login_max_failures_per_account", 8)
+    set_password(world, "owner")
+    mine = sign_in(world, "owner")
+    for source in ("192.0.2.11", "192.0.2.12", "192.0.2.13"):
+        guesser = browser(world, ip=source)
+        for i in range(4):
+            guesser.post("/api/auth/login", json={"username": "owner", "password": f"guess-{i}"})
+    assert (
+        browser(world, ip="198.51.100.99")
+        .post("/api/auth/login", json={"username": "owner", "password": PASSWORD})
+        .status_code
+        == 429
+    )
+    assert mine.post("/api/auth/platform", json={"password": PASSWORD}).status_code == 200
+    changed = mine.post("/api/auth/password", json={"password": "a new password 9", "current_password": PASSWORD})
+    assert changed.status_code == 204

@@ -354,3 +354,14 @@ def test_more_than_2048_embedding_inputs_are_a_400_naming_input(world: World):
         "/v1/embeddings", headers=world.auth("member"), json={"model": "all-MiniLM-L6-v2", "input": ["x"] * 2049}
     )
     assert response.status_code == 400 and response.json()["error"]["param"] == "input"
+
+
+def test_an_embeddings_request_over_its_token_budget_is_a_400_before_the_model_runs(
+    world: World, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(world.platform.settings, "embeddings_max_request_tokens", 50)
+    refused = world.client.post(
+        "/v1/embeddings", headers=world.auth("owner"), json={"model": "all-MiniLM-L6-v2", "input": ["word " * 40] * 3}
+    )
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "too_many_tokens"
+    assert refused.json()["error"]["param"] == "input"

@@ -56,6 +56,14 @@ async def create_embeddings(
             param="dimensions",
         )
     tokens = sum(await run_in_threadpool(p.embeddings.count_tokens, texts))
+    most = p.settings.embeddings_max_request_tokens
+    if tokens > most:
+        raise InvalidRequest(
+            f"the inputs hold {tokens} tokens, more than the {most} one request may (each input counts at most "
+            "what the model reads); send them in several requests",
+            param="input",
+            code="too_many_tokens",
+        )
     held = await run_in_threadpool(
         limits.reserve, p.db, who, prompt_tokens=tokens, max_tokens=0, hold_seconds=p.settings.inference_hold_seconds
     )
