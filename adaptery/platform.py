@@ -21,10 +21,11 @@ from adaptery.engine.demo_model import DEMO_MODEL_ID, ensure_demo_model
 from adaptery.engine.embeddings import EmbeddingModel
 from adaptery.engine.generation import InferenceEngine
 from adaptery.engine.loading import load_tokenizer
-from adaptery.messaging import credentials
-from adaptery.messaging.control import ControlPlane
+from adaptery.messaging.credentials import parse_token
 from adaptery.messaging.server import CONTROL_USER, NatsServer
+from adaptery.services import agents as agent_records
 from adaptery.services import datasets, finetuning, models, tenants
+from adaptery.services.control_plane import ControlPlane
 from adaptery.services.errors import NotFound
 from adaptery.services.fair_tasks import FairTasks
 from adaptery.services.queue import JobQueue
@@ -135,7 +136,7 @@ class Platform:
         embedded = None
         if self.settings.embedded_agent and self.settings.nats_url is None:
             with self.db.system() as s:
-                embedded = credentials.embedded_agent(s, self.settings.port)
+                embedded = agent_records.embedded_agent(s, self.settings.port)
         self._start_messaging()
         if self.settings.embedded_agent:
             self._start_embedded_agent(embedded)
@@ -147,7 +148,7 @@ class Platform:
         if url is None:
             self.nats = NatsServer(settings.nats_dir, host=settings.nats_host, port=settings.nats_port)
             with self.db.system() as s:
-                self.nats.start({a.id: a.secret_hash for a in credentials.active_agents(s)})
+                self.nats.start({a.id: a.secret_hash for a in agent_records.active_agents(s)})
             url, user, password = self.nats.url, CONTROL_USER, self.nats.control_password
         self.control = ControlPlane(
             self.queue,
@@ -172,7 +173,7 @@ class Platform:
     def sync_agents(self) -> None:
         """Apply enrolled and revoked agents to the NATS server's authorization and the control plane."""
         with self.db.system() as s:
-            active = credentials.active_agents(s)
+            active = agent_records.active_agents(s)
             hashes = {a.id: a.secret_hash for a in active}
             scopes = {a.id: a.tenant_scope for a in active}
         if self.control is not None:
@@ -180,7 +181,7 @@ class Platform:
         if self.nats is not None:
             self.nats.sync_agents(hashes)
 
-    def _start_embedded_agent(self, creds: credentials.AgentCredentials | None) -> None:
+    def _start_embedded_agent(self, creds: agent_records.AgentCredentials | None) -> None:
         """The agent inside serve talks to the control plane over NATS like any other."""
         settings = self.settings
         if self.nats is None and not settings.agent_credentials:
@@ -191,7 +192,7 @@ class Platform:
             # This server's previous embedded agent died with it: its jobs need not wait for their leases.
             self.queue.release_all(agent_id, "the server restarted")
         else:
-            agent_id, secret = credentials.parse_token(settings.agent_credentials)
+            agent_id, secret = parse_token(settings.agent_credentials)
             name, url = agent_id, settings.nats_url
         self._agent_link = AgentLink(url, agent_id, secret)
         self._agent_link.connect()

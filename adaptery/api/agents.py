@@ -9,8 +9,8 @@ from fastapi import APIRouter, Depends
 from adaptery.api.deps import platform, principal
 from adaptery.auth.policy import require_agents_admin
 from adaptery.auth.principal import Principal
-from adaptery.messaging import credentials
 from adaptery.platform import Platform
+from adaptery.services import agents as agent_records
 from adaptery.services.queue import SEEN_RESOLUTION_SECONDS
 
 router = APIRouter(prefix="/api/admin", tags=["admin"])
@@ -23,12 +23,12 @@ def list_agents(who: Principal = Depends(principal), p: Platform = Depends(platf
     # Idle agents are seen at most every SEEN_RESOLUTION_SECONDS; busy ones heartbeat within their lease.
     offline_after = max(p.settings.job_lease_seconds, 3 * SEEN_RESOLUTION_SECONDS)
     with p.db.system() as s:
-        agents = credentials.list_agents(s)
+        agents = agent_records.list_agents(s)
         data = [
             {
                 "id": agent.id,
                 "name": agent.name,
-                "state": credentials.agent_state(agent, now=now, offline_after=offline_after),
+                "state": agent_records.agent_state(agent, now=now, offline_after=offline_after),
                 "embedded": agent.embedded,
                 "tenant_scope": agent.tenant_scope,
                 "last_heartbeat_at": agent.last_seen_at,

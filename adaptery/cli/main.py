@@ -208,7 +208,7 @@ def create_agent(
 
     from adaptery.db import models as m
     from adaptery.db.session import Database
-    from adaptery.messaging import credentials
+    from adaptery.services import agents as agent_records
     from adaptery.services.errors import ServiceError
 
     settings = _settings(data_dir=data_dir, database_url=database_url)
@@ -221,7 +221,7 @@ def create_agent(
                 scope = s.scalar(select(m.Tenant.id).where(m.Tenant.name == tenant))
                 if scope is None:
                     raise typer.BadParameter(f"no tenant named '{tenant}'", param_hint="--tenant")
-            created = credentials.create_agent(s, name, tenant_scope=scope)
+            created = agent_records.create_agent(s, name, tenant_scope=scope)
     except ServiceError as exc:
         console.print(f"[red]Error:[/red] {exc.message}")
         raise typer.Exit(1) from exc
@@ -248,14 +248,14 @@ def list_agents() -> None:
 def revoke_agent(agent: str, data_dir: DataDir = None, database_url: DatabaseUrl = None) -> None:
     """Revoke an agent (by id or name): the server disconnects it within seconds; its job goes back to the queue."""
     from adaptery.db.session import Database
-    from adaptery.messaging import credentials
+    from adaptery.services import agents as agent_records
     from adaptery.services.errors import ServiceError
 
     settings = _settings(data_dir=data_dir, database_url=database_url)
     db = Database(settings.resolved_database_url)
     try:
         with db.system() as s:
-            revoked = credentials.revoke_agent(s, agent)
+            revoked = agent_records.revoke_agent(s, agent)
             console.print(f"Agent {revoked.id} ({revoked.name}) revoked")
     except ServiceError as exc:
         console.print(f"[red]Error:[/red] {exc.message}")

@@ -1,7 +1,7 @@
 """The job queue as the control plane runs it for agents: lease, heartbeat, report, checkpoint, finish.
 
 The database is the state of record; agents reach these methods only through the control plane's
-NATS responder (`messaging.control`). A lease is a claim that lasts `lease_seconds` unless
+NATS responder (`services.control_plane`). A lease is a claim that lasts `lease_seconds` unless
 heartbeated; a job whose agent stopped heartbeating goes back to the queue with its attempt count,
 and fails with a clear error after `max_attempts`.
 

@@ -18,7 +18,7 @@ from sqlalchemy.exc import OperationalError
 from adaptery.db import models as m
 from adaptery.db.ids import new_id
 from adaptery.messaging import protocol
-from adaptery.messaging.control import ControlPlane, RequestRefused
+from adaptery.services.control_plane import ControlPlane, RequestRefused
 from adaptery.services.errors import NotFound
 from adaptery.services.queue import JobQueue
 from adaptery.storage.blobs import BlobStore

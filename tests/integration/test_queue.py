@@ -16,7 +16,8 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from adaptery.db import models as m
-from adaptery.messaging import credentials, protocol
+from adaptery.messaging import protocol
+from adaptery.services import agents as agent_records
 from adaptery.services import finetuning
 from adaptery.services.queue import JobQueue
 from tests.conftest import SAMPLE_CHAT
@@ -229,14 +230,14 @@ def settings_overrides() -> dict[str, object]:
     return {"embedded_agent": False}
 
 
-def enroll(running, name: str) -> credentials.AgentCredentials:
+def enroll(running, name: str) -> agent_records.AgentCredentials:
     with running.platform.db.system() as s:
-        created = credentials.create_agent(s, name)
+        created = agent_records.create_agent(s, name)
     running.platform.sync_agents()
     return created
 
 
-async def connect(running, creds: credentials.AgentCredentials) -> nats.NATS:
+async def connect(running, creds: agent_records.AgentCredentials) -> nats.NATS:
     return await nats.connect(
         running.platform.nats.url,
         user=creds.agent_id,
@@ -318,9 +319,9 @@ def test_an_agent_may_act_only_as_itself_and_only_on_jobs_it_holds(running):
 
 def test_revoked_or_wrong_credentials_are_refused_by_the_nats_server(running):
     agent = enroll(running, "soon-revoked")
-    wrong = credentials.AgentCredentials(agent.agent_id, agent.name, "not-the-secret")
+    wrong = agent_records.AgentCredentials(agent.agent_id, agent.name, "not-the-secret")
 
-    async def attempt(creds: credentials.AgentCredentials) -> None:
+    async def attempt(creds: agent_records.AgentCredentials) -> None:
         nc = await connect(running, creds)
         await nc.close()
 
@@ -328,7 +329,7 @@ def test_revoked_or_wrong_credentials_are_refused_by_the_nats_server(running):
         asyncio.run(attempt(wrong))
     asyncio.run(attempt(agent))
     with running.platform.db.system() as s:
-        credentials.revoke_agent(s, "soon-revoked")
+        agent_records.revoke_agent(s, "soon-revoked")
     running.platform.sync_agents()
     time.sleep(0.3)  # the server reloads its configuration on SIGHUP
     with pytest.raises(Exception, match="[Aa]uthorization"):

@@ -11,7 +11,7 @@ LOWER = ("engine", "training", "data", "agent")
 UPPER = ("adaptery.db", "adaptery.services", "adaptery.api", "adaptery.cli", "adaptery.platform")
 # What agents may take from messaging: the wire protocol. The rest (NATS server launch, credentials, the control
 # plane's responder) is server side and uses the database.
-MESSAGING_FOR_AGENTS = ("adaptery.messaging.protocol",)
+MESSAGING_FOR_AGENTS = ("adaptery.messaging.protocol", "adaptery.messaging.credentials")
 
 
 def imported_modules(path: Path, root: Path) -> list[tuple[int, str]]:
@@ -68,4 +68,15 @@ def test_libraries_and_the_agent_do_not_reach_http_the_database_or_the_services(
 
 def test_the_agent_takes_only_the_wire_protocol_from_messaging():
     offenders = reaches(("adaptery.messaging",), allowed=MESSAGING_FOR_AGENTS)
+    assert not offenders, "\n".join(offenders)
+
+
+def test_messaging_is_the_wire_and_the_broker_only():
+    """The control plane's responder and the agent records use the database, so they live in services/;
+    messaging/ keeps the protocol, the credential format and the nats-server launch."""
+    offenders = []
+    for path in sorted((ROOT / "adaptery" / "messaging").rglob("*.py")):
+        for line, module in imported_modules(path, ROOT):
+            if any(module == prefix or module.startswith(prefix + ".") for prefix in UPPER):
+                offenders.append(f"{path.relative_to(ROOT)}:{line} imports {module}")
     assert not offenders, "\n".join(offenders)
