@@ -11,6 +11,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -122,12 +123,11 @@ class NatsServer:
         os.replace(tmp, self.config_path)
 
     def start(self, agents: dict[str, str]) -> None:
-        from adaptery.db.ids import random_token
         from adaptery.messaging.credentials import hash_secret
 
         private_dir(self.state_dir)  # its configuration holds the hashes of agents' secrets
         self.port = self._choose_port()
-        self.control_password = random_token(40)
+        self.control_password = secrets.token_urlsafe(30)
         self._control_hash = hash_secret(self.control_password)
         self._agents = dict(agents)
         self._write_config()
