@@ -65,6 +65,42 @@ def inbox_prefix(agent_id: str) -> str:
     return f"_INBOX_{agent_id}"
 
 
+# Inference on agents (issue 16). The control plane publishes a request `{"request_id", ...}` on
+# `adaptery.infer.<agent>` and a cancellation `{"request_id"}` on `adaptery.infer.<agent>.cancel`; the agent
+# streams its answer as messages `{"seq", ...}` on `adaptery.stream.<agent>.<request_id>`, the last one carrying
+# `"end": true`. The agent's id is in every subject it may publish on, so a stream names its sender.
+INFER_PREFIX = "adaptery.infer"
+STREAM_PREFIX = "adaptery.stream"
+
+
+def infer_subject(agent_id: str) -> str:
+    return f"{INFER_PREFIX}.{agent_id}"
+
+
+def infer_cancel_subject(agent_id: str) -> str:
+    return f"{INFER_PREFIX}.{agent_id}.cancel"
+
+
+def stream_subject(agent_id: str, request_id: str) -> str:
+    return f"{STREAM_PREFIX}.{agent_id}.{request_id}"
+
+
+def agent_permissions(agent_id: str) -> dict[str, dict[str, list[str]]]:
+    """Every subject an agent may use, all named by its id: the broker enforces them (user permissions here,
+    account imports and exports for an island's agents)."""
+    return {
+        "publish": {"allow": [agent_subject(agent_id, ">"), f"{STREAM_PREFIX}.{agent_id}.>"]},
+        "subscribe": {
+            "allow": [
+                f"{inbox_prefix(agent_id)}.>",
+                notify_subject(agent_id),
+                infer_subject(agent_id),
+                infer_cancel_subject(agent_id),
+            ]
+        },
+    }
+
+
 def parse_subject(subject: str) -> tuple[str, str | None, str]:
     """(agent id, job id or None, verb) of a request subject."""
     parts = subject.split(".")

@@ -65,13 +65,6 @@ def _port_is_free(host: str, port: int) -> bool:
         return True
 
 
-def agent_permissions(agent_id: str) -> dict:
-    return {
-        "publish": {"allow": [protocol.agent_subject(agent_id, ">")]},
-        "subscribe": {"allow": [f"{protocol.inbox_prefix(agent_id)}.>", protocol.notify_subject(agent_id)]},
-    }
-
-
 class NatsServer:
     """A nats-server child process with per-agent authorization, on a loopback port kept across restarts."""
 
@@ -110,7 +103,9 @@ class NatsServer:
     def _write_config(self) -> None:
         users = [{"user": CONTROL_USER, "password": self._control_hash}]
         for agent_id, secret_hash in sorted(self._agents.items()):
-            users.append({"user": agent_id, "password": secret_hash, "permissions": agent_permissions(agent_id)})
+            users.append(
+                {"user": agent_id, "password": secret_hash, "permissions": protocol.agent_permissions(agent_id)}
+            )
         # NATS's configuration format reads JSON values as they are.
         config = (
             f"listen: {json.dumps(f'{self.host}:{self.port}')}\n"
