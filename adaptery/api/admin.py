@@ -7,15 +7,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import select
 
 from adaptery.api.deps import platform, principal
 from adaptery.auth import policy
 from adaptery.auth.principal import Principal, Role
-from adaptery.db import models as m
 from adaptery.platform import Platform
-from adaptery.services import audit, limits, tenants
-from adaptery.services.errors import NotFound, PermissionDenied
+from adaptery.services import audit, keys, limits, tenants
+from adaptery.services.errors import PermissionDenied
 
 router = APIRouter(tags=["admin"])
 Limit = Annotated[int | None, Field(ge=1)]
@@ -59,7 +57,7 @@ def read_audit(
 def read_usage(who: Principal = Depends(principal), p: Platform = Depends(platform)) -> dict[str, Any]:
     """This month's usage of the tenant and of each of its keys."""
     with p.db.tenant(who.tenant_id) as s:
-        key_ids = list(s.scalars(select(m.ApiKey.id)))
+        key_ids = keys.all_key_ids(s)
         limits.charge_training(s, who.tenant_id, limits.clock())
         counted = limits.usage(s, [f"tenant:{who.tenant_id}", *[f"key:{k}" for k in key_ids]])
     return {
@@ -81,16 +79,16 @@ def read_limits(who: Principal = Depends(principal), p: Platform = Depends(platf
         }
 
 
-def _members(session: Any) -> list[dict[str, Any]]:
-    """`set_up`: the person has a password (a new sign-in link is then refused: they sign in themself)."""
-    rows = session.execute(
-        select(m.User.username, m.User.id, m.Membership.role, m.Membership.created_at, m.User.password_hash)
-        .join(m.Membership, m.Membership.user_id == m.User.id)
-        .order_by(m.User.username)
-    )
+def _members(rows: list[tenants.MemberRow]) -> list[dict[str, Any]]:
     return [
-        {"username": u, "user_id": i, "role": r, "created_at": int(c), "set_up": password is not None}
-        for u, i, r, c, password in rows
+        {
+            "username": row.username,
+            "user_id": row.user_id,
+            "role": row.role,
+            "created_at": int(row.created_at),
+            "set_up": row.set_up,
+        }
+        for row in rows
     ]
 
 
@@ -107,7 +105,7 @@ def list_members(who: Principal = Depends(principal), p: Platform = Depends(plat
             }
             for inv, username in tenants.list_invitations(s)
         ]
-        return {"object": "list", "data": _members(s), "invitations": invitations}
+        return {"object": "list", "data": _members(tenants.list_members(s)), "invitations": invitations}
 
 
 @router.put("/api/admin/members/{username}")
@@ -122,15 +120,15 @@ def change_role(
             raise PermissionDenied(f"Your role '{who.role}' may not change a {current} into a {body.role}.")
         tenants.change_role(s, member, body.role)
         audit.record(s, who, "member.role", target=username, detail={"from": current.value, "to": body.role.value})
-        return {"object": "list", "data": _members(s)}
+        return {"object": "list", "data": _members(tenants.list_members(s))}
 
 
 @router.get("/api/platform/tenants")
 def list_tenants(who: Principal = Depends(principal), p: Platform = Depends(platform)) -> dict[str, Any]:
     """Every tenant with its limits and this month's usage (platform admins)."""
     with p.db.system() as s:
-        tenants = list(s.scalars(select(m.Tenant).order_by(m.Tenant.name)))
-        counted = limits.usage(s, [f"tenant:{t.id}" for t in tenants])
+        every_tenant = tenants.all_tenants(s)
+        counted = limits.usage(s, [f"tenant:{t.id}" for t in every_tenant])
         data = [
             {
                 "id": t.id,
@@ -138,7 +136,7 @@ def list_tenants(who: Principal = Depends(principal), p: Platform = Depends(plat
                 "limits": _limits_object(limits.tenant_limits(s, t.id)),
                 "usage": counted[f"tenant:{t.id}"],
             }
-            for t in tenants
+            for t in every_tenant
         ]
     return {"object": "list", "data": data}
 
@@ -150,8 +148,7 @@ def set_tenant_limits(
     """Set a tenant's limits; fields left out keep their value, null removes a limit."""
     values = body.model_dump(exclude_unset=True)
     with p.db.system() as s:
-        if s.get(m.Tenant, tenant_id) is None:
-            raise NotFound(f"No tenant with id '{tenant_id}'", param="tenant_id")
+        tenants.get_tenant(s, tenant_id)
         limits.set_tenant_limits(s, tenant_id, values)
         audit.record(s, who, "admin.limits", tenant_id=tenant_id, target=tenant_id, detail=values)
         return {"object": "limits", "tenant_id": tenant_id, **_limits_object(limits.tenant_limits(s, tenant_id))}

@@ -9,7 +9,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy.orm import Session
 
 from adaptery.api.deps import platform, principal
 from adaptery.auth.principal import Principal, Role
@@ -81,11 +80,6 @@ def list_keys(who: Principal = Depends(principal), p: Platform = Depends(platfor
         return {"object": "list", "data": [key_object(k) for k in keys.list_keys(s, who)]}
 
 
-def _calling_key(s: Session, who: Principal) -> m.ApiKey | None:
-    """The key the caller signed in with (None for a browser session): what a new key may not exceed."""
-    return s.get(m.ApiKey, who.api_key_id) if who.api_key_id else None
-
-
 @router.post("")
 def create_key(body: CreateKeyRequest, who: Principal = Depends(principal), p: Platform = Depends(platform)) -> dict:
     """A new key of the caller's own. A key made with a key is never wider than it: scopes, models, limits,
@@ -99,7 +93,7 @@ def create_key(body: CreateKeyRequest, who: Principal = Depends(principal), p: P
         )
     with p.db.tenant(who.tenant_id) as s:
         expires_at, allowed, limits = keys.child_settings(
-            _calling_key(s, who),
+            keys.calling_key(s, who),
             expires_in_days=body.expires_in_days,
             allowed_models=body.allowed_models,
             limits=body.limits.model_dump() if body.limits else {},
@@ -152,7 +146,7 @@ def update_key(
             wanted = keys.limits_change(
                 record,
                 body.limits.model_dump(exclude_unset=True),
-                calling_key=_calling_key(s, who),
+                calling_key=keys.calling_key(s, who),
                 may_raise=may_raise,
             )
             for field, value in wanted.items():

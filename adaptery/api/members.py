@@ -86,7 +86,7 @@ def remove_member(username: str, who: Principal = Depends(principal), p: Platfor
         invitation = tenants.pending_invitation(s, username)
         if invitation is not None:
             _check_grant(who, None, Role(invitation.role))
-            s.delete(invitation)
+            tenants.withdraw_invitation(s, invitation)
             audit.record(s, who, "member.invitation_withdraw", target=username)
             return Response(status_code=204)
         member = tenants.get_member(s, username)

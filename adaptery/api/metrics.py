@@ -14,13 +14,12 @@ from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import select
 
 from adaptery.api.deps import platform, principal
 from adaptery.auth.policy import require_engine_admin
 from adaptery.auth.principal import Principal
-from adaptery.db import models as m
 from adaptery.platform import Platform
+from adaptery.services import catalog
 
 router = APIRouter(tags=["engine"])
 
@@ -32,10 +31,9 @@ def metrics(who: Principal = Depends(principal), p: Platform = Depends(platform)
 
 def _visible_state(p: Platform, who: Principal) -> dict[str, Any]:
     state = p.engine.describe()
-    query = select(m.Adapter.id, m.Adapter.sha256, m.Adapter.base_model)
     with p.db.system() if who.is_platform_admin else p.db.tenant(who.tenant_id) as s:
-        rows = list(s.execute(query))
-    names = {sha: model_id for model_id, sha, _ in rows}
+        rows = catalog.adapter_keys(s)
+    names = {row.sha256: row.model_id for row in rows}
 
     def name(key: str) -> str | None:
         return names.get(key)
@@ -54,7 +52,11 @@ def _visible_state(p: Platform, who: Principal) -> dict[str, Any]:
         if tiers is None:
             continue
         in_memory = {*tiers["active"], *(a["key"] for a in tiers["memory"]), *tiers["loading"]}
-        tiers["disk"] = [{"key": sha, "model": i} for i, sha, b in rows if b == base_id and sha not in in_memory]
+        tiers["disk"] = [
+            {"key": row.sha256, "model": row.model_id}
+            for row in rows
+            if row.base_model == base_id and row.sha256 not in in_memory
+        ]
         tiers["active"] = [{"key": k, "model": name(k)} for k in tiers["active"] if name(k)]
         tiers["memory"] = [{**a, "model": name(a["key"])} for a in tiers["memory"] if name(a["key"])]
         tiers["loading"] = [{"key": k, "model": name(k)} for k in tiers["loading"] if name(k)]

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import FileResponse, RedirectResponse
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from adaptery.api.deps import CSRF_COOKIE, DEVICE_COOKIE, SESSION_COOKIE, platform, principal
 from adaptery.auth.principal import Principal
-from adaptery.db import models as m
 from adaptery.platform import Platform
-from adaptery.services import audit, models, sessions, tenants
+from adaptery.services import audit, catalog, sessions, tenants
 from adaptery.services.errors import ServiceError, Unauthenticated
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "web" / "static"
@@ -44,13 +41,13 @@ class SwitchRequest(BaseModel):
 
 
 def _me(s: Session, who: Principal) -> dict:
-    record = s.get(m.WebSession, who.session_id) if who.session_id else None
+    platform_until = sessions.platform_until(s, who)
     return {
         "user": {"id": who.user_id, "username": who.username},
         "tenant": {"id": who.tenant_id, "name": who.tenant_name},
         "role": who.role.value,
         "is_platform_admin": who.is_platform_admin,
-        "platform_admin_until": int(record.platform_until) if who.is_platform_admin and record else None,
+        "platform_admin_until": int(platform_until) if platform_until else None,
         "can_administer_platform": sessions.may_step_up(s, who.user_id),
         "has_password": sessions.has_password(s, who.user_id),
         "tenants": [{"id": t.id, "name": t.name, "role": t.role} for t in sessions.tenants_of(s, who.user_id)],
@@ -240,67 +237,9 @@ def decline_invitation(
     return _answer(p, who, invitation_id, accept=False)
 
 
-def _observed_speed(s: Session) -> dict[str, float]:
-    """Tokens per second of this tenant's finished jobs, per base model: what a time estimate rests on."""
-    tokens: dict[str, float] = {}
-    seconds: dict[str, float] = {}
-    for job in s.scalars(select(m.FineTuningJob).where(m.FineTuningJob.status == "succeeded")):
-        if job.trained_tokens and job.started_at and job.finished_at and job.finished_at > job.started_at:
-            tokens[job.model] = tokens.get(job.model, 0) + job.trained_tokens
-            seconds[job.model] = seconds.get(job.model, 0) + job.finished_at - job.started_at
-    return {model: tokens[model] / seconds[model] for model in tokens}
-
-
-def _adapter_details(s: Session, adapter: m.Adapter) -> dict[str, Any]:
-    job = s.get(m.FineTuningJob, adapter.job_id) if adapter.job_id else None
-    details: dict[str, Any] = {
-        "method": adapter.method,
-        "rank": adapter.rank,
-        "sha256": adapter.sha256,
-        "visibility": adapter.visibility,
-        "created_by": None,
-        "job": None,
-    }
-    if adapter.created_by and (creator := s.get(m.User, adapter.created_by)) is not None:
-        details["created_by"] = creator.username
-    if job is not None:
-        training = s.get(m.File, job.training_file)
-        method = job.method or {}  # its hyperparameters hold every option the run used, the top level OpenAI's three
-        checkpoint = s.scalars(
-            select(m.JobCheckpoint).where(m.JobCheckpoint.job_id == job.id).order_by(m.JobCheckpoint.step.desc())
-        ).first()
-        details["job"] = {
-            "id": job.id,
-            "training_file": job.training_file,
-            "training_filename": training.filename if training else None,
-            "hyperparameters": method.get(method.get("type", ""), {}).get("hyperparameters") or job.hyperparameters,
-            "trained_tokens": job.trained_tokens,
-            "metrics": {k: v for k, v in (checkpoint.metrics if checkpoint else {}).items() if v is not None},
-        }
-    return details
-
-
 @router.get("/api/models", tags=["models"])
 def model_catalog(who: Principal = Depends(principal), p: Platform = Depends(platform)) -> dict:
     """The models this caller may use, with what the web page shows about them: base models' fine-tuning
     defaults and observed training speed; adapters' method, rank, training job, data and final metrics."""
-    data = []
     with p.db.tenant(who.tenant_id) as s:
-        speed = _observed_speed(s)
-        for ref in models.list_models(s, viewer=who):
-            body: dict[str, Any] = {
-                "id": ref.id,
-                "object": "model",
-                "kind": "adapter" if ref.adapter else "base",
-                "base_model": ref.base.id,
-                "display_name": ref.base.display_name or ref.base.id,
-                "owned_by": ref.owned_by,
-                "created": int(ref.created_at),
-            }
-            if ref.adapter is None:
-                body["finetune_defaults"] = ref.base.finetune_defaults
-                body["observed_tokens_per_second"] = speed.get(ref.id)
-            else:
-                body.update(_adapter_details(s, ref.adapter))
-            data.append(body)
-    return {"object": "list", "data": data}
+        return {"object": "list", "data": catalog.model_catalog(s, who)}

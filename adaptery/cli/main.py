@@ -204,11 +204,9 @@ def create_agent(
     database_url: DatabaseUrl = None,
 ) -> None:
     """Enroll an agent; prints its credentials once (only a bcrypt hash is kept). serve applies it within seconds."""
-    from sqlalchemy import select
-
-    from adaptery.db import models as m
     from adaptery.db.session import Database
     from adaptery.services import agents as agent_records
+    from adaptery.services import tenants
     from adaptery.services.errors import ServiceError
 
     settings = _settings(data_dir=data_dir, database_url=database_url)
@@ -218,9 +216,9 @@ def create_agent(
         with db.system() as s:
             scope = None
             if tenant is not None:
-                scope = s.scalar(select(m.Tenant.id).where(m.Tenant.name == tenant))
-                if scope is None:
+                if (named := tenants.tenant_named(s, tenant)) is None:
                     raise typer.BadParameter(f"no tenant named '{tenant}'", param_hint="--tenant")
+                scope = named.id
             created = agent_records.create_agent(s, name, tenant_scope=scope)
     except ServiceError as exc:
         console.print(f"[red]Error:[/red] {exc.message}")

@@ -110,6 +110,16 @@ def list_keys(session: Session, who: Principal) -> list[m.ApiKey]:
     return list(session.scalars(query))
 
 
+def all_key_ids(session: Session) -> list[str]:
+    """Every key of the session's tenant, revoked ones too (their usage still counts this month)."""
+    return list(session.scalars(select(m.ApiKey.id).order_by(m.ApiKey.created_at)))
+
+
+def calling_key(session: Session, who: Principal) -> m.ApiKey | None:
+    """The key the caller signed in with (None for a browser session)."""
+    return session.get(m.ApiKey, who.api_key_id) if who.api_key_id else None
+
+
 def owner_role(session: Session, record: m.ApiKey) -> Role | None:
     role = session.scalar(select(m.Membership.role).where(m.Membership.user_id == record.user_id))
     return Role(role) if role else None

@@ -353,6 +353,12 @@ def tenants_of(session: Session, user_id: str) -> list[TenantRef]:
     return [TenantRef(tenant.id, tenant.name, membership.role) for tenant, membership in rows]
 
 
+def platform_until(session: Session, who: Principal) -> float | None:
+    """When the caller's platform-admin step-up ends (None: not stepped up, or not a browser session)."""
+    record = session.get(m.WebSession, who.session_id) if who.session_id else None
+    return record.platform_until if who.is_platform_admin and record is not None else None
+
+
 def has_password(session: Session, user_id: str) -> bool:
     return session.get(m.User, user_id).password_hash is not None
 

@@ -40,6 +40,21 @@ def has_any_tenant(session: Session) -> bool:
     return session.scalar(select(func.count()).select_from(m.Tenant)) > 0
 
 
+def tenant_named(system_session: Session, name: str) -> m.Tenant | None:
+    return system_session.scalar(select(m.Tenant).where(m.Tenant.name == name))
+
+
+def get_tenant(system_session: Session, tenant_id: str) -> m.Tenant:
+    tenant = system_session.get(m.Tenant, tenant_id)
+    if tenant is None:
+        raise NotFound(f"No tenant with id '{tenant_id}'", param="tenant_id")
+    return tenant
+
+
+def all_tenants(system_session: Session) -> list[m.Tenant]:
+    return list(system_session.scalars(select(m.Tenant).order_by(m.Tenant.name)))
+
+
 def create_tenant(
     session: Session, name: str, owner_username: str, *, login_link_hours: float, platform_admin: bool = False
 ) -> NewTenant:
@@ -50,7 +65,7 @@ def create_tenant(
     makes the owner a platform admin and their first key a platform key."""
     check_name(name, "tenant")
     check_name(owner_username, "username")
-    if session.scalar(select(m.Tenant).where(m.Tenant.name == name)):
+    if tenant_named(session, name) is not None:
         raise Conflict(f"A tenant named '{name}' already exists", param="tenant")
     user = session.scalar(select(m.User).where(m.User.username == owner_username))
     existing = user is not None
@@ -109,6 +124,28 @@ def get_member(session: Session, username: str) -> Member:
 
 
 @dataclass(frozen=True)
+class MemberRow:
+    username: str
+    user_id: str
+    role: str
+    created_at: float
+    set_up: bool  # the person has a password (a new sign-in link is then refused: they sign in themself)
+
+
+def list_members(session: Session) -> list[MemberRow]:
+    """The members of the session's tenant, by username."""
+    rows = session.execute(
+        select(m.User.username, m.User.id, m.Membership.role, m.Membership.created_at, m.User.password_hash)
+        .join(m.Membership, m.Membership.user_id == m.User.id)
+        .order_by(m.User.username)
+    )
+    return [
+        MemberRow(username, user_id, role, created, set_up=password is not None)
+        for username, user_id, role, created, password in rows
+    ]
+
+
+@dataclass(frozen=True)
 class Invited:
     """A new person joined with a one-time link (`token`), or an existing person was asked (`invitation`)."""
 
@@ -162,6 +199,11 @@ def pending_invitation(session: Session, username: str) -> m.Invitation | None:
     return session.scalar(
         select(m.Invitation).join(m.User, m.User.id == m.Invitation.user_id).where(m.User.username == username)
     )
+
+
+def withdraw_invitation(session: Session, invitation: m.Invitation) -> None:
+    session.delete(invitation)
+    session.flush()
 
 
 def list_invitations(session: Session) -> list[tuple[m.Invitation, str]]:

@@ -80,3 +80,62 @@ def test_messaging_is_the_wire_and_the_broker_only():
             if any(module == prefix or module.startswith(prefix + ".") for prefix in UPPER):
                 offenders.append(f"{path.relative_to(ROOT)}:{line} imports {module}")
     assert not offenders, "\n".join(offenders)
+
+
+# Routers and CLI commands are thin: services run the SQL (ARCHITECTURE.md, "Package layout"; STYLE.md).
+FACES = ("api", "cli")
+SQL_NAMES = frozenset({"select", "insert", "update", "delete", "func", "text", "and_", "or_", "exists"})
+SQL_CALLS = frozenset({"execute", "scalar", "scalars", "query"})
+# A face that truly needs SQL says why here; none does today (api/deps.py only opens sessions for services).
+RUNS_SQL_ALLOWED: dict[str, str] = {}
+
+
+def runs_sql(path: Path, root: Path) -> list[str]:
+    """Every place `path` imports a query builder from sqlalchemy, or calls a session's execute/scalar(s)/query,
+    anywhere in the module (a function's own imports too)."""
+    where = path.relative_to(root)
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "sqlalchemy":
+            found += [f"{where}:{node.lineno} imports sqlalchemy's {a.name}" for a in node.names if a.name in SQL_NAMES]
+        elif isinstance(node, ast.Import):
+            found += [f"{where}:{node.lineno} imports {a.name}" for a in node.names if a.name == "sqlalchemy"]
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in SQL_CALLS:
+            found.append(f"{where}:{node.lineno} calls .{node.func.attr}()")
+    return found
+
+
+def faces_running_sql(root: Path = ROOT) -> list[str]:
+    offenders = []
+    for face in FACES:
+        for path in sorted((root / "adaptery" / face).rglob("*.py")):
+            if str(path.relative_to(root / "adaptery")) not in RUNS_SQL_ALLOWED:
+                offenders += runs_sql(path, root)
+    return offenders
+
+
+def test_the_sql_check_sees_query_builders_session_calls_and_function_level_imports(tmp_path):
+    router = tmp_path / "adaptery" / "api" / "x.py"
+    router.parent.mkdir(parents=True)
+    router.write_text(
+        "from sqlalchemy.orm import Session\n"
+        "def route(s):\n"
+        "    from sqlalchemy import func, select\n"
+        "    return s.scalars(select(1))\n"
+    )
+    command = tmp_path / "adaptery" / "cli" / "y.py"
+    command.parent.mkdir(parents=True)
+    command.write_text("import sqlalchemy\ndef cmd(session):\n    session.execute('x'); session.query(1).all()\n")
+    assert faces_running_sql(tmp_path) == [
+        "adaptery/api/x.py:3 imports sqlalchemy's func",
+        "adaptery/api/x.py:3 imports sqlalchemy's select",
+        "adaptery/api/x.py:4 calls .scalars()",
+        "adaptery/cli/y.py:1 imports sqlalchemy",
+        "adaptery/cli/y.py:3 calls .execute()",
+        "adaptery/cli/y.py:3 calls .query()",
+    ]
+
+
+def test_routers_and_cli_commands_run_no_sql():
+    offenders = faces_running_sql()
+    assert not offenders, "services run the SQL; call one instead:\n" + "\n".join(offenders)
