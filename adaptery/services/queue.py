@@ -23,6 +23,7 @@ import logging
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -68,8 +69,11 @@ class JobQueue:
         max_attempts: int,
         tenant_concurrency: int | None = None,
         checkpoint_every_steps: int | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.db = db
+        # Every lease time (expiry, last seen) reads this clock: tests advance it instead of sleeping.
+        self.clock = clock
         self.blobs = blobs
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
@@ -149,7 +153,7 @@ class JobQueue:
         if not candidates:
             return None
         job_id = candidates[0]
-        now = time.time()
+        now = self.clock()
         claimed = s.execute(
             update(m.FineTuningJob)
             .where(m.FineTuningJob.id == job_id, m.FineTuningJob.status == "queued")
@@ -238,18 +242,17 @@ class JobQueue:
         record = s.get(m.File, file_id)
         return BlobRef(record.sha256, record.bytes)
 
-    @staticmethod
-    def _mark_agent(s: Session, agent_id: str, job_id: str | None) -> None:
+    def _mark_agent(self, s: Session, agent_id: str, job_id: str | None) -> None:
         agent = s.get(m.Agent, agent_id) if agent_id else None
         if agent is not None:
-            agent.last_seen_at = time.time()
+            agent.last_seen_at = self.clock()
             agent.current_job_id = job_id
 
     def seen(self, agent_id: str, *, idle: bool = False) -> None:
         """An agent asked for work: it is alive (and, asking, holds no job)."""
         with self.db.system() as s:
             agent = s.get(m.Agent, agent_id)
-            now = time.time()
+            now = self.clock()
             # Idle agents ask every second or so: write only when it changes what an admin would see.
             if agent is None:
                 return
@@ -316,7 +319,7 @@ class JobQueue:
             renewed = s.execute(
                 update(m.FineTuningJob)
                 .where(*self._lease_of(job_id, agent_id, attempt))
-                .values(lease_expires_at=time.time() + self.lease_seconds)
+                .values(lease_expires_at=self.clock() + self.lease_seconds)
                 .execution_options(synchronize_session=False)
             ).rowcount
             if renewed != 1:
@@ -502,7 +505,7 @@ class JobQueue:
     def recover(self) -> int:
         """Requeue (or fail) running jobs whose lease expired; returns how many moved. Each job moves in its own
         transaction, and an error on one is logged while the others go on."""
-        now = time.time()
+        now = self.clock()
         with self.db.system() as s:
             stale = s.execute(
                 select(m.FineTuningJob.id, m.FineTuningJob.lease_owner, m.FineTuningJob.attempts).where(

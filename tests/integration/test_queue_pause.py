@@ -52,7 +52,7 @@ def test_a_paused_job_resumes_from_its_checkpoint_and_finishes(running):
     checkpoints = running.client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints", headers=headers).json()["data"]
     assert checkpoints[0]["step_number"] == step and checkpoints[0]["metrics"]["step"] == step
 
-    time.sleep(1.5)  # a paused job stays put: nobody leases it
+    assert running.platform.queue.lease("another-agent") is None  # a paused job stays put: nobody leases it
     assert wait_for_status(running, job["id"], ("paused",))["status"] == "paused"
     resumed = running.client.post(f"/v1/fine_tuning/jobs/{job['id']}/resume", headers=headers).json()
     assert resumed["status"] == "queued"

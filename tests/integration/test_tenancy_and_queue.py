@@ -83,13 +83,31 @@ def make_blobs(db: Database, tmp_path) -> BlobStore:
     return BlobStore(tmp_path / "blobs", keyring, tmp_path / "scratch")
 
 
+class ManualClock:
+    """The queue's clock, moved by the test: a lease expires when the test says so, not after a sleep."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 @pytest.fixture
-def queue_setup(db, tmp_path):
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+def queue_setup(db, tmp_path, clock):
     tenant = make_tenant(db, "a")
     with db.system() as s:
         s.add(m.BaseModel(id="base", ref="/nowhere", display_name="b", finetune_defaults={}))
     file_id = add_file(db, tenant)
-    queue = JobQueue(db, make_blobs(db, tmp_path), lease_seconds=0.5, max_attempts=2)
+    queue = JobQueue(db, make_blobs(db, tmp_path), lease_seconds=60, max_attempts=2, clock=clock)
     return db, queue, tenant, file_id
 
 
@@ -115,21 +133,23 @@ def test_concurrent_agents_never_lease_the_same_job(queue_setup):
     assert sorted(leased) == sorted(jobs)
 
 
-def test_an_expired_lease_goes_back_to_the_queue_then_fails_after_max_attempts(queue_setup):
+def test_an_expired_lease_goes_back_to_the_queue_then_fails_after_max_attempts(queue_setup, clock):
     db, queue, tenant, file_id = queue_setup
     job_id = queued_job(db, tenant, file_id)
     assert queue.lease("dead-agent").job_id == job_id
-    time.sleep(0.6)
-    assert queue.heartbeat(job_id, "dead-agent") == "continue"  # still its own until recovered
-    time.sleep(0.6)
+    clock.advance(59)
+    assert queue.recover() == 0  # not yet expired
+    clock.advance(2)
+    assert queue.heartbeat(job_id, "dead-agent") == "continue"  # still its own until recovered; renews it
+    clock.advance(61)
     assert queue.recover() == 1
     with db.system() as s:
         job = s.get(m.FineTuningJob, job_id)
         assert (job.status, job.attempts, job.lease_owner) == ("queued", 1, None)
     assert queue.heartbeat(job_id, "dead-agent") == "lost"
     assert queue.lease("second-agent").attempt == 2
-    time.sleep(0.6)
-    queue.recover()
+    clock.advance(61)
+    assert queue.recover() == 1
     with db.system() as s:
         job = s.get(m.FineTuningJob, job_id)
         assert job.status == "failed" and job.error["code"] == "worker_lost"
