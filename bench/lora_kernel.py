@@ -10,9 +10,12 @@ rank-16 adapters on all seven projections):
    weights, as in the engine), all four sites of a layer: the kernel's tiles against the matmul path
    (`x @ A.T`, one `addmm_` per projection) used without tiles;
 Each kernel figure beside the portable build (no AVX-512 or AVX2: one row at a time), where the CPU has tiles;
-3. decode attention, 32 sequences over 96 and 192 positions: SDPA against matmul -> masked softmax -> matmul.
+3. decode attention, 32 sequences over 96 and 192 positions: SDPA against matmul -> masked softmax -> matmul;
+4. the safety checks' cost per decode step (32 sites x layers, 32 rows, C replaced by a no-op so only Python is
+   timed): every check on every call (`site`) against the engine's `SiteTable` (its table checked once, the
+   per-call arguments each call) and against no check at all (the bare call).
 
-    .venv/bin/python bench/lora_kernel.py [--json out.json]
+    .venv/bin/python bench/lora_kernel.py [--json out.json] [--checks-only]
 """
 
 from __future__ import annotations
@@ -53,6 +56,54 @@ def site_buffers(d_in: int, outs: list[int], weights: torch.dtype) -> tuple:
     return shrink, expand, offsets
 
 
+def site_tables(shrink: torch.Tensor, expand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, S) addresses of each layer's slots, as `SlotBuffers` keeps them."""
+    return (torch.stack([lora_kernel.addresses(shrink[layer]) for layer in range(LAYERS)]),
+            torch.stack([lora_kernel.addresses(expand[layer]) for layer in range(LAYERS)]))  # fmt: skip
+
+
+class NoOp:
+    """A library whose kernel does nothing: what is left to time is the Python around the call."""
+
+    def lora_site(self, *args) -> None:  # noqa: ANN002
+        pass
+
+
+def checks() -> dict:
+    """ms per decode step (every site of every layer) spent in Python around the kernel call."""
+    ranks = torch.full((SLOTS,), RANK, dtype=torch.int32)
+    slots = torch.arange(SLOTS, dtype=torch.int32)
+    sites = []
+    for d_in, outs in SITES.values():
+        shrink, expand, offsets = site_buffers(d_in, outs, torch.float32)
+        shrink_at, expand_at = site_tables(shrink, expand)
+        table = lora_kernel.SiteTable(ranks, shrink_at, expand_at, offsets, RANK, torch.float32)
+        sites.append((torch.randn(SLOTS, d_in), torch.zeros(SLOTS, sum(outs)), shrink_at, expand_at, offsets, table,
+                      (shrink, expand)))  # fmt: skip
+    library = NoOp()
+
+    def per_call() -> None:
+        for x, out, shrink_at, expand_at, offsets, _, _ in sites:
+            for layer in range(LAYERS):
+                lora_kernel.site(library, x, out, slots, ranks, shrink_at[layer], expand_at[layer], offsets, RANK,
+                                 torch.float32)  # fmt: skip
+
+    def table() -> None:
+        for x, out, _, _, _, site_table, _ in sites:
+            for layer in range(LAYERS):
+                site_table.run(library, layer, x, out, slots)
+
+    def bare() -> None:  # the same arguments, no check
+        for x, out, shrink_at, expand_at, offsets, _, _ in sites:
+            for layer in range(LAYERS):
+                library.lora_site(SLOTS, x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), slots.data_ptr(),
+                                  ranks.data_ptr(), shrink_at[layer].data_ptr(), expand_at[layer].data_ptr(), RANK,
+                                  offsets.shape[0] - 1, x.shape[1], offsets.data_ptr(), 0, 0, 1)  # fmt: skip
+
+    return {f"{name}_ms_per_step": timed(fn, 200) * 1e3 for name, fn in
+            (("per_call", per_call), ("site_table", table), ("bare", bare))}  # fmt: skip
+
+
 def decode(library, activations: torch.dtype, weights: torch.dtype, rows_per_adapter: int = 1) -> dict:
     ranks = torch.full((SLOTS,), RANK, dtype=torch.int32)
     slots = torch.arange(SLOTS, dtype=torch.int32) // rows_per_adapter  # adjacent rows share an adapter
@@ -62,11 +113,11 @@ def decode(library, activations: torch.dtype, weights: torch.dtype, rows_per_ada
         x = torch.randn(SLOTS, d_in).to(activations)
         out = torch.zeros(SLOTS, sum(outs), dtype=activations)
 
-        at = [(lora_kernel.addresses(shrink[layer]), lora_kernel.addresses(expand[layer])) for layer in range(LAYERS)]
+        table = lora_kernel.SiteTable(ranks, *site_tables(shrink, expand), offsets, RANK, weights)
 
         def step() -> None:
-            for a, b in at:  # noqa: B023
-                lora_kernel.site(library, x, out, slots, ranks, a, b, offsets, RANK, weights)  # noqa: B023
+            for layer in range(LAYERS):
+                table.run(library, layer, x, out, slots)  # noqa: B023
 
         seconds += timed(step, 7)
         nbytes += (shrink.numel() + expand.numel()) * shrink.element_size() / rows_per_adapter
@@ -134,6 +185,7 @@ def attention(dtype: torch.dtype, positions: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--checks-only", action="store_true", help="only 4. (seconds, not minutes)")
     args = parser.parse_args()
     torch.manual_seed(0)
     random.seed(0)
@@ -146,13 +198,14 @@ def main() -> None:
         libraries["portable"] = portable
     results: dict = {"tiled": lora_kernel.tiled(library), "threads": torch.get_num_threads(), "kernel": {},
                      "attention": {}}  # fmt: skip
-    for name, (activations, weights) in DTYPES.items():
+    for name, (activations, weights) in {} if args.checks_only else DTYPES.items():
         figures = {}
         for build, lib in libraries.items():
             for rows in (1, 4):
                 figures |= {f"decode{rows}_{build}_{k}": v for k, v in decode(lib, activations, weights, rows).items()}
         results["kernel"][name] = figures | prefill(libraries, activations, weights)
-    for name in ("float32", "bfloat16"):
+    results["checks"] = checks()
+    for name in () if args.checks_only else ("float32", "bfloat16"):
         for positions in (96, 192):
             results["attention"][f"{name}, {positions} positions"] = attention(getattr(torch, name), positions)
     print(json.dumps(results, indent=2))
@@ -177,6 +230,12 @@ def main() -> None:
     for name, r in results["attention"].items():
         used = "SDPA" if name.startswith("float32") else "matmul"
         print(f"| {name} | {r['sdpa_ms']:.2f} ms | {r['matmul_ms']:.2f} ms | {used} |")
+    c = results["checks"]
+    print(f"\n| Python around the kernel, a decode step ({len(SITES) * LAYERS} calls) | every check per call "
+          "| SiteTable (engine) | no check |")  # fmt: skip
+    print("| --- | --- | --- | --- |")
+    print(f"| ms per step | {c['per_call_ms_per_step']:.3f} | {c['site_table_ms_per_step']:.3f} "
+          f"| {c['bare_ms_per_step']:.3f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

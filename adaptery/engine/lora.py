@@ -212,6 +212,12 @@ class SlotBuffers:
         kernel: object | None = None,
         adapter_dtype: torch.dtype | None = None,
     ) -> None:
+        with torch.inference_mode(False):  # tensors that count their writes, so the kernel's tables are checked once
+            self._make(model, slots, max_rank, kernel, adapter_dtype)
+
+    def _make(
+        self, model: NativeLlama, slots: int, max_rank: int, kernel: object | None, adapter_dtype: torch.dtype | None
+    ) -> None:
         layers = len(model.layers)
         self.model = model
         self.max_rank = max_rank
@@ -239,6 +245,13 @@ class SlotBuffers:
             site: torch.tensor([0, *itertools.accumulate(model.site_out[site])], dtype=torch.int64) for site in SITES
         }
         self.ranks = torch.zeros(slots, dtype=torch.int32)
+        if kernel is not None:  # checked once, and again after each slot write (SiteTable), not per call
+            self.tables = {
+                site: lora_kernel.SiteTable(
+                    self.ranks, self.shrink_at[site], self.expand_at[site], self.offsets[site], max_rank, self.dtype
+                )
+                for site in SITES
+            }
         self.magnitude = {site: torch.ones(layers, slots, sum(model.site_out[site])) for site in SITES}
         self.keys: list[str] = []
         self.index: dict[str, int] = {}
@@ -333,14 +346,13 @@ class LoraBatch:
         self.gather = self.valid = None
         if self.kernel is not None:
             self.long_segments: list[tuple[int, int, int]] = []  # (slot, first row, rows), rows after base
-            self.kernel_slots = self.token_slots
             start = 0
             tiled = lora_kernel.tiled(self.kernel)
             for slot, count in enumerate(self.counts):
                 if count >= self.kernel_segment_limit and not tiled:
                     self.long_segments.append((slot, start, count))
                 start += count
-            if self.long_segments:
+            with torch.inference_mode(False):  # a tensor that counts its writes: its bounds are checked once a step
                 self.kernel_slots = self.token_slots.clone()
                 for _, first, count in self.long_segments:
                     self.kernel_slots[first : first + count] = -1
@@ -368,10 +380,7 @@ class LoraBatch:
         if self.kernel is not None:
             buffers = self.buffers
             if len(self.long_segments) < len(self.counts):
-                lora_kernel.site(
-                    self.kernel, x[start:], target, self.kernel_slots, buffers.ranks, buffers.shrink_at[site][layer],
-                    buffers.expand_at[site][layer], buffers.offsets[site], buffers.max_rank, buffers.dtype,
-                )  # fmt: skip
+                buffers.tables[site].run(self.kernel, layer, x[start:], target, self.kernel_slots)
             bounds = buffers.offsets[site].tolist()
             parts = len(bounds) - 1
             for slot, first, count in self.long_segments:

@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -200,7 +201,7 @@ def _tensor(name: str, value: object, dtype: torch.dtype | tuple[torch.dtype, ..
     dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
     if value.dtype not in dtypes:
         raise TypeError(f"{name} must be {' or '.join(map(str, dtypes))}, not {value.dtype}")
-    if value.device.type != "cpu":
+    if not value.is_cpu:
         raise ValueError(f"{name} must be on the CPU, not {value.device}")
     if value.dim() != dim:
         raise ValueError(f"{name} must have {dim} dimension(s), not shape {tuple(value.shape)}")
@@ -209,47 +210,113 @@ def _tensor(name: str, value: object, dtype: torch.dtype | tuple[torch.dtype, ..
     return value
 
 
-def _check_site(x, out, slots, ranks, shrink, expand, offsets, max_rank, weights) -> None:  # noqa: ANN001
-    """Every shape, dtype, stride, index and bound `lora_site` relies on, checked with real exceptions (not
-    asserts, which `python -O` strips) before a pointer reaches C. What cannot be checked here is that each
-    address in shrink/expand points at a live tensor of its slot's shape: `addresses` and `SlotBuffers` own that."""
-    _tensor("x", x, _FLOATS, 2)
-    _tensor("out", out, x.dtype, 2)
-    if weights not in _FLOATS:
-        raise TypeError(f"weights must be torch.float32 or torch.bfloat16, not {weights!r}")
-    if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
-        raise ValueError(f"max_rank must be a positive int, not {max_rank!r}")
-    for name, tensor, dtype in (("slots", slots, torch.int32), ("ranks", ranks, torch.int32),
-                                ("shrink", shrink, torch.int64), ("expand", expand, torch.int64),
-                                ("offsets", offsets, torch.int64)):  # fmt: skip
-        _tensor(name, tensor, dtype, 1)
-    n, d_in = x.shape
-    count = ranks.shape[0]
-    if slots.shape[0] != n:
-        raise ValueError(f"slots has {slots.shape[0]} entries for {n} rows of x")
-    if shrink.shape[0] != count or expand.shape[0] != count:
-        raise ValueError(
-            f"shrink ({shrink.shape[0]}) and expand ({expand.shape[0]}) need one address per slot ({count})"
-        )
-    if offsets.shape[0] < 2:
-        raise ValueError("offsets must hold at least [0, d_out]")
-    bounds = offsets.tolist()
-    if bounds[0] != 0 or any(hi < lo for lo, hi in itertools.pairwise(bounds)):
-        raise ValueError(f"offsets must start at 0 and never decrease, not {bounds}")
-    if out.shape != (n, bounds[-1]):
-        raise ValueError(f"out must be ({n}, {bounds[-1]}) for x {tuple(x.shape)} and offsets {bounds}, "
-                         f"not {tuple(out.shape)}")  # fmt: skip
-    if d_in < 1 or (n > 1 and (x.stride(0) < d_in or out.stride(0) < bounds[-1])):
-        raise ValueError(f"x and out rows must not overlap: strides {x.stride()} / {out.stride()}")
-    rank_values = ranks.numpy()
-    # one pass each (this runs per site and layer): a negative rank reads as a huge unsigned one
-    if count and int(rank_values.view(np.uint32).max()) > max_rank:
-        raise ValueError(f"ranks must lie in [0, max_rank={max_rank}], not {rank_values.min()}..{rank_values.max()}")
-    if n and int(slots.numpy().max()) >= count:  # negative slots: rows the kernel skips
-        raise ValueError(f"slot index {int(slots.numpy().max())} is out of range for {count} slots")
-    # a slot with rank > 0 is read through its addresses: none may be null (unused slots are checked too: cheaper)
-    if count and (np.minimum(shrink.numpy(), expand.numpy()) == 0)[rank_values > 0].any():
-        raise ValueError("a slot in use has no shrink/expand address")
+class SiteTable:
+    """One projection site's slot table, as `lora_site` reads it: per layer and slot the address of the slot's
+    shrink rows (ranks[s], P, d_in) and expand rows (ranks[s], d_out); ranks (S,) int32, offsets (P + 1,) int64.
+
+    Its shapes, dtypes and bounds hold until one of its tensors changes, so they are checked when it is made and
+    again on the first call after torch counts a write to any of them (each tensor's version counter, its address
+    and shape: `SlotBuffers` writes a slot in place when an adapter moves in), not on each of the L x 4 calls of a
+    step, which cost ~0.6 ms a decode step (bench/lora_kernel.py, "checks"). The per-call arguments (x, out and
+    the step's slots) are checked on every call, the slots' bounds once per slots tensor and version. Inference
+    tensors (made under `torch.inference_mode`) count no writes, so a table or slots made of them is checked on
+    every call: the engine makes its tables and slots outside it. Writes that torch does not count (through
+    `.numpy()` or ctypes) are the caller's to avoid, like the addresses' liveness.
+    """
+
+    def __init__(
+        self,
+        ranks: torch.Tensor,
+        shrink: torch.Tensor,
+        expand: torch.Tensor,
+        offsets: torch.Tensor,
+        max_rank: int,
+        weights: torch.dtype,
+    ) -> None:
+        self.ranks, self.shrink, self.expand, self.offsets = ranks, shrink, expand, offsets
+        self.max_rank, self.weights = max_rank, weights
+        self._checked: tuple | None = None
+        self._slots: tuple | None = None  # (weak reference, version, address, rows) of the slots last checked
+        self.check()
+
+    def _state(self) -> tuple:
+        ranks, shrink, expand, offsets = self.ranks, self.shrink, self.expand, self.offsets
+        versions = (ranks._version, shrink._version, expand._version, offsets._version)
+        places = (ranks.data_ptr(), shrink.data_ptr(), expand.data_ptr(), offsets.data_ptr())
+        return versions, places, ranks.shape, shrink.shape, expand.shape, offsets.shape
+
+    def check(self) -> None:
+        """Every shape, dtype, index and bound of the table `lora_site` relies on, with real exceptions (not
+        asserts, which `python -O` strips)."""
+        if self.weights not in _FLOATS:
+            raise TypeError(f"weights must be torch.float32 or torch.bfloat16, not {self.weights!r}")
+        if isinstance(self.max_rank, bool) or not isinstance(self.max_rank, int) or self.max_rank < 1:
+            raise ValueError(f"max_rank must be a positive int, not {self.max_rank!r}")
+        _tensor("ranks", self.ranks, torch.int32, 1)
+        _tensor("shrink", self.shrink, torch.int64, 2)
+        _tensor("expand", self.expand, torch.int64, 2)
+        _tensor("offsets", self.offsets, torch.int64, 1)
+        count = self.ranks.shape[0]
+        if self.shrink.shape[1] != count or self.expand.shape[1] != count or self.shrink.shape != self.expand.shape:
+            raise ValueError(f"shrink ({self.shrink.shape[-1]}) and expand ({self.expand.shape[-1]}) need one "
+                             f"address per slot ({count}), for each of the same layers")  # fmt: skip
+        if self.offsets.shape[0] < 2:
+            raise ValueError("offsets must hold at least [0, d_out]")
+        bounds = self.offsets.tolist()
+        if bounds[0] != 0 or any(hi < lo for lo, hi in itertools.pairwise(bounds)):
+            raise ValueError(f"offsets must start at 0 and never decrease, not {bounds}")
+        rank_values = self.ranks.numpy()
+        # a negative rank reads as a huge unsigned one
+        if count and int(rank_values.view(np.uint32).max()) > self.max_rank:
+            raise ValueError(f"ranks must lie in [0, max_rank={self.max_rank}], not "
+                             f"{rank_values.min()}..{rank_values.max()}")  # fmt: skip
+        # a slot with rank > 0 is read through its addresses, in every layer: none may be null
+        if count and (np.minimum(self.shrink.numpy(), self.expand.numpy()) == 0)[:, rank_values > 0].any():
+            raise ValueError("a slot in use has no shrink/expand address")
+        self.layers, self.count, self.d_out, self.parts = self.shrink.shape[0], count, bounds[-1], len(bounds) - 1
+        # an inference tensor (made under torch.inference_mode) counts no writes: such a table is checked every call
+        tracked = not any(t.is_inference() for t in (self.ranks, self.shrink, self.expand, self.offsets))
+        self._checked = self._state() if tracked else None
+
+    def _check_slots(self, slots: object, rows: int) -> None:
+        seen = self._slots  # the same slots tensor, unwritten since its check: the step's other calls
+        if seen is not None and seen[0]() is slots and seen[1:] == (slots._version, slots.data_ptr(), rows):
+            return
+        _tensor("slots", slots, torch.int32, 1)
+        if slots.shape[0] != rows:
+            raise ValueError(f"slots has {slots.shape[0]} entries for {rows} rows of x")
+        if rows and int(slots.numpy().max()) >= self.count:  # negative slots: rows the kernel skips
+            raise ValueError(f"slot index {int(slots.numpy().max())} is out of range for {self.count} slots")
+        if not slots.is_inference():  # one that counts its writes is not checked again until written
+            self._slots = (weakref.ref(slots), slots._version, slots.data_ptr(), rows)
+
+    def run(self, library: ctypes.CDLL, layer: int, x: torch.Tensor, out: torch.Tensor, slots: torch.Tensor) -> None:
+        """out += LoRA(x) row by row with layer `layer`'s adapters. x (n, d_in) and out (n, d_out) share a dtype;
+        slots (n,) int32, each below the table's slot count (negative: a row without adapter). The tensors the
+        addresses point at are the caller's to keep alive. Anything else is a TypeError or ValueError raised
+        before C sees a pointer."""
+        if self._checked is None or self._state() != self._checked:
+            self._checked = None  # stays unchecked if the check fails: the next call checks again
+            self.check()
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.layers:
+            raise ValueError(f"layer must be an int in [0, {self.layers}), not {layer!r}")
+        _tensor("x", x, _FLOATS, 2)
+        _tensor("out", out, x.dtype, 2)
+        n, d_in = x.shape
+        self._check_slots(slots, n)
+        if out.shape != (n, self.d_out):
+            raise ValueError(f"out must be ({n}, {self.d_out}) for x {tuple(x.shape)} and offsets "
+                             f"{self.offsets.tolist()}, not {tuple(out.shape)}")  # fmt: skip
+        if d_in < 1 or (n > 1 and (x.stride(0) < d_in or out.stride(0) < self.d_out)):
+            raise ValueError(f"x and out rows must not overlap: strides {x.stride()} / {out.stride()}")
+        if n == 0:
+            return
+        library.lora_site(
+            n, x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), slots.data_ptr(), self.ranks.data_ptr(),
+            self.shrink[layer].data_ptr(), self.expand[layer].data_ptr(), self.max_rank, self.parts, d_in,
+            self.offsets.data_ptr(), int(x.dtype == torch.bfloat16), int(self.weights == torch.bfloat16),
+            torch.get_num_threads(),
+        )  # fmt: skip
 
 
 def site(
@@ -264,17 +331,12 @@ def site(
     max_rank: int,
     weights: torch.dtype,
 ) -> None:
-    """out += LoRA(x) row by row. x (n, d_in) and out (n, d_out) share a dtype; slots (n,) int32, ranks (S,)
-    int32 (each <= max_rank), offsets (P + 1,) int64. shrink and expand (S,) int64: per slot, the address of its
-    contiguous shrink rows (ranks[s], P, d_in) and expand rows (ranks[s], d_out) in `weights` (fp32 or bf16:
-    bf16 adapters may serve an fp32 model). The caller keeps those tensors alive for the call. Anything else
-    is a TypeError or ValueError raised before C sees a pointer (see `_check_site`)."""
-    _check_site(x, out, slots, ranks, shrink, expand, offsets, max_rank, weights)
-    n, d_in = x.shape
-    if n == 0:
-        return
-    library.lora_site(
-        n, x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), slots.data_ptr(), ranks.data_ptr(),
-        shrink.data_ptr(), expand.data_ptr(), max_rank, offsets.shape[0] - 1, d_in, offsets.data_ptr(),
-        int(x.dtype == torch.bfloat16), int(weights == torch.bfloat16), torch.get_num_threads(),
-    )  # fmt: skip
+    """out += LoRA(x) row by row, every check made for this call alone (the engine keeps a `SiteTable` per site).
+    x (n, d_in) and out (n, d_out) share a dtype; slots (n,) int32, ranks (S,) int32 (each <= max_rank), offsets
+    (P + 1,) int64. shrink and expand (S,) int64: per slot, the address of its contiguous shrink rows (ranks[s],
+    P, d_in) and expand rows (ranks[s], d_out) in `weights` (fp32 or bf16: bf16 adapters may serve an fp32
+    model). The caller keeps those tensors alive for the call. Anything else is a TypeError or ValueError raised
+    before C sees a pointer."""
+    _tensor("shrink", shrink, torch.int64, 1)
+    _tensor("expand", expand, torch.int64, 1)
+    SiteTable(ranks, shrink[None], expand[None], offsets, max_rank, weights).run(library, 0, x, out, slots)

@@ -215,3 +215,53 @@ def test_the_cache_name_covers_source_flags_and_compiler(fresh_cache, monkeypatc
 def test_no_compiler_falls_back_once(fresh_cache, monkeypatch):
     monkeypatch.setenv("CC", os.devnull + "/missing-cc")
     assert lora_kernel.load(portable=True) is None
+
+
+def _table(args: dict) -> lora_kernel.SiteTable:
+    """The engine's path: the same call's table, for one layer."""
+    return lora_kernel.SiteTable(
+        args["ranks"], args["shrink"][None], args["expand"][None], args["offsets"], args["max_rank"], args["weights"]
+    )
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_each_bad_input_raises_before_c_through_a_site_table(case):
+    error, message, spoil = BAD[case]
+    args = _good()
+    spoil(args)
+    with pytest.raises(error, match=message):
+        _table(args).run(NoC(), 0, args["x"], args["out"], args["slots"])
+
+
+@pytest.mark.parametrize("spoil", ["rank above max_rank", "a null address in use", "slot index out of range"])
+def test_a_site_table_checks_again_after_a_write_to_it(spoil):
+    """Checked once when made: an in-place write afterwards (torch counts it) is checked on the next call."""
+    args = _good()
+    table = _table(args)
+    with pytest.raises(AssertionError, match="a pointer reached C"):
+        table.run(NoC(), 0, args["x"], args["out"], args["slots"])
+    error, message, change = BAD[spoil]
+    if spoil == "a null address in use":
+        table.shrink[0, 1] = 0  # the table's own row of addresses, as SlotBuffers writes it
+    else:
+        change(args)
+    with pytest.raises(error, match=message):
+        table.run(NoC(), 0, args["x"], args["out"], args["slots"])
+    with pytest.raises(error, match=message):  # and stays refused: a failed check is not remembered as passed
+        table.run(NoC(), 0, args["x"], args["out"], args["slots"])
+
+
+def test_a_site_table_is_checked_once_not_per_call(monkeypatch):
+    args = _good()
+    table = _table(args)
+    checks = []
+    monkeypatch.setattr(table, "check", lambda: checks.append(1))
+    reads = []
+    numpy = torch.Tensor.numpy
+    monkeypatch.setattr(torch.Tensor, "numpy", lambda self, *a, **k: reads.append(1) or numpy(self, *a, **k))
+    for _ in range(5):
+        with pytest.raises(AssertionError, match="a pointer reached C"):
+            table.run(NoC(), 0, args["x"], args["out"], args["slots"])
+    assert checks == [] and len(reads) == 1  # the slots' bounds, read once for this slots tensor
+    with pytest.raises(ValueError, match="layer must be"):
+        table.run(NoC(), 1, args["x"], args["out"], args["slots"])
