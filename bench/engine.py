@@ -203,7 +203,7 @@ def new_engine(
     return BatchEngine(
         "bench", NativeLlama(hf, dtype, 1024), set(), max_rank=rank, kv_cache_bytes=512 << 20,
         adapter_cache_bytes=4 << 30, max_batch=max_batch, max_step_tokens=256, adapter_dtype=adapter_dtype,
-    )  # fmt: skip
+    ).start()  # fmt: skip
 
 
 def median_run(runs: list[dict]) -> dict:

@@ -112,7 +112,7 @@ def main() -> None:
             max_rank=16,
             kv_cache_bytes=256 << 20,
             adapter_cache_bytes=1 << 30,
-        )  # fmt: skip
+        ).start()  # fmt: skip
         for name, q in (("reference", None), ("int8", "int8"))
     }
     vocab = model.config.vocab_size

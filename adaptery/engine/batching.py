@@ -1,21 +1,10 @@
 """Continuous batching over the native model: one engine thread per base model.
 
-Every step the thread takes new requests, drops cancelled ones (a client that went away frees its
-slot and KV blocks at the next step), admits waiting requests while KV blocks, batch slots and
-their adapters allow, then runs ONE forward pass over all running sequences: single-token decodes
-plus chunks of prompts being prefilled (at most `max_step_tokens` tokens per step, decodes first,
-so a long prompt never stalls the others). Tokens are sorted by adapter so LoRA runs per segment.
-When the KV cache runs out the most recently admitted sequence is preempted: its blocks are freed
-and it waits at the head of the queue, to be recomputed (prompt + what it generated) later. No
-request is dropped.
-
-Requests carry an opaque fairness key (the server passes the tenant; the engine knows nothing else of it), and
-no key can stall another. Admission is round-robin across keys, the key with the fewest running sequences first,
-FIFO within a key. When a key has work that could run while another key holds more than its fair share of the
-batch (max_batch / keys with work), the over-share key's most recently admitted sequences are preempted, as for
-KV pressure, only as many as the under-share keys can use beyond the free slots, so the waiting key runs at the
-next step. A key alone is never preempted for fairness. Measured before: 160 sequences of one tenant (10 × n=16,
-1000 tokens) held a 32-slot batch and another tenant's 8-token request waited 299 s behind them in arrival order.
+The engine is split by responsibility (STYLE.md): `scheduler.Scheduler` decides who runs each step (admission,
+fairness between keys, preemption, prefill chunks; its docstring has the policy); `BatchEngine` owns the thread
+and the model runner: each step it asks the scheduler for a plan, builds one batch from it (tokens sorted by
+adapter so LoRA runs per segment), runs ONE forward pass over all running sequences, and samples. `start()`
+starts the thread; without it a caller (a test) may call `step()` itself.
 
 A request's adapter starts loading (on the store's loader thread) the moment the
 request is submitted, so loading overlaps the steps that run while it queues; the engine keeps no
@@ -31,13 +20,11 @@ sampling error ends only the request it belongs to.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import queue
 import threading
 import time
-from collections import Counter, deque
-from collections.abc import Iterator
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,10 +32,11 @@ import torch
 
 from adaptery.engine import lora_kernel as fused_kernel
 from adaptery.engine.kvcache import PagedKVCache
-from adaptery.engine.lora import AdapterLoad, AdapterStore, LoraBatch, PreparedAdapter, SlotBuffers
+from adaptery.engine.lora import AdapterLoad, AdapterStore, LoraBatch, SlotBuffers
 from adaptery.engine.metrics import EngineMetrics
 from adaptery.engine.native import NativeLlama, StepBatch
 from adaptery.engine.sampling import SamplingParams, TokenLogprob, sample
+from adaptery.engine.scheduler import AdapterFailed, Scheduler, Sequence
 
 log = logging.getLogger("adaptery.engine")
 
@@ -68,40 +56,61 @@ def deadline_message(timeout: float) -> str:
 class Request:
     """The caller's handle: events arrive on `events`; `cancel()` frees the slot at the next step."""
 
-    def __init__(self, engine: BatchEngine) -> None:
+    def __init__(self, engine: BatchEngine, generation: Generation) -> None:
         self.events: queue.Queue[Event] = queue.Queue()
-        self.cancelled = False
         self._engine = engine
+        self._generation = generation
+
+    @property
+    def cancelled(self) -> bool:
+        return self._generation.cancelled
 
     def cancel(self) -> None:
-        self.cancelled = True
+        self._generation.cancelled = True
         self._engine.wake()
 
 
-@dataclass
-class Sequence:
-    request: Request
-    tokens: list[int]
-    prompt_len: int
+@dataclass(eq=False, kw_only=True)
+class Generation(Sequence):
+    """A scheduled sequence with what the model runner and the sampler need besides."""
+
     params: SamplingParams
-    adapter_key: str | None
-    adapter_path: Path | None
-    generator: torch.Generator | None
-    submitted: float
-    deadline: float  # perf_counter() time past which the request is ended
-    fairness_key: str = ""  # opaque (the tenant): the batch is shared fairly between keys
-    adapter: PreparedAdapter | None = None  # acquired (pinned) from the store while set
+    adapter_path: Path | None = None
+    generator: torch.Generator | None = None
+    submitted: float = 0.0
+    request: Request | None = None  # set right after: the handle names its generation
     load: AdapterLoad | None = None  # the adapter's load this request waits on
-    table: list[int] = field(default_factory=list)
-    cached: int = 0
-    order: int = 0
     counts: dict[int, int] = field(default_factory=dict)
     first_token_at: float | None = None
     last_token_at: float | None = None
 
-    @property
-    def generated(self) -> int:
-        return len(self.tokens) - self.prompt_len
+
+class _EngineAdapters:
+    """The scheduler's view of the engine's adapters: the store holds (pins) them, the batch slots activate them."""
+
+    def __init__(self, store: AdapterStore, slots: SlotBuffers) -> None:
+        self.store = store
+        self.slots = slots
+
+    def ready(self, sequence: Generation) -> bool:
+        with self.store.lock:
+            return sequence.adapter_key in self.store.memory
+
+    def acquire(self, sequence: Generation) -> bool:
+        if sequence.load is not None and sequence.load.done() and sequence.load.error is not None:
+            raise AdapterFailed(f"the adapter could not be loaded: {sequence.load.error}")
+        got = self.store.acquire(sequence.adapter_key, sequence.adapter_path)  # pinned if in memory
+        if isinstance(got, AdapterLoad):
+            sequence.load = got
+            return False
+        sequence.adapter, sequence.load = got, None
+        return True
+
+    def activate(self, sequence: Generation) -> None:
+        self.slots.activate(sequence.adapter)
+
+    def deactivate(self, adapter_key: str) -> None:
+        self.slots.deactivate(adapter_key)
 
 
 class BatchEngine:
@@ -125,7 +134,6 @@ class BatchEngine:
         self.model = model
         self.eos_ids = eos_ids
         self.max_batch = max_batch
-        self.max_step_tokens = max(max_step_tokens, max_batch + 1)
         self.request_timeout = request_timeout  # seconds from submission; None: no deadline
         self.metrics = metrics or EngineMetrics()
         self.cache = PagedKVCache(
@@ -139,16 +147,37 @@ class BatchEngine:
         self.lora_path = "fused C kernel" if kernel is not None else "PyTorch grouped_mm/bmm"
         self.store = AdapterStore(model, max_rank, adapter_cache_bytes, self.metrics, self.slots.dtype)
         self.store.on_ready.append(self.wake)
-        self.users: dict[str, int] = {}  # running sequences per active adapter
-        self.incoming: deque[Sequence] = deque()
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.scheduler = Scheduler(
+            self.cache,
+            max_batch=max_batch,
+            max_step_tokens=max_step_tokens,
+            adapters=_EngineAdapters(self.store, self.slots),
+        )
+        self.incoming: deque[Generation] = deque()  # submitted, not yet handed to the scheduler (the thread's lock)
         self.steps = 0
-        self._order = itertools.count()
         self._cond = threading.Condition()
         self._stopped = False
-        self._thread = threading.Thread(target=self._loop, name=f"adaptery-engine-{name}", daemon=True)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def max_step_tokens(self) -> int:
+        return self.scheduler.max_step_tokens
+
+    @property
+    def waiting(self) -> deque[Sequence]:
+        return self.scheduler.waiting
+
+    @property
+    def running(self) -> list[Sequence]:
+        return self.scheduler.running
+
+    def start(self) -> BatchEngine:
+        """Start the engine thread (once); returns the engine."""
+        if self._thread is not None:
+            raise RuntimeError(f"engine {self.name} was already started")
+        self._thread = threading.Thread(target=self._loop, name=f"adaptery-engine-{self.name}", daemon=True)
         self._thread.start()
+        return self
 
     # -- the caller's side -------------------------------------------------------------------------
 
@@ -161,30 +190,28 @@ class BatchEngine:
         fairness_key: str = "",
     ) -> Request:
         """Queue a generation; ValueError for a prompt the model cannot run (no tokens, ids outside its vocabulary).
-        Requests of one `fairness_key` share the batch fairly with other keys' (see the module docstring)."""
+        Requests of one `fairness_key` share the batch fairly with other keys' (see scheduler.py)."""
         if not prompt_ids:
             raise ValueError("the prompt is empty: there is no token to continue from")
         if min(prompt_ids) < 0 or max(prompt_ids) >= self.model.vocab:
             raise ValueError(f"the prompt has token ids outside the model's vocabulary of {self.model.vocab}")
-        request = Request(self)
-        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         now = time.perf_counter()
-        sequence = Sequence(
-            request,
-            list(prompt_ids),
-            len(prompt_ids),
-            params,
-            adapter_key,
-            adapter_path,
-            generator,
-            now,
-            now + self.request_timeout if self.request_timeout is not None else float("inf"),
-            fairness_key,
+        generation = Generation(
+            tokens=list(prompt_ids),
+            prompt_len=len(prompt_ids),
+            fairness_key=fairness_key,
+            adapter_key=adapter_key,
+            deadline=now + self.request_timeout if self.request_timeout is not None else float("inf"),
+            params=params,
+            adapter_path=adapter_path,
+            generator=torch.Generator().manual_seed(params.seed) if params.seed is not None else None,
+            submitted=now,
         )
+        generation.request = request = Request(self, generation)
         if adapter_key is not None:
-            sequence.load = self.store.prefetch(adapter_key, adapter_path)  # load while the request queues
+            generation.load = self.store.prefetch(adapter_key, adapter_path)  # load while the request queues
         with self._cond:
-            self.incoming.append(sequence)
+            self.incoming.append(generation)
             self._cond.notify()
         return request
 
@@ -196,7 +223,10 @@ class BatchEngine:
         with self._cond:
             self._stopped = True
             self._cond.notify()
-        self._thread.join(timeout=10)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        else:  # never started: nobody else will tell the callers
+            self._end_all("the engine stopped")
         self.store.close()
 
     def describe(self) -> dict:
@@ -247,8 +277,6 @@ class BatchEngine:
                     self._cond.wait(timeout=0.5)
                 if self._stopped:
                     break
-                self.waiting.extend(self.incoming)
-                self.incoming.clear()
             try:
                 with torch.inference_mode():
                     self.step()
@@ -256,9 +284,14 @@ class BatchEngine:
                 log.exception("engine step failed")
                 for sequence in [*self.running, *self.waiting]:
                     self._finish(sequence, "error", error=str(exc))
-                self.waiting.clear()
-        for sequence in [*self.running, *self.waiting, *self.incoming]:
-            sequence.request.events.put(Event(finish="error", error="the engine stopped"))
+        self._end_all("the engine stopped")
+
+    def _end_all(self, error: str) -> None:
+        with self._cond:
+            left = [*self.running, *self.waiting, *self.incoming]
+            self.incoming.clear()
+        for sequence in left:
+            sequence.request.events.put(Event(finish="error", error=error))
 
     def _runnable(self) -> bool:
         if self.running:
@@ -266,158 +299,42 @@ class BatchEngine:
         # waiting requests whose adapter is still loading do not spin the loop; the loader wakes us, and the
         # loop's timed wait notices one whose deadline passed meanwhile
         now = time.perf_counter()
-        return any(s.request.cancelled or s.adapter_key is None or s.adapter is not None or s.deadline <= now or
+        return any(s.cancelled or s.adapter_key is None or s.adapter is not None or s.deadline <= now or
                    s.load is None or s.load.done() for s in self.waiting)  # fmt: skip
 
     def step(self) -> None:
-        self._drop_cancelled()
-        self._end_overdue()
-        self._make_room_for_other_keys()
-        self._admit()
-        scheduled = self._schedule()
+        """One step: hand the submitted requests to the scheduler, ask it for a plan, run the plan's batch."""
+        with self._cond:
+            for generation in self.incoming:
+                self.scheduler.add(generation)
+            self.incoming.clear()
+        plan = self.scheduler.plan(time.perf_counter())
+        for sequence in plan.cancelled:
+            self._report(sequence, "cancelled")
+        for sequence in plan.overdue:
+            self._report(sequence, "timeout", error=deadline_message(self.request_timeout))
+        for sequence, error in plan.failed:
+            sequence.request.events.put(Event(finish="error", error=error))
+            self.metrics.requests.labels(self.name, "native", "error").inc()
+        if plan.preempted:
+            self.metrics.preemptions.labels(self.name).inc(plan.preempted)
         self._publish_gauges()
-        if not scheduled:
+        if not plan.chunks:
             return
-        batch, lora, completing = self._build(scheduled)
+        batch, lora, completing = self._build(plan.chunks)
         logits = self.model.forward(batch, self.cache, lora)
         self.steps += 1
-        for sequence, count in scheduled:
-            sequence.cached += count
+        self.scheduler.computed(plan.chunks)
         self._sample(completing, logits)
 
     def _publish_gauges(self) -> None:
-        m = self.metrics
-        m.queue_depth.labels(self.name).set(len(self.waiting))
-        m.running.labels(self.name).set(len(self.running))
-        m.kv_blocks_used.labels(self.name).set(self.cache.used_blocks)
-        m.kv_blocks_total.labels(self.name).set(self.cache.num_blocks)
-        m.adapters.labels("active").set(len(self.slots.keys))
-        m.adapters.labels("memory").set(len(self.store.memory))
-
-    def _drop_cancelled(self) -> None:
-        for sequence in [s for s in self.running if s.request.cancelled]:
-            self._finish(sequence, "cancelled")
-        for sequence in [s for s in self.waiting if s.request.cancelled]:
-            self.waiting.remove(sequence)
-            self._finish(sequence, "cancelled")
-
-    def _end_overdue(self) -> None:
-        now = time.perf_counter()
-        for sequence in [s for s in [*self.running, *self.waiting] if s.deadline <= now]:
-            if sequence in self.waiting:
-                self.waiting.remove(sequence)
-            self._finish(sequence, "timeout", error=deadline_message(self.request_timeout))
-
-    def _admit(self) -> None:
-        admitted: list[Sequence] = []
-        for sequence in self._fair_order(admitted):
-            if len(self.running) + len(admitted) >= self.max_batch:
-                break
-            if sequence.adapter_key is not None and sequence.adapter is None:
-                if sequence.load is not None and sequence.load.done() and sequence.load.error is not None:
-                    self.waiting.remove(sequence)  # every request that waited on the failed load hears of it
-                    sequence.request.events.put(
-                        Event(finish="error", error=f"the adapter could not be loaded: {sequence.load.error}")
-                    )
-                    self.metrics.requests.labels(self.name, "native", "error").inc()
-                    continue
-                got = self.store.acquire(sequence.adapter_key, sequence.adapter_path)  # pinned if in memory
-                if isinstance(got, AdapterLoad):
-                    sequence.load = got
-                    continue  # loading off this thread; others go ahead meanwhile
-                sequence.adapter, sequence.load = got, None
-            # admit while the whole current context fits, keeping one block per running sequence spare
-            need = self.cache.blocks_for(len(sequence.tokens) + 1)
-            spare = len(self.running) + len(admitted)
-            if need + spare > len(self.cache.free):
-                break
-            if sequence.adapter is not None:
-                if self.users.get(sequence.adapter_key, 0) == 0:
-                    self.slots.activate(sequence.adapter)
-                self.users[sequence.adapter_key] = self.users.get(sequence.adapter_key, 0) + 1
-            sequence.order = next(self._order)
-            self.waiting.remove(sequence)
-            admitted.append(sequence)
-        self.running.extend(admitted)
-
-    def _fair_order(self, admitted: list[Sequence]) -> Iterator[Sequence]:
-        """The waiting sequences in admission order: each next one from the key with the fewest running (and
-        `admitted`, which the caller fills as it goes) sequences, ties to the key waiting longest; FIFO within a key."""
-        queues: dict[str, deque[Sequence]] = {}
-        for sequence in self.waiting:
-            queues.setdefault(sequence.fairness_key, deque()).append(sequence)
-        position = {id(sequence): i for i, sequence in enumerate(self.waiting)}
-        while queues:
-            running = Counter(s.fairness_key for s in itertools.chain(self.running, admitted))
-            key = min(queues, key=lambda k: (running[k], position[id(queues[k][0])]))
-            yield queues[key].popleft()
-            if not queues[key]:
-                del queues[key]
-
-    def _make_room_for_other_keys(self) -> None:
-        """Preempt the most recently admitted sequences of keys over their fair share of the batch, as many as
-        keys under it could admit now beyond the free slots (0 with a single key: no churn)."""
-        running = Counter(s.fairness_key for s in self.running)
-        ready = Counter(s.fairness_key for s in self.waiting if self._adapter_ready(s))
-        keys = set(running) | set(ready)
-        if len(keys) < 2 or not ready:
-            return
-        share = max(1, self.max_batch // len(keys))
-        wanted = sum(min(ready[k], share - running[k]) for k in ready if running[k] < share)
-        for _ in range(wanted - (self.max_batch - len(self.running))):
-            key, held = running.most_common(1)[0]
-            if held <= share:
-                return
-            self._preempt(max((s for s in self.running if s.fairness_key == key), key=lambda s: s.order))
-            running[key] -= 1
-
-    def _adapter_ready(self, sequence: Sequence) -> bool:
-        # a request whose adapter is still loading cannot take a slot: preempting for it would only churn
-        if sequence.adapter_key is None or sequence.adapter is not None:
-            return True
-        with self.store.lock:
-            return sequence.adapter_key in self.store.memory
-
-    def _release_adapter(self, sequence: Sequence) -> None:
-        key = sequence.adapter_key
-        if key is None or sequence.adapter is None:
-            return
-        self.users[key] -= 1
-        if self.users[key] == 0:
-            del self.users[key]
-            self.slots.deactivate(key)
-
-    def _preempt(self, victim: Sequence) -> None:
-        self.cache.release(victim.table)
-        victim.cached = 0
-        self.running.remove(victim)
-        self._release_adapter(victim)
-        self.waiting.appendleft(victim)  # first in line; recomputed from prompt + generated tokens
-        self.metrics.preemptions.labels(self.name).inc()
-
-    def _schedule(self) -> list[tuple[Sequence, int]]:
-        self.running.sort(key=lambda s: s.order)
-        decodes = sum(1 for s in self.running if len(s.tokens) - s.cached == 1)
-        prefill_budget = self.max_step_tokens - decodes
-        scheduled: list[tuple[Sequence, int]] = []
-        for sequence in list(self.running):
-            if sequence not in self.running:  # preempted below for an earlier sequence
-                continue
-            remaining = len(sequence.tokens) - sequence.cached
-            count = 1 if remaining == 1 else min(remaining, prefill_budget)
-            if count <= 0:
-                continue
-            while not self.cache.grow(sequence.table, sequence.cached + count):
-                victim = self.running[-1]
-                self._preempt(victim)
-                if victim is sequence:
-                    break
-            if sequence not in self.running:
-                break
-            if remaining > 1:
-                prefill_budget -= count
-            scheduled.append((sequence, count))
-        return scheduled
+        metrics = self.metrics
+        metrics.queue_depth.labels(self.name).set(len(self.waiting))
+        metrics.running.labels(self.name).set(len(self.running))
+        metrics.kv_blocks_used.labels(self.name).set(self.cache.used_blocks)
+        metrics.kv_blocks_total.labels(self.name).set(self.cache.num_blocks)
+        metrics.adapters.labels("active").set(len(self.slots.keys))
+        metrics.adapters.labels("memory").set(len(self.store.memory))
 
     def _build(
         self, scheduled: list[tuple[Sequence, int]]
@@ -507,20 +424,21 @@ class BatchEngine:
             if sequence.generated >= params.max_tokens or len(sequence.tokens) >= self.model.cos.shape[0]:
                 self._finish(sequence, "length")
 
-    def _finish(self, sequence: Sequence, reason: str, error: str | None = None) -> None:
-        if sequence in self.running:
-            self.running.remove(sequence)
-            self._release_adapter(sequence)
-        self.cache.release(sequence.table)
+    def _finish(self, sequence: Generation, reason: str, error: str | None = None) -> None:
+        self.scheduler.finish(sequence)
+        self._report(sequence, reason, error)
+
+    def _report(self, sequence: Generation, reason: str, error: str | None = None) -> None:
+        """A sequence the scheduler let go: unpin its adapter, count it, tell its caller (unless it cancelled)."""
         if sequence.adapter is not None:
             self.store.release(sequence.adapter_key)
             sequence.adapter = None
-        m = self.metrics
-        m.requests.labels(self.name, "native", reason).inc()
-        m.prompt_tokens.labels(self.name).inc(sequence.prompt_len)
-        m.completion_tokens.labels(self.name).inc(sequence.generated)
+        metrics = self.metrics
+        metrics.requests.labels(self.name, "native", reason).inc()
+        metrics.prompt_tokens.labels(self.name).inc(sequence.prompt_len)
+        metrics.completion_tokens.labels(self.name).inc(sequence.generated)
         if sequence.generated > 1 and sequence.first_token_at and sequence.last_token_at:
-            m.tpot.labels(self.name).observe(
+            metrics.tpot.labels(self.name).observe(
                 (sequence.last_token_at - sequence.first_token_at) / (sequence.generated - 1)
             )
         if reason != "cancelled":

@@ -134,7 +134,7 @@ class _Base:
                 metrics=engine.metrics,
                 adapter_dtype=engine.adapter_dtype,
                 request_timeout=engine.request_timeout_s,
-            )
+            ).start()
             del model
         else:
             self.path = "transformers"

@@ -10,18 +10,13 @@ from __future__ import annotations
 import torch
 
 
-class PagedKVCache:
-    def __init__(
-        self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, budget_bytes: int, block_size: int = 16
-    ) -> None:
+class BlockAllocator:
+    """The pool's bookkeeping alone (which blocks are free, which a sequence holds): what the scheduler sees."""
+
+    def __init__(self, num_blocks: int, block_size: int = 16) -> None:
         self.block_size = block_size
-        per_token = layers * 2 * kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
-        self.num_blocks = max(2, budget_bytes // (per_token * block_size))
-        tokens = self.num_blocks * block_size
-        self.keys = [torch.zeros(tokens, kv_heads, head_dim, dtype=dtype) for _ in range(layers)]
-        self.values = [torch.zeros(tokens, kv_heads, head_dim, dtype=dtype) for _ in range(layers)]
-        self.free: list[int] = list(range(self.num_blocks - 1, -1, -1))
-        self.bytes = per_token * tokens
+        self.num_blocks = num_blocks
+        self.free: list[int] = list(range(num_blocks - 1, -1, -1))
 
     @property
     def capacity_tokens(self) -> int:
@@ -47,6 +42,18 @@ class PagedKVCache:
     def release(self, table: list[int]) -> None:
         self.free.extend(reversed(table))
         table.clear()
+
+
+class PagedKVCache(BlockAllocator):
+    def __init__(
+        self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, budget_bytes: int, block_size: int = 16
+    ) -> None:
+        per_token = layers * 2 * kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+        super().__init__(max(2, budget_bytes // (per_token * block_size)), block_size)
+        tokens = self.num_blocks * block_size
+        self.keys = [torch.zeros(tokens, kv_heads, head_dim, dtype=dtype) for _ in range(layers)]
+        self.values = [torch.zeros(tokens, kv_heads, head_dim, dtype=dtype) for _ in range(layers)]
+        self.bytes = per_token * tokens
 
     def positions(self, table: list[int], start: int, stop: int) -> torch.Tensor:
         """Flat pool positions of context positions [start, stop) of a sequence."""

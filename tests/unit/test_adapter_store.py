@@ -161,7 +161,7 @@ def test_every_request_waiting_on_a_failed_load_is_told_and_it_is_loaded_once(lo
     torch.manual_seed(0)
     model = NativeLlama(Qwen2ForCausalLM(config).eval(), torch.float32, 128)
     engine = BatchEngine("t", model, set(), max_rank=8, kv_cache_bytes=1 << 20, adapter_cache_bytes=1 << 20,
-                         lora_kernel=False)  # fmt: skip
+                         lora_kernel=False).start()  # fmt: skip
     try:
         params = SamplingParams(max_tokens=2, temperature=0.0)
         requests = [engine.submit([5, 17, 42], params, "broken", Path("broken")) for _ in range(3)]

@@ -304,7 +304,7 @@ def test_other_llama_family_architectures_match_transformers(config_cls, model_c
             if name.endswith("bias"):
                 param.normal_(0, 0.5)  # Qwen2's q/k/v biases start at zero; make them count
     native = BatchEngine("t", NativeLlama(hf, torch.float32, 128), set(), max_rank=8, kv_cache_bytes=1 << 20,
-                         adapter_cache_bytes=1 << 20)  # fmt: skip
+                         adapter_cache_bytes=1 << 20).start()  # fmt: skip
     try:
         prompt = [5, 17, 42, 9, 3, 77]
         ids, expected = list(prompt), []
@@ -377,7 +377,7 @@ def test_a_kernel_that_fails_to_build_falls_back_to_pytorch(demo_model_dir, monk
     assert lora_kernel.load() is None
     hf = _tiny(Qwen2Config, Qwen2ForCausalLM)
     native = BatchEngine("t", NativeLlama(hf, torch.float32, 128), set(), max_rank=8, kv_cache_bytes=1 << 20,
-                         adapter_cache_bytes=1 << 20)  # fmt: skip
+                         adapter_cache_bytes=1 << 20).start()  # fmt: skip
     try:
         assert native.slots.kernel is None and native.lora_path.startswith("PyTorch")
         assert engine_tokens(native, [5, 17, 42], None, max_tokens=3)
@@ -559,7 +559,9 @@ def test_int8_base_weights_through_torchao(demo_model_dir, adapters):
     prompt = [5, 17, 42, 9, 3, 77, 12]
     tops = {}
     for q, model in models.items():
-        native = BatchEngine("q", model, set(), max_rank=16, kv_cache_bytes=1 << 20, adapter_cache_bytes=1 << 24)
+        native = BatchEngine(
+            "q", model, set(), max_rank=16, kv_cache_bytes=1 << 20, adapter_cache_bytes=1 << 24
+        ).start()
         try:
             request = native.submit(prompt, SamplingParams(max_tokens=1, temperature=0.0, logprobs=True,
                                                            top_logprobs=5), None, None)  # fmt: skip
@@ -589,7 +591,7 @@ def test_bf16_adapters_serve_an_fp32_model_exactly_when_bf16_holds_them(demo_mod
     save_file({k: v.to(torch.bfloat16).float() if "lora_" in k else v for k, v in tensors.items()}, str(weights))
     hf = AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32)
     native = BatchEngine("demo", NativeLlama(hf, torch.float32, 256), set(), max_rank=32, kv_cache_bytes=8 << 20,
-                         adapter_cache_bytes=64 << 20, adapter_dtype=torch.bfloat16)  # fmt: skip
+                         adapter_cache_bytes=64 << 20, adapter_dtype=torch.bfloat16).start()  # fmt: skip
     try:
         assert native.describe()["adapters"]["dtype"] == "bfloat16"
         tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
@@ -640,15 +642,10 @@ def test_serve_refuses_int8_where_torchao_is_missing(tmp_path):
 
 
 def _stepped_engine(max_batch: int) -> BatchEngine:
-    """A tiny engine without its thread: the test moves submitted requests in and steps the scheduler itself."""
+    """A tiny engine without its thread (not started): the test steps it itself."""
     hf = _tiny(Qwen2Config, Qwen2ForCausalLM)
-    native = BatchEngine("fair", NativeLlama(hf, torch.float32, 128), set(), max_rank=8, kv_cache_bytes=1 << 20,
-                         adapter_cache_bytes=1 << 20, max_batch=max_batch)  # fmt: skip
-    with native._cond:
-        native._stopped = True
-        native._cond.notify()
-    native._thread.join(timeout=10)
-    return native
+    return BatchEngine("fair", NativeLlama(hf, torch.float32, 128), set(), max_rank=8, kv_cache_bytes=1 << 20,
+                       adapter_cache_bytes=1 << 20, max_batch=max_batch)  # fmt: skip
 
 
 def _run_steps(native: BatchEngine, requests: dict[str, batching.Request], until: Callable[[dict], bool],
@@ -656,9 +653,7 @@ def _run_steps(native: BatchEngine, requests: dict[str, batching.Request], until
     """Step until `until(finished)`; which step each request finished at."""
     finished: dict[str, int] = {}
     for step in range(limit):
-        native.waiting.extend(native.incoming)
-        native.incoming.clear()
-        native.step()
+        native.step()  # takes the submitted requests in first
         for name, request in requests.items():
             while not request.events.empty():
                 if request.events.get().finish is not None:
@@ -666,6 +661,24 @@ def _run_steps(native: BatchEngine, requests: dict[str, batching.Request], until
         if until(finished):
             break
     return finished
+
+
+def test_an_engine_runs_nothing_until_it_is_started():
+    native = _stepped_engine(max_batch=2)
+    try:
+        request = native.submit([5, 17, 42], SamplingParams(max_tokens=2, temperature=0.0), None, None)
+        assert "adaptery-engine-fair" not in {thread.name for thread in threading.enumerate()}
+        assert native.steps == 0 and request.events.empty()
+        assert native.start() is native
+        assert len(collect(request)) == 2
+        with pytest.raises(RuntimeError, match="already started"):
+            native.start()
+    finally:
+        native.stop()
+    idle = _stepped_engine(max_batch=2)
+    waiting = idle.submit([5, 17, 42], SamplingParams(max_tokens=2, temperature=0.0), None, None)
+    idle.stop()  # never started: its callers still hear that it stopped
+    assert waiting.events.get(timeout=1).error == "the engine stopped"
 
 
 def test_one_key_filling_the_batch_cannot_stall_another(demo_model_dir):
