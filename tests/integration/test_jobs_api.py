@@ -91,8 +91,7 @@ def test_list_is_newest_first_with_cursor_pagination(running):
     for _ in range(3):
         job = create_job(running, model="adaptery-demo", training_file=file["id"])
         running.client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel", headers=running.auth())
-        ids.append(job["id"])
-        time.sleep(0.01)
+        ids.append(job["id"])  # created one after the other (each a whole HTTP round trip): created_at orders them
     first = running.client.get("/v1/fine_tuning/jobs?limit=2", headers=running.auth()).json()
     assert_matches("ListPaginatedFineTuningJobsResponse", first)
     assert [j["id"] for j in first["data"]] == ids[::-1][:2] and first["has_more"]
