@@ -265,3 +265,19 @@ def test_a_site_table_is_checked_once_not_per_call(monkeypatch):
     assert checks == [] and len(reads) == 1  # the slots' bounds, read once for this slots tensor
     with pytest.raises(ValueError, match="layer must be"):
         table.run(NoC(), 1, args["x"], args["out"], args["slots"])
+
+
+def test_a_site_table_of_inference_tensors_is_checked_on_every_call():
+    """Tensors made under torch.inference_mode count no writes: nothing about them may be remembered as checked."""
+    with torch.inference_mode():
+        args = _good()
+        table = _table(args)
+        with pytest.raises(AssertionError, match="a pointer reached C"):
+            table.run(NoC(), 0, args["x"], args["out"], args["slots"])
+        args["slots"].fill_(2)
+        with pytest.raises(ValueError, match="slot index 2 is out of range"):
+            table.run(NoC(), 0, args["x"], args["out"], args["slots"])
+        args["slots"].fill_(0)
+        args["ranks"].fill_(5)
+        with pytest.raises(ValueError, match="ranks must lie in"):
+            table.run(NoC(), 0, args["x"], args["out"], args["slots"])
