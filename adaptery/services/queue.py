@@ -384,6 +384,7 @@ class JobQueue:
             s.flush()
             if row.resumable:
                 dropped = self._prune_older(s, job.id, step)
+            dropped |= self._retire_beyond(s, job)
         if dropped:
             with self.db.system() as s:
                 for sha in dropped:
@@ -403,6 +404,37 @@ class JobQueue:
             dropped |= {sha for name, sha in row.manifest.items() if name not in ADAPTER_FILES}
             row.manifest = {name: sha for name, sha in row.manifest.items() if name in ADAPTER_FILES}
             row.resumable = False
+        return dropped
+
+    @staticmethod
+    def _retire_beyond(s: Session, job: m.FineTuningJob) -> set[str]:
+        """Delete the job's checkpoints beyond its `keep_checkpoints` latest and its best; returns their blobs.
+
+        The best is the lowest validation loss where any checkpoint was evaluated, else the lowest training
+        loss. A short job writes a checkpoint every epoch, so without this 20-50 of them pile up."""
+        rows = s.scalars(
+            select(m.JobCheckpoint).where(m.JobCheckpoint.job_id == job.id).order_by(m.JobCheckpoint.step.desc())
+        ).all()
+        keep = finetuning.checkpoints_to_keep(job)
+        if len(rows) <= keep:
+            return set()
+
+        def loss(row: m.JobCheckpoint, name: str) -> float | None:
+            value = (row.metrics or {}).get(name)
+            return float(value) if isinstance(value, int | float) and value == value else None
+
+        measure = "valid_loss" if any(loss(row, "valid_loss") is not None for row in rows) else "train_loss"
+        measured = [row for row in rows if loss(row, measure) is not None]
+        best = min(measured, key=lambda row: (loss(row, measure), -row.step)) if measured else None
+        retired = [row for row in rows[keep:] if row is not best]
+        dropped = {sha for row in retired for sha in (row.manifest or {}).values()}
+        for row in retired:
+            s.delete(row)
+        if retired:
+            steps = ", ".join(str(row.step) for row in sorted(retired, key=lambda row: row.step))
+            finetuning.add_event(
+                s, job, f"Deleted older checkpoint(s) at step {steps}: keeping the latest {keep} and the best"
+            )
         return dropped
 
     # --- the end of an attempt -------------------------------------------------------------------
