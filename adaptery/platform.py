@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -245,11 +246,19 @@ class Platform:
                 )
             return self._tokenizers[base_id]
 
-    def submit_version(self, tenant_id: str, version_id: str) -> None:
-        """Run a dataset version's work in the background."""
-        self.dataset_tasks.submit(
-            tenant_id, lambda: datasets.run_version(self.db, self.blobs, tenant_id, version_id, self.token_budget)
-        )
+    def submit_version(self, tenant_id: str, version_id: str) -> Future[None]:
+        """Run a dataset version's work in the background; the future is done when it is."""
+        done: Future[None] = Future()
+
+        def work() -> None:
+            try:
+                datasets.run_version(self.db, self.blobs, tenant_id, version_id, self.token_budget)
+            finally:
+                done.set_result(None)  # run_version records its own failures on the version
+
+        if not self.dataset_tasks.submit(tenant_id, work):
+            done.set_exception(RuntimeError("the server is shutting down; the version is processed at its next start"))
+        return done
 
     def validate_job(self, tenant_id: str, job_id: str) -> None:
         finetuning.validate_job(self.db, self.blobs, tenant_id, job_id, self.token_budget)
