@@ -36,6 +36,8 @@ from adaptery.services import blob_refs, faults, finetuning, models
 from adaptery.storage.blobs import BlobStore
 
 Verdict = Literal["continue", "cancel", "pause", "lost"]
+# What a run says it is doing (training.runner's protocol); the job page shows the latest.
+RUN_PHASES = ("starting", "loading_base", "preparing_data", "first_step", "saving")
 
 log = logging.getLogger(__name__)
 
@@ -338,7 +340,9 @@ class JobQueue:
                     message = f"Step {event.get('step')}/{event.get('total_steps')}: training loss={shown}"
                     finetuning.add_event(s, job, message, type="metrics", data=data)
                 elif event.get("type") == "message":
-                    finetuning.add_event(s, job, str(event.get("message")), level=event.get("level", "info"))
+                    phase = event.get("phase")
+                    data = {"phase": phase} if phase in RUN_PHASES else None
+                    finetuning.add_event(s, job, str(event.get("message")), level=event.get("level", "info"), data=data)
 
     def record_checkpoint(
         self,

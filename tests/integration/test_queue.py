@@ -138,6 +138,21 @@ def test_a_new_resumable_checkpoint_keeps_only_the_adapter_of_older_ones(db, two
         queue.record_checkpoint(job_id, "another", step=6, epoch=3.0, metrics={}, manifest={"optimizer.pt": "0" * 64})
 
 
+def test_a_runs_phase_reaches_the_job_events_data(db, two_tenants):
+    a, file_a, _, _, blobs = two_tenants
+    job_id = queued_job(db, a, file_a)
+    queue = JobQueue(db, blobs, lease_seconds=60, max_attempts=2)
+    queue.lease("agent")
+    said = [
+        {"type": "message", "level": "info", "message": "Loading the base model", "phase": "loading_base"},
+        {"type": "message", "level": "info", "message": "odd", "phase": "<b>made up</b>"},
+    ]
+    queue.report(job_id, "agent", said)
+    with db.system() as s:
+        data = {e.message: e.data for e in s.query(m.JobEvent).filter_by(job_id=job_id)}
+    assert data["Loading the base model"] == {"phase": "loading_base"} and data["odd"] is None
+
+
 def _record(queue: JobQueue, blobs, tenant_id: str, job_id: str, step: int, metrics: dict) -> dict[str, str]:
     files = _checkpoint_files(blobs, tenant_id, step)
     queue.record_checkpoint(job_id, "agent", step=step, epoch=float(step), metrics=metrics, manifest=files)
