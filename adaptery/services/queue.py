@@ -185,7 +185,10 @@ class JobQueue:
         checkpoint = self._latest_resumable(s, job.id, repair=job)
         resumed = f", resuming from step {checkpoint.step}" if checkpoint else ""
         finetuning.add_event(
-            s, job, f"Fine-tuning job started (attempt {job.attempts}, agent {agent_label(s, agent_id)}{resumed})"
+            s,
+            job,
+            f"Fine-tuning job started (attempt {job.attempts}, agent {agent_label(s, agent_id)}{resumed})",
+            data={"phase": "started", "attempt": job.attempts},
         )
         self._mark_agent(s, agent_id, job.id)
         return Assignment(
