@@ -545,7 +545,8 @@ UNREACHABLE_CELLS = """() => {
   for (const cell of document.querySelectorAll('#view td, #view th')) {
     const box = cell.getBoundingClientRect();
     if (!box.width || (box.left >= 0 && box.right <= innerWidth + 0.5)) continue;
-    const wrap = cell.closest('.table-wrap');
+    let wrap = cell.closest('.table-wrap');  // the outermost: a nested table scrolls with the one it is in
+    while (wrap && wrap.parentElement.closest('.table-wrap')) wrap = wrap.parentElement.closest('.table-wrap');
     const scrolls = wrap && wrap.scrollWidth > wrap.clientWidth
       && ['auto', 'scroll'].includes(getComputedStyle(wrap).overflowX);
     const inView = wrap && wrap.getBoundingClientRect().right <= innerWidth + 0.5;

@@ -321,10 +321,11 @@ export async function renderChat(root, ctx, { args, query }) {
       node.remove();
       showError(error, new Error(`${err.message} Your message is kept: press Retry to ask again.`));
     } finally {
-      node.dataset.done = "true";
       controller = null;
       setBusy(false);
       refreshActions();
+      follow(); // the meta line and the buttons below the answer too
+      node.dataset.done = "true";
       loadList();
     }
   }
