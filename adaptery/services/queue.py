@@ -435,13 +435,8 @@ class JobQueue:
         best = min(measured, key=lambda row: (loss(row, measure), -row.step)) if measured else None
         retired = [row for row in rows[keep:] if row is not best]
         dropped = {sha for row in retired for sha in (row.manifest or {}).values()}
-        for row in retired:
+        for row in retired:  # no event each time: it would flood the job's events as the checkpoints did its list
             s.delete(row)
-        if retired:
-            steps = ", ".join(str(row.step) for row in sorted(retired, key=lambda row: row.step))
-            finetuning.add_event(
-                s, job, f"Deleted older checkpoint(s) at step {steps}: keeping the latest {keep} and the best"
-            )
         return dropped
 
     # --- the end of an attempt -------------------------------------------------------------------

@@ -168,13 +168,11 @@ def test_a_job_keeps_its_latest_three_checkpoints_and_the_best_and_releases_the_
     written = {step: _record(queue, blobs, a, job_id, step, {"train_loss": loss}) for step, loss in losses.items()}
     with db.system() as s:
         kept = {c.step for c in s.query(m.JobCheckpoint).filter_by(job_id=job_id)}
-        events = [e.message for e in s.query(m.JobEvent).filter_by(job_id=job_id)]
     assert kept == {2, 4, 5, 6}
     for step in (1, 3):  # gone with their files; the files every checkpoint shares stay
         assert not blobs.exists(a, written[step]["adapter_model.safetensors"])
     assert blobs.exists(a, written[2]["adapter_model.safetensors"]) and blobs.exists(a, written[6]["optimizer.pt"])
     assert blobs.exists(a, written[1]["adapter_config.json"])
-    assert any("Deleted older checkpoint(s) at step 1" in e and "latest 3 and the best" in e for e in events)
 
 
 def test_keep_checkpoints_keeps_more_and_the_best_is_by_validation_loss(db, two_tenants):

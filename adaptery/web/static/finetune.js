@@ -327,7 +327,7 @@ export function runState(job, ordered, now = Date.now() / 1000) {
 }
 
 function settingsTable(job, hp) {
-  const rows = { method: job.method ? job.method.type : "supervised", ...hp, training_file: job.training_file, validation_file: job.validation_file, seed: job.seed };
+  const rows = { method: job.method ? job.method.type : "supervised", ...hp, training_file: job.training_file, validation_file: job.validation_file, seed: job.seed === null ? null : String(job.seed) };
   return h("div", { id: "job-settings" }, valueTable(rows, { caption: "Job settings" }));
 }
 
@@ -450,7 +450,7 @@ export async function renderJob(root, ctx, { args }) {
         h(
           "div",
           {},
-          section("Checkpoints", checkpointsTable(checkpoints.data)),
+          section("Checkpoints", checkpointsTable(checkpoints.data), h("p", { class: "muted", id: "checkpoints-kept" }, `The latest ${hp.keep_checkpoints ?? 3} and the best (lowest validation loss, else training loss) are kept; older ones are deleted.`)),
           section("Settings", settingsTable(job, hp)),
         ),
       ),
