@@ -99,7 +99,8 @@ export async function renderDatasets(root, ctx, { args }) {
     try {
       const created = await uploadWithProgress(`/api/datasets?${params}`, chosen, (loaded, total) => {
         progress.value = Math.round((loaded / total) * 100);
-        progressText.textContent = `${fmtBytes(loaded)} of ${fmtBytes(total)} (${progress.value}%)`;
+        // Once sent, the server reads and checks every record before it answers (a file with none valid makes no dataset).
+        progressText.textContent = loaded >= total ? `${fmtBytes(total)} sent; checking every record…` : `${fmtBytes(loaded)} of ${fmtBytes(total)} (${progress.value}%)`;
       });
       progress.value = 100;
       ctx.navigate(`#/datasets/${encodeURIComponent(created.id)}`);
