@@ -6,6 +6,7 @@ import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
@@ -150,17 +151,11 @@ async def _upload(
     # The upload that creates a dataset answers once its records are read: a file that gives none leaves no
     # empty dataset behind, and the uploader is told why (a 400 naming the file).
     await asyncio.wrap_future(done)
-    key = p.keyring.data_key(who.tenant_id)
+    reason = await run_in_threadpool(p.undo_failed_creation, who.tenant_id, body["id"])
+    if reason is not None:
+        raise InvalidRequest(reason, param="file", code="invalid_file")
     with p.db.tenant(who.tenant_id) as s:
-        undone = datasets.undo_failed_creation(s, key, body["id"])
-        if undone is None:
-            dataset = datasets.get_dataset(s, body["id"])
-            return _dataset_body(s, dataset, key)
-    reason, shas = undone
-    with p.db.system() as system:
-        for sha256 in shas:
-            blob_refs.release(system, p.blobs, who.tenant_id, sha256)
-    raise InvalidRequest(reason, param="file", code="invalid_file")
+        return _dataset_body(s, datasets.get_dataset(s, body["id"]), p.keyring.data_key(who.tenant_id))
 
 
 @router.post("", status_code=202)

@@ -509,10 +509,10 @@ def _fail(db: Database, tenant_id: str, version_id: str, message: str) -> None:
         version.finished_at = time.time()
 
 
-def pending_versions(system: Session) -> list[tuple[str, str]]:
-    """(tenant, version) of every version still processing: at start, their work is run again."""
+def pending_versions(system: Session) -> list[tuple[str, str, str]]:
+    """(tenant, version, dataset) of every version still processing: at start, their work is run again."""
     return [
-        (v.tenant_id, v.id)
+        (v.tenant_id, v.id, v.dataset_id)
         for v in system.scalars(select(m.DatasetVersion).where(m.DatasetVersion.status == "processing"))
     ]
 
