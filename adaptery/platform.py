@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from adaptery.engine.loading import load_tokenizer
 from adaptery.messaging.credentials import parse_token
 from adaptery.messaging.server import CONTROL_USER, NatsServer
 from adaptery.services import agents as agent_records
-from adaptery.services import datasets, finetuning, models, tenants
+from adaptery.services import blob_refs, datasets, finetuning, models, tenants
 from adaptery.services.control_plane import ControlPlane
 from adaptery.services.errors import NotFound
 from adaptery.services.fair_tasks import FairTasks
@@ -128,8 +129,10 @@ class Platform:
         """Job recovery, unfinished dataset work, and (unless disabled) the embedded agent."""
         self._spawn("recovery", self._recovery_loop)
         with self.db.system() as s:
-            for tenant_id, version_id in datasets.pending_versions(s):
-                self.submit_version(tenant_id, version_id)
+            for tenant_id, version_id, dataset_id in datasets.pending_versions(s):
+                # a server stopped while an upload created its dataset: that dataset is made whole or not at all
+                done = self.submit_version(tenant_id, version_id)
+                done.add_done_callback(lambda _, t=tenant_id, d=dataset_id: self.undo_failed_creation(t, d))
         # The embedded agent's credentials exist before our NATS server starts, so its first configuration
         # admits it: adding a user later is a reload (SIGHUP) the server applies in its own time, and an agent
         # connecting before that would be refused.
@@ -245,11 +248,31 @@ class Platform:
                 )
             return self._tokenizers[base_id]
 
-    def submit_version(self, tenant_id: str, version_id: str) -> None:
-        """Run a dataset version's work in the background."""
-        self.dataset_tasks.submit(
-            tenant_id, lambda: datasets.run_version(self.db, self.blobs, tenant_id, version_id, self.token_budget)
-        )
+    def submit_version(self, tenant_id: str, version_id: str) -> Future[None]:
+        """Run a dataset version's work in the background; the future is done when it is."""
+        done: Future[None] = Future()
+
+        def work() -> None:
+            try:
+                datasets.run_version(self.db, self.blobs, tenant_id, version_id, self.token_budget)
+            finally:
+                done.set_result(None)  # run_version records its own failures on the version
+
+        if not self.dataset_tasks.submit(tenant_id, work):
+            done.set_exception(RuntimeError("the server is shutting down; the version is processed at its next start"))
+        return done
+
+    def undo_failed_creation(self, tenant_id: str, dataset_id: str) -> str | None:
+        """Remove a dataset whose creating upload gave no record, with its blobs; returns why (None: it stays)."""
+        with self.db.tenant(tenant_id) as s:
+            undone = datasets.undo_failed_creation(s, self.keyring.data_key(tenant_id), dataset_id)
+        if undone is None:
+            return None
+        reason, shas = undone
+        with self.db.system() as system:
+            for sha256 in set(shas):
+                blob_refs.release(system, self.blobs, tenant_id, sha256)
+        return reason
 
     def validate_job(self, tenant_id: str, job_id: str) -> None:
         finetuning.validate_job(self.db, self.blobs, tenant_id, job_id, self.token_budget)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.orm import Session
 
 from adaptery.api.deps import platform, principal
 from adaptery.api.openai.objects import file_object
@@ -16,6 +19,7 @@ from adaptery.auth.principal import Principal
 from adaptery.db import models as m
 from adaptery.platform import Platform
 from adaptery.services import audit, blob_refs, datasets
+from adaptery.services.errors import InvalidRequest
 from adaptery.services.files import safe_filename
 from adaptery.storage.crypto import DataKey
 
@@ -24,7 +28,7 @@ router = APIRouter(prefix="/api/datasets", tags=["datasets"])
 VersionNumber = Annotated[int, Path(ge=1, le=2**31 - 1, description="The version's number, from 1")]
 
 
-def version_object(version: m.DatasetVersion, key: DataKey) -> dict[str, Any]:
+def version_object(version: m.DatasetVersion, key: DataKey, training_file: m.File | None = None) -> dict[str, Any]:
     return {
         "id": version.id,
         "object": "dataset.version",
@@ -46,10 +50,14 @@ def version_object(version: m.DatasetVersion, key: DataKey) -> dict[str, Any]:
         "report": datasets.open_report(key, version.report, version.id),
         "created_at": int(version.created_at),
         "finished_at": int(version.finished_at) if version.finished_at else None,
+        "training_file": training_file.id if training_file else None,  # the file it was exported as, if it was
     }
 
 
-def dataset_object(dataset: m.Dataset, versions: list[m.DatasetVersion], key: DataKey) -> dict[str, Any]:
+def dataset_object(
+    dataset: m.Dataset, versions: list[m.DatasetVersion], key: DataKey, exported: dict[int, m.File] | None = None
+) -> dict[str, Any]:
+    exported = exported or {}
     return {
         "id": dataset.id,
         "object": "dataset",
@@ -60,8 +68,13 @@ def dataset_object(dataset: m.Dataset, versions: list[m.DatasetVersion], key: Da
         "contains_protected_data": dataset.contains_protected_data,
         "created_at": int(dataset.created_at),
         "updated_at": int(dataset.updated_at),
-        "versions": [version_object(v, key) for v in versions],
+        "versions": [version_object(v, key, exported.get(v.number)) for v in versions],
     }
+
+
+def _dataset_body(s: Session, dataset: m.Dataset, key: DataKey) -> dict[str, Any]:
+    versions = datasets.versions_of(s, dataset)
+    return dataset_object(dataset, versions, key, datasets.exported_files(s, dataset, versions))
 
 
 class Card(BaseModel):
@@ -126,14 +139,23 @@ async def _upload(
                 mapping=parsed_mapping,
                 model=model,
             )
-            body = dataset_object(dataset, datasets.versions_of(s, dataset), p.keyring.data_key(who.tenant_id))
+            body = _dataset_body(s, dataset, p.keyring.data_key(who.tenant_id))
             audit.record(s, who, "dataset.upload", target=dataset.id, detail={"version": version.number})
     except Exception:
         with p.db.system() as system:
             blob_refs.release(system, p.blobs, who.tenant_id, blob.sha256)  # the upload failed as a whole
         raise
-    p.submit_version(who.tenant_id, version.id)
-    return body
+    done = p.submit_version(who.tenant_id, version.id)
+    if dataset_ref is not None:
+        return body
+    # The upload that creates a dataset answers once its records are read: a file that gives none leaves no
+    # empty dataset behind, and the uploader is told why (a 400 naming the file).
+    await asyncio.wrap_future(done)
+    reason = await run_in_threadpool(p.undo_failed_creation, who.tenant_id, body["id"])
+    if reason is not None:
+        raise InvalidRequest(reason, param="file", code="invalid_file")
+    with p.db.tenant(who.tenant_id) as s:
+        return _dataset_body(s, datasets.get_dataset(s, body["id"]), p.keyring.data_key(who.tenant_id))
 
 
 @router.post("", status_code=202)
@@ -147,7 +169,8 @@ async def upload_dataset(
     who: Principal = Depends(principal),
     p: Platform = Depends(platform),
 ) -> dict:
-    """Create a dataset from the raw request body (the file's bytes); version 1 is processed in the background."""
+    """Create a dataset from the raw request body (the file's bytes). The answer comes once version 1's records
+    are read and checked; a file that gives no valid record is a 400 and leaves no dataset behind."""
     return await _upload(
         request,
         p,
@@ -184,7 +207,7 @@ def list_datasets(who: Principal = Depends(principal), p: Platform = Depends(pla
     with p.db.tenant(who.tenant_id) as s:
         return {
             "object": "list",
-            "data": [dataset_object(d, datasets.versions_of(s, d), key) for d in datasets.list_datasets(s)],
+            "data": [_dataset_body(s, d, key) for d in datasets.list_datasets(s)],
         }
 
 
@@ -192,7 +215,7 @@ def list_datasets(who: Principal = Depends(principal), p: Platform = Depends(pla
 def get_dataset(dataset_id: str, who: Principal = Depends(principal), p: Platform = Depends(platform)) -> dict:
     with p.db.tenant(who.tenant_id) as s:
         dataset = datasets.get_dataset(s, dataset_id)
-        return dataset_object(dataset, datasets.versions_of(s, dataset), p.keyring.data_key(who.tenant_id))
+        return _dataset_body(s, dataset, p.keyring.data_key(who.tenant_id))
 
 
 @router.patch("/{dataset_id}")
@@ -202,7 +225,7 @@ def update_card(
     require(who, "upload")
     with p.db.tenant(who.tenant_id) as s:
         dataset = datasets.update_card(s, datasets.get_dataset(s, dataset_id), card.model_dump(exclude_unset=True))
-        return dataset_object(dataset, datasets.versions_of(s, dataset), p.keyring.data_key(who.tenant_id))
+        return _dataset_body(s, dataset, p.keyring.data_key(who.tenant_id))
 
 
 @router.delete("/{dataset_id}")

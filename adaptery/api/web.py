@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from adaptery.api.deps import CSRF_COOKIE, DEVICE_COOKIE, SESSION_COOKIE, platform, principal
 from adaptery.auth.principal import Principal
+from adaptery.engine.loading import ModelNotAvailable
 from adaptery.platform import Platform
 from adaptery.services import audit, catalog, sessions, tenants
 from adaptery.services.errors import ServiceError, Unauthenticated
@@ -239,7 +240,20 @@ def decline_invitation(
 
 @router.get("/api/models", tags=["models"])
 def model_catalog(who: Principal = Depends(principal), p: Platform = Depends(platform)) -> dict:
-    """The models this caller may use, with what the web page shows about them: base models' fine-tuning
-    defaults and observed training speed; adapters' method, rank, training job, data and final metrics."""
+    """The models this caller may use, with what the web page shows about them: each one's context length;
+    base models' fine-tuning defaults and observed training speed; adapters' method, rank, training job, data
+    and final metrics."""
     with p.db.tenant(who.tenant_id) as s:
-        return {"object": "list", "data": catalog.model_catalog(s, who)}
+        data = catalog.model_catalog(s, who)
+    contexts = {base: _context_length(p, base) for base in {body["base_model"] for body in data}}
+    for body in data:
+        body["context_length"] = contexts[body["base_model"]]
+    return {"object": "list", "data": data}
+
+
+def _context_length(p: Platform, base_id: str) -> int | None:
+    """The longest prompt plus answer the base takes, in tokens (the page bounds max tokens by it)."""
+    try:
+        return p.token_budget(base_id).context
+    except (ServiceError, ModelNotAvailable, OSError, ValueError):
+        return None  # its files are not here (yet): the server still refuses what does not fit

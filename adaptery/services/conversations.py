@@ -150,7 +150,8 @@ def add_message(
     )
     session.add(message)
     if role == "user" and not conversation.title:
-        conversation.title = _seal(key, _title_from(content), "conversations.title", conversation.id)
+        title = _distinct_title(session, key, conversation, _title_from(content))
+        conversation.title = _seal(key, title, "conversations.title", conversation.id)
     conversation.updated_at = time.time()
     session.flush()
     return message
@@ -173,6 +174,21 @@ def truncate_from(session: Session, conversation: m.Conversation, message_id: st
 def delete_conversation(session: Session, conversation: m.Conversation) -> None:
     session.execute(delete(m.ChatMessage).where(m.ChatMessage.conversation_id == conversation.id))
     session.delete(conversation)
+
+
+def _distinct_title(session: Session, key: DataKey, conversation: m.Conversation, title: str) -> str:
+    """`title`, or `title (2)`, `(3)`…: chats opened with the same question stay apart in the list."""
+    others = session.scalars(
+        select(m.Conversation).where(
+            m.Conversation.user_id == conversation.user_id, m.Conversation.id != conversation.id
+        )
+    )
+    taken = {title_of(key, other) for other in others}
+    candidate, number = title, 1
+    while candidate in taken:
+        number += 1
+        candidate = f"{title} ({number})"
+    return candidate
 
 
 def _title_from(content: str) -> str:

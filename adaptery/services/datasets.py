@@ -286,11 +286,60 @@ def start_operation(
     return created
 
 
+def undo_failed_creation(session: Session, key: DataKey, dataset_id: str) -> tuple[str, list[str]] | None:
+    """The dataset an upload just created, removed if that upload gave no records (a file that failed as a
+    whole, or one whose every record is invalid): returns why, and the blobs to release. None when it stays.
+
+    A dataset is made by its first upload or not at all: nobody is left with an empty one to clean up."""
+    dataset = session.scalar(select(m.Dataset).where(m.Dataset.id == dataset_id))
+    versions = versions_of(session, dataset) if dataset is not None else []
+    if len(versions) != 1 or versions[0].status == "processing" or versions[0].records:
+        return None
+    version = versions[0]
+    name = version.source_filename or dataset.name
+    if version.status == "failed":
+        reason = f"Nothing was kept of '{name}': {version.error or 'it could not be read'}"
+    else:
+        report = open_report(key, version.report, version.id) or {}
+        validation = report.get("validation") or {}
+        problems = "; ".join(
+            f"{error.get('unit') or 'line'} {error.get('line')}: {error.get('message')}"
+            for error in (validation.get("errors") or [])[:5]
+        )
+        total = validation.get("records_total", 0)
+        reason = f"Nothing was kept of '{name}': none of its {total} record(s) is valid" + (
+            f" ({problems})" if problems else ""
+        )
+    return reason, delete_dataset(session, dataset)
+
+
 def delete_dataset(session: Session, dataset: m.Dataset) -> list[str]:
     """Remove the dataset; returns the blobs its versions used, for the caller to release."""
     shas = [s for v in versions_of(session, dataset) for s in (v.sha256, v.source_sha256) if s]
     session.delete(dataset)
     return shas
+
+
+def _export_name(dataset: m.Dataset, version: m.DatasetVersion) -> str:
+    return f"{dataset.name}-v{version.number}.jsonl"
+
+
+def exported_files(session: Session, dataset: m.Dataset, versions: list[m.DatasetVersion]) -> dict[int, m.File]:
+    """The fine-tuning file each version was exported as (by version number), where it was."""
+    wanted = {(v.sha256, _export_name(dataset, v)): v.number for v in versions if v.sha256}
+    if not wanted:
+        return {}
+    found: dict[int, m.File] = {}
+    candidates = session.scalars(
+        select(m.File)
+        .where(m.File.purpose == "fine-tune", m.File.sha256.in_({sha for sha, _ in wanted}))
+        .order_by(m.File.created_at)
+    )
+    for record in candidates:
+        number = wanted.get((record.sha256, record.filename))
+        if number is not None:
+            found.setdefault(number, record)
+    return found
 
 
 def export_version(session: Session, dataset: m.Dataset, number: int | None, *, allow_invalid: bool) -> m.File:
@@ -305,9 +354,12 @@ def export_version(session: Session, dataset: m.Dataset, number: int | None, *, 
         )
     if not version.records:
         raise InvalidRequest(f"Version {version.number} has no records", param="version")
+    existing = exported_files(session, dataset, [version]).get(version.number)
+    if existing is not None:  # exported before: the same file again, not a second copy of the same data
+        return existing
     record = m.File(
         id=new_id("file-"),
-        filename=f"{dataset.name}-v{version.number}.jsonl",
+        filename=_export_name(dataset, version),
         purpose="fine-tune",
         bytes=version.bytes,
         sha256=version.sha256,
@@ -457,10 +509,10 @@ def _fail(db: Database, tenant_id: str, version_id: str, message: str) -> None:
         version.finished_at = time.time()
 
 
-def pending_versions(system: Session) -> list[tuple[str, str]]:
-    """(tenant, version) of every version still processing: at start, their work is run again."""
+def pending_versions(system: Session) -> list[tuple[str, str, str]]:
+    """(tenant, version, dataset) of every version still processing: at start, their work is run again."""
     return [
-        (v.tenant_id, v.id)
+        (v.tenant_id, v.id, v.dataset_id)
         for v in system.scalars(select(m.DatasetVersion).where(m.DatasetVersion.status == "processing"))
     ]
 

@@ -29,14 +29,16 @@ class FairTasks:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, tenant_id: str, task: Task) -> None:
+    def submit(self, tenant_id: str, task: Task) -> bool:
+        """Queue `task`; False (and nothing queued) once shutting down."""
         with self._changed:
             if self._stopping:
-                return
+                return False
             self._queues.setdefault(tenant_id, deque()).append(task)
             if tenant_id not in self._running and tenant_id not in self._turns:
                 self._turns.append(tenant_id)
             self._changed.notify()
+        return True
 
     def _serve(self) -> None:
         while True:

@@ -40,7 +40,7 @@ from adaptery.storage.blobs import BlobStore
 from adaptery.training.data import DatasetError, read_preference_records
 from adaptery.training.methods import ConfigurationError, check_configuration, module_inventory
 from adaptery.training.options import OPENAI_KEYS, OPTION_KEYS, resolve_options
-from adaptery.training.spec import MAX_SEED, LoraHyperparameters
+from adaptery.training.spec import DEFAULT_KEEP_CHECKPOINTS, MAX_SEED, LoraHyperparameters
 
 if TYPE_CHECKING:
     from adaptery.settings import Settings
@@ -136,6 +136,12 @@ def training_arguments(job: m.FineTuningJob, base: m.BaseModel) -> dict[str, Any
     if method == "dpo":
         arguments["beta"] = hp.get("beta", 0.1)
     return arguments
+
+
+def checkpoints_to_keep(job: m.FineTuningJob) -> int:
+    """How many of the job's latest checkpoints the platform keeps (its `keep_checkpoints` option)."""
+    chosen = ((job.method or {}).get(training_method(job)) or {}).get("hyperparameters") or {}
+    return int(chosen.get("keep_checkpoints") or DEFAULT_KEEP_CHECKPOINTS)
 
 
 def _method_hyperparameters(method: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -37,6 +37,8 @@ from adaptery.services import blob_refs, faults, finetuning, models
 from adaptery.storage.blobs import BlobStore
 
 Verdict = Literal["continue", "cancel", "pause", "lost"]
+# What a run says it is doing (training.runner's protocol); the job page shows the latest.
+RUN_PHASES = ("starting", "loading_base", "preparing_data", "first_step", "saving")
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +189,10 @@ class JobQueue:
         checkpoint = self._latest_resumable(s, job.id, repair=job)
         resumed = f", resuming from step {checkpoint.step}" if checkpoint else ""
         finetuning.add_event(
-            s, job, f"Fine-tuning job started (attempt {job.attempts}, agent {agent_label(s, agent_id)}{resumed})"
+            s,
+            job,
+            f"Fine-tuning job started (attempt {job.attempts}, agent {agent_label(s, agent_id)}{resumed})",
+            data={"phase": "started", "attempt": job.attempts},
         )
         self._mark_agent(s, agent_id, job.id)
         return Assignment(
@@ -341,7 +346,9 @@ class JobQueue:
                     message = f"Step {event.get('step')}/{event.get('total_steps')}: training loss={shown}"
                     finetuning.add_event(s, job, message, type="metrics", data=data)
                 elif event.get("type") == "message":
-                    finetuning.add_event(s, job, str(event.get("message")), level=event.get("level", "info"))
+                    phase = event.get("phase")
+                    data = {"phase": phase} if phase in RUN_PHASES else None
+                    finetuning.add_event(s, job, str(event.get("message")), level=event.get("level", "info"), data=data)
 
     def record_checkpoint(
         self,
@@ -387,6 +394,7 @@ class JobQueue:
             s.flush()
             if row.resumable:
                 dropped = self._prune_older(s, job.id, step)
+            dropped |= self._retire_beyond(s, job)
         if dropped:
             with self.db.system() as s:
                 for sha in dropped:
@@ -406,6 +414,32 @@ class JobQueue:
             dropped |= {sha for name, sha in row.manifest.items() if name not in ADAPTER_FILES}
             row.manifest = {name: sha for name, sha in row.manifest.items() if name in ADAPTER_FILES}
             row.resumable = False
+        return dropped
+
+    @staticmethod
+    def _retire_beyond(s: Session, job: m.FineTuningJob) -> set[str]:
+        """Delete the job's checkpoints beyond its `keep_checkpoints` latest and its best; returns their blobs.
+
+        The best is the lowest validation loss where any checkpoint was evaluated, else the lowest training
+        loss. A short job writes a checkpoint every epoch, so without this 20-50 of them pile up."""
+        rows = s.scalars(
+            select(m.JobCheckpoint).where(m.JobCheckpoint.job_id == job.id).order_by(m.JobCheckpoint.step.desc())
+        ).all()
+        keep = finetuning.checkpoints_to_keep(job)
+        if len(rows) <= keep:
+            return set()
+
+        def loss(row: m.JobCheckpoint, name: str) -> float | None:
+            value = (row.metrics or {}).get(name)
+            return float(value) if isinstance(value, int | float) and value == value else None
+
+        measure = "valid_loss" if any(loss(row, "valid_loss") is not None for row in rows) else "train_loss"
+        measured = [row for row in rows if loss(row, measure) is not None]
+        best = min(measured, key=lambda row: (loss(row, measure), -row.step)) if measured else None
+        retired = [row for row in rows[keep:] if row is not best]
+        dropped = {sha for row in retired for sha in (row.manifest or {}).values()}
+        for row in retired:  # no event each time: it would flood the job's events as the checkpoints did its list
+            s.delete(row)
         return dropped
 
     # --- the end of an attempt -------------------------------------------------------------------

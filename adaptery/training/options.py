@@ -5,11 +5,12 @@ OpenAI's hyperparameters object holds `n_epochs`, `batch_size`, `learning_rate_m
 
     {"type": "supervised", "supervised": {"hyperparameters": {
         "n_epochs": 3, "peft_method": "dora", "lora_r": 8, "target_modules": ["q_proj", "v_proj"],
-        "packing": true, "validation_split": 0.1, "early_stopping_patience": 2}}}
+        "packing": true, "validation_split": 0.1, "early_stopping_patience": 2, "keep_checkpoints": 5}}}
 
 Every option is a field of `LoraHyperparameters` (its one definition, types and bounds included);
 `learning_rate` replaces the base model's recommended rate, which `learning_rate_multiplier`
-then scales.
+then scales. `keep_checkpoints` (default 3, 1 to 1000) is how many of the latest checkpoints the platform
+keeps; the best one (lowest validation loss, else training loss) is kept besides them.
 """
 
 from __future__ import annotations

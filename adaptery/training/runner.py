@@ -5,7 +5,10 @@ this process reads):
 
 - stdout carries only events, one JSON object per line, flushed as they happen; everything else
   (library logs, progress bars, tracebacks) goes to stderr. Non-finite numbers are written as null.
-- ``{"type": "message", "message": str, "level": "info"|"warning"}``: progress for people.
+- ``{"type": "message", "message": str, "level": "info"|"warning"}``: progress for people. A message
+  that starts a phase of the run also carries ``"phase"``: ``starting`` (the process, importing
+  libraries), ``loading_base``, ``preparing_data``, ``first_step`` (the trainer is set up; the
+  first step runs), ``saving`` (the final adapter); training itself shows as metrics events.
 - ``{"type": "metrics", "step": int, "total_steps": int, "epoch": float, "train_loss": float,
   "learning_rate": float, "grad_norm": float|null, "tokens_per_second": float}`` after every
   optimisation step; a step that was evaluated also carries ``"eval_loss"`` (and the same value as
@@ -145,6 +148,8 @@ def _run(spec_path: str, emit: Callable[[dict[str, Any]], None]) -> int:
         emit({"type": "cancelled"})
         return EXIT_CANCELLED
 
+    # The imports below take seconds: say so, so the job shows a sign of life from its first moment.
+    emit({"type": "message", "level": "info", "message": "Starting the training process", "phase": "starting"})
     import torch
     from transformers.utils import logging as transformers_logging
 

@@ -21,6 +21,10 @@ Scheduler = Literal[
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt"
 ]
 DEFAULT_CHECKPOINT_EVERY_STEPS = 100
+# The platform keeps a job's latest few checkpoints and its best one (as OpenAI keeps three, and as the
+# Trainer's save_total_limit with a best model does); `keep_checkpoints` asks for more.
+DEFAULT_KEEP_CHECKPOINTS = 3
+MAX_KEEP_CHECKPOINTS = 1000
 MAX_SEED = 2**31 - 1  # OpenAI's seed is a 32-bit integer, and so is the column a job's seed is stored in
 
 
@@ -57,6 +61,9 @@ class LoraHyperparameters(BaseModel):
     early_stopping_patience: int | None = Field(default=None, ge=1)
     early_stopping_threshold: float = Field(default=0.0, ge=0)
     beta: float = Field(default=0.1, gt=0)  # DPO: how far the policy may move from the reference
+    # How many of the latest checkpoints the platform keeps; the best (lowest validation loss, else training
+    # loss) is kept besides them. Older ones are deleted with their files as new ones arrive.
+    keep_checkpoints: int = Field(default=DEFAULT_KEEP_CHECKPOINTS, ge=1, le=MAX_KEEP_CHECKPOINTS)
 
     @property
     def quantized(self) -> bool:

@@ -157,6 +157,11 @@ class _SupervisedTrainer(Trainer):
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
 
+def phase(name: str, message: str) -> Event:
+    """A message that also says what the run is doing now (the job page shows it while nothing else moves)."""
+    return {"type": "message", "level": "info", "message": message, "phase": name}
+
+
 def _finite(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
@@ -218,9 +223,7 @@ class _EventCallback(TrainerCallback):
         self._mark = (time.monotonic(), state.num_input_tokens_seen)
         self.last_saved_step = state.global_step  # a resumed run's checkpoint already exists
         resumed = f", resuming at step {state.global_step}" if state.global_step else ""
-        self.on_event(
-            {"type": "message", "level": "info", "message": f"{self.intro}, {state.max_steps} steps{resumed}"}
-        )
+        self.on_event(phase("first_step", f"{self.intro}, {state.max_steps} steps{resumed}"))
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._flush()
@@ -551,10 +554,12 @@ def train(
     targets = check_configuration(hp, inventory, max_rank=None)
 
     cuda = torch.cuda.is_available()
+    on_event(phase("loading_base", "Loading the base model"))
     model, tokenizer, dtype = _load_base(spec, hp, cuda)
     # Training needs no KV cache, and with one transformers ignores packed rows' position ids (each
     # example would attend to the ones packed before it).
     model.config.use_cache = False
+    on_event(phase("preparing_data", "Preparing the training data"))
     if spec.method == "dpo":
         train_set, eval_set = _dpo_data(spec, hp)
         examples = len(train_set)
@@ -637,6 +642,7 @@ def train(
             on_event({"type": "message", "level": "info", "message": f"Early stopping: {kept}"})
     elif early is not None and early.stopped:
         on_event({"type": "message", "level": "info", "message": f"Early stopping after step {steps}"})
+    on_event(phase("saving", "Saving the adapter"))
     model.save_pretrained(spec.output_dir, safe_serialization=True)
     tokenizer.save_pretrained(spec.output_dir)
     seconds = time.monotonic() - started

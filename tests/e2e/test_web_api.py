@@ -8,6 +8,7 @@ import re
 import httpx
 import pytest
 
+from adaptery.engine.demo_model import MAX_POSITIONS
 from tests.conftest import ServerProcess
 
 
@@ -47,6 +48,19 @@ def test_conversations_are_saved_per_user_and_members_come_and_go(server: Server
     assert question.status_code == answer.status_code == 201
     listed = owner.get("/api/conversations").json()["data"]
     assert [(c["id"], c["title"], c["message_count"]) for c in listed] == [(conv["id"], "What is the lab's mascot?", 2)]
+    for _ in range(2):  # the same opening question twice: two titles a person can tell apart
+        again = owner.post("/api/conversations", json={}).json()
+        owner.post(
+            f"/api/conversations/{again['id']}/messages", json={"role": "user", "content": "What is the lab's mascot?"}
+        )
+    titles = [c["title"] for c in owner.get("/api/conversations").json()["data"]]
+    assert sorted(titles) == [
+        "What is the lab's mascot?",
+        "What is the lab's mascot? (2)",
+        "What is the lab's mascot? (3)",
+    ]
+    for extra in owner.get("/api/conversations").json()["data"][:2]:
+        owner.delete(f"/api/conversations/{extra['id']}")
     renamed = owner.patch(path, json={"title": "Mascot", "system_prompt": "Be brief.", "params": {"top_p": 0.5}})
     assert renamed.json()["title"] == "Mascot" and renamed.json()["params"] == {"top_p": 0.5}
     regenerate = owner.delete(f"{path}/messages/{answer.json()['id']}")
@@ -97,3 +111,4 @@ def test_conversations_are_saved_per_user_and_members_come_and_go(server: Server
     base = next(m for m in catalog if m["id"] == "adaptery-demo")
     assert base["kind"] == "base" and base["finetune_defaults"]["n_epochs"] == 20
     assert base["observed_tokens_per_second"] is None  # no finished fine-tune to time yet
+    assert base["context_length"] == MAX_POSITIONS  # what bounds max tokens in the chat settings

@@ -130,6 +130,30 @@ def test_a_bad_file_shows_its_line_errors(journey: Journey) -> None:
     expect(rows.nth(1)).to_contain_text("has no assistant message")
     journey.shot("dataset-bad-file")
 
+    page.click("#export-run")  # the error names the box to tick, not the API's parameter
+    actions = page.locator("#dataset-actions")
+    expect(actions.locator(".form-error")).to_contain_text("tick “Allow leaving invalid records out”")
+    expect(actions.locator(".form-error")).not_to_contain_text("allow_invalid")
+    journey.go("datasets")  # not a plain "ready": how many were dropped, with a way to see why
+    dropped = page.locator("tr", has_text="bad.jsonl").locator(".dropped-link")
+    expect(dropped).to_have_text("ready, 2 dropped")
+    dropped.click()
+    expect(page.locator("#validation-report")).to_contain_text("2 of 4 records are invalid")
+
+
+def test_a_file_with_no_valid_record_is_refused_on_the_form_and_makes_no_dataset(journey: Journey) -> None:
+    page = journey.page
+    hopeless = journey.tmp / "hopeless.jsonl"
+    hopeless.write_text('{"messages": [{"role": "user", "content": "q"}]}\n{"messages": [oops\n')
+    journey.go("datasets")
+    page.set_input_files("#dataset-file", hopeless)
+    page.click("#dataset-upload")
+    expect(page.locator("#upload-form .form-error")).to_contain_text("Nothing was kept of 'hopeless.jsonl'")
+    expect(page.locator("#upload-form .form-error")).to_contain_text("line 2: invalid JSON")
+    journey.go("datasets")
+    expect(page.get_by_role("link", name="bad.jsonl")).to_be_visible()
+    expect(page.get_by_role("link", name="hopeless.jsonl")).to_have_count(0)
+
 
 def test_upload_a_dataset_see_its_report_statistics_and_curate_it(journey: Journey) -> None:
     page = journey.page
@@ -161,12 +185,23 @@ def test_upload_a_dataset_see_its_report_statistics_and_curate_it(journey: Journ
     journey.shot("datasets")
 
 
+def training_files(page: Page) -> list[str]:
+    return page.evaluate("async () => (await (await fetch('/v1/files')).json()).data.map((f) => f.filename)")
+
+
 def test_fine_tune_from_the_form_and_watch_it_finish_with_a_loss_chart(journey: Journey) -> None:
     page = journey.page
-    journey.go("fine-tune")
-    pick_first_version(page)
+    journey.go(f"datasets/{journey.found['dataset']}/1")  # the dataset's "use for fine-tuning" path
+    page.click("#export-run")
+    page.click("#fine-tune-link")
+    selected = page.locator("#ft-training option:checked")
+    expect(selected).to_have_text(re.compile(r"^lab-facts v1 "))  # the version, offered once
+    expect(page.locator("#ft-training option", has_text="lab-facts-v1.jsonl")).to_have_count(0)
     expect(page.locator("#ft-estimate")).to_contain_text("tokens to train")
     expect(page.locator("#ft-epochs")).to_have_value("20")  # the demo base's recommended default
+    page.fill("#ft-epochs", "0")  # auto: what it resolves to, never "× 1 epochs"
+    expect(page.locator("#ft-estimate")).to_contain_text("× 20 epochs: auto, this base model's default")
+    page.fill("#ft-epochs", "20")
     page.click("#ft-advanced summary")
     expect(page.locator("#ft-rank")).to_have_value("16")
     page.fill("#ft-suffix", "web")
@@ -174,9 +209,20 @@ def test_fine_tune_from_the_form_and_watch_it_finish_with_a_loss_chart(journey: 
     page.click("#ft-start")
     expect(page).to_have_url(re.compile(r"#/jobs/ftjob-"))
     journey.found["job"] = page.url.rsplit("/", 1)[-1]
+    expect(page.locator("#job-phase")).to_be_visible()  # a sign of life from the start
     expect(page.locator("#job-status")).to_have_attribute("data-status", "succeeded", timeout=240_000)
+    expect(page.locator("#job-phase")).to_have_count(0)
+    assert training_files(page).count("lab-facts-v1.jsonl") == 1  # the version's file, not a second copy
     expect(page.locator("#loss-chart svg polyline.s-train")).to_have_count(1)
-    expect(page.locator("#job-events li").first).to_be_visible()
+    expect(page.locator("#loss-chart svg")).to_have_attribute("data-x-max", "40")  # all the steps, from the start
+    page.check("#loss-log")
+    expect(page.locator("#loss-chart figure")).to_have_attribute("data-scale", "log")
+    expect(page.locator("#loss-chart .axis-label", has_text="log scale")).to_have_count(1)
+    page.uncheck("#loss-log")
+    expect(page.locator("#job-settings tr", has_text="n epochs")).to_contain_text("20")
+    expect(page.locator("#job-settings tr", has_text="keep checkpoints")).to_contain_text("3")
+    expect(page.locator("pre.json")).to_have_count(0)
+    expect(page.locator("#job-events li", has_text="Loading the base model")).to_have_count(1)
     adapter = page.locator("#job-adapter code").inner_text()
     assert adapter.startswith("ft:adaptery-demo:default:web:")
     journey.found["adapter"] = adapter
@@ -185,6 +231,28 @@ def test_fine_tune_from_the_form_and_watch_it_finish_with_a_loss_chart(journey: 
     journey.go("fine-tune")  # a finished run on this base now times the next estimate
     pick_first_version(page)
     expect(page.locator("#ft-estimate")).to_contain_text("tokens/s your earlier runs")
+
+
+def test_a_running_job_says_what_it_does_since_when_and_how_long_is_left(journey: Journey) -> None:
+    state = journey.page.evaluate(
+        """async () => { const { runState } = await import('/static/finetune.js');
+        const job = {status: 'running', created_at: 100};
+        const at = (created_at, data, type = 'message') => ({created_at, data, type});
+        const events = [at(100, {}), at(104, {phase: 'started'}), at(106, {phase: 'loading_base'})];
+        const loading = runState(job, events, 110);
+        events.push(at(112, {step: 1, total_steps: 10}, 'metrics'), at(116, {step: 3, total_steps: 10}, 'metrics'));
+        const done = runState({...job, status: 'succeeded'}, events);
+        return {loading, training: runState(job, events, 117), done}; }"""
+    )
+    assert state["loading"] == {
+        "phase": "loading_base",
+        "text": "Loading the base model",
+        "elapsed": 6,
+        "remaining": None,
+    }
+    assert state["training"]["text"] == "Training: step 3 of 10" and state["training"]["elapsed"] == 13
+    assert state["training"]["remaining"] == 14  # 2 s a step, 7 steps to go
+    assert state["done"] is None
 
 
 def test_chat_with_the_adapter_streamed_saved_and_regenerated(journey: Journey) -> None:
@@ -222,12 +290,17 @@ def test_chat_with_the_adapter_streamed_saved_and_regenerated(journey: Journey) 
     expect(page.locator(".message.assistant .copy")).to_be_visible()
 
     page.click("#new-chat")
+    expect(page.locator("#temperature")).to_have_value("0")  # a new chat starts with the last settings, not 0.7
+    expect(page.locator("#max-tokens")).to_have_value("40")
     page.select_option("#model-select", "adaptery-demo")
     page.fill("#prompt", question)
     page.press("#prompt", "Enter")
     expect(page.locator(".message.assistant").last).to_have_attribute("data-done", "true", timeout=60_000)
     assert page.locator(".message.assistant .content").inner_text() != expected
     expect(page.locator("#conversations .conversation")).to_have_count(2)
+    titles = page.locator("#conversations .conversation-title")  # the same question, told apart, with dates
+    expect(titles.first).to_have_text(f"{question} (2)"[:60] if len(question) <= 56 else re.compile(r"\(2\)$"))
+    expect(page.locator("#conversations .conversation-date")).to_have_count(2)
 
     # rename and delete, from the keyboard
     first = page.locator("#conversations .conversation").first
@@ -239,6 +312,38 @@ def test_chat_with_the_adapter_streamed_saved_and_regenerated(journey: Journey) 
     page.locator("#conversations .conversation").first.get_by_role("button", name=re.compile("^Delete")).click()
     page.click("#dialog-confirm")
     expect(page.locator("#conversations .conversation")).to_have_count(1)
+
+
+def test_chat_follows_the_answer_bounds_max_tokens_and_keeps_a_failed_message_to_retry(journey: Journey) -> None:
+    page, adapter = journey.page, journey.found["adapter"]
+    question, expected = sample_question()
+    journey.go(f"chat?model={adapter}")
+    open_settings(page)
+    page.fill("#max-tokens", "5000")  # more than the model's context (1,024 tokens) holds
+    sent: list[str] = []
+    page.on("request", lambda r: sent.append(r.url) if r.url.endswith("/chat/completions") else None)
+    page.fill("#prompt", question)
+    page.press("#prompt", "Enter")
+    expect(page.locator("#settings .form-error")).to_contain_text("this model's context holds 1,024 tokens")
+    assert not sent and page.locator("#messages .message").count() == 0
+    page.fill("#max-tokens", "40")
+
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(status=503, json={"error": {"message": "busy"}}))
+    page.press("#prompt", "Enter")
+    expect(page.locator("#composer .form-error")).to_contain_text("Your message is kept")
+    last = page.locator("#messages .message").last
+    expect(last).to_have_class(re.compile(r"\buser\b"))  # not an orphan: it offers to ask again
+    page.unroute("**/v1/chat/completions")
+    page.evaluate("document.querySelector('#messages').style.maxHeight = '90px'")  # a pane the answer overflows
+    last.locator(".retry").click()
+    answer = page.locator(".message.assistant").last
+    expect(answer).to_have_attribute("data-done", "true", timeout=60_000)
+    assert answer.locator(".content").inner_text() == expected
+    expect(page.locator(".message .retry")).to_have_count(0)
+    # the pane followed the answer to its end
+    assert (
+        page.evaluate("(m => m.scrollHeight - m.scrollTop - m.clientHeight)(document.querySelector('#messages'))") < 2
+    )
 
 
 def test_markdown_is_rendered_and_html_in_it_is_shown_as_text(journey: Journey) -> None:
@@ -332,6 +437,8 @@ def test_invite_a_member_who_signs_in_and_has_their_own_chats(journey: Journey) 
     link = page.locator("#invite-link-value").inner_text()
     expect(page.locator("#members tbody tr", has_text="ada")).to_be_visible()
     expect(page.locator("#agents")).to_contain_text("embedded")
+    expect(page.locator("#engine-state table").first).to_be_visible()  # tables, not a JSON dump
+    expect(page.locator("#engine-state pre")).to_have_count(0)
     journey.shot("admin")
 
     context = journey.browser.new_context(viewport={"width": 1280, "height": 860})
@@ -432,14 +539,34 @@ def test_platform_administration_is_a_step_up_with_the_password(journey: Journey
     expect(page.locator("#tenants")).to_have_count(0)
 
 
+# Every table cell can be reached at phone width: it is on screen, or inside a wrapper that scrolls sideways.
+UNREACHABLE_CELLS = """() => {
+  const out = [];
+  for (const cell of document.querySelectorAll('#view td, #view th')) {
+    const box = cell.getBoundingClientRect();
+    if (!box.width || (box.left >= 0 && box.right <= innerWidth + 0.5)) continue;
+    let wrap = cell.closest('.table-wrap');  // the outermost: a nested table scrolls with the one it is in
+    while (wrap && wrap.parentElement.closest('.table-wrap')) wrap = wrap.parentElement.closest('.table-wrap');
+    const scrolls = wrap && wrap.scrollWidth > wrap.clientWidth
+      && ['auto', 'scroll'].includes(getComputedStyle(wrap).overflowX);
+    const inView = wrap && wrap.getBoundingClientRect().right <= innerWidth + 0.5;
+    if (!(scrolls && inView)) out.push(cell.textContent.slice(0, 30));
+  }
+  return out;
+}"""
+
+
 def test_pages_fit_a_phone(journey: Journey) -> None:
     page = journey.page
     page.set_viewport_size({"width": 375, "height": 800})
     for route, name in [
         (f"chat/{journey.found['conversation']}", "phone-chat"),
+        ("datasets", "phone-datasets"),
         (f"datasets/{journey.found['dataset']}/1", "phone-dataset"),
+        ("fine-tune", "phone-fine-tune"),
         (f"jobs/{journey.found['job']}", "phone-job"),
         ("keys", "phone-keys"),
+        ("admin", "phone-admin"),
     ]:
         journey.go(route)
         expect(page.locator("#view .page")).to_be_visible()
@@ -447,4 +574,22 @@ def test_pages_fit_a_phone(journey: Journey) -> None:
         journey.shot(name)
         # nothing wider than the screen: no sideways scrolling of the page itself
         assert page.evaluate("document.documentElement.scrollWidth") <= 375, name
+        assert page.evaluate(UNREACHABLE_CELLS) == [], name
+    # the menu shows every page: it wraps rather than hiding some off the edge
+    for link in page.locator("#nav a:visible").all():
+        box = link.bounding_box()
+        assert box and box["x"] >= 0 and box["x"] + box["width"] <= 375, link.inner_text()
+
+    # on a phone, the answer and the message box are on screen together after a send
+    question, _ = sample_question()
+    journey.go(f"chat/{journey.found['conversation']}")
+    page.fill("#prompt", question)
+    page.press("#prompt", "Enter")
+    answer = page.locator(".message.assistant").last
+    expect(answer).to_have_attribute("data-done", "false")
+    expect(answer).to_have_attribute("data-done", "true", timeout=60_000)
+    prompt, shown = page.locator("#prompt").bounding_box(), answer.bounding_box()
+    assert prompt["y"] >= 0 and prompt["y"] + prompt["height"] <= 800
+    assert shown["y"] < 800 and shown["y"] + shown["height"] > 0
+    journey.shot("phone-chat-answered")
     page.set_viewport_size({"width": 1280, "height": 860})

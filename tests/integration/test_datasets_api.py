@@ -43,7 +43,7 @@ def chat_line(question: str, answer: str) -> str:
 
 def test_upload_openai_chat_then_preview_content_and_stats(running):
     body, version = ready(running, SAMPLE_CHAT.read_bytes(), name="lab-facts", filename="demo-chat.jsonl")
-    assert body["name"] == "lab-facts" and body["versions"][0]["status"] == "processing"
+    assert body["name"] == "lab-facts" and body["versions"][0]["status"] == "ready"  # read before the answer
     assert version["format"] == "openai-chat" and version["records"] == 6 and version["operation"] == "upload"
     assert version["report"]["validation"]["records_invalid"] == 0
     assert version["stats"]["records"] == 6 and version["stats"]["tokens"]["max"] > 0
@@ -124,12 +124,39 @@ def test_invalid_records_are_all_reported_and_block_training_until_allowed(runni
     assert wait_for_job(running.client, running.auth(), job["id"], ("succeeded", "failed"))["status"] == "succeeded"
 
 
-def test_an_unrecognisable_file_fails_its_version_with_a_clear_message(running):
+def test_a_version_exported_twice_is_one_training_file_that_the_version_names(running):
+    body, _ = ready(running, SAMPLE_CHAT.read_bytes(), name="twice", filename="t.jsonl")
+    export = f"/api/datasets/{body['id']}/versions/1/export"
+    first = running.client.post(export, json={}, headers=running.auth()).json()
+    again = running.client.post(export, json={}, headers=running.auth()).json()
+    assert again["id"] == first["id"]
+    files = running.client.get("/v1/files", headers=running.auth()).json()["data"]
+    assert [f["id"] for f in files if f["filename"] == "twice-v1.jsonl"] == [first["id"]]
+    dataset = running.client.get(f"/api/datasets/{body['id']}", headers=running.auth()).json()
+    assert dataset["versions"][0]["training_file"] == first["id"]
+
+
+def _nothing_kept(running) -> None:
+    assert running.client.get("/api/datasets", headers=running.auth()).json()["data"] == []
+    assert not any(p.is_file() for p in (running.platform.settings.blobs_dir / "tenants").rglob("*"))
+
+
+def test_an_unrecognisable_file_is_refused_with_a_clear_message_and_leaves_no_dataset(running):
     status, body = upload(running, b"\x00\x01\x02binary\xff\xfe", filename="blob.bin")
-    assert status == 202
-    version = wait_version(running, body["id"], 1)
-    assert version["status"] == "failed" and version["error"]
-    assert version["sha256"] is None
+    assert status == 400 and body["error"]["param"] == "file"
+    assert "Nothing was kept of 'blob.bin'" in body["error"]["message"] and "binary" in body["error"]["message"]
+    _nothing_kept(running)
+
+
+def test_a_file_whose_every_record_is_invalid_names_its_lines_and_leaves_no_dataset(running):
+    lines = b'{"messages": [{"role": "user", "content": "q"}]}\n{"messages": [oops\n'
+    status, body = upload(running, lines, filename="bad.jsonl", name="bad")
+    assert status == 400 and body["error"]["param"] == "file"
+    assert "none of its 2 record(s) is valid" in body["error"]["message"]
+    assert "line 1: " in body["error"]["message"] and "line 2: invalid JSON" in body["error"]["message"]
+    _nothing_kept(running)
+    status, body = upload(running, SAMPLE_CHAT.read_bytes(), filename="good.jsonl", name="bad")
+    assert status == 202 and body["versions"][0]["status"] == "ready"  # the name was not taken by the failure
 
 
 def test_dedup_scrub_split_make_versions_with_lineage(running):

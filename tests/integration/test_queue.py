@@ -138,6 +138,57 @@ def test_a_new_resumable_checkpoint_keeps_only_the_adapter_of_older_ones(db, two
         queue.record_checkpoint(job_id, "another", step=6, epoch=3.0, metrics={}, manifest={"optimizer.pt": "0" * 64})
 
 
+def test_a_runs_phase_reaches_the_job_events_data(db, two_tenants):
+    a, file_a, _, _, blobs = two_tenants
+    job_id = queued_job(db, a, file_a)
+    queue = JobQueue(db, blobs, lease_seconds=60, max_attempts=2)
+    queue.lease("agent")
+    said = [
+        {"type": "message", "level": "info", "message": "Loading the base model", "phase": "loading_base"},
+        {"type": "message", "level": "info", "message": "odd", "phase": "<b>made up</b>"},
+    ]
+    queue.report(job_id, "agent", said)
+    with db.system() as s:
+        data = {e.message: e.data for e in s.query(m.JobEvent).filter_by(job_id=job_id)}
+    assert data["Loading the base model"] == {"phase": "loading_base"} and data["odd"] is None
+
+
+def _record(queue: JobQueue, blobs, tenant_id: str, job_id: str, step: int, metrics: dict) -> dict[str, str]:
+    files = _checkpoint_files(blobs, tenant_id, step)
+    queue.record_checkpoint(job_id, "agent", step=step, epoch=float(step), metrics=metrics, manifest=files)
+    return files
+
+
+def test_a_job_keeps_its_latest_three_checkpoints_and_the_best_and_releases_the_others_blobs(db, two_tenants):
+    a, file_a, _, _, blobs = two_tenants
+    job_id = queued_job(db, a, file_a)
+    queue = JobQueue(db, blobs, lease_seconds=60, max_attempts=2)
+    queue.lease("agent")
+    losses = {1: 1.0, 2: 0.2, 3: 0.9, 4: 0.8, 5: 0.7, 6: 0.6}  # the best training loss is step 2's
+    written = {step: _record(queue, blobs, a, job_id, step, {"train_loss": loss}) for step, loss in losses.items()}
+    with db.system() as s:
+        kept = {c.step for c in s.query(m.JobCheckpoint).filter_by(job_id=job_id)}
+    assert kept == {2, 4, 5, 6}
+    for step in (1, 3):  # gone with their files; the files every checkpoint shares stay
+        assert not blobs.exists(a, written[step]["adapter_model.safetensors"])
+    assert blobs.exists(a, written[2]["adapter_model.safetensors"]) and blobs.exists(a, written[6]["optimizer.pt"])
+    assert blobs.exists(a, written[1]["adapter_config.json"])
+
+
+def test_keep_checkpoints_keeps_more_and_the_best_is_by_validation_loss(db, two_tenants):
+    a, file_a, _, _, blobs = two_tenants
+    job_id = queued_job(db, a, file_a)
+    with db.system() as s:
+        job = s.get(m.FineTuningJob, job_id)
+        job.method = {"type": "supervised", "supervised": {"hyperparameters": {"keep_checkpoints": 4}}}
+    queue = JobQueue(db, blobs, lease_seconds=60, max_attempts=2)
+    queue.lease("agent")
+    for step in range(1, 8):  # training loss falls throughout; validation loss is lowest at step 1
+        _record(queue, blobs, a, job_id, step, {"train_loss": 1.0 / step, "eval_loss": 0.5 if step == 1 else 0.9})
+    with db.system() as s:
+        assert {c.step for c in s.query(m.JobCheckpoint).filter_by(job_id=job_id)} == {1, 4, 5, 6, 7}
+
+
 def test_a_checkpoint_that_never_commits_leaves_the_one_before_whole(db, two_tenants):
     """CI caught it: the server was killed while the step-4 checkpoint was being recorded, after the step-2
     checkpoint's optimizer state was deleted from disk but before the transaction committed. The database

@@ -158,7 +158,9 @@ def test_demo_fine_tune_reports_progress(demo_run) -> None:
     assert result.steps == 40  # 6 records, batch 4 -> 2 steps per epoch, 20 epochs
     assert result.train_loss < 0.5
     assert result.trained_tokens > 0 and result.seconds > 0
-    assert events[0]["type"] == "message" and "LoRA parameters" in events[0]["message"]
+    # what the run is doing, in order, while it has no step to show yet (the job page shows the latest)
+    assert [e["phase"] for e in events if "phase" in e] == ["loading_base", "preparing_data", "first_step", "saving"]
+    assert "LoRA parameters" in next(e["message"] for e in events if e.get("phase") == "first_step")
     assert events[-1]["type"] == "message" and "adapter saved" in events[-1]["message"]
     # Events are shown to end users, so they must not reveal server paths.
     assert not any(str(result.output_dir.parent) in event.get("message", "") for event in events)
@@ -249,7 +251,9 @@ def test_runner_streams_events_and_result(demo_model_dir: Path, sample_chat: Pat
     code, events = run_runner(write_spec(tmp_path, spec))
     assert code == 0, events
     epoch = ["metrics", "metrics", "checkpoint"]  # 2 steps per epoch, a checkpoint at its end
-    assert [event["type"] for event in events] == ["message", *epoch, *epoch, "message", "result"]
+    starting = ["message"] * 4  # starting, loading the base, preparing the data, the first step
+    assert [event["type"] for event in events] == [*starting, *epoch, *epoch, "message", "message", "result"]
+    assert events[0]["phase"] == "starting" and events[-3]["phase"] == "saving"
     result = events[-1]
     assert result["steps"] == 4 and result["output_dir"] == str(tmp_path / "out")
     assert set(result) == {

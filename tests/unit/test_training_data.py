@@ -113,7 +113,7 @@ def test_early_stopping_stops_and_keeps_the_best_adapter(
     evaluated = [e for e in of_type(events, "metrics") if "eval_loss" in e]
     assert [e["step"] for e in evaluated] == [1, 2]
     assert result.eval_loss == evaluated[0]["eval_loss"]
-    assert "Early stopping: kept the adapter of step 1" in [e["message"] for e in of_type(events, "message")][-2]
+    assert "Early stopping: kept the adapter of step 1" in [e["message"] for e in of_type(events, "message")][-3]
     best = load_file(spec.checkpoint_dir / "checkpoint-1" / "adapter_model.safetensors")
     saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert all(torch.equal(best[name], saved[name]) for name in best)

@@ -54,6 +54,8 @@ def test_options_are_filled_from_the_base_model_defaults() -> None:
             "give either a validation_file or a validation_split, not both",
         ),
         ({"packing": True}, {"method": "dpo"}, "hyperparameters.packing", "packing applies to supervised"),
+        ({"keep_checkpoints": 0}, {}, "hyperparameters.keep_checkpoints", "keep_checkpoints: Input should be greater"),
+        ({"keep_checkpoints": 2.5}, {}, "hyperparameters.keep_checkpoints", "keep_checkpoints: Input should be a"),
     ],
     ids=[
         "string-rank",
@@ -68,6 +70,8 @@ def test_options_are_filled_from_the_base_model_defaults() -> None:
         "eval-steps",
         "both-validations",
         "dpo-packing",
+        "keep-none",
+        "keep-fraction",
     ],
 )
 def test_bad_options_name_the_field(requested: dict, kwargs: dict, param: str, message: str) -> None:

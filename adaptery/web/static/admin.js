@@ -2,7 +2,7 @@
  * agents, the inference engine, the audit log; every tenant for platform admins. A part whose route
  * this server does not have says so instead of failing. */
 
-import { api, badge, clear, confirmDialog, copyText, errorBox, field, fmtNumber, fmtTime, h, optionalApi, section, showError, table } from "/static/lib.js";
+import { api, badge, clear, confirmDialog, copyText, errorBox, field, fmtNumber, fmtTime, h, optionalApi, section, showError, table, valueTable } from "/static/lib.js";
 
 const ROLES = ["owner", "admin", "member", "viewer"];
 
@@ -169,13 +169,7 @@ async function agentsCard() {
 async function engineCard() {
   const engine = await optionalApi("/api/admin/engine");
   if (!engine) return section("Inference engine", notAvailable("Engine state"));
-  const simple = Object.entries(engine).filter(([, v]) => v === null || typeof v !== "object");
-  const nested = Object.entries(engine).filter(([, v]) => v !== null && typeof v === "object");
-  return section(
-    "Inference engine",
-    h("dl", { class: "stats" }, simple.map(([k, v]) => [h("dt", {}, k.replace(/_/g, " ")), h("dd", {}, scalar(v))])),
-    nested.map(([k, v]) => h("details", {}, h("summary", {}, k.replace(/_/g, " ")), Array.isArray(v) && v.every((x) => x && typeof x === "object") ? objectTable(v, k, "None.") : h("pre", { class: "json" }, JSON.stringify(v, null, 2)))),
-  );
+  return h("section", { class: "card", id: "engine-state" }, h("h2", { class: "card-title" }, "Inference engine"), valueTable(engine, { caption: "Inference engine" }));
 }
 
 async function auditCard() {

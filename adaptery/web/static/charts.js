@@ -34,33 +34,50 @@ function axes(xTicks, yTicks, sx, sy, xLabel, yLabel, format = (v) => fmtNumber(
   ];
 }
 
+/** Powers of ten (and 2×, 5× between them when the range is short) covering [low, high], both > 0. */
+function logTicks(low, high) {
+  const first = Math.floor(Math.log10(low));
+  const last = Math.ceil(Math.log10(high));
+  const steps = last - first <= 2 ? [1, 2, 5] : [1];
+  const ticks = [];
+  for (let e = first; e <= last; e += 1) for (const m of steps) ticks.push(Number((m * 10 ** e).toPrecision(6)));
+  const inside = ticks.filter((t) => t >= low && t <= high);
+  const below = ticks.filter((t) => t < low).pop();
+  const above = ticks.find((t) => t > high);
+  return [below ?? low, ...inside, above ?? high];
+}
+
 /**
  * series: [{name, points: [[x, y], ...], className}] → a figure with an SVG line chart and a legend.
  * Series with one point are drawn as dots. The figure's text alternative lists the last values.
+ * `xMax`: the x axis spans 0 to it however far the points have come (a run's total steps), so the
+ * chart does not rescale at every step. `logY`: a logarithmic y axis (values ≤ 0 are left out).
  */
-export function lineChart(series, { xLabel = "step", yLabel = "loss", title = "Chart" } = {}) {
+export function lineChart(series, { xLabel = "step", yLabel = "loss", title = "Chart", xMax = null, logY = false } = {}) {
+  if (logY) series = series.map((s) => ({ ...s, points: s.points.filter((p) => p[1] > 0) }));
   const all = series.flatMap((s) => s.points);
-  const figure = h("figure", { class: "chart" });
+  const figure = h("figure", { class: "chart", dataset: { scale: logY ? "log" : "linear" } });
   if (!all.length) {
     figure.append(h("p", { class: "muted chart-empty" }, "No points yet: the chart fills in as training reports its loss."));
     return figure;
   }
   const xs = all.map((p) => p[0]);
   const ys = all.map((p) => p[1]);
-  const xTicks = niceTicks(Math.min(...xs), Math.max(...xs));
-  const yTicks = niceTicks(Math.min(0, Math.min(...ys)), Math.max(...ys));
+  const xTicks = xMax ? niceTicks(0, xMax) : niceTicks(Math.min(...xs), Math.max(...xs));
+  const yTicks = logY ? logTicks(Math.min(...ys), Math.max(...ys)) : niceTicks(Math.min(0, Math.min(...ys)), Math.max(...ys));
   const [x0, x1] = [Math.min(xTicks[0], ...xs), Math.max(xTicks[xTicks.length - 1], ...xs)];
   const [y0, y1] = [yTicks[0], yTicks[yTicks.length - 1]];
   const sx = (x) => PAD.left + ((x - x0) / (x1 - x0 || 1)) * (W - PAD.left - PAD.right);
-  const sy = (y) => H - PAD.bottom - ((y - y0) / (y1 - y0 || 1)) * (H - PAD.top - PAD.bottom);
+  const ly = (y) => (logY ? Math.log10(y) : y);
+  const sy = (y) => H - PAD.bottom - ((ly(y) - ly(y0)) / (ly(y1) - ly(y0) || 1)) * (H - PAD.top - PAD.bottom);
   const summary = series
     .filter((s) => s.points.length)
     .map((s) => `${s.name}: last ${fmtNumber(s.points[s.points.length - 1][1], 4)} at ${xLabel} ${s.points[s.points.length - 1][0]}`)
     .join("; ");
   const chart = svg(
     "svg",
-    { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": `${title}. ${summary}`, preserveAspectRatio: "xMidYMid meet" },
-    axes(xTicks, yTicks, sx, sy, xLabel, yLabel),
+    { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": `${title}. ${summary}`, preserveAspectRatio: "xMidYMid meet", "data-x-max": String(x1) },
+    axes(xTicks, yTicks, sx, sy, xLabel, logY ? `${yLabel} (log scale)` : yLabel, logY ? (v) => String(v) : undefined),
     series.map((s) => [
       s.points.length > 1
         ? svg("polyline", { points: s.points.map(([x, y]) => `${sx(x).toFixed(1)},${sy(y).toFixed(1)}`).join(" "), class: `line ${s.className}` })

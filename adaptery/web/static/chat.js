@@ -1,9 +1,19 @@
 /* Chat (saved conversations, streaming, stop, regenerate, copy) and side-by-side compare. */
 
-import { api, clear, confirmDialog, copyText, errorBox, field, fmtNumber, h, modelLabel, showError, streamChat } from "/static/lib.js";
+import { api, clear, confirmDialog, copyText, errorBox, field, fmtNumber, fmtTime, h, modelLabel, showError, streamChat } from "/static/lib.js";
 import { renderMarkdown } from "/static/markdown.js";
 
 const LAST_MODEL = "adaptery.model";
+const LAST_PARAMS = "adaptery.chat-params"; // the settings a new chat starts with: the last ones used
+
+function lastParams() {
+  try {
+    const params = JSON.parse(recall(LAST_PARAMS) || "{}");
+    return params && typeof params === "object" ? params : {};
+  } catch (_) {
+    return {};
+  }
+}
 
 function remember(key, value) {
   try {
@@ -42,7 +52,11 @@ export function modelSelect(catalog, { id, selected, label = "Model" }) {
   return field(label, select);
 }
 
-function settingsPanel(prefix, params = {}, systemPrompt = "") {
+/**
+ * `contextOf()`: the chosen model's context length in tokens (null when unknown); an answer may not
+ * ask for more than it holds, and the page says so before sending rather than after the server refuses.
+ */
+function settingsPanel(prefix, params = {}, systemPrompt = "", contextOf = () => null) {
   const num = (name, attrs, value) => h("input", { id: `${prefix}${name}`, type: "number", inputmode: "decimal", value: String(value), ...attrs });
   const system = h("textarea", { id: `${prefix}system-prompt`, rows: "2", placeholder: "e.g. You are a helpful assistant. Answer briefly." }, systemPrompt);
   const temperature = num("temperature", { min: "0", max: "2", step: "0.1" }, params.temperature ?? 0.7);
@@ -58,7 +72,7 @@ function settingsPanel(prefix, params = {}, systemPrompt = "") {
       { class: "settings-grid" },
       h("div", { class: "field-wide" }, field("System prompt (optional)", system, "Instructions the model follows for the whole conversation.")),
       field("Temperature", temperature, "0 always picks the likeliest word; higher is more varied (0–2)."),
-      field("Max tokens", maxTokens, "The longest answer, in tokens (about ¾ of a word each)."),
+      field("Max tokens", maxTokens, "The longest answer, in tokens (about ¾ of a word each); the model's context holds the message and the answer together."),
       field("Top-p", topP, "Sample only from the likeliest words making up this share (0–1; 1 = all)."),
     ),
     error,
@@ -69,17 +83,22 @@ function settingsPanel(prefix, params = {}, systemPrompt = "") {
       if (input.value === "" || !Number.isFinite(n) || n < low || n > high || (integer && !Number.isInteger(n))) {
         panel.open = true;
         input.focus();
-        throw new Error(`${name} must be ${integer ? "a whole number" : "a number"} from ${low} to ${high}.`);
+        const context = input === maxTokens ? contextOf() : null;
+        const why = context ? `: this model's context holds ${fmtNumber(context)} tokens, the message and the answer together` : "";
+        throw new Error(`${name} must be ${integer ? "a whole number" : "a number"} from ${low} to ${fmtNumber(high)}${why}.`);
       }
       return n;
     };
     showError(error, null);
     try {
+      const context = contextOf();
+      const limit = context ? context - 1 : 32768; // at least one token of the context is the message
+      const tokens = value(maxTokens, 1, limit, "Max tokens", true);
       return {
         system: system.value.trim(),
         params: {
           temperature: value(temperature, 0, 2, "Temperature"),
-          max_tokens: value(maxTokens, 1, 32768, "Max tokens", true),
+          max_tokens: tokens,
           top_p: value(topP, 0, 1, "Top-p"),
         },
       };
@@ -88,7 +107,12 @@ function settingsPanel(prefix, params = {}, systemPrompt = "") {
       throw err;
     }
   };
-  return { panel, read, inputs: [system, temperature, maxTokens, topP] };
+  const bound = () => {
+    const context = contextOf();
+    maxTokens.max = String(context ? context - 1 : 32768);
+  };
+  bound();
+  return { panel, read, bound, inputs: [system, temperature, maxTokens, topP] };
 }
 
 function messageNode(role, { model, content = "", id, stopped } = {}) {
@@ -108,7 +132,7 @@ function messageNode(role, { model, content = "", id, stopped } = {}) {
 }
 
 /** Re-render streamed markdown at most once per animation frame. */
-function liveMarkdown(target) {
+function liveMarkdown(target, afterRender = () => {}) {
   let pending = null;
   return (text) => {
     pending = text;
@@ -116,8 +140,15 @@ function liveMarkdown(target) {
       if (pending === null) return;
       clear(target, renderMarkdown(pending));
       pending = null;
+      afterRender();
     });
   };
+}
+
+/** The context length of a model in the catalog (an adapter's is its base's). */
+function contextOfModel(catalog, id) {
+  const entry = catalog.find((x) => x.id === id);
+  return entry && entry.context_length ? entry.context_length : null;
 }
 
 // ====================================================================== chat
@@ -133,7 +164,8 @@ export async function renderChat(root, ctx, { args, query }) {
   const initialModel = query.get("model") || recall(LAST_MODEL);
   const picker = modelSelect(catalog, { id: "model-select", selected: initialModel });
   const select = picker.querySelector("select");
-  const settings = settingsPanel("");
+  const settings = settingsPanel("", lastParams(), "", () => contextOfModel(catalog, select.value));
+  select.addEventListener("change", settings.bound);
   const messages = h("div", { id: "messages", class: "messages", "aria-busy": "false", role: "log", "aria-live": "polite", "aria-label": "Conversation", tabindex: "0" });
   const prompt = h("textarea", { id: "prompt", rows: "2", placeholder: "Type your message… (Enter to send, Shift+Enter for a new line)" });
   const send = h("button", { type: "submit", class: "btn btn-primary", id: "send" }, "Send");
@@ -160,6 +192,15 @@ export async function renderChat(root, ctx, { args, query }) {
     ),
   );
 
+  // The pane follows a streaming answer to its end, unless the reader has scrolled up to read something.
+  let following = true;
+  messages.addEventListener("scroll", () => {
+    following = messages.scrollHeight - messages.scrollTop - messages.clientHeight < 40;
+  });
+  const follow = () => {
+    if (following) messages.scrollTop = messages.scrollHeight;
+  };
+
   const setBusy = (busy) => {
     messages.setAttribute("aria-busy", String(busy));
     send.disabled = busy;
@@ -173,7 +214,12 @@ export async function renderChat(root, ctx, { args, query }) {
       list,
       data.length
         ? data.map((c) => {
-            const open = h("a", { href: `#/chat/${encodeURIComponent(c.id)}`, class: "conversation-open" }, h("span", { class: "conversation-title" }, c.title), h("span", { class: "muted conversation-model" }, c.model ? modelLabel(c.model) : ""));
+            const open = h(
+              "a",
+              { href: `#/chat/${encodeURIComponent(c.id)}`, class: "conversation-open", title: c.title },
+              h("span", { class: "conversation-title" }, c.title),
+              h("span", { class: "muted conversation-model" }, h("time", { class: "conversation-date", datetime: new Date(c.updated_at * 1000).toISOString() }, fmtTime(c.updated_at)), c.model ? ` · ${modelLabel(c.model)}` : ""),
+            );
             const rename = h("button", { type: "button", class: "btn-icon", "aria-label": `Rename “${c.title}”`, title: "Rename" }, "✎");
             const remove = h("button", { type: "button", class: "btn-icon", "aria-label": `Delete “${c.title}”`, title: "Delete" }, "×");
             const item = h("li", { class: conversation && conversation.id === c.id ? "conversation active" : "conversation", dataset: { id: c.id } }, open, rename, remove);
@@ -217,6 +263,10 @@ export async function renderChat(root, ctx, { args, query }) {
       if (entry.role === "assistant" && index === history.length - 1) {
         buttons.push(h("button", { type: "button", class: "btn btn-small btn-quiet regenerate", onclick: regenerate }, "Regenerate"));
       }
+      if (entry.role === "user" && index === history.length - 1) {
+        // No answer to this message (the send failed, or the page closed meanwhile): ask again.
+        buttons.push(h("button", { type: "button", class: "btn btn-small retry", onclick: retry }, "Retry"));
+      }
       clear(actions, buttons);
     });
   }
@@ -225,7 +275,8 @@ export async function renderChat(root, ctx, { args, query }) {
     messages.querySelector(".empty-state")?.remove();
     messages.append(entry.node);
     history.push(entry);
-    entry.node.scrollIntoView({ block: "end" });
+    following = true;
+    follow();
   }
 
   async function ensureConversation(model, system, params) {
@@ -246,7 +297,7 @@ export async function renderChat(root, ctx, { args, query }) {
     addEntry(entry);
     const target = node.querySelector(".content");
     target.append(h("span", { class: "typing", "aria-label": "The model is writing" }, "…"));
-    const render = liveMarkdown(target);
+    const render = liveMarkdown(target, follow);
     controller = new AbortController();
     setBusy(true);
     const sent = [...(system ? [{ role: "system", content: system }] : []), ...history.slice(0, -1).map((x) => ({ role: x.role, content: x.content }))];
@@ -254,6 +305,7 @@ export async function renderChat(root, ctx, { args, query }) {
       const result = await streamChat({ model, messages: sent, ...params }, { onDelta: (_, all) => render(all), signal: controller.signal });
       entry.content = result.content;
       clear(target, renderMarkdown(result.content));
+      follow();
       const tokens = result.usage ? result.usage.completion_tokens : null;
       node.querySelector(".message-meta").textContent = [
         result.stopped ? "Stopped" : null,
@@ -267,12 +319,13 @@ export async function renderChat(root, ctx, { args, query }) {
     } catch (err) {
       history.pop();
       node.remove();
-      showError(error, err);
+      showError(error, new Error(`${err.message} Your message is kept: press Retry to ask again.`));
     } finally {
-      node.dataset.done = "true";
       controller = null;
       setBusy(false);
       refreshActions();
+      follow(); // the meta line and the buttons below the answer too
+      node.dataset.done = "true";
       loadList();
     }
   }
@@ -295,6 +348,7 @@ export async function renderChat(root, ctx, { args, query }) {
       return;
     }
     remember(LAST_MODEL, model);
+    remember(LAST_PARAMS, JSON.stringify(read.params));
     setBusy(true);
     try {
       await ensureConversation(model, read.system, read.params);
@@ -307,6 +361,28 @@ export async function renderChat(root, ctx, { args, query }) {
       return;
     }
     await answer(model, read.system, read.params);
+  }
+
+  async function retry() {
+    if (controller) return;
+    const last = history[history.length - 1];
+    if (!last || last.role !== "user") return;
+    let read;
+    try {
+      read = settings.read();
+    } catch (_) {
+      return;
+    }
+    showError(error, null);
+    setBusy(true);
+    try {
+      await ensureConversation(select.value, read.system, read.params);
+    } catch (err) {
+      showError(error, err);
+      setBusy(false);
+      return;
+    }
+    await answer(select.value, read.system, read.params);
   }
 
   async function regenerate() {
@@ -358,6 +434,7 @@ export async function renderChat(root, ctx, { args, query }) {
     if (conversation.params.temperature !== undefined) temperature.value = conversation.params.temperature;
     if (conversation.params.max_tokens !== undefined) maxTokens.value = conversation.params.max_tokens;
     if (conversation.params.top_p !== undefined) topP.value = conversation.params.top_p;
+    settings.bound();
     for (const message of conversation.messages) {
       addEntry({ role: message.role, content: message.content, id: message.id, node: messageNode(message.role, message) });
     }
@@ -378,7 +455,13 @@ export async function renderCompare(root, ctx, { query }) {
   const firstAdapter = adapters.length ? adapters[adapters.length - 1] : null;
   const pickA = modelSelect(catalog, { id: "compare-a", label: "Model A", selected: query.get("a") || (firstAdapter ? firstAdapter.base_model : bases[0] && bases[0].id) });
   const pickB = modelSelect(catalog, { id: "compare-b", label: "Model B", selected: query.get("b") || (firstAdapter ? firstAdapter.id : bases[0] && bases[0].id) });
-  const settings = settingsPanel("compare-");
+  const smallerContext = () => {
+    const known = [pickA, pickB].map((p) => contextOfModel(catalog, p.querySelector("select").value)).filter(Boolean);
+    return known.length ? Math.min(...known) : null;
+  };
+  const settings = settingsPanel("compare-", lastParams(), "", smallerContext);
+  for (const p of [pickA, pickB]) p.querySelector("select").addEventListener("change", settings.bound);
+  settings.bound();
   const prompt = h("textarea", { id: "compare-prompt", rows: "3", placeholder: "The same message goes to both models…" });
   const run = h("button", { type: "submit", class: "btn btn-primary", id: "compare-run" }, "Send to both");
   const stop = h("button", { type: "button", class: "btn", id: "compare-stop", disabled: true }, "Stop");

@@ -11,6 +11,33 @@ function latest(dataset) {
   return dataset.versions[dataset.versions.length - 1];
 }
 
+const KEEP_GOING = "Allow leaving invalid records out";
+
+/**
+ * The API names its parameters (`allow_invalid=true`); the page names its controls. An error about
+ * leaving invalid records out says which box to tick, and where it is when the page has none.
+ */
+export function pageMessage(err, { fromFineTune = false } = {}) {
+  if (!err || err.param !== "allow_invalid") return err;
+  const where = fromFineTune ? ` on the dataset's page (under “Train”), then pick the version here again` : "";
+  const text = err.message.replace(/,? ?or export with allow_invalid=true to train on the valid records only/, "");
+  const mapped = new Error(`${text.replace(/\.?$/, ".")} To train on the valid records only, tick “${KEEP_GOING}”${where}.`);
+  mapped.param = err.param;
+  mapped.status = err.status;
+  return mapped;
+}
+
+/** "ready", or "ready, 2 dropped" (a link to why) for a version that left invalid records out. */
+function versionStatus(dataset, version) {
+  const dropped = version.report && version.report.validation ? version.report.validation.records_invalid : 0;
+  if (version.status !== "ready" || !dropped) return badge(version.status);
+  return h(
+    "a",
+    { href: `#/datasets/${encodeURIComponent(dataset.id)}/${version.version}`, class: "dropped-link", title: "See which records were left out and why" },
+    badge(`ready, ${fmtNumber(dropped)} dropped`, "warn"),
+  );
+}
+
 function lineage(version) {
   if (version.operation === "upload") return `upload of ${version.source_filename || "a file"}`;
   return `${version.operation}(v${version.parent_version})`;
@@ -72,7 +99,8 @@ export async function renderDatasets(root, ctx, { args }) {
     try {
       const created = await uploadWithProgress(`/api/datasets?${params}`, chosen, (loaded, total) => {
         progress.value = Math.round((loaded / total) * 100);
-        progressText.textContent = `${fmtBytes(loaded)} of ${fmtBytes(total)} (${progress.value}%)`;
+        // Once sent, the server reads and checks every record before it answers (a file with none valid makes no dataset).
+        progressText.textContent = loaded >= total ? `${fmtBytes(total)} sent; checking every record…` : `${fmtBytes(loaded)} of ${fmtBytes(total)} (${progress.value}%)`;
       });
       progress.value = 100;
       ctx.navigate(`#/datasets/${encodeURIComponent(created.id)}`);
@@ -94,7 +122,7 @@ export async function renderDatasets(root, ctx, { args }) {
         return [
           h("a", { href: `#/datasets/${encodeURIComponent(d.id)}` }, d.name),
           String(d.versions.length),
-          v ? h("span", {}, `v${v.version} `, badge(v.status)) : "—",
+          v ? h("span", { class: "version-status" }, `v${v.version} `, versionStatus(d, v)) : "—",
           v ? fmtNumber(v.records) : "—",
           v ? v.format || "—" : "—",
           fmtTime(d.updated_at),
@@ -142,7 +170,7 @@ function versionsCard(dataset, current) {
       dataset.versions.map((v) => [
         v.version === current ? h("strong", { "aria-current": "true" }, `v${v.version}`) : h("a", { href: `#/datasets/${encodeURIComponent(dataset.id)}/${v.version}` }, `v${v.version}`),
         lineage(v),
-        badge(v.status),
+        versionStatus(dataset, v),
         fmtNumber(v.records),
         h("code", { title: v.sha256 || "" }, shortSha(v.sha256)),
       ]),
@@ -343,7 +371,9 @@ async function actionsCard(dataset, version, ctx) {
   const exporter = h("button", { type: "button", class: "btn btn-primary", id: "export-run" }, "Use for fine-tuning");
   exporter.addEventListener("click", () =>
     run(exporter, async () => {
-      const file = await api(`${base}/export`, { method: "POST", body: { allow_invalid: allowInvalid.checked } });
+      const file = await api(`${base}/export`, { method: "POST", body: { allow_invalid: allowInvalid.checked } }).catch((err) => {
+        throw pageMessage(err);
+      });
       clear(result, h("p", { class: "notice", role: "status" }, `Exported as ${file.id} (${file.filename}). `, h("a", { href: `#/fine-tune?file=${encodeURIComponent(file.id)}`, id: "fine-tune-link" }, "Fine-tune on it →")));
     }),
   );
@@ -365,7 +395,7 @@ async function actionsCard(dataset, version, ctx) {
         { class: "action" },
         h("h3", {}, "Train"),
         h("p", { class: "muted" }, "Make this version a training file."),
-        h("label", { class: "check" }, allowInvalid, " Allow leaving invalid records out"),
+        h("label", { class: "check" }, allowInvalid, ` ${KEEP_GOING}`),
         exporter,
         h("a", { class: "btn btn-quiet", href: `${base}/content`, download: `${dataset.name}-v${version.version}.jsonl` }, "Download JSONL"),
       ),

@@ -368,6 +368,46 @@ export function table(headers, rows, { caption, empty = "Nothing here yet." } = 
   );
 }
 
+/** A readable label for an API field name: "lora_alpha" → "lora alpha". */
+export function fieldLabel(name) {
+  return String(name).replace(/_/g, " ");
+}
+
+function plainValue(value) {
+  if (value === null || value === undefined || value === "") return "—";
+  if (typeof value === "boolean") return value ? "yes" : "no";
+  if (typeof value === "number") return Number.isInteger(value) ? fmtNumber(value) : String(Number(value.toPrecision(6)));
+  return String(value);
+}
+
+/**
+ * Any JSON value as tables, not a JSON dump: an object is a table of field and value (nested objects
+ * nest), a list of objects a table with a column per field, a list of plain values one line.
+ */
+export function valueTable(value, { caption, empty = "None." } = {}) {
+  if (Array.isArray(value)) {
+    if (!value.length) return h("span", { class: "muted" }, empty);
+    if (!value.every((x) => x && typeof x === "object" && !Array.isArray(x))) return value.map(plainValue).join(", ");
+    const columns = [...new Set(value.flatMap((row) => Object.keys(row)))].filter((c) => c !== "object");
+    return table(columns.map(fieldLabel), value.map((row) => columns.map((c) => (row[c] && typeof row[c] === "object" ? valueTable(row[c]) : plainValue(row[c])))), { caption, empty });
+  }
+  if (value && typeof value === "object") {
+    const entries = Object.entries(value).filter(([, v]) => v !== undefined);
+    if (!entries.length) return h("span", { class: "muted" }, empty);
+    return h(
+      "div",
+      { class: "table-wrap" },
+      h(
+        "table",
+        { class: "kv" },
+        caption ? h("caption", { class: "visually-hidden" }, caption) : null,
+        h("tbody", {}, entries.map(([k, v]) => h("tr", {}, h("th", { scope: "row" }, fieldLabel(k)), h("td", {}, v && typeof v === "object" ? valueTable(v, { caption: fieldLabel(k) }) : plainValue(v))))),
+      ),
+    );
+  }
+  return plainValue(value);
+}
+
 export function section(title, ...children) {
   return h("section", { class: "card" }, h("h2", { class: "card-title" }, title), children);
 }
