@@ -108,6 +108,8 @@ def agents_view(
             "queue_depth": 0,
             "tokens_per_second": 0.0,
             "served": 0,
+            "adapter_hits": 0,
+            "adapter_misses": 0,
             "lost": False,
             "last_heartbeat_at": agent.last_seen_at,
             "current_job": agent.current_job_id if own_job else None,
@@ -127,6 +129,8 @@ def agents_view(
                 queue_depth=int(announced.get("waiting") or 0),
                 tokens_per_second=float(announced.get("tokens_per_second") or 0.0),
                 served=int(announced.get("served") or 0),
+                adapter_hits=int(announced.get("adapter_hits") or 0),
+                adapter_misses=int(announced.get("adapter_misses") or 0),
                 lost=bool(announced.get("lost")),
                 last_heartbeat_at=max(agent.last_seen_at or 0.0, float(announced.get("announced_at") or 0.0)),
             )
