@@ -106,7 +106,11 @@ class AgentBackend:
             fairness_key=tenant_id,
         )
         usage.prompt_tokens, usage.completion_tokens = len(prompt_ids), 0
-        stream = self.control.open_stream(agent_id, tenant_id, request)
+        try:
+            stream = self.control.open_stream(agent_id, tenant_id, request)
+        except Exception as exc:  # the bus is down or restarting: nothing was sent, so it may go elsewhere
+            self.router.finished(agent_id)
+            raise AgentLost(f"agent {agent_id} was lost: the request could not be sent ({exc})") from exc
         reassembly = StreamReassembly()
         heard = time.monotonic()
         try:
