@@ -219,8 +219,7 @@ class InferenceHost:
             if request.adapter_key is not None:
                 adapter, hit = self.adapters.acquire(self.link, request)
                 self._count_adapter(hit)
-            stream.send({"accepted": True, "adapter_hit": hit})
-            self._changed.set()
+            stream.send({"accepted": True, "adapter_hit": hit})  # the next poll announces it: not during prefill
             params = SamplingParams(**request.params)
             deltas = self.engine.generate(
                 request.base_id, self.bases[request.base_id], adapter, request.prompt_ids, params, usage,
