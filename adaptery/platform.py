@@ -29,6 +29,8 @@ from adaptery.services import blob_refs, datasets, finetuning, models, tenants
 from adaptery.services.control_plane import ControlPlane
 from adaptery.services.errors import NotFound
 from adaptery.services.fair_tasks import FairTasks
+from adaptery.services.inference import Inference
+from adaptery.services.inference_router import InferenceRouter
 from adaptery.services.queue import JobQueue
 from adaptery.settings import Settings
 from adaptery.storage.blobs import BlobStore, make_scratch
@@ -78,6 +80,11 @@ class Platform:
             template_budget=TemplateBudget.from_settings(settings),
             request_timeout_s=settings.engine_request_timeout_seconds,
             max_bytes_per_token=settings.engine_max_bytes_per_token,
+        )
+        self.router = InferenceRouter(missed=settings.agent_announce_missed, policy=settings.inference_routing)
+        # Requests go to an infer agent serving their base when there is one, else to the embedded engine.
+        self.inference = Inference(
+            self.engine, self.router, lambda: self.control, idle_seconds=settings.inference_stream_idle_seconds
         )
         self.embeddings = EmbeddingModel(
             settings.embedding_model, max_bytes_per_token=settings.engine_max_bytes_per_token
@@ -161,6 +168,8 @@ class Platform:
             user=user,
             password=password,
             max_upload_bytes=settings.max_upload_bytes,
+            router=self.router,
+            announce_seconds=settings.agent_announce_seconds,
         )
         self.sync_agents()
         self.control.start()
@@ -179,6 +188,7 @@ class Platform:
             active = agent_records.active_agents(s)
             hashes = {a.id: a.secret_hash for a in active}
             scopes = {a.id: a.tenant_scope for a in active}
+        self.router.scopes = scopes
         if self.control is not None:
             self.control.agent_scope = scopes
         if self.nats is not None:

@@ -153,6 +153,22 @@ class Settings(KernelSettings):
     agent_credentials: str | None = Field(
         None, description="A standalone agent's 'agent-…:secret', printed once by `adaptery agents create`."
     )
+    agent_roles: str = Field("train", description="A standalone agent's roles, comma-separated: train, infer.")
+    agent_bases: list[str] = Field(
+        default_factory=list, description="An infer agent's base models: local paths ([ID=]PATH); none: the demo model."
+    )
+    agent_max_adapters: int = Field(32, ge=1, description="Adapters an infer agent keeps downloaded (LRU).")
+    agent_torch_threads: int | None = Field(None, ge=1, description="An agent's torch threads (default: torch's).")
+    agent_announce_seconds: float = Field(
+        2.0, gt=0, description="An infer agent announces its state this often (and at once on a change)."
+    )
+    agent_announce_missed: int = Field(3, ge=1, description="Announcements an infer agent may miss before it is lost.")
+    inference_stream_idle_seconds: float = Field(
+        3.0, gt=0, description="An infer agent's stream silent this long (keepalives come every 0.5 s): it is lost."
+    )
+    inference_routing: Literal["affinity", "random"] = Field(
+        "affinity", description="How requests are placed on infer agents (random: only to measure against)."
+    )
     session_hours: float = 12.0
     login_link_hours: float = 24.0
     login_max_failures: int = Field(5, description="Failed sign-ins from one source to one account before a lock.")

@@ -13,6 +13,7 @@ import hashlib
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -126,24 +127,52 @@ class AgentLink:
         """Fetch a blob in chunks to `target` (kept if already there with the right hash)."""
         if target.is_file() and target.stat().st_size == size and _sha256(target) == sha256:
             return target
+        return self._fetch(protocol.job_subject(self.agent_id, job_id, "download"), {}, sha256, size, target)
+
+    def download_adapter(self, request_id: str, sha256: str, target: Path) -> Path:
+        """Fetch a blob of the adapter an infer request names (the control plane serves no other) to `target`."""
+        subject = protocol.agent_subject(self.agent_id, protocol.ADAPTER_VERB)
+        return self._fetch(subject, {"request_id": request_id}, sha256, None, target)
+
+    def _fetch(self, subject: str, body: dict[str, Any], sha256: str, size: int | None, target: Path) -> Path:
+        """Chunks until `size` bytes (or, size unknown, a short chunk), verified against `sha256`."""
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(target.name + ".part")
         digest = hashlib.sha256()
-        subject = protocol.job_subject(self.agent_id, job_id, "download")
         with partial.open("wb") as handle:
             offset = 0
-            while offset < size:
-                chunk = self._request(subject, protocol.encode({"sha256": sha256, "offset": offset})).data
-                if not chunk:
-                    break
+            while size is None or offset < size:
+                chunk = self._request(subject, protocol.encode({**body, "sha256": sha256, "offset": offset})).data
                 handle.write(chunk)
                 digest.update(chunk)
                 offset += len(chunk)
-        if offset != size or digest.hexdigest() != sha256:
+                if not chunk or (size is None and len(chunk) < protocol.CHUNK_BYTES):
+                    break
+        if (size is not None and offset != size) or digest.hexdigest() != sha256:
             partial.unlink(missing_ok=True)
             raise RemoteError(f"blob {sha256} arrived incomplete or damaged")
         partial.replace(target)
         return target
+
+    # --- inference: messages the agent receives and streams back ------------------------------------
+
+    def subscribe(self, subject: str, handler: Callable[[bytes], None]) -> None:
+        """Call `handler(data)` on the link's loop for each message on `subject` (it must return quickly)."""
+        if self._nc is None:
+            raise LinkDown(f"not connected to {self.url}")
+
+        async def on_message(msg) -> None:  # noqa: ANN001 - a nats Msg
+            handler(msg.data)
+
+        self._run(self._nc.subscribe(subject, cb=on_message), self.request_seconds)
+
+    def publish(self, subject: str, body: dict[str, Any]) -> None:
+        """Send without waiting for the server (a stream's messages keep their order on the one connection)."""
+        nc = self._nc
+        if nc is None or not nc.is_connected:
+            raise LinkDown(f"not connected to {self.url}")
+        data = protocol.encode(body)
+        self._loop.call_soon_threadsafe(lambda: self._loop.create_task(nc.publish(subject, data)))
 
     def upload(self, job_id: str, path: Path) -> str:
         """Send a file in chunks; the control plane stores it as a blob. Returns its sha256."""

@@ -150,14 +150,36 @@ def run_agent(
     data_dir: Annotated[
         Path | None, typer.Option("--data-dir", help="Work dir for jobs and models [env: ADAPTERY_DATA_DIR]")
     ] = None,
+    roles: Annotated[
+        str | None, typer.Option("--roles", help="train, infer or both: infer,train [env: ADAPTERY_AGENT_ROLES]")
+    ] = None,
+    base: Annotated[
+        list[str] | None,
+        typer.Option("--base", help="A base model to serve: [ID=]PATH (repeatable; default: the demo model)"),
+    ] = None,
+    max_adapters: Annotated[int | None, typer.Option("--max-adapters", help="Adapters kept downloaded")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="torch threads")] = None,
 ) -> None:
-    """Run a standalone training agent: it dials the platform's NATS server and leases jobs (no database)."""
+    """Run a standalone agent: it dials the platform's NATS server, leases training jobs and/or serves inference
+    (no database, no inbound connection)."""
     from adaptery.agent.link import AgentLink
     from adaptery.agent.worker import Agent
     from adaptery.messaging.credentials import parse_token
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = _settings(data_dir=data_dir, nats_url=nats_url, agent_credentials=credentials)
+    settings = _settings(
+        data_dir=data_dir,
+        nats_url=nats_url,
+        agent_credentials=credentials,
+        agent_roles=roles,
+        agent_bases=base,
+        agent_max_adapters=max_adapters,
+        agent_torch_threads=threads,
+    )
+    wanted = {r.strip() for r in settings.agent_roles.split(",") if r.strip()}
+    if not wanted or not wanted <= {"train", "infer"}:
+        console.print(f"[red]--roles is train, infer or infer,train, not {settings.agent_roles!r}.[/red]")
+        raise typer.Exit(2)
     if not settings.agent_credentials:
         console.print("[red]No credentials:[/red] pass --credentials (from `adaptery agents create NAME`).")
         raise typer.Exit(2)
@@ -179,6 +201,14 @@ def run_agent(
     except Exception as exc:
         console.print(f"[red]Cannot join the platform at {url}:[/red] {exc}")
         raise typer.Exit(1) from exc
+    host = None
+    if "infer" in wanted:
+        try:
+            host = _inference_host(settings, link, sorted(wanted))
+        except (OSError, RuntimeError, ValueError) as exc:
+            link.close()
+            console.print(f"[red]Cannot serve inference:[/red] {escape(str(exc))}")
+            raise typer.Exit(2) from exc
     worker = Agent(
         link,
         settings.work_dir,
@@ -189,11 +219,63 @@ def run_agent(
     )
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: worker.stop())
-    console.print(f"Agent [bold]{agent_id}[/bold] connected to {url}, waiting for jobs (Ctrl-C to stop)")
+    console.print(f"Agent [bold]{agent_id}[/bold] connected to {url} as {', '.join(sorted(wanted))} (Ctrl-C to stop)")
     try:
-        worker.run()
+        if "train" in wanted:
+            worker.run()
+        else:
+            while not worker.stopping.wait(1.0):
+                pass
     finally:
+        if host is not None:
+            host.stop()
+            host.engine.stop()
         link.close()
+
+
+def _inference_host(settings: Any, link: Any, roles: list[str]) -> Any:  # noqa: ANN401 - lazily imported types
+    """The engine `serve` embeds, for the agent's bases, fed over the link."""
+    import torch
+
+    from adaptery.agent.inference import InferenceHost
+    from adaptery.data.chat_template import TemplateBudget
+    from adaptery.engine.demo_model import DEMO_MODEL_ID, ensure_demo_model
+    from adaptery.engine.generation import InferenceEngine
+
+    if settings.agent_torch_threads:
+        torch.set_num_threads(settings.agent_torch_threads)
+    bases: dict[str, str] = {}
+    for entry in settings.agent_bases:
+        base_id, _, path = entry.rpartition("=")
+        if not Path(path).is_dir():
+            raise ValueError(f"--base {entry}: no model directory at {path}")
+        bases[base_id or Path(path).resolve().name] = str(Path(path).resolve())
+    if not bases:
+        bases[DEMO_MODEL_ID] = str(ensure_demo_model(settings.models_dir))
+    engine = InferenceEngine(
+        settings.device,
+        max_lora_rank=settings.max_lora_rank,
+        dtype=settings.engine_dtype,
+        kv_cache_mb=settings.engine_kv_cache_mb,
+        adapter_cache_mb=settings.engine_adapter_cache_mb,
+        max_batch=settings.engine_max_batch,
+        quantize=None if settings.engine_quantize == "none" else settings.engine_quantize,
+        adapter_dtype=settings.engine_adapter_dtype,
+        template_budget=TemplateBudget.from_settings(settings),
+        request_timeout_s=settings.engine_request_timeout_seconds,
+        max_bytes_per_token=settings.engine_max_bytes_per_token,
+    )
+    host = InferenceHost(
+        link,
+        engine,
+        bases,
+        settings.work_dir / "adapters",
+        roles=roles,
+        max_adapters=settings.agent_max_adapters,
+        announce_seconds=settings.agent_announce_seconds,
+    )
+    host.start()
+    return host
 
 
 @agents_app.command("create")
@@ -228,14 +310,24 @@ def create_agent(
 
 @agents_app.command("list")
 def list_agents() -> None:
-    """Enrolled agents, their state and current job (asks the platform; owners and platform admins)."""
-    table = Table("id", "name", "state", "last heartbeat", "job")
+    """Enrolled agents, live: state (lost: an infer agent that stopped announcing), roles, bases, resident adapters,
+    tokens/s, queue depth, running requests, last heartbeat and current job (owners and platform admins)."""
+    columns = ("id", "name", "state", "roles", "bases", "adapters", "tok/s", "queue", "running", "heartbeat", "job")
+    table = Table(*columns)
     for agent in api("GET", "/api/admin/agents")["data"]:
         seen = agent["last_heartbeat_at"]
+        tiers = agent.get("adapters") or {}
+        resident = sum(len(v) if isinstance(v, list) else int(v) for k, v in tiers.items() if k != "loading")
         table.add_row(
             agent["id"],
             agent["name"],
             agent["state"],
+            ",".join(agent.get("roles") or []),
+            ",".join(agent.get("bases") or []),
+            str(resident) if tiers else "",
+            f"{agent.get('tokens_per_second', 0):g}",
+            str(agent.get("queue_depth", 0)),
+            str(agent.get("running", 0)),
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seen)) if seen else "never",
             agent["current_job"] or "",
         )

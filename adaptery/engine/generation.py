@@ -18,7 +18,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,8 @@ class Usage:
 class AdapterSpec:
     key: str  # content hash: the same bytes are loaded once
     path: Path
+    # its files' blobs (name -> sha256), for an infer agent that fetches them by hash; None: local only
+    files: dict[str, str] | None = field(default=None, compare=False, hash=False)
 
 
 def cpu_has_bf16() -> bool:

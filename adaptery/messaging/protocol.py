@@ -12,6 +12,8 @@ control plane knows who asks from the subject alone. All are request/reply:
 | `job.<job>.upload` | bytes; headers upload id, offset, and on the last chunk the sha256 | `{}` / `{"sha256"}` |
 | `job.<job>.checkpoint` | `{"step", "epoch", "metrics", "files": {name: sha256}, "attempt"}` | `{"checkpoint": id}` |
 | `job.<job>.finish` | `{"state", "message"?, "result"?, "files"?, "attempt"}` | `{"model"?}` |
+| `announce` | an infer agent's `Announcement` (every few seconds, and at once on a change) | `{}` |
+| `adapter` | `{"request_id", "sha256", "offset"}`: a blob the agent's open infer request names | as a download |
 
 `attempt` is the assignment's: the lease it names is the one the request acts under, and a request from an
 attempt that is over is refused (a heartbeat hears "lost"), even if the job was leased again to the same agent
@@ -83,6 +85,55 @@ def infer_cancel_subject(agent_id: str) -> str:
 
 def stream_subject(agent_id: str, request_id: str) -> str:
     return f"{STREAM_PREFIX}.{agent_id}.{request_id}"
+
+
+ANNOUNCE_VERB = "announce"
+ADAPTER_VERB = "adapter"
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    """What an infer agent is asked to generate: the prompt already tokenised and checked by the control plane
+    (so limits and usage are the control plane's own count), the sampling parameters, and the adapter by its
+    content hash and blobs (fetched on demand with `ADAPTER_VERB`, verified by sha256, kept in the agent's cache)."""
+
+    request_id: str
+    base_id: str
+    prompt_ids: list[int]
+    params: dict[str, Any]  # engine.sampling.SamplingParams as a dict
+    adapter_key: str | None = None
+    adapter_files: dict[str, str] | None = None  # name -> sha256 (safetensors and its config only)
+    fairness_key: str = ""  # opaque: the engine shares its batch fairly between keys (the control plane's tenants)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> InferRequest:
+        files = data.get("adapter_files")
+        if files is not None and not (
+            isinstance(files, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in files.items())
+        ):
+            raise ValueError("adapter_files must map file names to sha256 hashes")
+        prompt = data["prompt_ids"]
+        if not isinstance(prompt, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise ValueError("prompt_ids must be a list of token ids")
+        return cls(
+            request_id=str(data["request_id"]),
+            base_id=str(data["base_id"]),
+            prompt_ids=prompt,
+            params=dict(data["params"]),
+            adapter_key=data.get("adapter_key"),
+            adapter_files=files,
+            fairness_key=str(data.get("fairness_key") or ""),
+        )
+
+
+# A stream's messages: `{"seq": 0, "accepted": true, "adapter_hit": bool}` at once, then `{"seq", "text",
+# "finish_reason", "logprobs", "completion_tokens"}` per delta and a bare `{"seq"}` as a keepalive while nothing
+# else is sent for STREAM_KEEPALIVE_SECONDS, and last `{"seq", "end": true, "usage": {...}}`, with `"error"` (and
+# `"timeout": true` for a deadline) when the engine failed the request.
+STREAM_KEEPALIVE_SECONDS = 0.5
 
 
 def agent_permissions(agent_id: str) -> dict[str, dict[str, list[str]]]:

@@ -9,10 +9,12 @@ from __future__ import annotations
 import re
 import socket
 import time
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from adaptery.auth.principal import Principal
 from adaptery.db import models as m
 from adaptery.db.ids import new_id, random_token
 from adaptery.messaging.credentials import AgentCredentials, hash_secret
@@ -77,3 +79,64 @@ def agent_state(agent: m.Agent, *, now: float, offline_after: float) -> str:
     if agent.last_seen_at is None or now - agent.last_seen_at > offline_after:
         return "offline"
     return "busy" if agent.current_job_id else "idle"
+
+
+def agents_view(
+    system: Session, who: Principal, live: dict[str, dict[str, Any]], *, now: float, offline_after: float
+) -> list[dict[str, Any]]:
+    """The agents `who` may see (platform-wide ones and their tenant's; all for a platform admin), each with its
+    record and, for an infer agent, its last announcement (`live`, from the router): roles, bases, adapters per
+    tier, load, tokens/s, and whether it is lost. Another tenant's job id and adapter hashes are not shown."""
+    rows = []
+    for agent in list_agents(system):
+        if agent.tenant_scope not in (None, who.tenant_id) and not who.is_platform_admin:
+            continue
+        job = system.get(m.FineTuningJob, agent.current_job_id) if agent.current_job_id else None
+        own_job = job is not None and (who.is_platform_admin or job.tenant_id == who.tenant_id)
+        state = agent_state(agent, now=now, offline_after=offline_after)
+        announced = live.get(agent.id)
+        row: dict[str, Any] = {
+            "id": agent.id,
+            "name": agent.name,
+            "state": state,
+            "embedded": agent.embedded,
+            "tenant_scope": agent.tenant_scope,
+            "roles": ["train"] if agent.embedded else [],
+            "bases": [],
+            "adapters": None,
+            "running": 0,
+            "queue_depth": 0,
+            "tokens_per_second": 0.0,
+            "served": 0,
+            "adapter_hits": 0,
+            "adapter_misses": 0,
+            "lost": False,
+            "last_heartbeat_at": agent.last_seen_at,
+            "current_job": agent.current_job_id if own_job else None,
+            "created_at": agent.created_at,
+        }
+        if announced is not None and agent.revoked_at is None:
+            tiers = announced.get("adapters") or {}
+            visible = who.is_platform_admin or agent.tenant_scope == who.tenant_id
+            row.update(
+                roles=list(announced.get("roles") or []),
+                bases=sorted(announced.get("bases") or {}),
+                adapters={
+                    tier: (list(tiers.get(tier) or []) if visible else len(tiers.get(tier) or []))
+                    for tier in ("active", "memory", "disk", "loading")
+                },
+                running=int(announced.get("running") or 0),
+                queue_depth=int(announced.get("waiting") or 0),
+                tokens_per_second=float(announced.get("tokens_per_second") or 0.0),
+                served=int(announced.get("served") or 0),
+                adapter_hits=int(announced.get("adapter_hits") or 0),
+                adapter_misses=int(announced.get("adapter_misses") or 0),
+                lost=bool(announced.get("lost")),
+                last_heartbeat_at=max(agent.last_seen_at or 0.0, float(announced.get("announced_at") or 0.0)),
+            )
+            if row["lost"]:
+                row["state"] = "lost"
+            elif state == "offline":
+                row["state"] = "busy" if row["running"] or row["queue_depth"] else "idle"
+        rows.append(row)
+    return rows

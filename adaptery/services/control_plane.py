@@ -7,16 +7,22 @@ An agent acts for the job leased to it, and for nothing else: every request abou
 the final adapter, downloads) is refused first unless the job is leased to the asking agent, and its blobs are
 then looked up and stored in that job's tenant only. So no answer depends on what another tenant holds (an agent
 naming another tenant's job and a hash is refused the same whether that tenant has the blob or not).
+
+Inference on agents goes the same way: a request dispatched to an agent (`open_stream`) is the only thing that
+lets that agent fetch an adapter's blobs, only those the request names, and only from the request's tenant,
+until its stream is closed. Announcements feed the router (`services/inference_router.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import queue as stdlib_queue
 import re
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +30,9 @@ import nats
 from nats.aio.msg import Msg
 
 from adaptery.messaging import protocol
+from adaptery.messaging.protocol import InferRequest
 from adaptery.services import faults
+from adaptery.services.inference_router import InferenceRouter
 from adaptery.services.queue import JobQueue
 from adaptery.storage.blobs import BlobStore
 
@@ -35,6 +43,19 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 class RequestRefused(Exception):
     pass
+
+
+@dataclass
+class RemoteStream:
+    """An infer request dispatched to an agent: its stream's raw messages arrive in `messages` (from the NATS
+    loop) until `close`; while open, the agent may fetch the adapter blobs it names from its tenant."""
+
+    agent_id: str
+    request_id: str
+    tenant_id: str
+    blobs: frozenset[str]
+    messages: stdlib_queue.SimpleQueue[bytes] = field(default_factory=stdlib_queue.SimpleQueue)
+    subscription: object | None = None
 
 
 class ControlPlane:
@@ -49,6 +70,8 @@ class ControlPlane:
         password: str | None,
         max_upload_bytes: int,
         agent_scope: dict[str, str | None] | None = None,
+        router: InferenceRouter | None = None,
+        announce_seconds: float = 2.0,
     ) -> None:
         self.queue = job_queue
         self.blobs = blobs
@@ -58,6 +81,10 @@ class ControlPlane:
         self.password = password
         self.max_upload_bytes = max_upload_bytes
         self.agent_scope = agent_scope if agent_scope is not None else {}  # agent id -> tenant it may serve
+        self.router = router or InferenceRouter()
+        self.announce_seconds = announce_seconds  # an agent that does not say how often it announces: this often
+        self._streams: dict[tuple[str, str], RemoteStream] = {}
+        self._streams_lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="adaptery-control", daemon=True)
         self._workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="adaptery-control")
@@ -85,6 +112,46 @@ class ControlPlane:
             return
         body = protocol.encode({"job_id": job_id, "action": action})
         asyncio.run_coroutine_threadsafe(self._nc.publish(protocol.notify_subject(agent_id), body), self._loop)
+
+    # --- inference on agents ------------------------------------------------------------------------
+
+    def open_stream(self, agent_id: str, tenant_id: str, request: InferRequest) -> RemoteStream:
+        """Subscribe to the request's stream, then send it to the agent (so no message can be missed)."""
+        if self._nc is None:
+            raise RuntimeError("the control plane is not connected")
+        blobs = frozenset((request.adapter_files or {}).values())
+        stream = RemoteStream(agent_id, request.request_id, tenant_id, blobs)
+        with self._streams_lock:
+            self._streams[(agent_id, request.request_id)] = stream
+
+        async def start() -> None:
+            async def on_message(msg: Msg) -> None:
+                stream.messages.put(msg.data)
+
+            subject = protocol.stream_subject(agent_id, request.request_id)
+            stream.subscription = await self._nc.subscribe(subject, cb=on_message)
+            await self._nc.publish(protocol.infer_subject(agent_id), protocol.encode(request.to_json()))
+
+        try:
+            asyncio.run_coroutine_threadsafe(start(), self._loop).result(timeout=protocol.REQUEST_SECONDS)
+        except BaseException:
+            self.close_stream(stream)
+            raise
+        return stream
+
+    def cancel_stream(self, stream: RemoteStream) -> None:
+        """Tell the agent to stop the request now (its batch slot is freed within one engine poll)."""
+        if self._nc is not None:
+            body = protocol.encode({"request_id": stream.request_id})
+            subject = protocol.infer_cancel_subject(stream.agent_id)
+            asyncio.run_coroutine_threadsafe(self._nc.publish(subject, body), self._loop)
+
+    def close_stream(self, stream: RemoteStream) -> None:
+        with self._streams_lock:
+            self._streams.pop((stream.agent_id, stream.request_id), None)
+        subscription = stream.subscription
+        if subscription is not None:
+            asyncio.run_coroutine_threadsafe(subscription.unsubscribe(), self._loop)  # type: ignore[attr-defined]
 
     def stop(self) -> None:
         if self._nc is not None:
@@ -127,7 +194,14 @@ class ControlPlane:
             return protocol.encode(self._upload(agent_id, job_id, msg)), None
         if verb == "download":
             return self._download(agent_id, job_id, self._body(msg)), None
+        if verb == protocol.ADAPTER_VERB:
+            return self._adapter_blob(agent_id, self._body(msg)), None
         body = self._body(msg)
+        if verb == protocol.ANNOUNCE_VERB:
+            if agent_id not in self.agent_scope:
+                raise RequestRefused("only an enrolled agent may announce itself")
+            self.router.announce(agent_id, body, self.announce_seconds)
+            return protocol.encode({}), None
         if verb == "lease":
             return protocol.encode(self._lease(agent_id)), None
         if job_id is None:
@@ -240,6 +314,23 @@ class ControlPlane:
             raise RequestRefused(f"blob {sha} is not part of job {job_id}")
         with self.blobs.open(tenant_id, sha, offset=offset) as source:
             return source.read(protocol.CHUNK_BYTES)
+
+    def _adapter_blob(self, agent_id: str, body: dict[str, Any]) -> bytes:
+        """A chunk of a blob the agent's open infer request names, from that request's tenant; the same refusal
+        for another agent's request, a blob the request does not name, and a request that has ended."""
+        request_id, sha, offset = body.get("request_id"), body.get("sha256"), body.get("offset", 0)
+        if not isinstance(request_id, str) or not isinstance(sha, str) or not isinstance(offset, int) or offset < 0:
+            raise RequestRefused("an adapter download names a request, a sha256 and an offset")
+        with self._streams_lock:
+            stream = self._streams.get((agent_id, request_id))
+        if stream is None or sha not in stream.blobs or not self._may_serve(agent_id, stream.tenant_id):
+            raise RequestRefused(f"blob {sha} is not part of a request sent to you")
+        with self.blobs.open(stream.tenant_id, sha, offset=offset) as source:
+            return source.read(protocol.CHUNK_BYTES)
+
+    def _may_serve(self, agent_id: str, tenant_id: str) -> bool:
+        """An enrolled, unrevoked agent that is platform-wide or scoped to this tenant."""
+        return agent_id in self.agent_scope and self.agent_scope[agent_id] in (None, tenant_id)
 
     def _upload(self, agent_id: str, job_id: str | None, msg: Msg) -> dict[str, Any]:
         headers = msg.headers or {}

@@ -183,7 +183,9 @@ def _prepare(p: Platform, who: Principal, body: ChatRequest | CompletionRequest)
     prompt_param = "messages" if chat else "prompt"
     with p.db.tenant(who.tenant_id) as s:
         ref = models.get_model(s, body.model, viewer=who)
-        adapter = AdapterSpec(ref.adapter.sha256, p.adapter_dir(ref.adapter)) if ref.adapter else None
+        adapter = None
+        if ref.adapter:
+            adapter = AdapterSpec(ref.adapter.sha256, p.adapter_dir(ref.adapter), dict(ref.adapter.manifest))
     if adapter is not None:
         try:
             p.engine.check_adapter(adapter)
@@ -275,9 +277,9 @@ class _Choices:
 
     def _produce(self, p: Platform, job: Prepared, index: int) -> None:
         try:
-            deltas = p.engine.generate(
+            deltas = p.inference.generate(  # the embedded engine, or an infer agent serving the base
                 job.base_id, job.base_ref, job.adapter, job.prompt_ids, job.choice_params(index), self.usages[index],
-                should_stop=self._stop.is_set, fairness_key=job.tenant_id,
+                should_stop=self._stop.is_set, tenant_id=job.tenant_id,
             )  # fmt: skip
             for delta in deltas:
                 self._post((index, delta))

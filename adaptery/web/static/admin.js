@@ -159,11 +159,53 @@ async function usageCard() {
   );
 }
 
+const AGENT_COLUMNS = ["Name", "State", "Roles", "Bases", "Resident adapters", "Tokens/s", "Queue", "Running", "Job", "Last heartbeat", "Scope"];
+const AGENT_REFRESH_MS = 2000;
+
+function residentAdapters(tiers) {
+  if (!tiers) return "—";
+  const count = (v) => (Array.isArray(v) ? v.length : Number(v) || 0);
+  return ["active", "memory", "disk", "loading"].filter((t) => count(tiers[t])).map((t) => `${count(tiers[t])} ${t}`).join(" · ") || "none";
+}
+
+function agentRows(rows) {
+  return rows.map((a) => [
+    h("span", { title: a.id }, a.name),
+    badge(a.state, a.state === "lost" || a.state === "revoked" || a.state === "offline" ? "failed" : a.state === "busy" ? "running" : "succeeded"),
+    (a.roles || []).join(", ") || "—",
+    (a.bases || []).join(", ") || "—",
+    residentAdapters(a.adapters),
+    fmtNumber(a.tokens_per_second || 0, 3),
+    String(a.queue_depth ?? 0),
+    String(a.running ?? 0),
+    a.current_job || "—",
+    fmtTime(a.last_heartbeat_at),
+    a.tenant_scope ? "tenant" : "platform",
+  ]);
+}
+
+/** Agents, live: redrawn every AGENT_REFRESH_MS while the card is on the page; a lost infer agent says so. */
 async function agentsCard() {
   const agents = await optionalApi("/api/admin/agents");
   if (!agents) return section("Agents", notAvailable("Agents"));
-  const rows = Array.isArray(agents) ? agents : agents.data || [];
-  return h("section", { class: "card", id: "agents" }, h("h2", { class: "card-title" }, "Agents"), objectTable(rows, "Agents", "No agents have enrolled."));
+  const body = h("div", { "aria-live": "polite" });
+  const card = h("section", { class: "card", id: "agents" }, h("h2", { class: "card-title" }, "Agents"), body);
+  const draw = (data) => {
+    const rows = Array.isArray(data) ? data : data.data || [];
+    clear(body, table(AGENT_COLUMNS, agentRows(rows), { caption: "Agents", empty: "No agents have enrolled." }));
+  };
+  draw(agents);
+  let shown = false;
+  const timer = setInterval(async () => {
+    shown = shown || card.isConnected;
+    if (!card.isConnected) {
+      if (shown) clearInterval(timer); // the page moved on
+      return;
+    }
+    const fresh = await optionalApi("/api/admin/agents").catch(() => null);
+    if (fresh) draw(fresh);
+  }, AGENT_REFRESH_MS);
+  return card;
 }
 
 async function engineCard() {

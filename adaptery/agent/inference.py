@@ -1,0 +1,354 @@
+"""An infer agent: the engine `serve` embeds, hosted on another machine, fed over NATS.
+
+The control plane publishes `InferRequest`s (token ids already counted against the caller's limits, sampling
+parameters, the adapter by hash) on `adaptery.infer.<agent>`; each is served on its own thread and streamed back
+on `adaptery.stream.<agent>.<request>` in sequence, ending with an end marker (`messaging/streams.py` reassembles
+it). A cancellation (the client went away) stops the request within one engine poll, so its batch slot is free at
+once. What the agent can do and how loaded it is goes to the control plane as an announcement every
+`announce_seconds`, and within ANNOUNCE_POLL_SECONDS of a change in its load or resident adapters: the router
+(`services/inference_router.py`) places requests by it.
+
+Adapters reach the agent on demand: the first request naming one downloads its blobs (safetensors and its
+config only), each verified by sha256 against the request, into a cache of at most `max_adapters` adapters
+(least recently used out first; never one a request is using).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import shutil
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from adaptery.agent.link import AgentLink, LinkDown
+from adaptery.engine.generation import AdapterSpec, GenerationTimedOut, InferenceEngine, Usage
+from adaptery.engine.sampling import SamplingParams
+from adaptery.messaging import protocol
+from adaptery.messaging.protocol import InferRequest, RemoteError
+
+log = logging.getLogger("adaptery.agent.infer")
+ANNOUNCE_POLL_SECONDS = 0.1
+TOKENS_PER_SECOND_WINDOW = 10.0
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_ADAPTER_FILE = re.compile(r"^(adapter_config\.json|[A-Za-z0-9_.-]+\.safetensors)$")
+
+
+@dataclass
+class _Stream:
+    """One request's outgoing stream: sequence numbers under a lock, and when it last sent (for keepalives)."""
+
+    link: AgentLink
+    subject: str
+    seq: int = 0
+    last_sent: float = field(default_factory=time.monotonic)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def send(self, body: dict[str, Any]) -> None:
+        with self.lock:
+            self.link.publish(self.subject, {"seq": self.seq, **body})
+            self.seq += 1
+            self.last_sent = time.monotonic()
+
+    def keepalive(self, now: float) -> None:
+        if now - self.last_sent >= protocol.STREAM_KEEPALIVE_SECONDS:
+            self.send({})
+
+
+class AdapterCache:
+    """Downloaded adapters by content hash, at most `capacity`, least recently used evicted first."""
+
+    def __init__(self, directory: Path, capacity: int) -> None:
+        self.directory = directory
+        self.capacity = capacity
+        self.entries: OrderedDict[str, Path] = OrderedDict()
+        self.in_use: dict[str, int] = {}
+        self.downloading: set[str] = set()
+        self.lock = threading.Lock()
+        self._ready = threading.Condition(self.lock)
+        shutil.rmtree(directory, ignore_errors=True)  # what a previous run left is not trusted
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def acquire(self, link: AgentLink, request: InferRequest) -> tuple[AdapterSpec, bool]:
+        """The adapter of `request`, downloaded if needed, held until `release`; and whether it was a hit."""
+        key, files = request.adapter_key or "", request.adapter_files or {}
+        if not _SHA256.match(key):
+            raise ValueError("adapter_key must be a sha256")
+        if not files or any(not _ADAPTER_FILE.match(n) or not _SHA256.match(h) for n, h in files.items()):
+            raise ValueError("an adapter is served from safetensors and adapter_config.json only")
+        with self.lock:
+            while key in self.downloading:  # another request is fetching it: wait for that one
+                self._ready.wait()
+            hit = key in self.entries
+            if hit:
+                self.entries.move_to_end(key)
+            else:
+                self.downloading.add(key)
+            self.in_use[key] = self.in_use.get(key, 0) + 1
+        if not hit:
+            try:
+                target = self.directory / key
+                shutil.rmtree(target, ignore_errors=True)
+                for name, sha256 in sorted(files.items()):
+                    link.download_adapter(request.request_id, sha256, target / name)
+            except BaseException:
+                self.release(key)
+                raise
+            finally:
+                with self.lock:
+                    self.downloading.discard(key)
+                    self._ready.notify_all()
+            with self.lock:
+                self.entries[key] = target
+                self._evict()
+        return AdapterSpec(key, self.entries[key]), hit
+
+    def release(self, key: str) -> None:
+        with self.lock:
+            count = self.in_use.get(key, 0) - 1
+            if count <= 0:
+                self.in_use.pop(key, None)
+            else:
+                self.in_use[key] = count
+            self._evict()
+
+    def _evict(self) -> None:
+        for key in list(self.entries):
+            if len(self.entries) <= self.capacity:
+                return
+            if key not in self.in_use:
+                shutil.rmtree(self.entries.pop(key), ignore_errors=True)
+
+    def keys(self) -> tuple[list[str], list[str]]:
+        with self.lock:
+            return list(self.entries), sorted(self.downloading)
+
+
+class InferenceHost:
+    def __init__(
+        self,
+        link: AgentLink,
+        engine: InferenceEngine,
+        bases: dict[str, str],
+        cache_dir: Path,
+        *,
+        roles: list[str],
+        max_adapters: int,
+        announce_seconds: float,
+    ) -> None:
+        self.link = link
+        self.engine = engine
+        self.bases = dict(bases)  # base id -> local path
+        self.roles = roles
+        self.announce_seconds = announce_seconds
+        self.adapters = AdapterCache(cache_dir, max_adapters)
+        self.streams: dict[str, _Stream] = {}
+        self.streams_lock = threading.Lock()
+        self.served = 0
+        self.adapter_hits = 0
+        self.adapter_misses = 0
+        self._tokens: deque[tuple[float, int]] = deque()
+        self._stopping = threading.Event()
+        self._changed = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def agent_id(self) -> str:
+        return self.link.agent_id
+
+    def start(self) -> None:
+        for base_id, path in self.bases.items():
+            self.engine.base(base_id, path)  # loaded before the first announcement says it is served here
+        self.link.subscribe(protocol.infer_subject(self.agent_id), self._on_request)
+        self.link.subscribe(protocol.infer_cancel_subject(self.agent_id), self._on_cancel)
+        for name, target in (("announce", self._announce_loop), ("keepalive", self._keepalive_loop)):
+            thread = threading.Thread(target=target, name=f"adaptery-infer-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        log.info("infer agent %s serves %s", self.agent_id, ", ".join(self.bases))
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with self.streams_lock:
+            for stream in self.streams.values():
+                stream.cancelled.set()
+        for thread in self._threads:
+            thread.join(timeout=5)
+
+    # --- requests (the link's loop hands them over; each is served on a thread of its own) -------------
+
+    def _on_request(self, data: bytes) -> None:
+        try:
+            request = InferRequest.from_json(protocol.decode(data))
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("an infer request was malformed: %s", exc)
+            return
+        stream = _Stream(self.link, protocol.stream_subject(self.agent_id, request.request_id))
+        with self.streams_lock:
+            if request.request_id in self.streams:
+                return  # the same request twice: it is already being served
+            self.streams[request.request_id] = stream
+        threading.Thread(target=self._serve, args=(request, stream), name="adaptery-infer", daemon=True).start()
+
+    def _on_cancel(self, data: bytes) -> None:
+        try:
+            request_id = protocol.decode(data).get("request_id")
+        except ValueError:
+            return
+        with self.streams_lock:
+            stream = self.streams.get(str(request_id))
+        if stream is not None:
+            stream.cancelled.set()
+
+    def _serve(self, request: InferRequest, stream: _Stream) -> None:
+        usage = Usage(prompt_tokens=len(request.prompt_ids))
+        adapter: AdapterSpec | None = None
+        end: dict[str, Any] = {"end": True}
+        try:
+            if request.base_id not in self.bases:
+                raise ValueError(f"base model {request.base_id} is not served by this agent")
+            hit = None
+            if request.adapter_key is not None:
+                adapter, hit = self.adapters.acquire(self.link, request)
+                self._count_adapter(hit)
+            stream.send({"accepted": True, "adapter_hit": hit})  # the next poll announces it: not during prefill
+            params = SamplingParams(**request.params)
+            deltas = self.engine.generate(
+                request.base_id, self.bases[request.base_id], adapter, request.prompt_ids, params, usage,
+                should_stop=stream.cancelled.is_set, fairness_key=request.fairness_key,
+            )  # fmt: skip
+            sent_tokens = 0
+            for delta in deltas:
+                stream.send(
+                    {
+                        "text": delta.text,
+                        "finish_reason": delta.finish_reason,
+                        "logprobs": delta.logprobs,
+                        "completion_tokens": usage.completion_tokens,
+                    }
+                )
+                self._count_tokens(usage.completion_tokens - sent_tokens)
+                sent_tokens = usage.completion_tokens
+        except GenerationTimedOut as exc:
+            end.update(error=str(exc), timeout=True)
+        except (LinkDown, RemoteError) as exc:
+            end.update(error=f"the adapter could not be fetched: {exc}")
+        except Exception as exc:  # the request's own failure: reported on its stream, the agent goes on
+            log.warning("request %s failed: %s", request.request_id, exc)
+            end.update(error=str(exc) or type(exc).__name__)
+        finally:
+            if adapter is not None:
+                self.adapters.release(adapter.key)
+            with self.streams_lock:
+                self.streams.pop(request.request_id, None)
+            self.served += 1
+            self._changed.set()
+        end["usage"] = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
+        try:
+            stream.send(end)
+        except LinkDown:
+            log.info("request %s ended while the link was down", request.request_id)
+
+    def _count_adapter(self, hit: bool) -> None:
+        if hit:
+            self.adapter_hits += 1
+        else:
+            self.adapter_misses += 1
+
+    def _count_tokens(self, tokens: int) -> None:
+        now = time.monotonic()
+        self._tokens.append((now, tokens))
+        while self._tokens and self._tokens[0][0] < now - TOKENS_PER_SECOND_WINDOW:
+            self._tokens.popleft()
+
+    def tokens_per_second(self) -> float:
+        now = time.monotonic()
+        recent = [n for t, n in list(self._tokens) if t >= now - TOKENS_PER_SECOND_WINDOW]
+        return round(sum(recent) / TOKENS_PER_SECOND_WINDOW, 2)
+
+    # --- keepalives and announcements --------------------------------------------------------------
+
+    def _keepalive_loop(self) -> None:
+        while not self._stopping.wait(protocol.STREAM_KEEPALIVE_SECONDS / 2):
+            with self.streams_lock:
+                streams = list(self.streams.values())
+            now = time.monotonic()
+            for stream in streams:
+                with contextlib.suppress(LinkDown):  # the link is back soon, or the request is lost anyway
+                    stream.keepalive(now)
+
+    def announcement(self) -> dict[str, Any]:
+        """What this agent can do and how loaded it is (`services.inference_router` reads it)."""
+        described = self.engine.describe()
+        bases: dict[str, Any] = {}
+        running = waiting = 0
+        active: set[str] = set()
+        memory: set[str] = set()
+        loading: set[str] = set()
+        for base_id, info in described["bases"].items():
+            kv = info.get("kv_cache") or {}
+            bases[base_id] = {
+                "path": info["path"],
+                "kv_capacity_tokens": kv.get("blocks_total", 0) * kv.get("block_size", 0) or None,
+                "max_batch": info.get("max_batch", self.engine.max_batch),
+            }
+            running += info.get("running", 0)
+            waiting += info.get("waiting", 0)
+            tiers = info.get("adapters") or {}
+            active.update(tiers.get("active", []))
+            memory.update(a["key"] for a in tiers.get("memory", []))
+            loading.update(tiers.get("loading", []))
+        cached, downloading = self.adapters.keys()
+        with self.streams_lock:
+            in_flight = len(self.streams)
+        ram = psutil.virtual_memory()
+        return {
+            "every": self.announce_seconds,
+            "roles": self.roles,
+            "device": described["device"],
+            "memory": {"total_bytes": ram.total, "available_bytes": ram.available},
+            "bases": bases,
+            "adapters": {
+                "active": sorted(active),
+                "memory": sorted(memory - active),
+                "disk": sorted(set(cached) - memory - active),
+                "loading": sorted(loading | set(downloading)),
+                "capacity": self.adapters.capacity,
+            },
+            "running": running,
+            "waiting": max(waiting, in_flight - running),
+            "tokens_per_second": self.tokens_per_second(),
+            "served": self.served,
+            "adapter_hits": self.adapter_hits,
+            "adapter_misses": self.adapter_misses,
+        }
+
+    def _announce_loop(self) -> None:
+        last_sent = 0.0
+        last_summary: Any = None
+        while not self._stopping.is_set():
+            self._changed.wait(ANNOUNCE_POLL_SECONDS)
+            self._changed.clear()
+            try:
+                body = self.announcement()
+            except Exception:  # noqa: BLE001 - a base being loaded, say: the next poll will do
+                log.debug("describing the engine failed", exc_info=True)
+                continue
+            summary = (body["running"], body["waiting"], body["adapters"], body["served"])
+            now = time.monotonic()
+            if summary == last_summary and now - last_sent < self.announce_seconds:
+                continue
+            try:
+                self.link.call(protocol.agent_subject(self.agent_id, protocol.ANNOUNCE_VERB), body)
+            except (LinkDown, RemoteError) as exc:
+                log.info("announcement not delivered: %s", exc)
+                continue
+            last_sent, last_summary = now, summary

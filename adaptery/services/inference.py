@@ -1,0 +1,210 @@
+"""Where a request's tokens are generated: the embedded engine, or an infer agent over NATS.
+
+One interface (`Backend.generate`, the engine's own signature), two implementations, and `Inference` choosing
+between them per request: the router's agent for the base if there is one (`services/inference_router.py`),
+else the embedded engine, as before agents could serve. The prompt was tokenised and checked against limits by
+the caller either way, so usage and limits do not depend on where the tokens came from.
+
+A request on an agent streams back with sequence numbers (`messaging/streams.py`). An agent that goes silent
+(no message, keepalives included, for `idle_seconds`, or lost to the router) or whose stream has a gap is lost:
+before the first token the request is sent elsewhere (another agent, at last the embedded engine) and the caller
+never knows; after it, the request fails with GenerationFailed, which the API turns into an error event. The
+request is cancelled on the agent whenever it ends early (the client went away): its slot is freed at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Protocol
+
+from adaptery.engine.generation import AdapterSpec, Delta, GenerationFailed, GenerationTimedOut, InferenceEngine, Usage
+from adaptery.engine.sampling import SamplingParams
+from adaptery.messaging import protocol
+from adaptery.messaging.protocol import InferRequest
+from adaptery.messaging.streams import StreamBroken, StreamReassembly
+from adaptery.services.control_plane import ControlPlane
+from adaptery.services.inference_router import InferenceRouter
+
+log = logging.getLogger("adaptery.inference")
+POLL_SECONDS = 0.05
+# What an agent needs of an adapter: its weights (safetensors only) and config; the prompt is formatted here.
+_AGENT_FILES = ("adapter_config.json", ".safetensors")
+
+
+class AgentLost(RuntimeError):
+    """The agent stopped answering, or its stream broke."""
+
+
+class Backend(Protocol):
+    def generate(
+        self,
+        base_id: str,
+        ref: str,
+        adapter: AdapterSpec | None,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        usage: Usage,
+        should_stop: Callable[[], bool],
+        tenant_id: str,
+    ) -> Iterator[Delta]: ...
+
+
+class EmbeddedBackend:
+    def __init__(self, engine: InferenceEngine) -> None:
+        self.engine = engine
+
+    def generate(
+        self,
+        base_id: str,
+        ref: str,
+        adapter: AdapterSpec | None,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        usage: Usage,
+        should_stop: Callable[[], bool],
+        tenant_id: str,
+    ) -> Iterator[Delta]:
+        return self.engine.generate(
+            base_id, ref, adapter, prompt_ids, params, usage, should_stop=should_stop, fairness_key=tenant_id
+        )
+
+
+class AgentBackend:
+    """One request on one agent, as deltas; AgentLost when the agent goes away."""
+
+    def __init__(self, control: ControlPlane, router: InferenceRouter, idle_seconds: float) -> None:
+        self.control = control
+        self.router = router
+        self.idle_seconds = idle_seconds
+
+    def generate_on(
+        self,
+        agent_id: str,
+        base_id: str,
+        adapter: AdapterSpec | None,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        usage: Usage,
+        should_stop: Callable[[], bool],
+        tenant_id: str,
+    ) -> Iterator[Delta]:
+        files = None
+        if adapter is not None:
+            files = {name: sha for name, sha in (adapter.files or {}).items() if name.endswith(_AGENT_FILES)}
+        request = InferRequest(
+            request_id=uuid.uuid4().hex,
+            base_id=base_id,
+            prompt_ids=list(prompt_ids),
+            params=dataclasses.asdict(params),
+            adapter_key=adapter.key if adapter is not None else None,
+            adapter_files=files,
+            fairness_key=tenant_id,
+        )
+        usage.prompt_tokens, usage.completion_tokens = len(prompt_ids), 0
+        try:
+            stream = self.control.open_stream(agent_id, tenant_id, request)
+        except Exception as exc:  # the bus is down or restarting: nothing was sent, so it may go elsewhere
+            self.router.finished(agent_id)
+            raise AgentLost(f"agent {agent_id} was lost: the request could not be sent ({exc})") from exc
+        reassembly = StreamReassembly()
+        heard = time.monotonic()
+        try:
+            while not reassembly.ended:
+                if should_stop():
+                    return
+                try:
+                    raw = stream.messages.get(timeout=POLL_SECONDS)
+                except queue.Empty:
+                    if time.monotonic() - heard > self.idle_seconds:
+                        raise AgentLost(
+                            f"agent {agent_id} was lost: nothing from it for {self.idle_seconds:g} s"
+                        ) from None
+                    if self.router.is_lost(agent_id):
+                        raise AgentLost(f"agent {agent_id} was lost: it stopped announcing itself") from None
+                    continue
+                heard = time.monotonic()
+                try:
+                    message = reassembly.accept(protocol.decode(raw))
+                except (StreamBroken, ValueError) as exc:
+                    raise AgentLost(f"the stream from agent {agent_id} was lost: {exc}") from exc
+                if message is None:
+                    continue
+                if message.get("end"):
+                    usage.completion_tokens = int((message.get("usage") or {}).get("completion_tokens", 0))
+                    if message.get("error"):
+                        error = GenerationTimedOut if message.get("timeout") else GenerationFailed
+                        raise error(str(message["error"]))
+                elif "text" in message:
+                    usage.completion_tokens = int(message.get("completion_tokens") or 0)
+                    yield Delta(str(message["text"]), message.get("finish_reason"), logprobs=message.get("logprobs"))
+        except AgentLost:
+            self.router.mark_broken(agent_id)
+            raise
+        finally:
+            if not reassembly.ended:
+                self.control.cancel_stream(stream)
+            self.control.close_stream(stream)
+            self.router.finished(agent_id)
+
+
+class Inference:
+    """The backend chat.py calls: an agent serving the base if the router finds one, else the embedded engine."""
+
+    def __init__(
+        self,
+        engine: InferenceEngine,
+        router: InferenceRouter,
+        control: Callable[[], ControlPlane | None],
+        *,
+        idle_seconds: float,
+        kv_needed: Callable[[list[int], SamplingParams], int] = lambda ids, p: len(ids) + p.max_tokens,
+    ) -> None:
+        self.embedded = EmbeddedBackend(engine)
+        self.router = router
+        self._control = control
+        self.idle_seconds = idle_seconds
+        self.kv_needed = kv_needed
+
+    def generate(
+        self,
+        base_id: str,
+        ref: str,
+        adapter: AdapterSpec | None,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        usage: Usage,
+        should_stop: Callable[[], bool] = lambda: False,
+        tenant_id: str = "",
+    ) -> Iterator[Delta]:
+        control = self._control()
+        tried: list[str] = []
+        while control is not None:
+            agent_id = self.router.pick(
+                base_id,
+                adapter.key if adapter is not None else None,
+                tenant_id=tenant_id,
+                needed_tokens=self.kv_needed(prompt_ids, params),
+                exclude=tried,
+            )
+            if agent_id is None:
+                break
+            remote = AgentBackend(control, self.router, self.idle_seconds)
+            started = False
+            try:
+                for delta in remote.generate_on(
+                    agent_id, base_id, adapter, prompt_ids, params, usage, should_stop, tenant_id
+                ):
+                    started = True
+                    yield delta
+                return
+            except AgentLost as exc:
+                if started:
+                    raise GenerationFailed(f"{exc}; the answer is incomplete") from exc
+                log.warning("%s before the first token; sending the request elsewhere", exc)
+                tried.append(agent_id)
+        yield from self.embedded.generate(base_id, ref, adapter, prompt_ids, params, usage, should_stop, tenant_id)

@@ -1,0 +1,426 @@
+"""Benchmark: serving through infer agents over NATS, against the embedded engine, on loopback.
+
+    .venv/bin/python bench/fabric.py --json-out fabric.json
+
+Real processes, as deployed: `adaptery serve` (its embedded engine limited to one torch thread) and standalone
+`adaptery agent --roles infer --threads 1` processes on the demo model. In one run:
+
+1. First-token latency through an infer agent minus the embedded engine's. The server registers a second copy of
+   the demo model (`demo-local`) that no agent serves, so the two paths run the same weights on one thread each;
+   requests alternate between them (time to the first content chunk of a stream, sequential), and the figure is
+   p50(agent) - p50(embedded), and the same for p99. Goal: p50 <= 3 ms.
+2. Throughput (completion tokens/s, `--clients` closed-loop streams for `--seconds`) with two infer agents over
+   one. Goal >= 1.7 (each agent has its own core only where the machine has them free).
+3. `--adapters` adapters of Zipf popularity (exponent `--zipf-s`) over two agents whose caches hold `--cache`
+   each (`--max-adapters`, and an engine memory tier sized to the same count): the agents' adapter hit rate and
+   the throughput, with the router's LoRA-affinity placement against random placement (the server restarted
+   with `ADAPTERY_INFERENCE_ROUTING=random`, fresh agents with empty caches for each).
+
+Prints JSON and a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import httpx
+from safetensors.torch import load_file, save_file
+
+from adaptery.engine.demo_model import DEMO_MODEL_ID, build_demo_model
+
+MiB = 1024 * 1024
+ANNOUNCE = {"ADAPTERY_AGENT_ANNOUNCE_SECONDS": "0.5", "ADAPTERY_AGENT_ANNOUNCE_MISSED": "3"}
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str):  # noqa: ANN001, ANN201
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+class Fabric:
+    """A server and its infer agents, as processes."""
+
+    def __init__(self, work: Path, model_dir: Path, routing: str, cache_env: dict[str, str]) -> None:
+        self.work = work
+        self.model_dir = model_dir
+        self.cache_env = cache_env
+        self.data_dir = work / "data"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.agents: list[subprocess.Popen] = []
+        env = {**os.environ, **ONE_THREAD, **ANNOUNCE}
+        env.update(
+            ADAPTERY_DATA_DIR=str(self.data_dir),
+            ADAPTERY_PORT=str(self.port),
+            ADAPTERY_EMBEDDED_AGENT="false",
+            ADAPTERY_INFERENCE_ROUTING=routing,
+            ADAPTERY_BASE_MODELS=json.dumps([str(work / "demo-local")]),
+            ADAPTERY_ENGINE_MAX_BATCH="32",
+        )
+        self.env = env
+        log = (work / f"server-{routing}.log").open("w")
+        self.server = subprocess.Popen([sys.executable, "-m", "adaptery.cli", "serve"], env=env, stdout=log, stderr=log)
+        wait_for(self._healthy, 180, "the server")
+        text = (work / f"server-{routing}.log").read_text()
+        key = re.search(r"^ADAPTERY_API_KEY=(\S+)$", text, re.M)
+        if key:
+            (work / "api-key").write_text(key.group(1))
+        self.headers = {"Authorization": f"Bearer {(work / 'api-key').read_text().strip()}"}
+
+    def _healthy(self) -> bool:
+        if self.server.poll() is not None:
+            raise RuntimeError("the server exited")
+        try:
+            return httpx.get(f"{self.url}/api/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def cli(self, *args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "adaptery.cli", *args], env=self.env, capture_output=True, text=True, timeout=300
+        )
+        if done.returncode != 0:
+            raise RuntimeError(done.stdout + done.stderr)
+        return done.stdout
+
+    def add_agent(self) -> None:
+        name = f"infer-{len(self.agents)}-{self.port}"
+        token = re.search(r"ADAPTERY_AGENT_CREDENTIALS=(\S+)", self.cli("agents", "create", name)).group(1)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ADAPTERY_")}
+        env.update({**ONE_THREAD, **ANNOUNCE, **self.cache_env, "ADAPTERY_DATA_DIR": str(self.work / name)})
+        command = [sys.executable, "-m", "adaptery.cli", "agent", "--credentials", token, "--roles", "infer"]
+        command += ["--nats-url", (self.data_dir / "nats" / "url").read_text(), "--threads", "1"]
+        command += ["--base", f"{DEMO_MODEL_ID}={self.model_dir}"]
+        log = (self.work / f"{name}.log").open("w")
+        self.agents.append(subprocess.Popen(command, env=env, stdout=log, stderr=log))
+        wanted = len(self.agents)
+        wait_for(lambda: len([a for a in self.listed() if a["bases"] and not a["lost"]]) >= wanted, 180, name)
+
+    def listed(self) -> list[dict[str, Any]]:
+        return httpx.get(f"{self.url}/api/admin/agents", headers=self.headers, timeout=10).json()["data"]
+
+    def stop(self) -> None:
+        for process in [*self.agents, self.server]:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in [*self.agents, self.server]:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def first_token_seconds(client: httpx.Client, fabric: Fabric, model: str, seed: int) -> float:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": f"question {seed}"}],
+        "max_tokens": 2,
+        "stream": True,
+        "temperature": 0,
+    }
+    started = time.perf_counter()
+    elapsed = float("nan")
+    with client.stream("POST", f"{fabric.url}/v1/chat/completions", headers=fabric.headers, json=body) as response:
+        for line in response.iter_lines():  # read to the end, so the next request starts on an idle engine
+            if not line.startswith("data: {") or elapsed == elapsed:  # nan != nan: not yet timed
+                continue
+            choice = json.loads(line[6:])["choices"][0]
+            if choice["delta"].get("content") or choice["finish_reason"]:
+                elapsed = time.perf_counter() - started
+    return elapsed
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
+
+
+def load_run(fabric: Fabric, models: list[str], clients: int, seconds: float, max_tokens: int) -> dict[str, float]:
+    """`clients` closed-loop streams for `seconds`, each request's model drawn from `models` in order."""
+    tokens = requests = errors = 0
+    lock = threading.Lock()
+    stop_at = time.monotonic() + seconds
+    order = iter(models * 1000)
+
+    def client_loop() -> None:
+        nonlocal tokens, requests, errors
+        with httpx.Client(timeout=120) as client:
+            while time.monotonic() < stop_at:
+                with lock:
+                    model = next(order)
+                body = {
+                    "model": model,
+                    "messages": [{"role": "user", "content": "tell me something"}],
+                    "max_tokens": max_tokens,
+                    "temperature": 1.0,
+                }
+                response = client.post(f"{fabric.url}/v1/chat/completions", headers=fabric.headers, json=body)
+                with lock:
+                    if response.status_code == 200:
+                        requests += 1
+                        tokens += response.json()["usage"]["completion_tokens"]
+                    else:
+                        errors += 1
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=client_loop) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.monotonic() - started
+    return {
+        "tokens_per_s": tokens / elapsed,
+        "requests_per_s": requests / elapsed,
+        "requests": requests,
+        "errors": errors,
+    }
+
+
+def make_adapters(model_dir: Path, out: Path, count: int, seed: int) -> list[Path]:
+    """`count` distinct LoRA adapters of the demo model: one made by PEFT, the rest its tensors redrawn."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets)).save_pretrained(out / "template")
+    tensors = load_file(out / "template" / "adapter_model.safetensors")
+    made = []
+    for index in range(count):
+        generator = torch.Generator().manual_seed(seed * 100_000 + index)
+        target = out / f"adapter-{index}"
+        target.mkdir(parents=True)
+        shutil.copy(out / "template" / "adapter_config.json", target)
+        save_file(
+            {k: torch.randn(v.shape, generator=generator) * 0.05 for k, v in tensors.items()},
+            target / "adapter_model.safetensors",
+        )
+        made.append(target)
+    return made
+
+
+def import_adapters(fabric: Fabric, adapters: list[Path]) -> list[str]:
+    ids = []
+    with httpx.Client(timeout=120) as client:
+        for index, directory in enumerate(adapters):
+            buffer = io.BytesIO()
+            with zipfile.ZipFile(buffer, "w") as archive:
+                for path in directory.iterdir():
+                    archive.write(path, path.name)
+            response = client.post(
+                f"{fabric.url}/api/models/import",
+                params={"base_model": DEMO_MODEL_ID, "suffix": f"z{index}"},
+                content=buffer.getvalue(),
+                headers=fabric.headers,
+            )
+            response.raise_for_status()
+            ids.append(response.json()["id"])
+    return ids
+
+
+def zipf_models(ids: list[str], requests: int, s: float, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    weights = [1 / (rank + 1) ** s for rank in range(len(ids))]
+    shuffled = ids[:]
+    rng.shuffle(shuffled)  # popularity unrelated to import order
+    return rng.choices(shuffled, weights=weights, k=requests)
+
+
+def zipf_run(fabric: Fabric, models: list[str], clients: int) -> dict[str, float]:
+    before = {a["id"]: (a["adapter_hits"], a["adapter_misses"]) for a in fabric.listed()}
+    started = time.monotonic()
+    result = _fixed_run(fabric, models, clients)
+    elapsed = time.monotonic() - started
+    time.sleep(1.0)  # the last announcements
+    after = {a["id"]: (a["adapter_hits"], a["adapter_misses"]) for a in fabric.listed()}
+    hits = sum(after[k][0] - before.get(k, (0, 0))[0] for k in after)
+    misses = sum(after[k][1] - before.get(k, (0, 0))[1] for k in after)
+    return {
+        "hit_rate": hits / max(1, hits + misses),
+        "hits": hits,
+        "misses": misses,
+        "requests_per_s": result["requests"] / elapsed,
+        "tokens_per_s": result["tokens"] / elapsed,
+        "errors": result["errors"],
+    }
+
+
+def _fixed_run(fabric: Fabric, models: list[str], clients: int) -> dict[str, int]:
+    """Every request of `models` once, by `clients` workers taking the next in turn."""
+    pending = iter(models)
+    lock = threading.Lock()
+    counts = {"requests": 0, "tokens": 0, "errors": 0}
+
+    def worker() -> None:
+        with httpx.Client(timeout=120) as client:
+            while True:
+                with lock:
+                    model = next(pending, None)
+                if model is None:
+                    return
+                body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+                response = client.post(f"{fabric.url}/v1/chat/completions", headers=fabric.headers, json=body)
+                with lock:
+                    if response.status_code == 200:
+                        counts["requests"] += 1
+                        counts["tokens"] += response.json()["usage"]["completion_tokens"]
+                    else:
+                        counts["errors"] += 1
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ttft-requests", type=int, default=60, help="per path, alternating")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=20.0, help="each throughput run")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--adapters", type=int, default=200)
+    parser.add_argument("--cache", type=int, default=32, help="adapters each agent's cache holds")
+    parser.add_argument("--zipf-requests", type=int, default=400)
+    parser.add_argument("--zipf-clients", type=int, default=4)
+    parser.add_argument("--zipf-s", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--first-token-only", action="store_true", help="measure (1) alone")
+    parser.add_argument("--json-out", type=Path)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="adaptery-bench-fabric-"))
+    results: dict[str, Any] = {"settings": vars(args) | {"json_out": str(args.json_out), "cpus": os.cpu_count()}}
+    try:
+        model_dir = build_demo_model(work / "models" / DEMO_MODEL_ID)
+        shutil.copytree(model_dir, work / "demo-local")  # the same weights, served by the embedded engine only
+        (work / "data" / "models").mkdir(parents=True)
+        shutil.copytree(model_dir, work / "data" / "models" / DEMO_MODEL_ID)
+        adapters = make_adapters(model_dir, work / "adapters", 1 if args.first_token_only else args.adapters, args.seed)
+        adapter_mb = (adapters[0] / "adapter_model.safetensors").stat().st_size / MiB
+        cache_env = {
+            "ADAPTERY_AGENT_MAX_ADAPTERS": str(args.cache),
+            "ADAPTERY_ENGINE_ADAPTER_CACHE_MB": str(max(1, math.ceil(args.cache * adapter_mb))),
+        }
+        results["adapter_mb"] = round(adapter_mb, 3)
+
+        fabric = Fabric(work, model_dir, "affinity", cache_env)
+        try:
+            fabric.add_agent()
+            # (1) first token: alternate the agent's base and the embedded copy, after a warm-up of each
+            latencies: dict[str, list[float]] = {"agent": [], "embedded": []}
+            with httpx.Client(timeout=60) as client:
+                for i in range(4):
+                    first_token_seconds(client, fabric, DEMO_MODEL_ID, i)
+                    first_token_seconds(client, fabric, "demo-local", i)
+                for i in range(args.ttft_requests):
+                    latencies["agent"].append(first_token_seconds(client, fabric, DEMO_MODEL_ID, i))
+                    latencies["embedded"].append(first_token_seconds(client, fabric, "demo-local", i))
+            ms = {k: [v * 1000 for v in vs] for k, vs in latencies.items()}
+            results["first_token_ms"] = {
+                path: {"p50": statistics.median(v), "p99": percentile(v, 0.99)} for path, v in ms.items()
+            }
+            results["first_token_overhead_ms"] = {
+                "p50": statistics.median(ms["agent"]) - statistics.median(ms["embedded"]),
+                "p99": percentile(ms["agent"], 0.99) - percentile(ms["embedded"], 0.99),
+            }
+            if args.first_token_only:
+                return report(results, args)
+            # (2) throughput with one agent, then two
+            one = load_run(fabric, [DEMO_MODEL_ID], args.clients, args.seconds, args.max_tokens)
+            fabric.add_agent()
+            two = load_run(fabric, [DEMO_MODEL_ID], args.clients, args.seconds, args.max_tokens)
+            results["throughput"] = {
+                "one_agent": one,
+                "two_agents": two,
+                "ratio": two["tokens_per_s"] / one["tokens_per_s"],
+            }
+            # (3) Zipf adapters, affinity routing (the agents' caches are still empty of adapters)
+            ids = import_adapters(fabric, adapters)
+            models = zipf_models(ids, args.zipf_requests, args.zipf_s, args.seed)
+            # every adapter's first request misses wherever it goes: the bound on any placement's hit rate
+            results["zipf"] = {"first_touch_hit_bound": 1 - len(set(models)) / len(models)}
+            results["zipf"]["affinity"] = zipf_run(fabric, models, args.zipf_clients)
+        finally:
+            fabric.stop()
+        for process in fabric.agents:
+            process.wait()
+        fabric = Fabric(work, model_dir, "random", cache_env)
+        try:
+            fabric.add_agent()
+            fabric.add_agent()
+            results["zipf"]["random"] = zipf_run(fabric, models, args.zipf_clients)
+        finally:
+            fabric.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report(results, args)
+
+
+def report(results: dict[str, Any], args: argparse.Namespace) -> None:
+    print(json.dumps(results, indent=2))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(results, indent=2))
+    ft, over = results["first_token_ms"], results["first_token_overhead_ms"]
+    tp, zipf = results.get("throughput"), results.get("zipf")
+    print()
+    print("| measure | value | goal |")
+    print("| --- | --- | --- |")
+    print(
+        f"| first token, embedded engine p50 / p99 | {ft['embedded']['p50']:.2f} / {ft['embedded']['p99']:.2f} ms | |"
+    )
+    print(
+        f"| first token, through an infer agent p50 / p99 | {ft['agent']['p50']:.2f} / {ft['agent']['p99']:.2f} ms | |"
+    )
+    print(f"| agent minus embedded, p50 / p99 | {over['p50']:.2f} / {over['p99']:.2f} ms | p50 <= 3 ms |")
+    if tp is None or zipf is None:
+        return
+    print(f"| throughput, one agent | {tp['one_agent']['tokens_per_s']:.1f} tokens/s | |")
+    print(f"| throughput, two agents | {tp['two_agents']['tokens_per_s']:.1f} tokens/s | |")
+    print(f"| two agents / one | {tp['ratio']:.2f} | >= 1.7 |")
+    for policy in ("affinity", "random"):
+        z = zipf[policy]
+        print(
+            f"| Zipf {args.adapters} adapters, {policy} placement: hit rate, throughput | {z['hit_rate']:.1%}, "
+            f"{z['requests_per_s']:.2f} requests/s ({z['errors']} errors) | affinity > random |"
+        )
+    print(f"| Zipf: hit rate bound (each adapter's first request misses) | {zipf['first_touch_hit_bound']:.1%} | |")
+
+
+if __name__ == "__main__":
+    main()

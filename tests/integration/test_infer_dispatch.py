@@ -1,0 +1,86 @@
+"""The control plane's side of inference on agents, over a real NATS server: an agent may fetch an adapter's blobs
+only while a request naming them, sent to it, is open, only those blobs, and only from that request's tenant; an
+announcement feeds the router, and only an enrolled agent's counts."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from adaptery.messaging import protocol
+from adaptery.messaging.protocol import InferRequest
+from adaptery.services import agents as agent_records
+from tests.integration.test_queue import connect, enroll
+
+
+def fetch(running, creds, body: dict) -> tuple[bytes, str | None]:
+    async def ask() -> tuple[bytes, str | None]:
+        nc = await connect(running, creds)
+        try:
+            subject = protocol.agent_subject(creds.agent_id, protocol.ADAPTER_VERB)
+            reply = await nc.request(subject, protocol.encode(body), timeout=10)
+            return reply.data, (reply.headers or {}).get(protocol.ERROR_HEADER)
+        finally:
+            await nc.close()
+
+    return asyncio.run(ask())
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_an_agent_fetches_only_the_blobs_of_a_request_sent_to_it(running):
+    first, second = enroll(running, "first"), enroll(running, "second")
+    blobs, control = running.platform.blobs, running.platform.control
+    mine = blobs.put_stream(running.tenant_id, [b"adapter weights of the first tenant"]).sha256
+    other_tenant = running.new_tenant("otherlab", "olga")
+    theirs = blobs.put_stream(other_tenant.tenant.id, [b"another tenant's weights"]).sha256
+    request = InferRequest(
+        request_id="0" * 32,
+        base_id="adaptery-demo",
+        prompt_ids=[1, 2],
+        params={},
+        adapter_key="a" * 64,
+        adapter_files={"adapter_model.safetensors": mine},
+    )
+    stream = control.open_stream(first.agent_id, running.tenant_id, request)
+    try:
+        data, error = fetch(running, first, {"request_id": request.request_id, "sha256": mine, "offset": 0})
+        assert error is None and data == b"adapter weights of the first tenant"
+        data, error = fetch(running, first, {"request_id": request.request_id, "sha256": mine, "offset": 8})
+        assert data == b"weights of the first tenant"
+        # the same refusal for a blob the request does not name (another tenant's or none), and another agent
+        refusals = [
+            fetch(running, first, {"request_id": request.request_id, "sha256": theirs, "offset": 0})[1],
+            fetch(running, first, {"request_id": request.request_id, "sha256": "f" * 64, "offset": 0})[1],
+            fetch(running, second, {"request_id": request.request_id, "sha256": mine, "offset": 0})[1],
+        ]
+        named = [theirs, "f" * 64, mine]
+        assert refusals == [f"blob {sha} is not part of a request sent to you" for sha in named]
+    finally:
+        control.close_stream(stream)
+    _, error = fetch(running, first, {"request_id": request.request_id, "sha256": mine, "offset": 0})
+    assert error and "not part of a request sent to you" in error  # the request is over
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_an_announcement_reaches_the_router_and_a_revoked_agent_is_not_chosen(running):
+    agent = enroll(running, "announcer")
+    body = {"every": 1.0, "bases": {"adaptery-demo": {"max_batch": 4}}, "adapters": {"capacity": 2}}
+
+    async def announce() -> None:
+        nc = await connect(running, agent)
+        try:
+            subject = protocol.agent_subject(agent.agent_id, protocol.ANNOUNCE_VERB)
+            reply = await nc.request(subject, protocol.encode(body), timeout=10)
+            assert protocol.remote_error(reply.headers) is None
+        finally:
+            await nc.close()
+
+    asyncio.run(announce())
+    router = running.platform.router
+    assert router.pick("adaptery-demo", None, tenant_id=running.tenant_id) == agent.agent_id
+    router.finished(agent.agent_id)
+    with running.platform.db.system() as s:
+        agent_records.revoke_agent(s, "announcer")
+    running.platform.sync_agents()
+    assert router.pick("adaptery-demo", None, tenant_id=running.tenant_id) is None
