@@ -67,6 +67,12 @@ def active_agents(system: Session) -> list[m.Agent]:
     return list(system.scalars(select(m.Agent).where(m.Agent.revoked_at.is_(None)).order_by(m.Agent.id)))
 
 
+def password_agents(system: Session) -> dict[str, str]:
+    """The unrevoked agents that sign in with a password (id -> bcrypt hash); those enrolled by certificate have
+    none and never appear as password users."""
+    return {agent.id: agent.secret_hash for agent in active_agents(system) if agent.secret_hash}
+
+
 def list_agents(system: Session) -> list[m.Agent]:
     return list(system.scalars(select(m.Agent).order_by(m.Agent.created_at, m.Agent.id)))
 

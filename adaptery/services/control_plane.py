@@ -58,6 +58,7 @@ class ControlPlane:
         self.password = password
         self.max_upload_bytes = max_upload_bytes
         self.agent_scope = agent_scope if agent_scope is not None else {}  # agent id -> tenant it may serve
+        self.not_training: set[str] = set()  # agents enrolled without the train role: they lease nothing
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="adaptery-control", daemon=True)
         self._workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="adaptery-control")
@@ -151,6 +152,8 @@ class ControlPlane:
 
     def _lease(self, agent_id: str) -> dict[str, Any]:
         self.queue.seen(agent_id, idle=True)
+        if agent_id in self.not_training:
+            return {"assignment": None}
         assignment = self.queue.lease(agent_id, tenant_scope=self.agent_scope.get(agent_id))
         return {"assignment": assignment.to_json() if assignment else None}
 
