@@ -310,6 +310,10 @@ class NatsServer:
         log.info("NATS authorization reloaded: %d password agent(s), %d by certificate", len(agents), len(members))
         return True
 
+    def fabric_log(self) -> str:
+        """The fabric server's log: its refusals (handshakes, permissions) say why."""
+        return self._edge.log_path.read_text(errors="replace") if self._edge.log_path.is_file() else ""
+
     def stop(self) -> None:
         self._edge.stop()
         self._loopback.stop()
