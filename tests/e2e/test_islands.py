@@ -342,8 +342,10 @@ def world(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> Ite
         built.enroll("cloud", "cloud-probe", "platform", "infer")
         yield built
     finally:
-        for process in built.processes:
-            process.terminate()
+        # Everything is told to stop at once, then waited for: one slow shutdown does not queue the others.
+        for process in [*built.processes, hub.process]:
+            if process is not None and process.poll() is None:
+                process.terminate()
         for process in built.processes:
             try:
                 process.wait(timeout=15)
@@ -452,7 +454,8 @@ def test_a_job_on_an_island_survives_a_link_stall_and_a_hub_restart(world: World
     stall = world.probe(
         "lab", "requests", "--identity", str(world.root / "lab-probe"), "--url", world.leaf_url(), "--seconds", "4"
     )
-    assert stall["failures"] == [] and 1.9 < stall["max_gap"] < 3.5, stall["max_gap"]
+    summary = {"failures": stall["failures"], "max_gap": stall["max_gap"], "answers": len(stall["answers"])}
+    assert stall["failures"] == [] and 1.9 < stall["max_gap"] < 3.5, summary
 
     # The hub restarts while the job trains on the island.
     leaves_before = leaf_connections(world, "lab")
