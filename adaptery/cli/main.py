@@ -294,7 +294,7 @@ def island_up(
     renewer = Renewer(directory, leaf.reload)
     renewer.start()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: leaf.stop())
+        signal.signal(sig, lambda *_: leaf.request_stop())
     print(f"ADAPTERY_ISLAND_URL={leaf.url}", flush=True)
     console.print(f"Island [bold]{me.island}[/bold] ({me.agent_id}) dials {url}; agents connect to {leaf.url}")
     code = leaf.wait()

@@ -99,6 +99,11 @@ class IslandLeaf:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGHUP)
 
+    def request_stop(self) -> None:
+        """Ask the leaf to stop, without waiting (safe in a signal handler; `wait` returns once it has)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+
     def wait(self) -> int:
         return self.process.wait() if self.process else 0
 
