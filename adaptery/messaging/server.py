@@ -254,7 +254,7 @@ class NatsServer:
         self._control_hash = hash_secret(self.control_password)
         self._agents = dict(agents)
         self._members = list(members or [])
-        self._accounts = frozenset(member.account for member in self._members)
+        self._accounts = frozenset({accounts.PLATFORM_ACCOUNT} | {member.account for member in self._members})
         if self.fabric is not None:
             self._route_password = secrets.token_urlsafe(30)
             self._route_ports = (_free_port("127.0.0.1"), _free_port("127.0.0.1"))

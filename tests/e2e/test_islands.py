@@ -80,6 +80,7 @@ class StallingProxy:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.server: asyncio.base_events.Server | None = None
+        self.connections = 0
 
     def start(self) -> None:
         self.thread.start()
@@ -101,6 +102,7 @@ class StallingProxy:
             writer.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
@@ -257,16 +259,28 @@ class World:
         return process
 
     def probe(self, island: str, *args: str, timeout: float = 120) -> dict:
-        done = subprocess.run(
+        return self.probe_result(self.probe_start(island, *args), timeout)
+
+    def probe_start(self, island: str, *args: str) -> subprocess.Popen:
+        return subprocess.Popen(
             [*self.ns(island), sys.executable, str(PROBE), *args],
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=timeout,
             cwd=REPO,
             env={**os.environ, "PYTHONPATH": str(REPO)},
         )
-        assert done.returncode == 0, done.stdout + done.stderr
-        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    @staticmethod
+    def probe_connected(process: subprocess.Popen) -> None:
+        """Wait until a `requests` probe is connected and asking (it says so on its first line)."""
+        assert process.stdout.readline().strip() == "connected", process.stderr.read()
+
+    @staticmethod
+    def probe_result(process: subprocess.Popen, timeout: float = 120) -> dict:
+        out, err = process.communicate(timeout=timeout)
+        assert process.returncode == 0, out + err
+        return json.loads(out.strip().splitlines()[-1])
 
     def leaf_url(self) -> str:
         return f"tls://127.0.0.1:{LEAF_PORT_IN_ISLAND}"
@@ -449,12 +463,19 @@ def test_a_job_on_an_island_survives_a_link_stall_and_a_hub_restart(world: World
             "the island's agent to lease the job",
         )
     # A 2 s stall of the island's only link, while its agents keep asking: nothing fails, answers wait.
-    timer = threading.Timer(1.0, world.proxy.stall, args=(2.0,))
-    timer.start()
-    stall = world.probe(
+    asking = world.probe_start(
         "lab", "requests", "--identity", str(world.root / "lab-probe"), "--url", world.leaf_url(), "--seconds", "4"
     )
-    summary = {"failures": stall["failures"], "max_gap": stall["max_gap"], "answers": len(stall["answers"])}
+    world.probe_connected(asking)  # a loaded machine takes seconds to start it: the stall waits for it
+    time.sleep(0.5)
+    world.proxy.stall(2.0)
+    stall = world.probe_result(asking)
+    summary = {
+        "failures": stall["failures"],
+        "max_gap": stall["max_gap"],
+        "answers": len(stall["answers"]),
+        "proxied_connections": world.proxy.connections,
+    }
     assert stall["failures"] == [] and stall["max_gap"] >= 1.9, summary  # held through the stall, none lost
 
     # The hub restarts while the job trains on the island.
