@@ -129,9 +129,15 @@ class _Process:
         except OSError:
             return 0
 
-    def reload(self) -> int:
-        """Ask for a reload; returns the count to wait past."""
-        before = self.reloads()
+    def reload_failures(self) -> int:
+        try:
+            return self.log_path.read_bytes().count(b"Failed to reload server configuration")
+        except OSError:
+            return 0
+
+    def reload(self) -> tuple[int, int]:
+        """Ask for a reload; returns the counts (reloads, refusals) to wait past."""
+        before = (self.reloads(), self.reload_failures())
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGHUP)
         return before
@@ -205,6 +211,9 @@ class NatsServer:
             "listen": f"127.0.0.1:{own}",
             "authorization": {"user": "route", "password": self._route_password},
             "routes": [f"nats://route:{self._route_password}@127.0.0.1:{other}"],
+            # Clients learn no other server of the pair: the loopback one's users cannot use the fabric port (no
+            # certificate), an agent cannot use the loopback one.
+            "no_advertise": True,
         }
         return f"cluster: {json.dumps(route)}\n"
 
@@ -241,6 +250,7 @@ class NatsServer:
                 "listen": f"{fabric.host}:{fabric.leaf_port}",
                 "tls": tls,
                 "authorization": {"users": accounts.leaf_users(self._members)},
+                "no_advertise": True,  # an island dials only the address it was given (maybe through a proxy)
             }
             edge += f"leafnodes: {json.dumps(leafnodes, indent=2)}\n"
         self._edge.write(edge)
@@ -292,26 +302,34 @@ class NatsServer:
         members = sorted(members or [], key=lambda member: member.agent_id)
         if (agents == self._agents and members == self._members) or self.process is None:
             return False
+        leaves_changed = accounts.leaf_users(members) != accounts.leaf_users(self._members)
         self._agents = dict(agents)
         self._members = members
         new_accounts = {member.account for member in members} - self._accounts
-        if new_accounts:
-            # A new account's imports get no interest from a reload (`messaging.accounts`): restart on the same
-            # ports; every client redials within a second, and the protocol's requests are retried.
+        if new_accounts or leaves_changed:
+            # nats-server cannot apply either by a reload: a new account's imports get no interest
+            # (`messaging.accounts`), and the leafnode users are not reloadable at all. Restart on the same ports;
+            # every client redials within a second, islands within RECONNECT, and the protocol's requests retry.
             self._accounts |= new_accounts
-            self.stop()
-            self._launch()
-            log.info("NATS restarted for new account(s) %s", ", ".join(sorted(new_accounts)))
+            self._restart("new account(s) " + ", ".join(sorted(new_accounts)) if new_accounts else "islands changed")
             return True
         self._write_config()
         # The servers reload in their own time; wait for them, so that an agent enrolled (or revoked) by the
-        # time this returns is admitted (or refused) from then on.
+        # time this returns is admitted (or refused) from then on. A reload refused is a restart.
         waits = [(proc, proc.reload()) for proc in (self._loopback, self._edge) if proc.process is not None]
         deadline = time.monotonic() + RELOAD_SECONDS
-        while any(proc.reloads() <= before for proc, before in waits) and time.monotonic() < deadline:
+        while any(proc.reloads() <= before for proc, (before, _) in waits) and time.monotonic() < deadline:
+            if any(proc.reload_failures() > failed for proc, (_, failed) in waits):
+                self._restart("a reload was refused")
+                return True
             time.sleep(0.02)
         log.info("NATS authorization reloaded: %d password agent(s), %d by certificate", len(agents), len(members))
         return True
+
+    def _restart(self, why: str) -> None:
+        self.stop()
+        self._launch()
+        log.info("NATS restarted: %s", why)
 
     def fabric_log(self) -> str:
         """The fabric server's log: its refusals (handshakes, permissions) say why."""

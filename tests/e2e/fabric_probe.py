@@ -74,7 +74,9 @@ async def handshake(args: argparse.Namespace) -> dict:
     if args.cert:
         context.load_cert_chain(args.cert, args.key)
     try:
-        nc = await nats.connect(args.url, tls=context, allow_reconnect=False, connect_timeout=5)
+        nc = await nats.connect(
+            args.url, tls=context, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=5
+        )
     except Exception as exc:  # noqa: BLE001 - how it was refused is the answer
         return {"connected": False, "error": f"{type(exc).__name__}: {exc}"}
     await nc.close()

@@ -218,6 +218,40 @@ class World:
         assert made.status_code == 200, made.text
         return made.json()["token"]
 
+    def token_from_cli(self, scope: str, island: str, roles: str) -> str:
+        """The same, as an admin does it from a terminal: `adaptery agents token create`."""
+        env = {
+            **os.environ,
+            "ADAPTERY_BASE_URL": self.hub.url(),
+            "ADAPTERY_API_KEY": self.hub.api_key,
+            "SSL_CERT_FILE": str(self.hub.ca),
+        }
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "adaptery.cli",
+                "agents",
+                "token",
+                "create",
+                "--scope",
+                scope,
+                "--island",
+                island,
+                "--roles",
+                roles,
+                "--ttl",
+                "600",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=REPO,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return re.search(r"^ADAPTERY_ENROLLMENT_TOKEN=(\S+)$", done.stdout, re.M).group(1)
+
     def cli(self, island: str, *args: str) -> subprocess.CompletedProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("ADAPTERY_")}
         return subprocess.run(
@@ -330,7 +364,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> Ite
                 "--hub",
                 hub.url(island),
                 "--token",
-                built.token(scope, island, "train"),
+                (built.token_from_cli if island == "lab" else built.token)(scope, island, "train"),
                 "--dir",
                 str(root / f"island-{island}"),
                 "--port",

@@ -290,3 +290,47 @@ def test_revoking_an_agent_closes_its_connection_at_once(fabric: Fabric):
             await nats.connect(fabric.fabric_url, tls=fabric.context("p1"), allow_reconnect=False, connect_timeout=3)
 
     run(scenario())
+
+
+def test_an_island_joining_later_is_admitted_and_cut_off_when_revoked(fabric: Fabric, tmp_path: Path):
+    # nats-server cannot reload its leafnode users: the hub restarts for them (this test runs last for that).
+    subject = identity.subject_name("tenant-b", "hpc", "agent-leaf-b")
+    key = identity.make_key()
+    cert = fabric.ca.issue(identity.make_csr(key), subject, DAY, loopback_server=True)
+    me = Identity("agent-leaf-b", "leaf", "tenant-b", "hpc", ["train"], "https://hub", None, None)
+    IdentityDir(tmp_path).save(me, key, pem(cert), fabric.ca.pem)
+    joined = [*fabric.members, Member("agent-leaf-b", "tenant-b", identity.subject_string(subject), leaf=True)]
+    fabric.hub.sync_agents({}, joined)
+    leaf = IslandLeaf(tmp_path, hub_url=f"tls://127.0.0.1:{fabric.hub.fabric.leaf_port}", port=free_port())
+    leaf.start()
+    try:
+
+        async def asks_as_b1() -> dict:
+            b1, _ = await agent(fabric, "b1", leaf.url)
+            control = await control_plane(fabric)
+            await until_leaf_carries(fabric, b1, "agent-b1")
+            reply = await b1.request(protocol.agent_subject("agent-b1", "lease"), b"{}", timeout=5)
+            await b1.close()
+            await control.close()
+            return json.loads(reply.data)
+
+        assert run(asks_as_b1()) == {"heard": "adaptery.agent.agent-b1.lease"}
+        fabric.hub.sync_agents({}, fabric.members)  # revoked: the leaf is refused at every redial
+
+        async def asks_after_revocation() -> str:
+            b1, _ = await agent(fabric, "b1", leaf.url)
+            control = await control_plane(fabric)
+            await asyncio.sleep(1.5)
+            try:
+                await b1.request(protocol.agent_subject("agent-b1", "lease"), b"{}", timeout=2)
+                return "answered"
+            except NoRespondersError:
+                return "no responders"
+            finally:
+                await b1.close()
+                await control.close()
+
+        assert run(asks_after_revocation()) == "no responders"
+        assert "authentication error" in fabric.hub.fabric_log()
+    finally:
+        leaf.stop()
