@@ -31,6 +31,9 @@ def list_agents(who: Principal = Depends(principal), p: Platform = Depends(platf
                 "state": agent_records.agent_state(agent, now=now, offline_after=offline_after),
                 "embedded": agent.embedded,
                 "tenant_scope": agent.tenant_scope,
+                "island": agent.island,  # enrolled by certificate: its island, roles, and agent or island leaf
+                "roles": agent.roles,
+                "kind": agent.kind,
                 "last_heartbeat_at": agent.last_seen_at,
                 # Another tenant's job id is not theirs to see unless they administer the platform.
                 "current_job": agent.current_job_id if who.is_platform_admin or _own_job(s, who, agent) else None,
