@@ -9,10 +9,13 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
 from sqlalchemy import select
 
 from adaptery.agent.link import AgentLink
 from adaptery.agent.worker import Agent
+from adaptery.auth.agent_ca import CertificateAuthority
+from adaptery.auth.tls import ensure_ca, ensure_server_certificate
 from adaptery.data.chat_template import TemplateBudget
 from adaptery.data.formats import make_token_counter
 from adaptery.data.untrusted import RecordLimits
@@ -23,9 +26,9 @@ from adaptery.engine.embeddings import EmbeddingModel
 from adaptery.engine.generation import InferenceEngine
 from adaptery.engine.loading import load_tokenizer
 from adaptery.messaging.credentials import parse_token
-from adaptery.messaging.server import CONTROL_USER, NatsServer
+from adaptery.messaging.server import CONTROL_USER, FabricListener, NatsServer
 from adaptery.services import agents as agent_records
-from adaptery.services import blob_refs, datasets, finetuning, models, tenants
+from adaptery.services import blob_refs, datasets, enrollment, finetuning, models, tenants
 from adaptery.services.control_plane import ControlPlane
 from adaptery.services.errors import NotFound
 from adaptery.services.fair_tasks import FairTasks
@@ -104,6 +107,8 @@ class Platform:
         self._tokenizers: dict[str, datasets.TokenBudget] = {}
         self._tokenizers_lock = threading.Lock()
         self._agent: Agent | None = None
+        self._agent_ca: CertificateAuthority | None = None
+        self._sync_lock = threading.Lock()  # the sync loop and the enroll/revoke routes apply changes one at a time
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -156,9 +161,11 @@ class Platform:
         settings = self.settings
         url, user, password = settings.nats_url, settings.nats_user, settings.nats_password
         if url is None:
-            self.nats = NatsServer(settings.nats_dir, host=settings.nats_host, port=settings.nats_port)
+            self.nats = NatsServer(
+                settings.nats_dir, host=settings.nats_host, port=settings.nats_port, fabric=self._fabric_listener()
+            )
             with self.db.system() as s:
-                self.nats.start({a.id: a.secret_hash for a in agent_records.active_agents(s)})
+                self.nats.start(agent_records.password_agents(s), enrollment.members(s))
             url, user, password = self.nats.url, CONTROL_USER, self.nats.control_password
         self.control = ControlPlane(
             self.queue,
@@ -175,6 +182,43 @@ class Platform:
         self.control.start()
         self._spawn("agent-sync", self._agent_sync_loop)
 
+    @property
+    def agent_ca(self) -> CertificateAuthority:
+        """The CA that signs agents' and islands' certificates (the platform's own, made on first use, or the
+        external one the settings name)."""
+        if self._agent_ca is None:
+            settings = self.settings
+            self._agent_ca = CertificateAuthority.load(settings.tls_dir, settings.ca_cert, settings.ca_key)
+        return self._agent_ca
+
+    def trust_pem(self) -> bytes:
+        """What an enrolled machine trusts: the agents' CA, and the platform CA that signs the hub's servers."""
+        own, _ = ensure_ca(self.settings.tls_dir)
+        own_pem = own.public_bytes(serialization.Encoding.PEM)
+        return self.agent_ca.pem + (b"" if own_pem == self.agent_ca.pem else own_pem)
+
+    def _fabric_listener(self) -> FabricListener | None:
+        settings = self.settings
+        if not settings.fabric_enabled:
+            return None
+        cert, key = ensure_server_certificate(settings.tls_dir, settings.host, settings.server_names)
+        return FabricListener(
+            host=settings.fabric_host,
+            port=settings.fabric_port or None,
+            leaf_port=settings.fabric_leaf_port or None,
+            cert_file=cert,
+            key_file=key,
+            ca_file=self.agent_ca.file(settings.tls_dir),
+        )
+
+    def fabric_urls(self) -> dict[str, str | None]:
+        """Where an enrolled machine dials: agents the fabric port, islands the leafnode port."""
+        settings, host = self.settings, self.settings.fabric_dial_host
+        return {
+            "nats_url": f"tls://{host}:{settings.fabric_port}" if settings.fabric_port else None,
+            "leaf_url": f"tls://{host}:{settings.fabric_leaf_port}" if settings.fabric_leaf_port else None,
+        }
+
     def _agent_sync_loop(self) -> None:
         while not self._stopping.wait(AGENT_SYNC_SECONDS):
             try:
@@ -184,15 +228,24 @@ class Platform:
 
     def sync_agents(self) -> None:
         """Apply enrolled and revoked agents to the NATS server's authorization and the control plane."""
+        with self._sync_lock:
+            self._sync_agents()
+
+    def _sync_agents(self) -> None:
         with self.db.system() as s:
             active = agent_records.active_agents(s)
-            hashes = {a.id: a.secret_hash for a in active}
+            hashes = agent_records.password_agents(s)
+            members = enrollment.members(s)
             scopes = {a.id: a.tenant_scope for a in active}
+            not_training = {a.id for a in active if a.roles is not None and "train" not in a.roles}
+            not_inferring = {a.id for a in active if a.roles is not None and "infer" not in a.roles}
         self.router.scopes = scopes
         if self.control is not None:
             self.control.agent_scope = scopes
+            self.control.not_training = not_training
+            self.control.not_inferring = not_inferring
         if self.nats is not None:
-            self.nats.sync_agents(hashes)
+            self.nats.sync_agents(hashes, members)
 
     def _start_embedded_agent(self, creds: agent_records.AgentCredentials | None) -> None:
         """The agent inside serve talks to the control plane over NATS like any other."""

@@ -6,6 +6,7 @@ import os
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -169,6 +170,34 @@ class Settings(KernelSettings):
     inference_routing: Literal["affinity", "random"] = Field(
         "affinity", description="How requests are placed on infer agents (random: only to measure against)."
     )
+    # The fabric (issue 16): agents and islands on other machines, by certificate over mutual TLS.
+    fabric_port: int | None = Field(
+        None,
+        ge=0,
+        description="serve: where enrolled agents dial the hub's NATS over mutual TLS (a second nats-server in a "
+        "cluster with the loopback one); None: no fabric, agents by password on loopback only.",
+    )
+    fabric_leaf_port: int | None = Field(
+        None, ge=0, description="serve: where islands' leaf nodes dial the hub over mutual TLS; None: no islands."
+    )
+    fabric_host: str = Field("0.0.0.0", description="serve: the address the fabric's two ports listen on.")
+    fabric_public_host: str | None = Field(
+        None, description="The host agents and islands dial (told at enrollment); default: the public URL's host."
+    )
+    tls_names: list[str] = Field(
+        default_factory=list, description="Extra DNS names or IP addresses the platform's server certificate covers."
+    )
+    ca_cert: Path | None = Field(None, description="An external CA's certificate (PEM) to sign agents with.")
+    ca_key: Path | None = Field(None, description="That CA's private key (PEM, unencrypted, kept 0600).")
+    agent_certificate_hours: float = Field(
+        24.0, gt=0, description="Lifetime of an agent's client certificate; it renews at 2/3 of it."
+    )
+    enrollment_token_max_hours: float = Field(
+        168.0, gt=0, description="The longest an enrollment token may stay usable."
+    )
+    agent_identity: Path | None = Field(
+        None, description="agent: the directory `adaptery agent enroll --dir` wrote (key, certificate, CA)."
+    )
     session_hours: float = 12.0
     login_link_hours: float = 24.0
     login_max_failures: int = Field(5, description="Failed sign-ins from one source to one account before a lock.")
@@ -216,6 +245,27 @@ class Settings(KernelSettings):
         scheme = "https" if self.serves_tls else "http"
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
         return (self.public_url or f"{scheme}://{host}:{self.port}").rstrip("/")
+
+    @property
+    def fabric_enabled(self) -> bool:
+        return self.fabric_port is not None or self.fabric_leaf_port is not None
+
+    @property
+    def fabric_dial_host(self) -> str:
+        """The host agents and islands are told to dial."""
+        if self.fabric_public_host:
+            return self.fabric_public_host
+        return urlsplit(self.base_url).hostname or "127.0.0.1"
+
+    @property
+    def server_names(self) -> tuple[str, ...]:
+        """What the platform's server certificate covers beyond the listen host: HTTPS and the fabric alike."""
+        names = tuple(self.tls_names)
+        if self.fabric_enabled:
+            names += (self.fabric_dial_host,)
+            if self.fabric_host not in ("0.0.0.0", "::"):
+                names += (self.fabric_host,)
+        return names
 
     @cached_property
     def tls_dir(self) -> Path:

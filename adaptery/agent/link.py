@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import ssl
 import threading
 import time
 import uuid
@@ -32,10 +33,24 @@ class LinkDown(ConnectionError):
 
 
 class AgentLink:
-    def __init__(self, url: str, agent_id: str, secret: str, *, request_seconds: float = protocol.REQUEST_SECONDS):
+    """`secret`: the password of an agent on loopback (the embedded one). `tls`: an enrolled agent's client
+    context (`messaging.identity.IdentityDir.ssl_context`); its certificate is its only credential."""
+
+    def __init__(
+        self,
+        url: str,
+        agent_id: str,
+        secret: str | None = None,
+        *,
+        tls: ssl.SSLContext | None = None,
+        request_seconds: float = protocol.REQUEST_SECONDS,
+    ):
+        if (secret is None) == (tls is None):
+            raise ValueError("an agent link signs in with a password or a certificate, one of them")
         self.url = url
         self.agent_id = agent_id
         self.secret = secret
+        self.tls = tls
         self.request_seconds = request_seconds
         self.nudged = threading.Event()  # set when the control plane says a job was cancelled or paused
         self._loop = asyncio.new_event_loop()
@@ -67,10 +82,10 @@ class AgentLink:
         async def quiet(_exc: Exception) -> None:  # nats-py logs every failed reconnect otherwise
             return None
 
+        credentials = {"tls": self.tls} if self.tls else {"user": self.agent_id, "password": self.secret}
         self._nc = await nats.connect(
             self.url,
-            user=self.agent_id,
-            password=self.secret,
+            **credentials,
             name=self.agent_id,
             inbox_prefix=protocol.inbox_prefix(self.agent_id),
             allow_reconnect=True,

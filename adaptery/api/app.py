@@ -9,7 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.staticfiles import StaticFiles
 
 from adaptery import __version__
-from adaptery.api import adapters, admin, agents, conversations, datasets, keys, lineage, members, sharing, web
+from adaptery.api import adapters, admin, agents, conversations, datasets, fabric, keys, lineage, members, sharing, web
 from adaptery.api import metrics as engine_metrics
 from adaptery.api.errors import install_error_handlers
 from adaptery.api.guards import RequestGuard
@@ -55,7 +55,7 @@ def create_app(platform: Platform, *, manage_lifecycle: bool = True) -> FastAPI:
     install_error_handlers(app)
     for module in (models, files, jobs, chat, embeddings, datasets, adapters, keys, web, engine_metrics):
         app.include_router(module.router)
-    for module in (admin, sharing, agents, lineage):
+    for module in (admin, sharing, agents, fabric, lineage):
         app.include_router(module.router)
     for module in (conversations, members):
         app.include_router(module.router)

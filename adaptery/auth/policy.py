@@ -54,6 +54,9 @@ PLATFORM_ADMIN = _perm("platform.admin", Scope.ADMIN, role=Role.VIEWER, platform
 ENGINE_ADMIN = _perm("engine.admin", Scope.ADMIN)
 # The training agents serve every tenant: tenant owners and platform admins (`require_agents_admin`)
 AGENTS_ADMIN = _perm("agents.admin", Scope.ADMIN)
+# Enrolling and revoking machines: platform admins for the platform's, a tenant's owners and admins for its own
+# (`services.enrollment.may_enroll_for` decides per scope; another tenant's agent is a 404)
+AGENTS_ENROLL = _perm("agents.enroll", Scope.ADMIN, role=Role.ADMIN)
 
 ROUTES: dict[str, Permission | None] = {
     "GET /api/health": PUBLIC,
@@ -131,6 +134,12 @@ ROUTES: dict[str, Permission | None] = {
     "GET /api/platform/tenants": PLATFORM_ADMIN,
     "GET /api/admin/engine": ENGINE_ADMIN,
     "GET /api/admin/agents": AGENTS_ADMIN,
+    "POST /api/admin/agents/tokens": AGENTS_ENROLL,
+    "POST /api/admin/agents/{agent_id}/revoke": AGENTS_ENROLL,
+    # An enrolling or renewing machine proves itself with its one-time token or its current certificate.
+    "GET /api/fabric/ca": PUBLIC,
+    "POST /api/fabric/enroll": PUBLIC,
+    "POST /api/fabric/renew": PUBLIC,
     "GET /metrics": PLATFORM_ADMIN,  # platform-wide counters, not labelled by tenant
     "PUT /api/platform/tenants/{tenant_id}/limits": PLATFORM_ADMIN,
 }

@@ -94,8 +94,8 @@ def ensure_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivat
     return cert, key
 
 
-def _names_for(host: str) -> list[x509.GeneralName]:
-    hosts = {"localhost", "127.0.0.1", "::1", socket.gethostname()}
+def _names_for(host: str, extra: tuple[str, ...] = ()) -> list[x509.GeneralName]:
+    hosts = {"localhost", "127.0.0.1", "::1", socket.gethostname(), *extra}
     if host not in ("0.0.0.0", "::"):
         hosts.add(host)
     names: list[x509.GeneralName] = []
@@ -107,11 +107,12 @@ def _names_for(host: str) -> list[x509.GeneralName]:
     return names
 
 
-def ensure_server_certificate(directory: Path, host: str) -> tuple[Path, Path]:
-    """Paths of a server certificate (chain: server, CA) and key for `host`, issued by the platform CA."""
+def ensure_server_certificate(directory: Path, host: str, extra_names: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """Paths of a server certificate (chain: server, CA) and key for `host` (and `extra_names`: more DNS names
+    or addresses it is reached by), issued by the platform CA."""
     ca_cert, ca_key = ensure_ca(directory)
     cert_path, key_path = directory / "server.pem", directory / "server.key"
-    wanted = _names_for(host)
+    wanted = _names_for(host, extra_names)
     if cert_path.exists() and key_path.exists():
         current = x509.load_pem_x509_certificate(cert_path.read_bytes())
         names = current.extensions.get_extension_for_class(x509.SubjectAlternativeName).value

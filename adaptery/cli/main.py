@@ -27,7 +27,11 @@ jobs_app = typer.Typer(help="Fine-tuning jobs.", no_args_is_help=True)
 models_app = typer.Typer(help="Base models and adapters.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys of your tenant.", no_args_is_help=True)
 tenants_app = typer.Typer(help="Tenants (run on the server machine; talks to the database).", no_args_is_help=True)
-agents_app = typer.Typer(help="Training agents: enroll (on the server machine), list, revoke.", no_args_is_help=True)
+agents_app = typer.Typer(help="Agents: enrollment tokens, list, revoke.", no_args_is_help=True)
+tokens_app = typer.Typer(help="One-time enrollment tokens for agents and islands.", no_args_is_help=True)
+agents_app.add_typer(tokens_app, name="token")
+agent_app = typer.Typer(help="Run an agent on this machine, or enroll it.", invoke_without_command=True)
+island_app = typer.Typer(help="Islands: a NATS leaf node that dials the hub.", no_args_is_help=True)
 audit_app = typer.Typer(help="The audit log (run on the server machine; talks to the database).", no_args_is_help=True)
 users_app = typer.Typer(help="People (run on the server machine; talks to the database).", no_args_is_help=True)
 storage_app = typer.Typer(help="The blob store against the database (run on the server machine).", no_args_is_help=True)
@@ -44,6 +48,8 @@ for sub, name in (
     (audit_app, "audit"),
     (storage_app, "storage"),
     (agents_app, "agents"),
+    (agent_app, "agent"),
+    (island_app, "island"),
     (datasets_app, "datasets"),
 ):
     app.add_typer(sub, name=name)
@@ -107,7 +113,7 @@ def serve(
     if settings.tls_cert is not None:
         ssl_files = {"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key)}
     elif settings.tls:
-        cert, key = ensure_server_certificate(settings.tls_dir, settings.host)
+        cert, key = ensure_server_certificate(settings.tls_dir, settings.host, settings.server_names)
         ssl_files = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
         console.print(f"HTTPS with the platform CA: clients trust {settings.tls_dir / 'ca.pem'}")
     try:
@@ -138,11 +144,18 @@ def serve(
     )
 
 
-@app.command("agent")
+@agent_app.callback()
 def run_agent(
+    ctx: typer.Context,
     credentials: Annotated[
         str | None,
         typer.Option("--credentials", help="From `adaptery agents create` [env: ADAPTERY_AGENT_CREDENTIALS]"),
+    ] = None,
+    identity_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--identity", help="Enrolled identity dir (`adaptery agent enroll --dir`) [env: ADAPTERY_AGENT_IDENTITY]"
+        ),
     ] = None,
     nats_url: Annotated[
         str | None, typer.Option("--nats-url", help="The platform's NATS server [env: ADAPTERY_NATS_URL]")
@@ -160,17 +173,22 @@ def run_agent(
     max_adapters: Annotated[int | None, typer.Option("--max-adapters", help="Adapters kept downloaded")] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="torch threads")] = None,
 ) -> None:
-    """Run a standalone agent: it dials the platform's NATS server, leases training jobs and/or serves inference
-    (no database, no inbound connection)."""
+    """Run a standalone agent: it dials the platform's NATS (or its island's leaf), leases training jobs and/or
+    serves inference (no database, no inbound connection)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from adaptery.agent.enroll import Renewer, reload_into
     from adaptery.agent.link import AgentLink
     from adaptery.agent.worker import Agent
     from adaptery.messaging.credentials import parse_token
+    from adaptery.messaging.identity import IdentityDir
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = _settings(
         data_dir=data_dir,
         nats_url=nats_url,
         agent_credentials=credentials,
+        agent_identity=identity_dir,
         agent_roles=roles,
         agent_bases=base,
         agent_max_adapters=max_adapters,
@@ -180,22 +198,39 @@ def run_agent(
     if not wanted or not wanted <= {"train", "infer"}:
         console.print(f"[red]--roles is train, infer or infer,train, not {settings.agent_roles!r}.[/red]")
         raise typer.Exit(2)
-    if not settings.agent_credentials:
-        console.print("[red]No credentials:[/red] pass --credentials (from `adaptery agents create NAME`).")
-        raise typer.Exit(2)
-    try:
-        agent_id, secret = parse_token(settings.agent_credentials)
-    except ValueError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2) from exc
-    url = settings.nats_url
-    written = settings.nats_dir / "url"
-    if url is None and written.is_file():  # a serve on this machine's data dir said where its NATS listens
-        url = written.read_text().strip()
-    if not url:
-        console.print("[red]Where is the platform?[/red] pass --nats-url nats://host:port (printed by serve).")
-        raise typer.Exit(2)
-    link = AgentLink(url, agent_id, secret)
+    renewer = None
+    if settings.agent_identity is not None:
+        store = IdentityDir(settings.agent_identity)
+        try:
+            me = store.identity()
+        except FileNotFoundError as exc:
+            console.print(f"[red]{exc}[/red]")
+            raise typer.Exit(2) from exc
+        url = settings.nats_url or me.nats_url
+        if not url:
+            console.print("[red]Where is the platform?[/red] pass --nats-url (the hub's, or your island leaf's).")
+            raise typer.Exit(2)
+        context = store.ssl_context()
+        link = AgentLink(url, me.agent_id, tls=context)
+        renewer = Renewer(settings.agent_identity, lambda: reload_into(context, settings.agent_identity))
+        agent_id = me.agent_id
+    else:
+        if not settings.agent_credentials:
+            console.print("[red]No credentials:[/red] pass --identity (enrolled) or --credentials.")
+            raise typer.Exit(2)
+        try:
+            agent_id, secret = parse_token(settings.agent_credentials)
+        except ValueError as exc:
+            console.print(f"[red]{exc}[/red]")
+            raise typer.Exit(2) from exc
+        url = settings.nats_url
+        written = settings.nats_dir / "url"
+        if url is None and written.is_file():  # a serve on this machine's data dir said where its NATS listens
+            url = written.read_text().strip()
+        if not url:
+            console.print("[red]Where is the platform?[/red] pass --nats-url nats://host:port (printed by serve).")
+            raise typer.Exit(2)
+        link = AgentLink(url, agent_id, secret)
     try:
         link.connect()
     except Exception as exc:
@@ -209,6 +244,8 @@ def run_agent(
             link.close()
             console.print(f"[red]Cannot serve inference:[/red] {escape(str(exc))}")
             raise typer.Exit(2) from exc
+    if renewer is not None:
+        renewer.start()
     worker = Agent(
         link,
         settings.work_dir,
@@ -230,6 +267,8 @@ def run_agent(
         if host is not None:
             host.stop()
             host.engine.stop()
+        if renewer is not None:
+            renewer.stop()
         link.close()
 
 
@@ -276,6 +315,72 @@ def _inference_host(settings: Any, link: Any, roles: list[str]) -> Any:  # noqa:
     )
     host.start()
     return host
+
+
+@agent_app.command("enroll")
+def enroll_agent(
+    server: Annotated[str, typer.Option("--server", help="The platform's URL (https://…)")],
+    token: Annotated[str, typer.Option("--token", help="From `adaptery agents token create`")],
+    directory: Annotated[Path, typer.Option("--dir", help="Where to keep this agent's key and certificate")],
+) -> None:
+    """Join the platform: make a key pair here, send a CSR with the token, keep the certificate (renewed by itself)."""
+    from adaptery.agent.enroll import EnrollmentError, enroll
+
+    try:
+        me = enroll(server, token, directory, kind="agent")
+    except (EnrollmentError, httpx.HTTPError) as exc:
+        console.print(f"[red]Cannot enroll:[/red] {escape(str(exc))}")
+        raise typer.Exit(1) from exc
+    scope = f"tenant {me.tenant_id}" if me.tenant_id else "the platform"
+    console.print(f"Enrolled as [bold]{me.agent_id}[/bold] for {scope}, island {me.island}, roles {','.join(me.roles)}")
+    print(f"ADAPTERY_AGENT_ID={me.agent_id}", flush=True)
+    print(f"ADAPTERY_AGENT_IDENTITY={directory.resolve()}", flush=True)
+
+
+@island_app.command("up")
+def island_up(
+    hub: Annotated[str, typer.Option("--hub", help="The platform's URL (https://…)")],
+    directory: Annotated[Path, typer.Option("--dir", help="Where to keep the island's key and certificate")],
+    token: Annotated[str | None, typer.Option("--token", help="An enrollment token (first start only)")] = None,
+    port: Annotated[int, typer.Option("--port", help="Where the island's agents connect (127.0.0.1)")] = 4222,
+    leaf_url: Annotated[str | None, typer.Option("--leaf-url", help="Dial the hub here (default: as enrolled)")] = None,
+) -> None:
+    """Run this island's NATS leaf node: it dials the hub over mutual TLS; the island's agents connect to it."""
+    from adaptery.agent.enroll import EnrollmentError, Renewer, enroll
+    from adaptery.messaging.identity import IdentityDir
+    from adaptery.messaging.leaf import IslandLeaf
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    store = IdentityDir(directory)
+    if not store.exists():
+        if not token:
+            console.print(f"[red]{directory} holds no island identity:[/red] pass --token (first start).")
+            raise typer.Exit(2)
+        try:
+            enroll(hub, token, directory, kind="leaf")
+        except (EnrollmentError, httpx.HTTPError) as exc:
+            console.print(f"[red]Cannot enroll:[/red] {escape(str(exc))}")
+            raise typer.Exit(1) from exc
+    me = store.identity()
+    url = leaf_url or me.leaf_url
+    if me.kind != "leaf" or not url:
+        console.print("[red]Not an island:[/red] enroll with a token and a hub that has a leafnode port.")
+        raise typer.Exit(2)
+    leaf = IslandLeaf(directory, hub_url=url, port=port)
+    try:
+        leaf.start()
+    except RuntimeError as exc:
+        console.print(f"[red]Cannot start the leaf node:[/red] {escape(str(exc))}")
+        raise typer.Exit(1) from exc
+    renewer = Renewer(directory, leaf.reload)
+    renewer.start()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: leaf.request_stop())
+    print(f"ADAPTERY_ISLAND_URL={leaf.url}", flush=True)
+    console.print(f"Island [bold]{me.island}[/bold] ({me.agent_id}) dials {url}; agents connect to {leaf.url}")
+    code = leaf.wait()
+    renewer.stop()
+    raise typer.Exit(0 if code in (0, -signal.SIGTERM) else 1)
 
 
 @agents_app.command("create")
@@ -336,20 +441,45 @@ def list_agents() -> None:
 
 @agents_app.command("revoke")
 def revoke_agent(agent: str, data_dir: DataDir = None, database_url: DatabaseUrl = None) -> None:
-    """Revoke an agent (by id or name): the server disconnects it within seconds; its job goes back to the queue."""
+    """Revoke an agent or island (by id or name) and its certificates: the server disconnects it within a second,
+    refuses its renewal, and its job goes back to the queue."""
     from adaptery.db.session import Database
     from adaptery.services import agents as agent_records
+    from adaptery.services import enrollment
     from adaptery.services.errors import ServiceError
 
     settings = _settings(data_dir=data_dir, database_url=database_url)
     db = Database(settings.resolved_database_url)
     try:
         with db.system() as s:
-            revoked = agent_records.revoke_agent(s, agent)
+            revoked = enrollment.revoke(s, agent_records.find_agent(s, agent))
             console.print(f"Agent {revoked.id} ({revoked.name}) revoked")
     except ServiceError as exc:
         console.print(f"[red]Error:[/red] {exc.message}")
         raise typer.Exit(1) from exc
+
+
+@tokens_app.command("create")
+def create_enrollment_token(
+    scope: Annotated[str, typer.Option("--scope", help="tenant (your tenant's island) or platform")] = "tenant",
+    roles: Annotated[str, typer.Option("--roles", help="train, infer, or both: train,infer")] = "train",
+    ttl: Annotated[float, typer.Option("--ttl", help="Seconds the token stays usable")] = 3600,
+    island: Annotated[str, typer.Option("--island", help="The island the machine joins")] = "default",
+) -> None:
+    """A one-time enrollment token for `adaptery agent enroll` or `adaptery island up` (shown once)."""
+    body = {
+        "scope": scope,
+        "roles": [r.strip() for r in roles.split(",") if r.strip()],
+        "ttl_seconds": ttl,
+        "island": island,
+    }
+    created = api("POST", "/api/admin/agents/tokens", json=body)
+    expires = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created["expires_at"]))
+    console.print(
+        f"Token {created['id']} for the {scope} (island {island}, roles {','.join(created['roles'])}), "
+        f"usable once until {expires}"
+    )
+    print(f"ADAPTERY_ENROLLMENT_TOKEN={created['token']}", flush=True)
 
 
 @tenants_app.command("create")

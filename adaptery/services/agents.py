@@ -69,6 +69,12 @@ def active_agents(system: Session) -> list[m.Agent]:
     return list(system.scalars(select(m.Agent).where(m.Agent.revoked_at.is_(None)).order_by(m.Agent.id)))
 
 
+def password_agents(system: Session) -> dict[str, str]:
+    """The unrevoked agents that sign in with a password (id -> bcrypt hash); those enrolled by certificate have
+    none and never appear as password users."""
+    return {agent.id: agent.secret_hash for agent in active_agents(system) if agent.secret_hash}
+
+
 def list_agents(system: Session) -> list[m.Agent]:
     return list(system.scalars(select(m.Agent).order_by(m.Agent.created_at, m.Agent.id)))
 
@@ -101,7 +107,10 @@ def agents_view(
             "state": state,
             "embedded": agent.embedded,
             "tenant_scope": agent.tenant_scope,
-            "roles": ["train"] if agent.embedded else [],
+            # Enrolled by certificate: the roles it was enrolled with, its island, and agent or island leaf.
+            "roles": list(agent.roles) if agent.roles is not None else (["train"] if agent.embedded else []),
+            "island": agent.island,
+            "kind": agent.kind,
             "bases": [],
             "adapters": None,
             "running": 0,

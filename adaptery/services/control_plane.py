@@ -85,6 +85,8 @@ class ControlPlane:
         self.announce_seconds = announce_seconds  # an agent that does not say how often it announces: this often
         self._streams: dict[tuple[str, str], RemoteStream] = {}
         self._streams_lock = threading.Lock()
+        self.not_training: set[str] = set()  # agents enrolled without the train role: they lease nothing
+        self.not_inferring: set[str] = set()  # agents enrolled without the infer role: they serve nothing
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="adaptery-control", daemon=True)
         self._workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="adaptery-control")
@@ -200,6 +202,8 @@ class ControlPlane:
         if verb == protocol.ANNOUNCE_VERB:
             if agent_id not in self.agent_scope:
                 raise RequestRefused("only an enrolled agent may announce itself")
+            if agent_id in self.not_inferring:
+                raise RequestRefused("this agent was enrolled without the infer role")
             self.router.announce(agent_id, body, self.announce_seconds)
             return protocol.encode({}), None
         if verb == "lease":
@@ -225,6 +229,8 @@ class ControlPlane:
 
     def _lease(self, agent_id: str) -> dict[str, Any]:
         self.queue.seen(agent_id, idle=True)
+        if agent_id in self.not_training:
+            return {"assignment": None}
         assignment = self.queue.lease(agent_id, tenant_scope=self.agent_scope.get(agent_id))
         return {"assignment": assignment.to_json() if assignment else None}
 

@@ -84,3 +84,24 @@ def test_an_announcement_reaches_the_router_and_a_revoked_agent_is_not_chosen(ru
         agent_records.revoke_agent(s, "announcer")
     running.platform.sync_agents()
     assert router.pick("adaptery-demo", None, tenant_id=running.tenant_id) is None
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_an_agent_enrolled_without_the_infer_role_cannot_announce_itself_into_the_routing(running):
+    agent = enroll(running, "trainer-only")
+    with running.platform.db.system() as s:
+        agent_records.find_agent(s, "trainer-only").roles = ["train"]
+    running.platform.sync_agents()
+    body = {"every": 1.0, "bases": {"adaptery-demo": {"max_batch": 4}}, "adapters": {"capacity": 2}}
+
+    async def announce() -> str | None:
+        nc = await connect(running, agent)
+        try:
+            subject = protocol.agent_subject(agent.agent_id, protocol.ANNOUNCE_VERB)
+            reply = await nc.request(subject, protocol.encode(body), timeout=10)
+            return (reply.headers or {}).get(protocol.ERROR_HEADER)
+        finally:
+            await nc.close()
+
+    assert asyncio.run(announce()) == "this agent was enrolled without the infer role"
+    assert running.platform.router.pick("adaptery-demo", None, tenant_id=running.tenant_id) is None

@@ -118,6 +118,11 @@ EXPECT: dict[str, Expect] = {
     "GET /api/admin/engine": need("owner", "admin"),
     "GET /metrics": PLATFORM,
     "GET /api/admin/agents": need("owner", "admin"),
+    "POST /api/admin/agents/tokens": need("admin", "admin"),
+    "POST /api/admin/agents/{agent_id}/revoke": need("admin", "admin"),
+    "GET /api/fabric/ca": PUBLIC,
+    "POST /api/fabric/enroll": PUBLIC,
+    "POST /api/fabric/renew": PUBLIC,
     "GET /api/platform/tenants": PLATFORM,
     "PUT /api/platform/tenants/{tenant_id}/limits": PLATFORM,
 }

@@ -11,7 +11,7 @@ LOWER = ("engine", "training", "data", "agent")
 UPPER = ("adaptery.db", "adaptery.services", "adaptery.api", "adaptery.cli", "adaptery.platform")
 # What agents may take from messaging: the wire protocol. The rest (NATS server launch, credentials, the control
 # plane's responder) is server side and uses the database.
-MESSAGING_FOR_AGENTS = ("adaptery.messaging.protocol", "adaptery.messaging.credentials")
+MESSAGING_FOR_AGENTS = ("adaptery.messaging.protocol", "adaptery.messaging.credentials", "adaptery.messaging.identity")
 
 
 def imported_modules(path: Path, root: Path) -> list[tuple[int, str]]:

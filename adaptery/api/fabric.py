@@ -1,0 +1,155 @@
+"""Joining the fabric: enrollment tokens and revocation (admins), and the public routes an enrolling machine
+calls with what proves it (a token, or its current certificate): /api/fabric/ca, /enroll, /renew."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from adaptery.api.deps import platform, principal
+from adaptery.auth.principal import Principal
+from adaptery.platform import Platform
+from adaptery.services import enrollment
+
+router = APIRouter(tags=["fabric"])
+PEM_MAX = 16 * 1024
+
+
+class CreateTokenRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    scope: Literal["platform", "tenant"] = "tenant"
+    island: str = Field("default", max_length=48)
+    roles: list[str] = Field(default_factory=lambda: ["train"], max_length=4)
+    ttl_seconds: float = Field(3600, gt=0)
+
+
+class EnrollmentTokenObject(BaseModel):
+    object: Literal["enrollment_token"] = "enrollment_token"
+    id: str
+    token: str = Field(description="Shown once: only its hash is kept")
+    scope: str
+    tenant_id: str | None
+    island: str
+    roles: list[str]
+    expires_at: float
+
+
+class EnrollRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    token: str = Field(max_length=512)
+    csr: str = Field(max_length=PEM_MAX, description="PEM certificate signing request; its subject is ignored")
+    kind: Literal["agent", "leaf"] = "agent"
+
+
+class RenewRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    certificate: str = Field(max_length=PEM_MAX, description="The current certificate (PEM)")
+    csr: str = Field(max_length=PEM_MAX, description="Signed with the current certificate's key")
+
+
+class Enrolled(BaseModel):
+    object: Literal["agent.certificate"] = "agent.certificate"
+    agent_id: str
+    kind: str
+    tenant_id: str | None
+    island: str | None
+    roles: list[str]
+    certificate: str
+    ca: str
+    nats_url: str | None
+    leaf_url: str | None
+
+
+class RevokedAgent(BaseModel):
+    object: Literal["agent"] = "agent"
+    id: str
+    revoked_at: float
+
+
+def _enrolled(p: Platform, issued: enrollment.Issued) -> Enrolled:
+    agent = issued.agent
+    return Enrolled(
+        agent_id=agent.id,
+        kind=agent.kind,
+        tenant_id=agent.tenant_scope,
+        island=agent.island,
+        roles=list(agent.roles or []),
+        certificate=issued.certificate.decode(),
+        ca=p.trust_pem().decode(),
+        **p.fabric_urls(),
+    )
+
+
+def _lifetime(p: Platform) -> dt.timedelta:
+    return dt.timedelta(hours=p.settings.agent_certificate_hours)
+
+
+@router.post("/api/admin/agents/tokens")
+def create_token(
+    body: CreateTokenRequest, who: Principal = Depends(principal), p: Platform = Depends(platform)
+) -> EnrollmentTokenObject:
+    with p.db.system() as s:
+        new = enrollment.create_token(
+            s,
+            who,
+            scope=body.scope,
+            island=body.island,
+            roles=body.roles,
+            ttl_seconds=body.ttl_seconds,
+            max_seconds=p.settings.enrollment_token_max_hours * 3600,
+            trust_pem=p.trust_pem(),
+        )
+        record = new.record
+        return EnrollmentTokenObject(
+            id=record.id,
+            token=new.token,
+            scope=body.scope,
+            tenant_id=record.tenant_scope,
+            island=record.island,
+            roles=list(record.roles),
+            expires_at=record.expires_at,
+        )
+
+
+@router.post("/api/admin/agents/{agent_id}/revoke")
+def revoke_agent(agent_id: str, who: Principal = Depends(principal), p: Platform = Depends(platform)) -> RevokedAgent:
+    with p.db.system() as s:
+        agent = enrollment.revoke(s, enrollment.visible_agent(s, who, agent_id), who)
+        revoked = RevokedAgent(id=agent.id, revoked_at=agent.revoked_at)
+    p.sync_agents()  # its connections close now, not at the next sync
+    return revoked
+
+
+@router.get("/api/fabric/ca")
+def certificate_authority(p: Platform = Depends(platform)) -> Response:
+    """The CA an enrolling machine checks against its token's pin before trusting anything else."""
+    return Response(p.trust_pem(), media_type="application/x-pem-file")
+
+
+@router.post("/api/fabric/enroll")
+def enroll(body: EnrollRequest, request: Request, p: Platform = Depends(platform)) -> Enrolled:
+    with p.db.system() as s:
+        issued = enrollment.enroll(
+            s,
+            body.token,
+            body.csr.encode(),
+            kind=body.kind,
+            ca=p.agent_ca,
+            trust_pem=p.trust_pem(),
+            lifetime=_lifetime(p),
+            ip=request.client.host if request.client else None,
+        )
+        enrolled = _enrolled(p, issued)
+    p.sync_agents()  # admitted by the broker before the answer leaves
+    return enrolled
+
+
+@router.post("/api/fabric/renew")
+def renew(body: RenewRequest, p: Platform = Depends(platform)) -> Enrolled:
+    with p.db.system() as s:
+        return _enrolled(
+            p, enrollment.renew(s, body.certificate.encode(), body.csr.encode(), ca=p.agent_ca, lifetime=_lifetime(p))
+        )

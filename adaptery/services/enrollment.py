@@ -1,0 +1,268 @@
+"""Joining the fabric by certificate: one-time enrollment tokens, the certificates they buy, renewal, revocation.
+
+An admin makes a token for a scope (the platform: platform admins only; their own tenant: its owners and admins),
+an island name and roles. Only its sha256 is kept; it works once, before it expires. The machine that presents it
+with a certificate signing request becomes an agent (or an island's leaf node) with a short-lived certificate
+whose subject names tenant, island and agent id. It renews with its current certificate and a request signed by
+that certificate's key. Revoking an agent revokes its certificates: its NATS user (or its island's binding) leaves
+the broker's configuration at the next sync, which closes its connection, and renewal is refused from then on.
+Every step is audited.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import re
+import time
+from dataclasses import dataclass
+
+from cryptography import x509
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from adaptery.auth.agent_ca import CertificateAuthority, CertificateRefused, pem, serial_hex
+from adaptery.auth.principal import Principal, Role
+from adaptery.db import models as m
+from adaptery.db.ids import new_id, random_token
+from adaptery.messaging import identity
+from adaptery.messaging.accounts import PLATFORM_ORGANIZATION, Member
+from adaptery.services import audit
+from adaptery.services.errors import InvalidRequest, NotFound, PermissionDenied, Unauthenticated
+
+ROLES = ("train", "infer")
+KINDS = ("agent", "leaf")
+_ISLAND = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,47}$")
+_REFUSED_TOKEN = "This enrollment token is not valid: it is unknown, already used or expired. Ask for a new one."
+
+
+def _hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def check_roles(roles: list[str]) -> list[str]:
+    unknown = sorted(set(roles) - set(ROLES))
+    if not roles or unknown:
+        got = ", ".join(roles) or "none"
+        raise InvalidRequest(f"roles are one or more of {', '.join(ROLES)} (got {got})", param="roles")
+    return sorted(set(roles))
+
+
+def may_enroll_for(who: Principal, tenant_id: str | None) -> bool:
+    """The platform's machines: platform admins. A tenant's: its owners and admins."""
+    if tenant_id is None:
+        return who.is_platform_admin
+    return who.is_platform_admin or (who.tenant_id == tenant_id and who.role in (Role.OWNER, Role.ADMIN))
+
+
+@dataclass(frozen=True)
+class NewToken:
+    record: m.EnrollmentToken
+    token: str  # shown once
+
+
+def create_token(
+    system: Session,
+    who: Principal,
+    *,
+    scope: str,
+    island: str,
+    roles: list[str],
+    ttl_seconds: float,
+    max_seconds: float,
+    trust_pem: bytes,
+) -> NewToken:
+    if scope not in ("platform", "tenant"):
+        raise InvalidRequest("scope is 'platform' or 'tenant'", param="scope")
+    if not _ISLAND.match(island or ""):
+        raise InvalidRequest("an island name is 1-48 letters, digits, '.', '_' or '-'", param="island")
+    if not 0 < ttl_seconds <= max_seconds:
+        raise InvalidRequest(f"ttl is more than 0 and at most {max_seconds:.0f} seconds", param="ttl_seconds")
+    roles = check_roles(roles)
+    tenant_id = None if scope == "platform" else who.tenant_id
+    if not may_enroll_for(who, tenant_id):
+        needed = "a platform admin" if tenant_id is None else "the tenant's owner or an admin"
+        raise PermissionDenied(f"Enrolling machines for the {scope} needs {needed}.", code="insufficient_role")
+    secret = random_token(43)
+    record = m.EnrollmentToken(
+        id=new_id("enroll-", 16),
+        token_hash=_hash(secret),
+        tenant_scope=tenant_id,
+        island=island,
+        roles=roles,
+        created_by=who.user_id,
+        expires_at=time.time() + ttl_seconds,
+    )
+    system.add(record)
+    system.flush()
+    audit.record(
+        system,
+        who,
+        "agent.token.create",
+        target=record.id,
+        detail={"scope": scope, "island": island, "roles": roles, "expires_at": record.expires_at},
+        tenant_id=tenant_id or who.tenant_id,
+    )
+    return NewToken(record, identity.make_token(secret, trust_pem))
+
+
+def subject_of(tenant_id: str | None, island: str, agent_id: str) -> x509.Name:
+    return identity.subject_name(tenant_id or PLATFORM_ORGANIZATION, island, agent_id)
+
+
+@dataclass(frozen=True)
+class Issued:
+    agent: m.Agent
+    certificate: bytes  # PEM
+
+
+def _record_certificate(system: Session, agent_id: str, cert: x509.Certificate) -> None:
+    system.add(
+        m.AgentCertificate(
+            serial=serial_hex(cert),
+            agent_id=agent_id,
+            subject=identity.subject_string(cert.subject),
+            expires_at=cert.not_valid_after_utc.timestamp(),
+        )
+    )
+
+
+def enroll(
+    system: Session,
+    token: str,
+    csr_pem: bytes,
+    *,
+    kind: str,
+    ca: CertificateAuthority,
+    trust_pem: bytes,
+    lifetime: dt.timedelta,
+    ip: str | None = None,
+) -> Issued:
+    """`trust_pem`: the CA bundle the platform serves; a token pinned to another (the CA changed) is refused."""
+    if kind not in KINDS:
+        raise InvalidRequest("kind is 'agent' or 'leaf'", param="kind")
+    try:
+        secret, pin = identity.parse_token(token)
+    except ValueError as exc:
+        raise Unauthenticated(_REFUSED_TOKEN) from exc
+    now = time.time()
+    record = system.scalar(select(m.EnrollmentToken).where(m.EnrollmentToken.token_hash == _hash(secret)))
+    if record is None or record.used_at is not None or record.expires_at <= now or pin != identity.ca_pin(trust_pem):
+        raise Unauthenticated(_REFUSED_TOKEN)
+    # One use, even against a racing request: only the UPDATE that finds it unused wins.
+    won = system.execute(
+        update(m.EnrollmentToken)
+        .where(m.EnrollmentToken.id == record.id, m.EnrollmentToken.used_at.is_(None))
+        .values(used_at=now)
+    ).rowcount
+    if won != 1:
+        raise Unauthenticated(_REFUSED_TOKEN)
+    agent_id = new_id("agent-", 16)
+    prefix = "island" if kind == "leaf" else record.island
+    agent = m.Agent(
+        id=agent_id,
+        name=f"{prefix}-{agent_id.removeprefix('agent-')}"[:64],
+        secret_hash="",  # no password: its certificate is its credential
+        tenant_scope=record.tenant_scope,
+        island=record.island,
+        roles=list(record.roles),
+        kind=kind,
+    )
+    system.add(agent)
+    record.agent_id = agent_id
+    try:
+        subject = subject_of(record.tenant_scope, record.island, agent_id)
+        cert = ca.issue(csr_pem, subject, lifetime, loopback_server=kind == "leaf")
+    except CertificateRefused as exc:
+        raise InvalidRequest(str(exc), param="csr") from exc
+    system.flush()
+    _record_certificate(system, agent_id, cert)
+    audit.record(
+        system,
+        None,
+        "agent.enroll",
+        actor=agent_id,
+        target=agent_id,
+        tenant_id=record.tenant_scope,
+        ip=ip,
+        detail={
+            "token": record.id,
+            "kind": kind,
+            "island": record.island,
+            "roles": record.roles,
+            "serial": serial_hex(cert),
+        },
+    )
+    return Issued(agent, pem(cert))
+
+
+def renew(
+    system: Session, cert_pem: bytes, csr_pem: bytes, *, ca: CertificateAuthority, lifetime: dt.timedelta
+) -> Issued:
+    """A new certificate for the holder of a current, unrevoked one: the request must be signed with its key."""
+    try:
+        current = ca.check(cert_pem)
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except (CertificateRefused, ValueError) as exc:
+        raise Unauthenticated(f"Renewal refused: {exc}") from exc
+    if not csr.is_signature_valid or csr.public_key() != current.public_key():
+        raise Unauthenticated("Renewal refused: the request must be signed with the current certificate's key")
+    record = system.get(m.AgentCertificate, serial_hex(current))
+    agent = system.get(m.Agent, record.agent_id) if record else None
+    if record is None or record.revoked_at is not None or agent is None or agent.revoked_at is not None:
+        raise Unauthenticated("Renewal refused: this certificate or its agent has been revoked")
+    cert = ca.issue(csr_pem, current.subject, lifetime, loopback_server=agent.kind == "leaf")
+    _record_certificate(system, agent.id, cert)
+    audit.record(
+        system,
+        None,
+        "agent.renew",
+        actor=agent.id,
+        target=agent.id,
+        tenant_id=agent.tenant_scope,
+        detail={"serial": serial_hex(cert), "previous": record.serial},
+    )
+    return Issued(agent, pem(cert))
+
+
+def visible_agent(system: Session, who: Principal, agent_id: str) -> m.Agent:
+    """An agent the caller administers: another tenant's (or, for a tenant admin, the platform's) is a 404."""
+    agent = system.get(m.Agent, agent_id)
+    if agent is None or agent.embedded or not may_enroll_for(who, agent.tenant_scope):
+        raise NotFound(f"no agent '{agent_id}'", param="agent_id")
+    return agent
+
+
+def revoke(system: Session, agent: m.Agent, who: Principal | None = None) -> m.Agent:
+    now = time.time()
+    agent.revoked_at = agent.revoked_at or now
+    system.execute(
+        update(m.AgentCertificate)
+        .where(m.AgentCertificate.agent_id == agent.id, m.AgentCertificate.revoked_at.is_(None))
+        .values(revoked_at=now)
+    )
+    audit.record(
+        system,
+        who,
+        "agent.revoke",
+        target=agent.id,
+        tenant_id=agent.tenant_scope or (who.tenant_id if who else None),
+        actor=None if who else "cli",
+    )
+    return agent
+
+
+def members(system: Session) -> list[Member]:
+    """The unrevoked agents and island leaves enrolled by certificate, as the broker's configuration names them."""
+    rows = system.scalars(
+        select(m.Agent).where(m.Agent.revoked_at.is_(None), m.Agent.secret_hash == "", m.Agent.island.is_not(None))
+    )
+    return [
+        Member(
+            agent.id,
+            agent.tenant_scope,
+            identity.subject_string(subject_of(agent.tenant_scope, agent.island, agent.id)),
+            leaf=agent.kind == "leaf",
+        )
+        for agent in rows
+    ]

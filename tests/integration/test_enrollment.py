@@ -1,0 +1,117 @@
+"""Joining by certificate through the API: one-time, expiring, scoped enrollment tokens; a certificate whose
+subject the platform sets; renewal only with the current key; revocation ends renewal. Each step is audited."""
+
+from __future__ import annotations
+
+import time
+
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from sqlalchemy import select
+
+from adaptery.auth.principal import Role
+from adaptery.db import models as m
+from adaptery.messaging import identity
+from tests.integration.conftest import Running
+from tests.security.conftest import add_key, add_user
+
+
+def token_for(running: Running, key: str | None = None, **body: object) -> dict:
+    response = running.client.post("/api/admin/agents/tokens", json=body, headers=running.auth(key))
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def enroll(running: Running, token: str, key=None, kind: str = "agent"):  # noqa: ANN001, ANN201
+    key = key or identity.make_key()
+    response = running.client.post(
+        "/api/fabric/enroll", json={"token": token, "csr": identity.make_csr(key).decode(), "kind": kind}
+    )
+    return response, key
+
+
+def test_an_enrollment_token_buys_one_certificate_naming_tenant_island_and_agent(running: Running):
+    made = token_for(running, scope="tenant", island="lab-gpu", roles=["train", "infer"], ttl_seconds=600)
+    response, _ = enroll(running, made["token"])
+    assert response.status_code == 200, response.text
+    body = response.json()
+    cert = x509.load_pem_x509_certificate(body["certificate"].encode())
+    name = {attr.oid: attr.value for attr in cert.subject}
+    assert name == {
+        NameOID.ORGANIZATION_NAME: running.tenant_id,
+        NameOID.ORGANIZATIONAL_UNIT_NAME: "lab-gpu",
+        NameOID.COMMON_NAME: body["agent_id"],
+    }
+    assert cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value == x509.ExtendedKeyUsage(
+        [ExtendedKeyUsageOID.CLIENT_AUTH]
+    )
+    lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+    assert lifetime.total_seconds() <= running.platform.settings.agent_certificate_hours * 3600 + 600
+    assert body["roles"] == ["infer", "train"] and body["tenant_id"] == running.tenant_id
+    assert identity.ca_pin(body["ca"].encode()) == made["token"].rpartition(".")[2]
+
+    again, _ = enroll(running, made["token"])
+    assert again.status_code == 401 and "already used" in again.json()["error"]["message"]
+    with running.platform.db.system() as s:
+        stored = s.get(m.EnrollmentToken, made["id"])
+        assert made["token"].partition(".")[0] not in stored.token_hash  # only a hash is kept
+        actions = list(s.scalars(select(m.AuditEvent.action).where(m.AuditEvent.action.like("agent.%"))))
+    assert actions == ["agent.token.create", "agent.enroll"]
+
+
+def test_an_expired_or_forged_token_is_refused(running: Running):
+    made = token_for(running, ttl_seconds=600)
+    with running.platform.db.system() as s:
+        s.get(m.EnrollmentToken, made["id"]).expires_at = time.time() - 1
+    expired, _ = enroll(running, made["token"])
+    assert expired.status_code == 401
+    secret, pin = identity.parse_token(token_for(running)["token"])
+    for forged in (f"{secret}x.{pin}", f"{secret}.{'0' * 64}", "not-a-token"):
+        response, _ = enroll(running, forged)
+        assert response.status_code == 401, forged
+
+
+def test_only_platform_admins_enroll_for_the_platform_and_only_admins_for_their_tenant(running: Running):
+    member = add_key(
+        running.platform, running.tenant_id, add_user(running.platform, running.tenant_id, "mia", Role.MEMBER)
+    )
+    refused = running.client.post("/api/admin/agents/tokens", json={}, headers=running.auth(member))
+    assert refused.status_code == 403
+    other = running.new_tenant("other-lab", "olga")  # its owner, not a platform admin
+    platform_wide = running.client.post(
+        "/api/admin/agents/tokens", json={"scope": "platform"}, headers=running.auth(other.api_key)
+    )
+    assert platform_wide.status_code == 403
+    assert token_for(running, other.api_key, scope="tenant")["tenant_id"] == other.tenant.id
+    assert token_for(running, scope="platform")["tenant_id"] is None  # the first owner runs the platform
+
+
+def test_renewal_needs_the_current_key_and_ends_with_revocation(running: Running):
+    response, key = enroll(running, token_for(running, roles=["infer"])["token"])
+    enrolled = response.json()
+    current = enrolled["certificate"]
+    renewed = running.client.post(
+        "/api/fabric/renew", json={"certificate": current, "csr": identity.make_csr(key).decode()}
+    )
+    assert renewed.status_code == 200, renewed.text
+    new = x509.load_pem_x509_certificate(renewed.json()["certificate"].encode())
+    assert new.subject == x509.load_pem_x509_certificate(current.encode()).subject
+    assert new.serial_number != x509.load_pem_x509_certificate(current.encode()).serial_number
+
+    stolen_cert_only = running.client.post(
+        "/api/fabric/renew", json={"certificate": current, "csr": identity.make_csr(identity.make_key()).decode()}
+    )
+    assert stolen_cert_only.status_code == 401
+
+    other = running.new_tenant("other-lab", "olga")
+    hidden = running.client.post(
+        f"/api/admin/agents/{enrolled['agent_id']}/revoke", headers=running.auth(other.api_key)
+    )
+    assert hidden.status_code == 404
+    revoked = running.client.post(f"/api/admin/agents/{enrolled['agent_id']}/revoke", headers=running.auth())
+    assert revoked.status_code == 200
+    for certificate in (current, renewed.json()["certificate"]):
+        after = running.client.post(
+            "/api/fabric/renew", json={"certificate": certificate, "csr": identity.make_csr(key).decode()}
+        )
+        assert after.status_code == 401 and "revoked" in after.json()["error"]["message"]

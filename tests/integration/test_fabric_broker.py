@@ -1,0 +1,336 @@
+"""The broker itself keeps tenants apart: the hub's two nats-servers (loopback with passwords, fabric with mutual
+TLS and leaf nodes) as `adaptery serve` configures them, agents with certificates of the platform CA, and an
+island's leaf node dialing in. Real processes, no platform: the control plane here is a client with its password.
+
+Cast: tenant A has a direct agent `a1` and an island (`leaf-a`) whose agent `a2` connects to the leaf; tenant B
+has a direct agent `b1`; `p1` is a platform-wide agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import ssl
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import nats
+import pytest
+from nats.errors import NoRespondersError
+
+from adaptery.auth.agent_ca import CertificateAuthority, pem
+from adaptery.auth.tls import ensure_server_certificate
+from adaptery.messaging import identity, protocol
+from adaptery.messaging.accounts import PLATFORM_ORGANIZATION, Member
+from adaptery.messaging.identity import Identity, IdentityDir
+from adaptery.messaging.leaf import IslandLeaf
+from adaptery.messaging.server import CONTROL_USER, FabricListener, NatsServer
+from tests.conftest import free_port
+
+DAY = dt.timedelta(hours=24)
+AGENTS = {"a1": ("tenant-a", "lab"), "a2": ("tenant-a", "lab"), "b1": ("tenant-b", "hpc"), "p1": (None, "cloud")}
+
+
+@dataclass
+class Fabric:
+    hub: NatsServer
+    ca: CertificateAuthority
+    certs: Path
+    leaf: IslandLeaf
+    members: list[Member]
+
+    def ids(self, name: str) -> str:
+        return f"agent-{name}"
+
+    def context(self, name: str) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.certs / "ca.pem"))
+        context.load_cert_chain(str(self.certs / f"{name}.pem"), str(self.certs / f"{name}.key"))
+        return context
+
+    @property
+    def fabric_url(self) -> str:
+        return f"tls://127.0.0.1:{self.hub.fabric_client_port}"
+
+
+def issue(ca: CertificateAuthority, certs: Path, name: str, subject, lifetime=DAY, *, leaf: bool = False) -> None:
+    key = identity.make_key()
+    cert = ca.issue(identity.make_csr(key), subject, lifetime, loopback_server=leaf)
+    (certs / f"{name}.pem").write_bytes(pem(cert))
+    (certs / f"{name}.key").write_bytes(identity.key_pem(key))
+
+
+@pytest.fixture(scope="module")
+def fabric(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fabric]:
+    root = tmp_path_factory.mktemp("fabric")
+    tls_dir, certs = root / "tls", root / "certs"
+    certs.mkdir()
+    ca = CertificateAuthority.load(tls_dir)
+    (certs / "ca.pem").write_bytes(ca.pem)
+    members = []
+    for name, (tenant, island) in AGENTS.items():
+        subject = identity.subject_name(tenant or PLATFORM_ORGANIZATION, island, f"agent-{name}")
+        issue(ca, certs, name, subject)
+        members.append(Member(f"agent-{name}", tenant, identity.subject_string(subject)))
+    leaf_subject = identity.subject_name("tenant-a", "lab", "agent-leaf-a")
+    members.append(Member("agent-leaf-a", "tenant-a", identity.subject_string(leaf_subject), leaf=True))
+    # What an attacker can make: a certificate with a1's very subject, signed by a CA of its own.
+    rogue = CertificateAuthority.load(root / "rogue-ca")
+    issue(rogue, certs, "rogue", identity.subject_name("tenant-a", "lab", "agent-a1"))
+    issue(ca, certs, "expired", identity.subject_name("tenant-a", "lab", "agent-a1"), dt.timedelta(minutes=-1))
+
+    cert, key = ensure_server_certificate(tls_dir, "127.0.0.1")
+    listener = FabricListener("127.0.0.1", free_port(), free_port(), cert, key, ca.file(tls_dir))
+    hub = NatsServer(root / "nats", host="127.0.0.1", port=0, fabric=listener)
+    hub.start({}, members)
+
+    island_dir = root / "island"
+    key_ = identity.make_key()
+    island_cert = ca.issue(identity.make_csr(key_), leaf_subject, DAY, loopback_server=True)
+    me = Identity("agent-leaf-a", "leaf", "tenant-a", "lab", ["train"], "https://hub", None, None)
+    IdentityDir(island_dir).save(me, key_, pem(island_cert), ca.pem)
+    leaf = IslandLeaf(island_dir, hub_url=f"tls://127.0.0.1:{listener.leaf_port}", port=free_port())
+    leaf.start()
+    try:
+        yield Fabric(hub, ca, certs, leaf, members)
+    finally:
+        leaf.stop()
+        hub.stop()
+
+
+def run(coroutine):  # noqa: ANN001, ANN201 - a test's coroutine and its result
+    return asyncio.run(asyncio.wait_for(coroutine, 30))
+
+
+async def control_plane(fabric: Fabric) -> nats.NATS:
+    """The control plane's connection, answering every agent request with the subject it came on."""
+    nc = await nats.connect(fabric.hub.url, user=CONTROL_USER, password=fabric.hub.control_password)
+
+    async def answer(msg) -> None:  # noqa: ANN001 - a nats Msg
+        await nc.publish(msg.reply, json.dumps({"heard": msg.subject}).encode())
+
+    await nc.subscribe(protocol.CONTROL_SUBSCRIPTION, queue=protocol.CONTROL_QUEUE_GROUP, cb=answer)
+    await nc.flush()
+    return nc
+
+
+async def agent(fabric: Fabric, name: str, url: str | None = None) -> tuple[nats.NATS, list[str]]:
+    errors: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc))
+
+    nc = await nats.connect(
+        url or fabric.fabric_url,
+        tls=fabric.context(name),
+        inbox_prefix=protocol.inbox_prefix(fabric.ids(name)),
+        error_cb=on_error,
+        allow_reconnect=False,
+    )
+    return nc, errors
+
+
+async def until_leaf_carries(fabric: Fabric, nc: nats.NATS, agent_id: str) -> None:
+    """The leaf's interest reaches the hub a moment after it connects."""
+    for _ in range(100):
+        try:
+            await nc.request(protocol.agent_subject(agent_id, "lease"), b"{}", timeout=0.5)
+            return
+        except (NoRespondersError, TimeoutError):
+            await asyncio.sleep(0.1)
+    raise AssertionError("the island's leaf never carried a request to the hub")
+
+
+def test_an_enrolled_agent_reaches_the_control_plane_under_its_own_id_only(fabric: Fabric):
+    async def scenario():
+        control = await control_plane(fabric)
+        a1, errors = await agent(fabric, "a1")
+        reply = await a1.request(protocol.agent_subject("agent-a1", "lease"), b"{}", timeout=5)
+        await a1.publish(protocol.agent_subject("agent-b1", "lease"), b"{}")  # posing as another tenant's agent
+        await a1.flush()
+        await asyncio.sleep(0.3)
+        await a1.close()
+        await control.close()
+        return json.loads(reply.data), errors
+
+    reply, errors = run(scenario())
+    assert reply == {"heard": "adaptery.agent.agent-a1.lease"}
+    assert any('permissions violation for publish to "adaptery.agent.agent-b1.lease"' in e for e in errors), errors
+
+
+def test_infer_and_stream_subjects_cross_accounts_for_their_own_agent_only(fabric: Fabric):
+    async def scenario():
+        control = await control_plane(fabric)
+        streamed: list[str] = []
+
+        async def on_stream(msg) -> None:  # noqa: ANN001
+            streamed.append(msg.subject)
+
+        await control.subscribe(f"{protocol.STREAM_PREFIX}.*.>", cb=on_stream)
+        await control.flush()
+        a1, errors = await agent(fabric, "a1")
+        requests: list[bytes] = []
+
+        async def on_infer(msg) -> None:  # noqa: ANN001
+            requests.append(msg.data)
+
+        await a1.subscribe(protocol.infer_subject("agent-a1"), cb=on_infer)
+        await a1.subscribe(protocol.infer_cancel_subject("agent-a1"), cb=on_infer)
+        await a1.flush()
+        await asyncio.sleep(0.2)
+        for target in ("agent-a1", "agent-b1", "agent-p1"):
+            await control.publish(protocol.infer_subject(target), target.encode())
+        await control.publish(protocol.infer_cancel_subject("agent-a1"), b"cancel")
+        await control.flush()
+        await a1.publish(protocol.stream_subject("agent-a1", "req1"), b'{"seq": 0}')
+        await a1.flush()
+        await asyncio.sleep(0.5)
+        await a1.subscribe(protocol.infer_subject("agent-b1"))  # another tenant's agent's requests
+        await a1.flush()
+        await asyncio.sleep(0.3)
+        await a1.close()
+        await control.close()
+        return requests, streamed, errors
+
+    requests, streamed, errors = run(scenario())
+    assert requests == [b"agent-a1", b"cancel"]
+    assert streamed == ["adaptery.stream.agent-a1.req1"]
+    assert any('permissions violation for subscription to "adaptery.infer.agent-b1"' in e for e in errors), errors
+
+
+def test_an_island_agent_reaches_the_hub_through_its_leaf_and_never_another_tenant(fabric: Fabric):
+    leaf_url = fabric.leaf.url
+
+    async def scenario():
+        control = await control_plane(fabric)
+        streamed: list[str] = []
+
+        async def on_stream(msg) -> None:  # noqa: ANN001
+            streamed.append(msg.subject)
+
+        await control.subscribe(f"{protocol.STREAM_PREFIX}.*.>", cb=on_stream)
+        await control.flush()
+        # The island's own listener is its leaf's: whatever the island lets its machines publish there, the hub
+        # binds the leaf to tenant A's account.
+        a2, _ = await agent(fabric, "a2", leaf_url)
+        await until_leaf_carries(fabric, a2, "agent-a2")
+        refused = []
+        for target in ("agent-b1", "agent-p1", "agent-a1-not-enrolled"):
+            try:
+                await a2.request(protocol.agent_subject(target, "lease"), b"{}", timeout=2)
+            except NoRespondersError:
+                refused.append(target)
+        heard: list[str] = []
+
+        async def on_any(msg) -> None:  # noqa: ANN001
+            heard.append(msg.subject)
+
+        await a2.subscribe("adaptery.>", cb=on_any)
+        await a2.flush()
+        await asyncio.sleep(0.5)
+        for target in ("agent-a2", "agent-b1", "agent-p1"):
+            await control.publish(protocol.infer_subject(target), b"{}")
+            await control.publish(protocol.notify_subject(target), b"{}")
+        await control.flush()
+        await a2.publish(protocol.stream_subject("agent-a2", "r1"), b"{}")
+        await a2.publish(protocol.stream_subject("agent-b1", "forged"), b"{}")  # another tenant's stream
+        await a2.flush()
+        await asyncio.sleep(0.7)
+        await a2.close()
+        await control.close()
+        return refused, heard, streamed
+
+    refused, heard, streamed = run(scenario())
+    assert refused == ["agent-b1", "agent-p1", "agent-a1-not-enrolled"]
+    assert sorted(set(heard) - {"adaptery.stream.agent-a2.r1", "adaptery.stream.agent-b1.forged"}) == [
+        "adaptery.infer.agent-a2",
+        "adaptery.notify.agent-a2",
+    ]
+    assert streamed == ["adaptery.stream.agent-a2.r1"]
+
+
+@pytest.mark.parametrize(
+    "cert",
+    [None, "rogue", "expired"],
+    ids=["unenrolled", "self-signed-with-the-same-subject", "expired"],
+)
+def test_a_client_without_a_valid_certificate_of_our_ca_is_refused_in_the_handshake(fabric: Fabric, cert):
+    async def scenario():
+        context = fabric.context(cert) if cert else ssl.create_default_context(cafile=str(fabric.certs / "ca.pem"))
+        with pytest.raises((ssl.SSLError, ConnectionError, nats.errors.Error)):
+            await nats.connect(fabric.fabric_url, tls=context, allow_reconnect=False, connect_timeout=3)
+
+    run(scenario())
+    reason = {
+        None: "client didn't provide a certificate",
+        "rogue": "certificate signed by unknown authority",
+        "expired": "certificate has expired",
+    }[cert]
+    deadline = time.monotonic() + 5  # the server logs the refusal in its own time
+    while reason not in fabric.hub.fabric_log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert reason in fabric.hub.fabric_log()
+
+
+def test_revoking_an_agent_closes_its_connection_at_once(fabric: Fabric):
+    async def scenario():
+        closed = asyncio.Event()
+
+        async def on_closed() -> None:
+            closed.set()
+
+        p1 = await nats.connect(fabric.fabric_url, tls=fabric.context("p1"), allow_reconnect=False, closed_cb=on_closed)
+        await p1.flush()
+        remaining = [member for member in fabric.members if member.agent_id != "agent-p1"]
+        await asyncio.get_running_loop().run_in_executor(None, fabric.hub.sync_agents, {}, remaining)
+        await asyncio.wait_for(closed.wait(), 5)
+        with pytest.raises((ssl.SSLError, ConnectionError, nats.errors.Error)):
+            await nats.connect(fabric.fabric_url, tls=fabric.context("p1"), allow_reconnect=False, connect_timeout=3)
+
+    run(scenario())
+
+
+def test_an_island_joining_later_is_admitted_and_cut_off_when_revoked(fabric: Fabric, tmp_path: Path):
+    # nats-server cannot reload its leafnode users: the hub restarts for them (this test runs last for that).
+    subject = identity.subject_name("tenant-b", "hpc", "agent-leaf-b")
+    key = identity.make_key()
+    cert = fabric.ca.issue(identity.make_csr(key), subject, DAY, loopback_server=True)
+    me = Identity("agent-leaf-b", "leaf", "tenant-b", "hpc", ["train"], "https://hub", None, None)
+    IdentityDir(tmp_path).save(me, key, pem(cert), fabric.ca.pem)
+    joined = [*fabric.members, Member("agent-leaf-b", "tenant-b", identity.subject_string(subject), leaf=True)]
+    fabric.hub.sync_agents({}, joined)
+    leaf = IslandLeaf(tmp_path, hub_url=f"tls://127.0.0.1:{fabric.hub.fabric.leaf_port}", port=free_port())
+    leaf.start()
+    try:
+
+        async def asks_as_b1() -> dict:
+            b1, _ = await agent(fabric, "b1", leaf.url)
+            control = await control_plane(fabric)
+            await until_leaf_carries(fabric, b1, "agent-b1")
+            reply = await b1.request(protocol.agent_subject("agent-b1", "lease"), b"{}", timeout=5)
+            await b1.close()
+            await control.close()
+            return json.loads(reply.data)
+
+        assert run(asks_as_b1()) == {"heard": "adaptery.agent.agent-b1.lease"}
+        fabric.hub.sync_agents({}, fabric.members)  # revoked: the leaf is refused at every redial
+
+        async def asks_after_revocation() -> str:
+            b1, _ = await agent(fabric, "b1", leaf.url)
+            control = await control_plane(fabric)
+            await asyncio.sleep(1.5)
+            try:
+                await b1.request(protocol.agent_subject("agent-b1", "lease"), b"{}", timeout=2)
+                return "answered"
+            except NoRespondersError:
+                return "no responders"
+            finally:
+                await b1.close()
+                await control.close()
+
+        assert run(asks_after_revocation()) == "no responders"
+        assert "authentication error" in fabric.hub.fabric_log()
+    finally:
+        leaf.stop()
