@@ -141,7 +141,7 @@ class AgentLink:
                 offset += len(chunk)
         if offset != size or digest.hexdigest() != sha256:
             partial.unlink(missing_ok=True)
-            raise RemoteError(f"blob {sha256} arrived incomplete or damaged")
+            raise RemoteError(f"blob {sha256} arrived incomplete or damaged", retryable=True)
         partial.replace(target)
         return target
 

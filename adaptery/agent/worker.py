@@ -41,6 +41,14 @@ RETRY_LONGEST_SECONDS = 15.0
 RETRY_FOR_SECONDS = 120.0
 
 
+def is_transient(exc: BaseException) -> bool:
+    """A fault that may pass where the job is put together: the disk (full, an I/O error), the link, a retryable
+    reply. Anything else (a refusal, a bug) would fail the same way again."""
+    if isinstance(exc, RemoteError):
+        return exc.retryable
+    return isinstance(exc, OSError)  # LinkDown is a ConnectionError, so an OSError too
+
+
 def describe_exit(returncode: int) -> str:
     if returncode < 0:
         name = signal.Signals(-returncode).name
@@ -310,8 +318,22 @@ class Agent:
                 shutil.rmtree(job_dir.parent, ignore_errors=True)
 
     def _run_attempt(self, assignment: Assignment, job_dir: Path, beats: Heartbeats) -> None:
-        inputs = self._fetch_inputs(assignment, job_dir)
-        spec_path = self._write_spec(assignment, job_dir, inputs)
+        try:
+            inputs = self._fetch_inputs(assignment, job_dir)
+            spec_path = self._write_spec(assignment, job_dir, inputs)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            # A full disk, an I/O error or the control plane away says nothing about the job: it goes back to the
+            # queue (the control plane fails it once its attempts are spent), and this agent waits a moment.
+            log.warning("job %s: could not be prepared here (%s); giving it back", assignment.job_id, exc)
+            reason = f"agent {self.name} could not prepare it: {exc}"
+            self._finish(
+                assignment.job_id,
+                {"state": "released", "message": reason, "fault": True, "attempt": assignment.attempt},
+            )
+            self.stopping.wait(self.poll_seconds)
+            return
         stderr_path = job_dir / "stderr.log"
         with stderr_path.open("wb") as stderr:
             child = subprocess.Popen(
