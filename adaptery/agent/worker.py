@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue as stdlib_queue
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from adaptery.agent.backends import Backend, LocalBackend, TrainingRun
 from adaptery.agent.link import AgentLink, LinkDown
-from adaptery.agent.process import die_with_parent, kill_and_reap
+from adaptery.agent.process import kill_and_reap
 from adaptery.messaging.protocol import ADAPTER_FILES, Assignment, RemoteError
 from adaptery.training.spec import LoraHyperparameters
 
@@ -198,8 +196,10 @@ class Agent:
         heartbeat_seconds: float,
         poll_seconds: float,
         models_dir: Path,
+        backend: Backend | None = None,
     ) -> None:
         self.link = link
+        self.backend = backend or LocalBackend()
         self.work_dir = work_dir
         self.name = name
         self.heartbeat_seconds = heartbeat_seconds
@@ -334,19 +334,14 @@ class Agent:
             )
             self.stopping.wait(self.poll_seconds)
             return
-        stderr_path = job_dir / "stderr.log"
-        with stderr_path.open("wb") as stderr:
-            child = subprocess.Popen(
-                [sys.executable, "-m", "adaptery.training.runner", str(spec_path)],
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-                stdin=subprocess.DEVNULL,
-                env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
-                # If the agent dies, so does its training: a requeued job is never trained twice at once.
-                preexec_fn=die_with_parent,
-            )
-            outcome = self._supervise(assignment, child, job_dir, beats)
         job, attempt = assignment.job_id, assignment.attempt
+        refusal = self.backend.refusal(assignment)
+        if refusal is not None:
+            self._finish(job, {"state": "failed", "message": refusal, "attempt": attempt})
+            return
+        stderr_path = job_dir / "stderr.log"
+        child = self.backend.start(assignment, spec_path, job_dir, stderr_path)
+        outcome = self._supervise(assignment, child, job_dir, beats)
         if outcome["state"] == "succeeded":
             adapter = job_dir / "adapter"
             files = self._retrying(job, "uploading its adapter", lambda: self.link.upload_dir(job, adapter))
@@ -360,7 +355,7 @@ class Agent:
             self._finish(job, {"state": outcome["state"], "message": "the agent is shutting down", "attempt": attempt})
 
     def _supervise(
-        self, assignment: Assignment, child: subprocess.Popen, job_dir: Path, beats: Heartbeats
+        self, assignment: Assignment, child: TrainingRun, job_dir: Path, beats: Heartbeats
     ) -> dict[str, Any]:
         lines: stdlib_queue.Queue[bytes | None] = stdlib_queue.Queue()
         job = assignment.job_id
@@ -392,7 +387,7 @@ class Agent:
     def _follow(
         self,
         assignment: Assignment,
-        child: subprocess.Popen,
+        child: TrainingRun,
         job_dir: Path,
         beats: Heartbeats,
         lines: stdlib_queue.Queue[bytes | None],

@@ -147,7 +147,10 @@ class _SupervisedTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
         lengths = [len(example["input_ids"]) for example in dataset]
-        return LengthGroupedSampler(lengths, self.args.per_device_train_batch_size, self.args.data_seed)
+        # Grouped by the global batch: the processes of a group are dealt its consecutive slices, so each step
+        # trains on the examples one process would have.
+        global_batch = self.args.per_device_train_batch_size * self.args.world_size
+        return LengthGroupedSampler(lengths, global_batch, self.args.data_seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         real = inputs.pop("num_real_tokens", None)
@@ -290,7 +293,9 @@ class _EventCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         self._flush()
-        if state.global_step == self.last_saved_step:
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every rank has written its part (its RNG state) before it is reported
+        if state.global_step == self.last_saved_step or not state.is_world_process_zero:
             return
         self.last_saved_step = state.global_step
         path = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
@@ -466,12 +471,28 @@ def _wrap_peft(spec: TrainingSpec, hp: LoraHyperparameters, model, config):  # n
     return model
 
 
+def _group_arguments(hp: LoraHyperparameters, *, cuda: bool) -> dict[str, Any]:
+    """How the processes of a job share the work (the runner has joined them in one group already)."""
+    if hp.processes == 1:
+        return {}
+    arguments: dict[str, Any] = {
+        "ddp_backend": "nccl" if cuda else "gloo",
+        "ddp_find_unused_parameters": False,  # every adapter weight takes part in each step
+    }
+    if hp.distributed == "fsdp":
+        arguments["fsdp"] = "full_shard auto_wrap"
+        arguments["fsdp_config"] = {"use_orig_params": True, "cpu_ram_efficient_loading": False}
+    return arguments
+
+
 def _arguments(spec: TrainingSpec, hp: LoraHyperparameters, *, cuda: bool, dtype, evaluate: bool) -> dict[str, Any]:
+    per_process = hp.batch_size // hp.processes  # batch_size is the global batch
     return {
+        **_group_arguments(hp, cuda=cuda),
         "output_dir": str(spec.checkpoint_dir),
         "num_train_epochs": hp.n_epochs,
-        "per_device_train_batch_size": hp.batch_size,
-        "per_device_eval_batch_size": hp.batch_size,
+        "per_device_train_batch_size": per_process,
+        "per_device_eval_batch_size": per_process,
         "gradient_accumulation_steps": hp.gradient_accumulation_steps,
         "learning_rate": hp.learning_rate,
         "lr_scheduler_type": hp.lr_scheduler,
@@ -581,7 +602,7 @@ def train(
     )
     what = {"lora": "LoRA", "rslora": "rsLoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr", "ia3": "IA3"}
     rows = ("row" if hp.packing else "example") + ("s" if examples > 1 else "")
-    device = "GPU" if cuda else "CPU"
+    device = ("GPU" if cuda else "CPU") + (f", {hp.processes} processes ({hp.distributed})" if hp.processes > 1 else "")
 
     def intro(trained: int, total: int) -> str:
         kind = "DPO" if spec.method == "dpo" else "supervised"
@@ -637,8 +658,9 @@ def train(
             on_event({"type": "message", "level": "info", "message": f"Early stopping: {kept}"})
     elif early is not None and early.stopped:
         on_event({"type": "message", "level": "info", "message": f"Early stopping after step {steps}"})
-    model.save_pretrained(spec.output_dir, safe_serialization=True)
-    tokenizer.save_pretrained(spec.output_dir)
+    if trainer.is_world_process_zero():  # one writer of the adapter for a whole group
+        model.save_pretrained(spec.output_dir, safe_serialization=True)
+        tokenizer.save_pretrained(spec.output_dir)
     seconds = time.monotonic() - started
     on_event(
         {

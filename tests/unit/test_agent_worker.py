@@ -18,7 +18,7 @@ from typing import Any
 import psutil
 import pytest
 
-from adaptery.agent import worker
+from adaptery.agent import backends, worker
 from adaptery.agent.worker import Agent
 from adaptery.messaging.protocol import Assignment, BlobRef, RemoteError
 
@@ -77,7 +77,7 @@ def trainers(monkeypatch) -> Trainers:
         trainers.started.append(child)
         return child
 
-    monkeypatch.setattr(worker.subprocess, "Popen", start)
+    monkeypatch.setattr(backends.subprocess, "Popen", start)
     monkeypatch.setattr(worker, "RETRY_FIRST_SECONDS", 0.01)
     return trainers
 

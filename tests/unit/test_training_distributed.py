@@ -1,0 +1,130 @@
+"""A job of several processes (torch.distributed with gloo, one thread each, on this CPU): the trajectory of one
+process with the same global batch, an exact resume after the whole group paused, and a rank that dies failing the
+job with its own cause.
+
+Each launch starts three Python processes that import torch and transformers (~15 s on 2 cores), so the runs are
+few and shared: the uninterrupted two-process run is the reference of both trajectory tests.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+from training_helpers import demo_spec, of_type, write_spec
+
+from adaptery.training.trainer import train
+
+LAUNCH = [sys.executable, "-m", "adaptery.training.launch"]
+# 6 examples, a global batch of 2: 3 steps an epoch. No dropout, so one process computes what two do.
+RUN = {"n_epochs": 2, "batch_size": 2, "lora_dropout": 0.0}
+# Two processes sum the same token losses in another order (and pad each half of the batch on its own): measured,
+# the losses agree to ~1e-7 relative.
+LOSS_TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_each() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ADAPTERY_TRAIN_THREADS", "1")  # every rank: 2 processes × 1 thread
+        yield
+    torch.set_num_threads(threads)
+
+
+def launch(spec_path: Path) -> tuple[int, list[dict]]:
+    done = subprocess.run([*LAUNCH, str(spec_path)], capture_output=True, text=True, timeout=240)
+    return done.returncode, [json.loads(line) for line in done.stdout.splitlines()]  # every line is an event
+
+
+def losses(events: list[dict]) -> list[tuple[int, float]]:
+    return [(event["step"], event["train_loss"]) for event in of_type(events, "metrics")]
+
+
+@pytest.fixture(scope="module")
+def two_processes(demo_model_dir: Path, sample_chat: Path, tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("two-processes")
+    spec = demo_spec(demo_model_dir, sample_chat, root / "adapter", processes=2, **RUN)
+    code, events = launch(write_spec(root, spec))
+    assert code == 0, events
+    return spec, events
+
+
+def test_two_processes_follow_one_process_with_the_same_global_batch(
+    two_processes, demo_model_dir: Path, sample_chat: Path, tmp_path: Path
+) -> None:
+    spec, events = two_processes
+    alone: list[dict] = []
+    alone_result = train(demo_spec(demo_model_dir, sample_chat, tmp_path / "adapter", **RUN), alone.append)
+    assert [step for step, _ in losses(events)] == [step for step, _ in losses(alone)] == [1, 2, 3, 4, 5, 6]
+    assert [loss for _, loss in losses(events)] == pytest.approx(
+        [loss for _, loss in losses(alone)], rel=LOSS_TOLERANCE
+    )
+    result = events[-1]
+    assert result["type"] == "result" and result["steps"] == 6
+    assert result["trained_tokens"] == alone_result.trained_tokens  # counted over the whole group
+    # One report for the group: one start message, one event per step and checkpoint, from rank 0 only.
+    assert "2 processes (ddp)" in events[0]["message"]
+    assert [c["step"] for c in of_type(events, "checkpoint")] == [3, 6]
+    checkpoint = Path(of_type(events, "checkpoint")[0]["path"])
+    assert (checkpoint / "rng_state_0.pth").is_file() and (checkpoint / "rng_state_1.pth").is_file()
+    two = load_file(spec.output_dir / "adapter_model.safetensors")
+    one = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert all(torch.allclose(two[name], one[name], rtol=1e-3, atol=1e-5) for name in one)
+
+
+def test_the_group_pauses_together_and_resumes_exactly(
+    two_processes, demo_model_dir: Path, sample_chat: Path, tmp_path: Path
+) -> None:
+    full_spec, full = two_processes
+    out = tmp_path / "adapter"
+    spec = demo_spec(demo_model_dir, sample_chat, out, processes=2, **RUN)
+    out.mkdir()
+    (out / "PAUSE").touch()  # seen by both ranks after the first step
+    code, paused = launch(write_spec(tmp_path, spec))
+    assert code == 4, paused
+    assert [event["type"] for event in paused[-2:]] == ["checkpoint", "paused"] and paused[-1]["step"] == 1
+    (out / "PAUSE").unlink()
+    resumed = spec.model_copy(update={"resume_from": Path(paused[-2]["path"])})
+    code, rest = launch(write_spec(tmp_path, resumed, "resume.json"))
+    assert code == 0, rest
+    assert losses(paused) + losses(rest) == losses(full)  # exactly: data order, optimizer, schedule carried over
+    first = load_file(full_spec.output_dir / "adapter_model.safetensors")
+    second = load_file(out / "adapter_model.safetensors")
+    assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_a_rank_killed_mid_run_fails_the_job_with_its_cause(
+    demo_model_dir: Path, sample_chat: Path, tmp_path: Path
+) -> None:
+    spec = demo_spec(demo_model_dir, sample_chat, tmp_path / "adapter", processes=2, **{**RUN, "n_epochs": 500})
+    launcher = subprocess.Popen(
+        [*LAUNCH, str(write_spec(tmp_path, spec))], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    try:
+        for line in launcher.stdout:
+            if json.loads(line)["type"] == "metrics":
+                break
+        (rank_one,) = [
+            process
+            for process in psutil.Process(launcher.pid).children(recursive=True)
+            if process.environ().get("RANK") == "1"
+        ]
+        rank_one.send_signal(signal.SIGKILL)
+        rest = [json.loads(line) for line in launcher.stdout]
+        assert launcher.wait(timeout=60) == 1
+    finally:
+        launcher.kill()
+    error = rest[-1]
+    assert error["type"] == "error"
+    assert error["message"].startswith("training process 1 of 2 stopped by SIGKILL (killed: out of memory?)")
+    assert not psutil.Process().children(recursive=True)  # no rank left behind
