@@ -27,6 +27,7 @@ LAUNCHER = ("-m", "adaptery.training.launch")
 
 class TrainingRun(Protocol):
     stdout: Iterable[bytes]
+    ending: str | None  # how it ended when something outside stopped it (a scheduler's time limit), else None
 
     def poll(self) -> int | None: ...
 
@@ -51,10 +52,9 @@ def requirements(assignment: Assignment) -> tuple[int, int]:
     return int(assignment.arguments.get("processes") or 1), int(assignment.arguments.get("nodes") or 1)
 
 
-def training_command(processes: int, spec_path: Path, *launch_options: str) -> list[str]:
+def training_module(processes: int) -> tuple[str, ...]:
     """One process runs the runner itself; several run it under the launcher (torch's elastic agent)."""
-    module = RUNNER if processes == 1 else LAUNCHER
-    return [sys.executable, *module, str(spec_path), *launch_options]
+    return RUNNER if processes == 1 else LAUNCHER
 
 
 def local_capacity() -> tuple[int, str]:
@@ -71,6 +71,8 @@ def local_capacity() -> tuple[int, str]:
 class LocalProcess:
     """The training child on this machine, leader of its own process group: with several processes, `kill` ends
     the launcher and its ranks together (a SIGTERM goes to the launcher alone, which stops its ranks in step)."""
+
+    ending = None
 
     def __init__(self, process: subprocess.Popen) -> None:
         self.process = process
@@ -109,7 +111,7 @@ class LocalBackend:
         env: dict[str, Any] = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         with stderr_path.open("ab") as stderr:
             process = subprocess.Popen(
-                training_command(processes, spec_path),
+                [sys.executable, *training_module(processes), str(spec_path)],
                 stdout=subprocess.PIPE,
                 stderr=stderr,
                 stdin=subprocess.DEVNULL,

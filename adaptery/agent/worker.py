@@ -374,12 +374,13 @@ class Agent:
             # never a child still running beside the next job while its directory is deleted.
             returncode = kill_and_reap(child)
             uploads.close()
+        ended = child.ending or describe_exit(returncode)  # a scheduler's word on how it ended comes first
         if outcome["state"] == "succeeded" and returncode != 0:
-            outcome = {"state": "failed", "message": describe_exit(returncode)}
+            outcome = {"state": "failed", "message": ended}
         elif outcome["state"] == "failed" and not outcome.get("message") and returncode != 0:
-            outcome["message"] = describe_exit(returncode)
+            outcome["message"] = ended
         elif outcome["state"] == "paused" and returncode != PAUSED_EXIT_CODE:
-            outcome = {"state": "failed", "message": f"pausing failed: {describe_exit(returncode)}"}
+            outcome = {"state": "failed", "message": f"pausing failed: {ended}"}
         elif outcome["state"] == "cancelled" and returncode not in (0, CANCELLED_EXIT_CODE):
             log.info("job %s: training stopped with %s after cancel", job, describe_exit(returncode))
         return outcome

@@ -150,14 +150,27 @@ def run_agent(
     data_dir: Annotated[
         Path | None, typer.Option("--data-dir", help="Work dir for jobs and models [env: ADAPTERY_DATA_DIR]")
     ] = None,
+    backend: Annotated[
+        str | None,
+        typer.Option(
+            "--backend",
+            help="Where jobs train: local (this machine) or slurm (sbatch from a login node; the data dir on the "
+            "cluster's shared filesystem; partition, account, time limit from ADAPTERY_SLURM_*) "
+            "[env: ADAPTERY_AGENT_BACKEND]",
+        ),
+    ] = None,
 ) -> None:
     """Run a standalone training agent: it dials the platform's NATS server and leases jobs (no database)."""
     from adaptery.agent.link import AgentLink
+    from adaptery.agent.slurm import SlurmBackend
     from adaptery.agent.worker import Agent
     from adaptery.messaging.credentials import parse_token
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = _settings(data_dir=data_dir, nats_url=nats_url, agent_credentials=credentials)
+    if backend not in (None, "local", "slurm"):
+        console.print(f"[red]Unknown backend {backend!r}:[/red] use local or slurm.")
+        raise typer.Exit(2)
+    settings = _settings(data_dir=data_dir, nats_url=nats_url, agent_credentials=credentials, agent_backend=backend)
     if not settings.agent_credentials:
         console.print("[red]No credentials:[/red] pass --credentials (from `adaptery agents create NAME`).")
         raise typer.Exit(2)
@@ -186,6 +199,7 @@ def run_agent(
         heartbeat_seconds=settings.job_heartbeat_seconds,
         poll_seconds=settings.agent_poll_seconds,
         models_dir=settings.models_dir,
+        backend=SlurmBackend(settings) if settings.agent_backend == "slurm" else None,
     )
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: worker.stop())

@@ -1,0 +1,260 @@
+"""The Slurm backend: `adaptery agent --backend slurm` on a cluster's login node hands each leased job to Slurm.
+
+The agent stays where it is (leasing, heartbeating, relaying, uploading); the training runs on the compute nodes
+that `sbatch` allocates for the job's requirements (nodes, one task per node holding its share of the processes,
+GPUs or CPUs, memory, time limit; partition and account from the settings). The agent's work dir must be on the
+cluster's shared filesystem: the batch script runs the same training child as a local agent would (the runner, or
+the launcher for several processes, under `srun` + torch's c10d rendezvous across nodes), appending its events to
+``events.jsonl`` in the job's directory, which the agent follows as it reads a local child's stdout. Its stderr goes
+to the job's ``stderr.log``, and the runner's exit code to ``exit-code``.
+
+- State: `squeue` while the job is queued or running; once it has left the queue, the exit code the script wrote,
+  else (the job was killed: time limit, out of memory, node failure, scancel) `sacct`, or `scontrol show job` where
+  the cluster keeps no accounting, for how it ended.
+- Cancel and pause: the CANCEL / PAUSE files in the job's output directory, read after every step, as locally; a job
+  still waiting in the queue is `scancel`led at once. Stopping the agent sends SIGTERM (`scancel --signal=TERM`);
+  `kill` is a plain `scancel`.
+- A node failure: the job is submitted `--requeue`, and a requeued script resumes from the last checkpoint the
+  runner reported in ``events.jsonl`` (``python -m adaptery.agent.slurm resume-spec``), so the job continues there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from adaptery.agent.backends import TrainingRun, requirements, training_module
+from adaptery.messaging.protocol import Assignment
+from adaptery.settings import Settings
+
+EVENTS_FILE = "events.jsonl"
+EXIT_CODE_FILE = "exit-code"
+SCRIPT_FILE = "train.sbatch"
+RDZV_PORT = 29400  # torch's c10d rendezvous on the job's first node
+FOLLOW_SECONDS = 0.2
+# Slurm's final states that mean the job was stopped from outside (no exit code of the runner's).
+ENDED_FROM_OUTSIDE = {
+    "TIMEOUT": "Slurm stopped the job at its time limit",
+    "OUT_OF_MEMORY": "Slurm stopped the job: out of memory",
+    "NODE_FAIL": "the job's node failed",
+    "CANCELLED": "the job was cancelled in Slurm",
+    "PREEMPTED": "the job was preempted by Slurm",
+    "BOOT_FAIL": "the job's node failed to boot",
+    "DEADLINE": "the job passed its deadline",
+}
+EXIT_KILLED_BY_SLURM = 137
+
+
+class SlurmError(RuntimeError):
+    """A Slurm command failed (the message has its stderr)."""
+
+
+def _slurm(*command: str, timeout: float = 30.0) -> str:
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SlurmError(f"{command[0]} failed: {exc}") from exc
+    if done.returncode != 0:
+        raise SlurmError(f"{command[0]} failed: {done.stderr.strip() or done.stdout.strip()}")
+    return done.stdout.strip()
+
+
+def batch_script(assignment: Assignment, spec_path: Path, job_dir: Path, settings: Settings) -> str:
+    processes, nodes = requirements(assignment)
+    per_node = processes // nodes
+    options = [
+        f"--job-name=adaptery-{assignment.job_id}",
+        f"--nodes={nodes}",
+        "--ntasks-per-node=1",  # one runner or launcher per node; it starts the node's processes itself
+        f"--cpus-per-task={per_node * settings.slurm_cpus_per_process}",
+        f"--chdir={job_dir}",
+        f"--output={job_dir / 'slurm.out'}",
+        f"--error={job_dir / 'stderr.log'}",
+        "--open-mode=append",  # a requeued run adds to the logs
+        "--requeue",
+    ]
+    if settings.slurm_gpus:
+        options.append(f"--gpus-per-node={per_node}")
+    for flag, value in (
+        ("--partition", settings.slurm_partition),
+        ("--account", settings.slurm_account),
+        ("--time", settings.slurm_time_limit),
+        ("--mem", settings.slurm_memory),
+    ):
+        if value:
+            options.append(f"{flag}={value}")
+    options += settings.slurm_extra_options
+    spec = shlex.quote(str(spec_path))
+    events = shlex.quote(str(job_dir / EVENTS_FILE))
+    python = shlex.quote(settings.slurm_python or sys.executable)
+    command = " ".join([python, *training_module(processes), '"$SPEC"'])
+    if nodes > 1:
+        # One launcher per node; they meet at the first node through torch's c10d rendezvous.
+        command = (
+            'HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)\n'
+            "srun --ntasks-per-node=1 --kill-on-bad-exit=1 "
+            f'{command} --nnodes {nodes} --rdzv-endpoint "$HEAD:{RDZV_PORT}" --rdzv-id "$SLURM_JOB_ID"'
+        )
+    lines = [
+        "#!/bin/bash",
+        *(f"#SBATCH {option}" for option in options),
+        "export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1",
+        f"SPEC={spec}",
+        'if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then',
+        "    # Requeued (a node failed): continue from the last checkpoint the runner reported.",
+        f"    SPEC=$({python} -m adaptery.agent.slurm resume-spec {spec} {events})",
+        "fi",
+        f"{command} >> {events}",
+        f"echo $? > {shlex.quote(str(job_dir / EXIT_CODE_FILE))}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+class SlurmJob:
+    """A submitted job, supervised as a child process: `stdout` follows its events file."""
+
+    def __init__(self, job_id: str, job_dir: Path, output_dir: Path, poll_seconds: float) -> None:
+        self.job_id = job_id
+        self.job_dir = job_dir
+        self.output_dir = output_dir
+        self.poll_seconds = poll_seconds
+        self.returncode: int | None = None
+        self.ending: str | None = None  # how Slurm ended it, when not by the runner's own exit
+        self._state = "PENDING"
+        self._checked = 0.0
+        self.stdout = self._follow()
+
+    def _follow(self) -> Iterator[bytes]:
+        path = self.job_dir / EVENTS_FILE
+        offset = 0
+        partial = b""
+        while True:
+            ended = self.poll() is not None  # read once more after the end: the last lines may be new
+            if path.exists():
+                with path.open("rb") as events:
+                    events.seek(offset)
+                    data = events.read()
+                offset += len(data)
+                *lines, partial = (partial + data).split(b"\n")
+                yield from (line + b"\n" for line in lines)
+            if ended:
+                return
+            time.sleep(FOLLOW_SECONDS)
+
+    def poll(self) -> int | None:
+        if self.returncode is not None:
+            return self.returncode
+        now = time.monotonic()
+        if now - self._checked < self.poll_seconds:
+            return None
+        self._checked = now
+        try:
+            state = _slurm("squeue", "--noheader", "--jobs", self.job_id, "--format=%T")
+        except SlurmError:
+            state = ""  # squeue refuses an id the controller has forgotten: the job has left the queue
+        if state:
+            self._state = state.split()[0]
+            if self._state == "PENDING" and (self.output_dir / "CANCEL").exists():
+                self.kill()  # waiting in the queue, it would never read the file
+            return None
+        self.returncode = self._final_code()
+        return self.returncode
+
+    def _final_code(self) -> int:
+        written = self.job_dir / EXIT_CODE_FILE
+        if written.exists() and written.read_text().strip().lstrip("-").isdigit():
+            return int(written.read_text().strip())
+        state = self._final_state()
+        self.ending = ENDED_FROM_OUTSIDE.get(state, f"the job ended in Slurm state {state or 'unknown'}")
+        return EXIT_KILLED_BY_SLURM
+
+    def _final_state(self) -> str:
+        try:
+            states = _slurm(
+                "sacct", "--noheader", "--parsable2", "--allocations", "--jobs", self.job_id, "--format=State"
+            )
+            if states:
+                return states.split()[0].rstrip("+")
+        except SlurmError:
+            pass  # no accounting on this cluster
+        try:
+            shown = _slurm("scontrol", "show", "job", "--oneliner", self.job_id)
+        except SlurmError:
+            return ""
+        fields = dict(part.split("=", 1) for part in shown.split() if "=" in part)
+        return fields.get("JobState", "")
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"slurm job {self.job_id}", timeout)
+            time.sleep(self.poll_seconds)
+        return self.returncode  # type: ignore[return-value]
+
+    def terminate(self) -> None:
+        """SIGTERM to the batch script and its steps: the runner stops after the step it is in."""
+        with contextlib.suppress(SlurmError):  # already gone
+            _slurm("scancel", "--signal=TERM", "--full", self.job_id)
+
+    def kill(self) -> None:
+        with contextlib.suppress(SlurmError):  # already gone
+            _slurm("scancel", self.job_id)
+
+
+class SlurmBackend:
+    name = "slurm"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def refusal(self, assignment: Assignment) -> str | None:
+        return None  # Slurm itself refuses what the partition cannot hold (sbatch's error fails the job)
+
+    def start(self, assignment: Assignment, spec_path: Path, job_dir: Path, stderr_path: Path) -> TrainingRun:
+        script = job_dir / SCRIPT_FILE
+        script.write_text(batch_script(assignment, spec_path, job_dir, self.settings))
+        job_id = _slurm("sbatch", "--parsable", str(script)).split(";")[0]
+        output_dir = Path(json.loads(spec_path.read_text())["output_dir"])
+        return SlurmJob(job_id, job_dir, output_dir, self.settings.slurm_poll_seconds)
+
+
+def resume_spec(spec_path: Path, events_path: Path) -> Path:
+    """A spec that resumes `spec_path` from the last checkpoint reported in `events_path` (the spec itself when
+    there is none yet); written beside it, its path returned."""
+    spec = json.loads(spec_path.read_text())
+    last = None
+    if events_path.exists():
+        for line in events_path.read_text(errors="replace").splitlines():
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if event.get("type") == "checkpoint" and Path(str(event.get("path"))).is_dir():
+                last = event["path"]
+    if last is None:
+        return spec_path
+    spec["resume_from"] = last
+    spec.pop("init_adapter", None)  # its weights are in the checkpoint now
+    resumed = spec_path.with_name(f"spec-resume-{Path(last).name}.json")
+    resumed.write_text(json.dumps(spec, indent=2))
+    return resumed
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 3 or args[0] != "resume-spec":
+        print("usage: python -m adaptery.agent.slurm resume-spec SPEC.json EVENTS.jsonl", file=sys.stderr)
+        return 2
+    print(resume_spec(Path(args[1]), Path(args[2])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
