@@ -59,9 +59,10 @@ def resolve_options(
     try:
         # n_epochs and batch_size stand in for OpenAI's knobs (checked elsewhere, the batch against the
         # processes it is split among too); only our options are kept.
-        checked = LoraHyperparameters.model_validate(
-            {**base, **chosen, "n_epochs": 1, "batch_size": chosen.get("processes", 1)}, strict=True
-        )
+        processes = chosen.get("processes", 1)
+        batch = processes if isinstance(processes, int) and processes >= 1 else 1  # any batch that splits evenly
+        stand_ins = {"n_epochs": 1, "batch_size": batch}
+        checked = LoraHyperparameters.model_validate({**base, **chosen, **stand_ins}, strict=True)
     except ValidationError as exc:
         raise _first_error(exc) from None
     options = checked.model_dump(include=set(OPTION_KEYS))

@@ -39,7 +39,7 @@ from adaptery.training.data import (
     read_chat_records,
     read_preference_records,
 )
-from adaptery.training.methods import check_configuration, module_inventory, peft_config
+from adaptery.training.methods import ConfigurationError, check_configuration, module_inventory, peft_config
 from adaptery.training.spec import LoraHyperparameters, TrainingSpec
 
 Event = dict[str, Any]
@@ -480,8 +480,13 @@ def _group_arguments(hp: LoraHyperparameters, *, cuda: bool) -> dict[str, Any]:
         "ddp_find_unused_parameters": False,  # every adapter weight takes part in each step
     }
     if hp.distributed == "fsdp":
-        arguments["fsdp"] = "full_shard auto_wrap"
-        arguments["fsdp_config"] = {"use_orig_params": True, "cpu_ram_efficient_loading": False}
+        if not cuda:  # accelerate shards only across accelerators; on CPUs it would quietly run DDP
+            raise ConfigurationError(
+                "distributed='fsdp' shards the model across GPUs; this machine has none (use 'ddp')",
+                param="hyperparameters.distributed",
+            )
+        arguments["fsdp"] = True
+        arguments["fsdp_config"] = {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP"}
     return arguments
 
 
@@ -572,6 +577,7 @@ def train(
     targets = check_configuration(hp, inventory, max_rank=None)
 
     cuda = torch.cuda.is_available()
+    _group_arguments(hp, cuda=cuda)  # refuses what this machine cannot run before a large base is loaded
     model, tokenizer, dtype = _load_base(spec, hp, cuda)
     # Training needs no KV cache, and with one transformers ignores packed rows' position ids (each
     # example would attend to the ones packed before it).
@@ -658,7 +664,9 @@ def train(
             on_event({"type": "message", "level": "info", "message": f"Early stopping: {kept}"})
     elif early is not None and early.stopped:
         on_event({"type": "message", "level": "info", "message": f"Early stopping after step {steps}"})
-    if trainer.is_world_process_zero():  # one writer of the adapter for a whole group
+    if trainer.is_fsdp_enabled:
+        trainer.save_model(str(spec.output_dir))  # every rank: the sharded adapter is gathered, rank 0 writes it
+    elif trainer.is_world_process_zero():  # one writer of the adapter for a whole group
         model.save_pretrained(spec.output_dir, safe_serialization=True)
         tokenizer.save_pretrained(spec.output_dir)
     seconds = time.monotonic() - started

@@ -9,9 +9,11 @@ few and shared: the uninterrupted two-process run is the reference of both traje
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +23,13 @@ import torch
 from safetensors.torch import load_file
 from training_helpers import demo_spec, of_type, write_spec
 
+from adaptery.agent.worker import Agent
+from adaptery.engine.demo_model import FINETUNE_DEFAULTS
+from adaptery.messaging.protocol import Assignment, BlobRef
+from adaptery.training.methods import ConfigurationError
+from adaptery.training.runner import usable_cpus
 from adaptery.training.trainer import train
+from tests.conftest import SAMPLE_CHAT
 
 LAUNCH = [sys.executable, "-m", "adaptery.training.launch"]
 # 6 examples, a global batch of 2: 3 steps an epoch. No dropout, so one process computes what two do.
@@ -128,3 +136,80 @@ def test_a_rank_killed_mid_run_fails_the_job_with_its_cause(
     assert error["type"] == "error"
     assert error["message"].startswith("training process 1 of 2 stopped by SIGKILL (killed: out of memory?)")
     assert not psutil.Process().children(recursive=True)  # no rank left behind
+
+
+def test_fsdp_is_refused_on_a_machine_without_gpus(demo_model_dir: Path, sample_chat: Path, tmp_path: Path) -> None:
+    # accelerate shards only across accelerators: on CPUs the job would quietly run as DDP.
+    spec = demo_spec(demo_model_dir, sample_chat, tmp_path / "adapter", processes=2, distributed="fsdp", **RUN)
+    with pytest.raises(ConfigurationError, match="shards the model across GPUs; this machine has none") as refused:
+        train(spec, lambda event: None)
+    assert refused.value.param == "hyperparameters.distributed"
+
+
+class CancellingLink:
+    """The control plane's side for one job: it asks the agent to cancel once the first step is reported."""
+
+    agent_id = "agent-1"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict]] = []
+        self.nudged = threading.Event()
+        self.stepped = False
+
+    def job_call(self, job_id: str, verb: str, body: dict) -> dict:
+        self.calls.append((verb, body))
+        if verb == "events":
+            self.stepped = self.stepped or any(event["type"] == "metrics" for event in body["events"])
+        return {"verdict": "cancel" if self.stepped else "continue"} if verb == "heartbeat" else {}
+
+    def download(self, job_id: str, sha256: str, size: int, target: Path) -> Path:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return Path(shutil.copyfile(SAMPLE_CHAT, target))
+
+    def upload(self, job_id: str, path: Path) -> str:
+        return path.name
+
+
+def test_an_agent_cancels_the_whole_group_and_leaves_no_process(demo_model_dir: Path, tmp_path: Path) -> None:
+    link = CancellingLink()
+    agent = Agent(
+        link,  # type: ignore[arg-type]
+        tmp_path / "work",
+        name="test",
+        heartbeat_seconds=0.2,
+        poll_seconds=0.1,
+        models_dir=tmp_path / "models",
+    )
+    job = Assignment(
+        job_id="ftjob-1",
+        tenant_id="tenant",
+        attempt=1,
+        base_model="base",
+        base_model_ref=str(demo_model_dir),
+        training_file=BlobRef("a" * 64, SAMPLE_CHAT.stat().st_size),
+        validation_file=None,
+        arguments={**FINETUNE_DEFAULTS, **RUN, "n_epochs": 500, "processes": 2},
+    )
+    agent.run_job(job)
+    finished = [body for verb, body in link.calls if verb == "finish"]
+    assert [body["state"] for body in finished] == ["cancelled"]
+    assert not psutil.Process().children(recursive=True)  # the launcher and both ranks are gone
+
+
+def test_an_agent_refuses_more_processes_than_it_has_or_other_nodes(tmp_path: Path) -> None:
+    for arguments, refusal in (
+        ({"processes": usable_cpus() + 1}, f"asks for {usable_cpus() + 1} processes but this agent has"),
+        ({"processes": 2, "nodes": 2}, "asks for 2 nodes; this agent runs jobs on its own machine"),
+    ):
+        link = CancellingLink()
+        job = Assignment("ftjob-1", "tenant", 1, "base", str(tmp_path), BlobRef("a" * 64, 1), None, arguments)
+        Agent(
+            link,  # type: ignore[arg-type]
+            tmp_path / "work",
+            name="test",
+            heartbeat_seconds=60,
+            poll_seconds=0.1,
+            models_dir=tmp_path / "models",
+        ).run_job(job)
+        (finish,) = [body for verb, body in link.calls if verb == "finish"]
+        assert finish["state"] == "failed" and refusal in finish["message"]
