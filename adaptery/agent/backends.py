@@ -46,6 +46,9 @@ class Backend(Protocol):
 
     def start(self, assignment: Assignment, spec_path: Path, job_dir: Path, stderr_path: Path) -> TrainingRun: ...
 
+    def forget_orphans(self, agent_id: str) -> int:
+        """End what an earlier run of this agent left training (it died without ending it); how many."""
+
 
 def requirements(assignment: Assignment) -> tuple[int, int]:
     """(processes, nodes) the job asks for."""
@@ -105,6 +108,9 @@ class LocalBackend:
         if processes > capacity:
             return f"the job asks for {processes} processes but this agent has {capacity} {unit}{'s' * (capacity > 1)}"
         return None
+
+    def forget_orphans(self, agent_id: str) -> int:
+        return 0  # a local child dies with its agent (PR_SET_PDEATHSIG), and its ranks with it
 
     def start(self, assignment: Assignment, spec_path: Path, job_dir: Path, stderr_path: Path) -> TrainingRun:
         processes, _ = requirements(assignment)

@@ -12,8 +12,9 @@ to the job's ``stderr.log``, and the runner's exit code to ``exit-code``.
   else (the job was killed: time limit, out of memory, node failure, scancel) `sacct`, or `scontrol show job` where
   the cluster keeps no accounting, for how it ended.
 - Cancel and pause: the CANCEL / PAUSE files in the job's output directory, read after every step, as locally; a job
-  still waiting in the queue is `scancel`led at once. Stopping the agent sends SIGTERM (`scancel --signal=TERM`);
-  `kill` is a plain `scancel`.
+  still waiting in the queue is `scancel`led at once (and reported cancelled or paused as the runner would).
+  Stopping the agent sends SIGTERM (`scancel --signal=TERM`); `kill` is a plain `scancel`. A restarted agent cancels
+  the jobs its earlier run left (each names its agent in its comment).
 - A node failure: the job is submitted `--requeue`, and a requeued script resumes from the last checkpoint the
   runner reported in ``events.jsonl`` (``python -m adaptery.agent.slurm resume-spec``), so the job continues there.
 """
@@ -28,10 +29,12 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from adaptery.agent.backends import TrainingRun, requirements, training_module
 from adaptery.messaging.protocol import Assignment
 from adaptery.settings import Settings
+from adaptery.training.runner import CANCEL_FILE, EXIT_CANCELLED, EXIT_PAUSED, PAUSE_FILE
 
 EVENTS_FILE = "events.jsonl"
 EXIT_CODE_FILE = "exit-code"
@@ -49,6 +52,7 @@ ENDED_FROM_OUTSIDE = {
     "DEADLINE": "the job passed its deadline",
 }
 EXIT_KILLED_BY_SLURM = 137
+AGENT_COMMENT = "adaptery-agent="
 
 
 class SlurmError(RuntimeError):
@@ -65,7 +69,9 @@ def _slurm(*command: str, timeout: float = 30.0) -> str:
     return done.stdout.strip()
 
 
-def batch_script(assignment: Assignment, spec_path: Path, job_dir: Path, settings: Settings) -> str:
+def batch_script(
+    assignment: Assignment, spec_path: Path, job_dir: Path, settings: Settings, agent_id: str = "agent"
+) -> str:
     processes, nodes = requirements(assignment)
     per_node = processes // nodes
     options = [
@@ -78,6 +84,7 @@ def batch_script(assignment: Assignment, spec_path: Path, job_dir: Path, setting
         f"--error={job_dir / 'stderr.log'}",
         "--open-mode=append",  # a requeued run adds to the logs
         "--requeue",
+        f"--comment={AGENT_COMMENT}{agent_id}",  # whose job it is, for `forget_orphans`
     ]
     if settings.slurm_gpus:
         options.append(f"--gpus-per-node={per_node}")
@@ -126,6 +133,7 @@ class SlurmJob:
         self.poll_seconds = poll_seconds
         self.returncode: int | None = None
         self.ending: str | None = None  # how Slurm ended it, when not by the runner's own exit
+        self.stopped_in_queue: dict[str, Any] | None = None  # the event the runner would have written
         self._state = "PENDING"
         self._checked = 0.0
         self.stdout = self._follow()
@@ -144,6 +152,8 @@ class SlurmJob:
                 *lines, partial = (partial + data).split(b"\n")
                 yield from (line + b"\n" for line in lines)
             if ended:
+                if self.stopped_in_queue is not None:
+                    yield (json.dumps(self.stopped_in_queue) + "\n").encode()
                 return
             time.sleep(FOLLOW_SECONDS)
 
@@ -156,17 +166,28 @@ class SlurmJob:
         self._checked = now
         try:
             state = _slurm("squeue", "--noheader", "--jobs", self.job_id, "--format=%T")
-        except SlurmError:
-            state = ""  # squeue refuses an id the controller has forgotten: the job has left the queue
+        except SlurmError as exc:
+            if "Invalid job id" not in str(exc):
+                return None  # the controller away for a moment: ask again later
+            state = ""  # an id the controller has forgotten: the job has left the queue
         if state:
             self._state = state.split()[0]
-            if self._state == "PENDING" and (self.output_dir / "CANCEL").exists():
-                self.kill()  # waiting in the queue, it would never read the file
+            if self._state == "PENDING" and self.stopped_in_queue is None:
+                # Waiting in the queue, the job would not read the files: it leaves the queue, and says so as the
+                # runner would (a paused job continues from the checkpoint it had).
+                if (self.output_dir / CANCEL_FILE).exists():
+                    self.stopped_in_queue = {"type": "cancelled"}
+                elif (self.output_dir / PAUSE_FILE).exists():
+                    self.stopped_in_queue = {"type": "paused", "step": None}
+                if self.stopped_in_queue is not None:
+                    self.kill()
             return None
         self.returncode = self._final_code()
         return self.returncode
 
     def _final_code(self) -> int:
+        if self.stopped_in_queue is not None:
+            return EXIT_CANCELLED if self.stopped_in_queue["type"] == "cancelled" else EXIT_PAUSED
         written = self.job_dir / EXIT_CODE_FILE
         if written.exists() and written.read_text().strip().lstrip("-").isdigit():
             return int(written.read_text().strip())
@@ -211,15 +232,27 @@ class SlurmJob:
 class SlurmBackend:
     name = "slurm"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, agent_id: str = "agent") -> None:
         self.settings = settings
+        self.agent_id = agent_id  # named in each job's comment, so a restarted agent finds what it left
 
     def refusal(self, assignment: Assignment) -> str | None:
         return None  # Slurm itself refuses what the partition cannot hold (sbatch's error fails the job)
 
+    def forget_orphans(self, agent_id: str) -> int:
+        """Cancel the Slurm jobs an earlier run of this agent left behind (it died without ending them): their
+        leases have lapsed and the jobs go to other attempts, which must not train beside them."""
+        listed = _slurm("squeue", "--noheader", "--format=%i %k")
+        orphans = [
+            line.split()[0] for line in listed.splitlines() if line.split()[1:] == [f"{AGENT_COMMENT}{agent_id}"]
+        ]
+        if orphans:
+            _slurm("scancel", *orphans)
+        return len(orphans)
+
     def start(self, assignment: Assignment, spec_path: Path, job_dir: Path, stderr_path: Path) -> TrainingRun:
         script = job_dir / SCRIPT_FILE
-        script.write_text(batch_script(assignment, spec_path, job_dir, self.settings))
+        script.write_text(batch_script(assignment, spec_path, job_dir, self.settings, self.agent_id))
         job_id = _slurm("sbatch", "--parsable", str(script)).split(";")[0]
         output_dir = Path(json.loads(spec_path.read_text())["output_dir"])
         return SlurmJob(job_id, job_dir, output_dir, self.settings.slurm_poll_seconds)

@@ -213,6 +213,13 @@ class Agent:
 
     def run(self) -> None:
         log.info("agent %s (%s) started", self.name, self.agent_id)
+        try:
+            forgotten = self.backend.forget_orphans(self.agent_id)
+        except Exception as exc:  # the scheduler away: its orphans' leases lapse all the same
+            log.warning("could not look for training left behind by an earlier run: %s", exc)
+        else:
+            if forgotten:
+                log.warning("cancelled %d job(s) an earlier run of this agent left in %s", forgotten, self.backend.name)
         while not self.stopping.is_set():
             try:
                 data = self.link.lease()

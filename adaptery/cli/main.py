@@ -199,7 +199,7 @@ def run_agent(
         heartbeat_seconds=settings.job_heartbeat_seconds,
         poll_seconds=settings.agent_poll_seconds,
         models_dir=settings.models_dir,
-        backend=SlurmBackend(settings) if settings.agent_backend == "slurm" else None,
+        backend=SlurmBackend(settings, agent_id) if settings.agent_backend == "slurm" else None,
     )
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: worker.stop())

@@ -8,6 +8,7 @@ real runner on the demo model, submitted with sbatch, followed through squeue an
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import threading
@@ -94,7 +95,7 @@ def assignment(demo_model_dir: Path, **arguments: Any) -> Assignment:
 
 
 def agent(link: Link, tmp_path: Path, **settings: Any) -> Agent:
-    backend = SlurmBackend(Settings(slurm_partition="debug", slurm_poll_seconds=0.5, **settings))
+    backend = SlurmBackend(Settings(slurm_partition="debug", slurm_poll_seconds=0.5, **settings), link.agent_id)
     return Agent(
         link,  # type: ignore[arg-type]
         tmp_path / "work",  # shared with the compute node: the same machine
@@ -134,13 +135,29 @@ def test_a_job_of_two_processes_trains_through_slurm_and_reports_as_a_local_one(
     assert [body["step"] for body in link.of("checkpoint")] == [3, 6]  # uploaded as they appeared
 
 
-def test_a_cancelled_job_still_in_the_queue_is_scancelled(slurm, demo_model_dir, tmp_path):
-    link = Link(verdicts=["continue", "cancel"])
-    started = time.monotonic()
-    agent(link, tmp_path, slurm_extra_options=["--hold"]).run_job(assignment(demo_model_dir))  # never starts
-    assert time.monotonic() - started < 30
-    assert [body["state"] for body in link.of("finish")] == ["cancelled"]
-    assert not subprocess.run(["squeue", "--noheader"], capture_output=True, text=True).stdout.strip()
+def test_a_job_cancelled_or_paused_while_still_in_the_queue_is_scancelled(slurm, demo_model_dir, tmp_path):
+    for verdict, state in (("cancel", "cancelled"), ("pause", "paused")):
+        link = Link(verdicts=["continue", verdict])
+        started = time.monotonic()
+        agent(link, tmp_path, slurm_extra_options=["--hold"]).run_job(assignment(demo_model_dir))  # never starts
+        assert time.monotonic() - started < 30
+        assert [body["state"] for body in link.of("finish")] == [state]
+        assert not subprocess.run(["squeue", "--noheader"], capture_output=True, text=True).stdout.strip()
+
+
+def test_a_restarted_agent_cancels_the_slurm_jobs_its_earlier_run_left_behind(slurm, demo_model_dir, tmp_path):
+    ours, theirs = (
+        SlurmBackend(Settings(slurm_extra_options=["--hold"]), agent_id) for agent_id in ("agent-a", "agent-b")
+    )
+    for index, backend in enumerate((ours, ours, theirs)):
+        job_dir = tmp_path / str(index)
+        job_dir.mkdir()
+        (job_dir / "spec.json").write_text(json.dumps({"output_dir": str(job_dir / "adapter")}))
+        backend.start(assignment(demo_model_dir), job_dir / "spec.json", job_dir, job_dir / "stderr.log")
+    assert ours.forget_orphans("agent-a") == 2
+    left = subprocess.run(["squeue", "--noheader", "--format=%k"], capture_output=True, text=True).stdout.split()
+    assert left == ["adaptery-agent=agent-b"]
+    assert theirs.forget_orphans("agent-b") == 1
 
 
 def test_a_requeued_job_resumes_from_its_last_checkpoint(slurm, demo_model_dir, tmp_path):
