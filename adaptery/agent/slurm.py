@@ -51,6 +51,7 @@ ENDED_FROM_OUTSIDE = {
     "BOOT_FAIL": "the job's node failed to boot",
     "DEADLINE": "the job passed its deadline",
 }
+FINAL_STATES = {*ENDED_FROM_OUTSIDE, "COMPLETED", "FAILED", "SPECIAL_EXIT"}
 EXIT_KILLED_BY_SLURM = 137
 AGENT_COMMENT = "adaptery-agent="
 
@@ -112,6 +113,7 @@ def batch_script(
         "#!/bin/bash",
         *(f"#SBATCH {option}" for option in options),
         "export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1",
+        f"rm -f {shlex.quote(str(job_dir / EXIT_CODE_FILE))}  # a requeued run's own",
         f"SPEC={spec}",
         'if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then',
         "    # Requeued (a node failed): continue from the last checkpoint the runner reported.",
@@ -139,9 +141,12 @@ class SlurmJob:
         self.stdout = self._follow()
 
     def _follow(self) -> Iterator[bytes]:
+        """The events file's lines as they are appended. A "cancelled" line is held until the job has left the queue:
+        Slurm stops a run it requeues (preemption, `scontrol requeue`) with SIGTERM, and the requeued run goes on."""
         path = self.job_dir / EVENTS_FILE
         offset = 0
         partial = b""
+        held: bytes | None = None
         while True:
             ended = self.poll() is not None  # read once more after the end: the last lines may be new
             if path.exists():
@@ -150,8 +155,16 @@ class SlurmJob:
                     data = events.read()
                 offset += len(data)
                 *lines, partial = (partial + data).split(b"\n")
-                yield from (line + b"\n" for line in lines)
+                for line in lines:
+                    if line.strip():
+                        held = None  # a later line: the run that said "cancelled" was requeued
+                    if b'"type": "cancelled"' in line:
+                        held = line + b"\n"
+                    else:
+                        yield line + b"\n"
             if ended:
+                if held is not None:
+                    yield held
                 if self.stopped_in_queue is not None:
                     yield (json.dumps(self.stopped_in_queue) + "\n").encode()
                 return
@@ -165,12 +178,13 @@ class SlurmJob:
             return None
         self._checked = now
         try:
-            state = _slurm("squeue", "--noheader", "--jobs", self.job_id, "--format=%T")
+            # Every state: by default squeue hides some a job passes through on its way back to the queue (REQUEUED).
+            state = _slurm("squeue", "--noheader", "--states=all", "--jobs", self.job_id, "--format=%T")
         except SlurmError as exc:
             if "Invalid job id" not in str(exc):
                 return None  # the controller away for a moment: ask again later
             state = ""  # an id the controller has forgotten: the job has left the queue
-        if state:
+        if state and state.split()[0] not in FINAL_STATES:
             self._state = state.split()[0]
             if self._state == "PENDING" and self.stopped_in_queue is None:
                 # Waiting in the queue, the job would not read the files: it leaves the queue, and says so as the
@@ -182,16 +196,16 @@ class SlurmJob:
                 if self.stopped_in_queue is not None:
                     self.kill()
             return None
-        self.returncode = self._final_code()
+        self.returncode = self._final_code(state.split()[0] if state else "")
         return self.returncode
 
-    def _final_code(self) -> int:
+    def _final_code(self, state: str) -> int:
         if self.stopped_in_queue is not None:
             return EXIT_CANCELLED if self.stopped_in_queue["type"] == "cancelled" else EXIT_PAUSED
         written = self.job_dir / EXIT_CODE_FILE
         if written.exists() and written.read_text().strip().lstrip("-").isdigit():
             return int(written.read_text().strip())
-        state = self._final_state()
+        state = state or self._final_state()
         self.ending = ENDED_FROM_OUTSIDE.get(state, f"the job ended in Slurm state {state or 'unknown'}")
         return EXIT_KILLED_BY_SLURM
 
