@@ -10,7 +10,8 @@ file under ``<output_dir>-ranks/``.
 The ranks leave together (they agree on cancel and pause at the same step and wait for each other at the end), so
 the exit code is the runner's. When one rank fails, the launcher stops the others at once and this process reports
 the cause: the rank that failed first (one killed by a signal, or one whose own code raised, rather than the peers
-that then lost it), how it ended and the tail of its stderr, as an error event and exit code 1.
+that then lost it), how it ended and the tail of its stderr, as an error event and exit code 1 (unless it is rank 0,
+whose own error event has said it in words).
 
 On several nodes (Slurm: ``srun`` starts this once per node) the ranks meet through torch's c10d rendezvous at
 ``--rdzv-endpoint`` (the first node); alone it is the standalone rendezvous on a free local port.
@@ -118,6 +119,8 @@ def launch(spec_path: str, *, nnodes: int = 1, rdzv_endpoint: str | None = None,
         if len(stops) == 1 and ends - stops <= set(STOPPED_BY_LAUNCHER):
             return stops.pop()  # the group stopped together, as asked; rank 0 has said so
         rank, failure = first_cause(exc.failures)
+        if rank == 0 and failure.exitcode == EXIT_ERROR:
+            return EXIT_ERROR  # rank 0's own error event, written for people, has said what went wrong
         tail = stderr_tail(log_dir, failure.local_rank)
         message = f"training process {rank} of {hp.processes} {describe_end(failure.exitcode)}"
         emit({"type": "error", "message": f"{message}: {tail}" if tail else message})

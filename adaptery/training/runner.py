@@ -206,7 +206,7 @@ def _peer_lost(exc: Exception) -> bool:
     return isinstance(exc, dist.DistNetworkError) or "by peer" in str(exc)
 
 
-def _run(spec_path: str, emit: Callable[[dict[str, Any]], None]) -> int:
+def _run(spec_path: str, emit: _Reporter) -> int:
     spec = _read_spec(spec_path)
     processes = spec.hyperparameters.processes
     should_stop = _StopFlag(spec.output_dir)
@@ -223,8 +223,7 @@ def _run(spec_path: str, emit: Callable[[dict[str, Any]], None]) -> int:
     group = _Group() if processes > 1 else None
     if group is not None:
         should_stop, should_pause = group.flag(should_stop), group.flag(should_pause)
-        if group.rank != 0:
-            emit = _silent
+        emit.muted = group.rank != 0
     torch.set_num_threads(_thread_count(processes // spec.hyperparameters.nodes))
     # Progress bars redraw with carriage returns, which only garble a captured stderr log.
     transformers_logging.disable_progress_bar()
@@ -246,8 +245,17 @@ def _run(spec_path: str, emit: Callable[[dict[str, Any]], None]) -> int:
     return code
 
 
-def _silent(event: dict[str, Any]) -> None:
-    """The events of a rank other than 0: rank 0 reports for the group."""
+class _Reporter:
+    """Passes events on, until it is muted: a rank other than 0 says nothing (rank 0 reports for the group; a rank's
+    own failure reaches the agent through the launcher, with its stderr)."""
+
+    def __init__(self, emit: Callable[[dict[str, Any]], None]) -> None:
+        self.emit = emit
+        self.muted = False
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if not self.muted:
+            self.emit(event)
 
 
 def run(spec_path: str, emit: Callable[[dict[str, Any]], None]) -> int:
@@ -259,11 +267,12 @@ def run(spec_path: str, emit: Callable[[dict[str, Any]], None]) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # DPO tokenises with `datasets`
+    reporter = _Reporter(emit)
     try:
-        return _run(spec_path, emit)
+        return _run(spec_path, reporter)
     except Exception as exc:  # every failure must reach the agent as an error event
         traceback.print_exc(file=sys.stderr)
-        emit({"type": "error", "message": _error_message(exc)})
+        reporter({"type": "error", "message": _error_message(exc)})
         return EXIT_ERROR
 
 

@@ -138,6 +138,15 @@ def test_a_rank_killed_mid_run_fails_the_job_with_its_cause(
     assert not psutil.Process().children(recursive=True)  # no rank left behind
 
 
+def test_a_bad_file_fails_a_group_with_the_same_message_as_one_process(demo_model_dir: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(SAMPLE_CHAT.read_text() + "{not json\n")
+    code, events = launch(write_spec(tmp_path, demo_spec(demo_model_dir, broken, tmp_path / "adapter", processes=2)))
+    assert code == 1
+    (error,) = of_type(events, "error")  # rank 0's words, not a traceback
+    assert error["message"].startswith("line 7: ") and "Traceback" not in error["message"]
+
+
 def test_fsdp_is_refused_on_a_machine_without_gpus(demo_model_dir: Path, sample_chat: Path, tmp_path: Path) -> None:
     # accelerate shards only across accelerators: on CPUs the job would quietly run as DDP.
     spec = demo_spec(demo_model_dir, sample_chat, tmp_path / "adapter", processes=2, distributed="fsdp", **RUN)
