@@ -15,6 +15,7 @@ run: $(RUNTIME_STAMP)
 # the servers, agents and browser they start (measured: 19 CPU-minutes in 21 minutes of wall time).
 test: $(DEV_STAMP)
 	scripts/ensure-chromium.sh
+	scripts/ensure-slurm.sh
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2 --dist loadfile
 

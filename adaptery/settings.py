@@ -151,6 +151,22 @@ class Settings(KernelSettings):
     nats_password: str | None = None
     nats_host: str = Field("127.0.0.1", description="Where serve's own NATS server listens (0.0.0.0: other hosts).")
     nats_port: int = Field(0, ge=0, description="Port of serve's own NATS server; 0: a free one, kept across restarts.")
+    agent_backend: Literal["local", "slurm"] = Field(
+        "local", description="Where a standalone agent trains: on its own machine, or through Slurm (a login node)."
+    )
+    slurm_partition: str | None = Field(None, description="Slurm backend: the partition jobs go to (sbatch default).")
+    slurm_account: str | None = Field(None, description="Slurm backend: the account jobs are charged to.")
+    slurm_time_limit: str | None = Field(None, description="Slurm backend: each job's time limit (e.g. 1-00:00:00).")
+    slurm_memory: str | None = Field(None, description="Slurm backend: memory per node (sbatch --mem, e.g. 64G).")
+    slurm_gpus: bool = Field(False, description="Slurm backend: one GPU per training process (--gpus-per-node).")
+    slurm_cpus_per_process: int = Field(1, ge=1, description="Slurm backend: CPUs per training process.")
+    slurm_extra_options: list[str] = Field(
+        default_factory=list, description='Slurm backend: more sbatch options, as JSON (["--qos=high"]).'
+    )
+    slurm_python: str | None = Field(
+        None, description="Slurm backend: the Python on the compute nodes with adaptery; default: the agent's."
+    )
+    slurm_poll_seconds: float = Field(2.0, gt=0, description="Slurm backend: how often squeue is asked.")
     agent_credentials: str | None = Field(
         None, description="A standalone agent's 'agent-…:secret', printed once by `adaptery agents create`."
     )

@@ -165,7 +165,7 @@ class AgentLink:
                     break
         if (size is not None and offset != size) or digest.hexdigest() != sha256:
             partial.unlink(missing_ok=True)
-            raise RemoteError(f"blob {sha256} arrived incomplete or damaged")
+            raise RemoteError(f"blob {sha256} arrived incomplete or damaged", retryable=True)
         partial.replace(target)
         return target
 

@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue as stdlib_queue
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from adaptery.agent.backends import Backend, LocalBackend, TrainingRun
 from adaptery.agent.link import AgentLink, LinkDown
-from adaptery.agent.process import die_with_parent, kill_and_reap
+from adaptery.agent.process import kill_and_reap
 from adaptery.messaging.protocol import ADAPTER_FILES, Assignment, RemoteError
 from adaptery.training.spec import LoraHyperparameters
 
@@ -39,6 +37,14 @@ CANCEL_FILE, PAUSE_FILE = "CANCEL", "PAUSE"
 RETRY_FIRST_SECONDS = 1.0
 RETRY_LONGEST_SECONDS = 15.0
 RETRY_FOR_SECONDS = 120.0
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A fault that may pass where the job is put together: the disk (full, an I/O error), the link, a retryable
+    reply. Anything else (a refusal, a bug) would fail the same way again."""
+    if isinstance(exc, RemoteError):
+        return exc.retryable
+    return isinstance(exc, OSError)  # LinkDown is a ConnectionError, so an OSError too
 
 
 def describe_exit(returncode: int) -> str:
@@ -190,8 +196,10 @@ class Agent:
         heartbeat_seconds: float,
         poll_seconds: float,
         models_dir: Path,
+        backend: Backend | None = None,
     ) -> None:
         self.link = link
+        self.backend = backend or LocalBackend()
         self.work_dir = work_dir
         self.name = name
         self.heartbeat_seconds = heartbeat_seconds
@@ -205,6 +213,13 @@ class Agent:
 
     def run(self) -> None:
         log.info("agent %s (%s) started", self.name, self.agent_id)
+        try:
+            forgotten = self.backend.forget_orphans(self.agent_id)
+        except Exception as exc:  # the scheduler away: its orphans' leases lapse all the same
+            log.warning("could not look for training left behind by an earlier run: %s", exc)
+        else:
+            if forgotten:
+                log.warning("cancelled %d job(s) an earlier run of this agent left in %s", forgotten, self.backend.name)
         while not self.stopping.is_set():
             try:
                 data = self.link.lease()
@@ -310,21 +325,30 @@ class Agent:
                 shutil.rmtree(job_dir.parent, ignore_errors=True)
 
     def _run_attempt(self, assignment: Assignment, job_dir: Path, beats: Heartbeats) -> None:
-        inputs = self._fetch_inputs(assignment, job_dir)
-        spec_path = self._write_spec(assignment, job_dir, inputs)
-        stderr_path = job_dir / "stderr.log"
-        with stderr_path.open("wb") as stderr:
-            child = subprocess.Popen(
-                [sys.executable, "-m", "adaptery.training.runner", str(spec_path)],
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-                stdin=subprocess.DEVNULL,
-                env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
-                # If the agent dies, so does its training: a requeued job is never trained twice at once.
-                preexec_fn=die_with_parent,
+        try:
+            inputs = self._fetch_inputs(assignment, job_dir)
+            spec_path = self._write_spec(assignment, job_dir, inputs)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            # A full disk, an I/O error or the control plane away says nothing about the job: it goes back to the
+            # queue (the control plane fails it once its attempts are spent), and this agent waits a moment.
+            log.warning("job %s: could not be prepared here (%s); giving it back", assignment.job_id, exc)
+            reason = f"agent {self.name} could not prepare it: {exc}"
+            self._finish(
+                assignment.job_id,
+                {"state": "released", "message": reason, "fault": True, "attempt": assignment.attempt},
             )
-            outcome = self._supervise(assignment, child, job_dir, beats)
+            self.stopping.wait(self.poll_seconds)
+            return
         job, attempt = assignment.job_id, assignment.attempt
+        refusal = self.backend.refusal(assignment)
+        if refusal is not None:
+            self._finish(job, {"state": "failed", "message": refusal, "attempt": attempt})
+            return
+        stderr_path = job_dir / "stderr.log"
+        child = self.backend.start(assignment, spec_path, job_dir, stderr_path)
+        outcome = self._supervise(assignment, child, job_dir, beats)
         if outcome["state"] == "succeeded":
             adapter = job_dir / "adapter"
             files = self._retrying(job, "uploading its adapter", lambda: self.link.upload_dir(job, adapter))
@@ -338,7 +362,7 @@ class Agent:
             self._finish(job, {"state": outcome["state"], "message": "the agent is shutting down", "attempt": attempt})
 
     def _supervise(
-        self, assignment: Assignment, child: subprocess.Popen, job_dir: Path, beats: Heartbeats
+        self, assignment: Assignment, child: TrainingRun, job_dir: Path, beats: Heartbeats
     ) -> dict[str, Any]:
         lines: stdlib_queue.Queue[bytes | None] = stdlib_queue.Queue()
         job = assignment.job_id
@@ -357,12 +381,13 @@ class Agent:
             # never a child still running beside the next job while its directory is deleted.
             returncode = kill_and_reap(child)
             uploads.close()
+        ended = child.ending or describe_exit(returncode)  # a scheduler's word on how it ended comes first
         if outcome["state"] == "succeeded" and returncode != 0:
-            outcome = {"state": "failed", "message": describe_exit(returncode)}
+            outcome = {"state": "failed", "message": ended}
         elif outcome["state"] == "failed" and not outcome.get("message") and returncode != 0:
-            outcome["message"] = describe_exit(returncode)
+            outcome["message"] = ended
         elif outcome["state"] == "paused" and returncode != PAUSED_EXIT_CODE:
-            outcome = {"state": "failed", "message": f"pausing failed: {describe_exit(returncode)}"}
+            outcome = {"state": "failed", "message": f"pausing failed: {ended}"}
         elif outcome["state"] == "cancelled" and returncode not in (0, CANCELLED_EXIT_CODE):
             log.info("job %s: training stopped with %s after cancel", job, describe_exit(returncode))
         return outcome
@@ -370,7 +395,7 @@ class Agent:
     def _follow(
         self,
         assignment: Assignment,
-        child: subprocess.Popen,
+        child: TrainingRun,
         job_dir: Path,
         beats: Heartbeats,
         lines: stdlib_queue.Queue[bytes | None],

@@ -172,6 +172,15 @@ def run_agent(
     ] = None,
     max_adapters: Annotated[int | None, typer.Option("--max-adapters", help="Adapters kept downloaded")] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="torch threads")] = None,
+    backend: Annotated[
+        str | None,
+        typer.Option(
+            "--backend",
+            help="Where jobs train: local (this machine) or slurm (sbatch from a login node; the data dir on the "
+            "cluster's shared filesystem; partition, account, time limit from ADAPTERY_SLURM_*) "
+            "[env: ADAPTERY_AGENT_BACKEND]",
+        ),
+    ] = None,
 ) -> None:
     """Run a standalone agent: it dials the platform's NATS (or its island's leaf), leases training jobs and/or
     serves inference (no database, no inbound connection)."""
@@ -179,11 +188,15 @@ def run_agent(
         return
     from adaptery.agent.enroll import Renewer, reload_into
     from adaptery.agent.link import AgentLink
+    from adaptery.agent.slurm import SlurmBackend
     from adaptery.agent.worker import Agent
     from adaptery.messaging.credentials import parse_token
     from adaptery.messaging.identity import IdentityDir
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if backend not in (None, "local", "slurm"):
+        console.print(f"[red]Unknown backend {backend!r}:[/red] use local or slurm.")
+        raise typer.Exit(2)
     settings = _settings(
         data_dir=data_dir,
         nats_url=nats_url,
@@ -193,6 +206,7 @@ def run_agent(
         agent_bases=base,
         agent_max_adapters=max_adapters,
         agent_torch_threads=threads,
+        agent_backend=backend,
     )
     wanted = {r.strip() for r in settings.agent_roles.split(",") if r.strip()}
     if not wanted or not wanted <= {"train", "infer"}:
@@ -253,6 +267,7 @@ def run_agent(
         heartbeat_seconds=settings.job_heartbeat_seconds,
         poll_seconds=settings.agent_poll_seconds,
         models_dir=settings.models_dir,
+        backend=SlurmBackend(settings, agent_id) if settings.agent_backend == "slurm" else None,
     )
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: worker.stop())

@@ -286,7 +286,8 @@ class ControlPlane:
         elif state == "paused":
             self.queue.paused(job_id, agent_id, attempt)
         elif state == "released":
-            self.queue.release(job_id, agent_id, message or "the agent is shutting down", attempt)
+            reason = message or "the agent is shutting down"
+            self.queue.release(job_id, agent_id, reason, attempt, fault=bool(body.get("fault")))
         elif state != "cancelled":
             raise RequestRefused(f"unknown final state {state!r}")
         return {}

@@ -176,7 +176,7 @@ def _training_options(
                 model_dir = resolve_model_path(base.ref, offline=settings.offline)
             except ModelNotAvailable as exc:
                 raise InvalidRequest(f"the base model's files are not available: {exc}", param="model") from exc
-            hp = LoraHyperparameters(**{**options, "n_epochs": 1, "batch_size": 1})
+            hp = LoraHyperparameters(**{**options, "n_epochs": 1, "batch_size": options.get("processes", 1)})
             check_configuration(hp, module_inventory(model_dir), max_rank=settings.max_lora_rank)
     except ConfigurationError as exc:
         raise InvalidRequest(str(exc), param=exc.param) from None
@@ -232,6 +232,13 @@ def create_job(
     options = _training_options(
         requested, ref.base, method=kind, has_validation_file=bool(validation_file), settings=settings
     )
+    processes = options.get("processes", 1)
+    if resolved["batch_size"] % processes:
+        raise InvalidRequest(
+            f"batch_size {resolved['batch_size']} does not split evenly among {processes} processes: "
+            "use a multiple of processes",
+            param="hyperparameters.batch_size",
+        )
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
         raise InvalidRequest(f"seed must be an integer between 0 and {MAX_SEED}", param="seed")
     job = m.FineTuningJob(

@@ -512,11 +512,22 @@ class JobQueue:
             finetuning.add_event(s, job, f"Job paused{where}")
             self._mark_agent(s, agent_id, None)
 
-    def release(self, job_id: str, agent_id: str, reason: str, attempt: int | None = None) -> None:
-        """Give a job back to the queue without spending its attempt's outcome (agent shutting down)."""
+    def release(
+        self, job_id: str, agent_id: str, reason: str, attempt: int | None = None, *, fault: bool = False
+    ) -> None:
+        """Give a job back to the queue without spending its attempt's outcome (agent shutting down). With `fault`
+        (the agent could not put the job together: its disk, the link) the attempt counts: after `max_attempts`
+        the job fails with the last reason rather than go round the agents for ever."""
         with self.db.system() as s:
             job = self._held(s, job_id, agent_id, attempt, lock=True)
             if job is None:
+                return
+            if fault and job.attempts >= self.max_attempts:
+                message = f"The job could not be prepared in {job.attempts} attempts (last: {reason})"
+                error = {"code": "job_unstartable", "message": message, "param": None}
+                finetuning.finish(s, job, "failed", error=error)
+                finetuning.add_event(s, job, f"Job failed: {message}", level="error")
+                self._mark_agent(s, agent_id, None)
                 return
             job.status = "queued"
             job.lease_owner = None

@@ -35,6 +35,8 @@ OPTION_KEYS: tuple[str, ...] = tuple(
 
 def _first_error(exc: ValidationError) -> ConfigurationError:
     error = exc.errors()[0]
+    if not error["loc"]:  # a rule between fields (processes over nodes)
+        return ConfigurationError(error["msg"].removeprefix("Value error, "), param="hyperparameters")
     field = str(error["loc"][0])  # deeper parts name union branches and list items, not fields
     message = "must be 'all-linear' or a list of module names" if field == "target_modules" else error["msg"]
     return ConfigurationError(f"{field}: {message} (got {error.get('input')!r})", param=f"hyperparameters.{field}")
@@ -56,8 +58,12 @@ def resolve_options(
     chosen = {name: value for name, value in requested.items() if name in OPTION_KEYS}
     base = {name: value for name, value in defaults.items() if name in OPTION_KEYS}
     try:
-        # n_epochs and batch_size stand in for OpenAI's knobs (checked elsewhere); only our options are kept.
-        checked = LoraHyperparameters.model_validate({**base, **chosen, "n_epochs": 1, "batch_size": 1}, strict=True)
+        # n_epochs and batch_size stand in for OpenAI's knobs (checked elsewhere, the batch against the
+        # processes it is split among too); only our options are kept.
+        processes = chosen.get("processes", 1)
+        batch = processes if isinstance(processes, int) and processes >= 1 else 1  # any batch that splits evenly
+        stand_ins = {"n_epochs": 1, "batch_size": batch}
+        checked = LoraHyperparameters.model_validate({**base, **chosen, **stand_ins}, strict=True)
     except ValidationError as exc:
         raise _first_error(exc) from None
     options = checked.model_dump(include=set(OPTION_KEYS))

@@ -30,6 +30,11 @@ this process reads):
 - a file named PAUSE in the output directory: a checkpoint is saved and reported (``checkpoint``
   event), then ``{"type": "paused", "step": int}`` and exit code 4.
 - ``{"type": "error", "message": ...}`` and exit code 1 on any failure.
+
+A job of several processes (``hyperparameters.processes`` > 1) runs this module once per process, started as one
+torch.distributed group by `adaptery.training.launch` (which speaks the same protocol to the agent). Rank 0 writes
+the events; the others write none. Cancel and pause are decided by the whole group at the same step (any rank's
+flag is every rank's), and all ranks leave together, so the launcher never mistakes one's exit for a crash.
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ from adaptery.settings import Settings
 from adaptery.training.spec import TrainingSpec
 
 EXIT_OK, EXIT_ERROR, EXIT_CANCELLED, EXIT_PAUSED = 0, 1, 3, 4
+# A rank whose collective failed because a peer went away: a consequence, so the launcher looks for the cause.
+EXIT_PEER_LOST = 5
 CANCEL_FILE = "CANCEL"
 PAUSE_FILE = "PAUSE"
 
@@ -103,8 +110,9 @@ class _StopFlag:
         return self.signalled or self.cancel_file.exists()
 
 
-def _thread_count() -> int:
-    """Torch threads for training: `Settings.train_threads`, else all usable CPUs but one.
+def _thread_count(processes: int = 1) -> int:
+    """Torch threads for each training process: `Settings.train_threads`, else all usable CPUs but one, shared
+    among the job's processes on this machine.
 
     The spare CPU is for the platform itself (API server, agent). Torch's many small parallel ops
     each wait for their slowest thread, so if any thread competes for a core every op stalls:
@@ -115,8 +123,11 @@ def _thread_count() -> int:
     if configured:
         return configured
     # Affinity, not cpu_count: a container or taskset may allow fewer CPUs than the machine has.
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, usable - 1)
+    return max(1, (usable_cpus() - 1) // processes)
+
+
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class _SpecError(ValueError):
@@ -141,10 +152,68 @@ def _error_message(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _run(spec_path: str, emit: Callable[[dict[str, Any]], None]) -> int:
+class _GroupFlag:
+    """A flag the whole process group agrees on, asked at the same points by every rank: true for all once true for
+    one (a rank that saw the CANCEL file, or got SIGTERM, a step before another must not leave it waiting)."""
+
+    def __init__(self, local: Callable[[], bool], device: Any) -> None:
+        self.local = local
+        self.device = device
+
+    def __call__(self) -> bool:
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([1 if self.local() else 0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+class _Group:
+    """This process's place in a job of several processes (started by `adaptery.training.launch`)."""
+
+    def __init__(self) -> None:
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_torchelastic_launched():
+            raise _SpecError("a job of several processes runs through `python -m adaptery.training.launch SPEC.json`")
+        from adaptery.agent.process import die_with_parent
+
+        die_with_parent()  # the launcher gone (killed with its agent), its ranks go too
+        cuda = torch.cuda.is_available()
+        local_rank = dist.get_node_local_rank()
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        # gloo on CPUs, nccl between GPUs; the Trainer (accelerate) uses the group it finds.
+        dist.init_process_group("nccl" if cuda else "gloo")
+        self.rank = dist.get_rank()
+        self.device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+
+    def flag(self, local: Callable[[], bool]) -> _GroupFlag:
+        return _GroupFlag(local, self.device)
+
+    @staticmethod
+    def leave() -> None:
+        """Wait for every rank (so none is stopped while it still writes), then close the group."""
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _peer_lost(exc: Exception) -> bool:
+    import torch.distributed as dist
+
+    # gloo reports a vanished peer as a RuntimeError naming the connection.
+    return isinstance(exc, dist.DistNetworkError) or "by peer" in str(exc)
+
+
+def _run(spec_path: str, emit: _Reporter) -> int:
     spec = _read_spec(spec_path)
+    processes = spec.hyperparameters.processes
     should_stop = _StopFlag(spec.output_dir)
-    if should_stop():  # cancelled while queued: skip the slow imports altogether
+    if processes == 1 and should_stop():  # cancelled while queued: skip the slow imports altogether
         emit({"type": "cancelled"})
         return EXIT_CANCELLED
 
@@ -155,19 +224,43 @@ def _run(spec_path: str, emit: Callable[[dict[str, Any]], None]) -> int:
 
     from adaptery.training.trainer import TrainingCancelled, TrainingPaused, train
 
-    torch.set_num_threads(_thread_count())
+    should_pause: Callable[[], bool] = (spec.output_dir / PAUSE_FILE).exists
+    group = _Group() if processes > 1 else None
+    if group is not None:
+        should_stop, should_pause = group.flag(should_stop), group.flag(should_pause)
+        emit.muted = group.rank != 0
+    torch.set_num_threads(_thread_count(processes // spec.hyperparameters.nodes))
     # Progress bars redraw with carriage returns, which only garble a captured stderr log.
     transformers_logging.disable_progress_bar()
     try:
-        result = train(spec, emit, should_stop, (spec.output_dir / PAUSE_FILE).exists)
+        result = train(spec, emit, should_stop, should_pause)
+        event, code = {"type": "result", **asdict(result)}, EXIT_OK
     except TrainingCancelled:
-        emit({"type": "cancelled"})
-        return EXIT_CANCELLED
+        event, code = {"type": "cancelled"}, EXIT_CANCELLED
     except TrainingPaused as paused:
-        emit({"type": "paused", "step": paused.step})
-        return EXIT_PAUSED
-    emit({"type": "result", **asdict(result)})
-    return EXIT_OK
+        event, code = {"type": "paused", "step": paused.step}, EXIT_PAUSED
+    except Exception as exc:
+        if group is not None and _peer_lost(exc):
+            traceback.print_exc(file=sys.stderr)
+            return EXIT_PEER_LOST
+        raise
+    if group is not None:
+        group.leave()
+    emit(event)
+    return code
+
+
+class _Reporter:
+    """Passes events on, until it is muted: a rank other than 0 says nothing (rank 0 reports for the group; a rank's
+    own failure reaches the agent through the launcher, with its stderr)."""
+
+    def __init__(self, emit: Callable[[dict[str, Any]], None]) -> None:
+        self.emit = emit
+        self.muted = False
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if not self.muted:
+            self.emit(event)
 
 
 def run(spec_path: str, emit: Callable[[dict[str, Any]], None]) -> int:
@@ -179,11 +272,12 @@ def run(spec_path: str, emit: Callable[[dict[str, Any]], None]) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # DPO tokenises with `datasets`
+    reporter = _Reporter(emit)
     try:
-        return _run(spec_path, emit)
+        return _run(spec_path, reporter)
     except Exception as exc:  # every failure must reach the agent as an error event
         traceback.print_exc(file=sys.stderr)
-        emit({"type": "error", "message": _error_message(exc)})
+        reporter({"type": "error", "message": _error_message(exc)})
         return EXIT_ERROR
 
 

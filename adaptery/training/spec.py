@@ -25,6 +25,7 @@ DEFAULT_CHECKPOINT_EVERY_STEPS = 100
 # Trainer's save_total_limit with a best model does); `keep_checkpoints` asks for more.
 DEFAULT_KEEP_CHECKPOINTS = 3
 MAX_KEEP_CHECKPOINTS = 1000
+MAX_PROCESSES = 64  # an agent also refuses more than it has (GPUs, or CPUs)
 MAX_SEED = 2**31 - 1  # OpenAI's seed is a 32-bit integer, and so is the column a job's seed is stored in
 
 
@@ -64,6 +65,25 @@ class LoraHyperparameters(BaseModel):
     # How many of the latest checkpoints the platform keeps; the best (lowest validation loss, else training
     # loss) is kept besides them. Older ones are deleted with their files as new ones arrive.
     keep_checkpoints: int = Field(default=DEFAULT_KEEP_CHECKPOINTS, ge=1, le=MAX_KEEP_CHECKPOINTS)
+    # Training processes (one per GPU on a GPU machine), launched as one torch.distributed group. `batch_size` stays
+    # the global batch, split evenly among them, so a run's trajectory does not depend on how many there are.
+    processes: int = Field(default=1, ge=1, le=MAX_PROCESSES)
+    # How the processes share the model: DDP (a copy each, gradients averaged), or FSDP (parameters sharded, for a
+    # base that does not fit one device).
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    # Machines the processes are spread over, evenly (a Slurm agent's job; a local agent has one).
+    nodes: int = Field(default=1, ge=1, le=MAX_PROCESSES)
+
+    @model_validator(mode="after")
+    def _work_splits_evenly(self) -> Self:
+        if self.processes % self.nodes:
+            raise ValueError(f"{self.processes} processes do not spread evenly over {self.nodes} nodes")
+        if self.batch_size % self.processes:
+            raise ValueError(
+                f"batch_size {self.batch_size} does not split evenly among {self.processes} processes: "
+                "use a multiple of processes"
+            )
+        return self
 
     @property
     def quantized(self) -> bool:

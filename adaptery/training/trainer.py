@@ -39,7 +39,7 @@ from adaptery.training.data import (
     read_chat_records,
     read_preference_records,
 )
-from adaptery.training.methods import check_configuration, module_inventory, peft_config
+from adaptery.training.methods import ConfigurationError, check_configuration, module_inventory, peft_config
 from adaptery.training.spec import LoraHyperparameters, TrainingSpec
 
 Event = dict[str, Any]
@@ -147,7 +147,10 @@ class _SupervisedTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
         lengths = [len(example["input_ids"]) for example in dataset]
-        return LengthGroupedSampler(lengths, self.args.per_device_train_batch_size, self.args.data_seed)
+        # Grouped by the global batch: the processes of a group are dealt its consecutive slices, so each step
+        # trains on the examples one process would have.
+        global_batch = self.args.per_device_train_batch_size * self.args.world_size
+        return LengthGroupedSampler(lengths, global_batch, self.args.data_seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         real = inputs.pop("num_real_tokens", None)
@@ -293,7 +296,9 @@ class _EventCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         self._flush()
-        if state.global_step == self.last_saved_step:
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every rank has written its part (its RNG state) before it is reported
+        if state.global_step == self.last_saved_step or not state.is_world_process_zero:
             return
         self.last_saved_step = state.global_step
         path = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
@@ -469,12 +474,33 @@ def _wrap_peft(spec: TrainingSpec, hp: LoraHyperparameters, model, config):  # n
     return model
 
 
+def _group_arguments(hp: LoraHyperparameters, *, cuda: bool) -> dict[str, Any]:
+    """How the processes of a job share the work (the runner has joined them in one group already)."""
+    if hp.processes == 1:
+        return {}
+    arguments: dict[str, Any] = {
+        "ddp_backend": "nccl" if cuda else "gloo",
+        "ddp_find_unused_parameters": False,  # every adapter weight takes part in each step
+    }
+    if hp.distributed == "fsdp":
+        if not cuda:  # accelerate shards only across accelerators; on CPUs it would quietly run DDP
+            raise ConfigurationError(
+                "distributed='fsdp' shards the model across GPUs; this machine has none (use 'ddp')",
+                param="hyperparameters.distributed",
+            )
+        arguments["fsdp"] = True
+        arguments["fsdp_config"] = {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP"}
+    return arguments
+
+
 def _arguments(spec: TrainingSpec, hp: LoraHyperparameters, *, cuda: bool, dtype, evaluate: bool) -> dict[str, Any]:
+    per_process = hp.batch_size // hp.processes  # batch_size is the global batch
     return {
+        **_group_arguments(hp, cuda=cuda),
         "output_dir": str(spec.checkpoint_dir),
         "num_train_epochs": hp.n_epochs,
-        "per_device_train_batch_size": hp.batch_size,
-        "per_device_eval_batch_size": hp.batch_size,
+        "per_device_train_batch_size": per_process,
+        "per_device_eval_batch_size": per_process,
         "gradient_accumulation_steps": hp.gradient_accumulation_steps,
         "learning_rate": hp.learning_rate,
         "lr_scheduler_type": hp.lr_scheduler,
@@ -554,6 +580,7 @@ def train(
     targets = check_configuration(hp, inventory, max_rank=None)
 
     cuda = torch.cuda.is_available()
+    _group_arguments(hp, cuda=cuda)  # refuses what this machine cannot run before a large base is loaded
     on_event(phase("loading_base", "Loading the base model"))
     model, tokenizer, dtype = _load_base(spec, hp, cuda)
     # Training needs no KV cache, and with one transformers ignores packed rows' position ids (each
@@ -586,7 +613,7 @@ def train(
     )
     what = {"lora": "LoRA", "rslora": "rsLoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr", "ia3": "IA3"}
     rows = ("row" if hp.packing else "example") + ("s" if examples > 1 else "")
-    device = "GPU" if cuda else "CPU"
+    device = ("GPU" if cuda else "CPU") + (f", {hp.processes} processes ({hp.distributed})" if hp.processes > 1 else "")
 
     def intro(trained: int, total: int) -> str:
         kind = "DPO" if spec.method == "dpo" else "supervised"
@@ -643,8 +670,11 @@ def train(
     elif early is not None and early.stopped:
         on_event({"type": "message", "level": "info", "message": f"Early stopping after step {steps}"})
     on_event(phase("saving", "Saving the adapter"))
-    model.save_pretrained(spec.output_dir, safe_serialization=True)
-    tokenizer.save_pretrained(spec.output_dir)
+    if trainer.is_fsdp_enabled:
+        trainer.save_model(str(spec.output_dir))  # every rank: the sharded adapter is gathered, rank 0 writes it
+    elif trainer.is_world_process_zero():  # one writer of the adapter for a whole group
+        model.save_pretrained(spec.output_dir, safe_serialization=True)
+        tokenizer.save_pretrained(spec.output_dir)
     seconds = time.monotonic() - started
     on_event(
         {

@@ -172,6 +172,11 @@ def test_a_killed_training_process_fails_the_job_with_its_cause_and_the_agent_go
         ({"model": "adaptery-demo", "training_file": "FILE", "method": {"type": "reinforcement"}}, 400, "method.type"),
         ({"model": "adaptery-demo"}, 400, "training_file"),
         ({"model": "adaptery-demo", "training_file": "FILE", "bogus": 1}, 400, "bogus"),
+        (  # the batch is the global batch, split evenly among the processes
+            {"model": "adaptery-demo", "training_file": "FILE", "hyperparameters": {"batch_size": 3, "processes": 2}},
+            400,
+            "hyperparameters.batch_size",
+        ),
     ],
 )
 def test_bad_job_requests_get_openai_errors_naming_the_param(running, body, status, param):

@@ -273,6 +273,27 @@ def test_a_transient_fault_while_a_job_is_put_together_leaves_it_queued(db, two_
     assert queue.lease("agent").job_id == job_id
 
 
+def test_a_job_an_agent_could_not_prepare_is_requeued_until_its_attempts_are_spent(db, two_tenants):
+    a, file_a, _, _, blobs = two_tenants
+    job_id = queued_job(db, a, file_a)
+    queue = JobQueue(db, blobs, lease_seconds=60, max_attempts=2)
+    for attempt in (1, 2):
+        assert queue.lease("agent").attempt == attempt
+        queue.release(job_id, "agent", "agent a could not prepare it: disk full", attempt, fault=True)
+    with db.system() as s:
+        job = s.get(m.FineTuningJob, job_id)
+        assert job.status == "failed" and job.lease_owner is None
+        assert job.error["code"] == "job_unstartable"
+        last = "agent a could not prepare it: disk full"
+        assert job.error["message"] == f"The job could not be prepared in 2 attempts (last: {last})"
+    other = queued_job(db, a, file_a)  # a shutdown (no fault) gives a job back whatever its attempts
+    for attempt in (1, 2, 3):
+        assert queue.lease("agent").attempt == attempt
+        queue.release(other, "agent", "the agent is shutting down", attempt)
+    with db.system() as s:
+        assert s.get(m.FineTuningJob, other).status == "queued"
+
+
 # --- over NATS, against a running platform ------------------------------------------------------------
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import psutil
 import pytest
 
-from adaptery.agent import worker
+from adaptery.agent import backends, worker
 from adaptery.agent.worker import Agent
 from adaptery.messaging.protocol import Assignment, BlobRef, RemoteError
 
@@ -77,7 +77,7 @@ def trainers(monkeypatch) -> Trainers:
         trainers.started.append(child)
         return child
 
-    monkeypatch.setattr(worker.subprocess, "Popen", start)
+    monkeypatch.setattr(backends.subprocess, "Popen", start)
     monkeypatch.setattr(worker, "RETRY_FIRST_SECONDS", 0.01)
     return trainers
 
@@ -144,3 +144,26 @@ def test_a_refusal_is_final_and_retries_are_bounded(tmp_path, trainers, monkeypa
     link = ScriptedLink(finish=[down] * 1000)
     agent_for(link, tmp_path).run_job(assignment(tmp_path))  # gives up: the lease expires, the job is requeued
     assert 2 <= link.verbs().count("finish") < 20
+
+
+class FullDiskLink(ScriptedLink):
+    def download(self, job_id: str, sha256: str, size: int, target: Path) -> Path:
+        raise OSError(28, "No space left on device")
+
+
+def test_a_full_disk_while_the_job_is_put_together_gives_it_back_but_a_refusal_still_fails_it(tmp_path, trainers):
+    link = FullDiskLink()
+    agent_for(link, tmp_path).run_job(assignment(tmp_path))
+    assert link.verbs() == ["finish"] and not trainers.started
+    body = link.calls[-1][1]
+    assert body["state"] == "released" and body["fault"] is True and body["attempt"] == 1
+    assert "No space left on device" in body["message"]
+
+    def refuses(job_id: str, sha256: str, size: int, target: Path) -> Path:
+        raise RemoteError(f"blob {sha256} is not this job's", retryable=False)
+
+    link = ScriptedLink()
+    link.download = refuses  # type: ignore[method-assign]
+    with pytest.raises(RemoteError, match="not this job's"):  # Agent.run reports the job failed with it
+        agent_for(link, tmp_path).run_job(assignment(tmp_path))
+    assert link.verbs() == [] and not trainers.started

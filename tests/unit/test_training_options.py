@@ -170,3 +170,19 @@ def test_unsupported_method_types_are_refused() -> None:
     assert raised.value.param == "method.type"
     with pytest.raises(InvalidRequest, match="must be an object"):
         finetuning._method_hyperparameters({"type": "dpo", "dpo": {"hyperparameters": [1]}})
+
+
+def test_processes_are_checked_where_the_job_is_made() -> None:
+    assert options({"processes": 2})["processes"] == 2 and options({})["processes"] == 1
+    for requested, param, message in (
+        ({"processes": 0}, "hyperparameters.processes", "processes: Input should be greater than or equal to 1"),
+        ({"processes": 65}, "hyperparameters.processes", "processes: Input should be less than or equal to 64"),
+        ({"distributed": "zero3"}, "hyperparameters.distributed", "distributed: Input should be 'ddp' or 'fsdp'"),
+        ({"processes": 3, "nodes": 2}, "hyperparameters", "3 processes do not spread evenly over 2 nodes"),
+    ):
+        with pytest.raises(ConfigurationError) as refused:
+            options(requested)
+        assert refused.value.param == param and str(refused.value).startswith(message), str(refused.value)
+    # batch_size is the global batch: each process takes an equal share of it.
+    with pytest.raises(ValueError, match="batch_size 3 does not split evenly among 2 processes"):
+        LoraHyperparameters(**{**FINETUNE_DEFAULTS, "batch_size": 3, "processes": 2})
