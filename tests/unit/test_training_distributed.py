@@ -81,7 +81,7 @@ def test_two_processes_follow_one_process_with_the_same_global_batch(
     assert result["type"] == "result" and result["steps"] == 6
     assert result["trained_tokens"] == alone_result.trained_tokens  # counted over the whole group
     # One report for the group: one start message, one event per step and checkpoint, from rank 0 only.
-    assert "2 processes (ddp)" in events[0]["message"]
+    assert "2 processes (ddp)" in next(e["message"] for e in events if e.get("phase") == "first_step")
     assert [c["step"] for c in of_type(events, "checkpoint")] == [3, 6]
     checkpoint = Path(of_type(events, "checkpoint")[0]["path"])
     assert (checkpoint / "rng_state_0.pth").is_file() and (checkpoint / "rng_state_1.pth").is_file()
