@@ -12,6 +12,10 @@ processes and no request can slip past a budget between a check and a write.
   request is never swept), counted as spent in full (so a crash can never be used to overshoot);
 - fine-tuning: the tokens a finished job trained on are charged to the tenant's monthly budget, and a new
   job is refused once the budget is spent.
+
+The month rows count every settled token, limited or not (a subject without a monthly budget holds nothing, and
+its tokens are added when the call settles), and each settlement also writes the accounting ledger
+(`services.usage`) in the same transaction: the limits' month and the ledger agree.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from adaptery.auth.principal import Principal
 from adaptery.db import models as m
 from adaptery.db.ids import new_id
 from adaptery.db.session import Database
+from adaptery.services import usage as ledger
 from adaptery.services.errors import InvalidRequest, RateLimited
 
 LIMIT_FIELDS = (
@@ -61,6 +66,8 @@ class Reservation:
     id: str
     tokens: int
     holds: list[list[Any]] = field(default_factory=list)
+    use: ledger.Use | None = None  # the ledger row the call is accounted to when it settles
+    subjects: list[str] = field(default_factory=list)  # every limits subject it counts against
 
 
 def minute_period(now: float) -> str:
@@ -130,6 +137,20 @@ def _ensure_row(session: Session, subject: str, period: str) -> None:
                 m.UsageCounter.subject == subject, m.UsageCounter.period.like("min:%"), m.UsageCounter.period < period
             )
         )
+
+
+def claim_once(session: Session, subject: str, period: str) -> bool:
+    """True the first time (subject, period) is claimed, whoever asks, in any process; False after."""
+    if session.get(m.UsageCounter, (subject, period)) is not None:
+        return False
+    _ensure_row(session, subject, period)
+    counter = m.UsageCounter
+    claimed = session.execute(
+        update(counter)
+        .where(counter.subject == subject, counter.period == period, counter.requests == 0)
+        .values(requests=1)
+    ).rowcount
+    return claimed == 1
 
 
 def _take(session: Session, subject: str, period: str, column: str, amount: int, limit: int, *, total: Any) -> bool:
@@ -210,18 +231,18 @@ def sweep_expired(session: Session, now: float) -> int:
     return released
 
 
-def charge_training(session: Session, tenant_id: str, now: float) -> None:
-    """Charge each finished fine-tuning job's trained tokens to the tenant's month, once."""
+def charge_training(session: Session, tenant_id: str, now: float, agents: dict[str, str] | None = None) -> None:
+    """Charge each finished fine-tuning job's trained tokens to the tenant's month and to the accounting ledger,
+    once (`agents`: the agent that trained a job, where the caller knows it)."""
     month = month_period(now)
     start = dt.datetime.fromtimestamp(now, dt.UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp()
+    job = m.FineTuningJob
     jobs = session.execute(
-        select(m.FineTuningJob.id, m.FineTuningJob.trained_tokens).where(
-            m.FineTuningJob.tenant_id == tenant_id,
-            m.FineTuningJob.finished_at >= start,
-            m.FineTuningJob.trained_tokens > 0,
+        select(job.id, job.trained_tokens, job.user_id, job.fine_tuned_model, job.model, job.finished_at).where(
+            job.tenant_id == tenant_id, job.finished_at >= start, job.trained_tokens > 0
         )
     ).all()
-    for job_id, tokens in jobs:
+    for job_id, tokens, user_id, fine_tuned, base, finished_at in jobs:
         marker = f"job:{job_id}"
         if session.get(m.UsageCounter, (marker, "training")) is not None:
             continue
@@ -233,6 +254,11 @@ def charge_training(session: Session, tenant_id: str, now: float) -> None:
         ).rowcount
         if claimed:
             _add(session, f"tenant:{tenant_id}", month, tokens=tokens)
+            trained = ledger.Use(
+                tenant_id, "fine_tuning", user_id=user_id or "", model=fine_tuned or base,
+                agent_id=(agents or {}).get(job_id, ""),
+            )  # fmt: skip
+            ledger.add(session, trained, finished_at, requests=1, trained_tokens=tokens)
 
 
 def hold_training(session: Session, tenant_id: str, job_id: str, tokens: int, now: float) -> str | None:
@@ -261,7 +287,7 @@ def hold_training(session: Session, tenant_id: str, job_id: str, tokens: int, no
     return None
 
 
-def settle_training(session: Session, job: m.FineTuningJob) -> None:
+def settle_training(session: Session, job: m.FineTuningJob, agent_id: str | None = None) -> None:
     """A job ended: give back its hold and charge what it really trained (exactly once, whoever calls)."""
     counter = m.UsageCounter
     for hold in session.scalars(
@@ -274,15 +300,25 @@ def settle_training(session: Session, job: m.FineTuningJob) -> None:
         if gone == 1:
             _add(session, f"tenant:{job.tenant_id}", month, reserved=-amount)
     if job.trained_tokens:
-        charge_training(session, job.tenant_id, job.finished_at or clock())
+        charge_training(session, job.tenant_id, job.finished_at or clock(), {job.id: agent_id} if agent_id else None)
 
 
-def reserve(db: Database, who: Principal, *, prompt_tokens: int, max_tokens: int, hold_seconds: float) -> Reservation:
+def reserve(
+    db: Database,
+    who: Principal,
+    *,
+    prompt_tokens: int,
+    max_tokens: int,
+    hold_seconds: float,
+    model: str,
+    kind: str = "completions",
+) -> Reservation:
     """Hold an inference call's worst case against every limit, or 429: prompt + max_tokens tokens, and one slot of
     `concurrent_streams`, which counts every call running at once, streamed or not (20 concurrent non-streamed
     calls once passed a limit of 3). A call takes one slot whatever its `n`: its choices share one connection
     and come back together, and their cost is held in tokens (the caller passes max_tokens × n). A process that
-    dies holding a reservation gives it back after `hold_seconds`."""
+    dies holding a reservation gives it back after `hold_seconds`. The call is accounted to `model` (and `kind`:
+    completions or embeddings) in the ledger when it settles."""
     worst = prompt_tokens + max_tokens
     now = clock()
     with db.system() as s:
@@ -319,7 +355,8 @@ def reserve(db: Database, who: Principal, *, prompt_tokens: int, max_tokens: int
         if refused is not None:
             s.rollback()  # nothing of this request was held
             raise refused
-        reservation = Reservation(new_id("resv_"), worst, holds)
+        use = ledger.Use(who.tenant_id, kind, user_id=who.user_id, api_key_id=who.api_key_id or "", model=model)
+        reservation = Reservation(new_id("resv_"), worst, holds, use, [subject for subject, _, _ in subjects])
         if holds:
             s.add(m.UsageReservation(id=reservation.id, holds=holds, expires_at=now + hold_seconds))
         for subject, _, _ in subjects:
@@ -348,16 +385,35 @@ def _refusal(kind: str, label: str, limit: int, amount: int, now: float) -> Rate
     )
 
 
-def settle(db: Database, reservation: Reservation | None, used_tokens: int) -> None:
-    """Replace a reservation's worst case by what the request really used."""
+def settle(
+    db: Database,
+    reservation: Reservation | None,
+    *,
+    prompt_tokens: int,
+    completion_tokens: int,
+    failed: bool = False,
+) -> None:
+    """Replace a reservation's worst case by what the request really used, and account it in the ledger (one
+    request, `failed` if it ended in an error, with every token it produced before)."""
     if reservation is None:
         return
+    used_tokens = prompt_tokens + completion_tokens
+    now = clock()
     with db.system() as s:
         if reservation.holds:
             gone = s.execute(delete(m.UsageReservation).where(m.UsageReservation.id == reservation.id)).rowcount
             if gone != 1:
-                return  # expired and swept already: counted in full, as promised
+                return  # expired and swept already: counted in full, as promised (and in the ledger as used)
             _release(s, reservation.holds, used_tokens)
+        held_month = {subject for subject, _, kind, _ in reservation.holds if kind == "month"}
+        for subject in reservation.subjects:
+            if subject not in held_month:  # no budget held: its month counts what was used all the same
+                _add(s, subject, month_period(now), tokens=used_tokens)
+        if reservation.use is not None:
+            ledger.add(
+                s, reservation.use, now, requests=1, failed_requests=int(failed),
+                prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+            )  # fmt: skip
 
 
 def check_training(db: Database, who: Principal) -> None:
