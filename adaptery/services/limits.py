@@ -344,11 +344,11 @@ def reserve(
                 checks.append(("month", month_period(now), "reserved", worst, lim.monthly_tokens, total))
             if lim.concurrent_streams is not None:
                 checks.append(("stream", "streams", "reserved", 1, lim.concurrent_streams, counter.reserved))
-            for kind, period, column, amount, limit, total in checks:
+            for hold, period, column, amount, limit, total in checks:
                 if _take(s, subject, period, column, amount, limit, total=total):
-                    holds.append([subject, period, kind, amount])
+                    holds.append([subject, period, hold, amount])
                     continue
-                refused = _refusal(kind, label, limit, amount, now)
+                refused = _refusal(hold, label, limit, amount, now)
                 break
             if refused:
                 break

@@ -80,6 +80,12 @@ def test_a_known_mix_of_traffic_is_counted_the_same_everywhere(world: World, lor
         entry["prompt_tokens"] += usage_object["prompt_tokens"]
         entry["completion_tokens"] += usage_object.get("completion_tokens", 0)
 
+    # a budget on the tenant: the calls hold their worst case and settle it (the path limited tenants take)
+    budget = {"monthly_tokens": 1_000_000, "tokens_per_minute": 100_000}
+    limited = client.put(
+        f"/api/platform/tenants/{world.tenant_id}/limits", headers=world.auth("platform_admin"), json=budget
+    )
+    assert limited.status_code == 200, limited.text
     page = signed_in_page(world)
     from_page = client.post("/v1/chat/completions", headers=page, json={**CHAT, "max_tokens": 6})
     assert from_page.status_code == 200, from_page.text
@@ -269,3 +275,12 @@ def test_another_tenant_sees_none_of_this_usage(world: World):
     assert other.status_code == 403  # a member is no tenant admin; and an admin of that tenant sees its own:
     with world.platform.db.system() as s:
         assert usage.records(s, world.other_tenant_id, 0, now + usage.DAY) == []
+
+
+def test_chat_tokens_reach_the_usage_page_without_any_limit(world: World):
+    """The defect as a new user met it: requests were counted, tokens stayed 0 (tenant and key alike)."""
+    response = world.client.post("/v1/chat/completions", headers=world.auth("member"), json={**CHAT, "max_tokens": 3})
+    spent = response.json()["usage"]["total_tokens"]
+    page = world.client.get("/api/admin/usage", headers=world.auth("admin")).json()
+    assert page["tenant"]["requests"] == 1 and page["tenant"]["tokens"] == spent
+    assert page["keys"][key_id(world.tokens["member"])]["tokens"] == spent
