@@ -355,7 +355,7 @@ def test_the_admin_page_shows_the_ledgers_usage_and_pages_through_the_audit_log(
     journey.go("admin")
     totals = page.locator("#usage-view table").first
     expect(totals).to_be_visible()
-    headers = [t.strip() for t in totals.locator("thead th").all_inner_texts()]
+    headers = [t.strip().lower() for t in totals.locator("thead th").all_inner_texts()]  # CSS may upper-case them
     cells = [t.strip() for t in totals.locator("tbody tr").first.locator("td").all_inner_texts()]
     shown = dict(zip(headers, cells, strict=True))
     start = page.evaluate("() => { const n = Math.floor(Date.now() / 1000); return n - (n % 86400) - 29 * 86400; }")
@@ -363,6 +363,8 @@ def test_the_admin_page_shows_the_ledgers_usage_and_pages_through_the_audit_log(
     for name in ("prompt_tokens", "completion_tokens", "trained_tokens", "requests"):
         assert re.sub(r"\D", "", shown[name.replace("_", " ")]) == str(api["totals"][name]), name
     assert api["totals"]["completion_tokens"] > 0  # the chats of the steps before, made from the page
+    assert api["totals"]["trained_tokens"] > 0 and api["totals"]["cpu_seconds"] > 0  # measured by the agent
+    assert re.sub(r"[^\d.]", "", shown["cpu seconds"]) != "0"
     by_model = page.get_by_role("img", name=re.compile("^Tokens by model: "))
     expect(by_model).to_be_visible()
     for model, figures in api["by_model"].items():

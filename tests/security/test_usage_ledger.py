@@ -17,6 +17,7 @@ from sqlalchemy import select
 
 from adaptery.auth.secrets import hash_password
 from adaptery.db import models as m
+from adaptery.engine.generation import GenerationFailed
 from adaptery.services import usage
 from tests.contracts.openai_schema import validation_errors
 from tests.security.conftest import World, add_key
@@ -284,3 +285,28 @@ def test_chat_tokens_reach_the_usage_page_without_any_limit(world: World):
     page = world.client.get("/api/admin/usage", headers=world.auth("admin")).json()
     assert page["tenant"]["requests"] == 1 and page["tenant"]["tokens"] == spent
     assert page["keys"][key_id(world.tokens["member"])]["tokens"] == spent
+
+
+def test_a_stream_that_fails_after_its_first_tokens_is_counted_with_them(world: World, monkeypatch):  # noqa: ANN001
+    engine = world.platform.engine
+    real = engine.generate
+    produced: list[int] = []
+
+    def fails_after_the_first_delta(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - the engine's signature
+        deltas, usage_so_far = real(*args, **kwargs), args[5]
+        for delta in deltas:
+            yield delta
+            produced.append(usage_so_far.completion_tokens)
+            deltas.close()  # the real generation stops here, as when a device fails mid-answer
+            raise GenerationFailed("the accelerator fell over")
+
+    monkeypatch.setattr(engine, "generate", fails_after_the_first_delta)
+    body = {**CHAT, "max_tokens": 20, "stream": True}
+    response = world.client.post("/v1/chat/completions", headers=world.auth("member"), json=body)
+    assert response.status_code == 200 and "the accelerator fell over" in response.text
+    now = int(time.time())
+    with world.platform.db.system() as s:
+        (row,) = usage.records(s, world.tenant_id, now - now % usage.DAY, now + usage.DAY)
+    assert produced and produced[0] >= 1
+    assert (row.requests, row.failed_requests, row.completion_tokens) == (1, 1, produced[0])
+    assert row.prompt_tokens > 0
