@@ -33,6 +33,7 @@ class TenantLimitsBody(BaseModel):
     monthly_tokens: Limit = None
     max_tokens: Limit = None
     max_upload_bytes: Limit = None
+    monthly_cost: Annotated[float | None, Field(gt=0, description="In the platform's currency, at its prices")] = None
 
 
 class RoleBody(BaseModel):

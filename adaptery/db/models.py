@@ -343,6 +343,7 @@ class TenantLimits(Base):
     monthly_tokens: Mapped[int | None] = mapped_column(BigInteger)
     max_tokens: Mapped[int | None] = mapped_column(Integer)
     max_upload_bytes: Mapped[int | None] = mapped_column(BigInteger)  # below the platform's own limit
+    monthly_cost: Mapped[float | None] = mapped_column(Float)  # in Settings.usage_currency, at the platform's prices
     updated_at: Mapped[float] = mapped_column(Float, default=now)
 
 

@@ -11,7 +11,11 @@ processes and no request can slip past a budget between a check and a write.
   is released by the next `reserve` after it expires (the engine's request deadline and a minute: a live
   request is never swept), counted as spent in full (so a crash can never be used to overshoot);
 - fine-tuning: the tokens a finished job trained on are charged to the tenant's monthly budget, and a new
-  job is refused once the budget is spent.
+  job is refused once the budget is spent;
+- a tenant's monthly cost budget (`monthly_cost`, at the platform's prices): an inference call holds the cost
+  of its worst case and settles what its tokens really cost, as the token budget does (in millionths of the
+  currency, on the `cost:<month>` row, which starts from the month's cost in the accounting ledger, fine-tuning
+  and compute included); a new fine-tuning job is refused once it is spent.
 
 The month rows count every settled token, limited or not (a subject without a monthly budget holds nothing, and
 its tokens are added when the call settles), and each settlement also writes the accounting ledger
@@ -21,6 +25,7 @@ its tokens are added when the call settles), and each settlement also writes the
 from __future__ import annotations
 
 import datetime as dt
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,8 +47,10 @@ LIMIT_FIELDS = (
     "monthly_tokens",
     "max_tokens",
     "max_upload_bytes",
+    "monthly_cost",
 )
-TENANT_ONLY = ("max_tokens", "max_upload_bytes")  # limits a tenant has and its keys do not
+TENANT_ONLY = ("max_tokens", "max_upload_bytes", "monthly_cost")  # limits a tenant has and its keys do not
+MICROS = 1_000_000  # cost is counted in millionths of the currency
 
 
 def clock() -> float:
@@ -59,6 +66,7 @@ class Limits:
     monthly_tokens: int | None = None
     max_tokens: int | None = None
     max_upload_bytes: int | None = None
+    monthly_cost: float | None = None
 
 
 @dataclass
@@ -68,6 +76,7 @@ class Reservation:
     holds: list[list[Any]] = field(default_factory=list)
     use: ledger.Use | None = None  # the ledger row the call is accounted to when it settles
     subjects: list[str] = field(default_factory=list)  # every limits subject it counts against
+    token_prices: tuple[float, float] = (0.0, 0.0)  # (prompt, completion) per token, for a cost hold
 
 
 def minute_period(now: float) -> str:
@@ -110,7 +119,9 @@ def set_tenant_limits(session: Session, tenant_id: str, values: dict[str, int | 
     for name, value in values.items():
         if name not in LIMIT_FIELDS:
             raise InvalidRequest(f"unknown limit {name!r}", param=name)
-        if value is not None and value < 1:
+        if value is not None and name == "monthly_cost" and not value > 0:
+            raise InvalidRequest(f"{name} must be more than 0 (or null for no limit)", param=name)
+        if value is not None and name != "monthly_cost" and value < 1:
             raise InvalidRequest(f"{name} must be at least 1 (or null for no limit)", param=name)
     row = session.get(m.TenantLimits, tenant_id) or m.TenantLimits(tenant_id=tenant_id)
     for name, value in values.items():
@@ -119,6 +130,33 @@ def set_tenant_limits(session: Session, tenant_id: str, values: dict[str, int | 
     session.add(row)
     session.flush()
     return row
+
+
+def cost_period(now: float) -> str:
+    return "cost:" + dt.datetime.fromtimestamp(now, dt.UTC).strftime("%Y-%m")
+
+
+def _micros(amount: float) -> int:
+    return round(amount * MICROS)
+
+
+def _start_cost_month(session: Session, tenant_id: str, prices: dict[str, dict[str, float]], now: float) -> None:
+    """The month's cost row, made once from what the accounting ledger says the month cost so far (so a budget
+    set mid-month, and fine-tuning and compute, count)."""
+    subject, period = f"tenant:{tenant_id}", cost_period(now)
+    if session.get(m.UsageCounter, (subject, period)) is not None:
+        return
+    month_start = dt.datetime.fromtimestamp(now, dt.UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    spent = ledger.cost_between(session, tenant_id, prices, int(month_start.timestamp()), int(now) + 1)
+    if session.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    session.execute(
+        insert(m.UsageCounter)
+        .values(subject=subject, period=period, requests=0, tokens=_micros(spent), reserved=0)
+        .on_conflict_do_nothing()
+    )
 
 
 def _ensure_row(session: Session, subject: str, period: str) -> None:
@@ -204,12 +242,14 @@ def count_request(db: Database, who: Principal) -> None:
                 )
 
 
-def _release(session: Session, holds: list[list[Any]], used: int | None) -> None:
-    """Undo a reservation's holds; `used` tokens (None: all that were reserved) become spent."""
+def _release(session: Session, holds: list[list[Any]], used: int | None, cost_micros: int | None = None) -> None:
+    """Undo a reservation's holds; `used` tokens and `cost_micros` (None: all that were reserved) become spent."""
     counter = m.UsageCounter
     for subject, period, kind, amount in holds:
         spent = amount if used is None else min(used, amount)
-        if kind == "month":
+        if kind == "cost":
+            _add(session, subject, period, reserved=-amount, tokens=amount if cost_micros is None else cost_micros)
+        elif kind == "month":
             _add(session, subject, period, reserved=-amount, tokens=spent)
         elif kind == "minute":
             session.execute(
@@ -312,13 +352,15 @@ def reserve(
     hold_seconds: float,
     model: str,
     kind: str = "completions",
+    prices: dict[str, dict[str, float]] | None = None,
 ) -> Reservation:
     """Hold an inference call's worst case against every limit, or 429: prompt + max_tokens tokens, and one slot of
     `concurrent_streams`, which counts every call running at once, streamed or not (20 concurrent non-streamed
     calls once passed a limit of 3). A call takes one slot whatever its `n`: its choices share one connection
     and come back together, and their cost is held in tokens (the caller passes max_tokens × n). A process that
     dies holding a reservation gives it back after `hold_seconds`. The call is accounted to `model` (and `kind`:
-    completions or embeddings) in the ledger when it settles."""
+    completions or embeddings) in the ledger when it settles; `prices` (the platform's) price it against a cost
+    budget."""
     worst = prompt_tokens + max_tokens
     now = clock()
     with db.system() as s:
@@ -335,8 +377,16 @@ def reserve(
         counter = m.UsageCounter
         holds: list[list[Any]] = []
         refused: RateLimited | None = None
+        token_prices = (0.0, 0.0)
+        if tenant.monthly_cost is not None:
+            token_prices = ledger.token_prices(s, prices or {}, model, kind)
+            _start_cost_month(s, who.tenant_id, prices or {}, now)
+        worst_cost = math.ceil((prompt_tokens * token_prices[0] + max_tokens * token_prices[1]) * MICROS)
         for subject, label, lim in subjects:
             checks = []
+            if lim.monthly_cost is not None:
+                total = counter.tokens + counter.reserved
+                checks.append(("cost", cost_period(now), "reserved", worst_cost, _micros(lim.monthly_cost), total))
             if lim.tokens_per_minute is not None:
                 checks.append(("minute", minute_period(now), "tokens", worst, lim.tokens_per_minute, counter.tokens))
             if lim.monthly_tokens is not None:
@@ -356,7 +406,9 @@ def reserve(
             s.rollback()  # nothing of this request was held
             raise refused
         use = ledger.Use(who.tenant_id, kind, user_id=who.user_id, api_key_id=who.api_key_id or "", model=model)
-        reservation = Reservation(new_id("resv_"), worst, holds, use, [subject for subject, _, _ in subjects])
+        reservation = Reservation(
+            new_id("resv_"), worst, holds, use, [subject for subject, _, _ in subjects], token_prices
+        )
         if holds:
             s.add(m.UsageReservation(id=reservation.id, holds=holds, expires_at=now + hold_seconds))
         for subject, _, _ in subjects:
@@ -371,6 +423,15 @@ def _refusal(kind: str, label: str, limit: int, amount: int, now: float) -> Rate
             f"Rate limit reached for {label}: {limit} tokens per minute (this request may use {amount}).{too_big}",
             retry_after=_seconds_to_next_minute(now),
         )
+    if kind == "cost":
+        spent = RateLimited(
+            f"The monthly cost budget of {label} ({limit / MICROS:g}) does not cover this request's worst case "
+            f"({amount / MICROS:.6f}: prompt + max_tokens at the platform's prices). Lower max_tokens or ask an "
+            "administrator to raise it.",
+            retry_after=_seconds_to_next_month(now),
+        )
+        spent.code = "insufficient_quota"
+        return spent
     if kind == "month":
         exhausted = RateLimited(
             f"The monthly token budget of {label} ({limit} tokens) does not cover this request's worst case "
@@ -404,7 +465,9 @@ def settle(
             gone = s.execute(delete(m.UsageReservation).where(m.UsageReservation.id == reservation.id)).rowcount
             if gone != 1:
                 return  # expired and swept already: counted in full, as promised (and in the ledger as used)
-            _release(s, reservation.holds, used_tokens)
+            prompt_price, completion_price = reservation.token_prices
+            cost = math.ceil((prompt_tokens * prompt_price + completion_tokens * completion_price) * MICROS)
+            _release(s, reservation.holds, used_tokens, cost)
         held_month = {subject for subject, _, kind, _ in reservation.holds if kind == "month"}
         for subject in reservation.subjects:
             if subject not in held_month:  # no budget held: its month counts what was used all the same
@@ -428,6 +491,10 @@ def check_training(db: Database, who: Principal) -> None:
             row = s.get(m.UsageCounter, (subject, month_period(now)))
             if row is not None and row.tokens + row.reserved >= lim.monthly_tokens:
                 raise _refusal("month", label, lim.monthly_tokens, 1, now)
+        cost_limit = tenant_limits(s, who.tenant_id).monthly_cost
+        row = s.get(m.UsageCounter, (f"tenant:{who.tenant_id}", cost_period(now)))
+        if cost_limit is not None and row is not None and row.tokens + row.reserved >= _micros(cost_limit):
+            raise _refusal("cost", "your organization", _micros(cost_limit), 0, now)
 
 
 def usage(session: Session, subjects: list[str], now: float | None = None) -> dict[str, dict[str, int]]:

@@ -170,6 +170,20 @@ def prices(session: Session, table: dict[str, dict[str, float]], currency: str) 
     return Prices(table, currency, bases)
 
 
+def token_prices(session: Session, table: dict[str, dict[str, float]], model: str, kind: str) -> tuple[float, float]:
+    """(prompt, completion) price per token of one call to `model` (an adapter: its base's unless listed)."""
+    adapter = session.get(m.Adapter, model) if model not in table else None
+    price_list = Prices(table, "", {model: adapter.base_model} if adapter is not None else {})
+    if kind == "embeddings":
+        return price_list.per_token(model, "embedding"), 0.0
+    return price_list.per_token(model, "prompt"), price_list.per_token(model, "completion")
+
+
+def cost_between(session: Session, tenant_id: str, table: dict[str, dict[str, float]], start: int, end: int) -> float:
+    price_list = prices(session, table, "")
+    return sum(price_list.cost(row) for row in records(session, tenant_id, start, end))
+
+
 _RESULT_FIELDS = {
     "completions": lambda r: {
         "input_tokens": r["prompt_tokens"],

@@ -18,7 +18,7 @@ from sqlalchemy import select
 from adaptery.auth.secrets import hash_password
 from adaptery.db import models as m
 from adaptery.engine.generation import GenerationFailed
-from adaptery.services import usage
+from adaptery.services import limits, usage
 from tests.contracts.openai_schema import validation_errors
 from tests.security.conftest import World, add_key
 from tests.security.objects import unpack
@@ -310,3 +310,34 @@ def test_a_stream_that_fails_after_its_first_tokens_is_counted_with_them(world: 
     assert produced and produced[0] >= 1
     assert (row.requests, row.failed_requests, row.completion_tokens) == (1, 1, produced[0])
     assert row.prompt_tokens > 0
+
+
+def test_a_cost_budget_is_held_before_and_settled_after_like_a_token_budget(world: World):
+    world.platform.settings.usage_prices = {MODEL: {"prompt": 1_000_000.0, "completion": 2_000_000.0}}  # 1, 2 a token
+    owner, admin = world.auth("owner"), world.auth("admin")
+    before = world.client.post("/v1/chat/completions", headers=owner, json={**CHAT, "max_tokens": 2}).json()["usage"]
+    spent_before = before["prompt_tokens"] + 2 * before["completion_tokens"]  # made before any budget was set
+    budget = spent_before + before["prompt_tokens"] + 2 * 3 + 1  # room for one more call of max_tokens 3, no more
+    limited = world.client.put(
+        f"/api/platform/tenants/{world.tenant_id}/limits",
+        headers=world.auth("platform_admin"),
+        json={"monthly_cost": budget},
+    )
+    assert limited.status_code == 200 and limited.json()["monthly_cost"] == budget
+    served = world.client.post("/v1/chat/completions", headers=owner, json={**CHAT, "max_tokens": 3})
+    assert served.status_code == 200, served.text
+    spent = spent_before + served.json()["usage"]["prompt_tokens"] + 2 * served.json()["usage"]["completion_tokens"]
+    refused = world.client.post("/v1/chat/completions", headers=owner, json={**CHAT, "max_tokens": 3})
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "insufficient_quota", refused.text
+    assert world.client.get("/api/admin/usage", headers=admin).json()["ledger"]["totals"]["cost"] == spent
+    with world.platform.db.system() as s:
+        row = s.get(m.UsageCounter, (f"tenant:{world.tenant_id}", limits.cost_period(time.time())))
+        assert (row.tokens, row.reserved) == (spent * limits.MICROS, 0)  # settled to what it cost, nothing held
+    world.client.put(
+        f"/api/platform/tenants/{world.tenant_id}/limits",
+        headers=world.auth("platform_admin"),
+        json={"monthly_cost": spent},
+    )
+    body = {"model": MODEL, "training_file": world.ids["file_id"]}
+    job = world.client.post("/v1/fine_tuning/jobs", headers=owner, json=body)
+    assert job.status_code == 429 and job.json()["error"]["code"] == "insufficient_quota"  # spent: no new fine-tune

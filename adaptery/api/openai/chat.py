@@ -239,6 +239,7 @@ def _prepare(p: Platform, who: Principal, body: ChatRequest | CompletionRequest)
         max_tokens=max_tokens * n,
         hold_seconds=p.settings.inference_hold_seconds,
         model=ref.id,
+        prices=p.settings.usage_prices,
     )
     return Prepared(ref.id, base.id, base.ref, adapter, prompt_ids, params, n, held, who.tenant_id)
 

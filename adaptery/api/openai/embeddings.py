@@ -66,7 +66,7 @@ async def create_embeddings(
         )
     held = await run_in_threadpool(
         limits.reserve, p.db, who, prompt_tokens=tokens, max_tokens=0, hold_seconds=p.settings.inference_hold_seconds,
-        model=p.embeddings.name, kind="embeddings",
+        model=p.embeddings.name, kind="embeddings", prices=p.settings.usage_prices,
     )  # fmt: skip
     failed = True
     try:

@@ -1,4 +1,5 @@
-"""usage ledger: what each tenant, user, key, model and agent used, per day (accounting, not limits)
+"""usage ledger: what each tenant, user, key, model and agent used, per day (accounting, not limits); a
+tenant's monthly cost budget
 
 Revision ID: 0010_usage_ledger
 Revises: 0008_identity
@@ -35,8 +36,12 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("day", "tenant_id", "user_id", "api_key_id", "model", "agent_id", "kind"),
     )
     op.create_index(op.f("ix_usage_records_tenant_id"), "usage_records", ["tenant_id"], unique=False)
+    with op.batch_alter_table("tenant_limits", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("monthly_cost", sa.Float(), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("tenant_limits", schema=None) as batch_op:
+        batch_op.drop_column("monthly_cost")
     op.drop_index(op.f("ix_usage_records_tenant_id"), table_name="usage_records")
     op.drop_table("usage_records")
