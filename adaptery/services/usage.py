@@ -327,7 +327,7 @@ def costs_page(
 def summary(session: Session, tenant_id: str, price_list: Prices, start: int, end: int) -> dict[str, Any]:
     """The period's totals, and the same by day, model, user and key: what the admin page draws."""
     rows = records(session, tenant_id, start, end)
-    usernames = dict(session.execute(select(m.User.id, m.User.username)).all())
+    usernames = _usernames(session, rows)
 
     def figures(group: list[m.UsageRecord]) -> dict[str, Any]:
         summed = _sum(group, [])
@@ -363,16 +363,22 @@ def summary(session: Session, tenant_id: str, price_list: Prices, start: int, en
     }
 
 
+def _usernames(session: Session, rows: list[m.UsageRecord]) -> dict[str, str]:
+    ids = {row.user_id for row in rows if row.user_id}
+    return dict(session.execute(select(m.User.id, m.User.username).where(m.User.id.in_(ids))).all()) if ids else {}
+
+
 CSV_COLUMNS = ("day", "tenant_id", "user_id", "username", "api_key_id", "model", "agent_id", "kind", *COUNTS, "cost")
 
 
 def csv_rows(session: Session, tenant_id: str, price_list: Prices, start: int, end: int) -> Iterator[str]:
     """The ledger's rows as CSV lines (a header first), with each row's cost."""
-    usernames = dict(session.execute(select(m.User.id, m.User.username)).all())
+    rows = records(session, tenant_id, start, end)
+    usernames = _usernames(session, rows)
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
-    for row in records(session, tenant_id, start, end):
+    for row in rows:
         values = {name: getattr(row, name) for name in CSV_COLUMNS if hasattr(m.UsageRecord, name)}
         values["username"] = usernames.get(row.user_id, "")
         values["cost"] = round(price_list.cost(row), 9)
