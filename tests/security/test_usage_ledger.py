@@ -246,13 +246,15 @@ def test_prices_turn_the_ledger_into_cost(world: World):
         ({"start_time": 0, "page": "nonsense"}, "page"),
     ],
 )
-def test_a_bad_usage_query_is_a_400_naming_the_field(world: World, params: dict, field: str):
+def test_a_bad_usage_query_is_a_400_naming_the_field(world_once: World, params: dict, field: str):
+    world = world_once
     response = world.client.get("/v1/organization/usage/completions", headers=world.auth("admin"), params=params)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == field
 
 
-def test_usage_pages_through_buckets_with_next_page(world: World):
+def test_usage_pages_through_buckets_with_next_page(world_once: World):
+    world = world_once
     admin, start = world.auth("admin"), 1_700_000_000 - 1_700_000_000 % usage.DAY
     pages, params = [], {"start_time": start, "end_time": start + 10 * usage.DAY, "limit": 4}
     while True:
