@@ -14,8 +14,10 @@ processes and no request can slip past a budget between a check and a write.
   job is refused once the budget is spent;
 - a tenant's monthly cost budget (`monthly_cost`, at the platform's prices): an inference call holds the cost
   of its worst case and settles what its tokens really cost, as the token budget does (in millionths of the
-  currency, on the `cost:<month>` row, which starts from the month's cost in the accounting ledger, fine-tuning
-  and compute included); a new fine-tuning job is refused once it is spent.
+  currency, on the `cost:<month>` row). That row starts from the month's whole cost in the accounting ledger
+  (fine-tuning and compute included) when the budget is first checked in a month; later fine-tuning and
+  compute are not added to it (their prices are not known where a job ends), only a new job is refused once the
+  budget is spent.
 
 The month rows count every settled token, limited or not (a subject without a monthly budget holds nothing, and
 its tokens are added when the call settles), and each settlement also writes the accounting ledger
