@@ -2,14 +2,14 @@
 tenant's monthly cost budget
 
 Revision ID: 0010_usage_ledger
-Revises: 0008_identity
+Revises: 0009_islands
 """
 
 import sqlalchemy as sa
 from alembic import op
 
 revision = "0010_usage_ledger"
-down_revision = "0008_identity"
+down_revision = "0009_islands"
 branch_labels = None
 depends_on = None
 
