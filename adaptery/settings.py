@@ -238,6 +238,14 @@ class Settings(KernelSettings):
         description="Deepest nesting of arrays/objects accepted in JSON from outside: a request body, a dataset "
         "record, an imported adapter's config.",
     )
+    usage_prices: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="Prices that turn the usage ledger into cost (set by platform admins): model or base model id -> "
+        '{"prompt": .., "completion": .., "embedding": .., "trained": ..} in `usage_currency` per million tokens; '
+        'and the key "compute" -> {"cpu": .., "accelerator": ..} per hour. An adapter costs what its base does '
+        "unless it is listed itself.",
+    )
+    usage_currency: str = Field("usd", description="The currency of `usage_prices` (a label only).")
     request_body_timeout_seconds: float = Field(
         60.0, description="A client that sends nothing of its request body for this long is cut off."
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import queue as stdlib_queue
+import resource
 import shutil
 import signal
 import threading
@@ -347,19 +348,24 @@ class Agent:
             self._finish(job, {"state": "failed", "message": refusal, "attempt": attempt})
             return
         stderr_path = job_dir / "stderr.log"
+        # What the training used, as this machine measures it: its processes' CPU time (the local backend's are
+        # this agent's children; a Slurm job's CPU is counted by Slurm, so only its wall time shows here).
+        used_before, started = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
         child = self.backend.start(assignment, spec_path, job_dir, stderr_path)
         outcome = self._supervise(assignment, child, job_dir, beats)
+        compute = _compute_used(used_before, started, accelerator=bool(outcome.get("result", {}).get("accelerator")))
         if outcome["state"] == "succeeded":
             adapter = job_dir / "adapter"
             files = self._retrying(job, "uploading its adapter", lambda: self.link.upload_dir(job, adapter))
             result = {"state": "succeeded", "result": outcome["result"], "files": files, "attempt": attempt}
-            reply = self._finish(job, result)
+            reply = self._finish(job, {**result, "compute": compute})
             log.info("job %s succeeded: %s", job, reply.get("model"))
         elif outcome["state"] == "failed":
             message = outcome.get("message") or self._stderr_tail(stderr_path) or "training failed"
-            self._finish(job, {"state": "failed", "message": message, "attempt": attempt})
+            self._finish(job, {"state": "failed", "message": message, "attempt": attempt, "compute": compute})
         elif outcome["state"] in ("paused", "released", "cancelled"):
-            self._finish(job, {"state": outcome["state"], "message": "the agent is shutting down", "attempt": attempt})
+            stopped = {"state": outcome["state"], "message": "the agent is shutting down", "attempt": attempt}
+            self._finish(job, {**stopped, "compute": compute})
 
     def _supervise(
         self, assignment: Assignment, child: TrainingRun, job_dir: Path, beats: Heartbeats
@@ -482,3 +488,17 @@ class Agent:
     def _stderr_tail(path: Path, limit: int = 800) -> str:
         text = path.read_text(errors="replace").strip() if path.exists() else ""
         return text[-limit:]
+
+
+def _compute_used(before: resource.struct_rusage, started: float, *, accelerator: bool) -> dict[str, float]:
+    """What a job's training process used, measured here: its CPU seconds (user + system, from the rusage of
+    reaped children: one job at a time runs under an agent), its wall seconds, and those as accelerator seconds
+    when it trained on one."""
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    wall = time.monotonic() - started
+    return {
+        "cpu_seconds": round(max(cpu, 0.0), 6),
+        "wall_seconds": round(wall, 6),
+        "accelerator_seconds": round(wall, 6) if accelerator else 0.0,
+    }

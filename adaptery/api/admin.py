@@ -1,19 +1,25 @@
 """Administration: a tenant's audit log, usage, limits and members (tenant admins), and every tenant's
-limits (platform admins). Every change here is itself audited."""
+limits (platform admins). Every change here is itself audited.
+
+Usage comes from the accounting ledger (`services.usage`): `/api/admin/usage` sums a period for the admin page,
+`/v1/organization/usage/{kind}` and `/v1/organization/costs` give it in the shape of OpenAI's organization usage
+and costs endpoints (daily buckets, `group_by`), `/api/admin/usage/export` as CSV.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from adaptery.api.deps import platform, principal
 from adaptery.auth import policy
 from adaptery.auth.principal import Principal, Role
 from adaptery.platform import Platform
-from adaptery.services import audit, keys, limits, tenants
-from adaptery.services.errors import PermissionDenied
+from adaptery.services import audit, keys, limits, tenants, usage
+from adaptery.services.errors import InvalidRequest, PermissionDenied
 
 router = APIRouter(tags=["admin"])
 Limit = Annotated[int | None, Field(ge=1)]
@@ -27,6 +33,7 @@ class TenantLimitsBody(BaseModel):
     monthly_tokens: Limit = None
     max_tokens: Limit = None
     max_upload_bytes: Limit = None
+    monthly_cost: Annotated[float | None, Field(gt=0, description="In the platform's currency, at its prices")] = None
 
 
 class RoleBody(BaseModel):
@@ -38,34 +45,163 @@ def _limits_object(values: limits.Limits) -> dict[str, int | None]:
     return {name: getattr(values, name) for name in limits.LIMIT_FIELDS}
 
 
+Seconds = Annotated[int, Query(ge=0, le=2**41)]
+
+
+def _audit_filters(
+    actor: Annotated[str | None, Query(max_length=64, description="Only events of this actor (username)")] = None,
+    action: Annotated[str | None, Query(max_length=64, description="This action, or a prefix ending in '.'")] = None,
+    outcome: Annotated[Literal["success", "failure"] | None, Query()] = None,
+    since: Annotated[float | None, Query(ge=0, description="Only events at or after this Unix time")] = None,
+    until: Annotated[float | None, Query(ge=0, description="Only events before this Unix time")] = None,
+) -> audit.Filters:
+    return audit.Filters(actor=actor, action=action, outcome=outcome, since=since, until=until)
+
+
 @router.get("/api/admin/audit")
 def read_audit(
     after: Annotated[int | None, Query(ge=1, le=2**63 - 1, description="Only events older than this seq")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    action: Annotated[str | None, Query(max_length=64)] = None,
+    filters: audit.Filters = Depends(_audit_filters),
     who: Principal = Depends(principal),
     p: Platform = Depends(platform),
 ) -> dict[str, Any]:
-    """Your tenant's audit events, newest first."""
+    """Your tenant's audit events, newest first; page on with `after` = the page's `last_id` while `has_more`."""
     with p.db.system() as s:
-        rows = audit.list_events(s, who.tenant_id, after=after, limit=limit + 1, action=action)
+        rows = audit.list_events(s, who.tenant_id, after=after, limit=limit + 1, filters=filters)
         data = [audit.event_object(r) for r in rows[:limit]]
-    return {"object": "list", "data": data, "has_more": len(rows) > limit}
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["seq"] if data else None,
+        "last_id": data[-1]["seq"] if data else None,
+        "has_more": len(rows) > limit,
+    }
+
+
+@router.get("/api/admin/audit/export", response_class=StreamingResponse)
+def export_audit(
+    filters: audit.Filters = Depends(_audit_filters),
+    who: Principal = Depends(principal),
+    p: Platform = Depends(platform),
+) -> StreamingResponse:
+    """The whole of your tenant's audit log (with the filters) as CSV, oldest first."""
+    return StreamingResponse(
+        audit.csv_lines(p.db, who.tenant_id, filters),
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": 'attachment; filename="audit.csv"'},
+    )
+
+
+def _month_start(now: float) -> int:
+    return usage.day_start(limits.month_period(now).removeprefix("month:") + "-01")
 
 
 @router.get("/api/admin/usage")
-def read_usage(who: Principal = Depends(principal), p: Platform = Depends(platform)) -> dict[str, Any]:
-    """This month's usage of the tenant and of each of its keys."""
+def read_usage(
+    start_time: Seconds | None = None,
+    end_time: Seconds | None = None,
+    who: Principal = Depends(principal),
+    p: Platform = Depends(platform),
+) -> dict[str, Any]:
+    """The limits' live counters of this month (tenant and each key), and the ledger's figures of the period
+    (default: this month) by day, model, user, key and agent, with their cost."""
+    now = limits.clock()
+    start = start_time if start_time is not None else _month_start(now)
+    end = end_time if end_time is not None else int(now) + 1
     with p.db.tenant(who.tenant_id) as s:
         key_ids = keys.all_key_ids(s)
-        limits.charge_training(s, who.tenant_id, limits.clock())
+        limits.charge_training(s, who.tenant_id, now)
         counted = limits.usage(s, [f"tenant:{who.tenant_id}", *[f"key:{k}" for k in key_ids]])
+    with p.db.system() as s:
+        price_list = usage.prices(s, p.settings.usage_prices, p.settings.usage_currency)
+        ledger = usage.summary(s, who.tenant_id, price_list, start, end)
     return {
         "object": "usage",
-        "period": limits.month_period(limits.clock()).removeprefix("month:"),
+        "period": limits.month_period(now).removeprefix("month:"),
+        "start_time": start,
+        "end_time": end,
         "tenant": counted[f"tenant:{who.tenant_id}"],
         "keys": {k: counted[f"key:{k}"] for k in key_ids},
+        "ledger": ledger,
     }
+
+
+@router.get("/api/admin/usage/export", response_class=StreamingResponse)
+def export_usage(
+    start_time: Seconds | None = None,
+    end_time: Seconds | None = None,
+    who: Principal = Depends(principal),
+    p: Platform = Depends(platform),
+) -> StreamingResponse:
+    """The ledger's rows of the period (default: this month) as CSV: one per day, user, key, model, agent, kind."""
+    now = limits.clock()
+    start = start_time if start_time is not None else _month_start(now)
+    end = end_time if end_time is not None else int(now) + 1
+    with p.db.system() as s:
+        price_list = usage.prices(s, p.settings.usage_prices, p.settings.usage_currency)
+        lines = list(usage.csv_rows(s, who.tenant_id, price_list, start, end))
+    return StreamingResponse(
+        iter(lines),
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": 'attachment; filename="usage.csv"'},
+    )
+
+
+GroupBy = Annotated[list[str] | None, Query(description="Group each bucket's results by these fields")]
+Buckets = Annotated[int, Query(ge=1, le=usage.MAX_BUCKETS, description="Buckets (days) per page")]
+
+
+def _one_day(bucket_width: str) -> None:
+    if bucket_width != "1d":
+        raise InvalidRequest(f"bucket_width {bucket_width!r} is not supported; use '1d'.", param="bucket_width")
+
+
+@router.get("/v1/organization/usage/{kind}")
+def organization_usage(
+    kind: Literal["completions", "embeddings", "fine_tuning", "compute"],
+    start_time: Seconds,
+    end_time: Seconds | None = None,
+    bucket_width: str = "1d",
+    group_by: GroupBy = None,
+    models: Annotated[list[str] | None, Query()] = None,
+    user_ids: Annotated[list[str] | None, Query()] = None,
+    api_key_ids: Annotated[list[str] | None, Query()] = None,
+    limit: Buckets = 7,
+    page: Annotated[str | None, Query(max_length=32)] = None,
+    who: Principal = Depends(principal),
+    p: Platform = Depends(platform),
+) -> dict[str, Any]:
+    """Your tenant's usage in daily buckets, shaped like OpenAI's organization usage (one tenant is one
+    project); `fine_tuning` and `compute` are Adaptery's own kinds."""
+    _one_day(bucket_width)
+    filters = {"model": models or [], "user_id": user_ids or [], "api_key_id": api_key_ids or []}
+    with p.db.system() as s:
+        return usage.usage_page(
+            s, who.tenant_id, kind, start_time=start_time, end_time=end_time, group_by=group_by or [],
+            limit=limit, page=page, now=limits.clock(), filters=filters,
+        )  # fmt: skip
+
+
+@router.get("/v1/organization/costs")
+def organization_costs(
+    start_time: Seconds,
+    end_time: Seconds | None = None,
+    bucket_width: str = "1d",
+    group_by: GroupBy = None,
+    limit: Buckets = 7,
+    page: Annotated[str | None, Query(max_length=32)] = None,
+    who: Principal = Depends(principal),
+    p: Platform = Depends(platform),
+) -> dict[str, Any]:
+    """What your tenant's usage cost per day at the platform's prices, shaped like OpenAI's organization costs."""
+    _one_day(bucket_width)
+    with p.db.system() as s:
+        price_list = usage.prices(s, p.settings.usage_prices, p.settings.usage_currency)
+        return usage.costs_page(
+            s, who.tenant_id, price_list, start_time=start_time, end_time=end_time, group_by=group_by or [],
+            limit=limit, page=page, now=limits.clock(),
+        )  # fmt: skip
 
 
 @router.get("/api/admin/limits")

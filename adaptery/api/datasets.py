@@ -224,7 +224,9 @@ def update_card(
 ) -> dict:
     require(who, "upload")
     with p.db.tenant(who.tenant_id) as s:
-        dataset = datasets.update_card(s, datasets.get_dataset(s, dataset_id), card.model_dump(exclude_unset=True))
+        changes = card.model_dump(exclude_unset=True)
+        dataset = datasets.update_card(s, datasets.get_dataset(s, dataset_id), changes)
+        audit.record(s, who, "dataset.update", target=dataset_id, detail={"fields": sorted(changes)})
         return _dataset_body(s, dataset, p.keyring.data_key(who.tenant_id))
 
 
@@ -292,6 +294,8 @@ def _operation(
     with p.db.tenant(who.tenant_id) as s:
         dataset = datasets.get_dataset(s, dataset_id)
         created = datasets.start_operation(s, dataset, number, operation, params)
+        detail = {"version": number, "new_versions": [v.number for v in created]}
+        audit.record(s, who, f"dataset.{operation}", target=dataset_id, detail=detail)
         key = p.keyring.data_key(who.tenant_id)
         body = {"object": "list", "data": [version_object(v, key) for v in created]}
     for version in created:
@@ -364,4 +368,6 @@ def export(
         record = datasets.export_version(
             s, datasets.get_dataset(s, dataset_id), number, allow_invalid=body.allow_invalid
         )
+        detail = {"version": number, "file": record.id, "allow_invalid": body.allow_invalid}
+        audit.record(s, who, "dataset.export", target=dataset_id, detail=detail)
         return file_object(record)

@@ -9,7 +9,7 @@ from fastapi import Request
 from adaptery.auth import policy
 from adaptery.auth.principal import Principal
 from adaptery.platform import Platform
-from adaptery.services import keys, limits, sessions
+from adaptery.services import audit, keys, limits, sessions
 from adaptery.services.errors import PermissionDenied, Unauthenticated
 
 SESSION_COOKIE = "adaptery_session"
@@ -51,12 +51,18 @@ def authenticate(request: Request) -> Principal:
 
 def principal(request: Request) -> Principal:
     """The caller, allowed by `auth.policy` to call the matched route, within its request rate."""
-    who = authenticate(request)
+    who = replace(authenticate(request), ip=request.client.host if request.client else None)
     route = request.scope.get("route")
-    permission = policy.permission_for(request.method, getattr(route, "path", request.url.path))
-    if permission is not None:
-        policy.authorize(who, permission)
-    who = replace(who, ip=request.client.host if request.client else None)
+    path = getattr(route, "path", request.url.path)
+    permission = policy.permission_for(request.method, path)
     p: Platform = request.app.state.platform
+    if permission is not None:
+        try:
+            policy.authorize(who, permission)
+        except PermissionDenied as refused:  # someone known tried what their role or key does not allow
+            with p.db.system() as s:
+                detail = {"reason": refused.code, "permission": permission.name}
+                audit.record(s, who, "auth.denied", target=f"{request.method} {path}", outcome="failure", detail=detail)
+            raise
     limits.count_request(p.db, who)
     return who

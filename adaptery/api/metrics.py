@@ -1,9 +1,10 @@
 """Prometheus metrics (/metrics) and the engine's state (GET /api/admin/engine).
 
-/metrics counts every tenant's traffic without tenant labels, so only platform admins may read it (point
-Prometheus at it with such a key as its bearer token). The engine state is for tenant owners too: it names
-adapters by content hash; a tenant owner sees the model ids of their own tenant's adapters, and other
-tenants' adapters only as counts.
+/metrics counts every tenant's traffic without tenant labels: the engine's counters, and the usage ledger's sums
+(`adaptery_usage_*`, read from the database at each scrape, so they equal the ledger whichever process served
+the traffic). Only platform admins may read it (point Prometheus at it with such a key as its bearer token). The
+engine state is for tenant owners too: it names adapters by content hash; a tenant owner sees the model ids of
+their own tenant's adapters, and other tenants' adapters only as counts.
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ from adaptery.api.deps import platform, principal
 from adaptery.auth.policy import require_engine_admin
 from adaptery.auth.principal import Principal
 from adaptery.platform import Platform
-from adaptery.services import catalog
+from adaptery.services import catalog, usage
 
 router = APIRouter(tags=["engine"])
 
 
 @router.get("/metrics", include_in_schema=False)
 def metrics(who: Principal = Depends(principal), p: Platform = Depends(platform)) -> Response:
-    return Response(generate_latest(p.engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    text = generate_latest(p.engine.metrics.registry) + generate_latest(usage.registry(p.db))
+    return Response(text, media_type=CONTENT_TYPE_LATEST)
 
 
 def _visible_state(p: Platform, who: Principal) -> dict[str, Any]:

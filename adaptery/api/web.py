@@ -91,7 +91,10 @@ def sign_in_link(token: str, request: Request, p: Platform = Depends(platform)) 
         with p.db.system() as s:
             new = sessions.consume_login_link(s, token, p.settings)
             audit.record(s, new.principal, "auth.sign_in_link", target=new.principal.username, ip=_ip(request))
-    except Unauthenticated:
+    except Unauthenticated as refused:
+        with p.db.system() as s:  # whose link it was is unknown (or must not be trusted): filed under no tenant
+            audit.record(s, None, "auth.sign_in_link", outcome="failure", actor="anonymous", ip=_ip(request),
+                         detail={"reason": refused.code})  # fmt: skip
         return RedirectResponse("/?link=invalid", status_code=303)
     response = RedirectResponse("/", status_code=303)
     _set_cookies(response, request, new, p)
@@ -123,9 +126,10 @@ def login(body: LoginRequest, request: Request, response: Response, p: Platform 
 
 @router.post("/api/auth/logout", status_code=204)
 def logout(who: Principal = Depends(principal), p: Platform = Depends(platform)) -> Response:
-    if who.session_id:
-        with p.db.system() as s:
+    with p.db.system() as s:
+        if who.session_id:
             sessions.logout(s, who.session_id)
+        audit.record(s, who, "auth.sign_out", target=who.username)
     response = Response(status_code=204)
     response.delete_cookie(SESSION_COOKIE, path="/")
     response.delete_cookie(CSRF_COOKIE, path="/")
@@ -141,7 +145,8 @@ def change_password(
     with p.db.system() as s:
         refusal = sessions.change_password(s, who, body.current_password, body.password, p.settings)
         outcome = "failure" if refusal else "success"
-        audit.record(s, who, "user.password_change", target=who.username, outcome=outcome)
+        detail = {"with_current_password": body.current_password is not None}  # none: set after a one-time link
+        audit.record(s, who, "user.password_change", target=who.username, outcome=outcome, detail=detail)
     if refusal:
         raise refusal
     return Response(status_code=204)
@@ -171,6 +176,7 @@ def enter_platform_administration(
 def leave_platform_administration(who: Principal = Depends(principal), p: Platform = Depends(platform)) -> Response:
     with p.db.system() as s:
         sessions.leave_platform(s, who)
+        audit.record(s, who, "auth.platform_leave", target=who.username)
     return Response(status_code=204)
 
 

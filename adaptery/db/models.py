@@ -377,6 +377,7 @@ class TenantLimits(Base):
     monthly_tokens: Mapped[int | None] = mapped_column(BigInteger)
     max_tokens: Mapped[int | None] = mapped_column(Integer)
     max_upload_bytes: Mapped[int | None] = mapped_column(BigInteger)  # below the platform's own limit
+    monthly_cost: Mapped[float | None] = mapped_column(Float)  # in Settings.usage_currency, at the platform's prices
     updated_at: Mapped[float] = mapped_column(Float, default=now)
 
 
@@ -390,6 +391,33 @@ class UsageCounter(Base):
     requests: Mapped[int] = mapped_column(BigInteger, default=0)
     tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     reserved: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class UsageRecord(Base):
+    """The accounting ledger (`services.usage`): what was used, summed per day and per who/what/where.
+
+    One row per (day, tenant, user, key, model, agent, kind); a dimension that does not apply is "" (not NULL,
+    so the row's key is unique on every database). `kind`: completions, embeddings, fine_tuning or compute.
+    Rows only ever grow (an upsert adds to them), so the ledger is exact across processes."""
+
+    __tablename__ = "usage_records"
+    day: Mapped[str] = mapped_column(String(10), primary_key=True)  # YYYY-MM-DD, UTC
+    tenant_id: Mapped[str] = mapped_column(
+        String(40), ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    user_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    api_key_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    model: Mapped[str] = mapped_column(String(255), primary_key=True)
+    agent_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    failed_requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    trained_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cpu_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    accelerator_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    wall_seconds: Mapped[float] = mapped_column(Float, default=0.0)
 
 
 class UsageReservation(Base):

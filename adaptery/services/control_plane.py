@@ -272,6 +272,7 @@ class ControlPlane:
         state = body.get("state")
         message = str(body.get("message") or "")
         attempt = self._attempt(body)
+        self.queue.charge_compute(job_id, agent_id, body.get("compute"), attempt)
         if state == "succeeded":
             tenant_id = self._leased_tenant(agent_id, job_id)
             files = self._manifest(tenant_id, body.get("files"))

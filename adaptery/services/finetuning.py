@@ -295,13 +295,14 @@ def add_event(
 
 
 def finish(session: Session, job: m.FineTuningJob, status: str, *, error: dict[str, Any] | None = None) -> None:
+    agent_id = job.lease_owner if job.status == "running" else None  # who trained it, for the ledger
     job.status = status
     job.finished_at = time.time()
     job.error = error
     job.lease_owner = None
     job.lease_expires_at = None
     session.flush()
-    limits.settle_training(session, job)
+    limits.settle_training(session, job, agent_id)
 
 
 log = logging.getLogger(__name__)

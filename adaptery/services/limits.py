@@ -11,12 +11,23 @@ processes and no request can slip past a budget between a check and a write.
   is released by the next `reserve` after it expires (the engine's request deadline and a minute: a live
   request is never swept), counted as spent in full (so a crash can never be used to overshoot);
 - fine-tuning: the tokens a finished job trained on are charged to the tenant's monthly budget, and a new
-  job is refused once the budget is spent.
+  job is refused once the budget is spent;
+- a tenant's monthly cost budget (`monthly_cost`, at the platform's prices): an inference call holds the cost
+  of its worst case and settles what its tokens really cost, as the token budget does (in millionths of the
+  currency, on the `cost:<month>` row). That row starts from the month's whole cost in the accounting ledger
+  (fine-tuning and compute included) when the budget is first checked in a month; later fine-tuning and
+  compute are not added to it (their prices are not known where a job ends), only a new job is refused once the
+  budget is spent.
+
+The month rows count every settled token, limited or not (a subject without a monthly budget holds nothing, and
+its tokens are added when the call settles), and each settlement also writes the accounting ledger
+(`services.usage`) in the same transaction: the limits' month and the ledger agree.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +39,7 @@ from adaptery.auth.principal import Principal
 from adaptery.db import models as m
 from adaptery.db.ids import new_id
 from adaptery.db.session import Database
+from adaptery.services import usage as ledger
 from adaptery.services.errors import InvalidRequest, RateLimited
 
 LIMIT_FIELDS = (
@@ -37,8 +49,10 @@ LIMIT_FIELDS = (
     "monthly_tokens",
     "max_tokens",
     "max_upload_bytes",
+    "monthly_cost",
 )
-TENANT_ONLY = ("max_tokens", "max_upload_bytes")  # limits a tenant has and its keys do not
+TENANT_ONLY = ("max_tokens", "max_upload_bytes", "monthly_cost")  # limits a tenant has and its keys do not
+MICROS = 1_000_000  # cost is counted in millionths of the currency
 
 
 def clock() -> float:
@@ -54,6 +68,7 @@ class Limits:
     monthly_tokens: int | None = None
     max_tokens: int | None = None
     max_upload_bytes: int | None = None
+    monthly_cost: float | None = None
 
 
 @dataclass
@@ -61,6 +76,9 @@ class Reservation:
     id: str
     tokens: int
     holds: list[list[Any]] = field(default_factory=list)
+    use: ledger.Use | None = None  # the ledger row the call is accounted to when it settles
+    subjects: list[str] = field(default_factory=list)  # every limits subject it counts against
+    token_prices: tuple[float, float] = (0.0, 0.0)  # (prompt, completion) per token, for a cost hold
 
 
 def minute_period(now: float) -> str:
@@ -103,7 +121,9 @@ def set_tenant_limits(session: Session, tenant_id: str, values: dict[str, int | 
     for name, value in values.items():
         if name not in LIMIT_FIELDS:
             raise InvalidRequest(f"unknown limit {name!r}", param=name)
-        if value is not None and value < 1:
+        if value is not None and name == "monthly_cost" and not value > 0:
+            raise InvalidRequest(f"{name} must be more than 0 (or null for no limit)", param=name)
+        if value is not None and name != "monthly_cost" and value < 1:
             raise InvalidRequest(f"{name} must be at least 1 (or null for no limit)", param=name)
     row = session.get(m.TenantLimits, tenant_id) or m.TenantLimits(tenant_id=tenant_id)
     for name, value in values.items():
@@ -112,6 +132,33 @@ def set_tenant_limits(session: Session, tenant_id: str, values: dict[str, int | 
     session.add(row)
     session.flush()
     return row
+
+
+def cost_period(now: float) -> str:
+    return "cost:" + dt.datetime.fromtimestamp(now, dt.UTC).strftime("%Y-%m")
+
+
+def _micros(amount: float) -> int:
+    return round(amount * MICROS)
+
+
+def _start_cost_month(session: Session, tenant_id: str, prices: dict[str, dict[str, float]], now: float) -> None:
+    """The month's cost row, made once from what the accounting ledger says the month cost so far (so a budget
+    set mid-month, and fine-tuning and compute, count)."""
+    subject, period = f"tenant:{tenant_id}", cost_period(now)
+    if session.get(m.UsageCounter, (subject, period)) is not None:
+        return
+    month_start = dt.datetime.fromtimestamp(now, dt.UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    spent = ledger.cost_between(session, tenant_id, prices, int(month_start.timestamp()), int(now) + 1)
+    if session.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    session.execute(
+        insert(m.UsageCounter)
+        .values(subject=subject, period=period, requests=0, tokens=_micros(spent), reserved=0)
+        .on_conflict_do_nothing()
+    )
 
 
 def _ensure_row(session: Session, subject: str, period: str) -> None:
@@ -130,6 +177,20 @@ def _ensure_row(session: Session, subject: str, period: str) -> None:
                 m.UsageCounter.subject == subject, m.UsageCounter.period.like("min:%"), m.UsageCounter.period < period
             )
         )
+
+
+def claim_once(session: Session, subject: str, period: str) -> bool:
+    """True the first time (subject, period) is claimed, whoever asks, in any process; False after."""
+    if session.get(m.UsageCounter, (subject, period)) is not None:
+        return False
+    _ensure_row(session, subject, period)
+    counter = m.UsageCounter
+    claimed = session.execute(
+        update(counter)
+        .where(counter.subject == subject, counter.period == period, counter.requests == 0)
+        .values(requests=1)
+    ).rowcount
+    return claimed == 1
 
 
 def _take(session: Session, subject: str, period: str, column: str, amount: int, limit: int, *, total: Any) -> bool:
@@ -183,12 +244,14 @@ def count_request(db: Database, who: Principal) -> None:
                 )
 
 
-def _release(session: Session, holds: list[list[Any]], used: int | None) -> None:
-    """Undo a reservation's holds; `used` tokens (None: all that were reserved) become spent."""
+def _release(session: Session, holds: list[list[Any]], used: int | None, cost_micros: int | None = None) -> None:
+    """Undo a reservation's holds; `used` tokens and `cost_micros` (None: all that were reserved) become spent."""
     counter = m.UsageCounter
     for subject, period, kind, amount in holds:
         spent = amount if used is None else min(used, amount)
-        if kind == "month":
+        if kind == "cost":
+            _add(session, subject, period, reserved=-amount, tokens=amount if cost_micros is None else cost_micros)
+        elif kind == "month":
             _add(session, subject, period, reserved=-amount, tokens=spent)
         elif kind == "minute":
             session.execute(
@@ -210,18 +273,18 @@ def sweep_expired(session: Session, now: float) -> int:
     return released
 
 
-def charge_training(session: Session, tenant_id: str, now: float) -> None:
-    """Charge each finished fine-tuning job's trained tokens to the tenant's month, once."""
+def charge_training(session: Session, tenant_id: str, now: float, agents: dict[str, str] | None = None) -> None:
+    """Charge each finished fine-tuning job's trained tokens to the tenant's month and to the accounting ledger,
+    once (`agents`: the agent that trained a job, where the caller knows it)."""
     month = month_period(now)
     start = dt.datetime.fromtimestamp(now, dt.UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp()
+    job = m.FineTuningJob
     jobs = session.execute(
-        select(m.FineTuningJob.id, m.FineTuningJob.trained_tokens).where(
-            m.FineTuningJob.tenant_id == tenant_id,
-            m.FineTuningJob.finished_at >= start,
-            m.FineTuningJob.trained_tokens > 0,
+        select(job.id, job.trained_tokens, job.user_id, job.fine_tuned_model, job.model, job.finished_at).where(
+            job.tenant_id == tenant_id, job.finished_at >= start, job.trained_tokens > 0
         )
     ).all()
-    for job_id, tokens in jobs:
+    for job_id, tokens, user_id, fine_tuned, base, finished_at in jobs:
         marker = f"job:{job_id}"
         if session.get(m.UsageCounter, (marker, "training")) is not None:
             continue
@@ -233,6 +296,11 @@ def charge_training(session: Session, tenant_id: str, now: float) -> None:
         ).rowcount
         if claimed:
             _add(session, f"tenant:{tenant_id}", month, tokens=tokens)
+            trained = ledger.Use(
+                tenant_id, "fine_tuning", user_id=user_id or "", model=fine_tuned or base,
+                agent_id=(agents or {}).get(job_id, ""),
+            )  # fmt: skip
+            ledger.add(session, trained, finished_at, requests=1, trained_tokens=tokens)
 
 
 def hold_training(session: Session, tenant_id: str, job_id: str, tokens: int, now: float) -> str | None:
@@ -261,7 +329,7 @@ def hold_training(session: Session, tenant_id: str, job_id: str, tokens: int, no
     return None
 
 
-def settle_training(session: Session, job: m.FineTuningJob) -> None:
+def settle_training(session: Session, job: m.FineTuningJob, agent_id: str | None = None) -> None:
     """A job ended: give back its hold and charge what it really trained (exactly once, whoever calls)."""
     counter = m.UsageCounter
     for hold in session.scalars(
@@ -274,15 +342,27 @@ def settle_training(session: Session, job: m.FineTuningJob) -> None:
         if gone == 1:
             _add(session, f"tenant:{job.tenant_id}", month, reserved=-amount)
     if job.trained_tokens:
-        charge_training(session, job.tenant_id, job.finished_at or clock())
+        charge_training(session, job.tenant_id, job.finished_at or clock(), {job.id: agent_id} if agent_id else None)
 
 
-def reserve(db: Database, who: Principal, *, prompt_tokens: int, max_tokens: int, hold_seconds: float) -> Reservation:
+def reserve(
+    db: Database,
+    who: Principal,
+    *,
+    prompt_tokens: int,
+    max_tokens: int,
+    hold_seconds: float,
+    model: str,
+    kind: str = "completions",
+    prices: dict[str, dict[str, float]] | None = None,
+) -> Reservation:
     """Hold an inference call's worst case against every limit, or 429: prompt + max_tokens tokens, and one slot of
     `concurrent_streams`, which counts every call running at once, streamed or not (20 concurrent non-streamed
     calls once passed a limit of 3). A call takes one slot whatever its `n`: its choices share one connection
     and come back together, and their cost is held in tokens (the caller passes max_tokens × n). A process that
-    dies holding a reservation gives it back after `hold_seconds`."""
+    dies holding a reservation gives it back after `hold_seconds`. The call is accounted to `model` (and `kind`:
+    completions or embeddings) in the ledger when it settles; `prices` (the platform's) price it against a cost
+    budget."""
     worst = prompt_tokens + max_tokens
     now = clock()
     with db.system() as s:
@@ -299,8 +379,16 @@ def reserve(db: Database, who: Principal, *, prompt_tokens: int, max_tokens: int
         counter = m.UsageCounter
         holds: list[list[Any]] = []
         refused: RateLimited | None = None
+        token_prices = (0.0, 0.0)
+        if tenant.monthly_cost is not None:
+            token_prices = ledger.token_prices(s, prices or {}, model, kind)
+            _start_cost_month(s, who.tenant_id, prices or {}, now)
+        worst_cost = math.ceil((prompt_tokens * token_prices[0] + max_tokens * token_prices[1]) * MICROS)
         for subject, label, lim in subjects:
             checks = []
+            if lim.monthly_cost is not None:
+                total = counter.tokens + counter.reserved
+                checks.append(("cost", cost_period(now), "reserved", worst_cost, _micros(lim.monthly_cost), total))
             if lim.tokens_per_minute is not None:
                 checks.append(("minute", minute_period(now), "tokens", worst, lim.tokens_per_minute, counter.tokens))
             if lim.monthly_tokens is not None:
@@ -308,18 +396,21 @@ def reserve(db: Database, who: Principal, *, prompt_tokens: int, max_tokens: int
                 checks.append(("month", month_period(now), "reserved", worst, lim.monthly_tokens, total))
             if lim.concurrent_streams is not None:
                 checks.append(("stream", "streams", "reserved", 1, lim.concurrent_streams, counter.reserved))
-            for kind, period, column, amount, limit, total in checks:
+            for hold, period, column, amount, limit, total in checks:
                 if _take(s, subject, period, column, amount, limit, total=total):
-                    holds.append([subject, period, kind, amount])
+                    holds.append([subject, period, hold, amount])
                     continue
-                refused = _refusal(kind, label, limit, amount, now)
+                refused = _refusal(hold, label, limit, amount, now)
                 break
             if refused:
                 break
         if refused is not None:
             s.rollback()  # nothing of this request was held
             raise refused
-        reservation = Reservation(new_id("resv_"), worst, holds)
+        use = ledger.Use(who.tenant_id, kind, user_id=who.user_id, api_key_id=who.api_key_id or "", model=model)
+        reservation = Reservation(
+            new_id("resv_"), worst, holds, use, [subject for subject, _, _ in subjects], token_prices
+        )
         if holds:
             s.add(m.UsageReservation(id=reservation.id, holds=holds, expires_at=now + hold_seconds))
         for subject, _, _ in subjects:
@@ -334,6 +425,15 @@ def _refusal(kind: str, label: str, limit: int, amount: int, now: float) -> Rate
             f"Rate limit reached for {label}: {limit} tokens per minute (this request may use {amount}).{too_big}",
             retry_after=_seconds_to_next_minute(now),
         )
+    if kind == "cost":
+        spent = RateLimited(
+            f"The monthly cost budget of {label} ({limit / MICROS:g}) does not cover this request's worst case "
+            f"({amount / MICROS:.6f}: prompt + max_tokens at the platform's prices). Lower max_tokens or ask an "
+            "administrator to raise it.",
+            retry_after=_seconds_to_next_month(now),
+        )
+        spent.code = "insufficient_quota"
+        return spent
     if kind == "month":
         exhausted = RateLimited(
             f"The monthly token budget of {label} ({limit} tokens) does not cover this request's worst case "
@@ -348,16 +448,37 @@ def _refusal(kind: str, label: str, limit: int, amount: int, now: float) -> Rate
     )
 
 
-def settle(db: Database, reservation: Reservation | None, used_tokens: int) -> None:
-    """Replace a reservation's worst case by what the request really used."""
+def settle(
+    db: Database,
+    reservation: Reservation | None,
+    *,
+    prompt_tokens: int,
+    completion_tokens: int,
+    failed: bool = False,
+) -> None:
+    """Replace a reservation's worst case by what the request really used, and account it in the ledger (one
+    request, `failed` if it ended in an error, with every token it produced before)."""
     if reservation is None:
         return
+    used_tokens = prompt_tokens + completion_tokens
+    now = clock()
     with db.system() as s:
         if reservation.holds:
             gone = s.execute(delete(m.UsageReservation).where(m.UsageReservation.id == reservation.id)).rowcount
             if gone != 1:
-                return  # expired and swept already: counted in full, as promised
-            _release(s, reservation.holds, used_tokens)
+                return  # expired and swept already: counted in full, as promised (and in the ledger as used)
+            prompt_price, completion_price = reservation.token_prices
+            cost = math.ceil((prompt_tokens * prompt_price + completion_tokens * completion_price) * MICROS)
+            _release(s, reservation.holds, used_tokens, cost)
+        held_month = {subject for subject, _, kind, _ in reservation.holds if kind == "month"}
+        for subject in reservation.subjects:
+            if subject not in held_month:  # no budget held: its month counts what was used all the same
+                _add(s, subject, month_period(now), tokens=used_tokens)
+        if reservation.use is not None:
+            ledger.add(
+                s, reservation.use, now, requests=1, failed_requests=int(failed),
+                prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+            )  # fmt: skip
 
 
 def check_training(db: Database, who: Principal) -> None:
@@ -372,6 +493,10 @@ def check_training(db: Database, who: Principal) -> None:
             row = s.get(m.UsageCounter, (subject, month_period(now)))
             if row is not None and row.tokens + row.reserved >= lim.monthly_tokens:
                 raise _refusal("month", label, lim.monthly_tokens, 1, now)
+        cost_limit = tenant_limits(s, who.tenant_id).monthly_cost
+        row = s.get(m.UsageCounter, (f"tenant:{who.tenant_id}", cost_period(now)))
+        if cost_limit is not None and row is not None and row.tokens + row.reserved >= _micros(cost_limit):
+            raise _refusal("cost", "your organization", _micros(cost_limit), 0, now)
 
 
 def usage(session: Session, subjects: list[str], now: float | None = None) -> dict[str, dict[str, int]]:

@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 from adaptery.db import models as m
 from adaptery.db.session import Database
 from adaptery.messaging.protocol import ADAPTER_FILES, Assignment, BlobRef, CheckpointRef
-from adaptery.services import blob_refs, faults, finetuning, models
+from adaptery.services import blob_refs, faults, finetuning, limits, models, usage
 from adaptery.storage.blobs import BlobStore
 
 Verdict = Literal["continue", "cancel", "pause", "lost"]
@@ -59,6 +59,7 @@ def agent_label(s: Session, agent_id: str | None) -> str:
 
 
 SEEN_RESOLUTION_SECONDS = 5.0
+COMPUTE_SECONDS = ("cpu", "accelerator", "wall")  # what an agent measures of each attempt (`charge_compute`)
 
 
 class JobQueue:
@@ -441,6 +442,34 @@ class JobQueue:
         for row in retired:  # no event each time: it would flood the job's events as the checkpoints did its list
             s.delete(row)
         return dropped
+
+    def charge_compute(self, job_id: str, agent_id: str, compute: Any, attempt: int | None = None) -> None:
+        """Account the seconds an agent measured for its attempt of a job (CPU, accelerator, wall) to the
+        job's tenant, user and base model in the usage ledger (its adapter does not exist yet): once per attempt
+        however often the agent reports its end, and only from the agent the attempt belongs to (its lease, or a
+        cancelled job it was running)."""
+        if not isinstance(compute, dict):
+            return
+        try:
+            seconds = {f"{name}_seconds": float(compute.get(f"{name}_seconds") or 0.0) for name in COMPUTE_SECONDS}
+        except (TypeError, ValueError):
+            return
+        if not all(0 <= value < 366 * 86400 for value in seconds.values()):
+            return  # not a measurement: nothing is charged
+        with self.db.system() as s:
+            job = self._held(s, job_id, agent_id, attempt, lock=True)
+            if job is None:
+                agent = s.get(m.Agent, agent_id)
+                job = s.get(m.FineTuningJob, job_id)
+                if job is None or agent is None or agent.current_job_id != job_id or job.status != "cancelled":
+                    return
+            if not limits.claim_once(s, f"job:{job.id}", f"compute:{job.attempts}"):
+                return
+            use = usage.Use(
+                job.tenant_id, "compute", user_id=job.user_id or "", model=job.model,
+                agent_id=agent_id,
+            )  # fmt: skip
+            usage.add(s, use, self.clock(), requests=1, **seconds)
 
     # --- the end of an attempt -------------------------------------------------------------------
 

@@ -76,6 +76,7 @@ class TrainResult:
     useful_token_ratio: float | None = None  # real tokens / tokens computed, padding included (supervised)
     peft_type: str = "LORA"
     rank: int | None = None
+    accelerator: bool = False  # trained on an accelerator (CUDA): its wall time is accelerator time
 
 
 class _PadCollator:
@@ -698,4 +699,5 @@ def train(
         useful_token_ratio=trainer.real_tokens / counted if counted else None,
         peft_type=str(getattr(saved_config.peft_type, "value", saved_config.peft_type)),
         rank=getattr(saved_config, "r", None),
+        accelerator=bool(cuda),
     )

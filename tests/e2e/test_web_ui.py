@@ -457,6 +457,39 @@ def test_invite_a_member_who_signs_in_and_has_their_own_chats(journey: Journey) 
     context.close()
 
 
+def test_the_admin_page_shows_the_ledgers_usage_and_pages_through_the_audit_log(journey: Journey) -> None:
+    page = journey.page
+    journey.go("admin")
+    totals = page.locator("#usage-view table").first
+    expect(totals).to_be_visible()
+    headers = [t.strip().lower() for t in totals.locator("thead th").all_inner_texts()]  # CSS may upper-case them
+    cells = [t.strip() for t in totals.locator("tbody tr").first.locator("td").all_inner_texts()]
+    shown = dict(zip(headers, cells, strict=True))
+    start = page.evaluate("() => { const n = Math.floor(Date.now() / 1000); return n - (n % 86400) - 29 * 86400; }")
+    api = page.evaluate(f"() => fetch('/api/admin/usage?start_time={start}').then((r) => r.json())")["ledger"]
+    for name in ("prompt_tokens", "completion_tokens", "trained_tokens", "requests"):
+        assert re.sub(r"\D", "", shown[name.replace("_", " ")]) == str(api["totals"][name]), name
+    assert api["totals"]["completion_tokens"] > 0  # the chats of the steps before, made from the page
+    assert api["totals"]["trained_tokens"] > 0 and api["totals"]["cpu_seconds"] > 0  # measured by the agent
+    assert re.sub(r"[^\d.]", "", shown["cpu seconds"]) != "0"
+    by_model = page.get_by_role("img", name=re.compile("^Tokens by model: "))
+    expect(by_model).to_be_visible()
+    for model, figures in api["by_model"].items():
+        expect(by_model).to_have_attribute("aria-label", re.compile(re.escape(model)))
+        assert figures["requests"] >= 0
+    expect(page.locator("#usage-export")).to_have_attribute("href", re.compile(r"^/api/admin/usage/export\?"))
+    rows = page.locator("#audit-events tbody tr")
+    expect(rows.first).to_be_visible()
+    before = rows.count()
+    if page.locator("#audit-more").is_visible():
+        page.click("#audit-more")
+        expect(rows).not_to_have_count(before)
+    page.fill("#audit-action", "auth.")
+    page.locator("#audit-filter button[type=submit]").click()
+    expect(page.locator("#audit-events tbody tr").first).to_contain_text("auth.")
+    journey.shot("admin-usage")
+
+
 def test_a_member_of_another_tenant_sees_none_of_it(journey: Journey) -> None:
     created = journey.server.cli("tenants", "create", "other-lab", "--owner", "bob")
     assert created.returncode == 0, created.stderr

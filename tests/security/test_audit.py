@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import subprocess
 import sys
+import time
 
 import pytest
-from sqlalchemy import text
+from fastapi.testclient import TestClient
+from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError
 
 from adaptery.auth.secrets import hash_password
@@ -160,4 +164,85 @@ def test_a_refused_upload_leaves_no_audit_row(world: World):
         data={"purpose": "fine-tune"},
     )
     assert response.status_code == 403
-    assert len(actions(world)) == before
+    after = actions(world)
+    # nothing of the upload; the refusal itself is a security event
+    assert [(e["action"], e["outcome"]) for e in after[: len(after) - before]] == [("auth.denied", "failure")]
+
+
+def test_the_audit_log_pages_through_every_event_and_filters_and_exports_them(world: World):
+    owner = world.auth("owner")
+    for i in range(12):  # 24 events on top of the world's own
+        key = world.client.post("/api/keys", headers=owner, json={"name": f"k{i}"}).json()
+        world.client.delete(f"/api/keys/{key['id']}", headers=owner)
+    everything = actions(world)
+    assert len(everything) > 24
+    seen, params = [], {"limit": 10}
+    while True:
+        page = world.client.get("/api/admin/audit", headers=world.auth("admin"), params=params).json()
+        seen += [e["seq"] for e in page["data"]]
+        assert page["first_id"] == page["data"][0]["seq"] and page["last_id"] == page["data"][-1]["seq"]
+        if not page["has_more"]:
+            break
+        params["after"] = page["last_id"]
+    assert seen == [e["seq"] for e in everything]  # every event once, newest first, across pages of 10
+
+    revoked = actions(world, action="key.revoke")
+    assert len(revoked) == 12 and {e["action"] for e in revoked} == {"key.revoke"}
+    assert {e["action"] for e in actions(world, action="key.")} == {"key.create", "key.revoke"}
+    assert {e["actor"] for e in actions(world, actor="lab-owner")} == {"lab-owner"}
+    middle = everything[len(everything) // 2]["created_at"]
+    assert all(e["created_at"] >= middle for e in actions(world, since=middle))
+    assert all(e["created_at"] < middle for e in actions(world, until=middle))
+
+    exported = world.client.get("/api/admin/audit/export", headers=world.auth("admin"), params={"action": "key."})
+    assert exported.status_code == 200 and exported.headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(exported.text)))
+    assert [int(r["seq"]) for r in rows] == sorted(e["seq"] for e in everything if e["action"].startswith("key."))
+    with world.platform.db.system() as s:
+        assert audit.verify(s).ok
+
+
+def test_pausing_resuming_exporting_and_signing_in_by_link_are_audited(world: World):
+    client, owner, job_id = world.client, world.auth("owner"), world.ids["job_id"]
+    with world.platform.db.system() as s:
+        s.get(m.FineTuningJob, job_id).status = "queued"
+    assert client.post(f"/v1/fine_tuning/jobs/{job_id}/pause", headers=owner).status_code == 200
+    assert client.post(f"/v1/fine_tuning/jobs/{job_id}/resume", headers=owner).status_code == 200
+    invited = client.post("/api/admin/members", headers=owner, json={"username": "newcomer"}).json()
+    browser = TestClient(client.app)
+    assert browser.get("/auth/link?" + invited["login_url"].split("?", 1)[1], follow_redirects=False).status_code == 303
+    first_password = browser.post(
+        "/api/auth/password",
+        headers={"x-csrf-token": browser.cookies.get("adaptery_csrf")},
+        json={"password": "a long one"},
+    )
+    assert first_password.status_code == 204, first_password.text
+    assert TestClient(client.app).get("/auth/link?token=forged", follow_redirects=False).status_code == 303
+    dataset_id = world.ids["dataset_id"]
+    deadline = time.monotonic() + 60
+    while client.get(f"/api/datasets/{dataset_id}/versions/1", headers=owner).json()["status"] != "ready":
+        assert time.monotonic() < deadline, "the dataset never became ready"
+        time.sleep(0.05)
+    exported = client.post(f"/api/datasets/{dataset_id}/versions/1/export", headers=owner, json={})
+    assert exported.status_code == 200, exported.text
+
+    events = actions(world)
+    seen = {(e["action"], e["target"], e["outcome"]) for e in events}
+    assert ("job.pause", job_id, "success") in seen and ("job.resume", job_id, "success") in seen
+    assert ("auth.sign_in_link", "newcomer", "success") in seen
+    assert ("user.password_change", "newcomer", "success") in seen
+    assert ("dataset.export", dataset_id, "success") in seen
+    assert all(e["ip"] for e in events if e["action"] in ("job.pause", "dataset.export", "auth.sign_in_link"))
+    with world.platform.db.system() as s:  # a forged link names no account: filed under no tenant
+        forged = s.scalars(select(m.AuditEvent).where(m.AuditEvent.action == "auth.sign_in_link")).all()
+        assert any(row.outcome == "failure" and row.tenant_id is None for row in forged)
+
+
+def test_a_refused_action_is_audited_as_a_failure(world: World):
+    refused = world.client.put(
+        f"/api/platform/tenants/{world.tenant_id}/limits", headers=world.auth("owner"), json={"max_tokens": 1}
+    )
+    assert refused.status_code == 403
+    denied = actions(world, action="auth.denied")
+    assert denied and denied[0]["outcome"] == "failure"
+    assert denied[0]["target"] == "PUT /api/platform/tenants/{tenant_id}/limits"

@@ -108,21 +108,23 @@ def _principal(world: World) -> Principal:
 def test_concurrent_requests_are_capped_and_freed_on_settle(world: World):
     set_tenant_limits(world, concurrent_streams=1)
     db, who = world.platform.db, _principal(world)
-    first = limits.reserve(db, who, prompt_tokens=5, max_tokens=5, hold_seconds=60)
+    first = limits.reserve(db, who, prompt_tokens=5, max_tokens=5, hold_seconds=60, model="adaptery-demo")
     with pytest.raises(RateLimited, match="concurrent requests"):
-        limits.reserve(db, who, prompt_tokens=5, max_tokens=5, hold_seconds=60)
-    limits.settle(db, first, 7)
-    limits.settle(db, limits.reserve(db, who, prompt_tokens=5, max_tokens=5, hold_seconds=60), 7)
+        limits.reserve(db, who, prompt_tokens=5, max_tokens=5, hold_seconds=60, model="adaptery-demo")
+    limits.settle(db, first, prompt_tokens=5, completion_tokens=2)
+    again = limits.reserve(db, who, prompt_tokens=5, max_tokens=5, hold_seconds=60, model="adaptery-demo")
+    limits.settle(db, again, prompt_tokens=5, completion_tokens=2)
 
 
 def test_the_concurrency_limit_covers_calls_that_are_not_streamed(world: World):
     set_tenant_limits(world, concurrent_streams=1)
-    held = limits.reserve(world.platform.db, _principal(world), prompt_tokens=5, max_tokens=5, hold_seconds=60)
+    who = _principal(world)
+    held = limits.reserve(world.platform.db, who, prompt_tokens=5, max_tokens=5, hold_seconds=60, model="adaptery-demo")
     for body in ({**CHAT, "max_tokens": 2}, {**CHAT, "max_tokens": 2, "stream": True}):
         refused = world.client.post("/v1/chat/completions", headers=world.auth("owner"), json=body)
         assert_rate_limited(refused)
         assert "at most 1" in refused.json()["error"]["message"]
-    limits.settle(world.platform.db, held, 10)
+    limits.settle(world.platform.db, held, prompt_tokens=5, completion_tokens=5)
     served = world.client.post(
         "/v1/chat/completions", headers=world.auth("owner"), json={**CHAT, "max_tokens": 2, "n": 4}
     )
@@ -195,13 +197,14 @@ def test_a_client_that_goes_away_frees_its_slot_at_once(tmp_path: Path, database
 def test_a_dead_process_reservation_expires_counted_in_full(world: World, clock: list[float]):
     set_tenant_limits(world, monthly_tokens=1000)
     db, who = world.platform.db, _principal(world)
-    limits.reserve(db, who, prompt_tokens=10, max_tokens=90, hold_seconds=600)  # its process dies: never settled
+    # its process dies: never settled
+    limits.reserve(db, who, prompt_tokens=10, max_tokens=90, hold_seconds=600, model="adaptery-demo")
     clock[0] += 600 + 1
-    later = limits.reserve(db, who, prompt_tokens=10, max_tokens=10, hold_seconds=600)
+    later = limits.reserve(db, who, prompt_tokens=10, max_tokens=10, hold_seconds=600, model="adaptery-demo")
     with db.system() as s:
         ledger = limits.usage(s, [f"tenant:{world.tenant_id}"], clock[0])[f"tenant:{world.tenant_id}"]
     assert ledger["tokens"] == 100 and ledger["reserved"] == 20 and ledger["streams"] == 0
-    limits.settle(db, later, 15)
+    limits.settle(db, later, prompt_tokens=10, completion_tokens=5)
     with db.system() as s:
         ledger = limits.usage(s, [f"tenant:{world.tenant_id}"], clock[0])[f"tenant:{world.tenant_id}"]
     assert ledger["tokens"] == 115 and ledger["reserved"] == 0

@@ -240,6 +240,8 @@ def _prepare(p: Platform, who: Principal, body: ChatRequest | CompletionRequest)
         prompt_tokens=len(prompt_ids),
         max_tokens=max_tokens * n,
         hold_seconds=p.settings.inference_hold_seconds,
+        model=ref.id,
+        prices=p.settings.usage_prices,
     )
     return Prepared(ref.id, base.id, base.ref, adapter, prompt_ids, params, n, held, who.tenant_id)
 
@@ -267,6 +269,7 @@ class _Choices:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._running = job.n
+        self._failed = False
         # Own threads rather than the shared pool: a request mostly waits on the engine, and the pool's
         # few workers would cap how many requests can share a batch.
         for index in range(job.n):
@@ -284,6 +287,7 @@ class _Choices:
             for delta in deltas:
                 self._post((index, delta))
         except BaseException as exc:  # delivered to the reader: an error chunk, or an error response
+            self._failed = True
             self._post(exc)
         finally:
             with self._lock:
@@ -291,7 +295,11 @@ class _Choices:
                 last = self._running == 0
             if last:
                 try:
-                    limits.settle(p.db, job.reservation, _usage(self.usages)["total_tokens"])
+                    used = _usage(self.usages)
+                    limits.settle(
+                        p.db, job.reservation, prompt_tokens=used["prompt_tokens"],
+                        completion_tokens=used["completion_tokens"], failed=self._failed,
+                    )  # fmt: skip
                 except Exception as exc:
                     self._post(exc)
             self._post(None)

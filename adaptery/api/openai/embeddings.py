@@ -65,12 +65,15 @@ async def create_embeddings(
             code="too_many_tokens",
         )
     held = await run_in_threadpool(
-        limits.reserve, p.db, who, prompt_tokens=tokens, max_tokens=0, hold_seconds=p.settings.inference_hold_seconds
-    )
+        limits.reserve, p.db, who, prompt_tokens=tokens, max_tokens=0, hold_seconds=p.settings.inference_hold_seconds,
+        model=p.embeddings.name, kind="embeddings", prices=p.settings.usage_prices,
+    )  # fmt: skip
+    failed = True
     try:
         vectors = await run_in_threadpool(p.embeddings.embed, texts)
+        failed = False
     finally:
-        await run_in_threadpool(limits.settle, p.db, held, tokens)
+        await run_in_threadpool(limits.settle, p.db, held, prompt_tokens=tokens, completion_tokens=0, failed=failed)
     data = []
     for i, vector in enumerate(vectors.float().cpu()):
         if body.encoding_format == "base64":

@@ -99,6 +99,7 @@ def pause_job(job_id: str, who: Principal = Depends(principal), p: Platform = De
     require(who, "fine_tune")
     with p.db.tenant(who.tenant_id) as s:
         job = finetuning.pause_job(s, job_id, viewer=who)
+        audit.record(s, who, "job.pause", target=job_id)
         agent, paused = job.lease_owner, job_object(job)
     p.notify_agent(agent, job_id, "pause")
     return paused
@@ -108,7 +109,9 @@ def pause_job(job_id: str, who: Principal = Depends(principal), p: Platform = De
 def resume_job(job_id: str, who: Principal = Depends(principal), p: Platform = Depends(platform)) -> dict:
     require(who, "fine_tune")
     with p.db.tenant(who.tenant_id) as s:
-        return job_object(finetuning.resume_job(s, job_id, viewer=who))
+        resumed = job_object(finetuning.resume_job(s, job_id, viewer=who))
+        audit.record(s, who, "job.resume", target=job_id)
+        return resumed
 
 
 @router.get("/jobs/{job_id}/events")

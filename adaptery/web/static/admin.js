@@ -1,7 +1,8 @@
-/* Admin: members and roles (invite with a one-time link, change role, remove), usage and limits,
- * agents, the inference engine, the audit log; every tenant for platform admins. A part whose route
+/* Admin: members and roles (invite with a one-time link, change role, remove), usage (charts by day,
+ * model and user, CSV) and limits, agents, the inference engine, the audit log (paged, filtered, CSV); every tenant for platform admins. A part whose route
  * this server does not have says so instead of failing. */
 
+import { barChart, lineChart } from "/static/charts.js";
 import { api, badge, clear, confirmDialog, copyText, errorBox, field, fmtNumber, fmtTime, h, optionalApi, section, showError, table, valueTable } from "/static/lib.js";
 
 const ROLES = ["owner", "admin", "member", "viewer"];
@@ -144,18 +145,58 @@ async function membersCard(ctx) {
   return h("section", { class: "card", id: "members-card" }, h("h2", { class: "card-title" }, "Members and roles"), h("p", { class: "muted" }, "Invite someone by username (lowercase letters, digits and '-'). Someone new gets a one-time sign-in link for you to send them; someone who already has an account sees your invitation when they sign in, and joins once they accept."), form, error, shown, listBox);
 }
 
+const DAY = 86400;
+
+/** Usage from the ledger: totals of the period, tokens per day, by model and by user (charts), by key (table),
+ * and the period's rows as CSV. */
 async function usageCard() {
-  const [usage, limits, keys] = await Promise.all([optionalApi("/api/admin/usage"), optionalApi("/api/admin/limits"), optionalApi("/api/keys")]);
-  if (!usage) return section("Usage", notAvailable("Usage"));
+  const now = Math.floor(Date.now() / 1000);
+  const box = h("div", { id: "usage-view" });
+  const days = h("select", { id: "usage-days", "aria-label": "Period" }, [7, 30, 90].map((d) => h("option", { value: String(d), selected: d === 30 }, `last ${d} days`)));
+  const exportLink = h("a", { class: "btn btn-small", id: "usage-export", download: "usage.csv" }, "Export CSV");
+  const [limits, keys] = await Promise.all([optionalApi("/api/admin/limits"), optionalApi("/api/keys")]);
   const names = new Map(((keys && keys.data) || []).map((k) => [k.id, `${k.name || "unnamed"} (${k.redacted_value})`]));
-  const keyRows = Object.entries(usage.keys || {}).map(([id, counts]) => ({ key: names.get(id) || id, ...counts }));
+
+  async function draw() {
+    const start = now - (now % DAY) - (Number(days.value) - 1) * DAY;
+    exportLink.href = `/api/admin/usage/export?start_time=${start}`;
+    const usage = await optionalApi(`/api/admin/usage?start_time=${start}`);
+    if (!usage) {
+      clear(box, notAvailable("Usage"));
+      return;
+    }
+    const ledger = usage.ledger || { totals: {}, by_day: {}, by_model: {}, by_user: {}, by_key: {} };
+    const tokens = (f) => (f.prompt_tokens || 0) + (f.completion_tokens || 0) + (f.embedding_tokens || 0) + (f.trained_tokens || 0);
+    const dayPoints = [];
+    for (let d = 0; d < Number(days.value); d += 1) {
+      const day = new Date((start + d * DAY) * 1000).toISOString().slice(0, 10);
+      dayPoints.push([d - Number(days.value) + 1, tokens(ledger.by_day[day] || {})]);
+    }
+    const bars = (groups) => Object.entries(groups).map(([label, f]) => ({ label, value: tokens(f) }));
+    const keyRows = Object.entries(ledger.by_key || {}).map(([id, f]) => ({ key: names.get(id) || id, ...f }));
+    clear(
+      box,
+      objectTable([{ ...ledger.totals, currency: ledger.currency }], "Totals of the period", "No usage yet."),
+      h("h3", {}, "Tokens per day"),
+      lineChart([{ name: "tokens", points: dayPoints, className: "s-train" }], { xLabel: "days ago", yLabel: "tokens", title: "Tokens per day" }),
+      h("h3", {}, "By model"),
+      barChart(bars(ledger.by_model || {}), { title: "Tokens by model" }),
+      h("h3", {}, "By user"),
+      barChart(bars(ledger.by_user || {}), { title: "Tokens by user" }),
+      h("h3", {}, "By API key"),
+      objectTable(keyRows, "Usage by key", "No key has been used in this period."),
+      h("h3", {}, `Live counters (${usage.period})`),
+      objectTable([usage.tenant || {}], "This month's counters of the limits", "No usage yet."),
+    );
+  }
+
+  days.addEventListener("change", () => draw());
+  await draw();
   return section(
-    `Usage (${usage.period})`,
-    h("h3", {}, "Workspace"),
-    objectTable([usage.tenant || {}], "Workspace usage", "No usage yet."),
+    "Usage",
+    h("div", { class: "inline-form" }, days, exportLink),
+    box,
     limits ? [h("h3", {}, "Limits set by the platform"), objectTable([Object.fromEntries(Object.entries(limits).filter(([k]) => k !== "tenant_id"))], "Limits", "No limits.")] : null,
-    h("h3", {}, "By API key"),
-    objectTable(keyRows, "Usage by key", "No key has been used this month."),
   );
 }
 
@@ -214,17 +255,55 @@ async function engineCard() {
   return h("section", { class: "card", id: "engine-state" }, h("h2", { class: "card-title" }, "Inference engine"), valueTable(engine, { caption: "Inference engine" }));
 }
 
+/** The audit log, newest first, a page at a time (the API's cursor), filtered by actor and action; CSV export. */
 async function auditCard() {
-  const audit = await optionalApi("/api/admin/audit?limit=30");
-  if (!audit) return section("Audit log", notAvailable("Audit log"));
-  return section(
-    "Audit log (latest)",
-    table(
-      ["When", "Who", "Action", "Target", "Outcome"],
-      audit.data.map((e) => [fmtTime(e.created_at), e.actor || "—", e.action, e.target ? h("code", { class: "wrap" }, e.target) : "—", badge(e.outcome, e.outcome === "success" ? "succeeded" : "failed")]),
-      { caption: "Audit events", empty: "No events yet." },
-    ),
-  );
+  const list = h("div", { id: "audit-events" });
+  const actor = h("input", { type: "text", id: "audit-actor", placeholder: "actor (username)", autocapitalize: "none", spellcheck: "false" });
+  const action = h("input", { type: "text", id: "audit-action", placeholder: "action, or prefix like job." , autocapitalize: "none", spellcheck: "false" });
+  const exportLink = h("a", { class: "btn btn-small", id: "audit-export", download: "audit.csv", href: "/api/admin/audit/export" }, "Export CSV");
+  const more = h("button", { type: "button", class: "btn btn-small", id: "audit-more" }, "Older events");
+  const form = h("form", { class: "inline-form", id: "audit-filter" }, actor, action, h("button", { type: "submit", class: "btn btn-small" }, "Filter"), exportLink);
+  let rows = [];
+  let after = null;
+
+  const query = () => {
+    const params = new URLSearchParams();
+    if (actor.value.trim()) params.set("actor", actor.value.trim());
+    if (action.value.trim()) params.set("action", action.value.trim());
+    return params;
+  };
+
+  async function load(reset) {
+    const params = query();
+    exportLink.href = `/api/admin/audit/export?${params}`;
+    params.set("limit", "30");
+    if (!reset && after !== null) params.set("after", String(after));
+    const page = await optionalApi(`/api/admin/audit?${params}`);
+    if (!page) {
+      clear(list, notAvailable("Audit log"));
+      more.hidden = true;
+      return;
+    }
+    rows = reset ? page.data : rows.concat(page.data);
+    after = page.last_id;
+    more.hidden = !page.has_more;
+    clear(
+      list,
+      table(
+        ["When", "Who", "Action", "Target", "From", "Outcome"],
+        rows.map((e) => [fmtTime(e.created_at), e.actor || "—", e.action, e.target ? h("code", { class: "wrap" }, e.target) : "—", e.ip || "—", badge(e.outcome, e.outcome === "success" ? "succeeded" : "failed")]),
+        { caption: "Audit events", empty: "No events match." },
+      ),
+    );
+  }
+
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    load(true);
+  });
+  more.addEventListener("click", () => load(false));
+  await load(true);
+  return section("Audit log", form, list, more);
 }
 
 async function tenantsCard() {

@@ -136,3 +136,29 @@ export function histogram({ edges, counts }, { xLabel = "tokens per record", tit
   figure.append(chart);
   return figure;
 }
+
+/** Horizontal bars of [{label, value}] (the usage by model, by user): one row each, longest first. */
+export function barChart(items, { title = "Chart", unit = "" } = {}) {
+  const figure = h("figure", { class: "chart" });
+  const rows = items.filter((i) => i.value > 0).sort((a, b) => b.value - a.value);
+  if (!rows.length) {
+    figure.append(h("p", { class: "muted chart-empty" }, "Nothing yet."));
+    return figure;
+  }
+  const row = 24;
+  const height = PAD.top + rows.length * row + 8;
+  const left = 200;
+  const max = Math.max(...rows.map((r) => r.value));
+  const width = (v) => Math.max(1, (v / max) * (W - left - 90));
+  const chart = svg(
+    "svg",
+    { viewBox: `0 0 ${W} ${height}`, role: "img", "aria-label": `${title}: ${rows.map((r) => `${r.label}: ${fmtNumber(r.value, 3)}${unit}`).join(", ")}` },
+    rows.map((r, i) => [
+      svg("text", { x: left - 8, y: PAD.top + i * row + 15, "text-anchor": "end", class: "tick" }, r.label.length > 30 ? `${r.label.slice(0, 29)}…` : r.label),
+      svg("rect", { x: left, y: PAD.top + i * row + 3, width: width(r.value), height: row - 8, class: "bar" }, svg("title", {}, `${r.label}: ${fmtNumber(r.value, 3)}${unit}`)),
+      svg("text", { x: left + width(r.value) + 6, y: PAD.top + i * row + 15, class: "tick" }, `${fmtNumber(r.value, 3)}${unit}`),
+    ]),
+  );
+  figure.append(chart);
+  return figure;
+}

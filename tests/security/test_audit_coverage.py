@@ -1,0 +1,188 @@
+"""Every route that changes state writes an audit record: the app's POST/PUT/PATCH/DELETE routes are listed from
+`app.routes`, each is called once the way a person would (successfully), and a new event must appear in the
+chain. A route is exempt only from the short list below, with the reason. A new route that is in neither list
+fails the test, so nobody adds a state-changing route without deciding how it is audited."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import httpx
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+
+from adaptery.db import models as m
+from adaptery.services import audit
+from tests.conftest import SAMPLE_CHAT
+from tests.security.conftest import World
+from tests.security.objects import trained, unpack
+from tests.security.test_authorization_matrix import app_routes
+from tests.security.test_identity import PASSWORD, set_password, sign_in
+
+# Not security-relevant, so not audited (each is accounted elsewhere or touches only its caller's own drafts):
+NOT_AUDITED = {
+    "POST /v1/chat/completions": "inference: metered in the usage ledger instead (one row per request is noise)",
+    "POST /v1/completions": "inference: metered in the usage ledger instead",
+    "POST /v1/embeddings": "inference: metered in the usage ledger instead",
+    "POST /api/datasets/{dataset_id}/versions/{number}/validate": "a read that computes: changes nothing",
+    "POST /api/conversations": "a person's own chat history: no rights, sharing or data leaving the tenant",
+    "PATCH /api/conversations/{conversation_id}": "a person's own chat history (a title)",
+    "DELETE /api/conversations/{conversation_id}": "a person's own chat history",
+    "POST /api/conversations/{conversation_id}/messages": "a person's own chat history",
+    "DELETE /api/conversations/{conversation_id}/messages/{message_id}": "a person's own chat history",
+}
+STATE_CHANGING = ("POST", "PUT", "PATCH", "DELETE")
+
+
+def last_seq(world: World) -> int:
+    with world.platform.db.system() as s:
+        return s.scalar(select(func.max(m.AuditEvent.seq))) or 0
+
+
+def ready_version(world: World, dataset_id: str, number: int) -> None:
+    """Dataset work runs in the background: wait until the version is ready (bounded)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        version = world.client.get(f"/api/datasets/{dataset_id}/versions/{number}", headers=world.auth("owner"))
+        if version.json().get("status") == "ready":
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"version {number} of {dataset_id} never became ready: {version.text}")
+
+
+def calls(world: World, lora_bytes: bytes, tmp_path) -> list[tuple[str, Callable[[], httpx.Response]]]:  # noqa: ANN001
+    """One successful call per audited route, in an order where each finds what it needs."""
+    client, owner, member, admin = world.client, world.auth("owner"), world.auth("member"), world.auth("admin")
+    platform_admin = world.auth("platform_admin")
+    ids = world.ids
+    with world.platform.db.system() as s:
+        s.get(m.FineTuningJob, ids["job_id"]).status = "queued"
+    finished = trained(world, "lab-member", unpack(lora_bytes, tmp_path / "lora"))
+    set_password(world, "lab-owner")
+    set_password(world, "lab-member")
+    state: dict[str, object] = {}
+
+    def browser() -> TestClient:
+        if "browser" not in state:
+            state["browser"] = sign_in(world, "lab-member")
+        return state["browser"]  # type: ignore[return-value]
+
+    def login() -> httpx.Response:
+        return TestClient(client.app).post("/api/auth/login", json={"username": "lab-owner", "password": PASSWORD})
+
+    def invite_lab_member_elsewhere() -> str:
+        created = world.running.new_tenant("elsewhere-two", "someone")
+        other = {"Authorization": f"Bearer {created.api_key}"}
+        client.post("/api/admin/members", headers=other, json={"username": "lab-member", "role": "member"})
+        state["elsewhere"] = created.tenant.id
+        return browser().get("/api/invitations").json()["data"][0]["id"]
+
+    def decline() -> httpx.Response:
+        created = world.running.new_tenant("elsewhere-three", "someone-else")
+        other = {"Authorization": f"Bearer {created.api_key}"}
+        client.post("/api/admin/members", headers=other, json={"username": "lab-member", "role": "viewer"})
+        invitation = browser().get("/api/invitations").json()["data"][0]["id"]
+        return browser().post(f"/api/invitations/{invitation}/decline")
+
+    def switch() -> httpx.Response:
+        switched = browser().post("/api/auth/switch", json={"tenant_id": state["elsewhere"]})
+        browser().headers["x-csrf-token"] = browser().cookies.get("adaptery_csrf")  # a new session, a new token
+        return switched
+
+    def step_up() -> httpx.Response:
+        set_password(world, "owner")
+        state["admin_browser"] = sign_in(world, "owner")
+        return state["admin_browser"].post("/api/auth/platform", json={"password": PASSWORD})  # type: ignore[union-attr]
+
+    def new_key() -> str:
+        return client.post("/api/keys", headers=owner, json={"name": "audited"}).json()["id"]
+
+    def dataset_op(operation: str, body: dict) -> httpx.Response:
+        ready_version(world, ids["dataset_id"], 1)
+        return client.post(f"/api/datasets/{ids['dataset_id']}/versions/1/{operation}", headers=owner, json=body)
+
+    return [
+        ("POST /api/auth/login", login),
+        ("POST /api/auth/password", lambda: browser().post(
+            "/api/auth/password", json={"password": "another password", "current_password": PASSWORD})),
+        ("POST /api/invitations/{invitation_id}/accept", lambda: browser().post(
+            f"/api/invitations/{invite_lab_member_elsewhere()}/accept")),
+        ("POST /api/invitations/{invitation_id}/decline", decline),
+        ("POST /api/auth/switch", switch),
+        ("POST /api/auth/logout", lambda: browser().post("/api/auth/logout")),
+        ("POST /api/auth/platform", step_up),
+        ("DELETE /api/auth/platform", lambda: state["admin_browser"].delete("/api/auth/platform")),  # type: ignore[union-attr]
+        ("POST /v1/files", lambda: client.post("/v1/files", headers=owner, data={"purpose": "fine-tune"},
+                                               files={"file": ("t.jsonl", SAMPLE_CHAT.read_bytes())})),
+        ("POST /v1/fine_tuning/jobs", lambda: client.post(
+            "/v1/fine_tuning/jobs", headers=owner, json={"model": "adaptery-demo", "training_file": ids["file_id"]})),
+        ("POST /v1/fine_tuning/jobs/{job_id}/pause", lambda: client.post(
+            f"/v1/fine_tuning/jobs/{ids['job_id']}/pause", headers=owner)),
+        ("POST /v1/fine_tuning/jobs/{job_id}/resume", lambda: client.post(
+            f"/v1/fine_tuning/jobs/{ids['job_id']}/resume", headers=owner)),
+        ("POST /v1/fine_tuning/jobs/{job_id}/cancel", lambda: client.post(
+            f"/v1/fine_tuning/jobs/{ids['job_id']}/cancel", headers=owner)),
+        ("POST /api/fine_tuning/jobs/{job_id}/extend", lambda: client.post(
+            f"/api/fine_tuning/jobs/{finished.job_id}/extend", headers=member, json={"n_epochs": 1})),
+        ("POST /api/fine_tuning/jobs/{job_id}/continue", lambda: client.post(
+            f"/api/fine_tuning/jobs/{finished.job_id}/continue", headers=member,
+            json={"checkpoint": finished.checkpoint_id})),
+        ("POST /api/fine_tuning/jobs/{job_id}/fork", lambda: client.post(
+            f"/api/fine_tuning/jobs/{finished.job_id}/fork", headers=member, json={"training_file": ids["file_id"]})),
+        ("POST /api/datasets", lambda: client.post(
+            "/api/datasets", params={"filename": "u.jsonl"}, content=SAMPLE_CHAT.read_bytes(), headers=owner)),
+        ("POST /api/datasets/{dataset_id}/versions", lambda: client.post(
+            f"/api/datasets/{ids['dataset_id']}/versions", params={"filename": "v.jsonl"},
+            content=SAMPLE_CHAT.read_bytes(), headers=owner)),
+        ("PATCH /api/datasets/{dataset_id}", lambda: client.patch(
+            f"/api/datasets/{ids['dataset_id']}", headers=owner, json={"description": "audited"})),
+        ("POST /api/datasets/{dataset_id}/versions/{number}/dedup", lambda: dataset_op("dedup", {})),
+        ("POST /api/datasets/{dataset_id}/versions/{number}/scrub", lambda: dataset_op("scrub", {})),
+        ("POST /api/datasets/{dataset_id}/versions/{number}/split", lambda: dataset_op("split", {})),
+        ("POST /api/datasets/{dataset_id}/versions/{number}/export", lambda: dataset_op("export", {})),
+        ("POST /api/models/import", lambda: client.post(
+            "/api/models/import", params={"base_model": "adaptery-demo", "suffix": "again"}, content=lora_bytes,
+            headers=member)),
+        ("PUT /api/models/{model_id}/sharing", lambda: client.put(
+            f"/api/models/{ids['model_id']}/sharing", headers=member, json={"visibility": "private"})),
+        ("POST /api/keys", lambda: client.post("/api/keys", headers=owner, json={"name": "new"})),
+        ("PATCH /api/keys/{key_id}", lambda: client.patch(f"/api/keys/{new_key()}", headers=owner, json={"name": "b"})),
+        ("POST /api/keys/{key_id}/rotate", lambda: client.post(
+            f"/api/keys/{new_key()}/rotate", headers=owner, json={"overlap_seconds": 0})),
+        ("DELETE /api/keys/{key_id}", lambda: client.delete(f"/api/keys/{new_key()}", headers=owner)),
+        ("POST /api/admin/members", lambda: client.post(
+            "/api/admin/members", headers=admin, json={"username": "newcomer", "role": "viewer"})),
+        ("POST /api/admin/members/{username}/link", lambda: client.post(
+            "/api/admin/members/newcomer/link", headers=admin)),
+        ("PUT /api/admin/members/{username}", lambda: client.put(
+            "/api/admin/members/lab-viewer", headers=owner, json={"role": "member"})),
+        ("DELETE /api/admin/members/{username}", lambda: client.delete("/api/admin/members/lab-target", headers=owner)),
+        ("PUT /api/platform/tenants/{tenant_id}/limits", lambda: client.put(
+            f"/api/platform/tenants/{world.tenant_id}/limits", headers=platform_admin, json={"max_tokens": 100})),
+        ("DELETE /v1/models/{model_id:path}", lambda: client.delete(f"/v1/models/{ids['model_id']}", headers=member)),
+        ("DELETE /api/datasets/{dataset_id}", lambda: client.delete(
+            f"/api/datasets/{ids['dataset_id']}", headers=owner)),
+        ("DELETE /v1/files/{file_id}", lambda: client.delete(f"/v1/files/{ids['file_id']}", headers=owner)),
+    ]  # fmt: skip
+
+
+def test_every_state_changing_route_writes_an_audit_record(world: World, lora_bytes: bytes, tmp_path):  # noqa: ANN001
+    routes = {f"{method} {path}" for method, path in app_routes(world.client.app) if method in STATE_CHANGING}
+    planned = calls(world, lora_bytes, tmp_path)
+    called = [route for route, _ in planned]
+    unplanned = sorted(routes - set(called) - NOT_AUDITED.keys())
+    assert not unplanned, "state-changing routes with no audit check (add a call, or a reason to NOT_AUDITED):\n" + (
+        "\n".join(unplanned)
+    )
+    assert not set(called) & NOT_AUDITED.keys()
+    silent = []
+    for route, call in planned:
+        before = last_seq(world)
+        response = call()
+        assert response.status_code < 400, f"{route}: {response.status_code} {response.text[:300]}"
+        if last_seq(world) == before:
+            silent.append(route)
+    assert not silent, "these routes changed state and wrote no audit record:\n" + "\n".join(silent)
+    with world.platform.db.system() as s:
+        assert audit.verify(s).ok
