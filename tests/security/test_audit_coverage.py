@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from adaptery.db import models as m
+from adaptery.messaging import identity
 from adaptery.services import audit
 from tests.conftest import SAMPLE_CHAT
 from tests.security.conftest import World
@@ -98,6 +99,20 @@ def calls(world: World, lora_bytes: bytes, tmp_path) -> list[tuple[str, Callable
     def new_key() -> str:
         return client.post("/api/keys", headers=owner, json={"name": "audited"}).json()["id"]
 
+    def enroll() -> httpx.Response:
+        made = client.post("/api/admin/agents/tokens", headers=owner, json={"roles": ["infer"]})
+        assert made.status_code == 200, made.text
+        state["agent_key"] = identity.make_key()
+        csr = identity.make_csr(state["agent_key"]).decode()
+        response = client.post("/api/fabric/enroll", json={"token": made.json()["token"], "csr": csr, "kind": "agent"})
+        state["enrolled"] = response.json()
+        return response
+
+    def renew() -> httpx.Response:
+        enrolled = state["enrolled"]
+        csr = identity.make_csr(state["agent_key"]).decode()  # type: ignore[arg-type]
+        return client.post("/api/fabric/renew", json={"certificate": enrolled["certificate"], "csr": csr})  # type: ignore[index]
+
     def dataset_op(operation: str, body: dict) -> httpx.Response:
         ready_version(world, ids["dataset_id"], 1)
         return client.post(f"/api/datasets/{ids['dataset_id']}/versions/1/{operation}", headers=owner, json=body)
@@ -161,6 +176,12 @@ def calls(world: World, lora_bytes: bytes, tmp_path) -> list[tuple[str, Callable
         ("PUT /api/platform/tenants/{tenant_id}/limits", lambda: client.put(
             f"/api/platform/tenants/{world.tenant_id}/limits", headers=platform_admin, json={"max_tokens": 100})),
         ("DELETE /v1/models/{model_id:path}", lambda: client.delete(f"/v1/models/{ids['model_id']}", headers=member)),
+        ("POST /api/admin/agents/tokens", lambda: client.post(
+            "/api/admin/agents/tokens", headers=admin, json={"roles": ["train"]})),
+        ("POST /api/fabric/enroll", enroll),
+        ("POST /api/fabric/renew", renew),
+        ("POST /api/admin/agents/{agent_id}/revoke", lambda: client.post(
+            f"/api/admin/agents/{state['enrolled']['agent_id']}/revoke", headers=owner)),  # type: ignore[index]
         ("DELETE /api/datasets/{dataset_id}", lambda: client.delete(
             f"/api/datasets/{ids['dataset_id']}", headers=owner)),
         ("DELETE /v1/files/{file_id}", lambda: client.delete(f"/v1/files/{ids['file_id']}", headers=owner)),
