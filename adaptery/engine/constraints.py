@@ -99,7 +99,6 @@ class Grammars:
 
     def matcher(self, constraint: Constraint) -> llguidance.LLMatcher:
         """A fresh grammar state for one request; UnsupportedConstraint when the grammar cannot be enforced."""
-        check(constraint)
         matcher = llguidance.LLMatcher(self._ll_tokenizer(), constraint.grammar)
         if matcher.is_error():
             raise UnsupportedConstraint(matcher.get_error())

@@ -162,6 +162,17 @@ def test_the_openai_client_parses_structured_outputs_and_tool_calls(running):
                                           temperature=0, max_tokens=200)  # fmt: skip
     (call,) = made.choices[0].message.tool_calls
     assert call.function.name == "get_weather" and made.choices[0].finish_reason == "tool_calls"
+    # the round trip: the client runs the function and sends its result back for the final answer
+    result = {"celsius": 21, **json.loads(call.function.arguments)}
+    conversation = [
+        *ASK,
+        made.choices[0].message,
+        {"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)},
+    ]
+    final = client.chat.completions.create(model="adaptery-demo", messages=conversation, tools=tools,
+                                           tool_choice="none", temperature=0, max_tokens=8)  # fmt: skip
+    assert final.choices[0].message.tool_calls is None and final.choices[0].message.content
+    assert final.usage.prompt_tokens > made.usage.prompt_tokens  # the call and its result were read
     with client.chat.completions.stream(model="adaptery-demo", messages=ASK, tools=tools, tool_choice="required",
                                         temperature=0, max_tokens=200) as stream:  # fmt: skip
         final = stream.get_final_completion()
