@@ -36,7 +36,7 @@ from adaptery.engine.lora import AdapterInfo, AdapterRejected, inspect_adapter
 from adaptery.engine.metrics import EngineMetrics
 from adaptery.engine.native import MODULE_SITE, NativeLlama, check_quantization, native_support
 from adaptery.engine.sampling import Constraint, Detokenizer, SamplingParams, TokenLogprob, releasable
-from adaptery.engine.tool_calls import ToolFormat, tool_format
+from adaptery.engine.tool_calls import ToolFormat, response_template_format, tool_format
 
 log = logging.getLogger("adaptery.engine")
 __all__ = [
@@ -235,7 +235,10 @@ class InferenceEngine:
         """How the model (its adapter's template, else its base's) writes tool calls; None: it renders no tools."""
         tokenizer = self.base(base_id, ref).tokenizer
         template = self._template(adapter) or getattr(tokenizer, "chat_template", None) or ""
-        return tool_format(template if isinstance(template, str) else "")
+        template = template if isinstance(template, str) else ""
+        if "tools" not in template:
+            return None
+        return response_template_format(tokenizer) or tool_format(template)
 
     def check_constraint(self, constraint: Constraint) -> None:
         """UnsupportedConstraint (a client error) naming what the grammar engine cannot enforce."""

@@ -21,6 +21,7 @@ import json
 import re
 import secrets
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,36 @@ FORMATS = {
     "mistral": ToolFormat("mistral", "[TOOL_CALLS]", ""),
     "llama3": ToolFormat("llama3", "<|python_tag|>", "", arguments_key="parameters"),
 }
+
+
+@dataclass(frozen=True)
+class TransformersToolFormat(ToolFormat):
+    """A tokenizer with a `response_template`: transformers parses the output (`parse_response`); the call's
+    opener and closer, for streams and forced calls, are those of its `tool_calls` field."""
+
+    tokenizer: Any = None
+
+    def parse(self, text: str) -> tuple[str, list[ParsedCall]]:
+        anchor = self.tokenizer.response_template.get("start_anchor", "")
+        try:
+            parsed = self.tokenizer.parse_response(text, prefix=anchor)
+        except (ValueError, KeyError):  # output the template cannot read: it is content, as for the others
+            return text, []
+        calls = [_call(c.get("function", {}).get("name"), c.get("function", {}).get("arguments"))
+                 for c in parsed.get("tool_calls") or [] if isinstance(c, dict)]  # fmt: skip
+        if not calls or None in calls:
+            return text, []
+        start = self.call_start(text)
+        return (text[:start] if start >= 0 else parsed.get("content") or ""), calls  # type: ignore[return-value]
+
+
+def response_template_format(tokenizer: Any) -> ToolFormat | None:
+    """The tool format of a tokenizer that carries transformers' `response_template` with a tool_calls field."""
+    template = getattr(tokenizer, "response_template", None)
+    field = (template or {}).get("fields", {}).get("tool_calls") if isinstance(template, dict) else None
+    if not isinstance(field, dict) or not isinstance(field.get("open"), str):
+        return None
+    return TransformersToolFormat("transformers", field["open"], field.get("close") or "", tokenizer=tokenizer)
 
 
 def tool_format(chat_template: str) -> ToolFormat | None:

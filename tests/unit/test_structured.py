@@ -21,7 +21,7 @@ from adaptery.engine.constraints import (
 from adaptery.engine.demo_model import CHAT_TEMPLATE
 from adaptery.engine.native import NativeLlama
 from adaptery.engine.sampling import Detokenizer, SamplingParams, releasable
-from adaptery.engine.tool_calls import FORMATS, ParsedCall, tool_format
+from adaptery.engine.tool_calls import FORMATS, ParsedCall, response_template_format, tool_format
 from tests.unit.engine_helpers import collect
 
 SCHEMA = {
@@ -110,6 +110,25 @@ def test_each_family_parser_reads_its_calls(family, text, content, calls):
     if calls:
         start = fmt.call_start(text)
         assert start >= 0 and fmt.parse(text[start:])[1] == calls  # what a stream keeps parses the same
+
+
+def test_a_tokenizer_with_a_response_template_is_parsed_by_transformers(demo_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
+    assert response_template_format(tokenizer) is None
+    tokenizer.response_template = {
+        "version": 1,
+        "start_anchor": "<|assistant|>",
+        "fields": {
+            "content": {},
+            "tool_calls": {"open": "<tool_call>", "close": "</tool_call>", "content": "json", "repeats": True,
+                           "transform": {"type": "function", "function": "{content}"}},
+        },
+    }  # fmt: skip
+    fmt = response_template_format(tokenizer)
+    assert (fmt.opener, fmt.closer) == ("<tool_call>", "</tool_call>")
+    text = 'Sure.<tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>'
+    assert fmt.parse(text) == ("Sure.", [ParsedCall("f", '{"a": 1}')])
+    assert fmt.parse("just words") == ("just words", [])
 
 
 def test_a_stream_holds_back_what_may_start_a_call():
