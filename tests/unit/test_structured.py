@@ -19,6 +19,7 @@ from adaptery.engine.constraints import (
     tool_call_grammar,
 )
 from adaptery.engine.demo_model import CHAT_TEMPLATE
+from adaptery.engine.fallback import TransformersBase
 from adaptery.engine.native import NativeLlama
 from adaptery.engine.sampling import Detokenizer, SamplingParams, releasable
 from adaptery.engine.tool_calls import FORMATS, ParsedCall, response_template_format, tool_format
@@ -59,6 +60,18 @@ def test_constrained_and_free_requests_share_a_batch_and_free_ones_are_unchanged
             jsonschema.validate(json.loads(tokenizer.decode(tokens)), SCHEMA)  # complete, valid, nothing after it
         else:
             assert tokens == alone[i % 4]  # masks touch only their own rows
+
+
+def test_the_transformers_path_is_constrained_too(demo_model_dir):
+    hf = AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
+    eos = {tokenizer.eos_token_id}
+    grammars = Grammars(tokenizer, hf.config.vocab_size, eos)
+    params = SamplingParams(max_tokens=80, temperature=1.0, seed=5, constraint=json_grammar(SCHEMA))
+    events = TransformersBase(hf).events(None, None, tokenizer("The lab")["input_ids"], params, eos, lambda: False,
+                                         None, grammars)  # fmt: skip
+    tokens = [event.token for event in events if event.token is not None]
+    jsonschema.validate(json.loads(tokenizer.decode(tokens)), SCHEMA)
 
 
 def test_a_forced_call_is_the_family_syntax_around_a_valid_call(engine):
