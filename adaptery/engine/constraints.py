@@ -28,6 +28,7 @@ import torch
 from adaptery.engine.sampling import Constraint
 
 JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
+_BIT = torch.arange(32, dtype=torch.int32)  # a bitmask word's bits, lowest first (llguidance's layout)
 # JSON written as json.dumps and chat templates' `tojson` write it ({"a": 1, "b": 2}): one way to space it, so a
 # model cannot spend its tokens on whitespace, and a call reads as the calls it was trained on.
 _LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -105,8 +106,13 @@ class Grammars:
         return matcher
 
     def mask(self, logits: torch.Tensor, rows: list[tuple[llguidance.LLMatcher, int]]) -> None:
-        """Set to -inf, in place, the logits ((batch, vocab) fp32) each listed row's grammar forbids next."""
-        bitmask = lltorch.allocate_token_bitmask(logits.shape[0], self.vocab)
-        lltorch.fill_next_token_bitmask_par(self.executor, rows, bitmask)
-        for _, row in rows:
-            lltorch.apply_token_bitmask_inplace(logits[row], bitmask[row])
+        """Set to -inf, in place, the logits ((batch, vocab) fp32) each listed row's grammar forbids next.
+
+        One bitmask row per constrained row, filled on llguidance's threads, then unpacked and applied to all
+        of them in one tensor operation (llguidance's per-row apply took 3.3 ms for 16 rows of a 6k vocabulary,
+        this 0.7 ms: bench/structured.py)."""
+        bitmask = lltorch.allocate_token_bitmask(len(rows), self.vocab)
+        lltorch.fill_next_token_bitmask_par(self.executor, [(m, i) for i, (m, _) in enumerate(rows)], bitmask)
+        allowed = ((bitmask.unsqueeze(-1) >> _BIT) & 1).bool().view(len(rows), -1)[:, : logits.shape[1]]
+        index = torch.tensor([row for _, row in rows])
+        logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
