@@ -128,6 +128,7 @@ def test_a_tool_conversation_is_prompted_with_the_calls_and_results(running):
          "tools[0].parameters", "is not JSON Schema"),
         ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", "nope"),
         ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": "get_weather"}}, "tool_choice", "None"),
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
             "type": "string", "format": "credit-card"}}}}, "response_format.json_schema", "credit-card"),
         ({"response_format": {"type": "yaml"}}, "response_format.type", "yaml"),

@@ -246,7 +246,8 @@ def _tool_calling(p: Platform, body: ChatRequest, base: Any, adapter: AdapterSpe
     choice = body.tool_choice or "auto"
     functions = [tool["function"] for tool in canonical_tools(body.tools)]
     if isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+        function = choice.get("function") if choice.get("type") == "function" else None
+        name = function.get("name") if isinstance(function, dict) else None
         chosen = [f for f in functions if f["name"] == name]
         if not chosen:
             raise InvalidRequest(f"tool_choice names {name!r}, which is not in tools", param="tool_choice")
