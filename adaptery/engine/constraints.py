@@ -4,11 +4,12 @@ A `Constraint` (in `SamplingParams`, so it travels with the request wherever it 
 in llguidance's Lark dialect, where `%json {...}` embeds a JSON Schema. `response_format` json_object /
 json_schema and `tool_choice` required / named all become one (`json_grammar`, `tool_call_grammar`).
 
-Why llguidance (bench/structured.py measures both on the engine's batched step): it computes each mask
-lazily from the grammar's current state, so a schema costs nothing to compile (xgrammar compiles every
-new schema up front, milliseconds to seconds for large ones, before the request's first token), it
-composes a tool call's text around the JSON (`"<tool_call>" %json{...} "</tool_call>"`) in one grammar, and
-`validate_grammar` names the schema feature it does not support, which is the 400 a client gets.
+Why llguidance (bench/structured.py measures both, same schema, same tokens, 6k-token vocabulary): one
+request's mask costs the same in both (3.2 vs 3.4 µs a token), but llguidance builds a grammar in ~1 ms
+where xgrammar compiles it in 2-10 ms before the request's first token, fills 16 requests' masks in 17 µs
+on its own threads (xgrammar one after another: 49 µs), composes a tool call's text around the JSON
+(`"<tool_call>" %json{...} "</tool_call>"`) in one grammar, and `validate_grammar` names the schema feature
+it does not support, which is the 400 a client gets.
 
 Masks of all constrained rows in a step are computed together, on llguidance's own threads, while free
 rows are not touched: a request's grammar costs the step only its own mask.
