@@ -41,6 +41,7 @@ from jinja2.runtime import LoopContext, Undefined
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace
 
+from adaptery.data.chat import content_text
 from adaptery.data.untrusted import UntrustedJSONError, loads
 from adaptery.settings import Settings
 
@@ -607,9 +608,11 @@ def render(
     variables: Mapping[str, Any] | None = None,
     add_generation_prompt: bool = False,
     spans: bool = False,
+    tools: list[dict[str, Any]] | None = None,
 ) -> tuple[str, list[tuple[int, int]]]:
     """The text `template` renders for `messages` (keys whose value is None dropped, as transformers does)
-    and, with `spans`, the (start, end) characters of its `{% generation %}` blocks."""
+    and `tools` (OpenAI's function tools, as `apply_chat_template(tools=...)` passes them), and, with
+    `spans`, the (start, end) characters of its `{% generation %}` blocks."""
     compiled = _compile(template)
     conversation = [{k: v for k, v in message.items() if v is not None} for message in messages]
     meter = _Meter(budget, [] if spans else None)
@@ -618,7 +621,7 @@ def render(
     pieces = []
     try:
         for piece in compiled.generate(
-            {**(variables or {}), "messages": conversation, "tools": None, "documents": None},
+            {**(variables or {}), "messages": conversation, "tools": tools or None, "documents": None},
             add_generation_prompt=add_generation_prompt,
         ):
             meter.rendered += len(piece)
@@ -645,9 +648,10 @@ def render_for(
     chat_template: str | None = None,
     add_generation_prompt: bool = False,
     spans: bool = False,
+    tools: list[dict[str, Any]] | None = None,
 ) -> tuple[str, list[tuple[int, int]]]:
     """`render` with the tokenizer's template (or `chat_template`) and its special tokens, as
-    `tokenizer.apply_chat_template(..., tokenize=False)` would."""
+    `tokenizer.apply_chat_template(..., tools=tools, tokenize=False)` would."""
     return render(
         tokenizer.get_chat_template(chat_template),
         messages,
@@ -655,6 +659,7 @@ def render_for(
         variables=tokenizer.special_tokens_map,
         add_generation_prompt=add_generation_prompt,
         spans=spans,
+        tools=tools,
     )
 
 
@@ -665,11 +670,59 @@ def chat_text(
     budget: TemplateBudget,
     chat_template: str | None = None,
     add_generation_prompt: bool = False,
+    tools: list[dict[str, Any]] | None = None,
 ) -> str:
     text, _ = render_for(
-        tokenizer, messages, budget=budget, chat_template=chat_template, add_generation_prompt=add_generation_prompt
+        tokenizer,
+        messages,
+        budget=budget,
+        chat_template=chat_template,
+        add_generation_prompt=add_generation_prompt,
+        tools=tools,
     )
     return text
+
+
+def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Canonical messages (`data.chat`) as chat templates take them: role and content; an assistant's
+    `tool_calls` with their arguments as objects (templates write them with `tojson`, as transformers'
+    documentation asks); a tool message's `tool_call_id` and the `name` of the function it answers.
+    "weight" is ours, not the model's."""
+    names: dict[str, str] = {}
+    out = []
+    for message in messages:
+        turn: dict[str, Any] = {"role": message["role"], "content": content_text(message.get("content")) or ""}
+        if message.get("tool_calls"):
+            turn["tool_calls"] = []
+            for call in message["tool_calls"]:
+                arguments = call["function"]["arguments"]
+                function = {"name": call["function"]["name"], "arguments": _arguments(arguments)}
+                turn["tool_calls"].append({"id": call["id"], "type": "function", "function": function})
+                names[call["id"]] = call["function"]["name"]
+        if message["role"] == "tool":
+            turn["tool_call_id"] = message["tool_call_id"]
+            if message["tool_call_id"] in names:
+                turn["name"] = names[message["tool_call_id"]]
+        out.append(turn)
+    return out
+
+
+def _arguments(arguments: Any) -> Any:
+    if not isinstance(arguments, str):
+        return arguments
+    try:
+        return json.loads(arguments)
+    except (json.JSONDecodeError, RecursionError):
+        return arguments  # the template gets what it was given; validation refuses such records earlier
+
+
+def document_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """A document as continued pre-training sees it: the tokenizer's own start (bos, when it adds one), the
+    text, and the end-of-text token so the model learns where documents end. No chat template."""
+    ids = list(tokenizer(text)["input_ids"])
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return ids
 
 
 def stored_chat_template(directory: Path, *, max_json_depth: int) -> tuple[str, str] | None:

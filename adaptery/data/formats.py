@@ -1,7 +1,9 @@
 """Dataset formats: detect, read as a stream, normalise to one chat form, validate every record.
 
-The canonical record is OpenAI's chat form, `{"messages": [{"role", "content", "weight"?}]}` with
-roles system, user and assistant and `weight` 0 or 1 (0: context, not trained on). Plain text
+The canonical record is OpenAI's chat form, `{"messages": [{"role", "content", "weight"?}], "tools"?}`
+with roles system, user, assistant (with `tool_calls`) and tool (with `tool_call_id`) and `weight` 0 or 1
+(0: context, not trained on) — see `data.chat`. Documents (`{"text": ...}` records, a one-column text
+table) stay `{"text": ...}`: continued pre-training, loss on every token, packed. Plain text
 (`text-lines`, `text-document`) becomes completion-style records,
 `{"messages": [{"role": "assistant", "content": text}]}`: there is no prompt, and training learns
 the whole text.
@@ -24,8 +26,8 @@ from typing import Any, Protocol
 
 from jinja2 import TemplateError
 
-from adaptery.data.chat import LineError, record_errors
-from adaptery.data.chat_template import TemplateBudget, chat_text
+from adaptery.data.chat import LineError, is_document, record_errors
+from adaptery.data.chat_template import TemplateBudget, chat_text, document_ids, template_messages
 from adaptery.data.readers import FORMATS, ColumnMapping, FormatError, Record, detect_format, read_records
 from adaptery.data.untrusted import RecordLimits
 
@@ -35,6 +37,8 @@ _EXPECTED_RECORDS = {
     "openai-chat": "one JSON object per line (or a JSON array of them) with a 'messages' list",
     "alpaca": "records with 'instruction' and 'output' (JSONL or a JSON array)",
     "sharegpt": "records with a 'conversations' list (JSONL or a JSON array)",
+    "documents": "records with a 'text' field (JSONL or a JSON array)",
+    "parquet": "one row per record",
     "text-lines": "one document per non-empty line",
     "text-document": "some text",
     "csv": "a header row, then one row per record",
@@ -42,7 +46,7 @@ _EXPECTED_RECORDS = {
 }
 _INDEX = re.compile(r"\[\d+\]")
 
-TokenCounter = Callable[[list[dict]], int]
+TokenCounter = Callable[[dict[str, Any]], int]  # a canonical record -> its tokens as training renders it
 
 
 class Sink(Protocol):
@@ -149,7 +153,7 @@ def _length_problems(item: Record, count_tokens: TokenCounter | None, max_tokens
     if count_tokens is None or max_tokens is None:
         return []
     try:
-        tokens = count_tokens(item.record["messages"])
+        tokens = count_tokens(item.record)
     except ValueError as exc:
         return [LineError(item.line, "messages", str(exc))]
     if tokens > max_tokens:
@@ -162,21 +166,19 @@ def make_token_counter(tokenizer: Any, budget: TemplateBudget) -> TokenCounter:
     """Tokens a record takes as the model sees it: rendered with the model's chat template (within
     `budget`), as training renders it. Without a chat template, the contents joined by newlines.
 
-    A conversation the template refuses (some refuse a system turn, or one not starting with a
-    user) raises ValueError, which validation reports as that record's error.
+    A document counts its tokens and the end-of-text token. A conversation the template refuses (some refuse
+    a system turn, or one not starting with a user) raises ValueError, which validation reports as that record's error.
     """
-    if not getattr(tokenizer, "chat_template", None):
+    templated = bool(getattr(tokenizer, "chat_template", None))
 
-        def count_plain(messages: list[dict]) -> int:
+    def count(record: dict[str, Any]) -> int:
+        if is_document(record):
+            return len(document_ids(tokenizer, record["messages"][0]["content"]))
+        messages = record["messages"]
+        if not templated:
             return len(tokenizer("\n".join(m["content"] for m in messages))["input_ids"])
-
-        return count_plain
-
-    def count(messages: list[dict]) -> int:
-        # Only role and content reach the template, as in training: "weight" is ours, not the model's.
-        turns = [{"role": m["role"], "content": m["content"]} for m in messages]
         try:
-            text = chat_text(tokenizer, turns, budget=budget)
+            text = chat_text(tokenizer, template_messages(messages), budget=budget, tools=record.get("tools"))
         except TemplateError as exc:
             raise ValueError(f"the base model's chat template rejected this conversation: {exc}") from exc
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])

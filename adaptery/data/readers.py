@@ -30,13 +30,23 @@ from typing import Any, BinaryIO
 
 import ijson
 
-from adaptery.data.chat import LineError, record_errors
+from adaptery.data.chat import (
+    LineError,
+    arguments_object,
+    canonical_record,
+    canonical_tools,
+    record_errors,
+    tools_errors,
+)
 from adaptery.data.untrusted import LineTooLong, RecordLimits, UntrustedJSONError, bounded_lines, loads
 
-FORMATS = ("openai-chat", "alpaca", "sharegpt", "text-lines", "text-document", "csv", "tsv")
+FORMATS = ("openai-chat", "alpaca", "sharegpt", "documents", "text-lines", "text-document", "csv", "tsv", "parquet")
 SNIFF_BYTES = 16 * 1024  # how much of a file detection reads
 _OPENS, _CLOSES = ("start_map", "start_array"), ("end_map", "end_array")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+SHAREGPT_CALL, SHAREGPT_RESULT = ("function_call",), ("observation", "tool")  # LLaMA-Factory's and Glaive's speakers
+PARQUET_MAGIC = b"PAR1"
+PARQUET_BATCH_ROWS = 256  # rows decoded at a time: a row group is streamed, never held whole
 _BOM = b"\xef\xbb\xbf"
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
@@ -55,6 +65,7 @@ class ColumnMapping:
     input: str | None = None
     output: str | None = None
     system: str | None = None
+    text: str | None = None  # a table of documents: one column of text
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,12 +89,15 @@ def _key_format(keys: list[str] | str) -> str:
             return "sharegpt"
         if "instruction" in keys or "output" in keys:
             return "alpaca"
+        if "text" in keys:
+            return "documents"
         found = f"has keys {', '.join(keys[:10])}" if keys else "is an empty object"
     else:
         found = f"is a JSON {keys}, not an object"
     raise FormatError(
         f"cannot tell the dataset format: the first record {found}; expected 'messages' (openai-chat), "
-        f"'conversations' (sharegpt) or 'instruction'/'output' (alpaca). Give the format explicitly "
+        f"'conversations' (sharegpt), 'instruction'/'output' (alpaca) or 'text' (documents). Give the format "
+        f"explicitly "
         f"({', '.join(FORMATS)})"
     )
 
@@ -157,6 +171,8 @@ def detect_format(path: Path, filename: str | None = None) -> str:
     suffix = Path(name).suffix.lower()
     with path.open("rb") as handle:
         head = handle.read(SNIFF_BYTES)
+    if suffix == ".parquet" or head.startswith(PARQUET_MAGIC):
+        return "parquet"
     if head.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise FormatError(f"'{name}' is UTF-16 text: save it as UTF-8")
     if b"\x00" in head:
@@ -314,17 +330,40 @@ def _nonempty_string(value: Any) -> bool:
     return isinstance(value, str) and bool(value.strip())
 
 
+def _json_text_field(obj: dict[str, Any], name: str) -> tuple[Any, LineError | None]:
+    """`obj[name]`, parsed when it is JSON text (how LLaMA-Factory, Glaive and many Parquet files store
+    `tools`), with the error when it does not parse."""
+    value = obj.get(name)
+    if not isinstance(value, str):
+        return value, None
+    if not value.strip():
+        return None, None
+    try:
+        return json.loads(value), None
+    except (json.JSONDecodeError, RecursionError):
+        return None, LineError(0, name, "is text but not JSON: expected a list of function schemas")
+
+
 def _chat(line: int, unit: str, obj: Any) -> Record | list[LineError]:
+    if isinstance(obj, dict) and isinstance(obj.get("tools"), str):
+        tools, problem = _json_text_field(obj, "tools")
+        if problem:
+            return [LineError(line, problem.field, problem.message, unit)]
+        obj = {**obj, "tools": tools}
     errors = record_errors(line, obj)
     if errors:
         return [LineError(e.line, e.field, e.message, unit) for e in errors]
-    messages = []
-    for message in obj["messages"]:
-        clean = {"role": message["role"], "content": message["content"]}
-        if message.get("weight") is not None:
-            clean["weight"] = int(message["weight"])  # true/1.0 are accepted; the canonical form says 1
-        messages.append(clean)
-    return Record(line, {"messages": messages}, unit)
+    return Record(line, canonical_record(obj), unit)
+
+
+def _documents(line: int, unit: str, obj: Any) -> Record | list[LineError]:
+    if not isinstance(obj, dict) or "text" not in obj:
+        return [LineError(line, "text", "is missing: each record of a documents file is {'text': ...}", unit)]
+    document = {"text": obj["text"]}
+    errors = record_errors(line, document)
+    return [LineError(e.line, e.field, e.message, unit) for e in errors] or Record(
+        line, canonical_record(document), unit
+    )
 
 
 def _alpaca(line: int, unit: str, obj: Any) -> Record | list[LineError]:
@@ -357,6 +396,31 @@ def _alpaca(line: int, unit: str, obj: Any) -> Record | list[LineError]:
     return Record(line, {"messages": messages}, unit)
 
 
+def _sharegpt_calls(
+    line: int, unit: str, where: str, value: str, names: set[str], has_tools: bool, first_id: int
+) -> tuple[list[dict[str, Any]], list[LineError]]:
+    """A `function_call` turn's value (one `{"name", "arguments"}` or a list of them) as OpenAI tool calls."""
+    try:
+        parsed = json.loads(value)
+    except (json.JSONDecodeError, RecursionError):
+        return [], [LineError(line, where, 'is not JSON: a function_call is {"name": ..., "arguments": {...}}', unit)]
+    calls, errors = [], []
+    for number, call in enumerate(parsed if isinstance(parsed, list) else [parsed]):
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            errors.append(LineError(line, where, 'must be {"name": ..., "arguments": {...}} (or a list of them)', unit))
+            continue
+        if call["name"] not in names:
+            known = f"tools define {', '.join(sorted(names))}" if has_tools else "the record has no tools"
+            errors.append(LineError(line, where, f"calls {call['name']!r}, which is not in tools ({known})", unit))
+        arguments, problem = arguments_object(call.get("arguments", {}))
+        if problem:
+            errors.append(LineError(line, where, f"arguments {problem}", unit))
+            continue
+        function = {"name": call["name"], "arguments": json.dumps(arguments, ensure_ascii=False)}
+        calls.append({"id": f"call_{first_id + number}", "type": "function", "function": function})
+    return calls, errors
+
+
 def _sharegpt(line: int, unit: str, obj: Any) -> Record | list[LineError]:
     if not isinstance(obj, dict):
         return [LineError(line, "", "must be a JSON object with a 'conversations' list", unit)]
@@ -364,32 +428,66 @@ def _sharegpt(line: int, unit: str, obj: Any) -> Record | list[LineError]:
     if not isinstance(turns, list) or not turns:
         return [LineError(line, "conversations", "must be a non-empty list of turns", unit)]
     errors, messages = [], []
+    tools, problem = _json_text_field(obj, "tools")
+    if problem:
+        errors.append(LineError(line, "tools", problem.message, unit))
+    tool_problems, names = tools_errors(line, tools)
+    errors += [LineError(e.line, e.field, e.message, unit) for e in tool_problems]
     if obj.get("system") is not None and not isinstance(obj["system"], str):
         errors.append(LineError(line, "system", "must be a string", unit))
     elif _nonempty_string(obj.get("system")):
         messages.append({"role": "system", "content": obj["system"]})
+    pending: list[tuple[str, int]] = []  # (call id, turn that made it), answered in order by observations
+    calls_made = 0
     for i, turn in enumerate(turns):
         where = f"conversations[{i}]"
         if not isinstance(turn, dict):
             errors.append(LineError(line, where, "must be an object with 'from' and 'value'", unit))
             continue
         speaker, value = turn.get("from"), turn.get("value")
-        role = SHAREGPT_ROLES.get(speaker) if isinstance(speaker, str) else None
-        if role is None:
-            message = f"unknown speaker {speaker!r} (expected human, gpt or system)"
+        known = isinstance(speaker, str) and speaker in (*SHAREGPT_ROLES, *SHAREGPT_CALL, *SHAREGPT_RESULT)
+        if not known:
+            message = f"unknown speaker {speaker!r} (expected human, gpt, system, function_call or observation)"
             errors.append(LineError(line, f"{where}.from", message, unit))
         if not isinstance(value, str):
             errors.append(LineError(line, f"{where}.value", "must be a string", unit))
-        elif not value.strip():
+            continue
+        if not value.strip() and speaker not in SHAREGPT_RESULT:
             errors.append(LineError(line, f"{where}.value", "is empty", unit))
-        elif role:
-            messages.append({"role": role, "content": value})
+            continue
+        if not known:
+            continue
+        if speaker in SHAREGPT_RESULT:
+            if not pending:
+                message = f"{speaker!r} answers no call: no function_call before it is left unanswered"
+                errors.append(LineError(line, f"{where}.from", message, unit))
+                continue
+            call_id, _ = pending.pop(0)
+            messages.append({"role": "tool", "tool_call_id": call_id, "content": value})
+            continue
+        for _, made_at in pending[:1]:
+            message = "the function_call has no observation answering it before the conversation goes on"
+            errors.append(LineError(line, f"conversations[{made_at}]", message, unit))
+        pending = []
+        if speaker in SHAREGPT_CALL:
+            calls, problems = _sharegpt_calls(line, unit, f"{where}.value", value, names, tools is not None, calls_made)
+            errors += problems
+            calls_made += len(calls)
+            pending = [(call["id"], i) for call in calls]
+            messages.append({"role": "assistant", "content": "", "tool_calls": calls})
+        else:
+            messages.append({"role": SHAREGPT_ROLES[speaker], "content": value})
     if not errors and not any(m["role"] == "assistant" for m in messages):
         errors.append(LineError(line, "conversations", "has no gpt turn to learn from", unit))
-    return errors or Record(line, {"messages": messages}, unit)
+    if errors:
+        return errors
+    record: dict[str, Any] = {"messages": messages}
+    if tools:
+        record["tools"] = canonical_tools(tools)
+    return Record(line, record, unit)
 
 
-_CONVERTERS = {"openai-chat": _chat, "alpaca": _alpaca, "sharegpt": _sharegpt}
+_CONVERTERS = {"openai-chat": _chat, "alpaca": _alpaca, "sharegpt": _sharegpt, "documents": _documents}
 
 
 # --- plain text ----------------------------------------------------------------------------------
@@ -440,7 +538,11 @@ _RESPONSE_COLUMNS = ("response", "answer", "assistant", "completion", "output")
 _OUTPUT_COLUMNS = ("output", "response", "answer", "completion")
 _INPUT_COLUMNS = ("input", "context")
 _SYSTEM_COLUMNS = ("system", "system_prompt")
-_EXPECTED_COLUMNS = "prompt/response, question/answer, user/assistant or instruction/input/output (system optional)"
+_TEXT_COLUMNS = ("text", "content", "document")
+_EXPECTED_COLUMNS = (
+    "prompt/response, question/answer, user/assistant or instruction/input/output (system optional), or one text "
+    "column (documents)"
+)
 
 
 def _infer_mapping(header: list[str]) -> ColumnMapping:
@@ -459,6 +561,8 @@ def _infer_mapping(header: list[str]) -> ColumnMapping:
         )
     if first(_PROMPT_COLUMNS) and first(_RESPONSE_COLUMNS):
         return ColumnMapping(prompt=first(_PROMPT_COLUMNS), response=first(_RESPONSE_COLUMNS), system=system)
+    if len(header) == 1 and first(_TEXT_COLUMNS):
+        return ColumnMapping(text=first(_TEXT_COLUMNS))
     raise FormatError(
         f"cannot tell which columns to use: the header has {', '.join(header) or 'no columns'}; expected "
         f"{_EXPECTED_COLUMNS}, or give a column mapping such as prompt=<column>, response=<column>"
@@ -482,10 +586,15 @@ def _checked_mapping(header: list[str], mapping: ColumnMapping) -> ColumnMapping
     mapping = ColumnMapping(**resolved)
     prompt_style = mapping.prompt and mapping.response and not (mapping.instruction or mapping.input or mapping.output)
     instruction_style = mapping.instruction and mapping.output and not (mapping.prompt or mapping.response)
-    if not (prompt_style or instruction_style):
+    document_style = mapping.text and not any(
+        (mapping.prompt, mapping.response, mapping.instruction, mapping.input, mapping.output, mapping.system)
+    )
+    if mapping.text and not document_style:
+        raise FormatError("a column mapping with text (documents) names no other column")
+    if not (prompt_style or instruction_style or document_style):
         raise FormatError(
             "a column mapping needs prompt and response, or instruction and output (input optional); system is "
-            "optional with either"
+            "optional with either; or text alone, for documents"
         )
     return mapping
 
@@ -566,6 +675,11 @@ def _table_record(line: int, row: list[str], index: dict[str, int], mapping: Col
     def cell(column: str | None) -> str:
         return row[index[column]] if column else ""
 
+    if mapping.text:
+        text = cell(mapping.text)
+        if not text.strip():
+            return LineError(line, f"column {mapping.text}", "is empty")
+        return Record(line, canonical_record({"text": text}))
     if mapping.prompt:
         required = (mapping.prompt, mapping.response)
         prompt = cell(mapping.prompt)
@@ -580,6 +694,63 @@ def _table_record(line: int, row: list[str], index: dict[str, int], mapping: Col
     messages = [{"role": "system", "content": system}] if system.strip() else []
     messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": cell(required[1])}]
     return Record(line, {"messages": messages})
+
+
+# --- Parquet -------------------------------------------------------------------------------------
+
+
+def _parquet_shape(columns: list[str], mapping: ColumnMapping | None) -> str | ColumnMapping:
+    """The JSON format the rows are records of, or the column mapping of a flat table."""
+    if mapping is not None:
+        return _checked_mapping(columns, mapping)
+    try:
+        return _key_format(columns)
+    except FormatError:
+        pass
+    try:
+        return _infer_mapping(columns)
+    except FormatError:
+        raise FormatError(
+            f"cannot tell what the Parquet file's rows hold: its columns are {', '.join(columns[:10])}; expected "
+            f"'messages', 'conversations', 'instruction'/'output', 'text', or columns such as {_EXPECTED_COLUMNS}"
+        ) from None
+
+
+def _parquet(path: Path, mapping: ColumnMapping | None, limits: RecordLimits) -> Iterator[Record | LineError]:
+    """Each row as a record (position: its 1-based row number), decoded a batch at a time from row group
+    after row group, in any of the JSON shapes (the columns are the record's keys) or as a flat table."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise FormatError(f"'{path.name}' is not a readable Parquet file ({exc})") from None
+    columns = table.schema_arrow.names
+    shape = _parquet_shape(columns, mapping)
+    index = {name: i for i, name in enumerate(columns)}
+    number = 0
+    try:
+        for batch in table.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            for row in batch.to_pylist():
+                number += 1
+                size = len(json.dumps(row, ensure_ascii=False, default=str))
+                if size > limits.max_bytes:
+                    yield LineError(number, "", limits.too_large(size), "row")
+                    continue
+                if isinstance(shape, ColumnMapping):
+                    cells = ["" if row[name] is None else str(row[name]) for name in columns]
+                    result = _table_record(number, cells, index, shape)
+                else:
+                    result = _CONVERTERS[shape](number, "row", {k: v for k, v in row.items() if v is not None})
+                if isinstance(result, Record):
+                    yield Record(result.line, result.record, "row")
+                elif isinstance(result, LineError):
+                    yield LineError(result.line, result.field, result.message, "row")
+                else:
+                    yield from (LineError(e.line, e.field, e.message, "row") for e in result)
+    except (pa.ArrowException, OSError) as exc:
+        yield LineError(number + 1, "", f"the Parquet file cannot be read past row {number}: {exc}", "row")
 
 
 # --- all formats ---------------------------------------------------------------------------------
@@ -602,6 +773,8 @@ def read_records(
         yield from _text_document(path, limits)
     elif fmt in ("csv", "tsv"):
         yield from _table(path, "," if fmt == "csv" else "\t", mapping, limits)
+    elif fmt == "parquet":
+        yield from _parquet(path, mapping, limits)
     else:
         convert = _CONVERTERS[fmt]
         for position, unit, value in _json_values(path, limits):

@@ -24,11 +24,11 @@ HISTOGRAM_BINS = 20
 def compute_stats(
     records: Iterable[dict[str, Any]],
     *,
-    count_tokens: Callable[[list[dict]], int] | None = None,
+    count_tokens: Callable[[dict[str, Any]], int] | None = None,
     token_counts: Iterator[int] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """JSON-safe statistics of chat records. Token lengths come from `count_tokens(messages)`, or,
+    """JSON-safe statistics of chat records. Token lengths come from `count_tokens(record)`, or,
     when they were already counted (during validation), from `token_counts`, one per record in order;
     without either there is no `tokens` entry."""
     count = turns = max_turns = characters = max_characters = 0
@@ -48,7 +48,7 @@ def compute_stats(
         if token_counts is not None:
             lengths[next(token_counts)] += 1
         elif count_tokens is not None:
-            lengths[count_tokens(messages)] += 1
+            lengths[count_tokens(record)] += 1
         if progress is not None and count % 1000 == 0:
             progress(count)
     unique = len(np.unique(np.frombuffer(digests, dtype=np.uint64))) if count else 0

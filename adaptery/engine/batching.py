@@ -27,10 +27,12 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from adaptery.engine import lora_kernel as fused_kernel
+from adaptery.engine.constraints import Grammars
 from adaptery.engine.kvcache import PagedKVCache
 from adaptery.engine.lora import AdapterLoad, AdapterStore, LoraBatch, SlotBuffers
 from adaptery.engine.metrics import EngineMetrics
@@ -83,6 +85,7 @@ class Generation(Sequence):
     counts: dict[int, int] = field(default_factory=dict)
     first_token_at: float | None = None
     last_token_at: float | None = None
+    matcher: Any = None  # the constraint's grammar state (`constraints.Grammars.matcher`), when it has one
 
 
 class _EngineAdapters:
@@ -129,9 +132,11 @@ class BatchEngine:
         lora_kernel: bool | None = None,
         adapter_dtype: torch.dtype | None = None,
         request_timeout: float | None = None,
+        grammars: Grammars | None = None,
     ) -> None:
         self.name = name
         self.model = model
+        self.grammars = grammars  # for requests with a constraint; None: the engine refuses them
         self.eos_ids = eos_ids
         self.max_batch = max_batch
         self.request_timeout = request_timeout  # seconds from submission; None: no deadline
@@ -195,6 +200,9 @@ class BatchEngine:
             raise ValueError("the prompt is empty: there is no token to continue from")
         if min(prompt_ids) < 0 or max(prompt_ids) >= self.model.vocab:
             raise ValueError(f"the prompt has token ids outside the model's vocabulary of {self.model.vocab}")
+        if params.constraint is not None and self.grammars is None:
+            raise ValueError("this engine was built without grammars: constrained output is not available")
+        matcher = self.grammars.matcher(params.constraint) if params.constraint is not None else None
         now = time.perf_counter()
         generation = Generation(
             tokens=list(prompt_ids),
@@ -206,6 +214,7 @@ class BatchEngine:
             adapter_path=adapter_path,
             generator=torch.Generator().manual_seed(params.seed) if params.seed is not None else None,
             submitted=now,
+            matcher=matcher,
         )
         generation.request = request = Request(self, generation)
         if adapter_key is not None:
@@ -398,6 +407,9 @@ class BatchEngine:
 
     def _sample(self, completing: list[tuple[Sequence, int]], logits: torch.Tensor) -> None:
         now = time.perf_counter()
+        constrained = [(s.matcher, i) for i, (s, _) in enumerate(completing) if s.matcher is not None]
+        if constrained:  # only these rows pay for a mask
+            self.grammars.mask(logits, constrained)
         greedy = logits.argmax(dim=-1).tolist()
         for i, (sequence, _) in enumerate(completing):
             params = sequence.params
@@ -421,7 +433,10 @@ class BatchEngine:
             sequence.tokens.append(token)
             sequence.counts[token] = sequence.counts.get(token, 0) + 1
             sequence.request.events.put(Event(token=token, logprob=logprob))
-            if sequence.generated >= params.max_tokens or len(sequence.tokens) >= self.model.cos.shape[0]:
+            if sequence.matcher is not None and (not sequence.matcher.consume_token(token) or
+                                                 sequence.matcher.is_stopped()):  # fmt: skip
+                self._finish(sequence, "stop")  # the grammar is complete: nothing else may follow
+            elif sequence.generated >= params.max_tokens or len(sequence.tokens) >= self.model.cos.shape[0]:
                 self._finish(sequence, "length")
 
     def _finish(self, sequence: Generation, reason: str, error: str | None = None) -> None:

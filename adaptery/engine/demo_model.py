@@ -28,15 +28,31 @@ SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|
 # Each turn is "<|role|>content<|end|>". The assistant content and its closing <|end|> sit inside
 # {% generation %} so apply_chat_template(return_assistant_tokens_mask=True) marks exactly the
 # tokens a fine-tune should learn, including the <|end|> that teaches the model to stop.
+# Tools as Qwen2.5 and Hermes render them (so `engine.tool_parsers` reads the demo model's calls with the
+# same parser as theirs): the schemas in the system turn inside <tools>, each call in the assistant turn
+# as <tool_call>{"name": ..., "arguments": {...}}</tool_call>, each result in a user turn inside
+# <tool_response>. Without tools the text is exactly what it was before tools existed.
 CHAT_TEMPLATE = (
     "{{- bos_token -}}"
+    "{%- if tools -%}"
+    "<|system|>{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n{% endif %}"
+    '# Tools\nCall a function with <tool_call>{"name": ..., "arguments": {...}}</tool_call>.\n<tools>'
+    "{%- for tool in tools %}\n{{ tool | tojson }}{% endfor %}\n</tools><|end|>"
+    "{%- endif -%}"
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'system' -%}"
-    "<|system|>{{ message['content'] }}<|end|>"
+    "{%- if not (tools and loop.first) -%}<|system|>{{ message['content'] }}<|end|>{%- endif -%}"
     "{%- elif message['role'] == 'user' -%}"
     "<|user|>{{ message['content'] }}<|end|>"
     "{%- elif message['role'] == 'assistant' -%}"
-    "<|assistant|>{% generation %}{{ message['content'] }}<|end|>{% endgeneration %}"
+    "<|assistant|>{% generation %}{{ message['content'] }}"
+    "{%- for call in message['tool_calls'] or [] -%}"
+    "<tool_call>{\"name\": {{ call['function']['name'] | tojson }}, "
+    "\"arguments\": {{ call['function']['arguments'] | tojson }}}</tool_call>"
+    "{%- endfor -%}"
+    "<|end|>{% endgeneration %}"
+    "{%- elif message['role'] == 'tool' -%}"
+    "<|user|><tool_response>{{ message['content'] }}</tool_response><|end|>"
     "{%- else -%}"
     "{{- raise_exception('unknown role: ' + message['role']) -}}"
     "{%- endif -%}"

@@ -20,6 +20,7 @@ from peft import PeftConfig, PeftModel
 from transformers import DynamicCache, PreTrainedModel
 
 from adaptery.engine.batching import Event, deadline_message
+from adaptery.engine.constraints import Grammars
 from adaptery.engine.sampling import SamplingParams, sample
 
 
@@ -71,7 +72,10 @@ class TransformersBase:
         eos_ids: set[int],
         should_stop: Callable[[], bool],
         timeout: float | None = None,
+        grammars: Grammars | None = None,
     ) -> Iterator[Event]:
+        """The request's tokens as events; with a constraint in `params`, `grammars` masks every step."""
+        matcher = grammars.matcher(params.constraint) if grammars is not None and params.constraint else None
         deadline = time.perf_counter() + timeout if timeout is not None else float("inf")
         generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         device = next(self.model.parameters()).device
@@ -90,12 +94,18 @@ class TransformersBase:
                         yield Event(finish="timeout", error=deadline_message(timeout))
                         return
                     logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits[0, -1]
-                    token, logprob = sample(logits.float().cpu(), params, generator, counts)
+                    logits = logits.float().cpu()
+                    if matcher is not None:
+                        grammars.mask(logits.unsqueeze(0), [(matcher, 0)])
+                    token, logprob = sample(logits, params, generator, counts)
                     if token in eos_ids:
                         yield Event(finish="stop")
                         return
                     counts[token] = counts.get(token, 0) + 1
                     yield Event(token=token, logprob=logprob)
+                    if matcher is not None and (not matcher.consume_token(token) or matcher.is_stopped()):
+                        yield Event(finish="stop")
+                        return
                     input_ids = torch.tensor([[token]], device=device)
         finally:
             self.lock.release()

@@ -14,6 +14,7 @@ path, and a prompt's text is measured against the context before any template or
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import queue
 import threading
@@ -25,14 +26,17 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from adaptery.data.chat_template import TemplateBudget, chat_text, stored_chat_template
+from adaptery.data.chat_template import TemplateBudget, chat_text, stored_chat_template, template_messages
 from adaptery.engine.batching import BatchEngine, Event
+from adaptery.engine.constraints import Grammars, UnsupportedConstraint
+from adaptery.engine.constraints import check as check_constraint
 from adaptery.engine.fallback import TransformersBase
 from adaptery.engine.loading import load_causal_lm
 from adaptery.engine.lora import AdapterInfo, AdapterRejected, inspect_adapter
 from adaptery.engine.metrics import EngineMetrics
 from adaptery.engine.native import MODULE_SITE, NativeLlama, check_quantization, native_support
-from adaptery.engine.sampling import SamplingParams, TokenLogprob, releasable
+from adaptery.engine.sampling import Constraint, Detokenizer, SamplingParams, TokenLogprob, releasable
+from adaptery.engine.tool_calls import ToolFormat, response_template_format, tool_format
 
 log = logging.getLogger("adaptery.engine")
 __all__ = [
@@ -43,6 +47,7 @@ __all__ = [
     "GenerationTimedOut",
     "InferenceEngine",
     "PromptTooLong",
+    "UnsupportedConstraint",
     "Usage",
 ]
 MiB = 1024 * 1024
@@ -118,6 +123,8 @@ class _Base:
         eos.update(generation_eos if isinstance(generation_eos, list) else [generation_eos])
         self.eos_ids = {e for e in eos if e is not None}
         self.dtype = engine.dtype
+        vocab = int(model.get_output_embeddings().weight.shape[0])  # the logits' width
+        self.grammars = Grammars(self.tokenizer, vocab, self.eos_ids)
         reason = native_support(model.config) if engine.device == "cpu" else f"device {engine.device}"
         self.path_reason = reason
         self.native: BatchEngine | None = None
@@ -136,6 +143,7 @@ class _Base:
                 metrics=engine.metrics,
                 adapter_dtype=engine.adapter_dtype,
                 request_timeout=engine.request_timeout_s,
+                grammars=self.grammars,
             ).start()
             del model
         else:
@@ -197,17 +205,46 @@ class InferenceEngine:
             return self._bases[base_id]
 
     def chat_prompt(
-        self, base_id: str, ref: str, messages: list[dict[str, str]], adapter: AdapterSpec | None = None
+        self,
+        base_id: str,
+        ref: str,
+        messages: list[dict[str, Any]],
+        adapter: AdapterSpec | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
-        """Token ids of `messages` formatted for generation. An adapter that stores its own chat template
-        (training saves the tokenizer beside the adapter) is prompted exactly as it was trained."""
+        """Token ids of `messages` (canonical, `data.chat`: tool calls and results included) and `tools`
+        formatted for generation. An adapter that stores its own chat template (training saves the tokenizer
+        beside the adapter) is prompted exactly as it was trained."""
         loaded = self.base(base_id, ref)
-        self._refuse_oversized(loaded, [message["content"] for message in messages])
+        texts = [message["content"] for message in messages]
+        texts += [call["function"]["arguments"] for message in messages for call in message.get("tool_calls") or []]
+        self._refuse_oversized(loaded, [*texts, json.dumps(tools or [])])
         tokenizer = loaded.tokenizer
-        budget = self.template_budget
-        template = adapter_chat_template(adapter.path, budget.max_json_depth) if adapter is not None else None
-        text = chat_text(tokenizer, messages, budget=budget, chat_template=template, add_generation_prompt=True)
+        text = chat_text(
+            tokenizer,
+            template_messages(messages),
+            budget=self.template_budget,
+            chat_template=self._template(adapter),
+            add_generation_prompt=True,
+            tools=tools,
+        )
         return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _template(self, adapter: AdapterSpec | None) -> str | None:
+        return adapter_chat_template(adapter.path, self.template_budget.max_json_depth) if adapter else None
+
+    def tool_format(self, base_id: str, ref: str, adapter: AdapterSpec | None = None) -> ToolFormat | None:
+        """How the model (its adapter's template, else its base's) writes tool calls; None: it renders no tools."""
+        tokenizer = self.base(base_id, ref).tokenizer
+        template = self._template(adapter) or getattr(tokenizer, "chat_template", None) or ""
+        template = template if isinstance(template, str) else ""
+        if "tools" not in template:
+            return None
+        return response_template_format(tokenizer) or tool_format(template)
+
+    def check_constraint(self, constraint: Constraint) -> None:
+        """UnsupportedConstraint (a client error) naming what the grammar engine cannot enforce."""
+        check_constraint(constraint)
 
     def text_prompt(self, base_id: str, ref: str, prompt: str) -> list[int]:
         loaded = self.base(base_id, ref)
@@ -272,7 +309,7 @@ class InferenceEngine:
             events = self._native_events(loaded.native, key, path, prompt_ids, params, should_stop, fairness_key)
         else:
             events = loaded.fallback().events(
-                key, path, prompt_ids, params, loaded.eos_ids, should_stop, self.request_timeout_s
+                key, path, prompt_ids, params, loaded.eos_ids, should_stop, self.request_timeout_s, loaded.grammars
             )
             self.metrics.requests.labels(base_id, "transformers", "served").inc()
         return self._deltas(loaded.tokenizer, events, params, usage, should_stop)
@@ -310,10 +347,11 @@ class InferenceEngine:
         usage: Usage,
         should_stop: Callable[[], bool],
     ) -> Iterator[Delta]:
-        generated: list[int] = []
+        text = Detokenizer(tokenizer)
         pending: list[dict[str, Any]] = []
-        sent = ""
+        sent = 0  # characters of text.text sent
         finish = "stop"
+        ended = False  # by the engine (end of text, length): what was held back for a stop sequence is text
         try:
             for event in events:
                 if event.finish == "timeout":
@@ -321,28 +359,24 @@ class InferenceEngine:
                 if event.finish == "error":
                     raise GenerationFailed(event.error or "generation failed")
                 if event.finish is not None:
-                    finish = event.finish
+                    finish, ended = event.finish, True
                     break
                 if should_stop():
                     break
-                generated.append(event.token)
-                usage.completion_tokens = len(generated)
+                text.add(event.token)
+                usage.completion_tokens = len(text.ids)
                 if event.logprob is not None:
                     pending.append(_logprob_entry(tokenizer, event.logprob))
-                text = tokenizer.decode(generated, skip_special_tokens=True)
-                visible, stopped = releasable(text, params.stop)
-                if len(visible) > len(sent):
-                    yield Delta(visible[len(sent) :], logprobs=pending or None)
-                    sent, pending = visible, []
+                visible, stopped = releasable(text.text[sent:], params.stop)
+                if visible:
+                    yield Delta(visible, logprobs=pending or None)
+                    sent, pending = sent + len(visible), []
                 if stopped:
                     finish = "stop"
                     break
-            else:
-                finish = "stop"
-            if finish == "length":
-                text = tokenizer.decode(generated, skip_special_tokens=True)
-                tail = text[len(sent) :].rstrip("\ufffd")
-                if tail and not any(s in text for s in params.stop):
+            if ended:
+                tail = text.text[sent:] + text.rest()
+                if tail and not any(s in tail for s in params.stop):
                     yield Delta(tail, logprobs=pending or None)
                     pending = []
         finally:

@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What a request's output must match (`engine.constraints`): a grammar in llguidance's Lark dialect,
+    `%json {schema}` embedding a JSON Schema. Plain data, so it travels with the request to any engine."""
+
+    grammar: str
 
 
 @dataclass(frozen=True)
@@ -19,6 +28,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logprobs: bool = False
     top_logprobs: int = 0
+    constraint: Constraint | None = None
 
 
 @dataclass(frozen=True)
@@ -78,11 +88,45 @@ def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+class Detokenizer:
+    """The text of a growing list of token ids, decoded a few ids at a time, as vLLM and TGI do it: each new
+    token decodes only the ids since the last complete piece of text (a byte-level tokenizer may split one
+    character over several tokens), not the whole output again, which was quadratic in its length."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+        self._prefix = 0  # ids[_prefix:_read] decode to the end of `text`, for context
+        self._read = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def add(self, token: int) -> str:
+        """The text `token` completes (often "", while a character is incomplete)."""
+        self.ids.append(token)
+        before = self._decode(self.ids[self._prefix : self._read])
+        after = self._decode(self.ids[self._prefix :])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""
+        new = after[len(before) :]
+        self._prefix, self._read = self._read, len(self.ids)
+        self.text += new
+        return new
+
+    def rest(self) -> str:
+        """Text of ids not yet completed (an incomplete character's bytes dropped), at the end."""
+        before = self._decode(self.ids[self._prefix : self._read])
+        return self._decode(self.ids[self._prefix :])[len(before) :].rstrip("\ufffd")
+
+
 def releasable(text: str, stop: list[str]) -> tuple[str, bool]:
     """The part of `text` safe to send, and whether a stop sequence ended it.
 
     Text that could be the start of a stop sequence, or an incomplete UTF-8 character, is held
-    back until the next tokens decide.
+    back until the next tokens decide. A caller streaming passes only the text not yet sent: no stop
+    sequence can start in what was sent (its start would have been held back).
     """
     for sequence in stop:
         at = text.find(sequence)

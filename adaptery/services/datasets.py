@@ -40,7 +40,7 @@ from adaptery.training.spec import MAX_SEED
 
 OPERATIONS = ("upload", "dedup", "scrub", "split-train", "split-validation")
 CARD_FIELDS = ("name", "description", "source", "license", "contains_protected_data")
-TokenCounter = Callable[[list[dict]], int]
+TokenCounter = Callable[[dict[str, Any]], int]  # a canonical record -> its tokens
 
 
 @dataclass(frozen=True)
@@ -428,8 +428,8 @@ def run_version(
         fmt = None
         counted = array("I")  # token lengths found while validating, reused by the statistics
 
-        def count_and_keep(messages: list[dict]) -> int:
-            tokens = budget.count(messages)
+        def count_and_keep(record: dict[str, Any]) -> int:
+            tokens = budget.count(record)
             counted.append(tokens)
             return tokens
 

@@ -1,7 +1,10 @@
 """OpenAI chat JSONL -> tokenised training examples, rendered with the base model's chat template.
 
 Only assistant tokens are trained (labels are -100 everywhere else), so the adapter learns to
-answer, not to imitate users. Assistant messages with ``"weight": 0`` are context, not targets.
+answer and to call tools, not to imitate users or tool results. Assistant messages with
+``"weight": 0`` are context, not targets. A record's `tools` reach the template as
+`apply_chat_template(tools=...)` passes them. Documents (`{"text": ...}`) are trained on every
+token, without the chat template, and packed.
 Templates render within a `TemplateBudget` and records are read within `RecordLimits`; both default
 to this process's settings.
 """
@@ -17,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 from jinja2 import TemplateError
 
 # _message_errors: the one definition of a valid chat message, shared with the upload validator.
-from adaptery.data.chat import _message_errors, record_errors
-from adaptery.data.chat_template import TemplateBudget, render_for
+from adaptery.data.chat import _message_errors, canonical_record, is_document, record_errors
+from adaptery.data.chat_template import TemplateBudget, document_ids, render_for, template_messages
 from adaptery.data.untrusted import LineTooLong, RecordLimits, UntrustedJSONError, bounded_lines, loads
 from adaptery.settings import Settings
 
@@ -43,6 +46,7 @@ class ChatDataset:
     trainable_tokens: int
     truncated: int = 0  # examples cut at max_seq_length
     dropped: list[int] = field(default_factory=list)  # line numbers left with nothing to train on
+    documents: int = 0  # records that are documents (continued pre-training): these are always packed
 
 
 def _jsonl(path: Path, limits: RecordLimits | None) -> Iterator[tuple[int, Any]]:
@@ -65,25 +69,20 @@ def _jsonl(path: Path, limits: RecordLimits | None) -> Iterator[tuple[int, Any]]
         raise DatasetError(f"cannot read {Path(path).name}: {exc.strerror or exc}") from exc
 
 
-def read_chat_records(path: Path, limits: RecordLimits | None = None) -> list[tuple[int, Messages]]:
-    """Validate every line of a chat JSONL file; return (line number, messages) per record."""
+def read_chat_records(path: Path, limits: RecordLimits | None = None) -> list[tuple[int, dict[str, Any]]]:
+    """Validate every line of a chat JSONL file; return (line number, canonical record) per record."""
     records = []
     for number, record in _jsonl(path, limits):
         # The same rules as the upload-time validator, so a file accepted there trains here.
         problems = record_errors(number, record)
         if problems:
             raise DatasetError(str(problems[0]))
-        records.append((number, record["messages"]))
+        records.append((number, canonical_record(record)))
     if not records:
         raise DatasetError(
             f"{Path(path).name}: no training examples (expected one JSON object per line with a 'messages' list)"
         )
     return records
-
-
-def _template_messages(messages: Messages) -> Messages:
-    # Only role and content reach the template: extra keys like "weight" are ours, not the model's.
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 def _is_trained(message: dict[str, Any]) -> bool:
@@ -102,10 +101,10 @@ def _mask_runs(mask: list[int]) -> list[tuple[int, int]]:
 
 
 def _labels_from_generation_mask(
-    tokenizer: PreTrainedTokenizerBase, messages: Messages, budget: TemplateBudget
+    tokenizer: PreTrainedTokenizerBase, messages: Messages, budget: TemplateBudget, tools: list | None = None
 ) -> dict | None:
     """Use the template's {% generation %} blocks; None when they cannot be mapped to messages."""
-    text, spans = render_for(tokenizer, _template_messages(messages), budget=budget, spans=True)
+    text, spans = render_for(tokenizer, template_messages(messages), budget=budget, spans=True, tools=tools)
     encoded = tokenizer(text, add_special_tokens=False)
     ids = list(encoded["input_ids"])
     mask = [0] * len(ids)
@@ -127,7 +126,7 @@ def _labels_from_generation_mask(
 
 
 def _labels_from_prefixes(
-    tokenizer: PreTrainedTokenizerBase, messages: Messages, line: int, budget: TemplateBudget
+    tokenizer: PreTrainedTokenizerBase, messages: Messages, line: int, budget: TemplateBudget, tools: list | None
 ) -> dict:
     """Locate each assistant turn by rendering the conversation up to it (works with any template
     that renders earlier turns the same way whatever follows them)."""
@@ -136,7 +135,7 @@ def _labels_from_prefixes(
         if upto == 0:
             return ""
         text, _ = render_for(
-            tokenizer, _template_messages(messages[:upto]), budget=budget, add_generation_prompt=prompt
+            tokenizer, template_messages(messages[:upto]), budget=budget, add_generation_prompt=prompt, tools=tools
         )
         return text
 
@@ -155,7 +154,7 @@ def _labels_from_prefixes(
         if i == 0:
             # No earlier turns to render a generation prompt after (templates refuse an empty
             # conversation), so skip the template's header by finding where the content begins.
-            start = max(through.find(message["content"]), 0)
+            start = max(through.find(message["content"]), 0) if message["content"] else len(through)
         spans.append((start, len(through)))
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(encoded["input_ids"])
@@ -166,15 +165,19 @@ def _labels_from_prefixes(
     return {"input_ids": ids, "labels": labels}
 
 
-def _label_conversation(
-    tokenizer: PreTrainedTokenizerBase, messages: Messages, line: int, budget: TemplateBudget
+def _label_record(
+    tokenizer: PreTrainedTokenizerBase, record: dict[str, Any], line: int, budget: TemplateBudget
 ) -> dict:
+    messages, tools = record["messages"], record.get("tools")
+    if is_document(record):
+        ids = document_ids(tokenizer, messages[0]["content"])
+        return {"input_ids": ids, "labels": list(ids)}
     try:
         example = None
         if _GENERATION_TAG.search(tokenizer.get_chat_template()):
-            example = _labels_from_generation_mask(tokenizer, messages, budget)
+            example = _labels_from_generation_mask(tokenizer, messages, budget, tools)
         if example is None:
-            example = _labels_from_prefixes(tokenizer, messages, line, budget)
+            example = _labels_from_prefixes(tokenizer, messages, line, budget, tools)
     except TemplateError as exc:
         raise DatasetError(f"line {line}: the base model's chat template rejected this conversation: {exc}") from exc
     return example
@@ -187,10 +190,12 @@ def tokenize_conversation(
     max_seq_length: int,
     line: int = 0,
     budget: TemplateBudget | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> dict[str, list[int]]:
     """Tokenise one conversation: input_ids, attention_mask and labels (-100 outside trained turns)."""
     budget = budget or TemplateBudget.from_settings(Settings())
-    example = _label_conversation(tokenizer, messages, line, budget)
+    record = {"messages": messages, **({"tools": tools} if tools else {})}
+    example = _label_record(tokenizer, record, line, budget)
     ids, labels = example["input_ids"][:max_seq_length], example["labels"][:max_seq_length]
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
@@ -208,9 +213,10 @@ def load_chat_dataset(
         raise DatasetError("the base model's tokenizer has no chat template, so chat records cannot be formatted")
     budget = budget or TemplateBudget.from_settings(Settings())
     dataset = ChatDataset(examples=[], records=0, trainable_tokens=0)
-    for line, messages in read_chat_records(path, limits):
+    for line, record in read_chat_records(path, limits):
         dataset.records += 1
-        example = _label_conversation(tokenizer, messages, line, budget)
+        dataset.documents += is_document(record)
+        example = _label_record(tokenizer, record, line, budget)
         dataset.truncated += len(example["input_ids"]) > max_seq_length
         ids, labels = example["input_ids"][:max_seq_length], example["labels"][:max_seq_length]
         trainable = sum(label != IGNORE_INDEX for label in labels)
@@ -308,9 +314,9 @@ def read_preference_records(path: Path, limits: RecordLimits | None = None) -> l
             raise DatasetError(problems[0])
         pairs.append(
             {
-                "prompt": _template_messages(record["input"]["messages"]),
-                "chosen": _template_messages(record["preferred_output"]),
-                "rejected": _template_messages(record["non_preferred_output"]),
+                "prompt": template_messages(record["input"]["messages"]),
+                "chosen": template_messages(record["preferred_output"]),
+                "rejected": template_messages(record["non_preferred_output"]),
             }
         )
     if not pairs:

@@ -537,7 +537,7 @@ def _supervised_data(spec: TrainingSpec, hp: LoraHyperparameters, tokenizer, on_
         eval_examples = validation.examples
     elif hp.validation_split > 0:
         examples, eval_examples = split_validation(examples, hp.validation_split, hp.seed)
-    if hp.packing:
+    if hp.packing or train_data.documents == train_data.records:  # documents: continued pre-training, packed
         rows = pack_examples(examples, hp.max_seq_length)
         on_event(
             {

@@ -316,3 +316,35 @@ def test_a_job_whose_records_exceed_the_context_fails_with_the_reason(running):
     assert failed["status"] == "failed"
     assert failed["error"]["code"] == "invalid_training_file" and failed["error"]["param"] == "training_file"
     assert "line 2" in failed["error"]["message"] and "context" in failed["error"]["message"]
+
+
+def test_public_tool_calling_and_parquet_datasets_upload_as_openai_records(running, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    glaive = (SAMPLE_CHAT.parents[2] / "tests" / "data" / "llamafactory" / "glaive_toolcall_en_demo.json").read_bytes()
+    _, version = ready(running, glaive, name="glaive", filename="glaive_toolcall_en_demo.json")
+    validation = version["report"]["validation"]
+    assert version["format"] == "sharegpt" and validation["records_total"] == 12
+    # every record is read; those longer than the tiny demo model's 1024-token context are refused as such
+    assert all("the base model's context is 1024 tokens" in e["message"] for e in validation["errors"])
+
+    tools = json.dumps([{"name": "get_weather", "parameters": {"type": "object"}}])
+    turns = [
+        {"from": "human", "value": "Weather?"},
+        {"from": "function_call", "value": '{"name": "get_weather", "arguments": {}}'},
+        {"from": "observation", "value": "21"},
+        {"from": "gpt", "value": "21 degrees."},
+    ]
+    body, version = ready(running, json.dumps({"conversations": turns, "tools": tools}).encode(), filename="t.jsonl")
+    assert version["stats"]["role_counts"]["tool"] == 1
+    (record,) = running.client.get(f"/api/datasets/{body['id']}/versions/1/records", headers=running.auth()).json()[
+        "data"
+    ]
+    assert record["messages"][1]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": "{}"}
+    assert record["messages"][2] == {"role": "tool", "tool_call_id": "call_0", "content": "21"}
+
+    table = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"text": ["first document", "second document"]}), table, row_group_size=1)
+    body, version = ready(running, table.read_bytes(), name="docs", filename="docs.parquet")
+    assert version["format"] == "parquet" and version["records"] == 2

@@ -41,13 +41,35 @@ def test_downloaded_content_is_the_uploaded_bytes(running):
     assert running.client.get(f"/v1/files/{created['id']}/content", headers=running.auth()).content == payload
 
 
+def test_openai_function_calling_training_file_is_accepted(running):
+    """OpenAI's documented function-calling fine-tuning format, content parts included."""
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}
+    record = {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Weather in Rome?"}]},
+            {"role": "assistant", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "18 C"},
+            {"role": "assistant", "content": "18 degrees."},
+        ],
+        "tools": [weather],
+    }
+    created = upload_sample(running.client, running.auth(), json.dumps(record).encode() + b"\n")
+    assert created["status"] == "processed"
+
+
 @pytest.mark.parametrize(
     ("content", "expected"),
     [
         (b'{"messages": [}\n', "line 1: invalid JSON"),
         (
+            b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [{"id": "c", '
+            b'"type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}\n',
+            "line 1: messages[1].tool_calls[0].function.name: calls 'f', which is not in tools",
+        ),
+        (
             b'{"messages": [{"role": "bot", "content": "x"}]}\n',
-            "line 1: messages[0].role: unknown role 'bot' (expected system, user or assistant)",
+            "line 1: messages[0].role: unknown role 'bot' (expected system, user, assistant or tool)",
         ),
         (
             b'{"messages": [{"role": "user", "content": "only a question"}]}\n',

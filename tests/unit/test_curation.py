@@ -350,15 +350,15 @@ def test_stats_on_a_known_set():
     ]
     lengths = []
 
-    def count_tokens(messages: list[dict]) -> int:
-        lengths.append(sum(len(m["content"]) for m in messages))
+    def count_tokens(record: dict) -> int:
+        lengths.append(sum(len(m["content"]) for m in record["messages"]))
         return lengths[-1]
 
     stats = compute_stats(records, count_tokens=count_tokens)
     assert lengths == [3, 4, 8, 11]
     assert stats["records"] == 4
     assert stats["turns"] == {"total": 9, "mean": 2.25, "max": 3}
-    assert stats["role_counts"] == {"system": 1, "user": 4, "assistant": 4}
+    assert stats["role_counts"] == {"system": 1, "user": 4, "assistant": 4, "tool": 0}
     assert stats["characters"] == {"total": 26, "mean": 6.5, "max": 11}
     assert stats["duplicate_rate"] == 0.25
     tokens_ = stats["tokens"]
@@ -385,7 +385,7 @@ def test_stats_of_nothing_are_zeros():
     assert compute_stats([], count_tokens=len) == {
         "records": 0,
         "turns": {"total": 0, "mean": 0.0, "max": 0},
-        "role_counts": {"system": 0, "user": 0, "assistant": 0},
+        "role_counts": {"system": 0, "user": 0, "assistant": 0, "tool": 0},
         "characters": {"total": 0, "mean": 0.0, "max": 0},
         "duplicate_rate": 0.0,
         "tokens": {

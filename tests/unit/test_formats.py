@@ -111,10 +111,10 @@ def test_openai_chat_reports_every_bad_line_with_its_field(tmp_path):
     assert records == [{"messages": QA}]
     assert shown == [
         "line 2: invalid JSON: Expecting value (column 15)",
-        "line 3: messages[0].role: unknown role 'bot' (expected system, user or assistant)",
-        "line 4: messages[0].role: unknown role 'developer' (expected system, user or assistant)",
+        "line 3: messages[0].role: unknown role 'bot' (expected system, user, assistant or tool)",
+        "line 4: messages[0].role: unknown role 'developer' (expected system, user, assistant or tool)",
         "line 5: messages: has no assistant message to learn from",
-        "line 6: messages[0].content: must be a string",
+        "line 6: messages[0].content: must be a string or a list of text parts",
         "line 6: messages[1].content: is empty",
         "line 7: each line must be a JSON object",
         "line 8: messages[1].weight: must be 0 or 1",
@@ -246,7 +246,8 @@ def test_sharegpt_errors_name_the_sharegpt_fields(tmp_path):
     ]
     _, shown, report = normalise(write(tmp_path, "s.jsonl", jsonl(*rows)), "sharegpt")
     assert shown == [
-        "line 1: conversations[1].from: unknown speaker 'robot' (expected human, gpt or system)",
+        "line 1: conversations[1].from: unknown speaker 'robot' (expected human, gpt, system, function_call or "
+        "observation)",
         "line 2: conversations: has no gpt turn to learn from",
         "line 3: conversations[0].value: is empty",
         "line 3: conversations[1].value: must be a string",
@@ -339,7 +340,8 @@ def test_csv_mapping_problems_are_clear(tmp_path):
         list(read_records(path, "csv", limits=LIMITS))
     assert str(raised.value) == (
         "cannot tell which columns to use: the header has foo, bar; expected prompt/response, question/answer, "
-        "user/assistant or instruction/input/output (system optional), or give a column mapping such as "
+        "user/assistant or instruction/input/output (system optional), or one text column (documents), or give a "
+        "column mapping such as "
         "prompt=<column>, response=<column>"
     )
     with pytest.raises(FormatError) as raised:
@@ -395,15 +397,16 @@ def test_detection_uses_the_uploaded_name_over_the_stored_path(tmp_path):
             "y.jsonl",
             '{"foo": 1, "id": 2}\n',
             "cannot tell the dataset format: the first record has keys foo, id; expected 'messages' (openai-chat), "
-            "'conversations' (sharegpt) or 'instruction'/'output' (alpaca). Give the format explicitly "
-            "(openai-chat, alpaca, sharegpt, text-lines, text-document, csv, tsv)",
+            "'conversations' (sharegpt), 'instruction'/'output' (alpaca) or 'text' (documents). Give the format "
+            "explicitly (openai-chat, alpaca, sharegpt, documents, text-lines, text-document, csv, tsv, parquet)",
         ),
         (
             "y.json",
             '[["a", "b"]]',
             "cannot tell the dataset format: the first record is a JSON array, not an object; expected 'messages' "
-            "(openai-chat), 'conversations' (sharegpt) or 'instruction'/'output' (alpaca). Give the format "
-            "explicitly (openai-chat, alpaca, sharegpt, text-lines, text-document, csv, tsv)",
+            "(openai-chat), 'conversations' (sharegpt), 'instruction'/'output' (alpaca) or 'text' (documents). Give "
+            "the format explicitly (openai-chat, alpaca, sharegpt, documents, text-lines, text-document, csv, tsv, "
+            "parquet)",
         ),
         ("z.txt", b"ok\ncaf\xe9\n", "'z.txt' is not UTF-8 text (line 2, byte 6 of the file): save it as UTF-8"),
         ("e.jsonl", " \n\n", "'e.jsonl' is empty"),
@@ -426,7 +429,7 @@ def test_detection_uses_the_uploaded_name_over_the_stored_path(tmp_path):
             "just some words\n",
             "cannot tell the dataset format of 'mystery': it is not JSON, its first line is not a header of known "
             "columns, and its name does not end in .jsonl, .json, .csv, .tsv or .txt. Give the format explicitly "
-            "(openai-chat, alpaca, sharegpt, text-lines, text-document, csv, tsv)",
+            "(openai-chat, alpaca, sharegpt, documents, text-lines, text-document, csv, tsv, parquet)",
         ),
     ],
 )
@@ -459,9 +462,9 @@ def test_the_report_counts_every_invalid_record_but_lists_only_the_first(tmp_pat
     assert (report["records_invalid"], report["errors_truncated"], len(shown)) == (3, True, 3)
     assert report["error_counts"] == {"messages[].role": 3, "messages[].content": 3}
     assert report["summary"] == (
-        "3 of 4 records are invalid: line 2: messages[0].role: unknown role 'bot' (expected system, user or "
-        "assistant); line 2: messages[0].content: is empty; line 3: messages[0].role: unknown role 'bot' "
-        "(expected system, user or assistant) (and 3 more errors)"
+        "3 of 4 records are invalid: line 2: messages[0].role: unknown role 'bot' (expected system, user, "
+        "assistant or tool); line 2: messages[0].content: is empty; line 3: messages[0].role: unknown role 'bot' "
+        "(expected system, user, assistant or tool) (and 3 more errors)"
     )
 
 
@@ -492,19 +495,19 @@ def test_records_longer_than_the_context_are_reported_with_the_token_count(tmp_p
     path = write(tmp_path, "x.jsonl", jsonl(short, long))
     records, shown, _ = normalise(path, "openai-chat", count_tokens=count, max_tokens=64)
     assert records == [short]
-    tokens = count(long["messages"])
+    tokens = count(long)
     assert tokens > 300
     assert shown == [
         f"line 2: messages: record has {tokens} tokens; the base model's context is 64 tokens: shorten it or split it"
     ]
     # As training sees it, template tokens included: <|bos|> <|user|> Q <|end|> <|assistant|> A <|end|>
-    assert count(QA) == count([QA[0], {**QA[1], "weight": 0}]) == 7
+    assert count({"messages": QA}) == count({"messages": [QA[0], {**QA[1], "weight": 0}]}) == 7
 
 
 def test_without_a_chat_template_tokens_are_counted_on_the_joined_contents(demo_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
     tokenizer.chat_template = None
-    assert make_token_counter(tokenizer, BUDGET)(QA) == len(tokenizer("Q\nA")["input_ids"])
+    assert make_token_counter(tokenizer, BUDGET)({"messages": QA}) == len(tokenizer("Q\nA")["input_ids"])
 
 
 def test_a_conversation_the_chat_template_refuses_is_an_error_on_its_record(tmp_path):

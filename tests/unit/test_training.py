@@ -54,7 +54,7 @@ def one_torch_thread() -> Iterator[None]:
                 GOOD,
                 {"messages": [{"role": "user", "content": "Hi"}, {"role": "bot", "content": "Yo"}]},
             ],
-            "line 3: messages[1].role: unknown role 'bot' (expected system, user or assistant)",
+            "line 3: messages[1].role: unknown role 'bot' (expected system, user, assistant or tool)",
         ),
         (
             [{"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}]}],
@@ -279,7 +279,7 @@ def test_runner_reports_dataset_errors_verbatim(demo_model_dir: Path, tmp_path: 
     assert code == 1
     assert events[-1] == {
         "type": "error",
-        "message": "line 2: messages[0].role: unknown role 'bot' (expected system, user or assistant)",
+        "message": "line 2: messages[0].role: unknown role 'bot' (expected system, user, assistant or tool)",
     }
 
 

@@ -28,8 +28,10 @@ from starlette.types import Receive, Scope, Send
 from adaptery.api.deps import platform, principal
 from adaptery.auth.policy import require
 from adaptery.auth.principal import Principal
+from adaptery.data.chat import arguments_object, canonical_call, canonical_tools, schema_problem, tools_errors
 from adaptery.data.chat_template import ChatTemplateError
 from adaptery.db.ids import new_id
+from adaptery.engine.constraints import JSON_OBJECT_SCHEMA, call_schema, json_grammar, tool_call_grammar
 from adaptery.engine.generation import (
     AdapterRejected,
     AdapterSpec,
@@ -37,15 +39,17 @@ from adaptery.engine.generation import (
     GenerationFailed,
     GenerationTimedOut,
     PromptTooLong,
+    UnsupportedConstraint,
     Usage,
 )
-from adaptery.engine.sampling import SamplingParams
+from adaptery.engine.sampling import Constraint, SamplingParams
+from adaptery.engine.tool_calls import ToolFormat, call_id
 from adaptery.platform import Platform
 from adaptery.services import limits, models
 from adaptery.services.errors import InvalidRequest, ServerError, TimedOut
 
 router = APIRouter(prefix="/v1", tags=["inference"])
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 MAX_CHOICES = 16
 
 
@@ -53,6 +57,8 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: str
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
 
 class SamplingFields(BaseModel):
@@ -78,6 +84,9 @@ class ChatRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
 
 
 class CompletionRequest(SamplingFields):
@@ -93,6 +102,55 @@ class CompletionRequest(SamplingFields):
         return value
 
 
+@dataclass(frozen=True)
+class ToolCalling:
+    format: ToolFormat  # the model family's call syntax
+    parallel: bool  # parallel_tool_calls: more than one call per answer
+    grammar: Constraint | None  # tool_choice required / named: the output must be calls
+
+
+class _CallReader:
+    """One choice's output as content and tool calls, fed as it streams: content is passed on until a call
+    starts (text that may begin one is held back), the call text is kept and parsed at the end, so a streamed
+    answer's calls are exactly the non-streamed answer's."""
+
+    def __init__(self, calling: ToolCalling | None) -> None:
+        self.calling = calling
+        self.held = ""
+        self.call_text: str | None = None
+
+    def feed(self, text: str) -> str:
+        """The content that may be sent now."""
+        if self.calling is None:
+            return text
+        if self.call_text is not None:
+            self.call_text += text
+            return ""
+        text = self.held + text
+        start = self.calling.format.call_start(text)
+        if start >= 0:
+            self.call_text, self.held = text[start:], ""
+            return text[:start]
+        hold = self.calling.format.may_start_call(text)
+        self.held = text[len(text) - hold :]
+        return text[: len(text) - hold]
+
+    def finish(self) -> tuple[str, list[dict[str, Any]]]:
+        """(content still to send, the tool calls) once the output is complete."""
+        if self.calling is None:
+            return "", []
+        if self.call_text is None:
+            rest, self.held = self.held, ""
+            return rest, []
+        content, calls = self.calling.format.parse(self.call_text)
+        if not calls:
+            return self.call_text, []
+        calls = calls if self.calling.parallel else calls[:1]
+        made = [{"id": call_id(), "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                for c in calls]  # fmt: skip
+        return content, made
+
+
 @dataclass
 class Prepared:
     model_id: str
@@ -104,6 +162,7 @@ class Prepared:
     n: int = 1
     reservation: limits.Reservation | None = None  # the worst case held against the caller's limits
     tenant_id: str = ""  # the engine shares its batch fairly between tenants
+    tools: ToolCalling | None = None  # how to read tool calls in the output; None: it is all content
 
     def choice_params(self, index: int) -> SamplingParams:
         """Choice i samples with seed + i: the n choices differ, and each is reproducible."""
@@ -138,17 +197,100 @@ def _text_of(message: ChatMessage, index: int) -> str:
     return _unicode("".join(parts), f"messages[{index}].content")
 
 
-def _messages(body: ChatRequest) -> list[dict[str, str]]:
+def _messages(body: ChatRequest) -> list[dict[str, Any]]:
+    """The request's messages in the canonical form (`data.chat`), tool calls and results included."""
     out = []
     for i, message in enumerate(body.messages):
         role = _ROLES.get(message.role)
         if role is None:
             raise InvalidRequest(
-                f"Invalid value: '{message.role}'. Supported roles: system, developer, user, assistant.",
+                f"Invalid value: '{message.role}'. Supported roles: system, developer, user, assistant, tool.",
                 param=f"messages[{i}].role",
             )
-        out.append({"role": role, "content": _text_of(message, i)})
+        turn: dict[str, Any] = {"role": role, "content": _text_of(message, i)}
+        if role == "assistant" and message.tool_calls:
+            turn["tool_calls"] = [_past_call(call, f"messages[{i}].tool_calls[{j}]")
+                                  for j, call in enumerate(message.tool_calls)]  # fmt: skip
+        if role == "tool":
+            if not message.tool_call_id:
+                raise InvalidRequest("a tool message needs the tool_call_id it answers", param=f"messages[{i}]")
+            turn["tool_call_id"] = message.tool_call_id
+        out.append(turn)
     return out
+
+
+def _past_call(call: dict[str, Any], param: str) -> dict[str, Any]:
+    function = call.get("function")
+    if (
+        not isinstance(call.get("id"), str)
+        or not isinstance(function, dict)
+        or not isinstance(function.get("name"), str)
+    ):
+        raise InvalidRequest("a tool call needs an id and a function with a name and arguments", param=param)
+    _, problem = arguments_object(function.get("arguments", "{}"))
+    if problem:
+        raise InvalidRequest(f"the arguments {problem}", param=f"{param}.function.arguments")
+    return canonical_call(call)
+
+
+def _tool_calling(p: Platform, body: ChatRequest, base: Any, adapter: AdapterSpec | None) -> ToolCalling | None:
+    """How the output's tool calls are read and, for required / named, the grammar that forces one."""
+    if not body.tools:
+        if body.tool_choice not in (None, "none", "auto"):
+            raise InvalidRequest("tool_choice needs tools", param="tool_choice")
+        return None
+    fmt = p.engine.tool_format(base.id, base.ref, adapter)
+    if fmt is None:
+        raise InvalidRequest(f"The model '{body.model}' has no tool calling: its chat template does not render tools",
+                             param="tools", code="tools_not_supported")  # fmt: skip
+    choice = body.tool_choice or "auto"
+    functions = [tool["function"] for tool in canonical_tools(body.tools)]
+    if isinstance(choice, dict):
+        function = choice.get("function") if choice.get("type") == "function" else None
+        name = function.get("name") if isinstance(function, dict) else None
+        chosen = [f for f in functions if f["name"] == name]
+        if not chosen:
+            raise InvalidRequest(f"tool_choice names {name!r}, which is not in tools", param="tool_choice")
+        functions, parallel = chosen, False
+    elif choice not in ("none", "auto", "required"):
+        raise InvalidRequest(f"Invalid value: {choice!r}. Supported: none, auto, required, or a named function.",
+                             param="tool_choice")  # fmt: skip
+    else:
+        parallel = body.parallel_tool_calls is not False
+    if choice == "none":
+        return None
+    grammar = None
+    if choice != "auto":
+        grammar = tool_call_grammar(fmt.opener, fmt.closer, [call_schema(f) for f in functions], parallel)
+        _check_constraint(p, grammar, "tools")
+    return ToolCalling(fmt, body.parallel_tool_calls is not False, grammar)
+
+
+def _response_format(p: Platform, body: ChatRequest) -> Constraint | None:
+    spec = body.response_format
+    if spec is None or spec.get("type") == "text":
+        return None
+    if spec.get("type") == "json_object":
+        return json_grammar(JSON_OBJECT_SCHEMA)
+    if spec.get("type") != "json_schema":
+        raise InvalidRequest(f"Invalid value: {spec.get('type')!r}. Supported: text, json_object, json_schema.",
+                             param="response_format.type")  # fmt: skip
+    described = spec.get("json_schema")
+    schema = described.get("schema", {}) if isinstance(described, dict) else None
+    problem = schema_problem(schema) if schema is not None else "is missing"
+    if problem:
+        raise InvalidRequest(f"response_format.json_schema.schema {problem}", param="response_format.json_schema")
+    grammar = json_grammar(schema)
+    _check_constraint(p, grammar, "response_format.json_schema")
+    return grammar
+
+
+def _check_constraint(p: Platform, grammar: Constraint, param: str) -> None:
+    try:
+        p.engine.check_constraint(grammar)
+    except UnsupportedConstraint as exc:
+        raise InvalidRequest(f"This schema cannot be enforced: {exc}", param=param,
+                             code="unsupported_schema") from exc  # fmt: skip
 
 
 def _completion_prompt(body: CompletionRequest) -> str:
@@ -160,7 +302,9 @@ def _completion_prompt(body: CompletionRequest) -> str:
 
 def _check_supported(body: SamplingFields) -> None:
     if isinstance(body, ChatRequest) and body.tools:
-        raise InvalidRequest("tools are not supported by this server", param="tools")
+        problems, _ = tools_errors(0, body.tools)
+        if problems:
+            raise InvalidRequest(f"{problems[0].field}: {problems[0].message}", param=problems[0].field)
     if isinstance(body, ChatRequest) and body.top_logprobs and not body.logprobs:
         raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
     if isinstance(body, CompletionRequest) and body.echo:
@@ -179,6 +323,7 @@ def _prepare(p: Platform, who: Principal, body: ChatRequest | CompletionRequest)
     require(who, "infer")
     _check_supported(body)
     chat = isinstance(body, ChatRequest)
+    tools = canonical_tools(body.tools) if chat and body.tools else None
     prompt = _messages(body) if chat else _completion_prompt(body)
     prompt_param = "messages" if chat else "prompt"
     with p.db.tenant(who.tenant_id) as s:
@@ -193,9 +338,11 @@ def _prepare(p: Platform, who: Principal, body: ChatRequest | CompletionRequest)
             raise InvalidRequest(f"The model '{body.model}' cannot be served: {exc}", param="model",
                                  code="adapter_not_supported") from exc  # fmt: skip
     base = ref.base
+    calling = _tool_calling(p, body, base, adapter) if chat else None
+    constraint = calling.grammar if calling and calling.grammar else (_response_format(p, body) if chat else None)
     try:
         if chat:
-            prompt_ids = p.engine.chat_prompt(base.id, base.ref, prompt, adapter)
+            prompt_ids = p.engine.chat_prompt(base.id, base.ref, prompt, adapter, tools)
         else:
             prompt_ids = p.engine.text_prompt(base.id, base.ref, prompt)
     except PromptTooLong as exc:
@@ -232,6 +379,7 @@ def _prepare(p: Platform, who: Principal, body: ChatRequest | CompletionRequest)
         frequency_penalty=body.frequency_penalty or 0.0,
         logprobs=logprobs,
         top_logprobs=top_logprobs,
+        constraint=constraint,
     )
     n = body.n or 1
     held = limits.reserve(
@@ -243,7 +391,7 @@ def _prepare(p: Platform, who: Principal, body: ChatRequest | CompletionRequest)
         model=ref.id,
         prices=p.settings.usage_prices,
     )
-    return Prepared(ref.id, base.id, base.ref, adapter, prompt_ids, params, n, held, who.tenant_id)
+    return Prepared(ref.id, base.id, base.ref, adapter, prompt_ids, params, n, held, who.tenant_id, calling)
 
 
 def _usage(usages: list[Usage]) -> dict[str, int]:
@@ -425,16 +573,27 @@ async def chat_completions(
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
 
+        readers = [_CallReader(job.tools) for _ in range(job.n)]
+
         async def events() -> AsyncIterator[bytes]:
             for index in range(job.n):
                 yield _sse(chunk(index, {"role": "assistant", "content": ""}, None))
             try:
                 async for index, delta in choices.deltas():
                     logprobs = {"content": delta.logprobs, "refusal": None} if delta.logprobs else None
-                    if delta.text or logprobs:
-                        yield _sse(chunk(index, {"content": delta.text}, None, logprobs))
+                    content = readers[index].feed(delta.text)
+                    if content or logprobs:
+                        yield _sse(chunk(index, {"content": content}, None, logprobs))
                     if delta.finish_reason:
-                        yield _sse(chunk(index, {}, delta.finish_reason))
+                        rest, calls = readers[index].finish()
+                        if rest:
+                            yield _sse(chunk(index, {"content": rest}, None))
+                        for position, call in enumerate(calls):  # as OpenAI streams them: id and name, then arguments
+                            opening = {**call, "function": {"name": call["function"]["name"], "arguments": ""}}
+                            yield _sse(chunk(index, {"tool_calls": [{"index": position, **opening}]}, None))
+                            arguments = {"index": position, "function": {"arguments": call["function"]["arguments"]}}
+                            yield _sse(chunk(index, {"tool_calls": [arguments]}, None))
+                        yield _sse(chunk(index, {}, _finish_reason(delta.finish_reason, calls)))
             except Exception as exc:
                 yield _error_event(exc)
                 return
@@ -445,6 +604,7 @@ async def chat_completions(
         return _ChoicesStream(events(), choices)
 
     answers = await _collect(choices, request)
+    messages = [_message(job.tools, "".join(c.text)) for c in answers]
     return {
         "id": completion_id,
         "object": "chat.completion",
@@ -454,14 +614,30 @@ async def chat_completions(
         "choices": [
             {
                 "index": index,
-                "message": {"role": "assistant", "content": "".join(c.text), "refusal": None, "annotations": []},
+                "message": message,
                 "logprobs": {"content": c.logprobs, "refusal": None} if wants_logprobs else None,
-                "finish_reason": c.finish,
+                "finish_reason": _finish_reason(c.finish, message.get("tool_calls")),
             }
-            for index, c in enumerate(answers)
+            for index, (c, message) in enumerate(zip(answers, messages, strict=True))
         ],
         "usage": _usage(choices.usages),
     }
+
+
+def _message(calling: ToolCalling | None, text: str) -> dict[str, Any]:
+    reader = _CallReader(calling)
+    content = reader.feed(text)
+    rest, calls = reader.finish()
+    content += rest
+    message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None, "annotations": []}
+    if calls:
+        message["content"] = content if content.strip() else None
+        message["tool_calls"] = calls
+    return message
+
+
+def _finish_reason(finish: str, calls: list[dict[str, Any]] | None) -> str:
+    return "tool_calls" if calls and finish == "stop" else finish
 
 
 @router.post("/completions", response_model=None)

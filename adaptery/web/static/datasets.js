@@ -405,6 +405,41 @@ async function actionsCard(dataset, version, ctx) {
   );
 }
 
+
+// One canonical record as people read it: tool calls as calls (function and arguments, not raw JSON text),
+// tool results labelled with the call they answer, the record's tools listed, a document marked as one.
+function recordView(record) {
+  const names = {};
+  const bubble = (role, label, ...content) => h("div", { class: `bubble bubble-${role}` }, h("span", { class: "bubble-role" }, label), ...content);
+  const call = (c) => {
+    names[c.id] = c.function.name;
+    let args = c.function.arguments;
+    try {
+      args = JSON.stringify(JSON.parse(args), null, 2);
+    } catch {
+      // shown as written
+    }
+    return h("div", { class: "tool-call" }, h("code", {}, `${c.function.name}(`), h("pre", { class: "bubble-text" }, args), h("code", {}, ")"));
+  };
+  const parts = [];
+  if (record.tools && record.tools.length) {
+    parts.push(h("div", { class: "muted" }, `tools: ${record.tools.map((t) => t.function.name).join(", ")}`));
+  }
+  for (const m of record.messages) {
+    if (record.document) {
+      parts.push(bubble("assistant", "document", h("span", { class: "bubble-text" }, m.content)));
+    } else if (m.role === "tool") {
+      parts.push(bubble("system", `result of ${names[m.tool_call_id] || m.tool_call_id}`, h("span", { class: "bubble-text" }, m.content)));
+    } else if (m.tool_calls && m.tool_calls.length) {
+      const text = m.content ? [h("span", { class: "bubble-text" }, m.content)] : [];
+      parts.push(bubble(m.role, m.tool_calls.length > 1 ? "assistant calls (in parallel)" : "assistant calls", ...text, ...m.tool_calls.map(call)));
+    } else {
+      parts.push(bubble(m.role, m.role, h("span", { class: "bubble-text" }, m.content)));
+    }
+  }
+  return parts;
+}
+
 function previewCard(dataset, version) {
   const body = h("div", { class: "preview", id: "preview" });
   const pageSize = 10;
@@ -421,7 +456,7 @@ function previewCard(dataset, version) {
           "div",
           { class: "record" },
           h("div", { class: "record-no muted" }, `#${offset + i + 1}`),
-          record.messages.map((m) => h("div", { class: `bubble bubble-${m.role}` }, h("span", { class: "bubble-role" }, m.role), h("span", { class: "bubble-text" }, m.content))),
+          recordView(record),
         ),
       ),
     );
