@@ -45,7 +45,8 @@ def _limits_object(values: limits.Limits) -> dict[str, int | None]:
     return {name: getattr(values, name) for name in limits.LIMIT_FIELDS}
 
 
-Seconds = Annotated[int, Query(ge=0, le=2**41)]
+# Unix seconds up to the last second of the year 9999 (what a calendar day can name)
+Seconds = Annotated[int, Query(ge=0, le=253_402_300_799)]
 
 
 def _audit_filters(

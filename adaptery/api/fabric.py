@@ -123,7 +123,11 @@ def revoke_agent(agent_id: str, who: Principal = Depends(principal), p: Platform
     return revoked
 
 
-@router.get("/api/fabric/ca")
+@router.get(
+    "/api/fabric/ca",
+    response_class=Response,
+    responses={200: {"content": {"application/x-pem-file": {"schema": {"type": "string"}}}, "description": "PEM"}},
+)
 def certificate_authority(p: Platform = Depends(platform)) -> Response:
     """The CA an enrolling machine checks against its token's pin before trusting anything else."""
     return Response(p.trust_pem(), media_type="application/x-pem-file")

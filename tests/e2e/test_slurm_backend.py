@@ -131,7 +131,7 @@ def test_a_job_of_two_processes_trains_through_slurm_and_reports_as_a_local_one(
     assert finish["result"]["steps"] == 6 and "adapter_model.safetensors" in finish["files"]
     steps = [event["step"] for event in link.events() if event["type"] == "metrics"]
     assert steps == [1, 2, 3, 4, 5, 6]
-    assert "2 processes (ddp)" in link.events()[0]["message"]
+    assert "2 processes (ddp)" in next(e["message"] for e in link.events() if e.get("phase") == "first_step")
     assert [body["step"] for body in link.of("checkpoint")] == [3, 6]  # uploaded as they appeared
 
 
