@@ -177,6 +177,9 @@ class Platform:
             max_upload_bytes=settings.max_upload_bytes,
             router=self.router,
             announce_seconds=settings.agent_announce_seconds,
+            requests_per_second=settings.agent_requests_per_second,
+            request_burst=settings.agent_request_burst,
+            requests_in_flight=settings.agent_requests_in_flight,
         )
         self.sync_agents()
         self.control.start()

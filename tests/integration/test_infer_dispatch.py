@@ -105,3 +105,68 @@ def test_an_agent_enrolled_without_the_infer_role_cannot_announce_itself_into_th
 
     assert asyncio.run(announce()) == "this agent was enrolled without the infer role"
     assert running.platform.router.pick("adaptery-demo", None, tenant_id=running.tenant_id) is None
+
+
+async def _ask(nc, subject: str, body: dict, timeout: float) -> dict:
+    reply = await nc.request(subject, protocol.encode(body), timeout=timeout)
+    assert protocol.remote_error(reply.headers) is None, reply.headers
+    return protocol.decode(reply.data)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_one_agent_flooding_the_control_plane_does_not_silence_another(running):
+    flooder, other = enroll(running, "flooder"), enroll(running, "bystander")
+    announcement = {"every": 1.0, "bases": {"adaptery-demo": {"max_batch": 4}}, "adapters": {"capacity": 2}}
+
+    async def scenario() -> None:
+        loud, quiet = await connect(running, flooder), await connect(running, other)
+        try:
+            lease = protocol.agent_subject(flooder.agent_id, "lease")
+            inbox = loud.new_inbox()
+            for _ in range(20_000):  # published as fast as the client can, none awaited
+                await loud.publish(lease, b"{}", reply=inbox)
+            await loud.flush()
+            # the other agent is answered while the flood is being shed (a serial responder: tens of seconds)
+            assert await _ask(quiet, protocol.agent_subject(other.agent_id, "lease"), {}, 3) == {"assignment": None}
+            await _ask(quiet, protocol.agent_subject(other.agent_id, protocol.ANNOUNCE_VERB), announcement, 3)
+            # and the flooder itself is answered again once it stops
+            await asyncio.sleep(0.5)
+            assert await _ask(loud, lease, {}, 5) == {"assignment": None}
+        finally:
+            await loud.close()
+            await quiet.close()
+
+    asyncio.run(scenario())
+    assert running.platform.control.shed > 0
+    assert running.platform.router.pick("adaptery-demo", None, tenant_id=running.tenant_id) == other.agent_id
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_the_control_plane_answers_only_into_the_asking_agents_own_inbox(running):
+    attacker, victim = enroll(running, "attacker"), enroll(running, "victim")
+
+    async def scenario() -> list[bytes]:
+        nc, watcher = await connect(running, attacker), await connect(running, victim)
+        seen: list[bytes] = []
+
+        async def record(msg) -> None:
+            seen.append(msg.data)
+
+        try:
+            # the victim listens on its own infer subject, as a serving agent does
+            await watcher.subscribe(protocol.infer_subject(victim.agent_id), cb=record)
+            await watcher.flush()
+            lease = protocol.agent_subject(attacker.agent_id, "lease")
+            await nc.publish(lease, b"{}", reply=protocol.infer_subject(victim.agent_id))
+            await nc.publish(lease, b"{}", reply=protocol.stream_subject(victim.agent_id, "0" * 32))
+            await nc.flush()
+            # its own inbox still works, and by then the two above were handled (one queue, in order)
+            assert await _ask(nc, lease, {}, 5) == {"assignment": None}
+            await asyncio.sleep(0.3)
+            await watcher.flush()
+        finally:
+            await nc.close()
+            await watcher.close()
+        return seen
+
+    assert asyncio.run(scenario()) == []
