@@ -40,7 +40,7 @@ from nats.aio.msg import Msg
 from adaptery.messaging import protocol
 from adaptery.messaging.protocol import InferRequest
 from adaptery.services import faults
-from adaptery.services.inference_router import InferenceRouter
+from adaptery.services.inference_router import InferenceRouter, InvalidAnnouncement
 from adaptery.services.queue import JobQueue
 from adaptery.storage.blobs import BlobStore
 
@@ -319,7 +319,10 @@ class ControlPlane:
                 raise RequestRefused("only an enrolled agent may announce itself")
             if agent_id in self.not_inferring:
                 raise RequestRefused("this agent was enrolled without the infer role")
-            self.router.announce(agent_id, body, self.announce_seconds)
+            try:
+                self.router.announce(agent_id, body, self.announce_seconds)
+            except InvalidAnnouncement as exc:
+                raise RequestRefused(str(exc)) from exc
             return protocol.encode({}), None
         if verb == "lease":
             return protocol.encode(self._lease(agent_id)), None

@@ -170,3 +170,33 @@ def test_the_control_plane_answers_only_into_the_asking_agents_own_inbox(running
         return seen
 
     assert asyncio.run(scenario()) == []
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_malformed_announcement_is_refused_and_the_agents_list_still_renders(running):
+    agent = enroll(running, "garbler")
+    good = {"every": 1.0, "bases": {"adaptery-demo": {"max_batch": 4}}, "adapters": {"capacity": 2}}
+    bad = {
+        "bases": {"x": {"kv_capacity_tokens": "x", "max_batch": "y"}},
+        "running": "a",
+        "waiting": [1],
+        "adapters": "zz",
+    }
+
+    async def announce(body: dict) -> str | None:
+        nc = await connect(running, agent)
+        try:
+            subject = protocol.agent_subject(agent.agent_id, protocol.ANNOUNCE_VERB)
+            reply = await nc.request(subject, protocol.encode(body), timeout=10)
+            return (reply.headers or {}).get(protocol.ERROR_HEADER)
+        finally:
+            await nc.close()
+
+    assert asyncio.run(announce(good)) is None
+    error = asyncio.run(announce(bad))
+    assert error and error.startswith("invalid announcement: ") and "bases.x.kv_capacity_tokens" in error
+    listed = running.client.get("/api/admin/agents", headers=running.auth())
+    assert listed.status_code == 200, listed.text
+    row = next(a for a in listed.json()["data"] if a["id"] == agent.agent_id)
+    assert row["bases"] == ["adaptery-demo"]  # the previous announcement stands
+    assert running.platform.router.pick("adaptery-demo", None, tenant_id=running.tenant_id) == agent.agent_id
