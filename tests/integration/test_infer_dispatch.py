@@ -5,13 +5,15 @@ announcement feeds the router, and only an enrolled agent's counts."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
 from adaptery.messaging import protocol
 from adaptery.messaging.protocol import InferRequest
 from adaptery.services import agents as agent_records
-from tests.integration.test_queue import connect, enroll
+from tests.conftest import SAMPLE_CHAT
+from tests.integration.test_queue import connect, enroll, settings_overrides  # noqa: F401 - no embedded agent
 
 
 def fetch(running, creds, body: dict) -> tuple[bytes, str | None]:
@@ -200,3 +202,33 @@ def test_a_malformed_announcement_is_refused_and_the_agents_list_still_renders(r
     row = next(a for a in listed.json()["data"] if a["id"] == agent.agent_id)
     assert row["bases"] == ["adaptery-demo"]  # the previous announcement stands
     assert running.platform.router.pick("adaptery-demo", None, tenant_id=running.tenant_id) == agent.agent_id
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_an_agent_created_for_inference_only_leases_no_training_job(running):
+    with running.platform.db.system() as s:
+        infer_only = agent_records.create_agent(s, "server-only", roles=["infer"])
+        assert agent_records.find_agent(s, "server-only").roles == ["infer"]
+    running.platform.sync_agents()
+    both = enroll(running, "both")  # the default: train and infer, as before
+    headers = running.auth()
+    file = running.client.post(
+        "/v1/files", headers=headers, files={"file": SAMPLE_CHAT.open("rb")}, data={"purpose": "fine-tune"}
+    ).json()
+    job = running.client.post(
+        "/v1/fine_tuning/jobs", headers=headers, json={"model": "adaptery-demo", "training_file": file["id"]}
+    ).json()
+    deadline = time.monotonic() + 30
+    while running.client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=headers).json()["status"] != "queued":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+    async def lease(creds) -> dict:
+        nc = await connect(running, creds)
+        try:
+            return await _ask(nc, protocol.agent_subject(creds.agent_id, "lease"), {}, 10)
+        finally:
+            await nc.close()
+
+    assert asyncio.run(lease(infer_only)) == {"assignment": None}
+    assert asyncio.run(lease(both))["assignment"]["job_id"] == job["id"]
