@@ -5,13 +5,17 @@ announcement feeds the router, and only an enrolled agent's counts."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
 
+from adaptery.engine.generation import Usage
+from adaptery.engine.sampling import SamplingParams
 from adaptery.messaging import protocol
 from adaptery.messaging.protocol import InferRequest
 from adaptery.services import agents as agent_records
+from adaptery.services.inference import AgentBackend, AgentLost, Inference
 from tests.conftest import SAMPLE_CHAT
 from tests.integration.test_queue import connect, enroll, settings_overrides  # noqa: F401 - no embedded agent
 
@@ -232,3 +236,110 @@ def test_an_agent_created_for_inference_only_leases_no_training_job(running):
 
     assert asyncio.run(lease(infer_only)) == {"assignment": None}
     assert asyncio.run(lease(both))["assignment"]["job_id"] == job["id"]
+
+
+class FakeAgents:
+    """Agents over real NATS that accept every request: `stalling` ones send only keepalives, others answer."""
+
+    def __init__(self, running, agents: dict[str, tuple[object, bool]]) -> None:
+        self.running, self.agents = running, agents
+        self.received: list[str] = []
+        self.ready, self.stop = threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._serve()), daemon=True)
+
+    async def _serve(self) -> None:
+        connections, tasks = [], []
+        for name, (creds, stalling) in self.agents.items():
+            nc = await connect(self.running, creds)
+            connections.append(nc)
+
+            async def on_request(msg, nc=nc, name=name, agent_id=creds.agent_id, stalling=stalling) -> None:
+                request_id = protocol.decode(msg.data)["request_id"]
+                self.received.append(name)
+                subject = protocol.stream_subject(agent_id, request_id)
+                tasks.append(asyncio.create_task(self._answer(nc, subject, stalling)))
+
+            await nc.subscribe(protocol.infer_subject(creds.agent_id), cb=on_request)
+            await nc.flush()
+        self.ready.set()
+        while not self.stop.is_set():
+            await asyncio.sleep(0.05)
+        for task in tasks:
+            task.cancel()
+        for nc in connections:
+            await nc.close()
+
+    async def _answer(self, nc, subject: str, stalling: bool) -> None:
+        if not stalling:
+            await nc.publish(subject, protocol.encode({"seq": 0, "text": "hi", "completion_tokens": 1}))
+            await nc.publish(subject, protocol.encode({"seq": 1, "end": True, "usage": {"completion_tokens": 1}}))
+            return
+        for seq in range(1000):  # keepalives, and never a token
+            await nc.publish(subject, protocol.encode({"seq": seq}))
+            await asyncio.sleep(0.2)
+
+    def __enter__(self) -> FakeAgents:
+        self.thread.start()
+        assert self.ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_an_agent_that_only_keeps_alive_loses_the_request_to_another_and_is_not_chosen_again(running):
+    stalling, working = enroll(running, "stalling"), enroll(running, "working")
+    router, control = running.platform.router, running.platform.control
+    for creds in (stalling, working):
+        router.announce(creds.agent_id, {"every": 60.0, "bases": {"adaptery-demo": {"max_batch": 4}}}, 60.0)
+    # the working agent is made busier, so the stalling one is chosen first
+    assert router.pick("adaptery-demo", None, tenant_id=running.tenant_id, exclude=[stalling.agent_id]) == (
+        working.agent_id
+    )
+    inference = Inference(running.platform.engine, router, lambda: control, idle_seconds=3, first_token_seconds=1)
+    usage = Usage()
+    with FakeAgents(running, {"stalling": (stalling, True), "working": (working, False)}) as agents:
+        deltas = list(
+            inference.generate(
+                "adaptery-demo",
+                "adaptery-demo",
+                None,
+                [1, 2, 3],
+                SamplingParams(max_tokens=4),
+                usage,
+                tenant_id=running.tenant_id,
+            )  # fmt: skip
+        )
+    assert agents.received == ["stalling", "working"]
+    assert [d.text for d in deltas] == ["hi"] and usage.completion_tokens == 1  # the client saw only the answer
+    assert router.is_lost(stalling.agent_id)  # until it announces again
+    router.finished(working.agent_id)
+    assert router.pick("adaptery-demo", None, tenant_id=running.tenant_id) == working.agent_id
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_stream_that_stalls_after_its_first_token_ends_with_an_error(running):
+    agent = enroll(running, "stalls-later")
+    router, control = running.platform.router, running.platform.control
+    router.announce(agent.agent_id, {"every": 60.0, "bases": {"adaptery-demo": {"max_batch": 4}}}, 60.0)
+    backend = AgentBackend(control, router, idle_seconds=3, first_token_seconds=5, stall_seconds=1)
+    router.pick("adaptery-demo", None, tenant_id=running.tenant_id)
+
+    async def first_token_then_keepalives(nc, subject: str, stalling: bool) -> None:
+        await nc.publish(subject, protocol.encode({"seq": 0, "text": "a", "completion_tokens": 1}))
+        for seq in range(1, 1000):
+            await nc.publish(subject, protocol.encode({"seq": seq}))
+            await asyncio.sleep(0.2)
+
+    with FakeAgents(running, {"stalls-later": (agent, True)}) as agents:
+        agents._answer = first_token_then_keepalives
+        stream = backend.generate_on(
+            agent.agent_id, "adaptery-demo", None, [1, 2], SamplingParams(max_tokens=4), Usage(), lambda: False,
+            running.tenant_id,
+        )  # fmt: skip
+        assert next(stream).text == "a"
+        with pytest.raises(AgentLost, match="sent no token for 1 s"):
+            next(stream)
+    assert router.is_lost(agent.agent_id)
