@@ -87,7 +87,12 @@ class Platform:
         self.router = InferenceRouter(missed=settings.agent_announce_missed, policy=settings.inference_routing)
         # Requests go to an infer agent serving their base when there is one, else to the embedded engine.
         self.inference = Inference(
-            self.engine, self.router, lambda: self.control, idle_seconds=settings.inference_stream_idle_seconds
+            self.engine,
+            self.router,
+            lambda: self.control,
+            idle_seconds=settings.inference_stream_idle_seconds,
+            first_token_seconds=settings.inference_first_token_seconds,
+            stall_seconds=settings.engine_request_timeout_seconds,
         )
         self.embeddings = EmbeddingModel(
             settings.embedding_model, max_bytes_per_token=settings.engine_max_bytes_per_token
@@ -177,6 +182,9 @@ class Platform:
             max_upload_bytes=settings.max_upload_bytes,
             router=self.router,
             announce_seconds=settings.agent_announce_seconds,
+            requests_per_second=settings.agent_requests_per_second,
+            request_burst=settings.agent_request_burst,
+            requests_in_flight=settings.agent_requests_in_flight,
         )
         self.sync_agents()
         self.control.start()

@@ -183,6 +183,22 @@ class Settings(KernelSettings):
     inference_stream_idle_seconds: float = Field(
         3.0, gt=0, description="An infer agent's stream silent this long (keepalives come every 0.5 s): it is lost."
     )
+    inference_first_token_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="An infer agent that accepted a request and sends only keepalives, no token, for this long: "
+        "the request is retried on another agent (the client sees nothing) and this agent is taken as lost until "
+        "it announces again.",
+    )
+    agent_requests_per_second: float = Field(
+        200.0, gt=0, description="Requests one agent may make of the control plane per second (sustained)."
+    )
+    agent_request_burst: int = Field(
+        400, ge=1, description="Requests one agent may make at once above its rate; beyond, they are shed."
+    )
+    agent_requests_in_flight: int = Field(
+        4, ge=1, description="Requests of one agent the control plane works on at once; beyond, they are shed."
+    )
     inference_routing: Literal["affinity", "random"] = Field(
         "affinity", description="How requests are placed on infer agents (random: only to measure against)."
     )

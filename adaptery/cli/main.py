@@ -402,6 +402,14 @@ def island_up(
 def create_agent(
     name: str,
     tenant: Annotated[str | None, typer.Option(help="Only run this tenant's jobs (tenant name)")] = None,
+    roles: Annotated[
+        str,
+        typer.Option(
+            "--roles",
+            help="What it may do: train, infer, or both: train,infer (the control plane "
+            "enforces it: an infer-only agent leases no training job)",
+        ),
+    ] = "train,infer",
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
 ) -> None:
@@ -421,7 +429,8 @@ def create_agent(
                 if (named := tenants.tenant_named(s, tenant)) is None:
                     raise typer.BadParameter(f"no tenant named '{tenant}'", param_hint="--tenant")
                 scope = named.id
-            created = agent_records.create_agent(s, name, tenant_scope=scope)
+            wanted = [r.strip() for r in roles.split(",") if r.strip()]
+            created = agent_records.create_agent(s, name, tenant_scope=scope, roles=wanted)
     except ServiceError as exc:
         console.print(f"[red]Error:[/red] {exc.message}")
         raise typer.Exit(1) from exc

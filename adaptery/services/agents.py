@@ -18,13 +18,19 @@ from adaptery.auth.principal import Principal
 from adaptery.db import models as m
 from adaptery.db.ids import new_id, random_token
 from adaptery.messaging.credentials import AgentCredentials, hash_secret
+from adaptery.services.enrollment import check_roles
 from adaptery.services.errors import Conflict, InvalidRequest, NotFound
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 EMBEDDED_PREFIX = "embedded-"
 
 
-def create_agent(system: Session, name: str, *, tenant_scope: str | None = None) -> AgentCredentials:
+def create_agent(
+    system: Session, name: str, *, tenant_scope: str | None = None, roles: list[str] | None = None
+) -> AgentCredentials:
+    """An agent signing in by password, with the roles the control plane lets it act in (default both: an agent
+    started `--roles infer` on credentials made for infer only can never lease a training job)."""
+    roles = check_roles(["train", "infer"] if roles is None else roles)
     if not _NAME.match(name or ""):
         raise InvalidRequest("an agent name is 1-64 letters, digits, '.', '_' or '-'", param="name")
     if system.scalar(select(m.Agent).where(m.Agent.name == name)) is not None:
@@ -33,7 +39,7 @@ def create_agent(system: Session, name: str, *, tenant_scope: str | None = None)
         raise NotFound(f"no tenant '{tenant_scope}'", param="tenant")
     agent_id = new_id("agent-", 16)
     secret = random_token(40)
-    system.add(m.Agent(id=agent_id, name=name, secret_hash=hash_secret(secret), tenant_scope=tenant_scope))
+    system.add(m.Agent(id=agent_id, name=name, secret_hash=hash_secret(secret), tenant_scope=tenant_scope, roles=roles))
     system.flush()
     return AgentCredentials(agent_id, name, secret)
 

@@ -1,7 +1,14 @@
 """The control plane's side of the agent protocol: answers agents' requests on NATS, writes to the database.
 
 It runs its own asyncio loop in a thread; each request is handled in a worker thread (the queue's
-database calls are blocking), so a slow request never holds up the others.
+database calls are blocking), so a slow request never holds up the others. One agent cannot crowd out the
+others: the NATS callback only sorts each request (no work, no waiting), each agent has a token bucket
+(`agent_requests_per_second`, `agent_request_burst`) and a bound on its requests being worked on
+(`agent_requests_in_flight`), the work queue as a whole is bounded, and what is over is shed: answered with a
+retryable "slow down" while that costs little, else dropped (the agent's request times out and it asks again).
+The subscription's pending limits are set so a flood is shed by the client rather than the connection
+dying, and refusals are logged at most once per interval. A reply goes only to the asking agent's own inbox
+(`protocol.inbox_prefix`): an agent cannot make the control plane publish for it on another subject.
 
 An agent acts for the job leased to it, and for nothing else: every request about blobs (uploads, checkpoints,
 the final adapter, downloads) is refused first unless the job is leased to the asking agent, and its blobs are
@@ -21,6 +28,7 @@ import queue as stdlib_queue
 import re
 import tempfile
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +40,7 @@ from nats.aio.msg import Msg
 from adaptery.messaging import protocol
 from adaptery.messaging.protocol import InferRequest
 from adaptery.services import faults
-from adaptery.services.inference_router import InferenceRouter
+from adaptery.services.inference_router import InferenceRouter, InvalidAnnouncement
 from adaptery.services.queue import JobQueue
 from adaptery.storage.blobs import BlobStore
 
@@ -41,8 +49,57 @@ _UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
+MAX_QUEUED = 256  # requests of all agents queued or being worked on; beyond, shed
+PENDING_MSGS_LIMIT = 20_000  # the subscription's buffer in the client; a flood past it is dropped there
+PENDING_BYTES_LIMIT = 256 * 1024 * 1024
+SHED_REPLIES_PER_SECOND = 5.0  # "slow down" answers to one agent; the rest of its excess is dropped unanswered
+
+
 class RequestRefused(Exception):
     pass
+
+
+class TokenBucket:
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate, self.burst, self.tokens, self.at = rate, burst, burst, now
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+class RateLimitedLog:
+    """A warning per key at most every `every` seconds, with how many were left out since."""
+
+    def __init__(self, logger: logging.Logger, every: float = 10.0) -> None:
+        self.logger, self.every = logger, every
+        self._last: dict[str, float] = {}
+        self._skipped: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def warning(self, key: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(key, -self.every) < self.every:
+                self._skipped[key] = self._skipped.get(key, 0) + 1
+                return
+            self._last[key] = now
+            skipped = self._skipped.pop(key, 0)
+            if len(self._last) > 10_000:  # keys are agent ids; forget the oldest rather than grow
+                for old in sorted(self._last, key=self._last.__getitem__)[:5_000]:
+                    self._last.pop(old, None)
+        self.logger.warning(message + (f" (and {skipped} more like it)" if skipped else ""), *args)
+
+
+@dataclass
+class _AgentBudget:
+    bucket: TokenBucket
+    shed_replies: TokenBucket
+    in_flight: int = 0
 
 
 @dataclass
@@ -72,6 +129,9 @@ class ControlPlane:
         agent_scope: dict[str, str | None] | None = None,
         router: InferenceRouter | None = None,
         announce_seconds: float = 2.0,
+        requests_per_second: float = 200.0,
+        request_burst: int = 400,
+        requests_in_flight: int = 4,
     ) -> None:
         self.queue = job_queue
         self.blobs = blobs
@@ -89,8 +149,16 @@ class ControlPlane:
         self.not_inferring: set[str] = set()  # agents enrolled without the infer role: they serve nothing
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="adaptery-control", daemon=True)
-        self._workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="adaptery-control")
+        self._workers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="adaptery-control")
         self._nc: nats.NATS | None = None
+        self.requests_per_second = requests_per_second
+        self.request_burst = request_burst
+        self.requests_in_flight = requests_in_flight
+        self._budgets: dict[str, _AgentBudget] = {}  # only touched on the loop's thread
+        self._queued = 0  # requests of all agents queued or being worked on (on the loop's thread)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.shed = 0  # requests refused or dropped for being over a bound (for tests and metrics)
+        self.refusal_log = RateLimitedLog(log)
 
     def start(self) -> None:
         self.staging_dir.mkdir(parents=True, exist_ok=True)
@@ -105,8 +173,19 @@ class ControlPlane:
             name="adaptery-control",
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,
+            error_cb=self._on_nats_error,
         )
-        await self._nc.subscribe(protocol.CONTROL_SUBSCRIPTION, queue=protocol.CONTROL_QUEUE_GROUP, cb=self._on_request)
+        await self._nc.subscribe(
+            protocol.CONTROL_SUBSCRIPTION,
+            queue=protocol.CONTROL_QUEUE_GROUP,
+            cb=self._on_request,
+            pending_msgs_limit=PENDING_MSGS_LIMIT,
+            pending_bytes_limit=PENDING_BYTES_LIMIT,
+        )
+
+    async def _on_nats_error(self, exc: Exception) -> None:
+        # A slow consumer is reported once per dropped message: one line per interval is enough.
+        self.refusal_log.warning(f"nats:{type(exc).__name__}", "control connection: %s", exc)
 
     def notify(self, agent_id: str, job_id: str, action: str) -> None:
         """Tell an agent at once that its job was cancelled or paused (best effort: heartbeats say it too)."""
@@ -166,13 +245,49 @@ class ControlPlane:
         self._workers.shutdown(wait=False, cancel_futures=True)
 
     async def _on_request(self, msg: Msg) -> None:
+        """Sort a request, on the loop, without waiting: shed it, or queue it for a worker."""
         if not msg.reply:
             return
+        agent_id = msg.subject[len(protocol.PREFIX) + 1 :].split(".", 1)[0]
+        if not msg.reply.startswith(protocol.inbox_prefix(agent_id) + "."):
+            # An agent naming another subject for the answer would have us publish where it may not.
+            self.shed += 1
+            warn = self.refusal_log.warning
+            warn(f"reply:{agent_id}", "agent %s asked for a reply on %r: dropped", agent_id, msg.reply)
+            return
+        now = time.monotonic()
+        budget = self._budgets.get(agent_id)
+        if budget is None:
+            if len(self._budgets) > 100_000:  # only enrolled agents can publish here; this is a backstop
+                self._budgets.clear()
+            budget = _AgentBudget(
+                TokenBucket(self.requests_per_second, self.request_burst, now),
+                TokenBucket(SHED_REPLIES_PER_SECOND, SHED_REPLIES_PER_SECOND, now),
+            )
+            self._budgets[agent_id] = budget
+        if budget.in_flight >= self.requests_in_flight or self._queued >= MAX_QUEUED or not budget.bucket.take(now):
+            self.shed += 1
+            self.refusal_log.warning(f"shed:{agent_id}", "agent %s asks too fast: requests shed", agent_id)
+            if budget.shed_replies.take(now):
+                data, headers = protocol.error_reply("slow down: too many requests, ask again later", retryable=True)
+                await self._nc.publish(msg.reply, data, headers=headers)
+            return
+        budget.in_flight += 1
+        self._queued += 1
+        task = self._loop.create_task(self._work(msg, budget))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _work(self, msg: Msg, budget: _AgentBudget) -> None:
         try:
-            data, headers = await self._loop.run_in_executor(self._workers, self._handle, msg)
-        except Exception as exc:  # noqa: BLE001 - the agent gets the cause, the control plane carries on
-            data, headers = self._error_reply(msg.subject, exc)
-        await self._nc.publish(msg.reply, data, headers=headers)
+            try:
+                data, headers = await self._loop.run_in_executor(self._workers, self._handle, msg)
+            except Exception as exc:  # noqa: BLE001 - the agent gets the cause, the control plane carries on
+                data, headers = self._error_reply(msg.subject, exc)
+            await self._nc.publish(msg.reply, data, headers=headers)
+        finally:
+            budget.in_flight -= 1
+            self._queued -= 1
 
     @staticmethod
     def _error_reply(subject: str, exc: Exception) -> tuple[bytes, dict[str, str]]:
@@ -204,7 +319,10 @@ class ControlPlane:
                 raise RequestRefused("only an enrolled agent may announce itself")
             if agent_id in self.not_inferring:
                 raise RequestRefused("this agent was enrolled without the infer role")
-            self.router.announce(agent_id, body, self.announce_seconds)
+            try:
+                self.router.announce(agent_id, body, self.announce_seconds)
+            except InvalidAnnouncement as exc:
+                raise RequestRefused(str(exc)) from exc
             return protocol.encode({}), None
         if verb == "lease":
             return protocol.encode(self._lease(agent_id)), None

@@ -10,6 +10,11 @@ A request on an agent streams back with sequence numbers (`messaging/streams.py`
 before the first token the request is sent elsewhere (another agent, at last the embedded engine) and the caller
 never knows; after it, the request fails with GenerationFailed, which the API turns into an error event. The
 request is cancelled on the agent whenever it ends early (the client went away): its slot is freed at once.
+
+Keepalives prove an agent is there, not that it works: one that sends no token within `first_token_seconds`
+(`inference_first_token_seconds`) is lost the same way (retried elsewhere, unseen by the client, and not chosen
+until it announces again), and a stream with no token for `stall_seconds` (the engine's request timeout) after
+the first one ends with an error.
 """
 
 from __future__ import annotations
@@ -77,10 +82,19 @@ class EmbeddedBackend:
 class AgentBackend:
     """One request on one agent, as deltas; AgentLost when the agent goes away."""
 
-    def __init__(self, control: ControlPlane, router: InferenceRouter, idle_seconds: float) -> None:
+    def __init__(
+        self,
+        control: ControlPlane,
+        router: InferenceRouter,
+        idle_seconds: float,
+        first_token_seconds: float = 30.0,
+        stall_seconds: float = 600.0,
+    ) -> None:
         self.control = control
         self.router = router
         self.idle_seconds = idle_seconds
+        self.first_token_seconds = first_token_seconds
+        self.stall_seconds = stall_seconds
 
     def generate_on(
         self,
@@ -112,11 +126,13 @@ class AgentBackend:
             self.router.finished(agent_id)
             raise AgentLost(f"agent {agent_id} was lost: the request could not be sent ({exc})") from exc
         reassembly = StreamReassembly()
-        heard = time.monotonic()
+        heard = progressed = time.monotonic()
+        tokens_seen = False
         try:
             while not reassembly.ended:
                 if should_stop():
                     return
+                self._check_progress(agent_id, tokens_seen, time.monotonic() - progressed)
                 try:
                     raw = stream.messages.get(timeout=POLL_SECONDS)
                 except queue.Empty:
@@ -140,6 +156,8 @@ class AgentBackend:
                         error = GenerationTimedOut if message.get("timeout") else GenerationFailed
                         raise error(str(message["error"]))
                 elif "text" in message:
+                    if message.get("text") or message.get("finish_reason"):
+                        tokens_seen, progressed = True, time.monotonic()
                     usage.completion_tokens = int(message.get("completion_tokens") or 0)
                     yield Delta(str(message["text"]), message.get("finish_reason"), logprobs=message.get("logprobs"))
         except AgentLost:
@@ -150,6 +168,15 @@ class AgentBackend:
                 self.control.cancel_stream(stream)
             self.control.close_stream(stream)
             self.router.finished(agent_id)
+
+    def _check_progress(self, agent_id: str, tokens_seen: bool, quiet: float) -> None:
+        """AgentLost for an agent that took the request and sent only keepalives past the deadline."""
+        if not tokens_seen and quiet > self.first_token_seconds:
+            self.router.penalise(agent_id)
+            raise AgentLost(f"agent {agent_id} sent no token for {self.first_token_seconds:g} s")
+        if tokens_seen and quiet > self.stall_seconds:
+            self.router.penalise(agent_id)
+            raise AgentLost(f"agent {agent_id} sent no token for {self.stall_seconds:g} s")
 
 
 class Inference:
@@ -162,12 +189,16 @@ class Inference:
         control: Callable[[], ControlPlane | None],
         *,
         idle_seconds: float,
+        first_token_seconds: float = 30.0,
+        stall_seconds: float = 600.0,
         kv_needed: Callable[[list[int], SamplingParams], int] = lambda ids, p: len(ids) + p.max_tokens,
     ) -> None:
         self.embedded = EmbeddedBackend(engine)
         self.router = router
         self._control = control
         self.idle_seconds = idle_seconds
+        self.first_token_seconds = first_token_seconds
+        self.stall_seconds = stall_seconds
         self.kv_needed = kv_needed
 
     def generate(
@@ -193,7 +224,7 @@ class Inference:
             )
             if agent_id is None:
                 break
-            remote = AgentBackend(control, self.router, self.idle_seconds)
+            remote = AgentBackend(control, self.router, self.idle_seconds, self.first_token_seconds, self.stall_seconds)
             started = False
             try:
                 for delta in remote.generate_on(

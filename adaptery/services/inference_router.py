@@ -11,6 +11,11 @@ An agent is alive while it announces: one silent for `missed` of its own announc
 is one whose stream broke (until it announces again). An agent serves a base it announces, for any tenant if it
 is platform-wide, or only for its own tenant if it was enrolled with a tenant scope (`scopes`, from the agents
 table). Plain data in, a choice out: no NATS, no database (`tests/unit/test_inference_router.py`).
+
+An announcement is checked (`Announcement`: types, bounded non-negative numbers, finite tokens/s, bounded lists
+and strings) before it is kept; a bad one is refused with what is wrong and the agent's previous state stays.
+An agent that accepted a request and sent no token within the first-token deadline is `penalise`d: lost until it
+announces again, like one whose stream broke.
 """
 
 from __future__ import annotations
@@ -20,11 +25,72 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 ACTIVE, FREE_SLOT, LOADING, EVICTS = 1.0, 0.8, 0.6, 0.0
 AFFINITY_WEIGHT = 0.5
 Policy = Literal["affinity", "random"]
+
+_Count = Annotated[int, Field(ge=0, le=10**15)]
+_Name = Annotated[str, Field(min_length=1, max_length=256)]
+_Keys = Annotated[list[Annotated[str, Field(max_length=256)]], Field(max_length=10_000)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False, frozen=True)
+
+
+class AnnouncedBase(_Strict):
+    path: Annotated[str, Field(max_length=4096)] | None = None
+    kv_capacity_tokens: Annotated[int, Field(ge=0, le=10**12)] | None = None
+    max_batch: Annotated[int, Field(ge=1, le=1_000_000)] = 1
+
+
+class AnnouncedAdapters(_Strict):
+    active: _Keys = []
+    memory: _Keys = []
+    disk: _Keys = []
+    loading: _Keys = []
+    capacity: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
+
+
+class AnnouncedMemory(_Strict):
+    total_bytes: _Count | None = None
+    available_bytes: _Count | None = None
+
+
+class Announcement(_Strict):
+    """What an infer agent says of itself (`agent/inference.py`'s `announcement`); anything else is dropped."""
+
+    every: Annotated[float, Field(gt=0, le=300)] | None = None
+    roles: Annotated[list[Literal["train", "infer"]], Field(max_length=2)] = []
+    device: Annotated[str, Field(max_length=64)] | None = None
+    memory: AnnouncedMemory | None = None
+    bases: Annotated[dict[_Name, AnnouncedBase], Field(max_length=64)] = {}
+    adapters: AnnouncedAdapters = AnnouncedAdapters()
+    running: Annotated[int, Field(ge=0, le=1_000_000)] = 0
+    waiting: Annotated[int, Field(ge=0, le=1_000_000)] = 0
+    tokens_per_second: Annotated[float, Field(ge=0, le=1e9)] = 0.0
+    served: _Count = 0
+    adapter_hits: _Count = 0
+    adapter_misses: _Count = 0
+
+
+class InvalidAnnouncement(ValueError):
+    pass
+
+
+def check_announcement(body: object) -> dict[str, Any]:
+    """The announcement as plain data, or InvalidAnnouncement naming the first few fields that are wrong."""
+    try:
+        return Announcement.model_validate(body).model_dump()
+    except ValidationError as exc:
+        problems = [
+            f"{'.'.join(str(part) for part in error['loc']) or 'body'}: {error['msg']}" for error in exc.errors()[:5]
+        ]
+        raise InvalidAnnouncement("invalid announcement: " + "; ".join(problems)) from None
 
 
 @dataclass
@@ -82,9 +148,10 @@ class InferenceRouter:
         self._agents: dict[str, LiveAgent] = {}
         self._lock = threading.Lock()
 
-    def announce(self, agent_id: str, body: dict[str, Any], default_every: float) -> None:
-        every = body.get("every")
-        every = float(every) if isinstance(every, int | float) and 0 < every <= 300 else default_every
+    def announce(self, agent_id: str, body: object, default_every: float) -> None:
+        """Keep an agent's announcement; InvalidAnnouncement (and the previous one kept) if it is not one."""
+        body = check_announcement(body)
+        every = float(body["every"]) if body["every"] is not None else default_every
         with self._lock:
             agent = self._agents.get(agent_id)
             if agent is None:
@@ -97,6 +164,8 @@ class InferenceRouter:
         with self._lock:
             if agent_id in self._agents:
                 self._agents[agent_id].broken = True
+
+    penalise = mark_broken  # an agent that took a request and sent no token in time: not chosen until it announces
 
     def is_lost(self, agent_id: str) -> bool:
         with self._lock:

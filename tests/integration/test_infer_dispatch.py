@@ -5,13 +5,19 @@ announcement feeds the router, and only an enrolled agent's counts."""
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import pytest
 
+from adaptery.engine.generation import Usage
+from adaptery.engine.sampling import SamplingParams
 from adaptery.messaging import protocol
 from adaptery.messaging.protocol import InferRequest
 from adaptery.services import agents as agent_records
-from tests.integration.test_queue import connect, enroll
+from adaptery.services.inference import AgentBackend, AgentLost, Inference
+from tests.conftest import SAMPLE_CHAT
+from tests.integration.test_queue import connect, enroll, settings_overrides  # noqa: F401 - no embedded agent
 
 
 def fetch(running, creds, body: dict) -> tuple[bytes, str | None]:
@@ -105,3 +111,235 @@ def test_an_agent_enrolled_without_the_infer_role_cannot_announce_itself_into_th
 
     assert asyncio.run(announce()) == "this agent was enrolled without the infer role"
     assert running.platform.router.pick("adaptery-demo", None, tenant_id=running.tenant_id) is None
+
+
+async def _ask(nc, subject: str, body: dict, timeout: float) -> dict:
+    reply = await nc.request(subject, protocol.encode(body), timeout=timeout)
+    assert protocol.remote_error(reply.headers) is None, reply.headers
+    return protocol.decode(reply.data)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_one_agent_flooding_the_control_plane_does_not_silence_another(running):
+    flooder, other = enroll(running, "flooder"), enroll(running, "bystander")
+    announcement = {"every": 1.0, "bases": {"adaptery-demo": {"max_batch": 4}}, "adapters": {"capacity": 2}}
+
+    async def scenario() -> None:
+        loud, quiet = await connect(running, flooder), await connect(running, other)
+        try:
+            lease = protocol.agent_subject(flooder.agent_id, "lease")
+            inbox = loud.new_inbox()
+            for _ in range(20_000):  # published as fast as the client can, none awaited
+                await loud.publish(lease, b"{}", reply=inbox)
+            await loud.flush()
+            # the other agent is answered while the flood is being shed (a serial responder: tens of seconds)
+            assert await _ask(quiet, protocol.agent_subject(other.agent_id, "lease"), {}, 3) == {"assignment": None}
+            await _ask(quiet, protocol.agent_subject(other.agent_id, protocol.ANNOUNCE_VERB), announcement, 3)
+            # and the flooder itself is answered again once it stops
+            await asyncio.sleep(0.5)
+            assert await _ask(loud, lease, {}, 5) == {"assignment": None}
+        finally:
+            await loud.close()
+            await quiet.close()
+
+    asyncio.run(scenario())
+    assert running.platform.control.shed > 0
+    assert running.platform.router.pick("adaptery-demo", None, tenant_id=running.tenant_id) == other.agent_id
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_the_control_plane_answers_only_into_the_asking_agents_own_inbox(running):
+    attacker, victim = enroll(running, "attacker"), enroll(running, "victim")
+
+    async def scenario() -> list[bytes]:
+        nc, watcher = await connect(running, attacker), await connect(running, victim)
+        seen: list[bytes] = []
+
+        async def record(msg) -> None:
+            seen.append(msg.data)
+
+        try:
+            # the victim listens on its own infer subject, as a serving agent does
+            await watcher.subscribe(protocol.infer_subject(victim.agent_id), cb=record)
+            await watcher.flush()
+            lease = protocol.agent_subject(attacker.agent_id, "lease")
+            await nc.publish(lease, b"{}", reply=protocol.infer_subject(victim.agent_id))
+            await nc.publish(lease, b"{}", reply=protocol.stream_subject(victim.agent_id, "0" * 32))
+            await nc.flush()
+            # its own inbox still works, and by then the two above were handled (one queue, in order)
+            assert await _ask(nc, lease, {}, 5) == {"assignment": None}
+            await asyncio.sleep(0.3)
+            await watcher.flush()
+        finally:
+            await nc.close()
+            await watcher.close()
+        return seen
+
+    assert asyncio.run(scenario()) == []
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_malformed_announcement_is_refused_and_the_agents_list_still_renders(running):
+    agent = enroll(running, "garbler")
+    good = {"every": 1.0, "bases": {"adaptery-demo": {"max_batch": 4}}, "adapters": {"capacity": 2}}
+    bad = {
+        "bases": {"x": {"kv_capacity_tokens": "x", "max_batch": "y"}},
+        "running": "a",
+        "waiting": [1],
+        "adapters": "zz",
+    }
+
+    async def announce(body: dict) -> str | None:
+        nc = await connect(running, agent)
+        try:
+            subject = protocol.agent_subject(agent.agent_id, protocol.ANNOUNCE_VERB)
+            reply = await nc.request(subject, protocol.encode(body), timeout=10)
+            return (reply.headers or {}).get(protocol.ERROR_HEADER)
+        finally:
+            await nc.close()
+
+    assert asyncio.run(announce(good)) is None
+    error = asyncio.run(announce(bad))
+    assert error and error.startswith("invalid announcement: ") and "bases.x.kv_capacity_tokens" in error
+    listed = running.client.get("/api/admin/agents", headers=running.auth())
+    assert listed.status_code == 200, listed.text
+    row = next(a for a in listed.json()["data"] if a["id"] == agent.agent_id)
+    assert row["bases"] == ["adaptery-demo"]  # the previous announcement stands
+    assert running.platform.router.pick("adaptery-demo", None, tenant_id=running.tenant_id) == agent.agent_id
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_an_agent_created_for_inference_only_leases_no_training_job(running):
+    with running.platform.db.system() as s:
+        infer_only = agent_records.create_agent(s, "server-only", roles=["infer"])
+        assert agent_records.find_agent(s, "server-only").roles == ["infer"]
+    running.platform.sync_agents()
+    both = enroll(running, "both")  # the default: train and infer, as before
+    headers = running.auth()
+    file = running.client.post(
+        "/v1/files", headers=headers, files={"file": SAMPLE_CHAT.open("rb")}, data={"purpose": "fine-tune"}
+    ).json()
+    job = running.client.post(
+        "/v1/fine_tuning/jobs", headers=headers, json={"model": "adaptery-demo", "training_file": file["id"]}
+    ).json()
+    deadline = time.monotonic() + 30
+    while running.client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=headers).json()["status"] != "queued":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+    async def lease(creds) -> dict:
+        nc = await connect(running, creds)
+        try:
+            return await _ask(nc, protocol.agent_subject(creds.agent_id, "lease"), {}, 10)
+        finally:
+            await nc.close()
+
+    assert asyncio.run(lease(infer_only)) == {"assignment": None}
+    assert asyncio.run(lease(both))["assignment"]["job_id"] == job["id"]
+
+
+class FakeAgents:
+    """Agents over real NATS that accept every request: `stalling` ones send only keepalives, others answer."""
+
+    def __init__(self, running, agents: dict[str, tuple[object, bool]]) -> None:
+        self.running, self.agents = running, agents
+        self.received: list[str] = []
+        self.ready, self.stop = threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._serve()), daemon=True)
+
+    async def _serve(self) -> None:
+        connections, tasks = [], []
+        for name, (creds, stalling) in self.agents.items():
+            nc = await connect(self.running, creds)
+            connections.append(nc)
+
+            async def on_request(msg, nc=nc, name=name, agent_id=creds.agent_id, stalling=stalling) -> None:
+                request_id = protocol.decode(msg.data)["request_id"]
+                self.received.append(name)
+                subject = protocol.stream_subject(agent_id, request_id)
+                tasks.append(asyncio.create_task(self._answer(nc, subject, stalling)))
+
+            await nc.subscribe(protocol.infer_subject(creds.agent_id), cb=on_request)
+            await nc.flush()
+        self.ready.set()
+        while not self.stop.is_set():
+            await asyncio.sleep(0.05)
+        for task in tasks:
+            task.cancel()
+        for nc in connections:
+            await nc.close()
+
+    async def _answer(self, nc, subject: str, stalling: bool) -> None:
+        if not stalling:
+            await nc.publish(subject, protocol.encode({"seq": 0, "text": "hi", "completion_tokens": 1}))
+            await nc.publish(subject, protocol.encode({"seq": 1, "end": True, "usage": {"completion_tokens": 1}}))
+            return
+        for seq in range(1000):  # keepalives, and never a token
+            await nc.publish(subject, protocol.encode({"seq": seq}))
+            await asyncio.sleep(0.2)
+
+    def __enter__(self) -> FakeAgents:
+        self.thread.start()
+        assert self.ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_an_agent_that_only_keeps_alive_loses_the_request_to_another_and_is_not_chosen_again(running):
+    stalling, working = enroll(running, "stalling"), enroll(running, "working")
+    router, control = running.platform.router, running.platform.control
+    for creds in (stalling, working):
+        router.announce(creds.agent_id, {"every": 60.0, "bases": {"adaptery-demo": {"max_batch": 4}}}, 60.0)
+    # the working agent is made busier, so the stalling one is chosen first
+    assert router.pick("adaptery-demo", None, tenant_id=running.tenant_id, exclude=[stalling.agent_id]) == (
+        working.agent_id
+    )
+    inference = Inference(running.platform.engine, router, lambda: control, idle_seconds=5, first_token_seconds=2)
+    usage = Usage()
+    with FakeAgents(running, {"stalling": (stalling, True), "working": (working, False)}) as agents:
+        deltas = list(
+            inference.generate(
+                "adaptery-demo",
+                "adaptery-demo",
+                None,
+                [1, 2, 3],
+                SamplingParams(max_tokens=4),
+                usage,
+                tenant_id=running.tenant_id,
+            )  # fmt: skip
+        )
+    assert agents.received == ["stalling", "working"]
+    assert [d.text for d in deltas] == ["hi"]  # the client saw only the answer
+    assert router.is_lost(stalling.agent_id)  # until it announces again
+    router.finished(working.agent_id)
+    assert router.pick("adaptery-demo", None, tenant_id=running.tenant_id) == working.agent_id
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_stream_that_stalls_after_its_first_token_ends_with_an_error(running):
+    agent = enroll(running, "stalls-later")
+    router, control = running.platform.router, running.platform.control
+    router.announce(agent.agent_id, {"every": 60.0, "bases": {"adaptery-demo": {"max_batch": 4}}}, 60.0)
+    backend = AgentBackend(control, router, idle_seconds=3, first_token_seconds=5, stall_seconds=1)
+    router.pick("adaptery-demo", None, tenant_id=running.tenant_id)
+
+    async def first_token_then_keepalives(nc, subject: str, stalling: bool) -> None:
+        await nc.publish(subject, protocol.encode({"seq": 0, "text": "a", "completion_tokens": 1}))
+        for seq in range(1, 1000):
+            await nc.publish(subject, protocol.encode({"seq": seq}))
+            await asyncio.sleep(0.2)
+
+    with FakeAgents(running, {"stalls-later": (agent, True)}) as agents:
+        agents._answer = first_token_then_keepalives
+        stream = backend.generate_on(
+            agent.agent_id, "adaptery-demo", None, [1, 2], SamplingParams(max_tokens=4), Usage(), lambda: False,
+            running.tenant_id,
+        )  # fmt: skip
+        assert next(stream).text == "a"
+        with pytest.raises(AgentLost, match="sent no token for 1 s"):
+            next(stream)
+    assert router.is_lost(agent.agent_id)

@@ -124,3 +124,31 @@ def test_random_placement_ignores_affinity(policy):
     router.policy = policy
     picks = {router.pick(BASE, "x", tenant_id="t") for _ in range(20)}
     assert picks == {"a", "b"}
+
+
+@pytest.mark.parametrize(
+    ("body", "wrong"),
+    [
+        (
+            {"bases": {"x": {"kv_capacity_tokens": "x", "max_batch": "y"}}, "running": "a", "waiting": [1]},
+            "bases.x.kv_capacity_tokens",
+        ),
+        ({"adapters": "zz"}, "adapters"),
+        ({"running": -1e9}, "running"),
+        ({"tokens_per_second": 1e308}, "tokens_per_second"),
+        ({"tokens_per_second": float("nan")}, "tokens_per_second"),
+        ({"adapters": {"active": ["k"] * 20_000}}, "adapters.active"),
+        ({"bases": {"b" * 1000: {"max_batch": 1}}}, "bases"),
+        ({"bases": {BASE: {"max_batch": 0}}}, "bases"),
+        (["not", "an", "object"], "body"),
+    ],
+)
+def test_a_malformed_announcement_is_refused_and_the_previous_state_kept(body, wrong):
+    from adaptery.services.inference_router import InvalidAnnouncement
+
+    router = router_with(a=announcement(resident=["x"]))
+    with pytest.raises(InvalidAnnouncement, match=f"invalid announcement: {wrong}"):
+        router.announce("a", body, default_every=1.0)
+    assert router.pick(BASE, "x", tenant_id="t") == "a"  # routing still works on what it said before
+    snapshot = router.snapshot()["a"]
+    assert snapshot["adapters"]["active"] == ["x"] and snapshot["running"] == 0
