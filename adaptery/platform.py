@@ -87,7 +87,11 @@ class Platform:
         self.router = InferenceRouter(missed=settings.agent_announce_missed, policy=settings.inference_routing)
         # Requests go to an infer agent serving their base when there is one, else to the embedded engine.
         self.inference = Inference(
-            self.engine, self.router, lambda: self.control, idle_seconds=settings.inference_stream_idle_seconds
+            self.engine,
+            self.router,
+            lambda: self.control,
+            idle_seconds=settings.inference_stream_idle_seconds,
+            max_bytes_per_token=settings.engine_max_bytes_per_token,
         )
         self.embeddings = EmbeddingModel(
             settings.embedding_model, max_bytes_per_token=settings.engine_max_bytes_per_token

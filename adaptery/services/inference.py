@@ -10,6 +10,15 @@ A request on an agent streams back with sequence numbers (`messaging/streams.py`
 before the first token the request is sent elsewhere (another agent, at last the embedded engine) and the caller
 never knows; after it, the request fails with GenerationFailed, which the API turns into an error event. The
 request is cancelled on the agent whenever it ends early (the client went away): its slot is freed at once.
+
+The agent's word is not taken for usage: each delta says how many tokens are behind it, the control plane adds
+them up (`messaging.streams.StreamAccount`) and bills that sum with the prompt it tokenised itself; the end
+marker's usage is ignored. A stream that claims the impossible (more tokens than max_tokens, more text than its
+tokens can hold, a negative or non-integer count) is a protocol error: the offending delta is not delivered, the
+request is cancelled on the agent, the agent is marked broken, and the request goes elsewhere before the first
+token or ends with AgentProtocolError (an error event; 502 when not streamed) after it. An overrun is not cut
+to max_tokens with finish_reason "length": an honest engine stops there itself, and without the token ids the
+text cannot be cut at a token boundary, so an overrun proves the agent wrong and the answer is not trusted.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ from adaptery.engine.generation import AdapterSpec, Delta, GenerationFailed, Gen
 from adaptery.engine.sampling import SamplingParams
 from adaptery.messaging import protocol
 from adaptery.messaging.protocol import InferRequest
-from adaptery.messaging.streams import StreamBroken, StreamReassembly
+from adaptery.messaging.streams import StreamAccount, StreamBroken, StreamInvalid, StreamReassembly
 from adaptery.services.control_plane import ControlPlane
 from adaptery.services.inference_router import InferenceRouter
 
@@ -38,6 +47,15 @@ _AGENT_FILES = ("adapter_config.json", ".safetensors")
 
 class AgentLost(RuntimeError):
     """The agent stopped answering, or its stream broke."""
+
+
+class AgentMisbehaved(AgentLost):
+    """The agent's stream broke the protocol (`messaging.streams.StreamAccount`): more tokens than max_tokens,
+    more bytes than its tokens can hold, a malformed count."""
+
+
+class AgentProtocolError(GenerationFailed):
+    """An answer already under way ended because its agent broke the protocol (the API says 502)."""
 
 
 class Backend(Protocol):
@@ -77,10 +95,13 @@ class EmbeddedBackend:
 class AgentBackend:
     """One request on one agent, as deltas; AgentLost when the agent goes away."""
 
-    def __init__(self, control: ControlPlane, router: InferenceRouter, idle_seconds: float) -> None:
+    def __init__(
+        self, control: ControlPlane, router: InferenceRouter, idle_seconds: float, max_bytes_per_token: int
+    ) -> None:
         self.control = control
         self.router = router
         self.idle_seconds = idle_seconds
+        self.max_bytes_per_token = max_bytes_per_token
 
     def generate_on(
         self,
@@ -112,6 +133,7 @@ class AgentBackend:
             self.router.finished(agent_id)
             raise AgentLost(f"agent {agent_id} was lost: the request could not be sent ({exc})") from exc
         reassembly = StreamReassembly()
+        account = StreamAccount(params.max_tokens, self.max_bytes_per_token, params.top_logprobs, params.logprobs)
         heard = time.monotonic()
         try:
             while not reassembly.ended:
@@ -129,19 +151,25 @@ class AgentBackend:
                     continue
                 heard = time.monotonic()
                 try:
+                    account.received(len(raw))
                     message = reassembly.accept(protocol.decode(raw))
+                    if message is None:
+                        continue
+                    if message.get("end"):
+                        account.end(message)
+                    elif "text" in message:
+                        text, finish, logprobs = account.delta(message)
+                except StreamInvalid as exc:
+                    raise AgentMisbehaved(f"agent {agent_id} broke the stream protocol: {exc}") from exc
                 except (StreamBroken, ValueError) as exc:
                     raise AgentLost(f"the stream from agent {agent_id} was lost: {exc}") from exc
-                if message is None:
-                    continue
                 if message.get("end"):
-                    usage.completion_tokens = int((message.get("usage") or {}).get("completion_tokens", 0))
                     if message.get("error"):
                         error = GenerationTimedOut if message.get("timeout") else GenerationFailed
                         raise error(str(message["error"]))
                 elif "text" in message:
-                    usage.completion_tokens = int(message.get("completion_tokens") or 0)
-                    yield Delta(str(message["text"]), message.get("finish_reason"), logprobs=message.get("logprobs"))
+                    usage.completion_tokens = account.tokens  # counted here: what the client receives
+                    yield Delta(text, finish, logprobs=logprobs)
         except AgentLost:
             self.router.mark_broken(agent_id)
             raise
@@ -162,12 +190,14 @@ class Inference:
         control: Callable[[], ControlPlane | None],
         *,
         idle_seconds: float,
+        max_bytes_per_token: int,
         kv_needed: Callable[[list[int], SamplingParams], int] = lambda ids, p: len(ids) + p.max_tokens,
     ) -> None:
         self.embedded = EmbeddedBackend(engine)
         self.router = router
         self._control = control
         self.idle_seconds = idle_seconds
+        self.max_bytes_per_token = max_bytes_per_token
         self.kv_needed = kv_needed
 
     def generate(
@@ -193,7 +223,7 @@ class Inference:
             )
             if agent_id is None:
                 break
-            remote = AgentBackend(control, self.router, self.idle_seconds)
+            remote = AgentBackend(control, self.router, self.idle_seconds, self.max_bytes_per_token)
             started = False
             try:
                 for delta in remote.generate_on(
@@ -203,6 +233,8 @@ class Inference:
                     yield delta
                 return
             except AgentLost as exc:
+                if started and isinstance(exc, AgentMisbehaved):
+                    raise AgentProtocolError(f"{exc}; the answer is incomplete") from exc
                 if started:
                     raise GenerationFailed(f"{exc}; the answer is incomplete") from exc
                 log.warning("%s before the first token; sending the request elsewhere", exc)
