@@ -412,3 +412,68 @@ def test_revoked_or_wrong_credentials_are_refused_by_the_nats_server(running):
             break
         assert time.monotonic() < deadline, "the revoked agent could still connect"
         time.sleep(0.05)
+
+
+def test_an_agents_finish_with_an_impossible_trained_tokens_is_refused_and_charges_nothing(running):
+    """trained_tokens is billed: a negative one, a non-integer, or more than the training file can hold
+    (its bytes × 2 × epochs × processes) is refused as final, and the job is left as it was."""
+    agent = enroll(running, "trainer")
+    headers = running.auth()
+    file = running.client.post(
+        "/v1/files", headers=headers, files={"file": SAMPLE_CHAT.open("rb")}, data={"purpose": "fine-tune"}
+    ).json()
+    job = running.client.post(
+        "/v1/fine_tuning/jobs",
+        headers=headers,
+        json={"model": "adaptery-demo", "training_file": file["id"], "hyperparameters": {"n_epochs": 2}},
+    ).json()
+    deadline = time.monotonic() + 30
+    while running.client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=headers).json()["status"] != "queued":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    bound = SAMPLE_CHAT.stat().st_size * 2 * 2
+
+    async def scenario() -> list[dict[str, str]]:
+        nc = await connect(running, agent)
+        try:
+            reply = json.loads(
+                (await nc.request(protocol.agent_subject(agent.agent_id, "lease"), b"{}", timeout=10)).data
+            )
+            assert reply["assignment"]["job_id"] == job["id"]
+            refusals = []
+            for trained in (-1_000_000, 12.5, True, bound + 1):
+                body = {"state": "succeeded", "result": {"trained_tokens": trained, "steps": 1}, "files": {}}
+                answer = await nc.request(
+                    protocol.job_subject(agent.agent_id, job["id"], "finish"), protocol.encode(body), timeout=10
+                )
+                refusals.append(dict(answer.headers or {}))
+            # within the bound, the result passes and the finish goes on to the adapter's files (none here)
+            body = {"state": "succeeded", "result": {"trained_tokens": bound, "steps": 1}, "files": {}}
+            answer = await nc.request(
+                protocol.job_subject(agent.agent_id, job["id"], "finish"), protocol.encode(body), timeout=10
+            )
+            refusals.append(dict(answer.headers or {}))
+            return refusals
+        finally:
+            await nc.close()
+
+    refusals = asyncio.run(scenario())
+    assert [r[protocol.RETRYABLE_HEADER] for r in refusals] == ["false"] * 5
+    messages = [r[protocol.ERROR_HEADER] for r in refusals]
+    assert messages[:3] == [
+        f"result.trained_tokens must be a non-negative integer, not {v!r}" for v in (-1_000_000, 12.5, True)
+    ]
+    assert (
+        messages[3]
+        == f"result.trained_tokens {bound + 1} is more than job {job['id']} can have trained (at most {bound})"
+    )
+    assert messages[4] == "files must map file names to uploaded sha256 hashes"
+    shown = running.client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=headers).json()
+    assert shown["status"] == "running" and shown["trained_tokens"] is None
+    with running.platform.db.system() as s:
+        trained = s.scalar(
+            select(func.coalesce(func.sum(m.UsageRecord.trained_tokens), 0)).where(
+                m.UsageRecord.tenant_id == running.tenant_id
+            )
+        )
+    assert trained == 0
