@@ -93,6 +93,7 @@ class Platform:
             idle_seconds=settings.inference_stream_idle_seconds,
             first_token_seconds=settings.inference_first_token_seconds,
             stall_seconds=settings.engine_request_timeout_seconds,
+            max_bytes_per_token=settings.engine_max_bytes_per_token,
         )
         self.embeddings = EmbeddingModel(
             settings.embedding_model, max_bytes_per_token=settings.engine_max_bytes_per_token

@@ -3,7 +3,9 @@
 The control plane publishes `InferRequest`s (token ids already counted against the caller's limits, sampling
 parameters, the adapter by hash) on `adaptery.infer.<agent>`; each is served on its own thread and streamed back
 on `adaptery.stream.<agent>.<request>` in sequence, ending with an end marker (`messaging/streams.py` reassembles
-it). A cancellation (the client went away) stops the request within one engine poll, so its batch slot is free at
+it); each delta says how many tokens are behind it, which the control plane counts and bills (it trusts no
+total from here, and refuses a stream that claims more than max_tokens or more text than its tokens hold). A
+cancellation (the client went away) stops the request within one engine poll, so its batch slot is free at
 once. What the agent can do and how loaded it is goes to the control plane as an announcement every
 `announce_seconds`, and within ANNOUNCE_POLL_SECONDS of a change in its load or resident adapters: the router
 (`services/inference_router.py`) places requests by it.
@@ -227,15 +229,10 @@ class InferenceHost:
             )  # fmt: skip
             sent_tokens = 0
             for delta in deltas:
-                stream.send(
-                    {
-                        "text": delta.text,
-                        "finish_reason": delta.finish_reason,
-                        "logprobs": delta.logprobs,
-                        "completion_tokens": usage.completion_tokens,
-                    }
-                )
-                self._count_tokens(usage.completion_tokens - sent_tokens)
+                tokens = usage.completion_tokens - sent_tokens  # the control plane adds these up and bills them
+                body = {"text": delta.text, "finish_reason": delta.finish_reason, "logprobs": delta.logprobs}
+                stream.send({**body, "tokens": tokens})
+                self._count_tokens(tokens)
                 sent_tokens = usage.completion_tokens
         except GenerationTimedOut as exc:
             end.update(error=str(exc), timeout=True)

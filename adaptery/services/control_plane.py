@@ -393,13 +393,16 @@ class ControlPlane:
         self.queue.charge_compute(job_id, agent_id, body.get("compute"), attempt)
         if state == "succeeded":
             tenant_id = self._leased_tenant(agent_id, job_id)
+            result = body.get("result") or {}
+            if not isinstance(result, dict):
+                raise RequestRefused("result must be an object")
+            self.queue.check_result(job_id, result)  # trained_tokens is billed: refused unless plausible
             files = self._manifest(tenant_id, body.get("files"))
             with tempfile.TemporaryDirectory(dir=self.staging_dir) as tmp:
                 adapter_dir = Path(tmp)
                 for name, sha in files.items():
                     self.blobs.copy_to(tenant_id, sha, adapter_dir / name)
-                result = dict(body.get("result") or {})
-                return {"model": self.queue.succeed(job_id, agent_id, adapter_dir, result, attempt)}
+                return {"model": self.queue.succeed(job_id, agent_id, adapter_dir, dict(result), attempt)}
         if state == "failed":
             self.queue.fail(job_id, agent_id, message or "training failed", attempt=attempt)
         elif state == "paused":

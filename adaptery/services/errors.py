@@ -59,6 +59,12 @@ class ServerError(ServiceError):
     type = "server_error"
 
 
+class BadGateway(ServerError):
+    """What served the request upstream (an infer agent) answered wrongly."""
+
+    status = 502
+
+
 class TimedOut(ServerError):
     """The request ran past the server's deadline for it."""
 

@@ -15,6 +15,15 @@ Keepalives prove an agent is there, not that it works: one that sends no token w
 (`inference_first_token_seconds`) is lost the same way (retried elsewhere, unseen by the client, and not chosen
 until it announces again), and a stream with no token for `stall_seconds` (the engine's request timeout) after
 the first one ends with an error.
+
+The agent's word is not taken for usage: each delta says how many tokens are behind it, the control plane adds
+them up (`messaging.streams.StreamAccount`) and bills that sum with the prompt it tokenised itself; the end
+marker's usage is ignored. A stream that claims the impossible (more tokens than max_tokens, more text than its
+tokens can hold, a negative or non-integer count) is a protocol error: the offending delta is not delivered, the
+request is cancelled on the agent, the agent is marked broken, and the request goes elsewhere before the first
+token or ends with AgentProtocolError (an error event; 502 when not streamed) after it. An overrun is not cut
+to max_tokens with finish_reason "length": an honest engine stops there itself, and without the token ids the
+text cannot be cut at a token boundary, so an overrun proves the agent wrong and the answer is not trusted.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ from adaptery.engine.generation import AdapterSpec, Delta, GenerationFailed, Gen
 from adaptery.engine.sampling import SamplingParams
 from adaptery.messaging import protocol
 from adaptery.messaging.protocol import InferRequest
-from adaptery.messaging.streams import StreamBroken, StreamReassembly
+from adaptery.messaging.streams import StreamAccount, StreamBroken, StreamInvalid, StreamReassembly
 from adaptery.services.control_plane import ControlPlane
 from adaptery.services.inference_router import InferenceRouter
 
@@ -43,6 +52,15 @@ _AGENT_FILES = ("adapter_config.json", ".safetensors")
 
 class AgentLost(RuntimeError):
     """The agent stopped answering, or its stream broke."""
+
+
+class AgentMisbehaved(AgentLost):
+    """The agent's stream broke the protocol (`messaging.streams.StreamAccount`): more tokens than max_tokens,
+    more bytes than its tokens can hold, a malformed count."""
+
+
+class AgentProtocolError(GenerationFailed):
+    """An answer already under way ended because its agent broke the protocol (the API says 502)."""
 
 
 class Backend(Protocol):
@@ -87,6 +105,7 @@ class AgentBackend:
         control: ControlPlane,
         router: InferenceRouter,
         idle_seconds: float,
+        max_bytes_per_token: int,
         first_token_seconds: float = 30.0,
         stall_seconds: float = 600.0,
     ) -> None:
@@ -95,6 +114,7 @@ class AgentBackend:
         self.idle_seconds = idle_seconds
         self.first_token_seconds = first_token_seconds
         self.stall_seconds = stall_seconds
+        self.max_bytes_per_token = max_bytes_per_token
 
     def generate_on(
         self,
@@ -126,6 +146,7 @@ class AgentBackend:
             self.router.finished(agent_id)
             raise AgentLost(f"agent {agent_id} was lost: the request could not be sent ({exc})") from exc
         reassembly = StreamReassembly()
+        account = StreamAccount(params.max_tokens, self.max_bytes_per_token, params.top_logprobs, params.logprobs)
         heard = progressed = time.monotonic()
         tokens_seen = False
         try:
@@ -145,21 +166,27 @@ class AgentBackend:
                     continue
                 heard = time.monotonic()
                 try:
+                    account.received(len(raw))
                     message = reassembly.accept(protocol.decode(raw))
+                    if message is None:
+                        continue
+                    if message.get("end"):
+                        account.end(message)
+                    elif "text" in message:
+                        text, finish, logprobs = account.delta(message)
+                except StreamInvalid as exc:
+                    raise AgentMisbehaved(f"agent {agent_id} broke the stream protocol: {exc}") from exc
                 except (StreamBroken, ValueError) as exc:
                     raise AgentLost(f"the stream from agent {agent_id} was lost: {exc}") from exc
-                if message is None:
-                    continue
                 if message.get("end"):
-                    usage.completion_tokens = int((message.get("usage") or {}).get("completion_tokens", 0))
                     if message.get("error"):
                         error = GenerationTimedOut if message.get("timeout") else GenerationFailed
                         raise error(str(message["error"]))
                 elif "text" in message:
-                    if message.get("text") or message.get("finish_reason"):
+                    if text or finish:
                         tokens_seen, progressed = True, time.monotonic()
-                    usage.completion_tokens = int(message.get("completion_tokens") or 0)
-                    yield Delta(str(message["text"]), message.get("finish_reason"), logprobs=message.get("logprobs"))
+                    usage.completion_tokens = account.tokens  # counted here: what the client receives
+                    yield Delta(text, finish, logprobs=logprobs)
         except AgentLost:
             self.router.mark_broken(agent_id)
             raise
@@ -191,6 +218,7 @@ class Inference:
         idle_seconds: float,
         first_token_seconds: float = 30.0,
         stall_seconds: float = 600.0,
+        max_bytes_per_token: int,
         kv_needed: Callable[[list[int], SamplingParams], int] = lambda ids, p: len(ids) + p.max_tokens,
     ) -> None:
         self.embedded = EmbeddedBackend(engine)
@@ -199,6 +227,7 @@ class Inference:
         self.idle_seconds = idle_seconds
         self.first_token_seconds = first_token_seconds
         self.stall_seconds = stall_seconds
+        self.max_bytes_per_token = max_bytes_per_token
         self.kv_needed = kv_needed
 
     def generate(
@@ -224,7 +253,14 @@ class Inference:
             )
             if agent_id is None:
                 break
-            remote = AgentBackend(control, self.router, self.idle_seconds, self.first_token_seconds, self.stall_seconds)
+            remote = AgentBackend(
+                control,
+                self.router,
+                self.idle_seconds,
+                self.max_bytes_per_token,
+                self.first_token_seconds,
+                self.stall_seconds,
+            )
             started = False
             try:
                 for delta in remote.generate_on(
@@ -234,6 +270,8 @@ class Inference:
                     yield delta
                 return
             except AgentLost as exc:
+                if started and isinstance(exc, AgentMisbehaved):
+                    raise AgentProtocolError(f"{exc}; the answer is incomplete") from exc
                 if started:
                     raise GenerationFailed(f"{exc}; the answer is incomplete") from exc
                 log.warning("%s before the first token; sending the request elsewhere", exc)

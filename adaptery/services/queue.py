@@ -34,10 +34,15 @@ from adaptery.db import models as m
 from adaptery.db.session import Database
 from adaptery.messaging.protocol import ADAPTER_FILES, Assignment, BlobRef, CheckpointRef
 from adaptery.services import blob_refs, faults, finetuning, limits, models, usage
+from adaptery.services.errors import InvalidRequest
 from adaptery.storage.blobs import BlobStore
 
 Verdict = Literal["continue", "cancel", "pause", "lost"]
 # What a run says it is doing (training.runner's protocol); the job page shows the latest.
+# A trained token is at least a byte of the training file: its text's tokens are a byte or more each, and the chat
+# template's own tokens are fewer than the JSON around each message. Twice that covers a preference pair's prompt,
+# trained with both answers, and any template's default system prompt.
+TRAINED_TOKENS_PER_FILE_BYTE = 2
 RUN_PHASES = ("starting", "loading_base", "preparing_data", "first_step", "saving")
 
 log = logging.getLogger(__name__)
@@ -473,14 +478,23 @@ class JobQueue:
 
     # --- the end of an attempt -------------------------------------------------------------------
 
+    def check_result(self, job_id: str, result: dict[str, Any]) -> None:
+        """InvalidRequest (final) if `result` is not one job `job_id` can have produced (`_checked_result`)."""
+        with self.db.system() as s:
+            job = s.get(m.FineTuningJob, job_id)
+            if job is not None:
+                _checked_result(s, job, result)
+
     def succeed(
         self, job_id: str, agent_id: str, adapter_dir: Path, result: dict[str, Any], attempt: int | None = None
     ) -> str | None:
-        """Register the adapter and finish the job; returns the model id, or None if the lease was lost."""
+        """Register the adapter and finish the job; returns the model id, or None if the lease was lost.
+        InvalidRequest (final) for a result the job cannot have produced (`_checked_result`): nothing changes."""
         with self.db.system() as s:
             job = self._held(s, job_id, agent_id, attempt, lock=True)
             if job is None:
                 return None
+            trained_tokens, step = _checked_result(s, job, result)
             tenant = s.get(m.Tenant, job.tenant_id)
             model_id = models.fine_tuned_model_name(job.model, tenant.name, job.suffix, job.id)
             models.register_adapter(
@@ -493,8 +507,7 @@ class JobQueue:
                 adapter_dir=adapter_dir,
             )
             job.fine_tuned_model = model_id
-            job.trained_tokens = int(result.get("trained_tokens") or 0)
-            step = int(result.get("steps") or 0)
+            job.trained_tokens = trained_tokens
             checkpoint_id = f"ftckpt-{job.id.removeprefix('ftjob-')}-{step}"
             final = s.get(m.JobCheckpoint, checkpoint_id)
             if final is not None:
@@ -625,3 +638,32 @@ class JobQueue:
                 outcome = "paused" if job.pause_requested else "requeued"
                 finetuning.add_event(s, job, f"Agent {agent} stopped heartbeating; job {outcome}", level="warn")
         return True
+
+
+def trained_tokens_bound(session: Session, job: m.FineTuningJob) -> int:
+    """The most tokens `job` can have trained: its training file's bytes × TRAINED_TOKENS_PER_FILE_BYTE × its
+    epochs × its processes (generous: the processes of a group split the data rather than each train it all)."""
+    size = session.scalar(select(m.File.bytes).where(m.File.id == job.training_file, m.File.tenant_id == job.tenant_id))
+    hp = job.hyperparameters or {}
+    factors = [hp.get("n_epochs"), hp.get("processes")]
+    epochs, processes = (f if isinstance(f, int) and not isinstance(f, bool) and f >= 1 else 1 for f in factors)
+    return int(size or 0) * TRAINED_TOKENS_PER_FILE_BYTE * epochs * processes
+
+
+def _checked_result(session: Session, job: m.FineTuningJob, result: dict[str, Any]) -> tuple[int, int]:
+    """(trained_tokens, steps) of an agent's result: non-negative integers, trained_tokens at most what the job's
+    training file can hold (`trained_tokens_bound`); the agent's word is billed, so anything else is refused."""
+    values = []
+    for name in ("trained_tokens", "steps"):
+        value = result.get(name, 0)
+        if value is None:
+            value = 0
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise InvalidRequest(f"result.{name} must be a non-negative integer, not {value!r}")
+        values.append(value)
+    bound = trained_tokens_bound(session, job)
+    if values[0] > bound:
+        raise InvalidRequest(
+            f"result.trained_tokens {values[0]} is more than job {job.id} can have trained (at most {bound})"
+        )
+    return values[0], values[1]

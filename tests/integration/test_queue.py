@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import io
 import json
 import sqlite3
 import time
+import zipfile
 
 import nats
 import pytest
@@ -18,10 +21,11 @@ from sqlalchemy.orm import Session
 from adaptery.db import models as m
 from adaptery.messaging import protocol
 from adaptery.services import agents as agent_records
-from adaptery.services import finetuning
+from adaptery.services import finetuning, limits
 from adaptery.services.queue import JobQueue
 from tests.conftest import SAMPLE_CHAT
 from tests.integration.test_tenancy_and_queue import add_file, make_blobs, make_tenant, queued_job
+from tests.security.conftest import lora_zip
 
 
 @pytest.fixture
@@ -412,3 +416,75 @@ def test_revoked_or_wrong_credentials_are_refused_by_the_nats_server(running):
             break
         assert time.monotonic() < deadline, "the revoked agent could still connect"
         time.sleep(0.05)
+
+
+def test_an_agents_finish_with_an_impossible_trained_tokens_is_refused_and_charges_nothing(
+    running, demo_model_dir, tmp_path
+):
+    """trained_tokens is billed: a negative one, a non-integer, or more than the training file can hold (its
+    bytes × 2 × epochs × processes) is refused as final, with the adapter uploaded and all else in order, and the
+    job is left as it was; an honest finish then succeeds and is charged what it reported."""
+    agent = enroll(running, "trainer")
+    headers = running.auth()
+    file = running.client.post(
+        "/v1/files", headers=headers, files={"file": SAMPLE_CHAT.open("rb")}, data={"purpose": "fine-tune"}
+    ).json()
+    job = running.client.post(
+        "/v1/fine_tuning/jobs",
+        headers=headers,
+        json={"model": "adaptery-demo", "training_file": file["id"], "hyperparameters": {"n_epochs": 2}},
+    ).json()
+    deadline = time.monotonic() + 30
+    while running.client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=headers).json()["status"] != "queued":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    bound = SAMPLE_CHAT.stat().st_size * 2 * 2
+    archive = zipfile.ZipFile(io.BytesIO(lora_zip(demo_model_dir, tmp_path)))
+    adapter = {name: archive.read(name) for name in archive.namelist()}
+
+    async def scenario() -> list[dict[str, str]]:
+        nc = await connect(running, agent)
+        try:
+            lease = await nc.request(protocol.agent_subject(agent.agent_id, "lease"), b"{}", timeout=10)
+            assert json.loads(lease.data)["assignment"]["job_id"] == job["id"]
+            files = {}
+            for number, (name, data) in enumerate(adapter.items()):
+                assert len(data) < protocol.CHUNK_BYTES
+                sha = hashlib.sha256(data).hexdigest()
+                upload = {protocol.UPLOAD_HEADER: f"{number:032x}", protocol.OFFSET_HEADER: "0"}
+                upload[protocol.SHA256_HEADER] = sha
+                subject = protocol.job_subject(agent.agent_id, job["id"], "upload")
+                reply = await nc.request(subject, data, headers=upload, timeout=10)
+                assert json.loads(reply.data) == {"sha256": sha}, reply.headers
+                files[name] = sha
+            answers = []
+            for trained in (-1_000_000, 12.5, True, bound + 1, bound):
+                body = {"state": "succeeded", "result": {"trained_tokens": trained, "steps": 1}, "files": files}
+                answer = await nc.request(
+                    protocol.job_subject(agent.agent_id, job["id"], "finish"), protocol.encode(body), timeout=30
+                )
+                answers.append(dict(answer.headers or {}))
+                if trained == bound + 1:
+                    shown = running.client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=headers).json()
+                    assert shown["status"] == "running" and shown["trained_tokens"] is None
+            return answers
+        finally:
+            await nc.close()
+
+    answers = asyncio.run(scenario())
+    assert [a.get(protocol.RETRYABLE_HEADER) for a in answers] == ["false"] * 4 + [None]
+    assert [a.get(protocol.ERROR_HEADER) for a in answers] == [
+        *(f"result.trained_tokens must be a non-negative integer, not {v!r}" for v in (-1_000_000, 12.5, True)),
+        f"result.trained_tokens {bound + 1} is more than job {job['id']} can have trained (at most {bound})",
+        None,
+    ]
+    shown = running.client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=headers).json()
+    assert shown["status"] == "succeeded" and shown["trained_tokens"] == bound
+    with running.platform.db.system() as s:
+        limits.charge_training(s, running.tenant_id, time.time())
+        trained = s.scalar(
+            select(func.coalesce(func.sum(m.UsageRecord.trained_tokens), 0)).where(
+                m.UsageRecord.tenant_id == running.tenant_id
+            )
+        )
+    assert trained == bound

@@ -46,7 +46,8 @@ from adaptery.engine.sampling import Constraint, SamplingParams
 from adaptery.engine.tool_calls import ToolFormat, call_id
 from adaptery.platform import Platform
 from adaptery.services import limits, models
-from adaptery.services.errors import InvalidRequest, ServerError, TimedOut
+from adaptery.services.errors import BadGateway, InvalidRequest, ServerError, TimedOut
+from adaptery.services.inference import AgentProtocolError
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
@@ -543,6 +544,8 @@ async def _collect(choices: _Choices, request: Request) -> list[_Choice]:
             answers[index].finish = delta.finish_reason or answers[index].finish
     except GenerationTimedOut as exc:
         raise TimedOut(f"generation failed: {exc}", code="timeout") from exc
+    except AgentProtocolError as exc:
+        raise BadGateway(f"generation failed: {exc}", code="agent_protocol_error") from exc
     except GenerationFailed as exc:
         raise ServerError(f"generation failed: {exc}") from exc
     finally:
