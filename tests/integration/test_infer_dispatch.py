@@ -271,7 +271,7 @@ class FakeAgents:
 
     async def _answer(self, nc, subject: str, stalling: bool) -> None:
         if not stalling:
-            await nc.publish(subject, protocol.encode({"seq": 0, "text": "hi", "completion_tokens": 1}))
+            await nc.publish(subject, protocol.encode({"seq": 0, "text": "hi", "tokens": 1}))
             await nc.publish(subject, protocol.encode({"seq": 1, "end": True, "usage": {"completion_tokens": 1}}))
             return
         for seq in range(1000):  # keepalives, and never a token
@@ -298,7 +298,9 @@ def test_an_agent_that_only_keeps_alive_loses_the_request_to_another_and_is_not_
     assert router.pick("adaptery-demo", None, tenant_id=running.tenant_id, exclude=[stalling.agent_id]) == (
         working.agent_id
     )
-    inference = Inference(running.platform.engine, router, lambda: control, idle_seconds=5, first_token_seconds=2)
+    inference = Inference(
+        running.platform.engine, router, lambda: control, idle_seconds=5, max_bytes_per_token=32, first_token_seconds=2
+    )
     usage = Usage()
     with FakeAgents(running, {"stalling": (stalling, True), "working": (working, False)}) as agents:
         deltas = list(
@@ -324,11 +326,13 @@ def test_a_stream_that_stalls_after_its_first_token_ends_with_an_error(running):
     agent = enroll(running, "stalls-later")
     router, control = running.platform.router, running.platform.control
     router.announce(agent.agent_id, {"every": 60.0, "bases": {"adaptery-demo": {"max_batch": 4}}}, 60.0)
-    backend = AgentBackend(control, router, idle_seconds=3, first_token_seconds=5, stall_seconds=1)
+    backend = AgentBackend(
+        control, router, idle_seconds=3, max_bytes_per_token=32, first_token_seconds=5, stall_seconds=1
+    )
     router.pick("adaptery-demo", None, tenant_id=running.tenant_id)
 
     async def first_token_then_keepalives(nc, subject: str, stalling: bool) -> None:
-        await nc.publish(subject, protocol.encode({"seq": 0, "text": "a", "completion_tokens": 1}))
+        await nc.publish(subject, protocol.encode({"seq": 0, "text": "a", "tokens": 1}))
         for seq in range(1, 1000):
             await nc.publish(subject, protocol.encode({"seq": seq}))
             await asyncio.sleep(0.2)
