@@ -45,6 +45,10 @@ from adaptery.services.queue import JobQueue
 from adaptery.storage.blobs import BlobStore
 
 log = logging.getLogger("adaptery.control")
+# An enrolled agent in another NATS account (a tenant's, an island's) reaches us through a service import, and the
+# server rewrites its reply subject to a one-time `_R_.…` of the importing account: answering there goes back
+# through that import only, never onto a subject of ours.
+SERVICE_IMPORT_REPLY = "_R_."
 _UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -249,7 +253,7 @@ class ControlPlane:
         if not msg.reply:
             return
         agent_id = msg.subject[len(protocol.PREFIX) + 1 :].split(".", 1)[0]
-        if not msg.reply.startswith(protocol.inbox_prefix(agent_id) + "."):
+        if not msg.reply.startswith((protocol.inbox_prefix(agent_id) + ".", SERVICE_IMPORT_REPLY)):
             # An agent naming another subject for the answer would have us publish where it may not.
             self.shed += 1
             warn = self.refusal_log.warning

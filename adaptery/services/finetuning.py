@@ -382,8 +382,8 @@ def validate_files(
         return
     counted = [0]  # the training file's tokens, for the job's hold on the monthly budget
 
-    def count(messages: list[dict[str, Any]]) -> int:
-        tokens = budget.count(messages)
+    def count(record: dict[str, Any]) -> int:
+        tokens = budget.count(record)
         counted[0] += tokens
         return tokens
 
@@ -403,8 +403,8 @@ def validate_files(
                     pairs = read_preference_records(path)
                 if training:
                     for pair in pairs:  # DPO trains on both answers of each pair
-                        count(pair["prompt"] + pair["chosen"])
-                        count(pair["prompt"] + pair["rejected"])
+                        count({"messages": pair["prompt"] + pair["chosen"]})
+                        count({"messages": pair["prompt"] + pair["rejected"]})
             except DatasetError as exc:
                 problem = f"The {param.replace('_', ' ')} {file_id} is not valid preference data: {exc}"
         else:

@@ -3,6 +3,7 @@ and the same whatever other tenants hold (an agent of one tenant cannot learn wh
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import sqlite3
@@ -152,8 +153,10 @@ def error_of(control: ControlPlane, agent_id: str, job_id: str, verb: str, body:
             published.append(headers)
 
     control._nc = Connection()
-    msg = Msg(None, subject=protocol.job_subject(agent_id, job_id, verb), reply="_INBOX_x.1", data=body)
+    reply = f"{protocol.inbox_prefix(agent_id)}.1"
+    msg = Msg(None, subject=protocol.job_subject(agent_id, job_id, verb), reply=reply, data=body)
     control._loop.run_until_complete(control._on_request(msg))
+    control._loop.run_until_complete(asyncio.gather(*control._tasks))  # the request is worked on in a task
     error = protocol.remote_error(published[0])
     assert error is not None, verb
     return error

@@ -253,11 +253,11 @@ def test_a_second_tenants_small_dataset_completes_while_the_first_ones_heavy_one
     release, heavy_started = threading.Event(), threading.Event()
     budget = running.platform.token_budget(None)
 
-    def slow_count(messages: list[dict]) -> int:
-        if messages[-1]["content"] == "heavy":
+    def slow_count(record: dict) -> int:
+        if record["messages"][-1]["content"] == "heavy":
             heavy_started.set()
             release.wait(60)
-        return budget.count(messages)
+        return budget.count(record)
 
     monkeypatch.setattr(running.platform, "token_budget", lambda model: replace(budget, count=slow_count))
     other = running.auth(running.new_tenant("other", "someone").api_key)

@@ -268,6 +268,7 @@ def test_runner_streams_events_and_result(demo_model_dir: Path, sample_chat: Pat
         "useful_token_ratio",
         "peft_type",
         "rank",
+        "accelerator",
     }
     assert (result["peft_type"], result["rank"], result["eval_loss"]) == ("LORA", 16, None)
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
