@@ -254,7 +254,7 @@ def test_an_agent_killed_mid_stream_ends_it_with_an_error_and_the_next_request_g
             events.append(line[6:])
             if len(events) == 2:  # the role chunk, then a first token: find who streams it, freeze it, kill it
                 streaming = wait_for(
-                    lambda: [n for n, row in fabric.listed().items() if row["running"] >= 1], 5, "the streaming agent"
+                    lambda: [n for n, row in fabric.listed().items() if row["running"] >= 1], 20, "the streaming agent"
                 )[0]
                 fabric.agents[streaming].send_signal(signal.SIGSTOP)
                 fabric.agents[streaming].kill()
