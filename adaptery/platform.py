@@ -71,19 +71,7 @@ class Platform:
         # a 0700 directory of this process outside the data dir, removed when it stops or exits.
         self.scratch = make_scratch()
         self.blobs = BlobStore(settings.blobs_dir, self.keyring, self.scratch)
-        self.engine = InferenceEngine(
-            settings.device,
-            max_lora_rank=settings.max_lora_rank,
-            dtype=settings.engine_dtype,
-            kv_cache_mb=settings.engine_kv_cache_mb,
-            adapter_cache_mb=settings.engine_adapter_cache_mb,
-            max_batch=settings.engine_max_batch,
-            quantize=None if settings.engine_quantize == "none" else settings.engine_quantize,
-            adapter_dtype=settings.engine_adapter_dtype,
-            template_budget=TemplateBudget.from_settings(settings),
-            request_timeout_s=settings.engine_request_timeout_seconds,
-            max_bytes_per_token=settings.engine_max_bytes_per_token,
-        )
+        self.engine = InferenceEngine.from_settings(settings)
         self.router = InferenceRouter(missed=settings.agent_announce_missed, policy=settings.inference_routing)
         # Requests go to an infer agent serving their base when there is one, else to the embedded engine.
         self.inference = Inference(

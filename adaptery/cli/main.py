@@ -292,7 +292,6 @@ def _inference_host(settings: Any, link: Any, roles: list[str]) -> Any:  # noqa:
     import torch
 
     from adaptery.agent.inference import InferenceHost
-    from adaptery.data.chat_template import TemplateBudget
     from adaptery.engine.demo_model import DEMO_MODEL_ID, ensure_demo_model
     from adaptery.engine.generation import InferenceEngine
 
@@ -306,19 +305,7 @@ def _inference_host(settings: Any, link: Any, roles: list[str]) -> Any:  # noqa:
         bases[base_id or Path(path).resolve().name] = str(Path(path).resolve())
     if not bases:
         bases[DEMO_MODEL_ID] = str(ensure_demo_model(settings.models_dir))
-    engine = InferenceEngine(
-        settings.device,
-        max_lora_rank=settings.max_lora_rank,
-        dtype=settings.engine_dtype,
-        kv_cache_mb=settings.engine_kv_cache_mb,
-        adapter_cache_mb=settings.engine_adapter_cache_mb,
-        max_batch=settings.engine_max_batch,
-        quantize=None if settings.engine_quantize == "none" else settings.engine_quantize,
-        adapter_dtype=settings.engine_adapter_dtype,
-        template_budget=TemplateBudget.from_settings(settings),
-        request_timeout_s=settings.engine_request_timeout_seconds,
-        max_bytes_per_token=settings.engine_max_bytes_per_token,
-    )
+    engine = InferenceEngine.from_settings(settings)
     host = InferenceHost(
         link,
         engine,

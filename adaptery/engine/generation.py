@@ -37,6 +37,7 @@ from adaptery.engine.metrics import EngineMetrics
 from adaptery.engine.native import MODULE_SITE, NativeLlama, check_quantization, native_support
 from adaptery.engine.sampling import Constraint, Detokenizer, SamplingParams, TokenLogprob, releasable
 from adaptery.engine.tool_calls import ToolFormat, response_template_format, tool_format
+from adaptery.settings import Settings
 
 log = logging.getLogger("adaptery.engine")
 __all__ = [
@@ -196,6 +197,23 @@ class InferenceEngine:
         self._bases: dict[str, _Base] = {}
         self._adapters: dict[str, AdapterInfo] = {}
         self._loading = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> InferenceEngine:
+        """The engine as `serve` embeds it and an infer agent hosts it: the same settings, one place."""
+        return cls(
+            settings.device,
+            max_lora_rank=settings.max_lora_rank,
+            dtype=settings.engine_dtype,
+            kv_cache_mb=settings.engine_kv_cache_mb,
+            adapter_cache_mb=settings.engine_adapter_cache_mb,
+            max_batch=settings.engine_max_batch,
+            quantize=None if settings.engine_quantize == "none" else settings.engine_quantize,
+            adapter_dtype=settings.engine_adapter_dtype,
+            template_budget=TemplateBudget.from_settings(settings),
+            request_timeout_s=settings.engine_request_timeout_seconds,
+            max_bytes_per_token=settings.engine_max_bytes_per_token,
+        )
 
     def base(self, base_id: str, ref: str) -> _Base:
         with self._loading:
