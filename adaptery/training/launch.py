@@ -81,6 +81,24 @@ def stderr_tail(log_dir: Path, local_rank: int) -> str:
     return text[-STDERR_TAIL_CHARS:]
 
 
+def failed_group(failures: dict[int, Any], log_dir: Path, processes: int) -> tuple[int, str | None]:
+    """How a group that did not end well ended: its exit code, and the error event to write, unless rank 0 has
+    written its own."""
+    ends = {failure.exitcode for failure in failures.values()}
+    stops = ends & {EXIT_CANCELLED, EXIT_PAUSED}
+    if len(stops) == 1 and ends - stops <= set(STOPPED_BY_LAUNCHER):
+        return stops.pop(), None  # the group stopped together, as asked; rank 0 has said so
+    rank, failure = first_cause(failures)
+    own = failures.get(0)
+    if own is not None and own.exitcode == EXIT_ERROR and failure.exitcode >= 0:
+        # Rank 0's own code failed (its error event, written for people, has said what went wrong) and no rank was
+        # killed first: every rank reads the same spec and data, so a peer that raised a moment earlier raised the same.
+        return EXIT_ERROR, None
+    tail = stderr_tail(log_dir, failure.local_rank)
+    message = f"training process {rank} of {processes} {describe_end(failure.exitcode)}"
+    return EXIT_ERROR, f"{message}: {tail}" if tail else message
+
+
 def launch(spec_path: str, *, nnodes: int = 1, rdzv_endpoint: str | None = None, rdzv_id: str | None = None) -> int:
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException, Std
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -114,17 +132,10 @@ def launch(spec_path: str, *, nnodes: int = 1, rdzv_endpoint: str | None = None,
         # for its ranks, which stopped together at a step; rank 0 has reported it.
         return EXIT_CANCELLED
     except ChildFailedError as exc:
-        ends = {failure.exitcode for failure in exc.failures.values()}
-        stops = ends & {EXIT_CANCELLED, EXIT_PAUSED}
-        if len(stops) == 1 and ends - stops <= set(STOPPED_BY_LAUNCHER):
-            return stops.pop()  # the group stopped together, as asked; rank 0 has said so
-        rank, failure = first_cause(exc.failures)
-        if rank == 0 and failure.exitcode == EXIT_ERROR:
-            return EXIT_ERROR  # rank 0's own error event, written for people, has said what went wrong
-        tail = stderr_tail(log_dir, failure.local_rank)
-        message = f"training process {rank} of {hp.processes} {describe_end(failure.exitcode)}"
-        emit({"type": "error", "message": f"{message}: {tail}" if tail else message})
-        return EXIT_ERROR
+        code, message = failed_group(exc.failures, log_dir, hp.processes)
+        if message is not None:
+            emit({"type": "error", "message": message})
+        return code
     return EXIT_OK
 
 

@@ -222,3 +222,26 @@ def test_an_agent_refuses_more_processes_than_it_has_or_other_nodes(tmp_path: Pa
         ).run_job(job)
         (finish,) = [body for verb, body in link.calls if verb == "finish"]
         assert finish["state"] == "failed" and refusal in finish["message"]
+
+
+def _failure(exitcode: int, timestamp: float, local_rank: int):  # noqa: ANN202 - the shape of torch's ProcessFailure
+    from types import SimpleNamespace
+
+    return SimpleNamespace(exitcode=exitcode, timestamp=timestamp, local_rank=local_rank)
+
+
+def test_two_ranks_failing_on_the_same_data_give_one_error_event_whoever_was_first(tmp_path: Path) -> None:
+    """Every rank reads the same file: the peer may raise a moment before rank 0 (seen in CI). Rank 0's own error
+    event has said it; the launcher adds no second one."""
+    from adaptery.training.launch import failed_group
+    from adaptery.training.runner import EXIT_ERROR, EXIT_PEER_LOST
+
+    peer_first = {0: _failure(EXIT_ERROR, 2.0, 0), 1: _failure(EXIT_ERROR, 1.0, 1)}
+    assert failed_group(peer_first, tmp_path, 2) == (EXIT_ERROR, None)
+    # A peer killed first (out of memory) is the cause, whatever rank 0 then said.
+    killed = {0: _failure(EXIT_PEER_LOST, 2.0, 0), 1: _failure(-signal.SIGKILL, 1.0, 1)}
+    code, message = failed_group(killed, tmp_path, 2)
+    assert code == EXIT_ERROR and message.startswith("training process 1 of 2 stopped by SIGKILL")
+    # A peer whose own code failed while rank 0 only lost it: the peer's words.
+    peer_only = {0: _failure(EXIT_PEER_LOST, 2.0, 0), 1: _failure(EXIT_ERROR, 1.0, 1)}
+    assert failed_group(peer_only, tmp_path, 2)[1] == f"training process 1 of 2 exited with code {EXIT_ERROR}"
