@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import shlex
 import subprocess
 import sys
@@ -54,6 +55,8 @@ ENDED_FROM_OUTSIDE = {
 FINAL_STATES = {*ENDED_FROM_OUTSIDE, "COMPLETED", "FAILED", "SPECIAL_EXIT"}
 EXIT_KILLED_BY_SLURM = 137
 AGENT_COMMENT = "adaptery-agent="
+
+log = logging.getLogger("adaptery.agent.slurm")
 
 
 class SlurmError(RuntimeError):
@@ -138,6 +141,7 @@ class SlurmJob:
         self.stopped_in_queue: dict[str, Any] | None = None  # the event the runner would have written
         self._state = "PENDING"
         self._checked = 0.0
+        self.terminated = False  # this agent asked the job to stop (SIGTERM)
         self.stdout = self._follow()
 
     def _follow(self) -> Iterator[bytes]:
@@ -184,6 +188,7 @@ class SlurmJob:
             if "Invalid job id" not in str(exc):
                 return None  # the controller away for a moment: ask again later
             state = ""  # an id the controller has forgotten: the job has left the queue
+        log.debug("slurm job %s: squeue says %r", self.job_id, state)
         if state and state.split()[0] not in FINAL_STATES:
             self._state = state.split()[0]
             if self._state == "PENDING" and self.stopped_in_queue is None:
@@ -196,8 +201,37 @@ class SlurmJob:
                 if self.stopped_in_queue is not None:
                     self.kill()
             return None
+        if self._requeued():
+            return None
         self.returncode = self._final_code(state.split()[0] if state else "")
+        log.debug("slurm job %s: ended with %s (%s)", self.job_id, self.returncode, self.ending)
         return self.returncode
+
+    def _requeued(self) -> bool:
+        """Whether a run that seems to have ended was in fact requeued. Slurm stops a run it requeues with SIGTERM,
+        so the runner wrote "cancelled" (and maybe its exit code) though no one asked; meanwhile, on a busy
+        controller, squeue can list the job as gone or final for a moment. A stop this agent did not ask for is only
+        the end once the controller's own record of the job (scontrol) says it is over."""
+        asked = (
+            self.terminated
+            or self.stopped_in_queue is not None
+            or (self.output_dir / CANCEL_FILE).exists()
+            or (self.output_dir / PAUSE_FILE).exists()
+        )
+        written = self.job_dir / EXIT_CODE_FILE
+        code = written.read_text().strip() if written.exists() else ""
+        if asked or code not in ("", str(EXIT_CANCELLED), str(EXIT_PAUSED)):
+            return False
+        try:
+            shown = _slurm("scontrol", "show", "job", "--oneliner", self.job_id)
+        except SlurmError:
+            return False  # the controller has forgotten the job: it is over
+        fields = dict(part.split("=", 1) for part in shown.split() if "=" in part)
+        state = fields.get("JobState", "")
+        if state and state not in FINAL_STATES:
+            log.info("slurm job %s: stopped by Slurm and %s again (requeued), not ended", self.job_id, state)
+            return True
+        return False
 
     def _final_code(self, state: str) -> int:
         if self.stopped_in_queue is not None:
@@ -235,6 +269,7 @@ class SlurmJob:
 
     def terminate(self) -> None:
         """SIGTERM to the batch script and its steps: the runner stops after the step it is in."""
+        self.terminated = True
         with contextlib.suppress(SlurmError):  # already gone
             _slurm("scancel", "--signal=TERM", "--full", self.job_id)
 

@@ -160,10 +160,6 @@ def test_a_restarted_agent_cancels_the_slurm_jobs_its_earlier_run_left_behind(sl
     assert theirs.forget_orphans("agent-b") == 1
 
 
-# Known defect, open: on a loaded machine the SIGTERM Slurm sends the run it requeues is sometimes read as the
-# job's end ("cancelled"); it passes alone and failed in 2 of 3 full suites. Not strict, so a pass is reported
-# as XPASS; the fix belongs in SlurmRun.poll/_follow (agent/slurm.py).
-@pytest.mark.xfail(reason="requeue race under load: a requeued run's SIGTERM can read as the end", strict=False)
 def test_a_requeued_job_resumes_from_its_last_checkpoint(slurm, demo_model_dir, tmp_path):
     link = Link()
     runner = agent(link, tmp_path)
