@@ -37,7 +37,7 @@ from adaptery.engine.kvcache import PagedKVCache
 from adaptery.engine.lora import AdapterLoad, AdapterStore, LoraBatch, SlotBuffers
 from adaptery.engine.metrics import EngineMetrics
 from adaptery.engine.native import NativeLlama, StepBatch
-from adaptery.engine.sampling import SamplingParams, TokenLogprob, sample
+from adaptery.engine.sampling import SamplingParams, TokenLogprob, apply_logit_bias, sample
 from adaptery.engine.scheduler import AdapterFailed, Scheduler, Sequence
 
 log = logging.getLogger("adaptery.engine")
@@ -408,6 +408,8 @@ class BatchEngine:
     def _sample(self, completing: list[tuple[Sequence, int]], logits: torch.Tensor) -> None:
         now = time.perf_counter()
         constrained = [(s.matcher, i) for i, (s, _) in enumerate(completing) if s.matcher is not None]
+        for i, (sequence, _) in enumerate(completing):
+            apply_logit_bias(logits[i], sequence.params)
         if constrained:  # only these rows pay for a mask
             self.grammars.mask(logits, constrained)
         greedy = logits.argmax(dim=-1).tolist()

@@ -21,7 +21,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from adaptery.engine.batching import Event, deadline_message
 from adaptery.engine.constraints import Grammars
-from adaptery.engine.sampling import SamplingParams, sample
+from adaptery.engine.sampling import SamplingParams, apply_logit_bias, sample
 
 
 class TransformersBase:
@@ -95,6 +95,7 @@ class TransformersBase:
                         return
                     logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits[0, -1]
                     logits = logits.float().cpu()
+                    apply_logit_bias(logits, params)
                     if matcher is not None:
                         grammars.mask(logits.unsqueeze(0), [(matcher, 0)])
                     token, logprob = sample(logits, params, generator, counts)

@@ -124,8 +124,8 @@ class _Base:
         eos.update(generation_eos if isinstance(generation_eos, list) else [generation_eos])
         self.eos_ids = {e for e in eos if e is not None}
         self.dtype = engine.dtype
-        vocab = int(model.get_output_embeddings().weight.shape[0])  # the logits' width
-        self.grammars = Grammars(self.tokenizer, vocab, self.eos_ids)
+        self.vocab = int(model.get_output_embeddings().weight.shape[0])  # the logits' width
+        self.grammars = Grammars(self.tokenizer, self.vocab, self.eos_ids)
         reason = native_support(model.config) if engine.device == "cpu" else f"device {engine.device}"
         self.path_reason = reason
         self.native: BatchEngine | None = None

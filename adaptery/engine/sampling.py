@@ -29,6 +29,11 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     constraint: Constraint | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)  # OpenAI's: token id -> added to its logit
+
+    def __post_init__(self) -> None:
+        # Over the agent protocol the ids arrive as JSON object keys (strings).
+        object.__setattr__(self, "logit_bias", {int(k): float(v) for k, v in (self.logit_bias or {}).items()})
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,14 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]]  # the most likely alternatives (token id, logprob), best first
+
+
+def apply_logit_bias(logits: torch.Tensor, params: SamplingParams) -> None:
+    """Add the request's `logit_bias` to one sequence's logits ((vocab,)), in place, before anything reads them
+    (greedy, sampling, logprobs), as OpenAI does: -100 bans a token, 100 all but forces it."""
+    if params.logit_bias:
+        ids = torch.tensor(list(params.logit_bias), dtype=torch.long)
+        logits[ids] += torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype)
 
 
 def penalize(logits: torch.Tensor, params: SamplingParams, counts: dict[int, int]) -> torch.Tensor:

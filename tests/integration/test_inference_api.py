@@ -257,3 +257,39 @@ def test_unknown_route_is_an_openai_404(running):
     response = running.client.get("/v1/nothing-here", headers=running.auth())
     assert response.status_code == 404
     assert_matches("ErrorResponse", response.json())
+
+
+def test_logit_bias_bans_and_forces_tokens_and_is_checked_against_the_vocabulary(running, demo_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
+    body = {"model": "adaptery-demo", "prompt": "The lab", "temperature": 0, "max_tokens": 3}
+
+    def complete(**extra) -> str:
+        response = running.client.post("/v1/completions", headers=running.auth(), json={**body, **extra})
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["text"]
+
+    plain = complete()
+    first = tokenizer.encode(plain, add_special_tokens=False)[0]
+    assert tokenizer.encode(complete(logit_bias={str(first): -100}), add_special_tokens=False)[0] != first
+    forced = tokenizer.convert_tokens_to_ids("cluster") if "cluster" in tokenizer.get_vocab() else 100
+    assert complete(logit_bias={str(forced): 100}) == tokenizer.decode([forced] * 3)
+
+    vocab = len(tokenizer)
+    for bias, says in (
+        ({str(vocab + 300_000): 5}, "is not a token id of this model"),
+        ({"-1": 5}, "is not a token id"),
+        ({"abc": 5}, "is not a token id"),
+        ({"5": 101}, "between -100 and 100"),
+        ({str(i): 1 for i in range(1025)}, "at most 1024"),
+    ):
+        refused = running.client.post("/v1/completions", headers=running.auth(), json={**body, "logit_bias": bias})
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["param"] == "logit_bias" and says in refused.json()["error"]["message"]
+
+
+def test_a_stop_sequence_of_a_megabyte_is_refused(running):
+    body = {"model": "adaptery-demo", "messages": QUESTION, "max_tokens": 3, "stop": ["x" * 1_000_000]}
+    refused = running.client.post("/v1/chat/completions", headers=running.auth(), json=body)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "stop"

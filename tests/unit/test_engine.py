@@ -757,3 +757,12 @@ def test_an_embedding_input_is_cut_to_what_the_model_reads_before_tokenising():
     assert model.fit("x " * 4_000_000) == "x " * 512  # 256 tokens × 4 bytes
     assert model.fit("é" * 600) == "é" * 512  # 1024 bytes, cut at a character boundary
     assert model.fit("short") == "short"
+
+
+def test_sampling_params_keep_their_logit_bias_across_the_agent_protocol() -> None:
+    import dataclasses
+    import json
+
+    sent = SamplingParams(logit_bias={5: -100.0, 17: 2.5})
+    received = SamplingParams(**json.loads(json.dumps(dataclasses.asdict(sent))))  # JSON keys are strings
+    assert received.logit_bias == {5: -100.0, 17: 2.5}

@@ -52,6 +52,26 @@ from adaptery.services.inference import AgentProtocolError
 router = APIRouter(prefix="/v1", tags=["inference"])
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 MAX_CHOICES = 16
+MAX_STOP_CHARS = 256  # each stop sequence is searched for in the text after every token
+MAX_LOGIT_BIAS = 1024  # token ids one request may bias
+
+
+def _logit_bias(given: dict[str, float] | None, vocab: int) -> dict[int, float]:
+    """OpenAI's `logit_bias` (token id as a string -> -100..100), checked against the model's vocabulary."""
+    if not given:
+        return {}
+    if len(given) > MAX_LOGIT_BIAS:
+        raise InvalidRequest(f"logit_bias may bias at most {MAX_LOGIT_BIAS} tokens", param="logit_bias")
+    bias: dict[int, float] = {}
+    for key, value in given.items():
+        if not key.isdigit() or int(key) >= vocab:
+            raise InvalidRequest(
+                f"logit_bias: {key!r} is not a token id of this model (0 to {vocab - 1})", param="logit_bias"
+            )
+        if not -100 <= value <= 100:
+            raise InvalidRequest(f"logit_bias: the bias of token {key} must be between -100 and 100", param="logit_bias")
+        bias[int(key)] = value
+    return bias
 
 
 class ChatMessage(BaseModel):
@@ -75,6 +95,7 @@ class SamplingFields(BaseModel):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     max_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
+    logit_bias: dict[str, float] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     n: int | None = Field(None, ge=1, le=MAX_CHOICES)
 
@@ -368,6 +389,9 @@ def _prepare(p: Platform, who: Principal, body: ChatRequest | CompletionRequest)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > 4:
         raise InvalidRequest("at most 4 stop sequences are allowed", param="stop")
+    if any(len(sequence) > MAX_STOP_CHARS for sequence in stop):
+        raise InvalidRequest(f"a stop sequence may be at most {MAX_STOP_CHARS} characters long", param="stop")
+    logit_bias = _logit_bias(body.logit_bias, p.engine.base(base.id, base.ref).vocab)
     logprobs, top_logprobs = _logprob_params(body)
     params = SamplingParams(
         max_tokens=max_tokens,
@@ -381,6 +405,7 @@ def _prepare(p: Platform, who: Principal, body: ChatRequest | CompletionRequest)
         logprobs=logprobs,
         top_logprobs=top_logprobs,
         constraint=constraint,
+        logit_bias=logit_bias,
     )
     n = body.n or 1
     held = limits.reserve(
