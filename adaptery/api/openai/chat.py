@@ -69,7 +69,9 @@ def _logit_bias(given: dict[str, float] | None, vocab: int) -> dict[int, float]:
                 f"logit_bias: {key!r} is not a token id of this model (0 to {vocab - 1})", param="logit_bias"
             )
         if not -100 <= value <= 100:
-            raise InvalidRequest(f"logit_bias: the bias of token {key} must be between -100 and 100", param="logit_bias")
+            raise InvalidRequest(
+                f"logit_bias: the bias of token {key} must be between -100 and 100", param="logit_bias"
+            )
         bias[int(key)] = value
     return bias
 
