@@ -48,7 +48,8 @@ def _visible_state(p: Platform, who: Principal) -> dict[str, Any]:
             continue
         adapters[key] = {"model": name(key), **info}
     state["adapters"] = adapters
-    state["other_tenants_adapters"] = hidden
+    if who.is_platform_admin:
+        state["other_tenants_adapters"] = hidden  # a tenant is not told how many adapters the others have
     for base_id, base in state["bases"].items():
         tiers = base.get("adapters")
         if tiers is None:

@@ -441,9 +441,10 @@ def list_agents() -> None:
             ",".join(agent.get("roles") or []),
             ",".join(agent.get("bases") or []),
             str(resident) if tiers else "",
-            f"{agent.get('tokens_per_second', 0):g}",
-            str(agent.get("queue_depth", 0)),
-            str(agent.get("running", 0)),
+            *(  # None: a machine shared with other tenants, whose load is theirs too
+                "—" if agent.get(field) is None else f"{agent[field]:g}"
+                for field in ("tokens_per_second", "queue_depth", "running")
+            ),
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seen)) if seen else "never",
             agent["current_job"] or "",
         )

@@ -132,26 +132,31 @@ def agents_view(
         }
         if announced is not None and agent.revoked_at is None:
             tiers = announced.get("adapters") or {}
-            visible = who.is_platform_admin or agent.tenant_scope == who.tenant_id
+            running, waiting = int(announced.get("running") or 0), int(announced.get("waiting") or 0)
             row.update(
                 roles=list(announced.get("roles") or []),
                 bases=sorted(announced.get("bases") or {}),
-                adapters={
-                    tier: (list(tiers.get(tier) or []) if visible else len(tiers.get(tier) or []))
-                    for tier in ("active", "memory", "disk", "loading")
-                },
-                running=int(announced.get("running") or 0),
-                queue_depth=int(announced.get("waiting") or 0),
-                tokens_per_second=float(announced.get("tokens_per_second") or 0.0),
-                served=int(announced.get("served") or 0),
-                adapter_hits=int(announced.get("adapter_hits") or 0),
-                adapter_misses=int(announced.get("adapter_misses") or 0),
                 lost=bool(announced.get("lost")),
                 last_heartbeat_at=max(agent.last_seen_at or 0.0, float(announced.get("announced_at") or 0.0)),
             )
+            if who.is_platform_admin or agent.tenant_scope == who.tenant_id:
+                row.update(
+                    adapters={tier: list(tiers.get(tier) or []) for tier in ("active", "memory", "disk", "loading")},
+                    running=running,
+                    queue_depth=waiting,
+                    tokens_per_second=float(announced.get("tokens_per_second") or 0.0),
+                    served=int(announced.get("served") or 0),
+                    adapter_hits=int(announced.get("adapter_hits") or 0),
+                    adapter_misses=int(announced.get("adapter_misses") or 0),
+                )
+            else:
+                # A machine shared by every tenant: its load and counters are everyone's traffic, so a tenant sees
+                # only whether it is busy, not how much the others use it.
+                row.update(adapters=None, running=None, queue_depth=None, tokens_per_second=None, served=None,
+                           adapter_hits=None, adapter_misses=None)  # fmt: skip
             if row["lost"]:
                 row["state"] = "lost"
             elif state == "offline":
-                row["state"] = "busy" if row["running"] or row["queue_depth"] else "idle"
+                row["state"] = "busy" if running or waiting else "idle"
         rows.append(row)
     return rows

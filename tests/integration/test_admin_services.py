@@ -65,3 +65,37 @@ def test_engine_keys_name_only_the_tenants_own_adapters(db, two_labs):
         assert catalog.adapter_keys(s) == [catalog.AdapterKey("ft:base:lab::1", "a" * 64, "base")]
     with db.system() as s:
         assert [row.model_id for row in catalog.adapter_keys(s)] == ["ft:base:lab::1", "ft:base:other::2"]
+
+
+def test_a_tenant_sees_whether_a_shared_agent_is_busy_but_not_how_much_the_others_use_it(db, two_labs):
+    import time
+
+    from adaptery.auth.principal import Principal
+    from adaptery.services import agents
+
+    lab_id, other_id = two_labs
+    with db.system() as s:
+        shared = agents.create_agent(s, "shared-gpu")
+        own = agents.create_agent(s, "lab-box", tenant_scope=lab_id)
+    busy = {"roles": ["infer"], "bases": {"demo": {}}, "running": 3, "waiting": 2, "served": 900,
+            "tokens_per_second": 41.5, "adapter_hits": 80, "adapter_misses": 7,
+            "adapters": {"active": ["sha-a", "sha-b"], "memory": ["sha-c"], "disk": [], "loading": []},
+            "announced_at": time.time()}  # fmt: skip
+    live = {shared.agent_id: busy, own.agent_id: busy}
+
+    def view(tenant_id: str, *, admin: bool = False) -> dict[str, dict]:
+        who = Principal(tenant_id, "t", "u", "u", Role.ADMIN, is_platform_admin=admin)
+        with db.system() as s:
+            rows = agents.agents_view(s, who, live, now=time.time(), offline_after=30)
+        return {row["name"]: row for row in rows}
+
+    seen = view(other_id)
+    assert set(seen) == {"shared-gpu"}  # the lab's own machine is not theirs to see
+    row = seen["shared-gpu"]
+    assert row["state"] == "busy" and row["bases"] == ["demo"]
+    for counter in ("running", "queue_depth", "served", "tokens_per_second", "adapter_hits", "adapter_misses",
+                    "adapters"):  # fmt: skip
+        assert row[counter] is None, counter
+    mine = view(lab_id)["lab-box"]
+    assert mine["served"] == 900 and mine["adapters"]["active"] == ["sha-a", "sha-b"]
+    assert view(other_id, admin=True)["shared-gpu"]["served"] == 900

@@ -216,9 +216,10 @@ function agentRows(rows) {
     (a.roles || []).join(", ") || "—",
     (a.bases || []).join(", ") || "—",
     residentAdapters(a.adapters),
-    fmtNumber(a.tokens_per_second || 0, 3),
-    String(a.queue_depth ?? 0),
-    String(a.running ?? 0),
+    // null: a machine shared with other tenants, whose load is theirs to know
+    a.tokens_per_second == null ? "—" : fmtNumber(a.tokens_per_second, 3),
+    a.queue_depth == null ? "—" : String(a.queue_depth),
+    a.running == null ? "—" : String(a.running),
     a.current_job || "—",
     fmtTime(a.last_heartbeat_at),
     a.tenant_scope ? "tenant" : "platform",
