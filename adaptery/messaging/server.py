@@ -85,8 +85,8 @@ class FabricListener:
     ca_file: Path
 
 
-class _Process:
-    """One nats-server child: its configuration file (0600), log, and reloads."""
+class NatsProcess:
+    """One nats-server child: its configuration file (0600), log, and reloads (the hub's two, an island's leaf)."""
 
     def __init__(self, state_dir: Path, name: str) -> None:
         self.config_path = state_dir / f"{name}.conf"
@@ -110,18 +110,18 @@ class _Process:
         )
         log_file.close()
 
-    def wait_listening(self, host: str, port: int, url: str) -> None:
+    def wait_listening(self, host: str, port: int, url: str, what: str = "nats-server") -> None:
         deadline = time.monotonic() + READY_SECONDS
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 tail = self.log_path.read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"nats-server exited with code {self.process.returncode}:\n{tail}")
+                raise RuntimeError(f"{what} exited with code {self.process.returncode}:\n{tail}")
             try:
                 with socket.create_connection(("127.0.0.1" if host in ("0.0.0.0", "::") else host, port), 0.5):
                     return
             except OSError:
                 time.sleep(0.05)
-        raise RuntimeError(f"nats-server did not listen on {url} within {READY_SECONDS:.0f} s")
+        raise RuntimeError(f"{what} did not listen on {url} within {READY_SECONDS:.0f} s")
 
     def reloads(self) -> int:
         try:
@@ -141,6 +141,14 @@ class _Process:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGHUP)
         return before
+
+    def request_stop(self) -> None:
+        """Ask it to stop, without waiting (safe in a signal handler)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+
+    def wait(self) -> int:
+        return self.process.wait() if self.process else 0
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
@@ -171,8 +179,8 @@ class NatsServer:
         self._agents: dict[str, str] = {}
         self._members: list[accounts.Member] = []
         self._accounts: frozenset[str] = frozenset()  # every agent account defined since start (never removed)
-        self._loopback = _Process(state_dir, "nats")
-        self._edge = _Process(state_dir, "nats-fabric")
+        self._loopback = NatsProcess(state_dir, "nats")
+        self._edge = NatsProcess(state_dir, "nats-fabric")
 
     @property
     def process(self) -> subprocess.Popen | None:
