@@ -90,6 +90,11 @@ class Settings(KernelSettings):
     engine_quantize: Literal["none", "int8"] = Field(
         "none", description="Base weights of the native path: none, or int8 via torchao (the extra adaptery[int8])."
     )
+    allocator: str = Field(
+        "auto",
+        description="The serving process's memory allocator, preloaded at start: auto (tcmalloc, else jemalloc, "
+        "else the system's), tcmalloc, jemalloc, system, or a library's path.",
+    )
     engine_adapter_dtype: Literal["auto", "bfloat16"] = Field(
         "auto",
         description="Adapters in memory: auto (the compute dtype) or bfloat16 (half the memory and what each "

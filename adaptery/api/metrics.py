@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from adaptery.api.deps import platform, principal
 from adaptery.auth.policy import require_engine_admin
 from adaptery.auth.principal import Principal
+from adaptery.engine import process_setup
 from adaptery.platform import Platform
 from adaptery.services import catalog, usage
 
@@ -50,6 +51,7 @@ def _visible_state(p: Platform, who: Principal) -> dict[str, Any]:
     state["adapters"] = adapters
     if who.is_platform_admin:
         state["other_tenants_adapters"] = hidden  # a tenant is not told how many adapters the others have
+        state["process"] = process_setup.describe()  # the machine's set-up: the platform's to know
     for base_id, base in state["bases"].items():
         tiers = base.get("adapters")
         if tiers is None:

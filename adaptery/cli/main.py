@@ -99,6 +99,7 @@ def serve(
         tls_key=tls_key,
         insecure_listen=insecure_listen,
     )
+    _set_up_process(settings)
     if not is_loopback(settings.host) and not settings.serves_tls and not settings.insecure_listen:
         console.print(
             f"[red]Refusing to listen on {settings.host} without TLS:[/red] anyone on the network could read "
@@ -212,6 +213,8 @@ def run_agent(
     if not wanted or not wanted <= {"train", "infer"}:
         console.print(f"[red]--roles is train, infer or infer,train, not {settings.agent_roles!r}.[/red]")
         raise typer.Exit(2)
+    if "infer" in wanted:
+        _set_up_process(settings)
     renewer = None
     if settings.agent_identity is not None:
         store = IdentityDir(settings.agent_identity)
@@ -285,6 +288,18 @@ def run_agent(
         if renewer is not None:
             renewer.stop()
         link.close()
+
+
+def _set_up_process(settings: Any) -> None:  # noqa: ANN401 - Settings, imported lazily
+    """The allocator of a serving process (adaptery/engine/process_setup.py): this may replace the process with
+    itself, once, so it runs before anything is started."""
+    from adaptery.engine.process_setup import SetupError, reexec_if_needed
+
+    try:
+        reexec_if_needed(settings.allocator)
+    except SetupError as exc:
+        console.print(f"[red]Cannot start:[/red] {escape(str(exc))}")
+        raise typer.Exit(2) from exc
 
 
 def _inference_host(settings: Any, link: Any, roles: list[str]) -> Any:  # noqa: ANN401 - lazily imported types

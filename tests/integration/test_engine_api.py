@@ -90,6 +90,8 @@ def test_streamed_choices_and_an_imported_dora_adapter(running, adapter_model):
     assert base["path"] == "native"
     assert [a["model"] for a in base["adapters"]["memory"]] == [adapter_model]
     assert state["adapters"] and next(iter(state["adapters"].values()))["served"].startswith("DoRA native")
+    process = state["process"]  # in-process here: no re-execution, so the allocator is whatever pytest runs on
+    assert process["allocator"] in ("system", "jemalloc", "tcmalloc") and process["torch_threads"] >= 1
     metrics = running.client.get("/metrics", headers=running.auth())
     assert metrics.status_code == 200
     assert 'adaptery_engine_requests_total{base="adaptery-demo",outcome="length",path="native"}' in metrics.text
@@ -111,6 +113,7 @@ def test_engine_views_need_an_owner(running, adapter_model):
     state = running.client.get("/api/admin/engine", headers=running.auth(other.api_key)).json()
     assert "adaptery-demo" in state["bases"] or state["bases"] == {}
     assert adapter_model not in str(state)
+    assert "process" not in state and "other_tenants_adapters" not in state  # the platform's, not a tenant's
     assert running.client.get("/metrics").status_code == 401
     # platform-wide counters are for platform admins only: a tenant's owner learns nothing of the others
     assert running.client.get("/metrics", headers=running.auth(other.api_key)).status_code == 403
