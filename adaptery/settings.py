@@ -181,6 +181,28 @@ class Settings(KernelSettings):
     )
     agent_max_adapters: int = Field(32, ge=1, description="Adapters an infer agent keeps downloaded (LRU).")
     agent_torch_threads: int | None = Field(None, ge=1, description="An agent's torch threads (default: torch's).")
+    agent_engine: Literal["native", "vllm"] = Field(
+        "native",
+        description="What an infer agent serves with: Adaptery's own engine, or vLLM (`vllm serve`, from its own "
+        "environment at `vllm_env`, built on first use).",
+    )
+    vllm_env: Path = Field(
+        default_factory=lambda: _user_cache_dir() / "adaptery" / "vllm-env",
+        description="vLLM's virtualenv (`make vllm-env` builds it); default: $XDG_CACHE_HOME/adaptery/vllm-env.",
+    )
+    vllm_max_loras: int = Field(4, ge=1, description="vLLM: adapters in one running batch (--max-loras).")
+    vllm_tensor_parallel_size: int | None = Field(
+        None, ge=1, description="vLLM: GPUs one base is split across; default: every GPU of the machine."
+    )
+    vllm_gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="vLLM: the share of GPU memory it may take, split between the agent's bases."
+    )
+    vllm_start_timeout_seconds: float = Field(
+        900.0, gt=0, description="vLLM: how long its server may take to become healthy before the agent gives up."
+    )
+    vllm_extra_args: list[str] = Field(
+        default_factory=list, description='vLLM: more `vllm serve` options, as JSON (["--enforce-eager"]).'
+    )
     agent_announce_seconds: float = Field(
         2.0, gt=0, description="An infer agent announces its state this often (and at once on a change)."
     )

