@@ -20,12 +20,18 @@ plane's limits, usage, errors and tenancy are the same whichever engine serves.
   is using). Its files stay while vLLM holds it, so vLLM may drop it from its own cache and read it again.
 - **Requests**: /v1/completions with the control plane's token ids, streamed; `return_token_ids` says how many
   tokens each chunk holds, which is what the host reports per delta. A client that goes away, or the request's
-  deadline, closes the HTTP stream, and vLLM aborts the request at once (its slot is free).
+  deadline, closes the HTTP stream, and vLLM aborts the request at once (its slot is free). vLLM's prefix cache
+  is salted per tenant (`cache_salt`), so one tenant's timings cannot reveal another's prompts. vLLM has no fair
+  share between tenants (the native engine's `fairness_key`); requests are served first come, first served.
+- **A server that dies** makes `describe` fail, so the host stops announcing and the router, after the missed
+  announcements, sends the base's requests elsewhere; the agent itself has to be restarted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -45,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
 from adaptery.agent import vllm_env
 from adaptery.engine.generation import (
@@ -365,6 +371,7 @@ class _Served:
     server: VllmServer
     adapters: LoadedAdapters
     tokenizer: PreTrainedTokenizerBase
+    eos_ids: set[int]
     in_flight: int = 0
     aclient: httpx.AsyncClient | None = None  # made on the engine's event loop, used only there
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -389,6 +396,7 @@ class VllmEngine:
         self.work_dir = work_dir
         self._bases: dict[str, _Served] = {}
         self._starting = threading.Lock()
+        self._salt = secrets.token_bytes(32)
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="adaptery-vllm-io", daemon=True)
         self._loop_thread.start()
@@ -440,7 +448,7 @@ class VllmEngine:
                     self.options.max_lora_rank,
                 )
                 tokenizer = AutoTokenizer.from_pretrained(ref)  # for logprobs' token texts, as the native engine
-                served = self._bases[base_id] = _Served(server, adapters, tokenizer)
+                served = self._bases[base_id] = _Served(server, adapters, tokenizer, end_of_text_ids(ref, tokenizer))
             return served
 
     def generate(
@@ -466,7 +474,7 @@ class VllmEngine:
                 f"requested {total} tokens ({len(prompt_ids)} in the messages, {params.max_tokens} in the completion)."
             )
         usage.prompt_tokens, usage.completion_tokens = len(prompt_ids), 0
-        return self._generate(served, adapter, prompt_ids, params, usage, should_stop)
+        return self._generate(served, adapter, prompt_ids, params, usage, should_stop, fairness_key)
 
     def _generate(
         self,
@@ -476,6 +484,7 @@ class VllmEngine:
         params: SamplingParams,
         usage: Usage,
         should_stop: Callable[[], bool],
+        fairness_key: str,
     ) -> Iterator[Delta]:
         with served.lock:
             served.in_flight += 1
@@ -484,6 +493,7 @@ class VllmEngine:
             if adapter is not None:
                 model = served.adapters.acquire(adapter)
             body = completion_body(model, prompt_ids, params)
+            body["cache_salt"] = self._cache_salt(fairness_key)
             yield from self._deltas(served, body, params, usage, should_stop)
         finally:
             if adapter is not None and model != served.server.base_id:
@@ -521,7 +531,10 @@ class VllmEngine:
                 choice = (item.get("choices") or [None])[0]
                 if choice is None:
                     continue  # the closing usage chunk: the control plane counts for itself
-                usage.completion_tokens += len(choice.get("token_ids") or [])
+                ids = choice.get("token_ids") or []
+                if ids and ids[-1] in served.eos_ids and not isinstance(choice.get("stop_reason"), str):
+                    ids = ids[:-1]  # the end of text ends the answer; the native engine does not count it either
+                usage.completion_tokens += len(ids)
                 if params.logprobs:
                     pending += logprob_entries(served.tokenizer, choice.get("logprobs"), params.top_logprobs)
                 if choice.get("text"):
@@ -565,9 +578,19 @@ class VllmEngine:
         except (httpx.HTTPError, ValueError) as exc:
             chunks.put(VllmFailed(f"vLLM's server for {served.server.base_id} failed the request: {exc}"))
 
+    def _cache_salt(self, tenant: str) -> str:
+        """vLLM's prefix cache is shared by every request: salted per tenant (the control plane's fairness key),
+        one tenant's timing cannot tell which prompts another sent. Unguessable: keyed by a secret of this run."""
+        return hmac.new(self._salt, tenant.encode(), hashlib.sha256).hexdigest()
+
     def describe(self) -> dict[str, Any]:
+        """The bases and adapters for the host's announcement; VllmFailed when a server has died, so the agent stops
+        announcing and the router takes it for lost (its requests would fail) rather than send it more."""
         bases = {}
         for base_id, served in list(self._bases.items()):
+            code = served.server.process.poll() if served.server.process is not None else None
+            if code is not None:
+                raise VllmFailed(f"vLLM for {base_id} exited ({code}); its log: {served.server.log_file}")
             with served.lock:
                 in_flight = served.in_flight
             bases[base_id] = {
@@ -588,6 +611,17 @@ class VllmEngine:
             served.server.stop()
         if self._loop.is_running():
             self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+def end_of_text_ids(ref: str, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """The tokens that end an answer, as the native engine takes them: the tokenizer's and the generation config's."""
+    ids = {tokenizer.eos_token_id}
+    try:
+        configured = GenerationConfig.from_pretrained(ref).eos_token_id
+    except OSError:  # no generation_config.json
+        configured = None
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return {int(i) for i in ids if i is not None}
 
 
 def completion_body(model: str, prompt_ids: list[int], params: SamplingParams) -> dict[str, Any]:

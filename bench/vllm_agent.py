@@ -1,0 +1,291 @@
+"""Benchmark: vLLM through an infer agent (`adaptery agent --roles infer --engine vllm`) against the same vLLM
+called directly, same requests, in one run (issue 17's benchmark part 2; bench/scaleout.py has parts 1 and 3).
+
+    .venv/bin/python bench/vllm_agent.py --json-out vllm-agent.json
+
+Needs vLLM's environment (`make vllm-env`). One after the other, so they never share the CPU:
+
+1. **Direct**: a vLLM server started as the agent starts it (`agent/vllm_engine.py`: same options, one thread),
+   called on its socket with /v1/completions and the prompt's token ids (the demo chat template, as the control
+   plane renders it).
+2. **Through the agent**: `adaptery serve` (no training agent) and one vLLM infer agent; the same conversations
+   through /v1/chat/completions, so every request crosses the API, limits, the router, NATS and the agent.
+
+For each: seconds until vLLM is healthy (direct) or the agent announces its base; first-token latency (time to
+the first streamed chunk with text, `--requests` sequential requests of 2 tokens, p50 and p99); and completion
+tokens/s of `--clients` closed-loop clients for `--seconds` (temperature 1, seeded, `--max-tokens` each). Goals
+(issue 17): the agent costs <= 5 % of the throughput and <= 3 ms of first-token latency.
+
+Prints JSON and a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from adaptery.agent import vllm_env  # noqa: E402
+from adaptery.agent.vllm_engine import VllmEngine  # noqa: E402
+from adaptery.engine.demo_model import DEMO_MODEL_ID, build_demo_model  # noqa: E402
+from adaptery.engine.generation import InferenceEngine  # noqa: E402
+from adaptery.settings import Settings  # noqa: E402
+
+ANNOUNCE = {"ADAPTERY_AGENT_ANNOUNCE_SECONDS": "0.5"}
+
+
+def conversation(index: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"question {index}: tell me something"}]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
+
+
+def first_token(stream: Callable[[], httpx.Response], is_token: Callable[[dict[str, Any]], bool]) -> float:
+    started = time.perf_counter()
+    elapsed = float("nan")
+    with stream() as response:
+        response.raise_for_status()
+        for line in response.iter_lines():  # read to the end: the next request starts on an idle engine
+            if elapsed != elapsed and line.startswith("data: {") and is_token(json.loads(line[6:])):
+                elapsed = time.perf_counter() - started
+    return elapsed
+
+
+def closed_loop(clients: int, seconds: float, call: Callable[[httpx.Client, int], int]) -> dict[str, float]:
+    tokens = requests = 0
+    lock = threading.Lock()
+    stop_at = time.monotonic() + seconds
+
+    def loop(client_index: int) -> None:
+        nonlocal tokens, requests
+        with httpx.Client(timeout=300) as client:
+            index = client_index
+            while time.monotonic() < stop_at:
+                done = call(client, index)
+                index += clients
+                with lock:
+                    tokens, requests = tokens + done, requests + 1
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.monotonic() - started
+    return {"tokens_per_s": tokens / elapsed, "requests": requests}
+
+
+def direct(settings: Settings, model_dir: Path, prompts: dict[int, list[int]], args: argparse.Namespace) -> dict:
+    engine = VllmEngine.from_settings(settings)
+    try:
+        started = time.monotonic()
+        served = engine.base(DEMO_MODEL_ID, str(model_dir))
+        start_seconds = time.monotonic() - started
+        server = served.server
+        transport = httpx.HTTPTransport(uds=str(server.socket))
+        with httpx.Client(transport=transport, base_url="http://vllm", headers=server.headers, timeout=300) as http:
+
+            def stream(index: int) -> Callable[[], httpx.Response]:
+                body = {"model": DEMO_MODEL_ID, "prompt": prompts[index], "max_tokens": 2, "temperature": 0}
+                return lambda: http.stream("POST", "/v1/completions", json={**body, "stream": True})
+
+            latencies = [
+                first_token(stream(i), lambda c: bool(c["choices"] and c["choices"][0]["text"]))
+                for i in range(args.requests)
+            ]
+
+            def call(client: httpx.Client, index: int) -> int:
+                body = {
+                    "model": DEMO_MODEL_ID,
+                    "prompt": prompts[index % args.requests],
+                    "max_tokens": args.max_tokens,
+                    "temperature": 1.0,
+                    "seed": index,
+                }
+                response = http.post("/v1/completions", json=body)
+                response.raise_for_status()
+                return response.json()["usage"]["completion_tokens"]
+
+            load = closed_loop(args.clients, args.seconds, call)
+        return {"start_seconds": start_seconds, "first_token_s": latencies, **load}
+    finally:
+        engine.stop()
+
+
+def through_agent(work: Path, model_dir: Path, args: argparse.Namespace) -> dict:
+    data_dir = work / "data"
+    (data_dir / "models").mkdir(parents=True)
+    shutil.copytree(model_dir, data_dir / "models" / DEMO_MODEL_ID)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, **ANNOUNCE, "ADAPTERY_DATA_DIR": str(data_dir), "ADAPTERY_PORT": str(port)}
+    env.update(ADAPTERY_EMBEDDED_AGENT="false", ADAPTERY_ENGINE_MAX_BATCH=str(args.max_batch))
+    processes: list[subprocess.Popen] = []
+    try:
+        with (work / "server.log").open("w") as log:
+            processes.append(
+                subprocess.Popen([sys.executable, "-m", "adaptery.cli", "serve"], env=env, stdout=log, stderr=log)
+            )
+        wait_for(lambda: _answers(f"{url}/api/health"), 180, "the server")
+        key = re.search(r"^ADAPTERY_API_KEY=(\S+)$", (work / "server.log").read_text(), re.M)[1]
+        headers = {"Authorization": f"Bearer {key}"}
+        made = subprocess.run(
+            [sys.executable, "-m", "adaptery.cli", "agents", "create", "vllm-bench", "--roles", "infer"],
+            env=env, capture_output=True, text=True, timeout=120, check=True,
+        )  # fmt: skip
+        token = re.search(r"ADAPTERY_AGENT_CREDENTIALS=(\S+)", made.stdout)[1]
+        agent_env = {k: v for k, v in os.environ.items() if not k.startswith("ADAPTERY_")}
+        agent_env.update(ANNOUNCE, ADAPTERY_DATA_DIR=str(work / "agent"), ADAPTERY_ENGINE_MAX_BATCH=str(args.max_batch))
+        command = [sys.executable, "-m", "adaptery.cli", "agent", "--credentials", token, "--roles", "infer"]
+        command += ["--engine", "vllm", "--threads", "1", "--base", f"{DEMO_MODEL_ID}={model_dir}"]
+        command += ["--nats-url", (data_dir / "nats" / "url").read_text()]
+        started = time.monotonic()
+        with (work / "agent.log").open("w") as log:
+            processes.append(subprocess.Popen(command, env=agent_env, stdout=log, stderr=log))
+
+        def live() -> bool:
+            if processes[-1].poll() is not None:
+                raise RuntimeError(f"the agent exited:\n{(work / 'agent.log').read_text()[-3000:]}")
+            rows = httpx.get(f"{url}/api/admin/agents", headers=headers, timeout=10).json()["data"]
+            return any(row["bases"] and not row["lost"] for row in rows)
+
+        wait_for(live, 900, "the vLLM agent")
+        start_seconds = time.monotonic() - started
+        with httpx.Client(timeout=300) as http:
+
+            def stream(index: int) -> Callable[[], httpx.Response]:
+                body = {"model": DEMO_MODEL_ID, "messages": conversation(index), "max_tokens": 2, "temperature": 0}
+                return lambda: http.stream(
+                    "POST", f"{url}/v1/chat/completions", headers=headers, json={**body, "stream": True}
+                )
+
+            latencies = [
+                first_token(stream(i), lambda c: bool(c["choices"] and c["choices"][0]["delta"].get("content")))
+                for i in range(args.requests)
+            ]
+
+        def call(client: httpx.Client, index: int) -> int:
+            body = {
+                "model": DEMO_MODEL_ID,
+                "messages": conversation(index % args.requests),
+                "max_tokens": args.max_tokens,
+                "temperature": 1.0,
+                "seed": index,
+            }
+            response = client.post(f"{url}/v1/chat/completions", headers=headers, json=body)
+            response.raise_for_status()
+            return response.json()["usage"]["completion_tokens"]
+
+        load = closed_loop(args.clients, args.seconds, call)
+        served = httpx.get(f"{url}/api/admin/agents", headers=headers, timeout=10).json()["data"][0]["served"]
+        return {"start_seconds": start_seconds, "first_token_s": latencies, **load, "agent_served": served}
+    finally:
+        for process in reversed(processes):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:  # noqa: ANN401
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.25)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=30, help="sequential first-token requests")
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--json-out", type=Path)
+    args = parser.parse_args()
+    settings = Settings(agent_torch_threads=1, engine_max_batch=args.max_batch)
+    if not vllm_env.is_ready(settings.vllm_env, vllm_env.cuda_gpus()):
+        raise SystemExit(f"vLLM's environment is not built at {settings.vllm_env}: run `make vllm-env` first")
+    with tempfile.TemporaryDirectory(prefix="adaptery-bench-vllm-") as tmp:
+        work = Path(tmp)
+        model_dir = build_demo_model(work / "models" / DEMO_MODEL_ID)
+        native = InferenceEngine(max_batch=1)  # the control plane's tokenisation of the same conversations
+        prompts = {i: native.chat_prompt(DEMO_MODEL_ID, str(model_dir), conversation(i)) for i in range(args.requests)}
+        native.stop()
+        results = {
+            "direct": direct(settings.model_copy(update={"data_dir": work / "direct"}), model_dir, prompts, args),
+            "agent": through_agent(work / "fabric", model_dir, args),
+        }
+    report(results, args)
+
+
+def report(results: dict[str, Any], args: argparse.Namespace) -> None:
+    rows = {}
+    for side, result in results.items():
+        latencies = result.pop("first_token_s")
+        result["first_token_ms_p50"] = 1000 * statistics.median(latencies)
+        result["first_token_ms_p99"] = 1000 * percentile(latencies, 0.99)
+        rows[side] = result
+    direct_, agent = rows["direct"], rows["agent"]
+    summary = {
+        "throughput_overhead_pct": 100 * (1 - agent["tokens_per_s"] / direct_["tokens_per_s"]),
+        "first_token_overhead_ms_p50": agent["first_token_ms_p50"] - direct_["first_token_ms_p50"],
+        "first_token_overhead_ms_p99": agent["first_token_ms_p99"] - direct_["first_token_ms_p99"],
+    }
+    out = {"config": vars(args) | {"json_out": str(args.json_out)}, "results": rows, "summary": summary}
+    print(json.dumps(out, indent=2, default=str))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(out, indent=2, default=str))
+    print()
+    print("| path | start (s) | first token p50 (ms) | p99 (ms) | tokens/s |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for side, row in rows.items():
+        print(
+            f"| {side} | {row['start_seconds']:.1f} | {row['first_token_ms_p50']:.1f} | "
+            f"{row['first_token_ms_p99']:.1f} | {row['tokens_per_s']:.1f} |"
+        )
+    print(
+        f"\nagent overhead: {summary['throughput_overhead_pct']:.1f} % throughput (goal <= 5), "
+        f"{summary['first_token_overhead_ms_p50']:.1f} ms first token p50 (goal <= 3)"
+    )
+
+
+if __name__ == "__main__":
+    main()
