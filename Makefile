@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 RUNTIME_STAMP := $(VENV)/.installed-runtime
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: run test install install-dev lint format bench-clean clean vllm-env
+.PHONY: run test test-vllm install install-dev lint format bench-clean clean vllm-env
 
 run: $(RUNTIME_STAMP)
 	$(BIN)/adaptery serve
@@ -41,6 +41,11 @@ $(DEV_STAMP): $(RUNTIME_STAMP) pyproject.toml
 # Measured on the 2-core CPU: 111 s, 2.5 GB.
 vllm-env: $(RUNTIME_STAMP)
 	$(BIN)/python -m adaptery.agent.vllm_env
+
+# `make test` runs the vLLM agent's end-to-end test only where vLLM's environment exists (else it is skipped with
+# that reason): building it and starting vLLM cost minutes of this CPU. This builds it first, then runs that test.
+test-vllm: $(DEV_STAMP) vllm-env
+	$(BIN)/python -m pytest tests/unit/test_vllm_engine.py tests/e2e/test_vllm_agent.py
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check .
