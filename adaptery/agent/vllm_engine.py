@@ -535,8 +535,9 @@ class VllmEngine:
                 if ids and ids[-1] in served.eos_ids and not isinstance(choice.get("stop_reason"), str):
                     ids = ids[:-1]  # the end of text ends the answer; the native engine does not count it either
                 usage.completion_tokens += len(ids)
-                if params.logprobs:
-                    pending += logprob_entries(served.tokenizer, choice.get("logprobs"), params.top_logprobs)
+                if params.logprobs:  # one entry a token billed: none for the end of text
+                    entries = logprob_entries(served.tokenizer, choice.get("logprobs"), params.top_logprobs)
+                    pending += entries[: len(ids)]
                 if choice.get("text"):
                     yield Delta(choice["text"], logprobs=pending or None)
                     pending = []
