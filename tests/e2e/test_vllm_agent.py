@@ -33,6 +33,9 @@ from tests.unit.engine_helpers import make_adapter
 RECORDS = [json.loads(line) for line in SAMPLE_CHAT.read_text().splitlines() if line.strip()]
 ANNOUNCE = {"ADAPTERY_AGENT_ANNOUNCE_SECONDS": "0.5", "ADAPTERY_AGENT_ANNOUNCE_MISSED": "6"}
 LOGPROBS = {"logprobs": True, "top_logprobs": 2}
+# The random adapter's greedy answer has near-ties: two engines' kernels agree on its start, not on 40 tokens.
+PREFIX = 12
+DTYPE = {"ADAPTERY_ENGINE_DTYPE": "float32"}  # both engines: the closest they can agree
 VLLM_START_SECONDS = 600  # 70-115 s measured on the 2-core CPU alone; the suite runs beside other tests
 
 ENV = Settings().vllm_env
@@ -65,6 +68,7 @@ class VllmFabric:
         self.model = model  # the fine-tuned adapter
         self.imported = imported  # an imported adapter with random weights
         self.native = native  # (model, prompt index) -> the native engine's whole response
+        self.names = (model, imported)
         self.agent_id = agent_id
         self.log_path = log_path
 
@@ -126,7 +130,7 @@ def import_adapter(server, headers, demo_model_dir: Path, out: Path) -> str:
 def fabric(tmp_path_factory, demo_model_dir):
     work = tmp_path_factory.mktemp("vllm")
     data_dir = prepare_data_dir(work / "data", demo_model_dir)
-    env = {"ADAPTERY_INFERENCE_STREAM_IDLE_SECONDS": "5", **ANNOUNCE}
+    env = {"ADAPTERY_INFERENCE_STREAM_IDLE_SECONDS": "5", **ANNOUNCE, **DTYPE}
     server = start_server(data_dir, f"sqlite:///{work / 'adaptery.db'}", extra_env=env)
     agent = None
     log_path = work / "vllm-agent.log"
@@ -174,6 +178,7 @@ def fabric(tmp_path_factory, demo_model_dir):
         agent_env = {k: v for k, v in os.environ.items() if not k.startswith("ADAPTERY_")}
         agent_env.update(
             ANNOUNCE,
+            **DTYPE,
             ADAPTERY_DATA_DIR=str(work / "agent"),
             ADAPTERY_VLLM_ENV=str(ENV),
             ADAPTERY_AGENT_MAX_ADAPTERS="1",  # room for one: the second evicts the first
@@ -288,12 +293,31 @@ def test_another_tenant_cannot_use_the_adapter_on_the_vllm_agent(fabric):
 
 def test_with_room_for_one_adapter_vllm_unloads_the_least_recently_used_and_reloads_it(fabric):
     messages, _ = prompt_and_answer(RECORDS[3])
+    answers = {name: fabric.native[(name, 3)]["choices"][0]["message"]["content"][:PREFIX] for name in fabric.names}
+    assert answers[fabric.imported] != answers[fabric.model]  # so the prefix tells which adapter answered
     for name in (fabric.imported, fabric.model, fabric.imported):
         response = fabric.chat(name, messages)
         assert response.status_code == 200, response.text
-        native = fabric.native[(name, 3)]
-        assert response.json()["choices"][0]["message"]["content"] == native["choices"][0]["message"]["content"]
+        assert response.json()["choices"][0]["message"]["content"][:PREFIX] == answers[name]
         key_resident = wait_for(lambda: fabric.resident() or None, 15, "an adapter to be announced resident")
         assert len(key_resident) == 1, key_resident  # the other one was unloaded from vLLM
     log = fabric.log_path.read_text()
     assert len(re.findall(r"adapter \w+ unloaded from vLLM", log)) >= 2, log[-3000:]
+
+
+def test_vllm_listens_only_on_a_private_socket_that_wants_the_agents_key(fabric):
+    import psutil
+
+    agent = next(p for p in psutil.process_iter(["cmdline"]) if fabric.agent_id in " ".join(p.info["cmdline"] or []))
+    server = next(c for c in agent.children(recursive=True) if "--uds" in c.cmdline())
+    command = server.cmdline()
+    socket_path = Path(command[command.index("--uds") + 1])
+    assert "--port" not in command and "--host" not in command
+    assert not [c for c in server.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]  # no TCP port
+    assert socket_path.parent.stat().st_mode & 0o777 == 0o700  # only the agent's user may connect
+    transport = httpx.HTTPTransport(uds=str(socket_path))
+    with httpx.Client(transport=transport, base_url="http://vllm", timeout=30) as client:
+        body = {"model": "adaptery-demo", "prompt": [1, 2, 3], "max_tokens": 1}
+        assert client.post("/v1/completions", json=body).status_code == 401
+        load = {"lora_name": "mine", "lora_path": "/tmp"}
+        assert client.post("/v1/load_lora_adapter", json=load).status_code == 401

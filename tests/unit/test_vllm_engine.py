@@ -177,3 +177,17 @@ def test_the_environment_is_ready_only_when_its_marker_names_what_this_machine_n
 def test_an_unknown_engine_is_refused(tmp_path):
     result = CliRunner().invoke(app, ["agent", "--engine", "tgi", "--data-dir", str(tmp_path)], env={"COLUMNS": "200"})
     assert result.exit_code == 2 and "Unknown engine 'tgi'" in result.output
+
+
+def test_each_server_gets_a_private_socket_directory_and_a_key_of_its_own(tmp_path):
+    from adaptery.agent.vllm_engine import VllmServer
+
+    first, second = (VllmServer("b", "/m", options(), tmp_path) for _ in range(2))
+    try:
+        assert first.socket.parent.stat().st_mode & 0o777 == 0o700
+        assert first.socket.parent != second.socket.parent and first.api_key != second.api_key
+        assert len(first.api_key) >= 40 and first.headers == {"Authorization": f"Bearer {first.api_key}"}
+    finally:
+        first.stop()
+        second.stop()
+    assert not first.socket.parent.exists()
