@@ -10,9 +10,10 @@ same way, here: a virtualenv at `vllm_env` (default `$XDG_CACHE_HOME/adaptery/vl
   and no CPU backend: vLLM disables it anyway);
 - on a CUDA machine (`nvidia-smi` lists a GPU), `vllm==0.32.0` with the CUDA torch it pins.
 
-Measured on this 2-core CPU (PyPI, a cold pip cache): 111 s and 3.5 GB for the CPU install, 2.5 GB once the
-CUDA-only packages are removed. A marker file written last says the environment is complete: one interrupted
-half-way is rebuilt from scratch, and a file lock keeps two agents on one machine from building it at once.
+Measured on this 2-core CPU (PyPI, a cold pip cache): 111 s on an idle machine and 480 s beside other work (both
+about 100 s of CPU), 3.5 GB installed and 2.5 GB once the CUDA-only packages are removed. A marker file written
+last says the environment is complete: one interrupted half-way is rebuilt from scratch, and a file lock keeps two
+agents on one machine from building it at once.
 """
 
 from __future__ import annotations
