@@ -137,7 +137,8 @@ def direct(settings: Settings, model_dir: Path, prompts: dict[int, list[int]], a
 
 def through_agent(work: Path, model_dir: Path, args: argparse.Namespace) -> dict:
     data_dir = work / "data"
-    (data_dir / "models").mkdir(parents=True)
+    (data_dir / "models").mkdir(mode=0o700, parents=True)  # the server refuses a data dir others can read
+    data_dir.chmod(0o700)
     shutil.copytree(model_dir, data_dir / "models" / DEMO_MODEL_ID)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -151,7 +152,10 @@ def through_agent(work: Path, model_dir: Path, args: argparse.Namespace) -> dict
             processes.append(
                 subprocess.Popen([sys.executable, "-m", "adaptery.cli", "serve"], env=env, stdout=log, stderr=log)
             )
-        wait_for(lambda: _answers(f"{url}/api/health"), 180, "the server")
+        try:
+            wait_for(lambda: _answers(f"{url}/api/health"), 180, "the server")
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}:\n{(work / 'server.log').read_text()[-3000:]}") from exc
         key = re.search(r"^ADAPTERY_API_KEY=(\S+)$", (work / "server.log").read_text(), re.M)[1]
         headers = {"Authorization": f"Bearer {key}"}
         made = subprocess.run(
@@ -249,10 +253,10 @@ def main() -> None:
         native = InferenceEngine(max_batch=1)  # the control plane's tokenisation of the same conversations
         prompts = {i: native.chat_prompt(DEMO_MODEL_ID, str(model_dir), conversation(i)) for i in range(args.requests)}
         native.stop()
-        results = {
-            "direct": direct(settings.model_copy(update={"data_dir": work / "direct"}), model_dir, prompts, args),
-            "agent": through_agent(work / "fabric", model_dir, args),
-        }
+        direct_settings = settings.model_copy(update={"data_dir": work / "direct"})
+        results = {"direct": direct(direct_settings, model_dir, prompts, args)}
+        print(json.dumps({"direct": results["direct"]}, default=str), file=sys.stderr)  # kept if the rest fails
+        results["agent"] = through_agent(work / "fabric", model_dir, args)
     report(results, args)
 
 
