@@ -638,6 +638,7 @@ def completion_body(model: str, prompt_ids: list[int], params: SamplingParams) -
         "frequency_penalty": params.frequency_penalty,
         "stop": list(params.stop),
         "seed": params.seed,
+        "logit_bias": {str(token): bias for token, bias in params.logit_bias.items()},
         "stream": True,
         "return_token_ids": True,
         "skip_special_tokens": True,

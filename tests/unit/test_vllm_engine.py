@@ -86,8 +86,11 @@ def test_vllm_gets_no_adaptery_secret_and_allows_runtime_lora_loading(monkeypatc
 
 
 def test_the_completion_request_carries_the_control_planes_tokens_and_parameters():
-    params = SamplingParams(max_tokens=7, temperature=0.0, top_p=0.9, top_k=5, stop=["\n"], seed=3)
+    params = SamplingParams(
+        max_tokens=7, temperature=0.0, top_p=0.9, top_k=5, stop=["\n"], seed=3, logit_bias={9: -100}
+    )
     body = completion_body("a" * 64, [0, 5, 9], params)
+    assert body["logit_bias"] == {"9": -100.0}  # OpenAI's shape: token ids as strings
     assert body["model"] == "a" * 64 and body["prompt"] == [0, 5, 9]
     assert (body["max_tokens"], body["temperature"], body["top_p"], body["top_k"]) == (7, 0.0, 0.9, 5)
     assert body["stop"] == ["\n"] and body["seed"] == 3
