@@ -116,9 +116,9 @@ class Coordinator:
             Message(content, dst_node_id=node, message_type=f"query.{stage}", group_id=str(round_number))
             for node, content in contents.items()
         ]
-        replies = {}
         timeout = self.job.train_timeout if stage == "advertise" else self.job.stage_timeout
-        for reply in self.grid.send_and_receive(messages, timeout=timeout):
+        replies = {}
+        for reply in self._send_and_receive(messages, timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
                 _progress(self.out_dir, round=round_number, stage=stage, node=node, error=reply.error.reason)
@@ -133,6 +133,28 @@ class Coordinator:
             received_bytes=sum(_size(c) for c in replies.values()),
             sent_bytes=sum(_size(c) for c in contents.values()),
         )
+        return replies
+
+    def _send_and_receive(self, messages: list[Message], timeout: float) -> list[Message]:
+        """Flower's send_and_receive, except that it stops waiting for a site whose SuperNode has disconnected
+        (a dropped site costs a heartbeat, not the whole timeout; a hung one still costs the timeout)."""
+        pending = {}
+        for message_id, message in zip(self.grid.push_messages(messages), messages, strict=True):
+            if message_id:
+                pending[message_id] = message.metadata.dst_node_id
+        replies: list[Message] = []
+        deadline = time.monotonic() + timeout
+        next_liveness = time.monotonic() + 2.0
+        while pending and time.monotonic() < deadline:
+            for reply in self.grid.pull_messages(list(pending)):
+                pending.pop(reply.metadata.reply_to_message_id, None)
+                replies.append(reply)
+            if pending and time.monotonic() >= next_liveness:
+                online = set(self.grid.get_node_ids())
+                pending = {mid: node for mid, node in pending.items() if node in online}
+                next_liveness = time.monotonic() + 2.0
+            if pending:
+                time.sleep(0.25)
         return replies
 
     def _wait_for_nodes(self) -> list[int]:

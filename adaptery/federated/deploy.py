@@ -151,8 +151,25 @@ def flwr(home: Path, *args: str, timeout: float = 120) -> subprocess.CompletedPr
     return result
 
 
-def register_site(home: Path, public_key_path: Path) -> None:
-    flwr(home, "supernode", "register", str(public_key_path), "adaptery")
+def register_sites(home: Path, public_key_paths: list[Path], timeout: float = 120) -> None:
+    """`flwr supernode register` for each site key (at once: each call is a few seconds of imports)."""
+    calls = [
+        subprocess.Popen(
+            [_bin("flwr"), "supernode", "register", str(path), "adaptery"],
+            env=flower_env(home),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for path in public_key_paths
+    ]
+    failures = []
+    for path, call in zip(public_key_paths, calls, strict=True):
+        output, _ = call.communicate(timeout=timeout)
+        if call.returncode != 0:
+            failures.append(f"{path}: {output.strip()}")
+    if failures:
+        raise RuntimeError("registering site keys failed:\n" + "\n".join(failures))
 
 
 def start_run(home: Path, app_dir: Path, job_path: Path) -> int:
