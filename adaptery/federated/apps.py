@@ -22,9 +22,13 @@ from pathlib import Path
 
 import numpy as np
 from cryptography.hazmat.primitives import serialization
-from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid, ServerApp
+
+try:
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid, ServerApp
+except ImportError as error:  # an optional extra: say how to get it
+    raise ImportError("federated fine-tuning needs Flower: pip install 'adaptery[federated]'") from error
 
 from adaptery.federated import secagg
 from adaptery.federated.config import FederatedLoraConfig
