@@ -13,6 +13,8 @@ file: a site checks the other sites' signed keys against its own copy, never aga
 from __future__ import annotations
 
 import json
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -149,7 +151,7 @@ def site(
     work_dir: Annotated[Path, typer.Option(help="Flower state and this site's record of its contributions")],
     runtime_port: int = 9094,
 ) -> None:
-    """Run this site's SuperNode until the coordinator's run ends (Ctrl-C leaves the federation)."""
+    """Run this site's SuperNode next to its data, until stopped (Ctrl-C, SIGTERM) or the SuperLink is gone."""
     from adaptery.federated import deploy
     from adaptery.federated.apps import SiteConfig, load_roster
 
@@ -174,6 +176,7 @@ def site(
         work_dir / "supernode.log",
     )  # fmt: skip
     console.print(f"Site {site_number} connected to {superlink}; log: {work_dir / 'supernode.log'}")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the SuperNode and its app processes too
     try:
         node.wait()
     except KeyboardInterrupt:
