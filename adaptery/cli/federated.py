@@ -125,10 +125,14 @@ def _follow(out: Path) -> Path:
         events = deploy.read_progress(out)
         for event in events[shown:]:
             if event.get("event") == "round":
-                console.print(
-                    f"round {event['round']}: loss {event['loss']:.4f}, survivors {event['survivors']}, "
-                    f"{event['seconds']:.1f}s"
+                loss = "hidden (DP)" if event["loss"] is None else f"{event['loss']:.4f}"
+                budget = (
+                    f", privacy spent: epsilon {event['epsilon']:.2f} at delta {event['delta']:g}"
+                    if "epsilon" in event
+                    else ""
                 )
+                survivors, seconds = event["survivors"], event["seconds"]
+                console.print(f"round {event['round']}: loss {loss}, survivors {survivors}, {seconds:.1f}s{budget}")
             elif event.get("error"):
                 console.print(f"[yellow]{event.get('stage', '')} {event['error']}[/yellow]")
             if event.get("event") == "failed":

@@ -30,7 +30,7 @@ try:
 except ImportError as error:  # an optional extra: say how to get it
     raise ImportError("federated fine-tuning needs Flower: pip install 'adaptery[federated]'") from error
 
-from adaptery.federated import secagg
+from adaptery.federated import dp, secagg
 from adaptery.federated.config import FederatedLoraConfig
 
 log = logging.getLogger("adaptery.federated")
@@ -182,13 +182,18 @@ class Coordinator:
             started = time.monotonic()
             mean_update, loss, survivors = self.round(round_number, nodes, global_vector)
             global_vector = global_vector + mean_update
+            privacy = {}
+            if self.lora.private:
+                spent = dp.epsilon(self.lora.dp_noise, round_number, self.lora.dp_delta)
+                privacy = {"epsilon": spent, "delta": self.lora.dp_delta}
             _progress(
                 self.out_dir,
                 event="round",
                 round=round_number,
-                loss=loss,
+                loss=None if self.lora.private else loss,
                 survivors=survivors,
                 seconds=time.monotonic() - started,
+                **privacy,
             )
             nodes = sorted(self.grid.get_node_ids())
         self.layout.write(global_vector)
@@ -366,8 +371,15 @@ def advertise(message: Message, context: Context) -> Message:
     tokenizer = AutoTokenizer.from_pretrained(site.base_dir, local_files_only=True)
     examples = load_chat_dataset(Path(site.data_path), tokenizer, max_seq_length=lora.max_seq_length).examples
     loss = local_train(model, layout, examples, lora, seed=round_number * 1000 + site.site)
-    weight = weight_of(len(examples), lora)
-    values = np.concatenate([weight * (layout.read() - global_vector), [weight * loss / LOSS_SCALE, weight]])
+    update = layout.read() - global_vector
+    threshold = int(setup["threshold"])
+    if lora.private:  # site-level DP: weight 1, clipped, this site's share of the noise; the loss stays here
+        update, _ = dp.clip_l2(update, lora.dp_clip)
+        update = update + dp.site_noise(update.size, lora.dp_clip, lora.dp_noise, threshold)
+        values = np.concatenate([update, [0.0, 1.0]])
+    else:
+        weight = weight_of(len(examples), lora)
+        values = np.concatenate([weight * update, [weight * loss / LOSS_SCALE, weight]])
     frac_bits = secagg.frac_bits_for(len(roster), lora.bound)
     encoded, clipped = secagg.encode(values, frac_bits, lora.bound)
     work = Path(site.work_dir)

@@ -25,6 +25,9 @@ class FederatedLoraConfig:
     max_seq_length: int = 256
     example_cap: int = 10_000  # FedAvg weights saturate here (keeps weighted values inside the bound)
     bound: float = 1.0  # per coordinate, after weighting: larger values are clipped (and counted)
+    dp_clip: float = 0.0  # differential privacy (adaptery.federated.dp): L2 clip of each site's update; 0: off
+    dp_noise: float = 0.0  # noise multiplier z: the aggregate's noise std is z * dp_clip
+    dp_delta: float = 1e-5
 
     def __post_init__(self) -> None:
         if self.method not in ("ffa", "lora"):
@@ -35,6 +38,19 @@ class FederatedLoraConfig:
             raise ValueError(
                 "sparse head fine-tuning needs method='ffa' (a head's share of the update is its rows of B)"
             )
+
+        if self.dp_clip < 0 or self.dp_noise < 0 or not 0 < self.dp_delta < 1:
+            raise ValueError("dp_clip and dp_noise must be >= 0 and dp_delta in (0, 1)")
+        if self.dp_clip > 0 and self.dp_noise == 0:
+            raise ValueError("differential privacy needs dp_noise > 0 (clipping alone gives no guarantee)")
+        if self.dp_clip > 0 and self.bound < self.dp_clip * (1 + 8 * self.dp_noise):
+            # A noisy value clipped at the bound would no longer be Gaussian: keep 8 standard deviations of room.
+            raise ValueError(f"with dp_clip={self.dp_clip} and dp_noise={self.dp_noise}, bound must be at least "
+                             f"{self.dp_clip * (1 + 8 * self.dp_noise):g}")  # fmt: skip
+
+    @property
+    def private(self) -> bool:
+        return self.dp_clip > 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -175,7 +175,7 @@ def local_train(model, layout: UpdateLayout, examples: list[dict], config: Feder
             if masks[slot.name] is not None:
                 layout.parameters[slot.name].grad.mul_(masks[slot.name])
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     return float(np.mean(losses))
 
 
