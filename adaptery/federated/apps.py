@@ -197,8 +197,9 @@ class Coordinator:
             )
             nodes = sorted(self.grid.get_node_ids())
         self.layout.write(global_vector)
-        adapter_dir = self.out_dir / "adapter"
-        self.model.save_pretrained(adapter_dir, safe_serialization=True)
+        from adaptery.federated.lora import save_adapter
+
+        adapter_dir = save_adapter(self.model, self.out_dir / "adapter")
         _progress(self.out_dir, event="done", adapter=str(adapter_dir))
         return adapter_dir
 

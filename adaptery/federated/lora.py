@@ -204,4 +204,5 @@ def save_adapter(model, out_dir: Path) -> Path:  # noqa: ANN001
     """An ordinary PEFT adapter directory (safetensors), as the platform imports and serves it."""
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir, safe_serialization=True)
+    (out_dir / "README.md").unlink(missing_ok=True)  # PEFT's model card template: not part of an adapter
     return out_dir
