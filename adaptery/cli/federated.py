@@ -29,6 +29,47 @@ federated_app = typer.Typer(
 console = Console(emoji=False)
 
 
+@federated_app.command("create")
+def create(
+    name: str,
+    base_model: Annotated[str, typer.Option(help="The platform's base model the sites train on")],
+    threshold: Annotated[int | None, typer.Option(help="Sites needed per round [default: a majority]")] = None,
+) -> None:
+    """Record a federation in the platform (your tenant coordinates it)."""
+    from adaptery.cli.client import api
+
+    body = {"name": name, "base_model": base_model, **({"threshold": threshold} if threshold else {})}
+    created = api("POST", "/api/federations", json=body)
+    console.print(f"Federation [bold]{created['id']}[/bold] ({created['name']}, base {created['base_model']})")
+
+
+@federated_app.command("add-site")
+def add_site(
+    federation: str,
+    name: Annotated[str, typer.Option(help="The site's name")],
+    key: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="The site's public key (site.pub)")],
+) -> None:
+    """Admit a site by its identity public key; prints its number and the key's fingerprint."""
+    from adaptery.cli.client import api
+
+    site = api("POST", f"/api/federations/{federation}/sites", json={"name": name, "public_key": key.read_text()})
+    console.print(f"Site {site['number']} ({site['name']}): fingerprint {site['fingerprint']}")
+
+
+@federated_app.command("roster")
+def roster_command(
+    federation: str, out: Annotated[Path, typer.Option(help="Where to write roster.json")] = Path("roster.json")
+) -> None:
+    """The federation's roster for the coordinator and the sites (each site checks the fingerprints out of band)."""
+    from adaptery.cli.client import api
+
+    record = api("GET", f"/api/federations/{federation}")
+    out.write_text(json.dumps(api("GET", f"/api/federations/{federation}/roster"), indent=2) + "\n")
+    for site in record["sites"]:
+        console.print(f"site {site['number']} {site['name']}: {site['fingerprint']}")
+    console.print(f"Roster written to {out}")
+
+
 @federated_app.command("keygen")
 def keygen(path: Annotated[Path, typer.Argument(help="Where to write the site's private key (0600)")]) -> None:
     """A site identity key (EC P-384): its SuperNode authenticates with it and it signs the site's secagg keys."""
