@@ -132,7 +132,7 @@ def spf_table(fractions: list[float], rounds: int) -> list[dict]:
     keys, roster = _roster(3)
     rows = []
     for fraction in fractions:
-        config = FederatedLoraConfig(head_fraction=fraction, local_steps=8, learning_rate=5e-3, batch_size=2)
+        config = FederatedLoraConfig(head_fraction=fraction, local_steps=4, learning_rate=5e-3, batch_size=2)
         frac = secagg.frac_bits_for(3, config.bound)
         model = build_model(base, config)
         layout = UpdateLayout(model, config)
@@ -178,7 +178,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sites", type=int, default=5)
     parser.add_argument("--sizes", default="32768,262144,1048576,4194304")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--fractions", default="0.125,0.25,0.5,1.0")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
