@@ -142,6 +142,10 @@ def serve(
         port=settings.port,
         log_level="info",
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,  # a stuck client must not hold a restart hostage
+        # The federated extra (Flower) brings uvicorn[standard]; keep the loop and HTTP parser the platform is
+        # tested with instead of switching to uvloop/httptools whenever they happen to be installed.
+        loop="asyncio",
+        http="h11",
         **ssl_files,
     )
 
