@@ -20,6 +20,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeE
 from rich.table import Table
 
 from adaptery.cli.client import api, api_key, base_url, openai_client
+from adaptery.cli.federated import federated_app
 
 app = typer.Typer(help="Adaptery: fine-tune and serve LoRA adapters on shared open LLMs.", no_args_is_help=True)
 files_app = typer.Typer(help="Upload and list files.", no_args_is_help=True)
@@ -51,6 +52,7 @@ for sub, name in (
     (agent_app, "agent"),
     (island_app, "island"),
     (datasets_app, "datasets"),
+    (federated_app, "federated"),
 ):
     app.add_typer(sub, name=name)
 
@@ -141,6 +143,10 @@ def serve(
         port=settings.port,
         log_level="info",
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,  # a stuck client must not hold a restart hostage
+        # The federated extra (Flower) brings uvicorn[standard]; keep the loop and HTTP parser the platform is
+        # tested with instead of switching to uvloop/httptools whenever they happen to be installed.
+        loop="asyncio",
+        http="h11",
         **ssl_files,
     )
 

@@ -468,3 +468,30 @@ class TenantKey(Base):
     wrapped: Mapped[str] = mapped_column(Text)  # base64
     created_at: Mapped[float] = mapped_column(Float, default=now)
     rewrapped_at: Mapped[float | None] = mapped_column(Float)
+
+
+class Federation(TenantOwned, Base):
+    """A federated fine-tuning of the coordinating tenant: its sites' identity keys form the roster."""
+
+    __tablename__ = "federations"
+    __table_args__ = (UniqueConstraint("tenant_id", "name"),)
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    base_model: Mapped[str] = mapped_column(String(255))
+    threshold: Mapped[int | None] = mapped_column(Integer)  # None: a majority of the sites
+    created_by: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+
+
+class FederationSite(TenantOwned, Base):
+    """One site of a federation: its number in the roster and its identity public key (OpenSSH, EC NIST)."""
+
+    __tablename__ = "federation_sites"
+    __table_args__ = (UniqueConstraint("federation_id", "number"), UniqueConstraint("federation_id", "fingerprint"))
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    federation_id: Mapped[str] = mapped_column(String(40), ForeignKey("federations.id", ondelete="CASCADE"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String(64))
+    public_key: Mapped[str] = mapped_column(Text)
+    fingerprint: Mapped[str] = mapped_column(String(64))  # sha256 of the key's wire bytes, hex: compare out of band
+    created_at: Mapped[float] = mapped_column(Float, default=now)

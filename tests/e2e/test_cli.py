@@ -60,3 +60,27 @@ def test_cli_reports_bad_input_clearly(server, tmp_path):
     assert "line 1: messages[0].role: unknown role 'robot'" in result.stdout
     missing = server.cli("jobs", "create", "--training-file", "file-nope", "--no-follow")
     assert missing.returncode == 1 and "no such file 'file-nope'" in missing.stdout
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_cli_federation_create_add_sites_and_roster(server, tmp_path):
+    for site in (1, 2):
+        made = server.cli("federated", "keygen", str(tmp_path / f"site{site}.key"))
+        assert made.returncode == 0, made.stderr
+        assert (tmp_path / f"site{site}.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
+    assert server.cli("federated", "keygen", str(tmp_path / "site1.key")).returncode != 0  # never overwritten
+    created = server.cli("federated", "create", "clinics", "--base-model", "adaptery-demo")
+    assert created.returncode == 0, created.stderr
+    federation = re.search(r"Federation (fed_\w+)", created.stdout).group(1)
+    for site in (1, 2):
+        added = server.cli(
+            "federated", "add-site", federation, "--name", f"clinic-{site}", "--key", str(tmp_path / f"site{site}.pub")
+        )
+        assert added.returncode == 0 and f"Site {site} (clinic-{site})" in added.stdout, added.stderr
+    roster_path = tmp_path / "roster.json"
+    shown = server.cli("federated", "roster", federation, "--out", str(roster_path))
+    assert shown.returncode == 0, shown.stderr
+    roster = json.loads(roster_path.read_text())
+    assert roster == {str(s): " ".join((tmp_path / f"site{s}.pub").read_text().split()[:2]) for s in (1, 2)}
+    refused = server.cli("federated", "add-site", federation, "--name", "again", "--key", str(tmp_path / "site1.pub"))
+    assert refused.returncode != 0 and "409" in refused.stderr

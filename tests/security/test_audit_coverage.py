@@ -69,6 +69,18 @@ def calls(world: World, lora_bytes: bytes, tmp_path) -> list[tuple[str, Callable
             state["browser"] = sign_in(world, "lab-member")
         return state["browser"]  # type: ignore[return-value]
 
+    def create_federation() -> httpx.Response:
+        response = client.post("/api/federations", headers=owner, json={"name": "fed", "base_model": "adaptery-demo"})
+        state["federation"] = response.json().get("id")
+        return response
+
+    def site_key() -> str:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        public = ec.generate_private_key(ec.SECP384R1()).public_key()
+        return public.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+
     def login() -> httpx.Response:
         return TestClient(client.app).post("/api/auth/login", json={"username": "lab-owner", "password": PASSWORD})
 
@@ -182,6 +194,10 @@ def calls(world: World, lora_bytes: bytes, tmp_path) -> list[tuple[str, Callable
         ("POST /api/fabric/renew", renew),
         ("POST /api/admin/agents/{agent_id}/revoke", lambda: client.post(
             f"/api/admin/agents/{state['enrolled']['agent_id']}/revoke", headers=owner)),  # type: ignore[index]
+        ("POST /api/federations", create_federation),
+        ("POST /api/federations/{federation_id}/sites", lambda: client.post(
+            f"/api/federations/{state['federation']}/sites", headers=owner,
+            json={"name": "site-1", "public_key": site_key()})),
         ("DELETE /api/datasets/{dataset_id}", lambda: client.delete(
             f"/api/datasets/{ids['dataset_id']}", headers=owner)),
         ("DELETE /v1/files/{file_id}", lambda: client.delete(f"/v1/files/{ids['file_id']}", headers=owner)),
