@@ -222,8 +222,10 @@ def logout(who: Principal = Depends(principal), p: Platform = Depends(platform))
     with p.db.system() as s:
         record = sessions.logout(s, who.session_id) if who.session_id else None
         end_session = sso.end_session_url(s, p.oidc, p.settings, p.master_keys, record)
-        detail = {"method": record.sign_in_method or sessions.PASSWORD, "provider_logout": bool(end_session)}
-        audit.record(s, who, "auth.sign_out", target=who.username, detail=detail if record else None)
+        detail = None
+        if record is not None:
+            detail = {"method": record.sign_in_method or sessions.PASSWORD, "provider_logout": bool(end_session)}
+        audit.record(s, who, "auth.sign_out", target=who.username, detail=detail)
     response = Response(status_code=204)
     if end_session:
         response = Response(SignOut(end_session_url=end_session).model_dump_json(), media_type="application/json")
