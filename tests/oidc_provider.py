@@ -79,8 +79,9 @@ class OidcProvider:
         config_path = self.workdir / "provider.json"
         config_path.write_text(json.dumps(config))
         log = (self.workdir / "provider.log").open("a")
-        self.process = subprocess.Popen([node, str(NODE_DIR / "provider.mjs"), str(config_path)], stdout=log,
-                                        stderr=subprocess.STDOUT, cwd=NODE_DIR)  # fmt: skip
+        self.process = subprocess.Popen(
+            [node, str(NODE_DIR / "provider.mjs"), str(config_path)], stdout=log, stderr=subprocess.STDOUT, cwd=NODE_DIR
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -139,7 +140,9 @@ def start_provider(workdir: Path, base_urls: list[str], accounts: dict[str, dict
     return provider
 
 
-def sign_in_at_provider(authorize_url: str, login: str, password: str | None = None, browser: httpx.Client | None = None) -> str:
+def sign_in_at_provider(
+    authorize_url: str, login: str, password: str | None = None, browser: httpx.Client | None = None
+) -> str:
     """Walk the provider's pages as a browser would: the login form, then back. Returns the URL the provider
     sends the browser back to (our callback, with code and state)."""
     own = browser is None

@@ -97,7 +97,9 @@ class Sso:
         assert callback_url.startswith(BASE_URL + "/auth/oidc/callback?"), callback_url
         return browser.get(callback_url.removeprefix(BASE_URL), follow_redirects=False)
 
-    def sign_in(self, login: str, *, provider: str = "uni", tenant: str | None = None) -> tuple[TestClient, httpx.Response]:
+    def sign_in(
+        self, login: str, *, provider: str = "uni", tenant: str | None = None
+    ) -> tuple[TestClient, httpx.Response]:
         browser = self.browser()
         answer = self.come_back(browser, sign_in_at_provider(self.start(browser, provider, tenant), login))
         if answer.headers.get("location") == "/":
@@ -117,11 +119,19 @@ def sso(
     tmp = tmp_path_factory.mktemp("sso")
     provider = start_provider(tmp / "provider", [BASE_URL], ACCOUNTS)
     provider.clients = [
-        {"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET, "redirect_uris": provider.redirect_uris,
-         "post_logout_redirect_uris": provider.post_logout_redirect_uris},
-        {"client_id": "partner-client", "client_secret": "the partner's secret", "redirect_uris": provider.redirect_uris,
-         "post_logout_redirect_uris": provider.post_logout_redirect_uris},
-    ]  # fmt: skip
+        {
+            "client_id": CLIENT_ID,
+            "client_secret": CLIENT_SECRET,
+            "redirect_uris": provider.redirect_uris,
+            "post_logout_redirect_uris": provider.post_logout_redirect_uris,
+        },
+        {
+            "client_id": "partner-client",
+            "client_secret": "the partner's secret",
+            "redirect_uris": provider.redirect_uris,
+            "post_logout_redirect_uris": provider.post_logout_redirect_uris,
+        },
+    ]
     provider.stop()
     provider.start()
     url = f"sqlite:///{tmp / 'adaptery.db'}" if request.param == "sqlite" else postgres.create()
@@ -138,21 +148,46 @@ def sso(
                 s.flush()
                 s.add(m.Membership(id="mem_victim", tenant_id=tenant_id, user_id=victim.id, role="admin"))
             other = Sso(platform, client, provider, tamper, first.api_key, tenant_id, "", "")
-            created = client.post("/api/platform/identity-providers", headers=other.auth(), json={
-                "name": "uni", "display_name": "University", "issuer": provider.issuer, "client_id": CLIENT_ID,
-                "client_secret": CLIENT_SECRET})  # fmt: skip
+            created = client.post(
+                "/api/platform/identity-providers",
+                headers=other.auth(),
+                json={
+                    "name": "uni",
+                    "display_name": "University",
+                    "issuer": provider.issuer,
+                    "client_id": CLIENT_ID,
+                    "client_secret": CLIENT_SECRET,
+                },
+            )
             assert created.status_code == 201, created.text
             assert "client_secret" not in created.json()
-            partner = client.post("/api/platform/identity-providers", headers=other.auth(), json={
-                "name": "partner", "issuer": provider.issuer, "client_id": "partner-client",
-                "client_secret": "the partner's secret"})  # fmt: skip
+            partner = client.post(
+                "/api/platform/identity-providers",
+                headers=other.auth(),
+                json={
+                    "name": "partner",
+                    "issuer": provider.issuer,
+                    "client_id": "partner-client",
+                    "client_secret": "the partner's secret",
+                },
+            )
             assert partner.status_code == 201, partner.text
-            bound = client.put(f"/api/platform/tenants/{tenant_id}/identity-providers", headers=other.auth(),
-                               json={"providers": ["uni"]})  # fmt: skip
+            bound = client.put(
+                f"/api/platform/tenants/{tenant_id}/identity-providers",
+                headers=other.auth(),
+                json={"providers": ["uni"]},
+            )
             assert bound.status_code == 200, bound.text
-            rules = client.put("/api/admin/sso/rules", headers=other.auth(), json={"rules": [
-                {"provider": "uni", "group": "lab-staff", "role": "member"},
-                {"provider": "uni", "group": "lab-admins", "role": "admin"}]})  # fmt: skip
+            rules = client.put(
+                "/api/admin/sso/rules",
+                headers=other.auth(),
+                json={
+                    "rules": [
+                        {"provider": "uni", "group": "lab-staff", "role": "member"},
+                        {"provider": "uni", "group": "lab-admins", "role": "admin"},
+                    ]
+                },
+            )
             assert rules.status_code == 200, rules.text
             # tenant B trusts only the partner provider, and its rules would give lab-staff a role there
             with platform.db.system() as s:
@@ -160,11 +195,17 @@ def sso(
 
                 made = tenants.create_tenant(s, "other-lab", "other-owner", login_link_hours=1)
                 other_tenant_id = made.tenant.id
-            bound = client.put(f"/api/platform/tenants/{other_tenant_id}/identity-providers", headers=other.auth(),
-                               json={"providers": ["partner"]})  # fmt: skip
+            bound = client.put(
+                f"/api/platform/tenants/{other_tenant_id}/identity-providers",
+                headers=other.auth(),
+                json={"providers": ["partner"]},
+            )
             assert bound.status_code == 200, bound.text
-            rules = client.put("/api/admin/sso/rules", headers={"Authorization": f"Bearer {made.api_key}"},
-                               json={"rules": [{"provider": "partner", "group": "lab-staff", "role": "owner"}]})  # fmt: skip
+            rules = client.put(
+                "/api/admin/sso/rules",
+                headers={"Authorization": f"Bearer {made.api_key}"},
+                json={"rules": [{"provider": "partner", "group": "lab-staff", "role": "owner"}]},
+            )
             assert rules.status_code == 200, rules.text
             yield Sso(platform, client, provider, tamper, first.api_key, tenant_id, other_tenant_id, made.api_key)
     finally:
@@ -300,7 +341,9 @@ def test_a_wrong_state_is_refused(sso: Sso):
     callback = sign_in_at_provider(sso.start(browser), "alice")
     forged = callback.replace("state=", "state=x")
     refused_with(sso.come_back(browser, forged), "bad_state")
-    refused_with(sso.come_back(browser, callback.split("&state=")[0].split("?state=")[0] + "?code=abc"), "missing_state")
+    refused_with(
+        sso.come_back(browser, callback.split("&state=")[0].split("?state=")[0] + "?code=abc"), "missing_state"
+    )
 
 
 def test_an_answer_delivered_to_another_browser_is_refused(sso: Sso):
@@ -335,8 +378,11 @@ def test_a_provider_error_is_refused_and_audited(sso: Sso):
     browser = sso.browser()
     authorize = sso.start(browser)
     state = httpx.URL(authorize).params["state"]
-    answer = browser.get("/auth/oidc/callback", params={"state": state, "error": "access_denied",
-                                                         "iss": sso.provider.issuer}, follow_redirects=False)  # fmt: skip
+    answer = browser.get(
+        "/auth/oidc/callback",
+        params={"state": state, "error": "access_denied", "iss": sso.provider.issuer},
+        follow_redirects=False,
+    )
     refused_with(answer, "provider_error")
     assert last_sign_in(sso).detail["reason"] == "provider_error"
 
@@ -447,8 +493,10 @@ def test_a_changed_group_changes_the_role_at_the_next_sign_in_and_a_lost_group_e
         assert session.get("/api/me").status_code == 401  # his sessions ended
     assert sso.client.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 401  # his key too
     with sso.platform.db.system() as s:
-        actions = [e.action for e in s.scalars(
-            select(m.AuditEvent).where(m.AuditEvent.target == "dave").order_by(m.AuditEvent.seq))]  # fmt: skip
+        actions = [
+            e.action
+            for e in s.scalars(select(m.AuditEvent).where(m.AuditEvent.target == "dave").order_by(m.AuditEvent.seq))
+        ]
     assert actions[:1] == ["member.sso_add"] and "member.sso_role" in actions and "member.sso_remove" in actions
     assert actions[-1] == "auth.sign_in"
 
@@ -462,14 +510,18 @@ def test_rule_changes_apply_at_the_next_sign_in_and_are_audited(sso: Sso):
     _, answer = sso.sign_in("erin")
     refused_with(answer, "no_role")
     current = sso.client.get("/api/admin/sso", headers=sso.auth()).json()["rules"]
-    updated = sso.client.put("/api/admin/sso/rules", headers=sso.auth(),
-                             json={"rules": [*current, {"provider": "uni", "group": "visitors", "role": "viewer"}]})  # fmt: skip
+    updated = sso.client.put(
+        "/api/admin/sso/rules",
+        headers=sso.auth(),
+        json={"rules": [*current, {"provider": "uni", "group": "visitors", "role": "viewer"}]},
+    )
     assert updated.status_code == 200, updated.text
     browser, _ = sso.sign_in("erin")
     assert browser.get("/api/me").json()["role"] == "viewer"
     with sso.platform.db.system() as s:
-        event = s.scalar(select(m.AuditEvent).where(m.AuditEvent.action == "sso.rules_change")
-                         .order_by(m.AuditEvent.seq.desc()))  # fmt: skip
+        event = s.scalar(
+            select(m.AuditEvent).where(m.AuditEvent.action == "sso.rules_change").order_by(m.AuditEvent.seq.desc())
+        )
         assert event.detail["added"] == [{"provider": "uni", "group": "visitors", "role": "viewer"}]
         assert audit.verify(s).ok
     restored = sso.client.put("/api/admin/sso/rules", headers=sso.auth(), json={"rules": current})
@@ -483,7 +535,9 @@ def test_only_an_owner_makes_rules_that_make_admins_and_rules_name_the_tenants_p
     assert bob.put("/api/admin/sso/rules", json={"rules": [*current, more]}).status_code == 403
     other = {"provider": "partner", "group": "x", "role": "viewer"}
     refused = bob.put("/api/admin/sso/rules", json={"rules": [*current, other]})
-    assert refused.status_code == 400 and "not an identity provider of this tenant" in refused.json()["error"]["message"]
+    assert (
+        refused.status_code == 400 and "not an identity provider of this tenant" in refused.json()["error"]["message"]
+    )
     viewer = {"provider": "uni", "group": "guests", "role": "viewer"}
     assert bob.put("/api/admin/sso/rules", json={"rules": [*current, viewer]}).status_code == 200
     assert bob.put("/api/admin/sso/rules", json={"rules": current}).status_code == 200
@@ -513,8 +567,9 @@ def test_passwords_and_links_off_refuse_local_sign_in_and_end_local_sessions(sso
         from adaptery.services import tenants
 
         link = tenants.create_login_token(s, tenant_id=sso.tenant_id, user_id="user_victim", hours=1, purpose="reset")
-    off = sso.client.put("/api/admin/sso/policy", headers=sso.auth(),
-                         json={"password_sign_in": False, "link_sign_in": False})  # fmt: skip
+    off = sso.client.put(
+        "/api/admin/sso/policy", headers=sso.auth(), json={"password_sign_in": False, "link_sign_in": False}
+    )
     assert off.status_code == 200 and off.json()["password_sign_in"] is False
     try:
         assert victim.get("/api/me").status_code == 401  # the password session ended
@@ -527,8 +582,9 @@ def test_passwords_and_links_off_refuse_local_sign_in_and_end_local_sessions(sso
         event = sso.client.get("/api/admin/audit", headers=sso.auth(), params={"action": "sso.policy_change"})
         assert event.json()["data"][0]["detail"]["ended"] >= 1
     finally:
-        on = sso.client.put("/api/admin/sso/policy", headers=sso.auth(),
-                            json={"password_sign_in": True, "link_sign_in": True})  # fmt: skip
+        on = sso.client.put(
+            "/api/admin/sso/policy", headers=sso.auth(), json={"password_sign_in": True, "link_sign_in": True}
+        )
         assert on.status_code == 200
 
 
@@ -538,7 +594,9 @@ def test_a_password_session_cannot_switch_into_a_tenant_with_passwords_off(sso: 
     other_owner = sso.auth(sso.other_key)
     rules = sso.client.get("/api/admin/sso", headers=other_owner).json()["rules"]
     assert rules, "tenant B administers itself through SSO (its lab-staff are owners), so passwords may go"
-    off = sso.client.put("/api/admin/sso/policy", headers=other_owner, json={"password_sign_in": False, "link_sign_in": True})
+    off = sso.client.put(
+        "/api/admin/sso/policy", headers=other_owner, json={"password_sign_in": False, "link_sign_in": True}
+    )
     assert off.status_code == 200, off.text
     try:
         victim = sso.browser()
@@ -547,14 +605,19 @@ def test_a_password_session_cannot_switch_into_a_tenant_with_passwords_off(sso: 
         switched = victim.post("/api/auth/switch", json={"tenant_id": sso.other_tenant_id})
         assert switched.status_code == 403 and switched.json()["error"]["code"] == "sign_in_method_refused"
     finally:
-        sso.client.put("/api/admin/sso/policy", headers=other_owner, json={"password_sign_in": True, "link_sign_in": True})
+        sso.client.put(
+            "/api/admin/sso/policy", headers=other_owner, json={"password_sign_in": True, "link_sign_in": True}
+        )
         with sso.platform.db.system() as s:
             s.delete(s.get(m.Membership, "mem_victim_b"))
 
 
 def test_passwords_stay_on_until_someone_administers_the_tenant_through_sso(sso: Sso):
-    made = sso.client.post("/api/platform/identity-providers", headers=sso.auth(), json={
-        "name": "lonely", "issuer": sso.provider.issuer, "client_id": "nobody"})  # fmt: skip
+    made = sso.client.post(
+        "/api/platform/identity-providers",
+        headers=sso.auth(),
+        json={"name": "lonely", "issuer": sso.provider.issuer, "client_id": "nobody"},
+    )
     assert made.status_code == 201
     with sso.platform.db.system() as s:
         from adaptery.services import tenants
@@ -564,8 +627,11 @@ def test_passwords_stay_on_until_someone_administers_the_tenant_through_sso(sso:
     off = {"password_sign_in": False, "link_sign_in": True}
     refused = sso.client.put("/api/admin/sso/policy", headers=owner, json=off)
     assert refused.status_code == 409 and refused.json()["error"]["code"] == "no_sso_administrator"
-    sso.client.put(f"/api/platform/tenants/{third.tenant.id}/identity-providers", headers=sso.auth(),
-                   json={"providers": ["lonely"]})  # fmt: skip
+    sso.client.put(
+        f"/api/platform/tenants/{third.tenant.id}/identity-providers",
+        headers=sso.auth(),
+        json={"providers": ["lonely"]},
+    )
     assert sso.client.put("/api/admin/sso/policy", headers=owner, json=off).status_code == 409  # no admin rule yet
     rule = {"provider": "lonely", "group": "heads", "role": "owner"}
     assert sso.client.put("/api/admin/sso/rules", headers=owner, json={"rules": [rule]}).status_code == 200
@@ -590,7 +656,9 @@ def test_sign_out_ends_the_session_and_points_at_the_providers_logout(sso: Sso):
     # a password session signs out as before: 204, nothing to follow
     local = sso.browser()
     local.post("/api/auth/login", json={"username": "victim", "password": PASSWORD})
-    assert local.post("/api/auth/logout", headers={"x-csrf-token": local.cookies.get("adaptery_csrf")}).status_code == 204
+    assert (
+        local.post("/api/auth/logout", headers={"x-csrf-token": local.cookies.get("adaptery_csrf")}).status_code == 204
+    )
 
 
 def test_the_sign_in_page_lists_the_providers_tenants_trust(sso: Sso):
