@@ -124,9 +124,12 @@ def claims_of(token: str) -> dict[str, Any]:
     return json.loads(jws.extract_compact(token.encode()).payload)
 
 
-def start_provider(workdir: Path, base_urls: list[str], accounts: dict[str, dict[str, Any]]) -> OidcProvider:
+def start_provider(
+    workdir: Path, base_urls: list[str], accounts: dict[str, dict[str, Any]], *, port: int | None = None
+) -> OidcProvider:
+    """The provider on `port` (default: a free one), with one client whose redirect URIs are these platforms'."""
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     provider = OidcProvider(
         issuer=f"http://127.0.0.1:{port}",
         port=port,
