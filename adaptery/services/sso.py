@@ -36,7 +36,7 @@ from adaptery.services import audit, sessions, tenants
 from adaptery.services.errors import Conflict, InvalidRequest, NotFound, PermissionDenied, ServiceError
 from adaptery.services.oidc import OidcClient, ProviderConfig, TokenRefused, check_issuer
 from adaptery.settings import OidcProviderSettings, Settings
-from adaptery.storage.crypto import KeyProvider, TamperedError
+from adaptery.storage.crypto import KeyProvider, TamperedError, client_secret_context
 
 CALLBACK_PATH = "/auth/oidc/callback"
 _RANK = {Role.VIEWER: 0, Role.MEMBER: 1, Role.ADMIN: 2, Role.OWNER: 3}
@@ -51,12 +51,8 @@ def redirect_uri(settings: Settings) -> str:
 # -- providers ------------------------------------------------------------------------------------------------
 
 
-def _secret_context(provider_id: str) -> bytes:
-    return f"adaptery oidc client secret {provider_id}".encode()
-
-
 def _seal(keys: KeyProvider, provider_id: str, secret: str) -> tuple[str, str]:
-    key_id, sealed = keys.wrap(secret.encode(), _secret_context(provider_id))
+    key_id, sealed = keys.wrap(secret.encode(), client_secret_context(provider_id))
     return key_id, base64.b64encode(sealed).decode()
 
 
@@ -71,7 +67,7 @@ def config(record: m.IdentityProvider, settings: Settings, keys: KeyProvider) ->
     elif record.secret_sealed:
         try:
             secret = keys.unwrap(
-                record.secret_key_id or "", base64.b64decode(record.secret_sealed), _secret_context(record.id)
+                record.secret_key_id or "", base64.b64decode(record.secret_sealed), client_secret_context(record.id)
             ).decode()
         except TamperedError as exc:
             raise ServiceError(f"The client secret of '{record.name}' cannot be opened: {exc}") from exc

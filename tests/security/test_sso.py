@@ -399,6 +399,20 @@ def test_unknown_provider_goes_back_to_the_sign_in_page(sso: Sso):
     assert answer.headers["location"] == "/?sso=provider_not_found"
 
 
+def test_signing_in_gives_a_new_session_and_ends_the_one_the_browser_held(sso: Sso):
+    """Session fixation: whatever session cookie the browser carried (planted, or the last person's) ends."""
+    browser = sso.browser()
+    assert browser.post("/api/auth/login", json={"username": "victim", "password": PASSWORD}).status_code == 200
+    planted = browser.cookies.get("adaptery_session")
+    answer = sso.come_back(browser, sign_in_at_provider(sso.start(browser), "alice"))
+    assert answer.headers["location"] == "/"
+    fresh = answer.cookies.get("adaptery_session")
+    assert fresh and fresh != planted
+    stale = sso.browser()
+    stale.cookies.set("adaptery_session", planted)
+    assert stale.get("/api/me").status_code == 401
+
+
 # -- 3. tenancy -------------------------------------------------------------------------------------------------
 
 
@@ -670,3 +684,27 @@ def test_the_sign_in_page_lists_the_providers_tenants_trust(sso: Sso):
     with sso.platform.db.system() as s:
         sealed = s.scalar(select(m.IdentityProvider.secret_sealed).where(m.IdentityProvider.name == "uni"))
         assert CLIENT_SECRET not in sealed  # sealed under the master key
+
+
+def test_a_client_secret_is_resealed_by_a_master_key_rotation(tmp_path: Path):
+    from adaptery.db.session import Database
+    from adaptery.services import sso as sso_service
+    from adaptery.settings import Settings
+    from adaptery.storage.crypto import LocalKeyProvider
+    from adaptery.storage.keys import rotate_master_key
+
+    database = Database(f"sqlite:///{tmp_path / 'rotation.db'}")
+    database.migrate()
+    key_file = tmp_path / "keys" / "master.key"
+    try:
+        with database.system() as s:
+            made = sso_service.NewProvider(name="uni", issuer="https://idp.example", client_id="c", client_secret="s3")
+            provider_id = sso_service.create_provider(s, LocalKeyProvider(key_file), made).id
+        rotation = rotate_master_key(database, LocalKeyProvider(key_file))
+        only_the_new_key = LocalKeyProvider(key_file)
+        with database.system() as s:
+            row = s.get(m.IdentityProvider, provider_id)
+            assert row.secret_key_id == rotation.new_key_id
+            assert sso_service.config(row, Settings(data_dir=tmp_path), only_the_new_key).client_secret == "s3"
+    finally:
+        database.dispose()
