@@ -175,7 +175,7 @@ def sso_callback(
         ip=_ip(request),
     )
     if outcome.new is None:
-        reason = outcome.refusal.code if outcome.refusal else "refused"
+        reason = (outcome.refusal.code if outcome.refusal else None) or "refused"
         return RedirectResponse(f"/?sso={reason}", status_code=303)
     previous = request.cookies.get(SESSION_COOKIE)
     if previous:  # whatever session this browser held before ends: the new one shares nothing with it

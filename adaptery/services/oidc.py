@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 import httpx
 from joserfc import jws, jwt
@@ -45,6 +45,9 @@ class ProviderUnavailable(ServiceError):
 
     status = 502
     type = "server_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="provider_unavailable")
 
 
 class TokenRefused(Unauthenticated):
@@ -189,7 +192,8 @@ class OidcClient:
         if provider.client_secret is None:
             form["client_id"] = provider.client_id
         elif "client_secret_basic" in methods:
-            auth = httpx.BasicAuth(provider.client_id, provider.client_secret)
+            # RFC 6749 2.3.1: each part form-encoded before the Basic scheme joins them
+            auth = httpx.BasicAuth(quote(provider.client_id, safe=""), quote(provider.client_secret, safe=""))
         else:
             form.update(client_id=provider.client_id, client_secret=provider.client_secret)
         try:

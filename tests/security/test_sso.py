@@ -441,6 +441,28 @@ def test_a_person_of_tenant_as_provider_never_gets_into_tenant_b(sso: Sso):
     assert [member["username"] for member in members] == ["other-owner"]
 
 
+def test_tenant_b_admits_people_of_the_provider_it_trusts_and_only_into_b(sso: Sso):
+    """Through the partner provider (B's), alice is another person than through A's: B's rules make her an owner
+    there, and that identity has nothing in A. (Its client secret holds a quote and spaces: sent form-encoded.)"""
+    browser, answer = sso.sign_in("alice", provider="partner")
+    assert answer.headers["location"] == "/", answer.headers["location"]
+    me = browser.get("/api/me").json()
+    assert me["tenant"]["id"] == sso.other_tenant_id and me["role"] == "owner"
+    assert me["user"]["username"] == "alice-2" and [t["id"] for t in me["tenants"]] == [sso.other_tenant_id]
+
+
+def test_an_unreachable_provider_sends_the_browser_back_with_why(sso: Sso):
+    made = sso.client.post(
+        "/api/platform/identity-providers",
+        headers=sso.auth(),
+        json={"name": "down", "issuer": "http://127.0.0.1:9", "client_id": "c"},
+    )
+    assert made.status_code == 201
+    answer = sso.browser().get("/auth/oidc/down/start", follow_redirects=False)
+    assert answer.headers["location"] == "/?sso=provider_unavailable"
+    assert sso.client.delete("/api/platform/identity-providers/down", headers=sso.auth()).status_code == 204
+
+
 def test_an_sso_session_cannot_switch_into_a_tenant_that_does_not_trust_its_provider(sso: Sso):
     """Even a member of B (invited there by hand, and accepted) does not enter B with A's provider's word."""
     sso.provider.add_account("frank", groups=["lab-staff"])
