@@ -119,7 +119,9 @@ def bind_identity_providers(
     with p.db.system() as s:
         tenants.get_tenant(s, tenant_id)
         added, removed = sso.bind(s, tenant_id, body.providers)
-        detail = {"added": added, "removed": removed}
+        policy = sessions.sign_in_policy(s, tenant_id)  # local sign-in comes back if nobody administers via SSO
+        detail = {"added": added, "removed": removed, "password_sign_in": policy.password_sign_in,
+                  "link_sign_in": policy.link_sign_in}  # fmt: skip
         audit.record(s, who, "sso.provider_bind", tenant_id=tenant_id, target=tenant_id, detail=detail)
         return _tenant_sso(s, tenant_id)
 

@@ -176,7 +176,7 @@ def delete_provider(session: Session, name: str) -> m.IdentityProvider:
 def bind(session: Session, tenant_id: str, names: list[str]) -> tuple[list[str], list[str]]:
     """The providers a tenant trusts, replaced by `names`; returns (added, removed). A removed provider's rules
     in the tenant go, and its sessions there end (its people keep their membership until an admin removes them,
-    but cannot sign in again)."""
+    but cannot sign in again). Local sign-in comes back on when no rule is left that makes an admin."""
     wanted = {name: provider_named(session, name) for name in dict.fromkeys(names)}
     current = {
         row.provider_id: row
@@ -203,7 +203,16 @@ def bind(session: Session, tenant_id: str, names: list[str]) -> tuple[list[str],
     for name in added:
         session.add(m.TenantIdentityProvider(id=new_id("tidp_"), tenant_id=tenant_id, provider_id=wanted[name].id))
     session.flush()
+    policy = session.get(m.TenantSignInPolicy, tenant_id)
+    if removed and policy is not None and not _administered_through_sso(session, tenant_id):
+        # nobody could administer the tenant through SSO any more: local sign-in comes back rather than nobody's
+        policy.password_sign_in = policy.link_sign_in = True
+        policy.updated_at = time.time()
     return added, sorted(removed)
+
+
+def _administered_through_sso(session: Session, tenant_id: str) -> bool:
+    return any(rule.role in (Role.ADMIN, Role.OWNER) for rule in rules_of(session, tenant_id))
 
 
 def bound_providers(session: Session, tenant_id: str) -> list[m.IdentityProvider]:
@@ -297,8 +306,7 @@ def set_rules(session: Session, who: Principal, rules: list[Rule]) -> tuple[list
 def set_policy(session: Session, tenant_id: str, *, password_sign_in: bool, link_sign_in: bool) -> int:
     """Which local ways in the tenant accepts; sessions opened a way now refused end. Returns how many ended.
     Local ways go off only once the tenant trusts a provider, so nobody locks the tenant out of the page."""
-    administrators = [rule for rule in rules_of(session, tenant_id) if rule.role in (Role.ADMIN, Role.OWNER)]
-    if not (password_sign_in and link_sign_in) and not administrators:
+    if not (password_sign_in and link_sign_in) and not _administered_through_sso(session, tenant_id):
         raise Conflict(
             "Passwords and links stay on until people can administer this tenant through single sign-on: it needs "
             "an identity provider (a platform admin binds one) and a rule that makes someone admin or owner.",

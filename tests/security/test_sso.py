@@ -672,6 +672,11 @@ def test_passwords_stay_on_until_someone_administers_the_tenant_through_sso(sso:
     rule = {"provider": "lonely", "group": "heads", "role": "owner"}
     assert sso.client.put("/api/admin/sso/rules", headers=owner, json={"rules": [rule]}).status_code == 200
     assert sso.client.put("/api/admin/sso/policy", headers=owner, json=off).status_code == 200
+    unbound = sso.client.put(
+        f"/api/platform/tenants/{third.tenant.id}/identity-providers", headers=sso.auth(), json={"providers": []}
+    )
+    assert unbound.status_code == 200  # nobody administers it through SSO now: passwords come back
+    assert unbound.json()["password_sign_in"] is True and unbound.json()["rules"] == []
     assert sso.client.delete("/api/platform/identity-providers/lonely", headers=sso.auth()).status_code == 204
     assert sso.client.get("/api/admin/sso", headers=owner).json()["providers"] == []
 
