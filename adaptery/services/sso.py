@@ -440,6 +440,8 @@ def finish(
             provider, code=code, redirect_uri=redirect_uri(settings), code_verifier=pending.code_verifier
         )
         claims = client.verify_id_token(provider, tokens["id_token"], nonce=pending.nonce)
+        if len(claims["sub"]) > 255:  # kept whole or not at all: a cut subject could name someone else
+            raise _refused("The ID token's subject is longer than 255 characters.", "bad_sub")
         if isinstance(tokens.get("access_token"), str):
             claims = {**client.userinfo(provider, tokens["access_token"], subject=claims["sub"]), **claims}
     except ServiceError as refused:
@@ -511,7 +513,7 @@ def _new_username(session: Session, claims: dict[str, Any], claim: str) -> str:
 
 def _provision(session: Session, provider: m.IdentityProvider, claims: dict[str, Any]) -> tuple[m.User, m.SsoIdentity]:
     """The person this (provider, sub) is; someone new gets a new user (never an existing one by email)."""
-    subject = str(claims["sub"])[:255]
+    subject = claims["sub"]
     identity = session.scalar(
         select(m.SsoIdentity).where(m.SsoIdentity.provider_id == provider.id, m.SsoIdentity.subject == subject)
     )

@@ -327,6 +327,12 @@ def test_an_id_token_from_another_issuer_is_refused(sso: Sso, tampered):
     refused_with(answer, "bad_iss")
 
 
+def test_an_id_token_with_an_overlong_subject_is_refused_not_cut(sso: Sso, tampered):
+    tampered(lambda genuine: sso.provider.mint({**claims_of(genuine), "sub": "alice" + "x" * 300}))
+    _, answer = sso.sign_in("alice")
+    refused_with(answer, "bad_sub")
+
+
 def test_an_id_token_with_several_audiences_not_authorized_for_us_is_refused(sso: Sso, tampered):
     tampered(lambda genuine: sso.provider.mint({**claims_of(genuine), "aud": [CLIENT_ID, "partner-client"]}))
     _, answer = sso.sign_in("alice")
