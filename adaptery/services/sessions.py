@@ -103,8 +103,10 @@ def open_session(
     method: str,
     provider_id: str | None = None,
     id_token: str | None = None,
+    fresh_link: bool = False,
 ) -> NewSession:
-    """A new session (a new token and CSRF token: nothing a browser held before is reused)."""
+    """A new session (a new token and CSRF token: nothing a browser held before is reused). `fresh_link`: opened
+    by a one-time link just now, so it may set a password without the current one for a while."""
     token, csrf = random_token(40), random_token(32)
     record = m.WebSession(
         id=new_id("sess_"),
@@ -113,7 +115,7 @@ def open_session(
         token_hash=hash_token(token),
         csrf_token=csrf,
         expires_at=time.time() + settings.session_hours * 3600,
-        via_link=method == LINK,
+        via_link=fresh_link,
         sign_in_method=method,
         identity_provider_id=provider_id,
         id_token=id_token,
@@ -297,7 +299,7 @@ def consume_login_link(session: Session, token: str, settings: Settings) -> NewS
         if user.password_hash is not None or memberships > 1:
             raise invalid
     record.used_at = time.time()
-    return open_session(session, user, record.tenant_id, settings, method=LINK)
+    return open_session(session, user, record.tenant_id, settings, method=LINK, fresh_link=True)
 
 
 def _live_record(session: Session, token: str) -> m.WebSession:
