@@ -5,6 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 RUNTIME_STAMP := $(VENV)/.installed-runtime
 DEV_STAMP := $(VENV)/.installed-dev
+# The OpenID provider the single sign-on tests run (oidc-provider on Node.js), installed from its lockfile
+OIDC_PROVIDER := tests/oidc/node_modules/.package-lock.json
 
 .PHONY: run test test-vllm install install-dev lint format bench-clean clean vllm-env
 
@@ -13,7 +15,7 @@ run: $(RUNTIME_STAMP)
 
 # Two pytest workers, one test file each at a time: a serial run leaves a core idle while tests wait on
 # the servers, agents and browser they start (measured: 19 CPU-minutes in 21 minutes of wall time).
-test: $(DEV_STAMP)
+test: $(DEV_STAMP) $(OIDC_PROVIDER)
 	scripts/ensure-chromium.sh
 	scripts/ensure-slurm.sh
 	$(BIN)/ruff check .
@@ -46,6 +48,8 @@ vllm-env: $(RUNTIME_STAMP)
 # that reason): building it and starting vLLM cost minutes of this CPU. This builds it first, then runs that test.
 test-vllm: $(DEV_STAMP) vllm-env
 	$(BIN)/python -m pytest tests/unit/test_vllm_engine.py tests/e2e/test_vllm_agent.py
+$(OIDC_PROVIDER): tests/oidc/package.json tests/oidc/package-lock.json
+	npm ci --prefix tests/oidc --no-audit --no-fund
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check .

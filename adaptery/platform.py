@@ -9,6 +9,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import select
 
@@ -28,12 +29,13 @@ from adaptery.engine.loading import load_tokenizer
 from adaptery.messaging.credentials import parse_token
 from adaptery.messaging.server import CONTROL_USER, FabricListener, NatsServer
 from adaptery.services import agents as agent_records
-from adaptery.services import blob_refs, datasets, enrollment, finetuning, models, tenants
+from adaptery.services import blob_refs, datasets, enrollment, finetuning, models, sso, tenants
 from adaptery.services.control_plane import ControlPlane
 from adaptery.services.errors import NotFound
 from adaptery.services.fair_tasks import FairTasks
 from adaptery.services.inference import Inference
 from adaptery.services.inference_router import InferenceRouter
+from adaptery.services.oidc import OidcClient
 from adaptery.services.queue import JobQueue
 from adaptery.settings import Settings
 from adaptery.storage.blobs import BlobStore, make_scratch
@@ -94,6 +96,13 @@ class Platform:
             tenant_concurrency=settings.job_tenant_concurrency,
             checkpoint_every_steps=settings.job_checkpoint_every_steps,
         )
+        # OpenID Connect providers' discovery documents and keys, cached for every sign-in of this process
+        self.oidc = OidcClient(
+            httpx.Client(timeout=settings.oidc_http_timeout_seconds),
+            clock_skew_seconds=settings.oidc_clock_skew_seconds,
+            metadata_seconds=settings.oidc_metadata_seconds,
+            jwks_refresh_seconds=settings.oidc_jwks_refresh_seconds,
+        )
         self.nats: NatsServer | None = None
         self.control: ControlPlane | None = None
         self._agent_link: AgentLink | None = None
@@ -110,6 +119,7 @@ class Platform:
         """Migrate, register base models and, on the very first start, create the owner's tenant."""
         self.db.migrate()
         with self.db.system() as s:
+            sso.sync_settings_providers(s, self.settings.oidc_providers)
             if self.settings.demo_model:
                 path = ensure_demo_model(self.settings.models_dir)
                 models.register_base_model(s, DEMO_MODEL_ID, str(path), offline=True)
@@ -354,5 +364,6 @@ class Platform:
             self.control.stop()
         if self.nats is not None:
             self.nats.stop()
+        self.oidc.http.close()
         self.db.dispose()
         shutil.rmtree(self.scratch, ignore_errors=True)

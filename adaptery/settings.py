@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -43,6 +43,21 @@ class ClientSettings(BaseSettings):
     api_key: SecretStr | None = Field(
         None, validation_alias=AliasChoices("ADAPTERY_API_KEY", "OPENAI_API_KEY"), description="The caller's API key."
     )
+
+
+class OidcProviderSettings(BaseModel):
+    """An OpenID Connect provider from the settings (`ADAPTERY_OIDC_PROVIDERS`, a JSON list of these)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Short name: the sign-in URL's /auth/oidc/<name>/start, and what tenants bind.")
+    issuer: str = Field(description="The provider's issuer URL (its discovery document is <issuer>/.well-known/…).")
+    client_id: str
+    client_secret: SecretStr | None = Field(None, description="None: a public client (PKCE alone).")
+    display_name: str = Field("", description="What the sign-in button says; default: the name.")
+    scopes: list[str] = Field(default_factory=lambda: ["openid", "email", "profile", "groups"])
+    groups_claim: str = Field("groups", description="The claim listing the person's groups.")
+    username_claim: str = Field("preferred_username", description="The claim a new person's username comes from.")
 
 
 class Settings(KernelSettings):
@@ -271,6 +286,26 @@ class Settings(KernelSettings):
     )
     login_failure_window_seconds: float = Field(3600.0, description="Failures older than this are forgotten.")
     platform_session_minutes: float = Field(15.0, description="How long a platform-administration step-up lasts.")
+    oidc_providers: list[OidcProviderSettings] = Field(
+        default_factory=list,
+        description='OpenID Connect providers, as JSON: [{"name", "issuer", "client_id", "client_secret", ...}]. '
+        "Platform admins add more through the API; either way a provider signs people in to a tenant only once "
+        "a platform admin binds it to that tenant.",
+    )
+    oidc_sign_in_minutes: float = Field(10.0, gt=0, description="How long a person has to finish at their provider.")
+    oidc_clock_skew_seconds: float = Field(
+        60.0, ge=0, description="Clock difference allowed when an ID token's expiry and issue time are checked."
+    )
+    oidc_metadata_seconds: float = Field(
+        3600.0, gt=0, description="How long a provider's discovery document and keys are kept before a refetch."
+    )
+    oidc_jwks_refresh_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="An ID token signed with a key we do not know refetches the provider's keys (its key rotation), "
+        "at most this often.",
+    )
+    oidc_http_timeout_seconds: float = Field(10.0, gt=0, description="Timeout of each request to a provider.")
     invitation_days: float = Field(14.0, description="How long an existing person has to accept an invitation.")
     max_json_bytes: int = Field(
         16 * 1024 * 1024,

@@ -21,6 +21,7 @@ from adaptery.api import (
     lineage,
     members,
     sharing,
+    sso,
     web,
 )
 from adaptery.api import metrics as engine_metrics
@@ -70,7 +71,7 @@ def create_app(platform: Platform, *, manage_lifecycle: bool = True) -> FastAPI:
         app.include_router(module.router)
     for module in (admin, sharing, agents, fabric, lineage):
         app.include_router(module.router)
-    for module in (conversations, members, federations):
+    for module in (conversations, members, federations, sso):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")
     return app

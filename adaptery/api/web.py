@@ -11,12 +11,16 @@ from sqlalchemy.orm import Session
 
 from adaptery.api.deps import CSRF_COOKIE, DEVICE_COOKIE, SESSION_COOKIE, platform, principal
 from adaptery.auth.principal import Principal
+from adaptery.auth.secrets import hash_token
 from adaptery.engine.loading import ModelNotAvailable
 from adaptery.platform import Platform
-from adaptery.services import audit, catalog, sessions, tenants
+from adaptery.services import audit, catalog, sessions, sso, tenants
 from adaptery.services.errors import ServiceError, Unauthenticated
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "web" / "static"
+# Ties a sign-in through an identity provider to the browser that started it. SameSite=Lax, not Strict: the
+# provider sends the browser back with a cross-site top-level GET, which must carry it.
+OIDC_COOKIE = "adaptery_oidc"
 router = APIRouter(tags=["web"])
 
 
@@ -51,6 +55,7 @@ def _me(s: Session, who: Principal) -> dict:
         "platform_admin_until": int(platform_until) if platform_until else None,
         "can_administer_platform": sessions.may_step_up(s, who.user_id),
         "has_password": sessions.has_password(s, who.user_id),
+        "sign_in_method": sessions.sign_in_method(s, who),
         "tenants": [{"id": t.id, "name": t.name, "role": t.role} for t in sessions.tenants_of(s, who.user_id)],
         "invitations": len(tenants.invitations_for(s, who.user_id)),
     }
@@ -105,6 +110,83 @@ def _ip(request: Request) -> str | None:
     return request.client.host if request.client else None
 
 
+class SignInChoice(BaseModel):
+    name: str
+    display_name: str
+    start_url: str
+
+
+class SignInChoices(BaseModel):
+    object: str = "list"
+    data: list[SignInChoice]
+
+
+@router.get("/api/auth/providers")
+def sign_in_providers(p: Platform = Depends(platform)) -> SignInChoices:
+    """The identity providers the sign-in page offers (those some tenant trusts)."""
+    with p.db.system() as s:
+        choices = sso.sign_in_choices(s)
+        data = [SignInChoice(name=c.name, display_name=c.display_name, start_url=f"/auth/oidc/{c.name}/start")
+                for c in choices]  # fmt: skip
+    return SignInChoices(data=data)
+
+
+@router.get("/auth/oidc/{provider}/start", include_in_schema=False)
+def sso_start(provider: str, request: Request, tenant: str | None = None, p: Platform = Depends(platform)) -> Response:
+    """Off to the identity provider (authorization code with PKCE, state and nonce); `tenant`: where to land."""
+    try:
+        with p.db.system() as s:
+            started = sso.start(s, p.oidc, p.settings, p.master_keys, provider[:64], tenant[:64] if tenant else None)
+    except ServiceError as refused:
+        return RedirectResponse(f"/?sso={refused.code or 'unavailable'}", status_code=303)
+    response = RedirectResponse(started.url, status_code=303)
+    response.set_cookie(
+        OIDC_COOKIE,
+        started.browser_token,
+        max_age=int(p.settings.oidc_sign_in_minutes * 60),
+        httponly=True,
+        samesite="lax",
+        secure=request.url.scheme == "https",
+        path=sso.CALLBACK_PATH,
+    )
+    return response
+
+
+@router.get(sso.CALLBACK_PATH, include_in_schema=False)
+def sso_callback(
+    request: Request,
+    state: str | None = None,
+    code: str | None = None,
+    error: str | None = None,
+    iss: str | None = None,
+    p: Platform = Depends(platform),
+) -> Response:
+    """The identity provider's answer: a session here, or back to the sign-in page with why not."""
+    outcome = sso.finish(
+        p.db,
+        p.oidc,
+        p.settings,
+        p.master_keys,
+        state=state[:512] if state else None,
+        code=code[:4096] if code else None,
+        error=error[:128] if error else None,
+        issuer=iss[:512] if iss else None,
+        browser_token=request.cookies.get(OIDC_COOKIE),
+        ip=_ip(request),
+    )
+    if outcome.new is None:
+        reason = (outcome.refusal.code if outcome.refusal else None) or "refused"
+        return RedirectResponse(f"/?sso={reason}", status_code=303)
+    previous = request.cookies.get(SESSION_COOKIE)
+    if previous:  # whatever session this browser held before ends: the new one shares nothing with it
+        with p.db.system() as s:
+            sessions.end_by_token_hash(s, hash_token(previous))
+    response = RedirectResponse("/", status_code=303)
+    response.delete_cookie(OIDC_COOKIE, path=sso.CALLBACK_PATH)
+    _set_cookies(response, request, outcome.new, p)
+    return response
+
+
 @router.post("/api/auth/login")
 def login(body: LoginRequest, request: Request, response: Response, p: Platform = Depends(platform)) -> dict:
     with p.db.system() as s:
@@ -124,13 +206,29 @@ def login(body: LoginRequest, request: Request, response: Response, p: Platform 
         return _me(s, outcome.principal)
 
 
-@router.post("/api/auth/logout", status_code=204)
+class SignOut(BaseModel):
+    object: str = "sign_out"
+    end_session_url: str = Field(description="Go here to end the identity provider's session too")
+
+
+@router.post(
+    "/api/auth/logout",
+    status_code=204,
+    responses={200: {"model": SignOut, "description": "Signed out here; the provider's session ends at the URL"}},
+)
 def logout(who: Principal = Depends(principal), p: Platform = Depends(platform)) -> Response:
+    """End this session. One opened through an identity provider that offers RP-initiated logout answers 200
+    with the URL that ends the provider's session too (the page goes there)."""
     with p.db.system() as s:
-        if who.session_id:
-            sessions.logout(s, who.session_id)
-        audit.record(s, who, "auth.sign_out", target=who.username)
+        record = sessions.logout(s, who.session_id) if who.session_id else None
+        end_session = sso.end_session_url(s, p.oidc, p.settings, p.master_keys, record)
+        detail = None
+        if record is not None:
+            detail = {"method": record.sign_in_method or sessions.PASSWORD, "provider_logout": bool(end_session)}
+        audit.record(s, who, "auth.sign_out", target=who.username, detail=detail)
     response = Response(status_code=204)
+    if end_session:
+        response = Response(SignOut(end_session_url=end_session).model_dump_json(), media_type="application/json")
     response.delete_cookie(SESSION_COOKIE, path="/")
     response.delete_cookie(CSRF_COOKIE, path="/")
     return response

@@ -151,6 +151,16 @@ ROUTES: dict[str, Permission | None] = {
     "POST /api/fabric/renew": PUBLIC,
     "GET /metrics": PLATFORM_ADMIN,  # platform-wide counters, not labelled by tenant
     "PUT /api/platform/tenants/{tenant_id}/limits": PLATFORM_ADMIN,
+    # Single sign-on: providers are the platform's, bound to tenants by platform admins; rules and the sign-in
+    # policy are each tenant's. The sign-in page lists the providers anyone may start with.
+    "GET /api/auth/providers": PUBLIC,
+    "GET /api/platform/identity-providers": PLATFORM_ADMIN,
+    "POST /api/platform/identity-providers": PLATFORM_ADMIN,
+    "DELETE /api/platform/identity-providers/{name}": PLATFORM_ADMIN,
+    "PUT /api/platform/tenants/{tenant_id}/identity-providers": PLATFORM_ADMIN,
+    "GET /api/admin/sso": TENANT_ADMIN,
+    "PUT /api/admin/sso/rules": TENANT_ADMIN,
+    "PUT /api/admin/sso/policy": TENANT_ADMIN,
 }
 
 # Role checks inside handlers (on top of the route's permission), kept for the routers that call them.

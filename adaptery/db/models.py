@@ -133,6 +133,12 @@ class WebSession(TenantOwned, Base):
     expires_at: Mapped[float] = mapped_column(Float)
     via_link: Mapped[bool] = mapped_column(Boolean, default=False)  # opened by a one-time link, not a password
     platform_until: Mapped[float | None] = mapped_column(Float)  # platform administration (step-up) until then
+    # How the person proved who they are: password, link or sso (None: before SSO existed, read as password).
+    sign_in_method: Mapped[str | None] = mapped_column(String(16))
+    identity_provider_id: Mapped[str | None] = mapped_column(
+        String(40), ForeignKey("identity_providers.id", ondelete="CASCADE")
+    )
+    id_token: Mapped[str | None] = mapped_column(Text)  # the provider's ID token: the hint of RP-initiated logout
 
 
 class File(TenantOwned, Base):
@@ -495,3 +501,85 @@ class FederationSite(TenantOwned, Base):
     public_key: Mapped[str] = mapped_column(Text)
     fingerprint: Mapped[str] = mapped_column(String(64))  # sha256 of the key's wire bytes, hex: compare out of band
     created_at: Mapped[float] = mapped_column(Float, default=now)
+class IdentityProvider(Base):
+    """An OpenID Connect provider people sign in with (`services.sso`). Platform-wide: platform admins add
+    them (or `ADAPTERY_OIDC_PROVIDERS` does, `managed_by_settings`), and bind each to the tenants that trust it.
+    A client secret given through the API is kept sealed under the master key; a settings one stays there."""
+
+    __tablename__ = "identity_providers"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    display_name: Mapped[str] = mapped_column(String(128), default="")
+    issuer: Mapped[str] = mapped_column(String(512))
+    client_id: Mapped[str] = mapped_column(String(255))
+    secret_sealed: Mapped[str | None] = mapped_column(Text)  # base64 of AES-GCM under the master key
+    secret_key_id: Mapped[str | None] = mapped_column(String(32))  # which master key sealed it
+    scopes: Mapped[list[Any]] = mapped_column(JSON)
+    groups_claim: Mapped[str] = mapped_column(String(64), default="groups")
+    username_claim: Mapped[str] = mapped_column(String(64), default="preferred_username")
+    managed_by_settings: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+
+
+class TenantIdentityProvider(TenantOwned, Base):
+    """A tenant trusts a provider: its people may sign in there, by the tenant's role rules."""
+
+    __tablename__ = "tenant_identity_providers"
+    __table_args__ = (UniqueConstraint("tenant_id", "provider_id"),)
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    provider_id: Mapped[str] = mapped_column(String(40), ForeignKey("identity_providers.id", ondelete="CASCADE"))
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+
+
+class SsoRoleRule(TenantOwned, Base):
+    """A tenant admin's rule: people whose provider lists this group get this role (the highest rule wins)."""
+
+    __tablename__ = "sso_role_rules"
+    __table_args__ = (UniqueConstraint("tenant_id", "provider_id", "group_name"),)
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    provider_id: Mapped[str] = mapped_column(String(40), ForeignKey("identity_providers.id", ondelete="CASCADE"))
+    group_name: Mapped[str] = mapped_column(String(255))
+    role: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+
+
+class SsoIdentity(Base):
+    """A person as a provider knows them: (provider, subject) is the only thing that links a sign-in to a
+    user; an email or username the provider asserts never does."""
+
+    __tablename__ = "sso_identities"
+    __table_args__ = (UniqueConstraint("provider_id", "subject"),)
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    provider_id: Mapped[str] = mapped_column(String(40), ForeignKey("identity_providers.id", ondelete="CASCADE"))
+    subject: Mapped[str] = mapped_column(String(255))
+    user_id: Mapped[str] = mapped_column(String(40), ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    email: Mapped[str | None] = mapped_column(String(320))  # as last asserted: shown, never trusted
+    groups: Mapped[list[Any] | None] = mapped_column(JSON)  # as last asserted
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+    last_sign_in_at: Mapped[float | None] = mapped_column(Float)
+
+
+class OidcSignIn(Base):
+    """A sign-in on its way through a provider: the `state` (hashed) it must come back with, the browser it
+    must come back to (the hash of a cookie), the `nonce` the ID token must carry and the PKCE verifier.
+    Used once; expires in minutes."""
+
+    __tablename__ = "oidc_sign_ins"
+    state_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    browser_hash: Mapped[str] = mapped_column(String(64))
+    provider_id: Mapped[str] = mapped_column(String(40), ForeignKey("identity_providers.id", ondelete="CASCADE"))
+    tenant_id: Mapped[str | None] = mapped_column(String(40), ForeignKey("tenants.id", ondelete="CASCADE"))
+    nonce: Mapped[str] = mapped_column(String(64))
+    code_verifier: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+    expires_at: Mapped[float] = mapped_column(Float, index=True)
+
+
+class TenantSignInPolicy(Base):
+    """How a tenant's people may sign in to it besides its providers (no row: passwords and links allowed)."""
+
+    __tablename__ = "tenant_sign_in_policies"
+    tenant_id: Mapped[str] = mapped_column(String(40), ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    password_sign_in: Mapped[bool] = mapped_column(Boolean, default=True)
+    link_sign_in: Mapped[bool] = mapped_column(Boolean, default=True)
+    updated_at: Mapped[float] = mapped_column(Float, default=now)

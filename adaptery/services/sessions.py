@@ -11,6 +11,9 @@ The identity model:
 - A session belongs to one tenant; switching to another tenant of the same person opens a new session there.
 - Platform administration is never inherited by a tenant session: a platform admin steps up with their
   password (`elevate`), for `platform_session_minutes`, and only that session carries it.
+- A session remembers how it was opened (password, link, or sso through which provider), and a tenant decides
+  which of these it accepts (`sign_in_policy`; single sign-on is `services.sso`): a tenant that turned passwords
+  off is entered neither by a password sign-in nor by switching into it from a password session.
 
 Failed sign-ins are throttled per (account, source), per source and per account, each with its own
 threshold and a lock that doubles with every further failure: a guesser spread over many sources still meets
@@ -88,7 +91,22 @@ def _principal(session: Session, user: m.User, record: m.WebSession) -> Principa
     )
 
 
-def _open(session: Session, user: m.User, tenant_id: str, settings: Settings, *, via_link: bool) -> NewSession:
+PASSWORD, LINK, SSO = "password", "link", "sso"
+
+
+def open_session(
+    session: Session,
+    user: m.User,
+    tenant_id: str,
+    settings: Settings,
+    *,
+    method: str,
+    provider_id: str | None = None,
+    id_token: str | None = None,
+    fresh_link: bool = False,
+) -> NewSession:
+    """A new session (a new token and CSRF token: nothing a browser held before is reused). `fresh_link`: opened
+    by a one-time link just now, so it may set a password without the current one for a while."""
     token, csrf = random_token(40), random_token(32)
     record = m.WebSession(
         id=new_id("sess_"),
@@ -97,11 +115,47 @@ def _open(session: Session, user: m.User, tenant_id: str, settings: Settings, *,
         token_hash=hash_token(token),
         csrf_token=csrf,
         expires_at=time.time() + settings.session_hours * 3600,
-        via_link=via_link,
+        via_link=fresh_link,
+        sign_in_method=method,
+        identity_provider_id=provider_id,
+        id_token=id_token,
     )
     session.add(record)
     session.flush()
     return NewSession(token, csrf, _principal(session, user, record))
+
+
+@dataclass(frozen=True)
+class SignInPolicy:
+    password_sign_in: bool = True
+    link_sign_in: bool = True
+
+
+def sign_in_policy(session: Session, tenant_id: str) -> SignInPolicy:
+    row = session.get(m.TenantSignInPolicy, tenant_id)
+    return SignInPolicy(row.password_sign_in, row.link_sign_in) if row else SignInPolicy()
+
+
+def tenant_accepts(session: Session, tenant_id: str, method: str | None, provider_id: str | None) -> bool:
+    """Whether a tenant lets in a person who proved themself this way (None: a session from before SSO, opened
+    with a password or a link)."""
+    if method == SSO:
+        return provider_id is not None and (
+            session.scalar(
+                select(m.TenantIdentityProvider.id).where(
+                    m.TenantIdentityProvider.tenant_id == tenant_id, m.TenantIdentityProvider.provider_id == provider_id
+                )
+            )
+            is not None
+        )
+    policy = sign_in_policy(session, tenant_id)
+    return policy.link_sign_in if method == LINK else policy.password_sign_in
+
+
+def uses_sso(session: Session, user_id: str) -> bool:
+    """A person provisioned by an identity provider: they prove themself there, never with a local password
+    or link (one would let them, or whoever holds it, in after the provider stopped vouching for them)."""
+    return session.scalar(select(m.SsoIdentity.id).where(m.SsoIdentity.user_id == user_id).limit(1)) is not None
 
 
 # -- throttling -------------------------------------------------------------------------------------------
@@ -208,12 +262,20 @@ def login(
     user = check_password(session, username, password, settings, ip=ip, device=device)
     if not isinstance(user, m.User):
         return user
-    membership = session.scalar(
+    memberships = session.scalars(
         select(m.Membership).where(m.Membership.user_id == user.id).order_by(m.Membership.created_at)
-    )
-    if membership is None:  # removed from every tenant: reads as any other refusal
+    ).all()
+    if not memberships:  # removed from every tenant: reads as any other refusal
         return _invalid_credentials()
-    opened = _open(session, user, membership.tenant_id, settings, via_link=False)
+    tenant_id = next(
+        (ms.tenant_id for ms in memberships if tenant_accepts(session, ms.tenant_id, PASSWORD, None)), None
+    )
+    if tenant_id is None:  # the password was right (so this says nothing to a guesser): the tenant wants SSO
+        return PermissionDenied(
+            "Your organisation turned password sign-in off: sign in with its identity provider.",
+            code="password_sign_in_disabled",
+        )
+    opened = open_session(session, user, tenant_id, settings, method=PASSWORD)
     if device is None:
         opened = replace(opened, device_token=_new_device(session, user.username, settings))
     return opened
@@ -228,7 +290,7 @@ def consume_login_link(session: Session, token: str, settings: Settings) -> NewS
     member = session.scalar(
         select(m.Membership).where(m.Membership.user_id == user.id, m.Membership.tenant_id == record.tenant_id)
     )
-    if member is None:
+    if member is None or uses_sso(session, user.id) or not tenant_accepts(session, record.tenant_id, LINK, None):
         raise invalid
     if record.purpose != "reset":  # a setup link holds only while its person has set nothing up anywhere
         memberships = session.scalar(
@@ -237,7 +299,7 @@ def consume_login_link(session: Session, token: str, settings: Settings) -> NewS
         if user.password_hash is not None or memberships > 1:
             raise invalid
     record.used_at = time.time()
-    return _open(session, user, record.tenant_id, settings, via_link=True)
+    return open_session(session, user, record.tenant_id, settings, method=LINK, fresh_link=True)
 
 
 def _live_record(session: Session, token: str) -> m.WebSession:
@@ -269,10 +331,21 @@ def _session_device(record: m.WebSession) -> str:
     return f"session:{record.id}"
 
 
-def logout(session: Session, session_id: str) -> None:
+def logout(session: Session, session_id: str) -> m.WebSession | None:
+    """End a session; returns it (how it was signed in decides whether the provider's session ends too)."""
     record = session.get(m.WebSession, session_id)
     if record is not None:
         session.delete(record)
+    return record
+
+
+def end_by_token_hash(session: Session, token_hash: str) -> None:
+    session.execute(delete(m.WebSession).where(m.WebSession.token_hash == token_hash))
+
+
+def sign_in_method(session: Session, who: Principal) -> str | None:
+    record = session.get(m.WebSession, who.session_id) if who.session_id else None
+    return (record.sign_in_method or PASSWORD) if record else None
 
 
 def change_password(
@@ -339,8 +412,24 @@ def switch_tenant(session: Session, who: Principal, tenant_id: str, settings: Se
     )
     if member is None:
         raise NotFound(f"You are not a member of a tenant '{tenant_id}'.", param="tenant_id")
+    if not tenant_accepts(session, tenant_id, record.sign_in_method, record.identity_provider_id):
+        raise PermissionDenied(
+            "That tenant does not accept the way you signed in (its passwords are off, or it does not trust your "
+            "identity provider): sign out and sign in there the way it asks.",
+            param="tenant_id",
+            code="sign_in_method_refused",
+        )
     session.delete(record)
-    return _open(session, user, tenant_id, settings, via_link=False)
+    method = record.sign_in_method or PASSWORD
+    return open_session(
+        session,
+        user,
+        tenant_id,
+        settings,
+        method=method,
+        provider_id=record.identity_provider_id,
+        id_token=record.id_token,
+    )
 
 
 def tenants_of(session: Session, user_id: str) -> list[TenantRef]:

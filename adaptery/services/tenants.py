@@ -15,6 +15,7 @@ from adaptery.db import models as m
 from adaptery.db.ids import new_id, random_token
 from adaptery.services import keys
 from adaptery.services.errors import Conflict, InvalidRequest, NotFound
+from adaptery.services.sessions import uses_sso
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
@@ -266,6 +267,12 @@ def new_setup_link(system_session: Session, tenant_id: str, username: str, *, ho
     memberships = system_session.scalar(
         select(func.count()).select_from(m.Membership).where(m.Membership.user_id == member.user.id)
     )
+    if uses_sso(system_session, member.user.id):
+        raise Conflict(
+            f"'{username}' signs in through an identity provider: a link would let someone in as them without it.",
+            param="username",
+            code="signs_in_with_sso",
+        )
     if member.user.password_hash is not None or member.user.is_platform_admin or memberships > 1:
         raise Conflict(
             f"'{username}' has set up their account (or belongs to other tenants): they sign in with their own "
@@ -289,6 +296,8 @@ def reset_link(system_session: Session, username: str, *, hours: float) -> tuple
     )
     if user is None or membership is None:
         raise NotFound(f"No person '{username}' in any tenant.", param="username")
+    if uses_sso(system_session, user.id):
+        raise Conflict(f"'{username}' signs in through an identity provider, never with a password.", param="username")
     token = create_login_token(
         system_session, tenant_id=membership.tenant_id, user_id=user.id, hours=hours, purpose="reset"
     )
@@ -320,11 +329,20 @@ def remove_member(session: Session, member: Member) -> None:
     and API keys in this tenant stop working."""
     if member.membership.role == Role.OWNER.value and _other_owners(session, member) == 0:
         raise Conflict("The last owner cannot be removed; make someone else owner first.", param="username")
+    end_membership(session, member.membership)
+
+
+def end_membership(session: Session, membership: m.Membership) -> None:
+    """A membership ends: the person's sessions, unused sign-in links and API keys in that tenant stop working.
+    (Named by tenant, so a system session ends exactly this tenant's; the tenant filter narrows a tenant one.)"""
+    tenant_id, user_id = membership.tenant_id, membership.user_id
     now = time.time()
     for key in session.scalars(
-        select(m.ApiKey).where(m.ApiKey.user_id == member.user.id, m.ApiKey.revoked_at.is_(None))
+        select(m.ApiKey).where(
+            m.ApiKey.tenant_id == tenant_id, m.ApiKey.user_id == user_id, m.ApiKey.revoked_at.is_(None)
+        )
     ):
         key.revoked_at = now
-    session.execute(delete(m.WebSession).where(m.WebSession.user_id == member.user.id))
-    session.execute(delete(m.LoginToken).where(m.LoginToken.user_id == member.user.id))
-    session.delete(member.membership)
+    session.execute(delete(m.WebSession).where(m.WebSession.tenant_id == tenant_id, m.WebSession.user_id == user_id))
+    session.execute(delete(m.LoginToken).where(m.LoginToken.tenant_id == tenant_id, m.LoginToken.user_id == user_id))
+    session.delete(membership)

@@ -193,6 +193,11 @@ def write_key_file(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def client_secret_context(provider_id: str) -> bytes:
+    """What an identity provider's client secret, sealed under the master key, is bound to."""
+    return f"adaptery oidc client secret {provider_id}".encode()
+
+
 def wrap_context(tenant_id: str, data_key_id: str) -> bytes:
     """What a wrapped data key is bound to: a key wrapped for one tenant does not open as another's."""
     return f"adaptery tenant data key|{tenant_id}|{data_key_id}".encode()

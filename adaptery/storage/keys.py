@@ -24,6 +24,7 @@ from adaptery.storage.crypto import (
     TamperedError,
     _decode_key,
     _seal,
+    client_secret_context,
     key_id,
     new_master_key_text,
     wrap_context,
@@ -97,6 +98,17 @@ def _rewrap_all(db: Database, provider: KeyProvider, new_key: bytes) -> int:
             row.master_key_id = new_id
             row.rewrapped_at = m.now()
             count += 1
+        # identity providers' client secrets are sealed under the master key too (services.sso)
+        providers = s.scalars(
+            select(m.IdentityProvider)
+            .where(m.IdentityProvider.secret_sealed.is_not(None), m.IdentityProvider.secret_key_id != new_id)
+            .with_for_update()
+        ).all()
+        for provider_row in providers:
+            context = client_secret_context(provider_row.id)
+            secret = provider.unwrap(provider_row.secret_key_id, base64.b64decode(provider_row.secret_sealed), context)
+            provider_row.secret_sealed = base64.b64encode(_seal(new_key, secret, context)).decode()
+            provider_row.secret_key_id = new_id
     return count
 
 

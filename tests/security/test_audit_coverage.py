@@ -185,6 +185,18 @@ def calls(world: World, lora_bytes: bytes, tmp_path) -> list[tuple[str, Callable
         ("PUT /api/admin/members/{username}", lambda: client.put(
             "/api/admin/members/lab-viewer", headers=owner, json={"role": "member"})),
         ("DELETE /api/admin/members/{username}", lambda: client.delete("/api/admin/members/lab-target", headers=owner)),
+        ("POST /api/platform/identity-providers", lambda: client.post(
+            "/api/platform/identity-providers", headers=platform_admin,
+            json={"name": "audited-idp", "issuer": "https://idp.example", "client_id": "c", "client_secret": "s"})),
+        ("PUT /api/platform/tenants/{tenant_id}/identity-providers", lambda: client.put(
+            f"/api/platform/tenants/{world.tenant_id}/identity-providers", headers=platform_admin,
+            json={"providers": ["audited-idp"]})),
+        ("PUT /api/admin/sso/rules", lambda: client.put("/api/admin/sso/rules", headers=owner, json={
+            "rules": [{"provider": "audited-idp", "group": "heads", "role": "admin"}]})),
+        ("PUT /api/admin/sso/policy", lambda: client.put(
+            "/api/admin/sso/policy", headers=owner, json={"password_sign_in": True, "link_sign_in": True})),
+        ("DELETE /api/platform/identity-providers/{name}", lambda: client.delete(
+            "/api/platform/identity-providers/audited-idp", headers=platform_admin)),
         ("PUT /api/platform/tenants/{tenant_id}/limits", lambda: client.put(
             f"/api/platform/tenants/{world.tenant_id}/limits", headers=platform_admin, json={"max_tokens": 100})),
         ("DELETE /v1/models/{model_id:path}", lambda: client.delete(f"/v1/models/{ids['model_id']}", headers=member)),

@@ -129,6 +129,16 @@ EXPECT: dict[str, Expect] = {
     "POST /api/fabric/renew": PUBLIC,
     "GET /api/platform/tenants": PLATFORM,
     "PUT /api/platform/tenants/{tenant_id}/limits": PLATFORM,
+    "GET /api/auth/providers": PUBLIC,
+    "GET /auth/oidc/{provider}/start": PUBLIC,
+    "GET /auth/oidc/callback": PUBLIC,
+    "GET /api/platform/identity-providers": PLATFORM,
+    "POST /api/platform/identity-providers": PLATFORM,
+    "DELETE /api/platform/identity-providers/{name}": PLATFORM,
+    "PUT /api/platform/tenants/{tenant_id}/identity-providers": PLATFORM,
+    "GET /api/admin/sso": need("admin", "admin"),
+    "PUT /api/admin/sso/rules": need("admin", "admin"),
+    "PUT /api/admin/sso/policy": need("admin", "admin"),
 }
 
 CALLERS = (

@@ -1,4 +1,4 @@
-/* Admin: members and roles (invite with a one-time link, change role, remove), usage (charts by day,
+/* Admin: members and roles (invite with a one-time link, change role, remove), single sign-on rules, usage (charts by day,
  * model and user, CSV) and limits, agents, the inference engine, the audit log (paged, filtered, CSV); every tenant for platform admins. A part whose route
  * this server does not have says so instead of failing. */
 
@@ -307,6 +307,77 @@ async function auditCard() {
   return section("Audit log", form, list, more);
 }
 
+/** Single sign-on: the identity providers this workspace trusts (a platform admin binds them), the rules that
+ * turn a provider's groups into roles here (applied at each person's next sign-in), and whether local passwords
+ * and one-time links still sign in. */
+async function ssoCard(ctx) {
+  const current = await optionalApi("/api/admin/sso");
+  if (!current) return section("Single sign-on", notAvailable("Single sign-on"));
+  const box = h("div", { id: "sso" });
+  const error = errorBox();
+  let rules = current.rules;
+
+  async function save(body, path) {
+    showError(error, null);
+    try {
+      const answer = await api(path, { method: "PUT", body });
+      rules = answer.rules;
+      draw(answer);
+      ctx.toast("Single sign-on saved.");
+    } catch (err) {
+      showError(error, err);
+    }
+  }
+
+  function draw(sso) {
+    if (!sso.providers.length) {
+      clear(box, h("p", { class: "muted" }, "This workspace trusts no identity provider yet: a platform admin binds one."));
+      return;
+    }
+    const ruleRows = rules.map((rule) => {
+      const remove = h("button", { type: "button", class: "btn btn-small btn-danger" }, "Remove");
+      remove.addEventListener("click", () => save({ rules: rules.filter((r) => r !== rule) }, "/api/admin/sso/rules"));
+      return [rule.provider, h("code", {}, rule.group), rule.role, remove];
+    });
+    const provider = h("select", { id: "sso-rule-provider" }, sso.providers.map((p) => h("option", { value: p.name }, p.display_name || p.name)));
+    const group = h("input", { type: "text", id: "sso-rule-group", maxlength: "255", placeholder: "e.g. lab-staff", spellcheck: "false" });
+    const role = h("select", { id: "sso-rule-role" }, ROLES.map((r) => h("option", { value: r, selected: r === "member" }, r)));
+    const add = h("form", { class: "inline-form", id: "sso-rule-form", novalidate: true }, field("Provider", provider), field("Group", group), field("Role", role), h("button", { type: "submit", class: "btn btn-primary", id: "sso-rule-add" }, "Add rule"));
+    add.addEventListener("submit", (event) => {
+      event.preventDefault();
+      if (!group.value.trim()) {
+        showError(error, new Error("Name the group (a value of the provider's groups claim)."));
+        return;
+      }
+      save({ rules: [...rules, { provider: provider.value, group: group.value.trim(), role: role.value }] }, "/api/admin/sso/rules");
+    });
+    const password = h("input", { type: "checkbox", id: "sso-password-sign-in", checked: sso.password_sign_in });
+    const link = h("input", { type: "checkbox", id: "sso-link-sign-in", checked: sso.link_sign_in });
+    const policy = h(
+      "form",
+      { class: "inline-form", id: "sso-policy-form", novalidate: true },
+      h("label", { class: "check" }, password, " Passwords sign in"),
+      h("label", { class: "check" }, link, " One-time links sign in"),
+      h("button", { type: "submit", class: "btn", id: "sso-policy-save" }, "Save"),
+    );
+    policy.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      if (!(password.checked && link.checked) && !(await confirmDialog({ title: "Turn local sign-in off?", message: "Sessions opened that way end at once, yours too if you signed in with a password.", confirm: "Turn off", danger: true }))) return;
+      save({ password_sign_in: password.checked, link_sign_in: link.checked }, "/api/admin/sso/policy");
+    });
+    clear(
+      box,
+      h("p", { class: "muted" }, "Trusted identity providers: ", sso.providers.map((p) => p.display_name || p.name).join(", "), ". People signing in through one get the highest role of their groups' rules, at each sign-in; with none, no access (their sessions and keys here end)."),
+      table(["Provider", "Group", "Role", ""], ruleRows, { caption: "Group → role rules", empty: "No rules: nobody signs in through a provider yet." }),
+      add,
+      policy,
+    );
+  }
+
+  draw(current);
+  return h("section", { class: "card", id: "sso-card" }, h("h2", { class: "card-title" }, "Single sign-on"), box, error);
+}
+
 async function tenantsCard() {
   const tenants = await optionalApi("/api/platform/tenants");
   if (!tenants) return section("Tenants", notAvailable("Tenants"));
@@ -358,6 +429,7 @@ export async function renderAdmin(root, ctx) {
   const rerender = () => renderAdmin(root, ctx);
   const parts = await Promise.all([
     tenantAdmin ? membersCard(ctx) : null,
+    tenantAdmin ? ssoCard(ctx) : null,
     ctx.me.can_administer_platform ? platformCard(ctx, rerender) : null,
     ctx.me.is_platform_admin ? tenantsCard() : null,
     agentsCard(),

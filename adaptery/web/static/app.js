@@ -100,7 +100,34 @@ function showLogin() {
   $("#login-view").hidden = false;
   const params = new URLSearchParams(location.search);
   if (params.get("link") === "invalid") showError($("#link-error"), new Error("That sign-in link is invalid, already used or expired. Ask for a new one, or sign in with your password."));
+  if (params.get("sso")) showError($("#sso-error"), new Error(ssoMessage(params.get("sso"))));
+  drawSignInChoices();
   $("#username").focus();
+}
+
+/** Why a sign-in through an identity provider came back refused (the reason code is in the audit log too). */
+function ssoMessage(code) {
+  const messages = {
+    no_role: "Your account at the identity provider gives you no role in any workspace here. Ask your workspace admin to add a rule for one of your groups.",
+    bad_state: "That sign-in is unknown, expired or already used. Start again.",
+    missing_state: "That sign-in is unknown, expired or already used. Start again.",
+    browser_mismatch: "That sign-in was started in another browser. Start again here.",
+    provider_error: "The identity provider did not sign you in.",
+    provider_not_found: "That identity provider is not configured here.",
+  };
+  return messages[code] || `Single sign-on failed (${code}). Try again, or ask your workspace admin.`;
+}
+
+async function drawSignInChoices() {
+  let choices = [];
+  try {
+    choices = (await api("/api/auth/providers", { quiet401: true })).data;
+  } catch {
+    choices = [];
+  }
+  const buttons = choices.map((c) => h("a", { class: "btn btn-block", id: `sso-${c.name}`, href: c.start_url }, `Sign in with ${c.display_name || c.name}`));
+  clear($("#sso-buttons"), ...buttons);
+  $("#sso-choices").hidden = !buttons.length;
 }
 
 function showApp(me) {
@@ -114,7 +141,9 @@ function showApp(me) {
   $("#user-role").textContent = me.is_platform_admin ? `${me.role}, platform admin` : me.role;
   $("#password-username").value = me.user.username;
   $("#nav-admin").hidden = !ctx.isAdmin();
-  showPasswordForm(!me.has_password);
+  const viaSso = me.sign_in_method === "sso";  // the identity provider vouches for them: no local password
+  $("#change-password").hidden = viaSso;
+  showPasswordForm(!me.has_password && !viaSso);
   const switcher = $("#tenant-switch");
   switcher.hidden = (me.tenants || []).length < 2;
   clear(switcher, ...(me.tenants || []).map((t) => h("option", { value: t.id, selected: t.id === me.tenant.id }, `${t.name} (${t.role})`)));
@@ -159,7 +188,11 @@ async function onLogin(event) {
 
 async function onLogout() {
   try {
-    await api("/api/auth/logout", { method: "POST" });
+    const out = await api("/api/auth/logout", { method: "POST" });
+    if (out && out.end_session_url) {  // signed in through a provider that ends its own session too
+      location.assign(out.end_session_url);
+      return;
+    }
   } finally {
     location.hash = "";
     showLogin();

@@ -8,7 +8,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0015_federations"
-down_revision = "0010_usage_ledger"
+down_revision = "0014_identity_providers"
 branch_labels = None
 depends_on = None
 
