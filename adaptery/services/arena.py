@@ -5,9 +5,9 @@ and only then see which model was which. Votes are feedback: a battle is made on
 policy collects feedback (`services.feedback`), and the votes the leaderboard counts are those its reader
 may read under that policy.
 
-The leaderboard fits a Bradley–Terry model to the votes (choix's ILSR, a tie counted as half a win each
-way, a ridge prior so a handful of votes moves ratings a little and a model that never lost stays finite), on the Elo scale
-(1000 + 400·log10 of the strength), with a 95% interval from a seeded bootstrap over the battles.
+The leaderboard fits a Bradley–Terry model to the votes (choix's ILSR, a tie counted as half a win each way,
+a ridge prior so a handful of votes moves ratings a little and a model that never lost stays finite), on the
+Elo scale (1000 + 400·log10 of the strength), with a 95% interval from a seeded bootstrap over the battles.
 """
 
 from __future__ import annotations

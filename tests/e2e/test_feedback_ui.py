@@ -76,3 +76,23 @@ def test_give_feedback_vote_in_the_arena_and_build_a_dataset(journey: Journey, d
     expect(page.locator("#build-result")).to_contain_text("is ready", timeout=60_000)
     expect(page.locator("#build-result a")).to_have_text("lab-feedback")
     journey.shot("feedback-dataset")
+
+
+def test_the_cli_sets_the_policy_gives_feedback_by_completion_id_and_shows_the_leaderboard(journey: Journey) -> None:  # noqa: F811
+    server = journey.server
+    shown = server.cli("feedback", "policy", "--collect", "all")
+    assert shown.returncode == 0, shown.stderr
+    assert "collect: all" in shown.stdout and "Every chat completion" in shown.stdout
+    made = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {server.api_key}"},
+        json={"model": "adaptery-demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+        timeout=60,
+    )
+    given = server.cli("feedback", "give", made.json()["id"], "--rating", "1", "--reason", "fine")
+    assert given.returncode == 0, given.stderr
+    assert "Feedback fb_" in given.stdout
+    unknown = server.cli("feedback", "give", "chatcmpl-unknown", "--rating", "1")
+    assert unknown.returncode == 1 and "Error 404" in unknown.stderr
+    board = server.cli("feedback", "leaderboard", "adaptery-demo")
+    assert board.returncode == 0 and "1 vote(s)" in board.stdout
