@@ -42,7 +42,6 @@ from adaptery.data.untrusted import LineTooLong, RecordLimits, UntrustedJSONErro
 
 FORMATS = (
     "openai-chat",
-    "openai-preference",
     "alpaca",
     "sharegpt",
     "documents",
@@ -51,6 +50,7 @@ FORMATS = (
     "csv",
     "tsv",
     "parquet",
+    "openai-preference",
 )
 SNIFF_BYTES = 16 * 1024  # how much of a file detection reads
 _OPENS, _CLOSES = ("start_map", "start_array"), ("end_map", "end_array")
