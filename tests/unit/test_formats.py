@@ -398,7 +398,8 @@ def test_detection_uses_the_uploaded_name_over_the_stored_path(tmp_path):
             '{"foo": 1, "id": 2}\n',
             "cannot tell the dataset format: the first record has keys foo, id; expected 'messages' (openai-chat), "
             "'conversations' (sharegpt), 'instruction'/'output' (alpaca) or 'text' (documents). Give the format "
-            "explicitly (openai-chat, alpaca, sharegpt, documents, text-lines, text-document, csv, tsv, parquet, openai-preference)",
+            "explicitly (openai-chat, alpaca, sharegpt, documents, text-lines, text-document, csv, tsv, parquet, "
+            "openai-preference)",
         ),
         (
             "y.json",
@@ -429,7 +430,8 @@ def test_detection_uses_the_uploaded_name_over_the_stored_path(tmp_path):
             "just some words\n",
             "cannot tell the dataset format of 'mystery': it is not JSON, its first line is not a header of known "
             "columns, and its name does not end in .jsonl, .json, .csv, .tsv or .txt. Give the format explicitly "
-            "(openai-chat, alpaca, sharegpt, documents, text-lines, text-document, csv, tsv, parquet, openai-preference)",
+            "(openai-chat, alpaca, sharegpt, documents, text-lines, text-document, csv, tsv, parquet, "
+            "openai-preference)",
         ),
     ],
 )
