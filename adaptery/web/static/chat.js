@@ -182,12 +182,19 @@ export async function renderChat(root, ctx, { args, query }) {
     h(
       "div",
       { class: "chat-layout" },
-      h("aside", { class: "sidebar", "aria-label": "Conversations" }, newChat, h("h2", { class: "sidebar-title" }, "Saved chats"), list),
+      h(
+        "aside",
+        { class: "sidebar", "aria-label": "Conversations" },
+        newChat,
+        // What the workspace collects: beside the chats (below the message box on a phone)
+        policy ? h("p", { class: "muted feedback-policy", id: "feedback-policy" }, policy.description, " ", h("a", { href: "#/feedback" }, "Your feedback…")) : null,
+        h("h2", { class: "sidebar-title" }, "Saved chats"),
+        list,
+      ),
       h(
         "section",
         { class: "chat-main", "aria-label": "Chat" },
         h("div", { class: "toolbar" }, picker, h("a", { class: "btn btn-quiet btn-small", href: "#/compare" }, "Compare two models…")),
-        policy ? h("p", { class: "muted feedback-policy", id: "feedback-policy" }, policy.description) : null,
         settings.panel,
         messages,
         composer,

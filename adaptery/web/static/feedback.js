@@ -29,7 +29,7 @@ export async function renderArena(root, ctx) {
     root,
     h("h1", { class: "page-title" }, "Arena"),
     h("p", { class: "muted page-intro" }, "The same message goes to two models of one base (the base, or your adapters on it), shown blind. Pick the better answer, or a tie: the names appear after your vote, and the vote counts in the leaderboard."),
-    policyLine(policy),
+    h("p", { class: "muted feedback-policy", id: "feedback-policy" }, policy.description, " ", h("a", { href: "#/feedback" }, "Collected feedback and datasets…")),
     form,
     h("div", { class: "compare-grid" }, columns.a, columns.b),
     votes,
