@@ -17,7 +17,7 @@ const PAGES = {
   arena: () => import("/static/feedback.js").then((m) => m.renderArena),
   feedback: () => import("/static/feedback.js").then((m) => m.renderFeedback),
 };
-const NAV_OF = { jobs: "fine-tune", feedback: "arena" };
+const NAV_OF = { jobs: "fine-tune" };
 
 const state = { me: null, catalog: null, cleanup: null, renderId: 0 };
 

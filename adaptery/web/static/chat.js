@@ -194,7 +194,7 @@ export async function renderChat(root, ctx, { args, query }) {
       h(
         "section",
         { class: "chat-main", "aria-label": "Chat" },
-        h("div", { class: "toolbar" }, picker, h("a", { class: "btn btn-quiet btn-small", href: "#/compare" }, "Compare two models…")),
+        h("div", { class: "toolbar" }, picker, h("a", { class: "btn btn-quiet btn-small", href: "#/compare" }, "Compare two models…"), h("a", { class: "btn btn-quiet btn-small", href: "#/arena", id: "open-arena" }, "Blind arena…")),
         settings.panel,
         messages,
         composer,
@@ -529,7 +529,7 @@ export async function renderCompare(root, ctx, { query }) {
     h("section", { class: "compare-col card", id: `compare-col-${side}`, "aria-live": "polite", dataset: { done: "true" } }, h("h2", { class: "compare-model" }, `Model ${side.toUpperCase()}`), h("div", { class: "content" }, h("p", { class: "muted" }, "The answer appears here.")), h("p", { class: "message-meta muted" }));
   const columns = { a: column("a"), b: column("b") };
   const form = h("form", { class: "card compare-form", novalidate: true }, h("div", { class: "compare-pickers" }, pickA, pickB), settings.panel, field("Message", prompt), h("div", { class: "composer-bar" }, error, h("div", { class: "composer-buttons" }, stop, run)));
-  clear(root, h("h1", { class: "page-title" }, "Compare two models"), h("p", { class: "muted page-intro" }, "Send one message to two models (say the base and your adapter) and watch both answers stream side by side."), form, h("div", { class: "compare-grid" }, columns.a, columns.b));
+  clear(root, h("h1", { class: "page-title" }, "Compare two models"), h("p", { class: "muted page-intro" }, "Send one message to two models (say the base and your adapter) and watch both answers stream side by side. ", h("a", { href: "#/arena" }, "Compare them blind in the arena…")), form, h("div", { class: "compare-grid" }, columns.a, columns.b));
 
   let controller = null;
   async function stream(side, model, payload) {
