@@ -13,10 +13,12 @@ from adaptery.api import (
     adapters,
     admin,
     agents,
+    arena,
     conversations,
     datasets,
     fabric,
     federations,
+    feedback,
     keys,
     lineage,
     members,
@@ -71,7 +73,7 @@ def create_app(platform: Platform, *, manage_lifecycle: bool = True) -> FastAPI:
         app.include_router(module.router)
     for module in (admin, sharing, agents, fabric, lineage):
         app.include_router(module.router)
-    for module in (conversations, members, federations, sso):
+    for module in (conversations, members, federations, sso, feedback, arena):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")
     return app

@@ -43,6 +43,9 @@ MODELS_DOWNLOAD = _perm("models.download", Scope.MODELS, role=Role.MEMBER)
 INFER = _perm("inference", Scope.INFERENCE)
 # A user's own saved chats in the web page (each user sees only theirs).
 CONVERSATIONS = _perm("conversations", Scope.INFERENCE)
+# Feedback on answers and the arena: whoever may chat may rate; reading is narrowed by the tenant's feedback policy
+FEEDBACK = _perm("feedback", Scope.INFERENCE)
+FEEDBACK_DATASET = _perm("feedback.dataset", Scope.FILES, role=Role.MEMBER)
 FILES_READ = _perm("files.read", Scope.FILES, Scope.FINE_TUNING)
 FILES_WRITE = _perm("files.write", Scope.FILES, role=Role.MEMBER)
 FINE_TUNING_READ = _perm("fine_tuning.read", Scope.FINE_TUNING)
@@ -119,6 +122,20 @@ ROUTES: dict[str, Permission | None] = {
     "DELETE /api/conversations/{conversation_id}": CONVERSATIONS,
     "POST /api/conversations/{conversation_id}/messages": CONVERSATIONS,
     "DELETE /api/conversations/{conversation_id}/messages/{message_id}": CONVERSATIONS,
+    "GET /api/feedback/policy": FEEDBACK,
+    "PUT /api/feedback/policy": TENANT_ADMIN,
+    "POST /api/completions/{completion_id}/feedback": FEEDBACK,
+    "POST /api/conversations/{conversation_id}/messages/{message_id}/feedback": FEEDBACK,
+    "GET /api/conversations/{conversation_id}/feedback": FEEDBACK,
+    "GET /api/feedback": FEEDBACK,
+    "GET /api/feedback/{feedback_id}": FEEDBACK,
+    "DELETE /api/feedback/{feedback_id}": FEEDBACK,
+    "POST /api/feedback/datasets": FEEDBACK_DATASET,
+    "POST /api/arena/battles": FEEDBACK,
+    "GET /api/arena/battles/{battle_id}": FEEDBACK,
+    "POST /api/arena/battles/{battle_id}/answers/{side}": FEEDBACK,
+    "POST /api/arena/battles/{battle_id}/vote": FEEDBACK,
+    "GET /api/arena/leaderboard": FEEDBACK,
     "POST /api/admin/members": TENANT_ADMIN,
     "DELETE /api/admin/members/{username}": TENANT_ADMIN,
     "POST /api/admin/members/{username}/link": TENANT_ADMIN,

@@ -21,6 +21,7 @@ from rich.table import Table
 
 from adaptery.cli.client import api, api_key, base_url, openai_client
 from adaptery.cli.federated import federated_app
+from adaptery.cli.feedback import feedback_app
 
 app = typer.Typer(help="Adaptery: fine-tune and serve LoRA adapters on shared open LLMs.", no_args_is_help=True)
 files_app = typer.Typer(help="Upload and list files.", no_args_is_help=True)
@@ -53,6 +54,7 @@ for sub, name in (
     (island_app, "island"),
     (datasets_app, "datasets"),
     (federated_app, "federated"),
+    (feedback_app, "feedback"),
 ):
     app.add_typer(sub, name=name)
 

@@ -275,9 +275,58 @@ def is_document(record: object) -> bool:
     )
 
 
+# --- preference pairs: OpenAI's DPO form ----------------------------------------------------------------
+PREFERENCE_PARTS = ("preferred_output", "non_preferred_output")
+
+
+def is_preference(record: object) -> bool:
+    """A preference pair: `{"input": {"messages"}, "preferred_output": [...], "non_preferred_output": [...]}`."""
+    return isinstance(record, dict) and "preferred_output" in record
+
+
+def preference_errors(line: int, record: dict[str, Any]) -> list[LineError]:
+    conversation = record.get("input")
+    messages = conversation.get("messages") if isinstance(conversation, dict) else None
+    if not isinstance(messages, list) or not messages:
+        return [LineError(line, "input.messages", "must be a non-empty list of messages")]
+    errors = [
+        LineError(e.line, f"input.{e.field}", e.message)
+        for i, m in enumerate(messages)
+        for e in _message_errors(line, i, m)
+    ]
+    if not errors and messages[-1].get("role") != "user":
+        errors.append(LineError(line, "input.messages", "must end with the user's turn that the outputs answer"))
+    for part in PREFERENCE_PARTS:
+        output = record.get(part)
+        if not isinstance(output, list) or not output:
+            errors.append(LineError(line, part, "must be a non-empty list of assistant messages"))
+            continue
+        problems = [e for i, m in enumerate(output) for e in _message_errors(line, i, m, f"{part}[{i}]")]
+        if not problems and any(m.get("role") != "assistant" for m in output):
+            problems.append(LineError(line, part, "must hold only assistant messages"))
+        errors += problems
+    return errors
+
+
+def canonical_preference(record: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"input": {"messages": [canonical_message(m) for m in record["input"]["messages"]]}}
+    for part in PREFERENCE_PARTS:
+        out[part] = [canonical_message(m) for m in record[part]]
+    return out
+
+
+def conversations_of(record: dict[str, Any]) -> list[list[dict[str, Any]]]:
+    """The conversations a canonical record holds: one, or a pair's prompt with each of its two outputs."""
+    if is_preference(record):
+        return [record["input"]["messages"] + record[part] for part in PREFERENCE_PARTS]
+    return [record["messages"]]
+
+
 def record_errors(line: int, record: object) -> list[LineError]:
     if not isinstance(record, dict):
         return [LineError(line, "", "each line must be a JSON object")]
+    if is_preference(record):
+        return preference_errors(line, record)
     if "text" in record and "messages" not in record:
         return _document_errors(line, record)
     messages = record.get("messages")
@@ -335,6 +384,8 @@ def canonical_message(message: dict[str, Any]) -> dict[str, Any]:
 
 def canonical_record(record: dict[str, Any]) -> dict[str, Any]:
     """The canonical form of a record `record_errors` accepts."""
+    if is_preference(record):
+        return canonical_preference(record)
     if "text" in record and "messages" not in record:
         return {"messages": [{"role": "assistant", "content": record["text"]}], "document": True}
     if record.get("document"):

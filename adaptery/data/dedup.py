@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 from datasketch import MinHash
 
+from adaptery.data.chat import PREFERENCE_PARTS, is_preference
+
 SEED = 1
 SHINGLE_WORDS = 3
 BATCH_RECORDS = 1024
@@ -55,7 +57,11 @@ _MAX_HASH = np.uint32(0xFFFFFFFF)
 
 def tokens(record: dict[str, Any]) -> list[bytes]:
     """Role-tagged words of the record: NFKC, casefolded, split on anything but letters, digits and `_`."""
-    text = "\n".join(f"{m.get('role', '')}: {m.get('content', '')}" for m in record.get("messages", ()))
+    if is_preference(record):  # the prompt and both outputs: two pairs differ if either output does
+        messages = [*record["input"]["messages"], *(m for part in PREFERENCE_PARTS for m in record[part])]
+    else:
+        messages = record.get("messages", ())
+    text = "\n".join(f"{m.get('role', '')}: {m.get('content', '')}" for m in messages)
     if text.isascii():  # the common case, about 3× faster than the regular expression
         return text.encode().lower().translate(_ASCII_SYMBOLS_TO_SPACE).split()
     text = unicodedata.normalize("NFKC", text).casefold()

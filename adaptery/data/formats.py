@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 from jinja2 import TemplateError
 
-from adaptery.data.chat import LineError, is_document, record_errors
+from adaptery.data.chat import LineError, conversations_of, is_document, is_preference, record_errors
 from adaptery.data.chat_template import TemplateBudget, chat_text, document_ids, template_messages
 from adaptery.data.readers import FORMATS, ColumnMapping, FormatError, Record, detect_format, read_records
 from adaptery.data.untrusted import RecordLimits
@@ -35,6 +35,7 @@ PROGRESS_EVERY = 1000
 SUMMARY_ERRORS = 5
 _EXPECTED_RECORDS = {
     "openai-chat": "one JSON object per line (or a JSON array of them) with a 'messages' list",
+    "openai-preference": "one JSON object per line with 'input', 'preferred_output' and 'non_preferred_output'",
     "alpaca": "records with 'instruction' and 'output' (JSONL or a JSON array)",
     "sharegpt": "records with a 'conversations' list (JSONL or a JSON array)",
     "documents": "records with a 'text' field (JSONL or a JSON array)",
@@ -172,6 +173,8 @@ def make_token_counter(tokenizer: Any, budget: TemplateBudget) -> TokenCounter:
     templated = bool(getattr(tokenizer, "chat_template", None))
 
     def count(record: dict[str, Any]) -> int:
+        if is_preference(record):  # the longer of the pair's two conversations must fit
+            return max(count({"messages": messages}) for messages in conversations_of(record))
         if is_document(record):
             return len(document_ids(tokenizer, record["messages"][0]["content"]))
         messages = record["messages"]

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, urlsplit
 
+from adaptery.data.chat import PREFERENCE_PARTS, conversations_of, is_preference
+
 KINDS = ("email", "phone", "ip_address", "card_number", "national_id", "url_credentials")
 MARKERS = {
     "email": "[EMAIL]",
@@ -235,8 +237,18 @@ def scrub_record(record: dict[str, Any], kinds: Iterable[str] = KINDS) -> tuple[
 
 def _scrub_record(record: dict[str, Any], kinds: tuple[str, ...]) -> tuple[dict[str, Any], Counter]:
     counts: Counter = Counter()
-    messages = [{**message, "content": _scrub(message["content"], kinds, counts)} for message in record["messages"]]
-    return {**record, "messages": messages}, counts
+
+    def scrubbed(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{**message, "content": _scrub(message["content"], kinds, counts)} for message in messages]
+
+    if is_preference(record):
+        parts = {part: scrubbed(record[part]) for part in PREFERENCE_PARTS}
+        return {
+            **record,
+            "input": {**record["input"], "messages": scrubbed(record["input"]["messages"])},
+            **parts,
+        }, counts
+    return {**record, "messages": scrubbed(record["messages"])}, counts
 
 
 @dataclass
@@ -264,7 +276,7 @@ class PiiReport:
             shown = self.examples.setdefault(kind, [])
             if len(shown) >= MAX_EXAMPLES_PER_KIND:
                 continue
-            for message in redacted["messages"]:
+            for message in (m for messages in conversations_of(redacted) for m in messages):
                 content = message["content"]
                 mark = _MARKER_OF[kind].search(content)
                 if mark is None:

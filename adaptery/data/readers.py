@@ -40,7 +40,18 @@ from adaptery.data.chat import (
 )
 from adaptery.data.untrusted import LineTooLong, RecordLimits, UntrustedJSONError, bounded_lines, loads
 
-FORMATS = ("openai-chat", "alpaca", "sharegpt", "documents", "text-lines", "text-document", "csv", "tsv", "parquet")
+FORMATS = (
+    "openai-chat",
+    "alpaca",
+    "sharegpt",
+    "documents",
+    "text-lines",
+    "text-document",
+    "csv",
+    "tsv",
+    "parquet",
+    "openai-preference",
+)
 SNIFF_BYTES = 16 * 1024  # how much of a file detection reads
 _OPENS, _CLOSES = ("start_map", "start_array"), ("end_map", "end_array")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -83,6 +94,8 @@ class Record:
 def _key_format(keys: list[str] | str) -> str:
     """The format a first JSON record's top-level keys (or its JSON type, when not an object) point to."""
     if isinstance(keys, list):
+        if "preferred_output" in keys or "non_preferred_output" in keys:
+            return "openai-preference"
         if "messages" in keys:
             return "openai-chat"
         if "conversations" in keys:
@@ -487,7 +500,13 @@ def _sharegpt(line: int, unit: str, obj: Any) -> Record | list[LineError]:
     return Record(line, record, unit)
 
 
-_CONVERTERS = {"openai-chat": _chat, "alpaca": _alpaca, "sharegpt": _sharegpt, "documents": _documents}
+_CONVERTERS = {
+    "openai-chat": _chat,
+    "openai-preference": _chat,
+    "alpaca": _alpaca,
+    "sharegpt": _sharegpt,
+    "documents": _documents,
+}
 
 
 # --- plain text ----------------------------------------------------------------------------------

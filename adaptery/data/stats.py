@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from adaptery.data.chat import ROLES
+from adaptery.data.chat import ROLES, conversations_of
 from adaptery.data.dedup import text_digest, tokens
 
 HISTOGRAM_BINS = 20
@@ -36,7 +36,7 @@ def compute_stats(
     lengths: Counter = Counter()
     digests = array("Q")
     for record in records:
-        messages = record["messages"]
+        messages = conversations_of(record)[0]  # a preference pair: its prompt and preferred answer
         count += 1
         turns += len(messages)
         max_turns = max(max_turns, len(messages))

@@ -583,3 +583,68 @@ class TenantSignInPolicy(Base):
     password_sign_in: Mapped[bool] = mapped_column(Boolean, default=True)
     link_sign_in: Mapped[bool] = mapped_column(Boolean, default=True)
     updated_at: Mapped[float] = mapped_column(Float, default=now)
+class FeedbackPolicy(Base):
+    """What a tenant collects of its chats and who reads it (`services.feedback`); no row: nothing collected."""
+
+    __tablename__ = "feedback_policies"
+    tenant_id: Mapped[str] = mapped_column(String(40), ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    collect: Mapped[str] = mapped_column(String(16), default="off")  # off, feedback, all
+    readers: Mapped[str] = mapped_column(String(16), default="owners")  # admins, owners, members
+    updated_by: Mapped[str | None] = mapped_column(String(40))
+    updated_at: Mapped[float] = mapped_column(Float, default=now)
+
+
+class Completion(TenantOwned, Base):
+    """A chat completion the platform kept (policy `all`) so feedback can name it by its `chatcmpl-` id.
+    `prompt` (canonical messages, JSON) and `answers` (one text per choice, JSON) are sealed with the tenant's key."""
+
+    __tablename__ = "completions"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[str | None] = mapped_column(String(40))
+    api_key_id: Mapped[str | None] = mapped_column(String(40))
+    model: Mapped[str] = mapped_column(String(255))
+    prompt: Mapped[str] = mapped_column(Text)
+    answers: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float, default=now, index=True)
+
+
+class Feedback(TenantOwned, Base):
+    """One person's word on one answer: a rating (+1/-1) with a reason, a corrected answer, or both.
+
+    The answer it is about is kept beside it (`prompt`, `answer`, sealed), with its lineage: the kept
+    completion, or the web chat's conversation and message. One row per person and answer: giving feedback
+    again updates it."""
+
+    __tablename__ = "feedback"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    user_id: Mapped[str | None] = mapped_column(String(40), index=True)
+    completion_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    choice_index: Mapped[int] = mapped_column(Integer, default=0)
+    conversation_id: Mapped[str | None] = mapped_column(String(40))
+    message_id: Mapped[str | None] = mapped_column(String(40), index=True)
+    model: Mapped[str] = mapped_column(String(255), index=True)
+    prompt: Mapped[str] = mapped_column(Text)
+    answer: Mapped[str] = mapped_column(Text)
+    rating: Mapped[int | None] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    correction: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float, default=now, index=True)
+    updated_at: Mapped[float] = mapped_column(Float, default=now)
+
+
+class ArenaBattle(TenantOwned, Base):
+    """One prompt answered blind by two models of one base; `winner` a, b or tie once the person votes."""
+
+    __tablename__ = "arena_battles"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    user_id: Mapped[str | None] = mapped_column(String(40), index=True)
+    base_model: Mapped[str] = mapped_column(String(128), index=True)
+    model_a: Mapped[str] = mapped_column(String(255))
+    model_b: Mapped[str] = mapped_column(String(255))
+    prompt: Mapped[str] = mapped_column(Text)  # sealed canonical messages
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    answer_a: Mapped[str | None] = mapped_column(Text)  # sealed, once its stream ended
+    answer_b: Mapped[str | None] = mapped_column(Text)
+    winner: Mapped[str | None] = mapped_column(String(8))
+    voted_at: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[float] = mapped_column(Float, default=now, index=True)

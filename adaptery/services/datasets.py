@@ -38,7 +38,7 @@ from adaptery.storage.blobs import BlobStore, StoredBlob
 from adaptery.storage.crypto import DataKey
 from adaptery.training.spec import MAX_SEED
 
-OPERATIONS = ("upload", "dedup", "scrub", "split-train", "split-validation")
+OPERATIONS = ("upload", "feedback", "dedup", "scrub", "split-train", "split-validation")
 CARD_FIELDS = ("name", "description", "source", "license", "contains_protected_data")
 TokenCounter = Callable[[dict[str, Any]], int]  # a canonical record -> its tokens
 
@@ -232,6 +232,43 @@ def add_upload(
     session.add(version)
     session.flush()
     return version
+
+
+def add_feedback_version(
+    session: Session,
+    principal: Principal,
+    blob: StoredBlob,
+    *,
+    name: str,
+    kind: str,
+    model: str | None,
+    lineage: list[dict[str, Any]],
+    skipped: dict[str, int],
+    only_model: str | None = None,
+) -> tuple[m.Dataset, m.DatasetVersion]:
+    """A version made of feedback records (`services.feedback.curate`): validated like an upload, its params
+    keep where each record came from (`lineage[i]` is line i + 1 of the source)."""
+    existing = session.scalar(select(m.Dataset).where(m.Dataset.name == name.strip()))
+    card = {"source": "feedback on answers (Adaptery feedback loop)"}
+    dataset = existing or create_dataset(session, principal, name=name, card=card)
+    fmt = "openai-preference" if kind == "dpo" else "openai-chat"
+    if model is None and only_model is not None:
+        answering = session.scalar(select(m.Adapter.base_model).where(m.Adapter.id == only_model))
+        model = answering or only_model
+    params = {"format": fmt, "kind": kind, "model": model, "only_model": only_model}
+    version = m.DatasetVersion(
+        id=new_id("dsv_"),
+        dataset_id=dataset.id,
+        number=_next_number(session, dataset),
+        operation="feedback",
+        params={**{k: v for k, v in params.items() if v}, "lineage": lineage, "skipped": skipped},
+        source_filename=f"feedback-{kind}.jsonl",
+        source_sha256=blob.sha256,
+        source_bytes=blob.size,
+    )
+    session.add(version)
+    session.flush()
+    return dataset, version
 
 
 def start_operation(
@@ -434,7 +471,7 @@ def run_version(
             return tokens
 
         with blobs.writer(tenant_id) as sink:
-            if operation == "upload":
+            if operation in ("upload", "feedback"):
                 with blobs.plaintext(tenant_id, source_sha) as path:  # parsers need a path (Parquet, CSV)
                     fmt = params.get("format") or detect_format(path, source_name)
                     mapping = ColumnMapping(**params["mapping"]) if params.get("mapping") else None
@@ -480,7 +517,7 @@ def run_version(
                 }
         blob = sink.blob
         records_again = (r for _, r in iter_records(blobs, tenant_id, blob.sha256))
-        if operation == "upload":  # only records within the context were kept, in order
+        if operation in ("upload", "feedback"):  # only records within the context were kept, in order
             kept_counts = (tokens for tokens in counted if tokens <= budget.context)
             summary = stats.compute_stats(records_again, token_counts=kept_counts)
         else:

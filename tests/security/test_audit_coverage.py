@@ -125,6 +125,33 @@ def calls(world: World, lora_bytes: bytes, tmp_path) -> list[tuple[str, Callable
         csr = identity.make_csr(state["agent_key"]).decode()  # type: ignore[arg-type]
         return client.post("/api/fabric/renew", json={"certificate": enrolled["certificate"], "csr": csr})  # type: ignore[index]
 
+    def collecting() -> None:
+        client.put("/api/feedback/policy", headers=owner, json={"collect": "all"})
+
+    def completion_feedback() -> httpx.Response:
+        made = client.post("/v1/chat/completions", headers=member, json={
+            "model": "adaptery-demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+        state["feedback"] = client.post(f"/api/completions/{made.json()['id']}/feedback", headers=member,
+                                        json={"rating": 1, "correction": "hello"})
+        return state["feedback"]  # type: ignore[return-value]
+
+    def message_feedback() -> httpx.Response:
+        chat = client.post("/api/conversations", headers=member, json={}).json()["id"]
+        client.post(f"/api/conversations/{chat}/messages", headers=member, json={"role": "user", "content": "hi"})
+        answer = client.post(f"/api/conversations/{chat}/messages", headers=member,
+                             json={"role": "assistant", "content": "hello", "model": "adaptery-demo"}).json()["id"]
+        return client.post(f"/api/conversations/{chat}/messages/{answer}/feedback", headers=member,
+                           json={"rating": -1, "reason": "terse"})
+
+    def battle() -> httpx.Response:
+        made = client.post("/api/arena/battles", headers=member, json={
+            "prompt": "hi", "models": ["adaptery-demo", ids["model_id"]], "params": {"max_tokens": 4}})
+        state["battle"] = made.json()["id"]
+        return made
+
+    def answer(side: str) -> httpx.Response:
+        return client.post(f"/api/arena/battles/{state['battle']}/answers/{side}", headers=member)
+
     def dataset_op(operation: str, body: dict) -> httpx.Response:
         ready_version(world, ids["dataset_id"], 1)
         return client.post(f"/api/datasets/{ids['dataset_id']}/versions/1/{operation}", headers=owner, json=body)
@@ -157,6 +184,18 @@ def calls(world: World, lora_bytes: bytes, tmp_path) -> list[tuple[str, Callable
             json={"checkpoint": finished.checkpoint_id})),
         ("POST /api/fine_tuning/jobs/{job_id}/fork", lambda: client.post(
             f"/api/fine_tuning/jobs/{finished.job_id}/fork", headers=member, json={"training_file": ids["file_id"]})),
+        ("PUT /api/feedback/policy", lambda: client.put(
+            "/api/feedback/policy", headers=owner, json={"collect": "feedback"})),
+        ("POST /api/conversations/{conversation_id}/messages/{message_id}/feedback", message_feedback),
+        ("POST /api/completions/{completion_id}/feedback", lambda: collecting() or completion_feedback()),
+        ("POST /api/arena/battles", battle),
+        ("POST /api/arena/battles/{battle_id}/answers/{side}", lambda: answer("a") and answer("b")),
+        ("POST /api/arena/battles/{battle_id}/vote", lambda: client.post(
+            f"/api/arena/battles/{state['battle']}/vote", headers=member, json={"winner": "tie"})),
+        ("POST /api/feedback/datasets", lambda: client.post(
+            "/api/feedback/datasets", headers=owner, json={"name": "audited-feedback", "kind": "sft"})),
+        ("DELETE /api/feedback/{feedback_id}", lambda: client.delete(
+            f"/api/feedback/{state['feedback'].json()['id']}", headers=member)),  # type: ignore[attr-defined]
         ("POST /api/datasets", lambda: client.post(
             "/api/datasets", params={"filename": "u.jsonl"}, content=SAMPLE_CHAT.read_bytes(), headers=owner)),
         ("POST /api/datasets/{dataset_id}/versions", lambda: client.post(

@@ -398,7 +398,8 @@ def test_detection_uses_the_uploaded_name_over_the_stored_path(tmp_path):
             '{"foo": 1, "id": 2}\n',
             "cannot tell the dataset format: the first record has keys foo, id; expected 'messages' (openai-chat), "
             "'conversations' (sharegpt), 'instruction'/'output' (alpaca) or 'text' (documents). Give the format "
-            "explicitly (openai-chat, alpaca, sharegpt, documents, text-lines, text-document, csv, tsv, parquet)",
+            "explicitly (openai-chat, alpaca, sharegpt, documents, text-lines, text-document, csv, tsv, parquet, "
+            "openai-preference)",
         ),
         (
             "y.json",
@@ -406,7 +407,7 @@ def test_detection_uses_the_uploaded_name_over_the_stored_path(tmp_path):
             "cannot tell the dataset format: the first record is a JSON array, not an object; expected 'messages' "
             "(openai-chat), 'conversations' (sharegpt), 'instruction'/'output' (alpaca) or 'text' (documents). Give "
             "the format explicitly (openai-chat, alpaca, sharegpt, documents, text-lines, text-document, csv, tsv, "
-            "parquet)",
+            "parquet, openai-preference)",
         ),
         ("z.txt", b"ok\ncaf\xe9\n", "'z.txt' is not UTF-8 text (line 2, byte 6 of the file): save it as UTF-8"),
         ("e.jsonl", " \n\n", "'e.jsonl' is empty"),
@@ -429,7 +430,8 @@ def test_detection_uses_the_uploaded_name_over_the_stored_path(tmp_path):
             "just some words\n",
             "cannot tell the dataset format of 'mystery': it is not JSON, its first line is not a header of known "
             "columns, and its name does not end in .jsonl, .json, .csv, .tsv or .txt. Give the format explicitly "
-            "(openai-chat, alpaca, sharegpt, documents, text-lines, text-document, csv, tsv, parquet)",
+            "(openai-chat, alpaca, sharegpt, documents, text-lines, text-document, csv, tsv, parquet, "
+            "openai-preference)",
         ),
     ],
 )

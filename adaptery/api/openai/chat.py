@@ -15,7 +15,7 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -45,7 +45,7 @@ from adaptery.engine.generation import (
 from adaptery.engine.sampling import Constraint, SamplingParams
 from adaptery.engine.tool_calls import ToolFormat, call_id
 from adaptery.platform import Platform
-from adaptery.services import limits, models
+from adaptery.services import feedback, limits, models
 from adaptery.services.errors import BadGateway, InvalidRequest, ServerError, TimedOut
 from adaptery.services.inference import AgentProtocolError
 
@@ -580,22 +580,45 @@ async def _collect(choices: _Choices, request: Request) -> list[_Choice]:
     return answers
 
 
+# Called once every choice of a chat completion has ended well: (completion id, model id, each choice's text).
+AnswerHook = Callable[[str, str, list[str]], None]
+
+
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(
     body: ChatRequest, request: Request, who: Principal = Depends(principal), p: Platform = Depends(platform)
 ) -> dict | StreamingResponse:
+    def keep(completion_id: str, model_id: str, texts: list[str]) -> None:  # when the tenant's policy keeps them
+        key = p.keyring.data_key(who.tenant_id)
+        feedback.keep_completion(p.db, key, who, completion_id, model=model_id, messages=_messages(body), answers=texts)
+
+    return await answer_chat(p, who, body, request, on_answer=keep)
+
+
+async def answer_chat(
+    p: Platform,
+    who: Principal,
+    body: ChatRequest,
+    request: Request,
+    *,
+    on_answer: AnswerHook | None = None,
+    shown_model: str | None = None,
+) -> dict | StreamingResponse:
+    """A chat completion, whole or streamed. `shown_model` replaces the model's id in the answer (the arena's
+    blind sides); `on_answer` runs, off the event loop, once the answer is complete."""
     job = await run_in_threadpool(_prepare, p, who, body)
     choices = _Choices(p, job)
     completion_id, created = new_id("chatcmpl-"), int(time.time())
     fingerprint = f"fp_adaptery_{job.base_id}"[:64]
     wants_logprobs = job.params.logprobs
+    model_label = shown_model or job.model_id
 
     def chunk(index: int, delta: dict[str, Any], finish: str | None, logprobs: Any = None) -> dict[str, Any]:
         return {
             "id": completion_id,
             "object": "chat.completion.chunk",
             "created": created,
-            "model": job.model_id,
+            "model": model_label,
             "system_fingerprint": fingerprint,
             "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
         }
@@ -604,12 +627,14 @@ async def chat_completions(
         include_usage = bool((body.stream_options or {}).get("include_usage"))
 
         readers = [_CallReader(job.tools) for _ in range(job.n)]
+        texts: list[list[str]] = [[] for _ in range(job.n)]
 
         async def events() -> AsyncIterator[bytes]:
             for index in range(job.n):
                 yield _sse(chunk(index, {"role": "assistant", "content": ""}, None))
             try:
                 async for index, delta in choices.deltas():
+                    texts[index].append(delta.text)
                     logprobs = {"content": delta.logprobs, "refusal": None} if delta.logprobs else None
                     content = readers[index].feed(delta.text)
                     if content or logprobs:
@@ -624,6 +649,8 @@ async def chat_completions(
                             arguments = {"index": position, "function": {"arguments": call["function"]["arguments"]}}
                             yield _sse(chunk(index, {"tool_calls": [arguments]}, None))
                         yield _sse(chunk(index, {}, _finish_reason(delta.finish_reason, calls)))
+                if on_answer is not None:
+                    await run_in_threadpool(on_answer, completion_id, job.model_id, ["".join(t) for t in texts])
             except Exception as exc:
                 yield _error_event(exc)
                 return
@@ -634,12 +661,14 @@ async def chat_completions(
         return _ChoicesStream(events(), choices)
 
     answers = await _collect(choices, request)
+    if on_answer is not None:
+        await run_in_threadpool(on_answer, completion_id, job.model_id, ["".join(c.text) for c in answers])
     messages = [_message(job.tools, "".join(c.text)) for c in answers]
     return {
         "id": completion_id,
         "object": "chat.completion",
         "created": created,
-        "model": job.model_id,
+        "model": model_label,
         "system_fingerprint": fingerprint,
         "choices": [
             {

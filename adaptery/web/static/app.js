@@ -14,6 +14,8 @@ const PAGES = {
   models: () => import("/static/models.js").then((m) => m.renderModels),
   keys: () => import("/static/keys.js").then((m) => m.renderKeys),
   admin: () => import("/static/admin.js").then((m) => m.renderAdmin),
+  arena: () => import("/static/feedback.js").then((m) => m.renderArena),
+  feedback: () => import("/static/feedback.js").then((m) => m.renderFeedback),
 };
 const NAV_OF = { jobs: "fine-tune" };
 

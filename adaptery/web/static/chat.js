@@ -158,6 +158,8 @@ export async function renderChat(root, ctx, { args, query }) {
   let conversation = null;
   const history = []; // [{role, content, id, node}]
   let controller = null;
+  const policy = await api("/api/feedback/policy").catch(() => null);
+  const given = new Map(); // message id -> the caller's feedback on it
 
   const list = h("ul", { class: "conversation-list", id: "conversations", "aria-label": "Saved conversations" });
   const newChat = h("button", { type: "button", class: "btn btn-primary btn-block", id: "new-chat" }, "New chat");
@@ -180,11 +182,19 @@ export async function renderChat(root, ctx, { args, query }) {
     h(
       "div",
       { class: "chat-layout" },
-      h("aside", { class: "sidebar", "aria-label": "Conversations" }, newChat, h("h2", { class: "sidebar-title" }, "Saved chats"), list),
+      h(
+        "aside",
+        { class: "sidebar", "aria-label": "Conversations" },
+        newChat,
+        // What the workspace collects: beside the chats (below the message box on a phone)
+        policy ? h("p", { class: "muted feedback-policy", id: "feedback-policy" }, policy.description, " ", h("a", { href: "#/feedback" }, "Your feedback…")) : null,
+        h("h2", { class: "sidebar-title" }, "Saved chats"),
+        list,
+      ),
       h(
         "section",
         { class: "chat-main", "aria-label": "Chat" },
-        h("div", { class: "toolbar" }, picker, h("a", { class: "btn btn-quiet btn-small", href: "#/compare" }, "Compare two models…")),
+        h("div", { class: "toolbar" }, picker, h("a", { class: "btn btn-quiet btn-small", href: "#/compare" }, "Compare two models…"), h("a", { class: "btn btn-quiet btn-small", href: "#/arena", id: "open-arena" }, "Blind arena…")),
         settings.panel,
         messages,
         composer,
@@ -263,12 +273,57 @@ export async function renderChat(root, ctx, { args, query }) {
       if (entry.role === "assistant" && index === history.length - 1) {
         buttons.push(h("button", { type: "button", class: "btn btn-small btn-quiet regenerate", onclick: regenerate }, "Regenerate"));
       }
+      if (entry.role === "assistant" && entry.id && policy && policy.collect !== "off") buttons.push(...feedbackControls(entry));
       if (entry.role === "user" && index === history.length - 1) {
         // No answer to this message (the send failed, or the page closed meanwhile): ask again.
         buttons.push(h("button", { type: "button", class: "btn btn-small retry", onclick: retry }, "Retry"));
       }
       clear(actions, buttons);
     });
+  }
+
+  /** Thumbs up/down (then an optional reason) and "Edit answer" (the correction is kept beside the original). */
+  function feedbackControls(entry) {
+    const mine = given.get(entry.id);
+    const url = `/api/conversations/${encodeURIComponent(conversation.id)}/messages/${encodeURIComponent(entry.id)}/feedback`;
+    const send = async (fields) => {
+      const current = given.get(entry.id) || {};
+      const body = { rating: current.rating ?? null, reason: current.reason || "", correction: current.correction ?? null, ...fields };
+      try {
+        given.set(entry.id, await api(url, { method: "POST", body }));
+      } catch (err) {
+        showError(error, err);
+        return false;
+      }
+      refreshActions();
+      return true;
+    };
+    const thumb = (rating, label, glyph) =>
+      h("button", { type: "button", class: `btn btn-small btn-quiet thumb${mine && mine.rating === rating ? " chosen" : ""}`, "aria-pressed": String(Boolean(mine && mine.rating === rating)), "aria-label": label, title: label, onclick: () => send({ rating }) }, glyph);
+    const controls = [thumb(1, "Good answer", "✓ Good"), thumb(-1, "Bad answer", "✗ Bad")];
+    const edit = h("button", { type: "button", class: "btn btn-small btn-quiet edit-answer" }, mine && mine.correction ? "Edit correction" : "Edit answer");
+    edit.addEventListener("click", () => {
+      const box = h("textarea", { class: "correction-input", rows: "4", "aria-label": "Corrected answer" }, (mine && mine.correction) || entry.content);
+      const save = h("button", { type: "button", class: "btn btn-small btn-primary save-correction" }, "Save correction");
+      const cancel = h("button", { type: "button", class: "btn btn-small btn-quiet", onclick: refreshActions }, "Cancel");
+      save.addEventListener("click", () => box.value.trim() && send({ correction: box.value }));
+      clear(entry.node.querySelector(".message-actions"), h("div", { class: "correction-form" }, box, h("div", { class: "composer-buttons" }, cancel, save)));
+      box.focus();
+    });
+    controls.push(edit);
+    if (mine && mine.rating !== null) {
+      const reason = h("input", { type: "text", class: "feedback-reason", maxlength: "2000", placeholder: "Why? (optional)", "aria-label": "Reason", value: mine.reason || "" });
+      const keep = h("button", { type: "button", class: "btn btn-small save-reason" }, mine.reason ? "Saved" : "Save reason");
+      keep.addEventListener("click", () => send({ reason: reason.value.trim() }));
+      controls.push(reason, keep);
+    }
+    entry.node.querySelector(".correction")?.remove();
+    if (mine && mine.correction) {
+      entry.node.querySelector(".message-actions").before(
+        h("details", { class: "correction", open: true }, h("summary", {}, "Your correction (kept beside the original)"), h("div", { class: "content" }, renderMarkdown(mine.correction))),
+      );
+    }
+    return controls;
   }
 
   function addEntry(entry) {
@@ -435,6 +490,10 @@ export async function renderChat(root, ctx, { args, query }) {
     if (conversation.params.max_tokens !== undefined) maxTokens.value = conversation.params.max_tokens;
     if (conversation.params.top_p !== undefined) topP.value = conversation.params.top_p;
     settings.bound();
+    if (policy && policy.collect !== "off") {
+      const { data } = await api(`/api/conversations/${encodeURIComponent(conversation.id)}/feedback`);
+      for (const item of data) given.set(item.message_id, item);
+    }
     for (const message of conversation.messages) {
       addEntry({ role: message.role, content: message.content, id: message.id, node: messageNode(message.role, message) });
     }
@@ -470,7 +529,7 @@ export async function renderCompare(root, ctx, { query }) {
     h("section", { class: "compare-col card", id: `compare-col-${side}`, "aria-live": "polite", dataset: { done: "true" } }, h("h2", { class: "compare-model" }, `Model ${side.toUpperCase()}`), h("div", { class: "content" }, h("p", { class: "muted" }, "The answer appears here.")), h("p", { class: "message-meta muted" }));
   const columns = { a: column("a"), b: column("b") };
   const form = h("form", { class: "card compare-form", novalidate: true }, h("div", { class: "compare-pickers" }, pickA, pickB), settings.panel, field("Message", prompt), h("div", { class: "composer-bar" }, error, h("div", { class: "composer-buttons" }, stop, run)));
-  clear(root, h("h1", { class: "page-title" }, "Compare two models"), h("p", { class: "muted page-intro" }, "Send one message to two models (say the base and your adapter) and watch both answers stream side by side."), form, h("div", { class: "compare-grid" }, columns.a, columns.b));
+  clear(root, h("h1", { class: "page-title" }, "Compare two models"), h("p", { class: "muted page-intro" }, "Send one message to two models (say the base and your adapter) and watch both answers stream side by side. ", h("a", { href: "#/arena" }, "Compare them blind in the arena…")), form, h("div", { class: "compare-grid" }, columns.a, columns.b));
 
   let controller = null;
   async function stream(side, model, payload) {

@@ -225,9 +225,9 @@ export function uploadWithProgress(url, file, onProgress) {
  * POST /v1/chat/completions with stream=true and call onDelta(text) for each piece as it arrives.
  * Resolves {content, finishReason, usage, seconds}; rejects ApiError; an abort resolves with stopped=true.
  */
-export async function streamChat(payload, { onDelta, signal }) {
+export async function streamChat(payload, { onDelta, signal, url = "/v1/chat/completions" }) {
   const started = performance.now();
-  const res = await fetch("/v1/chat/completions", {
+  const res = await fetch(url, {
     method: "POST",
     credentials: "same-origin",
     headers: { "Content-Type": "application/json", Accept: "text/event-stream", ...csrfHeaders() },

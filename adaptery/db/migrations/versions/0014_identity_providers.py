@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0014_identity_providers"
-down_revision = "0010_usage_ledger"
+down_revision = "0011_feedback"
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,296 @@
+"""The feedback loop's collecting side, as its users and its attackers meet it: the tenant's policy decides
+whether anything is kept (with collection off, nothing lands in the database), feedback by completion id and on
+web chat messages, who reads it, the blind arena and its leaderboard, and feedback turned into a dataset
+version that trains as it is. Another tenant gets 404 on every new route and sees nothing."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from sqlalchemy import func, select
+
+from adaptery.db import models as m
+from adaptery.services import arena
+from tests.security.conftest import World
+
+QUESTION = "Who runs the imaging lab?"
+
+
+def count(world: World, table: type) -> int:
+    with world.platform.db.system() as s:
+        return s.scalar(select(func.count()).select_from(table))
+
+
+def chat(world: World, who: str, model: str = "adaptery-demo") -> dict:
+    response = world.client.post(
+        "/v1/chat/completions",
+        headers=world.auth(who),
+        json={"model": model, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 6, "seed": 1},
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def set_policy(world: World, **policy: str) -> dict:
+    response = world.client.put("/api/feedback/policy", headers=world.auth("owner"), json=policy)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def saved_chat(world: World, who: str) -> tuple[str, str]:
+    """A web chat of `who` with one answer: (conversation id, the answer's message id)."""
+    client, headers = world.client, world.auth(who)
+    conversation = client.post("/api/conversations", headers=headers, json={"model": "adaptery-demo"}).json()
+    url = f"/api/conversations/{conversation['id']}/messages"
+    client.post(url, headers=headers, json={"role": "user", "content": QUESTION})
+    answer = client.post(
+        url, headers=headers, json={"role": "assistant", "content": "Nobody.", "model": "adaptery-demo"}
+    )
+    return conversation["id"], answer.json()["id"]
+
+
+def stream_side(world: World, who: str, battle_id: str, side: str) -> str:
+    response = world.client.post(f"/api/arena/battles/{battle_id}/answers/{side}", headers=world.auth(who))
+    assert response.status_code == 200, response.text
+    chunks = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")]
+    assert {c["model"] for c in chunks} == {f"model-{side}"}  # blind: the side never names its model
+    return "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+
+
+@pytest.fixture(scope="module")
+def world(world_once: World) -> World:
+    return world_once
+
+
+def test_by_default_nothing_is_collected_and_nothing_lands_in_the_database(world: World):
+    policy = world.client.get("/api/feedback/policy", headers=world.auth("viewer")).json()
+    assert (policy["collect"], policy["readers"]) == ("off", "owners")
+    assert "collects no feedback" in policy["description"]
+
+    completion = chat(world, "member")
+    refused = world.client.post(
+        f"/api/completions/{completion['id']}/feedback", headers=world.auth("member"), json={"rating": -1}
+    )
+    assert refused.status_code == 404 and refused.json()["error"]["code"] == "completion_not_found"  # never kept
+    conversation_id, message_id = saved_chat(world, "member")
+    on_message = world.client.post(
+        f"/api/conversations/{conversation_id}/messages/{message_id}/feedback",
+        headers=world.auth("member"),
+        json={"rating": 1},
+    )
+    assert on_message.status_code == 409 and on_message.json()["error"]["code"] == "feedback_not_collected"
+    battle = world.client.post(
+        "/api/arena/battles", headers=world.auth("member"), json={"prompt": QUESTION, "base": "adaptery-demo"}
+    )
+    assert battle.status_code == 409
+    assert (count(world, m.Completion), count(world, m.Feedback), count(world, m.ArenaBattle)) == (0, 0, 0)
+
+    set_policy(world, collect="feedback")  # feedback, but no completion is kept ahead of it
+    chat(world, "member")
+    assert count(world, m.Completion) == 0
+
+
+def test_only_an_admin_sets_the_policy_and_every_change_is_audited(world: World):
+    refused = world.client.put("/api/feedback/policy", headers=world.auth("member"), json={"collect": "all"})
+    assert refused.status_code == 403
+    bad = world.client.put("/api/feedback/policy", headers=world.auth("owner"), json={"collect": "everything"})
+    assert bad.status_code == 400
+    assert set_policy(world, collect="all")["collect"] == "all"
+    with world.platform.db.system() as s:
+        event = s.scalars(select(m.AuditEvent).where(m.AuditEvent.action == "feedback.policy")).all()[-1]
+    assert event.detail["collect"] == ["feedback", "all"]
+
+
+def test_feedback_by_completion_id_with_clear_errors_and_404_for_anyone_else(world: World):
+    set_policy(world, collect="all", readers="owners")
+    completion = chat(world, "member")
+    url = f"/api/completions/{completion['id']}/feedback"
+    given = world.client.post(url, headers=world.auth("member"), json={"rating": -1, "reason": "it made a name up"})
+    assert given.status_code == 200, given.text
+    body = given.json()
+    assert body["rating"] == -1 and body["reason"] == "it made a name up"
+    assert body["prompt"] == [{"role": "user", "content": QUESTION}]
+    assert body["answer"] == completion["choices"][0]["message"]["content"]
+    again = world.client.post(url, headers=world.auth("member"), json={"rating": -1, "correction": "Dr. Okafor."})
+    assert again.json()["id"] == body["id"] and again.json()["correction"] == "Dr. Okafor."  # one row per answer
+
+    for payload, status, param in (
+        ({}, 400, "rating"),
+        ({"rating": 3}, 400, None),
+        ({"rating": 1, "correction": "  "}, 400, "correction"),
+        ({"rating": 1, "choice_index": 4}, 400, "choice_index"),
+        ({"rating": 1, "stars": 5}, 400, None),
+    ):
+        response = world.client.post(url, headers=world.auth("member"), json=payload)
+        assert response.status_code == status, (payload, response.text)
+        if param:
+            assert response.json()["error"]["param"] == param
+    unknown = world.client.post(
+        "/api/completions/chatcmpl-nope/feedback", headers=world.auth("member"), json={"rating": 1}
+    )
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "completion_not_found"
+    # an attacker in another tenant who learned the id, and a colleague, both find nothing
+    for who in ("other_tenant_member", "viewer"):
+        stolen = world.client.post(url, headers=world.auth(who), json={"rating": 1})
+        assert stolen.status_code == 404, who
+        assert (
+            world.client.get(f"/api/feedback/{body['id']}", headers=world.auth("other_tenant_member")).status_code
+            == 404
+        )
+    assert world.client.get("/api/feedback", headers=world.auth("other_tenant_member")).json()["data"] == []
+
+
+def test_who_reads_feedback_follows_the_policy(world: World):
+    set_policy(world, collect="all", readers="owners")
+    adapter = world.ids["model_id"]  # created by the member
+    on_adapter = chat(world, "viewer", adapter)
+    mine = world.client.post(
+        f"/api/completions/{on_adapter['id']}/feedback", headers=world.auth("viewer"), json={"rating": 1}
+    ).json()
+    on_base = chat(world, "viewer")
+    theirs = world.client.post(
+        f"/api/completions/{on_base['id']}/feedback", headers=world.auth("viewer"), json={"rating": -1}
+    ).json()
+
+    def seen(who: str) -> set[str]:
+        return {x["id"] for x in world.client.get("/api/feedback", headers=world.auth(who)).json()["data"]}
+
+    assert {mine["id"], theirs["id"]} <= seen("admin")
+    assert mine["id"] in seen("member") and theirs["id"] not in seen("member")  # the adapter's owner: its feedback
+    assert world.client.get(f"/api/feedback/{theirs['id']}", headers=world.auth("member")).status_code == 404
+    set_policy(world, readers="admins")
+    assert mine["id"] not in seen("member")
+    set_policy(world, readers="members")
+    assert {mine["id"], theirs["id"]} <= seen("member")
+    # only its author (or an admin) withdraws it
+    assert world.client.delete(f"/api/feedback/{theirs['id']}", headers=world.auth("member")).status_code == 404
+    assert (
+        world.client.delete(f"/api/feedback/{theirs['id']}", headers=world.auth("other_tenant_member")).status_code
+        == 404
+    )
+    assert world.client.delete(f"/api/feedback/{theirs['id']}", headers=world.auth("viewer")).status_code == 204
+    set_policy(world, readers="owners")
+
+
+def test_feedback_on_a_web_chat_answer_keeps_the_correction_beside_the_original(world: World):
+    set_policy(world, collect="feedback")
+    conversation_id, message_id = saved_chat(world, "member")
+    url = f"/api/conversations/{conversation_id}/messages/{message_id}/feedback"
+    body = {"rating": -1, "reason": "wrong person", "correction": "Dr. Okafor runs it; mail okafor@lab.example."}
+    given = world.client.post(url, headers=world.auth("member"), json=body)
+    assert given.status_code == 200, given.text
+    assert given.json()["answer"] == "Nobody." and given.json()["correction"].startswith("Dr. Okafor")
+    listed = world.client.get(f"/api/conversations/{conversation_id}/feedback", headers=world.auth("member")).json()
+    assert [x["id"] for x in listed["data"]] == [given.json()["id"]]
+    for who in ("other_tenant_member", "viewer"):  # someone else's chat is a 404
+        assert world.client.post(url, headers=world.auth(who), json={"rating": 1}).status_code == 404
+        assert (
+            world.client.get(f"/api/conversations/{conversation_id}/feedback", headers=world.auth(who)).status_code
+            == 404
+        )
+    user_turn = world.client.get(f"/api/conversations/{conversation_id}", headers=world.auth("member")).json()
+    own = world.client.post(
+        f"/api/conversations/{conversation_id}/messages/{user_turn['messages'][0]['id']}/feedback",
+        headers=world.auth("member"),
+        json={"rating": 1},
+    )
+    assert own.status_code == 400  # feedback is on answers
+
+
+def test_the_arena_is_blind_until_the_vote_and_ranks_models_per_base(world: World):
+    set_policy(world, collect="feedback")
+    adapter, client = world.ids["model_id"], world.client
+    made = client.post(
+        "/api/arena/battles",
+        headers=world.auth("member"),
+        json={"prompt": QUESTION, "models": ["adaptery-demo", adapter], "params": {"temperature": 2, "max_tokens": 8}},
+    )
+    assert made.status_code == 201, made.text
+    battle = made.json()
+    assert battle["models"] is None and "model_a" not in battle
+    premature = client.post(
+        f"/api/arena/battles/{battle['id']}/vote", headers=world.auth("member"), json={"winner": "a"}
+    )
+    assert premature.status_code == 409
+    for who in ("other_tenant_member", "viewer"):  # another's battle is nobody else's to stream, read or vote on
+        assert client.get(f"/api/arena/battles/{battle['id']}", headers=world.auth(who)).status_code == 404
+        assert client.post(f"/api/arena/battles/{battle['id']}/answers/a", headers=world.auth(who)).status_code == 404
+        vote = client.post(f"/api/arena/battles/{battle['id']}/vote", headers=world.auth(who), json={"winner": "a"})
+        assert vote.status_code == 404
+    answers = {side: stream_side(world, "member", battle["id"], side) for side in ("a", "b")}
+    again = client.post(f"/api/arena/battles/{battle['id']}/answers/a", headers=world.auth("member"))
+    assert again.status_code == 409
+    assert client.post("/api/arena/battles/x/answers/c", headers=world.auth("member")).status_code in (400, 404)
+    voted = client.post(f"/api/arena/battles/{battle['id']}/vote", headers=world.auth("member"), json={"winner": "a"})
+    assert voted.status_code == 200, voted.text
+    revealed = voted.json()
+    assert set(revealed["models"].values()) == {"adaptery-demo", adapter}
+    assert revealed["answers"] == answers
+    assert client.post(f"/api/arena/battles/{battle['id']}/vote", headers=world.auth("member"),
+                       json={"winner": "b"}).status_code == 409  # fmt: skip
+    bad = client.post(
+        "/api/arena/battles", headers=world.auth("member"), json={"prompt": QUESTION, "models": [adapter]}
+    )
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "models"
+
+    board = client.get("/api/arena/leaderboard", params={"base": "adaptery-demo"}, headers=world.auth("member")).json()
+    assert board["votes"] == 1 and [row["model"] for row in board["data"]][0] == revealed["models"]["a"]
+    assert all(row["ci_low"] <= row["rating"] <= row["ci_high"] for row in board["data"])
+    elsewhere = client.get(
+        "/api/arena/leaderboard", params={"base": "adaptery-demo"}, headers=world.auth("other_tenant_member")
+    )
+    assert elsewhere.json()["votes"] == 0 and elsewhere.json()["data"] == []
+    with world.platform.db.system() as s:
+        stored = s.get(m.ArenaBattle, battle["id"])
+        assert QUESTION not in stored.prompt and stored.prompt.startswith("enc1:")  # sealed at rest
+
+
+def test_feedback_becomes_dataset_versions_with_lineage_that_train_as_they_are(world: World):
+    client, owner = world.client, world.auth("owner")
+    made = client.post("/api/feedback/datasets", headers=owner, json={"name": "from-feedback", "kind": "dpo"})
+    assert made.status_code == 201, made.text
+    dataset = made.json()
+    versions = dataset["versions"]
+    assert [v["operation"] for v in versions] == ["feedback", "dedup", "scrub"]
+    assert all(v["status"] == "ready" for v in versions), [(v["status"], v["error"]) for v in versions]
+    first = versions[0]
+    assert first["format"] == "openai-preference" and first["records"] >= 2
+    kinds = {entry["from"] for entry in first["params"]["lineage"]}
+    assert kinds == {"correction", "arena_vote"}
+    assert any("completion_id" in e for e in first["params"]["lineage"])
+    assert any("conversation_id" in e and "message_id" in e for e in first["params"]["lineage"])
+    assert versions[2]["report"]["pii"]["records_changed"] >= 1  # the mailed correction, scrubbed
+    records = client.get(f"/api/datasets/{dataset['id']}/versions/3/records", headers=owner).json()["data"]
+    assert all(set(r) == {"input", "preferred_output", "non_preferred_output"} for r in records)
+    assert not any("okafor@lab.example" in json.dumps(r) for r in records)
+
+    exported = client.post(f"/api/datasets/{dataset['id']}/versions/3/export", headers=owner, json={})
+    assert exported.status_code == 200, exported.text
+    job = client.post(
+        "/v1/fine_tuning/jobs",
+        headers=owner,
+        json={"model": "adaptery-demo", "training_file": exported.json()["id"], "method": {"type": "dpo"}},
+    )
+    assert job.status_code == 200, job.text  # accepted as a DPO training file, as it is
+
+    sft = client.post("/api/feedback/datasets", headers=owner, json={"name": "from-feedback", "kind": "sft"})
+    assert sft.status_code == 201, sft.text
+    newest = sft.json()["versions"][3]
+    assert newest["format"] == "openai-chat" and newest["parent_version"] is None and newest["records"] >= 1
+    # another tenant has no feedback to build from, and never sees this dataset
+    nothing = client.post("/api/feedback/datasets", headers=world.auth("other_tenant_member"), json={"name": "x"})
+    assert nothing.status_code == 400 and nothing.json()["error"]["code"] == "no_feedback"
+    assert client.get(f"/api/datasets/{dataset['id']}", headers=world.auth("other_tenant_member")).status_code == 404
+
+
+def test_bradley_terry_ranks_a_consistent_winner_first_and_ties_equal():
+    started = time.monotonic()
+    board = arena.bradley_terry(["x", "y", "z"], [(0, 1, "a")] * 6 + [(1, 2, "a")] * 6 + [(0, 2, "b")] * 2, seed=1)
+    assert [r.model for r in board] == ["x", "y", "z"]
+    assert all(r.low <= r.rating <= r.high for r in board)
+    tied = arena.bradley_terry(["p", "q"], [(0, 1, "tie")] * 4)
+    assert abs(tied[0].rating - tied[1].rating) < 1e-6
+    assert arena.bradley_terry(["p", "q"], []) == []
+    assert time.monotonic() - started < 30
