@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from adaptery.agent.worker import Agent
 
 EVENTS_EVERY_SECONDS = 1.0
+EXIT_GRACE_SECONDS = 30.0
 
 
 def _fetch(agent: Agent, evaluation_id: str, blob: dict[str, Any], target: Path) -> Path:
@@ -156,6 +157,10 @@ def _run_child(
                 child.kill()
                 # Lost: another agent has it by now. Stopping: give it back to the queue.
                 return None if beats.verdict != "continue" else {"state": "released", "message": "agent stopping"}
+        try:  # its output ended: it is exiting (a library's atexit work may take a moment)
+            child.wait(timeout=EXIT_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            pass
     finally:
         returncode = kill_and_reap(child)
     if outcome["state"] == "succeeded" and returncode != 0:

@@ -9,7 +9,20 @@ from fastapi import FastAPI, Request
 from fastapi.staticfiles import StaticFiles
 
 from adaptery import __version__
-from adaptery.api import adapters, admin, agents, conversations, datasets, fabric, keys, lineage, members, sharing, web
+from adaptery.api import (
+    adapters,
+    admin,
+    agents,
+    conversations,
+    datasets,
+    evaluations,
+    fabric,
+    keys,
+    lineage,
+    members,
+    sharing,
+    web,
+)
 from adaptery.api import metrics as engine_metrics
 from adaptery.api.errors import install_error_handlers
 from adaptery.api.guards import RequestGuard
@@ -57,7 +70,7 @@ def create_app(platform: Platform, *, manage_lifecycle: bool = True) -> FastAPI:
         app.include_router(module.router)
     for module in (admin, sharing, agents, fabric, lineage):
         app.include_router(module.router)
-    for module in (conversations, members):
+    for module in (conversations, members, evaluations):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")
     return app

@@ -117,9 +117,13 @@ def _loss(model, tokenizer, example: Example, max_seq_length: int) -> float | No
         tokenizer, messages, max_seq_length=max_seq_length, line=example.line, tools=example.record.get("tools")
     )
     # Only the reference turn is scored: earlier assistant turns are part of the prompt.
-    prompt_ids = tokenize_conversation(
-        tokenizer, example.prompt, max_seq_length=max_seq_length, tools=example.record.get("tools")
-    )["input_ids"] if any(m["role"] == "assistant" for m in example.prompt) else []
+    prompt_ids = (
+        tokenize_conversation(
+            tokenizer, example.prompt, max_seq_length=max_seq_length, tools=example.record.get("tools")
+        )["input_ids"]
+        if any(m["role"] == "assistant" for m in example.prompt)
+        else []
+    )
     labels = [IGNORE_INDEX if i < len(prompt_ids) else label for i, label in enumerate(encoded["labels"])]
     if all(label == IGNORE_INDEX for label in labels):
         return None
@@ -207,7 +211,9 @@ def example_rows(examples: list[Example], scored: list[ModelScores]) -> list[dic
                 "exact_match": scores.exact_match[i],
                 "token_f1": round(scores.f1[i], 6),
                 "rouge_l": round(scores.rouge_l[i], 6),
-                "check": None if check is None else {"kind": check.kind, "passed": check.passed, "reason": check.reason},
+                "check": None
+                if check is None
+                else {"kind": check.kind, "passed": check.passed, "reason": check.reason},
             }
         rows.append(
             {"line": example.line, "prompt": _clip(user), "reference": _clip(_reference_text(example.reference)),

@@ -211,8 +211,10 @@ def create_held_out(session: Session, who: Principal, model_id: str, file_id: st
 
 
 def create_lm_eval(
-    session: Session, who: Principal, model_id: str, task_name: str, *, limit: int | None = None
+    session: Session, who: Principal, model_id: str, task_name: str | None, *, limit: int | None = None
 ) -> m.Evaluation:
+    if not task_name:
+        raise InvalidRequest("an lm_eval evaluation names its task", param="task")
     adapter = _own_adapter(session, who, model_id)
     task = get_task(session, task_name)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000):
@@ -283,7 +285,9 @@ def check_task(text: str) -> tuple[dict[str, Any], set[str]]:
         )
     name = config.get("task")
     if not isinstance(name, str) or not TASK_NAME.match(name):
-        raise InvalidRequest("task file: 'task' must be a name of letters, digits, _ and - (at most 64)", param="config")
+        raise InvalidRequest(
+            "task file: 'task' must be a name of letters, digits, _ and - (at most 64)", param="config"
+        )
     if config.get("output_type", "generate_until") != "generate_until":
         raise InvalidRequest(
             "task file: only output_type generate_until is supported (answers come from chat completions)",
