@@ -7,6 +7,7 @@ platform's API with the short-lived key the assignment carries, handed to the ch
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue as stdlib_queue
@@ -157,10 +158,8 @@ def _run_child(
                 child.kill()
                 # Lost: another agent has it by now. Stopping: give it back to the queue.
                 return None if beats.verdict != "continue" else {"state": "released", "message": "agent stopping"}
-        try:  # its output ended: it is exiting (a library's atexit work may take a moment)
+        with contextlib.suppress(subprocess.TimeoutExpired):  # its output ended: it is exiting
             child.wait(timeout=EXIT_GRACE_SECONDS)
-        except subprocess.TimeoutExpired:
-            pass
     finally:
         returncode = kill_and_reap(child)
     if outcome["state"] == "succeeded" and returncode != 0:

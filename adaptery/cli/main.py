@@ -20,6 +20,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeE
 from rich.table import Table
 
 from adaptery.cli.client import api, api_key, base_url, openai_client
+from adaptery.cli.evaluate import eval_app
 
 app = typer.Typer(help="Adaptery: fine-tune and serve LoRA adapters on shared open LLMs.", no_args_is_help=True)
 files_app = typer.Typer(help="Upload and list files.", no_args_is_help=True)
@@ -51,6 +52,7 @@ for sub, name in (
     (agent_app, "agent"),
     (island_app, "island"),
     (datasets_app, "datasets"),
+    (eval_app, "eval"),
 ):
     app.add_typer(sub, name=name)
 
