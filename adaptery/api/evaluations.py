@@ -84,6 +84,7 @@ class Report(BaseModel):
     model: str | None
     models: list[dict[str, Any]]
     predecessor_rule: str
+    hidden_models: list[str] = Field(description="Labels left out: models you may not see (a private predecessor)")
     evaluations: list[EvaluationObject]
     held_out: dict[str, Any] | None
     lm_eval: list[dict[str, Any]]
@@ -108,7 +109,7 @@ def create_evaluation(
             evaluation = evaluations.create_held_out(s, who, body.model, body.file_id)
         audit.record(s, who, "evaluation.create", target=evaluation.id,
                      detail={"model": body.model, "kind": body.kind})  # fmt: skip
-        return EvaluationObject(**evaluations.evaluation_object(evaluation))
+        return EvaluationObject(**evaluations.visible_object(s, who, evaluation))
 
 
 @router.get("/api/evaluations")
@@ -120,7 +121,7 @@ def list_evaluations(
 ) -> EvaluationList:
     with p.db.tenant(who.tenant_id) as s:
         rows = evaluations.list_evaluations(s, who, model=model, job_id=job_id)
-        return EvaluationList(data=[EvaluationObject(**evaluations.evaluation_object(r)) for r in rows])
+        return EvaluationList(data=[EvaluationObject(**evaluations.visible_object(s, who, r)) for r in rows])
 
 
 @router.get("/api/evaluations/{evaluation_id}")
@@ -128,7 +129,7 @@ def get_evaluation(
     evaluation_id: str, who: Principal = Depends(principal), p: Platform = Depends(platform)
 ) -> EvaluationObject:
     with p.db.tenant(who.tenant_id) as s:
-        return EvaluationObject(**evaluations.evaluation_object(evaluations.get(s, who, evaluation_id)))
+        return EvaluationObject(**evaluations.visible_object(s, who, evaluations.get(s, who, evaluation_id)))
 
 
 @router.get("/api/fine_tuning/jobs/{job_id}/evaluation")

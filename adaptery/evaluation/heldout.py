@@ -26,6 +26,10 @@ from adaptery.training.data import IGNORE_INDEX, tokenize_conversation
 from adaptery.training.trainer import split_validation
 
 EXAMPLE_TEXT_CHARS = 400  # a report keeps this much of each prompt, reference and answer
+# An answer is generated up to twice its reference's tokens and 16 more (and at most max_new_tokens): one longer
+# scores low anyway, and a model that never stops (the random demo base does not) would cost the whole budget on
+# every example: 128 tokens each made the demo's evaluation three times slower.
+ANSWER_ROOM_FACTOR, ANSWER_ROOM_EXTRA = 2, 16
 
 
 class EvaluationSetError(ValueError):
@@ -159,8 +163,9 @@ def score_model(
     scores = ModelScores(label)
     template = tokenizer.chat_template or ""
     for done, example in enumerate(examples, start=1):
-        answer = _answer(model, tokenizer, example, max_new_tokens)
         reference = _reference_text(example.reference)
+        room = ANSWER_ROOM_FACTOR * len(tokenizer(reference, add_special_tokens=False)["input_ids"]) + ANSWER_ROOM_EXTRA
+        answer = _answer(model, tokenizer, example, min(max_new_tokens, room))
         scores.loss.append(_loss(model, tokenizer, example, max_seq_length))
         scores.answers.append(answer)
         scores.exact_match.append(metrics.exact_match(answer, reference))

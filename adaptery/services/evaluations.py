@@ -35,6 +35,7 @@ import yaml
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from adaptery.auth import policy
 from adaptery.auth.principal import Principal
 from adaptery.data.untrusted import LineTooLong, RecordLimits, UntrustedJSONError, bounded_lines, loads
 from adaptery.db import models as m
@@ -42,7 +43,7 @@ from adaptery.db.ids import new_id
 from adaptery.db.session import Database
 from adaptery.messaging.protocol import ADAPTER_FILES, BlobRef
 from adaptery.services import files, finetuning, keys, models
-from adaptery.services.errors import InvalidRequest, NotFound
+from adaptery.services.errors import InvalidRequest, NotFound, PermissionDenied
 from adaptery.storage.blobs import BlobStore
 
 log = logging.getLogger(__name__)
@@ -96,9 +97,21 @@ def predecessor(session: Session, job: m.FineTuningJob) -> str | None:
         .order_by(m.FineTuningJob.created_at.desc(), m.FineTuningJob.id.desc())
     ).all()
     for row in earlier:
-        if row.fine_tuned_model and session.get(m.Adapter, row.fine_tuned_model) is not None:
-            return row.fine_tuned_model
+        adapter = session.get(m.Adapter, row.fine_tuned_model) if row.fine_tuned_model else None
+        if adapter is not None and _usable_by(session, adapter, job.user_id):
+            return adapter.id
     return None
+
+
+def _usable_by(session: Session, adapter: m.Adapter, user_id: str | None) -> bool:
+    """Whether the job's creator may see `adapter` (its own, the tenant's, or shared with it): a report never
+    compares with an adapter its owner could not otherwise see."""
+    if adapter.visibility == "tenant" or (user_id is not None and adapter.created_by == user_id):
+        return True
+    if adapter.visibility != "shared" or user_id is None:
+        return False
+    share = select(m.AdapterShare.id).where(m.AdapterShare.adapter_id == adapter.id, m.AdapterShare.user_id == user_id)
+    return session.scalar(share) is not None
 
 
 def _models(candidate: str, previous: str | None, base: str) -> list[dict[str, str]]:
@@ -238,7 +251,10 @@ def create_lm_eval(
 
 
 def set_evaluation_set(session: Session, who: Principal, model_id: str, file_id: str) -> m.AdapterEvaluationSet:
+    """Like who sees it: only the adapter's creator or a tenant admin decides what it is measured on."""
     adapter = _own_adapter(session, who, model_id)
+    if not policy.may_share_adapter(who, created_by=adapter.created_by):
+        raise PermissionDenied("Only the adapter's creator or a tenant admin may choose its evaluation set.")
     record = _evaluation_file(session, file_id, "file_id")
     kept = session.get(m.AdapterEvaluationSet, adapter.id)
     if kept is None:
@@ -408,13 +424,17 @@ def get(session: Session, who: Principal, evaluation_id: str) -> m.Evaluation:
     return evaluation
 
 
-def _sees(session: Session, who: Principal, evaluation: m.Evaluation) -> bool:
-    if evaluation.job_id is not None:
-        try:
-            finetuning.get_job(session, evaluation.job_id, viewer=who)
-        except NotFound:
-            return False
+def _sees_model(session: Session, who: Principal, model_id: str) -> bool:
+    try:
+        models.get_model(session, model_id, viewer=who)
+    except NotFound:
+        return False
     return True
+
+
+def _sees(session: Session, who: Principal, evaluation: m.Evaluation) -> bool:
+    """An evaluation is seen as the adapter it evaluates (and so as the job that trained it)."""
+    return _sees_model(session, who, evaluation.model)
 
 
 def list_evaluations(
@@ -426,6 +446,11 @@ def list_evaluations(
     if job_id is not None:
         query = query.where(m.Evaluation.job_id == job_id)
     return [row for row in session.scalars(query) if _sees(session, who, row)]
+
+
+def visible_object(session: Session, who: Principal, evaluation: m.Evaluation) -> dict[str, Any]:
+    """The evaluation as `who` may read it (`_Seen`)."""
+    return {**evaluation_object(evaluation), "models": _redacted(session, who, evaluation).models}
 
 
 def evaluation_object(evaluation: m.Evaluation) -> dict[str, Any]:
@@ -462,15 +487,17 @@ def report(session: Session, who: Principal, *, job_id: str | None = None, model
         subject = {"fine_tuning_job_id": adapter.job_id, "model": adapter.id}
     else:
         raise InvalidRequest("name a fine-tuning job or a model", param="job_id")
+    rows = [_redacted(session, who, row) for row in rows]
     held_out = next((r for r in rows if r.kind == "held_out" and r.status == "succeeded"), None)
     latest = rows[0] if rows else None
     out: dict[str, Any] = {
         "object": "evaluation.report",
+        "hidden_models": sorted({label for row in rows for label in row.hidden}),
         **subject,
         "models": (held_out or latest).models if (held_out or latest) else [],
         "predecessor_rule": "the adapter the job continued from (lineage), else the latest earlier succeeded job's "
         "adapter on the same base model and training data",
-        "evaluations": [evaluation_object(r) for r in rows],
+        "evaluations": [{**evaluation_object(r.row), "models": r.models} for r in rows],
         "held_out": None,
         "lm_eval": [],
         "changes": {"better": [], "worse": []},
@@ -488,6 +515,28 @@ def report(session: Session, who: Principal, *, job_id: str | None = None, model
             out["lm_eval"].append({"evaluation_id": row.id, "task": row.source.get("task"),
                                    "scores": (row.result or {}).get("models", {})})  # fmt: skip
     return out
+
+
+class _Seen:
+    """An evaluation as one viewer may read it: without the models (a predecessor) it may not see."""
+
+    def __init__(self, row: m.Evaluation, hidden: set[str]) -> None:
+        self.row, self.hidden = row, hidden
+        self.id, self.kind, self.status, self.source = row.id, row.kind, row.status, row.source
+        self.models = [entry for entry in row.models if entry["label"] not in hidden]
+        result = dict(row.result or {})
+        if hidden and result:
+            result["models"] = {k: v for k, v in (result.get("models") or {}).items() if k not in hidden}
+            result["examples"] = [
+                {**example, "models": {k: v for k, v in example["models"].items() if k not in hidden}}
+                for example in result.get("examples") or []
+            ]
+        self.result = result
+
+
+def _redacted(session: Session, who: Principal, row: m.Evaluation) -> _Seen:
+    hidden = {e["label"] for e in row.models if e["label"] != "base" and not _sees_model(session, who, e["model"])}
+    return _Seen(row, hidden)
 
 
 # --- the queue: leased by agents ---------------------------------------------------------------------------

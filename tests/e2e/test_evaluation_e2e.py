@@ -78,7 +78,10 @@ def test_lm_eval_runs_a_tenant_task_against_the_adapter_through_the_api(served, 
     ran = served.cli("eval", "run", trained["model"], "--task", "lab_facts", timeout=600)
     assert ran.returncode == 0, ran.stdout + ran.stderr + served.log()[-3000:]
 
-    scores = {task["task"]: task["scores"] for task in report(served, trained["job"])["lm_eval"]}
+    full = report(served, trained["job"])
+    for evaluation in full["evaluations"]:
+        print(f"{evaluation['kind']} evaluation took {evaluation['finished_at'] - evaluation['started_at']:.1f} s")
+    scores = {task["task"]: task["scores"] for task in full["lm_eval"]}
     lab = scores["lab_facts"]
     assert lab["candidate"]["model"] == trained["model"]
     assert lab["candidate"]["metrics"]["exact_match"] == 1.0  # the adapter answers every fact word for word
@@ -96,3 +99,30 @@ def test_a_task_file_that_is_not_yaml_is_refused_with_its_line(served, tmp_path)
     done = served.cli("eval", "upload-task", str(config), str(data))
     assert done.returncode == 1
     assert "Error 400" in done.stderr and "not valid YAML at line" in done.stderr
+
+
+def test_the_job_page_shows_the_report_as_a_table_and_a_chart(served, trained):
+    from playwright.sync_api import expect, sync_playwright
+
+    from tests.e2e.test_web_ui import CHROMIUM, LAUNCH_ARGS
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=LAUNCH_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(served.login_url)
+        expect(page.locator("#app")).to_be_visible()
+        page.goto(f"{served.url}/#/jobs/{trained['job']}")
+        report = page.locator("#evaluation-report")
+        rows = report.locator("#eval-table tbody tr")
+        expect(rows).to_have_count(2, timeout=30_000)  # the adapter and the base (it has no predecessor)
+        expect(rows.nth(0)).to_contain_text("candidate")
+        expect(rows.nth(0)).to_contain_text(trained["model"])
+        expect(report.locator("#eval-table thead")).to_contain_text("lm-eval lab_facts: exact_match")
+        expect(report.locator("#eval-chart svg rect.bar.s-candidate")).to_have_count(4)  # EM, F1, ROUGE-L, lm-eval
+        expect(report.locator("#eval-changes")).to_contain_text("Examples that got better")
+        expect(report.locator("#eval-changes")).to_contain_text("The lab mascot is a green tortoise named Pixel.")
+        page.screenshot(path=str(served.data_dir.parent / "evaluation-report.png"), full_page=True)
+        browser.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
