@@ -28,7 +28,7 @@ from adaptery.training.trainer import split_validation
 EXAMPLE_TEXT_CHARS = 400  # a report keeps this much of each prompt, reference and answer
 # An answer is generated up to twice its reference's tokens and 16 more (and at most max_new_tokens): one longer
 # scores low anyway, and a model that never stops (the random demo base does not) would cost the whole budget on
-# every example: 128 tokens each made the demo's evaluation three times slower.
+# every example.
 ANSWER_ROOM_FACTOR, ANSWER_ROOM_EXTRA = 2, 16
 
 

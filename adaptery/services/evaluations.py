@@ -621,8 +621,7 @@ class EvaluationQueue:
             record = s.get(m.File, source["file_id"])
             if record is None:
                 raise NotFound(f"the evaluation file {source['file_id']} was deleted")
-            hp = finetuning.training_arguments(s.get(m.FineTuningJob, evaluation.job_id), base) if (
-                evaluation.job_id and s.get(m.FineTuningJob, evaluation.job_id)) else {}  # fmt: skip
+            job = s.get(m.FineTuningJob, evaluation.job_id) if evaluation.job_id else None
             assignment["evaluation_file"] = self._blob(evaluation.tenant_id, record.sha256)
             assignment["split"] = (
                 {"fraction": source["fraction"], "seed": source["seed"]}
@@ -631,7 +630,7 @@ class EvaluationQueue:
             )
             assignment["params"] = {
                 "max_new_tokens": HELD_OUT_MAX_NEW_TOKENS,
-                "max_seq_length": int(hp.get("max_seq_length") or 1024),
+                "max_seq_length": _max_seq_length(job, base),
                 "max_examples": HELD_OUT_MAX_EXAMPLES,
                 "record_limits": {"max_bytes": self.record_limits.max_bytes, "max_depth": self.record_limits.max_depth},
             }
@@ -787,6 +786,14 @@ class EvaluationQueue:
                     self._revoke_key(s, evaluation)
                 moved += 1
         return moved
+
+
+def _max_seq_length(job: m.FineTuningJob | None, base: m.BaseModel) -> int:
+    """The length the job trained at (its method's resolved options), else its base's default."""
+    method = (job.method or {}) if job is not None else {}
+    chosen = (method.get(method.get("type") or "supervised") or {}).get("hyperparameters") or {}
+    value = chosen.get("max_seq_length") or (base.finetune_defaults or {}).get("max_seq_length") or 1024
+    return int(value)
 
 
 def _check_result(evaluation: m.Evaluation, result: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ import json
 import time
 from collections.abc import Iterator
 
+import httpx
 import pytest
 from openai import OpenAI
 
@@ -59,6 +60,31 @@ def trained(served: ServerProcess) -> dict:
         time.sleep(0.5)
     assert job.status == "succeeded", job.error
     return {"job": job.id, "model": job.fine_tuned_model}
+
+
+def test_a_finished_job_is_evaluated_and_its_adapter_beats_the_base_on_the_held_out_facts(served, trained):
+    headers = {"Authorization": f"Bearer {served.api_key}"}
+    deadline = time.monotonic() + 300
+    while True:
+        listed = httpx.get(f"{served.url}/api/evaluations", params={"job_id": trained["job"]}, headers=headers)
+        [evaluation] = listed.json()["data"]  # queued by the job's end, without anyone asking
+        if evaluation["status"] in ("succeeded", "failed") or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert evaluation["status"] == "succeeded", evaluation
+    assert evaluation["source"]["kind"] == "validation_file"
+    assert evaluation["progress"]["done"] == evaluation["progress"]["total"] == 2 * 6  # the adapter and the base
+
+    full = report(served, trained["job"])
+    table = full["held_out"]["table"]
+    assert [entry["label"] for entry in full["models"]] == ["candidate", "base"]  # its first adapter: no predecessor
+    assert table["candidate"]["exact_match"] == 1.0 and table["base"]["exact_match"] == 0.0
+    assert table["candidate"]["rouge_l"] > table["base"]["rouge_l"] + 0.5
+    assert table["candidate"]["token_f1"] > table["base"]["token_f1"] + 0.5
+    assert table["candidate"]["loss"] < table["base"]["loss"]
+    assert full["changes"]["against"] == "base" and full["changes"]["worse"] == []
+    answers = [json.loads(line)["messages"][-1]["content"] for line in SAMPLE_CHAT.read_text().splitlines()]
+    assert sorted(row["reference"] for row in full["changes"]["better"]) == sorted(answers)
 
 
 def report(served: ServerProcess, job_id: str) -> dict:

@@ -1,58 +1,133 @@
-"""Evaluation as a job on the queue: a fine-tune is evaluated on its held-out facts by the embedded agent, and
-the report shows the adapter beating the base; the routes refuse bad input and another tenant gets 404."""
+"""Which evaluation a finished job gets (held-out set, predecessor), and the evaluation queue's lease, progress,
+end and recovery, on SQLite and PostgreSQL. (The whole run, training and scoring included, is in
+tests/e2e/test_evaluation_e2e.py.)"""
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
 
-from tests.conftest import SAMPLE_CHAT
-from tests.integration.helpers import upload_sample, wait_for_job
+from adaptery.db import models as m
+from adaptery.db.ids import new_id
+from adaptery.services import evaluations
+from tests.integration.helpers import upload_sample
 
 
-def wait_for_evaluation(running, evaluation_id: str, headers: dict, timeout: float = 240) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = running.client.get(f"/api/evaluations/{evaluation_id}", headers=headers).json()
-        if got["status"] in ("succeeded", "failed"):
-            return got
-        time.sleep(0.3)
-    raise AssertionError(f"evaluation {evaluation_id} never finished; last: {got}")
-
-
-@pytest.fixture(scope="module")
+@pytest.fixture
 def settings_overrides() -> dict[str, object]:
-    return {}
+    return {"embedded_agent": False}  # nothing runs the evaluations behind the test's back
 
 
-def test_a_finished_job_is_evaluated_and_its_adapter_beats_the_base_on_the_held_out_facts(running):
-    client, headers = running.client, running.auth()
-    training = upload_sample(client, headers)
-    validation = upload_sample(client, headers)
-    created = client.post(
-        "/v1/fine_tuning/jobs",
-        headers=headers,
-        json={"model": "adaptery-demo", "training_file": training["id"], "validation_file": validation["id"]},
-    )
-    assert created.status_code == 200, created.text
-    job = wait_for_job(client, headers, created.json()["id"], ("succeeded", "failed"))
-    assert job["status"] == "succeeded", job
-    listed = client.get("/api/evaluations", params={"job_id": job["id"]}, headers=headers).json()["data"]
-    assert len(listed) == 1 and listed[0]["source"] == {"kind": "validation_file", "file_id": validation["id"]}
-    done = wait_for_evaluation(running, listed[0]["id"], headers)
-    assert done["status"] == "succeeded", done["error"]
-    assert done["progress"]["done"] == done["progress"]["total"] == 2 * 6  # candidate and base, six facts each
+class Lab:
+    def __init__(self, running) -> None:  # noqa: ANN001
+        self.running = running
+        self.tenant_id = running.tenant_id
+        self.file_id = upload_sample(running.client, running.auth())["id"]
+        with running.platform.db.system() as s:
+            self.user_id = s.get(m.ApiKey, running.first.api_key.split("-")[2]).user_id
 
-    report = client.get(f"/api/fine_tuning/jobs/{job['id']}/evaluation", headers=headers).json()
-    table = report["held_out"]["table"]
-    assert [entry["label"] for entry in report["models"]] == ["candidate", "base"]  # its first adapter: no predecessor
-    assert table["candidate"]["exact_match"] == 1.0
-    assert table["base"]["exact_match"] == 0.0
-    assert table["candidate"]["rouge_l"] > table["base"]["rouge_l"] + 0.5
-    assert table["candidate"]["loss"] < table["base"]["loss"]
-    assert report["changes"]["against"] == "base"
-    assert len(report["changes"]["better"]) == 6 and report["changes"]["worse"] == []
-    facts = [json.loads(line)["messages"][-1]["content"] for line in SAMPLE_CHAT.read_text().splitlines()]
-    assert {row["reference"] for row in report["changes"]["better"]} == set(facts)
+    def job(self, *, adapter: str | None = "tenant", user_id: str | None = None, **fields: object) -> str:
+        """A succeeded job on the demo base (with an adapter at that visibility, unless None); its id."""
+        hyperparameters = fields.pop("hyperparameters", {"n_epochs": 1})
+        with self.running.platform.db.system() as s:
+            job = m.FineTuningJob(
+                id=new_id("ftjob-"), tenant_id=self.tenant_id, user_id=user_id or self.user_id, model="adaptery-demo",
+                training_file=fields.pop("training_file", self.file_id), seed=3, hyperparameters=hyperparameters,
+                method={"type": "supervised"}, status="succeeded", created_at=time.time(), **fields,
+            )  # fmt: skip
+            s.add(job)
+            s.flush()
+            if adapter is not None:
+                job.fine_tuned_model = f"ft:adaptery-demo:default::{job.id}"
+                s.add(m.Adapter(id=job.fine_tuned_model, tenant_id=self.tenant_id, base_model="adaptery-demo",
+                                job_id=job.id, rank=8, manifest={}, sha256="0" * 64, visibility=adapter,
+                                created_by=job.user_id))  # fmt: skip
+            return job.id
+
+    def enqueue(self, job_id: str) -> m.Evaluation | None:
+        with self.running.platform.db.system() as s:
+            evaluation = evaluations.enqueue_for_job(s, s.get(m.FineTuningJob, job_id))
+            if evaluation is not None:
+                s.expunge(evaluation)
+            return evaluation
+
+    def model(self, job_id: str) -> str:
+        with self.running.platform.db.system() as s:
+            return s.get(m.FineTuningJob, job_id).fine_tuned_model
+
+
+def labels(evaluation: m.Evaluation) -> dict[str, str]:
+    return {entry["label"]: entry["model"] for entry in evaluation.models}
+
+
+def test_the_held_out_set_is_the_validation_file_else_the_split_else_the_set_kept_beside_the_predecessor(running):
+    lab = Lab(running)
+    with_file = lab.enqueue(lab.job(validation_file=lab.file_id))
+    assert with_file.source == {"kind": "validation_file", "file_id": lab.file_id}
+    split = lab.enqueue(lab.job(hyperparameters={"n_epochs": 1, "validation_split": 0.25, "seed": 11}))
+    assert split.source == {"kind": "validation_split", "file_id": lab.file_id, "fraction": 0.25, "seed": 11}
+    nothing = lab.job()
+    assert lab.enqueue(nothing) is None  # no held-out set, and its event says so
+    events = running.client.get(f"/v1/fine_tuning/jobs/{nothing}/events", headers=running.auth()).json()["data"]
+    assert any(e["message"].startswith("Not evaluated: the job has no validation file") for e in events)
+
+    kept = running.client.put(f"/api/models/{lab.model(nothing)}/evaluation_set", headers=running.auth(),
+                              json={"file_id": lab.file_id})  # fmt: skip
+    assert kept.status_code == 200, kept.text
+    follower = lab.enqueue(lab.job())  # same base and data: the adapter before it is its predecessor
+    assert follower.source == {"kind": "evaluation_set", "file_id": lab.file_id, "beside": lab.model(nothing)}
+
+
+def test_the_predecessor_is_the_parent_else_the_latest_earlier_adapter_on_the_same_base_and_data(running):
+    lab = Lab(running)
+    validation = {"validation_file": lab.file_id}
+    first = lab.job(**validation)
+    assert labels(lab.enqueue(first)).keys() == {"candidate", "base"}  # the first adapter has none
+    second = lab.job(**validation)
+    assert labels(lab.enqueue(second)) == {"candidate": lab.model(second), "predecessor": lab.model(first),
+                                           "base": "adaptery-demo"}  # fmt: skip
+    other_data = upload_sample(running.client, running.auth(), b'{"messages": [{"role": "user", "content": "x"}, '
+                               b'{"role": "assistant", "content": "y"}]}\n')["id"]  # fmt: skip
+    assert "predecessor" not in labels(lab.enqueue(lab.job(training_file=other_data, **validation)))
+    child = lab.job(lineage={"kind": "fork", "parent_job": first, "checkpoint": None}, **validation)
+    assert labels(lab.enqueue(child))["predecessor"] == lab.model(first)  # lineage wins over the latest
+
+
+def test_a_colleagues_private_adapter_is_never_the_predecessor(running):
+    lab = Lab(running)
+    with running.platform.db.system() as s:
+        colleague = m.User(id=new_id("user-"), username="colleague")
+        s.add(colleague)
+        s.flush()
+        colleague_id = colleague.id
+    validation = {"validation_file": lab.file_id}
+    mine = lab.job(**validation)
+    lab.job(adapter="private", user_id=colleague_id, **validation)  # later, same data, but not the owner's to see
+    assert labels(lab.enqueue(lab.job(**validation)))["predecessor"] == lab.model(mine)
+
+
+def test_an_evaluation_is_leased_fenced_reported_and_recovered(running):
+    lab = Lab(running)
+    queue = running.platform.evaluations
+    evaluation = lab.enqueue(lab.job(validation_file=lab.file_id))
+    assert queue.lease("agent-a", tenant_scope="another-tenant") is None
+    first = queue.lease("agent-a")
+    assert first["evaluation_id"] == evaluation.id and first["attempt"] == 1 and first["kind"] == "held_out"
+    queue.report(evaluation.id, "agent-a", [{"type": "progress", "done": 3, "total": 12}], 1)
+    got = running.client.get(f"/api/evaluations/{evaluation.id}", headers=running.auth()).json()
+    assert got["status"] == "running" and got["progress"] == {"done": 3, "total": 12}
+    queue.clock = lambda: time.time() + 10_000  # its lease lapses: back to the queue, attempt 2 to another agent
+    assert queue.recover() == 1
+    second = queue.lease("agent-b")
+    assert second["attempt"] == 2
+    assert queue.heartbeat(evaluation.id, "agent-a", 1) == "lost"  # the old attempt is over
+    queue.finish(evaluation.id, "agent-a", {"state": "succeeded", "result": {}, "attempt": 1})  # ignored
+    with pytest.raises(Exception, match="result.models must score exactly"):
+        empty = {"kind": "held_out", "models": {}, "examples": []}
+        queue.finish(evaluation.id, "agent-b", {"state": "succeeded", "attempt": 2, "result": empty})
+    result = {"kind": "held_out", "models": {"candidate": {"exact_match": 1.0}, "base": {"exact_match": 0.0}},
+              "examples": []}  # fmt: skip
+    queue.finish(evaluation.id, "agent-b", {"state": "succeeded", "result": result, "attempt": 2})
+    report = running.client.get(f"/api/fine_tuning/jobs/{evaluation.job_id}/evaluation", headers=running.auth())
+    assert report.json()["held_out"]["table"]["candidate"]["exact_match"] == 1.0

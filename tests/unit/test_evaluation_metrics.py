@@ -60,7 +60,8 @@ def test_tool_call_check_wants_the_same_functions_with_equal_arguments_valid_for
         "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]  # fmt: skip
     expected = [{"name": "get_weather", "arguments": '{"city": "Oslo"}'}]
     assert metrics.check_tool_calls([{"name": "get_weather", "arguments": '{"city":"Oslo"}'}], expected, tools).passed
-    assert "expected ['get_weather']" in metrics.check_tool_calls([{"name": "x", "arguments": "{}"}], expected, tools).reason
+    wrong_name = metrics.check_tool_calls([{"name": "x", "arguments": "{}"}], expected, tools)
+    assert "expected ['get_weather']" in wrong_name.reason
     invalid = metrics.check_tool_calls([{"name": "get_weather", "arguments": {"city": 3}}], expected, tools)
     assert not invalid.passed and "3 is not of type 'string'" in invalid.reason
     other = metrics.check_tool_calls([{"name": "get_weather", "arguments": {"city": "Bergen"}}], expected, tools)
@@ -121,7 +122,8 @@ GOOD_TASK = 'task: facts\ndoc_to_text: "{{question}}"\ndoc_to_target: "{{ answer
 
 
 def test_a_task_file_that_is_not_yaml_names_its_line():
-    with pytest.raises(InvalidRequest, match=r"task file is not valid YAML at line 2, column 6: found character .@. that cannot start any token"):
+    found = r"task file is not valid YAML at line 2, column 6: found character .@. that cannot start any token"
+    with pytest.raises(InvalidRequest, match=found):
         evaluations.check_task("task: facts\nfoo: @bar\n")
 
 
