@@ -106,7 +106,8 @@ def create_evaluation(
         if body.kind == "lm_eval":
             evaluation = evaluations.create_lm_eval(s, who, body.model, body.task, limit=body.limit)
         else:
-            evaluation = evaluations.create_held_out(s, who, body.model, body.file_id)
+            limits = RecordLimits.from_settings(p.settings)
+            evaluation = evaluations.create_held_out(s, p.blobs, who, body.model, body.file_id, limits)
         audit.record(s, who, "evaluation.create", target=evaluation.id,
                      detail={"model": body.model, "kind": body.kind})  # fmt: skip
         return EvaluationObject(**evaluations.visible_object(s, who, evaluation))
@@ -152,7 +153,8 @@ def set_evaluation_set(
     """Keep an evaluation set beside the adapter: it and the adapters that follow it are evaluated on it."""
     require(who, "fine_tune")
     with p.db.tenant(who.tenant_id) as s:
-        kept = evaluations.set_evaluation_set(s, who, model_id, body.file_id)
+        limits = RecordLimits.from_settings(p.settings)
+        kept = evaluations.set_evaluation_set(s, p.blobs, who, model_id, body.file_id, limits)
         audit.record(s, who, "evaluation.set", target=model_id, detail={"file_id": body.file_id})
         return {"model": kept.model_id, "file_id": kept.file_id}
 

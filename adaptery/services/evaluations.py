@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session
 
 from adaptery.auth import policy
 from adaptery.auth.principal import Principal
+from adaptery.data.chat import validate_lines
 from adaptery.data.untrusted import LineTooLong, RecordLimits, UntrustedJSONError, bounded_lines, loads
 from adaptery.db import models as m
 from adaptery.db.ids import new_id
@@ -174,13 +175,21 @@ def _own_adapter(session: Session, who: Principal, model_id: str) -> m.Adapter:
     return ref.adapter
 
 
-def _evaluation_file(session: Session, file_id: str, param: str) -> m.File:
+def _evaluation_file(session: Session, file_id: str, param: str, blobs: BlobStore, limits: RecordLimits) -> m.File:
+    """A chat JSONL file to evaluate on; one uploaded for `evals` (not checked at upload, as a fine-tune file is)
+    is checked here, and its first bad lines named."""
     try:
         record = files.get(session, file_id)
     except NotFound:
         raise NotFound(f"No file '{file_id}'", param=param) from None
     if record.purpose not in ("fine-tune", "evals"):
         raise InvalidRequest(f"File '{file_id}' has purpose '{record.purpose}'; upload a chat JSONL", param=param)
+    if record.purpose == "evals":
+        with blobs.open(record.tenant_id, record.sha256) as handle:
+            checked = validate_lines(bounded_lines(handle, limits.max_bytes), limits)
+        if not checked.ok or not checked.records:
+            problem = checked.summary() if not checked.ok else "no records"
+            raise InvalidRequest(f"File '{file_id}' is not a usable evaluation set: {problem}", param=param)
     return record
 
 
@@ -189,13 +198,15 @@ def _candidate_and_predecessor(session: Session, adapter: m.Adapter) -> str | No
     return predecessor(session, job) if job is not None else None
 
 
-def create_held_out(session: Session, who: Principal, model_id: str, file_id: str | None) -> m.Evaluation:
+def create_held_out(
+    session: Session, blobs: BlobStore, who: Principal, model_id: str, file_id: str | None, limits: RecordLimits
+) -> m.Evaluation:
     """An evaluation of one of the tenant's adapters on `file_id` (else on its job's held-out set)."""
     adapter = _own_adapter(session, who, model_id)
     job = session.get(m.FineTuningJob, adapter.job_id) if adapter.job_id else None
     previous = _candidate_and_predecessor(session, adapter)
     if file_id is not None:
-        source = {"kind": "file", "file_id": _evaluation_file(session, file_id, "file_id").id}
+        source = {"kind": "file", "file_id": _evaluation_file(session, file_id, "file_id", blobs, limits).id}
     else:
         source = held_out_source(session, job, previous) if job is not None else None
         kept = session.get(m.AdapterEvaluationSet, adapter.id)
@@ -250,12 +261,14 @@ def create_lm_eval(
     return evaluation
 
 
-def set_evaluation_set(session: Session, who: Principal, model_id: str, file_id: str) -> m.AdapterEvaluationSet:
+def set_evaluation_set(
+    session: Session, blobs: BlobStore, who: Principal, model_id: str, file_id: str, limits: RecordLimits
+) -> m.AdapterEvaluationSet:
     """Like who sees it: only the adapter's creator or a tenant admin decides what it is measured on."""
     adapter = _own_adapter(session, who, model_id)
     if not policy.may_share_adapter(who, created_by=adapter.created_by):
         raise PermissionDenied("Only the adapter's creator or a tenant admin may choose its evaluation set.")
-    record = _evaluation_file(session, file_id, "file_id")
+    record = _evaluation_file(session, file_id, "file_id", blobs, limits)
     kept = session.get(m.AdapterEvaluationSet, adapter.id)
     if kept is None:
         kept = m.AdapterEvaluationSet(model_id=adapter.id, file_id=record.id)

@@ -131,3 +131,25 @@ def test_an_evaluation_is_leased_fenced_reported_and_recovered(running):
     queue.finish(evaluation.id, "agent-b", {"state": "succeeded", "result": result, "attempt": 2})
     report = running.client.get(f"/api/fine_tuning/jobs/{evaluation.job_id}/evaluation", headers=running.auth())
     assert report.json()["held_out"]["table"]["candidate"]["exact_match"] == 1.0
+
+
+def test_an_evaluation_set_with_bad_lines_is_refused_naming_them(running):
+    lab = Lab(running)
+    model = lab.model(lab.job())
+    good = b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n'
+    content = good + b'{"messages": [oops\n' + b'{"messages": [{"role": "user", "content": "q"}]}\n'
+    bad = running.client.post(
+        "/v1/files", headers=running.auth(), data={"purpose": "evals"}, files={"file": ("set.jsonl", content)}
+    ).json()["id"]
+    for response in (
+        running.client.post("/api/evaluations", headers=running.auth(), json={"model": model, "file_id": bad}),
+        running.client.put(f"/api/models/{model}/evaluation_set", headers=running.auth(), json={"file_id": bad}),
+    ):
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == "file_id"
+        assert "2 invalid line(s) of 3: line 2" in error["message"] and "line 3" in error["message"]
+    missing = running.client.post("/api/evaluations", headers=running.auth(), json={"model": model})
+    assert missing.status_code == 400 and "has no held-out set" in missing.json()["error"]["message"]
+    unknown = running.client.post("/api/evaluations", headers=running.auth(), json={"model": model, "kind": "lm_eval"})
+    assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "task"
