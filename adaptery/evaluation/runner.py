@@ -138,17 +138,16 @@ def run_lm_eval(spec: dict[str, Any], emit: _Emitter) -> dict[str, Any]:
             fewshot_random_seed=0,
         )
         scores = (out or {}).get("results", {}).get(task, {})
-        metrics = {
-            name.split(",")[0]: value
-            for name, value in scores.items()
-            if isinstance(value, int | float) and not name.startswith("alias") and "_stderr" not in name
+        # The harness names a score "metric,filter" ("exact_match,none"); beside them are "alias" and "sample_len".
+        numbers = {name: value for name, value in scores.items() if "," in name and isinstance(value, int | float)}
+        metrics = {name.split(",")[0]: value for name, value in numbers.items() if "_stderr" not in name}
+        stderr = {name.split(",")[0][: -len("_stderr")]: v for name, v in numbers.items() if "_stderr" in name}
+        results[entry["label"]] = {
+            "model": entry["model"],
+            "metrics": metrics,
+            "stderr": stderr,
+            "documents": scores.get("sample_len"),
         }
-        stderr = {
-            name.split(",")[0].replace("_stderr", ""): value
-            for name, value in scores.items()
-            if "_stderr" in name and isinstance(value, int | float)
-        }
-        results[entry["label"]] = {"model": entry["model"], "metrics": metrics, "stderr": stderr}
         emit({"type": "progress", "done": done, "total": len(models)})
         emit({"type": "message", "message": f"lm-eval {task}: {entry['label']} {metrics}"})
     return {"kind": "lm_eval", "task": task, "models": results}

@@ -112,6 +112,7 @@ def test_lm_eval_runs_a_tenant_task_against_the_adapter_through_the_api(served, 
     assert lab["candidate"]["model"] == trained["model"]
     assert lab["candidate"]["metrics"]["exact_match"] == 1.0  # the adapter answers every fact word for word
     assert lab["base"]["metrics"]["exact_match"] == 0.0
+    assert lab["candidate"]["metrics"].keys() == {"exact_match"} and lab["candidate"]["documents"] == 3
 
     shown = served.cli("eval", "report", "--job", trained["job"])
     assert shown.returncode == 0, shown.stderr
