@@ -580,7 +580,7 @@ class EvaluationQueue:
             query = select(m.Evaluation.id).where(m.Evaluation.status == "queued")
             if tenant_scope is not None:
                 query = query.where(m.Evaluation.tenant_id == tenant_scope)
-            for evaluation_id in s.scalars(query.order_by(m.Evaluation.created_at, m.Evaluation.id).limit(5)):
+            for evaluation_id in s.scalars(query.order_by(m.Evaluation.created_at, m.Evaluation.id).limit(5)).all():
                 now = self.clock()
                 claimed = s.execute(
                     update(m.Evaluation)
@@ -758,9 +758,11 @@ class EvaluationQueue:
             state = body.get("state")
             if state == "succeeded":
                 result = body.get("result")
-                if not isinstance(result, dict) or result.get("kind") != evaluation.kind:
-                    raise InvalidRequest("result must be the evaluation runner's result object")
-                _check_result(evaluation, result)
+                try:
+                    _check_result(evaluation, result)
+                except InvalidRequest as exc:  # the same run would send it again: it fails, saying why
+                    self._end(s, evaluation, "failed", f"the agent's result was refused: {exc}")
+                    return
                 evaluation.result = result
                 evaluation.progress = {**(evaluation.progress or {}), "message": "done"}
                 self._end(s, evaluation, "succeeded", None)
@@ -809,8 +811,10 @@ def _max_seq_length(job: m.FineTuningJob | None, base: m.BaseModel) -> int:
     return int(value)
 
 
-def _check_result(evaluation: m.Evaluation, result: dict[str, Any]) -> None:
+def _check_result(evaluation: m.Evaluation, result: Any) -> None:
     """An agent's result names exactly the evaluation's models, with numbers where numbers belong."""
+    if not isinstance(result, dict) or result.get("kind") != evaluation.kind:
+        raise InvalidRequest("result must be the evaluation runner's result object")
     labels = {entry["label"] for entry in evaluation.models}
     scored = result.get("models")
     if not isinstance(scored, dict) or set(scored) != labels:

@@ -123,14 +123,23 @@ def test_an_evaluation_is_leased_fenced_reported_and_recovered(running):
     assert second["attempt"] == 2
     assert queue.heartbeat(evaluation.id, "agent-a", 1) == "lost"  # the old attempt is over
     queue.finish(evaluation.id, "agent-a", {"state": "succeeded", "result": {}, "attempt": 1})  # ignored
-    with pytest.raises(Exception, match="result.models must score exactly"):
-        empty = {"kind": "held_out", "models": {}, "examples": []}
-        queue.finish(evaluation.id, "agent-b", {"state": "succeeded", "attempt": 2, "result": empty})
     result = {"kind": "held_out", "models": {"candidate": {"exact_match": 1.0}, "base": {"exact_match": 0.0}},
               "examples": []}  # fmt: skip
     queue.finish(evaluation.id, "agent-b", {"state": "succeeded", "result": result, "attempt": 2})
     report = running.client.get(f"/api/fine_tuning/jobs/{evaluation.job_id}/evaluation", headers=running.auth())
     assert report.json()["held_out"]["table"]["candidate"]["exact_match"] == 1.0
+
+
+def test_a_result_that_does_not_score_the_evaluations_models_fails_it_saying_why(running):
+    lab = Lab(running)
+    queue = running.platform.evaluations
+    evaluation = lab.enqueue(lab.job(validation_file=lab.file_id))
+    attempt = queue.lease("agent-a")["attempt"]
+    forged = {"kind": "held_out", "models": {"candidate": {}, "someone-else": {}}, "examples": []}
+    queue.finish(evaluation.id, "agent-a", {"state": "succeeded", "attempt": attempt, "result": forged})
+    got = running.client.get(f"/api/evaluations/{evaluation.id}", headers=running.auth()).json()
+    assert got["status"] == "failed"
+    assert got["error"] == "the agent's result was refused: result.models must score exactly ['base', 'candidate']"
 
 
 def test_an_evaluation_set_with_bad_lines_is_refused_naming_them(running):
