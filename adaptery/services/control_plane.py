@@ -315,6 +315,8 @@ class ControlPlane:
         except ValueError as exc:
             raise RequestRefused(str(exc)) from exc
         if verb == "upload":
+            if job_id is not None and protocol.is_evaluation(job_id):
+                raise RequestRefused("an evaluation uploads nothing: its result is in its finish")
             return protocol.encode(self._upload(agent_id, job_id, msg)), None
         if verb == "download":
             return self._download(agent_id, job_id, self._body(msg)), None

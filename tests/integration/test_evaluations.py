@@ -10,6 +10,7 @@ import pytest
 
 from adaptery.db import models as m
 from adaptery.db.ids import new_id
+from adaptery.messaging import protocol
 from adaptery.services import evaluations
 from tests.integration.helpers import upload_sample
 
@@ -162,3 +163,24 @@ def test_an_evaluation_set_with_bad_lines_is_refused_naming_them(running):
     assert missing.status_code == 400 and "has no held-out set" in missing.json()["error"]["message"]
     unknown = running.client.post("/api/evaluations", headers=running.auth(), json={"model": model, "kind": "lm_eval"})
     assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "task"
+
+
+def test_over_nats_an_agent_reaches_only_the_evaluation_leased_to_it_and_only_if_it_asked_for_evaluations(running):
+    from tests.integration.test_control_plane import ask
+
+    lab = Lab(running)
+    control = running.platform.control
+    evaluation = lab.enqueue(lab.job(validation_file=lab.file_id))
+    assert control._lease("old-agent", {}) == {"assignment": None}  # an agent that runs no evaluations gets none
+    assignment = control._lease("agent-a", {"kinds": [protocol.EVALUATION_KIND]})["evaluation"]
+    assert assignment["evaluation_id"] == evaluation.id
+    sha = assignment["evaluation_file"]["sha256"]
+    assert ask(control, "agent-a", evaluation.id, "download", {"sha256": sha, "offset": 0})["data"].startswith(b"{")
+    assert "not leased to you" in ask(control, "agent-b", evaluation.id, "download", {"sha256": sha})["error"]
+    assert "not part of" in ask(control, "agent-a", evaluation.id, "download", {"sha256": "0" * 64})["error"]
+    assert "uploads nothing" in ask(control, "agent-a", evaluation.id, "upload", b"x", **{
+        protocol.UPLOAD_HEADER: "0" * 32, protocol.OFFSET_HEADER: "0"})["error"]  # fmt: skip
+    assert "no 'checkpoint'" in ask(control, "agent-a", evaluation.id, "checkpoint", {"step": 1})["error"]
+    assert ask(control, "agent-b", evaluation.id, "heartbeat", {"attempt": 1}) == {"verdict": "lost"}
+    assert "not leased to you" in ask(control, "agent-b", evaluation.id, "finish", {"state": "failed"})["error"]
+    assert ask(control, "agent-a", evaluation.id, "heartbeat", {"attempt": 1}) == {"verdict": "continue"}
