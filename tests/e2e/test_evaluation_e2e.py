@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from urllib.parse import quote
 from collections.abc import Iterator
 
 import httpx
@@ -151,5 +152,7 @@ def test_the_job_page_shows_the_report_as_a_table_and_a_chart(served, trained):
         expect(report.locator("#eval-changes")).to_contain_text("Examples that got better")
         expect(report.locator("#eval-changes")).to_contain_text("The lab mascot is a green tortoise named Pixel.")
         page.screenshot(path=str(served.data_dir.parent / "evaluation-report.png"), full_page=True)
+        page.goto(f"{served.url}/#/models/{quote(trained['model'], safe='')}")  # the adapter's page has it too
+        expect(page.locator("#evaluation-report #eval-table tbody tr")).to_have_count(2, timeout=30_000)
         browser.close()
     assert not errors, f"JavaScript errors on the page: {errors}"

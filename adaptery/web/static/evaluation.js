@@ -75,8 +75,10 @@ function progressLine(evaluation) {
   );
 }
 
-/** The evaluation card of a job's page; it refreshes itself while an evaluation is queued or running. */
-export function evaluationSection(jobId, ctx) {
+/** The evaluation card of a job's page (`{ jobId }`) or an adapter's (`{ model }`); it refreshes itself while an
+ * evaluation is queued or running. */
+export function evaluationSection({ jobId, model }, ctx) {
+  const reportPath = jobId ? `/api/fine_tuning/jobs/${encodeURIComponent(jobId)}/evaluation` : `/api/models/${encodeURIComponent(model)}/evaluation`;
   const root = h("section", { class: "card", id: "evaluation-report" }, h("h2", { class: "card-title" }, "Evaluation"), h("p", { class: "muted" }, "Loading…"));
   const error = errorBox();
   let timer = null;
@@ -94,7 +96,7 @@ export function evaluationSection(jobId, ctx) {
   async function draw() {
     clearTimeout(timer);
     if (!root.isConnected && timer !== null) return;
-    const [report, tasks] = await Promise.all([api(`/api/fine_tuning/jobs/${encodeURIComponent(jobId)}/evaluation`), api("/api/evaluation_tasks").catch(() => ({ data: [] }))]);
+    const [report, tasks] = await Promise.all([api(reportPath), api("/api/evaluation_tasks").catch(() => ({ data: [] }))]);
     const picker = h("select", { id: "eval-task", "aria-label": "Evaluation task" }, tasks.data.map((t) => h("option", { value: t.name }, `${t.name} (${t.records} documents)`)));
     const against = report.changes.against;
     redraw(

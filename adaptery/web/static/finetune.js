@@ -432,7 +432,7 @@ export async function renderJob(root, ctx, { args }) {
         h("div", {}, h("span", { class: "muted" }, "Started / finished"), h("strong", {}, `${fmtTime(job.created_at)} → ${job.finished_at ? fmtTime(job.finished_at) : "…"}`)),
       ),
       buttons.length ? h("div", { class: "form-actions" }, buttons) : null,
-      job.status === "succeeded" ? (evaluation ||= evaluationSection(job.id, ctx)) : null,
+      job.status === "succeeded" ? (evaluation ||= evaluationSection({ jobId: job.id }, ctx)) : null,
       h(
         "section",
         { class: "card", id: "loss-chart" },
