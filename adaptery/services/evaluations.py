@@ -778,12 +778,7 @@ class EvaluationQueue:
         evaluation.finished_at = self.clock()
         evaluation.lease_owner = None
         evaluation.lease_expires_at = None
-        self._revoke_key(s, evaluation)
-        job = s.get(m.FineTuningJob, evaluation.job_id) if evaluation.job_id else None
-        if job is not None:
-            what = "lm-eval " + str(evaluation.source.get("task")) if evaluation.kind == "lm_eval" else "held-out"
-            text = f"Evaluation {evaluation.id} ({what}) {status}" + (f": {error}" if error else "")
-            finetuning.add_event(s, job, text, level="error" if error else "info")
+        self._revoke_key(s, evaluation)  # a finished job's events end with its completion: nothing is added there
 
     def recover(self) -> int:
         """Requeue (or fail, after max_attempts) running evaluations whose lease lapsed."""

@@ -524,9 +524,9 @@ class JobQueue:
                     )
                 )
             finetuning.add_event(s, job, f"New fine-tuned model created: {model_id}")
+            evaluations.enqueue_for_job(s, job)  # its event before the last: OpenAI's jobs end with "completed"
             finetuning.finish(s, job, "succeeded")
             finetuning.add_event(s, job, "The job has successfully completed")
-            evaluations.enqueue_for_job(s, job)
             self._mark_agent(s, agent_id, None)
             return model_id
 
