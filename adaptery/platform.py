@@ -31,7 +31,7 @@ from adaptery.services import agents as agent_records
 from adaptery.services import blob_refs, datasets, enrollment, finetuning, models, tenants
 from adaptery.services.control_plane import ControlPlane
 from adaptery.services.errors import NotFound
-from adaptery.services.evaluations import EvaluationQueue
+from adaptery.services.evaluation_queue import EvaluationQueue
 from adaptery.services.fair_tasks import FairTasks
 from adaptery.services.inference import Inference
 from adaptery.services.inference_router import InferenceRouter

@@ -17,7 +17,7 @@ from adaptery.auth.principal import Principal
 from adaptery.data.untrusted import RecordLimits
 from adaptery.db import models as m
 from adaptery.platform import Platform
-from adaptery.services import audit, evaluations
+from adaptery.services import audit, evaluation_tasks, evaluations
 
 router = APIRouter(tags=["evaluations"])
 
@@ -165,7 +165,7 @@ def create_task(body: CreateTask, who: Principal = Depends(principal), p: Platfo
     require(who, "fine_tune")
     with p.db.tenant(who.tenant_id) as s:
         limits = RecordLimits.from_settings(p.settings)
-        task = evaluations.create_task(s, p.blobs, who, body.config, body.data.encode(), limits)
+        task = evaluation_tasks.create_task(s, p.blobs, who, body.config, body.data.encode(), limits)
         audit.record(s, who, "evaluation.task.create", target=task.id, detail={"name": task.name})
         return _task_object(task)
 
@@ -173,4 +173,4 @@ def create_task(body: CreateTask, who: Principal = Depends(principal), p: Platfo
 @router.get("/api/evaluation_tasks")
 def list_tasks(who: Principal = Depends(principal), p: Platform = Depends(platform)) -> TaskList:
     with p.db.tenant(who.tenant_id) as s:
-        return TaskList(data=[_task_object(t) for t in evaluations.list_tasks(s)])
+        return TaskList(data=[_task_object(t) for t in evaluation_tasks.list_tasks(s)])

@@ -17,7 +17,7 @@ control plane knows who asks from the subject alone. All are request/reply:
 
 An agent that lists `"evaluation"` in its lease request's `kinds` may be given an evaluation instead of a
 fine-tuning job (only when none is waiting for it): `evaluation` is the evaluation's assignment
-(`services.evaluations.EvaluationQueue._assignment`), its id starts with `evaljob-`, and it uses the job verbs
+(`services.evaluation_queue.EvaluationQueue._assignment`), its id starts with `evaljob-`, and it uses the job verbs
 heartbeat, events (`{"type": "progress"|"message"}`), download and finish (`{"state", "result"?, "message"?,
 "attempt"}`), never upload or checkpoint.
 

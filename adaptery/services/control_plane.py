@@ -40,7 +40,7 @@ from nats.aio.msg import Msg
 from adaptery.messaging import protocol
 from adaptery.messaging.protocol import InferRequest
 from adaptery.services import faults
-from adaptery.services.evaluations import EvaluationQueue
+from adaptery.services.evaluation_queue import EvaluationQueue
 from adaptery.services.inference_router import InferenceRouter, InvalidAnnouncement
 from adaptery.services.queue import JobQueue
 from adaptery.storage.blobs import BlobStore

@@ -10,7 +10,7 @@ from rouge_score import rouge_scorer
 
 from adaptery.data.untrusted import RecordLimits
 from adaptery.evaluation import heldout, metrics
-from adaptery.services import evaluations
+from adaptery.services import evaluation_tasks
 from adaptery.services.errors import InvalidRequest
 
 LIMITS = RecordLimits(max_bytes=100_000, max_depth=32)
@@ -124,7 +124,7 @@ GOOD_TASK = 'task: facts\ndoc_to_text: "{{question}}"\ndoc_to_target: "{{ answer
 def test_a_task_file_that_is_not_yaml_names_its_line():
     found = r"task file is not valid YAML at line 2, column 6: found character .@. that cannot start any token"
     with pytest.raises(InvalidRequest, match=found):
-        evaluations.check_task("task: facts\nfoo: @bar\n")
+        evaluation_tasks.check_task("task: facts\nfoo: @bar\n")
 
 
 @pytest.mark.parametrize(
@@ -142,16 +142,16 @@ def test_a_task_file_that_is_not_yaml_names_its_line():
 )
 def test_a_task_file_outside_the_checked_subset_is_refused(text, message):
     with pytest.raises(InvalidRequest) as caught:
-        evaluations.check_task(text)
+        evaluation_tasks.check_task(text)
     assert message in str(caught.value)
 
 
 def test_a_task_reads_only_its_template_fields_and_bad_data_lines_are_named():
-    config, fields = evaluations.check_task(GOOD_TASK)
+    config, fields = evaluation_tasks.check_task(GOOD_TASK)
     assert fields == {"question", "answer"} and config["generation_kwargs"]["do_sample"] is False
     good = b'{"question": "q", "answer": "a"}\n'
-    assert evaluations.check_task_data(good * 3, fields, LIMITS) == 3
+    assert evaluation_tasks.check_task_data(good * 3, fields, LIMITS) == 3
     with pytest.raises(InvalidRequest, match="data line 2: field 'answer'"):
-        evaluations.check_task_data(good + b'{"question": "q"}\n', fields, LIMITS)
+        evaluation_tasks.check_task_data(good + b'{"question": "q"}\n', fields, LIMITS)
     with pytest.raises(InvalidRequest, match="data line 1: invalid JSON"):
-        evaluations.check_task_data(b"{oops\n", fields, LIMITS)
+        evaluation_tasks.check_task_data(b"{oops\n", fields, LIMITS)
