@@ -32,6 +32,7 @@ from adaptery.services import agents as agent_records
 from adaptery.services import blob_refs, datasets, enrollment, finetuning, models, sso, tenants
 from adaptery.services.control_plane import ControlPlane
 from adaptery.services.errors import NotFound
+from adaptery.services.evaluation_queue import EvaluationQueue
 from adaptery.services.fair_tasks import FairTasks
 from adaptery.services.inference import Inference
 from adaptery.services.inference_router import InferenceRouter
@@ -102,6 +103,14 @@ class Platform:
             clock_skew_seconds=settings.oidc_clock_skew_seconds,
             metadata_seconds=settings.oidc_metadata_seconds,
             jwks_refresh_seconds=settings.oidc_jwks_refresh_seconds,
+        )
+        self.evaluations = EvaluationQueue(
+            self.db,
+            self.blobs,
+            lease_seconds=settings.job_lease_seconds,
+            max_attempts=settings.job_max_attempts,
+            api_base=settings.base_url,
+            record_limits=RecordLimits.from_settings(settings),
         )
         self.nats: NatsServer | None = None
         self.control: ControlPlane | None = None
@@ -184,6 +193,7 @@ class Platform:
             requests_per_second=settings.agent_requests_per_second,
             request_burst=settings.agent_request_burst,
             requests_in_flight=settings.agent_requests_in_flight,
+            evaluations=self.evaluations,
         )
         self.sync_agents()
         self.control.start()
@@ -293,6 +303,7 @@ class Platform:
         while not self._stopping.is_set():
             try:
                 self.queue.recover()
+                self.evaluations.recover()
                 finetuning.validate_waiting(self.db, self.blobs, self.token_budget)
             except Exception:
                 log.exception("job recovery failed")

@@ -223,10 +223,14 @@ class Agent:
                 log.warning("cancelled %d job(s) an earlier run of this agent left in %s", forgotten, self.backend.name)
         while not self.stopping.is_set():
             try:
-                data = self.link.lease()
+                work = self.link.lease_work()
             except (LinkDown, RemoteError) as exc:  # the control plane restarting must not end the agent
                 log.info("leasing a job failed: %s", exc)
-                data = None
+                work = {}
+            data = work.get("assignment")
+            if data is None and isinstance(work.get("evaluation"), dict):
+                self._evaluate(work["evaluation"])
+                continue
             if data is None:
                 self.stopping.wait(self.poll_seconds)
                 continue
@@ -241,6 +245,17 @@ class Agent:
 
     def stop(self) -> None:
         self.stopping.set()
+
+    def _evaluate(self, evaluation: dict[str, Any]) -> None:
+        """Run an evaluation (adaptery/agent/evaluation.py); whatever goes wrong is reported as its failure."""
+        from adaptery.agent.evaluation import run_evaluation
+
+        evaluation_id, attempt = str(evaluation.get("evaluation_id")), evaluation.get("attempt")
+        try:
+            run_evaluation(self, evaluation)
+        except Exception as exc:
+            log.exception("evaluation %s failed in the agent", evaluation_id)
+            self._finish(evaluation_id, {"state": "failed", "message": f"agent error: {exc}", "attempt": attempt})
 
     def _retrying(self, job_id: str, what: str, call: Callable[[], T]) -> T:
         """`call()`, asked again after a transient fault (the control plane away or restarting, a retryable

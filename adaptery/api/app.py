@@ -16,6 +16,7 @@ from adaptery.api import (
     arena,
     conversations,
     datasets,
+    evaluations,
     fabric,
     federations,
     feedback,
@@ -73,7 +74,7 @@ def create_app(platform: Platform, *, manage_lifecycle: bool = True) -> FastAPI:
         app.include_router(module.router)
     for module in (admin, sharing, agents, fabric, lineage):
         app.include_router(module.router)
-    for module in (conversations, members, federations, sso, feedback, arena):
+    for module in (conversations, members, federations, sso, feedback, arena, evaluations):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")
     return app

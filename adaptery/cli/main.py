@@ -20,6 +20,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeE
 from rich.table import Table
 
 from adaptery.cli.client import api, api_key, base_url, openai_client
+from adaptery.cli.evaluate import eval_app
 from adaptery.cli.federated import federated_app
 from adaptery.cli.feedback import feedback_app
 
@@ -55,6 +56,7 @@ for sub, name in (
     (datasets_app, "datasets"),
     (federated_app, "federated"),
     (feedback_app, "feedback"),
+    (eval_app, "eval"),
 ):
     app.add_typer(sub, name=name)
 

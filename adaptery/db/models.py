@@ -485,6 +485,41 @@ class Federation(TenantOwned, Base):
     name: Mapped[str] = mapped_column(String(64))
     base_model: Mapped[str] = mapped_column(String(255))
     threshold: Mapped[int | None] = mapped_column(Integer)  # None: a majority of the sites
+class Evaluation(TenantOwned, Base):
+    """An evaluation run: a job on the queue, leased by agents like fine-tuning, whose result is the report's."""
+
+    __tablename__ = "evaluations"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # evaljob-...
+    user_id: Mapped[str | None] = mapped_column(String(40))
+    kind: Mapped[str] = mapped_column(String(16))  # held_out, lm_eval
+    job_id: Mapped[str | None] = mapped_column(String(40), index=True)  # the fine-tuning job evaluated
+    model: Mapped[str] = mapped_column(String(255), index=True)  # the model evaluated (the candidate)
+    base_model: Mapped[str] = mapped_column(String(128))
+    models: Mapped[list[Any]] = mapped_column(JSON)  # [{"label": candidate|predecessor|base, "model"}]
+    source: Mapped[dict[str, Any]] = mapped_column(JSON)  # what it is evaluated on, and why that
+    status: Mapped[str] = mapped_column(String(16), index=True)  # queued, running, succeeded, failed
+    progress: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # {"done", "total", "message"}
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_expires_at: Mapped[float | None] = mapped_column(Float)
+    api_key_id: Mapped[str | None] = mapped_column(String(40))  # lm_eval: the short-lived key it calls the API with
+    created_at: Mapped[float] = mapped_column(Float, default=now, index=True)
+    started_at: Mapped[float | None] = mapped_column(Float)
+    finished_at: Mapped[float | None] = mapped_column(Float)
+
+
+class EvaluationTask(TenantOwned, Base):
+    """An lm-evaluation-harness task a tenant uploaded: its checked YAML (as JSON) and its JSONL data (a blob)."""
+
+    __tablename__ = "evaluation_tasks"
+    __table_args__ = (UniqueConstraint("tenant_id", "name"),)
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # evtask-...
+    name: Mapped[str] = mapped_column(String(64))
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    data_sha256: Mapped[str] = mapped_column(String(64))
+    records: Mapped[int] = mapped_column(Integer)
     created_by: Mapped[str | None] = mapped_column(String(40))
     created_at: Mapped[float] = mapped_column(Float, default=now)
 
@@ -648,3 +683,10 @@ class ArenaBattle(TenantOwned, Base):
     winner: Mapped[str | None] = mapped_column(String(8))
     voted_at: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[float] = mapped_column(Float, default=now, index=True)
+class AdapterEvaluationSet(TenantOwned, Base):
+    """The evaluation set an owner keeps beside an adapter: its later versions are evaluated on it too."""
+
+    __tablename__ = "adapter_evaluation_sets"
+    model_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    file_id: Mapped[str] = mapped_column(String(40))
+    created_at: Mapped[float] = mapped_column(Float, default=now)

@@ -5,7 +5,7 @@ control plane knows who asks from the subject alone. All are request/reply:
 
 | subject (after `adaptery.agent.<agent>.`) | request | reply |
 | --- | --- | --- |
-| `lease` | `{}` | `{"assignment": {...} or null}` |
+| `lease` | `{"kinds"?: ["evaluation"]}` | `{"assignment": {...} or null, "evaluation"?: {...}}` |
 | `job.<job>.heartbeat` | `{"attempt"}` | `{"verdict": "continue" / "cancel" / "pause" / "lost"}` |
 | `job.<job>.events` | `{"events": [...], "attempt"}` (the trainer's own) | `{}` |
 | `job.<job>.download` | `{"sha256", "offset"}` | the blob's bytes from offset, at most CHUNK_BYTES |
@@ -14,6 +14,12 @@ control plane knows who asks from the subject alone. All are request/reply:
 | `job.<job>.finish` | `{"state", "message"?, "result"?, "files"?, "attempt"}` | `{"model"?}` |
 | `announce` | an infer agent's `Announcement` (every few seconds, and at once on a change) | `{}` |
 | `adapter` | `{"request_id", "sha256", "offset"}`: a blob the agent's open infer request names | as a download |
+
+An agent that lists `"evaluation"` in its lease request's `kinds` may be given an evaluation instead of a
+fine-tuning job (only when none is waiting for it): `evaluation` is the evaluation's assignment
+(`services.evaluation_queue.EvaluationQueue._assignment`), its id starts with `evaljob-`, and it uses the job verbs
+heartbeat, events (`{"type": "progress"|"message"}`), download and finish (`{"state", "result"?, "message"?,
+"attempt"}`), never upload or checkpoint.
 
 `attempt` is the assignment's: the lease it names is the one the request acts under, and a request from an
 attempt that is over is refused (a heartbeat hears "lost"), even if the job was leased again to the same agent
@@ -48,6 +54,14 @@ OFFSET_HEADER = "Adaptery-Offset"
 SHA256_HEADER = "Adaptery-Sha256"
 ERROR_HEADER = "Adaptery-Error"
 RETRYABLE_HEADER = "Adaptery-Retryable"
+
+
+EVALUATION_KIND = "evaluation"
+EVALUATION_PREFIX = "evaljob-"
+
+
+def is_evaluation(job_id: str) -> bool:
+    return job_id.startswith(EVALUATION_PREFIX)
 
 
 def agent_subject(agent_id: str, *parts: str) -> str:

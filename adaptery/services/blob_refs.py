@@ -20,6 +20,7 @@ _SHA_COLUMNS = (
         (m.DatasetVersion.dataset_id, m.DatasetVersion.number),
         (m.DatasetVersion.sha256, m.DatasetVersion.source_sha256),
     ),
+    ("evaluation task {}", (m.EvaluationTask.name,), (m.EvaluationTask.data_sha256,)),
 )
 _MANIFESTS = (  # JSON objects of file name -> sha256
     ("model {} ({})", m.Adapter.id, m.Adapter.manifest),

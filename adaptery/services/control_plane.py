@@ -40,6 +40,7 @@ from nats.aio.msg import Msg
 from adaptery.messaging import protocol
 from adaptery.messaging.protocol import InferRequest
 from adaptery.services import faults
+from adaptery.services.evaluation_queue import EvaluationQueue
 from adaptery.services.inference_router import InferenceRouter, InvalidAnnouncement
 from adaptery.services.queue import JobQueue
 from adaptery.storage.blobs import BlobStore
@@ -136,8 +137,10 @@ class ControlPlane:
         requests_per_second: float = 200.0,
         request_burst: int = 400,
         requests_in_flight: int = 4,
+        evaluations: EvaluationQueue | None = None,
     ) -> None:
         self.queue = job_queue
+        self.evaluations = evaluations
         self.blobs = blobs
         self.staging_dir = staging_dir
         self.url = url
@@ -312,6 +315,8 @@ class ControlPlane:
         except ValueError as exc:
             raise RequestRefused(str(exc)) from exc
         if verb == "upload":
+            if job_id is not None and protocol.is_evaluation(job_id):
+                raise RequestRefused("an evaluation uploads nothing: its result is in its finish")
             return protocol.encode(self._upload(agent_id, job_id, msg)), None
         if verb == "download":
             return self._download(agent_id, job_id, self._body(msg)), None
@@ -329,9 +334,11 @@ class ControlPlane:
                 raise RequestRefused(str(exc)) from exc
             return protocol.encode({}), None
         if verb == "lease":
-            return protocol.encode(self._lease(agent_id)), None
+            return protocol.encode(self._lease(agent_id, body)), None
         if job_id is None:
             raise RequestRefused(f"unknown request '{verb}'")
+        if protocol.is_evaluation(job_id):
+            return protocol.encode(self._evaluation_request(agent_id, job_id, verb, body)), None
         handler = {
             "heartbeat": self._heartbeat,
             "events": self._events,
@@ -349,12 +356,38 @@ class ControlPlane:
         except ValueError as exc:  # json's errors included: asking again with the same body cannot help
             raise RequestRefused(f"invalid request body: {exc}") from exc
 
-    def _lease(self, agent_id: str) -> dict[str, Any]:
+    def _lease(self, agent_id: str, body: dict[str, Any]) -> dict[str, Any]:
         self.queue.seen(agent_id, idle=True)
         if agent_id in self.not_training:
             return {"assignment": None}
         assignment = self.queue.lease(agent_id, tenant_scope=self.agent_scope.get(agent_id))
-        return {"assignment": assignment.to_json() if assignment else None}
+        if assignment is not None:
+            return {"assignment": assignment.to_json()}
+        kinds = body.get("kinds")
+        if self.evaluations is not None and isinstance(kinds, list) and protocol.EVALUATION_KIND in kinds:
+            evaluation = self.evaluations.lease(agent_id, tenant_scope=self.agent_scope.get(agent_id))
+            if evaluation is not None:
+                return {"assignment": None, "evaluation": evaluation}
+        return {"assignment": None}
+
+    def _evaluation_request(self, agent_id: str, evaluation_id: str, verb: str, body: dict[str, Any]) -> dict:
+        """An agent's request about the evaluation leased to it: heartbeat, progress events, its end."""
+        if self.evaluations is None:
+            raise RequestRefused(f"job {evaluation_id} is not leased to you")
+        attempt = self._attempt(body)
+        if verb == "heartbeat":
+            return {"verdict": self.evaluations.heartbeat(evaluation_id, agent_id, attempt)}
+        if verb == "events":
+            events = body.get("events")
+            if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
+                raise RequestRefused("events must be a list of objects")
+            self.evaluations.report(evaluation_id, agent_id, events, attempt)
+            return {}
+        if verb == "finish":
+            self._leased_tenant(agent_id, evaluation_id)
+            self.evaluations.finish(evaluation_id, agent_id, body)
+            return {}
+        raise RequestRefused(f"an evaluation has no '{verb}' request")
 
     @staticmethod
     def _attempt(body: dict[str, Any]) -> int | None:
@@ -421,11 +454,17 @@ class ControlPlane:
     def _leased_tenant(self, agent_id: str, job_id: str | None) -> str:
         """The tenant of `job_id` if it is leased to this agent (within the agent's tenant scope), else refused
         (the same refusal for another agent's job, another tenant's and none)."""
-        tenant_id = self.queue.tenant_of(job_id) if job_id and self.queue.holds(job_id, agent_id) else None
+        work = self._work_queue(job_id)
+        tenant_id = work.tenant_of(job_id) if work is not None and work.holds(job_id, agent_id) else None
         scope = self.agent_scope.get(agent_id)
         if tenant_id is None or (scope is not None and scope != tenant_id):
             raise RequestRefused(f"job {job_id} is not leased to you")
         return tenant_id
+
+    def _work_queue(self, job_id: str | None) -> JobQueue | EvaluationQueue | None:
+        if not job_id:
+            return None
+        return self.evaluations if protocol.is_evaluation(job_id) else self.queue
 
     def _manifest(self, tenant_id: str, files: object) -> dict[str, str]:
         if not isinstance(files, dict) or not files:
@@ -443,7 +482,7 @@ class ControlPlane:
         if job_id is None or not isinstance(sha, str) or not isinstance(offset, int) or offset < 0:
             raise RequestRefused("a download names a job, a sha256 and an offset")
         tenant_id = self._leased_tenant(agent_id, job_id)
-        if sha not in self.queue.job_blobs(job_id, agent_id):
+        if sha not in self._work_queue(job_id).job_blobs(job_id, agent_id):
             raise RequestRefused(f"blob {sha} is not part of job {job_id}")
         with self.blobs.open(tenant_id, sha, offset=offset) as source:
             return source.read(protocol.CHUNK_BYTES)

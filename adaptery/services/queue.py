@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 from adaptery.db import models as m
 from adaptery.db.session import Database
 from adaptery.messaging.protocol import ADAPTER_FILES, Assignment, BlobRef, CheckpointRef
-from adaptery.services import blob_refs, faults, finetuning, limits, models, usage
+from adaptery.services import blob_refs, evaluations, faults, finetuning, limits, models, usage
 from adaptery.services.errors import InvalidRequest
 from adaptery.storage.blobs import BlobStore
 
@@ -524,6 +524,7 @@ class JobQueue:
                     )
                 )
             finetuning.add_event(s, job, f"New fine-tuned model created: {model_id}")
+            evaluations.enqueue_for_job(s, job)  # its event before the last: OpenAI's jobs end with "completed"
             finetuning.finish(s, job, "succeeded")
             finetuning.add_event(s, job, "The job has successfully completed")
             self._mark_agent(s, agent_id, None)

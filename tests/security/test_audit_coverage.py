@@ -210,6 +210,13 @@ def calls(world: World, lora_bytes: bytes, tmp_path) -> list[tuple[str, Callable
         ("POST /api/models/import", lambda: client.post(
             "/api/models/import", params={"base_model": "adaptery-demo", "suffix": "again"}, content=lora_bytes,
             headers=member)),
+        ("POST /api/evaluation_tasks", lambda: client.post("/api/evaluation_tasks", headers=member, json={
+            "config": 'task: audited\ndoc_to_text: "{{q}}"\ndoc_to_target: "{{a}}"\n',
+            "data": '{"q": "1", "a": "2"}\n'})),
+        ("PUT /api/models/{model_id}/evaluation_set", lambda: client.put(
+            f"/api/models/{ids['model_id']}/evaluation_set", headers=member, json={"file_id": ids["file_id"]})),
+        ("POST /api/evaluations", lambda: client.post("/api/evaluations", headers=member, json={
+            "model": ids["model_id"], "kind": "lm_eval", "task": "audited", "limit": 1})),
         ("PUT /api/models/{model_id}/sharing", lambda: client.put(
             f"/api/models/{ids['model_id']}/sharing", headers=member, json={"visibility": "private"})),
         ("POST /api/keys", lambda: client.post("/api/keys", headers=owner, json={"name": "new"})),

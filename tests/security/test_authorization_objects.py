@@ -284,12 +284,19 @@ def tenants_object(*, copy: bool = False, **arguments: object) -> Request:
     return request
 
 
+def evaluation_set(lab: Lab, path: str, caller: str, obj: str) -> tuple[str, dict]:
+    return fill(path, model_id=lab.model(caller, obj)), {"json": {"file_id": lab.file_id}}
+
+
 MODELS = [
     Row("GET /v1/models/{model_id:path}", ADAPTERS, model(), visible(200)),
     Row("GET /api/models/{model_id}/download", ADAPTERS, model(), at_least("member", visible(200))),
     Row("GET /api/models/{model_id}/sharing", ADAPTERS, model(), visible(200)),
     Row("PUT /api/models/{model_id}/sharing", ADAPTERS, sharing_as_it_is, at_least("member", governed)),
     Row("DELETE /v1/models/{model_id:path}", ADAPTERS, model(copy=True), at_least("member", governed)),
+    Row("GET /api/models/{model_id}/evaluation", ADAPTERS, model(), visible(200)),
+    # What an adapter is measured on is decided as who sees it is: by its creator or a tenant admin.
+    Row("PUT /api/models/{model_id}/evaluation_set", ADAPTERS, evaluation_set, at_least("member", governed)),
     Row("POST /v1/chat/completions", ADAPTERS, model_in_body(**CHAT), visible(200)),
     Row("POST /v1/completions", ADAPTERS, model_in_body(prompt="hi", max_tokens=1), visible(200)),
     # An adapter is no starting point for a new job (400), once the caller may see it at all.
@@ -307,6 +314,7 @@ JOB_ROUTES = [
     Row("GET /v1/fine_tuning/jobs/{job_id}", JOBS, job(), visible(200)),
     Row("GET /v1/fine_tuning/jobs/{job_id}/events", JOBS, job(), visible(200)),
     Row("GET /v1/fine_tuning/jobs/{job_id}/checkpoints", JOBS, job(), visible(200)),
+    Row("GET /api/fine_tuning/jobs/{job_id}/evaluation", JOBS, job(), visible(200)),
     Row("POST /v1/fine_tuning/jobs/{job_id}/cancel", JOBS, job(copy_as="queued"), at_least("member", visible(200))),
     Row("POST /v1/fine_tuning/jobs/{job_id}/pause", JOBS, job(copy_as="queued"), at_least("member", visible(200))),
     Row("POST /v1/fine_tuning/jobs/{job_id}/resume", JOBS, job(copy_as="paused"), at_least("member", visible(200))),

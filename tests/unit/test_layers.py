@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-LOWER = ("engine", "training", "data", "agent")
+LOWER = ("engine", "training", "data", "agent", "evaluation")
 UPPER = ("adaptery.db", "adaptery.services", "adaptery.api", "adaptery.cli", "adaptery.platform")
 # What agents may take from messaging: the wire protocol. The rest (NATS server launch, credentials, the control
 # plane's responder) is server side and uses the database.

@@ -162,3 +162,39 @@ export function barChart(items, { title = "Chart", unit = "" } = {}) {
   figure.append(chart);
   return figure;
 }
+
+/** Bars grouped by metric, one bar per series in each group (values in [0, 1]: scores and pass rates). */
+export function groupedBarChart(groups, series, { title = "Chart" } = {}) {
+  const figure = h("figure", { class: "chart" });
+  if (!groups.length || !series.length) {
+    figure.append(h("p", { class: "muted chart-empty" }, "Nothing yet."));
+    return figure;
+  }
+  const yTicks = [0, 0.25, 0.5, 0.75, 1];
+  const slot = (W - PAD.left - PAD.right) / groups.length;
+  const bar = Math.min(28, (slot - 16) / series.length);
+  const sy = (y) => H - PAD.bottom - y * (H - PAD.top - PAD.bottom);
+  const summary = groups.map((g) => `${g.label}: ${series.map((s) => `${s.name} ${fmtNumber(g.values[s.key], 3)}`).join(", ")}`).join("; ");
+  const chart = svg(
+    "svg",
+    { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": `${title}. ${summary}` },
+    yTicks.map((t) => [
+      svg("line", { x1: PAD.left, x2: W - PAD.right, y1: sy(t), y2: sy(t), class: t ? "grid" : "axis" }),
+      svg("text", { x: PAD.left - 6, y: sy(t) + 4, "text-anchor": "end", class: "tick" }, String(t)),
+    ]),
+    groups.map((g, i) => {
+      const x0 = PAD.left + i * slot + (slot - bar * series.length) / 2;
+      return [
+        series.map((s, j) => {
+          const value = g.values[s.key];
+          if (typeof value !== "number") return null;
+          const y = sy(Math.max(0, Math.min(1, value)));
+          return svg("rect", { x: x0 + j * bar, y, width: bar - 2, height: Math.max(1, sy(0) - y), class: `bar ${s.className}` }, svg("title", {}, `${g.label}, ${s.name}: ${fmtNumber(value, 3)}`));
+        }),
+        svg("text", { x: PAD.left + i * slot + slot / 2, y: H - PAD.bottom + 16, "text-anchor": "middle", class: "tick" }, g.label.length > 18 ? `${g.label.slice(0, 17)}…` : g.label),
+      ];
+    }),
+  );
+  figure.append(chart, h("figcaption", { class: "legend" }, series.map((s) => h("span", { class: "legend-item" }, h("span", { class: `swatch ${s.className}` }), s.name))));
+  return figure;
+}

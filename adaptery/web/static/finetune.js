@@ -4,6 +4,7 @@
 import { lineChart } from "/static/charts.js";
 import { api, badge, clear, redraw, confirmDialog, errorBox, field, fmtDuration, fmtNumber, fmtTime, h, modelLabel, section, showError, table, valueTable } from "/static/lib.js";
 import { pageMessage } from "/static/datasets.js";
+import { evaluationSection } from "/static/evaluation.js";
 
 const TERMINAL = ["succeeded", "failed", "cancelled"];
 const METHODS = [
@@ -336,6 +337,7 @@ export async function renderJob(root, ctx, { args }) {
   const path = `/v1/fine_tuning/jobs/${encodeURIComponent(jobId)}`;
   let timer = null;
   let stopped = false;
+  let evaluation = null; // made once: it refreshes itself
   const error = errorBox();
 
   async function control(action) {
@@ -430,6 +432,7 @@ export async function renderJob(root, ctx, { args }) {
         h("div", {}, h("span", { class: "muted" }, "Started / finished"), h("strong", {}, `${fmtTime(job.created_at)} → ${job.finished_at ? fmtTime(job.finished_at) : "…"}`)),
       ),
       buttons.length ? h("div", { class: "form-actions" }, buttons) : null,
+      job.status === "succeeded" ? (evaluation ||= evaluationSection({ jobId: job.id }, ctx)) : null,
       h(
         "section",
         { class: "card", id: "loss-chart" },

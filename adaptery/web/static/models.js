@@ -1,6 +1,7 @@
 /* Models: base models and adapters, an adapter's details, download as a PEFT zip, import one,
  * sharing within the tenant, delete with confirmation. */
 
+import { evaluationSection } from "/static/evaluation.js";
 import { api, badge, clear, confirmDialog, errorBox, field, fmtNumber, fmtTime, h, modelLabel, optionalApi, section, shortSha, showError, table, uploadWithProgress } from "/static/lib.js";
 
 const downloadUrl = (id) => `/api/models/${encodeURIComponent(id)}/download`;
@@ -146,6 +147,7 @@ async function renderModel(root, ctx, modelId) {
       ),
       await sharingCard(model, ctx),
     ),
+    model.id.startsWith("ft:") ? evaluationSection({ model: model.id }, ctx) : null,
   );
   return null;
 }

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0014_identity_providers"
-down_revision = "0011_feedback"
+down_revision = "0012_evaluations"
 branch_labels = None
 depends_on = None
 

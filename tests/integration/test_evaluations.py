@@ -1,0 +1,186 @@
+"""Which evaluation a finished job gets (held-out set, predecessor), and the evaluation queue's lease, progress,
+end and recovery, on SQLite and PostgreSQL. (The whole run, training and scoring included, is in
+tests/e2e/test_evaluation_e2e.py.)"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from adaptery.db import models as m
+from adaptery.db.ids import new_id
+from adaptery.messaging import protocol
+from adaptery.services import evaluations
+from tests.integration.helpers import upload_sample
+
+
+@pytest.fixture
+def settings_overrides() -> dict[str, object]:
+    return {"embedded_agent": False}  # nothing runs the evaluations behind the test's back
+
+
+class Lab:
+    def __init__(self, running) -> None:  # noqa: ANN001
+        self.running = running
+        self.tenant_id = running.tenant_id
+        self.file_id = upload_sample(running.client, running.auth())["id"]
+        with running.platform.db.system() as s:
+            self.user_id = s.get(m.ApiKey, running.first.api_key.split("-")[2]).user_id
+
+    def job(self, *, adapter: str | None = "tenant", user_id: str | None = None, **fields: object) -> str:
+        """A succeeded job on the demo base (with an adapter at that visibility, unless None); its id."""
+        hyperparameters = fields.pop("hyperparameters", {"n_epochs": 1})
+        with self.running.platform.db.system() as s:
+            job = m.FineTuningJob(
+                id=new_id("ftjob-"), tenant_id=self.tenant_id, user_id=user_id or self.user_id, model="adaptery-demo",
+                training_file=fields.pop("training_file", self.file_id), seed=3, hyperparameters=hyperparameters,
+                method={"type": "supervised"}, status="succeeded", created_at=time.time(), **fields,
+            )  # fmt: skip
+            s.add(job)
+            s.flush()
+            if adapter is not None:
+                job.fine_tuned_model = f"ft:adaptery-demo:default::{job.id}"
+                s.add(m.Adapter(id=job.fine_tuned_model, tenant_id=self.tenant_id, base_model="adaptery-demo",
+                                job_id=job.id, rank=8, manifest={}, sha256="0" * 64, visibility=adapter,
+                                created_by=job.user_id))  # fmt: skip
+            return job.id
+
+    def enqueue(self, job_id: str) -> m.Evaluation | None:
+        with self.running.platform.db.system() as s:
+            evaluation = evaluations.enqueue_for_job(s, s.get(m.FineTuningJob, job_id))
+            if evaluation is not None:
+                s.expunge(evaluation)
+            return evaluation
+
+    def model(self, job_id: str) -> str:
+        with self.running.platform.db.system() as s:
+            return s.get(m.FineTuningJob, job_id).fine_tuned_model
+
+
+def labels(evaluation: m.Evaluation) -> dict[str, str]:
+    return {entry["label"]: entry["model"] for entry in evaluation.models}
+
+
+def test_the_held_out_set_is_the_validation_file_else_the_split_else_the_set_kept_beside_the_predecessor(running):
+    lab = Lab(running)
+    with_file = lab.enqueue(lab.job(validation_file=lab.file_id))
+    assert with_file.source == {"kind": "validation_file", "file_id": lab.file_id}
+    split = lab.enqueue(lab.job(hyperparameters={"n_epochs": 1, "validation_split": 0.25, "seed": 11}))
+    assert split.source == {"kind": "validation_split", "file_id": lab.file_id, "fraction": 0.25, "seed": 11}
+    nothing = lab.job()
+    assert lab.enqueue(nothing) is None  # no held-out set, and its event says so
+    events = running.client.get(f"/v1/fine_tuning/jobs/{nothing}/events", headers=running.auth()).json()["data"]
+    assert any(e["message"].startswith("Not evaluated: the job has no validation file") for e in events)
+
+    kept = running.client.put(f"/api/models/{lab.model(nothing)}/evaluation_set", headers=running.auth(),
+                              json={"file_id": lab.file_id})  # fmt: skip
+    assert kept.status_code == 200, kept.text
+    follower = lab.enqueue(lab.job())  # same base and data: the adapter before it is its predecessor
+    assert follower.source == {"kind": "evaluation_set", "file_id": lab.file_id, "beside": lab.model(nothing)}
+
+
+def test_the_predecessor_is_the_parent_else_the_latest_earlier_adapter_on_the_same_base_and_data(running):
+    lab = Lab(running)
+    validation = {"validation_file": lab.file_id}
+    first = lab.job(**validation)
+    assert labels(lab.enqueue(first)).keys() == {"candidate", "base"}  # the first adapter has none
+    second = lab.job(**validation)
+    assert labels(lab.enqueue(second)) == {"candidate": lab.model(second), "predecessor": lab.model(first),
+                                           "base": "adaptery-demo"}  # fmt: skip
+    other_data = upload_sample(running.client, running.auth(), b'{"messages": [{"role": "user", "content": "x"}, '
+                               b'{"role": "assistant", "content": "y"}]}\n')["id"]  # fmt: skip
+    assert "predecessor" not in labels(lab.enqueue(lab.job(training_file=other_data, **validation)))
+    child = lab.job(lineage={"kind": "fork", "parent_job": first, "checkpoint": None}, **validation)
+    assert labels(lab.enqueue(child))["predecessor"] == lab.model(first)  # lineage wins over the latest
+
+
+def test_a_colleagues_private_adapter_is_never_the_predecessor(running):
+    lab = Lab(running)
+    with running.platform.db.system() as s:
+        colleague = m.User(id=new_id("user-"), username="colleague")
+        s.add(colleague)
+        s.flush()
+        colleague_id = colleague.id
+    validation = {"validation_file": lab.file_id}
+    mine = lab.job(**validation)
+    lab.job(adapter="private", user_id=colleague_id, **validation)  # later, same data, but not the owner's to see
+    assert labels(lab.enqueue(lab.job(**validation)))["predecessor"] == lab.model(mine)
+
+
+def test_an_evaluation_is_leased_fenced_reported_and_recovered(running):
+    lab = Lab(running)
+    queue = running.platform.evaluations
+    evaluation = lab.enqueue(lab.job(validation_file=lab.file_id))
+    assert queue.lease("agent-a", tenant_scope="another-tenant") is None
+    first = queue.lease("agent-a")
+    assert first["evaluation_id"] == evaluation.id and first["attempt"] == 1 and first["kind"] == "held_out"
+    queue.report(evaluation.id, "agent-a", [{"type": "progress", "done": 3, "total": 12}], 1)
+    got = running.client.get(f"/api/evaluations/{evaluation.id}", headers=running.auth()).json()
+    assert got["status"] == "running" and got["progress"] == {"done": 3, "total": 12}
+    queue.clock = lambda: time.time() + 10_000  # its lease lapses: back to the queue, attempt 2 to another agent
+    assert queue.recover() == 1
+    second = queue.lease("agent-b")
+    assert second["attempt"] == 2
+    assert queue.heartbeat(evaluation.id, "agent-a", 1) == "lost"  # the old attempt is over
+    queue.finish(evaluation.id, "agent-a", {"state": "succeeded", "result": {}, "attempt": 1})  # ignored
+    result = {"kind": "held_out", "models": {"candidate": {"exact_match": 1.0}, "base": {"exact_match": 0.0}},
+              "examples": []}  # fmt: skip
+    queue.finish(evaluation.id, "agent-b", {"state": "succeeded", "result": result, "attempt": 2})
+    report = running.client.get(f"/api/fine_tuning/jobs/{evaluation.job_id}/evaluation", headers=running.auth())
+    assert report.json()["held_out"]["table"]["candidate"]["exact_match"] == 1.0
+
+
+def test_a_result_that_does_not_score_the_evaluations_models_fails_it_saying_why(running):
+    lab = Lab(running)
+    queue = running.platform.evaluations
+    evaluation = lab.enqueue(lab.job(validation_file=lab.file_id))
+    attempt = queue.lease("agent-a")["attempt"]
+    forged = {"kind": "held_out", "models": {"candidate": {}, "someone-else": {}}, "examples": []}
+    queue.finish(evaluation.id, "agent-a", {"state": "succeeded", "attempt": attempt, "result": forged})
+    got = running.client.get(f"/api/evaluations/{evaluation.id}", headers=running.auth()).json()
+    assert got["status"] == "failed"
+    assert got["error"] == "the agent's result was refused: result.models must score exactly ['base', 'candidate']"
+
+
+def test_an_evaluation_set_with_bad_lines_is_refused_naming_them(running):
+    lab = Lab(running)
+    model = lab.model(lab.job())
+    good = b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n'
+    content = good + b'{"messages": [oops\n' + b'{"messages": [{"role": "user", "content": "q"}]}\n'
+    bad = running.client.post(
+        "/v1/files", headers=running.auth(), data={"purpose": "evals"}, files={"file": ("set.jsonl", content)}
+    ).json()["id"]
+    for response in (
+        running.client.post("/api/evaluations", headers=running.auth(), json={"model": model, "file_id": bad}),
+        running.client.put(f"/api/models/{model}/evaluation_set", headers=running.auth(), json={"file_id": bad}),
+    ):
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == "file_id"
+        assert "2 invalid line(s) of 3: line 2" in error["message"] and "line 3" in error["message"]
+    missing = running.client.post("/api/evaluations", headers=running.auth(), json={"model": model})
+    assert missing.status_code == 400 and "has no held-out set" in missing.json()["error"]["message"]
+    unknown = running.client.post("/api/evaluations", headers=running.auth(), json={"model": model, "kind": "lm_eval"})
+    assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "task"
+
+
+def test_over_nats_an_agent_reaches_only_the_evaluation_leased_to_it_and_only_if_it_asked_for_evaluations(running):
+    from tests.integration.test_control_plane import ask
+
+    lab = Lab(running)
+    control = running.platform.control
+    evaluation = lab.enqueue(lab.job(validation_file=lab.file_id))
+    assert control._lease("old-agent", {}) == {"assignment": None}  # an agent that runs no evaluations gets none
+    assignment = control._lease("agent-a", {"kinds": [protocol.EVALUATION_KIND]})["evaluation"]
+    assert assignment["evaluation_id"] == evaluation.id
+    sha = assignment["evaluation_file"]["sha256"]
+    assert ask(control, "agent-a", evaluation.id, "download", {"sha256": sha, "offset": 0})["data"].startswith(b"{")
+    assert "not leased to you" in ask(control, "agent-b", evaluation.id, "download", {"sha256": sha})["error"]
+    assert "not part of" in ask(control, "agent-a", evaluation.id, "download", {"sha256": "0" * 64})["error"]
+    assert "uploads nothing" in ask(control, "agent-a", evaluation.id, "upload", b"x", **{
+        protocol.UPLOAD_HEADER: "0" * 32, protocol.OFFSET_HEADER: "0"})["error"]  # fmt: skip
+    assert "no 'checkpoint'" in ask(control, "agent-a", evaluation.id, "checkpoint", {"step": 1})["error"]
+    assert ask(control, "agent-b", evaluation.id, "heartbeat", {"attempt": 1}) == {"verdict": "lost"}
+    assert "not leased to you" in ask(control, "agent-b", evaluation.id, "finish", {"state": "failed"})["error"]
+    assert ask(control, "agent-a", evaluation.id, "heartbeat", {"attempt": 1}) == {"verdict": "continue"}
