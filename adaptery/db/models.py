@@ -485,6 +485,10 @@ class Federation(TenantOwned, Base):
     name: Mapped[str] = mapped_column(String(64))
     base_model: Mapped[str] = mapped_column(String(255))
     threshold: Mapped[int | None] = mapped_column(Integer)  # None: a majority of the sites
+    created_by: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+
+
 class Evaluation(TenantOwned, Base):
     """An evaluation run: a job on the queue, leased by agents like fine-tuning, whose result is the report's."""
 
@@ -536,6 +540,8 @@ class FederationSite(TenantOwned, Base):
     public_key: Mapped[str] = mapped_column(Text)
     fingerprint: Mapped[str] = mapped_column(String(64))  # sha256 of the key's wire bytes, hex: compare out of band
     created_at: Mapped[float] = mapped_column(Float, default=now)
+
+
 class IdentityProvider(Base):
     """An OpenID Connect provider people sign in with (`services.sso`). Platform-wide: platform admins add
     them (or `ADAPTERY_OIDC_PROVIDERS` does, `managed_by_settings`), and bind each to the tenants that trust it.
@@ -618,6 +624,8 @@ class TenantSignInPolicy(Base):
     password_sign_in: Mapped[bool] = mapped_column(Boolean, default=True)
     link_sign_in: Mapped[bool] = mapped_column(Boolean, default=True)
     updated_at: Mapped[float] = mapped_column(Float, default=now)
+
+
 class FeedbackPolicy(Base):
     """What a tenant collects of its chats and who reads it (`services.feedback`); no row: nothing collected."""
 
@@ -683,6 +691,8 @@ class ArenaBattle(TenantOwned, Base):
     winner: Mapped[str | None] = mapped_column(String(8))
     voted_at: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[float] = mapped_column(Float, default=now, index=True)
+
+
 class AdapterEvaluationSet(TenantOwned, Base):
     """The evaluation set an owner keeps beside an adapter: its later versions are evaluated on it too."""
 
