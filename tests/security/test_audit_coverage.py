@@ -117,23 +117,36 @@ def calls(world: World, lora_bytes: bytes, tmp_path) -> list[tuple[str, Callable
         client.put("/api/feedback/policy", headers=owner, json={"collect": "all"})
 
     def completion_feedback() -> httpx.Response:
-        made = client.post("/v1/chat/completions", headers=member, json={
-            "model": "adaptery-demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
-        state["feedback"] = client.post(f"/api/completions/{made.json()['id']}/feedback", headers=member,
-                                        json={"rating": 1, "correction": "hello"})
+        made = client.post(
+            "/v1/chat/completions",
+            headers=member,
+            json={"model": "adaptery-demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+        )
+        state["feedback"] = client.post(
+            f"/api/completions/{made.json()['id']}/feedback", headers=member, json={"rating": 1, "correction": "hello"}
+        )
         return state["feedback"]  # type: ignore[return-value]
 
     def message_feedback() -> httpx.Response:
         chat = client.post("/api/conversations", headers=member, json={}).json()["id"]
         client.post(f"/api/conversations/{chat}/messages", headers=member, json={"role": "user", "content": "hi"})
-        answer = client.post(f"/api/conversations/{chat}/messages", headers=member,
-                             json={"role": "assistant", "content": "hello", "model": "adaptery-demo"}).json()["id"]
-        return client.post(f"/api/conversations/{chat}/messages/{answer}/feedback", headers=member,
-                           json={"rating": -1, "reason": "terse"})
+        answer = client.post(
+            f"/api/conversations/{chat}/messages",
+            headers=member,
+            json={"role": "assistant", "content": "hello", "model": "adaptery-demo"},
+        ).json()["id"]
+        return client.post(
+            f"/api/conversations/{chat}/messages/{answer}/feedback",
+            headers=member,
+            json={"rating": -1, "reason": "terse"},
+        )
 
     def battle() -> httpx.Response:
-        made = client.post("/api/arena/battles", headers=member, json={
-            "prompt": "hi", "models": ["adaptery-demo", ids["model_id"]], "params": {"max_tokens": 4}})
+        made = client.post(
+            "/api/arena/battles",
+            headers=member,
+            json={"prompt": "hi", "models": ["adaptery-demo", ids["model_id"]], "params": {"max_tokens": 4}},
+        )
         state["battle"] = made.json()["id"]
         return made
 
