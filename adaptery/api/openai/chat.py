@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -45,13 +45,14 @@ from adaptery.engine.generation import (
 from adaptery.engine.sampling import Constraint, SamplingParams
 from adaptery.engine.tool_calls import ToolFormat, call_id
 from adaptery.platform import Platform
-from adaptery.services import limits, models
+from adaptery.services import limits, model_names, models
 from adaptery.services.errors import BadGateway, InvalidRequest, ServerError, TimedOut
 from adaptery.services.inference import AgentProtocolError
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 MAX_CHOICES = 16
+VERSION_HEADER = "X-Adaptery-Model-Version"
 
 
 class ChatMessage(BaseModel):
@@ -164,6 +165,11 @@ class Prepared:
     reservation: limits.Reservation | None = None  # the worst case held against the caller's limits
     tenant_id: str = ""  # the engine shares its batch fairly between tenants
     tools: ToolCalling | None = None  # how to read tool calls in the output; None: it is all content
+    answered_by: str | None = None  # a stable name's request: the version (adapter id) routed to answer it
+
+    def headers(self) -> dict[str, str]:
+        """The version that answered a stable name's request (the body's `model` is the name, as asked)."""
+        return {VERSION_HEADER: self.answered_by} if self.answered_by else {}
 
     def choice_params(self, index: int) -> SamplingParams:
         """Choice i samples with seed + i: the n choices differ, and each is reproducible."""
@@ -320,7 +326,8 @@ def _logprob_params(body: SamplingFields) -> tuple[bool, int]:
     return False, 0
 
 
-def _prepare(p: Platform, who: Principal, body: ChatRequest | CompletionRequest) -> Prepared:
+def _prepare(p: Platform, who: Principal, body: ChatRequest | CompletionRequest, request_id: str) -> Prepared:
+    """`request_id`: the completion's id, which picks a stable name's version (its canary split) and records it."""
     require(who, "infer")
     _check_supported(body)
     chat = isinstance(body, ChatRequest)
@@ -329,6 +336,10 @@ def _prepare(p: Platform, who: Principal, body: ChatRequest | CompletionRequest)
     prompt_param = "messages" if chat else "prompt"
     with p.db.tenant(who.tenant_id) as s:
         ref = models.get_model(s, body.model, viewer=who)
+        answered_by = None
+        if ref.name is not None:  # resolved now: a promotion or a rollback reaches the very next request
+            ref = replace(ref, adapter=model_names.route(s, ref, request_id, who).adapter)
+            answered_by = ref.adapter.id
         adapter = None
         if ref.adapter:
             adapter = AdapterSpec(ref.adapter.sha256, p.adapter_dir(ref.adapter), dict(ref.adapter.manifest))
@@ -389,10 +400,12 @@ def _prepare(p: Platform, who: Principal, body: ChatRequest | CompletionRequest)
         prompt_tokens=len(prompt_ids),
         max_tokens=max_tokens * n,
         hold_seconds=p.settings.inference_hold_seconds,
-        model=ref.id,
+        model=answered_by or ref.id,  # the ledger counts a name's usage per version
         prices=p.settings.usage_prices,
     )
-    return Prepared(ref.id, base.id, base.ref, adapter, prompt_ids, params, n, held, who.tenant_id, calling)
+    return Prepared(
+        ref.id, base.id, base.ref, adapter, prompt_ids, params, n, held, who.tenant_id, calling, answered_by
+    )
 
 
 def _usage(usages: list[Usage]) -> dict[str, int]:
@@ -482,8 +495,8 @@ class _ChoicesStream(StreamingResponse):
     """The choices as server-sent events. However the response ends (sent in full, failed, or the client gone,
     noticed by Starlette as a disconnect or a failed send, or the task cancelled) the choices are stopped."""
 
-    def __init__(self, events: AsyncIterator[bytes], choices: _Choices) -> None:
-        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    def __init__(self, events: AsyncIterator[bytes], choices: _Choices, headers: dict[str, str]) -> None:
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers})
         self.choices = choices
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -555,11 +568,15 @@ async def _collect(choices: _Choices, request: Request) -> list[_Choice]:
 
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(
-    body: ChatRequest, request: Request, who: Principal = Depends(principal), p: Platform = Depends(platform)
+    body: ChatRequest,
+    request: Request,
+    response: Response,
+    who: Principal = Depends(principal),
+    p: Platform = Depends(platform),
 ) -> dict | StreamingResponse:
-    job = await run_in_threadpool(_prepare, p, who, body)
-    choices = _Choices(p, job)
     completion_id, created = new_id("chatcmpl-"), int(time.time())
+    job = await run_in_threadpool(_prepare, p, who, body, completion_id)
+    choices = _Choices(p, job)
     fingerprint = f"fp_adaptery_{job.base_id}"[:64]
     wants_logprobs = job.params.logprobs
 
@@ -604,9 +621,10 @@ async def chat_completions(
                 yield _sse({**chunk(0, {}, None), "choices": [], "usage": _usage(choices.usages)})
             yield _sse("[DONE]")
 
-        return _ChoicesStream(events(), choices)
+        return _ChoicesStream(events(), choices, job.headers())
 
     answers = await _collect(choices, request)
+    response.headers.update(job.headers())
     messages = [_message(job.tools, "".join(c.text)) for c in answers]
     return {
         "id": completion_id,
@@ -645,11 +663,15 @@ def _finish_reason(finish: str, calls: list[dict[str, Any]] | None) -> str:
 
 @router.post("/completions", response_model=None)
 async def completions(
-    body: CompletionRequest, request: Request, who: Principal = Depends(principal), p: Platform = Depends(platform)
+    body: CompletionRequest,
+    request: Request,
+    response: Response,
+    who: Principal = Depends(principal),
+    p: Platform = Depends(platform),
 ) -> dict | StreamingResponse:
-    job = await run_in_threadpool(_prepare, p, who, body)
-    choices = _Choices(p, job)
     completion_id, created = new_id("cmpl-"), int(time.time())
+    job = await run_in_threadpool(_prepare, p, who, body, completion_id)
+    choices = _Choices(p, job)
     wants_logprobs = job.params.logprobs
 
     def choice(index: int, text: str, finish: str | None, logprobs: Any = None) -> dict[str, Any]:
@@ -679,9 +701,10 @@ async def completions(
                 return
             yield _sse("[DONE]")
 
-        return _ChoicesStream(events(), choices)
+        return _ChoicesStream(events(), choices, job.headers())
 
     answers = await _collect(choices, request)
+    response.headers.update(job.headers())
     return {
         **body_of(
             [
