@@ -129,6 +129,15 @@ EXPECT: dict[str, Expect] = {
     "POST /api/fabric/renew": PUBLIC,
     "GET /api/platform/tenants": PLATFORM,
     "PUT /api/platform/tenants/{tenant_id}/limits": PLATFORM,
+    "GET /api/model_names": need("viewer", *MODELS_READ),
+    "POST /api/model_names": need("member", "models"),
+    "GET /api/model_names/{name}": need("viewer", *MODELS_READ),
+    "DELETE /api/model_names/{name}": need("member", "models"),
+    "POST /api/model_names/{name}/promote": need("member", "models"),
+    "POST /api/model_names/{name}/rollback": need("member", "models"),
+    "PUT /api/model_names/{name}/canary": need("member", "models"),
+    "DELETE /api/model_names/{name}/canary": need("member", "models"),
+    "POST /api/model_names/{name}/fine_tune": need("member", "fine-tuning"),
 }
 
 CALLERS = (
