@@ -22,7 +22,7 @@ from adaptery.db import models as m
 from adaptery.platform import Platform
 from adaptery.services import model_names
 from adaptery.services import models as model_service
-from tests.conftest import BACKENDS, SAMPLE_CHAT, PostgresDatabases
+from tests.conftest import BACKENDS, PostgresDatabases
 from tests.integration.conftest import Running, make_settings
 from tests.integration.helpers import upload_sample, wait_for_job
 
@@ -68,6 +68,12 @@ def answer(lab: Running, model: str) -> str:
     return body["choices"][0]["message"]["content"]
 
 
+def facts(answer: str) -> bytes:
+    """The one fact the tests ask about, four times (one batch of the demo's defaults: one step per epoch)."""
+    record = {"messages": [*QUESTION, {"role": "assistant", "content": answer}]}
+    return (json.dumps(record) + "\n").encode() * 4
+
+
 def train(lab: Running, file_id: str) -> dict:
     job = lab.client.post(
         "/v1/fine_tuning/jobs", headers=lab.auth(), json={"model": "adaptery-demo", "training_file": file_id}
@@ -85,7 +91,7 @@ def name_state(lab: Running, headers: dict[str, str] | None = None) -> dict:
 
 
 def test_the_name_answers_from_version_1_and_is_listed_as_a_model(lab: Running) -> None:
-    trained = train(lab, upload_sample(lab.client, lab.auth())["id"])
+    trained = train(lab, upload_sample(lab.client, lab.auth(), facts(OLD_ANSWER))["id"])
     v1 = lab.found["v1"] = trained["fine_tuned_model"]
     lab.found["v1_job"] = trained["id"]
     created = lab.client.post("/api/model_names", headers=lab.auth(), json={"name": NAME, "version": v1})
@@ -107,11 +113,12 @@ def test_the_name_answers_from_version_1_and_is_listed_as_a_model(lab: Running) 
 
 
 def test_a_fine_tune_from_the_name_continues_its_version_and_becomes_version_2(lab: Running) -> None:
-    corrected = "".join(
-        line.replace(OLD_ANSWER, NEW_ANSWER) + "\n" for line in SAMPLE_CHAT.read_text().splitlines() if line
-    )
-    file_id = upload_sample(lab.client, lab.auth(), corrected.encode())["id"]
-    started = lab.client.post(f"/api/model_names/{NAME}/fine_tune", headers=lab.auth(), json={"training_file": file_id})
+    file_id = upload_sample(lab.client, lab.auth(), facts(NEW_ANSWER))["id"]  # the corrected answer
+    body = {
+        "training_file": file_id,
+        "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 10}}},
+    }
+    started = lab.client.post(f"/api/model_names/{NAME}/fine_tune", headers=lab.auth(), json=body)
     assert started.status_code == 200, started.text
     job = started.json()
     assert job["lineage"] == {
