@@ -62,12 +62,12 @@ async function namesSection(ctx, adapters) {
     { class: "card", id: "model-names" },
     h("h2", { class: "card-title" }, "Stable names"),
     h("p", { class: "muted" }, "Clients call a name; promote a version to it, or roll back, and every client follows at its next request. Each change is audited."),
-    names.length ? names.map((name) => nameCard(ctx, name)) : h("p", { class: "muted empty" }, "No names yet."),
+    names.length ? names.map((name) => nameCard(ctx, name, adapters)) : h("p", { class: "muted empty" }, "No names yet."),
     ctx.canWrite() && adapters.length ? newNameForm(ctx, adapters) : null,
   );
 }
 
-function nameCard(ctx, name) {
+function nameCard(ctx, name, adapters) {
   const error = errorBox();
   const act = async (path, { method = "POST", body, done, confirm } = {}) => {
     showError(error, null);
@@ -123,6 +123,17 @@ function nameCard(ctx, name) {
           name.canary ? h("button", { type: "button", class: "btn btn-quiet", id: `canary-end-${name.name}`, onclick: () => act("/canary", { method: "DELETE", done: "Canary ended." }) }, "End canary") : null),
       )
     : null;
+  const others = adapters.filter((a) => a.base_model === name.base_model && !name.versions.some((v) => v.model === a.id));
+  const pick = h("select", { id: `promote-pick-${name.name}` }, others.map((a) => h("option", { value: a.id, title: a.id }, modelLabel(a.id))));
+  const promoteOther = writable && others.length
+    ? h(
+        "div",
+        { class: "form-grid" },
+        field("Another adapter of this base", pick, "Promoting it numbers it as the next version."),
+        h("div", { class: "form-actions" },
+          h("button", { type: "button", class: "btn", id: `promote-adapter-${name.name}`, onclick: () => act("/promote", { body: { version: pick.value }, done: `${name.name} now answers from ${modelLabel(pick.value)}.`, confirm: { title: "Promote this adapter?", message: `${name.id} will answer from ${pick.value} from its next request on.`, confirm: "Promote" } }) }, "Promote")),
+      )
+    : null;
   const history = h(
     "details",
     { class: "name-history" },
@@ -145,6 +156,7 @@ function nameCard(ctx, name) {
       writable ? h("button", { type: "button", class: "btn btn-small", id: `rollback-${name.name}`, onclick: () => act("/rollback", { done: `${name.name} rolled back.`, confirm: { title: `Roll ${name.name} back?`, message: "It answers again from the version its latest promotion replaced.", confirm: "Roll back" } }) }, "Roll back") : null,
     ),
     versions,
+    promoteOther,
     canary,
     history,
     error,
