@@ -69,3 +69,13 @@ def test_models_page_names_versions_promote_and_roll_back(journey: Journey, demo
 
     journey.go("chat")
     expect(page.locator(f"#model-select option[value='ft:adaptery-demo:default:{NAME}']")).to_have_count(1)
+
+
+def test_the_cli_shows_the_history_rolls_back_and_refuses_a_bad_share(journey: Journey) -> None:  # noqa: F811
+    shown = journey.server.cli("names", "show", NAME)
+    assert shown.returncode == 0, shown.stderr
+    assert "answers from version 2" in shown.stdout and "rollback" in shown.stdout
+    rolled = journey.server.cli("names", "rollback", NAME)
+    assert rolled.returncode == 0 and "answers from version 1" in rolled.stdout, rolled.stderr
+    refused = journey.server.cli("names", "canary", NAME, "2", "--share", "250")
+    assert refused.returncode == 1 and "share" in refused.stderr
