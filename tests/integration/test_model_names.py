@@ -10,7 +10,8 @@ the two fine-tunes take ~15 s on the demo model.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,13 @@ def answer(lab: Running, model: str) -> str:
     status, body, _ = ask(lab, model)
     assert status == 200, body
     return body["choices"][0]["message"]["content"]
+
+
+def wait_until(done: Callable[[], bool], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
 
 
 def facts(answer: str) -> bytes:
@@ -249,6 +257,32 @@ def test_a_dpo_fine_tune_from_the_name_starts_from_its_current_version(lab: Runn
     assert done["status"] == "succeeded", done["error"]
     assert name_state(lab)["versions"][2]["model"] == done["fine_tuned_model"]
     lab.found["v3"] = done["fine_tuned_model"]
+
+
+def test_a_fine_tune_from_the_name_takes_a_dataset_version(lab: Running) -> None:
+    headers = lab.auth()
+    dataset = lab.client.post(
+        "/api/datasets", params={"filename": "fix.jsonl"}, content=facts(NEW_ANSWER), headers=headers
+    )
+    assert dataset.status_code == 200, dataset.text
+    dataset_id = dataset.json()["id"]
+    wait_until(
+        lambda: lab.client.get(f"/api/datasets/{dataset_id}/versions/1", headers=headers).json()["status"] == "ready"
+    )
+    both = lab.client.post(
+        f"/api/model_names/{NAME}/fine_tune", headers=headers, json={"training_file": "file-x", "dataset": dataset_id}
+    )
+    assert both.status_code == 400 and both.json()["error"]["param"] == "training_file"
+    nowhere = lab.client.post(f"/api/model_names/{NAME}/fine_tune", headers=headers, json={"dataset": "nope"})
+    assert nowhere.status_code == 400 and nowhere.json()["error"]["param"] == "dataset"
+    started = lab.client.post(
+        f"/api/model_names/{NAME}/fine_tune", headers=headers, json={"dataset": dataset_id, "dataset_version": 1}
+    )
+    assert started.status_code == 200, started.text
+    exported = lab.client.get(f"/v1/files/{started.json()['training_file']}", headers=headers).json()
+    assert exported["filename"].endswith("-v1.jsonl") and exported["purpose"] == "fine-tune"
+    cancelled = lab.client.post(f"/v1/fine_tuning/jobs/{started.json()['id']}/cancel", headers=headers)
+    assert cancelled.status_code == 200  # its training is the test above's; here, what it starts from
 
 
 def test_bad_promotions_get_clear_errors(lab: Running) -> None:
