@@ -45,7 +45,6 @@ if TYPE_CHECKING:
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 BUCKETS = 10_000  # a canary share is resolved to 0.01 %
-CHANGES = ("create", "promote", "rollback", "canary", "canary_end")
 
 
 @dataclass(frozen=True)
