@@ -28,6 +28,7 @@ from adaptery.api import (
     web,
 )
 from adaptery.api import metrics as engine_metrics
+from adaptery.api import model_names as names
 from adaptery.api.errors import install_error_handlers
 from adaptery.api.guards import RequestGuard
 from adaptery.api.openai import chat, embeddings, files, jobs, models
@@ -74,7 +75,7 @@ def create_app(platform: Platform, *, manage_lifecycle: bool = True) -> FastAPI:
         app.include_router(module.router)
     for module in (admin, sharing, agents, fabric, lineage):
         app.include_router(module.router)
-    for module in (conversations, members, federations, sso, feedback, arena, evaluations):
+    for module in (conversations, members, federations, sso, feedback, arena, evaluations, names):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")
     return app

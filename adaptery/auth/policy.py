@@ -186,6 +186,16 @@ ROUTES: dict[str, Permission | None] = {
     "GET /api/admin/sso": TENANT_ADMIN,
     "PUT /api/admin/sso/rules": TENANT_ADMIN,
     "PUT /api/admin/sso/policy": TENANT_ADMIN,
+    # Stable model names (services.model_names): only a name's creator or a tenant admin changes what it answers.
+    "GET /api/model_names": MODELS_READ,
+    "POST /api/model_names": MODELS_WRITE,
+    "GET /api/model_names/{name}": MODELS_READ,
+    "DELETE /api/model_names/{name}": MODELS_WRITE,
+    "POST /api/model_names/{name}/promote": MODELS_WRITE,
+    "POST /api/model_names/{name}/rollback": MODELS_WRITE,
+    "PUT /api/model_names/{name}/canary": MODELS_WRITE,
+    "DELETE /api/model_names/{name}/canary": MODELS_WRITE,
+    "POST /api/model_names/{name}/fine_tune": FINE_TUNING_WRITE,
 }
 
 # Role checks inside handlers (on top of the route's permission), kept for the routers that call them.

@@ -41,6 +41,9 @@ storage_app = typer.Typer(help="The blob store against the database (run on the 
 datasets_app = typer.Typer(
     help="Datasets: upload any format, validate, dedup, scrub, split, version.", no_args_is_help=True
 )
+names_app = typer.Typer(
+    help="Stable model names: clients call a name; promote a version to it, roll back, canary.", no_args_is_help=True
+)
 for sub, name in (
     (files_app, "files"),
     (jobs_app, "jobs"),
@@ -57,6 +60,7 @@ for sub, name in (
     (federated_app, "federated"),
     (feedback_app, "feedback"),
     (eval_app, "eval"),
+    (names_app, "names"),
 ):
     app.add_typer(sub, name=name)
 
@@ -1206,6 +1210,117 @@ def export_dataset(ref: str, allow_invalid: bool = False) -> None:
         f"File [bold]{created['id']}[/bold] ({created['bytes']} bytes) is ready: "
         f"adaptery jobs create -t {created['id']}"
     )
+
+
+def _print_name(name: dict[str, Any]) -> None:
+    canary = name["canary"]
+    console.print(
+        f"[bold]{escape(name['id'])}[/bold] answers from version {name['current_version']}"
+        + (f"; canary: version {canary['version']} on {canary['share']:g} % of requests" if canary else "")
+    )
+    versions = Table("version", "adapter", "status", "job")
+    for v in name["versions"]:
+        status = "current" if v["version"] == name["current_version"] else ""
+        status = "canary" if canary and v["version"] == canary["version"] else status
+        versions.add_row(
+            str(v["version"]), v["model"], "deleted" if v["deleted"] else status, v["fine_tuning_job"] or ""
+        )
+    console.print(versions)
+
+
+def _version_arg(version: str) -> int | str:
+    return int(version) if version.isdigit() else version
+
+
+@names_app.command("list")
+def list_names() -> None:
+    table = Table("name", "id", "current", "canary")
+    for name in api("GET", "/api/model_names")["data"]:
+        canary = name["canary"]
+        table.add_row(
+            name["name"],
+            name["id"],
+            f"v{name['current_version']}",
+            f"v{canary['version']} {canary['share']:g} %" if canary else "",
+        )
+    console.print(table)
+
+
+@names_app.command("create")
+def create_name(
+    name: str, version: Annotated[str, typer.Argument(help="The adapter (ft:…) it answers from first")]
+) -> None:
+    """A stable name clients call: ft:<base>:<your workspace>:<name>."""
+    _print_name(api("POST", "/api/model_names", json={"name": name, "version": version}))
+
+
+@names_app.command("show")
+def show_name(name: str) -> None:
+    """The name's versions and its history of promotions, rollbacks and canaries."""
+    body = api("GET", f"/api/model_names/{name}")
+    _print_name(body)
+    history = Table("when", "action", "from", "to", "share", "by")
+    for e in body["history"]:
+        history.add_row(
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["created_at"])),
+            e["action"],
+            f"v{e['from_version']}" if e["from_version"] else "",
+            f"v{e['to_version']}" if e["to_version"] else "",
+            f"{e['share']:g} %" if e["share"] is not None else "",
+            e["actor"] or "",
+        )
+    console.print(history)
+
+
+@names_app.command("promote")
+def promote_name(
+    name: str, version: Annotated[str, typer.Argument(help="A version number, or an adapter id (numbered next)")]
+) -> None:
+    """Clients of the name are answered by this version from their next request on."""
+    _print_name(api("POST", f"/api/model_names/{name}/promote", json={"version": _version_arg(version)}))
+
+
+@names_app.command("rollback")
+def rollback_name(name: str) -> None:
+    """Back to the version the latest promotion replaced."""
+    _print_name(api("POST", f"/api/model_names/{name}/rollback"))
+
+
+@names_app.command("canary")
+def canary_name(
+    name: str,
+    version: Annotated[str | None, typer.Argument(help="The candidate version (or adapter id)")] = None,
+    share: Annotated[float, typer.Option(help="Percent of the name's requests it answers")] = 10.0,
+    end: Annotated[bool, typer.Option("--end", help="End the canary")] = False,
+) -> None:
+    """Send a share of the name's requests to a candidate version (chosen by request id)."""
+    if end:
+        _print_name(api("DELETE", f"/api/model_names/{name}/canary"))
+        return
+    if version is None:
+        console.print("[red]Give the candidate version, or --end.[/red]")
+        raise typer.Exit(2)
+    body = {"version": _version_arg(version), "share": share}
+    _print_name(api("PUT", f"/api/model_names/{name}/canary", json=body))
+
+
+@names_app.command("fine-tune")
+def fine_tune_name(
+    name: str,
+    training_file: Annotated[str | None, typer.Option("--training-file", "-t", help="A fine-tune file")] = None,
+    dataset: Annotated[str | None, typer.Option(help="A dataset to train on instead (its latest version)")] = None,
+    dataset_version: Annotated[int | None, typer.Option(help="The dataset's version")] = None,
+    dpo: Annotated[bool, typer.Option("--dpo", help="Preference pairs (DPO) instead of supervised")] = False,
+    follow: Annotated[bool, typer.Option("--follow/--no-follow", help="Show progress until it ends")] = True,
+) -> None:
+    """Fine-tune from the name's current version; the result becomes its next version (promote it when ready)."""
+    body: dict[str, Any] = {"training_file": training_file, "dataset": dataset, "dataset_version": dataset_version}
+    if dpo:
+        body["method"] = {"type": "dpo", "dpo": {}}
+    job = api("POST", f"/api/model_names/{name}/fine_tune", json=body)
+    console.print(f"Created [bold]{job['id']}[/bold], starting from {escape(job['lineage']['adapter'])}")
+    if follow:
+        follow_job(job["id"])
 
 
 def main() -> None:

@@ -700,3 +700,64 @@ class AdapterEvaluationSet(TenantOwned, Base):
     model_id: Mapped[str] = mapped_column(String(255), primary_key=True)
     file_id: Mapped[str] = mapped_column(String(40))
     created_at: Mapped[float] = mapped_column(Float, default=now)
+
+
+class ModelName(TenantOwned, Base):
+    """A stable model id clients call (`ft:<base>:<tenant>:<name>`); it answers from its current version, and
+    a canary share of its requests from a candidate version (`services.model_names`)."""
+
+    __tablename__ = "model_names"
+    __table_args__ = (UniqueConstraint("tenant_id", "name"),)
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    base_model: Mapped[str] = mapped_column(String(128), ForeignKey("base_models.id"))
+    current_version: Mapped[int | None] = mapped_column(Integer)
+    canary_version: Mapped[int | None] = mapped_column(Integer)
+    canary_share: Mapped[float] = mapped_column(Float, default=0.0)  # percent of requests, 0-100
+    created_by: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+    updated_at: Mapped[float] = mapped_column(Float, default=now)
+
+
+class ModelNameVersion(TenantOwned, Base):
+    """An adapter numbered as a version of a name. No foreign key to the adapter: a deleted adapter's version
+    stays in the list (and says so) rather than vanishing from the name's history."""
+
+    __tablename__ = "model_name_versions"
+    __table_args__ = (UniqueConstraint("name_id", "number"), UniqueConstraint("name_id", "adapter_id"))
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name_id: Mapped[str] = mapped_column(String(255), ForeignKey("model_names.id", ondelete="CASCADE"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    adapter_id: Mapped[str] = mapped_column(String(255))
+    job_id: Mapped[str | None] = mapped_column(String(40))  # the job that trained it from the name, if one did
+    added_by: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+
+
+class ModelNamePromotion(TenantOwned, Base):
+    """One change of what a name answers from: create, promote, rollback, canary, canary_end (its history)."""
+
+    __tablename__ = "model_name_promotions"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name_id: Mapped[str] = mapped_column(String(255), ForeignKey("model_names.id", ondelete="CASCADE"), index=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    action: Mapped[str] = mapped_column(String(16))
+    from_version: Mapped[int | None] = mapped_column(Integer)
+    to_version: Mapped[int | None] = mapped_column(Integer)
+    canary_share: Mapped[float | None] = mapped_column(Float)
+    actor_user_id: Mapped[str | None] = mapped_column(String(40))
+    actor: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+
+
+class ModelNameRequest(TenantOwned, Base):
+    """Which version of a name answered one completion (its id, `chatcmpl-…`/`cmpl-…`): feedback and usage of a
+    canary are counted apart from the current version's through it."""
+
+    __tablename__ = "model_name_requests"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name_id: Mapped[str] = mapped_column(String(255), ForeignKey("model_names.id", ondelete="CASCADE"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    adapter_id: Mapped[str] = mapped_column(String(255))
+    canary: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[float] = mapped_column(Float, default=now)

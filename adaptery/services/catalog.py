@@ -62,7 +62,7 @@ def model_catalog(session: Session, viewer: Principal) -> list[dict[str, Any]]:
         body: dict[str, Any] = {
             "id": ref.id,
             "object": "model",
-            "kind": "adapter" if ref.adapter else "base",
+            "kind": "name" if ref.name else "adapter" if ref.adapter else "base",
             "base_model": ref.base.id,
             "display_name": ref.base.display_name or ref.base.id,
             "owned_by": ref.owned_by,
@@ -73,6 +73,8 @@ def model_catalog(session: Session, viewer: Principal) -> list[dict[str, Any]]:
             body["observed_tokens_per_second"] = speed.get(ref.id)
         else:
             body.update(adapter_details(session, ref.adapter))
+        if ref.name is not None:  # a stable name: what it answers from now
+            body.update(current_version=ref.name.current_version, version_model=ref.adapter.id)
         data.append(body)
     return data
 

@@ -33,6 +33,7 @@ from adaptery.db import models as m
 from adaptery.db.ids import new_id
 from adaptery.db.session import Database
 from adaptery.engine.loading import ModelNotAvailable, resolve_model_path
+from adaptery.messaging.protocol import ADAPTER_FILES
 from adaptery.services import files, limits, models
 from adaptery.services.datasets import TokenBudget, check_chat_file
 from adaptery.services.errors import InvalidRequest, NotFound
@@ -210,10 +211,21 @@ def create_job(
     seed: int | None = None,
     metadata: dict[str, str] | None = None,
     settings: Settings | None = None,
+    start_from: m.Adapter | None = None,
+    lineage: dict[str, Any] | None = None,
 ) -> m.FineTuningJob:
     """`settings`: where given, the options are also checked against what this platform can train and serve.
-    A model `principal` may not see or use is not found, as one that does not exist."""
+    A model `principal` may not see or use is not found, as one that does not exist.
+
+    `start_from`: an adapter of `model` whose weights the new LoRA starts from (its shape kept), recorded in the
+    job's `lineage` (a stable name's fine-tune, `services.model_names`)."""
     ref = models.get_model(session, model, viewer=principal)
+    if ref.name is not None:
+        raise InvalidRequest(
+            f"'{model}' is a stable name: fine-tune from it with POST /api/model_names/{ref.name.name}/fine_tune, "
+            "which starts from its current version",
+            param="model",
+        )
     if ref.adapter is not None:
         raise InvalidRequest(
             "fine-tuning an already fine-tuned model is not supported yet; start from its base model", param="model"
@@ -232,6 +244,12 @@ def create_job(
     options = _training_options(
         requested, ref.base, method=kind, has_validation_file=bool(validation_file), settings=settings
     )
+    init_adapter = None
+    if start_from is not None:
+        init_adapter = {name: sha for name, sha in start_from.manifest.items() if name in ADAPTER_FILES}
+        if len(init_adapter) != len(ADAPTER_FILES) or start_from.base_model != ref.base.id:
+            raise InvalidRequest(f"The adapter {start_from.id} cannot be trained further here", param="model")
+        options["lora_r"] = start_from.rank or options.get("lora_r")  # its LoRA's shape is the run's
     processes = options.get("processes", 1)
     if resolved["batch_size"] % processes:
         raise InvalidRequest(
@@ -253,9 +271,13 @@ def create_job(
         method={"type": kind, kind: {"hyperparameters": {**resolved, **options}}},
         metadata_=metadata,
         status="validating_files",
+        init_adapter=init_adapter,
+        lineage=lineage,
     )
     session.add(job)
     session.flush()
+    if start_from is not None:
+        add_event(session, job, f"Training starts from the weights of {start_from.id}")
     add_event(session, job, f"Validating training file: {training_file}")
     return job
 

@@ -29,9 +29,10 @@ ADAPTER_FILE_SUFFIXES = (".safetensors", ".json", ".jinja", ".txt", ".model")
 class ModelRef:
     id: str
     base: m.BaseModel
-    adapter: m.Adapter | None
+    adapter: m.Adapter | None  # for a stable name: its current version
     owned_by: str
     created_at: float
+    name: m.ModelName | None = None  # a stable name (`services.model_names`), answering from `adapter`
 
 
 def register_base_model(system: Session, model_id: str, ref: str, *, offline: bool) -> m.BaseModel:
@@ -60,6 +61,12 @@ def list_models(session: Session, viewer: Principal | None = None) -> list[Model
         select(m.Adapter, m.Tenant).join(m.Tenant, m.Tenant.id == m.Adapter.tenant_id).order_by(m.Adapter.created_at)
     ):
         refs.append(ModelRef(adapter.id, bases[adapter.base_model], adapter, tenant.name, adapter.created_at))
+    for name, tenant in session.execute(
+        select(m.ModelName, m.Tenant).join(m.Tenant, m.Tenant.id == m.ModelName.tenant_id).order_by(m.ModelName.name)
+    ):
+        adapter = version_adapter(session, name, name.current_version)
+        if adapter is not None:  # a name whose version was deleted answers nothing: not listed, errs when called
+            refs.append(ModelRef(name.id, bases[name.base_model], adapter, tenant.name, name.created_at, name))
     if viewer is None:
         return refs
     shared = shared_with(session, viewer)
@@ -81,7 +88,18 @@ def sees_adapter(viewer: Principal, adapter: m.Adapter, shared_adapter_ids: set[
     )
 
 
+def sees_version(viewer: Principal, adapter: m.Adapter, shared_adapter_ids: set[str]) -> bool:
+    """Whether `viewer` may see an adapter that answers through a stable name: by its visibility alone, since a key
+    kept to the name (its `allowed_models`) uses whichever version the name answers from."""
+    members = {viewer.user_id} if adapter.id in shared_adapter_ids else set()
+    return policy.can_see_adapter(
+        viewer, visibility=adapter.visibility, created_by=adapter.created_by, shared_with=members
+    )
+
+
 def _visible(viewer: Principal, ref: ModelRef, shared_adapter_ids: set[str]) -> bool:
+    if ref.name is not None:  # a key may be kept to the name alone; who sees it is who sees its current version
+        return policy.may_use_model(viewer, ref.id) and sees_version(viewer, ref.adapter, shared_adapter_ids)
     if ref.adapter is not None:
         return sees_adapter(viewer, ref.adapter, shared_adapter_ids)
     return policy.may_use_model(viewer, ref.id)
@@ -112,11 +130,42 @@ def _get_model(session: Session, model_id: str, *, param: str = "model") -> Mode
             adapter, tenant = row
             base = session.get(m.BaseModel, adapter.base_model)
             return ModelRef(adapter.id, base, adapter, tenant.name, adapter.created_at)
+        row = session.execute(
+            select(m.ModelName, m.Tenant)
+            .join(m.Tenant, m.Tenant.id == m.ModelName.tenant_id)
+            .where(m.ModelName.id == model_id)
+        ).one_or_none()
+        if row is not None:
+            name, tenant = row
+            adapter = version_adapter(session, name, name.current_version)
+            if adapter is None:
+                raise InvalidRequest(
+                    f"The model '{model_id}' has no version to answer from: its version {name.current_version} "
+                    "was deleted. Promote another version to it, or roll it back.",
+                    param=param,
+                    code="model_version_deleted",
+                )
+            return ModelRef(
+                name.id, session.get(m.BaseModel, name.base_model), adapter, tenant.name, name.created_at, name
+            )
     else:
         base = session.get(m.BaseModel, model_id)
         if base is not None:
             return ModelRef(base.id, base, None, "adaptery", base.created_at)
     raise _not_found(model_id, param)
+
+
+def version_adapter(session: Session, name: m.ModelName, number: int | None) -> m.Adapter | None:
+    """The adapter that is version `number` of `name`; None if there is no such version or its adapter is gone."""
+    if number is None:
+        return None
+    adapter_id = session.scalar(
+        select(m.ModelNameVersion.adapter_id).where(
+            m.ModelNameVersion.name_id == name.id, m.ModelNameVersion.number == number
+        )
+    )
+    adapter = session.get(m.Adapter, adapter_id) if adapter_id else None
+    return adapter if adapter is not None and adapter.tenant_id == name.tenant_id else None
 
 
 def fine_tuned_model_name(base: str, tenant: str, suffix: str | None, job_id: str) -> str:
@@ -171,6 +220,9 @@ def source_adapter(session: Session, job_id: str | None) -> m.Adapter | None:
     seen: set[str] = set()
     while job is not None and job.id not in seen:
         seen.add(job.id)
+        predecessor = session.get(m.Adapter, (job.lineage or {}).get("adapter") or "")  # trained on from a name
+        if predecessor is not None and predecessor.tenant_id == job.tenant_id:
+            return predecessor
         if (adapter := session.get(m.Adapter, job.model)) is not None and adapter.tenant_id == job.tenant_id:
             return adapter
         parent = session.get(m.FineTuningJob, (job.lineage or {}).get("parent_job") or "")
@@ -205,6 +257,16 @@ def _job_owner(session: Session, job_id: str | None) -> str | None:
     return job.user_id if job else None
 
 
+def _not_a_name(ref: ModelRef) -> None:
+    """A stable name is not an adapter: what it answers from changes, so it is managed as a name."""
+    if ref.name is not None:
+        raise InvalidRequest(
+            f"'{ref.id}' is a stable name, not an adapter: manage it with /api/model_names/{ref.name.name} "
+            f"(its current version is {ref.adapter.id})",
+            param="model",
+        )
+
+
 VISIBILITIES = ("private", "shared", "tenant")
 
 
@@ -216,6 +278,7 @@ class Sharing:
 
 def get_sharing(session: Session, viewer: Principal, model_id: str) -> Sharing:
     ref = get_model(session, model_id, viewer=viewer)
+    _not_a_name(ref)
     if ref.adapter is None:
         raise InvalidRequest("Base models are shared with everyone; only adapters have a visibility.", param="model")
     members = session.scalars(
@@ -269,6 +332,7 @@ def set_sharing(
 
 def delete_adapter(session: Session, model_id: str, viewer: Principal | None = None) -> m.Adapter:
     ref = get_model(session, model_id, viewer=viewer)
+    _not_a_name(ref)
     if ref.adapter is None:
         raise InvalidRequest("Base models cannot be deleted through the API.", param="model")
     if viewer is not None and not policy.may_share_adapter(viewer, created_by=ref.adapter.created_by):

@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 from adaptery.db import models as m
 from adaptery.db.session import Database
 from adaptery.messaging.protocol import ADAPTER_FILES, Assignment, BlobRef, CheckpointRef
-from adaptery.services import blob_refs, evaluations, faults, finetuning, limits, models, usage
+from adaptery.services import blob_refs, evaluations, faults, finetuning, limits, model_names, models, usage
 from adaptery.services.errors import InvalidRequest
 from adaptery.storage.blobs import BlobStore
 
@@ -497,7 +497,7 @@ class JobQueue:
             trained_tokens, step = _checked_result(s, job, result)
             tenant = s.get(m.Tenant, job.tenant_id)
             model_id = models.fine_tuned_model_name(job.model, tenant.name, job.suffix, job.id)
-            models.register_adapter(
+            adapter = models.register_adapter(
                 s,
                 self.blobs,
                 tenant_id=job.tenant_id,
@@ -507,6 +507,7 @@ class JobQueue:
                 adapter_dir=adapter_dir,
             )
             job.fine_tuned_model = model_id
+            versioned = model_names.version_from_job(s, job, adapter)
             job.trained_tokens = trained_tokens
             checkpoint_id = f"ftckpt-{job.id.removeprefix('ftjob-')}-{step}"
             final = s.get(m.JobCheckpoint, checkpoint_id)
@@ -524,6 +525,12 @@ class JobQueue:
                     )
                 )
             finetuning.add_event(s, job, f"New fine-tuned model created: {model_id}")
+            if versioned is not None:
+                name, number = versioned
+                predecessor = (job.lineage or {}).get("adapter")
+                finetuning.add_event(
+                    s, job, f"Added as version {number} of {name} (trained on from {predecessor}); not promoted yet"
+                )
             evaluations.enqueue_for_job(s, job)  # its event before the last: OpenAI's jobs end with "completed"
             finetuning.finish(s, job, "succeeded")
             finetuning.add_event(s, job, "The job has successfully completed")

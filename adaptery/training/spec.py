@@ -110,13 +110,13 @@ class TrainingSpec(BaseModel):
     )
     checkpoint_every_steps: int = Field(default=DEFAULT_CHECKPOINT_EVERY_STEPS, ge=1)
     init_adapter: Path | None = Field(
-        default=None, description="Start from this PEFT adapter's weights (fresh optimizer and schedule)."
+        default=None,
+        description="Start from this PEFT adapter's weights (fresh optimizer and schedule). With resume_from too "
+        "(a run that started from it, interrupted): its shape, and DPO's reference; the weights are the checkpoint's.",
     )
 
     @model_validator(mode="after")
     def _default_checkpoint_dir(self) -> Self:
-        if self.resume_from is not None and self.init_adapter is not None:
-            raise ValueError("resume_from continues a run; init_adapter starts a new one: give one, not both")
         if self.checkpoint_dir is None:
             self.checkpoint_dir = self.output_dir.with_name(self.output_dir.name + "-checkpoints")
         return self

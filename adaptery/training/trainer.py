@@ -598,10 +598,10 @@ def train(
     # The adapter's initialisation draws random numbers, so seed before it for reproducible runs.
     set_seed(hp.seed)
     config = peft_config(hp, targets, inventory.model_type)
-    if spec.method == "supervised":
+    if spec.method == "supervised" or spec.init_adapter is not None:
+        # DPO from an adapter: TRL keeps a frozen copy of it as the reference ("ref"), so the policy is held near
+        # the adapter it continues (not the bare base), and trains the "default" copy.
         model = _wrap_peft(spec, hp, model, config)
-    elif spec.init_adapter is not None:
-        raise CheckpointError("DPO starts from the base model; starting from an existing adapter is not supported")
 
     spec.output_dir.mkdir(parents=True, exist_ok=True)
     spec.checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -633,7 +633,7 @@ def train(
             train_dataset=train_set,
             eval_dataset=eval_set,
             processing_class=tokenizer,
-            peft_config=config,
+            peft_config=None if spec.init_adapter is not None else config,
         )
     else:
         trainer = _SupervisedTrainer(
@@ -671,6 +671,8 @@ def train(
     elif early is not None and early.stopped:
         on_event({"type": "message", "level": "info", "message": f"Early stopping after step {steps}"})
     on_event(phase("saving", "Saving the adapter"))
+    if "ref" in getattr(model, "peft_config", {}):  # DPO's frozen reference copy is not part of the result
+        model.delete_adapter("ref")
     if trainer.is_fsdp_enabled:
         trainer.save_model(str(spec.output_dir))  # every rank: the sharded adapter is gathered, rank 0 writes it
     elif trainer.is_world_process_zero():  # one writer of the adapter for a whole group

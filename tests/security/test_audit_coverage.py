@@ -232,6 +232,19 @@ def calls(world: World, lora_bytes: bytes, tmp_path) -> list[tuple[str, Callable
             "model": ids["model_id"], "kind": "lm_eval", "task": "audited", "limit": 1})),
         ("PUT /api/models/{model_id}/sharing", lambda: client.put(
             f"/api/models/{ids['model_id']}/sharing", headers=member, json={"visibility": "private"})),
+        ("POST /api/model_names", lambda: client.post(
+            "/api/model_names", headers=member, json={"name": "assistant", "version": ids["model_id"]})),
+        ("POST /api/model_names/{name}/promote", lambda: client.post(
+            "/api/model_names/assistant/promote", headers=member, json={"version": finished.model_id})),
+        ("POST /api/model_names/{name}/rollback", lambda: client.post(
+            "/api/model_names/assistant/rollback", headers=member)),
+        ("PUT /api/model_names/{name}/canary", lambda: client.put(
+            "/api/model_names/assistant/canary", headers=member, json={"version": 2, "share": 10})),
+        ("DELETE /api/model_names/{name}/canary", lambda: client.delete(
+            "/api/model_names/assistant/canary", headers=member)),
+        ("POST /api/model_names/{name}/fine_tune", lambda: client.post(
+            "/api/model_names/assistant/fine_tune", headers=member, json={"training_file": ids["file_id"]})),
+        ("DELETE /api/model_names/{name}", lambda: client.delete("/api/model_names/assistant", headers=member)),
         ("POST /api/keys", lambda: client.post("/api/keys", headers=owner, json={"name": "new"})),
         ("PATCH /api/keys/{key_id}", lambda: client.patch(f"/api/keys/{new_key()}", headers=owner, json={"name": "b"})),
         ("POST /api/keys/{key_id}/rotate", lambda: client.post(

@@ -161,6 +161,15 @@ EXPECT: dict[str, Expect] = {
     "GET /api/admin/sso": need("admin", "admin"),
     "PUT /api/admin/sso/rules": need("admin", "admin"),
     "PUT /api/admin/sso/policy": need("admin", "admin"),
+    "GET /api/model_names": need("viewer", *MODELS_READ),
+    "POST /api/model_names": need("member", "models"),
+    "GET /api/model_names/{name}": need("viewer", *MODELS_READ),
+    "DELETE /api/model_names/{name}": need("member", "models"),
+    "POST /api/model_names/{name}/promote": need("member", "models"),
+    "POST /api/model_names/{name}/rollback": need("member", "models"),
+    "PUT /api/model_names/{name}/canary": need("member", "models"),
+    "DELETE /api/model_names/{name}/canary": need("member", "models"),
+    "POST /api/model_names/{name}/fine_tune": need("member", "fine-tuning"),
 }
 
 CALLERS = (

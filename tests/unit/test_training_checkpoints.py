@@ -199,5 +199,10 @@ def test_a_new_run_can_start_from_a_finished_adapter(
     # A fresh optimizer and schedule (step 1 of 9 again), but the weights the first run ended with.
     assert result.steps == 9 and losses(events)[0][0] == 1
     assert losses(events)[0][1] < losses(full)[0][1]
-    with pytest.raises(ValueError, match="give one, not both"):
-        demo_spec(demo_model_dir, sample_chat, tmp_path / "x", init_adapter=spec.output_dir, resume_from=tmp_path)
+    # Interrupted, it resumes from its checkpoint on the same trajectory: the adapter it started from gives the
+    # shape (and DPO's reference), the checkpoint the weights, optimizer, schedule and RNG.
+    resumed: list[dict] = []
+    checkpoint = extended.checkpoint_dir / "checkpoint-3"
+    train(extended.model_copy(update={"output_dir": tmp_path / "resumed", "resume_from": checkpoint}), resumed.append)
+    assert [step for step, _ in losses(resumed)] == [step for step, _ in losses(events)[3:]] == [4, 5, 6, 7, 8, 9]
+    assert [loss for _, loss in losses(resumed)] == pytest.approx([loss for _, loss in losses(events)[3:]], rel=1e-5)

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -45,13 +45,14 @@ from adaptery.engine.generation import (
 from adaptery.engine.sampling import Constraint, SamplingParams
 from adaptery.engine.tool_calls import ToolFormat, call_id
 from adaptery.platform import Platform
-from adaptery.services import feedback, limits, models
+from adaptery.services import feedback, limits, model_names, models
 from adaptery.services.errors import BadGateway, InvalidRequest, ServerError, TimedOut
 from adaptery.services.inference import AgentProtocolError
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 MAX_CHOICES = 16
+VERSION_HEADER = "X-Adaptery-Model-Version"
 MAX_STOP_CHARS = 256  # each stop sequence is searched for in the text after every token
 MAX_LOGIT_BIAS = 1024  # token ids one request may bias
 
@@ -187,6 +188,11 @@ class Prepared:
     reservation: limits.Reservation | None = None  # the worst case held against the caller's limits
     tenant_id: str = ""  # the engine shares its batch fairly between tenants
     tools: ToolCalling | None = None  # how to read tool calls in the output; None: it is all content
+    answered_by: str | None = None  # a stable name's request: the version (adapter id) routed to answer it
+
+    def headers(self) -> dict[str, str]:
+        """The version that answered a stable name's request (the body's `model` is the name, as asked)."""
+        return {VERSION_HEADER: self.answered_by} if self.answered_by else {}
 
     def choice_params(self, index: int) -> SamplingParams:
         """Choice i samples with seed + i: the n choices differ, and each is reproducible."""
@@ -343,7 +349,8 @@ def _logprob_params(body: SamplingFields) -> tuple[bool, int]:
     return False, 0
 
 
-def _prepare(p: Platform, who: Principal, body: ChatRequest | CompletionRequest) -> Prepared:
+def _prepare(p: Platform, who: Principal, body: ChatRequest | CompletionRequest, request_id: str) -> Prepared:
+    """`request_id`: the completion's id, which picks a stable name's version (its canary split) and records it."""
     require(who, "infer")
     _check_supported(body)
     chat = isinstance(body, ChatRequest)
@@ -352,6 +359,10 @@ def _prepare(p: Platform, who: Principal, body: ChatRequest | CompletionRequest)
     prompt_param = "messages" if chat else "prompt"
     with p.db.tenant(who.tenant_id) as s:
         ref = models.get_model(s, body.model, viewer=who)
+        answered_by = None
+        if ref.name is not None:  # resolved now: a promotion or a rollback reaches the very next request
+            ref = replace(ref, adapter=model_names.route(s, ref, request_id, who).adapter)
+            answered_by = ref.adapter.id
         adapter = None
         if ref.adapter:
             adapter = AdapterSpec(ref.adapter.sha256, p.adapter_dir(ref.adapter), dict(ref.adapter.manifest))
@@ -416,10 +427,12 @@ def _prepare(p: Platform, who: Principal, body: ChatRequest | CompletionRequest)
         prompt_tokens=len(prompt_ids),
         max_tokens=max_tokens * n,
         hold_seconds=p.settings.inference_hold_seconds,
-        model=ref.id,
+        model=answered_by or ref.id,  # the ledger counts a name's usage per version
         prices=p.settings.usage_prices,
     )
-    return Prepared(ref.id, base.id, base.ref, adapter, prompt_ids, params, n, held, who.tenant_id, calling)
+    return Prepared(
+        ref.id, base.id, base.ref, adapter, prompt_ids, params, n, held, who.tenant_id, calling, answered_by
+    )
 
 
 def _usage(usages: list[Usage]) -> dict[str, int]:
@@ -509,8 +522,8 @@ class _ChoicesStream(StreamingResponse):
     """The choices as server-sent events. However the response ends (sent in full, failed, or the client gone,
     noticed by Starlette as a disconnect or a failed send, or the task cancelled) the choices are stopped."""
 
-    def __init__(self, events: AsyncIterator[bytes], choices: _Choices) -> None:
-        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    def __init__(self, events: AsyncIterator[bytes], choices: _Choices, headers: dict[str, str]) -> None:
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers})
         self.choices = choices
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -586,13 +599,17 @@ AnswerHook = Callable[[str, str, list[str]], None]
 
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(
-    body: ChatRequest, request: Request, who: Principal = Depends(principal), p: Platform = Depends(platform)
+    body: ChatRequest,
+    request: Request,
+    response: Response,
+    who: Principal = Depends(principal),
+    p: Platform = Depends(platform),
 ) -> dict | StreamingResponse:
     def keep(completion_id: str, model_id: str, texts: list[str]) -> None:  # when the tenant's policy keeps them
         key = p.keyring.data_key(who.tenant_id)
         feedback.keep_completion(p.db, key, who, completion_id, model=model_id, messages=_messages(body), answers=texts)
 
-    return await answer_chat(p, who, body, request, on_answer=keep)
+    return await answer_chat(p, who, body, request, response=response, on_answer=keep)
 
 
 async def answer_chat(
@@ -601,14 +618,16 @@ async def answer_chat(
     body: ChatRequest,
     request: Request,
     *,
+    response: Response | None = None,
     on_answer: AnswerHook | None = None,
     shown_model: str | None = None,
 ) -> dict | StreamingResponse:
     """A chat completion, whole or streamed. `shown_model` replaces the model's id in the answer (the arena's
-    blind sides); `on_answer` runs, off the event loop, once the answer is complete."""
-    job = await run_in_threadpool(_prepare, p, who, body)
-    choices = _Choices(p, job)
+    blind sides: then no header names the version either); `on_answer` runs, off the event loop, once the answer is
+    complete, with the model that answered (a stable name's version)."""
     completion_id, created = new_id("chatcmpl-"), int(time.time())
+    job = await run_in_threadpool(_prepare, p, who, body, completion_id)
+    choices = _Choices(p, job)
     fingerprint = f"fp_adaptery_{job.base_id}"[:64]
     wants_logprobs = job.params.logprobs
     model_label = shown_model or job.model_id
@@ -650,7 +669,9 @@ async def answer_chat(
                             yield _sse(chunk(index, {"tool_calls": [arguments]}, None))
                         yield _sse(chunk(index, {}, _finish_reason(delta.finish_reason, calls)))
                 if on_answer is not None:
-                    await run_in_threadpool(on_answer, completion_id, job.model_id, ["".join(t) for t in texts])
+                    await run_in_threadpool(
+                        on_answer, completion_id, job.answered_by or job.model_id, ["".join(t) for t in texts]
+                    )
             except Exception as exc:
                 yield _error_event(exc)
                 return
@@ -658,11 +679,14 @@ async def answer_chat(
                 yield _sse({**chunk(0, {}, None), "choices": [], "usage": _usage(choices.usages)})
             yield _sse("[DONE]")
 
-        return _ChoicesStream(events(), choices)
+        return _ChoicesStream(events(), choices, job.headers() if shown_model is None else {})
 
     answers = await _collect(choices, request)
     if on_answer is not None:
-        await run_in_threadpool(on_answer, completion_id, job.model_id, ["".join(c.text) for c in answers])
+        answered = job.answered_by or job.model_id  # a canary's feedback is counted for the version that answered
+        await run_in_threadpool(on_answer, completion_id, answered, ["".join(c.text) for c in answers])
+    if response is not None and shown_model is None:
+        response.headers.update(job.headers())
     messages = [_message(job.tools, "".join(c.text)) for c in answers]
     return {
         "id": completion_id,
@@ -701,11 +725,15 @@ def _finish_reason(finish: str, calls: list[dict[str, Any]] | None) -> str:
 
 @router.post("/completions", response_model=None)
 async def completions(
-    body: CompletionRequest, request: Request, who: Principal = Depends(principal), p: Platform = Depends(platform)
+    body: CompletionRequest,
+    request: Request,
+    response: Response,
+    who: Principal = Depends(principal),
+    p: Platform = Depends(platform),
 ) -> dict | StreamingResponse:
-    job = await run_in_threadpool(_prepare, p, who, body)
-    choices = _Choices(p, job)
     completion_id, created = new_id("cmpl-"), int(time.time())
+    job = await run_in_threadpool(_prepare, p, who, body, completion_id)
+    choices = _Choices(p, job)
     wants_logprobs = job.params.logprobs
 
     def choice(index: int, text: str, finish: str | None, logprobs: Any = None) -> dict[str, Any]:
@@ -735,9 +763,10 @@ async def completions(
                 return
             yield _sse("[DONE]")
 
-        return _ChoicesStream(events(), choices)
+        return _ChoicesStream(events(), choices, job.headers())
 
     answers = await _collect(choices, request)
+    response.headers.update(job.headers())
     return {
         **body_of(
             [

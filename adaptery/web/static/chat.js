@@ -37,15 +37,18 @@ function focusUnlessBusy(node) {
   if (!active || active === document.body || active.id === "view") node.focus();
 }
 
-/** A <select> of the models the caller may chat with: base models, then adapters (labelled by suffix). */
+/** A <select> of the models the caller may chat with: base models, adapters (labelled by suffix), stable names. */
 export function modelSelect(catalog, { id, selected, label = "Model" }) {
-  const chat = catalog.filter((x) => x.kind === "base" || x.kind === "adapter");
+  const chat = catalog.filter((x) => ["base", "adapter", "name"].includes(x.kind));
   const select = h(
     "select",
     { id, name: id },
     h("optgroup", { label: "Base models" }, chat.filter((x) => x.kind === "base").map((x) => h("option", { value: x.id }, x.display_name || x.id))),
     chat.some((x) => x.kind === "adapter")
       ? h("optgroup", { label: "Fine-tuned adapters" }, chat.filter((x) => x.kind === "adapter").map((x) => h("option", { value: x.id, title: x.id }, modelLabel(x.id))))
+      : null,
+    chat.some((x) => x.kind === "name")
+      ? h("optgroup", { label: "Stable names" }, chat.filter((x) => x.kind === "name").map((x) => h("option", { value: x.id, title: x.id }, modelLabel(x.id))))
       : null,
   );
   if (selected && chat.some((x) => x.id === selected)) select.value = selected;

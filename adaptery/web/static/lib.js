@@ -96,6 +96,7 @@ export function modelLabel(id) {
   if (!id || !id.startsWith("ft:")) return id || "";
   const parts = id.split(":");
   const base = parts[1] || "";
+  if (parts.length === 4) return `${parts[3]} (on ${base})`; // a stable name: ft:<base>:<tenant>:<name>
   const suffix = parts.length >= 5 ? parts[3] : "";
   const tail = (parts[parts.length - 1] || "").slice(-6);
   return `${suffix || tail} (on ${base})` + (suffix ? ` · ${tail}` : "");

@@ -1,5 +1,6 @@
 /* Models: base models and adapters, an adapter's details, download as a PEFT zip, import one,
- * sharing within the tenant, delete with confirmation. */
+ * sharing within the tenant, delete with confirmation; stable names with their versions, promote,
+ * roll back, canary and history. */
 
 import { evaluationSection } from "/static/evaluation.js";
 import { api, badge, clear, confirmDialog, errorBox, field, fmtNumber, fmtTime, h, modelLabel, optionalApi, section, shortSha, showError, table, uploadWithProgress } from "/static/lib.js";
@@ -46,8 +47,148 @@ export async function renderModels(root, ctx, { args }) {
         { caption: "Adapters", empty: "No adapters yet: fine-tune one, or import one trained elsewhere." },
       ),
     ),
+    await namesSection(ctx, adapters),
     ctx.canWrite() ? importForm(ctx, bases) : null,
   );
+}
+
+const nameUrl = (name, tail = "") => `/api/model_names/${encodeURIComponent(name)}${tail}`;
+
+/** Stable names: what clients call while the adapter behind it changes (promote, roll back, canary). */
+async function namesSection(ctx, adapters) {
+  const listed = await optionalApi("/api/model_names");
+  const names = listed ? listed.data : [];
+  return h(
+    "section",
+    { class: "card", id: "model-names" },
+    h("h2", { class: "card-title" }, "Stable names"),
+    h("p", { class: "muted" }, "Clients call a name; promote a version to it, or roll back, and every client follows at its next request. Each change is audited."),
+    names.length ? names.map((name) => nameCard(ctx, name, adapters)) : h("p", { class: "muted empty" }, "No names yet."),
+    ctx.canWrite() && adapters.length ? newNameForm(ctx, adapters) : null,
+  );
+}
+
+function nameCard(ctx, name, adapters) {
+  const error = errorBox();
+  const act = async (path, { method = "POST", body, done, confirm } = {}) => {
+    showError(error, null);
+    if (confirm && !(await confirmDialog({ ...confirm, danger: false }))) return;
+    try {
+      await api(nameUrl(name.name, path), { method, body });
+      ctx.forgetModels();
+      ctx.toast(done);
+      ctx.navigate("#/models");
+    } catch (err) {
+      showError(error, err);
+    }
+  };
+  const status = (v) => {
+    if (v.deleted) return badge("deleted", "failed");
+    if (v.version === name.current_version) return badge("current", "succeeded");
+    if (name.canary && v.version === name.canary.version) return badge(`canary ${name.canary.share}%`, "running");
+    return "";
+  };
+  const promote = (v) =>
+    h(
+      "button",
+      {
+        type: "button",
+        class: "btn btn-small",
+        id: `promote-${name.name}-v${v.version}`,
+        onclick: () => act("/promote", { body: { version: v.version }, done: `Version ${v.version} now answers ${name.name}.`, confirm: { title: `Promote version ${v.version}?`, message: `${name.id} will answer from ${v.model} from its next request on.`, confirm: "Promote" } }),
+      },
+      "Promote",
+    );
+  const writable = ctx.canWrite();
+  const versions = table(
+    ["Version", "Adapter", "Status", ""],
+    name.versions.map((v) => [
+      `v${v.version}`,
+      h("a", { href: `#/models/${encodeURIComponent(v.model)}`, title: v.model, class: "adapter-link" }, modelLabel(v.model)),
+      status(v),
+      writable && !v.deleted && v.version !== name.current_version ? promote(v) : "",
+    ]),
+    { caption: `Versions of ${name.name}` },
+  );
+  const candidates = name.versions.filter((v) => !v.deleted && v.version !== name.current_version);
+  const canaryVersion = h("select", { id: `canary-version-${name.name}` }, candidates.map((v) => h("option", { value: String(v.version) }, `v${v.version}`)));
+  const canaryShare = h("input", { type: "number", id: `canary-share-${name.name}`, min: "0", max: "100", step: "any", value: String(name.canary ? name.canary.share : 10) });
+  const canary = writable && candidates.length
+    ? h(
+        "div",
+        { class: "form-grid" },
+        field("Canary version", canaryVersion),
+        field("Share of requests (%)", canaryShare),
+        h("div", { class: "form-actions" },
+          h("button", { type: "button", class: "btn", id: `canary-start-${name.name}`, onclick: () => act("/canary", { method: "PUT", body: { version: Number(canaryVersion.value), share: Number(canaryShare.value) }, done: "Canary set." }) }, name.canary ? "Change canary" : "Start canary"),
+          name.canary ? h("button", { type: "button", class: "btn btn-quiet", id: `canary-end-${name.name}`, onclick: () => act("/canary", { method: "DELETE", done: "Canary ended." }) }, "End canary") : null),
+      )
+    : null;
+  const others = adapters.filter((a) => a.base_model === name.base_model && !name.versions.some((v) => v.model === a.id));
+  const pick = h("select", { id: `promote-pick-${name.name}` }, others.map((a) => h("option", { value: a.id, title: a.id }, modelLabel(a.id))));
+  const promoteOther = writable && others.length
+    ? h(
+        "div",
+        { class: "form-grid" },
+        field("Another adapter of this base", pick, "Promoting it numbers it as the next version."),
+        h("div", { class: "form-actions" },
+          h("button", { type: "button", class: "btn", id: `promote-adapter-${name.name}`, onclick: () => act("/promote", { body: { version: pick.value }, done: `${name.name} now answers from ${modelLabel(pick.value)}.`, confirm: { title: "Promote this adapter?", message: `${name.id} will answer from ${pick.value} from its next request on.`, confirm: "Promote" } }) }, "Promote")),
+      )
+    : null;
+  const history = h(
+    "details",
+    { class: "name-history" },
+    h("summary", {}, `History (${name.history.length})`),
+    table(
+      ["When", "Action", "From", "To", "Share", "By"],
+      [...name.history].reverse().map((e) => [fmtTime(e.created_at), e.action, e.from_version ? `v${e.from_version}` : "—", e.to_version ? `v${e.to_version}` : "—", e.share === null ? "—" : `${e.share}%`, e.actor || "—"]),
+      { caption: `History of ${name.name}` },
+    ),
+  );
+  return h(
+    "article",
+    { class: "name-card", id: `name-${name.name}`, "data-current": String(name.current_version) },
+    h("h3", {}, name.name, " ", h("span", { class: "muted" }, `on ${name.base_model} · answers from v${name.current_version}`)),
+    h("p", {}, h("code", { class: "wrap" }, name.id)),
+    h(
+      "div",
+      { class: "form-actions" },
+      h("a", { class: "btn btn-small", href: `#/chat?model=${encodeURIComponent(name.id)}` }, "Chat"),
+      writable ? h("button", { type: "button", class: "btn btn-small", id: `rollback-${name.name}`, onclick: () => act("/rollback", { done: `${name.name} rolled back.`, confirm: { title: `Roll ${name.name} back?`, message: "It answers again from the version its latest promotion replaced.", confirm: "Roll back" } }) }, "Roll back") : null,
+    ),
+    versions,
+    promoteOther,
+    canary,
+    history,
+    error,
+  );
+}
+
+function newNameForm(ctx, adapters) {
+  const name = h("input", { type: "text", id: "name-new", maxlength: "64", placeholder: "e.g. lab-assistant" });
+  const version = h("select", { id: "name-version" }, adapters.map((a) => h("option", { value: a.id, title: a.id }, modelLabel(a.id))));
+  const error = errorBox();
+  const form = h(
+    "form",
+    { class: "name-new", novalidate: true },
+    h("h3", {}, "New name"),
+    h("div", { class: "form-grid" }, field("Name", name), field("Answers first from", version)),
+    error,
+    h("div", { class: "form-actions" }, h("button", { type: "submit", class: "btn btn-primary", id: "name-create" }, "Create name")),
+  );
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    showError(error, null);
+    try {
+      await api("/api/model_names", { method: "POST", body: { name: name.value.trim(), version: version.value } });
+      ctx.forgetModels();
+      ctx.toast("Name created.");
+      ctx.navigate("#/models");
+    } catch (err) {
+      showError(error, err);
+    }
+  });
+  return form;
 }
 
 function importForm(ctx, bases) {

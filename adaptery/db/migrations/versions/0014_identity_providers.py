@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0014_identity_providers"
-down_revision = "0012_evaluations"
+down_revision = "0013_model_names"
 branch_labels = None
 depends_on = None
 
