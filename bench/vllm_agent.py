@@ -16,6 +16,12 @@ the first streamed chunk with text, `--requests` sequential requests of 2 tokens
 tokens/s of `--clients` closed-loop clients for `--seconds` (temperature 1, seeded, `--max-tokens` each). Goals
 (issue 17): the agent costs <= 5 % of the throughput and <= 3 ms of first-token latency.
 
+Measured on the 2-core CPU shared with other work (load 11; `--requests 20 --clients 4 --seconds 15 --max-tokens 32`,
+bf16, the base model): direct 56 s to start, first token 17.6 ms p50, 440 tokens/s; through the agent 131 s until
+announced, 70 ms p50 (2.2 s p99), 163 tokens/s: 63 % of the throughput and 53 ms lost, far from the goals. Here the
+server, NATS, the agent and vLLM's two processes share two cores, so the platform's own work per request and per
+token (one NATS message a token) is taken from vLLM; the figure to trust is one from a machine with cores to spare.
+
 Prints JSON and a markdown table.
 """
 
