@@ -105,12 +105,61 @@ def _visible(viewer: Principal, ref: ModelRef, shared_adapter_ids: set[str]) -> 
     return policy.may_use_model(viewer, ref.id)
 
 
-def get_model(session: Session, model_id: str, *, param: str = "model", viewer: Principal | None = None) -> ModelRef:
-    """A model by id; with `viewer`, one it may not see or use is not found, exactly like one that does not exist."""
-    ref = _get_model(session, model_id, param=param)
+def get_model(
+    session: Session,
+    model_id: str,
+    *,
+    param: str = "model",
+    viewer: Principal | None = None,
+    checkpoints: bool = False,
+) -> ModelRef:
+    """A model by id; with `viewer`, one it may not see or use is not found, exactly like one that does not exist.
+    With `checkpoints`, a job's checkpoint (`ft:...:ckpt-step-N`, OpenAI's `fine_tuned_model_checkpoint`) is a model
+    too: for answering only, so only inference asks for them."""
+    try:
+        ref = _get_model(session, model_id, param=param)
+    except NotFound:
+        found = _checkpoint_model(session, model_id) if checkpoints and ":ckpt-step-" in model_id else None
+        if found is None:
+            raise
+        ref = found
     if viewer is not None and not _visible(viewer, ref, shared_with(session, viewer)):
         raise _not_found(model_id, param)
     return ref
+
+
+def _checkpoint_model(session: Session, model_id: str) -> ModelRef | None:
+    """A checkpoint as a model to answer with: its adapter files, seen by whoever sees the job's adapter (no more
+    people than its source adapter while the job has none yet; a shared one's checkpoints only by its creator)."""
+    row = session.execute(
+        select(m.JobCheckpoint, m.FineTuningJob, m.Tenant)
+        .join(m.FineTuningJob, m.FineTuningJob.id == m.JobCheckpoint.job_id)
+        .join(m.Tenant, m.Tenant.id == m.JobCheckpoint.tenant_id)
+        .where(m.JobCheckpoint.model_name == model_id)
+    ).first()
+    if row is None:
+        return None
+    checkpoint, job, tenant = row
+    wanted = ("adapter_model.safetensors", "adapter_config.json")
+    files = {name: sha for name, sha in (checkpoint.manifest or {}).items() if name in wanted}
+    if len(files) != 2:
+        return None
+    grown = session.scalar(select(m.Adapter).where(m.Adapter.job_id == job.id)) or source_adapter(session, job.id)
+    visibility = grown.visibility if grown is not None else "tenant"
+    adapter = m.Adapter(  # transient: never added to the session
+        id=model_id,
+        tenant_id=job.tenant_id,
+        base_model=job.model,
+        job_id=job.id,
+        method=grown.method if grown is not None else "lora",
+        rank=grown.rank if grown is not None else int((job.hyperparameters or {}).get("lora_r") or 0),
+        manifest=files,
+        sha256=files["adapter_model.safetensors"],
+        visibility="private" if visibility == "shared" else visibility,
+        created_by=job.user_id,
+        created_at=checkpoint.created_at,
+    )
+    return ModelRef(model_id, session.get(m.BaseModel, job.model), adapter, tenant.name, checkpoint.created_at)
 
 
 def _not_found(model_id: str, param: str) -> NotFound:

@@ -358,7 +358,7 @@ def _prepare(p: Platform, who: Principal, body: ChatRequest | CompletionRequest,
     prompt = _messages(body) if chat else _completion_prompt(body)
     prompt_param = "messages" if chat else "prompt"
     with p.db.tenant(who.tenant_id) as s:
-        ref = models.get_model(s, body.model, viewer=who)
+        ref = models.get_model(s, body.model, viewer=who, checkpoints=True)
         answered_by = None
         if ref.name is not None:  # resolved now: a promotion or a rollback reaches the very next request
             ref = replace(ref, adapter=model_names.route(s, ref, request_id, who).adapter)
