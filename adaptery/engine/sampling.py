@@ -32,8 +32,11 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)  # OpenAI's: token id -> added to its logit
 
     def __post_init__(self) -> None:
-        # Over the agent protocol the ids arrive as JSON object keys (strings).
+        # Over the agent protocol the params arrive as JSON: token ids as object keys (strings), the constraint as an
+        # object.
         object.__setattr__(self, "logit_bias", {int(k): float(v) for k, v in (self.logit_bias or {}).items()})
+        if isinstance(self.constraint, dict):
+            object.__setattr__(self, "constraint", Constraint(**self.constraint))
 
 
 @dataclass(frozen=True)

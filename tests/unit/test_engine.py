@@ -759,10 +759,13 @@ def test_an_embedding_input_is_cut_to_what_the_model_reads_before_tokenising():
     assert model.fit("short") == "short"
 
 
-def test_sampling_params_keep_their_logit_bias_across_the_agent_protocol() -> None:
+def test_sampling_params_keep_their_logit_bias_and_constraint_across_the_agent_protocol() -> None:
     import dataclasses
     import json
 
-    sent = SamplingParams(logit_bias={5: -100.0, 17: 2.5})
+    from adaptery.engine.sampling import Constraint
+
+    sent = SamplingParams(logit_bias={5: -100.0, 17: 2.5}, constraint=Constraint('start: "yes" | "no"'))
     received = SamplingParams(**json.loads(json.dumps(dataclasses.asdict(sent))))  # JSON keys are strings
     assert received.logit_bias == {5: -100.0, 17: 2.5}
+    assert received.constraint == Constraint('start: "yes" | "no"')  # an object the engine can compile, not a dict
