@@ -49,6 +49,9 @@ class Backend(Protocol):
     def forget_orphans(self, agent_id: str) -> int:
         """End what an earlier run of this agent left training (it died without ending it); how many."""
 
+    def capabilities(self) -> dict[str, Any] | None:
+        """What the device its jobs train on has (protocol: a lease request's `capabilities`), or None: unknown."""
+
 
 def requirements(assignment: Assignment) -> tuple[int, int]:
     """(processes, nodes) the job asks for."""
@@ -58,6 +61,17 @@ def requirements(assignment: Assignment) -> tuple[int, int]:
 def training_module(processes: int) -> tuple[str, ...]:
     """One process runs the runner itself; several run it under the launcher (torch's elastic agent)."""
     return RUNNER if processes == 1 else LAUNCHER
+
+
+def local_capabilities() -> dict[str, Any]:
+    """This machine's training device: CUDA with the first GPU's memory, or the CPU with the machine's memory."""
+    import torch
+
+    if torch.cuda.is_available():
+        memory = torch.cuda.get_device_properties(0).total_memory
+        return {"accelerator": "cuda", "memory_gb": round(memory / 2**30, 1)}
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {"accelerator": "cpu", "memory_gb": round(memory / 2**30, 1)}
 
 
 def local_capacity() -> tuple[int, str]:
@@ -97,6 +111,14 @@ class LocalProcess:
 
 class LocalBackend:
     name = "local"
+
+    def __init__(self) -> None:
+        self._capabilities: dict[str, Any] | None = None
+
+    def capabilities(self) -> dict[str, Any]:
+        if self._capabilities is None:  # measured once: torch is imported only here, at the first lease
+            self._capabilities = local_capabilities()
+        return self._capabilities
 
     def refusal(self, assignment: Assignment) -> str | None:
         processes, nodes = requirements(assignment)

@@ -135,9 +135,13 @@ class AgentLink:
     def lease(self) -> dict[str, Any] | None:
         return self.call(protocol.agent_subject(self.agent_id, "lease"), {}).get("assignment")
 
-    def lease_work(self) -> dict[str, Any]:
-        """The next fine-tuning job (`assignment`) or, this agent running them too, an `evaluation`."""
-        return self.call(protocol.agent_subject(self.agent_id, "lease"), {"kinds": [protocol.EVALUATION_KIND]})
+    def lease_work(self, capabilities: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The next fine-tuning job (`assignment`) or, this agent running them too, an `evaluation`. `capabilities`
+        (what its training device has) lets the control plane hand it jobs that ask for them."""
+        body: dict[str, Any] = {"kinds": [protocol.EVALUATION_KIND]}
+        if capabilities is not None:
+            body["capabilities"] = capabilities
+        return self.call(protocol.agent_subject(self.agent_id, "lease"), body)
 
     def job_call(self, job_id: str, verb: str, body: dict[str, Any]) -> dict[str, Any]:
         return self.call(protocol.job_subject(self.agent_id, job_id, verb), body)

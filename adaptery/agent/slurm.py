@@ -288,6 +288,9 @@ class SlurmBackend:
     def refusal(self, assignment: Assignment) -> str | None:
         return None  # Slurm itself refuses what the partition cannot hold (sbatch's error fails the job)
 
+    def capabilities(self) -> None:
+        return None  # the partition's nodes, not this machine, train: unknown here, so it takes unconstrained jobs
+
     def forget_orphans(self, agent_id: str) -> int:
         """Cancel the Slurm jobs an earlier run of this agent left behind (it died without ending them): their
         leases have lapsed and the jobs go to other attempts, which must not train beside them."""

@@ -223,7 +223,7 @@ class Agent:
                 log.warning("cancelled %d job(s) an earlier run of this agent left in %s", forgotten, self.backend.name)
         while not self.stopping.is_set():
             try:
-                work = self.link.lease_work()
+                work = self.link.lease_work(self.backend.capabilities())
             except (LinkDown, RemoteError) as exc:  # the control plane restarting must not end the agent
                 log.info("leasing a job failed: %s", exc)
                 work = {}

@@ -5,7 +5,7 @@ control plane knows who asks from the subject alone. All are request/reply:
 
 | subject (after `adaptery.agent.<agent>.`) | request | reply |
 | --- | --- | --- |
-| `lease` | `{"kinds"?: ["evaluation"]}` | `{"assignment": {...} or null, "evaluation"?: {...}}` |
+| `lease` | `{"kinds"?: ["evaluation"], "capabilities"?}` | `{"assignment": {...} or null, "evaluation"?: {...}}` |
 | `job.<job>.heartbeat` | `{"attempt"}` | `{"verdict": "continue" / "cancel" / "pause" / "lost"}` |
 | `job.<job>.events` | `{"events": [...], "attempt"}` (the trainer's own) | `{}` |
 | `job.<job>.download` | `{"sha256", "offset"}` | the blob's bytes from offset, at most CHUNK_BYTES |
@@ -20,6 +20,11 @@ fine-tuning job (only when none is waiting for it): `evaluation` is the evaluati
 (`services.evaluation_queue.EvaluationQueue._assignment`), its id starts with `evaljob-`, and it uses the job verbs
 heartbeat, events (`{"type": "progress"|"message"}`), download and finish (`{"state", "result"?, "message"?,
 "attempt"}`), never upload or checkpoint.
+
+A lease request's `capabilities` says what the agent's training device has: `{"accelerator": "cpu" | "cuda",
+"memory_gb": GiB}` (a GPU's own memory on a CUDA agent, the machine's on a CPU one). The control plane hands it only
+jobs whose `requirements` it meets (`services.job_requirements`); an agent that sends none gets only jobs that ask
+for no accelerator and no memory.
 
 `attempt` is the assignment's: the lease it names is the one the request acts under, and a request from an
 attempt that is over is refused (a heartbeat hears "lost"), even if the job was leased again to the same agent

@@ -360,7 +360,9 @@ class ControlPlane:
         self.queue.seen(agent_id, idle=True)
         if agent_id in self.not_training:
             return {"assignment": None}
-        assignment = self.queue.lease(agent_id, tenant_scope=self.agent_scope.get(agent_id))
+        assignment = self.queue.lease(
+            agent_id, tenant_scope=self.agent_scope.get(agent_id), capabilities=body.get("capabilities")
+        )
         if assignment is not None:
             return {"assignment": assignment.to_json()}
         kinds = body.get("kinds")

@@ -34,7 +34,7 @@ from adaptery.db.ids import new_id
 from adaptery.db.session import Database
 from adaptery.engine.loading import ModelNotAvailable, resolve_model_path
 from adaptery.messaging.protocol import ADAPTER_FILES
-from adaptery.services import files, limits, models
+from adaptery.services import files, job_requirements, limits, models
 from adaptery.services.datasets import TokenBudget, check_chat_file
 from adaptery.services.errors import InvalidRequest, NotFound
 from adaptery.storage.blobs import BlobStore
@@ -213,12 +213,15 @@ def create_job(
     settings: Settings | None = None,
     start_from: m.Adapter | None = None,
     lineage: dict[str, Any] | None = None,
+    requirements: Any = None,
 ) -> m.FineTuningJob:
     """`settings`: where given, the options are also checked against what this platform can train and serve.
     A model `principal` may not see or use is not found, as one that does not exist.
 
     `start_from`: an adapter of `model` whose weights the new LoRA starts from (its shape kept), recorded in the
-    job's `lineage` (a stable name's fine-tune, `services.model_names`)."""
+    job's `lineage` (a stable name's fine-tune, `services.model_names`).
+
+    `requirements`: what the machine that trains it must have (`services.job_requirements`), kept in `method`."""
     ref = models.get_model(session, model, viewer=principal)
     if ref.name is not None:
         raise InvalidRequest(
@@ -257,6 +260,7 @@ def create_job(
             "use a multiple of processes",
             param="hyperparameters.batch_size",
         )
+    needs = job_requirements.parse(requirements)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
         raise InvalidRequest(f"seed must be an integer between 0 and {MAX_SEED}", param="seed")
     job = m.FineTuningJob(
@@ -268,7 +272,11 @@ def create_job(
         suffix=suffix,
         seed=seed if seed is not None else secrets.randbelow(MAX_SEED + 1),
         hyperparameters=resolved,
-        method={"type": kind, kind: {"hyperparameters": {**resolved, **options}}},
+        method={
+            "type": kind,
+            kind: {"hyperparameters": {**resolved, **options}},
+            **({"requirements": needs} if needs else {}),
+        },
         metadata_=metadata,
         status="validating_files",
         init_adapter=init_adapter,

@@ -15,6 +15,11 @@ read the job wins, and one job's error is logged without holding up the others.
 Leasing is fair: a tenant never runs more than `tenant_concurrency` jobs at once, tenants take
 turns (the one leased least recently goes first), and within a tenant higher `priority` goes first,
 then the oldest job. Priority never lets one tenant jump another's turn.
+
+A job's `requirements` (accelerator, memory, "only my tenant's island": `services.job_requirements`) are matched
+against what the asking agent says it has: an agent is handed the first job of the tenant in turn that it can run,
+and a job it cannot run stays queued for another, with one event per reason ("waiting for an agent with cuda") so
+its owner sees why it waits.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,7 +39,17 @@ from sqlalchemy.orm import Session
 from adaptery.db import models as m
 from adaptery.db.session import Database
 from adaptery.messaging.protocol import ADAPTER_FILES, Assignment, BlobRef, CheckpointRef
-from adaptery.services import blob_refs, evaluations, faults, finetuning, limits, model_names, models, usage
+from adaptery.services import (
+    blob_refs,
+    evaluations,
+    faults,
+    finetuning,
+    job_requirements,
+    limits,
+    model_names,
+    models,
+    usage,
+)
 from adaptery.services.errors import InvalidRequest
 from adaptery.storage.blobs import BlobStore
 
@@ -46,6 +62,15 @@ TRAINED_TOKENS_PER_FILE_BYTE = 2
 RUN_PHASES = ("starting", "loading_base", "preparing_data", "first_step", "saving")
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Agent:
+    """Who asks for a job: its id, the tenant it was enrolled for (None: platform-wide), what it has."""
+
+    id: str
+    tenant_scope: str | None
+    capabilities: dict[str, Any]
 
 
 class _Unstartable(Exception):
@@ -90,19 +115,26 @@ class JobQueue:
         # Counting a tenant's running jobs and claiming one must not interleave within this process;
         # across processes on PostgreSQL a transaction-scoped advisory lock per tenant does the same.
         self._lease_lock = threading.Lock()
+        self._waiting_said: set[tuple[str, str]] = set()  # (job, why it waits) already in its events
 
     # --- leasing ---------------------------------------------------------------------------------
 
-    def lease(self, agent_id: str, *, tenant_scope: str | None = None) -> Assignment | None:
+    def lease(
+        self, agent_id: str, *, tenant_scope: str | None = None, capabilities: dict[str, Any] | None = None
+    ) -> Assignment | None:
         """Claim the next job by the fairness rules. FOR UPDATE SKIP LOCKED on PostgreSQL; on SQLite the
         guarded UPDATE is the compare-and-set that makes two agents never hold the same job.
 
         A job that cannot be started (its base model or a file of it gone) fails with the reason, so the
         queue behind it moves on instead of every agent's lease failing on it. A transient fault meanwhile (the
         database locked or restarting) is raised instead and leaves the job queued as it was.
+
+        `capabilities`: what the agent's training device has (protocol); None (an agent that does not say) gets only
+        jobs that ask for no accelerator and no memory.
         """
+        agent = Agent(agent_id, tenant_scope, job_requirements.capabilities(capabilities))
         try:
-            return self._lease(agent_id, tenant_scope)
+            return self._lease(agent)
         except _Unstartable as exc:
             log.error("job %s cannot be started: %s", exc.job_id, exc.reason, exc_info=exc.__cause__)
             with self.db.system() as s:
@@ -115,9 +147,9 @@ class JobQueue:
                     finetuning.add_event(s, job, f"Job failed: {message}", level="error")
             return None
 
-    def _lease(self, agent_id: str, tenant_scope: str | None) -> Assignment | None:
+    def _lease(self, agent: Agent) -> Assignment | None:
         with self._lease_lock, self.db.system() as s:
-            for tenant_id in self._tenants_in_turn(s, tenant_scope):
+            for tenant_id in self._tenants_in_turn(s, agent.tenant_scope):
                 if self.db.engine.dialect.name == "postgresql":
                     s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": zlib.crc32(tenant_id.encode())})
                 if self.tenant_concurrency is not None:
@@ -128,7 +160,7 @@ class JobQueue:
                     )
                     if running >= self.tenant_concurrency:
                         continue
-                assignment = self._claim_head(s, tenant_id, agent_id)
+                assignment = self._claim_head(s, tenant_id, agent)
                 if assignment is not None:
                     return assignment
         return None
@@ -150,17 +182,49 @@ class JobQueue:
         )
         return sorted(tenants, key=lambda t: (last.get(t) or 0.0, t))
 
-    def _claim_head(self, s: Session, tenant_id: str, agent_id: str) -> Assignment | None:
-        candidates = s.scalars(
-            select(m.FineTuningJob.id)
+    def _runnable_head(self, s: Session, tenant_id: str, agent: Agent) -> str | None:
+        """The first of the tenant's queued jobs, in order, that `agent` can run; each one it cannot run before it
+        says why in its events (once per reason)."""
+        queued = s.execute(
+            select(m.FineTuningJob.id, m.FineTuningJob.method)
             .where(m.FineTuningJob.status == "queued", m.FineTuningJob.tenant_id == tenant_id)
             .order_by(m.FineTuningJob.priority.desc(), m.FineTuningJob.created_at, m.FineTuningJob.id)
-            .limit(1)
+        ).all()
+        for job_id, method in queued:
+            needs = job_requirements.of_method(method)
+            lacking = job_requirements.shortfall(
+                needs, agent.capabilities, agent_scope=agent.tenant_scope, tenant_id=tenant_id
+            )
+            if lacking is None:
+                return job_id
+            self._say_waiting(s, job_id, f"Waiting for {lacking}", lacking)
+        return None
+
+    def _say_waiting(self, s: Session, job_id: str, message: str, lacking: str) -> None:
+        """One event per job and reason, however many agents ask: looked up in the job's events, and remembered
+        here once seen there (committed: a lease rolled back after writing it does not count)."""
+        if (job_id, message) in self._waiting_said:
+            return
+        said = s.scalar(select(m.JobEvent.id).where(m.JobEvent.job_id == job_id, m.JobEvent.message == message))
+        if said is None:
+            job = s.get(m.FineTuningJob, job_id)
+            finetuning.add_event(s, job, message, level="warn", data={"waiting_for": lacking})
+        else:
+            self._waiting_said.add((job_id, message))
+
+    def _claim_head(self, s: Session, tenant_id: str, agent: Agent) -> Assignment | None:
+        runnable = self._runnable_head(s, tenant_id, agent)
+        if runnable is None:
+            return None
+        candidates = s.scalars(
+            select(m.FineTuningJob.id)
+            .where(m.FineTuningJob.id == runnable, m.FineTuningJob.status == "queued")
             .with_for_update(skip_locked=True)
         ).all()
         if not candidates:
             return None
         job_id = candidates[0]
+        agent_id = agent.id
         now = self.clock()
         claimed = s.execute(
             update(m.FineTuningJob)

@@ -172,6 +172,16 @@ def test_a_killed_training_process_fails_the_job_with_its_cause_and_the_agent_go
         ({"model": "adaptery-demo", "training_file": "FILE", "method": {"type": "reinforcement"}}, 400, "method.type"),
         ({"model": "adaptery-demo"}, 400, "training_file"),
         ({"model": "adaptery-demo", "training_file": "FILE", "bogus": 1}, 400, "bogus"),
+        (
+            {"model": "adaptery-demo", "training_file": "FILE", "requirements": {"accelerator": "tpu"}},
+            400,
+            "requirements.accelerator",
+        ),
+        (
+            {"model": "adaptery-demo", "training_file": "FILE", "requirements": {"memory_gb": -4}},
+            400,
+            "requirements.memory_gb",
+        ),
         (  # the batch is the global batch, split evenly among the processes
             {"model": "adaptery-demo", "training_file": "FILE", "hyperparameters": {"batch_size": 3, "processes": 2}},
             400,
@@ -187,6 +197,36 @@ def test_bad_job_requests_get_openai_errors_naming_the_param(running, body, stat
     assert_matches("ErrorResponse", response.json())
     assert response.json()["error"]["param"] == param
     assert running.client.get("/v1/fine_tuning/jobs", headers=running.auth()).json()["data"] == []
+
+
+def test_jobs_with_requirements_wait_for_an_agent_that_meets_them(running):
+    """The embedded agent is platform-wide and says it trains on the CPU: it skips a job that asks for the tenant's
+    own island (which waits, saying why) and takes the one behind it that asks for a CPU."""
+    client, headers = running.client, running.auth()
+    file = upload_sample(client, headers)
+    island = create_job(running, model="adaptery-demo", training_file=file["id"], requirements={"island": "tenant"})
+    assert_matches("FineTuningJob", island)
+    assert island["requirements"] == {"island": "tenant"} and "requirements" not in island["method"]
+    on_cpu = create_job(
+        running,
+        model="adaptery-demo",
+        training_file=file["id"],
+        hyperparameters={"n_epochs": 50},
+        requirements={"accelerator": "cpu", "memory_gb": 0.5},
+    )
+    assert on_cpu["requirements"] == {"accelerator": "cpu", "memory_gb": 0.5}
+    wait_for_job(client, headers, on_cpu["id"], ("running",), timeout=60)
+    client.post(f"/v1/fine_tuning/jobs/{on_cpu['id']}/cancel", headers=headers)
+    waiting = "Waiting for an agent of your own island (a platform-wide agent may not run it)"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        events = client.get(f"/v1/fine_tuning/jobs/{island['id']}/events", headers=headers).json()["data"]
+        if any(e["message"] == waiting for e in events):
+            break
+        time.sleep(0.3)
+    assert [e["message"] for e in events].count(waiting) == 1
+    assert client.get(f"/v1/fine_tuning/jobs/{island['id']}", headers=headers).json()["status"] == "queued"
+    client.post(f"/v1/fine_tuning/jobs/{island['id']}/cancel", headers=headers)
 
 
 def test_a_file_of_another_purpose_cannot_train(running):

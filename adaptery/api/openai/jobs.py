@@ -31,6 +31,11 @@ class CreateJobRequest(BaseModel):
     metadata: dict[str, str] | None = None
     integrations: list[dict[str, Any]] | None = None
     priority: int = Field(0, ge=-10, le=10, description="Adaptery: within the tenant's jobs, higher leases first.")
+    requirements: Any = Field(
+        None,
+        description="Adaptery: what the machine that trains it must have: memory_gb, accelerator ('cpu' or 'cuda'), "
+        "island ('tenant': only agents of your own island).",
+    )
 
 
 @router.post("/jobs")
@@ -57,6 +62,7 @@ def create_job(
             seed=body.seed,
             metadata=body.metadata,
             settings=p.settings,  # refuse what the platform could not train or serve, before any compute
+            requirements=body.requirements,
         )
         job.priority = body.priority
         created = job_object(job)

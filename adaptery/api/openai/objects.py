@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from adaptery.db import models as m
+from adaptery.services import job_requirements
 from adaptery.services.models import ModelRef
 
 
@@ -43,9 +44,10 @@ def job_object(job: m.FineTuningJob) -> dict[str, Any]:
         "integrations": None,
         "seed": job.seed,
         "estimated_finish": None,
-        "method": job.method,
+        "method": {key: value for key, value in (job.method or {}).items() if key != "requirements"},
         "metadata": job.metadata_,
         "user_provided_suffix": job.suffix,
+        "requirements": job_requirements.of(job) or None,  # Adaptery: what the machine that trains it must have
     }
 
 
