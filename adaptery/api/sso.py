@@ -150,6 +150,8 @@ def set_sign_in_policy(body: PolicyBody, who: Principal = Depends(principal), p:
     """Whether local passwords and one-time links still sign in to your tenant (off only once it trusts an
     identity provider). Sessions opened a way you turn off end at once."""
     with p.db.system() as s:
-        ended = sso.set_policy(s, who.tenant_id, password_sign_in=body.password_sign_in, link_sign_in=body.link_sign_in)
+        ended = sso.set_policy(
+            s, who.tenant_id, password_sign_in=body.password_sign_in, link_sign_in=body.link_sign_in, who=who
+        )
         audit.record(s, who, "sso.policy_change", target=who.tenant_name, detail={**body.model_dump(), "ended": ended})
         return _tenant_sso(s, who.tenant_id)

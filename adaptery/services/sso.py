@@ -303,9 +303,18 @@ def set_rules(session: Session, who: Principal, rules: list[Rule]) -> tuple[list
     return added, removed
 
 
-def set_policy(session: Session, tenant_id: str, *, password_sign_in: bool, link_sign_in: bool) -> int:
+def set_policy(
+    session: Session, tenant_id: str, *, password_sign_in: bool, link_sign_in: bool, who: Principal | None = None
+) -> int:
     """Which local ways in the tenant accepts; sessions opened a way now refused end. Returns how many ended.
-    Local ways go off only once the tenant trusts a provider, so nobody locks the tenant out of the page."""
+    Local ways go off only once the tenant trusts a provider, so nobody locks the tenant out of the page, and only
+    an owner decides it: it can end every local session, the owners' own included."""
+    if who is not None and who.role != Role.OWNER and not who.is_platform_admin:
+        raise PermissionDenied(
+            f"Your role '{who.role}' may not change how people sign in to this tenant; only an owner may.",
+            param="password_sign_in",
+            code="insufficient_role",
+        )
     if not (password_sign_in and link_sign_in) and not _administered_through_sso(session, tenant_id):
         raise Conflict(
             "Passwords and links stay on until people can administer this tenant through single sign-on: it needs "

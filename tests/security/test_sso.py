@@ -630,6 +630,19 @@ def test_passwords_and_links_off_refuse_local_sign_in_and_end_local_sessions(sso
         assert on.status_code == 200
 
 
+def test_an_admin_cannot_turn_local_sign_in_off_and_lock_the_owners_out(sso: Sso):
+    """The attacker's MEDIUM-3: a tenant admin turned passwords and links off, ending the owner's session and locking
+    the local owner out of the page. Only an owner decides how people sign in."""
+    admin = sso.browser()
+    assert admin.post("/api/auth/login", json={"username": "victim", "password": PASSWORD}).status_code == 200
+    admin.headers["x-csrf-token"] = admin.cookies.get("adaptery_csrf")
+    assert admin.get("/api/me").json()["role"] == "admin"
+    refused = admin.put("/api/admin/sso/policy", json={"password_sign_in": False, "link_sign_in": False})
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "insufficient_role"
+    assert sso.client.get("/api/admin/sso", headers=sso.auth()).json()["password_sign_in"] is True
+    assert admin.get("/api/me").status_code == 200  # nothing ended
+
+
 def test_a_password_session_cannot_switch_into_a_tenant_with_passwords_off(sso: Sso):
     with sso.platform.db.system() as s:
         s.add(m.Membership(id="mem_victim_b", tenant_id=sso.other_tenant_id, user_id="user_victim", role="viewer"))
