@@ -119,7 +119,7 @@ def add_site(
 ) -> Site:
     with p.db.tenant(who.tenant_id) as s:
         record = federations.get_federation(s, federation_id)
-        site = federations.add_site(s, record, name=body.name, public_key=body.public_key)
+        site = federations.add_site(s, record, name=body.name, public_key=body.public_key, who=who)
         audit.record(
             s,
             who,

@@ -17,9 +17,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from adaptery.auth.principal import Principal, Role
 from adaptery.db import models as m
 from adaptery.db.ids import new_id
-from adaptery.services.errors import Conflict, InvalidRequest, NotFound
+from adaptery.services.errors import Conflict, InvalidRequest, NotFound, PermissionDenied
 
 MAX_SITES = 64
 
@@ -72,11 +73,22 @@ def sites_of(session: Session, federation: m.Federation) -> list[m.FederationSit
     )
 
 
-def add_site(session: Session, federation: m.Federation, *, name: str, public_key: str) -> m.FederationSite:
+def add_site(
+    session: Session, federation: m.Federation, *, name: str, public_key: str, who: Principal | None = None
+) -> m.FederationSite:
+    """A site joins the roster, the federation's root of trust: so only its creator or a tenant admin adds one."""
+    if who is not None and who.user_id != federation.created_by and not who.has_role(Role.ADMIN):
+        raise PermissionDenied(
+            "Only the federation's creator or a tenant admin adds sites: the roster decides who trains with you.",
+            param="federation_id",
+            code="insufficient_role",
+        )
     key, fingerprint = parse_site_key(public_key)
     sites = sites_of(session, federation)
     if any(site.fingerprint == fingerprint for site in sites):
         raise Conflict("This key is already a site of the federation.", param="public_key")
+    if any(site.name == name for site in sites):
+        raise Conflict(f"The federation already has a site named {name!r}.", param="name")
     if len(sites) >= MAX_SITES:
         raise InvalidRequest(f"A federation has at most {MAX_SITES} sites.", param="public_key")
     number = (session.scalar(select(func.max(m.FederationSite.number)).where(

@@ -12,9 +12,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from sqlalchemy import select
 
+from adaptery.auth.principal import Role
 from adaptery.db import models as m
+from adaptery.db.ids import new_id
 from adaptery.engine.demo_model import DEMO_MODEL_ID
 from adaptery.federated.apps import load_roster
+from adaptery.services import keys as api_keys
 
 
 def ssh_public(key) -> str:
@@ -65,6 +68,26 @@ def test_federation_sites_roster_and_tenancy(running):
         == 409
     )
     assert client.post("/api/federations", json={"name": "x", "base_model": "nope"}, headers=auth).status_code == 404
+
+    same_name = client.post(
+        f"/api/federations/{federation['id']}/sites",
+        json={"name": "site-1", "public_key": ssh_public(ec.generate_private_key(ec.SECP256R1()))},
+        headers=auth,
+    )
+    assert same_name.status_code == 409 and same_name.json()["error"]["param"] == "name"
+    # The roster is the federation's root of trust: a colleague who is a member, not its creator, adds no site.
+    with running.platform.db.system() as s:
+        member = m.User(id=new_id("user_"), username="mo")
+        s.add(member)
+        s.flush()
+        s.add(m.Membership(id=new_id("mem_"), tenant_id=running.tenant_id, user_id=member.id, role=Role.MEMBER))
+        member_key = api_keys.create_key(s, tenant_id=running.tenant_id, user_id=member.id).secret
+    colleague = client.post(
+        f"/api/federations/{federation['id']}/sites",
+        json={"name": "mine", "public_key": ssh_public(ec.generate_private_key(ec.SECP256R1()))},
+        headers=running.auth(member_key),
+    )
+    assert colleague.status_code == 403 and colleague.json()["error"]["code"] == "insufficient_role"
 
     other = running.auth(running.new_tenant("other", "mallory").api_key)
     assert client.get(f"/api/federations/{federation['id']}", headers=other).status_code == 404
