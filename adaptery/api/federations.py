@@ -86,7 +86,7 @@ def create_federation(
     body: NewFederation, who: Principal = Depends(principal), p: Platform = Depends(platform)
 ) -> FederationObject:
     with p.db.tenant(who.tenant_id) as s:
-        ref = models.get_model(s, body.base_model, param="base_model")
+        ref = models.get_model(s, body.base_model, param="base_model", viewer=who)  # a hidden adapter: 404
         if ref.adapter is not None:
             raise InvalidRequest("base_model must be a base model, not an adapter", param="base_model")
         record = federations.create_federation(
