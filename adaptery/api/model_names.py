@@ -14,7 +14,7 @@ from adaptery.api.openai.objects import job_object
 from adaptery.auth.policy import require
 from adaptery.auth.principal import Principal
 from adaptery.platform import Platform
-from adaptery.services import audit, limits, model_names
+from adaptery.services import audit, limits, model_names, models
 
 router = APIRouter(prefix="/api/model_names", tags=["models"])
 
@@ -47,8 +47,14 @@ class FineTune(BaseModel):
     seed: int | None = None
 
 
-def name_object(session: Session, name: Any) -> dict[str, Any]:
+def name_object(session: Session, name: Any, viewer: Principal) -> dict[str, Any]:
+    """A name as `viewer` may see it: a version whose adapter is private to someone else (an admin may promote one)
+    is listed by number only, without its adapter's id or job."""
     current = model_names.state(session, name)
+    shared = models.shared_with(session, viewer)
+
+    def shown(version: Any) -> bool:
+        return version.adapter is None or models.sees_version(viewer, version.adapter, shared)
     return {
         "object": "model.name",
         "id": name.id,
@@ -63,9 +69,10 @@ def name_object(session: Session, name: Any) -> dict[str, Any]:
         "versions": [
             {
                 "version": v.number,
-                "model": v.adapter_id,
+                "model": v.adapter_id if shown(v) else None,
+                "hidden": not shown(v),
                 "deleted": v.adapter is None,
-                "fine_tuning_job": v.job_id,
+                "fine_tuning_job": v.job_id if shown(v) else None,
                 "created_at": int(v.created_at),
             }
             for v in current.versions
@@ -87,7 +94,7 @@ def name_object(session: Session, name: Any) -> dict[str, Any]:
 @router.get("")
 def list_names(who: Principal = Depends(principal), p: Platform = Depends(platform)) -> dict:
     with p.db.tenant(who.tenant_id) as s:
-        return {"object": "list", "data": [name_object(s, name) for name in model_names.list_names(s, who)]}
+        return {"object": "list", "data": [name_object(s, name, who) for name in model_names.list_names(s, who)]}
 
 
 @router.post("")
@@ -96,14 +103,14 @@ def create_name(body: CreateName, who: Principal = Depends(principal), p: Platfo
     with p.db.tenant(who.tenant_id) as s:
         name = model_names.create_name(s, who, name=body.name, version=body.version)
         audit.record(s, who, "model_name.create", target=name.id, detail={"version": 1, "model": body.version})
-        return name_object(s, name)
+        return name_object(s, name, who)
 
 
 @router.get("/{name}")
 def get_name(name: str, who: Principal = Depends(principal), p: Platform = Depends(platform)) -> dict:
     """The name, its versions and its history of promotions, rollbacks and canaries."""
     with p.db.tenant(who.tenant_id) as s:
-        return name_object(s, model_names.get_name(s, name, who))
+        return name_object(s, model_names.get_name(s, name, who), who)
 
 
 @router.delete("/{name}")
@@ -122,7 +129,7 @@ def promote(name: str, body: Promote, who: Principal = Depends(principal), p: Pl
         row, before = model_names.promote(s, who, name, body.version)
         detail = {"from_version": before, "to_version": row.current_version}
         audit.record(s, who, "model_name.promote", target=row.id, detail=detail)
-        return name_object(s, row)
+        return name_object(s, row, who)
 
 
 @router.post("/{name}/rollback")
@@ -132,7 +139,7 @@ def rollback(name: str, who: Principal = Depends(principal), p: Platform = Depen
         row, before = model_names.rollback(s, who, name)
         detail = {"from_version": before, "to_version": row.current_version}
         audit.record(s, who, "model_name.rollback", target=row.id, detail=detail)
-        return name_object(s, row)
+        return name_object(s, row, who)
 
 
 @router.put("/{name}/canary")
@@ -142,7 +149,7 @@ def set_canary(name: str, body: Canary, who: Principal = Depends(principal), p: 
         row = model_names.set_canary(s, who, name, body.version, body.share)
         detail = {"version": row.canary_version, "share": row.canary_share}
         audit.record(s, who, "model_name.canary", target=row.id, detail=detail)
-        return name_object(s, row)
+        return name_object(s, row, who)
 
 
 @router.delete("/{name}/canary")
@@ -150,7 +157,7 @@ def end_canary(name: str, who: Principal = Depends(principal), p: Platform = Dep
     with p.db.tenant(who.tenant_id) as s:
         row, ended = model_names.end_canary(s, who, name)
         audit.record(s, who, "model_name.canary_end", target=row.id, detail={"version": ended})
-        return name_object(s, row)
+        return name_object(s, row, who)
 
 
 @router.post("/{name}/fine_tune")
