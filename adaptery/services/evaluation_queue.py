@@ -10,6 +10,7 @@ lease lapses: its secret is never stored.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +25,8 @@ from adaptery.messaging.protocol import ADAPTER_FILES, BlobRef
 from adaptery.services import keys
 from adaptery.services.errors import InvalidRequest, NotFound
 from adaptery.storage.blobs import BlobStore
+
+log = logging.getLogger(__name__)
 
 HELD_OUT_MAX_EXAMPLES = 200
 HELD_OUT_MAX_NEW_TOKENS = 128
@@ -74,10 +77,13 @@ class EvaluationQueue:
                 evaluation = s.get(m.Evaluation, evaluation_id)
                 s.refresh(evaluation)
                 try:
-                    return self._assignment(s, evaluation)
-                except (NotFound, InvalidRequest, KeyError) as exc:
-                    self._end(s, evaluation, "failed", f"The evaluation could not be started: {exc}")
-                    return None
+                    with s.begin_nested():  # what it wrote (a key) goes if it fails
+                        return self._assignment(s, evaluation)
+                except Exception as exc:  # noqa: BLE001 - one bad evaluation fails alone; the lease goes on
+                    log.warning("evaluation %s could not be started", evaluation_id, exc_info=True)
+                    s.refresh(evaluation)
+                    self._end(s, evaluation, "failed", f"The evaluation could not be started: {_why(exc)}")
+                    continue
         return None
 
     def _assignment(self, s: Session, evaluation: m.Evaluation) -> dict[str, Any]:
@@ -271,6 +277,15 @@ class EvaluationQueue:
                     self._revoke_key(s, evaluation)
                 moved += 1
         return moved
+
+
+def _why(exc: Exception) -> str:
+    """What an agent's user may read: never a path on the control plane's disk."""
+    if isinstance(exc, FileNotFoundError):
+        return "a file it needs is missing from storage"
+    if isinstance(exc, NotFound | InvalidRequest):
+        return str(exc)[:500]
+    return f"{type(exc).__name__} while preparing it"
 
 
 def _max_seq_length(job: m.FineTuningJob | None, base: m.BaseModel) -> int:

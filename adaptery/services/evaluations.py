@@ -43,23 +43,25 @@ LABELS = ("candidate", "predecessor", "base")
 
 
 def predecessor(session: Session, job: m.FineTuningJob) -> str | None:
-    """The model the job's adapter would replace (the module's docstring says which), or None."""
+    """The model the job's adapter would replace (the module's docstring says which), or None. Only ever an adapter
+    of the job's own tenant that its creator may see: the session may be the system's (a job's end)."""
     lineage = job.lineage or {}
     parent = session.get(m.FineTuningJob, lineage.get("parent_job")) if lineage.get("parent_job") else None
-    if parent is not None:
+    if parent is not None and parent.tenant_id == job.tenant_id:
         if lineage.get("kind") == "continue" and lineage.get("checkpoint"):
             checkpoint = session.get(m.JobCheckpoint, lineage["checkpoint"])
-            if checkpoint is not None and session.get(m.Adapter, checkpoint.model_name) is not None:
+            if checkpoint is not None and _usable_by(session, job, session.get(m.Adapter, checkpoint.model_name)):
                 return checkpoint.model_name
-        if parent.fine_tuned_model and session.get(m.Adapter, parent.fine_tuned_model) is not None:
+        if parent.fine_tuned_model and _usable_by(session, job, session.get(m.Adapter, parent.fine_tuned_model)):
             return parent.fine_tuned_model
     training = session.get(m.File, job.training_file)
-    if training is None:
+    if training is None or training.tenant_id != job.tenant_id:
         return None
-    same_data = select(m.File.id).where(m.File.sha256 == training.sha256)
+    same_data = select(m.File.id).where(m.File.tenant_id == job.tenant_id, m.File.sha256 == training.sha256)
     earlier = session.scalars(
         select(m.FineTuningJob)
         .where(
+            m.FineTuningJob.tenant_id == job.tenant_id,
             m.FineTuningJob.id != job.id,
             m.FineTuningJob.status == "succeeded",
             m.FineTuningJob.model == job.model,
@@ -70,14 +72,17 @@ def predecessor(session: Session, job: m.FineTuningJob) -> str | None:
     ).all()
     for row in earlier:
         adapter = session.get(m.Adapter, row.fine_tuned_model) if row.fine_tuned_model else None
-        if adapter is not None and _usable_by(session, adapter, job.user_id):
+        if _usable_by(session, job, adapter):
             return adapter.id
     return None
 
 
-def _usable_by(session: Session, adapter: m.Adapter, user_id: str | None) -> bool:
-    """Whether the job's creator may see `adapter` (its own, the tenant's, or shared with it): a report never
-    compares with an adapter its owner could not otherwise see."""
+def _usable_by(session: Session, job: m.FineTuningJob, adapter: m.Adapter | None) -> bool:
+    """Whether `adapter` is of the job's tenant and its creator may see it (its own, the tenant's, or shared with
+    it): a report never compares with an adapter its owner could not otherwise see."""
+    if adapter is None or adapter.tenant_id != job.tenant_id:
+        return False
+    user_id = job.user_id
     if adapter.visibility == "tenant" or (user_id is not None and adapter.created_by == user_id):
         return True
     if adapter.visibility != "shared" or user_id is None:
@@ -102,7 +107,8 @@ def held_out_source(session: Session, job: m.FineTuningJob, previous: str | None
         seed = (job.hyperparameters or {}).get("seed", job.seed)
         return {"kind": "validation_split", "file_id": job.training_file, "fraction": split, "seed": seed}
     kept = session.get(m.AdapterEvaluationSet, previous) if previous else None
-    if kept is not None and session.get(m.File, kept.file_id) is not None:
+    record = session.get(m.File, kept.file_id) if kept is not None else None
+    if record is not None and record.tenant_id == job.tenant_id:
         return {"kind": "evaluation_set", "file_id": kept.file_id, "beside": previous}
     return None
 
