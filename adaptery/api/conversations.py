@@ -80,6 +80,7 @@ def create_conversation(
 ) -> dict:
     with p.db.tenant(who.tenant_id) as s:
         key = p.keyring.data_key(who.tenant_id)
+        conversations.check_model(s, who, body.model)
         record = conversations.create_conversation(
             s,
             who.user_id,
@@ -112,6 +113,7 @@ def update_conversation(
     with p.db.tenant(who.tenant_id) as s:
         record = conversations.get_conversation(s, who.user_id, conversation_id)
         key = p.keyring.data_key(who.tenant_id)
+        conversations.check_model(s, who, body.model)
         conversations.update_conversation(s, record, key, body.model_dump(exclude_unset=True))
         return conversation_object(key, record, conversations.messages_of(s, record))
 
@@ -132,6 +134,7 @@ def add_message(
     with p.db.tenant(who.tenant_id) as s:
         record = conversations.get_conversation(s, who.user_id, conversation_id)
         key = p.keyring.data_key(who.tenant_id)
+        conversations.check_model(s, who, body.model)
         message = conversations.add_message(
             s, record, key, role=body.role, content=body.content, model=body.model, stopped=body.stopped
         )

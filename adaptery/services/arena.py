@@ -140,6 +140,7 @@ def vote(session: Session, who: Principal, battle_id: str, winner: str) -> m.Are
     if winner not in WINNERS:
         raise InvalidRequest("winner must be a, b or tie", param="winner")
     battle = get_battle(session, who, battle_id)
+    feedback.require_collection(feedback.get_policy(session, who.tenant_id))  # like a rating: nothing kept when off
     if battle.winner is not None:
         raise Conflict("This battle has its vote already.", param="winner", code="already_voted")
     if battle.answer_a is None or battle.answer_b is None:

@@ -14,8 +14,10 @@ from typing import Any
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
+from adaptery.auth.principal import Principal
 from adaptery.db import models as m
 from adaptery.db.ids import new_id
+from adaptery.services import models
 from adaptery.services.errors import InvalidRequest, NotFound
 from adaptery.storage.crypto import DataKey
 
@@ -54,6 +56,13 @@ def check_params(params: dict[str, Any]) -> dict[str, Any]:
         if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
             raise InvalidRequest(f"{name} must be a number between {low} and {high}", param=f"params.{name}")
     return dict(params)
+
+
+def check_model(session: Session, who: Principal, model: str | None) -> None:
+    """A chat names only a model its user may see and use (what it talks to, what answered): any other is a 404
+    naming `model`, exactly like one that does not exist."""
+    if model:
+        models.get_model(session, model, viewer=who, checkpoints=True)
 
 
 def list_conversations(session: Session, user_id: str) -> list[tuple[m.Conversation, int]]:

@@ -28,11 +28,12 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
+from adaptery.auth import policy as access
 from adaptery.auth.principal import Principal, Role
 from adaptery.db import models as m
 from adaptery.db.ids import new_id
 from adaptery.db.session import Database
-from adaptery.services import conversations
+from adaptery.services import conversations, models
 from adaptery.services.errors import Conflict, InvalidRequest, NotFound
 from adaptery.storage.crypto import DataKey
 
@@ -237,6 +238,7 @@ def feedback_on_completion(
     verdict.check()
     record = _completion(session, who, completion_id)  # a 404 first: whatever the policy, nothing about the id
     require_collection(get_policy(session, who.tenant_id))
+    models.get_model(session, record.model, viewer=who, checkpoints=True)  # access lost since: a 404 naming model
     answers = unseal(key, record.answers, "completions.answers", record.id)
     if not 0 <= choice_index < len(answers):
         raise InvalidRequest(
@@ -272,6 +274,8 @@ def feedback_on_message(
     message = history[position]
     if message.role != "assistant":
         raise InvalidRequest("feedback is given on an assistant's answer, not on your own message", param="message_id")
+    model = message.model or conversation.model or ""
+    models.get_model(session, model, viewer=who, checkpoints=True)  # one its author may use, now as when posted
     system = conversations.system_prompt_of(key, conversation)
     prompt = ([{"role": "system", "content": system}] if system else []) + [
         {"role": x.role, "content": conversations.content_of(key, x)} for x in history[:position]
@@ -281,8 +285,8 @@ def feedback_on_message(
     )
     lineage = {"conversation_id": conversation_id, "message_id": message_id}
     return _upsert(
-        session, key, who, existing, verdict, model=message.model or conversation.model or "",
-        prompt=prompt, answer=conversations.content_of(key, message), lineage=lineage,
+        session, key, who, existing, verdict, model=model, prompt=prompt,
+        answer=conversations.content_of(key, message), lineage=lineage,
     )  # fmt: skip
 
 
@@ -299,24 +303,71 @@ def readable(who: Principal, policy: Policy, author: Any, *model_columns: Any) -
     return author == who.user_id
 
 
+class Sight:
+    """Which models a caller may read feedback on: those its key allows (`allowed_models`) and it may see (an admin
+    sees every model of the tenant, even one deleted since); feedback of its own needs only the key's allowance."""
+
+    def __init__(self, session: Session, who: Principal) -> None:
+        self.session, self.who, self.seen = session, who, dict[str, bool]()
+
+    def sees(self, model_id: str) -> bool:
+        if model_id not in self.seen:
+            self.seen[model_id] = access.may_use_model(self.who, model_id) and (
+                self.who.has_role(Role.ADMIN) or _may_use(self.session, self.who, model_id)
+            )
+        return self.seen[model_id]
+
+    def reads(self, author: str | None, *model_ids: str) -> bool:
+        if author == self.who.user_id:
+            return all(access.may_use_model(self.who, x) for x in model_ids)
+        return all(self.sees(x) for x in model_ids)
+
+    def require(self, model_id: str) -> None:
+        """A 404 like an unknown model's for a model the caller may not read feedback on."""
+        if not self.sees(model_id):
+            raise NotFound(
+                f"The model '{model_id}' does not exist or you do not have access to it.",
+                param="model",
+                code="model_not_found",
+            )
+
+
+def _may_use(session: Session, who: Principal, model_id: str) -> bool:
+    try:
+        models.get_model(session, model_id, viewer=who, checkpoints=True)
+    except NotFound:
+        return False
+    return True
+
+
 def list_feedback(
     session: Session, who: Principal, *, model: str | None = None, mine: bool = False, limit: int = 200
 ) -> list[m.Feedback]:
-    query = select(m.Feedback).order_by(m.Feedback.updated_at.desc()).limit(limit)
+    sight = Sight(session, who)
+    query = select(m.Feedback).order_by(m.Feedback.updated_at.desc(), m.Feedback.id)
     condition = readable(who, get_policy(session, who.tenant_id), m.Feedback.user_id, m.Feedback.model)
     if condition is not None:
         query = query.where(condition)
     if model:
+        sight.require(model)
         query = query.where(m.Feedback.model == model)
     if mine:
         query = query.where(m.Feedback.user_id == who.user_id)
-    return list(session.scalars(query))
+    rows: list[m.Feedback] = []
+    for row in session.scalars(query):
+        if sight.reads(row.user_id, row.model):
+            rows.append(row)
+            if len(rows) == limit:
+                break
+    return rows
 
 
 def get_feedback(session: Session, who: Principal, feedback_id: str) -> m.Feedback:
     query = select(m.Feedback).where(m.Feedback.id == feedback_id)
     condition = readable(who, get_policy(session, who.tenant_id), m.Feedback.user_id, m.Feedback.model)
     row = session.scalar(query if condition is None else query.where(condition))
+    if row is not None and not Sight(session, who).reads(row.user_id, row.model):
+        row = None
     if row is None:
         raise NotFound(f"No feedback '{feedback_id}'.", param="feedback_id", code="feedback_not_found")
     return row
@@ -387,6 +438,9 @@ def curate(session: Session, key: DataKey, who: Principal, *, kind: str, model: 
     if kind not in KINDS:
         raise InvalidRequest(f"kind must be one of {', '.join(KINDS)}", param="kind")
     policy = get_policy(session, who.tenant_id)
+    sight, authors = Sight(session, who), Authors(session, who)
+    if model:
+        sight.require(model)
     records: list[dict[str, Any]] = []
     lineage: list[dict[str, Any]] = []
     skipped = {"no_prompt": 0, "not_used": 0, "ties": 0}
@@ -397,6 +451,8 @@ def curate(session: Session, key: DataKey, who: Principal, *, kind: str, model: 
     if model:
         query = query.where(m.Feedback.model == model)
     for row in session.scalars(query):
+        if not (sight.reads(row.user_id, row.model) and authors.may_use(row.user_id, row.model)):
+            continue  # not counted: the caller learns nothing of feedback it may not read
         view = feedback_view(key, row)
         prompt, answer, correction = view["prompt"], view["answer"], view["correction"]
         if not _ends_with_user(prompt):
@@ -421,6 +477,9 @@ def curate(session: Session, key: DataKey, who: Principal, *, kind: str, model: 
         if model:
             battles = battles.where(or_(m.ArenaBattle.model_a == model, m.ArenaBattle.model_b == model))
         for battle in session.scalars(battles):
+            pair = (battle.model_a, battle.model_b)
+            if not (sight.reads(battle.user_id, *pair) and authors.may_use(battle.user_id, *pair)):
+                continue
             if battle.winner == "tie":
                 skipped["ties"] += 1
                 continue
@@ -436,6 +495,34 @@ def curate(session: Session, key: DataKey, who: Principal, *, kind: str, model: 
             loser = battle.model_b if battle.winner == "a" else battle.model_a
             lineage.append({"battle": battle.id, "from": "arena_vote", "winner": winner, "loser": loser})
     return Curated(records, lineage, skipped)
+
+
+class Authors:
+    """Whether feedback's author (a member of the caller's tenant) may use the models it is about: a dataset takes
+    no answer "of" a model from someone who could not have had it answer (nor one who lost access since)."""
+
+    def __init__(self, session: Session, who: Principal) -> None:
+        self.session, self.who, self.seen = session, who, dict[tuple[str, str], bool]()
+
+    def may_use(self, user_id: str | None, *model_ids: str) -> bool:
+        return all(self._may_use(user_id, x) for x in model_ids)
+
+    def _may_use(self, user_id: str | None, model_id: str) -> bool:
+        if user_id is None:
+            return False
+        if (user_id, model_id) not in self.seen:
+            role = self.session.scalar(
+                select(m.Membership.role).where(
+                    m.Membership.tenant_id == self.who.tenant_id, m.Membership.user_id == user_id
+                )
+            )
+            author = (
+                None if role is None else Principal(self.who.tenant_id, self.who.tenant_name, user_id, "", Role(role))
+            )
+            self.seen[user_id, model_id] = author is not None and (
+                author.has_role(Role.ADMIN) or _may_use(self.session, author, model_id)
+            )
+        return self.seen[user_id, model_id]
 
 
 def _pair(prompt: list[dict[str, Any]], preferred: str, non_preferred: str) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 
 from adaptery.db import models as m
 from adaptery.services import arena
-from tests.security.conftest import World
+from tests.security.conftest import World, add_key
 
 QUESTION = "Who runs the imaging lab?"
 
@@ -294,3 +294,107 @@ def test_bradley_terry_ranks_a_consistent_winner_first_and_ties_equal():
     assert abs(tied[0].rating - tied[1].rating) < 1e-6
     assert arena.bradley_terry(["p", "q"], []) == []
     assert time.monotonic() - started < 30
+
+
+def test_a_message_names_only_a_model_its_poster_may_use_and_feedback_follows_who_may_see_it(world: World):
+    set_policy(world, collect="feedback", readers="owners")
+    client, adapter = world.client, world.ids["model_id"]  # the member's adapter
+    viewer, member = world.auth("viewer"), world.auth("member")
+    sharing = f"/api/models/{adapter}/sharing"
+
+    def answer(who: dict[str, str], content: str) -> tuple[str, str]:
+        conversation = client.post("/api/conversations", headers=who, json={"model": adapter}).json()
+        url = f"/api/conversations/{conversation['id']}/messages"
+        assert client.post(url, headers=who, json={"role": "user", "content": QUESTION}).status_code == 201
+        made = client.post(url, headers=who, json={"role": "assistant", "content": content, "model": adapter})
+        assert made.status_code == 201, made.text
+        return url, made.json()["id"]
+
+    honest_url, honest = answer(viewer, "an answer it gave")  # while the adapter is the tenant's to use
+    given = client.post(f"{honest_url}/{honest}/feedback", headers=viewer, json={"rating": -1, "correction": "LEGACY"})
+    assert given.status_code == 200, given.text
+    own_url, own = answer(member, "the owner's answer")
+    mine = client.post(f"{own_url}/{own}/feedback", headers=member, json={"rating": 1, "correction": "GOOD"}).json()
+    assert client.put(sharing, headers=member, json={"visibility": "private"}).status_code == 200
+    try:
+        # the attack: an answer "of" a model the poster may not use (hidden, or someone else's), then feedback on it
+        for model in (adapter, "ft:adaptery-demo:elsewhere:nope"):
+            forged = client.post(
+                honest_url, headers=viewer, json={"role": "assistant", "content": "poisoned", "model": model}
+            )
+            assert forged.status_code == 404 and forged.json()["error"]["param"] == "model", forged.text
+            chat_on = client.post("/api/conversations", headers=viewer, json={"model": model})
+            assert chat_on.status_code == 404 and chat_on.json()["error"]["param"] == "model"
+        late = client.post(
+            f"{honest_url}/{honest}/feedback", headers=viewer, json={"rating": 1, "correction": "POISON"}
+        )
+        assert late.status_code == 404 and late.json()["error"]["param"] == "model"  # access lost since it was posted
+        # a dataset for the adapter takes only feedback whose author may use it
+        made = client.post(
+            "/api/feedback/datasets",
+            headers=member,
+            json={"name": "owner-loop", "kind": "sft", "model": adapter, "dedup": False, "scrub": False},
+        )
+        assert made.status_code == 201, made.text
+        lineage = made.json()["versions"][0]["params"]["lineage"]
+        assert [e["feedback"] for e in lineage] == [mine["id"]]
+        # with readers "members", feedback on a private adapter is read by who may see it, and by its author
+        set_policy(world, readers="members")
+
+        def seen(who: str) -> set[str]:
+            return {x["id"] for x in client.get("/api/feedback", headers=world.auth(who)).json()["data"]}
+
+        assert mine["id"] not in seen("viewer") and given.json()["id"] in seen("viewer")
+        assert client.get(f"/api/feedback/{mine['id']}", headers=viewer).status_code == 404
+        assert {mine["id"], given.json()["id"]} <= seen("member") and mine["id"] in seen("admin")
+    finally:
+        client.put(sharing, headers=member, json={"visibility": "tenant"})
+        set_policy(world, readers="owners")
+
+
+def test_a_key_kept_to_some_models_reads_and_builds_from_no_feedback_on_others(world: World):
+    set_policy(world, collect="feedback", readers="owners")
+    client, adapter = world.client, world.ids["model_id"]
+    member = world.auth("member")
+    conversation = client.post("/api/conversations", headers=member, json={"model": adapter}).json()
+    url = f"/api/conversations/{conversation['id']}/messages"
+    client.post(url, headers=member, json={"role": "user", "content": QUESTION})
+    made = client.post(url, headers=member, json={"role": "assistant", "content": "secret answer", "model": adapter})
+    on_adapter = client.post(f"{url}/{made.json()['id']}/feedback", headers=member, json={"rating": 1}).json()
+    secret = add_key(world.platform, world.tenant_id, world.users["lab-member"], allowed_models=["adaptery-demo"])
+    kept = {"Authorization": f"Bearer {secret}"}
+    listed = client.get("/api/feedback", headers=kept)
+    assert listed.status_code == 200 and all(x["model"] == "adaptery-demo" for x in listed.json()["data"])
+    for response in (
+        client.get("/api/feedback", headers=kept, params={"model": adapter}),
+        client.get(f"/api/feedback/{on_adapter['id']}", headers=kept),
+        client.post("/api/feedback/datasets", headers=kept, json={"name": "leak", "model": adapter}),
+    ):
+        assert response.status_code == 404, response.text
+    unknown = client.get("/api/feedback", headers=kept, params={"model": "no-such-model"}).json()["error"]
+    hidden = client.get("/api/feedback", headers=kept, params={"model": adapter}).json()["error"]
+    assert hidden["message"] == unknown["message"].replace("no-such-model", adapter)
+    assert client.get("/api/feedback", headers=member, params={"model": adapter}).status_code == 200
+
+
+def test_no_vote_is_stored_once_collection_is_turned_off(world: World):
+    set_policy(world, collect="feedback")
+    made = world.client.post(
+        "/api/arena/battles",
+        headers=world.auth("member"),
+        json={"prompt": QUESTION, "base": "adaptery-demo", "params": {"max_tokens": 4}},
+    )
+    assert made.status_code == 201, made.text
+    battle = made.json()["id"]
+    for side in ("a", "b"):
+        stream_side(world, "member", battle, side)
+    set_policy(world, collect="off")
+    try:
+        vote = world.client.post(
+            f"/api/arena/battles/{battle}/vote", headers=world.auth("member"), json={"winner": "a"}
+        )
+        assert vote.status_code == 409 and vote.json()["error"]["code"] == "feedback_not_collected"
+        with world.platform.db.system() as s:
+            assert s.get(m.ArenaBattle, battle).winner is None
+    finally:
+        set_policy(world, collect="feedback")
