@@ -55,6 +55,7 @@ def name_object(session: Session, name: Any, viewer: Principal) -> dict[str, Any
 
     def shown(version: Any) -> bool:
         return version.adapter is None or models.sees_version(viewer, version.adapter, shared)
+
     return {
         "object": "model.name",
         "id": name.id,

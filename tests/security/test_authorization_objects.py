@@ -338,8 +338,9 @@ CONVERSATIONS = [
     Row("DELETE /api/conversations/{conversation_id}/messages/{message_id}", CHATS, chat(fresh=True), own_chat(200)),
     Row("GET /api/conversations/{conversation_id}/feedback", CHATS, chat(), own_chat(200)),
     # Collection is off in this lab (the default): one's own message is found, then refused by the policy (409).
-    Row("POST /api/conversations/{conversation_id}/messages/{message_id}/feedback", CHATS, chat(rating=1),
-        own_chat(409)),  # fmt: skip
+    Row(
+        "POST /api/conversations/{conversation_id}/messages/{message_id}/feedback", CHATS, chat(rating=1), own_chat(409)
+    ),  # fmt: skip
     Row("DELETE /api/conversations/{conversation_id}", CHATS, chat(fresh=True), own_chat(204)),
 ]
 
