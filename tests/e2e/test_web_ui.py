@@ -19,7 +19,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from tests.conftest import ARTIFACTS, SAMPLE_CHAT, ServerProcess, prepare_data_dir, start_server, stop_server
+from tests.conftest import ARTIFACTS, REPO, SAMPLE_CHAT, ServerProcess, prepare_data_dir, start_server, stop_server
 
 # Playwright's default of 5 s per expectation: on 2 cores shared with the other pytest worker's servers, a page that
 # signs in, reloads and lists (the invitation test) has taken longer. What must be fast is measured in bench/.
@@ -29,6 +29,7 @@ CHROMIUM = "/usr/bin/chromium"
 LAUNCH_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SHOTS = ARTIFACTS / "screenshots"
 PASSWORD = "correct horse battery"
+GLAIVE = REPO / "tests" / "data" / "llamafactory" / "glaive_toolcall_en_demo.json"  # ShareGPT tool calls
 
 
 @dataclass
@@ -187,6 +188,28 @@ def test_upload_a_dataset_see_its_report_statistics_and_curate_it(journey: Journ
     journey.go("datasets")
     expect(page.get_by_role("link", name="lab-facts")).to_be_visible()
     journey.shot("datasets")
+
+
+def test_a_tool_calling_dataset_shows_calls_as_calls_and_results_as_results(journey: Journey) -> None:
+    page = journey.page
+    tip = journey.tmp / "tip.json"  # LLaMA-Factory's (ShareGPT) record of one call, its result and the answer
+    tip.write_text(json.dumps([next(r for r in json.loads(GLAIVE.read_text()) if "calculate_tip" in r["tools"])]))
+    journey.go("datasets")
+    page.set_input_files("#dataset-file", tip)
+    page.click("#dataset-upload")
+    expect(page.locator("#validation-report")).to_contain_text("All 1 records are valid", timeout=30_000)
+    record = page.locator("#preview .record")
+    expect(record.locator(".muted", has_text="tools:")).to_have_text("tools: calculate_tip")
+    call = record.locator(".bubble", has=page.locator(".tool-call"))
+    expect(call.locator(".bubble-role")).to_have_text("assistant calls")
+    expect(call.locator(".tool-call code").first).to_have_text("calculate_tip(")
+    arguments = json.loads(call.locator(".tool-call pre").inner_text())  # an object, laid out, not a string of JSON
+    assert arguments == {"bill_amount": 100, "tip_percentage": 15}
+    result = record.locator(".bubble", has_text="result of calculate_tip")
+    expect(result.locator(".bubble-text")).to_have_text('{"tip_amount": 15}')
+    expect(record.locator(".bubble").last).to_contain_text("The tip amount for your bill is $15.")
+    expect(record).not_to_contain_text('"name": "calculate_tip"')  # the call is not shown as its raw JSON text
+    journey.shot("dataset-tool-calls")
 
 
 def training_files(page: Page) -> list[str]:
