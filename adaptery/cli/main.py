@@ -316,10 +316,18 @@ def run_agent(
         link.close()
 
 
+# Set by main(): the process is this command line. A command invoked in another program's process (typer's
+# CliRunner in the tests) must never replace that process with itself.
+_RUN_AS_PROGRAM = False
+
+
 def _set_up_process(settings: Any) -> None:  # noqa: ANN401 - Settings, imported lazily
     """The allocator of a serving process (adaptery/engine/process_setup.py): this may replace the process with
     itself, once, so it runs before anything is started."""
     from adaptery.engine.process_setup import SetupError, reexec_if_needed
+
+    if not _RUN_AS_PROGRAM:
+        return
 
     try:
         reexec_if_needed(settings.allocator)
@@ -1325,6 +1333,8 @@ def fine_tune_name(
 
 def main() -> None:
     """Entry point: API failures become one clear line and exit code 1, not a traceback."""
+    global _RUN_AS_PROGRAM
+    _RUN_AS_PROGRAM = True  # this process is the command: a serving one may replace itself (_set_up_process)
     try:
         app()
     except openai.APIConnectionError as exc:
