@@ -306,8 +306,8 @@ MODELS = [
         model_in_body(training_file=lambda lab: lab.file_id),
         at_least("member", visible(400)),
     ),
-    # A saved chat only names its model; nothing is reached through it.
-    Row("POST /api/conversations", ADAPTERS, model_in_body(), lambda caller, obj: 201),
+    # A saved chat names a model the caller may see and use (the attacker stored answers "from" a private adapter).
+    Row("POST /api/conversations", ADAPTERS, model_in_body(), visible(201)),
 ]
 
 JOB_ROUTES = [
