@@ -29,6 +29,7 @@ from typing import Any
 
 from adaptery.training.runner import (
     CANCEL_FILE,
+    ERROR_MARK,
     EXIT_CANCELLED,
     EXIT_ERROR,
     EXIT_OK,
@@ -95,6 +96,14 @@ def failed_group(failures: dict[int, Any], log_dir: Path, processes: int) -> tup
         # killed first: every rank reads the same spec and data, so a peer that raised a moment earlier raised the same.
         return EXIT_ERROR, None
     tail = stderr_tail(log_dir, failure.local_rank)
+    if failure.exitcode == EXIT_ERROR:
+        # Its own code failed and it said so in words (every rank reads the same data: the words one process gives)
+        said = [line[len(ERROR_MARK) :] for line in tail.splitlines() if line.startswith(ERROR_MARK)]
+        if said:
+            try:
+                return EXIT_ERROR, str(json.loads(said[-1]))
+            except json.JSONDecodeError:
+                pass  # cut by the tail: the plain description below
     message = f"training process {rank} of {processes} {describe_end(failure.exitcode)}"
     return EXIT_ERROR, f"{message}: {tail}" if tail else message
 

@@ -58,6 +58,8 @@ from adaptery.training.spec import TrainingSpec
 EXIT_OK, EXIT_ERROR, EXIT_CANCELLED, EXIT_PAUSED = 0, 1, 3, 4
 # A rank whose collective failed because a peer went away: a consequence, so the launcher looks for the cause.
 EXIT_PEER_LOST = 5
+# A muted rank's error message, on a line of its stderr (training/launch.py relays it).
+ERROR_MARK = "adaptery-error: "
 CANCEL_FILE = "CANCEL"
 PAUSE_FILE = "PAUSE"
 
@@ -261,6 +263,8 @@ class _Reporter:
     def __call__(self, event: dict[str, Any]) -> None:
         if not self.muted:
             self.emit(event)
+        elif event.get("type") == "error":  # its own words, for the launcher to relay when it failed first
+            print(ERROR_MARK + json.dumps(event["message"]), file=sys.stderr, flush=True)
 
 
 def run(spec_path: str, emit: Callable[[dict[str, Any]], None]) -> int:

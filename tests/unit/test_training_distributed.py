@@ -245,3 +245,16 @@ def test_two_ranks_failing_on_the_same_data_give_one_error_event_whoever_was_fir
     # A peer whose own code failed while rank 0 only lost it: the peer's words.
     peer_only = {0: _failure(EXIT_PEER_LOST, 2.0, 0), 1: _failure(EXIT_ERROR, 1.0, 1)}
     assert failed_group(peer_only, tmp_path, 2)[1] == f"training process 1 of 2 exited with code {EXIT_ERROR}"
+
+
+def test_a_peer_whose_own_code_failed_first_is_relayed_in_its_own_words(tmp_path: Path) -> None:
+    """Under load a peer may reach the bad line first while rank 0 only loses it: the launcher relays the peer's own
+    message (what one process would have said), not its traceback."""
+    from adaptery.training.launch import failed_group
+    from adaptery.training.runner import ERROR_MARK, EXIT_ERROR, EXIT_PEER_LOST
+
+    log = tmp_path / "run" / "attempt_0" / "1" / "stderr.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("Traceback (most recent call last):\n  ...\nValueError: x\n" + ERROR_MARK + '"line 7: not JSON"\n')
+    peer_first = {0: _failure(EXIT_PEER_LOST, 2.0, 0), 1: _failure(EXIT_ERROR, 1.0, 1)}
+    assert failed_group(peer_first, tmp_path, 2) == (EXIT_ERROR, "line 7: not JSON")
