@@ -40,10 +40,17 @@ DTYPE = {"ADAPTERY_ENGINE_DTYPE": "float32"}  # both engines: the closest they c
 VLLM_START_SECONDS = 600  # 74 s measured on the idle 2-core CPU, 165 s beside other tests
 
 ENV = Settings().vllm_env
-pytestmark = pytest.mark.skipif(
-    not vllm_env.is_ready(ENV, vllm_env.cuda_gpus()),
-    reason=f"vLLM's environment is not built at {ENV}: `make vllm-env` (111 s, 2.5 GB, once per machine)",
-)
+# Opt-in: 5-7 min of wall time on 2 cores takes `make test` past its 25-minute budget; `make test-vllm` runs it.
+pytestmark = [
+    pytest.mark.skipif(
+        os.environ.get("ADAPTERY_TEST_VLLM") != "1",
+        reason="the vLLM agent's end-to-end test runs with `make test-vllm` (ADAPTERY_TEST_VLLM=1): minutes of CPU",
+    ),
+    pytest.mark.skipif(
+        not vllm_env.is_ready(ENV, vllm_env.cuda_gpus()),
+        reason=f"vLLM's environment is not built at {ENV}: `make vllm-env` (111 s, 2.5 GB, once per machine)",
+    ),
+]
 
 
 def prompt_and_answer(record: dict) -> tuple[list[dict], str]:
