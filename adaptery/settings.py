@@ -110,10 +110,12 @@ class Settings(KernelSettings):
         description="The serving process's memory allocator, preloaded at start: auto (tcmalloc, else jemalloc, "
         "else the system's), tcmalloc, jemalloc, system, or a library's path.",
     )
-    engine_adapter_dtype: Literal["auto", "bfloat16"] = Field(
+    engine_adapter_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
-        description="Adapters in memory: auto (the compute dtype) or bfloat16 (half the memory and what each "
-        "distinct adapter streams per step; for a float32 engine, adapter weights rounded to bf16).",
+        description="Adapters in memory on the fused kernel: auto (bfloat16: half the memory and of what each "
+        "distinct adapter streams per step; for a float32 engine the adapter weights are rounded to bf16 and "
+        "computed with fp32 accumulation, bench/adapter_dtype.py measures the effect), float32 (exact), or "
+        "bfloat16. The PyTorch path (no compiler) always computes adapters in fp32.",
     )
     train_threads: int | None = Field(
         None, ge=1, description="Torch threads of a training process; default: all usable CPUs but one."

@@ -77,7 +77,7 @@ def test_every_method_trains_an_adapter_peft_loads_and_generates_with(
     answer = greedy_answer(tuned, tokenizer, [{"role": "user", "content": "Hi?"}], max_new_tokens=5)
 
     # ... and the platform's engine serves it (natively or through PEFT, as it says) with the same tokens.
-    engine = InferenceEngine("cpu", dtype="float32", kv_cache_mb=16, adapter_cache_mb=64)
+    engine = InferenceEngine("cpu", dtype="float32", kv_cache_mb=16, adapter_cache_mb=64, adapter_dtype="float32")
     try:
         adapter = AdapterSpec(f"{method}-adapter", tmp_path / "adapter")
         engine.check_adapter(adapter)
