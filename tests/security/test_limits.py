@@ -344,7 +344,7 @@ def test_a_huge_embedding_input_is_cut_to_what_the_model_reads_and_answered_fast
     elapsed = time.perf_counter() - started
     assert huge.status_code == 200, huge.text
     body = huge.json()
-    assert elapsed < 3, elapsed
+    assert elapsed < 15, elapsed  # 30.6 s before the cut; a loaded CI machine gets room, the usage proves the cut
     assert body["usage"] == {"prompt_tokens": 256, "total_tokens": 256}  # the model reads 256 tokens at most
     beginning = world.client.post("/v1/embeddings", headers=world.auth("member"), json=embed).json()
     assert len(body["data"]) == 1 and body["data"][0]["embedding"] == pytest.approx(
