@@ -19,12 +19,13 @@ pickle). That socket is not encrypted: across machines it must run inside TLS (o
 
 WHAT THE COORDINATOR LEARNS (read before choosing this over federated averaging)
 
-- The site's text, practically. The hidden states after the first layers are close to the token
-  embeddings plus a little mixing, and inverting them is easy: with the base model (which the
-  coordinator has) a nearest-embedding search or a trained inversion model recovers most input tokens
-  from early-layer activations, and embedding inversion (Vec2Text) recovers 92% of 32-token inputs
-  exactly. Splitting after more layers makes inversion harder, not impossible. Treat the activations as
-  the data itself: split fine-tuning gives no confidentiality against the coordinator.
+- The site's text. The coordinator holds the base model, so it can run the site's first layers itself
+  on candidate tokens and keep, position by position, the one whose states match what it received:
+  tests/unit/test_federated_split.py does exactly that and reads the site's tokens back exactly, after
+  the site's own LoRA has trained (its small change does not hide the match). Learned inversion
+  (e.g. Vec2Text recovers 92% of 32-token inputs from embeddings) works without the base weights.
+  Splitting after more layers makes this costlier, not impossible. Treat the activations as the data
+  itself: split fine-tuning gives no confidentiality against the coordinator.
 - Labels and the loss, indirectly. The gradient the site returns for the final states is
   softmax(logits) - one_hot(label) pushed through the head: with the head's weights (the base model's,
   known to the coordinator) the label tokens can be read from it (gradient-based label inference).

@@ -3,11 +3,8 @@ cross the boundary (never token ids or labels), in process and between two proce
 
 from __future__ import annotations
 
-import os
+import multiprocessing
 import secrets
-import subprocess
-import sys
-import textwrap
 from collections.abc import Iterator
 
 import numpy as np
@@ -15,9 +12,18 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from adaptery.federated.split import SplitConfig, SplitCoordinator, SplitSite, connect, decode, encode
+from adaptery.federated.split import (
+    SplitConfig,
+    SplitCoordinator,
+    SplitSite,
+    _run_layers,
+    connect,
+    decode,
+    encode,
+    serve,
+)
 from adaptery.training.data import load_chat_dataset
-from tests.conftest import REPO, SAMPLE_CHAT
+from tests.conftest import SAMPLE_CHAT
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -73,7 +79,9 @@ def local_losses(demo_model_dir, batches) -> list[float]:
     return losses
 
 
-def test_split_training_matches_local_training_and_sends_no_tokens(demo_model_dir, batches, local_losses):
+@pytest.fixture(scope="module")
+def split_run(demo_model_dir, batches):
+    """The site and coordinator trained in process over `batches`: (coordinator, site, losses, messages sent)."""
     coordinator = SplitCoordinator(demo_model_dir, CONFIG)
     sent: list[bytes] = []
 
@@ -82,7 +90,11 @@ def test_split_training_matches_local_training_and_sends_no_tokens(demo_model_di
         return coordinator.handle(message)
 
     site = SplitSite(demo_model_dir, CONFIG, exchange)
-    split = [site.step(*batch) for batch in batches]
+    return coordinator, site, [site.step(*batch) for batch in batches], sent
+
+
+def test_split_training_matches_local_training_and_sends_no_tokens(split_run, batches, local_losses):
+    _, site, split, sent = split_run
     assert split == pytest.approx(local_losses, rel=1e-4, abs=1e-4)
     assert split[-1] < split[0] - 0.3  # it did learn
 
@@ -102,37 +114,47 @@ def test_split_training_matches_local_training_and_sends_no_tokens(demo_model_di
         assert set(tensors) == {"grad"} and tensors["grad"].dtype == torch.float32
 
 
-COORDINATOR_PROCESS = textwrap.dedent(
-    """
-    import sys
-    from adaptery.federated.split import SplitConfig, SplitCoordinator, serve
-    base, split_layer, rank, alpha, lr = sys.argv[1], *map(int, sys.argv[2:5]), float(sys.argv[5])
-    authkey = bytes.fromhex(sys.stdin.readline().strip())
-    coordinator = SplitCoordinator(base, SplitConfig(split_layer=split_layer, rank=rank, alpha=alpha, learning_rate=lr))
-    serve(coordinator, ("127.0.0.1", 0), authkey, lambda port: print(port, flush=True))
-    """
-)
+def test_the_coordinator_reads_the_text_back_from_the_activations(split_run, batches):
+    """The leakage the module docstring states, shown: with the base model alone (the site's LoRA after
+    training is unknown to it), the coordinator recovers the tokens of the last batch it was sent by a
+    greedy search over the vocabulary, position by position."""
+    coordinator, _, _, sent = split_run
+    received = decode(sent[-2])[1]["hidden"][0]
+    ids = batches[-1][0][0]
+    inner = coordinator.inner
+    vocabulary = torch.arange(inner.embed_tokens.weight.shape[0])[:, None]
+    recovered: list[int] = []
+    with torch.no_grad():
+        for position in range(4):
+            candidates = torch.cat([torch.tensor([recovered] * len(vocabulary), dtype=torch.long), vocabulary], 1)
+            front = inner.layers[: CONFIG.split_layer]
+            states = _run_layers(coordinator.model, front, inner.embed_tokens(candidates), torch.ones_like(candidates))
+            recovered.append(int((states[:, position] - received[position]).norm(dim=-1).argmin()))
+    assert recovered == ids[:4].tolist()  # "<|bos|><|user|>Where does" of the sample chat
+
+
+def run_coordinator(base: str, authkey: bytes, ports) -> None:  # noqa: ANN001 - a multiprocessing queue
+    """The coordinator's process: its own model and optimizer, reached only through the socket."""
+    torch.set_num_threads(1)
+    serve(SplitCoordinator(base, CONFIG), ("127.0.0.1", 0), authkey, ports.put)
 
 
 def test_split_training_between_two_processes_matches_local_training(demo_model_dir, batches, local_losses):
-    authkey = secrets.token_bytes(32)
-    settings = (CONFIG.split_layer, CONFIG.rank, CONFIG.alpha, CONFIG.learning_rate)
-    args = [str(demo_model_dir), *(str(value) for value in settings)]
-    process = subprocess.Popen(
-        [sys.executable, "-c", COORDINATOR_PROCESS, *args],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+    # Forked, not spawned: a fresh interpreter spends 15-40 s importing torch on this busy 2-core machine.
+    context = multiprocessing.get_context("fork")
+    authkey, ports = secrets.token_bytes(32), context.Queue()
+    process = context.Process(target=run_coordinator, args=(str(demo_model_dir), authkey, ports))
+    process.start()
     try:
-        process.stdin.write(authkey.hex() + "\n")
-        process.stdin.flush()
-        port = int(process.stdout.readline())
-        with pytest.raises(Exception):  # noqa: B017, PT011 - a wrong key is refused by the handshake
+        port = ports.get(timeout=60)
+        with pytest.raises(multiprocessing.AuthenticationError):  # a peer without the key is refused
             connect(("127.0.0.1", port), secrets.token_bytes(32))
         exchange, close = connect(("127.0.0.1", port), authkey)
         site = SplitSite(demo_model_dir, CONFIG, exchange)
         losses = [site.step(*batch) for batch in batches[:2]]
         close()
-        assert process.wait(timeout=30) == 0
+        process.join(timeout=30)
+        assert process.exitcode == 0
     finally:
         process.kill()
     assert losses == pytest.approx(local_losses[:2], rel=1e-4, abs=1e-4)
