@@ -157,6 +157,8 @@ class SplitCoordinator:
             hidden = tensors["hidden"].requires_grad_(True)
             if hidden.dim() != 3 or hidden.shape[-1] != self.model.config.hidden_size:
                 raise ValueError(f"hidden states must be (batch, tokens, {self.model.config.hidden_size})")
+            if tensors["attention_mask"].shape != hidden.shape[:2]:
+                raise ValueError("the attention mask must be (batch, tokens), as the hidden states")
             self.model.train()
             back = self.inner.layers[self.config.split_layer :]
             states = _run_layers(self.model, back, hidden, tensors["attention_mask"])
@@ -183,6 +185,9 @@ def _expect(kind: str, wanted: str) -> None:
 # A byte transport between processes (authenticated, not encrypted: see the module docstring)
 
 
+MAX_MESSAGE_BYTES = 1 << 30  # a batch's activations; a larger message is refused before it is read
+
+
 def serve(coordinator: SplitCoordinator, address: tuple[str, int], authkey: bytes, ready: Callable) -> None:
     """Answer one site's messages until it disconnects; `ready(port)` is called once listening."""
     with Listener(address, authkey=authkey) as listener:
@@ -195,7 +200,7 @@ def serve(coordinator: SplitCoordinator, address: tuple[str, int], authkey: byte
             with connection:
                 while True:
                     try:
-                        message = connection.recv_bytes()
+                        message = connection.recv_bytes(MAX_MESSAGE_BYTES)
                     except EOFError:
                         return
                     connection.send_bytes(coordinator.handle(message))

@@ -171,3 +171,5 @@ def test_split_refuses_bad_cuts_and_out_of_order_messages(demo_model_dir):
         coordinator.handle(encode("tokens", {"input_ids": torch.zeros(1, 3, dtype=torch.long)}))
     with pytest.raises(ValueError, match=r"\(batch, tokens, 256\)"):
         coordinator.handle(encode("forward", {"hidden": torch.zeros(1, 3, 8), "attention_mask": torch.ones(1, 3)}))
+    with pytest.raises(ValueError, match="attention mask must be"):
+        coordinator.handle(encode("forward", {"hidden": torch.zeros(1, 3, 256), "attention_mask": torch.ones(1, 4)}))
