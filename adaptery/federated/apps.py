@@ -381,8 +381,26 @@ def advertise(message: Message, context: Context) -> Message:
     else:
         weight = weight_of(len(examples), lora)
         values = np.concatenate([weight * update, [weight * loss / LOSS_SCALE, weight]])
-    frac_bits = secagg.frac_bits_for(len(roster), lora.bound)
-    encoded, clipped = secagg.encode(values, frac_bits, lora.bound)
+    advert, clipped = open_round(message, context, site, roster, values, lora.bound)
+    log.info("site %s: round %s trained, loss %.4f, %s values clipped", site.site, round_number, loss, clipped)
+    return _reply(message, "advert", ConfigRecord(advert.to_dict()))
+
+
+def open_round(
+    message: Message,
+    context: Context,
+    site: SiteConfig,
+    roster: dict[int, secagg.IdentityPublicKey],
+    values: np.ndarray,
+    bound: float,
+) -> tuple[secagg.Advertisement, int]:
+    """Encode this round's contribution, keep it (on the site, and in the site's own records) and start the
+    secagg session: its signed advertisement, and how many values were clipped.
+    Split from `advertise` so that the protocol can be run on any vector (bench/federated.py)."""
+    setup = message.content["setup"]
+    round_number = int(setup["round"])
+    frac_bits = secagg.frac_bits_for(len(roster), bound)
+    encoded, clipped = secagg.encode(values, frac_bits, bound)
     work = Path(site.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     np.save(work / f"contribution-run{context.run_id}-round{round_number}.npy", encoded)
@@ -399,8 +417,7 @@ def advertise(message: Message, context: Context) -> Message:
             "session": session.dump(),
         }
     )
-    log.info("site %s: round %s trained, loss %.4f, %s values clipped", site.site, round_number, loss, clipped)
-    return _reply(message, "advert", ConfigRecord(advert.to_dict()))
+    return advert, clipped
 
 
 @client_app.query("share")

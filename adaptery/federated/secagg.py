@@ -91,7 +91,7 @@ def decode(ring: np.ndarray, frac_bits: int) -> np.ndarray:
 def prg(seed: bytes, length: int) -> np.ndarray:
     """`length` uniform uint32 from a 32-byte seed: ChaCha20's key stream (zero nonce: one stream per seed)."""
     encryptor = Cipher(algorithms.ChaCha20(seed, b"\x00" * 16), mode=None).encryptor()
-    return np.frombuffer(encryptor.update(b"\x00" * (4 * length)), dtype="<u4").astype(np.uint32)
+    return np.frombuffer(encryptor.update(bytes(4 * length)), dtype="<u4")
 
 
 # ---------------------------------------------------------------------------------------------
