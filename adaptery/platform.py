@@ -153,11 +153,7 @@ class Platform:
     def start_background(self) -> None:
         """Job recovery, unfinished dataset work, and (unless disabled) the embedded agent."""
         self._spawn("recovery", self._recovery_loop)
-        with self.db.system() as s:
-            for tenant_id, version_id, dataset_id in datasets.pending_versions(s):
-                # a server stopped while an upload created its dataset: that dataset is made whole or not at all
-                done = self.submit_version(tenant_id, version_id)
-                done.add_done_callback(lambda _, t=tenant_id, d=dataset_id: self.undo_failed_creation(t, d))
+        self.resume_dataset_work()
         # The embedded agent's credentials exist before our NATS server starts, so its first configuration
         # admits it: adding a user later is a reload (SIGHUP) the server applies in its own time, and an agent
         # connecting before that would be refused.
@@ -342,6 +338,31 @@ class Platform:
         if not self.dataset_tasks.submit(tenant_id, work):
             done.set_exception(RuntimeError("the server is shutting down; the version is processed at its next start"))
         return done
+
+    def resume_dataset_work(self) -> list[Future[str | None]]:
+        """Run again the dataset versions a stopped server left processing. A server stopped while an upload
+        created its dataset: that dataset is made whole or not at all, as if the upload had answered. Each future
+        is done once its dataset is settled, with why it was removed (None: it stays)."""
+        with self.db.system() as s:
+            pending = datasets.pending_versions(s)
+        return [
+            self._settle_creation(self.submit_version(tenant_id, version_id), tenant_id, dataset_id)
+            for tenant_id, version_id, dataset_id in pending
+        ]
+
+    def _settle_creation(self, done: Future[None], tenant_id: str, dataset_id: str) -> Future[str | None]:
+        """Once `done`, `undo_failed_creation` of the dataset; the future it returns has the outcome."""
+        outcome: Future[str | None] = Future()
+
+        def settle(_: Future[None]) -> None:
+            try:
+                outcome.set_result(self.undo_failed_creation(tenant_id, dataset_id))
+            except Exception as exc:  # noqa: BLE001 - logged, and handed to whoever waits on it
+                log.exception("settling dataset %s after a restart failed", dataset_id)
+                outcome.set_exception(exc)
+
+        done.add_done_callback(settle)
+        return outcome
 
     def undo_failed_creation(self, tenant_id: str, dataset_id: str) -> str | None:
         """Remove a dataset whose creating upload gave no record, with its blobs; returns why (None: it stays)."""

@@ -146,11 +146,13 @@ class AgentLink:
     def job_call(self, job_id: str, verb: str, body: dict[str, Any]) -> dict[str, Any]:
         return self.call(protocol.job_subject(self.agent_id, job_id, verb), body)
 
-    def download(self, job_id: str, sha256: str, size: int, target: Path) -> Path:
-        """Fetch a blob in chunks to `target` (kept if already there with the right hash)."""
+    def download(self, job_id: str, sha256: str, size: int, target: Path, attempt: int | None = None) -> Path:
+        """Fetch a blob in chunks to `target` (kept if already there with the right hash), under the lease of
+        `attempt` (the assignment's): once that attempt is over, the control plane refuses."""
         if target.is_file() and target.stat().st_size == size and _sha256(target) == sha256:
             return target
-        return self._fetch(protocol.job_subject(self.agent_id, job_id, "download"), {}, sha256, size, target)
+        body = {"attempt": attempt} if attempt is not None else {}
+        return self._fetch(protocol.job_subject(self.agent_id, job_id, "download"), body, sha256, size, target)
 
     def download_adapter(self, request_id: str, sha256: str, target: Path) -> Path:
         """Fetch a blob of the adapter an infer request names (the control plane serves no other) to `target`."""
@@ -197,8 +199,9 @@ class AgentLink:
         data = protocol.encode(body)
         self._loop.call_soon_threadsafe(lambda: self._loop.create_task(nc.publish(subject, data)))
 
-    def upload(self, job_id: str, path: Path) -> str:
-        """Send a file in chunks; the control plane stores it as a blob. Returns its sha256."""
+    def upload(self, job_id: str, path: Path, attempt: int | None = None) -> str:
+        """Send a file in chunks under the lease of `attempt`; the control plane stores it as a blob. Returns its
+        sha256."""
         sha = _sha256(path)
         upload_id = uuid.uuid4().hex
         subject = protocol.job_subject(self.agent_id, job_id, "upload")
@@ -209,6 +212,8 @@ class AgentLink:
                 chunk = source.read(protocol.CHUNK_BYTES)
                 last = offset + len(chunk) >= size
                 headers = {protocol.UPLOAD_HEADER: upload_id, protocol.OFFSET_HEADER: str(offset)}
+                if attempt is not None:
+                    headers[protocol.ATTEMPT_HEADER] = str(attempt)
                 if last:
                     headers[protocol.SHA256_HEADER] = sha
                 self._request(subject, chunk, headers)
@@ -216,8 +221,9 @@ class AgentLink:
                 if last:
                     return sha
 
-    def upload_dir(self, job_id: str, directory: Path) -> dict[str, str]:
-        return {path.name: self.upload(job_id, path) for path in sorted(directory.iterdir()) if path.is_file()}
+    def upload_dir(self, job_id: str, directory: Path, attempt: int | None = None) -> dict[str, str]:
+        files = sorted(path for path in directory.iterdir() if path.is_file())
+        return {path.name: self.upload(job_id, path, attempt) for path in files}
 
 
 def _sha256(path: Path) -> str:

@@ -59,6 +59,7 @@ OFFSET_HEADER = "Adaptery-Offset"
 SHA256_HEADER = "Adaptery-Sha256"
 ERROR_HEADER = "Adaptery-Error"
 RETRYABLE_HEADER = "Adaptery-Retryable"
+ATTEMPT_HEADER = "Adaptery-Attempt"  # an upload chunk's body is the bytes: the attempt it is sent under goes here
 
 
 EVALUATION_KIND = "evaluation"

@@ -11,9 +11,10 @@ dying, and refusals are logged at most once per interval. A reply goes only to t
 (`protocol.inbox_prefix`): an agent cannot make the control plane publish for it on another subject.
 
 An agent acts for the job leased to it, and for nothing else: every request about blobs (uploads, checkpoints,
-the final adapter, downloads) is refused first unless the job is leased to the asking agent, and its blobs are
-then looked up and stored in that job's tenant only. So no answer depends on what another tenant holds (an agent
-naming another tenant's job and a hash is refused the same whether that tenant has the blob or not).
+the final adapter, downloads) is refused first unless the job is leased to the asking agent, under the attempt the
+request names (an older attempt of the same agent id is refused, finally, as heartbeats and finishes are), and its
+blobs are then looked up and stored in that job's tenant only. So no answer depends on what another tenant holds
+(an agent naming another tenant's job and a hash is refused the same whether that tenant has the blob or not).
 
 Inference on agents goes the same way: a request dispatched to an agent (`open_stream`) is the only thing that
 lets that agent fetch an adapter's blobs, only those the request names, and only from the request's tenant,
@@ -386,7 +387,7 @@ class ControlPlane:
             self.evaluations.report(evaluation_id, agent_id, events, attempt)
             return {}
         if verb == "finish":
-            self._leased_tenant(agent_id, evaluation_id)
+            self._leased_tenant(agent_id, evaluation_id, attempt)
             self.evaluations.finish(evaluation_id, agent_id, body)
             return {}
         raise RequestRefused(f"an evaluation has no '{verb}' request")
@@ -399,6 +400,16 @@ class ControlPlane:
             raise RequestRefused(f"attempt must be the assignment's attempt number, not {attempt!r}")
         return attempt
 
+    @staticmethod
+    def _header_attempt(headers: dict[str, str]) -> int | None:
+        """An upload chunk's attempt, from its header (its body is the bytes)."""
+        attempt = headers.get(protocol.ATTEMPT_HEADER)
+        if attempt is None:
+            return None
+        if not attempt.isascii() or not attempt.isdigit():
+            raise RequestRefused(f"attempt must be the assignment's attempt number, not {attempt!r}")
+        return int(attempt)
+
     def _heartbeat(self, agent_id: str, job_id: str, body: dict[str, Any]) -> dict[str, Any]:
         return {"verdict": self.queue.heartbeat(job_id, agent_id, self._attempt(body))}
 
@@ -410,7 +421,7 @@ class ControlPlane:
         return {}
 
     def _checkpoint(self, agent_id: str, job_id: str, body: dict[str, Any]) -> dict[str, Any]:
-        files = self._manifest(self._leased_tenant(agent_id, job_id), body.get("files"))
+        files = self._manifest(self._leased_tenant(agent_id, job_id, self._attempt(body)), body.get("files"))
         try:
             checkpoint_id = self.queue.record_checkpoint(
                 job_id,
@@ -431,7 +442,7 @@ class ControlPlane:
         attempt = self._attempt(body)
         self.queue.charge_compute(job_id, agent_id, body.get("compute"), attempt)
         if state == "succeeded":
-            tenant_id = self._leased_tenant(agent_id, job_id)
+            tenant_id = self._leased_tenant(agent_id, job_id, attempt)
             result = body.get("result") or {}
             if not isinstance(result, dict):
                 raise RequestRefused("result must be an object")
@@ -453,11 +464,13 @@ class ControlPlane:
             raise RequestRefused(f"unknown final state {state!r}")
         return {}
 
-    def _leased_tenant(self, agent_id: str, job_id: str | None) -> str:
-        """The tenant of `job_id` if it is leased to this agent (within the agent's tenant scope), else refused
-        (the same refusal for another agent's job, another tenant's and none)."""
+    def _leased_tenant(self, agent_id: str, job_id: str | None, attempt: int | None) -> str:
+        """The tenant of `job_id` if it is leased to this agent under `attempt` (within the agent's tenant scope),
+        else refused (the same refusal for another agent's job, another tenant's, an attempt that is over and
+        none). `attempt` None: an agent from before attempt numbers, fenced by its id alone."""
         work = self._work_queue(job_id)
-        tenant_id = work.tenant_of(job_id) if work is not None and work.holds(job_id, agent_id) else None
+        held = work is not None and work.holds(job_id, agent_id, attempt)
+        tenant_id = work.tenant_of(job_id) if held else None
         scope = self.agent_scope.get(agent_id)
         if tenant_id is None or (scope is not None and scope != tenant_id):
             raise RequestRefused(f"job {job_id} is not leased to you")
@@ -483,8 +496,9 @@ class ControlPlane:
         offset = body.get("offset", 0)
         if job_id is None or not isinstance(sha, str) or not isinstance(offset, int) or offset < 0:
             raise RequestRefused("a download names a job, a sha256 and an offset")
-        tenant_id = self._leased_tenant(agent_id, job_id)
-        if sha not in self._work_queue(job_id).job_blobs(job_id, agent_id):
+        attempt = self._attempt(body)
+        tenant_id = self._leased_tenant(agent_id, job_id, attempt)
+        if sha not in self._work_queue(job_id).job_blobs(job_id, agent_id, attempt):
             raise RequestRefused(f"blob {sha} is not part of job {job_id}")
         with self.blobs.open(tenant_id, sha, offset=offset) as source:
             return source.read(protocol.CHUNK_BYTES)
@@ -515,9 +529,10 @@ class ControlPlane:
             offset = -1
         if job_id is None or not _UPLOAD_ID.match(upload_id) or offset < 0:
             raise RequestRefused("an upload chunk carries its upload id and offset")
+        attempt = self._header_attempt(headers)
         staged = self.staging_dir / f"{agent_id}-{upload_id}.part"
         if offset == 0:
-            self._leased_tenant(agent_id, job_id)
+            self._leased_tenant(agent_id, job_id, attempt)
         size = staged.stat().st_size if staged.exists() else 0
         if offset not in (0, size):
             raise RequestRefused(f"upload {upload_id}: expected offset {size}, got {offset}")
@@ -533,7 +548,7 @@ class ControlPlane:
             return {}
         try:
             # Checked again at the end: the chunks of one upload may name different jobs.
-            stored = self.blobs.put_path(self._leased_tenant(agent_id, job_id), staged)
+            stored = self.blobs.put_path(self._leased_tenant(agent_id, job_id, attempt), staged)
         finally:
             staged.unlink(missing_ok=True)
         if stored.sha256 != expected:

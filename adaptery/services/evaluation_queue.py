@@ -171,19 +171,19 @@ class EvaluationQueue:
             query = query.where(m.Evaluation.attempts == attempt)
         return s.scalars(query).one_or_none()
 
-    def holds(self, evaluation_id: str, agent_id: str) -> bool:
+    def holds(self, evaluation_id: str, agent_id: str, attempt: int | None = None) -> bool:
         with self.db.system() as s:
-            return self._held(s, evaluation_id, agent_id, None) is not None
+            return self._held(s, evaluation_id, agent_id, attempt) is not None
 
     def tenant_of(self, evaluation_id: str) -> str | None:
         with self.db.system() as s:
             evaluation = s.get(m.Evaluation, evaluation_id)
             return evaluation.tenant_id if evaluation is not None else None
 
-    def job_blobs(self, evaluation_id: str, agent_id: str) -> set[str]:
-        """What the agent holding the evaluation may fetch: its data, and its adapters' files."""
+    def job_blobs(self, evaluation_id: str, agent_id: str, attempt: int | None = None) -> set[str]:
+        """What the agent holding the evaluation (under `attempt`) may fetch: its data, and its adapters' files."""
         with self.db.system() as s:
-            evaluation = self._held(s, evaluation_id, agent_id, None)
+            evaluation = self._held(s, evaluation_id, agent_id, attempt)
             if evaluation is None:
                 return set()
             wanted: set[str] = set()

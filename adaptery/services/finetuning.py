@@ -34,7 +34,7 @@ from adaptery.db.ids import new_id
 from adaptery.db.session import Database
 from adaptery.engine.loading import ModelNotAvailable, resolve_model_path
 from adaptery.messaging.protocol import ADAPTER_FILES
-from adaptery.services import files, job_requirements, limits, models
+from adaptery.services import faults, files, job_requirements, limits, models
 from adaptery.services.datasets import TokenBudget, check_chat_file
 from adaptery.services.errors import InvalidRequest, NotFound
 from adaptery.storage.blobs import BlobStore
@@ -340,7 +340,7 @@ log = logging.getLogger(__name__)
 
 def validate_waiting(db: Database, blobs: BlobStore, budget_for: Callable[[str], TokenBudget]) -> None:
     """Validate every job waiting in validating_files (after a restart, or a validator that died), each on its
-    own: one whose validation fails (its base model gone, a file unreadable) is logged, the rest go on."""
+    own: one whose validation raises (a locked database, a fault of ours) is logged, the rest go on."""
     with db.system() as system:
         waiting = jobs_validating(system)
     for tenant_id, job_id in waiting:
@@ -354,13 +354,34 @@ def validate_job(
     db: Database, blobs: BlobStore, tenant_id: str, job_id: str, budget_for: Callable[[str], TokenBudget]
 ) -> None:
     """Validate a job's files unless another validator holds it: only the claimant validates, so the job's
-    hold on the monthly budget is taken once."""
+    hold on the monthly budget is taken once. A job whose base model is gone (unregistered since the job was
+    created), or whose tokenizer is refused for good, fails with the reason rather than wait in validation."""
     claim = _claim_validation(db, tenant_id, job_id)
     if claim is None:
         return
     with db.tenant(tenant_id) as session:
         job = get_job(session, job_id, viewer=None)  # the platform itself
-        validate_files(session, blobs, job, budget_for(job.model), claim=claim)
+        if session.get(m.BaseModel, job.model) is None:
+            message = f"The base model '{job.model}' is no longer registered, so the job cannot be trained."
+            _fail_unvalidated(session, job, claim, {"code": "model_not_found", "message": message, "param": "model"})
+            return
+        try:
+            budget = budget_for(job.model)
+        except Exception as exc:
+            if not faults.is_refusal(exc):
+                raise  # a fault that may pass: the claim lapses and the next validator tries again
+            # Asking again gets the same answer: the job fails with it instead of waiting in validation for ever.
+            error = {"code": exc.code or "invalid_model", "message": exc.message, "param": exc.param or "model"}
+            _fail_unvalidated(session, job, claim, error)
+            return
+        validate_files(session, blobs, job, budget, claim=claim)
+
+
+def _fail_unvalidated(session: Session, job: m.FineTuningJob, claim: str, error: dict[str, Any]) -> None:
+    """Fail a job whose files cannot be validated at all, if `claim` still holds it."""
+    if _keep_claim(session, job, claim):
+        finish(session, job, "failed", error=error)
+        add_event(session, job, f"Job failed: {error['message']}", level="error")
 
 
 def _claim_validation(db: Database, tenant_id: str, job_id: str) -> str | None:

@@ -7,7 +7,8 @@ and fails with a clear error after `max_attempts`.
 
 A lease is fenced by agent and attempt: the assignment names its attempt, and an agent that sends it back
 (heartbeat, events, checkpoint, finish) is refused once that attempt is over, even when the job was leased
-again to the same agent id (a restarted agent, or one whose lease lapsed during a partition). Recovery runs
+again to the same agent id (a restarted agent, or one whose lease lapsed during a partition); so are its blob
+uploads and downloads (`services.control_plane`). Recovery runs
 in every server process every few seconds; it moves each stale job in its own transaction with a guarded
 UPDATE (still running, same owner and attempt, lease still expired), so a heartbeat committed after it
 read the job wins, and one job's error is logged without holding up the others.
@@ -360,9 +361,9 @@ class JobQueue:
         query = select(m.FineTuningJob).where(*self._lease_of(job_id, agent_id, attempt))
         return s.scalars(query.with_for_update() if lock else query).one_or_none()
 
-    def holds(self, job_id: str, agent_id: str) -> bool:
+    def holds(self, job_id: str, agent_id: str, attempt: int | None = None) -> bool:
         with self.db.system() as s:
-            return self._held(s, job_id, agent_id) is not None
+            return self._held(s, job_id, agent_id, attempt) is not None
 
     def tenant_of(self, job_id: str) -> str | None:
         """The tenant whose data key seals the job's blobs."""
@@ -370,10 +371,10 @@ class JobQueue:
             job = s.get(m.FineTuningJob, job_id)
             return job.tenant_id if job is not None else None
 
-    def job_blobs(self, job_id: str, agent_id: str) -> set[str]:
-        """The blobs the agent holding `job_id` may fetch: its files and its latest checkpoint."""
+    def job_blobs(self, job_id: str, agent_id: str, attempt: int | None = None) -> set[str]:
+        """The blobs the agent holding `job_id` (under `attempt`) may fetch: its files and its latest checkpoint."""
         with self.db.system() as s:
-            job = self._held(s, job_id, agent_id)
+            job = self._held(s, job_id, agent_id, attempt)
             if job is None:
                 return set()
             wanted = {self._file_blob(s, job.training_file).sha256}

@@ -45,6 +45,8 @@ async def requests(args: argparse.Namespace) -> dict:
         try:
             await nc.request(protocol.agent_subject(agent_id, "lease"), b"{}", timeout=args.timeout)
             answers.append(time.time())
+            if len(answers) == 1:
+                print("answered", flush=True)  # asking through the link: a fault from here cuts a live exchange
         except Exception as exc:  # noqa: BLE001 - every failure is what this probe reports
             failures.append([time.time(), type(exc).__name__])
             await asyncio.sleep(0.05)

@@ -306,9 +306,10 @@ class World:
         )
 
     @staticmethod
-    def probe_connected(process: subprocess.Popen) -> None:
-        """Wait until a `requests` probe is connected and asking (it says so on its first line)."""
-        assert process.stdout.readline().strip() == "connected", process.stderr.read()
+    def probe_answered(process: subprocess.Popen) -> None:
+        """Wait until a `requests` probe is connected and has had its first answer (it says so, a line each)."""
+        for line in ("connected", "answered"):
+            assert process.stdout.readline().strip() == line, process.stderr.read()
 
     @staticmethod
     def probe_result(process: subprocess.Popen, timeout: float = 120) -> dict:
@@ -500,8 +501,7 @@ def test_a_job_on_an_island_survives_a_link_stall_and_a_hub_restart(world: World
     asking = world.probe_start(
         "lab", "requests", "--identity", str(world.root / "lab-probe"), "--url", world.leaf_url(), "--seconds", "4"
     )
-    world.probe_connected(asking)  # a loaded machine takes seconds to start it: the stall waits for it
-    time.sleep(0.5)
+    world.probe_answered(asking)  # a loaded machine takes seconds to start it: the stall waits for its first answer
     world.proxy.stall(2.0)
     stall = world.probe_result(asking)
     summary = {

@@ -462,7 +462,8 @@ def test_invite_a_member_who_signs_in_and_has_their_own_chats(journey: Journey) 
     page.select_option("#invite-role", "viewer")
     page.click("#invite-submit")
     link = page.locator("#invite-link-value").inner_text()
-    expect(page.locator("#members tbody tr", has_text="ada")).to_be_visible()
+    invited = page.locator("#members tbody tr", has_text="ada")
+    expect(invited).to_contain_text("not signed in yet")  # not "joined" before she ever signed in
     expect(page.locator("#agents")).to_contain_text("embedded")
     expect(page.locator("#engine-state table").first).to_be_visible()  # tables, not a JSON dump
     expect(page.locator("#engine-state pre")).to_have_count(0)

@@ -187,3 +187,49 @@ def test_a_refusal_is_final_and_a_fault_that_may_pass_is_retryable(leased, monke
     monkeypatch.setattr(control.queue, "fail", broken)
     unexpected = error_of(control, "agent-a", leased.job_a, "finish", protocol.encode({"state": "failed"}))
     assert unexpected.retryable and "a fault of the control plane's own" in str(unexpected)
+
+
+def test_an_older_attempt_of_the_same_agent_may_not_move_the_jobs_blobs(leased):
+    """The job came back to agent-a (restarted, or back from a partition) as attempt 2: attempt 1's uploads and
+    downloads are refused, finally, as its heartbeats and finishes are; attempt 2's, and an agent's from before
+    attempt numbers (fenced by its id alone), go through."""
+    control, job = leased.control, leased.job_a
+    queue = control.queue
+    with queue.db.system() as s:
+        s.get(m.FineTuningJob, job).lease_expires_at = 0.0
+    assert queue.recover() == 1
+    assert queue.lease("agent-a", tenant_scope=leased.a).attempt == 2
+    with queue.db.system() as s:
+        training = s.get(m.File, s.get(m.FineTuningJob, job).training_file).sha256
+    data = b"adapter weights of attempt 1"
+    sha = hashlib.sha256(data).hexdigest()
+
+    def upload(attempt: str | None, offset: int = 0, chunk: bytes = data, **more: str) -> dict:
+        headers = {protocol.UPLOAD_HEADER: "1" * 32, protocol.OFFSET_HEADER: str(offset), **more}
+        if attempt is not None:
+            headers[protocol.ATTEMPT_HEADER] = attempt
+        return ask(control, "agent-a", job, "upload", chunk, **headers)
+
+    over = {"error": f"job {job} is not leased to you"}
+    assert ask(control, "agent-a", job, "download", {"sha256": training, "offset": 0, "attempt": 1}) == over
+    assert upload("1") == over  # its first chunk
+    assert upload("2", chunk=data[:5]) == {}  # begun under attempt 2, ended under attempt 1: refused
+    assert upload("1", 5, data[5:], **{protocol.SHA256_HEADER: sha}) == over
+    assert not leased.blobs.exists(leased.a, sha) and list(control.staging_dir.iterdir()) == []
+    for verb, body in (
+        ("checkpoint", {"step": 2, "files": adapter_files(training), "attempt": 1}),
+        ("finish", {"state": "succeeded", "files": adapter_files(training), "result": {}, "attempt": 1}),
+    ):
+        assert ask(control, "agent-a", job, verb, body) == over, verb
+    refused = error_of(control, "agent-a", job, "download", protocol.encode({"sha256": training, "attempt": 1}))
+    assert str(refused) == over["error"] and not refused.retryable
+    bad = upload("one")
+    assert bad == {"error": "attempt must be the assignment's attempt number, not 'one'"}
+
+    assert ask(control, "agent-a", job, "download", {"sha256": training, "offset": 0, "attempt": 2})["data"]
+    assert ask(control, "agent-a", job, "download", {"sha256": training, "offset": 0})["data"]
+    assert upload("2", **{protocol.SHA256_HEADER: sha}) == {"sha256": sha}
+    assert upload(None, **{protocol.SHA256_HEADER: sha}) == {"sha256": sha}
+    with queue.db.system() as s:
+        assert s.query(m.JobCheckpoint).count() == 0
+        assert s.get(m.FineTuningJob, job).status == "running"

@@ -348,3 +348,27 @@ def test_public_tool_calling_and_parquet_datasets_upload_as_openai_records(runni
     pq.write_table(pa.table({"text": ["first document", "second document"]}), table, row_group_size=1)
     body, version = ready(running, table.read_bytes(), name="docs", filename="docs.parquet")
     assert version["format"] == "parquet" and version["records"] == 2
+
+
+def test_a_dataset_whose_creating_upload_a_restart_cut_short_is_made_whole_or_not_at_all(running, monkeypatch):
+    """The server stopped while the uploads that created two datasets were being read (their versions still
+    processing): at its next start their work runs again, the one that gave no record leaves no dataset behind,
+    and the other is kept, as if each upload had answered."""
+    platform = running.platform
+    monkeypatch.setattr(platform.dataset_tasks, "submit", lambda *_: False)  # the server is shutting down
+    hopeless = b'{"messages": [{"role": "user", "content": "q"}]}\n{"messages": [oops\n'
+    for content, filename in ((hopeless, "bad.jsonl"), (SAMPLE_CHAT.read_bytes(), "good.jsonl")):
+        with pytest.raises(RuntimeError, match="processed at its next start"):
+            upload(running, content, filename=filename)
+    listed = running.client.get("/api/datasets", headers=running.auth()).json()["data"]
+    assert sorted(d["name"] for d in listed) == ["bad.jsonl", "good.jsonl"]  # left as a stopped server leaves them
+    monkeypatch.undo()
+
+    outcomes = [done.result(timeout=60) for done in platform.resume_dataset_work()]  # what the next start does
+    assert len(outcomes) == 2 and None in outcomes
+    (removed,) = [reason for reason in outcomes if reason is not None]
+    assert removed.startswith("Nothing was kept of 'bad.jsonl': none of its 2 record(s) is valid")
+    (kept,) = running.client.get("/api/datasets", headers=running.auth()).json()["data"]
+    assert kept["name"] == "good.jsonl"
+    assert wait_version(running, kept["id"], 1)["status"] == "ready"
+    assert platform.resume_dataset_work() == []  # nothing is left processing

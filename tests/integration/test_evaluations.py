@@ -176,6 +176,11 @@ def test_over_nats_an_agent_reaches_only_the_evaluation_leased_to_it_and_only_if
     assert assignment["evaluation_id"] == evaluation.id
     sha = assignment["evaluation_file"]["sha256"]
     assert ask(control, "agent-a", evaluation.id, "download", {"sha256": sha, "offset": 0})["data"].startswith(b"{")
+    assert ask(control, "agent-a", evaluation.id, "download", {"sha256": sha, "attempt": 1})["data"].startswith(b"{")
+    assert (
+        "not leased to you"
+        in ask(control, "agent-a", evaluation.id, "download", {"sha256": sha, "attempt": 2})["error"]
+    )  # an attempt that is not (or no longer) the agent's
     assert "not leased to you" in ask(control, "agent-b", evaluation.id, "download", {"sha256": sha})["error"]
     assert "not part of" in ask(control, "agent-a", evaluation.id, "download", {"sha256": "0" * 64})["error"]
     assert "uploads nothing" in ask(control, "agent-a", evaluation.id, "upload", b"x", **{

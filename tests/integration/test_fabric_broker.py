@@ -13,7 +13,7 @@ import datetime as dt
 import json
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,6 +132,28 @@ async def agent(fabric: Fabric, name: str, url: str | None = None) -> tuple[nats
     return nc, errors
 
 
+async def until(condition: Callable[[], object], what: str, seconds: float = 10) -> None:
+    """Wait for what the broker does in its own time (an error it sends, a message it delivers)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+async def until_delivered(publisher: nats.NATS, subject: str, heard: Callable[[], bool]) -> None:
+    """Publish on `subject` until `heard()`: a subscription's interest reaches another account, or the hub through a
+    leaf, a moment after the subscriber's flush."""
+    for _ in range(100):
+        await publisher.publish(subject, b"ping")
+        await publisher.flush()
+        try:
+            await until(heard, f"a message on {subject}", 0.1)
+            return
+        except AssertionError:
+            continue
+    raise AssertionError(f"nothing published on {subject} was ever delivered")
+
+
 async def until_leaf_carries(fabric: Fabric, nc: nats.NATS, agent_id: str) -> None:
     """The leaf's interest reaches the hub a moment after it connects."""
     for _ in range(100):
@@ -143,6 +165,10 @@ async def until_leaf_carries(fabric: Fabric, nc: nats.NATS, agent_id: str) -> No
     raise AssertionError("the island's leaf never carried a request to the hub")
 
 
+def violated(errors: list[str], what: str) -> Callable[[], bool]:
+    return lambda: any(f"permissions violation for {what}" in e for e in errors)
+
+
 def test_an_enrolled_agent_reaches_the_control_plane_under_its_own_id_only(fabric: Fabric):
     async def scenario():
         control = await control_plane(fabric)
@@ -150,7 +176,7 @@ def test_an_enrolled_agent_reaches_the_control_plane_under_its_own_id_only(fabri
         reply = await a1.request(protocol.agent_subject("agent-a1", "lease"), b"{}", timeout=5)
         await a1.publish(protocol.agent_subject("agent-b1", "lease"), b"{}")  # posing as another tenant's agent
         await a1.flush()
-        await asyncio.sleep(0.3)
+        await until(violated(errors, 'publish to "adaptery.agent.agent-b1.lease"'), "the server's refusal")
         await a1.close()
         await control.close()
         return json.loads(reply.data), errors
@@ -172,24 +198,29 @@ def test_infer_and_stream_subjects_cross_accounts_for_their_own_agent_only(fabri
         await control.flush()
         a1, errors = await agent(fabric, "a1")
         requests: list[bytes] = []
+        pinged = asyncio.Event()
 
         async def on_infer(msg) -> None:  # noqa: ANN001
-            requests.append(msg.data)
+            if msg.data == b"ping":
+                pinged.set()
+            else:
+                requests.append(msg.data)
 
         await a1.subscribe(protocol.infer_subject("agent-a1"), cb=on_infer)
         await a1.subscribe(protocol.infer_cancel_subject("agent-a1"), cb=on_infer)
         await a1.flush()
-        await asyncio.sleep(0.2)
-        for target in ("agent-a1", "agent-b1", "agent-p1"):
+        await until_delivered(control, protocol.infer_subject("agent-a1"), pinged.is_set)
+        # The others' first: one publisher's messages arrive in order, so once a1 has its cancel, theirs would be in.
+        for target in ("agent-b1", "agent-p1", "agent-a1"):
             await control.publish(protocol.infer_subject(target), target.encode())
         await control.publish(protocol.infer_cancel_subject("agent-a1"), b"cancel")
         await control.flush()
         await a1.publish(protocol.stream_subject("agent-a1", "req1"), b'{"seq": 0}')
         await a1.flush()
-        await asyncio.sleep(0.5)
+        await until(lambda: b"cancel" in requests and streamed, "a1's request, its cancel and its stream")
         await a1.subscribe(protocol.infer_subject("agent-b1"))  # another tenant's agent's requests
         await a1.flush()
-        await asyncio.sleep(0.3)
+        await until(violated(errors, 'subscription to "adaptery.infer.agent-b1"'), "the server's refusal")
         await a1.close()
         await control.close()
         return requests, streamed, errors
@@ -229,15 +260,17 @@ def test_an_island_agent_reaches_the_hub_through_its_leaf_and_never_another_tena
 
         await a2.subscribe("adaptery.>", cb=on_any)
         await a2.flush()
-        await asyncio.sleep(0.5)
-        for target in ("agent-a2", "agent-b1", "agent-p1"):
-            await control.publish(protocol.infer_subject(target), b"{}")
+        await until_delivered(control, protocol.notify_subject("agent-a2"), lambda: heard)
+        # The others' first: one publisher's messages arrive in order (through the leaf too), so once the last one
+        # is in, any that crossed to the wrong tenant would be in as well.
+        for target in ("agent-b1", "agent-p1", "agent-a2"):
             await control.publish(protocol.notify_subject(target), b"{}")
+            await control.publish(protocol.infer_subject(target), b"{}")
         await control.flush()
-        await a2.publish(protocol.stream_subject("agent-a2", "r1"), b"{}")
         await a2.publish(protocol.stream_subject("agent-b1", "forged"), b"{}")  # another tenant's stream
+        await a2.publish(protocol.stream_subject("agent-a2", "r1"), b"{}")
         await a2.flush()
-        await asyncio.sleep(0.7)
+        await until(lambda: "adaptery.infer.agent-a2" in heard and streamed, "a2's request and its stream")
         await a2.close()
         await control.close()
         return refused, heard, streamed
@@ -315,12 +348,14 @@ def test_an_island_joining_later_is_admitted_and_cut_off_when_revoked(fabric: Fa
             return json.loads(reply.data)
 
         assert run(asks_as_b1()) == {"heard": "adaptery.agent.agent-b1.lease"}
+        refusals = fabric.hub.fabric_log().count("authentication error")
         fabric.hub.sync_agents({}, fabric.members)  # revoked: the leaf is refused at every redial
 
         async def asks_after_revocation() -> str:
             b1, _ = await agent(fabric, "b1", leaf.url)
             control = await control_plane(fabric)
-            await asyncio.sleep(1.5)
+            redial_refused = lambda: fabric.hub.fabric_log().count("authentication error") > refusals  # noqa: E731
+            await until(redial_refused, "the leaf's redial to be refused")
             try:
                 await b1.request(protocol.agent_subject("agent-b1", "lease"), b"{}", timeout=2)
                 return "answered"

@@ -7,6 +7,7 @@ import time
 
 import pytest
 from sqlalchemy import event, select
+from sqlalchemy.exc import OperationalError
 
 from adaptery.data.untrusted import RecordLimits
 from adaptery.db import models as m
@@ -182,16 +183,58 @@ def test_two_validators_of_one_job_hold_its_budget_once(setup, claim):
         assert messages.count("Files validated, moving job to queued state") == 1
 
 
-def test_a_job_whose_validation_fails_does_not_hold_up_the_others(setup):
+def job_error(db, job_id: str) -> dict | None:
+    with db.system() as s:
+        return s.get(m.FineTuningJob, job_id).error
+
+
+def test_a_job_whose_base_model_is_gone_fails_naming_it_and_does_not_hold_up_the_others(setup):
+    """Its base model was unregistered after the job was created: asking again cannot help, so the job fails at
+    once with the model's name instead of waiting in validating_files, tried again each time its claim lapses."""
     db, _, blobs, tenant, _ = setup
     orphan = validating_job(db, blobs, tenant, model="deleted-model")
     healthy = validating_job(db, blobs, tenant)
+    asked: list[str] = []
 
     def budget_for(model: str) -> TokenBudget:
-        if model != "base":
-            raise NotFound(f"The model '{model}' does not exist", param="model", code="model_not_found")
+        asked.append(model)
         return ten_tokens_each()
 
     finetuning.validate_waiting(db, blobs, budget_for)
     assert job_state(db, healthy)[0] == "queued"
-    assert job_state(db, orphan)[0] == "validating_files"
+    assert job_state(db, orphan) == ("failed", None, 0)
+    error = job_error(db, orphan)
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+    assert "'deleted-model'" in error["message"] and "no longer registered" in error["message"]
+    assert asked == ["base"]  # the orphan's tokenizer was never asked for
+    with db.system() as s:
+        messages = s.scalars(select(m.JobEvent.message).where(m.JobEvent.job_id == orphan)).all()
+        assert messages[-1] == f"Job failed: {error['message']}"
+        assert s.scalar(select(m.UsageCounter.reserved).where(m.UsageCounter.subject == f"job:{orphan}")) in (None, 0)
+
+
+def test_a_refused_tokenizer_fails_the_job_and_a_transient_fault_leaves_it_to_the_next_validator(setup):
+    db, _, blobs, tenant, _ = setup
+    refused, locked = validating_job(db, blobs, tenant), validating_job(db, blobs, tenant)
+
+    def budget_for(_model: str) -> TokenBudget:
+        raise NotFound("The model 'base' has no tokenizer files", param="model", code="model_not_found")
+
+    finetuning.validate_job(db, blobs, tenant, refused, budget_for)
+    assert job_state(db, refused)[0] == "failed"
+    assert job_error(db, refused) == {
+        "code": "model_not_found",
+        "message": "The model 'base' has no tokenizer files",
+        "param": "model",
+    }
+
+    def database_locked(_model: str) -> TokenBudget:
+        raise OperationalError("SELECT 1", {}, Exception("database is locked"))
+
+    with pytest.raises(OperationalError):
+        finetuning.validate_job(db, blobs, tenant, locked, database_locked)
+    status, claimant, _ = job_state(db, locked)
+    assert status == "validating_files" and claimant.startswith("validator-")  # until its claim lapses
+    expire_lease(db, locked)
+    finetuning.validate_job(db, blobs, tenant, locked, lambda _model: ten_tokens_each())
+    assert job_state(db, locked) == ("queued", None, 0)

@@ -36,6 +36,7 @@ class ScriptedLink:
     def __init__(self, **script: list[Any]) -> None:
         self.script = script
         self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.download_attempts: list[int | None] = []
         self.nudged = threading.Event()
 
     def _answer(self, verb: str, body: dict[str, Any]) -> Any:
@@ -49,10 +50,11 @@ class ScriptedLink:
     def job_call(self, job_id: str, verb: str, body: dict[str, Any]) -> dict[str, Any]:
         return self._answer(verb, body)
 
-    def upload_dir(self, job_id: str, directory: Path) -> dict[str, str]:
-        return self._answer("upload", {}) or {"adapter_model.safetensors": "0" * 64}
+    def upload_dir(self, job_id: str, directory: Path, attempt: int | None = None) -> dict[str, str]:
+        return self._answer("upload", {"attempt": attempt}) or {"adapter_model.safetensors": "0" * 64}
 
-    def download(self, job_id: str, sha256: str, size: int, target: Path) -> Path:
+    def download(self, job_id: str, sha256: str, size: int, target: Path, attempt: int | None = None) -> Path:
+        self.download_attempts.append(attempt)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text('{"messages": []}\n')
         return target
@@ -122,6 +124,8 @@ def test_an_error_reply_to_the_trainers_events_does_not_end_the_job(tmp_path, tr
     agent_for(link, tmp_path).run_job(assignment(tmp_path))
     assert link.verbs() == ["events", "upload", "finish"]
     assert link.calls[-1][1]["state"] == "succeeded"
+    # Its blobs travel under its attempt's lease too, so an older attempt of this agent id is refused them.
+    assert link.download_attempts == [1] and [body["attempt"] for _, body in link.calls] == [1, 1, 1]
     assert not psutil.pid_exists(trainers.started[0].pid)
 
 
@@ -147,7 +151,7 @@ def test_a_refusal_is_final_and_retries_are_bounded(tmp_path, trainers, monkeypa
 
 
 class FullDiskLink(ScriptedLink):
-    def download(self, job_id: str, sha256: str, size: int, target: Path) -> Path:
+    def download(self, job_id: str, sha256: str, size: int, target: Path, attempt: int | None = None) -> Path:
         raise OSError(28, "No space left on device")
 
 
@@ -159,7 +163,7 @@ def test_a_full_disk_while_the_job_is_put_together_gives_it_back_but_a_refusal_s
     assert body["state"] == "released" and body["fault"] is True and body["attempt"] == 1
     assert "No space left on device" in body["message"]
 
-    def refuses(job_id: str, sha256: str, size: int, target: Path) -> Path:
+    def refuses(job_id: str, sha256: str, size: int, target: Path, attempt: int | None = None) -> Path:
         raise RemoteError(f"blob {sha256} is not this job's", retryable=False)
 
     link = ScriptedLink()
