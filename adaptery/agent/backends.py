@@ -18,8 +18,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
-from adaptery.agent.process import die_with_parent
 from adaptery.messaging.protocol import Assignment
+from adaptery.process import die_with_parent
 
 RUNNER = ("-m", "adaptery.training.runner")
 LAUNCHER = ("-m", "adaptery.training.launch")

@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from adaptery.agent.process import die_with_parent, kill_and_reap
 from adaptery.agent.worker import Heartbeats, local_base_model
 from adaptery.evaluation.runner import OFFLINE_ENVIRONMENT
+from adaptery.process import die_with_parent, kill_and_reap
 
 if TYPE_CHECKING:
     from adaptery.agent.worker import Agent

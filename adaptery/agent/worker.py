@@ -22,8 +22,8 @@ from typing import Any, TypeVar
 
 from adaptery.agent.backends import Backend, LocalBackend, TrainingRun
 from adaptery.agent.link import AgentLink, LinkDown
-from adaptery.agent.process import kill_and_reap
 from adaptery.messaging.protocol import ADAPTER_FILES, Assignment, BlobRef, RemoteError
+from adaptery.process import kill_and_reap
 from adaptery.training.spec import LoraHyperparameters
 
 log = logging.getLogger("adaptery.agent")

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from adaptery.agent.process import die_with_parent
 from adaptery.messaging import accounts, protocol
+from adaptery.process import die_with_parent
 from adaptery.storage.modes import private_dir
 
 log = logging.getLogger("adaptery.nats")

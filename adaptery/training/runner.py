@@ -180,7 +180,7 @@ class _Group:
 
         if not dist.is_torchelastic_launched():
             raise _SpecError("a job of several processes runs through `python -m adaptery.training.launch SPEC.json`")
-        from adaptery.agent.process import die_with_parent
+        from adaptery.process import die_with_parent
 
         die_with_parent()  # the launcher gone (killed with its agent), its ranks go too
         cuda = torch.cuda.is_available()

@@ -1,6 +1,7 @@
 """Child processes that must not outlive what they serve: a training run, the NATS server.
 
-Kept apart from `messaging/` so the agent needs nothing of the control plane's side to start one.
+Below every layer (no adaptery import): the agent, training's launcher and messaging's nats-server launch all
+start children, and none of them may depend on another for it.
 """
 
 from __future__ import annotations
