@@ -141,7 +141,7 @@ def direct(settings: Settings, model_dir: Path, prompts: dict[int, list[int]], a
         engine.stop()
 
 
-def through_agent(work: Path, model_dir: Path, args: argparse.Namespace) -> dict:
+def through_agent(work: Path, model_dir: Path, vllm_env_dir: Path, args: argparse.Namespace) -> dict:
     data_dir = work / "data"
     (data_dir / "models").mkdir(mode=0o700, parents=True)  # the server refuses a data dir others can read
     data_dir.chmod(0o700)
@@ -171,6 +171,7 @@ def through_agent(work: Path, model_dir: Path, args: argparse.Namespace) -> dict
         token = re.search(r"ADAPTERY_AGENT_CREDENTIALS=(\S+)", made.stdout)[1]
         agent_env = {k: v for k, v in os.environ.items() if not k.startswith("ADAPTERY_")}
         agent_env.update(ANNOUNCE, ADAPTERY_DATA_DIR=str(work / "agent"), ADAPTERY_ENGINE_MAX_BATCH=str(args.max_batch))
+        agent_env["ADAPTERY_VLLM_ENV"] = str(vllm_env_dir)  # the environment direct used, not a build of its own
         command = [sys.executable, "-m", "adaptery.cli", "agent", "--credentials", token, "--roles", "infer"]
         command += ["--engine", "vllm", "--threads", "1", "--base", f"{DEMO_MODEL_ID}={model_dir}"]
         command += ["--nats-url", (data_dir / "nats" / "url").read_text()]
@@ -262,7 +263,7 @@ def main() -> None:
         direct_settings = settings.model_copy(update={"data_dir": work / "direct"})
         results = {"direct": direct(direct_settings, model_dir, prompts, args)}
         print(json.dumps({"direct": results["direct"]}, default=str), file=sys.stderr)  # kept if the rest fails
-        results["agent"] = through_agent(work / "fabric", model_dir, args)
+        results["agent"] = through_agent(work / "fabric", model_dir, settings.vllm_env, args)
     report(results, args)
 
 
