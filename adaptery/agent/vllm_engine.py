@@ -171,7 +171,7 @@ class VllmServer:
         command = self.options.command(self.base_id, self.path, self.socket)
         log.info("starting vLLM for %s: %s", self.base_id, " ".join(command))
         started = time.monotonic()
-        with self.log_file.open("wb") as output:
+        with self.log_file.open("ab") as output:  # appended: a restarted server keeps the dead one's log
             self.process = subprocess.Popen(
                 command,
                 stdout=output,
@@ -514,7 +514,7 @@ class VllmEngine:
             ran = time.monotonic() - dead.healthy_at
             log.warning("vLLM for %s exited (%s) after %.0f s; its log: %s", base_id, code, ran, dead.log_file)
             dead.stop()
-            self._call(self._drop_client(served))
+            served.aclient = None  # its connections were to the dead server (the next request makes another)
             if ran >= RESTART_RESET_SECONDS:
                 failures = 0
             server = None
@@ -548,15 +548,6 @@ class VllmEngine:
             server.stop()
             return None
         return server
-
-    @staticmethod
-    async def _drop_client(served: _Served) -> None:
-        client, served.aclient = served.aclient, None  # its connections are to the dead server's socket
-        if client is not None:
-            await client.aclose()
-
-    def _call(self, coroutine: Any) -> None:  # noqa: ANN401
-        asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=30)
 
     def generate(
         self,
@@ -687,8 +678,9 @@ class VllmEngine:
         return choice.get("finish_reason")
 
     async def _stream(self, served: _Served, body: dict[str, Any], chunks: queue.Queue[Any]) -> None:
-        if served.aclient is None:
-            served.aclient = httpx.AsyncClient(
+        client = served.aclient
+        if client is None:
+            client = served.aclient = httpx.AsyncClient(
                 transport=httpx.AsyncHTTPTransport(uds=str(served.server.socket)),
                 base_url="http://vllm",
                 headers=served.server.headers,
@@ -696,7 +688,7 @@ class VllmEngine:
                 limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
             )
         try:
-            async with served.aclient.stream("POST", "/v1/completions", json=body) as response:
+            async with client.stream("POST", "/v1/completions", json=body) as response:
                 if response.status_code != 200:
                     await response.aread()
                     chunks.put(VllmFailed(error_message(response)))
@@ -716,7 +708,7 @@ class VllmEngine:
             chunks.put(_END)
         except httpx.TransportError as exc:  # the server died (or is dying): the request is not at fault
             chunks.put(VllmUnavailable(f"vLLM's server for {served.server.base_id} was lost: {exc}"))
-        except (httpx.HTTPError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever it is, the request's reader must hear of it
             chunks.put(VllmFailed(f"vLLM's server for {served.server.base_id} failed the request: {exc}"))
 
     def _cache_salt(self, tenant: str) -> str:
