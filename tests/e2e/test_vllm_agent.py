@@ -3,7 +3,8 @@
 through the native engine (greedy; the native answers are taken first, before the agent is up, and the agent is
 shown to have served none of them); streaming, max_tokens, usage and the ledger behave as with the native engine;
 another tenant cannot use the adapter; with room for one adapter, vLLM unloads the least recently used and loads
-it again on demand.
+it again on demand; killed, vLLM is started again by the agent with the adapter it held, the answer it was streaming
+ends with an error event and requests meanwhile are answered elsewhere (last: 90 s, a vLLM start, at load 14).
 
 vLLM lives in its own environment (`make vllm-env`: 111 s on the idle 2-core CPU, 8 min beside other work; 2.5 GB;
 once per machine); where it has not been built the module is skipped with that reason, and `make test-vllm` builds it
