@@ -18,7 +18,12 @@ requested lengths. Measured in the same run, at the same dtype on both sides of 
    jemalloc, and Intel OpenMP preloaded), serves the same weights and PEFT directories, and gets the same requests
    as token ids (greedy, end of text ignored, streamed so every token is timed), its runs interleaved with the
    engine's in the same rounds. A side-check compares both engines' greedy outputs with one adapter on 8 prompts.
-   `--vllm-only` measures only this (and the engine runs it is compared with).
+   `--vllm-only` measures only this (and the engine runs it is compared with). One run so far, on the 2-core CPU
+   beside other work (load 8-16; `--dtypes float32 --vllm-only --requests 32 --repeats 3`, 8 layers), so not a
+   verdict: engine base / vLLM base 0.77, 1.72, 0.49 round by round (median of the runs 0.97), mixed 2.60, 4.87,
+   2.52 (3.07); both engines ran at 10-105 tokens/s where a quiet machine gives 130-230 (vLLM's threads, bound to
+   both cores, suffer most from cores shared with others); greedy outputs with one adapter identical on 8 of 8
+   prompts (32 tokens each).
 
 Arrivals are faster than the engine can serve (it runs saturated, as throughput needs); the static
 `generate` baselines process the same requests offline in arrival order, batch after batch. Noise on
