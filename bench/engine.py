@@ -12,6 +12,18 @@ requested lengths. Measured in the same run, at the same dtype on both sides of 
 3. engine with 2000 registered adapters / with 5 (Zipf popularity over the registered ones)
 4. cold load of a rank-16 adapter from disk (read + prepare), p50
 5. PEFT mixed-adapter `generate(adapter_names=...)` / engine, same mixed workload
+6. (float32, `--vllm`, issue 18) vLLM's CPU build: engine base / vLLM base (goal >= 1.1) and engine with 32 mixed
+   adapters / vLLM with the same 32 (goal >= 1.5). vLLM runs from its own environment (built once and cached,
+   agent/vllm_env.py), tuned as its CPU documentation says (OpenMP threads bound to every core, tcmalloc, else
+   jemalloc, and Intel OpenMP preloaded), serves the same weights and PEFT directories, and gets the same requests
+   as token ids (greedy, end of text ignored, streamed so every token is timed), its runs interleaved with the
+   engine's in the same rounds. A side-check compares both engines' greedy outputs with one adapter on 8 prompts.
+   `--vllm-only` measures only this (and the engine runs it is compared with). One run so far, on the 2-core CPU
+   beside other work (load 8-16; `--dtypes float32 --vllm-only --requests 32 --repeats 3`, 8 layers), so not a
+   verdict: engine base / vLLM base 0.77, 1.72, 0.49 round by round (median of the runs 0.97), mixed 2.60, 4.87,
+   2.52 (3.07); both engines ran at 10-105 tokens/s where a quiet machine gives 130-230 (vLLM's threads, bound to
+   both cores, suffer most from cores shared with others); greedy outputs with one adapter identical on 8 of 8
+   prompts (32 tokens each).
 
 Arrivals are faster than the engine can serve (it runs saturated, as throughput needs); the static
 `generate` baselines process the same requests offline in arrival order, batch after batch. Noise on
@@ -25,11 +37,13 @@ in each step, and of loading the tail ones.
 
     .venv/bin/python bench/engine.py --quick      # a smoke run (4 layers, one repeat)
     .venv/bin/python bench/engine.py              # the measurement (8 layers, 5 rounds; ~30 min a dtype)
+    .venv/bin/python bench/engine.py --dtypes float32 --vllm-only --repeats 3   # the engine against vLLM
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import shutil
@@ -37,19 +51,25 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from adaptery.agent import vllm_env
+from adaptery.agent.vllm_engine import ServerOptions, VllmServer, lora_rank
 from adaptery.engine import lora_kernel
 from adaptery.engine.batching import BatchEngine
 from adaptery.engine.lora import prepare_adapter
 from adaptery.engine.native import NativeLlama
+from adaptery.engine.process_setup import find_allocator
 from adaptery.engine.sampling import SamplingParams
+from adaptery.settings import Settings
 
 # Ratio 3 is about adapter loading under a long tail, so its requests are short: more requests per
 # second, more distinct adapters per step, loads harder to hide.
@@ -149,6 +169,11 @@ def run_engine(engine: BatchEngine, reqs: list[Req], adapters: list[tuple[str, P
         threads.append(thread)
     for thread in threads:
         thread.join()
+    return summary(records, start)
+
+
+def summary(records: list[dict], start: float) -> dict:
+    """Throughput (first arrival -> last token) and latencies of requests' `submitted` and token `times`."""
     end = max(r["times"][-1] for r in records)
     tokens = sum(len(r["times"]) for r in records)
     ttft = [r["times"][0] - r["submitted"] for r in records]
@@ -156,7 +181,7 @@ def run_engine(engine: BatchEngine, reqs: list[Req], adapters: list[tuple[str, P
     elapsed = end - start
     return {
         "tokens_per_s": tokens / elapsed,
-        "requests_per_s": len(reqs) / elapsed,
+        "requests_per_s": len(records) / elapsed,
         "ttft_p50_ms": percentile(ttft, 50) * 1e3,
         "ttft_p99_ms": percentile(ttft, 99) * 1e3,
         "tpot_p50_ms": percentile(tpot, 50) * 1e3,
@@ -218,7 +243,9 @@ def with_adapters(reqs: list[Req], choice: list[int]) -> list[Req]:
     return [Req(r.arrival, r.prompt, r.output, a) for r, a in zip(reqs, choice, strict=True)]
 
 
-def bench_dtype(hf: LlamaForCausalLM, dtype: torch.dtype, distinct: list[Path], args: argparse.Namespace) -> dict:
+def bench_dtype(
+    hf: LlamaForCausalLM, dtype: torch.dtype, distinct: list[Path], args: argparse.Namespace, root: Path
+) -> dict:
     """Every measurement for one dtype; the two sides of each ratio alternate, repeats give medians."""
     batch, rank, vocab, repeats = 32, args.rank, args.vocab, args.repeats
     model = hf.to(dtype)
@@ -235,23 +262,52 @@ def bench_dtype(hf: LlamaForCausalLM, dtype: torch.dtype, distinct: list[Path], 
     warm = [Req(r.arrival, r.prompt, min(r.output, 4), r.adapter) for r in mixed[:32]]
     for variant in engines:  # warm-up: loads the 32 adapters into memory
         run_engine(engines[variant], warm, keyed)
+    vllm = VllmSide(model, dtype, distinct, root, rank) if args.vllm and dtype == torch.float32 else None
+    if vllm is not None:
+        vllm.run(warm)
+        out["vllm"] = {"version": vllm_env.VLLM_VERSION, "started_seconds": vllm.server.started_seconds, **vllm.tuning}
 
-    # ratios 1 and 2: the engine variants and `generate` alternate (the order flips each round)
-    sides = [*engines, "generate"]
+    # ratios 1, 2 and 6: the engine variants, `generate` and vLLM alternate (the order flips each round)
+    sides = [*engines, *([] if args.vllm_only else ["generate"]), *(["vllm_base", "vllm_mixed"] if vllm else [])]
     runs: dict[str, list[dict]] = {side: [] for side in sides}
     for round_ in range(repeats):
         for side in sides if round_ % 2 == 0 else list(reversed(sides)):
             if side == "generate":
                 runs[side].append(run_static(model, reqs, batch))
+            elif side.startswith("vllm"):
+                runs[side].append(vllm.run(reqs if side == "vllm_base" else mixed))
             else:
                 runs[side].append(run_engine(engines[side], reqs if side == "base" else mixed, keyed))
         print(dtype, "round", round_, {v: round(r[-1]["tokens_per_s"]) for v, r in runs.items()}, flush=True)
-    out["generate_base"] = median_run(runs["generate"])
+    if "generate" in runs:
+        out["generate_base"] = median_run(runs["generate"])
     out["engine_base"] = median_run(runs["base"])
     out["engine_mixed32"] = median_run(runs["mixed"])
     if "mixed_bf16_adapters" in engines:
         out["engine_mixed32_bf16_adapters"] = median_run(runs["mixed_bf16_adapters"])
         engines["mixed_bf16_adapters"].stop()
+    if vllm is not None:
+        out["vllm_base"] = median_run(runs["vllm_base"])
+        out["vllm_mixed32"] = median_run(runs["vllm_mixed"])
+        out["vllm"]["greedy_side_check"] = side_check(engine, vllm, reqs, keyed)
+        vllm.stop()
+        out["vllm_ratios"] = {
+            "6_engine_base_over_vllm_base": out["engine_base"]["tokens_per_s"] / out["vllm_base"]["tokens_per_s"],
+            "6_engine_mixed32_over_vllm_mixed32": (
+                out["engine_mixed32"]["tokens_per_s"] / out["vllm_mixed32"]["tokens_per_s"]
+            ),
+            "vllm_mixed32_over_vllm_base": out["vllm_mixed32"]["tokens_per_s"] / out["vllm_base"]["tokens_per_s"],
+        }
+        out["paired_vllm_ratios"] = {
+            name: [round(a["tokens_per_s"] / b["tokens_per_s"], 3) for a, b in zip(top, bottom, strict=True)]
+            for name, (top, bottom) in {
+                "6_engine_base_over_vllm_base": (runs["base"], runs["vllm_base"]),
+                "6_engine_mixed32_over_vllm_mixed32": (runs["mixed"], runs["vllm_mixed"]),
+            }.items()
+        }
+    if args.vllm_only:
+        engine.stop()
+        return out
 
     # ratio 5: PEFT's mixed-batch generate is slow, so it runs one static batch of 32 requests (32 distinct
     # adapters), between two engine runs of exactly the same 32 requests
@@ -356,6 +412,10 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     parser.add_argument("--cold-load-only", action="store_true", help="measure only ratio 4 (seconds)")
+    parser.add_argument(
+        "--vllm", action=argparse.BooleanOptionalAction, default=True, help="ratio 6 against vLLM (float32)"
+    )
+    parser.add_argument("--vllm-only", action="store_true", help="only the engine against vLLM (ratio 6)")
     args = parser.parse_args()
     args.layers = args.layers or (4 if args.quick else 8)
     args.requests = args.requests or (64 if args.quick else 128)
@@ -408,7 +468,7 @@ def main() -> None:
                 print(dtype_name, json.dumps(cold_load(hf.to(dtype), dtype, distinct, args.rank, adapter_dtype)))
             return
         for dtype_name in args.dtypes.split(","):
-            results["dtypes"][dtype_name] = bench_dtype(hf, getattr(torch, dtype_name), distinct, args)
+            results["dtypes"][dtype_name] = bench_dtype(hf, getattr(torch, dtype_name), distinct, args, root)
             hf = hf.float()
         results["machine"]["load_average_end"] = os.getloadavg()
         print(json.dumps(results, indent=2))
@@ -419,6 +479,137 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
+# --- vLLM's side (issue 18): the same model, adapters and requests through vLLM's CPU build ---------------------
+
+
+@dataclass(frozen=True)
+class TunedCpuOptions(ServerOptions):
+    """vLLM's server as its CPU documentation tunes it: OpenMP threads bound to every core (none reserved),
+    tcmalloc (else jemalloc, which does the same job) and Intel's OpenMP runtime preloaded, the KV cache sized."""
+
+    preload: tuple[str, ...] = ()
+    cores: int = 1
+
+    def environment(self, api_key: str) -> dict[str, str]:
+        env = super().environment(api_key)
+        env.update(VLLM_CPU_OMP_THREADS_BIND=f"0-{self.cores - 1}", VLLM_CPU_NUM_OF_RESERVED_CPU="0")
+        if self.preload:
+            env["LD_PRELOAD"] = ":".join(self.preload)
+        return env
+
+
+class VllmSide:
+    """One vLLM server (from its own environment, built once and cached: agent/vllm_env.py) serving the bench's
+    model and its 32 adapters, called on its socket with the same requests as the engine: prompt token ids,
+    greedy, end of text ignored, streamed so that every token is timed as the engine's are. Started once and
+    left idle while the engine runs (its processes wait on a socket)."""
+
+    def __init__(self, hf: LlamaForCausalLM, dtype: torch.dtype, adapters: list[Path], root: Path, rank: int) -> None:
+        python = vllm_env.ensure(Settings().vllm_env, 0, print)
+        model_dir = root / "vllm-model"
+        hf.to(dtype).save_pretrained(model_dir)
+        libraries = [find_allocator("tcmalloc") or find_allocator("jemalloc")]
+        libraries.append(str(python.parent.parent / "lib" / "libiomp5.so"))  # Intel OpenMP, pip's intel-openmp
+        options = TunedCpuOptions(
+            python=python, max_loras=32, max_cpu_loras=32, max_lora_rank=lora_rank(rank), max_num_seqs=32,
+            dtype=str(dtype).removeprefix("torch."), gpus=0, tensor_parallel_size=1, kv_cache_bytes=512 << 20,
+            gpu_memory_utilization=0.0, threads=None, start_timeout=900.0,
+            extra_args=("--skip-tokenizer-init", "--max-model-len", "1024"),  # token ids in, token ids out
+            preload=tuple(p for p in libraries if p and Path(p).exists()), cores=os.cpu_count() or 1,
+        )  # fmt: skip
+        self.server = VllmServer("bench", str(model_dir), options, root / "vllm-logs")
+        self.server.start()
+        self.tuning = {"preload": list(options.preload), "omp_threads_bind": f"0-{options.cores - 1}"}
+        for i, path in enumerate(adapters):
+            response = self.server.post("/v1/load_lora_adapter", {"lora_name": f"d-{i}", "lora_path": str(path)})
+            response.raise_for_status()
+
+    def run(self, reqs: list[Req]) -> dict:
+        """As run_engine: submitted at the arrival times, every token timed, throughput first arrival -> last token."""
+        records = asyncio.run(self._run(reqs))
+        return summary(records, records[0]["start"])
+
+    async def _run(self, reqs: list[Req]) -> list[dict]:
+        transport = httpx.AsyncHTTPTransport(uds=str(self.server.socket))
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=len(reqs))
+        timeout = httpx.Timeout(600.0)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://vllm", headers=self.server.headers, limits=limits, timeout=timeout
+        ) as client:
+            start = time.perf_counter()
+            return await asyncio.gather(*(self._one(client, req, start) for req in reqs))
+
+    async def _one(self, client: httpx.AsyncClient, req: Req, start: float) -> dict:
+        await asyncio.sleep(max(0.0, start + req.arrival - time.perf_counter()))
+        submitted, times = time.perf_counter(), []
+        tokens = await self.stream(client, req, lambda count: times.extend([time.perf_counter()] * count))
+        assert len(tokens) == req.output, (len(tokens), req.output)
+        return {"submitted": submitted, "times": times, "start": start}
+
+    async def stream(self, client: httpx.AsyncClient, req: Req, on_tokens: Callable[[int], object]) -> list[int]:
+        body = {
+            "model": "bench" if req.adapter is None else f"d-{req.adapter}", "prompt": req.prompt,
+            "max_tokens": req.output, "temperature": 0.0, "ignore_eos": True, "stream": True, "return_token_ids": True,
+        }  # fmt: skip
+        tokens: list[int] = []
+        async with client.stream("POST", "/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                raise RuntimeError(f"vLLM refused a request: {(await response.aread())[:500]!r}")
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    ids = (json.loads(line[6:])["choices"] or [{}])[0].get("token_ids") or []
+                    tokens += ids
+                    on_tokens(len(ids))
+        return tokens
+
+    def greedy(self, reqs: list[Req]) -> list[list[int]]:
+        async def all_of() -> list[list[int]]:
+            transport = httpx.AsyncHTTPTransport(uds=str(self.server.socket))
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://vllm", headers=self.server.headers, timeout=600.0
+            ) as client:
+                return [await self.stream(client, req, lambda count: None) for req in reqs]
+
+        return asyncio.run(all_of())
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def engine_greedy(engine: BatchEngine, reqs: list[Req], adapters: list[tuple[str, Path]]) -> list[list[int]]:
+    outputs = []
+    for req in reqs:
+        key, path = adapters[req.adapter] if req.adapter is not None else (None, None)
+        request = engine.submit(req.prompt, SamplingParams(max_tokens=req.output, temperature=0.0), key, path)
+        tokens = []
+        while (event := request.events.get(timeout=600)).finish is None:
+            tokens.append(event.token)
+        outputs.append(tokens)
+    return outputs
+
+
+def side_check(engine: BatchEngine, vllm: VllmSide, reqs: list[Req], adapters: list[tuple[str, Path]]) -> dict:
+    """Greedy outputs of both engines on 8 prompts with one adapter: how many agree token for token, and where the
+    others part (fp32 rounding may flip a near-tie, after which the two continue differently)."""
+    prompts = [Req(0.0, r.prompt, 32, 0) for r in reqs[:8]]
+    ours, theirs = engine_greedy(engine, prompts, adapters), vllm.greedy(prompts)
+    parts = [
+        next((i for i, (a, b) in enumerate(zip(o, t, strict=True)) if a != b), None)
+        for o, t in zip(ours, theirs, strict=True)
+    ]
+    return {
+        "prompts": len(prompts),
+        "tokens_each": 32,
+        "identical": sum(p is None for p in parts),
+        "first_difference_at": parts,
+    }
+
+
+VLLM_GOALS = {
+    "6_engine_base_over_vllm_base": ("≥ 1.1", lambda v: v >= 1.1),
+    "6_engine_mixed32_over_vllm_mixed32": ("≥ 1.5", lambda v: v >= 1.5),
+    "vllm_mixed32_over_vllm_base": ("(vLLM's own mixed ÷ base)", lambda v: True),
+}
 GOALS = {
     "1_mixed32_over_base": ("≥ 0.90", lambda v: v >= 0.90),
     "1b_mixed32_bf16_adapters_over_base": ("≥ 0.90", lambda v: v >= 0.90),
@@ -435,14 +626,15 @@ def markdown(results: dict) -> str:
         "| ratio | goal | " + " | ".join(dtypes) + " |",
         "| --- | --- | " + " | ".join("---" for _ in dtypes) + " |",
     ]
-    for name, (goal, ok) in GOALS.items():
+    for name, (goal, ok) in (GOALS | VLLM_GOALS).items():
         cells = []
         for d in dtypes:
-            value = results["dtypes"][d]["ratios"].get(name)
+            value = (results["dtypes"][d].get("ratios", {}) | results["dtypes"][d].get("vllm_ratios", {})).get(name)
             cells.append("–" if value is None else f"{value:.2f} {'✓' if ok(value) else '✗'}")
         lines.append(f"| {name} | {goal} | " + " | ".join(cells) + " |")
     for d in dtypes:
-        for name, values in results["dtypes"][d].get("paired_ratios", {}).items():
+        paired = results["dtypes"][d].get("paired_ratios", {}) | results["dtypes"][d].get("paired_vllm_ratios", {})
+        for name, values in paired.items():
             lines.append(f"\n{d}, {name} round by round: {values} (median {statistics.median(values):.2f})")
     lines += [
         "",
@@ -458,6 +650,9 @@ def markdown(results: dict) -> str:
                 ttft = f"{v['ttft_p50_ms']:.0f} / {v['ttft_p99_ms']:.0f}"
                 latency = f"{ttft} | {v['tpot_p50_ms']:.1f} / {v['tpot_p99_ms']:.1f}"
             lines.append(f"| {run} | {d} | {v['tokens_per_s']:.0f} | {v['requests_per_s']:.2f} | {latency} |")
+    for d in dtypes:
+        if "vllm" in results["dtypes"][d]:
+            lines.append(f"\n{d}, vLLM: {json.dumps(results['dtypes'][d]['vllm'])}")
     return "\n".join(lines)
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import psutil
 
 from adaptery.agent.link import AgentLink, LinkDown
-from adaptery.engine.generation import AdapterSpec, GenerationTimedOut, InferenceEngine, Usage
+from adaptery.engine.generation import AdapterSpec, EngineUnavailable, GenerationTimedOut, InferenceEngine, Usage
 from adaptery.engine.sampling import SamplingParams
 from adaptery.messaging import protocol
 from adaptery.messaging.protocol import InferRequest, RemoteError
@@ -214,6 +214,8 @@ class InferenceHost:
         usage = Usage(prompt_tokens=len(request.prompt_ids))
         adapter: AdapterSpec | None = None
         end: dict[str, Any] = {"end": True}
+        sent_tokens = 0
+        sent_text = False
         try:
             if request.base_id not in self.bases:
                 raise ValueError(f"base model {request.base_id} is not served by this agent")
@@ -227,13 +229,12 @@ class InferenceHost:
                 request.base_id, self.bases[request.base_id], adapter, request.prompt_ids, params, usage,
                 should_stop=stream.cancelled.is_set, fairness_key=request.fairness_key,
             )  # fmt: skip
-            sent_tokens = 0
             for delta in deltas:
                 tokens = usage.completion_tokens - sent_tokens  # the control plane adds these up and bills them
                 body = {"text": delta.text, "finish_reason": delta.finish_reason, "logprobs": delta.logprobs}
                 stream.send({**body, "tokens": tokens})
                 self._count_tokens(tokens)
-                sent_tokens = usage.completion_tokens
+                sent_tokens, sent_text = usage.completion_tokens, sent_text or bool(delta.text)
         except GenerationTimedOut as exc:
             end.update(error=str(exc), timeout=True)
         except (LinkDown, RemoteError) as exc:
@@ -241,6 +242,8 @@ class InferenceHost:
         except Exception as exc:  # the request's own failure: reported on its stream, the agent goes on
             log.warning("request %s failed: %s", request.request_id, exc)
             end.update(error=str(exc) or type(exc).__name__)
+            if isinstance(exc, EngineUnavailable) and not sent_tokens and not sent_text:
+                end["retryable"] = True  # the engine is down, nothing was streamed: the control plane goes elsewhere
         finally:
             if adapter is not None:
                 self.adapters.release(adapter.key)
@@ -339,7 +342,7 @@ class InferenceHost:
             except Exception:  # noqa: BLE001 - a base being loaded, say: the next poll will do
                 log.debug("describing the engine failed", exc_info=True)
                 continue
-            summary = (body["running"], body["waiting"], body["adapters"], body["served"])
+            summary = (sorted(body["bases"]), body["running"], body["waiting"], body["adapters"], body["served"])
             now = time.monotonic()
             if summary == last_summary and now - last_sent < self.announce_seconds:
                 continue

@@ -23,13 +23,20 @@ plane's limits, usage, errors and tenancy are the same whichever engine serves.
   deadline, closes the HTTP stream, and vLLM aborts the request at once (its slot is free). vLLM's prefix cache
   is salted per tenant (`cache_salt`), so one tenant's timings cannot reveal another's prompts. vLLM has no fair
   share between tenants (the native engine's `fairness_key`); requests are served first come, first served.
-- **A server that dies** makes `describe` fail, so the host stops announcing and the router, after the missed
-  announcements, sends the base's requests elsewhere; the agent itself has to be restarted.
+- **A server that dies** is noticed at once (a thread waits on its process): the base leaves the agent's next
+  announcement (within ANNOUNCE_POLL_SECONDS), so the router sends its requests elsewhere; requests in flight fail
+  with `EngineUnavailable`, which the host reports as retryable when nothing was streamed yet (the control plane
+  then serves the request elsewhere, unseen by the client) and as an error event after; what is left of the
+  server's process group is killed, and it is started again after a backoff (RESTART_FIRST_SECONDS, doubling up
+  to RESTART_MAX_SECONDS while it keeps dying within RESTART_RESET_SECONDS of its start). The adapters the dead
+  server held, which the router takes for resident here, are loaded into the new one before the base is
+  announced again (one vLLM refuses is dropped from the announcement).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -58,6 +65,7 @@ from adaptery.engine.generation import (
     AdapterRejected,
     AdapterSpec,
     Delta,
+    EngineUnavailable,
     GenerationFailed,
     GenerationTimedOut,
     PromptTooLong,
@@ -71,13 +79,20 @@ log = logging.getLogger("adaptery.agent.vllm")
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM builds LoRA kernels for (--max-lora-rank)
 HEALTH_POLL_SECONDS = 0.5
 POLL_SECONDS = 0.05
+RESTART_FIRST_SECONDS = 1.0
+RESTART_MAX_SECONDS = 60.0
+RESTART_RESET_SECONDS = 300.0  # a server that ran this long before dying is restarted after the first delay again
 MiB = 1024 * 1024
 _END = object()
 _CACHE_INFO = re.compile(r"^vllm:cache_config_info\{([^}]*)\}", re.M)
 
 
 class VllmFailed(GenerationFailed):
-    """vLLM refused or failed a request (its own message), or its server is gone."""
+    """vLLM refused or failed a request (its own message)."""
+
+
+class VllmUnavailable(VllmFailed, EngineUnavailable):
+    """vLLM's server is gone or restarting: the request is not at fault, and may be served elsewhere."""
 
 
 def lora_rank(rank: int) -> int:
@@ -146,6 +161,7 @@ class VllmServer:
         self.process: subprocess.Popen[bytes] | None = None
         self.client: httpx.Client | None = None
         self.started_seconds: float | None = None
+        self.healthy_at = 0.0  # time.monotonic() when it became healthy
         self.max_model_len = 0
         self.kv_cache: dict[str, int] = {}
 
@@ -155,7 +171,7 @@ class VllmServer:
         command = self.options.command(self.base_id, self.path, self.socket)
         log.info("starting vLLM for %s: %s", self.base_id, " ".join(command))
         started = time.monotonic()
-        with self.log_file.open("wb") as output:
+        with self.log_file.open("ab") as output:  # appended: a restarted server keeps the dead one's log
             self.process = subprocess.Popen(
                 command,
                 stdout=output,
@@ -185,7 +201,8 @@ class VllmServer:
                 log.info("vLLM for %s is starting (%.0f s; log: %s)", self.base_id, now - started, self.log_file)
                 next_note = now + 15
             time.sleep(HEALTH_POLL_SECONDS)
-        self.started_seconds = time.monotonic() - started
+        self.healthy_at = time.monotonic()
+        self.started_seconds = self.healthy_at - started
         models = self.client.get("/v1/models").raise_for_status().json()["data"]
         self.max_model_len = int(next(m for m in models if m["id"] == self.base_id)["max_model_len"])
         self.kv_cache = self._kv_cache()
@@ -216,7 +233,7 @@ class VllmServer:
         try:
             return self.client.post(route, json=body)
         except httpx.TransportError as exc:
-            raise VllmFailed(f"vLLM's server for {self.base_id} did not answer: {exc}") from exc
+            raise VllmUnavailable(f"vLLM's server for {self.base_id} did not answer: {exc}") from exc
 
     def log_tail(self, lines: int = 25) -> str:
         try:
@@ -227,13 +244,15 @@ class VllmServer:
     def stop(self) -> None:
         if self.client is not None:
             self.client.close()
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
+        if self.process is not None:
+            if self.process.poll() is None:
+                os.killpg(self.process.pid, signal.SIGTERM)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.process.wait(timeout=30)
+            # What is left of its group: its engine process outlives a server that was killed.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=30)
+            self.process.wait(timeout=30)
         shutil.rmtree(self._socket_dir, ignore_errors=True)
 
 
@@ -337,6 +356,27 @@ class LoadedAdapters:
         shutil.rmtree(path, ignore_errors=True)
         log.info("adapter %s unloaded from vLLM for %s", key[:12], self.server.base_id)
 
+    def reload(self, server: VllmServer) -> None:
+        """After a restart: `server` from now on, holding again what the dead one held (least recently used first,
+        so the order stays); an adapter it refuses is dropped (it is no longer announced as resident here)."""
+        with self._changing:
+            self.server = server
+            with self.lock:
+                held = list(self.entries.items())
+            for key, path in held:
+                body = {"lora_name": key, "lora_path": str(path), "load_inplace": True}
+                try:
+                    response = server.post("/v1/load_lora_adapter", body)
+                    refused = error_message(response) if response.status_code != 200 else None
+                except VllmFailed as exc:
+                    refused = str(exc)
+                if refused is not None:
+                    log.warning("adapter %s not reloaded into vLLM for %s: %s", key[:12], server.base_id, refused)
+                    with self.lock:
+                        self.entries.pop(key, None)
+                    shutil.rmtree(path, ignore_errors=True)
+            log.info("adapters reloaded into vLLM for %s: %d", server.base_id, len(self.entries))
+
     def release(self, key: str) -> None:
         with self.lock:
             count = self.in_use.get(key, 0) - 1
@@ -368,11 +408,15 @@ def _link_tree(source: Path, target: Path) -> None:
 
 @dataclass
 class _Served:
+    ref: str
     server: VllmServer
     adapters: LoadedAdapters
     tokenizer: PreTrainedTokenizerBase
     eos_ids: set[int]
     in_flight: int = 0
+    restarts: int = 0
+    starting: VllmServer | None = None  # a replacement being started (stopped with the engine)
+    up: threading.Event = field(default_factory=threading.Event)  # clear while the server is dead or restarting
     aclient: httpx.AsyncClient | None = None  # made on the engine's event loop, used only there
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -396,6 +440,7 @@ class VllmEngine:
         self.work_dir = work_dir
         self._bases: dict[str, _Served] = {}
         self._starting = threading.Lock()
+        self._stopping = threading.Event()
         self._salt = secrets.token_bytes(32)
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="adaptery-vllm-io", daemon=True)
@@ -448,8 +493,61 @@ class VllmEngine:
                     self.options.max_lora_rank,
                 )
                 tokenizer = AutoTokenizer.from_pretrained(ref)  # for logprobs' token texts, as the native engine
-                served = self._bases[base_id] = _Served(server, adapters, tokenizer, end_of_text_ids(ref, tokenizer))
+                eos_ids = end_of_text_ids(ref, tokenizer)
+                served = self._bases[base_id] = _Served(ref, server, adapters, tokenizer, eos_ids)
+                served.up.set()
+                watch = threading.Thread(target=self._watch, args=(served,), name="adaptery-vllm-watch", daemon=True)
+                watch.start()
             return served
+
+    def _watch(self, served: _Served) -> None:
+        """Wait for the base's server to exit and, unless the engine is stopping, start another (see the module's
+        docstring: backoff, adapters reloaded, the base announced again only then)."""
+        base_id, failures = served.server.base_id, 0
+        while True:
+            dead = served.server
+            assert dead.process is not None
+            code = dead.process.wait()
+            if self._stopping.is_set():
+                return
+            served.up.clear()  # the next announcement leaves the base out; new requests go elsewhere
+            ran = time.monotonic() - dead.healthy_at
+            log.warning("vLLM for %s exited (%s) after %.0f s; its log: %s", base_id, code, ran, dead.log_file)
+            dead.stop()
+            served.aclient = None  # its connections were to the dead server (the next request makes another)
+            if ran >= RESTART_RESET_SECONDS:
+                failures = 0
+            server = None
+            while server is None:
+                delay = min(RESTART_MAX_SECONDS, RESTART_FIRST_SECONDS * 2**failures)
+                failures += 1
+                log.info("restarting vLLM for %s in %g s", base_id, delay)
+                if self._stopping.wait(delay):
+                    return
+                server = self._restart(served)
+            served.server = server
+            served.adapters.reload(server)
+            served.restarts += 1
+            served.up.set()
+            log.info("vLLM for %s restarted (%d restarts so far)", base_id, served.restarts)
+
+    def _restart(self, served: _Served) -> VllmServer | None:
+        """A new healthy server for the base, or None (said in the log) when it did not start."""
+        server = served.starting = VllmServer(served.server.base_id, served.ref, self.options, self.work_dir)
+        try:
+            if self._stopping.is_set():
+                return None
+            server.start()
+        except Exception as exc:  # noqa: BLE001 - its exit or its log tail: tried again after the next delay
+            log.warning("vLLM for %s did not start again: %s", server.base_id, exc)
+            server.stop()
+            return None
+        finally:
+            served.starting = None
+        if self._stopping.is_set():
+            server.stop()
+            return None
+        return server
 
     def generate(
         self,
@@ -467,6 +565,8 @@ class VllmEngine:
         served = self._bases.get(base_id)
         if served is None:
             raise ValueError(f"base model {base_id} is not served by this agent")
+        if not served.up.is_set():
+            raise VllmUnavailable(f"vLLM for {base_id} is restarting")
         total = len(prompt_ids) + params.max_tokens
         if total > served.server.max_model_len:
             raise PromptTooLong(
@@ -515,42 +615,72 @@ class VllmEngine:
         pending: list[dict[str, Any]] = []  # logprobs of tokens whose text has not been sent yet
         finish: str | None = None
         try:
-            while True:
+            while finish is None:
                 if should_stop():
                     return
                 if deadline is not None and time.monotonic() > deadline:
                     raise GenerationTimedOut(f"the request did not finish within {self.request_timeout_s:g} s")
                 try:
-                    item = chunks.get(timeout=POLL_SECONDS)
+                    arrived = drain(chunks, POLL_SECONDS)
                 except queue.Empty:
                     continue
-                if item is _END:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                choice = (item.get("choices") or [None])[0]
-                if choice is None:
-                    continue  # the closing usage chunk: the control plane counts for itself
-                ids = choice.get("token_ids") or []
-                if ids and ids[-1] in served.eos_ids and not isinstance(choice.get("stop_reason"), str):
-                    ids = ids[:-1]  # the end of text ends the answer; the native engine does not count it either
-                usage.completion_tokens += len(ids)
-                if params.logprobs:  # one entry a token billed: none for the end of text
-                    entries = logprob_entries(served.tokenizer, choice.get("logprobs"), params.top_logprobs)
-                    pending += entries[: len(ids)]
-                if choice.get("text"):
-                    yield Delta(choice["text"], logprobs=pending or None)
-                    pending = []
-                finish = choice.get("finish_reason") or finish
+                # Everything vLLM sent since the last delta becomes one delta: one message to the control plane
+                # however far behind this thread fell (under load, vLLM streams faster than one message a token).
+                texts: list[str] = []
+                failure: BaseException | None = None
+                for item in arrived:
+                    if item is _END:
+                        failure = VllmFailed("vLLM ended the request without finishing it (no reason given)")
+                    elif isinstance(item, BaseException):
+                        failure = item
+                    else:
+                        finish = self._take(served, item, params, usage, texts, pending)
+                    if failure is not None or finish is not None:
+                        break
+                text = "".join(texts)
+                if failure is not None or finish is None:
+                    if text:
+                        yield Delta(text, logprobs=pending or None)
+                        pending = []
+                    if failure is not None:
+                        raise failure
         finally:
-            future.cancel()  # closes the HTTP stream: vLLM aborts the request and frees its slot
+            if finish is None:
+                future.cancel()  # closes the HTTP stream: vLLM aborts the request and frees its slot
         if finish not in ("stop", "length"):
-            raise VllmFailed(f"vLLM ended the request without finishing it ({finish or 'no reason given'})")
-        yield Delta("", finish, logprobs=pending or None)
+            if text:
+                yield Delta(text, logprobs=pending or None)
+            raise VllmFailed(f"vLLM ended the request without finishing it ({finish})")
+        yield Delta(text, finish, logprobs=pending or None)  # the last text and the end: one message
+
+    @staticmethod
+    def _take(
+        served: _Served,
+        chunk: dict[str, Any],
+        params: SamplingParams,
+        usage: Usage,
+        texts: list[str],
+        pending: list[dict[str, Any]],
+    ) -> str | None:
+        """One chunk of vLLM's stream: its text onto `texts`, its tokens counted, its logprobs onto `pending`;
+        its finish reason, if it ends the choice."""
+        choice = (chunk.get("choices") or [None])[0]
+        if choice is None:
+            return None  # a closing usage chunk: the control plane counts for itself
+        ids = choice.get("token_ids") or []
+        if ids and ids[-1] in served.eos_ids and not isinstance(choice.get("stop_reason"), str):
+            ids = ids[:-1]  # the end of text ends the answer; the native engine does not count it either
+        usage.completion_tokens += len(ids)
+        if params.logprobs:  # one entry a token billed: none for the end of text
+            entries = logprob_entries(served.tokenizer, choice.get("logprobs"), params.top_logprobs)
+            pending += entries[: len(ids)]
+        texts.append(choice.get("text") or "")
+        return choice.get("finish_reason")
 
     async def _stream(self, served: _Served, body: dict[str, Any], chunks: queue.Queue[Any]) -> None:
-        if served.aclient is None:
-            served.aclient = httpx.AsyncClient(
+        client = served.aclient
+        if client is None:
+            client = served.aclient = httpx.AsyncClient(
                 transport=httpx.AsyncHTTPTransport(uds=str(served.server.socket)),
                 base_url="http://vllm",
                 headers=served.server.headers,
@@ -558,7 +688,7 @@ class VllmEngine:
                 limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
             )
         try:
-            async with served.aclient.stream("POST", "/v1/completions", json=body) as response:
+            async with client.stream("POST", "/v1/completions", json=body) as response:
                 if response.status_code != 200:
                     await response.aread()
                     chunks.put(VllmFailed(error_message(response)))
@@ -576,7 +706,9 @@ class VllmEngine:
                         return
                     chunks.put(chunk)
             chunks.put(_END)
-        except (httpx.HTTPError, ValueError) as exc:
+        except httpx.TransportError as exc:  # the server died (or is dying): the request is not at fault
+            chunks.put(VllmUnavailable(f"vLLM's server for {served.server.base_id} was lost: {exc}"))
+        except Exception as exc:  # noqa: BLE001 - whatever it is, the request's reader must hear of it
             chunks.put(VllmFailed(f"vLLM's server for {served.server.base_id} failed the request: {exc}"))
 
     def _cache_salt(self, tenant: str) -> str:
@@ -585,13 +717,13 @@ class VllmEngine:
         return hmac.new(self._salt, tenant.encode(), hashlib.sha256).hexdigest()
 
     def describe(self) -> dict[str, Any]:
-        """The bases and adapters for the host's announcement; VllmFailed when a server has died, so the agent stops
-        announcing and the router takes it for lost (its requests would fail) rather than send it more."""
+        """The bases and adapters for the host's announcement: a base whose server is dead or restarting is left
+        out (the router sends its requests elsewhere until it is back), with its adapters."""
         bases = {}
         for base_id, served in list(self._bases.items()):
-            code = served.server.process.poll() if served.server.process is not None else None
-            if code is not None:
-                raise VllmFailed(f"vLLM for {base_id} exited ({code}); its log: {served.server.log_file}")
+            process = served.server.process
+            if not served.up.is_set() or process is None or process.poll() is not None:
+                continue
             with served.lock:
                 in_flight = served.in_flight
             bases[base_id] = {
@@ -604,14 +736,30 @@ class VllmEngine:
                 "waiting": max(0, in_flight - self.max_batch),
                 "adapters": served.adapters.tiers(),
                 "started_seconds": served.server.started_seconds,
+                "restarts": served.restarts,
             }
         return {"device": self.device, "max_lora_rank": self.options.max_lora_rank, "bases": bases, "adapters": {}}
 
     def stop(self) -> None:
+        self._stopping.set()
         for served in self._bases.values():
             served.server.stop()
+            starting = served.starting
+            if starting is not None:
+                starting.stop()
         if self._loop.is_running():
             self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+def drain(chunks: queue.Queue[Any], timeout: float) -> list[Any]:
+    """What `chunks` holds: waits up to `timeout` for the first item (queue.Empty if none), then takes every
+    other one already there without waiting."""
+    arrived = [chunks.get(timeout=timeout)]
+    while True:
+        try:
+            arrived.append(chunks.get_nowait())
+        except queue.Empty:
+            return arrived
 
 
 def end_of_text_ids(ref: str, tokenizer: PreTrainedTokenizerBase) -> set[int]:

@@ -44,6 +44,7 @@ __all__ = [
     "AdapterRejected",
     "AdapterSpec",
     "Delta",
+    "EngineUnavailable",
     "GenerationFailed",
     "GenerationTimedOut",
     "InferenceEngine",
@@ -71,6 +72,11 @@ class GenerationFailed(RuntimeError):
 
 class GenerationTimedOut(GenerationFailed):
     """The engine ended a request that was still running (or queued) at its deadline."""
+
+
+class EngineUnavailable(GenerationFailed):
+    """The engine itself is down or restarting (an infer agent's vLLM server died, say), not the request at
+    fault: a request that has produced nothing yet may be served elsewhere."""
 
 
 @dataclass

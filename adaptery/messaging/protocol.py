@@ -152,7 +152,9 @@ class InferRequest:
 # A stream's messages: `{"seq": 0, "accepted": true, "adapter_hit": bool}` at once, then `{"seq", "text",
 # "finish_reason", "logprobs", "completion_tokens"}` per delta and a bare `{"seq"}` as a keepalive while nothing
 # else is sent for STREAM_KEEPALIVE_SECONDS, and last `{"seq", "end": true, "usage": {...}}`, with `"error"` (and
-# `"timeout": true` for a deadline) when the engine failed the request.
+# `"timeout": true` for a deadline) when the engine failed the request, and `"retryable": true` when the engine
+# itself was down and nothing was streamed (the control plane serves the request elsewhere). A delta may hold many
+# tokens (an agent sends what its engine has produced since its last delta in one message).
 STREAM_KEEPALIVE_SECONDS = 0.5
 
 

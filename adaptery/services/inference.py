@@ -11,6 +11,10 @@ before the first token the request is sent elsewhere (another agent, at last the
 never knows; after it, the request fails with GenerationFailed, which the API turns into an error event. The
 request is cancelled on the agent whenever it ends early (the client went away): its slot is freed at once.
 
+An agent whose engine is down (its vLLM server died, say) ends the request with `"retryable": true`, which it
+says only when it streamed nothing: that is an agent lost too (retried elsewhere, the agent not chosen until it
+announces again); once a token was delivered the request fails as any other.
+
 Keepalives prove an agent is there, not that it works: one that sends no token within `first_token_seconds`
 (`inference_first_token_seconds`) is lost the same way (retried elsewhere, unseen by the client, and not chosen
 until it announces again), and a stream with no token for `stall_seconds` (the engine's request timeout) after
@@ -179,6 +183,8 @@ class AgentBackend:
                 except (StreamBroken, ValueError) as exc:
                     raise AgentLost(f"the stream from agent {agent_id} was lost: {exc}") from exc
                 if message.get("end"):
+                    if message.get("error") and message.get("retryable"):  # its engine is down: go elsewhere
+                        raise AgentLost(f"agent {agent_id} could not serve the request: {message['error']}")
                     if message.get("error"):
                         error = GenerationTimedOut if message.get("timeout") else GenerationFailed
                         raise error(str(message["error"]))

@@ -11,7 +11,7 @@ import time
 import pytest
 from nats.errors import TimeoutError as NatsTimeout
 
-from adaptery.engine.generation import Usage
+from adaptery.engine.generation import GenerationFailed, Usage
 from adaptery.engine.sampling import SamplingParams
 from adaptery.messaging import protocol
 from adaptery.messaging.protocol import InferRequest
@@ -368,3 +368,47 @@ def test_a_stream_that_stalls_after_its_first_token_ends_with_an_error(running):
         with pytest.raises(AgentLost, match="sent no token for 1 s"):
             next(stream)
     assert router.is_lost(agent.agent_id)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_an_agent_whose_engine_is_down_passes_the_request_on_before_a_token_and_errors_after(running):
+    down, working = enroll(running, "engine-down"), enroll(running, "engine-up")
+    router, control = running.platform.router, running.platform.control
+    for creds in (down, working):
+        router.announce(creds.agent_id, {"every": 60.0, "bases": {"adaptery-demo": {"max_batch": 4}}}, 60.0)
+    router.pick("adaptery-demo", None, tenant_id=running.tenant_id, exclude=[down.agent_id])  # down is chosen first
+    inference = Inference(running.platform.engine, router, lambda: control, idle_seconds=5, max_bytes_per_token=32)
+    retryable = {"seq": 1, "end": True, "error": "vLLM for adaptery-demo is restarting", "retryable": True}
+    answer_after_a_token: list[bool] = [False]
+
+    async def answer(nc, subject: str, stalling: bool) -> None:
+        if subject.startswith(protocol.stream_subject(working.agent_id, "")):
+            await nc.publish(subject, protocol.encode({"seq": 0, "text": "hi", "tokens": 1, "finish_reason": "stop"}))
+            await nc.publish(subject, protocol.encode({"seq": 1, "end": True}))
+        elif answer_after_a_token[0]:  # a token went out, then the engine died: the agent may not pass it on
+            await nc.publish(subject, protocol.encode({"seq": 0, "text": "a", "tokens": 1}))
+            await nc.publish(subject, protocol.encode({**retryable, "seq": 1}))
+        else:
+            await nc.publish(subject, protocol.encode({"seq": 0, "accepted": True}))
+            await nc.publish(subject, protocol.encode(retryable))
+
+    def ask() -> list[str]:
+        deltas = inference.generate(
+            "adaptery-demo", "adaptery-demo", None, [1, 2, 3], SamplingParams(max_tokens=4), Usage(),
+            tenant_id=running.tenant_id,
+        )  # fmt: skip
+        return [d.text for d in deltas]
+
+    with FakeAgents(running, {"engine-down": (down, False), "engine-up": (working, False)}) as agents:
+        agents._answer = answer
+        assert ask() == ["hi"]  # the client saw only the other agent's answer
+        assert agents.received == ["engine-down", "engine-up"]
+        assert router.is_lost(down.agent_id)  # not chosen until it announces again
+        router.finished(working.agent_id)
+
+        router.announce(down.agent_id, {"every": 60.0, "bases": {"adaptery-demo": {"max_batch": 4}}}, 60.0)
+        answer_after_a_token[0] = True
+        router.pick("adaptery-demo", None, tenant_id=running.tenant_id, exclude=[down.agent_id])
+        with pytest.raises(GenerationFailed, match="is restarting; the answer is incomplete"):
+            ask()
+        assert agents.received[2:] == ["engine-down"]  # not sent elsewhere: a token had been delivered

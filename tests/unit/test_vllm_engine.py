@@ -2,7 +2,8 @@
 the settings (LoRA, tensor parallelism on GPUs, the KV cache on a CPU), an environment without the agent's
 secrets, the completion request for the control plane's tokens and parameters, vLLM's logprobs turned into the
 native engine's entries, adapters vLLM cannot serve refused with a reason before it is asked, and the marker
-that says vLLM's own environment is complete. (tests/e2e/test_vllm_agent.py runs the real thing.)"""
+that says vLLM's own environment is complete; what vLLM streamed while the agent was busy goes out as one delta.
+(tests/e2e/test_vllm_agent.py runs the real thing.)"""
 
 from __future__ import annotations
 
@@ -15,7 +16,11 @@ from typer.testing import CliRunner
 
 from adaptery.agent import vllm_env
 from adaptery.agent.vllm_engine import (
+    _END,
     ServerOptions,
+    VllmEngine,
+    VllmUnavailable,
+    _Served,
     check_lora,
     completion_body,
     error_message,
@@ -23,7 +28,7 @@ from adaptery.agent.vllm_engine import (
     lora_rank,
 )
 from adaptery.cli.main import app
-from adaptery.engine.generation import AdapterRejected
+from adaptery.engine.generation import AdapterRejected, Delta, EngineUnavailable, Usage
 from adaptery.engine.sampling import Constraint, SamplingParams
 
 
@@ -194,3 +199,57 @@ def test_each_server_gets_a_private_socket_directory_and_a_key_of_its_own(tmp_pa
         first.stop()
         second.stop()
     assert not first.socket.parent.exists()
+
+
+EOS = 2
+
+
+def streamed(tmp_path: Path, chunks: list, params: SamplingParams | None = None) -> tuple[list[Delta], Usage, list]:
+    """The deltas the engine makes of vLLM's stream `chunks` (a list, or an exception the stream raised), taken
+    only once all of them have arrived, as when the agent's thread fell behind."""
+    import threading
+
+    engine = VllmEngine(options(), tmp_path, max_adapters=1)
+    all_in = threading.Event()
+
+    async def stream(served, body, queue) -> None:
+        for chunk in chunks:
+            queue.put(chunk)
+        all_in.set()
+
+    engine._stream = stream
+    served = _Served("ref", None, None, None, {EOS})
+    usage, got = Usage(), []
+    try:
+        for delta in engine._deltas(
+            served, {}, params or SamplingParams(max_tokens=16), usage, lambda: not all_in.wait(10)
+        ):
+            got.append(delta)
+    except Exception as exc:  # noqa: BLE001 - returned for the test to look at
+        return got, usage, [exc]
+    finally:
+        engine.stop()
+    return got, usage, []
+
+
+def chunk(text: str, ids: list[int], finish: str | None = None) -> dict:
+    return {"choices": [{"text": text, "token_ids": ids, "finish_reason": finish, "stop_reason": None}]}
+
+
+def test_what_vllm_streamed_meanwhile_goes_out_as_one_delta_with_the_end(tmp_path):
+    chunks = [chunk("a", [5]), chunk("", [6]), chunk("bc", [7]), chunk("d", [8, EOS], "stop"), _END]
+    deltas, usage, errors = streamed(tmp_path, chunks)
+    assert errors == [] and deltas == [Delta("abcd", "stop")]  # one message to the control plane, not five
+    assert usage.completion_tokens == 4  # the end of text is not counted, as the native engine does not
+
+
+def test_a_server_lost_mid_answer_delivers_what_came_and_fails_as_unavailable(tmp_path):
+    lost = VllmUnavailable("vLLM's server for adaptery-demo was lost")
+    deltas, usage, errors = streamed(tmp_path, [chunk("a", [5]), chunk("b", [6]), lost])
+    assert deltas == [Delta("ab")] and usage.completion_tokens == 2
+    assert errors == [lost] and isinstance(lost, EngineUnavailable)  # the host says retryable only before a token
+
+
+def test_a_stream_that_ends_without_a_finish_reason_fails(tmp_path):
+    deltas, _, errors = streamed(tmp_path, [chunk("a", [5]), _END])
+    assert deltas == [Delta("a")] and "without finishing it" in str(errors[0])
