@@ -165,15 +165,15 @@ def rate_answer(
                        code="vote_first")  # fmt: skip
     asked = getattr(battle, f"model_{side}")
     models.get_model(session, asked, viewer=who, checkpoints=True)  # still one its rater may use
-    answered = getattr(battle, f"answered_{side}") or asked
+    answered, completion = getattr(battle, f"answered_{side}") or asked, getattr(battle, f"completion_{side}")
+    # one rating per side: by its completion (both sides may be one adapter: a name and its current version)
+    same = m.Feedback.completion_id == completion if completion else m.Feedback.model == answered
     existing = session.scalar(
-        select(m.Feedback).where(
-            m.Feedback.battle_id == battle.id, m.Feedback.model == answered, m.Feedback.user_id == who.user_id
-        )
+        select(m.Feedback).where(m.Feedback.battle_id == battle.id, same, m.Feedback.user_id == who.user_id)
     )
     prompt = feedback.unseal(key, battle.prompt, "arena_battles.prompt", battle.id)
     answer = feedback.unseal(key, getattr(battle, f"answer_{side}"), f"arena_battles.answer_{side}", battle.id)
-    lineage = {"battle_id": battle.id, "completion_id": getattr(battle, f"completion_{side}")}
+    lineage = {"battle_id": battle.id, "completion_id": completion}
     return feedback.upsert(
         session, key, who, existing, verdict, model=answered, prompt=prompt, answer=answer, lineage=lineage
     )

@@ -270,6 +270,8 @@ def test_a_canarys_feedback_and_arena_results_are_counted_apart_from_the_current
     down = lab.client.post(f"/api/completions/{by_version[v1][0]}/feedback", headers=auth, json={"rating": -1})
     assert down.status_code == 200 and down.json()["model"] == v1
 
+    ended = lab.client.delete(f"/api/model_names/{NAME}/canary", headers=auth)
+    assert ended.status_code == 200  # the name answers from v1 now: both arena sides are one adapter
     battle = lab.client.post("/api/arena/battles", headers=auth, json={"prompt": "Hi", "models": [name_id, v1]})
     assert battle.status_code == 201, battle.text
     for side in ("a", "b"):
@@ -281,18 +283,22 @@ def test_a_canarys_feedback_and_arena_results_are_counted_apart_from_the_current
     with lab.platform.db.tenant(lab.tenant_id) as s:
         row = s.get(m.ArenaBattle, battle.json()["id"])
         answered = getattr(row, f"answered_{name_side}")
-    assert answered in (v1, v2)
+    assert answered == v1
+    rated = [
+        lab.client.post(f"/api/arena/battles/{battle.json()['id']}/answers/{side}/feedback", headers=auth,
+                        json={"rating": 1 if side == name_side else -1})
+        for side in ("a", "b")
+    ]  # fmt: skip
+    assert rated[0].json()["id"] != rated[1].json()["id"]  # one rating per side, though one adapter answered both
 
     counts = {v["version"]: v["feedback"] for v in name_state(lab)["versions"]}
     assert counts[2]["requests"] > counts[2]["canary_requests"] >= len(by_version[v2])  # it was current once too
     assert counts[1]["canary_requests"] == 0 and counts[1]["requests"] >= len(by_version[v1])
     assert (counts[2]["thumbs_up"], counts[2]["thumbs_down"], counts[2]["approval"]) == (1, 0, 1.0)
-    assert (counts[1]["thumbs_up"], counts[1]["thumbs_down"]) == (0, 1)
-    winner = 2 if answered == v2 else 1
-    assert counts[winner]["arena_wins"] == 1 and counts[3 - winner]["arena_wins"] == 0
+    assert (counts[1]["thumbs_up"], counts[1]["thumbs_down"]) == (1, 2)  # the API's and the arena's
+    assert counts[1]["arena_wins"] == 1 and counts[2]["arena_wins"] == 0  # v1 answered for the name
     other = lab.new_tenant("tally", "tally-owner")
     assert lab.client.get(f"/api/model_names/{NAME}", headers=lab.auth(other.api_key)).status_code == 404
-    assert lab.client.delete(f"/api/model_names/{NAME}/canary", headers=auth).status_code == 200
     assert lab.client.put("/api/feedback/policy", headers=auth, json={"collect": "off"}).status_code == 200
 
 
