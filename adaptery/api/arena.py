@@ -10,10 +10,11 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from adaptery.api.deps import platform, principal
+from adaptery.api.feedback import FeedbackObject, VerdictFields
 from adaptery.api.openai.chat import ChatRequest, answer_chat
 from adaptery.auth.principal import Principal
 from adaptery.platform import Platform
-from adaptery.services import arena, audit
+from adaptery.services import arena, audit, feedback
 
 router = APIRouter(prefix="/api/arena", tags=["arena"])
 
@@ -101,10 +102,28 @@ async def answer_side(
         model=asked.model, messages=asked.messages, stream=True, stream_options={"include_usage": True}, **asked.params
     )
 
-    def keep(_completion_id: str, _model: str, texts: list[str]) -> None:
-        arena.record_answer(p.db, key, who, battle_id, side, texts[0])
+    def keep(completion_id: str, answered_by: str, texts: list[str]) -> None:
+        arena.record_answer(
+            p.db, key, who, battle_id, side, texts[0], completion_id=completion_id, answered_by=answered_by
+        )
 
     return await answer_chat(p, who, body, request, on_answer=keep, shown_model=f"model-{side}")
+
+
+@router.post("/battles/{battle_id}/answers/{side}/feedback")
+def rate_answer(
+    battle_id: str,
+    side: str,
+    body: VerdictFields,
+    who: Principal = Depends(principal),
+    p: Platform = Depends(platform),
+) -> FeedbackObject:
+    """Thumbs up/down (with a reason) or a correction on one side's answer, after the vote."""
+    key = p.keyring.data_key(who.tenant_id)
+    with p.db.tenant(who.tenant_id) as s:
+        row = arena.rate_answer(s, key, who, battle_id, side, body.verdict())
+        audit.record(s, who, "feedback.give", target=row.id, detail={"battle": battle_id, "side": side})
+        return FeedbackObject(**feedback.feedback_view(key, row))
 
 
 @router.post("/battles/{battle_id}/vote")

@@ -31,6 +31,7 @@ class NewMessage(BaseModel):
     content: str = Field(max_length=1_000_000)
     model: str | None = Field(None, max_length=255)
     stopped: bool = False
+    completion_id: str | None = Field(None, max_length=64, description="the chatcmpl-… id that wrote this answer")
 
 
 def message_object(key: DataKey, message: m.ChatMessage) -> dict[str, Any]:
@@ -41,6 +42,7 @@ def message_object(key: DataKey, message: m.ChatMessage) -> dict[str, Any]:
         "content": conversations.content_of(key, message),
         "model": message.model,
         "stopped": message.stopped,
+        "completion_id": message.completion_id,
         "created_at": int(message.created_at),
     }
 
@@ -136,8 +138,9 @@ def add_message(
         key = p.keyring.data_key(who.tenant_id)
         conversations.check_model(s, who, body.model)
         message = conversations.add_message(
-            s, record, key, role=body.role, content=body.content, model=body.model, stopped=body.stopped
-        )
+            s, record, key, role=body.role, content=body.content, model=body.model, stopped=body.stopped,
+            completion_id=body.completion_id, user_id=who.user_id,
+        )  # fmt: skip
         return message_object(key, message)
 
 

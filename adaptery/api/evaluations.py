@@ -90,6 +90,12 @@ class Report(BaseModel):
     lm_eval: list[dict[str, Any]]
     changes: dict[str, Any]
     examples: list[dict[str, Any]] = []
+    recommendation: dict[str, Any] | None = Field(
+        None, description="promote (true/false) over `against` (predecessor, else base), and the reason"
+    )
+    model_name: dict[str, Any] | None = Field(
+        None, description="the stable name this adapter is a version of: name, id, version, current_version"
+    )
 
 
 def _task_object(task: m.EvaluationTask) -> TaskObject:

@@ -66,6 +66,7 @@ class FeedbackObject(BaseModel):
     choice_index: int | None
     conversation_id: str | None
     message_id: str | None
+    battle_id: str | None = None
     created_at: int
     updated_at: int
 

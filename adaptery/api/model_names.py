@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from adaptery.api.deps import platform, principal
 from adaptery.api.openai.objects import job_object
+from adaptery.auth import policy
 from adaptery.auth.policy import require
 from adaptery.auth.principal import Principal
 from adaptery.platform import Platform
@@ -56,6 +57,10 @@ def name_object(session: Session, name: Any, viewer: Principal) -> dict[str, Any
     def shown(version: Any) -> bool:
         return version.adapter is None or models.sees_version(viewer, version.adapter, shared)
 
+    # the counts of each version (a canary's apart from the current one's) are for whoever decides what it answers
+    owner = policy.may_share_adapter(viewer, created_by=name.created_by)
+    tallies = model_names.tallies(session, name) if owner else {}
+
     return {
         "object": "model.name",
         "id": name.id,
@@ -75,6 +80,7 @@ def name_object(session: Session, name: Any, viewer: Principal) -> dict[str, Any
                 "deleted": v.adapter is None,
                 "fine_tuning_job": v.job_id if shown(v) else None,
                 "created_at": int(v.created_at),
+                "feedback": tallies[v.number].as_dict() if v.number in tallies else None,
             }
             for v in current.versions
         ],

@@ -142,6 +142,7 @@ ROUTES: dict[str, Permission | None] = {
     "POST /api/arena/battles": FEEDBACK,
     "GET /api/arena/battles/{battle_id}": FEEDBACK,
     "POST /api/arena/battles/{battle_id}/answers/{side}": FEEDBACK,
+    "POST /api/arena/battles/{battle_id}/answers/{side}/feedback": FEEDBACK,
     "POST /api/arena/battles/{battle_id}/vote": FEEDBACK,
     "GET /api/arena/leaderboard": FEEDBACK,
     "POST /api/admin/members": TENANT_ADMIN,

@@ -93,6 +93,11 @@ def report(
         source = data["held_out"]["source"]
         console.print(table)
         console.print(f"held-out set: {source.get('kind')} {source.get('file_id', '')}")
+        verdict, named = data.get("recommendation"), data.get("model_name")
+        if verdict:
+            what = f" (version {named['version']} of {named['name']})" if named else ""
+            decision = "Promote" if verdict["promote"] else "Do not promote"
+            console.print(escape(f"{decision}{what}: the new adapter is {verdict['reason']}."))
     else:
         console.print("No held-out evaluation has finished yet.")
     for task in tasks:

@@ -461,6 +461,8 @@ class ChatMessage(TenantOwned, Base):
     content: Mapped[str] = mapped_column(Text)
     model: Mapped[str | None] = mapped_column(String(255))  # the model that wrote an assistant message
     stopped: Mapped[bool] = mapped_column(Boolean, default=False)  # the user stopped it mid-stream
+    # the chat completion (chatcmpl-…) that wrote an assistant message: API feedback names the same answer by it
+    completion_id: Mapped[str | None] = mapped_column(String(64), index=True)
     created_at: Mapped[float] = mapped_column(Float, default=now)
 
 
@@ -665,6 +667,7 @@ class Feedback(TenantOwned, Base):
     choice_index: Mapped[int] = mapped_column(Integer, default=0)
     conversation_id: Mapped[str | None] = mapped_column(String(40))
     message_id: Mapped[str | None] = mapped_column(String(40), index=True)
+    battle_id: Mapped[str | None] = mapped_column(String(40), index=True)  # a rating of an arena answer
     model: Mapped[str] = mapped_column(String(255), index=True)
     prompt: Mapped[str] = mapped_column(Text)
     answer: Mapped[str] = mapped_column(Text)
@@ -688,6 +691,10 @@ class ArenaBattle(TenantOwned, Base):
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     answer_a: Mapped[str | None] = mapped_column(Text)  # sealed, once its stream ended
     answer_b: Mapped[str | None] = mapped_column(Text)
+    completion_a: Mapped[str | None] = mapped_column(String(64))  # each side's chat completion id
+    completion_b: Mapped[str | None] = mapped_column(String(64))
+    answered_a: Mapped[str | None] = mapped_column(String(255))  # the adapter that answered (a name's version)
+    answered_b: Mapped[str | None] = mapped_column(String(255))
     winner: Mapped[str | None] = mapped_column(String(8))
     voted_at: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[float] = mapped_column(Float, default=now, index=True)
@@ -760,4 +767,5 @@ class ModelNameRequest(TenantOwned, Base):
     version: Mapped[int] = mapped_column(Integer)
     adapter_id: Mapped[str] = mapped_column(String(255))
     canary: Mapped[bool] = mapped_column(Boolean, default=False)
+    user_id: Mapped[str | None] = mapped_column(String(40))  # who asked: a web message may claim only its own
     created_at: Mapped[float] = mapped_column(Float, default=now)

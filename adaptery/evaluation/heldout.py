@@ -249,3 +249,37 @@ def changes(rows: list[dict[str, Any]], new: str, old: str, *, limit: int = 10) 
     better.sort(key=lambda pair: pair[0], reverse=True)
     worse.sort(key=lambda pair: pair[0])
     return {"better": [row for _, row in better[:limit]], "worse": [row for _, row in worse[:limit]]}
+
+
+QUALITY = (("exact_match", "exact match"), ("token_f1", "token F1"), ("rouge_l", "ROUGE-L"),
+           ("check_pass_rate", "checks passed"))  # fmt: skip
+MARGIN = 0.01  # a difference smaller than this on a 0-1 score is noise on a held-out set of this size
+
+
+def recommendation(table: dict[str, dict[str, Any]], against: str) -> dict[str, Any]:
+    """Whether to promote the candidate over `against` (its predecessor, else the base), with the reason: promote
+    when it is better by more than MARGIN on at least one held-out score and worse by more than MARGIN on none.
+    A worse score outweighs any better one: the version it would replace answers those questions today. Loss
+    does not decide (DPO moves it without changing answers) but is said."""
+    new, old = table.get("candidate") or {}, table.get(against) or {}
+    better, worse = [], []
+    for key, label in QUALITY:
+        a, b = new.get(key), old.get(key)
+        if not isinstance(a, int | float) or not isinstance(b, int | float):
+            continue
+        said = f"{label} {a:.3f} against {b:.3f}"
+        if a > b + MARGIN:
+            better.append(said)
+        elif a < b - MARGIN:
+            worse.append(said)
+    loss = ""
+    if isinstance(new.get("loss"), int | float) and isinstance(old.get("loss"), int | float):
+        loss = f"; loss {new['loss']:.3f} against {old['loss']:.3f}"
+    if worse:
+        why = f"worse than the {against} on the held-out set: {', '.join(worse)}{loss}"
+        return {"promote": False, "against": against, "reason": why}
+    if better:
+        why = f"better than the {against} on the held-out set ({', '.join(better)}) and worse on none{loss}"
+        return {"promote": True, "against": against, "reason": why}
+    why = f"no held-out score differs from the {against}'s by more than {MARGIN}{loss}: nothing to gain"
+    return {"promote": False, "against": against, "reason": why}

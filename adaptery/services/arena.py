@@ -128,12 +128,55 @@ def side_request(session: Session, key: DataKey, who: Principal, battle_id: str,
     return SideRequest(getattr(battle, f"model_{side}"), messages, dict(battle.params))
 
 
-def record_answer(db: Database, key: DataKey, who: Principal, battle_id: str, side: str, text: str) -> None:
+def record_answer(
+    db: Database,
+    key: DataKey,
+    who: Principal,
+    battle_id: str,
+    side: str,
+    text: str,
+    *,
+    completion_id: str | None = None,
+    answered_by: str | None = None,
+) -> None:
+    """Keep a side's answer with its completion id and the model that answered it (a stable name's version: a
+    canary's wins and losses are counted apart from its current version's)."""
     with db.tenant(who.tenant_id) as s:
         battle = get_battle(s, who, battle_id)
         column = f"answer_{side}"
         if getattr(battle, column) is None:
             setattr(battle, column, feedback.seal(key, text, f"arena_battles.{column}", battle.id))
+            setattr(battle, f"completion_{side}", completion_id)
+            setattr(battle, f"answered_{side}", answered_by)
+
+
+def rate_answer(
+    session: Session, key: DataKey, who: Principal, battle_id: str, side: str, verdict: feedback.Verdict
+) -> m.Feedback:
+    """Thumbs (and a correction) on one side's answer, once the vote is in: a rating names its model, so before
+    the vote it would unblind the battle. Counted for the model that answered (a name's version), like a chat's."""
+    verdict.check()
+    if side not in SIDES:
+        raise InvalidRequest("side must be a or b", param="side")
+    battle = get_battle(session, who, battle_id)
+    feedback.require_collection(feedback.get_policy(session, who.tenant_id))
+    if battle.winner is None:
+        raise Conflict("Rate the answers after your vote: a rating names the model.", param="side",
+                       code="vote_first")  # fmt: skip
+    asked = getattr(battle, f"model_{side}")
+    models.get_model(session, asked, viewer=who, checkpoints=True)  # still one its rater may use
+    answered, completion = getattr(battle, f"answered_{side}") or asked, getattr(battle, f"completion_{side}")
+    # one rating per side: by its completion (both sides may be one adapter: a name and its current version)
+    same = m.Feedback.completion_id == completion if completion else m.Feedback.model == answered
+    existing = session.scalar(
+        select(m.Feedback).where(m.Feedback.battle_id == battle.id, same, m.Feedback.user_id == who.user_id)
+    )
+    prompt = feedback.unseal(key, battle.prompt, "arena_battles.prompt", battle.id)
+    answer = feedback.unseal(key, getattr(battle, f"answer_{side}"), f"arena_battles.answer_{side}", battle.id)
+    lineage = {"battle_id": battle.id, "completion_id": completion}
+    return feedback.upsert(
+        session, key, who, existing, verdict, model=answered, prompt=prompt, answer=answer, lineage=lineage
+    )
 
 
 def vote(session: Session, who: Principal, battle_id: str, winner: str) -> m.ArenaBattle:

@@ -65,6 +65,29 @@ def check_model(session: Session, who: Principal, model: str | None) -> None:
         models.get_model(session, model, viewer=who, checkpoints=True)
 
 
+def check_completion_id(session: Session, user_id: str, role: str, model: str | None, completion_id: str) -> None:
+    """A message names the completion that wrote it, so feedback given on the page and through the API (by
+    `chatcmpl-` id) is about one answer, and a stable name's answer counts for the version that answered. The
+    browser says which completion that was; it may name only one of its own user's: where the platform knows the
+    completion (a name's routed request, a kept completion) it must be this user's and, for a name, this model's;
+    and no other message names it already."""
+    if role != "assistant":
+        raise InvalidRequest("only an assistant's message has a completion id", param="completion_id")
+    if not completion_id.startswith("chatcmpl-") or len(completion_id) > 64:
+        raise InvalidRequest("completion_id must be a chat completion id (chatcmpl-…)", param="completion_id")
+    routed = session.get(m.ModelNameRequest, completion_id)
+    kept = session.get(m.Completion, completion_id)
+    taken = session.scalar(select(m.ChatMessage.id).where(m.ChatMessage.completion_id == completion_id))
+    if (
+        (routed is not None and (routed.user_id != user_id or routed.name_id != model))
+        or (kept is not None and kept.user_id != user_id)
+        or taken is not None
+    ):
+        raise InvalidRequest(
+            f"'{completion_id}' is not a completion of yours that wrote this answer", param="completion_id"
+        )
+
+
 def list_conversations(session: Session, user_id: str) -> list[tuple[m.Conversation, int]]:
     counts = (
         select(m.ChatMessage.conversation_id, func.count().label("n"))
@@ -143,9 +166,14 @@ def add_message(
     content: str,
     model: str | None = None,
     stopped: bool = False,
+    completion_id: str | None = None,
+    user_id: str | None = None,
 ) -> m.ChatMessage:
+    """`completion_id`: the chat completion that wrote an assistant message (`check_completion_id`)."""
     if role not in ROLES:
         raise InvalidRequest(f"role must be one of {', '.join(ROLES)}", param="role")
+    if completion_id is not None:
+        check_completion_id(session, user_id or conversation.user_id, role, model, completion_id)
     last = session.scalar(select(func.max(m.ChatMessage.seq)).where(m.ChatMessage.conversation_id == conversation.id))
     message_id = new_id("msg_")
     message = m.ChatMessage(
@@ -156,6 +184,7 @@ def add_message(
         content=key.seal_text(content, f"chat_messages.content|{message_id}"),
         model=model,
         stopped=stopped,
+        completion_id=completion_id,
     )
     session.add(message)
     if role == "user" and not conversation.title:

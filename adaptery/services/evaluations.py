@@ -30,7 +30,7 @@ from adaptery.data.chat import validate_lines
 from adaptery.data.untrusted import RecordLimits, bounded_lines
 from adaptery.db import models as m
 from adaptery.db.ids import new_id
-from adaptery.services import evaluation_tasks, files, finetuning, models
+from adaptery.services import evaluation_tasks, files, finetuning, model_names, models
 from adaptery.services.errors import InvalidRequest, NotFound, PermissionDenied
 from adaptery.storage.blobs import BlobStore
 
@@ -316,7 +316,7 @@ def evaluation_object(evaluation: m.Evaluation) -> dict[str, Any]:
 def report(session: Session, who: Principal, *, job_id: str | None = None, model: str | None = None) -> dict[str, Any]:
     """One report for a job (or an adapter): the latest held-out run's table and examples that got better and
     worse, every lm-eval task's latest scores, each for the candidate, its predecessor and the base."""
-    from adaptery.evaluation.heldout import changes  # torch-free, but keep the API's import light
+    from adaptery.evaluation.heldout import changes, recommendation  # torch-free; keep the API's import light
 
     if job_id is not None:
         job = finetuning.get_job(session, job_id, viewer=who)
@@ -342,6 +342,8 @@ def report(session: Session, who: Principal, *, job_id: str | None = None, model
         "held_out": None,
         "lm_eval": [],
         "changes": {"better": [], "worse": []},
+        "recommendation": None,
+        "model_name": _name_version(session, who, subject["model"]),
     }
     if held_out is not None:
         result = held_out.result or {}
@@ -349,6 +351,7 @@ def report(session: Session, who: Principal, *, job_id: str | None = None, model
         against = "predecessor" if "predecessor" in result.get("models", {}) else "base"
         out["changes"] = {"against": against, **changes(result.get("examples", []), "candidate", against)}
         out["examples"] = result.get("examples", [])
+        out["recommendation"] = recommendation(result.get("models", {}), against)
     seen: set[str] = set()
     for row in rows:
         if row.kind == "lm_eval" and row.status == "succeeded" and row.source.get("task") not in seen:
@@ -356,6 +359,21 @@ def report(session: Session, who: Principal, *, job_id: str | None = None, model
             out["lm_eval"].append({"evaluation_id": row.id, "task": row.source.get("task"),
                                    "scores": (row.result or {}).get("models", {})})  # fmt: skip
     return out
+
+
+def _name_version(session: Session, who: Principal, model: str | None) -> dict[str, Any] | None:
+    """The stable name this adapter is a version of (a fine-tune from a name's feedback becomes its next one), so
+    the report's recommendation says what promoting means: {name, version, current_version}."""
+    row = session.scalar(
+        select(m.ModelNameVersion).where(m.ModelNameVersion.adapter_id == model).order_by(m.ModelNameVersion.number)
+    ) if model else None  # fmt: skip
+    if row is None:
+        return None
+    try:
+        name = model_names.get_name(session, row.name_id, who)  # one the reader may see, as on the Models page
+    except NotFound:
+        return None
+    return {"name": name.name, "id": name.id, "version": row.number, "current_version": name.current_version}
 
 
 class _Seen:

@@ -198,7 +198,7 @@ class Verdict:
         return self
 
 
-def _upsert(
+def upsert(
     session: Session,
     key: DataKey,
     who: Principal,
@@ -254,7 +254,7 @@ def feedback_on_completion(
     )
     prompt = unseal(key, record.prompt, "completions.prompt", record.id)
     lineage = {"completion_id": completion_id, "choice_index": choice_index}
-    return _upsert(
+    return upsert(
         session, key, who, existing, verdict, model=record.model, prompt=prompt, answer=answers[choice_index],
         lineage=lineage,
     )  # fmt: skip
@@ -280,14 +280,26 @@ def feedback_on_message(
     prompt = ([{"role": "system", "content": system}] if system else []) + [
         {"role": x.role, "content": conversations.content_of(key, x)} for x in history[:position]
     ]
-    existing = session.scalar(
-        select(m.Feedback).where(m.Feedback.message_id == message_id, m.Feedback.user_id == who.user_id)
-    )
-    lineage = {"conversation_id": conversation_id, "message_id": message_id}
-    return _upsert(
-        session, key, who, existing, verdict, model=model, prompt=prompt,
-        answer=conversations.content_of(key, message), lineage=lineage,
+    same = m.Feedback.message_id == message_id
+    if message.completion_id:  # the answer the API names by its completion id: one row, whichever way it came
+        same = or_(same, (m.Feedback.completion_id == message.completion_id) & (m.Feedback.choice_index == 0))
+    existing = session.scalar(select(m.Feedback).where(same, m.Feedback.user_id == who.user_id))
+    lineage = {"conversation_id": conversation_id, "message_id": message_id, "completion_id": message.completion_id}
+    row = upsert(
+        session, key, who, existing, verdict, model=answering_model(session, who, model, message.completion_id),
+        prompt=prompt, answer=conversations.content_of(key, message), lineage=lineage,
     )  # fmt: skip
+    row.conversation_id, row.message_id = conversation_id, message_id
+    return row
+
+
+def answering_model(session: Session, who: Principal, model: str, completion_id: str | None) -> str:
+    """The model feedback on an answer counts for: for a stable name, the version that answered it (its canary or
+    its current one, as the API's feedback does), known by the completion's id; otherwise the model itself."""
+    routed = session.get(m.ModelNameRequest, completion_id) if completion_id else None
+    if routed is not None and routed.user_id == who.user_id and routed.name_id == model:
+        return routed.adapter_id
+    return model
 
 
 def _owned_adapters(who: Principal) -> Any:
@@ -397,6 +409,7 @@ def feedback_view(key: DataKey, row: m.Feedback) -> dict[str, Any]:
         "choice_index": row.choice_index if row.completion_id else None,
         "conversation_id": row.conversation_id,
         "message_id": row.message_id,
+        "battle_id": row.battle_id,
         "created_at": int(row.created_at),
         "updated_at": int(row.updated_at),
     }
@@ -458,7 +471,7 @@ def curate(session: Session, key: DataKey, who: Principal, *, kind: str, model: 
         if not _ends_with_user(prompt):
             skipped["no_prompt"] += 1
             continue
-        source = {k: view[k] for k in ("completion_id", "conversation_id", "message_id") if view[k]}
+        source = {k: view[k] for k in ("completion_id", "conversation_id", "message_id", "battle_id") if view[k]}
         source.update(feedback=row.id, model=row.model)
         if kind == "sft" and (correction is not None or row.rating == 1):
             text = correction if correction is not None else answer

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from adaptery.auth import policy
@@ -373,9 +373,77 @@ def route(session: Session, ref: models.ModelRef, request_id: str, viewer: Princ
             version=routed.version,
             adapter_id=routed.adapter.id,
             canary=routed.canary,
+            user_id=viewer.user_id,
         )
     )
     return routed
+
+
+@dataclass
+class Tally:
+    """What one version of a name got: its requests (of them, as the canary), ratings and corrections of its
+    answers, and its arena results when it answered a side for the name."""
+
+    requests: int = 0
+    canary_requests: int = 0
+    thumbs_up: int = 0
+    thumbs_down: int = 0
+    corrections: int = 0
+    arena_wins: int = 0
+    arena_losses: int = 0
+    arena_ties: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        rated = self.thumbs_up + self.thumbs_down
+        return {**self.__dict__, "approval": round(self.thumbs_up / rated, 3) if rated else None}
+
+
+def tallies(session: Session, name: m.ModelName) -> dict[int, Tally]:
+    """Each version's counts, kept apart (a canary's from its current version's) so its owner can compare them
+    before promoting. Feedback and arena sides count for the adapter that answered them (`route` records it);
+    a version counts only what came after it joined the name: an adapter's earlier life is not the name's."""
+    rows = session.scalars(select(m.ModelNameVersion).where(m.ModelNameVersion.name_id == name.id)).all()
+    out = {row.number: Tally() for row in rows}
+    joined = {row.adapter_id: (row.number, row.created_at) for row in rows}
+    requests = session.execute(
+        select(m.ModelNameRequest.version, m.ModelNameRequest.canary, func.count())
+        .where(m.ModelNameRequest.name_id == name.id)
+        .group_by(m.ModelNameRequest.version, m.ModelNameRequest.canary)
+    )
+    for version, canary, count in requests:
+        if version in out:
+            out[version].requests += count
+            out[version].canary_requests += count if canary else 0
+    ratings = session.execute(
+        select(m.Feedback.model, m.Feedback.rating, m.Feedback.correction.is_not(None), m.Feedback.created_at).where(
+            m.Feedback.model.in_(list(joined))
+        )
+    )
+    for model, rating, corrected, created in ratings:
+        number, since = joined[model]
+        if created >= since:
+            tally = out[number]
+            tally.thumbs_up += rating == 1
+            tally.thumbs_down += rating == -1
+            tally.corrections += bool(corrected)
+    battles = session.scalars(
+        select(m.ArenaBattle).where(
+            m.ArenaBattle.winner.is_not(None), or_(m.ArenaBattle.model_a == name.id, m.ArenaBattle.model_b == name.id)
+        )
+    )
+    for battle in battles:
+        for side, other in (("a", "b"), ("b", "a")):
+            number = joined.get(getattr(battle, f"answered_{side}") or "", (None, 0))[0]
+            if getattr(battle, f"model_{side}") != name.id or number is None:
+                continue
+            tally = out[number]
+            if battle.winner == "tie":
+                tally.arena_ties += 1
+            elif battle.winner == side:
+                tally.arena_wins += 1
+            elif battle.winner == other:
+                tally.arena_losses += 1
+    return out
 
 
 def answered_by(session: Session, request_id: str) -> m.ModelNameRequest | None:

@@ -1,6 +1,6 @@
 """Which evaluation a finished job gets (held-out set, predecessor), and the evaluation queue's lease, progress,
 end and recovery, on SQLite and PostgreSQL. (The whole run, training and scoring included, is in
-tests/e2e/test_evaluation_e2e.py.)"""
+tests/e2e/test_feedback_loop.py.)"""
 
 from __future__ import annotations
 

@@ -232,6 +232,81 @@ def test_a_canary_splits_requests_by_id_as_configured_and_records_the_version(la
     assert [e["action"] for e in name_state(lab)["history"]][-2:] == ["canary", "canary_end"]
 
 
+def test_a_canarys_feedback_and_arena_results_are_counted_apart_from_the_current_versions(lab: Running) -> None:
+    """The web chat's answer carries its completion id: a rating given on the page and one sent through the API
+    by that id are one row, counted for the version that answered (the canary or the current one)."""
+    name_id, v1, v2 = lab.found["name"], lab.found["v1"], lab.found["v2"]
+    auth = lab.auth()
+    assert lab.client.put("/api/feedback/policy", headers=auth, json={"collect": "all"}).status_code == 200
+    assert (
+        lab.client.put(f"/api/model_names/{NAME}/canary", headers=auth, json={"version": 2, "share": 50}).status_code
+        == 200
+    )
+    by_version: dict[str, list[str]] = {v1: [], v2: []}
+    while not (by_version[v1] and by_version[v2]):
+        _, body, headers = ask(lab, name_id)
+        by_version[headers["x-adaptery-model-version"]].append(body["id"])
+    conversation = lab.client.post("/api/conversations", headers=auth, json={"model": name_id}).json()
+    url = f"/api/conversations/{conversation['id']}/messages"
+    lab.client.post(url, headers=auth, json={"role": "user", "content": QUESTION[0]["content"]})
+    saved = lab.client.post(url, headers=auth, json={"role": "assistant", "content": NEW_ANSWER, "model": name_id,
+                                                     "completion_id": by_version[v2][0]})  # fmt: skip
+    assert saved.status_code == 201 and saved.json()["completion_id"] == by_version[v2][0]
+    again = lab.client.post(url, headers=auth, json={"role": "assistant", "content": "x", "model": name_id,
+                                                     "completion_id": by_version[v2][0]})  # fmt: skip
+    assert again.status_code == 400 and again.json()["error"]["param"] == "completion_id"  # one message per answer
+    other_model = lab.client.post(url, headers=auth, json={"role": "assistant", "content": "x", "model": v1,
+                                                           "completion_id": by_version[v1][0]})  # fmt: skip
+    assert other_model.status_code == 400  # the request was for the name, not for this adapter
+    for bad in ("cmpl-1", "chatcmpl-" + "x" * 60):
+        refused = lab.client.post(url, headers=auth, json={"role": "assistant", "content": "x", "completion_id": bad})
+        assert refused.status_code == 400
+    on_page = lab.client.post(f"{url}/{saved.json()['id']}/feedback", headers=auth, json={"rating": 1})
+    assert on_page.status_code == 200 and on_page.json()["model"] == v2  # the canary answered it
+    by_api = lab.client.post(f"/api/completions/{by_version[v2][0]}/feedback", headers=auth,
+                             json={"rating": 1, "reason": "right"})  # fmt: skip
+    assert by_api.status_code == 200 and by_api.json()["id"] == on_page.json()["id"]  # the same answer, one row
+    assert by_api.json()["message_id"] == saved.json()["id"]
+    down = lab.client.post(f"/api/completions/{by_version[v1][0]}/feedback", headers=auth, json={"rating": -1})
+    assert down.status_code == 200 and down.json()["model"] == v1
+
+    ended = lab.client.delete(f"/api/model_names/{NAME}/canary", headers=auth)
+    assert ended.status_code == 200  # the name answers from v1 now: both arena sides are one adapter
+    battle = lab.client.post("/api/arena/battles", headers=auth, json={"prompt": "Hi", "models": [name_id, v1]})
+    assert battle.status_code == 201, battle.text
+    for side in ("a", "b"):
+        streamed = lab.client.post(f"/api/arena/battles/{battle.json()['id']}/answers/{side}", headers=auth)
+        assert streamed.status_code == 200
+    name_side = _side_of(lab, battle.json()["id"], name_id)
+    vote = lab.client.post(f"/api/arena/battles/{battle.json()['id']}/vote", headers=auth, json={"winner": name_side})
+    assert vote.status_code == 200
+    with lab.platform.db.tenant(lab.tenant_id) as s:
+        row = s.get(m.ArenaBattle, battle.json()["id"])
+        answered = getattr(row, f"answered_{name_side}")
+    assert answered == v1
+    rated = [
+        lab.client.post(f"/api/arena/battles/{battle.json()['id']}/answers/{side}/feedback", headers=auth,
+                        json={"rating": 1 if side == name_side else -1})
+        for side in ("a", "b")
+    ]  # fmt: skip
+    assert rated[0].json()["id"] != rated[1].json()["id"]  # one rating per side, though one adapter answered both
+
+    counts = {v["version"]: v["feedback"] for v in name_state(lab)["versions"]}
+    assert counts[2]["requests"] > counts[2]["canary_requests"] >= len(by_version[v2])  # it was current once too
+    assert counts[1]["canary_requests"] == 0 and counts[1]["requests"] >= len(by_version[v1])
+    assert (counts[2]["thumbs_up"], counts[2]["thumbs_down"], counts[2]["approval"]) == (1, 0, 1.0)
+    assert (counts[1]["thumbs_up"], counts[1]["thumbs_down"]) == (1, 2)  # the API's and the arena's
+    assert counts[1]["arena_wins"] == 1 and counts[2]["arena_wins"] == 0  # v1 answered for the name
+    other = lab.new_tenant("tally", "tally-owner")
+    assert lab.client.get(f"/api/model_names/{NAME}", headers=lab.auth(other.api_key)).status_code == 404
+    assert lab.client.put("/api/feedback/policy", headers=auth, json={"collect": "off"}).status_code == 200
+
+
+def _side_of(lab: Running, battle_id: str, model: str) -> str:
+    with lab.platform.db.tenant(lab.tenant_id) as s:
+        return "a" if s.get(m.ArenaBattle, battle_id).model_a == model else "b"
+
+
 def test_the_canary_split_holds_over_many_request_ids() -> None:
     for share in (0, 10, 30, 100):
         hits = sum(model_names.in_canary("ft:b:t:n", f"chatcmpl-{i:06d}", share) for i in range(20_000))

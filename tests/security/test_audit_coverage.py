@@ -205,6 +205,8 @@ def calls(world: World, lora_bytes: bytes, tmp_path) -> list[tuple[str, Callable
         ("POST /api/arena/battles/{battle_id}/answers/{side}", lambda: answer("a") and answer("b")),
         ("POST /api/arena/battles/{battle_id}/vote", lambda: client.post(
             f"/api/arena/battles/{state['battle']}/vote", headers=member, json={"winner": "tie"})),
+        ("POST /api/arena/battles/{battle_id}/answers/{side}/feedback", lambda: client.post(
+            f"/api/arena/battles/{state['battle']}/answers/a/feedback", headers=member, json={"rating": 1})),
         ("POST /api/feedback/datasets", lambda: client.post(
             "/api/feedback/datasets", headers=owner, json={"name": "audited-feedback", "kind": "sft"})),
         ("DELETE /api/feedback/{feedback_id}", lambda: client.delete(

@@ -127,6 +127,7 @@ EXPECT: dict[str, Expect] = {
     "POST /api/arena/battles": need("viewer", "inference"),
     "GET /api/arena/battles/{battle_id}": need("viewer", "inference"),
     "POST /api/arena/battles/{battle_id}/answers/{side}": need("viewer", "inference"),
+    "POST /api/arena/battles/{battle_id}/answers/{side}/feedback": need("viewer", "inference"),
     "POST /api/arena/battles/{battle_id}/vote": need("viewer", "inference"),
     "GET /api/arena/leaderboard": need("viewer", "inference"),
     "GET /api/keys": need("member", "admin"),

@@ -398,3 +398,66 @@ def test_no_vote_is_stored_once_collection_is_turned_off(world: World):
             assert s.get(m.ArenaBattle, battle).winner is None
     finally:
         set_policy(world, collect="feedback")
+
+
+def test_arena_answers_take_thumbs_after_the_vote_only_from_their_person(world: World):
+    set_policy(world, collect="feedback")
+    adapter, client = world.ids["model_id"], world.client
+    made = client.post(
+        "/api/arena/battles",
+        headers=world.auth("member"),
+        json={"prompt": QUESTION, "models": ["adaptery-demo", adapter], "params": {"max_tokens": 4}},
+    )
+    battle = made.json()["id"]
+    for side in ("a", "b"):
+        stream_side(world, "member", battle, side)
+    url = f"/api/arena/battles/{battle}/answers/b/feedback"
+    early = client.post(url, headers=world.auth("member"), json={"rating": -1})
+    assert early.status_code == 409 and early.json()["error"]["code"] == "vote_first"  # it would name the model
+    client.post(f"/api/arena/battles/{battle}/vote", headers=world.auth("member"), json={"winner": "a"})
+    for who in ("other_tenant_member", "viewer"):
+        assert client.post(url, headers=world.auth(who), json={"rating": 1}).status_code == 404
+    assert client.post(url, headers=world.auth("member"), json={"rating": 5}).status_code == 400
+    bad_side = client.post(f"/api/arena/battles/{battle}/answers/c/feedback", headers=world.auth("member"),
+                           json={"rating": 1})  # fmt: skip
+    assert bad_side.status_code == 400
+    given = client.post(url, headers=world.auth("member"), json={"rating": -1, "reason": "too short"})
+    assert given.status_code == 200, given.text
+    with world.platform.db.system() as s:
+        stored = s.get(m.ArenaBattle, battle)
+        side_b, completion_b = stored.model_b, stored.completion_b
+    assert given.json()["model"] == side_b and given.json()["battle_id"] == battle
+    assert given.json()["completion_id"] == completion_b and completion_b.startswith("chatcmpl-")
+    changed = client.post(url, headers=world.auth("member"), json={"rating": 1})
+    assert changed.json()["id"] == given.json()["id"]  # one rating per person and answer
+    set_policy(world, collect="off")
+    try:
+        assert client.post(url, headers=world.auth("member"), json={"rating": -1}).status_code == 409
+    finally:
+        set_policy(world, collect="feedback")
+
+
+def test_a_web_answer_names_only_its_own_users_completion(world: World):
+    """A kept completion (policy `all`) belongs to whoever made it: another member's message cannot claim it,
+    and feedback on the page and by id through the API land on one row."""
+    set_policy(world, collect="all")
+    try:
+        theirs, mine = chat(world, "member")["id"], chat(world, "owner")["id"]
+        conversation = world.client.post("/api/conversations", headers=world.auth("owner"), json={}).json()
+        url = f"/api/conversations/{conversation['id']}/messages"
+        world.client.post(url, headers=world.auth("owner"), json={"role": "user", "content": QUESTION})
+        body = {"role": "assistant", "content": "An answer.", "model": "adaptery-demo"}
+        claimed = world.client.post(url, headers=world.auth("owner"), json={**body, "completion_id": theirs})
+        assert claimed.status_code == 400 and claimed.json()["error"]["param"] == "completion_id"
+        user_turn = world.client.post(url, headers=world.auth("owner"),
+                                      json={"role": "user", "content": "x", "completion_id": mine})  # fmt: skip
+        assert user_turn.status_code == 400
+        saved = world.client.post(url, headers=world.auth("owner"), json={**body, "completion_id": mine})
+        assert saved.status_code == 201 and saved.json()["completion_id"] == mine
+        by_api = world.client.post(f"/api/completions/{mine}/feedback", headers=world.auth("owner"), json={"rating": 1})
+        on_page = world.client.post(f"{url}/{saved.json()['id']}/feedback", headers=world.auth("owner"),
+                                    json={"rating": -1, "reason": "no"})  # fmt: skip
+        assert on_page.json()["id"] == by_api.json()["id"] and on_page.json()["rating"] == -1
+        assert on_page.json()["completion_id"] == mine and on_page.json()["message_id"] == saved.json()["id"]
+    finally:
+        set_policy(world, collect="feedback")

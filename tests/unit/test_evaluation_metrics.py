@@ -155,3 +155,19 @@ def test_a_task_reads_only_its_template_fields_and_bad_data_lines_are_named():
         evaluation_tasks.check_task_data(good + b'{"question": "q"}\n', fields, LIMITS)
     with pytest.raises(InvalidRequest, match="data line 1: invalid JSON"):
         evaluation_tasks.check_task_data(b"{oops\n", fields, LIMITS)
+
+
+def test_the_report_recommends_promotion_only_when_better_on_some_score_and_worse_on_none():
+    recommendation = heldout.recommendation
+    old = {"exact_match": 0.0, "token_f1": 0.40, "rouge_l": 0.40, "check_pass_rate": None, "loss": 3.0}
+    better = {"exact_match": 1.0, "token_f1": 0.95, "rouge_l": 0.95, "check_pass_rate": None, "loss": 0.5}
+    verdict = recommendation({"candidate": better, "predecessor": old}, "predecessor")
+    assert verdict["promote"] is True and verdict["against"] == "predecessor"
+    assert "exact match 1.000 against 0.000" in verdict["reason"] and "loss 0.500 against 3.000" in verdict["reason"]
+    mixed = {**better, "rouge_l": 0.30}  # better on two scores, worse on one: the one it would lose decides
+    verdict = recommendation({"candidate": mixed, "base": old}, "base")
+    assert verdict["promote"] is False and "worse than the base" in verdict["reason"] and "ROUGE-L" in verdict["reason"]
+    same = {**old, "token_f1": 0.405, "loss": 1.0}  # within the margin: nothing measurable to gain
+    verdict = recommendation({"candidate": same, "predecessor": old}, "predecessor")
+    assert verdict["promote"] is False and "no held-out score differs" in verdict["reason"]
+    assert recommendation({"candidate": better}, "predecessor")["promote"] is False  # nothing to compare with

@@ -118,13 +118,13 @@ function settingsPanel(prefix, params = {}, systemPrompt = "", contextOf = () =>
   return { panel, read, bound, inputs: [system, temperature, maxTokens, topP] };
 }
 
-function messageNode(role, { model, content = "", id, stopped } = {}) {
+function messageNode(role, { model, content = "", id, stopped, completion_id: completionId } = {}) {
   const body = h("div", { class: "content" });
   if (role === "assistant") body.append(renderMarkdown(content));
   else body.textContent = content;
   const node = h(
     "article",
-    { class: `message ${role}`, dataset: { done: "true", id: id || "" } },
+    { class: `message ${role}`, dataset: { done: "true", id: id || "", completionId: completionId || "" } },
     h("div", { class: "message-head" }, h("strong", {}, role === "user" ? "You" : "Assistant"), model ? h("span", { class: "muted model-tag", title: model }, modelLabel(model)) : null),
     body,
     h("div", { class: "message-meta muted" }, stopped ? "Stopped" : ""),
@@ -372,8 +372,10 @@ export async function renderChat(root, ctx, { args, query }) {
       ]
         .filter(Boolean)
         .join(" · ");
-      const saved = await api(`/api/conversations/${encodeURIComponent(conversation.id)}/messages`, { method: "POST", body: { role: "assistant", content: result.content, model, stopped: result.stopped } });
+      const saved = await api(`/api/conversations/${encodeURIComponent(conversation.id)}/messages`, { method: "POST", body: { role: "assistant", content: result.content, model, stopped: result.stopped, completion_id: result.id } });
       entry.id = saved.id;
+      entry.completionId = saved.completion_id;
+      if (saved.completion_id) node.dataset.completionId = saved.completion_id;
     } catch (err) {
       history.pop();
       node.remove();

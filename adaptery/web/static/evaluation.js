@@ -75,6 +75,38 @@ function progressLine(evaluation) {
   );
 }
 
+/** Promote or not, and why; with a one-click promotion when the adapter is a version of a stable name. */
+function recommendationLine(report, ctx, error) {
+  const { promote, reason } = report.recommendation;
+  const named = report.model_name;
+  const current = named && named.version === named.current_version;
+  const button =
+    promote && named && !current && ctx.canWrite()
+      ? h("button", {
+          type: "button",
+          class: "btn btn-primary",
+          id: "eval-promote",
+          onclick: async () => {
+            showError(error, null);
+            try {
+              await api(`/api/model_names/${encodeURIComponent(named.name)}/promote`, { method: "POST", body: { version: named.version } });
+              ctx.forgetModels();
+              ctx.toast(`Version ${named.version} now answers ${named.name}.`);
+              ctx.navigate("#/models");
+            } catch (err) {
+              showError(error, err);
+            }
+          },
+        }, `Promote to ${named.name} (v${named.version})`)
+      : null;
+  return h(
+    "div",
+    { class: `eval-recommendation ${promote ? "promote" : "hold"}`, id: "eval-recommendation", dataset: { promote: String(promote) } },
+    h("p", {}, h("strong", {}, promote ? "Promote: " : "Do not promote: "), `the new adapter is ${reason}.`, current ? ` It is ${named.name}'s current version.` : ""),
+    button,
+  );
+}
+
 /** The evaluation card of a job's page (`{ jobId }`) or an adapter's (`{ model }`); it refreshes itself while an
  * evaluation is queued or running. */
 export function evaluationSection({ jobId, model }, ctx) {
@@ -104,6 +136,7 @@ export function evaluationSection({ jobId, model }, ctx) {
       h("h2", { class: "card-title" }, "Evaluation"),
       h("p", { class: "muted" }, report.held_out ? `Held-out set: ${report.held_out.source.kind.replace(/_/g, " ")}. ` : "", `Predecessor: ${report.predecessor_rule}.`),
       report.evaluations.length ? h("ul", { class: "eval-runs", id: "eval-runs" }, report.evaluations.map(progressLine)) : h("p", { class: "muted" }, "Not evaluated (see the job's events)."),
+      report.recommendation ? recommendationLine(report, ctx, error) : null,
       h("div", { id: "eval-table" }, reportTable(report)),
       report.held_out || report.lm_eval.length ? h("div", { id: "eval-chart" }, reportChart(report)) : null,
       against ? h("div", { class: "two-col eval-examples", id: "eval-changes" }, changesTable(report.changes.better, against, "better"), changesTable(report.changes.worse, against, "worse")) : null,

@@ -84,7 +84,10 @@ export async function renderArena(root, ctx) {
     run.disabled = true;
     clear(reveal);
     votes.hidden = true;
-    for (const side of ["a", "b"]) clear(columns[side].querySelector(".compare-model"), `Model ${side.toUpperCase()}`);
+    for (const side of ["a", "b"]) {
+      clear(columns[side].querySelector(".compare-model"), `Model ${side.toUpperCase()}`);
+      columns[side].querySelector(".arena-thumbs")?.remove();
+    }
     try {
       const battle = await api("/api/arena/battles", { method: "POST", body: { prompt: text, base: base.value, params: { max_tokens: Number(maxTokens.value) || 128 } } });
       const done = await Promise.all([stream(battle, "a"), stream(battle, "b")]); // both stream together
@@ -101,6 +104,27 @@ export async function renderArena(root, ctx) {
     }
   });
 
+  /** Thumbs on one side's answer, offered once the vote is in (a rating names the model: before, it would unblind). */
+  function arenaThumbs(battle, side) {
+    const url = `/api/arena/battles/${encodeURIComponent(battle.id)}/answers/${side}/feedback`;
+    const box = h("div", { class: "message-actions arena-thumbs", id: `arena-thumbs-${side}` });
+    const draw = (mine) => {
+      const thumb = (rating, label, glyph) =>
+        h("button", { type: "button", class: `btn btn-small btn-quiet thumb${mine && mine.rating === rating ? " chosen" : ""}`, "aria-pressed": String(Boolean(mine && mine.rating === rating)), "aria-label": label, title: label, onclick: () => send(rating) }, glyph);
+      clear(box, thumb(1, "Good answer", "✓ Good"), thumb(-1, "Bad answer", "✗ Bad"));
+    };
+    const send = async (rating) => {
+      try {
+        draw(await api(url, { method: "POST", body: { rating } }));
+      } catch (err) {
+        showError(error, err);
+      }
+    };
+    columns[side].querySelector(".arena-thumbs")?.remove();
+    draw(null);
+    return box;
+  }
+
   async function cast(battle, winner) {
     try {
       const voted = await api(`/api/arena/battles/${encodeURIComponent(battle.id)}/vote`, { method: "POST", body: { winner } });
@@ -111,6 +135,7 @@ export async function renderArena(root, ctx) {
         title.title = voted.models[side];
       }
       reveal.textContent = `You voted ${winner === "tie" ? "a tie" : winner.toUpperCase()}. A was ${modelLabel(voted.models.a)}, B was ${modelLabel(voted.models.b)}.`;
+      for (const side of ["a", "b"]) columns[side].append(arenaThumbs(battle, side));
       await drawBoard();
     } catch (err) {
       showError(error, err);
@@ -159,7 +184,7 @@ export async function renderFeedback(root, ctx) {
     x.rating === 1 ? "✓ good" : x.rating === -1 ? "✗ bad" : "",
     x.reason || "",
     x.correction ? "corrected" : "",
-    x.completion_id ? "API" : x.message_id ? "chat" : "",
+    x.message_id ? "chat" : x.battle_id ? "arena" : x.completion_id ? "API" : "",
   ]);
   const name = h("input", { id: "build-name", type: "text", maxlength: "128", value: "feedback" });
   const kind = h("select", { id: "build-kind" }, h("option", { value: "sft" }, "SFT: thumbs-up answers and corrections"), h("option", { value: "dpo" }, "DPO pairs: corrections and arena votes"));

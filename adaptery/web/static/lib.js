@@ -238,7 +238,7 @@ export async function streamChat(payload, { onDelta, signal, url = "/v1/chat/com
     if (err.name === "AbortError") return null;
     throw new ApiError("Could not reach the Adaptery server. Is it running?", 0);
   });
-  const result = { content: "", finishReason: null, usage: null, stopped: false, seconds: 0 };
+  const result = { id: null, content: "", finishReason: null, usage: null, stopped: false, seconds: 0 };
   if (res === null) return { ...result, stopped: true };
   if (!res.ok) throw await errorFrom(res);
   const reader = res.body.getReader();
@@ -249,6 +249,7 @@ export async function streamChat(payload, { onDelta, signal, url = "/v1/chat/com
     const chunk = JSON.parse(data);
     if (chunk.error) throw new ApiError(chunk.error.message || "The model failed.", 500);
     if (chunk.usage) result.usage = chunk.usage;
+    if (chunk.id && !result.id) result.id = chunk.id; // the completion's chatcmpl- id: feedback names it
     for (const choice of chunk.choices || []) {
       const piece = (choice.delta && choice.delta.content) || "";
       if (piece) {

@@ -56,19 +56,25 @@ const nameUrl = (name, tail = "") => `/api/model_names/${encodeURIComponent(name
 
 /** Stable names: what clients call while the adapter behind it changes (promote, roll back, canary). */
 async function namesSection(ctx, adapters) {
-  const listed = await optionalApi("/api/model_names");
+  const [listed, sets, uploaded] = await Promise.all([
+    optionalApi("/api/model_names"),
+    ctx.canWrite() ? optionalApi("/api/datasets") : null,
+    ctx.canWrite() ? optionalApi("/v1/files?purpose=fine-tune&limit=100") : null,
+  ]);
   const names = listed ? listed.data : [];
+  const datasets = sets ? sets.data : [];
+  const files = uploaded ? uploaded.data : [];
   return h(
     "section",
     { class: "card", id: "model-names" },
     h("h2", { class: "card-title" }, "Stable names"),
     h("p", { class: "muted" }, "Clients call a name; promote a version to it, or roll back, and every client follows at its next request. Each change is audited."),
-    names.length ? names.map((name) => nameCard(ctx, name, adapters)) : h("p", { class: "muted empty" }, "No names yet."),
+    names.length ? names.map((name) => nameCard(ctx, name, adapters, datasets, files)) : h("p", { class: "muted empty" }, "No names yet."),
     ctx.canWrite() && adapters.length ? newNameForm(ctx, adapters) : null,
   );
 }
 
-function nameCard(ctx, name, adapters) {
+function nameCard(ctx, name, adapters, datasets, files) {
   const error = errorBox();
   const act = async (path, { method = "POST", body, done, confirm } = {}) => {
     showError(error, null);
@@ -100,12 +106,26 @@ function nameCard(ctx, name, adapters) {
       "Promote",
     );
   const writable = ctx.canWrite();
+  // Each version's own requests, ratings and arena results (a canary's apart from the current one's): its owner
+  // compares them before promoting. Only the owner and admins get them.
+  const counted = name.versions.some((v) => v.feedback);
+  const tally = (v) => {
+    const f = v.feedback;
+    if (!f) return ["", "", ""];
+    const approval = f.approval === null ? "" : ` (${Math.round(f.approval * 100)}% good)`;
+    return [
+      `${f.requests}${f.canary_requests ? ` (${f.canary_requests} as canary)` : ""}`,
+      `✓ ${f.thumbs_up} · ✗ ${f.thumbs_down} · ✎ ${f.corrections}${approval}`,
+      `${f.arena_wins} won · ${f.arena_losses} lost · ${f.arena_ties} tied`,
+    ];
+  };
   const versions = table(
-    ["Version", "Adapter", "Status", ""],
+    ["Version", "Adapter", "Status", ...(counted ? ["Requests", "Feedback", "Arena"] : []), ""],
     name.versions.map((v) => [
       `v${v.version}`,
       h("a", { href: `#/models/${encodeURIComponent(v.model)}`, title: v.model, class: "adapter-link" }, modelLabel(v.model)),
       status(v),
+      ...(counted ? tally(v) : []),
       writable && !v.deleted && v.version !== name.current_version ? promote(v) : "",
     ]),
     { caption: `Versions of ${name.name}` },
@@ -159,7 +179,43 @@ function nameCard(ctx, name, adapters) {
     versions,
     promoteOther,
     canary,
+    writable ? improveForm(ctx, name, datasets, files) : null,
     history,
+    error,
+  );
+}
+
+/** One action: fine-tune (SFT or DPO) on a dataset (a feedback dataset, say), starting from the weights of the
+ * version answering now; the job's page shows its evaluation report, which says whether to promote. */
+function improveForm(ctx, name, datasets, files) {
+  const ready = datasets.filter((d) => d.versions.some((v) => v.status === "ready"));
+  if (!ready.length) return h("p", { class: "muted" }, "Build a dataset of feedback (Feedback page) to fine-tune this name's current version on it.");
+  const dataset = h("select", { id: `improve-dataset-${name.name}` }, ready.map((d) => h("option", { value: d.id }, d.name)));
+  const method = h("select", { id: `improve-method-${name.name}` }, h("option", { value: "supervised" }, "SFT: answers as they should be"), h("option", { value: "dpo" }, "DPO: preferred over rejected answers"));
+  const held = h("select", { id: `improve-validation-${name.name}` }, h("option", { value: "" }, "The set kept beside the current version"), files.map((f) => h("option", { value: f.id }, f.filename)));
+  const error = errorBox();
+  const start = h("button", { type: "button", class: "btn btn-primary", id: `improve-start-${name.name}` }, `Fine-tune v${name.current_version} on it`);
+  start.addEventListener("click", async () => {
+    showError(error, null);
+    start.disabled = true;
+    try {
+      const body = { dataset: dataset.value, method: { type: method.value } };
+      if (held.value) body.validation_file = held.value;
+      const job = await api(nameUrl(name.name, "/fine_tune"), { method: "POST", body });
+      ctx.toast(`Fine-tuning ${job.id}: its evaluation report says whether to promote.`);
+      ctx.navigate(`#/jobs/${encodeURIComponent(job.id)}`);
+    } catch (err) {
+      showError(error, err);
+      start.disabled = false;
+    }
+  });
+  return h(
+    "div",
+    { class: "form-grid improve-form" },
+    field("Dataset", dataset, "Its latest ready version; a feedback dataset's lineage leads back to the answers."),
+    field("Method", method),
+    field("Held-out set", held, "Evaluated on it afterwards, against this version and the base."),
+    h("div", { class: "form-actions" }, start),
     error,
   );
 }
