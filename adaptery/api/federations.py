@@ -72,6 +72,9 @@ class Coordinator(BaseModel):
     superlink: str = Field(pattern=r"^[A-Za-z0-9.:\[\]-]{1,250}:[0-9]{1,5}$", description="HOST:PORT sites dial")
     superlink_ca: str = Field(max_length=16 * 1024, description="PEM of the CA the SuperLink's certificate chains to")
     rounds: int = Field(ge=1, le=10_000)
+    sites: list[int] | None = Field(
+        None, max_length=federations.MAX_SITES, description="The site numbers the run admits [default: all]"
+    )
 
 
 class ProgressEvent(BaseModel):
@@ -351,11 +354,18 @@ def check_in(site_id: str, body: CheckIn, p: Platform = Depends(platform)) -> Si
 def publish_coordinator(
     federation_id: str, body: Coordinator, who: Principal = Depends(principal), p: Platform = Depends(platform)
 ) -> dict[str, str]:
-    """The coordinator says where its SuperLink listens; the sites recorded now are the run's roster (returned)."""
+    """The coordinator says where its SuperLink listens, once it has registered the sites' keys there: those sites
+    are the run's roster (returned)."""
     with p.db.tenant(who.tenant_id) as s:
         record = federations.get_federation(s, federation_id)
         members = federations.publish_coordinator(
-            s, record, who, superlink=body.superlink, superlink_ca=body.superlink_ca, rounds=body.rounds
+            s,
+            record,
+            who,
+            superlink=body.superlink,
+            superlink_ca=body.superlink_ca,
+            rounds=body.rounds,
+            sites=body.sites,
         )
         audit.record(
             s, who, "federation.coordinator", target=record.id, detail={"superlink": body.superlink, "sites": members}

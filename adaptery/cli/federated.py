@@ -213,16 +213,18 @@ def coordinator(
     link = deploy.start_superlink(home, host, port, work_dir / "tls", work_dir / "superlink.log")
     try:
         if federation:
-            roster = _publish(federation, address, work_dir, rounds)
+            roster = _roster_of(federation, work_dir)
         sites = _check_roster(roster)
         threshold = threshold or sites // 2 + 1
         try:
             check_params(sites, threshold)
         except ValueError as error:
             raise typer.BadParameter(str(error), param_hint="--threshold") from error
-        adapter = _coordinate(
-            link, home, host, port, work_dir, roster, base_model, rounds, threshold, recipe, stage_timeout, federation
-        )
+        deploy.wait_listening(host, port, link, timeout=120)
+        _register(home, work_dir, roster)
+        if federation:  # only now may sites dial: their keys are registered
+            _publish(federation, address, work_dir, rounds, roster)
+        adapter = _coordinate(home, work_dir, roster, base_model, rounds, threshold, recipe, stage_timeout, federation)
     finally:
         deploy.stop_flower(home)
     console.print(f"Adapter: {adapter}")
@@ -234,20 +236,36 @@ def coordinator(
             _report(federation, {"event": "adapter", "model": model})
 
 
-def _publish(federation: str, address: str, work_dir: Path, rounds: int) -> Path:
-    """Tell the platform where sites dial and with which CA; its answer, the sites joined so far, is the roster."""
+def _roster_of(federation: str, work_dir: Path) -> Path:
+    """The sites that joined the platform's federation so far, as this run's roster file."""
     from adaptery.cli.client import api
 
-    ca = (work_dir / "tls" / "ca.pem").read_text()
-    roster = api(
-        "PUT",
-        f"/api/federations/{federation}/coordinator",
-        json={"superlink": address, "superlink_ca": ca, "rounds": rounds},
-    )
     path = work_dir / "roster.json"
-    path.write_text(json.dumps(roster, indent=2) + "\n")
-    _show_fingerprints(roster)
+    path.write_text(json.dumps(api("GET", f"/api/federations/{federation}/roster"), indent=2) + "\n")
     return path
+
+
+def _register(home: Path, work_dir: Path, roster: Path) -> None:
+    """Admit the roster's keys to the SuperLink (node authentication)."""
+    from adaptery.federated import deploy
+
+    keys = []
+    for site, key in json.loads(roster.read_text()).items():
+        path = work_dir / "keys" / f"site-{site}.pub"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(key.strip() + "\n")
+        keys.append(path)
+    deploy.register_sites(home, keys)
+
+
+def _publish(federation: str, address: str, work_dir: Path, rounds: int, roster: Path) -> None:
+    """Tell the platform where sites dial, with which CA, and which sites this run admits."""
+    from adaptery.cli.client import api
+
+    sites = sorted(int(number) for number in json.loads(roster.read_text()))
+    body = {"superlink": address, "superlink_ca": (work_dir / "tls" / "ca.pem").read_text(), "rounds": rounds}
+    published = api("PUT", f"/api/federations/{federation}/coordinator", json={**body, "sites": sites})
+    _show_fingerprints(published)
 
 
 def _report(federation: str, event: dict) -> None:
@@ -257,8 +275,16 @@ def _report(federation: str, event: dict) -> None:
 
 
 def _coordinate(
-    link, home, host, port, work_dir, roster, base_model, rounds, threshold, recipe, stage_timeout, federation
-) -> Path:  # noqa: ANN001 - the coordinator command's own values, passed on
+    home: Path,
+    work_dir: Path,
+    roster: Path,
+    base_model: Path,
+    rounds: int,
+    threshold: int,
+    recipe: object,
+    stage_timeout: float,
+    federation: str | None,
+) -> Path:
     from adaptery.federated import deploy
     from adaptery.federated.apps import CoordinatorJob
 
@@ -276,15 +302,7 @@ def _coordinate(
         stage_timeout=stage_timeout,
     )
     job.save(work_dir / "job.json")
-    deploy.wait_listening(host, port, link, timeout=120)
-    keys = []
-    for site, key in json.loads(roster.read_text()).items():
-        path = work_dir / "keys" / f"site-{site}.pub"
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(key.strip() + "\n")
-        keys.append(path)
-    deploy.register_sites(home, keys)
-    console.print(f"SuperLink at {host}:{port}; sites verify it with {work_dir / 'tls' / 'ca.pem'}")
+    console.print(f"SuperLink up; sites verify it with {work_dir / 'tls' / 'ca.pem'}")
     run_id = deploy.start_run(home, deploy.write_app(work_dir / "app"), work_dir / "job.json")
     console.print(f"Run {run_id}: waiting for {sites} sites, then {rounds} rounds (threshold {threshold})")
     return _follow(out, (lambda event: _report(federation, event)) if federation else None)

@@ -90,7 +90,7 @@ def join(server_url: str, token: str, directory: Path, *, http: httpx.Client | N
     try:
         secret, pin = identity.parse_token(token)
     except ValueError as error:
-        raise JoinError(str(error).replace("`adaptery agents token create`", "`adaptery fed invite`")) from error
+        raise JoinError("an invitation token is '<secret>.<64 hex digits>' (from `adaptery fed invite`)") from error
     key_path = directory / KEY_FILE
     if key_path.exists():
         raise JoinError(f"{directory} already holds a site identity: join with a new directory")

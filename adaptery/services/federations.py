@@ -268,13 +268,24 @@ def check_in(session: Session, site_id: str, *, when: int, signature: bytes) -> 
 
 
 def publish_coordinator(
-    session: Session, federation: m.Federation, who: Principal, *, superlink: str, superlink_ca: str, rounds: int
+    session: Session,
+    federation: m.Federation,
+    who: Principal,
+    *,
+    superlink: str,
+    superlink_ca: str,
+    rounds: int,
+    sites: list[int] | None = None,
 ) -> list[int]:
-    """Where sites dial, and the roster the run admits (the sites recorded now): sites fetch both on check-in."""
+    """Where sites dial, and the roster the run admits (`sites`, default all recorded now): sites fetch both on
+    check-in, so the coordinator publishes once their keys are registered with its SuperLink."""
     check_steward(federation, who)
-    members = [site.number for site in sites_of(session, federation)]
+    recorded = [site.number for site in sites_of(session, federation)]
+    members = recorded if sites is None else sorted(set(sites))
     if not members:
-        raise InvalidRequest("The federation has no sites yet.", param="federation_id")
+        raise InvalidRequest("The federation has no sites yet.", param="sites")
+    if not set(members) <= set(recorded):
+        raise InvalidRequest(f"No such sites: {sorted(set(members) - set(recorded))}", param="sites")
     federation.superlink, federation.superlink_ca, federation.rounds = superlink, superlink_ca, rounds
     federation.members = members
     federation.status, federation.progress, federation.error, federation.adapter = "created", None, None, None

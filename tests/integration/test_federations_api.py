@@ -243,6 +243,8 @@ def test_a_site_joins_with_a_one_time_token_and_checks_in_by_signature(running, 
     # Check-ins: before a coordinator publishes, nothing to run with; after, the SuperLink and the roster.
     view = join.check_in(site_dir, http=client)
     assert view["superlink"] is None and not join.write_run_files(site_dir, view)
+    unknown_site = client.put(put, json={**coordinator, "sites": [1, 9]}, headers=auth)
+    assert unknown_site.status_code == 400 and unknown_site.json()["error"]["param"] == "sites"
     roster = client.put(put, json=coordinator, headers=auth)
     assert roster.status_code == 200 and list(roster.json()) == ["1"]
     view = join.check_in(site_dir, http=client)
@@ -272,7 +274,7 @@ def test_the_coordinator_reports_rounds_and_sites_that_dropped(running):
     for number in (1, 2):
         key = ssh_public(ec.generate_private_key(ec.SECP256R1()))
         client.post(f"/api/federations/{fed_id}/sites", json={"name": f"s{number}", "public_key": key}, headers=auth)
-    coordinator = {"superlink": "127.0.0.1:9093", "superlink_ca": "PEM", "rounds": 2}
+    coordinator = {"superlink": "127.0.0.1:9093", "superlink_ca": "PEM", "rounds": 2, "sites": [1, 2]}
     assert client.put(f"/api/federations/{fed_id}/coordinator", json=coordinator, headers=auth).status_code == 200
     events = f"/api/federations/{fed_id}/events"
 
