@@ -63,7 +63,7 @@ class JoinRequest(BaseModel):
 
 class CheckIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    time: int
+    time: int = Field(ge=0, le=2**40, description="Unix seconds, as signed")
     signature: str = Field(max_length=1024, description="Hex ECDSA-SHA384 signature of the check-in message")
 
 
@@ -82,11 +82,11 @@ class ProgressEvent(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     event: Literal["start", "round", "done", "failed", "adapter"] | None = None
-    round: int | None = Field(None, ge=1)
+    round: int | None = Field(None, ge=1, le=10_000)
     stage: str | None = Field(None, max_length=32)
-    rounds: int | None = Field(None, ge=1)
+    rounds: int | None = Field(None, ge=1, le=10_000)
     loss: float | None = None
-    survivors: list[int] = Field(default_factory=list, max_length=federations.MAX_SITES)
+    survivors: list[int] = Field(default_factory=list, max_length=federations.MAX_SITES)  # site numbers
     seconds: float = 0.0
     epsilon: float | None = None
     error: str | None = Field(None, max_length=4000)

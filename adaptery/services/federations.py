@@ -311,6 +311,8 @@ def record_event(session: Session, federation: m.Federation, who: Principal, eve
         federation.rounds = int(event.get("rounds") or federation.rounds or 0) or None
         federation.progress = {"round": 1, "stage": "training"}
     elif kind == "round":
+        if "round" not in event:
+            raise InvalidRequest("a round event names its round", param="round")
         number = int(event["round"])
         if session.scalar(
             select(m.FederationRound.id).where(

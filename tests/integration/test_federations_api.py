@@ -293,6 +293,7 @@ def test_the_coordinator_reports_rounds_and_sites_that_dropped(running):
     assert duplicate.status_code == 409
     assert client.post(events, json={"event": "bogus"}, headers=auth).status_code == 400
     assert client.post(events, json={"answered": 2}, headers=auth).status_code == 400
+    assert client.post(events, json={"event": "round", "survivors": [1]}, headers=auth).status_code == 400
     private = report({"event": "round", "round": 2, "loss": None, "survivors": [1, 2], "epsilon": 1.5, "seconds": 3})
     assert private["history"][1]["loss"] is None and private["history"][1]["epsilon"] == 1.5
     done = report({"event": "done", "adapter": "/tmp/out/adapter"})
