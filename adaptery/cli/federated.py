@@ -27,10 +27,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from adaptery.federated.config import FederatedLoraConfig
 
 federated_app = typer.Typer(
     help="Federated fine-tuning: sites keep their data, the coordinator sees only the secure sum.",
@@ -281,7 +284,7 @@ def _coordinate(
     base_model: Path,
     rounds: int,
     threshold: int,
-    recipe: object,
+    recipe: FederatedLoraConfig,
     stage_timeout: float,
     federation: str | None,
 ) -> Path:
@@ -317,7 +320,7 @@ def _follow(out: Path, report=None) -> Path:  # noqa: ANN001 - a callable taking
         events = deploy.read_progress(out)
         for event in events[shown:]:
             if report is not None:
-                report(event)
+                _reported(report, event)
             if event.get("event") == "round":
                 loss = "hidden (DP)" if event["loss"] is None else f"{event['loss']:.4f}"
                 budget = (
@@ -414,6 +417,18 @@ def _run_site(
         pass
     finally:
         deploy.stop_flower(work_dir / "flwr")
+
+
+def _reported(report, event: dict) -> None:  # noqa: ANN001 - the reporting callable
+    """The platform's record is for watching: a refused or lost report is said, and the rounds run on."""
+    import httpx
+
+    try:
+        report(event)
+    except typer.Exit:  # refused: the error is printed above
+        console.print("[yellow]the platform did not take this progress report; the rounds go on[/yellow]")
+    except httpx.HTTPError as error:
+        console.print(f"[yellow]the platform did not take this progress report ({error}); the rounds go on[/yellow]")
 
 
 def _beat(beat) -> None:  # noqa: ANN001 - the heartbeat callable

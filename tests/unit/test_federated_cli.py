@@ -1,10 +1,14 @@
 """`adaptery fed ...` refuses bad input before it starts anything: a malformed invitation token, a site directory
-with no membership and no token, a coordinator given neither or both of a roster and a federation."""
+with no membership and no token, a coordinator given neither or both of a roster and a federation. A progress
+report the platform refuses does not stop the coordinator's rounds."""
 
 from __future__ import annotations
 
+import httpx
+import typer
 from typer.testing import CliRunner
 
+from adaptery.cli import federated
 from adaptery.cli.main import app
 
 ENV = {"COLUMNS": "200"}
@@ -34,3 +38,17 @@ def test_the_coordinator_needs_exactly_one_of_a_roster_and_a_federation(tmp_path
     for result in (neither, both):
         assert result.exit_code == 2 and "exactly one of --roster and --federation" in result.output
     assert not (tmp_path / "c").exists()  # refused before a SuperLink was started
+
+
+def test_a_refused_or_lost_progress_report_does_not_stop_the_rounds(capsys):
+    def refused(event: dict) -> None:
+        raise typer.Exit(1)
+
+    def lost(event: dict) -> None:
+        raise httpx.ConnectError("platform down")
+
+    taken: list[dict] = []
+    for report in (refused, lost, taken.append):
+        federated._reported(report, {"event": "round", "round": 1})
+    assert taken == [{"event": "round", "round": 1}]
+    assert capsys.readouterr().out.count("the rounds go on") == 2
