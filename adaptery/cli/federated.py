@@ -146,7 +146,7 @@ def join_command(
 def _show_fingerprints(roster: dict[str, str]) -> None:
     import hashlib
 
-    console.print("The roster this site runs with (compare these fingerprints with the other sites out of band):")
+    console.print("The roster of this run (compare these fingerprints with the sites out of band):")
     for number, key in sorted(roster.items(), key=lambda item: int(item[0])):
         console.print(f"  site {number}: {hashlib.sha256(key.split()[1].encode()).hexdigest()}")
 
