@@ -123,6 +123,13 @@ ROUTES: dict[str, Permission | None] = {
     "GET /api/federations/{federation_id}": FINE_TUNING_READ,
     "POST /api/federations/{federation_id}/sites": FINE_TUNING_WRITE,
     "GET /api/federations/{federation_id}/roster": FINE_TUNING_READ,
+    "POST /api/federations/{federation_id}/invitations": FINE_TUNING_WRITE,
+    "PUT /api/federations/{federation_id}/coordinator": FINE_TUNING_WRITE,
+    "POST /api/federations/{federation_id}/events": FINE_TUNING_WRITE,
+    # A site proves itself with its one-time invitation (and a signature by the key it registers), then with
+    # signatures by that key (services.federations).
+    "POST /api/federations/join": PUBLIC,
+    "POST /api/federations/sites/{site_id}/check-in": PUBLIC,
     "GET /api/conversations": CONVERSATIONS,
     "POST /api/conversations": CONVERSATIONS,
     "GET /api/conversations/{conversation_id}": CONVERSATIONS,

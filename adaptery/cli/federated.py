@@ -8,19 +8,32 @@
 
 The roster (`{"1": "<site 1's site.pub>", ...}`) is agreed out of band and every site holds the same
 file: a site checks the other sites' signed keys against its own copy, never against the coordinator's.
+
+Or through the platform (`fed` is the short name of this group):
+
+    adaptery fed invite FED --name clinic-a                # the coordinating admin: a one-time token
+    adaptery fed join --server URL --token T --data local.jsonl --base-model DIR   # at the site
+    adaptery fed coordinator --federation FED --base-model DIR --work-dir coord   # once the sites have joined
+
+`fed join` makes the site's key on the site and registers it with the token; its signed check-ins then give
+it the coordinator's SuperLink and the roster, whose fingerprints it prints to compare out of band.
 """
 
 from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from adaptery.federated.config import FederatedLoraConfig
 
 federated_app = typer.Typer(
     help="Federated fine-tuning: sites keep their data, the coordinator sees only the secure sum.",
@@ -70,6 +83,74 @@ def roster_command(
     console.print(f"Roster written to {out}")
 
 
+@federated_app.command("invite")
+def invite(
+    federation: str,
+    name: Annotated[str, typer.Option(help="The site's name once it has joined")],
+    ttl: Annotated[float, typer.Option(help="Seconds the token stays valid")] = 3600,
+) -> None:
+    """A one-time, expiring token for a site to join with `adaptery fed join` (shown once)."""
+    from adaptery.cli.client import api, base_url
+
+    made = api("POST", f"/api/federations/{federation}/invitations", json={"name": name, "ttl_seconds": ttl})
+    console.print(f"Invitation {made['id']} for site {made['name']}; at the site run:")
+    print(f"adaptery fed join --server {base_url()} --token {made['token']} --data local.jsonl --base-model DIR")
+
+
+@federated_app.command("join")
+def join_command(
+    server: Annotated[str, typer.Option(help="The coordinating platform's URL")],
+    data: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="Local chat JSONL: never uploaded")],
+    base_model: Annotated[Path, typer.Option(exists=True, file_okay=False, help="The base model's directory")],
+    token: Annotated[str | None, typer.Option(help="The invitation (not needed to run an already joined site)")] = None,
+    work_dir: Annotated[Path, typer.Option(help="This site's key, membership and Flower state")] = Path("fed-site"),
+    runtime_port: int = 9094,
+    check_in_every: Annotated[float, typer.Option(help="Seconds between signed check-ins")] = 15.0,
+) -> None:
+    """Join a federation with an invitation token and run this site next to its data, until stopped."""
+    from adaptery.federated import join
+
+    work_dir = work_dir.resolve()
+    try:
+        if token:
+            membership = join.join(server, token, work_dir)
+            console.print(f"Joined {membership.federation} as site {membership.number} ({membership.name})")
+        elif (work_dir / join.MEMBERSHIP_FILE).exists():
+            membership = join.Membership.load(work_dir)
+        else:
+            raise typer.BadParameter(f"{work_dir} holds no site: give --token", param_hint="--token")
+        view = join.check_in(work_dir)
+        while not join.write_run_files(work_dir, view):
+            console.print("Waiting for the coordinator to start its SuperLink…")
+            time.sleep(check_in_every)
+            view = join.check_in(work_dir)
+    except join.JoinError as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(1) from error
+    roster = json.loads((work_dir / join.ROSTER_FILE).read_text())
+    _show_fingerprints(roster)
+    _run_site(
+        superlink=view["superlink"],
+        ca=work_dir / join.SUPERLINK_CA_FILE,
+        key=work_dir / join.KEY_FILE,
+        site_number=membership.number,
+        roster=work_dir / join.ROSTER_FILE,
+        data=data,
+        base_model=base_model,
+        work_dir=work_dir,
+        runtime_port=runtime_port,
+        heartbeat=(check_in_every, lambda: join.check_in(work_dir)),
+    )
+
+
+def _show_fingerprints(roster: dict[str, str]) -> None:
+    import hashlib
+
+    console.print("The roster of this run (compare these fingerprints with the sites out of band):")
+    for number, key in sorted(roster.items(), key=lambda item: int(item[0])):
+        console.print(f"  site {number}: {hashlib.sha256(key.split()[1].encode()).hexdigest()}")
+
+
 @federated_app.command("keygen")
 def keygen(path: Annotated[Path, typer.Argument(help="Where to write the site's private key (0600)")]) -> None:
     """A site identity key (EC P-384): its SuperNode authenticates with it and it signs the site's secagg keys."""
@@ -93,35 +174,125 @@ def _check_roster(roster: Path) -> int:
 
 @federated_app.command("coordinator")
 def coordinator(
-    roster: Annotated[Path, typer.Option(exists=True, help='JSON {"site number": "OpenSSH public key"}')],
     base_model: Annotated[Path, typer.Option(exists=True, file_okay=False, help="The base model's directory")],
     work_dir: Annotated[Path, typer.Option(help="Flower state, TLS files, transcript and the adapter")],
+    roster: Annotated[
+        Path | None, typer.Option(exists=True, help='JSON {"site number": "OpenSSH public key"} (sites out of band)')
+    ] = None,
+    federation: Annotated[
+        str | None, typer.Option(help="The platform's federation: its sites, and where the rounds are reported")
+    ] = None,
     rounds: Annotated[int, typer.Option(min=1)] = 3,
     threshold: Annotated[int | None, typer.Option(help="Sites needed to finish a round [default: a majority]")] = None,
     host: str = "127.0.0.1",
     port: int = 9093,
+    public_address: Annotated[str | None, typer.Option(help="HOST:PORT sites dial [default: host:port]")] = None,
     lora: Annotated[str, typer.Option(help='Recipe overrides as JSON, e.g. {"head_fraction": 0.25}')] = "{}",
     stage_timeout: float = 60.0,
     register_base: Annotated[str | None, typer.Option(help="Import the result into the platform on this base")] = None,
     suffix: Annotated[str | None, typer.Option(help="Suffix of the imported adapter's name")] = None,
 ) -> None:
-    """Start a SuperLink (TLS, only registered site keys admitted), run the rounds, write the adapter."""
+    """Start a SuperLink (TLS, only registered site keys admitted), run the rounds, write the adapter. With
+    --federation the roster is the platform's (the sites that joined), and every round is reported there."""
+    from adaptery.auth.tls import ensure_server_certificate
     from adaptery.federated import deploy
-    from adaptery.federated.apps import CoordinatorJob
     from adaptery.federated.config import FederatedLoraConfig
     from adaptery.federated.secagg import check_params
 
-    sites = _check_roster(roster)
-    threshold = threshold or sites // 2 + 1
+    if (roster is None) == (federation is None):
+        raise typer.BadParameter("give exactly one of --roster and --federation")
     try:
-        check_params(sites, threshold)
         recipe = FederatedLoraConfig.from_dict(json.loads(lora))
     except (ValueError, TypeError) as error:
-        raise typer.BadParameter(str(error)) from error
+        raise typer.BadParameter(str(error), param_hint="--lora") from error
     work_dir = work_dir.resolve()
     home, out = work_dir / "flwr", work_dir / "out"
     if out.exists() and any(out.iterdir()):
         raise typer.BadParameter(f"{out} holds an earlier run: choose another --work-dir", param_hint="--work-dir")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    address = public_address or f"{host}:{port}"
+    public_host = address.rsplit(":", 1)[0]
+    ensure_server_certificate(work_dir / "tls", host, extra_names=(public_host,) if public_host != host else ())
+    link = deploy.start_superlink(home, host, port, work_dir / "tls", work_dir / "superlink.log")
+    try:
+        if federation:
+            roster = _roster_of(federation, work_dir)
+        sites = _check_roster(roster)
+        threshold = threshold or sites // 2 + 1
+        try:
+            check_params(sites, threshold)
+        except ValueError as error:
+            raise typer.BadParameter(str(error), param_hint="--threshold") from error
+        deploy.wait_listening(host, port, link, timeout=120)
+        _register(home, work_dir, roster)
+        if federation:  # only now may sites dial: their keys are registered
+            _publish(federation, address, work_dir, rounds, roster)
+        adapter = _coordinate(home, work_dir, roster, base_model, rounds, threshold, recipe, stage_timeout, federation)
+    finally:
+        deploy.stop_flower(home)
+    console.print(f"Adapter: {adapter}")
+    if register_base:
+        from adaptery.cli.main import import_model
+
+        model = import_model(adapter, base=register_base, suffix=suffix)
+        if federation:
+            _report(federation, {"event": "adapter", "model": model})
+
+
+def _roster_of(federation: str, work_dir: Path) -> Path:
+    """The sites that joined the platform's federation so far, as this run's roster file."""
+    from adaptery.cli.client import api
+
+    path = work_dir / "roster.json"
+    path.write_text(json.dumps(api("GET", f"/api/federations/{federation}/roster"), indent=2) + "\n")
+    return path
+
+
+def _register(home: Path, work_dir: Path, roster: Path) -> None:
+    """Admit the roster's keys to the SuperLink (node authentication)."""
+    from adaptery.federated import deploy
+
+    keys = []
+    for site, key in json.loads(roster.read_text()).items():
+        path = work_dir / "keys" / f"site-{site}.pub"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(key.strip() + "\n")
+        keys.append(path)
+    deploy.register_sites(home, keys)
+
+
+def _publish(federation: str, address: str, work_dir: Path, rounds: int, roster: Path) -> None:
+    """Tell the platform where sites dial, with which CA, and which sites this run admits."""
+    from adaptery.cli.client import api
+
+    sites = sorted(int(number) for number in json.loads(roster.read_text()))
+    body = {"superlink": address, "superlink_ca": (work_dir / "tls" / "ca.pem").read_text(), "rounds": rounds}
+    published = api("PUT", f"/api/federations/{federation}/coordinator", json={**body, "sites": sites})
+    _show_fingerprints(published)
+
+
+def _report(federation: str, event: dict) -> None:
+    from adaptery.cli.client import api
+
+    api("POST", f"/api/federations/{federation}/events", json=event)
+
+
+def _coordinate(
+    home: Path,
+    work_dir: Path,
+    roster: Path,
+    base_model: Path,
+    rounds: int,
+    threshold: int,
+    recipe: FederatedLoraConfig,
+    stage_timeout: float,
+    federation: str | None,
+) -> Path:
+    from adaptery.federated import deploy
+    from adaptery.federated.apps import CoordinatorJob
+
+    sites = _check_roster(roster)
+    out = work_dir / "out"
     job = CoordinatorJob(
         federation=work_dir.name,
         base_dir=str(base_model.resolve()),
@@ -133,38 +304,23 @@ def coordinator(
         min_sites=sites,
         stage_timeout=stage_timeout,
     )
-    work_dir.mkdir(parents=True, exist_ok=True)
     job.save(work_dir / "job.json")
-    link = deploy.start_superlink(home, host, port, work_dir / "tls", work_dir / "superlink.log")
-    try:
-        deploy.wait_listening(host, port, link, timeout=120)
-        keys = []
-        for site, key in json.loads(roster.read_text()).items():
-            path = work_dir / "keys" / f"site-{site}.pub"
-            path.parent.mkdir(exist_ok=True)
-            path.write_text(key.strip() + "\n")
-            keys.append(path)
-        deploy.register_sites(home, keys)
-        console.print(f"SuperLink at {host}:{port}; sites verify it with {work_dir / 'tls' / 'ca.pem'}")
-        run_id = deploy.start_run(home, deploy.write_app(work_dir / "app"), work_dir / "job.json")
-        console.print(f"Run {run_id}: waiting for {sites} sites, then {rounds} rounds (threshold {threshold})")
-        adapter = _follow(out)
-    finally:
-        deploy.stop_flower(home)
-    console.print(f"Adapter: {adapter}")
-    if register_base:
-        from adaptery.cli.main import import_model
-
-        import_model(adapter, base=register_base, suffix=suffix)
+    console.print(f"SuperLink up; sites verify it with {work_dir / 'tls' / 'ca.pem'}")
+    run_id = deploy.start_run(home, deploy.write_app(work_dir / "app"), work_dir / "job.json")
+    console.print(f"Run {run_id}: waiting for {sites} sites, then {rounds} rounds (threshold {threshold})")
+    return _follow(out, (lambda event: _report(federation, event)) if federation else None)
 
 
-def _follow(out: Path) -> Path:
+def _follow(out: Path, report=None) -> Path:  # noqa: ANN001 - a callable taking each event, or None
+    """Print the coordinator's progress as it comes (and pass each event to `report`: the platform's record)."""
     from adaptery.federated import deploy
 
     shown = 0
     while True:
         events = deploy.read_progress(out)
         for event in events[shown:]:
+            if report is not None:
+                _reported(report, event)
             if event.get("event") == "round":
                 loss = "hidden (DP)" if event["loss"] is None else f"{event['loss']:.4f}"
                 budget = (
@@ -197,6 +353,34 @@ def site(
     runtime_port: int = 9094,
 ) -> None:
     """Run this site's SuperNode next to its data, until stopped (Ctrl-C, SIGTERM) or the SuperLink is gone."""
+    _run_site(
+        superlink=superlink,
+        ca=ca,
+        key=key,
+        site_number=site_number,
+        roster=roster,
+        data=data,
+        base_model=base_model,
+        work_dir=work_dir,
+        runtime_port=runtime_port,
+    )
+
+
+def _run_site(
+    *,
+    superlink: str,
+    ca: Path,
+    key: Path,
+    site_number: int,
+    roster: Path,
+    data: Path,
+    base_model: Path,
+    work_dir: Path,
+    runtime_port: int,
+    heartbeat: tuple[float, object] | None = None,
+) -> None:
+    """The SuperNode with this site's settings, until it ends or this process is stopped; `heartbeat`
+    (seconds, callable) is called that often meanwhile (a joined site's signed check-in)."""
     from adaptery.federated import deploy
     from adaptery.federated.apps import SiteConfig, load_roster
 
@@ -223,8 +407,37 @@ def site(
     console.print(f"Site {site_number} connected to {superlink}; log: {work_dir / 'supernode.log'}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the SuperNode and its app processes too
     try:
-        node.wait()
+        every, beat = heartbeat or (None, None)
+        while node.poll() is None:
+            try:
+                node.wait(timeout=every)
+            except subprocess.TimeoutExpired:
+                _beat(beat)
     except KeyboardInterrupt:
         pass
     finally:
         deploy.stop_flower(work_dir / "flwr")
+
+
+def _reported(report, event: dict) -> None:  # noqa: ANN001 - the reporting callable
+    """The platform's record is for watching: a refused or lost report is said, and the rounds run on."""
+    import httpx
+
+    try:
+        report(event)
+    except typer.Exit:  # refused: the error is printed above
+        console.print("[yellow]the platform did not take this progress report; the rounds go on[/yellow]")
+    except httpx.HTTPError as error:
+        console.print(f"[yellow]the platform did not take this progress report ({error}); the rounds go on[/yellow]")
+
+
+def _beat(beat) -> None:  # noqa: ANN001 - the heartbeat callable
+    """A check-in that fails (the platform restarting, a network blip) is reported, not fatal: the rounds run on."""
+    import httpx
+
+    from adaptery.federated.join import JoinError
+
+    try:
+        beat()
+    except (JoinError, httpx.HTTPError) as error:
+        console.print(f"[yellow]check-in failed: {error}[/yellow]")

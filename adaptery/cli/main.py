@@ -58,6 +58,7 @@ for sub, name in (
     (island_app, "island"),
     (datasets_app, "datasets"),
     (federated_app, "federated"),
+    (federated_app, "fed"),  # the short name the issue and the site instructions use
     (feedback_app, "feedback"),
     (eval_app, "eval"),
     (names_app, "names"),
@@ -897,7 +898,7 @@ def import_model(
     path: Annotated[Path, typer.Argument(exists=True, readable=True, help="A PEFT adapter directory or its zip")],
     base: Annotated[str, typer.Option("--base", help="The base model it was trained on")],
     suffix: Annotated[str | None, typer.Option()] = None,
-) -> None:
+) -> str:
     """Register a LoRA adapter trained elsewhere (safetensors only) as one of your models."""
     if path.is_dir():
         buffer = io.BytesIO()
@@ -911,6 +912,7 @@ def import_model(
     params = {"base_model": base, **({"suffix": suffix} if suffix else {})}
     created = api("POST", "/api/models/import", params=params, content=data)
     console.print(f"Imported as [bold]{escape(created['id'])}[/bold]")
+    return created["id"]
 
 
 @app.command()

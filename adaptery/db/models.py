@@ -489,6 +489,48 @@ class Federation(TenantOwned, Base):
     threshold: Mapped[int | None] = mapped_column(Integer)  # None: a majority of the sites
     created_by: Mapped[str | None] = mapped_column(String(40))
     created_at: Mapped[float] = mapped_column(Float, default=now)
+    # What the coordinator reports (`adaptery federated coordinator --federation`): where sites dial, the sites
+    # the run admits, and how far it got. created -> running -> done | failed.
+    status: Mapped[str] = mapped_column(String(16), default="created")
+    superlink: Mapped[str | None] = mapped_column(String(255))  # HOST:PORT of the coordinator's SuperLink
+    superlink_ca: Mapped[str | None] = mapped_column(Text)  # PEM: the CA its TLS certificate chains to
+    members: Mapped[list[Any] | None] = mapped_column(JSON)  # the site numbers the coordinator's roster holds
+    rounds: Mapped[int | None] = mapped_column(Integer)
+    progress: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # the latest stage: {"round", "stage", ...}
+    adapter: Mapped[str | None] = mapped_column(String(255))  # the resulting model id, once imported
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class FederationInvitation(TenantOwned, Base):
+    """A one-time, expiring invitation for a site to join a federation with its own key (`adaptery fed join`).
+    Only the token's sha256 is stored, as for enrollment tokens."""
+
+    __tablename__ = "federation_invitations"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    federation_id: Mapped[str] = mapped_column(String(40), ForeignKey("federations.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(64))  # the site's name once joined
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_by: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+    expires_at: Mapped[float] = mapped_column(Float)
+    used_at: Mapped[float | None] = mapped_column(Float)
+    site_id: Mapped[str | None] = mapped_column(String(40))
+
+
+class FederationRound(TenantOwned, Base):
+    """One finished round as the coordinator reported it: the mean loss (None under differential privacy), who
+    survived and who dropped, its wall time, and the privacy spent so far."""
+
+    __tablename__ = "federation_rounds"
+    __table_args__ = (UniqueConstraint("federation_id", "number"),)
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    federation_id: Mapped[str] = mapped_column(String(40), ForeignKey("federations.id", ondelete="CASCADE"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    loss: Mapped[float | None] = mapped_column(Float)
+    survivors: Mapped[list[Any]] = mapped_column(JSON)
+    seconds: Mapped[float] = mapped_column(Float)
+    epsilon: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[float] = mapped_column(Float, default=now)
 
 
 class Evaluation(TenantOwned, Base):
@@ -542,6 +584,8 @@ class FederationSite(TenantOwned, Base):
     public_key: Mapped[str] = mapped_column(Text)
     fingerprint: Mapped[str] = mapped_column(String(64))  # sha256 of the key's wire bytes, hex: compare out of band
     created_at: Mapped[float] = mapped_column(Float, default=now)
+    joined: Mapped[bool] = mapped_column(Boolean, default=False)  # by invitation token (else added out of band)
+    last_seen: Mapped[float | None] = mapped_column(Float)  # its last signed check-in (`fed join` keeps them up)
 
 
 class IdentityProvider(Base):

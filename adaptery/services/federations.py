@@ -5,24 +5,46 @@ with and signs its secure-aggregation keys with); its roster, `{number: key}`, i
 `adaptery federated coordinator` and every site run with. The platform is the coordinator's side:
 each site must compare the roster's fingerprints with the other sites out of band before it trusts
 it (README, "Federated fine-tuning"). Nothing of a site's data is ever stored here.
+
+A site joins either out of band (an admin adds its public key) or by invitation: the admin makes a one-time,
+expiring token (only its sha256 kept, as for agent enrollment tokens) and the site presents it with its own
+public key and a signature by that key (`adaptery fed join`). From then on the site proves itself by signing
+its check-ins with the same key: they fetch the coordinator's SuperLink address and the roster, and mark it seen.
+The coordinator reports its progress here, so the rounds can be watched in the web UI.
 """
 
 from __future__ import annotations
 
 import hashlib
+import time
+from typing import Any
 
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from adaptery.auth.principal import Principal, Role
 from adaptery.db import models as m
-from adaptery.db.ids import new_id
-from adaptery.services.errors import Conflict, InvalidRequest, NotFound, PermissionDenied
+from adaptery.db.ids import new_id, random_token
+from adaptery.federated.join import check_in_message, join_message
+from adaptery.services.errors import Conflict, InvalidRequest, NotFound, PermissionDenied, Unauthenticated
 
 MAX_SITES = 64
+CHECK_IN_WINDOW = 300.0  # seconds a signed check-in's timestamp may be off the platform's clock
+ONLINE_SECONDS = 60.0  # a site that checked in this recently is shown online
+STATUSES = ("created", "running", "done", "failed")
+_REFUSED_TOKEN = "This invitation is not valid: it is unknown, already used or expired. Ask for a new one."
+
+
+def _verify(public_key: str, signature: bytes, message: bytes) -> bool:
+    key = serialization.load_ssh_public_key(public_key.encode())
+    try:
+        key.verify(signature, message, ec.ECDSA(hashes.SHA384()))
+    except InvalidSignature:
+        return False
+    return True
 
 
 def parse_site_key(text: str) -> tuple[str, str]:
@@ -73,16 +95,29 @@ def sites_of(session: Session, federation: m.Federation) -> list[m.FederationSit
     )
 
 
-def add_site(
-    session: Session, federation: m.Federation, *, name: str, public_key: str, who: Principal | None = None
-) -> m.FederationSite:
-    """A site joins the roster, the federation's root of trust: so only its creator or a tenant admin adds one."""
-    if who is not None and who.user_id != federation.created_by and not who.has_role(Role.ADMIN):
+def check_steward(federation: m.Federation, who: Principal) -> None:
+    """The roster is the federation's root of trust and the coordinator's reports are its record: only its
+    creator or a tenant admin changes either."""
+    if who.user_id != federation.created_by and not who.has_role(Role.ADMIN):
         raise PermissionDenied(
             "Only the federation's creator or a tenant admin adds sites: the roster decides who trains with you.",
             param="federation_id",
             code="insufficient_role",
         )
+
+
+def add_site(
+    session: Session,
+    federation: m.Federation,
+    *,
+    name: str,
+    public_key: str,
+    who: Principal | None = None,
+    joined: bool = False,
+) -> m.FederationSite:
+    """A site joins the roster, the federation's root of trust: so only its creator or a tenant admin adds one."""
+    if who is not None:
+        check_steward(federation, who)
     key, fingerprint = parse_site_key(public_key)
     sites = sites_of(session, federation)
     if any(site.fingerprint == fingerprint for site in sites):
@@ -100,6 +135,7 @@ def add_site(
         name=name,
         public_key=key,
         fingerprint=fingerprint,
+        joined=joined,
     )
     session.add(site)
     session.flush()
@@ -109,3 +145,202 @@ def add_site(
 def roster(session: Session, federation: m.Federation) -> dict[str, str]:
     """{"site number": "OpenSSH public key"}: the file the coordinator and the sites run with."""
     return {str(site.number): site.public_key for site in sites_of(session, federation)}
+
+
+def site_status(site: m.FederationSite, federation: m.Federation, rounds: list[m.FederationRound]) -> str:
+    """online / offline (its last check-in), dropped (left out of the last round), or added (out of band: it
+    never checks in)."""
+    members = federation.members or []
+    if rounds and site.number in members and site.number not in rounds[-1].survivors:
+        return "dropped"
+    if site.last_seen is not None:
+        return "online" if time.time() - site.last_seen < ONLINE_SECONDS else "offline"
+    return "joined" if site.joined else "added"
+
+
+def rounds_of(session: Session, federation: m.Federation) -> list[m.FederationRound]:
+    return list(
+        session.scalars(
+            select(m.FederationRound)
+            .where(m.FederationRound.federation_id == federation.id)
+            .order_by(m.FederationRound.number)
+        )
+    )
+
+
+def pending_invitations(session: Session, federation: m.Federation) -> list[m.FederationInvitation]:
+    return list(
+        session.scalars(
+            select(m.FederationInvitation)
+            .where(
+                m.FederationInvitation.federation_id == federation.id,
+                m.FederationInvitation.used_at.is_(None),
+                m.FederationInvitation.expires_at > time.time(),
+            )
+            .order_by(m.FederationInvitation.created_at)
+        )
+    )
+
+
+def _token_hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def invite(
+    session: Session, federation: m.Federation, who: Principal, *, name: str, ttl_seconds: float, max_seconds: float
+) -> tuple[m.FederationInvitation, str]:
+    """A one-time, expiring invitation for a site named `name`; the secret is returned once, only its hash kept."""
+    check_steward(federation, who)
+    if not 0 < ttl_seconds <= max_seconds:
+        raise InvalidRequest(f"ttl is more than 0 and at most {max_seconds:.0f} seconds", param="ttl_seconds")
+    taken = {site.name for site in sites_of(session, federation)}
+    taken |= {i.name for i in pending_invitations(session, federation)}
+    if name in taken:
+        raise Conflict(f"The federation already has a site or invitation named {name!r}.", param="name")
+    secret = random_token(43)
+    invitation = m.FederationInvitation(
+        id=new_id("fedinv_"),
+        federation_id=federation.id,
+        name=name,
+        token_hash=_token_hash(secret),
+        created_by=who.user_id,
+        expires_at=time.time() + ttl_seconds,
+    )
+    session.add(invitation)
+    session.flush()
+    return invitation, secret
+
+
+def invitation_tenant(system: Session, secret: str) -> str:
+    """The tenant an invitation belongs to (looked up unfiltered by its hash); 401 if it is unknown."""
+    tenant_id = system.scalar(
+        select(m.FederationInvitation.tenant_id).where(m.FederationInvitation.token_hash == _token_hash(secret))
+    )
+    if tenant_id is None:
+        raise Unauthenticated(_REFUSED_TOKEN)
+    return tenant_id
+
+
+def join(session: Session, secret: str, *, public_key: str, signature: bytes) -> m.FederationSite:
+    """Use an invitation (in its tenant's session): the site is added with its key, the token is spent."""
+    invitation = session.scalar(
+        select(m.FederationInvitation).where(m.FederationInvitation.token_hash == _token_hash(secret))
+    )
+    now = time.time()
+    if invitation is None or invitation.used_at is not None or invitation.expires_at <= now:
+        raise Unauthenticated(_REFUSED_TOKEN)
+    key, _ = parse_site_key(public_key)
+    if not _verify(key, signature, join_message(secret)):
+        raise Unauthenticated("The join request is not signed by the key it registers.")
+    # One use, even against a racing request: only the UPDATE that finds it unused wins.
+    won = session.execute(
+        update(m.FederationInvitation)
+        .where(m.FederationInvitation.id == invitation.id, m.FederationInvitation.used_at.is_(None))
+        .values(used_at=now)
+    ).rowcount
+    if won != 1:
+        raise Unauthenticated(_REFUSED_TOKEN)
+    federation = session.get(m.Federation, invitation.federation_id)
+    site = add_site(session, federation, name=invitation.name, public_key=key, joined=True)
+    invitation.site_id = site.id
+    site.last_seen = now
+    return site
+
+
+def site_tenant(system: Session, site_id: str) -> str:
+    tenant_id = system.scalar(select(m.FederationSite.tenant_id).where(m.FederationSite.id == site_id))
+    if tenant_id is None:
+        raise NotFound(f"No site '{site_id}'.", param="site_id")
+    return tenant_id
+
+
+def check_in(session: Session, site_id: str, *, when: int, signature: bytes) -> m.FederationSite:
+    """A site's signed check-in: marks it seen. 401 unless signed by the site's key within the window."""
+    site = session.get(m.FederationSite, site_id)
+    if site is None or site.tenant_id != session.info.get("tenant_id"):
+        raise NotFound(f"No site '{site_id}'.", param="site_id")
+    if abs(time.time() - when) > CHECK_IN_WINDOW or not _verify(
+        site.public_key, signature, check_in_message(site_id, when)
+    ):
+        raise Unauthenticated("The check-in is not signed by this site's key, or its clock is off by over 5 minutes.")
+    site.last_seen = time.time()
+    return site
+
+
+def publish_coordinator(
+    session: Session,
+    federation: m.Federation,
+    who: Principal,
+    *,
+    superlink: str,
+    superlink_ca: str,
+    rounds: int,
+    sites: list[int] | None = None,
+) -> list[int]:
+    """Where sites dial, and the roster the run admits (`sites`, default all recorded now): sites fetch both on
+    check-in, so the coordinator publishes once their keys are registered with its SuperLink."""
+    check_steward(federation, who)
+    recorded = [site.number for site in sites_of(session, federation)]
+    members = recorded if sites is None else sorted(set(sites))
+    if not members:
+        raise InvalidRequest("The federation has no sites yet.", param="sites")
+    if not set(members) <= set(recorded):
+        raise InvalidRequest(f"No such sites: {sorted(set(members) - set(recorded))}", param="sites")
+    federation.superlink, federation.superlink_ca, federation.rounds = superlink, superlink_ca, rounds
+    federation.members = members
+    federation.status, federation.progress, federation.error, federation.adapter = "created", None, None, None
+    session.execute(delete(m.FederationRound).where(m.FederationRound.federation_id == federation.id))  # a new run
+    return members
+
+
+def member_roster(session: Session, federation: m.Federation) -> dict[str, str]:
+    """The roster the coordinator's run admits (every site until a coordinator has published one)."""
+    full = roster(session, federation)
+    if federation.members is None:
+        return full
+    return {number: key for number, key in full.items() if int(number) in federation.members}
+
+
+def record_event(session: Session, federation: m.Federation, who: Principal, event: dict[str, Any]) -> None:
+    """One line of the coordinator's progress (`apps._progress`): a run started, a stage done, a round done, the
+    run done or failed, the adapter imported."""
+    check_steward(federation, who)
+    kind = event.get("event")
+    if kind == "start":
+        federation.status, federation.error = "running", None
+        federation.rounds = int(event.get("rounds") or federation.rounds or 0) or None
+        federation.progress = {"round": 1, "stage": "training"}
+    elif kind == "round":
+        if "round" not in event:
+            raise InvalidRequest("a round event names its round", param="round")
+        number = int(event["round"])
+        if session.scalar(
+            select(m.FederationRound.id).where(
+                m.FederationRound.federation_id == federation.id, m.FederationRound.number == number
+            )
+        ):
+            raise Conflict(f"Round {number} is already recorded.", param="round")
+        loss, epsilon = event.get("loss"), event.get("epsilon")
+        session.add(
+            m.FederationRound(
+                id=new_id("fedround_"),
+                federation_id=federation.id,
+                number=number,
+                loss=None if loss is None else float(loss),
+                survivors=[int(s) for s in event.get("survivors", [])],
+                seconds=float(event.get("seconds", 0.0)),
+                epsilon=None if epsilon is None else float(epsilon),
+            )
+        )
+        federation.progress = {"round": number + 1, "stage": "training"}
+    elif kind == "done":
+        federation.status, federation.progress = "done", None
+    elif kind == "failed":
+        federation.status, federation.error = "failed", str(event.get("error", ""))[:2000]
+    elif kind == "adapter":
+        federation.adapter = str(event["model"])
+    elif "stage" in event and "round" in event:
+        federation.progress = {"round": int(event["round"]), "stage": str(event["stage"])}
+    else:
+        raise InvalidRequest("unknown progress event", param="event")
+    session.flush()

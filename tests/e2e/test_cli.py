@@ -84,3 +84,6 @@ def test_cli_federation_create_add_sites_and_roster(server, tmp_path):
     assert roster == {str(s): " ".join((tmp_path / f"site{s}.pub").read_text().split()[:2]) for s in (1, 2)}
     refused = server.cli("federated", "add-site", federation, "--name", "again", "--key", str(tmp_path / "site1.pub"))
     assert refused.returncode != 0 and "409" in refused.stderr
+    invited = server.cli("fed", "invite", federation, "--name", "clinic-3", "--ttl", "600")  # `fed`: the short name
+    assert invited.returncode == 0, invited.stderr
+    assert re.search(rf"adaptery fed join --server {server.url} --token \S+\.[0-9a-f]{{64}} ", invited.stdout)

@@ -14,9 +14,12 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from tests.conftest import ARTIFACTS, REPO, SAMPLE_CHAT, ServerProcess, prepare_data_dir, start_server, stop_server
@@ -518,6 +521,58 @@ def test_the_admin_page_shows_the_ledgers_usage_and_pages_through_the_audit_log(
     journey.shot("admin-usage")
 
 
+def test_a_federation_page_follows_its_rounds_live(journey: Journey) -> None:
+    """The coordinator reports through the API (as `adaptery fed coordinator --federation` does); the open page
+    follows without a reload: sites and their status, the round and stage, each round's loss, the adapter."""
+    page, server = journey.page, journey.server
+    api = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.api_key}"}, timeout=30)
+    fed = api.post("/api/federations", json={"name": "hospitals", "base_model": "adaptery-demo"}).json()["id"]
+    journey.found["federation"] = fed
+    for number in (1, 2):
+        key = ec.generate_private_key(ec.SECP384R1()).public_key()
+        public = key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+        api.post(f"/api/federations/{fed}/sites", json={"name": f"clinic-{number}", "public_key": public})
+    api.put(
+        f"/api/federations/{fed}/coordinator", json={"superlink": "127.0.0.1:9093", "superlink_ca": "-", "rounds": 2}
+    )
+
+    def report(event: dict) -> None:
+        assert api.post(f"/api/federations/{fed}/events", json=event).status_code == 200
+
+    report({"event": "start", "rounds": 2})
+    journey.go("fine-tune")
+    page.click("#federations-link")
+    page.get_by_role("link", name="hospitals").click()
+    expect(page.locator("#federation-status")).to_have_attribute("data-status", "running")
+    expect(page.locator("#federation-progress")).to_have_text("round 1 of 2 · local training")
+    expect(page.locator("#federation-sites tbody tr")).to_have_count(2)
+    report({"round": 1, "stage": "masked", "answered": 2, "asked": 2})
+    expect(page.locator("#federation-progress")).to_have_text("round 1 of 2 · masked updates in")
+    report({"event": "round", "round": 1, "loss": 2.5, "survivors": [1], "seconds": 31.0})
+    expect(page.locator("#federation-rounds tbody tr")).to_have_count(1)
+    expect(page.locator("#federation-rounds tbody tr").first.locator("td").nth(1)).to_have_text("2.5")
+    expect(page.locator(".site-status[data-site='2']")).to_have_text("dropped")
+    expect(page.locator("#rounds-progress")).to_have_attribute("value", "1")
+    report({"event": "round", "round": 2, "loss": 1.75, "survivors": [1, 2], "seconds": 29.0})
+    report({"event": "done"})
+    report({"event": "adapter", "model": journey.found["adapter"]})
+    expect(page.locator("#federation-status")).to_have_attribute("data-status", "done")
+    expect(page.locator("#federation-rounds tbody tr")).to_have_count(2)
+    expect(page.get_by_role("img", name=re.compile("Mean training loss by round"))).to_be_visible()
+    link = page.locator("#federation-adapter a").first
+    expect(link).to_have_attribute("href", f"#/models/{quote(journey.found['adapter'], safe='')}")
+    journey.shot("federation")
+
+    page.fill("#invite-name", "clinic-3")
+    page.click("#invite-submit")
+    command = page.locator("#invite-command")
+    expect(command).to_contain_text(f"adaptery fed join --server {server.url} --token ")
+    token = re.search(r"--token (\S+)", command.inner_text()).group(1)
+    listed = api.get(f"/api/federations/{fed}").json()["invitations"]
+    assert [i["name"] for i in listed] == ["clinic-3"] and token not in str(listed)  # shown once, kept as a hash
+    api.close()
+
+
 def test_a_member_of_another_tenant_sees_none_of_it(journey: Journey) -> None:
     created = journey.server.cli("tenants", "create", "other-lab", "--owner", "bob")
     assert created.returncode == 0, created.stderr
@@ -545,6 +600,7 @@ def test_a_member_of_another_tenant_sees_none_of_it(journey: Journey) -> None:
         (f"jobs/{journey.found['job']}", "No fine-tuning job"),
         (f"chat/{journey.found['conversation']}", "No conversation"),
         (f"models/{journey.found['adapter']}", "does not exist"),
+        (f"federations/{journey.found['federation']}", "No federation"),
     ]:
         bob.goto(f"{url}/#/{route}")
         expect(bob.locator("#view")).to_contain_text(shown)

@@ -1,13 +1,16 @@
 """/api/federations: the coordinating tenant records its sites' keys and gets the roster; another tenant
-sees none of it; the coordinator's result is an ordinary adapter that imports and answers chat."""
+sees none of it; a site joins with a one-time invitation and its own key, then checks in by signature; the
+coordinator reports its rounds; its result is an ordinary adapter that imports and answers chat."""
 
 from __future__ import annotations
 
 import io
 import json
+import time
 import zipfile
 
 import numpy as np
+import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from sqlalchemy import select
@@ -16,6 +19,7 @@ from adaptery.auth.principal import Role
 from adaptery.db import models as m
 from adaptery.db.ids import new_id
 from adaptery.engine.demo_model import DEMO_MODEL_ID
+from adaptery.federated import join
 from adaptery.federated.apps import load_roster
 from adaptery.services import keys as api_keys
 
@@ -134,3 +138,164 @@ def test_coordinator_adapter_imports_and_chats(running, demo_model_dir, tmp_path
     )
     assert reply.status_code == 200, reply.text
     assert reply.json()["model"] == model_id
+
+    # The coordinator links the federation to it: only a model the caller may see.
+    auth = running.auth()
+    federation = running.client.post(
+        "/api/federations", json={"name": "adapter-link", "base_model": DEMO_MODEL_ID}, headers=auth
+    ).json()
+    events = f"/api/federations/{federation['id']}/events"
+    hidden = running.client.post(events, json={"event": "adapter", "model": f"{model_id}x"}, headers=auth)
+    assert hidden.status_code == 404
+    linked = running.client.post(events, json={"event": "adapter", "model": model_id}, headers=auth)
+    assert linked.status_code == 200, linked.text
+    assert linked.json()["adapter"] == model_id
+
+
+def invite(running, federation_id: str, name: str, key: str | None = None, **extra) -> object:
+    return running.client.post(
+        f"/api/federations/{federation_id}/invitations",
+        json={"name": name, **extra},
+        headers=running.auth(key),
+    )
+
+
+def test_a_site_joins_with_a_one_time_token_and_checks_in_by_signature(running, tmp_path):
+    client, auth = running.client, running.auth()
+    federation = client.post("/api/federations", json={"name": "clinics", "base_model": DEMO_MODEL_ID}, headers=auth)
+    fed_id = federation.json()["id"]
+    made = invite(running, fed_id, "clinic-a", ttl_seconds=600)
+    assert made.status_code == 201, made.text
+    token = made.json()["token"]
+    listed = client.get(f"/api/federations/{fed_id}", headers=auth).json()
+    assert [i["name"] for i in listed["invitations"]] == ["clinic-a"] and listed["invitations"][0]["token"] is None
+
+    # Proof of possession: a join signed by another key than the one it registers is refused, and spends nothing.
+    stranger = ec.generate_private_key(ec.SECP384R1())
+    secret = token.rpartition(".")[0]
+    forged = client.post(
+        "/api/federations/join",
+        json={
+            "token": token,
+            "public_key": ssh_public(ec.generate_private_key(ec.SECP384R1())),
+            "signature": join.sign(stranger, join.join_message(secret)).hex(),
+        },
+    )
+    assert forged.status_code == 401
+
+    site_dir = tmp_path / "site-a"
+    membership = join.join("http://testserver", token, site_dir, http=client)
+    assert (membership.number, membership.name, membership.federation_id) == (1, "clinic-a", fed_id)
+    assert (site_dir / join.KEY_FILE).stat().st_mode & 0o077 == 0  # the key never leaves the site, nor is shared
+    record = client.get(f"/api/federations/{fed_id}", headers=auth).json()
+    assert record["invitations"] == []
+    (site,) = record["sites"]
+    assert site["joined"] and site["status"] == "online"
+    assert site["public_key"].split()[:2] == (site_dir / "identity.pub").read_text().split()[:2]
+
+    with pytest.raises(join.JoinError, match="401"):  # one use
+        join.join("http://testserver", token, tmp_path / "again", http=client)
+    assert not (tmp_path / "again" / join.KEY_FILE).exists()
+
+    expired = invite(running, fed_id, "clinic-b", ttl_seconds=600).json()["token"]
+    with running.platform.db.system() as s:
+        s.execute(
+            m.FederationInvitation.__table__.update()
+            .where(m.FederationInvitation.name == "clinic-b")
+            .values(expires_at=time.time() - 1)
+        )
+    with pytest.raises(join.JoinError, match="401"):
+        join.join("http://testserver", expired, tmp_path / "late", http=client)
+    with pytest.raises(join.JoinError, match="not the one this invitation was made for"):
+        join.join("http://testserver", f"{secret}.{'0' * 64}", tmp_path / "wrong-ca", http=client)
+    with pytest.raises(join.JoinError, match="64 hex digits"):
+        join.join("http://testserver", "not-a-token", tmp_path / "garbage", http=client)
+
+    # Bad invitations: a name taken, a lifetime past the platform's maximum, a colleague who is not the steward.
+    assert invite(running, fed_id, "clinic-a").status_code == 409
+    assert invite(running, fed_id, "clinic-c", ttl_seconds=10**9).status_code == 400
+    with running.platform.db.system() as s:
+        member = m.User(id=new_id("user_"), username="mo")
+        s.add(member)
+        s.flush()
+        s.add(m.Membership(id=new_id("mem_"), tenant_id=running.tenant_id, user_id=member.id, role=Role.MEMBER))
+        member_key = api_keys.create_key(s, tenant_id=running.tenant_id, user_id=member.id).secret
+    refused = invite(running, fed_id, "clinic-c", member_key)
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "insufficient_role"
+
+    # Another tenant sees nothing of the federation, and can neither invite, publish, nor report to it.
+    other = running.new_tenant("other", "mallory").api_key
+    assert invite(running, fed_id, "evil", other).status_code == 404
+    assert client.get(f"/api/federations/{fed_id}", headers=running.auth(other)).status_code == 404
+    coordinator = {"superlink": "127.0.0.1:9093", "superlink_ca": "PEM", "rounds": 2}
+    put = f"/api/federations/{fed_id}/coordinator"
+    assert client.put(put, json=coordinator, headers=running.auth(other)).status_code == 404
+    events = f"/api/federations/{fed_id}/events"
+    assert client.post(events, json={"event": "start"}, headers=running.auth(other)).status_code == 404
+    their_fed = client.post(
+        "/api/federations", json={"name": "theirs", "base_model": DEMO_MODEL_ID}, headers=running.auth(other)
+    ).json()
+    their_token = invite(running, their_fed["id"], "x", other).json()["token"]
+    theirs = join.join("http://testserver", their_token, tmp_path / "theirs", http=client)
+    assert theirs.federation_id == their_fed["id"]  # an invitation joins its own federation, whoever's it is
+    assert len(client.get(f"/api/federations/{fed_id}", headers=auth).json()["sites"]) == 1
+
+    # Check-ins: before a coordinator publishes, nothing to run with; after, the SuperLink and the roster.
+    view = join.check_in(site_dir, http=client)
+    assert view["superlink"] is None and not join.write_run_files(site_dir, view)
+    unknown_site = client.put(put, json={**coordinator, "sites": [1, 9]}, headers=auth)
+    assert unknown_site.status_code == 400 and unknown_site.json()["error"]["param"] == "sites"
+    roster = client.put(put, json=coordinator, headers=auth)
+    assert roster.status_code == 200 and list(roster.json()) == ["1"]
+    view = join.check_in(site_dir, http=client)
+    assert join.write_run_files(site_dir, view)
+    assert json.loads((site_dir / join.ROSTER_FILE).read_text()) == roster.json()
+    assert (site_dir / join.SUPERLINK_CA_FILE).read_text() == "PEM"
+    check_in = f"/api/federations/sites/{membership.site_id}/check-in"
+    now = int(time.time())
+    wrong = client.post(check_in, json={"time": now, "signature": join.sign(stranger, b"x").hex()})
+    assert wrong.status_code == 401
+    stale = join.sign(join.load_key(site_dir), join.check_in_message(membership.site_id, now - 3600)).hex()
+    assert client.post(check_in, json={"time": now - 3600, "signature": stale}).status_code == 401
+    unknown = client.post("/api/federations/sites/site_nope/check-in", json={"time": now, "signature": "00"})
+    assert unknown.status_code == 404
+    assert client.post(check_in, json={"time": now, "signature": "zz"}).status_code == 400
+
+    with running.platform.db.system() as s:
+        actions = list(s.scalars(select(m.AuditEvent.action).where(m.AuditEvent.target == fed_id)))
+    assert {"federation.invite", "federation.site_join", "federation.coordinator"} <= set(actions)
+
+
+def test_the_coordinator_reports_rounds_and_sites_that_dropped(running):
+    client, auth = running.client, running.auth()
+    fed_id = client.post("/api/federations", json={"name": "rounds", "base_model": DEMO_MODEL_ID}, headers=auth).json()[
+        "id"
+    ]
+    for number in (1, 2):
+        key = ssh_public(ec.generate_private_key(ec.SECP256R1()))
+        client.post(f"/api/federations/{fed_id}/sites", json={"name": f"s{number}", "public_key": key}, headers=auth)
+    coordinator = {"superlink": "127.0.0.1:9093", "superlink_ca": "PEM", "rounds": 2, "sites": [1, 2]}
+    assert client.put(f"/api/federations/{fed_id}/coordinator", json=coordinator, headers=auth).status_code == 200
+    events = f"/api/federations/{fed_id}/events"
+
+    def report(event: dict) -> dict:
+        response = client.post(events, json=event, headers=auth)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    assert report({"event": "start", "sites": 2, "rounds": 2, "parameters": 10})["status"] == "running"
+    progress = report({"round": 1, "stage": "share", "answered": 2, "asked": 2, "time": 1.0})["progress"]
+    assert progress == {"round": 1, "stage": "share"}
+    record = report({"event": "round", "round": 1, "loss": 2.5, "survivors": [1], "seconds": 3.2})
+    assert record["history"][0]["loss"] == 2.5 and record["progress"] == {"round": 2, "stage": "training"}
+    assert [s["status"] for s in record["sites"]] == ["added", "dropped"]
+    duplicate = client.post(events, json={"event": "round", "round": 1, "survivors": [1]}, headers=auth)
+    assert duplicate.status_code == 409
+    assert client.post(events, json={"event": "bogus"}, headers=auth).status_code == 400
+    assert client.post(events, json={"answered": 2}, headers=auth).status_code == 400
+    assert client.post(events, json={"event": "round", "survivors": [1]}, headers=auth).status_code == 400
+    private = report({"event": "round", "round": 2, "loss": None, "survivors": [1, 2], "epsilon": 1.5, "seconds": 3})
+    assert private["history"][1]["loss"] is None and private["history"][1]["epsilon"] == 1.5
+    done = report({"event": "done", "adapter": "/tmp/out/adapter"})
+    assert done["status"] == "done" and done["progress"] is None
+    assert report({"event": "failed", "error": "boom"})["error"] == "boom"

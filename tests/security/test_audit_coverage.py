@@ -32,6 +32,7 @@ NOT_AUDITED = {
     "DELETE /api/conversations/{conversation_id}": "a person's own chat history",
     "POST /api/conversations/{conversation_id}/messages": "a person's own chat history",
     "DELETE /api/conversations/{conversation_id}/messages/{message_id}": "a person's own chat history",
+    "POST /api/federations/sites/{site_id}/check-in": "a site's signed heartbeat: marks it seen, grants nothing",
 }
 STATE_CHANGING = ("POST", "PUT", "PATCH", "DELETE")
 
@@ -80,6 +81,27 @@ def calls(world: World, lora_bytes: bytes, tmp_path) -> list[tuple[str, Callable
 
         public = ec.generate_private_key(ec.SECP384R1()).public_key()
         return public.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+
+    def invite_site() -> httpx.Response:
+        response = client.post(
+            f"/api/federations/{state['federation']}/invitations", headers=owner, json={"name": "site-2"}
+        )
+        state["site_token"] = response.json().get("token")
+        return response
+
+    def join_site() -> httpx.Response:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        from adaptery.federated.join import join_message, sign
+
+        key = ec.generate_private_key(ec.SECP384R1())
+        public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        token = str(state["site_token"])
+        signature = sign(key, join_message(token.rpartition(".")[0])).hex()
+        return client.post(
+            "/api/federations/join", json={"token": token, "public_key": public.decode(), "signature": signature}
+        )
 
     def login() -> httpx.Response:
         return TestClient(client.app).post("/api/auth/login", json={"username": "lab-owner", "password": PASSWORD})
@@ -284,6 +306,13 @@ def calls(world: World, lora_bytes: bytes, tmp_path) -> list[tuple[str, Callable
         ("POST /api/federations/{federation_id}/sites", lambda: client.post(
             f"/api/federations/{state['federation']}/sites", headers=owner,
             json={"name": "site-1", "public_key": site_key()})),
+        ("POST /api/federations/{federation_id}/invitations", invite_site),
+        ("POST /api/federations/join", join_site),
+        ("PUT /api/federations/{federation_id}/coordinator", lambda: client.put(
+            f"/api/federations/{state['federation']}/coordinator", headers=owner,
+            json={"superlink": "127.0.0.1:9093", "superlink_ca": "PEM", "rounds": 1})),
+        ("POST /api/federations/{federation_id}/events", lambda: client.post(
+            f"/api/federations/{state['federation']}/events", headers=owner, json={"event": "done"})),
         ("DELETE /api/datasets/{dataset_id}", lambda: client.delete(
             f"/api/datasets/{ids['dataset_id']}", headers=owner)),
         ("DELETE /v1/files/{file_id}", lambda: client.delete(f"/v1/files/{ids['file_id']}", headers=owner)),

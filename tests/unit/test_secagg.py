@@ -199,3 +199,59 @@ def test_shamir_needs_threshold_shares():
     assert secagg.shamir_combine({x: shares[x] for x in (2, 4, 5)}, 3) == b"\x07" * 32
     with pytest.raises(SecAggError):
         secagg.shamir_combine({x: shares[x] for x in (1, 2)}, 3)
+
+
+def uniform(view: np.ndarray) -> bool:
+    counts = np.bincount((view >> 28).astype(np.int64), minlength=16)
+    return float(np.sum((counts - len(view) / 16) ** 2 / (len(view) / 16))) < 45
+
+
+def test_a_coordinator_marking_a_live_site_dropped_learns_nothing_of_it():
+    """The whole cheat, not one refusal: site 2 is live and its masked input arrives, but the coordinator lists it
+    as dropped so that the others reveal its mask key. They do (it looks like a dropout to all of them), yet its
+    self mask stays hidden, since nobody reveals a b share of a site on a list of dropped sites: what the
+    coordinator can strip off site 2's input leaves it uniform. Site 2, told the honest list, refuses to reveal."""
+    _, _, sessions, server = federation(sites=4, threshold=3)
+    vectors = {site: np.zeros(20000, dtype=np.uint32) for site in sessions}  # the easiest update to recognise
+    vectors[2][:] = 12345
+    adverts = server.collect_adverts([s.advertise() for s in sessions.values()])
+    inboxes = server.route_shares({site: s.share_keys(adverts) for site, s in sessions.items()})
+    received = {site: sessions[site].masked_input(inboxes[site], vectors[site]) for site in sessions}
+    told = {site: [1, 3, 4] for site in (1, 3, 4)} | {2: [1, 2, 3, 4]}
+    signatures = {site: sessions[site].sign_survivors(told[site]) for site in sessions}
+    reveals = [sessions[s].unmask([1, 3, 4], [2], {x: signatures[x] for x in (1, 3, 4)}) for s in (1, 3, 4)]
+    with pytest.raises(SecAggError, match="consistency signatures"):
+        sessions[2].unmask([1, 2, 3, 4], [], {2: signatures[2]})
+    assert all(2 not in r.b_shares for r in reveals)  # never both kinds of share for site 2
+    s_private = secagg.shamir_combine({r.site: r.s_shares[2] for r in reveals}, 3)
+    stripped = received[2].copy()
+    for peer in (1, 3, 4):
+        mask = secagg.prg(secagg._pair_seed(s_private, adverts[peer].s_public, sessions[2].context), 20000)
+        stripped = stripped - mask if peer > 2 else stripped + mask
+    assert np.array_equal(stripped - secagg.prg(sessions[2].self_seed, 20000), vectors[2])  # only b2 is missing
+    assert uniform(stripped) and np.mean(stripped == 12345) < 0.001  # and without it: nothing of site 2's update
+
+
+def test_a_coordinator_telling_sites_different_survivors_gets_no_shares_and_the_round_aborts():
+    """To get both kinds of share for site 2 the coordinator must tell some sites it survived and others it
+    dropped; no story then carries the threshold of consistency signatures, every site refuses, and the round
+    aborts with the coordinator holding masked inputs only."""
+    _, _, sessions, server = federation(sites=4, threshold=3)
+    vectors = updates(sessions, seed=5)
+    adverts = server.collect_adverts([s.advertise() for s in sessions.values()])
+    inboxes = server.route_shares({site: s.share_keys(adverts) for site, s in sessions.items()})
+    received = {site: sessions[site].masked_input(inboxes[site], vectors[site]) for site in sessions}
+    server.collect_masked(received)
+    told = {1: [1, 3, 4], 3: [1, 3, 4], 2: [1, 2, 3, 4], 4: [1, 2, 3, 4]}
+    signatures = {site: sessions[site].sign_survivors(told[site]) for site in sessions}
+    reveals = []
+    for site in sessions:
+        survivors = told[site]
+        dropped = sorted(set(sessions) - set(survivors))
+        with pytest.raises(SecAggError, match="consistency signatures"):
+            reveals.append(sessions[site].unmask(survivors, dropped, signatures))
+    assert reveals == []
+    server.signatures = signatures
+    with pytest.raises(SecAggError, match="revealed shares"):
+        server.unmask(reveals)
+    assert all(np.mean(received[s] == vectors[s]) < 0.05 for s in sessions)  # masked inputs, nothing in clear

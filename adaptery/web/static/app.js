@@ -16,8 +16,9 @@ const PAGES = {
   admin: () => import("/static/admin.js").then((m) => m.renderAdmin),
   arena: () => import("/static/feedback.js").then((m) => m.renderArena),
   feedback: () => import("/static/feedback.js").then((m) => m.renderFeedback),
+  federations: () => import("/static/federations.js").then((m) => m.renderFederations),
 };
-const NAV_OF = { jobs: "fine-tune" };
+const NAV_OF = { jobs: "fine-tune", federations: "fine-tune" };
 
 const state = { me: null, catalog: null, cleanup: null, renderId: 0 };
 

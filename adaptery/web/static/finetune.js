@@ -160,7 +160,8 @@ export async function renderFineTune(root, ctx, { query }) {
     form.insertBefore(h("p", { class: "notice" }, "You have no training data yet. ", h("a", { href: "#/datasets" }, "Upload a dataset"), " first."), estimate);
   }
   const jobsBox = h("div", { id: "jobs" });
-  clear(root, h("h1", { class: "page-title" }, "Fine-tune"), form, section("Jobs", jobsBox));
+  const federated = h("p", { class: "muted" }, "Sites that cannot share their data? ", h("a", { href: "#/federations", id: "federations-link" }, "Federated fine-tuning"), ": one adapter, trained where the data is.");
+  clear(root, h("h1", { class: "page-title" }, "Fine-tune"), federated, form, section("Jobs", jobsBox));
 
   model.addEventListener("change", applyDefaults);
   for (const input of [training, epochs, batch]) input.addEventListener("input", updateEstimate);
