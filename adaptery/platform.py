@@ -17,6 +17,7 @@ from adaptery.agent.link import AgentLink
 from adaptery.agent.worker import Agent
 from adaptery.auth.agent_ca import CertificateAuthority
 from adaptery.auth.tls import ensure_ca, ensure_server_certificate
+from adaptery.auth.transfers import TransferSigner, load_key
 from adaptery.data.chat_template import TemplateBudget
 from adaptery.data.formats import make_token_counter
 from adaptery.data.untrusted import RecordLimits
@@ -112,6 +113,9 @@ class Platform:
             api_base=settings.base_url,
             record_limits=RecordLimits.from_settings(settings),
         )
+        # Presigned URLs for the artifacts enrolled agents move over HTTPS (auth/transfers.py)
+        secret = settings.transfer_key.get_secret_value() if settings.transfer_key else None
+        self.transfers = TransferSigner(load_key(secret, settings.transfer_key_file), settings.transfer_url_seconds)
         self.nats: NatsServer | None = None
         self.control: ControlPlane | None = None
         self._agent_link: AgentLink | None = None
@@ -194,6 +198,7 @@ class Platform:
             request_burst=settings.agent_request_burst,
             requests_in_flight=settings.agent_requests_in_flight,
             evaluations=self.evaluations,
+            transfers=self.transfers,
         )
         self.sync_agents()
         self.control.start()
@@ -256,11 +261,13 @@ class Platform:
             scopes = {a.id: a.tenant_scope for a in active}
             not_training = {a.id for a in active if a.roles is not None and "train" not in a.roles}
             not_inferring = {a.id for a in active if a.roles is not None and "infer" not in a.roles}
+            certified = {a.id for a in active if not a.secret_hash}
         self.router.scopes = scopes
         if self.control is not None:
             self.control.agent_scope = scopes
             self.control.not_training = not_training
             self.control.not_inferring = not_inferring
+            self.control.certified = certified
         if self.nats is not None:
             self.nats.sync_agents(hashes, members)
 

@@ -33,8 +33,9 @@ EVENTS_EVERY_SECONDS = 1.0
 EXIT_GRACE_SECONDS = 30.0
 
 
-def _fetch(agent: Agent, evaluation_id: str, blob: dict[str, Any], target: Path) -> Path:
-    return agent.link.download(evaluation_id, blob["sha256"], blob["bytes"], target)
+def _fetch(agent: Agent, evaluation: dict[str, Any], blob: dict[str, Any], target: Path) -> Path:
+    evaluation_id, attempt = evaluation["evaluation_id"], evaluation.get("attempt")
+    return agent.link.download(evaluation_id, blob["sha256"], blob["bytes"], target, attempt)
 
 
 def write_task(task: dict[str, Any], data_path: Path, task_dir: Path) -> None:
@@ -50,12 +51,11 @@ def write_task(task: dict[str, Any], data_path: Path, task_dir: Path) -> None:
 
 
 def _spec(agent: Agent, evaluation: dict[str, Any], work: Path) -> tuple[dict[str, Any], dict[str, str]]:
-    evaluation_id = evaluation["evaluation_id"]
-    cache = agent.work_dir / "cache"
+    data_dir = work / "data"  # the evaluation's own: wiped with it
     env: dict[str, str] = {}
     if evaluation["kind"] == "lm_eval":
         task = evaluation["task"]
-        data = _fetch(agent, evaluation_id, task["data"], cache / task["data"]["sha256"])
+        data = _fetch(agent, evaluation, task["data"], data_dir / "task.jsonl")
         write_task(task, data, work / "task")
         spec = {
             "kind": "lm_eval",
@@ -73,7 +73,7 @@ def _spec(agent: Agent, evaluation: dict[str, Any], work: Path) -> tuple[dict[st
         if entry.get("files"):
             adapter_dir = work / "adapters" / entry["label"]
             for name, blob in entry["files"].items():
-                _fetch(agent, evaluation_id, blob, adapter_dir / name)
+                _fetch(agent, evaluation, blob, adapter_dir / name)
         entries.append({"label": entry["label"], "model": entry["model"],
                         "adapter_dir": str(adapter_dir) if adapter_dir else None})  # fmt: skip
     blob = evaluation["evaluation_file"]
@@ -82,7 +82,7 @@ def _spec(agent: Agent, evaluation: dict[str, Any], work: Path) -> tuple[dict[st
         "kind": "held_out",
         "base_model": local_base_model(base, agent.models_dir),  # type: ignore[arg-type]
         "models": entries,
-        "evaluation_file": str(_fetch(agent, evaluation_id, blob, cache / blob["sha256"])),
+        "evaluation_file": str(_fetch(agent, evaluation, blob, data_dir / "evaluation.jsonl")),
         "split": evaluation.get("split"),
         **evaluation["params"],
     }

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from adaptery.agent.backends import Backend, LocalBackend, TrainingRun
 from adaptery.agent.link import AgentLink, LinkDown
 from adaptery.agent.process import kill_and_reap
-from adaptery.messaging.protocol import ADAPTER_FILES, Assignment, RemoteError
+from adaptery.messaging.protocol import ADAPTER_FILES, Assignment, BlobRef, RemoteError
 from adaptery.training.spec import LoraHyperparameters
 
 log = logging.getLogger("adaptery.agent")
@@ -130,7 +130,7 @@ class CheckpointUploads:
         }
         try:
             files = sorted(p for p in path.iterdir() if p.is_file() and (full or p.name in ADAPTER_FILES))
-            body["files"] = {p.name: self.link.upload(self.job_id, p) for p in files}
+            body["files"] = {p.name: self.link.upload(self.job_id, p, self.attempt) for p in files}
             self.link.job_call(self.job_id, "checkpoint", body)
         except (LinkDown, RemoteError) as exc:  # a later checkpoint will do; training goes on
             log.warning("job %s: checkpoint of step %s not kept: %s", self.job_id, event.get("step"), exc)
@@ -282,28 +282,24 @@ class Agent:
             return {}
 
     def _fetch_inputs(self, assignment: Assignment, job_dir: Path) -> dict[str, Any]:
-        cache = self.work_dir / "cache"
-        job = assignment.job_id
-        inputs: dict[str, Any] = {
-            "training_file": self.link.download(
-                job,
-                assignment.training_file.sha256,
-                assignment.training_file.bytes,
-                cache / assignment.training_file.sha256,
-            )
-        }
+        """The job's files, into its own directory (wiped when the attempt ends, whatever the outcome)."""
+        job, attempt = assignment.job_id, assignment.attempt
+
+        def fetch(blob: BlobRef, target: Path) -> Path:
+            return self.link.download(job, blob.sha256, blob.bytes, target, attempt)
+
+        inputs: dict[str, Any] = {"training_file": fetch(assignment.training_file, job_dir / "data" / "train.jsonl")}
         if assignment.validation_file is not None:
-            blob = assignment.validation_file
-            inputs["validation_file"] = self.link.download(job, blob.sha256, blob.bytes, cache / blob.sha256)
+            inputs["validation_file"] = fetch(assignment.validation_file, job_dir / "data" / "validation.jsonl")
         if assignment.checkpoint is not None:
             resume = job_dir / f"resume-step-{assignment.checkpoint.step}"
             for name, blob in assignment.checkpoint.files.items():
-                self.link.download(job, blob.sha256, blob.bytes, resume / name)
+                fetch(blob, resume / name)
             inputs["resume_from"] = resume
         if assignment.init_adapter is not None:
             start = job_dir / "init-adapter"
             for name, blob in assignment.init_adapter.items():
-                self.link.download(job, blob.sha256, blob.bytes, start / name)
+                fetch(blob, start / name)
             inputs["init_adapter"] = start
         return inputs
 
@@ -371,7 +367,7 @@ class Agent:
         compute = _compute_used(used_before, started, accelerator=bool(outcome.get("result", {}).get("accelerator")))
         if outcome["state"] == "succeeded":
             adapter = job_dir / "adapter"
-            files = self._retrying(job, "uploading its adapter", lambda: self.link.upload_dir(job, adapter))
+            files = self._retrying(job, "uploading its adapter", lambda: self.link.upload_dir(job, adapter, attempt))
             result = {"state": "succeeded", "result": outcome["result"], "files": files, "attempt": attempt}
             reply = self._finish(job, {**result, "compute": compute})
             log.info("job %s succeeded: %s", job, reply.get("model"))

@@ -212,6 +212,7 @@ def run_agent(
     from adaptery.agent.enroll import Renewer, reload_into
     from adaptery.agent.link import AgentLink
     from adaptery.agent.slurm import SlurmBackend
+    from adaptery.agent.transfers import HttpsTransfers
     from adaptery.agent.worker import Agent
     from adaptery.messaging.credentials import parse_token
     from adaptery.messaging.identity import IdentityDir
@@ -254,7 +255,9 @@ def run_agent(
             console.print("[red]Where is the platform?[/red] pass --nats-url (the hub's, or your island leaf's).")
             raise typer.Exit(2)
         context = store.ssl_context()
-        link = AgentLink(url, me.agent_id, tls=context)
+        # Artifacts travel over the platform's HTTPS, which it enrolled with, never the bus
+        transfers = HttpsTransfers(me.server_url, settings.agent_identity)
+        link = AgentLink(url, me.agent_id, tls=context, transfers=transfers)
         renewer = Renewer(settings.agent_identity, lambda: reload_into(context, settings.agent_identity))
         agent_id = me.agent_id
     else:

@@ -171,9 +171,9 @@ class EvaluationQueue:
             query = query.where(m.Evaluation.attempts == attempt)
         return s.scalars(query).one_or_none()
 
-    def holds(self, evaluation_id: str, agent_id: str) -> bool:
+    def holds(self, evaluation_id: str, agent_id: str, attempt: int | None = None) -> bool:
         with self.db.system() as s:
-            return self._held(s, evaluation_id, agent_id, None) is not None
+            return self._held(s, evaluation_id, agent_id, attempt) is not None
 
     def tenant_of(self, evaluation_id: str) -> str | None:
         with self.db.system() as s:

@@ -360,9 +360,9 @@ class JobQueue:
         query = select(m.FineTuningJob).where(*self._lease_of(job_id, agent_id, attempt))
         return s.scalars(query.with_for_update() if lock else query).one_or_none()
 
-    def holds(self, job_id: str, agent_id: str) -> bool:
+    def holds(self, job_id: str, agent_id: str, attempt: int | None = None) -> bool:
         with self.db.system() as s:
-            return self._held(s, job_id, agent_id) is not None
+            return self._held(s, job_id, agent_id, attempt) is not None
 
     def tenant_of(self, job_id: str) -> str | None:
         """The tenant whose data key seals the job's blobs."""

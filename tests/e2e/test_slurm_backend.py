@@ -61,15 +61,15 @@ class Link:
                 return {"verdict": self.verdicts.pop(0) if self.verdicts else "continue"}
         return {}
 
-    def download(self, job_id: str, sha256: str, size: int, target: Path) -> Path:
+    def download(self, job_id: str, sha256: str, size: int, target: Path, attempt: int | None = None) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(SAMPLE_CHAT, target)
         return target
 
-    def upload(self, job_id: str, path: Path) -> str:
+    def upload(self, job_id: str, path: Path, attempt: int | None = None) -> str:
         return path.name
 
-    def upload_dir(self, job_id: str, directory: Path) -> dict[str, str]:
+    def upload_dir(self, job_id: str, directory: Path, attempt: int | None = None) -> dict[str, str]:
         return {path.name: path.name for path in directory.iterdir() if path.is_file()}
 
     def of(self, verb: str) -> list[dict[str, Any]]:

@@ -49,10 +49,10 @@ class ScriptedLink:
     def job_call(self, job_id: str, verb: str, body: dict[str, Any]) -> dict[str, Any]:
         return self._answer(verb, body)
 
-    def upload_dir(self, job_id: str, directory: Path) -> dict[str, str]:
+    def upload_dir(self, job_id: str, directory: Path, attempt: int | None = None) -> dict[str, str]:
         return self._answer("upload", {}) or {"adapter_model.safetensors": "0" * 64}
 
-    def download(self, job_id: str, sha256: str, size: int, target: Path) -> Path:
+    def download(self, job_id: str, sha256: str, size: int, target: Path, attempt: int | None = None) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text('{"messages": []}\n')
         return target
@@ -147,7 +147,7 @@ def test_a_refusal_is_final_and_retries_are_bounded(tmp_path, trainers, monkeypa
 
 
 class FullDiskLink(ScriptedLink):
-    def download(self, job_id: str, sha256: str, size: int, target: Path) -> Path:
+    def download(self, job_id: str, sha256: str, size: int, target: Path, attempt: int | None = None) -> Path:
         raise OSError(28, "No space left on device")
 
 
@@ -159,7 +159,7 @@ def test_a_full_disk_while_the_job_is_put_together_gives_it_back_but_a_refusal_s
     assert body["state"] == "released" and body["fault"] is True and body["attempt"] == 1
     assert "No space left on device" in body["message"]
 
-    def refuses(job_id: str, sha256: str, size: int, target: Path) -> Path:
+    def refuses(job_id: str, sha256: str, size: int, target: Path, attempt: int | None = None) -> Path:
         raise RemoteError(f"blob {sha256} is not this job's", retryable=False)
 
     link = ScriptedLink()

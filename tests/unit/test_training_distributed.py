@@ -171,11 +171,11 @@ class CancellingLink:
             self.stepped = self.stepped or any(event["type"] == "metrics" for event in body["events"])
         return {"verdict": "cancel" if self.stepped else "continue"} if verb == "heartbeat" else {}
 
-    def download(self, job_id: str, sha256: str, size: int, target: Path) -> Path:
+    def download(self, job_id: str, sha256: str, size: int, target: Path, attempt: int | None = None) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         return Path(shutil.copyfile(SAMPLE_CHAT, target))
 
-    def upload(self, job_id: str, path: Path) -> str:
+    def upload(self, job_id: str, path: Path, attempt: int | None = None) -> str:
         return path.name
 
 
