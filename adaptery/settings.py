@@ -389,6 +389,11 @@ class Settings(KernelSettings):
         return self.data_dir.resolve() / "keys" / "master.key"
 
     @cached_property
+    def agent_key_file(self) -> Path:
+        """A standalone agent's own key (0600, made on first start): seals the adapters and bases it keeps."""
+        return self.data_dir.resolve() / "keys" / "agent.key"
+
+    @cached_property
     def transfer_key_file(self) -> Path:
         """The key presigned artifact URLs are signed with (0600, made on first start) unless transfer_key is set."""
         return self.data_dir.resolve() / "keys" / "transfer.key"

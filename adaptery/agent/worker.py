@@ -24,6 +24,7 @@ from adaptery.agent.backends import Backend, LocalBackend, TrainingRun
 from adaptery.agent.link import AgentLink, LinkDown
 from adaptery.agent.process import kill_and_reap
 from adaptery.messaging.protocol import ADAPTER_FILES, Assignment, BlobRef, RemoteError
+from adaptery.storage.modes import private_dir
 from adaptery.training.spec import LoraHyperparameters
 
 log = logging.getLogger("adaptery.agent")
@@ -326,7 +327,7 @@ class Agent:
     def run_job(self, assignment: Assignment) -> None:
         job_dir = self.work_dir / "jobs" / assignment.job_id / f"attempt-{assignment.attempt}"
         shutil.rmtree(job_dir, ignore_errors=True)
-        job_dir.mkdir(parents=True)
+        private_dir(job_dir)  # its data, checkpoints and adapter are the job's tenant's: 0700, wiped at its end
         beats = Heartbeats(
             self.link, assignment.job_id, self.heartbeat_seconds, assignment.lease_seconds, assignment.attempt
         )

@@ -344,6 +344,7 @@ def _inference_host(settings: Any, link: Any, roles: list[str]) -> Any:  # noqa:
     import torch
 
     from adaptery.agent.inference import InferenceHost
+    from adaptery.agent.vault import AgentVault
     from adaptery.engine.demo_model import DEMO_MODEL_ID, ensure_demo_model
     from adaptery.engine.generation import InferenceEngine
 
@@ -368,6 +369,7 @@ def _inference_host(settings: Any, link: Any, roles: list[str]) -> Any:  # noqa:
         engine,
         bases,
         settings.work_dir / "adapters",
+        vault=AgentVault(settings.agent_key_file),
         roles=roles,
         max_adapters=settings.agent_max_adapters,
         announce_seconds=settings.agent_announce_seconds,
