@@ -31,6 +31,7 @@ from adaptery.messaging.credentials import parse_token
 from adaptery.messaging.server import CONTROL_USER, FabricListener, NatsServer
 from adaptery.services import agents as agent_records
 from adaptery.services import blob_refs, datasets, enrollment, finetuning, models, sso, tenants
+from adaptery.services.base_files import BaseFiles
 from adaptery.services.control_plane import ControlPlane
 from adaptery.services.errors import NotFound
 from adaptery.services.evaluation_queue import EvaluationQueue
@@ -199,6 +200,7 @@ class Platform:
             requests_in_flight=settings.agent_requests_in_flight,
             evaluations=self.evaluations,
             transfers=self.transfers,
+            base_files=BaseFiles(self.db, offline=settings.offline),
         )
         self.sync_agents()
         self.control.start()

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from adaptery.agent.backends import Backend, LocalBackend, TrainingRun
+from adaptery.agent.bases import BaseStore
 from adaptery.agent.link import AgentLink, LinkDown
 from adaptery.agent.process import kill_and_reap
 from adaptery.messaging.protocol import ADAPTER_FILES, Assignment, BlobRef, RemoteError
@@ -199,8 +200,10 @@ class Agent:
         poll_seconds: float,
         models_dir: Path,
         backend: Backend | None = None,
+        bases: BaseStore | None = None,
     ) -> None:
         self.link = link
+        self.bases = bases  # an enrolled agent fetches a base that is not on this machine from the platform
         self.backend = backend or LocalBackend()
         self.work_dir = work_dir
         self.name = name
@@ -304,10 +307,15 @@ class Agent:
             inputs["init_adapter"] = start
         return inputs
 
+    def _base_model(self, assignment: Assignment) -> str:
+        if self.bases is not None and not Path(assignment.base_model_ref).is_dir():
+            return str(self.bases.ensure(self.link, assignment.base_model))
+        return local_base_model(assignment, self.models_dir)
+
     def _write_spec(self, assignment: Assignment, job_dir: Path, inputs: dict[str, Any]) -> Path:
         args = assignment.arguments
         spec: dict[str, Any] = {
-            "base_model": local_base_model(assignment, self.models_dir),
+            "base_model": self._base_model(assignment),
             "training_file": str(inputs["training_file"]),
             "validation_file": str(inputs["validation_file"]) if "validation_file" in inputs else None,
             "output_dir": str(job_dir / "adapter"),

@@ -5,6 +5,8 @@ presigned artifact transfers of enrolled agents (/api/fabric/transfers, `service
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -18,6 +20,7 @@ from adaptery.auth.principal import Principal
 from adaptery.auth.transfers import CERTIFICATE_HEADER, PROOF_HEADER, TRANSFER_PATH, Grant, TransferRefused
 from adaptery.platform import Platform
 from adaptery.services import enrollment, transfers
+from adaptery.services.control_plane import TransferSource
 
 router = APIRouter(tags=["fabric"])
 PEM_MAX = 16 * 1024
@@ -174,7 +177,7 @@ def _refusal(exc: TransferRefused) -> JSONResponse:
     return JSONResponse(error_body(exc.message, "permission_error", code="transfer_refused"), exc.status)
 
 
-def _admit(p: Platform, request: Request, token: str, method: str, sha256: str) -> tuple[Grant, str]:
+def _admit(p: Platform, request: Request, token: str, method: str, sha256: str) -> tuple[Grant, TransferSource]:
     return transfers.admit(
         p.transfers,
         p.control,
@@ -185,6 +188,11 @@ def _admit(p: Platform, request: Request, token: str, method: str, sha256: str) 
         certificate=request.headers.get(CERTIFICATE_HEADER),
         proof=request.headers.get(PROOF_HEADER),
     )
+
+
+def _file_chunks(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as source:
+        yield from iter(lambda: source.read(1024 * 1024), b"")
 
 
 TOKEN = Query(max_length=4096, description="The presigned grant the control plane handed the agent")
@@ -198,12 +206,14 @@ TOKEN = Query(max_length=4096, description="The presigned grant the control plan
 def download_artifact(sha256: str, request: Request, token: str = TOKEN, p: Platform = Depends(platform)) -> Response:
     """A blob an enrolled agent's leased work needs, streamed from the tenant's store (the agent checks its hash)."""
     try:
-        _, tenant_id = _admit(p, request, token, "GET", sha256)
+        _, source = _admit(p, request, token, "GET", sha256)
     except TransferRefused as exc:
         return _refusal(exc)
-    size = p.blobs.size(tenant_id, sha256)
+    if source.path is not None:  # a base model's file
+        size, chunks = source.path.stat().st_size, _file_chunks(source.path)
+    else:
+        size, chunks = p.blobs.size(source.tenant_id, sha256), p.blobs.iter_bytes(source.tenant_id, sha256)
     headers = {"Content-Length": str(size), "Cache-Control": "no-store"}
-    chunks = p.blobs.iter_bytes(tenant_id, sha256)
     return StreamingResponse(chunks, media_type="application/octet-stream", headers=headers)
 
 
@@ -214,8 +224,8 @@ async def upload_artifact(
     """An artifact of an enrolled agent's leased job (a checkpoint's or the adapter's file), streamed into the
     job's tenant's store and kept only if it is the blob granted."""
     try:
-        grant, tenant_id = await run_in_threadpool(_admit, p, request, token, "PUT", sha256)
-        stored = await transfers.receive(p.blobs, tenant_id, grant, request.stream())
+        grant, source = await run_in_threadpool(_admit, p, request, token, "PUT", sha256)
+        stored = await transfers.receive(p.blobs, source.tenant_id, grant, request.stream())
     except TransferRefused as exc:
         return _refusal(exc)
     return StoredArtifact(sha256=stored.sha256, bytes=stored.size)

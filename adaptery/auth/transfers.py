@@ -10,7 +10,7 @@ makes it single-use. The MAC is HMAC-SHA256 under the platform's transfer key (`
 A URL is also bound to its holder: the agent sends its certificate and an ECDSA signature of the token made with
 the certificate's key, so a URL that leaks (a log, a proxy) is of no use to anyone else, another agent included.
 The control plane checks again at use that the work is still leased to the agent under that attempt
-(`ControlPlane.transfer_tenant`): a URL outlives neither its minutes nor its lease.
+(`ControlPlane.transfer_source`): a URL outlives neither its minutes nor its lease.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ PROOF_HEADER = "Adaptery-Agent-Proof"  # base64 of its ECDSA-SHA256 signature of
 PROOF_LABEL = b"adaptery transfer proof v1|"
 MAC_LABEL = b"adaptery transfer v1|"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-Purpose = Literal["job", "request"]
+Purpose = Literal["job", "request", "base"]
 
 
 class TransferRefused(Exception):
@@ -56,8 +56,9 @@ class TransferRefused(Exception):
 class Grant:
     method: Literal["GET", "PUT"]
     sha256: str
-    tenant_id: str
-    purpose: Purpose  # job: a fine-tuning job or an evaluation; request: an infer request
+    tenant_id: str  # "" for a base model's file (shared by every tenant)
+    purpose: Purpose  # job: a fine-tuning job or an evaluation; request: an infer request; base: a base model
+
     work_id: str
     attempt: int | None
     agent_id: str

@@ -183,7 +183,11 @@ def run_agent(
     ] = None,
     base: Annotated[
         list[str] | None,
-        typer.Option("--base", help="A base model to serve: [ID=]PATH (repeatable; default: the demo model)"),
+        typer.Option(
+            "--base",
+            help="A base model to serve: [ID=]PATH, or an ID alone to fetch it from the platform once (enrolled "
+            "agents; verified by hash, safetensors only); repeatable; default: the demo model",
+        ),
     ] = None,
     max_adapters: Annotated[int | None, typer.Option("--max-adapters", help="Adapters kept downloaded")] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="torch threads")] = None,
@@ -209,10 +213,12 @@ def run_agent(
     serves inference (no database, no inbound connection)."""
     if ctx.invoked_subcommand is not None:
         return
+    from adaptery.agent.bases import BaseStore
     from adaptery.agent.enroll import Renewer, reload_into
     from adaptery.agent.link import AgentLink
     from adaptery.agent.slurm import SlurmBackend
     from adaptery.agent.transfers import HttpsTransfers
+    from adaptery.agent.vault import AgentVault
     from adaptery.agent.worker import Agent
     from adaptery.messaging.credentials import parse_token
     from adaptery.messaging.identity import IdentityDir
@@ -300,6 +306,10 @@ def run_agent(
         poll_seconds=settings.agent_poll_seconds,
         models_dir=settings.models_dir,
         backend=SlurmBackend(settings, agent_id) if settings.agent_backend == "slurm" else None,
+        # a fetched base lives in this machine's private scratch: not for a Slurm job on other nodes
+        bases=BaseStore(settings.work_dir / "bases", AgentVault(settings.agent_key_file))
+        if settings.agent_identity is not None and settings.agent_backend != "slurm"
+        else None,
     )
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: worker.stop())
@@ -343,6 +353,7 @@ def _inference_host(settings: Any, link: Any, roles: list[str]) -> Any:  # noqa:
     """The engine `serve` embeds, for the agent's bases, fed over the link."""
     import torch
 
+    from adaptery.agent.bases import BaseStore
     from adaptery.agent.inference import InferenceHost
     from adaptery.agent.vault import AgentVault
     from adaptery.engine.demo_model import DEMO_MODEL_ID, ensure_demo_model
@@ -350,9 +361,14 @@ def _inference_host(settings: Any, link: Any, roles: list[str]) -> Any:  # noqa:
 
     if settings.agent_torch_threads:
         torch.set_num_threads(settings.agent_torch_threads)
+    vault = AgentVault(settings.agent_key_file)
+    base_store = BaseStore(settings.work_dir / "bases", vault)
     bases: dict[str, str] = {}
     for entry in settings.agent_bases:
         base_id, _, path = entry.rpartition("=")
+        if not base_id and not Path(path).is_dir():  # an id alone: fetched from the platform, verified by hash
+            bases[path] = str(base_store.ensure(link, path))
+            continue
         if not Path(path).is_dir():
             raise ValueError(f"--base {entry}: no model directory at {path}")
         bases[base_id or Path(path).resolve().name] = str(Path(path).resolve())
@@ -369,7 +385,7 @@ def _inference_host(settings: Any, link: Any, roles: list[str]) -> Any:  # noqa:
         engine,
         bases,
         settings.work_dir / "adapters",
-        vault=AgentVault(settings.agent_key_file),
+        vault=vault,
         roles=roles,
         max_adapters=settings.agent_max_adapters,
         announce_seconds=settings.agent_announce_seconds,

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterable
 
 from adaptery.auth.agent_ca import CertificateAuthority, CertificateRefused
 from adaptery.auth.transfers import Grant, TransferRefused, TransferSigner, check_holder
-from adaptery.services.control_plane import ControlPlane, RequestRefused
+from adaptery.services.control_plane import ControlPlane, RequestRefused, TransferSource
 from adaptery.storage.blobs import BlobStore, BlobTooLarge, StoredBlob
 
 
@@ -29,8 +29,8 @@ def admit(
     sha256: str,
     certificate: str | None,
     proof: str | None,
-) -> tuple[Grant, str]:
-    """The grant and the tenant whose store it reads or writes; TransferRefused (with its status) otherwise."""
+) -> tuple[Grant, TransferSource]:
+    """The grant and what it reads or writes; TransferRefused (with its status) otherwise."""
     grant = signer.check(token, method, sha256)
     if not certificate or not proof:
         raise TransferRefused(401, "transfer refused: send the agent's certificate and its proof of the token")
@@ -42,12 +42,12 @@ def admit(
     if control is None:
         raise TransferRefused(503, "transfer refused: the control plane is not running")
     try:
-        tenant_id = control.transfer_tenant(grant)
+        source = control.transfer_source(grant)
     except RequestRefused as exc:
         raise TransferRefused(403, f"transfer refused: {exc}") from exc
     if grant.method == "PUT":
         signer.spend(grant)
-    return grant, tenant_id
+    return grant, source
 
 
 async def receive(blobs: BlobStore, tenant_id: str, grant: Grant, chunks: AsyncIterable[bytes]) -> StoredBlob:

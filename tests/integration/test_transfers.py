@@ -13,6 +13,7 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -20,6 +21,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from nats.aio.msg import Msg
 
+from adaptery.agent.bases import BaseStore
+from adaptery.agent.transfers import HttpsTransfers
+from adaptery.agent.vault import AgentVault
 from adaptery.auth.transfers import CERTIFICATE_HEADER, PROOF_HEADER, Grant, prove
 from adaptery.db import models as m
 from adaptery.db.ids import new_id
@@ -241,3 +245,67 @@ def test_an_upload_is_kept_only_when_its_hash_matches_and_its_url_is_used_once(w
     longer_url = world.url(world.a, world.job_a, "PUT", sha, bytes=10)
     answer = client.put(longer_url, content=weights, headers=world.a.headers(longer_url))
     assert answer.status_code == 413
+
+
+class BusOf:
+    """An agent's link whose bus is the control plane's responder in this process and whose HTTPS client is the
+    test's (the same routes, without a socket)."""
+
+    def __init__(self, world: World, agent: Enrolled, identity_dir: Path) -> None:
+        self.world, self.agent_id = world, agent.agent_id
+        store = identity.IdentityDir(identity_dir)
+        me = identity.Identity(agent.agent_id, "agent", None, "default", ["infer"], "http://testserver", None, None)
+        store.save(me, agent.key, agent.cert_pem, world.running.platform.trust_pem())
+        self.transfers = HttpsTransfers("http://testserver", identity_dir)
+        self.transfers.client = world.running.client
+        self.downloads = 0
+        fetch = self.transfers.download
+
+        def counted(*args: object) -> Path:
+            self.downloads += 1
+            return fetch(*args)
+
+        self.transfers.download = counted  # type: ignore[method-assign]
+
+    def call(self, subject: str, body: dict) -> dict:
+        msg = Msg(None, subject=subject, data=json.dumps(body).encode())
+        try:
+            reply, _ = self.world.running.platform.control._handle(msg)
+        except RequestRefused as exc:
+            raise protocol.RemoteError(str(exc)) from exc
+        return protocol.decode(reply)
+
+
+def test_a_base_is_fetched_once_from_the_platform_verified_and_sealed_at_rest(world: World, tmp_path: Path):
+    link = BusOf(world, world.a, tmp_path / "identity")
+    vault = AgentVault(tmp_path / "agent.key", tmp_path / "scratch")
+    served = BaseStore(tmp_path / "bases", vault).ensure(link, DEMO_MODEL_ID)  # type: ignore[arg-type]
+    origin = Path(world.running.platform.settings.models_dir / DEMO_MODEL_ID)
+    wanted = {p.name for p in origin.iterdir() if p.suffix in (".json", ".safetensors", ".jinja", ".txt", ".model")}
+    assert {p.name for p in served.iterdir()} == wanted and link.downloads == len(wanted)
+    for name in wanted:
+        assert (served / name).read_bytes() == (origin / name).read_bytes()
+    sealed = [p for p in (tmp_path / "bases").rglob("*") if p.is_file()]
+    weights = (origin / "model.safetensors").read_bytes()
+    assert len(sealed) == len(wanted) and all(weights[1000:1064] not in p.read_bytes() for p in sealed)
+
+    # The agent restarts (a new scratch): the sealed copy is unsealed and checked, nothing is fetched again;
+    # a sealed file that was altered is fetched anew
+    victim = next(p for p in sealed if p.name == "model.safetensors")
+    victim.write_bytes(victim.read_bytes()[:-1] + b"\0")
+    again = BaseStore(tmp_path / "bases", AgentVault(tmp_path / "agent.key", tmp_path / "scratch-2"))
+    link.downloads = 0
+    served = again.ensure(link, DEMO_MODEL_ID)  # type: ignore[arg-type]
+    assert link.downloads == 1 and (served / "model.safetensors").read_bytes() == weights
+
+    # Only enrolled agents get a base's URLs, only for its files, and an unknown base is refused
+    listing = link.call(protocol.agent_subject(world.a.agent_id, "base"), {"base_id": DEMO_MODEL_ID})["files"]
+    url = listing["model.safetensors"]["url"]
+    misdirected = url.replace(listing["model.safetensors"]["sha256"], listing["config.json"]["sha256"], 1)
+    answer = world.running.client.get(misdirected, headers=world.a.headers(misdirected))
+    assert answer.status_code == 403
+    with pytest.raises(protocol.RemoteError, match="no base model"):
+        link.call(protocol.agent_subject(world.a.agent_id, "base"), {"base_id": "nobody/nothing"})
+    world.running.platform.control.certified.discard(world.a.agent_id)  # as a password agent is
+    with pytest.raises(protocol.RemoteError, match="enrolled by certificate"):
+        link.call(protocol.agent_subject(world.a.agent_id, "base"), {"base_id": DEMO_MODEL_ID})
