@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from adaptery.agent.link import AgentLink
+from adaptery.agent.transfers import TransferFailed
 from adaptery.agent.vault import AgentVault
 from adaptery.messaging import protocol
 
@@ -38,21 +39,36 @@ class BaseStore:
                 f"base model {base_id!r}: fetching a base from the platform needs an enrolled agent (--identity); "
                 "give a local directory as --base ID=PATH otherwise"
             )
-        listing = link.call(protocol.agent_subject(link.agent_id, protocol.BASE_VERB), {"base_id": base_id})
-        files = _checked(base_id, listing.get("files"))
+        files = self._listing(link, base_id)
         name = hashlib.sha256(base_id.encode()).hexdigest()[:32]
         with self._lock:
             plain, sealed = self.vault.plain_dir("bases", name), self.directory / name
-            for file_name, described in sorted(files.items()):
+            for file_name in sorted(files):
                 target, kept = plain / file_name, sealed / file_name
-                if kept.is_file() and self.vault.unseal(kept, target, described["sha256"]):
+                if kept.is_file() and self.vault.unseal(kept, target, files[file_name]["sha256"]):
                     continue  # fetched before and still the platform's
-                link.transfers.download(described["url"], described["sha256"], described["bytes"], target)
+                try:
+                    self._download(link, files[file_name], target)
+                except TransferFailed as exc:
+                    if not exc.retryable:
+                        raise
+                    # the URLs live minutes and a large base takes longer: ask for fresh ones, once
+                    files = self._listing(link, base_id)
+                    self._download(link, files[file_name], target)
                 self.vault.seal(target, kept)
             for stale in [*plain.iterdir(), *(sealed.iterdir() if sealed.is_dir() else [])]:
                 if stale.name not in files:
                     stale.unlink(missing_ok=True)
         return plain
+
+    @staticmethod
+    def _listing(link: AgentLink, base_id: str) -> dict[str, dict[str, Any]]:
+        listing = link.call(protocol.agent_subject(link.agent_id, protocol.BASE_VERB), {"base_id": base_id})
+        return _checked(base_id, listing.get("files"))
+
+    @staticmethod
+    def _download(link: AgentLink, described: dict[str, Any], target: Path) -> None:
+        link.transfers.download(described["url"], described["sha256"], described["bytes"], target)
 
 
 def _checked(base_id: str, files: Any) -> dict[str, dict[str, Any]]:  # noqa: ANN401 - the control plane's JSON

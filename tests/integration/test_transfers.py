@@ -149,10 +149,35 @@ def test_a_leased_jobs_blob_streams_over_https_to_its_agent_and_to_no_other(worl
     assert refusals[0]["error"] == refusals[1]["error"].replace(world.job_a, world.job_b)  # the same for both
 
 
-def test_an_expired_tampered_or_misdirected_url_is_refused(world: World):
-    client, a = world.running.client, world.a
-    signer = world.running.platform.transfers
-    url = world.url(a, world.job_a)
+def test_a_url_is_refused_expired_tampered_misdirected_or_in_another_agents_hands(world: World):
+    client = world.running.client
+    url = world.url(world.a, world.job_a)
+    answer = client.get(url, headers=world.b.headers(url))  # b presents a's URL with its own certificate
+    assert answer.status_code == 403 and "another agent" in answer.json()["error"]["message"]
+
+    stolen = world.a.headers(url) | {PROOF_HEADER: prove(world.b.key, url.split("token=")[1])}
+    answer = client.get(url, headers=stolen)  # a's certificate, but not a's key
+    assert answer.status_code == 403 and "not signed by the certificate's key" in answer.json()["error"]["message"]
+
+    answer = client.get(url)  # no certificate at all
+    assert answer.status_code == 401
+
+    # A self-made certificate with a's subject and the key that signs the proof: not the platform CA's
+    rogue_key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.load_pem_x509_certificate(world.a.cert_pem).subject
+    now = time.time()
+    rogue = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(rogue_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(dt.datetime.fromtimestamp(now - 60, dt.UTC))
+        .not_valid_after(dt.datetime.fromtimestamp(now + 3600, dt.UTC))
+        .sign(rogue_key, hashes.SHA256())
+    )  # fmt: skip
+    rogue_agent = Enrolled(world.a.agent_id, rogue_key, rogue.public_bytes(serialization.Encoding.PEM))
+    answer = client.get(url, headers=rogue_agent.headers(url))
+    assert answer.status_code == 401 and "not issued by this platform's CA" in answer.json()["error"]["message"]
+
+    a, signer = world.a, world.running.platform.transfers
     path, token = url.split("?token=")
     payload, mac = token.split(".")
     grant = Grant(**json.loads(base64.urlsafe_b64decode(payload + "==")))
@@ -185,40 +210,13 @@ def test_an_expired_tampered_or_misdirected_url_is_refused(world: World):
     answer = client.get(url, headers=a.headers(url))
     assert answer.status_code == 403 and "not leased to you" in answer.json()["error"]["message"]
 
-
-def test_another_agents_url_or_a_rogue_certificate_is_refused(world: World):
-    client = world.running.client
-    url = world.url(world.a, world.job_a)
-    answer = client.get(url, headers=world.b.headers(url))  # b presents a's URL with its own certificate
-    assert answer.status_code == 403 and "another agent" in answer.json()["error"]["message"]
-
-    stolen = world.a.headers(url) | {PROOF_HEADER: prove(world.b.key, url.split("token=")[1])}
-    answer = client.get(url, headers=stolen)  # a's certificate, but not a's key
-    assert answer.status_code == 403 and "not signed by the certificate's key" in answer.json()["error"]["message"]
-
-    answer = client.get(url)  # no certificate at all
-    assert answer.status_code == 401
-
-    # A self-made certificate with a's subject and the key that signs the proof: not the platform CA's
-    rogue_key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.load_pem_x509_certificate(world.a.cert_pem).subject
-    now = time.time()
-    rogue = (
-        x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(rogue_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(dt.datetime.fromtimestamp(now - 60, dt.UTC))
-        .not_valid_after(dt.datetime.fromtimestamp(now + 3600, dt.UTC))
-        .sign(rogue_key, hashes.SHA256())
-    )  # fmt: skip
-    rogue_agent = Enrolled(world.a.agent_id, rogue_key, rogue.public_bytes(serialization.Encoding.PEM))
-    answer = client.get(url, headers=rogue_agent.headers(url))
-    assert answer.status_code == 401 and "not issued by this platform's CA" in answer.json()["error"]["message"]
-
-    # A revoked agent's URL dies with it
-    revoked = client.post(f"/api/admin/agents/{world.a.agent_id}/revoke", headers=world.running.auth())
+    # A revoked agent's URLs die with it
+    url_b = world.url(world.b, world.job_b)
+    assert client.get(url_b, headers=world.b.headers(url_b)).status_code == 200
+    revoked = client.post(f"/api/admin/agents/{world.b.agent_id}/revoke", headers=world.running.auth())
     assert revoked.status_code == 200, revoked.text
-    answer = client.get(url, headers=world.a.headers(url))
-    assert answer.status_code == 403
+    answer = client.get(url_b, headers=world.b.headers(url_b))
+    assert answer.status_code == 403 and "unrevoked" in answer.json()["error"]["message"]
 
 
 def test_an_upload_is_kept_only_when_its_hash_matches_and_its_url_is_used_once(world: World):
