@@ -41,10 +41,10 @@ from adaptery.services.inference_router import InferenceRouter
 from adaptery.services.oidc import OidcClient
 from adaptery.services.queue import JobQueue
 from adaptery.settings import Settings
-from adaptery.storage.blobs import BlobStore, make_scratch
+from adaptery.storage.blobs import BlobStore
 from adaptery.storage.crypto import LocalKeyProvider
 from adaptery.storage.keys import Keyring
-from adaptery.storage.modes import private_dir
+from adaptery.storage.modes import make_scratch, private_dir
 
 log = logging.getLogger("adaptery")
 RECOVERY_INTERVAL_SECONDS = 5.0

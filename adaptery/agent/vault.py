@@ -5,7 +5,7 @@ in authenticated 64 KiB segments, a key per file derived from the agent's key an
 key made on first use in a 0600 file beside the agent's data. Code that needs a path (the engine loading an
 adapter or a base, the trainer) gets a plaintext copy in the agent's scratch: a 0700 directory of this process,
 in memory (`/dev/shm`) where the machine has it, removed with its entry, when the process exits, and, should it
-have been killed, by the next agent that starts (`storage.blobs.make_scratch`).
+have been killed, by the next agent that starts (`storage.modes.make_scratch`).
 
 A sealed file is opened only through its authentication, and every plaintext copy is checked against the hash
 the platform named before it is used: a sealed copy that was altered, or one from another key, is fetched again.
@@ -19,9 +19,8 @@ import os
 import shutil
 from pathlib import Path
 
-from adaptery.storage.blobs import make_scratch
 from adaptery.storage.crypto import DataKey, TamperedError, new_master_key_text, write_key_file
-from adaptery.storage.modes import private_dir
+from adaptery.storage.modes import make_scratch, private_dir
 
 CHUNK = 1024 * 1024
 MEMORY_TMP = Path("/dev/shm")

@@ -660,9 +660,10 @@ def check_storage(
     """
     from adaptery.db.session import Database
     from adaptery.services.storage_check import check_storage as check
-    from adaptery.storage.blobs import BlobStore, make_scratch
+    from adaptery.storage.blobs import BlobStore
     from adaptery.storage.crypto import LocalKeyProvider
     from adaptery.storage.keys import Keyring
+    from adaptery.storage.modes import make_scratch
 
     settings = _settings(data_dir=data_dir, database_url=database_url)
     db = Database(settings.resolved_database_url)
