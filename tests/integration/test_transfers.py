@@ -29,6 +29,7 @@ from adaptery.db import models as m
 from adaptery.db.ids import new_id
 from adaptery.engine.demo_model import DEMO_MODEL_ID
 from adaptery.messaging import identity, protocol
+from adaptery.messaging.protocol import InferRequest
 from adaptery.services.control_plane import RequestRefused
 from tests.integration.conftest import Running
 from tests.integration.test_tenancy_and_queue import make_tenant
@@ -147,6 +148,21 @@ def test_a_leased_jobs_blob_streams_over_https_to_its_agent_and_to_no_other(worl
     ]
     assert all("error" in refusal for refusal in refusals), refusals
     assert refusals[0]["error"] == refusals[1]["error"].replace(world.job_a, world.job_b)  # the same for both
+
+    # An infer request's adapter: only while the request sent to this agent is open
+    client = world.running.client
+    request = InferRequest(
+        "chatcmpl-t", DEMO_MODEL_ID, [1, 2], {}, adapter_key=world.data_sha,
+        adapter_files={"adapter_model.safetensors": world.data_sha},
+    )  # fmt: skip
+    stream = control.open_stream(world.a.agent_id, world.running.tenant_id, request)
+    ask = {"purpose": "request", "id": "chatcmpl-t", "method": "GET", "sha256": world.data_sha}
+    assert "error" in world.ask(world.b, **ask)  # sent to a, not b
+    url = world.ask(world.a, **ask)["url"]
+    assert client.get(url, headers=world.a.headers(url)).content == DATA
+    control.close_stream(stream)
+    answer = client.get(url, headers=world.a.headers(url))
+    assert answer.status_code == 403 and "not part of a request sent to you" in answer.json()["error"]["message"]
 
 
 def test_a_url_is_refused_expired_tampered_misdirected_or_in_another_agents_hands(world: World):
