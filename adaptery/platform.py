@@ -17,6 +17,7 @@ from adaptery.agent.link import AgentLink
 from adaptery.agent.worker import Agent
 from adaptery.auth.agent_ca import CertificateAuthority
 from adaptery.auth.tls import ensure_ca, ensure_server_certificate
+from adaptery.auth.transfers import TransferSigner, load_key
 from adaptery.data.chat_template import TemplateBudget
 from adaptery.data.formats import make_token_counter
 from adaptery.data.untrusted import RecordLimits
@@ -30,6 +31,7 @@ from adaptery.messaging.credentials import parse_token
 from adaptery.messaging.server import CONTROL_USER, FabricListener, NatsServer
 from adaptery.services import agents as agent_records
 from adaptery.services import blob_refs, datasets, enrollment, finetuning, models, sso, tenants
+from adaptery.services.base_files import BaseFiles
 from adaptery.services.control_plane import ControlPlane
 from adaptery.services.errors import NotFound
 from adaptery.services.evaluation_queue import EvaluationQueue
@@ -39,10 +41,10 @@ from adaptery.services.inference_router import InferenceRouter
 from adaptery.services.oidc import OidcClient
 from adaptery.services.queue import JobQueue
 from adaptery.settings import Settings
-from adaptery.storage.blobs import BlobStore, make_scratch
+from adaptery.storage.blobs import BlobStore
 from adaptery.storage.crypto import LocalKeyProvider
 from adaptery.storage.keys import Keyring
-from adaptery.storage.modes import private_dir
+from adaptery.storage.modes import make_scratch, private_dir
 
 log = logging.getLogger("adaptery")
 RECOVERY_INTERVAL_SECONDS = 5.0
@@ -112,6 +114,9 @@ class Platform:
             api_base=settings.base_url,
             record_limits=RecordLimits.from_settings(settings),
         )
+        # Presigned URLs for the artifacts enrolled agents move over HTTPS (auth/transfers.py)
+        secret = settings.transfer_key.get_secret_value() if settings.transfer_key else None
+        self.transfers = TransferSigner(load_key(secret, settings.transfer_key_file), settings.transfer_url_seconds)
         self.nats: NatsServer | None = None
         self.control: ControlPlane | None = None
         self._agent_link: AgentLink | None = None
@@ -190,6 +195,8 @@ class Platform:
             request_burst=settings.agent_request_burst,
             requests_in_flight=settings.agent_requests_in_flight,
             evaluations=self.evaluations,
+            transfers=self.transfers,
+            base_files=BaseFiles(self.db, offline=settings.offline),
         )
         self.sync_agents()
         self.control.start()
@@ -252,11 +259,13 @@ class Platform:
             scopes = {a.id: a.tenant_scope for a in active}
             not_training = {a.id for a in active if a.roles is not None and "train" not in a.roles}
             not_inferring = {a.id for a in active if a.roles is not None and "infer" not in a.roles}
+            certified = {a.id for a in active if not a.secret_hash}
         self.router.scopes = scopes
         if self.control is not None:
             self.control.agent_scope = scopes
             self.control.not_training = not_training
             self.control.not_inferring = not_inferring
+            self.control.certified = certified
         if self.nats is not None:
             self.nats.sync_agents(hashes, members)
 

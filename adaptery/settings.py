@@ -268,6 +268,12 @@ class Settings(KernelSettings):
     agent_certificate_hours: float = Field(
         24.0, gt=0, description="Lifetime of an agent's client certificate; it renews at 2/3 of it."
     )
+    transfer_key: SecretStr | None = Field(
+        None, description="Signs the presigned URLs agents move artifacts with (default: a 0600 file in the data dir)"
+    )
+    transfer_url_seconds: float = Field(
+        300.0, gt=0, le=3600, description="How long a presigned artifact URL handed to an agent stays usable."
+    )
     enrollment_token_max_hours: float = Field(
         168.0, gt=0, description="The longest an enrollment token may stay usable."
     )
@@ -383,6 +389,16 @@ class Settings(KernelSettings):
     def master_key_file(self) -> Path:
         """The master key (0600, made on first start) unless ADAPTERY_MASTER_KEY gives it."""
         return self.data_dir.resolve() / "keys" / "master.key"
+
+    @cached_property
+    def agent_key_file(self) -> Path:
+        """A standalone agent's own key (0600, made on first start): seals the adapters and bases it keeps."""
+        return self.data_dir.resolve() / "keys" / "agent.key"
+
+    @cached_property
+    def transfer_key_file(self) -> Path:
+        """The key presigned artifact URLs are signed with (0600, made on first start) unless transfer_key is set."""
+        return self.data_dir.resolve() / "keys" / "transfer.key"
 
     @cached_property
     def models_dir(self) -> Path:

@@ -34,9 +34,8 @@ EXIT_GRACE_SECONDS = 30.0
 
 
 def _fetch(agent: Agent, evaluation: dict[str, Any], blob: dict[str, Any], target: Path) -> Path:
-    """A blob of the evaluation, under its attempt's lease."""
-    attempt = evaluation.get("attempt")
-    return agent.link.download(evaluation["evaluation_id"], blob["sha256"], blob["bytes"], target, attempt)
+    evaluation_id, attempt = evaluation["evaluation_id"], evaluation.get("attempt")
+    return agent.link.download(evaluation_id, blob["sha256"], blob["bytes"], target, attempt)
 
 
 def write_task(task: dict[str, Any], data_path: Path, task_dir: Path) -> None:
@@ -52,11 +51,11 @@ def write_task(task: dict[str, Any], data_path: Path, task_dir: Path) -> None:
 
 
 def _spec(agent: Agent, evaluation: dict[str, Any], work: Path) -> tuple[dict[str, Any], dict[str, str]]:
-    cache = agent.work_dir / "cache"
+    data_dir = work / "data"  # the evaluation's own: wiped with it
     env: dict[str, str] = {}
     if evaluation["kind"] == "lm_eval":
         task = evaluation["task"]
-        data = _fetch(agent, evaluation, task["data"], cache / task["data"]["sha256"])
+        data = _fetch(agent, evaluation, task["data"], data_dir / "task.jsonl")
         write_task(task, data, work / "task")
         spec = {
             "kind": "lm_eval",
@@ -83,7 +82,7 @@ def _spec(agent: Agent, evaluation: dict[str, Any], work: Path) -> tuple[dict[st
         "kind": "held_out",
         "base_model": local_base_model(base, agent.models_dir),  # type: ignore[arg-type]
         "models": entries,
-        "evaluation_file": str(_fetch(agent, evaluation, blob, cache / blob["sha256"])),
+        "evaluation_file": str(_fetch(agent, evaluation, blob, data_dir / "evaluation.jsonl")),
         "split": evaluation.get("split"),
         **evaluation["params"],
     }

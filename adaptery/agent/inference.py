@@ -12,7 +12,8 @@ once. What the agent can do and how loaded it is goes to the control plane as an
 
 Adapters reach the agent on demand: the first request naming one downloads its blobs (safetensors and its
 config only), each verified by sha256 against the request, into a cache of at most `max_adapters` adapters
-(least recently used out first; never one a request is using).
+(least recently used out first; never one a request is using), sealed at rest under the agent's key with the
+plaintext the engine loads only in the agent's private scratch (`agent/vault.py`).
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ from typing import Any
 import psutil
 
 from adaptery.agent.link import AgentLink, LinkDown
+from adaptery.agent.vault import AgentVault
 from adaptery.engine.generation import AdapterSpec, EngineUnavailable, GenerationTimedOut, InferenceEngine, Usage
 from adaptery.engine.sampling import SamplingParams
 from adaptery.messaging import protocol
 from adaptery.messaging.protocol import InferRequest, RemoteError
+from adaptery.storage.modes import private_dir
 
 log = logging.getLogger("adaptery.agent.infer")
 ANNOUNCE_POLL_SECONDS = 0.1
@@ -66,18 +69,21 @@ class _Stream:
 
 
 class AdapterCache:
-    """Downloaded adapters by content hash, at most `capacity`, least recently used evicted first."""
+    """Downloaded adapters by content hash, at most `capacity`, least recently used evicted first. Each is kept
+    sealed under the agent's key in `directory` (`agent/vault.py`) and, while cached, as a plaintext copy in the
+    vault's private scratch for the engine to load; eviction removes both."""
 
-    def __init__(self, directory: Path, capacity: int) -> None:
+    def __init__(self, directory: Path, capacity: int, vault: AgentVault) -> None:
         self.directory = directory
         self.capacity = capacity
-        self.entries: OrderedDict[str, Path] = OrderedDict()
+        self.vault = vault
+        self.entries: OrderedDict[str, Path] = OrderedDict()  # key -> its plaintext directory
         self.in_use: dict[str, int] = {}
         self.downloading: set[str] = set()
         self.lock = threading.Lock()
         self._ready = threading.Condition(self.lock)
         shutil.rmtree(directory, ignore_errors=True)  # what a previous run left is not trusted
-        directory.mkdir(parents=True, exist_ok=True)
+        private_dir(directory)
 
     def acquire(self, link: AgentLink, request: InferRequest) -> tuple[AdapterSpec, bool]:
         """The adapter of `request`, downloaded if needed, held until `release`; and whether it was a hit."""
@@ -96,12 +102,14 @@ class AdapterCache:
                 self.downloading.add(key)
             self.in_use[key] = self.in_use.get(key, 0) + 1
         if not hit:
+            plain = self.vault.plain_dir("adapters", key)
             try:
-                target = self.directory / key
-                shutil.rmtree(target, ignore_errors=True)
                 for name, sha256 in sorted(files.items()):
-                    link.download_adapter(request.request_id, sha256, target / name)
+                    # fetched into the private scratch (verified by hash), then sealed at rest
+                    link.download_adapter(request.request_id, sha256, plain / name)
+                    self.vault.seal(plain / name, self.directory / key / name)
             except BaseException:
+                self._forget(key)
                 self.release(key)
                 raise
             finally:
@@ -109,9 +117,13 @@ class AdapterCache:
                     self.downloading.discard(key)
                     self._ready.notify_all()
             with self.lock:
-                self.entries[key] = target
+                self.entries[key] = plain
                 self._evict()
         return AdapterSpec(key, self.entries[key]), hit
+
+    def _forget(self, key: str) -> None:
+        self.vault.wipe(self.vault.scratch / "adapters" / key)
+        shutil.rmtree(self.directory / key, ignore_errors=True)
 
     def release(self, key: str) -> None:
         with self.lock:
@@ -127,7 +139,8 @@ class AdapterCache:
             if len(self.entries) <= self.capacity:
                 return
             if key not in self.in_use:
-                shutil.rmtree(self.entries.pop(key), ignore_errors=True)
+                self.entries.pop(key)
+                self._forget(key)
 
     def keys(self) -> tuple[list[str], list[str]]:
         with self.lock:
@@ -142,6 +155,7 @@ class InferenceHost:
         bases: dict[str, str],
         cache_dir: Path,
         *,
+        vault: AgentVault,
         roles: list[str],
         max_adapters: int,
         announce_seconds: float,
@@ -151,7 +165,7 @@ class InferenceHost:
         self.bases = dict(bases)  # base id -> local path
         self.roles = roles
         self.announce_seconds = announce_seconds
-        self.adapters = AdapterCache(cache_dir, max_adapters)
+        self.adapters = AdapterCache(cache_dir, max_adapters, vault)
         self.streams: dict[str, _Stream] = {}
         self.streams_lock = threading.Lock()
         self.served = 0

@@ -3,6 +3,11 @@
 nats-py is asyncio; the agent loop and its training supervision are plain threads. The connection
 lives in its own event loop thread, and each call here waits for its reply. nats-py reconnects by
 itself; a call made while the server is away fails with `LinkDown`, which the loop treats as "try later".
+
+Blobs move one of two ways. An agent enrolled by certificate (`transfers` given) asks the control plane for a
+presigned URL per blob and moves the bytes over the platform's HTTPS (`agent/transfers.py`): never the bus. An
+agent with a password runs on the platform's loopback only (the embedded one): its blobs come in chunks over the
+bus, which needs no HTTP server (a `Platform` driven without one, as tests do).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nats
 from nats.errors import AuthorizationError
@@ -24,6 +29,9 @@ from nats.errors import Error as NatsError
 
 from adaptery.messaging import protocol
 from adaptery.messaging.protocol import RemoteError
+
+if TYPE_CHECKING:
+    from adaptery.agent.transfers import HttpsTransfers
 
 ENROLLMENT_GRACE_SECONDS = 4.0
 
@@ -34,7 +42,8 @@ class LinkDown(ConnectionError):
 
 class AgentLink:
     """`secret`: the password of an agent on loopback (the embedded one). `tls`: an enrolled agent's client
-    context (`messaging.identity.IdentityDir.ssl_context`); its certificate is its only credential."""
+    context (`messaging.identity.IdentityDir.ssl_context`); its certificate is its only credential. `transfers`:
+    an enrolled agent's HTTPS client for blobs."""
 
     def __init__(
         self,
@@ -44,6 +53,7 @@ class AgentLink:
         *,
         tls: ssl.SSLContext | None = None,
         request_seconds: float = protocol.REQUEST_SECONDS,
+        transfers: HttpsTransfers | None = None,
     ):
         if (secret is None) == (tls is None):
             raise ValueError("an agent link signs in with a password or a certificate, one of them")
@@ -52,6 +62,7 @@ class AgentLink:
         self.secret = secret
         self.tls = tls
         self.request_seconds = request_seconds
+        self.transfers = transfers
         self.nudged = threading.Event()  # set when the control plane says a job was cancelled or paused
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="adaptery-agent-link", daemon=True)
@@ -110,6 +121,8 @@ class AgentLink:
         if self._loop.is_running():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=5)
+        if self.transfers is not None:
+            self.transfers.close()
 
     # --- requests ---------------------------------------------------------------------------------
 
@@ -147,17 +160,35 @@ class AgentLink:
         return self.call(protocol.job_subject(self.agent_id, job_id, verb), body)
 
     def download(self, job_id: str, sha256: str, size: int, target: Path, attempt: int | None = None) -> Path:
-        """Fetch a blob in chunks to `target` (kept if already there with the right hash), under the lease of
-        `attempt` (the assignment's): once that attempt is over, the control plane refuses."""
+        """Fetch a blob of the job (or evaluation) leased to this agent to `target` (kept if already there with
+        the right hash), under the lease of `attempt` (the assignment's): once that attempt is over, the control
+        plane refuses: over HTTPS by a presigned URL for an enrolled agent, else in chunks over the bus."""
         if target.is_file() and target.stat().st_size == size and _sha256(target) == sha256:
             return target
+        if self.transfers is not None:
+            url = self.transfer_url("job", job_id, "GET", sha256, attempt=attempt)
+            return self.transfers.download(url, sha256, size, target)
         body = {"attempt": attempt} if attempt is not None else {}
         return self._fetch(protocol.job_subject(self.agent_id, job_id, "download"), body, sha256, size, target)
 
     def download_adapter(self, request_id: str, sha256: str, target: Path) -> Path:
         """Fetch a blob of the adapter an infer request names (the control plane serves no other) to `target`."""
+        if self.transfers is not None:
+            url = self.transfer_url("request", request_id, "GET", sha256)
+            return self.transfers.download(url, sha256, None, target)
         subject = protocol.agent_subject(self.agent_id, protocol.ADAPTER_VERB)
         return self._fetch(subject, {"request_id": request_id}, sha256, None, target)
+
+    def transfer_url(
+        self, purpose: str, work_id: str, method: str, sha256: str, *, attempt: int | None = None, size: int = 0
+    ) -> str:
+        """A presigned URL (a path on the platform's server) for one blob of work leased to this agent."""
+        body: dict[str, Any] = {"purpose": purpose, "id": work_id, "method": method, "sha256": sha256}
+        if attempt is not None:
+            body["attempt"] = attempt
+        if method == "PUT":
+            body["bytes"] = size
+        return str(self.call(protocol.agent_subject(self.agent_id, protocol.TRANSFER_VERB), body)["url"])
 
     def _fetch(self, subject: str, body: dict[str, Any], sha256: str, size: int | None, target: Path) -> Path:
         """Chunks until `size` bytes (or, size unknown, a short chunk), verified against `sha256`."""
@@ -200,12 +231,16 @@ class AgentLink:
         self._loop.call_soon_threadsafe(lambda: self._loop.create_task(nc.publish(subject, data)))
 
     def upload(self, job_id: str, path: Path, attempt: int | None = None) -> str:
-        """Send a file in chunks under the lease of `attempt`; the control plane stores it as a blob. Returns its
-        sha256."""
+        """Send a file under the lease of `attempt`; the control plane stores it as a blob of the job's tenant.
+        Returns its sha256."""
         sha = _sha256(path)
+        size = path.stat().st_size
+        if self.transfers is not None:
+            url = self.transfer_url("job", job_id, "PUT", sha, attempt=attempt, size=size)
+            self.transfers.upload(url, path, size)
+            return sha
         upload_id = uuid.uuid4().hex
         subject = protocol.job_subject(self.agent_id, job_id, "upload")
-        size = path.stat().st_size
         with path.open("rb") as source:
             offset = 0
             while True:

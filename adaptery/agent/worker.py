@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from adaptery.agent.backends import Backend, LocalBackend, TrainingRun
+from adaptery.agent.bases import BaseStore
 from adaptery.agent.link import AgentLink, LinkDown
 from adaptery.messaging.protocol import ADAPTER_FILES, Assignment, BlobRef, RemoteError
 from adaptery.process import kill_and_reap
+from adaptery.storage.modes import private_dir
 from adaptery.training.spec import LoraHyperparameters
 
 log = logging.getLogger("adaptery.agent")
@@ -198,8 +200,10 @@ class Agent:
         poll_seconds: float,
         models_dir: Path,
         backend: Backend | None = None,
+        bases: BaseStore | None = None,
     ) -> None:
         self.link = link
+        self.bases = bases  # an enrolled agent fetches a base that is not on this machine from the platform
         self.backend = backend or LocalBackend()
         self.work_dir = work_dir
         self.name = name
@@ -282,18 +286,15 @@ class Agent:
             return {}
 
     def _fetch_inputs(self, assignment: Assignment, job_dir: Path) -> dict[str, Any]:
-        cache = self.work_dir / "cache"
+        """The job's files, into its own directory (wiped when the attempt ends, whatever the outcome)."""
         job, attempt = assignment.job_id, assignment.attempt
 
         def fetch(blob: BlobRef, target: Path) -> Path:
             return self.link.download(job, blob.sha256, blob.bytes, target, attempt)
 
-        inputs: dict[str, Any] = {
-            "training_file": fetch(assignment.training_file, cache / assignment.training_file.sha256)
-        }
+        inputs: dict[str, Any] = {"training_file": fetch(assignment.training_file, job_dir / "data" / "train.jsonl")}
         if assignment.validation_file is not None:
-            blob = assignment.validation_file
-            inputs["validation_file"] = fetch(blob, cache / blob.sha256)
+            inputs["validation_file"] = fetch(assignment.validation_file, job_dir / "data" / "validation.jsonl")
         if assignment.checkpoint is not None:
             resume = job_dir / f"resume-step-{assignment.checkpoint.step}"
             for name, blob in assignment.checkpoint.files.items():
@@ -306,10 +307,15 @@ class Agent:
             inputs["init_adapter"] = start
         return inputs
 
+    def _base_model(self, assignment: Assignment) -> str:
+        if self.bases is not None and not Path(assignment.base_model_ref).is_dir():
+            return str(self.bases.ensure(self.link, assignment.base_model))
+        return local_base_model(assignment, self.models_dir)
+
     def _write_spec(self, assignment: Assignment, job_dir: Path, inputs: dict[str, Any]) -> Path:
         args = assignment.arguments
         spec: dict[str, Any] = {
-            "base_model": local_base_model(assignment, self.models_dir),
+            "base_model": self._base_model(assignment),
             "training_file": str(inputs["training_file"]),
             "validation_file": str(inputs["validation_file"]) if "validation_file" in inputs else None,
             "output_dir": str(job_dir / "adapter"),
@@ -329,7 +335,7 @@ class Agent:
     def run_job(self, assignment: Assignment) -> None:
         job_dir = self.work_dir / "jobs" / assignment.job_id / f"attempt-{assignment.attempt}"
         shutil.rmtree(job_dir, ignore_errors=True)
-        job_dir.mkdir(parents=True)
+        private_dir(job_dir)  # its data, checkpoints and adapter are the job's tenant's: 0700, wiped at its end
         beats = Heartbeats(
             self.link, assignment.job_id, self.heartbeat_seconds, assignment.lease_seconds, assignment.attempt
         )

@@ -1,18 +1,26 @@
 """Joining the fabric: enrollment tokens and revocation (admins), and the public routes an enrolling machine
-calls with what proves it (a token, or its current certificate): /api/fabric/ca, /enroll, /renew."""
+calls with what proves it (a token, or its current certificate): /api/fabric/ca, /enroll, /renew; and the
+presigned artifact transfers of enrolled agents (/api/fabric/transfers, `services/transfers.py`)."""
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Literal
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from adaptery.api.deps import platform, principal
+from adaptery.api.errors import error_body
 from adaptery.auth.principal import Principal
+from adaptery.auth.transfers import CERTIFICATE_HEADER, PROOF_HEADER, TRANSFER_PATH, Grant, TransferRefused
 from adaptery.platform import Platform
-from adaptery.services import enrollment
+from adaptery.services import enrollment, transfers
+from adaptery.services.control_plane import TransferSource
 
 router = APIRouter(tags=["fabric"])
 PEM_MAX = 16 * 1024
@@ -157,3 +165,67 @@ def renew(body: RenewRequest, p: Platform = Depends(platform)) -> Enrolled:
         return _enrolled(
             p, enrollment.renew(s, body.certificate.encode(), body.csr.encode(), ca=p.agent_ca, lifetime=_lifetime(p))
         )
+
+
+class StoredArtifact(BaseModel):
+    object: Literal["blob"] = "blob"
+    sha256: str
+    bytes: int
+
+
+def _refusal(exc: TransferRefused) -> JSONResponse:
+    return JSONResponse(error_body(exc.message, "permission_error", code="transfer_refused"), exc.status)
+
+
+def _admit(p: Platform, request: Request, token: str, method: str, sha256: str) -> tuple[Grant, TransferSource]:
+    return transfers.admit(
+        p.transfers,
+        p.control,
+        p.agent_ca,
+        token=token,
+        method=method,
+        sha256=sha256,
+        certificate=request.headers.get(CERTIFICATE_HEADER),
+        proof=request.headers.get(PROOF_HEADER),
+    )
+
+
+def _file_chunks(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as source:
+        yield from iter(lambda: source.read(1024 * 1024), b"")
+
+
+TOKEN = Query(max_length=4096, description="The presigned grant the control plane handed the agent")
+
+
+@router.get(
+    TRANSFER_PATH + "/{sha256}",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/octet-stream": {}}, "description": "The blob's bytes"}},
+)
+def download_artifact(sha256: str, request: Request, token: str = TOKEN, p: Platform = Depends(platform)) -> Response:
+    """A blob an enrolled agent's leased work needs, streamed from the tenant's store (the agent checks its hash)."""
+    try:
+        _, source = _admit(p, request, token, "GET", sha256)
+    except TransferRefused as exc:
+        return _refusal(exc)
+    if source.path is not None:  # a base model's file
+        size, chunks = source.path.stat().st_size, _file_chunks(source.path)
+    else:
+        size, chunks = p.blobs.size(source.tenant_id, sha256), p.blobs.iter_bytes(source.tenant_id, sha256)
+    headers = {"Content-Length": str(size), "Cache-Control": "no-store"}
+    return StreamingResponse(chunks, media_type="application/octet-stream", headers=headers)
+
+
+@router.put(TRANSFER_PATH + "/{sha256}", response_model=StoredArtifact)
+async def upload_artifact(
+    sha256: str, request: Request, token: str = TOKEN, p: Platform = Depends(platform)
+) -> StoredArtifact | Response:
+    """An artifact of an enrolled agent's leased job (a checkpoint's or the adapter's file), streamed into the
+    job's tenant's store and kept only if it is the blob granted."""
+    try:
+        grant, source = await run_in_threadpool(_admit, p, request, token, "PUT", sha256)
+        stored = await transfers.receive(p.blobs, source.tenant_id, grant, request.stream())
+    except TransferRefused as exc:
+        return _refusal(exc)
+    return StoredArtifact(sha256=stored.sha256, bytes=stored.size)

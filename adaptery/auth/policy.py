@@ -182,6 +182,9 @@ ROUTES: dict[str, Permission | None] = {
     "GET /api/fabric/ca": PUBLIC,
     "POST /api/fabric/enroll": PUBLIC,
     "POST /api/fabric/renew": PUBLIC,
+    # a presigned URL and the agent's proof of its certificate's key authorize it (services/transfers.py)
+    "GET /api/fabric/transfers/{sha256}": PUBLIC,
+    "PUT /api/fabric/transfers/{sha256}": PUBLIC,
     "GET /metrics": PLATFORM_ADMIN,  # platform-wide counters, not labelled by tenant
     "PUT /api/platform/tenants/{tenant_id}/limits": PLATFORM_ADMIN,
     # Single sign-on: providers are the platform's, bound to tenants by platform admins; rules and the sign-in

@@ -184,7 +184,11 @@ def run_agent(
     ] = None,
     base: Annotated[
         list[str] | None,
-        typer.Option("--base", help="A base model to serve: [ID=]PATH (repeatable; default: the demo model)"),
+        typer.Option(
+            "--base",
+            help="A base model to serve: [ID=]PATH, or an ID alone to fetch it from the platform once (enrolled "
+            "agents; verified by hash, safetensors only); repeatable; default: the demo model",
+        ),
     ] = None,
     max_adapters: Annotated[int | None, typer.Option("--max-adapters", help="Adapters kept downloaded")] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="torch threads")] = None,
@@ -210,9 +214,12 @@ def run_agent(
     serves inference (no database, no inbound connection)."""
     if ctx.invoked_subcommand is not None:
         return
+    from adaptery.agent.bases import BaseStore
     from adaptery.agent.enroll import Renewer, reload_into
     from adaptery.agent.link import AgentLink
     from adaptery.agent.slurm import SlurmBackend
+    from adaptery.agent.transfers import HttpsTransfers
+    from adaptery.agent.vault import AgentVault
     from adaptery.agent.worker import Agent
     from adaptery.messaging.credentials import parse_token
     from adaptery.messaging.identity import IdentityDir
@@ -255,7 +262,9 @@ def run_agent(
             console.print("[red]Where is the platform?[/red] pass --nats-url (the hub's, or your island leaf's).")
             raise typer.Exit(2)
         context = store.ssl_context()
-        link = AgentLink(url, me.agent_id, tls=context)
+        # Artifacts travel over the platform's HTTPS, which it enrolled with, never the bus
+        transfers = HttpsTransfers(me.server_url, settings.agent_identity)
+        link = AgentLink(url, me.agent_id, tls=context, transfers=transfers)
         renewer = Renewer(settings.agent_identity, lambda: reload_into(context, settings.agent_identity))
         agent_id = me.agent_id
     else:
@@ -298,6 +307,10 @@ def run_agent(
         poll_seconds=settings.agent_poll_seconds,
         models_dir=settings.models_dir,
         backend=SlurmBackend(settings, agent_id) if settings.agent_backend == "slurm" else None,
+        # a fetched base lives in this machine's private scratch: not for a Slurm job on other nodes
+        bases=BaseStore(settings.work_dir / "bases", AgentVault(settings.agent_key_file))
+        if settings.agent_identity is not None and settings.agent_backend != "slurm"
+        else None,
     )
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: worker.stop())
@@ -341,15 +354,22 @@ def _inference_host(settings: Any, link: Any, roles: list[str]) -> Any:  # noqa:
     """The engine `serve` embeds, for the agent's bases, fed over the link."""
     import torch
 
+    from adaptery.agent.bases import BaseStore
     from adaptery.agent.inference import InferenceHost
+    from adaptery.agent.vault import AgentVault
     from adaptery.engine.demo_model import DEMO_MODEL_ID, ensure_demo_model
     from adaptery.engine.generation import InferenceEngine
 
     if settings.agent_torch_threads:
         torch.set_num_threads(settings.agent_torch_threads)
+    vault = AgentVault(settings.agent_key_file)
+    base_store = BaseStore(settings.work_dir / "bases", vault)
     bases: dict[str, str] = {}
     for entry in settings.agent_bases:
         base_id, _, path = entry.rpartition("=")
+        if not base_id and not Path(path).is_dir():  # an id alone: fetched from the platform, verified by hash
+            bases[path] = str(base_store.ensure(link, path))
+            continue
         if not Path(path).is_dir():
             raise ValueError(f"--base {entry}: no model directory at {path}")
         bases[base_id or Path(path).resolve().name] = str(Path(path).resolve())
@@ -366,6 +386,7 @@ def _inference_host(settings: Any, link: Any, roles: list[str]) -> Any:  # noqa:
         engine,
         bases,
         settings.work_dir / "adapters",
+        vault=vault,
         roles=roles,
         max_adapters=settings.agent_max_adapters,
         announce_seconds=settings.agent_announce_seconds,
@@ -640,9 +661,10 @@ def check_storage(
     """
     from adaptery.db.session import Database
     from adaptery.services.storage_check import check_storage as check
-    from adaptery.storage.blobs import BlobStore, make_scratch
+    from adaptery.storage.blobs import BlobStore
     from adaptery.storage.crypto import LocalKeyProvider
     from adaptery.storage.keys import Keyring
+    from adaptery.storage.modes import make_scratch
 
     settings = _settings(data_dir=data_dir, database_url=database_url)
     db = Database(settings.resolved_database_url)

@@ -14,6 +14,14 @@ control plane knows who asks from the subject alone. All are request/reply:
 | `job.<job>.finish` | `{"state", "message"?, "result"?, "files"?, "attempt"}` | `{"model"?}` |
 | `announce` | an infer agent's `Announcement` (every few seconds, and at once on a change) | `{}` |
 | `adapter` | `{"request_id", "sha256", "offset"}`: a blob the agent's open infer request names | as a download |
+| `transfer` | `{"purpose": "job"/"request", "id", "method", "sha256", "bytes"?, "attempt"?}` | `{"url", "expires_at"}`|
+
+`base` (`{"base_id"}`) answers `{"files": {name: {"sha256", "bytes", "url"}}}`: a base model's files (configs,
+tokenizer, safetensors weights only) with a presigned URL each, for an enrolled agent that fetches its bases.
+
+An agent enrolled by certificate moves blobs with `transfer` only: the reply is a presigned HTTPS URL (a path on
+the platform's server, `auth/transfers.py`) for that one blob, method and piece of work, valid for minutes; the
+bus's `download`, `upload` and `adapter` are for password agents on the platform's loopback (the embedded one).
 
 An agent that lists `"evaluation"` in its lease request's `kinds` may be given an evaluation instead of a
 fine-tuning job (only when none is waiting for it): `evaluation` is the evaluation's assignment
@@ -109,6 +117,8 @@ def stream_subject(agent_id: str, request_id: str) -> str:
 
 ANNOUNCE_VERB = "announce"
 ADAPTER_VERB = "adapter"
+TRANSFER_VERB = "transfer"
+BASE_VERB = "base"
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,12 @@ request names (an older attempt of the same agent id is refused, finally, as hea
 blobs are then looked up and stored in that job's tenant only. So no answer depends on what another tenant holds
 (an agent naming another tenant's job and a hash is refused the same whether that tenant has the blob or not).
 
+An agent enrolled by certificate moves artifacts over HTTPS, never the bus: it asks for a presigned URL
+(`transfer`, `auth/transfers.py`), granted under exactly these checks, which are made again when the URL is used
+(`transfer_source`); the bus's download, upload and adapter verbs are refused to it. They remain for agents that
+sign in with a password, which run on the platform's loopback only (the embedded agent, which may run where no
+HTTP server listens, as in the tests that drive a `Platform` directly).
+
 Inference on agents goes the same way: a request dispatched to an agent (`open_stream`) is the only thing that
 lets that agent fetch an adapter's blobs, only those the request names, and only from the request's tenant,
 until its stream is closed. Announcements feed the router (`services/inference_router.py`).
@@ -38,9 +44,11 @@ from typing import Any
 import nats
 from nats.aio.msg import Msg
 
+from adaptery.auth.transfers import Grant, TransferSigner, is_sha256
 from adaptery.messaging import protocol
 from adaptery.messaging.protocol import InferRequest
 from adaptery.services import faults
+from adaptery.services.base_files import BaseFiles, BaseUnavailable
 from adaptery.services.evaluation_queue import EvaluationQueue
 from adaptery.services.inference_router import InferenceRouter, InvalidAnnouncement
 from adaptery.services.queue import JobQueue
@@ -108,6 +116,14 @@ class _AgentBudget:
     in_flight: int = 0
 
 
+@dataclass(frozen=True)
+class TransferSource:
+    """Where a presigned URL's bytes are: a blob in a tenant's store, or a file of a base model."""
+
+    tenant_id: str | None = None
+    path: Path | None = None
+
+
 @dataclass
 class RemoteStream:
     """An infer request dispatched to an agent: its stream's raw messages arrive in `messages` (from the NATS
@@ -139,9 +155,13 @@ class ControlPlane:
         request_burst: int = 400,
         requests_in_flight: int = 4,
         evaluations: EvaluationQueue | None = None,
+        transfers: TransferSigner | None = None,
+        base_files: BaseFiles | None = None,
     ) -> None:
         self.queue = job_queue
         self.evaluations = evaluations
+        self.transfers = transfers
+        self.base_files = base_files
         self.blobs = blobs
         self.staging_dir = staging_dir
         self.url = url
@@ -155,6 +175,7 @@ class ControlPlane:
         self._streams_lock = threading.Lock()
         self.not_training: set[str] = set()  # agents enrolled without the train role: they lease nothing
         self.not_inferring: set[str] = set()  # agents enrolled without the infer role: they serve nothing
+        self.certified: set[str] = set()  # agents enrolled by certificate: artifacts over HTTPS only
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="adaptery-control", daemon=True)
         self._workers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="adaptery-control")
@@ -315,6 +336,12 @@ class ControlPlane:
             agent_id, job_id, verb = protocol.parse_subject(msg.subject)
         except ValueError as exc:
             raise RequestRefused(str(exc)) from exc
+        if verb in ("upload", "download", protocol.ADAPTER_VERB) and agent_id in self.certified:
+            raise RequestRefused("artifacts travel over HTTPS: ask for a transfer URL (the 'transfer' request)")
+        if verb == protocol.TRANSFER_VERB:
+            return protocol.encode(self._transfer(agent_id, self._body(msg))), None
+        if verb == protocol.BASE_VERB:
+            return protocol.encode(self._base(agent_id, self._body(msg))), None
         if verb == "upload":
             if job_id is not None and protocol.is_evaluation(job_id):
                 raise RequestRefused("an evaluation uploads nothing: its result is in its finish")
@@ -515,6 +542,92 @@ class ControlPlane:
             raise RequestRefused(f"blob {sha} is not part of a request sent to you")
         with self.blobs.open(stream.tenant_id, sha, offset=offset) as source:
             return source.read(protocol.CHUNK_BYTES)
+
+    # --- presigned transfers (auth/transfers.py) -----------------------------------------------------
+
+    def _transfer(self, agent_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A presigned URL for one blob of the work leased to this agent, granted under the checks of `_download`
+        and `_adapter_blob` (an upload: of `_upload`)."""
+        self._may_transfer(agent_id)
+        purpose, work_id, method, sha = body.get("purpose"), body.get("id"), body.get("method"), body.get("sha256")
+        if purpose not in ("job", "request") or not isinstance(work_id, str) or method not in ("GET", "PUT"):
+            raise RequestRefused("a transfer names its purpose (job or request), its id and a method (GET or PUT)")
+        if not is_sha256(sha):
+            raise RequestRefused("a transfer names the blob's sha256")
+        size = body.get("bytes")
+        if method == "PUT":
+            if purpose != "job" or protocol.is_evaluation(work_id):
+                raise RequestRefused("only a fine-tuning job uploads")
+            if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= self.max_upload_bytes:
+                raise RequestRefused(f"an upload declares its bytes, at most {self.max_upload_bytes}")
+        else:
+            size = None
+        attempt = self._attempt(body)
+        source = self._transfer_source(agent_id, purpose, work_id, attempt, method, sha)
+        path, grant = self.transfers.grant(
+            method=method, sha256=sha, tenant_id=source.tenant_id or "", purpose=purpose, work_id=work_id,
+            attempt=attempt, agent_id=agent_id, size=size,
+        )  # fmt: skip
+        return {"url": path, "expires_at": grant.expires_at}
+
+    def _base(self, agent_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A base model's files for an enrolled agent to fetch over HTTPS: each with its hash, size and URL."""
+        self._may_transfer(agent_id)
+        base_id = body.get("base_id")
+        if not isinstance(base_id, str) or self.base_files is None:
+            raise RequestRefused("a base request names the base model's id")
+        try:
+            manifest = self.base_files.manifest(base_id)
+        except BaseUnavailable as exc:
+            raise RequestRefused(str(exc)) from exc
+        files = {}
+        for name, described in manifest.items():
+            path, grant = self.transfers.grant(
+                method="GET", sha256=described.sha256, tenant_id="", purpose="base", work_id=base_id,
+                attempt=None, agent_id=agent_id, size=None,
+            )  # fmt: skip
+            files[name] = {"sha256": described.sha256, "bytes": described.bytes, "url": path}
+        return {"files": files}
+
+    def _may_transfer(self, agent_id: str) -> None:
+        if self.transfers is None:
+            raise RequestRefused("this control plane hands out no transfer URLs")
+        if agent_id not in self.certified:
+            raise RequestRefused("transfer URLs are for agents enrolled by certificate: this one uses the bus")
+
+    def transfer_source(self, grant: Grant) -> TransferSource:
+        """What a presigned URL reads or writes, if what it was granted for still holds now: the work still leased
+        to its agent (under its attempt), the blob still part of it, the agent not revoked."""
+        source = self._transfer_source(
+            grant.agent_id, grant.purpose, grant.work_id, grant.attempt, grant.method, grant.sha256
+        )
+        if (source.tenant_id or "") != grant.tenant_id:
+            raise RequestRefused(f"blob {grant.sha256} is not part of work leased to you")
+        return source
+
+    def _transfer_source(
+        self, agent_id: str, purpose: str, work_id: str, attempt: int | None, method: str, sha: str
+    ) -> TransferSource:
+        if agent_id not in self.agent_scope or agent_id not in self.certified:
+            raise RequestRefused("only an enrolled, unrevoked agent may transfer artifacts")
+        if purpose == "base":
+            manifest = self.base_files.manifest(work_id) if self.base_files is not None else {}
+            found = next((f.path for f in manifest.values() if f.sha256 == sha), None)
+            if method != "GET" or found is None:
+                raise RequestRefused(f"blob {sha} is not a file of base model {work_id}")
+            return TransferSource(path=found)
+        if purpose == "request":
+            with self._streams_lock:
+                stream = self._streams.get((agent_id, work_id))
+            if method != "GET" or stream is None or sha not in stream.blobs:
+                raise RequestRefused(f"blob {sha} is not part of a request sent to you")
+            if not self._may_serve(agent_id, stream.tenant_id):
+                raise RequestRefused(f"blob {sha} is not part of a request sent to you")
+            return TransferSource(tenant_id=stream.tenant_id)
+        tenant_id = self._leased_tenant(agent_id, work_id, attempt)
+        if method == "GET" and sha not in self._work_queue(work_id).job_blobs(work_id, agent_id):
+            raise RequestRefused(f"blob {sha} is not part of job {work_id}")
+        return TransferSource(tenant_id=tenant_id)
 
     def _may_serve(self, agent_id: str, tenant_id: str) -> bool:
         """An enrolled, unrevoked agent that is platform-wide or scoped to this tenant."""

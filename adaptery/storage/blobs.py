@@ -6,10 +6,8 @@ renamed into place only when complete, so an interrupted upload never leaves a v
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import os
-import shutil
 import tempfile
 from collections.abc import AsyncIterable, Iterable, Iterator
 from contextlib import contextmanager
@@ -166,30 +164,3 @@ class BlobStore:
 
     def delete(self, tenant_id: str, sha256: str) -> None:
         self.path(tenant_id, sha256).unlink(missing_ok=True)
-
-
-SCRATCH_PREFIX = "adaptery-plain-"
-
-
-def make_scratch(parent: Path | None = None) -> Path:
-    """A per-process 0700 directory outside the data dir for transient plaintext, removed when the process exits
-    (and, should it have been killed, by the next process that makes one)."""
-    root = Path(parent or tempfile.gettempdir())
-    for stale in root.glob(f"{SCRATCH_PREFIX}*-*"):
-        pid = stale.name.removeprefix(SCRATCH_PREFIX).split("-", 1)[0]
-        if pid.isdigit() and stale.is_dir() and stale.stat().st_uid == os.getuid() and not _alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    path = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=root))
-    os.chmod(path, 0o700)
-    atexit.register(shutil.rmtree, path, True)
-    return path
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -9,9 +9,12 @@ is left as it is, with a warning too.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
 import stat
+import tempfile
 from pathlib import Path
 
 log = logging.getLogger("adaptery.storage")
@@ -45,3 +48,30 @@ def private_dir(path: Path) -> Path:
     path.mkdir(mode=PRIVATE_DIR, exist_ok=True)
     path.chmod(PRIVATE_DIR)  # the umask may have taken bits off mkdir's mode, never added them
     return path
+
+
+SCRATCH_PREFIX = "adaptery-plain-"
+
+
+def make_scratch(parent: Path | None = None) -> Path:
+    """A per-process 0700 directory outside the data dir for transient plaintext, removed when the process exits
+    (and, should it have been killed, by the next process that makes one)."""
+    root = Path(parent or tempfile.gettempdir())
+    for stale in root.glob(f"{SCRATCH_PREFIX}*-*"):
+        pid = stale.name.removeprefix(SCRATCH_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and stale.is_dir() and stale.stat().st_uid == os.getuid() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    path = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=root))
+    os.chmod(path, 0o700)
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

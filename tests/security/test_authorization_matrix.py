@@ -160,6 +160,8 @@ EXPECT: dict[str, Expect] = {
     "GET /api/fabric/ca": PUBLIC,
     "POST /api/fabric/enroll": PUBLIC,
     "POST /api/fabric/renew": PUBLIC,
+    "GET /api/fabric/transfers/{sha256}": PUBLIC,  # a presigned URL and the agent's certificate key authorize it
+    "PUT /api/fabric/transfers/{sha256}": PUBLIC,
     "GET /api/platform/tenants": PLATFORM,
     "PUT /api/platform/tenants/{tenant_id}/limits": PLATFORM,
     "GET /api/auth/providers": PUBLIC,

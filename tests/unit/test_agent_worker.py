@@ -171,3 +171,28 @@ def test_a_full_disk_while_the_job_is_put_together_gives_it_back_but_a_refusal_s
     with pytest.raises(RemoteError, match="not this job's"):  # Agent.run reports the job failed with it
         agent_for(link, tmp_path).run_job(assignment(tmp_path))
     assert link.verbs() == [] and not trainers.started
+
+
+class RecordingLink(ScriptedLink):
+    """Writes each blob where the agent asks, and notes where and under what directory modes."""
+
+    def __init__(self, **script: list[Any]) -> None:
+        super().__init__(**script)
+        self.targets: list[tuple[Path, int]] = []
+
+    def download(self, job_id: str, sha256: str, size: int, target: Path, attempt: int | None = None) -> Path:
+        path = super().download(job_id, sha256, size, target, attempt)
+        job_dir = next(p for p in target.parents if p.name.startswith("attempt-"))
+        self.targets.append((target, job_dir.stat().st_mode & 0o777))
+        return path
+
+
+@pytest.mark.parametrize("outcome", [SUCCEEDS, "import sys; sys.exit(1)"])
+def test_a_jobs_workspace_is_private_while_it_runs_and_wiped_when_it_ends(tmp_path, trainers, outcome):
+    trainers.code = outcome
+    link = RecordingLink()
+    agent_for(link, tmp_path).run_job(assignment(tmp_path))
+    assert link.targets and all(mode == 0o700 for _, mode in link.targets)  # its dataset lay in its own 0700 dir
+    assert not any(target.exists() for target, _ in link.targets)
+    left = [p for p in (tmp_path / "work").rglob("*") if p.is_file()]
+    assert left == []  # no dataset, checkpoint or adapter of the tenant stays on the agent

@@ -241,7 +241,7 @@ def test_master_key_from_the_environment(tmp_path, monkeypatch):
 
 
 def test_scratch_is_private_and_a_dead_process_leftover_is_removed(tmp_path):
-    from adaptery.storage.blobs import SCRATCH_PREFIX, make_scratch
+    from adaptery.storage.modes import SCRATCH_PREFIX, make_scratch
 
     dead = tmp_path / f"{SCRATCH_PREFIX}999999999-x"  # no such pid
     dead.mkdir()
