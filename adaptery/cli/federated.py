@@ -441,3 +441,170 @@ def _beat(beat) -> None:  # noqa: ANN001 - the heartbeat callable
         beat()
     except (JoinError, httpx.HTTPError) as error:
         console.print(f"[yellow]check-in failed: {error}[/yellow]")
+
+
+# ---------------------------------------------------------------------------------------------
+# Split fine-tuning (adaptery.federated.split): NOT private, the coordinator sees the site's text.
+
+
+def _address(value: str, option: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise typer.BadParameter(f"{value!r} is not HOST:PORT", param_hint=option)
+    return host, int(port)
+
+
+def _split_key(path: Path) -> bytes:
+    key = path.read_text().strip()
+    if len(key) < 32:
+        raise typer.BadParameter(
+            f"{path} holds {len(key)} characters: a key needs at least 32", param_hint="--key-file"
+        )
+    return key.encode()
+
+
+def _fresh_out(out: Path) -> None:
+    if out.exists() and any(out.iterdir()):
+        raise typer.BadParameter(f"{out} is not empty: choose another --out", param_hint="--out")
+
+
+@federated_app.command("split-coordinator")
+def split_coordinator(
+    base_model: Annotated[Path, typer.Option(exists=True, file_okay=False, help="The base model's directory")],
+    key_file: Annotated[Path, typer.Option(help="The shared secret sites authenticate with (made here if missing)")],
+    out: Annotated[Path, typer.Option(help="Where the whole adapter is written at the end")],
+    listen: Annotated[
+        str, typer.Option(help="HOST:PORT to listen on (tunnel it through TLS or SSH)")
+    ] = "127.0.0.1:9095",
+    split_layer: Annotated[int, typer.Option(help="Decoder layers that run on the site")] = 1,
+    lora: Annotated[str, typer.Option(help="LoRA settings as JSON: rank, alpha, seed, learning_rate")] = "{}",
+) -> None:
+    """Run the later layers of split fine-tuning for one site, then write the assembled adapter. NOT private:
+    the site's activations reveal its text to this side (see the README)."""
+    import secrets
+
+    from transformers import AutoConfig
+
+    from adaptery.federated.split import SplitConfig
+
+    address = _address(listen, "--listen")
+    _fresh_out(out)
+    try:
+        config = SplitConfig.from_dict({**json.loads(lora), "split_layer": split_layer})
+    except (ValueError, TypeError) as error:
+        raise typer.BadParameter(str(error), param_hint="--lora") from error
+    layers = AutoConfig.from_pretrained(base_model, local_files_only=True, trust_remote_code=False).num_hidden_layers
+    try:
+        config.check(layers)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--split-layer") from error
+    if not key_file.exists():
+        key_file.touch(mode=0o600)
+        key_file.write_text(secrets.token_hex(32) + "\n")
+        console.print(f"New key in {key_file}: give it to the site out of band")
+    _serve_split(base_model, config, address, _split_key(key_file), out)
+
+
+def _serve_split(base_model: Path, config, address: tuple[str, int], authkey: bytes, out: Path) -> None:  # noqa: ANN001
+    from rich.progress import Progress, SpinnerColumn, TextColumn
+
+    from adaptery.federated.lora import save_adapter
+    from adaptery.federated.split import SplitCoordinator, serve
+
+    coordinator = SplitCoordinator(base_model, config)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=console) as progress:
+        task = progress.add_task("waiting for the site")
+
+        class Counting:  # serve's view of the coordinator: each answer moves the progress on
+            def handle(self, message: bytes) -> bytes:
+                answer = coordinator.handle(message)
+                progress.update(task, description=f"steps answered: {coordinator.steps}")
+                return answer
+
+        def ready(port: int) -> None:
+            progress.console.print(f"Split coordinator listening on {address[0]}:{port} (layers {config.split_layer}+)")
+
+        serve(Counting(), address, authkey, ready, until=lambda: coordinator.finished)
+    path = save_adapter(coordinator.model, out)
+    console.print(f"{coordinator.steps} steps; adapter: {path}")
+
+
+@federated_app.command("split-site")
+def split_site(
+    coordinator_address: Annotated[str, typer.Option("--coordinator", help="The split coordinator, HOST:PORT")],
+    key_file: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="The coordinator's shared secret")],
+    data: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="Local chat JSONL (its text is NOT hidden)")],
+    base_model: Annotated[Path, typer.Option(exists=True, file_okay=False, help="The base model's directory")],
+    out: Annotated[Path, typer.Option(help="Where the whole adapter is written at the end")],
+    epochs: Annotated[int, typer.Option(min=1)] = 1,
+    batch_size: Annotated[int, typer.Option(min=1)] = 4,
+    max_seq_length: Annotated[int, typer.Option(min=8)] = 256,
+    seed: Annotated[int, typer.Option(help="Shuffles the examples")] = 0,
+) -> None:
+    """Train the first layers and the head here, the rest on the coordinator; write the assembled adapter.
+    Token ids and labels stay here, but the activations sent reveal the text: use only where the coordinator
+    may see the data."""
+    from multiprocessing import AuthenticationError
+
+    from transformers import AutoTokenizer
+
+    from adaptery.federated.split import SplitError, connect, hello
+    from adaptery.training.data import load_chat_dataset
+
+    address = _address(coordinator_address, "--coordinator")
+    authkey = _split_key(key_file)
+    _fresh_out(out)
+    tokenizer = AutoTokenizer.from_pretrained(base_model, local_files_only=True, trust_remote_code=False)
+    try:  # the federated site's reader: the same validation and the same errors
+        examples = load_chat_dataset(data, tokenizer, max_seq_length=max_seq_length).examples
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--data") from error
+    try:
+        exchange, close = connect(address, authkey)
+    except AuthenticationError as error:
+        console.print(f"[red]The coordinator at {coordinator_address} refused the key in {key_file}[/red]")
+        raise typer.Exit(1) from error
+    except OSError as error:
+        console.print(f"[red]Cannot reach the coordinator at {coordinator_address}: {error}[/red]")
+        raise typer.Exit(1) from error
+    try:
+        config = hello(exchange, base_model)
+        model = _train_split(exchange, config, base_model, examples, epochs, batch_size, seed)
+    except (SplitError, EOFError, OSError) as error:
+        console.print(f"[red]Split training stopped: {error or 'the coordinator went away'}[/red]")
+        raise typer.Exit(1) from error
+    finally:
+        close()
+    from adaptery.federated.lora import save_adapter
+
+    console.print(f"Adapter: {save_adapter(model, out)}")
+
+
+def _train_split(exchange, config, base_model: Path, examples: list[dict], epochs: int, batch_size: int, seed: int):  # noqa: ANN001, ANN202
+    """`epochs` passes over the shuffled examples; the site's model, holding the whole adapter at the end."""
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from adaptery.federated.split import SplitSite
+
+    site = SplitSite(base_model, config, exchange)
+    pad = site.model.config.pad_token_id or 0
+    generator = torch.Generator().manual_seed(seed)
+    steps = epochs * -(-len(examples) // batch_size)
+    columns = (TextColumn("split training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"))
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("train", total=steps, loss="-")
+        for _ in range(epochs):
+            order = torch.randperm(len(examples), generator=generator).tolist()
+            for start in range(0, len(order), batch_size):
+                batch = [examples[i] for i in order[start : start + batch_size]]
+                longest = max(len(e["input_ids"]) for e in batch)
+                loss = site.step(
+                    torch.tensor([e["input_ids"] + [pad] * (longest - len(e["input_ids"])) for e in batch]),
+                    torch.tensor([e["attention_mask"] + [0] * (longest - len(e["input_ids"])) for e in batch]),
+                    torch.tensor([e["labels"] + [-100] * (longest - len(e["labels"])) for e in batch]),
+                )
+                progress.update(task, advance=1, loss=f"{loss:.4f}")
+    console.print(f"{steps} steps, last loss {loss:.4f}")
+    site.finish()
+    return site.model

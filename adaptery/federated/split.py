@@ -12,6 +12,11 @@ the coordinator runs the remaining decoder layers with their LoRA. Per batch, fo
 The head stays on the site (a "U-shaped" split) so that neither labels nor the loss cross; each side
 updates its own LoRA with its own AdamW, which is the same arithmetic as training the whole model in one
 place (AdamW is per parameter): tests/unit/test_federated_split.py checks the losses agree step by step.
+Before the first batch the site says "hello" (its base model's shape) and the coordinator answers "config"
+(the cut and the LoRA recipe, so that both halves are one model); after the last, the site sends "finish"
+with its LoRA weights (layers [0, k)) and gets back "adapter", the coordinator's (layers [k, L)): each side
+then holds the whole adapter and writes it as an ordinary PEFT directory (`save_adapter`). A refused
+message is answered "error" with the reason.
 Messages are safetensors bytes (tensors and a small string header, nothing executable); `SplitCoordinator.
 handle` takes one and returns the reply, so any byte transport carries them: in process, or the
 authenticated loopback socket of `serve` / `connect` (multiprocessing.connection, bytes only, never
@@ -30,6 +35,9 @@ WHAT THE COORDINATOR LEARNS (read before choosing this over federated averaging)
   softmax(logits) - one_hot(label) pushed through the head: with the head's weights (the base model's,
   known to the coordinator) the label tokens can be read from it (gradient-based label inference).
 - Sequence lengths and padding, exactly (the attention mask is sent), and per-batch timing.
+- At the end, the site's LoRA weights for its layers (to assemble the adapter): a function of its data,
+  but less than the activations above already gave away. The site in turn gets the coordinator's LoRA,
+  which was trained on the site's own data only.
 
 Secure aggregation does not apply here (there is nothing to sum), nor does the differential privacy of
 adaptery.federated.dp. Use split fine-tuning only where the coordinator may see the data (a site that
@@ -42,7 +50,7 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Listener
 from pathlib import Path
@@ -76,16 +84,79 @@ class SplitConfig:
         if not 1 <= self.split_layer < layers:
             raise ValueError(f"split_layer must be between 1 and {layers - 1} for a model of {layers} layers")
 
+    @classmethod
+    def from_dict(cls, data: dict) -> SplitConfig:
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown split settings: {sorted(unknown)}")
+        return cls(**data)
 
-def encode(kind: str, tensors: Tensors) -> bytes:
-    """One message: safetensors bytes with the kind in its header."""
-    return save_tensors({k: v.detach().contiguous() for k, v in tensors.items()}, metadata={"kind": kind})
+
+class SplitError(ValueError):
+    """A message refused by the other side (its reason), or one out of place."""
+
+
+def encode(kind: str, tensors: Tensors, info: dict | None = None) -> bytes:
+    """One message: safetensors bytes with the kind (and a small JSON `info`) in its header."""
+    metadata = {"kind": kind, **({"info": json.dumps(info)} if info is not None else {})}
+    return save_tensors({k: v.detach().contiguous() for k, v in tensors.items()}, metadata=metadata)
+
+
+def _metadata(message: bytes) -> dict:
+    (length,) = struct.unpack("<Q", message[:8])
+    return json.loads(message[8 : 8 + length]).get("__metadata__", {})
 
 
 def decode(message: bytes) -> tuple[str, Tensors]:
-    (length,) = struct.unpack("<Q", message[:8])
-    kind = json.loads(message[8 : 8 + length]).get("__metadata__", {}).get("kind", "")
-    return kind, load_tensors(message)
+    return _metadata(message).get("kind", ""), load_tensors(message)
+
+
+def info_of(message: bytes) -> dict:
+    return json.loads(_metadata(message).get("info", "{}"))
+
+
+def _reply(message: bytes, wanted: str) -> Tensors:
+    """The tensors of a reply of kind `wanted`; the other side's refusal raised as a SplitError."""
+    kind, tensors = decode(message)
+    if kind == "error":
+        raise SplitError(info_of(message).get("reason", "refused"))
+    _expect(kind, wanted)
+    return tensors
+
+
+def model_shape(config) -> dict:  # noqa: ANN001 - a transformers PretrainedConfig
+    """What both halves must agree on to be one model (compared at "hello")."""
+    return {k: getattr(config, k) for k in ("model_type", "num_hidden_layers", "hidden_size", "vocab_size")}
+
+
+def lora_weights(model, layers: range) -> Tensors:  # noqa: ANN001
+    """The LoRA weights of decoder layers `layers`, by parameter name."""
+    own = tuple(f".layers.{i}." for i in layers)
+    return {n: p.detach() for n, p in model.named_parameters() if "lora_" in n and any(s in n for s in own)}
+
+
+def load_lora(model, layers: range, tensors: Tensors) -> None:  # noqa: ANN001
+    """Put the other half's LoRA weights (layers `layers`) into `model`: exactly those names and shapes."""
+    expected = lora_weights(model, layers)
+    if set(tensors) != set(expected):
+        raise SplitError("the LoRA weights sent are not those of the other half's layers")
+    for name, tensor in tensors.items():
+        if tensor.shape != expected[name].shape:
+            raise SplitError(f"{name}: shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}")
+    with torch.no_grad():
+        parameters = dict(model.named_parameters())
+        for name, tensor in tensors.items():
+            parameters[name].copy_(tensor)
+
+
+def hello(exchange: Exchange, base_dir: Path) -> SplitConfig:
+    """The coordinator's split settings, once it has checked that this base model is its own."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base_dir, local_files_only=True, trust_remote_code=False)
+    answer = exchange(encode("hello", {}, {"model": model_shape(config)}))
+    _reply(answer, "config")
+    return SplitConfig.from_dict(info_of(answer)["config"])
 
 
 def _run_layers(model, layers, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
@@ -125,18 +196,23 @@ class SplitSite:
         self.model.train()
         front = self.inner.layers[: self.config.split_layer]
         hidden = _run_layers(self.model, front, self.inner.embed_tokens(input_ids), attention_mask)
-        kind, reply = decode(self.exchange(encode("forward", {"hidden": hidden, "attention_mask": attention_mask})))
-        _expect(kind, "states")
+        reply = _reply(self.exchange(encode("forward", {"hidden": hidden, "attention_mask": attention_mask})), "states")
         states = reply["hidden"].requires_grad_(True)
         logits = self.model.base_model.model.lm_head(self.inner.norm(states))
         loss = self.model.base_model.model.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1])
         self.optimizer.zero_grad()
         loss.backward()
-        kind, reply = decode(self.exchange(encode("backward", {"grad": states.grad})))
-        _expect(kind, "gradient")
+        reply = _reply(self.exchange(encode("backward", {"grad": states.grad})), "gradient")
         hidden.backward(reply["grad"])
         self.optimizer.step()
         return float(loss.detach())
+
+    def finish(self) -> None:
+        """Send this half's LoRA weights, take the coordinator's: `self.model` is then the whole adapter."""
+        layers = self.model.config.num_hidden_layers
+        mine = lora_weights(self.model, range(self.config.split_layer))
+        theirs = _reply(self.exchange(encode("finish", mine)), "adapter")
+        load_lora(self.model, range(self.config.split_layer, layers), theirs)
 
 
 class SplitCoordinator:
@@ -150,9 +226,22 @@ class SplitCoordinator:
         self.inner = self.model.base_model.model.model
         self.optimizer = _optimizer(self.model, range(config.split_layer, layers), config)
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (input states, output states)
+        self.steps = 0
+        self.finished = False  # the site's LoRA is in: `self.model` is the whole adapter
 
     def handle(self, message: bytes) -> bytes:
         kind, tensors = decode(message)
+        if kind == "hello":
+            if info_of(message).get("model") != model_shape(self.model.config):
+                raise SplitError(f"the site's base model is not the coordinator's ({model_shape(self.model.config)})")
+            return encode("config", {}, {"config": asdict(self.config)})
+        if kind == "finish":
+            if self.pending is not None:
+                raise SplitError("finish in the middle of a step")
+            load_lora(self.model, range(self.config.split_layer), tensors)
+            self.finished = True
+            layers = self.model.config.num_hidden_layers
+            return encode("adapter", lora_weights(self.model, range(self.config.split_layer, layers)))
         if kind == "forward":
             hidden = tensors["hidden"].requires_grad_(True)
             if hidden.dim() != 3 or hidden.shape[-1] != self.model.config.hidden_size:
@@ -172,13 +261,14 @@ class SplitCoordinator:
             self.optimizer.zero_grad()
             states.backward(tensors["grad"])
             self.optimizer.step()
+            self.steps += 1
             return encode("gradient", {"grad": hidden.grad})
         raise ValueError(f"unknown split message kind {kind!r}")
 
 
 def _expect(kind: str, wanted: str) -> None:
     if kind != wanted:
-        raise ValueError(f"the coordinator answered {kind!r}, expected {wanted!r}")
+        raise SplitError(f"the coordinator answered {kind!r}, expected {wanted!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,8 +278,16 @@ def _expect(kind: str, wanted: str) -> None:
 MAX_MESSAGE_BYTES = 1 << 30  # a batch's activations; a larger message is refused before it is read
 
 
-def serve(coordinator: SplitCoordinator, address: tuple[str, int], authkey: bytes, ready: Callable) -> None:
-    """Answer one site's messages until it disconnects; `ready(port)` is called once listening."""
+def serve(
+    coordinator: SplitCoordinator,
+    address: tuple[str, int],
+    authkey: bytes,
+    ready: Callable,
+    until: Callable[[], bool] | None = None,
+) -> None:
+    """Answer a site's messages until it disconnects (and, with `until`, until `until()` holds: a site that
+    left early may come back); `ready(port)` is called once listening. A refused message is answered
+    "error" with the reason, and the connection goes on."""
     with Listener(address, authkey=authkey) as listener:
         ready(listener.address[1])
         while True:
@@ -201,9 +299,15 @@ def serve(coordinator: SplitCoordinator, address: tuple[str, int], authkey: byte
                 while True:
                     try:
                         message = connection.recv_bytes(MAX_MESSAGE_BYTES)
-                    except EOFError:
-                        return
-                    connection.send_bytes(coordinator.handle(message))
+                    except (EOFError, ConnectionResetError):
+                        break
+                    try:
+                        answer = coordinator.handle(message)
+                    except ValueError as error:
+                        answer = encode("error", {}, {"reason": str(error)})
+                    connection.send_bytes(answer)
+            if until is None or until():
+                return
 
 
 def connect(address: tuple[str, int], authkey: bytes):  # noqa: ANN201 - (exchange, close)

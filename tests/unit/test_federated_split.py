@@ -12,14 +12,17 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from adaptery.federated.lora import save_adapter
 from adaptery.federated.split import (
     SplitConfig,
     SplitCoordinator,
+    SplitError,
     SplitSite,
     _run_layers,
     connect,
     decode,
     encode,
+    hello,
     serve,
 )
 from adaptery.training.data import load_chat_dataset
@@ -173,3 +176,47 @@ def test_split_refuses_bad_cuts_and_out_of_order_messages(demo_model_dir):
         coordinator.handle(encode("forward", {"hidden": torch.zeros(1, 3, 8), "attention_mask": torch.ones(1, 3)}))
     with pytest.raises(ValueError, match="attention mask must be"):
         coordinator.handle(encode("forward", {"hidden": torch.zeros(1, 3, 256), "attention_mask": torch.ones(1, 4)}))
+
+
+@torch.no_grad()
+def split_logits(site: SplitSite, coordinator: SplitCoordinator, ids: torch.Tensor) -> torch.Tensor:
+    """The split model's logits: the site's layers with its LoRA, the coordinator's with its, the site's head."""
+    mask = torch.ones_like(ids)
+    front, back = site.inner.layers[: CONFIG.split_layer], coordinator.inner.layers[CONFIG.split_layer :]
+    hidden = _run_layers(site.model, front, site.inner.embed_tokens(ids), mask)
+    states = _run_layers(coordinator.model, back, hidden, mask)
+    return site.model.base_model.model.lm_head(site.inner.norm(states))
+
+
+def test_the_assembled_adapter_is_the_split_model_as_one_peft_adapter(demo_model_dir, batches, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    coordinator = SplitCoordinator(demo_model_dir, CONFIG)
+    assert hello(coordinator.handle, demo_model_dir) == CONFIG  # the site learns the cut and the recipe
+    site = SplitSite(demo_model_dir, CONFIG, coordinator.handle)
+    for batch in batches[:2]:
+        site.step(*batch)
+    ids = batches[0][0][:1]
+    expected = split_logits(site, coordinator, ids)
+    site.finish()
+    assert coordinator.finished
+    for model in (site.model, coordinator.model):  # both sides now hold the same, whole adapter
+        base = AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32)
+        plain = base(input_ids=ids).logits
+        out = save_adapter(model, tmp_path / str(id(model)))
+        adapter = PeftModel.from_pretrained(base, out).eval()
+        with torch.no_grad():
+            logits = adapter(input_ids=ids).logits
+        assert torch.allclose(logits, expected, atol=1e-4, rtol=0)
+        assert not torch.allclose(logits, plain, atol=1e-2)  # the trained LoRA is in it
+
+
+def test_split_refuses_a_different_base_and_a_foreign_finish(demo_model_dir):
+    coordinator = SplitCoordinator(demo_model_dir, CONFIG)
+    other = {"model_type": "llama", "num_hidden_layers": 4, "hidden_size": 512, "vocab_size": 10}
+    with pytest.raises(SplitError, match="not the coordinator's"):
+        coordinator.handle(encode("hello", {}, {"model": other}))
+    with pytest.raises(SplitError, match="not those of the other half's layers"):  # e.g. the coordinator's own layers
+        coordinator.handle(encode("finish", {"base_model.model.model.layers.3.mlp.lora_A.weight": torch.zeros(4, 8)}))
+    assert not coordinator.finished
