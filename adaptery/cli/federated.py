@@ -17,6 +17,12 @@ Or through the platform (`fed` is the short name of this group):
 
 `fed join` makes the site's key on the site and registers it with the token; its signed check-ins then give
 it the coordinator's SuperLink and the roster, whose fingerprints it prints to compare out of band.
+
+Split fine-tuning (NOT private: the activations the site sends reveal its text to the coordinator):
+
+    adaptery fed split-coordinator --base-model DIR --listen HOST:PORT --key-file split.key --out adapter
+    adaptery fed split-site --coordinator HOST:PORT --key-file split.key --data local.jsonl --base-model DIR \\
+        --out adapter                                      # both sides end with the same, whole adapter
 """
 
 from __future__ import annotations
