@@ -353,24 +353,26 @@ class BatchEngine:
             return -1 if key is None else self.slots.index[key]
 
         ordered = sorted(scheduled, key=slot)
+        block_size = self.cache.block_size
         tokens, positions, writes = [], [], []
-        decode_rows, decode_contexts, prefill, completing = [], [], [], []
+        decode_rows, decode_tables, decode_lengths, prefill, completing = [], [], [], [], []
         row = 0
         counts = [0] * len(self.slots.keys)
         base_tokens = 0
         token_slots: list[int] = []
         for item in ordered:
             sequence, count = item
-            start = sequence.cached
+            start, table = sequence.cached, sequence.table
             tokens.extend(sequence.tokens[start : start + count])
             positions.extend(range(start, start + count))
-            writes.append(self.cache.positions(sequence.table, start, start + count))
-            context = self.cache.positions(sequence.table, 0, start + count)
+            # plain integers per sequence, one tensor per step: a decode costs no tensor operation of its own
+            writes.extend(table[p // block_size] * block_size + p % block_size for p in range(start, start + count))
             if count == 1:
                 decode_rows.append(row)
-                decode_contexts.append(context)
+                decode_tables.append(table[: -(-(start + 1) // block_size)])
+                decode_lengths.append(start + 1)
             else:
-                prefill.append((row, count, context))
+                prefill.append((row, count, self.cache.positions(table, 0, start + count)))
             index = slot(item)
             if index < 0:
                 base_tokens += count
@@ -380,22 +382,15 @@ class BatchEngine:
             if start + count == len(sequence.tokens):
                 completing.append((sequence, row + count - 1))
             row += count
-        if decode_contexts:
-            longest = max(c.shape[0] for c in decode_contexts)
-            context = torch.zeros(len(decode_contexts), longest, dtype=torch.long)
-            mask = torch.ones(len(decode_contexts), longest, dtype=torch.bool)
-            for i, c in enumerate(decode_contexts):
-                context[i, : c.shape[0]] = c
-                mask[i, : c.shape[0]] = False
-        else:
-            context = torch.zeros(0, 0, dtype=torch.long)
-            mask = torch.zeros(0, 0, dtype=torch.bool)
+        longest = max((len(t) for t in decode_tables), default=0)
+        blocks = torch.tensor([t + [0] * (longest - len(t)) for t in decode_tables], dtype=torch.long)
+        mask = torch.arange(longest * block_size) >= torch.tensor(decode_lengths, dtype=torch.long)[:, None]
         batch = StepBatch(
             tokens=torch.tensor(tokens, dtype=torch.long),
             positions=torch.tensor(positions, dtype=torch.long),
-            write_slots=torch.cat(writes),
+            write_slots=torch.tensor(writes, dtype=torch.long),
             decode_rows=torch.tensor(decode_rows, dtype=torch.long),
-            decode_context=context,
+            decode_blocks=blocks.view(len(decode_tables), longest),
             decode_mask=mask,
             prefill=prefill,
             logit_rows=torch.tensor([r for _, r in completing], dtype=torch.long),

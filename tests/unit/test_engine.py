@@ -17,6 +17,8 @@ from transformers import (
     AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
     Qwen2Config,
@@ -29,8 +31,10 @@ from adaptery.engine import batching, lora_kernel
 from adaptery.engine.batching import BatchEngine
 from adaptery.engine.embeddings import EmbeddingModel
 from adaptery.engine.generation import AdapterRejected, AdapterSpec, GenerationTimedOut, InferenceEngine, Usage
+from adaptery.engine.kvcache import PagedKVCache
 from adaptery.engine.lora import LoraBatch, SlotBuffers, prepare_adapter
 from adaptery.engine.native import SITES, NativeLlama
+from adaptery.engine.native import _linear as native_linear
 from adaptery.engine.sampling import SamplingParams
 
 PROMPTS = ["Hello there, how are you", "The capital of France is", "<|user|>What does an adapter do?<|end|>"]
@@ -818,3 +822,37 @@ def test_sampling_params_keep_their_logit_bias_and_constraint_across_the_agent_p
     received = SamplingParams(**json.loads(json.dumps(dataclasses.asdict(sent))))  # JSON keys are strings
     assert received.logit_bias == {5: -100.0, 17: 2.5}
     assert received.constraint == Constraint('start: "yes" | "no"')  # an object the engine can compile, not a dict
+
+
+def test_gathering_whole_blocks_gives_the_positions_of_those_blocks_in_table_order():
+    """Decode attention reads the KV cache by block (kvcache.gather_blocks): the same keys and values, in the same
+    order, as gathering each position of the blocks one by one, for tables whose blocks are out of order."""
+    cache = PagedKVCache(2, 2, 4, torch.float32, budget_bytes=2 * 2 * 2 * 4 * 4 * 8 * 4, block_size=4)
+    assert cache.num_blocks == 8
+    torch.manual_seed(0)
+    for layer in range(2):
+        cache.keys[layer].copy_(torch.randn_like(cache.keys[layer]))
+        cache.values[layer].copy_(torch.randn_like(cache.values[layer]))
+    tables = [[5, 2, 7], [0, 6, 1]]
+    blocks = torch.tensor(tables).reshape(-1)
+    for layer in range(2):
+        keys, values = cache.gather_blocks(layer, blocks)
+        expected = cache.gather(layer, torch.cat([cache.positions(t, 0, 12) for t in tables]))
+        assert keys.shape == (24, 2, 4)
+        assert torch.equal(keys, expected[0]) and torch.equal(values, expected[1])
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this PyTorch has no oneDNN")
+def test_fp32_projections_run_packed_for_onednn_and_compute_what_f_linear_does():
+    """fp32 weights are reordered once for oneDNN (native._pack); the projections give F.linear's products up to
+    rounding, DoRA still reads the plain weights, and bf16 weights stay as they are."""
+    hf = _tiny(LlamaConfig, LlamaForCausalLM)
+    native = NativeLlama(hf, torch.float32, 128)
+    layer = native.layers[0]
+    assert all(w.is_mkldnn for w in (layer.wqkv, layer.wo, layer.wgu, layer.wdown, native.lm_head))
+    attn = hf.model.layers[0].self_attn
+    assert torch.equal(native.base_weight("qkv", 1, 0), attn.k_proj.weight.detach())
+    x = torch.randn(5, 64)
+    expected = torch.nn.functional.linear(x, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+    torch.testing.assert_close(native_linear(x, layer.wqkv), expected.detach())
+    assert not NativeLlama(hf, torch.bfloat16, 128).layers[0].wqkv.is_mkldnn
