@@ -101,7 +101,7 @@ class ScrubRequest(BaseModel):
 class SplitRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     validation_fraction: float = 0.1
-    seed: int = Field(42, ge=0, le=DB_INT_MAX)
+    seed: int = Field(42, ge=-(2**63), le=DB_INT_MAX)
 
 
 class ExportRequest(BaseModel):
