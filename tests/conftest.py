@@ -3,6 +3,7 @@ built once, platforms in-process, and real server processes."""
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -166,3 +167,29 @@ def server(tmp_path: Path, database_url: str, demo_model_dir: Path) -> Iterator[
     running = start_server(data_dir, database_url)
     yield running
     stop_server(running)
+
+
+@functools.cache
+def ca_pem() -> str:
+    """A self-signed CA certificate in PEM: what a coordinator publishes as its SuperLink's CA."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    return certificate.public_bytes(serialization.Encoding.PEM).decode()

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from adaptery.api.deps import platform, principal
+from adaptery.api.deps import Positive, platform, principal
 from adaptery.auth import policy
 from adaptery.auth.principal import Principal, Role
 from adaptery.platform import Platform
@@ -22,7 +22,7 @@ from adaptery.services import audit, keys, limits, tenants, usage
 from adaptery.services.errors import InvalidRequest, PermissionDenied
 
 router = APIRouter(tags=["admin"])
-Limit = Annotated[int | None, Field(ge=1)]
+Limit = Positive | None
 
 
 class TenantLimitsBody(BaseModel):

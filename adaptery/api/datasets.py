@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
-from adaptery.api.deps import platform, principal
+from adaptery.api.deps import DB_INT_MAX, platform, principal
 from adaptery.api.openai.objects import file_object
 from adaptery.api.uploads import receive_body
 from adaptery.auth.policy import require
@@ -89,7 +89,7 @@ class Card(BaseModel):
 class DedupRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     threshold: float = 0.8
-    num_perm: int = 128
+    num_perm: int = Field(128, ge=1, le=DB_INT_MAX)
     near: bool = True
 
 
@@ -101,7 +101,7 @@ class ScrubRequest(BaseModel):
 class SplitRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     validation_fraction: float = 0.1
-    seed: int = 42
+    seed: int = Field(42, ge=-(2**63), le=DB_INT_MAX)
 
 
 class ExportRequest(BaseModel):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Annotated
 
 from fastapi import Request
+from pydantic import Field
 
 from adaptery.auth import policy
 from adaptery.auth.principal import Principal
@@ -17,6 +19,11 @@ CSRF_COOKIE = "adaptery_csrf"
 DEVICE_COOKIE = "adaptery_device"
 CSRF_HEADER = "x-csrf-token"
 _SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+
+# The widest integer a database column holds (BIGINT): a client's larger number is a 400 naming its field, never
+# the database driver's overflow (a 500). Every integer a request body sends toward the database is bounded by it.
+DB_INT_MAX = 2**63 - 1
+Positive = Annotated[int, Field(ge=1, le=DB_INT_MAX)]
 
 
 def platform(request: Request) -> Platform:

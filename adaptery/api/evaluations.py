@@ -11,7 +11,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field
 
-from adaptery.api.deps import platform, principal
+from adaptery.api.deps import Positive, platform, principal
 from adaptery.auth.policy import require
 from adaptery.auth.principal import Principal
 from adaptery.data.untrusted import RecordLimits
@@ -28,7 +28,7 @@ class CreateEvaluation(BaseModel):
     kind: Literal["held_out", "lm_eval"] = "held_out"
     file_id: str | None = Field(None, description="held_out: a chat JSONL file; default: the job's held-out set")
     task: str | None = Field(None, description="lm_eval: the name of an uploaded evaluation task")
-    limit: int | None = Field(None, description="lm_eval: score at most this many documents")
+    limit: Positive | None = Field(None, description="lm_eval: score at most this many documents")
 
 
 class CreateTask(BaseModel):

@@ -10,10 +10,11 @@ signature by the key it registers) and a site's `check-in` (a fresh signature by
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
+from cryptography import x509
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from adaptery.api.deps import platform, principal
 from adaptery.auth.principal import Principal
@@ -21,7 +22,7 @@ from adaptery.db import models as m
 from adaptery.messaging import identity
 from adaptery.platform import Platform
 from adaptery.services import audit, federations, models
-from adaptery.services.errors import InvalidRequest, Unauthenticated
+from adaptery.services.errors import InvalidRequest, NotFound, Unauthenticated
 
 router = APIRouter(prefix="/api/federations", tags=["federations"])
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -76,6 +77,23 @@ class Coordinator(BaseModel):
         None, max_length=federations.MAX_SITES, description="The site numbers the run admits [default: all]"
     )
 
+    @field_validator("superlink")
+    @classmethod
+    def _port(cls, value: str) -> str:
+        if not 1 <= int(value.rsplit(":", 1)[1]) <= 65535:
+            raise ValueError("the port is 1 to 65535")
+        return value
+
+    @field_validator("superlink_ca")
+    @classmethod
+    def _pem(cls, value: str) -> str:
+        """Sites write it as the CA they trust: anything but certificates would only fail there, later."""
+        try:
+            x509.load_pem_x509_certificates(value.encode())
+        except ValueError as error:
+            raise ValueError("not PEM certificates") from error
+        return value
+
 
 class ProgressEvent(BaseModel):
     """One line of the coordinator's progress.jsonl (other fields it writes are ignored)."""
@@ -86,9 +104,11 @@ class ProgressEvent(BaseModel):
     stage: str | None = Field(None, max_length=32)
     rounds: int | None = Field(None, ge=1, le=10_000)
     loss: float | None = None
-    survivors: list[int] = Field(default_factory=list, max_length=federations.MAX_SITES)  # site numbers
-    seconds: float = 0.0
-    epsilon: float | None = None
+    survivors: list[Annotated[int, Field(ge=1, le=2**31)]] = Field(  # site numbers, of the federation's (checked)
+        default_factory=list, max_length=federations.MAX_SITES
+    )
+    seconds: float = Field(0.0, ge=0, allow_inf_nan=False)
+    epsilon: float | None = Field(None, ge=0, allow_inf_nan=False)
     error: str | None = Field(None, max_length=4000)
     model: str | None = Field(None, max_length=255)
 
@@ -380,8 +400,14 @@ def report_progress(
     """The coordinator's progress, one event at a time: the web UI's federation page shows it as it comes."""
     with p.db.tenant(who.tenant_id) as s:
         record = federations.get_federation(s, federation_id)
-        if body.event == "adapter":
-            models.get_model(s, body.model or "", param="model", viewer=who)  # one the caller may see, else 404
+        if body.event == "adapter":  # the federation's readers see it: one they all may see, or the caller's own
+            ref = models.get_model(s, body.model or "", param="model", viewer=who)
+            if ref.adapter is not None and ref.adapter.visibility != "tenant" and ref.adapter.created_by != who.user_id:
+                raise NotFound(
+                    f"The model '{body.model}' does not exist or you do not have access to it.",
+                    param="model",
+                    code="model_not_found",
+                )
         event = body.model_dump(exclude_none=True)
         federations.record_event(s, record, who, event)
         if body.event in ("done", "failed", "adapter"):

@@ -5,12 +5,10 @@ Members see and manage their own keys, admins and owners every key of the tenant
 
 from __future__ import annotations
 
-from typing import Annotated
-
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 
-from adaptery.api.deps import platform, principal
+from adaptery.api.deps import Positive, platform, principal
 from adaptery.auth.principal import Principal, Role
 from adaptery.db import models as m
 from adaptery.platform import Platform
@@ -18,7 +16,7 @@ from adaptery.services import audit, keys, models
 from adaptery.services.errors import InvalidRequest, PermissionDenied
 
 router = APIRouter(prefix="/api/keys", tags=["keys"])
-Limit = Annotated[int | None, Field(ge=1)]
+Limit = Positive | None
 
 
 class KeyLimits(BaseModel):

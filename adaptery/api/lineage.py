@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, BackgroundTasks, Depends
 from pydantic import BaseModel, ConfigDict
 
-from adaptery.api.deps import platform, principal
+from adaptery.api.deps import Positive, platform, principal
 from adaptery.api.openai.objects import job_object
 from adaptery.auth.policy import require
 from adaptery.auth.principal import Principal
@@ -17,20 +17,20 @@ router = APIRouter(prefix="/api/fine_tuning", tags=["fine-tuning"])
 
 class ExtendRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    n_epochs: int  # how many more epochs to train
+    n_epochs: Positive  # how many more epochs to train
 
 
 class ContinueRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     checkpoint: str
-    n_epochs: int | None = None
+    n_epochs: Positive | None = None
 
 
 class ForkRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     training_file: str
     validation_file: str | None = None
-    n_epochs: int | None = None
+    n_epochs: Positive | None = None
 
 
 def _derive(kind: str, job_id: str, fields: dict, who: Principal, p: Platform, background: BackgroundTasks) -> dict:

@@ -9,7 +9,7 @@ from fastapi import APIRouter, BackgroundTasks, Depends
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
-from adaptery.api.deps import platform, principal
+from adaptery.api.deps import DB_INT_MAX, Positive, platform, principal
 from adaptery.api.openai.objects import job_object
 from adaptery.auth import policy
 from adaptery.auth.policy import require
@@ -28,12 +28,12 @@ class CreateName(BaseModel):
 
 class Promote(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    version: int | str = Field(description="A version number of the name, or an adapter id (numbered next)")
+    version: Positive | str = Field(description="A version number of the name, or an adapter id (numbered next)")
 
 
 class Canary(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    version: int | str = Field(description="The candidate: a version number or an adapter id")
+    version: Positive | str = Field(description="The candidate: a version number or an adapter id")
     share: float = Field(ge=0, le=100, description="Percent of the name's requests the candidate answers")
 
 
@@ -41,11 +41,11 @@ class FineTune(BaseModel):
     model_config = ConfigDict(extra="forbid")
     training_file: str | None = Field(None, description="A fine-tune file (file-…); or give dataset instead")
     dataset: str | None = Field(None, description="A dataset (id or name) whose version is trained on")
-    dataset_version: int | None = Field(None, ge=1, description="Its version number; default: the latest")
+    dataset_version: Positive | None = Field(None, description="Its version number; default: the latest")
     validation_file: str | None = None
     method: dict[str, Any] | None = Field(None, description="OpenAI's method object: supervised (default) or dpo")
     suffix: str | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=DB_INT_MAX)
 
 
 def name_object(session: Session, name: Any, viewer: Principal) -> dict[str, Any]:

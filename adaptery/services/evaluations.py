@@ -221,6 +221,8 @@ def create_lm_eval(
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000):
         raise InvalidRequest("limit must be an integer between 1 and 10000", param="limit")
     previous = _candidate_and_predecessor(session, adapter)
+    if previous is not None and not _sees_model(session, who, previous):
+        previous = None  # the key minted for the run answers as the requester: only models they may see
     evaluation = m.Evaluation(
         id=new_id("evaljob-"),
         user_id=who.user_id,

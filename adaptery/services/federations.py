@@ -314,6 +314,11 @@ def record_event(session: Session, federation: m.Federation, who: Principal, eve
         if "round" not in event:
             raise InvalidRequest("a round event names its round", param="round")
         number = int(event["round"])
+        if federation.rounds and number > federation.rounds:
+            raise InvalidRequest(f"The run has {federation.rounds} rounds.", param="round")
+        outsiders = set(event.get("survivors", [])) - {site.number for site in sites_of(session, federation)}
+        if outsiders:
+            raise InvalidRequest(f"No such sites: {sorted(outsiders)}", param="survivors")
         if session.scalar(
             select(m.FederationRound.id).where(
                 m.FederationRound.federation_id == federation.id, m.FederationRound.number == number

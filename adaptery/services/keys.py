@@ -235,6 +235,12 @@ def rotate_key(session: Session, who: Principal, key_id: str, *, overlap_seconds
             f"overlap_seconds must be between 0 and {MAX_ROTATION_OVERLAP_SECONDS}", param="overlap_seconds"
         )
     record = get_key(session, who, key_id, action="rotate")
+    if session.scalar(select(m.Evaluation.id).where(m.Evaluation.api_key_id == record.id)) is not None:
+        raise PermissionDenied(
+            "This key is the platform's, minted for an evaluation: nobody rotates it (revoking it ends the run).",
+            param="key_id",
+            code="evaluation_key",
+        )
     calling = session.get(m.ApiKey, who.api_key_id) if who.api_key_id else None
     if calling is not None and not covers(calling, record):
         raise PermissionDenied(

@@ -38,7 +38,7 @@ from adaptery.auth.principal import Principal
 from adaptery.db import models as m
 from adaptery.db.ids import new_id
 from adaptery.services import datasets, finetuning, models
-from adaptery.services.errors import InvalidRequest, NotFound, PermissionDenied
+from adaptery.services.errors import Conflict, InvalidRequest, NotFound, PermissionDenied
 
 if TYPE_CHECKING:
     from adaptery.settings import Settings
@@ -250,7 +250,8 @@ def create_name(session: Session, viewer: Principal, *, name: str, version: str)
             param="version",
         )
     if session.scalar(select(m.ModelName.id).where(m.ModelName.name == short)) is not None:
-        raise InvalidRequest(f"Your workspace already has a name '{short}'", param="name", code="name_taken")
+        # one answer whether the caller may see that name or not: nothing about its versions, owner or visibility
+        raise Conflict(f"The name '{short}' is not available: choose another.", param="name", code="name_taken")
     row = m.ModelName(
         id=full, tenant_id=viewer.tenant_id, name=short, base_model=first.adapter.base_model, created_by=viewer.user_id
     )

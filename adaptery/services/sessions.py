@@ -121,8 +121,28 @@ def open_session(
         id_token=id_token,
     )
     session.add(record)
+    # Signed in now: no setup link issued earlier (in any tenant) may sign in as them any more.
+    session.execute(
+        delete(m.LoginToken).where(
+            m.LoginToken.user_id == user.id, m.LoginToken.used_at.is_(None), m.LoginToken.purpose == "setup"
+        )
+    )
     session.flush()
     return NewSession(token, csrf, _principal(session, user, record))
+
+
+def has_signed_in(session: Session, user_id: str) -> bool:
+    """The person has signed in at least once, by any means (a used link, a session, a password, SSO): from
+    then on a setup link for them would be a way to sign in as them."""
+    used_link = select(m.LoginToken.id).where(m.LoginToken.user_id == user_id, m.LoginToken.used_at.is_not(None))
+    any_session = select(m.WebSession.id).where(m.WebSession.user_id == user_id)
+    user = session.get(m.User, user_id)
+    return (
+        user.password_hash is not None
+        or uses_sso(session, user_id)
+        or session.scalar(select(used_link.exists())) is True
+        or session.scalar(select(any_session.exists())) is True
+    )
 
 
 @dataclass(frozen=True)
@@ -296,7 +316,7 @@ def consume_login_link(session: Session, token: str, settings: Settings) -> NewS
         memberships = session.scalar(
             select(func.count()).select_from(m.Membership).where(m.Membership.user_id == user.id)
         )
-        if user.password_hash is not None or memberships > 1:
+        if memberships > 1 or has_signed_in(session, user.id):
             raise invalid
     record.used_at = time.time()
     return open_session(session, user, record.tenant_id, settings, method=LINK, fresh_link=True)

@@ -15,7 +15,7 @@ from adaptery.db import models as m
 from adaptery.db.ids import new_id, random_token
 from adaptery.services import keys
 from adaptery.services.errors import Conflict, InvalidRequest, NotFound
-from adaptery.services.sessions import uses_sso
+from adaptery.services.sessions import has_signed_in, uses_sso
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
@@ -130,19 +130,19 @@ class MemberRow:
     user_id: str
     role: str
     created_at: float
-    set_up: bool  # the person has a password (a new sign-in link is then refused: they sign in themself)
+    set_up: bool  # the person has signed in at least once (a new sign-in link is then refused)
 
 
 def list_members(session: Session) -> list[MemberRow]:
     """The members of the session's tenant, by username."""
     rows = session.execute(
-        select(m.User.username, m.User.id, m.Membership.role, m.Membership.created_at, m.User.password_hash)
+        select(m.User.username, m.User.id, m.Membership.role, m.Membership.created_at)
         .join(m.Membership, m.Membership.user_id == m.User.id)
         .order_by(m.User.username)
-    )
+    ).all()
     return [
-        MemberRow(username, user_id, role, created, set_up=password is not None)
-        for username, user_id, role, created, password in rows
+        MemberRow(username, user_id, role, created, set_up=has_signed_in(session, user_id))
+        for username, user_id, role, created in rows
     ]
 
 
@@ -273,10 +273,10 @@ def new_setup_link(system_session: Session, tenant_id: str, username: str, *, ho
             param="username",
             code="signs_in_with_sso",
         )
-    if member.user.password_hash is not None or member.user.is_platform_admin or memberships > 1:
+    if has_signed_in(system_session, member.user.id) or member.user.is_platform_admin or memberships > 1:
         raise Conflict(
-            f"'{username}' has set up their account (or belongs to other tenants): they sign in with their own "
-            "password. A forgotten password is reset by the platform operator: adaptery users reset-link.",
+            f"'{username}' has signed in already (or belongs to other tenants): they sign in themself, never "
+            "with a link. A forgotten password is reset by the platform operator: adaptery users reset-link.",
             param="username",
             code="account_set_up",
         )

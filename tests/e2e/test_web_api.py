@@ -85,12 +85,16 @@ def test_conversations_are_saved_per_user_and_members_come_and_go(server: Server
     ada_key = ada.post("/api/keys", json={"name": "ada's"}).json()["value"]
     assert httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {ada_key}"}).status_code == 200
 
-    relink = owner.post("/api/admin/members/ada/link")
-    assert relink.status_code == 200 and relink.json()["login_url"] != invited.json()["login_url"]
+    # ada has signed in: a new link would sign in as her (FINDINGS M3); a never-signed-in person gets one
+    assert error_of(owner.post("/api/admin/members/ada/link"), 409)["code"] == "account_set_up"
+    assert owner.post("/api/admin/members", json={"username": "bo"}).status_code == 201
+    relink = owner.post("/api/admin/members/bo/link")
+    assert relink.status_code == 200
     assert error_of(owner.delete("/api/admin/members/owner"), 400)["param"] == "username"  # not oneself
     assert owner.delete("/api/admin/members/ada").status_code == 204
     assert ada.get("/api/me").status_code == 401  # their session ended
     assert httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {ada_key}"}).status_code == 401
+    assert owner.delete("/api/admin/members/bo").status_code == 204
     unused_link = server.url + "/auth/" + relink.json()["login_url"].split("/auth/")[1]
     assert httpx.get(unused_link).headers["location"] == "/?link=invalid"  # their unused link died with them
     assert error_of(owner.delete("/api/admin/members/ada"), 404)["code"] == "member_not_found"

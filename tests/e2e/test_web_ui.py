@@ -22,7 +22,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from tests.conftest import ARTIFACTS, REPO, SAMPLE_CHAT, ServerProcess, prepare_data_dir, start_server, stop_server
+from tests.conftest import (
+    ARTIFACTS,
+    REPO,
+    SAMPLE_CHAT,
+    ServerProcess,
+    ca_pem,
+    prepare_data_dir,
+    start_server,
+    stop_server,
+)
 
 # Playwright's default of 5 s per expectation: on 2 cores shared with the other pytest worker's servers, a page that
 # signs in, reloads and lists (the invitation test) has taken longer. What must be fast is measured in bench/.
@@ -533,7 +542,8 @@ def test_a_federation_page_follows_its_rounds_live(journey: Journey) -> None:
         public = key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
         api.post(f"/api/federations/{fed}/sites", json={"name": f"clinic-{number}", "public_key": public})
     api.put(
-        f"/api/federations/{fed}/coordinator", json={"superlink": "127.0.0.1:9093", "superlink_ca": "-", "rounds": 2}
+        f"/api/federations/{fed}/coordinator",
+        json={"superlink": "127.0.0.1:9093", "superlink_ca": ca_pem(), "rounds": 2},
     )
 
     def report(event: dict) -> None:

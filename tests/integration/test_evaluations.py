@@ -8,10 +8,13 @@ import time
 
 import pytest
 
+from adaptery.auth.principal import Principal, Role
 from adaptery.db import models as m
 from adaptery.db.ids import new_id
 from adaptery.messaging import protocol
 from adaptery.services import evaluations
+from adaptery.services import keys as api_keys
+from adaptery.services.errors import PermissionDenied
 from tests.integration.helpers import upload_sample
 
 
@@ -189,3 +192,31 @@ def test_over_nats_an_agent_reaches_only_the_evaluation_leased_to_it_and_only_if
     assert ask(control, "agent-b", evaluation.id, "heartbeat", {"attempt": 1}) == {"verdict": "lost"}
     assert "not leased to you" in ask(control, "agent-b", evaluation.id, "finish", {"state": "failed"})["error"]
     assert ask(control, "agent-a", evaluation.id, "heartbeat", {"attempt": 1}) == {"verdict": "continue"}
+
+
+def test_an_lm_eval_key_names_no_model_its_requester_may_not_see_and_is_not_theirs_to_rotate(running):
+    """FINDINGS L5: the key minted for a member's lm-eval listed a colleague's private predecessor, and the member
+    could rotate it (taking the platform's key, with that model, into their hands)."""
+    lab = Lab(running)
+    with running.platform.db.system() as s:
+        member = m.User(id=new_id("user-"), username="evaluating-member")
+        colleague = m.User(id=new_id("user-"), username="private-colleague")
+        s.add_all([member, colleague])
+        s.flush()
+        s.add(m.Membership(id=new_id("mem_"), tenant_id=lab.tenant_id, user_id=member.id, role="member"))
+        s.add(m.EvaluationTask(id=new_id("evtask-"), tenant_id=lab.tenant_id, name="t", config={},
+                               data_sha256="0" * 64, records=1))  # fmt: skip
+        member_id, colleague_id = member.id, colleague.id
+    validation = {"validation_file": lab.file_id}
+    hidden = lab.job(adapter="private", user_id=colleague_id, **validation)
+    mine = lab.job(user_id=colleague_id, **validation)  # the colleague's, tenant-visible: the member evaluates it
+    who = Principal(tenant_id=lab.tenant_id, tenant_name="default", user_id=member_id, username="evaluating-member",
+                    role=Role.MEMBER)  # fmt: skip
+    with running.platform.db.tenant(lab.tenant_id) as s:
+        evaluation = evaluations.create_lm_eval(s, who, lab.model(mine), "t")
+        assert lab.model(hidden) not in {entry["model"] for entry in evaluation.models}
+        key = api_keys.create_key(s, tenant_id=lab.tenant_id, user_id=member_id, scopes=["inference"])
+        evaluation.api_key_id = key.record.id
+        key_id = key.record.id
+    with running.platform.db.tenant(lab.tenant_id) as s, pytest.raises(PermissionDenied):
+        api_keys.rotate_key(s, who, key_id, overlap_seconds=0)

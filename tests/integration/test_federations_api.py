@@ -22,6 +22,7 @@ from adaptery.engine.demo_model import DEMO_MODEL_ID
 from adaptery.federated import join
 from adaptery.federated.apps import load_roster
 from adaptery.services import keys as api_keys
+from tests.conftest import ca_pem
 
 
 def ssh_public(key) -> str:
@@ -147,6 +148,13 @@ def test_coordinator_adapter_imports_and_chats(running, demo_model_dir, tmp_path
     events = f"/api/federations/{federation['id']}/events"
     hidden = running.client.post(events, json={"event": "adapter", "model": f"{model_id}x"}, headers=auth)
     assert hidden.status_code == 404
+    with running.platform.db.system() as s:  # another person's private adapter: its owner sees it, readers not
+        adapter_row = s.scalar(select(m.Adapter).where(m.Adapter.id == model_id))
+        creator, adapter_row.created_by, adapter_row.visibility = adapter_row.created_by, "user_else", "private"
+    private = running.client.post(events, json={"event": "adapter", "model": model_id}, headers=auth)
+    assert private.status_code == 404, private.text  # FINDINGS L3
+    with running.platform.db.system() as s:
+        s.scalar(select(m.Adapter).where(m.Adapter.id == model_id)).created_by = creator
     linked = running.client.post(events, json={"event": "adapter", "model": model_id}, headers=auth)
     assert linked.status_code == 200, linked.text
     assert linked.json()["adapter"] == model_id
@@ -227,7 +235,7 @@ def test_a_site_joins_with_a_one_time_token_and_checks_in_by_signature(running, 
     other = running.new_tenant("other", "mallory").api_key
     assert invite(running, fed_id, "evil", other).status_code == 404
     assert client.get(f"/api/federations/{fed_id}", headers=running.auth(other)).status_code == 404
-    coordinator = {"superlink": "127.0.0.1:9093", "superlink_ca": "PEM", "rounds": 2}
+    coordinator = {"superlink": "127.0.0.1:9093", "superlink_ca": ca_pem(), "rounds": 2}
     put = f"/api/federations/{fed_id}/coordinator"
     assert client.put(put, json=coordinator, headers=running.auth(other)).status_code == 404
     events = f"/api/federations/{fed_id}/events"
@@ -250,7 +258,7 @@ def test_a_site_joins_with_a_one_time_token_and_checks_in_by_signature(running, 
     view = join.check_in(site_dir, http=client)
     assert join.write_run_files(site_dir, view)
     assert json.loads((site_dir / join.ROSTER_FILE).read_text()) == roster.json()
-    assert (site_dir / join.SUPERLINK_CA_FILE).read_text() == "PEM"
+    assert (site_dir / join.SUPERLINK_CA_FILE).read_text() == ca_pem()
     check_in = f"/api/federations/sites/{membership.site_id}/check-in"
     now = int(time.time())
     wrong = client.post(check_in, json={"time": now, "signature": join.sign(stranger, b"x").hex()})
@@ -274,7 +282,7 @@ def test_the_coordinator_reports_rounds_and_sites_that_dropped(running):
     for number in (1, 2):
         key = ssh_public(ec.generate_private_key(ec.SECP256R1()))
         client.post(f"/api/federations/{fed_id}/sites", json={"name": f"s{number}", "public_key": key}, headers=auth)
-    coordinator = {"superlink": "127.0.0.1:9093", "superlink_ca": "PEM", "rounds": 2, "sites": [1, 2]}
+    coordinator = {"superlink": "127.0.0.1:9093", "superlink_ca": ca_pem(), "rounds": 2, "sites": [1, 2]}
     assert client.put(f"/api/federations/{fed_id}/coordinator", json=coordinator, headers=auth).status_code == 200
     events = f"/api/federations/{fed_id}/events"
 
@@ -299,3 +307,40 @@ def test_the_coordinator_reports_rounds_and_sites_that_dropped(running):
     done = report({"event": "done", "adapter": "/tmp/out/adapter"})
     assert done["status"] == "done" and done["progress"] is None
     assert report({"event": "failed", "error": "boom"})["error"] == "boom"
+
+
+def test_progress_events_and_the_coordinator_are_checked(running):
+    """FINDINGS L3: nonsense numbers, sites outside the federation, a round past the last, a CA that is no PEM,
+    a port past 65535, and an adapter its reporter may see but the federation's readers may not were accepted."""
+    client, auth = running.client, running.auth()
+    fed_id = client.post("/api/federations", json={"name": "checked", "base_model": DEMO_MODEL_ID}, headers=auth)
+    fed_id = fed_id.json()["id"]
+    for number in (1, 2):
+        key = ssh_public(ec.generate_private_key(ec.SECP256R1()))
+        client.post(f"/api/federations/{fed_id}/sites", json={"name": f"s{number}", "public_key": key}, headers=auth)
+    put = f"/api/federations/{fed_id}/coordinator"
+    good = {"superlink": "127.0.0.1:9093", "superlink_ca": ca_pem(), "rounds": 3}
+    for bad, param in (
+        ({**good, "superlink_ca": "not a pem"}, "superlink_ca"),
+        ({**good, "superlink": "127.0.0.1:99999"}, "superlink"),
+        ({**good, "superlink": "127.0.0.1:0"}, "superlink"),
+    ):
+        response = client.put(put, json=bad, headers=auth)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+    assert client.put(put, json=good, headers=auth).status_code == 200
+    events = f"/api/federations/{fed_id}/events"
+    assert client.post(events, json={"event": "start", "rounds": 3}, headers=auth).status_code == 200
+    for bad, param in (
+        ({"seconds": -1e308}, "seconds"),
+        ({"seconds": float("inf")}, "seconds"),
+        ({"epsilon": -5}, "epsilon"),
+        ({"survivors": [999999999999, -5]}, "survivors"),
+        ({"survivors": [3]}, "survivors"),
+        ({"round": 9999}, "round"),
+    ):
+        event = {"event": "round", "round": 1, "survivors": [1, 2], **bad}
+        response = client.post(events, content=json.dumps(event), headers={**auth, "content-type": "application/json"})
+        assert response.status_code == 400, (bad, response.text)
+        assert response.json()["error"]["param"].split("[")[0].split(".")[0] == param, response.text
+    sites = client.get(f"/api/federations/{fed_id}", headers=auth).json()["sites"]
+    assert [s["status"] for s in sites] != ["added", "dropped"] and not any(s["status"] == "dropped" for s in sites)

@@ -367,7 +367,9 @@ def test_bad_promotions_get_clear_errors(lab: Running) -> None:
     base = lab.client.post(f"/api/model_names/{NAME}/promote", headers=headers, json={"version": "adaptery-demo"})
     assert base.status_code == 400 and "is not an adapter" in base.json()["error"]["message"]
     taken = lab.client.post("/api/model_names", headers=headers, json={"name": NAME, "version": lab.found["v1"]})
-    assert taken.status_code == 400 and taken.json()["error"]["code"] == "name_taken"
+    # FINDINGS L7: one answer whether or not the caller may see the name (nothing about its workspace or owner)
+    assert taken.status_code == 409 and taken.json()["error"]["code"] == "name_taken"
+    assert taken.json()["error"]["message"] == f"The name '{NAME}' is not available: choose another."
     odd = lab.client.post("/api/model_names", headers=headers, json={"name": "no spaces", "version": lab.found["v1"]})
     assert odd.status_code == 400 and odd.json()["error"]["param"] == "name"
     # An adapter on another base cannot be a version of this name.

@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from adaptery.db import models as m
 from adaptery.messaging import identity
 from adaptery.services import audit
-from tests.conftest import SAMPLE_CHAT
+from tests.conftest import SAMPLE_CHAT, ca_pem
 from tests.security.conftest import World
 from tests.security.objects import trained, unpack
 from tests.security.test_authorization_matrix import app_routes
@@ -310,7 +310,7 @@ def calls(world: World, lora_bytes: bytes, tmp_path) -> list[tuple[str, Callable
         ("POST /api/federations/join", join_site),
         ("PUT /api/federations/{federation_id}/coordinator", lambda: client.put(
             f"/api/federations/{state['federation']}/coordinator", headers=owner,
-            json={"superlink": "127.0.0.1:9093", "superlink_ca": "PEM", "rounds": 1})),
+            json={"superlink": "127.0.0.1:9093", "superlink_ca": ca_pem(), "rounds": 1})),
         ("POST /api/federations/{federation_id}/events", lambda: client.post(
             f"/api/federations/{state['federation']}/events", headers=owner, json={"event": "done"})),
         ("DELETE /api/datasets/{dataset_id}", lambda: client.delete(

@@ -213,3 +213,28 @@ def test_a_lone_surrogate_anywhere_in_a_json_body_is_a_400_naming_its_field(worl
 def test_audit_paging_beyond_what_the_database_holds_is_a_400(world: World):
     response = world.client.get("/api/admin/audit", headers=world.auth("owner"), params={"after": 2**63})
     assert response.status_code == 400 and response.json()["error"]["param"] == "after"
+
+
+def test_integers_beyond_what_the_database_holds_are_a_400_naming_the_field(world: World):
+    """FINDINGS L1: each of these was a 500 (SQLite OverflowError) for an integer of 2**63 or more."""
+    member, owner, huge = world.auth("member"), world.auth("owner"), 2**70
+    made = world.client.post("/api/model_names", headers=member, json={"name": "big", "version": world.ids["model_id"]})
+    assert made.status_code in (200, 201), made.text
+    key_id = world.client.post("/api/keys", headers=owner, json={"name": "bounded"}).json()["id"]
+    for method, path, body, param in (
+        ("POST", "/api/model_names/big/promote", {"version": huge}, "version"),
+        ("PUT", "/api/model_names/big/canary", {"version": huge, "share": 1}, "version"),
+        (
+            "POST",
+            "/api/model_names/big/fine_tune",
+            {"dataset": world.ids["dataset_id"], "dataset_version": huge},
+            "dataset_version",
+        ),
+        ("POST", "/api/keys", {"limits": {"monthly_tokens": huge}}, "limits.monthly_tokens"),
+        ("POST", "/api/keys", {"limits": {"concurrent_streams": 2**63}}, "limits.concurrent_streams"),
+        ("PATCH", f"/api/keys/{key_id}", {"limits": {"requests_per_minute": huge}}, "limits.requests_per_minute"),
+    ):
+        caller = member if path.startswith("/api/model_names") else owner
+        response = world.client.request(method, path, headers=caller, json=body)
+        assert response.status_code == 400, (path, body, response.text)
+        assert response.json()["error"]["param"].startswith(param.split(".")[0]), (path, response.text)

@@ -137,6 +137,31 @@ def test_a_setup_link_stops_working_once_its_person_has_a_password(world: World)
     assert late.headers["location"] == "/?link=invalid"
 
 
+def test_no_new_link_for_someone_who_signed_in_by_link_without_a_password(world: World):
+    """FINDINGS M3: a member who signed in by their link but never set a password was taken over by an admin's
+    fresh link. Having signed in at all is what counts, and the members page says so."""
+    owner = world.auth("owner")
+    invited = world.client.post("/api/admin/members", headers=owner, json={"username": "linker"}).json()
+    listed = {row["username"]: row for row in world.client.get("/api/admin/members", headers=owner).json()["data"]}
+    assert listed["linker"]["set_up"] is False
+    follow_link(world, invited["login_url"])
+    refused = world.client.post("/api/admin/members/linker/link", headers=owner)
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "account_set_up"
+    listed = {row["username"]: row for row in world.client.get("/api/admin/members", headers=owner).json()["data"]}
+    assert listed["linker"]["set_up"] is True
+
+
+def test_a_setup_link_stops_working_once_its_person_signed_in_some_other_way(world: World):
+    invited = world.client.post("/api/admin/members", headers=world.auth("owner"), json={"username": "elsewise"})
+    with world.platform.db.system() as s:  # signed in by other means (a password since removed, SSO, ...)
+        user = s.query(m.User).filter_by(username="elsewise").one()
+        sessions.open_session(s, user, world.tenant_id, world.platform.settings, method="password")
+    late = browser(world).get("/auth/link?" + invited.json()["login_url"].split("?")[1], follow_redirects=False)
+    assert late.headers["location"] == "/?link=invalid"
+    refused = world.client.post("/api/admin/members/elsewise/link", headers=world.auth("owner"))
+    assert refused.status_code == 409
+
+
 # -- 1. platform administration is a step-up, never inherited --------------------------------------------
 
 
@@ -471,11 +496,13 @@ def test_a_link_kept_by_one_tenant_dies_when_its_person_joins_another(world: Wor
     rival = other_owner(world)
     first = world.client.post("/api/admin/members", headers=rival, json={"username": "dave"}).json()
     dave = follow_link(world, first["login_url"])
-    kept = world.client.post("/api/admin/members/dave/link", headers=rival).json()["login_url"]
+    # dave has signed in: the rival gets no second link at all (FINDINGS M3), so there is none to keep
+    kept = world.client.post("/api/admin/members/dave/link", headers=rival)
+    assert kept.status_code == 409 and kept.json()["error"]["code"] == "account_set_up"
     world.client.post("/api/admin/members", headers=world.auth("owner"), json={"username": "dave", "role": "admin"})
     invitation = dave.get("/api/invitations").json()["data"][0]
     assert dave.post(f"/api/invitations/{invitation['id']}/accept").status_code == 200
-    used = browser(world).get("/auth/link?" + kept.split("?", 1)[1], follow_redirects=False)
+    used = browser(world).get("/auth/link?" + first["login_url"].split("?", 1)[1], follow_redirects=False)
     assert used.headers["location"] == "/?link=invalid"
 
 
