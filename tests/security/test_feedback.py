@@ -249,6 +249,7 @@ def test_the_arena_is_blind_until_the_vote_and_ranks_models_per_base(world: Worl
 
 def test_feedback_becomes_dataset_versions_with_lineage_that_train_as_they_are(world: World):
     client, owner = world.client, world.auth("owner")
+    set_policy(world, readers="members")  # a dataset is read by every member: so must the feedback it holds be
     made = client.post("/api/feedback/datasets", headers=owner, json={"name": "from-feedback", "kind": "dpo"})
     assert made.status_code == 201, made.text
     dataset = made.json()
@@ -281,7 +282,8 @@ def test_feedback_becomes_dataset_versions_with_lineage_that_train_as_they_are(w
     assert newest["format"] == "openai-chat" and newest["parent_version"] is None and newest["records"] >= 1
     # another tenant has no feedback to build from, and never sees this dataset
     nothing = client.post("/api/feedback/datasets", headers=world.auth("other_tenant_member"), json={"name": "x"})
-    assert nothing.status_code == 400 and nothing.json()["error"]["code"] == "no_feedback"
+    assert nothing.status_code == 403 and nothing.json()["error"]["code"] == "feedback_readers"  # its own policy
+    set_policy(world, readers="owners")
     assert client.get(f"/api/datasets/{dataset['id']}", headers=world.auth("other_tenant_member")).status_code == 404
 
 
@@ -329,15 +331,13 @@ def test_a_message_names_only_a_model_its_poster_may_use_and_feedback_follows_wh
             f"{honest_url}/{honest}/feedback", headers=viewer, json={"rating": 1, "correction": "POISON"}
         )
         assert late.status_code == 404 and late.json()["error"]["param"] == "model"  # access lost since it was posted
-        # a dataset for the adapter takes only feedback whose author may use it
+        # a dataset is read tenant-wide: none is made of feedback the policy keeps to the adapter's owner
         made = client.post(
             "/api/feedback/datasets",
             headers=member,
             json={"name": "owner-loop", "kind": "sft", "model": adapter, "dedup": False, "scrub": False},
         )
-        assert made.status_code == 201, made.text
-        lineage = made.json()["versions"][0]["params"]["lineage"]
-        assert [e["feedback"] for e in lineage] == [mine["id"]]
+        assert made.status_code == 403 and made.json()["error"]["code"] == "feedback_readers", made.text
         # with readers "members", feedback on a private adapter is read by who may see it, and by its author
         set_policy(world, readers="members")
 
@@ -461,3 +461,46 @@ def test_a_web_answer_names_only_its_own_users_completion(world: World):
         assert on_page.json()["completion_id"] == mine and on_page.json()["message_id"] == saved.json()["id"]
     finally:
         set_policy(world, collect="feedback")
+
+
+def test_a_feedback_dataset_holds_only_feedback_everyone_who_reads_datasets_may_read(world: World):
+    """Datasets are read tenant-wide (records, content, versions, export, fine-tuning): one is built from feedback
+    only under `readers: members`, and from feedback on models every member may use; with narrower readers it is a
+    403 naming the policy, for an admin and an adapter's owner alike."""
+    client, member = world.client, world.auth("member")
+    set_policy(world, collect="all", readers="owners")
+    secret = client.post("/v1/chat/completions", headers=member, json={
+        "model": "adaptery-demo", "messages": [{"role": "user", "content": "my ssn is 123-45-6789"}], "max_tokens": 4,
+    }).json()  # fmt: skip
+    rated = client.post(f"/api/completions/{secret['id']}/feedback", headers=member, json={"rating": 1})
+    assert rated.status_code == 200, rated.text
+    adapter, sharing = world.ids["model_id"], f"/api/models/{world.ids['model_id']}/sharing"
+    try:
+        for who, body in (("admin", {}), ("member", {"model": adapter}), ("owner", {"kind": "dpo"})):
+            refused = client.post("/api/feedback/datasets", headers=world.auth(who), json={"name": "fbds", **body})
+            assert refused.status_code == 403, refused.text
+            error = refused.json()["error"]
+            assert error["param"] == "readers" and "readers" in error["message"] and "members" in error["message"]
+        assert client.get("/api/datasets", headers=world.auth("viewer")).json()["data"] == [] or all(
+            d["name"] != "fbds" for d in client.get("/api/datasets", headers=world.auth("viewer")).json()["data"]
+        )
+        # readers "members": feedback on a private adapter (its owner's) stays out, the base model's goes in
+        set_policy(world, readers="members")
+        assert client.put(sharing, headers=member, json={"visibility": "private"}).status_code == 200
+        conversation = client.post("/api/conversations", headers=member, json={"model": adapter}).json()
+        url = f"/api/conversations/{conversation['id']}/messages"
+        client.post(url, headers=member, json={"role": "user", "content": "private question"})
+        answer = client.post(url, headers=member, json={"role": "assistant", "content": "private", "model": adapter})
+        private = client.post(f"{url}/{answer.json()['id']}/feedback", headers=member, json={"rating": 1}).json()
+        made = client.post("/api/feedback/datasets", headers=world.auth("admin"),
+                           json={"name": "fbds", "kind": "sft", "dedup": False, "scrub": False})  # fmt: skip
+        assert made.status_code == 201, made.text
+        taken = {e["feedback"] for e in made.json()["versions"][0]["params"]["lineage"]}
+        assert rated.json()["id"] in taken and private["id"] not in taken
+        only_private = client.post("/api/feedback/datasets", headers=member,
+                                   json={"name": "fbds-private", "model": adapter})  # fmt: skip
+        assert only_private.status_code == 400 and only_private.json()["error"]["code"] == "no_feedback"
+    finally:
+        client.put(sharing, headers=member, json={"visibility": "tenant"})
+        set_policy(world, readers="owners")
+
