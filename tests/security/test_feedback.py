@@ -504,3 +504,29 @@ def test_a_feedback_dataset_holds_only_feedback_everyone_who_reads_datasets_may_
         client.put(sharing, headers=member, json={"visibility": "tenant"})
         set_policy(world, readers="owners")
 
+
+def test_a_web_answer_claims_only_its_own_completion_of_its_own_model_with_its_own_text(world: World):
+    set_policy(world, collect="all")
+    client, member, adapter = world.client, world.auth("member"), world.ids["model_id"]
+    try:
+        on_base = chat(world, "member")
+        conversation = client.post("/api/conversations", headers=member, json={"model": adapter}).json()
+        url = f"/api/conversations/{conversation['id']}/messages"
+        client.post(url, headers=member, json={"role": "user", "content": QUESTION})
+        forged = {"role": "assistant", "content": "I hate you", "model": adapter, "completion_id": on_base["id"]}
+        refused = client.post(url, headers=member, json=forged)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "model", refused.text
+        # the right model, but other words than the completion's: the completion's own answer is what is kept
+        base_chat = client.post("/api/conversations", headers=member, json={"model": "adaptery-demo"}).json()
+        base_url = f"/api/conversations/{base_chat['id']}/messages"
+        client.post(base_url, headers=member, json={"role": "user", "content": QUESTION})
+        saved = client.post(base_url, headers=member, json={**forged, "model": "adaptery-demo"})
+        assert saved.status_code == 201, saved.text
+        real = on_base["choices"][0]["message"]["content"]
+        assert saved.json()["content"] == real
+        stored = client.get(f"/api/conversations/{base_chat['id']}", headers=member).json()["messages"][-1]
+        assert stored["content"] == real
+        rated = client.post(f"{base_url}/{saved.json()['id']}/feedback", headers=member, json={"rating": -1})
+        assert rated.json()["answer"] == real
+    finally:
+        set_policy(world, collect="feedback")
