@@ -530,3 +530,22 @@ def test_a_web_answer_claims_only_its_own_completion_of_its_own_model_with_its_o
         assert rated.json()["answer"] == real
     finally:
         set_policy(world, collect="feedback")
+
+
+def test_an_inference_only_key_reads_no_feedback_nor_saved_chats_and_starts_no_battle(world: World):
+    set_policy(world, collect="feedback")
+    secret = add_key(world.platform, world.tenant_id, world.users["lab-member"], scopes=["inference"])
+    key = {"Authorization": f"Bearer {secret}"}
+    conversation_id, message_id = saved_chat(world, "member")
+    for method, url, body in (
+        ("GET", "/api/feedback", None),
+        ("GET", "/api/conversations", None),
+        ("GET", f"/api/conversations/{conversation_id}", None),
+        ("GET", f"/api/conversations/{conversation_id}/feedback", None),
+        ("POST", f"/api/conversations/{conversation_id}/messages/{message_id}/feedback", {"rating": 1}),
+        ("POST", "/api/arena/battles", {"models": ["adaptery-demo", world.ids["model_id"]]}),
+    ):
+        response = world.client.request(method, url, headers=key, json=body)
+        assert response.status_code == 403, (url, response.text)
+    # what an application on the API needs still works: the policy, and its users' feedback by completion id
+    assert world.client.get("/api/feedback/policy", headers=key).status_code == 200
