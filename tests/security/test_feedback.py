@@ -549,3 +549,15 @@ def test_an_inference_only_key_reads_no_feedback_nor_saved_chats_and_starts_no_b
         assert response.status_code == 403, (url, response.text)
     # what an application on the API needs still works: the policy, and its users' feedback by completion id
     assert world.client.get("/api/feedback/policy", headers=key).status_code == 200
+
+
+@pytest.mark.parametrize("name", ["../../x", "a\u0000b", "a/b", " ", "x" * 129, "tab\there"])
+def test_a_feedback_dataset_name_is_checked_like_any_dataset_name(world: World, name: str):
+    """The attack: "../../x" or a NUL byte as a name; every way a dataset is named checks it the same."""
+    response = world.client.post("/api/feedback/datasets", headers=world.auth("owner"), json={"name": name})
+    assert response.status_code in (400, 422) and "name" in response.text, response.text
+    uploaded = world.client.post(
+        "/api/datasets", headers=world.auth("owner"), params={"name": name, "filename": "x.jsonl"},
+        content=b'{"messages":[{"role":"user","content":"q"},{"role":"assistant","content":"a"}]}\n',
+    )  # fmt: skip
+    assert uploaded.status_code in (400, 422) and "name" in uploaded.text, uploaded.text
