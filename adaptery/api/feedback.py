@@ -195,6 +195,7 @@ async def build_dataset(
     each completion, conversation and battle; validated like any upload, then deduplicated and PII-scrubbed
     (each a version of its own). Answers once the last version is ready."""
     require(who, "upload")
+    datasets.check_name(body.name)  # before any feedback is read: a bad name answers the same whatever there is
     key = p.keyring.data_key(who.tenant_id)
 
     def curate() -> feedback.Curated:

@@ -41,10 +41,14 @@ MODELS_READ = _perm("models.read", Scope.MODELS, Scope.INFERENCE, Scope.FINE_TUN
 MODELS_WRITE = _perm("models.write", Scope.MODELS, role=Role.MEMBER)
 MODELS_DOWNLOAD = _perm("models.download", Scope.MODELS, role=Role.MEMBER)
 INFER = _perm("inference", Scope.INFERENCE)
-# A user's own saved chats in the web page (each user sees only theirs).
-CONVERSATIONS = _perm("conversations", Scope.INFERENCE)
-# Feedback on answers and the arena: whoever may chat may rate; reading is narrowed by the tenant's feedback policy
+# A user's own saved chats in the web page (each user sees only theirs), the blind arena and the feedback people
+# give: kept people's words, read like the tenant's data (the files scope), never with a key that may only chat
+# (an application's inference key, which a leak should not turn into a reader of anyone's chats).
+CONVERSATIONS = _perm("conversations", Scope.FILES)
+# Whoever may chat may rate an answer by its completion id and read the policy that says what is kept.
 FEEDBACK = _perm("feedback", Scope.INFERENCE)
+# Reading (and withdrawing) collected feedback, narrowed further by the tenant's feedback policy.
+FEEDBACK_READ = _perm("feedback.read", Scope.FILES)
 FEEDBACK_DATASET = _perm("feedback.dataset", Scope.FILES, role=Role.MEMBER)
 FILES_READ = _perm("files.read", Scope.FILES, Scope.FINE_TUNING)
 FILES_WRITE = _perm("files.write", Scope.FILES, role=Role.MEMBER)
@@ -140,17 +144,17 @@ ROUTES: dict[str, Permission | None] = {
     "GET /api/feedback/policy": FEEDBACK,
     "PUT /api/feedback/policy": TENANT_ADMIN,
     "POST /api/completions/{completion_id}/feedback": FEEDBACK,
-    "POST /api/conversations/{conversation_id}/messages/{message_id}/feedback": FEEDBACK,
-    "GET /api/conversations/{conversation_id}/feedback": FEEDBACK,
-    "GET /api/feedback": FEEDBACK,
-    "GET /api/feedback/{feedback_id}": FEEDBACK,
-    "DELETE /api/feedback/{feedback_id}": FEEDBACK,
+    "POST /api/conversations/{conversation_id}/messages/{message_id}/feedback": CONVERSATIONS,
+    "GET /api/conversations/{conversation_id}/feedback": CONVERSATIONS,
+    "GET /api/feedback": FEEDBACK_READ,
+    "GET /api/feedback/{feedback_id}": FEEDBACK_READ,
+    "DELETE /api/feedback/{feedback_id}": FEEDBACK_READ,
     "POST /api/feedback/datasets": FEEDBACK_DATASET,
-    "POST /api/arena/battles": FEEDBACK,
-    "GET /api/arena/battles/{battle_id}": FEEDBACK,
-    "POST /api/arena/battles/{battle_id}/answers/{side}": FEEDBACK,
-    "POST /api/arena/battles/{battle_id}/answers/{side}/feedback": FEEDBACK,
-    "POST /api/arena/battles/{battle_id}/vote": FEEDBACK,
+    "POST /api/arena/battles": CONVERSATIONS,
+    "GET /api/arena/battles/{battle_id}": CONVERSATIONS,
+    "POST /api/arena/battles/{battle_id}/answers/{side}": CONVERSATIONS,
+    "POST /api/arena/battles/{battle_id}/answers/{side}/feedback": CONVERSATIONS,
+    "POST /api/arena/battles/{battle_id}/vote": CONVERSATIONS,
     "GET /api/arena/leaderboard": FEEDBACK,
     "POST /api/admin/members": TENANT_ADMIN,
     "DELETE /api/admin/members/{username}": TENANT_ADMIN,

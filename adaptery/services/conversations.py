@@ -8,6 +8,7 @@ and `content_of`. Values written before encryption existed (no `enc1:` prefix) r
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -65,12 +66,15 @@ def check_model(session: Session, who: Principal, model: str | None) -> None:
         models.get_model(session, model, viewer=who, checkpoints=True)
 
 
-def check_completion_id(session: Session, user_id: str, role: str, model: str | None, completion_id: str) -> None:
+def check_completion_id(
+    session: Session, key: DataKey, user_id: str, role: str, model: str | None, completion_id: str, content: str
+) -> str:
     """A message names the completion that wrote it, so feedback given on the page and through the API (by
     `chatcmpl-` id) is about one answer, and a stable name's answer counts for the version that answered. The
     browser says which completion that was; it may name only one of its own user's: where the platform knows the
-    completion (a name's routed request, a kept completion) it must be this user's and, for a name, this model's;
-    and no other message names it already."""
+    completion (a name's routed request, a kept completion) it must be this user's and this model's (a 400 naming
+    `model` otherwise); and no other message names it already. What is kept is the completion's own answer where
+    the platform kept it, never other words the browser sends with its id: the content to store."""
     if role != "assistant":
         raise InvalidRequest("only an assistant's message has a completion id", param="completion_id")
     if not completion_id.startswith("chatcmpl-") or len(completion_id) > 64:
@@ -79,13 +83,22 @@ def check_completion_id(session: Session, user_id: str, role: str, model: str | 
     kept = session.get(m.Completion, completion_id)
     taken = session.scalar(select(m.ChatMessage.id).where(m.ChatMessage.completion_id == completion_id))
     if (
-        (routed is not None and (routed.user_id != user_id or routed.name_id != model))
+        (routed is not None and routed.user_id != user_id)
         or (kept is not None and kept.user_id != user_id)
         or taken is not None
     ):
         raise InvalidRequest(
             f"'{completion_id}' is not a completion of yours that wrote this answer", param="completion_id"
         )
+    answered = routed.name_id if routed is not None else kept.model if kept is not None else model
+    if answered != model:
+        raise InvalidRequest(
+            f"'{completion_id}' was answered by '{answered}', not by the message's model '{model}'", param="model"
+        )
+    if kept is None:
+        return content
+    answers = json.loads(key.open_text(kept.answers, f"completions.answers|{kept.id}"))
+    return answers[0] if answers else content
 
 
 def list_conversations(session: Session, user_id: str) -> list[tuple[m.Conversation, int]]:
@@ -173,7 +186,9 @@ def add_message(
     if role not in ROLES:
         raise InvalidRequest(f"role must be one of {', '.join(ROLES)}", param="role")
     if completion_id is not None:
-        check_completion_id(session, user_id or conversation.user_id, role, model, completion_id)
+        content = check_completion_id(
+            session, key, user_id or conversation.user_id, role, model, completion_id, content
+        )
     last = session.scalar(select(func.max(m.ChatMessage.seq)).where(m.ChatMessage.conversation_id == conversation.id))
     message_id = new_id("msg_")
     message = m.ChatMessage(

@@ -145,10 +145,19 @@ def preview(blobs: BlobStore, version: m.DatasetVersion, *, offset: int, limit: 
 # --- creating ------------------------------------------------------------------------------------
 
 
-def create_dataset(session: Session, principal: Principal, *, name: str, card: dict[str, Any]) -> m.Dataset:
+def check_name(name: str) -> str:
+    """A dataset's name is a label shown everywhere (pages, exports, the CLI), never a path: 1-128 printable
+    characters, without control characters or path separators. The name without surrounding spaces."""
     name = name.strip()
-    if not name or len(name) > 128:
-        raise InvalidRequest("name must be 1-128 characters", param="name")
+    if not 1 <= len(name) <= 128 or not name.isprintable() or "/" in name or "\\" in name:
+        raise InvalidRequest(
+            "name must be 1-128 printable characters, without control characters, '/' or '\\'", param="name"
+        )
+    return name
+
+
+def create_dataset(session: Session, principal: Principal, *, name: str, card: dict[str, Any]) -> m.Dataset:
+    name = check_name(name)
     if session.scalar(select(m.Dataset).where(m.Dataset.name == name)):
         raise Conflict(f"A dataset named '{name}' already exists; upload a new version to it instead", param="name")
     dataset = m.Dataset(id=new_id("ds_"), name=name, created_by=principal.user_id)
@@ -162,6 +171,8 @@ def update_card(session: Session, dataset: m.Dataset, card: dict[str, Any]) -> m
     unknown = set(card) - set(CARD_FIELDS)
     if unknown:
         raise InvalidRequest(f"unknown card field(s): {', '.join(sorted(unknown))}", param=sorted(unknown)[0])
+    if isinstance(card.get("name"), str):
+        card = {**card, "name": check_name(card["name"])}
     if "name" in card and card["name"] != dataset.name:
         clash = session.scalar(select(m.Dataset).where(m.Dataset.name == card["name"], m.Dataset.id != dataset.id))
         if clash is not None:
@@ -248,7 +259,7 @@ def add_feedback_version(
 ) -> tuple[m.Dataset, m.DatasetVersion]:
     """A version made of feedback records (`services.feedback.curate`): validated like an upload, its params
     keep where each record came from (`lineage[i]` is line i + 1 of the source)."""
-    existing = session.scalar(select(m.Dataset).where(m.Dataset.name == name.strip()))
+    existing = session.scalar(select(m.Dataset).where(m.Dataset.name == check_name(name)))
     card = {"source": "feedback on answers (Adaptery feedback loop)"}
     dataset = existing or create_dataset(session, principal, name=name, card=card)
     fmt = "openai-preference" if kind == "dpo" else "openai-chat"

@@ -34,7 +34,7 @@ from adaptery.db import models as m
 from adaptery.db.ids import new_id
 from adaptery.db.session import Database
 from adaptery.services import conversations, models
-from adaptery.services.errors import Conflict, InvalidRequest, NotFound
+from adaptery.services.errors import Conflict, InvalidRequest, NotFound, PermissionDenied
 from adaptery.storage.crypto import DataKey
 
 COLLECT = ("off", "feedback", "all")
@@ -454,6 +454,8 @@ def curate(session: Session, key: DataKey, who: Principal, *, kind: str, model: 
     sight, authors = Sight(session, who), Authors(session, who)
     if model:
         sight.require(model)
+    require_members_read(policy)
+    everyone = Everyone(session, who)
     records: list[dict[str, Any]] = []
     lineage: list[dict[str, Any]] = []
     skipped = {"no_prompt": 0, "not_used": 0, "ties": 0}
@@ -465,6 +467,8 @@ def curate(session: Session, key: DataKey, who: Principal, *, kind: str, model: 
         query = query.where(m.Feedback.model == model)
     for row in session.scalars(query):
         if not (sight.reads(row.user_id, row.model) and authors.may_use(row.user_id, row.model)):
+            continue
+        if not everyone.may_use(row.model):
             continue  # not counted: the caller learns nothing of feedback it may not read
         view = feedback_view(key, row)
         prompt, answer, correction = view["prompt"], view["answer"], view["correction"]
@@ -493,6 +497,8 @@ def curate(session: Session, key: DataKey, who: Principal, *, kind: str, model: 
             pair = (battle.model_a, battle.model_b)
             if not (sight.reads(battle.user_id, *pair) and authors.may_use(battle.user_id, *pair)):
                 continue
+            if not everyone.may_use(*pair):
+                continue
             if battle.winner == "tie":
                 skipped["ties"] += 1
                 continue
@@ -508,6 +514,36 @@ def curate(session: Session, key: DataKey, who: Principal, *, kind: str, model: 
             loser = battle.model_b if battle.winner == "a" else battle.model_a
             lineage.append({"battle": battle.id, "from": "arena_vote", "winner": winner, "loser": loser})
     return Curated(records, lineage, skipped)
+
+
+def require_members_read(policy: Policy) -> None:
+    """A dataset is a tenant-wide object: every member with the files scope reads its records, content and
+    versions, exports it and trains on it. So feedback becomes one only where every member may read feedback
+    (`readers: members`); under a narrower policy a dataset would hand the feedback to people it keeps it from."""
+    if policy.readers != "members":
+        raise PermissionDenied(
+            f"This workspace's feedback policy lets only {policy.readers} read feedback (readers: "
+            f"{policy.readers}), and a dataset is read by every member: a feedback dataset is built only when the "
+            "policy's readers are 'members' (a tenant admin sets it with PUT /api/feedback/policy).",
+            param="readers",
+            code="feedback_readers",
+        )
+
+
+class Everyone:
+    """Whether every member of the caller's tenant may use a model (a base, or a tenant-visible adapter), so
+    feedback on it is read by everyone `readers: members` names, and a dataset made of it tells no one more: an
+    adapter private to its owner or shared with a few keeps its feedback out of datasets."""
+
+    def __init__(self, session: Session, who: Principal) -> None:
+        self.session, self.anyone = session, Principal(who.tenant_id, who.tenant_name, "", "", Role.VIEWER)
+        self.seen = dict[str, bool]()
+
+    def may_use(self, *model_ids: str) -> bool:
+        for model_id in model_ids:
+            if model_id not in self.seen:
+                self.seen[model_id] = _may_use(self.session, self.anyone, model_id)
+        return all(self.seen[x] for x in model_ids)
 
 
 class Authors:

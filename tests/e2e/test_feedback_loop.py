@@ -120,6 +120,7 @@ def test_the_whole_loop_from_chat_to_a_promoted_better_version_and_back(journey:
     journey.go("feedback")  # collection is off until an admin turns it on
     expect(page.locator("#feedback-policy")).to_contain_text("collects no feedback")
     page.select_option("#policy-collect", "all")
+    page.select_option("#policy-readers", "members")  # a feedback dataset is built only from what every member reads
     page.click("#policy-save")
     expect(page.locator("#feedback-policy")).to_contain_text("Every chat completion")
 

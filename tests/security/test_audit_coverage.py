@@ -148,7 +148,7 @@ def calls(world: World, lora_bytes: bytes, tmp_path) -> list[tuple[str, Callable
         return client.post("/api/fabric/renew", json={"certificate": enrolled["certificate"], "csr": csr})  # type: ignore[index]
 
     def collecting() -> None:
-        client.put("/api/feedback/policy", headers=owner, json={"collect": "all"})
+        client.put("/api/feedback/policy", headers=owner, json={"collect": "all", "readers": "members"})
 
     def completion_feedback() -> httpx.Response:
         made = client.post(

