@@ -33,6 +33,8 @@ NOT_AUDITED = {
     "POST /api/conversations/{conversation_id}/messages": "a person's own chat history",
     "DELETE /api/conversations/{conversation_id}/messages/{message_id}": "a person's own chat history",
     "POST /api/federations/sites/{site_id}/check-in": "a site's signed heartbeat: marks it seen, grants nothing",
+    "PUT /api/fabric/transfers/{sha256}": "an agent's bytes for work leased to it (a presigned, single-use URL), as "
+    "its uploads over the bus: a blob no row names until the job's result is recorded",
 }
 STATE_CHANGING = ("POST", "PUT", "PATCH", "DELETE")
 
