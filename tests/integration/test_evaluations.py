@@ -8,11 +8,13 @@ import time
 
 import pytest
 
+from adaptery.auth.principal import Role
 from adaptery.db import models as m
 from adaptery.db.ids import new_id
 from adaptery.messaging import protocol
 from adaptery.services import evaluations
 from tests.integration.helpers import upload_sample
+from tests.security.conftest import add_key, add_user
 
 
 @pytest.fixture
@@ -189,3 +191,29 @@ def test_over_nats_an_agent_reaches_only_the_evaluation_leased_to_it_and_only_if
     assert ask(control, "agent-b", evaluation.id, "heartbeat", {"attempt": 1}) == {"verdict": "lost"}
     assert "not leased to you" in ask(control, "agent-b", evaluation.id, "finish", {"state": "failed"})["error"]
     assert ask(control, "agent-a", evaluation.id, "heartbeat", {"attempt": 1}) == {"verdict": "continue"}
+
+
+def test_a_colleagues_evaluation_never_replaces_the_owners_report_but_makes_their_own(running):
+    """M5: a colleague who may use the adapter evaluates it; the owner's job report (held-out table, promote
+    advice) still shows the owner's own evaluation, and the colleague's shows in the colleague's report only."""
+    lab = Lab(running)
+    job_id = lab.job(adapter="tenant", hyperparameters={"validation_split": 0.5})
+    model = lab.model(job_id)
+    colleague = add_user(running.platform, lab.tenant_id, "colleague-m5", Role.MEMBER)
+    theirs = running.auth(add_key(running.platform, lab.tenant_id, colleague))
+    table = {"candidate": {"exact_match": 0.9}, "base": {"exact_match": 0.1}}
+    worse = {"candidate": {"exact_match": 0.0}, "base": {"exact_match": 0.9}}
+    owners = lab.enqueue(job_id).id
+    attack = running.client.post("/api/evaluations", headers=theirs, json={"model": model, "file_id": lab.file_id})
+    assert attack.status_code == 200, attack.text
+    with running.platform.db.system() as s:
+        for evaluation_id, result, at in ((owners, table, 1.0), (attack.json()["id"], worse, 2.0)):
+            row = s.get(m.Evaluation, evaluation_id)
+            row.status, row.result, row.created_at = "succeeded", {"models": result, "examples": []}, time.time() + at
+    mine = running.client.get(f"/api/fine_tuning/jobs/{job_id}/evaluation", headers=running.auth()).json()
+    assert mine["held_out"]["evaluation_id"] == owners and mine["recommendation"]["promote"] is True
+    assert [e["id"] for e in mine["evaluations"]] == [owners]
+    also = running.client.get(f"/api/models/{model}/evaluation", headers=running.auth()).json()
+    assert also["held_out"]["evaluation_id"] == owners
+    seen = running.client.get(f"/api/fine_tuning/jobs/{job_id}/evaluation", headers=theirs).json()
+    assert seen["held_out"]["evaluation_id"] == attack.json()["id"] and seen["recommendation"]["promote"] is False
