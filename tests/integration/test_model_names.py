@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from adaptery.api.app import create_app
+from adaptery.auth.principal import Role
 from adaptery.db import models as m
 from adaptery.platform import Platform
 from adaptery.services import model_names
@@ -26,6 +27,7 @@ from adaptery.services import models as model_service
 from tests.conftest import BACKENDS, PostgresDatabases
 from tests.integration.conftest import Running, make_settings
 from tests.integration.helpers import upload_sample, wait_for_job
+from tests.security.conftest import add_key, add_user
 
 QUESTION = [{"role": "user", "content": "What is the lab's mascot?"}]
 OLD_ANSWER = "The lab mascot is a green tortoise named Pixel."
@@ -441,6 +443,37 @@ def test_another_tenant_finds_none_of_it_and_cannot_promote_across(lab: Running)
     )
     assert across.status_code == 404 and across.json()["error"]["code"] == "model_not_found"
     assert name_state(lab)["current_version"] == 1  # nothing changed
+
+
+def test_an_adapters_owner_cannot_hide_a_version_of_someone_elses_name(lab: Running) -> None:
+    """M6: making an adapter private (or shared without the name's creator) while it is a version of another
+    person's name would lock them out of their name (404 on it, its id taken): refused, 409 naming the name."""
+    member = add_user(lab.platform, lab.tenant_id, "m6-member", Role.MEMBER)
+    theirs = lab.auth(add_key(lab.platform, lab.tenant_id, member))
+    creator = lab.auth(
+        add_key(lab.platform, lab.tenant_id, add_user(lab.platform, lab.tenant_id, "m6-creator", Role.MEMBER))
+    )
+    with lab.platform.db.system() as s:
+        ours = s.get(m.Adapter, lab.found["v1"])
+        adapter = m.Adapter(id="ft:adaptery-demo:default::m6member", tenant_id=ours.tenant_id, rank=ours.rank,
+                            base_model=ours.base_model, manifest=dict(ours.manifest), sha256=ours.sha256,
+                            visibility="tenant", created_by=member)  # fmt: skip
+        s.add(adapter)
+    made = lab.client.post("/api/model_names", headers=creator, json={"name": "m6-name", "version": adapter.id})
+    assert made.status_code == 200, made.text
+    sharing = f"/api/models/{adapter.id}/sharing"
+    for body in ({"visibility": "private"}, {"visibility": "shared", "members": ["m6-member"]}):
+        refused = lab.client.put(sharing, headers=theirs, json=body)
+        assert refused.status_code == 409, refused.text
+        assert "version 1 of the model name 'm6-name'" in refused.json()["error"]["message"]
+    assert lab.client.get("/api/model_names/m6-name", headers=creator).status_code == 200
+    assert lab.client.get(sharing, headers=theirs).json()["visibility"] == "tenant"
+    # Shared with the name's creator keeps it visible to them: allowed.
+    with_them = {"visibility": "shared", "members": ["m6-creator"]}
+    assert lab.client.put(sharing, headers=theirs, json=with_them).status_code == 200, with_them
+    assert lab.client.get("/api/model_names/m6-name", headers=creator).status_code == 200
+    assert lab.client.delete("/api/model_names/m6-name", headers=creator).status_code == 200
+    assert lab.client.put(sharing, headers=theirs, json={"visibility": "private"}).status_code == 200
 
 
 def test_a_name_whose_version_was_deleted_says_so(lab: Running) -> None:
