@@ -274,11 +274,14 @@ def test_a_canarys_feedback_and_arena_results_are_counted_apart_from_the_current
 
     ended = lab.client.delete(f"/api/model_names/{NAME}/canary", headers=auth)
     assert ended.status_code == 200  # the name answers from v1 now: both arena sides are one adapter
+    requests = {v["version"]: v["feedback"]["requests"] for v in name_state(lab)["versions"]}
     battle = lab.client.post("/api/arena/battles", headers=auth, json={"prompt": "Hi", "models": [name_id, v1]})
     assert battle.status_code == 201, battle.text
     for side in ("a", "b"):
         streamed = lab.client.post(f"/api/arena/battles/{battle.json()['id']}/answers/{side}", headers=auth)
         assert streamed.status_code == 200
+        # M2: before the vote, the name's counters must not say which side it answered
+        assert {v["version"]: v["feedback"]["requests"] for v in name_state(lab)["versions"]} == requests
     name_side = _side_of(lab, battle.json()["id"], name_id)
     vote = lab.client.post(f"/api/arena/battles/{battle.json()['id']}/vote", headers=auth, json={"winner": name_side})
     assert vote.status_code == 200
@@ -294,6 +297,7 @@ def test_a_canarys_feedback_and_arena_results_are_counted_apart_from_the_current
     assert rated[0].json()["id"] != rated[1].json()["id"]  # one rating per side, though one adapter answered both
 
     counts = {v["version"]: v["feedback"] for v in name_state(lab)["versions"]}
+    assert counts[1]["requests"] == requests[1] + 1  # the arena side is counted at the vote
     assert counts[2]["requests"] > counts[2]["canary_requests"] >= len(by_version[v2])  # it was current once too
     assert counts[1]["canary_requests"] == 0 and counts[1]["requests"] >= len(by_version[v1])
     assert (counts[2]["thumbs_up"], counts[2]["thumbs_down"], counts[2]["approval"]) == (1, 0, 1.0)
