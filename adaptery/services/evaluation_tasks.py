@@ -36,6 +36,7 @@ METRIC_OPTIONS = {"metric", "aggregation", "higher_is_better", "ignore_case", "i
 GENERATION_OPTIONS = {"until", "max_gen_toks"}
 MAX_TASK_YAML_BYTES = 64 * 1024
 MAX_TASK_RECORDS = 10_000
+MAX_TASK_YAML_DEPTH = 16  # the accepted subset nests three deep; the YAML composer recurses per level
 
 
 def _placeholders(template: Any, key: str) -> set[str]:
@@ -49,11 +50,30 @@ def _placeholders(template: Any, key: str) -> set[str]:
     return set(PLACEHOLDER.findall(template))
 
 
+def _check_depth(text: str) -> None:
+    """Refuse YAML nested deeper than MAX_TASK_YAML_DEPTH before composing it: the parser's events come without
+    recursion, the composer's nodes do not (thousands of `[` would end in a RecursionError)."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_TASK_YAML_DEPTH:
+                mark = event.start_mark
+                raise InvalidRequest(
+                    f"task file: nested deeper than {MAX_TASK_YAML_DEPTH} levels at line {mark.line + 1}, "
+                    f"column {mark.column + 1}",
+                    param="config",
+                )
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
 def check_task(text: str) -> tuple[dict[str, Any], set[str]]:
     """The checked task configuration of a YAML task file, and the fields its templates read."""
     if len(text.encode()) > MAX_TASK_YAML_BYTES:
         raise InvalidRequest(f"task file: larger than {MAX_TASK_YAML_BYTES} bytes", param="config")
     try:
+        _check_depth(text)
         config = yaml.safe_load(text)
     except yaml.YAMLError as exc:  # !function and other tags are refused here too: safe_load knows none
         where = getattr(exc, "problem_mark", None)
