@@ -12,7 +12,7 @@ from adaptery.auth.principal import Role
 from adaptery.db import models as m
 from adaptery.db.ids import new_id
 from adaptery.messaging import protocol
-from adaptery.services import evaluations
+from adaptery.services import evaluations, limits
 from tests.integration.helpers import upload_sample
 from tests.security.conftest import add_key, add_user
 
@@ -217,3 +217,19 @@ def test_a_colleagues_evaluation_never_replaces_the_owners_report_but_makes_thei
     assert also["held_out"]["evaluation_id"] == owners
     seen = running.client.get(f"/api/fine_tuning/jobs/{job_id}/evaluation", headers=theirs).json()
     assert seen["held_out"]["evaluation_id"] == attack.json()["id"] and seen["recommendation"]["promote"] is False
+
+
+def test_an_evaluation_is_refused_when_the_keys_monthly_tokens_are_spent(running):
+    """M4: an evaluation generates answers from three models, so a key (or tenant) whose month's tokens are spent
+    is refused (429), as chat and fine-tuning are; with budget left it is queued."""
+    lab = Lab(running)
+    model = lab.model(lab.job())
+    key_id = running.first.api_key.split("-")[2]
+    body = {"model": model, "file_id": lab.file_id}
+    assert running.client.patch(f"/api/keys/{key_id}", headers=running.auth(),
+                                json={"limits": {"monthly_tokens": 10}}).status_code == 200  # fmt: skip
+    assert running.client.post("/api/evaluations", headers=running.auth(), json=body).status_code == 200
+    with running.platform.db.system() as s:
+        s.add(m.UsageCounter(subject=f"key:{key_id}", period=limits.month_period(time.time()), tokens=10))
+    refused = running.client.post("/api/evaluations", headers=running.auth(), json=body)
+    assert refused.status_code == 429, refused.text
