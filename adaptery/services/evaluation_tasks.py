@@ -105,6 +105,8 @@ def check_task(text: str) -> tuple[dict[str, Any], set[str]]:
     for key in ("description", "target_delimiter"):
         if key in config and not isinstance(config[key], str):
             raise InvalidRequest(f"task file: '{key}' must be text", param="config")
+    if "target_delimiter" in config and any(mark in config["target_delimiter"] for mark in ("{{", "{%", "{#")):
+        raise InvalidRequest("task file: 'target_delimiter' must be plain text (no template syntax)", param="config")
     if "description" in config:
         fields |= _placeholders(config["description"] or " ", "description") if "{" in config["description"] else set()
     generation = config.get("generation_kwargs", {})
@@ -114,6 +116,9 @@ def check_task(text: str) -> tuple[dict[str, Any], set[str]]:
     until = generation.get("until", [])
     if not isinstance(until, list) or not all(isinstance(u, str) for u in until):
         raise InvalidRequest("task file: generation_kwargs.until must be a list of strings", param="config")
+    if any(mark in u for u in until for mark in ("{{", "{%", "{#")):
+        raise InvalidRequest("task file: generation_kwargs.until must be plain text (no template syntax)",
+                             param="config")  # fmt: skip
     max_gen = generation.get("max_gen_toks", 64)
     if isinstance(max_gen, bool) or not isinstance(max_gen, int) or not 1 <= max_gen <= 1024:
         raise InvalidRequest("task file: generation_kwargs.max_gen_toks must be 1..1024", param="config")
