@@ -17,7 +17,7 @@ from adaptery.auth.principal import Principal
 from adaptery.data.untrusted import RecordLimits
 from adaptery.db import models as m
 from adaptery.platform import Platform
-from adaptery.services import audit, evaluation_tasks, evaluations
+from adaptery.services import audit, evaluation_tasks, evaluations, limits
 
 router = APIRouter(tags=["evaluations"])
 
@@ -106,14 +106,16 @@ def _task_object(task: m.EvaluationTask) -> TaskObject:
 def create_evaluation(
     body: CreateEvaluation, who: Principal = Depends(principal), p: Platform = Depends(platform)
 ) -> EvaluationObject:
-    """Queue an evaluation of one of your adapters: held-out metrics, or an lm-eval task through the API."""
+    """Queue an evaluation of one of your adapters: held-out metrics, or an lm-eval task through the API. Its
+    models generate answers, so like a fine-tuning job it needs this month's token budget left (429 when spent)."""
     require(who, "fine_tune")
+    limits.check_training(p.db, who)
     with p.db.tenant(who.tenant_id) as s:
         if body.kind == "lm_eval":
             evaluation = evaluations.create_lm_eval(s, who, body.model, body.task, limit=body.limit)
         else:
-            limits = RecordLimits.from_settings(p.settings)
-            evaluation = evaluations.create_held_out(s, p.blobs, who, body.model, body.file_id, limits)
+            record_limits = RecordLimits.from_settings(p.settings)
+            evaluation = evaluations.create_held_out(s, p.blobs, who, body.model, body.file_id, record_limits)
         audit.record(s, who, "evaluation.create", target=evaluation.id,
                      detail={"model": body.model, "kind": body.kind})  # fmt: skip
         return EvaluationObject(**evaluations.visible_object(s, who, evaluation))

@@ -36,6 +36,7 @@ METRIC_OPTIONS = {"metric", "aggregation", "higher_is_better", "ignore_case", "i
 GENERATION_OPTIONS = {"until", "max_gen_toks"}
 MAX_TASK_YAML_BYTES = 64 * 1024
 MAX_TASK_RECORDS = 10_000
+MAX_TASK_YAML_DEPTH = 16  # the accepted subset nests three deep; the YAML composer recurses per level
 
 
 def _placeholders(template: Any, key: str) -> set[str]:
@@ -49,11 +50,30 @@ def _placeholders(template: Any, key: str) -> set[str]:
     return set(PLACEHOLDER.findall(template))
 
 
+def _check_depth(text: str) -> None:
+    """Refuse YAML nested deeper than MAX_TASK_YAML_DEPTH before composing it: the parser's events come without
+    recursion, the composer's nodes do not (thousands of `[` would end in a RecursionError)."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_TASK_YAML_DEPTH:
+                mark = event.start_mark
+                raise InvalidRequest(
+                    f"task file: nested deeper than {MAX_TASK_YAML_DEPTH} levels at line {mark.line + 1}, "
+                    f"column {mark.column + 1}",
+                    param="config",
+                )
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
 def check_task(text: str) -> tuple[dict[str, Any], set[str]]:
     """The checked task configuration of a YAML task file, and the fields its templates read."""
     if len(text.encode()) > MAX_TASK_YAML_BYTES:
         raise InvalidRequest(f"task file: larger than {MAX_TASK_YAML_BYTES} bytes", param="config")
     try:
+        _check_depth(text)
         config = yaml.safe_load(text)
     except yaml.YAMLError as exc:  # !function and other tags are refused here too: safe_load knows none
         where = getattr(exc, "problem_mark", None)
@@ -85,6 +105,8 @@ def check_task(text: str) -> tuple[dict[str, Any], set[str]]:
     for key in ("description", "target_delimiter"):
         if key in config and not isinstance(config[key], str):
             raise InvalidRequest(f"task file: '{key}' must be text", param="config")
+    if "target_delimiter" in config and any(mark in config["target_delimiter"] for mark in ("{{", "{%", "{#")):
+        raise InvalidRequest("task file: 'target_delimiter' must be plain text (no template syntax)", param="config")
     if "description" in config:
         fields |= _placeholders(config["description"] or " ", "description") if "{" in config["description"] else set()
     generation = config.get("generation_kwargs", {})
@@ -94,6 +116,9 @@ def check_task(text: str) -> tuple[dict[str, Any], set[str]]:
     until = generation.get("until", [])
     if not isinstance(until, list) or not all(isinstance(u, str) for u in until):
         raise InvalidRequest("task file: generation_kwargs.until must be a list of strings", param="config")
+    if any(mark in u for u in until for mark in ("{{", "{%", "{#")):
+        raise InvalidRequest("task file: generation_kwargs.until must be plain text (no template syntax)",
+                             param="config")  # fmt: skip
     max_gen = generation.get("max_gen_toks", 64)
     if isinstance(max_gen, bool) or not isinstance(max_gen, int) or not 1 <= max_gen <= 1024:
         raise InvalidRequest("task file: generation_kwargs.max_gen_toks must be 1..1024", param="config")

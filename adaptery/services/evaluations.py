@@ -25,7 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from adaptery.auth import policy
-from adaptery.auth.principal import Principal
+from adaptery.auth.principal import Principal, Role
 from adaptery.data.chat import validate_lines
 from adaptery.data.untrusted import RecordLimits, bounded_lines
 from adaptery.db import models as m
@@ -330,7 +330,8 @@ def report(session: Session, who: Principal, *, job_id: str | None = None, model
         subject = {"fine_tuning_job_id": adapter.job_id, "model": adapter.id}
     else:
         raise InvalidRequest("name a fine-tuning job or a model", param="job_id")
-    rows = [_redacted(session, who, row) for row in rows]
+    governors = _governors(session, who.tenant_id, subject)
+    rows = [_redacted(session, who, row) for row in rows if row.user_id in governors or row.user_id == who.user_id]
     held_out = next((r for r in rows if r.kind == "held_out" and r.status == "succeeded"), None)
     latest = rows[0] if rows else None
     out: dict[str, Any] = {
@@ -361,6 +362,20 @@ def report(session: Session, who: Principal, *, job_id: str | None = None, model
             out["lm_eval"].append({"evaluation_id": row.id, "task": row.source.get("task"),
                                    "scores": (row.result or {}).get("models", {})})  # fmt: skip
     return out
+
+
+def _governors(session: Session, tenant_id: str, subject: dict[str, Any]) -> set[str | None]:
+    """Whose evaluations make an adapter's report (its held-out table and promote advice): the system's (a job's
+    own, automatic one), the adapter's and its job's creator's and the tenant admins'. Anyone who may use the
+    adapter may evaluate it, but only in their own report: never in place of what its owner sees."""
+    adapter = session.get(m.Adapter, subject["model"]) if subject["model"] else None
+    job = session.get(m.FineTuningJob, subject["fine_tuning_job_id"]) if subject["fine_tuning_job_id"] else None
+    admins = select(m.Membership.user_id).where(
+        m.Membership.tenant_id == tenant_id, m.Membership.role.in_((Role.OWNER.value, Role.ADMIN.value))
+    )
+    return {None, *session.scalars(admins)} | {
+        row.created_by if isinstance(row, m.Adapter) else row.user_id for row in (adapter, job) if row is not None
+    }
 
 
 def _name_version(session: Session, who: Principal, model: str | None) -> dict[str, Any] | None:

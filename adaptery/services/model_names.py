@@ -358,14 +358,17 @@ def in_canary(name_id: str, request_id: str, share: float) -> bool:
     return int.from_bytes(digest[:8], "big") % BUCKETS < round(share * BUCKETS / 100)
 
 
-def route(session: Session, ref: models.ModelRef, request_id: str, viewer: Principal) -> Routed:
-    """The version that answers request `request_id` for the name `ref` (from `models.get_model`), recorded."""
+def route(session: Session, ref: models.ModelRef, request_id: str, viewer: Principal, *, record: bool = True) -> Routed:
+    """The version that answers request `request_id` for the name `ref` (from `models.get_model`), recorded
+    unless `record` is False (an arena side: its battle keeps which version answered, counted at the vote)."""
     name = ref.name
     routed = Routed(ref.adapter, name.current_version, False)
     if name.canary_version is not None and in_canary(name.id, request_id, name.canary_share):
         candidate = models.version_adapter(session, name, name.canary_version)
         if candidate is not None and models.sees_version(viewer, candidate, models.shared_with(session, viewer)):
             routed = Routed(candidate, name.canary_version, True)
+    if not record:
+        return routed
     session.add(
         m.ModelNameRequest(
             id=request_id,
@@ -438,6 +441,7 @@ def tallies(session: Session, name: m.ModelName) -> dict[int, Tally]:
             if getattr(battle, f"model_{side}") != name.id or number is None:
                 continue
             tally = out[number]
+            tally.requests += 1  # an arena side is counted once voted: before, the count would unblind it
             if battle.winner == "tie":
                 tally.arena_ties += 1
             elif battle.winner == side:

@@ -14,11 +14,11 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from adaptery.auth import policy
-from adaptery.auth.principal import Principal
+from adaptery.auth.principal import Principal, Role
 from adaptery.db import models as m
 from adaptery.db.ids import new_id
 from adaptery.engine.loading import read_platform_defaults, resolve_model_path
-from adaptery.services.errors import InvalidRequest, NotFound, PermissionDenied
+from adaptery.services.errors import Conflict, InvalidRequest, NotFound, PermissionDenied
 from adaptery.storage.blobs import BlobStore
 
 # Only data files travel with an adapter: never pickles, never code.
@@ -365,6 +365,7 @@ def set_sharing(
     for i, name in enumerate(wanted):
         if name not in users:
             raise InvalidRequest(f"'{name}' is not a member of this tenant", param=f"members[{i}]")
+    _keep_names_visible(session, adapter, visibility, {users[u] for u in wanted})
     added = [u for u in wanted if u not in current.members]
     removed = [u for u in current.members if u not in wanted]
     session.execute(
@@ -377,6 +378,33 @@ def set_sharing(
     adapter.visibility = visibility
     session.flush()
     return Sharing(adapter, wanted), added, removed
+
+
+def _keep_names_visible(session: Session, adapter: m.Adapter, visibility: str, members: set[str]) -> None:
+    """Refuse narrowing an adapter's visibility while it is a version of a stable name whose creator would no
+    longer see it: a name is seen as its versions are, so its creator would be locked out of their own name."""
+    rows = session.execute(
+        select(m.ModelName.name, m.ModelName.created_by, m.ModelNameVersion.number)
+        .join(m.ModelNameVersion, m.ModelNameVersion.name_id == m.ModelName.id)
+        .where(m.ModelNameVersion.adapter_id == adapter.id, m.ModelName.tenant_id == adapter.tenant_id)
+        .order_by(m.ModelName.name, m.ModelNameVersion.number)
+    ).all()
+    for name, creator, number in rows:
+        if visibility == "tenant" or creator in (None, adapter.created_by) or creator in members:
+            continue
+        role = session.scalar(
+            select(m.Membership.role).where(
+                m.Membership.tenant_id == adapter.tenant_id, m.Membership.user_id == creator
+            )
+        )
+        if role in (Role.OWNER.value, Role.ADMIN.value):  # admins see every adapter of their tenant
+            continue
+        raise Conflict(
+            f"{adapter.id} is version {number} of the model name '{name}', made by someone who would no longer "
+            f"see it as '{visibility}': promote another version there (or delete the name) first",
+            param="visibility",
+            code="adapter_is_a_name_version",
+        )
 
 
 def delete_adapter(session: Session, model_id: str, viewer: Principal | None = None) -> m.Adapter:

@@ -12,10 +12,11 @@ from adaptery.auth.principal import Principal, Role
 from adaptery.db import models as m
 from adaptery.db.ids import new_id
 from adaptery.messaging import protocol
-from adaptery.services import evaluations
+from adaptery.services import evaluations, limits
 from adaptery.services import keys as api_keys
 from adaptery.services.errors import PermissionDenied
 from tests.integration.helpers import upload_sample
+from tests.security.conftest import add_key, add_user
 
 
 @pytest.fixture
@@ -220,3 +221,45 @@ def test_an_lm_eval_key_names_no_model_its_requester_may_not_see_and_is_not_thei
         key_id = key.record.id
     with running.platform.db.tenant(lab.tenant_id) as s, pytest.raises(PermissionDenied):
         api_keys.rotate_key(s, who, key_id, overlap_seconds=0)
+
+
+def test_a_colleagues_evaluation_never_replaces_the_owners_report_but_makes_their_own(running):
+    """M5: a colleague who may use the adapter evaluates it; the owner's job report (held-out table, promote
+    advice) still shows the owner's own evaluation, and the colleague's shows in the colleague's report only."""
+    lab = Lab(running)
+    job_id = lab.job(adapter="tenant", hyperparameters={"validation_split": 0.5})
+    model = lab.model(job_id)
+    colleague = add_user(running.platform, lab.tenant_id, "colleague-m5", Role.MEMBER)
+    theirs = running.auth(add_key(running.platform, lab.tenant_id, colleague))
+    table = {"candidate": {"exact_match": 0.9}, "base": {"exact_match": 0.1}}
+    worse = {"candidate": {"exact_match": 0.0}, "base": {"exact_match": 0.9}}
+    owners = lab.enqueue(job_id).id
+    attack = running.client.post("/api/evaluations", headers=theirs, json={"model": model, "file_id": lab.file_id})
+    assert attack.status_code == 200, attack.text
+    with running.platform.db.system() as s:
+        for evaluation_id, result, at in ((owners, table, 1.0), (attack.json()["id"], worse, 2.0)):
+            row = s.get(m.Evaluation, evaluation_id)
+            row.status, row.result, row.created_at = "succeeded", {"models": result, "examples": []}, time.time() + at
+    mine = running.client.get(f"/api/fine_tuning/jobs/{job_id}/evaluation", headers=running.auth()).json()
+    assert mine["held_out"]["evaluation_id"] == owners and mine["recommendation"]["promote"] is True
+    assert [e["id"] for e in mine["evaluations"]] == [owners]
+    also = running.client.get(f"/api/models/{model}/evaluation", headers=running.auth()).json()
+    assert also["held_out"]["evaluation_id"] == owners
+    seen = running.client.get(f"/api/fine_tuning/jobs/{job_id}/evaluation", headers=theirs).json()
+    assert seen["held_out"]["evaluation_id"] == attack.json()["id"] and seen["recommendation"]["promote"] is False
+
+
+def test_an_evaluation_is_refused_when_the_keys_monthly_tokens_are_spent(running):
+    """M4: an evaluation generates answers from three models, so a key (or tenant) whose month's tokens are spent
+    is refused (429), as chat and fine-tuning are; with budget left it is queued."""
+    lab = Lab(running)
+    model = lab.model(lab.job())
+    key_id = running.first.api_key.split("-")[2]
+    body = {"model": model, "file_id": lab.file_id}
+    assert running.client.patch(f"/api/keys/{key_id}", headers=running.auth(),
+                                json={"limits": {"monthly_tokens": 10}}).status_code == 200  # fmt: skip
+    assert running.client.post("/api/evaluations", headers=running.auth(), json=body).status_code == 200
+    with running.platform.db.system() as s:
+        s.add(m.UsageCounter(subject=f"key:{key_id}", period=limits.month_period(time.time()), tokens=10))
+    refused = running.client.post("/api/evaluations", headers=running.auth(), json=body)
+    assert refused.status_code == 429, refused.text

@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from adaptery.api.app import create_app
+from adaptery.auth.principal import Role
 from adaptery.db import models as m
 from adaptery.platform import Platform
 from adaptery.services import model_names
@@ -26,6 +27,7 @@ from adaptery.services import models as model_service
 from tests.conftest import BACKENDS, PostgresDatabases
 from tests.integration.conftest import Running, make_settings
 from tests.integration.helpers import upload_sample, wait_for_job
+from tests.security.conftest import add_key, add_user
 
 QUESTION = [{"role": "user", "content": "What is the lab's mascot?"}]
 OLD_ANSWER = "The lab mascot is a green tortoise named Pixel."
@@ -272,11 +274,14 @@ def test_a_canarys_feedback_and_arena_results_are_counted_apart_from_the_current
 
     ended = lab.client.delete(f"/api/model_names/{NAME}/canary", headers=auth)
     assert ended.status_code == 200  # the name answers from v1 now: both arena sides are one adapter
+    requests = {v["version"]: v["feedback"]["requests"] for v in name_state(lab)["versions"]}
     battle = lab.client.post("/api/arena/battles", headers=auth, json={"prompt": "Hi", "models": [name_id, v1]})
     assert battle.status_code == 201, battle.text
     for side in ("a", "b"):
         streamed = lab.client.post(f"/api/arena/battles/{battle.json()['id']}/answers/{side}", headers=auth)
         assert streamed.status_code == 200
+        # M2: before the vote, the name's counters must not say which side it answered
+        assert {v["version"]: v["feedback"]["requests"] for v in name_state(lab)["versions"]} == requests
     name_side = _side_of(lab, battle.json()["id"], name_id)
     vote = lab.client.post(f"/api/arena/battles/{battle.json()['id']}/vote", headers=auth, json={"winner": name_side})
     assert vote.status_code == 200
@@ -292,6 +297,7 @@ def test_a_canarys_feedback_and_arena_results_are_counted_apart_from_the_current
     assert rated[0].json()["id"] != rated[1].json()["id"]  # one rating per side, though one adapter answered both
 
     counts = {v["version"]: v["feedback"] for v in name_state(lab)["versions"]}
+    assert counts[1]["requests"] == requests[1] + 1  # the arena side is counted at the vote
     assert counts[2]["requests"] > counts[2]["canary_requests"] >= len(by_version[v2])  # it was current once too
     assert counts[1]["canary_requests"] == 0 and counts[1]["requests"] >= len(by_version[v1])
     assert (counts[2]["thumbs_up"], counts[2]["thumbs_down"], counts[2]["approval"]) == (1, 0, 1.0)
@@ -443,6 +449,37 @@ def test_another_tenant_finds_none_of_it_and_cannot_promote_across(lab: Running)
     )
     assert across.status_code == 404 and across.json()["error"]["code"] == "model_not_found"
     assert name_state(lab)["current_version"] == 1  # nothing changed
+
+
+def test_an_adapters_owner_cannot_hide_a_version_of_someone_elses_name(lab: Running) -> None:
+    """M6: making an adapter private (or shared without the name's creator) while it is a version of another
+    person's name would lock them out of their name (404 on it, its id taken): refused, 409 naming the name."""
+    member = add_user(lab.platform, lab.tenant_id, "m6-member", Role.MEMBER)
+    theirs = lab.auth(add_key(lab.platform, lab.tenant_id, member))
+    creator = lab.auth(
+        add_key(lab.platform, lab.tenant_id, add_user(lab.platform, lab.tenant_id, "m6-creator", Role.MEMBER))
+    )
+    with lab.platform.db.system() as s:
+        ours = s.get(m.Adapter, lab.found["v1"])
+        adapter = m.Adapter(id="ft:adaptery-demo:default::m6member", tenant_id=ours.tenant_id, rank=ours.rank,
+                            base_model=ours.base_model, manifest=dict(ours.manifest), sha256=ours.sha256,
+                            visibility="tenant", created_by=member)  # fmt: skip
+        s.add(adapter)
+    made = lab.client.post("/api/model_names", headers=creator, json={"name": "m6-name", "version": adapter.id})
+    assert made.status_code == 200, made.text
+    sharing = f"/api/models/{adapter.id}/sharing"
+    for body in ({"visibility": "private"}, {"visibility": "shared", "members": ["m6-member"]}):
+        refused = lab.client.put(sharing, headers=theirs, json=body)
+        assert refused.status_code == 409, refused.text
+        assert "version 1 of the model name 'm6-name'" in refused.json()["error"]["message"]
+    assert lab.client.get("/api/model_names/m6-name", headers=creator).status_code == 200
+    assert lab.client.get(sharing, headers=theirs).json()["visibility"] == "tenant"
+    # Shared with the name's creator keeps it visible to them: allowed.
+    with_them = {"visibility": "shared", "members": ["m6-creator"]}
+    assert lab.client.put(sharing, headers=theirs, json=with_them).status_code == 200, with_them
+    assert lab.client.get("/api/model_names/m6-name", headers=creator).status_code == 200
+    assert lab.client.delete("/api/model_names/m6-name", headers=creator).status_code == 200
+    assert lab.client.put(sharing, headers=theirs, json={"visibility": "private"}).status_code == 200
 
 
 def test_a_name_whose_version_was_deleted_says_so(lab: Running) -> None:

@@ -138,6 +138,15 @@ def test_a_task_file_that_is_not_yaml_names_its_line():
         (GOOD_TASK + "metric_list: [{metric: bleu}]\n", "each metric is {metric: exact_match}"),
         ("- just\n- a list\n", "expected a YAML mapping"),
         ('task: "bad name!"\ndoc_to_text: "{{q}}"\ndoc_to_target: "{{a}}"\n', "'task' must be a name"),
+        # L10: string fields the harness renders or matches are plain text, never a template
+        (GOOD_TASK + 'target_delimiter: "{{ 7*7 }}"\n', "'target_delimiter' must be plain text"),
+        (GOOD_TASK + 'target_delimiter: "{% if x %}"\n', "'target_delimiter' must be plain text"),
+        (GOOD_TASK + 'generation_kwargs: {until: ["{{ a }}"]}\n', "until must be plain text"),
+        # L2: deep nesting is a clear 400 naming where, never a RecursionError (a 500)
+        ("x: " + "[" * 5000, "nested deeper than 16 levels at line 1, column 19"),
+        ("- " * 3000, "nested deeper than 16 levels at line 1"),
+        ("{a: " * 2000, "nested deeper than 16 levels at line 1"),
+        ("task: facts\nx:\n" + "".join("  " * i + "- \n" for i in range(40)), "nested deeper than 16 levels at line"),
     ],
 )
 def test_a_task_file_outside_the_checked_subset_is_refused(text, message):

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -349,8 +350,12 @@ def _logprob_params(body: SamplingFields) -> tuple[bool, int]:
     return False, 0
 
 
-def _prepare(p: Platform, who: Principal, body: ChatRequest | CompletionRequest, request_id: str) -> Prepared:
-    """`request_id`: the completion's id, which picks a stable name's version (its canary split) and records it."""
+def _prepare(
+    p: Platform, who: Principal, body: ChatRequest | CompletionRequest, request_id: str, *, blind: bool = False
+) -> Prepared:
+    """`request_id`: the completion's id, which picks a stable name's version (its canary split) and records it;
+    a `blind` one (an arena side) is not recorded: the name's request counter would name the side before the vote
+    (the arena counts its sides at the vote)."""
     require(who, "infer")
     _check_supported(body)
     chat = isinstance(body, ChatRequest)
@@ -361,7 +366,7 @@ def _prepare(p: Platform, who: Principal, body: ChatRequest | CompletionRequest,
         ref = models.get_model(s, body.model, viewer=who, checkpoints=True)
         answered_by = None
         if ref.name is not None:  # resolved now: a promotion or a rollback reaches the very next request
-            ref = replace(ref, adapter=model_names.route(s, ref, request_id, who).adapter)
+            ref = replace(ref, adapter=model_names.route(s, ref, request_id, who, record=not blind).adapter)
             answered_by = ref.adapter.id
         adapter = None
         if ref.adapter:
@@ -626,7 +631,7 @@ async def answer_chat(
     blind sides: then no header names the version either); `on_answer` runs, off the event loop, once the answer is
     complete, with the model that answered (a stable name's version)."""
     completion_id, created = new_id("chatcmpl-"), int(time.time())
-    job = await run_in_threadpool(_prepare, p, who, body, completion_id)
+    job = await run_in_threadpool(partial(_prepare, blind=shown_model is not None), p, who, body, completion_id)
     choices = _Choices(p, job)
     fingerprint = f"fp_adaptery_{job.base_id}"[:64]
     wants_logprobs = job.params.logprobs
