@@ -176,7 +176,7 @@ async def upload_dataset(
         p,
         who,
         dataset_ref=None,
-        name=name or filename,
+        name=name,  # none given: the file's own name, stripped of any path (`_upload`)
         fmt=format,
         mapping=mapping,
         filename=filename,
