@@ -82,14 +82,25 @@ def stderr_tail(log_dir: Path, local_rank: int) -> str:
     return text[-STDERR_TAIL_CHARS:]
 
 
-def failed_group(failures: dict[int, Any], log_dir: Path, processes: int) -> tuple[int, str | None]:
+def spoke(log_dir: Path, local_rank: int) -> bool:
+    """Whether a rank wrote an error event (its stderr holds the marked line; `runner._Reporter`)."""
+    return any(line.startswith(ERROR_MARK) for line in stderr_tail(log_dir, local_rank).splitlines())
+
+
+def failed_group(
+    failures: dict[int, Any], log_dir: Path, processes: int, rank0_here: bool = True
+) -> tuple[int, str | None]:
     """How a group that did not end well ended: its exit code, and the error event to write, unless rank 0 has
-    written its own."""
+    written its own. `rank0_here`: this launcher's local rank 0 is the group's rank 0 (one node)."""
     ends = {failure.exitcode for failure in failures.values()}
     stops = ends & {EXIT_CANCELLED, EXIT_PAUSED}
     if len(stops) == 1 and ends - stops <= set(STOPPED_BY_LAUNCHER):
         return stops.pop(), None  # the group stopped together, as asked; rank 0 has said so
     rank, failure = first_cause(failures)
+    if rank0_here and spoke(log_dir, 0):
+        # Rank 0 reported its own failure (every rank reads the same spec and data, so a peer that raised first
+        # raised the same), even if the launcher stopped it after it spoke: one error event, rank 0's
+        return EXIT_ERROR, None
     own = failures.get(0)
     if own is not None and own.exitcode == EXIT_ERROR and failure.exitcode >= 0:
         # Rank 0's own code failed (its error event, written for people, has said what went wrong) and no rank was
@@ -141,7 +152,7 @@ def launch(spec_path: str, *, nnodes: int = 1, rdzv_endpoint: str | None = None,
         # for its ranks, which stopped together at a step; rank 0 has reported it.
         return EXIT_CANCELLED
     except ChildFailedError as exc:
-        code, message = failed_group(exc.failures, log_dir, hp.processes)
+        code, message = failed_group(exc.failures, log_dir, hp.processes, rank0_here=nnodes == 1)
         if message is not None:
             emit({"type": "error", "message": message})
         return code

@@ -230,7 +230,7 @@ def _run(spec_path: str, emit: _Reporter) -> int:
     group = _Group() if processes > 1 else None
     if group is not None:
         should_stop, should_pause = group.flag(should_stop), group.flag(should_pause)
-        emit.muted = group.rank != 0
+        emit.muted, emit.grouped = group.rank != 0, True
     torch.set_num_threads(_thread_count(processes // spec.hyperparameters.nodes))
     # Progress bars redraw with carriage returns, which only garble a captured stderr log.
     transformers_logging.disable_progress_bar()
@@ -259,11 +259,14 @@ class _Reporter:
     def __init__(self, emit: Callable[[dict[str, Any]], None]) -> None:
         self.emit = emit
         self.muted = False
+        self.grouped = False
 
     def __call__(self, event: dict[str, Any]) -> None:
         if not self.muted:
             self.emit(event)
-        elif event.get("type") == "error":  # its own words, for the launcher to relay when it failed first
+        if self.grouped and event.get("type") == "error":
+            # A muted rank's own words, for the launcher to relay when it failed first; rank 0's, so the launcher
+            # knows it has spoken even when it was stopped after (its events bypass the launcher)
             print(ERROR_MARK + json.dumps(event["message"]), file=sys.stderr, flush=True)
 
 

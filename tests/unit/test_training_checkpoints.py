@@ -184,7 +184,7 @@ def test_runner_cancels_mid_run_on_the_cancel_file(demo_model_dir: Path, sample_
         assert process.wait(timeout=60) == 3
     finally:
         process.kill()
-    assert time.monotonic() - started < 10  # honoured within seconds
+    assert time.monotonic() - started < 30  # honoured within seconds, not after 200 epochs (10.8 s under a load of 15)
     assert rest[-1] == {"type": "cancelled"} and not of_type(rest, "paused")
     assert not (out / "adapter_model.safetensors").exists()
 

@@ -258,3 +258,20 @@ def test_a_peer_whose_own_code_failed_first_is_relayed_in_its_own_words(tmp_path
     log.write_text("Traceback (most recent call last):\n  ...\nValueError: x\n" + ERROR_MARK + '"line 7: not JSON"\n')
     peer_first = {0: _failure(EXIT_PEER_LOST, 2.0, 0), 1: _failure(EXIT_ERROR, 1.0, 1)}
     assert failed_group(peer_first, tmp_path, 2) == (EXIT_ERROR, "line 7: not JSON")
+
+
+def test_rank_0_that_spoke_before_the_launcher_stopped_it_is_the_one_error_event(tmp_path: Path) -> None:
+    """Seen in the clean-clone run: the peer raised first, the launcher stopped rank 0 after rank 0 had written its
+    own error event (its events go straight out, past the launcher); a second event from the launcher followed."""
+    from adaptery.training.launch import failed_group
+    from adaptery.training.runner import ERROR_MARK, EXIT_ERROR
+
+    for rank in (0, 1):
+        log = tmp_path / "run" / "attempt_0" / str(rank) / "stderr.log"
+        log.parent.mkdir(parents=True)
+        log.write_text(ERROR_MARK + '"line 7: not JSON"\n')
+    stopped = {0: _failure(-signal.SIGTERM, 2.0, 0), 1: _failure(EXIT_ERROR, 1.0, 1)}
+    assert failed_group(stopped, tmp_path, 2) == (EXIT_ERROR, None)
+    assert failed_group({1: _failure(EXIT_ERROR, 1.0, 1)}, tmp_path, 2) == (EXIT_ERROR, None)
+    # another node's launcher: its local rank 0 is not the group's, so the peer's words are relayed
+    assert failed_group(stopped, tmp_path, 2, rank0_here=False) == (EXIT_ERROR, "line 7: not JSON")
