@@ -130,7 +130,7 @@ def start_server(data_dir: Path, database_url: str, *, extra_env: dict[str, str]
         [sys.executable, "-m", "adaptery.cli", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 240  # a loaded machine took over 120 s to start a server (empty log)
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited early:\n{log_path.read_text()}")
