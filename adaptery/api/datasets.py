@@ -263,6 +263,8 @@ def preview_records(
 ) -> dict:
     with p.db.tenant(who.tenant_id) as s:
         version = datasets.ready_version(s, datasets.get_dataset(s, dataset_id), number)
+        # Reading records is reading the data (a hospital's audit must show who looked): each page is one event.
+        audit.record(s, who, "dataset.read", target=dataset_id, detail={"version": number, "offset": offset})
     return {
         "object": "list",
         "data": datasets.preview(p.blobs, version, offset=offset, limit=limit),

@@ -225,6 +225,9 @@ def test_pausing_resuming_exporting_and_signing_in_by_link_are_audited(world: Wo
         time.sleep(0.05)
     exported = client.post(f"/api/datasets/{dataset_id}/versions/1/export", headers=owner, json={})
     assert exported.status_code == 200, exported.text
+    read = client.get(f"/api/datasets/{dataset_id}/versions/1/records", headers=owner, params={"offset": 1})
+    assert read.status_code == 200, read.text
+    assert client.get(f"/api/datasets/{dataset_id}/versions/1/content", headers=owner).status_code == 200
 
     events = actions(world)
     seen = {(e["action"], e["target"], e["outcome"]) for e in events}
@@ -232,6 +235,9 @@ def test_pausing_resuming_exporting_and_signing_in_by_link_are_audited(world: Wo
     assert ("auth.sign_in_link", "newcomer", "success") in seen
     assert ("user.password_change", "newcomer", "success") in seen
     assert ("dataset.export", dataset_id, "success") in seen
+    assert ("dataset.download", dataset_id, "success") in seen
+    page = next(e for e in events if e["action"] == "dataset.read")  # reading records shows who looked, and where
+    assert page["target"] == dataset_id and page["detail"] == {"version": 1, "offset": 1} and page["ip"]
     assert all(e["ip"] for e in events if e["action"] in ("job.pause", "dataset.export", "auth.sign_in_link"))
     with world.platform.db.system() as s:  # a forged link names no account: filed under no tenant
         forged = s.scalars(select(m.AuditEvent).where(m.AuditEvent.action == "auth.sign_in_link")).all()
