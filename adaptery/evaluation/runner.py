@@ -106,13 +106,20 @@ class _nothing:  # noqa: N801 - a context manager that does nothing, named as th
         return None
 
 
+def task_manager(task_dir: str | Path):  # noqa: ANN201 (lm_eval's TaskManager, imported late)
+    """The harness's tasks: only the tenant's own file, never its built-ins. A task the tenant named 'hellaswag'
+    is theirs; the harness's own (a hub dataset, Python helpers) is not even indexed."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(task_dir), include_defaults=False)
+
+
 def run_lm_eval(spec: dict[str, Any], emit: _Emitter) -> dict[str, Any]:
     os.environ.update(OFFLINE_ENVIRONMENT)
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
     task, models = spec["task"], spec["models"]
-    manager = TaskManager(include_path=str(spec["task_dir"]), include_defaults=False)
+    manager = task_manager(spec["task_dir"])
     if task not in manager.all_tasks:
         raise ValueError(f"the task '{task}' was not found in its task file")
     results: dict[str, Any] = {}

@@ -180,3 +180,19 @@ def test_the_report_recommends_promotion_only_when_better_on_some_score_and_wors
     verdict = recommendation({"candidate": same, "predecessor": old}, "predecessor")
     assert verdict["promote"] is False and "no held-out score differs" in verdict["reason"]
     assert recommendation({"candidate": better}, "predecessor")["promote"] is False  # nothing to compare with
+
+
+def test_a_task_named_like_a_harness_builtin_runs_the_tenants_own_file_only(tmp_path):
+    """The harness is given only the task's own folder (no built-in tasks): a tenant's task called 'hellaswag'
+    cannot pull in the harness's own 'hellaswag' (its hub dataset and Python helpers)."""
+    from adaptery.agent.evaluation import write_task
+    from adaptery.evaluation.runner import task_manager
+
+    config, _ = evaluation_tasks.check_task(GOOD_TASK.replace("task: facts", "task: hellaswag"))
+    data = tmp_path / "task.jsonl"
+    data.write_text('{"question": "q", "answer": "a"}\n')
+    write_task({"name": "hellaswag", "config": config}, data, tmp_path / "task")
+    manager = task_manager(tmp_path / "task")
+    assert set(manager.all_tasks) == {"hellaswag"}
+    (task,) = manager.load(["hellaswag"])["tasks"].values()
+    assert task.config.dataset_path == "json" and task.config.dataset_kwargs["data_files"]["test"] == str(data)
