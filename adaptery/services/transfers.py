@@ -5,8 +5,9 @@ the agent it was issued to (a current certificate of the platform's CA, the proo
 control plane finds the work it was granted for still leased to that agent. An upload URL is then spent: its
 nonce's hash is inserted into `spent_transfer_nonces`, whose unique key lets one use win however many processes
 try at once, and which outlives a restart, so a replay is refused (409) until the URL has expired anyway (rows
-past their URL's expiry are pruned as others are spent). An upload streams into the tenant's store (sealed as it arrives, never whole in memory) and
-becomes a blob only if its size and SHA-256 are the ones granted; anything else leaves nothing behind.
+past their URL's expiry are pruned as others are spent). An upload streams into the tenant's store (sealed as it
+arrives, never whole in memory) and becomes a blob only if its size and SHA-256 are the ones granted; anything
+else leaves nothing behind.
 """
 
 from __future__ import annotations
