@@ -12,6 +12,7 @@ import hashlib
 import json
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -276,13 +277,19 @@ def test_a_used_upload_url_stays_used_after_a_restart_and_in_another_process(wor
     replay = client.put(url, content=weights, headers=world.a.headers(url))
     assert replay.status_code == 409 and "already used" in replay.json()["error"]["message"]
 
-    # Two processes spending one fresh URL at once: the database's unique key lets exactly one of them win.
+    # Uses of one fresh URL at once (each on its own connection, as processes are): the unique key lets one win.
     _, grant = platform.transfers.grant(method="PUT", sha256=sha, tenant_id=world.running.tenant_id, purpose="job",
                                         work_id=world.job_a, attempt=1, agent_id=world.a.agent_id, size=1)  # fmt: skip
-    transfers.spend(platform.db, grant, now=time.time())
-    with pytest.raises(TransferRefused) as refused:
-        transfers.spend(platform.db, grant, now=time.time())
-    assert refused.value.status == 409
+
+    def use(_: int) -> int:
+        try:
+            transfers.spend(platform.db, grant, now=time.time())
+        except TransferRefused as refused:
+            return refused.status
+        return 200
+
+    with ThreadPoolExecutor(4) as pool:
+        assert sorted(pool.map(use, range(4))) == [200, 409, 409, 409]
 
     # Spent nonces are kept only until their URL expires: a later spend prunes them.
     transfers.spend(platform.db, dataclasses.replace(grant, nonce="later"), now=grant.expires_at + 1)
