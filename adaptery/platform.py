@@ -113,6 +113,7 @@ class Platform:
             max_attempts=settings.job_max_attempts,
             api_base=settings.base_url,
             record_limits=RecordLimits.from_settings(settings),
+            prices=settings.usage_prices,
         )
         # Presigned URLs for the artifacts enrolled agents move over HTTPS (auth/transfers.py)
         secret = settings.transfer_key.get_secret_value() if settings.transfer_key else None

@@ -160,7 +160,7 @@ def _one_day(bucket_width: str) -> None:
 
 @router.get("/v1/organization/usage/{kind}")
 def organization_usage(
-    kind: Literal["completions", "embeddings", "fine_tuning", "compute"],
+    kind: Literal["completions", "embeddings", "fine_tuning", "compute", "evaluations"],
     start_time: Seconds,
     end_time: Seconds | None = None,
     bucket_width: str = "1d",
@@ -174,7 +174,8 @@ def organization_usage(
     p: Platform = Depends(platform),
 ) -> dict[str, Any]:
     """Your tenant's usage in daily buckets, shaped like OpenAI's organization usage (one tenant is one
-    project); `fine_tuning` and `compute` are Adaptery's own kinds."""
+    project); `fine_tuning`, `compute` and `evaluations` (what evaluations generated, apart from chat) are Adaptery's
+    own kinds."""
     _one_day(bucket_width)
     filters = {"model": models or [], "user_id": user_ids or [], "api_key_id": api_key_ids or []}
     with p.db.system() as s:

@@ -179,6 +179,7 @@ def _refusal(exc: TransferRefused) -> JSONResponse:
 
 def _admit(p: Platform, request: Request, token: str, method: str, sha256: str) -> tuple[Grant, TransferSource]:
     return transfers.admit(
+        p.db,
         p.transfers,
         p.control,
         p.agent_ca,

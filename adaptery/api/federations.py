@@ -64,7 +64,7 @@ class JoinRequest(BaseModel):
 
 class CheckIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    time: int = Field(ge=0, le=2**40, description="Unix seconds, as signed")
+    time_ms: int = Field(ge=0, le=2**50, description="Unix milliseconds, as signed: after the last accepted check-in")
     signature: str = Field(max_length=1024, description="Hex ECDSA-SHA384 signature of the check-in message")
 
 
@@ -358,7 +358,7 @@ def check_in(site_id: str, body: CheckIn, p: Platform = Depends(platform)) -> Si
     with p.db.system() as s:
         tenant_id = federations.site_tenant(s, site_id)
     with p.db.tenant(tenant_id) as s:
-        site = federations.check_in(s, site_id, when=body.time, signature=_signature(body.signature))
+        site = federations.check_in(s, site_id, when_ms=body.time_ms, signature=_signature(body.signature))
         record = s.get(m.Federation, site.federation_id)
         return SiteView(
             site=site.number,

@@ -21,7 +21,6 @@ import hmac
 import json
 import os
 import re
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -85,16 +84,13 @@ def load_key(secret: str | None, key_file: Path) -> bytes:
 
 
 class TransferSigner:
-    """Mints and checks grants. Upload nonces are remembered until their URL expires, so an upload URL is used at
-    most once (within this process: the URLs live minutes, and a restart of the control plane ends every lease's
-    uploads with it)."""
+    """Mints and checks grants; it holds no state. That an upload URL is used at most once is kept in the database
+    (`services.transfers.spend`), so it holds across a restart and between control-plane processes."""
 
     def __init__(self, key: bytes, lifetime_seconds: float, clock=time.time) -> None:  # noqa: ANN001 - a clock
         self.key = key
         self.lifetime_seconds = lifetime_seconds
         self.clock = clock
-        self._spent: dict[str, float] = {}
-        self._lock = threading.Lock()
 
     def sign(self, grant: Grant) -> str:
         payload = _b64(json.dumps(asdict(grant), separators=(",", ":"), sort_keys=True).encode())
@@ -127,16 +123,6 @@ class TransferSigner:
         if grant.sha256 != sha256:
             raise TransferRefused(403, "transfer URL refused: it is for another blob")
         return grant
-
-    def spend(self, grant: Grant) -> None:
-        """Mark an upload URL used; a second use is refused."""
-        now = self.clock()
-        with self._lock:
-            for nonce in [n for n, expires in self._spent.items() if expires < now]:
-                del self._spent[nonce]
-            if grant.nonce in self._spent:
-                raise TransferRefused(409, "transfer URL refused: this upload URL was already used")
-            self._spent[grant.nonce] = grant.expires_at
 
 
 def check_holder(cert: x509.Certificate, token: str, proof_b64: str, agent_id: str) -> None:

@@ -387,6 +387,15 @@ class TenantLimits(Base):
     updated_at: Mapped[float] = mapped_column(Float, default=now)
 
 
+class SpentTransferNonce(Base):
+    """An upload URL that was used (`services.transfers`): its nonce's SHA-256, kept until the URL expires, so a
+    replay is refused after a restart and by every control-plane process (the key is unique: one use wins)."""
+
+    __tablename__ = "spent_transfer_nonces"
+    nonce_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expires_at: Mapped[float] = mapped_column(Float, index=True)
+
+
 class UsageCounter(Base):
     """The usage ledger: one row per subject (`key:<id>`, `tenant:<id>`) and period (a minute, a month,
     `streams`); limits are conditional updates of these rows, so they hold across server processes."""
@@ -552,7 +561,8 @@ class Evaluation(TenantOwned, Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     lease_owner: Mapped[str | None] = mapped_column(String(64))
     lease_expires_at: Mapped[float | None] = mapped_column(Float)
-    api_key_id: Mapped[str | None] = mapped_column(String(40))  # lm_eval: the short-lived key it calls the API with
+    # lm_eval: the short-lived key it calls the API with (indexed: its calls are found to be the evaluation's)
+    api_key_id: Mapped[str | None] = mapped_column(String(40), index=True)
     created_at: Mapped[float] = mapped_column(Float, default=now, index=True)
     started_at: Mapped[float | None] = mapped_column(Float)
     finished_at: Mapped[float | None] = mapped_column(Float)
@@ -586,6 +596,8 @@ class FederationSite(TenantOwned, Base):
     created_at: Mapped[float] = mapped_column(Float, default=now)
     joined: Mapped[bool] = mapped_column(Boolean, default=False)  # by invitation token (else added out of band)
     last_seen: Mapped[float | None] = mapped_column(Float)  # its last signed check-in (`fed join` keeps them up)
+    # the signed time (Unix milliseconds) of that check-in: a check-in must be newer, so none can be replayed
+    last_check_in: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class IdentityProvider(Base):

@@ -55,6 +55,14 @@ class ModelScores:
     f1: list[float] = field(default_factory=list)
     rouge_l: list[float] = field(default_factory=list)
     checks: list[metrics.Check | None] = field(default_factory=list)
+    # What generating the answers used, counted as a chat call would be (its prompt and the tokens it generated):
+    # the control plane charges it to the usage ledger and the month's budget (`usage`).
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def usage(self) -> dict[str, int]:
+        return {"requests": len(self.answers), "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens}  # fmt: skip
 
 
 def read_evaluation_set(path: Path, limits: RecordLimits, *, max_examples: int) -> list[Example]:
@@ -138,7 +146,8 @@ def _loss(model, tokenizer, example: Example, max_seq_length: int) -> float | No
     return value if math.isfinite(value) else None
 
 
-def _answer(model, tokenizer, example: Example, max_new_tokens: int) -> str:  # noqa: ANN001
+def _answer(model, tokenizer, example: Example, max_new_tokens: int) -> tuple[str, int, int]:  # noqa: ANN001
+    """The greedy answer, and the prompt's and the answer's tokens."""
     tools = example.record.get("tools")
     prompt = tokenizer.apply_chat_template(
         example.prompt, tools=tools, add_generation_prompt=True, return_tensors="pt", return_dict=True
@@ -147,7 +156,9 @@ def _answer(model, tokenizer, example: Example, max_new_tokens: int) -> str:  # 
         output = model.generate(
             **prompt, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
         )
-    return tokenizer.decode(output[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    prompt_length = prompt["input_ids"].shape[1]
+    generated = output[0, prompt_length:]
+    return tokenizer.decode(generated, skip_special_tokens=True).strip(), prompt_length, int(generated.shape[0])
 
 
 def score_model(
@@ -165,7 +176,9 @@ def score_model(
     for done, example in enumerate(examples, start=1):
         reference = _reference_text(example.reference)
         room = ANSWER_ROOM_FACTOR * len(tokenizer(reference, add_special_tokens=False)["input_ids"]) + ANSWER_ROOM_EXTRA
-        answer = _answer(model, tokenizer, example, min(max_new_tokens, room))
+        answer, prompt_tokens, completion_tokens = _answer(model, tokenizer, example, min(max_new_tokens, room))
+        scores.prompt_tokens += prompt_tokens
+        scores.completion_tokens += completion_tokens
         scores.loss.append(_loss(model, tokenizer, example, max_seq_length))
         scores.answers.append(answer)
         scores.exact_match.append(metrics.exact_match(answer, reference))

@@ -9,8 +9,9 @@ SPEC.json is one of two kinds:
 - ``held_out``: ``base_model`` (a local directory), ``models`` (``[{"label", "model", "adapter_dir"|null}]``,
   null being the base itself), ``evaluation_file`` (chat JSONL), ``split`` (``{"fraction", "seed"}`` to
   evaluate only what a job set aside, or null), ``max_new_tokens``, ``max_seq_length``, ``max_examples``,
-  ``record_limits`` ({max_bytes, max_depth}). The result has each model's ``summary`` and every example's
-  answers and scores (`heldout.example_rows`).
+  ``record_limits`` ({max_bytes, max_depth}). The result has each model's ``summary``, every example's
+  answers and scores (`heldout.example_rows`), and each model's ``usage`` (requests, prompt and completion
+  tokens of its generated answers), which the control plane charges to the usage ledger.
 - ``lm_eval``: ``task`` (the task's name), ``task_dir`` (its YAML and data, written by the agent), ``api_base``
   (the platform's /v1), ``models`` (``[{"label", "model"}]``), ``limit``. EleutherAI's harness scores each model
   through the platform's own chat completions API (its ``local-chat-completions`` model type), with the Hugging
@@ -95,6 +96,7 @@ def run_held_out(spec: dict[str, Any], emit: _Emitter) -> dict[str, Any]:
             s.label: {"model": e["model"], **heldout.summary(s)} for s, e in zip(scored, spec["models"], strict=True)
         },
         "examples": heldout.example_rows(examples, scored),
+        "usage": {s.label: s.usage() for s in scored},  # charged to the ledger by the control plane
     }
 
 

@@ -3,7 +3,9 @@
 The invitation token is `<secret>.<pin>` (as an agent enrollment token is): the site fetches the platform's CA
 and trusts it only if it hashes to the pin, then every call goes over HTTPS verified against it. The site makes
 its identity key here (it never leaves the site) and registers the public half with the token and a signature
-by that key. After joining, the site proves itself by signing each check-in with the same key: a check-in
+by that key. After joining, the site proves itself by signing each check-in with the same key and the time in
+Unix milliseconds; the platform accepts a check-in only if its time is after the last one it accepted from the
+site, so a captured check-in cannot be replayed (this process keeps its own times strictly increasing). A check-in
 returns where the coordinator's SuperLink listens, the CA its TLS certificate chains to, and the roster the run
 admits. The site writes these beside its key and runs its SuperNode with them; its data is never sent.
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 import ssl
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,8 +41,21 @@ def join_message(token: str) -> bytes:
     return b"adaptery-federation-join\n" + token.encode()
 
 
-def check_in_message(site_id: str, when: int) -> bytes:
-    return f"adaptery-federation-check-in\n{site_id}\n{when}".encode()
+def check_in_message(site_id: str, when_ms: int) -> bytes:
+    return f"adaptery-federation-check-in\n{site_id}\n{when_ms}".encode()
+
+
+_last_check_in_ms = 0
+_check_in_lock = threading.Lock()
+
+
+def _check_in_time_ms() -> int:
+    """Now in Unix milliseconds, after any check-in this process signed before (two in one millisecond would
+    otherwise look like a replay of each other)."""
+    global _last_check_in_ms
+    with _check_in_lock:
+        _last_check_in_ms = max(time.time_ns() // 1_000_000, _last_check_in_ms + 1)
+        return _last_check_in_ms
 
 
 def sign(key: ec.EllipticCurvePrivateKey, message: bytes) -> bytes:
@@ -137,11 +153,11 @@ def load_key(directory: Path) -> ec.EllipticCurvePrivateKey:
 def check_in(directory: Path, *, http: httpx.Client | None = None) -> dict:
     """One signed check-in; returns the platform's view (superlink, superlink_ca, roster, status)."""
     membership = Membership.load(directory)
-    when = int(time.time())
-    signature = sign(load_key(directory), check_in_message(membership.site_id, when)).hex()
+    when_ms = _check_in_time_ms()
+    signature = sign(load_key(directory), check_in_message(membership.site_id, when_ms)).hex()
     client = http or platform_client(membership.server_url, directory / PLATFORM_CA_FILE)
     response = client.post(
-        f"/api/federations/sites/{membership.site_id}/check-in", json={"time": when, "signature": signature}
+        f"/api/federations/sites/{membership.site_id}/check-in", json={"time_ms": when_ms, "signature": signature}
     )
     if response.status_code != 200:
         raise JoinError(f"check-in refused ({response.status_code}): {_error(response)}")

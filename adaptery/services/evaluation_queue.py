@@ -5,6 +5,12 @@ and attempt, and one that lapses puts the evaluation back in the queue (failed a
 an evaluation only when it asks for them (`protocol.EVALUATION_KIND`) and no fine-tuning job waits for it, oldest
 first. An lm-eval run is handed a key minted at lease time for exactly its models, revoked when the run ends or its
 lease lapses: its secret is never stored.
+
+What an evaluation generates is charged like inference. An lm-eval run calls /v1 with its minted key, so its calls
+are reserved and settled there (the key's and the tenant's budgets), marked `evaluations` in the ledger
+(`limits.reserve` knows the key). A held-out run generates on the agent: its result says what each model used
+(`usage`: requests, prompt and completion tokens) and `finish` charges it once, in the transaction that ends the
+evaluation (`limits.charge_evaluation`); a result without it is refused.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from adaptery.data.untrusted import RecordLimits
 from adaptery.db import models as m
 from adaptery.db.session import Database
 from adaptery.messaging.protocol import ADAPTER_FILES, BlobRef
-from adaptery.services import keys
+from adaptery.services import keys, limits
 from adaptery.services.errors import InvalidRequest, NotFound
 from adaptery.storage.blobs import BlobStore
 
@@ -31,6 +37,7 @@ log = logging.getLogger(__name__)
 HELD_OUT_MAX_EXAMPLES = 200
 HELD_OUT_MAX_NEW_TOKENS = 128
 LM_EVAL_KEY_SECONDS = 6 * 3600
+MAX_REPORTED = 10**9  # tokens or requests an agent may report for one model of one evaluation
 
 
 class EvaluationQueue:
@@ -45,12 +52,14 @@ class EvaluationQueue:
         max_attempts: int,
         api_base: str,
         record_limits: RecordLimits,
+        prices: dict[str, dict[str, float]] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.db, self.blobs = db, blobs
         self.lease_seconds, self.max_attempts = lease_seconds, max_attempts
         self.api_base = api_base.rstrip("/") + "/v1"
         self.record_limits = record_limits
+        self.prices = prices or {}
         self.clock = clock
 
     def lease(self, agent_id: str, *, tenant_scope: str | None = None) -> dict[str, Any] | None:
@@ -247,6 +256,8 @@ class EvaluationQueue:
                 evaluation.result = result
                 evaluation.progress = {**(evaluation.progress or {}), "message": "done"}
                 self._end(s, evaluation, "succeeded", None)
+                if evaluation.kind == "held_out":  # an lm-eval run's calls were charged at /v1
+                    limits.charge_evaluation(s, evaluation, result["usage"], agent_id, self.clock(), self.prices)
             elif state == "released" and evaluation.attempts < self.max_attempts:
                 evaluation.status, evaluation.lease_owner, evaluation.lease_expires_at = "queued", None, None
                 self._revoke_key(s, evaluation)
@@ -306,4 +317,13 @@ def _check_result(evaluation: m.Evaluation, result: Any) -> None:
         raise InvalidRequest(f"result.models must score exactly {sorted(labels)}")
     if evaluation.kind == "held_out" and not isinstance(result.get("examples"), list):
         raise InvalidRequest("result.examples must be a list")
+    if evaluation.kind == "held_out":
+        used = result.get("usage")
+        if not isinstance(used, dict) or set(used) != labels:
+            raise InvalidRequest(f"result.usage must give the tokens of exactly {sorted(labels)}")
+        for label in sorted(labels):
+            for name in limits.EVALUATION_COUNTS:
+                value = used[label].get(name) if isinstance(used[label], dict) else None
+                if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_REPORTED:
+                    raise InvalidRequest(f"result.usage.{label}.{name} must be an integer from 0 to {MAX_REPORTED}")
     json.dumps(result, allow_nan=False)

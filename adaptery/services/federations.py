@@ -22,7 +22,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from adaptery.auth.principal import Principal, Role
@@ -254,16 +254,32 @@ def site_tenant(system: Session, site_id: str) -> str:
     return tenant_id
 
 
-def check_in(session: Session, site_id: str, *, when: int, signature: bytes) -> m.FederationSite:
-    """A site's signed check-in: marks it seen. 401 unless signed by the site's key within the window."""
+def check_in(session: Session, site_id: str, *, when_ms: int, signature: bytes) -> m.FederationSite:
+    """A site's signed check-in: marks it seen. 401 unless signed by the site's key within the clock window; 409
+    unless its signed time is after the last check-in accepted from the site (a captured one replayed)."""
     site = session.get(m.FederationSite, site_id)
     if site is None or site.tenant_id != session.info.get("tenant_id"):
         raise NotFound(f"No site '{site_id}'.", param="site_id")
-    if abs(time.time() - when) > CHECK_IN_WINDOW or not _verify(
-        site.public_key, signature, check_in_message(site_id, when)
+    if abs(time.time() - when_ms / 1000) > CHECK_IN_WINDOW or not _verify(
+        site.public_key, signature, check_in_message(site_id, when_ms)
     ):
         raise Unauthenticated("The check-in is not signed by this site's key, or its clock is off by over 5 minutes.")
-    site.last_seen = time.time()
+    # Only the UPDATE that finds an older last check-in wins, so two racing copies cannot both be accepted.
+    newer = session.execute(
+        update(m.FederationSite)
+        .where(
+            m.FederationSite.id == site_id,
+            or_(m.FederationSite.last_check_in.is_(None), m.FederationSite.last_check_in < when_ms),
+        )
+        .values(last_check_in=when_ms, last_seen=time.time())
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if newer != 1:
+        raise Conflict(
+            f"Check-in refused: its time ({when_ms} ms) is not after the last check-in accepted from this site "
+            "(a replayed or out-of-order check-in). Sign a new one."
+        )
+    session.refresh(site)
     return site
 
 

@@ -12,6 +12,11 @@ processes and no request can slip past a budget between a check and a write.
   request is never swept), counted as spent in full (so a crash can never be used to overshoot);
 - fine-tuning: the tokens a finished job trained on are charged to the tenant's monthly budget, and a new
   job is refused once the budget is spent;
+- evaluations: an lm-eval run's calls through /v1 are reserved and settled as any call is (the ledger marks them
+  `evaluations`: the key is one minted for an evaluation); a held-out run generates on its agent, and what it
+  reports having used is charged when it finishes (`charge_evaluation`): the tenant's month (and its cost, at the
+  platform's prices) and the ledger, by the evaluation's creator, each model and the agent. A new evaluation is
+  refused once the budget is spent;
 - a tenant's monthly cost budget (`monthly_cost`, at the platform's prices): an inference call holds the cost
   of its worst case and settles what its tokens really cost, as the token budget does (in millionths of the
   currency, on the `cost:<month>` row). That row starts from the month's whole cost in the accounting ledger
@@ -51,6 +56,7 @@ LIMIT_FIELDS = (
     "max_upload_bytes",
     "monthly_cost",
 )
+EVALUATION_COUNTS = ("requests", "prompt_tokens", "completion_tokens")  # what a held-out run reports per model
 TENANT_ONLY = ("max_tokens", "max_upload_bytes", "monthly_cost")  # limits a tenant has and its keys do not
 MICROS = 1_000_000  # cost is counted in millionths of the currency
 
@@ -407,6 +413,8 @@ def reserve(
         if refused is not None:
             s.rollback()  # nothing of this request was held
             raise refused
+        if kind == "completions" and who.api_key_id and _evaluation_key(s, who):
+            kind = "evaluations"  # an lm-eval run's call: charged as any call, told apart from chat in the ledger
         use = ledger.Use(who.tenant_id, kind, user_id=who.user_id, api_key_id=who.api_key_id or "", model=model)
         reservation = Reservation(
             new_id("resv_"), worst, holds, use, [subject for subject, _, _ in subjects], token_prices
@@ -416,6 +424,44 @@ def reserve(
         for subject, _, _ in subjects:
             _add(s, subject, month_period(now), requests=1)
         return reservation
+
+
+def _evaluation_key(session: Session, who: Principal) -> bool:
+    """Whether the caller's key is one minted for an lm-eval run (`services.evaluation_queue`)."""
+    query = select(m.Evaluation.id).where(
+        m.Evaluation.api_key_id == who.api_key_id, m.Evaluation.tenant_id == who.tenant_id
+    )
+    return session.scalar(query.limit(1)) is not None
+
+
+def charge_evaluation(
+    session: Session,
+    evaluation: m.Evaluation,
+    used: dict[str, dict[str, int]],
+    agent_id: str,
+    now: float,
+    prices: dict[str, dict[str, float]],
+) -> None:
+    """Charge what a held-out evaluation generated (`used`: per label, EVALUATION_COUNTS) as inference is charged:
+    the ledger per model (kind `evaluations`, the evaluation's creator, the agent), the tenant's month, and its
+    cost row where this month's has started (else it starts from the ledger, these rows included). The caller
+    ends the evaluation in the same transaction, so it is charged once."""
+    tenant_subject = f"tenant:{evaluation.tenant_id}"
+    total_tokens = total_requests = cost = 0
+    for entry in evaluation.models:
+        counts = used[entry["label"]]
+        prompt, completion = counts["prompt_tokens"], counts["completion_tokens"]
+        use = ledger.Use(evaluation.tenant_id, "evaluations", user_id=evaluation.user_id or "", model=entry["model"],
+                         agent_id=agent_id)  # fmt: skip
+        ledger.add(session, use, now, requests=counts["requests"], prompt_tokens=prompt, completion_tokens=completion)
+        total_tokens += prompt + completion
+        total_requests += counts["requests"]
+        prompt_price, completion_price = ledger.token_prices(session, prices, entry["model"], "completions")
+        cost += math.ceil((prompt * prompt_price + completion * completion_price) * MICROS)
+    if total_tokens or total_requests:
+        _add(session, tenant_subject, month_period(now), requests=total_requests, tokens=total_tokens)
+    if cost and session.get(m.UsageCounter, (tenant_subject, cost_period(now))) is not None:
+        _add(session, tenant_subject, cost_period(now), tokens=cost)
 
 
 def _refusal(kind: str, label: str, limit: int, amount: int, now: float) -> RateLimited:

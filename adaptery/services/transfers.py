@@ -2,24 +2,35 @@
 
 A URL is admitted when its MAC, expiry, method and blob check out, the caller proves it holds the certificate of
 the agent it was issued to (a current certificate of the platform's CA, the proof signed by its key), and the
-control plane finds the work it was granted for still leased to that agent. An upload URL is then spent, so a
-replay is refused. An upload streams into the tenant's store (sealed as it arrives, never whole in memory) and
-becomes a blob only if its size and SHA-256 are the ones granted; anything else leaves nothing behind.
+control plane finds the work it was granted for still leased to that agent. An upload URL is then spent: its
+nonce's hash is inserted into `spent_transfer_nonces`, whose unique key lets one use win however many processes
+try at once, and which outlives a restart, so a replay is refused (409) until the URL has expired anyway (rows
+past their URL's expiry are pruned as others are spent). An upload streams into the tenant's store (sealed as it
+arrives, never whole in memory) and becomes a blob only if its size and SHA-256 are the ones granted; anything
+else leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import time
 from collections.abc import AsyncIterable
+
+from sqlalchemy import delete
+from sqlalchemy.exc import IntegrityError
 
 from adaptery.auth.agent_ca import CertificateAuthority, CertificateRefused
 from adaptery.auth.transfers import Grant, TransferRefused, TransferSigner, check_holder
+from adaptery.db import models as m
+from adaptery.db.session import Database
 from adaptery.services.control_plane import ControlPlane, RequestRefused, TransferSource
 from adaptery.storage.blobs import BlobStore, BlobTooLarge, StoredBlob
 
 
 def admit(
+    db: Database,
     signer: TransferSigner,
     control: ControlPlane | None,
     ca: CertificateAuthority,
@@ -46,8 +57,21 @@ def admit(
     except RequestRefused as exc:
         raise TransferRefused(403, f"transfer refused: {exc}") from exc
     if grant.method == "PUT":
-        signer.spend(grant)
+        spend(db, grant, now=signer.clock())
     return grant, source
+
+
+def spend(db: Database, grant: Grant, *, now: float | None = None) -> None:
+    """Mark an upload URL used, once for every process and across restarts; TransferRefused(409) if it was."""
+    now = time.time() if now is None else now
+    nonce_hash = hashlib.sha256(b"adaptery transfer nonce|" + grant.nonce.encode()).hexdigest()
+    try:
+        with db.system() as s:
+            s.execute(delete(m.SpentTransferNonce).where(m.SpentTransferNonce.expires_at < now))
+            s.add(m.SpentTransferNonce(nonce_hash=nonce_hash, expires_at=grant.expires_at))
+            s.flush()
+    except IntegrityError as exc:  # the unique key: another use (here or in another process) came first
+        raise TransferRefused(409, "transfer URL refused: this upload URL was already used") from exc
 
 
 async def receive(blobs: BlobStore, tenant_id: str, grant: Grant, chunks: AsyncIterable[bytes]) -> StoredBlob:

@@ -3,8 +3,10 @@
 Every path that uses something writes here, in the same transaction as the limits' own accounting
 (`services.limits`): a completion or chat call when it settles (whether it finished, failed after its first
 token or lost its client: the tokens it really produced, its n choices together, one request), an embeddings
-call, a fine-tuning job's trained tokens when it ends (`limits.settle_training`), and the CPU, accelerator and
-wall seconds an agent measured for each attempt of a job. Rows are sums per (day, tenant, user, key, model,
+call, a fine-tuning job's trained tokens when it ends (`limits.settle_training`), an evaluation's generated tokens
+(kind `evaluations`, apart from chat: an lm-eval run's calls through /v1 as they settle, a held-out run's when it
+finishes, `limits.charge_evaluation`), and the CPU, accelerator and wall seconds an agent measured for each attempt
+of a job. Rows are sums per (day, tenant, user, key, model,
 agent, kind), only ever added to by a conditional upsert, so several server processes write one exact ledger.
 
 Prices are the platform's (`Settings.usage_prices`, per million tokens and per compute hour) and are applied
@@ -32,7 +34,8 @@ from adaptery.db.session import Database
 from adaptery.services.audit import csv_cell
 from adaptery.services.errors import InvalidRequest
 
-KINDS = ("completions", "embeddings", "fine_tuning", "compute")
+KINDS = ("completions", "embeddings", "fine_tuning", "compute", "evaluations")
+GENERATED = ("completions", "evaluations")  # kinds whose rows hold prompt and completion tokens
 COUNTS = (
     "requests",
     "failed_requests",
@@ -152,6 +155,9 @@ class Prices:
         if row.kind == "completions":
             put(f"{row.model}, input", row.prompt_tokens * self.per_token(row.model, "prompt"))
             put(f"{row.model}, output", row.completion_tokens * self.per_token(row.model, "completion"))
+        elif row.kind == "evaluations":  # priced as chat is, its own line items
+            put(f"{row.model}, evaluation input", row.prompt_tokens * self.per_token(row.model, "prompt"))
+            put(f"{row.model}, evaluation output", row.completion_tokens * self.per_token(row.model, "completion"))
         elif row.kind == "embeddings":
             put(f"{row.model}, input", row.prompt_tokens * self.per_token(row.model, "embedding"))
         elif row.kind == "fine_tuning":
@@ -184,8 +190,8 @@ def cost_between(session: Session, tenant_id: str, table: dict[str, dict[str, fl
     return sum(price_list.cost(row) for row in records(session, tenant_id, start, end))
 
 
-_RESULT_FIELDS = {
-    "completions": lambda r: {
+def _generated(r: dict[str, Any]) -> dict[str, Any]:
+    return {
         "input_tokens": r["prompt_tokens"],
         "output_tokens": r["completion_tokens"],
         "input_cached_tokens": 0,
@@ -193,7 +199,12 @@ _RESULT_FIELDS = {
         "output_audio_tokens": 0,
         "num_model_requests": r["requests"],
         "num_failed_requests": r["failed_requests"],
-    },
+    }
+
+
+_RESULT_FIELDS = {
+    "completions": _generated,
+    "evaluations": _generated,
     "embeddings": lambda r: {"input_tokens": r["prompt_tokens"], "num_model_requests": r["requests"]},
     "fine_tuning": lambda r: {"trained_tokens": r["trained_tokens"], "num_jobs": r["requests"]},
     "compute": lambda r: {
@@ -208,6 +219,7 @@ GROUPS = {
     "embeddings": ("model", "user_id", "api_key_id", "project_id"),
     "fine_tuning": ("model", "user_id", "project_id"),
     "compute": ("model", "user_id", "agent_id", "project_id"),
+    "evaluations": ("model", "user_id", "api_key_id", "agent_id", "project_id"),
     "costs": ("line_item", "project_id"),
 }
 
@@ -336,8 +348,9 @@ def summary(session: Session, tenant_id: str, price_list: Prices, start: int, en
             "requests": entry["requests"] - sum(r.requests for r in group if r.kind in ("fine_tuning", "compute")),
             "failed_requests": entry["failed_requests"],
             "prompt_tokens": sum(r.prompt_tokens for r in group if r.kind == "completions"),
-            "completion_tokens": entry["completion_tokens"],
+            "completion_tokens": sum(r.completion_tokens for r in group if r.kind == "completions"),
             "embedding_tokens": sum(r.prompt_tokens for r in group if r.kind == "embeddings"),
+            "evaluation_tokens": sum(r.prompt_tokens + r.completion_tokens for r in group if r.kind == "evaluations"),
             "trained_tokens": entry["trained_tokens"],
             "total_tokens": entry["prompt_tokens"] + entry["completion_tokens"] + entry["trained_tokens"],
             "cpu_seconds": round(entry["cpu_seconds"], 6),
@@ -418,11 +431,11 @@ class LedgerCollector(Collector):
         )
         for kind, model, *sums in rows:
             counts = dict(zip(COUNTS, (value or 0 for value in sums), strict=True))
-            if kind in ("completions", "embeddings"):
+            if kind in ("completions", "embeddings", "evaluations"):
                 requests.add_metric([kind, model], counts["requests"])
                 failed.add_metric([kind, model], counts["failed_requests"])
                 tokens.add_metric([kind, model, "prompt"], counts["prompt_tokens"])
-            if kind == "completions":
+            if kind in GENERATED:
                 tokens.add_metric([kind, model, "completion"], counts["completion_tokens"])
             if kind == "fine_tuning":
                 tokens.add_metric([kind, model, "trained"], counts["trained_tokens"])

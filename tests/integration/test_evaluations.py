@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from sqlalchemy import select
 
 from adaptery.auth.principal import Principal, Role
 from adaptery.db import models as m
@@ -129,7 +130,8 @@ def test_an_evaluation_is_leased_fenced_reported_and_recovered(running):
     assert queue.heartbeat(evaluation.id, "agent-a", 1) == "lost"  # the old attempt is over
     queue.finish(evaluation.id, "agent-a", {"state": "succeeded", "result": {}, "attempt": 1})  # ignored
     result = {"kind": "held_out", "models": {"candidate": {"exact_match": 1.0}, "base": {"exact_match": 0.0}},
-              "examples": []}  # fmt: skip
+              "examples": [], "usage": {label: {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
+                                        for label in ("candidate", "base")}}  # fmt: skip
     queue.finish(evaluation.id, "agent-b", {"state": "succeeded", "result": result, "attempt": 2})
     report = running.client.get(f"/api/fine_tuning/jobs/{evaluation.job_id}/evaluation", headers=running.auth())
     assert report.json()["held_out"]["table"]["candidate"]["exact_match"] == 1.0
@@ -263,3 +265,99 @@ def test_an_evaluation_is_refused_when_the_keys_monthly_tokens_are_spent(running
         s.add(m.UsageCounter(subject=f"key:{key_id}", period=limits.month_period(time.time()), tokens=10))
     refused = running.client.post("/api/evaluations", headers=running.auth(), json=body)
     assert refused.status_code == 429, refused.text
+
+
+def test_a_held_out_evaluations_tokens_reach_the_ledger_and_spend_the_month(running):
+    """A held-out evaluation generates on the agent, not through /v1: its tokens, which the agent reports per model,
+    are charged once when it finishes, as inference is (the tenant's month, and the ledger by creator and model,
+    kind `evaluations`, apart from chat), so a budget the evaluation spends refuses the next request (429)."""
+    lab = Lab(running)
+    client, queue = running.client, running.platform.evaluations
+    evaluation = lab.enqueue(lab.job(validation_file=lab.file_id))
+    with running.platform.db.system() as s:
+        limits.set_tenant_limits(s, lab.tenant_id, {"monthly_tokens": 100})
+    attempt = queue.lease("agent-a")["attempt"]
+    spent = {"candidate": {"requests": 2, "prompt_tokens": 40, "completion_tokens": 30},
+             "base": {"requests": 2, "prompt_tokens": 40, "completion_tokens": 10}}  # fmt: skip
+    result = {"kind": "held_out", "models": {"candidate": {"exact_match": 1.0}, "base": {"exact_match": 0.0}},
+              "examples": [], "usage": spent}  # fmt: skip
+    queue.finish(evaluation.id, "agent-a", {"state": "succeeded", "result": result, "attempt": attempt})
+    queue.finish(evaluation.id, "agent-a", {"state": "succeeded", "result": result, "attempt": attempt})  # ignored
+    assert client.get(f"/api/evaluations/{evaluation.id}", headers=running.auth()).json()["status"] == "succeeded"
+
+    models = labels(evaluation)
+    with running.platform.db.system() as s:
+        rows = s.scalars(select(m.UsageRecord).where(m.UsageRecord.tenant_id == lab.tenant_id)).all()
+        month = s.get(m.UsageCounter, (f"tenant:{lab.tenant_id}", limits.month_period(time.time())))
+    charged = {(r.kind, r.model, r.user_id, r.agent_id): (r.requests, r.prompt_tokens, r.completion_tokens)
+               for r in rows}  # fmt: skip
+    assert charged == {
+        ("evaluations", models["candidate"], lab.user_id, "agent-a"): (2, 40, 30),
+        ("evaluations", models["base"], lab.user_id, "agent-a"): (2, 40, 10),
+    }
+    assert month.tokens == 120
+
+    page = client.get("/v1/organization/usage/evaluations", headers=running.auth(),
+                      params={"start_time": int(time.time()) - 60, "group_by": ["model"]}).json()  # fmt: skip
+    results = {r["model"]: r for bucket in page["data"] for r in bucket["results"]}
+    assert results[models["candidate"]]["input_tokens"] == 40 and results[models["base"]]["output_tokens"] == 10
+    totals = client.get("/api/admin/usage", headers=running.auth()).json()["ledger"]["totals"]
+    assert totals["evaluation_tokens"] == 120 and totals["prompt_tokens"] == 0  # told apart from chat
+    assert totals["total_tokens"] == 120
+
+    chat = {"model": "adaptery-demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    assert client.post("/v1/chat/completions", headers=running.auth(), json=chat).status_code == 429
+    again = client.post("/api/evaluations", headers=running.auth(), json={"model": models["candidate"]})
+    assert again.status_code == 429, again.text
+
+
+def test_a_held_out_result_without_its_token_usage_fails_saying_why(running):
+    lab = Lab(running)
+    queue = running.platform.evaluations
+    evaluation = lab.enqueue(lab.job(validation_file=lab.file_id))
+    attempt = queue.lease("agent-a")["attempt"]
+    scored = {"candidate": {"exact_match": 1.0}, "base": {"exact_match": 0.0}}
+    negative = {"candidate": {"requests": 1, "prompt_tokens": -5, "completion_tokens": 1},
+                "base": {"requests": 1, "prompt_tokens": 5, "completion_tokens": 1}}  # fmt: skip
+    forged = {"kind": "held_out", "models": scored, "examples": [], "usage": negative}
+    queue.finish(evaluation.id, "agent-a", {"state": "succeeded", "attempt": attempt, "result": forged})
+    got = running.client.get(f"/api/evaluations/{evaluation.id}", headers=running.auth()).json()
+    assert got["status"] == "failed"
+    assert got["error"] == (
+        "the agent's result was refused: result.usage.candidate.prompt_tokens must be an integer from 0 to 1000000000"
+    )
+    with running.platform.db.system() as s:
+        assert s.scalars(select(m.UsageRecord).where(m.UsageRecord.kind == "evaluations")).all() == []
+
+
+def test_an_lm_eval_runs_calls_through_v1_are_charged_and_marked_as_the_evaluations(running):
+    """An lm-eval run calls the platform's /v1 with the key minted at lease: those calls are charged there like any
+    inference (its creator, the model, the minted key, the tenant's month), and marked `evaluations` in the
+    ledger so usage reports tell them from chat."""
+    lab = Lab(running)
+    platform = running.platform
+    data = platform.blobs.put_stream(lab.tenant_id, [b'{"question": "q", "answer": "a"}\n']).sha256
+    with platform.db.system() as s:
+        s.add(m.EvaluationTask(id=new_id("evtask-"), tenant_id=lab.tenant_id, name="t", config={},
+                               data_sha256=data, records=1))  # fmt: skip
+    who = Principal(tenant_id=lab.tenant_id, tenant_name="default", user_id=lab.user_id, username="owner",
+                    role=Role.OWNER)  # fmt: skip
+    with platform.db.tenant(lab.tenant_id) as s:
+        evaluation = evaluations.create_lm_eval(s, who, lab.model(lab.job()), "t")
+        s.expunge(evaluation)
+    minted = platform.evaluations.lease("agent-a")
+    assert minted["evaluation_id"] == evaluation.id
+    chat = {"model": "adaptery-demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    answer = running.client.post(
+        "/v1/chat/completions", headers={"Authorization": f"Bearer {minted['api_key']}"}, json=chat
+    )
+    assert answer.status_code == 200, answer.text
+    usage = answer.json()["usage"]
+    with platform.db.system() as s:
+        key_id = s.get(m.Evaluation, evaluation.id).api_key_id
+        rows = s.scalars(select(m.UsageRecord).where(m.UsageRecord.tenant_id == lab.tenant_id)).all()
+        month = s.get(m.UsageCounter, (f"tenant:{lab.tenant_id}", limits.month_period(time.time())))
+    assert [(r.kind, r.model, r.user_id, r.api_key_id, r.prompt_tokens, r.completion_tokens) for r in rows] == [
+        ("evaluations", "adaptery-demo", lab.user_id, key_id, usage["prompt_tokens"], usage["completion_tokens"])
+    ]
+    assert month.tokens == usage["total_tokens"]

@@ -260,14 +260,31 @@ def test_a_site_joins_with_a_one_time_token_and_checks_in_by_signature(running, 
     assert json.loads((site_dir / join.ROSTER_FILE).read_text()) == roster.json()
     assert (site_dir / join.SUPERLINK_CA_FILE).read_text() == ca_pem()
     check_in = f"/api/federations/sites/{membership.site_id}/check-in"
-    now = int(time.time())
-    wrong = client.post(check_in, json={"time": now, "signature": join.sign(stranger, b"x").hex()})
+    now = int(time.time() * 1000)
+    wrong = client.post(check_in, json={"time_ms": now, "signature": join.sign(stranger, b"x").hex()})
     assert wrong.status_code == 401
-    stale = join.sign(join.load_key(site_dir), join.check_in_message(membership.site_id, now - 3600)).hex()
-    assert client.post(check_in, json={"time": now - 3600, "signature": stale}).status_code == 401
-    unknown = client.post("/api/federations/sites/site_nope/check-in", json={"time": now, "signature": "00"})
+    stale = join.sign(join.load_key(site_dir), join.check_in_message(membership.site_id, now - 3_600_000)).hex()
+    assert client.post(check_in, json={"time_ms": now - 3_600_000, "signature": stale}).status_code == 401
+    unknown = client.post("/api/federations/sites/site_nope/check-in", json={"time_ms": now, "signature": "00"})
     assert unknown.status_code == 404
-    assert client.post(check_in, json={"time": now, "signature": "zz"}).status_code == 400
+    assert client.post(check_in, json={"time_ms": now, "signature": "zz"}).status_code == 400
+    seconds = client.post(check_in, json={"time": now // 1000, "signature": stale})  # the old body: named, refused
+    assert seconds.status_code == 400 and "time_ms" in seconds.text
+
+    # A captured check-in replayed within the clock window is refused: each must be newer than the last accepted,
+    # an older one too (its copy kept back while the site checked in again); the site's next one is accepted.
+    def signed(when_ms: int) -> dict:
+        signature = join.sign(join.load_key(site_dir), join.check_in_message(membership.site_id, when_ms)).hex()
+        return {"time_ms": when_ms, "signature": signature}
+
+    captured, held_back = signed(now + 1000), signed(now + 500)
+    assert client.post(check_in, json=captured).status_code == 200
+    replayed = client.post(check_in, json=captured)
+    assert replayed.status_code == 409 and "replayed" in replayed.json()["error"]["message"]
+    assert client.post(check_in, json=held_back).status_code == 409
+    with running.platform.db.system() as s:
+        assert s.get(m.FederationSite, membership.site_id).last_check_in == now + 1000
+    assert client.post(check_in, json=signed(now + 1001)).status_code == 200
 
     with running.platform.db.system() as s:
         actions = list(s.scalars(select(m.AuditEvent.action).where(m.AuditEvent.target == fed_id)))

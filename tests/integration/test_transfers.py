@@ -12,6 +12,7 @@ import hashlib
 import json
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,16 +21,18 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from nats.aio.msg import Msg
+from sqlalchemy import func, select
 
 from adaptery.agent.bases import BaseStore
 from adaptery.agent.transfers import HttpsTransfers
 from adaptery.agent.vault import AgentVault
-from adaptery.auth.transfers import CERTIFICATE_HEADER, PROOF_HEADER, Grant, prove
+from adaptery.auth.transfers import CERTIFICATE_HEADER, PROOF_HEADER, Grant, TransferRefused, TransferSigner, prove
 from adaptery.db import models as m
 from adaptery.db.ids import new_id
 from adaptery.engine.demo_model import DEMO_MODEL_ID
 from adaptery.messaging import identity, protocol
 from adaptery.messaging.protocol import InferRequest
+from adaptery.services import transfers
 from adaptery.services.control_plane import RequestRefused
 from tests.integration.conftest import Running
 from tests.integration.test_tenancy_and_queue import make_tenant
@@ -259,6 +262,39 @@ def test_an_upload_is_kept_only_when_its_hash_matches_and_its_url_is_used_once(w
     longer_url = world.url(world.a, world.job_a, "PUT", sha, bytes=10)
     answer = client.put(longer_url, content=weights, headers=world.a.headers(longer_url))
     assert answer.status_code == 413
+
+
+def test_a_used_upload_url_stays_used_after_a_restart_and_in_another_process(world: World):
+    """A used upload URL is remembered in the database, not in the process: a control plane that restarts (a new
+    signer with the same key, nothing in memory) or a second one beside it refuses the replay (409)."""
+    client, platform = world.running.client, world.running.platform
+    weights = b"checkpoint " * 1000
+    sha = hashlib.sha256(weights).hexdigest()
+    url = world.url(world.a, world.job_a, "PUT", sha, bytes=len(weights))
+    assert client.put(url, content=weights, headers=world.a.headers(url)).status_code == 200
+
+    platform.transfers = TransferSigner(platform.transfers.key, platform.transfers.lifetime_seconds)  # a restart
+    replay = client.put(url, content=weights, headers=world.a.headers(url))
+    assert replay.status_code == 409 and "already used" in replay.json()["error"]["message"]
+
+    # Uses of one fresh URL at once (each on its own connection, as processes are): the unique key lets one win.
+    _, grant = platform.transfers.grant(method="PUT", sha256=sha, tenant_id=world.running.tenant_id, purpose="job",
+                                        work_id=world.job_a, attempt=1, agent_id=world.a.agent_id, size=1)  # fmt: skip
+
+    def use(_: int) -> int:
+        try:
+            transfers.spend(platform.db, grant, now=time.time())
+        except TransferRefused as refused:
+            return refused.status
+        return 200
+
+    with ThreadPoolExecutor(4) as pool:
+        assert sorted(pool.map(use, range(4))) == [200, 409, 409, 409]
+
+    # Spent nonces are kept only until their URL expires: a later spend prunes them.
+    transfers.spend(platform.db, dataclasses.replace(grant, nonce="later"), now=grant.expires_at + 1)
+    with platform.db.system() as s:
+        assert s.scalar(select(func.count()).select_from(m.SpentTransferNonce)) == 1
 
 
 class BusOf:

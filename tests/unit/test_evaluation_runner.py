@@ -71,3 +71,27 @@ def test_adapters_and_the_base_score_the_same_together_as_alone(demo_model_dir, 
     assert together["models"]["predecessor"]["model"] == "ft:b" and together["models"]["base"]["examples"] == 2
     progress = [event for event in events if event["type"] == "progress"]
     assert [(e["done"], e["total"]) for e in progress] == [(i, 6) for i in range(1, 7)]
+
+
+def test_the_result_says_what_each_models_answers_used(demo_model_dir, adapters):
+    """The control plane charges a held-out run's generation from `usage`: per model, one request an example, the
+    tokens of its prompts (as a chat call counts them) and of the answers generated (at most max_new_tokens each)."""
+    from transformers import AutoTokenizer
+
+    from adaptery.data.untrusted import RecordLimits
+    from adaptery.evaluation.heldout import read_evaluation_set
+
+    result = run_held_out(spec(demo_model_dir, [
+        {"label": "candidate", "model": "ft:a", "adapter_dir": adapters["a"]},
+        {"label": "base", "model": "demo", "adapter_dir": None},
+    ]), lambda event: None)  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
+    examples = read_evaluation_set(SAMPLE_CHAT, RecordLimits(100_000, 32), max_examples=2)
+    prompts = sum(
+        len(tokenizer.apply_chat_template(e.prompt, add_generation_prompt=True, return_dict=True)["input_ids"])
+        for e in examples
+    )
+    assert set(result["usage"]) == {"candidate", "base"}
+    for label, used in result["usage"].items():
+        assert used["requests"] == 2 and used["prompt_tokens"] == prompts, label
+        assert 2 <= used["completion_tokens"] <= 2 * 8, label

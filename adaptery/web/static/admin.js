@@ -166,7 +166,9 @@ async function usageCard() {
       return;
     }
     const ledger = usage.ledger || { totals: {}, by_day: {}, by_model: {}, by_user: {}, by_key: {} };
-    const tokens = (f) => (f.prompt_tokens || 0) + (f.completion_tokens || 0) + (f.embedding_tokens || 0) + (f.trained_tokens || 0);
+    const tokens = (f) =>
+      (f.prompt_tokens || 0) + (f.completion_tokens || 0) + (f.embedding_tokens || 0) + (f.evaluation_tokens || 0) +
+      (f.trained_tokens || 0);
     const dayPoints = [];
     for (let d = 0; d < Number(days.value); d += 1) {
       const day = new Date((start + d * DAY) * 1000).toISOString().slice(0, 10);
