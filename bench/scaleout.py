@@ -24,8 +24,9 @@ rank the other work on the machine has delayed (each step ends when the slower r
 adapter's gradients (~1.3 MB, one bucket) and the three small collectives a step also has (the trainer's token and
 loss gathers, the runner's stop flag) cost 0-50 ms against ~200 ms of one thread's compute in a micro-benchmark at
 load 5.7, within its noise: not the bottleneck, so bucket size, gradient accumulation and `no_sync` change nothing
-here. Slurm: lease → first step p50 17.2 s against 14.1 s locally, most of the difference slurmctld's delay
-before it schedules a submitted batch job (about 3 s: SchedulerParameters batch_sched_delay), a cluster's setting.
+here. Slurm: lease → first step p50 17.2 s against 14.1 s locally (runs 10-20 s on both sides at that load); the
+test controller's log puts 2.4-2.8 s between a job's submission and its allocation (Slurm delays scheduling batch
+jobs, SchedulerParameters batch_sched_delay, 3 s by default: a cluster's setting, left as real clusters have it).
 """
 
 from __future__ import annotations
