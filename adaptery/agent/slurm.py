@@ -146,7 +146,11 @@ class SlurmJob:
 
     def _follow(self) -> Iterator[bytes]:
         """The events file's lines as they are appended. A "cancelled" line is held until the job has left the queue:
-        Slurm stops a run it requeues (preemption, `scontrol requeue`) with SIGTERM, and the requeued run goes on."""
+        Slurm stops a run it requeues (preemption, `scontrol requeue`) with SIGTERM, and the requeued run goes on.
+        At the end it is passed on only if this agent asked for the stop; else Slurm stopped the job (time limit,
+        preemption, or a requeued run that never started: slurmd refuses a run launched within the second its
+        predecessor was killed in, "Job credential revoked", and Slurm fails the job), and the job failed as
+        `ending` says, rather than being reported cancelled when no one cancelled it."""
         path = self.job_dir / EVENTS_FILE
         offset = 0
         partial = b""
@@ -167,8 +171,9 @@ class SlurmJob:
                     else:
                         yield line + b"\n"
             if ended:
-                if held is not None:
-                    yield held
+                if held is not None and self._stop_asked():
+                    yield held  # else the stop was Slurm's (time limit, preemption, a requeue that never ran): the
+                    # job's end is how Slurm ended it (`ending`), not a cancel no one asked for
                 if self.stopped_in_queue is not None:
                     yield (json.dumps(self.stopped_in_queue) + "\n").encode()
                 return
@@ -209,18 +214,13 @@ class SlurmJob:
 
     def _requeued(self) -> bool:
         """Whether a run that seems to have ended was in fact requeued. Slurm stops a run it requeues with SIGTERM,
-        so the runner wrote "cancelled" (and maybe its exit code) though no one asked; meanwhile, on a busy
-        controller, squeue can list the job as gone or final for a moment. A stop this agent did not ask for is only
-        the end once the controller's own record of the job (scontrol) says it is over."""
-        asked = (
-            self.terminated
-            or self.stopped_in_queue is not None
-            or (self.output_dir / CANCEL_FILE).exists()
-            or (self.output_dir / PAUSE_FILE).exists()
-        )
+        so the runner wrote "cancelled" (and maybe its exit code) though no one asked: a stop this agent did not ask
+        for is only the end once the controller's own record of the job (scontrol) says it is over. (A guard: with
+        --states=all squeue was not seen to list a requeued job as gone; the end once blamed on that was a requeued
+        run Slurm refused to start, "Job credential revoked", which is a real end: see `_follow`.)"""
         written = self.job_dir / EXIT_CODE_FILE
         code = written.read_text().strip() if written.exists() else ""
-        if asked or code not in ("", str(EXIT_CANCELLED), str(EXIT_PAUSED)):
+        if self._stop_asked() or code not in ("", str(EXIT_CANCELLED), str(EXIT_PAUSED)):
             return False
         try:
             shown = _slurm("scontrol", "show", "job", "--oneliner", self.job_id)
@@ -233,12 +233,24 @@ class SlurmJob:
             return True
         return False
 
+    def _stop_asked(self) -> bool:
+        """Whether this agent asked the job to stop (so a "cancelled" or "paused" from its runner is the job's word)."""
+        return (
+            self.terminated
+            or self.stopped_in_queue is not None
+            or (self.output_dir / CANCEL_FILE).exists()
+            or (self.output_dir / PAUSE_FILE).exists()
+        )
+
     def _final_code(self, state: str) -> int:
         if self.stopped_in_queue is not None:
             return EXIT_CANCELLED if self.stopped_in_queue["type"] == "cancelled" else EXIT_PAUSED
         written = self.job_dir / EXIT_CODE_FILE
         if written.exists() and written.read_text().strip().lstrip("-").isdigit():
-            return int(written.read_text().strip())
+            code = int(written.read_text().strip())
+            if code not in (EXIT_CANCELLED, EXIT_PAUSED) or self._stop_asked():
+                return code
+            # The runner stopped at Slurm's SIGTERM, not at this agent's word: how Slurm ended the job says why.
         state = state or self._final_state()
         self.ending = ENDED_FROM_OUTSIDE.get(state, f"the job ended in Slurm state {state or 'unknown'}")
         return EXIT_KILLED_BY_SLURM
