@@ -149,6 +149,8 @@ class BatchEngine:
         if lora_kernel and kernel is None:
             raise RuntimeError("the fused LoRA kernel was required but cannot be built on this machine")
         self.slots = SlotBuffers(model, max_batch, max_rank, kernel, adapter_dtype)
+        # decode attention from the paged cache in C whenever the library builds (lora_kernel=False is about LoRA)
+        model.attention_kernel = kernel if kernel is not None else fused_kernel.load()
         self.lora_path = "fused C kernel" if kernel is not None else "PyTorch grouped_mm/bmm"
         self.store = AdapterStore(model, max_rank, adapter_cache_bytes, self.metrics, self.slots.dtype)
         self.store.on_ready.append(self.wake)
@@ -392,6 +394,7 @@ class BatchEngine:
             decode_rows=torch.tensor(decode_rows, dtype=torch.long),
             decode_blocks=blocks.view(len(decode_tables), longest),
             decode_mask=mask,
+            decode_lengths=torch.tensor(decode_lengths, dtype=torch.long),
             prefill=prefill,
             logit_rows=torch.tensor([r for _, r in completing], dtype=torch.long),
         )
