@@ -128,6 +128,7 @@ class BatchEngine:
         adapter_cache_bytes: int,
         max_batch: int = 32,
         max_step_tokens: int = 256,
+        block_size: int = 16,
         metrics: EngineMetrics | None = None,
         lora_kernel: bool | None = None,
         adapter_dtype: torch.dtype | None = None,
@@ -142,7 +143,7 @@ class BatchEngine:
         self.request_timeout = request_timeout  # seconds from submission; None: no deadline
         self.metrics = metrics or EngineMetrics()
         self.cache = PagedKVCache(
-            len(model.layers), model.kv_heads, model.head_dim, model.dtype, kv_cache_bytes, block_size=16
+            len(model.layers), model.kv_heads, model.head_dim, model.dtype, kv_cache_bytes, block_size=block_size
         )
         # the fused C kernel unless disabled (False) or it cannot be built here (then the PyTorch path)
         kernel = fused_kernel.load() if lora_kernel is not False else None

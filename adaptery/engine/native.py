@@ -242,14 +242,16 @@ class NativeLlama:
                 lora.apply(index, "qkv", h, qkv)
             if layer.bqkv is not None:
                 qkv += layer.bqkv
-            q = qkv[:, : self.q_size].view(n, self.heads, self.head_dim)
-            k = qkv[:, self.q_size : self.q_size + self.kv_size].view(n, self.kv_heads, self.head_dim)
             v = qkv[:, self.q_size + self.kv_size :].view(n, self.kv_heads, self.head_dim)
             if layer.q_norm is not None:
-                q = _rms(q, layer.q_norm, self.eps)
-                k = _rms(k, layer.k_norm, self.eps)
-            q = _rotate(q, cos, sin)
-            k = _rotate(k, cos, sin)
+                q = _rms(qkv[:, : self.q_size].view(n, self.heads, self.head_dim), layer.q_norm, self.eps)
+                k = qkv[:, self.q_size : self.q_size + self.kv_size].view(n, self.kv_heads, self.head_dim)
+                qk = torch.cat((q, _rms(k, layer.k_norm, self.eps)), dim=1)
+            else:
+                qk = qkv[:, : self.q_size + self.kv_size].view(n, self.heads + self.kv_heads, self.head_dim)
+            # q and k rotated together: one set of elementwise ops, each element's arithmetic as before
+            qk = _rotate(qk, cos, sin)
+            q, k = qk[:, : self.heads], qk[:, self.heads :]
             cache.write(index, batch.write_slots, k, v)
             attn = self._attention(index, q, batch, cache)
             out = _linear(attn, layer.wo)
