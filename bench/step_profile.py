@@ -2,7 +2,8 @@
 
 bench/engine.py's model (width 1024, 8 layers, vocab 8192, fp32, batch 32) serves the saturated base-model workload;
 after `--skip` steps, torch.profiler records `--steps` calls of the model's forward on the engine thread itself
-(the thread that runs them, not the main thread that submits). Prints the operators by self CPU time, with each
+(the thread that runs them, not the main thread that submits). The C kernels are no torch operators: their time is
+in the wall time, not in the table. Prints the operators by self CPU time, with each
 one's share of the profiled steps' wall time, and the load average.
 
     .venv/bin/python bench/step_profile.py --steps 20
@@ -51,8 +52,17 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=40, help="steps before profiling (prefills done, batch full)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (0: torch's default); on a loaded "
+        "machine 1 shows each operator's own cost, not the waits of a parallel region for a core",
+    )
     args = parser.parse_args()
     torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     hf = build_model(1024, 8, 8192)
     model = NativeLlama(hf, torch.float32, 1024)
     engine = BatchEngine("profile", model, set(), max_rank=16, kv_cache_bytes=256 << 20, adapter_cache_bytes=1 << 30,
