@@ -4,34 +4,54 @@
    Built into the same library as the LoRA kernel (lora_kernel.py appends this file to lora_kernel.c), so it
    shares bf2f/f2bf and omp.h from there. */
 
-/* One (sequence, kv head) task: the `group` query heads sharing that kv head, each scored against every key of
-   the sequence, softmax in fp32 (max subtracted, as SDPA does), then the probabilities times the values.
+/* Eight floats in one vector (two SSE registers where AVX is off): the compiler's vector extension, so the same
+   source serves every build. Loads go through memcpy (unaligned; compiled to one vector load). */
+typedef float pa_v8f __attribute__((vector_size(32)));
+typedef uint16_t pa_v8h __attribute__((vector_size(16)));
+typedef uint32_t pa_v8u __attribute__((vector_size(32)));
+static inline pa_v8f pa_load8(const void *p, int64_t i, int bf16) {
+    pa_v8f out;
+    if (bf16) {
+        pa_v8h h;
+        __builtin_memcpy(&h, (const uint16_t *)p + i, sizeof h);
+        out = (pa_v8f)(__builtin_convertvector(h, pa_v8u) << 16);
+    } else {
+        __builtin_memcpy(&out, (const float *)p + i, sizeof out);
+    }
+    return out;
+}
+static inline float pa_sum8(pa_v8f v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+static inline float pa_load1(const void *p, int64_t i, int bf16) {
+    return bf16 ? bf2f(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+#define GROUP_MAX 8 /* query heads per kv head done together; larger groups run in passes */
+
+/* One (sequence, kv head) task, for `group` (<= GROUP_MAX) of the query heads sharing that kv head: each scored
+   against every key of the sequence (each key row loaded once for all of them, one independent sum per head),
+   softmax in fp32 (max subtracted, as SDPA does), then the probabilities times the values (each value row once).
    q: the group's query rows (head stride hd); keys/values: the pool, row (token) stride kvh * hd, this head's
    columns at h * hd; table: the sequence's block ids; len: its context length. scores: group * len floats,
    acc: group * hd floats of scratch. */
-static void decode_task(const void *q, const void *keys, const void *values, const int64_t *table, int64_t len,
+static inline __attribute__((always_inline)) void decode_task(const void *q, const void *keys, const void *values, const int64_t *table, int64_t len,
                         int64_t block_size, int64_t kvh, int64_t h, int64_t group, int64_t hd, float scale,
                         void *out, int bf16, float *qf, float *scores, float *acc) {
-    const int64_t row = kvh * hd;
-    for (int64_t g = 0; g < group; g++) {
-        for (int64_t d = 0; d < hd; d++)
-            qf[g * hd + d] = bf16 ? bf2f(((const uint16_t *)q)[g * hd + d]) : ((const float *)q)[g * hd + d];
-    }
-    for (int64_t t = 0; t < len; t++) {
-        const int64_t at = (table[t / block_size] * block_size + t % block_size) * row + h * hd;
-        for (int64_t g = 0; g < group; g++) {
-            const float *qg = qf + g * hd;
-            float sum = 0.f;
-            if (bf16) {
-                const uint16_t *k = (const uint16_t *)keys + at;
-                #pragma omp simd reduction(+ : sum)
-                for (int64_t d = 0; d < hd; d++) sum += qg[d] * bf2f(k[d]);
-            } else {
-                const float *k = (const float *)keys + at;
-                #pragma omp simd reduction(+ : sum)
-                for (int64_t d = 0; d < hd; d++) sum += qg[d] * k[d];
+    const int64_t row = kvh * hd, vec = hd / 8 * 8;
+    for (int64_t i = 0; i < group * hd; i++) qf[i] = pa_load1(q, i, bf16);
+    for (int64_t t0 = 0, b = 0; t0 < len; t0 += block_size, b++) {
+        const int64_t n = len - t0 < block_size ? len - t0 : block_size;
+        for (int64_t j = 0; j < n; j++) {
+            const int64_t at = (table[b] * block_size + j) * row + h * hd;
+            pa_v8f sum[GROUP_MAX] = {0};
+            for (int64_t d = 0; d < vec; d += 8) {
+                const pa_v8f k = pa_load8(keys, at + d, bf16);
+                for (int64_t g = 0; g < group; g++) sum[g] += pa_load8(qf, g * hd + d, 0) * k;
             }
-            scores[g * len + t] = sum * scale;
+            for (int64_t g = 0; g < group; g++) {
+                float total = pa_sum8(sum[g]);
+                for (int64_t d = vec; d < hd; d++) total += qf[g * hd + d] * pa_load1(keys, at + d, bf16);
+                scores[g * len + t0 + j] = total * scale;
+            }
         }
     }
     for (int64_t g = 0; g < group; g++) {
@@ -45,20 +65,23 @@ static void decode_task(const void *q, const void *keys, const void *values, con
         for (int64_t t = 0; t < len; t++) s[t] *= norm;
     }
     for (int64_t i = 0; i < group * hd; i++) acc[i] = 0.f;
-    for (int64_t t = 0; t < len; t++) {
-        const int64_t at = (table[t / block_size] * block_size + t % block_size) * row + h * hd;
-        for (int64_t g = 0; g < group; g++) {
-            const float p = scores[g * len + t];
-            float *a = acc + g * hd;
-            if (bf16) {
-                const uint16_t *v = (const uint16_t *)values + at;
-                #pragma omp simd
-                for (int64_t d = 0; d < hd; d++) a[d] += p * bf2f(v[d]);
-            } else {
-                const float *v = (const float *)values + at;
-                #pragma omp simd
-                for (int64_t d = 0; d < hd; d++) a[d] += p * v[d];
+    for (int64_t d = 0; d < vec; d += 8) {  /* eight columns at a time, every head's sums held in registers */
+        pa_v8f sum[GROUP_MAX] = {0};
+        for (int64_t t0 = 0, b = 0; t0 < len; t0 += block_size, b++) {
+            const int64_t n = len - t0 < block_size ? len - t0 : block_size;
+            for (int64_t j = 0; j < n; j++) {
+                const pa_v8f v = pa_load8(values, (table[b] * block_size + j) * row + h * hd + d, bf16);
+                for (int64_t g = 0; g < group; g++) sum[g] += scores[g * len + t0 + j] * v;
             }
+        }
+        for (int64_t g = 0; g < group; g++) __builtin_memcpy(acc + g * hd + d, &sum[g], sizeof sum[g]);
+    }
+    for (int64_t t0 = 0, b = 0; t0 < len && vec < hd; t0 += block_size, b++) {
+        const int64_t n = len - t0 < block_size ? len - t0 : block_size;
+        for (int64_t j = 0; j < n; j++) {
+            const int64_t at = (table[b] * block_size + j) * row + h * hd;
+            for (int64_t g = 0; g < group; g++)
+                for (int64_t d = vec; d < hd; d++) acc[g * hd + d] += scores[g * len + t0 + j] * pa_load1(values, at + d, bf16);
         }
     }
     for (int64_t i = 0; i < group * hd; i++) {
@@ -74,7 +97,7 @@ static void decode_task(const void *q, const void *keys, const void *values, con
 void paged_decode(int64_t b, const void *q, int64_t qs, const void *keys, const void *values, const int64_t *blocks,
                   int64_t max_blocks, const int64_t *lengths, int64_t block_size, int64_t kvh, int64_t group,
                   int64_t hd, float scale, void *out, int bf16, int threads) {
-    const int64_t tasks = b * kvh, es = bf16 ? 2 : 4;
+    const int64_t passes = (group + GROUP_MAX - 1) / GROUP_MAX, tasks = b * kvh * passes, es = bf16 ? 2 : 4;
     int64_t longest = 0;
     for (int64_t i = 0; i < b; i++) longest = lengths[i] > longest ? lengths[i] : longest;
     if (tasks <= 0) return;
@@ -82,16 +105,24 @@ void paged_decode(int64_t b, const void *q, int64_t qs, const void *keys, const 
     if (threads < 1) threads = 1;
     #pragma omp parallel num_threads(threads) if (tasks > 1)
     {
-        float *qf = (float *)malloc(sizeof(float) * (size_t)(group * hd));
-        float *scores = (float *)malloc(sizeof(float) * (size_t)(group * longest));
-        float *acc = (float *)malloc(sizeof(float) * (size_t)(group * hd));
+        float *qf = (float *)malloc(sizeof(float) * (size_t)(GROUP_MAX * hd));
+        float *scores = (float *)malloc(sizeof(float) * (size_t)(GROUP_MAX * longest));
+        float *acc = (float *)malloc(sizeof(float) * (size_t)(GROUP_MAX * hd));
         #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < tasks; task++) {
-            const int64_t i = task / kvh, h = task % kvh;
-            const char *qg = (const char *)q + (i * qs + h * group * hd) * es;
-            char *og = (char *)out + (i * kvh + h) * group * hd * es;
-            decode_task(qg, keys, values, blocks + i * max_blocks, lengths[i], block_size, kvh, h, group, hd, scale,
-                        og, bf16, qf, scores, acc);
+            const int64_t i = task / (kvh * passes), h = task / passes % kvh, first = task % passes * GROUP_MAX;
+            const int64_t heads = group - first < GROUP_MAX ? group - first : GROUP_MAX;
+            const char *qg = (const char *)q + (i * qs + (h * group + first) * hd) * es;
+            char *og = (char *)out + ((i * kvh + h) * group + first) * hd * es;
+            /* the head count a constant in each case: the per-head sums stay in registers */
+#define DECODE_TASK(G) decode_task(qg, keys, values, blocks + i * max_blocks, lengths[i], block_size, kvh, h, G, hd, \
+                                   scale, og, bf16, qf, scores, acc)
+            switch (heads) {
+                case 1: DECODE_TASK(1); break; case 2: DECODE_TASK(2); break; case 3: DECODE_TASK(3); break;
+                case 4: DECODE_TASK(4); break; case 5: DECODE_TASK(5); break; case 6: DECODE_TASK(6); break;
+                case 7: DECODE_TASK(7); break; default: DECODE_TASK(8); break;
+            }
+#undef DECODE_TASK
         }
         free(qf);
         free(scores);

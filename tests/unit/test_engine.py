@@ -876,21 +876,26 @@ def _paged_case(dtype: torch.dtype, kv_heads: int = 2, group: int = 3, head_dim:
 
 
 @pytest.mark.parametrize("build", ["native", "portable"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_paged_decode_attention_reads_the_blocks_in_place_as_float64_attention_over_the_gathered_context(build, dtype):
+@pytest.mark.parametrize(
+    ("dtype", "group"), [(torch.float32, 3), (torch.bfloat16, 3), (torch.float32, 10)], ids=["fp32", "bf16", "group10"]
+)
+def test_paged_decode_attention_reads_the_blocks_in_place_as_float64_attention_over_the_gathered_context(
+    build, dtype, group
+):
     """lora_kernel.paged_decode against attention in float64 over each sequence's positions gathered one by one:
-    grouped-query heads, blocks out of order, a head size no vector width divides, q a strided view."""
+    grouped-query heads (more than the kernel does at once, too), blocks out of order, a head size no vector width
+    divides, q a strided view."""
     library = lora_kernel.load(portable=build == "portable")
     if library is None:
         pytest.skip("no C compiler here: decode attention gathers the blocks instead (tested by the engine tests)")
-    cache, q, blocks, lengths, tables = _paged_case(dtype)
+    cache, q, blocks, lengths, tables = _paged_case(dtype, group=group)
     out = lora_kernel.paged_decode(library, q, cache.keys[0], cache.values[0], blocks, lengths, 4, 0.3)
     assert out.shape == q.shape and out.dtype == dtype
     for i, (table, length) in enumerate(zip(tables, lengths.tolist(), strict=True)):
         keys, values = (t.double() for t in cache.gather(0, cache.positions(table, 0, length)))  # (length, kvh, hd)
-        query = q[i].double().view(2, 3, 20)  # (kvh, group, hd)
+        query = q[i].double().view(2, group, 20)  # (kvh, group, hd)
         probs = torch.softmax(torch.einsum("hgd,thd->hgt", query, keys) * 0.3, dim=-1)
-        expected = torch.einsum("hgt,thd->hgd", probs, values).reshape(6, 20)
+        expected = torch.einsum("hgt,thd->hgd", probs, values).reshape(2 * group, 20)
         atol = 1e-6 if dtype == torch.float32 else 1e-2  # bf16: the output's one rounding
         torch.testing.assert_close(out[i].double(), expected, atol=atol, rtol=atol)
 
