@@ -2,9 +2,9 @@
 
 bench/engine.py's model (width 1024, 8 layers, vocab 8192, fp32, batch 32) serves the saturated base-model workload;
 after `--skip` steps, torch.profiler records `--steps` calls of the model's forward on the engine thread itself
-(the thread that runs them, not the main thread that submits). The C kernels are no torch operators: their time is
-in the wall time, not in the table. Prints the operators by self CPU time, with each
-one's share of the profiled steps' wall time, and the load average.
+(the thread that runs them, not the main thread that submits). The C decode attention is a row of its own
+(lora_kernel.paged_decode, self time: its Python checks and the C call). Prints the operators by self CPU time,
+with each one's share of the profiled steps' wall time, and the load average.
 
     .venv/bin/python bench/step_profile.py --steps 20
 """
@@ -16,8 +16,9 @@ import os
 import time
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
+from adaptery.engine import lora_kernel
 from adaptery.engine.batching import BatchEngine
 from adaptery.engine.native import NativeLlama
 from bench.engine import build_model, workload
@@ -68,6 +69,13 @@ def main() -> None:
     engine = BatchEngine("profile", model, set(), max_rank=16, kv_cache_bytes=256 << 20, adapter_cache_bytes=1 << 30,
                          max_batch=32, max_step_tokens=256).start()  # fmt: skip
     run(engine, workload(8, 1000.0, (8, 32), (4, 8), 8192, seed=1))
+    paged_decode = lora_kernel.paged_decode
+
+    def named_paged_decode(*call_args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - the C kernel as a profiler row
+        with record_function("lora_kernel.paged_decode"):
+            return paged_decode(*call_args, **kwargs)
+
+    lora_kernel.paged_decode = named_paged_decode
     profiled = ProfiledForward(model.forward, args.skip, args.steps)
     model.forward = profiled
     run(engine, workload(64, 1000.0, (8, 128), (64, 128), 8192, seed=0))
