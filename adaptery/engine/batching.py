@@ -16,6 +16,12 @@ the batch until a restart) or with ids outside the vocabulary, so every running 
 one token to compute each step. A request still in the engine `request_timeout` seconds after it was
 submitted, queued or running, is ended with finish "timeout" and its slot and KV blocks freed; a
 sampling error ends only the request it belongs to.
+
+Shape defaults (a step's token budget `max_step_tokens` 256, `max_batch` 32, KV blocks of 16 positions) stay as
+they were after bench/step_shape.py (issue 18; fp32, width 1024, 8 layers, 48 saturating requests, two alternating
+rounds, load 10-16 on 2 cores): budgets 128 and 512 tok/s 52/30 and 34/54 against 39/38, batch 48 40/36, blocks of
+32 34/35: nothing beat the defaults in both rounds, and blocks of 32 lost in both. Decode attention reads the blocks in
+place (`lora_kernel.paged_decode`), so the block size no longer sets a gather's padding.
 """
 
 from __future__ import annotations
@@ -266,6 +272,9 @@ class BatchEngine:
                 "blocks_total": self.cache.num_blocks,
                 "blocks_used": self.cache.used_blocks,
                 "bytes": self.cache.bytes,
+                "decode_attention": "C, from the paged blocks in place"
+                if self.model.attention_kernel is not None
+                else "PyTorch, gathered blocks and SDPA",
             },
             "adapters": {
                 "lora_path": self.lora_path,

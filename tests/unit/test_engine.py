@@ -941,6 +941,7 @@ def test_decode_attention_from_the_blocks_gives_the_gathering_path_s_tokens(engi
     the same greedy tokens for a mixed batch of adapters and base, so prefill chunks and decodes share steps."""
     native = engine.base("demo", "").native
     assert native.model.attention_kernel is not None or lora_kernel.load() is None
+    assert native.describe()["kv_cache"]["decode_attention"].startswith("C" if native.model.attention_kernel else "P")
     jobs = [("lora", adapters["lora"]), ("dora", adapters["dora"]), None, ("lora_r16", adapters["lora_r16"])]
     prompts = [_prompt(engine, PROMPTS[i % len(PROMPTS)] + " x" * i) for i in range(len(jobs))]
 
