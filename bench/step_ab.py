@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -96,8 +97,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (0: torch's default); on a loaded "
+        "machine 1 keeps a parallel region from waiting on a core another process holds",
+    )
     args = parser.parse_args()
     torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     hf = build_model(1024, args.layers, 8192)
     sides = {
         f"baseline {args.baseline}": make_engine(load_baseline(args.baseline), hf),
@@ -108,16 +118,22 @@ def main() -> None:
     for engine in sides.values():
         run(engine, warm)
     outputs: dict[str, list[list[int]]] = {}
+    results: dict[str, list[dict]] = {name: [] for name in sides}
     print(f"load average at start: {os.getloadavg()}")
     for round_ in range(args.rounds):
         order = list(sides) if round_ % 2 == 0 else list(sides)[::-1]
         for name in order:
             result, outputs[name] = run(sides[name], reqs)
+            results[name].append(result)
             print(
                 f"round {round_ + 1} {name:>20}: {result['tokens_per_s']:6.1f} tok/s, {result['steps']} steps, "
                 f"{result['step_ms']:6.1f} ms/step, load {os.getloadavg()[0]:.2f}",
                 flush=True,
             )
+    ratios = [b["tokens_per_s"] / a["tokens_per_s"] for a, b in zip(*results.values(), strict=True)]
+    print(
+        f"working tree / baseline, per round: {[round(r, 3) for r in ratios]}, median {statistics.median(ratios):.3f}"
+    )
     first, second = outputs.values()
     same = sum(a == b for a, b in zip(first, second, strict=True))
     print(f"identical greedy outputs: {same} of {len(reqs)} requests")

@@ -16,6 +16,12 @@ the batch until a restart) or with ids outside the vocabulary, so every running 
 one token to compute each step. A request still in the engine `request_timeout` seconds after it was
 submitted, queued or running, is ended with finish "timeout" and its slot and KV blocks freed; a
 sampling error ends only the request it belongs to.
+
+Shape defaults (a step's token budget `max_step_tokens` 256, `max_batch` 32, KV blocks of 16 positions) stay as
+they were after bench/step_shape.py (issue 18; fp32, width 1024, 8 layers, 48 saturating requests, two alternating
+rounds, load 10-16 on 2 cores): budgets 128 and 512 tok/s 52/30 and 34/54 against 39/38, batch 48 40/36, blocks of
+32 34/35: nothing beat the defaults in both rounds, and blocks of 32 lost in both. Decode attention reads the blocks in
+place (`lora_kernel.paged_decode`), so the block size no longer sets a gather's padding.
 """
 
 from __future__ import annotations
@@ -128,6 +134,7 @@ class BatchEngine:
         adapter_cache_bytes: int,
         max_batch: int = 32,
         max_step_tokens: int = 256,
+        block_size: int = 16,
         metrics: EngineMetrics | None = None,
         lora_kernel: bool | None = None,
         adapter_dtype: torch.dtype | None = None,
@@ -142,13 +149,15 @@ class BatchEngine:
         self.request_timeout = request_timeout  # seconds from submission; None: no deadline
         self.metrics = metrics or EngineMetrics()
         self.cache = PagedKVCache(
-            len(model.layers), model.kv_heads, model.head_dim, model.dtype, kv_cache_bytes, block_size=16
+            len(model.layers), model.kv_heads, model.head_dim, model.dtype, kv_cache_bytes, block_size=block_size
         )
         # the fused C kernel unless disabled (False) or it cannot be built here (then the PyTorch path)
         kernel = fused_kernel.load() if lora_kernel is not False else None
         if lora_kernel and kernel is None:
             raise RuntimeError("the fused LoRA kernel was required but cannot be built on this machine")
         self.slots = SlotBuffers(model, max_batch, max_rank, kernel, adapter_dtype)
+        # decode attention from the paged cache in C whenever the library builds (lora_kernel=False is about LoRA)
+        model.attention_kernel = kernel if kernel is not None else fused_kernel.load()
         self.lora_path = "fused C kernel" if kernel is not None else "PyTorch grouped_mm/bmm"
         self.store = AdapterStore(model, max_rank, adapter_cache_bytes, self.metrics, self.slots.dtype)
         self.store.on_ready.append(self.wake)
@@ -263,6 +272,9 @@ class BatchEngine:
                 "blocks_total": self.cache.num_blocks,
                 "blocks_used": self.cache.used_blocks,
                 "bytes": self.cache.bytes,
+                "decode_attention": "C, from the paged blocks in place"
+                if self.model.attention_kernel is not None
+                else "PyTorch, gathered blocks and SDPA",
             },
             "adapters": {
                 "lora_path": self.lora_path,
@@ -392,6 +404,7 @@ class BatchEngine:
             decode_rows=torch.tensor(decode_rows, dtype=torch.long),
             decode_blocks=blocks.view(len(decode_tables), longest),
             decode_mask=mask,
+            decode_lengths=torch.tensor(decode_lengths, dtype=torch.long),
             prefill=prefill,
             logit_rows=torch.tensor([r for _, r in completing], dtype=torch.long),
         )

@@ -856,3 +856,106 @@ def test_fp32_projections_run_packed_for_onednn_and_compute_what_f_linear_does()
     expected = torch.nn.functional.linear(x, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
     torch.testing.assert_close(native_linear(x, layer.wqkv), expected.detach())
     assert not NativeLlama(hf, torch.bfloat16, 128).layers[0].wqkv.is_mkldnn
+
+
+def _paged_case(dtype: torch.dtype, kv_heads: int = 2, group: int = 3, head_dim: int = 20, block_size: int = 4):
+    """A pool of 16 blocks with random keys and values, and three sequences whose blocks are out of order."""
+    cache = PagedKVCache(1, kv_heads, head_dim, dtype, budget_bytes=1, block_size=block_size)
+    cache = PagedKVCache(1, kv_heads, head_dim, dtype, budget_bytes=cache.bytes // 2 * 16, block_size=block_size)
+    assert cache.num_blocks == 16
+    generator = torch.Generator().manual_seed(0)
+    cache.keys[0].copy_(torch.randn(cache.keys[0].shape, generator=generator))
+    cache.values[0].copy_(torch.randn(cache.values[0].shape, generator=generator))
+    # lengths: one token, a whole number of blocks, a block and a bit; the padding rows name any block in range
+    tables, lengths = [[9], [3, 14, 0], [7, 2, 11]], [1, 12, 6]
+    blocks = torch.tensor([t + [15] * (3 - len(t)) for t in tables])
+    # q as the model has it: a view of the fused qkv rows (row stride past the query heads)
+    qkv = torch.randn(3, (kv_heads * group + 2 * kv_heads) * head_dim, generator=generator).to(dtype)
+    q = qkv[:, : kv_heads * group * head_dim].view(3, kv_heads * group, head_dim)
+    return cache, q, blocks, torch.tensor(lengths), tables
+
+
+@pytest.mark.parametrize("build", ["native", "portable"])
+@pytest.mark.parametrize(
+    ("dtype", "group"), [(torch.float32, 3), (torch.bfloat16, 3), (torch.float32, 10)], ids=["fp32", "bf16", "group10"]
+)
+def test_paged_decode_attention_reads_the_blocks_in_place_as_float64_attention_over_the_gathered_context(
+    build, dtype, group
+):
+    """lora_kernel.paged_decode against attention in float64 over each sequence's positions gathered one by one:
+    grouped-query heads (more than the kernel does at once, too), blocks out of order, a head size no vector width
+    divides, q a strided view."""
+    library = lora_kernel.load(portable=build == "portable")
+    if library is None:
+        pytest.skip("no C compiler here: decode attention gathers the blocks instead (tested by the engine tests)")
+    cache, q, blocks, lengths, tables = _paged_case(dtype, group=group)
+    out = lora_kernel.paged_decode(library, q, cache.keys[0], cache.values[0], blocks, lengths, 4, 0.3)
+    assert out.shape == q.shape and out.dtype == dtype
+    for i, (table, length) in enumerate(zip(tables, lengths.tolist(), strict=True)):
+        keys, values = (t.double() for t in cache.gather(0, cache.positions(table, 0, length)))  # (length, kvh, hd)
+        query = q[i].double().view(2, group, 20)  # (kvh, group, hd)
+        probs = torch.softmax(torch.einsum("hgd,thd->hgt", query, keys) * 0.3, dim=-1)
+        expected = torch.einsum("hgt,thd->hgd", probs, values).reshape(2 * group, 20)
+        atol = 1e-6 if dtype == torch.float32 else 1e-2  # bf16: the output's one rounding
+        torch.testing.assert_close(out[i].double(), expected, atol=atol, rtol=atol)
+
+
+def test_paged_decode_attention_refuses_what_would_read_outside_the_pool():
+    library = lora_kernel.load()
+    if library is None:
+        pytest.skip("no C compiler here")
+    cache, q, blocks, lengths, _ = _paged_case(torch.float32)
+    keys, values = cache.keys[0], cache.values[0]
+
+    def call(**changed):  # noqa: ANN003, ANN202
+        args = {"q": q, "keys": keys, "values": values, "blocks": blocks, "lengths": lengths, "block_size": 4}
+        args.update(changed)
+        return lora_kernel.paged_decode(library, scale=0.3, **args)
+
+    with pytest.raises(ValueError, match="block ids"):
+        call(blocks=blocks.masked_fill(blocks == 15, 16))
+    with pytest.raises(ValueError, match="block ids"):
+        call(blocks=blocks.masked_fill(blocks == 15, -1))
+    with pytest.raises(ValueError, match="lengths"):
+        call(lengths=torch.tensor([1, 13, 6]))  # three blocks of 4 hold 12
+    with pytest.raises(ValueError, match="lengths"):
+        call(lengths=torch.tensor([0, 12, 6]))
+    with pytest.raises(ValueError, match="one row per query"):
+        call(lengths=lengths[:2])
+    with pytest.raises(TypeError, match="keys"):
+        call(keys=keys.double())
+    with pytest.raises(TypeError, match="blocks"):
+        call(blocks=blocks.int())
+    with pytest.raises(ValueError, match="multiple of kv_heads"):
+        call(q=q[:, :5])
+    with pytest.raises(ValueError, match="whole blocks"):
+        call(block_size=5)
+    with pytest.raises(ValueError, match="contiguous"):
+        call(values=values.transpose(0, 1).contiguous().transpose(0, 1))
+    with pytest.raises(ValueError, match="adjacent"):
+        call(q=torch.randn(3, 12, 20)[:, ::2])
+
+
+def test_decode_attention_from_the_blocks_gives_the_gathering_path_s_tokens(engine, adapters):
+    """The engine with decode attention in C (read from the blocks in place) and without (gathered, then SDPA):
+    the same greedy tokens for a mixed batch of adapters and base, so prefill chunks and decodes share steps."""
+    native = engine.base("demo", "").native
+    assert native.model.attention_kernel is not None or lora_kernel.load() is None
+    assert native.describe()["kv_cache"]["decode_attention"].startswith("C" if native.model.attention_kernel else "P")
+    jobs = [("lora", adapters["lora"]), ("dora", adapters["dora"]), None, ("lora_r16", adapters["lora_r16"])]
+    prompts = [_prompt(engine, PROMPTS[i % len(PROMPTS)] + " x" * i) for i in range(len(jobs))]
+
+    def batch() -> list[list[int]]:
+        params = SamplingParams(max_tokens=24, temperature=0.0)
+        pairs = zip(prompts, jobs, strict=True)
+        requests = [native.submit(prompt, params, *(job or (None, None))) for prompt, job in pairs]
+        return [collect(r) for r in requests]
+
+    in_place = batch()
+    kernel, native.model.attention_kernel = native.model.attention_kernel, None
+    try:
+        gathered = batch()
+    finally:
+        native.model.attention_kernel = kernel
+    assert in_place == gathered
+    assert all(len(tokens) == 24 for tokens in in_place)

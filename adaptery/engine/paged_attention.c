@@ -1,0 +1,131 @@
+#include <math.h>
+/* Decode attention straight from the paged KV cache: one query token per sequence, its keys and values read in
+   place from the sequence's blocks (no gathered copy of the context, no padding to the longest sequence).
+   Built into the same library as the LoRA kernel (lora_kernel.py appends this file to lora_kernel.c), so it
+   shares bf2f/f2bf and omp.h from there. */
+
+/* Eight floats in one vector (two SSE registers where AVX is off): the compiler's vector extension, so the same
+   source serves every build. Loads go through memcpy (unaligned; compiled to one vector load). */
+typedef float pa_v8f __attribute__((vector_size(32)));
+typedef uint16_t pa_v8h __attribute__((vector_size(16)));
+typedef uint32_t pa_v8u __attribute__((vector_size(32)));
+static inline pa_v8f pa_load8(const void *p, int64_t i, int bf16) {
+    pa_v8f out;
+    if (bf16) {
+        pa_v8h h;
+        __builtin_memcpy(&h, (const uint16_t *)p + i, sizeof h);
+        out = (pa_v8f)(__builtin_convertvector(h, pa_v8u) << 16);
+    } else {
+        __builtin_memcpy(&out, (const float *)p + i, sizeof out);
+    }
+    return out;
+}
+static inline float pa_sum8(pa_v8f v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+static inline float pa_load1(const void *p, int64_t i, int bf16) {
+    return bf16 ? bf2f(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+#define GROUP_MAX 8 /* query heads per kv head done together; larger groups run in passes */
+
+/* One (sequence, kv head) task, for `group` (<= GROUP_MAX) of the query heads sharing that kv head: each scored
+   against every key of the sequence (each key row loaded once for all of them, one independent sum per head),
+   softmax in fp32 (max subtracted, as SDPA does), then the probabilities times the values (each value row once).
+   q: the group's query rows (head stride hd); keys/values: the pool, row (token) stride kvh * hd, this head's
+   columns at h * hd; table: the sequence's block ids; len: its context length. scores: group * len floats,
+   acc: group * hd floats of scratch. */
+static inline __attribute__((always_inline)) void decode_task(const void *q, const void *keys, const void *values, const int64_t *table, int64_t len,
+                        int64_t block_size, int64_t kvh, int64_t h, int64_t group, int64_t hd, float scale,
+                        void *out, int bf16, float *qf, float *scores, float *acc) {
+    const int64_t row = kvh * hd, vec = hd / 8 * 8;
+    for (int64_t i = 0; i < group * hd; i++) qf[i] = pa_load1(q, i, bf16);
+    for (int64_t t0 = 0, b = 0; t0 < len; t0 += block_size, b++) {
+        const int64_t n = len - t0 < block_size ? len - t0 : block_size;
+        for (int64_t j = 0; j < n; j++) {
+            const int64_t at = (table[b] * block_size + j) * row + h * hd;
+            pa_v8f sum[GROUP_MAX] = {0};
+            for (int64_t d = 0; d < vec; d += 8) {
+                const pa_v8f k = pa_load8(keys, at + d, bf16);
+                for (int64_t g = 0; g < group; g++) sum[g] += pa_load8(qf, g * hd + d, 0) * k;
+            }
+            for (int64_t g = 0; g < group; g++) {
+                float total = pa_sum8(sum[g]);
+                for (int64_t d = vec; d < hd; d++) total += qf[g * hd + d] * pa_load1(keys, at + d, bf16);
+                scores[g * len + t0 + j] = total * scale;
+            }
+        }
+    }
+    for (int64_t g = 0; g < group; g++) {
+        float *s = scores + g * len, top = s[0], total = 0.f;
+        for (int64_t t = 1; t < len; t++) top = s[t] > top ? s[t] : top;
+        for (int64_t t = 0; t < len; t++) {
+            s[t] = expf(s[t] - top);
+            total += s[t];
+        }
+        const float norm = 1.f / total;
+        for (int64_t t = 0; t < len; t++) s[t] *= norm;
+    }
+    for (int64_t i = 0; i < group * hd; i++) acc[i] = 0.f;
+    for (int64_t d = 0; d < vec; d += 8) {  /* eight columns at a time, every head's sums held in registers */
+        pa_v8f sum[GROUP_MAX] = {0};
+        for (int64_t t0 = 0, b = 0; t0 < len; t0 += block_size, b++) {
+            const int64_t n = len - t0 < block_size ? len - t0 : block_size;
+            for (int64_t j = 0; j < n; j++) {
+                const pa_v8f v = pa_load8(values, (table[b] * block_size + j) * row + h * hd + d, bf16);
+                for (int64_t g = 0; g < group; g++) sum[g] += scores[g * len + t0 + j] * v;
+            }
+        }
+        for (int64_t g = 0; g < group; g++) __builtin_memcpy(acc + g * hd + d, &sum[g], sizeof sum[g]);
+    }
+    for (int64_t t0 = 0, b = 0; t0 < len && vec < hd; t0 += block_size, b++) {
+        const int64_t n = len - t0 < block_size ? len - t0 : block_size;
+        for (int64_t j = 0; j < n; j++) {
+            const int64_t at = (table[b] * block_size + j) * row + h * hd;
+            for (int64_t g = 0; g < group; g++)
+                for (int64_t d = vec; d < hd; d++) acc[g * hd + d] += scores[g * len + t0 + j] * pa_load1(values, at + d, bf16);
+        }
+    }
+    for (int64_t i = 0; i < group * hd; i++) {
+        if (bf16) ((uint16_t *)out)[i] = f2bf(acc[i]);
+        else ((float *)out)[i] = acc[i];
+    }
+}
+
+/* b sequences, one query token each. q: (b, kvh * group, hd), row stride qs elements, heads adjacent;
+   keys, values: the layer's pool (blocks * block_size, kvh, hd), contiguous; blocks: (b, max_blocks) block ids,
+   row i's first ceil(lengths[i] / block_size) valid; lengths[i] >= 1; out: (b, kvh * group, hd) contiguous.
+   bf16 != 0: q, keys, values and out are bfloat16 (else float32); scores and sums are fp32 either way. */
+void paged_decode(int64_t b, const void *q, int64_t qs, const void *keys, const void *values, const int64_t *blocks,
+                  int64_t max_blocks, const int64_t *lengths, int64_t block_size, int64_t kvh, int64_t group,
+                  int64_t hd, float scale, void *out, int bf16, int threads) {
+    const int64_t passes = (group + GROUP_MAX - 1) / GROUP_MAX, tasks = b * kvh * passes, es = bf16 ? 2 : 4;
+    int64_t longest = 0;
+    for (int64_t i = 0; i < b; i++) longest = lengths[i] > longest ? lengths[i] : longest;
+    if (tasks <= 0) return;
+    if (threads > tasks) threads = (int)tasks;
+    if (threads < 1) threads = 1;
+    #pragma omp parallel num_threads(threads) if (tasks > 1)
+    {
+        float *qf = (float *)malloc(sizeof(float) * (size_t)(GROUP_MAX * hd));
+        float *scores = (float *)malloc(sizeof(float) * (size_t)(GROUP_MAX * longest));
+        float *acc = (float *)malloc(sizeof(float) * (size_t)(GROUP_MAX * hd));
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < tasks; task++) {
+            const int64_t i = task / (kvh * passes), h = task / passes % kvh, first = task % passes * GROUP_MAX;
+            const int64_t heads = group - first < GROUP_MAX ? group - first : GROUP_MAX;
+            const char *qg = (const char *)q + (i * qs + (h * group + first) * hd) * es;
+            char *og = (char *)out + ((i * kvh + h) * group + first) * hd * es;
+            /* the head count a constant in each case: the per-head sums stay in registers */
+#define DECODE_TASK(G) decode_task(qg, keys, values, blocks + i * max_blocks, lengths[i], block_size, kvh, h, G, hd, \
+                                   scale, og, bf16, qf, scores, acc)
+            switch (heads) {
+                case 1: DECODE_TASK(1); break; case 2: DECODE_TASK(2); break; case 3: DECODE_TASK(3); break;
+                case 4: DECODE_TASK(4); break; case 5: DECODE_TASK(5); break; case 6: DECODE_TASK(6); break;
+                case 7: DECODE_TASK(7); break; default: DECODE_TASK(8); break;
+            }
+#undef DECODE_TASK
+        }
+        free(qf);
+        free(scores);
+        free(acc);
+    }
+}
