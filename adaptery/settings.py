@@ -224,6 +224,14 @@ class Settings(KernelSettings):
         2.0, gt=0, description="An infer agent announces its state this often (and at once on a change)."
     )
     agent_announce_missed: int = Field(3, ge=1, description="Announcements an infer agent may miss before it is lost.")
+    agent_stream_coalesce_seconds: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description="An infer agent sends a request's first delta at once and the ones that follow within this "
+        "window as one message (texts joined, token counts added; a finishing delta at once): each message costs "
+        "the control plane and NATS about the same whatever it carries. 0: one message per engine delta.",
+    )
     inference_stream_idle_seconds: float = Field(
         3.0, gt=0, description="An infer agent's stream silent this long (keepalives come every 0.5 s): it is lost."
     )
