@@ -182,6 +182,8 @@ def through_agent(work: Path, model_dir: Path, vllm_env_dir: Path, args: argpars
         agent_env = {k: v for k, v in os.environ.items() if not k.startswith("ADAPTERY_")}
         agent_env.update(ANNOUNCE, ADAPTERY_DATA_DIR=str(work / "agent"), ADAPTERY_ENGINE_MAX_BATCH=str(args.max_batch))
         agent_env["ADAPTERY_VLLM_ENV"] = str(vllm_env_dir)  # the environment direct used, not a build of its own
+        if "ADAPTERY_AGENT_STREAM_COALESCE_SECONDS" in os.environ:  # for an A/B of the agent's delta window
+            agent_env["ADAPTERY_AGENT_STREAM_COALESCE_SECONDS"] = os.environ["ADAPTERY_AGENT_STREAM_COALESCE_SECONDS"]
         command = [sys.executable, "-m", "adaptery.cli", "agent", "--credentials", token, "--roles", "infer"]
         command += ["--engine", "vllm", "--threads", "1", "--base", f"{DEMO_MODEL_ID}={model_dir}"]
         command += ["--nats-url", (data_dir / "nats" / "url").read_text()]
