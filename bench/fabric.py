@@ -90,7 +90,7 @@ class Fabric:
         self.env = env
         log = (work / f"server-{routing}.log").open("w")
         self.server = subprocess.Popen([sys.executable, "-m", "adaptery.cli", "serve"], env=env, stdout=log, stderr=log)
-        wait_for(self._healthy, 180, "the server")
+        wait_for(self._healthy, 300, "the server")  # a loaded 2-core machine takes minutes
         text = (work / f"server-{routing}.log").read_text()
         key = re.search(r"^ADAPTERY_API_KEY=(\S+)$", text, re.M)
         if key:
