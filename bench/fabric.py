@@ -16,6 +16,39 @@ Real processes, as deployed: `adaptery serve` (its embedded engine limited to on
    the throughput, with the router's LoRA-affinity placement against random placement (the server restarted
    with `ADAPTERY_INFERENCE_ROUTING=random`, fresh agents with empty caches for each).
 
+With each throughput run: the CPU milliseconds each process spent per completion token (server, its NATS, each
+agent, the bench's own client), the load average, and where the kernel lets each agent's threads run
+(`agents_placement`: an OpenMP binding would show every agent on one core). `--py-spy DIR` samples the server and
+the agents during (2) (py-spy on PATH). `--width/--layers` serve a bigger random model of the demo's family (the demo
+model costs ~1 ms a token, so the fabric's own per-token work looks large beside it; 1024 wide and 8 layers costs
+what a small real model does on a CPU). `--coalesce-seconds 0 --sqlite-synchronous FULL` is how the fabric ran
+before the agents coalesced their deltas and SQLite stopped syncing every commit: the A/B.
+
+    .venv/bin/python bench/fabric.py --skip-zipf --ttft-requests 30 --seconds 15                   # after
+    .venv/bin/python bench/fabric.py --skip-zipf --ttft-requests 30 --seconds 15 \
+        --coalesce-seconds 0 --sqlite-synchronous FULL                                             # before
+    .venv/bin/python bench/fabric.py --skip-zipf --ttft-requests 20 --seconds 20 --width 1024 --layers 8
+
+Measured on the 2-core machine shared with other work, one run after the other (loads are the 1-minute averages
+during the throughput runs; the numbers move by tens of percent between runs at these loads):
+
+| | load | first token over embedded p50 | one agent | two agents | ratio | server CPU ms/token |
+| --- | --- | ---: | ---: | ---: | ---: | ---: |
+| demo model, before (earlier session, quiet) | ~1 | 1.80 ms | 910.5 | 691.5 | 0.76 | |
+| demo model, before | 4.1-4.6 | 4.06 ms | 327.7 | 265.7 | 0.81 | 1.24 / 1.13 |
+| demo model, after | 5.8-6.1 | 5.47 ms | 477.2 | 384.8 | 0.81 | 0.90 / 1.00 |
+| width 1024, 8 layers, after | RESULT_BIG |
+
+What the profile (py-spy, server, under load 10-15) says: before, `limits.reserve` and `limits.settle` took 24-26 ms
+of a request's thread time (8 ms of it SQLite commits with fsync) and were 60 % of the server's busy samples; after,
+9-11 ms (commits 0.3 ms). The per-token relay (NATS callback, queue hand-off, the event loop's wake-up) was under
+10 % of the server's busy samples before coalescing, and the agents' busy samples are the engine's loop (97 %):
+sending a message per delta cost the agent almost nothing. So on two cores the ratio cannot approach 2 with the
+demo model: per token the agent's one torch thread spends ~1.2-1.4 ms and the rest of the fabric ~1.1 ms (server
+0.9-1.0, NATS 0.1, client 0.1), so one agent with the server already fills both cores. The first-token overhead is
+agent path minus embedded path, both of which reserve and settle in the database: the database changes do not
+move it, and under a load of 4-6 it read 4-5.5 ms in both versions (1.8 ms on the quiet machine before).
+
 Prints JSON and a markdown table.
 """
 
@@ -235,6 +268,7 @@ def load_run(
 ) -> dict[str, Any]:
     """`clients` closed-loop streams for `seconds`, each request's model drawn from `models` in order."""
     tokens = requests = errors = 0
+    failures: list[str] = []  # the first few failed answers, as the client saw them
     lock = threading.Lock()
     stop_at = time.monotonic() + seconds
     order = iter(models * 1000)
@@ -258,6 +292,8 @@ def load_run(
                         tokens += response.json()["usage"]["completion_tokens"]
                     else:
                         errors += 1
+                        if len(failures) < 5:
+                            failures.append(f"{response.status_code}: {response.text[:300]}")
 
     cpu_before = cpu_seconds(fabric)
     started = time.monotonic()
@@ -281,6 +317,7 @@ def load_run(
         "requests_per_s": requests / elapsed,
         "requests": requests,
         "errors": errors,
+        "failures": failures,
         "cpu_ms_per_token": cpu_ms_per_token,
         "loadavg": Path("/proc/loadavg").read_text().split()[:3],
     }
