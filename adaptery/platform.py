@@ -69,7 +69,7 @@ class Platform:
         for made_before in (settings.master_key_file.parent, settings.tls_dir, settings.nats_dir, settings.work_dir):
             if made_before.is_dir():
                 private_dir(made_before)
-        self.db = Database(settings.resolved_database_url)
+        self.db = Database(settings.resolved_database_url, sqlite_synchronous=settings.sqlite_synchronous)
         self.master_keys = LocalKeyProvider.from_settings(settings)
         self.keyring = Keyring(self.db, self.master_keys)
         # Transient plaintext (unpacked adapters, files being parsed, the embedded agent's job files) lives in

@@ -16,6 +16,47 @@ Real processes, as deployed: `adaptery serve` (its embedded engine limited to on
    the throughput, with the router's LoRA-affinity placement against random placement (the server restarted
    with `ADAPTERY_INFERENCE_ROUTING=random`, fresh agents with empty caches for each).
 
+With each throughput run: the CPU milliseconds each process spent per completion token (server, its NATS, each
+agent, the bench's own client), the load average, and where the kernel lets each agent's threads run
+(`agents_placement`: an OpenMP binding would show every agent on one core). `--py-spy DIR` samples the server and
+the agents during (2) (py-spy on PATH). `--width/--layers` serve a bigger random model of the demo's family (the demo
+model costs ~1 ms a token, so the fabric's own per-token work looks large beside it; 1024 wide and 8 layers costs
+what a small real model does on a CPU). `--coalesce-seconds 0 --sqlite-synchronous FULL` is how the fabric ran
+before the agents coalesced their deltas and SQLite stopped syncing every commit: the A/B.
+
+    .venv/bin/python bench/fabric.py --skip-zipf --ttft-requests 30 --seconds 15                   # after
+    .venv/bin/python bench/fabric.py --skip-zipf --ttft-requests 30 --seconds 15 \
+        --coalesce-seconds 0 --sqlite-synchronous FULL                                             # before
+    .venv/bin/python bench/fabric.py --skip-zipf --ttft-requests 20 --seconds 20 --width 1024 --layers 8
+
+Measured on the 2-core machine shared with other work, one run after the other (loads are the 1-minute averages
+during the throughput runs; the numbers move by tens of percent between runs at these loads):
+
+| | load | first token over embedded p50 | one agent | two agents | ratio | server CPU ms/token |
+| --- | --- | ---: | ---: | ---: | ---: | ---: |
+| demo model, before (earlier session, quiet) | ~1 | 1.80 ms | 910.5 | 691.5 | 0.76 | |
+| demo model, before | 4.1-4.6 | 4.06 ms | 327.7 | 265.7 | 0.81 | 1.24 / 1.13 |
+| demo model, after | 5.8-6.1 | 5.47 ms | 477.2 | 384.8 | 0.81 | 0.90 / 1.00 |
+| width 1024, 8 layers, after (run 1) | 2.5-2.8 | 5.21 ms | 87.5 | 50.2 (4 errors) | 0.57 | 1.05 / 2.42 |
+| width 1024, 8 layers, after (run 2) | 5.5-6.1 | 6.69 ms | 91.5 | 61.6 | 0.67 | 1.08 / 1.69 |
+| width 1024, 8 layers, before (right after run 2) | 5.2-6.0 | 8.18 ms | 68.5 | 66.6 | 0.97 | 1.44 / 1.90 |
+
+What the profile (py-spy, server, under load 10-15) says: before, `limits.reserve` and `limits.settle` took 24-26 ms
+of a request's thread time (8 ms of it SQLite commits with fsync) and were 60 % of the server's busy samples; after,
+9-11 ms (commits 0.3 ms). The per-token relay (NATS callback, queue hand-off, the event loop's wake-up) was under
+10 % of the server's busy samples before coalescing, and the agents' busy samples are the engine's loop (97 %):
+sending a message per delta cost the agent almost nothing. So on two cores the ratio cannot approach 2 with the
+demo model: per token the agent's one torch thread spends ~1.2-1.4 ms and the rest of the fabric ~1.1 ms (server
+0.9-1.0, NATS 0.1, client 0.1), so one agent with the server already fills both cores. The first-token overhead is
+agent path minus embedded path, both of which reserve and settle in the database: the database changes do not
+move it, and under a load of 4-6 it read 4-5.5 ms in both versions (1.8 ms on the quiet machine before).
+
+The bigger model does not rescue the ratio here, and not for the fabric's sake: with two agents each agent's CPU per
+token stays 7-10 ms, yet together they used about half a core (61.6 tokens/s x 7.3 ms x 2, while one agent alone
+used 0.85), so they mostly waited, and these runs do not say on what: cores taken by the other engineers' load (5-6
+on two cores) is the likely part, to be checked on a quiet machine. Not explained either: 4 of 41 requests failed in
+one two-agent run (the bench now keeps the first failed answers in its JSON; the rerun had none).
+
 Prints JSON and a markdown table.
 """
 
@@ -90,7 +131,7 @@ class Fabric:
         self.env = env
         log = (work / f"server-{routing}.log").open("w")
         self.server = subprocess.Popen([sys.executable, "-m", "adaptery.cli", "serve"], env=env, stdout=log, stderr=log)
-        wait_for(self._healthy, 180, "the server")
+        wait_for(self._healthy, 300, "the server")  # a loaded 2-core machine takes minutes
         text = (work / f"server-{routing}.log").read_text()
         key = re.search(r"^ADAPTERY_API_KEY=(\S+)$", text, re.M)
         if key:
@@ -125,6 +166,21 @@ class Fabric:
         self.agents.append(subprocess.Popen(command, env=env, stdout=log, stderr=log))
         wanted = len(self.agents)
         wait_for(lambda: len([a for a in self.listed() if a["bases"] and not a["lost"]]) >= wanted, 180, name)
+
+    def placement(self) -> list[dict[str, Any]]:
+        """Each agent's CPUs, as the kernel allows its threads to run (an OpenMP binding pins them all to one)."""
+        out = []
+        for process in self.agents:
+            tasks = list(Path(f"/proc/{process.pid}/task").iterdir())
+            allowed = set()
+            for task in tasks:
+                lines = (task / "status").read_text().splitlines()
+                allowed |= {line.split()[1] for line in lines if line.startswith("Cpus_allowed_list")}
+            cpus = sorted(os.sched_getaffinity(process.pid))
+            out.append(
+                {"pid": process.pid, "cpus": cpus, "threads_cpus_allowed": sorted(allowed), "os_threads": len(tasks)}
+            )
+        return out
 
     def listed(self) -> list[dict[str, Any]]:
         return httpx.get(f"{self.url}/api/admin/agents", headers=self.headers, timeout=10).json()["data"]
@@ -165,9 +221,62 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
 
 
-def load_run(fabric: Fabric, models: list[str], clients: int, seconds: float, max_tokens: int) -> dict[str, float]:
+def cpu_seconds(fabric: Fabric) -> dict[str, float]:
+    """CPU seconds (user + system) each process of the fabric has used so far: where a token's work goes."""
+    import psutil
+
+    processes = {"server": psutil.Process(fabric.server.pid)}
+    for child in processes["server"].children(recursive=True):
+        if "nats-server" in child.name():
+            processes[f"nats-{child.pid}"] = child
+    for index, agent in enumerate(fabric.agents):
+        processes[f"agent-{index}"] = psutil.Process(agent.pid)
+    processes["bench client"] = psutil.Process()
+    used = {}
+    for name, process in processes.items():
+        times = process.cpu_times()
+        used[name] = times.user + times.system
+    return used
+
+
+def profile(fabric: Fabric, out: Path | None, seconds: float) -> list[subprocess.Popen]:
+    """py-spy (`--py-spy DIR`, on PATH) sampling the server and each agent, in collapsed-stack form, non-blocking."""
+    if out is None:
+        return []
+    out.mkdir(parents=True, exist_ok=True)
+    targets = {"server": fabric.server.pid} | {f"agent-{i}": a.pid for i, a in enumerate(fabric.agents)}
+    tag = f"{len(fabric.agents)}agents"
+    return [
+        subprocess.Popen(
+            [
+                "py-spy",
+                "record",
+                "--pid",
+                str(pid),
+                "--duration",
+                str(max(1, int(seconds))),
+                "--rate",
+                "200",
+                "--nonblocking",
+                "--format",
+                "raw",
+                "--threads",
+                "-o",
+                str(out / f"{name}-{tag}.txt"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        for name, pid in targets.items()
+    ]
+
+
+def load_run(
+    fabric: Fabric, models: list[str], clients: int, seconds: float, max_tokens: int, spy: Path | None = None
+) -> dict[str, Any]:
     """`clients` closed-loop streams for `seconds`, each request's model drawn from `models` in order."""
     tokens = requests = errors = 0
+    failures: list[str] = []  # the first few failed answers, as the client saw them
     lock = threading.Lock()
     stop_at = time.monotonic() + seconds
     order = iter(models * 1000)
@@ -191,19 +300,34 @@ def load_run(fabric: Fabric, models: list[str], clients: int, seconds: float, ma
                         tokens += response.json()["usage"]["completion_tokens"]
                     else:
                         errors += 1
+                        if len(failures) < 5:
+                            failures.append(f"{response.status_code}: {response.text[:300]}")
 
+    cpu_before = cpu_seconds(fabric)
     started = time.monotonic()
     threads = [threading.Thread(target=client_loop) for _ in range(clients)]
     for thread in threads:
         thread.start()
+    spies = profile(fabric, spy, seconds - 2)
     for thread in threads:
         thread.join()
     elapsed = time.monotonic() - started
+    cpu_after = cpu_seconds(fabric)
+    for spy_process in spies:
+        spy_process.wait(timeout=60)
+    # CPU milliseconds each process spent per completion token: the agents' share is the model's compute, the
+    # rest (control plane, NATS, the client) is what the fabric costs on top
+    cpu_ms_per_token = {
+        name: round(1000 * (cpu_after[name] - cpu_before.get(name, 0.0)) / max(1, tokens), 3) for name in cpu_after
+    }
     return {
         "tokens_per_s": tokens / elapsed,
         "requests_per_s": requests / elapsed,
         "requests": requests,
         "errors": errors,
+        "failures": failures,
+        "cpu_ms_per_token": cpu_ms_per_token,
+        "loadavg": Path("/proc/loadavg").read_text().split()[:3],
     }
 
 
@@ -321,22 +445,40 @@ def main() -> None:
     parser.add_argument("--zipf-s", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--first-token-only", action="store_true", help="measure (1) alone")
+    parser.add_argument("--skip-zipf", action="store_true", help="measure (1) and (2) only")
+    parser.add_argument("--width", type=int, default=256, help="the served model's width (the demo model: 256)")
+    parser.add_argument("--layers", type=int, default=4, help="its layers (the demo model: 4)")
+    parser.add_argument(
+        "--coalesce-seconds", type=float, help="the agents' delta window (ADAPTERY_AGENT_STREAM_COALESCE_SECONDS)"
+    )
+    parser.add_argument("--sqlite-synchronous", choices=["NORMAL", "FULL"], help="the server's (default: its own)")
+    parser.add_argument("--py-spy", type=Path, help="profile server and agents during (2) into this directory")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="adaptery-bench-fabric-"))
-    results: dict[str, Any] = {"settings": vars(args) | {"json_out": str(args.json_out), "cpus": os.cpu_count()}}
+    settings = vars(args) | {"json_out": str(args.json_out), "py_spy": str(args.py_spy), "cpus": os.cpu_count()}
+    results: dict[str, Any] = {"settings": settings, "loadavg_start": Path("/proc/loadavg").read_text().split()[:3]}
     try:
-        model_dir = build_demo_model(work / "models" / DEMO_MODEL_ID)
+        # the demo model's tokenizer and shape, at any size: 1024 wide and 8 layers costs a token what a small
+        # real model does on a CPU, where the demo model's ~1 ms makes the per-token relay work look large
+        model_dir = build_demo_model(
+            work / "models" / DEMO_MODEL_ID, hidden_size=args.width, num_layers=args.layers, num_heads=args.width // 64
+        )
         shutil.copytree(model_dir, work / "demo-local")  # the same weights, served by the embedded engine only
         (work / "data" / "models").mkdir(parents=True)
         shutil.copytree(model_dir, work / "data" / "models" / DEMO_MODEL_ID)
-        adapters = make_adapters(model_dir, work / "adapters", 1 if args.first_token_only else args.adapters, args.seed)
+        few = args.first_token_only or args.skip_zipf
+        adapters = make_adapters(model_dir, work / "adapters", 1 if few else args.adapters, args.seed)
         adapter_mb = (adapters[0] / "adapter_model.safetensors").stat().st_size / MiB
         cache_env = {
             "ADAPTERY_AGENT_MAX_ADAPTERS": str(args.cache),
             "ADAPTERY_ENGINE_ADAPTER_CACHE_MB": str(max(1, math.ceil(args.cache * adapter_mb))),
         }
+        if args.coalesce_seconds is not None:
+            cache_env["ADAPTERY_AGENT_STREAM_COALESCE_SECONDS"] = str(args.coalesce_seconds)
+        if args.sqlite_synchronous:
+            os.environ["ADAPTERY_SQLITE_SYNCHRONOUS"] = args.sqlite_synchronous  # the server's environment
         results["adapter_mb"] = round(adapter_mb, 3)
 
         fabric = Fabric(work, model_dir, "affinity", cache_env)
@@ -362,14 +504,17 @@ def main() -> None:
             if args.first_token_only:
                 return report(results, args)
             # (2) throughput with one agent, then two
-            one = load_run(fabric, [DEMO_MODEL_ID], args.clients, args.seconds, args.max_tokens)
+            one = load_run(fabric, [DEMO_MODEL_ID], args.clients, args.seconds, args.max_tokens, args.py_spy)
             fabric.add_agent()
-            two = load_run(fabric, [DEMO_MODEL_ID], args.clients, args.seconds, args.max_tokens)
+            two = load_run(fabric, [DEMO_MODEL_ID], args.clients, args.seconds, args.max_tokens, args.py_spy)
+            results["agents_placement"] = fabric.placement()
             results["throughput"] = {
                 "one_agent": one,
                 "two_agents": two,
                 "ratio": two["tokens_per_s"] / one["tokens_per_s"],
             }
+            if args.skip_zipf:
+                return report(results, args)
             # (3) Zipf adapters, affinity routing (the agents' caches are still empty of adapters)
             ids = import_adapters(fabric, adapters)
             models = zipf_models(ids, args.zipf_requests, args.zipf_s, args.seed)
@@ -398,6 +543,7 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
         args.json_out.write_text(json.dumps(results, indent=2))
     ft, over = results["first_token_ms"], results["first_token_overhead_ms"]
     tp, zipf = results.get("throughput"), results.get("zipf")
+    print(f"model: width {args.width}, {args.layers} layers")
     print()
     print("| measure | value | goal |")
     print("| --- | --- | --- |")
@@ -408,11 +554,17 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
         f"| first token, through an infer agent p50 / p99 | {ft['agent']['p50']:.2f} / {ft['agent']['p99']:.2f} ms | |"
     )
     print(f"| agent minus embedded, p50 / p99 | {over['p50']:.2f} / {over['p99']:.2f} ms | p50 <= 3 ms |")
-    if tp is None or zipf is None:
+    if tp is None:
         return
     print(f"| throughput, one agent | {tp['one_agent']['tokens_per_s']:.1f} tokens/s | |")
     print(f"| throughput, two agents | {tp['two_agents']['tokens_per_s']:.1f} tokens/s | |")
     print(f"| two agents / one | {tp['ratio']:.2f} | >= 1.7 |")
+    for run in ("one_agent", "two_agents"):
+        cpu = tp[run]["cpu_ms_per_token"]
+        spent = ", ".join(f"{name} {ms:.2f}" for name, ms in cpu.items())
+        print(f"| CPU ms per token, {run.replace('_', ' ')} (load {' '.join(tp[run]['loadavg'])}) | {spent} | |")
+    if zipf is None:
+        return
     for policy in ("affinity", "random"):
         z = zipf[policy]
         print(

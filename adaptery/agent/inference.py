@@ -48,24 +48,72 @@ _ADAPTER_FILE = re.compile(r"^(adapter_config\.json|[A-Za-z0-9_.-]+\.safetensors
 
 @dataclass
 class _Stream:
-    """One request's outgoing stream: sequence numbers under a lock, and when it last sent (for keepalives)."""
+    """One request's outgoing stream: sequence numbers under a lock, when it last sent (for keepalives), and the
+    deltas held back to go out together.
+
+    Every message costs the control plane, NATS and the agent itself about the same whatever it carries, and the
+    engine produces one token per request per step. So a delta is sent at once only when no delta went out for
+    `coalesce_seconds` (the first one always), or when it finishes the choice; the deltas that come sooner wait
+    and leave as one message (their texts and logprobs joined, their token counts added), at the latest when the
+    window has passed (`flush_due`, from the host's ticker) or before anything else is sent. Order and counts
+    are exactly those of the deltas: only the number of messages changes. 0 sends every delta alone.
+    """
 
     link: AgentLink
     subject: str
+    coalesce_seconds: float = 0.0
     seq: int = 0
     last_sent: float = field(default_factory=time.monotonic)
+    last_delta: float = float("-inf")
     lock: threading.Lock = field(default_factory=threading.Lock)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # (text, finish_reason, logprobs, tokens) of the deltas not sent yet
+    held: list[tuple[str, str | None, list[dict[str, Any]] | None, int]] = field(default_factory=list)
 
     def send(self, body: dict[str, Any]) -> None:
         with self.lock:
-            self.link.publish(self.subject, {"seq": self.seq, **body})
-            self.seq += 1
-            self.last_sent = time.monotonic()
+            self._release_held()
+            self._publish(body)
+
+    def delta(self, text: str, finish_reason: str | None, logprobs: list[dict[str, Any]] | None, tokens: int) -> bool:
+        """Send the delta, or hold it to go out with the next ones; True when it (and what was held) was sent."""
+        with self.lock:
+            now = time.monotonic()
+            self.held.append((text, finish_reason, logprobs, tokens))
+            if finish_reason is None and now - self.last_delta < self.coalesce_seconds:
+                return False
+            self._release_held()
+            return True
+
+    def flush_due(self, now: float) -> bool:
+        """Send what is held once its window has passed; True while something is still held."""
+        with self.lock:
+            if self.held and now - self.last_delta >= self.coalesce_seconds:
+                self._release_held()
+            return bool(self.held)
 
     def keepalive(self, now: float) -> None:
         if now - self.last_sent >= protocol.STREAM_KEEPALIVE_SECONDS:
             self.send({})
+
+    def _release_held(self) -> None:
+        if not self.held:
+            return
+        logprobs = [entry for _, _, entries, _ in self.held for entry in entries or ()]
+        body = {
+            "text": "".join(text for text, _, _, _ in self.held),
+            "finish_reason": self.held[-1][1],  # only a choice's last delta finishes it
+            "logprobs": logprobs if any(entries is not None for _, _, entries, _ in self.held) else None,
+            "tokens": sum(tokens for _, _, _, tokens in self.held),
+        }
+        self._publish(body)  # LinkDown: they stay held, for the next try (a lost message would pass unseen)
+        self.held = []
+        self.last_delta = self.last_sent
+
+    def _publish(self, body: dict[str, Any]) -> None:
+        self.link.publish(self.subject, {"seq": self.seq, **body})
+        self.seq += 1
+        self.last_sent = time.monotonic()
 
 
 class AdapterCache:
@@ -159,12 +207,14 @@ class InferenceHost:
         roles: list[str],
         max_adapters: int,
         announce_seconds: float,
+        coalesce_seconds: float = 0.0,
     ) -> None:
         self.link = link
         self.engine = engine
         self.bases = dict(bases)  # base id -> local path
         self.roles = roles
         self.announce_seconds = announce_seconds
+        self.coalesce_seconds = coalesce_seconds
         self.adapters = AdapterCache(cache_dir, max_adapters, vault)
         self.streams: dict[str, _Stream] = {}
         self.streams_lock = threading.Lock()
@@ -174,6 +224,7 @@ class InferenceHost:
         self._tokens: deque[tuple[float, int]] = deque()
         self._stopping = threading.Event()
         self._changed = threading.Event()
+        self._held = threading.Event()  # some stream holds deltas back: the ticker sends them when due
         self._threads: list[threading.Thread] = []
 
     @property
@@ -185,7 +236,7 @@ class InferenceHost:
             self.engine.base(base_id, path)  # loaded before the first announcement says it is served here
         self.link.subscribe(protocol.infer_subject(self.agent_id), self._on_request)
         self.link.subscribe(protocol.infer_cancel_subject(self.agent_id), self._on_cancel)
-        for name, target in (("announce", self._announce_loop), ("keepalive", self._keepalive_loop)):
+        for name, target in (("announce", self._announce_loop), ("ticker", self._ticker_loop)):
             thread = threading.Thread(target=target, name=f"adaptery-infer-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -207,7 +258,8 @@ class InferenceHost:
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("an infer request was malformed: %s", exc)
             return
-        stream = _Stream(self.link, protocol.stream_subject(self.agent_id, request.request_id))
+        subject = protocol.stream_subject(self.agent_id, request.request_id)
+        stream = _Stream(self.link, subject, self.coalesce_seconds)
         with self.streams_lock:
             if request.request_id in self.streams:
                 return  # the same request twice: it is already being served
@@ -245,8 +297,8 @@ class InferenceHost:
             )  # fmt: skip
             for delta in deltas:
                 tokens = usage.completion_tokens - sent_tokens  # the control plane adds these up and bills them
-                body = {"text": delta.text, "finish_reason": delta.finish_reason, "logprobs": delta.logprobs}
-                stream.send({**body, "tokens": tokens})
+                if not stream.delta(delta.text, delta.finish_reason, delta.logprobs, tokens):
+                    self._held.set()
                 self._count_tokens(tokens)
                 sent_tokens, sent_text = usage.completion_tokens, sent_text or bool(delta.text)
         except GenerationTimedOut as exc:
@@ -290,13 +342,19 @@ class InferenceHost:
 
     # --- keepalives and announcements --------------------------------------------------------------
 
-    def _keepalive_loop(self) -> None:
-        while not self._stopping.wait(protocol.STREAM_KEEPALIVE_SECONDS / 2):
+    def _ticker_loop(self) -> None:
+        """Held deltas out once their window has passed, keepalives on quiet streams."""
+        while not self._stopping.is_set():
+            if self._held.wait(protocol.STREAM_KEEPALIVE_SECONDS / 2):
+                self._stopping.wait(self.coalesce_seconds / 2)  # more deltas come into the window meanwhile
+            self._held.clear()
             with self.streams_lock:
                 streams = list(self.streams.values())
             now = time.monotonic()
             for stream in streams:
                 with contextlib.suppress(LinkDown):  # the link is back soon, or the request is lost anyway
+                    if stream.flush_due(now):
+                        self._held.set()
                     stream.keepalive(now)
 
     def announcement(self) -> dict[str, Any]:

@@ -390,6 +390,7 @@ def _inference_host(settings: Any, link: Any, roles: list[str]) -> Any:  # noqa:
         roles=roles,
         max_adapters=settings.agent_max_adapters,
         announce_seconds=settings.agent_announce_seconds,
+        coalesce_seconds=settings.agent_stream_coalesce_seconds,
     )
     host.start()
     return host

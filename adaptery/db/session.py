@@ -45,8 +45,11 @@ def private_sqlite_file(url: str) -> None:
         pass  # no such directory: SQLite says so when it connects
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, sqlite_synchronous: str | None = None) -> Engine:
+    """`sqlite_synchronous` (NORMAL or FULL; None: SQLite's own default, FULL): see `Settings.sqlite_synchronous`."""
     url = normalise_url(url)
+    if sqlite_synchronous not in (None, "NORMAL", "FULL"):
+        raise ValueError(f"sqlite_synchronous must be NORMAL or FULL, not {sqlite_synchronous!r}")
     if url.startswith("sqlite"):
         private_sqlite_file(url)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
@@ -57,6 +60,8 @@ def make_engine(url: str) -> Engine:
             cursor.execute("PRAGMA journal_mode=WAL")  # readers don't block the writer
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA busy_timeout=30000")
+            if sqlite_synchronous is not None:
+                cursor.execute(f"PRAGMA synchronous={sqlite_synchronous}")  # one of two names, checked above
             cursor.close()
 
         return engine
@@ -71,9 +76,9 @@ def alembic_config(url: str) -> Config:
 
 
 class Database:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, sqlite_synchronous: str | None = None) -> None:
         self.url = normalise_url(url)
-        self.engine = make_engine(self.url)
+        self.engine = make_engine(self.url, sqlite_synchronous)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def migrate(self) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from adaptery.db import models as m
@@ -95,13 +95,14 @@ def add(session: Session, use: Use, now: float, **amounts: float) -> None:
         "agent_id": use.agent_id or "",
         "kind": use.kind,
     }
-    zero = {name: 0 for name in COUNTS}
-    session.execute(insert(m.UsageRecord).values(**key, **zero).on_conflict_do_nothing())
     record = m.UsageRecord
-    session.execute(
-        update(record)
-        .where(*(getattr(record, name) == value for name, value in key.items()))
-        .values({name: getattr(record, name) + value for name, value in amounts.items()})
+    session.execute(  # one statement (every inference request writes one): the day's row made or added to
+        insert(record)
+        .values(**key, **({name: 0 for name in COUNTS} | amounts))
+        .on_conflict_do_update(
+            index_elements=[getattr(record, name) for name in key],
+            set_={name: getattr(record, name) + value for name, value in amounts.items()},
+        )
     )
 
 
