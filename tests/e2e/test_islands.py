@@ -317,17 +317,26 @@ class World:
         assert process.returncode == 0, out + err
         return json.loads(out.strip().splitlines()[-1])
 
+    def log_tail(self, name: str, lines: int = 40) -> str:
+        """The last lines of a spawned process's log and of its island's leaf log, for a failure message."""
+        parts = []
+        for log in (self.root / f"{name}.log", self.root / name / "leaf.log"):
+            text = log.read_text(errors="replace").splitlines()[-lines:] if log.is_file() else ["(none)"]
+            parts.append(f"--- {log.name}:\n" + "\n".join(text))
+        return "\n".join(parts)
+
     def leaf_url(self) -> str:
         return f"tls://127.0.0.1:{LEAF_PORT_IN_ISLAND}"
 
 
-def wait_for(predicate, timeout: float, what: str):  # noqa: ANN001, ANN201
+def wait_for(predicate, timeout: float, what: str, detail=None):  # noqa: ANN001, ANN201
+    """`predicate`'s first truthy value within `timeout` seconds; else an AssertionError with `detail()` (logs)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if value := predicate():
             return value
         time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what}" + (f"\n{detail()}" if detail is not None else ""))
 
 
 def leaf_connections(world: World, island: str) -> int:
@@ -374,7 +383,14 @@ def world(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> Ite
                 dial[island],
             )
         for island in ISLANDS:
-            wait_for(lambda island=island: leaf_connections(built, island), 60, f"island {island}'s leaf")
+            # `island up` enrolls, then starts its leaf: a CLI start and a TLS handshake, seconds when quiet but
+            # over a minute under the suite's full load on two cores (a CI run timed out at 60 s)
+            wait_for(
+                lambda island=island: leaf_connections(built, island),
+                180,
+                f"island {island}'s leaf",
+                lambda island=island: built.log_tail(f"island-{island}"),
+            )
         trainer = built.enroll("lab", "lab-trainer", "tenant", "train")
         built.spawn(
             "lab",
