@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import threading
@@ -101,7 +102,7 @@ class Platform:
         )
         # OpenID Connect providers' discovery documents and keys, cached for every sign-in of this process
         self.oidc = OidcClient(
-            httpx.Client(timeout=settings.oidc_http_timeout_seconds),
+            functools.partial(httpx.Client, timeout=settings.oidc_http_timeout_seconds),
             clock_skew_seconds=settings.oidc_clock_skew_seconds,
             metadata_seconds=settings.oidc_metadata_seconds,
             jwks_refresh_seconds=settings.oidc_jwks_refresh_seconds,
@@ -406,6 +407,6 @@ class Platform:
             self.control.stop()
         if self.nats is not None:
             self.nats.stop()
-        self.oidc.http.close()
+        self.oidc.close()
         self.db.dispose()
         shutil.rmtree(self.scratch, ignore_errors=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from adaptery.db.session import normalise_url
+from adaptery.db.session import Database, normalise_url
 from adaptery.engine.demo_model import DEMO_MODEL_ID, build_demo_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,42 +36,93 @@ def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class PostgresDatabases:
-    """Each test gets a fresh database on the configured server, dropped afterwards."""
+    """Each test gets a fresh database on the configured server, dropped afterwards.
+
+    A migrated one is cloned from a template migrated once per test process (`CREATE DATABASE ... TEMPLATE`, about
+    0.1 s against 0.6 s for creating and migrating one); `migrated=False` gives an empty one (the migration tests)."""
 
     def __init__(self, url: str) -> None:
         self.admin_url = normalise_url(url)
         self.run_id = uuid.uuid4().hex[:8]
         self.count = 0
+        self._template: str | None = None
 
     def _admin(self):  # noqa: ANN202 - a psycopg connection
         import psycopg
 
         return psycopg.connect(self.admin_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True)
 
-    def create(self) -> str:
+    def _url(self, name: str) -> str:
+        return self.admin_url.rsplit("/", 1)[0] + f"/{name}"
+
+    def create(self, migrated: bool = True) -> str:
+        if migrated and self._template is None:
+            template = f"adaptery_test_{self.run_id}_template"
+            with self._admin() as conn:
+                conn.execute(f'CREATE DATABASE "{template}"')
+            database = Database(self._url(template))
+            database.migrate()
+            database.dispose()  # a template takes no connections while it is copied
+            self._template = template
         self.count += 1
         name = f"adaptery_test_{self.run_id}_{self.count}"
         with self._admin() as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        return self.admin_url.rsplit("/", 1)[0] + f"/{name}"
+            conn.execute(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{self._template}"' if migrated else ""))
+        return self._url(name)
 
     def drop(self, url: str) -> None:
         name = url.rsplit("/", 1)[1]
         with self._admin() as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
+    def close(self) -> None:
+        if self._template is not None:
+            self.drop(self._url(self._template))
+
 
 @pytest.fixture(scope="session")
-def postgres() -> PostgresDatabases | None:
-    return PostgresDatabases(PG_URL) if PG_URL else None
+def postgres() -> Iterator[PostgresDatabases | None]:
+    databases = PostgresDatabases(PG_URL) if PG_URL else None
+    yield databases
+    if databases is not None:
+        databases.close()
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite database migrated once per test process; each test gets a copy (0.3 s of migrations saved)."""
+    path = tmp_path_factory.mktemp("sqlite-template") / "adaptery.db"
+    database = Database(f"sqlite:///{path}")
+    database.migrate()
+    database.dispose()  # the last connection checkpoints the write-ahead log into the file
+    assert not path.with_name(path.name + "-wal").exists() or not path.with_name(path.name + "-wal").stat().st_size
+    return path
 
 
 @pytest.fixture(params=BACKENDS)
-def database_url(request: pytest.FixtureRequest, tmp_path: Path, postgres: PostgresDatabases | None) -> Iterator[str]:
+def database_url(
+    request: pytest.FixtureRequest, tmp_path: Path, postgres: PostgresDatabases | None, sqlite_template: Path
+) -> Iterator[str]:
+    """A fresh database of the test's own, already migrated to the newest schema (the migrations themselves are
+    tested from empty databases in tests/integration/test_migrations.py)."""
     if request.param == "sqlite":
+        shutil.copyfile(sqlite_template, tmp_path / "adaptery.db")
         yield f"sqlite:///{tmp_path / 'adaptery.db'}"
         return
     url = postgres.create()
+    yield url
+    postgres.drop(url)
+
+
+@pytest.fixture(params=BACKENDS)
+def empty_database_url(
+    request: pytest.FixtureRequest, tmp_path: Path, postgres: PostgresDatabases | None
+) -> Iterator[str]:
+    """A fresh database with no schema at all."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'empty.db'}"
+        return
+    url = postgres.create(migrated=False)
     yield url
     postgres.drop(url)
 

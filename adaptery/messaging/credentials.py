@@ -30,6 +30,7 @@ def parse_token(token: str) -> tuple[str, str]:
     return agent_id, secret
 
 
-def hash_secret(secret: str) -> str:
-    # nats-server accepts the $2a$ form.
-    return bcrypt.hashpw(secret.encode(), bcrypt.gensalt(rounds=BCRYPT_ROUNDS, prefix=b"2a")).decode()
+def hash_secret(secret: str, rounds: int = BCRYPT_ROUNDS) -> str:
+    """bcrypt in the $2a$ form nats-server accepts. `rounds` may be bcrypt's least (4) for a secret drawn at random
+    by the platform itself: the cost slows guessing of human passwords, and 240 random bits are not guessed."""
+    return bcrypt.hashpw(secret.encode(), bcrypt.gensalt(rounds=rounds, prefix=b"2a")).decode()

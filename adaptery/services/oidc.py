@@ -21,6 +21,7 @@ import base64
 import hashlib
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
@@ -96,18 +97,37 @@ class OidcClient:
 
     def __init__(
         self,
-        http: httpx.Client,
+        http: httpx.Client | Callable[[], httpx.Client],
         *,
         clock_skew_seconds: float,
         metadata_seconds: float,
         jwks_refresh_seconds: float,
     ) -> None:
-        self.http = http
+        # a factory is called at the first request: an HTTP client loads the CA bundle (~0.1 s), which a platform
+        # with no single sign-on configured never needs
+        self._http: httpx.Client | None = http if isinstance(http, httpx.Client) else None
+        self._make_http = http if not isinstance(http, httpx.Client) else None
+        self._http_lock = threading.Lock()
         self.clock_skew = clock_skew_seconds
         self.metadata_seconds = metadata_seconds
         self.jwks_refresh_seconds = jwks_refresh_seconds
         self._cache: dict[str, _Cached] = {}
         self._lock = threading.Lock()
+
+    @property
+    def http(self) -> httpx.Client:
+        with self._http_lock:
+            if self._http is None:
+                self._http = self._make_http()
+            return self._http
+
+    @http.setter
+    def http(self, client: httpx.Client) -> None:
+        self._http = client
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.close()
 
     # -- discovery -----------------------------------------------------------------------------------------
 

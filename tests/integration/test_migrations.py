@@ -17,9 +17,11 @@ def test_one_linear_history_with_a_single_head():
     assert [rev.revision for rev in script.walk_revisions()][-1] == "0001"
 
 
-def test_migrated_schema_matches_the_models(database_url):
-    Database(database_url).migrate()
-    engine = create_engine(database_url)
+def test_migrated_schema_matches_the_models(empty_database_url):
+    database = Database(empty_database_url)
+    database.migrate()
+    database.dispose()
+    engine = create_engine(empty_database_url)
     try:
         with engine.connect() as connection:
             context = MigrationContext.configure(connection, opts={"compare_type": False})
