@@ -92,12 +92,6 @@ def serve(
     ] = None,
 ) -> None:
     """Start the platform: API, web page, embedded agent and inference engine."""
-    import uvicorn
-
-    from adaptery.api.app import create_app
-    from adaptery.auth.tls import ensure_server_certificate, is_loopback
-    from adaptery.platform import Platform
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = _settings(
         host=host,
@@ -111,6 +105,14 @@ def serve(
         insecure_listen=insecure_listen,
     )
     _set_up_process(settings)
+    # imported after the process set-up, which may re-execute this process: imported before, the platform's
+    # modules (torch, transformers: 5-10 s) were imported twice at every start
+    import uvicorn
+
+    from adaptery.api.app import create_app
+    from adaptery.auth.tls import ensure_server_certificate, is_loopback
+    from adaptery.platform import Platform
+
     if not is_loopback(settings.host) and not settings.serves_tls and not settings.insecure_listen:
         console.print(
             f"[red]Refusing to listen on {settings.host} without TLS:[/red] anyone on the network could read "
@@ -214,16 +216,6 @@ def run_agent(
     serves inference (no database, no inbound connection)."""
     if ctx.invoked_subcommand is not None:
         return
-    from adaptery.agent.bases import BaseStore
-    from adaptery.agent.enroll import Renewer, reload_into
-    from adaptery.agent.link import AgentLink
-    from adaptery.agent.slurm import SlurmBackend
-    from adaptery.agent.transfers import HttpsTransfers
-    from adaptery.agent.vault import AgentVault
-    from adaptery.agent.worker import Agent
-    from adaptery.messaging.credentials import parse_token
-    from adaptery.messaging.identity import IdentityDir
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if backend not in (None, "local", "slurm"):
         console.print(f"[red]Unknown backend {backend!r}:[/red] use local or slurm.")
@@ -249,6 +241,17 @@ def run_agent(
         raise typer.Exit(2)
     if "infer" in wanted:
         _set_up_process(settings)
+    # after the process set-up, which may re-execute this process (imported before, they were imported twice)
+    from adaptery.agent.bases import BaseStore
+    from adaptery.agent.enroll import Renewer, reload_into
+    from adaptery.agent.link import AgentLink
+    from adaptery.agent.slurm import SlurmBackend
+    from adaptery.agent.transfers import HttpsTransfers
+    from adaptery.agent.vault import AgentVault
+    from adaptery.agent.worker import Agent
+    from adaptery.messaging.credentials import parse_token
+    from adaptery.messaging.identity import IdentityDir
+
     renewer = None
     if settings.agent_identity is not None:
         store = IdentityDir(settings.agent_identity)

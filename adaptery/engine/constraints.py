@@ -23,7 +23,6 @@ from typing import Any
 
 import llguidance
 import llguidance.hf
-import llguidance.torch as lltorch
 import torch
 
 from adaptery.engine.sampling import Constraint
@@ -112,6 +111,9 @@ class Grammars:
         One bitmask row per constrained row, filled on llguidance's threads, then unpacked and applied to all
         of them in one tensor operation (llguidance's per-row apply took 3.3 ms for 16 rows of a 6k vocabulary,
         this 0.7 ms: bench/structured.py)."""
+        # imported at the first constrained step: its module applies torch.compile at import (1.2 s of every start)
+        import llguidance.torch as lltorch
+
         bitmask = lltorch.allocate_token_bitmask(len(rows), self.vocab)
         lltorch.fill_next_token_bitmask_par(self.executor, [(m, i) for i, (m, _) in enumerate(rows)], bitmask)
         allowed = ((bitmask.unsqueeze(-1) >> _BIT) & 1).bool().view(len(rows), -1)[:, : logits.shape[1]]

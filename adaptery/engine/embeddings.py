@@ -19,9 +19,12 @@ from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from sentence_transformers import SentenceTransformer
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
 
 DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 
@@ -55,6 +58,10 @@ class EmbeddingModel:
         with self._lock:
             if self._model is None:
                 path = _bundled_model_path(self.name) or Path(self.name)
+                # imported here, not at the top: sentence-transformers pulls scipy, scikit-learn and pandas (5-8 s
+                # of every server start), and most starts embed nothing until a request asks
+                from sentence_transformers import SentenceTransformer
+
                 self._model = SentenceTransformer(
                     str(path), device=self.device, trust_remote_code=False, local_files_only=True
                 )

@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import choix
 import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -240,6 +239,8 @@ def _games(battles: list[tuple[int, int, str]]) -> list[tuple[int, int]]:
 
 
 def _fit(n_models: int, battles: list[tuple[int, int, str]]) -> np.ndarray:
+    import choix  # here: it imports SciPy's optimizers (0.8 s of every server start), used only for ratings
+
     return choix.ilsr_pairwise(n_models, _games(battles), alpha=RIDGE) * ELO_SCALE + 1000
 
 
