@@ -125,6 +125,7 @@ def test_a_killed_agents_job_resumes_from_its_checkpoint_on_another_agent(tmp_pa
             env={**os.environ, "ADAPTERY_DATA_DIR": str(tmp_path / "refused"), "COLUMNS": "250"},
         )
         assert refused.returncode == 1 and "Cannot join the platform" in refused.stdout, refused.stdout
+        assert "authorization" in refused.stdout, refused.stdout  # refused, not left to time out
 
         agents.append(start_agent(server, first, tmp_path, "agent-a"))
         a = agents[0]
