@@ -92,11 +92,7 @@ def serve(
     ] = None,
 ) -> None:
     """Start the platform: API, web page, embedded agent and inference engine."""
-    import uvicorn
-
-    from adaptery.api.app import create_app
     from adaptery.auth.tls import ensure_server_certificate, is_loopback
-    from adaptery.platform import Platform
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = _settings(
@@ -121,6 +117,13 @@ def serve(
     if (settings.tls_cert is None) != (settings.tls_key is None):
         console.print("[red]--tls-cert and --tls-key go together.[/red]")
         raise typer.Exit(2)
+    # Only now, after a possible re-exec and the refusals above (imported before them, the app's ~15 s of
+    # imports ran twice where the allocator is preloaded, and a refusal waited for them)
+    import uvicorn
+
+    from adaptery.api.app import create_app
+    from adaptery.platform import Platform
+
     ssl_files: dict[str, str] = {}
     if settings.tls_cert is not None:
         ssl_files = {"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key)}
