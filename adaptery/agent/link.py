@@ -90,21 +90,36 @@ class AgentLink:
             raise
 
     async def _connect(self) -> None:
-        async def quiet(_exc: Exception) -> None:  # nats-py logs every failed reconnect otherwise
-            return None
+        connecting = True
+
+        async def on_error(exc: Exception) -> None:
+            # Reconnecting for ever, nats-py retries even a refused first connection, showing the refusal only to
+            # this callback (as a plain error naming the violation): raise it, so that wrong credentials fail the
+            # connect now, not when its timeout runs out. Later errors are quiet: nats-py logs every failed
+            # reconnect otherwise.
+            if connecting and (isinstance(exc, AuthorizationError) or "authorization violation" in str(exc).lower()):
+                raise AuthorizationError from exc
 
         credentials = {"tls": self.tls} if self.tls else {"user": self.agent_id, "password": self.secret}
-        self._nc = await nats.connect(
-            self.url,
-            **credentials,
-            name=self.agent_id,
-            inbox_prefix=protocol.inbox_prefix(self.agent_id),
-            allow_reconnect=True,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-            connect_timeout=5,
-            error_cb=quiet,
-        )
+        nc = nats.NATS()
+        try:
+            await nc.connect(
+                self.url,
+                **credentials,
+                name=self.agent_id,
+                inbox_prefix=protocol.inbox_prefix(self.agent_id),
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                connect_timeout=5,
+                error_cb=on_error,
+            )
+        except BaseException:
+            with contextlib.suppress(Exception):  # the refused connection is half open
+                await nc.close()
+            raise
+        connecting = False
+        self._nc = nc
 
         async def on_notify(_msg) -> None:  # noqa: ANN001 - a nats Msg
             self.nudged.set()

@@ -92,6 +92,8 @@ def serve(
     ] = None,
 ) -> None:
     """Start the platform: API, web page, embedded agent and inference engine."""
+    from adaptery.auth.tls import ensure_server_certificate, is_loopback
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = _settings(
         host=host,
@@ -105,14 +107,6 @@ def serve(
         insecure_listen=insecure_listen,
     )
     _set_up_process(settings)
-    # imported after the process set-up, which may re-execute this process: imported before, the platform's
-    # modules (torch, transformers: 5-10 s) were imported twice at every start
-    import uvicorn
-
-    from adaptery.api.app import create_app
-    from adaptery.auth.tls import ensure_server_certificate, is_loopback
-    from adaptery.platform import Platform
-
     if not is_loopback(settings.host) and not settings.serves_tls and not settings.insecure_listen:
         console.print(
             f"[red]Refusing to listen on {settings.host} without TLS:[/red] anyone on the network could read "
@@ -123,6 +117,13 @@ def serve(
     if (settings.tls_cert is None) != (settings.tls_key is None):
         console.print("[red]--tls-cert and --tls-key go together.[/red]")
         raise typer.Exit(2)
+    # Only now, after a possible re-exec and the refusals above (imported before them, the app's ~15 s of
+    # imports ran twice where the allocator is preloaded, and a refusal waited for them)
+    import uvicorn
+
+    from adaptery.api.app import create_app
+    from adaptery.platform import Platform
+
     ssl_files: dict[str, str] = {}
     if settings.tls_cert is not None:
         ssl_files = {"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key)}

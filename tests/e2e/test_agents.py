@@ -114,21 +114,23 @@ def test_a_killed_agents_job_resumes_from_its_checkpoint_on_another_agent(tmp_pa
         headers = {"Authorization": f"Bearer {server.api_key}"}
         first = enroll(server, "agent-a")
         job = create_job(server, headers, n_epochs=30)
-        # Wrong credentials are refused by the NATS server itself.
+        # Wrong credentials are refused by the NATS server itself (checked while agent-a starts beside it).
         nats_url = (server.data_dir / "nats" / "url").read_text()
         wrong = first.split(":")[0] + ":not-the-secret"
-        refused = subprocess.run(
+        refused = subprocess.Popen(
             [sys.executable, "-m", "adaptery.cli", "agent", "--credentials", wrong, "--nats-url", nats_url],
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             text=True,
-            timeout=60,
             env={**os.environ, "ADAPTERY_DATA_DIR": str(tmp_path / "refused"), "COLUMNS": "250"},
         )
-        assert refused.returncode == 1 and "Cannot join the platform" in refused.stdout, refused.stdout
-
+        agents.append(refused)
         agents.append(start_agent(server, first, tmp_path, "agent-a"))
-        a = agents[0]
+        a = agents[-1]
         second = enroll(server, "agent-b")
+        refused_output = refused.communicate(timeout=60)[0]
+        assert refused.returncode == 1 and "Cannot join the platform" in refused_output, refused_output
+        assert "authorization" in refused_output, refused_output  # refused, not left to time out
         wait_for(lambda: checkpoint_steps(events_of(server, headers, job["id"])), 120, "a first checkpoint")
         assert any("agent agent-a" in m for m in events_of(server, headers, job["id"]))
         listed = httpx.get(f"{server.url}/api/admin/agents", headers=headers).json()["data"]

@@ -12,12 +12,13 @@ import zipfile
 
 import nats
 import pytest
-from nats.errors import NoRespondersError
+from nats.errors import AuthorizationError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from sqlalchemy import event, func, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
+from adaptery.agent.link import AgentLink
 from adaptery.db import models as m
 from adaptery.messaging import protocol
 from adaptery.services import agents as agent_records
@@ -391,6 +392,24 @@ def test_an_agent_may_act_only_as_itself_and_only_on_jobs_it_holds(running):
     assert running.client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=headers).json()["status"] == "running"
     agents = running.client.get("/api/admin/agents", headers=headers).json()["data"]
     assert {a["name"]: a["current_job"] for a in agents}["first"] == job["id"]
+
+
+def test_an_agent_link_with_a_wrong_secret_fails_after_the_enrollment_grace_not_its_timeout(running):
+    """The agent's own link reconnects for ever once joined; a refused first connection must still fail at once
+    (nats-py retries it quietly otherwise, until the connect timeout runs out)."""
+    agent = enroll(running, "knocks")
+    for grace in (0.0, 1.0):
+        link = AgentLink(running.platform.nats.url, agent.agent_id, "not-the-secret")
+        started = time.monotonic()
+        with pytest.raises(AuthorizationError):
+            link.connect(timeout=20, enrollment_grace=grace)
+        assert grace <= time.monotonic() - started < grace + 5
+    right = AgentLink(running.platform.nats.url, agent.agent_id, agent.secret)
+    right.connect(timeout=20, enrollment_grace=0)
+    try:
+        assert right._nc.is_connected
+    finally:
+        right.close()
 
 
 def test_revoked_or_wrong_credentials_are_refused_by_the_nats_server(running):
