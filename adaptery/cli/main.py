@@ -1362,22 +1362,15 @@ def fine_tune_name(
         follow_job(job["id"])
 
 
-class _OpenAIErrors:
-    """The OpenAI client's error classes once a command has imported it, else classes nothing raises: an except
-    clause is evaluated only when an exception passes it, after the command ran."""
+class _NeverRaised(Exception):
+    pass
 
-    class _Never(Exception):
-        pass
 
-    @property
-    def connection(self) -> type[BaseException]:
-        module = sys.modules.get("openai")
-        return module.APIConnectionError if module is not None else self._Never
-
-    @property
-    def status(self) -> type[BaseException]:
-        module = sys.modules.get("openai")
-        return module.APIStatusError if module is not None else self._Never
+def _openai_error(name: str) -> type[BaseException]:
+    """The OpenAI client's error class `name` once a command has imported the client, else one nothing raises (an
+    except clause is evaluated only when an exception reaches it, after the command ran)."""
+    module = sys.modules.get("openai")
+    return getattr(module, name) if module is not None else _NeverRaised
 
 
 def main() -> None:
@@ -1385,13 +1378,12 @@ def main() -> None:
     global _RUN_AS_PROGRAM
     _RUN_AS_PROGRAM = True  # this process is the command: a serving one may replace itself (_set_up_process)
     # the OpenAI client is imported only by the commands that use it (0.7 s of every command's start otherwise)
-    openai_errors = _OpenAIErrors()
     try:
         app()
-    except openai_errors.connection as exc:
+    except _openai_error("APIConnectionError") as exc:
         console.print(f"[red]Error:[/red] cannot reach Adaptery at {exc.request.url}: is `adaptery serve` running?")
         raise SystemExit(1) from None
-    except openai_errors.status as exc:
+    except _openai_error("APIStatusError") as exc:
         console.print(f"[red]Error {exc.status_code}:[/red] {escape(exc.message)}", highlight=False)
         raise SystemExit(1) from None
     except httpx.TransportError as exc:

@@ -97,16 +97,16 @@ class OidcClient:
 
     def __init__(
         self,
-        http: httpx.Client | Callable[[], httpx.Client],
+        make_http: Callable[[], httpx.Client],
         *,
         clock_skew_seconds: float,
         metadata_seconds: float,
         jwks_refresh_seconds: float,
     ) -> None:
-        # a factory is called at the first request: an HTTP client loads the CA bundle (~0.1 s), which a platform
-        # with no single sign-on configured never needs
-        self._http: httpx.Client | None = http if isinstance(http, httpx.Client) else None
-        self._make_http = http if not isinstance(http, httpx.Client) else None
+        # called at the first request: an HTTP client loads the CA bundle (~0.1 s), which a platform with no single
+        # sign-on configured never needs
+        self._http: httpx.Client | None = None
+        self._make_http = make_http
         self._http_lock = threading.Lock()
         self.clock_skew = clock_skew_seconds
         self.metadata_seconds = metadata_seconds
