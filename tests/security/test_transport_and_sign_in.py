@@ -20,11 +20,19 @@ def test_security_headers_are_on_every_answer_errors_included(world: World):
         client.get("/v1/models"),  # 401
         client.get("/no/such/route"),  # 404
         client.post("/v1/chat/completions", headers={**world.auth("owner"), "content-type": "text/plain"}, content="x"),
+        client.post(  # streamed: the headers go out with the first event, before the body is known
+            "/v1/chat/completions",
+            headers=world.auth("owner"),
+            json={"model": "adaptery-demo", "messages": [{"role": "user", "content": "hi"}], "stream": True},
+        ),
     ):
         assert response.headers["x-content-type-options"] == "nosniff", response.status_code
         assert response.headers["x-frame-options"] == "DENY"
         assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
         assert response.headers["referrer-policy"] == "no-referrer"
+        assert "strict-transport-security" not in response.headers  # plain http: HSTS would be ignored anyway
+    streamed = response
+    assert streamed.status_code == 200 and streamed.text.endswith("data: [DONE]\n\n")
 
 
 def _set_password(world: World) -> None:
