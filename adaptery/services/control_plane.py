@@ -404,7 +404,7 @@ class ControlPlane:
         """An agent's request about the evaluation leased to it: heartbeat, progress events, its end."""
         if self.evaluations is None:
             raise RequestRefused(f"job {evaluation_id} is not leased to you")
-        attempt = self._attempt(body)
+        attempt = self._attempt(agent_id, body)
         if verb == "heartbeat":
             return {"verdict": self.evaluations.heartbeat(evaluation_id, agent_id, attempt)}
         if verb == "events":
@@ -419,36 +419,36 @@ class ControlPlane:
             return {}
         raise RequestRefused(f"an evaluation has no '{verb}' request")
 
-    @staticmethod
-    def _attempt(body: dict[str, Any]) -> int | None:
-        """The attempt whose lease the agent acts under (None from an agent that predates attempt numbers)."""
+    def _attempt(self, agent_id: str, body: dict[str, Any]) -> int | None:
+        """The attempt whose lease the agent acts under. None only from a password agent that predates attempt
+        numbers (fenced by its id alone): an agent enrolled by certificate always names it, or a URL or report it
+        sent without one would still hold when the same job comes back to it under a later attempt."""
         attempt = body.get("attempt")
         if attempt is not None and (isinstance(attempt, bool) or not isinstance(attempt, int)):
             raise RequestRefused(f"attempt must be the assignment's attempt number, not {attempt!r}")
+        if attempt is None and agent_id in self.certified:
+            raise RequestRefused("an agent enrolled by certificate names the attempt its lease is under")
         return attempt
 
-    @staticmethod
-    def _header_attempt(headers: dict[str, str]) -> int | None:
+    def _header_attempt(self, agent_id: str, headers: dict[str, str]) -> int | None:
         """An upload chunk's attempt, from its header (its body is the bytes)."""
         attempt = headers.get(protocol.ATTEMPT_HEADER)
-        if attempt is None:
-            return None
-        if not attempt.isascii() or not attempt.isdigit():
+        if attempt is not None and (not attempt.isascii() or not attempt.isdigit()):
             raise RequestRefused(f"attempt must be the assignment's attempt number, not {attempt!r}")
-        return int(attempt)
+        return self._attempt(agent_id, {"attempt": None if attempt is None else int(attempt)})
 
     def _heartbeat(self, agent_id: str, job_id: str, body: dict[str, Any]) -> dict[str, Any]:
-        return {"verdict": self.queue.heartbeat(job_id, agent_id, self._attempt(body))}
+        return {"verdict": self.queue.heartbeat(job_id, agent_id, self._attempt(agent_id, body))}
 
     def _events(self, agent_id: str, job_id: str, body: dict[str, Any]) -> dict[str, Any]:
         events = body.get("events")
         if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
             raise RequestRefused("events must be a list of objects")
-        self.queue.report(job_id, agent_id, events, self._attempt(body))
+        self.queue.report(job_id, agent_id, events, self._attempt(agent_id, body))
         return {}
 
     def _checkpoint(self, agent_id: str, job_id: str, body: dict[str, Any]) -> dict[str, Any]:
-        files = self._manifest(self._leased_tenant(agent_id, job_id, self._attempt(body)), body.get("files"))
+        files = self._manifest(self._leased_tenant(agent_id, job_id, self._attempt(agent_id, body)), body.get("files"))
         try:
             checkpoint_id = self.queue.record_checkpoint(
                 job_id,
@@ -457,7 +457,7 @@ class ControlPlane:
                 epoch=float(body["epoch"]) if body.get("epoch") is not None else None,
                 metrics=dict(body.get("metrics") or {}),
                 manifest=files,
-                attempt=self._attempt(body),
+                attempt=self._attempt(agent_id, body),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise RequestRefused(f"invalid checkpoint: {exc}") from exc
@@ -466,7 +466,7 @@ class ControlPlane:
     def _finish(self, agent_id: str, job_id: str, body: dict[str, Any]) -> dict[str, Any]:
         state = body.get("state")
         message = str(body.get("message") or "")
-        attempt = self._attempt(body)
+        attempt = self._attempt(agent_id, body)
         self.queue.charge_compute(job_id, agent_id, body.get("compute"), attempt)
         if state == "succeeded":
             tenant_id = self._leased_tenant(agent_id, job_id, attempt)
@@ -523,7 +523,7 @@ class ControlPlane:
         offset = body.get("offset", 0)
         if job_id is None or not isinstance(sha, str) or not isinstance(offset, int) or offset < 0:
             raise RequestRefused("a download names a job, a sha256 and an offset")
-        attempt = self._attempt(body)
+        attempt = self._attempt(agent_id, body)
         tenant_id = self._leased_tenant(agent_id, job_id, attempt)
         if sha not in self._work_queue(job_id).job_blobs(job_id, agent_id, attempt):
             raise RequestRefused(f"blob {sha} is not part of job {job_id}")
@@ -562,7 +562,7 @@ class ControlPlane:
                 raise RequestRefused(f"an upload declares its bytes, at most {self.max_upload_bytes}")
         else:
             size = None
-        attempt = self._attempt(body)
+        attempt = self._attempt(agent_id, body) if purpose == "job" else None  # a request is not leased
         source = self._transfer_source(agent_id, purpose, work_id, attempt, method, sha)
         path, grant = self.transfers.grant(
             method=method, sha256=sha, tenant_id=source.tenant_id or "", purpose=purpose, work_id=work_id,
@@ -642,7 +642,7 @@ class ControlPlane:
             offset = -1
         if job_id is None or not _UPLOAD_ID.match(upload_id) or offset < 0:
             raise RequestRefused("an upload chunk carries its upload id and offset")
-        attempt = self._header_attempt(headers)
+        attempt = self._header_attempt(agent_id, headers)
         staged = self.staging_dir / f"{agent_id}-{upload_id}.part"
         if offset == 0:
             self._leased_tenant(agent_id, job_id, attempt)

@@ -168,6 +168,25 @@ def test_a_leased_jobs_blob_streams_over_https_to_its_agent_and_to_no_other(worl
     assert answer.status_code == 403 and "not part of a request sent to you" in answer.json()["error"]["message"]
 
 
+def test_an_enrolled_agent_names_its_attempt_so_no_url_or_report_outlives_its_lease(world: World):
+    # An attacker's find: a URL asked for without an attempt was fenced by the agent's id alone, so it worked again
+    # when the job, leased to another agent meanwhile, came back to the same agent under a later attempt.
+    refusal = "an agent enrolled by certificate names the attempt its lease is under"
+    for method, extra in (("GET", {}), ("PUT", {"bytes": 3})):
+        asked = world.ask(world.a, purpose="job", id=world.job_a, method=method, sha256=world.data_sha, **extra)
+        assert asked == {"error": refusal}
+    control = world.running.platform.control
+    for verb, body in (("heartbeat", {}), ("events", {"events": []}), ("finish", {"state": "failed"})):
+        subject = protocol.job_subject(world.a.agent_id, world.job_a, verb)
+        with pytest.raises(RequestRefused, match=refusal):
+            control._handle(Msg(None, subject=subject, data=json.dumps(body).encode()))
+    assert world.running.platform.queue.holds(world.job_a, world.a.agent_id, 1)  # nothing above touched the lease
+
+    # Named, as the agent names it: granted for the attempt it holds, and for no other
+    assert "url" in world.ask(world.a, purpose="job", id=world.job_a, method="GET", sha256=world.data_sha, attempt=1)
+    assert "error" in world.ask(world.a, purpose="job", id=world.job_a, method="GET", sha256=world.data_sha, attempt=2)
+
+
 def test_a_url_is_refused_expired_tampered_misdirected_or_in_another_agents_hands(world: World):
     client = world.running.client
     url = world.url(world.a, world.job_a)
