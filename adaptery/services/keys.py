@@ -269,8 +269,8 @@ def authenticate(system_session: Session, token: str) -> Principal:
     if not match:
         raise invalid
     environment, key_id, secret = match.groups()
-    row = system_session.execute(
-        select(m.ApiKey, m.User, m.Tenant, m.Membership)
+    row = system_session.execute(  # the key as an object (its last use is written), the rest as the columns used
+        select(m.ApiKey, m.User.username, m.User.is_platform_admin, m.Tenant.name, m.Membership.role)
         .join(m.User, m.User.id == m.ApiKey.user_id)
         .join(m.Tenant, m.Tenant.id == m.ApiKey.tenant_id)
         .join(m.Membership, (m.Membership.user_id == m.User.id) & (m.Membership.tenant_id == m.Tenant.id))
@@ -278,7 +278,7 @@ def authenticate(system_session: Session, token: str) -> Principal:
     ).one_or_none()
     if row is None:
         raise invalid
-    key, user, tenant, membership = row
+    key, username, user_is_platform_admin, tenant_name, role = row
     now = time.time()
     current = same_token(secret, key.secret_hash)
     previous = (
@@ -293,14 +293,14 @@ def authenticate(system_session: Session, token: str) -> Principal:
     if key.last_used_at is None or now - key.last_used_at > 60:  # keep writes off the hot path
         key.last_used_at = now
     return Principal(
-        tenant_id=tenant.id,
-        tenant_name=tenant.name,
-        user_id=user.id,
-        username=user.username,
-        role=Role(membership.role),
+        tenant_id=key.tenant_id,
+        tenant_name=tenant_name,
+        user_id=key.user_id,
+        username=username,
+        role=Role(role),
         api_key_id=key.id,
         scopes=ALL_SCOPES if key.scopes is None else frozenset(Scope(s) for s in key.scopes),
         allowed_models=None if key.allowed_models is None else frozenset(key.allowed_models),
-        is_platform_admin=bool(key.platform and user.is_platform_admin),
+        is_platform_admin=bool(key.platform and user_is_platform_admin),
         superseded_secret=not current,
     )
