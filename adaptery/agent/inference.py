@@ -258,13 +258,20 @@ class InferenceHost:
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("an infer request was malformed: %s", exc)
             return
-        subject = protocol.stream_subject(self.agent_id, request.request_id)
-        stream = _Stream(self.link, subject, self.coalesce_seconds)
+        stream = self._stream_for(request)
         with self.streams_lock:
             if request.request_id in self.streams:
                 return  # the same request twice: it is already being served
             self.streams[request.request_id] = stream
         threading.Thread(target=self._serve, args=(request, stream), name="adaptery-infer", daemon=True).start()
+
+    def _stream_for(self, request: InferRequest) -> _Stream:
+        """The request's outgoing stream: deltas held for this agent's window, or, for an answer the client reads
+        whole, for up to `WHOLE_ANSWER_COALESCE_SECONDS` (a message a second rather than a token)."""
+        coalesce = self.coalesce_seconds
+        if not request.streamed:
+            coalesce = max(coalesce, protocol.WHOLE_ANSWER_COALESCE_SECONDS)
+        return _Stream(self.link, protocol.stream_subject(self.agent_id, request.request_id), coalesce)
 
     def _on_cancel(self, data: bytes) -> None:
         try:

@@ -134,6 +134,9 @@ class InferRequest:
     adapter_key: str | None = None
     adapter_files: dict[str, str] | None = None  # name -> sha256 (safetensors and its config only)
     fairness_key: str = ""  # opaque: the engine shares its batch fairly between keys (the control plane's tenants)
+    # False: the client reads the answer whole (not streamed), so the agent may hold its deltas longer and send
+    # them in fewer messages (`WHOLE_ANSWER_COALESCE_SECONDS`); the first still goes at once
+    streamed: bool = True
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -156,6 +159,7 @@ class InferRequest:
             adapter_key=data.get("adapter_key"),
             adapter_files=files,
             fairness_key=str(data.get("fairness_key") or ""),
+            streamed=data.get("streamed", True) is not False,
         )
 
 
@@ -166,6 +170,9 @@ class InferRequest:
 # itself was down and nothing was streamed (the control plane serves the request elsewhere). A delta may hold many
 # tokens (an agent sends what its engine has produced since its last delta in one message).
 STREAM_KEEPALIVE_SECONDS = 0.5
+# How long an agent may hold a not-streamed answer's deltas to send them together: far below the control plane's
+# deadlines for a stalled stream, and one message a second instead of one a token costs the relay next to nothing.
+WHOLE_ANSWER_COALESCE_SECONDS = 1.0
 
 
 def agent_permissions(agent_id: str) -> dict[str, dict[str, list[str]]]:

@@ -130,6 +130,7 @@ class AgentBackend:
         usage: Usage,
         should_stop: Callable[[], bool],
         tenant_id: str,
+        streamed: bool = True,
     ) -> Iterator[Delta]:
         files = None
         if adapter is not None:
@@ -142,6 +143,7 @@ class AgentBackend:
             adapter_key=adapter.key if adapter is not None else None,
             adapter_files=files,
             fairness_key=tenant_id,
+            streamed=streamed,
         )
         usage.prompt_tokens, usage.completion_tokens = len(prompt_ids), 0
         try:
@@ -246,7 +248,10 @@ class Inference:
         usage: Usage,
         should_stop: Callable[[], bool] = lambda: False,
         tenant_id: str = "",
+        streamed: bool = True,
     ) -> Iterator[Delta]:
+        """`streamed`: whether the client reads the answer as it comes (an agent sends a whole answer's deltas in
+        fewer messages)."""
         control = self._control()
         tried: list[str] = []
         while control is not None:
@@ -270,7 +275,7 @@ class Inference:
             started = False
             try:
                 for delta in remote.generate_on(
-                    agent_id, base_id, adapter, prompt_ids, params, usage, should_stop, tenant_id
+                    agent_id, base_id, adapter, prompt_ids, params, usage, should_stop, tenant_id, streamed
                 ):
                     started = True
                     yield delta

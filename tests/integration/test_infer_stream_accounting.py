@@ -189,3 +189,12 @@ def test_a_negative_token_count_before_the_first_token_sends_the_request_elsewhe
     assert (prompt, completion, failed) == (usage["prompt_tokens"], usage["completion_tokens"], 0)
     assert month == usage["total_tokens"]
     assert running.platform.router.pick("adaptery-demo", None, tenant_id=running.tenant_id) is None  # broken
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_the_agent_is_told_whether_the_client_reads_the_answer_as_it_comes(running, fake_agent):
+    end = {"end": True, "usage": {"prompt_tokens": 3, "completion_tokens": 1}}
+    agent = fake_agent(lambda request: [{"accepted": True}, delta("Hi", 1, "stop"), end])
+    assert chat(running, max_tokens=4, stream=True).status_code == 200
+    assert chat(running, max_tokens=4).json()["choices"][0]["message"]["content"] == "Hi"
+    assert [request["streamed"] for request in agent.requests] == [True, False]  # a whole answer: fewer messages

@@ -134,14 +134,18 @@ class ScriptedEngine:
         return deltas()
 
 
-def serve(tmp_path, engine: ScriptedEngine, link: RecordingLink, coalesce: float, cancel: bool = False) -> None:  # noqa: ANN001
+def serve(
+    tmp_path, engine: ScriptedEngine, link: RecordingLink, coalesce: float, cancel: bool = False, streamed: bool = True
+) -> None:  # noqa: ANN001, E501
     host = InferenceHost(
         link, engine, {"base": str(tmp_path)}, tmp_path / "adapters",  # type: ignore[arg-type]
         vault=AgentVault(tmp_path / "agent.key", tmp_path / "scratch"), roles=["infer"], max_adapters=1,
         announce_seconds=60, coalesce_seconds=coalesce,
     )  # fmt: skip
-    request = InferRequest(request_id="r1", base_id="base", prompt_ids=[1, 2, 3], params={"max_tokens": 16})
-    stream = _Stream(link, "s", coalesce)
+    request = InferRequest(
+        request_id="r1", base_id="base", prompt_ids=[1, 2, 3], params={"max_tokens": 16}, streamed=streamed
+    )
+    stream = host._stream_for(InferRequest.from_json(request.to_json()))  # as it arrives over the bus
     if cancel:
         stream.cancelled.set()
     host._serve(request, stream)
@@ -155,6 +159,16 @@ def test_the_agent_streams_what_its_engine_made_and_counts_every_token(tmp_path,
     assert link.sent[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 5}
     assert received(link.sent)[:2] == ("Hello wörld", 5)
     assert len(link.sent) == (7 if coalesce == 0 else 4)  # accepted, deltas, end
+
+
+def test_an_answer_read_whole_goes_in_a_message_a_second_its_first_token_at_once(tmp_path):
+    link = RecordingLink()
+    serve(tmp_path, ScriptedEngine(pause=0.001), link, 0.0, streamed=False)  # the agent's own window: none
+    assert received(link.sent)[:2] == ("Hello wörld", 5)
+    deltas = [message for message in link.sent if "text" in message]
+    assert [d["text"] for d in deltas] == ["Hel", "lo wörld"]  # the first at once, the rest with the end
+    assert InferRequest.from_json({**InferRequest("r", "b", [1], {}).to_json(), "streamed": None}).streamed
+    assert not InferRequest.from_json({**InferRequest("r", "b", [1], {}).to_json(), "streamed": False}).streamed
 
 
 def test_a_cancelled_request_stops_its_engine_at_once_whatever_the_window(tmp_path):

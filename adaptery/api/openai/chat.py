@@ -455,8 +455,9 @@ class _Choices:
     ledger settled, and nobody needs to for the slot to be given back.
     """
 
-    def __init__(self, p: Platform, job: Prepared) -> None:
+    def __init__(self, p: Platform, job: Prepared, *, streamed: bool) -> None:
         self.n = job.n
+        self.streamed = streamed
         self.usages = [Usage() for _ in range(job.n)]
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[tuple[int, Delta] | BaseException | None] = asyncio.Queue()
@@ -476,7 +477,7 @@ class _Choices:
         try:
             deltas = p.inference.generate(  # the embedded engine, or an infer agent serving the base
                 job.base_id, job.base_ref, job.adapter, job.prompt_ids, job.choice_params(index), self.usages[index],
-                should_stop=self._stop.is_set, tenant_id=job.tenant_id,
+                should_stop=self._stop.is_set, tenant_id=job.tenant_id, streamed=self.streamed,
             )  # fmt: skip
             for delta in deltas:
                 self._post((index, delta))
@@ -632,7 +633,7 @@ async def answer_chat(
     complete, with the model that answered (a stable name's version)."""
     completion_id, created = new_id("chatcmpl-"), int(time.time())
     job = await run_in_threadpool(partial(_prepare, blind=shown_model is not None), p, who, body, completion_id)
-    choices = _Choices(p, job)
+    choices = _Choices(p, job, streamed=bool(body.stream))
     fingerprint = f"fp_adaptery_{job.base_id}"[:64]
     wants_logprobs = job.params.logprobs
     model_label = shown_model or job.model_id
@@ -738,7 +739,7 @@ async def completions(
 ) -> dict | StreamingResponse:
     completion_id, created = new_id("cmpl-"), int(time.time())
     job = await run_in_threadpool(_prepare, p, who, body, completion_id)
-    choices = _Choices(p, job)
+    choices = _Choices(p, job, streamed=bool(body.stream))
     wants_logprobs = job.params.logprobs
 
     def choice(index: int, text: str, finish: str | None, logprobs: Any = None) -> dict[str, Any]:
