@@ -16,8 +16,11 @@ requested lengths. Measured in the same run, at the same dtype on both sides of 
    adapters / vLLM with the same 32 (goal >= 1.5). vLLM runs from its own environment (built once and cached,
    agent/vllm_env.py), tuned as its CPU documentation says (OpenMP threads bound to every core, tcmalloc, else
    jemalloc, and Intel OpenMP preloaded), serves the same weights and PEFT directories, and gets the same requests
-   as token ids (greedy, end of text ignored, streamed so every token is timed), its runs interleaved with the
-   engine's in the same rounds. A side-check compares both engines' greedy outputs with one adapter on 8 prompts.
+   as token ids (greedy, end of text ignored), its runs interleaved with the engine's in the same rounds. Its
+   throughput rounds take each answer whole (not streamed): the engine is measured in-process, so a per-token SSE
+   event through vLLM's API server and this process's parsing of it, on the cores vLLM is bound to, would be a
+   cost the engine does not pay; TTFT and TPOT come from one more round of each, streamed, every token timed.
+   A side-check compares both engines' greedy outputs with one adapter on 8 prompts.
    `--vllm-only` measures only this (and the engine runs it is compared with). One run so far, on the 2-core CPU
    beside other work (load 8-16; `--dtypes float32 --vllm-only --requests 32 --repeats 3`, 8 layers), so not a
    verdict: engine base / vLLM base 0.77, 1.72, 0.49 round by round (median of the runs 0.97), mixed 2.60, 4.87,
@@ -289,6 +292,9 @@ def bench_dtype(
     if vllm is not None:
         out["vllm_base"] = median_run(runs["vllm_base"])
         out["vllm_mixed32"] = median_run(runs["vllm_mixed"])
+        # latencies from one streamed round each (the throughput rounds take answers whole)
+        out["vllm_base"]["streamed"] = vllm.run(reqs, streamed=True)
+        out["vllm_mixed32"]["streamed"] = vllm.run(mixed, streamed=True)
         out["vllm"]["greedy_side_check"] = side_check(engine, vllm, reqs, keyed)
         vllm.stop()
         out["vllm_ratios"] = {
@@ -524,12 +530,21 @@ class VllmSide:
             response = self.server.post("/v1/load_lora_adapter", {"lora_name": f"d-{i}", "lora_path": str(path)})
             response.raise_for_status()
 
-    def run(self, reqs: list[Req]) -> dict:
-        """As run_engine: submitted at the arrival times, every token timed, throughput first arrival -> last token."""
-        records = asyncio.run(self._run(reqs))
-        return summary(records, records[0]["start"])
+    def run(self, reqs: list[Req], *, streamed: bool = False) -> dict:
+        """Submitted at the arrival times; throughput first arrival -> last token. Not streamed (the throughput
+        rounds): each answer comes whole, so neither vLLM's API server nor this process spends anything per token
+        that the engine, measured in-process, does not (this process shares the cores vLLM is bound to).
+        Streamed (one round of each, for TTFT and TPOT): every token timed, as run_engine times the engine's."""
+        records = asyncio.run(self._run(reqs, streamed))
+        if streamed:
+            return summary(records, records[0]["start"])
+        end = max(r["done"] for r in records)
+        tokens = sum(r["tokens"] for r in records)
+        elapsed = end - records[0]["start"]
+        return {"tokens_per_s": tokens / elapsed, "requests_per_s": len(records) / elapsed, "seconds": elapsed,
+                "tokens": tokens, "streamed": False}  # fmt: skip
 
-    async def _run(self, reqs: list[Req]) -> list[dict]:
+    async def _run(self, reqs: list[Req], streamed: bool) -> list[dict]:
         transport = httpx.AsyncHTTPTransport(uds=str(self.server.socket))
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=len(reqs))
         timeout = httpx.Timeout(600.0)
@@ -537,22 +552,33 @@ class VllmSide:
             transport=transport, base_url="http://vllm", headers=self.server.headers, limits=limits, timeout=timeout
         ) as client:
             start = time.perf_counter()
-            return await asyncio.gather(*(self._one(client, req, start) for req in reqs))
+            return await asyncio.gather(*(self._one(client, req, start, streamed) for req in reqs))
 
-    async def _one(self, client: httpx.AsyncClient, req: Req, start: float) -> dict:
+    async def _one(self, client: httpx.AsyncClient, req: Req, start: float, streamed: bool) -> dict:
         await asyncio.sleep(max(0.0, start + req.arrival - time.perf_counter()))
         submitted, times = time.perf_counter(), []
-        tokens = await self.stream(client, req, lambda count: times.extend([time.perf_counter()] * count))
+        if streamed:
+            tokens = await self.stream(client, req, lambda count: times.extend([time.perf_counter()] * count))
+        else:
+            response = await client.post("/v1/completions", json=self.body(req, stream=False))
+            if response.status_code != 200:
+                raise RuntimeError(f"vLLM refused a request: {response.text[:500]!r}")
+            tokens = response.json()["choices"][0]["token_ids"]
         assert len(tokens) == req.output, (len(tokens), req.output)
-        return {"submitted": submitted, "times": times, "start": start}
+        done = time.perf_counter()
+        return {"submitted": submitted, "times": times, "start": start, "done": done, "tokens": len(tokens)}
+
+    @staticmethod
+    def body(req: Req, *, stream: bool) -> dict:
+        return {
+            "model": "bench" if req.adapter is None else f"d-{req.adapter}", "prompt": req.prompt,
+            "max_tokens": req.output, "temperature": 0.0, "ignore_eos": True, "stream": stream,
+            "return_token_ids": True,
+        }  # fmt: skip
 
     async def stream(self, client: httpx.AsyncClient, req: Req, on_tokens: Callable[[int], object]) -> list[int]:
-        body = {
-            "model": "bench" if req.adapter is None else f"d-{req.adapter}", "prompt": req.prompt,
-            "max_tokens": req.output, "temperature": 0.0, "ignore_eos": True, "stream": True, "return_token_ids": True,
-        }  # fmt: skip
         tokens: list[int] = []
-        async with client.stream("POST", "/v1/completions", json=body) as response:
+        async with client.stream("POST", "/v1/completions", json=self.body(req, stream=True)) as response:
             if response.status_code != 200:
                 raise RuntimeError(f"vLLM refused a request: {(await response.aread())[:500]!r}")
             async for line in response.aiter_lines():
@@ -646,9 +672,12 @@ def markdown(results: dict) -> str:
             if not isinstance(v, dict) or "tokens_per_s" not in v:
                 continue
             latency = "– | –"
-            if "ttft_p50_ms" in v:
-                ttft = f"{v['ttft_p50_ms']:.0f} / {v['ttft_p99_ms']:.0f}"
-                latency = f"{ttft} | {v['tpot_p50_ms']:.1f} / {v['tpot_p99_ms']:.1f}"
+            timed = v if "ttft_p50_ms" in v else v.get("streamed") or {}  # vLLM's: from its streamed round
+            if "ttft_p50_ms" in timed:
+                ttft = f"{timed['ttft_p50_ms']:.0f} / {timed['ttft_p99_ms']:.0f}"
+                latency = f"{ttft} | {timed['tpot_p50_ms']:.1f} / {timed['tpot_p99_ms']:.1f}"
+                if timed is not v:
+                    latency += f" (streamed round: {timed['tokens_per_s']:.0f} tokens/s)"
             lines.append(f"| {run} | {d} | {v['tokens_per_s']:.0f} | {v['requests_per_s']:.2f} | {latency} |")
     for d in dtypes:
         if "vllm" in results["dtypes"][d]:

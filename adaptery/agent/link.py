@@ -67,12 +67,14 @@ class AgentLink:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="adaptery-agent-link", daemon=True)
         self._nc: nats.NATS | None = None
+        self._connect_error: Exception | None = None  # the last failure of the first connection, for its message
 
     def connect(self, timeout: float = 30.0, *, enrollment_grace: float = ENROLLMENT_GRACE_SECONDS) -> None:
         """Connect; wrong credentials are refused (nats-py raises its authorization error).
 
         A refusal is retried for `enrollment_grace` seconds: an agent enrolled a moment ago may knock before
-        the platform has reloaded its NATS server's users (it applies enrollments within a second or two).
+        the platform has reloaded its NATS server's users (it applies enrollments within a second or two). An
+        address nothing answers on is retried for `timeout` seconds, then LinkDown says what the last try met.
         """
         self._thread.start()
         deadline = time.monotonic() + enrollment_grace
@@ -85,6 +87,10 @@ class AgentLink:
                     if time.monotonic() >= deadline:
                         raise
                     time.sleep(0.5)
+                except TimeoutError as exc:  # nats-py kept retrying: say at what, not an empty timeout
+                    last = self._connect_error
+                    reason = f"{type(last).__name__}: {last}" if last is not None else "no answer"
+                    raise LinkDown(f"no NATS server answered at {self.url} within {timeout:g} s ({reason})") from exc
         except Exception:
             self.close()
             raise
@@ -99,6 +105,8 @@ class AgentLink:
             # reconnect otherwise.
             if connecting and (isinstance(exc, AuthorizationError) or "authorization violation" in str(exc).lower()):
                 raise AuthorizationError from exc
+            if connecting:
+                self._connect_error = exc
 
         credentials = {"tls": self.tls} if self.tls else {"user": self.agent_id, "password": self.secret}
         nc = nats.NATS()
@@ -127,7 +135,12 @@ class AgentLink:
         await self._nc.subscribe(protocol.notify_subject(self.agent_id), cb=on_notify)
 
     def _run(self, coroutine: Any, timeout: float) -> Any:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=timeout + 5)
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        try:
+            return future.result(timeout=timeout + 5)
+        except TimeoutError:
+            future.cancel()  # or it goes on (nats-py retries a connection for ever) after nobody waits for it
+            raise
 
     def close(self) -> None:
         if self._nc is not None and not self._nc.is_closed:

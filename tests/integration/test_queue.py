@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import io
 import json
+import socket
 import sqlite3
 import time
 import zipfile
@@ -18,7 +19,7 @@ from sqlalchemy import event, func, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from adaptery.agent.link import AgentLink
+from adaptery.agent.link import AgentLink, LinkDown
 from adaptery.db import models as m
 from adaptery.messaging import protocol
 from adaptery.services import agents as agent_records
@@ -410,6 +411,16 @@ def test_an_agent_link_with_a_wrong_secret_fails_after_the_enrollment_grace_not_
         assert right._nc.is_connected
     finally:
         right.close()
+
+
+def test_an_agent_link_to_an_address_nobody_answers_on_says_so_and_stops_trying():
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    link = AgentLink(f"nats://127.0.0.1:{port}", "agent-nowhere", "secret")
+    with pytest.raises(LinkDown, match=rf"no NATS server answered at nats://127.0.0.1:{port} within 0.5 s \(\w+"):
+        link.connect(timeout=0.5, enrollment_grace=0)
+    assert not link._loop.is_running() and not link._thread.is_alive()  # and nothing goes on retrying
 
 
 def test_revoked_or_wrong_credentials_are_refused_by_the_nats_server(running):
