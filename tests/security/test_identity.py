@@ -8,6 +8,7 @@ held the owner's role and the platform flag; a password changed with no proof; a
 from __future__ import annotations
 
 import time
+from urllib.parse import parse_qs, urlsplit
 from unittest import mock
 
 import pytest
@@ -527,3 +528,81 @@ def test_a_signed_in_person_steps_up_and_changes_their_password_while_their_acco
     assert mine.post("/api/auth/platform", json={"password": PASSWORD}).status_code == 200
     changed = mine.post("/api/auth/password", json={"password": "a new password 9", "current_password": PASSWORD})
     assert changed.status_code == 204
+
+
+def accept_token(accept_url: str) -> str:
+    return parse_qs(urlsplit(accept_url).query)["token"][0]
+
+
+def test_a_squatted_username_cannot_accept_another_tenants_invitation_without_its_link(world: World):
+    """The attack (F1): usernames are platform-wide. A rival admin invited a new 'carol', kept her sign-in link,
+    used it and set the password; the lab then invited 'carol' as an admin (meaning the real Carol), and the
+    squatter accepted the lab's invitation from the pending list, switched into the lab and read its files."""
+    rival = other_owner(world)
+    squatted = world.client.post("/api/admin/members", headers=rival, json={"username": "carol"}).json()
+    carol = follow_link(world, squatted["login_url"])
+    assert carol.post("/api/auth/password", json={"password": PASSWORD}).status_code == 204
+    carol = sign_in(world, "carol")
+    invited = world.client.post(
+        "/api/admin/members", headers=world.auth("owner"), json={"username": "carol", "role": "admin"}
+    )
+    assert invited.status_code == 201, invited.text
+
+    invitation = carol.get("/api/invitations").json()["data"][0]  # she still sees it, to open the link
+    accept = f"/api/invitations/{invitation['id']}/accept"
+    for body in (None, {}, {"token": "not-the-link"}, {"token": squatted["login_url"].split("token=")[1]}):
+        refused = carol.post(accept, json=body)
+        assert refused.status_code == 403, refused.text
+        assert refused.json()["error"]["code"] == "invitation_link_required"
+    assert carol.post("/api/auth/switch", json={"tenant_id": world.tenant_id}).status_code == 404
+    assert [t["name"] for t in carol.get("/api/me").json()["tenants"]] == ["attacker"]
+    with world.platform.db.system() as s:  # only the link's hash is kept
+        kept = s.get(m.Invitation, invitation["id"])
+        assert kept.token_hash and accept_token(invited.json()["accept_url"]) not in kept.token_hash
+
+    # the lab's link, passed to the real Carol out of band (here the account is hers after all): once
+    body = invited.json()
+    assert body["status"] == "pending" and body["login_url"] is None
+    assert body["accept_url"].startswith(f"{world.platform.settings.base_url}/invitations/accept?")
+    token = accept_token(body["accept_url"])
+    accepted = carol.post(accept, json={"token": token})
+    assert accepted.status_code == 200, accepted.text
+    assert {t["name"]: t["role"] for t in accepted.json()["tenants"]} == {"attacker": "member", "lab": "admin"}
+    assert carol.post(accept, json={"token": token}).status_code == 404  # used: the invitation is gone
+    switched = carol.post("/api/auth/switch", json={"tenant_id": world.tenant_id})
+    assert switched.status_code == 200 and switched.json()["tenant"]["name"] == "lab"
+
+
+def test_a_fresh_accept_link_voids_the_previous_one(world: World):
+    set_password(world, "else-member")
+    owner = world.auth("owner")
+    first = world.client.post("/api/admin/members", headers=owner, json={"username": "else-member"}).json()
+    fresh = world.client.post("/api/admin/members/else-member/link", headers=owner)
+    assert fresh.status_code == 200, fresh.text
+    assert fresh.json()["login_url"] is None and fresh.json()["accept_url"] != first["accept_url"]
+    person = sign_in(world, "else-member")
+    accept = f"/api/invitations/{person.get('/api/invitations').json()['data'][0]['id']}/accept"
+    stale = person.post(accept, json={"token": accept_token(first["accept_url"])})
+    assert stale.status_code == 403 and stale.json()["error"]["code"] == "invitation_link_required"
+    assert person.post(accept, json={"token": accept_token(fresh.json()["accept_url"])}).status_code == 200
+    # an admin of the lab cannot mint a link for an owner's invitation
+    world.client.post("/api/admin/members", headers=owner, json={"username": "else-owner", "role": "owner"})
+    by_admin = world.client.post("/api/admin/members/else-owner/link", headers=world.auth("admin"))
+    assert by_admin.status_code == 403
+
+
+def test_an_expired_accept_link_is_refused_and_declining_needs_none(world: World):
+    set_password(world, "else-member")
+    owner = world.auth("owner")
+    invited = world.client.post("/api/admin/members", headers=owner, json={"username": "else-member"}).json()
+    person = sign_in(world, "else-member")
+    invitation = person.get("/api/invitations").json()["data"][0]
+    with world.platform.db.system() as s:
+        s.get(m.Invitation, invitation["id"]).expires_at = time.time() - 1
+    late = person.post(f"/api/invitations/{invitation['id']}/accept", json={"token": accept_token(invited["accept_url"])})
+    assert late.status_code == 404
+    again = world.client.post("/api/admin/members/else-member/link", headers=owner).json()
+    invitation = person.get("/api/invitations").json()["data"][0]
+    assert person.post(f"/api/invitations/{invitation['id']}/decline").status_code == 200
+    gone = person.post(f"/api/invitations/{invitation['id']}/accept", json={"token": accept_token(again["accept_url"])})
+    assert gone.status_code == 404
