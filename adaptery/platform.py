@@ -148,6 +148,7 @@ class Platform:
                 self.settings.bootstrap_tenant,
                 self.settings.bootstrap_username,
                 login_link_hours=self.settings.login_link_hours,
+                invitation_days=self.settings.invitation_days,
                 platform_admin=True,  # the first person in runs the platform (sets tenant limits)
             )
             return FirstStart(

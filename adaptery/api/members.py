@@ -1,5 +1,6 @@
-"""Bringing people into a tenant and out of it: invitations with a one-time sign-in link, removal, and a
-fresh link for a member who lost theirs. Listing members and changing roles live in `api.admin`."""
+"""Bringing people into a tenant and out of it: invitations with a one-time sign-in link (someone new) or
+accept link (someone with an account), removal, and a fresh link for a pending invitation or a member who
+lost theirs. Listing members and changing roles live in `api.admin`."""
 
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ class InviteRequest(BaseModel):
 
 
 def _invitation(p: Platform, invited: tenants.Invited) -> dict[str, Any]:
-    """Someone new: their one-time sign-in link, shown once (only its hash is kept). Someone with an account
-    already: a pending invitation they accept after signing in as themself; no link."""
+    """Someone new: their one-time sign-in link. Someone with an account already: a pending invitation and the
+    one-time link that accepts it, for the admin to pass to the person they mean (the account of that name may
+    be someone else's). Either link is shown once; only its hash is kept."""
     body: dict[str, Any] = {
         "object": "member.invitation",
         "username": invited.username,
@@ -34,16 +36,18 @@ def _invitation(p: Platform, invited: tenants.Invited) -> dict[str, Any]:
         "role": invited.role,
         "status": "invited" if invited.token else "pending",
         "login_url": None,
+        "accept_url": None,
         "expires_in_hours": None,
     }
     if invited.token:
         body["login_url"] = f"{p.settings.base_url}/auth/link?token={invited.token}"
         body["expires_in_hours"] = p.settings.login_link_hours
     else:
+        body["accept_url"] = p.settings.base_url + tenants.accept_path(invited.invitation.id, invited.accept_token)
         body["expires_in_hours"] = p.settings.invitation_days * 24
         body["message"] = (
-            f"'{invited.username}' already has an account: they see the invitation when they sign in, and join "
-            "once they accept it."
+            f"'{invited.username}' already has an account: send them the accept link privately. They open it "
+            "signed in as themself and join once they accept; without the link they cannot."
         )
     return body
 
@@ -61,7 +65,8 @@ def _check_grant(who: Principal, current: Role | None, wanted: Role) -> None:
 @router.post("", status_code=201)
 def invite_member(body: InviteRequest, who: Principal = Depends(principal), p: Platform = Depends(platform)) -> dict:
     """Add someone new with a role (the answer carries their one-time sign-in link), or invite someone who
-    already has an account (they accept while signed in as themself)."""
+    already has an account (the answer carries the one-time accept link for them; they accept with it while
+    signed in as themself)."""
     _check_grant(who, None, body.role)
     with p.db.tenant(who.tenant_id) as s:
         invited = tenants.invite_member(
@@ -100,10 +105,21 @@ def remove_member(username: str, who: Principal = Depends(principal), p: Platfor
 
 
 @router.post("/{username}/link")
-def new_sign_in_link(username: str, who: Principal = Depends(principal), p: Platform = Depends(platform)) -> dict:
-    """A fresh one-time sign-in link for a member who lost their invitation before setting up their account.
-    Never for someone who has: that link would sign in as them (a forgotten password is the operator's
-    `adaptery users reset-link`)."""
+def new_link(username: str, who: Principal = Depends(principal), p: Platform = Depends(platform)) -> dict:
+    """A fresh one-time link: for a pending invitation, its accept link (the previous one stops working, and
+    the invitation runs for `invitation_days` again); for a member who lost their invitation before setting
+    up their account, a sign-in link. Never a sign-in link for someone who has: it would sign in as them (a
+    forgotten password is the operator's `adaptery users reset-link`)."""
+    with p.db.tenant(who.tenant_id) as s:
+        invitation = tenants.pending_invitation(s, username)
+        if invitation is not None:
+            _check_grant(who, None, Role(invitation.role))
+            token = tenants.renew_accept_link(invitation, days=p.settings.invitation_days)
+            audit.record(s, who, "member.invitation_link", target=username, detail={"role": invitation.role})
+            invited = tenants.Invited(
+                username, invitation.user_id, invitation.role, invitation=invitation, accept_token=token
+            )
+            return _invitation(p, invited)
     with p.db.system() as s:
         member, token = tenants.new_setup_link(s, who.tenant_id, username, hours=p.settings.login_link_hours)
         current = Role(member.membership.role)

@@ -15,7 +15,7 @@ from adaptery.auth.secrets import hash_token
 from adaptery.engine.loading import ModelNotAvailable
 from adaptery.platform import Platform
 from adaptery.services import audit, catalog, sessions, sso, tenants
-from adaptery.services.errors import ServiceError, Unauthenticated
+from adaptery.services.errors import PermissionDenied, ServiceError, Unauthenticated
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "web" / "static"
 # Ties a sign-in through an identity provider to the browser that started it. SameSite=Lax, not Strict: the
@@ -38,6 +38,11 @@ class PasswordRequest(BaseModel):
 class StepUpRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     password: str = Field(max_length=sessions.MAX_PASSWORD_LENGTH)
+
+
+class AcceptRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    token: str = Field("", max_length=128)  # from the invitation's accept link
 
 
 class SwitchRequest(BaseModel):
@@ -83,6 +88,13 @@ def _set_cookies(response: Response, request: Request, new: sessions.NewSession,
 @router.get("/", include_in_schema=False)
 def index() -> FileResponse:
     return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/invitations/accept", include_in_schema=False)
+def invitation_page() -> FileResponse:
+    """An invitation's accept link opens the page, which shows the invitation with an Accept button that
+    sends the link's token; opening it changes nothing."""
+    return index()
 
 
 @router.get("/api/health", tags=["meta"])
@@ -319,20 +331,31 @@ def my_invitations(who: Principal = Depends(principal), p: Platform = Depends(pl
     return {"object": "list", "data": data}
 
 
-def _answer(p: Platform, who: Principal, invitation_id: str, *, accept: bool) -> dict:
-    with p.db.system() as s:
-        invitation = tenants.answer_invitation(s, who.user_id, invitation_id, accept=accept)
-        action = "member.invitation_accept" if accept else "member.invitation_decline"
-        detail = {"role": invitation.role}
-        audit.record(s, who, action, tenant_id=invitation.tenant_id, target=who.username, detail=detail)
-        return _me(s, who)
+def _answer(p: Platform, who: Principal, invitation_id: str, *, accept: bool, token: str | None = None) -> dict:
+    action = "member.invitation_accept" if accept else "member.invitation_decline"
+    try:
+        with p.db.system() as s:
+            invitation = tenants.answer_invitation(s, who.user_id, invitation_id, accept=accept, token=token)
+            detail = {"role": invitation.role}
+            audit.record(s, who, action, tenant_id=invitation.tenant_id, target=who.username, detail=detail)
+            return _me(s, who)
+    except PermissionDenied as refused:  # the invitation exists and is theirs, the link did not match
+        with p.db.system() as s:
+            audit.record(s, who, action, target=who.username, outcome="failure", detail={"reason": refused.code})
+        raise
 
 
 @router.post("/api/invitations/{invitation_id}/accept")
-def accept_invitation(invitation_id: str, who: Principal = Depends(principal), p: Platform = Depends(platform)) -> dict:
+def accept_invitation(
+    invitation_id: str,
+    body: AcceptRequest | None = None,
+    who: Principal = Depends(principal),
+    p: Platform = Depends(platform),
+) -> dict:
     """Join the tenant that invited you, with the invited role: yours to accept, signed in as yourself in the
-    web page (an API key cannot accept for you)."""
-    return _answer(p, who, invitation_id, accept=True)
+    web page (an API key cannot accept for you), with the token of the accept link its admin sent you
+    (403 `invitation_link_required` without it: the pending list alone is not enough)."""
+    return _answer(p, who, invitation_id, accept=True, token=body.token if body else None)
 
 
 @router.post("/api/invitations/{invitation_id}/decline")

@@ -582,7 +582,8 @@ def create_tenant(
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
 ) -> None:
-    """Create a tenant and its owner; prints the owner's API key and sign-in link once."""
+    """Create a tenant and its owner; prints the owner's API key and sign-in link once (an owner who already
+    has an account: the one-time link with which they accept the tenant's invitation instead)."""
     from adaptery.db.session import Database
     from adaptery.services import tenants
     from adaptery.services.errors import ServiceError
@@ -592,14 +593,27 @@ def create_tenant(
     db.migrate()
     try:
         with db.system() as s:
-            created = tenants.create_tenant(s, name, owner, login_link_hours=settings.login_link_hours)
+            created = tenants.create_tenant(
+                s,
+                name,
+                owner,
+                login_link_hours=settings.login_link_hours,
+                invitation_days=settings.invitation_days,
+            )
     except ServiceError as exc:
         console.print(f"[red]Error:[/red] {exc.message}")
         raise typer.Exit(1) from exc
-    if created.login_token:
-        print(f"ADAPTERY_LOGIN_URL={settings.base_url}/auth/link?token={created.login_token}")
-    else:
-        console.print(f"'{owner}' already has an account: they sign in as themself and switch to '{name}'.")
+    if created.invitation:
+        console.print(
+            f"'{owner}' already has an account: they are invited as owner of '{name}'. Send this one-time link "
+            f"privately to the person you mean; they open it signed in as themself and accept (for "
+            f"{settings.invitation_days:g} days). It is not shown again."
+        )
+        print(
+            f"ADAPTERY_ACCEPT_URL={settings.base_url}{tenants.accept_path(created.invitation.id, created.accept_token)}"
+        )
+        return
+    print(f"ADAPTERY_LOGIN_URL={settings.base_url}/auth/link?token={created.login_token}")
     print(f"ADAPTERY_API_KEY={created.api_key}")
 
 

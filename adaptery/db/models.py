@@ -65,7 +65,9 @@ class SignInDevice(Base):
 
 
 class Invitation(TenantOwned, Base):
-    """An existing person asked to join a tenant: a membership only once they accept while signed in."""
+    """An existing person asked to join a tenant: a membership only once they accept while signed in, with the
+    one-time link the inviting admin passed them (usernames are platform-wide: the account may not be the person
+    the admin meant). Only the hash of the link's token is kept; None: an invitation from before links."""
 
     __tablename__ = "invitations"
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -74,6 +76,7 @@ class Invitation(TenantOwned, Base):
     invited_by: Mapped[str | None] = mapped_column(String(40))
     created_at: Mapped[float] = mapped_column(Float, default=now)
     expires_at: Mapped[float] = mapped_column(Float)
+    token_hash: Mapped[str | None] = mapped_column(String(64))
 
 
 class Membership(TenantOwned, Base):

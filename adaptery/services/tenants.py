@@ -5,16 +5,17 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
+from urllib.parse import urlencode
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from adaptery.auth.principal import Role
-from adaptery.auth.secrets import hash_token
+from adaptery.auth.secrets import hash_token, same_token
 from adaptery.db import models as m
 from adaptery.db.ids import new_id, random_token
 from adaptery.services import keys
-from adaptery.services.errors import Conflict, InvalidRequest, NotFound
+from adaptery.services.errors import Conflict, InvalidRequest, NotFound, PermissionDenied
 from adaptery.services.sessions import has_signed_in, uses_sso
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -24,8 +25,10 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 class NewTenant:
     tenant: m.Tenant
     owner: m.User
-    api_key: str
-    login_token: str | None  # None: the owner already had an account, and signs in as themself
+    api_key: str | None  # None: the owner already had an account, and is invited (below)
+    login_token: str | None  # a new owner's first sign-in link
+    invitation: m.Invitation | None = None  # an owner with an account becomes owner by accepting it...
+    accept_token: str | None = None  # ...with this link's token, passed to them by the platform operator
 
 
 def check_name(name: str, what: str) -> str:
@@ -57,32 +60,37 @@ def all_tenants(system_session: Session) -> list[m.Tenant]:
 
 
 def create_tenant(
-    session: Session, name: str, owner_username: str, *, login_link_hours: float, platform_admin: bool = False
+    session: Session,
+    name: str,
+    owner_username: str,
+    *,
+    login_link_hours: float,
+    invitation_days: float,
+    platform_admin: bool = False,
 ) -> NewTenant:
     """Create a tenant with its owner; returns the owner's first API key and sign-in token once.
 
-    An owner who already has an account elsewhere gets no sign-in link (it would sign in as them): they
-    switch to the new tenant after signing in as themself. `platform_admin` (the platform's first start only)
-    makes the owner a platform admin and their first key a platform key."""
+    An owner who already has an account gets no sign-in link (it would sign in as them), no key and no
+    membership: they are invited as owner, and accept with the one-time accept link (usernames are
+    platform-wide: the account of that name may not be the person meant). `platform_admin` (the platform's
+    first start only) makes the owner a platform admin and their first key a platform key."""
     check_name(name, "tenant")
     check_name(owner_username, "username")
     if tenant_named(session, name) is not None:
         raise Conflict(f"A tenant named '{name}' already exists", param="tenant")
     user = session.scalar(select(m.User).where(m.User.username == owner_username))
-    existing = user is not None
-    if user is None:
-        user = m.User(id=new_id("user_"), username=owner_username, is_platform_admin=platform_admin)
-        session.add(user)
     tenant = m.Tenant(id=new_id("tn_"), name=name)
     session.add(tenant)
+    if user is not None:
+        session.flush()
+        invitation, accept_token = _invite(session, tenant.id, user, Role.OWNER, invited_by=None, days=invitation_days)
+        return NewTenant(tenant, user, None, None, invitation=invitation, accept_token=accept_token)
+    user = m.User(id=new_id("user_"), username=owner_username, is_platform_admin=platform_admin)
+    session.add(user)
     session.flush()
     session.add(m.Membership(id=new_id("mem_"), tenant_id=tenant.id, user_id=user.id, role=Role.OWNER))
-    key = keys.create_key(
-        session, tenant_id=tenant.id, user_id=user.id, name="first key", platform=platform_admin and not existing
-    )
-    token = None
-    if user.password_hash is None and not existing:
-        token = create_login_token(session, tenant_id=tenant.id, user_id=user.id, hours=login_link_hours)
+    key = keys.create_key(session, tenant_id=tenant.id, user_id=user.id, name="first key", platform=platform_admin)
+    token = create_login_token(session, tenant_id=tenant.id, user_id=user.id, hours=login_link_hours)
     return NewTenant(tenant, user, key.secret, token)
 
 
@@ -148,13 +156,15 @@ def list_members(session: Session) -> list[MemberRow]:
 
 @dataclass(frozen=True)
 class Invited:
-    """A new person joined with a one-time link (`token`), or an existing person was asked (`invitation`)."""
+    """A new person joined with a one-time sign-in link (`token`), or an existing person was asked
+    (`invitation`), to accept with a one-time link (`accept_token`)."""
 
     username: str
     user_id: str
     role: str
     token: str | None = None
     invitation: m.Invitation | None = None
+    accept_token: str | None = None
 
 
 def invite_member(
@@ -169,7 +179,8 @@ def invite_member(
 ) -> Invited:
     """Someone new to the platform joins at once, with a one-time link that can only ever sign in as them.
     Someone who already has an account is invited: nothing changes until they accept, signed in as themself,
-    and nobody gets a link that signs in as them."""
+    with the one-time accept link the inviting admin passes them; nobody gets a link that signs in as them.
+    (Usernames are platform-wide: the account may be a squatter's, who must not join on the name alone.)"""
     check_name(username, "username")
     user = session.scalar(select(m.User).where(m.User.username == username))
     if user is None:
@@ -181,18 +192,38 @@ def invite_member(
         return Invited(username, user.id, role.value, token=token)
     if session.scalar(select(m.Membership).where(m.Membership.user_id == user.id)) is not None:
         raise Conflict(f"'{username}' is already a member of this tenant.", param="username", code="already_member")
-    session.execute(delete(m.Invitation).where(m.Invitation.user_id == user.id))  # a new one replaces it
+    invitation, accept_token = _invite(session, tenant_id, user, role, invited_by=invited_by, days=invitation_days)
+    return Invited(username, user.id, role.value, invitation=invitation, accept_token=accept_token)
+
+
+def _invite(
+    session: Session, tenant_id: str, user: m.User, role: Role, *, invited_by: str | None, days: float
+) -> tuple[m.Invitation, str]:
+    """A pending invitation and its accept token (shown once; only its hash is kept). A new one replaces the
+    person's earlier one in this tenant."""
+    session.execute(delete(m.Invitation).where(m.Invitation.user_id == user.id, m.Invitation.tenant_id == tenant_id))
     invitation = m.Invitation(
-        id=new_id("inv_"),
-        tenant_id=tenant_id,
-        user_id=user.id,
-        role=role.value,
-        invited_by=invited_by,
-        expires_at=time.time() + invitation_days * 86400,
+        id=new_id("inv_"), tenant_id=tenant_id, user_id=user.id, role=role.value, invited_by=invited_by
     )
+    token = renew_accept_link(invitation, days=days)
     session.add(invitation)
     session.flush()
-    return Invited(username, user.id, role.value, invitation=invitation)
+    return invitation, token
+
+
+def accept_path(invitation_id: str, token: str) -> str:
+    """Where an accept link points, below the platform's public URL: the page that shows the invitation to
+    its person, with an Accept button that sends the token (opening it changes nothing)."""
+    return f"/invitations/accept?{urlencode({'invitation': invitation_id, 'token': token})}"
+
+
+def renew_accept_link(invitation: m.Invitation, *, days: float) -> str:
+    """A fresh one-time accept link for a pending invitation, good for `days` from now; the previous link
+    stops working."""
+    token = random_token(40)
+    invitation.token_hash = hash_token(token)
+    invitation.expires_at = time.time() + days * 86400
+    return token
 
 
 def pending_invitation(session: Session, username: str) -> m.Invitation | None:
@@ -229,11 +260,22 @@ def invitations_for(system_session: Session, user_id: str) -> list[tuple[m.Invit
     return [(invitation, tenant) for invitation, tenant in rows]
 
 
-def answer_invitation(system_session: Session, user_id: str, invitation_id: str, *, accept: bool) -> m.Invitation:
-    """The invited person accepts (a membership with the invited role) or declines; 404 for anyone else's."""
+def answer_invitation(
+    system_session: Session, user_id: str, invitation_id: str, *, accept: bool, token: str | None = None
+) -> m.Invitation:
+    """The invited person accepts (a membership with the invited role) or declines; 404 for anyone else's.
+    Accepting takes the invitation's one-time link (`token`), which the inviting admin passed to the person
+    they meant: being signed in as an account of that username is not enough. Declining takes none."""
     invitation = system_session.get(m.Invitation, invitation_id, with_for_update=True)
     if invitation is None or invitation.user_id != user_id or invitation.expires_at <= time.time():
         raise NotFound(f"No invitation with id '{invitation_id}'", param="invitation_id")
+    if accept and not (token and invitation.token_hash and same_token(token, invitation.token_hash)):
+        raise PermissionDenied(
+            "Accepting this invitation takes the link the workspace's admin sent you: open it while signed in "
+            "as yourself. A link that does not work (an old one, or none) can be replaced by that admin.",
+            param="token",
+            code="invitation_link_required",
+        )
     if accept:
         already = system_session.scalar(
             select(m.Membership).where(m.Membership.user_id == user_id, m.Membership.tenant_id == invitation.tenant_id)

@@ -635,13 +635,23 @@ def test_someone_with_an_account_is_invited_accepts_and_switches_workspace(journ
     page.select_option("#invite-role", "member")
     page.click("#invite-submit")
     expect(page.locator("#invite-link")).to_contain_text("already has an account")
-    expect(page.locator("#invite-link-value")).to_have_count(0)  # no link that signs in as carol
+    accept_url = page.locator("#invite-link-value").inner_text()  # accepts; never signs in as carol
+    assert "/invitations/accept?" in accept_url and "/auth/link" not in accept_url
     expect(page.locator("#members")).to_contain_text("Invitations waiting")
 
+    # the account named carol sees the invitation, but joins only with the link the admin sent
     carol.reload()
     expect(carol.locator("#invitations-banner")).to_contain_text("default invites you as member")
+    expect(carol.locator("#invitations-banner")).to_contain_text("open the link its admin sent you")
+    expect(carol.get_by_role("button", name="Accept")).to_have_count(0)
+    signed_out = journey.browser.new_context().new_page()
+    signed_out.goto(accept_url)
+    expect(signed_out.locator("#invitation-hint")).to_be_visible()  # sign in first; the link stays
+    signed_out.context.close()
+    carol.goto(accept_url)
     carol.get_by_role("button", name="Accept").click()
     expect(carol.locator("#invitations-banner")).to_be_hidden()
+    assert "token" not in carol.url
     expect(carol.locator("#tenant-switch")).to_be_visible()
     carol.select_option("#tenant-switch", label="default (member)")
     expect(carol.locator("#tenant-name")).to_have_text("default")

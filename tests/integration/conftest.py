@@ -45,7 +45,7 @@ class Running:
 
     def new_tenant(self, name: str, owner: str) -> tenants.NewTenant:
         with self.platform.db.system() as s:
-            return tenants.create_tenant(s, name, owner, login_link_hours=1)
+            return tenants.create_tenant(s, name, owner, login_link_hours=1, invitation_days=1)
 
 
 def make_settings(tmp_path: Path, database_url: str, demo_model_dir: Path, **overrides: object) -> Settings:

@@ -15,8 +15,8 @@ from adaptery.services.errors import NotFound
 @pytest.fixture
 def two_labs(db):
     with db.system() as s:
-        lab = tenants.create_tenant(s, "lab", "alice", login_link_hours=1)
-        other = tenants.create_tenant(s, "other", "mallory", login_link_hours=1)
+        lab = tenants.create_tenant(s, "lab", "alice", login_link_hours=1, invitation_days=1)
+        other = tenants.create_tenant(s, "other", "mallory", login_link_hours=1, invitation_days=1)
         return lab.tenant.id, other.tenant.id
 
 

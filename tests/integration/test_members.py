@@ -16,7 +16,7 @@ from adaptery.services.errors import Conflict
 
 def _two_owners(db: Database) -> str:
     with db.system() as s:
-        created = tenants.create_tenant(s, "lab", "first", login_link_hours=1)
+        created = tenants.create_tenant(s, "lab", "first", login_link_hours=1, invitation_days=1)
         second = m.User(id=new_id("user_"), username="second")
         s.add(second)
         s.flush()

@@ -21,7 +21,7 @@ from adaptery.storage.keys import Keyring
 
 def make_tenant(db: Database, name: str) -> str:
     with db.system() as s:
-        return tenants.create_tenant(s, name, f"{name}-owner", login_link_hours=1).tenant.id
+        return tenants.create_tenant(s, name, f"{name}-owner", login_link_hours=1, invitation_days=1).tenant.id
 
 
 def add_file(db: Database, tenant_id: str) -> str:

@@ -19,7 +19,7 @@ from tests.conftest import SAMPLE_CHAT, ca_pem
 from tests.security.conftest import World
 from tests.security.objects import trained, unpack
 from tests.security.test_authorization_matrix import app_routes
-from tests.security.test_identity import PASSWORD, set_password, sign_in
+from tests.security.test_identity import PASSWORD, accept_token, set_password, sign_in
 
 # Not security-relevant, so not audited (each is accounted elsewhere or touches only its caller's own drafts):
 NOT_AUDITED = {
@@ -111,7 +111,8 @@ def calls(world: World, lora_bytes: bytes, tmp_path) -> list[tuple[str, Callable
     def invite_lab_member_elsewhere() -> str:
         created = world.running.new_tenant("elsewhere-two", "someone")
         other = {"Authorization": f"Bearer {created.api_key}"}
-        client.post("/api/admin/members", headers=other, json={"username": "lab-member", "role": "member"})
+        invited = client.post("/api/admin/members", headers=other, json={"username": "lab-member", "role": "member"})
+        state["accept"] = {"token": accept_token(invited.json()["accept_url"])}
         state["elsewhere"] = created.tenant.id
         return browser().get("/api/invitations").json()["data"][0]["id"]
 
@@ -198,7 +199,7 @@ def calls(world: World, lora_bytes: bytes, tmp_path) -> list[tuple[str, Callable
         ("POST /api/auth/password", lambda: browser().post(
             "/api/auth/password", json={"password": "another password", "current_password": PASSWORD})),
         ("POST /api/invitations/{invitation_id}/accept", lambda: browser().post(
-            f"/api/invitations/{invite_lab_member_elsewhere()}/accept")),
+            f"/api/invitations/{invite_lab_member_elsewhere()}/accept", json=state["accept"])),
         ("POST /api/invitations/{invitation_id}/decline", decline),
         ("POST /api/auth/switch", switch),
         ("POST /api/auth/logout", lambda: browser().post("/api/auth/logout")),

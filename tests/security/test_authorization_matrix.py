@@ -43,6 +43,7 @@ EXPECT: dict[str, Expect] = {
     "GET /openapi.json": PUBLIC,
     "MOUNT /static": PUBLIC,
     "GET /auth/link": PUBLIC,
+    "GET /invitations/accept": PUBLIC,
     "GET /api/health": PUBLIC,
     "POST /api/auth/login": PUBLIC,
     "POST /api/auth/logout": SIGNED_IN,

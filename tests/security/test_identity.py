@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from unittest import mock
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from fastapi.testclient import TestClient
@@ -64,8 +65,9 @@ def test_inviting_an_existing_person_gives_no_link_and_no_membership_until_they_
     assert body["status"] == "pending" and body["login_url"] is None
     members = world.client.get("/api/admin/members", headers=attacker).json()["data"]
     assert target not in [member["username"] for member in members]
+    # a fresh link for the invitation accepts it (signed in as the target); it never signs in as them
     link = world.client.post(f"/api/admin/members/{target}/link", headers=attacker)
-    assert link.status_code == 404  # not their member
+    assert link.status_code == 200 and link.json()["login_url"] is None and link.json()["accept_url"]
     with world.platform.db.system() as s:  # the attacker's tenant holds no link for the target
         user = s.query(m.User).filter_by(username=target).one()
         tenant = s.query(m.Tenant).filter_by(name="attacker").one()
@@ -83,19 +85,22 @@ def test_a_person_who_never_signed_in_is_not_handed_to_another_tenant_either(wor
 def test_the_invited_person_accepts_signed_in_as_themself_and_switches_tenant(world: World):
     set_password(world, "lab-member")
     attacker = other_owner(world)
-    world.client.post("/api/admin/members", headers=attacker, json={"username": "lab-member", "role": "member"})
-    # an API key cannot answer for its person
+    invited = world.client.post(
+        "/api/admin/members", headers=attacker, json={"username": "lab-member", "role": "member"}
+    ).json()
+    token = {"token": accept_token(invited["accept_url"])}
+    # an API key cannot answer for its person, even with the link
     mine = world.client.get("/api/invitations", headers=world.auth("member")).json()["data"]
     assert len(mine) == 1 and mine[0]["tenant"]["name"] == "attacker"
-    by_key = world.client.post(f"/api/invitations/{mine[0]['id']}/accept", headers=world.auth("member"))
+    by_key = world.client.post(f"/api/invitations/{mine[0]['id']}/accept", headers=world.auth("member"), json=token)
     assert by_key.status_code == 403 and by_key.json()["error"]["code"] == "session_required"
-    # nobody else can answer it
+    # nobody else can answer it, even with the link
     outsider = sign_in_new(world, "lab-viewer")
-    assert outsider.post(f"/api/invitations/{mine[0]['id']}/accept").status_code == 404
+    assert outsider.post(f"/api/invitations/{mine[0]['id']}/accept", json=token).status_code == 404
 
     client = sign_in(world, "lab-member")
     assert client.get("/api/me").json()["invitations"] == 1
-    accepted = client.post(f"/api/invitations/{mine[0]['id']}/accept")
+    accepted = client.post(f"/api/invitations/{mine[0]['id']}/accept", json=token)
     assert accepted.status_code == 200, accepted.text
     tenants_of = {t["name"]: t for t in accepted.json()["tenants"]}
     assert set(tenants_of) == {"lab", "attacker"} and tenants_of["attacker"]["role"] == "member"
@@ -499,9 +504,14 @@ def test_a_link_kept_by_one_tenant_dies_when_its_person_joins_another(world: Wor
     # dave has signed in: the rival gets no second link at all (FINDINGS M3), so there is none to keep
     kept = world.client.post("/api/admin/members/dave/link", headers=rival)
     assert kept.status_code == 409 and kept.json()["error"]["code"] == "account_set_up"
-    world.client.post("/api/admin/members", headers=world.auth("owner"), json={"username": "dave", "role": "admin"})
+    invited = world.client.post(
+        "/api/admin/members", headers=world.auth("owner"), json={"username": "dave", "role": "admin"}
+    ).json()
     invitation = dave.get("/api/invitations").json()["data"][0]
-    assert dave.post(f"/api/invitations/{invitation['id']}/accept").status_code == 200
+    accepted = dave.post(
+        f"/api/invitations/{invitation['id']}/accept", json={"token": accept_token(invited["accept_url"])}
+    )
+    assert accepted.status_code == 200
     used = browser(world).get("/auth/link?" + first["login_url"].split("?", 1)[1], follow_redirects=False)
     assert used.headers["location"] == "/?link=invalid"
 
@@ -527,3 +537,99 @@ def test_a_signed_in_person_steps_up_and_changes_their_password_while_their_acco
     assert mine.post("/api/auth/platform", json={"password": PASSWORD}).status_code == 200
     changed = mine.post("/api/auth/password", json={"password": "a new password 9", "current_password": PASSWORD})
     assert changed.status_code == 204
+
+
+def accept_token(accept_url: str) -> str:
+    return parse_qs(urlsplit(accept_url).query)["token"][0]
+
+
+def test_a_squatted_username_cannot_accept_another_tenants_invitation_without_its_link(world: World):
+    """The attack (F1): usernames are platform-wide. A rival admin invited a new 'carol', kept her sign-in link,
+    used it and set the password; the lab then invited 'carol' as an admin (meaning the real Carol), and the
+    squatter accepted the lab's invitation from the pending list, switched into the lab and read its files."""
+    rival = other_owner(world)
+    squatted = world.client.post("/api/admin/members", headers=rival, json={"username": "carol"}).json()
+    carol = follow_link(world, squatted["login_url"])
+    assert carol.post("/api/auth/password", json={"password": PASSWORD}).status_code == 204
+    carol = sign_in(world, "carol")
+    invited = world.client.post(
+        "/api/admin/members", headers=world.auth("owner"), json={"username": "carol", "role": "admin"}
+    )
+    assert invited.status_code == 201, invited.text
+
+    invitation = carol.get("/api/invitations").json()["data"][0]  # she still sees it, to open the link
+    accept = f"/api/invitations/{invitation['id']}/accept"
+    for body in (None, {}, {"token": "not-the-link"}, {"token": squatted["login_url"].split("token=")[1]}):
+        refused = carol.post(accept, json=body)
+        assert refused.status_code == 403, refused.text
+        assert refused.json()["error"]["code"] == "invitation_link_required"
+    assert carol.post("/api/auth/switch", json={"tenant_id": world.tenant_id}).status_code == 404
+    assert [t["name"] for t in carol.get("/api/me").json()["tenants"]] == ["attacker"]
+    with world.platform.db.system() as s:  # only the link's hash is kept
+        kept = s.get(m.Invitation, invitation["id"])
+        assert kept.token_hash and accept_token(invited.json()["accept_url"]) not in kept.token_hash
+
+    # the lab's link, passed to the real Carol out of band (here the account is hers after all): once
+    body = invited.json()
+    assert body["status"] == "pending" and body["login_url"] is None
+    assert body["accept_url"].startswith(f"{world.platform.settings.base_url}/invitations/accept?")
+    token = accept_token(body["accept_url"])
+    accepted = carol.post(accept, json={"token": token})
+    assert accepted.status_code == 200, accepted.text
+    assert {t["name"]: t["role"] for t in accepted.json()["tenants"]} == {"attacker": "member", "lab": "admin"}
+    assert carol.post(accept, json={"token": token}).status_code == 404  # used: the invitation is gone
+    switched = carol.post("/api/auth/switch", json={"tenant_id": world.tenant_id})
+    assert switched.status_code == 200 and switched.json()["tenant"]["name"] == "lab"
+
+
+def test_a_fresh_accept_link_voids_the_previous_one(world: World):
+    set_password(world, "else-member")
+    owner = world.auth("owner")
+    first = world.client.post("/api/admin/members", headers=owner, json={"username": "else-member"}).json()
+    fresh = world.client.post("/api/admin/members/else-member/link", headers=owner)
+    assert fresh.status_code == 200, fresh.text
+    assert fresh.json()["login_url"] is None and fresh.json()["accept_url"] != first["accept_url"]
+    person = sign_in(world, "else-member")
+    accept = f"/api/invitations/{person.get('/api/invitations').json()['data'][0]['id']}/accept"
+    stale = person.post(accept, json={"token": accept_token(first["accept_url"])})
+    assert stale.status_code == 403 and stale.json()["error"]["code"] == "invitation_link_required"
+    assert person.post(accept, json={"token": accept_token(fresh.json()["accept_url"])}).status_code == 200
+    # an admin of the lab cannot mint a link for an owner's invitation
+    world.client.post("/api/admin/members", headers=owner, json={"username": "else-owner", "role": "owner"})
+    by_admin = world.client.post("/api/admin/members/else-owner/link", headers=world.auth("admin"))
+    assert by_admin.status_code == 403
+
+
+def test_an_expired_accept_link_is_refused_and_declining_needs_none(world: World):
+    set_password(world, "else-member")
+    owner = world.auth("owner")
+    invited = world.client.post("/api/admin/members", headers=owner, json={"username": "else-member"}).json()
+    person = sign_in(world, "else-member")
+    invitation = person.get("/api/invitations").json()["data"][0]
+    with world.platform.db.system() as s:
+        s.get(m.Invitation, invitation["id"]).expires_at = time.time() - 1
+    late = person.post(
+        f"/api/invitations/{invitation['id']}/accept", json={"token": accept_token(invited["accept_url"])}
+    )
+    assert late.status_code == 404
+    again = world.client.post("/api/admin/members/else-member/link", headers=owner).json()
+    invitation = person.get("/api/invitations").json()["data"][0]
+    assert person.post(f"/api/invitations/{invitation['id']}/decline").status_code == 200
+    gone = person.post(f"/api/invitations/{invitation['id']}/accept", json={"token": accept_token(again["accept_url"])})
+    assert gone.status_code == 404
+
+
+def test_a_new_tenant_whose_owner_has_an_account_is_theirs_only_once_they_accept_its_link(world: World):
+    """Before, `adaptery tenants create newco --owner <a name that exists>` made that account owner at once and
+    minted a key as it: whoever held the name (a squatter's account) owned the new tenant."""
+    set_password(world, "lab-member")
+    created = world.running.new_tenant("newco", "lab-member")
+    assert created.api_key is None and created.login_token is None and created.accept_token
+    person = sign_in(world, "lab-member")
+    assert [t["name"] for t in person.get("/api/me").json()["tenants"]] == ["lab"]
+    accept = f"/api/invitations/{created.invitation.id}/accept"
+    refused = person.post(accept)
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "invitation_link_required"
+    joined = person.post(accept, json={"token": created.accept_token})
+    assert joined.status_code == 200, joined.text
+    assert {t["name"]: t["role"] for t in joined.json()["tenants"]} == {"lab": "member", "newco": "owner"}

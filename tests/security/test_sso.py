@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -193,7 +194,7 @@ def sso(
             with platform.db.system() as s:
                 from adaptery.services import tenants
 
-                made = tenants.create_tenant(s, "other-lab", "other-owner", login_link_hours=1)
+                made = tenants.create_tenant(s, "other-lab", "other-owner", login_link_hours=1, invitation_days=1)
                 other_tenant_id = made.tenant.id
             bound = client.put(
                 f"/api/platform/tenants/{other_tenant_id}/identity-providers",
@@ -476,7 +477,8 @@ def test_an_sso_session_cannot_switch_into_a_tenant_that_does_not_trust_its_prov
     invited = sso.client.post("/api/admin/members", headers=sso.auth(sso.other_key), json={"username": "frank"})
     assert invited.status_code == 201 and invited.json()["status"] == "pending"
     invitation = browser.get("/api/invitations").json()["data"][0]["id"]
-    assert browser.post(f"/api/invitations/{invitation}/accept").status_code == 200
+    token = parse_qs(urlsplit(invited.json()["accept_url"]).query)["token"][0]
+    assert browser.post(f"/api/invitations/{invitation}/accept", json={"token": token}).status_code == 200
     switched = browser.post("/api/auth/switch", json={"tenant_id": sso.other_tenant_id})
     assert switched.status_code == 403 and switched.json()["error"]["code"] == "sign_in_method_refused"
 
@@ -677,7 +679,7 @@ def test_passwords_stay_on_until_someone_administers_the_tenant_through_sso(sso:
     with sso.platform.db.system() as s:
         from adaptery.services import tenants
 
-        third = tenants.create_tenant(s, "third-lab", "third-owner", login_link_hours=1)
+        third = tenants.create_tenant(s, "third-lab", "third-owner", login_link_hours=1, invitation_days=1)
     owner = {"Authorization": f"Bearer {third.api_key}"}
     off = {"password_sign_in": False, "link_sign_in": True}
     refused = sso.client.put("/api/admin/sso/policy", headers=owner, json=off)

@@ -1,4 +1,4 @@
-/* Admin: members and roles (invite with a one-time link, change role, remove), single sign-on rules, usage (charts by day,
+/* Admin: members and roles (invite with a one-time sign-in or accept link, change role, remove), single sign-on rules, usage (charts by day,
  * model and user, CSV) and limits, agents, the inference engine, the audit log (paged, filtered, CSV); every tenant for platform admins. A part whose route
  * this server does not have says so instead of failing. */
 
@@ -30,18 +30,18 @@ function objectTable(rows, caption, empty) {
   return table(columns.map((c) => c.replace(/_/g, " ")), rows.map((r) => columns.map((c) => (/_at$|heartbeat$/.test(c) && typeof r[c] === "number" ? fmtTime(r[c]) : scalar(r[c])))), { caption, empty });
 }
 
+/** A new person's one-time sign-in link, or an existing account's one-time accept link: shown once. */
 function linkBox(result) {
-  if (!result.login_url) {
+  const url = result.login_url || result.accept_url;
+  if (!url) {
     return h("p", { class: "notice", id: "invite-link", role: "status" }, result.message || `${result.username} is invited; they join once they accept.`);
   }
   const copy = h("button", { type: "button", class: "btn btn-small" }, "Copy");
-  copy.addEventListener("click", () => copyText(result.login_url, copy));
-  return h(
-    "div",
-    { class: "secret", id: "invite-link", role: "status" },
-    h("p", {}, h("strong", {}, `Sign-in link for ${result.username}`), ` (works once, for ${fmtNumber(result.expires_in_hours)} hours). Send it to them privately; it is not shown again.`),
-    h("div", { class: "secret-row" }, h("code", { class: "wrap", id: "invite-link-value" }, result.login_url), copy),
-  );
+  copy.addEventListener("click", () => copyText(url, copy));
+  const what = result.login_url
+    ? h("p", {}, h("strong", {}, `Sign-in link for ${result.username}`), ` (works once, for ${fmtNumber(result.expires_in_hours)} hours). Send it to them privately; it is not shown again.`)
+    : h("p", {}, h("strong", {}, `Accept link for ${result.username}`), ` (works once, for ${fmtNumber(result.expires_in_hours / 24)} days). ${result.username} already has an account: send the link privately to the person you mean; they open it signed in as themself to join. It is not shown again.`);
+  return h("div", { class: "secret", id: "invite-link", role: "status" }, what, h("div", { class: "secret-row" }, h("code", { class: "wrap", id: "invite-link-value" }, url), copy));
 }
 
 async function membersCard(ctx) {
@@ -107,6 +107,16 @@ async function membersCard(ctx) {
         ? table(
             ["Invited", "Role", "Until", ""],
             members.invitations.map((inv) => {
+              const link = h("button", { type: "button", class: "btn btn-small" }, "New accept link");
+              link.addEventListener("click", async () => {
+                showError(error, null);
+                try {
+                  clear(shown, linkBox(await api(`/api/admin/members/${encodeURIComponent(inv.username)}/link`, { method: "POST" })));
+                  draw();
+                } catch (err) {
+                  showError(error, err);
+                }
+              });
               const withdraw = h("button", { type: "button", class: "btn btn-small" }, "Withdraw");
               withdraw.addEventListener("click", async () => {
                 try {
@@ -116,7 +126,7 @@ async function membersCard(ctx) {
                   showError(error, err);
                 }
               });
-              return [h("strong", {}, inv.username), inv.role, fmtTime(inv.expires_at), withdraw];
+              return [h("strong", {}, inv.username), inv.role, fmtTime(inv.expires_at), h("span", { class: "row-actions" }, link, withdraw)];
             }),
             { caption: "Invitations waiting for an answer" },
           )
@@ -142,7 +152,7 @@ async function membersCard(ctx) {
     }
   });
   await draw();
-  return h("section", { class: "card", id: "members-card" }, h("h2", { class: "card-title" }, "Members and roles"), h("p", { class: "muted" }, "Invite someone by username (lowercase letters, digits and '-'). Someone new gets a one-time sign-in link for you to send them; someone who already has an account sees your invitation when they sign in, and joins once they accept."), form, error, shown, listBox);
+  return h("section", { class: "card", id: "members-card" }, h("h2", { class: "card-title" }, "Members and roles"), h("p", { class: "muted" }, "Invite someone by username (lowercase letters, digits and '-'). Someone new gets a one-time sign-in link for you to send them; for someone who already has an account you get a one-time accept link to send them, which they open signed in as themself to join."), form, error, shown, listBox);
 }
 
 const DAY = 86400;

@@ -22,6 +22,21 @@ const NAV_OF = { jobs: "fine-tune", federations: "fine-tune" };
 
 const state = { me: null, catalog: null, cleanup: null, renderId: 0 };
 
+/** An invitation's accept link (/invitations/accept?invitation=…&token=…), from the inviting admin: kept while
+ * the person signs in, and sent only when they press Accept (opening the link changes nothing). */
+let acceptLink = readAcceptLink();
+
+function readAcceptLink() {
+  if (location.pathname !== "/invitations/accept") return null;
+  const params = new URLSearchParams(location.search);
+  return params.get("invitation") && params.get("token") ? { invitation: params.get("invitation"), token: params.get("token") } : null;
+}
+
+function forgetAcceptLink() {
+  acceptLink = null;
+  history.replaceState(null, "", `/${location.hash}`);
+}
+
 // ---------------------------------------------------------------- context given to every page
 
 const ctx = {
@@ -104,6 +119,7 @@ function showLogin() {
   const params = new URLSearchParams(location.search);
   if (params.get("link") === "invalid") showError($("#link-error"), new Error("That sign-in link is invalid, already used or expired. Ask for a new one, or sign in with your password."));
   if (params.get("sso")) showError($("#sso-error"), new Error(ssoMessage(params.get("sso"))));
+  $("#invitation-hint").hidden = !acceptLink;
   drawSignInChoices();
   $("#username").focus();
 }
@@ -151,7 +167,7 @@ function showApp(me) {
   switcher.hidden = (me.tenants || []).length < 2;
   clear(switcher, ...(me.tenants || []).map((t) => h("option", { value: t.id, selected: t.id === me.tenant.id }, `${t.name} (${t.role})`)));
   drawInvitations(me);
-  if (location.search) history.replaceState(null, "", `/${location.hash}`);
+  if (location.search && !acceptLink) history.replaceState(null, "", `/${location.hash}`);
   route();
 }
 
@@ -236,26 +252,43 @@ async function onSetPassword(event) {
   }
 }
 
+/** Pending invitations: each is declined here, but accepted only with its accept link (the account of this
+ * username may not be the person the workspace's admin meant), which shows its invitation with an Accept button. */
 async function drawInvitations(me) {
   const banner = $("#invitations-banner");
-  banner.hidden = !me.invitations;
-  if (!me.invitations) return;
-  const invitations = await api("/api/invitations");
-  const rows = invitations.data.map((inv) => {
+  banner.hidden = !me.invitations && !acceptLink;
+  if (banner.hidden) return;
+  const invitations = me.invitations ? (await api("/api/invitations")).data : [];
+  const linked = acceptLink && invitations.find((inv) => inv.id === acceptLink.invitation);
+  const rows = invitations.map((inv) => {
     const answer = (verb) => async () => {
       try {
-        showApp(await api(`/api/invitations/${encodeURIComponent(inv.id)}/${verb}`, { method: "POST" }));
+        const body = verb === "accept" ? { token: acceptLink.token } : undefined;
+        const answered = await api(`/api/invitations/${encodeURIComponent(inv.id)}/${verb}`, { method: "POST", body });
+        if (inv === linked) forgetAcceptLink();
+        showApp(answered);
         ctx.toast(verb === "accept" ? `You joined ${inv.tenant.name}; switch to it at the top.` : `Invitation from ${inv.tenant.name} declined.`);
       } catch (err) {
         ctx.toast(err.message);
       }
     };
-    const accept = h("button", { type: "button", class: "btn btn-primary btn-small" }, "Accept");
-    accept.addEventListener("click", answer("accept"));
     const decline = h("button", { type: "button", class: "btn btn-quiet btn-small" }, "Decline");
     decline.addEventListener("click", answer("decline"));
-    return h("p", { class: "invitation" }, h("strong", {}, inv.tenant.name), ` invites you as ${inv.role}. `, accept, " ", decline);
+    if (inv !== linked) {
+      return h("p", { class: "invitation" }, h("strong", {}, inv.tenant.name), ` invites you as ${inv.role}. To accept, open the link its admin sent you. `, decline);
+    }
+    const accept = h("button", { type: "button", class: "btn btn-primary btn-small", id: "accept-invitation" }, "Accept");
+    accept.addEventListener("click", answer("accept"));
+    return h("p", { class: "invitation linked" }, h("strong", {}, inv.tenant.name), ` invites you as ${inv.role}. `, accept, " ", decline);
   });
+  if (acceptLink && !linked) {
+    const dismiss = h("button", { type: "button", class: "btn btn-quiet btn-small" }, "Dismiss");
+    dismiss.addEventListener("click", () => {
+      forgetAcceptLink();
+      drawInvitations(me);
+    });
+    rows.unshift(h("p", { class: "form-error", id: "invitation-link-error", role: "alert" }, `That invitation link is not for ${me.user.username}, or it was answered, replaced or has expired. Sign in as the account you were invited as, or ask the workspace's admin for a new link. `, dismiss));
+  }
   clear($("#invitations-list"), ...rows);
 }
 
