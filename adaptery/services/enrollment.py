@@ -261,6 +261,7 @@ def members(system: Session) -> list[Member]:
         Member(
             agent.id,
             agent.tenant_scope,
+            agent.island,
             identity.subject_string(subject_of(agent.tenant_scope, agent.island, agent.id)),
             leaf=agent.kind == "leaf",
         )
