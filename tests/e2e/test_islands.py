@@ -209,17 +209,17 @@ class World:
     def ns(self, island: str) -> list[str]:
         return ["ip", "netns", "exec", f"{TAG}-{island}"]
 
-    def token(self, scope: str, island: str, roles: str) -> str:
+    def token(self, scope: str, island: str, roles: str | None = None, *, kind: str = "agent") -> str:
+        body = {"scope": scope, "island": island, "kind": kind, "ttl_seconds": 600}
+        if roles is not None:
+            body["roles"] = roles.split(",")
         with self.hub.client() as client:
-            made = client.post(
-                "/api/admin/agents/tokens",
-                json={"scope": scope, "island": island, "roles": roles.split(","), "ttl_seconds": 600},
-            )
+            made = client.post("/api/admin/agents/tokens", json=body)
         assert made.status_code == 200, made.text
         return made.json()["token"]
 
-    def token_from_cli(self, scope: str, island: str, roles: str) -> str:
-        """The same, as an admin does it from a terminal: `adaptery agents token create`."""
+    def token_from_cli(self, scope: str, island: str, *, kind: str = "agent") -> str:
+        """The same, as an admin does it from a terminal: `adaptery agents token create` (default roles)."""
         env = {
             **os.environ,
             "ADAPTERY_BASE_URL": self.hub.url(),
@@ -238,8 +238,8 @@ class World:
                 scope,
                 "--island",
                 island,
-                "--roles",
-                roles,
+                "--kind",
+                kind,
                 "--ttl",
                 "600",
             ],
@@ -263,7 +263,8 @@ class World:
             cwd=REPO,
         )
 
-    def enroll(self, island: str, name: str, scope: str, roles: str) -> Path:
+    def enroll(self, island: str, name: str, scope: str, roles: str, *, joins: str | None = None) -> Path:
+        """Enroll from `island`'s namespace an agent of island `joins` (default: that one)."""
         directory = self.root / name
         done = self.cli(
             island,
@@ -272,7 +273,7 @@ class World:
             "--server",
             self.hub.url(island),
             "--token",
-            self.token(scope, island, roles),
+            self.token(scope, joins or island, roles),
             "--dir",
             str(directory),
         )
@@ -374,7 +375,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> Ite
                 "--hub",
                 hub.url(island),
                 "--token",
-                (built.token_from_cli if island == "lab" else built.token)(scope, island, "train"),
+                (built.token_from_cli if island == "lab" else built.token)(scope, island, kind="leaf"),
                 "--dir",
                 str(root / f"island-{island}"),
                 "--port",
@@ -391,6 +392,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> Ite
                 f"island {island}'s leaf",
                 lambda island=island: built.log_tail(f"island-{island}"),
             )
+        # The tenant's agent of another island (its first machine: the hub's servers restart, before any job).
+        built.enroll("lab", "edge-probe", "tenant", "infer", joins="edge")
         trainer = built.enroll("lab", "lab-trainer", "tenant", "train")
         built.spawn(
             "lab",
@@ -488,17 +491,20 @@ def _day():  # noqa: ANN202
 
 
 def test_a_tenant_islands_agent_cannot_reach_another_agents_subjects(world: World):
-    result = world.probe(
-        "lab",
-        "trespass",
-        "--identity",
-        str(world.root / "lab-probe"),
-        "--url",
-        world.leaf_url(),
-        "--other",
-        world.agents["cloud-probe"],
-    )
-    assert result == {"own": {"assignment": None}, "other": "no responders"}
+    # The platform's agent, and the same tenant's agent of another island (finding F2: its leaf was bound to the
+    # tenant's account, so the lab's operator could act as the edge's agents).
+    for other in ("cloud-probe", "edge-probe"):
+        result = world.probe(
+            "lab",
+            "trespass",
+            "--identity",
+            str(world.root / "lab-probe"),
+            "--url",
+            world.leaf_url(),
+            "--other",
+            world.agents[other],
+        )
+        assert result == {"own": {"assignment": None}, "other": "no responders"}, other
 
 
 def test_a_job_on_an_island_survives_a_link_stall_and_a_hub_restart(world: World):

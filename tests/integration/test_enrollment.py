@@ -115,3 +115,63 @@ def test_renewal_needs_the_current_key_and_ends_with_revocation(running: Running
             "/api/fabric/renew", json={"certificate": certificate, "csr": identity.make_csr(key).decode()}
         )
         assert after.status_code == 401 and "revoked" in after.json()["error"]["message"]
+
+
+def test_a_token_enrolls_only_the_kind_it_was_made_for_and_a_refusal_spends_nothing(running: Running):
+    # An attacker's way onto the hub's leafnode port (finding F2): an infer-only agent token, presented as a leaf.
+    agent_token = token_for(running, island="edge", roles=["infer"], ttl_seconds=600)
+    as_leaf, _ = enroll(running, agent_token["token"], kind="leaf")
+    assert as_leaf.status_code == 403, as_leaf.text
+    error = as_leaf.json()["error"]
+    assert error["code"] == "wrong_token_kind" and "--kind leaf" in error["message"], error
+    assert agent_token["kind"] == "agent"
+    as_agent, _ = enroll(running, agent_token["token"])
+    assert as_agent.status_code == 200 and as_agent.json()["kind"] == "agent"
+
+    leaf_token = token_for(running, island="edge", kind="leaf", ttl_seconds=600)
+    assert leaf_token["kind"] == "leaf" and leaf_token["roles"] == []
+    refused, _ = enroll(running, leaf_token["token"])
+    assert refused.status_code == 403 and "adaptery island up" in refused.json()["error"]["message"]
+    leaf, _ = enroll(running, leaf_token["token"], kind="leaf")
+    assert leaf.status_code == 200, leaf.text
+    assert leaf.json()["kind"] == "leaf" and leaf.json()["roles"] == []
+    with running.platform.db.system() as s:
+        kinds = {row.id: row.kind for row in s.scalars(select(m.Agent).where(m.Agent.island == "edge"))}
+    assert kinds == {as_agent.json()["agent_id"]: "agent", leaf.json()["agent_id"]: "leaf"}
+
+
+def test_a_leaf_token_takes_no_roles(running: Running):
+    given = running.client.post(
+        "/api/admin/agents/tokens", json={"kind": "leaf", "roles": ["train"]}, headers=running.auth()
+    )
+    assert given.status_code == 400 and given.json()["error"]["param"] == "roles", given.text
+    unknown = running.client.post("/api/admin/agents/tokens", json={"kind": "relay"}, headers=running.auth())
+    assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "kind", unknown.text
+    assert token_for(running)["roles"] == ["train"]  # an agent's default, as before
+
+
+def test_an_islands_leaf_is_bound_to_an_account_with_only_that_islands_agents(running: Running):
+    """What the broker is told (`enrollment.members` -> `accounts`), for machines enrolled through the API."""
+    from adaptery.messaging.accounts import accounts, leaf_users
+    from adaptery.services import enrollment
+
+    def enrolled(island: str, kind: str, **body: object) -> str:
+        response, _ = enroll(running, token_for(running, island=island, kind=kind, **body)["token"], kind=kind)
+        assert response.status_code == 200, response.text
+        return response.json()["agent_id"]
+
+    lab_trainer = enrolled("lab", "agent", roles=["train"])
+    edge_leaf = enrolled("edge", "leaf")
+    edge_infer = enrolled("edge", "agent", roles=["infer"])
+    lab_leaf = enrolled("lab", "leaf")
+    with running.platform.db.system() as s:
+        members = enrollment.members(s)
+    bound = {user["user"].split(",")[0]: user["account"] for user in leaf_users(members)}
+    assert bound.keys() == {f"CN={edge_leaf}", f"CN={lab_leaf}"} and len(set(bound.values())) == 2
+    config = accounts("hash", {}, members, certificate_users=True)
+    subjects = {
+        leaf: {next(iter(entry.values()))["subject"] for entry in config[bound[f"CN={leaf}"]]["imports"]}
+        for leaf in (edge_leaf, lab_leaf)
+    }
+    assert {s.split(".")[2] for s in subjects[edge_leaf]} == {edge_infer}
+    assert {s.split(".")[2] for s in subjects[lab_leaf]} == {lab_trainer}

@@ -2,8 +2,8 @@
 TLS and leaf nodes) as `adaptery serve` configures them, agents with certificates of the platform CA, and an
 island's leaf node dialing in. Real processes, no platform: the control plane here is a client with its password.
 
-Cast: tenant A has a direct agent `a1` and an island (`leaf-a`) whose agent `a2` connects to the leaf; tenant B
-has a direct agent `b1`; `p1` is a platform-wide agent.
+Cast: tenant A's island `lab` has a direct agent `a1` and a leaf (`leaf-a`) whose agent `a2` connects to it; tenant
+A's other island `edge.gpu-1` has a direct agent `a3`; tenant B has a direct agent `b1`; `p1` is a platform-wide agent.
 """
 
 from __future__ import annotations
@@ -27,11 +27,17 @@ from adaptery.messaging import identity, protocol
 from adaptery.messaging.accounts import PLATFORM_ORGANIZATION, Member
 from adaptery.messaging.identity import Identity, IdentityDir
 from adaptery.messaging.leaf import IslandLeaf
-from adaptery.messaging.server import CONTROL_USER, FabricListener, NatsServer
+from adaptery.messaging.server import CONTROL_USER, FabricListener, NatsProcess, NatsServer
 from tests.conftest import free_port
 
 DAY = dt.timedelta(hours=24)
-AGENTS = {"a1": ("tenant-a", "lab"), "a2": ("tenant-a", "lab"), "b1": ("tenant-b", "hpc"), "p1": (None, "cloud")}
+AGENTS = {
+    "a1": ("tenant-a", "lab"),
+    "a2": ("tenant-a", "lab"),
+    "a3": ("tenant-a", "edge.gpu-1"),  # an island's name may hold '.', which an account's may not
+    "b1": ("tenant-b", "hpc"),
+    "p1": (None, "cloud"),
+}
 
 
 @dataclass
@@ -40,6 +46,7 @@ class Fabric:
     ca: CertificateAuthority
     certs: Path
     leaf: IslandLeaf
+    island_dir: Path
     members: list[Member]
 
     def ids(self, name: str) -> str:
@@ -73,9 +80,9 @@ def fabric(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fabric]:
     for name, (tenant, island) in AGENTS.items():
         subject = identity.subject_name(tenant or PLATFORM_ORGANIZATION, island, f"agent-{name}")
         issue(ca, certs, name, subject)
-        members.append(Member(f"agent-{name}", tenant, identity.subject_string(subject)))
+        members.append(Member(f"agent-{name}", tenant, island, identity.subject_string(subject)))
     leaf_subject = identity.subject_name("tenant-a", "lab", "agent-leaf-a")
-    members.append(Member("agent-leaf-a", "tenant-a", identity.subject_string(leaf_subject), leaf=True))
+    members.append(Member("agent-leaf-a", "tenant-a", "lab", identity.subject_string(leaf_subject), leaf=True))
     # What an attacker can make: a certificate with a1's very subject, signed by a CA of its own.
     rogue = CertificateAuthority.load(root / "rogue-ca")
     issue(rogue, certs, "rogue", identity.subject_name("tenant-a", "lab", "agent-a1"))
@@ -94,7 +101,7 @@ def fabric(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fabric]:
     leaf = IslandLeaf(island_dir, hub_url=f"tls://127.0.0.1:{listener.leaf_port}", port=free_port())
     leaf.start()
     try:
-        yield Fabric(hub, ca, certs, leaf, members)
+        yield Fabric(hub, ca, certs, leaf, island_dir, members)
     finally:
         leaf.stop()
         hub.stop()
@@ -284,6 +291,77 @@ def test_an_island_agent_reaches_the_hub_through_its_leaf_and_never_another_tena
     assert streamed == ["adaptery.stream.agent-a2.r1"]
 
 
+def test_an_island_leaf_reaches_the_hub_only_as_its_own_islands_agents(fabric: Fabric):
+    """The operator of an island owns its leaf: here they run a nats-server of their own with the leaf's certificate
+    and a listener without credentials (as an attacker did), then pose as the agents of another island of the same
+    tenant. The hub binds the leaf to its island's account, which carries only that island's agents."""
+    rogue = NatsProcess(fabric.island_dir, "rogue-leaf")
+    port = free_port()
+    store = IdentityDir(fabric.island_dir)
+    files = {"cert_file": str(store.cert_path), "key_file": str(store.key_path), "ca_file": str(store.ca_path)}
+    remote = {"urls": [f"tls://127.0.0.1:{fabric.hub.fabric.leaf_port}"], "tls": files}
+    rogue.write(f"listen: 127.0.0.1:{port}\nleafnodes: {json.dumps({'remotes': [remote]})}\n")
+    rogue.start()
+    rogue.wait_listening("127.0.0.1", port, f"nats://127.0.0.1:{port}", "the operator's own leaf")
+
+    async def scenario():
+        control = await control_plane(fabric)
+        streamed: list[str] = []
+
+        async def on_stream(msg) -> None:  # noqa: ANN001
+            streamed.append(msg.subject)
+
+        await control.subscribe(f"{protocol.STREAM_PREFIX}.*.>", cb=on_stream)
+        await control.flush()
+        operator = await nats.connect(f"nats://127.0.0.1:{port}", allow_reconnect=False)
+        await until_leaf_carries(fabric, operator, "agent-a2")
+        answers = {}
+        for target in ("agent-a1", "agent-a3", "agent-b1", "agent-p1"):  # its own island's, then the others'
+            try:
+                reply = await operator.request(protocol.agent_subject(target, "lease"), b"{}", timeout=2)
+                answers[target] = json.loads(reply.data)["heard"]
+            except NoRespondersError:
+                answers[target] = "no responders"
+        heard: list[str] = []
+
+        async def on_any(msg) -> None:  # noqa: ANN001
+            heard.append(msg.subject)
+
+        await operator.subscribe("adaptery.>", cb=on_any)
+        await operator.flush()
+        await until_delivered(control, protocol.notify_subject("agent-a2"), lambda: heard)
+        for target in ("agent-a3", "agent-a2"):  # the other island's first: a2's last one is the barrier
+            await control.publish(protocol.notify_subject(target), b"{}")
+            await control.publish(protocol.infer_subject(target), b"{}")
+        await control.flush()
+        await operator.publish(protocol.stream_subject("agent-a3", "forged"), b"{}")
+        await operator.publish(protocol.stream_subject("agent-a2", "r1"), b"{}")
+        await operator.flush()
+        await until(lambda: "adaptery.infer.agent-a2" in heard and streamed, "a2's request and its stream")
+        await operator.close()
+        a3, _ = await agent(fabric, "a3")  # the other island's agent itself, dialing the hub: served
+        reply = await a3.request(protocol.agent_subject("agent-a3", "lease"), b"{}", timeout=5)
+        answers["a3 itself"] = json.loads(reply.data)
+        await a3.close()
+        await control.close()
+        return answers, heard, streamed
+
+    try:
+        answers, heard, streamed = run(scenario())
+    finally:
+        rogue.stop()
+    assert answers == {
+        "agent-a1": "adaptery.agent.agent-a1.lease",  # an agent of the leaf's own island (dialing the hub itself)
+        "agent-a3": "no responders",  # tenant A's other island
+        "agent-b1": "no responders",
+        "agent-p1": "no responders",
+        "a3 itself": {"heard": "adaptery.agent.agent-a3.lease"},
+    }
+    # Of a3's subjects the island hears only its own forged stream, echoed by its own server.
+    assert {subject for subject in heard if "agent-a3" in subject} == {"adaptery.stream.agent-a3.forged"}
+    assert streamed == ["adaptery.stream.agent-a2.r1"]
+
+
 @pytest.mark.parametrize(
     "cert",
     [None, "rogue", "expired"],
@@ -332,7 +410,7 @@ def test_an_island_joining_later_is_admitted_and_cut_off_when_revoked(fabric: Fa
     cert = fabric.ca.issue(identity.make_csr(key), subject, DAY, loopback_server=True)
     me = Identity("agent-leaf-b", "leaf", "tenant-b", "hpc", ["train"], "https://hub", None, None)
     IdentityDir(tmp_path).save(me, key, pem(cert), fabric.ca.pem)
-    joined = [*fabric.members, Member("agent-leaf-b", "tenant-b", identity.subject_string(subject), leaf=True)]
+    joined = [*fabric.members, Member("agent-leaf-b", "tenant-b", "hpc", identity.subject_string(subject), leaf=True)]
     fabric.hub.sync_agents({}, joined)
     leaf = IslandLeaf(tmp_path, hub_url=f"tls://127.0.0.1:{fabric.hub.fabric.leaf_port}", port=free_port())
     leaf.start()
