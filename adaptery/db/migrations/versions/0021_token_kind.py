@@ -1,15 +1,15 @@
 """enrollment tokens have a kind: a token made for an agent no longer enrolls an island's leaf node, nor the other
 way round (finding F2); tokens made before are agents' tokens
 
-Revision ID: 0020_token_kind
-Revises: 0019_single_use
+Revision ID: 0021_token_kind
+Revises: 0020_invitation_links
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0020_token_kind"
-down_revision = "0019_single_use"
+revision = "0021_token_kind"
+down_revision = "0020_invitation_links"
 branch_labels = None
 depends_on = None
 
