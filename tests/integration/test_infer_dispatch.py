@@ -412,3 +412,41 @@ def test_an_agent_whose_engine_is_down_passes_the_request_on_before_a_token_and_
         with pytest.raises(GenerationFailed, match="is restarting; the answer is incomplete"):
             ask()
         assert agents.received[2:] == ["engine-down"]  # not sent elsewhere: a token had been delivered
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_request_the_bus_could_not_send_goes_to_another_agent_and_leaves_no_subscription(running, monkeypatch):
+    broken, working = enroll(running, "unreachable"), enroll(running, "reachable")
+    router, control = running.platform.router, running.platform.control
+    for creds in (broken, working):
+        router.announce(creds.agent_id, {"every": 60.0, "bases": {"adaptery-demo": {"max_batch": 4}}}, 60.0)
+    assert router.pick("adaptery-demo", None, tenant_id=running.tenant_id, exclude=[broken.agent_id]) == (
+        working.agent_id
+    )  # the reachable agent is made busier, so the other is chosen first
+    publish = control._nc.publish
+
+    async def refusing(subject: str, payload: bytes = b"", **kwargs: object) -> None:
+        if subject == protocol.infer_subject(broken.agent_id):
+            raise ConnectionError("nats: connection closed")
+        await publish(subject, payload, **kwargs)
+
+    monkeypatch.setattr(control._nc, "publish", refusing)
+    inference = Inference(running.platform.engine, router, lambda: control, idle_seconds=5, max_bytes_per_token=32)
+    with FakeAgents(running, {"reachable": (working, False)}) as agents:
+        deltas = list(
+            inference.generate(
+                "adaptery-demo",
+                "adaptery-demo",
+                None,
+                [1, 2, 3],
+                SamplingParams(max_tokens=4),
+                Usage(),
+                tenant_id=running.tenant_id,
+            )  # fmt: skip
+        )
+    assert agents.received == ["reachable"] and [d.text for d in deltas] == ["hi"]  # the client saw only the answer
+    assert router.is_lost(broken.agent_id)  # until it announces again
+    deadline = time.monotonic() + 5  # both streams' subscriptions are dropped, on the control plane's loop
+    while control._nc._subs and any("stream" in s.subject for s in control._nc._subs.values()):
+        assert time.monotonic() < deadline, [s.subject for s in control._nc._subs.values()]
+        time.sleep(0.05)
