@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import re
 import shutil
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,38 +114,6 @@ class _Stream:
         self.link.publish(self.subject, {"seq": self.seq, **body})
         self.seq += 1
         self.last_sent = time.monotonic()
-
-
-class _Workers:
-    """Daemon threads that serve a request each and then wait for the next: starting a thread is a quarter of a
-    millisecond of the first token. One is started whenever none is idle (a request waits for no other); one idle
-    for `idle_seconds` ends."""
-
-    def __init__(self, name: str, idle_seconds: float = 60.0) -> None:
-        self.name = name
-        self.idle_seconds = idle_seconds
-        self._tasks: queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...]]] = queue.SimpleQueue()
-        self._idle = threading.Semaphore(0)  # one count per idle worker
-
-    def submit(self, task: Callable[..., None], *args: Any) -> None:
-        self._tasks.put((task, args))
-        if not self._idle.acquire(blocking=False):  # none idle: a new one takes it (or the next one queued)
-            threading.Thread(target=self._work, name=self.name, daemon=True).start()
-
-    def _work(self) -> None:
-        while True:
-            try:
-                task, args = self._tasks.get(timeout=self.idle_seconds)
-            except queue.Empty:
-                if self._idle.acquire(blocking=False):  # its own count: no task was promised to an idle worker
-                    return
-                continue
-            try:
-                task(*args)
-            except Exception:  # a task reports its own failures; this one must not end the worker unseen
-                log.exception("an infer worker's task failed")
-            finally:
-                self._idle.release()
 
 
 class AdapterCache:
@@ -260,7 +226,6 @@ class InferenceHost:
         self._changed = threading.Event()
         self._held = threading.Event()  # some stream holds deltas back: the ticker sends them when due
         self._threads: list[threading.Thread] = []
-        self._workers = _Workers("adaptery-infer")
 
     @property
     def agent_id(self) -> str:
@@ -298,7 +263,7 @@ class InferenceHost:
             if request.request_id in self.streams:
                 return  # the same request twice: it is already being served
             self.streams[request.request_id] = stream
-        self._workers.submit(self._serve, request, stream)
+        threading.Thread(target=self._serve, args=(request, stream), name="adaptery-infer", daemon=True).start()
 
     def _stream_for(self, request: InferRequest) -> _Stream:
         """The request's outgoing stream: deltas held for this agent's window, or, for an answer the client reads

@@ -30,7 +30,6 @@ until its stream is closed. Announcements feed the router (`services/inference_r
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import queue as stdlib_queue
 import re
@@ -125,10 +124,6 @@ class TransferSource:
     path: Path | None = None
 
 
-class StreamNotSent(ConnectionError):
-    """An infer request that never left: the bus was down or restarting. Nothing reached the agent."""
-
-
 @dataclass
 class RemoteStream:
     """An infer request dispatched to an agent: its stream's raw messages arrive in `messages` (from the NATS
@@ -138,10 +133,8 @@ class RemoteStream:
     request_id: str
     tenant_id: str
     blobs: frozenset[str]
-    # the stream's messages; a StreamNotSent instead when the request could not be sent (nothing reached the agent)
-    messages: stdlib_queue.SimpleQueue[bytes | StreamNotSent] = field(default_factory=stdlib_queue.SimpleQueue)
+    messages: stdlib_queue.SimpleQueue[bytes] = field(default_factory=stdlib_queue.SimpleQueue)
     subscription: object | None = None
-    closed: bool = False  # (on the NATS loop) closed before its subscription was made: it is never made
 
 
 class ControlPlane:
@@ -233,35 +226,27 @@ class ControlPlane:
     # --- inference on agents ------------------------------------------------------------------------
 
     def open_stream(self, agent_id: str, tenant_id: str, request: InferRequest) -> RemoteStream:
-        """Subscribe to the request's stream, then send it to the agent (so no message can be missed). Returns
-        at once, without waiting on the NATS loop (a round trip to it is a fifth of a millisecond of every first
-        token): a request that could not be sent shows as a StreamNotSent among the stream's messages."""
-        nc = self._nc
-        if nc is None:
+        """Subscribe to the request's stream, then send it to the agent (so no message can be missed)."""
+        if self._nc is None:
             raise RuntimeError("the control plane is not connected")
         blobs = frozenset((request.adapter_files or {}).values())
         stream = RemoteStream(agent_id, request.request_id, tenant_id, blobs)
         with self._streams_lock:
             self._streams[(agent_id, request.request_id)] = stream
-        data = protocol.encode(request.to_json())
 
         async def start() -> None:
             async def on_message(msg: Msg) -> None:
                 stream.messages.put(msg.data)
 
-            try:
-                if stream.closed:
-                    return
-                subscription = await nc.subscribe(protocol.stream_subject(agent_id, request.request_id), cb=on_message)
-                if stream.closed:  # closed while subscribing: nobody reads it, and the request need not go
-                    await subscription.unsubscribe()
-                    return
-                stream.subscription = subscription
-                await nc.publish(protocol.infer_subject(agent_id), data)
-            except Exception as exc:  # noqa: BLE001 - whatever it is, the reader must hear of it
-                stream.messages.put(StreamNotSent(f"the request could not be sent ({exc})"))
+            subject = protocol.stream_subject(agent_id, request.request_id)
+            stream.subscription = await self._nc.subscribe(subject, cb=on_message)
+            await self._nc.publish(protocol.infer_subject(agent_id), protocol.encode(request.to_json()))
 
-        asyncio.run_coroutine_threadsafe(start(), self._loop)
+        try:
+            asyncio.run_coroutine_threadsafe(start(), self._loop).result(timeout=protocol.REQUEST_SECONDS)
+        except BaseException:
+            self.close_stream(stream)
+            raise
         return stream
 
     def cancel_stream(self, stream: RemoteStream) -> None:
@@ -274,14 +259,9 @@ class ControlPlane:
     def close_stream(self, stream: RemoteStream) -> None:
         with self._streams_lock:
             self._streams.pop((stream.agent_id, stream.request_id), None)
-
-        async def close() -> None:  # on the loop, after (or instead of) the subscription `open_stream` makes
-            stream.closed = True
-            if stream.subscription is not None:
-                await stream.subscription.unsubscribe()  # type: ignore[attr-defined]
-
-        with contextlib.suppress(RuntimeError):  # the loop is closed: so is every subscription
-            asyncio.run_coroutine_threadsafe(close(), self._loop)
+        subscription = stream.subscription
+        if subscription is not None:
+            asyncio.run_coroutine_threadsafe(subscription.unsubscribe(), self._loop)  # type: ignore[attr-defined]
 
     def stop(self) -> None:
         if self._nc is not None:

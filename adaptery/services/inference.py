@@ -45,7 +45,7 @@ from adaptery.engine.sampling import SamplingParams
 from adaptery.messaging import protocol
 from adaptery.messaging.protocol import InferRequest
 from adaptery.messaging.streams import StreamAccount, StreamBroken, StreamInvalid, StreamReassembly
-from adaptery.services.control_plane import ControlPlane, StreamNotSent
+from adaptery.services.control_plane import ControlPlane
 from adaptery.services.inference_router import InferenceRouter
 
 log = logging.getLogger("adaptery.inference")
@@ -171,8 +171,6 @@ class AgentBackend:
                         raise AgentLost(f"agent {agent_id} was lost: it stopped announcing itself") from None
                     continue
                 heard = time.monotonic()
-                if isinstance(raw, StreamNotSent):  # nothing reached the agent: the request may go elsewhere
-                    raise AgentLost(f"agent {agent_id} was lost: {raw}")
                 try:
                     account.received(len(raw))
                     message = reassembly.accept(protocol.decode(raw))

@@ -176,30 +176,3 @@ def test_a_cancelled_request_stops_its_engine_at_once_whatever_the_window(tmp_pa
     serve(tmp_path, engine, link, 60.0, cancel=True)
     assert engine.stopped.is_set()
     assert link.sent[-1]["end"] and link.sent[-1]["usage"]["completion_tokens"] == 0
-
-
-def test_requests_are_served_on_reused_threads_and_none_waits_for_another():
-    from adaptery.agent.inference import _Workers
-
-    workers = _Workers("test-infer", idle_seconds=0.5)
-    release, names, started = threading.Event(), [], threading.Semaphore(0)
-
-    def blocking() -> None:
-        names.append(threading.current_thread().ident)
-        started.release()
-        release.wait(10)
-
-    for _ in range(3):  # three at once: each gets a thread of its own
-        workers.submit(blocking)
-    assert all(started.acquire(timeout=5) for _ in range(3)) and len(set(names)) == 3
-    release.set()
-    time.sleep(0.1)
-    done = threading.Event()
-    workers.submit(lambda: (names.append(threading.current_thread().ident), done.set()))
-    assert done.wait(5) and names[-1] in names[:3]  # an idle one took it: no new thread
-    workers.submit(lambda: 1 / 0)  # a failing task does not take its worker with it
-    again = threading.Event()
-    workers.submit(again.set)
-    assert again.wait(5)
-    time.sleep(1.5)  # idle past idle_seconds: they end
-    assert not [t for t in threading.enumerate() if t.name == "test-infer"]
