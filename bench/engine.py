@@ -66,7 +66,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from adaptery.agent import vllm_env
 from adaptery.agent.vllm_engine import ServerOptions, VllmServer, lora_rank
-from adaptery.engine import lora_kernel
+from adaptery.engine import lora_kernel, process_setup
 from adaptery.engine.batching import BatchEngine
 from adaptery.engine.lora import prepare_adapter
 from adaptery.engine.native import NativeLlama
@@ -422,7 +422,14 @@ def main() -> None:
         "--vllm", action=argparse.BooleanOptionalAction, default=True, help="ratio 6 against vLLM (float32)"
     )
     parser.add_argument("--vllm-only", action="store_true", help="only the engine against vLLM (ratio 6)")
+    parser.add_argument(
+        "--allocator",
+        default="auto",
+        help="this process's allocator, as `serve` and infer agents set theirs up (ADAPTERY_ALLOCATOR): "
+        "auto (tcmalloc, else jemalloc), or system for glibc's malloc",
+    )
     args = parser.parse_args()
+    process_setup.reexec_if_needed(args.allocator)  # the engine measured as it serves (vLLM gets its own tuning)
     args.layers = args.layers or (4 if args.quick else 8)
     args.requests = args.requests or (64 if args.quick else 128)
     args.zipf_requests = args.zipf_requests or (32 if args.quick else 128)
@@ -446,6 +453,7 @@ def main() -> None:
                 "heads": args.width // 64,
                 "kv_heads": max(1, args.width // 256),
             },
+            "engine_process": process_setup.describe(),
             "workload": {
                 "arrivals": "Poisson, 200 requests/s (faster than served: the engine runs saturated)",
                 "prompt_tokens": list(args.prompt_range),

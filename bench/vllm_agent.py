@@ -81,6 +81,7 @@ sys.path.insert(0, str(REPO))
 
 from adaptery.agent import vllm_env  # noqa: E402
 from adaptery.agent.vllm_engine import VllmEngine  # noqa: E402
+from adaptery.engine import process_setup  # noqa: E402
 from adaptery.engine.demo_model import DEMO_MODEL_ID, build_demo_model  # noqa: E402
 from adaptery.engine.generation import InferenceEngine  # noqa: E402
 from adaptery.settings import Settings  # noqa: E402
@@ -108,14 +109,20 @@ def first_token(stream: Callable[[], httpx.Response], is_token: Callable[[dict[s
     return elapsed
 
 
-def closed_loop(clients: int, seconds: float, call: Callable[[httpx.Client, int], int]) -> dict[str, float]:
+def closed_loop(
+    clients: int,
+    seconds: float,
+    call: Callable[[httpx.Client, int], int],
+    make_client: Callable[[], httpx.Client] = lambda: httpx.Client(timeout=300),
+) -> dict[str, float]:
+    """`clients` threads, each with a client of its own (`make_client`), calling back to back for `seconds`."""
     tokens = requests = 0
     lock = threading.Lock()
     stop_at = time.monotonic() + seconds
 
     def loop(client_index: int) -> None:
         nonlocal tokens, requests
-        with httpx.Client(timeout=300) as client:
+        with make_client() as client:
             index = client_index
             while time.monotonic() < stop_at:
                 done = call(client, index)
@@ -160,11 +167,15 @@ def direct(settings: Settings, model_dir: Path, prompts: dict[int, list[int]], a
                     "temperature": 1.0,
                     "seed": index,
                 }
-                response = http.post("/v1/completions", json=body)
+                response = client.post("/v1/completions", json=body)
                 response.raise_for_status()
                 return response.json()["usage"]["completion_tokens"]
 
-            load = closed_loop(args.clients, args.seconds, call)
+            def own_client() -> httpx.Client:  # a connection per thread, as the agent path's clients have
+                uds = httpx.HTTPTransport(uds=str(server.socket))
+                return httpx.Client(transport=uds, base_url="http://vllm", headers=server.headers, timeout=300)
+
+            load = closed_loop(args.clients, args.seconds, call, own_client)
         return {"start_seconds": start_seconds, "first_token_s": latencies, **load}
     finally:
         engine.stop()
@@ -282,6 +293,10 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
+    # The agent runs under the allocator its set-up preloads, and vLLM's server, its child, inherits it: direct
+    # vLLM must start from a process set up the same way, or the comparison measures the allocator (it did:
+    # glibc's malloc made direct vLLM slower than the same vLLM behind the agent).
+    process_setup.reexec_if_needed(Settings().allocator)
     settings = Settings(agent_torch_threads=1, engine_max_batch=args.max_batch)
     if not vllm_env.is_ready(settings.vllm_env, vllm_env.cuda_gpus()):
         raise SystemExit(f"vLLM's environment is not built at {settings.vllm_env}: run `make vllm-env` first")
