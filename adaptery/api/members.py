@@ -32,7 +32,7 @@ def _invitation(p: Platform, invited: tenants.Invited) -> dict[str, Any]:
     body: dict[str, Any] = {
         "object": "member.invitation",
         "username": invited.username,
-        "user_id": invited.user_id,
+        "user_id": invited.user_id if invited.token else None,  # an account of elsewhere: not its id
         "role": invited.role,
         "status": "invited" if invited.token else "pending",
         "login_url": None,
@@ -69,6 +69,9 @@ def invite_member(body: InviteRequest, who: Principal = Depends(principal), p: P
     signed in as themself)."""
     _check_grant(who, None, body.role)
     with p.db.tenant(who.tenant_id) as s:
+        replaced = tenants.pending_invitation(s, body.username)
+        if replaced is not None:  # a new invitation replaces it: as withdrawing it would, this needs its role
+            _check_grant(who, None, Role(replaced.role))
         invited = tenants.invite_member(
             s,
             who.tenant_id,

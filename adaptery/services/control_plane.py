@@ -424,8 +424,9 @@ class ControlPlane:
         numbers (fenced by its id alone): an agent enrolled by certificate always names it, or a URL or report it
         sent without one would still hold when the same job comes back to it under a later attempt."""
         attempt = body.get("attempt")
-        if attempt is not None and (isinstance(attempt, bool) or not isinstance(attempt, int)):
-            raise RequestRefused(f"attempt must be the assignment's attempt number, not {attempt!r}")
+        number = isinstance(attempt, int) and not isinstance(attempt, bool)
+        if attempt is not None and not (number and 0 <= attempt < 2**31):  # a huge one is no attempt either
+            raise RequestRefused(f"attempt must be the assignment's attempt number, not {repr(attempt)[:40]}")
         if attempt is None and agent_id in self.certified:
             raise RequestRefused("an agent enrolled by certificate names the attempt its lease is under")
         return attempt
@@ -433,8 +434,8 @@ class ControlPlane:
     def _header_attempt(self, agent_id: str, headers: dict[str, str]) -> int | None:
         """An upload chunk's attempt, from its header (its body is the bytes)."""
         attempt = headers.get(protocol.ATTEMPT_HEADER)
-        if attempt is not None and (not attempt.isascii() or not attempt.isdigit()):
-            raise RequestRefused(f"attempt must be the assignment's attempt number, not {attempt!r}")
+        if attempt is not None and (not attempt.isascii() or not attempt.isdigit() or len(attempt) > 10):
+            raise RequestRefused(f"attempt must be the assignment's attempt number, not {attempt[:40]!r}")
         return self._attempt(agent_id, {"attempt": None if attempt is None else int(attempt)})
 
     def _heartbeat(self, agent_id: str, job_id: str, body: dict[str, Any]) -> dict[str, Any]:

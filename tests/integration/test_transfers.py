@@ -182,6 +182,15 @@ def test_an_enrolled_agent_names_its_attempt_so_no_url_or_report_outlives_its_le
             control._handle(Msg(None, subject=subject, data=json.dumps(body).encode()))
     assert world.running.platform.queue.holds(world.job_a, world.a.agent_id, 1)  # nothing above touched the lease
 
+    # An attempt no lease can have is refused as final, not a database error the agent would retry (2**70 was)
+    for wrong in (2**70, 2**31, -1, True, "1", 1.0):
+        asked = world.ask(world.a, purpose="job", id=world.job_a, method="GET", sha256=world.data_sha, attempt=wrong)
+        assert asked["error"].startswith("attempt must be the assignment's attempt number"), (wrong, asked)
+    heartbeat = Msg(None, subject=protocol.job_subject(world.a.agent_id, world.job_a, "heartbeat"))
+    heartbeat.data = json.dumps({"attempt": 2**70}).encode()
+    with pytest.raises(RequestRefused, match="attempt must be"):
+        control._handle(heartbeat)
+
     # Named, as the agent names it: granted for the attempt it holds, and for no other
     assert "url" in world.ask(world.a, purpose="job", id=world.job_a, method="GET", sha256=world.data_sha, attempt=1)
     assert "error" in world.ask(world.a, purpose="job", id=world.job_a, method="GET", sha256=world.data_sha, attempt=2)

@@ -595,9 +595,16 @@ def test_a_fresh_accept_link_voids_the_previous_one(world: World):
     assert stale.status_code == 403 and stale.json()["error"]["code"] == "invitation_link_required"
     assert person.post(accept, json={"token": accept_token(fresh.json()["accept_url"])}).status_code == 200
     # an admin of the lab cannot mint a link for an owner's invitation
-    world.client.post("/api/admin/members", headers=owner, json={"username": "else-owner", "role": "owner"})
+    made = world.client.post("/api/admin/members", headers=owner, json={"username": "else-owner", "role": "owner"})
+    assert made.json()["user_id"] is None  # an account of another tenant: its id is not the lab's to know
     by_admin = world.client.post("/api/admin/members/else-owner/link", headers=world.auth("admin"))
     assert by_admin.status_code == 403
+    # nor replace it with an invitation of its own, as a member (a second attacker's find: it voided the owner's)
+    replaced = world.client.post(
+        "/api/admin/members", headers=world.auth("admin"), json={"username": "else-owner", "role": "member"}
+    )
+    assert replaced.status_code == 403 and replaced.json()["error"]["code"] == "insufficient_role"
+    assert world.client.post("/api/admin/members/else-owner/link", headers=owner).json()["role"] == "owner"
 
 
 def test_an_expired_accept_link_is_refused_and_declining_needs_none(world: World):
