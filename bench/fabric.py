@@ -57,6 +57,22 @@ used 0.85), so they mostly waited, and these runs do not say on what: cores take
 on two cores) is the likely part, to be checked on a quiet machine. Not explained either: 4 of 41 requests failed in
 one two-agent run (the bench now keeps the first failed answers in its JSON; the rerun had none).
 
+On the quiet machine (width 1024, 8 layers, `--clients 64 --seconds 20`), after the load generator became one event
+loop, the security headers plain ASGI (Starlette's BaseHTTPMiddleware spent most of the event loop formatting task
+reprs) and whole answers left the agents in a message a second:
+
+| | one agent | two agents | ratio | CPU ms/token with two agents: server / NATS / client |
+| --- | ---: | ---: | ---: | --- |
+| before | 151.4 | 239.2 | 1.58 | 1.22 / 0.12 / 0.67 |
+| after (two runs) | 183.1, 187.6 | 303.9, 306.4 | 1.66, 1.63 | 0.65 / 0.03 / 0.07 |
+| after, `--max-tokens 128` | 190.7 | 300.9 | 1.58 | 0.33 / 0.03 / 0.03 |
+
+CPU-bound: one agent fills its core (~5.4 ms of CPU a token); with two, each needs ~5.65 ms a token (memory
+bandwidth: both read the weights every step), so 2000 / (5.65 + the fabric's ms) tokens/s is the ceiling, and 1.7
+needs the fabric under ~0.6 ms a token. First token, agent minus embedded: 1.7-2.7 ms in the morning, 3.4-6.9 ms
+later the same day with the same code (an A/B of both commits agreed); a trace of every hop puts the fabric's share
+at ~2.3 ms and the rest in the agent's engine taking 1-2.5 ms longer than the server's for the same prefill.
+
 Prints JSON and a markdown table.
 """
 
