@@ -123,6 +123,19 @@ async def control_plane(fabric: Fabric) -> nats.NATS:
     return nc
 
 
+async def control_plane_hearing_streams(fabric: Fabric) -> tuple[nats.NATS, list[str]]:
+    """`control_plane`, and the subjects of every agent stream message that reaches it, as they come."""
+    control = await control_plane(fabric)
+    streamed: list[str] = []
+
+    async def on_stream(msg) -> None:  # noqa: ANN001 - a nats Msg
+        streamed.append(msg.subject)
+
+    await control.subscribe(f"{protocol.STREAM_PREFIX}.*.>", cb=on_stream)
+    await control.flush()
+    return control, streamed
+
+
 async def agent(fabric: Fabric, name: str, url: str | None = None) -> tuple[nats.NATS, list[str]]:
     errors: list[str] = []
 
@@ -195,14 +208,7 @@ def test_an_enrolled_agent_reaches_the_control_plane_under_its_own_id_only(fabri
 
 def test_infer_and_stream_subjects_cross_accounts_for_their_own_agent_only(fabric: Fabric):
     async def scenario():
-        control = await control_plane(fabric)
-        streamed: list[str] = []
-
-        async def on_stream(msg) -> None:  # noqa: ANN001
-            streamed.append(msg.subject)
-
-        await control.subscribe(f"{protocol.STREAM_PREFIX}.*.>", cb=on_stream)
-        await control.flush()
+        control, streamed = await control_plane_hearing_streams(fabric)
         a1, errors = await agent(fabric, "a1")
         requests: list[bytes] = []
         pinged = asyncio.Event()
@@ -242,14 +248,7 @@ def test_an_island_agent_reaches_the_hub_through_its_leaf_and_never_another_tena
     leaf_url = fabric.leaf.url
 
     async def scenario():
-        control = await control_plane(fabric)
-        streamed: list[str] = []
-
-        async def on_stream(msg) -> None:  # noqa: ANN001
-            streamed.append(msg.subject)
-
-        await control.subscribe(f"{protocol.STREAM_PREFIX}.*.>", cb=on_stream)
-        await control.flush()
+        control, streamed = await control_plane_hearing_streams(fabric)
         # The island's own listener is its leaf's: whatever the island lets its machines publish there, the hub
         # binds the leaf to tenant A's account.
         a2, _ = await agent(fabric, "a2", leaf_url)
@@ -305,14 +304,7 @@ def test_an_island_leaf_reaches_the_hub_only_as_its_own_islands_agents(fabric: F
     rogue.wait_listening("127.0.0.1", port, f"nats://127.0.0.1:{port}", "the operator's own leaf")
 
     async def scenario():
-        control = await control_plane(fabric)
-        streamed: list[str] = []
-
-        async def on_stream(msg) -> None:  # noqa: ANN001
-            streamed.append(msg.subject)
-
-        await control.subscribe(f"{protocol.STREAM_PREFIX}.*.>", cb=on_stream)
-        await control.flush()
+        control, streamed = await control_plane_hearing_streams(fabric)
         operator = await nats.connect(f"nats://127.0.0.1:{port}", allow_reconnect=False)
         await until_leaf_carries(fabric, operator, "agent-a2")
         answers = {}

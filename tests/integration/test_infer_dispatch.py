@@ -309,16 +309,19 @@ class FakeAgents:
         self.thread.join(10)
 
 
+def first_choice(running, first, second) -> None:  # noqa: ANN001 - the fixture, two agents' credentials
+    """Both agents announce the demo base; `second` is made busier (a request in flight), so `first` is chosen."""
+    router = running.platform.router
+    for creds in (first, second):
+        router.announce(creds.agent_id, {"every": 60.0, "bases": {"adaptery-demo": {"max_batch": 4}}}, 60.0)
+    assert router.pick("adaptery-demo", None, tenant_id=running.tenant_id, exclude=[first.agent_id]) == second.agent_id
+
+
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_an_agent_that_only_keeps_alive_loses_the_request_to_another_and_is_not_chosen_again(running):
     stalling, working = enroll(running, "stalling"), enroll(running, "working")
     router, control = running.platform.router, running.platform.control
-    for creds in (stalling, working):
-        router.announce(creds.agent_id, {"every": 60.0, "bases": {"adaptery-demo": {"max_batch": 4}}}, 60.0)
-    # the working agent is made busier, so the stalling one is chosen first
-    assert router.pick("adaptery-demo", None, tenant_id=running.tenant_id, exclude=[stalling.agent_id]) == (
-        working.agent_id
-    )
+    first_choice(running, stalling, working)
     inference = Inference(
         running.platform.engine, router, lambda: control, idle_seconds=5, max_bytes_per_token=32, first_token_seconds=2
     )
@@ -374,9 +377,7 @@ def test_a_stream_that_stalls_after_its_first_token_ends_with_an_error(running):
 def test_an_agent_whose_engine_is_down_passes_the_request_on_before_a_token_and_errors_after(running):
     down, working = enroll(running, "engine-down"), enroll(running, "engine-up")
     router, control = running.platform.router, running.platform.control
-    for creds in (down, working):
-        router.announce(creds.agent_id, {"every": 60.0, "bases": {"adaptery-demo": {"max_batch": 4}}}, 60.0)
-    router.pick("adaptery-demo", None, tenant_id=running.tenant_id, exclude=[down.agent_id])  # down is chosen first
+    first_choice(running, down, working)
     inference = Inference(running.platform.engine, router, lambda: control, idle_seconds=5, max_bytes_per_token=32)
     retryable = {"seq": 1, "end": True, "error": "vLLM for adaptery-demo is restarting", "retryable": True}
     answer_after_a_token: list[bool] = [False]
@@ -418,11 +419,7 @@ def test_an_agent_whose_engine_is_down_passes_the_request_on_before_a_token_and_
 def test_a_request_the_bus_could_not_send_goes_to_another_agent_and_leaves_no_subscription(running, monkeypatch):
     broken, working = enroll(running, "unreachable"), enroll(running, "reachable")
     router, control = running.platform.router, running.platform.control
-    for creds in (broken, working):
-        router.announce(creds.agent_id, {"every": 60.0, "bases": {"adaptery-demo": {"max_batch": 4}}}, 60.0)
-    assert router.pick("adaptery-demo", None, tenant_id=running.tenant_id, exclude=[broken.agent_id]) == (
-        working.agent_id
-    )  # the reachable agent is made busier, so the other is chosen first
+    first_choice(running, broken, working)
     publish = control._nc.publish
 
     async def refusing(subject: str, payload: bytes = b"", **kwargs: object) -> None:
