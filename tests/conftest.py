@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -133,6 +134,16 @@ def prepare_data_dir(data_dir: Path, demo_model_dir: Path) -> Path:
     if not target.exists():
         shutil.copytree(demo_model_dir, target)
     return data_dir
+
+
+def link_token(url: str) -> str:
+    """The token of a one-time link (sign-in or accept)."""
+    return parse_qs(urlsplit(url).query)["token"][0]
+
+
+def use_sign_in_link(client: httpx.Client, url: str) -> httpx.Response:
+    """What the button on a sign-in link's page does (opening the link itself spends nothing)."""
+    return client.post("/api/auth/link", json={"token": link_token(url)})
 
 
 def free_port() -> int:

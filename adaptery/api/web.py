@@ -103,19 +103,52 @@ def health() -> dict:
 
 
 @router.get("/auth/link", include_in_schema=False)
-def sign_in_link(token: str, request: Request, p: Platform = Depends(platform)) -> Response:
+def sign_in_link_page() -> FileResponse:
+    """A one-time sign-in link opens the page, which says whom it signs in and where, with a button that spends
+    it: a GET changes nothing, so a mail scanner or a chat's link preview fetching it cannot burn it."""
+    return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-store"})
+
+
+class LinkRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    token: str = Field(min_length=1, max_length=128)  # from the link's query string
+
+
+class LinkHolder(BaseModel):
+    object: str = "sign_in_link"
+    username: str = Field(description="The account the link signs in")
+    tenant: str = Field(description="The name of the workspace it signs in to")
+    purpose: str = Field(description="setup (a first sign-in) or reset (a password reset)")
+
+
+@router.post("/api/auth/link/holder")
+def sign_in_link_holder(body: LinkRequest, p: Platform = Depends(platform)) -> LinkHolder:
+    """Whom a usable sign-in link signs in, without spending it (401 `invalid_login_link` otherwise)."""
+    with p.db.system() as s:
+        held = sessions.login_link_holder(s, body.token)
+    return LinkHolder(username=held.username, tenant=held.tenant_name, purpose=held.purpose)
+
+
+@router.post("/api/auth/link")
+def sign_in_with_link(body: LinkRequest, request: Request, response: Response, p: Platform = Depends(platform)) -> dict:
+    """Spend a one-time sign-in link: a session for its person, as `/api/auth/login` opens (this browser's
+    session before, if any, ends)."""
     try:
         with p.db.system() as s:
-            new = sessions.consume_login_link(s, token, p.settings)
+            new = sessions.consume_login_link(s, body.token, p.settings)
             audit.record(s, new.principal, "auth.sign_in_link", target=new.principal.username, ip=_ip(request))
     except Unauthenticated as refused:
         with p.db.system() as s:  # whose link it was is unknown (or must not be trusted): filed under no tenant
             audit.record(s, None, "auth.sign_in_link", outcome="failure", actor="anonymous", ip=_ip(request),
                          detail={"reason": refused.code})  # fmt: skip
-        return RedirectResponse("/?link=invalid", status_code=303)
-    response = RedirectResponse("/", status_code=303)
+        raise
+    previous = request.cookies.get(SESSION_COOKIE)
+    if previous:
+        with p.db.system() as s:
+            sessions.end_by_token_hash(s, hash_token(previous))
     _set_cookies(response, request, new, p)
-    return response
+    with p.db.system() as s:
+        return _me(s, new.principal)
 
 
 def _ip(request: Request) -> str | None:

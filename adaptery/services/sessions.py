@@ -301,8 +301,18 @@ def login(
     return opened
 
 
-def consume_login_link(session: Session, token: str, settings: Settings) -> NewSession:
-    record = session.scalar(select(m.LoginToken).where(m.LoginToken.token_hash == hash_token(token)).with_for_update())
+@dataclass(frozen=True)
+class LinkHolder:
+    """Whom a one-time sign-in link signs in, and where: what its page shows before anyone presses the button."""
+
+    username: str
+    tenant_name: str
+    purpose: str
+
+
+def _usable_link(session: Session, token: str, *, lock: bool) -> tuple[m.LoginToken, m.User]:
+    query = select(m.LoginToken).where(m.LoginToken.token_hash == hash_token(token[:128]))
+    record = session.scalar(query.with_for_update() if lock else query)
     invalid = Unauthenticated("This sign-in link is invalid, used or expired.", code="invalid_login_link")
     if record is None or record.used_at is not None or record.expires_at <= time.time():
         raise invalid
@@ -318,6 +328,18 @@ def consume_login_link(session: Session, token: str, settings: Settings) -> NewS
         )
         if memberships > 1 or has_signed_in(session, user.id):
             raise invalid
+    return record, user
+
+
+def login_link_holder(session: Session, token: str) -> LinkHolder:
+    """Whom a usable link signs in, without spending it: opening a link (or a mail scanner or chat preview
+    fetching it) changes nothing; only pressing its page's button does (`consume_login_link`)."""
+    record, user = _usable_link(session, token, lock=False)
+    return LinkHolder(user.username, session.get(m.Tenant, record.tenant_id).name, record.purpose)
+
+
+def consume_login_link(session: Session, token: str, settings: Settings) -> NewSession:
+    record, user = _usable_link(session, token, lock=True)
     record.used_at = time.time()
     return open_session(session, user, record.tenant_id, settings, method=LINK, fresh_link=True)
 

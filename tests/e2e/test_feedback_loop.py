@@ -115,6 +115,7 @@ def test_the_whole_loop_from_chat_to_a_promoted_better_version_and_back(journey:
     v1 = train(api, api.upload("v1.jsonl", jsonl(facts)))["fine_tuned_model"]
     held_out = api.upload("held-out-facts.jsonl", jsonl(CORRECTED))
     page.goto(journey.server.login_url)
+    page.click("#link-submit")
     expect(page.locator("#app")).to_be_visible()
 
     journey.go("feedback")  # collection is off until an admin turns it on

@@ -105,6 +105,7 @@ def sign_in_through_the_provider(scene: Scene, page: Page, login: str) -> None:
 def test_the_owner_maps_groups_to_roles_on_the_admin_page(scene: Scene) -> None:
     page = scene.owner
     page.goto(scene.server.login_url)
+    page.click("#link-submit")
     expect(page.locator("#app")).to_be_visible()
     page.fill("#new-password", PASSWORD)  # for the last step: a password that stops working
     page.click("#set-password-submit")

@@ -9,14 +9,14 @@ import httpx
 import pytest
 
 from adaptery.engine.demo_model import MAX_POSITIONS
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, use_sign_in_link
 
 
 def signed_in(server: ServerProcess, link: str) -> httpx.Client:
     """A browser-like client: the link's session cookie, and the CSRF header the page sends."""
     client = httpx.Client(base_url=server.url, follow_redirects=True)
-    response = client.get(link.replace(link.split("/auth/")[0], server.url))
-    assert response.status_code == 200 and "adaptery_session" in client.cookies
+    response = use_sign_in_link(client, link)
+    assert response.status_code == 200 and "adaptery_session" in client.cookies, response.text
     client.headers["X-CSRF-Token"] = client.cookies["adaptery_csrf"]
     return client
 
@@ -95,8 +95,8 @@ def test_conversations_are_saved_per_user_and_members_come_and_go(server: Server
     assert ada.get("/api/me").status_code == 401  # their session ended
     assert httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {ada_key}"}).status_code == 401
     assert owner.delete("/api/admin/members/bo").status_code == 204
-    unused_link = server.url + "/auth/" + relink.json()["login_url"].split("/auth/")[1]
-    assert httpx.get(unused_link).headers["location"] == "/?link=invalid"  # their unused link died with them
+    unused = use_sign_in_link(httpx.Client(base_url=server.url), relink.json()["login_url"])
+    assert error_of(unused, 401)["code"] == "invalid_login_link"  # their unused link died with them
     assert error_of(owner.delete("/api/admin/members/ada"), 404)["code"] == "member_not_found"
     assert [m["username"] for m in owner.get("/api/admin/members").json()["data"]] == ["owner"]
     audit = owner.get("/api/admin/audit").json()["data"]

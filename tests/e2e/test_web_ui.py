@@ -109,8 +109,15 @@ def test_sign_in_with_the_link_set_a_password_and_sign_in_with_it(journey: Journ
     page.click("#login-submit")
     expect(page.locator("#login-error")).to_contain_text("Wrong username or password")
 
-    page.goto(server.login_url)
+    page.goto(server.login_url)  # the link's page says whom it signs in; opening it spends nothing
+    expect(page.locator("#link-username")).to_have_text("owner")
+    expect(page.locator("#link-tenant")).to_have_text("default")
+    expect(page.locator("#login-form")).to_be_hidden()
+    journey.shot("sign-in-link")
+    page.reload()  # as a link preview fetching it would: still usable
+    page.click("#link-submit")
     expect(page.locator("#app")).to_be_visible()
+    assert "token=" not in page.url  # the spent link leaves the address bar
     expect(page.locator("#tenant-name")).to_have_text("default")
     expect(page.locator("#password-banner")).to_be_visible()
     page.fill("#new-password", PASSWORD)
@@ -484,6 +491,8 @@ def test_invite_a_member_who_signs_in_and_has_their_own_chats(journey: Journey) 
     context = journey.browser.new_context(viewport={"width": 1280, "height": 860})
     ada = context.new_page()
     ada.goto(link)
+    expect(ada.locator("#link-username")).to_have_text("ada")
+    ada.click("#link-submit")
     expect(ada.locator("#user-name")).to_have_text("ada")
     expect(ada.locator("#tenant-name")).to_have_text("default")
     expect(ada.locator("#user-role")).to_have_text("viewer")
@@ -592,6 +601,7 @@ def test_a_member_of_another_tenant_sees_none_of_it(journey: Journey) -> None:
     context = journey.browser.new_context(viewport={"width": 1280, "height": 860})
     bob = context.new_page()
     bob.goto(link)
+    bob.click("#link-submit")
     expect(bob.locator("#tenant-name")).to_have_text("other-lab")
     url = journey.server.url
     expect(bob.locator("#conversations")).to_contain_text("No saved chats yet")
@@ -626,6 +636,7 @@ def test_someone_with_an_account_is_invited_accepts_and_switches_workspace(journ
     context = journey.browser.new_context(viewport={"width": 1280, "height": 860})
     carol = context.new_page()
     carol.goto(f"{journey.server.url}/auth/link?token={token}")
+    carol.click("#link-submit")
     expect(carol.locator("#tenant-name")).to_have_text("third-lab")
     expect(carol.locator("#tenant-switch")).to_be_hidden()
 

@@ -9,6 +9,7 @@ from adaptery.auth.secrets import hash_password
 from adaptery.db import models as m
 from adaptery.db.ids import new_id
 from adaptery.services import keys
+from tests.conftest import use_sign_in_link
 from tests.contracts.openai_schema import assert_matches
 
 
@@ -73,9 +74,8 @@ def test_other_tenant_cannot_revoke_my_key(running):
 
 def test_sign_in_link_works_once_and_gives_a_session_with_csrf(running):
     client = running.client
-    link = running.first.login_url.split("8000", 1)[1]
-    response = client.get(link, follow_redirects=False)
-    assert response.status_code == 303 and response.headers["location"] == "/"
+    response = use_sign_in_link(client, running.first.login_url)
+    assert response.status_code == 200 and response.json()["user"]["username"] == "owner"
     me = client.get("/api/me").json()
     assert me["user"]["username"] == "owner" and me["role"] == "owner" and me["has_password"] is False
     assert "httponly" in response.headers.get_list("set-cookie")[0].lower()
@@ -92,8 +92,8 @@ def test_sign_in_link_works_once_and_gives_a_session_with_csrf(running):
     assert client.post("/api/auth/logout", headers={"X-CSRF-Token": csrf}).status_code == 204
     client.cookies.clear()
     assert client.get("/api/me").status_code == 401
-    reused = client.get(link, follow_redirects=False)
-    assert reused.headers["location"] == "/?link=invalid"
+    reused = use_sign_in_link(client, running.first.login_url)
+    assert reused.status_code == 401 and reused.json()["error"]["code"] == "invalid_login_link"
     assert (
         client.post("/api/auth/login", json={"username": "owner", "password": "correct horse battery"}).status_code
         == 200

@@ -16,7 +16,7 @@ from sqlalchemy.exc import DBAPIError
 from adaptery.auth.secrets import hash_password
 from adaptery.db import models as m
 from adaptery.services import audit
-from tests.conftest import SAMPLE_CHAT
+from tests.conftest import SAMPLE_CHAT, use_sign_in_link
 from tests.security.conftest import World
 
 
@@ -210,14 +210,14 @@ def test_pausing_resuming_exporting_and_signing_in_by_link_are_audited(world: Wo
     assert client.post(f"/v1/fine_tuning/jobs/{job_id}/resume", headers=owner).status_code == 200
     invited = client.post("/api/admin/members", headers=owner, json={"username": "newcomer"}).json()
     browser = TestClient(client.app)
-    assert browser.get("/auth/link?" + invited["login_url"].split("?", 1)[1], follow_redirects=False).status_code == 303
+    assert use_sign_in_link(browser, invited["login_url"]).status_code == 200
     first_password = browser.post(
         "/api/auth/password",
         headers={"x-csrf-token": browser.cookies.get("adaptery_csrf")},
         json={"password": "a long one"},
     )
     assert first_password.status_code == 204, first_password.text
-    assert TestClient(client.app).get("/auth/link?token=forged", follow_redirects=False).status_code == 303
+    assert TestClient(client.app).post("/api/auth/link", json={"token": "forged"}).status_code == 401
     dataset_id = world.ids["dataset_id"]
     deadline = time.monotonic() + 60
     while client.get(f"/api/datasets/{dataset_id}/versions/1", headers=owner).json()["status"] != "ready":

@@ -46,6 +46,8 @@ EXPECT: dict[str, Expect] = {
     "GET /invitations/accept": PUBLIC,
     "GET /api/health": PUBLIC,
     "POST /api/auth/login": PUBLIC,
+    "POST /api/auth/link": PUBLIC,
+    "POST /api/auth/link/holder": PUBLIC,
     "POST /api/auth/logout": SIGNED_IN,
     "POST /api/auth/password": PERSON,
     "POST /api/auth/platform": PERSON,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from unittest import mock
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from fastapi.testclient import TestClient
@@ -17,6 +16,7 @@ from fastapi.testclient import TestClient
 from adaptery.auth.secrets import hash_password
 from adaptery.db import models as m
 from adaptery.services import sessions, tenants
+from tests.conftest import link_token, use_sign_in_link
 from tests.security.conftest import World
 
 PASSWORD = "correct horse battery"
@@ -41,8 +41,8 @@ def sign_in(world: World, username: str, password: str = PASSWORD, ip: str = "19
 
 def follow_link(world: World, login_url: str) -> TestClient:
     client = browser(world)
-    response = client.get("/auth/link?" + login_url.split("?", 1)[1], follow_redirects=False)
-    assert response.headers["location"] == "/", "the link did not sign in"
+    response = use_sign_in_link(client, login_url)
+    assert response.status_code == 200, f"the link did not sign in: {response.text}"
     client.headers["x-csrf-token"] = client.cookies.get("adaptery_csrf")
     return client
 
@@ -88,7 +88,7 @@ def test_the_invited_person_accepts_signed_in_as_themself_and_switches_tenant(wo
     invited = world.client.post(
         "/api/admin/members", headers=attacker, json={"username": "lab-member", "role": "member"}
     ).json()
-    token = {"token": accept_token(invited["accept_url"])}
+    token = {"token": link_token(invited["accept_url"])}
     # an API key cannot answer for its person, even with the link
     mine = world.client.get("/api/invitations", headers=world.auth("member")).json()["data"]
     assert len(mine) == 1 and mine[0]["tenant"]["name"] == "attacker"
@@ -118,13 +118,46 @@ def sign_in_new(world: World, username: str) -> TestClient:
     return sign_in(world, username)
 
 
+def test_opening_a_sign_in_link_spends_nothing_only_its_button_does(world: World):
+    """The second attacker's informational find: GET /auth/link spent the link, so a mail scanner or a chat's
+    link preview fetching it burned it (and, keeping the cookie, was signed in as the person). Opening it now
+    gives the page, which says whom it signs in; only the POST of its button spends it, once, and a cross-site
+    form cannot send that POST (JSON only)."""
+    invited = world.client.post("/api/admin/members", headers=world.auth("owner"), json={"username": "previewed"})
+    url, token = invited.json()["login_url"], {"token": link_token(invited.json()["login_url"])}
+    previewer = browser(world, "203.0.113.9")
+    for _ in range(2):
+        opened = previewer.get("/auth/link?" + url.split("?", 1)[1], follow_redirects=False)
+        assert opened.status_code == 200 and opened.headers["content-type"].startswith("text/html")
+        assert opened.headers["cache-control"] == "no-store" and "adaptery_session" not in previewer.cookies
+    holder = previewer.post("/api/auth/link/holder", json=token)
+    assert holder.status_code == 200, holder.text
+    assert holder.json() == {"object": "sign_in_link", "username": "previewed", "tenant": "lab", "purpose": "setup"}
+    assert previewer.get("/api/me").status_code == 401 and "adaptery_session" not in previewer.cookies
+    assert previewer.post("/api/auth/link", data=token).status_code == 415  # a form post from another site
+
+    person = sign_in_new(world, "lab-viewer")  # this browser held someone's session: it ends
+    before = person.cookies.get("adaptery_session")
+    signed = use_sign_in_link(person, url)
+    assert signed.status_code == 200 and signed.json()["user"]["username"] == "previewed"
+    person.headers["x-csrf-token"] = person.cookies.get("adaptery_csrf")
+    assert person.get("/api/me").json()["user"]["username"] == "previewed"
+    stale = browser(world)
+    stale.cookies.set("adaptery_session", before)
+    assert stale.get("/api/me").status_code == 401
+    for spent in (use_sign_in_link(browser(world), url), browser(world).post("/api/auth/link/holder", json=token)):
+        assert spent.status_code == 401 and spent.json()["error"]["code"] == "invalid_login_link"
+    too_long = browser(world).post("/api/auth/link/holder", json={"token": "x" * 129})
+    assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "token"
+
+
 def test_a_new_link_is_only_for_someone_who_never_set_up_their_account(world: World):
     owner = world.auth("owner")
     invited = world.client.post("/api/admin/members", headers=owner, json={"username": "newbie"}).json()
     fresh = world.client.post("/api/admin/members/newbie/link", headers=owner)
     assert fresh.status_code == 200 and fresh.json()["login_url"] != invited["login_url"]
-    old = browser(world).get("/auth/link?" + invited["login_url"].split("?")[1], follow_redirects=False)
-    assert old.headers["location"] == "/?link=invalid"  # a new link replaces the old one
+    old = use_sign_in_link(browser(world), invited["login_url"])
+    assert old.json()["error"]["code"] == "invalid_login_link"  # a new link replaces the old one
 
     client = follow_link(world, fresh.json()["login_url"])
     assert client.post("/api/auth/password", json={"password": PASSWORD}).status_code == 204
@@ -138,8 +171,8 @@ def test_a_new_link_is_only_for_someone_who_never_set_up_their_account(world: Wo
 def test_a_setup_link_stops_working_once_its_person_has_a_password(world: World):
     invited = world.client.post("/api/admin/members", headers=world.auth("owner"), json={"username": "late"}).json()
     set_password(world, "late")  # they set one up some other way (an earlier link)
-    late = browser(world).get("/auth/link?" + invited["login_url"].split("?")[1], follow_redirects=False)
-    assert late.headers["location"] == "/?link=invalid"
+    late = use_sign_in_link(browser(world), invited["login_url"])
+    assert late.json()["error"]["code"] == "invalid_login_link"
 
 
 def test_no_new_link_for_someone_who_signed_in_by_link_without_a_password(world: World):
@@ -161,8 +194,8 @@ def test_a_setup_link_stops_working_once_its_person_signed_in_some_other_way(wor
     with world.platform.db.system() as s:  # signed in by other means (a password since removed, SSO, ...)
         user = s.query(m.User).filter_by(username="elsewise").one()
         sessions.open_session(s, user, world.tenant_id, world.platform.settings, method="password")
-    late = browser(world).get("/auth/link?" + invited.json()["login_url"].split("?")[1], follow_redirects=False)
-    assert late.headers["location"] == "/?link=invalid"
+    late = use_sign_in_link(browser(world), invited.json()["login_url"])
+    assert late.json()["error"]["code"] == "invalid_login_link"
     refused = world.client.post("/api/admin/members/elsewise/link", headers=world.auth("owner"))
     assert refused.status_code == 409
 
@@ -509,11 +542,11 @@ def test_a_link_kept_by_one_tenant_dies_when_its_person_joins_another(world: Wor
     ).json()
     invitation = dave.get("/api/invitations").json()["data"][0]
     accepted = dave.post(
-        f"/api/invitations/{invitation['id']}/accept", json={"token": accept_token(invited["accept_url"])}
+        f"/api/invitations/{invitation['id']}/accept", json={"token": link_token(invited["accept_url"])}
     )
     assert accepted.status_code == 200
-    used = browser(world).get("/auth/link?" + first["login_url"].split("?", 1)[1], follow_redirects=False)
-    assert used.headers["location"] == "/?link=invalid"
+    used = use_sign_in_link(browser(world), first["login_url"])
+    assert used.json()["error"]["code"] == "invalid_login_link"
 
 
 def test_a_signed_in_person_steps_up_and_changes_their_password_while_their_account_is_locked(
@@ -537,10 +570,6 @@ def test_a_signed_in_person_steps_up_and_changes_their_password_while_their_acco
     assert mine.post("/api/auth/platform", json={"password": PASSWORD}).status_code == 200
     changed = mine.post("/api/auth/password", json={"password": "a new password 9", "current_password": PASSWORD})
     assert changed.status_code == 204
-
-
-def accept_token(accept_url: str) -> str:
-    return parse_qs(urlsplit(accept_url).query)["token"][0]
 
 
 def test_a_squatted_username_cannot_accept_another_tenants_invitation_without_its_link(world: World):
@@ -567,13 +596,13 @@ def test_a_squatted_username_cannot_accept_another_tenants_invitation_without_it
     assert [t["name"] for t in carol.get("/api/me").json()["tenants"]] == ["attacker"]
     with world.platform.db.system() as s:  # only the link's hash is kept
         kept = s.get(m.Invitation, invitation["id"])
-        assert kept.token_hash and accept_token(invited.json()["accept_url"]) not in kept.token_hash
+        assert kept.token_hash and link_token(invited.json()["accept_url"]) not in kept.token_hash
 
     # the lab's link, passed to the real Carol out of band (here the account is hers after all): once
     body = invited.json()
     assert body["status"] == "pending" and body["login_url"] is None
     assert body["accept_url"].startswith(f"{world.platform.settings.base_url}/invitations/accept?")
-    token = accept_token(body["accept_url"])
+    token = link_token(body["accept_url"])
     accepted = carol.post(accept, json={"token": token})
     assert accepted.status_code == 200, accepted.text
     assert {t["name"]: t["role"] for t in accepted.json()["tenants"]} == {"attacker": "member", "lab": "admin"}
@@ -591,9 +620,9 @@ def test_a_fresh_accept_link_voids_the_previous_one(world: World):
     assert fresh.json()["login_url"] is None and fresh.json()["accept_url"] != first["accept_url"]
     person = sign_in(world, "else-member")
     accept = f"/api/invitations/{person.get('/api/invitations').json()['data'][0]['id']}/accept"
-    stale = person.post(accept, json={"token": accept_token(first["accept_url"])})
+    stale = person.post(accept, json={"token": link_token(first["accept_url"])})
     assert stale.status_code == 403 and stale.json()["error"]["code"] == "invitation_link_required"
-    assert person.post(accept, json={"token": accept_token(fresh.json()["accept_url"])}).status_code == 200
+    assert person.post(accept, json={"token": link_token(fresh.json()["accept_url"])}).status_code == 200
     # an admin of the lab cannot mint a link for an owner's invitation
     made = world.client.post("/api/admin/members", headers=owner, json={"username": "else-owner", "role": "owner"})
     assert made.json()["user_id"] is None  # an account of another tenant: its id is not the lab's to know
@@ -615,14 +644,12 @@ def test_an_expired_accept_link_is_refused_and_declining_needs_none(world: World
     invitation = person.get("/api/invitations").json()["data"][0]
     with world.platform.db.system() as s:
         s.get(m.Invitation, invitation["id"]).expires_at = time.time() - 1
-    late = person.post(
-        f"/api/invitations/{invitation['id']}/accept", json={"token": accept_token(invited["accept_url"])}
-    )
+    late = person.post(f"/api/invitations/{invitation['id']}/accept", json={"token": link_token(invited["accept_url"])})
     assert late.status_code == 404
     again = world.client.post("/api/admin/members/else-member/link", headers=owner).json()
     invitation = person.get("/api/invitations").json()["data"][0]
     assert person.post(f"/api/invitations/{invitation['id']}/decline").status_code == 200
-    gone = person.post(f"/api/invitations/{invitation['id']}/accept", json={"token": accept_token(again["accept_url"])})
+    gone = person.post(f"/api/invitations/{invitation['id']}/accept", json={"token": link_token(again["accept_url"])})
     assert gone.status_code == 404
 
 

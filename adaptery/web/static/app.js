@@ -32,6 +32,51 @@ function readAcceptLink() {
   return params.get("invitation") && params.get("token") ? { invitation: params.get("invitation"), token: params.get("token") } : null;
 }
 
+/** A one-time sign-in link (/auth/link?token=…): its page says whom it signs in, and only its button spends it
+ * (a mail scanner or a chat's link preview that fetches the link spends nothing). */
+let signInLink = location.pathname === "/auth/link" ? new URLSearchParams(location.search).get("token") : null;
+
+async function showSignInLink() {
+  let holder;
+  try {
+    holder = await api("/api/auth/link/holder", { method: "POST", body: { token: signInLink }, quiet401: true });
+  } catch (err) {
+    signInLink = null;
+    history.replaceState(null, "", "/?link=invalid");
+    if (err.status === 401) showLogin();
+    else $("#boot").textContent = err.message;
+    return;
+  }
+  showLogin();
+  $("#login-title").textContent = "Sign in with your link";
+  $("#link-username").textContent = holder.username;
+  $("#link-tenant").textContent = holder.tenant;
+  $("#link-submit").textContent = `Sign in as ${holder.username}`;
+  $("#link-card").hidden = false;
+  $("#login-form").hidden = true;
+  $("#sso-choices").hidden = true;
+  $("#link-submit").focus();
+}
+
+async function onSignInLink() {
+  const error = $("#link-submit-error");
+  showError(error, null);
+  $("#link-submit").disabled = true;
+  try {
+    const me = await api("/api/auth/link", { method: "POST", body: { token: signInLink }, quiet401: true });
+    signInLink = null;
+    history.replaceState(null, "", "/");
+    $("#link-card").hidden = true;
+    $("#login-form").hidden = false;
+    $("#login-title").textContent = "Sign in";
+    showApp(me);
+  } catch (err) {
+    showError(error, err);
+  } finally {
+    $("#link-submit").disabled = false;
+  }
+}
+
 function forgetAcceptLink() {
   acceptLink = null;
   history.replaceState(null, "", `/${location.hash}`);
@@ -120,6 +165,7 @@ function showLogin() {
   if (params.get("link") === "invalid") showError($("#link-error"), new Error("That sign-in link is invalid, already used or expired. Ask for a new one, or sign in with your password."));
   if (params.get("sso")) showError($("#sso-error"), new Error(ssoMessage(params.get("sso"))));
   $("#invitation-hint").hidden = !acceptLink;
+  if (signInLink) return;  // its own card (showSignInLink) stands in for the form
   drawSignInChoices();
   $("#username").focus();
 }
@@ -313,7 +359,9 @@ function init() {
   onUnauthenticated(() => {
     if (state.me) showLogin();
   });
-  checkSession();
+  $("#link-submit").addEventListener("click", onSignInLink);
+  if (signInLink) showSignInLink();
+  else checkSession();
 }
 
 init();
