@@ -14,12 +14,12 @@ from sqlalchemy import func, select
 
 from adaptery.db import models as m
 from adaptery.messaging import identity
-from adaptery.services import audit
-from tests.conftest import SAMPLE_CHAT, ca_pem
+from adaptery.services import audit, tenants
+from tests.conftest import SAMPLE_CHAT, ca_pem, link_token
 from tests.security.conftest import World
 from tests.security.objects import trained, unpack
 from tests.security.test_authorization_matrix import app_routes
-from tests.security.test_identity import PASSWORD, accept_token, set_password, sign_in
+from tests.security.test_identity import PASSWORD, set_password, sign_in
 
 # Not security-relevant, so not audited (each is accounted elsewhere or touches only its caller's own drafts):
 NOT_AUDITED = {
@@ -27,6 +27,7 @@ NOT_AUDITED = {
     "POST /v1/completions": "inference: metered in the usage ledger instead",
     "POST /v1/embeddings": "inference: metered in the usage ledger instead",
     "POST /api/datasets/{dataset_id}/versions/{number}/validate": "a read that computes: changes nothing",
+    "POST /api/auth/link/holder": "a read: whom a sign-in link signs in, for its page; spends nothing",
     "POST /api/conversations": "a person's own chat history: no rights, sharing or data leaving the tenant",
     "PATCH /api/conversations/{conversation_id}": "a person's own chat history (a title)",
     "DELETE /api/conversations/{conversation_id}": "a person's own chat history",
@@ -105,6 +106,12 @@ def calls(world: World, lora_bytes: bytes, tmp_path) -> list[tuple[str, Callable
             "/api/federations/join", json={"token": token, "public_key": public.decode(), "signature": signature}
         )
 
+    def sign_in_with_link() -> httpx.Response:
+        with world.platform.db.system() as s:
+            user = s.scalar(select(m.User).where(m.User.username == "lab-viewer"))
+            token = tenants.create_login_token(s, tenant_id=world.tenant_id, user_id=user.id, hours=1, purpose="reset")
+        return TestClient(client.app).post("/api/auth/link", json={"token": token})
+
     def login() -> httpx.Response:
         return TestClient(client.app).post("/api/auth/login", json={"username": "lab-owner", "password": PASSWORD})
 
@@ -112,7 +119,7 @@ def calls(world: World, lora_bytes: bytes, tmp_path) -> list[tuple[str, Callable
         created = world.running.new_tenant("elsewhere-two", "someone")
         other = {"Authorization": f"Bearer {created.api_key}"}
         invited = client.post("/api/admin/members", headers=other, json={"username": "lab-member", "role": "member"})
-        state["accept"] = {"token": accept_token(invited.json()["accept_url"])}
+        state["accept"] = {"token": link_token(invited.json()["accept_url"])}
         state["elsewhere"] = created.tenant.id
         return browser().get("/api/invitations").json()["data"][0]["id"]
 
@@ -196,6 +203,7 @@ def calls(world: World, lora_bytes: bytes, tmp_path) -> list[tuple[str, Callable
 
     return [
         ("POST /api/auth/login", login),
+        ("POST /api/auth/link", sign_in_with_link),
         ("POST /api/auth/password", lambda: browser().post(
             "/api/auth/password", json={"password": "another password", "current_password": PASSWORD})),
         ("POST /api/invitations/{invitation_id}/accept", lambda: browser().post(
