@@ -25,6 +25,7 @@ static inline float pa_load1(const void *p, int64_t i, int bf16) {
     return bf16 ? bf2f(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
+#define PA_AHEAD 2  /* tokens ahead that the score loop prefetches */
 #define GROUP_MAX 8 /* query heads per kv head done together; larger groups run in passes */
 
 /* One (sequence, kv head) task, for `group` (<= GROUP_MAX) of the query heads sharing that kv head: each scored
@@ -36,12 +37,25 @@ static inline float pa_load1(const void *p, int64_t i, int bf16) {
 static inline __attribute__((always_inline)) void decode_task(const void *q, const void *keys, const void *values, const int64_t *table, int64_t len,
                         int64_t block_size, int64_t kvh, int64_t h, int64_t group, int64_t hd, float scale,
                         void *out, int bf16, float *qf, float *scores, float *acc) {
-    const int64_t row = kvh * hd, vec = hd / 8 * 8;
+    const int64_t row = kvh * hd, vec = hd / 8 * 8, es = bf16 ? 2 : 4;
     for (int64_t i = 0; i < group * hd; i++) qf[i] = pa_load1(q, i, bf16);
     for (int64_t t0 = 0, b = 0; t0 < len; t0 += block_size, b++) {
         const int64_t n = len - t0 < block_size ? len - t0 : block_size;
         for (int64_t j = 0; j < n; j++) {
             const int64_t at = (table[b] * block_size + j) * row + h * hd;
+            /* Memory bound: a head's rows are kvh * hd apart and a sequence's blocks lie anywhere in the pool, so
+               the hardware prefetcher loses the thread at every block. Fetch the key and value rows PA_AHEAD tokens
+               ahead (the values are read in the next phase, from cache): a call at batch 32 (16 heads over 4,
+               contexts 16-256, blocks scattered over a 16 MB pool, fp32, one thread, a 2-core AVX-512 Xeon) took
+               1044 us against 1117 (median of 4 alternating runs; 2 tokens ahead beat 4, 8 and 16). */
+            const int64_t next = t0 + j + PA_AHEAD;
+            if (next < len) {
+                const int64_t ahead = (table[next / block_size] * block_size + next % block_size) * row + h * hd;
+                for (int64_t line = 0; line < hd * es; line += 64) {
+                    __builtin_prefetch((const char *)keys + ahead * es + line);
+                    __builtin_prefetch((const char *)values + ahead * es + line);
+                }
+            }
             pa_v8f sum[GROUP_MAX] = {0};
             for (int64_t d = 0; d < vec; d += 8) {
                 const pa_v8f k = pa_load8(keys, at + d, bf16);
