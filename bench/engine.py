@@ -26,7 +26,13 @@ requested lengths. Measured in the same run, at the same dtype on both sides of 
    verdict: engine base / vLLM base 0.77, 1.72, 0.49 round by round (median of the runs 0.97), mixed 2.60, 4.87,
    2.52 (3.07); both engines ran at 10-105 tokens/s where a quiet machine gives 130-230 (vLLM's threads, bound to
    both cores, suffer most from cores shared with others); greedy outputs with one adapter identical on 8 of 8
-   prompts (32 tokens each).
+   prompts (32 tokens each). On a quiet 2-core Intel Xeon with AVX-512 and AMX, same command: engine base 273 against
+   vLLM 297 tokens/s (0.92; rounds 0.86, 0.94, 1.05), 32 mixed 221 against 94 (2.34; bf16-held adapters 238), TPOT p50
+   105.8 against 104.0 ms, greedy 8 of 8 identical. There a decode step at batch 32 (bench/step_profile.py) took
+   69.8 ms: oneDNN's GEMMs 62 %, decode attention 17 % (memory bound: it reads ~8 MB of fp32 keys and values a
+   call), elementwise operators ~12 %; the prefill budget (256 to 2048 tokens, bench/step_shape.py) moved nothing
+   beyond noise (273-283 tokens/s). `--quick --dtypes bfloat16 --no-vllm` there (4 layers, one round): engine base
+   582 tokens/s against `generate` 454 (1.28), mixed 32 ÷ base 1.08, 2000 registered ÷ 5 0.93, cold load p50 6.2 ms.
 
 Arrivals are faster than the engine can serve (it runs saturated, as throughput needs); the static
 `generate` baselines process the same requests offline in arrival order, batch after batch. Noise on

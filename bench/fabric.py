@@ -73,6 +73,15 @@ needs the fabric under ~0.6 ms a token. First token, agent minus embedded: 1.7-2
 later the same day with the same code (an A/B of both commits agreed); a trace of every hop puts the fabric's share
 at ~2.3 ms and the rest in the agent's engine taking 1-2.5 ms longer than the server's for the same prefill.
 
+On another machine (2 cores of an Intel Xeon with AVX-512 and AMX: the engine runs bf16 by default there, ~2.1 ms of
+one agent's CPU a token instead of 5.4), same command, quiet, SQLite: one agent 444.1, two 615.1 tokens/s (1.39);
+CPU ms/token with two: server 0.68, NATS 0.04, agents 1.15 + 1.15, client 0.07, i.e. 3.09 ms a token on 2000 ms of
+CPU a second: 647 tokens/s is the ceiling, and the run used 95 % of it. So the ratio is the fabric's CPU against the
+agents': 1.7 over 444 needs the server, NATS and client under ~0.35 ms a token together (now 0.79), that is the server
+at about half its ~20 ms of CPU a request (max_tokens 32). With PostgreSQL instead of SQLite (its own CPU not counted
+above) 387.7 and 508.6 (1.31): SQLite's single writer is not what limits it. First token, agent minus embedded:
+7.1 ms p50 (4.9 in a run sampled by py-spy; 5.7 on PostgreSQL).
+
 Prints JSON and a markdown table.
 """
 
