@@ -297,6 +297,34 @@ def profile(fabric: Fabric, out: Path | None, seconds: float) -> list[subprocess
     ]
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds each live thread of `pid` has used, added up by name (digits folded: "AnyIO worker thread")."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    used: dict[str, float] = {}
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        name, fields = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :].split()
+        key = f"{stat.parent.name}:{re.sub(r'[0-9]+', 'N', name)}"
+        used[key] = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return used
+
+
+def server_threads_ms_per_request(
+    before: dict[str, float], after: dict[str, float], total_ms: float, requests: int
+) -> dict[str, float]:
+    """The server's CPU a request, by thread name; threads that ended during the run (a request's own threads) are
+    what the process used beyond its live threads."""
+    shares: dict[str, float] = {}
+    for key, seconds in after.items():
+        name = key.split(":", 1)[1]
+        shares[name] = shares.get(name, 0.0) + 1000 * (seconds - before.get(key, 0.0))
+    shares["(threads that ended)"] = total_ms - sum(shares.values())
+    return {name: round(ms / max(1, requests), 2) for name, ms in sorted(shares.items(), key=lambda kv: -kv[1])}
+
+
 def load_run(
     fabric: Fabric, models: list[str], clients: int, seconds: float, max_tokens: int, spy: Path | None = None
 ) -> dict[str, Any]:
@@ -332,14 +360,14 @@ def load_run(
         async with httpx.AsyncClient(timeout=120, limits=limits) as client:
             await asyncio.gather(*(client_loop(client, stop_at) for _ in range(clients)))
 
-    cpu_before = cpu_seconds(fabric)
+    cpu_before, threads_before = cpu_seconds(fabric), thread_cpu(fabric.server.pid)
     started = time.monotonic()
     loop = threading.Thread(target=asyncio.run, args=(all_clients(started + seconds),))
     loop.start()
     spies = profile(fabric, spy, seconds - 2)
     loop.join()
     elapsed = time.monotonic() - started
-    cpu_after = cpu_seconds(fabric)
+    cpu_after, threads_after = cpu_seconds(fabric), thread_cpu(fabric.server.pid)
     for spy_process in spies:
         spy_process.wait(timeout=60)
     # CPU milliseconds each process spent per completion token: the agents' share is the model's compute, the
@@ -354,6 +382,9 @@ def load_run(
         "errors": errors,
         "failures": failures,
         "cpu_ms_per_token": cpu_ms_per_token,
+        "server_cpu_ms_per_request_by_thread": server_threads_ms_per_request(
+            threads_before, threads_after, 1000 * (cpu_after["server"] - cpu_before["server"]), requests
+        ),
         "loadavg": Path("/proc/loadavg").read_text().split()[:3],
     }
 
@@ -590,6 +621,9 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
         cpu = tp[run]["cpu_ms_per_token"]
         spent = ", ".join(f"{name} {ms:.2f}" for name, ms in cpu.items())
         print(f"| CPU ms per token, {run.replace('_', ' ')} (load {' '.join(tp[run]['loadavg'])}) | {spent} | |")
+        threads = tp[run]["server_cpu_ms_per_request_by_thread"]
+        top = ", ".join(f"{name} {ms:.2f}" for name, ms in list(threads.items())[:6])
+        print(f"| server CPU ms per request by thread, {run.replace('_', ' ')} | {top} | |")
     if zipf is None:
         return
     for policy in ("affinity", "random"):

@@ -25,7 +25,8 @@ processes and no request can slip past a budget between a check and a write.
   budget is spent.
 
 The month rows count every settled token, limited or not (a subject without a monthly budget holds nothing, and
-its tokens are added when the call settles), and each settlement also writes the accounting ledger
+its tokens are added when the call settles; a call that holds nothing at all is counted as a request then too, so
+that `reserve` writes nothing for it), and each settlement also writes the accounting ledger
 (`services.usage`) in the same transaction: the limits' month and the ledger agree.
 """
 
@@ -440,10 +441,13 @@ def reserve(
         reservation = Reservation(
             new_id("resv_"), worst, holds, use, [subject for subject, _, _ in subjects], token_prices
         )
-        if holds:
+        if holds:  # a limit applies: its hold is written now, the request counted with it
             s.add(m.UsageReservation(id=reservation.id, holds=holds, expires_at=now + hold_seconds))
-        for subject, _, _ in subjects:
-            _add(s, subject, month_period(now), requests=1)
+            for subject, _, _ in subjects:
+                _add(s, subject, month_period(now), requests=1)
+        # else nothing is held, and nothing written before the call: the month counts the request when it settles,
+        # with its tokens, in one statement a subject (a call without limits writes once, not twice; one that
+        # never settles, its process dead, is in neither the month nor the ledger)
         return reservation
 
 
@@ -538,9 +542,10 @@ def settle(
             cost = math.ceil((prompt_tokens * prompt_price + completion_tokens * completion_price) * MICROS)
             _release(s, reservation.holds, used_tokens, cost)
         held_month = {subject for subject, _, kind, _ in reservation.holds if kind == "month"}
+        unheld = 0 if reservation.holds else 1  # the request, where `reserve` wrote nothing
         for subject in reservation.subjects:
             if subject not in held_month:  # no budget held: its month counts what was used all the same
-                _add(s, subject, month_period(now), tokens=used_tokens)
+                _add(s, subject, month_period(now), tokens=used_tokens, requests=unheld)
         if reservation.use is not None:
             ledger.add(
                 s, reservation.use, now, requests=1, failed_requests=int(failed),

@@ -289,6 +289,30 @@ def test_chat_tokens_reach_the_usage_page_without_any_limit(world: World):
     assert page["keys"][key_id(world.tokens["member"])]["tokens"] == spent
 
 
+def test_a_call_under_no_limit_writes_its_month_once_when_it_settles(world: World, monkeypatch):  # noqa: ANN001
+    """Nothing is held, so `reserve` writes nothing (it was two upserts and a commit a call, before the first
+    token); the month counts the request with its tokens when the call settles, as the ledger does."""
+    subjects = [f"tenant:{world.tenant_id}", f"key:{key_id(world.tokens['member'])}"]
+
+    def month() -> list[tuple[int, int]]:
+        with world.platform.db.system() as s:
+            counted = limits.usage(s, subjects)
+        return [(counted[subject]["requests"], counted[subject]["tokens"]) for subject in subjects]
+
+    before, seen_at_settle = month(), []
+    real = limits.settle
+
+    def settle(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - limits.settle's signature
+        seen_at_settle.append(month())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(limits, "settle", settle)
+    response = world.client.post("/v1/chat/completions", headers=world.auth("member"), json={**CHAT, "max_tokens": 3})
+    spent = response.json()["usage"]["total_tokens"]
+    assert seen_at_settle == [before]  # the call ran, and its reservation had written nothing
+    assert month() == [(requests + 1, tokens + spent) for requests, tokens in before]
+
+
 def test_a_stream_that_fails_after_its_first_tokens_is_counted_with_them(world: World, monkeypatch):  # noqa: ANN001
     engine = world.platform.engine
     real = engine.generate
