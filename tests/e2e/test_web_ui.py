@@ -113,6 +113,7 @@ def test_sign_in_with_the_link_set_a_password_and_sign_in_with_it(journey: Journ
     expect(page.locator("#link-username")).to_have_text("owner")
     expect(page.locator("#link-tenant")).to_have_text("default")
     expect(page.locator("#login-form")).to_be_hidden()
+    expect(page.locator("#login-hint")).to_be_hidden()
     journey.shot("sign-in-link")
     page.reload()  # as a link preview fetching it would: still usable
     page.click("#link-submit")

@@ -53,6 +53,7 @@ async function showSignInLink() {
   $("#link-tenant").textContent = holder.tenant;
   $("#link-submit").textContent = `Sign in as ${holder.username}`;
   $("#link-card").hidden = false;
+  $("#login-hint").hidden = true;
   $("#login-form").hidden = true;
   $("#sso-choices").hidden = true;
   $("#link-submit").focus();
@@ -67,6 +68,7 @@ async function onSignInLink() {
     signInLink = null;
     history.replaceState(null, "", "/");
     $("#link-card").hidden = true;
+    $("#login-hint").hidden = false;
     $("#login-form").hidden = false;
     $("#login-title").textContent = "Sign in";
     showApp(me);
