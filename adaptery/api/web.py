@@ -85,6 +85,15 @@ def _set_cookies(response: Response, request: Request, new: sessions.NewSession,
         )
 
 
+def _replace_session(response: Response, request: Request, new: sessions.NewSession, p: Platform) -> None:
+    """Hand the browser `new`; whatever session it held before ends: the new one shares nothing with it."""
+    previous = request.cookies.get(SESSION_COOKIE)
+    if previous:
+        with p.db.system() as s:
+            sessions.end_by_token_hash(s, hash_token(previous))
+    _set_cookies(response, request, new, p)
+
+
 @router.get("/", include_in_schema=False)
 def index() -> FileResponse:
     return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
@@ -142,11 +151,7 @@ def sign_in_with_link(body: LinkRequest, request: Request, response: Response, p
             audit.record(s, None, "auth.sign_in_link", outcome="failure", actor="anonymous", ip=_ip(request),
                          detail={"reason": refused.code})  # fmt: skip
         raise
-    previous = request.cookies.get(SESSION_COOKIE)
-    if previous:
-        with p.db.system() as s:
-            sessions.end_by_token_hash(s, hash_token(previous))
-    _set_cookies(response, request, new, p)
+    _replace_session(response, request, new, p)
     with p.db.system() as s:
         return _me(s, new.principal)
 
@@ -222,13 +227,9 @@ def sso_callback(
     if outcome.new is None:
         reason = (outcome.refusal.code if outcome.refusal else None) or "refused"
         return RedirectResponse(f"/?sso={reason}", status_code=303)
-    previous = request.cookies.get(SESSION_COOKIE)
-    if previous:  # whatever session this browser held before ends: the new one shares nothing with it
-        with p.db.system() as s:
-            sessions.end_by_token_hash(s, hash_token(previous))
     response = RedirectResponse("/", status_code=303)
     response.delete_cookie(OIDC_COOKIE, path=sso.CALLBACK_PATH)
-    _set_cookies(response, request, outcome.new, p)
+    _replace_session(response, request, outcome.new, p)
     return response
 
 
