@@ -247,7 +247,7 @@ def login(body: LoginRequest, request: Request, response: Response, p: Platform 
         audit.sign_in(s, body.username, outcome, ip=_ip(request))
     if isinstance(outcome, ServiceError):
         raise outcome
-    _set_cookies(response, request, outcome, p)
+    _replace_session(response, request, outcome, p)
     with p.db.system() as s:
         return _me(s, outcome.principal)
 

@@ -151,6 +151,21 @@ def test_opening_a_sign_in_link_spends_nothing_only_its_button_does(world: World
     assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "token"
 
 
+def test_signing_in_with_a_password_again_ends_the_browsers_earlier_session(world: World):
+    """A third attacker's low find: a password sign-in only overwrote the cookies, so a session stolen earlier kept
+    working after its person signed in again (a link, a tenant switch and single sign-on each ended it)."""
+    set_password(world, "lab-member")
+    person = sign_in(world, "lab-member")
+    earlier = person.cookies.get("adaptery_session")
+    again = person.post("/api/auth/login", json={"username": "lab-member", "password": PASSWORD})
+    assert again.status_code == 200
+    stolen = browser(world)
+    stolen.cookies.set("adaptery_session", earlier)
+    assert stolen.get("/api/me").status_code == 401
+    person.headers["x-csrf-token"] = person.cookies.get("adaptery_csrf")
+    assert person.get("/api/me").json()["user"]["username"] == "lab-member"
+
+
 def test_a_new_link_is_only_for_someone_who_never_set_up_their_account(world: World):
     owner = world.auth("owner")
     invited = world.client.post("/api/admin/members", headers=owner, json={"username": "newbie"}).json()
