@@ -35,6 +35,7 @@ from adaptery.agent.link import AgentLink, LinkDown
 from adaptery.agent.vault import AgentVault
 from adaptery.engine.generation import AdapterSpec, EngineUnavailable, GenerationTimedOut, InferenceEngine, Usage
 from adaptery.engine.sampling import SamplingParams
+from adaptery.engine.stopping import StopSignal
 from adaptery.messaging import protocol
 from adaptery.messaging.protocol import InferRequest, RemoteError
 from adaptery.storage.modes import private_dir
@@ -66,7 +67,7 @@ class _Stream:
     last_sent: float = field(default_factory=time.monotonic)
     last_delta: float = float("-inf")
     lock: threading.Lock = field(default_factory=threading.Lock)
-    cancelled: threading.Event = field(default_factory=threading.Event)
+    cancelled: StopSignal = field(default_factory=StopSignal)
     # (text, finish_reason, logprobs, tokens) of the deltas not sent yet
     held: list[tuple[str, str | None, list[dict[str, Any]] | None, int]] = field(default_factory=list)
 
@@ -300,7 +301,7 @@ class InferenceHost:
             params = SamplingParams(**request.params)
             deltas = self.engine.generate(
                 request.base_id, self.bases[request.base_id], adapter, request.prompt_ids, params, usage,
-                should_stop=stream.cancelled.is_set, fairness_key=request.fairness_key,
+                should_stop=stream.cancelled, fairness_key=request.fairness_key,
             )  # fmt: skip
             for delta in deltas:
                 tokens = usage.completion_tokens - sent_tokens  # the control plane adds these up and bills them

@@ -73,12 +73,12 @@ from adaptery.engine.generation import (
     resolve_dtype,
 )
 from adaptery.engine.sampling import SamplingParams
+from adaptery.engine.stopping import WAKE, listening
 from adaptery.settings import Settings
 
 log = logging.getLogger("adaptery.agent.vllm")
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM builds LoRA kernels for (--max-lora-rank)
 HEALTH_POLL_SECONDS = 0.5
-POLL_SECONDS = 0.05
 RESTART_FIRST_SECONDS = 1.0
 RESTART_MAX_SECONDS = 60.0
 RESTART_RESET_SECONDS = 300.0  # a server that ran this long before dying is restarted after the first delay again
@@ -615,35 +615,36 @@ class VllmEngine:
         pending: list[dict[str, Any]] = []  # logprobs of tokens whose text has not been sent yet
         finish: str | None = None
         try:
-            while finish is None:
-                if should_stop():
-                    return
-                if deadline is not None and time.monotonic() > deadline:
-                    raise GenerationTimedOut(f"the request did not finish within {self.request_timeout_s:g} s")
-                try:
-                    arrived = drain(chunks, POLL_SECONDS)
-                except queue.Empty:
-                    continue
-                # Everything vLLM sent since the last delta becomes one delta: one message to the control plane
-                # however far behind this thread fell (under load, vLLM streams faster than one message a token).
-                texts: list[str] = []
-                failure: BaseException | None = None
-                for item in arrived:
-                    if item is _END:
-                        failure = VllmFailed("vLLM ended the request without finishing it (no reason given)")
-                    elif isinstance(item, BaseException):
-                        failure = item
-                    else:
-                        finish = self._take(served, item, params, usage, texts, pending)
-                    if failure is not None or finish is not None:
-                        break
-                text = "".join(texts)
-                if failure is not None or finish is None:
-                    if text:
-                        yield Delta(text, logprobs=pending or None)
-                        pending = []
-                    if failure is not None:
-                        raise failure
+            with listening(should_stop, chunks) as timeout:
+                while finish is None:
+                    if should_stop():
+                        return
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise GenerationTimedOut(f"the request did not finish within {self.request_timeout_s:g} s")
+                    try:
+                        arrived = [item for item in drain(chunks, timeout) if item is not WAKE]
+                    except queue.Empty:
+                        continue
+                    # Everything vLLM sent since the last delta becomes one delta: one message to the control plane
+                    # however far behind this thread fell (under load, vLLM streams faster than one message a token).
+                    texts: list[str] = []
+                    failure: BaseException | None = None
+                    for item in arrived:
+                        if item is _END:
+                            failure = VllmFailed("vLLM ended the request without finishing it (no reason given)")
+                        elif isinstance(item, BaseException):
+                            failure = item
+                        else:
+                            finish = self._take(served, item, params, usage, texts, pending)
+                        if failure is not None or finish is not None:
+                            break
+                    text = "".join(texts)
+                    if failure is not None or finish is None:
+                        if text:
+                            yield Delta(text, logprobs=pending or None)
+                            pending = []
+                        if failure is not None:
+                            raise failure
         finally:
             if finish is None:
                 future.cancel()  # closes the HTTP stream: vLLM aborts the request and frees its slot

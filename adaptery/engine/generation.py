@@ -36,6 +36,7 @@ from adaptery.engine.lora import AdapterInfo, AdapterRejected, inspect_adapter
 from adaptery.engine.metrics import EngineMetrics
 from adaptery.engine.native import MODULE_SITE, NativeLlama, check_quantization, native_support
 from adaptery.engine.sampling import Constraint, Detokenizer, SamplingParams, TokenLogprob, releasable
+from adaptery.engine.stopping import WAKE, listening
 from adaptery.engine.tool_calls import ToolFormat, response_template_format, tool_format
 from adaptery.settings import Settings
 
@@ -352,16 +353,19 @@ class InferenceEngine:
     ) -> Iterator[Event]:
         request = engine.submit(prompt_ids, params, key, path, fairness_key)
         try:
-            while True:
-                try:
-                    event = request.events.get(timeout=0.05)
-                except queue.Empty:
-                    if should_stop():
+            with listening(should_stop, request.events) as timeout:
+                while True:
+                    try:
+                        event = request.events.get(timeout=timeout)
+                    except queue.Empty:
+                        event = WAKE
+                    if event is WAKE:
+                        if should_stop():
+                            return
+                        continue
+                    yield event
+                    if event.finish is not None:
                         return
-                    continue
-                yield event
-                if event.finish is not None:
-                    return
         finally:
             request.cancel()  # no-op once finished; frees the slot when the consumer went away
 

@@ -42,14 +42,14 @@ from typing import Protocol
 
 from adaptery.engine.generation import AdapterSpec, Delta, GenerationFailed, GenerationTimedOut, InferenceEngine, Usage
 from adaptery.engine.sampling import SamplingParams
+from adaptery.engine.stopping import WAKE, listening
 from adaptery.messaging import protocol
 from adaptery.messaging.protocol import InferRequest
 from adaptery.messaging.streams import StreamAccount, StreamBroken, StreamInvalid, StreamReassembly
-from adaptery.services.control_plane import ControlPlane
+from adaptery.services.control_plane import ControlPlane, RemoteStream
 from adaptery.services.inference_router import InferenceRouter
 
 log = logging.getLogger("adaptery.inference")
-POLL_SECONDS = 0.05
 # What an agent needs of an adapter: its weights (safetensors only) and config; the prompt is formatted here.
 _AGENT_FILES = ("adapter_config.json", ".safetensors")
 
@@ -153,48 +153,9 @@ class AgentBackend:
             raise AgentLost(f"agent {agent_id} was lost: the request could not be sent ({exc})") from exc
         reassembly = StreamReassembly()
         account = StreamAccount(params.max_tokens, self.max_bytes_per_token, params.top_logprobs, params.logprobs)
-        heard = progressed = time.monotonic()
-        tokens_seen = False
         try:
-            while not reassembly.ended:
-                if should_stop():
-                    return
-                self._check_progress(agent_id, tokens_seen, time.monotonic() - progressed)
-                try:
-                    raw = stream.messages.get(timeout=POLL_SECONDS)
-                except queue.Empty:
-                    if time.monotonic() - heard > self.idle_seconds:
-                        raise AgentLost(
-                            f"agent {agent_id} was lost: nothing from it for {self.idle_seconds:g} s"
-                        ) from None
-                    if self.router.is_lost(agent_id):
-                        raise AgentLost(f"agent {agent_id} was lost: it stopped announcing itself") from None
-                    continue
-                heard = time.monotonic()
-                try:
-                    account.received(len(raw))
-                    message = reassembly.accept(protocol.decode(raw))
-                    if message is None:
-                        continue
-                    if message.get("end"):
-                        account.end(message)
-                    elif "text" in message:
-                        text, finish, logprobs = account.delta(message)
-                except StreamInvalid as exc:
-                    raise AgentMisbehaved(f"agent {agent_id} broke the stream protocol: {exc}") from exc
-                except (StreamBroken, ValueError) as exc:
-                    raise AgentLost(f"the stream from agent {agent_id} was lost: {exc}") from exc
-                if message.get("end"):
-                    if message.get("error") and message.get("retryable"):  # its engine is down: go elsewhere
-                        raise AgentLost(f"agent {agent_id} could not serve the request: {message['error']}")
-                    if message.get("error"):
-                        error = GenerationTimedOut if message.get("timeout") else GenerationFailed
-                        raise error(str(message["error"]))
-                elif "text" in message:
-                    if text or finish:
-                        tokens_seen, progressed = True, time.monotonic()
-                    usage.completion_tokens = account.tokens  # counted here: what the client receives
-                    yield Delta(text, finish, logprobs=logprobs)
+            with listening(should_stop, stream.messages, self._check_seconds()) as timeout:
+                yield from self._relay(agent_id, stream, reassembly, account, usage, should_stop, timeout)
         except AgentLost:
             self.router.mark_broken(agent_id)
             raise
@@ -203,6 +164,63 @@ class AgentBackend:
                 self.control.cancel_stream(stream)
             self.control.close_stream(stream)
             self.router.finished(agent_id)
+
+    def _check_seconds(self) -> float:
+        """How long the relay waits on a quiet stream before it looks at the agent's deadlines (a stop wakes it)."""
+        return min(1.0, self.idle_seconds / 4, self.first_token_seconds / 4, self.stall_seconds / 4)
+
+    def _relay(
+        self,
+        agent_id: str,
+        stream: RemoteStream,
+        reassembly: StreamReassembly,
+        account: StreamAccount,
+        usage: Usage,
+        should_stop: Callable[[], bool],
+        timeout: float,
+    ) -> Iterator[Delta]:
+        """The stream's messages as deltas until its end, a stop, or a broken deadline (AgentLost)."""
+        heard = progressed = time.monotonic()
+        tokens_seen = False
+        while not reassembly.ended:
+            if should_stop():
+                return
+            self._check_progress(agent_id, tokens_seen, time.monotonic() - progressed)
+            try:
+                raw = stream.messages.get(timeout=timeout)
+            except queue.Empty:
+                raw = WAKE
+            if raw is WAKE:
+                if time.monotonic() - heard > self.idle_seconds:
+                    raise AgentLost(f"agent {agent_id} was lost: nothing from it for {self.idle_seconds:g} s")
+                if self.router.is_lost(agent_id):
+                    raise AgentLost(f"agent {agent_id} was lost: it stopped announcing itself")
+                continue
+            heard = time.monotonic()
+            try:
+                account.received(len(raw))
+                message = reassembly.accept(protocol.decode(raw))
+                if message is None:
+                    continue
+                if message.get("end"):
+                    account.end(message)
+                elif "text" in message:
+                    text, finish, logprobs = account.delta(message)
+            except StreamInvalid as exc:
+                raise AgentMisbehaved(f"agent {agent_id} broke the stream protocol: {exc}") from exc
+            except (StreamBroken, ValueError) as exc:
+                raise AgentLost(f"the stream from agent {agent_id} was lost: {exc}") from exc
+            if message.get("end"):
+                if message.get("error") and message.get("retryable"):  # its engine is down: go elsewhere
+                    raise AgentLost(f"agent {agent_id} could not serve the request: {message['error']}")
+                if message.get("error"):
+                    error = GenerationTimedOut if message.get("timeout") else GenerationFailed
+                    raise error(str(message["error"]))
+            elif "text" in message:
+                if text or finish:
+                    tokens_seen, progressed = True, time.monotonic()
+                usage.completion_tokens = account.tokens  # counted here: what the client receives
+                yield Delta(text, finish, logprobs=logprobs)
 
     def _check_progress(self, agent_id: str, tokens_seen: bool, quiet: float) -> None:
         """AgentLost for an agent that took the request and sent only keepalives past the deadline."""

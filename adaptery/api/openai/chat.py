@@ -44,6 +44,7 @@ from adaptery.engine.generation import (
     Usage,
 )
 from adaptery.engine.sampling import Constraint, SamplingParams
+from adaptery.engine.stopping import StopSignal
 from adaptery.engine.tool_calls import ToolFormat, call_id
 from adaptery.platform import Platform
 from adaptery.services import feedback, limits, model_names, models
@@ -461,7 +462,7 @@ class _Choices:
         self.usages = [Usage() for _ in range(job.n)]
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[tuple[int, Delta] | BaseException | None] = asyncio.Queue()
-        self._stop = threading.Event()
+        self._stop = StopSignal()  # wakes the choices' threads where they wait, not polled
         self._lock = threading.Lock()
         self._running = job.n
         self._failed = False
@@ -477,7 +478,7 @@ class _Choices:
         try:
             deltas = p.inference.generate(  # the embedded engine, or an infer agent serving the base
                 job.base_id, job.base_ref, job.adapter, job.prompt_ids, job.choice_params(index), self.usages[index],
-                should_stop=self._stop.is_set, tenant_id=job.tenant_id, streamed=self.streamed,
+                should_stop=self._stop, tenant_id=job.tenant_id, streamed=self.streamed,
             )  # fmt: skip
             for delta in deltas:
                 self._post((index, delta))
