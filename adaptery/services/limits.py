@@ -33,12 +33,13 @@ that `reserve` writes nothing for it), and each settlement also writes the accou
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.orm import Session
 
 from adaptery.auth.principal import Principal
@@ -59,6 +60,7 @@ LIMIT_FIELDS = (
 )
 EVALUATION_COUNTS = ("requests", "prompt_tokens", "completion_tokens")  # what a held-out run reports per model
 TENANT_ONLY = ("max_tokens", "max_upload_bytes", "monthly_cost")  # limits a tenant has and its keys do not
+KEY_LIMIT_FIELDS = tuple(f for f in LIMIT_FIELDS if f not in TENANT_ONLY)
 MICROS = 1_000_000  # cost is counted in millionths of the currency
 
 
@@ -111,11 +113,49 @@ def tenant_limits(session: Session, tenant_id: str) -> Limits:
     return Limits(**{f: getattr(row, f) for f in LIMIT_FIELDS}) if row else Limits()
 
 
-def key_limits(session: Session, key_id: str | None) -> Limits:
-    row = session.get(m.ApiKey, key_id) if key_id else None
-    if row is None:
-        return Limits()
-    return Limits(**{f: getattr(row, f) for f in LIMIT_FIELDS if f not in TENANT_ONLY})
+@dataclass(frozen=True)
+class CallerLimits:
+    key: Limits  # the caller's API key's (none for a browser session)
+    tenant: Limits
+    evaluation_key: bool = False  # the key is one minted for an lm-eval run (`services.evaluation_queue`)
+
+    def subjects(self, who: Principal) -> list[tuple[str, str, Limits]]:
+        return _subjects(who, self.key, self.tenant)
+
+
+def caller_limits(session: Session, who: Principal) -> CallerLimits:
+    """The caller's key's and tenant's limits, and whether the key is an evaluation's, in one read (every inference
+    call asks twice: when it is authorized and when it reserves)."""
+    if who.api_key_id:
+        row = session.execute(_caller_limits_query(), {"key_id": who.api_key_id, "tenant_id": who.tenant_id}).first()
+        if row is not None:
+            n = len(KEY_LIMIT_FIELDS)
+            return CallerLimits(
+                Limits(**dict(zip(KEY_LIMIT_FIELDS, row[:n], strict=True))),
+                Limits(**dict(zip(LIMIT_FIELDS, row[n : n + len(LIMIT_FIELDS)], strict=True))),
+                bool(row[-1]),
+            )
+    return CallerLimits(Limits(), tenant_limits(session, who.tenant_id))
+
+
+@functools.cache
+def _caller_limits_query() -> Any:
+    """Built once, values as parameters: building and keying it for every call cost more than running it."""
+    evaluation = (
+        select(m.Evaluation.id)
+        .where(m.Evaluation.api_key_id == m.ApiKey.id, m.Evaluation.tenant_id == m.ApiKey.tenant_id)
+        .exists()
+    )
+    return (
+        select(
+            *[getattr(m.ApiKey, f) for f in KEY_LIMIT_FIELDS],
+            *[getattr(m.TenantLimits, f) for f in LIMIT_FIELDS],
+            evaluation,
+        )
+        .select_from(m.ApiKey)
+        .outerjoin(m.TenantLimits, m.TenantLimits.tenant_id == bindparam("tenant_id"))
+        .where(m.ApiKey.id == bindparam("key_id"))
+    )
 
 
 def upload_limit(session: Session, tenant_id: str, platform_limit: int) -> int:
@@ -223,24 +263,22 @@ def _add(session: Session, subject: str, period: str, **amounts: int) -> None:
         )
         return
     # one statement, not an insert and an update: two of these run for every inference request
-    initial = {"requests": 0, "tokens": 0, "reserved": 0} | amounts
-    session.execute(
-        _insert(session, counter)
-        .values(subject=subject, period=period, **initial)
-        .on_conflict_do_update(
-            index_elements=[counter.subject, counter.period],
-            set_={name: getattr(counter, name) + amount for name, amount in amounts.items()},
-        )
+    counts = {"requests": 0, "tokens": 0, "reserved": 0} | amounts
+    session.execute(_upsert(session.get_bind().dialect.name), {"subject": subject, "period": period, **counts})
+
+
+@functools.cache
+def _upsert(dialect: str) -> Any:
+    """INSERT a counter's row, or add to the row there: built once, values as parameters (building and keying a
+    statement for every call cost more than running it)."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    table = m.UsageCounter.__table__
+    statement = (postgresql if dialect == "postgresql" else sqlite).insert(table)
+    return statement.on_conflict_do_update(
+        index_elements=[table.c.subject, table.c.period],
+        set_={name: table.c[name] + statement.excluded[name] for name in ("requests", "tokens", "reserved")},
     )
-
-
-def _insert(session: Session, table: Any) -> Any:
-    """The dialect's INSERT, which has ON CONFLICT (SQLite and PostgreSQL alike)."""
-    if session.get_bind().dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    return insert(table)
 
 
 def _subjects(who: Principal, key: Limits, tenant: Limits) -> list[tuple[str, str, Limits]]:
@@ -255,7 +293,7 @@ def _subjects(who: Principal, key: Limits, tenant: Limits) -> list[tuple[str, st
 def count_request(db: Database, who: Principal) -> None:
     """Requests per minute, per key and per tenant; a 429 with Retry-After past either."""
     with db.system() as s:
-        subjects = _subjects(who, key_limits(s, who.api_key_id), tenant_limits(s, who.tenant_id))
+        subjects = caller_limits(s, who).subjects(who)
         if all(lim.requests_per_minute is None for _, _, lim in subjects):
             return
         now = clock()
@@ -394,14 +432,16 @@ def reserve(
     worst = prompt_tokens + max_tokens
     now = clock()
     with db.system() as s:
-        tenant = tenant_limits(s, who.tenant_id)
+        caller = caller_limits(s, who)
+        tenant = caller.tenant
         if tenant.max_tokens is not None and max_tokens > tenant.max_tokens:
             raise InvalidRequest(
                 f"max_tokens is too large: {max_tokens}. Your organization allows at most {tenant.max_tokens}.",
                 param="max_tokens",
             )
-        sweep_expired(s, now)
-        subjects = _subjects(who, key_limits(s, who.api_key_id), tenant)
+        subjects = caller.subjects(who)
+        if any(_holds(lim) for _, _, lim in subjects):  # else nothing here reads what a dead process held
+            sweep_expired(s, now)
         if any(lim.monthly_tokens is not None for _, _, lim in subjects):
             charge_training(s, who.tenant_id, now)
         counter = m.UsageCounter
@@ -435,7 +475,7 @@ def reserve(
         if refused is not None:
             s.rollback()  # nothing of this request was held
             raise refused
-        if kind == "completions" and who.api_key_id and _evaluation_key(s, who):
+        if kind == "completions" and caller.evaluation_key:
             kind = "evaluations"  # an lm-eval run's call: charged as any call, told apart from chat in the ledger
         use = ledger.Use(who.tenant_id, kind, user_id=who.user_id, api_key_id=who.api_key_id or "", model=model)
         reservation = Reservation(
@@ -451,12 +491,10 @@ def reserve(
         return reservation
 
 
-def _evaluation_key(session: Session, who: Principal) -> bool:
-    """Whether the caller's key is one minted for an lm-eval run (`services.evaluation_queue`)."""
-    query = select(m.Evaluation.id).where(
-        m.Evaluation.api_key_id == who.api_key_id, m.Evaluation.tenant_id == who.tenant_id
-    )
-    return session.scalar(query.limit(1)) is not None
+def _holds(lim: Limits) -> bool:
+    """Whether a call under `lim` holds anything while it runs."""
+    held = (lim.monthly_cost, lim.tokens_per_minute, lim.monthly_tokens, lim.concurrent_streams)
+    return any(value is not None for value in held)
 
 
 def charge_evaluation(
@@ -558,14 +596,15 @@ def check_training(db: Database, who: Principal) -> None:
     validated (`hold_training`) and settled to what it trained when it ends (`settle_training`)."""
     now = clock()
     with db.system() as s:
-        for subject, label, lim in _subjects(who, key_limits(s, who.api_key_id), tenant_limits(s, who.tenant_id)):
+        caller = caller_limits(s, who)
+        for subject, label, lim in caller.subjects(who):
             if lim.monthly_tokens is None:
                 continue
             charge_training(s, who.tenant_id, now)
             row = s.get(m.UsageCounter, (subject, month_period(now)))
             if row is not None and row.tokens + row.reserved >= lim.monthly_tokens:
                 raise _refusal("month", label, lim.monthly_tokens, 1, now)
-        cost_limit = tenant_limits(s, who.tenant_id).monthly_cost
+        cost_limit = caller.tenant.monthly_cost
         row = s.get(m.UsageCounter, (f"tenant:{who.tenant_id}", cost_period(now)))
         if cost_limit is not None and row is not None and row.tokens + row.reserved >= _micros(cost_limit):
             raise _refusal("cost", "your organization", _micros(cost_limit), 0, now)

@@ -123,8 +123,10 @@ def get_model(
         if found is None:
             raise
         ref = found
-    if viewer is not None and not _visible(viewer, ref, shared_with(session, viewer)):
-        raise _not_found(model_id, param)
+    if viewer is not None:
+        shared = shared_with(session, viewer) if ref.adapter is not None else set()  # a base needs no shares
+        if not _visible(viewer, ref, shared):
+            raise _not_found(model_id, param)
     return ref
 
 

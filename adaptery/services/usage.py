@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import functools
 import io
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from adaptery.db.session import Database
 from adaptery.services.audit import csv_cell
 from adaptery.services.errors import InvalidRequest
 
+LEDGER_KEY = ("day", "tenant_id", "user_id", "api_key_id", "model", "agent_id", "kind")  # a row per these
 KINDS = ("completions", "embeddings", "fine_tuning", "compute", "evaluations")
 GENERATED = ("completions", "evaluations")  # kinds whose rows hold prompt and completion tokens
 COUNTS = (
@@ -82,10 +84,6 @@ def add(session: Session, use: Use, now: float, **amounts: float) -> None:
     unknown = set(amounts) - set(COUNTS)
     if unknown:
         raise ValueError(f"unknown usage counts {sorted(unknown)}")
-    if session.get_bind().dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
     key = {
         "day": day_of(now),
         "tenant_id": use.tenant_id,
@@ -95,14 +93,23 @@ def add(session: Session, use: Use, now: float, **amounts: float) -> None:
         "agent_id": use.agent_id or "",
         "kind": use.kind,
     }
-    record = m.UsageRecord
-    session.execute(  # one statement (every inference request writes one): the day's row made or added to
-        insert(record)
-        .values(**key, **({name: 0 for name in COUNTS} | amounts))
-        .on_conflict_do_update(
-            index_elements=[getattr(record, name) for name in key],
-            set_={name: getattr(record, name) + value for name, value in amounts.items()},
-        )
+    # one statement (every inference request writes one): the day's row made or added to
+    session.execute(_upsert(session.get_bind().dialect.name), key | {name: amounts.get(name, 0) for name in COUNTS})
+
+
+@functools.cache
+def _upsert(dialect: str) -> Any:
+    """INSERT a day's row, or add its counts to the row there (ON CONFLICT, in SQLite and PostgreSQL alike): built
+    once, values as parameters, so that a call pays for the SQL rather than for building and keying a statement."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    table = m.UsageRecord.__table__
+    statement = insert(table)
+    return statement.on_conflict_do_update(
+        index_elements=[table.c[name] for name in LEDGER_KEY],
+        set_={name: table.c[name] + statement.excluded[name] for name in COUNTS},
     )
 
 
