@@ -26,7 +26,9 @@ DB_INT_MAX = 2**63 - 1
 Positive = Annotated[int, Field(ge=1, le=DB_INT_MAX)]
 
 
-def platform(request: Request) -> Platform:
+async def platform(request: Request) -> Platform:
+    """Async, though it awaits nothing: FastAPI runs a plain function dependency on its worker pool, a thread hop
+    per request for a lookup."""
     return request.app.state.platform
 
 
