@@ -91,6 +91,27 @@ authentication, the model's resolution, the template, reserve) and ~6.5 in each 
 token, agent minus embedded: 3.5 and 7.3 ms p50 in two runs. The next lever is that settlement: one transaction for
 the calls that end together (group commit) rather than one each.
 
+A profile of the next session said otherwise: settle's CPU was SQLAlchemy building and keying its three upserts for
+every call, not the transaction. Then (same machine, same command, quiet; before, first run of the session: one agent
+472.7, two 660.3, 1.40, server 0.60 ms a token, 11.0 + 8.2 ms a request):
+
+| change | one agent | two agents | ratio | server CPU ms/token (two) | ms/request: long-lived + ended threads |
+| --- | ---: | ---: | ---: | ---: | --- |
+| a stop wakes the reader (no 50 ms polls) | 531.7 | 740.3 | 1.39 | 0.47 | 8.84 + 6.08 |
+| statements built once, fewer reads | 517.4 | 739.9 | 1.43 | 0.39 | 8.61 + 3.73 |
+| the platform dependency async (final) | 516.9 | 750.3 | 1.45 | 0.37 | 8.53 + 3.11 |
+
+Every request's reader (the server's relay thread, the embedded engine's reader, an agent's request thread, the vLLM
+agent's chunk reader) polled its stop every 50 ms, ~65 us of CPU a wake-up: `engine/stopping.py` wakes it instead
+(the agent's CPU a token fell from 2.02 to 1.80-1.88 ms with it). In process (SQLite), the ledger and limit statements
+built once with their values as parameters took settle from 1.26 to 0.20 ms, authorization with its request count
+from 0.83 to 0.36 ms and the chat call's preparation from 1.59 to 0.78 ms. What is left per request is ~8.5 ms in the
+long-lived threads (event loop ~3, worker pool ~4, the NATS loop ~2 under load) and ~3 in the request's own thread;
+with two agents the machine's 2000 ms of CPU a second goes 2.04 ms a token to the agents and 0.47 to the rest, so the
+ceiling is ~800 tokens/s (1.55), and 1.7 needs the rest under ~0.25 ms a token: the relay without a thread of its
+own per request (the NATS callback feeding the event loop directly), which is the next lever. First token, agent
+minus embedded: 4.15 (before), 4.54, 6.97, 6.05 ms p50 — not moved by these changes, and noisy from run to run.
+
 Prints JSON and a markdown table.
 """
 

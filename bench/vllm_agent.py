@@ -67,6 +67,13 @@ direct 299.9 and 11.4 ms, agent 291.0 and 23.0 ms (3.0 %, +11.5 ms). The agent p
 same code (the direct path moves by 10 %), which these runs do not explain: the throughput goal is met in two of three,
 the first-token goal in none.
 
+After a request's stop stopped being polled (the agent's vLLM reader waited 50 ms at a time between chunks only when
+none came, so no latency went there) and the server's per-request CPU fell from ~19 to ~11.5 ms (bench/fabric.py),
+same machine and command: direct 228.5 tokens/s and 14.9 ms, agent 308.0 and 32.5 ms (-34.8 %, +17.6 ms). The direct
+side itself ran at half its rate of the runs above: the throughput comparison is not settled by these runs, and the
+first-token overhead (+17.6 ms against +4.6-7 ms for the native engine's agent, bench/fabric.py) sits in the vLLM
+agent's own hops (vLLM's stream to the agent's event loop, a thread, NATS), not in the server.
+
 Prints JSON and a markdown table.
 """
 
