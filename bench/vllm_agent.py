@@ -73,6 +73,12 @@ same machine and command: direct 228.5 tokens/s and 14.9 ms, agent 308.0 and 32.
 side itself ran at half its rate of the runs above: the throughput comparison is not settled by these runs, and the
 first-token overhead (+17.6 ms against +4.6-7 ms for the native engine's agent, bench/fabric.py) sits in the vLLM
 agent's own hops (vLLM's stream to the agent's event loop, a thread, NATS), not in the server.
+Split further, in one process against one vLLM server (20 sequential 2-token requests, p50): this script's body
+9.8-10.0 ms, the agent's body (`completion_body`: seed, penalties, `return_token_ids`; with or without its
+`cache_salt`) 8.8-9.1 ms, the same through `VllmEngine.generate` (the agent's async client on its own loop, the chunk
+queue, the reader thread) 11.0-12.2 ms: the engine wrapper costs ~2-3 ms, the body nothing. The other ~10 ms of the
++17.6 are between the server and the agent's engine (the native engine's agent path costs the server side ~4.5-7 ms)
+and in how the agent's vLLM child runs beside it: not found this session.
 
 Prints JSON and a markdown table.
 """
