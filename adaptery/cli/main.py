@@ -622,6 +622,38 @@ def create_tenant(
     print(f"ADAPTERY_API_KEY={created.api_key}")
 
 
+@tenants_app.command("invite-owner")
+def renew_owner_invitation(
+    name: str,
+    owner: Annotated[str, typer.Option(help="Username of the person invited as the tenant's owner")],
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """A fresh one-time accept link for the owner invitation `tenants create` gave a person who already had an
+    account, when it expired or was lost before they accepted (the earlier link stops working)."""
+    from adaptery.db.session import Database
+    from adaptery.services import audit, tenants
+    from adaptery.services.errors import ServiceError
+
+    settings = _settings(data_dir=data_dir, database_url=database_url)
+    db = Database(settings.resolved_database_url)
+    db.migrate()
+    try:
+        with db.system() as s:
+            tenant, invitation, token = tenants.renew_owner_invitation(s, name, owner, days=settings.invitation_days)
+            audit.record(
+                s, None, "tenant.owner_invitation_renewed", target=owner, tenant_id=tenant.id, actor="operator"
+            )
+    except ServiceError as exc:
+        console.print(f"[red]Error:[/red] {exc.message}")
+        raise typer.Exit(1) from exc
+    console.print(
+        f"A new one-time link for '{owner}' to accept the ownership of '{name}' (for {settings.invitation_days:g} "
+        "days; the earlier link no longer works). Send it privately to the person you mean."
+    )
+    print(f"ADAPTERY_ACCEPT_URL={settings.base_url}{tenants.accept_path(invitation.id, token)}")
+
+
 @users_app.command("reset-link")
 def user_reset_link(
     username: str,

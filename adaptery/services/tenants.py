@@ -226,6 +226,33 @@ def renew_accept_link(invitation: m.Invitation, *, days: float) -> str:
     return token
 
 
+def renew_owner_invitation(
+    system_session: Session, tenant_name: str, username: str, *, days: float
+) -> tuple[m.Tenant, m.Invitation, str]:
+    """The operator's fresh accept link for the owner invitation `create_tenant` gave a person who already had an
+    account, when its link expired or was lost before they accepted: until they do, the tenant has nobody who could
+    invite them again. Only that pending invitation is renewed (its earlier link stops working); nobody joins."""
+    tenant = tenant_named(system_session, tenant_name)
+    invitation = None
+    if tenant is not None:
+        invitation = system_session.scalar(
+            select(m.Invitation)
+            .join(m.User, m.User.id == m.Invitation.user_id)
+            .where(
+                m.Invitation.tenant_id == tenant.id,
+                m.Invitation.role == Role.OWNER.value,
+                m.User.username == username,
+            )
+        )
+    if tenant is None or invitation is None:
+        raise NotFound(
+            f"No pending owner invitation of '{username}' in a tenant named '{tenant_name}'.", param="username"
+        )
+    token = renew_accept_link(invitation, days=days)
+    system_session.flush()
+    return tenant, invitation, token
+
+
 def pending_invitation(session: Session, username: str) -> m.Invitation | None:
     """This tenant's open invitation of a person, if any."""
     return session.scalar(

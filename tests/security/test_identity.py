@@ -12,6 +12,7 @@ from unittest import mock
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from adaptery.auth.secrets import hash_password
 from adaptery.db import models as m
@@ -682,3 +683,43 @@ def test_a_new_tenant_whose_owner_has_an_account_is_theirs_only_once_they_accept
     joined = person.post(accept, json={"token": created.accept_token})
     assert joined.status_code == 200, joined.text
     assert {t["name"]: t["role"] for t in joined.json()["tenants"]} == {"lab": "member", "newco": "owner"}
+
+
+def test_the_operator_renews_an_expired_owner_invitation_and_only_the_new_link_joins(world: World):
+    """A tenant made for a person who already had an account has no member until they accept: once its link
+    expired, nobody could invite them again. `adaptery tenants invite-owner` gives a fresh link; the old one stays
+    dead, the command renews only that pending owner invitation, and it is audited."""
+    from typer.testing import CliRunner
+
+    from adaptery.cli.main import app
+
+    set_password(world, "lab-member")
+    created = world.running.new_tenant("newlab", "lab-member")
+    with world.platform.db.system() as s:
+        s.get(m.Invitation, created.invitation.id).expires_at = time.time() - 1
+    person = sign_in(world, "lab-member")
+    accept = f"/api/invitations/{created.invitation.id}/accept"
+    assert person.post(accept, json={"token": created.accept_token}).status_code == 404
+    settings = world.platform.settings
+    where = ["--data-dir", str(settings.data_dir), "--database-url", settings.database_url]
+
+    def invite_owner(tenant: str, owner: str):  # noqa: ANN202
+        return CliRunner().invoke(app, ["tenants", "invite-owner", tenant, "--owner", owner, *where])
+
+    for tenant, owner in [("newlab", "else-member"), ("no-such-lab", "lab-member"), ("lab", "lab-member")]:
+        refused = invite_owner(tenant, owner)  # no pending owner invitation of that person there
+        assert refused.exit_code == 1 and "No pending owner invitation" in refused.output
+    renewed = invite_owner("newlab", "lab-member")
+    assert renewed.exit_code == 0, renewed.output
+    url = next(line.split("=", 1)[1] for line in renewed.output.splitlines() if line.startswith("ADAPTERY_ACCEPT_URL="))
+    assert f"invitation={created.invitation.id}" in url
+    stale = person.post(accept, json={"token": created.accept_token})  # the old link stays dead
+    assert stale.status_code == 403 and stale.json()["error"]["code"] == "invitation_link_required", stale.text
+    assert [t["name"] for t in person.get("/api/me").json()["tenants"]] == ["lab"]  # nobody joined by the command
+    joined = person.post(accept, json={"token": link_token(url)})
+    assert joined.status_code == 200, joined.text
+    assert {t["name"]: t["role"] for t in joined.json()["tenants"]} == {"lab": "member", "newlab": "owner"}
+    assert invite_owner("newlab", "lab-member").exit_code == 1  # accepted: nothing pending to renew
+    with world.platform.db.system() as s:
+        events = s.scalars(select(m.AuditEvent).where(m.AuditEvent.action == "tenant.owner_invitation_renewed"))
+        assert [(e.actor, e.target) for e in events] == [("operator", "lab-member")]
