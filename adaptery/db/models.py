@@ -568,6 +568,9 @@ class Evaluation(TenantOwned, Base):
     lease_expires_at: Mapped[float | None] = mapped_column(Float)
     # lm_eval: the short-lived key it calls the API with (indexed: its calls are found to be the evaluation's)
     api_key_id: Mapped[str | None] = mapped_column(String(40), index=True)
+    # the API key it was asked for with (None: a browser session, or the platform's own after training): its
+    # tokens spend that key's budget as well as the tenant's
+    requester_key_id: Mapped[str | None] = mapped_column(String(40))
     created_at: Mapped[float] = mapped_column(Float, default=now, index=True)
     started_at: Mapped[float | None] = mapped_column(Float)
     finished_at: Mapped[float | None] = mapped_column(Float)

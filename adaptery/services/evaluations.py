@@ -197,6 +197,7 @@ def create_held_out(
     evaluation = m.Evaluation(
         id=new_id("evaljob-"),
         user_id=who.user_id,
+        requester_key_id=who.api_key_id,
         kind="held_out",
         job_id=adapter.job_id,
         model=adapter.id,
@@ -226,6 +227,7 @@ def create_lm_eval(
     evaluation = m.Evaluation(
         id=new_id("evaljob-"),
         user_id=who.user_id,
+        requester_key_id=who.api_key_id,
         kind="lm_eval",
         job_id=adapter.job_id,
         model=adapter.id,

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import bindparam, delete, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from adaptery.auth.principal import Principal
 from adaptery.db import models as m
@@ -118,9 +118,16 @@ class CallerLimits:
     key: Limits  # the caller's API key's (none for a browser session)
     tenant: Limits
     evaluation_key: bool = False  # the key is one minted for an lm-eval run (`services.evaluation_queue`)
+    requester_key: tuple[str, Limits] | None = None  # that run's: the key its evaluation was asked for with
 
     def subjects(self, who: Principal) -> list[tuple[str, str, Limits]]:
-        return _subjects(who, self.key, self.tenant)
+        """The caller's key, the key that asked for its evaluation (an lm-eval run's call), then the tenant: always
+        in this order (keys before tenants; a minted key never asks for an evaluation), so no lock cycles."""
+        subjects = _subjects(who, self.key, self.tenant)
+        if self.requester_key is not None:
+            key_id, lim = self.requester_key
+            subjects.insert(-1, (f"key:{key_id}", "the API key that asked for this evaluation", lim))
+        return subjects
 
 
 def caller_limits(session: Session, who: Principal) -> CallerLimits:
@@ -129,11 +136,14 @@ def caller_limits(session: Session, who: Principal) -> CallerLimits:
     if who.api_key_id:
         row = session.execute(_caller_limits_query(), {"key_id": who.api_key_id, "tenant_id": who.tenant_id}).first()
         if row is not None:
-            n = len(KEY_LIMIT_FIELDS)
+            n, t = len(KEY_LIMIT_FIELDS), len(LIMIT_FIELDS)
+            evaluation, requester = row[n + t], row[n + t + 1]
+            requester_limits = Limits(**dict(zip(KEY_LIMIT_FIELDS, row[n + t + 2 :], strict=True)))
             return CallerLimits(
                 Limits(**dict(zip(KEY_LIMIT_FIELDS, row[:n], strict=True))),
-                Limits(**dict(zip(LIMIT_FIELDS, row[n : n + len(LIMIT_FIELDS)], strict=True))),
-                bool(row[-1]),
+                Limits(**dict(zip(LIMIT_FIELDS, row[n : n + t], strict=True))),
+                evaluation is not None,
+                (requester, requester_limits) if requester else None,
             )
     return CallerLimits(Limits(), tenant_limits(session, who.tenant_id))
 
@@ -141,20 +151,25 @@ def caller_limits(session: Session, who: Principal) -> CallerLimits:
 @functools.cache
 def _caller_limits_query() -> Any:
     """Built once, values as parameters: building and keying it for every call cost more than running it."""
-    evaluation = (
-        select(m.Evaluation.id)
-        .where(m.Evaluation.api_key_id == m.ApiKey.id, m.Evaluation.tenant_id == m.ApiKey.tenant_id)
-        .exists()
-    )
+    requester = aliased(m.ApiKey)
     return (
         select(
             *[getattr(m.ApiKey, f) for f in KEY_LIMIT_FIELDS],
             *[getattr(m.TenantLimits, f) for f in LIMIT_FIELDS],
-            evaluation,
+            m.Evaluation.id,  # the evaluation whose run the key was minted for, if it was
+            requester.id,
+            *[getattr(requester, f) for f in KEY_LIMIT_FIELDS],
         )
         .select_from(m.ApiKey)
         .outerjoin(m.TenantLimits, m.TenantLimits.tenant_id == bindparam("tenant_id"))
+        .outerjoin(
+            m.Evaluation, (m.Evaluation.api_key_id == m.ApiKey.id) & (m.Evaluation.tenant_id == m.ApiKey.tenant_id)
+        )
+        .outerjoin(
+            requester, (requester.id == m.Evaluation.requester_key_id) & (requester.tenant_id == m.ApiKey.tenant_id)
+        )
         .where(m.ApiKey.id == bindparam("key_id"))
+        .limit(1)
     )
 
 
@@ -506,7 +521,8 @@ def charge_evaluation(
     prices: dict[str, dict[str, float]],
 ) -> None:
     """Charge what a held-out evaluation generated (`used`: per label, EVALUATION_COUNTS) as inference is charged:
-    the ledger per model (kind `evaluations`, the evaluation's creator, the agent), the tenant's month, and its
+    the ledger per model (kind `evaluations`, the evaluation's creator, the agent), the tenant's month (and the month
+    of the key it was asked for with), and its
     cost row where this month's has started (else it starts from the ledger, these rows included). The caller
     ends the evaluation in the same transaction, so it is charged once."""
     tenant_subject = f"tenant:{evaluation.tenant_id}"
@@ -523,6 +539,9 @@ def charge_evaluation(
         cost += math.ceil((prompt * prompt_price + completion * completion_price) * MICROS)
     if total_tokens or total_requests:
         _add(session, tenant_subject, month_period(now), requests=total_requests, tokens=total_tokens)
+        if evaluation.requester_key_id:  # the key it was asked for with spends its own month too
+            key_subject = f"key:{evaluation.requester_key_id}"
+            _add(session, key_subject, month_period(now), requests=total_requests, tokens=total_tokens)
     if cost and session.get(m.UsageCounter, (tenant_subject, cost_period(now))) is not None:
         _add(session, tenant_subject, cost_period(now), tokens=cost)
 

@@ -361,3 +361,54 @@ def test_an_lm_eval_runs_calls_through_v1_are_charged_and_marked_as_the_evaluati
         ("evaluations", "adaptery-demo", lab.user_id, key_id, usage["prompt_tokens"], usage["completion_tokens"])
     ]
     assert month.tokens == usage["total_tokens"]
+
+
+def test_an_evaluation_spends_the_budget_of_the_key_that_asked_for_it(running):
+    """Before, a key kept to a small monthly budget could ask for evaluations whose tokens spent only the tenant's:
+    an lm-eval run's calls came with the key minted for it, a held-out run's with none. Now both spend the month of
+    the key the evaluation was asked for with, and an lm-eval call is refused once that key's budget is spent."""
+    lab = Lab(running)
+    platform = running.platform
+    key_id = running.first.api_key.split("-")[2]
+    month = limits.month_period(time.time())
+    assert running.client.patch(f"/api/keys/{key_id}", headers=running.auth(),
+                                json={"limits": {"monthly_tokens": 1000}}).status_code == 200  # fmt: skip
+    data = platform.blobs.put_stream(lab.tenant_id, [b'{"question": "q", "answer": "a"}\n']).sha256
+    with platform.db.system() as s:
+        s.add(m.EvaluationTask(id=new_id("evtask-"), tenant_id=lab.tenant_id, name="t", config={},
+                               data_sha256=data, records=1))  # fmt: skip
+    who = Principal(tenant_id=lab.tenant_id, tenant_name="default", user_id=lab.user_id, username="owner",
+                    role=Role.OWNER, api_key_id=key_id)  # fmt: skip
+    with platform.db.tenant(lab.tenant_id) as s:
+        evaluations.create_lm_eval(s, who, lab.model(lab.job()), "t")
+    minted = {"Authorization": f"Bearer {platform.evaluations.lease('agent-a')['api_key']}"}
+    chat = {"model": "adaptery-demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    answer = running.client.post("/v1/chat/completions", headers=minted, json=chat)
+    assert answer.status_code == 200, answer.text
+    with platform.db.system() as s:
+        spent = s.get(m.UsageCounter, (f"key:{key_id}", month))
+        assert spent.tokens == answer.json()["usage"]["total_tokens"]
+        spent.tokens = 1000  # the asking key's month is spent (by anything)
+    refused = running.client.post("/v1/chat/completions", headers=minted, json=chat)
+    assert refused.status_code == 429, refused.text
+    assert "the API key that asked for this evaluation" in refused.json()["error"]["message"]
+
+    with platform.db.system() as s:
+        s.get(m.UsageCounter, (f"key:{key_id}", month)).tokens = 0
+    asked = running.client.post("/api/evaluations", headers=running.auth(),
+                                json={"model": lab.model(lab.job()), "file_id": lab.file_id})  # fmt: skip
+    assert asked.status_code == 200, asked.text
+    held_out = platform.evaluations.lease("agent-b")
+    assert held_out["evaluation_id"] == asked.json()["id"]
+    with platform.db.system() as s:
+        evaluation = s.get(m.Evaluation, held_out["evaluation_id"])
+        assert evaluation.requester_key_id == key_id
+        names = list(labels(evaluation))
+    used = {"requests": 1, "prompt_tokens": 30, "completion_tokens": 20}
+    result = {"kind": "held_out", "models": {name: {"exact_match": 1.0} for name in names}, "examples": [],
+              "usage": {name: used for name in names}}  # fmt: skip
+    platform.evaluations.finish(held_out["evaluation_id"], "agent-b",
+                                {"state": "succeeded", "result": result, "attempt": held_out["attempt"]})  # fmt: skip
+    with platform.db.system() as s:
+        assert s.get(m.Evaluation, held_out["evaluation_id"]).status == "succeeded"
+        assert s.get(m.UsageCounter, (f"key:{key_id}", month)).tokens == 50 * len(names)
