@@ -60,7 +60,7 @@ from typing import Any
 import httpx
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
-from adaptery.agent import vllm_env
+from adaptery.agent import lifeline, vllm_env
 from adaptery.engine.generation import (
     AdapterRejected,
     AdapterSpec,
@@ -159,6 +159,7 @@ class VllmServer:
         self.api_key = secrets.token_urlsafe(32)
         self.headers = {"Authorization": f"Bearer {self.api_key}"}
         self.process: subprocess.Popen[bytes] | None = None
+        self._lifeline: int | None = None  # the write end of the pipe that keeps the server alive
         self.client: httpx.Client | None = None
         self.started_seconds: float | None = None
         self.healthy_at = 0.0  # time.monotonic() when it became healthy
@@ -172,13 +173,7 @@ class VllmServer:
         log.info("starting vLLM for %s: %s", self.base_id, " ".join(command))
         started = time.monotonic()
         with self.log_file.open("ab") as output:  # appended: a restarted server keeps the dead one's log
-            self.process = subprocess.Popen(
-                command,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                env=self.options.environment(self.api_key),
-                start_new_session=True,  # its engine and workers are a process group: stopped together
-            )
+            self.process, self._lifeline = lifeline.start_tied(command, output, self.options.environment(self.api_key))
         self.client = httpx.Client(
             transport=httpx.HTTPTransport(uds=str(self.socket)),
             base_url="http://vllm",
@@ -253,6 +248,9 @@ class VllmServer:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=30)
+        if self._lifeline is not None:  # after the stop above: the lifeline would end the group sooner
+            os.close(self._lifeline)
+            self._lifeline = None
         shutil.rmtree(self._socket_dir, ignore_errors=True)
 
 

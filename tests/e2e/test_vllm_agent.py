@@ -111,7 +111,9 @@ def vllm_server_process(fabric):
     import psutil
 
     agent = next(p for p in psutil.process_iter(["cmdline"]) if fabric.agent_id in " ".join(p.info["cmdline"] or []))
-    return next(c for c in agent.children(recursive=True) if "--uds" in c.cmdline())
+    return next(  # the server itself, not the lifeline that leads its process group
+        c for c in agent.children(recursive=True) if "--uds" in c.cmdline() and "--" not in c.cmdline()
+    )
 
 
 def wait_until_trained(server, headers, job_id: str) -> dict:
