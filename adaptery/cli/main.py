@@ -77,6 +77,16 @@ def _settings(**overrides: Any):  # noqa: ANN202 - Settings, imported lazily to 
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
 
 
+def _migrated(data_dir: Path | None, database_url: str | None):  # noqa: ANN202 - (Settings, Database), lazily
+    """The settings and the database of a command run on the server machine, its schema brought up to date."""
+    from adaptery.db.session import Database
+
+    settings = _settings(data_dir=data_dir, database_url=database_url)
+    db = Database(settings.resolved_database_url)
+    db.migrate()
+    return settings, db
+
+
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="[env: ADAPTERY_HOST, default 127.0.0.1]")] = None,
@@ -486,14 +496,11 @@ def create_agent(
     database_url: DatabaseUrl = None,
 ) -> None:
     """Enroll an agent; prints its credentials once (only a bcrypt hash is kept). serve applies it within seconds."""
-    from adaptery.db.session import Database
     from adaptery.services import agents as agent_records
     from adaptery.services import tenants
     from adaptery.services.errors import ServiceError
 
-    settings = _settings(data_dir=data_dir, database_url=database_url)
-    db = Database(settings.resolved_database_url)
-    db.migrate()
+    settings, db = _migrated(data_dir, database_url)
     try:
         with db.system() as s:
             scope = None
@@ -589,13 +596,10 @@ def create_tenant(
 ) -> None:
     """Create a tenant and its owner; prints the owner's API key and sign-in link once (an owner who already
     has an account: the one-time link with which they accept the tenant's invitation instead)."""
-    from adaptery.db.session import Database
     from adaptery.services import tenants
     from adaptery.services.errors import ServiceError
 
-    settings = _settings(data_dir=data_dir, database_url=database_url)
-    db = Database(settings.resolved_database_url)
-    db.migrate()
+    settings, db = _migrated(data_dir, database_url)
     try:
         with db.system() as s:
             created = tenants.create_tenant(
@@ -631,13 +635,10 @@ def renew_owner_invitation(
 ) -> None:
     """A fresh one-time accept link for the owner invitation `tenants create` gave a person who already had an
     account, when it expired or was lost before they accepted (the earlier link stops working)."""
-    from adaptery.db.session import Database
     from adaptery.services import audit, tenants
     from adaptery.services.errors import ServiceError
 
-    settings = _settings(data_dir=data_dir, database_url=database_url)
-    db = Database(settings.resolved_database_url)
-    db.migrate()
+    settings, db = _migrated(data_dir, database_url)
     try:
         with db.system() as s:
             tenant, invitation, token = tenants.renew_owner_invitation(s, name, owner, days=settings.invitation_days)
@@ -662,13 +663,10 @@ def user_reset_link(
 ) -> None:
     """A one-time link for a person who asked to reset a forgotten password (give it to them only): it signs
     them in, where they set a new password; their other sessions end when they do."""
-    from adaptery.db.session import Database
     from adaptery.services import audit, tenants
     from adaptery.services.errors import ServiceError
 
-    settings = _settings(data_dir=data_dir, database_url=database_url)
-    db = Database(settings.resolved_database_url)
-    db.migrate()
+    settings, db = _migrated(data_dir, database_url)
     try:
         with db.system() as s:
             tenant, token = tenants.reset_link(s, username, hours=settings.login_link_hours)
@@ -682,12 +680,9 @@ def user_reset_link(
 @audit_app.command("verify")
 def verify_audit(data_dir: DataDir = None, database_url: DatabaseUrl = None) -> None:
     """Check the audit log's hash chain; exits 1 and names the first broken row if it was tampered with."""
-    from adaptery.db.session import Database
     from adaptery.services import audit
 
-    settings = _settings(data_dir=data_dir, database_url=database_url)
-    db = Database(settings.resolved_database_url)
-    db.migrate()
+    settings, db = _migrated(data_dir, database_url)
     with db.system() as s:
         result = audit.verify(s)
     if result.ok:
@@ -715,16 +710,13 @@ def check_storage(
 
     Exits 1 if a named blob is missing or does not authenticate. Safe while servers run.
     """
-    from adaptery.db.session import Database
     from adaptery.services.storage_check import check_storage as check
     from adaptery.storage.blobs import BlobStore
     from adaptery.storage.crypto import LocalKeyProvider
     from adaptery.storage.keys import Keyring
     from adaptery.storage.modes import make_scratch
 
-    settings = _settings(data_dir=data_dir, database_url=database_url)
-    db = Database(settings.resolved_database_url)
-    db.migrate()
+    settings, db = _migrated(data_dir, database_url)
     blobs = BlobStore(settings.blobs_dir, Keyring(db, LocalKeyProvider.from_settings(settings)), make_scratch())
     try:
         with Progress(
@@ -774,13 +766,10 @@ def rotate_master_key(data_dir: DataDir = None, database_url: DatabaseUrl = None
     new key is taken from ADAPTERY_NEW_MASTER_KEY (or made and printed): set ADAPTERY_MASTER_KEY to it
     (`new,old` for servers that keep running until their restart).
     """
-    from adaptery.db.session import Database
     from adaptery.storage.crypto import LocalKeyProvider
     from adaptery.storage.keys import rotate_master_key as rotate
 
-    settings = _settings(data_dir=data_dir, database_url=database_url)
-    db = Database(settings.resolved_database_url)
-    db.migrate()
+    settings, db = _migrated(data_dir, database_url)
     provider = LocalKeyProvider.from_settings(settings)
     new_key = settings.new_master_key.get_secret_value() if settings.new_master_key else None
     try:
