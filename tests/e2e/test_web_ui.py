@@ -20,7 +20,7 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 
 from tests.conftest import (
     ARTIFACTS,
@@ -669,6 +669,48 @@ def test_someone_with_an_account_is_invited_accepts_and_switches_workspace(journ
     expect(carol.locator("#tenant-name")).to_have_text("default")
     carol.goto(f"{journey.server.url}/#/datasets")
     expect(carol.get_by_role("link", name="lab-facts")).to_be_visible()
+    context.close()
+
+
+def test_a_401_for_a_session_the_browser_has_since_replaced_leaves_it_signed_in(journey: Journey) -> None:
+    """A request the page sent with the session it held before a tenant switch (which ends that session) came back
+    401 after the switch, and sent the page to the sign-in form (the invitation test above failed so under load). A
+    401 now counts only for the session the browser still holds: each session has its own CSRF cookie."""
+    created = journey.server.cli("tenants", "create", "fourth-lab", "--owner", "dave")
+    assert created.returncode == 0, created.stderr
+    token = re.search(r"ADAPTERY_LOGIN_URL=\S+/auth/link\?token=(\S+)", created.stdout).group(1)
+    context = journey.browser.new_context(viewport={"width": 1280, "height": 860})
+    dave = context.new_page()
+    dave.goto(f"{journey.server.url}/auth/link?token={token}")
+    dave.click("#link-submit")
+    expect(dave.locator("#tenant-name")).to_have_text("fourth-lab")
+    csrf = next(c for c in context.cookies() if c["name"] == "adaptery_csrf")
+    ended = json.dumps({"error": {"message": "Your session has ended.", "type": "invalid_request_error",
+                                  "param": None, "code": "session_expired"}})  # fmt: skip
+    answered: list[str] = []
+
+    def replaced_meanwhile(route: Route) -> None:  # the browser's session is replaced while this request is out
+        context.add_cookies([{**csrf, "value": "the-next-sessions-token"}])
+        answered.append(route.request.url)
+        route.fulfill(status=401, content_type="application/json", body=ended)
+
+    dave.route("**/api/datasets", replaced_meanwhile)
+    journey_go = f"{journey.server.url}/#/datasets"
+    dave.goto(journey_go)
+    for _ in range(200):  # until the page has had its answer
+        if answered:
+            break
+        dave.wait_for_timeout(50)
+    assert answered, "the datasets page did not ask for its list"
+    dave.wait_for_timeout(500)  # the page has read the 401 by now: what it did with it shows
+    expect(dave.locator("#login-view")).to_be_hidden()
+    expect(dave.locator("#app")).to_be_visible()
+
+    dave.unroute("**/api/datasets")  # a 401 for the session the browser holds still signs it out
+    dave.route("**/api/datasets", lambda route: route.fulfill(status=401, content_type="application/json", body=ended))
+    dave.goto(f"{journey.server.url}/#/models")
+    dave.goto(journey_go)
+    expect(dave.locator("#login-view")).to_be_visible()
     context.close()
 
 

@@ -164,6 +164,7 @@ export async function api(path, { method = "GET", body, signal, quiet401 = false
     headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(body);
   }
+  const session = readCookie("adaptery_csrf");  // each session has its own: it tells which one this request went out with
   let res;
   try {
     res = await fetch(path, init);
@@ -173,7 +174,10 @@ export async function api(path, { method = "GET", body, signal, quiet401 = false
   }
   if (!res.ok) {
     const err = await errorFrom(res);
-    if (res.status === 401 && !quiet401) listeners.unauthenticated.forEach((fn) => fn(err));
+    // A 401 for a session the browser has since replaced (a tenant switch, a new sign-in ends the one it held) says
+    // nothing of the current one: a request still in flight then must not send the page to the sign-in form.
+    const stale = readCookie("adaptery_csrf") !== session;
+    if (res.status === 401 && !quiet401 && !stale) listeners.unauthenticated.forEach((fn) => fn(err));
     throw err;
   }
   if (res.status === 204) return null;
