@@ -20,7 +20,7 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Page, Route, expect, sync_playwright
 
 from tests.conftest import (
     ARTIFACTS,
@@ -57,6 +57,19 @@ class Journey:
 
     def shot(self, name: str, *, page: Page | None = None) -> None:
         (page or self.page).screenshot(path=SHOTS / f"{name}.png", full_page=True)
+
+    def new_tenant_owner(self, tenant: str, owner: str) -> tuple[BrowserContext, Page]:
+        """`adaptery tenants create` for a new person, who signs in with the link it printed, in a browser of their
+        own (a context to close)."""
+        created = self.server.cli("tenants", "create", tenant, "--owner", owner)
+        assert created.returncode == 0, created.stderr
+        token = re.search(r"ADAPTERY_LOGIN_URL=\S+/auth/link\?token=(\S+)", created.stdout).group(1)
+        context = self.browser.new_context(viewport={"width": 1280, "height": 860})
+        page = context.new_page()
+        page.goto(f"{self.server.url}/auth/link?token={token}")
+        page.click("#link-submit")
+        expect(page.locator("#tenant-name")).to_have_text(tenant)
+        return context, page
 
 
 @pytest.fixture(scope="module")
@@ -631,14 +644,7 @@ def test_a_member_of_another_tenant_sees_none_of_it(journey: Journey) -> None:
 
 
 def test_someone_with_an_account_is_invited_accepts_and_switches_workspace(journey: Journey) -> None:
-    created = journey.server.cli("tenants", "create", "third-lab", "--owner", "carol")
-    assert created.returncode == 0, created.stderr
-    token = re.search(r"ADAPTERY_LOGIN_URL=\S+/auth/link\?token=(\S+)", created.stdout).group(1)
-    context = journey.browser.new_context(viewport={"width": 1280, "height": 860})
-    carol = context.new_page()
-    carol.goto(f"{journey.server.url}/auth/link?token={token}")
-    carol.click("#link-submit")
-    expect(carol.locator("#tenant-name")).to_have_text("third-lab")
+    context, carol = journey.new_tenant_owner("third-lab", "carol")
     expect(carol.locator("#tenant-switch")).to_be_hidden()
 
     page = journey.page
@@ -676,14 +682,7 @@ def test_a_401_for_a_session_the_browser_has_since_replaced_leaves_it_signed_in(
     """A request the page sent with the session it held before a tenant switch (which ends that session) came back
     401 after the switch, and sent the page to the sign-in form (the invitation test above failed so under load). A
     401 now counts only for the session the browser still holds: each session has its own CSRF cookie."""
-    created = journey.server.cli("tenants", "create", "fourth-lab", "--owner", "dave")
-    assert created.returncode == 0, created.stderr
-    token = re.search(r"ADAPTERY_LOGIN_URL=\S+/auth/link\?token=(\S+)", created.stdout).group(1)
-    context = journey.browser.new_context(viewport={"width": 1280, "height": 860})
-    dave = context.new_page()
-    dave.goto(f"{journey.server.url}/auth/link?token={token}")
-    dave.click("#link-submit")
-    expect(dave.locator("#tenant-name")).to_have_text("fourth-lab")
+    context, dave = journey.new_tenant_owner("fourth-lab", "dave")
     csrf = next(c for c in context.cookies() if c["name"] == "adaptery_csrf")
     ended = json.dumps({"error": {"message": "Your session has ended.", "type": "invalid_request_error",
                                   "param": None, "code": "session_expired"}})  # fmt: skip
