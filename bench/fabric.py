@@ -317,6 +317,7 @@ def profile(fabric: Fabric, out: Path | None, seconds: float) -> list[subprocess
                 "--format",
                 "raw",
                 "--threads",
+                "--gil",  # only the thread holding the GIL: a thread waiting on a lock or a queue is not work
                 "-o",
                 str(out / f"{name}-{tag}.txt"),
             ],

@@ -11,18 +11,27 @@ its queue alone and still hears the stop at once:
         item = items.get(timeout=timeout)   # WAKE: look at should_stop()
 
 `should_stop` may also be any callable (a test's lambda): then the reader polls it, every `POLL_SECONDS`.
+
+A reader on an event loop (the server's relay of an agent's stream) waits on an `asyncio.Queue` instead, with
+`listening_on_loop`: the stop reaches it from any thread, and a timer puts `WAKE` on its queue every `longest`
+seconds for its deadlines, so no wait needs a timeout of its own (in Python 3.11 each `wait_for` is a task).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 POLL_SECONDS = 0.05  # how often a plain callable is asked
 WAKE: Any = object()  # what a StopSignal puts on a listening queue
+
+
+class _Waking(Protocol):
+    def put_nowait(self, item: Any) -> None: ...
 
 
 class StopSignal:
@@ -31,7 +40,7 @@ class StopSignal:
     def __init__(self) -> None:
         self._set = False
         self._lock = threading.Lock()
-        self._queues: list[queue.Queue[Any]] = []
+        self._queues: list[_Waking] = []
 
     def __call__(self) -> bool:
         return self._set
@@ -48,14 +57,14 @@ class StopSignal:
         for items in listeners:
             items.put_nowait(WAKE)
 
-    def listen(self, items: queue.Queue[Any]) -> None:
+    def listen(self, items: _Waking) -> None:
         with self._lock:
             self._queues.append(items)
             already = self._set
         if already:
             items.put_nowait(WAKE)
 
-    def forget(self, items: queue.Queue[Any]) -> None:
+    def forget(self, items: _Waking) -> None:
         with self._lock, contextlib.suppress(ValueError):
             self._queues.remove(items)
 
@@ -72,3 +81,41 @@ def listening(should_stop: Callable[[], bool], items: queue.Queue[Any], longest:
         yield longest
     finally:
         should_stop.forget(items)
+
+
+class _FromAnyThread:
+    """An asyncio queue's `put_nowait` as a StopSignal, set on any thread, may call it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, items: asyncio.Queue[Any]) -> None:
+        self.loop, self.items = loop, items
+
+    def put_nowait(self, item: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is left to wake
+            self.loop.call_soon_threadsafe(self.items.put_nowait, item)
+
+
+@contextlib.contextmanager
+def listening_on_loop(
+    should_stop: Callable[[], bool], items: asyncio.Queue[Any], longest: float = 1.0
+) -> Iterator[None]:
+    """`listening` for a reader on the running event loop: a stop, and a tick every `longest` seconds
+    (`POLL_SECONDS` for a plain callable, which is then polled), put `WAKE` on `items`."""
+    loop = asyncio.get_running_loop()
+    every = longest if isinstance(should_stop, StopSignal) else min(longest, POLL_SECONDS)
+    waking = _FromAnyThread(loop, items)
+    timer: asyncio.TimerHandle | None = None
+
+    def tick() -> None:
+        nonlocal timer
+        items.put_nowait(WAKE)
+        timer = loop.call_later(every, tick)
+
+    timer = loop.call_later(every, tick)
+    if isinstance(should_stop, StopSignal):
+        should_stop.listen(waking)
+    try:
+        yield
+    finally:
+        timer.cancel()
+        if isinstance(should_stop, StopSignal):
+            should_stop.forget(waking)

@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue as stdlib_queue
 import re
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -126,14 +126,14 @@ class TransferSource:
 
 @dataclass
 class RemoteStream:
-    """An infer request dispatched to an agent: its stream's raw messages arrive in `messages` (from the NATS
-    loop) until `close`; while open, the agent may fetch the adapter blobs it names from its tenant."""
+    """An infer request dispatched to an agent: its stream's raw messages go to `deliver`, called on the control
+    plane's loop, until `close`; while open, the agent may fetch the adapter blobs it names from its tenant."""
 
     agent_id: str
     request_id: str
     tenant_id: str
     blobs: frozenset[str]
-    messages: stdlib_queue.SimpleQueue[bytes] = field(default_factory=stdlib_queue.SimpleQueue)
+    deliver: Callable[[bytes], None]
     subscription: object | None = None
 
 
@@ -225,25 +225,30 @@ class ControlPlane:
 
     # --- inference on agents ------------------------------------------------------------------------
 
-    def open_stream(self, agent_id: str, tenant_id: str, request: InferRequest) -> RemoteStream:
-        """Subscribe to the request's stream, then send it to the agent (so no message can be missed)."""
+    async def open_stream(
+        self, agent_id: str, tenant_id: str, request: InferRequest, deliver: Callable[[bytes], None]
+    ) -> RemoteStream:
+        """Subscribe to the request's stream, then send it to the agent (so no message can be missed). Awaited on
+        any event loop (the HTTP server's): the caller's loop is free meanwhile. `deliver` gets each raw message,
+        on the control plane's loop: it must not block (the relay hands it to its own loop)."""
         if self._nc is None:
             raise RuntimeError("the control plane is not connected")
         blobs = frozenset((request.adapter_files or {}).values())
-        stream = RemoteStream(agent_id, request.request_id, tenant_id, blobs)
+        stream = RemoteStream(agent_id, request.request_id, tenant_id, blobs, deliver)
         with self._streams_lock:
             self._streams[(agent_id, request.request_id)] = stream
 
         async def start() -> None:
             async def on_message(msg: Msg) -> None:
-                stream.messages.put(msg.data)
+                stream.deliver(msg.data)
 
             subject = protocol.stream_subject(agent_id, request.request_id)
             stream.subscription = await self._nc.subscribe(subject, cb=on_message)
             await self._nc.publish(protocol.infer_subject(agent_id), protocol.encode(request.to_json()))
 
         try:
-            asyncio.run_coroutine_threadsafe(start(), self._loop).result(timeout=protocol.REQUEST_SECONDS)
+            sent = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(start(), self._loop))
+            await asyncio.wait_for(sent, timeout=protocol.REQUEST_SECONDS)
         except BaseException:
             self.close_stream(stream)
             raise

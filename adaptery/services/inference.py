@@ -1,9 +1,10 @@
 """Where a request's tokens are generated: the embedded engine, or an infer agent over NATS.
 
-One interface (`Backend.generate`, the engine's own signature), two implementations, and `Inference` choosing
-between them per request: the router's agent for the base if there is one (`services/inference_router.py`),
-else the embedded engine, as before agents could serve. The prompt was tokenised and checked against limits by
-the caller either way, so usage and limits do not depend on where the tokens came from.
+`Inference.generate` (the engine's own signature, as an async iterator on the HTTP server's event loop) chooses
+per request: the router's agent for the base if there is one (`services/inference_router.py`), else the embedded
+engine, as before agents could serve. The prompt was tokenised and checked against limits by the caller either
+way, so usage and limits do not depend on where the tokens came from. An agent's stream is relayed on the event
+loop itself (no thread per request); the embedded engine's reader blocks, so it has a thread.
 
 A request on an agent streams back with sequence numbers (`messaging/streams.py`). An agent that goes silent
 (no message, keepalives included, for `idle_seconds`, or lost to the router) or whose stream has a gap is lost:
@@ -32,21 +33,24 @@ text cannot be cut at a token boundary, so an overrun proves the agent wrong and
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
-import queue
+import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from typing import Protocol
+from collections.abc import AsyncIterator, Callable
+from functools import partial
+from typing import Any
 
 from adaptery.engine.generation import AdapterSpec, Delta, GenerationFailed, GenerationTimedOut, InferenceEngine, Usage
 from adaptery.engine.sampling import SamplingParams
-from adaptery.engine.stopping import WAKE, listening
+from adaptery.engine.stopping import WAKE, listening_on_loop
 from adaptery.messaging import protocol
 from adaptery.messaging.protocol import InferRequest
 from adaptery.messaging.streams import StreamAccount, StreamBroken, StreamInvalid, StreamReassembly
-from adaptery.services.control_plane import ControlPlane, RemoteStream
+from adaptery.services.control_plane import ControlPlane
 from adaptery.services.inference_router import InferenceRouter
 
 log = logging.getLogger("adaptery.inference")
@@ -67,42 +71,13 @@ class AgentProtocolError(GenerationFailed):
     """An answer already under way ended because its agent broke the protocol (the API says 502)."""
 
 
-class Backend(Protocol):
-    def generate(
-        self,
-        base_id: str,
-        ref: str,
-        adapter: AdapterSpec | None,
-        prompt_ids: list[int],
-        params: SamplingParams,
-        usage: Usage,
-        should_stop: Callable[[], bool],
-        tenant_id: str,
-    ) -> Iterator[Delta]: ...
-
-
-class EmbeddedBackend:
-    def __init__(self, engine: InferenceEngine) -> None:
-        self.engine = engine
-
-    def generate(
-        self,
-        base_id: str,
-        ref: str,
-        adapter: AdapterSpec | None,
-        prompt_ids: list[int],
-        params: SamplingParams,
-        usage: Usage,
-        should_stop: Callable[[], bool],
-        tenant_id: str,
-    ) -> Iterator[Delta]:
-        return self.engine.generate(
-            base_id, ref, adapter, prompt_ids, params, usage, should_stop=should_stop, fairness_key=tenant_id
-        )
-
-
 class AgentBackend:
-    """One request on one agent, as deltas; AgentLost when the agent goes away."""
+    """One request on one agent, as deltas; AgentLost when the agent goes away.
+
+    It runs on the HTTP server's event loop: the control plane's NATS loop hands each message of the stream to it
+    (`_deliver`), and no thread waits on a request. A thread per request, as before, cost the server two thread
+    wake-ups per message (the NATS loop's, then the thread's own hand-off to the event loop) and a thread's start.
+    """
 
     def __init__(
         self,
@@ -120,7 +95,7 @@ class AgentBackend:
         self.stall_seconds = stall_seconds
         self.max_bytes_per_token = max_bytes_per_token
 
-    def generate_on(
+    async def generate_on(
         self,
         agent_id: str,
         base_id: str,
@@ -131,7 +106,7 @@ class AgentBackend:
         should_stop: Callable[[], bool],
         tenant_id: str,
         streamed: bool = True,
-    ) -> Iterator[Delta]:
+    ) -> AsyncIterator[Delta]:
         files = None
         if adapter is not None:
             files = {name: sha for name, sha in (adapter.files or {}).items() if name.endswith(_AGENT_FILES)}
@@ -146,90 +121,107 @@ class AgentBackend:
             streamed=streamed,
         )
         usage.prompt_tokens, usage.completion_tokens = len(prompt_ids), 0
+        items: asyncio.Queue[Any] = asyncio.Queue()
+        deliver = partial(_deliver, asyncio.get_running_loop(), items)
         try:
-            stream = self.control.open_stream(agent_id, tenant_id, request)
+            stream = await self.control.open_stream(agent_id, tenant_id, request, deliver)
         except Exception as exc:  # the bus is down or restarting: nothing was sent, so it may go elsewhere
             self.router.finished(agent_id)
             raise AgentLost(f"agent {agent_id} was lost: the request could not be sent ({exc})") from exc
-        reassembly = StreamReassembly()
-        account = StreamAccount(params.max_tokens, self.max_bytes_per_token, params.top_logprobs, params.logprobs)
+        relay = _Relay(self, agent_id, params, usage)
         try:
-            with listening(should_stop, stream.messages, self._check_seconds()) as timeout:
-                yield from self._relay(agent_id, stream, reassembly, account, usage, should_stop, timeout)
+            with listening_on_loop(should_stop, items, self._check_seconds()):
+                while not relay.ended:
+                    if should_stop():
+                        return
+                    relay.check_progress()
+                    raw = await items.get()
+                    if raw is WAKE:
+                        relay.quiet()
+                    elif (delta := relay.accept(raw)) is not None:
+                        yield delta
         except AgentLost:
             self.router.mark_broken(agent_id)
             raise
         finally:
-            if not reassembly.ended:
+            if not relay.ended:
                 self.control.cancel_stream(stream)
             self.control.close_stream(stream)
             self.router.finished(agent_id)
 
     def _check_seconds(self) -> float:
-        """How long the relay waits on a quiet stream before it looks at the agent's deadlines (a stop wakes it)."""
+        """How often the relay looks at the agent's deadlines while its stream is quiet (a stop wakes it)."""
         return min(1.0, self.idle_seconds / 4, self.first_token_seconds / 4, self.stall_seconds / 4)
 
-    def _relay(
-        self,
-        agent_id: str,
-        stream: RemoteStream,
-        reassembly: StreamReassembly,
-        account: StreamAccount,
-        usage: Usage,
-        should_stop: Callable[[], bool],
-        timeout: float,
-    ) -> Iterator[Delta]:
-        """The stream's messages as deltas until its end, a stop, or a broken deadline (AgentLost)."""
-        heard = progressed = time.monotonic()
-        tokens_seen = False
-        while not reassembly.ended:
-            if should_stop():
-                return
-            self._check_progress(agent_id, tokens_seen, time.monotonic() - progressed)
-            try:
-                raw = stream.messages.get(timeout=timeout)
-            except queue.Empty:
-                raw = WAKE
-            if raw is WAKE:
-                if time.monotonic() - heard > self.idle_seconds:
-                    raise AgentLost(f"agent {agent_id} was lost: nothing from it for {self.idle_seconds:g} s")
-                if self.router.is_lost(agent_id):
-                    raise AgentLost(f"agent {agent_id} was lost: it stopped announcing itself")
-                continue
-            heard = time.monotonic()
-            try:
-                account.received(len(raw))
-                message = reassembly.accept(protocol.decode(raw))
-                if message is None:
-                    continue
-                if message.get("end"):
-                    account.end(message)
-                elif "text" in message:
-                    text, finish, logprobs = account.delta(message)
-            except StreamInvalid as exc:
-                raise AgentMisbehaved(f"agent {agent_id} broke the stream protocol: {exc}") from exc
-            except (StreamBroken, ValueError) as exc:
-                raise AgentLost(f"the stream from agent {agent_id} was lost: {exc}") from exc
-            if message.get("end"):
-                if message.get("error") and message.get("retryable"):  # its engine is down: go elsewhere
-                    raise AgentLost(f"agent {agent_id} could not serve the request: {message['error']}")
-                if message.get("error"):
-                    error = GenerationTimedOut if message.get("timeout") else GenerationFailed
-                    raise error(str(message["error"]))
-            elif "text" in message:
-                if text or finish:
-                    tokens_seen, progressed = True, time.monotonic()
-                usage.completion_tokens = account.tokens  # counted here: what the client receives
-                yield Delta(text, finish, logprobs=logprobs)
 
-    def _check_progress(self, agent_id: str, tokens_seen: bool, quiet: float) -> None:
+def _deliver(loop: asyncio.AbstractEventLoop, items: asyncio.Queue[Any], raw: bytes) -> None:
+    """A stream's message, from the control plane's loop to the relay's."""
+    with contextlib.suppress(RuntimeError):  # the relay's loop is closed: nobody is left to read
+        loop.call_soon_threadsafe(items.put_nowait, raw)
+
+
+class _Relay:
+    """One agent's stream, message by message: the deltas it carries, its protocol and its deadlines checked."""
+
+    def __init__(self, backend: AgentBackend, agent_id: str, params: SamplingParams, usage: Usage) -> None:
+        self.backend, self.agent_id, self.usage = backend, agent_id, usage
+        self.reassembly = StreamReassembly()
+        self.account = StreamAccount(
+            params.max_tokens, backend.max_bytes_per_token, params.top_logprobs, params.logprobs
+        )
+        self.heard = self.progressed = time.monotonic()
+        self.tokens_seen = False
+
+    @property
+    def ended(self) -> bool:
+        return self.reassembly.ended
+
+    def quiet(self) -> None:
+        """Nothing came for a while: AgentLost if the agent has been silent too long or the router lost it."""
+        backend, agent_id = self.backend, self.agent_id
+        if time.monotonic() - self.heard > backend.idle_seconds:
+            raise AgentLost(f"agent {agent_id} was lost: nothing from it for {backend.idle_seconds:g} s")
+        if backend.router.is_lost(agent_id):
+            raise AgentLost(f"agent {agent_id} was lost: it stopped announcing itself")
+
+    def check_progress(self) -> None:
         """AgentLost for an agent that took the request and sent only keepalives past the deadline."""
-        if not tokens_seen and quiet > self.first_token_seconds:
-            self.router.penalise(agent_id)
-            raise AgentLost(f"agent {agent_id} sent no token for {self.first_token_seconds:g} s")
-        if tokens_seen and quiet > self.stall_seconds:
-            self.router.penalise(agent_id)
-            raise AgentLost(f"agent {agent_id} sent no token for {self.stall_seconds:g} s")
+        backend, quiet = self.backend, time.monotonic() - self.progressed
+        limit = backend.stall_seconds if self.tokens_seen else backend.first_token_seconds
+        if quiet > limit:
+            backend.router.penalise(self.agent_id)
+            raise AgentLost(f"agent {self.agent_id} sent no token for {limit:g} s")
+
+    def accept(self, raw: bytes) -> Delta | None:
+        """The delta a message carries (None for a keepalive, an out-of-order message held back, the end)."""
+        agent_id, account = self.agent_id, self.account
+        self.heard = time.monotonic()
+        try:
+            account.received(len(raw))
+            message = self.reassembly.accept(protocol.decode(raw))
+            if message is None:
+                return None
+            if message.get("end"):
+                account.end(message)
+            elif "text" in message:
+                text, finish, logprobs = account.delta(message)
+        except StreamInvalid as exc:
+            raise AgentMisbehaved(f"agent {agent_id} broke the stream protocol: {exc}") from exc
+        except (StreamBroken, ValueError) as exc:
+            raise AgentLost(f"the stream from agent {agent_id} was lost: {exc}") from exc
+        if message.get("end"):
+            if message.get("error") and message.get("retryable"):  # its engine is down: go elsewhere
+                raise AgentLost(f"agent {agent_id} could not serve the request: {message['error']}")
+            if message.get("error"):
+                error = GenerationTimedOut if message.get("timeout") else GenerationFailed
+                raise error(str(message["error"]))
+            return None
+        if "text" not in message:
+            return None
+        if text or finish:
+            self.tokens_seen, self.progressed = True, time.monotonic()
+        self.usage.completion_tokens = account.tokens  # counted here: what the client receives
+        return Delta(text, finish, logprobs=logprobs)
 
 
 class Inference:
@@ -247,7 +239,7 @@ class Inference:
         max_bytes_per_token: int,
         kv_needed: Callable[[list[int], SamplingParams], int] = lambda ids, p: len(ids) + p.max_tokens,
     ) -> None:
-        self.embedded = EmbeddedBackend(engine)
+        self.engine = engine
         self.router = router
         self._control = control
         self.idle_seconds = idle_seconds
@@ -256,7 +248,7 @@ class Inference:
         self.max_bytes_per_token = max_bytes_per_token
         self.kv_needed = kv_needed
 
-    def generate(
+    async def generate(
         self,
         base_id: str,
         ref: str,
@@ -267,9 +259,9 @@ class Inference:
         should_stop: Callable[[], bool] = lambda: False,
         tenant_id: str = "",
         streamed: bool = True,
-    ) -> Iterator[Delta]:
-        """`streamed`: whether the client reads the answer as it comes (an agent sends a whole answer's deltas in
-        fewer messages)."""
+    ) -> AsyncIterator[Delta]:
+        """The answer's deltas, on the running event loop. `streamed`: whether the client reads the answer as it
+        comes (an agent sends a whole answer's deltas in fewer messages)."""
         control = self._control()
         tried: list[str] = []
         while control is not None:
@@ -292,11 +284,13 @@ class Inference:
             )
             started = False
             try:
-                for delta in remote.generate_on(
+                deltas = remote.generate_on(
                     agent_id, base_id, adapter, prompt_ids, params, usage, should_stop, tenant_id, streamed
-                ):
-                    started = True
-                    yield delta
+                )  # fmt: skip
+                async with contextlib.aclosing(deltas):
+                    async for delta in deltas:
+                        started = True
+                        yield delta
                 return
             except AgentLost as exc:
                 if started and isinstance(exc, AgentMisbehaved):
@@ -305,4 +299,45 @@ class Inference:
                     raise GenerationFailed(f"{exc}; the answer is incomplete") from exc
                 log.warning("%s before the first token; sending the request elsewhere", exc)
                 tried.append(agent_id)
-        yield from self.embedded.generate(base_id, ref, adapter, prompt_ids, params, usage, should_stop, tenant_id)
+        deltas = self._embedded(base_id, ref, adapter, prompt_ids, params, usage, should_stop, tenant_id)
+        async with contextlib.aclosing(deltas):
+            async for delta in deltas:
+                yield delta
+
+    async def _embedded(
+        self,
+        base_id: str,
+        ref: str,
+        adapter: AdapterSpec | None,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        usage: Usage,
+        should_stop: Callable[[], bool],
+        tenant_id: str,
+    ) -> AsyncIterator[Delta]:
+        """The embedded engine's deltas, read on a thread of their own (the engine's reader blocks; the pool's few
+        workers would cap how many requests can share a batch) and handed to the event loop."""
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue[Any] = asyncio.Queue()
+        post = partial(_deliver, loop, items)
+
+        def read() -> None:
+            try:
+                deltas = self.engine.generate(
+                    base_id, ref, adapter, prompt_ids, params, usage, should_stop=should_stop, fairness_key=tenant_id
+                )  # fmt: skip
+                for delta in deltas:
+                    post(delta)
+            except BaseException as exc:  # raised to the reader
+                post(exc)
+            finally:
+                post(_END)
+
+        threading.Thread(target=read, name="adaptery-engine-reader", daemon=True).start()
+        while (item := await items.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
+_END: Any = object()  # the embedded engine's reader has no more deltas

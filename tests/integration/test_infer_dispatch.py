@@ -7,11 +7,12 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 from nats.errors import TimeoutError as NatsTimeout
 
-from adaptery.engine.generation import GenerationFailed, Usage
+from adaptery.engine.generation import Delta, GenerationFailed, Usage
 from adaptery.engine.sampling import SamplingParams
 from adaptery.messaging import protocol
 from adaptery.messaging.protocol import InferRequest
@@ -49,7 +50,7 @@ def test_an_agent_fetches_only_the_blobs_of_a_request_sent_to_it(running):
         adapter_key="a" * 64,
         adapter_files={"adapter_model.safetensors": mine},
     )
-    stream = control.open_stream(first.agent_id, running.tenant_id, request)
+    stream = asyncio.run(control.open_stream(first.agent_id, running.tenant_id, request, deliver=lambda raw: None))
     try:
         data, error = fetch(running, first, {"request_id": request.request_id, "sha256": mine, "offset": 0})
         assert error is None and data == b"adapter weights of the first tenant"
@@ -309,6 +310,15 @@ class FakeAgents:
         self.thread.join(10)
 
 
+def collect(deltas: AsyncIterator[Delta]) -> list[Delta]:
+    """An answer's deltas, read on an event loop of their own as the server reads them on its own."""
+
+    async def read() -> list[Delta]:
+        return [delta async for delta in deltas]
+
+    return asyncio.run(read())
+
+
 def first_choice(running, first, second) -> None:  # noqa: ANN001 - the fixture, two agents' credentials
     """Both agents announce the demo base; `second` is made busier (a request in flight), so `first` is chosen."""
     router = running.platform.router
@@ -318,7 +328,7 @@ def first_choice(running, first, second) -> None:  # noqa: ANN001 - the fixture,
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-def test_an_agent_that_only_keeps_alive_loses_the_request_to_another_and_is_not_chosen_again(running):
+def test_an_agent_that_only_keeps_alive_loses_the_request_to_another_and_is_not_chosen_again(running, monkeypatch):
     stalling, working = enroll(running, "stalling"), enroll(running, "working")
     router, control = running.platform.router, running.platform.control
     first_choice(running, stalling, working)
@@ -327,7 +337,10 @@ def test_an_agent_that_only_keeps_alive_loses_the_request_to_another_and_is_not_
     )
     usage = Usage()
     with FakeAgents(running, {"stalling": (stalling, True), "working": (working, False)}) as agents:
-        deltas = list(
+        started: list[str] = []
+        start = threading.Thread.start
+        monkeypatch.setattr(threading.Thread, "start", lambda thread: (started.append(thread.name), start(thread)))
+        deltas = collect(
             inference.generate(
                 "adaptery-demo",
                 "adaptery-demo",
@@ -340,6 +353,7 @@ def test_an_agent_that_only_keeps_alive_loses_the_request_to_another_and_is_not_
         )
     assert agents.received == ["stalling", "working"]
     assert [d.text for d in deltas] == ["hi"]  # the client saw only the answer
+    assert started == []  # relayed on the caller's event loop: no thread per request, nor per agent tried
     assert router.is_lost(stalling.agent_id)  # until it announces again
     router.finished(working.agent_id)
     assert router.pick("adaptery-demo", None, tenant_id=running.tenant_id) == working.agent_id
@@ -363,13 +377,17 @@ def test_a_stream_that_stalls_after_its_first_token_ends_with_an_error(running):
 
     with FakeAgents(running, {"stalls-later": (agent, True)}) as agents:
         agents._answer = first_token_then_keepalives
-        stream = backend.generate_on(
-            agent.agent_id, "adaptery-demo", None, [1, 2], SamplingParams(max_tokens=4), Usage(), lambda: False,
-            running.tenant_id,
-        )  # fmt: skip
-        assert next(stream).text == "a"
-        with pytest.raises(AgentLost, match="sent no token for 1 s"):
-            next(stream)
+
+        async def read() -> None:
+            stream = backend.generate_on(
+                agent.agent_id, "adaptery-demo", None, [1, 2], SamplingParams(max_tokens=4), Usage(), lambda: False,
+                running.tenant_id,
+            )  # fmt: skip
+            assert (await anext(stream)).text == "a"
+            with pytest.raises(AgentLost, match="sent no token for 1 s"):
+                await anext(stream)
+
+        asyncio.run(read())
     assert router.is_lost(agent.agent_id)
 
 
@@ -398,7 +416,7 @@ def test_an_agent_whose_engine_is_down_passes_the_request_on_before_a_token_and_
             "adaptery-demo", "adaptery-demo", None, [1, 2, 3], SamplingParams(max_tokens=4), Usage(),
             tenant_id=running.tenant_id,
         )  # fmt: skip
-        return [d.text for d in deltas]
+        return [d.text for d in collect(deltas)]
 
     with FakeAgents(running, {"engine-down": (down, False), "engine-up": (working, False)}) as agents:
         agents._answer = answer
@@ -430,7 +448,7 @@ def test_a_request_the_bus_could_not_send_goes_to_another_agent_and_leaves_no_su
     monkeypatch.setattr(control._nc, "publish", refusing)
     inference = Inference(running.platform.engine, router, lambda: control, idle_seconds=5, max_bytes_per_token=32)
     with FakeAgents(running, {"reachable": (working, False)}) as agents:
-        deltas = list(
+        deltas = collect(
             inference.generate(
                 "adaptery-demo",
                 "adaptery-demo",

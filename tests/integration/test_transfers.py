@@ -5,6 +5,7 @@ An upload is kept only when its hash matches; a download streams the blob the ag
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import datetime as dt
@@ -158,7 +159,7 @@ def test_a_leased_jobs_blob_streams_over_https_to_its_agent_and_to_no_other(worl
         "chatcmpl-t", DEMO_MODEL_ID, [1, 2], {}, adapter_key=world.data_sha,
         adapter_files={"adapter_model.safetensors": world.data_sha},
     )  # fmt: skip
-    stream = control.open_stream(world.a.agent_id, world.running.tenant_id, request)
+    stream = asyncio.run(control.open_stream(world.a.agent_id, world.running.tenant_id, request, lambda raw: None))
     ask = {"purpose": "request", "id": "chatcmpl-t", "method": "GET", "sha256": world.data_sha}
     assert "error" in world.ask(world.b, **ask)  # sent to a, not b
     url = world.ask(world.a, **ask)["url"]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
+import time
 
-from adaptery.engine.stopping import POLL_SECONDS, WAKE, StopSignal, listening
+from adaptery.engine.stopping import POLL_SECONDS, WAKE, StopSignal, listening, listening_on_loop
 
 
 class CountingQueue(queue.Queue):
@@ -68,3 +70,42 @@ def test_a_stop_set_before_the_reader_listens_is_heard_and_a_finished_reader_is_
 def test_any_other_should_stop_is_polled() -> None:
     with listening(lambda: False, queue.Queue(), longest=60) as timeout:
         assert timeout == POLL_SECONDS
+
+
+def test_a_reader_on_an_event_loop_hears_a_stop_set_on_another_thread_and_ticks_for_its_deadlines() -> None:
+    async def read() -> tuple[list[object], float]:
+        stop, items = StopSignal(), asyncio.Queue()
+        heard: list[object] = []
+        with listening_on_loop(stop, items, longest=0.2):
+            items.put_nowait("token")
+            heard.append(await items.get())
+            started = time.monotonic()
+            heard.append(await items.get())  # nothing came: the tick, for the reader's deadlines
+            ticked = time.monotonic() - started
+            threading.Thread(target=stop.set).start()  # a client gone, heard on the loop's thread
+            while (item := await items.get()) is WAKE and not stop():
+                pass
+            heard.append(item)
+        return heard, ticked
+
+    heard, ticked = asyncio.run(read())
+    assert heard == ["token", WAKE, WAKE]
+    assert 0.15 < ticked < 2
+
+
+def test_a_reader_on_an_event_loop_polls_any_other_should_stop_and_leaves_no_timer() -> None:
+    async def read() -> float:
+        stopped = [False]
+        items: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.12, stopped.__setitem__, 0, True)
+        started = time.monotonic()
+        with listening_on_loop(lambda: stopped[0], items, longest=60):
+            while await items.get() is WAKE and not stopped[0]:
+                pass
+        waited = time.monotonic() - started
+        await asyncio.sleep(POLL_SECONDS * 3)
+        assert items.empty()  # its ticks ended with it
+        return waited
+
+    assert asyncio.run(read()) < 1  # polled every POLL_SECONDS, not every 60 s

@@ -3,7 +3,7 @@
 A request is refused before it costs anything: its options first, then its text against what the model's
 context could hold (before the chat template or the tokenizer runs), then its tokens (none at all: a 400,
 never an engine slot). Once accepted, its reservation against the caller's limits is held and its n choices
-start in the engine, one thread each (`_Choices`). Whatever ends the request (the answer, an error, the
+start, one task each on the event loop (`_Choices`). Whatever ends the request (the answer, an error, the
 client going away mid-stream or while a whole answer is computed) stops the choices within one engine poll,
 and the last choice to end settles the reservation: a client that is gone never keeps its concurrency slot.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
@@ -447,62 +446,63 @@ def _usage(usages: list[Usage]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+_PRODUCING: set[asyncio.Task[None]] = set()
+
+
 class _Choices:
-    """A request's n choices running in the engine, one thread each, and the reservation they hold.
+    """A request's n choices running in the engine, one task each on the event loop, and the reservation they hold.
 
     `stop()` may be called from anywhere, any number of times, and never waits, so it runs even in a task being
-    cancelled: the threads see it within one engine poll and end, freeing their batch slots. The last thread to
-    end settles the reservation, before it reports its end, so whoever reads `deltas()` to the end finds the
-    ledger settled, and nobody needs to for the slot to be given back.
+    cancelled: the choices see it at once and end, freeing their batch slots. The last choice to end settles the
+    reservation, before it reports its end, so whoever reads `deltas()` to the end finds the ledger settled, and
+    nobody needs to for the slot to be given back (the tasks are the request's own, not the response's).
     """
 
     def __init__(self, p: Platform, job: Prepared, *, streamed: bool) -> None:
         self.n = job.n
         self.streamed = streamed
         self.usages = [Usage() for _ in range(job.n)]
-        self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[tuple[int, Delta] | BaseException | None] = asyncio.Queue()
-        self._stop = StopSignal()  # wakes the choices' threads where they wait, not polled
-        self._lock = threading.Lock()
+        self._stop = StopSignal()  # wakes the choices where they wait, not polled
         self._running = job.n
         self._failed = False
-        # Own threads rather than the shared pool: a request mostly waits on the engine, and the pool's
-        # few workers would cap how many requests can share a batch.
+        loop = asyncio.get_running_loop()
         for index in range(job.n):
-            threading.Thread(target=self._produce, args=(p, job, index), daemon=True).start()
+            task = loop.create_task(self._produce(p, job, index))
+            _PRODUCING.add(task)  # the loop holds tasks weakly: a choice must outlive a response nobody reads
+            task.add_done_callback(_PRODUCING.discard)
 
     def stop(self) -> None:
         self._stop.set()
 
-    def _produce(self, p: Platform, job: Prepared, index: int) -> None:
+    async def _produce(self, p: Platform, job: Prepared, index: int) -> None:
         try:
             deltas = p.inference.generate(  # the embedded engine, or an infer agent serving the base
                 job.base_id, job.base_ref, job.adapter, job.prompt_ids, job.choice_params(index), self.usages[index],
                 should_stop=self._stop, tenant_id=job.tenant_id, streamed=self.streamed,
             )  # fmt: skip
-            for delta in deltas:
-                self._post((index, delta))
-        except BaseException as exc:  # delivered to the reader: an error chunk, or an error response
+            async with contextlib.aclosing(deltas):
+                async for delta in deltas:
+                    self._queue.put_nowait((index, delta))
+        except asyncio.CancelledError:  # the server is stopping: the choice is settled as failed
             self._failed = True
-            self._post(exc)
+            self._queue.put_nowait(GenerationFailed("the server is stopping"))
+            raise
+        except Exception as exc:  # delivered to the reader: an error chunk, or an error response
+            self._failed = True
+            self._queue.put_nowait(exc)
         finally:
-            with self._lock:
-                self._running -= 1
-                last = self._running == 0
-            if last:
+            self._running -= 1
+            if self._running == 0:
                 try:
                     used = _usage(self.usages)
-                    limits.settle(
-                        p.db, job.reservation, prompt_tokens=used["prompt_tokens"],
+                    await run_in_threadpool(partial(
+                        limits.settle, p.db, job.reservation, prompt_tokens=used["prompt_tokens"],
                         completion_tokens=used["completion_tokens"], failed=self._failed,
-                    )  # fmt: skip
+                    ))  # fmt: skip
                 except Exception as exc:
-                    self._post(exc)
-            self._post(None)
-
-    def _post(self, item: tuple[int, Delta] | BaseException | None) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is left to read
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+                    self._queue.put_nowait(exc)
+            self._queue.put_nowait(None)
 
     async def deltas(self) -> AsyncIterator[tuple[int, Delta]]:
         """(choice index, delta) as they come; the first error stops the other choices and is raised once all
