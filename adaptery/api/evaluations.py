@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from adaptery.api.deps import Positive, platform, principal
+from adaptery.auth import policy
 from adaptery.auth.policy import require
 from adaptery.auth.principal import Principal
 from adaptery.data.untrusted import RecordLimits
@@ -107,15 +108,22 @@ def create_evaluation(
     body: CreateEvaluation, who: Principal = Depends(principal), p: Platform = Depends(platform)
 ) -> EvaluationObject:
     """Queue an evaluation of one of your adapters: held-out metrics, or an lm-eval task through the API. Its
-    models generate answers, so like a fine-tuning job it needs this month's token budget left (429 when spent)."""
+    models generate answers, so it needs the inference scope and the base model, and this month's budget left (429
+    when spent); a held-out run holds its worst case against the key's and the organization's budgets until it
+    ends, then is charged what it used."""
     require(who, "fine_tune")
+    policy.authorize(who, policy.INFER)  # its models generate answers: a key needs the inference scope too
     limits.check_training(p.db, who)
     with p.db.tenant(who.tenant_id) as s:
-        if body.kind == "lm_eval":
+        if body.kind == "lm_eval":  # its calls go through /v1, each reserved there against the same budgets
             evaluation = evaluations.create_lm_eval(s, who, body.model, body.task, limit=body.limit)
         else:
             record_limits = RecordLimits.from_settings(p.settings)
             evaluation = evaluations.create_held_out(s, p.blobs, who, body.model, body.file_id, record_limits)
+            limits.hold_evaluation(
+                s, who, evaluation.id, evaluations.worst_case(s, evaluation),
+                [entry["model"] for entry in evaluation.models], limits.clock(), p.settings.usage_prices,
+            )  # fmt: skip
         audit.record(s, who, "evaluation.create", target=evaluation.id,
                      detail={"model": body.model, "kind": body.kind})  # fmt: skip
         return EvaluationObject(**evaluations.visible_object(s, who, evaluation))

@@ -96,6 +96,7 @@ class EvaluationQueue:
         return None
 
     def _assignment(self, s: Session, evaluation: m.Evaluation) -> dict[str, Any]:
+        self._check_requester(s, evaluation)
         base = s.get(m.BaseModel, evaluation.base_model)
         if base is None:
             raise NotFound(f"the base model '{evaluation.base_model}' is no longer registered")
@@ -162,6 +163,24 @@ class EvaluationQueue:
             assignment["api_base"] = self.api_base
             assignment["api_key"] = minted.secret
         return assignment
+
+    def _check_requester(self, s: Session, evaluation: m.Evaluation) -> None:
+        """An evaluation runs only while whoever asked for it still may: the key it was asked with not revoked or
+        expired, its person still a member of the tenant (else it fails, saying why, and nothing is charged)."""
+        if evaluation.requester_key_id:
+            key = s.get(m.ApiKey, evaluation.requester_key_id)
+            if key is None or key.revoked_at is not None:
+                raise NotFound("the API key that asked for it was revoked")
+            if key.expires_at is not None and key.expires_at <= self.clock():
+                raise NotFound("the API key that asked for it has expired")
+        if evaluation.user_id:
+            member = s.scalar(
+                select(m.Membership.user_id).where(
+                    m.Membership.tenant_id == evaluation.tenant_id, m.Membership.user_id == evaluation.user_id
+                )
+            )
+            if member is None:
+                raise NotFound("whoever asked for it is no longer a member of the organization")
 
     def _blob(self, tenant_id: str, sha: str) -> dict[str, Any]:
         return BlobRef(sha, self.blobs.size(tenant_id, sha)).__dict__.copy()
@@ -271,6 +290,7 @@ class EvaluationQueue:
         evaluation.lease_owner = None
         evaluation.lease_expires_at = None
         self._revoke_key(s, evaluation)  # a finished job's events end with its completion: nothing is added there
+        limits.release_evaluation(s, evaluation.id)  # what it used is charged by the caller (succeeded) or not at all
 
     def recover(self) -> int:
         """Requeue (or fail, after max_attempts) running evaluations whose lease lapsed."""

@@ -37,6 +37,7 @@ from adaptery.storage.blobs import BlobStore
 log = logging.getLogger(__name__)
 
 LABELS = ("candidate", "predecessor", "base")
+TEMPLATE_TOKENS = 256  # what a chat template may add to one example's prompt, beyond its text (roles, markers)
 
 
 # --- what is evaluated, on what -------------------------------------------------------------------------
@@ -152,6 +153,28 @@ def _own_adapter(session: Session, who: Principal, model_id: str) -> m.Adapter:
     return ref.adapter
 
 
+def _check_base(session: Session, who: Principal, adapter: m.Adapter) -> None:
+    """An evaluation generates with the base model too: the caller must be allowed to use it (a key kept to the
+    adapter alone may not have the base's answers to prompts of its choosing)."""
+    if not _sees_model(session, who, adapter.base_model):
+        raise PermissionDenied(
+            f"An evaluation scores the base model '{adapter.base_model}' beside the adapter, and you may not use it "
+            "(this API key's allowed models): evaluate with a key allowed both",
+            code="model_not_allowed",
+        )
+
+
+def worst_case(session: Session, evaluation: m.Evaluation) -> tuple[int, int]:
+    """The most prompt and completion tokens one model of a held-out evaluation may use: each example's prompt
+    (a token is at least one byte of the file, plus its chat template's), and its longest answer."""
+    from adaptery.services.evaluation_queue import HELD_OUT_MAX_EXAMPLES, HELD_OUT_MAX_NEW_TOKENS
+
+    record = session.get(m.File, evaluation.source["file_id"])
+    examples = min(HELD_OUT_MAX_EXAMPLES, (record.records if record is not None else None) or HELD_OUT_MAX_EXAMPLES)
+    prompt = (record.bytes if record is not None else 0) + examples * TEMPLATE_TOKENS
+    return prompt, examples * HELD_OUT_MAX_NEW_TOKENS
+
+
 def _evaluation_file(session: Session, file_id: str, param: str, blobs: BlobStore, limits: RecordLimits) -> m.File:
     """A chat JSONL file to evaluate on; one uploaded for `evals` (not checked at upload, as a fine-tune file is)
     is checked here, and its first bad lines named."""
@@ -180,8 +203,11 @@ def create_held_out(
 ) -> m.Evaluation:
     """An evaluation of one of the tenant's adapters on `file_id` (else on its job's held-out set)."""
     adapter = _own_adapter(session, who, model_id)
+    _check_base(session, who, adapter)
     job = session.get(m.FineTuningJob, adapter.job_id) if adapter.job_id else None
     previous = _candidate_and_predecessor(session, adapter)
+    if previous is not None and not _sees_model(session, who, previous):
+        previous = None  # its answers would be generated for a caller who may not use it
     if file_id is not None:
         source = {"kind": "file", "file_id": _evaluation_file(session, file_id, "file_id", blobs, limits).id}
     else:
@@ -218,6 +244,7 @@ def create_lm_eval(
     if not task_name:
         raise InvalidRequest("an lm_eval evaluation names its task", param="task")
     adapter = _own_adapter(session, who, model_id)
+    _check_base(session, who, adapter)
     task = evaluation_tasks.get_task(session, task_name)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000):
         raise InvalidRequest("limit must be an integer between 1 and 10000", param="limit")
@@ -354,9 +381,10 @@ def report(session: Session, who: Principal, *, job_id: str | None = None, model
         result = held_out.result or {}
         out["held_out"] = {"evaluation_id": held_out.id, "source": held_out.source, "table": result.get("models", {})}
         against = "predecessor" if "predecessor" in result.get("models", {}) else "base"
-        out["changes"] = {"against": against, **changes(result.get("examples", []), "candidate", against)}
         out["examples"] = result.get("examples", [])
-        out["recommendation"] = recommendation(result.get("models", {}), against)
+        if against in result.get("models", {}):  # else neither is one the reader may see: nothing to compare with
+            out["changes"] = {"against": against, **changes(result.get("examples", []), "candidate", against)}
+            out["recommendation"] = recommendation(result.get("models", {}), against)
     seen: set[str] = set()
     for row in rows:
         if row.kind == "lm_eval" and row.status == "succeeded" and row.source.get("task") not in seen:
@@ -413,5 +441,5 @@ class _Seen:
 
 
 def _redacted(session: Session, who: Principal, row: m.Evaluation) -> _Seen:
-    hidden = {e["label"] for e in row.models if e["label"] != "base" and not _sees_model(session, who, e["model"])}
+    hidden = {e["label"] for e in row.models if not _sees_model(session, who, e["model"])}
     return _Seen(row, hidden)

@@ -506,6 +506,78 @@ def reserve(
         return reservation
 
 
+def evaluation_hold_id(evaluation_id: str) -> str:
+    return f"resv_{evaluation_id}"
+
+
+def hold_evaluation(
+    session: Session,
+    who: Principal,
+    evaluation_id: str,
+    per_model: tuple[int, int],
+    models: list[str],
+    now: float,
+    prices: dict[str, dict[str, float]] | None = None,
+) -> None:
+    """Before a held-out evaluation is queued, hold its worst case (`per_model`: prompt and completion tokens each
+    of its `models` may use) against the months of the key that asks for it and of its tenant, and the tenant's
+    cost budget, or 429: evaluations queued at once cannot together spend past a budget that covers each alone.
+    Held in the caller's transaction (no evaluation without its hold), until the evaluation ends
+    (`release_evaluation`); what it really used is then charged (`charge_evaluation`)."""
+    prompt, completion = per_model
+    worst = (prompt + completion) * len(models)
+    caller = caller_limits(session, who)
+    subjects = caller.subjects(who)
+    counter = m.UsageCounter
+    holds: list[list[Any]] = []
+    if any(lim.monthly_tokens is not None for _, _, lim in subjects):
+        charge_training(session, who.tenant_id, now)
+    for subject, label, lim in subjects:
+        if lim.monthly_tokens is None:
+            continue
+        total = counter.tokens + counter.reserved
+        if not _take(session, subject, month_period(now), "reserved", worst, lim.monthly_tokens, total=total):
+            raise _evaluation_refusal(f"monthly token budget of {label} ({lim.monthly_tokens} tokens)", worst, now)
+        holds.append([subject, month_period(now), "month", worst])
+    cost_limit = caller.tenant.monthly_cost
+    if cost_limit is not None:
+        _start_cost_month(session, who.tenant_id, prices or {}, now)
+        worst_cost = 0
+        for model in models:
+            prompt_price, completion_price = ledger.token_prices(session, prices or {}, model, "completions")
+            worst_cost += math.ceil((prompt * prompt_price + completion * completion_price) * MICROS)
+        subject, total = f"tenant:{who.tenant_id}", counter.tokens + counter.reserved
+        if worst_cost and not _take(session, subject, cost_period(now), "reserved", worst_cost,
+                                    _micros(cost_limit), total=total):  # fmt: skip
+            raise _evaluation_refusal(f"monthly cost budget of your organization ({cost_limit:g})", worst, now)
+        if worst_cost:
+            holds.append([subject, cost_period(now), "cost", worst_cost])
+    if holds:
+        far = now + 10 * 366 * 86400  # not a dead process's: held until the evaluation ends, however long it waits
+        session.add(m.UsageReservation(id=evaluation_hold_id(evaluation_id), holds=holds, expires_at=far))
+
+
+def _evaluation_refusal(budget: str, worst: int, now: float) -> RateLimited:
+    refused = RateLimited(
+        f"The {budget} does not cover this evaluation's worst case ({worst} tokens: its models' answers to every "
+        "example, each its prompt and up to the evaluation's new tokens). Evaluate on a smaller file or ask an "
+        "administrator to raise it.",
+        retry_after=_seconds_to_next_month(now),
+    )
+    refused.code = "insufficient_quota"
+    return refused
+
+
+def release_evaluation(session: Session, evaluation_id: str) -> None:
+    """An evaluation ended: give its hold back (what it used is charged by `charge_evaluation`), exactly once."""
+    hold = session.get(m.UsageReservation, evaluation_hold_id(evaluation_id))
+    if hold is None:
+        return
+    gone = session.execute(delete(m.UsageReservation).where(m.UsageReservation.id == hold.id)).rowcount
+    if gone == 1:
+        _release(session, hold.holds, 0, 0)
+
+
 def _holds(lim: Limits) -> bool:
     """Whether a call under `lim` holds anything while it runs."""
     held = (lim.monthly_cost, lim.tokens_per_minute, lim.monthly_tokens, lim.concurrent_streams)
@@ -530,8 +602,10 @@ def charge_evaluation(
     for entry in evaluation.models:
         counts = used[entry["label"]]
         prompt, completion = counts["prompt_tokens"], counts["completion_tokens"]
-        use = ledger.Use(evaluation.tenant_id, "evaluations", user_id=evaluation.user_id or "", model=entry["model"],
-                         agent_id=agent_id)  # fmt: skip
+        use = ledger.Use(
+            evaluation.tenant_id, "evaluations", user_id=evaluation.user_id or "",
+            api_key_id=evaluation.requester_key_id or "", model=entry["model"], agent_id=agent_id,
+        )  # fmt: skip
         ledger.add(session, use, now, requests=counts["requests"], prompt_tokens=prompt, completion_tokens=completion)
         total_tokens += prompt + completion
         total_requests += counts["requests"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import delete, func, select
 
 from adaptery.auth.principal import Principal, Role
 from adaptery.db import models as m
@@ -259,10 +259,10 @@ def test_an_evaluation_is_refused_when_the_keys_monthly_tokens_are_spent(running
     key_id = running.first.api_key.split("-")[2]
     body = {"model": model, "file_id": lab.file_id}
     assert running.client.patch(f"/api/keys/{key_id}", headers=running.auth(),
-                                json={"limits": {"monthly_tokens": 10}}).status_code == 200  # fmt: skip
+                                json={"limits": {"monthly_tokens": 10**6}}).status_code == 200  # fmt: skip
     assert running.client.post("/api/evaluations", headers=running.auth(), json=body).status_code == 200
     with running.platform.db.system() as s:
-        s.add(m.UsageCounter(subject=f"key:{key_id}", period=limits.month_period(time.time()), tokens=10))
+        s.get(m.UsageCounter, (f"key:{key_id}", limits.month_period(time.time()))).tokens = 10**6
     refused = running.client.post("/api/evaluations", headers=running.auth(), json=body)
     assert refused.status_code == 429, refused.text
 
@@ -395,6 +395,7 @@ def test_an_evaluation_spends_the_budget_of_the_key_that_asked_for_it(running):
 
     with platform.db.system() as s:
         s.get(m.UsageCounter, (f"key:{key_id}", month)).tokens = 0
+        s.get(m.ApiKey, key_id).monthly_tokens = 10**6  # room for a held-out run's worst case
     asked = running.client.post("/api/evaluations", headers=running.auth(),
                                 json={"model": lab.model(lab.job()), "file_id": lab.file_id})  # fmt: skip
     assert asked.status_code == 200, asked.text
@@ -412,3 +413,84 @@ def test_an_evaluation_spends_the_budget_of_the_key_that_asked_for_it(running):
     with platform.db.system() as s:
         assert s.get(m.Evaluation, held_out["evaluation_id"]).status == "succeeded"
         assert s.get(m.UsageCounter, (f"key:{key_id}", month)).tokens == 50 * len(names)
+        assert s.get(m.UsageCounter, (f"key:{key_id}", month)).reserved == 0  # its worst case was given back
+
+
+def _finish(platform, leased: dict, tokens: int) -> None:  # noqa: ANN001
+    with platform.db.system() as s:
+        names = list(labels(s.get(m.Evaluation, leased["evaluation_id"])))
+    used = {"requests": 1, "prompt_tokens": tokens, "completion_tokens": 0}
+    result = {"kind": "held_out", "models": {name: {"exact_match": 1.0} for name in names}, "examples": [],
+              "usage": {name: used for name in names}}  # fmt: skip
+    platform.evaluations.finish(leased["evaluation_id"], "agent-a",
+                                {"state": "succeeded", "result": result, "attempt": leased["attempt"]})  # fmt: skip
+
+
+def test_evaluations_queued_at_once_cannot_together_spend_past_the_month_of_the_key_that_asked(running):
+    """An attacker's find: an evaluation was checked only against the month already spent, so a key kept to 300
+    tokens queued five at once (its counter still 0) and spent 3530. Each now holds its worst case until it ends;
+    the ledger names the key that asked."""
+    lab, platform, client = Lab(running), running.platform, running.client
+    model = lab.model(lab.job())
+    key = add_key(platform, lab.tenant_id, lab.user_id, scopes=["fine-tuning", "inference", "files"],
+                  limits={"monthly_tokens": 10**6})  # fmt: skip
+    key_id, month, body = key.split("-")[2], limits.month_period(time.time()), {"model": model, "file_id": lab.file_id}
+    first = client.post("/api/evaluations", headers=running.auth(key), json=body)
+    assert first.status_code == 200, first.text
+    with platform.db.system() as s:
+        worst = s.get(m.UsageCounter, (f"key:{key_id}", month)).reserved
+        s.get(m.ApiKey, key_id).monthly_tokens = worst + worst // 2  # room for one evaluation, not two
+    assert worst > 0
+    second = client.post("/api/evaluations", headers=running.auth(key), json=body)
+    assert second.status_code == 429 and second.json()["error"]["code"] == "insufficient_quota", second.text
+    assert "this evaluation's worst case" in second.json()["error"]["message"]
+    with platform.db.system() as s:  # nothing of the refused one is left: no evaluation, no hold
+        assert s.scalar(select(func.count()).select_from(m.Evaluation).where(m.Evaluation.model == model)) == 1
+    leased = platform.evaluations.lease("agent-a")
+    _finish(platform, leased, 10)
+    with platform.db.system() as s:
+        counter = s.get(m.UsageCounter, (f"key:{key_id}", month))
+        scored = len(s.get(m.Evaluation, leased["evaluation_id"]).models)
+        assert counter.reserved == 0 and counter.tokens == 10 * scored  # charged what it used
+        ledger = s.scalars(select(m.UsageRecord).where(m.UsageRecord.kind == "evaluations",
+                                                       m.UsageRecord.model == model)).all()  # fmt: skip
+        assert [row.api_key_id for row in ledger] == [key_id]  # the ledger names the key that asked
+    assert client.post("/api/evaluations", headers=running.auth(key), json=body).status_code == 200  # room again
+
+
+def test_an_evaluation_needs_the_inference_scope_and_the_base_model_and_dies_with_the_key_that_asked(running):
+    """An attacker's finds: a key without the inference scope, or kept to the adapter alone, had both the adapter
+    and the base answer prompts of its choosing through an evaluation; and evaluations queued by a key revoked
+    afterwards (or a person removed) still ran, charged to the tenant."""
+    lab, platform, client = Lab(running), running.platform, running.client
+    model = lab.model(lab.job())
+    body = {"model": model, "file_id": lab.file_id}
+    no_inference = add_key(platform, lab.tenant_id, lab.user_id, scopes=["fine-tuning", "files"])
+    refused = client.post("/api/evaluations", headers=running.auth(no_inference), json=body)
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "missing_scope", refused.text
+    adapter_only = add_key(platform, lab.tenant_id, lab.user_id, scopes=["fine-tuning", "inference"],
+                           allowed_models=[model])  # fmt: skip
+    for kind in ({}, {"kind": "lm_eval", "task": "anything"}):
+        refused = client.post("/api/evaluations", headers=running.auth(adapter_only), json={**body, **kind})
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "model_not_allowed", refused.text
+
+    asker = add_key(platform, lab.tenant_id, lab.user_id, scopes=["fine-tuning", "inference"])
+    queued = client.post("/api/evaluations", headers=running.auth(asker), json=body)
+    assert queued.status_code == 200, queued.text
+    with platform.db.system() as s:
+        s.get(m.ApiKey, asker.split("-")[2]).revoked_at = time.time()
+    assert platform.evaluations.lease("agent-a") is None  # it does not run
+    with platform.db.system() as s:
+        row = s.get(m.Evaluation, queued.json()["id"])
+        assert row.status == "failed" and "the API key that asked for it was revoked" in row.error
+        assert s.scalar(select(func.count()).select_from(m.UsageReservation)) == 0  # its hold was given back
+
+    member = add_user(platform, lab.tenant_id, "leaver", Role.MEMBER)
+    theirs = add_key(platform, lab.tenant_id, member, scopes=["fine-tuning", "inference"])
+    queued = client.post("/api/evaluations", headers=running.auth(theirs), json=body)
+    assert queued.status_code == 200, queued.text
+    with platform.db.system() as s:
+        s.execute(delete(m.Membership).where(m.Membership.user_id == member))
+    assert platform.evaluations.lease("agent-a") is None
+    with platform.db.system() as s:
+        assert "no longer a member" in s.get(m.Evaluation, queued.json()["id"]).error
