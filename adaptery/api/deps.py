@@ -73,5 +73,5 @@ def principal(request: Request) -> Principal:
                 detail = {"reason": refused.code, "permission": permission.name}
                 audit.record(s, who, "auth.denied", target=f"{request.method} {path}", outcome="failure", detail=detail)
             raise
-    limits.count_request(p.db, who)
+    request.state.caller_limits = limits.count_request(p.db, who)  # read once a request (`limits.reserve`)
     return who

@@ -47,7 +47,7 @@ from adaptery.db import models as m
 from adaptery.db.ids import new_id
 from adaptery.db.session import Database
 from adaptery.services import usage as ledger
-from adaptery.services.errors import InvalidRequest, RateLimited
+from adaptery.services.errors import InvalidRequest, RateLimited, Unauthenticated
 
 LIMIT_FIELDS = (
     "requests_per_minute",
@@ -119,6 +119,7 @@ class CallerLimits:
     tenant: Limits
     evaluation_key: bool = False  # the key is one minted for an lm-eval run (`services.evaluation_queue`)
     requester_key: tuple[str, Limits] | None = None  # that run's: the key its evaluation was asked for with
+    requester_gone: str | None = None  # why that key may no longer ask (revoked, expired, deleted): the run ends
 
     def subjects(self, who: Principal) -> list[tuple[str, str, Limits]]:
         """The caller's key, the key that asked for its evaluation (an lm-eval run's call), then the tenant: always
@@ -137,13 +138,21 @@ def caller_limits(session: Session, who: Principal) -> CallerLimits:
         row = session.execute(_caller_limits_query(), {"key_id": who.api_key_id, "tenant_id": who.tenant_id}).first()
         if row is not None:
             n, t = len(KEY_LIMIT_FIELDS), len(LIMIT_FIELDS)
-            evaluation, requester = row[n + t], row[n + t + 1]
-            requester_limits = Limits(**dict(zip(KEY_LIMIT_FIELDS, row[n + t + 2 :], strict=True)))
+            evaluation, asked_with, requester, revoked, expires = row[n + t : n + t + 5]
+            requester_limits = Limits(**dict(zip(KEY_LIMIT_FIELDS, row[n + t + 5 :], strict=True)))
+            gone = None
+            if asked_with and requester is None:
+                gone = "was deleted"
+            elif revoked is not None:
+                gone = "was revoked"
+            elif expires is not None and expires <= clock():
+                gone = "has expired"
             return CallerLimits(
                 Limits(**dict(zip(KEY_LIMIT_FIELDS, row[:n], strict=True))),
                 Limits(**dict(zip(LIMIT_FIELDS, row[n : n + t], strict=True))),
                 evaluation is not None,
                 (requester, requester_limits) if requester else None,
+                gone,
             )
     return CallerLimits(Limits(), tenant_limits(session, who.tenant_id))
 
@@ -157,7 +166,10 @@ def _caller_limits_query() -> Any:
             *[getattr(m.ApiKey, f) for f in KEY_LIMIT_FIELDS],
             *[getattr(m.TenantLimits, f) for f in LIMIT_FIELDS],
             m.Evaluation.id,  # the evaluation whose run the key was minted for, if it was
+            m.Evaluation.requester_key_id,
             requester.id,
+            requester.revoked_at,
+            requester.expires_at,
             *[getattr(requester, f) for f in KEY_LIMIT_FIELDS],
         )
         .select_from(m.ApiKey)
@@ -305,12 +317,19 @@ def _subjects(who: Principal, key: Limits, tenant: Limits) -> list[tuple[str, st
     return out
 
 
-def count_request(db: Database, who: Principal) -> None:
-    """Requests per minute, per key and per tenant; a 429 with Retry-After past either."""
+def count_request(db: Database, who: Principal) -> CallerLimits:
+    """Requests per minute, per key and per tenant; a 429 with Retry-After past either. Returns the caller's limits
+    it read, which the request may hand to `reserve` rather than read them again."""
     with db.system() as s:
-        subjects = caller_limits(s, who).subjects(who)
+        caller = caller_limits(s, who)
+        if caller.requester_gone is not None:  # the run's key dies with the key that asked for the evaluation
+            raise Unauthenticated(
+                f"This key was minted for an evaluation, and the API key that asked for it {caller.requester_gone}",
+                code="invalid_api_key",
+            )
+        subjects = caller.subjects(who)
         if all(lim.requests_per_minute is None for _, _, lim in subjects):
-            return
+            return caller
         now = clock()
         for subject, label, lim in subjects:
             if lim.requests_per_minute is None:
@@ -323,6 +342,7 @@ def count_request(db: Database, who: Principal) -> None:
                     "Please try again later.",
                     retry_after=_seconds_to_next_minute(now),
                 )
+        return caller
 
 
 def _release(session: Session, holds: list[list[Any]], used: int | None, cost_micros: int | None = None) -> None:
@@ -436,6 +456,7 @@ def reserve(
     model: str,
     kind: str = "completions",
     prices: dict[str, dict[str, float]] | None = None,
+    caller: CallerLimits | None = None,
 ) -> Reservation:
     """Hold an inference call's worst case against every limit, or 429: prompt + max_tokens tokens, and one slot of
     `concurrent_streams`, which counts every call running at once, streamed or not (20 concurrent non-streamed
@@ -443,11 +464,11 @@ def reserve(
     and come back together, and their cost is held in tokens (the caller passes max_tokens × n). A process that
     dies holding a reservation gives it back after `hold_seconds`. The call is accounted to `model` (and `kind`:
     completions or embeddings) in the ledger when it settles; `prices` (the platform's) price it against a cost
-    budget."""
+    budget. `caller`: the caller's limits as this request's `count_request` read them (else they are read here)."""
     worst = prompt_tokens + max_tokens
     now = clock()
     with db.system() as s:
-        caller = caller_limits(s, who)
+        caller = caller if caller is not None else caller_limits(s, who)
         tenant = caller.tenant
         if tenant.max_tokens is not None and max_tokens > tenant.max_tokens:
             raise InvalidRequest(

@@ -494,3 +494,21 @@ def test_an_evaluation_needs_the_inference_scope_and_the_base_model_and_dies_wit
     assert platform.evaluations.lease("agent-a") is None
     with platform.db.system() as s:
         assert "no longer a member" in s.get(m.Evaluation, queued.json()["id"]).error
+
+    # an lm-eval run already under way: the key minted for it dies with the key that asked for it
+    data = platform.blobs.put_stream(lab.tenant_id, [b'{"question": "q", "answer": "a"}\n']).sha256
+    with platform.db.system() as s:
+        s.add(m.EvaluationTask(id=new_id("evtask-"), tenant_id=lab.tenant_id, name="under-way", config={},
+                               data_sha256=data, records=1))  # fmt: skip
+    asker = add_key(platform, lab.tenant_id, lab.user_id, scopes=["fine-tuning", "inference"])
+    queued = client.post("/api/evaluations", headers=running.auth(asker),
+                         json={"model": model, "kind": "lm_eval", "task": "under-way"})  # fmt: skip
+    assert queued.status_code == 200, queued.text
+    minted = {"Authorization": f"Bearer {platform.evaluations.lease('agent-a')['api_key']}"}
+    chat = {"model": "adaptery-demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert client.post("/v1/chat/completions", headers=minted, json=chat).status_code == 200
+    with platform.db.system() as s:
+        s.get(m.ApiKey, asker.split("-")[2]).revoked_at = time.time()
+    refused = client.post("/v1/chat/completions", headers=minted, json=chat)
+    assert refused.status_code == 401, refused.text
+    assert "the API key that asked for it was revoked" in refused.json()["error"]["message"]

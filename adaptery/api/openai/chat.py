@@ -351,7 +351,13 @@ def _logprob_params(body: SamplingFields) -> tuple[bool, int]:
 
 
 def _prepare(
-    p: Platform, who: Principal, body: ChatRequest | CompletionRequest, request_id: str, *, blind: bool = False
+    p: Platform,
+    who: Principal,
+    body: ChatRequest | CompletionRequest,
+    request_id: str,
+    *,
+    blind: bool = False,
+    caller: limits.CallerLimits | None = None,
 ) -> Prepared:
     """`request_id`: the completion's id, which picks a stable name's version (its canary split) and records it;
     a `blind` one (an arena side) is not recorded: the name's request counter would name the side before the vote
@@ -434,6 +440,7 @@ def _prepare(
         hold_seconds=p.settings.inference_hold_seconds,
         model=answered_by or ref.id,  # the ledger counts a name's usage per version
         prices=p.settings.usage_prices,
+        caller=caller,
     )
     return Prepared(
         ref.id, base.id, base.ref, adapter, prompt_ids, params, n, held, who.tenant_id, calling, answered_by
@@ -458,10 +465,14 @@ class _Choices:
     nobody needs to for the slot to be given back (the tasks are the request's own, not the response's).
     """
 
-    def __init__(self, p: Platform, job: Prepared, *, streamed: bool) -> None:
+    def __init__(
+        self, p: Platform, job: Prepared, *, streamed: bool, on_answer: Callable[[list[str]], None] | None = None
+    ) -> None:
         self.n = job.n
         self.streamed = streamed
         self.usages = [Usage() for _ in range(job.n)]
+        self.texts: list[list[str]] = [[] for _ in range(job.n)]
+        self._on_answer = on_answer
         self._queue: asyncio.Queue[tuple[int, Delta] | BaseException | None] = asyncio.Queue()
         self._stop = StopSignal()  # wakes the choices where they wait, not polled
         self._running = job.n
@@ -483,6 +494,7 @@ class _Choices:
             )  # fmt: skip
             async with contextlib.aclosing(deltas):
                 async for delta in deltas:
+                    self.texts[index].append(delta.text)
                     self._queue.put_nowait((index, delta))
         except asyncio.CancelledError:  # the server is stopping: the choice is settled as failed
             self._failed = True
@@ -495,14 +507,21 @@ class _Choices:
             self._running -= 1
             if self._running == 0:
                 try:
-                    used = _usage(self.usages)
-                    await run_in_threadpool(partial(
-                        limits.settle, p.db, job.reservation, prompt_tokens=used["prompt_tokens"],
-                        completion_tokens=used["completion_tokens"], failed=self._failed,
-                    ))  # fmt: skip
+                    await run_in_threadpool(self._end, p, job)
                 except Exception as exc:
                     self._queue.put_nowait(exc)
             self._queue.put_nowait(None)
+
+    def _end(self, p: Platform, job: Prepared) -> None:
+        """On the thread pool, once for the request (one hand-off, not two): settle the reservation, then give a
+        complete answer (every choice ended well, none stopped) to `on_answer`."""
+        used = _usage(self.usages)
+        limits.settle(
+            p.db, job.reservation, prompt_tokens=used["prompt_tokens"], completion_tokens=used["completion_tokens"],
+            failed=self._failed,
+        )  # fmt: skip
+        if self._on_answer is not None and not self._failed and not self._stop.is_set():
+            self._on_answer(["".join(text) for text in self.texts])
 
     async def deltas(self) -> AsyncIterator[tuple[int, Delta]]:
         """(choice index, delta) as they come; the first error stops the other choices and is raised once all
@@ -633,8 +652,13 @@ async def answer_chat(
     blind sides: then no header names the version either); `on_answer` runs, off the event loop, once the answer is
     complete, with the model that answered (a stable name's version)."""
     completion_id, created = new_id("chatcmpl-"), int(time.time())
-    job = await run_in_threadpool(partial(_prepare, blind=shown_model is not None), p, who, body, completion_id)
-    choices = _Choices(p, job, streamed=bool(body.stream))
+    caller = getattr(request.state, "caller_limits", None)  # as `principal` read them
+    job = await run_in_threadpool(
+        partial(_prepare, blind=shown_model is not None, caller=caller), p, who, body, completion_id
+    )
+    answered = job.answered_by or job.model_id  # a canary's feedback is counted for the version that answered
+    hook = partial(on_answer, completion_id, answered) if on_answer is not None else None
+    choices = _Choices(p, job, streamed=bool(body.stream), on_answer=hook)
     fingerprint = f"fp_adaptery_{job.base_id}"[:64]
     wants_logprobs = job.params.logprobs
     model_label = shown_model or job.model_id
@@ -653,14 +677,12 @@ async def answer_chat(
         include_usage = bool((body.stream_options or {}).get("include_usage"))
 
         readers = [_CallReader(job.tools) for _ in range(job.n)]
-        texts: list[list[str]] = [[] for _ in range(job.n)]
 
         async def events() -> AsyncIterator[bytes]:
             for index in range(job.n):
                 yield _sse(chunk(index, {"role": "assistant", "content": ""}, None))
             try:
                 async for index, delta in choices.deltas():
-                    texts[index].append(delta.text)
                     logprobs = {"content": delta.logprobs, "refusal": None} if delta.logprobs else None
                     content = readers[index].feed(delta.text)
                     if content or logprobs:
@@ -675,10 +697,6 @@ async def answer_chat(
                             arguments = {"index": position, "function": {"arguments": call["function"]["arguments"]}}
                             yield _sse(chunk(index, {"tool_calls": [arguments]}, None))
                         yield _sse(chunk(index, {}, _finish_reason(delta.finish_reason, calls)))
-                if on_answer is not None:
-                    await run_in_threadpool(
-                        on_answer, completion_id, job.answered_by or job.model_id, ["".join(t) for t in texts]
-                    )
             except Exception as exc:
                 yield _error_event(exc)
                 return
@@ -689,9 +707,6 @@ async def answer_chat(
         return _ChoicesStream(events(), choices, job.headers() if shown_model is None else {})
 
     answers = await _collect(choices, request)
-    if on_answer is not None:
-        answered = job.answered_by or job.model_id  # a canary's feedback is counted for the version that answered
-        await run_in_threadpool(on_answer, completion_id, answered, ["".join(c.text) for c in answers])
     if response is not None and shown_model is None:
         response.headers.update(job.headers())
     messages = [_message(job.tools, "".join(c.text)) for c in answers]
@@ -739,7 +754,8 @@ async def completions(
     p: Platform = Depends(platform),
 ) -> dict | StreamingResponse:
     completion_id, created = new_id("cmpl-"), int(time.time())
-    job = await run_in_threadpool(_prepare, p, who, body, completion_id)
+    caller = getattr(request.state, "caller_limits", None)  # as `principal` read them
+    job = await run_in_threadpool(partial(_prepare, caller=caller), p, who, body, completion_id)
     choices = _Choices(p, job, streamed=bool(body.stream))
     wants_logprobs = job.params.logprobs
 
