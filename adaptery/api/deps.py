@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import Request
 from pydantic import Field
+from sqlalchemy.orm import Session
 
 from adaptery.auth import policy
 from adaptery.auth.principal import Principal
@@ -32,9 +33,8 @@ async def platform(request: Request) -> Platform:
     return request.app.state.platform
 
 
-def authenticate(request: Request) -> Principal:
-    """An API key (Authorization: Bearer) or a browser session cookie with its CSRF token."""
-    db = request.app.state.platform.db
+def authenticate(request: Request, s: Session) -> Principal:
+    """An API key (Authorization: Bearer) or a browser session cookie with its CSRF token, looked up in `s`."""
     authorization = request.headers.get("authorization", "")
     if authorization:
         scheme, _, token = authorization.partition(" ")
@@ -42,12 +42,10 @@ def authenticate(request: Request) -> Principal:
             raise Unauthenticated(
                 "Malformed Authorization header: expected 'Bearer <API key>'.", code="invalid_api_key"
             )
-        with db.system() as s:
-            return keys.authenticate(s, token.strip())
+        return keys.authenticate(s, token.strip())
     cookie = request.cookies.get(SESSION_COOKIE)
     if cookie:
-        with db.system() as s:
-            who, csrf = sessions.resolve(s, cookie)
+        who, csrf = sessions.resolve(s, cookie)
         if request.method not in _SAFE_METHODS and request.headers.get(CSRF_HEADER) != csrf:
             raise PermissionDenied("Missing or wrong CSRF token.", code="csrf_failed")
         return who
@@ -59,19 +57,25 @@ def authenticate(request: Request) -> Principal:
 
 
 def principal(request: Request) -> Principal:
-    """The caller, allowed by `auth.policy` to call the matched route, within its request rate."""
-    who = replace(authenticate(request), ip=request.client.host if request.client else None)
+    """The caller, allowed by `auth.policy` to call the matched route, within its request rate: one database
+    transaction (the key or session lookup, its limits, the request counted), on one trip to the worker pool."""
     route = request.scope.get("route")
     path = getattr(route, "path", request.url.path)
     permission = policy.permission_for(request.method, path)
     p: Platform = request.app.state.platform
-    if permission is not None:
-        try:
-            policy.authorize(who, permission)
-        except PermissionDenied as refused:  # someone known tried what their role or key does not allow
-            with p.db.system() as s:
-                detail = {"reason": refused.code, "permission": permission.name}
-                audit.record(s, who, "auth.denied", target=f"{request.method} {path}", outcome="failure", detail=detail)
-            raise
-    request.state.caller_limits = limits.count_request(p.db, who)  # read once a request (`limits.reserve`)
+    denied: PermissionDenied | None = None
+    with p.db.system() as s:
+        who = replace(authenticate(request, s), ip=request.client.host if request.client else None)
+        if permission is not None:
+            try:
+                policy.authorize(who, permission)
+            except PermissionDenied as refused:  # someone known tried what their role or key does not allow
+                denied = refused
+        if denied is None:
+            request.state.caller_limits = limits.count_request(s, who)  # read once a request (`limits.reserve`)
+    if denied is not None:
+        with p.db.system() as s:
+            detail = {"reason": denied.code, "permission": permission.name}
+            audit.record(s, who, "auth.denied", target=f"{request.method} {path}", outcome="failure", detail=detail)
+        raise denied
     return who

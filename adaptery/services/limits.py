@@ -317,32 +317,32 @@ def _subjects(who: Principal, key: Limits, tenant: Limits) -> list[tuple[str, st
     return out
 
 
-def count_request(db: Database, who: Principal) -> CallerLimits:
-    """Requests per minute, per key and per tenant; a 429 with Retry-After past either. Returns the caller's limits
-    it read, which the request may hand to `reserve` rather than read them again."""
-    with db.system() as s:
-        caller = caller_limits(s, who)
-        if caller.requester_gone is not None:  # the run's key dies with the key that asked for the evaluation
-            raise Unauthenticated(
-                f"This key was minted for an evaluation, and the API key that asked for it {caller.requester_gone}",
-                code="invalid_api_key",
-            )
-        subjects = caller.subjects(who)
-        if all(lim.requests_per_minute is None for _, _, lim in subjects):
-            return caller
-        now = clock()
-        for subject, label, lim in subjects:
-            if lim.requests_per_minute is None:
-                continue
-            total = m.UsageCounter.requests
-            if not _take(s, subject, minute_period(now), "requests", 1, lim.requests_per_minute, total=total):
-                s.rollback()
-                raise RateLimited(
-                    f"Rate limit reached for {label}: {lim.requests_per_minute} requests per minute. "
-                    "Please try again later.",
-                    retry_after=_seconds_to_next_minute(now),
-                )
+def count_request(s: Session, who: Principal) -> CallerLimits:
+    """Requests per minute, per key and per tenant, in the system session `s` (the caller's authentication's); a
+    429 with Retry-After past either. Returns the caller's limits it read, which the request may hand to `reserve`
+    rather than read them again."""
+    caller = caller_limits(s, who)
+    if caller.requester_gone is not None:  # the run's key dies with the key that asked for the evaluation
+        raise Unauthenticated(
+            f"This key was minted for an evaluation, and the API key that asked for it {caller.requester_gone}",
+            code="invalid_api_key",
+        )
+    subjects = caller.subjects(who)
+    if all(lim.requests_per_minute is None for _, _, lim in subjects):
         return caller
+    now = clock()
+    for subject, label, lim in subjects:
+        if lim.requests_per_minute is None:
+            continue
+        total = m.UsageCounter.requests
+        if not _take(s, subject, minute_period(now), "requests", 1, lim.requests_per_minute, total=total):
+            s.rollback()
+            raise RateLimited(
+                f"Rate limit reached for {label}: {lim.requests_per_minute} requests per minute. "
+                "Please try again later.",
+                retry_after=_seconds_to_next_minute(now),
+            )
+    return caller
 
 
 def _release(session: Session, holds: list[list[Any]], used: int | None, cost_micros: int | None = None) -> None:
