@@ -35,6 +35,7 @@ import re
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -66,6 +67,10 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 MAX_QUEUED = 256  # requests of all agents queued or being worked on; beyond, shed
 PENDING_MSGS_LIMIT = 20_000  # the subscription's buffer in the client; a flood past it is dropped there
 PENDING_BYTES_LIMIT = 256 * 1024 * 1024
+# Every infer stream of this process shares one subscription (`_on_stream` hands a message on without waiting): a
+# message dropped there breaks its stream (a gap), so its buffer is the client's default, for all of them at once.
+STREAM_PENDING_MSGS_LIMIT = 512 * 1024
+STREAM_PENDING_BYTES_LIMIT = 256 * 1024 * 1024
 SHED_REPLIES_PER_SECOND = 5.0  # "slow down" answers to one agent; the rest of its excess is dropped unanswered
 
 
@@ -134,7 +139,6 @@ class RemoteStream:
     tenant_id: str
     blobs: frozenset[str]
     deliver: Callable[[bytes], None]
-    subscription: object | None = None
 
 
 class ControlPlane:
@@ -172,6 +176,10 @@ class ControlPlane:
         self.router = router or InferenceRouter()
         self.announce_seconds = announce_seconds  # an agent that does not say how often it announces: this often
         self._streams: dict[tuple[str, str], RemoteStream] = {}
+        # This process's streams arrive on one subscription (`_on_stream`), named by this instance: subscribing per
+        # request cost a SUB and an UNSUB on the bus, a subscription's queue and task here, and interest to
+        # propagate through the accounts before the agent's first message could pass.
+        self.instance = uuid.uuid4().hex[:16]
         self._streams_lock = threading.Lock()
         self.not_training: set[str] = set()  # agents enrolled without the train role: they lease nothing
         self.not_inferring: set[str] = set()  # agents enrolled without the infer role: they serve nothing
@@ -211,6 +219,20 @@ class ControlPlane:
             pending_msgs_limit=PENDING_MSGS_LIMIT,
             pending_bytes_limit=PENDING_BYTES_LIMIT,
         )
+        await self._nc.subscribe(
+            protocol.stream_subject("*", f"{self.instance}.*"),
+            cb=self._on_stream,
+            pending_msgs_limit=STREAM_PENDING_MSGS_LIMIT,
+            pending_bytes_limit=STREAM_PENDING_BYTES_LIMIT,
+        )
+
+    async def _on_stream(self, msg: Msg) -> None:
+        """A message of one of this process's streams, to its reader; one of no open stream (it ended) is dropped.
+        The subject names the agent that sent it, as the broker's account imports allow only that agent to."""
+        agent_id, _, request_id = msg.subject[len(protocol.STREAM_PREFIX) + 1 :].partition(".")
+        stream = self._streams.get((agent_id, request_id))
+        if stream is not None:
+            stream.deliver(msg.data)
 
     async def _on_nats_error(self, exc: Exception) -> None:
         # A slow consumer is reported once per dropped message: one line per interval is enough.
@@ -225,12 +247,17 @@ class ControlPlane:
 
     # --- inference on agents ------------------------------------------------------------------------
 
+    def new_request_id(self) -> str:
+        """An infer request's id: this instance's streams are the ones `_on_stream` receives."""
+        return f"{self.instance}.{uuid.uuid4().hex}"
+
     async def open_stream(
         self, agent_id: str, tenant_id: str, request: InferRequest, deliver: Callable[[bytes], None]
     ) -> RemoteStream:
-        """Subscribe to the request's stream, then send it to the agent (so no message can be missed). Awaited on
-        any event loop (the HTTP server's): the caller's loop is free meanwhile. `deliver` gets each raw message,
-        on the control plane's loop: it must not block (the relay hands it to its own loop)."""
+        """Register the request's stream, then send it to the agent (so no message can be missed). Awaited on any
+        event loop (the HTTP server's): the caller's loop is free meanwhile. `deliver` gets each raw message, on the
+        control plane's loop: it must not block (the relay hands it to its own loop). The request's id is one of
+        `new_request_id`'s."""
         if self._nc is None:
             raise RuntimeError("the control plane is not connected")
         blobs = frozenset((request.adapter_files or {}).values())
@@ -238,16 +265,10 @@ class ControlPlane:
         with self._streams_lock:
             self._streams[(agent_id, request.request_id)] = stream
 
-        async def start() -> None:
-            async def on_message(msg: Msg) -> None:
-                stream.deliver(msg.data)
-
-            subject = protocol.stream_subject(agent_id, request.request_id)
-            stream.subscription = await self._nc.subscribe(subject, cb=on_message)
-            await self._nc.publish(protocol.infer_subject(agent_id), protocol.encode(request.to_json()))
-
+        body = protocol.encode(request.to_json())
         try:
-            sent = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(start(), self._loop))
+            send = self._nc.publish(protocol.infer_subject(agent_id), body)
+            sent = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(send, self._loop))
             await asyncio.wait_for(sent, timeout=protocol.REQUEST_SECONDS)
         except BaseException:
             self.close_stream(stream)
@@ -264,9 +285,6 @@ class ControlPlane:
     def close_stream(self, stream: RemoteStream) -> None:
         with self._streams_lock:
             self._streams.pop((stream.agent_id, stream.request_id), None)
-        subscription = stream.subscription
-        if subscription is not None:
-            asyncio.run_coroutine_threadsafe(subscription.unsubscribe(), self._loop)  # type: ignore[attr-defined]
 
     def stop(self) -> None:
         if self._nc is not None:

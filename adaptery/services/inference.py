@@ -39,7 +39,6 @@ import dataclasses
 import logging
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import Any
@@ -111,7 +110,7 @@ class AgentBackend:
         if adapter is not None:
             files = {name: sha for name, sha in (adapter.files or {}).items() if name.endswith(_AGENT_FILES)}
         request = InferRequest(
-            request_id=uuid.uuid4().hex,
+            request_id=self.control.new_request_id(),
             base_id=base_id,
             prompt_ids=list(prompt_ids),
             params=dataclasses.asdict(params),
