@@ -190,6 +190,7 @@ class Prepared:
     tenant_id: str = ""  # the engine shares its batch fairly between tenants
     tools: ToolCalling | None = None  # how to read tool calls in the output; None: it is all content
     answered_by: str | None = None  # a stable name's request: the version (adapter id) routed to answer it
+    keeps_completions: bool = False  # the tenant's feedback policy, when the request came, keeps its answer
 
     def headers(self) -> dict[str, str]:
         """The version that answered a stable name's request (the body's `model` is the name, as asked)."""
@@ -369,6 +370,7 @@ def _prepare(
     prompt = _messages(body) if chat else _completion_prompt(body)
     prompt_param = "messages" if chat else "prompt"
     with p.db.tenant(who.tenant_id) as s:
+        keeps = chat and feedback.get_policy(s, who.tenant_id).keeps_completions
         ref = models.get_model(s, body.model, viewer=who, checkpoints=True)
         answered_by = None
         if ref.name is not None:  # resolved now: a promotion or a rollback reaches the very next request
@@ -443,7 +445,7 @@ def _prepare(
         caller=caller,
     )
     return Prepared(
-        ref.id, base.id, base.ref, adapter, prompt_ids, params, n, held, who.tenant_id, calling, answered_by
+        ref.id, base.id, base.ref, adapter, prompt_ids, params, n, held, who.tenant_id, calling, answered_by, keeps
     )
 
 
@@ -635,7 +637,7 @@ async def chat_completions(
         key = p.keyring.data_key(who.tenant_id)
         feedback.keep_completion(p.db, key, who, completion_id, model=model_id, messages=_messages(body), answers=texts)
 
-    return await answer_chat(p, who, body, request, response=response, on_answer=keep)
+    return await answer_chat(p, who, body, request, response=response, on_answer=keep, by_policy=True)
 
 
 async def answer_chat(
@@ -646,18 +648,21 @@ async def answer_chat(
     *,
     response: Response | None = None,
     on_answer: AnswerHook | None = None,
+    by_policy: bool = False,
     shown_model: str | None = None,
 ) -> dict | StreamingResponse:
     """A chat completion, whole or streamed. `shown_model` replaces the model's id in the answer (the arena's
     blind sides: then no header names the version either); `on_answer` runs, off the event loop, once the answer is
-    complete, with the model that answered (a stable name's version)."""
+    complete, with the model that answered (a stable name's version); `by_policy`: only when the tenant's feedback
+    policy keeps completions (read with the request's model, so a request is kept under the policy it came under)."""
     completion_id, created = new_id("chatcmpl-"), int(time.time())
     caller = getattr(request.state, "caller_limits", None)  # as `principal` read them
     job = await run_in_threadpool(
         partial(_prepare, blind=shown_model is not None, caller=caller), p, who, body, completion_id
     )
     answered = job.answered_by or job.model_id  # a canary's feedback is counted for the version that answered
-    hook = partial(on_answer, completion_id, answered) if on_answer is not None else None
+    wanted = on_answer is not None and (job.keeps_completions or not by_policy)
+    hook = partial(on_answer, completion_id, answered) if wanted else None
     choices = _Choices(p, job, streamed=bool(body.stream), on_answer=hook)
     fingerprint = f"fp_adaptery_{job.base_id}"[:64]
     wants_logprobs = job.params.logprobs
