@@ -112,6 +112,23 @@ ceiling is ~800 tokens/s (1.55), and 1.7 needs the rest under ~0.25 ms a token: 
 own per request (the NATS callback feeding the event loop directly), which is the next lever. First token, agent
 minus embedded: 4.15 (before), 4.54, 6.97, 6.05 ms p50 — not moved by these changes, and noisy from run to run.
 
+Then the relay moved onto the HTTP server's event loop (no thread per request), a request's start became one
+database transaction and its end one hand-off to the thread pool, the feedback policy is read with the model, and
+the control plane receives its streams on one standing subscription. On a 2-core AMD EPYC (no bf16 there: an
+agent spends ~2.7-3.0 ms of CPU a token), same command, quiet, the two versions one after the other (tokens/s):
+
+| | first token over embedded p50 / p99 | one agent | two agents | ratio | server ms/token | server ms/request |
+| --- | --- | ---: | ---: | ---: | ---: | --- |
+| before (9043595) | 5.02 / -3.12 ms | 347.3 | 552.8 | 1.59 | 0.37 | 8.07 + 3.58 |
+| before (9043595), again | 4.80 / 6.55 ms | 332.2 | 565.8 | 1.70 | 0.35 | 6.74 + 4.41 |
+| after (26409fc) | 3.27 / -6.36 ms | 370.1 | 577.3 | 1.56 | 0.30 | 8.15 + 1.30 |
+
+(server CPU with two agents; per request: its long-lived threads + the threads that ended.) The ratio follows the
+one-agent figure, whose agent alone moved by 11 % between runs (2.70-2.98 ms a token): the
+figures to compare are the server's CPU (-15 % a token, -15 % a request) and the first token (-1.5 ms). The ceiling
+with two agents is 2000 / (2 × ~1.45 + the fabric's ~0.40) ms a token ≈ 610 tokens/s, which the runs reach at 95 %;
+1.7 over a 370 tokens/s agent needs the fabric under ~0.16 ms a token on these two cores.
+
 Prints JSON and a markdown table.
 """
 

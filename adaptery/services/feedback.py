@@ -140,10 +140,14 @@ def keep_completion(
     model: str,
     messages: list[dict[str, Any]],
     answers: list[str],
-) -> None:
-    """Keep a finished chat completion, sealed, for its person's feedback: the caller read the tenant's policy
-    (`get_policy(...).keeps_completions`) when the request came, which is the policy it was made under."""
+) -> bool:
+    """Keep a finished chat completion, sealed, for its person's feedback, if the tenant's policy still keeps them
+    (`collect: all`); whether it was kept. The caller asks only for a request that came under such a policy (read
+    with its model): one that came while nothing was kept costs nothing here, and one during which an admin turned
+    collection off is not kept either."""
     with db.tenant(who.tenant_id) as s:
+        if not get_policy(s, who.tenant_id).keeps_completions:
+            return False
         s.add(
             m.Completion(
                 id=completion_id,
@@ -154,6 +158,7 @@ def keep_completion(
                 answers=seal(key, answers, "completions.answers", completion_id),
             )
         )
+    return True
 
 
 def _completion(session: Session, who: Principal, completion_id: str) -> m.Completion:

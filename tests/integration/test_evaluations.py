@@ -506,8 +506,12 @@ def test_an_evaluation_needs_the_inference_scope_and_the_base_model_and_dies_wit
     assert queued.status_code == 200, queued.text
     minted = {"Authorization": f"Bearer {platform.evaluations.lease('agent-a')['api_key']}"}
     chat = {"model": "adaptery-demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    assert client.post("/v1/chat/completions", headers=minted, json=chat).status_code == 200
-    with platform.db.system() as s:
+    collect = client.put("/api/feedback/policy", headers=running.auth(), json={"collect": "all"})
+    assert collect.status_code == 200, collect.text
+    answered = client.post("/v1/chat/completions", headers=minted, json=chat)
+    assert answered.status_code == 200, answered.text
+    with platform.db.system() as s:  # the run's calls are the evaluation's, not answers to give feedback on
+        assert s.get(m.Completion, answered.json()["id"]) is None
         s.get(m.ApiKey, asker.split("-")[2]).revoked_at = time.time()
     refused = client.post("/v1/chat/completions", headers=minted, json=chat)
     assert refused.status_code == 401, refused.text

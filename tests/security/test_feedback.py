@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import func, select
 
 from adaptery.db import models as m
-from adaptery.services import arena
+from adaptery.services import arena, limits
 from tests.security.conftest import World, add_key
 
 QUESTION = "Who runs the imaging lab?"
@@ -561,3 +561,27 @@ def test_a_feedback_dataset_name_is_checked_like_any_dataset_name(world: World, 
         content=b'{"messages":[{"role":"user","content":"q"},{"role":"assistant","content":"a"}]}\n',
     )  # fmt: skip
     assert uploaded.status_code in (400, 422) and "name" in uploaded.text, uploaded.text
+
+
+def test_an_answer_under_way_when_collection_is_turned_off_is_not_kept(world: World, monkeypatch):
+    """An attacker's find: the policy was read when a request came, so an answer that started under `collect: all`
+    was kept although an admin had turned collection off while it was being generated. It is read again before
+    an answer is kept."""
+    set_policy(world, collect="all")
+    settle = limits.settle
+
+    def settle_then_an_admin_turns_it_off(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - settle's signature
+        settle(*args, **kwargs)
+        with world.platform.db.system() as s:
+            s.get(m.FeedbackPolicy, world.tenant_id).collect = "off"
+
+    monkeypatch.setattr(limits, "settle", settle_then_an_admin_turns_it_off)
+    made = chat(world, "member")
+    monkeypatch.undo()
+    set_policy(world, collect="all")
+    url = f"/api/completions/{made['id']}/feedback"
+    assert world.client.post(url, headers=world.auth("member"), json={"rating": 1}).status_code == 404
+    kept = chat(world, "member")  # while it stays on, answers are kept
+    url = f"/api/completions/{kept['id']}/feedback"
+    assert world.client.post(url, headers=world.auth("member"), json={"rating": 1}).status_code == 200
+    set_policy(world, collect="off")

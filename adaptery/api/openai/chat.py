@@ -190,7 +190,7 @@ class Prepared:
     tenant_id: str = ""  # the engine shares its batch fairly between tenants
     tools: ToolCalling | None = None  # how to read tool calls in the output; None: it is all content
     answered_by: str | None = None  # a stable name's request: the version (adapter id) routed to answer it
-    keeps_completions: bool = False  # the tenant's feedback policy, when the request came, keeps its answer
+    keeps_completions: bool = False  # the tenant's feedback policy kept answers when the request came (see again)
 
     def headers(self) -> dict[str, str]:
         """The version that answered a stable name's request (the body's `model` is the name, as asked)."""
@@ -370,7 +370,10 @@ def _prepare(
     prompt = _messages(body) if chat else _completion_prompt(body)
     prompt_param = "messages" if chat else "prompt"
     with p.db.tenant(who.tenant_id) as s:
-        keeps = chat and feedback.get_policy(s, who.tenant_id).keeps_completions
+        # an lm-eval run's calls are the evaluation's, not a person's answers to give feedback on
+        keeps = (
+            chat and not (caller and caller.evaluation_key) and feedback.get_policy(s, who.tenant_id).keeps_completions
+        )
         ref = models.get_model(s, body.model, viewer=who, checkpoints=True)
         answered_by = None
         if ref.name is not None:  # resolved now: a promotion or a rollback reaches the very next request
@@ -654,7 +657,7 @@ async def answer_chat(
     """A chat completion, whole or streamed. `shown_model` replaces the model's id in the answer (the arena's
     blind sides: then no header names the version either); `on_answer` runs, off the event loop, once the answer is
     complete, with the model that answered (a stable name's version); `by_policy`: only when the tenant's feedback
-    policy keeps completions (read with the request's model, so a request is kept under the policy it came under)."""
+    policy kept completions when the request came (read with its model; the hook reads it again at the end)."""
     completion_id, created = new_id("chatcmpl-"), int(time.time())
     caller = getattr(request.state, "caller_limits", None)  # as `principal` read them
     job = await run_in_threadpool(
