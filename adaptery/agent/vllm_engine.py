@@ -10,10 +10,14 @@ plane's limits, usage, errors and tenancy are the same whichever engine serves.
   (`agent/vllm_env.py`), LoRA on: --max-loras (adapters in one batch, `vllm_max_loras`), --max-lora-rank (the
   platform's `max_lora_rank`, rounded up to a rank vLLM builds), --max-cpu-loras (the agent's `max_adapters`),
   --max-num-seqs (`engine_max_batch`); on GPUs tensor parallel across all of them (`vllm_tensor_parallel_size`),
-  on a CPU a KV cache of `engine_kv_cache_mb`. It listens on a Unix socket in a 0700 directory rather than a
-  loopback port: vLLM checks its API key on /v1 only, and its SageMaker routes (/adapters, /invocations) would load
-  an adapter from any path for any local user. A random key guards /v1 as well; ADAPTERY_* variables (the agent's
-  credentials) are not passed on.
+  on a CPU a KV cache of `engine_kv_cache_mb`, and, where the agent is given a share of the cores (`--threads`),
+  vLLM's OpenMP threads left unbound (`VLLM_CPU_OMP_THREADS_BIND=nobind`): its automatic binding pinned the
+  one worker thread to core 0, where the agent, the bus and the platform kept waking beside it (2-core AMD,
+  bench/vllm_agent.py: through the agent 317-376 tokens/s and 23-29 ms to the first token unbound, 157-335 and
+  27-36 ms bound; vLLM called directly 479-544 and 13-14 ms unbound, 344-428 and 14-18 ms bound). It listens
+  on a Unix socket in a 0700 directory rather than a loopback port: vLLM checks its API key on /v1 only, and its
+  SageMaker routes (/adapters, /invocations) would load an adapter from any path for any local user. A random key
+  guards /v1 as well; ADAPTERY_* variables (the agent's credentials) are not passed on.
 - **Adapters**: the host downloads them and verifies them by sha256 exactly as for the native engine; here each is
   linked into a directory of its own and loaded with /v1/load_lora_adapter (VLLM_ALLOW_RUNTIME_LORA_UPDATING)
   under its content hash, at most `capacity` at once, the least recently used unloaded first (never one a request
@@ -143,6 +147,8 @@ class ServerOptions:
         )
         if self.threads:
             env["OMP_NUM_THREADS"] = str(self.threads)
+            if not self.gpus:  # the operator's own VLLM_CPU_OMP_THREADS_BIND (copied above) wins
+                env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         return env
 
 

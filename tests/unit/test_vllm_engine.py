@@ -90,6 +90,17 @@ def test_vllm_gets_no_adaptery_secret_and_allows_runtime_lora_loading(monkeypatc
     assert env["HF_HUB_OFFLINE"] == "1" and env["OMP_NUM_THREADS"] == "1"
 
 
+def test_a_cpu_agent_given_a_share_of_the_cores_leaves_vllms_threads_unbound(monkeypatch):
+    """vLLM's automatic binding pinned its one worker thread to core 0, beside the agent, the bus and the platform;
+    an operator's own binding, a GPU machine and an agent given every core keep vLLM's choice."""
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    assert options(threads=1).environment("k")["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in options(threads=None).environment("k")
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in options(threads=1, gpus=1).environment("k")
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-3")
+    assert options(threads=4).environment("k")["VLLM_CPU_OMP_THREADS_BIND"] == "0-3"
+
+
 def test_the_completion_request_carries_the_control_planes_tokens_and_parameters():
     params = SamplingParams(
         max_tokens=7, temperature=0.0, top_p=0.9, top_k=5, stop=["\n"], seed=3, logit_bias={9: -100}
