@@ -80,6 +80,19 @@ queue, the reader thread) 11.0-12.2 ms: the engine wrapper costs ~2-3 ms, the bo
 +17.6 are between the server and the agent's engine (the native engine's agent path costs the server side ~4.5-7 ms)
 and in how the agent's vLLM child runs beside it: not found this session.
 
+Then (2-core AMD EPYC, quiet, `--requests 20 --seconds 15 --max-tokens 32`) the server's relay moved onto its event
+loop and its streams onto one standing subscription: the first-token overhead, through the agent minus direct, read
++16.2 and +22.6 ms before (9043595) and +5.2 and +16.8 ms after, one run after the other each time. A trace of every
+hop of the 20 sequential requests (wall clock in each process, p50 from the request reaching the server): auth done
+1.9 ms, prepared 3.6, sent on the bus 3.9, received by the agent 4.9, sent to vLLM 6.3, vLLM's first chunk 19.5, the
+delta on the bus 20.2, relayed 22.1, on the wire 22.2 — so ~6 ms before vLLM (the server's own ~4: the key, limits,
+chat template, model) and ~3 ms after, against ~13 ms for vLLM itself. The same trace showed vLLM's one worker
+thread pinned to core 0 by its automatic OpenMP binding, beside everything else; unbound (now the agent's default on
+a CPU share, `VLLM_CPU_OMP_THREADS_BIND=nobind`): direct 479-544 tokens/s and 13.1-13.8 ms, agent 317-376 and
+23.4-28.5 ms; bound: direct 344.4 and 17.5 ms, agent 335.1 and 28.2 ms. vLLM alone gains most from it; the agent's
+overhead stays 10-15 ms at p50, of which the platform's own request handling (authentication, limits, template) is
+about 4 ms that the direct path skips.
+
 Prints JSON and a markdown table.
 """
 
