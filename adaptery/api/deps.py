@@ -57,7 +57,7 @@ def authenticate(request: Request, s: Session) -> Principal:
 
 
 def principal(request: Request) -> Principal:
-    """The caller, allowed by `auth.policy` to call the matched route, within its request rate: one database
+    """The caller, within its request rate and allowed by `auth.policy` to call the matched route: one database
     transaction (the key or session lookup, its limits, the request counted), on one trip to the worker pool."""
     route = request.scope.get("route")
     path = getattr(route, "path", request.url.path)
@@ -66,13 +66,14 @@ def principal(request: Request) -> Principal:
     denied: PermissionDenied | None = None
     with p.db.system() as s:
         who = replace(authenticate(request, s), ip=request.client.host if request.client else None)
+        # Counted before it is authorized: a request refused for its role or scope is one too (and writes an
+        # audit row), so a key past its rate gets 429s, not an unlimited stream of audited refusals.
+        request.state.caller_limits = limits.count_request(s, who)  # read once a request (`limits.reserve`)
         if permission is not None:
             try:
                 policy.authorize(who, permission)
             except PermissionDenied as refused:  # someone known tried what their role or key does not allow
                 denied = refused
-        if denied is None:
-            request.state.caller_limits = limits.count_request(s, who)  # read once a request (`limits.reserve`)
     if denied is not None:
         with p.db.system() as s:
             detail = {"reason": denied.code, "permission": permission.name}

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import func, select
 
 from adaptery.auth.principal import Principal, Role
 from adaptery.db import models as m
@@ -70,6 +71,32 @@ def test_requests_per_minute_per_key(world: World, clock: list[float]):
     assert world.client.get("/v1/models", headers=world.auth("owner")).status_code == 200  # other keys unaffected
     clock[0] += 60
     assert world.client.get("/v1/models", headers=bearer).status_code == 200
+
+
+def test_a_request_refused_for_its_scope_counts_toward_the_rate_and_audits_no_more_than_it_allows(
+    world: World, clock: list[float]
+):
+    """An attacker's find: a request refused for its role or scope was audited but not counted, so a key past its
+    rate limit still wrote an audit row with every refused request (60 refusals, 60 rows, no 429)."""
+    key = world.client.post("/api/keys", headers=world.auth("owner"),
+                            json={"scopes": ["inference"], "limits": {"requests_per_minute": 2}})  # fmt: skip
+    assert key.status_code == 200, key.text
+    bearer = {"Authorization": f"Bearer {key.json()['value']}"}
+
+    def denials() -> int:
+        with world.platform.db.system() as s:
+            query = (
+                select(func.count())
+                .select_from(m.AuditEvent)
+                .where(m.AuditEvent.action == "auth.denied", m.AuditEvent.actor_key_id == key.json()["id"])
+            )
+            return s.scalar(query)
+
+    statuses = [world.client.get("/v1/files", headers=bearer).status_code for _ in range(6)]
+    assert statuses == [403, 403, 429, 429, 429, 429]
+    assert denials() == 2
+    clock[0] += 60
+    assert world.client.get("/v1/models", headers=bearer).status_code == 200  # a new minute
 
 
 def test_tokens_per_minute_reserve_the_worst_case(world: World, clock: list[float]):
