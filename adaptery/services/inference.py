@@ -39,7 +39,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from functools import partial
 from typing import Any
 
@@ -298,45 +298,36 @@ class Inference:
                     raise GenerationFailed(f"{exc}; the answer is incomplete") from exc
                 log.warning("%s before the first token; sending the request elsewhere", exc)
                 tried.append(agent_id)
-        deltas = self._embedded(base_id, ref, adapter, prompt_ids, params, usage, should_stop, tenant_id)
+        deltas = _on_a_thread(
+            partial(self.engine.generate, base_id, ref, adapter, prompt_ids, params, usage,
+                    should_stop=should_stop, fairness_key=tenant_id)
+        )  # fmt: skip
         async with contextlib.aclosing(deltas):
             async for delta in deltas:
                 yield delta
 
-    async def _embedded(
-        self,
-        base_id: str,
-        ref: str,
-        adapter: AdapterSpec | None,
-        prompt_ids: list[int],
-        params: SamplingParams,
-        usage: Usage,
-        should_stop: Callable[[], bool],
-        tenant_id: str,
-    ) -> AsyncIterator[Delta]:
-        """The embedded engine's deltas, read on a thread of their own (the engine's reader blocks; the pool's few
-        workers would cap how many requests can share a batch) and handed to the event loop."""
-        loop = asyncio.get_running_loop()
-        items: asyncio.Queue[Any] = asyncio.Queue()
-        post = partial(_deliver, loop, items)
 
-        def read() -> None:
-            try:
-                deltas = self.engine.generate(
-                    base_id, ref, adapter, prompt_ids, params, usage, should_stop=should_stop, fairness_key=tenant_id
-                )  # fmt: skip
-                for delta in deltas:
-                    post(delta)
-            except BaseException as exc:  # raised to the reader
-                post(exc)
-            finally:
-                post(_END)
+async def _on_a_thread(deltas: Callable[[], Iterator[Delta]]) -> AsyncIterator[Delta]:
+    """The embedded engine's deltas, read on a thread of their own (the engine's reader blocks; the pool's few
+    workers would cap how many requests can share a batch) and handed to the event loop."""
+    loop = asyncio.get_running_loop()
+    items: asyncio.Queue[Any] = asyncio.Queue()
+    post = partial(_deliver, loop, items)
 
-        threading.Thread(target=read, name="adaptery-engine-reader", daemon=True).start()
-        while (item := await items.get()) is not _END:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+    def read() -> None:
+        try:
+            for delta in deltas():
+                post(delta)
+        except BaseException as exc:  # raised to the reader
+            post(exc)
+        finally:
+            post(_END)
+
+    threading.Thread(target=read, name="adaptery-engine-reader", daemon=True).start()
+    while (item := await items.get()) is not _END:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
 
 
 _END: Any = object()  # the embedded engine's reader has no more deltas
