@@ -3,8 +3,10 @@
 The control plane publishes `InferRequest`s (token ids already counted against the caller's limits, sampling
 parameters, the adapter by hash) on `adaptery.infer.<agent>`; each is served on its own thread and streamed back
 on `adaptery.stream.<agent>.<request>` in sequence, ending with an end marker (`messaging/streams.py` reassembles
-it); each delta says how many tokens are behind it, which the control plane counts and bills (it trusts no
-total from here, and refuses a stream that claims more than max_tokens or more text than its tokens hold). A
+it), or, for a control plane whose requests say `batched`, in batches of the messages of all its streams that the
+link's sender finds waiting (`protocol.stream_batch_subject`: one message an engine step, not one a request);
+each delta says how many tokens are behind it, which the control plane counts and bills (it trusts no total from
+here, and refuses a stream that claims more than max_tokens or more text than its tokens hold). A
 cancellation (the client went away) stops the request within one engine poll, so its batch slot is free at
 once. What the agent can do and how loaded it is goes to the control plane as an announcement every
 `announce_seconds`, and within ANNOUNCE_POLL_SECONDS of a change in its load or resident adapters: the router
@@ -44,6 +46,7 @@ log = logging.getLogger("adaptery.agent.infer")
 ANNOUNCE_POLL_SECONDS = 0.1
 TOKENS_PER_SECOND_WINDOW = 10.0
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")  # one token of a subject, and a batch line's key
 _ADAPTER_FILE = re.compile(r"^(adapter_config\.json|[A-Za-z0-9_.-]+\.safetensors)$")
 
 
@@ -63,6 +66,7 @@ class _Stream:
     link: AgentLink
     subject: str
     coalesce_seconds: float = 0.0
+    batch: tuple[str, str] | None = None  # (batch subject, key): sent with the other streams of its control plane
     seq: int = 0
     last_sent: float = field(default_factory=time.monotonic)
     last_delta: float = float("-inf")
@@ -112,7 +116,7 @@ class _Stream:
         self.last_delta = self.last_sent
 
     def _publish(self, body: dict[str, Any]) -> None:
-        self.link.publish(self.subject, {"seq": self.seq, **body})
+        self.link.publish(self.subject, {"seq": self.seq, **body}, batch=self.batch)
         self.seq += 1
         self.last_sent = time.monotonic()
 
@@ -272,7 +276,12 @@ class InferenceHost:
         coalesce = self.coalesce_seconds
         if not request.streamed:
             coalesce = max(coalesce, protocol.WHOLE_ANSWER_COALESCE_SECONDS)
-        return _Stream(self.link, protocol.stream_subject(self.agent_id, request.request_id), coalesce)
+        subject = protocol.stream_subject(self.agent_id, request.request_id)
+        instance, _, key = request.request_id.rpartition(".")
+        batch = None
+        if request.batched and _TOKEN.match(instance) and _TOKEN.match(key):
+            batch = (protocol.stream_batch_subject(self.agent_id, instance), key)
+        return _Stream(self.link, subject, coalesce, batch)
 
     def _on_cancel(self, data: bytes) -> None:
         try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import ssl
 import threading
 import time
@@ -33,6 +34,7 @@ from adaptery.messaging.protocol import RemoteError
 if TYPE_CHECKING:
     from adaptery.agent.transfers import HttpsTransfers
 
+log = logging.getLogger("adaptery.agent.link")
 ENROLLMENT_GRACE_SECONDS = 4.0
 
 
@@ -68,6 +70,12 @@ class AgentLink:
         self._thread = threading.Thread(target=self._loop.run_forever, name="adaptery-agent-link", daemon=True)
         self._nc: nats.NATS | None = None
         self._connect_error: Exception | None = None  # the last failure of the first connection, for its message
+        # What `publish` was given and the sender task has not sent yet: (subject, data, batch or None)
+        self._outgoing: list[tuple[str, bytes, tuple[str, str] | None]] = []
+        self._outgoing_lock = threading.Lock()
+        self._outgoing_ready = asyncio.Event()
+        self._sender: asyncio.Task[None] | None = None
+        self._closing = False
 
     def connect(self, timeout: float = 30.0, *, enrollment_grace: float = ENROLLMENT_GRACE_SECONDS) -> None:
         """Connect; wrong credentials are refused (nats-py raises its authorization error).
@@ -133,6 +141,7 @@ class AgentLink:
             self.nudged.set()
 
         await self._nc.subscribe(protocol.notify_subject(self.agent_id), cb=on_notify)
+        self._sender = asyncio.get_running_loop().create_task(self._send_outgoing())
 
     def _run(self, coroutine: Any, timeout: float) -> Any:
         future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
@@ -143,6 +152,9 @@ class AgentLink:
             raise
 
     def close(self) -> None:
+        if self._sender is not None and not self._sender.done():
+            with contextlib.suppress(Exception):  # what was published before, out first; a link gone loses it
+                self._run(self._last_outgoing(), 5)
         if self._nc is not None and not self._nc.is_closed:
             with contextlib.suppress(Exception):  # closing a connection that is already gone
                 self._run(self._nc.close(), 5)
@@ -250,13 +262,43 @@ class AgentLink:
 
         self._run(self._nc.subscribe(subject, cb=on_message), self.request_seconds)
 
-    def publish(self, subject: str, body: dict[str, Any]) -> None:
-        """Send without waiting for the server (a stream's messages keep their order on the one connection)."""
+    def publish(self, subject: str, body: dict[str, Any], *, batch: tuple[str, str] | None = None) -> None:
+        """Send without waiting for the server, in the order of the calls (one sender task publishes them all on
+        the one connection). `batch` = (a batch subject, this message's key in it): the messages given for the
+        same batch subject before the sender gets to them leave together as one (`protocol.pack_stream_batch`),
+        so the more threads publish at once, the fewer messages they cost."""
         nc = self._nc
         if nc is None or not nc.is_connected:
             raise LinkDown(f"not connected to {self.url}")
         data = protocol.encode(body)
-        self._loop.call_soon_threadsafe(lambda: self._loop.create_task(nc.publish(subject, data)))
+        with self._outgoing_lock:
+            wake = not self._outgoing
+            self._outgoing.append((subject, data, batch))
+        if wake:
+            self._loop.call_soon_threadsafe(self._outgoing_ready.set)
+
+    async def _send_outgoing(self) -> None:
+        """The link's one sender: what `publish` queued, in order, batches packed (a message of its own when alone
+        in its batch)."""
+        while True:
+            await self._outgoing_ready.wait()
+            self._outgoing_ready.clear()
+            with self._outgoing_lock:
+                outgoing, self._outgoing = self._outgoing, []
+                last = self._closing
+            for subject, data in _packed(outgoing):
+                try:
+                    await self._nc.publish(subject, data)
+                except Exception as exc:  # noqa: BLE001 - closed or reconnecting: the stream's reader notices
+                    log.info("a message on %s was not sent: %s", subject, exc)
+            if last:
+                return
+
+    async def _last_outgoing(self) -> None:
+        with self._outgoing_lock:
+            self._closing = True
+        self._outgoing_ready.set()
+        await self._sender
 
     def upload(self, job_id: str, path: Path, attempt: int | None = None) -> str:
         """Send a file under the lease of `attempt`; the control plane stores it as a blob of the job's tenant.
@@ -287,6 +329,32 @@ class AgentLink:
     def upload_dir(self, job_id: str, directory: Path, attempt: int | None = None) -> dict[str, str]:
         files = sorted(path for path in directory.iterdir() if path.is_file())
         return {path.name: self.upload(job_id, path, attempt) for path in files}
+
+
+def _packed(outgoing: list[tuple[str, bytes, tuple[str, str] | None]]) -> list[tuple[str, bytes]]:
+    """The messages to publish for `outgoing`: each alone, except those of one batch subject, which go as one
+    (cut at STREAM_BATCH_BYTES). A batch keeps its lines' order, so a stream's messages stay in theirs."""
+    alone: list[tuple[str, bytes]] = []
+    batches: dict[str, list[tuple[str, str, bytes]]] = {}
+    for subject, data, batch in outgoing:
+        if batch is None:
+            alone.append((subject, data))
+        else:
+            batches.setdefault(batch[0], []).append((subject, batch[1], data))
+    for batch_subject, lines in batches.items():
+        if len(lines) == 1:
+            alone.append((lines[0][0], lines[0][2]))
+            continue
+        part: list[tuple[str, bytes]] = []
+        size = 0
+        for _, key, data in lines:
+            if part and size + len(data) > protocol.STREAM_BATCH_BYTES:
+                alone.append((batch_subject, protocol.pack_stream_batch(part)))
+                part, size = [], 0
+            part.append((key, data))
+            size += len(key) + len(data) + 2
+        alone.append((batch_subject, protocol.pack_stream_batch(part)))
+    return alone
 
 
 def _sha256(path: Path) -> str:

@@ -49,6 +49,7 @@ agent asks again after a pause rather than give up on work it has done.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -115,6 +116,34 @@ def stream_subject(agent_id: str, request_id: str) -> str:
     return f"{STREAM_PREFIX}.{agent_id}.{request_id}"
 
 
+# Many streams in one message. A control plane's request ids are `<instance>.<key>` (its process's streams arrive
+# on one subscription, `adaptery.stream.*.<instance>.*`); one whose requests say `batched` also reads
+# `adaptery.stream.<agent>.<instance>.many`: the messages of several of its streams, as lines `<key> <message>`
+# (a message is JSON, which has no raw newline), each stream's in its order. An agent's engine produces a token
+# for every request in its batch at once, and every message costs the agent, the broker and the control plane
+# about the same whatever it carries: one message a step for all the streams of one control plane, rather than
+# one a stream. The agent's id in the subject vouches for every line (only it may publish there), and a line
+# reaches only a stream of that agent.
+STREAM_BATCH = "many"
+STREAM_BATCH_BYTES = 256 * 1024  # a batch message is cut before it grows past this (NATS refuses past 1 MB)
+
+
+def stream_batch_subject(agent_id: str, instance: str) -> str:
+    return f"{STREAM_PREFIX}.{agent_id}.{instance}.{STREAM_BATCH}"
+
+
+def pack_stream_batch(lines: list[tuple[str, bytes]]) -> bytes:
+    return b"\n".join(key.encode() + b" " + data for key, data in lines)
+
+
+def unpack_stream_batch(data: bytes) -> Iterator[tuple[str, bytes]]:
+    """The batch's (key, message) lines; a line without a key is skipped (it can reach no stream)."""
+    for line in data.split(b"\n"):
+        key, space, message = line.partition(b" ")
+        if space:
+            yield key.decode("ascii", "replace"), message
+
+
 ANNOUNCE_VERB = "announce"
 ADAPTER_VERB = "adapter"
 TRANSFER_VERB = "transfer"
@@ -137,6 +166,9 @@ class InferRequest:
     # False: the client reads the answer whole (not streamed), so the agent may hold its deltas longer and send
     # them in fewer messages (`WHOLE_ANSWER_COALESCE_SECONDS`); the first still goes at once
     streamed: bool = True
+    # True: the control plane reads this stream's messages from batch messages too (`stream_batch_subject`); an
+    # agent that does not know them sends each alone, which it reads as well
+    batched: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -160,6 +192,7 @@ class InferRequest:
             adapter_files=files,
             fairness_key=str(data.get("fairness_key") or ""),
             streamed=data.get("streamed", True) is not False,
+            batched=data.get("batched") is True,
         )
 
 

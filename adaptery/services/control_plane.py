@@ -30,6 +30,7 @@ until its stream is closed. Announcements feed the router (`services/inference_r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import tempfile
@@ -131,14 +132,29 @@ class TransferSource:
 
 @dataclass
 class RemoteStream:
-    """An infer request dispatched to an agent: its stream's raw messages go to `deliver`, called on the control
-    plane's loop, until `close`; while open, the agent may fetch the adapter blobs it names from its tenant."""
+    """An infer request dispatched to an agent: its stream's raw messages go to `deliver`, called on `loop` (the
+    reader's), until `close`; while open, the agent may fetch the adapter blobs it names from its tenant."""
 
     agent_id: str
     request_id: str
     tenant_id: str
     blobs: frozenset[str]
     deliver: Callable[[bytes], None]
+    loop: asyncio.AbstractEventLoop
+
+
+def _hand_over(loop: asyncio.AbstractEventLoop, messages: list[tuple[Callable[[bytes], None], bytes]]) -> None:
+    """Messages to their readers on `loop`: one wake-up of that loop for all of them."""
+    with contextlib.suppress(RuntimeError):  # the reader's loop is closed: nobody is left to read
+        loop.call_soon_threadsafe(_deliver_all, messages)
+
+
+def _deliver_all(messages: list[tuple[Callable[[bytes], None], bytes]]) -> None:
+    for deliver, data in messages:
+        try:
+            deliver(data)
+        except Exception:  # one reader's failure is not the others'
+            log.exception("a stream's reader failed to take a message")
 
 
 class ControlPlane:
@@ -227,12 +243,21 @@ class ControlPlane:
         )
 
     async def _on_stream(self, msg: Msg) -> None:
-        """A message of one of this process's streams, to its reader; one of no open stream (it ended) is dropped.
-        The subject names the agent that sent it, as the broker's account imports allow only that agent to."""
+        """A message of one of this process's streams, or a batch of them (`protocol.stream_batch_subject`), to their
+        readers, one hand-off to each reader's loop; one of no open stream (it ended) is dropped. The subject names
+        the agent that sent it, as the broker's account imports allow only that agent to: a batch's lines reach only
+        that agent's streams."""
         agent_id, _, request_id = msg.subject[len(protocol.STREAM_PREFIX) + 1 :].partition(".")
-        stream = self._streams.get((agent_id, request_id))
-        if stream is not None:
-            stream.deliver(msg.data)
+        if not request_id.endswith("." + protocol.STREAM_BATCH):
+            if (stream := self._streams.get((agent_id, request_id))) is not None:
+                _hand_over(stream.loop, [(stream.deliver, msg.data)])
+            return
+        readers: dict[asyncio.AbstractEventLoop, list[tuple[Callable[[bytes], None], bytes]]] = {}
+        for key, data in protocol.unpack_stream_batch(msg.data):
+            if (stream := self._streams.get((agent_id, f"{self.instance}.{key}"))) is not None:
+                readers.setdefault(stream.loop, []).append((stream.deliver, data))
+        for loop, messages in readers.items():
+            _hand_over(loop, messages)
 
     async def _on_nats_error(self, exc: Exception) -> None:
         # A slow consumer is reported once per dropped message: one line per interval is enough.
@@ -255,13 +280,13 @@ class ControlPlane:
         self, agent_id: str, tenant_id: str, request: InferRequest, deliver: Callable[[bytes], None]
     ) -> RemoteStream:
         """Register the request's stream, then send it to the agent (so no message can be missed). Awaited on any
-        event loop (the HTTP server's): the caller's loop is free meanwhile. `deliver` gets each raw message, on the
-        control plane's loop: it must not block (the relay hands it to its own loop). The request's id is one of
-        `new_request_id`'s."""
+        event loop (the HTTP server's): the caller's loop is free meanwhile. `deliver` gets each raw message on that
+        loop, in order; it must not block. The request's id is one of `new_request_id`'s; a request that says
+        `batched` may have its messages come in batches."""
         if self._nc is None:
             raise RuntimeError("the control plane is not connected")
         blobs = frozenset((request.adapter_files or {}).values())
-        stream = RemoteStream(agent_id, request.request_id, tenant_id, blobs, deliver)
+        stream = RemoteStream(agent_id, request.request_id, tenant_id, blobs, deliver, asyncio.get_running_loop())
         with self._streams_lock:
             self._streams[(agent_id, request.request_id)] = stream
 

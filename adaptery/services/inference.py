@@ -73,9 +73,11 @@ class AgentProtocolError(GenerationFailed):
 class AgentBackend:
     """One request on one agent, as deltas; AgentLost when the agent goes away.
 
-    It runs on the HTTP server's event loop: the control plane's NATS loop hands each message of the stream to it
-    (`_deliver`), and no thread waits on a request. A thread per request, as before, cost the server two thread
-    wake-ups per message (the NATS loop's, then the thread's own hand-off to the event loop) and a thread's start.
+    It runs on the HTTP server's event loop: the control plane's NATS loop hands the stream's messages to it (all
+    those of one message from the agent, which carries a step's deltas of all its requests from this process, in
+    one wake-up of this loop), and no thread waits on a request. A thread per request, as before, cost the server
+    two thread wake-ups per message (the NATS loop's, then the thread's own hand-off to the event loop) and a
+    thread's start.
     """
 
     def __init__(
@@ -118,12 +120,12 @@ class AgentBackend:
             adapter_files=files,
             fairness_key=tenant_id,
             streamed=streamed,
+            batched=True,
         )
         usage.prompt_tokens, usage.completion_tokens = len(prompt_ids), 0
         items: asyncio.Queue[Any] = asyncio.Queue()
-        deliver = partial(_deliver, asyncio.get_running_loop(), items)
         try:
-            stream = await self.control.open_stream(agent_id, tenant_id, request, deliver)
+            stream = await self.control.open_stream(agent_id, tenant_id, request, items.put_nowait)
         except Exception as exc:  # the bus is down or restarting: nothing was sent, so it may go elsewhere
             self.router.finished(agent_id)
             raise AgentLost(f"agent {agent_id} was lost: the request could not be sent ({exc})") from exc
@@ -151,12 +153,6 @@ class AgentBackend:
     def _check_seconds(self) -> float:
         """How often the relay looks at the agent's deadlines while its stream is quiet (a stop wakes it)."""
         return min(1.0, self.idle_seconds / 4, self.first_token_seconds / 4, self.stall_seconds / 4)
-
-
-def _deliver(loop: asyncio.AbstractEventLoop, items: asyncio.Queue[Any], raw: bytes) -> None:
-    """A stream's message, from the control plane's loop to the relay's."""
-    with contextlib.suppress(RuntimeError):  # the relay's loop is closed: nobody is left to read
-        loop.call_soon_threadsafe(items.put_nowait, raw)
 
 
 class _Relay:
@@ -331,3 +327,9 @@ async def _on_a_thread(deltas: Callable[[], Iterator[Delta]]) -> AsyncIterator[D
 
 
 _END: Any = object()  # the embedded engine's reader has no more deltas
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, items: asyncio.Queue[Any], item: Any) -> None:
+    """An item from another thread to a reader on `loop`."""
+    with contextlib.suppress(RuntimeError):  # the reader's loop is closed: nobody is left to read
+        loop.call_soon_threadsafe(items.put_nowait, item)

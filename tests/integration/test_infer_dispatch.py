@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 from nats.errors import TimeoutError as NatsTimeout
 
+from adaptery.agent.link import AgentLink
 from adaptery.engine.generation import Delta, GenerationFailed, Usage
 from adaptery.engine.sampling import SamplingParams
 from adaptery.messaging import protocol
@@ -464,3 +465,82 @@ def test_a_request_the_bus_could_not_send_goes_to_another_agent_and_leaves_no_st
     assert control._streams == {}  # neither stream is left open (nor its adapter's blobs fetchable)
     streams = [sub.subject for sub in control._nc._subs.values() if "stream" in sub.subject]
     assert streams == [protocol.stream_subject("*", f"{control.instance}.*")]  # one for all, none per request
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_batch_reaches_only_its_agents_streams_each_in_order_and_no_other_agent_may_send_one(running):
+    """One message from an agent carries the deltas of several of its streams (`protocol.stream_batch_subject`):
+    each reaches its own reader in order, one naming another agent's stream reaches nothing, and another agent
+    cannot publish a batch in this agent's name (the broker refuses the subject)."""
+    mine, bystander = enroll(running, "batcher"), enroll(running, "bystander")
+    control = running.platform.control
+    batch_subject = protocol.stream_batch_subject(mine.agent_id, control.instance)
+
+    async def scenario() -> dict[str, list[int]]:
+        got: dict[str, list[int]] = {"a": [], "b": [], "theirs": []}
+        keys = {}
+        for name, creds in (("a", mine), ("b", mine), ("theirs", bystander)):
+            request_id = control.new_request_id()
+            request = InferRequest(request_id, "adaptery-demo", [1], {}, batched=True)
+            deliver = lambda raw, name=name: got[name].append(protocol.decode(raw)["seq"])  # noqa: E731
+            await control.open_stream(creds.agent_id, running.tenant_id, request, deliver)
+            keys[name] = request_id.rpartition(".")[2]
+        lines = [("a", 0), ("b", 0), ("theirs", 0), ("a", 1), ("nobody", 0), ("b", 1), ("a", 2)]
+        packed = protocol.pack_stream_batch(
+            [(keys.get(name, "f" * 32), protocol.encode({"seq": seq})) for name, seq in lines]
+        )
+        agent, other = await connect(running, mine), await connect(running, bystander)
+        try:
+            await other.publish(batch_subject, protocol.pack_stream_batch([(keys["a"], b'{"seq": 0}')]))
+            await other.flush()
+            await agent.publish(batch_subject, packed)
+            await agent.flush()
+            deadline = time.monotonic() + 10
+            while (len(got["a"]), len(got["b"])) != (3, 2) and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)  # anything that should not arrive has had time to
+        finally:
+            await agent.close()
+            await other.close()
+        return got
+
+    assert asyncio.run(scenario()) == {"a": [0, 1, 2], "b": [0, 1], "theirs": []}
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_an_agent_link_sends_what_waits_for_one_control_plane_as_one_message_and_keeps_each_streams_order(running):
+    agent = enroll(running, "sender")
+    control = running.platform.control
+    link = AgentLink(running.platform.nats.url, agent.agent_id, agent.secret)
+    link.connect()
+    sent: list[str] = []
+
+    async def scenario() -> dict[str, list[int]]:
+        got: dict[str, list[int]] = {"a": [], "b": []}
+        streams = {}
+        for name in got:
+            request = InferRequest(control.new_request_id(), "adaptery-demo", [1], {}, batched=True)
+            deliver = lambda raw, name=name: got[name].append(protocol.decode(raw)["seq"])  # noqa: E731
+            await control.open_stream(agent.agent_id, running.tenant_id, request, deliver)
+            instance, _, key = request.request_id.rpartition(".")
+            subject = protocol.stream_subject(agent.agent_id, request.request_id)
+            streams[name] = (subject, (protocol.stream_batch_subject(agent.agent_id, instance), key))
+        nc = link._nc
+        publish = nc.publish
+        nc.publish = lambda subject, data, **kw: (sent.append(subject), publish(subject, data, **kw))[1]
+        hold = threading.Event()
+        link._loop.call_soon_threadsafe(hold.wait, 10)  # the link's loop busy: what is published waits together
+        for seq in range(3):
+            for subject, batch in streams.values():
+                link.publish(subject, {"seq": seq}, batch=batch)
+        hold.set()
+        deadline = time.monotonic() + 10
+        while (len(got["a"]), len(got["b"])) != (3, 3) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return got
+
+    try:
+        assert asyncio.run(scenario()) == {"a": [0, 1, 2], "b": [0, 1, 2]}
+    finally:
+        link.close()
+    assert sent == [protocol.stream_batch_subject(agent.agent_id, control.instance)]  # six deltas, one message

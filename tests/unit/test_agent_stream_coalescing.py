@@ -31,13 +31,15 @@ class RecordingLink:
 
     def __init__(self, down_for: int = 0) -> None:
         self.sent: list[dict[str, Any]] = []
+        self.batches: list[tuple[str, str] | None] = []
         self.down_for = down_for  # the next this many publishes fail as if the link were down
 
-    def publish(self, subject: str, body: dict[str, Any]) -> None:
+    def publish(self, subject: str, body: dict[str, Any], *, batch: tuple[str, str] | None = None) -> None:
         if self.down_for:
             self.down_for -= 1
             raise LinkDown("not connected")
         self.sent.append(body)
+        self.batches.append(batch)
 
 
 def received(messages: list[dict[str, Any]], max_tokens: int = 16) -> tuple[str, int, list[dict[str, Any]], str]:
@@ -176,3 +178,24 @@ def test_a_cancelled_request_stops_its_engine_at_once_whatever_the_window(tmp_pa
     serve(tmp_path, engine, link, 60.0, cancel=True)
     assert engine.stopped.is_set()
     assert link.sent[-1]["end"] and link.sent[-1]["usage"]["completion_tokens"] == 0
+
+
+def test_a_stream_goes_in_its_control_planes_batches_only_when_the_request_says_it_reads_them(tmp_path):
+    host = InferenceHost(
+        RecordingLink(), ScriptedEngine(pause=0), {"base": str(tmp_path)}, tmp_path / "adapters",  # type: ignore[arg-type]
+        vault=AgentVault(tmp_path / "agent.key", tmp_path / "scratch"), roles=["infer"], max_adapters=1,
+        announce_seconds=60,
+    )  # fmt: skip
+
+    def stream_for(request_id: str, **fields: Any) -> _Stream:
+        request = InferRequest(request_id=request_id, base_id="base", prompt_ids=[1], params={}, **fields)
+        return host._stream_for(InferRequest.from_json(request.to_json()))  # as it arrives over the bus
+
+    batched = stream_for("c0ffee.5e1f", batched=True)
+    assert batched.subject == "adaptery.stream.agent-test.c0ffee.5e1f"
+    assert batched.batch == ("adaptery.stream.agent-test.c0ffee.many", "5e1f")
+    assert stream_for("c0ffee.5e1f").batch is None  # a control plane that does not read batches (an older one)
+    # an id that cannot be a batch line's key or a subject's token: each message alone, on the stream's subject
+    for odd in ("no-instance", "c0ffee.a b", "c0ffee.*", "c0ffee.>", ".5e1f"):
+        assert stream_for(odd, batched=True).batch is None
+    assert not InferRequest.from_json({**InferRequest("r", "b", [1], {}).to_json(), "batched": "yes"}).batched
