@@ -6,7 +6,8 @@ password agents, each limited to its own subjects; with a fabric, a second serve
 agents and islands' leaf nodes over mutual TLS, mapping certificate subjects to users (`verify_and_map`).
 Enrolling or revoking an agent rewrites the files and reloads the servers (SIGHUP), which also disconnects a
 revoked agent; an island's first machine (a new account), or an island leaf enrolled or revoked, restarts them
-instead (see `messaging.accounts`).
+instead (see `messaging.accounts`). A watchdog restarts them, on the same ports, when one exits on its own
+(killed, crashed): every client redials by itself.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -35,6 +37,8 @@ log = logging.getLogger("adaptery.nats")
 CONTROL_USER = "control"
 READY_SECONDS = 15.0
 RELOAD_SECONDS = 5.0  # how long `sync_agents` waits for the server to apply new users
+WATCH_SECONDS = 1.0  # how often the watchdog looks at the servers
+WATCH_BACKOFF_MAX = 30.0  # between tries to restart servers that keep failing
 
 
 def nats_server_binary() -> Path:
@@ -182,6 +186,10 @@ class NatsServer:
         self._accounts: frozenset[str] = frozenset()  # every agent account defined since start (never removed)
         self._loopback = NatsProcess(state_dir, "nats")
         self._edge = NatsProcess(state_dir, "nats-fabric")
+        self._lock = threading.RLock()  # a restart, a sync and the watchdog, one at a time
+        self._stopped = threading.Event()
+        self._watchdog: threading.Thread | None = None
+        self.restarts = 0  # by the watchdog, for a server that exited on its own
 
     @property
     def process(self) -> subprocess.Popen | None:
@@ -280,7 +288,34 @@ class NatsServer:
             self._route_password = secrets.token_urlsafe(30)
             self._route_ports = (_free_port("127.0.0.1"), _free_port("127.0.0.1"))
             self.fabric_client_port = self.fabric.port or _free_port("127.0.0.1")
+        self._stopped.clear()
         self._launch()
+        self._watchdog = threading.Thread(target=self._watch, name="adaptery-nats-watchdog", daemon=True)
+        self._watchdog.start()
+
+    def _watch(self) -> None:
+        """Restart the servers when one has exited on its own; a restart that fails is tried again, less often."""
+        wait = WATCH_SECONDS
+        while not self._stopped.wait(wait):
+            with self._lock:
+                if self._stopped.is_set():
+                    return
+                dead = [
+                    f"{proc.config_path.stem} (exit code {proc.process.returncode})"
+                    for proc in (self._loopback, self._edge)
+                    if proc.process is not None and proc.process.poll() is not None
+                ]
+                if not dead:
+                    wait = WATCH_SECONDS
+                    continue
+                log.error("NATS server %s exited on its own: restarting", ", ".join(dead))
+                try:
+                    self._restart("it exited: " + ", ".join(dead))
+                    self.restarts += 1
+                    wait = WATCH_SECONDS
+                except (OSError, RuntimeError) as exc:
+                    wait = min(WATCH_BACKOFF_MAX, wait * 2)
+                    log.error("NATS server could not be restarted (next try in %.0f s): %s", wait, exc)
 
     def _launch(self) -> None:
         self._write_config()
@@ -294,7 +329,7 @@ class NatsServer:
                 if self.fabric.leaf_port:
                     self._edge.wait_listening(self.fabric.host, self.fabric.leaf_port, "the leafnode listener")
         except RuntimeError:
-            self.stop()
+            self._stop_processes()
             raise
         (self.state_dir / "url").write_text(self.url)
         log.info("NATS server for agents on %s", self.url)
@@ -310,6 +345,10 @@ class NatsServer:
     def sync_agents(self, agents: dict[str, str], members: list[accounts.Member] | None = None) -> bool:
         """Apply the password agents (id -> bcrypt hash) and the certificate members; reload if they changed.
         A member left out (revoked) is disconnected by the reload."""
+        with self._lock:
+            return self._sync_agents(agents, members)
+
+    def _sync_agents(self, agents: dict[str, str], members: list[accounts.Member] | None) -> bool:
         members = sorted(members or [], key=lambda member: member.agent_id)
         if (agents == self._agents and members == self._members) or self.process is None:
             return False
@@ -338,8 +377,9 @@ class NatsServer:
         return True
 
     def _restart(self, why: str) -> None:
-        self.stop()
-        self._launch()
+        with self._lock:
+            self._stop_processes()
+            self._launch()
         log.info("NATS restarted: %s", why)
 
     def fabric_log(self) -> str:
@@ -347,5 +387,12 @@ class NatsServer:
         return self._edge.log_path.read_text(errors="replace") if self._edge.log_path.is_file() else ""
 
     def stop(self) -> None:
+        self._stopped.set()
+        with self._lock:
+            self._stop_processes()
+        if self._watchdog is not None and self._watchdog is not threading.current_thread():
+            self._watchdog.join(timeout=5)
+
+    def _stop_processes(self) -> None:
         self._edge.stop()
         self._loopback.stop()

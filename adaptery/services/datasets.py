@@ -351,9 +351,11 @@ def undo_failed_creation(session: Session, key: DataKey, dataset_id: str) -> tup
         report = open_report(key, version.report, version.id) or {}
         validation = report.get("validation") or {}
         problems = "; ".join(
-            f"{error.get('unit') or 'line'} {error.get('line')}: {error.get('message')}"
+            f"{error.get('unit') or 'line'} {error.get('line')}: "
+            + (f"{error['field']}: " if error.get("field") else "")
+            + str(error.get("message"))
             for error in (validation.get("errors") or [])[:5]
-        )
+        )  # as `LineError` says it: line, field, message
         total = validation.get("records_total", 0)
         reason = f"Nothing was kept of '{name}': none of its {total} record(s) is valid" + (
             f" ({problems})" if problems else ""

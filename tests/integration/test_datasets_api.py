@@ -149,11 +149,15 @@ def test_an_unrecognisable_file_is_refused_with_a_clear_message_and_leaves_no_da
 
 
 def test_a_file_whose_every_record_is_invalid_names_its_lines_and_leaves_no_dataset(running):
-    lines = b'{"messages": [{"role": "user", "content": "q"}]}\n{"messages": [oops\n'
+    lines = (
+        b'{"messages": [{"role": "user", "content": "q"}]}\n{"messages": [oops\n'
+        b'{"messages": [{"role": "wizard", "content": "q"}, {"role": "assistant", "content": "a"}]}\n'
+    )
     status, body = upload(running, lines, filename="bad.jsonl", name="bad")
     assert status == 400 and body["error"]["param"] == "file"
-    assert "none of its 2 record(s) is valid" in body["error"]["message"]
+    assert "none of its 3 record(s) is valid" in body["error"]["message"]
     assert "line 1: " in body["error"]["message"] and "line 2: invalid JSON" in body["error"]["message"]
+    assert "line 3: messages[0].role: unknown role 'wizard'" in body["error"]["message"]  # line, field, message
     _nothing_kept(running)
     status, body = upload(running, SAMPLE_CHAT.read_bytes(), filename="good.jsonl", name="bad")
     assert status == 202 and body["versions"][0]["status"] == "ready"  # the name was not taken by the failure
