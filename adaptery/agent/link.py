@@ -44,8 +44,9 @@ class LinkDown(ConnectionError):
 
 class AgentLink:
     """`secret`: the password of an agent on loopback (the embedded one). `tls`: an enrolled agent's client
-    context (`messaging.identity.IdentityDir.ssl_context`); its certificate is its only credential. `transfers`:
-    an enrolled agent's HTTPS client for blobs."""
+    context (`messaging.identity.IdentityDir.ssl_context`); its certificate is its only credential, and
+    `tls_hostname` the name its server must prove (`Identity.tls_hostname`: its island leaf's). `transfers`: an
+    enrolled agent's HTTPS client for blobs."""
 
     def __init__(
         self,
@@ -56,6 +57,7 @@ class AgentLink:
         tls: ssl.SSLContext | None = None,
         request_seconds: float = protocol.REQUEST_SECONDS,
         transfers: HttpsTransfers | None = None,
+        tls_hostname: str | None = None,
     ):
         if (secret is None) == (tls is None):
             raise ValueError("an agent link signs in with a password or a certificate, one of them")
@@ -65,6 +67,7 @@ class AgentLink:
         self.tls = tls
         self.request_seconds = request_seconds
         self.transfers = transfers
+        self.tls_hostname = tls_hostname  # the server name to check, when not the URL's host (an island's leaf)
         self.nudged = threading.Event()  # set when the control plane says a job was cancelled or paused
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="adaptery-agent-link", daemon=True)
@@ -116,7 +119,9 @@ class AgentLink:
             if connecting:
                 self._connect_error = exc
 
-        credentials = {"tls": self.tls} if self.tls else {"user": self.agent_id, "password": self.secret}
+        credentials: dict[str, Any] = {"user": self.agent_id, "password": self.secret}
+        if self.tls:
+            credentials = {"tls": self.tls, "tls_hostname": self.tls_hostname}
         nc = nats.NATS()
         try:
             await nc.connect(

@@ -130,6 +130,55 @@ def create_token(
         )
 
 
+class PendingTokenObject(BaseModel):
+    object: Literal["enrollment_token"] = "enrollment_token"
+    id: str
+    scope: str
+    tenant_id: str | None
+    island: str
+    kind: str
+    roles: list[str]
+    created_by: str | None = Field(description="The username of the admin who made it")
+    created_at: float
+    expires_at: float
+
+
+class PendingTokenList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[PendingTokenObject]
+
+
+@router.get("/api/admin/agents/tokens")
+def list_tokens(who: Principal = Depends(principal), p: Platform = Depends(platform)) -> PendingTokenList:
+    """The enrollment tokens not spent yet and not expired: the tenant's (and the platform's, for a platform
+    admin). The tokens themselves are never shown again; withdraw one with DELETE."""
+    with p.db.system() as s:
+        return PendingTokenList(
+            data=[
+                PendingTokenObject(
+                    id=pending.record.id,
+                    scope="platform" if pending.record.tenant_scope is None else "tenant",
+                    tenant_id=pending.record.tenant_scope,
+                    island=pending.record.island,
+                    kind=pending.record.kind,
+                    roles=list(pending.record.roles),
+                    created_by=pending.created_by,
+                    created_at=pending.record.created_at,
+                    expires_at=pending.record.expires_at,
+                )
+                for pending in enrollment.list_tokens(s, who)
+            ]
+        )
+
+
+@router.delete("/api/admin/agents/tokens/{token_id}", status_code=204)
+def withdraw_token(token_id: str, who: Principal = Depends(principal), p: Platform = Depends(platform)) -> Response:
+    """Withdraw an unspent enrollment token: nothing can enroll with it from now on."""
+    with p.db.system() as s:
+        enrollment.withdraw_token(s, who, token_id)
+    return Response(status_code=204)
+
+
 @router.post("/api/admin/agents/{agent_id}/revoke")
 def revoke_agent(agent_id: str, who: Principal = Depends(principal), p: Platform = Depends(platform)) -> RevokedAgent:
     with p.db.system() as s:

@@ -9,19 +9,19 @@ usage is client authentication (an island's leaf also serves its own loopback), 
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from adaptery.auth.tls import ensure_ca
 
 CLOCK_SKEW = dt.timedelta(minutes=5)
+AGENT_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
 
 
 class CertificateRefused(ValueError):
@@ -56,19 +56,23 @@ class CertificateAuthority:
         return path
 
     def issue(
-        self, csr_pem: bytes, subject: x509.Name, lifetime: dt.timedelta, *, loopback_server: bool = False
+        self, csr_pem: bytes, subject: x509.Name, lifetime: dt.timedelta, *, server_name: str | None = None
     ) -> x509.Certificate:
-        """`loopback_server`: an island's leaf node, which also serves its island's agents on 127.0.0.1 with it."""
+        """`server_name`: an island's leaf node, which also serves its island's agents with it, under that name
+        only (`identity.leaf_server_name`; never a loopback address, which every tenant's leaf would share)."""
         try:
             csr = x509.load_pem_x509_csr(csr_pem)
         except ValueError as exc:
             raise CertificateRefused(f"csr is not a PEM certificate signing request: {exc}") from exc
         if not csr.is_signature_valid:
             raise CertificateRefused("csr's signature does not match its public key")
-        if not isinstance(csr.public_key(), ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
-            raise CertificateRefused("csr's key must be EC or RSA")
+        key = csr.public_key()
+        if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, AGENT_CURVES):
+            # what the agent's own `enroll` makes; a presigned transfer's proof is an ECDSA signature, so an RSA
+            # key enrolled an agent that could never fetch its work (and RSA-1024 was taken)
+            raise CertificateRefused("csr's key must be an EC key on P-256, P-384 or P-521")
         now = dt.datetime.now(dt.UTC)
-        usages = [ExtendedKeyUsageOID.CLIENT_AUTH, *([ExtendedKeyUsageOID.SERVER_AUTH] if loopback_server else [])]
+        usages = [ExtendedKeyUsageOID.CLIENT_AUTH, *([ExtendedKeyUsageOID.SERVER_AUTH] if server_name else [])]
         builder = (
             x509.CertificateBuilder()
             .subject_name(subject)
@@ -81,9 +85,8 @@ class CertificateAuthority:
             .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
         )
-        if loopback_server:
-            loopback = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            builder = builder.add_extension(x509.SubjectAlternativeName(loopback), critical=False)
+        if server_name:
+            builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(server_name)]), critical=False)
         return builder.sign(self.key, hashes.SHA256())
 
     def check(self, cert_pem: bytes) -> x509.Certificate:

@@ -181,6 +181,8 @@ ROUTES: dict[str, Permission | None] = {
     "GET /api/admin/engine": ENGINE_ADMIN,
     "GET /api/admin/agents": AGENTS_ADMIN,
     "POST /api/admin/agents/tokens": AGENTS_ENROLL,
+    "GET /api/admin/agents/tokens": AGENTS_ENROLL,
+    "DELETE /api/admin/agents/tokens/{token_id}": AGENTS_ENROLL,
     "POST /api/admin/agents/{agent_id}/revoke": AGENTS_ENROLL,
     # An enrolling or renewing machine proves itself with its one-time token or its current certificate.
     "GET /api/fabric/ca": PUBLIC,

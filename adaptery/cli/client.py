@@ -52,4 +52,4 @@ def api(method: str, path: str, *, headers: dict[str, str] | None = None, **kwar
             message = response.text
         typer.secho(f"Error {response.status_code}: {message}", fg="red", err=True)
         raise typer.Exit(1)
-    return response.json()
+    return response.json() if response.content else {}  # 204: nothing to say

@@ -279,7 +279,7 @@ def run_agent(
         context = store.ssl_context()
         # Artifacts travel over the platform's HTTPS, which it enrolled with, never the bus
         transfers = HttpsTransfers(me.server_url, settings.agent_identity)
-        link = AgentLink(url, me.agent_id, tls=context, transfers=transfers)
+        link = AgentLink(url, me.agent_id, tls=context, transfers=transfers, tls_hostname=me.tls_hostname(url))
         renewer = Renewer(settings.agent_identity, lambda: reload_into(context, settings.agent_identity))
         agent_id = me.agent_id
     else:
@@ -585,6 +585,30 @@ def create_enrollment_token(
     what = f"roles {','.join(created['roles'])}" if created["kind"] == "agent" else "an island's leaf node"
     console.print(f"Token {created['id']} for the {scope} (island {island}, {what}), usable once until {expires}")
     print(f"ADAPTERY_ENROLLMENT_TOKEN={created['token']}", flush=True)
+
+
+@tokens_app.command("list")
+def list_enrollment_tokens() -> None:
+    """The enrollment tokens not used yet and not expired (the tokens themselves are never shown again)."""
+    pending = api("GET", "/api/admin/agents/tokens")["data"]
+    if not pending:
+        console.print("No unspent enrollment token.")
+        return
+    table = Table("id", "scope", "island", "kind", "roles", "made by", "expires")
+    for token in pending:
+        expires = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(token["expires_at"]))
+        table.add_row(
+            token["id"], token["scope"], token["island"], token["kind"], ",".join(token["roles"]),
+            token["created_by"] or "", expires,
+        )  # fmt: skip
+    console.print(table)
+
+
+@tokens_app.command("delete")
+def withdraw_enrollment_token(token_id: str) -> None:
+    """Withdraw an unspent enrollment token: nothing can enroll with it any more."""
+    api("DELETE", f"/api/admin/agents/tokens/{token_id}")
+    console.print(f"Token {token_id} withdrawn")
 
 
 @tenants_app.command("create")

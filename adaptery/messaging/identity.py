@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import ipaddress
 import json
 import os
 import ssl
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -40,6 +42,15 @@ def subject_name(organization: str, island: str, agent_id: str) -> x509.Name:
             x509.NameAttribute(NameOID.COMMON_NAME, agent_id),
         ]
     )
+
+
+def leaf_server_name(organization: str, island: str) -> str:
+    """The one name an island's leaf node serves its island's agents under (its certificate's only SAN), and the
+    name those agents check on their leaf's certificate: another island's leaf, or a tenant's leaf on some other
+    loopback, cannot pass for theirs (an attacker's find: leaf certificates named 127.0.0.1, so any tenant's leaf
+    certificate was good for any island's loopback). A hash: island names may hold what DNS names may not."""
+    digest = hashlib.sha256(f"{organization}\0{island}".encode()).hexdigest()[:32]
+    return f"leaf-{digest}.adaptery.invalid"
 
 
 def subject_string(name: x509.Name) -> str:
@@ -62,6 +73,15 @@ def parse_token(token: str) -> tuple[str, str]:
     if not sep or not secret or len(pin) != 64 or any(c not in "0123456789abcdef" for c in pin):
         raise ValueError("an enrollment token is '<secret>.<64 hex digits>' (from `adaptery agents token create`)")
     return secret, pin
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def make_key() -> ec.EllipticCurvePrivateKey:
@@ -106,6 +126,22 @@ class Identity:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Identity:
         return cls(**{name: data.get(name) for name in cls.__dataclass_fields__})
+
+    @property
+    def leaf_server_name(self) -> str:
+        """The name this machine's island leaf serves under (`leaf_server_name`)."""
+        from adaptery.messaging.accounts import PLATFORM_ORGANIZATION
+
+        return leaf_server_name(self.tenant_id or PLATFORM_ORGANIZATION, self.island)
+
+    def tls_hostname(self, url: str) -> str | None:
+        """The server name to check when dialing `url`: an agent dialing a loopback address other than the hub's
+        own (where it enrolled) is dialing its island's leaf, which serves under its island's name; otherwise the
+        URL's host, as usual (None)."""
+        host = urlsplit(url).hostname or ""
+        if url.rstrip("/") == (self.nats_url or "").rstrip("/") or not _is_loopback(host):
+            return None
+        return self.leaf_server_name
 
 
 class IdentityDir:

@@ -2,7 +2,8 @@
 leafnode port over mutual TLS with the island's certificate, and serving the island's agents on loopback.
 
 Nothing connects into an island: the leaf dials out and its own listener is on 127.0.0.1 only, mutual TLS too
-(certificates of the platform CA; the leaf's own certificate serves it, made for 127.0.0.1). nats-server
+(certificates of the platform CA; the leaf's own certificate serves it, under its island's name only,
+`identity.leaf_server_name`, which the island's agents check: never 127.0.0.1, which any leaf could claim). nats-server
 redials a lost hub every second by itself, and the island's agents stay connected to their leaf meanwhile, so a
 short hub outage or link cut costs only the messages in flight (which the protocol's requests retry).
 """

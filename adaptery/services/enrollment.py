@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 
 from cryptography import x509
-from sqlalchemy import select, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from adaptery.auth.agent_ca import CertificateAuthority, CertificateRefused, pem, serial_hex
@@ -42,6 +42,13 @@ _WRONG_KIND = {
     "leaf": "This token enrolls an island's leaf node (`adaptery island up`), not an agent: ask for an agent token "
     "(`adaptery agents token create`).",
 }
+
+
+_CREATOR_GONE = (
+    "This enrollment token was withdrawn: the person who made it may no longer enroll machines for its scope. "
+    "Ask an admin for a new one."
+)
+ENROLLING_ROLES = (Role.OWNER.value, Role.ADMIN.value)
 
 
 def _hash(secret: str) -> str:
@@ -132,6 +139,85 @@ def create_token(
     return NewToken(record, identity.make_token(secret, trust_pem))
 
 
+def creator_may_enroll(system: Session, record: m.EnrollmentToken) -> bool:
+    """A token is worth no more than its maker's right to make it, now: a platform token's maker is still a
+    platform admin, a tenant token's still an owner or admin of that tenant (or a platform admin). Tokens are
+    also withdrawn when their maker leaves or is demoted (`withdraw_tokens_of`); this holds whatever the path."""
+    user = system.get(m.User, record.created_by) if record.created_by else None
+    if user is None:
+        return False
+    if user.is_platform_admin:
+        return True
+    if record.tenant_scope is None:
+        return False
+    role = system.scalar(
+        select(m.Membership.role).where(m.Membership.tenant_id == record.tenant_scope, m.Membership.user_id == user.id)
+    )
+    return role in ENROLLING_ROLES
+
+
+def withdraw_tokens_of(session: Session, user_id: str, tenant_id: str) -> int:
+    """The unspent tokens a person made for a tenant, gone (they left it, or no longer may enroll for it)."""
+    return session.execute(
+        delete(m.EnrollmentToken).where(
+            m.EnrollmentToken.created_by == user_id,
+            m.EnrollmentToken.tenant_scope == tenant_id,
+            m.EnrollmentToken.used_at.is_(None),
+        )
+    ).rowcount
+
+
+def _visible_tokens(who: Principal):  # noqa: ANN202 - a select
+    """The unspent, unexpired tokens the caller may see and withdraw: their tenant's, and the platform's for a
+    platform admin."""
+    query = select(m.EnrollmentToken).where(
+        m.EnrollmentToken.used_at.is_(None), m.EnrollmentToken.expires_at > time.time()
+    )
+    if who.is_platform_admin:
+        return query.where(
+            or_(m.EnrollmentToken.tenant_scope.is_(None), m.EnrollmentToken.tenant_scope == who.tenant_id)
+        )
+    if not may_enroll_for(who, who.tenant_id):
+        raise PermissionDenied("Enrollment tokens are for the tenant's owner or an admin.", code="insufficient_role")
+    return query.where(m.EnrollmentToken.tenant_scope == who.tenant_id)
+
+
+@dataclass(frozen=True)
+class PendingToken:
+    record: m.EnrollmentToken
+    created_by: str | None  # the maker's username
+
+
+def list_tokens(system: Session, who: Principal) -> list[PendingToken]:
+    records = system.scalars(_visible_tokens(who).order_by(m.EnrollmentToken.created_at)).all()
+    makers = {record.created_by for record in records if record.created_by}
+    names = dict(system.execute(select(m.User.id, m.User.username).where(m.User.id.in_(makers))).all())
+    return [PendingToken(record, names.get(record.created_by)) for record in records]
+
+
+def withdraw_token(system: Session, who: Principal, token_id: str) -> None:
+    """Withdraw an unspent token; one the caller may not see (another tenant's, spent, expired) is a 404."""
+    record = system.scalar(_visible_tokens(who).where(m.EnrollmentToken.id == token_id))
+    if record is None:
+        raise NotFound(f"no unspent enrollment token '{token_id}'", param="token_id")
+    system.delete(record)
+    audit.record(
+        system,
+        who,
+        "agent.token.withdraw",
+        target=token_id,
+        detail={"island": record.island, "kind": record.kind},
+        tenant_id=record.tenant_scope or who.tenant_id,
+    )
+
+
+def _server_name(kind: str, tenant_id: str | None, island: str | None) -> str | None:
+    """A leaf's certificate also serves its island's agents, under its island's name; an agent's serves nothing."""
+    if kind != "leaf" or island is None:
+        return None
+    return identity.leaf_server_name(tenant_id or PLATFORM_ORGANIZATION, island)
+
+
 def subject_of(tenant_id: str | None, island: str, agent_id: str) -> x509.Name:
     return identity.subject_name(tenant_id or PLATFORM_ORGANIZATION, island, agent_id)
 
@@ -178,6 +264,8 @@ def enroll(
         raise Unauthenticated(_REFUSED_TOKEN)
     if kind != record.kind:
         raise PermissionDenied(_WRONG_KIND[record.kind], param="kind", code="wrong_token_kind")
+    if not creator_may_enroll(system, record):
+        raise Unauthenticated(_CREATOR_GONE)
     # One use, even against a racing request: only the UPDATE that finds it unused wins.
     won = system.execute(
         update(m.EnrollmentToken)
@@ -201,7 +289,7 @@ def enroll(
     record.agent_id = agent_id
     try:
         subject = subject_of(record.tenant_scope, record.island, agent_id)
-        cert = ca.issue(csr_pem, subject, lifetime, loopback_server=kind == "leaf")
+        cert = ca.issue(csr_pem, subject, lifetime, server_name=_server_name(kind, record.tenant_scope, record.island))
     except CertificateRefused as exc:
         raise InvalidRequest(str(exc), param="csr") from exc
     system.flush()
@@ -240,7 +328,8 @@ def renew(
     agent = system.get(m.Agent, record.agent_id) if record else None
     if record is None or record.revoked_at is not None or agent is None or agent.revoked_at is not None:
         raise Unauthenticated("Renewal refused: this certificate or its agent has been revoked")
-    cert = ca.issue(csr_pem, current.subject, lifetime, loopback_server=agent.kind == "leaf")
+    server_name = _server_name(agent.kind, agent.tenant_scope, agent.island)
+    cert = ca.issue(csr_pem, current.subject, lifetime, server_name=server_name)
     _record_certificate(system, agent.id, cert)
     audit.record(
         system,

@@ -36,6 +36,7 @@ CHECK_IN_WINDOW = 300.0  # seconds a signed check-in's timestamp may be off the 
 ONLINE_SECONDS = 60.0  # a site that checked in this recently is shown online
 STATUSES = ("created", "running", "done", "failed")
 _REFUSED_TOKEN = "This invitation is not valid: it is unknown, already used or expired. Ask for a new one."
+_WITHDRAWN = "This invitation was withdrawn: the person who made it may no longer add sites. Ask for a new one."
 
 
 def _verify(public_key: str, signature: bytes, message: bytes) -> bool:
@@ -211,6 +212,32 @@ def invite(
     return invitation, secret
 
 
+def _maker_still_steward(session: Session, invitation: m.FederationInvitation) -> bool:
+    """An invitation is worth no more than its maker's right to make it, now: still in the tenant, and still the
+    federation's creator or an owner or admin (`check_steward`). Their invitations also go when they leave
+    (`withdraw_invitations_of`); this holds whatever the path."""
+    federation = session.get(m.Federation, invitation.federation_id)
+    role = session.scalar(
+        select(m.Membership.role).where(
+            m.Membership.tenant_id == invitation.tenant_id, m.Membership.user_id == invitation.created_by
+        )
+    )
+    if federation is None or role is None:
+        return False
+    return invitation.created_by == federation.created_by or role in (Role.OWNER.value, Role.ADMIN.value)
+
+
+def withdraw_invitations_of(session: Session, user_id: str, tenant_id: str) -> None:
+    """The unused site invitations a person made in a tenant, gone (they left it)."""
+    session.execute(
+        delete(m.FederationInvitation).where(
+            m.FederationInvitation.tenant_id == tenant_id,
+            m.FederationInvitation.created_by == user_id,
+            m.FederationInvitation.used_at.is_(None),
+        )
+    )
+
+
 def invitation_tenant(system: Session, secret: str) -> str:
     """The tenant an invitation belongs to (looked up unfiltered by its hash); 401 if it is unknown."""
     tenant_id = system.scalar(
@@ -229,6 +256,8 @@ def join(session: Session, secret: str, *, public_key: str, signature: bytes) ->
     now = time.time()
     if invitation is None or invitation.used_at is not None or invitation.expires_at <= now:
         raise Unauthenticated(_REFUSED_TOKEN)
+    if not _maker_still_steward(session, invitation):
+        raise Unauthenticated(_WITHDRAWN)
     key, _ = parse_site_key(public_key)
     if not _verify(key, signature, join_message(secret)):
         raise Unauthenticated("The join request is not signed by the key it registers.")

@@ -14,7 +14,7 @@ from adaptery.auth.principal import Role
 from adaptery.auth.secrets import hash_token, same_token
 from adaptery.db import models as m
 from adaptery.db.ids import new_id, random_token
-from adaptery.services import keys
+from adaptery.services import enrollment, federations, keys
 from adaptery.services.errors import Conflict, InvalidRequest, NotFound, PermissionDenied
 from adaptery.services.sessions import has_signed_in, uses_sso
 
@@ -389,6 +389,8 @@ def change_role(session: Session, member: Member, role: Role) -> Role:
     if current == Role.OWNER and role != Role.OWNER and _other_owners(session, member) == 0:
         raise Conflict("A tenant must keep at least one owner; make someone else owner first.", param="role")
     member.membership.role = role.value
+    if role.value not in enrollment.ENROLLING_ROLES:  # their unspent enrollment tokens go with the right to make them
+        enrollment.withdraw_tokens_of(session, member.membership.user_id, member.membership.tenant_id)
     session.flush()
     return current
 
@@ -402,7 +404,8 @@ def remove_member(session: Session, member: Member) -> None:
 
 
 def end_membership(session: Session, membership: m.Membership) -> None:
-    """A membership ends: the person's sessions, unused sign-in links and API keys in that tenant stop working.
+    """A membership ends: the person's sessions, unused sign-in links, API keys and unspent enrollment tokens in
+    that tenant stop working.
     (Named by tenant, so a system session ends exactly this tenant's; the tenant filter narrows a tenant one.)"""
     tenant_id, user_id = membership.tenant_id, membership.user_id
     now = time.time()
@@ -414,4 +417,6 @@ def end_membership(session: Session, membership: m.Membership) -> None:
         key.revoked_at = now
     session.execute(delete(m.WebSession).where(m.WebSession.tenant_id == tenant_id, m.WebSession.user_id == user_id))
     session.execute(delete(m.LoginToken).where(m.LoginToken.tenant_id == tenant_id, m.LoginToken.user_id == user_id))
+    enrollment.withdraw_tokens_of(session, user_id, tenant_id)
+    federations.withdraw_invitations_of(session, user_id, tenant_id)
     session.delete(membership)

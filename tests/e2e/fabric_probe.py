@@ -25,10 +25,12 @@ from adaptery.messaging.identity import IdentityDir
 
 async def connect(identity_dir: str, url: str) -> tuple[nats.NATS, str]:
     store = IdentityDir(Path(identity_dir))
-    agent_id = store.identity().agent_id
+    me = store.identity()
+    agent_id = me.agent_id
     nc = await nats.connect(
         url,
         tls=store.ssl_context(),
+        tls_hostname=me.tls_hostname(url),  # its island leaf's name, as `adaptery agent` checks it
         inbox_prefix=protocol.inbox_prefix(agent_id),
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.2,

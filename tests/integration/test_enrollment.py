@@ -175,3 +175,96 @@ def test_an_islands_leaf_is_bound_to_an_account_with_only_that_islands_agents(ru
     }
     assert {s.split(".")[2] for s in subjects[edge_leaf]} == {edge_infer}
     assert {s.split(".")[2] for s in subjects[lab_leaf]} == {lab_trainer}
+
+
+def admin_key(running: Running, username: str) -> tuple[str, str]:
+    user_id = add_user(running.platform, running.tenant_id, username, Role.ADMIN)
+    return user_id, add_key(running.platform, running.tenant_id, user_id)
+
+
+def test_a_token_is_worth_no_more_than_its_makers_right_to_make_it(running: Running):
+    """An attacker's find: an admin removed from the tenant (or demoted) could still enroll a machine with a token
+    made before, which then leased the tenant's jobs and read its training data."""
+    _, removed_key = admin_key(running, "ada")
+    removed = token_for(running, removed_key, island="rogue", roles=["train", "infer"], ttl_seconds=3600)
+    _, demoted_key = admin_key(running, "bea")
+    demoted = token_for(running, demoted_key, island="rogue", roles=["train"], ttl_seconds=3600)
+    cal_id, cal_key = admin_key(running, "cal")
+    behind_our_back = token_for(running, cal_key, island="rogue", ttl_seconds=3600)
+    kept = token_for(running, island="lab", ttl_seconds=3600)  # the owner's
+
+    assert running.client.delete("/api/admin/members/ada", headers=running.auth()).status_code == 204
+    demotion = running.client.put("/api/admin/members/bea", json={"role": "member"}, headers=running.auth())
+    assert demotion.status_code == 200, demotion.text
+    with running.platform.db.system() as s:  # a role lost by a path that does not withdraw tokens (a database edit)
+        membership = s.scalar(select(m.Membership).where(m.Membership.user_id == cal_id))
+        membership.role = Role.MEMBER.value
+        assert s.get(m.EnrollmentToken, removed["id"]) is None  # withdrawn with the membership
+        assert s.get(m.EnrollmentToken, demoted["id"]) is None  # and with the role
+    for made in (removed, demoted, behind_our_back):
+        response, _ = enroll(running, made["token"])
+        assert response.status_code == 401, response.text
+        assert response.json()["error"]["message"].startswith("This enrollment token")
+    with running.platform.db.system() as s:
+        assert s.get(m.EnrollmentToken, behind_our_back["id"]).used_at is None  # refused before it was spent
+        assert s.scalar(select(m.Agent).where(m.Agent.island == "rogue")) is None
+    response, _ = enroll(running, kept["token"])
+    assert response.status_code == 200, response.text
+
+
+def test_unspent_tokens_are_listed_and_withdrawn_by_their_tenants_admins_only(running: Running):
+    spent = token_for(running, island="used")
+    assert enroll(running, spent["token"])[0].status_code == 200
+    pending = token_for(running, island="lab-gpu", roles=["infer"], ttl_seconds=600)
+    listed = running.client.get("/api/admin/agents/tokens", headers=running.auth())
+    assert listed.status_code == 200, listed.text
+    [shown] = [t for t in listed.json()["data"] if t["scope"] == "tenant"]
+    assert {k: shown[k] for k in ("id", "island", "kind", "roles")} == {
+        "id": pending["id"], "island": "lab-gpu", "kind": "agent", "roles": ["infer"],
+    }  # fmt: skip
+    assert shown["created_by"] == running.first.username
+    assert "token" not in shown  # shown once, when made
+
+    other = running.new_tenant("other-lab", "olga")
+    theirs = running.client.get("/api/admin/agents/tokens", headers=running.auth(other.api_key)).json()["data"]
+    assert pending["id"] not in {t["id"] for t in theirs}
+    stolen = running.client.delete(f"/api/admin/agents/tokens/{pending['id']}", headers=running.auth(other.api_key))
+    assert stolen.status_code == 404
+    member = add_key(
+        running.platform, running.tenant_id, add_user(running.platform, running.tenant_id, "mo", Role.MEMBER)
+    )
+    assert running.client.get("/api/admin/agents/tokens", headers=running.auth(member)).status_code == 403
+    assert running.client.delete(f"/api/admin/agents/tokens/{spent['id']}", headers=running.auth()).status_code == 404
+
+    withdrawn = running.client.delete(f"/api/admin/agents/tokens/{pending['id']}", headers=running.auth())
+    assert withdrawn.status_code == 204
+    assert enroll(running, pending["token"])[0].status_code == 401
+    listed = running.client.get("/api/admin/agents/tokens", headers=running.auth()).json()["data"]
+    assert pending["id"] not in {t["id"] for t in listed}
+    with running.platform.db.system() as s:
+        actions = list(s.scalars(select(m.AuditEvent.action).where(m.AuditEvent.action == "agent.token.withdraw")))
+    assert actions == ["agent.token.withdraw"]
+
+
+def test_only_an_ec_key_enrolls_and_a_refused_key_spends_nothing(running: Running):
+    """An attacker's find: an RSA-1024 request enrolled (and spent the token), for an agent whose presigned
+    transfers, proved by ECDSA, could then never work."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+    made = token_for(running, ttl_seconds=600)
+    weak_keys = [
+        (rsa.generate_private_key(65537, 1024), hashes.SHA256()),
+        (rsa.generate_private_key(65537, 2048), hashes.SHA256()),
+        (ed25519.Ed25519PrivateKey.generate(), None),
+        (ec.generate_private_key(ec.SECP256K1()), hashes.SHA256()),
+    ]
+    for key, digest in weak_keys:
+        csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, digest)
+        body = {"token": made["token"], "csr": csr.public_bytes(serialization.Encoding.PEM).decode()}
+        refused = running.client.post("/api/fabric/enroll", json=body)
+        assert refused.status_code == 400 and "EC key" in refused.json()["error"]["message"], refused.text
+    with running.platform.db.system() as s:
+        assert s.get(m.EnrollmentToken, made["id"]).used_at is None
+    accepted, _ = enroll(running, made["token"], key=ec.generate_private_key(ec.SECP384R1()))
+    assert accepted.status_code == 200, accepted.text

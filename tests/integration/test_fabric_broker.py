@@ -19,6 +19,8 @@ from pathlib import Path
 
 import nats
 import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 from nats.errors import NoRespondersError
 
 from adaptery.auth.agent_ca import CertificateAuthority, pem
@@ -62,9 +64,17 @@ class Fabric:
         return f"tls://127.0.0.1:{self.hub.fabric_client_port}"
 
 
+def leaf_name(subject: x509.Name) -> str:
+    """The name the leaf whose certificate has `subject` serves its island's agents under."""
+    organization = subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)[0].value
+    island = subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)[0].value
+    return identity.leaf_server_name(organization, island)
+
+
 def issue(ca: CertificateAuthority, certs: Path, name: str, subject, lifetime=DAY, *, leaf: bool = False) -> None:
     key = identity.make_key()
-    cert = ca.issue(identity.make_csr(key), subject, lifetime, loopback_server=leaf)
+    server_name = leaf_name(subject) if leaf else None
+    cert = ca.issue(identity.make_csr(key), subject, lifetime, server_name=server_name)
     (certs / f"{name}.pem").write_bytes(pem(cert))
     (certs / f"{name}.key").write_bytes(identity.key_pem(key))
 
@@ -95,7 +105,7 @@ def fabric(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fabric]:
 
     island_dir = root / "island"
     key_ = identity.make_key()
-    island_cert = ca.issue(identity.make_csr(key_), leaf_subject, DAY, loopback_server=True)
+    island_cert = ca.issue(identity.make_csr(key_), leaf_subject, DAY, server_name=leaf_name(leaf_subject))
     me = Identity("agent-leaf-a", "leaf", "tenant-a", "lab", ["train"], "https://hub", None, None)
     IdentityDir(island_dir).save(me, key_, pem(island_cert), ca.pem)
     leaf = IslandLeaf(island_dir, hub_url=f"tls://127.0.0.1:{listener.leaf_port}", port=free_port())
@@ -142,9 +152,12 @@ async def agent(fabric: Fabric, name: str, url: str | None = None) -> tuple[nats
     async def on_error(exc: Exception) -> None:
         errors.append(str(exc))
 
+    tenant, island = AGENTS[name]
     nc = await nats.connect(
         url or fabric.fabric_url,
         tls=fabric.context(name),
+        # an island's agent checks its leaf's name, never the loopback address every leaf would share
+        tls_hostname=identity.leaf_server_name(tenant or PLATFORM_ORGANIZATION, island) if url else None,
         inbox_prefix=protocol.inbox_prefix(fabric.ids(name)),
         error_cb=on_error,
         allow_reconnect=False,
@@ -242,6 +255,46 @@ def test_infer_and_stream_subjects_cross_accounts_for_their_own_agent_only(fabri
     assert requests == [b"agent-a1", b"cancel"]
     assert streamed == ["adaptery.stream.agent-a1.req1"]
     assert any('permissions violation for subscription to "adaptery.infer.agent-b1"' in e for e in errors), errors
+
+
+def test_another_tenants_leaf_certificate_cannot_pose_as_an_islands_leaf(fabric: Fabric, tmp_path: Path):
+    """An attacker's find: leaf certificates named 127.0.0.1, so tenant B's leaf certificate, served on a loopback
+    port of tenant A's island machine (or the hub's), passed every agent's check. A leaf's certificate now names
+    only its own island's leaf, and an island's agent checks that name."""
+    key = identity.make_key()
+    subject = identity.subject_name("tenant-b", "hpc", "agent-leaf-b")
+    cert = fabric.ca.issue(identity.make_csr(key), subject, DAY, server_name=leaf_name(subject))
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == [identity.leaf_server_name("tenant-b", "hpc")]
+    assert names.get_values_for_type(x509.IPAddress) == []
+    (tmp_path / "b.pem").write_bytes(pem(cert))
+    (tmp_path / "b.key").write_bytes(identity.key_pem(key))
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(tmp_path / "b.pem", tmp_path / "b.key")
+
+    async def handshake(server_hostname: str) -> None:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.close()
+
+        listening = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=server)
+        port = listening.sockets[0].getsockname()[1]
+        try:
+            _, writer = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=fabric.context("a2"), server_hostname=server_hostname
+            )
+            writer.close()
+        finally:
+            listening.close()
+
+    a2 = Identity("agent-a2", "agent", "tenant-a", "lab", ["infer"], "https://hub", fabric.fabric_url, None)
+    own_leaf = a2.tls_hostname("tls://127.0.0.1:4333")
+    assert own_leaf == identity.leaf_server_name("tenant-a", "lab")
+    for posing_as in (own_leaf, "127.0.0.1", "localhost"):
+        with pytest.raises(ssl.SSLCertVerificationError):
+            run(handshake(posing_as))
+    run(handshake(identity.leaf_server_name("tenant-b", "hpc")))  # the certificate itself is good, for its island
+    assert a2.tls_hostname(fabric.fabric_url) is None  # the hub, where it enrolled: its own name, as usual
+    assert a2.tls_hostname("tls://hub.example.org:4222") is None
 
 
 def test_an_island_agent_reaches_the_hub_through_its_leaf_and_never_another_tenant(fabric: Fabric):
@@ -399,7 +452,7 @@ def test_an_island_joining_later_is_admitted_and_cut_off_when_revoked(fabric: Fa
     # nats-server cannot reload its leafnode users: the hub restarts for them (this test runs last for that).
     subject = identity.subject_name("tenant-b", "hpc", "agent-leaf-b")
     key = identity.make_key()
-    cert = fabric.ca.issue(identity.make_csr(key), subject, DAY, loopback_server=True)
+    cert = fabric.ca.issue(identity.make_csr(key), subject, DAY, server_name=leaf_name(subject))
     me = Identity("agent-leaf-b", "leaf", "tenant-b", "hpc", ["train"], "https://hub", None, None)
     IdentityDir(tmp_path).save(me, key, pem(cert), fabric.ca.pem)
     joined = [*fabric.members, Member("agent-leaf-b", "tenant-b", "hpc", identity.subject_string(subject), leaf=True)]

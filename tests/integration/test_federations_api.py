@@ -361,3 +361,35 @@ def test_progress_events_and_the_coordinator_are_checked(running):
         assert response.json()["error"]["param"].split("[")[0].split(".")[0] == param, response.text
     sites = client.get(f"/api/federations/{fed_id}", headers=auth).json()["sites"]
     assert [s["status"] for s in sites] != ["added", "dropped"] and not any(s["status"] == "dropped" for s in sites)
+
+
+def test_a_site_invitation_dies_with_its_makers_right_to_make_it(running, tmp_path):
+    """As with enrollment tokens (an attacker's find): an admin who left, or lost the role that let them invite,
+    cannot have a site join with an invitation made before."""
+    client = running.client
+    fed_id = client.post(
+        "/api/federations", json={"name": "wards", "base_model": DEMO_MODEL_ID}, headers=running.auth()
+    ).json()["id"]
+    people = {}
+    with running.platform.db.system() as s:
+        for name in ("ada", "bea"):
+            user = m.User(id=new_id("user_"), username=name)
+            s.add(user)
+            s.flush()
+            s.add(m.Membership(id=new_id("mem_"), tenant_id=running.tenant_id, user_id=user.id, role=Role.ADMIN))
+            people[name] = (user.id, api_keys.create_key(s, tenant_id=running.tenant_id, user_id=user.id).secret)
+    tokens = {name: invite(running, fed_id, f"site-{name}", key).json()["token"] for name, (_, key) in people.items()}
+    kept = invite(running, fed_id, "site-owner").json()["token"]
+
+    assert client.delete("/api/admin/members/ada", headers=running.auth()).status_code == 204
+    with running.platform.db.system() as s:  # bea is demoted by a path that withdraws nothing (a database edit)
+        s.scalar(select(m.Membership).where(m.Membership.user_id == people["bea"][0])).role = Role.MEMBER.value
+        left = s.scalars(select(m.FederationInvitation.name).where(m.FederationInvitation.used_at.is_(None))).all()
+    assert sorted(left) == ["site-bea", "site-owner"]  # ada's went with her membership
+    for name, token in tokens.items():
+        with pytest.raises(join.JoinError, match="401"):
+            join.join("http://testserver", token, tmp_path / name, http=client)
+    assert join.join("http://testserver", kept, tmp_path / "owner", http=client).name == "site-owner"
+    assert [
+        site["name"] for site in client.get(f"/api/federations/{fed_id}", headers=running.auth()).json()["sites"]
+    ] == ["site-owner"]

@@ -152,6 +152,11 @@ def calls(world: World, lora_bytes: bytes, tmp_path) -> list[tuple[str, Callable
         state["enrolled"] = response.json()
         return response
 
+    def withdraw_token() -> httpx.Response:
+        made = client.post("/api/admin/agents/tokens", headers=owner, json={"roles": ["train"]})
+        assert made.status_code == 200, made.text
+        return client.delete(f"/api/admin/agents/tokens/{made.json()['id']}", headers=owner)
+
     def renew() -> httpx.Response:
         enrolled = state["enrolled"]
         csr = identity.make_csr(state["agent_key"]).decode()  # type: ignore[arg-type]
@@ -309,6 +314,7 @@ def calls(world: World, lora_bytes: bytes, tmp_path) -> list[tuple[str, Callable
         ("DELETE /v1/models/{model_id:path}", lambda: client.delete(f"/v1/models/{ids['model_id']}", headers=member)),
         ("POST /api/admin/agents/tokens", lambda: client.post(
             "/api/admin/agents/tokens", headers=admin, json={"roles": ["train"]})),
+        ("DELETE /api/admin/agents/tokens/{token_id}", withdraw_token),
         ("POST /api/fabric/enroll", enroll),
         ("POST /api/fabric/renew", renew),
         ("POST /api/admin/agents/{agent_id}/revoke", lambda: client.post(

@@ -159,6 +159,8 @@ EXPECT: dict[str, Expect] = {
     "GET /metrics": PLATFORM,
     "GET /api/admin/agents": need("owner", "admin"),
     "POST /api/admin/agents/tokens": need("admin", "admin"),
+    "GET /api/admin/agents/tokens": need("admin", "admin"),
+    "DELETE /api/admin/agents/tokens/{token_id}": need("admin", "admin"),
     "POST /api/admin/agents/{agent_id}/revoke": need("admin", "admin"),
     "GET /api/fabric/ca": PUBLIC,
     "POST /api/fabric/enroll": PUBLIC,
