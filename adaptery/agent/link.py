@@ -121,7 +121,10 @@ class AgentLink:
 
         credentials: dict[str, Any] = {"user": self.agent_id, "password": self.secret}
         if self.tls:
-            credentials = {"tls": self.tls, "tls_hostname": self.tls_hostname}
+            # TLS before anything else: a server that only leaves `tls_required` out of its INFO (an impostor on
+            # the leaf's port, or on the path) would otherwise get the connection in plaintext, its certificate
+            # never checked (an attacker's find)
+            credentials = {"tls": self.tls, "tls_hostname": self.tls_hostname, "tls_handshake_first": True}
         nc = nats.NATS()
         try:
             await nc.connect(

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from cryptography import x509
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from adaptery.api.deps import platform, principal
@@ -318,6 +318,18 @@ def invite_site(
             expires_at=invitation.expires_at,
             token=identity.make_token(secret, p.trust_pem()),
         )
+
+
+@router.delete("/{federation_id}/invitations/{invitation_id}", status_code=204)
+def withdraw_invitation(
+    federation_id: str, invitation_id: str, who: Principal = Depends(principal), p: Platform = Depends(platform)
+) -> Response:
+    """Withdraw an unused site invitation (its creator or a tenant admin): no site can join with it any more."""
+    with p.db.tenant(who.tenant_id) as s:
+        record = federations.get_federation(s, federation_id)
+        federations.withdraw_invitation(s, record, who, invitation_id)
+        audit.record(s, who, "federation.invitation.withdraw", target=record.id, detail={"invitation": invitation_id})
+    return Response(status_code=204)
 
 
 @router.post("/join", status_code=201)

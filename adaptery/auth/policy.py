@@ -128,6 +128,7 @@ ROUTES: dict[str, Permission | None] = {
     "POST /api/federations/{federation_id}/sites": FINE_TUNING_WRITE,
     "GET /api/federations/{federation_id}/roster": FINE_TUNING_READ,
     "POST /api/federations/{federation_id}/invitations": FINE_TUNING_WRITE,
+    "DELETE /api/federations/{federation_id}/invitations/{invitation_id}": FINE_TUNING_WRITE,
     "PUT /api/federations/{federation_id}/coordinator": FINE_TUNING_WRITE,
     "POST /api/federations/{federation_id}/events": FINE_TUNING_WRITE,
     # A site proves itself with its one-time invitation (and a signature by the key it registers), then with

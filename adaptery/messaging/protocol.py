@@ -104,6 +104,12 @@ INFER_PREFIX = "adaptery.infer"
 STREAM_PREFIX = "adaptery.stream"
 
 
+# How long a TLS listener of ours (the hub's fabric port, an island's leaf) waits for a client to start TLS before
+# it sends its INFO in the clear, for a client that does not start TLS first (nats-server's `handshake_first` as a
+# duration). Enrolled agents always start TLS first, so no impostor can have them talk in the clear.
+TLS_FIRST_FALLBACK = "250ms"
+
+
 def infer_subject(agent_id: str) -> str:
     return f"{INFER_PREFIX}.{agent_id}"
 

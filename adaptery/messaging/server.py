@@ -255,11 +255,12 @@ class NatsServer:
             "verify_and_map": True,  # a client certificate of our CA, its subject naming a user: or no connection
             "timeout": 5,
         }
+        clients_tls = {**tls, "handshake_first": protocol.TLS_FIRST_FALLBACK}  # agents start TLS first
         edge = (
             "server_name: adaptery-fabric\n"
             f"listen: {json.dumps(f'{self._fabric_client_host}:{self.fabric_client_port}')}\n"
             f"max_payload: {protocol.MAX_PAYLOAD}\n"
-            f"tls: {json.dumps(tls)}\n"
+            f"tls: {json.dumps(clients_tls)}\n"
             f"accounts: {json.dumps(blocks(certificate_users=True), indent=2)}\n"
         ) + self._cluster(self._route_ports[1], self._route_ports[0])
         if fabric.leaf_port:

@@ -224,11 +224,28 @@ def _maker_still_steward(session: Session, invitation: m.FederationInvitation) -
     )
     if federation is None or role is None:
         return False
-    return invitation.created_by == federation.created_by or role in (Role.OWNER.value, Role.ADMIN.value)
+    creator_and_member = invitation.created_by == federation.created_by and role == Role.MEMBER.value
+    return creator_and_member or role in (Role.OWNER.value, Role.ADMIN.value)  # a viewer adds no site
+
+
+def withdraw_invitation(session: Session, federation: m.Federation, who: Principal, invitation_id: str) -> None:
+    """Withdraw an unused invitation (its federation's steward); one not pending in this federation is a 404."""
+    check_steward(federation, who)
+    invitation = session.scalar(
+        select(m.FederationInvitation).where(
+            m.FederationInvitation.id == invitation_id,
+            m.FederationInvitation.federation_id == federation.id,
+            m.FederationInvitation.used_at.is_(None),
+        )
+    )
+    if invitation is None:
+        raise NotFound(f"No unused invitation '{invitation_id}'.", param="invitation_id")
+    session.delete(invitation)
 
 
 def withdraw_invitations_of(session: Session, user_id: str, tenant_id: str) -> None:
-    """The unused site invitations a person made in a tenant, gone (they left it)."""
+    """The unused site invitations a person made in a tenant, gone (they left it, or their role changed: one
+    regained later does not bring them back)."""
     session.execute(
         delete(m.FederationInvitation).where(
             m.FederationInvitation.tenant_id == tenant_id,

@@ -389,8 +389,11 @@ def change_role(session: Session, member: Member, role: Role) -> Role:
     if current == Role.OWNER and role != Role.OWNER and _other_owners(session, member) == 0:
         raise Conflict("A tenant must keep at least one owner; make someone else owner first.", param="role")
     member.membership.role = role.value
+    user_id, tenant_id = member.membership.user_id, member.membership.tenant_id
     if role.value not in enrollment.ENROLLING_ROLES:  # their unspent enrollment tokens go with the right to make them
-        enrollment.withdraw_tokens_of(session, member.membership.user_id, member.membership.tenant_id)
+        enrollment.withdraw_tokens_of(session, user_id, tenant_id)
+    if role != current:  # and their site invitations, whatever the new role allows
+        federations.withdraw_invitations_of(session, user_id, tenant_id)
     session.flush()
     return current
 

@@ -30,6 +30,7 @@ async def connect(identity_dir: str, url: str) -> tuple[nats.NATS, str]:
     nc = await nats.connect(
         url,
         tls=store.ssl_context(),
+        tls_handshake_first=True,  # as agents do
         tls_hostname=me.tls_hostname(url),  # its island leaf's name, as `adaptery agent` checks it
         inbox_prefix=protocol.inbox_prefix(agent_id),
         max_reconnect_attempts=-1,
@@ -79,7 +80,12 @@ async def handshake(args: argparse.Namespace) -> dict:
         context.load_cert_chain(args.cert, args.key)
     try:
         nc = await nats.connect(
-            args.url, tls=context, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=5
+            args.url,
+            tls=context,
+            tls_handshake_first=True,
+            allow_reconnect=False,
+            max_reconnect_attempts=0,
+            connect_timeout=5,
         )
     except Exception as exc:  # noqa: BLE001 - how it was refused is the answer
         return {"connected": False, "error": f"{type(exc).__name__}: {exc}"}

@@ -606,6 +606,7 @@ def test_renewal_and_revocation_of_an_agent_dialing_the_hub(world: World):
         nc = await nats.connect(
             f"tls://{hub_ip('cloud')}:{world.hub.fabric_port}",
             tls=store.ssl_context(),
+            tls_handshake_first=True,  # as agents do
             allow_reconnect=False,
             closed_cb=on_closed,
         )

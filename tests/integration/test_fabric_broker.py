@@ -9,6 +9,7 @@ A's other island `edge.gpu-1` has a direct agent `a3`; tenant B has a direct age
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import ssl
@@ -156,6 +157,7 @@ async def agent(fabric: Fabric, name: str, url: str | None = None) -> tuple[nats
     nc = await nats.connect(
         url or fabric.fabric_url,
         tls=fabric.context(name),
+        tls_handshake_first=True,  # as agents do
         # an island's agent checks its leaf's name, never the loopback address every leaf would share
         tls_hostname=identity.leaf_server_name(tenant or PLATFORM_ORGANIZATION, island) if url else None,
         inbox_prefix=protocol.inbox_prefix(fabric.ids(name)),
@@ -297,6 +299,48 @@ def test_another_tenants_leaf_certificate_cannot_pose_as_an_islands_leaf(fabric:
     assert a2.tls_hostname("tls://hub.example.org:4222") is None
 
 
+def test_an_agent_never_talks_in_the_clear_to_a_server_that_does_not_ask_for_tls(fabric: Fabric):
+    """An attacker's find: a listener with no certificate at all, whose INFO only left out `tls_required`, got an
+    enrolled agent's connection in plaintext (its leases, its streams) and passed for its island's leaf. An agent
+    starts TLS before reading anything: such a server gets a TLS handshake it cannot answer, and nothing else."""
+    import threading
+
+    from adaptery.agent.link import AgentLink
+
+    heard: list[bytes] = []
+    ready = threading.Event()
+    port = free_port()
+
+    async def impostor() -> None:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b'INFO {"server_id":"fake","version":"2.15.1","max_payload":1048576,"headers":true}\r\n')
+            await writer.drain()
+            with contextlib.suppress(Exception):
+                while data := await asyncio.wait_for(reader.read(4096), 5):
+                    heard.append(data)
+            writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", port)
+        ready.set()
+        await asyncio.sleep(4)
+        server.close()
+
+    thread = threading.Thread(target=lambda: asyncio.run(impostor()), daemon=True)
+    thread.start()
+    assert ready.wait(5)
+    tenant, island = AGENTS["a2"]
+    link = AgentLink(
+        f"tls://127.0.0.1:{port}", "agent-a2", tls=fabric.context("a2"),
+        tls_hostname=identity.leaf_server_name(tenant, island),
+    )  # fmt: skip
+    with pytest.raises(Exception):  # noqa: B017, PT011 - refused, however nats-py words it
+        link.connect(timeout=2, enrollment_grace=0)
+    thread.join(10)
+    received = b"".join(heard)
+    assert heard and received[:1] == b"\x16"  # a TLS ClientHello, first and alone
+    assert b"CONNECT" not in received and b"agent-a2" not in received
+
+
 def test_an_island_agent_reaches_the_hub_through_its_leaf_and_never_another_tenant(fabric: Fabric):
     leaf_url = fabric.leaf.url
 
@@ -416,7 +460,9 @@ def test_a_client_without_a_valid_certificate_of_our_ca_is_refused_in_the_handsh
     async def scenario():
         context = fabric.context(cert) if cert else ssl.create_default_context(cafile=str(fabric.certs / "ca.pem"))
         with pytest.raises((ssl.SSLError, ConnectionError, nats.errors.Error)):
-            await nats.connect(fabric.fabric_url, tls=context, allow_reconnect=False, connect_timeout=3)
+            await nats.connect(
+                fabric.fabric_url, tls=context, tls_handshake_first=True, allow_reconnect=False, connect_timeout=3
+            )
 
     run(scenario())
     reason = {
@@ -437,13 +483,25 @@ def test_revoking_an_agent_closes_its_connection_at_once(fabric: Fabric):
         async def on_closed() -> None:
             closed.set()
 
-        p1 = await nats.connect(fabric.fabric_url, tls=fabric.context("p1"), allow_reconnect=False, closed_cb=on_closed)
+        p1 = await nats.connect(
+            fabric.fabric_url,
+            tls=fabric.context("p1"),
+            tls_handshake_first=True,
+            allow_reconnect=False,
+            closed_cb=on_closed,
+        )
         await p1.flush()
         remaining = [member for member in fabric.members if member.agent_id != "agent-p1"]
         await asyncio.get_running_loop().run_in_executor(None, fabric.hub.sync_agents, {}, remaining)
         await asyncio.wait_for(closed.wait(), 5)
         with pytest.raises((ssl.SSLError, ConnectionError, nats.errors.Error)):
-            await nats.connect(fabric.fabric_url, tls=fabric.context("p1"), allow_reconnect=False, connect_timeout=3)
+            await nats.connect(
+                fabric.fabric_url,
+                tls=fabric.context("p1"),
+                tls_handshake_first=True,
+                allow_reconnect=False,
+                connect_timeout=3,
+            )
 
     run(scenario())
 

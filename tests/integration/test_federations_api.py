@@ -393,3 +393,34 @@ def test_a_site_invitation_dies_with_its_makers_right_to_make_it(running, tmp_pa
     assert [
         site["name"] for site in client.get(f"/api/federations/{fed_id}", headers=running.auth()).json()["sites"]
     ] == ["site-owner"]
+
+
+def test_an_invitation_is_withdrawn_by_its_steward_and_with_any_change_of_its_makers_role(running, tmp_path):
+    """An attacker's finds: a leaked invitation could not be withdrawn, one made by a member who created the
+    federation still joined after they became a viewer, and a demoted admin's came back with a promotion."""
+    client = running.client
+    fed_id = client.post(
+        "/api/federations", json={"name": "labs", "base_model": DEMO_MODEL_ID}, headers=running.auth()
+    ).json()["id"]
+    with running.platform.db.system() as s:
+        user = m.User(id=new_id("user_"), username="cleo")
+        s.add(user)
+        s.flush()
+        s.add(m.Membership(id=new_id("mem_"), tenant_id=running.tenant_id, user_id=user.id, role=Role.ADMIN))
+        cleo = api_keys.create_key(s, tenant_id=running.tenant_id, user_id=user.id).secret
+    leaked = invite(running, fed_id, "leaked").json()
+    other = running.new_tenant("elsewhere", "eve").api_key
+    path = f"/api/federations/{fed_id}/invitations/{leaked['id']}"
+    assert client.delete(path, headers=running.auth(other)).status_code == 404  # another tenant's
+    assert client.delete(path, headers=running.auth()).status_code == 204
+    assert client.delete(path, headers=running.auth()).status_code == 404  # gone
+    with pytest.raises(join.JoinError, match="401"):
+        join.join("http://testserver", leaked["token"], tmp_path / "leaked", http=client)
+
+    cleos = invite(running, fed_id, "cleos", cleo).json()["token"]
+    for role in ("member", "admin"):  # demoted, then promoted again: the invitation does not come back
+        changed = client.put("/api/admin/members/cleo", json={"role": role}, headers=running.auth())
+        assert changed.status_code == 200, changed.text
+    with pytest.raises(join.JoinError, match="401"):
+        join.join("http://testserver", cleos, tmp_path / "cleo", http=client)
+    assert client.get(f"/api/federations/{fed_id}", headers=running.auth()).json()["invitations"] == []

@@ -92,6 +92,13 @@ def calls(world: World, lora_bytes: bytes, tmp_path) -> list[tuple[str, Callable
         state["site_token"] = response.json().get("token")
         return response
 
+    def withdraw_site_invitation() -> httpx.Response:
+        made = client.post(
+            f"/api/federations/{state['federation']}/invitations", headers=owner, json={"name": "site-withdrawn"}
+        )
+        assert made.status_code == 201, made.text
+        return client.delete(f"/api/federations/{state['federation']}/invitations/{made.json()['id']}", headers=owner)
+
     def join_site() -> httpx.Response:
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ec
@@ -324,6 +331,7 @@ def calls(world: World, lora_bytes: bytes, tmp_path) -> list[tuple[str, Callable
             f"/api/federations/{state['federation']}/sites", headers=owner,
             json={"name": "site-1", "public_key": site_key()})),
         ("POST /api/federations/{federation_id}/invitations", invite_site),
+        ("DELETE /api/federations/{federation_id}/invitations/{invitation_id}", withdraw_site_invitation),
         ("POST /api/federations/join", join_site),
         ("PUT /api/federations/{federation_id}/coordinator", lambda: client.put(
             f"/api/federations/{state['federation']}/coordinator", headers=owner,

@@ -81,6 +81,7 @@ EXPECT: dict[str, Expect] = {
     "POST /api/federations/{federation_id}/sites": need("member", "fine-tuning"),
     "GET /api/federations/{federation_id}/roster": need("viewer", "fine-tuning"),
     "POST /api/federations/{federation_id}/invitations": need("member", "fine-tuning"),
+    "DELETE /api/federations/{federation_id}/invitations/{invitation_id}": need("member", "fine-tuning"),
     "PUT /api/federations/{federation_id}/coordinator": need("member", "fine-tuning"),
     "POST /api/federations/{federation_id}/events": need("member", "fine-tuning"),
     "POST /api/federations/join": PUBLIC,
