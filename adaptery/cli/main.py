@@ -276,6 +276,9 @@ def run_agent(
         if not url:
             console.print("[red]Where is the platform?[/red] pass --nats-url (the hub's, or your island leaf's).")
             raise typer.Exit(2)
+        if not url.startswith(("tls://", "nats://")):  # a websocket URL would send its upgrade in the clear
+            console.print(f"[red]An enrolled agent dials tls://host:port[/red] (the hub's or its leaf's), not {url}")
+            raise typer.Exit(2)
         context = store.ssl_context()
         # Artifacts travel over the platform's HTTPS, which it enrolled with, never the bus
         transfers = HttpsTransfers(me.server_url, settings.agent_identity)

@@ -51,7 +51,8 @@ class IslandLeaf:
             f"server_name: {json.dumps('island-' + me.agent_id)}\n"
             f"listen: {json.dumps(f'127.0.0.1:{self.port}')}\n"
             f"max_payload: {protocol.MAX_PAYLOAD}\n"
-            f"tls: {json.dumps({**files, 'verify': True, 'handshake_first': protocol.TLS_FIRST_FALLBACK})}\n"
+            # its only clients are the island's enrolled agents, which start TLS first: no INFO in the clear at all
+            f"tls: {json.dumps({**files, 'verify': True, 'handshake_first': True})}\n"
             f"leafnodes: {json.dumps({'reconnect': RECONNECT, 'remotes': [{'urls': [self.hub_url], 'tls': files}]})}\n"
         )
 
