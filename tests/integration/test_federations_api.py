@@ -17,12 +17,17 @@ from sqlalchemy import select
 
 from adaptery.auth.principal import Role
 from adaptery.db import models as m
-from adaptery.db.ids import new_id
 from adaptery.engine.demo_model import DEMO_MODEL_ID
 from adaptery.federated import join
 from adaptery.federated.apps import load_roster
-from adaptery.services import keys as api_keys
 from tests.conftest import ca_pem
+from tests.security.conftest import add_key, add_user
+
+
+def person(running, username: str, role: Role) -> tuple[str, str]:
+    """A person of the first tenant in `role`, and an API key of theirs: (user id, key)."""
+    user_id = add_user(running.platform, running.tenant_id, username, role)
+    return user_id, add_key(running.platform, running.tenant_id, user_id)
 
 
 def ssh_public(key) -> str:
@@ -81,12 +86,7 @@ def test_federation_sites_roster_and_tenancy(running):
     )
     assert same_name.status_code == 409 and same_name.json()["error"]["param"] == "name"
     # The roster is the federation's root of trust: a colleague who is a member, not its creator, adds no site.
-    with running.platform.db.system() as s:
-        member = m.User(id=new_id("user_"), username="mo")
-        s.add(member)
-        s.flush()
-        s.add(m.Membership(id=new_id("mem_"), tenant_id=running.tenant_id, user_id=member.id, role=Role.MEMBER))
-        member_key = api_keys.create_key(s, tenant_id=running.tenant_id, user_id=member.id).secret
+    member_key = person(running, "mo", Role.MEMBER)[1]
     colleague = client.post(
         f"/api/federations/{federation['id']}/sites",
         json={"name": "mine", "public_key": ssh_public(ec.generate_private_key(ec.SECP256R1()))},
@@ -222,12 +222,7 @@ def test_a_site_joins_with_a_one_time_token_and_checks_in_by_signature(running, 
     # Bad invitations: a name taken, a lifetime past the platform's maximum, a colleague who is not the steward.
     assert invite(running, fed_id, "clinic-a").status_code == 409
     assert invite(running, fed_id, "clinic-c", ttl_seconds=10**9).status_code == 400
-    with running.platform.db.system() as s:
-        member = m.User(id=new_id("user_"), username="mo")
-        s.add(member)
-        s.flush()
-        s.add(m.Membership(id=new_id("mem_"), tenant_id=running.tenant_id, user_id=member.id, role=Role.MEMBER))
-        member_key = api_keys.create_key(s, tenant_id=running.tenant_id, user_id=member.id).secret
+    member_key = person(running, "mo", Role.MEMBER)[1]
     refused = invite(running, fed_id, "clinic-c", member_key)
     assert refused.status_code == 403 and refused.json()["error"]["code"] == "insufficient_role"
 
@@ -370,14 +365,7 @@ def test_a_site_invitation_dies_with_its_makers_right_to_make_it(running, tmp_pa
     fed_id = client.post(
         "/api/federations", json={"name": "wards", "base_model": DEMO_MODEL_ID}, headers=running.auth()
     ).json()["id"]
-    people = {}
-    with running.platform.db.system() as s:
-        for name in ("ada", "bea"):
-            user = m.User(id=new_id("user_"), username=name)
-            s.add(user)
-            s.flush()
-            s.add(m.Membership(id=new_id("mem_"), tenant_id=running.tenant_id, user_id=user.id, role=Role.ADMIN))
-            people[name] = (user.id, api_keys.create_key(s, tenant_id=running.tenant_id, user_id=user.id).secret)
+    people = {name: person(running, name, Role.ADMIN) for name in ("ada", "bea")}
     tokens = {name: invite(running, fed_id, f"site-{name}", key).json()["token"] for name, (_, key) in people.items()}
     kept = invite(running, fed_id, "site-owner").json()["token"]
 
@@ -402,12 +390,7 @@ def test_an_invitation_is_withdrawn_by_its_steward_and_with_any_change_of_its_ma
     fed_id = client.post(
         "/api/federations", json={"name": "labs", "base_model": DEMO_MODEL_ID}, headers=running.auth()
     ).json()["id"]
-    with running.platform.db.system() as s:
-        user = m.User(id=new_id("user_"), username="cleo")
-        s.add(user)
-        s.flush()
-        s.add(m.Membership(id=new_id("mem_"), tenant_id=running.tenant_id, user_id=user.id, role=Role.ADMIN))
-        cleo = api_keys.create_key(s, tenant_id=running.tenant_id, user_id=user.id).secret
+    cleo = person(running, "cleo", Role.ADMIN)[1]
     leaked = invite(running, fed_id, "leaked").json()
     other = running.new_tenant("elsewhere", "eve").api_key
     path = f"/api/federations/{fed_id}/invitations/{leaked['id']}"
