@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from adaptery.cli.client import api, api_key, base_url, openai_client
 from adaptery.cli.evaluate import eval_app
@@ -597,7 +597,9 @@ def list_enrollment_tokens() -> None:
     if not pending:
         console.print("No unspent enrollment token.")
         return
-    table = Table("id", "scope", "island", "kind", "roles", "made by", "expires")
+    table = Table("scope", "island", "kind", "roles", "made by", "expires")
+    # whole, however narrow the terminal: it is what `delete` takes
+    table.columns.insert(0, Column("id", no_wrap=True, min_width=max(len(token["id"]) for token in pending)))
     for token in pending:
         expires = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(token["expires_at"]))
         table.add_row(
