@@ -32,7 +32,7 @@ from adaptery.auth.secrets import hash_token, same_token
 from adaptery.db import models as m
 from adaptery.db.ids import new_id, random_token
 from adaptery.db.session import Database
-from adaptery.services import audit, enrollment, federations, sessions, tenants
+from adaptery.services import audit, sessions, tenants
 from adaptery.services.errors import Conflict, InvalidRequest, NotFound, PermissionDenied, ServiceError
 from adaptery.services.oidc import OidcClient, ProviderConfig, TokenRefused, check_issuer
 from adaptery.settings import OidcProviderSettings, Settings
@@ -566,10 +566,7 @@ def _apply_rules(
             change = ("member.sso_add", {"role": role.value})
         elif role is not None and membership.role != role.value:
             change = ("member.sso_role", {"role": role.value, "previous_role": membership.role})
-            membership.role = role.value
-            if role.value not in enrollment.ENROLLING_ROLES:
-                enrollment.withdraw_tokens_of(session, user.id, binding.tenant_id)
-            federations.withdraw_invitations_of(session, user.id, binding.tenant_id)
+            tenants.set_role(session, membership, role)
         elif role is None and membership is not None:
             change = ("member.sso_remove", {"previous_role": membership.role})
             tenants.end_membership(session, membership)

@@ -388,14 +388,21 @@ def change_role(session: Session, member: Member, role: Role) -> Role:
     current = Role(member.membership.role)
     if current == Role.OWNER and role != Role.OWNER and _other_owners(session, member) == 0:
         raise Conflict("A tenant must keep at least one owner; make someone else owner first.", param="role")
-    member.membership.role = role.value
-    user_id, tenant_id = member.membership.user_id, member.membership.tenant_id
-    if role.value not in enrollment.ENROLLING_ROLES:  # their unspent enrollment tokens go with the right to make them
-        enrollment.withdraw_tokens_of(session, user_id, tenant_id)
-    if role != current:  # and their site invitations, whatever the new role allows
-        federations.withdraw_invitations_of(session, user_id, tenant_id)
+    set_role(session, member.membership, role)
     session.flush()
     return current
+
+
+def set_role(session: Session, membership: m.Membership, role: Role) -> None:
+    """A member's role changes (by an admin, or by their identity provider's groups): their unspent enrollment
+    tokens go with the right to make them, and their site invitations whatever the new role allows (one regained
+    later does not bring them back)."""
+    if membership.role == role.value:
+        return
+    membership.role = role.value
+    if role.value not in enrollment.ENROLLING_ROLES:
+        enrollment.withdraw_tokens_of(session, membership.user_id, membership.tenant_id)
+    federations.withdraw_invitations_of(session, membership.user_id, membership.tenant_id)
 
 
 def remove_member(session: Session, member: Member) -> None:

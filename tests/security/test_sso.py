@@ -756,3 +756,17 @@ def test_a_client_secret_is_resealed_by_a_master_key_rotation(tmp_path: Path):
             assert sso_service.config(row, Settings(data_dir=tmp_path), only_the_new_key).client_secret == "s3"
     finally:
         database.dispose()
+
+
+def test_a_role_lost_through_the_provider_withdraws_the_enrollment_tokens_made_with_it(sso: Sso):
+    """As for an admin demoted by hand (an attacker's find): an SSO admin demoted by their groups leaves no
+    enrollment token behind that could still join a machine to the tenant."""
+    sso.provider.add_account("erin", email="erin@uni.example", groups=["lab-admins"])
+    browser, _ = sso.sign_in("erin")
+    made = browser.post("/api/admin/agents/tokens", json={"roles": ["train"], "island": "erins"})
+    assert made.status_code == 200, made.text
+    sso.provider.set_groups("erin", ["lab-staff"])
+    demoted, _ = sso.sign_in("erin")
+    assert demoted.get("/api/me").json()["role"] == "member"
+    with sso.platform.db.system() as s:
+        assert s.get(m.EnrollmentToken, made.json()["id"]) is None
