@@ -275,7 +275,9 @@ def bench_dtype(
     warm = [Req(r.arrival, r.prompt, min(r.output, 4), r.adapter) for r in mixed[:32]]
     for variant in engines:  # warm-up: loads the 32 adapters into memory
         run_engine(engines[variant], warm, keyed)
-    vllm = VllmSide(model, dtype, distinct, root, rank) if args.vllm and dtype == torch.float32 else None
+    # bf16 against vLLM only where the CPU has bf16 dot products (AVX512_BF16 or AMX): elsewhere both emulate them
+    with_vllm = args.vllm and (dtype == torch.float32 or cpu_bf16())
+    vllm = VllmSide(model, dtype, distinct, root, rank) if with_vllm else None
     if vllm is not None:
         vllm.run(warm)
         out["vllm"] = {"version": vllm_env.VLLM_VERSION, "started_seconds": vllm.server.started_seconds, **vllm.tuning}
@@ -429,7 +431,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     parser.add_argument("--cold-load-only", action="store_true", help="measure only ratio 4 (seconds)")
     parser.add_argument(
-        "--vllm", action=argparse.BooleanOptionalAction, default=True, help="ratio 6 against vLLM (float32)"
+        "--vllm",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ratio 6 against vLLM (float32; bfloat16 too on a CPU with bf16 dot products)",
     )
     parser.add_argument("--vllm-only", action="store_true", help="only the engine against vLLM (ratio 6)")
     parser.add_argument(
@@ -520,6 +525,15 @@ class TunedCpuOptions(ServerOptions):
         if self.preload:
             env["LD_PRELOAD"] = ":".join(self.preload)
         return env
+
+
+def cpu_bf16() -> bool:
+    """Whether this CPU computes bf16 dot products in hardware (AVX512_BF16 or AMX-BF16)."""
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
 
 
 class VllmSide:

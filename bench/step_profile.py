@@ -61,9 +61,10 @@ def main() -> None:
         "machine 1 shows each operator's own cost, not the waits of a parallel region for a core",
     )
     parser.add_argument(
-        "--gathered",
+        "--without-c",
         action="store_true",
-        help="decode attention as before issue 18's C kernel: each sequence's blocks gathered, then SDPA",
+        help="the step without the C library (decode attention gathering each sequence's blocks, then SDPA; PyTorch's "
+        "elementwise operators)",
     )
     args = parser.parse_args()
     torch.set_grad_enabled(False)
@@ -73,8 +74,8 @@ def main() -> None:
     model = NativeLlama(hf, torch.float32, 1024)
     engine = BatchEngine("profile", model, set(), max_rank=16, kv_cache_bytes=256 << 20, adapter_cache_bytes=1 << 30,
                          max_batch=32, max_step_tokens=256).start()  # fmt: skip
-    if args.gathered:
-        model.attention_kernel = None
+    if args.without_c:
+        model.kernel = None
     run(engine, workload(8, 1000.0, (8, 32), (4, 8), 8192, seed=1))
     paged_decode = lora_kernel.paged_decode
 

@@ -156,8 +156,9 @@ class BatchEngine:
         if lora_kernel and kernel is None:
             raise RuntimeError("the fused LoRA kernel was required but cannot be built on this machine")
         self.slots = SlotBuffers(model, max_batch, max_rank, kernel, adapter_dtype)
-        # decode attention from the paged cache in C whenever the library builds (lora_kernel=False is about LoRA)
-        model.attention_kernel = kernel if kernel is not None else fused_kernel.load()
+        # decode attention from the paged cache and the fused elementwise ops in C whenever the library builds
+        # (lora_kernel=False is about LoRA)
+        model.kernel = kernel if kernel is not None else fused_kernel.load()
         self.lora_path = "fused C kernel" if kernel is not None else "PyTorch grouped_mm/bmm"
         self.store = AdapterStore(model, max_rank, adapter_cache_bytes, self.metrics, self.slots.dtype)
         self.store.on_ready.append(self.wake)
@@ -273,7 +274,7 @@ class BatchEngine:
                 "blocks_used": self.cache.used_blocks,
                 "bytes": self.cache.bytes,
                 "decode_attention": "C, from the paged blocks in place"
-                if self.model.attention_kernel is not None
+                if self.model.kernel is not None
                 else "PyTorch, gathered blocks and SDPA",
             },
             "adapters": {

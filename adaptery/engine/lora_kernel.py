@@ -10,7 +10,9 @@ so each thread reads an adapter's weights once per run of its rows and keeps the
 The same library holds the engine's decode attention (`paged_decode`, paged_attention.c): one query token per
 sequence, keys and values read in place from the paged KV cache's blocks, grouped-query heads, fp32 sums; it saves
 the gathered copy of every decode's context each layer (SDPA plus index_select 35.6 ms of a 186 ms step, against
-22.5 of 169 for it: bench/step_profile.py, one thread, fp32, batch 32, width 1024, 8 layers).
+22.5 of 169 for it: bench/step_profile.py, one thread, fp32, batch 32, width 1024, 8 layers). And the step's
+elementwise chains, fused (step_ops.c): the residual add with the RMSNorm after it (`add_rms_norm`), the rotary
+embedding in place (`rotary`) and the MLP's SiLU times up (`silu_mul`).
 
 No torch headers are needed (the library takes raw pointers), so compiling takes about a second.
 When no compiler is present or the build fails, `load()` returns None and `lora.LoraBatch` uses its
@@ -40,8 +42,8 @@ from adaptery.settings import KernelSettings
 
 log = logging.getLogger("adaptery.engine")
 
-# packaged beside this module; one library holds both (paged_attention.c uses lora_kernel.c's helpers and headers)
-SOURCE_FILES = ("lora_kernel.c", "paged_attention.c")
+# packaged beside this module; one library holds them all (the others use lora_kernel.c's helpers and headers)
+SOURCE_FILES = ("lora_kernel.c", "paged_attention.c", "step_ops.c")
 SOURCE = "\n".join(Path(__file__).with_name(name).read_text(encoding="utf-8") for name in SOURCE_FILES)
 
 # -Wall -Werror: a warning in the kernel fails its build (and so falls back to PyTorch) rather than running
@@ -177,6 +179,13 @@ def load(portable: bool = False) -> ctypes.CDLL | None:
             library.paged_decode.argtypes = [i64, ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64,
                                              ctypes.c_float, ptr, ctypes.c_int, ctypes.c_int]  # fmt: skip
             library.paged_decode.restype = None
+            library.add_rms_norm.argtypes = [i64, ptr, i64, ptr, i64, ptr, ptr, i64, i64, ctypes.c_float, ctypes.c_int,
+                                             ctypes.c_int]  # fmt: skip
+            library.add_rms_norm.restype = None
+            library.rotary.argtypes = [i64, ptr, i64, i64, i64, ptr, ptr, i64, ctypes.c_int, ctypes.c_int]
+            library.rotary.restype = None
+            library.silu_mul.argtypes = [i64, ptr, i64, ptr, i64, ptr, i64, ctypes.c_int, ctypes.c_int]
+            library.silu_mul.restype = None
         except Exception as exc:  # no compiler, a failed build, a library that does not load: PyTorch path
             log.warning("the fused LoRA kernel is unavailable, using the PyTorch path: %s", exc)
             library = None
@@ -401,5 +410,72 @@ def paged_decode(
             b, q.data_ptr(), q.stride(0), keys.data_ptr(), values.data_ptr(), blocks.data_ptr(), blocks.shape[1],
             lengths.data_ptr(), block_size, kv_heads, heads // kv_heads, hd, scale, out.data_ptr(),
             int(q.dtype == torch.bfloat16), torch.get_num_threads(),
+        )  # fmt: skip
+    return out
+
+
+def add_rms_norm(
+    library: ctypes.CDLL, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """x += delta in place (when delta is given), then RMSNorm(x) * weight, as `native._rms` computes it: x (n, d)
+    and delta (n, d) with unit-stride rows, weight (d,) contiguous, all one dtype (fp32 or bf16). Returns a new
+    (n, d) tensor. Anything else is a TypeError or ValueError raised before C sees a pointer."""
+    _tensor("x", x, _FLOATS, 2)
+    n, d = x.shape
+    _tensor("weight", weight, x.dtype, 1)
+    if weight.shape[0] != d or d < 1:
+        raise ValueError(f"weight {tuple(weight.shape)} does not fit rows of {d}")
+    if n > 1 and x.stride(0) < d:
+        raise ValueError(f"x's rows must not overlap: strides {x.stride()}")
+    if delta is not None:
+        _tensor("delta", delta, x.dtype, 2)
+        if delta.shape != x.shape:
+            raise ValueError(f"delta {tuple(delta.shape)} must have x's shape {tuple(x.shape)}")
+    out = torch.empty(n, d, dtype=x.dtype)
+    if n:
+        library.add_rms_norm(
+            n, x.data_ptr(), x.stride(0), None if delta is None else delta.data_ptr(),
+            0 if delta is None else delta.stride(0), weight.data_ptr(), out.data_ptr(), d, d, eps,
+            int(x.dtype == torch.bfloat16), torch.get_num_threads(),
+        )  # fmt: skip
+    return out
+
+
+def rotary(library: ctypes.CDLL, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate x in place as `native._rotate` does (x * cos + rotate_half(x) * sin): x (n, heads, hd), heads adjacent
+    (any row stride), hd even; cos and sin (n, hd) with unit-stride rows, one row stride between them, x's dtype."""
+    _tensor("x", x, _FLOATS, 3)
+    n, heads, hd = x.shape
+    _tensor("cos", cos, x.dtype, 2)
+    _tensor("sin", sin, x.dtype, 2)
+    if hd % 2 or cos.shape != (n, hd) or sin.shape != (n, hd) or cos.stride() != sin.stride():
+        raise ValueError(f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} (one stride) must be ({n}, {hd}) for x "
+                         f"{tuple(x.shape)}, with an even head size")  # fmt: skip
+    if n and (x.stride(1) != hd or x.stride(0) < heads * hd):
+        raise ValueError(f"x's heads must be adjacent rows of {hd}, not strides {x.stride()}")
+    if n:
+        library.rotary(
+            n, x.data_ptr(), x.stride(0), heads, hd, cos.data_ptr(), sin.data_ptr(), cos.stride(0),
+            int(x.dtype == torch.bfloat16), torch.get_num_threads(),
+        )  # fmt: skip
+
+
+def silu_mul(library: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for fused gate/up rows (n, 2 x width): the first half of each row is the gate, the second the
+    up projection (unit-stride rows, fp32 or bf16). Returns a new (n, width) tensor, computed as F.silu(gate) * up
+    (in bf16 the SiLU rounded before the product); the exponential is a polynomial within 2 ulp of libm's."""
+    _tensor("gate_up", gate_up, _FLOATS, 2)
+    n, both = gate_up.shape
+    if both % 2:
+        raise ValueError(f"gate_up's rows must hold two halves, not {both} columns")
+    width = both // 2
+    if n > 1 and gate_up.stride(0) < both:
+        raise ValueError(f"gate_up's rows must not overlap: strides {gate_up.stride()}")
+    out = torch.empty(n, width, dtype=gate_up.dtype)
+    if n and width:
+        start, rows = gate_up.data_ptr(), gate_up.stride(0)
+        library.silu_mul(
+            n, start, rows, start + width * gate_up.element_size(), rows, out.data_ptr(), width,
+            int(gate_up.dtype == torch.bfloat16), torch.get_num_threads(),
         )  # fmt: skip
     return out

@@ -198,8 +198,9 @@ class NativeLlama:
                 )
             )
         # set by the engine when the C library (lora_kernel.load) is here: decode attention reads the paged cache in
-        # place (`lora_kernel.paged_decode`) instead of gathering each sequence's blocks
-        self.attention_kernel: ctypes.CDLL | None = None
+        # place (`lora_kernel.paged_decode`) instead of gathering each sequence's blocks, and the residual adds,
+        # RMSNorms, rotary embeddings and SiLU x up run fused (`lora_kernel.add_rms_norm`, `rotary`, `silu_mul`)
+        self.kernel: ctypes.CDLL | None = None
         self.quantize = quantize
         if quantize is not None:
             quantize_weights(self, quantize)
@@ -231,12 +232,15 @@ class NativeLlama:
 
     def forward(self, batch: StepBatch, cache: PagedKVCache, lora: object | None) -> torch.Tensor:
         """Run one step; returns fp32 logits for `batch.logit_rows`."""
-        x = self.embed[batch.tokens]
-        cos = self.cos[batch.positions].unsqueeze(1)
-        sin = self.sin[batch.positions].unsqueeze(1)
+        kernel = self.kernel
+        x = self.embed[batch.tokens]  # a new tensor: the C path adds the residuals into it in place
+        cos, sin = self.cos[batch.positions], self.sin[batch.positions]  # (n, hd)
+        if kernel is None:
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         n = x.shape[0]
+        residual = None  # the last sublayer's output, not yet added to x
         for index, layer in enumerate(self.layers):
-            h = _rms(x, layer.norm1, self.eps)
+            x, h = self._add_norm(x, residual, layer.norm1)
             qkv = _linear(h, layer.wqkv)
             if lora is not None:
                 lora.apply(index, "qkv", h, qkv)
@@ -249,26 +253,43 @@ class NativeLlama:
                 qk = torch.cat((q, _rms(k, layer.k_norm, self.eps)), dim=1)
             else:
                 qk = qkv[:, : self.q_size + self.kv_size].view(n, self.heads + self.kv_heads, self.head_dim)
-            # q and k rotated together: one set of elementwise ops, each element's arithmetic as before
-            qk = _rotate(qk, cos, sin)
+            # q and k rotated together: one set of elementwise ops (one C call, in place), each element's arithmetic
+            # as before
+            if kernel is not None:
+                lora_kernel.rotary(kernel, qk, cos, sin)
+            else:
+                qk = _rotate(qk, cos, sin)
             q, k = qk[:, : self.heads], qk[:, self.heads :]
             cache.write(index, batch.write_slots, k, v)
             attn = self._attention(index, q, batch, cache)
             out = _linear(attn, layer.wo)
             if lora is not None:
                 lora.apply(index, "o", attn, out)
-            x = x + out
-            h = _rms(x, layer.norm2, self.eps)
+            x, h = self._add_norm(x, out, layer.norm2)
             gu = _linear(h, layer.wgu)
             if lora is not None:
                 lora.apply(index, "gate_up", h, gu)
-            act = F.silu(gu[:, : self.inter]) * gu[:, self.inter :]
-            down = _linear(act, layer.wdown)
+            if kernel is not None:
+                act = lora_kernel.silu_mul(kernel, gu)
+            else:
+                act = F.silu(gu[:, : self.inter])
+                act.mul_(gu[:, self.inter :])
+            residual = _linear(act, layer.wdown)
             if lora is not None:
-                lora.apply(index, "down", act, down)
-            x = x + down
-        last = _rms(x[batch.logit_rows], self.final_norm, self.eps)
+                lora.apply(index, "down", act, residual)
+        rows = batch.logit_rows
+        _, last = self._add_norm(x[rows], None if residual is None else residual[rows], self.final_norm)
         return _linear(last, self.lm_head).float()
+
+    def _add_norm(
+        self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + residual, RMSNorm of that): with the C library one pass, x updated in place; else PyTorch's ops."""
+        if self.kernel is not None:
+            return x, lora_kernel.add_rms_norm(self.kernel, x, residual, weight, self.eps)
+        if residual is not None:
+            x = x + residual
+        return x, _rms(x, weight, self.eps)
 
     def _attention(self, index: int, q: torch.Tensor, batch: StepBatch, cache: PagedKVCache) -> torch.Tensor:
         n = q.shape[0]
@@ -297,9 +318,9 @@ class NativeLlama:
         it: one query per sequence over its gathered context (whole blocks, padded to the longest, masked). In bf16,
         matmul -> masked softmax -> matmul beats SDPA here (2.0 against 10.3 ms a layer at 32 sequences x 192
         positions); in fp32 SDPA wins (2.7 against 9.7 ms)."""
-        if self.attention_kernel is not None:
+        if self.kernel is not None:
             return lora_kernel.paged_decode(
-                self.attention_kernel, q, cache.keys[index], cache.values[index], batch.decode_blocks,
+                self.kernel, q, cache.keys[index], cache.values[index], batch.decode_blocks,
                 batch.decode_lengths, cache.block_size, self.scale,
             )  # fmt: skip
         b, t = batch.decode_mask.shape

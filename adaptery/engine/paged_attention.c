@@ -28,6 +28,39 @@ static inline float pa_load1(const void *p, int64_t i, int bf16) {
 #define PA_AHEAD 2  /* tokens ahead that the score loop prefetches */
 #define GROUP_MAX 8 /* query heads per kv head done together; larger groups run in passes */
 
+/* Vectors of 8 a head may hold for the value pass: the sums of `group` heads times this, plus the loaded values, stay
+   within the registers (32 vector registers with AVX-512VL, 16 without) */
+#if defined(__AVX512VL__)
+#define PA_REGS 16
+#else
+#define PA_REGS 8
+#endif
+#define PA_CHUNK(group) ((group) >= PA_REGS ? 1 : PA_REGS / (group) > 8 ? 8 : PA_REGS / (group))
+
+/* acc[g * hd + c] = sum over the context of scores[g * len + t] * values[t][col + c], c < 8 * nv: each value row's
+   chunk loaded once for every head. group and nv are constants at every call site (the sums stay in registers). */
+static inline __attribute__((always_inline)) void value_chunk(const void *values, const int64_t *table, int64_t len,
+                        int64_t block_size, int64_t row, int64_t col, int64_t group, int64_t nv, int bf16,
+                        const float *scores, float *acc, int64_t hd) {
+    pa_v8f sum[GROUP_MAX][8];
+    for (int64_t g = 0; g < group; g++)
+        for (int64_t c = 0; c < nv; c++) sum[g][c] = (pa_v8f){0};
+    for (int64_t t0 = 0, b = 0; t0 < len; t0 += block_size, b++) {
+        const int64_t n = len - t0 < block_size ? len - t0 : block_size;
+        for (int64_t j = 0; j < n; j++) {
+            const int64_t at = (table[b] * block_size + j) * row + col;
+            pa_v8f v[8];
+            for (int64_t c = 0; c < nv; c++) v[c] = pa_load8(values, at + 8 * c, bf16);
+            for (int64_t g = 0; g < group; g++) {
+                const float s = scores[g * len + t0 + j];
+                for (int64_t c = 0; c < nv; c++) sum[g][c] += s * v[c];
+            }
+        }
+    }
+    for (int64_t g = 0; g < group; g++)
+        for (int64_t c = 0; c < nv; c++) __builtin_memcpy(acc + g * hd + 8 * c, &sum[g][c], sizeof sum[g][c]);
+}
+
 /* One (sequence, kv head) task, for `group` (<= GROUP_MAX) of the query heads sharing that kv head: each scored
    against every key of the sequence (each key row loaded once for all of them, one independent sum per head),
    softmax in fp32 (max subtracted, as SDPA does), then the probabilities times the values (each value row once).
@@ -79,17 +112,13 @@ static inline __attribute__((always_inline)) void decode_task(const void *q, con
         for (int64_t t = 0; t < len; t++) s[t] *= norm;
     }
     for (int64_t i = 0; i < group * hd; i++) acc[i] = 0.f;
-    for (int64_t d = 0; d < vec; d += 8) {  /* eight columns at a time, every head's sums held in registers */
-        pa_v8f sum[GROUP_MAX] = {0};
-        for (int64_t t0 = 0, b = 0; t0 < len; t0 += block_size, b++) {
-            const int64_t n = len - t0 < block_size ? len - t0 : block_size;
-            for (int64_t j = 0; j < n; j++) {
-                const pa_v8f v = pa_load8(values, (table[b] * block_size + j) * row + h * hd + d, bf16);
-                for (int64_t g = 0; g < group; g++) sum[g] += scores[g * len + t0 + j] * v;
-            }
-        }
-        for (int64_t g = 0; g < group; g++) __builtin_memcpy(acc + g * hd + d, &sum[g], sizeof sum[g]);
-    }
+    /* the values: columns in chunks of 8 * PA_CHUNK(group), every head's sums for a chunk held in registers, one walk
+       of the context a chunk (was one walk per 8 columns: at head size 64, eight walks over blocks scattered in the
+       pool, each taking half of every cache line it touched) */
+    const int64_t wide = 8 * PA_CHUNK(group);
+    int64_t d = 0;
+    for (; d + wide <= vec; d += wide) value_chunk(values, table, len, block_size, row, h * hd + d, group, PA_CHUNK(group), bf16, scores, acc + d, hd);
+    for (; d < vec; d += 8) value_chunk(values, table, len, block_size, row, h * hd + d, group, 1, bf16, scores, acc + d, hd);
     for (int64_t t0 = 0, b = 0; t0 < len && vec < hd; t0 += block_size, b++) {
         const int64_t n = len - t0 < block_size ? len - t0 : block_size;
         for (int64_t j = 0; j < n; j++) {

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from engine_helpers import collect, engine_tokens, make_adapter, reference_greedy
 from transformers import (
     AutoModelForCausalLM,
@@ -35,6 +36,8 @@ from adaptery.engine.kvcache import PagedKVCache
 from adaptery.engine.lora import LoraBatch, SlotBuffers, prepare_adapter
 from adaptery.engine.native import SITES, NativeLlama
 from adaptery.engine.native import _linear as native_linear
+from adaptery.engine.native import _rms as native_rms
+from adaptery.engine.native import _rotate as native_rotate
 from adaptery.engine.sampling import SamplingParams
 
 PROMPTS = ["Hello there, how are you", "The capital of France is", "<|user|>What does an adapter do?<|end|>"]
@@ -877,25 +880,29 @@ def _paged_case(dtype: torch.dtype, kv_heads: int = 2, group: int = 3, head_dim:
 
 @pytest.mark.parametrize("build", ["native", "portable"])
 @pytest.mark.parametrize(
-    ("dtype", "group"), [(torch.float32, 3), (torch.bfloat16, 3), (torch.float32, 10)], ids=["fp32", "bf16", "group10"]
-)
+    ("dtype", "group", "head_dim"),
+    [(torch.float32, 3, 20), (torch.bfloat16, 3, 20), (torch.float32, 10, 20), (torch.float32, 4, 64),
+     (torch.bfloat16, 1, 76)],
+    ids=["fp32", "bf16", "group10", "hd64", "bf16-hd76"],
+)  # fmt: skip
 def test_paged_decode_attention_reads_the_blocks_in_place_as_float64_attention_over_the_gathered_context(
-    build, dtype, group
+    build, dtype, group, head_dim
 ):
     """lora_kernel.paged_decode against attention in float64 over each sequence's positions gathered one by one:
-    grouped-query heads (more than the kernel does at once, too), blocks out of order, a head size no vector width
-    divides, q a strided view."""
+    grouped-query heads (more than the kernel does at once, too), blocks out of order, head sizes no vector width
+    divides and ones the value pass takes in wide chunks (64; 76 = one chunk of 64, one of 8, 4 columns alone), q a
+    strided view."""
     library = lora_kernel.load(portable=build == "portable")
     if library is None:
         pytest.skip("no C compiler here: decode attention gathers the blocks instead (tested by the engine tests)")
-    cache, q, blocks, lengths, tables = _paged_case(dtype, group=group)
+    cache, q, blocks, lengths, tables = _paged_case(dtype, group=group, head_dim=head_dim)
     out = lora_kernel.paged_decode(library, q, cache.keys[0], cache.values[0], blocks, lengths, 4, 0.3)
     assert out.shape == q.shape and out.dtype == dtype
     for i, (table, length) in enumerate(zip(tables, lengths.tolist(), strict=True)):
         keys, values = (t.double() for t in cache.gather(0, cache.positions(table, 0, length)))  # (length, kvh, hd)
-        query = q[i].double().view(2, group, 20)  # (kvh, group, hd)
+        query = q[i].double().view(2, group, head_dim)  # (kvh, group, hd)
         probs = torch.softmax(torch.einsum("hgd,thd->hgt", query, keys) * 0.3, dim=-1)
-        expected = torch.einsum("hgt,thd->hgd", probs, values).reshape(2 * group, 20)
+        expected = torch.einsum("hgt,thd->hgd", probs, values).reshape(2 * group, head_dim)
         atol = 1e-6 if dtype == torch.float32 else 1e-2  # bf16: the output's one rounding
         torch.testing.assert_close(out[i].double(), expected, atol=atol, rtol=atol)
 
@@ -936,12 +943,116 @@ def test_paged_decode_attention_refuses_what_would_read_outside_the_pool():
         call(q=torch.randn(3, 12, 20)[:, ::2])
 
 
-def test_decode_attention_from_the_blocks_gives_the_gathering_path_s_tokens(engine, adapters):
-    """The engine with decode attention in C (read from the blocks in place) and without (gathered, then SDPA):
-    the same greedy tokens for a mixed batch of adapters and base, so prefill chunks and decodes share steps."""
+@pytest.mark.parametrize("build", ["native", "portable"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_fused_residual_add_and_rms_norm_compute_what_the_pytorch_operators_do(build, dtype):
+    """lora_kernel.add_rms_norm against x + delta then native._rms: x updated in place (strided rows), the norm's
+    output new; no delta leaves x as it was. bf16 rounds where PyTorch rounds: equal but for the sum's order."""
+    library = lora_kernel.load(portable=build == "portable")
+    if library is None:
+        pytest.skip("no C compiler here: the PyTorch operators run instead (tested by the engine tests)")
+    generator = torch.Generator().manual_seed(3)
+    wide = torch.randn(40, 300, generator=generator).to(dtype)
+    original = wide.clone()
+    x, delta = wide[:, 7:250], torch.randn(40, 243, generator=generator).to(dtype) * 3  # x's rows strided
+    weight = (torch.rand(243, generator=generator) + 0.5).to(dtype)
+    expected_x = x + delta
+    expected = native_rms(expected_x, weight, 1e-5)
+    out = lora_kernel.add_rms_norm(library, x, delta, weight, 1e-5)
+    tolerance = {"atol": 1e-6, "rtol": 1e-6} if dtype == torch.float32 else {"atol": 0.0, "rtol": 0.0}
+    torch.testing.assert_close(x, expected_x, **tolerance)  # in place, bit for bit
+    torch.testing.assert_close(out, expected, **({"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else
+                                                 {"atol": 1e-2, "rtol": 8e-3}))  # fmt: skip
+    if dtype == torch.bfloat16:  # one bf16 step apart at most, and in very few places
+        assert (out != expected).float().mean() < 0.01
+    before = x.clone()
+    torch.testing.assert_close(lora_kernel.add_rms_norm(library, x, None, weight, 1e-5), out, atol=0, rtol=0)
+    assert torch.equal(x, before)
+    assert wide[:, :7].equal(original[:, :7]) and wide[:, 250:].equal(original[:, 250:])  # only x's columns written
+
+
+@pytest.mark.parametrize("build", ["native", "portable"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_fused_rotary_embedding_rotates_in_place_as_the_pytorch_operators_do(build, dtype):
+    """lora_kernel.rotary on q and k heads inside the fused qkv rows (strided, v left alone) against native._rotate."""
+    library = lora_kernel.load(portable=build == "portable")
+    if library is None:
+        pytest.skip("no C compiler here: the PyTorch operators run instead (tested by the engine tests)")
+    generator = torch.Generator().manual_seed(4)
+    qkv = torch.randn(9, 7 * 18, generator=generator).to(dtype)
+    angles = torch.rand(9, 9, generator=generator) * 6
+    cos, sin = (f(torch.cat((angles, angles), dim=-1)).to(dtype) for f in (torch.cos, torch.sin))
+    qk = qkv[:, : 5 * 18].view(9, 5, 18)
+    expected, untouched = native_rotate(qk, cos.unsqueeze(1), sin.unsqueeze(1)), qkv[:, 5 * 18 :].clone()
+    lora_kernel.rotary(library, qk, cos, sin)
+    exact = {"atol": 0.0, "rtol": 0.0} if dtype == torch.bfloat16 else {"atol": 1e-6, "rtol": 1e-6}
+    torch.testing.assert_close(qk, expected, **exact)
+    assert qkv[:, 5 * 18 :].equal(untouched)
+
+
+@pytest.mark.parametrize("build", ["native", "portable"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_fused_silu_times_up_computes_what_the_pytorch_operators_do(build, dtype):
+    """lora_kernel.silu_mul on fused gate/up rows (strided, a width no vector divides) against F.silu(gate) * up,
+    over the whole range of the exponential and past it, where the polynomial's input is clamped."""
+    library = lora_kernel.load(portable=build == "portable")
+    if library is None:
+        pytest.skip("no C compiler here: the PyTorch operators run instead (tested by the engine tests)")
+    generator = torch.Generator().manual_seed(5)
+    gate_up = torch.randn(33, 2 * 77 + 5, generator=generator)[:, : 2 * 77] * 4
+    gate_up[0, :77] = torch.linspace(-120, 120, 77)  # both clamps, and every exponent between
+    gate_up[1, :5] = torch.tensor([-87.4, -87.2, 87.2, 87.4, 0.0])
+    gate_up = gate_up.to(dtype)
+    gate, up = gate_up[:, :77], gate_up[:, 77:]
+    expected = F.silu(gate) * up
+    out = lora_kernel.silu_mul(library, gate_up)
+    assert out.shape == (33, 77) and out.dtype == dtype and out.is_contiguous()
+    if dtype == torch.float32:  # the exponential within 2 ulp; the quotient and product round as PyTorch's
+        torch.testing.assert_close(out, expected, atol=1e-30, rtol=4e-7)
+    else:  # a bf16 step at most, where the SiLU's fp32 value lies within 2 ulp of a rounding boundary
+        torch.testing.assert_close(out, expected, atol=1e-30, rtol=8e-3)
+        assert (out != expected).float().mean() < 0.01
+
+
+def test_the_fused_elementwise_ops_refuse_what_would_reach_outside_their_tensors():
+    library = lora_kernel.load()
+    if library is None:
+        pytest.skip("no C compiler here")
+    x, weight = torch.randn(4, 8), torch.ones(8)
+    with pytest.raises(ValueError, match="weight"):
+        lora_kernel.add_rms_norm(library, x, None, torch.ones(9), 1e-5)
+    with pytest.raises(ValueError, match="delta"):
+        lora_kernel.add_rms_norm(library, x, torch.randn(3, 8), weight, 1e-5)
+    with pytest.raises(TypeError, match="delta"):
+        lora_kernel.add_rms_norm(library, x, torch.randn(4, 8).double(), weight, 1e-5)
+    with pytest.raises(ValueError, match="last dimension"):
+        lora_kernel.add_rms_norm(library, x.t(), None, torch.ones(4), 1e-5)
+    with pytest.raises(ValueError, match="overlap"):
+        lora_kernel.add_rms_norm(library, x.as_strided((4, 8), (2, 1)), None, weight, 1e-5)
+    heads, cos = torch.randn(4, 2, 8), torch.ones(4, 8)
+    with pytest.raises(ValueError, match="even head size"):
+        lora_kernel.rotary(library, torch.randn(4, 2, 7), torch.ones(4, 7), torch.ones(4, 7))
+    with pytest.raises(ValueError, match="must be"):
+        lora_kernel.rotary(library, heads, cos[:3], cos[:3])
+    with pytest.raises(TypeError, match="sin"):
+        lora_kernel.rotary(library, heads, cos, cos.bfloat16())
+    with pytest.raises(ValueError, match="adjacent"):
+        lora_kernel.rotary(library, torch.randn(4, 4, 8)[:, ::2], cos, cos)
+    with pytest.raises(ValueError, match="two halves"):
+        lora_kernel.silu_mul(library, torch.randn(4, 7))
+    with pytest.raises(ValueError, match="overlap"):
+        lora_kernel.silu_mul(library, torch.randn(40).as_strided((4, 8), (3, 1)))
+    with pytest.raises(TypeError, match="gate_up"):
+        lora_kernel.silu_mul(library, torch.randn(4, 8).double())
+
+
+def test_the_step_in_c_gives_the_pytorch_step_s_tokens(engine, adapters):
+    """The engine with its C library (decode attention read from the blocks in place, residual adds, RMSNorms,
+    rotary embeddings and SiLU x up fused) and without (gathered, then SDPA; PyTorch's operators): the same greedy
+    tokens for a mixed batch of adapters and base, so prefill chunks and decodes share steps."""
     native = engine.base("demo", "").native
-    assert native.model.attention_kernel is not None or lora_kernel.load() is None
-    assert native.describe()["kv_cache"]["decode_attention"].startswith("C" if native.model.attention_kernel else "P")
+    assert native.model.kernel is not None or lora_kernel.load() is None
+    assert native.describe()["kv_cache"]["decode_attention"].startswith("C" if native.model.kernel else "P")
     jobs = [("lora", adapters["lora"]), ("dora", adapters["dora"]), None, ("lora_r16", adapters["lora_r16"])]
     prompts = [_prompt(engine, PROMPTS[i % len(PROMPTS)] + " x" * i) for i in range(len(jobs))]
 
@@ -952,10 +1063,10 @@ def test_decode_attention_from_the_blocks_gives_the_gathering_path_s_tokens(engi
         return [collect(r) for r in requests]
 
     in_place = batch()
-    kernel, native.model.attention_kernel = native.model.attention_kernel, None
+    kernel, native.model.kernel = native.model.kernel, None
     try:
         gathered = batch()
     finally:
-        native.model.attention_kernel = kernel
+        native.model.kernel = kernel
     assert in_place == gathered
     assert all(len(tokens) == 24 for tokens in in_place)

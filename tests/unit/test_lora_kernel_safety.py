@@ -149,7 +149,7 @@ def test_the_packaged_source_compiles_without_a_warning(tmp_path, portable):
     flags = lora_kernel.PORTABLE_FLAGS if portable else lora_kernel.FLAGS
     assert "-Wall" in flags and "-Werror" in flags
     source = tmp_path / "kernels.c"
-    source.write_text(lora_kernel.SOURCE, encoding="utf-8")  # lora_kernel.c and paged_attention.c, as built
+    source.write_text(lora_kernel.SOURCE, encoding="utf-8")  # every file of SOURCE_FILES, as built
     result = subprocess.run(["gcc", *flags, "-Wextra", "-Wno-unused-parameter", str(source), "-o",
                              str(tmp_path / "k.so")], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -159,7 +159,7 @@ def test_the_c_source_is_package_data():
     config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     assert "engine/*.c" in config["tool"]["setuptools"]["package-data"]["adaptery"]
     here = Path(lora_kernel.__file__).parent
-    assert lora_kernel.SOURCE_FILES == ("lora_kernel.c", "paged_attention.c")
+    assert lora_kernel.SOURCE_FILES == ("lora_kernel.c", "paged_attention.c", "step_ops.c")
     texts = [(here / name).read_text(encoding="utf-8") for name in lora_kernel.SOURCE_FILES]
     assert "\n".join(texts) == lora_kernel.SOURCE
 
