@@ -84,13 +84,25 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
+def _bf16_dot_products() -> bool:
+    """Whether this CPU computes bf16 dot products in hardware (AVX512_BF16 or AMX), as oneDNN's packed bf16 GEMMs need
+    to beat F.linear."""
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check is not None and check() for check in checks)
+
+
 def _pack(weight: torch.Tensor, rows: int) -> torch.Tensor:
     """`weight` reordered once into oneDNN's blocked layout, as vLLM's CPU path runs its GEMMs: fp32 projections at
     32 rows ran 2x faster than through `F.linear` (MKL sgemm) here (30-65 against 60-135 ms for one layer's three
-    largest, alternating, machine loaded). Only fp32: bf16 GEMMs stay with `F.linear`, which picks its own kernels."""
-    if weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+    largest, alternating, machine loaded). bf16 too where the CPU has bf16 dot products: on a 2-core Xeon with AMX,
+    1.3-1.6x F.linear's bf16 GEMMs (gate/up, 5632 x 1024: 494 against 374 GFLOP/s at 32 rows, 1709 against 1080 at
+    256; the same products, bit for bit); elsewhere bf16 GEMMs stay with `F.linear`, which picks its own kernels."""
+    if not torch.backends.mkldnn.is_available():
         return weight
-    return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+    if weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and _bf16_dot_products()):
+        return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+    return weight
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

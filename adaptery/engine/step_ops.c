@@ -6,7 +6,7 @@
    intermediate that PyTorch rounds to bf16 is rounded here too; in fp32 only the order of the squares' sum differs
    (and the compiler may fuse a multiply and an add of the rotation into one rounding). */
 
-#define OPS_PARALLEL(n, width) ((n) * (width) >= (1 << 15))  /* below this, waking a second thread costs more */
+#define OPS_PARALLEL(n, width) ((n) * (width) >= (1 << 19))  /* decode rows stay on one thread: a second one costs more */
 
 /* Eight floats in one vector (the compiler's vector extension: one source for AVX-512, AVX2 and SSE builds); loads
    and stores through memcpy (unaligned, one vector instruction), bf16 widened or rounded as bf2f and f2bf do. */

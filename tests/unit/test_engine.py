@@ -35,6 +35,7 @@ from adaptery.engine.generation import AdapterRejected, AdapterSpec, GenerationT
 from adaptery.engine.kvcache import PagedKVCache
 from adaptery.engine.lora import LoraBatch, SlotBuffers, prepare_adapter
 from adaptery.engine.native import SITES, NativeLlama
+from adaptery.engine.native import _bf16_dot_products as native_bf16_dot_products
 from adaptery.engine.native import _linear as native_linear
 from adaptery.engine.native import _rms as native_rms
 from adaptery.engine.native import _rotate as native_rotate
@@ -846,9 +847,9 @@ def test_gathering_whole_blocks_gives_the_positions_of_those_blocks_in_table_ord
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this PyTorch has no oneDNN")
-def test_fp32_projections_run_packed_for_onednn_and_compute_what_f_linear_does():
-    """fp32 weights are reordered once for oneDNN (native._pack); the projections give F.linear's products up to
-    rounding, DoRA still reads the plain weights, and bf16 weights stay as they are."""
+def test_projections_run_packed_for_onednn_and_compute_what_f_linear_does():
+    """fp32 weights are reordered once for oneDNN (native._pack), bf16 ones too on a CPU with bf16 dot products; the
+    projections give F.linear's products up to rounding, DoRA still reads the plain weights."""
     hf = _tiny(LlamaConfig, LlamaForCausalLM)
     native = NativeLlama(hf, torch.float32, 128)
     layer = native.layers[0]
@@ -858,7 +859,12 @@ def test_fp32_projections_run_packed_for_onednn_and_compute_what_f_linear_does()
     x = torch.randn(5, 64)
     expected = torch.nn.functional.linear(x, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
     torch.testing.assert_close(native_linear(x, layer.wqkv), expected.detach())
-    assert not NativeLlama(hf, torch.bfloat16, 128).layers[0].wqkv.is_mkldnn
+    bf16 = NativeLlama(hf, torch.bfloat16, 128)
+    # bf16 packed only where the CPU has bf16 dot products (AVX512_BF16 or AMX); F.linear's products either way
+    assert bf16.layers[0].wqkv.is_mkldnn == native_bf16_dot_products()
+    x = x.bfloat16()
+    weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach().bfloat16()
+    torch.testing.assert_close(native_linear(x, bf16.layers[0].wqkv), torch.nn.functional.linear(x, weight))
 
 
 def _paged_case(dtype: torch.dtype, kv_heads: int = 2, group: int = 3, head_dim: int = 20, block_size: int = 4):
@@ -878,6 +884,7 @@ def _paged_case(dtype: torch.dtype, kv_heads: int = 2, group: int = 3, head_dim:
     return cache, q, blocks, torch.tensor(lengths), tables
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("build", ["native", "portable"])
 @pytest.mark.parametrize(
     ("dtype", "group", "head_dim"),
@@ -886,17 +893,23 @@ def _paged_case(dtype: torch.dtype, kv_heads: int = 2, group: int = 3, head_dim:
     ids=["fp32", "bf16", "group10", "hd64", "bf16-hd76"],
 )  # fmt: skip
 def test_paged_decode_attention_reads_the_blocks_in_place_as_float64_attention_over_the_gathered_context(
-    build, dtype, group, head_dim
+    build, dtype, group, head_dim, threads
 ):
     """lora_kernel.paged_decode against attention in float64 over each sequence's positions gathered one by one:
     grouped-query heads (more than the kernel does at once, too), blocks out of order, head sizes no vector width
     divides and ones the value pass takes in wide chunks (64; 76 = one chunk of 64, one of 8, 4 columns alone), q a
-    strided view."""
+    strided view. Three sequences on one thread are shared out a sequence at a time (its heads in turn), on two a head
+    at a time."""
     library = lora_kernel.load(portable=build == "portable")
     if library is None:
         pytest.skip("no C compiler here: decode attention gathers the blocks instead (tested by the engine tests)")
     cache, q, blocks, lengths, tables = _paged_case(dtype, group=group, head_dim=head_dim)
-    out = lora_kernel.paged_decode(library, q, cache.keys[0], cache.values[0], blocks, lengths, 4, 0.3)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = lora_kernel.paged_decode(library, q, cache.keys[0], cache.values[0], blocks, lengths, 4, 0.3)
+    finally:
+        torch.set_num_threads(before)
     assert out.shape == q.shape and out.dtype == dtype
     for i, (table, length) in enumerate(zip(tables, lengths.tolist(), strict=True)):
         keys, values = (t.double() for t in cache.gather(0, cache.positions(table, 0, length)))  # (length, kvh, hd)
