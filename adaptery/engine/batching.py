@@ -268,6 +268,7 @@ class BatchEngine:
             "steps": self.steps,
             "max_batch": self.max_batch,
             "max_step_tokens": self.max_step_tokens,
+            "step": self.model.step_paths(),
             "kv_cache": {
                 "block_size": self.cache.block_size,
                 "blocks_total": self.cache.num_blocks,

@@ -17,6 +17,7 @@ per-output-feature magnitude scale on top of either.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import json
 import logging
@@ -130,11 +131,17 @@ def prepare_adapter(
     layers = len(model.layers)
     # Installed with numpy, single-threaded: the loader thread runs beside the engine's step, and torch's
     # parallel fills and copies would contend with it for the cores (and wait on them when the machine is
-    # busy). np.zeros maps zeroed pages lazily; only the adapter's own tensors are copied in.
-    shrink = {
-        site: np.zeros((layers, rank, len(mods), model.site_in[site]), np.float32) for site, mods in SITES.items()
-    }
-    expand = {site: np.zeros((layers, rank, sum(model.site_out[site])), np.float32) for site in SITES}
+    # busy). The adapter's own tensors are copied in, each converted to the served dtype on its way (bf16 held as
+    # its bits): no whole-adapter fp32 copy to convert afterwards. Left uninitialised (memory the allocator kept
+    # is reused as it is, not zeroed by the kernel first), then only the projections the adapter does not train
+    # are zeroed.
+    staged = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
+    library = (
+        lora_kernel.load() if staged == torch.bfloat16 else None
+    )  # rounds to bf16 in one pass, where numpy takes five
+    held = np.uint16 if staged == torch.bfloat16 else np.float32
+    shrink = {site: np.empty((layers, rank, len(mods), model.site_in[site]), held) for site, mods in SITES.items()}
+    expand = {site: np.empty((layers, rank, sum(model.site_out[site])), held) for site in SITES}
     found: dict[str, dict[tuple[int, str], torch.Tensor]] = {"lora_A.weight": {}, "lora_B.weight": {},
                                                               "lora_magnitude_vector": {}}  # fmt: skip
     for file in files:
@@ -156,9 +163,15 @@ def prepare_adapter(
                 f"layer {layer} {module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the base "
                 f"model ({rank}x{d_in} / {d_out}x{rank})"
             )
-        shrink[site][layer, :, index] = _as_float32(a)
+        shrink[site][layer, :, index] = _as_held(a, staged, library)
         start = sum(model.site_out[site][:index])
-        np.multiply(_as_float32(b).T, scaling, out=expand[site][layer, :, start : start + d_out])
+        expand[site][layer, :, start : start + d_out] = _held(_as_float32(b).T * np.float32(scaling), staged, library)
+    for layer in range(layers):
+        for module, (site, index) in MODULE_SITE.items():
+            if (layer, module) not in found_a:  # not trained: a zero update
+                start = sum(model.site_out[site][:index])
+                shrink[site][layer, :, index] = 0
+                expand[site][layer, :, start : start + model.site_out[site][index]] = 0
     magnitude = None
     if found_m:
         magnitude = {site: torch.ones(layers, sum(model.site_out[site])) for site in SITES}
@@ -169,8 +182,8 @@ def prepare_adapter(
             norm = (weight + scaling * (b @ a)).norm(p=2, dim=1)  # PEFT's DoRA weight norm, per output feature
             start = sum(model.site_out[site][:index])
             magnitude[site][layer, start : start + weight.shape[0]] = m.float() / norm
-    shrink_t = {site: _to_torch(array, dtype) for site, array in shrink.items()}
-    expand_t = {site: _to_torch(array, dtype) for site, array in expand.items()}
+    shrink_t = {site: _to_torch(array, staged, dtype) for site, array in shrink.items()}
+    expand_t = {site: _to_torch(array, staged, dtype) for site, array in expand.items()}
     nbytes = sum(t.numel() * t.element_size() for t in [*shrink_t.values(), *expand_t.values()])
     return PreparedAdapter(key, rank, shrink_t, expand_t, magnitude, nbytes)
 
@@ -184,14 +197,33 @@ def _as_float32(tensor: torch.Tensor) -> np.ndarray:
     return tensor.numpy().astype(np.float32)  # float16 and others numpy knows
 
 
-def _to_torch(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    if dtype == torch.float32:
-        return torch.from_numpy(array)
-    if dtype == torch.bfloat16:  # round to nearest even, as torch does (NaN-free weights assumed checked upstream)
-        bits = array.view(np.uint32)
-        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-        return torch.from_numpy(rounded.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(array).to(dtype)
+def _held(array: np.ndarray, staged: torch.dtype, library: ctypes.CDLL | None) -> np.ndarray:
+    """A float32 array as the prepared tensors hold it: itself (fp32), or its bf16 bits (uint16), rounded to nearest
+    even as torch rounds (NaN-free weights assumed checked upstream)."""
+    if staged == torch.float32:
+        return array
+    if library is not None:  # one vectorised pass, where numpy takes five
+        return lora_kernel.to_bf16(library, array)
+    bits = np.ascontiguousarray(array).view(np.uint32)
+    rounded = (bits >> 16) & 1
+    rounded += 0x7FFF
+    rounded += bits
+    rounded >>= 16
+    return rounded.astype(np.uint16)
+
+
+def _as_held(tensor: torch.Tensor, staged: torch.dtype, library: ctypes.CDLL | None) -> np.ndarray:
+    """A safetensors tensor as `_held` gives it; bf16 into bf16 copied as it is."""
+    if staged == torch.bfloat16 and tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(np.uint16)
+    return _held(_as_float32(tensor), staged, library)
+
+
+def _to_torch(array: np.ndarray, staged: torch.dtype, dtype: torch.dtype) -> torch.Tensor:
+    """The held array as a tensor of `dtype` (no copy when it is held in that dtype)."""
+    if staged == torch.bfloat16:
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array) if dtype == torch.float32 else torch.from_numpy(array).to(dtype)
 
 
 class SlotBuffers:

@@ -43,7 +43,7 @@ from adaptery.settings import KernelSettings
 log = logging.getLogger("adaptery.engine")
 
 # packaged beside this module; one library holds them all (the others use lora_kernel.c's helpers and headers)
-SOURCE_FILES = ("lora_kernel.c", "paged_attention.c", "step_ops.c")
+SOURCE_FILES = ("lora_kernel.c", "step_ops.c", "paged_attention.c")
 SOURCE = "\n".join(Path(__file__).with_name(name).read_text(encoding="utf-8") for name in SOURCE_FILES)
 
 # -Wall -Werror: a warning in the kernel fails its build (and so falls back to PyTorch) rather than running
@@ -186,6 +186,7 @@ def load(portable: bool = False) -> ctypes.CDLL | None:
             library.rotary.restype = None
             library.silu_mul.argtypes = [i64, ptr, i64, ptr, i64, ptr, i64, ctypes.c_int, ctypes.c_int]
             library.silu_mul.restype = None
+            library.to_bf16.argtypes, library.to_bf16.restype = [i64, ptr, ptr], None
         except Exception as exc:  # no compiler, a failed build, a library that does not load: PyTorch path
             log.warning("the fused LoRA kernel is unavailable, using the PyTorch path: %s", exc)
             library = None
@@ -478,4 +479,16 @@ def silu_mul(library: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor:
             n, start, rows, start + width * gate_up.element_size(), rows, out.data_ptr(), width,
             int(gate_up.dtype == torch.bfloat16), torch.get_num_threads(),
         )  # fmt: skip
+    return out
+
+
+def to_bf16(library: ctypes.CDLL, array: np.ndarray) -> np.ndarray:
+    """A float32 numpy array's values rounded to bf16 (nearest even, as torch rounds), as uint16 bits of the same
+    shape; on the calling thread alone (no OpenMP)."""
+    if not isinstance(array, np.ndarray) or array.dtype != np.float32:
+        raise TypeError(f"array must be a float32 numpy array, not {getattr(array, 'dtype', type(array).__name__)}")
+    source = np.ascontiguousarray(array)
+    out = np.empty(source.shape, np.uint16)
+    if source.size:
+        library.to_bf16(source.size, source.ctypes.data, out.ctypes.data)
     return out

@@ -231,6 +231,16 @@ class NativeLlama:
         self.cos = cos[0].to(dtype)
         self.sin = sin[0].to(dtype)
 
+    def step_paths(self) -> dict[str, str]:
+        """How this model's step runs here, for GET /api/admin/engine."""
+        weights = self.layers[0].wqkv if self.layers else self.lm_head
+        return {
+            "gemm": "oneDNN, weights packed" if weights.is_mkldnn else "torchao int8" if self.quantize else "F.linear",
+            "elementwise": "C, fused (residual + RMSNorm, rotary, SiLU x up)"
+            if self.kernel is not None
+            else "PyTorch operators",
+        }
+
     def base_weight(self, site: str, index: int, layer: int) -> torch.Tensor:
         """The base weight (out, in) of one projection in one layer, fp32 (DoRA needs it for its norms)."""
         block = self.layers[layer]

@@ -1,8 +1,8 @@
 #include <math.h>
 /* Decode attention straight from the paged KV cache: one query token per sequence, its keys and values read in
    place from the sequence's blocks (no gathered copy of the context, no padding to the longest sequence).
-   Built into the same library as the LoRA kernel (lora_kernel.py appends this file to lora_kernel.c), so it
-   shares bf2f/f2bf and omp.h from there. */
+   Built into the same library as the LoRA kernel (lora_kernel.py appends this file to lora_kernel.c and
+   step_ops.c), so it shares bf2f/f2bf and omp.h from the first and the vectorised exponential from the second. */
 
 /* Eight floats in one vector (two SSE registers where AVX is off): the compiler's vector extension, so the same
    source serves every build. Loads go through memcpy (unaligned; compiled to one vector load). */
@@ -26,6 +26,9 @@ static inline float pa_load1(const void *p, int64_t i, int bf16) {
 }
 
 #define PA_AHEAD 2  /* tokens ahead that the score loop prefetches */
+#ifndef PA_ROW_AHEAD
+#define PA_ROW_AHEAD 2  /* tokens ahead that a sequence's first head prefetches every head's columns */
+#endif
 #define GROUP_MAX 8 /* query heads per kv head done together; larger groups run in passes */
 
 /* Vectors of 8 a head may hold for the value pass: the sums of `group` heads times this, plus the loaded values, stay
@@ -81,7 +84,7 @@ static inline __attribute__((always_inline)) void decode_task(const void *q, con
                ahead (the values are read in the next phase, from cache): a call at batch 32 (16 heads over 4,
                contexts 16-256, blocks scattered over a 16 MB pool, fp32, one thread, a 2-core AVX-512 Xeon) took
                1044 us against 1117 (median of 4 alternating runs; 2 tokens ahead beat 4, 8 and 16). */
-            const int64_t next = t0 + j + PA_AHEAD;
+            const int64_t next = t0 + j + (h ? PA_AHEAD : PA_ROW_AHEAD);
             if (next < len) {  /* the first head's task fetches every head's columns: the next heads find them in L2 */
                 const int64_t ahead = (table[next / block_size] * block_size + next % block_size) * row + (h ? h * hd : 0);
                 for (int64_t line = 0; line < (h ? hd : row) * es; line += 64) {
@@ -101,15 +104,28 @@ static inline __attribute__((always_inline)) void decode_task(const void *q, con
             }
         }
     }
-    for (int64_t g = 0; g < group; g++) {
+    for (int64_t g = 0; g < group; g++) {  /* eight exponentials at a time (step_ops.c's; libm's expf, one by one,
+                                              took half of a call) */
         float *s = scores + g * len, top = s[0], total = 0.f;
         for (int64_t t = 1; t < len; t++) top = s[t] > top ? s[t] : top;
-        for (int64_t t = 0; t < len; t++) {
+        int64_t t = 0;
+        ops_v8f sums = {0};
+        for (; t + 8 <= len; t += 8) {
+            ops_v8f v;
+            __builtin_memcpy(&v, s + t, sizeof v);
+            v -= top;  /* <= 0; below -87.3 e^v is ~1e-38 instead of 0, nothing beside the top's 1 */
+            v = (ops_v8f)(((ops_v8i)(v < -87.3f) & (ops_v8i)((ops_v8f){0} - 87.3f)) | (~(ops_v8i)(v < -87.3f) & (ops_v8i)v));
+            v = ops_exp8(v);
+            __builtin_memcpy(s + t, &v, sizeof v);
+            sums += v;
+        }
+        total = ((sums[0] + sums[4]) + (sums[1] + sums[5])) + ((sums[2] + sums[6]) + (sums[3] + sums[7]));
+        for (; t < len; t++) {
             s[t] = expf(s[t] - top);
             total += s[t];
         }
         const float norm = 1.f / total;
-        for (int64_t t = 0; t < len; t++) s[t] *= norm;
+        for (t = 0; t < len; t++) s[t] *= norm;
     }
     for (int64_t i = 0; i < group * hd; i++) acc[i] = 0.f;
     /* the values: columns in chunks of 8 * PA_CHUNK(group), every head's sums for a chunk held in registers, one walk

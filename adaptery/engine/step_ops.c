@@ -1,10 +1,12 @@
 /* The step's elementwise work between the GEMMs, fused: each call replaces a chain of PyTorch operators (every one a
    dispatch, an output allocation and a pass over memory) with one pass over the rows. Built into the same library
-   as the LoRA kernel (lora_kernel.py appends this file), sharing bf2f/f2bf and omp.h from there.
+   as the LoRA kernel (lora_kernel.py appends this file to lora_kernel.c), sharing bf2f/f2bf and omp.h from there;
+   paged_attention.c, appended after it, uses its exponential.
 
    The arithmetic is PyTorch's, operation for operation, so outputs match the operators they replace: in bf16 every
    intermediate that PyTorch rounds to bf16 is rounded here too; in fp32 only the order of the squares' sum differs
    (and the compiler may fuse a multiply and an add of the rotation into one rounding). */
+#include <math.h>
 
 #define OPS_PARALLEL(n, width) ((n) * (width) >= (1 << 19))  /* decode rows stay on one thread: a second one costs more */
 
@@ -191,4 +193,12 @@ void silu_mul(int64_t n, const void *gate, int64_t gs, const void *up, int64_t u
         if (bf16) silu_row(g, u, o, width, 1);
         else silu_row(g, u, o, width, 0);
     }
+}
+
+/* n floats rounded to bf16 (nearest even, NaN kept quiet, as torch rounds), on the calling thread alone: an
+   adapter's weights converted as they are read, on the loader thread beside the engine's step. */
+void to_bf16(int64_t n, const float *src, uint16_t *dst) {
+    const int64_t vec = n / 8 * 8;
+    for (int64_t i = 0; i < vec; i += 8) ops_store(dst, i, ops_round(ops_load(src, i, 0), 1), 1);
+    for (int64_t i = vec; i < n; i++) dst[i] = f2bf(src[i]);
 }

@@ -3,6 +3,7 @@ to each request alone, preemption, cancellation, sampling options, and the trans
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
@@ -681,6 +682,67 @@ def test_bf16_held_adapters_move_a_chosen_tokens_logprob_by_little(demo_model_di
     assert compared >= len(outputs["float32"]) * STEPS // 2  # most tokens were compared, not skipped past
 
 
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16], ids=["fp32-file", "bf16-file"])
+def test_an_adapter_prepared_in_bf16_holds_torch_s_rounding_of_its_scaled_fp32_weights(
+    demo_model_dir, tmp_path, stored
+):
+    """prepare_adapter converts each tensor on its way in (no whole fp32 copy converted afterwards): shrink rows are
+    the file's A rounded to bf16 (a bf16 file's copied as they are), expand rows B^T x scaling computed in fp32, then
+    rounded to nearest even as torch rounds; ties and neighbours of ties included."""
+    hf = AutoModelForCausalLM.from_pretrained(demo_model_dir)
+    native = NativeLlama(hf, torch.float32, 64)
+    path = make_adapter(demo_model_dir, tmp_path / "a", seed=3)
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(weights)
+    name = next(n for n in tensors if n.endswith("layers.0.self_attn.q_proj.lora_A.weight"))
+    tie = torch.tensor([1.0 + 2**-8, 1.0 + 3 * 2**-8, -(1.0 + 2**-8), 1.0 + 2**-8 + 2**-20], dtype=torch.float32)
+    tensors[name].view(-1)[:4] = tie  # exactly halfway between two bf16 values (twice), and just past one
+    save_file({n: t.to(stored).contiguous() for n, t in tensors.items()}, weights)
+    tensors = load_file(weights)
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    scaling = config["lora_alpha"] / config["r"]
+    exact = prepare_adapter("a", path, native, 32, torch.float32)
+    rounded = prepare_adapter("a", path, native, 32, torch.bfloat16)
+    for site in SITES:
+        assert rounded.shrink[site].dtype == torch.bfloat16
+        assert torch.equal(rounded.shrink[site], exact.shrink[site].to(torch.bfloat16))
+        assert torch.equal(rounded.expand[site], exact.expand[site].to(torch.bfloat16))
+    layer0 = exact.shrink["qkv"][0, :, 0]  # (rank, d_in): q_proj's A in layer 0
+    assert torch.equal(layer0, tensors[name].float())
+    b = tensors[name.replace("lora_A", "lora_B")].float()
+    assert torch.equal(exact.expand["qkv"][0, :, : b.shape[0]], (b.T * torch.tensor(scaling, dtype=torch.float32)))
+
+
+def test_an_adapter_training_some_projections_is_prepared_with_zeros_for_the_rest_whatever_memory_it_gets(
+    demo_model_dir, adapters, monkeypatch
+):
+    """prepare_adapter leaves its arrays uninitialised and zeroes the projections the adapter does not train: memory
+    handed back full of NaNs (as reused memory may be) still gives q/v's own rows and zeros for k, o, gate/up, down."""
+    from adaptery.engine import lora as lora_module
+
+    empty = lora_module.np.empty
+
+    def garbage(shape, dtype=float, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        out = empty(shape, dtype, *args, **kwargs)
+        out.fill(0xFFFF if out.dtype == lora_module.np.uint16 else float("nan") if out.dtype.kind == "f" else 1)
+        return out  # 0xFFFF: a bf16 NaN's bits
+
+    monkeypatch.setattr(lora_module.np, "empty", garbage)
+    hf = AutoModelForCausalLM.from_pretrained(demo_model_dir)
+    native = NativeLlama(hf, torch.float32, 64)
+    for dtype in (torch.float32, torch.bfloat16):
+        prepared = prepare_adapter("qv", adapters["lora_qv_r4"], native, 32, dtype)
+        q, k, v = native.site_out["qkv"]
+        assert prepared.shrink["qkv"][:, :, 0].abs().sum() > 0 and prepared.shrink["qkv"][:, :, 2].abs().sum() > 0
+        assert torch.equal(prepared.shrink["qkv"][:, :, 1], torch.zeros_like(prepared.shrink["qkv"][:, :, 1]))
+        assert torch.equal(prepared.expand["qkv"][:, :, q : q + k], torch.zeros_like(prepared.expand["qkv"][:, :, :k]))
+        for site in ("o", "gate_up", "down"):
+            assert not prepared.shrink[site].any() and not prepared.expand[site].any(), site
+        assert all(not t.isnan().any() for t in [*prepared.shrink.values(), *prepared.expand.values()])
+
+
 def test_serve_refuses_int8_where_torchao_is_missing(tmp_path):
     try:
         import torchao  # noqa: F401
@@ -1066,6 +1128,8 @@ def test_the_step_in_c_gives_the_pytorch_step_s_tokens(engine, adapters):
     native = engine.base("demo", "").native
     assert native.model.kernel is not None or lora_kernel.load() is None
     assert native.describe()["kv_cache"]["decode_attention"].startswith("C" if native.model.kernel else "P")
+    assert native.describe()["step"]["elementwise"].startswith("C" if native.model.kernel else "P")
+    assert native.describe()["step"]["gemm"] == "oneDNN, weights packed" or not torch.backends.mkldnn.is_available()
     jobs = [("lora", adapters["lora"]), ("dora", adapters["dora"]), None, ("lora_r16", adapters["lora_r16"])]
     prompts = [_prompt(engine, PROMPTS[i % len(PROMPTS)] + " x" * i) for i in range(len(jobs))]
 

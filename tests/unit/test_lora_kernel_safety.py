@@ -159,7 +159,7 @@ def test_the_c_source_is_package_data():
     config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     assert "engine/*.c" in config["tool"]["setuptools"]["package-data"]["adaptery"]
     here = Path(lora_kernel.__file__).parent
-    assert lora_kernel.SOURCE_FILES == ("lora_kernel.c", "paged_attention.c", "step_ops.c")
+    assert lora_kernel.SOURCE_FILES == ("lora_kernel.c", "step_ops.c", "paged_attention.c")
     texts = [(here / name).read_text(encoding="utf-8") for name in lora_kernel.SOURCE_FILES]
     assert "\n".join(texts) == lora_kernel.SOURCE
 
