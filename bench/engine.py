@@ -37,6 +37,14 @@ requested lengths. Measured in the same run, at the same dtype on both sides of 
    303 tokens/s (0.97; rounds 1.02, 0.97, 1.06), 32 mixed 254 against 98 (2.61; bf16-held adapters 267), TPOT p50
    100.0 against 99.0 ms, greedy 8 of 8 identical; a decode step at batch 32 there (bench/step_profile.py) spent 70 %
    in oneDNN's GEMMs, 15 % in decode attention and ~8 % in elementwise operators (116 ms a step).
+   Then the step's elementwise work was fused in C, decode attention sped up and bf16 weights packed (2-core Xeon
+   with AVX-512, AVX512_BF16 and AMX, quiet; base then 306 against vLLM 297, 1.03): `--dtypes float32,bfloat16
+   --vllm-only --repeats 3` gave fp32 base 331 against vLLM 304 (1.09; rounds 1.09, 1.15, 1.09), 32 mixed 272
+   against 100 (2.78), TPOT p50 86.4 against 102.2 ms, greedy 8 of 8 identical; bf16 (vLLM too: this CPU has bf16
+   dot products) base 637 against 621 (rounds 0.94, 0.96, 1.09), mixed 448 against 125 (3.59), greedy identical on
+   2 of 8 (first differences at tokens 4-30: bf16 rounding in two different kernels). The full fp32 run (`--dtypes
+   float32 --repeats 3 --zipf-repeats 3`): vLLM 1.08 (rounds 1.11, 1.09, 1.05), mixed ÷ base 0.85 (0.89 with
+   bf16-held adapters), ÷ `generate` 3.01, 2000 ÷ 5 registered 0.88, cold load p50 4.5 ms, PEFT ÷ engine 0.15.
 
 Arrivals are faster than the engine can serve (it runs saturated, as throughput needs); the static
 `generate` baselines process the same requests offline in arrival order, batch after batch. Noise on
