@@ -2,33 +2,9 @@
 /* Decode attention straight from the paged KV cache: one query token per sequence, its keys and values read in
    place from the sequence's blocks (no gathered copy of the context, no padding to the longest sequence).
    Built into the same library as the LoRA kernel (lora_kernel.py appends this file to lora_kernel.c and
-   step_ops.c), so it shares bf2f/f2bf and omp.h from the first and the vectorised exponential from the second. */
+   step_ops.c), so it shares bf2f/f2bf and omp.h from the first and the vectors and exponential of the second. */
 
-/* Eight floats in one vector (two SSE registers where AVX is off): the compiler's vector extension, so the same
-   source serves every build. Loads go through memcpy (unaligned; compiled to one vector load). */
-typedef float pa_v8f __attribute__((vector_size(32)));
-typedef uint16_t pa_v8h __attribute__((vector_size(16)));
-typedef uint32_t pa_v8u __attribute__((vector_size(32)));
-static inline pa_v8f pa_load8(const void *p, int64_t i, int bf16) {
-    pa_v8f out;
-    if (bf16) {
-        pa_v8h h;
-        __builtin_memcpy(&h, (const uint16_t *)p + i, sizeof h);
-        out = (pa_v8f)(__builtin_convertvector(h, pa_v8u) << 16);
-    } else {
-        __builtin_memcpy(&out, (const float *)p + i, sizeof out);
-    }
-    return out;
-}
-static inline float pa_sum8(pa_v8f v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
-static inline float pa_load1(const void *p, int64_t i, int bf16) {
-    return bf16 ? bf2f(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
-#define PA_AHEAD 2  /* tokens ahead that the score loop prefetches */
-#ifndef PA_ROW_AHEAD
-#define PA_ROW_AHEAD 2  /* tokens ahead that a sequence's first head prefetches every head's columns */
-#endif
+#define PA_AHEAD 2  /* tokens ahead that the score loop prefetches (whole rows for a first head: 2, 4, 8, 16 alike) */
 #define GROUP_MAX 8 /* query heads per kv head done together; larger groups run in passes */
 
 /* Vectors of 8 a head may hold for the value pass: the sums of `group` heads times this, plus the loaded values, stay
@@ -45,15 +21,15 @@ static inline float pa_load1(const void *p, int64_t i, int bf16) {
 static inline __attribute__((always_inline)) void value_chunk(const void *values, const int64_t *table, int64_t len,
                         int64_t block_size, int64_t row, int64_t col, int64_t group, int64_t nv, int bf16,
                         const float *scores, float *acc, int64_t hd) {
-    pa_v8f sum[GROUP_MAX][8];
+    ops_v8f sum[GROUP_MAX][8];
     for (int64_t g = 0; g < group; g++)
-        for (int64_t c = 0; c < nv; c++) sum[g][c] = (pa_v8f){0};
+        for (int64_t c = 0; c < nv; c++) sum[g][c] = (ops_v8f){0};
     for (int64_t t0 = 0, b = 0; t0 < len; t0 += block_size, b++) {
         const int64_t n = len - t0 < block_size ? len - t0 : block_size;
         for (int64_t j = 0; j < n; j++) {
             const int64_t at = (table[b] * block_size + j) * row + col;
-            pa_v8f v[8];
-            for (int64_t c = 0; c < nv; c++) v[c] = pa_load8(values, at + 8 * c, bf16);
+            ops_v8f v[8];
+            for (int64_t c = 0; c < nv; c++) v[c] = ops_load(values, at + 8 * c, bf16);
             for (int64_t g = 0; g < group; g++) {
                 const float s = scores[g * len + t0 + j];
                 for (int64_t c = 0; c < nv; c++) sum[g][c] += s * v[c];
@@ -74,7 +50,7 @@ static inline __attribute__((always_inline)) void decode_task(const void *q, con
                         int64_t block_size, int64_t kvh, int64_t h, int64_t group, int64_t hd, float scale,
                         void *out, int bf16, float *qf, float *scores, float *acc) {
     const int64_t row = kvh * hd, vec = hd / 8 * 8, es = bf16 ? 2 : 4;
-    for (int64_t i = 0; i < group * hd; i++) qf[i] = pa_load1(q, i, bf16);
+    for (int64_t i = 0; i < group * hd; i++) qf[i] = ops_load1(q, i, bf16);
     for (int64_t t0 = 0, b = 0; t0 < len; t0 += block_size, b++) {
         const int64_t n = len - t0 < block_size ? len - t0 : block_size;
         for (int64_t j = 0; j < n; j++) {
@@ -84,7 +60,7 @@ static inline __attribute__((always_inline)) void decode_task(const void *q, con
                ahead (the values are read in the next phase, from cache): a call at batch 32 (16 heads over 4,
                contexts 16-256, blocks scattered over a 16 MB pool, fp32, one thread, a 2-core AVX-512 Xeon) took
                1044 us against 1117 (median of 4 alternating runs; 2 tokens ahead beat 4, 8 and 16). */
-            const int64_t next = t0 + j + (h ? PA_AHEAD : PA_ROW_AHEAD);
+            const int64_t next = t0 + j + PA_AHEAD;
             if (next < len) {  /* the first head's task fetches every head's columns: the next heads find them in L2 */
                 const int64_t ahead = (table[next / block_size] * block_size + next % block_size) * row + (h ? h * hd : 0);
                 for (int64_t line = 0; line < (h ? hd : row) * es; line += 64) {
@@ -92,14 +68,14 @@ static inline __attribute__((always_inline)) void decode_task(const void *q, con
                     __builtin_prefetch((const char *)values + ahead * es + line);
                 }
             }
-            pa_v8f sum[GROUP_MAX] = {0};
+            ops_v8f sum[GROUP_MAX] = {0};
             for (int64_t d = 0; d < vec; d += 8) {
-                const pa_v8f k = pa_load8(keys, at + d, bf16);
-                for (int64_t g = 0; g < group; g++) sum[g] += pa_load8(qf, g * hd + d, 0) * k;
+                const ops_v8f k = ops_load(keys, at + d, bf16);
+                for (int64_t g = 0; g < group; g++) sum[g] += ops_load(qf, g * hd + d, 0) * k;
             }
             for (int64_t g = 0; g < group; g++) {
-                float total = pa_sum8(sum[g]);
-                for (int64_t d = vec; d < hd; d++) total += qf[g * hd + d] * pa_load1(keys, at + d, bf16);
+                float total = ops_sum8(sum[g]);
+                for (int64_t d = vec; d < hd; d++) total += qf[g * hd + d] * ops_load1(keys, at + d, bf16);
                 scores[g * len + t0 + j] = total * scale;
             }
         }
@@ -119,7 +95,7 @@ static inline __attribute__((always_inline)) void decode_task(const void *q, con
             __builtin_memcpy(s + t, &v, sizeof v);
             sums += v;
         }
-        total = ((sums[0] + sums[4]) + (sums[1] + sums[5])) + ((sums[2] + sums[6]) + (sums[3] + sums[7]));
+        total = ops_sum8(sums);
         for (; t < len; t++) {
             s[t] = expf(s[t] - top);
             total += s[t];
@@ -140,7 +116,7 @@ static inline __attribute__((always_inline)) void decode_task(const void *q, con
         for (int64_t j = 0; j < n; j++) {
             const int64_t at = (table[b] * block_size + j) * row + h * hd;
             for (int64_t g = 0; g < group; g++)
-                for (int64_t d = vec; d < hd; d++) acc[g * hd + d] += scores[g * len + t0 + j] * pa_load1(values, at + d, bf16);
+                for (int64_t d = vec; d < hd; d++) acc[g * hd + d] += scores[g * len + t0 + j] * ops_load1(values, at + d, bf16);
         }
     }
     for (int64_t i = 0; i < group * hd; i++) {

@@ -10,8 +10,9 @@
 
 #define OPS_PARALLEL(n, width) ((n) * (width) >= (1 << 19))  /* decode rows stay on one thread: a second one costs more */
 
-/* Eight floats in one vector (the compiler's vector extension: one source for AVX-512, AVX2 and SSE builds); loads
-   and stores through memcpy (unaligned, one vector instruction), bf16 widened or rounded as bf2f and f2bf do. */
+/* Eight floats in one vector (the compiler's vector extension: one source for AVX-512, AVX2 and SSE builds, two SSE
+   registers where AVX is off); loads and stores through memcpy (unaligned, one vector instruction), bf16 widened or
+   rounded as bf2f and f2bf do. paged_attention.c uses these too. */
 typedef float ops_v8f __attribute__((vector_size(32)));
 typedef int32_t ops_v8i __attribute__((vector_size(32)));
 typedef uint16_t ops_v8h __attribute__((vector_size(16)));
@@ -42,6 +43,7 @@ static inline void ops_store(void *p, int64_t i, ops_v8f v, int bf16) {  /* v mu
         __builtin_memcpy((float *)p + i, &v, sizeof v);
     }
 }
+static inline float ops_sum8(ops_v8f v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 static inline float ops_load1(const void *p, int64_t i, int bf16) {
     return bf16 ? bf2f(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
@@ -93,8 +95,7 @@ static inline __attribute__((always_inline)) void rms_row(void *x, const void *d
         }
         tail += v * v;
     }
-    const float sum = ((squares[0] + squares[4]) + (squares[1] + squares[5])) +
-                      ((squares[2] + squares[6]) + (squares[3] + squares[7])) + tail;
+    const float sum = ops_sum8(squares) + tail;
     const float r = 1.f / sqrtf(sum / (float)d + eps);
     for (int64_t j = 0; j < vec; j += 8)
         ops_store(o, j, ops_round(ops_load(w, j, bf16) * ops_round(ops_load(x, j, bf16) * r, bf16), bf16), bf16);
