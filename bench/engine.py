@@ -87,7 +87,7 @@ from adaptery.agent.vllm_engine import ServerOptions, VllmServer, lora_rank
 from adaptery.engine import lora_kernel, process_setup
 from adaptery.engine.batching import BatchEngine
 from adaptery.engine.lora import prepare_adapter
-from adaptery.engine.native import NativeLlama
+from adaptery.engine.native import NativeLlama, _bf16_dot_products
 from adaptery.engine.process_setup import find_allocator
 from adaptery.engine.sampling import SamplingParams
 from adaptery.settings import Settings
@@ -284,7 +284,7 @@ def bench_dtype(
     for variant in engines:  # warm-up: loads the 32 adapters into memory
         run_engine(engines[variant], warm, keyed)
     # bf16 against vLLM only where the CPU has bf16 dot products (AVX512_BF16 or AMX): elsewhere both emulate them
-    with_vllm = args.vllm and (dtype == torch.float32 or cpu_bf16())
+    with_vllm = args.vllm and (dtype == torch.float32 or _bf16_dot_products())
     vllm = VllmSide(model, dtype, distinct, root, rank) if with_vllm else None
     if vllm is not None:
         vllm.run(warm)
@@ -533,15 +533,6 @@ class TunedCpuOptions(ServerOptions):
         if self.preload:
             env["LD_PRELOAD"] = ":".join(self.preload)
         return env
-
-
-def cpu_bf16() -> bool:
-    """Whether this CPU computes bf16 dot products in hardware (AVX512_BF16 or AMX-BF16)."""
-    try:
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
 
 
 class VllmSide:
