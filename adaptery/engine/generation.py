@@ -168,6 +168,13 @@ class _Base:
             return self._fallback
 
 
+def held_adapter_dtype(setting: str) -> torch.dtype:
+    """The dtype adapters are held in on the fused kernel, from ADAPTERY_ENGINE_ADAPTER_DTYPE. "auto" is bf16: on a
+    float32 engine the rounding moves a chosen token's logprob by ~1e-3 and flips greedy choices only at near-ties
+    (bench/adapter_dtype.py), for half the bytes each distinct adapter streams per step."""
+    return torch.bfloat16 if setting == "auto" else getattr(torch, setting)
+
+
 class InferenceEngine:
     def __init__(
         self,
@@ -189,9 +196,7 @@ class InferenceEngine:
         self.quantize = quantize  # "int8": the native path's base weights through torchao (bench/quant.py)
         if quantize is not None:
             check_quantization(quantize)
-        # bf16-held adapters by default: on a float32 engine the rounding moves a chosen token's logprob by ~1e-3
-        # and flips greedy choices only at near-ties (bench/adapter_dtype.py), for half the bytes per step
-        self.adapter_dtype = torch.bfloat16 if adapter_dtype == "auto" else getattr(torch, adapter_dtype)
+        self.adapter_dtype = held_adapter_dtype(adapter_dtype)
         self.dtype = resolve_dtype(dtype, self.device)
         self.max_lora_rank = max_lora_rank
         self.kv_cache_bytes = kv_cache_mb * MiB

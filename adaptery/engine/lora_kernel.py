@@ -59,6 +59,7 @@ def _cache_dir() -> Path:
     return KernelSettings().kernel_cache
 
 
+@functools.cache
 def _cpu_key() -> str:
     try:  # -march=native: a library built on another CPU may not run here
         lines = Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
@@ -67,8 +68,8 @@ def _cpu_key() -> str:
         return ""
 
 
-def _compiler() -> str:
-    compiler = KernelSettings().c_compiler or shutil.which("gcc") or shutil.which("cc")
+def _compiler(settings: KernelSettings | None = None) -> str:
+    compiler = (settings or KernelSettings()).c_compiler or shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
         raise RuntimeError("no C compiler (gcc) on this machine")
     return compiler
@@ -143,12 +144,13 @@ def load(portable: bool = False) -> ctypes.CDLL | None:
 
     The cached library is named by a hash of the source, the flags, the compiler and its version, and this CPU's
     flags; it is loaded only if its bytes hash to what its build recorded, else it is rebuilt (never loaded)."""
-    if not KernelSettings().lora_kernel:
+    settings = KernelSettings()
+    if not settings.lora_kernel:
         return None
     flags = PORTABLE_FLAGS if portable else FLAGS
     with _lock:
         try:
-            compiler = _compiler()
+            compiler = _compiler(settings)
             key = "\0".join([SOURCE, *flags, compiler, _compiler_version(compiler), _cpu_key()])
         except Exception as exc:
             if f"no compiler {portable}" not in _loaded:

@@ -715,6 +715,32 @@ def test_an_adapter_prepared_in_bf16_holds_torch_s_rounding_of_its_scaled_fp32_w
     assert torch.equal(exact.expand["qkv"][0, :, : b.shape[0]], (b.T * torch.tensor(scaling, dtype=torch.float32)))
 
 
+def test_a_bf16_adapter_is_rounded_by_the_engine_s_own_library_without_looking_it_up_again(
+    demo_model_dir, adapters, monkeypatch
+):
+    """An engine's model holds the C library: each load rounds with it (lora_kernel.load() costs ~0.6 ms a call, an
+    eighth of a cold load), and gets what the looked-up library gives. A model without one still looks it up."""
+    from adaptery.engine import lora as lora_module
+
+    library = lora_kernel.load()
+    if library is None:
+        pytest.skip("the C library cannot build here")
+    hf = AutoModelForCausalLM.from_pretrained(demo_model_dir)
+    native = NativeLlama(hf, torch.float32, 64)
+    looked_up = prepare_adapter("a", adapters["lora_qv_r4"], native, 32, torch.bfloat16)  # kernel None: load()
+    native.kernel = library
+    calls = []
+    monkeypatch.setattr(lora_module.lora_kernel, "load", lambda *a, **k: calls.append(a) or library)
+    held = prepare_adapter("a", adapters["lora_qv_r4"], native, 32, torch.bfloat16)
+    assert calls == []
+    for site in SITES:
+        assert torch.equal(held.shrink[site], looked_up.shrink[site])
+        assert torch.equal(held.expand[site], looked_up.expand[site])
+    native.kernel = None
+    prepare_adapter("a", adapters["lora_qv_r4"], native, 32, torch.bfloat16)
+    assert len(calls) == 1
+
+
 def test_an_adapter_training_some_projections_is_prepared_with_zeros_for_the_rest_whatever_memory_it_gets(
     demo_model_dir, adapters, monkeypatch
 ):
