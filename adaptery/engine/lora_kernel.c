@@ -54,61 +54,97 @@ INLINE float wscalar(const void *w, int64_t i, const int wbf16) {
     return wbf16 ? bf2f(((const uint16_t *)w)[i]) : ((const float *)w)[i];
 }
 /* A tile: up to TILE rows of the same adapter (a decode is a tile of one row, a prefill chunk is cut into
-   tiles), so each weight loaded serves every row of the tile. The shrink as dot products in fp32
-   registers, the expand with each 16-column block of each row's output held in a register across the
-   rank and added to the output once. x and out are bf16 (each row widened into xf first, the sum rounded
-   once into out) or fp32. tn, bf16 and wbf16 are constants at every call site: the compiler keeps the
-   accumulators in registers. */
+   tiles), so each weight loaded serves every row of the tile. x and out are bf16 (each row widened into xf
+   first, the sum rounded once into out) or fp32. tn, bf16 and wbf16 are constants at every call site: the
+   compiler keeps the accumulators in registers.
+   The shrink takes KB rows of A at a time against the tile's rows (tn x KB dot products in fp32 registers,
+   16 columns a step: KB + tn loads feed tn x KB FMAs, where one row of A at a time took 2 tn + 2 loads for
+   2 tn FMAs and prefill tiles ran at ~30 GFLOP/s on two cores), the expand CB 16-column blocks at a time, each
+   block of each row held in a register across the rank and added to the output once (tn broadcasts and CB
+   loads feed tn x CB FMAs). Widths that are not a multiple of 16 end in masked loads. */
 #define TILE 4
+INLINE void shrink_block512(const int tn, const int KB, const int wbf16, const float *const *xr, const char *a,
+                            int64_t d_in, float *u, int64_t q, int64_t P, int64_t R) {
+    const int64_t es = wbf16 ? 2 : 4, d16 = d_in & ~(int64_t)15;
+    __m512 acc[TILE][8];
+    for (int t = 0; t < tn; t++)
+        for (int kb = 0; kb < KB; kb++) acc[t][kb] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < d16; j += 16) {
+        __m512 xv[TILE];
+        for (int t = 0; t < tn; t++) xv[t] = _mm512_loadu_ps(xr[t] + j);
+        for (int kb = 0; kb < KB; kb++) {
+            const __m512 w = wload(a + kb * d_in * es, j, wbf16);
+            for (int t = 0; t < tn; t++) acc[t][kb] = _mm512_fmadd_ps(xv[t], w, acc[t][kb]);
+        }
+    }
+    if (d16 < d_in) {
+        const __mmask16 m = (__mmask16)((1u << (d_in - d16)) - 1u);
+        __m512 xv[TILE];
+        for (int t = 0; t < tn; t++) xv[t] = _mm512_maskz_loadu_ps(m, xr[t] + d16);
+        for (int kb = 0; kb < KB; kb++) {
+            const __m512 w = wload_masked(a + kb * d_in * es, d16, m, wbf16);
+            for (int t = 0; t < tn; t++) acc[t][kb] = _mm512_fmadd_ps(xv[t], w, acc[t][kb]);
+        }
+    }
+    for (int kb = 0; kb < KB; kb++) {
+        const int64_t k = (q + kb) / P, p = (q + kb) % P;  /* A's row q + kb is (k, p) */
+        for (int t = 0; t < tn; t++) u[(t * P + p) * R + k] = _mm512_reduce_add_ps(acc[t][kb]);
+    }
+}
+INLINE void add_out16(const int bf16, void *out, int64_t at, __m512 v, __mmask16 m) {
+    if (bf16) {
+        uint16_t *o = (uint16_t *)out + at;
+        store_bf16x16(o, _mm512_add_ps(v, bf16x16_masked(o, m)), m);
+    } else {
+        float *o = (float *)out + at;
+        _mm512_mask_storeu_ps(o, m, _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, o)));
+    }
+}
+/* columns c .. c + 16 CB (inside projection p, the last block masked by m) of the tile's rows
+   += sum_k u[(t P + p) R + k] B[k, .] */
+INLINE void expand_block512(const int tn, const int CB, const int bf16, const int wbf16, const int64_t *rows,
+                            void *out, int64_t os, const void *b, int64_t d_out, int64_t r, const float *u, int64_t P,
+                            int64_t R, int64_t p, int64_t c, __mmask16 m) {
+    __m512 acc[TILE][4];
+    for (int t = 0; t < tn; t++)
+        for (int cb = 0; cb < CB; cb++) acc[t][cb] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < r; k++) {
+        __m512 ub[TILE];
+        for (int t = 0; t < tn; t++) ub[t] = _mm512_set1_ps(u[(t * P + p) * R + k]);
+        for (int cb = 0; cb < CB; cb++) {
+            const __m512 w = cb == CB - 1 ? wload_masked(b, k * d_out + c + 16 * cb, m, wbf16)
+                                          : wload(b, k * d_out + c + 16 * cb, wbf16);
+            for (int t = 0; t < tn; t++) acc[t][cb] = _mm512_fmadd_ps(ub[t], w, acc[t][cb]);
+        }
+    }
+    for (int t = 0; t < tn; t++)
+        for (int cb = 0; cb < CB; cb++)
+            add_out16(bf16, out, rows[t] * os + c + 16 * cb, acc[t][cb], cb == CB - 1 ? m : (__mmask16)0xFFFF);
+}
 INLINE void lora_tile_avx512(const int tn, const int bf16, const int wbf16, const int64_t *rows, const void *x,
                              int64_t xs, void *out, int64_t os, int32_t s, int64_t r, const void *A, int64_t as,
                              const void *B, int64_t bs, int64_t R, int64_t P, int64_t d_in, const int64_t *off,
                              float *xf, float *u) {
-    const int64_t d_out = off[P], es = wbf16 ? 2 : 4;
+    const int KB = tn == 1 ? 8 : tn == 2 ? 6 : 4, CB = 4;
+    const int64_t d_out = off[P], es = wbf16 ? 2 : 4, rows_a = r * P;
     const float *xr[TILE];
     tile_rows_fp32(tn, bf16, rows, x, xs, d_in, xf, xr);
-    for (int64_t k = 0; k < r; k++) {
-        for (int64_t p = 0; p < P; p++) {
-            const char *a = (const char *)A + (s * as + (k * P + p) * d_in) * es;
-            __m512 acc0[TILE], acc1[TILE];
-            for (int t = 0; t < tn; t++) acc0[t] = acc1[t] = _mm512_setzero_ps();
-            int64_t j = 0;
-            for (; j + 32 <= d_in; j += 32) {
-                const __m512 w0 = wload(a, j, wbf16), w1 = wload(a, j + 16, wbf16);
-                for (int t = 0; t < tn; t++) {
-                    acc0[t] = _mm512_fmadd_ps(_mm512_loadu_ps(xr[t] + j), w0, acc0[t]);
-                    acc1[t] = _mm512_fmadd_ps(_mm512_loadu_ps(xr[t] + j + 16), w1, acc1[t]);
-                }
-            }
-            for (int t = 0; t < tn; t++) {
-                float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0[t], acc1[t]));
-                for (int64_t i = j; i < d_in; i++) sum += xr[t][i] * wscalar(a, i, wbf16);
-                u[(t * P + p) * R + k] = sum;
-            }
-        }
-    }
+    /* the shrink: u[(t P + p) R + k] for A's rows q = k P + p (memory order), KB at a time */
+    const char *a = (const char *)A + s * as * es;
+    int64_t q = 0;
+    for (; q + KB <= rows_a; q += KB) shrink_block512(tn, KB, wbf16, xr, a + q * d_in * es, d_in, u, q, P, R);
+    for (; q < rows_a; q++) shrink_block512(tn, 1, wbf16, xr, a + q * d_in * es, d_in, u, q, P, R);
     const char *b = (const char *)B + s * bs * es;
+    const __mmask16 all = (__mmask16)0xFFFF;
     for (int64_t p = 0; p < P; p++) {
-        const int64_t lo = off[p], hi = off[p + 1];
-        for (int64_t c = lo; c < hi; c += 16) {
+        const int64_t hi = off[p + 1];
+        int64_t c = off[p];
+        for (; c + 16 * CB <= hi; c += 16 * CB)
+            expand_block512(tn, CB, bf16, wbf16, rows, out, os, b, d_out, r, u, P, R, p, c, all);
+        for (; c < hi; c += 16) {
             const int64_t left = hi - c;
-            const __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
-            __m512 acc[TILE];
-            for (int t = 0; t < tn; t++) acc[t] = _mm512_setzero_ps();
-            for (int64_t k = 0; k < r; k++) {
-                const __m512 w = wload_masked(b, k * d_out + c, m, wbf16);
-                for (int t = 0; t < tn; t++)
-                    acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(u[(t * P + p) * R + k]), w, acc[t]);
-            }
-            for (int t = 0; t < tn; t++) {
-                if (bf16) {
-                    uint16_t *o = (uint16_t *)out + rows[t] * os + c;
-                    store_bf16x16(o, _mm512_add_ps(acc[t], bf16x16_masked(o, m)), m);
-                } else {
-                    float *o = (float *)out + rows[t] * os + c;
-                    _mm512_mask_storeu_ps(o, m, _mm512_add_ps(acc[t], _mm512_maskz_loadu_ps(m, o)));
-                }
-            }
+            const __mmask16 m = left >= 16 ? all : (__mmask16)((1u << left) - 1u);
+            expand_block512(tn, 1, bf16, wbf16, rows, out, os, b, d_out, r, u, P, R, p, c, m);
         }
     }
 }
