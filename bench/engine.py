@@ -7,7 +7,9 @@ synthetic ranges scaled to 2 cores; ratio 3 uses shorter requests), on a random-
 requested lengths. Measured in the same run, at the same dtype on both sides of every ratio:
 
 1. engine, 32 distinct rank-16 adapters in flight (round-robin: the worst case) / engine, base only
-   (1b, float32 only: the same with the adapters held in bf16, ADAPTERY_ENGINE_ADAPTER_DTYPE=bfloat16)
+   (1b, float32 only: the same with the adapters held exactly, in fp32). Every engine holds its adapters as the
+   platform does (ADAPTERY_ENGINE_ADAPTER_DTYPE, bf16 by default, an fp32 engine included); until the AMD EPYC
+   figures below, ratios 1 and 3 held them in fp32 (1b held them in bf16)
 2. engine, base only / transformers `generate` with static batches of the same requests
 3. engine with 2000 registered adapters / with 5 (Zipf popularity over the registered ones)
 4. cold load of a rank-16 adapter from disk (read + prepare), p50
@@ -45,6 +47,17 @@ requested lengths. Measured in the same run, at the same dtype on both sides of 
    2 of 8 (first differences at tokens 4-30: bf16 rounding in two different kernels). The full fp32 run (`--dtypes
    float32 --repeats 3 --zipf-repeats 3`): vLLM 1.08 (rounds 1.11, 1.09, 1.05), mixed ÷ base 0.85 (0.89 with
    bf16-held adapters), ÷ `generate` 3.01, 2000 ÷ 5 registered 0.88, cold load p50 4.5 ms, PEFT ÷ engine 0.15.
+   On a quiet 2-core AMD EPYC with AVX-512 and AVX512_BF16 (no AMX), with the adapters held as the platform holds
+   them (bf16) and the LoRA kernel's shrink taking several rows of A at a time: `--dtypes float32 --vllm-only
+   --repeats 3` gave engine base 546 against vLLM 458 tokens/s (1.19; rounds 1.15, 1.20, 1.24; before the kernel
+   change 1.30, rounds 1.14, 1.18, 1.59), 32 mixed 494 against 119 (4.15; fp32-held adapters 431), TPOT p50 52.0
+   against 90.4 ms, greedy 8 of 8 identical (vLLM against the fp32-held engine). The full fp32 run (`--dtypes float32
+   --repeats 3 --zipf-repeats 5`): mixed ÷ base 0.89 (fp32-held 0.84), ÷ `generate` 5.45, 2000 ÷ 5 registered 0.90
+   (rounds 0.81, 1.05, 0.97, 0.93, 0.95), cold load p50 5.7 ms late in that run (3.7 ms, p99 5.4, in a fresh process:
+   `--cold-load-only`), PEFT ÷ engine 0.15. What ratio 3 pays there: the LoRA weights of the ~20 distinct adapters a
+   step streams instead of 5 (~0.5 s a run), and 50-70 loads a run, each ~4 ms alone but 15-30 ms of the loader
+   thread's CPU beside the busy engine, nearly all of it the first touch of the adapter's new memory (page faults:
+   fresh pages cost 2-10 us each in this VM, where 9.3 MB of reused memory fills in 1.6 ms).
 
 Arrivals are faster than the engine can serve (it runs saturated, as throughput needs); the static
 `generate` baselines process the same requests offline in arrival order, batch after batch. Noise on
