@@ -57,7 +57,10 @@ requested lengths. Measured in the same run, at the same dtype on both sides of 
    `--cold-load-only`), PEFT ÷ engine 0.15. What ratio 3 pays there: the LoRA weights of the ~20 distinct adapters a
    step streams instead of 5 (~0.5 s a run), and 50-70 loads a run, each ~4 ms alone but 15-30 ms of the loader
    thread's CPU beside the busy engine, nearly all of it the first touch of the adapter's new memory (page faults:
-   fresh pages cost 2-10 us each in this VM, where 9.3 MB of reused memory fills in 1.6 ms).
+   fresh pages cost 2-10 us each in this VM, where 9.3 MB of reused memory fills in 1.6 ms). bf16 there (vLLM in
+   bf16 too: the CPU has bf16 dot products), `--dtypes bfloat16 --vllm-only --repeats 3`: engine base 712 against
+   vLLM 586 tokens/s (1.21; rounds 1.27, 1.22, 1.14), 32 mixed 570 against 109 (5.25), TPOT p50 41.1 against 51.5 ms,
+   greedy identical on 3 of 8 (first differences at tokens 1-26).
 
 Arrivals are faster than the engine can serve (it runs saturated, as throughput needs); the static
 `generate` baselines process the same requests offline in arrival order, batch after batch. Noise on
