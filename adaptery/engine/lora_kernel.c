@@ -50,9 +50,6 @@ INLINE __m512 wload(const void *w, int64_t i, const int wbf16) {
 INLINE __m512 wload_masked(const void *w, int64_t i, __mmask16 m, const int wbf16) {
     return wbf16 ? bf16x16_masked((const uint16_t *)w + i, m) : _mm512_maskz_loadu_ps(m, (const float *)w + i);
 }
-INLINE float wscalar(const void *w, int64_t i, const int wbf16) {
-    return wbf16 ? bf2f(((const uint16_t *)w)[i]) : ((const float *)w)[i];
-}
 /* A tile: up to TILE rows of the same adapter (a decode is a tile of one row, a prefill chunk is cut into
    tiles), so each weight loaded serves every row of the tile. x and out are bf16 (each row widened into xf
    first, the sum rounded once into out) or fp32. tn, bf16 and wbf16 are constants at every call site: the
