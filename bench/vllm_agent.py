@@ -178,8 +178,41 @@ def closed_loop(
         await asyncio.gather(*(loop(i) for i in range(clients)))
         return tokens, requests, time.monotonic() - started
 
+    before = cpu_seconds()
     tokens, requests, elapsed = asyncio.run(run())
-    return {"tokens_per_s": tokens / elapsed, "requests": requests}
+    after = cpu_seconds()
+    used = {name: after[name] - before.get(name, 0.0) for name in after}
+    return {
+        "tokens_per_s": tokens / elapsed,
+        "requests": requests,
+        "cpu_ms_per_request": {name: round(1000 * seconds / max(requests, 1), 2) for name, seconds in used.items()},
+        "cores_busy": round(sum(used.values()) / elapsed, 2),
+    }
+
+
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) used so far by this bench (its load generator) and each kind of process it
+    started (the server, its NATS, the agent, vLLM's server and engine), summed per kind: where a request's work goes
+    when they all share the machine's cores."""
+    import psutil
+
+    me = psutil.Process()
+    used: dict[str, float] = {}
+    for process in [me, *me.children(recursive=True)]:
+        try:
+            command = " ".join(process.cmdline())
+            times = process.cpu_times()
+        except psutil.Error:  # gone meanwhile
+            continue
+        kind = (
+            "bench" if process.pid == me.pid else
+            "nats" if "nats-server" in command else
+            "server" if "adaptery.cli serve" in command else
+            "agent" if "adaptery.cli agent" in command else
+            "vllm"  # vLLM's API server and its engine core (the agent's children, or this bench's for direct)
+        )  # fmt: skip
+        used[kind] = used.get(kind, 0.0) + times.user + times.system
+    return used
 
 
 def direct(settings: Settings, model_dir: Path, prompts: dict[int, list[int]], args: argparse.Namespace) -> dict:
@@ -376,12 +409,13 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
     if args.json_out:
         args.json_out.write_text(json.dumps(out, indent=2, default=str))
     print()
-    print("| path | start (s) | first token p50 (ms) | p99 (ms) | tokens/s |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("| path | start (s) | first token p50 (ms) | p99 (ms) | tokens/s | cores busy | CPU ms a request |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
     for side, row in rows.items():
+        cpu = ", ".join(f"{name} {ms:.1f}" for name, ms in sorted(row["cpu_ms_per_request"].items()))
         print(
             f"| {side} | {row['start_seconds']:.1f} | {row['first_token_ms_p50']:.1f} | "
-            f"{row['first_token_ms_p99']:.1f} | {row['tokens_per_s']:.1f} |"
+            f"{row['first_token_ms_p99']:.1f} | {row['tokens_per_s']:.1f} | {row['cores_busy']:.2f} | {cpu} |"
         )
     print(
         f"\nagent overhead: {summary['throughput_overhead_pct']:.1f} % throughput (goal <= 5), "
