@@ -310,7 +310,7 @@ class InferenceHost:
             params = SamplingParams(**request.params)
             deltas = self.engine.generate(
                 request.base_id, self.bases[request.base_id], adapter, request.prompt_ids, params, usage,
-                should_stop=stream.cancelled, fairness_key=request.fairness_key,
+                should_stop=stream.cancelled, fairness_key=request.fairness_key, streamed=request.streamed,
             )  # fmt: skip
             for delta in deltas:
                 tokens = usage.completion_tokens - sent_tokens  # the control plane adds these up and bills them

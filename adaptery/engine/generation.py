@@ -329,9 +329,12 @@ class InferenceEngine:
         usage: Usage,
         should_stop: Callable[[], bool] = lambda: False,
         fairness_key: str = "",
+        streamed: bool = True,
     ) -> Iterator[Delta]:
         """Stream the completion of `prompt_ids` as text deltas; the last delta has a finish_reason. The native
-        engine shares its batch fairly between `fairness_key`s (opaque; the server passes the tenant)."""
+        engine shares its batch fairly between `fairness_key`s (opaque; the server passes the tenant). `streamed` is
+        the engines' common interface (vLLM sends an answer nobody reads along in one piece): here each token is
+        handed over as it is sampled either way, and an infer agent coalesces the deltas of an unstreamed answer."""
         loaded = self.base(base_id, ref)
         self.check_fits(base_id, ref, prompt_ids, params.max_tokens)
         info = self.check_adapter(adapter) if adapter is not None else None

@@ -116,6 +116,7 @@ class ScriptedEngine:
     def __init__(self, pause: float) -> None:
         self.pause = pause
         self.stopped = threading.Event()
+        self.streamed: list[bool] = []  # what each request told the engine (vLLM's streams an unread answer whole)
 
     def base(self, base_id: str, path: str) -> None:
         pass
@@ -123,7 +124,9 @@ class ScriptedEngine:
     def describe(self) -> dict[str, Any]:
         return {"device": "cpu", "bases": {}}
 
-    def generate(self, base_id, path, adapter, prompt_ids, params, usage: Usage, should_stop, fairness_key):  # noqa: ANN001
+    def generate(self, base_id, path, adapter, prompt_ids, params, usage: Usage, should_stop, fairness_key, streamed):  # noqa: ANN001
+        self.streamed.append(streamed)
+
         def deltas() -> Iterator[Delta]:
             for text, finish, logprobs, tokens in DELTAS:
                 if should_stop():
@@ -155,8 +158,9 @@ def serve(
 
 @pytest.mark.parametrize("coalesce", [0.0, 60.0])
 def test_the_agent_streams_what_its_engine_made_and_counts_every_token(tmp_path, coalesce):
-    link = RecordingLink()
-    serve(tmp_path, ScriptedEngine(pause=0.001), link, coalesce)
+    link, engine = RecordingLink(), ScriptedEngine(pause=0.001)
+    serve(tmp_path, engine, link, coalesce)
+    assert engine.streamed == [True]
     assert link.sent[0]["accepted"] and link.sent[-1]["end"]
     assert link.sent[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 5}
     assert received(link.sent)[:2] == ("Hello wörld", 5)
@@ -164,8 +168,9 @@ def test_the_agent_streams_what_its_engine_made_and_counts_every_token(tmp_path,
 
 
 def test_an_answer_read_whole_goes_in_a_message_a_second_its_first_token_at_once(tmp_path):
-    link = RecordingLink()
-    serve(tmp_path, ScriptedEngine(pause=0.001), link, 0.0, streamed=False)  # the agent's own window: none
+    link, engine = RecordingLink(), ScriptedEngine(pause=0.001)
+    serve(tmp_path, engine, link, 0.0, streamed=False)  # the agent's own window: none
+    assert engine.streamed == [False]  # the engine hears it too (vLLM then sends the answer in one piece)
     assert received(link.sent)[:2] == ("Hello wörld", 5)
     deltas = [message for message in link.sent if "text" in message]
     assert [d["text"] for d in deltas] == ["Hel", "lo wörld"]  # the first at once, the rest with the end

@@ -111,7 +111,10 @@ def test_the_completion_request_carries_the_control_planes_tokens_and_parameters
     assert (body["max_tokens"], body["temperature"], body["top_p"], body["top_k"]) == (7, 0.0, 0.9, 5)
     assert body["stop"] == ["\n"] and body["seed"] == 3
     assert body["stream"] is True and body["return_token_ids"] is True  # tokens per chunk: the host bills them
-    assert "logprobs" not in body and "structured_outputs" not in body
+    assert "logprobs" not in body and "structured_outputs" not in body and "stream_interval" not in body
+    # an answer the client reads whole: the first token at once (progress for the control plane), then the rest in
+    # one piece rather than a chunk a token
+    assert completion_body("m", [1], params, streamed=False)["stream_interval"] == 7
     with_logprobs = completion_body("m", [1], SamplingParams(logprobs=True, top_logprobs=2))
     assert with_logprobs["logprobs"] == 2 and with_logprobs["return_tokens_as_token_ids"] is True
     grammar = 'start: "yes" | "no"'
