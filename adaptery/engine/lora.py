@@ -17,7 +17,6 @@ per-output-feature magnitude scale on top of either.
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import json
 import logging
@@ -129,16 +128,16 @@ def prepare_adapter(
     alpha = float(config.get("lora_alpha", rank))
     scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     layers = len(model.layers)
-    # Installed with numpy, single-threaded: the loader thread runs beside the engine's step, and torch's
-    # parallel fills and copies would contend with it for the cores (and wait on them when the machine is
-    # busy). The adapter's own tensors are copied in, each converted to the served dtype on its way (bf16 held as
-    # its bits): no whole-adapter fp32 copy to convert afterwards. Left uninitialised (memory the allocator kept
-    # is reused as it is, not zeroed by the kernel first), then only the projections the adapter does not train
-    # are zeroed.
+    # Installed single-threaded: the loader thread runs beside the engine's step, and torch's parallel fills and
+    # copies would contend with it for the cores (and wait on them when the machine is busy). The adapter's own
+    # tensors are read from the file's mapping straight into their place, converted to the served dtype on the way
+    # (bf16 held as its bits): with the C library one pass each (`convert_weights`: B transposed and scaled too),
+    # else with numpy. Left uninitialised (memory the allocator kept is reused as it is, not zeroed by the kernel
+    # first), then only the projections the adapter does not train are zeroed.
     staged = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
-    # the C library rounds to bf16 in one pass, where numpy takes five: the engine's own (looking it up again costs
-    # ~0.6 ms, an eighth of a load), else loaded here
-    library = (model.kernel or lora_kernel.load()) if staged == torch.bfloat16 else None
+    # the engine's own library (looking it up again costs ~0.6 ms); for bf16 without one, loaded here (numpy takes
+    # five passes to round)
+    library = model.kernel or (lora_kernel.load() if staged == torch.bfloat16 else None)
     held = np.uint16 if staged == torch.bfloat16 else np.float32
     shrink = {site: np.empty((layers, rank, len(mods), model.site_in[site]), held) for site, mods in SITES.items()}
     expand = {site: np.empty((layers, rank, sum(model.site_out[site])), held) for site in SITES}
@@ -163,9 +162,14 @@ def prepare_adapter(
                 f"layer {layer} {module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the base "
                 f"model ({rank}x{d_in} / {d_out}x{rank})"
             )
-        shrink[site][layer, :, index] = _as_held(a, staged, library)
         start = sum(model.site_out[site][:index])
-        expand[site][layer, :, start : start + d_out] = _held(_as_float32(b).T * np.float32(scaling), staged, library)
+        if library is not None:
+            lora_kernel.convert_weights(library, *_source(a), shrink[site][layer, :, index])
+            source, bf16 = _source(b)
+            lora_kernel.convert_weights(library, source.T, bf16, expand[site][layer, :, start : start + d_out], scaling)
+        else:
+            shrink[site][layer, :, index] = _as_held(a, staged)
+            expand[site][layer, :, start : start + d_out] = _held(_as_float32(b).T * np.float32(scaling), staged)
     for layer in range(layers):
         for module, (site, index) in MODULE_SITE.items():
             if (layer, module) not in found_a:  # not trained: a zero update
@@ -188,6 +192,14 @@ def prepare_adapter(
     return PreparedAdapter(key, rank, shrink_t, expand_t, magnitude, nbytes)
 
 
+def _source(tensor: torch.Tensor) -> tuple[np.ndarray, bool]:
+    """A safetensors tensor as `convert_weights` reads it: fp32 and bf16 (as its bits) viewed where they lie in the
+    file's mapping, other dtypes converted to fp32; and whether it is bf16."""
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(np.uint16), True
+    return _as_float32(tensor), False
+
+
 def _as_float32(tensor: torch.Tensor) -> np.ndarray:
     """A safetensors tensor as a float32 numpy array, without torch's (multi-threaded) conversion kernels."""
     if tensor.dtype == torch.bfloat16:
@@ -197,13 +209,11 @@ def _as_float32(tensor: torch.Tensor) -> np.ndarray:
     return tensor.numpy().astype(np.float32)  # float16 and others numpy knows
 
 
-def _held(array: np.ndarray, staged: torch.dtype, library: ctypes.CDLL | None) -> np.ndarray:
-    """A float32 array as the prepared tensors hold it: itself (fp32), or its bf16 bits (uint16), rounded to nearest
-    even as torch rounds (NaN-free weights assumed checked upstream)."""
+def _held(array: np.ndarray, staged: torch.dtype) -> np.ndarray:
+    """A float32 array as the prepared tensors hold it, where no C library converts it: itself (fp32), or its bf16
+    bits (uint16), rounded to nearest even as torch rounds (NaN-free weights assumed checked upstream)."""
     if staged == torch.float32:
         return array
-    if library is not None:  # one vectorised pass, where numpy takes five
-        return lora_kernel.to_bf16(library, array)
     bits = np.ascontiguousarray(array).view(np.uint32)
     rounded = (bits >> 16) & 1
     rounded += 0x7FFF
@@ -212,11 +222,11 @@ def _held(array: np.ndarray, staged: torch.dtype, library: ctypes.CDLL | None) -
     return rounded.astype(np.uint16)
 
 
-def _as_held(tensor: torch.Tensor, staged: torch.dtype, library: ctypes.CDLL | None) -> np.ndarray:
+def _as_held(tensor: torch.Tensor, staged: torch.dtype) -> np.ndarray:
     """A safetensors tensor as `_held` gives it; bf16 into bf16 copied as it is."""
     if staged == torch.bfloat16 and tensor.dtype == torch.bfloat16:
         return tensor.view(torch.int16).numpy().view(np.uint16)
-    return _held(_as_float32(tensor), staged, library)
+    return _held(_as_float32(tensor), staged)
 
 
 def _to_torch(array: np.ndarray, staged: torch.dtype, dtype: torch.dtype) -> torch.Tensor:

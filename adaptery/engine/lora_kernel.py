@@ -188,7 +188,9 @@ def load(portable: bool = False) -> ctypes.CDLL | None:
             library.rotary.restype = None
             library.silu_mul.argtypes = [i64, ptr, i64, ptr, i64, ptr, i64, ctypes.c_int, ctypes.c_int]
             library.silu_mul.restype = None
-            library.to_bf16.argtypes, library.to_bf16.restype = [i64, ptr, ptr], None
+            library.convert_weights.argtypes = [i64, i64, ptr, i64, i64, ctypes.c_int, ptr, i64, ctypes.c_int,
+                                                ctypes.c_int, ctypes.c_float]  # fmt: skip
+            library.convert_weights.restype = None
         except Exception as exc:  # no compiler, a failed build, a library that does not load: PyTorch path
             log.warning("the fused LoRA kernel is unavailable, using the PyTorch path: %s", exc)
             library = None
@@ -484,13 +486,29 @@ def silu_mul(library: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def to_bf16(library: ctypes.CDLL, array: np.ndarray) -> np.ndarray:
-    """A float32 numpy array's values rounded to bf16 (nearest even, as torch rounds), as uint16 bits of the same
-    shape; on the calling thread alone (no OpenMP)."""
-    if not isinstance(array, np.ndarray) or array.dtype != np.float32:
-        raise TypeError(f"array must be a float32 numpy array, not {getattr(array, 'dtype', type(array).__name__)}")
-    source = np.ascontiguousarray(array)
-    out = np.empty(source.shape, np.uint16)
-    if source.size:
-        library.to_bf16(source.size, source.ctypes.data, out.ctypes.data)
-    return out
+def convert_weights(
+    library: ctypes.CDLL, source: np.ndarray, source_bf16: bool, target: np.ndarray, scale: float | None = None
+) -> None:
+    """`target` = `source` (times `scale`), in one pass on the calling thread: 2-D arrays of one shape, the source in
+    any layout (a transposed view too), float32 or bf16 bits (uint16, `source_bf16`); the target's rows contiguous,
+    float32, or uint16 for bf16 rounded to nearest even as torch rounds."""
+    for name, array in (("source", source), ("target", target)):  # a few microseconds: ~112 calls an adapter
+        if type(array) is not np.ndarray or array.ndim != 2 or array.dtype.char not in "fH":
+            raise TypeError(f"{name} must be a 2-D float32 or uint16 (bf16) numpy array")
+        if array.strides[0] % array.itemsize or array.strides[1] % array.itemsize:
+            raise ValueError(f"{name}'s strides must be whole elements")
+    if source.shape != target.shape:
+        raise ValueError(f"source {source.shape} and target {target.shape} differ")
+    if (source.dtype.char == "H") != source_bf16:
+        raise TypeError("a bf16 source is held as uint16 bits, a float32 one as float32")
+    if target.shape[1] > 1 and target.strides[1] != target.itemsize:
+        raise ValueError("the target's rows must be contiguous")
+    if not target.flags.writeable:
+        raise ValueError("the target is read-only")
+    if target.size:
+        rs, cs = (stride // source.itemsize for stride in source.strides)
+        library.convert_weights(
+            target.shape[0], target.shape[1], source.ctypes.data, rs, cs, int(source_bf16), target.ctypes.data,
+            target.strides[0] // target.itemsize, int(target.dtype == np.uint16), int(scale is not None),
+            1.0 if scale is None else scale,
+        )  # fmt: skip

@@ -196,10 +196,31 @@ void silu_mul(int64_t n, const void *gate, int64_t gs, const void *up, int64_t u
     }
 }
 
-/* n floats rounded to bf16 (nearest even, NaN kept quiet, as torch rounds), on the calling thread alone: an
-   adapter's weights converted as they are read, on the loader thread beside the engine's step. */
-void to_bf16(int64_t n, const float *src, uint16_t *dst) {
-    const int64_t vec = n / 8 * 8;
-    for (int64_t i = 0; i < vec; i += 8) ops_store(dst, i, ops_round(ops_load(src, i, 0), 1), 1);
-    for (int64_t i = vec; i < n; i++) dst[i] = f2bf(src[i]);
+/* rows x cols of an adapter's weights into the engine's held layout, on the calling thread alone (the loader, beside
+   the step): dst[i * ds + j] = src[i * rs + j * cs], times `scale` where `scaled` (in fp32, then rounded once), read as
+   fp32 or bf16 and stored as fp32 or rounded to bf16 (nearest even, NaN kept quiet, as torch rounds); bf16 to bf16
+   unscaled keeps its bits. One pass from the file's mapping into the prepared tensor (a transposed source is read
+   with cs > 1), where numpy's transpose, scaling, rounding and slice assignment each made a pass and a temporary. */
+void convert_weights(int64_t rows, int64_t cols, const void *src, int64_t rs, int64_t cs, int src_bf16, void *dst,
+                     int64_t ds, int dst_bf16, int scaled, float scale) {
+    const int64_t in_size = src_bf16 ? 2 : 4, out_size = dst_bf16 ? 2 : 4, vec = cols / 8 * 8;
+    for (int64_t i = 0; i < rows; i++) {
+        const char *s = (const char *)src + i * rs * in_size;
+        char *d = (char *)dst + i * ds * out_size;
+        if (cs == 1 && !scaled && src_bf16 == dst_bf16) {
+            __builtin_memcpy(d, s, (size_t)(cols * in_size));
+            continue;
+        }
+        for (int64_t j = 0; j < vec; j += 8) {
+            ops_v8f v;
+            if (cs == 1) v = ops_load(s, j, src_bf16);
+            else for (int k = 0; k < 8; k++) v[k] = ops_load1(s, (j + k) * cs, src_bf16);
+            if (scaled) v = v * scale;
+            ops_store(d, j, ops_round(v, dst_bf16), dst_bf16);
+        }
+        for (int64_t j = vec; j < cols; j++) {
+            float v = ops_load1(s, j * cs, src_bf16);
+            ops_store1(d, j, scaled ? v * scale : v, dst_bf16);
+        }
+    }
 }

@@ -3,6 +3,7 @@ to each request alone, preemption, cancellation, sampling options, and the trans
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import threading
@@ -523,6 +524,41 @@ def test_the_kernel_on_widths_and_ranks_that_fit_no_vector(build, dtype, adapter
     torch.testing.assert_close(result.double(), expected, atol=atol, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
+@pytest.mark.parametrize("build", ["native", "portable"])
+def test_an_adapter_s_weights_are_converted_in_one_pass_as_torch_converts_them(build):
+    """`convert_weights`, every source and target dtype, straight and transposed (B's layout), scaled or not, widths
+    with and without a tail shorter than a vector, into a slice of a wider array: torch's `(source * scale).to(dtype)`
+    bit for bit, ties to even included, the columns beside the slice untouched; bf16 copied unscaled keeps its bits."""
+    library = lora_kernel.load(portable=build == "portable")
+    if library is None:
+        pytest.skip("no C compiler here")
+    import numpy as np
+
+    def bits(tensor: torch.Tensor) -> np.ndarray:  # as the loader holds bf16: its bits as uint16
+        return tensor.view(torch.int16).numpy().view(np.uint16) if tensor.dtype == torch.bfloat16 else tensor.numpy()
+
+    generator = torch.Generator().manual_seed(5)
+    for rows, cols in [(3, 16), (5, 37), (16, 1)]:
+        for source_dtype, target_dtype in itertools.product([torch.float32, torch.bfloat16], repeat=2):
+            for transposed, scale in itertools.product([False, True], [None, 0.37]):
+                source = torch.randn(*((cols, rows) if transposed else (rows, cols)), generator=generator)
+                source.view(-1)[:2] = torch.tensor([1.0 + 2**-8, 1.0 + 3 * 2**-8])  # halfway between two bf16 values
+                source = source.to(source_dtype)
+                view = source.T if transposed else source
+                wide = torch.full((rows, cols + 3), 7.0, dtype=target_dtype)
+                target = bits(wide)[:, 1 : cols + 1]
+                lora_kernel.convert_weights(library, bits(source).T if transposed else bits(source),
+                                            source_dtype == torch.bfloat16, target, scale)  # fmt: skip
+                expected = view.float() if scale is None else view.float() * torch.tensor(scale, dtype=torch.float32)
+                case = (rows, cols, source_dtype, target_dtype, transposed, scale)
+                assert torch.equal(wide[:, 1 : cols + 1], expected.to(target_dtype)), case
+                assert (wide[:, 0] == 7).all() and (wide[:, cols + 1 :] == 7).all(), case
+    nan = np.array([[0x7F81, 0xFF85]], np.uint16)  # signalling NaNs' bits: copied, not quietened
+    copied = np.zeros((1, 2), np.uint16)
+    lora_kernel.convert_weights(library, nan, True, copied)
+    assert copied.tolist() == [[0x7F81, 0xFF85]]
+
+
 @pytest.mark.parametrize(
     "dtype, adapter_dtype",
     [(torch.float32, None), (torch.bfloat16, None), (torch.float32, torch.bfloat16)],
@@ -739,6 +775,33 @@ def test_a_bf16_adapter_is_rounded_by_the_engine_s_own_library_without_looking_i
     native.kernel = None
     prepare_adapter("a", adapters["lora_qv_r4"], native, 32, torch.bfloat16)
     assert len(calls) == 1
+
+
+def test_an_adapter_prepared_by_the_c_library_equals_the_numpy_path(demo_model_dir, adapters, tmp_path, monkeypatch):
+    """Every kind of adapter (ranks, rsLoRA's scaling, DoRA, partial targets; files in fp32 and in bf16), held in fp32
+    and in bf16: the library's one-pass conversion gives exactly the numpy path's tensors."""
+    library = lora_kernel.load()
+    if library is None:
+        pytest.skip("the C library cannot build here")
+    from safetensors.torch import load_file, save_file
+
+    hf = AutoModelForCausalLM.from_pretrained(demo_model_dir)
+    with_c, numpy_only = NativeLlama(hf, torch.float32, 64), NativeLlama(hf, torch.float32, 64)
+    with_c.kernel = library
+    paths = dict(adapters)
+    bf16_file = shutil.copytree(adapters["rslora_r12"], tmp_path / "bf16-file")
+    weights = bf16_file / "adapter_model.safetensors"
+    save_file({n: t.to(torch.bfloat16) for n, t in load_file(weights).items()}, weights)
+    paths["rslora_r12 in bf16"] = bf16_file
+    for (name, path), dtype in itertools.product(paths.items(), [torch.float32, torch.bfloat16]):
+        with monkeypatch.context() as patch:  # numpy's own rounding: no library for this model to find
+            patch.setattr(lora_kernel, "load", lambda *a, **k: None)
+            expected = prepare_adapter(name, path, numpy_only, 32, dtype)
+        got = prepare_adapter(name, path, with_c, 32, dtype)
+        for site in SITES:
+            assert torch.equal(got.shrink[site], expected.shrink[site]), (name, dtype, site)
+            assert torch.equal(got.expand[site], expected.expand[site]), (name, dtype, site)
+        assert (got.magnitude is None) == (expected.magnitude is None), name
 
 
 def test_an_adapter_training_some_projections_is_prepared_with_zeros_for_the_rest_whatever_memory_it_gets(

@@ -285,3 +285,29 @@ def test_a_site_table_of_inference_tensors_is_checked_on_every_call():
         args["ranks"].fill_(5)
         with pytest.raises(ValueError, match="ranks must lie in"):
             table.run(NoC(), 0, args["x"], args["out"], args["slots"])
+
+
+def _bad_conversions() -> dict:
+    import numpy as np
+
+    source, target = np.zeros((2, 3), np.float32), np.zeros((2, 3), np.uint16)
+    return {
+        "a tensor, not an array": (torch.zeros(2, 3), False, target),
+        "float64": (source.astype(np.float64), False, target),
+        "three dimensions": (source[None], False, target),
+        "shapes differ": (source, False, np.zeros((3, 2), np.uint16)),
+        "bf16 flag on float32": (source, True, target),
+        "float32 flag on uint16": (target.copy(), False, target),
+        "target rows not contiguous": (source, False, np.zeros((2, 6), np.uint16)[:, ::2]),
+        "read-only target": (source, False, np.frombuffer(bytes(12), np.uint16).reshape(2, 3)),
+        "strides of half an element": (np.lib.stride_tricks.as_strided(source, (2, 3), (6, 2)), False, target),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_conversions()))
+def test_convert_weights_refuses_what_it_cannot_write_safely(case):
+    """Every bad call to `convert_weights` (the loader's conversion into an adapter's tensors) is a TypeError or
+    ValueError before C sees a pointer."""
+    source, bf16, target = _bad_conversions()[case]
+    with pytest.raises((TypeError, ValueError)):
+        lora_kernel.convert_weights(NoC(), source, bf16, target)
