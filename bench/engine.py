@@ -11,7 +11,9 @@ requested lengths. Measured in the same run, at the same dtype on both sides of 
    platform does (ADAPTERY_ENGINE_ADAPTER_DTYPE, bf16 by default, an fp32 engine included); until the AMD EPYC
    figures below, ratios 1 and 3 held them in fp32 (1b held them in bf16)
 2. engine, base only / transformers `generate` with static batches of the same requests
-3. engine with 2000 registered adapters / with 5 (Zipf popularity over the registered ones)
+3. engine with 2000 registered adapters / with 5 (Zipf popularity over the registered ones), each with the
+   platform's adapter cache budget (ADAPTERY_ENGINE_ADAPTER_CACHE_MB); 3b the same 2000-registered stream with each
+   round's adapters loaded before it starts: 3 ÷ 3b is what the loads cost, 3b what more distinct adapters a step do
 4. cold load of a rank-16 adapter from disk (read + prepare), p50
 5. PEFT mixed-adapter `generate(adapter_names=...)` / engine, same mixed workload
 6. (float32, `--vllm`, issue 18) vLLM's CPU build: engine base / vLLM base (goal >= 1.1) and engine with 32 mixed
@@ -54,10 +56,16 @@ requested lengths. Measured in the same run, at the same dtype on both sides of 
    against 90.4 ms, greedy 8 of 8 identical (vLLM against the fp32-held engine). The full fp32 run (`--dtypes float32
    --repeats 3 --zipf-repeats 5`): mixed ÷ base 0.89 (fp32-held 0.84), ÷ `generate` 5.45, 2000 ÷ 5 registered 0.90
    (rounds 0.81, 1.05, 0.97, 0.93, 0.95), cold load p50 5.7 ms late in that run (3.7 ms, p99 5.4, in a fresh process:
-   `--cold-load-only`), PEFT ÷ engine 0.15. What ratio 3 pays there: the LoRA weights of the ~20 distinct adapters a
-   step streams instead of 5 (~0.5 s a run), and 50-70 loads a run, each ~4 ms alone but 15-30 ms of the loader
-   thread's CPU beside the busy engine, nearly all of it the first touch of the adapter's new memory (page faults:
-   fresh pages cost 2-10 us each in this VM, where 9.3 MB of reused memory fills in 1.6 ms). bf16 there (vLLM in
+   `--cold-load-only`), PEFT ÷ engine 0.15. What ratio 3 pays there: the LoRA weights of the ~22 distinct adapters a
+   step streams instead of ~4.6, and 45-60 loads a run, each ~4-6 ms alone but 6-30 ms of the loader thread's CPU
+   beside the busy engine. Later, with ratio 3b and the loads converted in one C pass (a load alone 6.1 -> 5.4 ms in
+   fresh memory, 3.6 -> 3.0 in reused), same machine and command without vLLM (`--no-vllm`): base 670 tokens/s,
+   mixed ÷ base 0.86 (fp32-held 0.82; rounds 0.86, 0.87, 0.85: the base ran 20 % faster than the run above, the
+   LoRA traffic did not), ÷ `generate` 5.37, 2000 ÷ 5 0.92 (rounds 0.91, 0.86, 0.91, 0.93, 0.92), 3b 0.93 (0.94,
+   0.95, 0.91, 0.96, 0.90), cold load p50 3.7 / p99 5.6 ms, PEFT ÷ engine 0.15: most of what 2000 ÷ 5 misses is the
+   extra distinct adapters' weights (a decode step of 32 bf16-held adapters reads ~149 MB at ~21 GB/s, fp32-held
+   ~28 GB/s), the loads about 1-2 %. An evicted adapter's memory reused for the next load (no page to fault in)
+   changed nothing measurable there: tcmalloc already hands freed memory back to the next load. bf16 there (vLLM in
    bf16 too: the CPU has bf16 dot products), `--dtypes bfloat16 --vllm-only --repeats 3`: engine base 712 against
    vLLM 586 tokens/s (1.21; rounds 1.27, 1.22, 1.14), 32 mixed 570 against 109 (5.25), TPOT p50 41.1 against 51.5 ms,
    greedy identical on 3 of 8 (first differences at tokens 1-26).

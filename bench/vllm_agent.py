@@ -93,6 +93,18 @@ a CPU share, `VLLM_CPU_OMP_THREADS_BIND=nobind`): direct 479-544 tokens/s and 13
 overhead stays 10-15 ms at p50, of which the platform's own request handling (authentication, limits, template) is
 about 4 ms that the direct path skips.
 
+Each closed loop now reports the CPU milliseconds a request of every process (bench, server, NATS, agent, vLLM) and
+how many cores were busy. On the same AMD EPYC: the cores are always busy (1.94-1.98: vLLM's engine takes whatever
+is free, so its figure is the inverse of the throughput, not its work), and the platform's own work was ~15 ms a
+request (server 5-6.5, agent 6-10.7, NATS 0.5-0.8), the agent's mostly reading vLLM's stream a chunk a token for
+answers the client reads whole. Those now ask vLLM for the first token at once and the rest in one piece
+(`stream_interval`); four runs alternating without and with it (`--requests 20 --seconds 15 --max-tokens 32`):
+the agent's CPU a request 8.5, 4.1, 8.4, 3.9 ms, the server's 5.2-5.8 in all. Throughput through the agent
+467.6, 482.0, 483.9, 830.2 tokens/s against direct 912.2, 776.8, 592.6, 1094.5 in the same runs: vLLM called
+directly moves by a factor of 1.8 between runs of the same code here, so these runs settle neither way whether the
+throughput goal (<= 5 %) is met; first token +10.8 to +12.4 ms at p50 (goal <= 3), the platform's path before and
+after vLLM as traced above.
+
 Prints JSON and a markdown table.
 """
 
