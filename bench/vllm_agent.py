@@ -102,7 +102,7 @@ answers the client reads whole. Those now ask vLLM for the first token at once a
 the agent's CPU a request 8.5, 4.1, 8.4, 3.9 ms, the server's 5.2-5.8 in all. Throughput through the agent
 467.6, 482.0, 483.9, 830.2 tokens/s against direct 912.2, 776.8, 592.6, 1094.5 in the same runs: vLLM called
 directly moves by a factor of 1.8 between runs of the same code here, so these runs settle neither way whether the
-throughput goal (<= 5 %) is met; first token +10.8 to +12.4 ms at p50 (goal <= 3), the platform's path before and
+throughput goal (<= 5 %) is met; first token +4.6 to +12.9 ms at p50 (goal <= 3), the platform's path before and
 after vLLM as traced above.
 
 Prints JSON and a markdown table.
