@@ -3,19 +3,24 @@ called directly, same requests, in one run (issue 17's benchmark part 2; bench/s
 
     .venv/bin/python bench/vllm_agent.py --json-out vllm-agent.json
 
-Needs vLLM's environment (`make vllm-env`). One after the other, so they never share the CPU:
+Needs vLLM's environment (`make vllm-env`). Both sides are started and warmed up, then measured in `--rounds`
+alternating rounds (the order flips each round; the side not measured is idle, ~1 % of a core):
 
-1. **Direct**: a vLLM server started as the agent starts it (`agent/vllm_engine.py`: same options, one thread),
-   called on its socket with /v1/completions and the prompt's token ids (the demo chat template, as the control
-   plane renders it).
+1. **Direct**: the agent's own vLLM server (`agent/vllm_engine.py`: one thread), called on its socket with
+   /v1/completions and the prompt's token ids (the demo chat template, as the control plane renders it): the same
+   vLLM process on both sides.
 2. **Through the agent**: `adaptery serve` (no training agent) and one vLLM infer agent; the same conversations
    through /v1/chat/completions, so every request crosses the API, limits, the router, NATS and the agent.
 
-For each: seconds until vLLM is healthy (direct) or the agent announces its base; `--warmup-seconds` of the closed
-loop below, not counted (vLLM's first seconds under load ran at a third of its later rate); first-token latency (time to
-the first streamed chunk with text, `--requests` sequential requests of 2 tokens, p50 and p99); and completion
-tokens/s of `--clients` closed-loop clients for `--seconds` (temperature 1, seeded, `--max-tokens` each). Goals
-(issue 17): the agent costs <= 5 % of the throughput and <= 3 ms of first-token latency.
+Reported: seconds until the agent announces its base (its vLLM started); `--warmup-seconds` of the closed
+loop below, not counted (vLLM's first seconds under load ran at a third of its later rate); then each round, each
+side: first-token latency (time to the first streamed chunk with text, `--requests` sequential requests of 2
+tokens, p50 and p99), completion tokens/s of `--clients` closed-loop clients for `--seconds` (temperature 1, seeded,
+`--max-tokens` each), and the CPU milliseconds a request of each of the side's processes. The overheads are taken
+round by round (the two sides ran back to back) and their median is the figure. Goals (issue 17): the agent costs
+<= 5 % of the throughput and <= 3 ms of first-token latency.
+
+Until the last paragraph below the two sides ran one after the other, each once, direct on a vLLM of its own.
 
 Measured on the 2-core CPU shared with other work (`--requests 20 --clients 4 --seconds 15 --max-tokens 32`, bf16,
 the base model; the two runs one after the other, load 9-16 during both):
@@ -105,6 +110,16 @@ directly moves by a factor of 1.8 between runs of the same code here, so these r
 throughput goal (<= 5 %) is met; first token +4.6 to +12.9 ms at p50 (goal <= 3), the platform's path before and
 after vLLM as traced above.
 
+So the bench now calls the agent's own vLLM directly (its socket and key read from the process) and alternates the
+two paths in rounds on that one server. Same machine, `--requests 20 --seconds 15 --max-tokens 32 --rounds 5`:
+direct 864-1361 tokens/s, through the agent 665-894; throughput overhead 23.1, 34.3, 48.1, 28.4, 42.7 % (median
+34.3 %), first token +14.3, +7.0, +9.0, +8.6, +6.9 ms (median +8.6); the platform's CPU a request: server 4.3-4.8 ms,
+agent 3.4-3.9, NATS 0.5-0.6. With four closed-loop clients the platform's latency (~10 ms a request against ~100 ms
+of vLLM's at a batch of four) takes its share of the throughput on top of the CPU it takes from vLLM's cores.
+With `--clients 16 --rounds 3`: direct 1574, 1652, 893 tokens/s, through the agent 1190, 1052, 1075 (overhead 24.4,
+36.3, -20.4 %: the same vLLM called directly still moved by 1.8x between rounds), first token +11.2, +10.6, +8.2 ms;
+the platform's CPU a request: server 3.7-4.5 ms, agent 2.7-2.9, NATS 0.3-0.4.
+
 Prints JSON and a markdown table.
 """
 
@@ -112,6 +127,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -124,7 +140,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +151,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from adaptery.agent import vllm_env  # noqa: E402
-from adaptery.agent.vllm_engine import VllmEngine  # noqa: E402
 from adaptery.engine import process_setup  # noqa: E402
 from adaptery.engine.demo_model import DEMO_MODEL_ID, build_demo_model  # noqa: E402
 from adaptery.engine.generation import InferenceEngine  # noqa: E402
@@ -163,15 +179,21 @@ def first_token(stream: Callable[[], httpx.Response], is_token: Callable[[dict[s
     return elapsed
 
 
-def closed_loop(
-    clients: int,
-    seconds: float,
-    call: Callable[[httpx.AsyncClient, int], Awaitable[int]],
-    make_client: Callable[[], httpx.AsyncClient] = lambda: httpx.AsyncClient(timeout=300),
-) -> dict[str, float]:
-    """`clients` callers back to back for `seconds`, each with a connection of its own (`make_client`): tasks of one
-    event loop, as bench/fabric.py's load is (16 threads of blocking clients fed vLLM directly more slowly than the
-    agent fed it, so the direct side was not the ceiling it is meant to be)."""
+@dataclass
+class Side:
+    """One path to vLLM, up and warm, measured again each round: sequential first-token requests, a closed loop."""
+
+    start_seconds: float
+    first_token: Callable[[int], float]  # the i-th first-token request: seconds to its first streamed text
+    call: Callable[[httpx.AsyncClient, int], Awaitable[int]]  # one closed-loop request: its completion tokens
+    make_client: Callable[[], httpx.AsyncClient]
+    processes: Callable[[], list[int]]  # the pids whose CPU is this side's (with their children)
+
+
+def closed_loop(side: Side, clients: int, seconds: float) -> dict[str, Any]:
+    """`clients` callers back to back for `seconds`, each with a connection of its own: tasks of one event loop, as
+    bench/fabric.py's load is (16 threads of blocking clients fed vLLM directly more slowly than the agent fed it, so
+    the direct side was not the ceiling it is meant to be)."""
 
     async def run() -> tuple[int, int, float]:
         tokens = requests = 0
@@ -179,10 +201,10 @@ def closed_loop(
 
         async def loop(client_index: int) -> None:
             nonlocal tokens, requests
-            async with make_client() as client:
+            async with side.make_client() as client:
                 index = client_index
                 while time.monotonic() < stop_at:
-                    done = await call(client, index)
+                    done = await side.call(client, index)
                     index += clients
                     tokens, requests = tokens + done, requests + 1
 
@@ -190,9 +212,9 @@ def closed_loop(
         await asyncio.gather(*(loop(i) for i in range(clients)))
         return tokens, requests, time.monotonic() - started
 
-    before = cpu_seconds()
+    before = cpu_seconds(side.processes())
     tokens, requests, elapsed = asyncio.run(run())
-    after = cpu_seconds()
+    after = cpu_seconds(side.processes())
     used = {name: after[name] - before.get(name, 0.0) for name in after}
     return {
         "tokens_per_s": tokens / elapsed,
@@ -202,73 +224,87 @@ def closed_loop(
     }
 
 
-def cpu_seconds() -> dict[str, float]:
-    """CPU seconds (user + system) used so far by this bench (its load generator) and each kind of process it
-    started (the server, its NATS, the agent, vLLM's server and engine), summed per kind: where a request's work goes
-    when they all share the machine's cores."""
+def cpu_seconds(roots: list[int]) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by this bench (its load generator) and each kind of process of one
+    side (the server, its NATS, the agent, vLLM's server and engine), summed per kind: where a request's work goes
+    when they all share the machine's cores. The other side, idle meanwhile, is not counted."""
     import psutil
 
     me = psutil.Process()
-    used: dict[str, float] = {}
-    for process in [me, *me.children(recursive=True)]:
+    used = {"bench": sum(me.cpu_times()[:2])}
+    for root in roots:
         try:
-            command = " ".join(process.cmdline())
-            times = process.cpu_times()
-        except psutil.Error:  # gone meanwhile
+            tree = [psutil.Process(root), *psutil.Process(root).children(recursive=True)]
+        except psutil.Error:
             continue
-        kind = (
-            "bench" if process.pid == me.pid else
-            "nats" if "nats-server" in command else
-            "server" if "adaptery.cli serve" in command else
-            "agent" if "adaptery.cli agent" in command else
-            "vllm"  # vLLM's API server and its engine core (the agent's children, or this bench's for direct)
-        )  # fmt: skip
-        used[kind] = used.get(kind, 0.0) + times.user + times.system
+        for process in tree:
+            try:
+                command = " ".join(process.cmdline())
+                times = process.cpu_times()
+            except psutil.Error:  # gone meanwhile
+                continue
+            kind = (
+                "nats" if "nats-server" in command else
+                "server" if "adaptery.cli serve" in command else
+                "agent" if "adaptery.cli agent" in command else
+                "vllm"  # vLLM's API server and its engine core
+            )  # fmt: skip
+            used[kind] = used.get(kind, 0.0) + times.user + times.system
     return used
 
 
-def direct(settings: Settings, model_dir: Path, prompts: dict[int, list[int]], args: argparse.Namespace) -> dict:
-    engine = VllmEngine.from_settings(settings)
-    try:
-        started = time.monotonic()
-        served = engine.base(DEMO_MODEL_ID, str(model_dir))
-        start_seconds = time.monotonic() - started
-        server = served.server
-        transport = httpx.HTTPTransport(uds=str(server.socket))
-        with httpx.Client(transport=transport, base_url="http://vllm", headers=server.headers, timeout=300) as http:
+@contextlib.contextmanager
+def direct(agent: Side, prompts: dict[int, list[int]], args: argparse.Namespace) -> Iterator[Side]:
+    """The agent's own vLLM server called directly, on its socket, with /v1/completions and the prompts' token ids:
+    the same process on both sides, so only the platform's path differs (two vLLM servers started one after the
+    other ran 1.8x apart here). Its socket and key are read from the process, as the agent's user may."""
+    import psutil
 
-            def stream(index: int) -> Callable[[], httpx.Response]:
-                body = {"model": DEMO_MODEL_ID, "prompt": prompts[index], "max_tokens": 2, "temperature": 0}
-                return lambda: http.stream("POST", "/v1/completions", json={**body, "stream": True})
+    servers = [
+        process
+        for root in agent.processes()
+        for process in psutil.Process(root).children(recursive=True)
+        if "vllm.entrypoints.openai.api_server" in " ".join(process.cmdline())
+    ]
+    servers = [process for process in servers if process.ppid() not in {other.pid for other in servers}]
+    if len(servers) != 1:  # its engine core, forked from it, has its command line too
+        raise RuntimeError(f"expected the agent to run one vLLM server, found {len(servers)}")
+    command = servers[0].cmdline()
+    socket_path, key = command[command.index("--uds") + 1], servers[0].environ()["VLLM_API_KEY"]
+    headers = {"Authorization": f"Bearer {key}"}
+    transport = httpx.HTTPTransport(uds=socket_path)
+    with httpx.Client(transport=transport, base_url="http://vllm", headers=headers, timeout=300) as http:
 
-            async def call(client: httpx.AsyncClient, index: int) -> int:
-                body = {
-                    "model": DEMO_MODEL_ID,
-                    "prompt": prompts[index % args.requests],
-                    "max_tokens": args.max_tokens,
-                    "temperature": 1.0,
-                    "seed": index,
-                }
-                response = await client.post("/v1/completions", json=body)
-                response.raise_for_status()
-                return response.json()["usage"]["completion_tokens"]
+        def first(index: int) -> float:
+            body = {"model": DEMO_MODEL_ID, "prompt": prompts[index], "max_tokens": 2, "temperature": 0}
+            return first_token(
+                lambda: http.stream("POST", "/v1/completions", json={**body, "stream": True}),
+                lambda c: bool(c["choices"] and c["choices"][0]["text"]),
+            )
 
-            def own_client() -> httpx.AsyncClient:  # a connection per caller, as the agent path's clients have
-                uds = httpx.AsyncHTTPTransport(uds=str(server.socket))
-                return httpx.AsyncClient(transport=uds, base_url="http://vllm", headers=server.headers, timeout=300)
+        async def call(client: httpx.AsyncClient, index: int) -> int:
+            body = {
+                "model": DEMO_MODEL_ID,
+                "prompt": prompts[index % args.requests],
+                "max_tokens": args.max_tokens,
+                "temperature": 1.0,
+                "seed": index,
+            }
+            response = await client.post("/v1/completions", json=body)
+            response.raise_for_status()
+            return response.json()["usage"]["completion_tokens"]
 
-            closed_loop(args.clients, args.warmup_seconds, call, own_client)  # warm: not measured
-            latencies = [
-                first_token(stream(i), lambda c: bool(c["choices"] and c["choices"][0]["text"]))
-                for i in range(args.requests)
-            ]
-            load = closed_loop(args.clients, args.seconds, call, own_client)
-        return {"start_seconds": start_seconds, "first_token_s": latencies, **load}
-    finally:
-        engine.stop()
+        def own_client() -> httpx.AsyncClient:  # a connection per caller, as the agent path's clients have
+            uds = httpx.AsyncHTTPTransport(uds=socket_path)
+            return httpx.AsyncClient(transport=uds, base_url="http://vllm", headers=headers, timeout=300)
+
+        yield Side(0.0, first, call, own_client, lambda: [servers[0].pid])
 
 
-def through_agent(work: Path, model_dir: Path, vllm_env_dir: Path, args: argparse.Namespace) -> dict:
+@contextlib.contextmanager
+def through_agent(work: Path, model_dir: Path, vllm_env_dir: Path, args: argparse.Namespace) -> Iterator[Side]:
+    """`adaptery serve` (no training agent) and one vLLM infer agent: every request crosses the API, limits, the
+    router, NATS and the agent, as /v1/chat/completions of the same conversations."""
     data_dir = work / "data"
     (data_dir / "models").mkdir(mode=0o700, parents=True)  # the server refuses a data dir others can read
     data_dir.chmod(0o700)
@@ -318,10 +354,13 @@ def through_agent(work: Path, model_dir: Path, vllm_env_dir: Path, args: argpars
         start_seconds = time.monotonic() - started
         with httpx.Client(timeout=300) as http:
 
-            def stream(index: int) -> Callable[[], httpx.Response]:
+            def first(index: int) -> float:
                 body = {"model": DEMO_MODEL_ID, "messages": conversation(index), "max_tokens": 2, "temperature": 0}
-                return lambda: http.stream(
-                    "POST", f"{url}/v1/chat/completions", headers=headers, json={**body, "stream": True}
+                return first_token(
+                    lambda: http.stream(
+                        "POST", f"{url}/v1/chat/completions", headers=headers, json={**body, "stream": True}
+                    ),
+                    lambda c: bool(c["choices"] and c["choices"][0]["delta"].get("content")),
                 )
 
             async def call(client: httpx.AsyncClient, index: int) -> int:
@@ -336,14 +375,9 @@ def through_agent(work: Path, model_dir: Path, vllm_env_dir: Path, args: argpars
                 response.raise_for_status()
                 return response.json()["usage"]["completion_tokens"]
 
-            closed_loop(args.clients, args.warmup_seconds, call)  # warm: not measured
-            latencies = [
-                first_token(stream(i), lambda c: bool(c["choices"] and c["choices"][0]["delta"].get("content")))
-                for i in range(args.requests)
-            ]
-        load = closed_loop(args.clients, args.seconds, call)
-        served = httpx.get(f"{url}/api/admin/agents", headers=headers, timeout=10).json()["data"][0]["served"]
-        return {"start_seconds": start_seconds, "first_token_s": latencies, **load, "agent_served": served}
+            yield Side(
+                start_seconds, first, call, lambda: httpx.AsyncClient(timeout=300), lambda: [p.pid for p in processes]
+            )
     finally:
         for process in reversed(processes):
             if process.poll() is None:
@@ -373,9 +407,10 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:  #
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--requests", type=int, default=30, help="sequential first-token requests")
+    parser.add_argument("--requests", type=int, default=30, help="sequential first-token requests a round")
     parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--seconds", type=float, default=20.0, help="closed-loop seconds a round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, the two sides alternating (order flips)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument(
@@ -396,42 +431,71 @@ def main() -> None:
         native = InferenceEngine(max_batch=1)  # the control plane's tokenisation of the same conversations
         prompts = {i: native.chat_prompt(DEMO_MODEL_ID, str(model_dir), conversation(i)) for i in range(args.requests)}
         native.stop()
-        direct_settings = settings.model_copy(update={"data_dir": work / "direct"})
-        results = {"direct": direct(direct_settings, model_dir, prompts, args)}
-        print(json.dumps({"direct": results["direct"]}, default=str), file=sys.stderr)  # kept if the rest fails
-        results["agent"] = through_agent(work / "fabric", model_dir, settings.vllm_env, args)
-    report(results, args)
+        # one vLLM, the agent's, called both ways in alternating rounds: two vLLM servers started one after the other
+        # ran 1.8x apart, so one pair of runs on two servers settled nothing
+        with (
+            through_agent(work / "fabric", model_dir, settings.vllm_env, args) as agent_side,
+            direct(agent_side, prompts, args) as direct_side,
+        ):
+            sides = {"direct": direct_side, "agent": agent_side}
+            for side in sides.values():
+                closed_loop(side, args.clients, args.warmup_seconds)  # vLLM's first seconds under load are slow
+            rounds: list[dict[str, dict[str, Any]]] = []
+            for round_ in range(args.rounds):
+                rounds.append({})
+                for name in list(sides) if round_ % 2 == 0 else list(reversed(sides)):
+                    latencies = [sides[name].first_token(i) for i in range(args.requests)]
+                    rounds[-1][name] = {
+                        "first_token_ms_p50": 1000 * statistics.median(latencies),
+                        "first_token_ms_p99": 1000 * percentile(latencies, 0.99),
+                        **closed_loop(sides[name], args.clients, args.seconds),
+                    }
+                print(json.dumps({"round": round_, **rounds[-1]}), file=sys.stderr, flush=True)
+            start_seconds = {"agent": agent_side.start_seconds}
+    report(rounds, start_seconds, args)
 
 
-def report(results: dict[str, Any], args: argparse.Namespace) -> None:
-    rows = {}
-    for side, result in results.items():
-        latencies = result.pop("first_token_s")
-        result["first_token_ms_p50"] = 1000 * statistics.median(latencies)
-        result["first_token_ms_p99"] = 1000 * percentile(latencies, 0.99)
-        rows[side] = result
-    direct_, agent = rows["direct"], rows["agent"]
-    summary = {
-        "throughput_overhead_pct": 100 * (1 - agent["tokens_per_s"] / direct_["tokens_per_s"]),
-        "first_token_overhead_ms_p50": agent["first_token_ms_p50"] - direct_["first_token_ms_p50"],
-        "first_token_overhead_ms_p99": agent["first_token_ms_p99"] - direct_["first_token_ms_p99"],
+def report(rounds: list[dict[str, dict[str, Any]]], start_seconds: dict[str, float], args: argparse.Namespace) -> None:
+    """Each round's overheads (the two sides ran back to back in it) and their medians."""
+    paired = [
+        {
+            "throughput_overhead_pct": 100 * (1 - r["agent"]["tokens_per_s"] / r["direct"]["tokens_per_s"]),
+            "first_token_overhead_ms_p50": r["agent"]["first_token_ms_p50"] - r["direct"]["first_token_ms_p50"],
+            "first_token_overhead_ms_p99": r["agent"]["first_token_ms_p99"] - r["direct"]["first_token_ms_p99"],
+        }
+        for r in rounds
+    ]
+    summary = {key: statistics.median(p[key] for p in paired) for key in paired[0]}
+    out = {
+        "config": vars(args) | {"json_out": str(args.json_out)},
+        "start_seconds": start_seconds,
+        "rounds": rounds,
+        "paired": paired,
+        "summary": summary,
     }
-    out = {"config": vars(args) | {"json_out": str(args.json_out)}, "results": rows, "summary": summary}
     print(json.dumps(out, indent=2, default=str))
     if args.json_out:
         args.json_out.write_text(json.dumps(out, indent=2, default=str))
     print()
-    print("| path | start (s) | first token p50 (ms) | p99 (ms) | tokens/s | cores busy | CPU ms a request |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
-    for side, row in rows.items():
-        cpu = ", ".join(f"{name} {ms:.1f}" for name, ms in sorted(row["cpu_ms_per_request"].items()))
-        print(
-            f"| {side} | {row['start_seconds']:.1f} | {row['first_token_ms_p50']:.1f} | "
-            f"{row['first_token_ms_p99']:.1f} | {row['tokens_per_s']:.1f} | {row['cores_busy']:.2f} | {cpu} |"
-        )
+    print("| round | path | first token p50 (ms) | p99 (ms) | tokens/s | cores busy | CPU ms a request |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | --- |")
+    for index, r in enumerate(rounds):
+        for side, row in r.items():
+            cpu = ", ".join(f"{name} {ms:.1f}" for name, ms in sorted(row["cpu_ms_per_request"].items()))
+            print(
+                f"| {index} | {side} | {row['first_token_ms_p50']:.1f} | {row['first_token_ms_p99']:.1f} | "
+                f"{row['tokens_per_s']:.1f} | {row['cores_busy']:.2f} | {cpu} |"
+            )
+    print(f"\nstarted in: {', '.join(f'{k} {v:.1f} s' for k, v in start_seconds.items())}")
     print(
-        f"\nagent overhead: {summary['throughput_overhead_pct']:.1f} % throughput (goal <= 5), "
-        f"{summary['first_token_overhead_ms_p50']:.1f} ms first token p50 (goal <= 3)"
+        "agent overhead round by round: throughput "
+        + ", ".join(f"{p['throughput_overhead_pct']:.1f} %" for p in paired)
+        + "; first token p50 "
+        + ", ".join(f"{p['first_token_overhead_ms_p50']:+.1f} ms" for p in paired)
+    )
+    print(
+        f"median: {summary['throughput_overhead_pct']:.1f} % throughput (goal <= 5), "
+        f"{summary['first_token_overhead_ms_p50']:+.1f} ms first token p50 (goal <= 3)"
     )
 
 
