@@ -398,6 +398,9 @@ class LoraBatch:
                 self.kernel_slots = self.token_slots.clone()
                 for _, first, count in self.long_segments:
                     self.kernel_slots[first : first + count] = -1
+            # each site's table bound to this step's slots at its first call (one a layer follows): checked once
+            kernel_rows = len(self.long_segments) < len(self.counts)
+            self.bound: dict[str, lora_kernel.BoundSite] | None = {} if kernel_rows else None
             return
         self.offsets = torch.tensor(list(itertools.accumulate(self.counts)), dtype=torch.int32)
         self.longest = max(self.counts, default=0)
@@ -418,39 +421,51 @@ class LoraBatch:
         start, n, r = self.base_tokens, self.slots, self.rank
         if start >= x.shape[0] or n == 0:
             return
-        target = out[start:]
         if self.kernel is not None:
             buffers = self.buffers
-            if len(self.long_segments) < len(self.counts):
-                buffers.tables[site].run(self.kernel, layer, x[start:], target, self.kernel_slots)
-            bounds = buffers.offsets[site].tolist()
-            parts = len(bounds) - 1
-            for slot, first, count in self.long_segments:
-                adapter = buffers.adapters[slot]
-                rows = slice(start + first, start + first + count)
-                a = adapter.shrink[site][layer].reshape(adapter.rank * parts, -1).to(x.dtype)
-                u = x[rows] @ a.T  # (rows, rank P), column k P + p
-                expand = adapter.expand[site][layer].to(x.dtype)
-                for part in range(parts):
-                    lo, hi = bounds[part], bounds[part + 1]
-                    out[rows, lo:hi].addmm_(u[:, part::parts], expand[:, lo:hi])
-        else:
-            xl = x[start:].float()
-            shrink = self.buffers.shrink[site][layer, :n, :r]
-            parts = shrink.shape[2]
-            a = shrink.reshape(n, r * parts, shrink.shape[3]).transpose(1, 2)  # (n, d_in, r P)
-            b = self.buffers.expand[site][layer, :n, :r].reshape(n, r * parts, -1)  # (n, r P, d_out)
-            if self.padded:
-                if self.gather is None:
-                    y = torch.bmm(torch.bmm(xl.view(n, self.longest, -1), a), b).view(-1, b.shape[2])
-                else:
-                    padded = torch.cat([xl, xl.new_zeros(1, xl.shape[1])])[self.gather].view(n, self.longest, -1)
-                    y = torch.bmm(torch.bmm(padded, a), b).view(-1, b.shape[2])[self.valid]
+            if self.bound is not None:  # the rows the kernel does: one C call, checked as bound
+                bound = self.bound.get(site)
+                if bound is None:
+                    bound = buffers.tables[site].bind(self.kernel, self.kernel_slots, start, x.dtype, x.shape[1])
+                    self.bound[site] = bound
+                bound(layer, x, out)
+            if self.long_segments:
+                self._long_segments(layer, site, x, out)
+            if self.dora is not None:
+                out[start:].mul_(buffers.magnitude[site][layer][self.dora].to(out.dtype))
+            return
+        xl = x[start:].float()
+        shrink = self.buffers.shrink[site][layer, :n, :r]
+        parts = shrink.shape[2]
+        a = shrink.reshape(n, r * parts, shrink.shape[3]).transpose(1, 2)  # (n, d_in, r P)
+        b = self.buffers.expand[site][layer, :n, :r].reshape(n, r * parts, -1)  # (n, r P, d_out)
+        if self.padded:
+            if self.gather is None:
+                y = torch.bmm(torch.bmm(xl.view(n, self.longest, -1), a), b).view(-1, b.shape[2])
             else:
-                y = F.grouped_mm(F.grouped_mm(xl, a, offs=self.offsets), b, offs=self.offsets)
-            target += y.to(out.dtype)
+                padded = torch.cat([xl, xl.new_zeros(1, xl.shape[1])])[self.gather].view(n, self.longest, -1)
+                y = torch.bmm(torch.bmm(padded, a), b).view(-1, b.shape[2])[self.valid]
+        else:
+            y = F.grouped_mm(F.grouped_mm(xl, a, offs=self.offsets), b, offs=self.offsets)
+        target = out[start:]
+        target += y.to(out.dtype)
         if self.dora is not None:
             target.mul_(self.buffers.magnitude[site][layer][self.dora].to(out.dtype))
+
+    def _long_segments(self, layer: int, site: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        """The segments the untiled kernel leaves to matmuls: one shrink and one `addmm_` a projection."""
+        buffers, start = self.buffers, self.base_tokens
+        bounds = buffers.offsets[site].tolist()
+        parts = len(bounds) - 1
+        for slot, first, count in self.long_segments:
+            adapter = buffers.adapters[slot]
+            rows = slice(start + first, start + first + count)
+            a = adapter.shrink[site][layer].reshape(adapter.rank * parts, -1).to(x.dtype)
+            u = x[rows] @ a.T  # (rows, rank P), column k P + p
+            expand = adapter.expand[site][layer].to(x.dtype)
+            for part in range(parts):
+                lo, hi = bounds[part], bounds[part + 1]
+                out[rows, lo:hi].addmm_(u[:, part::parts], expand[:, lo:hi])
 
 
 class AdapterLoad:

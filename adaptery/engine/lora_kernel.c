@@ -405,3 +405,21 @@ void lora_site(int64_t n, const void *x, int64_t xs, void *out, int64_t os, cons
     free(rows);
     free(first);
 }
+
+/* One step's site, bound once (`SiteTable.bind`): what stays the same for the step's L calls (one a layer) is read
+   from this block, so each call passes the layer, x and out only. shrink and expand: (layers, count) addresses,
+   row strides shrink_rs / expand_rs. x and out point at the step's first adapter row (the caller skips the base
+   rows). */
+typedef struct {
+    int64_t n, count, layers, shrink_rs, expand_rs, max_rank, parts, d_in;
+    const int32_t *slot, *rank;
+    const int64_t *shrink, *expand, *off;
+    int32_t bf16, wbf16, threads;
+} lora_bound_site;
+
+void lora_site_bound(const lora_bound_site *s, int64_t layer, const void *x, int64_t xs, void *out, int64_t os) {
+    if (layer < 0 || layer >= s->layers) return;  /* the caller refuses these; never read outside the table */
+    lora_site(s->n, x, xs, out, os, s->slot, s->rank, (const void *const *)(s->shrink + layer * s->shrink_rs),
+              (const void *const *)(s->expand + layer * s->expand_rs), s->max_rank, s->parts, s->d_in, s->off, s->bf16,
+              s->wbf16, s->threads);
+}

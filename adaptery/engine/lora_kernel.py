@@ -177,6 +177,8 @@ def load(portable: bool = False) -> ctypes.CDLL | None:
             fn.argtypes = [i64, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ctypes.c_int, ctypes.c_int,
                            ctypes.c_int]  # fmt: skip
             fn.restype = None
+            library.lora_site_bound.argtypes = [ctypes.POINTER(BoundSiteArgs), i64, ptr, i64, ptr, i64]
+            library.lora_site_bound.restype = None
             library.lora_tile_rows.argtypes, library.lora_tile_rows.restype = [], ctypes.c_int
             library.paged_decode.argtypes = [i64, ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64,
                                              ctypes.c_float, ptr, ctypes.c_int, ctypes.c_int]  # fmt: skip
@@ -232,6 +234,17 @@ def _tensor(name: str, value: object, dtype: torch.dtype | tuple[torch.dtype, ..
     if value.numel() and value.stride(-1) != 1:
         raise ValueError(f"{name} must be contiguous along its last dimension, not strides {value.stride()}")
     return value
+
+
+class BoundSiteArgs(ctypes.Structure):
+    """lora_kernel.c's `lora_bound_site`: a step's arguments to one site that stay the same for its L calls."""
+
+    _fields_ = [(name, ctypes.c_int64) for name in
+                ("n", "count", "layers", "shrink_rs", "expand_rs", "max_rank", "parts", "d_in")] + [
+        ("slot", ctypes.c_void_p), ("rank", ctypes.c_void_p), ("shrink", ctypes.c_void_p),
+        ("expand", ctypes.c_void_p), ("off", ctypes.c_void_p),
+        ("bf16", ctypes.c_int32), ("wbf16", ctypes.c_int32), ("threads", ctypes.c_int32),
+    ]  # fmt: skip
 
 
 class SiteTable:
@@ -341,6 +354,81 @@ class SiteTable:
             self.offsets.data_ptr(), int(x.dtype == torch.bfloat16), int(self.weights == torch.bfloat16),
             torch.get_num_threads(),
         )  # fmt: skip
+
+    def bind(self, library: ctypes.CDLL, slots: torch.Tensor, skip: int, dtype: torch.dtype, d_in: int) -> BoundSite:
+        """This table and one step's slots, checked now, for calls that each pass only the layer, x and out
+        (`BoundSite`): x (skip + n, d_in) and out (skip + n, d_out) of `dtype`, their first `skip` rows (the step's
+        base rows) left alone, slots (n,) for the rest. The table and the slots must count their writes (not be
+        inference tensors): one written after binding is refused at the next call, never read by C."""
+        if self._checked is None or self._state() != self._checked:
+            self._checked = None  # stays unchecked if the check fails
+            self.check()
+        _tensor("slots", slots, torch.int32, 1)
+        if self._checked is None or slots.is_inference():
+            raise ValueError("bind needs a table and slots that count their writes (not made under inference_mode)")
+        for name, value in (("skip", skip), ("d_in", d_in)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (name == "d_in"):
+                raise ValueError(f"{name} must be a {'positive' if name == 'd_in' else 'non-negative'} int, not "
+                                 f"{value!r}")  # fmt: skip
+        if dtype not in _FLOATS:
+            raise TypeError(f"x and out must be torch.float32 or torch.bfloat16, not {dtype}")
+        self._check_slots(slots, slots.shape[0])
+        return BoundSite(self, library, slots, skip, dtype, d_in)
+
+
+class BoundSite:
+    """A `SiteTable` bound to one step (`SiteTable.bind`). The table, the slots, their bounds and the thread count
+    are checked and packed once; each of the step's L calls (one a layer) checks what it brings — the layer, x and
+    out (type, dtype, device, shape, strides) — and that neither the table nor the slots were written since, then
+    passes C six arguments instead of sixteen. Python a call: 3.0 µs against `SiteTable.run`'s 7.8 (no-op library);
+    in the engine (bench/engine.py's mixed decode step, 32 calls) the sites' time fell from 7.1-7.6 to 6.5-6.8 ms,
+    of which C's own ~5.5."""
+
+    def __init__(
+        self, table: SiteTable, library: ctypes.CDLL, slots: torch.Tensor, skip: int, dtype: torch.dtype, d_in: int
+    ) -> None:
+        self._tensors = (table.ranks, table.shrink, table.expand, table.offsets, slots)  # held: C reads them
+        self._versions = self._written()
+        self._call = library.lora_site_bound
+        self.layers, self.skip, self.dtype, self.d_in, self.d_out = table.layers, skip, dtype, d_in, table.d_out
+        self.rows = skip + slots.shape[0]
+        self._x_shape, self._out_shape = (self.rows, d_in), (self.rows, table.d_out)
+        self._args = BoundSiteArgs(
+            slots.shape[0], table.count, table.layers, table.shrink.stride(0), table.expand.stride(0), table.max_rank,
+            table.parts, d_in, slots.data_ptr(), table.ranks.data_ptr(), table.shrink.data_ptr(),
+            table.expand.data_ptr(), table.offsets.data_ptr(), int(dtype == torch.bfloat16),
+            int(table.weights == torch.bfloat16), torch.get_num_threads(),
+        )  # fmt: skip
+        self._ref = ctypes.byref(self._args)
+        self._size = 2 if dtype == torch.bfloat16 else 4
+
+    def _written(self) -> tuple[int, ...]:
+        return tuple(t._version for t in self._tensors)
+
+    def __call__(self, layer: int, x: torch.Tensor, out: torch.Tensor) -> None:
+        """out[skip:] += LoRA(x[skip:]) with layer `layer`'s adapters; anything else a TypeError or ValueError raised
+        before C sees a pointer."""
+        if self._written() != self._versions:
+            raise ValueError("the site table or the slots were written after binding: bind again")
+        if type(layer) is not int or not 0 <= layer < self.layers:
+            raise ValueError(f"layer must be an int in [0, {self.layers}), not {layer!r}")
+        if not isinstance(x, torch.Tensor) or not isinstance(out, torch.Tensor):
+            raise TypeError(f"x and out must be torch.Tensor, not {type(x).__name__} and {type(out).__name__}")
+        if x.dtype != self.dtype or out.dtype != self.dtype:
+            raise TypeError(f"x and out must be {self.dtype} (as bound), not {x.dtype} and {out.dtype}")
+        if not (x.is_cpu and out.is_cpu):
+            raise ValueError(f"x and out must be on the CPU, not {x.device} and {out.device}")
+        if x.shape != self._x_shape or out.shape != self._out_shape:
+            raise ValueError(f"x must be {self._x_shape} and out {self._out_shape} as bound, not {tuple(x.shape)} and "
+                             f"{tuple(out.shape)}")  # fmt: skip
+        xs, os_ = x.stride(0), out.stride(0)
+        if x.stride(1) != 1 or out.stride(1) != 1 or (self.rows > 1 and (xs < self.d_in or os_ < self.d_out)):
+            raise ValueError(f"x and out must have unit-stride rows that do not overlap, not strides {x.stride()} / "
+                             f"{out.stride()}")  # fmt: skip
+        if self.rows > self.skip:
+            size = self._size
+            self._call(self._ref, layer, x.data_ptr() + self.skip * xs * size, xs,
+                       out.data_ptr() + self.skip * os_ * size, os_)  # fmt: skip
 
 
 def site(

@@ -28,6 +28,8 @@ class NoC:
     def lora_site(self, *args):  # noqa: ANN002, ANN201
         raise AssertionError("a pointer reached C")
 
+    lora_site_bound = lora_site
+
 
 def _good() -> dict:
     """A valid call: 3 rows (one skipped), 2 slots of rank 2 and 1 (max 4), 2 projections of 3 + 2 columns."""
@@ -285,6 +287,99 @@ def test_a_site_table_of_inference_tensors_is_checked_on_every_call():
         args["ranks"].fill_(5)
         with pytest.raises(ValueError, match="ranks must lie in"):
             table.run(NoC(), 0, args["x"], args["out"], args["slots"])
+
+
+def _bound(args: dict, library: object = None, skip: int = 0) -> lora_kernel.BoundSite:
+    """The engine's path since binding: the table bound to the step's slots, then one call a layer."""
+    x = args["x"]
+    dtype = x.dtype if isinstance(x, torch.Tensor) else torch.float32
+    return _table(args).bind(library or NoC(), args["slots"], skip, dtype, 5)
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_each_bad_input_raises_before_c_through_a_bound_site(case):
+    """What the table and the slots get wrong is refused when binding, what a call brings (x, out) at the call:
+    either way before a pointer reaches C (NoC's entry points fail the test with an AssertionError)."""
+    error, _, spoil = BAD[case]
+    args = _good()
+    spoil(args)
+    with pytest.raises(error):
+        _bound(args)(0, args["x"], args["out"])
+
+
+def test_the_good_bound_call_reaches_c():
+    args = _good()
+    with pytest.raises(AssertionError, match="a pointer reached C"):
+        _bound(args)(0, args["x"], args["out"])
+
+
+@pytest.mark.parametrize("write", ["table address", "table rank", "slots"])
+def test_a_write_after_binding_is_refused_not_read(write):
+    """A bound site packed the table's and the slots' addresses and bounds: any write torch counts after that (a slot
+    moved in, a slot index changed) makes every later call refuse, until bound again (which checks it)."""
+    args = _good()
+    table = _table(args)
+    bound = table.bind(NoC(), args["slots"], 0, torch.float32, 5)
+    if write == "table address":
+        table.shrink[0, 1] = 0
+    elif write == "table rank":
+        table.ranks[1] = 1  # even a harmless value: the bound block is stale
+    else:
+        args["slots"][0] = 1
+    for _ in range(2):
+        with pytest.raises(ValueError, match="written after binding"):
+            bound(0, args["x"], args["out"])
+    if write == "table address":
+        with pytest.raises(ValueError, match="no shrink/expand address"):
+            table.bind(NoC(), args["slots"], 0, torch.float32, 5)
+
+
+def test_binding_refuses_inference_tensors_and_bad_layers():
+    args = _good()
+    with torch.inference_mode():
+        slots = args["slots"].clone()
+    with pytest.raises(ValueError, match="count their writes"):
+        _table(args).bind(NoC(), slots, 0, torch.float32, 5)
+    bound = _bound(args)
+    for layer in (-1, 1, True, 0.0):
+        with pytest.raises(ValueError, match="layer must be"):
+            bound(layer, args["x"], args["out"])
+    for skip, d_in in ((-1, 5), (True, 5), (0, 0)):
+        with pytest.raises(ValueError, match="skip must be|d_in must be"):
+            _table(args).bind(NoC(), args["slots"], skip, torch.float32, d_in)
+    with pytest.raises(TypeError, match="must be torch.float32 or torch.bfloat16"):
+        _table(args).bind(NoC(), args["slots"], 0, torch.float16, 5)
+    with pytest.raises(ValueError, match="as bound"):  # the rows it was bound for, base rows included
+        _bound(args, skip=1)(0, args["x"], args["out"])
+
+
+@needs_gcc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_bound_call_computes_what_the_checked_call_computes(dtype):
+    """Same table, same rows: the bound call (base rows skipped by address) writes exactly what `run` writes on the
+    rows after them, and leaves the base rows untouched."""
+    library = lora_kernel.load()
+    if library is None:
+        pytest.skip("the kernel does not build here")
+    torch.manual_seed(0)
+    layers, slots_n, rank, d_in, outs = 2, 3, 4, 40, [24, 8]
+    shrink = torch.randn(layers, slots_n, rank, 2, d_in)
+    expand = torch.randn(layers, slots_n, rank, sum(outs))
+    table = lora_kernel.SiteTable(
+        torch.tensor([4, 2, 3], dtype=torch.int32),
+        torch.stack([lora_kernel.addresses(shrink[layer]) for layer in range(layers)]),
+        torch.stack([lora_kernel.addresses(expand[layer]) for layer in range(layers)]),
+        torch.tensor([0, 24, 32], dtype=torch.int64), rank, torch.float32,
+    )  # fmt: skip
+    slots = torch.tensor([0, 0, 2, -1, 1, 1, 1], dtype=torch.int32)
+    skip = 3
+    x = torch.randn(skip + len(slots), d_in).to(dtype)
+    start = torch.randn(skip + len(slots), sum(outs)).to(dtype)
+    checked, bound = start.clone(), start.clone()
+    table.run(library, 1, x[skip:], checked[skip:], slots)
+    table.bind(library, slots, skip, dtype, d_in)(1, x, bound)
+    assert torch.equal(bound, checked)
+    assert torch.equal(bound[:skip], start[:skip]) and not torch.equal(bound[skip:], start[skip:])
 
 
 def _bad_conversions() -> dict:
