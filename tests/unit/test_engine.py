@@ -1236,3 +1236,73 @@ def test_the_step_in_c_gives_the_pytorch_step_s_tokens(engine, adapters):
         native.model.kernel = kernel
     assert in_place == gathered
     assert all(len(tokens) == 24 for tokens in in_place)
+
+
+def _safetensors_bytes(header: object, data: bytes = b"", length: int | None = None) -> bytes:
+    encoded = json.dumps(header).encode() if not isinstance(header, bytes) else header
+    return (len(encoded) if length is None else length).to_bytes(8, "little") + encoded + data
+
+
+def test_an_adapter_file_is_read_as_the_safetensors_library_reads_it(tmp_path):
+    """read_safetensors (the engine's loader) gives every tensor the library gives, bit for bit, in each dtype an
+    adapter's weights come in, as read-only views of the file (nothing may write into a registered artifact)."""
+    from safetensors.torch import load_file, save_file
+
+    from adaptery.engine.lora import read_safetensors
+
+    torch.manual_seed(0)
+    tensors = {"a": torch.randn(4, 6), "b": torch.randn(3), "empty": torch.zeros(0, 5), "scalar": torch.tensor(2.5)}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        path = tmp_path / f"{dtype}.safetensors"
+        save_file({name: t.to(dtype) for name, t in tensors.items()}, path, metadata={"format": "pt"})
+        expected, got = load_file(path), read_safetensors(path)
+        assert got.keys() == expected.keys()
+        for name, tensor in expected.items():
+            array = got[name]
+            assert array.shape == tuple(tensor.shape) and not array.flags.writeable
+            bits = tensor.view(torch.int16) if dtype == torch.bfloat16 else tensor
+            assert torch.equal(torch.from_numpy(array.copy()).view(bits.dtype), bits), (dtype, name)
+
+
+MALFORMED_SAFETENSORS = {
+    "empty file": b"",
+    "shorter than its length": b"\x05\x00\x00",
+    "header beyond the file": _safetensors_bytes({"a": {}}, length=10_000),
+    "header over 100 MB": (200_000_000).to_bytes(8, "little") + b"{}",
+    "header not JSON": _safetensors_bytes(b"{not json"),
+    "header a list": _safetensors_bytes([1, 2]),
+    "an integer dtype": _safetensors_bytes({"a": {"dtype": "I64", "shape": [1], "data_offsets": [0, 8]}}, b"\0" * 8),
+    "an entry not an object": _safetensors_bytes({"a": 3}),
+    "a negative dimension": _safetensors_bytes(
+        {"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4
+    ),
+    "a shape not a list": _safetensors_bytes(
+        {"a": {"dtype": "F32", "shape": "4", "data_offsets": [0, 16]}}, b"\0" * 16
+    ),
+    "bytes past the end": _safetensors_bytes({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8),
+    "a range reversed": _safetensors_bytes({"a": {"dtype": "F32", "shape": [0], "data_offsets": [8, 4]}}, b"\0" * 8),
+    "a negative offset": _safetensors_bytes({"a": {"dtype": "F32", "shape": [1], "data_offsets": [-4, 0]}}, b"\0" * 8),
+    "shape and bytes disagree": _safetensors_bytes(
+        {"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}}, b"\0" * 16
+    ),
+    "offsets not integers": _safetensors_bytes(
+        {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0.0, 4.0]}}, b"\0" * 4
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_SAFETENSORS))
+def test_a_malformed_adapter_file_is_refused_with_its_reason_never_read_out_of_bounds(case, tmp_path, demo_model_dir):
+    """Whatever the header claims, the engine's loader raises AdapterRejected naming the file, before any view is
+    made; and so does prepare_adapter for an adapter directory holding such a file (a 400 for the client)."""
+    from adaptery.engine.lora import read_safetensors
+
+    path = tmp_path / "adapter_model.safetensors"
+    path.write_bytes(MALFORMED_SAFETENSORS[case])
+    with pytest.raises(AdapterRejected, match="adapter_model.safetensors is not a valid safetensors file"):
+        read_safetensors(path)
+    adapter = make_adapter(demo_model_dir, tmp_path / "adapter", seed=1)
+    shutil.copy(path, Path(adapter) / "adapter_model.safetensors")
+    native = NativeLlama(AutoModelForCausalLM.from_pretrained(demo_model_dir), torch.float32, 64)
+    with pytest.raises(AdapterRejected, match="not a valid safetensors file"):
+        prepare_adapter("bad", Path(adapter), native, 32, torch.float32)
