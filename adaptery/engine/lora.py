@@ -192,7 +192,7 @@ def prepare_adapter(
 
 
 # safetensors' dtypes an adapter's weights may have, as numpy holds them (bf16 as its bits)
-_SAFETENSORS_DTYPES = {"F32": np.dtype("<f4"), "BF16": np.dtype("<u2"), "F16": np.dtype("<f2")}
+_SAFETENSORS_DTYPES = {"F32": np.dtype("<f4"), "BF16": np.dtype("<u2"), "F16": np.dtype("<f2"), "F64": np.dtype("<f8")}
 _MAX_HEADER = 100_000_000  # bytes, as the safetensors library bounds it
 
 
@@ -231,7 +231,7 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
             continue
         if not isinstance(entry, dict) or entry.get("dtype") not in _SAFETENSORS_DTYPES:
             dtype = entry.get("dtype") if isinstance(entry, dict) else entry
-            raise bad(f"tensor {name!r} has dtype {dtype!r} (an adapter's weights are F32, BF16 or F16)")
+            raise bad(f"tensor {name!r} has dtype {dtype!r} (an adapter's weights are F32, BF16, F16 or F64)")
         shape, offsets = entry.get("shape"), entry.get("data_offsets")
         if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
             raise bad(f"tensor {name!r} has shape {shape!r}")
@@ -248,7 +248,7 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
 
 def _source(array: np.ndarray) -> tuple[np.ndarray, bool]:
     """A file's tensor as `convert_weights` reads it: fp32 and bf16 (as its bits) viewed where they lie in the file's
-    mapping, float16 converted to fp32; and whether it is bf16."""
+    mapping, float16 and float64 converted to fp32; and whether it is bf16."""
     if array.dtype == np.uint16:
         return array, True
     return _as_float32(array), False

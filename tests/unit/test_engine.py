@@ -1252,7 +1252,7 @@ def test_an_adapter_file_is_read_as_the_safetensors_library_reads_it(tmp_path):
 
     torch.manual_seed(0)
     tensors = {"a": torch.randn(4, 6), "b": torch.randn(3), "empty": torch.zeros(0, 5), "scalar": torch.tensor(2.5)}
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         path = tmp_path / f"{dtype}.safetensors"
         save_file({name: t.to(dtype) for name, t in tensors.items()}, path, metadata={"format": "pt"})
         expected, got = load_file(path), read_safetensors(path)
