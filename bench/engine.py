@@ -69,6 +69,17 @@ requested lengths. Measured in the same run, at the same dtype on both sides of 
    bf16 too: the CPU has bf16 dot products), `--dtypes bfloat16 --vllm-only --repeats 3`: engine base 712 against
    vLLM 586 tokens/s (1.21; rounds 1.27, 1.22, 1.14), 32 mixed 570 against 109 (5.25), TPOT p50 41.1 against 51.5 ms,
    greedy identical on 3 of 8 (first differences at tokens 1-26).
+   On a quiet 2-core Intel Xeon (Emerald Rapids: AVX-512 with AVX512_BF16, AMX not exposed; jemalloc preloaded, no
+   tcmalloc there), the full fp32 run (`--dtypes float32 --repeats 3 --zipf-repeats 3`) gave mixed ÷ base 0.84
+   (rounds 0.82, 0.84, 0.85), ÷ `generate` 2.63, 2000 ÷ 5 0.92 (3b 0.98), cold load p50 5.26 ms, vLLM base 1.16 and
+   mixed 2.68. A mixed decode step spent 8.1-8.4 ms in its LoRA sites where the kernel's micro-benchmark (its
+   adapters L3-resident) said 3.7: the adapters come from memory in the engine (the base weights pass through the
+   caches between two sites), as short streams, and each call paid ~50 µs of Python and ctypes. After the kernel's
+   software prefetches, the sites bound once a step and adapter files read without safe_open (`--repeats 3
+   --zipf-repeats 5`): mixed ÷ base 0.85 (rounds 0.88, 0.81, 0.85; a run before it 0.93, 0.90, 0.87), ÷ `generate`
+   2.93, 2000 ÷ 5 0.94 (rounds 0.92, 0.97, 0.84, 1.01, 0.94; 3b 0.98), cold load p50 4.8 ms late in the run (3.6 ms,
+   p99 4.4, with `--cold-load-only`), PEFT ÷ engine 0.15, vLLM: base 406 against 344 tokens/s (1.17; rounds 1.13,
+   1.17, 1.29), 32 mixed 344 against 126 (2.74), greedy 8 of 8 identical.
 
 Arrivals are faster than the engine can serve (it runs saturated, as throughput needs); the static
 `generate` baselines process the same requests offline in arrival order, batch after batch. Noise on
