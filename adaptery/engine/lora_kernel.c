@@ -65,8 +65,8 @@ INLINE __m512 wload_masked(const void *w, int64_t i, __mmask16 m, const int wbf1
    with many adapters in a step every one of them comes from memory (the base model's weights pass through the caches
    between two sites). Each row of A is fetched PF_SHRINK bytes ahead of its loads; the expand fetches each row of B
    PF_EXPAND_GROUPS column groups ahead. Measured (22 bf16 adapters, a 1 GiB read before each step:
-   bench/lora_kernel.py's "from memory" column): 5.2 -> 4.3 ms a step, 19.5 -> 23.5 GB/s, where reading memory as fast as torch can is 27 GB/s;
-   unchanged where the adapters stay in cache. */
+   bench/lora_kernel.py's "from memory" column): 5.2 -> 4.3 ms a step, 19.5 -> 23.5 GB/s, where reading memory as
+   fast as torch can is 27 GB/s; unchanged where the adapters stay in cache. */
 #define PF_SHRINK 512
 #define PF_EXPAND_GROUPS 2
 INLINE void shrink_block512(const int tn, const int KB, const int wbf16, const float *const *xr, const char *a,
