@@ -181,7 +181,7 @@ def prepare_adapter(
         for (layer, module), m in found_m.items():
             site, index = MODULE_SITE[module]
             weight = model.base_weight(site, index, layer)
-            a, b = (torch.tensor(_as_float32(found[(layer, module)])) for found in (found_a, found_b))
+            a, b = (torch.tensor(_as_float32(side[(layer, module)])) for side in (found_a, found_b))
             norm = (weight + scaling * (b @ a)).norm(p=2, dim=1)  # PEFT's DoRA weight norm, per output feature
             start = sum(model.site_out[site][:index])
             magnitude[site][layer, start : start + weight.shape[0]] = torch.tensor(_as_float32(m)) / norm

@@ -366,10 +366,10 @@ class SiteTable:
         _tensor("slots", slots, torch.int32, 1)
         if self._checked is None or slots.is_inference():
             raise ValueError("bind needs a table and slots that count their writes (not made under inference_mode)")
-        for name, value in (("skip", skip), ("d_in", d_in)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < (name == "d_in"):
-                raise ValueError(f"{name} must be a {'positive' if name == 'd_in' else 'non-negative'} int, not "
-                                 f"{value!r}")  # fmt: skip
+        if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
+            raise ValueError(f"skip must be a non-negative int, not {skip!r}")
+        if isinstance(d_in, bool) or not isinstance(d_in, int) or d_in < 1:
+            raise ValueError(f"d_in must be a positive int, not {d_in!r}")
         if dtype not in _FLOATS:
             raise TypeError(f"x and out must be torch.float32 or torch.bfloat16, not {dtype}")
         self._check_slots(slots, slots.shape[0])
